@@ -1,0 +1,31 @@
+"""The machine's own limits, to quote achieved rates against: float32 GEMM rate and copy bandwidth.
+
+Run: python benchmarks/machine.py
+"""
+
+from __future__ import annotations
+
+import torch
+
+from attnzoo.benchmark import alternate, ensure_malloc_env
+
+
+def gemm_gflops(n: int = 2048) -> float:
+    """Median float32 GEMM rate (GFLOP/s) of an n x n x n product."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    timing = alternate({"mm": lambda: a @ b}, rounds=9, warmup=2)
+    return 2 * n**3 / timing.median("mm") / 1e9
+
+
+def copy_gbps(numel: int = 64 * 2**20) -> float:
+    """Median memory-copy bandwidth (GB/s, bytes read + written) of a float32 clone."""
+    src, dst = torch.randn(numel), torch.empty(numel)
+    timing = alternate({"copy": lambda: dst.copy_(src)}, rounds=9, warmup=2)
+    return 2 * 4 * numel / timing.median("copy") / 1e9
+
+
+if __name__ == "__main__":
+    ensure_malloc_env()
+    print(f"threads: {torch.get_num_threads()}, torch {torch.__version__}")
+    print(f"float32 GEMM 2048^3: {gemm_gflops():.0f} GFLOP/s")
+    print(f"copy bandwidth: {copy_gbps():.1f} GB/s")

@@ -1,0 +1,212 @@
+"""The benchmark harness: alternating timing rounds, FLOPs, and peak memory in a fresh process.
+
+Shared by ``benchmarks/*.py`` (the comparisons recorded in ``benchmarks/RESULTS.md``) and by the
+``attnzoo bench`` command. These machines are shared and noisy, so:
+
+- candidates run in alternating rounds (A B, B A, ...) after a warm-up, and we report **medians** of
+  the rounds and the median of per-round ratios, never single times;
+- peak memory is measured in a fresh subprocess, so one candidate's cached allocations never count
+  against another;
+- FLOPs come from ``torch.utils.flop_counter`` with the fused attention path switched off (the CPU
+  flash kernels are counted as 0 FLOPs) and grouped-convolution backward corrected (torch's formula
+  counts one half of it as if ``groups`` were 1).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from attnzoo.functional import fused_attn
+
+__all__ = [
+    "MALLOC_ENV",
+    "Timing",
+    "alternate",
+    "count_flops",
+    "peak_memory",
+    "train_step",
+    "forward_step",
+    "ensure_malloc_env",
+    "markdown_table",
+]
+
+# Keep freed large buffers instead of returning them to the OS and page-faulting them back each step
+# (that removed 2-3x outliers on the 2-core machines; see shared/MEASURED.md).
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 34), "MALLOC_TRIM_THRESHOLD_": str(1 << 34)}
+
+
+def ensure_malloc_env() -> None:
+    """Re-execute the current script with :data:`MALLOC_ENV` set, unless it already is."""
+    if all(os.environ.get(k) == v for k, v in MALLOC_ENV.items()):
+        return
+    env = {**os.environ, **MALLOC_ENV}
+    os.execve(sys.executable, [sys.executable, *sys.argv], env)
+
+
+@dataclass
+class Timing:
+    """Seconds per call of each candidate, one entry per round."""
+
+    rounds: dict[str, list[float]]
+
+    def median(self, name: str) -> float:
+        return statistics.median(self.rounds[name])
+
+    def ratio(self, name: str, baseline: str) -> float:
+        """Median over rounds of ``time(name) / time(baseline)`` (paired, so drift cancels)."""
+        pairs = [a / b for a, b in zip(self.rounds[name], self.rounds[baseline])]
+        return statistics.median(pairs)
+
+
+def alternate(
+    candidates: Mapping[str, Callable[[], object]],
+    *,
+    rounds: int = 11,
+    warmup: int = 2,
+    min_time: float = 0.0,
+    progress: Callable[[int, int], None] | None = None,
+) -> Timing:
+    """Time each candidate in alternating rounds after ``warmup`` calls each.
+
+    Each round runs every candidate once, in an order that reverses every round, so slow drifts of
+    the machine hit all candidates alike. With ``min_time``, a candidate is repeated within a round
+    until that many seconds pass and the mean is recorded (for very short calls).
+    """
+    names = list(candidates)
+    for name in names:
+        for _ in range(warmup):
+            candidates[name]()
+    result: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        order = names if r % 2 == 0 else names[::-1]
+        for name in order:
+            fn = candidates[name]
+            calls, start = 0, time.perf_counter()
+            while True:
+                fn()
+                calls += 1
+                elapsed = time.perf_counter() - start
+                if elapsed >= min_time:
+                    break
+            result[name].append(elapsed / calls)
+        if progress is not None:
+            progress(r + 1, rounds)
+    return Timing(result)
+
+
+def forward_step(module: torch.nn.Module, inputs: Sequence[torch.Tensor]) -> Callable[[], object]:
+    """A no-grad forward pass as a zero-argument callable."""
+
+    def step() -> object:
+        with torch.no_grad():
+            return module(*inputs)
+
+    return step
+
+
+def train_step(module: torch.nn.Module, inputs: Sequence[torch.Tensor]) -> Callable[[], object]:
+    """Forward + backward of ``out.sum()`` (float inputs get gradients too), as a callable."""
+    leaves = [x.detach().requires_grad_(x.is_floating_point()) for x in inputs]
+
+    def step() -> object:
+        module.zero_grad(set_to_none=True)
+        out = module(*leaves)
+        out = out[0] if isinstance(out, tuple) else out
+        out.float().sum().backward()
+        return None
+
+    return step
+
+
+def _conv_backward_flops(*args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+    """Convolution-backward FLOPs: each of grad-input and grad-weight costs one forward convolution.
+
+    ``torch.utils.flop_counter``'s own formula counts one of the two as if ``groups`` were 1, which
+    over-counts depth-wise convolutions many times (see shared/MEASURED.md). ``args`` are the
+    shapes of ``aten.convolution_backward(grad_out, input, weight, bias_sizes, stride, padding,
+    dilation, transposed, output_padding, groups, output_mask)``.
+    """
+    from torch.utils.flop_counter import conv_flop_count
+
+    grad_out_shape, x_shape, w_shape = args[0], args[1], args[2]
+    transposed, output_mask = bool(args[7]), args[10]
+    forward = conv_flop_count(list(x_shape), list(w_shape), list(grad_out_shape), transposed=transposed)
+    return forward * (int(bool(output_mask[0])) + int(bool(output_mask[1])))
+
+
+def count_flops(step: Callable[[], object]) -> int:
+    """FLOPs of one call of ``step`` (multiply-add = 2 FLOPs), with attention on the math path."""
+    mapping = {torch.ops.aten.convolution_backward: _conv_backward_flops}
+    with fused_attn(False), FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+        step()
+    return int(counter.get_total_flops())
+
+
+_CHILD = r"""
+import gc, importlib, json, sys
+spec = json.loads(sys.argv[1])
+module_name, fn_name = spec["target"].split(":")
+make = getattr(importlib.import_module(module_name), fn_name)
+step = make(**spec["kwargs"])
+step()  # first call: lazy initialisation settles; its buffers go back to the OS (see MEASURE_ENV)
+gc.collect()
+
+def status(key):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(key + " not in /proc/self/status")
+
+# Reset the peak resident set (VmHWM) so imports and the first call do not count (Linux >= 4.0).
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+base = status("VmRSS")
+step()
+print(json.dumps({"peak": status("VmHWM"), "base": base}))
+"""
+
+# For measuring, the opposite of MALLOC_ENV: a fixed, small mmap threshold sends every large buffer
+# straight back to the OS when freed, so the resident set just before the measured step holds only
+# live data, and the process's peak resident set minus it is what the step adds.
+MEASURE_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536"}
+
+
+def peak_memory(target: str, kwargs: Mapping[str, Any] | None = None, *, timeout: float = 600) -> int:
+    """Peak resident memory (bytes) one step adds, measured in a fresh Python process.
+
+    ``target`` is ``"package.module:factory"``; ``factory(**kwargs)`` must build the inputs and the
+    module and return a zero-argument step. The step runs once to settle; then the process's peak resident
+    set is reset (``/proc/self/clear_refs``) and the step runs again; the result is that step's peak
+    minus the resident set just before it (the inputs and weights). On CUDA use
+    ``torch.cuda.max_memory_allocated`` instead.
+    """
+    payload = json.dumps({"target": target, "kwargs": dict(kwargs or {})})
+    env = {**os.environ, **MEASURE_ENV}
+    src_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (src_dir, os.getcwd(), env.get("PYTHONPATH", "")) if p)
+    proc = subprocess.run(
+        [sys.executable, "-c", _CHILD, payload], capture_output=True, text=True, env=env, timeout=timeout
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"peak_memory({target!r}) failed in its subprocess:\n{proc.stderr[-2000:]}")
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    return max(int(report["peak"]) - int(report["base"]), 0)
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A GitHub-flavoured Markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)

@@ -1,0 +1,271 @@
+"""The one dot-product attention path of attnzoo, and the relative-position helpers.
+
+Every dot-product mechanism in the library (multi-head, window, temporal, SAGAN, non-local, BiFormer,
+ACmix's attention branch, the scaled-dot-product scoring rule) calls :func:`attend`. Without
+``return_weights`` it runs ``torch.nn.functional.scaled_dot_product_attention``, so the fused kernels
+never keep an L x S matrix for backward; with it (or with the fused path switched off) it runs a plain
+math path that returns the weights.
+
+Mask convention (the SDPA one, the inverse of ``nn.MultiheadAttention``): a **boolean mask is True
+where a query may attend**; a floating mask is added to the logits.
+
+Shape letters: B batch, h heads, L query length, S key length, d head dim (q, k), e value head dim.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import threading
+from collections.abc import Iterator
+from typing import Literal, overload
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from attnzoo._checks import check_mask, check_tensor, format_shape
+
+__all__ = [
+    "attend",
+    "fused_attn",
+    "fused_enabled",
+    "relative_position_index_1d",
+    "relative_position_index_2d",
+    "gather_relative_bias",
+]
+
+_ENV_FUSED = "ATTNZOO_FUSED_ATTN"
+_override = threading.local()
+
+
+def fused_enabled() -> bool:
+    """Whether :func:`attend` uses ``scaled_dot_product_attention`` (read at call time).
+
+    The innermost :func:`fused_attn` context wins; otherwise the environment variable
+    ``ATTNZOO_FUSED_ATTN`` (``0`` switches the fused path off); otherwise on.
+    """
+    stack = getattr(_override, "stack", None)
+    if stack:
+        return bool(stack[-1])
+    return os.environ.get(_ENV_FUSED, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+@contextlib.contextmanager
+def fused_attn(enabled: bool) -> Iterator[None]:
+    """Switch the fused path on or off inside a ``with`` block (thread-local, nestable).
+
+    Example:
+        >>> with attnzoo.fused_attn(False):   # the plain math path, for checking or FLOP counting
+        ...     y = module(x)
+    """
+    stack = getattr(_override, "stack", None)
+    if stack is None:
+        stack = _override.stack = []
+    stack.append(bool(enabled))
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
+    who = "attend"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(t, who, name)
+        if t.ndim != 4:
+            raise ValueError(f"{who} expects {name} of shape (B, h, L, d) (4-D), got {tuple(t.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"{who} expects q, k, v of one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    b, h, _, d = q.shape
+    if k.shape[:2] != (b, h) or v.shape[:2] != (b, h):
+        raise ValueError(
+            f"{who} expects k and v with batch and heads (B, h) = {(b, h)}, got k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    if k.shape[-1] != d:
+        raise ValueError(f"{who} expects k of shape {format_shape([b, h, 'S', d])}, got {tuple(k.shape)}")
+    if v.shape[2] != k.shape[2]:
+        raise ValueError(
+            f"{who} expects v of shape {format_shape([b, h, k.shape[2], 'e'])} (S as k), got {tuple(v.shape)}"
+        )
+
+
+def _causal_keep(length_q: int, length_k: int, device: torch.device) -> Tensor:
+    # Top-left aligned, as SDPA's is_causal: query i sees keys 0..i.
+    return torch.ones(length_q, length_k, dtype=torch.bool, device=device).tril()
+
+
+def _merge_masks(
+    mask: Tensor | None, bias: Tensor | None, causal: bool, target: tuple[int, ...], dtype: torch.dtype, device: torch.device
+) -> tuple[Tensor | None, Tensor | None]:
+    """Combine mask, bias and causal into one SDPA ``attn_mask``; also return fully masked rows.
+
+    Returns ``(attn_mask, dead)``: ``attn_mask`` is bool (True = keep) when there is no float term,
+    else an additive float tensor; ``dead`` is a bool ``(..., L, 1)`` tensor marking queries that
+    may attend to nothing (their output is defined as zero), or None when there are none.
+    """
+    keep: Tensor | None = None
+    additive: Tensor | None = None
+    for term in (mask, bias):
+        if term is None:
+            continue
+        if term.dtype == torch.bool:
+            keep = term if keep is None else keep & term
+        else:
+            term = term.to(dtype)
+            additive = term if additive is None else additive + term
+    if causal:
+        tri = _causal_keep(target[-2], target[-1], device)
+        keep = tri if keep is None else keep & tri
+    if keep is None and additive is None:
+        return None, None
+    # A row is dead when every entry is masked: False in `keep` or -inf in the additive part.
+    blocked = None if keep is None else ~keep
+    if additive is not None:
+        inf_part = additive == float("-inf")
+        blocked = inf_part if blocked is None else blocked | inf_part
+    dead = blocked.all(dim=-1, keepdim=True) if blocked is not None else None
+    if dead is not None and not bool(dead.any()):
+        dead = None
+    if additive is None:
+        merged = keep
+        if dead is not None:
+            merged = merged | dead  # let dead rows attend to everything, then zero their output
+        return merged, dead
+    if keep is not None:
+        additive = additive.masked_fill(~keep, float("-inf"))
+    if dead is not None:
+        additive = additive.masked_fill(dead, 0.0)
+    return additive, dead
+
+
+@overload
+def attend(
+    q: Tensor, k: Tensor, v: Tensor, *, bias: Tensor | None = ..., mask: Tensor | None = ...,
+    causal: bool = ..., dropout_p: float = ..., scale: float | None = ..., return_weights: Literal[False] = ...,
+) -> Tensor: ...
+@overload
+def attend(
+    q: Tensor, k: Tensor, v: Tensor, *, bias: Tensor | None = ..., mask: Tensor | None = ...,
+    causal: bool = ..., dropout_p: float = ..., scale: float | None = ..., return_weights: Literal[True],
+) -> tuple[Tensor, Tensor]: ...
+def attend(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    bias: Tensor | None = None,
+    mask: Tensor | None = None,
+    causal: bool = False,
+    dropout_p: float = 0.0,
+    scale: float | None = None,
+    return_weights: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    r"""Scaled dot-product attention: :math:`\mathrm{softmax}(s\,QK^\top + \mathrm{bias} + \mathrm{mask})V`.
+
+    Args:
+        q: Queries.
+        k: Keys.
+        v: Values.
+        bias: Additive float term (relative position bias, ...), broadcastable to ``(B, h, L, S)``.
+            Default: None.
+        mask: Bool, **True = may attend** (the SDPA convention, the inverse of
+            ``nn.MultiheadAttention``), or float, added to the logits; broadcastable to
+            ``(B, h, L, S)``. Default: None.
+        causal: Query i attends keys ``0..i`` only (top-left aligned when L != S, as SDPA).
+            Default: False.
+        dropout_p: Dropout on the attention weights; pass ``0.0`` in eval mode. Default: 0.0.
+        scale: Multiplies the logits. Default: ``1 / sqrt(d)``.
+        return_weights: Also return the attention weights (runs the math path, which keeps the
+            ``(B, h, L, S)`` matrix). Default: False.
+
+    Returns:
+        The output ``(B, h, L, e)``; with ``return_weights``, ``(output, weights)`` with weights
+        ``(B, h, L, S)``. A query whose every key is masked gets zero output and zero weights
+        (never NaN).
+
+    Shape:
+        - q: ``(B, h, L, d)``; k: ``(B, h, S, d)``; v: ``(B, h, S, e)``.
+
+    Half-precision inputs take their softmax in float32 on the math path (the fused kernels do so
+    internally).
+    """
+    _check_qkv(q, k, v)
+    target = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    if mask is not None:
+        check_mask(mask, target, "attend", "mask")
+    if bias is not None:
+        check_mask(bias, target, "attend", "bias")
+        if bias.dtype == torch.bool:
+            raise TypeError("attend expects bias to be a floating (additive) tensor, got torch.bool; use mask=")
+    if not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"attend expects dropout_p in [0, 1], got {dropout_p}")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+
+    if fused_enabled() and not return_weights:
+        if mask is None and bias is None:
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal, scale=scale)
+        attn_mask, dead = _merge_masks(mask, bias, causal, target, q.dtype, q.device)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
+        return out if dead is None else out.masked_fill(dead, 0.0)
+    return _attend_math(q, k, v, mask, bias, causal, dropout_p, scale, target, return_weights)
+
+
+def _attend_math(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, bias: Tensor | None, causal: bool,
+    dropout_p: float, scale: float, target: tuple[int, ...], return_weights: bool,
+) -> Tensor | tuple[Tensor, Tensor]:
+    compute_dtype = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+    scores = (q.to(compute_dtype) * scale) @ k.to(compute_dtype).transpose(-2, -1)  # (B, h, L, S)
+    attn_mask, dead = _merge_masks(mask, bias, causal, target, compute_dtype, q.device)
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        else:
+            scores = scores + attn_mask
+    weights = scores.softmax(dim=-1)
+    if dead is not None:
+        weights = weights.masked_fill(dead, 0.0)
+    weights = weights.to(q.dtype)
+    dropped = F.dropout(weights, p=dropout_p) if dropout_p > 0 else weights
+    out = dropped @ v  # (B, h, L, e)
+    return (out, weights) if return_weights else out
+
+
+# ---------------------------------------------------------------------------------------------
+# Relative position helpers (Swin's 2-D table, the temporal 1-D table)
+
+
+def relative_position_index_1d(length: int, device: torch.device | None = None) -> Tensor:
+    """Index into a ``(2*length - 1, heads)`` table: ``index[i, j] = i - j + length - 1``.
+
+    Shape:
+        - Output: ``(length, length)``, int64; query i, key j.
+    """
+    coords = torch.arange(length, device=device)
+    return coords[:, None] - coords[None, :] + (length - 1)
+
+
+def relative_position_index_2d(window_size: tuple[int, int], device: torch.device | None = None) -> Tensor:
+    """Index into a ``((2*Wh-1)*(2*Ww-1), heads)`` table, in Swin's order.
+
+    ``index[i, j] = (dh + Wh - 1) * (2*Ww - 1) + (dw + Ww - 1)`` with ``(dh, dw)`` the offset of
+    query token i minus key token j, tokens numbered row-major within the window.
+
+    Shape:
+        - Output: ``(Wh*Ww, Wh*Ww)``, int64.
+    """
+    wh, ww = window_size
+    rows, cols = torch.meshgrid(torch.arange(wh, device=device), torch.arange(ww, device=device), indexing="ij")
+    coords = torch.stack([rows.flatten(), cols.flatten()])  # (2, N)
+    rel = coords[:, :, None] - coords[:, None, :]  # (2, N, N): query minus key
+    return (rel[0] + wh - 1) * (2 * ww - 1) + (rel[1] + ww - 1)
+
+
+def gather_relative_bias(table: Tensor, index: Tensor) -> Tensor:
+    """Look a relative position table up: ``(T, h)`` table, ``(L, S)`` index -> ``(h, L, S)`` bias."""
+    if table.ndim != 2:
+        raise ValueError(f"gather_relative_bias expects table of shape (T, h), got {tuple(table.shape)}")
+    length_q, length_k = index.shape
+    return table[index.reshape(-1)].reshape(length_q, length_k, -1).permute(2, 0, 1)  # (h, L, S)
