@@ -6,6 +6,7 @@ arguments come from :mod:`attnzoo.compat`. Build any mechanism by name with :fun
 
 from attnzoo._registry import Example, Spec, create, get_spec, list_modules
 from attnzoo.functional import attend, fused_attn, fused_enabled
+from attnzoo.surgery import find, insert, replace
 
 # Family modules register their classes on import (one family per file).
 
@@ -16,8 +17,11 @@ __all__ = [
     "Spec",
     "attend",
     "create",
+    "find",
     "fused_attn",
     "fused_enabled",
     "get_spec",
+    "insert",
     "list_modules",
+    "replace",
 ]

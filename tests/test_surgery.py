@@ -1,0 +1,227 @@
+"""Network surgery: insert, replace, find, on the project's own small CNN and on real backbones."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import attnzoo
+from attnzoo.surgery import LayoutAdapter, find, insert, replace, select
+
+
+class Gate(nn.Module):
+    """A tiny shape-keeping channel gate, used as a factory-built attention."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(channels, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(self.fc(x.mean((2, 3))))[:, :, None, None]
+
+
+class Block(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1)
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        return self.act(self.conv2(self.act(self.bn1(self.conv1(x)))))
+
+
+class SmallCNN(nn.Module):
+    """The project's own test network: two stages of blocks, then a classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, 1, 1)
+        self.layer1 = nn.Sequential(Block(8, 8), Block(8, 8))
+        self.layer2 = nn.Sequential(Block(8, 16, 2), Block(16, 16))
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = self.layer2(self.layer1(self.stem(x)))
+        return self.head(x.mean((2, 3)))
+
+
+def params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_select_globs_are_segment_aware():
+    model = SmallCNN()
+    assert select(model, "layer*.*") == ["layer1.0", "layer1.1", "layer2.0", "layer2.1"]
+    assert select(model, "layer2.*.conv2") == ["layer2.0.conv2", "layer2.1.conv2"]
+    assert "layer1.0.conv1" in select(model, "layer1.**")
+    assert select(model, nn.Linear) == ["head"]
+    assert select(model, lambda n, m: n == "stem") == ["stem"]
+    with pytest.raises(ValueError, match=r"selects no sub-module.*similar names: .*layer1"):
+        select(model, "layr1.*")
+    with pytest.raises(ValueError, match="no sub-module named 'layer9'"):
+        select(model, ["layer9"])
+
+
+def test_insert_with_factory_keeps_weights_and_adds_exact_parameters():
+    torch.manual_seed(0)
+    model = SmallCNN()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    count = params(model)
+    x = torch.randn(2, 3, 16, 16)
+    names = insert(model, Gate, where="layer*.*", example_input=x)
+    assert names == ["layer1.0_attn", "layer1.1_attn", "layer2.0_attn", "layer2.1_attn"]
+    after = model.state_dict()
+    for key, value in before.items():  # every original key, unchanged
+        assert torch.equal(after[key], value)
+    added = sum(params(model.get_submodule(n)) for n in names)
+    assert added == 2 * (8 * 8 + 8) + 2 * (16 * 16 + 16)
+    assert params(model) == count + added
+    # Each place has its own module.
+    mods = [model.get_submodule(n) for n in names]
+    assert len({id(m) for m in mods}) == 4
+    # Forward and backward run.
+    model(x).sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_insert_after_non_sequential_place_uses_hook_and_changes_output():
+    torch.manual_seed(0)
+    model = SmallCNN().eval()
+    x = torch.randn(1, 3, 8, 8)
+    ref = model(x)
+    names = insert(model, Gate, where="layer1.0.conv2", example_input=x)
+    assert names == ["layer1.0.conv2_attn"]
+    assert "layer1.0.conv2.weight" in model.state_dict()
+    assert not torch.allclose(model(x), ref)
+    with torch.no_grad():  # a gate whose weights push the sigmoid to 1 gives back the original
+        gate = model.get_submodule("layer1.0.conv2_attn")
+        gate.fc.weight.zero_()
+        gate.fc.bias.fill_(50.0)
+    torch.testing.assert_close(model(x), ref)
+
+
+def test_insert_before_position():
+    model = SmallCNN()
+    x = torch.randn(1, 3, 8, 8)
+    names = insert(model, Gate, where="layer2.0.conv1", position="before", example_input=x)
+    assert model.get_submodule(names[0]).fc.in_features == 8  # the input of conv1 has 8 channels
+
+
+def test_insert_without_example_uses_attributes():
+    model = SmallCNN()
+    insert(model, Gate, where="layer2.*.conv2")
+    assert model.get_submodule("layer2.0.conv2_attn").fc.in_features == 16
+    with pytest.raises(ValueError, match="cannot infer the channels at layer1.0 .*example_input"):
+        insert(SmallCNN(), Gate, where="layer1.0")
+
+
+def test_shape_changing_insert_names_place_and_shapes():
+    model = SmallCNN()
+    x = torch.randn(1, 3, 8, 8)
+    with pytest.raises(ValueError, match=r"layer1.0 expects to keep the shape \(1, 8, 8, 8\), produced \(1, 8, 4, 4\)"):
+        insert(model, lambda c: nn.MaxPool2d(2), where="layer1.0", example_input=x)
+
+
+def test_shared_module_is_refused():
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 1)
+            self.act = nn.ReLU()
+
+        def forward(self, x):
+            return self.act(self.conv(self.act(x)))
+
+    with pytest.raises(ValueError, match="act runs 2 times per forward"):
+        insert(Shared(), Gate, where="act", example_input=torch.randn(1, 3, 4, 4))
+
+
+def test_module_instance_is_copied_per_place():
+    model = SmallCNN()
+    proto = Gate(8)
+    names = insert(model, proto, where="layer1.*", example_input=torch.randn(1, 3, 8, 8))
+    mods = [model.get_submodule(n) for n in names]
+    assert mods[0] is not mods[1] and proto not in mods
+
+
+def test_surgery_state_dict_round_trip():
+    torch.manual_seed(0)
+    model = SmallCNN()
+    insert(model, Gate, where="layer*.*", example_input=torch.randn(1, 3, 8, 8))
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    buffer.seek(0)
+    torch.manual_seed(1)
+    other = SmallCNN()
+    insert(other, Gate, where="layer*.*", example_input=torch.randn(1, 3, 8, 8))
+    other.load_state_dict(torch.load(buffer, weights_only=True), strict=True)
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(model.eval()(x), other.eval()(x))
+    # The whole model pickles too (hooks are plain objects, not lambdas).
+    whole = io.BytesIO()
+    torch.save(model, whole)
+
+
+def test_replace_swaps_module_and_infers_channels():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 12, 3, padding=1)
+            self.space_attention = nn.Sequential(nn.Conv2d(12, 12, 3, padding=1), nn.BatchNorm2d(12), nn.ReLU())
+
+        def forward(self, x):
+            x = self.conv(x)
+            return x + self.space_attention(x)
+
+    net = Net()
+    x = torch.randn(2, 3, 8, 8)
+    assert replace(net, "space_attention", Gate, example_input=x) == ["space_attention"]
+    assert isinstance(net.space_attention, Gate) and net.space_attention.fc.in_features == 12
+    net(x).sum().backward()
+    with pytest.raises(ValueError, match=r"conv maps \(2, 3, 8, 8\) to \(2, 12, 8, 8\)"):
+        replace(Net(), "conv", Gate, example_input=x)
+
+
+def test_layout_adapter_round_trips():
+    seen = {}
+
+    class Probe(nn.Module):
+        def forward(self, t):
+            seen["shape"] = tuple(t.shape)
+            return t
+
+    x = torch.randn(2, 5, 3, 4)
+    torch.testing.assert_close(LayoutAdapter(Probe(), "NCHW", "NHWC")(x), x)
+    assert seen["shape"] == (2, 3, 4, 5)
+    torch.testing.assert_close(LayoutAdapter(Probe(), "NCHW", "NLC")(x), x)
+    assert seen["shape"] == (2, 12, 5)
+
+
+def test_find_lists_third_party_attention_with_flops():
+    mha = nn.MultiheadAttention(8, 2, batch_first=True)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = mha
+            self.out = nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.out(self.attn(x, x, x, need_weights=False)[0])
+
+    found = find(Net(), example_input=torch.randn(1, 4, 8))
+    assert [f.name for f in found] == ["attn"]
+    assert found[0].params == sum(p.numel() for p in mha.parameters())
+    assert found[0].flops is not None and found[0].flops > 0
+    assert find(Net())[0].flops is None
+
+
+def test_unknown_registry_name_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown attention"):
+        insert(SmallCNN(), "no_such_attention", where="layer1.*", example_input=torch.randn(1, 3, 8, 8))
+    assert attnzoo.surgery is not None
