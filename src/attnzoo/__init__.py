@@ -9,6 +9,17 @@ from attnzoo.functional import attend, fused_attn, fused_enabled
 
 # Family modules register their classes on import (one family per file).
 
+# --- seq2seq (issue 8) ---
+from attnzoo.seq2seq import (
+    AdditiveAttention,
+    ConcatAttention,
+    DotProductAttention,
+    GeneralAttention,
+    LocationAttention,
+)
+
+# --- end seq2seq ---
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -20,4 +31,11 @@ __all__ = [
     "fused_enabled",
     "get_spec",
     "list_modules",
+    # --- seq2seq (issue 8) ---
+    "AdditiveAttention",
+    "ConcatAttention",
+    "DotProductAttention",
+    "GeneralAttention",
+    "LocationAttention",
+    # --- end seq2seq ---
 ]
