@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import golden_files
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import attnzoo
@@ -20,8 +21,6 @@ from attnzoo import (
     LocationAttention,
 )
 from attnzoo.compat import Attn
-
-from conftest import golden_files
 
 B, LQ, LK, DQ, DK, DV = 3, 4, 6, 5, 7, 2
 F64 = torch.float64
@@ -139,7 +138,7 @@ def test_gradients_match_reference(rule):
         t.grad = None
     (reference(module, *xs, mask)[0] * grad_out).sum().backward()
     theirs = [x.grad for x in xs] + [p.grad for p in module.parameters()]
-    for a, b in zip(ours, theirs):
+    for a, b in zip(ours, theirs, strict=True):
         assert torch.isfinite(a).all()
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8)
 
@@ -238,7 +237,7 @@ def test_bad_inputs_name_expected_and_given(rule):
         module(q, k, v, padding_mask().double())
     with pytest.raises(TypeError, match="one dtype, got torch.float64, torch.float32"):
         module(q, k.float(), v)
-    with pytest.raises(ValueError, match=r"expects query of shape \(B, Lq, \w+\) \(3-D\), got \(3, \d\) \(2-D\)"):
+    with pytest.raises(ValueError, match=r"query of shape \(B, Lq, \w+\) \(3-D\), got \(3, \d\) \(2-D\)"):
         module(q[:, 0], k, v)
 
 
@@ -291,7 +290,7 @@ def test_attn_equals_golden(path, by_name):
     with torch.no_grad():
         out = m(*[g["inputs"][k] for k in g["args_order"]])
     assert isinstance(out, tuple) and len(out) == len(g["output"]) == 2
-    for ours, recorded in zip(out, g["output"]):
+    for ours, recorded in zip(out, g["output"], strict=True):
         assert ours.shape == recorded.shape and ours.dtype == recorded.dtype
         torch.testing.assert_close(ours, recorded, atol=1e-10, rtol=1e-10)
 
@@ -309,7 +308,7 @@ def test_attn_other_configurations_equal_the_seed_algorithm(n, sizes):
     for p in m.parameters():
         torch.nn.init.normal_(p)
     qs, ks, l, dv, _ = sizes
-    Q, K, V = torch.randn(1, n, qs, dtype=F64), torch.randn(1, n, ks, dtype=F64), torch.randn(1, l, dv, dtype=F64)  # noqa: N806
+    Q, K, V = (torch.randn(1, *s, dtype=F64) for s in ((n, qs), (n, ks), (l, dv)))  # noqa: N806
     out, w = m(Q, K, V)
     ref_out, ref_w = seed_attn_reference(m, Q, K, V)
     assert out.shape == ref_out.shape and w.shape == ref_w.shape == (n, l)
@@ -330,7 +329,7 @@ def test_location_attention_is_attn_over_a_batch_with_the_same_state_dict():
     seed = Attn(query_size=5, key_size=3, value_size1=6, value_size2=4, output_size=7).double()
     batched = LocationAttention(query_dim=5, key_dim=3, num_positions=6, value_dim=4, output_dim=7).double()
     batched.load_state_dict(seed.state_dict(), strict=True)
-    q, k, v = torch.randn(3, 2, 5, dtype=F64), torch.randn(3, 2, 3, dtype=F64), torch.randn(3, 6, 4, dtype=F64)
+    q, k, v = (torch.randn(3, *s, dtype=F64) for s in ((2, 5), (2, 3), (6, 4)))
     out, w = batched(q, k, v, return_weights=True)
     assert out.shape == (3, 2, 7) and w.shape == (3, 2, 6)
     for n in range(3):
@@ -342,7 +341,7 @@ def test_location_attention_is_attn_over_a_batch_with_the_same_state_dict():
 def test_location_attention_mask():
     torch.manual_seed(4)
     m = LocationAttention(5, 3, 6, 4, 7).double()
-    q, k, v = torch.randn(2, 2, 5, dtype=F64), torch.randn(2, 2, 3, dtype=F64), torch.randn(2, 6, 4, dtype=F64)
+    q, k, v = (torch.randn(2, *s, dtype=F64) for s in ((2, 5), (2, 3), (6, 4)))
     mask = torch.tensor([[True] * 6, [True] * 2 + [False] * 4])
     _, w = m(q, k, v, mask, return_weights=True)
     assert (w[1, :, 2:] == 0).all()

@@ -8,7 +8,6 @@ from attnzoo._registry import Example, Spec, create, get_spec, list_modules
 from attnzoo.functional import attend, fused_attn, fused_enabled
 
 # Family modules register their classes on import (one family per file).
-
 # --- seq2seq (issue 8) ---
 from attnzoo.seq2seq import (
     AdditiveAttention,

@@ -51,15 +51,18 @@ def _check_inputs(
     query_dim: int | None = None, key_dim: int | None = None,
 ) -> tuple[int, int, int]:
     """Validate ``(B, Lq, dq)``, ``(B, Lk, dk)``, ``(B, Lk, dv)`` and the mask; return ``(B, Lq, Lk)``."""
-    fixed_q = {} if query_dim is None else {"dq": query_dim}
-    b, lq, found_dq = check_shape(query, who, "B Lq dq", "query", **fixed_q).values()
+    if query_dim is None:
+        b, lq, found_dq = check_shape(query, who, "B Lq dq", "query").values()
+    else:
+        b, lq, found_dq = check_shape(query, who, "B Lq dq", "query", dq=query_dim).values()
     if key_dim is None:
         key_dim = found_dq  # dot product: keys have the queries' features
     lk = check_shape(keys, who, "B Lk dk", "keys", B=b, dk=key_dim)["Lk"]
     check_shape(values, who, "B Lk dv", "values", B=b, Lk=lk)
     if not query.dtype == keys.dtype == values.dtype:
         raise TypeError(
-            f"{who} expects query, keys and values of one dtype, got {query.dtype}, {keys.dtype}, {values.dtype}"
+            f"{who} expects query, keys and values of one dtype, "
+            f"got {query.dtype}, {keys.dtype}, {values.dtype}"
         )
     if mask is not None:
         _check_mask(who, mask, b, lq, lk)
@@ -151,7 +154,12 @@ class ConcatAttention(_ConcatScore):
         super().__init__(query_dim, key_dim, 1)
 
     def forward(
-        self, query: Tensor, keys: Tensor, values: Tensor, mask: Tensor | None = None, return_weights: bool = False
+        self,
+        query: Tensor,
+        keys: Tensor,
+        values: Tensor,
+        mask: Tensor | None = None,
+        return_weights: bool = False,
     ) -> Tensor | tuple[Tensor, Tensor]:
         _check_inputs(type(self).__name__, query, keys, values, mask, self.query_dim, self.key_dim)
         from_q, from_k = self._split(query, keys)  # (B, Lq, 1), (B, Lk, 1)
@@ -193,7 +201,12 @@ class AdditiveAttention(_ConcatScore):
         self.v = nn.Linear(hidden, 1, bias=False)
 
     def forward(
-        self, query: Tensor, keys: Tensor, values: Tensor, mask: Tensor | None = None, return_weights: bool = False
+        self,
+        query: Tensor,
+        keys: Tensor,
+        values: Tensor,
+        mask: Tensor | None = None,
+        return_weights: bool = False,
     ) -> Tensor | tuple[Tensor, Tensor]:
         _check_inputs(type(self).__name__, query, keys, values, mask, self.query_dim, self.key_dim)
         from_q, from_k = self._split(query, keys)  # (B, Lq, H), (B, Lk, H)
@@ -231,7 +244,12 @@ class DotProductAttention(nn.Module):
         self.scaled = check_choice(scaled, (True, False), "scaled", type(self).__name__)
 
     def forward(
-        self, query: Tensor, keys: Tensor, values: Tensor, mask: Tensor | None = None, return_weights: bool = False
+        self,
+        query: Tensor,
+        keys: Tensor,
+        values: Tensor,
+        mask: Tensor | None = None,
+        return_weights: bool = False,
     ) -> Tensor | tuple[Tensor, Tensor]:
         _check_inputs(type(self).__name__, query, keys, values, mask)
         scale = query.shape[-1] ** -0.5 if self.scaled else 1.0
@@ -282,7 +300,12 @@ class GeneralAttention(nn.Module):
         self.attn = nn.Linear(query_dim, key_dim, bias=False)
 
     def forward(
-        self, query: Tensor, keys: Tensor, values: Tensor, mask: Tensor | None = None, return_weights: bool = False
+        self,
+        query: Tensor,
+        keys: Tensor,
+        values: Tensor,
+        mask: Tensor | None = None,
+        return_weights: bool = False,
     ) -> Tensor | tuple[Tensor, Tensor]:
         _check_inputs(type(self).__name__, query, keys, values, mask, self.query_dim, self.key_dim)
         return _attend_3d(self.attn(query), keys, values, mask, 1.0, return_weights)
@@ -327,7 +350,9 @@ class LocationAttention(nn.Module):
     Parameters: ``attn``, ``nn.Linear(dq + dk, L)``; ``attn_combine``, ``nn.Linear(dq + dv, output_dim)``.
     """
 
-    def __init__(self, query_dim: int, key_dim: int, num_positions: int, value_dim: int, output_dim: int) -> None:
+    def __init__(
+        self, query_dim: int, key_dim: int, num_positions: int, value_dim: int, output_dim: int
+    ) -> None:
         super().__init__()
         who = type(self).__name__
         self.query_dim = check_int(query_dim, "query_dim", who)
@@ -339,7 +364,12 @@ class LocationAttention(nn.Module):
         self.attn_combine = nn.Linear(query_dim + value_dim, output_dim)
 
     def forward(
-        self, query: Tensor, key: Tensor, values: Tensor, mask: Tensor | None = None, return_weights: bool = False
+        self,
+        query: Tensor,
+        key: Tensor,
+        values: Tensor,
+        mask: Tensor | None = None,
+        return_weights: bool = False,
     ) -> Tensor | tuple[Tensor, Tensor]:
         who = type(self).__name__
         b, lq, _ = check_shape(query, who, "B Lq dq", "query", dq=self.query_dim).values()
@@ -384,7 +414,9 @@ class Attn(LocationAttention):
         - Output: ``((1, n, output_size), (n, value_size1))``.
     """
 
-    def __init__(self, query_size: int, key_size: int, value_size1: int, value_size2: int, output_size: int) -> None:
+    def __init__(
+        self, query_size: int, key_size: int, value_size1: int, value_size2: int, output_size: int
+    ) -> None:
         super().__init__(query_size, key_size, value_size1, value_size2, output_size)
         self.query_size, self.key_size, self.output_size = query_size, key_size, output_size
         self.value_size1, self.value_size2 = value_size1, value_size2
@@ -392,7 +424,9 @@ class Attn(LocationAttention):
     def forward(self, Q: Tensor, K: Tensor, V: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]  # noqa: N803
         for name, t in (("Q", Q), ("K", K), ("V", V)):
             if isinstance(t, Tensor) and t.ndim == 3 and t.shape[0] != 1:
-                raise ValueError(f"Attn expects {name} with a leading dimension of 1 (the seed's Q[0]/bmm), got "
-                                 f"{tuple(t.shape)}; use attnzoo.LocationAttention for batches")
+                raise ValueError(
+                    f"Attn expects {name} with a leading dimension of 1 (the seed's Q[0]/bmm), "
+                    f"got {tuple(t.shape)}; use attnzoo.LocationAttention for batches"
+                )
         output, weights = super().forward(Q, K, V, return_weights=True)
         return output, weights[0]  # (1, n, output_size), (n, value_size1)
