@@ -9,6 +9,16 @@ from attnzoo.functional import attend, fused_attn, fused_enabled
 from attnzoo.surgery import find, insert, replace
 
 # Family modules register their classes on import (one family per file).
+# --- seq2seq (issue 8) ---
+from attnzoo.seq2seq import (
+    AdditiveAttention,
+    ConcatAttention,
+    DotProductAttention,
+    GeneralAttention,
+    LocationAttention,
+)
+
+# --- end seq2seq ---
 
 __version__ = "0.1.0"
 
@@ -24,4 +34,11 @@ __all__ = [
     "insert",
     "list_modules",
     "replace",
+    # --- seq2seq (issue 8) ---
+    "AdditiveAttention",
+    "ConcatAttention",
+    "DotProductAttention",
+    "GeneralAttention",
+    "LocationAttention",
+    # --- end seq2seq ---
 ]

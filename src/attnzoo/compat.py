@@ -6,3 +6,9 @@ differs from the seed and why.
 """
 
 __all__: list[str] = []
+
+# --- seq2seq (issue 8) ---
+from attnzoo.seq2seq import Attn  # noqa: E402
+
+__all__ += ["Attn"]
+# --- end seq2seq ---
