@@ -9,11 +9,32 @@ from attnzoo.functional import attend, fused_attn, fused_enabled
 
 # Family modules register their classes on import (one family per file).
 
+# --- transformer family (mha, swin, temporal) ---
+from attnzoo.mha import MultiHeadAttention
+from attnzoo.swin import (
+    ShiftedWindowAttention,
+    WindowAttention,
+    shifted_window_mask,
+    window_partition,
+    window_reverse,
+)
+from attnzoo.temporal import TemporalAttention
+# --- end transformer family ---
+
 __version__ = "0.1.0"
 
 __all__ = [
     "Example",
     "Spec",
+    # transformer family
+    "MultiHeadAttention",
+    "ShiftedWindowAttention",
+    "TemporalAttention",
+    "WindowAttention",
+    "shifted_window_mask",
+    "window_partition",
+    "window_reverse",
+    # end transformer family
     "attend",
     "create",
     "fused_attn",
