@@ -8,13 +8,15 @@ input checks. Around it, the pieces users otherwise copy by hand: :func:`window_
 takes a whole ``(B, H, W, C)`` or ``(B, C, H, W)`` map of any size (the official code requires sizes
 divisible by the window).
 
-Training path: the relative position table is learnable, so its gathered bias requires grad, and
-``scaled_dot_product_attention`` then silently runs its generic math path. :func:`attend_with_bias`
-instead runs a small explicit kernel (a custom autograd function): the scale folded into q, the
-logits computed by one batched GEMM with the bias added in place, one softmax whose output is the
-only N x N tensor kept for backward, and a hand-written backward that also reduces the bias
-gradient. Windows are small (N = 49 for 7 x 7), so the per-window N x N maps are cheap; the fused
-kernels gain nothing there. Without gradients (inference) it calls :func:`attnzoo.attend`.
+Fast path: the relative position table is learnable, so its gathered bias requires grad, and
+``scaled_dot_product_attention`` then silently runs its generic math path (and for 49-token windows
+its fused kernels are slower than plain GEMMs even in inference). :func:`biased_attention` instead
+runs a small explicit kernel (a custom autograd function) on the packed qkv projection: the scale
+folded into the copy of q, k copied transposed so both score GEMMs run untransposed, the bias (and
+shift mask) added in place, one softmax whose output is the only N x N tensor kept for backward,
+and a hand-written backward that writes the qkv gradient in the projection's layout and reduces
+the bias gradient. With :func:`attnzoo.fused_attn` off it calls :func:`attnzoo.attend`'s math path
+(the reference the tests compare against).
 
 Shape letters: B batch, H/W map size, C channels, h heads, d head width, (Wh, Ww) window,
 N = Wh*Ww tokens per window, nW windows per image.
@@ -36,7 +38,7 @@ from attnzoo.functional import attend, fused_enabled, gather_relative_bias, rela
 __all__ = [
     "ShiftedWindowAttention",
     "WindowAttention",
-    "attend_with_bias",
+    "biased_attention",
     "shifted_window_mask",
     "window_partition",
     "window_reverse",
@@ -51,69 +53,89 @@ def _pair(value: int | Sequence[int], name: str, who: str, minimum: int = 1) -> 
 
 
 class _BiasedAttention(torch.autograd.Function):
-    """softmax(scale * q k^T + bias) v with a bias gradient, keeping one N x N map for backward."""
+    """softmax(scale * q k^T + bias) v on packed qkv, keeping one N x N map for backward.
+
+    Layouts are chosen for the CPU GEMMs: q and v are copied to ``(B*h, N, d)``, k to
+    ``(B*h, d, N)`` (a transposed second operand runs at about half speed on tiny matrices), the
+    scale is folded into the copy of q, and the bias is added in place to the logits.
+    """
 
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float) -> Tensor:  # type: ignore[override]
-        b, h, n, d = q.shape
+    def forward(ctx, qkv: Tensor, bias: Tensor, scale: float, dropout_p: float) -> Tensor:  # type: ignore[override]
+        b, n, _, h, d = qkv.shape
         groups = bias.shape[0] if bias.ndim == 4 else 1
-        qs = torch.empty((b, h, n, d), dtype=q.dtype, device=q.device)
-        torch.mul(q, scale, out=qs)  # the scale folded into one contiguous copy of q
-        qs, k3, v3 = qs.view(b * h, n, d), k.reshape(b * h, n, d), v.reshape(b * h, n, v.shape[-1])
-        logits = torch.bmm(qs, k3.transpose(1, 2))  # (B*h, N, N)
+        q = torch.empty((b, h, n, d), dtype=qkv.dtype, device=qkv.device)
+        torch.mul(qkv[:, :, 0].transpose(1, 2), scale, out=q)  # (B, h, N, d), scaled
+        kt = qkv[:, :, 1].permute(0, 2, 3, 1).contiguous().view(b * h, d, n)  # (B*h, d, N)
+        v = qkv[:, :, 2].transpose(1, 2).contiguous().view(b * h, n, d)  # (B*h, N, d)
+        q = q.view(b * h, n, d)
+        logits = torch.bmm(q, kt)  # (B*h, N, N)
         logits.view(b // groups, groups, h, n, n).add_(bias.view(groups, h, n, n))
         probs = torch.softmax(logits, dim=-1)
         del logits
-        out = torch.bmm(probs, v3)  # (B*h, N, e)
-        ctx.save_for_backward(qs, k3, v3, probs)
-        ctx.scale, ctx.shape, ctx.bias_shape = scale, (b, h, n, d, groups), bias.shape
-        return out.view(b, h, n, v.shape[-1])
+        keep = None
+        if dropout_p > 0.0:
+            keep = torch.empty_like(probs, dtype=torch.bool).bernoulli_(1.0 - dropout_p)
+        dropped = probs if keep is None else probs * keep / (1.0 - dropout_p)
+        out = torch.bmm(dropped, v)  # (B*h, N, d)
+        ctx.save_for_backward(q, kt, v, probs, keep)
+        ctx.meta = (b, n, h, d, groups, scale, dropout_p, bias.shape)
+        return out.view(b, h, n, d).transpose(1, 2).reshape(b, n, h * d)  # (B, N, h*d)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        qs, k3, v3, probs = ctx.saved_tensors
-        b, h, n, d, groups = ctx.shape
-        g3 = grad_out.reshape(b * h, n, v3.shape[-1])
-        grad_v = torch.bmm(probs.transpose(1, 2), g3) if ctx.needs_input_grad[2] else None
-        grad_logits = torch._softmax_backward_data(torch.bmm(g3, v3.transpose(1, 2)), probs, -1, probs.dtype)
-        del probs
-        grad_q = torch.bmm(grad_logits, k3).mul_(ctx.scale) if ctx.needs_input_grad[0] else None
-        grad_k = torch.bmm(grad_logits.transpose(1, 2), qs) if ctx.needs_input_grad[1] else None
+        q, kt, v, probs, keep = ctx.saved_tensors
+        b, n, h, d, groups, scale, dropout_p, bias_shape = ctx.meta
+        g = grad_out.reshape(b, n, h, d).transpose(1, 2).reshape(b * h, n, d)  # (B*h, N, d)
+        grad_qkv = None
+        if ctx.needs_input_grad[0]:
+            grad_qkv = torch.empty((b, n, 3, h, d), dtype=q.dtype, device=q.device)
+            dropped = probs if keep is None else probs * keep / (1.0 - dropout_p)
+            grad_v = torch.bmm(dropped.transpose(1, 2), g)  # (B*h, N, d)
+            grad_qkv[:, :, 2] = grad_v.view(b, h, n, d).transpose(1, 2)
+            del dropped, grad_v
+        grad_probs = torch.bmm(g, v.transpose(1, 2))  # (B*h, N, N)
+        if keep is not None:
+            grad_probs.mul_(keep).mul_(1.0 / (1.0 - dropout_p))
+        grad_logits = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
+        del grad_probs
+        if grad_qkv is not None:
+            grad_qkv[:, :, 0] = torch.bmm(grad_logits, kt.transpose(1, 2)).mul_(scale).view(b, h, n, d).transpose(1, 2)
+            grad_qkv[:, :, 1] = torch.bmm(grad_logits.transpose(1, 2), q).view(b, h, n, d).transpose(1, 2)
         grad_bias = None
-        if ctx.needs_input_grad[3]:
-            grad_bias = grad_logits.view(b // groups, groups, h, n, n).sum(0).view(ctx.bias_shape)
-        shaped = [None if g is None else g.view(b, h, n, -1) for g in (grad_q, grad_k, grad_v)]
-        return shaped[0], shaped[1], shaped[2], grad_bias, None
+        if ctx.needs_input_grad[1]:
+            grad_bias = grad_logits.view(b // groups, groups, h, n, n).sum(0).view(bias_shape)
+        return grad_qkv, grad_bias, None, None
 
 
-def attend_with_bias(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, *, scale: float, dropout_p: float = 0.0) -> Tensor:
-    """:func:`attnzoo.attend` with an additive bias shared by groups of the batch, fast to train.
+def biased_attention(qkv: Tensor, bias: Tensor, *, scale: float, dropout_p: float = 0.0) -> Tensor:
+    """Self-attention with an additive bias shared by groups of the batch, from packed q/k/v.
 
-    Equal to ``attend(q, k, v, bias=bias_expanded, scale=scale)``. When gradients are recorded, the
-    fused path is on (:func:`attnzoo.fused_attn`), ``dropout_p == 0`` and the dtype is float32 or
-    float64, a dedicated kernel runs (see the module docstring); otherwise :func:`attend`.
+    Equal to :func:`attnzoo.attend` on the unpacked heads with ``bias`` broadcast over the batch.
+    With the fused path on (:func:`attnzoo.fused_attn`) and a float32/float64 input, a dedicated
+    kernel runs (see the module docstring): on tiny windows it beats both the SDPA kernels and the
+    generic math path, in training (where a learnable bias makes SDPA fall back to its math path)
+    and in inference. Otherwise (the fused path off, half precision) :func:`attend` runs.
 
     Args:
-        q: Queries ``(B, h, N, d)``.
-        k: Keys ``(B, h, N, d)``.
-        v: Values ``(B, h, N, e)``.
+        qkv: Packed projections ``(B, N, 3, h, d)`` (any strides).
         bias: Finite additive float bias ``(h, N, N)``, or ``(G, h, N, N)`` with G dividing B and
             batch element ``i`` using group ``i % G`` (Swin's window order: image-major).
         scale: Multiplies the logits.
-        dropout_p: Dropout on the attention weights. Default: 0.0.
+        dropout_p: Dropout on the attention weights; pass 0.0 in eval mode. Default: 0.0.
 
     Shape:
-        - Output: ``(B, h, N, e)``.
+        - Output: ``(B, N, h*d)``, heads concatenated.
     """
-    b, h, n = q.shape[0], q.shape[1], q.shape[2]
-    groups = bias.shape[0] if bias.ndim == 4 else 1
-    records = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, bias))
-    if records and fused_enabled() and dropout_p == 0.0 and q.dtype in (torch.float32, torch.float64):
-        return _BiasedAttention.apply(q, k, v, bias.to(q.dtype).contiguous(), float(scale))
-    if groups > 1:
-        bias = bias.expand(b // groups, groups, h, n, n).reshape(b, h, n, n)  # (B, h, N, N)
-    return attend(q, k, v, bias=bias, scale=scale, dropout_p=dropout_p)  # type: ignore[return-value]
+    b, n, _, h, d = qkv.shape
+    if fused_enabled() and qkv.dtype in (torch.float32, torch.float64):
+        return _BiasedAttention.apply(qkv, bias.to(qkv.dtype).contiguous(), float(scale), float(dropout_p))
+    if bias.ndim == 4:
+        bias = bias.expand(b // bias.shape[0], *bias.shape).reshape(b, h, n, n)  # (B, h, N, N)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, h, N, d)
+    out = attend(q, k, v, bias=bias, scale=scale, dropout_p=dropout_p)
+    return out.transpose(1, 2).reshape(b, n, h * d)  # type: ignore[union-attr]  # (B, h, N, d) -> (B, N, h*d)
 
 
 def window_partition(x: Tensor, window_size: int | Sequence[int]) -> Tensor:
@@ -274,10 +296,8 @@ class WindowAttention(nn.Module):
                 )
             bias = mask.to(x.dtype)[:, None] + bias  # (nW, h, N, N)
         qkv = self.qkv(x).unflatten(-1, (3, self.num_heads, -1))  # (B*nW, N, 3, h, d)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B*nW, h, N, d)
-        out = attend_with_bias(q, k, v, bias, scale=self.scale, dropout_p=self.attn_drop if self.training else 0.0)
-        out = out.transpose(1, 2).reshape(windows, area, self.dim)  # (B*nW, h, N, d) -> (B*nW, N, C)
-        return self.proj_drop(self.proj(out))
+        out = biased_attention(qkv, bias, scale=self.scale, dropout_p=self.attn_drop if self.training else 0.0)
+        return self.proj_drop(self.proj(out))  # (B*nW, N, C)
 
 
 @register(

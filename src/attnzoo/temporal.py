@@ -6,7 +6,7 @@ indexed by the frame offset, Swin's relative position bias reduced to one axis. 
 the audio-visual Swin adaptation code of STG-CMA (``kaiw7/STG-CMA``, ``Attention``): same arguments,
 parameters ``qkv``/``proj``/``relative_position_bias_table``, persistent buffer ``relative_coords``
 and outputs. Differences: bad shapes raise ``ValueError`` (the original fails inside a reshape) and
-training uses :func:`attnzoo.swin.attend_with_bias` (no generic-path fallback for the learnable
+it runs :func:`attnzoo.swin.biased_attention` (no generic-path fallback for the learnable
 bias); the scale multiplies q before the product instead of the logits after it (equal up to
 rounding).
 
@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from attnzoo._checks import check_float, check_int, check_shape
 from attnzoo._registry import Example, register, register_seed
 from attnzoo.functional import gather_relative_bias, relative_position_index_1d
-from attnzoo.swin import attend_with_bias
+from attnzoo.swin import biased_attention
 
 __all__ = ["Attention", "TemporalAttention"]
 
@@ -97,12 +97,10 @@ class TemporalAttention(nn.Module):
         bias = gather_relative_bias(self.relative_position_bias_table, index)  # (h, T, T)
         if self.with_qkv:
             qkv = self.qkv(x).unflatten(-1, (3, self.num_heads, -1))  # (B, T, 3, h, d)
-            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, h, T, d)
-        else:
-            q = k = v = x.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)  # (B, h, T, d)
-        out = attend_with_bias(q, k, v, bias, scale=self.scale, dropout_p=self.attn_drop if self.training else 0.0)
-        out = out.transpose(1, 2).reshape(batch, frames, self.dim)  # (B, h, T, d) -> (B, T, C)
-        if self.with_qkv:
+        else:  # q = k = v = x split into heads
+            qkv = x.unflatten(-1, (1, self.num_heads, -1)).expand(batch, frames, 3, self.num_heads, -1)  # (B, T, 3, h, d)
+        out = biased_attention(qkv, bias, scale=self.scale, dropout_p=self.attn_drop if self.training else 0.0)
+        if self.with_qkv:  # out: (B, T, C)
             out = self.proj_drop(self.proj(out))
         return out
 
