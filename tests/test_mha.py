@@ -7,14 +7,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import golden_files
 from torch import nn
 
 import attnzoo
 import attnzoo.compat
 from attnzoo import MultiHeadAttention
 from attnzoo.compat import MultiHeadAttention as SeedMHA
-
-from conftest import golden_files
 
 F64 = dict(atol=1e-10, rtol=1e-10)
 
@@ -37,7 +36,9 @@ def seed_reference(m: nn.Module, Q, K, V, mask=None):  # noqa: N803
 
 def torch_mha_from(m: MultiHeadAttention, dropout: float = 0.0) -> nn.MultiheadAttention:
     """An nn.MultiheadAttention holding the same weights (in_proj = [Wq; Wk; Wv], out_proj = fc)."""
-    ref = nn.MultiheadAttention(m.d_model, m.num_heads, dropout=dropout, batch_first=True).to(m.fc.weight.dtype)
+    ref = nn.MultiheadAttention(m.d_model, m.num_heads, dropout=dropout, batch_first=True).to(
+        m.fc.weight.dtype
+    )
     with torch.no_grad():
         ref.in_proj_weight.copy_(torch.cat([m.Wq.weight, m.Wk.weight, m.Wv.weight]))
         ref.in_proj_bias.copy_(torch.cat([m.Wq.bias, m.Wk.bias, m.Wv.bias]))
@@ -83,9 +84,11 @@ def test_seed_matches_plain_seed_code_with_masks_and_float32_scale():
 
 def test_seed_and_canonical_share_state_dict_and_create_names():
     seed, canon = SeedMHA(16, 4), MultiHeadAttention(16, 4)
-    assert list(seed.state_dict()) == list(canon.state_dict()) == [
-        f"{n}.{p}" for n in ("Wq", "Wk", "Wv", "fc") for p in ("weight", "bias")
-    ]
+    assert (
+        list(seed.state_dict())
+        == list(canon.state_dict())
+        == [f"{n}.{p}" for n in ("Wq", "Wk", "Wv", "fc") for p in ("weight", "bias")]
+    )
     canon.load_state_dict(seed.state_dict(), strict=True)
     assert type(attnzoo.create("mha", d_model=16, num_heads=4)) is MultiHeadAttention
     assert type(attnzoo.create("MultiHeadAttention", d_model=16, num_heads=4)) is MultiHeadAttention
@@ -146,10 +149,14 @@ def test_gradients_equal_torch_multihead_attention():
     ref = torch_mha_from(m).train()
     q, k, v = (t.requires_grad_() for t in _inputs())
     out = m(q, k, v, causal=True)
-    want = ref(q, k, v, is_causal=True, attn_mask=torch.ones(5, 7, dtype=torch.bool).triu(1), need_weights=False)[0]
+    want = ref(
+        q, k, v, is_causal=True, attn_mask=torch.ones(5, 7, dtype=torch.bool).triu(1), need_weights=False
+    )[0]
     grads = torch.autograd.grad(out.square().sum(), (q, k, v, m.Wq.weight, m.Wv.bias, m.fc.weight))
-    ref_grads = torch.autograd.grad(want.square().sum(), (q, k, v, ref.in_proj_weight, ref.in_proj_bias, ref.out_proj.weight))
-    for g, r in zip(grads[:3], ref_grads[:3]):
+    ref_grads = torch.autograd.grad(
+        want.square().sum(), (q, k, v, ref.in_proj_weight, ref.in_proj_bias, ref.out_proj.weight)
+    )
+    for g, r in zip(grads[:3], ref_grads[:3], strict=False):
         torch.testing.assert_close(g, r, **F64)
     torch.testing.assert_close(grads[3], ref_grads[3][:16], **F64)
     torch.testing.assert_close(grads[4], ref_grads[4][32:], **F64)

@@ -8,12 +8,17 @@ import itertools
 
 import pytest
 import torch
+from conftest import golden_files
 
 import attnzoo
-from attnzoo import ShiftedWindowAttention, WindowAttention, shifted_window_mask, window_partition, window_reverse
-from attnzoo.swin import biased_attention
-
-from conftest import golden_files
+from attnzoo import (
+    ShiftedWindowAttention,
+    WindowAttention,
+    shifted_window_mask,
+    window_partition,
+    window_reverse,
+)
+from attnzoo._biased_attention import biased_attention
 
 F64 = dict(atol=1e-10, rtol=1e-10)
 
@@ -35,7 +40,9 @@ def randomize(module: torch.nn.Module, seed: int = 0) -> None:
             p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.5)
 
 
-def reference_window_attention(m: WindowAttention, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+def reference_window_attention(
+    m: WindowAttention, x: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """The official forward written out with explicit index arithmetic (no helper of attnzoo)."""
     windows, n, c = x.shape
     h, (wh, ww) = m.num_heads, m.window_size
@@ -65,7 +72,9 @@ def test_official_golden(path, path_kind):
         m.eval()
         assert list(m.state_dict()) == list(g["state_dict"])
         for key, value in m.state_dict().items():
-            assert value.shape == g["state_dict"][key].shape and value.dtype == g["state_dict"][key].dtype, key
+            assert value.shape == g["state_dict"][key].shape and value.dtype == g["state_dict"][key].dtype, (
+                key
+            )
         assert torch.equal(m.relative_position_index, g["state_dict"]["relative_position_index"])
         args = [g["inputs"][a] for a in g["forward_args"]]
         kwargs = {k: g["inputs"][k] for k in g["forward_tensor_kwargs"]}
@@ -92,7 +101,9 @@ def test_official_mask_recording_equals_shifted_window_mask():
 def test_shifted_window_mask_equals_timm_block(res, window, shift):
     swin = pytest.importorskip("timm.models.swin_transformer")
     block = swin.SwinTransformerBlock(8, res, num_heads=2, window_size=window, shift_size=shift)
-    want = block.get_attn_mask(torch.zeros(1, *res, 8)) if hasattr(block, "get_attn_mask") else block.attn_mask
+    want = (
+        block.get_attn_mask(torch.zeros(1, *res, 8)) if hasattr(block, "get_attn_mask") else block.attn_mask
+    )
     assert torch.equal(shifted_window_mask(*res, window, shift), want)
 
 
@@ -104,7 +115,11 @@ def test_kernel_values_and_gradients_equal_reference(window, heads, masked):
     randomize(m)
     n = window[0] * window[1]
     x = torch.randn(6, n, dim, dtype=torch.float64, requires_grad=True)
-    mask = shifted_window_mask(2 * window[0], 3 * window[1], window, (1, 1), dtype=torch.float64) if masked else None
+    mask = (
+        shifted_window_mask(2 * window[0], 3 * window[1], window, (1, 1), dtype=torch.float64)
+        if masked
+        else None
+    )
     if masked:
         x = torch.randn(12, n, dim, dtype=torch.float64, requires_grad=True)  # B = 2 images x nW = 6
     out = m(x, mask=mask)  # the kernel (fused path, gradients recorded)
@@ -114,7 +129,7 @@ def test_kernel_values_and_gradients_equal_reference(window, heads, masked):
     grad_out = torch.randn_like(out)
     got = torch.autograd.grad(out, params, grad_out)
     want = torch.autograd.grad(ref, params, grad_out)
-    for a, b in zip(got, want):
+    for a, b in zip(got, want, strict=False):
         torch.testing.assert_close(a, b, **F64)
     with torch.no_grad():  # inference runs the same kernel without saving anything
         torch.testing.assert_close(m(x, mask=mask), ref.detach(), **F64)
@@ -149,7 +164,11 @@ def test_kernel_dropout_is_inverted_dropout_on_the_weights():
     want = ((weights * keep / 0.5) @ v).transpose(1, 2).reshape(4, 6, 10)
     torch.testing.assert_close(out, want, **F64)
     grad_out = torch.randn_like(out)
-    for a, b in zip(torch.autograd.grad(out, (qkv, bias), grad_out), torch.autograd.grad(want, (qkv, bias), grad_out)):
+    for a, b in zip(
+        torch.autograd.grad(out, (qkv, bias), grad_out),
+        torch.autograd.grad(want, (qkv, bias), grad_out),
+        strict=False,
+    ):
         torch.testing.assert_close(a, b, **F64)
     assert 0.3 < (keep.double().mean()) < 0.7
 
@@ -192,19 +211,30 @@ def reference_shifted(m: ShiftedWindowAttention, x: torch.Tensor) -> torch.Tenso
         keys, bias_rows = [], []
         for t, (ti, tj) in enumerate(pos):
             same_window = (ri // wh, rj // ww) == (ti // wh, tj // ww)
-            same_region = (region(ri, hp, wh, sh), region(rj, wp, ww, sw)) == (region(ti, hp, wh, sh), region(tj, wp, ww, sw))
+            same_region = (region(ri, hp, wh, sh), region(rj, wp, ww, sw)) == (
+                region(ti, hp, wh, sh),
+                region(tj, wp, ww, sw),
+            )
             if same_window and same_region:
                 dh, dw = ri % wh - ti % wh, rj % ww - tj % ww
                 keys.append(t)
                 bias_rows.append((dh + wh - 1) * (2 * ww - 1) + dw + ww - 1)
-        logits = torch.einsum("bhd,bkhd->bhk", q[:, p], k[:, keys]) + att.relative_position_bias_table[bias_rows].T
+        logits = (
+            torch.einsum("bhd,bkhd->bhk", q[:, p], k[:, keys]) + att.relative_position_bias_table[bias_rows].T
+        )
         out[:, p] = torch.einsum("bhk,bkhd->bhd", logits.softmax(-1), v[:, keys])
     return att.proj(out.reshape(b, height, width, c))
 
 
 @pytest.mark.parametrize(
     "size, window, shift",
-    [((4, 6), (2, 3), (1, 1)), ((5, 7), (2, 3), (1, 2)), ((3, 3), 2, 1), ((7, 4), (3, 2), 0), ((2, 5), (4, 4), (2, 2))],
+    [
+        ((4, 6), (2, 3), (1, 1)),
+        ((5, 7), (2, 3), (1, 2)),
+        ((3, 3), 2, 1),
+        ((7, 4), (3, 2), 0),
+        ((2, 5), (4, 4), (2, 2)),
+    ],
 )
 def test_shifted_window_attention_equals_reference(size, window, shift):
     torch.manual_seed(0)
@@ -217,7 +247,9 @@ def test_shifted_window_attention_equals_reference(size, window, shift):
     torch.testing.assert_close(out, ref, **F64)
     grad_out = torch.randn_like(out)
     params = [x, m.attn.relative_position_bias_table, m.attn.qkv.weight]
-    for a, b in zip(torch.autograd.grad(out, params, grad_out), torch.autograd.grad(ref, params, grad_out)):
+    for a, b in zip(
+        torch.autograd.grad(out, params, grad_out), torch.autograd.grad(ref, params, grad_out), strict=False
+    ):
         torch.testing.assert_close(a, b, **F64)
     with attnzoo.fused_attn(False), torch.no_grad():
         torch.testing.assert_close(m(x), ref.detach(), **F64)
@@ -255,7 +287,9 @@ def test_bad_arguments_and_inputs():
         m(torch.randn(4, 5, 8))
     with pytest.raises(ValueError, match=r"expects x of shape \(B, 6, 8\) with C=8"):
         m(torch.randn(4, 6, 9))
-    with pytest.raises(ValueError, match=r"expects mask of shape \(nW, 6, 6\) with nW dividing x.shape\[0\]=4"):
+    with pytest.raises(
+        ValueError, match=r"expects mask of shape \(nW, 6, 6\) with nW dividing x.shape\[0\]=4"
+    ):
         m(torch.randn(4, 6, 8), mask=torch.zeros(3, 6, 6))
     with pytest.raises(ValueError, match="expects mask of shape"):
         m(torch.randn(4, 6, 8), mask=torch.zeros(2, 6, 5))

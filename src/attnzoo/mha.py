@@ -40,7 +40,10 @@ __all__ = ["MultiHeadAttention", "SeedMultiHeadAttention"]
     year=2017,
     layout="SEQ2SEQ",
     example=Example(
-        kwargs={"d_model": 8, "num_heads": 2}, inputs=((2, 5, 8), (2, 7, 8), (2, 7, 8)), output=(2, 5, 8), channel_dim=-1
+        kwargs={"d_model": 8, "num_heads": 2},
+        inputs=((2, 5, 8), (2, 7, 8), (2, 7, 8)),
+        output=(2, 5, 8),
+        channel_dim=-1,
     ),
     aliases=("multi_head_attention", "multihead"),
     uses_attend=True,
@@ -79,7 +82,12 @@ class MultiHeadAttention(nn.Module):
     """
 
     def __init__(
-        self, d_model: int, num_heads: int, qkv_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0
+        self,
+        d_model: int,
+        num_heads: int,
+        qkv_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
     ) -> None:
         super().__init__()
         who = type(self).__name__
@@ -121,7 +129,10 @@ class MultiHeadAttention(nn.Module):
         kdims = check_shape(key, who, "B S E", "key", B=dims["B"], E=self.d_model)
         check_shape(value, who, "B S E", "value", B=dims["B"], S=kdims["S"], E=self.d_model)
         if not query.dtype == key.dtype == value.dtype:
-            raise TypeError(f"{who} expects query, key and value of one dtype, got {query.dtype}, {key.dtype}, {value.dtype}")
+            raise TypeError(
+                f"{who} expects query, key and value of one dtype, "
+                f"got {query.dtype}, {key.dtype}, {value.dtype}"
+            )
         return dims["B"], dims["L"], kdims["S"]
 
     def forward(
@@ -234,4 +245,3 @@ class SeedMultiHeadAttention(MultiHeadAttention):
                 weights = torch.where(dead, torch.full_like(weights, 1.0 / length_k), weights)
         out = self.fc(out.transpose(1, 2).flatten(2))  # (B, h, L, d) -> (B, L, E)
         return out, weights
-

@@ -8,15 +8,9 @@ input checks. Around it, the pieces users otherwise copy by hand: :func:`window_
 takes a whole ``(B, H, W, C)`` or ``(B, C, H, W)`` map of any size (the official code requires sizes
 divisible by the window).
 
-Fast path: the relative position table is learnable, so its gathered bias requires grad, and
-``scaled_dot_product_attention`` then silently runs its generic math path (and for 49-token windows
-its fused kernels are slower than plain GEMMs even in inference). :func:`biased_attention` instead
-runs a small explicit kernel (a custom autograd function) on the packed qkv projection: the scale
-folded into the copy of q, k copied transposed so both score GEMMs run untransposed, the bias (and
-shift mask) added in place, one softmax whose output is the only N x N tensor kept for backward,
-and a hand-written backward that writes the qkv gradient in the projection's layout and reduces
-the bias gradient. With :func:`attnzoo.fused_attn` off it calls :func:`attnzoo.attend`'s math path
-(the reference the tests compare against).
+Fast path: the bias comes from a learnable table, so ``scaled_dot_product_attention`` would silently
+run its generic math path; :func:`attnzoo._biased_attention.biased_attention` runs a dedicated
+kernel instead (see there), and :func:`attnzoo.attend`'s math path with ``fused_attn(False)``.
 
 Shape letters: B batch, H/W map size, C channels, h heads, d head width, (Wh, Ww) window,
 N = Wh*Ww tokens per window, nW windows per image.
@@ -29,16 +23,15 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
+from attnzoo._biased_attention import biased_attention
 from attnzoo._checks import check_choice, check_float, check_int, check_shape, check_tensor
 from attnzoo._registry import Example, register
-from attnzoo.functional import attend, fused_enabled, gather_relative_bias, relative_position_index_2d
+from attnzoo.functional import gather_relative_bias, relative_position_index_2d
 
 __all__ = [
     "ShiftedWindowAttention",
     "WindowAttention",
-    "biased_attention",
     "shifted_window_mask",
     "window_partition",
     "window_reverse",
@@ -52,92 +45,6 @@ def _pair(value: int | Sequence[int], name: str, who: str, minimum: int = 1) -> 
     return check_int(pair[0], name, who, minimum=minimum), check_int(pair[1], name, who, minimum=minimum)
 
 
-class _BiasedAttention(torch.autograd.Function):
-    """softmax(scale * q k^T + bias) v on packed qkv, keeping one N x N map for backward.
-
-    Layouts are chosen for the CPU GEMMs: q and v are copied to ``(B*h, N, d)``, k to
-    ``(B*h, d, N)`` (a transposed second operand runs at about half speed on tiny matrices), the
-    scale is folded into the copy of q, and the bias is added in place to the logits.
-    """
-
-    @staticmethod
-    def forward(ctx, qkv: Tensor, bias: Tensor, scale: float, dropout_p: float) -> Tensor:  # type: ignore[override]
-        b, n, _, h, d = qkv.shape
-        groups = bias.shape[0] if bias.ndim == 4 else 1
-        q = torch.empty((b, h, n, d), dtype=qkv.dtype, device=qkv.device)
-        torch.mul(qkv[:, :, 0].transpose(1, 2), scale, out=q)  # (B, h, N, d), scaled
-        kt = qkv[:, :, 1].permute(0, 2, 3, 1).contiguous().view(b * h, d, n)  # (B*h, d, N)
-        v = qkv[:, :, 2].transpose(1, 2).contiguous().view(b * h, n, d)  # (B*h, N, d)
-        q = q.view(b * h, n, d)
-        logits = torch.bmm(q, kt)  # (B*h, N, N)
-        logits.view(b // groups, groups, h, n, n).add_(bias.view(groups, h, n, n))
-        probs = torch.softmax(logits, dim=-1)
-        del logits
-        keep = None
-        if dropout_p > 0.0:
-            keep = torch.empty_like(probs, dtype=torch.bool).bernoulli_(1.0 - dropout_p)
-        dropped = probs if keep is None else probs * keep / (1.0 - dropout_p)
-        out = torch.bmm(dropped, v)  # (B*h, N, d)
-        ctx.save_for_backward(q, kt, v, probs, keep)
-        ctx.meta = (b, n, h, d, groups, scale, dropout_p, bias.shape)
-        return out.view(b, h, n, d).transpose(1, 2).reshape(b, n, h * d)  # (B, N, h*d)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        q, kt, v, probs, keep = ctx.saved_tensors
-        b, n, h, d, groups, scale, dropout_p, bias_shape = ctx.meta
-        g = grad_out.reshape(b, n, h, d).transpose(1, 2).reshape(b * h, n, d)  # (B*h, N, d)
-        grad_qkv = None
-        if ctx.needs_input_grad[0]:
-            grad_qkv = torch.empty((b, n, 3, h, d), dtype=q.dtype, device=q.device)
-            dropped = probs if keep is None else probs * keep / (1.0 - dropout_p)
-            grad_v = torch.bmm(dropped.transpose(1, 2), g)  # (B*h, N, d)
-            grad_qkv[:, :, 2] = grad_v.view(b, h, n, d).transpose(1, 2)
-            del dropped, grad_v
-        grad_probs = torch.bmm(g, v.transpose(1, 2))  # (B*h, N, N)
-        if keep is not None:
-            grad_probs.mul_(keep).mul_(1.0 / (1.0 - dropout_p))
-        grad_logits = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
-        del grad_probs
-        if grad_qkv is not None:
-            grad_qkv[:, :, 0] = torch.bmm(grad_logits, kt.transpose(1, 2)).mul_(scale).view(b, h, n, d).transpose(1, 2)
-            grad_qkv[:, :, 1] = torch.bmm(grad_logits.transpose(1, 2), q).view(b, h, n, d).transpose(1, 2)
-        grad_bias = None
-        if ctx.needs_input_grad[1]:
-            grad_bias = grad_logits.view(b // groups, groups, h, n, n).sum(0).view(bias_shape)
-        return grad_qkv, grad_bias, None, None
-
-
-def biased_attention(qkv: Tensor, bias: Tensor, *, scale: float, dropout_p: float = 0.0) -> Tensor:
-    """Self-attention with an additive bias shared by groups of the batch, from packed q/k/v.
-
-    Equal to :func:`attnzoo.attend` on the unpacked heads with ``bias`` broadcast over the batch.
-    With the fused path on (:func:`attnzoo.fused_attn`) and a float32/float64 input, a dedicated
-    kernel runs (see the module docstring): on tiny windows it beats both the SDPA kernels and the
-    generic math path, in training (where a learnable bias makes SDPA fall back to its math path)
-    and in inference. Otherwise (the fused path off, half precision) :func:`attend` runs.
-
-    Args:
-        qkv: Packed projections ``(B, N, 3, h, d)`` (any strides).
-        bias: Finite additive float bias ``(h, N, N)``, or ``(G, h, N, N)`` with G dividing B and
-            batch element ``i`` using group ``i % G`` (Swin's window order: image-major).
-        scale: Multiplies the logits.
-        dropout_p: Dropout on the attention weights; pass 0.0 in eval mode. Default: 0.0.
-
-    Shape:
-        - Output: ``(B, N, h*d)``, heads concatenated.
-    """
-    b, n, _, h, d = qkv.shape
-    if fused_enabled() and qkv.dtype in (torch.float32, torch.float64):
-        return _BiasedAttention.apply(qkv, bias.to(qkv.dtype).contiguous(), float(scale), float(dropout_p))
-    if bias.ndim == 4:
-        bias = bias.expand(b // bias.shape[0], *bias.shape).reshape(b, h, n, n)  # (B, h, N, N)
-    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, h, N, d)
-    out = attend(q, k, v, bias=bias, scale=scale, dropout_p=dropout_p)
-    return out.transpose(1, 2).reshape(b, n, h * d)  # type: ignore[union-attr]  # (B, h, N, d) -> (B, N, h*d)
-
-
 def window_partition(x: Tensor, window_size: int | Sequence[int]) -> Tensor:
     """Cut a ``(B, H, W, C)`` map into non-overlapping windows, image-major then row-major.
 
@@ -149,7 +56,9 @@ def window_partition(x: Tensor, window_size: int | Sequence[int]) -> Tensor:
     dims = check_shape(x, "window_partition", "B H W C", floating=False)
     height, width = dims["H"], dims["W"]
     if height % wh or width % ww:
-        raise ValueError(f"window_partition expects H, W divisible by the window {(wh, ww)}, got {(height, width)}")
+        raise ValueError(
+            f"window_partition expects H, W divisible by the window {(wh, ww)}, got {(height, width)}"
+        )
     x = x.reshape(dims["B"], height // wh, wh, width // ww, ww, dims["C"])  # (B, H/Wh, Wh, W/Ww, Ww, C)
     return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, wh, ww, dims["C"])  # (B*nW, Wh, Ww, C)
 
@@ -223,7 +132,12 @@ def shifted_window_mask(
     paper="Swin Transformer: Hierarchical Vision Transformer using Shifted Windows",
     year=2021,
     layout="NLC",
-    example=Example(kwargs={"dim": 8, "window_size": (2, 3), "num_heads": 2}, inputs=((4, 6, 8),), output=(4, 6, 8), channel_dim=-1),
+    example=Example(
+        kwargs={"dim": 8, "window_size": (2, 3), "num_heads": 2},
+        inputs=((4, 6, 8),),
+        output=(4, 6, 8),
+        channel_dim=-1,
+    ),
     aliases=("swin_window", "window_attention"),
     uses_attend=True,
 )
@@ -270,7 +184,9 @@ class WindowAttention(nn.Module):
         if dim % num_heads:
             raise ValueError(f"{who}: dim={dim} must be divisible by num_heads={num_heads}")
         head_dim = dim // num_heads
-        self.scale = (check_float(qk_scale, "qk_scale", who) if qk_scale is not None else 0.0) or head_dim**-0.5
+        self.scale = (
+            check_float(qk_scale, "qk_scale", who) if qk_scale is not None else 0.0
+        ) or head_dim**-0.5
         self.attn_drop = check_float(attn_drop, "attn_drop", who, minimum=0.0, maximum=1.0)
         wh, ww = self.window_size
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * wh - 1) * (2 * ww - 1), num_heads))
@@ -286,17 +202,21 @@ class WindowAttention(nn.Module):
         area = self.window_size[0] * self.window_size[1]
         dims = check_shape(x, who, "B N C", N=area, C=self.dim)
         windows = dims["B"]
-        bias = gather_relative_bias(self.relative_position_bias_table, self.relative_position_index)  # (h, N, N)
+        bias = gather_relative_bias(
+            self.relative_position_bias_table, self.relative_position_index
+        )  # (h, N, N)
         if mask is not None:
             check_tensor(mask, who, "mask")
             if mask.ndim != 3 or tuple(mask.shape[1:]) != (area, area) or windows % mask.shape[0]:
                 raise ValueError(
-                    f"{who} expects mask of shape (nW, {area}, {area}) with nW dividing x.shape[0]={windows}, "
-                    f"got {tuple(mask.shape)}"
+                    f"{who} expects mask of shape (nW, {area}, {area}) with nW dividing "
+                    f"x.shape[0]={windows}, got {tuple(mask.shape)}"
                 )
             bias = mask.to(x.dtype)[:, None] + bias  # (nW, h, N, N)
         qkv = self.qkv(x).unflatten(-1, (3, self.num_heads, -1))  # (B*nW, N, 3, h, d)
-        out = biased_attention(qkv, bias, scale=self.scale, dropout_p=self.attn_drop if self.training else 0.0)
+        out = biased_attention(
+            qkv, bias, scale=self.scale, dropout_p=self.attn_drop if self.training else 0.0
+        )
         return self.proj_drop(self.proj(out))  # (B*nW, N, C)
 
 
@@ -361,9 +281,13 @@ class ShiftedWindowAttention(nn.Module):
         self.attn = WindowAttention(dim, window_size, num_heads, qkv_bias, qk_scale, attn_drop, proj_drop)
         self.window_size = self.attn.window_size
         wh, ww = self.window_size
-        self.shift_size = (wh // 2, ww // 2) if shift_size is None else _pair(shift_size, "shift_size", who, minimum=0)
+        self.shift_size = (
+            (wh // 2, ww // 2) if shift_size is None else _pair(shift_size, "shift_size", who, minimum=0)
+        )
         if self.shift_size[0] >= wh or self.shift_size[1] >= ww:
-            raise ValueError(f"{who}: shift_size must be smaller than window_size {(wh, ww)}, got {self.shift_size}")
+            raise ValueError(
+                f"{who}: shift_size must be smaller than window_size {(wh, ww)}, got {self.shift_size}"
+            )
         self.layout = check_choice(layout, ("NHWC", "NCHW"), "layout", who)
         self.dim = dim
 
@@ -372,13 +296,19 @@ class ShiftedWindowAttention(nn.Module):
         (hp, wp), (sh, sw) = padded, self.shift_size
         mask = None
         if sh or sw:
-            mask = shifted_window_mask(hp, wp, self.window_size, self.shift_size, device=x.device, dtype=x.dtype)
+            mask = shifted_window_mask(
+                hp, wp, self.window_size, self.shift_size, device=x.device, dtype=x.dtype
+            )
         if (hp, wp) != (height, width):
             rows = (torch.arange(hp, device=x.device) + sh) % hp >= height  # padded rows after the roll
             cols = (torch.arange(wp, device=x.device) + sw) % wp >= width
             pad = (rows[:, None] | cols[None, :])[None, :, :, None]  # (1, Hp, Wp, 1)
-            pad = window_partition(pad, self.window_size).reshape(-1, 1, self.window_size[0] * self.window_size[1])
-            offset = torch.zeros(pad.shape, device=x.device, dtype=x.dtype).masked_fill_(pad, torch.finfo(x.dtype).min / 2)
+            pad = window_partition(pad, self.window_size).reshape(
+                -1, 1, self.window_size[0] * self.window_size[1]
+            )
+            offset = torch.zeros(pad.shape, device=x.device, dtype=x.dtype).masked_fill_(
+                pad, torch.finfo(x.dtype).min / 2
+            )
             mask = offset if mask is None else mask + offset  # (nW, N, N) via (nW, 1, N) keys
             mask = mask.expand(-1, pad.shape[-1], -1)
         return mask

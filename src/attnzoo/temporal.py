@@ -6,7 +6,7 @@ indexed by the frame offset, Swin's relative position bias reduced to one axis. 
 the audio-visual Swin adaptation code of STG-CMA (``kaiw7/STG-CMA``, ``Attention``): same arguments,
 parameters ``qkv``/``proj``/``relative_position_bias_table``, persistent buffer ``relative_coords``
 and outputs. Differences: bad shapes raise ``ValueError`` (the original fails inside a reshape) and
-it runs :func:`attnzoo.swin.biased_attention` (no generic-path fallback for the learnable
+it runs :func:`attnzoo._biased_attention.biased_attention` (no generic-path fallback for the learnable
 bias); the scale multiplies q before the product instead of the logits after it (equal up to
 rounding).
 
@@ -18,10 +18,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from attnzoo._biased_attention import biased_attention
 from attnzoo._checks import check_float, check_int, check_shape
 from attnzoo._registry import Example, register, register_seed
 from attnzoo.functional import gather_relative_bias, relative_position_index_1d
-from attnzoo.swin import biased_attention
 
 __all__ = ["Attention", "TemporalAttention"]
 
@@ -29,10 +29,18 @@ __all__ = ["Attention", "TemporalAttention"]
 @register(
     "temporal",
     family="transformer",
-    paper="Towards Efficient Audio-Visual Learners via Empowering Pre-trained Vision Transformers with Cross-Modal Adaptation",
+    paper=(
+        "Towards Efficient Audio-Visual Learners via Empowering Pre-trained Vision Transformers "
+        "with Cross-Modal Adaptation"
+    ),
     year=2024,
     layout="NLC",
-    example=Example(kwargs={"dim": 8, "num_ttokens": 5, "num_heads": 2}, inputs=((3, 5, 8),), output=(3, 5, 8), channel_dim=-1),
+    example=Example(
+        kwargs={"dim": 8, "num_ttokens": 5, "num_heads": 2},
+        inputs=((3, 5, 8),),
+        output=(3, 5, 8),
+        channel_dim=-1,
+    ),
     aliases=("temporal_attention", "temporal_relpos"),
     seed_name="Attention",
     uses_attend=True,
@@ -78,7 +86,9 @@ class TemporalAttention(nn.Module):
         self.num_heads = check_int(num_heads, "num_heads", who)
         if dim % num_heads:
             raise ValueError(f"{who}: dim={dim} must be divisible by num_heads={num_heads}")
-        self.scale = (check_float(qk_scale, "qk_scale", who) if qk_scale is not None else 0.0) or (dim // num_heads) ** -0.5
+        self.scale = (check_float(qk_scale, "qk_scale", who) if qk_scale is not None else 0.0) or (
+            dim // num_heads
+        ) ** -0.5
         self.attn_drop = check_float(attn_drop, "attn_drop", who, minimum=0.0, maximum=1.0)
         self.with_qkv = bool(with_qkv)
         if self.with_qkv:
@@ -98,8 +108,12 @@ class TemporalAttention(nn.Module):
         if self.with_qkv:
             qkv = self.qkv(x).unflatten(-1, (3, self.num_heads, -1))  # (B, T, 3, h, d)
         else:  # q = k = v = x split into heads
-            qkv = x.unflatten(-1, (1, self.num_heads, -1)).expand(batch, frames, 3, self.num_heads, -1)  # (B, T, 3, h, d)
-        out = biased_attention(qkv, bias, scale=self.scale, dropout_p=self.attn_drop if self.training else 0.0)
+            qkv = x.unflatten(-1, (1, self.num_heads, -1)).expand(
+                batch, frames, 3, self.num_heads, -1
+            )  # (B, T, 3, h, d)
+        out = biased_attention(
+            qkv, bias, scale=self.scale, dropout_p=self.attn_drop if self.training else 0.0
+        )
         if self.with_qkv:  # out: (B, T, C)
             out = self.proj_drop(self.proj(out))
         return out
