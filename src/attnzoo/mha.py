@@ -207,7 +207,9 @@ class SeedMultiHeadAttention(MultiHeadAttention):
     - the logits are divided by ``sqrt(d)`` computed in float32 (the seed builds
       ``torch.tensor(d, dtype=torch.float32)``), also for float64 inputs;
     - a query whose every key is masked gets uniform weights over all keys (the seed fills masked
-      logits with -1e9, so such a row is a plain average of V), where the canonical class gives 0.
+      logits with -1e9, so such a row is a plain average of V), where the canonical class gives 0;
+    - the seed's helper methods ``split_heads(x, batch_size)`` and
+      ``scaled_dot_product_attention(Q, K, V, mask=None)`` exist with the seed's behaviour.
 
     Differences from the seed: a ``d_model`` not divisible by ``num_heads`` raises ``ValueError``
     (the seed asserts), and bad shapes raise ``ValueError`` before any work.
@@ -226,22 +228,34 @@ class SeedMultiHeadAttention(MultiHeadAttention):
         # 1 / float32(sqrt(d)), as the seed divides by torch.sqrt(torch.tensor(d, dtype=float32)).
         self.scale = 1.0 / float(torch.sqrt(torch.tensor(self.depth, dtype=torch.float32)))
 
-    def forward(  # type: ignore[override]
+    def split_heads(self, x: Tensor, batch_size: int) -> Tensor:
+        """The seed's helper: ``(B, L, E)`` -> ``(B, h, L, d)``."""
+        return x.view(batch_size, -1, self.num_heads, self.depth).permute(0, 2, 1, 3)  # (B, h, L, d)
+
+    def scaled_dot_product_attention(
         self, Q: Tensor, K: Tensor, V: Tensor, mask: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
-        """Attend from ``Q`` to ``K``/``V``; returns ``(output, attention)`` as the seed does."""
-        batch, length_q, length_k = self._check_inputs(Q, K, V)
+        """The seed's helper on ``(B, h, L, d)`` heads: returns ``(output, attention)``."""
         keep = None
         if mask is not None:
             check_tensor(mask, type(self).__name__, "mask", floating=False)
             keep = mask != 0  # the seed: masked_fill(mask == 0, -1e9); any dtype
-            check_mask(keep, (batch, self.num_heads, length_q, length_k), type(self).__name__, "mask")
-        q, k, v = self._project(Q, K, V)
-        out, weights = attend(q, k, v, mask=keep, scale=self.scale, return_weights=True)
+            target = (Q.shape[0], Q.shape[1], Q.shape[2], K.shape[2])
+            check_mask(keep, target, type(self).__name__, "mask")
+        out, weights = attend(Q, K, V, mask=keep, scale=self.scale, return_weights=True)
         if keep is not None:
             dead = ~keep.any(dim=-1, keepdim=True)  # (..., L, 1): rows the seed averages uniformly
             if bool(dead.any()):
-                out = torch.where(dead, v.mean(dim=-2, keepdim=True), out)
-                weights = torch.where(dead, torch.full_like(weights, 1.0 / length_k), weights)
-        out = self.fc(out.transpose(1, 2).flatten(2))  # (B, h, L, d) -> (B, L, E)
+                out = torch.where(dead, V.mean(dim=-2, keepdim=True), out)
+                weights = torch.where(dead, torch.full_like(weights, 1.0 / K.shape[2]), weights)
         return out, weights
+
+    def forward(  # type: ignore[override]
+        self, Q: Tensor, K: Tensor, V: Tensor, mask: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Attend from ``Q`` to ``K``/``V``; returns ``(output, attention)`` as the seed does."""
+        batch, _, _ = self._check_inputs(Q, K, V)
+        q, k, v = (self.split_heads(w(t), batch) for w, t in ((self.Wq, Q), (self.Wk, K), (self.Wv, V)))
+        out, attention = self.scaled_dot_product_attention(q, k, v, mask)
+        out = out.permute(0, 2, 1, 3).reshape(batch, -1, self.d_model)  # (B, h, L, d) -> (B, L, E)
+        return self.fc(out), attention
