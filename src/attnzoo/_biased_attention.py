@@ -9,8 +9,8 @@ instead (a custom autograd function):
 
 - the scale is folded into the copy of q, and k is copied transposed, so both score GEMMs run with
   an untransposed second operand (about twice as fast on such tiny matrices on CPU);
-- the bias is added in place to the logits, and the softmax output is the only N x N tensor kept
-  for backward (plus a bool mask with dropout);
+- the bias is added in place to the logits and the softmax runs in place, so the forward holds one
+  N x N map, the only one kept for backward (plus a bool mask with dropout);
 - the backward writes the qkv gradient straight into the projection's ``(B, N, 3, h, d)`` layout
   (no unbind/stack copies) and reduces the bias gradient over the batch.
 
@@ -48,10 +48,9 @@ class _BiasedAttention(torch.autograd.Function):
         kt = qkv[:, :, 1].permute(0, 2, 3, 1).contiguous().view(b * h, d, n)  # (B*h, d, N)
         v = qkv[:, :, 2].transpose(1, 2).contiguous().view(b * h, n, d)  # (B*h, N, d)
         q = q.view(b * h, n, d)  # (B*h, N, d)
-        logits = torch.bmm(q, kt)  # (B*h, N, N)
-        logits.view(b // groups, groups, h, n, n).add_(bias.view(groups, h, n, n))  # group-major batch
-        probs = torch.softmax(logits, dim=-1)
-        del logits
+        probs = torch.bmm(q, kt)  # (B*h, N, N) logits
+        probs.view(b // groups, groups, h, n, n).add_(bias.view(groups, h, n, n))  # group-major batch
+        torch.softmax(probs, dim=-1, out=probs)  # in place: one N x N buffer
         keep = None
         if dropout_p > 0.0:
             keep = torch.empty_like(probs, dtype=torch.bool).bernoulli_(1.0 - dropout_p)
@@ -64,26 +63,32 @@ class _BiasedAttention(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        # Ordered so that at most two N x N maps and one qkv-sized buffer are alive at a time.
         q, kt, v, probs, keep = ctx.saved_tensors
         b, n, h, d, groups, scale, dropout_p, bias_shape = ctx.meta
         g = grad_out.reshape(b, n, h, d).transpose(1, 2).reshape(b * h, n, d)  # (B*h, N, d)
-        grad_qkv = None
+        grad_probs = torch.bmm(g, v.transpose(1, 2))  # (B*h, N, N)
+        grad_v = None
         if ctx.needs_input_grad[0]:
-            grad_qkv = torch.empty((b, n, 3, h, d), dtype=q.dtype, device=q.device)
             dropped = probs if keep is None else probs * keep / (1.0 - dropout_p)
             grad_v = torch.bmm(dropped.transpose(1, 2), g)  # (B*h, N, d)
-            grad_qkv[:, :, 2] = grad_v.view(b, h, n, d).transpose(1, 2)  # into (B, N, h, d)
-            del dropped, grad_v
-        grad_probs = torch.bmm(g, v.transpose(1, 2))  # (B*h, N, N)
+            del dropped
+        del g
         if keep is not None:
             grad_probs.mul_(keep).mul_(1.0 / (1.0 - dropout_p))
-        grad_logits = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
+        grad_logits = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype)  # (B*h, N, N)
         del grad_probs
-        if grad_qkv is not None:
+        grad_qkv = None
+        if grad_v is not None:
+            grad_qkv = torch.empty((b, n, 3, h, d), dtype=q.dtype, device=q.device)
+            grad_qkv[:, :, 2] = grad_v.view(b, h, n, d).transpose(1, 2)  # into (B, N, h, d)
+            del grad_v
             grad_q = torch.bmm(grad_logits, kt.transpose(1, 2)).mul_(scale)  # (B*h, N, d)
             grad_qkv[:, :, 0] = grad_q.view(b, h, n, d).transpose(1, 2)  # into (B, N, h, d)
+            del grad_q
             grad_k = torch.bmm(grad_logits.transpose(1, 2), q)  # (B*h, N, d); q holds the scale
             grad_qkv[:, :, 1] = grad_k.view(b, h, n, d).transpose(1, 2)  # into (B, N, h, d)
+            del grad_k
         grad_bias = None
         if ctx.needs_input_grad[1]:
             grouped = grad_logits.view(b // groups, groups, h, n, n)  # (B/G, G, h, N, N)
