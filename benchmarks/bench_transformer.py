@@ -175,7 +175,8 @@ def main() -> None:
     print(
         f"{time.strftime('%Y-%m-%d')}, torch {torch.__version__}, {torch.get_num_threads()} threads, float32 "
         f"forward + backward; machine GEMM rate {gemm:.0f} GFLOP/s (2048^3). Ratio = median of per-round "
-        f"ratios against the first row. FLOPs counted once per workload on the math path; peak MB = memory one step adds.\n"
+        f"ratios against the first row. FLOPs counted once per workload on the math path; "
+        f"peak MB = memory one step adds.\n"
     )
     sections = [
         (
