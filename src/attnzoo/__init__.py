@@ -20,11 +20,32 @@ from attnzoo.seq2seq import (
 
 # --- end seq2seq ---
 
+# --- transformer family (mha, swin, temporal) ---
+from attnzoo.mha import MultiHeadAttention
+from attnzoo.swin import (
+    ShiftedWindowAttention,
+    WindowAttention,
+    shifted_window_mask,
+    window_partition,
+    window_reverse,
+)
+from attnzoo.temporal import TemporalAttention
+# --- end transformer family ---
+
 __version__ = "0.1.0"
 
 __all__ = [
     "Example",
     "Spec",
+    # transformer family
+    "MultiHeadAttention",
+    "ShiftedWindowAttention",
+    "TemporalAttention",
+    "WindowAttention",
+    "shifted_window_mask",
+    "window_partition",
+    "window_reverse",
+    # end transformer family
     "attend",
     "create",
     "find",

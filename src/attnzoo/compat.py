@@ -12,3 +12,12 @@ from attnzoo.seq2seq import Attn  # noqa: E402
 
 __all__ += ["Attn"]
 # --- end seq2seq ---
+# --- transformer family (mha, swin, temporal) ---
+# The seed's MultiHeadAttention shares the canonical class's name, so it is exported here under the
+# seed's name but not registered as a seed name (create("MultiHeadAttention") builds the canonical).
+from attnzoo.mha import SeedMultiHeadAttention as MultiHeadAttention  # noqa: E402
+from attnzoo.swin import WindowAttention  # noqa: E402  (the official Swin class, unchanged API)
+from attnzoo.temporal import Attention  # noqa: E402
+
+__all__ += ["Attention", "MultiHeadAttention", "WindowAttention"]
+# --- end transformer family ---
