@@ -8,10 +8,22 @@ from attnzoo._registry import Example, Spec, create, get_spec, list_modules
 from attnzoo.functional import attend, fused_attn, fused_enabled
 
 # Family modules register their classes on import (one family per file).
+# --- blocks (issue 6: prefix-named transformer blocks of seed 001) ---
+# isort: split
+from attnzoo.blocks import CrossAttentionBlock, FeedForwardBlock, SelfAttentionBlock
+from attnzoo.blocks_attention import KerasMultiHeadAttention
+
+# --- end blocks ---
 
 __version__ = "0.1.0"
 
 __all__ = [
+    # --- blocks ---
+    "CrossAttentionBlock",
+    "FeedForwardBlock",
+    "KerasMultiHeadAttention",
+    "SelfAttentionBlock",
+    # --- end blocks ---
     "Example",
     "Spec",
     "attend",

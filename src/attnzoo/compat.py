@@ -6,3 +6,9 @@ differs from the seed and why.
 """
 
 __all__: list[str] = []
+
+# --- blocks (issue 6): the seed-001 tutorial's builders, returning PyTorch modules ---
+from attnzoo.blocks import cross_attention, feed_forward, self_attention  # noqa: E402
+
+__all__ += ["self_attention", "cross_attention", "feed_forward"]
+# --- end blocks ---
