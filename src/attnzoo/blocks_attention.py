@@ -8,7 +8,8 @@ implements it: ``num_heads``, ``key_dim`` per head for queries and keys, ``value
 building block of :mod:`attnzoo.blocks`; the attention itself runs through :func:`attnzoo.attend`.
 
 Masks follow Keras and :func:`attnzoo.attend`: boolean, **True = may attend**. A query row whose
-every key is masked gets a zero attention output here (Keras leaves such rows undefined).
+every key is masked gets a zero attention output here (as Keras's softmax path; Keras's fused path
+returns whatever the backend's kernel gives for such rows).
 """
 
 from __future__ import annotations
