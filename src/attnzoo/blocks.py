@@ -15,6 +15,7 @@ kernel layout); LayerNorm epsilon is Keras's 1e-3. Masks are boolean, **True = m
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -52,15 +53,19 @@ def check_prefix(prefix: object, who: str) -> str:
     return prefix
 
 
+def _positive_int(value: object) -> int | None:
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and int(value) > 0:
+        return int(value)
+    return None
+
+
 def check_input_shape(shape: object, who: str, name: str = "input_shape") -> tuple[int | None, int]:
     """A Keras ``Input`` shape without the batch: ``(L, D)`` with ``L`` an int or None. Returns it."""
-    ok = isinstance(shape, (tuple, list)) and len(shape) == 2
-    if ok:
-        length, dim = shape
-        ok = (length is None or (type(length) is int and length > 0)) and type(dim) is int and dim > 0
-    if not ok:
-        raise ValueError(f"{who} expects {name} = (L, D) with positive ints (L may be None), got {shape!r}")
-    return length, dim
+    if isinstance(shape, (tuple, list)) and len(shape) == 2:
+        length, dim = (None if shape[0] is None else _positive_int(shape[0])), _positive_int(shape[1])
+        if dim is not None and (length is not None or shape[0] is None):
+            return length, dim
+    raise ValueError(f"{who} expects {name} = (L, D) with positive ints (L may be None), got {shape!r}")
 
 
 class Add(nn.Module):
@@ -272,8 +277,9 @@ class FeedForwardBlock(_PrefixedBlock):
     def reset_parameters(self) -> None:
         for role in ("ff1", "ff2"):  # Keras Dense: glorot_uniform kernel, zero bias
             linear = self._role(role)
-            nn.init.xavier_uniform_(linear.weight)
-            nn.init.zeros_(linear.bias)
+            if isinstance(linear, nn.Linear) and linear.bias is not None:
+                nn.init.xavier_uniform_(linear.weight)
+                nn.init.zeros_(linear.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_x(x)

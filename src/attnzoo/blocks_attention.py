@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnzoo._checks import check_choice, check_float, check_int, check_mask, check_shape
+from attnzoo._checks import check_float, check_int, check_mask, check_shape
 from attnzoo.functional import attend
 
 __all__ = ["EinsumDense", "KerasMultiHeadAttention"]
@@ -111,7 +111,8 @@ class KerasMultiHeadAttention(nn.Module):
         self.value_dim = key_dim if value_dim is None else check_int(value_dim, "value_dim", who)
         self.context_dim = dim if context_dim is None else check_int(context_dim, "context_dim", who)
         self.dropout = check_float(dropout, "dropout", who, minimum=0.0, maximum=1.0)
-        check_choice(use_bias, (True, False), "use_bias", who)
+        if not isinstance(use_bias, bool):
+            raise TypeError(f"{who}: use_bias must be a bool, got {type(use_bias).__name__} {use_bias!r}")
         if output_shape is None:
             output_shape = (dim,)
         elif isinstance(output_shape, int):

@@ -157,6 +157,17 @@ def _input_shape(model: Any, name: str) -> tuple[int | None, int]:
     return shape[0], shape[1]
 
 
+def _causal_flag(attention: Any) -> bool:
+    """The ``use_causal_mask`` the model's graph called the attention layer with."""
+    try:
+        return bool(attention._inbound_nodes[0].arguments.kwargs.get("use_causal_mask", False))
+    except (AttributeError, IndexError) as err:
+        raise ValueError(
+            f"from_keras could not read use_causal_mask from {attention.name!r} ({err}); build the "
+            "PyTorch block yourself and use load_keras_weights"
+        ) from err
+
+
 def _mha_kwargs(layer: Any) -> dict[str, Any]:
     config = layer.get_config()
     unsupported = {k: config.get(k) for k in ("use_gate", "sliding_window") if config.get(k)}
@@ -184,7 +195,7 @@ def from_keras(model: Any) -> nn.Module:
     prefix, _, kind = name.rpartition("_")
     if kind == "att" and prefix:
         attn = model.get_layer(f"{prefix}_attn1")
-        causal = bool(attn._inbound_nodes[0].arguments.kwargs.get("use_causal_mask", False))
+        causal = _causal_flag(attn)
         seq_len, dim = _input_shape(model, f"{prefix}_in1")
         eps = model.get_layer(f"{prefix}_norm1").epsilon
         block: nn.Module = SelfAttentionBlock(
