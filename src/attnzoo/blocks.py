@@ -87,6 +87,8 @@ def _check_bool(value: object, name: str, who: str) -> bool:
 class _PrefixedBlock(nn.Module):
     """Sub-modules live under ``f"{prefix}_{role}"``; ``model_name`` is the Keras model's name."""
 
+    dim: int
+    seq_len: int | None
     prefix: str
     model_name: str
     layer_names: tuple[str, ...]
@@ -103,8 +105,10 @@ class _PrefixedBlock(nn.Module):
         return self._modules[f"{self.prefix}_{role}"]  # type: ignore[return-value]
 
     def _check_x(self, x: Tensor) -> None:
-        sizes = {"D": self.dim} if self.seq_len is None else {"D": self.dim, "L": self.seq_len}
-        check_shape(x, type(self).__name__, "B L D", **sizes)
+        if self.seq_len is None:
+            check_shape(x, type(self).__name__, "B L D", D=self.dim)
+        else:
+            check_shape(x, type(self).__name__, "B L D", L=self.seq_len, D=self.dim)
 
     def extra_repr(self) -> str:
         return f"model_name={self.model_name!r}"
