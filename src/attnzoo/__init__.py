@@ -31,10 +31,22 @@ from attnzoo.swin import (
 )
 from attnzoo.temporal import TemporalAttention
 # --- end transformer family ---
+# --- blocks (issue 6: prefix-named transformer blocks of seed 001) ---
+# isort: split
+from attnzoo.blocks import CrossAttentionBlock, FeedForwardBlock, SelfAttentionBlock
+from attnzoo.blocks_attention import KerasMultiHeadAttention
+
+# --- end blocks ---
 
 __version__ = "0.1.0"
 
 __all__ = [
+    # --- blocks ---
+    "CrossAttentionBlock",
+    "FeedForwardBlock",
+    "KerasMultiHeadAttention",
+    "SelfAttentionBlock",
+    # --- end blocks ---
     "Example",
     "Spec",
     # transformer family

@@ -21,3 +21,8 @@ from attnzoo.temporal import Attention  # noqa: E402
 
 __all__ += ["Attention", "MultiHeadAttention", "WindowAttention"]
 # --- end transformer family ---
+# --- blocks (issue 6): the seed-001 tutorial's builders, returning PyTorch modules ---
+from attnzoo.blocks import cross_attention, feed_forward, self_attention  # noqa: E402
+
+__all__ += ["self_attention", "cross_attention", "feed_forward"]
+# --- end blocks ---
