@@ -367,5 +367,5 @@ def feed_forward(
 
 
 # `create("self_attention", input_shape=..., num_heads=..., key_dim=...)` runs the seed's builder.
-register_seed("self_attention_block")(self_attention)  # type: ignore[type-var]
-register_seed("cross_attention_block")(cross_attention)  # type: ignore[type-var]
+register_seed("self_attention_block")(self_attention)
+register_seed("cross_attention_block")(cross_attention)
