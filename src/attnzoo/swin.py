@@ -48,6 +48,10 @@ def _pair(value: int | Sequence[int], name: str, who: str, minimum: int = 1) -> 
 def window_partition(x: Tensor, window_size: int | Sequence[int]) -> Tensor:
     """Cut a ``(B, H, W, C)`` map into non-overlapping windows, image-major then row-major.
 
+    Args:
+        x: The map.
+        window_size: ``(Wh, Ww)``, or an int for a square window.
+
     Shape:
         - x: ``(B, H, W, C)`` with ``Wh | H`` and ``Ww | W``.
         - Output: ``(B * nW, Wh, Ww, C)``.
@@ -65,6 +69,12 @@ def window_partition(x: Tensor, window_size: int | Sequence[int]) -> Tensor:
 
 def window_reverse(windows: Tensor, window_size: int | Sequence[int], H: int, W: int) -> Tensor:  # noqa: N803
     """Undo :func:`window_partition`: ``(B * nW, Wh, Ww, C)`` windows back to ``(B, H, W, C)``.
+
+    Args:
+        windows: The windows, in :func:`window_partition` order.
+        window_size: ``(Wh, Ww)``, or an int for a square window.
+        H: Map height.
+        W: Map width.
 
     Shape:
         - windows: ``(B * nW, Wh, Ww, C)`` with ``nW = (H / Wh) * (W / Ww)``.
