@@ -15,8 +15,16 @@ from conftest import golden_files
 from torch import nn
 
 import attnzoo
-from attnzoo import CBAM, CBAtten_Res, ChannelAttention, DualGatedAttention, SKConv, SpatialAttention, SqueezeExcite
-from attnzoo import compat
+from attnzoo import (
+    CBAM,
+    CBAtten_Res,
+    ChannelAttention,
+    DualGatedAttention,
+    SKConv,
+    SpatialAttention,
+    SqueezeExcite,
+    compat,
+)
 
 D = torch.float64
 
@@ -28,7 +36,9 @@ D = torch.float64
 class RefSE(nn.Module):
     def __init__(self, c: int, r: int, bias: bool = False) -> None:
         super().__init__()
-        self.fc = nn.Sequential(nn.Linear(c, c // r, bias=bias), nn.ReLU(), nn.Linear(c // r, c, bias=bias), nn.Sigmoid())
+        self.fc = nn.Sequential(
+            nn.Linear(c, c // r, bias=bias), nn.ReLU(), nn.Linear(c // r, c, bias=bias), nn.Sigmoid()
+        )
 
     def forward(self, x):
         b, c = x.shape[:2]
@@ -38,10 +48,14 @@ class RefSE(nn.Module):
 class RefCA(nn.Module):
     def __init__(self, c: int, r: int) -> None:
         super().__init__()
-        self.sharedMLP = nn.Sequential(nn.Conv2d(c, c // r, 1, bias=False), nn.ReLU(), nn.Conv2d(c // r, c, 1, bias=False))
+        self.sharedMLP = nn.Sequential(
+            nn.Conv2d(c, c // r, 1, bias=False), nn.ReLU(), nn.Conv2d(c // r, c, 1, bias=False)
+        )
 
     def forward(self, x):
-        w = torch.sigmoid(self.sharedMLP(F.adaptive_avg_pool2d(x, 1)) + self.sharedMLP(F.adaptive_max_pool2d(x, 1)))
+        w = torch.sigmoid(
+            self.sharedMLP(F.adaptive_avg_pool2d(x, 1)) + self.sharedMLP(F.adaptive_max_pool2d(x, 1))
+        )
         return x * w
 
 
@@ -102,8 +116,10 @@ class RefSK(nn.Module):
 class RefDual(nn.Module):
     def __init__(self, c: int) -> None:
         super().__init__()
+
         def cbr():
             return nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU())
+
         self.space_attention, self.channel_attention = cbr(), cbr()
 
     def forward(self, x):
@@ -175,7 +191,11 @@ CANONICAL = {"SKEConv": SKConv, "SeedDualAttention": DualGatedAttention}
 def _golden_params():
     files = [f for name in SEED_CLASSES for f in golden_files(f"seed/{name}__*.pt")]
     if not files:
-        return [pytest.param(None, marks=pytest.mark.skip(reason="no golden seed recordings (shared/golden/seed)"))]
+        return [
+            pytest.param(
+                None, marks=pytest.mark.skip(reason="no golden seed recordings (shared/golden/seed)")
+            )
+        ]
     return [pytest.param(f, id=f.stem) for f in files]
 
 
@@ -247,16 +267,28 @@ def test_cbam_batch_first_false():
     compare(CBAM(8, 2, 3, batch_first=False), RefCBAM(8, 2, 3), x_of(3, 8, 4, 5), train=True, perm=True)
 
 
-@pytest.mark.parametrize(("cin", "cout", "k", "stride", "r"), [(4, 8, 3, 2, 2), (6, 4, 5, 1, 4), (3, 8, 7, 2, 4), (4, 6, 3, 3, 2)])
+@pytest.mark.parametrize(
+    ("cin", "cout", "k", "stride", "r"), [(4, 8, 3, 2, 2), (6, 4, 5, 1, 4), (3, 8, 7, 2, 4), (4, 6, 3, 3, 2)]
+)
 @pytest.mark.parametrize("train", [False, True])
 def test_cbatten_res_matches_reference(cin, cout, k, stride, r, train):
-    compare(CBAtten_Res(cin, cout, k, stride, r), RefCBAtten_Res(cin, cout, k, stride, r), x_of(2, cin, 9, 8), train=train)
+    compare(
+        CBAtten_Res(cin, cout, k, stride, r),
+        RefCBAtten_Res(cin, cout, k, stride, r),
+        x_of(2, cin, 9, 8),
+        train=train,
+    )
 
 
 def test_cbatten_res_batch_first_false_is_fixed():
     """The seed permuted twice with batch_first=False; here (C, B, H, W) gives the permuted result."""
-    compare(CBAtten_Res(4, 8, 3, 2, 2, batch_first=False), RefCBAtten_Res(4, 8, 3, 2, 2), x_of(3, 4, 6, 6),
-            train=True, perm=True)
+    compare(
+        CBAtten_Res(4, 8, 3, 2, 2, batch_first=False),
+        RefCBAtten_Res(4, 8, 3, 2, 2),
+        x_of(3, 4, 6, 6),
+        train=True,
+        perm=True,
+    )
 
 
 @pytest.mark.parametrize("k", [5, 7])
@@ -307,8 +339,12 @@ def test_channels_last_and_strided_gradients(name):
     m = randomize(attnzoo.create(name, **spec.example.kwargs).to(D)).eval()
     x = x_of(*spec.example.inputs[0])
     results = []
-    for layout, grad_kind in [("contiguous", "dense"), ("channels_last", "dense"), ("contiguous", "expanded"),
-                              ("channels_last", "channels_last")]:
+    for layout, grad_kind in [
+        ("contiguous", "dense"),
+        ("channels_last", "dense"),
+        ("contiguous", "expanded"),
+        ("channels_last", "channels_last"),
+    ]:
         m.zero_grad()
         xi = x.clone() if layout == "contiguous" else x.contiguous(memory_format=torch.channels_last)
         xi.requires_grad_()
@@ -335,7 +371,7 @@ def test_input_is_not_modified_and_gradients_accumulate():
     first = [p.grad.clone() for p in m.parameters()]
     m(x).sum().backward()
     assert torch.equal(x.detach(), before)
-    for p, g in zip(m.parameters(), first):
+    for p, g in zip(m.parameters(), first, strict=True):
         torch.testing.assert_close(p.grad, 2 * g)
 
 
@@ -393,14 +429,38 @@ def test_non_int_arguments_raise_type_error():
 @pytest.mark.parametrize(
     ("module", "x", "match"),
     [
-        (SqueezeExcite(8, 2), torch.randn(2, 9, 4, 4), r"SqueezeExcite expects x of shape \(B, 8, H, W\) with C=8, got \(2, 9, 4, 4\)"),
-        (compat.SELayer(8, batch_first=False), torch.randn(2, 8, 4, 4), r"expects x of shape \(8, B, H, W\) with C=8, got \(2, 8, 4, 4\)"),
-        (ChannelAttention(8), torch.randn(2, 8, 16), r"ChannelAttention expects x of shape \(B, 8, H, W\) \(4-D\), got \(2, 8, 16\) \(3-D\)"),
+        (
+            SqueezeExcite(8, 2),
+            torch.randn(2, 9, 4, 4),
+            r"SqueezeExcite expects x of shape \(B, 8, H, W\) with C=8, got \(2, 9, 4, 4\)",
+        ),
+        (
+            compat.SELayer(8, batch_first=False),
+            torch.randn(2, 8, 4, 4),
+            r"expects x of shape \(8, B, H, W\) with C=8, got \(2, 8, 4, 4\)",
+        ),
+        (
+            ChannelAttention(8),
+            torch.randn(2, 8, 16),
+            r"ChannelAttention expects x of shape \(B, 8, H, W\) \(4-D\), got \(2, 8, 16\) \(3-D\)",
+        ),
         (SpatialAttention(3, channels=4), torch.randn(1, 5, 3, 3), r"with C=4, got \(1, 5, 3, 3\)"),
         (CBAM(8, 2), torch.randn(1, 1, 8, 4, 4), r"CBAM expects x of shape \(B, 8, H, W\) \(4-D\)"),
-        (CBAtten_Res(4, 8), torch.randn(2, 8, 6, 6), r"CBAtten_Res expects x of shape \(B, 4, H, W\) with C=4"),
-        (SKConv(8, L=4), torch.randn(2, 4, 6, 6), r"SKConv expects x of shape \(B, 8, H, W\) with C=8, got \(2, 4, 6, 6\)"),
-        (DualGatedAttention(4), torch.randn(4, 4, 4), r"DualGatedAttention expects x of shape \(B, 4, H, W\) \(4-D\)"),
+        (
+            CBAtten_Res(4, 8),
+            torch.randn(2, 8, 6, 6),
+            r"CBAtten_Res expects x of shape \(B, 4, H, W\) with C=4",
+        ),
+        (
+            SKConv(8, L=4),
+            torch.randn(2, 4, 6, 6),
+            r"SKConv expects x of shape \(B, 8, H, W\) with C=8, got \(2, 4, 6, 6\)",
+        ),
+        (
+            DualGatedAttention(4),
+            torch.randn(4, 4, 4),
+            r"DualGatedAttention expects x of shape \(B, 4, H, W\) \(4-D\)",
+        ),
     ],
 )
 def test_bad_inputs(module, x, match):
@@ -452,8 +512,16 @@ def test_timm_se_module(train):
     theirs = randomize(timm_se.SEModule(12, rd_channels=3).to(D))
     ours = SqueezeExcite(12, reduction=4, bias=True).to(D)
     sd = theirs.state_dict()
-    _load_mapped(ours, theirs, {"fc.0.weight": sd["fc1.weight"].flatten(1), "fc.0.bias": sd["fc1.bias"],
-                                "fc.2.weight": sd["fc2.weight"].flatten(1), "fc.2.bias": sd["fc2.bias"]})
+    _load_mapped(
+        ours,
+        theirs,
+        {
+            "fc.0.weight": sd["fc1.weight"].flatten(1),
+            "fc.0.bias": sd["fc1.bias"],
+            "fc.2.weight": sd["fc2.weight"].flatten(1),
+            "fc.2.bias": sd["fc2.bias"],
+        },
+    )
     _compare_modules(ours, theirs, x_of(2, 12, 5, 6), train=train)
 
 
@@ -464,25 +532,44 @@ def test_timm_cbam_module(k, train):
     theirs = randomize(timm_cbam.CbamModule(16, rd_channels=4, spatial_kernel_size=k).to(D))
     ours = CBAM(16, reduction=4, kernel_size=k, spatial_norm=True).to(D)
     sd = theirs.state_dict()
-    mapping = {"ca.sharedMLP.0.weight": sd["channel.fc1.weight"], "ca.sharedMLP.2.weight": sd["channel.fc2.weight"],
-               "sa.conv.weight": sd["spatial.conv.conv.weight"]}
-    mapping.update({f"sa.bn.{n}": sd[f"spatial.conv.bn.{n}"]
-                    for n in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")})
+    mapping = {
+        "ca.sharedMLP.0.weight": sd["channel.fc1.weight"],
+        "ca.sharedMLP.2.weight": sd["channel.fc2.weight"],
+        "sa.conv.weight": sd["spatial.conv.conv.weight"],
+    }
+    mapping.update(
+        {
+            f"sa.bn.{n}": sd[f"spatial.conv.bn.{n}"]
+            for n in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+        }
+    )
     _load_mapped(ours, theirs, mapping)
     _compare_modules(ours, theirs, x_of(3, 16, 7, 6), train=train)
     torch.testing.assert_close(ours.sa.bn.running_mean, theirs.spatial.conv.bn.running_mean)
 
 
 @pytest.mark.parametrize("train", [False, True])
-@pytest.mark.parametrize(("paths", "keep_3x3", "groups", "stride"), [(2, False, 2, 1), (3, True, 4, 2), (2, True, 1, 1)])
+@pytest.mark.parametrize(
+    ("paths", "keep_3x3", "groups", "stride"), [(2, False, 2, 1), (3, True, 4, 2), (2, True, 1, 1)]
+)
 def test_timm_selective_kernel(paths, keep_3x3, groups, stride, train):
     timm_sk = pytest.importorskip("timm.layers.selective_kernel")
     c, d = 8, 6
     kernels = [3 + 2 * i for i in range(paths)]
-    theirs = timm_sk.SelectiveKernel(c, c, kernel_size=kernels, stride=stride, groups=groups, rd_channels=d,
-                                     keep_3x3=keep_3x3, split_input=False)
+    theirs = timm_sk.SelectiveKernel(
+        c,
+        c,
+        kernel_size=kernels,
+        stride=stride,
+        groups=groups,
+        rd_channels=d,
+        keep_3x3=keep_3x3,
+        split_input=False,
+    )
     theirs = randomize(theirs.to(D))
-    ours = SKConv(c, M=paths, G=groups, stride=stride, L=d, reduction=c, dilated=keep_3x3, fuse_norm_act=True).to(D)
+    ours = SKConv(
+        c, M=paths, G=groups, stride=stride, L=d, reduction=c, dilated=keep_3x3, fuse_norm_act=True
+    ).to(D)
     sd = theirs.state_dict()
     mapping = {"fc.weight": sd["attn.fc_reduce.weight"].flatten(1)}
     bn = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")

@@ -28,5 +28,13 @@ from attnzoo.dual import DualGatedAttention  # noqa: E402
 from attnzoo.se import SqueezeExcite  # noqa: E402
 from attnzoo.sk import SKConv  # noqa: E402
 
-__all__ += ["CBAM", "CBAtten_Res", "ChannelAttention", "DualGatedAttention", "SKConv", "SpatialAttention", "SqueezeExcite"]
+__all__ += [
+    "CBAM",
+    "CBAtten_Res",
+    "ChannelAttention",
+    "DualGatedAttention",
+    "SKConv",
+    "SpatialAttention",
+    "SqueezeExcite",
+]
 # --- end gating family ---

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -59,7 +59,7 @@ class GatePlan:
     spatial_stats: tuple[str, ...] = ()
 
 
-def to_batch_first(x: object, batch_first: bool, who: str, **sizes: int) -> Tensor:
+def to_batch_first(x: object, batch_first: bool, who: str, **sizes: Any) -> Tensor:
     """Check a 4-D input and return it as a (B, C, H, W) view (the seed's ``batch_first=False``
     means the input is (C, B, H, W))."""
     check_shape(x, who, "B C H W" if batch_first else "C B H W", **sizes)
@@ -67,7 +67,9 @@ def to_batch_first(x: object, batch_first: bool, who: str, **sizes: int) -> Tens
     return t if batch_first else t.permute(1, 0, 2, 3)  # (C, B, H, W) -> (B, C, H, W)
 
 
-def small_graph(fn: Callable[..., Tensor], inputs: Sequence[Tensor], track: bool) -> tuple[Tensor, Graph | None]:
+def small_graph(
+    fn: Callable[..., Tensor], inputs: Sequence[Tensor], track: bool
+) -> tuple[Tensor, Graph | None]:
     """Run ``fn`` on small tensors; with ``track``, keep its graph for :func:`small_vjp`."""
     if not track:
         with torch.no_grad():
@@ -78,7 +80,9 @@ def small_graph(fn: Callable[..., Tensor], inputs: Sequence[Tensor], track: bool
     return out.detach(), (out, leaves)
 
 
-def small_vjp(graph: Graph, grad: Tensor, params: Sequence[Tensor]) -> tuple[list[Tensor | None], list[Tensor | None]]:
+def small_vjp(
+    graph: Graph, grad: Tensor, params: Sequence[Tensor]
+) -> tuple[list[Tensor | None], list[Tensor | None]]:
     """Gradients of the kept small graph: (w.r.t. its leaf inputs, w.r.t. ``params``)."""
     out, leaves = graph
     wanted = [p for p in params if p.requires_grad]
@@ -176,7 +180,7 @@ class _GateFn(torch.autograd.Function):
         if sg is not None:
             d_stats, grads_s = small_vjp(saved["s_graph"], d_sg, s_params)
             d_mean = d_max = None
-            for stat, d in zip(plan.spatial_stats, d_stats):
+            for stat, d in zip(plan.spatial_stats, d_stats, strict=True):
                 if stat == "mean":
                     d_mean = None if d is None else d / C
                 else:
@@ -200,7 +204,7 @@ class _GateFn(torch.autograd.Function):
             gx = None
             if ctx.needs_input_grad[0]:
                 cmean = cmax = None
-                for stat, d in zip(plan.channel_stats, d_stats):
+                for stat, d in zip(plan.channel_stats, d_stats, strict=True):
                     if stat == "mean":
                         cmean = None if d is None else (d / (H * W))[:, :, None, None]  # (B, C, 1, 1)
                     else:
@@ -235,8 +239,9 @@ def _viewable(t: Tensor) -> bool:
     return True
 
 
-def fused_gate(x: Tensor, plan: GatePlan, channel_params: Sequence[Tensor] = (),
-               spatial_params: Sequence[Tensor] = ()) -> Tensor:
+def fused_gate(
+    x: Tensor, plan: GatePlan, channel_params: Sequence[Tensor] = (), spatial_params: Sequence[Tensor] = ()
+) -> Tensor:
     """Apply the gates of ``plan`` to ``x`` (B, C, H, W); the parameters are those the small
     functions use (gradients reach them through the kept small graphs)."""
     params = (*channel_params, *spatial_params)

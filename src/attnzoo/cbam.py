@@ -14,7 +14,10 @@ timm's ``CbamModule`` have one), and the seed's default kernel is 3 (the paper's
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnzoo._checks import check_choice, check_int
@@ -79,10 +82,17 @@ class ChannelAttention(nn.Module):
         )
 
     def gate(self, mean: Tensor, peak: Tensor) -> Tensor:
-        """The gate (B, C) from the per-channel mean and max (B, C) over H, W."""
-        avg = self.sharedMLP(mean[:, :, None, None])  # (B, C) -> (B, C, 1, 1)
-        top = self.sharedMLP(peak[:, :, None, None])  # (B, C) -> (B, C, 1, 1)
-        return torch.sigmoid(avg + top).flatten(1)  # (B, C, 1, 1) -> (B, C)
+        """The gate (B, C) from the per-channel mean and max (B, C) over H, W.
+
+        The shared MLP runs once on both statistics stacked, its 1x1 convolutions as matrix
+        products (the same numbers; a 1x1 convolution of a 1x1 map is a linear map).
+        """
+        fc1 = cast(nn.Conv2d, self.sharedMLP[0]).weight  # (C/r, C, 1, 1)
+        fc2 = cast(nn.Conv2d, self.sharedMLP[2]).weight  # (C, C/r, 1, 1)
+        both = torch.cat([mean, peak], dim=0)  # (2B, C)
+        hidden = torch.relu(F.linear(both, fc1.flatten(1)))  # (C/r, C, 1, 1) -> (C/r, C)
+        avg, top = F.linear(hidden, fc2.flatten(1)).chunk(2, dim=0)  # (2B, C) -> 2 x (B, C)
+        return torch.sigmoid(avg + top)
 
     def forward(self, x: Tensor) -> Tensor:
         x = to_batch_first(x, self.batch_first, type(self).__name__, C=self.in_channels)
@@ -120,7 +130,12 @@ class SpatialAttention(nn.Module):
     """
 
     def __init__(
-        self, kernel_size: int = 3, batch_first: bool = True, *, channels: int | None = None, norm: bool = False
+        self,
+        kernel_size: int = 3,
+        batch_first: bool = True,
+        *,
+        channels: int | None = None,
+        norm: bool = False,
     ) -> None:
         super().__init__()
         who = type(self).__name__
@@ -135,7 +150,9 @@ class SpatialAttention(nn.Module):
 
     def gate(self, mean: Tensor, peak: Tensor) -> Tensor:
         """The gate (B, 1, H, W) from the mean and max (B, 1, H, W) over channels."""
-        return torch.sigmoid(self.bn(self.conv(torch.cat([mean, peak], dim=1))))  # (B, 2, H, W) -> (B, 1, H, W)
+        return torch.sigmoid(
+            self.bn(self.conv(torch.cat([mean, peak], dim=1)))
+        )  # (B, 2, H, W) -> (B, 1, H, W)
 
     def forward(self, x: Tensor) -> Tensor:
         sizes = {} if self.channels is None else {"C": self.channels}
@@ -257,7 +274,9 @@ class CBAtten_Res(nn.Module):  # noqa: N801 (the seed's name)
         self.padding = kernel_size // 2
         self.max_pool = nn.MaxPool2d(3, stride=stride, padding=1)
         self.conv_res = nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=1, bias=True)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=self.padding, bias=True)
+        self.conv1 = nn.Conv2d(
+            in_channels, out_channels, kernel_size, stride=stride, padding=self.padding, bias=True
+        )
         self.bn1 = nn.BatchNorm2d(out_channels)
         self.relu = nn.ReLU(inplace=True)
         self.ca = ChannelAttention(out_channels, reduction=reduction)

@@ -65,7 +65,9 @@ class SqueezeExcite(nn.Module):
         torch.Size([2, 64, 8, 8])
     """
 
-    def __init__(self, channels: int, reduction: int = 16, *, bias: bool = False, batch_first: bool = True) -> None:
+    def __init__(
+        self, channels: int, reduction: int = 16, *, bias: bool = False, batch_first: bool = True
+    ) -> None:
         super().__init__()
         hidden = hidden_width(channels, reduction, type(self).__name__)
         self.channels = channels

@@ -131,14 +131,16 @@ class SKConv(nn.Module):
         self.d = max(int(in_channels / reduction), L)
         if self.d < 1:
             raise ValueError(
-                f"{who}: reduction={reduction} and L={L} leave zero hidden features for in_channels={in_channels}; "
-                "expected max(int(in_channels / reduction), L) >= 1"
+                f"{who}: reduction={reduction} and L={L} leave zero hidden features for "
+                f"in_channels={in_channels}; expected max(int(in_channels / reduction), L) >= 1"
             )
         self.M, self.in_channels, self.batch_first = M, in_channels, bool(batch_first)
         self.convs = nn.ModuleList()
         for i in range(M):
             size, dilation = (3, 1 + i) if dilated else (3 + 2 * i, 1)
-            conv = nn.Conv2d(in_channels, in_channels, size, stride=stride, padding=1 + i, dilation=dilation, groups=G)
+            conv = nn.Conv2d(
+                in_channels, in_channels, size, stride=stride, padding=1 + i, dilation=dilation, groups=G
+            )
             self.convs.append(nn.Sequential(conv, nn.BatchNorm2d(in_channels), nn.ReLU(inplace=True)))
         self.fc = nn.Linear(in_channels, self.d)
         self.fuse: nn.Module = (
