@@ -332,35 +332,48 @@ def test_dual_gated_matches_reference(train):
 # The fused gate with unusual layouts and gradients
 
 
-@pytest.mark.parametrize("name", ["se", "cbam", "cbam_channel", "cbam_spatial", "sk", "dual_gated"])
-def test_channels_last_and_strided_gradients(name):
+def _reversed(t: torch.Tensor) -> torch.Tensor:
+    """The same values with reversed strides: no (B, C, H*W) view exists."""
+    return t.permute(3, 2, 1, 0).contiguous().permute(3, 2, 1, 0)
+
+
+LAYOUTS = {
+    "contiguous": lambda t: t.clone(),
+    "channels_last": lambda t: t.contiguous(memory_format=torch.channels_last),
+    "reversed": _reversed,
+}
+
+
+def _run_with_grad(m: nn.Module, x: torch.Tensor, g: torch.Tensor):
+    m.zero_grad()
+    x = x.detach().requires_grad_()
+    out = m(x)
+    out.backward(g)
+    return out.detach(), x.grad, [p.grad.clone() for p in m.parameters()]
+
+
+@pytest.mark.parametrize(
+    "name", ["se", "cbam", "cbam_channel", "cbam_spatial", "cbam_res", "sk", "dual_gated"]
+)
+def test_memory_layouts_and_strided_gradients(name):
+    """Inputs and upstream gradients in any layout (including ones with no flat view, and a
+    stride-0 broadcast gradient) give the same outputs and gradients."""
     spec = attnzoo.get_spec(name)
-    torch.manual_seed(0)
     m = randomize(attnzoo.create(name, **spec.example.kwargs).to(D)).eval()
     x = x_of(*spec.example.inputs[0])
-    results = []
-    for layout, grad_kind in [
-        ("contiguous", "dense"),
-        ("channels_last", "dense"),
-        ("contiguous", "expanded"),
-        ("channels_last", "channels_last"),
-    ]:
-        m.zero_grad()
-        xi = x.clone() if layout == "contiguous" else x.contiguous(memory_format=torch.channels_last)
-        xi.requires_grad_()
-        out = m(xi)
-        g = torch.linspace(-1, 1, out.numel(), dtype=D).view(out.shape)
-        if grad_kind == "expanded":
-            g = torch.full((1,) * out.ndim, 0.5, dtype=D).expand(out.shape)
-        elif grad_kind == "channels_last":
-            g = g.contiguous(memory_format=torch.channels_last)
-        out.backward(g)
-        results.append((grad_kind, out.detach(), xi.grad, [p.grad.clone() for p in m.parameters()]))
-    for kind, out, gx, gp in results[1:]:
-        torch.testing.assert_close(out, results[0][1], atol=1e-12, rtol=1e-12)
-        if kind != "expanded":
-            torch.testing.assert_close(gx, results[0][2], atol=1e-12, rtol=1e-12)
-            torch.testing.assert_close(gp, results[0][3], atol=1e-12, rtol=1e-12)
+    g = torch.linspace(-1, 1, torch.Size(spec.example.output).numel(), dtype=D).view(spec.example.output)
+    expected = _run_with_grad(m, x, g)
+    for x_layout, make_x in LAYOUTS.items():
+        for g_layout, make_g in LAYOUTS.items():
+            got = _run_with_grad(m, make_x(x), make_g(g))
+            torch.testing.assert_close(
+                got, expected, atol=1e-12, rtol=1e-12, msg=f"x {x_layout}, g {g_layout}"
+            )
+    dense = torch.full(spec.example.output, 0.5, dtype=D)
+    broadcast = torch.full((1, 1, 1, 1), 0.5, dtype=D).expand(spec.example.output)
+    torch.testing.assert_close(
+        _run_with_grad(m, x, broadcast), _run_with_grad(m, x, dense), atol=1e-12, rtol=1e-12
+    )
 
 
 def test_input_is_not_modified_and_gradients_accumulate():
@@ -373,6 +386,15 @@ def test_input_is_not_modified_and_gradients_accumulate():
     assert torch.equal(x.detach(), before)
     for p, g in zip(m.parameters(), first, strict=True):
         torch.testing.assert_close(p.grad, 2 * g)
+
+
+@pytest.mark.parametrize("name", ["cbam", "sk"])
+def test_second_derivative_raises_instead_of_being_wrong(name):
+    spec = attnzoo.get_spec(name)
+    m = randomize(attnzoo.create(name, **spec.example.kwargs).to(D))
+    x = x_of(*spec.example.inputs[0]).requires_grad_()
+    with pytest.raises(RuntimeError, match="first-order only"):
+        torch.autograd.grad(m(x).square().sum(), x, create_graph=True)
 
 
 def test_gradients_reach_parameters_when_input_is_constant():

@@ -17,6 +17,11 @@ equality mask over the whole input). :class:`_GateFn` instead
   two fused multiply-adds, scattering the max-pool gradients to their argmax positions.
 
 Memory per step: the output plus one full-size temporary, against three to five in plain autograd.
+
+Limitation: the backward is first-order only; a backward with ``create_graph=True`` through a gate
+(a gradient penalty, for example) raises a ``RuntimeError`` instead of silently dropping the
+gate's second-order terms. Under ``torch.no_grad()`` (or with nothing requiring grad) the kernel
+is bypassed and the max statistics use ``amax``, which skips computing indices.
 """
 
 from __future__ import annotations
@@ -28,11 +33,10 @@ from typing import Any, cast
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from attnzoo._checks import check_shape
 
-__all__ = ["GatePlan", "fused_gate", "to_batch_first", "small_graph", "small_vjp"]
+__all__ = ["GatePlan", "fused_gate", "to_batch_first", "small_graph", "small_vjp", "first_order_only"]
 
 STATS = ("mean", "max")
 
@@ -90,6 +94,16 @@ def small_vjp(
     grads = torch.autograd.grad(out, [*leaves, *wanted], grad, allow_unused=True, retain_graph=True)
     by_param = iter(grads[len(leaves) :])
     return list(grads[: len(leaves)]), [next(by_param) if p.requires_grad else None for p in params]
+
+
+def first_order_only(who: str) -> None:
+    """Refuse a backward with ``create_graph=True`` (grad mode is on only then), which would treat
+    the fused kernel's gradient as a constant and give wrong second derivatives."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"{who}: attnzoo's fused gating backward is first-order only; double backward "
+            "(create_graph=True) through it is not supported"
+        )
 
 
 def _flat(t: Tensor) -> Tensor:
@@ -153,8 +167,8 @@ class _GateFn(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, g: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        first_order_only("gate")
         (x,) = ctx.saved_tensors
         plan, saved = ctx.plan, ctx.saved
         c_params, s_params = ctx.params[: ctx.n_channel], ctx.params[ctx.n_channel :]

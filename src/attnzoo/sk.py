@@ -19,10 +19,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
 from attnzoo._checks import check_divisible, check_float, check_int
-from attnzoo._gate import small_graph, small_vjp, to_batch_first
+from attnzoo._gate import first_order_only, small_graph, small_vjp, to_batch_first
 from attnzoo._registry import Example, register, register_seed
 
 __all__ = ["SKConv", "SKEConv"]
@@ -51,8 +50,8 @@ class _SelectFn(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, g: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        first_order_only("SKConv selection")
         branches = ctx.saved_tensors
         a: Tensor = ctx.a  # (B, M, C)
         d_a = torch.stack([(g * u).sum((2, 3)) for u in branches], dim=1)  # (B, M, C)
