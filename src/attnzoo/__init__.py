@@ -75,3 +75,20 @@ __all__ = [
     "LocationAttention",
     # --- end seq2seq ---
 ]
+
+# --- gating family (SE, CBAM, SK, dual gated): importing registers them ---
+from attnzoo.cbam import CBAM, CBAtten_Res, ChannelAttention, SpatialAttention  # noqa: E402
+from attnzoo.dual import DualGatedAttention  # noqa: E402
+from attnzoo.se import SqueezeExcite  # noqa: E402
+from attnzoo.sk import SKConv  # noqa: E402
+
+__all__ += [
+    "CBAM",
+    "CBAtten_Res",
+    "ChannelAttention",
+    "DualGatedAttention",
+    "SKConv",
+    "SpatialAttention",
+    "SqueezeExcite",
+]
+# --- end gating family ---

@@ -26,3 +26,11 @@ from attnzoo.blocks import cross_attention, feed_forward, self_attention  # noqa
 
 __all__ += ["self_attention", "cross_attention", "feed_forward"]
 # --- end blocks ---
+# --- gating family ---
+from attnzoo.cbam import CBAtten_Res, ChannelAttention, SpatialAttention  # noqa: E402
+from attnzoo.dual import SeedDualAttention  # noqa: E402
+from attnzoo.se import SELayer  # noqa: E402
+from attnzoo.sk import SKEConv  # noqa: E402
+
+__all__ += ["CBAtten_Res", "ChannelAttention", "SELayer", "SKEConv", "SeedDualAttention", "SpatialAttention"]
+# --- end gating family ---
