@@ -143,9 +143,13 @@ class SelfAttentionBlock(_PrefixedBlock):
 
     Args:
         dim: Feature size D.
-        num_heads, key_dim, value_dim, dropout, use_bias, output_shape: As
-            ``keras.layers.MultiHeadAttention`` (defaults ``value_dim=key_dim``, ``dropout=0.0``,
-            ``use_bias=True``, ``output_shape=(D,)``, the only one the residual allows).
+        num_heads: Number of attention heads (as ``keras.layers.MultiHeadAttention``).
+        key_dim: Width of each query/key head.
+        value_dim: Width of each value head. Default: None, ``key_dim``.
+        dropout: Dropout on the attention weights (training only). Default: 0.0.
+        use_bias: Biases in the projections. Default: True.
+        output_shape: Output feature size; only ``D`` (or ``(D,)``), the one the residual
+            allows. Default: None, ``D``.
         causal: Causal mask, query i attends keys ``0..i`` (the builder's ``mask``). Default: False.
         prefix: Name prefix, an identifier fragment. Default: ``"att"``.
         seq_len: Fixed sequence length L as Keras's ``Input``, or None for any. Default: None.
@@ -200,10 +204,15 @@ class CrossAttentionBlock(_PrefixedBlock):
     Args:
         dim: Query feature size D.
         context_dim: Context feature size E.
-        num_heads, key_dim, value_dim, dropout, use_bias, output_shape: As
-            ``keras.layers.MultiHeadAttention`` (see :class:`SelfAttentionBlock`).
+        num_heads: Number of attention heads (as ``keras.layers.MultiHeadAttention``).
+        key_dim: Width of each query/key head.
+        value_dim: Width of each value head. Default: None, ``key_dim``.
+        dropout: Dropout on the attention weights (training only). Default: 0.0.
+        use_bias: Biases in the projections. Default: True.
+        output_shape: Output feature size; only ``D`` (or ``(D,)``). Default: None, ``D``.
         prefix: Name prefix, an identifier fragment. Default: ``"att"``.
-        seq_len, context_len: Fixed lengths L and S (Keras ``Input`` shapes), or None. Default: None.
+        seq_len: Fixed query length L (a Keras ``Input`` shape), or None for any. Default: None.
+        context_len: Fixed context length S, or None for any. Default: None.
         epsilon: LayerNorm epsilon. Default: 1e-3 (Keras).
 
     Shape:
