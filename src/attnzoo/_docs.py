@@ -24,7 +24,9 @@ def mechanism_table() -> str:
     rows = ["| name | class | seed name | family | paper | layout |", "|---|---|---|---|---|---|"]
     for s in list_modules():
         seed = f"`compat.{s.seed_name}`" if s.seed_name else ""
-        rows.append(f"| `{s.name}` | `{s.cls.__name__}` | {seed} | {s.family} | {s.paper} ({s.year}) | {s.layout} |")
+        rows.append(
+            f"| `{s.name}` | `{s.cls.__name__}` | {seed} | {s.family} | {s.paper} ({s.year}) | {s.layout} |"
+        )
     return "\n".join(rows)
 
 

@@ -65,7 +65,7 @@ class Timing:
 
     def ratio(self, name: str, baseline: str) -> float:
         """Median over rounds of ``time(name) / time(baseline)`` (paired, so drift cancels)."""
-        pairs = [a / b for a, b in zip(self.rounds[name], self.rounds[baseline])]
+        pairs = [a / b for a, b in zip(self.rounds[name], self.rounds[baseline], strict=False)]
         return statistics.median(pairs)
 
 
