@@ -6,10 +6,7 @@ arguments come from :mod:`attnzoo.compat`. Build any mechanism by name with :fun
 
 from attnzoo._registry import Example, Spec, create, get_spec, list_modules
 from attnzoo.functional import attend, fused_attn, fused_enabled
-
-# --- end seq2seq ---
-# --- transformer family (mha, swin, temporal) ---
-from attnzoo.mha import MultiHeadAttention
+from attnzoo.surgery import find, insert, replace
 
 # Family modules register their classes on import (one family per file).
 # --- seq2seq (issue 8) ---
@@ -20,7 +17,11 @@ from attnzoo.seq2seq import (
     GeneralAttention,
     LocationAttention,
 )
-from attnzoo.surgery import find, insert, replace
+
+# --- end seq2seq ---
+
+# --- transformer family (mha, swin, temporal) ---
+from attnzoo.mha import MultiHeadAttention
 from attnzoo.swin import (
     ShiftedWindowAttention,
     WindowAttention,
@@ -29,7 +30,6 @@ from attnzoo.swin import (
     window_reverse,
 )
 from attnzoo.temporal import TemporalAttention
-
 # --- end transformer family ---
 # --- blocks (issue 6: prefix-named transformer blocks of seed 001) ---
 # isort: split
