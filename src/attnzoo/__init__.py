@@ -8,10 +8,15 @@ from attnzoo._registry import Example, Spec, create, get_spec, list_modules
 from attnzoo.functional import attend, fused_attn, fused_enabled
 
 # Family modules register their classes on import (one family per file).
+# --- biformer (BiLevelRoutingAttention, nchwBRA) ---
+from attnzoo.biformer import BiLevelRoutingAttention
+from attnzoo.biformer_nchw import nchwBRA as _nchwBRA  # noqa: F401 (registers "bra_nchw"; public in compat)
+# --- end biformer ---
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BiLevelRoutingAttention",  # biformer
     "Example",
     "Spec",
     "attend",

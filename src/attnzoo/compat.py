@@ -5,4 +5,11 @@ Code and checkpoints written against the seeds (and the papers' official code) l
 differs from the seed and why.
 """
 
+# --- biformer ---
+from attnzoo.biformer import LegacyBiLevelRoutingAttention as BiLevelRoutingAttention
+from attnzoo.biformer_nchw import nchwBRA
+
+# --- end biformer ---
+
 __all__: list[str] = []
+__all__ += ["BiLevelRoutingAttention", "nchwBRA"]  # biformer
