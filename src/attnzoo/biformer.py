@@ -38,29 +38,75 @@ def _to_windows(x: Tensor, n_h: int, n_w: int) -> Tensor:
     return x.permute(0, 1, 3, 2, 4, 5).reshape(n * n_h * n_w, (h // n_h) * (w // n_w), c)
 
 
-def _from_windows(x: Tensor, n: int, n_h: int, n_w: int, rh: int, rw: int) -> Tensor:
+def _to_image(x: Tensor, n: int, n_h: int, n_w: int, rh: int, rw: int) -> Tensor:
     """``(N*n_h*n_w, rh*rw, C)`` -> the 6-D view ``(N, n_h, rh, n_w, rw, C)`` of the image (no copy)."""
     x = x.view(n, n_h, n_w, rh, rw, x.shape[-1])  # (N, n_h, n_w, rh, rw, C)
     return x.permute(0, 1, 3, 2, 4, 5)  # (N, n_h, rh, n_w, rw, C)
 
 
-def _to_image(out_win: Tensor, side: Tensor | None, shape: tuple[int, int, int, int], n_h: int, n_w: int) -> Tensor:
-    """Window outputs ``(N*n_h*n_w, rh*rw, C)`` back to the ``(N, H, W, C)`` image, plus ``side``."""
-    n, h, w, c = shape
-    image = _from_windows(out_win, n, n_h, n_w, h // n_h, w // n_w)  # (N, n_h, rh, n_w, rw, C)
+def _side_conv(conv: nn.Conv2d | None, v: Tensor, n: int, n_h: int, n_w: int, rh: int, rw: int) -> Tensor | None:
+    """``conv`` over the image of the window values ``v`` ``(N*R, rh*rw, C)``: ``(N, H, W, C)``."""
+    if conv is None:
+        return None
+    image = _to_image(v, n, n_h, n_w, rh, rw).reshape(n, n_h * rh, n_w * rw, -1)  # (N, H, W, C)
+    return conv(image.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # channels-last conv -> (N, H, W, C)
+
+
+def _merge(out: Tensor, side: Tensor | None, n: int, n_h: int, n_w: int, rh: int, rw: int) -> Tensor:
+    """Window outputs ``(N*R, rh*rw, C)`` back to the ``(N, H, W, C)`` image, plus ``side``."""
+    image = _to_image(out, n, n_h, n_w, rh, rw)  # (N, n_h, rh, n_w, rw, C)
+    h, w, c = n_h * rh, n_w * rw, out.shape[-1]
     if side is None:
         return image.reshape(n, h, w, c)
     # ``side`` first: the sum takes its (contiguous) layout, so the reshape is a view.
-    return (side.reshape(n, n_h, h // n_h, n_w, w // n_w, c) + image).reshape(n, h, w, c)
+    return (side.reshape(n, n_h, rh, n_w, rw, c) + image).reshape(n, h, w, c)
+
+
+class _GatherWindows(torch.autograd.Function):
+    """``src[n*R + r_idx[n, p, t]]``: ``(N*R, S, C)`` -> ``(N*R*topk, S, C)``, with a dense backward.
+
+    ``index_select``'s own backward is a scatter-add, several times slower than the copy on CPU;
+    here the backward is a batched product with the one-hot routing matrix ``(N, R, R*topk)``,
+    ``2R`` FLOPs per gradient element, which runs at GEMM speed (used while ``R <= 64``).
+    """
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, src: Tensor, r_idx: Tensor) -> Tensor:
+        n, regions, _ = r_idx.shape
+        flat = (r_idx + torch.arange(n, device=r_idx.device).mul_(regions).view(n, 1, 1)).reshape(-1)
+        ctx.save_for_backward(r_idx, flat)
+        ctx.src_shape = src.shape  # type: ignore[attr-defined]
+        return src.index_select(0, flat)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor, None]:
+        r_idx, flat = ctx.saved_tensors  # type: ignore[attr-defined]
+        shape = ctx.src_shape  # type: ignore[attr-defined]
+        n, regions, topk = r_idx.shape
+        if regions > 64:
+            return grad.new_zeros(shape).index_add_(0, flat, grad), None
+        onehot = grad.new_zeros(n, regions, regions * topk)
+        onehot.scatter_(1, r_idx.reshape(n, 1, regions * topk), 1.0)  # [n, r_idx[n, p, t], p*topk + t] = 1
+        out = torch.bmm(onehot, grad.reshape(n, regions * topk, -1))  # (N, R, S*C)
+        return out.view(shape), None
+
+
+def _gather(src: Tensor, r_idx: Tensor, r_weight: Tensor | None) -> Tensor:
+    """The routed windows of every window: ``(N*R, S, C)`` -> ``(N*R, topk*S, C)``."""
+    n, regions, topk = r_idx.shape
+    sel = _GatherWindows.apply(src, r_idx)  # (N*R*topk, S, C)
+    if r_weight is not None:
+        sel = sel * r_weight.reshape(-1, 1, 1).to(sel.dtype)
+    return sel.view(n * regions, topk * src.shape[1], src.shape[2])
 
 
 def _routed_attention(
     q: Tensor,
-    kv: Tensor,
+    k: Tensor,
+    v: Tensor,
     r_idx: Tensor,
     *,
     num_heads: int,
-    qk_dim: int,
     scale: float,
     r_weight: Tensor | None = None,
     need_weights: bool = False,
@@ -68,11 +114,11 @@ def _routed_attention(
     """Token-to-token attention from each window to the keys/values of its routed windows.
 
     Args:
-        q: Queries per window, ``(N*R, L, qk_dim)`` (any strides, last dim contiguous).
-        kv: Keys then values per window, ``(N*R, S, qk_dim + C)``.
+        q: Queries per window, ``(N*R, L, c)`` (any strides, last dim contiguous).
+        k: Keys per window, ``(N*R, S, c)``.
+        v: Values per window, ``(N*R, S, C)``.
         r_idx: Routed window indices, ``(N, R, topk)``, int64.
-        num_heads: Heads h; the channels split as ``(h, d)``.
-        qk_dim: Width of the keys in ``kv``.
+        num_heads: Heads h; channels split as ``(h, d)``.
         scale: Multiplies the logits.
         r_weight: ``(N, R, topk)``; when given, the gathered keys **and** values are scaled by it
             (official soft routing). Default: None.
@@ -81,17 +127,9 @@ def _routed_attention(
     Returns:
         ``(out, weights)``: ``out`` ``(N*R, L, C)``; ``weights`` ``(N*R, h, L, topk*S)`` or None.
     """
-    n, regions, topk = r_idx.shape
-    windows, length, width = kv.shape
-    offset = torch.arange(n, device=r_idx.device).mul_(regions).view(n, 1, 1)
-    flat = (r_idx + offset).reshape(-1)  # (N*R*topk,) indices into the N*R windows
-    sel = kv.index_select(0, flat)  # (N*R*topk, S, qk+C): the only gathered copy
-    if r_weight is not None:
-        sel = sel * r_weight.reshape(-1, 1, 1).to(sel.dtype)
-    sel = sel.view(windows, topk * length, width)  # (N*R, topk*S, qk+C)
-    qh = q.unflatten(-1, (num_heads, -1)).transpose(1, 2)  # (N*R, h, L, dq)
-    kh = sel[..., :qk_dim].unflatten(-1, (num_heads, -1)).transpose(1, 2)  # (N*R, h, topk*S, dq)
-    vh = sel[..., qk_dim:].unflatten(-1, (num_heads, -1)).transpose(1, 2)  # (N*R, h, topk*S, dv)
+    qh = q.unflatten(-1, (num_heads, -1)).transpose(1, 2)  # (N*R, h, L, d)
+    kh = _gather(k, r_idx, r_weight).unflatten(-1, (num_heads, -1)).transpose(1, 2)  # (N*R, h, topk*S, d)
+    vh = _gather(v, r_idx, r_weight).unflatten(-1, (num_heads, -1)).transpose(1, 2)  # (N*R, h, topk*S, e)
     if need_weights:
         out, weights = attend(qh, kh, vh, scale=scale, return_weights=True)
     else:
@@ -296,7 +334,7 @@ class BiLevelRoutingAttention(nn.Module):
         return self._forward(x, need_weights=False)[0]
 
     def _downsample(self, kv: Tensor, rh: int, rw: int) -> Tensor:
-        """Pool each window's keys/values: ``(N*R, rh*rw, c+dim) -> (N*R, S, c+dim)``."""
+        """Pool each window's keys or values: ``(N*R, rh*rw, C) -> (N*R, S, C)``."""
         mode, ratio = self.kv_downsample_mode, self.kv_downsample_ratio
         if mode == "identity" or (mode in ("avgpool", "maxpool") and ratio <= 1):
             return kv
@@ -305,7 +343,7 @@ class BiLevelRoutingAttention(nn.Module):
                 f"{type(self).__name__} expects windows of at least kv_downsample_ratio={ratio} tokens per "
                 f"side for {mode!r}, got windows of {rh}x{rw}"
             )
-        grid = kv.unflatten(1, (rh, rw)).permute(0, 3, 1, 2)  # (N*R, c+dim, rh, rw)
+        grid = kv.unflatten(1, (rh, rw)).permute(0, 3, 1, 2)  # (N*R, C, rh, rw)
         if mode == "ada_avgpool":
             grid = F.adaptive_avg_pool2d(grid, self.kv_per_win)
         elif mode == "ada_maxpool":
@@ -314,13 +352,14 @@ class BiLevelRoutingAttention(nn.Module):
             grid = F.avg_pool2d(grid, ratio)
         else:
             grid = F.max_pool2d(grid, ratio)
-        return grid.flatten(2).transpose(1, 2)  # (N*R, S, c+dim)
+        return grid.flatten(2).transpose(1, 2)  # (N*R, S, C)
 
     def _forward(self, x: Tensor, need_weights: bool) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         """``(out, r_weight, r_idx, attn_weight)``; ``attn_weight`` only with ``need_weights``."""
         who = type(self).__name__
         dims = _fix_layout(x, who, self.dim, self.layout)
         h, w, n_win, c = dims["H"], dims["W"], self.n_win, self.qk_dim
+        keep_nchw = self.layout == "nchw" and x.is_contiguous()  # return the input's memory format
         if self.layout == "nchw":
             x = x.permute(0, 2, 3, 1)  # (N, H, W, dim)
         pad_b, pad_r = (-h) % n_win, (-w) % n_win
@@ -330,24 +369,22 @@ class BiLevelRoutingAttention(nn.Module):
                     f"{who} expects H and W divisible by n_win={n_win}, got H={h}, W={w}: pass auto_pad=True"
                 )
             x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))  # before the projection, as officially
-        qkv = F.linear(x, self.qkv.qkv.weight, self.qkv.qkv.bias)  # (N, Hp, Wp, 2c+dim)
-        n, hp, wp, _ = qkv.shape
-        win = _to_windows(qkv, n_win, n_win)  # (N*R, w^2, 2c+dim)
-        means = win[..., : 2 * c].mean(1).view(n, n_win * n_win, 2 * c)  # (N, R, 2c)
-        r_weight, r_idx = self.router(means[..., :c], means[..., c:])  # (N, R, topk) each
-        kv = self._downsample(win[..., c:], hp // n_win, wp // n_win)  # (N*R, S, c+dim)
+        n, hp, wp, _ = x.shape
+        rh, rw = hp // n_win, wp // n_win
+        win = _to_windows(x, n_win, n_win)  # (N*R, w^2, dim), the one copy of the input
+        qkv = F.linear(win, self.qkv.qkv.weight, self.qkv.qkv.bias)  # (N*R, w^2, 2c+dim)
+        q, k, v = qkv.split([c, c, self.dim], dim=-1)
+        r_weight, r_idx = self.router(q.mean(1).view(n, -1, c), k.mean(1).view(n, -1, c))  # (N, R, topk)
         out, attn = _routed_attention(
-            win[..., :c], kv, r_idx, num_heads=self.num_heads, qk_dim=c, scale=self.scale,
-            r_weight=r_weight if self.soft_routing else None, need_weights=need_weights,
+            q, self._downsample(k, rh, rw), self._downsample(v, rh, rw), r_idx, num_heads=self.num_heads,
+            scale=self.scale, r_weight=r_weight if self.soft_routing else None, need_weights=need_weights,
         )  # (N*R, w^2, dim)
-        side = None
-        if self.lepe is not None:
-            v = qkv[..., 2 * c :].permute(0, 3, 1, 2)  # (N, dim, Hp, Wp)
-            side = self.lepe(v).permute(0, 2, 3, 1)  # (N, Hp, Wp, dim)
-        out = _to_image(out, side, (n, hp, wp, self.dim), n_win, n_win)  # (N, Hp, Wp, dim)
+        side = _side_conv(self.lepe, v, n, n_win, n_win, rh, rw)  # (N, Hp, Wp, dim) or None
+        out = _merge(out, side, n, n_win, n_win, rh, rw)  # (N, Hp, Wp, dim)
         out = self.wo(out[:, :h, :w] if pad_b or pad_r else out)  # (N, H, W, dim)
         if self.layout == "nchw":
-            out = out.permute(0, 3, 1, 2)  # (N, dim, H, W)
+            out = out.permute(0, 3, 1, 2)  # (N, dim, H, W), channels-last memory
+            out = out.contiguous() if keep_nchw else out
         return out, r_weight, r_idx, attn
 
 

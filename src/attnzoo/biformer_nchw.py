@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import math
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnzoo._checks import check_choice, check_float, check_int, check_shape
 from attnzoo._registry import Example, register
-from attnzoo.biformer import _routed_attention, _to_image, _to_windows
+from attnzoo.biformer import _merge, _routed_attention, _side_conv, _to_windows
 
 __all__ = ["nchwBRA"]
 
@@ -122,31 +123,40 @@ class nchwBRA(nn.Module):  # noqa: N801 (the official class name)
         n_h, n_w = math.ceil(h / rh), math.ceil(w / rw)
         if self.topk > n_h * n_w:
             raise ValueError(f"{who} expects topk={self.topk} <= the number of regions, got {n_h}x{n_w} regions")
-        weight = self.qkv_linear.weight.flatten(1)  # (3C, C)
-        qkv = F.linear(x.permute(0, 2, 3, 1), weight, self.qkv_linear.bias)  # (N, H, W, 3C)
-        # Routing on region means (ceil_mode pooling averages the real tokens of partial regions).
-        qk = qkv[..., : 2 * c].detach().permute(0, 3, 1, 2)  # (N, 2C, H, W)
-        means = F.avg_pool2d(qk, (rh, rw), ceil_mode=True, count_include_pad=False)  # (N, 2C, n_h, n_w)
-        means = means.flatten(2).transpose(1, 2)  # (N, R, 2C)
-        logits = means[..., :c] @ means[..., c:].transpose(1, 2)  # (N, R, R), unscaled
-        r_idx = logits.topk(self.topk, dim=-1).indices  # (N, R, topk)
+        regions, length = n_h * n_w, rh * rw
         pad_b, pad_r = n_h * rh - h, n_w * rw - w
+        keep_nchw = x.is_contiguous()  # return the input's memory format
+        x = x.permute(0, 2, 3, 1)  # (N, H, W, C)
         if pad_b or pad_r:
-            qkv = F.pad(qkv, (0, 0, 0, pad_r, 0, pad_b))  # zeros after the projection, as officially
-        n, hp, wp, _ = qkv.shape
-        win = _to_windows(qkv, n_h, n_w)  # (N*R, rh*rw, 3C)
+            x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))  # (N, Hp, Wp, C)
+        n = x.shape[0]
+        win = _to_windows(x, n_h, n_w)  # (N*R, rh*rw, C), the one copy of the input
+        qkv = F.linear(win, self.qkv_linear.weight.flatten(1), self.qkv_linear.bias)  # (N*R, rh*rw, 3C)
+        count = None
+        if pad_b or pad_r:
+            # Official: q, k, v are zero-padded *after* the projection, so padded tokens are zeros.
+            rows = torch.arange(n_h * rh, device=x.device).view(n_h, 1, rh, 1) >= h
+            cols = torch.arange(n_w * rw, device=x.device).view(1, n_w, 1, rw) >= w
+            pad = (rows | cols).view(regions, length, 1)  # (R, rh*rw, 1), True on padding
+            qkv = qkv.view(n, regions, length, 3 * c).masked_fill(pad, 0.0).view(n * regions, length, 3 * c)
+            count = (~pad).sum(1).to(qkv.dtype)  # (R, 1) real tokens per region
+        q, k, v = qkv.split([c, c, c], dim=-1)
+        # Routing on region means of the real tokens (official: avg_pool2d with ceil_mode), unscaled.
+        q_r, k_r = q.detach().sum(1).view(n, regions, c), k.detach().sum(1).view(n, regions, c)
+        if count is None:
+            q_r, k_r = q_r / length, k_r / length
+        else:
+            q_r, k_r = q_r / count, k_r / count
+        r_idx = (q_r @ k_r.transpose(1, 2)).topk(self.topk, dim=-1).indices  # (N, R, topk)
         out, attn = _routed_attention(
-            win[..., :c], win[..., c:], r_idx, num_heads=self.num_heads, qk_dim=c, scale=self.scale,
-            need_weights=ret_attn_mask,
+            q, k, v, r_idx, num_heads=self.num_heads, scale=self.scale, need_weights=ret_attn_mask
         )  # (N*R, rh*rw, C)
-        side = None
-        if self.lepe is not None:
-            # The conv's own zero padding equals the zero-padded v, so lepe(padded v) cropped = lepe(v).
-            side = self.lepe(qkv[..., 2 * c :].permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # (N, Hp, Wp, C)
-        out = _to_image(out, side, (n, hp, wp, c), n_h, n_w)  # (N, Hp, Wp, C)
+        # The conv's zero padding equals the zero-padded v, so lepe(padded v), cropped, is lepe(v).
+        side = _side_conv(self.lepe, v, n, n_h, n_w, rh, rw)  # (N, Hp, Wp, C) or None
+        out = _merge(out, side, n, n_h, n_w, rh, rw)  # (N, Hp, Wp, C)
         out = F.linear(out[:, :h, :w], self.output_linear.weight.flatten(1), self.output_linear.bias)
         out = out.permute(0, 3, 1, 2)  # (N, C, H, W), channels-last memory
-        if x.is_contiguous():
+        if keep_nchw:
             out = out.contiguous()
         if ret_attn_mask and attn is not None:
             attn = attn.unflatten(0, (n, n_h * n_w)).transpose(1, 2)  # (N, heads, R, rh*rw, topk*rh*rw)
