@@ -19,7 +19,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnzoo.benchmark import alternate, count_flops, ensure_malloc_env, markdown_table, peak_memory, train_step
+from attnzoo.benchmark import (
+    alternate,
+    count_flops,
+    ensure_malloc_env,
+    markdown_table,
+    peak_memory,
+    train_step,
+)
 from attnzoo.biformer import BiLevelRoutingAttention
 from attnzoo.biformer_nchw import nchwBRA
 
@@ -39,8 +46,15 @@ class _Router(nn.Module):
 class ReferenceBRA(nn.Module):
     """Official legacy BRA algorithm (identity kv, hard routing, qkvo), NHWC in and out."""
 
-    def __init__(self, dim: int, num_heads: int = 8, n_win: int = 7, topk: int = 4, side_dwconv: int = 3,
-                 auto_pad: bool = False) -> None:
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        n_win: int = 7,
+        topk: int = 4,
+        side_dwconv: int = 3,
+        auto_pad: bool = False,
+    ) -> None:
         super().__init__()
         self.dim, self.qk_dim, self.num_heads, self.n_win, self.topk = dim, dim, num_heads, n_win, topk
         self.scale, self.auto_pad = dim**-0.5, auto_pad
@@ -71,16 +85,31 @@ class ReferenceBRA(nn.Module):
         top, r_idx = torch.topk(logits, k=self.topk, dim=-1)
         top.softmax(-1)  # r_weight (unused without soft routing)
         w2, ckv = h * w, c + dim
-        sel = torch.gather(kv_pix.view(n, 1, p2, w2, ckv).expand(-1, p2, -1, -1, -1), dim=2,
-                           index=r_idx.view(n, p2, self.topk, 1, 1).expand(-1, -1, -1, w2, ckv))
+        sel = torch.gather(
+            kv_pix.view(n, 1, p2, w2, ckv).expand(-1, p2, -1, -1, -1),
+            dim=2,
+            index=r_idx.view(n, p2, self.topk, 1, 1).expand(-1, -1, -1, w2, ckv),
+        )
         k_sel, v_sel = sel.split([c, dim], dim=-1)
         # "n p2 k w2 (m c) -> (n p2) m c (k w2)" and "(n p2) m (k w2) c"
-        k_sel = k_sel.reshape(n * p2, self.topk, w2, m, c // m).permute(0, 3, 4, 1, 2).reshape(n * p2, m, c // m, -1)
-        v_sel = v_sel.reshape(n * p2, self.topk, w2, m, dim // m).permute(0, 3, 1, 2, 4).reshape(n * p2, m, -1, dim // m)
+        k_sel = (
+            k_sel.reshape(n * p2, self.topk, w2, m, c // m)
+            .permute(0, 3, 4, 1, 2)
+            .reshape(n * p2, m, c // m, -1)
+        )
+        v_sel = (
+            v_sel.reshape(n * p2, self.topk, w2, m, dim // m)
+            .permute(0, 3, 1, 2, 4)
+            .reshape(n * p2, m, -1, dim // m)
+        )
         q_pix = q_pix.reshape(n * p2, w2, m, c // m).permute(0, 2, 1, 3)
         attn = ((q_pix * self.scale) @ k_sel).softmax(dim=-1)
         out = attn @ v_sel  # (n*p2, m, w2, d)
-        out = out.reshape(n, n_win, n_win, m, h, w, dim // m).permute(0, 1, 4, 2, 5, 3, 6).reshape(n, hh, ww, dim)
+        out = (
+            out.reshape(n, n_win, n_win, m, h, w, dim // m)
+            .permute(0, 1, 4, 2, 5, 3, 6)
+            .reshape(n, hh, ww, dim)
+        )
         out = self.wo(out + lepe)
         if self.auto_pad and (pad_b or pad_r):
             out = out[:, :h_in, :w_in, :].contiguous()
@@ -90,7 +119,9 @@ class ReferenceBRA(nn.Module):
 class ReferenceNCHW(nn.Module):
     """Official ``nchwBRA`` + ``regional_routing_attention_torch`` algorithm (H, W divisible)."""
 
-    def __init__(self, dim: int, num_heads: int = 8, n_win: int = 7, topk: int = 4, side_dwconv: int = 3) -> None:
+    def __init__(
+        self, dim: int, num_heads: int = 8, n_win: int = 7, topk: int = 4, side_dwconv: int = 3
+    ) -> None:
         super().__init__()
         self.dim, self.num_heads, self.n_win, self.topk, self.scale = dim, num_heads, n_win, topk, dim**-0.5
         self.lepe = nn.Conv2d(dim, dim, side_dwconv, padding=side_dwconv // 2, groups=dim)
@@ -124,18 +155,38 @@ class ReferenceNCHW(nn.Module):
 
 CASES = {
     # name: (ours factory kwargs, reference kwargs, input shape, layout of the input)
-    "bra_56": ({"dim": 64, "n_win": 7, "topk": 4}, {"dim": 64, "n_win": 7, "topk": 4}, (2, 56, 56, 64), "nhwc"),
+    "bra_56": (
+        {"dim": 64, "n_win": 7, "topk": 4},
+        {"dim": 64, "n_win": 7, "topk": 4},
+        (2, 56, 56, 64),
+        "nhwc",
+    ),
     "bra_seed": (
         {"dim": 512, "n_win": 7, "num_heads": 8, "topk": 4, "side_dwconv": 3, "auto_pad": True},
         {"dim": 512, "n_win": 7, "num_heads": 8, "topk": 4, "side_dwconv": 3, "auto_pad": True},
-        (8, 28, 28, 512), "nhwc",
+        (8, 28, 28, 512),
+        "nhwc",
     ),
     "bra_seed_nchw": (
-        {"dim": 512, "n_win": 7, "num_heads": 8, "topk": 4, "side_dwconv": 3, "auto_pad": True, "layout": "nchw"},
+        {
+            "dim": 512,
+            "n_win": 7,
+            "num_heads": 8,
+            "topk": 4,
+            "side_dwconv": 3,
+            "auto_pad": True,
+            "layout": "nchw",
+        },
         {"dim": 512, "n_win": 7, "num_heads": 8, "topk": 4, "side_dwconv": 3, "auto_pad": True},
-        (8, 512, 28, 28), "nchw",
+        (8, 512, 28, 28),
+        "nchw",
     ),
-    "nchw_56": ({"dim": 64, "n_win": 7, "topk": 4}, {"dim": 64, "n_win": 7, "topk": 4}, (2, 64, 56, 56), "nchw"),
+    "nchw_56": (
+        {"dim": 64, "n_win": 7, "topk": 4},
+        {"dim": 64, "n_win": 7, "topk": 4},
+        (2, 64, 56, 56),
+        "nchw",
+    ),
 }
 
 
@@ -188,18 +239,35 @@ def main() -> None:
         timing = alternate(steps, rounds=7, warmup=2)
         flops = count_flops(steps["ours"])
         mem = {k: peak_memory("bench_biformer:make_step", {"case": case, "which": k}) / 2**20 for k in steps}
-        rows.append([
-            f"`{case}` {tuple(shape)}", f"{timing.median('ref') * 1e3:.1f}", f"{timing.median('ours') * 1e3:.1f}",
-            f"{1 / timing.ratio('ours', 'ref'):.2f}x", f"{mem['ref']:.0f}", f"{mem['ours']:.0f}",
-            f"{flops / timing.median('ours') / 1e9:.0f}",
-        ])
+        rows.append(
+            [
+                f"`{case}` {tuple(shape)}",
+                f"{timing.median('ref') * 1e3:.1f}",
+                f"{timing.median('ours') * 1e3:.1f}",
+                f"{1 / timing.ratio('ours', 'ref'):.2f}x",
+                f"{mem['ref']:.0f}",
+                f"{mem['ours']:.0f}",
+                f"{flops / timing.median('ours') / 1e9:.0f}",
+            ]
+        )
         print(f"{case}: done", file=sys.stderr)
     print("## BiFormer Bi-Level Routing Attention (measured while other jobs shared the machine)\n")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, forward + backward.")
     print("Reference: the official algorithm step by step (`benchmarks/bench_biformer.py`).\n")
-    print(markdown_table(
-        ["case", "reference ms", "attnzoo ms", "speed-up", "reference MB", "attnzoo MB", "attnzoo GFLOP/s"], rows
-    ))
+    print(
+        markdown_table(
+            [
+                "case",
+                "reference ms",
+                "attnzoo ms",
+                "speed-up",
+                "reference MB",
+                "attnzoo MB",
+                "attnzoo GFLOP/s",
+            ],
+            rows,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -8,12 +8,12 @@ import pickle
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import golden_files
 
 import attnzoo
 from attnzoo import BiLevelRoutingAttention
 from attnzoo.compat import BiLevelRoutingAttention as CompatBRA
 from attnzoo.compat import nchwBRA
-from conftest import golden_files
 
 GOLDEN_TOL = {torch.float64: 1e-8, torch.float32: 1e-4}
 
@@ -70,12 +70,18 @@ def legacy_reference(m, x: torch.Tensor):
             kv = torch.cat([window(k, b, j, i), window(v, b, j, i)], -1).permute(2, 0, 1)  # (c+dim, wh, ww)
             kv_tokens.append(_pool(kv, m).flatten(1).T)  # (S, c+dim)
         for r, (j, i) in enumerate(wins):
-            sel = [kv_tokens[int(t)] * (r_weight[b, r, s] if m.soft_routing else 1.0) for s, t in enumerate(r_idx[b, r])]
+            sel = [
+                kv_tokens[int(t)] * (r_weight[b, r, s] if m.soft_routing else 1.0)
+                for s, t in enumerate(r_idx[b, r])
+            ]
             sel = torch.cat(sel)  # (topk*S, c+dim)
             qw = window(q, b, j, i).reshape(-1, c)
             outs, attns = [], []
             for hd in range(heads):
-                qs, ks = qw[:, hd * c // heads : (hd + 1) * c // heads], sel[:, hd * c // heads : (hd + 1) * c // heads]
+                qs, ks = (
+                    qw[:, hd * c // heads : (hd + 1) * c // heads],
+                    sel[:, hd * c // heads : (hd + 1) * c // heads],
+                )
                 vs = sel[:, c + hd * dim // heads : c + (hd + 1) * dim // heads]
                 a = ((qs * m.scale) @ ks.T).softmax(-1)
                 outs.append(a @ vs)
@@ -83,7 +89,9 @@ def legacy_reference(m, x: torch.Tensor):
             out[b, j * wh : (j + 1) * wh, i * wwid : (i + 1) * wwid] = torch.cat(outs, -1).view(wh, wwid, dim)
             attn_all.append(torch.stack(attns))
     if m.side_dwconv > 0:
-        lepe = F.conv2d(v.permute(0, 3, 1, 2), p["lepe.weight"], p["lepe.bias"], padding=m.side_dwconv // 2, groups=dim)
+        lepe = F.conv2d(
+            v.permute(0, 3, 1, 2), p["lepe.weight"], p["lepe.bias"], padding=m.side_dwconv // 2, groups=dim
+        )
         out = out + lepe.permute(0, 2, 3, 1)
     if m.param_attention == "qkvo":
         out = out @ p["wo.weight"].T + p["wo.bias"]
@@ -97,7 +105,9 @@ def nchw_reference(m, x: torch.Tensor):
     heads, d = m.num_heads, dim // m.num_heads
     rh, rw = h // m.n_win, w // m.n_win
     q, k, v = F.conv2d(x, p["qkv_linear.weight"], p["qkv_linear.bias"]).chunk(3, dim=1)
-    q_r = F.avg_pool2d(q.detach(), (rh, rw), ceil_mode=True, count_include_pad=False).flatten(2).transpose(1, 2)
+    q_r = (
+        F.avg_pool2d(q.detach(), (rh, rw), ceil_mode=True, count_include_pad=False).flatten(2).transpose(1, 2)
+    )
     k_r = F.avg_pool2d(k.detach(), (rh, rw), ceil_mode=True, count_include_pad=False).flatten(2)
     r_idx = torch.topk(q_r @ k_r, m.topk, dim=-1).indices
     n_h, n_w = math.ceil(h / rh), math.ceil(w / rw)
@@ -122,7 +132,9 @@ def nchw_reference(m, x: torch.Tensor):
                 attn[b, hd, r] = a.detach()
                 heads_out.append(a @ vals[:, sl])
             j, i = divmod(r, n_w)
-            out[b, :, j * rh : (j + 1) * rh, i * rw : (i + 1) * rw] = torch.cat(heads_out, -1).T.reshape(dim, rh, rw)
+            out[b, :, j * rh : (j + 1) * rh, i * rw : (i + 1) * rw] = torch.cat(heads_out, -1).T.reshape(
+                dim, rh, rw
+            )
     out = out[:, :, :h, :w]
     if m.lepe is not None:
         out = out + F.conv2d(v, p["lepe.weight"], p["lepe.bias"], padding=m.lepe.padding, groups=dim)
@@ -133,7 +145,9 @@ def randomize(module: torch.nn.Module, seed: int = 0) -> None:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for prm in module.parameters():
-            prm.copy_(torch.randn(prm.shape, generator=gen, dtype=prm.dtype) / math.sqrt(max(prm[0].numel(), 1)))
+            prm.copy_(
+                torch.randn(prm.shape, generator=gen, dtype=prm.dtype) / math.sqrt(max(prm[0].numel(), 1))
+            )
 
 
 def assert_same_grads(module, x, out_fast, out_ref) -> None:
@@ -143,10 +157,12 @@ def assert_same_grads(module, x, out_fast, out_ref) -> None:
     inputs = [x, *module.parameters()]
     g_fast = torch.autograd.grad((out_fast * weight).sum(), inputs, allow_unused=True)
     g_ref = torch.autograd.grad((out_ref * weight).sum(), inputs, allow_unused=True)
-    for name, a, b in zip(["x", *names], g_fast, g_ref):
+    for name, a, b in zip(["x", *names], g_fast, g_ref, strict=True):
         assert (a is None) == (b is None), name
         if a is not None:
-            torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-9, msg=lambda m, name=name: f"grad {name}: {m}")
+            torch.testing.assert_close(
+                a, b, atol=1e-10, rtol=1e-9, msg=lambda m, name=name: f"grad {name}: {m}"
+            )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,11 +174,16 @@ def _call_golden(factory, rec):
     m.load_state_dict(rec["state_dict"], strict=True)
     m.eval()
     with torch.no_grad():
-        return m(*[rec["inputs"][a] for a in rec["forward_args"]],
-                 **{k: rec["inputs"][k] for k in rec["forward_tensor_kwargs"]}, **rec["forward_kwargs"])
+        return m(
+            *[rec["inputs"][a] for a in rec["forward_args"]],
+            **{k: rec["inputs"][k] for k in rec["forward_tensor_kwargs"]},
+            **rec["forward_kwargs"],
+        )
 
 
-@pytest.mark.parametrize("path", golden_files("bra_legacy_*.pt") + golden_files("bra_nchw_*.pt"), ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", golden_files("bra_legacy_*.pt") + golden_files("bra_nchw_*.pt"), ids=lambda p: p.name
+)
 def test_golden_official_outputs(path):
     rec = torch.load(path, weights_only=True)
     factory = nchwBRA if rec["target"] == "bra_nchw" else CompatBRA
@@ -176,7 +197,7 @@ def test_golden_official_outputs(path):
     got = out if isinstance(out, tuple) else (out,)
     assert len(got) == len(expected)
     tol = GOLDEN_TOL[getattr(torch, rec["dtype"])]
-    for a, b in zip(got, expected):
+    for a, b in zip(got, expected, strict=True):
         assert a.shape == b.shape and a.dtype == b.dtype
         if a.dtype == torch.int64:
             assert torch.equal(a, b)
@@ -203,16 +224,91 @@ def test_golden_canonical_class_both_layouts(path):
 
 LEGACY_CASES = [
     ({"dim": 8, "num_heads": 2, "n_win": 2, "topk": 2}, (2, 4, 4)),
-    ({"dim": 8, "num_heads": 2, "n_win": 2, "topk": 1, "qk_dim": 4, "qk_scale": 0.3, "param_attention": "qkv"}, (1, 4, 6)),
-    ({"dim": 8, "num_heads": 4, "n_win": 2, "topk": 3, "kv_downsample_mode": "ada_avgpool", "kv_per_win": 2}, (1, 6, 6)),
-    ({"dim": 8, "num_heads": 2, "n_win": 2, "topk": 2, "kv_downsample_mode": "ada_maxpool", "kv_per_win": 3}, (1, 4, 4)),
-    ({"dim": 8, "num_heads": 2, "n_win": 2, "topk": 2, "kv_downsample_mode": "avgpool", "kv_downsample_ratio": 2}, (1, 6, 4)),
-    ({"dim": 8, "num_heads": 2, "n_win": 2, "topk": 2, "kv_downsample_mode": "maxpool", "kv_downsample_ratio": 2}, (1, 4, 4)),
-    ({"dim": 8, "num_heads": 2, "n_win": 2, "topk": 2, "kv_downsample_mode": "avgpool", "kv_downsample_ratio": 1}, (1, 4, 4)),
+    (
+        {
+            "dim": 8,
+            "num_heads": 2,
+            "n_win": 2,
+            "topk": 1,
+            "qk_dim": 4,
+            "qk_scale": 0.3,
+            "param_attention": "qkv",
+        },
+        (1, 4, 6),
+    ),
+    (
+        {
+            "dim": 8,
+            "num_heads": 4,
+            "n_win": 2,
+            "topk": 3,
+            "kv_downsample_mode": "ada_avgpool",
+            "kv_per_win": 2,
+        },
+        (1, 6, 6),
+    ),
+    (
+        {
+            "dim": 8,
+            "num_heads": 2,
+            "n_win": 2,
+            "topk": 2,
+            "kv_downsample_mode": "ada_maxpool",
+            "kv_per_win": 3,
+        },
+        (1, 4, 4),
+    ),
+    (
+        {
+            "dim": 8,
+            "num_heads": 2,
+            "n_win": 2,
+            "topk": 2,
+            "kv_downsample_mode": "avgpool",
+            "kv_downsample_ratio": 2,
+        },
+        (1, 6, 4),
+    ),
+    (
+        {
+            "dim": 8,
+            "num_heads": 2,
+            "n_win": 2,
+            "topk": 2,
+            "kv_downsample_mode": "maxpool",
+            "kv_downsample_ratio": 2,
+        },
+        (1, 4, 4),
+    ),
+    (
+        {
+            "dim": 8,
+            "num_heads": 2,
+            "n_win": 2,
+            "topk": 2,
+            "kv_downsample_mode": "avgpool",
+            "kv_downsample_ratio": 1,
+        },
+        (1, 4, 4),
+    ),
     ({"dim": 8, "num_heads": 2, "n_win": 3, "topk": 4, "soft_routing": True}, (1, 6, 6)),
-    ({"dim": 8, "num_heads": 2, "n_win": 2, "topk": 3, "soft_routing": True, "diff_routing": True}, (1, 4, 4)),
-    ({"dim": 8, "num_heads": 2, "n_win": 2, "topk": 2, "param_routing": True, "diff_routing": True,
-      "soft_routing": True, "side_dwconv": 0}, (2, 4, 4)),
+    (
+        {"dim": 8, "num_heads": 2, "n_win": 2, "topk": 3, "soft_routing": True, "diff_routing": True},
+        (1, 4, 4),
+    ),
+    (
+        {
+            "dim": 8,
+            "num_heads": 2,
+            "n_win": 2,
+            "topk": 2,
+            "param_routing": True,
+            "diff_routing": True,
+            "soft_routing": True,
+            "side_dwconv": 0,
+        },
+        (2, 4, 4),
+    ),
     ({"dim": 8, "num_heads": 2, "n_win": 2, "topk": 2, "side_dwconv": 5, "auto_pad": True}, (1, 5, 7)),
     ({"dim": 8, "num_heads": 2, "n_win": 3, "topk": 2, "auto_pad": True}, (1, 2, 4)),
     ({"dim": 4, "num_heads": 1, "n_win": 9, "topk": 5}, (1, 9, 9)),  # 81 regions: the index_add backward
@@ -270,7 +366,9 @@ def test_all_regions_equal_full_attention_plus_lepe():
     q, k, v = (x @ p["qkv.qkv.weight"].T + p["qkv.qkv.bias"]).flatten(1, 2).split(8, -1)
     heads = [t.unflatten(-1, (2, 4)).transpose(1, 2) for t in (q, k, v)]
     full = F.scaled_dot_product_attention(*heads, scale=8**-0.5).transpose(1, 2).reshape(2, 4, 6, 8)
-    lepe = F.conv2d(v.view(2, 4, 6, 8).permute(0, 3, 1, 2), p["lepe.weight"], p["lepe.bias"], padding=1, groups=8)
+    lepe = F.conv2d(
+        v.view(2, 4, 6, 8).permute(0, 3, 1, 2), p["lepe.weight"], p["lepe.bias"], padding=1, groups=8
+    )
     expected = (full + lepe.permute(0, 2, 3, 1)) @ p["wo.weight"].T + p["wo.bias"]
     torch.testing.assert_close(m(x), expected, atol=1e-12, rtol=1e-10)
 
@@ -289,13 +387,35 @@ def test_fused_and_math_paths_agree_with_routing():
 
 def test_state_dict_keys_are_official():
     assert list(CompatBRA(32, 4, 7).state_dict()) == [
-        "lepe.weight", "lepe.bias", "qkv.qkv.weight", "qkv.qkv.bias", "wo.weight", "wo.bias"]
-    keys = list(CompatBRA(32, 2, 4, topk=4, param_routing=True, diff_routing=True, soft_routing=True,
-                          side_dwconv=0, param_attention="qkv").state_dict())
+        "lepe.weight",
+        "lepe.bias",
+        "qkv.qkv.weight",
+        "qkv.qkv.bias",
+        "wo.weight",
+        "wo.bias",
+    ]
+    keys = list(
+        CompatBRA(
+            32,
+            2,
+            4,
+            topk=4,
+            param_routing=True,
+            diff_routing=True,
+            soft_routing=True,
+            side_dwconv=0,
+            param_attention="qkv",
+        ).state_dict()
+    )
     assert keys == ["router.emb.weight", "router.emb.bias", "qkv.qkv.weight", "qkv.qkv.bias"]
     assert list(nchwBRA(32, 4).state_dict()) == [
-        "lepe.weight", "lepe.bias", "qkv_linear.weight", "qkv_linear.bias", "output_linear.weight",
-        "output_linear.bias"]
+        "lepe.weight",
+        "lepe.bias",
+        "qkv_linear.weight",
+        "qkv_linear.bias",
+        "output_linear.weight",
+        "output_linear.bias",
+    ]
     assert CompatBRA(32, 4, 7, qk_dim=16).state_dict()["qkv.qkv.weight"].shape == (64, 32)
 
 
@@ -321,11 +441,15 @@ def test_compat_returns_official_tuple_and_create_by_seed_name():
 
 def test_seed_use_case_512_channel_cnn_map():
     """Seed 001: BRA on a 512-channel NCHW feature map, residual as in the user's network."""
-    bra = BiLevelRoutingAttention(dim=512, n_win=7, num_heads=8, topk=4, side_dwconv=3, auto_pad=True, layout="nchw")
+    bra = BiLevelRoutingAttention(
+        dim=512, n_win=7, num_heads=8, topk=4, side_dwconv=3, auto_pad=True, layout="nchw"
+    )
     x = torch.randn(1, 512, 10, 12)
     y = x + bra(x)
     assert y.shape == x.shape and bra(x).is_contiguous()  # the input's memory format
-    assert bra(x.contiguous(memory_format=torch.channels_last)).is_contiguous(memory_format=torch.channels_last)
+    assert bra(x.contiguous(memory_format=torch.channels_last)).is_contiguous(
+        memory_format=torch.channels_last
+    )
     nhwc = BiLevelRoutingAttention(dim=512, n_win=7, num_heads=8, topk=4, auto_pad=True)
     nhwc.load_state_dict(bra.state_dict())
     torch.testing.assert_close(bra(x), nhwc(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2), atol=1e-5, rtol=1e-4)

@@ -44,7 +44,9 @@ def _to_image(x: Tensor, n: int, n_h: int, n_w: int, rh: int, rw: int) -> Tensor
     return x.permute(0, 1, 3, 2, 4, 5)  # (N, n_h, rh, n_w, rw, C)
 
 
-def _side_conv(conv: nn.Conv2d | None, v: Tensor, n: int, n_h: int, n_w: int, rh: int, rw: int) -> Tensor | None:
+def _side_conv(
+    conv: nn.Conv2d | None, v: Tensor, n: int, n_h: int, n_w: int, rh: int, rw: int
+) -> Tensor | None:
     """``conv`` over the image of the window values ``v`` ``(N*R, rh*rw, C)``: ``(N, H, W, C)``."""
     if conv is None:
         return None
@@ -94,7 +96,11 @@ class _GatherWindows(torch.autograd.Function):
 def _gather(src: Tensor, r_idx: Tensor, r_weight: Tensor | None) -> Tensor:
     """The routed windows of every window: ``(N*R, S, C)`` -> ``(N*R, topk*S, C)``."""
     n, regions, topk = r_idx.shape
-    sel = _GatherWindows.apply(src, r_idx)  # (N*R*topk, S, C)
+    if torch.is_grad_enabled() and src.requires_grad:
+        sel = _GatherWindows.apply(src, r_idx)  # (N*R*topk, S, C)
+    else:  # inference: the plain op (traceable, exportable)
+        offset = torch.arange(n, device=r_idx.device).mul_(regions).view(n, 1, 1)
+        sel = src.index_select(0, (r_idx + offset).reshape(-1))  # (N*R*topk, S, C)
     if r_weight is not None:
         sel = sel * r_weight.reshape(-1, 1, 1).to(sel.dtype)
     return sel.view(n * regions, topk * src.shape[1], src.shape[2])
@@ -292,7 +298,9 @@ class BiLevelRoutingAttention(nn.Module):
         self.scale = float(qk_scale or self.qk_dim**-0.5)
         self.topk = check_int(topk, "topk", who, maximum=n_win * n_win)
         if kv_downsample_mode in ("fracpool", "conv"):
-            raise ValueError(f"{who}: kv_downsample_mode={kv_downsample_mode!r} is not implemented (nor officially)")
+            raise ValueError(
+                f"{who}: kv_downsample_mode={kv_downsample_mode!r} is not implemented (nor officially)"
+            )
         self.kv_downsample_mode = check_choice(kv_downsample_mode, _KV_MODES, "kv_downsample_mode", who)
         self.kv_per_win = kv_per_win
         self.kv_downsample_ratio = kv_downsample_ratio
@@ -316,9 +324,9 @@ class BiLevelRoutingAttention(nn.Module):
         self.auto_pad = bool(auto_pad)
         self.layout = check_choice(layout, _LAYOUTS, "layout", who)
         # Submodules in the official order (state_dict: lepe, router.emb, qkv.qkv, wo).
-        self.lepe: nn.Conv2d | None = (
-            nn.Conv2d(dim, dim, side_dwconv, padding=side_dwconv // 2, groups=dim) if side_dwconv > 0 else None
-        )
+        self.lepe: nn.Conv2d | None = None  # official: a zeros lambda; None pickles, same empty state_dict
+        if side_dwconv > 0:
+            self.lepe = nn.Conv2d(dim, dim, side_dwconv, padding=side_dwconv // 2, groups=dim)
         self.router = _TopkRouter(self.qk_dim, self.topk, self.scale, param_routing, diff_routing)
         self.qkv = _QKVLinear(dim, self.qk_dim)
         self.wo: nn.Module = nn.Linear(dim, dim) if param_attention == "qkvo" else nn.Identity()

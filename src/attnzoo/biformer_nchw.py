@@ -29,7 +29,9 @@ __all__ = ["nchwBRA"]
     paper="BiFormer: Vision Transformer with Bi-Level Routing Attention (NCHW refactor)",
     year=2023,
     layout="NCHW",
-    example=Example(kwargs={"dim": 8, "num_heads": 2, "n_win": 2, "topk": 4}, inputs=((2, 8, 4, 4),), output=(2, 8, 4, 4)),
+    example=Example(
+        kwargs={"dim": 8, "num_heads": 2, "n_win": 2, "topk": 4}, inputs=((2, 8, 4, 4),), output=(2, 8, 4, 4)
+    ),
     uses_attend=True,
 )
 class nchwBRA(nn.Module):  # noqa: N801 (the official class name)
@@ -94,9 +96,9 @@ class nchwBRA(nn.Module):  # noqa: N801 (the official class name)
             raise ValueError(f"{who}: side_dwconv must be odd (or 0), got {side_dwconv}")
         self.auto_pad = bool(auto_pad)  # ignored, as officially
         self.attn_backend = check_choice(attn_backend, ("torch",), "attn_backend", who)
-        self.lepe: nn.Conv2d | None = (
-            nn.Conv2d(dim, dim, side_dwconv, padding=side_dwconv // 2, groups=dim) if side_dwconv > 0 else None
-        )
+        self.lepe: nn.Conv2d | None = None  # official: a zeros lambda; None pickles, same empty state_dict
+        if side_dwconv > 0:
+            self.lepe = nn.Conv2d(dim, dim, side_dwconv, padding=side_dwconv // 2, groups=dim)
         self.qkv_linear = nn.Conv2d(dim, 3 * dim, kernel_size=1)
         self.output_linear = nn.Conv2d(dim, dim, kernel_size=1)
 
@@ -122,7 +124,9 @@ class nchwBRA(nn.Module):  # noqa: N801 (the official class name)
         rh, rw = h // self.n_win, w // self.n_win
         n_h, n_w = math.ceil(h / rh), math.ceil(w / rw)
         if self.topk > n_h * n_w:
-            raise ValueError(f"{who} expects topk={self.topk} <= the number of regions, got {n_h}x{n_w} regions")
+            raise ValueError(
+                f"{who} expects topk={self.topk} <= the number of regions, got {n_h}x{n_w} regions"
+            )
         regions, length = n_h * n_w, rh * rw
         pad_b, pad_r = n_h * rh - h, n_w * rw - w
         keep_nchw = x.is_contiguous()  # return the input's memory format
