@@ -311,7 +311,7 @@ LEGACY_CASES = [
     ),
     ({"dim": 8, "num_heads": 2, "n_win": 2, "topk": 2, "side_dwconv": 5, "auto_pad": True}, (1, 5, 7)),
     ({"dim": 8, "num_heads": 2, "n_win": 3, "topk": 2, "auto_pad": True}, (1, 2, 4)),
-    ({"dim": 4, "num_heads": 1, "n_win": 9, "topk": 5}, (1, 9, 9)),  # 81 regions: the index_add backward
+    ({"dim": 4, "num_heads": 1, "n_win": 9, "topk": 5}, (1, 9, 9)),  # 81 regions, one head
 ]
 
 

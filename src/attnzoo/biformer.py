@@ -64,43 +64,11 @@ def _merge(out: Tensor, side: Tensor | None, n: int, n_h: int, n_w: int, rh: int
     return (side.reshape(n, n_h, rh, n_w, rw, c) + image).reshape(n, h, w, c)
 
 
-class _GatherWindows(torch.autograd.Function):
-    """``src[n*R + r_idx[n, p, t]]``: ``(N*R, S, C)`` -> ``(N*R*topk, S, C)``, with a dense backward.
-
-    ``index_select``'s own backward is a scatter-add, several times slower than the copy on CPU;
-    here the backward is a batched product with the one-hot routing matrix ``(N, R, R*topk)``,
-    ``2R`` FLOPs per gradient element, which runs at GEMM speed (used while ``R <= 64``).
-    """
-
-    @staticmethod
-    def forward(ctx: torch.autograd.function.FunctionCtx, src: Tensor, r_idx: Tensor) -> Tensor:
-        n, regions, _ = r_idx.shape
-        flat = (r_idx + torch.arange(n, device=r_idx.device).mul_(regions).view(n, 1, 1)).reshape(-1)
-        ctx.save_for_backward(r_idx, flat)
-        ctx.src_shape = src.shape  # type: ignore[attr-defined]
-        return src.index_select(0, flat)
-
-    @staticmethod
-    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor, None]:
-        r_idx, flat = ctx.saved_tensors  # type: ignore[attr-defined]
-        shape = ctx.src_shape  # type: ignore[attr-defined]
-        n, regions, topk = r_idx.shape
-        if regions > 64:
-            return grad.new_zeros(shape).index_add_(0, flat, grad), None
-        onehot = grad.new_zeros(n, regions, regions * topk)
-        onehot.scatter_(1, r_idx.reshape(n, 1, regions * topk), 1.0)  # [n, r_idx[n, p, t], p*topk + t] = 1
-        out = torch.bmm(onehot, grad.reshape(n, regions * topk, -1))  # (N, R, S*C)
-        return out.view(shape), None
-
-
 def _gather(src: Tensor, r_idx: Tensor, r_weight: Tensor | None) -> Tensor:
     """The routed windows of every window: ``(N*R, S, C)`` -> ``(N*R, topk*S, C)``."""
     n, regions, topk = r_idx.shape
-    if torch.is_grad_enabled() and src.requires_grad:
-        sel = _GatherWindows.apply(src, r_idx)  # (N*R*topk, S, C)
-    else:  # inference: the plain op (traceable, exportable)
-        offset = torch.arange(n, device=r_idx.device).mul_(regions).view(n, 1, 1)
-        sel = src.index_select(0, (r_idx + offset).reshape(-1))  # (N*R*topk, S, C)
+    offset = torch.arange(n, device=r_idx.device).mul_(regions).view(n, 1, 1)
+    sel = src.index_select(0, (r_idx + offset).reshape(-1))  # (N*R*topk, S, C): the only gathered copy
     if r_weight is not None:
         sel = sel * r_weight.reshape(-1, 1, 1).to(sel.dtype)
     return sel.view(n * regions, topk * src.shape[1], src.shape[2])
