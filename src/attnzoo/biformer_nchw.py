@@ -17,12 +17,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnzoo._checks import check_choice, check_float, check_int, check_shape
-from attnzoo._registry import Example, register
+from attnzoo._registry import Example, register, register_seed
 from attnzoo.biformer import _merge, _routed_attention, _side_conv, _to_windows
 
 __all__ = ["nchwBRA"]
 
 
+@register_seed("bra_nchw")  # the official class is the canonical one: create("nchwBRA") builds it too
 @register(
     "bra_nchw",
     family="biformer",
@@ -32,6 +33,7 @@ __all__ = ["nchwBRA"]
     example=Example(
         kwargs={"dim": 8, "num_heads": 2, "n_win": 2, "topk": 4}, inputs=((2, 8, 4, 4),), output=(2, 8, 4, 4)
     ),
+    seed_name="nchwBRA",
     uses_attend=True,
 )
 class nchwBRA(nn.Module):  # noqa: N801 (the official class name)
