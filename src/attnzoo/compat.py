@@ -5,6 +5,12 @@ Code and checkpoints written against the seeds (and the papers' official code) l
 differs from the seed and why.
 """
 
+# --- biformer ---
+from attnzoo.biformer import LegacyBiLevelRoutingAttention as BiLevelRoutingAttention
+from attnzoo.biformer_nchw import nchwBRA
+
+# --- end biformer ---
+
 __all__: list[str] = []
 
 # --- seq2seq (issue 8) ---
@@ -34,3 +40,4 @@ from attnzoo.sk import SKEConv  # noqa: E402
 
 __all__ += ["CBAtten_Res", "ChannelAttention", "SELayer", "SKEConv", "SeedDualAttention", "SpatialAttention"]
 # --- end gating family ---
+__all__ += ["BiLevelRoutingAttention", "nchwBRA"]  # biformer
