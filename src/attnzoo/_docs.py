@@ -110,6 +110,7 @@ def generated_files(root: Path) -> dict[Path, str]:
 
 
 def main(root: str = ".") -> int:
+    """Rewrite every generated file under ``root``; returns the exit status."""
     for path, text in generated_files(Path(root)).items():
         path.write_text(text)
     return 0

@@ -61,6 +61,7 @@ class Timing:
     rounds: dict[str, list[float]]
 
     def median(self, name: str) -> float:
+        """Median time of ``name`` over the recorded rounds, in seconds."""
         return statistics.median(self.rounds[name])
 
     def ratio(self, name: str, baseline: str) -> float:

@@ -72,6 +72,7 @@ class Add(nn.Module):
     """Keras's ``Add`` layer: the element-wise sum of its inputs (here, the residual connection)."""
 
     def forward(self, *xs: Tensor) -> Tensor:
+        """Sum of the inputs (Keras ``Add``); they must have the same shape."""
         out = xs[0]
         for x in xs[1:]:
             out = out + x
@@ -181,6 +182,7 @@ class SelfAttentionBlock(_PrefixedBlock):
     def forward(
         self, x: Tensor, attention_mask: Tensor | None = None, padding_mask: Tensor | None = None
     ) -> Tensor:
+        """``LayerNorm(x + MHA(x, x, x))``; masks as in the class docstring; returns ``(B, L, D)``."""
         self._check_x(x)
         out = self.attention(x, attention_mask=attention_mask, padding_mask=padding_mask, causal=self.causal)
         return self._role("norm1")(self._role("add1")(x, out))
@@ -246,6 +248,7 @@ class CrossAttentionBlock(_PrefixedBlock):
         self, x: Tensor, context: Tensor, attention_mask: Tensor | None = None,
         context_mask: Tensor | None = None,
     ) -> Tensor:
+        """``LayerNorm(x + MHA(x, context, context))``, masks as in the class docstring; ``(B, L, D)``."""
         self._check_x(x)
         if self.context_len is not None:
             check_shape(context, type(self).__name__, "B S E", "context", S=self.context_len)
@@ -295,6 +298,7 @@ class FeedForwardBlock(_PrefixedBlock):
                 nn.init.zeros_(linear.bias)
 
     def forward(self, x: Tensor) -> Tensor:
+        """``LayerNorm(x + ff2(relu(ff1(x))))`` on ``(B, L, D)``; returns ``(B, L, D)``."""
         self._check_x(x)
         hidden = F.relu(self._role("ff1")(x))  # (B, L, ff_dim)
         out = self._role("drop")(self._role("ff2")(hidden))

@@ -43,6 +43,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``attnzoo`` command-line parser with its sub-commands."""
     parser = argparse.ArgumentParser(
         prog="attnzoo", description="Attention mechanisms for PyTorch: list, inspect and benchmark them."
     )
@@ -56,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``attnzoo`` command with ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

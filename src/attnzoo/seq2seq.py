@@ -161,6 +161,7 @@ class ConcatAttention(_ConcatScore):
         mask: Tensor | None = None,
         return_weights: bool = False,
     ) -> Tensor | tuple[Tensor, Tensor]:
+        """The context ``(B, Lq, dv)``, and with ``return_weights=True`` also the weights ``(B, Lq, Lk)``."""
         _check_inputs(type(self).__name__, query, keys, values, mask, self.query_dim, self.key_dim)
         from_q, from_k = self._split(query, keys)  # (B, Lq, 1), (B, Lk, 1)
         scores = from_q + from_k.transpose(1, 2)  # (B, Lq, 1) + (B, 1, Lk) -> (B, Lq, Lk)
@@ -208,6 +209,7 @@ class AdditiveAttention(_ConcatScore):
         mask: Tensor | None = None,
         return_weights: bool = False,
     ) -> Tensor | tuple[Tensor, Tensor]:
+        """The context ``(B, Lq, dv)``, and with ``return_weights=True`` also the weights ``(B, Lq, Lk)``."""
         _check_inputs(type(self).__name__, query, keys, values, mask, self.query_dim, self.key_dim)
         from_q, from_k = self._split(query, keys)  # (B, Lq, H), (B, Lk, H)
         hidden = (from_q[:, :, None, :] + from_k[:, None, :, :]).tanh_()  # (B, Lq, Lk, H)
@@ -251,6 +253,7 @@ class DotProductAttention(nn.Module):
         mask: Tensor | None = None,
         return_weights: bool = False,
     ) -> Tensor | tuple[Tensor, Tensor]:
+        """The context ``(B, Lq, dv)``, and with ``return_weights=True`` also the weights ``(B, Lq, Lk)``."""
         _check_inputs(type(self).__name__, query, keys, values, mask)
         scale = query.shape[-1] ** -0.5 if self.scaled else 1.0
         return _attend_3d(query, keys, values, mask, scale, return_weights)
@@ -307,6 +310,7 @@ class GeneralAttention(nn.Module):
         mask: Tensor | None = None,
         return_weights: bool = False,
     ) -> Tensor | tuple[Tensor, Tensor]:
+        """The context ``(B, Lq, dv)``, and with ``return_weights=True`` also the weights ``(B, Lq, Lk)``."""
         _check_inputs(type(self).__name__, query, keys, values, mask, self.query_dim, self.key_dim)
         return _attend_3d(self.attn(query), keys, values, mask, 1.0, return_weights)
 
@@ -371,6 +375,7 @@ class LocationAttention(nn.Module):
         mask: Tensor | None = None,
         return_weights: bool = False,
     ) -> Tensor | tuple[Tensor, Tensor]:
+        """The output ``(B, Lq, output_dim)``; with ``return_weights=True`` the weights ``(B, Lq, L)``."""
         who = type(self).__name__
         b, lq, _ = check_shape(query, who, "B Lq dq", "query", dq=self.query_dim).values()
         check_shape(key, who, "B Lq dk", "key", B=b, Lq=lq, dk=self.key_dim)
@@ -422,6 +427,7 @@ class Attn(LocationAttention):
         self.value_size1, self.value_size2 = value_size1, value_size2
 
     def forward(self, Q: Tensor, K: Tensor, V: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]  # noqa: N803
+        """The seed's call: ``(output (1, n, output_size), weights (n, value_size1))``."""
         for name, t in (("Q", Q), ("K", K), ("V", V)):
             if isinstance(t, Tensor) and t.ndim == 3 and t.shape[0] != 1:
                 raise ValueError(

@@ -191,6 +191,7 @@ class LayoutAdapter(nn.Module):
         self.outer, self.inner = outer, inner
 
     def forward(self, x: Tensor) -> Tensor:
+        """Move channels last for the wrapped module and back: ``(B, C, H, W) -> (B, C, H, W)``."""
         b, c, h, w = x.shape
         y = x.permute(0, 2, 3, 1)  # (B, H, W, C)
         if self.inner == "NLC":
@@ -329,6 +330,7 @@ class _SequentialGuard(nn.Module):
         self.place, self.what = place, what
 
     def forward(self, x: Tensor) -> Tensor:
+        """Run the inserted attention, naming its place in the model when the input does not fit."""
         return _guarded(self.attention, x, self.place, self.what)
 
 
