@@ -5,4 +5,10 @@ Code and checkpoints written against the seeds (and the papers' official code) l
 differs from the seed and why.
 """
 
+# --- acmix (issue 7): the canonical class already has the official signature and state_dict ---
+from attnzoo.acmix import ACmix
+
+# --- end acmix ---
+
 __all__: list[str] = []
+__all__ += ["ACmix"]  # acmix (issue 7)
