@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.autograd.function import FunctionCtx, once_differentiable
+from torch.autograd.function import FunctionCtx
 
 from attnzoo._checks import check_divisible, check_int, check_shape
 from attnzoo._registry import Example, register, register_seed
@@ -104,13 +104,38 @@ def _from_phases(buf: Tensor, shape: torch.Size, stride: int, rows: int, wr: int
     return out
 
 
+def _plain_neighbourhood_attention(q: Tensor, k_pad: Tensor, v_pad: Tensor, kernel: int, dilation: int,
+                                   stride: int) -> Tensor:
+    """The same attention with ordinary differentiable ops on strided views (for double backward)."""
+    out_h, out_w = q.shape[-2:]
+
+    def window(t: Tensor, i: int, j: int) -> Tensor:
+        dy, dx = i * dilation, j * dilation
+        return t[..., dy : dy + stride * (out_h - 1) + 1 : stride, dx : dx + stride * (out_w - 1) + 1 : stride]
+
+    pairs = [(i, j) for i in range(kernel) for j in range(kernel)]
+    weights = torch.stack([(q * window(k_pad, i, j)).sum(1) for i, j in pairs], 1).softmax(1)  # (N, K2, Ho, Wo)
+    return sum(weights[:, m : m + 1] * window(v_pad, i, j) for m, (i, j) in enumerate(pairs))  # type: ignore[return-value]
+
+
+def _differentiable_backward(q: Tensor, k_pad: Tensor, v_pad: Tensor, grad: Tensor, kernel: int, dilation: int,
+                             stride: int) -> list[Tensor | None]:
+    inputs = [q, k_pad, v_pad]
+    wanted = [t for t in inputs if t.requires_grad]
+    out = _plain_neighbourhood_attention(q, k_pad, v_pad, kernel, dilation, stride)
+    grads = iter(torch.autograd.grad(out, wanted, grad, create_graph=True) if wanted else ())
+    return [next(grads) if t.requires_grad else None for t in inputs]
+
+
 class _NeighbourhoodAttention(torch.autograd.Function):
     """Softmax attention of each query over its ``kernel**2`` neighbours, one offset at a time.
 
     Queries, keys and values live in a flat layout with a common row width (``_plan``), so each
     neighbour is a contiguous shifted slice and every step is a vectorised whole-tensor operation.
-    Saved for backward: q, k, v in that layout, the output and the ``(N, kernel**2, Ho*wr)`` weights
-    (``d / kernel**2`` times the size of one unfolded copy of k, which the official keeps three of).
+    Saved for backward: q, the padded k and v, the output and the ``(N, kernel**2, Ho*wr)`` weights
+    (``kernel**2 / d`` times the size of k, where the official keeps three ``kernel**2``-fold copies).
+    The backward rebuilds the flat layout; under ``create_graph=True`` it differentiates
+    :func:`_plain_neighbourhood_attention` instead, so double backward works (slowly).
     """
 
     @staticmethod
@@ -132,16 +157,24 @@ class _NeighbourhoodAttention(torch.autograd.Function):
         out = torch.zeros_like(qf)
         for m, (phase, shift) in enumerate(offsets):
             out.addcmul_(weights[:, m].unsqueeze(1), vf[:, phase, :, shift : shift + span])
-        ctx.save_for_backward(qf, kf, vf, weights, out)
-        ctx.layout = (offsets, stride, out_w, wr, rows, k_pad.shape, v_pad.shape)  # type: ignore[attr-defined]
+        ctx.save_for_backward(q, k_pad, v_pad, weights, out)
+        ctx.config = (kernel, dilation, stride)  # type: ignore[attr-defined]
         return out.view(n, d, out_h, wr)[..., :out_w]
 
     @staticmethod
-    @once_differentiable
     def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        qf, kf, vf, weights, out = ctx.saved_tensors  # type: ignore[attr-defined]
-        offsets, stride, out_w, wr, rows, k_shape, v_shape = ctx.layout  # type: ignore[attr-defined]
-        n, d, span = qf.shape
+        q, k_pad, v_pad, weights, out = ctx.saved_tensors  # type: ignore[attr-defined]
+        kernel, dilation, stride = ctx.config  # type: ignore[attr-defined]
+        if torch.is_grad_enabled():  # create_graph=True: differentiate the plain version instead
+            return (*_differentiable_backward(q, k_pad, v_pad, grad, kernel, dilation, stride), None, None, None)
+        n, d, out_h, out_w = q.shape
+        wr, rows, offsets = _plan(kernel, dilation, stride, out_h, out_w)
+        span = out_h * wr
+        qf = q.new_zeros(n, d, out_h, wr)
+        qf[..., :out_w] = q
+        qf = qf.view(n, d, span)
+        kf, vf = _to_phases(k_pad, stride, rows, wr), _to_phases(v_pad, stride, rows, wr)
+        k_shape, v_shape = k_pad.shape, v_pad.shape
         gf = grad.new_zeros(n, d, span // wr, wr)
         gf[..., :out_w] = grad
         gf = gf.view(n, d, span)  # zero on the padding columns, so they contribute nothing
@@ -172,7 +205,7 @@ def neighbourhood_attention(q: Tensor, k_pad: Tensor, v_pad: Tensor, kernel: int
 
     Unscaled logits ``q . k`` over the ``kernel**2`` offsets ``(i, j)``, softmax over them, weighted
     sum of the values at the same offsets. Pad k and v first (ACmix: reflection). Never unfolds the
-    neighbourhoods; double backward is not supported.
+    neighbourhoods; double backward runs a slower plain version.
 
     Shape:
         - q: ``(N, d, Ho, Wo)``; k_pad, v_pad: ``(N, d, Hp, Wp)`` with
@@ -321,7 +354,7 @@ class ACmix(nn.Module):
         q = (q[..., ::s, ::s] * d**-0.5).reshape(batch * h, d, out_h, out_w)  # (B*h, d, Ho, Wo)
         k = reflect_pad((k - pe).view(batch * h, d, height, width), self.padding_att)  # (B*h, d, Hp, Wp)
         v = reflect_pad(v.reshape(batch, h * d, height, width), self.padding_att)  # (B, h*d, Hp, Wp)
-        att = neighbourhood_attention(q, k, v.view(batch * h, d, *v.shape[-2:]), self.kernel_att, self.dilation, s)
+        att = neighbourhood_attention(q, k, v.reshape(batch * h, d, *v.shape[-2:]), self.kernel_att, self.dilation, s)
 
         # Convolution branch: fc folded into dep_conv; its input groups q, k, v by head-channel c.
         mixed = torch.einsum("ojuv,jt->otuv", self.dep_conv.weight, self.fc.weight[:, :, 0, 0])  # (h*d, 3h, kc, kc)
