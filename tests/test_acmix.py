@@ -151,7 +151,7 @@ def test_matches_plain_reference_values_and_gradients(kwargs, shape):
     got = torch.autograd.grad(out, params, grad)
     want = torch.autograd.grad(ref, params, grad, allow_unused=True)
     names = ["x", *(n for n, _ in m.named_parameters())]
-    for name, g, r in zip(names, got, want):
+    for name, g, r in zip(names, got, want, strict=True):
         r = torch.zeros_like(g) if r is None else r
         torch.testing.assert_close(g, r, atol=1e-9, rtol=1e-9, msg=f"gradient of {name}")
 
@@ -180,15 +180,25 @@ def test_conv_p_bias_has_no_effect():
 
 def plain_local_attention(q, k_pad, v_pad, kernel, dilation, stride):
     n, d, ho, wo = q.shape
-    k_u, v_u = (F.unfold(t, kernel, dilation=dilation, stride=stride).view(n, d, kernel * kernel, -1)
-                for t in (k_pad, v_pad))
+    k_u, v_u = (
+        F.unfold(t, kernel, dilation=dilation, stride=stride).view(n, d, kernel * kernel, -1)
+        for t in (k_pad, v_pad)
+    )
     logits = (q.reshape(n, d, 1, ho * wo) * k_u).sum(1).softmax(1)  # (n, K2, L)
     return (logits.unsqueeze(1) * v_u).sum(2).view(n, d, ho, wo)
 
 
-@pytest.mark.parametrize("kernel,dilation,stride,h,w", [
-    (3, 1, 1, 6, 7), (5, 1, 2, 7, 6), (3, 2, 2, 9, 8), (5, 3, 2, 8, 8), (3, 1, 3, 10, 11), (1, 1, 2, 5, 4),
-])
+@pytest.mark.parametrize(
+    "kernel,dilation,stride,h,w",
+    [
+        (3, 1, 1, 6, 7),
+        (5, 1, 2, 7, 6),
+        (3, 2, 2, 9, 8),
+        (5, 3, 2, 8, 8),
+        (3, 1, 3, 10, 11),
+        (1, 1, 2, 5, 4),
+    ],
+)
 def test_neighbourhood_attention_matches_unfold(kernel, dilation, stride, h, w):
     pad = dilation * (kernel - 1) // 2
     ho, wo = -(-h // stride), -(-w // stride)
@@ -201,7 +211,9 @@ def test_neighbourhood_attention_matches_unfold(kernel, dilation, stride, h, w):
     ref = plain_local_attention(q, k, v, kernel, dilation, stride)
     torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
     grad = torch.randn_like(out)
-    for g, r in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
+    for g, r in zip(
+        torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad), strict=True
+    ):
         torch.testing.assert_close(g, r, atol=1e-12, rtol=1e-12)
     assert torch.autograd.gradcheck(
         lambda *a: neighbourhood_attention(*a, kernel, dilation, stride), (q, k, v), fast_mode=True
@@ -219,19 +231,23 @@ def test_double_backward(stride):
     q = torch.randn(1, 2, -(-3 // stride), -(-4 // stride), dtype=torch.float64, requires_grad=True)
     k = torch.randn(1, 2, 5, 6, dtype=torch.float64, requires_grad=True)
     v = torch.randn(1, 2, 5, 6, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradgradcheck(lambda *a: neighbourhood_attention(*a, 3, 1, stride), (q, k, v), fast_mode=True)
+    assert torch.autograd.gradgradcheck(
+        lambda *a: neighbourhood_attention(*a, 3, 1, stride), (q, k, v), fast_mode=True
+    )
     m = randomised(ACmix(4, 4, kernel_att=3, head=2, stride=stride).double())
     x = torch.randn(1, 4, 4, 5, dtype=torch.float64, requires_grad=True)
     (gx,) = torch.autograd.grad(m(x).square().sum(), x, create_graph=True)
     (gx_ref,) = torch.autograd.grad(reference(m, x).square().sum(), x, create_graph=True)
     second = torch.autograd.grad(gx.square().sum(), [x, *m.parameters()], allow_unused=True)
     second_ref = torch.autograd.grad(gx_ref.square().sum(), [x, *m.parameters()], allow_unused=True)
-    for g, r in zip(second, second_ref):
+    for g, r in zip(second, second_ref, strict=True):
         if r is not None:
             torch.testing.assert_close(g, r, atol=1e-9, rtol=1e-9)
 
 
-@pytest.mark.parametrize("h,w,pad", [(5, 6, 2), (3, 4, 3), (2, 5, 4), (1, 4, 2), (4, 1, 3), (1, 1, 2), (6, 6, 0)])
+@pytest.mark.parametrize(
+    "h,w,pad", [(5, 6, 2), (3, 4, 3), (2, 5, 4), (1, 4, 2), (4, 1, 3), (1, 1, 2), (6, 6, 0)]
+)
 def test_reflect_pad_matches_numpy(h, w, pad):
     x = torch.randn(2, 3, h, w, dtype=torch.float64)
     want = np.pad(x.numpy(), ((0, 0), (0, 0), (pad, pad), (pad, pad)), mode="reflect")
@@ -254,11 +270,16 @@ def test_state_dict_layout_matches_official():
     m = ACmix(16, 64, kernel_att=5, head=4)
     shapes = {k: tuple(v.shape) for k, v in m.state_dict().items()}
     assert shapes == {
-        "rate1": (1,), "rate2": (1,),
-        "conv1.weight": (64, 16, 1, 1), "conv1.bias": (64,),
-        "conv2.weight": (64, 16, 1, 1), "conv2.bias": (64,),
-        "conv3.weight": (64, 16, 1, 1), "conv3.bias": (64,),
-        "conv_p.weight": (16, 2, 1, 1), "conv_p.bias": (16,),
+        "rate1": (1,),
+        "rate2": (1,),
+        "conv1.weight": (64, 16, 1, 1),
+        "conv1.bias": (64,),
+        "conv2.weight": (64, 16, 1, 1),
+        "conv2.bias": (64,),
+        "conv3.weight": (64, 16, 1, 1),
+        "conv3.bias": (64,),
+        "conv_p.weight": (16, 2, 1, 1),
+        "conv_p.bias": (16,),
         "fc.weight": (9, 12, 1, 1),
         "dep_conv.weight": (64, 9, 3, 3),
     }
@@ -276,9 +297,14 @@ def test_initialisation_as_official():
             assert torch.equal(m.dep_conv.weight[o, j], expected)
     # The 1x1 convolutions keep PyTorch's default init, drawn in the official order.
     torch.manual_seed(7)
-    official = [nn.Conv2d(8, 12, 1), nn.Conv2d(8, 12, 1), nn.Conv2d(8, 12, 1), nn.Conv2d(2, 4, 1),
-                nn.Conv2d(9, 9, 1, bias=False)]
-    for mine, theirs in zip((m.conv1, m.conv2, m.conv3, m.conv_p), official):
+    official = [
+        nn.Conv2d(8, 12, 1),
+        nn.Conv2d(8, 12, 1),
+        nn.Conv2d(8, 12, 1),
+        nn.Conv2d(2, 4, 1),
+        nn.Conv2d(9, 9, 1, bias=False),
+    ]
+    for mine, theirs in zip((m.conv1, m.conv2, m.conv3, m.conv_p), official[:4], strict=True):
         assert torch.equal(mine.weight, theirs.weight) and torch.equal(mine.bias, theirs.bias)
     assert torch.equal(m.fc.weight, official[4].weight)
 
@@ -293,14 +319,17 @@ def test_identity_shift_conv_branch_at_init():
     torch.testing.assert_close(out, reference(m, x), atol=1e-12, rtol=0)
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(kernel_att=4), "kernel_att must be odd"),
-    (dict(kernel_conv=2), "kernel_conv must be odd"),
-    (dict(head=3), "out_planes=8 must be divisible by head=3"),
-    (dict(stride=0), "stride must be >= 1"),
-    (dict(dilation=0), "dilation must be >= 1"),
-    (dict(head=0), "head must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(kernel_att=4), "kernel_att must be odd"),
+        (dict(kernel_conv=2), "kernel_conv must be odd"),
+        (dict(head=3), "out_planes=8 must be divisible by head=3"),
+        (dict(stride=0), "stride must be >= 1"),
+        (dict(dilation=0), "dilation must be >= 1"),
+        (dict(head=0), "head must be >= 1"),
+    ],
+)
 def test_bad_arguments_rejected_at_construction(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ACmix(4, 8, **kwargs)
@@ -313,7 +342,9 @@ def test_non_int_argument_is_type_error():
 
 def test_input_errors_name_expected_and_given():
     m = ACmix(4, 8, kernel_att=3, head=2)
-    with pytest.raises(ValueError, match=r"ACmix expects x of shape \(B, 4, H, W\) with C=4, got \(1, 5, 6, 6\)"):
+    with pytest.raises(
+        ValueError, match=r"ACmix expects x of shape \(B, 4, H, W\) with C=4, got \(1, 5, 6, 6\)"
+    ):
         m(torch.randn(1, 5, 6, 6))
     with pytest.raises(ValueError, match="4-D"):
         m(torch.randn(4, 6, 6))

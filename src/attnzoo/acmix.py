@@ -1,25 +1,19 @@
 """ACmix: On the Integration of Self-Attention and Convolution (Pan et al., CVPR 2022).
 
-Paper: https://arxiv.org/abs/2111.14556. Official code: ``LeapLabTHU/ACmix``,
-``ResNet/test_bottleneck.py`` (class ``ACmix``). This file is an independent implementation with the
-official constructor, parameter names, state_dict layout and initialisation, and the same numbers
-(checked against outputs recorded from the official code). Differences from the official code:
+Paper: https://arxiv.org/abs/2111.14556. Official code: ``LeapLabTHU/ACmix``, ``ResNet/test_bottleneck.py``.
+Official constructor, parameter names, state_dict, initialisation and numbers (checked against recorded
+official outputs); an independent implementation. Differences (details in ``docs/acmix.md``):
 
-- Position grid built in the input's dtype and device (the official builds it in the default dtype,
-  so a float64 model fails unless the default dtype is float64).
-- The neighbourhood attention never unfolds ``kernel_att**2`` copies of keys, values and position
-  encodings: a small kernel walks the ``kernel_att**2`` offsets over shifted views (forward and
-  backward). The query-centre position term ``q . pe[centre]`` is the same for every neighbour and
-  cancels in the softmax, so it is dropped; the rest folds into the keys (``k - pe``).
-- The convolution branch folds ``fc`` into the ``dep_conv`` weights (both are linear), so the
-  ``(B, k_conv**2, head_dim, H*W)`` intermediate is never built.
-- Lifted limits: H, W not divisible by ``stride`` (output ``ceil(H / stride)``, as unfold gives);
-  any odd ``kernel_conv`` (padding ``kernel_conv // 2``; the official hard-codes 1);
-  ``dilation > 1`` spaces the attention neighbourhood (the official computes the padding for it but
-  never passes it to unfold, so it crashes; the convolution branch stays undilated, as official);
-  maps not larger than the attention padding use repeated reflection (``numpy.pad`` "reflect").
-- Rejected at construction: even ``kernel_att`` or ``kernel_conv`` (no centre), ``out_planes`` not
-  divisible by ``head``.
+- The position grid is built in the input's dtype/device (official: the default dtype, so float64
+  needs ``torch.set_default_dtype``).
+- No ``kernel_att**2``-fold unfold of k, v, pe: a kernel walks the neighbour offsets over shifted
+  slices (forward and backward). ``q . pe[centre]`` cancels in the softmax and is dropped; the rest
+  folds into the keys (``k - pe``). ``fc`` is folded into the ``dep_conv`` weights (both linear).
+- Lifted: H, W not divisible by ``stride`` (output ``ceil(H / stride)``, as unfold gives); any odd
+  ``kernel_conv`` (padding ``kernel_conv // 2``, official: 1 hard-coded); ``dilation`` spaces the
+  attention window (official: crashes; the conv branch stays undilated, as official); maps not
+  larger than the padding use repeated reflection (``numpy.pad`` "reflect"; official: crashes).
+- Rejected at construction: even ``kernel_att``/``kernel_conv``, ``out_planes % head != 0``.
 """
 
 from __future__ import annotations
@@ -63,7 +57,9 @@ def reflect_pad(x: Tensor, pad: int) -> Tensor:
     return x.index_select(-2, rows).index_select(-1, cols)
 
 
-def _plan(kernel: int, dilation: int, stride: int, out_h: int, out_w: int) -> tuple[int, int, list[tuple[int, int]]]:
+def _plan(
+    kernel: int, dilation: int, stride: int, out_h: int, out_w: int
+) -> tuple[int, int, list[tuple[int, int]]]:
     """Row width, row count and, per neighbour, (phase, flat shift) of the phase-split key layout.
 
     The padded map is split into ``stride**2`` phases ``t[a::stride, b::stride]``, each stored with
@@ -83,48 +79,47 @@ def _plan(kernel: int, dilation: int, stride: int, out_h: int, out_w: int) -> tu
     return wr, out_h + reach + 1, offsets
 
 
-def _to_phases(t: Tensor, stride: int, rows: int, wr: int) -> Tensor:
-    # (N, d, Hp, Wp) -> (N, stride**2, d, rows*wr); unused rows/columns are zero.
-    buf = t.new_zeros(t.shape[0], stride * stride, t.shape[1], rows, wr)
+def _phase_pairs(t: Tensor, buf: Tensor, stride: int) -> list[tuple[Tensor, Tensor]]:
+    # (view of t[:, :, a::s, b::s], matching view of phase a*s+b of buf (N, s*s, d, rows, wr)).
+    pairs = []
     for a in range(stride):
         for b in range(stride):
-            src = t[:, :, a::stride, b::stride][:, :, :rows, :wr]
-            buf[:, a * stride + b, :, : src.shape[2], : src.shape[3]] = src
+            src = t[:, :, a::stride, b::stride][:, :, : buf.shape[3], : buf.shape[4]]
+            pairs.append((src, buf[:, a * stride + b, :, : src.shape[2], : src.shape[3]]))
+    return pairs
+
+
+def _to_phases(t: Tensor, stride: int, rows: int, wr: int) -> Tensor:
+    # (N, d, Hp, Wp) -> (N, s*s, d, rows*wr); entries no window reads stay zero.
+    buf = t.new_zeros(t.shape[0], stride * stride, t.shape[1], rows, wr)
+    for src, dst in _phase_pairs(t, buf, stride):
+        dst.copy_(src)
     return buf.view(t.shape[0], stride * stride, t.shape[1], rows * wr)
 
 
 def _from_phases(buf: Tensor, shape: torch.Size, stride: int, rows: int, wr: int) -> Tensor:
-    # Inverse of _to_phases for gradients: entries never copied get zero.
+    # Inverse of _to_phases, for gradients (entries never read get zero).
     out = buf.new_zeros(shape)
-    buf = buf.view(shape[0], stride * stride, shape[1], rows, wr)
-    for a in range(stride):
-        for b in range(stride):
-            dst = out[:, :, a::stride, b::stride][:, :, :rows, :wr]
-            dst.copy_(buf[:, a * stride + b, :, : dst.shape[2], : dst.shape[3]])
+    for dst, src in _phase_pairs(out, buf.view(shape[0], stride * stride, shape[1], rows, wr), stride):
+        dst.copy_(src)
     return out
 
 
-def _plain_neighbourhood_attention(q: Tensor, k_pad: Tensor, v_pad: Tensor, kernel: int, dilation: int,
-                                   stride: int) -> Tensor:
+def _plain_neighbourhood_attention(
+    q: Tensor, k_pad: Tensor, v_pad: Tensor, kernel: int, dilation: int, stride: int
+) -> Tensor:
     """The same attention with ordinary differentiable ops on strided views (for double backward)."""
     out_h, out_w = q.shape[-2:]
 
-    def window(t: Tensor, i: int, j: int) -> Tensor:
-        dy, dx = i * dilation, j * dilation
-        return t[..., dy : dy + stride * (out_h - 1) + 1 : stride, dx : dx + stride * (out_w - 1) + 1 : stride]
+    def window(t: Tensor, i: int, j: int) -> Tensor:  # (N, d, Ho, Wo) view of neighbour (i, j)
+        dy, dx, end_y, end_x = i * dilation, j * dilation, stride * (out_h - 1) + 1, stride * (out_w - 1) + 1
+        return t[..., dy : dy + end_y : stride, dx : dx + end_x : stride]
 
     pairs = [(i, j) for i in range(kernel) for j in range(kernel)]
-    weights = torch.stack([(q * window(k_pad, i, j)).sum(1) for i, j in pairs], 1).softmax(1)  # (N, K2, Ho, Wo)
-    return sum(weights[:, m : m + 1] * window(v_pad, i, j) for m, (i, j) in enumerate(pairs))  # type: ignore[return-value]
-
-
-def _differentiable_backward(q: Tensor, k_pad: Tensor, v_pad: Tensor, grad: Tensor, kernel: int, dilation: int,
-                             stride: int) -> list[Tensor | None]:
-    inputs = [q, k_pad, v_pad]
-    wanted = [t for t in inputs if t.requires_grad]
-    out = _plain_neighbourhood_attention(q, k_pad, v_pad, kernel, dilation, stride)
-    grads = iter(torch.autograd.grad(out, wanted, grad, create_graph=True) if wanted else ())
-    return [next(grads) if t.requires_grad else None for t in inputs]
+    logits = torch.stack([(q * window(k_pad, i, j)).sum(1) for i, j in pairs], 1)  # (N, K2, Ho, Wo)
+    weights = logits.softmax(1)
+    terms = [weights[:, m : m + 1] * window(v_pad, i, j) for m, (i, j) in enumerate(pairs)]
+    return torch.stack(terms).sum(0)
 
 
 class _NeighbourhoodAttention(torch.autograd.Function):
@@ -132,9 +127,9 @@ class _NeighbourhoodAttention(torch.autograd.Function):
 
     Queries, keys and values live in a flat layout with a common row width (``_plan``), so each
     neighbour is a contiguous shifted slice and every step is a vectorised whole-tensor operation.
-    Saved for backward: q, the padded k and v, the output and the ``(N, kernel**2, Ho*wr)`` weights
-    (``kernel**2 / d`` times the size of k, where the official keeps three ``kernel**2``-fold copies).
-    The backward rebuilds the flat layout; under ``create_graph=True`` it differentiates
+    Saved for backward: q, k, v as given and in the flat layout, the output and the
+    ``(N, kernel**2, Ho*wr)`` weights (``kernel**2 / d`` times the size of k; the official keeps three
+    ``kernel**2``-fold copies). Under ``create_graph=True`` the backward differentiates
     :func:`_plain_neighbourhood_attention` instead, so double backward works (slowly).
     """
 
@@ -148,7 +143,8 @@ class _NeighbourhoodAttention(torch.autograd.Function):
         qf = q.new_zeros(n, d, out_h, wr)
         qf[..., :out_w] = q
         qf = qf.view(n, d, span)  # (N, d, Ho*wr), columns >= Wo are zero padding
-        kf, vf = _to_phases(k_pad, stride, rows, wr), _to_phases(v_pad, stride, rows, wr)  # (N, s*s, d, rows*wr)
+        kf = _to_phases(k_pad, stride, rows, wr)  # (N, s*s, d, rows*wr)
+        vf = _to_phases(v_pad, stride, rows, wr)
         logits = q.new_empty(n, len(offsets), span)  # (N, K2, Ho*wr)
         for m, (phase, shift) in enumerate(offsets):
             torch.sum(qf * kf[:, phase, :, shift : shift + span], dim=1, out=logits[:, m])
@@ -157,24 +153,22 @@ class _NeighbourhoodAttention(torch.autograd.Function):
         out = torch.zeros_like(qf)
         for m, (phase, shift) in enumerate(offsets):
             out.addcmul_(weights[:, m].unsqueeze(1), vf[:, phase, :, shift : shift + span])
-        ctx.save_for_backward(q, k_pad, v_pad, weights, out)
+        ctx.save_for_backward(q, k_pad, v_pad, qf, kf, vf, weights, out)
         ctx.config = (kernel, dilation, stride)  # type: ignore[attr-defined]
         return out.view(n, d, out_h, wr)[..., :out_w]
 
     @staticmethod
     def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        q, k_pad, v_pad, weights, out = ctx.saved_tensors  # type: ignore[attr-defined]
+        q, k_pad, v_pad, qf, kf, vf, weights, out = ctx.saved_tensors  # type: ignore[attr-defined]
         kernel, dilation, stride = ctx.config  # type: ignore[attr-defined]
         if torch.is_grad_enabled():  # create_graph=True: differentiate the plain version instead
-            return (*_differentiable_backward(q, k_pad, v_pad, grad, kernel, dilation, stride), None, None, None)
+            inputs = [t for t in (q, k_pad, v_pad) if t.requires_grad]
+            plain = _plain_neighbourhood_attention(q, k_pad, v_pad, kernel, dilation, stride)
+            grads = iter(torch.autograd.grad(plain, inputs, grad, create_graph=True))
+            return (*(next(grads) if t.requires_grad else None for t in (q, k_pad, v_pad)), None, None, None)
         n, d, out_h, out_w = q.shape
         wr, rows, offsets = _plan(kernel, dilation, stride, out_h, out_w)
         span = out_h * wr
-        qf = q.new_zeros(n, d, out_h, wr)
-        qf[..., :out_w] = q
-        qf = qf.view(n, d, span)
-        kf, vf = _to_phases(k_pad, stride, rows, wr), _to_phases(v_pad, stride, rows, wr)
-        k_shape, v_shape = k_pad.shape, v_pad.shape
         gf = grad.new_zeros(n, d, span // wr, wr)
         gf[..., :out_w] = grad
         gf = gf.view(n, d, span)  # zero on the padding columns, so they contribute nothing
@@ -189,18 +183,14 @@ class _NeighbourhoodAttention(torch.autograd.Function):
             grad_q.addcmul_(g_m, kf[:, phase, :, shift : shift + span])
             grad_k[:, phase, :, shift : shift + span].addcmul_(g_m, qf)
             grad_v[:, phase, :, shift : shift + span].addcmul_(weights[:, m].unsqueeze(1), gf)
-        return (
-            grad_q.view(n, d, span // wr, wr)[..., :out_w],
-            _from_phases(grad_k, k_shape, stride, rows, wr),
-            _from_phases(grad_v, v_shape, stride, rows, wr),
-            None,
-            None,
-            None,
-        )
+        grad_k = _from_phases(grad_k, k_pad.shape, stride, rows, wr)
+        grad_v = _from_phases(grad_v, v_pad.shape, stride, rows, wr)
+        return grad_q.view(n, d, out_h, wr)[..., :out_w], grad_k, grad_v, None, None, None
 
 
-def neighbourhood_attention(q: Tensor, k_pad: Tensor, v_pad: Tensor, kernel: int, dilation: int = 1,
-                            stride: int = 1) -> Tensor:
+def neighbourhood_attention(
+    q: Tensor, k_pad: Tensor, v_pad: Tensor, kernel: int, dilation: int = 1, stride: int = 1
+) -> Tensor:
     """Local attention: query ``(y, x)`` attends ``k_pad[..., stride*y + dilation*i, stride*x + dilation*j]``.
 
     Unscaled logits ``q . k`` over the ``kernel**2`` offsets ``(i, j)``, softmax over them, weighted
@@ -216,7 +206,7 @@ def neighbourhood_attention(q: Tensor, k_pad: Tensor, v_pad: Tensor, kernel: int
     need_w = stride * (q.shape[-1] - 1) + dilation * (kernel - 1) + 1
     if k_pad.shape[-2] < need_h or k_pad.shape[-1] < need_w or v_pad.shape != k_pad.shape:
         raise ValueError(
-            f"neighbourhood_attention expects k_pad and v_pad of one shape with H >= {need_h}, W >= {need_w}, "
+            f"neighbourhood_attention expects k_pad and v_pad of one shape, H >= {need_h}, W >= {need_w}, "
             f"got {tuple(k_pad.shape)} and {tuple(v_pad.shape)}"
         )
     return _NeighbourhoodAttention.apply(q, k_pad, v_pad, kernel, dilation, stride)
@@ -239,8 +229,12 @@ def position_grid(height: int, width: int, dtype: torch.dtype, device: torch.dev
     paper="On the Integration of Self-Attention and Convolution",
     year=2022,
     layout="NCHW",
-    example=Example(kwargs={"in_planes": 4, "out_planes": 8, "kernel_att": 3, "head": 2}, inputs=((2, 4, 5, 6),),
-                    output=(2, 8, 5, 6), channel_dim=1),
+    example=Example(
+        kwargs={"in_planes": 4, "out_planes": 8, "kernel_att": 3, "head": 2},
+        inputs=((2, 4, 5, 6),),
+        output=(2, 8, 5, 6),
+        channel_dim=1,
+    ),
     seed_name="ACmix",
 )
 class ACmix(nn.Module):
@@ -291,8 +285,8 @@ class ACmix(nn.Module):
         torch.Size([2, 64, 56, 56])
     """
 
-    def __init__(self, in_planes: int, out_planes: int, kernel_att: int = 7, head: int = 4, kernel_conv: int = 3,
-                 stride: int = 1, dilation: int = 1) -> None:
+    def __init__(self, in_planes: int, out_planes: int, kernel_att: int = 7, head: int = 4,
+                 kernel_conv: int = 3, stride: int = 1, dilation: int = 1) -> None:
         super().__init__()
         who = type(self).__name__
         self.in_planes = check_int(in_planes, "in_planes", who)
@@ -316,8 +310,9 @@ class ACmix(nn.Module):
         self.conv3 = nn.Conv2d(in_planes, out_planes, kernel_size=1)
         self.conv_p = nn.Conv2d(2, self.head_dim, kernel_size=1)
         self.fc = nn.Conv2d(3 * head, kernel_conv * kernel_conv, kernel_size=1, bias=False)
-        self.dep_conv = nn.Conv2d(kernel_conv * kernel_conv * self.head_dim, out_planes, kernel_size=kernel_conv,
-                                  bias=False, groups=self.head_dim, padding=kernel_conv // 2, stride=stride)
+        kc2 = kernel_conv * kernel_conv
+        self.dep_conv = nn.Conv2d(kc2 * self.head_dim, out_planes, kernel_size=kernel_conv, bias=False,
+                                  groups=self.head_dim, padding=kernel_conv // 2, stride=stride)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -334,18 +329,23 @@ class ACmix(nn.Module):
             self.dep_conv.weight.copy_(shift.view(1, kc * kc, kc, kc).expand_as(self.dep_conv.weight))
 
     def extra_repr(self) -> str:
-        return (f"in_planes={self.in_planes}, out_planes={self.out_planes}, kernel_att={self.kernel_att}, "
-                f"head={self.head}, kernel_conv={self.kernel_conv}, stride={self.stride}, dilation={self.dilation}")
+        return (
+            f"in_planes={self.in_planes}, out_planes={self.out_planes}, kernel_att={self.kernel_att}, "
+            f"head={self.head}, kernel_conv={self.kernel_conv}, stride={self.stride}, "
+            f"dilation={self.dilation}"
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         sizes = check_shape(x, type(self).__name__, "B C H W", C=self.in_planes)
         if x.dtype != self.conv1.weight.dtype:
-            raise TypeError(f"ACmix expects x with the parameters' dtype {self.conv1.weight.dtype}, got {x.dtype}")
+            want = self.conv1.weight.dtype
+            raise TypeError(f"ACmix expects x with the parameters' dtype {want}, got {x.dtype}")
         batch, height, width = sizes["B"], sizes["H"], sizes["W"]
         h, d, s, kc = self.head, self.head_dim, self.stride, self.kernel_conv
         out_h, out_w = -(-height // s), -(-width // s)
-        weight = torch.cat([self.conv1.weight, self.conv2.weight, self.conv3.weight])  # (3*h*d, C, 1, 1)
-        bias = torch.cat([self.conv1.bias, self.conv2.bias, self.conv3.bias])
+        projections = (self.conv1, self.conv2, self.conv3)  # one 1x1 convolution for q, k, v
+        weight = torch.cat([c.weight for c in projections])  # (3*h*d, C, 1, 1)
+        bias = torch.cat([c.bias for c in projections if c.bias is not None])
         qkv = F.conv2d(x.contiguous(), weight, bias)  # (B, 3*h*d, H, W), channel t*h*d + g*d + c
 
         # Attention branch: k - pe folded into the keys (the centre term q . pe cancels in the softmax).
@@ -354,11 +354,14 @@ class ACmix(nn.Module):
         q = (q[..., ::s, ::s] * d**-0.5).reshape(batch * h, d, out_h, out_w)  # (B*h, d, Ho, Wo)
         k = reflect_pad((k - pe).view(batch * h, d, height, width), self.padding_att)  # (B*h, d, Hp, Wp)
         v = reflect_pad(v.reshape(batch, h * d, height, width), self.padding_att)  # (B, h*d, Hp, Wp)
-        att = neighbourhood_attention(q, k, v.reshape(batch * h, d, *v.shape[-2:]), self.kernel_att, self.dilation, s)
+        v = v.reshape(batch * h, d, *v.shape[-2:])  # a view: F.pad returns a contiguous map
+        att = neighbourhood_attention(q, k, v, self.kernel_att, self.dilation, s)  # (B*h, d, Ho, Wo)
 
         # Convolution branch: fc folded into dep_conv; its input groups q, k, v by head-channel c.
-        mixed = torch.einsum("ojuv,jt->otuv", self.dep_conv.weight, self.fc.weight[:, :, 0, 0])  # (h*d, 3h, kc, kc)
-        grouped = qkv.view(batch, 3 * h, d, height, width).transpose(1, 2).reshape(batch, d * 3 * h, height, width)
+        fc = self.fc.weight[:, :, 0, 0]  # (kc*kc, 3h)
+        mixed = torch.einsum("ojuv,jt->otuv", self.dep_conv.weight, fc)  # (h*d, 3h, kc, kc)
+        grouped = qkv.view(batch, 3 * h, d, height, width).transpose(1, 2)  # (B, d, 3h, H, W)
+        grouped = grouped.reshape(batch, d * 3 * h, height, width)  # channel c*3h + t*h + g
         conv = F.conv2d(grouped, mixed * self.rate2, None, s, kc // 2, 1, d)  # (B, h*d, Ho, Wo)
         return torch.addcmul(conv, self.rate1, att.view(batch, h * d, out_h, out_w))
 
