@@ -71,8 +71,9 @@ def test_unknown_rule_is_rejected(example):
 
 
 def fake_result(example):
-    return example.Result(accuracy=1.0, anti_diagonal=1.0, seconds=0.0, cpu_seconds=0.0, example=torch.arange(4),
-                          prediction=torch.arange(4).flip(0), weights=torch.eye(4).flip(1))
+    return example.Result(accuracy=1.0, anti_diagonal=1.0, seconds=0.0, cpu_seconds=0.0,
+                          example=torch.arange(4), prediction=torch.arange(4).flip(0),
+                          weights=torch.eye(4).flip(1))
 
 
 def test_heatmap_png(example, tmp_path):
