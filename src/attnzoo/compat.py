@@ -6,3 +6,10 @@ differs from the seed and why.
 """
 
 __all__: list[str] = []
+
+# --- global self-attention (issue 4) ---
+from attnzoo.non_local import NonLocalBlockND  # noqa: E402
+from attnzoo.sagan import Self_Attn_Channel, Self_Attn_Spatial  # noqa: E402
+
+__all__ += ["NonLocalBlockND", "Self_Attn_Channel", "Self_Attn_Spatial"]
+# --- end global self-attention ---

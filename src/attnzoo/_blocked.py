@@ -1,0 +1,173 @@
+"""Exact global attention without an L x S matrix: a blocked GEMM kernel, and the dispatch to it.
+
+PyTorch's CPU flash kernel (behind ``scaled_dot_product_attention``) needs q, k and v with one head
+dim. SAGAN-style blocks have small queries and keys (d = C/8) but full-width values (e = C), and the
+Gaussian non-local block the reverse; padding q and k up to e multiplies the score FLOPs by e/d.
+:class:`_BlockedAttention` computes ``softmax(scale * q k^T) v`` exactly with large matrix products
+over blocks of rows and recomputes the probabilities in backward (FlashAttention's scheme, with
+blocks sized for a CPU cache instead of a GPU tile):
+
+- forward, per block of queries: ``S = q_blk k^T``, ``P = exp(S - max)`` in place, the row sums
+  ``l``, ``O_blk = P v / l`` and the log-sum-exp ``lse = max + log l`` (saved: O(L) floats);
+- backward, per block of keys, in transposed form so every product is a plain row-major GEMM:
+  ``P^T = exp([k, 1] [q; -lse]^T)`` (the ``-lse`` rides along as one more contraction row),
+  ``dS^T = P^T * ([v, 1] [dO; -D]^T)`` with ``D = rowsum(dO * O)``, then
+  ``dV_blk = P^T dO``, ``dK_blk = dS^T q``, ``dQ^T += k_blk^T dS^T``.
+
+Only one block of ``block_size x L`` (forward) or two of ``block_size x L`` (backward) exist at a
+time. :func:`global_attention` routes between this kernel, :func:`attnzoo.functional.attend` (fused
+SDPA when the head dims agree; the math path when fusion is switched off or the weights are asked
+for) and nothing else.
+
+Shape letters: B batch (times heads), L queries, S keys, d query/key dim, e value dim.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from attnzoo.functional import attend, fused_enabled
+
+__all__ = ["global_attention", "blocked_attention"]
+
+# Elements of one score block: 256 K floats = 1 MiB in float32, half an L2 cache of the target CPU.
+_BLOCK_ELEMENTS = 1 << 18
+
+
+def _block_rows(length: int) -> int:
+    """Rows per block so that a ``rows x length`` score block holds about ``_BLOCK_ELEMENTS``."""
+    rows = max(_BLOCK_ELEMENTS // max(length, 1), 32)
+    return 1 << (rows.bit_length() - 1)  # a power of two keeps the GEMM kernels on their fast paths
+
+
+class _BlockedAttention(torch.autograd.Function):
+    """``softmax(scale * q k^T) v`` for 3-D ``(B, L, d)``, ``(B, S, d)``, ``(B, S, e)`` inputs."""
+
+    @staticmethod
+    def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, scale: float, block: int) -> Tensor:
+        batch, length_q, _ = q.shape
+        length_k, dim_v = k.shape[1], v.shape[2]
+        q_s = q * scale if scale != 1.0 else q
+        rows = min(block, length_q)
+        scores = q.new_empty(rows, length_k)  # reused for every block
+        out = q.new_empty(batch, length_q, dim_v)
+        lse = q.new_empty(batch, length_q, 1)
+        for b in range(batch):
+            k_t = k[b].t()  # (d, S)
+            v_b = v[b].contiguous()  # (S, e): row-major values keep P @ v on MKL's fast path
+            for start in range(0, length_q, rows):
+                stop = min(start + rows, length_q)
+                s = scores[: stop - start]
+                torch.mm(q_s[b, start:stop], k_t, out=s)  # (n, S) logits
+                row_max = s.amax(dim=-1, keepdim=True)
+                s.sub_(row_max).exp_()
+                row_sum = s.sum(dim=-1, keepdim=True)
+                o = out[b, start:stop]  # (n, e) rows of the output
+                torch.mm(s, v_b, out=o)
+                o.div_(row_sum)
+                lse[b, start:stop] = row_max + row_sum.log()
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.scale, ctx.block = scale, block
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor, Tensor, Tensor, None, None]:
+        q, k, v, out, lse = ctx.saved_tensors
+        scale, block = ctx.scale, ctx.block
+        batch, length_q, dim_qk = q.shape
+        length_k, dim_v = k.shape[1], v.shape[2]
+        grad_out = grad_out.contiguous()  # (B, L, e)
+        delta = (grad_out * out).sum(dim=-1, keepdim=True)  # (B, L, 1): rowsum(dO * O)
+        q_s = (q * scale).contiguous()  # (B, L, d)
+        ones = q.new_ones(batch, length_k, 1)
+        q_aug_t = torch.cat([q_s, -lse], dim=-1).transpose(1, 2).contiguous()  # (B, d+1, L)
+        k_aug = torch.cat([k, ones], dim=-1)  # (B, S, d+1)
+        g_aug_t = torch.cat([grad_out, -delta], dim=-1).transpose(1, 2).contiguous()  # (B, e+1, L)
+        v_aug = torch.cat([v, ones], dim=-1)  # (B, S, e+1)
+        grad_q_t = q.new_zeros(batch, dim_qk, length_q)  # (B, d, L), accumulated over key blocks
+        grad_k = k.new_empty(batch, length_k, dim_qk)
+        grad_v = v.new_empty(batch, length_k, dim_v)
+        cols = min(block, length_k)
+        p_t_buf = q.new_empty(cols, length_q)
+        ds_t_buf = q.new_empty(cols, length_q)
+        for b in range(batch):
+            k_t = k[b].t()  # (d, S)
+            for start in range(0, length_k, cols):
+                stop = min(start + cols, length_k)
+                p_t, ds_t = p_t_buf[: stop - start], ds_t_buf[: stop - start]
+                torch.mm(k_aug[b, start:stop], q_aug_t[b], out=p_t)  # (n, L): logits - lse
+                p_t.exp_()  # P^T block
+                torch.mm(v_aug[b, start:stop], g_aug_t[b], out=ds_t)  # (n, L): dP^T - D^T
+                ds_t.mul_(p_t)  # dS^T block (gradient of the scaled logits)
+                torch.mm(p_t, grad_out[b], out=grad_v[b, start:stop])
+                torch.mm(ds_t, q_s[b], out=grad_k[b, start:stop])
+                grad_q_t[b].addmm_(k_t[:, start:stop], ds_t)
+        grad_q = grad_q_t.transpose(1, 2)  # (B, L, d)
+        if scale != 1.0:
+            grad_q = grad_q * scale
+        return grad_q, grad_k, grad_v, None, None
+
+
+def blocked_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float, block: int | None = None) -> Tensor:
+    """Exact ``softmax(scale * q k^T) v`` by blocks of rows, recomputed in backward.
+
+    Args:
+        q: Queries; any strides (transposed views of convolution outputs are fine).
+        k: Keys.
+        v: Values; e may differ from d.
+        scale: Multiplies the logits.
+        block: Rows per block (queries in forward, keys in backward). Default: about 1 MiB of
+            float32 scores per block.
+
+    Returns:
+        The output, contiguous ``(..., L, e)``.
+
+    Shape:
+        - q: ``(..., L, d)``; k: ``(..., S, d)``; v: ``(..., S, e)`` with the same leading dims.
+    """
+    lead = q.shape[:-2]
+    q3 = q.reshape(-1, q.shape[-2], q.shape[-1])  # (B, L, d): leading dims folded
+    k3 = k.reshape(-1, k.shape[-2], k.shape[-1])  # (B, S, d)
+    v3 = v.reshape(-1, v.shape[-2], v.shape[-1])  # (B, S, e)
+    rows = block if block is not None else _block_rows(max(q.shape[-2], k.shape[-2]))
+    out = _BlockedAttention.apply(q3, k3, v3, float(scale), int(rows))
+    return out.reshape(*lead, q.shape[-2], v.shape[-1])  # (..., L, e)
+
+
+def global_attention(
+    q: Tensor, k: Tensor, v: Tensor, *, scale: float, return_weights: bool = False
+) -> Tensor | tuple[Tensor, Tensor]:
+    """One head of global attention, on the fastest exact path that keeps no ``L x S`` matrix.
+
+    - weights asked for, or fusion switched off (:func:`attnzoo.fused_attn`): ``attend``'s math
+      path, which materialises and returns the ``(B, L, S)`` weights;
+    - float32/float64 on CPU with ``d != e``: :func:`blocked_attention` (the CPU flash kernel
+      refuses unequal head dims and SDPA would fall back to the math path);
+    - otherwise: ``attend`` on its fused path (SDPA flash on CPU, the GPU kernels elsewhere).
+
+    Args:
+        q: Queries.
+        k: Keys.
+        v: Values.
+        scale: Multiplies the logits (1.0 for SAGAN and the non-local block).
+        return_weights: Also return the ``(B, L, S)`` attention weights. Default: False.
+
+    Returns:
+        ``(B, L, e)``, or ``(output, weights)`` with ``return_weights``.
+
+    Shape:
+        - q: ``(B, L, d)``; k: ``(B, S, d)``; v: ``(B, S, e)``.
+    """
+    blocked_ok = q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64)
+    if not return_weights and fused_enabled() and blocked_ok and q.shape[-1] != v.shape[-1]:
+        return blocked_attention(q, k, v, scale=scale)
+    q4, k4, v4 = q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)  # (B, 1, L|S, d|e): one head
+    if not return_weights:
+        # SDPA's fused kernels need the last dim contiguous, or they silently take the math path.
+        q4, k4, v4 = (t if t.stride(-1) == 1 else t.contiguous() for t in (q4, k4, v4))
+        return attend(q4, k4, v4, scale=scale).squeeze(1)
+    out, weights = attend(q4, k4, v4, scale=scale, return_weights=True)
+    return out.squeeze(1), weights.squeeze(1)
