@@ -108,7 +108,7 @@ class NonLocalBlock(nn.Module):
         if inter_channels is None:
             inter_channels = max(in_channels // 2, 1)
         self.inter_channels = check_int(inter_channels, "inter_channels", who)
-        self.dimension = check_choice(check_int(dimension, "dimension", who), (1, 2, 3), "dimension", who)
+        self.dimension = check_choice(check_int(dimension, "dimension", who, minimum=None), (1, 2, 3), "dimension", who)
         for name, flag in (("sub_sample", sub_sample), ("bn_layer", bn_layer)):
             if not isinstance(flag, bool):
                 raise TypeError(f"{who}: {name} must be a bool, got {type(flag).__name__} {flag!r}")
