@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import attnzoo
+import attnzoo._blocked
 from attnzoo import NonLocalBlock
 from attnzoo.compat import NonLocalBlockND
 from attnzoo.non_local import MODES, _concat_sum
@@ -102,7 +103,7 @@ def test_seed_class_matches_golden(path):
 @pytest.mark.parametrize("dimension", [1, 2, 3])
 @pytest.mark.parametrize("sub_sample", [True, False])
 def test_matches_reference_with_gradients(mode, dimension, sub_sample):
-    m = randomize(NonLocalBlock(6, 3, dimension, sub_sample, bn_layer=dimension != 3, mode=mode).to(F64)).eval()
+    m = randomize(NonLocalBlock(6, 3, dimension, sub_sample, bn_layer=sub_sample, mode=mode).to(F64)).eval()
     x = torch.randn(*SHAPES[dimension], dtype=F64, requires_grad=True)
     ref, ref_map = reference(m, x)
     grad = torch.randn_like(ref)
@@ -144,7 +145,8 @@ def test_capture_attention_stores_detached_map():
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_default_path_never_builds_the_n_by_n_map(mode):
+def test_default_path_never_builds_the_n_by_n_map(mode, monkeypatch):
+    monkeypatch.setattr(attnzoo._blocked, "_BLOCK_ELEMENTS", 1 << 16)  # blocks of 64 rows here
     m = randomize(NonLocalBlock(8, 4, sub_sample=False, mode=mode))
     x = torch.randn(1, 8, 24, 24, requires_grad=True)  # N = 576
     with LargestTensor() as probe:

@@ -7,6 +7,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import attnzoo
+import attnzoo._blocked
 from attnzoo import ChannelSelfAttention, SpatialSelfAttention
 from attnzoo._blocked import blocked_attention, global_attention
 from attnzoo.compat import Self_Attn_Channel, Self_Attn_Spatial
@@ -148,7 +149,8 @@ def test_channel_matches_reference_with_gradients(in_dim, out_dim):
         torch.testing.assert_close(g, w, atol=1e-9, rtol=1e-9)
 
 
-def test_default_path_never_builds_the_n_by_n_map():
+def test_default_path_never_builds_the_n_by_n_map(monkeypatch):
+    monkeypatch.setattr(attnzoo._blocked, "_BLOCK_ELEMENTS", 1 << 16)  # blocks of 64 rows here
     m = randomize(SpatialSelfAttention(8, 2))
     x = torch.randn(1, 8, 32, 32, requires_grad=True)  # N = 1024
     with LargestTensor() as probe:
@@ -235,3 +237,18 @@ def test_global_attention_routes_and_agrees():
         torch.testing.assert_close(w, weights, atol=1e-12, rtol=1e-12)
     bf = global_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), scale=1.0)
     assert bf.dtype == torch.bfloat16 and bf.shape == (2, 10, 3)
+
+
+def test_fused_path_splits_queries_across_threads(monkeypatch):
+    monkeypatch.setattr(attnzoo._blocked, "_threads", lambda: 3)  # one image, 3 threads: 2 chunks of 550
+    calls = []
+    real = attnzoo._blocked.attend
+    monkeypatch.setattr(attnzoo._blocked, "attend", lambda q, *a, **kw: calls.append(q.shape) or real(q, *a, **kw))
+    q, k, v = (torch.randn(1, n, 4, dtype=F64, requires_grad=True) for n in (1100, 300, 300))
+    out = global_attention(q, k, v, scale=0.5)
+    assert calls == [(1, 2, 550, 4)]
+    ref, _ = reference_attention(q, k, v, 0.5)
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
+    grad = torch.randn_like(out)
+    for g, w in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
+        torch.testing.assert_close(g, w, atol=1e-11, rtol=1e-11)

@@ -14,8 +14,9 @@ blocks sized for a CPU cache instead of a GPU tile):
   ``dS^T = P^T * ([v, 1] [dO; -D]^T)`` with ``D = rowsum(dO * O)``, then
   ``dV_blk = P^T dO``, ``dK_blk = dS^T q``, ``dQ^T += k_blk^T dS^T``.
 
-Only one block of ``block_size x L`` (forward) or two of ``block_size x L`` (backward) exist at a
-time. :func:`global_attention` routes between this kernel, :func:`attnzoo.functional.attend` (fused
+Per block the whole batch goes through one batched GEMM. Only one ``B x rows x S`` score block
+(forward) or two ``B x rows x L`` blocks (backward) exist at a time, about ``_BLOCK_ELEMENTS`` each.
+:func:`global_attention` routes between this kernel, :func:`attnzoo.functional.attend` (fused
 SDPA when the head dims agree; the math path when fusion is switched off or the weights are asked
 for) and nothing else.
 
@@ -27,19 +28,25 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from attnzoo.functional import attend, fused_enabled
 
 __all__ = ["global_attention", "blocked_attention"]
 
-# Elements of one score block: 256 K floats = 1 MiB in float32, half an L2 cache of the target CPU.
-_BLOCK_ELEMENTS = 1 << 18
+# Elements of one score block, over the whole batch: 1 Mi floats = 4 MiB in float32. Measured on the
+# 2-core target, 0.25-2 Mi per block ran within noise of each other; fewer, larger blocks mean fewer
+# parallel regions (each costs a thread hand-off) and larger GEMMs.
+_BLOCK_ELEMENTS = 1 << 20
 
 
-def _block_rows(length: int) -> int:
-    """Rows per block so that a ``rows x length`` score block holds about ``_BLOCK_ELEMENTS``."""
-    rows = max(_BLOCK_ELEMENTS // max(length, 1), 32)
+_threads = torch.get_num_threads  # indirection, so tests can pose as a many-core machine
+
+
+def _block_rows(batch: int, length: int) -> int:
+    """Rows per block so that a ``batch x rows x length`` block holds about ``_BLOCK_ELEMENTS``."""
+    rows = max(_BLOCK_ELEMENTS // max(batch * length, 1), 32)
     return 1 << (rows.bit_length() - 1)  # a power of two keeps the GEMM kernels on their fast paths
 
 
@@ -47,28 +54,27 @@ class _BlockedAttention(torch.autograd.Function):
     """``softmax(scale * q k^T) v`` for 3-D ``(B, L, d)``, ``(B, S, d)``, ``(B, S, e)`` inputs."""
 
     @staticmethod
-    def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, scale: float, block: int) -> Tensor:
+    def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, scale: float, block: int | None) -> Tensor:
         batch, length_q, _ = q.shape
         length_k, dim_v = k.shape[1], v.shape[2]
         q_s = q * scale if scale != 1.0 else q
-        rows = min(block, length_q)
-        scores = q.new_empty(rows, length_k)  # reused for every block
+        k_t = k.transpose(1, 2)  # (B, d, S)
+        v_c = v.contiguous()  # (B, S, e): row-major values keep P @ v on MKL's fast path
+        rows = min(block or _block_rows(batch, length_k), length_q)
+        scores_buf = q.new_empty(batch, rows, length_k)  # reused by every block
+        out_buf = q.new_empty(batch, rows, dim_v)
         out = q.new_empty(batch, length_q, dim_v)
         lse = q.new_empty(batch, length_q, 1)
-        for b in range(batch):
-            k_t = k[b].t()  # (d, S)
-            v_b = v[b].contiguous()  # (S, e): row-major values keep P @ v on MKL's fast path
-            for start in range(0, length_q, rows):
-                stop = min(start + rows, length_q)
-                s = scores[: stop - start]
-                torch.mm(q_s[b, start:stop], k_t, out=s)  # (n, S) logits
-                row_max = s.amax(dim=-1, keepdim=True)
-                s.sub_(row_max).exp_()
-                row_sum = s.sum(dim=-1, keepdim=True)
-                o = out[b, start:stop]  # (n, e) rows of the output
-                torch.mm(s, v_b, out=o)
-                o.div_(row_sum)
-                lse[b, start:stop] = row_max + row_sum.log()
+        for start in range(0, length_q, rows):
+            stop = min(start + rows, length_q)
+            s, o = scores_buf[:, : stop - start], out_buf[:, : stop - start]
+            torch.bmm(q_s[:, start:stop], k_t, out=s)  # (B, n, S) logits
+            row_max = s.amax(dim=-1, keepdim=True)
+            s.sub_(row_max).exp_()
+            row_sum = s.sum(dim=-1, keepdim=True)
+            torch.bmm(s, v_c, out=o)  # (B, n, e), not yet normalised
+            torch.div(o, row_sum, out=out[:, start:stop])
+            lse[:, start:stop] = row_max + row_sum.log()
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.scale, ctx.block = scale, block
         return out
@@ -87,24 +93,24 @@ class _BlockedAttention(torch.autograd.Function):
         k_aug = torch.cat([k, ones], dim=-1)  # (B, S, d+1)
         g_aug_t = torch.cat([grad_out, -delta], dim=-1).transpose(1, 2).contiguous()  # (B, e+1, L)
         v_aug = torch.cat([v, ones], dim=-1)  # (B, S, e+1)
+        k_t = k.transpose(1, 2)  # (B, d, S)
         grad_q_t = q.new_zeros(batch, dim_qk, length_q)  # (B, d, L), accumulated over key blocks
         grad_k = k.new_empty(batch, length_k, dim_qk)
         grad_v = v.new_empty(batch, length_k, dim_v)
-        cols = min(block, length_k)
-        p_t_buf = q.new_empty(cols, length_q)
-        ds_t_buf = q.new_empty(cols, length_q)
-        for b in range(batch):
-            k_t = k[b].t()  # (d, S)
-            for start in range(0, length_k, cols):
-                stop = min(start + cols, length_k)
-                p_t, ds_t = p_t_buf[: stop - start], ds_t_buf[: stop - start]
-                torch.mm(k_aug[b, start:stop], q_aug_t[b], out=p_t)  # (n, L): logits - lse
-                p_t.exp_()  # P^T block
-                torch.mm(v_aug[b, start:stop], g_aug_t[b], out=ds_t)  # (n, L): dP^T - D^T
-                ds_t.mul_(p_t)  # dS^T block (gradient of the scaled logits)
-                torch.mm(p_t, grad_out[b], out=grad_v[b, start:stop])
-                torch.mm(ds_t, q_s[b], out=grad_k[b, start:stop])
-                grad_q_t[b].addmm_(k_t[:, start:stop], ds_t)
+        cols = min(block or _block_rows(batch, length_q), length_k)
+        p_buf, ds_buf = q.new_empty(batch, cols, length_q), q.new_empty(batch, cols, length_q)
+        gv_buf, gk_buf = v.new_empty(batch, cols, dim_v), k.new_empty(batch, cols, dim_qk)
+        for start in range(0, length_k, cols):
+            stop = min(start + cols, length_k)
+            n = stop - start
+            p_t, ds_t = p_buf[:, :n], ds_buf[:, :n]
+            torch.bmm(k_aug[:, start:stop], q_aug_t, out=p_t)  # (B, n, L): logits - lse
+            p_t.exp_()  # P^T block
+            torch.bmm(v_aug[:, start:stop], g_aug_t, out=ds_t)  # (B, n, L): dP^T - D^T
+            ds_t.mul_(p_t)  # dS^T block (gradient of the scaled logits)
+            grad_v[:, start:stop] = torch.bmm(p_t, grad_out, out=gv_buf[:, :n])
+            grad_k[:, start:stop] = torch.bmm(ds_t, q_s, out=gk_buf[:, :n])
+            grad_q_t.baddbmm_(k_t[:, :, start:stop], ds_t)
         grad_q = grad_q_t.transpose(1, 2)  # (B, L, d)
         if scale != 1.0:
             grad_q = grad_q * scale
@@ -119,8 +125,8 @@ def blocked_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float, block: i
         k: Keys.
         v: Values; e may differ from d.
         scale: Multiplies the logits.
-        block: Rows per block (queries in forward, keys in backward). Default: about 1 MiB of
-            float32 scores per block.
+        block: Rows per block (queries in forward, keys in backward). Default: blocks of about
+            ``2**20`` scores over the whole batch (4 MiB in float32), at least 32 rows.
 
     Returns:
         The output, contiguous ``(..., L, e)``.
@@ -132,8 +138,7 @@ def blocked_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float, block: i
     q3 = q.reshape(-1, q.shape[-2], q.shape[-1])  # (B, L, d): leading dims folded
     k3 = k.reshape(-1, k.shape[-2], k.shape[-1])  # (B, S, d)
     v3 = v.reshape(-1, v.shape[-2], v.shape[-1])  # (B, S, e)
-    rows = block if block is not None else _block_rows(max(q.shape[-2], k.shape[-2]))
-    out = _BlockedAttention.apply(q3, k3, v3, float(scale), int(rows))
+    out = _BlockedAttention.apply(q3, k3, v3, float(scale), block)
     return out.reshape(*lead, q.shape[-2], v.shape[-1])  # (..., L, e)
 
 
@@ -164,10 +169,30 @@ def global_attention(
     blocked_ok = q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64)
     if not return_weights and fused_enabled() and blocked_ok and q.shape[-1] != v.shape[-1]:
         return blocked_attention(q, k, v, scale=scale)
-    q4, k4, v4 = q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)  # (B, 1, L|S, d|e): one head
     if not return_weights:
-        # SDPA's fused kernels need the last dim contiguous, or they silently take the math path.
-        q4, k4, v4 = (t if t.stride(-1) == 1 else t.contiguous() for t in (q4, k4, v4))
-        return attend(q4, k4, v4, scale=scale).squeeze(1)
-    out, weights = attend(q4, k4, v4, scale=scale, return_weights=True)
+        return _fused(q, k, v, scale)
+    out, weights = attend(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), scale=scale, return_weights=True)
     return out.squeeze(1), weights.squeeze(1)
+
+
+def _fused(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    """``attend`` on SDPA, with the queries split into heads when the batch cannot fill the threads.
+
+    The CPU flash kernel parallelises its backward over batch x heads only, so one image would
+    train on one core; chunks of at least 512 queries, posed as heads over shared (expanded, not
+    copied) keys and values, give every thread a share. Each query row is computed exactly as before.
+    """
+    batch, length_q, dim = q.shape
+    chunks = 1
+    if q.device.type == "cpu" and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        chunks = max(min(_threads() // batch, length_q // 512), 1)
+    rows = -(-length_q // chunks)
+    if chunks > 1 and rows * chunks != length_q:
+        q = F.pad(q, (0, 0, 0, rows * chunks - length_q))  # padded queries are computed, then dropped
+    q4 = q.reshape(batch, chunks, rows, dim)  # (B, chunks, rows, d): query chunks as heads
+    k4 = k.unsqueeze(1).expand(-1, chunks, -1, -1)  # (B, chunks, S, d), no copy
+    v4 = v.unsqueeze(1).expand(-1, chunks, -1, -1)  # (B, chunks, S, e)
+    # SDPA's fused kernels need the last dim contiguous, or they silently take the math path.
+    q4, k4, v4 = (t if t.stride(-1) == 1 else t.contiguous() for t in (q4, k4, v4))
+    out = attend(q4, k4, v4, scale=scale)  # (B, chunks, rows, e)
+    return out.reshape(batch, chunks * rows, -1)[:, :length_q]  # (B, L, e)

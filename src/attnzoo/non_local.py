@@ -168,8 +168,14 @@ class NonLocalBlock(nn.Module):
         if keys is not None:
             phi, g = self._pool(keys, spatial).split([width, c1], dim=-1)  # (B, N', width), (B, N', C1)
         y_t, attn = self._pairwise(theta, phi, g, return_attention or self.capture_attention)  # (B, N, C1)
-        y = y_t.transpose(1, 2).reshape(dims["B"], c1, *spatial)  # (B, C1, *spatial)
-        z = self.W(y) + x
+        w_conv = self.W[0] if isinstance(self.W, nn.Sequential) else self.W
+        z_t = _linear(y_t, [w_conv])  # (B, N, C): W's 1x1 convolution on the tokens
+        # (B, C, *spatial), made contiguous: torch 2.14's BatchNorm backward is wrong for a
+        # channels-last-strided input with B = 1 (and the copy is O(N C), noise next to attention).
+        z = z_t.transpose(1, 2).reshape(dims["B"], self.in_channels, *spatial).contiguous()
+        if isinstance(self.W, nn.Sequential):
+            z = self.W[1](z)  # BatchNorm
+        z = x + z  # x first: the result keeps x's memory format
         if attn is None:
             return z
         if self.capture_attention:
