@@ -226,17 +226,32 @@ def test_blocked_kernel_is_stable_for_large_logits():
     torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=1e-4)
 
 
-def test_global_attention_routes_and_agrees():
-    q, k = torch.randn(2, 10, 3, dtype=F64), torch.randn(2, 12, 3, dtype=F64)
-    for v in (torch.randn(2, 12, 5, dtype=F64), torch.randn(2, 12, 3, dtype=F64)):  # blocked, SDPA
-        ref, weights = reference_attention(q, k, v, 1.0)
+@pytest.mark.parametrize("width,route", [(7, "blocked"), (5, "fused"), (3, "fused"), (2, "fused")])
+def test_global_attention_routes_and_agrees(width, route, monkeypatch):
+    # width 7 > 2 * 3: blocked kernel; 5: q, k padded to 5; 3: SDPA as is; 2: v padded to 3
+    import attnzoo._blocked as blocked
+
+    taken = []
+    for name in ("blocked_attention", "_fused"):
+        real = getattr(blocked, name)
+        monkeypatch.setattr(blocked, name, lambda *a, _n=name, _r=real, **kw: taken.append(_n) or _r(*a, **kw))
+    q = torch.randn(2, 10, 3, dtype=F64, requires_grad=True)
+    k = torch.randn(2, 12, 3, dtype=F64, requires_grad=True)
+    v = torch.randn(2, 12, width, dtype=F64, requires_grad=True)
+    ref, weights = reference_attention(q, k, v, 1.0)
+    out = global_attention(q, k, v, scale=1.0)
+    assert taken == [{"blocked": "blocked_attention", "fused": "_fused"}[route]]
+    assert out.shape == (2, 10, width)
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
+    grad = torch.randn_like(out)
+    for g, w in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
+        torch.testing.assert_close(g, w, atol=1e-11, rtol=1e-11)
+    with attnzoo.fused_attn(False):
         torch.testing.assert_close(global_attention(q, k, v, scale=1.0), ref, atol=1e-12, rtol=1e-12)
-        with attnzoo.fused_attn(False):
-            torch.testing.assert_close(global_attention(q, k, v, scale=1.0), ref, atol=1e-12, rtol=1e-12)
-        out, w = global_attention(q, k, v, scale=1.0, return_weights=True)
-        torch.testing.assert_close(w, weights, atol=1e-12, rtol=1e-12)
+    out, w = global_attention(q, k, v, scale=1.0, return_weights=True)
+    torch.testing.assert_close(w, weights, atol=1e-12, rtol=1e-12)
     bf = global_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), scale=1.0)
-    assert bf.dtype == torch.bfloat16 and bf.shape == (2, 10, 3)
+    assert bf.dtype == torch.bfloat16 and bf.shape == (2, 10, width)
 
 
 def test_fused_path_splits_queries_across_threads(monkeypatch):
@@ -252,3 +267,20 @@ def test_fused_path_splits_queries_across_threads(monkeypatch):
     grad = torch.randn_like(out)
     for g, w in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
         torch.testing.assert_close(g, w, atol=1e-11, rtol=1e-11)
+
+
+@pytest.mark.parametrize("magnitude", [1.0, 4.0, 30.0])  # logit bounds below and above the no-shift limit
+def test_blocked_kernel_with_and_without_max_shift(magnitude):
+    q = torch.randn(2, 40, 3) * magnitude
+    k = torch.randn(2, 50, 3) * magnitude
+    v = torch.randn(2, 50, 5)
+    for t in (q, k, v):
+        t.requires_grad_()
+    out = blocked_attention(q, k, v, scale=1.0, block=16)
+    ref, _ = reference_attention(q.double(), k.double(), v.double(), 1.0)
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    want = torch.autograd.grad(ref, (q, k, v), grad.double())
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.double(), w.double(), atol=1e-4 * magnitude, rtol=1e-4)

@@ -41,6 +41,10 @@ __all__ = ["global_attention", "blocked_attention"]
 _BLOCK_ELEMENTS = 1 << 20
 
 
+# Largest logit magnitude for which exp() needs no max-shift: float32 exp(40) * 2**31 keys stays
+# finite and exp(-40) is far from denormal; float64 has room for 300.
+_NO_SHIFT = {torch.float32: 40.0, torch.float64: 300.0}
+
 _threads = torch.get_num_threads  # indirection, so tests can pose as a many-core machine
 
 
@@ -65,16 +69,21 @@ class _BlockedAttention(torch.autograd.Function):
         out_buf = q.new_empty(batch, rows, dim_v)
         out = q.new_empty(batch, length_q, dim_v)
         lse = q.new_empty(batch, length_q, 1)
+        # |logit| <= max |q_i| * max |k_j|. Within _NO_SHIFT the exponentials can neither overflow nor
+        # underflow to denormals, so the row maxima (two passes over every block) are not needed:
+        # softmax does not depend on the shift.
+        bound = float(q_s.norm(dim=-1).amax() * k.norm(dim=-1).amax()) if q.numel() and k.numel() else 0.0
+        shift = bound > _NO_SHIFT[q.dtype]
         for start in range(0, length_q, rows):
             stop = min(start + rows, length_q)
             s, o = scores_buf[:, : stop - start], out_buf[:, : stop - start]
             torch.bmm(q_s[:, start:stop], k_t, out=s)  # (B, n, S) logits
-            row_max = s.amax(dim=-1, keepdim=True)
-            s.sub_(row_max).exp_()
+            row_max = s.amax(dim=-1, keepdim=True) if shift else None
+            (s.sub_(row_max) if row_max is not None else s).exp_()
             row_sum = s.sum(dim=-1, keepdim=True)
             torch.bmm(s, v_c, out=o)  # (B, n, e), not yet normalised
             torch.div(o, row_sum, out=out[:, start:stop])
-            lse[:, start:stop] = row_max + row_sum.log()
+            lse[:, start:stop] = row_sum.log() if row_max is None else row_max + row_sum.log()
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.scale, ctx.block = scale, block
         return out
@@ -149,8 +158,10 @@ def global_attention(
 
     - weights asked for, or fusion switched off (:func:`attnzoo.fused_attn`): ``attend``'s math
       path, which materialises and returns the ``(B, L, S)`` weights;
-    - float32/float64 on CPU with ``d != e``: :func:`blocked_attention` (the CPU flash kernel
-      refuses unequal head dims and SDPA would fall back to the math path);
+    - float32/float64 on CPU with one width more than twice the other (SAGAN: d = e/8):
+      :func:`blocked_attention` (the CPU flash kernel refuses unequal head dims, and padding q, k
+      up to e would multiply four of its seven products by e/d);
+    - CPU with ``d != e`` otherwise: the narrower of (q, k) and v zero-padded, then SDPA flash;
     - otherwise: ``attend`` on its fused path (SDPA flash on CPU, the GPU kernels elsewhere).
 
     Args:
@@ -166,13 +177,22 @@ def global_attention(
     Shape:
         - q: ``(B, L, d)``; k: ``(B, S, d)``; v: ``(B, S, e)``.
     """
-    blocked_ok = q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64)
-    if not return_weights and fused_enabled() and blocked_ok and q.shape[-1] != v.shape[-1]:
-        return blocked_attention(q, k, v, scale=scale)
-    if not return_weights:
-        return _fused(q, k, v, scale)
+    if not return_weights and fused_enabled():
+        dim_qk, dim_v = q.shape[-1], v.shape[-1]
+        small, large = min(dim_qk, dim_v), max(dim_qk, dim_v)
+        blocked_ok = q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64)
+        if small == large or not blocked_ok:
+            return _fused(q, k, v, scale)
+        if large > 2 * small:
+            return blocked_attention(q, k, v, scale=scale)
+        # Widths within 2x: zero-padding the narrower side to the flash kernel's single head dim
+        # costs less than the blocked kernel's lower GEMM efficiency ([q, 0] . [k, 0] = q . k).
+        if dim_qk < dim_v:
+            return _fused(F.pad(q, (0, large - small)), F.pad(k, (0, large - small)), v, scale)
+        return _fused(q, k, F.pad(v, (0, large - small)), scale)[..., :dim_v]
+    # The math path (fusion off, or the weights asked for): one head, (B, 1, L, S) weights.
     out, weights = attend(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), scale=scale, return_weights=True)
-    return out.squeeze(1), weights.squeeze(1)
+    return (out.squeeze(1), weights.squeeze(1)) if return_weights else out.squeeze(1)
 
 
 def _fused(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
