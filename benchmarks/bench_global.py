@@ -25,7 +25,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import gemm_gflops  # noqa: E402
 
 from attnzoo import NonLocalBlock, SpatialSelfAttention  # noqa: E402
-from attnzoo.benchmark import alternate, count_flops, ensure_malloc_env, markdown_table, peak_memory, train_step  # noqa: E402
+from attnzoo.benchmark import (  # noqa: E402
+    alternate,
+    count_flops,
+    ensure_malloc_env,
+    markdown_table,
+    peak_memory,
+    train_step,
+)
 
 
 class SeedSpatial(nn.Module):
@@ -118,7 +125,10 @@ def main() -> None:
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH", "")) if p)
     gemm = gemm_gflops()
     shapes = [(2, 64, 32, 32), (2, 64, 64, 64)] + ([] if args.quick else [(1, 64, 128, 128)])
-    pairs = [("sagan", "seed_sagan", "SpatialSelfAttention(64, 8)"), ("nonlocal", "seed_nonlocal", "NonLocalBlock(64, sub_sample=False)")]
+    pairs = [
+        ("sagan", "seed_sagan", "SpatialSelfAttention(64, 8)"),
+        ("nonlocal", "seed_nonlocal", "NonLocalBlock(64, sub_sample=False)"),
+    ]
     rows, flops_rows = [], []
     for shape in shapes:
         n = shape[2] * shape[3]
@@ -128,21 +138,45 @@ def main() -> None:
             steps = {k: make_step(k, list(shape)) for k in kinds}
             timing = alternate(steps, rounds=rounds, warmup=1 if n > 4096 else 2)
             flops = count_flops(steps[ref])
-            memory = {k: peak_memory("bench_global:make_step", {"kind": k, "shape": list(shape)}) for k in kinds}
+            memory = {
+                k: peak_memory("bench_global:make_step", {"kind": k, "shape": list(shape)}) for k in kinds
+            }
             for k in kinds:
                 ms = timing.median(k) * 1e3
                 ratio = timing.ratio(k, ref)
-                rows.append([f"{label if k == ours else k} `{shape}`", n, f"{ms:.1f}", f"{ratio:.2f}",
-                             f"{memory[k] / 2**20:.1f}", f"{memory[k] / max(memory[ref], 1):.3f}"])
-                flops_rows.append([f"{k} `{shape}`", f"{flops / 1e9:.2f}", f"{flops / timing.median(k) / 1e9:.0f}",
-                                   f"{flops / timing.median(k) / 1e9 / gemm:.0%}"])
+                rows.append(
+                    [
+                        f"{label if k == ours else k} `{shape}`",
+                        n,
+                        f"{ms:.1f}",
+                        f"{ratio:.2f}",
+                        f"{memory[k] / 2**20:.1f}",
+                        f"{memory[k] / max(memory[ref], 1):.3f}",
+                    ]
+                )
+                flops_rows.append(
+                    [
+                        f"{k} `{shape}`",
+                        f"{flops / 1e9:.2f}",
+                        f"{flops / timing.median(k) / 1e9:.0f}",
+                        f"{flops / timing.median(k) / 1e9 / gemm:.0%}",
+                    ]
+                )
     print("## Global self-attention: SAGAN spatial, non-local (issue 4)\n")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32 GEMM {gemm:.0f} GFLOP/s "
-          "(benchmarks/machine.py). Forward + backward; ratio and memory relative to the seed's algorithm "
-          "on the same shape.\n")
-    print(markdown_table(["candidate `(B, C, H, W)`", "N", "median ms", "time ratio", "peak MiB", "memory ratio"], rows))
-    print("\nAchieved rate: the seed algorithm's GEMM FLOPs (QK^T, PV and their gradients, convolutions; "
-          "softmax and recomputation not counted) divided by each candidate's median time.\n")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32 GEMM {gemm:.0f} GFLOP/s "
+        "(benchmarks/machine.py). Forward + backward; ratio and memory relative to the seed's algorithm "
+        "on the same shape.\n"
+    )
+    print(
+        markdown_table(
+            ["candidate `(B, C, H, W)`", "N", "median ms", "time ratio", "peak MiB", "memory ratio"], rows
+        )
+    )
+    print(
+        "\nAchieved rate: the seed algorithm's GEMM FLOPs (QK^T, PV and their gradients, convolutions; "
+        "softmax and recomputation not counted) divided by each candidate's median time.\n"
+    )
     print(markdown_table(["candidate", "GFLOP per step", "GFLOP/s", "of GEMM rate"], flops_rows))
 
 

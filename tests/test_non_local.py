@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from tests.conftest import golden_files
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import attnzoo
@@ -14,7 +15,6 @@ import attnzoo._blocked
 from attnzoo import NonLocalBlock
 from attnzoo.compat import NonLocalBlockND
 from attnzoo.non_local import MODES, _concat_sum
-from tests.conftest import golden_files
 
 F64 = torch.float64
 SHAPES = {1: (2, 6, 9), 2: (2, 6, 5, 7), 3: (1, 6, 3, 5, 4)}
@@ -112,7 +112,7 @@ def test_matches_reference_with_gradients(mode, dimension, sub_sample):
         with attnzoo.fused_attn(fused):
             y = m(x)
             torch.testing.assert_close(y, ref, atol=1e-10, rtol=1e-10)
-            for g, w in zip(torch.autograd.grad(y, [x, *m.parameters()], grad), want):
+            for g, w in zip(torch.autograd.grad(y, [x, *m.parameters()], grad), want, strict=True):
                 torch.testing.assert_close(g, w, atol=1e-9, rtol=1e-9)
     y, attn = m(x, return_attention=True)
     torch.testing.assert_close(attn, ref_map, atol=1e-12, rtol=1e-12)
@@ -166,7 +166,9 @@ def test_concat_sum_handles_ties_like_relu():
     ref = F.relu(a.unsqueeze(-1) + b.unsqueeze(1)) @ g
     torch.testing.assert_close(out, ref, atol=1e-14, rtol=1e-14)
     grad = torch.randn_like(out)
-    for got, want in zip(torch.autograd.grad(out, (a, b, g), grad), torch.autograd.grad(ref, (a, b, g), grad)):
+    for got, want in zip(
+        torch.autograd.grad(out, (a, b, g), grad), torch.autograd.grad(ref, (a, b, g), grad), strict=True
+    ):
         torch.testing.assert_close(got, want, atol=1e-13, rtol=1e-13)
 
 
@@ -189,7 +191,9 @@ def test_matches_timm_non_local_attn(train):
     ours = NonLocalBlock(16, 8, sub_sample=False, bn_layer=True).to(F64).train(train)
     sd = theirs.state_dict()
     mapping = {"t": "theta", "p": "phi", "g": "g", "z": "W.0", "norm": "W.1"}
-    ours.load_state_dict({mapping[k.split(".", 1)[0]] + "." + k.split(".", 1)[1]: v for k, v in sd.items()}, strict=True)
+    ours.load_state_dict(
+        {mapping[k.split(".", 1)[0]] + "." + k.split(".", 1)[1]: v for k, v in sd.items()}, strict=True
+    )
     x = torch.randn(2, 16, 7, 9, dtype=F64)
     torch.testing.assert_close(ours(x), theirs(x), atol=1e-10, rtol=1e-10)
 
@@ -214,10 +218,26 @@ def test_constructor_defaults_and_errors():
 
 def test_state_dict_keys_follow_the_seed_and_the_port():
     assert set(NonLocalBlockND(4).state_dict()) == {
-        "g.0.weight", "g.0.bias", "theta.weight", "theta.bias", "phi.0.weight", "phi.0.bias", "W.0.weight",
-        "W.0.bias", "W.1.weight", "W.1.bias", "W.1.running_mean", "W.1.running_var", "W.1.num_batches_tracked"}
+        "g.0.weight",
+        "g.0.bias",
+        "theta.weight",
+        "theta.bias",
+        "phi.0.weight",
+        "phi.0.bias",
+        "W.0.weight",
+        "W.0.bias",
+        "W.1.weight",
+        "W.1.bias",
+        "W.1.running_mean",
+        "W.1.running_var",
+        "W.1.num_batches_tracked",
+    }
     assert set(NonLocalBlock(4, sub_sample=False, bn_layer=False, mode="gaussian").state_dict()) == {
-        "g.weight", "g.bias", "W.weight", "W.bias"}
+        "g.weight",
+        "g.bias",
+        "W.weight",
+        "W.bias",
+    }
     assert "concat_project.0.weight" in NonLocalBlock(4, mode="concatenation").state_dict()
 
 

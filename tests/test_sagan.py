@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tests.conftest import golden_files
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import attnzoo
@@ -11,7 +12,6 @@ import attnzoo._blocked
 from attnzoo import ChannelSelfAttention, SpatialSelfAttention
 from attnzoo._blocked import blocked_attention, global_attention
 from attnzoo.compat import Self_Attn_Channel, Self_Attn_Spatial
-from tests.conftest import golden_files
 
 F64 = torch.float64
 
@@ -58,8 +58,10 @@ def reference_spatial(m: SpatialSelfAttention, x):
 
 def reference_channel(m: ChannelSelfAttention, x):
     b, _, h, w = x.shape
-    proj = [torch.nn.functional.conv2d(x, c.weight, c.bias).reshape(b, m.out_dim, h * w)
-            for c in (m.query_conv, m.key_conv, m.value_conv, m.x_conv)]
+    proj = [
+        torch.nn.functional.conv2d(x, c.weight, c.bias).reshape(b, m.out_dim, h * w)
+        for c in (m.query_conv, m.key_conv, m.value_conv, m.x_conv)
+    ]
     attn = torch.softmax(proj[0] @ proj[1].transpose(1, 2), dim=-1)  # (B, C1, C1)
     out = (attn @ proj[2]).reshape(b, m.out_dim, h, w)
     return m.gamma * out + proj[3].reshape(b, m.out_dim, h, w), attn
@@ -69,17 +71,22 @@ def reference_channel(m: ChannelSelfAttention, x):
 # Golden files recorded from the seed classes
 
 
-@pytest.mark.parametrize("path", golden_files("seed/Self_Attn_Spatial__*.pt") + golden_files("seed/Self_Attn_Channel__*.pt"),
-                         ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path",
+    golden_files("seed/Self_Attn_Spatial__*.pt") + golden_files("seed/Self_Attn_Channel__*.pt"),
+    ids=lambda p: p.name,
+)
 def test_seed_classes_match_golden(path):
     rec = torch.load(path, weights_only=True)
-    cls = {"Self_Attn_Spatial": Self_Attn_Spatial, "Self_Attn_Channel": Self_Attn_Channel}[path.name.split("__")[0]]
+    cls = {"Self_Attn_Spatial": Self_Attn_Spatial, "Self_Attn_Channel": Self_Attn_Channel}[
+        path.name.split("__")[0]
+    ]
     m = cls(**rec["kwargs"]).to(F64).eval()
     m.load_state_dict(rec["state_dict"], strict=True)
     with torch.no_grad():
         out = m(*[rec["inputs"][k] for k in rec["args_order"]])
     assert isinstance(out, tuple) and len(out) == len(rec["output"]) == 2
-    for got, want in zip(out, rec["output"]):
+    for got, want in zip(out, rec["output"], strict=True):
         assert got.shape == want.shape
         assert (got - want).abs().max().item() <= 1e-10
 
@@ -94,7 +101,9 @@ def test_golden_files_present_or_skipped():
 # Canonical classes against the plain float64 reference, fused (default) path
 
 
-@pytest.mark.parametrize("shape,out_dim", [((2, 8, 5, 7), 2), ((1, 6, 1, 9), 3), ((3, 4, 6, 6), 4), ((1, 5, 17, 16), 1)])
+@pytest.mark.parametrize(
+    "shape,out_dim", [((2, 8, 5, 7), 2), ((1, 6, 1, 9), 3), ((3, 4, 6, 6), 4), ((1, 5, 17, 16), 1)]
+)
 def test_spatial_matches_reference_with_gradients(shape, out_dim):
     m = randomize(SpatialSelfAttention(shape[1], out_dim).to(F64))
     x = torch.randn(*shape, dtype=F64, requires_grad=True)
@@ -104,7 +113,7 @@ def test_spatial_matches_reference_with_gradients(shape, out_dim):
     grad = torch.randn_like(y)
     got = torch.autograd.grad(y, [x, *m.parameters()], grad)
     want = torch.autograd.grad(ref, [x, *m.parameters()], grad)
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, atol=1e-9, rtol=1e-9)
 
 
@@ -145,7 +154,7 @@ def test_channel_matches_reference_with_gradients(in_dim, out_dim):
     grad = torch.randn_like(ref)
     got = torch.autograd.grad(y_fused, [x, *m.parameters()], grad)
     want = torch.autograd.grad(ref, [x, *m.parameters()], grad)
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, atol=1e-9, rtol=1e-9)
 
 
@@ -182,8 +191,14 @@ def test_seed_aliases_return_pairs_and_create_by_name():
     out = Self_Attn_Channel(4, 4)(torch.randn(1, 4, 3, 3))
     assert isinstance(out, tuple) and out[1].shape == (1, 4, 4)
     assert set(Self_Attn_Spatial(8, 2).state_dict()) == {
-        "gamma", "query_conv.weight", "query_conv.bias", "key_conv.weight", "key_conv.bias",
-        "value_conv.weight", "value_conv.bias"}
+        "gamma",
+        "query_conv.weight",
+        "query_conv.bias",
+        "key_conv.weight",
+        "key_conv.bias",
+        "value_conv.weight",
+        "value_conv.bias",
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -192,8 +207,13 @@ def test_seed_aliases_return_pairs_and_create_by_name():
 
 @pytest.mark.parametrize(
     "b,length_q,length_k,d,e,scale,block",
-    [(2, 37, 37, 3, 7, 1.0, 8), (1, 50, 23, 4, 4, 0.5, 16), (3, 9, 40, 2, 5, 2.0, 32), (1, 1, 1, 1, 1, 1.0, 4),
-     (2, 64, 64, 8, 16, 1.0, 64)],
+    [
+        (2, 37, 37, 3, 7, 1.0, 8),
+        (1, 50, 23, 4, 4, 0.5, 16),
+        (3, 9, 40, 2, 5, 2.0, 32),
+        (1, 1, 1, 1, 1, 1.0, 4),
+        (2, 64, 64, 8, 16, 1.0, 64),
+    ],
 )
 def test_blocked_kernel_matches_reference(b, length_q, length_k, d, e, scale, block):
     q = torch.randn(b, length_q, d, dtype=F64, requires_grad=True)
@@ -203,17 +223,23 @@ def test_blocked_kernel_matches_reference(b, length_q, length_k, d, e, scale, bl
     ref, _ = reference_attention(q, k, v, scale)
     torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
     grad = torch.randn_like(out)
-    for g, w in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
+    for g, w in zip(
+        torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad), strict=True
+    ):
         torch.testing.assert_close(g, w, atol=1e-11, rtol=1e-11)
 
 
 def test_blocked_kernel_gradcheck_and_strided_inputs():
     base = torch.randn(2, 11, 3 + 3 + 5, dtype=F64)
     q, k, v = (t.detach().requires_grad_() for t in base.split([3, 3, 5], dim=-1))  # strided views
-    assert torch.autograd.gradcheck(lambda a, b_, c: blocked_attention(a, b_, c, scale=0.7, block=4), (q, k, v))
+    assert torch.autograd.gradcheck(
+        lambda a, b_, c: blocked_attention(a, b_, c, scale=0.7, block=4), (q, k, v)
+    )
     qt = torch.randn(2, 3, 11, dtype=F64).transpose(1, 2)  # column-major queries
     out = blocked_attention(qt, k.detach(), v.detach(), scale=1.0, block=4)
-    torch.testing.assert_close(out, reference_attention(qt, k.detach(), v.detach(), 1.0)[0], atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(
+        out, reference_attention(qt, k.detach(), v.detach(), 1.0)[0], atol=1e-12, rtol=1e-12
+    )
 
 
 def test_blocked_kernel_is_stable_for_large_logits():
@@ -234,7 +260,9 @@ def test_global_attention_routes_and_agrees(width, route, monkeypatch):
     taken = []
     for name in ("blocked_attention", "_fused"):
         real = getattr(blocked, name)
-        monkeypatch.setattr(blocked, name, lambda *a, _n=name, _r=real, **kw: taken.append(_n) or _r(*a, **kw))
+        monkeypatch.setattr(
+            blocked, name, lambda *a, _n=name, _r=real, **kw: taken.append(_n) or _r(*a, **kw)
+        )
     q = torch.randn(2, 10, 3, dtype=F64, requires_grad=True)
     k = torch.randn(2, 12, 3, dtype=F64, requires_grad=True)
     v = torch.randn(2, 12, width, dtype=F64, requires_grad=True)
@@ -244,7 +272,9 @@ def test_global_attention_routes_and_agrees(width, route, monkeypatch):
     assert out.shape == (2, 10, width)
     torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
     grad = torch.randn_like(out)
-    for g, w in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
+    for g, w in zip(
+        torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad), strict=True
+    ):
         torch.testing.assert_close(g, w, atol=1e-11, rtol=1e-11)
     with attnzoo.fused_attn(False):
         torch.testing.assert_close(global_attention(q, k, v, scale=1.0), ref, atol=1e-12, rtol=1e-12)
@@ -258,14 +288,18 @@ def test_fused_path_splits_queries_across_threads(monkeypatch):
     monkeypatch.setattr(attnzoo._blocked, "_threads", lambda: 3)  # one image, 3 threads: 2 chunks of 550
     calls = []
     real = attnzoo._blocked.attend
-    monkeypatch.setattr(attnzoo._blocked, "attend", lambda q, *a, **kw: calls.append(q.shape) or real(q, *a, **kw))
+    monkeypatch.setattr(
+        attnzoo._blocked, "attend", lambda q, *a, **kw: calls.append(q.shape) or real(q, *a, **kw)
+    )
     q, k, v = (torch.randn(1, n, 4, dtype=F64, requires_grad=True) for n in (1100, 300, 300))
     out = global_attention(q, k, v, scale=0.5)
     assert calls == [(1, 2, 550, 4)]
     ref, _ = reference_attention(q, k, v, 0.5)
     torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
     grad = torch.randn_like(out)
-    for g, w in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
+    for g, w in zip(
+        torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad), strict=True
+    ):
         torch.testing.assert_close(g, w, atol=1e-11, rtol=1e-11)
 
 
@@ -282,5 +316,5 @@ def test_blocked_kernel_with_and_without_max_shift(magnitude):
     grad = torch.randn_like(out)
     got = torch.autograd.grad(out, (q, k, v), grad)
     want = torch.autograd.grad(ref, (q, k, v), grad.double())
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g.double(), w.double(), atol=1e-4 * magnitude, rtol=1e-4)

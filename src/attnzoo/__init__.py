@@ -11,6 +11,7 @@ from attnzoo.functional import attend, fused_attn, fused_enabled
 # --- global self-attention (issue 4): SAGAN spatial/channel, non-local ---
 from attnzoo.non_local import NonLocalBlock
 from attnzoo.sagan import ChannelSelfAttention, SpatialSelfAttention
+
 # --- end global self-attention ---
 
 __version__ = "0.1.0"

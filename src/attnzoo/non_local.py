@@ -21,6 +21,8 @@ with the keys sorted by ``b_j``, sums ``ReLU(a_i + b_j) g_j = (a_i + b_j) g_j`` 
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -34,15 +36,27 @@ __all__ = ["NonLocalBlock", "NonLocalBlockND"]
 
 MODES = ("embedded_gaussian", "gaussian", "dot_product", "concatenation")
 _LETTERS = {1: "B C L", 2: "B C H W", 3: "B C T H W"}
-_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
-_BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
-_POOL = {1: (nn.MaxPool1d, 2), 2: (nn.MaxPool2d, (2, 2)), 3: (nn.MaxPool3d, (1, 2, 2))}
+_ConvNd = nn.Conv1d | nn.Conv2d | nn.Conv3d
+_CONV: dict[int, type[_ConvNd]] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+_BN: dict[int, type[nn.BatchNorm1d | nn.BatchNorm2d | nn.BatchNorm3d]] = {
+    1: nn.BatchNorm1d,
+    2: nn.BatchNorm2d,
+    3: nn.BatchNorm3d,
+}
+_POOL: dict[int, type[nn.Module]] = {1: nn.MaxPool1d, 2: nn.MaxPool2d, 3: nn.MaxPool3d}
+_POOL_KERNEL: dict[int, int | tuple[int, ...]] = {1: 2, 2: (2, 2), 3: (1, 2, 2)}
+_POOL_FN = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
 
 
-def _linear(x_t: Tensor, convs: list[nn.Module]) -> Tensor:
+def _conv(module: nn.Module) -> _ConvNd:
+    """The 1x1 convolution inside ``module`` (itself, or the first layer of a Sequential)."""
+    return cast(_ConvNd, module[0] if isinstance(module, nn.Sequential) else module)
+
+
+def _linear(x_t: Tensor, convs: list[_ConvNd]) -> Tensor:
     """The 1x1 convolutions ``convs`` applied at once to tokens ``(B, N, C) -> (B, N, sum(C_out))``."""
     weight = torch.cat([c.weight.flatten(1) for c in convs])  # (sum(C_out), C)
-    bias = torch.cat([c.bias for c in convs])
+    bias = torch.cat([cast(Tensor, c.bias) for c in convs])
     return F.linear(x_t, weight, bias)
 
 
@@ -108,37 +122,37 @@ class NonLocalBlock(nn.Module):
         if inter_channels is None:
             inter_channels = max(in_channels // 2, 1)
         self.inter_channels = check_int(inter_channels, "inter_channels", who)
-        self.dimension = check_choice(check_int(dimension, "dimension", who, minimum=None), (1, 2, 3), "dimension", who)
+        dimension = check_int(dimension, "dimension", who, minimum=None)
+        self.dimension = check_choice(dimension, (1, 2, 3), "dimension", who)
         for name, flag in (("sub_sample", sub_sample), ("bn_layer", bn_layer)):
             if not isinstance(flag, bool):
                 raise TypeError(f"{who}: {name} must be a bool, got {type(flag).__name__} {flag!r}")
         self.sub_sample, self.mode = sub_sample, check_choice(mode, MODES, "mode", who)
         conv, c, c1 = _CONV[dimension], in_channels, inter_channels
-        pool_cls, kernel = _POOL[dimension]
+        pool, kernel = _POOL[dimension], _POOL_KERNEL[dimension]
 
+        # Parameter names and nesting follow the seed (and the widely used port), so checkpoints load.
         self.g: nn.Module = conv(c, c1, kernel_size=1)
-        if bn_layer:
-            self.W: nn.Module = nn.Sequential(conv(c1, c, kernel_size=1), _BN[dimension](c))
-            nn.init.zeros_(self.W[1].weight)
-            nn.init.zeros_(self.W[1].bias)
-        else:
-            self.W = conv(c1, c, kernel_size=1)
-            nn.init.zeros_(self.W.weight)
-            nn.init.zeros_(self.W.bias)
+        w_conv = conv(c1, c, kernel_size=1)
+        norm = _BN[dimension](c) if bn_layer else None
+        zero_init = norm if norm is not None else w_conv  # the block starts as the identity
+        nn.init.zeros_(zero_init.weight)
+        nn.init.zeros_(cast(Tensor, zero_init.bias))
+        self.W: nn.Module = nn.Sequential(w_conv, norm) if norm is not None else w_conv
         if mode != "gaussian":
             self.theta = conv(c, c1, kernel_size=1)
             self.phi: nn.Module = conv(c, c1, kernel_size=1)
         if mode == "concatenation":
             self.concat_project = nn.Sequential(nn.Conv2d(2 * c1, 1, kernel_size=1, bias=False), nn.ReLU())
         if sub_sample:
-            self.g = nn.Sequential(self.g, pool_cls(kernel_size=kernel))
-            self.phi = nn.Sequential(self.phi, pool_cls(kernel_size=kernel)) if mode != "gaussian" else pool_cls(kernel)
-        self._pool_kernel = kernel
+            self.g = nn.Sequential(self.g, pool(kernel_size=kernel))
+            pooled_phi = nn.Sequential(self.phi, pool(kernel)) if mode != "gaussian" else pool(kernel)
+            self.phi = pooled_phi  # gaussian: phi is the pooling alone (x itself is the key)
 
     def _pool(self, t: Tensor, spatial: tuple[int, ...]) -> Tensor:
         """Max-pool tokens ``(B, N, c)`` on the grid ``spatial`` -> ``(B, N', c)``, last dim contiguous."""
         grid = t.reshape(t.shape[0], *spatial, t.shape[-1]).movedim(-1, 1)  # (B, c, *spatial)
-        pooled = [F.max_pool1d, F.max_pool2d, F.max_pool3d][self.dimension - 1](grid, self._pool_kernel)
+        pooled = _POOL_FN[self.dimension](grid, _POOL_KERNEL[self.dimension])
         return pooled.flatten(2).transpose(1, 2).contiguous()  # (B, N', c)
 
     def forward(self, x: Tensor, return_attention: bool = False) -> Tensor | tuple[Tensor, Tensor]:
@@ -146,10 +160,13 @@ class NonLocalBlock(nn.Module):
         dims = check_shape(x, who, _LETTERS[self.dimension], C=self.in_channels)
         spatial = tuple(x.shape[2:])
         if self.sub_sample and min(spatial[-2:] if self.dimension == 3 else spatial) < 2:
-            raise ValueError(f"{who} expects spatial sizes >= 2 with sub_sample=True (keys are pooled by 2), got {tuple(x.shape)}")
+            raise ValueError(
+                f"{who} expects spatial sizes >= 2 with sub_sample=True (keys are pooled by 2), "
+                f"got {tuple(x.shape)}"
+            )
         c1, mode = self.inter_channels, self.mode
         x_t = x.flatten(2).transpose(1, 2)  # (B, N, C): tokens, one per position
-        g_conv = self.g[0] if self.sub_sample else self.g
+        g_conv = _conv(self.g)
         keys = None
         if mode == "gaussian":
             theta, width = x_t, self.in_channels
@@ -158,18 +175,16 @@ class NonLocalBlock(nn.Module):
             else:
                 phi, g = x_t, _linear(x_t, [g_conv])
         else:
-            width = c1
-            phi_conv = self.phi[0] if self.sub_sample else self.phi
+            width, phi_conv = c1, _conv(self.phi)
             if self.sub_sample:
                 theta = _linear(x_t, [self.theta])  # (B, N, C1)
                 keys = _linear(x_t, [phi_conv, g_conv])  # (B, N, 2 C1)
-            else:
-                theta, phi, g = _linear(x_t, [self.theta, phi_conv, g_conv]).split(c1, dim=-1)  # 3 x (B, N, C1)
+            else:  # 3 x (B, N, C1)
+                theta, phi, g = _linear(x_t, [self.theta, phi_conv, g_conv]).split(c1, dim=-1)
         if keys is not None:
             phi, g = self._pool(keys, spatial).split([width, c1], dim=-1)  # (B, N', width), (B, N', C1)
         y_t, attn = self._pairwise(theta, phi, g, return_attention or self.capture_attention)  # (B, N, C1)
-        w_conv = self.W[0] if isinstance(self.W, nn.Sequential) else self.W
-        z_t = _linear(y_t, [w_conv])  # (B, N, C): W's 1x1 convolution on the tokens
+        z_t = _linear(y_t, [_conv(self.W)])  # (B, N, C): W's 1x1 convolution on the tokens
         # (B, C, *spatial), made contiguous: torch 2.14's BatchNorm backward is wrong for a
         # channels-last-strided input with B = 1 (and the copy is O(N C), noise next to attention).
         z = z_t.transpose(1, 2).reshape(dims["B"], self.in_channels, *spatial).contiguous()
@@ -182,7 +197,9 @@ class NonLocalBlock(nn.Module):
             self.last_attention = attn.detach()
         return (z, attn) if return_attention else z
 
-    def _pairwise(self, theta: Tensor, phi: Tensor, g: Tensor, want_map: bool) -> tuple[Tensor, Tensor | None]:
+    def _pairwise(
+        self, theta: Tensor, phi: Tensor, g: Tensor, want_map: bool
+    ) -> tuple[Tensor, Tensor | None]:
         """``y = f(theta, phi) g / C``; theta ``(B, N, d)``, phi ``(B, N', d)``, g ``(B, N', C1)``."""
         if self.mode in ("embedded_gaussian", "gaussian"):
             res = global_attention(theta, phi, g, scale=1.0, return_weights=want_map)
@@ -194,7 +211,7 @@ class NonLocalBlock(nn.Module):
                 return theta @ (phi.transpose(1, 2) @ g) / keys, None  # (B, N, d) @ (B, d, C1)
             f = theta @ phi.transpose(1, 2) / keys  # (B, N, N')
             return f @ g, f
-        w_theta, w_phi = self.concat_project[0].weight.flatten().split(self.inter_channels)
+        w_theta, w_phi = _conv(self.concat_project).weight.flatten().split(self.inter_channels)
         a, b = theta @ w_theta, phi @ w_phi  # (B, N), (B, N')
         if not explicit:
             return (_concat_sum(a, b, g) / keys).to(g.dtype), None
@@ -208,7 +225,9 @@ register(
     paper="Non-local Neural Networks",
     year=2018,
     layout="NCHW",
-    example=Example(kwargs={"in_channels": 4, "inter_channels": 2}, inputs=((2, 4, 5, 6),), output=(2, 4, 5, 6)),
+    example=Example(
+        kwargs={"in_channels": 4, "inter_channels": 2}, inputs=((2, 4, 5, 6),), output=(2, 4, 5, 6)
+    ),
     aliases=("non_local", "non_local_block"),
     seed_name="NonLocalBlockND",
     uses_attend=True,
@@ -217,7 +236,8 @@ register(
 
 @register_seed("nonlocal")
 class NonLocalBlockND(NonLocalBlock):
-    """The seed's ``NonLocalBlockND(in_channels, inter_channels=None, dimension=2, sub_sample=True, bn_layer=True)``.
+    """The seed's ``NonLocalBlockND(in_channels, inter_channels=None, dimension=2, sub_sample=True,
+    bn_layer=True)``.
 
     Embedded Gaussian only; returns a tensor, as the seed. State_dict keys equal the seed's
     (``g.0``/``phi.0`` when ``sub_sample``, ``W.0``/``W.1`` when ``bn_layer``, ``theta``). Differences:
@@ -233,4 +253,4 @@ class NonLocalBlockND(NonLocalBlock):
         sub_sample: bool = True,
         bn_layer: bool = True,
     ) -> None:
-        super().__init__(in_channels, inter_channels, dimension, sub_sample, bn_layer, mode="embedded_gaussian")
+        super().__init__(in_channels, inter_channels, dimension, sub_sample, bn_layer, "embedded_gaussian")
