@@ -318,3 +318,16 @@ def test_blocked_kernel_with_and_without_max_shift(magnitude):
     want = torch.autograd.grad(ref, (q, k, v), grad.double())
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g.double(), w.double(), atol=1e-4 * magnitude, rtol=1e-4)
+
+
+def test_channel_capture_attention():
+    m = randomize(ChannelSelfAttention(6, 4).to(F64))
+    x = torch.randn(2, 6, 3, 5, dtype=F64)
+    m(x)
+    assert m.last_attention is None  # nothing stored unless asked
+    m.capture_attention = True
+    y = m(x)
+    ref_y, ref_attn = reference_channel(m, x)
+    torch.testing.assert_close(y, ref_y, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(m.last_attention, ref_attn, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(m.last_attention.sum(-1), torch.ones(2, 4, dtype=F64))
