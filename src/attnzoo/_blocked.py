@@ -35,10 +35,11 @@ from attnzoo.functional import attend, fused_enabled
 
 __all__ = ["global_attention", "blocked_attention"]
 
-# Elements of one score block, over the whole batch: 1 Mi floats = 4 MiB in float32. Measured on the
-# 2-core target, 0.25-2 Mi per block ran within noise of each other; fewer, larger blocks mean fewer
-# parallel regions (each costs a thread hand-off) and larger GEMMs.
-_BLOCK_ELEMENTS = 1 << 20
+# Elements of one score block, over the whole batch: 2 Mi floats = 8 MiB in float32 (16 blocks per
+# pass at N = 4096, B = 2). On the 2-core target, 0.25-2 Mi per block ran within noise of each other
+# on one thread; every block costs about seven parallel regions (thread hand-offs), which hurt when
+# the cores are shared, so the larger end wins. Two such blocks live at a time in backward.
+_BLOCK_ELEMENTS = 1 << 21
 
 
 # Largest logit magnitude for which exp() needs no max-shift: float32 exp(40) * 2**31 keys stays
@@ -135,7 +136,7 @@ def blocked_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float, block: i
         v: Values; e may differ from d.
         scale: Multiplies the logits.
         block: Rows per block (queries in forward, keys in backward). Default: blocks of about
-            ``2**20`` scores over the whole batch (4 MiB in float32), at least 32 rows.
+            ``2**21`` scores over the whole batch (8 MiB in float32), at least 32 rows.
 
     Returns:
         The output, contiguous ``(..., L, e)``.
