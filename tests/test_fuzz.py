@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import os
 from typing import Any
 
 import pytest
@@ -43,8 +44,10 @@ BY_NAME = {s.name: s for s in SPECS}
 
 pytestmark = pytest.mark.skipif(not SPECS, reason="no mechanism is registered yet")
 
+# ATTNZOO_FUZZ_SCALE=10 runs ten times more examples (for a long local hunt; CI keeps 1).
+SCALE = float(os.environ.get("ATTNZOO_FUZZ_SCALE", "1"))
 FUZZ = settings(
-    max_examples=15,
+    max_examples=int(15 * SCALE),
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
     derandomize=True,
@@ -70,7 +73,15 @@ FREE_SIZES: dict[str, list[Group]] = {
 
 # Cases that fail in families not yet hardened; keyed by (mechanism, test kind). The lead fixes them
 # after merging, then deletes the entry.
-XFAIL: dict[tuple[str, str], str] = {}
+XFAIL: dict[tuple[str, str], str] = {
+    # attnzoo._checks.check_float lets NaN through its bounds (NaN compares False), so a NaN
+    # dropout probability is accepted and nn.Dropout raises RuntimeError on the first forward.
+    # Fix once in check_float (foundation file: the lead's), then delete these entries.
+    **{
+        (name, "ctor_nan"): "check_float accepts NaN for a bounded float (dropout probability)"
+        for name in ("mha", "temporal", "window", "shifted_window", "self_attention_block", "cross_attention_block")
+    },
+}
 
 LAYOUT_FREE_DIMS = {"NCHW": (2, 3), "NHWC": (1, 2), "NLC": (1,), "NCL": (2,), "NCTHW": (2, 3, 4), "SEQ2SEQ": ()}
 
@@ -247,7 +258,7 @@ def test_invalid_inputs_raise_value_or_type_error(name, data):
         i, d = divmod(arg, 100)
         shapes[i][d] += data.draw(st.integers(1, 3), label="extra")
         xs = make_inputs(shapes)
-        must = [names[i]]
+        must = list(names)  # a size shared between inputs may be reported on the other input
         what = f"wrong size {shapes[i]} for {names[i]} (dim {d})"
     elif kind == "dtype":
         dtype = data.draw(st.sampled_from([torch.int64, torch.int32, torch.uint8, torch.bool, torch.complex64]))
@@ -255,7 +266,9 @@ def test_invalid_inputs_raise_value_or_type_error(name, data):
         exc, must = (TypeError,), [names[arg]]
         what = f"{names[arg]} of dtype {dtype}"
     elif kind == "not_tensor":
-        xs[arg] = data.draw(st.sampled_from([xs[arg].tolist(), None, 3.0]), label="value")
+        optional = inspect.signature(spec.cls.forward).parameters[names[arg]].default is None
+        choices = [xs[arg].tolist(), 3.0] + ([] if optional else [None])  # None selects a default
+        xs[arg] = data.draw(st.sampled_from(choices), label="value")
         exc, must = (TypeError,), [names[arg]]
         what = f"{names[arg]} given a {type(xs[arg]).__name__}"
     elif kind == "empty":
@@ -273,9 +286,8 @@ def test_invalid_inputs_raise_value_or_type_error(name, data):
             shape = [13] * rank  # 13 matches no size of the examples and is not 1: cannot broadcast
             kwargs[mask] = torch.ones(shape, dtype=data.draw(st.sampled_from([torch.bool, torch.float32])))
         else:
-            kwargs[mask] = torch.ones(1, dtype=data.draw(st.sampled_from([torch.int64, torch.complex64])))
-            exc = (TypeError,)
-        must = [mask]
+            kwargs[mask] = torch.ones(1, dtype=torch.complex64)  # int masks are legal for some (Keras casts them)
+        exc, must = (ValueError, TypeError), [mask]  # masks differ in the dtypes they take
         what = f"{mask} of shape {tuple(kwargs[mask].shape)} and dtype {kwargs[mask].dtype}"
     expect_error(name, what, lambda: module(*xs, **kwargs), exc, must)
 
@@ -304,7 +316,7 @@ def bad_values(value: Any) -> list[Any]:
 
 
 @pytest.mark.parametrize("name", IDS)
-@settings(FUZZ, max_examples=25)
+@settings(FUZZ, max_examples=int(25 * SCALE))
 @given(data=st.data())
 def test_bad_constructor_arguments_are_rejected_or_harmless(name, data):
     spec = BY_NAME[name]
@@ -329,6 +341,8 @@ def test_bad_constructor_arguments_are_rejected_or_harmless(name, data):
     except (ValueError, TypeError):
         pass
     except Exception as err:  # noqa: BLE001
+        if isinstance(value, float) and math.isnan(value) and (name, "ctor_nan") in XFAIL:
+            pytest.xfail(XFAIL[(name, "ctor_nan")])
         pytest.fail(f"{name}({arg}={value!r}) was accepted, then forward raised {type(err).__name__}: {err}")
 
 
@@ -337,12 +351,17 @@ def test_bad_constructor_arguments_are_rejected_or_harmless(name, data):
 
 
 @pytest.mark.parametrize("name", IDS)
-@settings(FUZZ, max_examples=8)
+@settings(FUZZ, max_examples=int(8 * SCALE))
 @given(data=st.data())
 def test_nan_propagates_within_its_sample_only(name, data):
     """Documented behaviour: a NaN in one sample's input is not an error (no check scans values,
-    which would cost a device sync); it reaches that sample's output, and in eval mode the other
-    samples of the batch stay finite."""
+    which would cost a device sync). On the math path (``fused_attn(False)``) the NaN reaches that
+    sample's output; in eval mode the other samples of the batch stay finite on either path.
+
+    On the fused path PyTorch's CPU SDPA kernel returns 0 for a query row whose every logit is NaN,
+    so a NaN that reaches only the queries (``mha``'s query, seq2seq queries) can vanish there; a
+    NaN in keys or values still propagates.
+    """
     spec = BY_NAME[name]
     xfail_if_listed(name, "nan")
     module = build(name).eval()
@@ -351,6 +370,27 @@ def test_nan_propagates_within_its_sample_only(name, data):
     index = tuple(data.draw(st.integers(0, n - 1)) for n in xs[i].shape[1:])
     xs[i][(0, *index)] = math.nan
     with torch.no_grad():
-        out = module(*xs)
+        fused = module(*xs)
+        with attnzoo.fused_attn(False):
+            out = module(*xs)
     assert torch.isnan(out[0]).any(), f"{name}: NaN in {input_names(spec)[i]}{(0, *index)} vanished"
-    assert torch.isfinite(out[1:]).all(), f"{name}: NaN in sample 0 leaked into sample 1"
+    for result in (out, fused):
+        assert torch.isfinite(result[1:]).all(), f"{name}: NaN in sample 0 leaked into sample 1"
+
+
+@pytest.mark.parametrize("name", [s.name for s in SPECS if mask_names(s)])
+def test_low_rank_broadcastable_masks_are_accepted(name):
+    """A bool mask of shape (1,) or (1, 1) broadcasts to anything: it must run (SDPA rejects 1-D masks)."""
+    spec = BY_NAME[name]
+    xfail_if_listed(name, "mask_low_rank")
+    module = build(name).eval()
+    for mask in mask_names(spec):
+        for shape in ((1,), (1, 1)):
+            for dtype in (torch.bool, torch.float32):
+                value = torch.ones(shape, dtype=dtype) if dtype == torch.bool else torch.zeros(shape)
+                try:
+                    out = module(*make_inputs(spec.example.inputs), **{mask: value})
+                except TypeError as err:  # this mask takes the other dtype only: fine if it says so
+                    assert mask in str(err) and "dtype" in str(err), f"{name}: {err}"
+                    continue
+                assert tuple(out.shape) == spec.example.output, f"{name}: {mask} {shape} {dtype}"
