@@ -37,6 +37,10 @@ from attnzoo.blocks import CrossAttentionBlock, FeedForwardBlock, SelfAttentionB
 from attnzoo.blocks_attention import KerasMultiHeadAttention
 
 # --- end blocks ---
+# --- biformer (BiLevelRoutingAttention, nchwBRA) ---
+from attnzoo.biformer import BiLevelRoutingAttention
+from attnzoo.biformer_nchw import nchwBRA as _nchwBRA  # noqa: F401 (registers "bra_nchw"; public in compat)
+# --- end biformer ---
 
 __version__ = "0.1.0"
 
@@ -47,6 +51,7 @@ __all__ = [
     "KerasMultiHeadAttention",
     "SelfAttentionBlock",
     # --- end blocks ---
+    "BiLevelRoutingAttention",  # biformer
     "Example",
     "Spec",
     # transformer family
@@ -75,3 +80,20 @@ __all__ = [
     "LocationAttention",
     # --- end seq2seq ---
 ]
+
+# --- gating family (SE, CBAM, SK, dual gated): importing registers them ---
+from attnzoo.cbam import CBAM, CBAtten_Res, ChannelAttention, SpatialAttention  # noqa: E402
+from attnzoo.dual import DualGatedAttention  # noqa: E402
+from attnzoo.se import SqueezeExcite  # noqa: E402
+from attnzoo.sk import SKConv  # noqa: E402
+
+__all__ += [
+    "CBAM",
+    "CBAtten_Res",
+    "ChannelAttention",
+    "DualGatedAttention",
+    "SKConv",
+    "SpatialAttention",
+    "SqueezeExcite",
+]
+# --- end gating family ---

@@ -39,9 +39,14 @@ _NOT_RUN = {"cuda_half": "needs a GPU; CI has none (tests skip without CUDA)"}
 
 
 def applies(spec: Spec, feature: str) -> bool:
-    """Whether ``feature`` means anything for ``spec`` (channels_last needs a 4-D input)."""
+    """Whether ``feature`` means anything for ``spec``.
+
+    channels_last needs a 4-D input; DDP needs parameters (it refuses a module without any).
+    """
     if feature == "channels_last":
         return len(spec.example.inputs[0]) == 4
+    if feature == "ddp":
+        return any(p.requires_grad for p in spec.cls(**spec.example.kwargs).parameters())
     return True
 
 

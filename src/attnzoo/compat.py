@@ -5,6 +5,12 @@ Code and checkpoints written against the seeds (and the papers' official code) l
 differs from the seed and why.
 """
 
+# --- biformer ---
+from attnzoo.biformer import LegacyBiLevelRoutingAttention as BiLevelRoutingAttention
+from attnzoo.biformer_nchw import nchwBRA
+
+# --- end biformer ---
+
 __all__: list[str] = []
 
 # --- seq2seq (issue 8) ---
@@ -26,3 +32,12 @@ from attnzoo.blocks import cross_attention, feed_forward, self_attention  # noqa
 
 __all__ += ["self_attention", "cross_attention", "feed_forward"]
 # --- end blocks ---
+# --- gating family ---
+from attnzoo.cbam import CBAtten_Res, ChannelAttention, SpatialAttention  # noqa: E402
+from attnzoo.dual import SeedDualAttention  # noqa: E402
+from attnzoo.se import SELayer  # noqa: E402
+from attnzoo.sk import SKEConv  # noqa: E402
+
+__all__ += ["CBAtten_Res", "ChannelAttention", "SELayer", "SKEConv", "SeedDualAttention", "SpatialAttention"]
+# --- end gating family ---
+__all__ += ["BiLevelRoutingAttention", "nchwBRA"]  # biformer
