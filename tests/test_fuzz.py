@@ -27,7 +27,7 @@ import functools
 import inspect
 import math
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 import torch
@@ -54,19 +54,34 @@ FUZZ = settings(
 )
 
 # A group: ((input index, dim), ...) that change together, and the output dim that follows (or None).
-Group = tuple[tuple[tuple[int, int], ...], "int | None"]
+
+
+class Group(NamedTuple):
+    """Input dims ``members`` ((input, dim) pairs) that change together to any size >= ``low`` that
+    is a multiple of ``step``; the output dim ``out`` equals that size, or (``derived``) follows it
+    in some other way (a stride) and is not compared; None: no output dim follows."""
+
+    members: tuple[tuple[int, int], ...]
+    out: int | None = None
+    step: int = 1
+    low: int = 1
+    derived: bool = False
+
 
 FREE_SIZES: dict[str, list[Group]] = {
     # seq2seq scores: query length L, key/value length S, value width Dv are free.
     **{
-        name: [(((0, 1),), 1), (((1, 1), (2, 1)), None), (((2, 2),), 2)]
+        name: [Group(((0, 1),), 1), Group(((1, 1), (2, 1))), Group(((2, 2),), 2)]
         for name in ("additive", "concat", "general", "dot")
     },
     "location": [],  # num_positions fixes S; query and key must share L (checked as a mismatch).
-    "mha": [(((0, 1),), 1), (((1, 1), (2, 1)), None)],
-    "cross_attention_block": [(((0, 1),), 1), (((1, 1),), None)],
-    "self_attention_block": [(((0, 1),), 1)],
-    "shifted_window": [(((0, 1),), 1), (((0, 2),), 2)],  # padded to whole windows
+    "mha": [Group(((0, 1),), 1), Group(((1, 1), (2, 1)))],
+    "cross_attention_block": [Group(((0, 1),), 1), Group(((1, 1),))],
+    "self_attention_block": [Group(((0, 1),), 1)],
+    "shifted_window": [Group(((0, 1),), 1), Group(((0, 2),), 2)],  # padded to whole windows
+    "bra": [Group(((0, 1),), 1, step=2, low=2), Group(((0, 2),), 2, step=2, low=2)],  # multiples of n_win
+    "bra_nchw": [Group(((0, 2),), 2, low=2), Group(((0, 3),), 3, low=2)],  # >= n_win, padded
+    "cbam_res": [Group(((0, 2),), 2, derived=True), Group(((0, 3),), 3, derived=True)],  # stride 2
     "temporal": [],  # num_ttokens fixes the sequence length
     "window": [],  # the window's token count fixes the sequence length
 }
@@ -107,7 +122,8 @@ def input_names(spec: Spec) -> list[str]:
 
 
 def mask_names(spec: Spec) -> list[str]:
-    return [p for p in forward_params(spec)[len(spec.example.inputs) :] if "mask" in p]
+    params = inspect.signature(spec.cls.forward).parameters
+    return [p for p in forward_params(spec)[len(spec.example.inputs) :] if "mask" in p and params[p].default is None]
 
 
 def make_inputs(shapes, seed: int = 1, dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
@@ -142,13 +158,14 @@ def probe_free_sizes(spec: Spec) -> list[Group]:
             if out_dim is not None and out.shape[out_dim] != new:
                 out_dim = None
         if ok:
-            groups.append((((0, dim),), out_dim))
+            derived = out_dim is None and len(ex.output) == len(ex.inputs[0])
+            groups.append(Group(((0, dim),), dim if derived else out_dim, derived=derived))
     return groups
 
 
 def free_members(name: str) -> set[tuple[int, int]]:
     """(input, dim) pairs that may change alone (members of one-element free groups)."""
-    return {members[0] for members, _ in free_sizes(name) if len(members) == 1}
+    return {g.members[0] for g in free_sizes(name) if len(g.members) == 1}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -174,23 +191,28 @@ def test_valid_inputs_give_finite_outputs_and_gradients(name, data):
     xfail_if_listed(name, "valid")
     ex = spec.example
     module = build(name).train(data.draw(st.booleans(), label="train"))
-    batch = data.draw(st.integers(1, 3), label="batch")
+    # BatchNorm in training needs two values per channel: PyTorch raises ValueError on batch 1 when
+    # a BatchNorm sees (1, C, 1, 1) after pooling, so training draws batch >= 2 for those modules.
+    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
+    batch = data.draw(st.integers(2 if module.training and has_bn else 1, 3), label="batch")
     shapes = [[batch, *s[1:]] for s in ex.inputs]
     out_shape = [batch, *ex.output[1:]]
-    for members, out_dim in free_sizes(name):
-        i0, d0 = members[0]
-        size = data.draw(st.integers(1, 2 * ex.inputs[i0][d0] + 1), label=f"size{members}")
-        for i, d in members:
+    for g in free_sizes(name):
+        i0, d0 = g.members[0]
+        top = max(g.low, 2 * ex.inputs[i0][d0] + 1) // g.step
+        size = g.step * data.draw(st.integers(max(1, -(-g.low // g.step)), max(1, top)), label=f"size{g.members}")
+        for i, d in g.members:
             shapes[i][d] = size
-        if out_dim is not None:
-            out_shape[out_dim] = size
+        if g.out is not None:
+            out_shape[g.out] = None if g.derived else size
     kind = data.draw(st.sampled_from(["normal", "uniform", "zeros", "constant"]), label="values")
     scale = data.draw(st.sampled_from([1e-4, 1e-2, 1.0, 30.0, 1e3]), label="scale")
     seed = data.draw(st.integers(0, 2**16), label="seed")
     xs = [fill(s, kind, scale, seed + i).requires_grad_() for i, s in enumerate(shapes)]
     out = module(*xs)
     assert isinstance(out, torch.Tensor)
-    assert list(out.shape) == out_shape, f"{name}: inputs {shapes} gave {tuple(out.shape)}, expected {out_shape}"
+    got = [None if want is None else n for n, want in zip(out.shape, out_shape)]
+    assert len(out.shape) == len(out_shape) and got == out_shape, f"{name}: inputs {shapes} gave {tuple(out.shape)}, expected {out_shape}"
     assert torch.isfinite(out).all(), f"{name}: non-finite output for {kind} inputs of scale {scale}"
     weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed))
     params = [p for p in module.parameters() if p.requires_grad]
