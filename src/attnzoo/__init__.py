@@ -41,6 +41,9 @@ from attnzoo.blocks_attention import KerasMultiHeadAttention
 from attnzoo.biformer import BiLevelRoutingAttention
 from attnzoo.biformer_nchw import nchwBRA as _nchwBRA  # noqa: F401 (registers "bra_nchw"; public in compat)
 # --- end biformer ---
+# --- acmix (issue 7) ---
+from attnzoo.acmix import ACmix
+# --- end acmix ---
 
 __version__ = "0.1.0"
 
@@ -52,6 +55,7 @@ __all__ = [
     "SelfAttentionBlock",
     # --- end blocks ---
     "BiLevelRoutingAttention",  # biformer
+    "ACmix",  # acmix (issue 7)
     "Example",
     "Spec",
     # transformer family

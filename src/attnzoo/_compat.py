@@ -27,7 +27,12 @@ FEATURES: dict[str, str] = {
 # (registry name, feature) -> why it does not work; the name "*" covers every mechanism. Filled from
 # what the tests find; every entry is re-checked (a limitation that starts passing fails the suite
 # until it is removed here).
-LIMITATIONS: dict[tuple[str, str], str] = {}
+LIMITATIONS: dict[tuple[str, str], str] = {
+    ("*", "jit_script"): (
+        "TorchScript cannot compile attnzoo's Python input checks (keyword-variadic shape specs, f-string "
+        "errors) nor its custom autograd kernels; use torch.compile or torch.jit.trace"
+    ),
+}
 
 
 def limitation(name: str, feature: str) -> str | None:

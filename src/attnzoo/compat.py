@@ -41,3 +41,10 @@ from attnzoo.sk import SKEConv  # noqa: E402
 __all__ += ["CBAtten_Res", "ChannelAttention", "SELayer", "SKEConv", "SeedDualAttention", "SpatialAttention"]
 # --- end gating family ---
 __all__ += ["BiLevelRoutingAttention", "nchwBRA"]  # biformer
+# --- acmix (issue 7): the canonical class already has the official signature and state_dict ---
+from attnzoo.acmix import ACmix
+
+# --- end acmix ---
+
+__all__: list[str] = []
+__all__ += ["ACmix"]  # acmix (issue 7)
