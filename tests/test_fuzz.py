@@ -95,14 +95,28 @@ XFAIL: dict[tuple[str, str], str] = {
     # Fix once in check_float (foundation file: the lead's), then delete these entries.
     **{
         (name, "ctor_nan"): "check_float accepts NaN for a bounded float (dropout probability)"
-        for name in ("mha", "temporal", "window", "shifted_window", "self_attention_block", "cross_attention_block")
+        for name in (
+            "mha",
+            "temporal",
+            "window",
+            "shifted_window",
+            "self_attention_block",
+            "cross_attention_block",
+        )
     },
     # gating family (merged, its hardening pending): messages that do not name the argument.
     ("cbam_channel", "ctor"): "ChannelAttention names its in_channels argument 'channels' in its messages",
     ("sk", "ctor"): "SKConv(reduction=nan) raises int()'s 'cannot convert float NaN to integer'",
 }
 
-LAYOUT_FREE_DIMS = {"NCHW": (2, 3), "NHWC": (1, 2), "NLC": (1,), "NCL": (2,), "NCTHW": (2, 3, 4), "SEQ2SEQ": ()}
+LAYOUT_FREE_DIMS = {
+    "NCHW": (2, 3),
+    "NHWC": (1, 2),
+    "NLC": (1,),
+    "NCL": (2,),
+    "NCTHW": (2, 3, 4),
+    "SEQ2SEQ": (),
+}
 
 
 def fail(name: str, kind: str, message: str) -> None:
@@ -118,7 +132,7 @@ def xfail_if_listed(name: str, kind: str) -> None:
         pytest.xfail(reason)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def build(name: str) -> nn.Module:
     torch.manual_seed(0)
     return BY_NAME[name].cls(**BY_NAME[name].example.kwargs)
@@ -134,7 +148,11 @@ def input_names(spec: Spec) -> list[str]:
 
 def mask_names(spec: Spec) -> list[str]:
     params = inspect.signature(spec.cls.forward).parameters
-    return [p for p in forward_params(spec)[len(spec.example.inputs) :] if "mask" in p and params[p].default is None]
+    return [
+        p
+        for p in forward_params(spec)[len(spec.example.inputs) :]
+        if "mask" in p and params[p].default is None
+    ]
 
 
 def make_inputs(shapes, seed: int = 1, dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
@@ -142,7 +160,7 @@ def make_inputs(shapes, seed: int = 1, dtype: torch.dtype = torch.float32) -> li
     return [torch.randn(*s, generator=gen, dtype=dtype) for s in shapes]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def free_sizes(name: str) -> tuple[Group, ...]:
     if name in FREE_SIZES:
         return tuple(FREE_SIZES[name])
@@ -211,7 +229,9 @@ def test_valid_inputs_give_finite_outputs_and_gradients(name, data):
     for g in free_sizes(name):
         i0, d0 = g.members[0]
         top = max(g.low, 2 * ex.inputs[i0][d0] + 1) // g.step
-        size = g.step * data.draw(st.integers(max(1, -(-g.low // g.step)), max(1, top)), label=f"size{g.members}")
+        size = g.step * data.draw(
+            st.integers(max(1, -(-g.low // g.step)), max(1, top)), label=f"size{g.members}"
+        )
         for i, d in g.members:
             shapes[i][d] = size
         if g.out is not None:
@@ -222,13 +242,18 @@ def test_valid_inputs_give_finite_outputs_and_gradients(name, data):
     xs = [fill(s, kind, scale, seed + i).requires_grad_() for i, s in enumerate(shapes)]
     out = module(*xs)
     assert isinstance(out, torch.Tensor)
-    got = [None if want is None else n for n, want in zip(out.shape, out_shape)]
-    assert len(out.shape) == len(out_shape) and got == out_shape, f"{name}: inputs {shapes} gave {tuple(out.shape)}, expected {out_shape}"
+    assert len(out.shape) == len(out_shape), f"{name}: output rank {out.ndim}, expected {len(out_shape)}"
+    got = [None if want is None else n for n, want in zip(out.shape, out_shape, strict=True)]
+    assert got == out_shape, f"{name}: inputs {shapes} gave {tuple(out.shape)}, expected {out_shape}"
     assert torch.isfinite(out).all(), f"{name}: non-finite output for {kind} inputs of scale {scale}"
     weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed))
     params = [p for p in module.parameters() if p.requires_grad]
     grads = torch.autograd.grad((out * weights).sum(), [*xs, *params], allow_unused=True)
-    for g, what in zip(grads, [*input_names(spec), *(n for n, p in module.named_parameters() if p.requires_grad)]):
+    for g, what in zip(
+        grads,
+        [*input_names(spec), *(n for n, p in module.named_parameters() if p.requires_grad)],
+        strict=True,
+    ):
         assert g is None or torch.isfinite(g).all(), f"{name}: non-finite gradient for {what}"
     assert any(g is not None for g in grads[: len(xs)]), f"{name}: no gradient reaches the inputs"
 
@@ -294,7 +319,9 @@ def test_invalid_inputs_raise_value_or_type_error(name, data):
         must = list(names)  # a size shared between inputs may be reported on the other input
         what = f"wrong size {shapes[i]} for {names[i]} (dim {d})"
     elif kind == "dtype":
-        dtype = data.draw(st.sampled_from([torch.int64, torch.int32, torch.uint8, torch.bool, torch.complex64]))
+        dtype = data.draw(
+            st.sampled_from([torch.int64, torch.int32, torch.uint8, torch.bool, torch.complex64])
+        )
         xs[arg] = xs[arg].to(dtype)
         exc, must = (TypeError,), [names[arg]]
         what = f"{names[arg]} of dtype {dtype}"
@@ -319,7 +346,9 @@ def test_invalid_inputs_raise_value_or_type_error(name, data):
             shape = [13] * rank  # 13 matches no size of the examples and is not 1: cannot broadcast
             kwargs[mask] = torch.ones(shape, dtype=data.draw(st.sampled_from([torch.bool, torch.float32])))
         else:
-            kwargs[mask] = torch.ones(1, dtype=torch.complex64)  # int masks are legal for some (Keras casts them)
+            kwargs[mask] = torch.ones(
+                1, dtype=torch.complex64
+            )  # int masks are legal for some (Keras casts them)
         exc, must = (ValueError, TypeError), [mask]  # masks differ in the dtypes they take
         what = f"{mask} of shape {tuple(kwargs[mask].shape)} and dtype {kwargs[mask].dtype}"
     expect_error(name, what, lambda: module(*xs, **kwargs), exc, must)
@@ -344,7 +373,13 @@ def ctor_params(spec: Spec) -> list[str]:
 def bad_values(value: Any) -> list[Any]:
     bad = list(BAD_SCALARS)
     if isinstance(value, (tuple, list)) and value:
-        bad += [(0,) * len(value), (-1,) * len(value), tuple(value[:-1]) or (1, 2, 3), (*value, *value), ("2",) * len(value)]
+        bad += [
+            (0,) * len(value),
+            (-1,) * len(value),
+            tuple(value[:-1]) or (1, 2, 3),
+            (*value, *value),
+            ("2",) * len(value),
+        ]
     return bad
 
 
@@ -375,7 +410,11 @@ def test_bad_constructor_arguments_are_rejected_or_harmless(name, data):
         pass
     except Exception as err:  # noqa: BLE001
         kind = "ctor_nan" if isinstance(value, float) and math.isnan(value) else "ctor"
-        fail(name, kind, f"{name}({arg}={value!r}) was accepted, then forward raised {type(err).__name__}: {err}")
+        fail(
+            name,
+            kind,
+            f"{name}({arg}={value!r}) was accepted, then forward raised {type(err).__name__}: {err}",
+        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -428,5 +467,5 @@ def test_low_rank_broadcastable_masks_are_accepted(name):
                     assert mask in str(err), f"{name}: message {str(err)!r} does not name {mask}"
                     continue
                 except Exception as err:  # noqa: BLE001
-                    pytest.fail(f"{name}: {mask} of shape {shape} and dtype {dtype} raised {type(err).__name__}: {err}")
+                    pytest.fail(f"{name}: {mask} {shape} of dtype {dtype} raised {type(err).__name__}: {err}")
                 assert tuple(out.shape) == spec.example.output, f"{name}: {mask} {shape} {dtype}"
