@@ -35,14 +35,15 @@ def _cmd_list(args: argparse.Namespace) -> int:
         for s in specs
     ]
     widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(header)]
-    print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=False)))
     print("  ".join("-" * w for w in widths))
     for row in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)))
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``attnzoo`` command-line parser with its sub-commands."""
     parser = argparse.ArgumentParser(
         prog="attnzoo", description="Attention mechanisms for PyTorch: list, inspect and benchmark them."
     )
@@ -56,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``attnzoo`` command with ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
