@@ -251,8 +251,10 @@ class CrossAttentionBlock(_PrefixedBlock):
         """``LayerNorm(x + MHA(x, context, context))``, masks as in the class docstring; ``(B, L, D)``."""
         self._check_x(x)
         who = type(self).__name__
-        fixed = {} if self.context_len is None else {"S": self.context_len}
-        dims = check_shape(context, who, "B S E", "context", **fixed)
+        if self.context_len is None:
+            dims = check_shape(context, who, "B S E", "context")
+        else:
+            dims = check_shape(context, who, "B S E", "context", S=self.context_len)
         if context_mask is not None:  # checked here so the message names context_mask
             _bool_mask(context_mask, (x.shape[0], dims["S"]), who, "context_mask")
         out = self.attention(x, context, attention_mask=attention_mask, padding_mask=context_mask)

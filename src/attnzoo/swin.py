@@ -44,7 +44,8 @@ def _pair(value: int | Sequence[int], name: str, who: str, minimum: int = 1) -> 
     elif isinstance(value, (tuple, list)):
         pair = tuple(value)
     else:
-        raise TypeError(f"{who}: {name} must be an int or a pair of ints, got {type(value).__name__} {value!r}")
+        kind = type(value).__name__
+        raise TypeError(f"{who}: {name} must be an int or a pair of ints, got {kind} {value!r}")
     if len(pair) != 2:
         raise ValueError(f"{who}: {name} must be an int or a pair of ints, got {value!r}")
     return check_int(pair[0], name, who, minimum=minimum), check_int(pair[1], name, who, minimum=minimum)
