@@ -87,27 +87,9 @@ FREE_SIZES: dict[str, list[Group]] = {
     "window": [],  # the window's token count fixes the sequence length
 }
 
-# Cases that fail in families not yet hardened; keyed by (mechanism, test kind). The lead fixes them
-# after merging, then deletes the entry.
-XFAIL: dict[tuple[str, str], str] = {
-    # attnzoo._checks.check_float lets NaN through its bounds (NaN compares False), so a NaN
-    # dropout probability is accepted and nn.Dropout raises RuntimeError on the first forward.
-    # Fix once in check_float (foundation file: the lead's), then delete these entries.
-    **{
-        (name, "ctor_nan"): "check_float accepts NaN for a bounded float (dropout probability)"
-        for name in (
-            "mha",
-            "temporal",
-            "window",
-            "shifted_window",
-            "self_attention_block",
-            "cross_attention_block",
-        )
-    },
-    # gating family (merged, its hardening pending): messages that do not name the argument.
-    ("cbam_channel", "ctor"): "ChannelAttention names its in_channels argument 'channels' in its messages",
-    ("sk", "ctor"): "SKConv(reduction=nan) raises int()'s 'cannot convert float NaN to integer'",
-}
+# Cases known to fail, keyed by (mechanism, test kind), with the reason; empty while every
+# mechanism passes.
+XFAIL: dict[tuple[str, str], str] = {}
 
 LAYOUT_FREE_DIMS = {
     "NCHW": (2, 3),
