@@ -1,6 +1,7 @@
-"""Generated documentation pieces: the README's table of mechanisms comes from the registry.
+"""Generated documentation pieces: the README's tables come from the registry and attnzoo._compat.
 
-``python -m attnzoo._docs`` rewrites the table in README.md; a test fails when it is stale.
+``python -m attnzoo._docs`` rewrites the tables in README.md and docs/; a test fails when they are
+stale.
 """
 
 from __future__ import annotations
@@ -8,9 +9,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from attnzoo._compat import compat_table
 from attnzoo._registry import list_modules
 
 START, END = "<!-- mechanisms:start -->", "<!-- mechanisms:end -->"
+COMPAT_START, COMPAT_END = "<!-- compat:start -->", "<!-- compat:end -->"
 
 
 def mechanism_table() -> str:
@@ -31,9 +34,24 @@ def replace_between(text: str, start: str, end: str, body: str) -> str:
     return f"{head}{start}\n{body}\n{end}{tail}"
 
 
-def main(path: str = "README.md") -> int:
-    readme = Path(path)
-    readme.write_text(replace_between(readme.read_text(), START, END, mechanism_table()))
+def generated_files(root: Path) -> dict[Path, str]:
+    """Every file with generated parts, and what it should contain now."""
+    out = {}
+    for path in (root / "README.md", root / "docs" / "index.md", root / "docs" / "compatibility.md"):
+        if not path.exists():
+            continue
+        text = path.read_text()
+        if START in text:
+            text = replace_between(text, START, END, mechanism_table())
+        if COMPAT_START in text:
+            text = replace_between(text, COMPAT_START, COMPAT_END, compat_table())
+        out[path] = text
+    return out
+
+
+def main(root: str = ".") -> int:
+    for path, text in generated_files(Path(root)).items():
+        path.write_text(text)
     return 0
 
 
