@@ -95,6 +95,14 @@ def test_default_queries_include_the_centre_and_are_unique():
     assert query_indices((3, 4, 4))[0].item() == 1 * 16 + 2 * 4 + 2
 
 
+def test_token_grid_places_queries_of_sequences_on_the_map():
+    with capture_maps(token_grid=(4, 6)):
+        assert query_indices((24,))[0].item() == 2 * 6 + 3  # the centre of the 4 x 6 map
+        assert query_indices((10,))[0].item() == 5  # another length: a plain sequence
+    with pytest.raises(ValueError, match="token_grid"):
+        capture_maps(token_grid=(0, 3))
+
+
 def test_nested_and_threads_are_isolated():
     model = ToySelfAttention(4)
     x = torch.randn(1, 4, 2, 2)

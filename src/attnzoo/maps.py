@@ -12,6 +12,13 @@ Mechanisms call two cheap helpers in their forward: :func:`capturing` (a global 
 free when nothing captures) and :func:`record` / :func:`record_rows`. The fused path stays fused
 when nothing captures; while capturing, dot-product modules compute weights for the chosen query
 rows only (``attend(q[:, :, idx], k, ..., return_weights=True)``), never the full N x N matrix.
+The pattern in a ``forward`` (the outer ``if`` keeps ``torch.jit.script`` working: TorchScript
+skips the branch; ``torch.compile`` and ``torch.jit.trace`` see ``capturing()`` return False)::
+
+    if not torch.jit.is_scripting():
+        if capturing():
+            record(self, "channel", weights)            # (B, C)
+            record_rows(self, q, k, grid=(H, W))        # q, k: (B, h, N, d)
 
 Kinds of map and the shape of :attr:`AttentionMap.data`:
 
@@ -77,9 +84,12 @@ class AttentionMap:
 
 
 class _Session:
-    def __init__(self, model: nn.Module | None, queries: tuple[tuple[float | int, ...], ...]) -> None:
+    def __init__(
+        self, model: nn.Module | None, queries: tuple[tuple[float | int, ...], ...], token_grid: tuple[int, ...] | None
+    ) -> None:
         self.names = {id(m): n for n, m in model.named_modules()} if model is not None else {}
         self.queries = queries
+        self.token_grid = token_grid
         self.maps: dict[str, list[AttentionMap]] = {}
 
 
@@ -122,6 +132,9 @@ class capture_maps:  # noqa: N801 (used as a function: ``with capture_maps(model
             fewer coordinates than the grid is centred on the leading axes (a (y, x) point on a
             (T, H, W) grid takes the middle frame); with more, the leading ones are dropped (a
             (y, x) point on a 1-D sequence uses x). Default: :data:`DEFAULT_QUERIES`.
+        token_grid: How a token sequence lies on a map, ``(H, W)`` row-major: a module that
+            only sees ``H*W`` tokens (multi-head attention on a flattened map) then gets its query
+            points placed on that map. Default: None (sequences are 1-D).
 
     Returns:
         A dict, filled while the block runs, from module name to the list of its
@@ -134,13 +147,22 @@ class capture_maps:  # noqa: N801 (used as a function: ``with capture_maps(model
         'rows'
     """
 
-    def __init__(self, model: nn.Module | None = None, *, queries: Sequence[Point] | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module | None = None,
+        *,
+        queries: Sequence[Point] | None = None,
+        token_grid: Sequence[int] | None = None,
+    ) -> None:
         if model is not None and not isinstance(model, nn.Module):
             raise TypeError(f"capture_maps expects model to be an nn.Module or None, got {type(model).__name__}")
         points = DEFAULT_QUERIES if queries is None else tuple(_normalise_point(p) for p in queries)
         if not points:
             raise ValueError("capture_maps expects at least one query point, got an empty list")
-        self._session = _Session(model, points)
+        grid = None if token_grid is None else tuple(int(g) for g in token_grid)
+        if grid is not None and (not grid or any(g < 1 for g in grid)):
+            raise ValueError(f"capture_maps expects token_grid of positive sizes such as (H, W), got {token_grid}")
+        self._session = _Session(model, points, grid)
 
     def __enter__(self) -> dict[str, list[AttentionMap]]:
         global _active
@@ -185,6 +207,12 @@ def query_indices(grid: Sequence[int], device: torch.device | None = None) -> Te
         raise ValueError(f"query_indices expects a grid of positive sizes, got {grid}")
     session = _session()
     points = session.queries if session is not None else DEFAULT_QUERIES
+    if session is not None and session.token_grid is not None and len(grid) == 1:
+        size = 1
+        for g in session.token_grid:
+            size *= g
+        if size == grid[0]:
+            grid = session.token_grid  # row-major, so flat indices on it are token indices
     flat = list(dict.fromkeys(_resolve_point(p, grid) for p in points))
     return torch.tensor(flat, dtype=torch.long, device=device)
 
