@@ -8,7 +8,9 @@ own layout:
 - NCHW as is; NHWC permuted to ``(B, H, W, C)``; NLC flattened to ``(B, H*W, C)`` tokens; NCL to
   ``(B, C, H*W)``; a token input ``B x L x C`` with a square L becomes a ``sqrt(L) x sqrt(L)`` map;
 - SEQ2SEQ scoring rules get **one query** ``(B, 1, C)`` against the ``H*W`` tokens as keys and
-  values ``(B, H*W, C)`` (a decoder step attending to the encoder's feature map);
+  values ``(B, H*W, C)`` (a decoder step attending to the encoder's feature map); multi-head
+  attention gets the tokens as query, key and value; Swin's window attention the map cut into
+  windows (:data:`INPUT_RULES`);
 - inputs a mechanism cannot take raise :class:`Unsupported` with the reason.
 
 Constructor arguments: the channel arguments (:func:`channel_kwargs`, shared with surgery) plus
@@ -141,9 +143,23 @@ def _layout_shape(layout: str, geo: Geometry, spec: Spec) -> tuple[int, ...]:
     raise Unsupported(f"layout {layout} has no conversion")
 
 
+# Per-name input conventions, where the layout alone does not say what to feed.
+INPUT_RULES: dict[str, str] = {
+    "mha": "self",  # query = key = value = the H*W tokens (self-attention)
+    "window": "windows",  # the map cut into windows: (B * windows, Wh*Ww, C), as Swin calls it
+}
+
+
 def input_shapes(spec: Spec, geo: Geometry) -> tuple[tuple[int, ...], ...]:
     """The shapes of the positional inputs ``spec``'s module takes for this input."""
     example = spec.example.inputs
+    rule = INPUT_RULES.get(spec.name)
+    if rule == "self":
+        return tuple((geo.batch, geo.tokens, geo.channels) for _ in example)
+    if rule == "windows":
+        h, w = _grid2d(geo, spec)
+        size = _divisor_window(h, w)
+        return ((geo.batch * (h // size) * (w // size), size * size, geo.channels),)
     if spec.layout == "SEQ2SEQ":
         # Example (B, Lq, dq), (B, Lk, dk), ...: sequences as long as the example's first become one
         # query; the others become the H*W tokens; every feature size becomes C.
@@ -168,15 +184,18 @@ def _heads(geo: Geometry, default: Any) -> int:
     return next(h for h in (8, 4, 2, 1) if geo.channels % h == 0)
 
 
+def _divisor_window(h: int, w: int) -> int:
+    return next(n for n in range(min(7, h, w), 0, -1) if h % n == 0 and w % n == 0)
+
+
 def _window(geo: Geometry, params: dict[str, inspect.Parameter]) -> int:
     return min(7, *geo.spatial[-2:]) if len(geo.spatial) >= 2 else min(7, geo.tokens)
 
 
 def _n_win(geo: Geometry, params: dict[str, inspect.Parameter]) -> int:
     h, w = geo.spatial[-2:] if len(geo.spatial) >= 2 else (geo.tokens, geo.tokens)
-    if "auto_pad" in params:
-        return min(7, h, w)
-    return next(n for n in range(min(7, h, w), 0, -1) if h % n == 0 and w % n == 0)
+    n = _divisor_window(h, w)
+    return 7 if n == 1 and "auto_pad" in params and min(h, w) >= 7 else n
 
 
 _C = "channels"  # marker: the input's channel count
@@ -189,6 +208,7 @@ ARG_DEFAULTS: dict[str, Any] = {
     "context_dim": _C, "query_size": _C, "key_size": _C,
     "num_positions": _N, "num_ttokens": _N,
     "window_size": _window,
+    "shift_size": lambda geo, params: _window(geo, params) // 2,
     "n_win": _n_win,
     "auto_pad": lambda geo, params: True,
     "dimension": lambda geo, params: len(geo.spatial) if len(geo.spatial) in (1, 2, 3) else 2,
@@ -215,6 +235,9 @@ def constructor_kwargs(spec: Spec, geo: Geometry) -> dict[str, Any]:
             continue
         rule = ARG_DEFAULTS.get(name)
         if rule is None:
+            continue
+        if name == "window_size" and INPUT_RULES.get(spec.name) == "windows":
+            kwargs[name] = _divisor_window(*_grid2d(geo, spec))
             continue
         kwargs[name] = geo.channels if rule == _C else geo.tokens if rule == _N else rule(geo, params)
     if spec.family in FAMILY_DEFAULTS:
@@ -306,6 +329,22 @@ class _QueryProbe(nn.Module):
         return x + out.reshape(b, c, 1, 1)  # (B, 1, C) -> (B, C, 1, 1)
 
 
+class _SelfTokens(nn.Module):
+    """Runs a (query, key, value) module on a ``(B, C, H, W)`` map: the H*W tokens attend to themselves."""
+
+    def __init__(self, module: nn.Module, inputs: int) -> None:
+        super().__init__()
+        self.module = module
+        self.inputs = inputs
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, c, h, w = x.shape
+        tokens = x.flatten(2).transpose(1, 2)  # (B, H*W, C)
+        out = self.module(*([tokens] * self.inputs))
+        out = out[0] if isinstance(out, tuple) else out
+        return out.transpose(1, 2).reshape(b, c, h, w)  # (B, H*W, C) -> (B, C, H, W)
+
+
 def build_nchw(spec: Spec, channels: int, size: tuple[int, int], *, seed: int = 0) -> nn.Module:
     """A module for ``(B, channels, H, W)`` maps that keeps their shape: ``spec``'s mechanism built
     for that input and wrapped to the map's layout when it takes another (NHWC, NLC tokens, or a
@@ -316,6 +355,11 @@ def build_nchw(spec: Spec, channels: int, size: tuple[int, int], *, seed: int = 
     """
     geo = Geometry(1, channels, tuple(size))
     torch.manual_seed(seed)
+    rule = INPUT_RULES.get(spec.name)
+    if rule == "windows":
+        raise Unsupported("takes windows already cut from a map, (B*windows, Wh*Ww, C); use shifted_window on maps")
+    if rule == "self":
+        return _SelfTokens(_construct(spec, constructor_kwargs(spec, geo)), len(spec.example.inputs))
     if spec.layout == "SEQ2SEQ":
         kwargs = constructor_kwargs(spec, geo)
         shapes = input_shapes(spec, geo)
