@@ -147,6 +147,7 @@ def _layout_shape(layout: str, geo: Geometry, spec: Spec) -> tuple[int, ...]:
 INPUT_RULES: dict[str, str] = {
     "mha": "self",  # query = key = value = the H*W tokens (self-attention)
     "window": "windows",  # the map cut into windows: (B * windows, Wh*Ww, C), as Swin calls it
+    "temporal": "frames",  # attends along time: clips give (B*H*W, T, C); sequences as they are
 }
 
 
@@ -156,6 +157,12 @@ def input_shapes(spec: Spec, geo: Geometry) -> tuple[tuple[int, ...], ...]:
     rule = INPUT_RULES.get(spec.name)
     if rule == "self":
         return tuple((geo.batch, geo.tokens, geo.channels) for _ in example)
+    if rule == "frames":
+        if len(geo.spatial) == 2:
+            raise Unsupported("attends along time: give BxCxTxHxW clips or BxLxC sequences")
+        if len(geo.spatial) == 3:
+            t, h, w = geo.spatial
+            return ((geo.batch * h * w, t, geo.channels),)
     if rule == "windows":
         h, w = _grid2d(geo, spec)
         size = _divisor_window(h, w)
@@ -206,7 +213,8 @@ _N = "tokens"  # marker: the input's number of positions
 ARG_DEFAULTS: dict[str, Any] = {
     "in_dim": _C, "out_dim": _C, "query_dim": _C, "key_dim": _C, "value_dim": _C, "output_dim": _C,
     "context_dim": _C, "query_size": _C, "key_size": _C,
-    "num_positions": _N, "num_ttokens": _N,
+    "num_positions": _N,
+    "num_ttokens": lambda geo, params: geo.spatial[0] if len(geo.spatial) == 3 else geo.tokens,
     "window_size": _window,
     "shift_size": lambda geo, params: _window(geo, params) // 2,
     "n_win": _n_win,
@@ -358,6 +366,8 @@ def build_nchw(spec: Spec, channels: int, size: tuple[int, int], *, seed: int = 
     rule = INPUT_RULES.get(spec.name)
     if rule == "windows":
         raise Unsupported("takes windows already cut from a map, (B*windows, Wh*Ww, C); use shifted_window on maps")
+    if rule == "frames":
+        raise Unsupported("attends along time, (B, T, C) frames; it has no place on a feature map")
     if rule == "self":
         return _SelfTokens(_construct(spec, constructor_kwargs(spec, geo)), len(spec.example.inputs))
     if spec.layout == "SEQ2SEQ":

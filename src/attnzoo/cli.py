@@ -95,6 +95,17 @@ def _si(value: float | None, digits: int = 3) -> str:
     return f"{value:.{digits}g}"
 
 
+def _num(value: float | None) -> str:
+    """A measurement with about 3 significant digits, never in exponent form."""
+    if value is None:
+        return "-"
+    if value >= 100:
+        return f"{value:.0f}"
+    if value >= 10:
+        return f"{value:.1f}"
+    return f"{value:.2f}" if value >= 0.01 else "<0.01"
+
+
 def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     cells = [[str(c) for c in row] for row in rows]
     widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(header)]
@@ -406,9 +417,8 @@ def _bench_table(title: str, rows: list[dict[str, Any]], memory_note: str, kept:
     done = sorted((r for r in rows if r["status"] == "ok"), key=lambda r: r["latency_ms"])
     header = ("name", "input", "params", "FLOPs", "latency ms", "GFLOP/s", "peak MB")
     body = [
-        (r["name"], r["input"], _si(r["params"]), _si(r["flops"]), f"{r['latency_ms']:.3g}",
-         "-" if r["gflops_per_s"] is None else f"{r['gflops_per_s']:.3g}",
-         "-" if r["peak_mb"] is None else f"{r['peak_mb']:.3g}")
+        (r["name"], r["input"], _si(r["params"]), _si(r["flops"]), _num(r["latency_ms"]), _num(r["gflops_per_s"]),
+         _num(r["peak_mb"]))
         for r in done
     ]
     lines = [title, _table(header, body), "",
