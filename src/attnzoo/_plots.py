@@ -123,8 +123,10 @@ def panels(name: str, m: AttentionMap, token_grid: tuple[int, int] | None, sampl
         rows = data.mean(0)  # (Q, S): mean over heads
         queries = m.queries.tolist() if m.queries is not None else list(range(rows.shape[0]))
         out = []
+        if isinstance(m.meta.get("query"), str):  # a query that is no position (the mean token)
+            return [Panel(f"{name}: {m.meta['query']} query", heat=_plane(rows[0], grid))]
         for q, row in list(zip(queries, rows))[:max_queries]:
-            mark = m.meta.get("query_yx") or _query_yx(int(q), qgrid)
+            mark = _query_yx(int(q), qgrid)
             out.append(Panel(f"{name}: query {tuple(round(v, 2) for v in mark)}", heat=_plane(row, grid),
                              marks=(mark,)))
         return out

@@ -489,9 +489,12 @@ def _cmd_maps(args: argparse.Namespace) -> int:
         module(feats)
     if not maps:
         raise CLIError(f"{spec.name} recorded no attention maps (its module does not record any yet)")
+    # Records are named inside the wrapper ("", "module", "module.inner"): name them by the mechanism.
+    maps = {spec.name + name.partition("module")[2] if name.startswith("module") else name or spec.name: records
+            for name, records in maps.items()}
     title = f"{spec.name} ({spec.cls.__name__}, untrained, seed {args.seed}) on {os.path.basename(args.image or sample_image())}"
     count = plot_maps(image, maps, args.out, title=title, token_grid=grid)
-    kinds = ", ".join(f"{name or spec.name}: {'/'.join(m.kind for m in records)}" for name, records in maps.items())
+    kinds = ", ".join(f"{name}: {'/'.join(m.kind for m in records)}" for name, records in maps.items())
     print(f"wrote {args.out} ({count} panels; {kinds})")
     return 0
 
