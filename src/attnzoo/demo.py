@@ -10,7 +10,7 @@ accuracy, training time, and how much of each attention map falls on the odd sha
 
 from __future__ import annotations
 
-import time
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -128,14 +128,21 @@ class Result:
 
 def train(model: nn.Module, images: Tensor, labels: Tensor, *, epochs: int, batch_size: int = 64, lr: float = 3e-3,
           seed: int = 0, step: Callable[[], None] | None = None) -> list[float]:
-    """Train with Adam and a one-cycle schedule; returns the mean loss per epoch.
+    """Train with AdamW, warm-up and cosine decay; returns the mean loss per epoch.
 
     ``step`` is called after every batch (progress).
     """
     gen = torch.Generator().manual_seed(seed)
     steps = epochs * ((len(images) + batch_size - 1) // batch_size)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1), pct_start=0.2)
+    warm = max(steps // 10, 1)
+
+    def schedule(i: int) -> float:  # linear warm-up, then cosine decay to zero
+        if i < warm:
+            return (i + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * (i - warm) / max(steps - warm, 1)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     losses = []
     model.train()
     for _ in range(epochs):
