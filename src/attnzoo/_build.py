@@ -219,6 +219,7 @@ ARG_DEFAULTS: dict[str, Any] = {
     "shift_size": lambda geo, params: _window(geo, params) // 2,
     "n_win": _n_win,
     "auto_pad": lambda geo, params: True,
+    "stride": lambda geo, params: 1,  # attention keeps the map's size (the seed's CBAtten_Res defaults to 2)
     "dimension": lambda geo, params: len(geo.spatial) if len(geo.spatial) in (1, 2, 3) else 2,
 }
 _HEAD_ARGS = ("num_heads", "heads", "head", "n_head", "n_heads")
