@@ -45,7 +45,7 @@ def check_onnx(spec, tmp_path) -> None:
 
     module, xs = _setup(spec)
     path = tmp_path / f"{spec.name}.onnx"
-    torch.onnx.export(module, tuple(xs), str(path), opset_version=17, dynamo=True)
+    torch.onnx.export(module, tuple(xs), str(path), opset_version=18, dynamo=True)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     feeds = {i.name: x.numpy() for i, x in zip(session.get_inputs(), xs)}
     got = torch.from_numpy(session.run(None, feeds)[0])

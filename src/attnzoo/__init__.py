@@ -13,6 +13,34 @@ from attnzoo.maps import AttentionMap, capture_maps
 # --- end cli / maps ---
 
 # Family modules register their classes on import (one family per file).
+# --- seq2seq (issue 8) ---
+from attnzoo.seq2seq import (
+    AdditiveAttention,
+    ConcatAttention,
+    DotProductAttention,
+    GeneralAttention,
+    LocationAttention,
+)
+
+# --- end seq2seq ---
+
+# --- transformer family (mha, swin, temporal) ---
+from attnzoo.mha import MultiHeadAttention
+from attnzoo.swin import (
+    ShiftedWindowAttention,
+    WindowAttention,
+    shifted_window_mask,
+    window_partition,
+    window_reverse,
+)
+from attnzoo.temporal import TemporalAttention
+# --- end transformer family ---
+# --- blocks (issue 6: prefix-named transformer blocks of seed 001) ---
+# isort: split
+from attnzoo.blocks import CrossAttentionBlock, FeedForwardBlock, SelfAttentionBlock
+from attnzoo.blocks_attention import KerasMultiHeadAttention
+
+# --- end blocks ---
 
 __version__ = "0.1.0"
 
@@ -21,8 +49,23 @@ __all__ = [
     "AttentionMap",
     "capture_maps",
     # --- end cli / maps ---
+    # --- blocks ---
+    "CrossAttentionBlock",
+    "FeedForwardBlock",
+    "KerasMultiHeadAttention",
+    "SelfAttentionBlock",
+    # --- end blocks ---
     "Example",
     "Spec",
+    # transformer family
+    "MultiHeadAttention",
+    "ShiftedWindowAttention",
+    "TemporalAttention",
+    "WindowAttention",
+    "shifted_window_mask",
+    "window_partition",
+    "window_reverse",
+    # end transformer family
     "attend",
     "create",
     "find",
@@ -32,4 +75,28 @@ __all__ = [
     "insert",
     "list_modules",
     "replace",
+    # --- seq2seq (issue 8) ---
+    "AdditiveAttention",
+    "ConcatAttention",
+    "DotProductAttention",
+    "GeneralAttention",
+    "LocationAttention",
+    # --- end seq2seq ---
 ]
+
+# --- gating family (SE, CBAM, SK, dual gated): importing registers them ---
+from attnzoo.cbam import CBAM, CBAtten_Res, ChannelAttention, SpatialAttention  # noqa: E402
+from attnzoo.dual import DualGatedAttention  # noqa: E402
+from attnzoo.se import SqueezeExcite  # noqa: E402
+from attnzoo.sk import SKConv  # noqa: E402
+
+__all__ += [
+    "CBAM",
+    "CBAtten_Res",
+    "ChannelAttention",
+    "DualGatedAttention",
+    "SKConv",
+    "SpatialAttention",
+    "SqueezeExcite",
+]
+# --- end gating family ---

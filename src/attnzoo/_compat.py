@@ -15,7 +15,7 @@ __all__ = ["FEATURES", "LIMITATIONS", "applies", "limitation", "compat_table"]
 FEATURES: dict[str, str] = {
     "compile": "`torch.compile`",
     "fullgraph": "`fullgraph=True`",
-    "onnx": "ONNX opset 17 = onnxruntime",
+    "onnx": "ONNX opset 18 = onnxruntime",
     "autocast_bf16": "autocast bf16 (CPU)",
     "channels_last": "channels_last",
     "jit_trace": "`jit.trace`",

@@ -46,6 +46,12 @@ def generated_files(root: Path) -> dict[Path, str]:
         if COMPAT_START in text:
             text = replace_between(text, COMPAT_START, COMPAT_END, compat_table())
         out[path] = text
+    results = root / "benchmarks" / "RESULTS.md"
+    if results.exists() and (root / "docs").exists():
+        body = results.read_text()
+        out[root / "docs" / "benchmarks.md"] = (
+            "<!-- generated from benchmarks/RESULTS.md by python -m attnzoo._docs -->\n" + body
+        )
     return out
 
 

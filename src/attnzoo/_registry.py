@@ -56,7 +56,7 @@ class Spec:
     aliases: tuple[str, ...] = ()
     seed_name: str | None = None
     uses_attend: bool = False
-    seed_cls: type[nn.Module] | None = field(default=None, compare=False)
+    seed_cls: Callable[..., nn.Module] | None = field(default=None, compare=False)
 
     def __repr__(self) -> str:
         seed = f", seed_name={self.seed_name!r}" if self.seed_name else ""
@@ -105,13 +105,16 @@ def register(
     return decorate
 
 
-def register_seed(name: str) -> Callable[[ModuleT], ModuleT]:
-    """Class decorator that attaches the seed-compatible class to the registered entry ``name``.
+SeedT = TypeVar("SeedT", bound=Callable[..., nn.Module])
 
-    ``create(seed_name, ...)`` then builds this class with the seed's constructor arguments.
+
+def register_seed(name: str) -> Callable[[SeedT], SeedT]:
+    """Decorator that attaches the seed-compatible class (or builder) to the registered entry ``name``.
+
+    ``create(seed_name, ...)`` then calls it with the seed's constructor arguments.
     """
 
-    def decorate(cls: ModuleT) -> ModuleT:
+    def decorate(cls: SeedT) -> SeedT:
         spec = get_spec(name)
         if spec.seed_name is None:
             raise ValueError(f"attention {name!r} was registered without a seed_name")

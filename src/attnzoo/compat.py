@@ -6,3 +6,31 @@ differs from the seed and why.
 """
 
 __all__: list[str] = []
+
+# --- seq2seq (issue 8) ---
+from attnzoo.seq2seq import Attn  # noqa: E402
+
+__all__ += ["Attn"]
+# --- end seq2seq ---
+# --- transformer family (mha, swin, temporal) ---
+# The seed's MultiHeadAttention shares the canonical class's name, so it is exported here under the
+# seed's name but not registered as a seed name (create("MultiHeadAttention") builds the canonical).
+from attnzoo.mha import SeedMultiHeadAttention as MultiHeadAttention  # noqa: E402
+from attnzoo.swin import WindowAttention  # noqa: E402  (the official Swin class, unchanged API)
+from attnzoo.temporal import Attention  # noqa: E402
+
+__all__ += ["Attention", "MultiHeadAttention", "WindowAttention"]
+# --- end transformer family ---
+# --- blocks (issue 6): the seed-001 tutorial's builders, returning PyTorch modules ---
+from attnzoo.blocks import cross_attention, feed_forward, self_attention  # noqa: E402
+
+__all__ += ["self_attention", "cross_attention", "feed_forward"]
+# --- end blocks ---
+# --- gating family ---
+from attnzoo.cbam import CBAtten_Res, ChannelAttention, SpatialAttention  # noqa: E402
+from attnzoo.dual import SeedDualAttention  # noqa: E402
+from attnzoo.se import SELayer  # noqa: E402
+from attnzoo.sk import SKEConv  # noqa: E402
+
+__all__ += ["CBAtten_Res", "ChannelAttention", "SELayer", "SKEConv", "SeedDualAttention", "SpatialAttention"]
+# --- end gating family ---

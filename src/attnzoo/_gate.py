@@ -1,0 +1,265 @@
+"""Fused channel/spatial gating: ``out = x * cg[b, c] * sg[b, h, w]`` with a lean backward.
+
+Shared by the gating family (SE, CBAM and its parts, the seed's dual gated block). A channel gate
+``cg`` comes from statistics of ``x`` pooled over H, W (mean and/or max) through a small learned
+function (an MLP); a spatial gate ``sg`` comes from statistics of the channel-gated tensor pooled
+over C (mean and/or max) through another small function (a k x k convolution).
+
+Plain autograd over that composition keeps the channel-gated tensor, materialises the gradient of
+every pooling as a full-size tensor and adds them one by one (timm's ``amax`` also builds an
+equality mask over the whole input). :class:`_GateFn` instead
+
+- runs the small functions on their (B, C) / (B, 1, H, W) inputs in a little autograd graph of their
+  own, kept on the context, so their backward is a vector-Jacobian product on small tensors;
+- saves only ``x`` (the caller's tensor), the two gates and the argmax indices (int64 of pooled size);
+- in backward, materialises one full-size product ``g * x``, reduces it with two matrix products
+  (sum over C weighted by ``cg``, sum over H, W weighted by ``sg``), and writes the input gradient in
+  two fused multiply-adds, scattering the max-pool gradients to their argmax positions.
+
+Memory per step: the output plus one full-size temporary, against three to five in plain autograd.
+
+Limitation: the backward is first-order only; a backward with ``create_graph=True`` through a gate
+(a gradient penalty, for example) raises a ``RuntimeError`` instead of silently dropping the
+gate's second-order terms. Under ``torch.no_grad()`` (or with nothing requiring grad) the kernel
+is bypassed and the max statistics use ``amax``, which skips computing indices.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from attnzoo._checks import check_shape
+
+__all__ = ["GatePlan", "fused_gate", "to_batch_first", "small_graph", "small_vjp", "first_order_only"]
+
+STATS = ("mean", "max")
+
+# A small differentiable function kept with its graph: (output, leaf inputs).
+Graph = tuple[Tensor, list[Tensor]]
+
+
+@dataclass(frozen=True)
+class GatePlan:
+    """What to pool and which small functions turn the pooled statistics into gates.
+
+    Args:
+        channel_fn: Maps the channel statistics, each (B, C), to the channel gate (B, C); ``None``
+            for no channel gate.
+        channel_stats: Which statistics over H, W ``channel_fn`` takes, in order ("mean", "max").
+        spatial_fn: Maps the spatial statistics, each (B, 1, H, W), to the spatial gate
+            (B, 1, H, W); ``None`` for no spatial gate.
+        spatial_stats: Which statistics over C ``spatial_fn`` takes, in order.
+    """
+
+    channel_fn: Callable[..., Tensor] | None = None
+    channel_stats: tuple[str, ...] = ()
+    spatial_fn: Callable[..., Tensor] | None = None
+    spatial_stats: tuple[str, ...] = ()
+
+
+def to_batch_first(x: object, batch_first: bool, who: str, **sizes: Any) -> Tensor:
+    """Check a 4-D input and return it as a (B, C, H, W) view (the seed's ``batch_first=False``
+    means the input is (C, B, H, W))."""
+    check_shape(x, who, "B C H W" if batch_first else "C B H W", **sizes)
+    t = cast(Tensor, x)
+    return t if batch_first else t.permute(1, 0, 2, 3)  # (C, B, H, W) -> (B, C, H, W)
+
+
+def small_graph(
+    fn: Callable[..., Tensor], inputs: Sequence[Tensor], track: bool
+) -> tuple[Tensor, Graph | None]:
+    """Run ``fn`` on small tensors; with ``track``, keep its graph for :func:`small_vjp`."""
+    if not track:
+        with torch.no_grad():
+            return fn(*inputs), None
+    leaves = [t.detach().requires_grad_() for t in inputs]
+    with torch.enable_grad():
+        out = fn(*leaves)
+    return out.detach(), (out, leaves)
+
+
+def small_vjp(
+    graph: Graph, grad: Tensor, params: Sequence[Tensor]
+) -> tuple[list[Tensor | None], list[Tensor | None]]:
+    """Gradients of the kept small graph: (w.r.t. its leaf inputs, w.r.t. ``params``)."""
+    out, leaves = graph
+    wanted = [p for p in params if p.requires_grad]
+    # retain_graph: the outer graph may be run backward again (retain_graph there, gradcheck)
+    grads = torch.autograd.grad(out, [*leaves, *wanted], grad, allow_unused=True, retain_graph=True)
+    by_param = iter(grads[len(leaves) :])
+    return list(grads[: len(leaves)]), [next(by_param) if p.requires_grad else None for p in params]
+
+
+def first_order_only(who: str) -> None:
+    """Refuse a backward with ``create_graph=True`` (grad mode is on only then), which would treat
+    the fused kernel's gradient as a constant and give wrong second derivatives."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"{who}: attnzoo's fused gating backward is first-order only; double backward "
+            "(create_graph=True) through it is not supported"
+        )
+
+
+def _flat(t: Tensor) -> Tensor:
+    """(B, C, H, W) -> (B, C, H*W); a view for contiguous and channels_last tensors."""
+    return t.flatten(2)  # (B, C, H, W) -> (B, C, HW)
+
+
+def _pool_hw(x: Tensor, stats: tuple[str, ...], track: bool) -> tuple[list[Tensor], Tensor | None]:
+    """Statistics over H, W, each (B, C); with ``track`` the argmax (B, C, 1, 1) for backward."""
+    out, index = [], None
+    for stat in stats:
+        if stat == "mean":
+            out.append(x.mean((2, 3)))
+        elif track:  # adaptive_max_pool2d's indexed kernel is about twice as fast as max(dim)
+            value, index = F.adaptive_max_pool2d(x, 1, return_indices=True)
+            out.append(value.flatten(1))  # (B, C, 1, 1) -> (B, C)
+        else:
+            out.append(x.amax((2, 3)))
+    return out, index
+
+
+def _pool_c(y: Tensor, stats: tuple[str, ...], track: bool) -> tuple[list[Tensor], Tensor | None]:
+    """Statistics over C, each (B, 1, H, W); with ``track`` the argmax (B, 1, H, W) for backward."""
+    out, index = [], None
+    for stat in stats:
+        if stat == "mean":
+            out.append(y.mean(1, keepdim=True))
+        elif track:
+            value, index = y.max(1, keepdim=True)
+            out.append(value)
+        else:
+            out.append(y.amax(1, keepdim=True))
+    return out, index
+
+
+def _gate_forward(x: Tensor, plan: GatePlan, track: bool) -> tuple[Tensor, dict[str, object]]:
+    saved: dict[str, object] = {}
+    y = x
+    if plan.channel_fn is not None:
+        stats, saved["c_index"] = _pool_hw(x, plan.channel_stats, track)
+        cg, saved["c_graph"] = small_graph(plan.channel_fn, stats, track)
+        saved["cg"] = cg
+        y = x * cg[:, :, None, None]  # (B, C) -> (B, C, 1, 1)
+    if plan.spatial_fn is not None:
+        stats, saved["s_index"] = _pool_c(y, plan.spatial_stats, track)
+        sg, saved["s_graph"] = small_graph(plan.spatial_fn, stats, track)
+        saved["sg"] = sg
+        y = y.mul_(sg) if y is not x else x * sg  # the channel-gated tensor is not kept
+    return y, saved
+
+
+class _GateFn(torch.autograd.Function):
+    """``x -> x * cg * sg`` (see the module docstring); parameters of the small functions follow ``x``."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, plan: GatePlan, n_channel: int, *params: Tensor) -> Tensor:  # type: ignore[override]
+        out, saved = _gate_forward(x, plan, track=True)
+        ctx.save_for_backward(x)
+        ctx.plan, ctx.saved, ctx.n_channel = plan, saved, n_channel
+        ctx.params = params
+        return out
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        first_order_only("gate")
+        (x,) = ctx.saved_tensors
+        plan, saved = ctx.plan, ctx.saved
+        c_params, s_params = ctx.params[: ctx.n_channel], ctx.params[ctx.n_channel :]
+        B, C, H, W = x.shape
+        cg: Tensor | None = saved.get("cg")  # (B, C)
+        sg: Tensor | None = saved.get("sg")  # (B, 1, H, W)
+        d_cg: Tensor | None = None
+        gy = g  # gradient w.r.t. the channel-gated tensor y = x * cg
+        grads_c: list[Tensor | None] = [None] * len(c_params)
+        grads_s: list[Tensor | None] = [None] * len(s_params)
+
+        # Gradients of the gates from one product g * x, reduced by two matrix products.
+        prod = g * x
+        if cg is not None and sg is not None:
+            d_sg = torch.bmm(cg.unsqueeze(1), _flat(prod)).view(B, 1, H, W)  # sum_c g x cg
+            d_cg = torch.bmm(_flat(prod), sg.reshape(B, H * W, 1)).view(B, C)  # sum_hw g x sg
+        elif sg is not None:
+            d_sg = prod.sum(1, keepdim=True)
+        else:
+            d_cg = prod.sum((2, 3))
+        del prod
+
+        if sg is not None:
+            d_stats, grads_s = small_vjp(saved["s_graph"], d_sg, s_params)
+            d_mean = d_max = None
+            for stat, d in zip(plan.spatial_stats, d_stats, strict=True):
+                if stat == "mean":
+                    d_mean = None if d is None else d / C
+                else:
+                    d_max = d
+            s_index = saved["s_index"]
+            if d_cg is not None:  # the spatial statistics also depend on cg through y = x * cg
+                if d_mean is not None:
+                    d_cg = d_cg + torch.bmm(_flat(x), d_mean.reshape(B, H * W, 1)).view(B, C)
+                if d_max is not None:
+                    x_at = _flat(x).gather(1, _flat(s_index))  # (B, 1, HW): x at the argmax channel
+                    src = (x_at * _flat(d_max)).reshape(B, H * W)
+                    d_cg = d_cg.scatter_add(1, s_index.reshape(B, H * W), src)
+            if ctx.needs_input_grad[0]:
+                gy = torch.addcmul(d_mean, g, sg) if d_mean is not None else g * sg
+                if d_max is not None:
+                    gy = _scatter_flat(gy, 1, s_index, d_max)
+
+        gx: Tensor | None = gy
+        if cg is not None:
+            d_stats, grads_c = small_vjp(saved["c_graph"], cast(Tensor, d_cg), c_params)
+            gx = None
+            if ctx.needs_input_grad[0]:
+                cmean = cmax = None
+                for stat, d in zip(plan.channel_stats, d_stats, strict=True):
+                    if stat == "mean":
+                        cmean = None if d is None else (d / (H * W))[:, :, None, None]  # (B, C, 1, 1)
+                    else:
+                        cmax = d
+                cg4 = cg[:, :, None, None]  # (B, C) -> (B, C, 1, 1)
+                if cmean is None:
+                    gx = gy * cg4 if gy is g else gy.mul_(cg4)
+                elif gy is g:
+                    gx = torch.addcmul(cmean, g, cg4)
+                else:
+                    gx = torch.addcmul(cmean, gy, cg4, out=gy)
+                if cmax is not None:
+                    gx = _scatter_flat(gx, 2, saved["c_index"], cmax[:, :, None, None])
+        if not ctx.needs_input_grad[0]:
+            gx = None
+        return (gx, None, None, *grads_c, *grads_s)
+
+
+def _scatter_flat(t: Tensor, dim: int, index: Tensor, src: Tensor) -> Tensor:
+    """``t`` with ``src`` added at ``index`` along the flattened H*W (dim 2) or along C (dim 1)."""
+    flat = t.view(t.shape[0], t.shape[1], -1) if _viewable(t) else t.contiguous().flatten(2)
+    # (B, C, H, W) -> (B, C, HW); index/src (B, 1, H, W) or (B, C, 1, 1) flattened alike
+    flat.scatter_add_(dim, _flat(index), _flat(src.to(t.dtype)))
+    return flat.view(t.shape)
+
+
+def _viewable(t: Tensor) -> bool:
+    try:
+        t.view(t.shape[0], t.shape[1], -1)
+    except RuntimeError:
+        return False
+    return True
+
+
+def fused_gate(
+    x: Tensor, plan: GatePlan, channel_params: Sequence[Tensor] = (), spatial_params: Sequence[Tensor] = ()
+) -> Tensor:
+    """Apply the gates of ``plan`` to ``x`` (B, C, H, W); the parameters are those the small
+    functions use (gradients reach them through the kept small graphs)."""
+    params = (*channel_params, *spatial_params)
+    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
+        return _GateFn.apply(x, plan, len(channel_params), *params)
+    with torch.no_grad():
+        return _gate_forward(x, plan, track=False)[0]

@@ -1,0 +1,204 @@
+"""Selective Kernel convolution: split into kernel-size branches, fuse, select per channel.
+
+Li, Wang, Hu, Yang, "Selective Kernel Networks", CVPR 2019, https://arxiv.org/abs/1903.06586.
+
+    U_i = relu(bn_i(conv_i x))                      i = 0 .. M-1
+    s = mean_hw(sum_i U_i);  z = fc(s)              (paper: z = relu(bn(fc s)), ``fuse_norm_act``)
+    a = softmax_i(fcs_i(z));  out = sum_i a_i * U_i (per batch and channel)
+
+Branch ``i`` is the seed's grouped ``(3 + 2i) x (3 + 2i)`` convolution, or with ``dilated=True``
+the paper's 3x3 convolution with dilation ``1 + i`` (same receptive field, fewer weights).
+The selection runs in a fused autograd Function (:class:`_SelectFn`): the branches are never
+stacked or concatenated, ``mean_hw(sum_i U_i)`` is a sum of per-branch means, and backward writes
+each branch gradient in one fused multiply-add.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from attnzoo._checks import check_divisible, check_float, check_int
+from attnzoo._gate import first_order_only, small_graph, small_vjp, to_batch_first
+from attnzoo._registry import Example, register, register_seed
+
+__all__ = ["SKConv", "SKEConv"]
+
+
+def _select_forward(branches: Sequence[Tensor], fn: Callable[[Tensor], Tensor], track: bool):
+    s = branches[0].mean((2, 3))  # (B, C): mean over H, W of the summed branches
+    for u in branches[1:]:
+        s = s + u.mean((2, 3))
+    a, graph = small_graph(fn, [s], track)  # (B, M, C)
+    out = branches[0] * a[:, 0, :, None, None]  # (B, C) -> (B, C, 1, 1)
+    for i, u in enumerate(branches[1:], start=1):
+        out.addcmul_(u, a[:, i, :, None, None])
+    return out, a, graph
+
+
+class _SelectFn(torch.autograd.Function):
+    """``sum_i a_i * U_i`` with ``a = fn(mean_hw(sum_i U_i))``; the tensors are the M branches,
+    then the parameters ``fn`` uses."""
+
+    @staticmethod
+    def forward(ctx, fn: Callable[[Tensor], Tensor], n: int, *tensors: Tensor) -> Tensor:  # type: ignore[override]
+        branches, ctx.params = tensors[:n], tensors[n:]
+        out, ctx.a, ctx.graph = _select_forward(branches, fn, track=True)
+        ctx.save_for_backward(*branches)
+        return out
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        first_order_only("SKConv selection")
+        branches = ctx.saved_tensors
+        a: Tensor = ctx.a  # (B, M, C)
+        d_a = torch.stack([(g * u).sum((2, 3)) for u in branches], dim=1)  # (B, M, C)
+        (d_s,), grads_p = small_vjp(ctx.graph, d_a, ctx.params)
+        H, W = g.shape[-2:]
+        base = None if d_s is None else (d_s / (H * W))[:, :, None, None]  # (B, C) -> (B, C, 1, 1)
+        grads_u: list[Tensor | None] = []
+        for i, _ in enumerate(branches):
+            if not ctx.needs_input_grad[2 + i]:
+                grads_u.append(None)
+                continue
+            a_i = a[:, i, :, None, None]  # (B, C) -> (B, C, 1, 1)
+            grads_u.append(g * a_i if base is None else torch.addcmul(base, g, a_i))
+        return (None, None, *grads_u, *grads_p)
+
+
+@register(
+    "sk",
+    family="gating",
+    paper="Selective Kernel Networks",
+    year=2019,
+    layout="NCHW",
+    example=Example(kwargs={"in_channels": 8, "L": 4}, inputs=((2, 8, 5, 6),), output=(2, 8, 5, 6)),
+    aliases=("selective_kernel",),
+    seed_name="SKEConv",
+)
+class SKConv(nn.Module):
+    """Selective Kernel convolution (Li et al., 2019): M grouped convolution branches mixed per
+    channel by a softmax over branches computed from their pooled sum.
+
+    State dict keys are the seed's: ``convs.i.0`` (Conv2d with bias), ``convs.i.1`` (BatchNorm2d),
+    ``fc`` (Linear C -> d), ``fcs.i`` (Linear d -> C), and with ``fuse_norm_act`` also ``fuse.0``
+    (BatchNorm1d(d)).
+
+    Args:
+        in_channels: Number of input (and output) channels C.
+        M: Number of branches, at least 1. Default: 2.
+        G: Groups of every branch convolution; must divide C. Default: 2.
+        stride: Stride of every branch convolution. Default: 1.
+        L: Minimum width of ``z``. Default: 32.
+        reduction: ``z`` has ``d = max(int(C / reduction), L)`` features. Default: 2.
+        batch_first: If False input and output are (C, B, H, W). Default: True.
+        dilated: Branch ``i`` is a 3x3 convolution with dilation ``1 + i`` (the paper's choice)
+            instead of the seed's ``(3 + 2i) x (3 + 2i)`` kernel. Default: False.
+        fuse_norm_act: ``z = relu(bn(fc s))`` as in the paper and timm, instead of the seed's plain
+            ``z = fc s``. Default: False.
+
+    Shape:
+        - Input: (B, C, H, W), or (C, B, H, W) when ``batch_first=False``.
+        - Output: (B, C, H', W') with ``H' = (H - 1) // stride + 1`` (same for W).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        M: int = 2,  # noqa: N803 (the paper's and the seed's names)
+        G: int = 2,  # noqa: N803
+        stride: int = 1,
+        L: int = 32,  # noqa: N803
+        reduction: float = 2,
+        batch_first: bool = True,
+        *,
+        dilated: bool = False,
+        fuse_norm_act: bool = False,
+    ) -> None:
+        super().__init__()
+        who = type(self).__name__
+        check_int(in_channels, "in_channels", who)
+        check_int(M, "M", who)
+        check_int(G, "G", who)
+        check_divisible(in_channels, G, "in_channels", "G", who)
+        check_int(stride, "stride", who)
+        check_int(L, "L", who, minimum=0)
+        if check_float(reduction, "reduction", who) <= 0:
+            raise ValueError(f"{who}: reduction must be > 0, got {reduction}")
+        self.d = max(int(in_channels / reduction), L)
+        if self.d < 1:
+            raise ValueError(
+                f"{who}: reduction={reduction} and L={L} leave zero hidden features for "
+                f"in_channels={in_channels}; expected max(int(in_channels / reduction), L) >= 1"
+            )
+        self.M, self.in_channels, self.batch_first = M, in_channels, bool(batch_first)
+        self.convs = nn.ModuleList()
+        for i in range(M):
+            size, dilation = (3, 1 + i) if dilated else (3 + 2 * i, 1)
+            conv = nn.Conv2d(
+                in_channels, in_channels, size, stride=stride, padding=1 + i, dilation=dilation, groups=G
+            )
+            self.convs.append(nn.Sequential(conv, nn.BatchNorm2d(in_channels), nn.ReLU(inplace=True)))
+        self.fc = nn.Linear(in_channels, self.d)
+        self.fuse: nn.Module = (
+            nn.Sequential(nn.BatchNorm1d(self.d), nn.ReLU(inplace=True)) if fuse_norm_act else nn.Identity()
+        )
+        self.fcs = nn.ModuleList([nn.Linear(self.d, in_channels) for _ in range(M)])
+
+    def attention(self, s: Tensor) -> Tensor:
+        """Branch weights (B, M, C), a softmax over branches, from the pooled sum ``s`` (B, C)."""
+        z = self.fuse(self.fc(s))  # (B, d)
+        return torch.softmax(torch.stack([fc(z) for fc in self.fcs], dim=1), dim=1)  # (B, M, C)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = to_batch_first(x, self.batch_first, type(self).__name__, C=self.in_channels)
+        branches = [conv(x) for conv in self.convs]  # M x (B, C, H', W')
+        params = (*self.fc.parameters(), *self.fuse.parameters(), *self.fcs.parameters())
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (*branches, *params)):
+            out = _SelectFn.apply(self.attention, len(branches), *branches, *params)
+        else:
+            with torch.no_grad():
+                out = _select_forward(branches, self.attention, track=False)[0]
+        return out if self.batch_first else out.permute(1, 0, 2, 3)  # (B, C, H, W) -> (C, B, H, W)
+
+
+@register_seed("sk")
+class SKEConv(SKConv):
+    """The seed's ``SKEConv(in_channels, M=2, G=2, stride=1, L=32, reduction=2, batch_first=True)``.
+
+    Same constructor, state_dict keys and outputs as the seed (branch ``i``: grouped conv of kernel
+    ``3 + 2i``, padding ``1 + i``, BatchNorm, ReLU; ``z = fc(s)`` with no activation). Seed bugs fixed:
+
+    - ``self.M`` was always 2 whatever ``M`` was (the branches were built from ``M``); here ``self.M == M``.
+    - ``batch_first=False`` called the non-existent ``x.permutation``; here the input is permuted.
+    - The in-place ``unsqueeze_`` on the ReLU outputs broke backward (the seed could not train); the
+      branches are combined without modifying them.
+    - The seed's comment claims 2C output channels; the output has C channels, as the seed computes.
+
+    Args:
+        in_channels: Number of input (and output) channels C.
+        M: Number of branches. Default: 2.
+        G: Groups of every branch convolution. Default: 2.
+        stride: Stride of every branch. Default: 1.
+        L: Minimum width of ``z``. Default: 32.
+        reduction: ``d = max(int(C / reduction), L)``. Default: 2.
+        batch_first: If False input and output are (C, B, H, W). Default: True.
+
+    Shape:
+        - Input: (B, C, H, W), or (C, B, H, W) when ``batch_first=False``.
+        - Output: (B, C, H', W') with ``H' = (H - 1) // stride + 1``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        M: int = 2,  # noqa: N803
+        G: int = 2,  # noqa: N803
+        stride: int = 1,
+        L: int = 32,  # noqa: N803
+        reduction: float = 2,
+        batch_first: bool = True,
+    ) -> None:
+        super().__init__(in_channels, M, G, stride, L, reduction, batch_first)
