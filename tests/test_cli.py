@@ -23,8 +23,14 @@ NAMES = [s.name for s in SPECS]
 
 def attnzoo_cmd(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    return subprocess.run([sys.executable, "-m", "attnzoo", *args], capture_output=True, text=True, env=env,
-                          timeout=600, cwd=cwd)
+    return subprocess.run(
+        [sys.executable, "-m", "attnzoo", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        cwd=cwd,
+    )
 
 
 def _needs(names: list[str]) -> None:
@@ -82,7 +88,7 @@ def test_list_csv_holds_every_mechanism(tmp_path):
     assert proc.returncode == 0, proc.stderr
     rows = list(csv.DictReader(out.open()))
     assert [r["name"] for r in rows] == NAMES
-    for row, spec in zip(rows, SPECS):
+    for row, spec in zip(rows, SPECS, strict=False):
         assert row["family"] == spec.family and row["paper"] == spec.paper and int(row["year"]) == spec.year
         assert row["note"] or int(row["params"]) >= 0 and int(row["flops"]) >= 0
     # The table goes to stdout as well, with the stated input.
@@ -107,8 +113,21 @@ def test_info_shows_docstring_arguments_shapes_and_costs():
 
 def test_bench_every_mechanism_csv_and_plot(tmp_path):
     out, plot = tmp_path / "bench.csv", tmp_path / "bench.png"
-    proc = attnzoo_cmd("bench", "--input", "1x8x8x8", "--rounds", "1", "--memory", "off", "--format", "csv",
-                       "-o", str(out), "--plot", str(plot))
+    proc = attnzoo_cmd(
+        "bench",
+        "--input",
+        "1x8x8x8",
+        "--rounds",
+        "1",
+        "--memory",
+        "off",
+        "--format",
+        "csv",
+        "-o",
+        str(out),
+        "--plot",
+        str(plot),
+    )
     assert proc.returncode == 0, proc.stderr
     rows = {r["name"]: r for r in csv.DictReader(out.open())}
     assert sorted(rows) == sorted(NAMES)
@@ -128,8 +147,20 @@ def test_bench_named_json_with_memory_train_mode(tmp_path):
     _needs(names)
     out = tmp_path / "bench.json"
     aliases = [attnzoo.get_spec(n).all_names[-1] for n in names]  # by alias or seed name
-    proc = attnzoo_cmd("bench", *aliases, "--input", "2x8x6x6", "--mode", "train", "--rounds", "2",
-                       "--format", "json", "-o", str(out))
+    proc = attnzoo_cmd(
+        "bench",
+        *aliases,
+        "--input",
+        "2x8x6x6",
+        "--mode",
+        "train",
+        "--rounds",
+        "2",
+        "--format",
+        "json",
+        "-o",
+        str(out),
+    )
     assert proc.returncode == 0, proc.stderr
     report = json.loads(out.read_text())
     assert report["mode"] == "train" and report["input"] == "2x8x6x6" and report["memory"] == "shared"
@@ -152,8 +183,18 @@ def test_maps_png_on_sample_and_on_a_given_image(tmp_path):
     image = tmp_path / "in.png"
     save_image(torch.rand(3, 20, 30), image)
     out2 = tmp_path / "maps2.png"
-    proc = attnzoo_cmd("maps", names[-1], "--image", str(image), "--out", str(out2), "--size", "24",
-                       "--queries", "0.5,0.5;0.1,0.9")
+    proc = attnzoo_cmd(
+        "maps",
+        names[-1],
+        "--image",
+        str(image),
+        "--out",
+        str(out2),
+        "--size",
+        "24",
+        "--queries",
+        "0.5,0.5;0.1,0.9",
+    )
     assert proc.returncode == 0, proc.stderr
     assert _png_size(out2)[0] > 200
 
@@ -232,7 +273,10 @@ def test_geometry_and_layout_conversion():
             continue
         first = shapes[0]
         expected = {
-            "NCHW": (2, 16, 6, 8), "NHWC": (2, 6, 8, 16), "NLC": (2, 48, 16), "NCL": (2, 16, 48),
+            "NCHW": (2, 16, 6, 8),
+            "NHWC": (2, 6, 8, 16),
+            "NLC": (2, 48, 16),
+            "NCL": (2, 16, 48),
         }.get(spec.layout)
         if expected is not None and spec.name not in ("window",):
             assert first == expected, spec.name

@@ -6,12 +6,11 @@ import json
 
 import pytest
 import torch
+from test_cli import _png_size, attnzoo_cmd
 
 import attnzoo
 from attnzoo import demo
 from attnzoo._build import Unsupported, build_nchw
-
-from test_cli import _png_size, attnzoo_cmd
 
 
 def test_make_shapes_is_deterministic_and_well_formed():
@@ -30,13 +29,14 @@ def test_the_box_holds_the_odd_shape_with_its_kind():
     # Redraw the odd shape alone from the generator's own mask function: it lies in its box and has
     # the labelled kind's area (circle pi r^2, square (1.77 r)^2 ~ pi r^2, triangle ~ 0.95 r^2).
     x, y, boxes = demo.make_shapes(30, seed=5, distractors=(1, 1))
-    for image, box in zip(x, boxes):
+    for image, box in zip(x, boxes, strict=False):
         y0, x0, y1, x1 = box.tolist()
         inside = image[:, y0:y1, x0:x1]
         bright = (inside.max(0).values > 0.45).float().mean()
         assert bright > 0.2  # the shape's pixels are bright (colours >= 0.5, background <= 0.4)
-    masks = demo._shape_masks(torch.tensor([0, 1, 2]), torch.full((3,), 20.0), torch.full((3,), 20.0),
-                              torch.full((3,), 8.0), 40)
+    masks = demo._shape_masks(
+        torch.tensor([0, 1, 2]), torch.full((3,), 20.0), torch.full((3,), 20.0), torch.full((3,), 8.0), 40
+    )
     areas = masks.float().sum((1, 2))
     assert abs(areas[0] - 3.1416 * 64) < 15 and abs(areas[1] - areas[0]) < 20 and areas[2] < 0.6 * areas[0]
 
@@ -86,8 +86,21 @@ def test_demo_command_writes_results_and_picture(tmp_path):
     if not names:
         pytest.skip("no map attention registered yet")
     out, report = tmp_path / "demo.png", tmp_path / "demo.json"
-    proc = attnzoo_cmd("demo", "--attention", names[0], "--epochs", "1", "--train-size", "64", "--test-size", "32",
-                       "--out", str(out), "--json", str(report))
+    proc = attnzoo_cmd(
+        "demo",
+        "--attention",
+        names[0],
+        "--epochs",
+        "1",
+        "--train-size",
+        "64",
+        "--test-size",
+        "32",
+        "--out",
+        str(out),
+        "--json",
+        str(report),
+    )
     assert proc.returncode == 0, proc.stderr
     results = json.loads(report.read_text())
     assert [r["name"] for r in results] == ["none", names[0]]

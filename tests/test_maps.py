@@ -33,7 +33,9 @@ class ToySelfAttention(nn.Module):
         return out.squeeze(1).transpose(1, 2).reshape(b, c, h, w) * gate[:, :, None, None]  # (B, C, H, W)
 
 
-def _reference_rows(module: ToySelfAttention, x: torch.Tensor, idx: torch.Tensor, causal: bool) -> torch.Tensor:
+def _reference_rows(
+    module: ToySelfAttention, x: torch.Tensor, idx: torch.Tensor, causal: bool
+) -> torch.Tensor:
     q, k = module.qk(x).flatten(2).transpose(1, 2).chunk(2, dim=-1)  # (B, N, C)
     scores = q @ k.transpose(1, 2) / q.shape[-1] ** 0.5  # (B, N, N)
     if causal:
@@ -147,3 +149,147 @@ def test_bad_arguments():
 
 def test_exported():
     assert attnzoo.capture_maps is capture_maps
+
+
+# ---------------------------------------------------------------------------------------------
+# The families' records (each test skips until its family is registered)
+
+
+def _create(name: str, **kwargs):
+    if name not in {s.name for s in attnzoo.list_modules()}:
+        pytest.skip(f"{name!r} is not registered (its family has not been merged)")
+    torch.manual_seed(0)
+    return attnzoo.create(name, **kwargs).double().eval()
+
+
+def _only(maps, kind):
+    found = [m for records in maps.values() for m in records if m.kind == kind]
+    assert len(found) == 1, {k: [m.kind for m in v] for k, v in maps.items()}
+    return found[0]
+
+
+def test_se_records_its_channel_gate():
+    se = _create("se", channels=8, reduction=2)
+    x = torch.randn(2, 8, 5, 4, dtype=torch.float64)
+    with capture_maps(se) as maps:
+        out = se(x)
+    gate = _only(maps, "channel").data
+    assert gate.shape == (2, 8)
+    torch.testing.assert_close(out, x * gate[:, :, None, None], atol=1e-12, rtol=1e-12)
+
+
+def test_cbam_records_channel_and_spatial_gates_that_rebuild_the_output():
+    cbam = _create("cbam", channels=8, reduction=2, kernel_size=3)
+    x = torch.randn(2, 8, 6, 5, dtype=torch.float64, requires_grad=True)
+    with capture_maps(cbam) as maps:
+        out = cbam(x)
+    out.sum().backward()  # the training path records too, once per forward
+    assert set(maps) == {"ca", "sa"}
+    channel, spatial = maps["ca"][0], maps["sa"][0]
+    assert len(maps["ca"]) == 1 and channel.data.shape == (2, 8)
+    assert spatial.kind == "spatial" and spatial.data.shape == (2, 6, 5) and spatial.grid == (6, 5)
+    expected = x * channel.data[:, :, None, None] * spatial.data[:, None]
+    torch.testing.assert_close(out, expected, atol=1e-12, rtol=1e-12)
+
+
+def test_sk_records_branch_weights_that_rebuild_the_output():
+    sk = _create("sk", in_channels=4, M=3, G=2, L=2)
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    with capture_maps(sk) as maps:
+        out = sk(x)
+    weights = _only(maps, "branch").data  # (B, M, C)
+    assert weights.shape == (2, 3, 4)
+    torch.testing.assert_close(weights.sum(1), torch.ones(2, 4, dtype=torch.float64))
+    branches = torch.stack([conv(x) for conv in sk.convs], 1)  # (B, M, C, H, W)
+    torch.testing.assert_close(out, (branches * weights[..., None, None]).sum(1), atol=1e-12, rtol=1e-12)
+
+
+def test_dual_gated_records_its_channel_and_spatial_gates():
+    dual = _create("dual_gated", channels=4)
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    with capture_maps(dual) as maps:
+        dual(x)
+    (records,) = maps.values()
+    assert [m.kind for m in records] == ["channel", "spatial"]
+    torch.testing.assert_close(records[0].data, torch.sigmoid(x.amax((2, 3))))
+    mid = x + dual.channel_attention(x * records[0].data[:, :, None, None])
+    torch.testing.assert_close(records[1].data, torch.sigmoid(mid.amax(1)), atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_mha_rows_equal_its_weights(causal, monkeypatch):
+    mha = _create("mha", d_model=8, num_heads=2)
+    q, kv = torch.randn(2, 5, 8, dtype=torch.float64), torch.randn(2, 5, 8, dtype=torch.float64)
+    key_mask = torch.ones(2, 5, dtype=torch.bool)
+    key_mask[1, 3:] = False
+    _, weights = mha(q, kv, kv, need_weights=True, key_mask=key_mask, causal=causal)
+    calls = []
+    real = functional._attend_math
+    monkeypatch.setattr(functional, "_attend_math", lambda *a, **k: calls.append(a[-1]) or real(*a, **k))
+    mha(q, kv, kv, key_mask=key_mask, causal=causal)
+    assert calls == []  # not capturing: the fused path
+    with capture_maps(mha, queries=[0.0, 0.5, 1]) as maps:
+        out = mha(q, kv, kv, key_mask=key_mask, causal=causal)
+    rows = _only(maps, "rows")
+    assert rows.queries.tolist() == [0, 2, 1] and rows.grid == (5,)
+    torch.testing.assert_close(rows.data, weights[:, :, rows.queries], atol=1e-12, rtol=1e-12)
+    assert calls == [True] and out.shape == (2, 5, 8)
+
+
+def test_window_attention_records_every_window_row():
+    attn = _create("window", dim=8, window_size=(2, 3), num_heads=2)
+    x = torch.randn(4, 6, 8, dtype=torch.float64)
+    mask = torch.zeros(2, 6, 6, dtype=torch.float64)
+    mask[1, :, :2] = -100.0
+    with capture_maps(attn) as maps:
+        attn(x, mask=mask)
+    rows = _only(maps, "rows")
+    assert rows.data.shape == (4, 2, 6, 6) and rows.grid == (2, 3)
+    q, k, _ = attn.qkv(x).unflatten(-1, (3, 2, 4)).permute(2, 0, 3, 1, 4)  # 3 x (B, h, N, d)
+    bias = functional.gather_relative_bias(attn.relative_position_bias_table, attn.relative_position_index)
+    logits = q @ k.transpose(-1, -2) * attn.scale + bias + mask.repeat(2, 1, 1)[:, None]
+    torch.testing.assert_close(rows.data, logits.softmax(-1), atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("shift", [(0, 0), (1, 1)])
+def test_shifted_window_rows_over_the_map_rebuild_the_output(shift):
+    swin = _create("shifted_window", dim=8, window_size=(2, 3), num_heads=2, shift_size=shift)
+    x = torch.randn(2, 4, 6, 8, dtype=torch.float64)  # (B, H, W, C), sizes divisible by the window
+    points = [(0, 0), (3, 5), (1, 2), (2, 4)]
+    with capture_maps(swin, queries=points) as maps:
+        out = swin(x)
+    assert list(maps) == ["ShiftedWindowAttention"]  # the window record became a map record
+    rows = _only(maps, "rows")
+    assert rows.grid == (4, 6) and rows.data.shape == (2, 2, 4, 24)
+    assert rows.queries.tolist() == [0, 23, 8, 16]
+    torch.testing.assert_close(rows.data.sum(-1), torch.ones(2, 2, 4, dtype=torch.float64))
+    assert ((rows.data > 0).sum(-1) == 6).all()  # one window of 2 x 3 keys
+    v = swin.attn.qkv(x.reshape(2, 24, 8))[..., 16:].unflatten(-1, (2, 4))  # (B, HW, h, d)
+    mixed = torch.einsum("bhqk,bkhd->bqhd", rows.data, v).flatten(2)  # (B, Q, C)
+    torch.testing.assert_close(
+        swin.attn.proj(mixed), out.reshape(2, 24, 8)[:, rows.queries], atol=1e-10, rtol=1e-10
+    )
+
+
+def test_temporal_rows_equal_a_reference():
+    attn = _create("temporal", dim=8, num_ttokens=5, num_heads=2, qkv_bias=True)
+    x = torch.randn(3, 5, 8, dtype=torch.float64)
+    with capture_maps(attn) as maps:
+        attn(x)
+    rows = _only(maps, "rows")
+    q, k, _ = attn.qkv(x).unflatten(-1, (3, 2, 4)).permute(2, 0, 3, 1, 4)  # 3 x (B, h, T, d)
+    table = attn.relative_position_bias_table
+    bias = functional.gather_relative_bias(table, attn.relative_coords.view(5, 5))
+    full = (q @ k.transpose(-1, -2) * attn.scale + bias).softmax(-1)
+    torch.testing.assert_close(rows.data, full[:, :, rows.queries], atol=1e-12, rtol=1e-12)
+
+
+def test_self_attention_block_rows_are_causal():
+    block = _create("self_attention_block", dim=8, num_heads=2, key_dim=4, causal=True)
+    x = torch.randn(2, 6, 8, dtype=torch.float64)
+    with capture_maps(block, queries=[0.0, 0.5]) as maps:
+        block(x)
+    rows = _only(maps, "rows")
+    assert rows.queries.tolist() == [0, 3]
+    torch.testing.assert_close(rows.data.sum(-1), torch.ones(2, 2, 2, dtype=torch.float64))
+    assert (rows.data[:, :, 0, 1:] == 0).all() and (rows.data[:, :, 1, 4:] == 0).all()

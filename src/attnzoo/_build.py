@@ -52,7 +52,16 @@ class Unsupported(ValueError):
 # ---------------------------------------------------------------------------------------------
 # Channel arguments (used by surgery too)
 
-_FIRST_ARG_ALIASES = ("channels", "in_channels", "channel", "dim", "in_dim", "d_model", "in_planes", "query_size")
+_FIRST_ARG_ALIASES = (
+    "channels",
+    "in_channels",
+    "channel",
+    "dim",
+    "in_dim",
+    "d_model",
+    "in_planes",
+    "query_size",
+)
 _OUT_ARGS = ("out_channels", "out_planes")
 
 
@@ -102,7 +111,8 @@ def parse_shape(text: str, what: str = "--input") -> tuple[int, ...]:
         raise ValueError(f"{what} expects positive sizes, got {text!r}")
     if len(sizes) not in (3, 4, 5):
         raise ValueError(
-            f"{what} expects BxCxHxW (maps), BxLxC (tokens) or BxCxTxHxW (clips), got {len(sizes)} sizes in {text!r}"
+            f"{what} expects BxCxHxW (maps), BxLxC (tokens) or BxCxTxHxW (clips), "
+            f"got {len(sizes)} sizes in {text!r}"
         )
     return sizes
 
@@ -211,8 +221,15 @@ _N = "tokens"  # marker: the input's number of positions
 # By constructor argument name: a value, a marker, or a function (geometry, parameters) -> value.
 # Only arguments the constructor has are set; heads keep the class default when it divides C.
 ARG_DEFAULTS: dict[str, Any] = {
-    "in_dim": _C, "out_dim": _C, "query_dim": _C, "key_dim": _C, "value_dim": _C, "output_dim": _C,
-    "context_dim": _C, "query_size": _C, "key_size": _C,
+    "in_dim": _C,
+    "out_dim": _C,
+    "query_dim": _C,
+    "key_dim": _C,
+    "value_dim": _C,
+    "output_dim": _C,
+    "context_dim": _C,
+    "query_size": _C,
+    "key_size": _C,
     "num_positions": _N,
     "num_ttokens": lambda geo, params: geo.spatial[0] if len(geo.spatial) == 3 else geo.tokens,
     "window_size": _window,
@@ -227,8 +244,11 @@ _HEAD_ARGS = ("num_heads", "heads", "head", "n_head", "n_heads")
 # By family, applied last: (geometry, kwargs so far) -> updates.
 FAMILY_DEFAULTS: dict[str, Callable[[Geometry, dict[str, Any]], dict[str, Any]]] = {
     # Keras-style blocks: key_dim is the size per head; the feed-forward width is 2C.
-    "blocks": lambda geo, kw: {"key_dim": max(geo.channels // kw.get("num_heads", 1), 1), "value_dim": None,
-                               "ff_dim": 2 * geo.channels},
+    "blocks": lambda geo, kw: {
+        "key_dim": max(geo.channels // kw.get("num_heads", 1), 1),
+        "value_dim": None,
+        "ff_dim": 2 * geo.channels,
+    },
 }
 
 
@@ -252,8 +272,10 @@ def constructor_kwargs(spec: Spec, geo: Geometry) -> dict[str, Any]:
     if spec.family in FAMILY_DEFAULTS:
         kwargs.update({k: v for k, v in FAMILY_DEFAULTS[spec.family](geo, kwargs).items() if k in params})
     missing = [
-        n for n, p in params.items()
-        if p.default is inspect.Parameter.empty and n not in kwargs
+        n
+        for n, p in params.items()
+        if p.default is inspect.Parameter.empty
+        and n not in kwargs
         and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
     ]
     if missing:
@@ -287,7 +309,12 @@ def _construct(spec: Spec, kwargs: dict[str, Any]) -> nn.Module:
 
 
 def build(
-    spec: Spec, shape: tuple[int, ...], *, dtype: torch.dtype = torch.float32, seed: int = 0, batch: int | None = None
+    spec: Spec,
+    shape: tuple[int, ...],
+    *,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    batch: int | None = None,
 ) -> Built:
     """Build ``spec``'s canonical module and random inputs (seeded) for an input of ``shape``.
 
@@ -330,8 +357,15 @@ class _QueryProbe(nn.Module):
         if capturing():
             out = self.module(*args, return_weights=True)
             if isinstance(out, tuple) and isinstance(out[1], Tensor) and out[1].shape[-1] == h * w:
-                record(self.module, "rows", out[1].reshape(b, 1, 1, h * w), grid=(h, w), query_grid=(1,),
-                       queries=torch.zeros(1, dtype=torch.long), query="mean token")
+                record(
+                    self.module,
+                    "rows",
+                    out[1].reshape(b, 1, 1, h * w),
+                    grid=(h, w),
+                    query_grid=(1,),
+                    queries=torch.zeros(1, dtype=torch.long),
+                    query="mean token",
+                )
             out = out[0] if isinstance(out, tuple) else out
         else:
             out = self.module(*args)
@@ -366,7 +400,9 @@ def build_nchw(spec: Spec, channels: int, size: tuple[int, int], *, seed: int = 
     torch.manual_seed(seed)
     rule = INPUT_RULES.get(spec.name)
     if rule == "windows":
-        raise Unsupported("takes windows already cut from a map, (B*windows, Wh*Ww, C); use shifted_window on maps")
+        raise Unsupported(
+            "takes windows already cut from a map, (B*windows, Wh*Ww, C); use shifted_window on maps"
+        )
     if rule == "frames":
         raise Unsupported("attends along time, (B, T, C) frames; it has no place on a feature map")
     if rule == "self":
@@ -382,7 +418,13 @@ def build_nchw(spec: Spec, channels: int, size: tuple[int, int], *, seed: int = 
     if len(spec.example.inputs) != 1:
         raise Unsupported(f"takes {len(spec.example.inputs)} inputs; no place inside a CNN")
     input_shapes(spec, geo)  # raises when the layout cannot take a map
+    kwargs = constructor_kwargs(spec, geo)
+    layout = inspect.signature(spec.cls.__init__).parameters.get("layout")
+    if spec.layout == "NHWC" and layout is not None and isinstance(layout.default, str):
+        # A channels-last class with a layout switch runs on the map itself (in the switch's spelling).
+        kwargs["layout"] = "nchw" if layout.default.islower() else "NCHW"
+        return _construct(spec, kwargs)
     try:
-        return _build(spec.name, channels, "NCHW", constructor_kwargs(spec, geo), "the feature map")
+        return _build(spec.name, channels, "NCHW", kwargs, "the feature map")
     except (ValueError, TypeError) as err:
         raise Unsupported(str(err)) from None

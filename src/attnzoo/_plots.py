@@ -18,7 +18,16 @@ from torch import Tensor
 
 from attnzoo.maps import AttentionMap
 
-__all__ = ["MissingExtra", "pyplot", "load_image", "save_image", "heatmap", "plot_maps", "bench_chart", "grid_figure"]
+__all__ = [
+    "MissingExtra",
+    "pyplot",
+    "load_image",
+    "save_image",
+    "heatmap",
+    "plot_maps",
+    "bench_chart",
+    "grid_figure",
+]
 
 
 class MissingExtra(ImportError):
@@ -104,8 +113,9 @@ class Panel:
     marks: tuple[tuple[float, float], ...] = ()
 
 
-def panels(name: str, m: AttentionMap, token_grid: tuple[int, int] | None, sample: int = 0,
-           max_queries: int = 5) -> list[Panel]:
+def panels(
+    name: str, m: AttentionMap, token_grid: tuple[int, int] | None, sample: int = 0, max_queries: int = 5
+) -> list[Panel]:
     """The panels that show one record for batch element ``sample``."""
     data = m.data[sample].float()
     grid = _as_grid(m.grid, token_grid)
@@ -125,10 +135,13 @@ def panels(name: str, m: AttentionMap, token_grid: tuple[int, int] | None, sampl
         out = []
         if isinstance(m.meta.get("query"), str):  # a query that is no position (the mean token)
             return [Panel(f"{name}: {m.meta['query']} query", heat=_plane(rows[0], grid))]
-        for q, row in list(zip(queries, rows))[:max_queries]:
+        for q, row in list(zip(queries, rows, strict=False))[:max_queries]:
             mark = _query_yx(int(q), qgrid)
-            out.append(Panel(f"{name}: query {tuple(round(v, 2) for v in mark)}", heat=_plane(row, grid),
-                             marks=(mark,)))
+            out.append(
+                Panel(
+                    f"{name}: query {tuple(round(v, 2) for v in mark)}", heat=_plane(row, grid), marks=(mark,)
+                )
+            )
         return out
     if m.kind == "routing":
         regions = math.prod(grid)
@@ -141,8 +154,13 @@ def panels(name: str, m: AttentionMap, token_grid: tuple[int, int] | None, sampl
             hits[chosen[r]] = 1.0
             hits[r] = max(hits[r].item(), 0.5)
             mark = _query_yx(r, grid)
-            out.append(Panel(f"{name}: regions routed from {tuple(round(v, 2) for v in mark)}",
-                             heat=_plane(hits, grid), marks=(mark,)))
+            out.append(
+                Panel(
+                    f"{name}: regions routed from {tuple(round(v, 2) for v in mark)}",
+                    heat=_plane(hits, grid),
+                    marks=(mark,),
+                )
+            )
         return out
     return []
 
@@ -178,17 +196,30 @@ def _draw(ax: Any, image: Tensor | None, panel: Panel) -> None:
         ax.tick_params(labelsize=6)
         return
     ax.axis("off")
-    height, width = (image.shape[1:] if image is not None else panel.heat.shape)
+    height, width = image.shape[1:] if image is not None else panel.heat.shape
     if image is not None:
         ax.imshow(image.permute(1, 2, 0).numpy())
-    ax.imshow(_upsample(panel.heat, (height, width)).numpy(), cmap="jet", alpha=0.5 if image is not None else 1.0,
-              vmin=0, vmax=1)
+    ax.imshow(
+        _upsample(panel.heat, (height, width)).numpy(),
+        cmap="jet",
+        alpha=0.5 if image is not None else 1.0,
+        vmin=0,
+        vmax=1,
+    )
     for y, x in panel.marks:
         ax.plot([x * width - 0.5], [y * height - 0.5], marker="+", color="white", markersize=10, mew=2)
 
 
-def plot_maps(image: Tensor, maps: dict[str, list[AttentionMap]], path: str | os.PathLike[str], *, title: str,
-              token_grid: tuple[int, int] | None = None, columns: int = 4, max_panels: int = 24) -> int:
+def plot_maps(
+    image: Tensor,
+    maps: dict[str, list[AttentionMap]],
+    path: str | os.PathLike[str],
+    *,
+    title: str,
+    token_grid: tuple[int, int] | None = None,
+    columns: int = 4,
+    max_panels: int = 24,
+) -> int:
     """Save a PNG grid: the image, then every recorded map over it. Returns the number of panels."""
     plt = pyplot("saving attention maps")
     items = [Panel("input image")]
@@ -200,7 +231,7 @@ def plot_maps(image: Tensor, maps: dict[str, list[AttentionMap]], path: str | os
     fig, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for ax, panel in zip(axes.flat, items):
+    for ax, panel in zip(axes.flat, items, strict=False):
         if panel.heat is None and panel.bars is None:
             ax.imshow(image.permute(1, 2, 0).numpy())
             ax.set_title(panel.title, fontsize=7)
@@ -215,8 +246,13 @@ def plot_maps(image: Tensor, maps: dict[str, list[AttentionMap]], path: str | os
     return len(items)
 
 
-def grid_figure(images: Sequence[Tensor], rows: Sequence[tuple[str, Sequence[Tensor | None]]],
-                path: str | os.PathLike[str], *, title: str) -> None:
+def grid_figure(
+    images: Sequence[Tensor],
+    rows: Sequence[tuple[str, Sequence[Tensor | None]]],
+    path: str | os.PathLike[str],
+    *,
+    title: str,
+) -> None:
     """Save a PNG: one column per image, the images on top, then one row of heat maps per label."""
     plt = pyplot("saving attention maps")
     n = len(images)
@@ -232,7 +268,9 @@ def grid_figure(images: Sequence[Tensor], rows: Sequence[tuple[str, Sequence[Ten
             if heat is None:
                 continue
             ax.imshow(images[j].permute(1, 2, 0).numpy())
-            ax.imshow(_upsample(heat, tuple(images[j].shape[1:])).numpy(), cmap="jet", alpha=0.5, vmin=0, vmax=1)
+            ax.imshow(
+                _upsample(heat, tuple(images[j].shape[1:])).numpy(), cmap="jet", alpha=0.5, vmin=0, vmax=1
+            )
         axes[i, 0].set_title(label, fontsize=7, loc="left")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()

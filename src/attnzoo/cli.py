@@ -73,7 +73,9 @@ class Progress:
         width = 24
         filled = int(width * self.done / self.total)
         bar = "#" * filled + "." * (width - filled)
-        text = f"{self.label} [{bar}] {self.done}/{self.total} {time.perf_counter() - self.start:5.0f}s {note}"
+        text = (
+            f"{self.label} [{bar}] {self.done}/{self.total} {time.perf_counter() - self.start:5.0f}s {note}"
+        )
         if self.tty:
             self.stream.write("\r" + text[:110].ljust(110))
         else:
@@ -109,12 +111,17 @@ def _num(value: float | None) -> str:
 def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     cells = [[str(c) for c in row] for row in rows]
     widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(header)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip(), "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
+    lines = [
+        "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=False)).rstrip(),
+        "  ".join("-" * w for w in widths),
+    ]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)).rstrip() for row in cells]
     return "\n".join(lines)
 
 
-def _emit(rows: list[dict[str, Any]], fmt: str, output: str | None, table: str, extra: dict[str, Any]) -> None:
+def _emit(
+    rows: list[dict[str, Any]], fmt: str, output: str | None, table: str, extra: dict[str, Any]
+) -> None:
     """Print ``table`` (or CSV/JSON of ``rows``); with ``output``, write the chosen format there."""
     if fmt == "csv":
         buf = io.StringIO()
@@ -188,9 +195,18 @@ def _cmd_list(args: argparse.Namespace) -> int:
         raise CLIError(f"no mechanism in family {args.family!r}; families: {', '.join(families)}")
     rows = []
     for spec in specs:
-        row: dict[str, Any] = {"name": spec.name, "seed_name": spec.seed_name or "", "family": spec.family,
-                               "paper": spec.paper, "year": spec.year, "layout": spec.layout, "input": "",
-                               "params": None, "flops": None, "note": ""}
+        row: dict[str, Any] = {
+            "name": spec.name,
+            "seed_name": spec.seed_name or "",
+            "family": spec.family,
+            "paper": spec.paper,
+            "year": spec.year,
+            "layout": spec.layout,
+            "input": "",
+            "params": None,
+            "flops": None,
+            "note": "",
+        }
         try:
             built = build(spec, shape)
             row["input"] = built.input_note
@@ -201,13 +217,23 @@ def _cmd_list(args: argparse.Namespace) -> int:
         rows.append(row)
     header = ("name", "seed name", "family", "paper", "year", "input", "params", "FLOPs")
     table_rows = [
-        (r["name"], r["seed_name"] or "-", r["family"], _short(r["paper"], 44), r["year"], r["input"] or "-",
-         _si(r["params"]), _si(r["flops"]))
+        (
+            r["name"],
+            r["seed_name"] or "-",
+            r["family"],
+            _short(r["paper"], 44),
+            r["year"],
+            r["input"] or "-",
+            _si(r["params"]),
+            _si(r["flops"]),
+        )
         for r in rows
     ]
     notes = [f"  {r['name']}: cannot take {args.input}: {r['note']}" for r in rows if r["note"]]
-    text = (f"{len(rows)} mechanisms; params and forward FLOPs at input {args.input} (B x C x H x W, converted "
-            f"to each layout; SEQ2SEQ: one query against the H*W tokens)\n" + _table(header, table_rows))
+    text = (
+        f"{len(rows)} mechanisms; params and forward FLOPs at input {args.input} (B x C x H x W, converted "
+        f"to each layout; SEQ2SEQ: one query against the H*W tokens)\n" + _table(header, table_rows)
+    )
     if notes:
         text += "\n\n" + "\n".join(notes)
     _emit(rows, args.format, args.output, text, {"input": args.input})
@@ -222,10 +248,14 @@ def _cmd_info(args: argparse.Namespace) -> int:
     spec = get_spec(args.name)
     shape = parse_shape(args.input)
     names = ", ".join(n for n in spec.all_names if n != spec.name)
-    print(f"{spec.name}: {spec.cls.__module__}.{spec.cls.__name__}   family {spec.family}, layout {spec.layout}")
+    print(
+        f"{spec.name}: {spec.cls.__module__}.{spec.cls.__name__}   family {spec.family}, layout {spec.layout}"
+    )
     print(f"paper: {spec.paper} ({spec.year})")
     if names:
-        print(f"also: {names}" + (f"   (seed class: attnzoo.compat.{spec.seed_name})" if spec.seed_name else ""))
+        print(
+            f"also: {names}" + (f"   (seed class: attnzoo.compat.{spec.seed_name})" if spec.seed_name else "")
+        )
     print(f"uses attnzoo.functional.attend: {'yes' if spec.uses_attend else 'no'}")
     print()
     print(inspect.getdoc(spec.cls) or "(no docstring)")
@@ -267,7 +297,9 @@ def _keep_freed_memory() -> bool:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
         m_trim_threshold, m_mmap_threshold = -1, -3
-        return bool(libc.mallopt(m_mmap_threshold, 2**31 - 1)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
+        return bool(libc.mallopt(m_mmap_threshold, 2**31 - 1)) and bool(
+            libc.mallopt(m_trim_threshold, 2**31 - 1)
+        )
     except (OSError, AttributeError):
         return False
 
@@ -307,8 +339,9 @@ for name in job["names"]:
 """
 
 
-def _memory_shared(names: list[str], shape: tuple[int, ...], mode: str, dtype: str,
-                   progress: Progress) -> dict[str, int | None]:
+def _memory_shared(
+    names: list[str], shape: tuple[int, ...], mode: str, dtype: str, progress: Progress
+) -> dict[str, int | None]:
     """Peak memory of each step, all measured one after another in one fresh subprocess."""
     from attnzoo.benchmark import MEASURE_ENV
 
@@ -317,8 +350,13 @@ def _memory_shared(names: list[str], shape: tuple[int, ...], mode: str, dtype: s
     env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH", "")) if p)
     job = json.dumps({"names": names, "shape": list(shape), "mode": mode, "dtype": dtype})
     result: dict[str, int | None] = {n: None for n in names}
-    with subprocess.Popen([sys.executable, "-c", _MEMORY_CHILD, job], stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True, env=env) as proc:
+    with subprocess.Popen(
+        [sys.executable, "-c", _MEMORY_CHILD, job],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    ) as proc:
         assert proc.stdout is not None
         for line in proc.stdout:
             report = json.loads(line)
@@ -328,16 +366,18 @@ def _memory_shared(names: list[str], shape: tuple[int, ...], mode: str, dtype: s
     return result
 
 
-def _memory_fresh(names: list[str], shape: tuple[int, ...], mode: str, dtype: str,
-                  progress: Progress) -> dict[str, int | None]:
+def _memory_fresh(
+    names: list[str], shape: tuple[int, ...], mode: str, dtype: str, progress: Progress
+) -> dict[str, int | None]:
     """Peak memory of each step, each in its own fresh subprocess (attnzoo.benchmark.peak_memory)."""
     from attnzoo.benchmark import peak_memory
 
     result: dict[str, int | None] = {}
     for name in names:
         try:
-            result[name] = peak_memory("attnzoo.cli:memory_step",
-                                       {"name": name, "shape": list(shape), "mode": mode, "dtype": dtype})
+            result[name] = peak_memory(
+                "attnzoo.cli:memory_step", {"name": name, "shape": list(shape), "mode": mode, "dtype": dtype}
+            )
         except RuntimeError:
             result[name] = None
         progress.advance(note=f"memory {name}")
@@ -362,9 +402,19 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     rows: dict[str, dict[str, Any]] = {}
     steps: dict[str, Callable[[], object]] = {}
     for spec in specs:
-        row: dict[str, Any] = {"name": spec.name, "family": spec.family, "layout": spec.layout, "input": "",
-                               "params": None, "flops": None, "latency_ms": None, "gflops_per_s": None,
-                               "peak_mb": None, "status": "ok", "reason": ""}
+        row: dict[str, Any] = {
+            "name": spec.name,
+            "family": spec.family,
+            "layout": spec.layout,
+            "input": "",
+            "params": None,
+            "flops": None,
+            "latency_ms": None,
+            "gflops_per_s": None,
+            "peak_mb": None,
+            "status": "ok",
+            "reason": "",
+        }
         rows[spec.name] = row
         try:
             built = build(spec, shape, dtype=dtype)
@@ -377,7 +427,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             row["status"], row["reason"] = "skipped", _reason(err)
         progress.advance(note=spec.name)
     if steps:
-        timing = alternate(steps, rounds=args.rounds, warmup=1, progress=lambda r, n: progress.advance(note="timing"))
+        timing = alternate(
+            steps, rounds=args.rounds, warmup=1, progress=lambda r, n: progress.advance(note="timing")
+        )
         for name in steps:
             row = rows[name]
             seconds = timing.median(name)
@@ -396,14 +448,24 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             rows[name]["peak_mb"] = None if size is None else size / 2**20
     progress.close()
     results = list(rows.values())
-    memory_note = {"shared": "peak memory: each step measured in one fresh subprocess, one after another",
-                   "fresh": "peak memory: each step in its own fresh subprocess",
-                   "off": "peak memory: not measured"}[args.memory]
-    title = (f"attnzoo bench: input {args.input}, {args.mode}, {args.dtype}, {torch.get_num_threads()} threads, "
-             f"median of {args.rounds} alternating rounds")
+    memory_note = {
+        "shared": "peak memory: each step measured in one fresh subprocess, one after another",
+        "fresh": "peak memory: each step in its own fresh subprocess",
+        "off": "peak memory: not measured",
+    }[args.memory]
+    title = (
+        f"attnzoo bench: input {args.input}, {args.mode}, {args.dtype}, {torch.get_num_threads()} threads, "
+        f"median of {args.rounds} alternating rounds"
+    )
     text = _bench_table(title, results, memory_note, kept)
-    extra = {"input": args.input, "mode": args.mode, "dtype": args.dtype, "rounds": args.rounds,
-             "threads": torch.get_num_threads(), "memory": args.memory}
+    extra = {
+        "input": args.input,
+        "mode": args.mode,
+        "dtype": args.dtype,
+        "rounds": args.rounds,
+        "threads": torch.get_num_threads(),
+        "memory": args.memory,
+    }
     _emit(results, args.format, args.output, text, extra)
     if args.plot:
         from attnzoo._plots import bench_chart
@@ -417,14 +479,27 @@ def _bench_table(title: str, rows: list[dict[str, Any]], memory_note: str, kept:
     done = sorted((r for r in rows if r["status"] == "ok"), key=lambda r: r["latency_ms"])
     header = ("name", "input", "params", "FLOPs", "latency ms", "GFLOP/s", "peak MB")
     body = [
-        (r["name"], r["input"], _si(r["params"]), _si(r["flops"]), _num(r["latency_ms"]), _num(r["gflops_per_s"]),
-         _num(r["peak_mb"]))
+        (
+            r["name"],
+            r["input"],
+            _si(r["params"]),
+            _si(r["flops"]),
+            _num(r["latency_ms"]),
+            _num(r["gflops_per_s"]),
+            _num(r["peak_mb"]),
+        )
         for r in done
     ]
-    lines = [title, _table(header, body), "",
-             "FLOPs: one sample counted on the math attention path, times the batch; " + memory_note + "."]
+    lines = [
+        title,
+        _table(header, body),
+        "",
+        "FLOPs: one sample counted on the math attention path, times the batch; " + memory_note + ".",
+    ]
     if not kept:
-        lines.append("note: could not keep freed memory in the process (not glibc); timings may show outliers.")
+        lines.append(
+            "note: could not keep freed memory in the process (not glibc); timings may show outliers."
+        )
     skipped = [r for r in rows if r["status"] != "ok"]
     if skipped:
         lines.append("cannot take this input:")
@@ -444,7 +519,9 @@ def _parse_queries(text: str | None) -> list[tuple[float, ...]] | None:
         try:
             points.append(tuple(float(v) for v in part.split(",")))
         except ValueError:
-            raise ValueError(f"--queries expects fractions 'y,x;y,x' such as 0.5,0.5;0.2,0.8, got {text!r}") from None
+            raise ValueError(
+                f"--queries expects fractions 'y,x;y,x' such as 0.5,0.5;0.2,0.8, got {text!r}"
+            ) from None
     return points
 
 
@@ -485,14 +562,16 @@ def _cmd_maps(args: argparse.Namespace) -> int:
         module = build_nchw(spec, args.channels, grid, seed=args.seed).eval()
     except Unsupported as err:
         raise CLIError(f"{spec.name} cannot run on a {args.channels}-channel feature map: {err}") from None
-    with torch.no_grad(), capture_maps(module, queries=queries, token_grid=grid) as maps:
+    mechanism = next((m for m in module.modules() if isinstance(m, spec.cls)), module)
+    with torch.no_grad(), capture_maps(mechanism, queries=queries, token_grid=grid) as maps:
         module(feats)
     if not maps:
         raise CLIError(f"{spec.name} recorded no attention maps (its module does not record any yet)")
-    # Records are named inside the wrapper ("", "module", "module.inner"): name them by the mechanism.
-    maps = {spec.name + name.partition("module")[2] if name.startswith("module") else name or spec.name: records
-            for name, records in maps.items()}
-    title = f"{spec.name} ({spec.cls.__name__}, untrained, seed {args.seed}) on {os.path.basename(args.image or sample_image())}"
+    # Name the records from the mechanism: its own as its registry name, its parts' below it.
+    root = type(mechanism).__name__
+    maps = {spec.name if name == root else f"{spec.name}.{name}": records for name, records in maps.items()}
+    source = os.path.basename(args.image or sample_image())
+    title = f"{spec.name} ({spec.cls.__name__}, untrained, seed {args.seed}) on {source}"
     count = plot_maps(image, maps, args.out, title=title, token_grid=grid)
     kinds = ", ".join(f"{name}: {'/'.join(m.kind for m in records)}" for name, records in maps.items())
     print(f"wrote {args.out} ({count} panels; {kinds})")
@@ -514,14 +593,22 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from attnzoo.maps import capture_maps
 
     specs = _resolve(args.attention) if args.attention else [get_spec(n) for n in _default_demo_names()]
-    for value, flag in ((args.epochs, "--epochs"), (args.train_size, "--train-size"), (args.test_size, "--test-size")):
+    for value, flag in (
+        (args.epochs, "--epochs"),
+        (args.train_size, "--train-size"),
+        (args.test_size, "--test-size"),
+    ):
         if value < 1:
             raise CLIError(f"{flag} expects a positive count, got {value}")
     attentions: list[tuple[str, nn.Module | None]] = [("none", None)]
     for spec in specs:
         try:
-            attentions.append((spec.name, build_nchw(spec, demo.OddShapeNet.channels, demo.OddShapeNet.grid,
-                                                     seed=args.seed)))
+            attentions.append(
+                (
+                    spec.name,
+                    build_nchw(spec, demo.OddShapeNet.channels, demo.OddShapeNet.grid, seed=args.seed),
+                )
+            )
         except Unsupported as err:
             raise CLIError(f"{spec.name} cannot run inside the demo's CNN: {err}") from None
     train_x, train_y, _ = demo.make_shapes(args.train_size, seed=args.seed)
@@ -533,8 +620,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         torch.manual_seed(args.seed)
         model = demo.OddShapeNet(attention)
         start = time.perf_counter()
-        losses = demo.train(model, train_x, train_y, epochs=args.epochs, batch_size=args.batch_size,
-                            seed=args.seed, step=lambda label=label: progress.advance(note=label))
+        losses = demo.train(
+            model,
+            train_x,
+            train_y,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            step=lambda label=label: progress.advance(note=label),
+        )
         seconds = time.perf_counter() - start
         accuracy = demo.evaluate(model, test_x, test_y)
         params = 0 if attention is None else _params(attention)
@@ -557,21 +651,28 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     for r in results:
         mass = "-"
         if any(h is not None for h in heats.get(r.name, [])):
-            pairs = [demo.odd_shape_mass(h, b) for h, b in zip(heats[r.name], test_boxes) if h is not None]
+            maps_and_boxes = zip(heats[r.name], test_boxes[: len(heats[r.name])], strict=True)
+            pairs = [demo.odd_shape_mass(h, b) for h, b in maps_and_boxes if h is not None]
             inside = sum(p[0] for p in pairs) / len(pairs)
             area = sum(p[1] for p in pairs) / len(pairs)
             mass = f"{inside:.0%} ({inside / area:.1f}x its area)"
         rows.append((r.name, f"{r.attention_params:,}", f"{r.accuracy:.1%}", f"{r.seconds:.1f}", mass))
-    print(f"odd-shape task: {args.train_size} training / {args.test_size} held-out images, {args.epochs} epochs, "
-          f"seed {args.seed}; chance {1 / len(demo.KINDS):.1%}")
+    print(
+        f"odd-shape task: {args.train_size} training / {args.test_size} held-out images, "
+        f"{args.epochs} epochs, seed {args.seed}; chance {1 / len(demo.KINDS):.1%}"
+    )
     print(_table(header, rows))
     shown = [(label, h[:8]) for label, h in heats.items() if any(x is not None for x in h)]
     if shown and args.out:
         try:
             from attnzoo._plots import grid_figure
 
-            grid_figure(list(test_x[:8]), shown, args.out, title="attention of the trained models (odd shape = "
-                        "circle, square or triangle)")
+            grid_figure(
+                list(test_x[:8]),
+                shown,
+                args.out,
+                title="attention of the trained models (odd shape = circle, square or triangle)",
+            )
             print(f"wrote {args.out}")
         except ImportError as err:
             print(f"no picture: {err}")
@@ -606,10 +707,14 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``attnzoo`` command."""
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                        help="show the traceback of an error")
-    parser = _Parser(prog="attnzoo", parents=[common],
-                     description="Attention mechanisms for PyTorch: list, inspect, benchmark and look at them.")
+    common.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error"
+    )
+    parser = _Parser(
+        prog="attnzoo",
+        parents=[common],
+        description="Attention mechanisms for PyTorch: list, inspect, benchmark and look at them.",
+    )
     parser.add_argument("--version", action="version", version=f"attnzoo {attnzoo.__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
@@ -624,7 +729,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("list", "table of every registered mechanism, with parameters and FLOPs", _cmd_list)
     p.add_argument("--family", default=None, help="only this family")
-    p.add_argument("--input", default=LIST_INPUT, help=f"input for parameters and FLOPs (default {LIST_INPUT})")
+    p.add_argument(
+        "--input", default=LIST_INPUT, help=f"input for parameters and FLOPs (default {LIST_INPUT})"
+    )
     formats(p)
 
     p = add("info", "docstring, arguments, shapes, parameters and FLOPs of one mechanism", _cmd_info)
@@ -633,27 +740,48 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("bench", "time mechanisms on one input: parameters, FLOPs, latency, memory, GFLOP/s", _cmd_bench)
     p.add_argument("names", nargs="*", help="mechanisms (default: all that accept the input)")
-    p.add_argument("--input", default=BENCH_INPUT, help=f"BxCxHxW, BxLxC or BxCxTxHxW (default {BENCH_INPUT})")
-    p.add_argument("--mode", choices=("fwd", "train"), default="fwd", help="forward only, or forward+backward")
+    p.add_argument(
+        "--input", default=BENCH_INPUT, help=f"BxCxHxW, BxLxC or BxCxTxHxW (default {BENCH_INPUT})"
+    )
+    p.add_argument(
+        "--mode", choices=("fwd", "train"), default="fwd", help="forward only, or forward+backward"
+    )
     p.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
-    p.add_argument("--rounds", type=int, default=BENCH_ROUNDS, help=f"alternating timing rounds (default {BENCH_ROUNDS})")
-    p.add_argument("--memory", choices=("shared", "fresh", "off"), default="shared",
-                   help="peak memory: all in one fresh subprocess (default), one subprocess each, or not at all")
+    p.add_argument(
+        "--rounds", type=int, default=BENCH_ROUNDS, help=f"alternating timing rounds (default {BENCH_ROUNDS})"
+    )
+    p.add_argument(
+        "--memory",
+        choices=("shared", "fresh", "off"),
+        default="shared",
+        help="peak memory: all in one fresh subprocess (default), one subprocess each, or not at all",
+    )
     p.add_argument("--plot", default=None, metavar="PNG", help="save a chart (needs attnzoo[plots])")
     formats(p)
 
     p = add("maps", "a mechanism's attention maps over an image, as a PNG grid of overlays", _cmd_maps)
     p.add_argument("name", help="registry name, alias or seed class name")
-    p.add_argument("--image", default=None, help="image file (default: the sample image shipped with attnzoo)")
+    p.add_argument(
+        "--image", default=None, help="image file (default: the sample image shipped with attnzoo)"
+    )
     p.add_argument("--out", default="maps.png", help="PNG to write (default maps.png)")
     p.add_argument("--size", type=int, default=112, help="resize the image to SIZE x SIZE (default 112)")
-    p.add_argument("--channels", type=int, default=32, help="feature channels the mechanism sees (default 32)")
-    p.add_argument("--queries", default=None, help="query points as fractions 'y,x;y,x' (default: centre and quadrants)")
+    p.add_argument(
+        "--channels", type=int, default=32, help="feature channels the mechanism sees (default 32)"
+    )
+    p.add_argument(
+        "--queries", default=None, help="query points as fractions 'y,x;y,x' (default: centre and quadrants)"
+    )
     p.add_argument("--seed", type=int, default=0)
 
     p = add("demo", "train a small CNN with and without attention on a generated odd-shape task", _cmd_demo)
-    p.add_argument("--attention", nargs="+", default=None, metavar="NAME",
-                   help=f"mechanisms to compare with no attention (default: {', '.join(DEMO_ATTENTION)})")
+    p.add_argument(
+        "--attention",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help=f"mechanisms to compare with no attention (default: {', '.join(DEMO_ATTENTION)})",
+    )
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--train-size", type=int, default=2000)
     p.add_argument("--test-size", type=int, default=500)

@@ -46,7 +46,9 @@ def _shape_masks(kind: Tensor, cy: Tensor, cx: Tensor, r: Tensor, size: int) -> 
     return torch.where(kind == 4, cross, out)
 
 
-def make_shapes(n: int, *, seed: int, size: int = SIZE, distractors: tuple[int, int] = (3, 5)) -> tuple[Tensor, Tensor, Tensor]:
+def make_shapes(
+    n: int, *, seed: int, size: int = SIZE, distractors: tuple[int, int] = (3, 5)
+) -> tuple[Tensor, Tensor, Tensor]:
     """Generate the task (vectorised; shapes sit in distinct cells of a 3 x 3 grid, so never overlap).
 
     Args:
@@ -86,12 +88,16 @@ def make_shapes(n: int, *, seed: int, size: int = SIZE, distractors: tuple[int, 
         cover = masks.sum(1, keepdim=True)  # (b, 1, size, size)
         paint = torch.einsum("bshw,bsc->bchw", masks, colours[part])
         images[part] = ((background[part] + noise[part]) * (1 - cover) + paint).clamp(0, 1)
-    boxes = torch.stack([cy[:, 0] - r[:, 0], cx[:, 0] - r[:, 0], cy[:, 0] + r[:, 0] + 1, cx[:, 0] + r[:, 0] + 1], 1)
+    boxes = torch.stack(
+        [cy[:, 0] - r[:, 0], cx[:, 0] - r[:, 0], cy[:, 0] + r[:, 0] + 1, cx[:, 0] + r[:, 0] + 1], 1
+    )
     return images, labels, boxes.long().clamp(0, size)
 
 
 def _conv(cin: int, cout: int, stride: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
+    )
 
 
 class OddShapeNet(nn.Module):
@@ -108,8 +114,14 @@ class OddShapeNet(nn.Module):
         super().__init__()
         self.stem = nn.Sequential(_conv(3, 16, 2), _conv(16, self.channels, 2))
         self.attn = attention if attention is not None else nn.Identity()
-        self.head = nn.Sequential(_conv(self.channels, 64, 2), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                                  nn.Linear(64, 64), nn.ReLU(inplace=True), nn.Linear(64, len(KINDS)))
+        self.head = nn.Sequential(
+            _conv(self.channels, 64, 2),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(64, 64),
+            nn.ReLU(inplace=True),
+            nn.Linear(64, len(KINDS)),
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.attn(self.stem(x)))
@@ -126,8 +138,17 @@ class Result:
     losses: list[float] = field(default_factory=list)
 
 
-def train(model: nn.Module, images: Tensor, labels: Tensor, *, epochs: int, batch_size: int = 64, lr: float = 3e-3,
-          seed: int = 0, step: Callable[[], None] | None = None) -> list[float]:
+def train(
+    model: nn.Module,
+    images: Tensor,
+    labels: Tensor,
+    *,
+    epochs: int,
+    batch_size: int = 64,
+    lr: float = 3e-3,
+    seed: int = 0,
+    step: Callable[[], None] | None = None,
+) -> list[float]:
     """Train with AdamW, warm-up and cosine decay; returns the mean loss per epoch.
 
     ``step`` is called after every batch (progress).
@@ -149,7 +170,7 @@ def train(model: nn.Module, images: Tensor, labels: Tensor, *, epochs: int, batc
         order = torch.randperm(len(images), generator=gen)
         total, count = 0.0, 0
         for start in range(0, len(images), batch_size):
-            idx = order[start:start + batch_size]
+            idx = order[start : start + batch_size]
             x = images[idx]
             if bool(torch.rand(1, generator=gen) < 0.5):
                 x = x.flip(-1)  # the labels do not depend on left/right
@@ -171,7 +192,9 @@ def evaluate(model: nn.Module, images: Tensor, labels: Tensor, batch_size: int =
     model.eval()
     correct = 0
     for start in range(0, len(images), batch_size):
-        correct += int((model(images[start:start + batch_size]).argmax(-1) == labels[start:start + batch_size]).sum())
+        correct += int(
+            (model(images[start : start + batch_size]).argmax(-1) == labels[start : start + batch_size]).sum()
+        )
     return correct / len(images)
 
 

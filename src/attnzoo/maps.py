@@ -51,14 +51,22 @@ __all__ = [
     "record_rows",
     "query_indices",
     "iter_maps",
+    "record_packed_rows",
+    "windows_to_image",
 ]
 
 KINDS = ("channel", "spatial", "rows", "routing", "branch")
 
 # Query points as fractions of (H, W): the centre, then the centres of the four quadrants.
-DEFAULT_QUERIES: tuple[tuple[float, ...], ...] = ((0.5, 0.5), (0.25, 0.25), (0.25, 0.75), (0.75, 0.25), (0.75, 0.75))
+DEFAULT_QUERIES: tuple[tuple[float, ...], ...] = (
+    (0.5, 0.5),
+    (0.25, 0.25),
+    (0.25, 0.75),
+    (0.75, 0.25),
+    (0.75, 0.75),
+)
 
-Point = Union[float, int, Sequence[Union[float, int]]]
+Point = Union[float, int, Sequence[Union[float, int]]]  # noqa: UP007 (a runtime alias on Python 3.10)
 
 
 @dataclass
@@ -85,7 +93,10 @@ class AttentionMap:
 
 class _Session:
     def __init__(
-        self, model: nn.Module | None, queries: tuple[tuple[float | int, ...], ...], token_grid: tuple[int, ...] | None
+        self,
+        model: nn.Module | None,
+        queries: tuple[tuple[float | int, ...], ...],
+        token_grid: tuple[int, ...] | None,
     ) -> None:
         self.names = {id(m): n for n, m in model.named_modules()} if model is not None else {}
         self.queries = queries
@@ -155,13 +166,17 @@ class capture_maps:  # noqa: N801 (used as a function: ``with capture_maps(model
         token_grid: Sequence[int] | None = None,
     ) -> None:
         if model is not None and not isinstance(model, nn.Module):
-            raise TypeError(f"capture_maps expects model to be an nn.Module or None, got {type(model).__name__}")
+            raise TypeError(
+                f"capture_maps expects model to be an nn.Module or None, got {type(model).__name__}"
+            )
         points = DEFAULT_QUERIES if queries is None else tuple(_normalise_point(p) for p in queries)
         if not points:
             raise ValueError("capture_maps expects at least one query point, got an empty list")
         grid = None if token_grid is None else tuple(int(g) for g in token_grid)
         if grid is not None and (not grid or any(g < 1 for g in grid)):
-            raise ValueError(f"capture_maps expects token_grid of positive sizes such as (H, W), got {token_grid}")
+            raise ValueError(
+                f"capture_maps expects token_grid of positive sizes such as (H, W), got {token_grid}"
+            )
         self._session = _Session(model, points, grid)
 
     def __enter__(self) -> dict[str, list[AttentionMap]]:
@@ -183,11 +198,13 @@ def _resolve_point(point: tuple[float | int, ...], grid: tuple[int, ...]) -> int
     n = len(grid)
     coords: tuple[float | int, ...] = point[-n:] if len(point) >= n else (0.5,) * (n - len(point)) + point
     flat = 0
-    for c, size in zip(coords, grid):
+    for c, size in zip(coords, grid, strict=False):
         if isinstance(c, float):
             i = min(int(c * size), size - 1)
         elif c >= size:
-            raise ValueError(f"capture_maps: query index {c} is outside a grid of size {grid} (point {point})")
+            raise ValueError(
+                f"capture_maps: query index {c} is outside a grid of size {grid} (point {point})"
+            )
         else:
             i = c
         flat = flat * size + i
@@ -245,8 +262,11 @@ def record(module: nn.Module, kind: str, data: Tensor, **meta: Any) -> None:
         query_grid=tuple(int(g) for g in query_grid) if query_grid is not None else None,
         meta={k: v.detach().clone() if isinstance(v, Tensor) else v for k, v in meta.items()},
     )
-    name = session.names.get(id(module)) or type(module).__name__
-    session.maps.setdefault(name, []).append(entry)
+    session.maps.setdefault(_name(session, module), []).append(entry)
+
+
+def _name(session: _Session, module: nn.Module) -> str:
+    return session.names.get(id(module)) or type(module).__name__
 
 
 def _rows(t: Tensor | None, idx: Tensor, length: int) -> Tensor | None:
@@ -297,7 +317,9 @@ def record_rows(
     for g in grid:
         size *= g
     if size != length:
-        raise ValueError(f"record_rows expects grid {grid} to cover the {length} queries of q {tuple(q.shape)}")
+        raise ValueError(
+            f"record_rows expects grid {grid} to cover the {length} queries of q {tuple(q.shape)}"
+        )
     idx = query_indices(grid, q.device)
     with torch.no_grad():
         q_rows = q.index_select(-2, idx)  # (B, h, Q, d)
@@ -310,9 +332,121 @@ def record_rows(
                 mask_rows = mask_rows & keep
             else:
                 mask_rows = mask_rows.masked_fill(~keep, float("-inf"))
-        _, weights = attend(q_rows, k, k[..., :1], bias=_rows(bias, idx, length), mask=mask_rows, scale=scale,
-                            return_weights=True)
+        _, weights = attend(
+            q_rows,
+            k,
+            k[..., :1],
+            bias=_rows(bias, idx, length),
+            mask=mask_rows,
+            scale=scale,
+            return_weights=True,
+        )
     record(module, "rows", weights, grid=key_grid, queries=idx, query_grid=grid, **meta)
+
+
+def record_packed_rows(
+    module: nn.Module,
+    qkv: Tensor,
+    bias: Tensor | None,
+    *,
+    scale: float,
+    grid: Sequence[int],
+    all_queries: bool = False,
+    **meta: Any,
+) -> None:
+    """:func:`record_rows` for packed q/k/v, as :func:`attnzoo._biased_attention.biased_attention` takes.
+
+    Args:
+        module: The attention module (names the record).
+        qkv: ``(B, N, 3, h, d)``.
+        bias: ``(h, N, N)``, or ``(G, h, N, N)`` with batch element i using group ``i % G``; or None.
+        scale: Multiplies the logits.
+        grid: Spatial size of the N positions.
+        all_queries: Record every query's row (``(B, h, N, N)``: windows are small) instead of the
+            capture's query points. Default: False.
+        **meta: Stored in :attr:`AttentionMap.meta`.
+    """
+    if not capturing():
+        return
+    from attnzoo.functional import attend
+
+    b, n = qkv.shape[:2]
+    q, k = qkv[:, :, 0].transpose(1, 2), qkv[:, :, 1].transpose(1, 2)  # (B, h, N, d) each
+    if bias is not None and bias.ndim == 4:
+        bias = bias.repeat(b // bias.shape[0], 1, 1, 1)  # (B, h, N, N): element i uses group i % G
+    if not all_queries:
+        record_rows(module, q, k, grid=grid, bias=bias, scale=scale, **meta)
+        return
+    with torch.no_grad():
+        _, weights = attend(q, k, k[..., :1], bias=bias, scale=scale, return_weights=True)  # (B, h, N, N)
+    record(
+        module, "rows", weights, grid=grid, queries=torch.arange(n, device=q.device), query_grid=grid, **meta
+    )
+
+
+def windows_to_image(
+    module: nn.Module,
+    inner: nn.Module,
+    *,
+    size: Sequence[int],
+    padded: Sequence[int],
+    window: Sequence[int],
+    shift: Sequence[int] = (0, 0),
+) -> None:
+    """Turn the window attention ``inner`` just recorded into rows over the whole image.
+
+    ``inner`` must have recorded every query's row per window (:func:`record_packed_rows` with
+    ``all_queries=True``, ``(B*nW, h, N, N)``, windows in image-major, row-major order). That record
+    is replaced by one for ``module``: for each capture query point of the ``(H, W)`` image, its
+    row scattered over the image (zero outside its window), ``(B, h, Q, H*W)``.
+
+    Args:
+        module: The module that owns the image (names the new record).
+        inner: The window attention module that recorded the window rows.
+        size: ``(H, W)`` of the image.
+        padded: ``(Hp, Wp)``, the size after padding to window multiples.
+        window: ``(Wh, Ww)``.
+        shift: The cyclic shift applied before partitioning (``roll`` by ``-shift``). Default: (0, 0).
+    """
+    session = _session()
+    if session is None:
+        return
+    records = session.maps.get(_name(session, inner))
+    if not records or records[-1].kind != "rows":
+        return
+    weights = records.pop().data  # (B*nW, h, N, N)
+    if not records:
+        del session.maps[_name(session, inner)]
+    (height, width), (hp, wp), (wh, ww), (sh, sw) = (
+        tuple(int(v) for v in t) for t in (size, padded, window, shift)
+    )
+    across, n = wp // ww, wh * ww
+    per_image = (hp // wh) * across
+    batch, heads = weights.shape[0] // per_image, weights.shape[1]
+    idx = query_indices((height, width), weights.device)
+    yp, xp = (idx // width - sh) % hp, (idx % width - sw) % wp  # where each query sits after the roll
+    win, local = (yp // wh) * across + xp // ww, (yp % wh) * ww + xp % ww  # (Q,) each
+    by_window = weights.reshape(batch, per_image, heads, n, n).permute(1, 3, 0, 2, 4)  # (nW, N, B, h, N)
+    rows = by_window[win, local].permute(1, 2, 0, 3)  # (Q, B, h, N) -> (B, h, Q, N)
+    m = torch.arange(n, device=weights.device)
+    ky = (win // across)[:, None] * wh + m // ww  # (Q, N) key rows in the rolled, padded map
+    kx = (win % across)[:, None] * ww + m % ww
+    oy, ox = (ky + sh) % hp, (kx + sw) % wp  # back through the roll
+    target = torch.where(
+        (oy < height) & (ox < width), oy * width + ox, height * width
+    )  # padding -> a spare column
+    out = weights.new_zeros(batch, heads, len(idx), height * width + 1)
+    out.scatter_(3, target.expand(batch, heads, -1, -1), rows)
+    record(
+        module,
+        "rows",
+        out[..., : height * width],
+        grid=(height, width),
+        queries=idx,
+        query_grid=(height, width),
+        window=(wh, ww),
+        shift=(sh, sw),
+    )
 
 
 def iter_maps(maps: dict[str, list[AttentionMap]]) -> Iterator[tuple[str, AttentionMap]]:
