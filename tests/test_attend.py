@@ -215,3 +215,14 @@ def test_gather_relative_bias():
     bias = gather_relative_bias(table, idx)
     assert bias.shape == (2, 4, 4)
     assert bias[1, 2, 0] == table[2 - 0 + 3, 1]
+
+
+def test_autocast_mixed_dtypes_run_in_autocast_dtype():
+    q = torch.randn(1, 2, 5, 4, dtype=torch.bfloat16)
+    k, v = torch.randn(1, 2, 6, 4), torch.randn(1, 2, 6, 4)
+    with pytest.raises(TypeError, match="one dtype"):
+        attend(q, k, v)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attend(q, k, v)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), attend(q.float(), k, v), atol=3e-2, rtol=3e-2)

@@ -225,3 +225,90 @@ def test_unknown_registry_name_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown attention"):
         insert(SmallCNN(), "no_such_attention", where="layer1.*", example_input=torch.randn(1, 3, 8, 8))
     assert attnzoo.surgery is not None
+
+
+# --- with registered mechanisms and real backbones ------------------------------------------------
+
+
+def test_insert_registry_cbam_on_small_cnn():
+    model = SmallCNN()
+    count = params(model)
+    x = torch.randn(2, 3, 16, 16)
+    names = insert(model, "cbam", where="layer*.*", example_input=x, reduction=4)
+    inserted = [model.get_submodule(n).attention for n in names]  # Sequential places wrap it
+    assert [m.channels for m in inserted] == [8, 8, 16, 16]
+    expected = sum(params(attnzoo.create("cbam", channels=c, reduction=4)) for c in (8, 8, 16, 16))
+    assert params(model) == count + expected
+    model(x).sum().backward()
+
+
+def test_replace_seed_space_attention_with_bra_in_nchw():
+    class SeedBlock(nn.Module):
+        """The seed's snippet: a max-pool-gated channel branch and a max-gated spatial branch."""
+
+        def __init__(self, channels: int) -> None:
+            super().__init__()
+
+            def conv_bn_relu():
+                return nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), nn.BatchNorm2d(channels), nn.ReLU())
+
+            self.channel_attention = conv_bn_relu()
+            self.space_attention = conv_bn_relu()
+
+        def forward(self, x):
+            x = x + self.channel_attention(x * torch.sigmoid(x.amax((2, 3), keepdim=True)))
+            return x + self.space_attention(x * torch.sigmoid(x.amax(1, keepdim=True)))
+
+    net = SeedBlock(16)
+    x = torch.randn(2, 16, 12, 12)
+    replace(net, ["channel_attention", "space_attention"], "bra", n_win=3, num_heads=2, topk=2,
+            auto_pad=True, example_input=x)
+    assert net.channel_attention is not net.space_attention
+    assert isinstance(net.space_attention, attnzoo.BiLevelRoutingAttention)
+    assert net(x).shape == x.shape
+    net(x).sum().backward()
+    kinds = {f.name: f.kind for f in find(net, example_input=x)}
+    assert kinds == {"channel_attention": "bra (biformer)", "space_attention": "bra (biformer)"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_insert_cbam_into_torchvision_resnet(arch):
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, arch)(weights=None)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    count = params(model)
+    blocks = sum(len(getattr(model, f"layer{i}")) for i in range(1, 5))
+    x = torch.randn(1, 3, 64, 64)
+    names = insert(model, "cbam", where="layer*.*", example_input=x)
+    assert len(names) == blocks
+    assert params(model) == count + sum(params(model.get_submodule(n)) for n in names)
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in before.items())
+    model(x).sum().backward()
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    buffer.seek(0)
+    fresh = getattr(torchvision.models, arch)(weights=None)
+    insert(fresh, "cbam", where="layer*.*", example_input=x)
+    fresh.load_state_dict(torch.load(buffer, weights_only=True), strict=True)
+    model.eval()
+    fresh.eval()
+    torch.testing.assert_close(fresh(x), model(x))
+
+
+@pytest.mark.slow
+def test_replace_timm_se_modules_with_cbam():
+    timm = pytest.importorskip("timm")
+    from timm.layers import SEModule
+
+    model = timm.create_model("seresnet18", pretrained=False)
+    x = torch.randn(1, 3, 64, 64)
+    found_before = [f for f in find(model) if f.cls == "SEModule"]
+    assert found_before
+    names = replace(model, SEModule, "cbam", example_input=x)
+    assert len(names) == len(found_before)
+    assert not any(isinstance(m, SEModule) for m in model.modules())
+    assert all(f.kind.startswith("cbam") for f in find(model))
+    model(x).sum().backward()

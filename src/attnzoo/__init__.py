@@ -41,6 +41,13 @@ from attnzoo.blocks import CrossAttentionBlock, FeedForwardBlock, SelfAttentionB
 from attnzoo.blocks_attention import KerasMultiHeadAttention
 
 # --- end blocks ---
+# --- biformer (BiLevelRoutingAttention, nchwBRA) ---
+from attnzoo.biformer import BiLevelRoutingAttention
+from attnzoo.biformer_nchw import nchwBRA as _nchwBRA  # noqa: F401 (registers "bra_nchw"; public in compat)
+# --- end biformer ---
+# --- acmix (issue 7) ---
+from attnzoo.acmix import ACmix
+# --- end acmix ---
 
 __version__ = "0.1.0"
 
@@ -55,6 +62,8 @@ __all__ = [
     "KerasMultiHeadAttention",
     "SelfAttentionBlock",
     # --- end blocks ---
+    "BiLevelRoutingAttention",  # biformer
+    "ACmix",  # acmix (issue 7)
     "Example",
     "Spec",
     # transformer family

@@ -47,7 +47,7 @@ class _BiasedAttention(torch.autograd.Function):
         torch.mul(qkv[:, :, 0].transpose(1, 2), scale, out=q)  # (B, h, N, d), scaled
         kt = qkv[:, :, 1].permute(0, 2, 3, 1).contiguous().view(b * h, d, n)  # (B*h, d, N)
         v = qkv[:, :, 2].transpose(1, 2).contiguous().view(b * h, n, d)  # (B*h, N, d)
-        q = q.view(b * h, n, d)  # (B*h, N, d)
+        q = q.reshape(b * h, n, d)  # (B*h, N, d)
         probs = torch.bmm(q, kt)  # (B*h, N, N) logits
         probs.view(b // groups, groups, h, n, n).add_(bias.view(groups, h, n, n))  # group-major batch
         torch.softmax(probs, dim=-1, out=probs)  # in place: one N x N buffer
@@ -103,7 +103,8 @@ def biased_attention(qkv: Tensor, bias: Tensor, *, scale: float, dropout_p: floa
     With the fused path on (:func:`attnzoo.fused_attn`) and a float32/float64 input, a dedicated
     kernel runs (see the module docstring): on tiny windows it beats both the SDPA kernels and the
     generic math path, in training (where a learnable bias makes SDPA fall back to its math path)
-    and in inference. Otherwise (the fused path off, half precision) :func:`attend` runs.
+    and in inference. Otherwise (the fused path off, half precision, under torch.compile or
+    torch.export) :func:`attend` runs.
 
     Args:
         qkv: Packed projections ``(B, N, 3, h, d)`` (any strides).
@@ -116,7 +117,9 @@ def biased_attention(qkv: Tensor, bias: Tensor, *, scale: float, dropout_p: floa
         - Output: ``(B, N, h*d)``, heads concatenated.
     """
     b, n, _, h, d = qkv.shape
-    if fused_enabled() and qkv.dtype in (torch.float32, torch.float64):
+    # The hand-written kernel is for eager mode; torch.compile and torch.export (ONNX) trace the
+    # plain path, which their own fusions handle.
+    if fused_enabled() and qkv.dtype in (torch.float32, torch.float64) and not torch.compiler.is_compiling():
         return _BiasedAttention.apply(qkv, bias.to(qkv.dtype).contiguous(), float(scale), float(dropout_p))
     if bias.ndim == 4:
         bias = bias.expand(b // bias.shape[0], *bias.shape).reshape(b, h, n, n)  # (B, h, N, N)

@@ -27,7 +27,12 @@ FEATURES: dict[str, str] = {
 # (registry name, feature) -> why it does not work; the name "*" covers every mechanism. Filled from
 # what the tests find; every entry is re-checked (a limitation that starts passing fails the suite
 # until it is removed here).
-LIMITATIONS: dict[tuple[str, str], str] = {}
+LIMITATIONS: dict[tuple[str, str], str] = {
+    ("*", "jit_script"): (
+        "TorchScript cannot compile attnzoo's Python input checks (keyword-variadic shape specs, f-string "
+        "errors) nor its custom autograd kernels; use torch.compile or torch.jit.trace"
+    ),
+}
 
 
 def limitation(name: str, feature: str) -> str | None:
@@ -39,9 +44,14 @@ _NOT_RUN = {"cuda_half": "needs a GPU; CI has none (tests skip without CUDA)"}
 
 
 def applies(spec: Spec, feature: str) -> bool:
-    """Whether ``feature`` means anything for ``spec`` (channels_last needs a 4-D input)."""
+    """Whether ``feature`` means anything for ``spec``.
+
+    channels_last needs a 4-D input; DDP needs parameters (it refuses a module without any).
+    """
     if feature == "channels_last":
         return len(spec.example.inputs[0]) == 4
+    if feature == "ddp":
+        return any(p.requires_grad for p in spec.cls(**spec.example.kwargs).parameters())
     return True
 
 

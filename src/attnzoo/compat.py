@@ -5,6 +5,12 @@ Code and checkpoints written against the seeds (and the papers' official code) l
 differs from the seed and why.
 """
 
+# --- biformer ---
+from attnzoo.biformer import LegacyBiLevelRoutingAttention as BiLevelRoutingAttention
+from attnzoo.biformer_nchw import nchwBRA
+
+# --- end biformer ---
+
 __all__: list[str] = []
 
 # --- seq2seq (issue 8) ---
@@ -34,3 +40,11 @@ from attnzoo.sk import SKEConv  # noqa: E402
 
 __all__ += ["CBAtten_Res", "ChannelAttention", "SELayer", "SKEConv", "SeedDualAttention", "SpatialAttention"]
 # --- end gating family ---
+__all__ += ["BiLevelRoutingAttention", "nchwBRA"]  # biformer
+# --- acmix (issue 7): the canonical class already has the official signature and state_dict ---
+from attnzoo.acmix import ACmix
+
+# --- end acmix ---
+
+__all__: list[str] = []
+__all__ += ["ACmix"]  # acmix (issue 7)

@@ -91,6 +91,22 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
         )
 
 
+def _autocast(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Under ``torch.autocast``, attention runs in the autocast dtype (as SDPA does there).
+
+    Projections inside autocast come out in the low precision while raw inputs stay float32; without
+    this the dtype check below would refuse a mix that autocast itself produced.
+    """
+    tensors = (q, k, v)
+    if not all(isinstance(t, Tensor) and t.is_floating_point() for t in tensors):
+        return q, k, v
+    device_type = q.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return q, k, v
+    dtype = torch.get_autocast_dtype(device_type)
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
 def _causal_keep(length_q: int, length_k: int, device: torch.device) -> Tensor:
     # Top-left aligned, as SDPA's is_causal: query i sees keys 0..i.
     return torch.ones(length_q, length_k, dtype=torch.bool, device=device).tril()
@@ -126,7 +142,9 @@ def _merge_masks(
         inf_part = additive == float("-inf")
         blocked = inf_part if blocked is None else blocked | inf_part
     dead = blocked.all(dim=-1, keepdim=True) if blocked is not None else None
-    if dead is not None and not bool(dead.any()):
+    # Eager mode skips the fix-up when no row is dead; a compiled graph cannot branch on data, so
+    # there the (cheap) fix-up always runs.
+    if dead is not None and not torch.compiler.is_compiling() and not bool(dead.any()):
         dead = None
     if additive is None:
         merged = keep
@@ -191,6 +209,7 @@ def attend(
     Half-precision inputs take their softmax in float32 on the math path (the fused kernels do so
     internally).
     """
+    q, k, v = _autocast(q, k, v)
     _check_qkv(q, k, v)
     target = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
     if mask is not None:

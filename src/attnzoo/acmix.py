@@ -1,0 +1,369 @@
+"""ACmix: On the Integration of Self-Attention and Convolution (Pan et al., CVPR 2022).
+
+Paper: https://arxiv.org/abs/2111.14556. Official code: ``LeapLabTHU/ACmix``, ``ResNet/test_bottleneck.py``.
+Official constructor, parameter names, state_dict, initialisation and numbers (checked against recorded
+official outputs); an independent implementation. Differences (details in ``docs/acmix.md``):
+
+- The position grid is built in the input's dtype/device (official: the default dtype, so float64
+  needs ``torch.set_default_dtype``).
+- No ``kernel_att**2``-fold unfold of k, v, pe: a kernel walks the neighbour offsets over shifted
+  slices (forward and backward). ``q . pe[centre]`` cancels in the softmax and is dropped; the rest
+  folds into the keys (``k - pe``). ``fc`` is folded into the ``dep_conv`` weights (both linear).
+- Lifted: H, W not divisible by ``stride`` (output ``ceil(H / stride)``, as unfold gives); any odd
+  ``kernel_conv`` (padding ``kernel_conv // 2``, official: 1 hard-coded); ``dilation`` spaces the
+  attention window (official: crashes; the conv branch stays undilated, as official); maps not
+  larger than the padding use repeated reflection (``numpy.pad`` "reflect"; official: crashes).
+- Rejected at construction: even ``kernel_att``/``kernel_conv``, ``out_planes % head != 0``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.autograd.function import FunctionCtx
+
+from attnzoo._checks import check_divisible, check_int, check_shape
+from attnzoo._registry import Example, register, register_seed
+
+__all__ = ["ACmix", "neighbourhood_attention", "reflect_pad"]
+
+
+def _reflect_index(size: int, pad: int, device: torch.device) -> Tensor:
+    """Source index of every padded position under repeated reflection (period ``2 * (size - 1)``)."""
+    idx = torch.arange(-pad, size + pad, device=device)
+    if size == 1:
+        return torch.zeros_like(idx)
+    period = 2 * (size - 1)
+    idx = idx.remainder(period)
+    return torch.where(idx >= size, period - idx, idx)
+
+
+def reflect_pad(x: Tensor, pad: int) -> Tensor:
+    """Reflection-pad the last two dims by ``pad``; repeats the reflection when ``pad >= H or W``.
+
+    Equals ``F.pad(x, (pad,) * 4, mode="reflect")`` where that works, and ``numpy.pad(...,
+    mode="reflect")`` always (a 1-pixel side repeats its only value).
+
+    Shape:
+        - Input: ``(N, C, H, W)``; Output: ``(N, C, H + 2*pad, W + 2*pad)``.
+    """
+    height, width = x.shape[-2:]
+    if pad == 0:
+        return x
+    if pad < height and pad < width:
+        return F.pad(x, (pad, pad, pad, pad), mode="reflect")
+    rows, cols = _reflect_index(height, pad, x.device), _reflect_index(width, pad, x.device)
+    return x.index_select(-2, rows).index_select(-1, cols)
+
+
+def _plan(
+    kernel: int, dilation: int, stride: int, out_h: int, out_w: int
+) -> tuple[int, int, list[tuple[int, int]]]:
+    """Row width, row count and, per neighbour, (phase, flat shift) of the phase-split key layout.
+
+    The padded map is split into ``stride**2`` phases ``t[a::stride, b::stride]``, each stored with
+    row width ``wr = out_w + reach`` (``reach = dilation*(kernel-1)//stride``) and flattened. The
+    neighbour ``(i, j)`` of query ``(y, x)`` sits at ``k_pad[stride*y + dilation*i, stride*x +
+    dilation*j]``: in phase ``(dilation*i % stride, dilation*j % stride)`` at flat index
+    ``y*wr + x + shift``, so every neighbour is a contiguous slice of one flat phase.
+    """
+    reach = (kernel - 1) * dilation // stride
+    wr = out_w + reach
+    offsets = []
+    for i in range(kernel):
+        for j in range(kernel):
+            ui, a = divmod(i * dilation, stride)
+            uj, b = divmod(j * dilation, stride)
+            offsets.append((a * stride + b, ui * wr + uj))
+    return wr, out_h + reach + 1, offsets
+
+
+def _phase_pairs(t: Tensor, buf: Tensor, stride: int) -> list[tuple[Tensor, Tensor]]:
+    # (view of t[:, :, a::s, b::s], matching view of phase a*s+b of buf (N, s*s, d, rows, wr)).
+    pairs = []
+    for a in range(stride):
+        for b in range(stride):
+            src = t[:, :, a::stride, b::stride][:, :, : buf.shape[3], : buf.shape[4]]
+            pairs.append((src, buf[:, a * stride + b, :, : src.shape[2], : src.shape[3]]))
+    return pairs
+
+
+def _to_phases(t: Tensor, stride: int, rows: int, wr: int) -> Tensor:
+    # (N, d, Hp, Wp) -> (N, s*s, d, rows*wr); entries no window reads stay zero.
+    buf = t.new_zeros(t.shape[0], stride * stride, t.shape[1], rows, wr)
+    for src, dst in _phase_pairs(t, buf, stride):
+        dst.copy_(src)
+    return buf.view(t.shape[0], stride * stride, t.shape[1], rows * wr)
+
+
+def _from_phases(buf: Tensor, shape: torch.Size, stride: int, rows: int, wr: int) -> Tensor:
+    # Inverse of _to_phases, for gradients (entries never read get zero).
+    out = buf.new_zeros(shape)
+    for dst, src in _phase_pairs(out, buf.view(shape[0], stride * stride, shape[1], rows, wr), stride):
+        dst.copy_(src)
+    return out
+
+
+def _plain_neighbourhood_attention(
+    q: Tensor, k_pad: Tensor, v_pad: Tensor, kernel: int, dilation: int, stride: int
+) -> Tensor:
+    """The same attention with ordinary differentiable ops on strided views (for double backward)."""
+    out_h, out_w = q.shape[-2:]
+
+    def window(t: Tensor, i: int, j: int) -> Tensor:  # (N, d, Ho, Wo) view of neighbour (i, j)
+        dy, dx, end_y, end_x = i * dilation, j * dilation, stride * (out_h - 1) + 1, stride * (out_w - 1) + 1
+        return t[..., dy : dy + end_y : stride, dx : dx + end_x : stride]
+
+    pairs = [(i, j) for i in range(kernel) for j in range(kernel)]
+    logits = torch.stack([(q * window(k_pad, i, j)).sum(1) for i, j in pairs], 1)  # (N, K2, Ho, Wo)
+    weights = logits.softmax(1)
+    terms = [weights[:, m : m + 1] * window(v_pad, i, j) for m, (i, j) in enumerate(pairs)]
+    return torch.stack(terms).sum(0)
+
+
+class _NeighbourhoodAttention(torch.autograd.Function):
+    """Softmax attention of each query over its ``kernel**2`` neighbours, one offset at a time.
+
+    Queries, keys and values live in a flat layout with a common row width (``_plan``), so each
+    neighbour is a contiguous shifted slice and every step is a vectorised whole-tensor operation.
+    Saved for backward: q, k, v as given and in the flat layout, the output and the
+    ``(N, kernel**2, Ho*wr)`` weights (``kernel**2 / d`` times the size of k; the official keeps three
+    ``kernel**2``-fold copies). Under ``create_graph=True`` the backward differentiates
+    :func:`_plain_neighbourhood_attention` instead, so double backward works (slowly).
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: FunctionCtx, q: Tensor, k_pad: Tensor, v_pad: Tensor, kernel: int, dilation: int, stride: int
+    ) -> Tensor:
+        n, d, out_h, out_w = q.shape
+        wr, rows, offsets = _plan(kernel, dilation, stride, out_h, out_w)
+        span = out_h * wr
+        qf = q.new_zeros(n, d, out_h, wr)
+        qf[..., :out_w] = q
+        qf = qf.view(n, d, span)  # (N, d, Ho*wr), columns >= Wo are zero padding
+        kf = _to_phases(k_pad, stride, rows, wr)  # (N, s*s, d, rows*wr)
+        vf = _to_phases(v_pad, stride, rows, wr)
+        logits = q.new_empty(n, len(offsets), span)  # (N, K2, Ho*wr)
+        for m, (phase, shift) in enumerate(offsets):
+            torch.sum(qf * kf[:, phase, :, shift : shift + span], dim=1, out=logits[:, m])
+        low = q.dtype in (torch.float16, torch.bfloat16)
+        weights = logits.softmax(1, dtype=torch.float32 if low else None).to(q.dtype)  # over neighbours
+        out = torch.zeros_like(qf)
+        for m, (phase, shift) in enumerate(offsets):
+            out.addcmul_(weights[:, m].unsqueeze(1), vf[:, phase, :, shift : shift + span])
+        ctx.save_for_backward(q, k_pad, v_pad, qf, kf, vf, weights, out)
+        ctx.config = (kernel, dilation, stride)  # type: ignore[attr-defined]
+        return out.view(n, d, out_h, wr)[..., :out_w]
+
+    @staticmethod
+    def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        q, k_pad, v_pad, qf, kf, vf, weights, out = ctx.saved_tensors  # type: ignore[attr-defined]
+        kernel, dilation, stride = ctx.config  # type: ignore[attr-defined]
+        if torch.is_grad_enabled():  # create_graph=True: differentiate the plain version instead
+            inputs = [t for t in (q, k_pad, v_pad) if t.requires_grad]
+            plain = _plain_neighbourhood_attention(q, k_pad, v_pad, kernel, dilation, stride)
+            grads = iter(torch.autograd.grad(plain, inputs, grad, create_graph=True))
+            return (*(next(grads) if t.requires_grad else None for t in (q, k_pad, v_pad)), None, None, None)
+        n, d, out_h, out_w = q.shape
+        wr, rows, offsets = _plan(kernel, dilation, stride, out_h, out_w)
+        span = out_h * wr
+        gf = grad.new_zeros(n, d, span // wr, wr)
+        gf[..., :out_w] = grad
+        gf = gf.view(n, d, span)  # zero on the padding columns, so they contribute nothing
+        grad_logits = torch.empty_like(weights)  # (N, K2, Ho*wr)
+        for m, (phase, shift) in enumerate(offsets):
+            torch.sum(gf * vf[:, phase, :, shift : shift + span], dim=1, out=grad_logits[:, m])
+        # Softmax backward; sum_m w_m * dL/dw_m equals grad . out, computed without the K2 axis.
+        grad_logits.sub_((gf * out).sum(1, keepdim=True)).mul_(weights)
+        grad_q, grad_k, grad_v = torch.zeros_like(qf), torch.zeros_like(kf), torch.zeros_like(vf)
+        for m, (phase, shift) in enumerate(offsets):
+            g_m = grad_logits[:, m].unsqueeze(1)  # (N, 1, Ho*wr)
+            grad_q.addcmul_(g_m, kf[:, phase, :, shift : shift + span])
+            grad_k[:, phase, :, shift : shift + span].addcmul_(g_m, qf)
+            grad_v[:, phase, :, shift : shift + span].addcmul_(weights[:, m].unsqueeze(1), gf)
+        grad_k = _from_phases(grad_k, k_pad.shape, stride, rows, wr)
+        grad_v = _from_phases(grad_v, v_pad.shape, stride, rows, wr)
+        return grad_q.view(n, d, out_h, wr)[..., :out_w], grad_k, grad_v, None, None, None
+
+
+def neighbourhood_attention(
+    q: Tensor, k_pad: Tensor, v_pad: Tensor, kernel: int, dilation: int = 1, stride: int = 1
+) -> Tensor:
+    """Local attention: query ``(y, x)`` attends ``k_pad[..., stride*y + dilation*i, stride*x + dilation*j]``.
+
+    Unscaled logits ``q . k`` over the ``kernel**2`` offsets ``(i, j)``, softmax over them, weighted
+    sum of the values at the same offsets. Pad k and v first (ACmix: reflection). Never unfolds the
+    neighbourhoods; double backward runs a slower plain version.
+
+    Shape:
+        - q: ``(N, d, Ho, Wo)``; k_pad, v_pad: ``(N, d, Hp, Wp)`` with
+          ``Hp >= stride*(Ho-1) + dilation*(kernel-1) + 1`` (the same for W).
+        - Output: ``(N, d, Ho, Wo)`` (a strided view; call ``.contiguous()`` if needed).
+    """
+    need_h = stride * (q.shape[-2] - 1) + dilation * (kernel - 1) + 1
+    need_w = stride * (q.shape[-1] - 1) + dilation * (kernel - 1) + 1
+    if k_pad.shape[-2] < need_h or k_pad.shape[-1] < need_w or v_pad.shape != k_pad.shape:
+        raise ValueError(
+            f"neighbourhood_attention expects k_pad and v_pad of one shape, H >= {need_h}, W >= {need_w}, "
+            f"got {tuple(k_pad.shape)} and {tuple(v_pad.shape)}"
+        )
+    return _NeighbourhoodAttention.apply(q, k_pad, v_pad, kernel, dilation, stride)
+
+
+def position_grid(height: int, width: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The official 2-channel grid: channel 0 is ``linspace(-1, 1, W)`` along x, channel 1 along y.
+
+    Built in ``dtype`` (float32 for half types, then cast). Shape: ``(1, 2, H, W)``.
+    """
+    build = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    loc_x = torch.linspace(-1.0, 1.0, width, dtype=build, device=device).expand(height, width)
+    loc_y = torch.linspace(-1.0, 1.0, height, dtype=build, device=device)[:, None].expand(height, width)
+    return torch.stack([loc_x, loc_y]).unsqueeze(0).to(dtype)  # (1, 2, H, W)
+
+
+@register(
+    "acmix",
+    family="hybrid",
+    paper="On the Integration of Self-Attention and Convolution",
+    year=2022,
+    layout="NCHW",
+    example=Example(
+        kwargs={"in_planes": 4, "out_planes": 8, "kernel_att": 3, "head": 2},
+        inputs=((2, 4, 5, 6),),
+        output=(2, 8, 5, 6),
+        channel_dim=1,
+    ),
+    seed_name="ACmix",
+)
+class ACmix(nn.Module):
+    """ACmix: a local self-attention branch and a convolution branch sharing one set of 1x1 projections.
+
+    Three 1x1 convolutions give q, k, v (``out_planes`` channels, ``head`` heads of
+    ``head_dim = out_planes // head``). The attention branch lets every (strided) pixel attend its
+    ``kernel_att x kernel_att`` reflection-padded neighbourhood per head, with a relative position
+    term; the convolution branch mixes the ``3 * head`` q/k/v feature maps per head-channel into
+    ``kernel_conv**2`` maps (``fc``) and applies a grouped ``kernel_conv x kernel_conv`` convolution
+    (``dep_conv``, initialised to shifts). The output is ``rate1 * attention + rate2 * convolution``.
+
+    Args:
+        in_planes: Input channels C.
+        out_planes: Output channels; divisible by ``head``.
+        kernel_att: Side of the attention neighbourhood, odd. Default: 7.
+        head: Number of heads. Default: 4.
+        kernel_conv: Kernel size of the convolution branch, odd (the official supports only 3).
+            Default: 3.
+        stride: Output stride of both branches; the output side is ``ceil(H / stride)``. Default: 1.
+        dilation: Spacing of the attention neighbourhood (the convolution branch is not dilated, as
+            in the official code, where only 1 runs). Default: 1.
+
+    Algorithm (shapes for input ``(B, C, H, W)``, ``h = head``, ``d = head_dim``, ``s = stride``,
+    ``Ho, Wo = ceil(H/s), ceil(W/s)``, ``ka = kernel_att``, ``kc = kernel_conv``):
+
+    1. ``q, k, v = conv1(x), conv2(x), conv3(x)``: ``(B, h*d, H, W)`` each, channel ``g*d + c``
+       belongs to head g.
+    2. ``pe = conv_p(grid)``: ``(1, d, H, W)``, the grid holding ``linspace(-1, 1)`` along x and y.
+    3. Attention logits of query pixel p (taken every s pixels) and neighbour n of its
+       ``ka x ka`` window (keys and pe reflection-padded by ``dilation*(ka-1)//2``):
+       ``(q_p * d**-0.5) . (k_n + pe_p - pe_n)``; softmax over the ``ka**2`` neighbours;
+       output ``sum_n w_n v_n``: ``(B, h*d, Ho, Wo)``. (``q_p . pe_p`` cancels in the softmax and
+       so does ``conv_p.bias``.)
+    4. ``fc`` maps, per pixel and head-channel c, the ``3h`` values ``(q, k, v)[g*d + c]`` to ``kc**2``
+       values: ``(B, kc**2, d, H*W)``, read as ``(B, d*kc**2, H, W)`` (channel ``c*kc**2 + j``).
+    5. ``dep_conv``: grouped ``kc x kc`` convolution, ``groups=d``, stride s, padding ``kc//2``, no
+       bias: ``(B, out_planes, Ho, Wo)``.
+    6. Output ``rate1 * attention + rate2 * convolution``.
+
+    Shape:
+        - Input: ``(B, in_planes, H, W)``.
+        - Output: ``(B, out_planes, ceil(H / stride), ceil(W / stride))``.
+
+    Example:
+        >>> m = ACmix(64, 64)          # kernel_att=7, head=4, kernel_conv=3, stride=1
+        >>> m(torch.randn(2, 64, 56, 56)).shape
+        torch.Size([2, 64, 56, 56])
+    """
+
+    def __init__(self, in_planes: int, out_planes: int, kernel_att: int = 7, head: int = 4,
+                 kernel_conv: int = 3, stride: int = 1, dilation: int = 1) -> None:
+        super().__init__()
+        who = type(self).__name__
+        self.in_planes = check_int(in_planes, "in_planes", who)
+        self.out_planes = check_int(out_planes, "out_planes", who)
+        self.head = check_int(head, "head", who)
+        check_divisible(out_planes, head, "out_planes", "head", who)
+        self.kernel_att = check_int(kernel_att, "kernel_att", who)
+        self.kernel_conv = check_int(kernel_conv, "kernel_conv", who)
+        for name, size in (("kernel_att", kernel_att), ("kernel_conv", kernel_conv)):
+            if size % 2 == 0:
+                raise ValueError(f"{who}: {name} must be odd (a centred window), got {size}")
+        self.stride = check_int(stride, "stride", who)
+        self.dilation = check_int(dilation, "dilation", who)
+        self.head_dim = out_planes // head
+        self.padding_att = dilation * (kernel_att - 1) // 2  # the official formula, for odd kernel_att
+
+        self.rate1 = nn.Parameter(torch.empty(1))
+        self.rate2 = nn.Parameter(torch.empty(1))
+        self.conv1 = nn.Conv2d(in_planes, out_planes, kernel_size=1)
+        self.conv2 = nn.Conv2d(in_planes, out_planes, kernel_size=1)
+        self.conv3 = nn.Conv2d(in_planes, out_planes, kernel_size=1)
+        self.conv_p = nn.Conv2d(2, self.head_dim, kernel_size=1)
+        self.fc = nn.Conv2d(3 * head, kernel_conv * kernel_conv, kernel_size=1, bias=False)
+        kc2 = kernel_conv * kernel_conv
+        self.dep_conv = nn.Conv2d(kc2 * self.head_dim, out_planes, kernel_size=kernel_conv, bias=False,
+                                  groups=self.head_dim, padding=kernel_conv // 2, stride=stride)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """As official: both rates 0.5; ``dep_conv`` kernel j is the one-hot shift to tap j.
+
+        The 1x1 convolutions keep PyTorch's default initialisation from construction (the official
+        ``reset_parameters`` does not touch them either), so a given seed gives official weights.
+        """
+        kc = self.kernel_conv
+        with torch.no_grad():
+            self.rate1.fill_(0.5)
+            self.rate2.fill_(0.5)
+            shift = torch.eye(kc * kc, dtype=self.dep_conv.weight.dtype, device=self.dep_conv.weight.device)
+            self.dep_conv.weight.copy_(shift.view(1, kc * kc, kc, kc).expand_as(self.dep_conv.weight))
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_planes={self.in_planes}, out_planes={self.out_planes}, kernel_att={self.kernel_att}, "
+            f"head={self.head}, kernel_conv={self.kernel_conv}, stride={self.stride}, "
+            f"dilation={self.dilation}"
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        sizes = check_shape(x, type(self).__name__, "B C H W", C=self.in_planes)
+        if x.dtype != self.conv1.weight.dtype:
+            want = self.conv1.weight.dtype
+            raise TypeError(f"ACmix expects x with the parameters' dtype {want}, got {x.dtype}")
+        batch, height, width = sizes["B"], sizes["H"], sizes["W"]
+        h, d, s, kc = self.head, self.head_dim, self.stride, self.kernel_conv
+        out_h, out_w = -(-height // s), -(-width // s)
+        projections = (self.conv1, self.conv2, self.conv3)  # one 1x1 convolution for q, k, v
+        weight = torch.cat([c.weight for c in projections])  # (3*h*d, C, 1, 1)
+        bias = torch.cat([c.bias for c in projections if c.bias is not None])
+        qkv = F.conv2d(x.contiguous(), weight, bias)  # (B, 3*h*d, H, W), channel t*h*d + g*d + c
+
+        # Attention branch: k - pe folded into the keys (the centre term q . pe cancels in the softmax).
+        pe = self.conv_p(position_grid(height, width, x.dtype, x.device))  # (1, d, H, W)
+        q, k, v = qkv.view(batch, 3, h, d, height, width).unbind(1)  # (B, h, d, H, W) each
+        q = (q[..., ::s, ::s] * d**-0.5).reshape(batch * h, d, out_h, out_w)  # (B*h, d, Ho, Wo)
+        k = reflect_pad((k - pe).view(batch * h, d, height, width), self.padding_att)  # (B*h, d, Hp, Wp)
+        v = reflect_pad(v.reshape(batch, h * d, height, width), self.padding_att)  # (B, h*d, Hp, Wp)
+        v = v.reshape(batch * h, d, *v.shape[-2:])  # a view: F.pad returns a contiguous map
+        att = neighbourhood_attention(q, k, v, self.kernel_att, self.dilation, s)  # (B*h, d, Ho, Wo)
+
+        # Convolution branch: fc folded into dep_conv; its input groups q, k, v by head-channel c.
+        fc = self.fc.weight[:, :, 0, 0]  # (kc*kc, 3h)
+        mixed = torch.einsum("ojuv,jt->otuv", self.dep_conv.weight, fc)  # (h*d, 3h, kc, kc)
+        grouped = qkv.view(batch, 3 * h, d, height, width).transpose(1, 2)  # (B, d, 3h, H, W)
+        grouped = grouped.reshape(batch, d * 3 * h, height, width)  # channel c*3h + t*h + g
+        conv = F.conv2d(grouped, mixed * self.rate2, None, s, kc // 2, 1, d)  # (B, h*d, Ho, Wo)
+        return torch.addcmul(conv, self.rate1, att.view(batch, h * d, out_h, out_w))
+
+
+register_seed("acmix")(ACmix)
