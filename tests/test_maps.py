@@ -293,3 +293,79 @@ def test_self_attention_block_rows_are_causal():
     assert rows.queries.tolist() == [0, 3]
     torch.testing.assert_close(rows.data.sum(-1), torch.ones(2, 2, 2, dtype=torch.float64))
     assert (rows.data[:, :, 0, 1:] == 0).all() and (rows.data[:, :, 1, 4:] == 0).all()
+
+
+def _routed_reference(attn, r_idx, queries, size, n_win, region, heads):
+    """Image rows from the module's own weights ``(N*R, h, L, topk*L)`` and its routing."""
+    (height, width), (rh, rw) = size, region
+    n, regions, topk = r_idx.shape
+    expected = torch.zeros(n, heads, len(queries), height * width, dtype=attn.dtype)
+    for qi, flat in enumerate(queries.tolist()):
+        y, x = divmod(flat, width)
+        home, local = (y // rh) * n_win + x // rw, (y % rh) * rw + x % rw
+        for b in range(n):
+            row = attn[b * regions + home, :, local]  # (h, topk*L)
+            for t, region_index in enumerate(r_idx[b, home].tolist()):
+                ry, rx = divmod(region_index, n_win)
+                for m in range(rh * rw):
+                    py, px = ry * rh + m // rw, rx * rw + m % rw
+                    expected[b, :, qi, py * width + px] += row[:, t * rh * rw + m]
+    return expected
+
+
+@pytest.mark.parametrize("soft_routing", [False, True])
+def test_bra_records_its_routing_and_rows_over_the_routed_regions(soft_routing):
+    bra = _create("bra", dim=8, num_heads=2, n_win=2, topk=2, soft_routing=soft_routing, side_dwconv=0)
+    x = torch.randn(2, 4, 6, 8, dtype=torch.float64)  # (N, H, W, C): regions of 2 x 3
+    with torch.no_grad():
+        _, r_weight, r_idx, attn = bra._forward(x, need_weights=True)
+    with capture_maps(bra, queries=[(0, 0), (3, 5), (0.5, 0.5)]) as maps:
+        bra(x)
+    (routing, rows) = maps["BiLevelRoutingAttention"]
+    assert routing.kind == "routing" and routing.grid == (2, 2)
+    assert torch.equal(routing.data, r_idx)
+    torch.testing.assert_close(routing.meta["weights"], r_weight)
+    assert rows.kind == "rows" and rows.grid == (4, 6) and rows.data.shape == (2, 2, 3, 24)
+    expected = _routed_reference(attn, r_idx, rows.queries, (4, 6), 2, (2, 3), 2)
+    torch.testing.assert_close(rows.data, expected, atol=1e-12, rtol=1e-12)
+
+
+def test_bra_nchw_records_routing_and_rows():
+    bra = _create("bra_nchw", dim=8, num_heads=2, n_win=2, topk=3)
+    x = torch.randn(1, 8, 4, 4, dtype=torch.float64)
+    with torch.no_grad():
+        _, attn = bra(x, ret_attn_mask=True)  # (N, h, R, L, topk*L)
+    with capture_maps(bra) as maps:
+        bra(x)
+    routing, rows = _only(maps, "routing"), _only(maps, "rows")
+    assert routing.grid == (2, 2) and routing.data.shape == (1, 4, 3)
+    attn = attn.transpose(1, 2).flatten(0, 1)  # (N*R, h, L, topk*L)
+    expected = _routed_reference(attn, routing.data, rows.queries, (4, 4), 2, (2, 2), 2)
+    torch.testing.assert_close(rows.data, expected, atol=1e-12, rtol=1e-12)
+
+
+def test_acmix_rows_are_the_local_attention_of_the_attention_branch():
+    from attnzoo.acmix import position_grid, reflect_pad
+
+    acmix = _create("acmix", in_planes=4, out_planes=8, kernel_att=3, head=2)
+    x = torch.randn(1, 4, 6, 7, dtype=torch.float64)
+    with capture_maps(acmix, queries=[(2, 3), (0, 0)]) as maps:
+        acmix(x)
+    rows = _only(maps, "rows")
+    assert rows.grid == (6, 7) and rows.data.shape == (1, 2, 2, 42)
+    torch.testing.assert_close(rows.data.sum(-1), torch.ones(1, 2, 2, dtype=torch.float64))
+    # Reference: logits q . (k - pe) over the 3 x 3 neighbourhood, keys reflected at the border.
+    d = 4
+    q = acmix.conv1(x).view(1, 2, d, 6, 7) * d**-0.5
+    k = (acmix.conv2(x) - acmix.conv_p(position_grid(6, 7, x.dtype, x.device)).repeat(1, 2, 1, 1)).view(
+        1, 2, d, 6, 7
+    )
+    k_pad = reflect_pad(k.view(2, d, 6, 7), 1).view(1, 2, d, 8, 9)
+    for qi, (y, x0) in enumerate([(2, 3), (0, 0)]):
+        window = k_pad[0, :, :, y : y + 3, x0 : x0 + 3].flatten(-2)  # (h, d, 9)
+        weights = torch.einsum("hd,hdk->hk", q[0, :, :, y, x0], window).softmax(-1)  # (h, 9)
+        expected = torch.zeros(2, 6, 7, dtype=torch.float64)
+        for j in range(9):
+            py, px = abs(y + j // 3 - 1), abs(x0 + j % 3 - 1)  # reflection at the top/left border
+            expected[:, py, px] += weights[:, j]
+        torch.testing.assert_close(rows.data[0, :, qi], expected.flatten(1), atol=1e-12, rtol=1e-12)

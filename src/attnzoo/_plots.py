@@ -111,6 +111,7 @@ class Panel:
     heat: Tensor | None = None
     bars: Tensor | None = None
     marks: tuple[tuple[float, float], ...] = ()
+    blocky: bool = False  # regions: upsample without smoothing
 
 
 def panels(
@@ -159,6 +160,7 @@ def panels(
                     f"{name}: regions routed from {tuple(round(v, 2) for v in mark)}",
                     heat=_plane(hits, grid),
                     marks=(mark,),
+                    blocky=True,
                 )
             )
         return out
@@ -181,9 +183,11 @@ def heatmap(m: AttentionMap, token_grid: tuple[int, int] | None, sample: int = 0
     return _plane(counts, grid)
 
 
-def _upsample(heat: Tensor, size: tuple[int, int]) -> Tensor:
+def _upsample(heat: Tensor, size: tuple[int, int], blocky: bool = False) -> Tensor:
     heat = heat - heat.min()
     heat = heat / heat.max().clamp_min(1e-12)
+    if blocky:
+        return F.interpolate(heat[None, None], size=size, mode="nearest")[0, 0]
     return F.interpolate(heat[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
 
 
@@ -200,7 +204,7 @@ def _draw(ax: Any, image: Tensor | None, panel: Panel) -> None:
     if image is not None:
         ax.imshow(image.permute(1, 2, 0).numpy())
     ax.imshow(
-        _upsample(panel.heat, (height, width)).numpy(),
+        _upsample(panel.heat, (height, width), panel.blocky).numpy(),
         cmap="jet",
         alpha=0.5 if image is not None else 1.0,
         vmin=0,
@@ -220,11 +224,13 @@ def plot_maps(
     columns: int = 4,
     max_panels: int = 24,
 ) -> int:
-    """Save a PNG grid: the image, then every recorded map over it. Returns the number of panels."""
+    """Save a PNG grid: the image, then each module's maps over it (the first call's record of each
+    kind). Returns the number of panels."""
     plt = pyplot("saving attention maps")
     items = [Panel("input image")]
     for name, records in maps.items():
-        for m in records[:1]:
+        first_of_kind = {m.kind: m for m in reversed(records)}  # a module called twice: its first call
+        for m in sorted(first_of_kind.values(), key=records.index):
             items += panels(name or "module", m, token_grid)
     items = items[:max_panels]
     rows = math.ceil(len(items) / columns)

@@ -53,6 +53,8 @@ __all__ = [
     "iter_maps",
     "record_packed_rows",
     "windows_to_image",
+    "record_routed_rows",
+    "record_local_rows",
 ]
 
 KINDS = ("channel", "spatial", "rows", "routing", "branch")
@@ -447,6 +449,126 @@ def windows_to_image(
         window=(wh, ww),
         shift=(sh, sw),
     )
+
+
+def _scatter_rows(weights: Tensor, target: Tensor, positions: int) -> Tensor:
+    """Sum ``weights`` ``(B, h, Q, K)`` into ``(B, h, Q, positions)`` at ``target`` ``(B or 1, Q, K)``;
+    a target equal to ``positions`` (padding) is dropped."""
+    b, h, q, k = weights.shape
+    out = weights.new_zeros(b, h, q, positions + 1)
+    out.scatter_add_(3, target[:, None].expand(b, h, q, k), weights)
+    return out[..., :positions]
+
+
+def record_routed_rows(
+    module: nn.Module,
+    q: Tensor,
+    k: Tensor,
+    r_idx: Tensor,
+    *,
+    regions: Sequence[int],
+    region: Sequence[int],
+    size: Sequence[int],
+    num_heads: int,
+    scale: float,
+    r_weight: Tensor | None = None,
+) -> None:
+    """Rows of bi-level routing attention (BiFormer) over the image, for the capture's query points.
+
+    Each query attends the tokens of the ``topk`` regions its region routes to; its row is placed on
+    those tokens' pixels (zero elsewhere). Keys must be one per token (no key pooling).
+
+    Args:
+        module: The attention module (names the record).
+        q: Queries per region, ``(N*R, rh*rw, c)``, regions row-major over the (padded) map.
+        k: Keys per region, ``(N*R, rh*rw, c)``.
+        r_idx: Routed regions ``(N, R, topk)``.
+        regions: ``(n_h, n_w)`` regions.
+        region: ``(rh, rw)`` tokens per region.
+        size: ``(H, W)`` of the map before padding.
+        num_heads: Heads; ``c`` splits as ``(h, c/h)``.
+        scale: Multiplies the logits.
+        r_weight: Scales the gathered keys (soft routing). Default: None.
+    """
+    if not capturing():
+        return
+    (n_h, n_w), (rh, rw), (height, width) = (tuple(int(v) for v in t) for t in (regions, region, size))
+    n, count, topk = r_idx.shape
+    length = rh * rw
+    idx = query_indices((height, width), q.device)
+    ys, xs = idx // width, idx % width
+    home, local = (ys // rh) * n_w + xs // rw, (ys % rh) * rw + xs % rw  # (Q,) each
+    routed = r_idx[:, home]  # (N, Q, topk)
+    with torch.no_grad():
+        qh = q.reshape(n, count, length, num_heads, -1)[:, home, local]  # (N, Q, h, d)
+        keys = k.reshape(n, count, length, -1)[torch.arange(n, device=q.device)[:, None, None], routed]
+        if r_weight is not None:
+            keys = keys * r_weight[:, home, :, None, None].to(keys.dtype)  # (N, Q, topk, L, c)
+        keys = keys.reshape(n, len(idx), topk * length, num_heads, -1)  # (N, Q, topk*L, h, d)
+        dtype = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+        logits = torch.einsum("nqhd,nqkhd->nhqk", qh.to(dtype), keys.to(dtype)) * scale
+        weights = logits.softmax(-1)  # (N, h, Q, topk*L)
+    m = torch.arange(length, device=q.device)
+    py = (routed // n_w)[..., None] * rh + m // rw  # (N, Q, topk, L) pixel rows of the routed tokens
+    px = (routed % n_w)[..., None] * rw + m % rw
+    target = torch.where((py < height) & (px < width), py * width + px, height * width).flatten(2)
+    rows = _scatter_rows(weights, target, height * width)
+    record(module, "rows", rows, grid=(height, width), queries=idx, query_grid=(height, width), topk=topk)
+
+
+def record_local_rows(
+    module: nn.Module,
+    q: Tensor,
+    k_pad: Tensor,
+    *,
+    kernel: int,
+    dilation: int,
+    stride: int,
+    padding: int,
+    size: Sequence[int],
+    heads: int,
+) -> None:
+    """Rows of neighbourhood attention (ACmix's attention branch) over the image.
+
+    Query ``(y, x)`` of the output grid attends ``k_pad[..., stride*y + dilation*i, stride*x + dilation*j]``
+    for ``i, j < kernel``, unscaled logits (scale folded into q), softmax over the neighbours; ``k_pad``
+    is the key map reflection-padded by ``padding``, so neighbours outside the image fold back in.
+
+    Args:
+        module: The attention module (names the record).
+        q: ``(B*h, d, Ho, Wo)``.
+        k_pad: ``(B*h, d, H + 2 padding, W + 2 padding)``.
+        kernel: Neighbourhood size.
+        dilation: Neighbour spacing.
+        stride: Query spacing.
+        padding: Reflection padding of the keys.
+        size: ``(H, W)`` of the input map.
+        heads: Heads h (the batch of ``q`` is ``B*h``).
+    """
+    if not capturing():
+        return
+    height, width = (int(v) for v in size)
+    batch = q.shape[0] // heads
+    out_h, out_w = q.shape[-2:]
+    idx = query_indices((out_h, out_w), q.device)
+    qy, qx = idx // out_w, idx % out_w
+    offsets = torch.arange(kernel, device=q.device) * dilation
+    py = (stride * qy)[:, None, None] + offsets[None, :, None] - padding  # (Q, k, 1), then reflect
+    px = (stride * qx)[:, None, None] + offsets[None, None, :] - padding  # (Q, 1, k)
+    py, px = py.abs(), px.abs()
+    py = torch.where(py >= height, 2 * (height - 1) - py, py)
+    px = torch.where(px >= width, 2 * (width - 1) - px, px)
+    with torch.no_grad():
+        qs = q[:, :, qy, qx]  # (B*h, d, Q)
+        ky = (stride * qy)[:, None, None] + offsets[None, :, None]
+        kx = (stride * qx)[:, None, None] + offsets[None, None, :]
+        keys = k_pad[:, :, ky, kx]  # (B*h, d, Q, k, k)
+        dtype = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+        logits = torch.einsum("ndq,ndqij->nqij", qs.to(dtype), keys.to(dtype)).flatten(2)  # (B*h, Q, k*k)
+        weights = logits.softmax(-1).view(batch, heads, len(idx), kernel * kernel)
+    target = (py * width + px).reshape(1, len(idx), kernel * kernel)
+    rows = _scatter_rows(weights, target, height * width)
+    record(module, "rows", rows, grid=(height, width), queries=idx, query_grid=(out_h, out_w), kernel=kernel)
 
 
 def iter_maps(maps: dict[str, list[AttentionMap]]) -> Iterator[tuple[str, AttentionMap]]:
