@@ -38,7 +38,7 @@ def test_the_box_holds_the_odd_shape_with_its_kind():
         torch.tensor([0, 1, 2]), torch.full((3,), 20.0), torch.full((3,), 20.0), torch.full((3,), 8.0), 40
     )
     areas = masks.float().sum((1, 2))
-    assert abs(areas[0] - 3.1416 * 64) < 15 and abs(areas[1] - areas[0]) < 20 and areas[2] < 0.6 * areas[0]
+    assert abs(areas[0] - 3.1416 * 64) < 15 and abs(areas[1] / areas[0] - 1) < 0.2 and areas[2] < 0.6 * areas[0]
 
 
 def test_odd_shape_mass():
@@ -61,7 +61,7 @@ def test_the_cnn_learns_above_chance_with_a_short_fixed_seed_run():
     train_x, train_y, _ = demo.make_shapes(640, seed=0)
     test_x, test_y, _ = demo.make_shapes(300, seed=1)
     model = demo.OddShapeNet()
-    losses = demo.train(model, train_x, train_y, epochs=3, seed=0, lr=5e-3)
+    losses = demo.train(model, train_x, train_y, epochs=3, seed=0)
     assert losses[-1] < losses[0]
     accuracy = demo.evaluate(model, test_x, test_y)
     assert accuracy > 0.5, accuracy  # chance is 1/3

@@ -342,10 +342,11 @@ def build(
 class _QueryProbe(nn.Module):
     """Runs a SEQ2SEQ scorer on a ``(B, C, H, W)`` map: the mean token queries the H*W tokens."""
 
-    def __init__(self, module: nn.Module, inputs: int) -> None:
+    def __init__(self, module: nn.Module, one_token: tuple[bool, ...]) -> None:
         super().__init__()
         self.module = module
-        self.inputs = inputs
+        self.one_token = one_token  # per input: the query token (True) or all the map's tokens
+        self.weights = "return_weights" in inspect.signature(module.forward).parameters
 
     def forward(self, x: Tensor) -> Tensor:
         from attnzoo.maps import capturing, record
@@ -353,8 +354,8 @@ class _QueryProbe(nn.Module):
         b, c, h, w = x.shape
         tokens = x.flatten(2).transpose(1, 2)  # (B, H*W, C)
         query = tokens.mean(1, keepdim=True)  # (B, 1, C)
-        args = (query, tokens, tokens)[: self.inputs]
-        if capturing():
+        args = [query if one else tokens for one in self.one_token]
+        if capturing() and self.weights:  # a scorer that returns its weights (one that records does not)
             out = self.module(*args, return_weights=True)
             if isinstance(out, tuple) and isinstance(out[1], Tensor) and out[1].shape[-1] == h * w:
                 record(
@@ -412,7 +413,7 @@ def build_nchw(spec: Spec, channels: int, size: tuple[int, int], *, seed: int = 
         shapes = input_shapes(spec, geo)
         if any(s[1] not in (1, geo.tokens) for s in shapes) or len(shapes) > 3:
             raise Unsupported("has no conversion from a feature map")
-        return _QueryProbe(_construct(spec, kwargs), len(shapes))
+        return _QueryProbe(_construct(spec, kwargs), tuple(s[1] == 1 for s in shapes))
     from attnzoo.surgery import _build
 
     if len(spec.example.inputs) != 1:

@@ -782,10 +782,10 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help=f"mechanisms to compare with no attention (default: {', '.join(DEMO_ATTENTION)})",
     )
-    p.add_argument("--epochs", type=int, default=4)
-    p.add_argument("--train-size", type=int, default=2000)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--train-size", type=int, default=1500)
     p.add_argument("--test-size", type=int, default=500)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="demo_maps.png", help="PNG of the attention maps ('' for none)")
     p.add_argument("--json", default=None, help="also write the results as JSON here")
