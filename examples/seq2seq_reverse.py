@@ -61,6 +61,7 @@ class Result:
     seconds: float  # wall-clock training time
     cpu_seconds: float  # CPU time of this process while training (what a quiet machine's wall time is)
     example: Tensor  # one held-out input sequence, (test_len,)
+    prediction: Tensor  # the model's greedy output for it, (test_len,)
     weights: Tensor  # the decoder's attention for it, (test_len, test_len): output step x input position
 
 
@@ -200,6 +201,7 @@ def run(cfg: Config, log: Callable[[str], None] | None = None) -> Result:
         seconds=time.perf_counter() - start,
         cpu_seconds=time.process_time() - cpu_start,
         example=test[0],
+        prediction=tokens[0],
         weights=weights[0],
     )
 
@@ -219,7 +221,7 @@ def save_heatmap(result: Result, path: str, title: str) -> None:
     fig, ax = plt.subplots(figsize=(4.6, 4.2))
     image = ax.imshow(result.weights.numpy(), cmap="viridis", vmin=0.0, vmax=1.0)
     ax.set_xticks(range(len(digits)), digits)
-    ax.set_yticks(range(len(digits)), digits[::-1])
+    ax.set_yticks(range(len(digits)), [str(d) for d in result.prediction.tolist()])
     ax.set_xlabel("input digit (encoder position)")
     ax.set_ylabel("output digit (decoder step)")
     ax.set_title(title, fontsize=9)

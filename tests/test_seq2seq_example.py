@@ -35,7 +35,7 @@ def test_short_run_learns_to_reverse(example, rule):
     # With this seed: concat 70%, additive 74%, dot 79%, general 82%, location 91%.
     result = example.run(short(example, rule))
     assert result.accuracy > 0.5, f"{rule}: token accuracy {result.accuracy:.2%} (chance is 10%)"
-    assert result.weights.shape == (5, 5)
+    assert result.weights.shape == (5, 5) and result.prediction.shape == (5,)
     torch.testing.assert_close(result.weights.sum(-1), torch.ones(5))
 
 
@@ -70,10 +70,15 @@ def test_unknown_rule_is_rejected(example):
         example.main(["--attention", "bilinear"])
 
 
+def fake_result(example):
+    return example.Result(accuracy=1.0, anti_diagonal=1.0, seconds=0.0, cpu_seconds=0.0,
+                          example=torch.arange(4), prediction=torch.arange(4).flip(0),
+                          weights=torch.eye(4).flip(1))
+
+
 def test_heatmap_png(example, tmp_path):
     pytest.importorskip("matplotlib")
-    result = example.Result(accuracy=1.0, anti_diagonal=1.0, seconds=0.0, cpu_seconds=0.0,
-                            example=torch.arange(4), weights=torch.eye(4).flip(1))
+    result = fake_result(example)
     out = tmp_path / "map.png"
     example.save_heatmap(result, str(out), "test")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -81,8 +86,7 @@ def test_heatmap_png(example, tmp_path):
 
 def test_missing_matplotlib_gives_a_clear_error(example, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
-    result = example.Result(accuracy=1.0, anti_diagonal=1.0, seconds=0.0, cpu_seconds=0.0,
-                            example=torch.arange(4), weights=torch.eye(4))
+    result = fake_result(example)
     with pytest.raises(ImportError, match=r"pip install \"attnzoo\[plots\]\""):
         example.save_heatmap(result, str(tmp_path / "map.png"), "test")
     with pytest.raises(SystemExit):

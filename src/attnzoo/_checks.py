@@ -71,7 +71,7 @@ def check_shape(
             f"{who} expects {name} of shape {expected} ({len(letters)}-D), got {got} ({tensor.ndim}-D)"
         )
     found: dict[str, int] = {}
-    for letter, size in zip(letters, got):
+    for letter, size in zip(letters, got, strict=False):
         want = sizes.get(letter, found.get(letter))
         if want is not None and size != want:
             raise ValueError(f"{who} expects {name} of shape {expected} with {letter}={want}, got {got}")
@@ -87,7 +87,9 @@ def check_same(value: object, expected: object, who: str, what: str) -> None:
         raise ValueError(f"{who} expects {what} to be {expected}, got {value}")
 
 
-def check_int(value: object, name: str, who: str, *, minimum: int | None = 1, maximum: int | None = None) -> int:
+def check_int(
+    value: object, name: str, who: str, *, minimum: int | None = 1, maximum: int | None = None
+) -> int:
     """A constructor argument that must be an ``int`` within ``[minimum, maximum]``."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{who}: {name} must be an int, got {type(value).__name__} {value!r}")
@@ -135,10 +137,12 @@ def check_mask(mask: object, target: Sequence[int], who: str, name: str = "mask"
     if not isinstance(mask, Tensor):
         raise TypeError(f"{who} expects {name} to be a torch.Tensor, got {type(mask).__name__}")
     if mask.dtype != torch.bool and not mask.is_floating_point():
-        raise TypeError(f"{who} expects {name} to be bool (True = may attend) or floating (additive), got {mask.dtype}")
+        raise TypeError(
+            f"{who} expects {name} to be bool (True = may attend) or floating (additive), got {mask.dtype}"
+        )
     shape = tuple(mask.shape)
     fits = len(shape) <= len(target) and all(
-        m in (1, t) for m, t in zip(reversed(shape), reversed(tuple(target)))
+        m in (1, t) for m, t in zip(reversed(shape), reversed(tuple(target)), strict=False)
     )
     if not fits:
         raise ValueError(f"{who} expects {name} broadcastable to {tuple(target)}, got {shape}")

@@ -32,6 +32,10 @@ LIMITATIONS: dict[tuple[str, str], str] = {
         "TorchScript cannot compile attnzoo's Python input checks (keyword-variadic shape specs, f-string "
         "errors) nor its custom autograd kernels; use torch.compile or torch.jit.trace"
     ),
+    ("acmix", "fullgraph"): (
+        "ACmix's neighbourhood kernel accumulates into preallocated strided buffers (`out=`), which "
+        "Dynamo cannot put in one graph; torch.compile works with a graph break there"
+    ),
 }
 
 

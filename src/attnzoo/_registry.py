@@ -60,7 +60,9 @@ class Spec:
 
     def __repr__(self) -> str:
         seed = f", seed_name={self.seed_name!r}" if self.seed_name else ""
-        return f"Spec({self.name!r}, {self.cls.__name__}, family={self.family!r}, layout={self.layout!r}{seed})"
+        return (
+            f"Spec({self.name!r}, {self.cls.__name__}, family={self.family!r}, layout={self.layout!r}{seed})"
+        )
 
     @property
     def all_names(self) -> tuple[str, ...]:
@@ -153,7 +155,9 @@ def create(name: str, **kwargs: Any) -> nn.Module:
         >>> se = attnzoo.create("se", channels=64)
     """
     spec = get_spec(name)
-    use_seed = spec.seed_cls is not None and spec.seed_name is not None and name.lower() == spec.seed_name.lower()
+    use_seed = (
+        spec.seed_cls is not None and spec.seed_name is not None and name.lower() == spec.seed_name.lower()
+    )
     cls = spec.seed_cls if use_seed and spec.seed_cls is not None else spec.cls
     return cls(**kwargs)
 

@@ -351,9 +351,9 @@ class ACmix(nn.Module):
 
         # Attention branch: k - pe folded into the keys (the centre term q . pe cancels in the softmax).
         pe = self.conv_p(position_grid(height, width, x.dtype, x.device))  # (1, d, H, W)
-        q, k, v = qkv.view(batch, 3, h, d, height, width).unbind(1)  # (B, h, d, H, W) each
+        q, k, v = qkv.reshape(batch, 3, h, d, height, width).unbind(1)  # (B, h, d, H, W) each
         q = (q[..., ::s, ::s] * d**-0.5).reshape(batch * h, d, out_h, out_w)  # (B*h, d, Ho, Wo)
-        k = reflect_pad((k - pe).view(batch * h, d, height, width), self.padding_att)  # (B*h, d, Hp, Wp)
+        k = reflect_pad((k - pe).reshape(batch * h, d, height, width), self.padding_att)  # (B*h, d, Hp, Wp)
         v = reflect_pad(v.reshape(batch, h * d, height, width), self.padding_att)  # (B, h*d, Hp, Wp)
         v = v.reshape(batch * h, d, *v.shape[-2:])  # a view: F.pad returns a contiguous map
         att = neighbourhood_attention(q, k, v, self.kernel_att, self.dilation, s)  # (B*h, d, Ho, Wo)
@@ -365,10 +365,10 @@ class ACmix(nn.Module):
         # Convolution branch: fc folded into dep_conv; its input groups q, k, v by head-channel c.
         fc = self.fc.weight[:, :, 0, 0]  # (kc*kc, 3h)
         mixed = torch.einsum("ojuv,jt->otuv", self.dep_conv.weight, fc)  # (h*d, 3h, kc, kc)
-        grouped = qkv.view(batch, 3 * h, d, height, width).transpose(1, 2)  # (B, d, 3h, H, W)
+        grouped = qkv.reshape(batch, 3 * h, d, height, width).transpose(1, 2)  # (B, d, 3h, H, W)
         grouped = grouped.reshape(batch, d * 3 * h, height, width)  # channel c*3h + t*h + g
         conv = F.conv2d(grouped, mixed * self.rate2, None, s, kc // 2, 1, d)  # (B, h*d, Ho, Wo)
-        return torch.addcmul(conv, self.rate1, att.view(batch, h * d, out_h, out_w))
+        return torch.addcmul(conv, self.rate1, att.reshape(batch, h * d, out_h, out_w))
 
 
 register_seed("acmix")(ACmix)

@@ -61,11 +61,12 @@ class Timing:
     rounds: dict[str, list[float]]
 
     def median(self, name: str) -> float:
+        """Median time of ``name`` over the recorded rounds, in seconds."""
         return statistics.median(self.rounds[name])
 
     def ratio(self, name: str, baseline: str) -> float:
         """Median over rounds of ``time(name) / time(baseline)`` (paired, so drift cancels)."""
-        pairs = [a / b for a, b in zip(self.rounds[name], self.rounds[baseline])]
+        pairs = [a / b for a, b in zip(self.rounds[name], self.rounds[baseline], strict=False)]
         return statistics.median(pairs)
 
 

@@ -72,6 +72,7 @@ class Add(nn.Module):
     """Keras's ``Add`` layer: the element-wise sum of its inputs (here, the residual connection)."""
 
     def forward(self, *xs: Tensor) -> Tensor:
+        """Sum of the inputs (Keras ``Add``); they must have the same shape."""
         out = xs[0]
         for x in xs[1:]:
             out = out + x
@@ -143,9 +144,13 @@ class SelfAttentionBlock(_PrefixedBlock):
 
     Args:
         dim: Feature size D.
-        num_heads, key_dim, value_dim, dropout, use_bias, output_shape: As
-            ``keras.layers.MultiHeadAttention`` (defaults ``value_dim=key_dim``, ``dropout=0.0``,
-            ``use_bias=True``, ``output_shape=(D,)``, the only one the residual allows).
+        num_heads: Number of attention heads (as ``keras.layers.MultiHeadAttention``).
+        key_dim: Width of each query/key head.
+        value_dim: Width of each value head. Default: None, ``key_dim``.
+        dropout: Dropout on the attention weights (training only). Default: 0.0.
+        use_bias: Biases in the projections. Default: True.
+        output_shape: Output feature size; only ``D`` (or ``(D,)``), the one the residual
+            allows. Default: None, ``D``.
         causal: Causal mask, query i attends keys ``0..i`` (the builder's ``mask``). Default: False.
         prefix: Name prefix, an identifier fragment. Default: ``"att"``.
         seq_len: Fixed sequence length L as Keras's ``Input``, or None for any. Default: None.
@@ -177,6 +182,7 @@ class SelfAttentionBlock(_PrefixedBlock):
     def forward(
         self, x: Tensor, attention_mask: Tensor | None = None, padding_mask: Tensor | None = None
     ) -> Tensor:
+        """``LayerNorm(x + MHA(x, x, x))``; masks as in the class docstring; returns ``(B, L, D)``."""
         self._check_x(x)
         out = self.attention(x, attention_mask=attention_mask, padding_mask=padding_mask, causal=self.causal)
         return self._role("norm1")(self._role("add1")(x, out))
@@ -200,10 +206,15 @@ class CrossAttentionBlock(_PrefixedBlock):
     Args:
         dim: Query feature size D.
         context_dim: Context feature size E.
-        num_heads, key_dim, value_dim, dropout, use_bias, output_shape: As
-            ``keras.layers.MultiHeadAttention`` (see :class:`SelfAttentionBlock`).
+        num_heads: Number of attention heads (as ``keras.layers.MultiHeadAttention``).
+        key_dim: Width of each query/key head.
+        value_dim: Width of each value head. Default: None, ``key_dim``.
+        dropout: Dropout on the attention weights (training only). Default: 0.0.
+        use_bias: Biases in the projections. Default: True.
+        output_shape: Output feature size; only ``D`` (or ``(D,)``). Default: None, ``D``.
         prefix: Name prefix, an identifier fragment. Default: ``"att"``.
-        seq_len, context_len: Fixed lengths L and S (Keras ``Input`` shapes), or None. Default: None.
+        seq_len: Fixed query length L (a Keras ``Input`` shape), or None for any. Default: None.
+        context_len: Fixed context length S, or None for any. Default: None.
         epsilon: LayerNorm epsilon. Default: 1e-3 (Keras).
 
     Shape:
@@ -237,6 +248,7 @@ class CrossAttentionBlock(_PrefixedBlock):
         self, x: Tensor, context: Tensor, attention_mask: Tensor | None = None,
         context_mask: Tensor | None = None,
     ) -> Tensor:
+        """``LayerNorm(x + MHA(x, context, context))``, masks as in the class docstring; ``(B, L, D)``."""
         self._check_x(x)
         if self.context_len is not None:
             check_shape(context, type(self).__name__, "B S E", "context", S=self.context_len)
@@ -286,6 +298,7 @@ class FeedForwardBlock(_PrefixedBlock):
                 nn.init.zeros_(linear.bias)
 
     def forward(self, x: Tensor) -> Tensor:
+        """``LayerNorm(x + ff2(relu(ff1(x))))`` on ``(B, L, D)``; returns ``(B, L, D)``."""
         self._check_x(x)
         hidden = F.relu(self._role("ff1")(x))  # (B, L, ff_dim)
         out = self._role("drop")(self._role("ff2")(hidden))

@@ -67,6 +67,10 @@ class EinsumDense(nn.Module):
             nn.init.zeros_(self.bias)
 
     def forward(self, x: Tensor) -> Tensor:
+        """Contract the trailing ``in_dims`` of ``x`` with the kernel, add the bias.
+
+        Maps ``(*, *in_dims)`` to ``(*, *out_dims)``.
+        """
         n_in, n_out = math.prod(self.in_dims), math.prod(self.out_dims)
         flat = x.flatten(-len(self.in_dims)) if len(self.in_dims) > 1 else x  # (*, n_in)
         weight = self.kernel.reshape(n_in, n_out).t()  # (n_out, n_in) view, no copy
@@ -131,6 +135,7 @@ class KerasMultiHeadAttention(nn.Module):
         self, query: Tensor, context: Tensor | None = None, *, attention_mask: Tensor | None = None,
         padding_mask: Tensor | None = None, causal: bool = False,
     ) -> Tensor:
+        """Attend from ``query`` to ``context`` (default: ``query``); masks as in the class docstring."""
         who = type(self).__name__
         dims = check_shape(query, who, "B L D", "query", D=self.dim)
         b, length = dims["B"], dims["L"]

@@ -42,9 +42,8 @@ __all__ += ["CBAtten_Res", "ChannelAttention", "SELayer", "SKEConv", "SeedDualAt
 # --- end gating family ---
 __all__ += ["BiLevelRoutingAttention", "nchwBRA"]  # biformer
 # --- acmix (issue 7): the canonical class already has the official signature and state_dict ---
-from attnzoo.acmix import ACmix
+from attnzoo.acmix import ACmix  # noqa: E402
 
 # --- end acmix ---
 
-__all__: list[str] = []
 __all__ += ["ACmix"]  # acmix (issue 7)

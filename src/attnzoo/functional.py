@@ -81,7 +81,8 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
     b, h, _, d = q.shape
     if k.shape[:2] != (b, h) or v.shape[:2] != (b, h):
         raise ValueError(
-            f"{who} expects k and v with batch and heads (B, h) = {(b, h)}, got k {tuple(k.shape)}, v {tuple(v.shape)}"
+            f"{who} expects k and v with batch and heads (B, h) = {(b, h)}, "
+            f"got k {tuple(k.shape)}, v {tuple(v.shape)}"
         )
     if k.shape[-1] != d:
         raise ValueError(f"{who} expects k of shape {format_shape([b, h, 'S', d])}, got {tuple(k.shape)}")
@@ -113,7 +114,12 @@ def _causal_keep(length_q: int, length_k: int, device: torch.device) -> Tensor:
 
 
 def _merge_masks(
-    mask: Tensor | None, bias: Tensor | None, causal: bool, target: tuple[int, ...], dtype: torch.dtype, device: torch.device
+    mask: Tensor | None,
+    bias: Tensor | None,
+    causal: bool,
+    target: tuple[int, ...],
+    dtype: torch.dtype,
+    device: torch.device,
 ) -> tuple[Tensor | None, Tensor | None]:
     """Combine mask, bias and causal into one SDPA ``attn_mask``; also return fully masked rows.
 
@@ -140,7 +146,7 @@ def _merge_masks(
     blocked = None if keep is None else ~keep
     if additive is not None:
         inf_part = additive == float("-inf")
-        blocked = inf_part if blocked is None else blocked | inf_part
+        blocked = inf_part if blocked is None else torch.logical_or(blocked, inf_part)
     dead = blocked.all(dim=-1, keepdim=True) if blocked is not None else None
     # Eager mode skips the fix-up when no row is dead; a compiled graph cannot branch on data, so
     # there the (cheap) fix-up always runs.
@@ -148,7 +154,7 @@ def _merge_masks(
         dead = None
     if additive is None:
         merged = keep
-        if dead is not None:
+        if dead is not None and merged is not None:  # dead rows come from keep here
             merged = merged | dead  # let dead rows attend to everything, then zero their output
         return merged, dead
     if keep is not None:
@@ -161,13 +167,19 @@ def _merge_masks(
 @overload
 def attend(
     q: Tensor, k: Tensor, v: Tensor, *, bias: Tensor | None = ..., mask: Tensor | None = ...,
-    causal: bool = ..., dropout_p: float = ..., scale: float | None = ..., return_weights: Literal[False] = ...,
+    causal: bool = ..., dropout_p: float = ..., scale: float | None = ...,
+    return_weights: Literal[False] = ...,
 ) -> Tensor: ...
 @overload
 def attend(
     q: Tensor, k: Tensor, v: Tensor, *, bias: Tensor | None = ..., mask: Tensor | None = ...,
     causal: bool = ..., dropout_p: float = ..., scale: float | None = ..., return_weights: Literal[True],
 ) -> tuple[Tensor, Tensor]: ...
+@overload
+def attend(
+    q: Tensor, k: Tensor, v: Tensor, *, bias: Tensor | None = ..., mask: Tensor | None = ...,
+    causal: bool = ..., dropout_p: float = ..., scale: float | None = ..., return_weights: bool,
+) -> Tensor | tuple[Tensor, Tensor]: ...
 def attend(
     q: Tensor,
     k: Tensor,
@@ -217,7 +229,9 @@ def attend(
     if bias is not None:
         check_mask(bias, target, "attend", "bias")
         if bias.dtype == torch.bool:
-            raise TypeError("attend expects bias to be a floating (additive) tensor, got torch.bool; use mask=")
+            raise TypeError(
+                "attend expects bias to be a floating (additive) tensor, got torch.bool; use mask="
+            )
     if not 0.0 <= dropout_p <= 1.0:
         raise ValueError(f"attend expects dropout_p in [0, 1], got {dropout_p}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
@@ -276,7 +290,9 @@ def relative_position_index_2d(window_size: tuple[int, int], device: torch.devic
         - Output: ``(Wh*Ww, Wh*Ww)``, int64.
     """
     wh, ww = window_size
-    rows, cols = torch.meshgrid(torch.arange(wh, device=device), torch.arange(ww, device=device), indexing="ij")
+    rows, cols = torch.meshgrid(
+        torch.arange(wh, device=device), torch.arange(ww, device=device), indexing="ij"
+    )
     coords = torch.stack([rows.flatten(), cols.flatten()])  # (2, N)
     rel = coords[:, :, None] - coords[:, None, :]  # (2, N, N): query minus key
     return (rel[0] + wh - 1) * (2 * ww - 1) + (rel[1] + ww - 1)

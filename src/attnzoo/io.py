@@ -40,7 +40,9 @@ def load_state_dict(path: str | os.PathLike[str], *, key: str | None = None) -> 
         try:
             from safetensors.torch import load_file
         except ImportError as err:
-            raise ImportError("loading .safetensors files needs the safetensors package: pip install safetensors") from err
+            raise ImportError(
+                "loading .safetensors files needs the safetensors package: pip install safetensors"
+            ) from err
         return dict(load_file(path))
     try:
         loaded: Any = torch.load(path, map_location="cpu", weights_only=True)
@@ -63,7 +65,9 @@ def load_state_dict(path: str | os.PathLike[str], *, key: str | None = None) -> 
     return dict(loaded)
 
 
-def load_weights(module: nn.Module, path: str | os.PathLike[str], *, strict: bool = True, key: str | None = None) -> nn.Module:
+def load_weights(
+    module: nn.Module, path: str | os.PathLike[str], *, strict: bool = True, key: str | None = None
+) -> nn.Module:
     """Load a checkpoint into ``module`` safely (see :func:`load_state_dict`); returns the module."""
     module.load_state_dict(load_state_dict(path, key=key), strict=strict)
     return module

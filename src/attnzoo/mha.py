@@ -107,6 +107,7 @@ class MultiHeadAttention(nn.Module):
     def _project(self, query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Project and split into heads: three ``(B, h, *, d)`` views, one GEMM where inputs coincide."""
         lins = (self.Wq, self.Wk, self.Wv)
+        groups: list[tuple[Tensor, tuple[nn.Linear, ...]]]
         if query is key and key is value:
             groups = [(query, lins)]
         elif key is value:

@@ -3,7 +3,8 @@
 Scoring rules, each scoring a query ``q_i`` against every key ``k_j`` and averaging the values with
 ``softmax_j`` of the scores:
 
-- :class:`ConcatAttention`, the seed's rule 1: one linear layer on ``[q_i; k_j]``.
+- :class:`ConcatAttention`, the seed's rule 1: one linear layer on ``[q_i; k_j]``. Being affine, its
+  query term is the same for every key and cancels in the softmax: the weights depend on the keys only.
 - :class:`AdditiveAttention`, the seed's rule 2 (Bahdanau et al., 2014, arXiv:1409.0473):
   ``v^T tanh(W [q_i; k_j] + b)``; the seed's "sum" is ``v`` of ones.
 - :class:`DotProductAttention`, the seed's rule 3 (Vaswani et al., 2017, arXiv:1706.03762):
@@ -153,14 +154,8 @@ class ConcatAttention(_ConcatScore):
     def __init__(self, query_dim: int, key_dim: int) -> None:
         super().__init__(query_dim, key_dim, 1)
 
-    def forward(
-        self,
-        query: Tensor,
-        keys: Tensor,
-        values: Tensor,
-        mask: Tensor | None = None,
-        return_weights: bool = False,
-    ) -> Tensor | tuple[Tensor, Tensor]:
+    def forward(self, query: Tensor, keys: Tensor, values: Tensor, mask: Tensor | None = None,
+                return_weights: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         _check_inputs(type(self).__name__, query, keys, values, mask, self.query_dim, self.key_dim)
         from_q, from_k = self._split(query, keys)  # (B, Lq, 1), (B, Lk, 1)
         scores = from_q + from_k.transpose(1, 2)  # (B, Lq, 1) + (B, 1, Lk) -> (B, Lq, Lk)
@@ -200,14 +195,8 @@ class AdditiveAttention(_ConcatScore):
         self.hidden_dim = hidden
         self.v = nn.Linear(hidden, 1, bias=False)
 
-    def forward(
-        self,
-        query: Tensor,
-        keys: Tensor,
-        values: Tensor,
-        mask: Tensor | None = None,
-        return_weights: bool = False,
-    ) -> Tensor | tuple[Tensor, Tensor]:
+    def forward(self, query: Tensor, keys: Tensor, values: Tensor, mask: Tensor | None = None,
+                return_weights: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         _check_inputs(type(self).__name__, query, keys, values, mask, self.query_dim, self.key_dim)
         from_q, from_k = self._split(query, keys)  # (B, Lq, H), (B, Lk, H)
         hidden = (from_q[:, :, None, :] + from_k[:, None, :, :]).tanh_()  # (B, Lq, Lk, H)
@@ -243,14 +232,8 @@ class DotProductAttention(nn.Module):
         super().__init__()
         self.scaled = check_choice(scaled, (True, False), "scaled", type(self).__name__)
 
-    def forward(
-        self,
-        query: Tensor,
-        keys: Tensor,
-        values: Tensor,
-        mask: Tensor | None = None,
-        return_weights: bool = False,
-    ) -> Tensor | tuple[Tensor, Tensor]:
+    def forward(self, query: Tensor, keys: Tensor, values: Tensor, mask: Tensor | None = None,
+                return_weights: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         _check_inputs(type(self).__name__, query, keys, values, mask)
         scale = query.shape[-1] ** -0.5 if self.scaled else 1.0
         return _attend_3d(query, keys, values, mask, scale, return_weights)
@@ -299,14 +282,8 @@ class GeneralAttention(nn.Module):
         self.key_dim = check_int(key_dim, "key_dim", who)
         self.attn = nn.Linear(query_dim, key_dim, bias=False)
 
-    def forward(
-        self,
-        query: Tensor,
-        keys: Tensor,
-        values: Tensor,
-        mask: Tensor | None = None,
-        return_weights: bool = False,
-    ) -> Tensor | tuple[Tensor, Tensor]:
+    def forward(self, query: Tensor, keys: Tensor, values: Tensor, mask: Tensor | None = None,
+                return_weights: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         _check_inputs(type(self).__name__, query, keys, values, mask, self.query_dim, self.key_dim)
         return _attend_3d(self.attn(query), keys, values, mask, 1.0, return_weights)
 
@@ -363,14 +340,8 @@ class LocationAttention(nn.Module):
         self.attn = nn.Linear(query_dim + key_dim, num_positions)
         self.attn_combine = nn.Linear(query_dim + value_dim, output_dim)
 
-    def forward(
-        self,
-        query: Tensor,
-        key: Tensor,
-        values: Tensor,
-        mask: Tensor | None = None,
-        return_weights: bool = False,
-    ) -> Tensor | tuple[Tensor, Tensor]:
+    def forward(self, query: Tensor, key: Tensor, values: Tensor, mask: Tensor | None = None,
+                return_weights: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         who = type(self).__name__
         b, lq, _ = check_shape(query, who, "B Lq dq", "query", dq=self.query_dim).values()
         check_shape(key, who, "B Lq dk", "key", B=b, Lq=lq, dk=self.key_dim)

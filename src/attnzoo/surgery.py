@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import copy
 import difflib
+import functools
 import inspect
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -35,8 +36,8 @@ from attnzoo._registry import Spec, get_spec, list_modules
 
 __all__ = ["insert", "replace", "find", "LayoutAdapter", "FoundAttention", "select"]
 
-Where = Union[str, type, Callable[[str, nn.Module], bool], Iterable[str]]
-AttentionArg = Union[str, Callable[[int], nn.Module], nn.Module]
+Where = str | type | Callable[[str, nn.Module], bool] | Iterable[str]
+AttentionArg = str | Callable[[int], nn.Module] | nn.Module
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
@@ -191,6 +192,7 @@ class LayoutAdapter(nn.Module):
         self.outer, self.inner = outer, inner
 
     def forward(self, x: Tensor) -> Tensor:
+        """Move channels last for the wrapped module and back: ``(B, C, H, W) -> (B, C, H, W)``."""
         b, c, h, w = x.shape
         y = x.permute(0, 2, 3, 1)  # (B, H, W, C)
         if self.inner == "NLC":
@@ -203,10 +205,14 @@ class LayoutAdapter(nn.Module):
         return f"{self.outer} -> {self.inner}"
 
 
-def _build(attention: AttentionArg, channels: int, outer: str, kwargs: dict[str, Any], place: str) -> nn.Module:
+def _build(
+    attention: AttentionArg, channels: int, outer: str, kwargs: dict[str, Any], place: str
+) -> nn.Module:
     if isinstance(attention, nn.Module):
         if kwargs:
-            raise ValueError(f"keyword arguments {sorted(kwargs)} need a registry name or a factory, not a module")
+            raise ValueError(
+                f"keyword arguments {sorted(kwargs)} need a registry name or a factory, not a module"
+            )
         return copy.deepcopy(attention)
     if callable(attention) and not isinstance(attention, str):
         module = attention(channels, **kwargs)
@@ -215,7 +221,9 @@ def _build(attention: AttentionArg, channels: int, outer: str, kwargs: dict[str,
         return module
     spec = get_spec(attention)
     if spec.layout == "SEQ2SEQ":
-        raise ValueError(f"{spec.name!r} scores a query against keys; it has no place inside a feed-forward network")
+        raise ValueError(
+            f"{spec.name!r} scores a query against keys; it has no place inside a feed-forward network"
+        )
     args = {**_channel_kwargs(spec.cls, channels), **kwargs}
     inner = spec.layout
     if inner == "NHWC" and outer == "NCHW" and "layout" in inspect.signature(spec.cls.__init__).parameters:
@@ -224,7 +232,9 @@ def _build(attention: AttentionArg, channels: int, outer: str, kwargs: dict[str,
     try:
         module = spec.cls(**args)
     except TypeError as err:
-        raise TypeError(f"cannot build {spec.name!r} for {place} ({channels} channels) with {args}: {err}") from err
+        raise TypeError(
+            f"cannot build {spec.name!r} for {place} ({channels} channels) with {args}: {err}"
+        ) from err
     if inner == outer:
         return module
     if outer == "NCHW" and inner in ("NHWC", "NLC"):
@@ -306,6 +316,7 @@ class _SequentialGuard(nn.Module):
         self.place, self.what = place, what
 
     def forward(self, x: Tensor) -> Tensor:
+        """Run the inserted attention, naming its place in the model when the input does not fit."""
         return _guarded(self.attention, x, self.place, self.what)
 
 
@@ -390,7 +401,8 @@ def insert(
         The qualified names of the new modules.
 
     Example:
-        >>> names = attnzoo.insert(resnet, "cbam", where="layer*.*", example_input=torch.randn(1, 3, 224, 224))
+        >>> x = torch.randn(1, 3, 224, 224)
+        >>> names = attnzoo.insert(resnet, "cbam", where="layer*.*", example_input=x)
     """
     if position not in ("after", "before"):
         raise ValueError(f"insert: position must be 'after' or 'before', got {position!r}")
@@ -503,8 +515,8 @@ class FoundAttention:
     flops: int | None
 
 
-def _attnzoo_kinds() -> dict[type, Spec]:
-    kinds: dict[type, Spec] = {}
+def _attnzoo_kinds() -> dict[object, Spec]:
+    kinds: dict[object, Spec] = {}
     for spec in list_modules():
         kinds[spec.cls] = spec
         if spec.seed_cls is not None:
@@ -534,7 +546,8 @@ def find(model: nn.Module, example_input: Any = None) -> list[FoundAttention]:
             continue
         found.append((name, module, kind))
         covered.append(name)
-    flops = _flops_per_module(model, [m for _, m, _ in found], example_input) if example_input is not None else {}
+    modules = [m for _, m, _ in found]
+    flops = _flops_per_module(model, modules, example_input) if example_input is not None else {}
     return [
         FoundAttention(name, kind, type(m).__name__, sum(p.numel() for p in m.parameters()), flops.get(id(m)))
         for name, m, kind in found
@@ -561,5 +574,5 @@ def _flops_per_module(model: nn.Module, modules: list[nn.Module], example_input:
         if id(m) in captured:
             args, kw = captured[id(m)]
             with torch.no_grad():
-                result[id(m)] = count_flops(lambda m=m, args=args, kw=kw: m(*args, **kw))
+                result[id(m)] = count_flops(functools.partial(m, *args, **kw))
     return result

@@ -213,9 +213,8 @@ class WindowAttention(nn.Module):
         area = self.window_size[0] * self.window_size[1]
         dims = check_shape(x, who, "B N C", N=area, C=self.dim)
         windows = dims["B"]
-        bias = gather_relative_bias(
-            self.relative_position_bias_table, self.relative_position_index
-        )  # (h, N, N)
+        index: Tensor = self.relative_position_index  # type: ignore[assignment]  # a registered buffer
+        bias = gather_relative_bias(self.relative_position_bias_table, index)  # (h, N, N)
         if mask is not None:
             check_tensor(mask, who, "mask")
             if mask.ndim != 3 or tuple(mask.shape[1:]) != (area, area) or windows % mask.shape[0]:

@@ -104,7 +104,8 @@ class TemporalAttention(nn.Module):
         """Attend over the frames of each sequence of ``x`` ``(B, T, C)``."""
         dims = check_shape(x, type(self).__name__, "B T C", T=self.num_ttokens, C=self.dim)
         batch, frames = dims["B"], dims["T"]
-        index = self.relative_coords.view(frames, frames)  # (T, T): query i, key j
+        coords: Tensor = self.relative_coords  # type: ignore[assignment]  # a registered buffer
+        index = coords.view(frames, frames)  # (T, T): query i, key j
         bias = gather_relative_bias(self.relative_position_bias_table, index)  # (h, T, T)
         if self.with_qkv:
             qkv = self.qkv(x).unflatten(-1, (3, self.num_heads, -1))  # (B, T, 3, h, d)
