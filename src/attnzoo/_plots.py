@@ -200,7 +200,11 @@ def _draw(ax: Any, image: Tensor | None, panel: Panel) -> None:
         ax.tick_params(labelsize=6)
         return
     ax.axis("off")
-    height, width = image.shape[1:] if image is not None else panel.heat.shape
+    if panel.heat is None:
+        return
+    height, width = (
+        (image.shape[1], image.shape[2]) if image is not None else (panel.heat.shape[0], panel.heat.shape[1])
+    )
     if image is not None:
         ax.imshow(image.permute(1, 2, 0).numpy())
     ax.imshow(
@@ -275,7 +279,11 @@ def grid_figure(
                 continue
             ax.imshow(images[j].permute(1, 2, 0).numpy())
             ax.imshow(
-                _upsample(heat, tuple(images[j].shape[1:])).numpy(), cmap="jet", alpha=0.5, vmin=0, vmax=1
+                _upsample(heat, (images[j].shape[1], images[j].shape[2])).numpy(),
+                cmap="jet",
+                alpha=0.5,
+                vmin=0,
+                vmax=1,
             )
         axes[i, 0].set_title(label, fontsize=7, loc="left")
     fig.suptitle(title, fontsize=9)

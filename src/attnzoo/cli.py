@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import gc
 import importlib.resources
 import inspect
@@ -627,7 +628,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             epochs=args.epochs,
             batch_size=args.batch_size,
             seed=args.seed,
-            step=lambda label=label: progress.advance(note=label),
+            step=functools.partial(progress.advance, note=label),
         )
         seconds = time.perf_counter() - start
         accuracy = demo.evaluate(model, test_x, test_y)
@@ -684,14 +685,16 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _first_heatmaps(maps: dict[str, list[Any]], count: int) -> list[Tensor | None]:
-    """Per image, the summary heat map of the first record that has one (see ``_plots.heatmap``)."""
+    """Per image, a summary heat map (see ``_plots.heatmap``): of the first spatial gate recorded,
+    else of the first attention rows (the attention each position receives), else of the routing."""
     from attnzoo._plots import heatmap
     from attnzoo.demo import OddShapeNet
 
-    for records in maps.values():
-        for m in records:
-            if heatmap(m, OddShapeNet.grid) is not None:
-                return [heatmap(m, OddShapeNet.grid, sample=i) for i in range(count)]
+    for kind in ("spatial", "rows", "routing"):
+        for records in maps.values():
+            for m in records:
+                if m.kind == kind and heatmap(m, OddShapeNet.grid) is not None:
+                    return [heatmap(m, OddShapeNet.grid, sample=i) for i in range(count)]
     return [None] * count
 
 
@@ -706,7 +709,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``attnzoo`` command."""
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument(
         "--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error"
     )
@@ -719,7 +722,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     def add(name: str, help_text: str, func: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_text, description=help_text, parents=[common])
+        p: argparse.ArgumentParser = sub.add_parser(
+            name, help=help_text, description=help_text, parents=[common]
+        )
         p.set_defaults(func=func)
         return p
 
