@@ -8,6 +8,10 @@ from attnzoo._registry import Example, Spec, create, get_spec, list_modules
 from attnzoo.functional import attend, fused_attn, fused_enabled
 from attnzoo.surgery import find, insert, replace
 
+# --- cli / maps (issue 10) ---
+from attnzoo.maps import AttentionMap, capture_maps
+# --- end cli / maps ---
+
 # Family modules register their classes on import (one family per file).
 # --- seq2seq (issue 8) ---
 from attnzoo.seq2seq import (
@@ -53,6 +57,10 @@ from attnzoo.sagan import ChannelSelfAttention, SpatialSelfAttention
 __version__ = "0.1.0"
 
 __all__ = [
+    # --- cli / maps (issue 10) ---
+    "AttentionMap",
+    "capture_maps",
+    # --- end cli / maps ---
     # --- blocks ---
     "CrossAttentionBlock",
     "FeedForwardBlock",

@@ -25,6 +25,7 @@ from torch.autograd.function import FunctionCtx
 
 from attnzoo._checks import check_divisible, check_int, check_shape
 from attnzoo._registry import Example, register, register_seed
+from attnzoo.maps import capturing, record_local_rows
 
 __all__ = ["ACmix", "neighbourhood_attention", "reflect_pad"]
 
@@ -356,6 +357,10 @@ class ACmix(nn.Module):
         v = reflect_pad(v.reshape(batch, h * d, height, width), self.padding_att)  # (B, h*d, Hp, Wp)
         v = v.reshape(batch * h, d, *v.shape[-2:])  # a view: F.pad returns a contiguous map
         att = neighbourhood_attention(q, k, v, self.kernel_att, self.dilation, s)  # (B*h, d, Ho, Wo)
+        if not torch.jit.is_scripting():
+            if capturing():  # map capture: rows of the attention branch
+                record_local_rows(self, q, k, kernel=self.kernel_att, dilation=self.dilation, stride=s,
+                                  padding=self.padding_att, size=(height, width), heads=h)
 
         # Convolution branch: fc folded into dep_conv; its input groups q, k, v by head-channel c.
         fc = self.fc.weight[:, :, 0, 0]  # (kc*kc, 3h)

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from attnzoo._checks import check_choice, check_float, check_int, check_shape
 from attnzoo._registry import Example, register, register_seed
 from attnzoo.functional import attend
+from attnzoo.maps import capturing, record, record_routed_rows
 
 __all__ = ["BiLevelRoutingAttention", "LegacyBiLevelRoutingAttention"]
 
@@ -355,6 +356,13 @@ class BiLevelRoutingAttention(nn.Module):
             q, self._downsample(k, rh, rw), self._downsample(v, rh, rw), r_idx, num_heads=self.num_heads,
             scale=self.scale, r_weight=r_weight if self.soft_routing else None, need_weights=need_weights,
         )  # (N*R, w^2, dim)
+        if not torch.jit.is_scripting():
+            if capturing():  # map capture: the routing, and rows over the routed regions (keys not pooled)
+                record(self, "routing", r_idx, grid=(n_win, n_win), weights=r_weight)
+                if self.kv_downsample_mode == "identity":
+                    record_routed_rows(self, q, k, r_idx, regions=(n_win, n_win), region=(rh, rw),
+                                       size=(h, w), num_heads=self.num_heads, scale=self.scale,
+                                       r_weight=r_weight if self.soft_routing else None)
         side = _side_conv(self.lepe, v, n, n_win, n_win, rh, rw)  # (N, Hp, Wp, dim) or None
         out = _merge(out, side, n, n_win, n_win, rh, rw)  # (N, Hp, Wp, dim)
         out = self.wo(out[:, :h, :w] if pad_b or pad_r else out)  # (N, H, W, dim)

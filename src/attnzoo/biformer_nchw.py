@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from attnzoo._checks import check_choice, check_float, check_int, check_shape
 from attnzoo._registry import Example, register, register_seed
 from attnzoo.biformer import _merge, _routed_attention, _side_conv, _to_windows
+from attnzoo.maps import capturing, record, record_routed_rows
 
 __all__ = ["nchwBRA"]
 
@@ -157,6 +158,11 @@ class nchwBRA(nn.Module):  # noqa: N801 (the official class name)
         out, attn = _routed_attention(
             q, k, v, r_idx, num_heads=self.num_heads, scale=self.scale, need_weights=ret_attn_mask
         )  # (N*R, rh*rw, C)
+        if not torch.jit.is_scripting():
+            if capturing():  # map capture: the routing, and rows over the routed regions
+                record(self, "routing", r_idx, grid=(n_h, n_w))
+                record_routed_rows(self, q, k, r_idx, regions=(n_h, n_w), region=(rh, rw), size=(h, w),
+                                   num_heads=self.num_heads, scale=self.scale)
         # The conv's zero padding equals the zero-padded v, so lepe(padded v), cropped, is lepe(v).
         side = _side_conv(self.lepe, v, n, n_h, n_w, rh, rw)  # (N, Hp, Wp, C) or None
         out = _merge(out, side, n, n_h, n_w, rh, rw)  # (N, Hp, Wp, C)

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from attnzoo._checks import check_float, check_int, check_mask, check_shape
 from attnzoo.functional import attend
+from attnzoo.maps import capturing, record_rows
 
 __all__ = ["EinsumDense", "KerasMultiHeadAttention"]
 
@@ -158,6 +159,10 @@ class KerasMultiHeadAttention(nn.Module):
             mask = mask.reshape((1,) * (4 - mask.ndim) + tuple(mask.shape))
         p = self.dropout if self.training else 0.0
         out = attend(q, k, v, mask=mask, causal=causal, dropout_p=p, scale=self.key_dim**-0.5)  # (B, h, L, e)
+        if not torch.jit.is_scripting():
+            if capturing():  # map capture: rows of the capture's query points
+                record_rows(self, q, k, grid=(length,), key_grid=(s,), mask=mask, causal=causal,
+                            scale=self.key_dim**-0.5)
         return self.attention_output(out.transpose(1, 2))  # (B, L, h, e) -> (B, L, *output_shape)
 
     def extra_repr(self) -> str:

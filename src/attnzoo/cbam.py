@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from attnzoo._checks import check_choice, check_int
 from attnzoo._gate import GatePlan, fused_gate, to_batch_first
 from attnzoo._registry import Example, register
+from attnzoo.maps import capturing, record
 from attnzoo.se import hidden_width
 
 __all__ = ["ChannelAttention", "SpatialAttention", "CBAM", "CBAtten_Res"]
@@ -92,7 +93,11 @@ class ChannelAttention(nn.Module):
         both = torch.cat([mean, peak], dim=0)  # (2B, C)
         hidden = torch.relu(F.linear(both, fc1.flatten(1)))  # (C/r, C, 1, 1) -> (C/r, C)
         avg, top = F.linear(hidden, fc2.flatten(1)).chunk(2, dim=0)  # (2B, C) -> 2 x (B, C)
-        return torch.sigmoid(avg + top)
+        gate = torch.sigmoid(avg + top)
+        if not torch.jit.is_scripting():
+            if capturing():  # map capture
+                record(self, "channel", gate)
+        return gate
 
     def forward(self, x: Tensor) -> Tensor:
         x = to_batch_first(x, self.batch_first, type(self).__name__, C=self.in_channels)
@@ -150,9 +155,13 @@ class SpatialAttention(nn.Module):
 
     def gate(self, mean: Tensor, peak: Tensor) -> Tensor:
         """The gate (B, 1, H, W) from the mean and max (B, 1, H, W) over channels."""
-        return torch.sigmoid(
+        gate = torch.sigmoid(
             self.bn(self.conv(torch.cat([mean, peak], dim=1)))
         )  # (B, 2, H, W) -> (B, 1, H, W)
+        if not torch.jit.is_scripting():
+            if capturing():  # map capture
+                record(self, "spatial", gate[:, 0], grid=gate.shape[2:])
+        return gate
 
     def forward(self, x: Tensor) -> Tensor:
         sizes = {} if self.channels is None else {"C": self.channels}

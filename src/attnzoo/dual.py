@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from attnzoo._checks import check_int
 from attnzoo._gate import GatePlan, fused_gate, to_batch_first
 from attnzoo._registry import Example, register, register_seed
+from attnzoo.maps import capturing, record
 
 __all__ = ["DualGatedAttention", "SeedDualAttention"]
 
@@ -67,7 +68,13 @@ class DualGatedAttention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x = to_batch_first(x, True, type(self).__name__, C=self.channels)
+        if not torch.jit.is_scripting():
+            if capturing():  # map capture: the channel gate (B, C)
+                record(self, "channel", torch.sigmoid(x.amax((2, 3))))
         x = x + self.channel_attention(fused_gate(x, _CHANNEL_GATE))  # x * sigmoid(max_hw x), conv branch
+        if not torch.jit.is_scripting():
+            if capturing():  # map capture: the spatial gate (B, H, W)
+                record(self, "spatial", torch.sigmoid(x.amax(1)), grid=x.shape[2:])
         return x + self.space_attention(fused_gate(x, _SPATIAL_GATE))  # x * sigmoid(max_c x), conv branch
 
 

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from attnzoo._checks import check_float, check_int, check_mask, check_shape, check_tensor
 from attnzoo._registry import Example, register
 from attnzoo.functional import attend
+from attnzoo.maps import capturing, record_rows
 
 __all__ = ["MultiHeadAttention", "SeedMultiHeadAttention"]
 
@@ -195,6 +196,10 @@ class MultiHeadAttention(nn.Module):
             q, k, v, mask=mask, bias=bias, causal=causal, dropout_p=dropout_p, return_weights=need_weights
         )
         out, weights = result if isinstance(result, tuple) else (result, None)
+        if not torch.jit.is_scripting():
+            if capturing():  # map capture: rows of the capture's query points
+                record_rows(self, q, k, grid=(length_q,), key_grid=(length_k,), mask=mask, bias=bias,
+                            causal=causal)
         out = self.proj_drop(self.fc(out.transpose(1, 2).flatten(2)))  # (B, h, L, d) -> (B, L, E)
         return (out, weights) if weights is not None else out
 

@@ -10,11 +10,13 @@ bottleneck has no biases by default, like the seed (``bias=True`` gives timm's `
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from attnzoo._checks import check_int
 from attnzoo._gate import GatePlan, fused_gate, to_batch_first
 from attnzoo._registry import Example, register, register_seed
+from attnzoo.maps import capturing, record
 
 __all__ = ["SqueezeExcite", "SELayer"]
 
@@ -89,6 +91,9 @@ class SqueezeExcite(nn.Module):
         x = to_batch_first(x, self.batch_first, type(self).__name__, C=self.channels)
         plan = GatePlan(channel_fn=self.fc, channel_stats=("mean",))
         out = fused_gate(x, plan, tuple(self.parameters()))
+        if not torch.jit.is_scripting():
+            if capturing():  # map capture: the gate (B, C), recomputed
+                record(self, "channel", self.fc(x.mean((2, 3))))
         return out if self.batch_first else out.permute(1, 0, 2, 3)  # (B, C, H, W) -> (C, B, H, W)
 
     def extra_repr(self) -> str:

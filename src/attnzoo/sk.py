@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from attnzoo._checks import check_divisible, check_float, check_int
 from attnzoo._gate import first_order_only, small_graph, small_vjp, to_batch_first
 from attnzoo._registry import Example, register, register_seed
+from attnzoo.maps import capturing, record
 
 __all__ = ["SKConv", "SKEConv"]
 
@@ -150,7 +151,11 @@ class SKConv(nn.Module):
     def attention(self, s: Tensor) -> Tensor:
         """Branch weights (B, M, C), a softmax over branches, from the pooled sum ``s`` (B, C)."""
         z = self.fuse(self.fc(s))  # (B, d)
-        return torch.softmax(torch.stack([fc(z) for fc in self.fcs], dim=1), dim=1)  # (B, M, C)
+        weights = torch.softmax(torch.stack([fc(z) for fc in self.fcs], dim=1), dim=1)  # (B, M, C)
+        if not torch.jit.is_scripting():
+            if capturing():  # map capture
+                record(self, "branch", weights)
+        return weights
 
     def forward(self, x: Tensor) -> Tensor:
         x = to_batch_first(x, self.batch_first, type(self).__name__, C=self.in_channels)

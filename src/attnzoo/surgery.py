@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from attnzoo._build import channel_kwargs as _channel_kwargs
 from attnzoo._checks import format_shape
 from attnzoo._registry import Spec, get_spec, list_modules
 
@@ -202,21 +203,6 @@ class LayoutAdapter(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.outer} -> {self.inner}"
-
-
-_FIRST_ARG_ALIASES = (
-    "channels", "in_channels", "channel", "dim", "in_dim", "d_model", "in_planes", "query_size",
-)
-_OUT_ARGS = ("out_channels", "out_planes")
-
-
-def _channel_kwargs(cls: type[nn.Module], channels: int) -> dict[str, int]:
-    params = [p for p in inspect.signature(cls.__init__).parameters.values() if p.name != "self"]
-    if not params:
-        return {}
-    kwargs = {params[0].name: channels} if params[0].name in _FIRST_ARG_ALIASES else {}
-    kwargs.update({p.name: channels for p in params if p.name in _OUT_ARGS})
-    return kwargs
 
 
 def _build(

@@ -28,6 +28,7 @@ from attnzoo._biased_attention import biased_attention
 from attnzoo._checks import check_choice, check_float, check_int, check_shape, check_tensor
 from attnzoo._registry import Example, register
 from attnzoo.functional import gather_relative_bias, relative_position_index_2d
+from attnzoo.maps import capturing, record_packed_rows, windows_to_image
 
 __all__ = [
     "ShiftedWindowAttention",
@@ -232,6 +233,9 @@ class WindowAttention(nn.Module):
         out = biased_attention(
             qkv, bias, scale=self.scale, dropout_p=self.attn_drop if self.training else 0.0
         )
+        if not torch.jit.is_scripting():
+            if capturing():  # map capture: every window's rows (windows are small)
+                record_packed_rows(self, qkv, bias, scale=self.scale, grid=self.window_size, all_queries=True)
         return self.proj_drop(self.proj(out))  # (B*nW, N, C)
 
 
@@ -345,6 +349,10 @@ class ShiftedWindowAttention(nn.Module):
             x = torch.roll(x, shifts=(-sh, -sw), dims=(1, 2))
         windows = window_partition(x, self.window_size).reshape(-1, wh * ww, channels)  # (B*nW, N, C)
         out = self.attn(windows, mask=self._mask(height, width, (hp, wp), x))
+        if not torch.jit.is_scripting():
+            if capturing():  # map capture: the window rows become rows over the map
+                windows_to_image(self, self.attn, size=(height, width), padded=(hp, wp), window=(wh, ww),
+                                 shift=(sh, sw))
         x = window_reverse(out.reshape(-1, wh, ww, channels), self.window_size, hp, wp)  # (B, Hp, Wp, C)
         if sh or sw:
             x = torch.roll(x, shifts=(sh, sw), dims=(1, 2))

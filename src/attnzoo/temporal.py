@@ -22,6 +22,7 @@ from attnzoo._biased_attention import biased_attention
 from attnzoo._checks import check_float, check_int, check_shape
 from attnzoo._registry import Example, register, register_seed
 from attnzoo.functional import gather_relative_bias, relative_position_index_1d
+from attnzoo.maps import capturing, record_packed_rows
 
 __all__ = ["Attention", "TemporalAttention"]
 
@@ -115,6 +116,9 @@ class TemporalAttention(nn.Module):
         out = biased_attention(
             qkv, bias, scale=self.scale, dropout_p=self.attn_drop if self.training else 0.0
         )
+        if not torch.jit.is_scripting():
+            if capturing():  # map capture: rows of the capture's query frames
+                record_packed_rows(self, qkv, bias, scale=self.scale, grid=(frames,))
         if self.with_qkv:  # out: (B, T, C)
             out = self.proj_drop(self.proj(out))
         return out

@@ -1,0 +1,111 @@
+"""The demo's task generator, its CNN, and that it learns (short fixed-seed runs)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from test_cli import _png_size, attnzoo_cmd
+
+import attnzoo
+from attnzoo import demo
+from attnzoo._build import Unsupported, build_nchw
+
+
+def test_make_shapes_is_deterministic_and_well_formed():
+    x, y, boxes = demo.make_shapes(40, seed=3)
+    x2, y2, boxes2 = demo.make_shapes(40, seed=3)
+    assert torch.equal(x, x2) and torch.equal(y, y2) and torch.equal(boxes, boxes2)
+    assert not torch.equal(x, demo.make_shapes(40, seed=4)[0])
+    assert x.shape == (40, 3, 64, 64) and x.min() >= 0 and x.max() <= 1
+    assert y.dtype == torch.long and set(y.tolist()) <= {0, 1, 2} and len(set(y.tolist())) == 3
+    y0, x0, y1, x1 = boxes.unbind(1)
+    assert (y0 >= 0).all() and (x0 >= 0).all() and (y1 <= 64).all() and (x1 <= 64).all()
+    assert ((y1 - y0) >= 10).all() and ((x1 - x0) >= 10).all()
+
+
+def test_the_box_holds_the_odd_shape_with_its_kind():
+    # Redraw the odd shape alone from the generator's own mask function: it lies in its box and has
+    # the labelled kind's area (circle pi r^2, square (1.77 r)^2 ~ pi r^2, triangle ~ 0.95 r^2).
+    x, y, boxes = demo.make_shapes(30, seed=5, distractors=(1, 1))
+    for image, box in zip(x, boxes, strict=False):
+        y0, x0, y1, x1 = box.tolist()
+        inside = image[:, y0:y1, x0:x1]
+        bright = (inside.max(0).values > 0.45).float().mean()
+        assert bright > 0.2  # the shape's pixels are bright (colours >= 0.5, background <= 0.4)
+    masks = demo._shape_masks(
+        torch.tensor([0, 1, 2]), torch.full((3,), 20.0), torch.full((3,), 20.0), torch.full((3,), 8.0), 40
+    )
+    areas = masks.float().sum((1, 2))
+    assert abs(areas[0] - 3.1416 * 64) < 15 and abs(areas[1] / areas[0] - 1) < 0.2
+    assert areas[2] < 0.6 * areas[0]
+
+
+def test_odd_shape_mass():
+    heat = torch.ones(16, 16)
+    inside, area = demo.odd_shape_mass(heat, torch.tensor([0, 0, 16, 32]))
+    assert abs(inside - 0.125) < 1e-6 and abs(area - 0.125) < 1e-6
+    peaked = torch.zeros(16, 16)
+    peaked[1, 1] = 1.0
+    inside, _ = demo.odd_shape_mass(peaked, torch.tensor([0, 0, 16, 16]))
+    assert inside > 0.9
+
+
+def test_distractor_range_is_checked():
+    with pytest.raises(ValueError, match="distractors"):
+        demo.make_shapes(2, seed=0, distractors=(0, 9))
+
+
+def test_the_cnn_learns_above_chance_with_a_short_fixed_seed_run():
+    torch.manual_seed(0)
+    train_x, train_y, _ = demo.make_shapes(640, seed=0)
+    test_x, test_y, _ = demo.make_shapes(300, seed=1)
+    model = demo.OddShapeNet()
+    losses = demo.train(model, train_x, train_y, epochs=3, seed=0)
+    assert losses[-1] < losses[0]
+    accuracy = demo.evaluate(model, test_x, test_y)
+    assert accuracy > 0.5, accuracy  # chance is 1/3
+
+
+def test_an_attention_module_fits_the_cnn():
+    names = [s.name for s in attnzoo.list_modules() if s.layout in ("NCHW", "NHWC")]
+    if not names:
+        pytest.skip("no map attention registered yet")
+    for name in names:
+        try:
+            attention = build_nchw(attnzoo.get_spec(name), demo.OddShapeNet.channels, demo.OddShapeNet.grid)
+        except Unsupported:
+            continue
+        model = demo.OddShapeNet(attention)
+        out = model(torch.rand(2, 3, 64, 64))
+        assert out.shape == (2, 3), name
+
+
+def test_demo_command_writes_results_and_picture(tmp_path):
+    names = [s.name for s in attnzoo.list_modules() if s.layout == "NCHW"]
+    if not names:
+        pytest.skip("no map attention registered yet")
+    out, report = tmp_path / "demo.png", tmp_path / "demo.json"
+    proc = attnzoo_cmd(
+        "demo",
+        "--attention",
+        names[0],
+        "--epochs",
+        "1",
+        "--train-size",
+        "64",
+        "--test-size",
+        "32",
+        "--out",
+        str(out),
+        "--json",
+        str(report),
+    )
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads(report.read_text())
+    assert [r["name"] for r in results] == ["none", names[0]]
+    assert all(0 <= r["accuracy"] <= 1 and r["seconds"] > 0 for r in results)
+    assert "test accuracy" in proc.stdout and "demo training" in proc.stderr
+    if out.exists():  # only mechanisms with spatial maps draw a picture
+        assert _png_size(out)[0] > 100
