@@ -7,8 +7,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from tests.conftest import golden_files
-from torch.utils._python_dispatch import TorchDispatchMode
+from tests.conftest import LargestTensor, golden_files
 
 import attnzoo
 import attnzoo._blocked
@@ -18,21 +17,6 @@ from attnzoo.non_local import MODES, _concat_sum
 
 F64 = torch.float64
 SHAPES = {1: (2, 6, 9), 2: (2, 6, 5, 7), 3: (1, 6, 3, 5, 4)}
-
-
-class LargestTensor(TorchDispatchMode):
-    """Records the largest number of elements of any tensor an operator returns."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
 
 
 def randomize(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.conftest import golden_files
-from torch.utils._python_dispatch import TorchDispatchMode
+from tests.conftest import LargestTensor, golden_files
 
 import attnzoo
 import attnzoo._blocked
@@ -14,21 +13,6 @@ from attnzoo._blocked import blocked_attention, global_attention
 from attnzoo.compat import Self_Attn_Channel, Self_Attn_Spatial
 
 F64 = torch.float64
-
-
-class LargestTensor(TorchDispatchMode):
-    """Records the largest number of elements of any tensor an operator returns."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
 
 
 def randomize(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
