@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from attnzoo._blocked import global_attention
 from attnzoo._checks import check_int, check_shape
 from attnzoo._registry import Example, register, register_seed
+from attnzoo.maps import capturing, record_rows
 
 __all__ = ["SpatialSelfAttention", "ChannelSelfAttention", "Self_Attn_Spatial", "Self_Attn_Channel"]
 
@@ -77,6 +78,8 @@ class SpatialSelfAttention(nn.Module):
         bias = torch.cat([self.query_conv.bias, self.key_conv.bias, self.value_conv.bias])  # type: ignore[list-item]
         q, k, v = F.linear(x_t, weight, bias).split([d, d, c], dim=-1)  # (B, N, d), (B, N, d), (B, N, C)
         want_map = return_attention or self.capture_attention
+        if capturing():  # map capture: attention rows of the capture's query points over the map
+            record_rows(self, q.unsqueeze(1), k.unsqueeze(1), grid=(h, w), scale=1.0)
         res = global_attention(q, k, v, scale=1.0, return_weights=want_map)
         out_t, attn = res if isinstance(res, tuple) else (res, None)
         out = out_t.transpose(1, 2).reshape(b, c, h, w)  # (B, C, H, W)
@@ -124,6 +127,8 @@ class ChannelSelfAttention(nn.Module):
         proj = _fused_pointwise(x, [self.query_conv, self.key_conv, self.value_conv, self.x_conv])
         q, k, v, skip = proj.flatten(2).chunk(4, dim=1)  # 4 x (B, C1, N): channels are the tokens
         want_map = return_attention or self.capture_attention
+        if capturing():  # map capture: rows of the channel-to-channel attention
+            record_rows(self, q.unsqueeze(1), k.unsqueeze(1), grid=(self.out_dim,), scale=1.0)
         res = global_attention(q, k, v, scale=1.0, return_weights=want_map)
         out, attn = res if isinstance(res, tuple) else (res, None)
         y = torch.addcmul(skip, self.gamma, out).reshape(b, self.out_dim, h, w)  # (B, C1, H, W)
