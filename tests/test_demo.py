@@ -38,14 +38,12 @@ def test_the_box_holds_the_odd_shape_of_the_labelled_kind():
         assert kind == label, (fill, label)
 
 
-def test_odd_shape_mass():
-    heat = torch.ones(16, 16)
-    inside, area = demo.odd_shape_mass(heat, torch.tensor([0, 0, 16, 32]))
-    assert abs(inside - 0.125) < 1e-6 and abs(area - 0.125) < 1e-6
-    peaked = torch.zeros(16, 16)
-    peaked[1, 1] = 1.0
-    inside, _ = demo.odd_shape_mass(peaked, torch.tensor([0, 0, 16, 16]))
-    assert inside > 0.9
+def test_peak_on_odd_shape():
+    heat = torch.zeros(16, 16)
+    heat[10, 3] = 1.0  # image pixels 40..43, 12..15
+    hit, area = demo.peak_on_odd_shape(heat, torch.tensor([36, 8, 48, 20]))
+    assert hit and abs(area - 144 / 4096) < 1e-9
+    assert not demo.peak_on_odd_shape(heat, torch.tensor([0, 0, 16, 16]))[0]
 
 
 def test_distractor_range_is_checked():

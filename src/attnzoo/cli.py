@@ -647,17 +647,17 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         with torch.no_grad(), capture_maps(model, queries=queries, token_grid=demo.OddShapeNet.grid) as maps:
             model(test_x[:count])
         heats[label] = _first_heatmaps(maps, count)
-    header = ("attention", "params", "test accuracy", "train s", "map mass on odd shape")
+    header = ("attention", "params", "test accuracy", "train s", "map peak on the odd shape")
     rows = []
     for r in results:
-        mass = "-"
+        peak = "-"
         if any(h is not None for h in heats.get(r.name, [])):
             maps_and_boxes = zip(heats[r.name], test_boxes[: len(heats[r.name])], strict=True)
-            pairs = [demo.odd_shape_mass(h, b) for h, b in maps_and_boxes if h is not None]
-            inside = sum(p[0] for p in pairs) / len(pairs)
-            area = sum(p[1] for p in pairs) / len(pairs)
-            mass = f"{inside:.0%} ({inside / area:.1f}x its area)"
-        rows.append((r.name, f"{r.attention_params:,}", f"{r.accuracy:.1%}", f"{r.seconds:.1f}", mass))
+            pairs = [demo.peak_on_odd_shape(h, b) for h, b in maps_and_boxes if h is not None]
+            hits = sum(p[0] for p in pairs)
+            chance = sum(p[1] for p in pairs) / len(pairs)
+            peak = f"{hits}/{len(pairs)} test images (by chance ~{chance:.0%})"
+        rows.append((r.name, f"{r.attention_params:,}", f"{r.accuracy:.1%}", f"{r.seconds:.1f}", peak))
     print(
         f"odd-shape task: {args.train_size} training / {args.test_size} held-out images, "
         f"{args.epochs} epochs, seed {args.seed}; chance {1 / len(demo.KINDS):.1%}"

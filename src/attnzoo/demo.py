@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["KINDS", "make_shapes", "OddShapeNet", "train", "evaluate", "Result", "odd_shape_mass"]
+__all__ = ["KINDS", "make_shapes", "OddShapeNet", "train", "evaluate", "Result", "peak_on_odd_shape"]
 
 KINDS = ("circle", "square", "triangle")
 DISTRACTORS = ("ring", "cross")
@@ -205,14 +205,11 @@ def evaluate(model: nn.Module, images: Tensor, labels: Tensor, batch_size: int =
     return correct / len(images)
 
 
-def odd_shape_mass(heat: Tensor, box: Tensor, size: int = SIZE) -> tuple[float, float]:
-    """Fraction of a non-negative heat map's mass inside the odd shape's box, and the box's area fraction.
-
-    The map is resized to the image first; a ratio above 1 means the map favours the odd shape.
+def peak_on_odd_shape(heat: Tensor, box: Tensor, size: int = SIZE) -> tuple[bool, float]:
+    """Whether a heat map's highest point (resized to the image) lies in the odd shape's box, and
+    the box's share of the image (the chance that a random point does).
     """
-    heat = heat.float().clamp_min(0)
-    heat = F.interpolate(heat[None, None], size=(size, size), mode="bilinear", align_corners=False)[0, 0]
+    heat = F.interpolate(heat.float()[None, None], size=(size, size), mode="bilinear", align_corners=False)
+    y, x = divmod(int(heat.argmax()), size)
     y0, x0, y1, x1 = box.tolist()
-    total = float(heat.sum())
-    inside = float(heat[y0:y1, x0:x1].sum())
-    return (inside / total if total > 0 else 0.0), (y1 - y0) * (x1 - x0) / (size * size)
+    return (y0 <= y < y1 and x0 <= x < x1), (y1 - y0) * (x1 - x0) / (size * size)
