@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN_DIR = Path(os.environ.get("ATTNZOO_GOLDEN", ROOT.parent / "shared" / "golden"))
@@ -41,3 +42,18 @@ def _seed_and_threads() -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     torch.set_num_threads(min(torch.get_num_threads(), 2))
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the largest number of elements of any tensor an operator returns."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out

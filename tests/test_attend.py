@@ -226,3 +226,14 @@ def test_autocast_mixed_dtypes_run_in_autocast_dtype():
         out = attend(q, k, v)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), attend(q.float(), k, v), atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "math"])
+def test_one_dimensional_mask_broadcasts(fused):
+    q, k, v = make(L=5, S=7)
+    keep = torch.rand(7) > 0.3
+    keep[0] = True
+    with attnzoo.fused_attn(fused):
+        out = attend(q, k, v, mask=keep)
+    ref, _ = reference(q, k, v, mask=keep.expand(5, 7))
+    torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)

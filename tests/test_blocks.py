@@ -243,7 +243,7 @@ def test_masks_that_do_not_broadcast_are_rejected():
     with pytest.raises(TypeError, match="bool dtype"):
         block(x, attention_mask=torch.zeros(5, 5))
     cross = cross_attention((None, 8), (None, 6), num_heads=2, key_dim=4)
-    with pytest.raises(ValueError, match=r"padding_mask broadcastable to \(2, 3\), got \(2, 4\)"):
+    with pytest.raises(ValueError, match=r"context_mask broadcastable to \(2, 3\), got \(2, 4\)"):
         cross(x, torch.randn(2, 3, 6), context_mask=torch.ones(2, 4, dtype=torch.bool))
 
 

@@ -48,6 +48,11 @@ from attnzoo.biformer_nchw import nchwBRA as _nchwBRA  # noqa: F401 (registers "
 # --- acmix (issue 7) ---
 from attnzoo.acmix import ACmix
 # --- end acmix ---
+# --- global self-attention (issue 4): SAGAN spatial/channel, non-local ---
+from attnzoo.non_local import NonLocalBlock
+from attnzoo.sagan import ChannelSelfAttention, SpatialSelfAttention
+
+# --- end global self-attention ---
 
 __version__ = "0.1.0"
 
@@ -91,6 +96,11 @@ __all__ = [
     "GeneralAttention",
     "LocationAttention",
     # --- end seq2seq ---
+    # --- global self-attention (issue 4) ---
+    "ChannelSelfAttention",
+    "NonLocalBlock",
+    "SpatialSelfAttention",
+    # --- end global self-attention ---
 ]
 
 # --- gating family (SE, CBAM, SK, dual gated): importing registers them ---

@@ -106,6 +106,8 @@ def check_float(
     """A constructor argument that must be a real number within ``[minimum, maximum]``."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{who}: {name} must be a number, got {type(value).__name__} {value!r}")
+    if value != value:  # NaN passes every comparison below
+        raise ValueError(f"{who}: {name} must be a number, got nan")
     if minimum is not None and value < minimum:
         raise ValueError(f"{who}: {name} must be >= {minimum}, got {value}")
     if maximum is not None and value > maximum:

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from attnzoo._checks import check_float, check_int, check_shape
 from attnzoo._registry import Example, register, register_seed
-from attnzoo.blocks_attention import KerasMultiHeadAttention
+from attnzoo.blocks_attention import KerasMultiHeadAttention, _bool_mask
 
 __all__ = [
     "Add",
@@ -250,8 +250,13 @@ class CrossAttentionBlock(_PrefixedBlock):
     ) -> Tensor:
         """``LayerNorm(x + MHA(x, context, context))``, masks as in the class docstring; ``(B, L, D)``."""
         self._check_x(x)
-        if self.context_len is not None:
-            check_shape(context, type(self).__name__, "B S E", "context", S=self.context_len)
+        who = type(self).__name__
+        if self.context_len is None:
+            dims = check_shape(context, who, "B S E", "context")
+        else:
+            dims = check_shape(context, who, "B S E", "context", S=self.context_len)
+        if context_mask is not None:  # checked here so the message names context_mask
+            _bool_mask(context_mask, (x.shape[0], dims["S"]), who, "context_mask")
         out = self.attention(x, context, attention_mask=attention_mask, padding_mask=context_mask)
         return self._role("norm2")(self._role("add2")(out, x))
 

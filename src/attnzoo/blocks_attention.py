@@ -155,6 +155,8 @@ class KerasMultiHeadAttention(nn.Module):
         q = self.query(query).transpose(1, 2)  # (B, L, h, k) -> (B, h, L, k)
         k = self.key(source).transpose(1, 2)  # (B, S, h, k) -> (B, h, S, k)
         v = self.value(source).transpose(1, 2)  # (B, S, h, e) -> (B, h, S, e)
+        if mask is not None and mask.ndim < 4:  # SDPA rejects 1-D masks: left-pad to (B, h, L, S) rank
+            mask = mask.reshape((1,) * (4 - mask.ndim) + tuple(mask.shape))
         p = self.dropout if self.training else 0.0
         out = attend(q, k, v, mask=mask, causal=causal, dropout_p=p, scale=self.key_dim**-0.5)  # (B, h, L, e)
         if not torch.jit.is_scripting():

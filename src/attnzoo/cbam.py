@@ -73,7 +73,7 @@ class ChannelAttention(nn.Module):
 
     def __init__(self, in_channels: int, reduction: int = 4, batch_first: bool = True) -> None:
         super().__init__()
-        hidden = hidden_width(in_channels, reduction, type(self).__name__)
+        hidden = hidden_width(in_channels, reduction, type(self).__name__, channels_name="in_channels")
         self.in_channels = in_channels
         self.batch_first = bool(batch_first)
         self.sharedMLP = nn.Sequential(
@@ -276,7 +276,7 @@ class CBAtten_Res(nn.Module):  # noqa: N801 (the seed's name)
         check_int(out_channels, "out_channels", who)
         check_choice(kernel_size, KERNEL_SIZES, "kernel_size", who)
         check_int(stride, "stride", who)
-        hidden_width(out_channels, reduction, who)
+        hidden_width(out_channels, reduction, who, channels_name="out_channels")
         self.in_channels, self.out_channels = in_channels, out_channels
         self.batch_first = bool(batch_first)
         self.reduction = reduction

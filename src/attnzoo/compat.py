@@ -47,3 +47,9 @@ from attnzoo.acmix import ACmix  # noqa: E402
 # --- end acmix ---
 
 __all__ += ["ACmix"]  # acmix (issue 7)
+# --- global self-attention (issue 4) ---
+from attnzoo.non_local import NonLocalBlockND  # noqa: E402
+from attnzoo.sagan import Self_Attn_Channel, Self_Attn_Spatial  # noqa: E402
+
+__all__ += ["NonLocalBlockND", "Self_Attn_Channel", "Self_Attn_Spatial"]
+# --- end global self-attention ---

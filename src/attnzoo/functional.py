@@ -240,6 +240,8 @@ def attend(
         if mask is None and bias is None:
             return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal, scale=scale)
         attn_mask, dead = _merge_masks(mask, bias, causal, target, q.dtype, q.device)
+        if attn_mask is not None and attn_mask.ndim < 4:  # SDPA's CPU kernels reject 1-D masks
+            attn_mask = attn_mask.reshape((1,) * (4 - attn_mask.ndim) + tuple(attn_mask.shape))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
         return out if dead is None else out.masked_fill(dead, 0.0)
     return _attend_math(q, k, v, mask, bias, causal, dropout_p, scale, target, return_weights)

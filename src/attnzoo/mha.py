@@ -188,6 +188,8 @@ class MultiHeadAttention(nn.Module):
                 mask = keys if mask is None else mask & keys
             else:
                 mask, bias = keys, mask  # attend takes the float part as bias
+        if mask is not None and mask.ndim < 4:  # SDPA rejects 1-D masks: left-pad to (B, h, L, S) rank
+            mask = mask.reshape((1,) * (4 - mask.ndim) + tuple(mask.shape))
         q, k, v = self._project(query, key, value)
         dropout_p = self.attn_drop if self.training else 0.0
         result = attend(

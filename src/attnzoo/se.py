@@ -21,14 +21,19 @@ from attnzoo.maps import capturing, record
 __all__ = ["SqueezeExcite", "SELayer"]
 
 
-def hidden_width(channels: int, reduction: int, who: str, name: str = "reduction") -> int:
-    """``channels // reduction``, rejecting a reduction that leaves no hidden channel."""
-    check_int(channels, "channels", who)
+def hidden_width(
+    channels: int, reduction: int, who: str, name: str = "reduction", channels_name: str = "channels"
+) -> int:
+    """``channels // reduction``, rejecting a reduction that leaves no hidden channel.
+
+    ``name`` and ``channels_name`` are the caller's argument names, so messages name what was passed.
+    """
+    check_int(channels, channels_name, who)
     check_int(reduction, name, who)
     hidden = channels // reduction
     if hidden < 1:
         raise ValueError(
-            f"{who}: {name}={reduction} leaves zero hidden channels for channels={channels}; "
+            f"{who}: {name}={reduction} leaves zero hidden channels for {channels_name}={channels}; "
             f"expected {name} <= {channels}"
         )
     return hidden

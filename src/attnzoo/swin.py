@@ -40,7 +40,13 @@ __all__ = [
 
 
 def _pair(value: int | Sequence[int], name: str, who: str, minimum: int = 1) -> tuple[int, int]:
-    pair = (value, value) if isinstance(value, int) and not isinstance(value, bool) else tuple(value)  # type: ignore[arg-type]
+    if isinstance(value, int) and not isinstance(value, bool):
+        pair: tuple[object, ...] = (value, value)
+    elif isinstance(value, (tuple, list)):
+        pair = tuple(value)
+    else:
+        kind = type(value).__name__
+        raise TypeError(f"{who}: {name} must be an int or a pair of ints, got {kind} {value!r}")
     if len(pair) != 2:
         raise ValueError(f"{who}: {name} must be an int or a pair of ints, got {value!r}")
     return check_int(pair[0], name, who, minimum=minimum), check_int(pair[1], name, who, minimum=minimum)

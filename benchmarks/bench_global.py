@@ -1,0 +1,184 @@
+"""Global self-attention (SAGAN spatial, non-local) against the seed's algorithm: time, memory, GFLOP/s.
+
+Run from the repository root: ``PYTHONPATH=src python benchmarks/bench_global.py [--quick]``.
+Prints a Markdown section for ``benchmarks/RESULTS.md``. Forward + backward of ``out.sum()``,
+float32, the machine's default thread count; medians of alternating rounds, ratios ours / reference.
+
+The references follow the seed document step by step (full ``N x N`` softmax); timm's
+``NonLocalAttn(use_scale=False)`` computes the same non-local block and joins that comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from machine import gemm_gflops  # noqa: E402
+
+from attnzoo import NonLocalBlock, SpatialSelfAttention  # noqa: E402
+from attnzoo.benchmark import (  # noqa: E402
+    alternate,
+    count_flops,
+    ensure_malloc_env,
+    markdown_table,
+    peak_memory,
+    train_step,
+)
+
+
+class SeedSpatial(nn.Module):
+    """The seed's ``Self_Attn_Spatial`` algorithm: bmm, softmax, bmm with the transposed map."""
+
+    def __init__(self, in_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.query_conv = nn.Conv2d(in_dim, out_dim, 1)
+        self.key_conv = nn.Conv2d(in_dim, out_dim, 1)
+        self.value_conv = nn.Conv2d(in_dim, in_dim, 1)
+        self.gamma = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        b, c, w, h = x.size()
+        query = self.query_conv(x).view(b, -1, w * h).permute(0, 2, 1)  # (B, N, d)
+        key = self.key_conv(x).view(b, -1, w * h)  # (B, d, N)
+        attention = torch.softmax(torch.bmm(query, key), dim=-1)  # (B, N, N)
+        value = self.value_conv(x).view(b, -1, w * h)  # (B, C, N)
+        out = torch.bmm(value, attention.permute(0, 2, 1)).view(b, c, w, h)  # (B, C, W, H)
+        return self.gamma * out + x, attention
+
+
+class SeedNonLocal(nn.Module):
+    """The seed's ``NonLocalBlockND`` algorithm (2-D, no subsampling, BatchNorm on W)."""
+
+    def __init__(self, in_channels: int) -> None:
+        super().__init__()
+        self.inter_channels = c1 = in_channels // 2
+        self.g = nn.Conv2d(in_channels, c1, 1)
+        self.theta = nn.Conv2d(in_channels, c1, 1)
+        self.phi = nn.Conv2d(in_channels, c1, 1)
+        self.W = nn.Sequential(nn.Conv2d(c1, in_channels, 1), nn.BatchNorm2d(in_channels))
+
+    def forward(self, x: Tensor) -> Tensor:
+        b = x.size(0)
+        g_x = self.g(x).view(b, self.inter_channels, -1).permute(0, 2, 1)  # (B, N, C1)
+        theta_x = self.theta(x).view(b, self.inter_channels, -1).permute(0, 2, 1)  # (B, N, C1)
+        phi_x = self.phi(x).view(b, self.inter_channels, -1)  # (B, C1, N)
+        f_div_c = F.softmax(torch.matmul(theta_x, phi_x), dim=-1)  # (B, N, N)
+        y = torch.matmul(f_div_c, g_x).permute(0, 2, 1).contiguous()  # (B, C1, N)
+        y = y.view(b, self.inter_channels, *x.size()[2:])  # (B, C1, H, W)
+        return self.W(y) + x
+
+
+def build(kind: str, shape: tuple[int, ...]) -> nn.Module:
+    """One candidate module with random weights (gamma and the BatchNorm weight non-zero)."""
+    torch.manual_seed(0)
+    c = shape[1]
+    if kind == "seed_sagan":
+        m: nn.Module = SeedSpatial(c, c // 8)
+    elif kind == "sagan":
+        m = SpatialSelfAttention(c, c // 8)
+    elif kind == "seed_nonlocal":
+        m = SeedNonLocal(c)
+    elif kind == "nonlocal":
+        m = NonLocalBlock(c, sub_sample=False)
+    elif kind == "timm_nonlocal":
+        from timm.layers import NonLocalAttn
+
+        m = NonLocalAttn(c, use_scale=False, rd_channels=c // 2)
+    else:
+        raise ValueError(f"unknown candidate {kind!r}")
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name == "gamma" or name.endswith(("1.weight", "norm.weight")):
+                p.fill_(0.5)
+    return m
+
+
+def make_step(kind: str, shape: list[int]) -> Callable[[], object]:
+    """Factory for :func:`peak_memory`: a training step of one candidate."""
+    torch.manual_seed(1)
+    return train_step(build(kind, tuple(shape)), [torch.randn(*shape)])
+
+
+def have_timm() -> bool:
+    try:
+        from timm.layers import NonLocalAttn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="fewer rounds, skip N = 16384")
+    args = parser.parse_args()
+    ensure_malloc_env()
+    here = str(Path(__file__).resolve().parent)  # peak_memory's subprocess imports this file as bench_global
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH", "")) if p)
+    gemm = gemm_gflops()
+    shapes = [(2, 64, 32, 32), (2, 64, 64, 64)] + ([] if args.quick else [(1, 64, 128, 128)])
+    pairs = [
+        ("sagan", "seed_sagan", "SpatialSelfAttention(64, 8)"),
+        ("nonlocal", "seed_nonlocal", "NonLocalBlock(64, sub_sample=False)"),
+    ]
+    rows, flops_rows = [], []
+    for shape in shapes:
+        n = shape[2] * shape[3]
+        rounds = 3 if args.quick else (11 if n <= 4096 else 5)
+        for ours, ref, label in pairs:
+            kinds = [ref, ours] + (["timm_nonlocal"] if ours == "nonlocal" and have_timm() else [])
+            steps = {k: make_step(k, list(shape)) for k in kinds}
+            timing = alternate(steps, rounds=rounds, warmup=1 if n > 4096 else 2)
+            flops = count_flops(steps[ref])
+            memory = {
+                k: peak_memory("bench_global:make_step", {"kind": k, "shape": list(shape)}) for k in kinds
+            }
+            for k in kinds:
+                ms = timing.median(k) * 1e3
+                ratio = timing.ratio(k, ref)
+                rows.append(
+                    [
+                        f"{label if k == ours else k} `{shape}`",
+                        n,
+                        f"{ms:.1f}",
+                        f"{ratio:.2f}",
+                        f"{memory[k] / 2**20:.1f}",
+                        f"{memory[k] / max(memory[ref], 1):.3f}",
+                    ]
+                )
+                flops_rows.append(
+                    [
+                        f"{k} `{shape}`",
+                        f"{flops / 1e9:.2f}",
+                        f"{flops / timing.median(k) / 1e9:.0f}",
+                        f"{flops / timing.median(k) / 1e9 / gemm:.0%}",
+                    ]
+                )
+    print("## Global self-attention: SAGAN spatial, non-local (issue 4)\n")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32 GEMM {gemm:.0f} GFLOP/s "
+        "(benchmarks/machine.py). Forward + backward; ratio and memory relative to the seed's algorithm "
+        "on the same shape.\n"
+    )
+    print(
+        markdown_table(
+            ["candidate `(B, C, H, W)`", "N", "median ms", "time ratio", "peak MiB", "memory ratio"], rows
+        )
+    )
+    print(
+        "\nAchieved rate: the seed algorithm's GEMM FLOPs (QK^T, PV and their gradients, convolutions; "
+        "softmax and recomputation not counted) divided by each candidate's median time.\n"
+    )
+    print(markdown_table(["candidate", "GFLOP per step", "GFLOP/s", "of GEMM rate"], flops_rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,219 @@
+"""Exact global attention without an L x S matrix: a blocked GEMM kernel, and the dispatch to it.
+
+PyTorch's CPU flash kernel (behind ``scaled_dot_product_attention``) needs q, k and v with one head
+dim. SAGAN-style blocks have small queries and keys (d = C/8) but full-width values (e = C), and the
+Gaussian non-local block the reverse; padding q and k up to e multiplies the score FLOPs by e/d.
+:class:`_BlockedAttention` computes ``softmax(scale * q k^T) v`` exactly with large matrix products
+over blocks of rows and recomputes the probabilities in backward (FlashAttention's scheme, with
+blocks sized for a CPU cache instead of a GPU tile):
+
+- forward, per block of queries: ``S = q_blk k^T``, ``P = exp(S - max)`` in place, the row sums
+  ``l``, ``O_blk = P v / l`` and the log-sum-exp ``lse = max + log l`` (saved: O(L) floats);
+- backward, per block of keys, in transposed form so every product is a plain row-major GEMM:
+  ``P^T = exp([k, 1] [q; -lse]^T)`` (the ``-lse`` rides along as one more contraction row),
+  ``dS^T = P^T * ([v, 1] [dO; -D]^T)`` with ``D = rowsum(dO * O)``, then
+  ``dV_blk = P^T dO``, ``dK_blk = dS^T q``, ``dQ^T += k_blk^T dS^T``.
+
+Per block the whole batch goes through one batched GEMM. Only one ``B x rows x S`` score block
+(forward) or two ``B x rows x L`` blocks (backward) exist at a time, about ``_BLOCK_ELEMENTS`` each.
+:func:`global_attention` routes between this kernel, :func:`attnzoo.functional.attend` (fused
+SDPA when the head dims agree; the math path when fusion is switched off or the weights are asked
+for) and nothing else.
+
+Shape letters: B batch (times heads), L queries, S keys, d query/key dim, e value dim.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from attnzoo.functional import attend, fused_enabled
+
+__all__ = ["global_attention", "blocked_attention"]
+
+# Elements of one score block, over the whole batch: 2 Mi floats = 8 MiB in float32 (16 blocks per
+# pass at N = 4096, B = 2). On the 2-core target, 0.25-2 Mi per block ran within noise of each other
+# on one thread; every block costs about seven parallel regions (thread hand-offs), which hurt when
+# the cores are shared, so the larger end wins. Two such blocks live at a time in backward.
+_BLOCK_ELEMENTS = 1 << 21
+
+
+# Largest logit magnitude for which exp() needs no max-shift: float32 exp(40) * 2**31 keys stays
+# finite and exp(-40) is far from denormal; float64 has room for 300.
+_NO_SHIFT = {torch.float32: 40.0, torch.float64: 300.0}
+
+_threads = torch.get_num_threads  # indirection, so tests can pose as a many-core machine
+
+
+def _block_rows(batch: int, length: int) -> int:
+    """Rows per block so that a ``batch x rows x length`` block holds about ``_BLOCK_ELEMENTS``."""
+    rows = max(_BLOCK_ELEMENTS // max(batch * length, 1), 32)
+    return 1 << (rows.bit_length() - 1)  # a power of two keeps the GEMM kernels on their fast paths
+
+
+class _BlockedAttention(torch.autograd.Function):
+    """``softmax(scale * q k^T) v`` for 3-D ``(B, L, d)``, ``(B, S, d)``, ``(B, S, e)`` inputs."""
+
+    @staticmethod
+    def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, scale: float, block: int | None) -> Tensor:
+        batch, length_q, _ = q.shape
+        length_k, dim_v = k.shape[1], v.shape[2]
+        q_s = q * scale if scale != 1.0 else q
+        k_t = k.transpose(1, 2)  # (B, d, S)
+        v_c = v.contiguous()  # (B, S, e): row-major values keep P @ v on MKL's fast path
+        rows = min(block or _block_rows(batch, length_k), length_q)
+        scores_buf = q.new_empty(batch, rows, length_k)  # reused by every block
+        out_buf = q.new_empty(batch, rows, dim_v)
+        out = q.new_empty(batch, length_q, dim_v)
+        lse = q.new_empty(batch, length_q, 1)
+        # |logit| <= max |q_i| * max |k_j|. Within _NO_SHIFT the exponentials can neither overflow nor
+        # underflow to denormals, so the row maxima (two passes over every block) are not needed:
+        # softmax does not depend on the shift.
+        bound = float(q_s.norm(dim=-1).amax() * k.norm(dim=-1).amax()) if q.numel() and k.numel() else 0.0
+        shift = bound > _NO_SHIFT[q.dtype]
+        for start in range(0, length_q, rows):
+            stop = min(start + rows, length_q)
+            s, o = scores_buf[:, : stop - start], out_buf[:, : stop - start]
+            torch.bmm(q_s[:, start:stop], k_t, out=s)  # (B, n, S) logits
+            row_max = s.amax(dim=-1, keepdim=True) if shift else None
+            (s.sub_(row_max) if row_max is not None else s).exp_()
+            row_sum = s.sum(dim=-1, keepdim=True)
+            torch.bmm(s, v_c, out=o)  # (B, n, e), not yet normalised
+            torch.div(o, row_sum, out=out[:, start:stop])
+            lse[:, start:stop] = row_sum.log() if row_max is None else row_max + row_sum.log()
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.scale, ctx.block = scale, block
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor, Tensor, Tensor, None, None]:
+        q, k, v, out, lse = ctx.saved_tensors
+        scale, block = ctx.scale, ctx.block
+        batch, length_q, dim_qk = q.shape
+        length_k, dim_v = k.shape[1], v.shape[2]
+        grad_out = grad_out.contiguous()  # (B, L, e)
+        delta = (grad_out * out).sum(dim=-1, keepdim=True)  # (B, L, 1): rowsum(dO * O)
+        q_s = (q * scale).contiguous()  # (B, L, d)
+        ones = q.new_ones(batch, length_k, 1)
+        q_aug_t = torch.cat([q_s, -lse], dim=-1).transpose(1, 2).contiguous()  # (B, d+1, L)
+        k_aug = torch.cat([k, ones], dim=-1)  # (B, S, d+1)
+        g_aug_t = torch.cat([grad_out, -delta], dim=-1).transpose(1, 2).contiguous()  # (B, e+1, L)
+        v_aug = torch.cat([v, ones], dim=-1)  # (B, S, e+1)
+        k_t = k.transpose(1, 2)  # (B, d, S)
+        grad_q_t = q.new_zeros(batch, dim_qk, length_q)  # (B, d, L), accumulated over key blocks
+        grad_k = k.new_empty(batch, length_k, dim_qk)
+        grad_v = v.new_empty(batch, length_k, dim_v)
+        cols = min(block or _block_rows(batch, length_q), length_k)
+        p_buf, ds_buf = q.new_empty(batch, cols, length_q), q.new_empty(batch, cols, length_q)
+        gv_buf, gk_buf = v.new_empty(batch, cols, dim_v), k.new_empty(batch, cols, dim_qk)
+        for start in range(0, length_k, cols):
+            stop = min(start + cols, length_k)
+            n = stop - start
+            p_t, ds_t = p_buf[:, :n], ds_buf[:, :n]
+            torch.bmm(k_aug[:, start:stop], q_aug_t, out=p_t)  # (B, n, L): logits - lse
+            p_t.exp_()  # P^T block
+            torch.bmm(v_aug[:, start:stop], g_aug_t, out=ds_t)  # (B, n, L): dP^T - D^T
+            ds_t.mul_(p_t)  # dS^T block (gradient of the scaled logits)
+            grad_v[:, start:stop] = torch.bmm(p_t, grad_out, out=gv_buf[:, :n])
+            grad_k[:, start:stop] = torch.bmm(ds_t, q_s, out=gk_buf[:, :n])
+            grad_q_t.baddbmm_(k_t[:, :, start:stop], ds_t)
+        grad_q = grad_q_t.transpose(1, 2)  # (B, L, d)
+        if scale != 1.0:
+            grad_q = grad_q * scale
+        return grad_q, grad_k, grad_v, None, None
+
+
+def blocked_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float, block: int | None = None) -> Tensor:
+    """Exact ``softmax(scale * q k^T) v`` by blocks of rows, recomputed in backward.
+
+    Args:
+        q: Queries; any strides (transposed views of convolution outputs are fine).
+        k: Keys.
+        v: Values; e may differ from d.
+        scale: Multiplies the logits.
+        block: Rows per block (queries in forward, keys in backward). Default: blocks of about
+            ``2**21`` scores over the whole batch (8 MiB in float32), at least 32 rows.
+
+    Returns:
+        The output, contiguous ``(..., L, e)``.
+
+    Shape:
+        - q: ``(..., L, d)``; k: ``(..., S, d)``; v: ``(..., S, e)`` with the same leading dims.
+    """
+    lead = q.shape[:-2]
+    q3 = q.reshape(-1, q.shape[-2], q.shape[-1])  # (B, L, d): leading dims folded
+    k3 = k.reshape(-1, k.shape[-2], k.shape[-1])  # (B, S, d)
+    v3 = v.reshape(-1, v.shape[-2], v.shape[-1])  # (B, S, e)
+    out = _BlockedAttention.apply(q3, k3, v3, float(scale), block)
+    return out.reshape(*lead, q.shape[-2], v.shape[-1])  # (..., L, e)
+
+
+def global_attention(
+    q: Tensor, k: Tensor, v: Tensor, *, scale: float, return_weights: bool = False
+) -> Tensor | tuple[Tensor, Tensor]:
+    """One head of global attention, on the fastest exact path that keeps no ``L x S`` matrix.
+
+    - weights asked for, or fusion switched off (:func:`attnzoo.fused_attn`): ``attend``'s math
+      path, which materialises and returns the ``(B, L, S)`` weights;
+    - float32/float64 on CPU with one width more than twice the other (SAGAN: d = e/8):
+      :func:`blocked_attention` (the CPU flash kernel refuses unequal head dims, and padding q, k
+      up to e would multiply four of its seven products by e/d);
+    - CPU with ``d != e`` otherwise: the narrower of (q, k) and v zero-padded, then SDPA flash;
+    - otherwise: ``attend`` on its fused path (SDPA flash on CPU, the GPU kernels elsewhere).
+
+    Args:
+        q: Queries.
+        k: Keys.
+        v: Values.
+        scale: Multiplies the logits (1.0 for SAGAN and the non-local block).
+        return_weights: Also return the ``(B, L, S)`` attention weights. Default: False.
+
+    Returns:
+        ``(B, L, e)``, or ``(output, weights)`` with ``return_weights``.
+
+    Shape:
+        - q: ``(B, L, d)``; k: ``(B, S, d)``; v: ``(B, S, e)``.
+    """
+    if not return_weights and fused_enabled():
+        dim_qk, dim_v = q.shape[-1], v.shape[-1]
+        small, large = min(dim_qk, dim_v), max(dim_qk, dim_v)
+        blocked_ok = q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64)
+        if small == large or not blocked_ok:
+            return _fused(q, k, v, scale)
+        if large > 2 * small:
+            return blocked_attention(q, k, v, scale=scale)
+        # Widths within 2x: zero-padding the narrower side to the flash kernel's single head dim
+        # costs less than the blocked kernel's lower GEMM efficiency ([q, 0] . [k, 0] = q . k).
+        if dim_qk < dim_v:
+            return _fused(F.pad(q, (0, large - small)), F.pad(k, (0, large - small)), v, scale)
+        return _fused(q, k, F.pad(v, (0, large - small)), scale)[..., :dim_v]
+    # The math path (fusion off, or the weights asked for): one head, (B, 1, L, S) weights.
+    out, weights = attend(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), scale=scale, return_weights=True)
+    return (out.squeeze(1), weights.squeeze(1)) if return_weights else out.squeeze(1)
+
+
+def _fused(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    """``attend`` on SDPA, with the queries split into heads when the batch cannot fill the threads.
+
+    The CPU flash kernel parallelises its backward over batch x heads only, so one image would
+    train on one core; chunks of at least 512 queries, posed as heads over shared (expanded, not
+    copied) keys and values, give every thread a share. Each query row is computed exactly as before.
+    """
+    batch, length_q, dim = q.shape
+    chunks = 1
+    if q.device.type == "cpu" and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        chunks = max(min(_threads() // batch, length_q // 512), 1)
+    rows = -(-length_q // chunks)
+    if chunks > 1 and rows * chunks != length_q:
+        q = F.pad(q, (0, 0, 0, rows * chunks - length_q))  # padded queries are computed, then dropped
+    q4 = q.reshape(batch, chunks, rows, dim)  # (B, chunks, rows, d): query chunks as heads
+    k4 = k.unsqueeze(1).expand(-1, chunks, -1, -1)  # (B, chunks, S, d), no copy
+    v4 = v.unsqueeze(1).expand(-1, chunks, -1, -1)  # (B, chunks, S, e)
+    # SDPA's fused kernels need the last dim contiguous, or they silently take the math path.
+    q4, k4, v4 = (t if t.stride(-1) == 1 else t.contiguous() for t in (q4, k4, v4))
+    out = attend(q4, k4, v4, scale=scale)  # (B, chunks, rows, e)
+    return out.reshape(batch, chunks * rows, -1)[:, :length_q]  # (B, L, e)
