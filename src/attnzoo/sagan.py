@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from attnzoo._blocked import global_attention
 from attnzoo._checks import check_int, check_shape
 from attnzoo._registry import Example, register, register_seed
+from attnzoo.maps import capturing, record_rows
 
 __all__ = ["SpatialSelfAttention", "ChannelSelfAttention", "Self_Attn_Spatial", "Self_Attn_Channel"]
 
@@ -78,6 +79,9 @@ class SpatialSelfAttention(nn.Module):
         q, k, v = F.linear(x_t, weight, bias).split([d, d, c], dim=-1)  # (B, N, d), (B, N, d), (B, N, C)
         want_map = return_attention or self.capture_attention
         res = global_attention(q, k, v, scale=1.0, return_weights=want_map)
+        if not torch.jit.is_scripting():
+            if capturing():  # map capture: rows of the capture's query points
+                record_rows(self, q.unsqueeze(1), k.unsqueeze(1), grid=(h, w), scale=1.0)
         out_t, attn = res if isinstance(res, tuple) else (res, None)
         out = out_t.transpose(1, 2).reshape(b, c, h, w)  # (B, C, H, W)
         y = torch.addcmul(x, self.gamma, out)  # gamma * out + x
