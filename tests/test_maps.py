@@ -396,3 +396,38 @@ def test_global_attention_rows_match_the_full_map(name, kwargs, shape, key_grid)
     rec = records[0]
     assert rec.kind == "rows" and rec.grid == key_grid
     torch.testing.assert_close(rec.data[:, 0], full[:, rec.queries], atol=1e-5, rtol=1e-4)
+def test_sagan_rows_equal_its_attention_map():
+    sagan = _create("sagan", in_dim=8, out_dim=2)
+    x = torch.randn(2, 8, 5, 6, dtype=torch.float64)
+    _, full = sagan(x, return_attention=True)  # (B, N, N)
+    with capture_maps(sagan) as maps:
+        sagan(x)
+    rows = _only(maps, "rows")
+    assert rows.grid == (5, 6) and rows.query_grid == (5, 6)
+    torch.testing.assert_close(rows.data[:, 0], full[:, rows.queries], atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "mode, dimension, shape",
+    [
+        ("embedded_gaussian", 2, (2, 4, 6, 5)),
+        ("gaussian", 2, (1, 4, 4, 4)),
+        ("dot_product", 3, (1, 4, 3, 4, 4)),
+        ("concatenation", 1, (2, 4, 8)),
+    ],
+)
+def test_nonlocal_rows_equal_its_attention_map(mode, dimension, shape):
+    block = _create("nonlocal", in_channels=4, inter_channels=2, mode=mode, dimension=dimension)
+    x = torch.randn(*shape, dtype=torch.float64)
+    _, full = block(x, return_attention=True)  # (B, N, N')
+    with capture_maps(block) as maps:
+        block(x)
+    rows = _only(maps, "rows")
+    spatial = shape[2:]
+    pooled = (
+        spatial[:-2] + (spatial[-2] // 2, spatial[-1] // 2)
+        if dimension == 3
+        else tuple(s // 2 for s in spatial)
+    )
+    assert rows.query_grid == spatial and rows.grid == pooled
+    torch.testing.assert_close(rows.data[:, 0], full[:, rows.queries], atol=1e-12, rtol=1e-12)

@@ -24,8 +24,9 @@ from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx
 
 from attnzoo._checks import check_divisible, check_int, check_shape
+from attnzoo._maprows import record_local_rows
 from attnzoo._registry import Example, register, register_seed
-from attnzoo.maps import capturing, record_local_rows
+from attnzoo.maps import capturing
 
 __all__ = ["ACmix", "neighbourhood_attention", "reflect_pad"]
 

@@ -22,9 +22,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnzoo._checks import check_choice, check_float, check_int, check_shape
+from attnzoo._maprows import record_routed_rows
 from attnzoo._registry import Example, register, register_seed
 from attnzoo.functional import attend
-from attnzoo.maps import capturing, record, record_routed_rows
+from attnzoo.maps import capturing, record
 
 __all__ = ["BiLevelRoutingAttention", "LegacyBiLevelRoutingAttention"]
 

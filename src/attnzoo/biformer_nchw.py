@@ -17,9 +17,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnzoo._checks import check_choice, check_float, check_int, check_shape
+from attnzoo._maprows import record_routed_rows
 from attnzoo._registry import Example, register, register_seed
 from attnzoo.biformer import _merge, _routed_attention, _side_conv, _to_windows
-from attnzoo.maps import capturing, record, record_routed_rows
+from attnzoo.maps import capturing, record
 
 __all__ = ["nchwBRA"]
 

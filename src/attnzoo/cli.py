@@ -8,38 +8,26 @@ extra ``attnzoo[plots]`` (matplotlib), imported only when a picture is asked for
 from __future__ import annotations
 
 import argparse
-import csv
-import functools
-import gc
 import importlib.resources
 import inspect
-import io
-import json
 import os
-import subprocess
 import sys
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 import attnzoo
-from attnzoo._build import Built, Unsupported, build, build_nchw, parse_shape
-from attnzoo._registry import Spec, get_spec, list_modules
+from attnzoo import _bench, demo
+from attnzoo._bench import BENCH_INPUT, BENCH_ROUNDS, DTYPES, count_step_flops, param_count
+from attnzoo._build import Unsupported, build, build_nchw, parse_shape
+from attnzoo._console import CLIError, emit, reason, si, table
+from attnzoo._registry import get_spec, list_modules
 
 __all__ = ["main", "build_parser", "CLIError", "sample_image"]
 
 LIST_INPUT = "1x64x32x32"
-BENCH_INPUT = "2x64x56x56"
-BENCH_ROUNDS = 5
-DEMO_ATTENTION = ("cbam", "sagan", "bra")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
-
-
-class CLIError(Exception):
-    """A user error: printed as one line, exit code 2."""
 
 
 def sample_image() -> str:
@@ -49,139 +37,6 @@ def sample_image() -> str:
 
 # ---------------------------------------------------------------------------------------------
 # Output helpers
-
-
-class Progress:
-    """A progress bar on stderr: redrawn in place on a terminal, a line every few seconds otherwise."""
-
-    def __init__(self, total: int, label: str, stream: Any = None) -> None:
-        self.total, self.label, self.done = max(total, 1), label, 0
-        self.stream = stream if stream is not None else sys.stderr
-        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        self.start = self.last = time.perf_counter()
-        self._draw("")
-
-    def advance(self, steps: int = 1, note: str = "") -> None:
-        if steps <= 0 or self.done == self.total:
-            return
-        self.done = min(self.done + steps, self.total)
-        now = time.perf_counter()
-        if self.tty or now - self.last >= 5 or self.done == self.total:
-            self.last = now
-            self._draw(note)
-
-    def _draw(self, note: str) -> None:
-        width = 24
-        filled = int(width * self.done / self.total)
-        bar = "#" * filled + "." * (width - filled)
-        text = (
-            f"{self.label} [{bar}] {self.done}/{self.total} {time.perf_counter() - self.start:5.0f}s {note}"
-        )
-        if self.tty:
-            self.stream.write("\r" + text[:110].ljust(110))
-        else:
-            self.stream.write(text.rstrip() + "\n")
-        self.stream.flush()
-
-    def close(self) -> None:
-        if self.tty:
-            self.stream.write("\n")
-            self.stream.flush()
-
-
-def _si(value: float | None, digits: int = 3) -> str:
-    if value is None:
-        return "-"
-    for scale, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")):
-        if abs(value) >= scale:
-            return f"{value / scale:.{digits}g}{suffix}"
-    return f"{value:.{digits}g}"
-
-
-def _num(value: float | None) -> str:
-    """A measurement with about 3 significant digits, never in exponent form."""
-    if value is None:
-        return "-"
-    if value >= 100:
-        return f"{value:.0f}"
-    if value >= 10:
-        return f"{value:.1f}"
-    return f"{value:.2f}" if value >= 0.01 else "<0.01"
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    cells = [[str(c) for c in row] for row in rows]
-    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(header)]
-    lines = [
-        "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=False)).rstrip(),
-        "  ".join("-" * w for w in widths),
-    ]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)).rstrip() for row in cells]
-    return "\n".join(lines)
-
-
-def _emit(
-    rows: list[dict[str, Any]], fmt: str, output: str | None, table: str, extra: dict[str, Any]
-) -> None:
-    """Print ``table`` (or CSV/JSON of ``rows``); with ``output``, write the chosen format there."""
-    if fmt == "csv":
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["name"], lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-        text = buf.getvalue()
-    elif fmt == "json":
-        text = json.dumps({**extra, "results": rows}, indent=2) + "\n"
-    else:
-        text = table + "\n"
-    if output is None:
-        sys.stdout.write(text)
-        return
-    try:
-        with open(output, "w") as f:
-            f.write(text)
-    except OSError as err:
-        raise OSError(f"cannot write {output!r}: {err.strerror or err}") from None
-    if fmt != "table":
-        sys.stdout.write(table + "\n")
-    print(f"wrote {output}")
-
-
-def _reason(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
-
-
-def _resolve(names: Sequence[str]) -> list[Spec]:
-    specs: list[Spec] = []
-    for raw in names:
-        for name in (n for n in raw.split(",") if n):
-            spec = get_spec(name)
-            if spec not in specs:
-                specs.append(spec)
-    return specs
-
-
-def _params(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
-def _step(built: Built, mode: str) -> Callable[[], object]:
-    from attnzoo.benchmark import forward_step, train_step
-
-    if mode == "train":
-        built.module.train()
-        return train_step(built.module, built.inputs)
-    built.module.eval()
-    return forward_step(built.module, built.inputs)
-
-
-def _flops(spec: Spec, shape: tuple[int, ...], mode: str) -> int:
-    """FLOPs of one step: counted on one sample (math attention path), times the batch."""
-    from attnzoo.benchmark import count_flops
-
-    one = build(spec, shape, batch=1)
-    return count_flops(_step(one, mode)) * shape[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,10 +66,10 @@ def _cmd_list(args: argparse.Namespace) -> int:
         try:
             built = build(spec, shape)
             row["input"] = built.input_note
-            row["params"] = _params(built.module)
-            row["flops"] = _flops(spec, shape, "fwd")
+            row["params"] = param_count(built.module)
+            row["flops"] = count_step_flops(spec, shape, "fwd")
         except (ValueError, TypeError, RuntimeError) as err:
-            row["note"] = _reason(err)
+            row["note"] = reason(err)
         rows.append(row)
     header = ("name", "seed name", "family", "paper", "year", "input", "params", "FLOPs")
     table_rows = [
@@ -225,19 +80,19 @@ def _cmd_list(args: argparse.Namespace) -> int:
             _short(r["paper"], 44),
             r["year"],
             r["input"] or "-",
-            _si(r["params"]),
-            _si(r["flops"]),
+            si(r["params"]),
+            si(r["flops"]),
         )
         for r in rows
     ]
     notes = [f"  {r['name']}: cannot take {args.input}: {r['note']}" for r in rows if r["note"]]
     text = (
         f"{len(rows)} mechanisms; params and forward FLOPs at input {args.input} (B x C x H x W, converted "
-        f"to each layout; SEQ2SEQ: one query against the H*W tokens)\n" + _table(header, table_rows)
+        f"to each layout; SEQ2SEQ: one query against the H*W tokens)\n" + table(header, table_rows)
     )
     if notes:
         text += "\n\n" + "\n".join(notes)
-    _emit(rows, args.format, args.output, text, {"input": args.input})
+    emit(rows, args.format, args.output, text, {"input": args.input})
     return 0
 
 
@@ -279,233 +134,14 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(f"at input {args.input}: {spec.cls.__name__}({args_text})")
     print(f"  input  {' + '.join(str(tuple(x.shape)) for x in built.inputs)}")
     print(f"  output {out_shape}")
-    print(f"  parameters {_params(built.module):,}")
-    fwd, train = _flops(spec, shape, "fwd"), _flops(spec, shape, "train")
-    print(f"  FLOPs forward {_si(fwd)} ({fwd:,}), forward+backward {_si(train)} ({train:,})")
+    print(f"  parameters {param_count(built.module):,}")
+    fwd, train = count_step_flops(spec, shape, "fwd"), count_step_flops(spec, shape, "train")
+    print(f"  FLOPs forward {si(fwd)} ({fwd:,}), forward+backward {si(train)} ({train:,})")
     return 0
 
 
 # ---------------------------------------------------------------------------------------------
 # attnzoo bench
-
-
-def _keep_freed_memory() -> bool:
-    """Keep freed large buffers in the process (glibc ``mallopt``), as ``benchmark.MALLOC_ENV`` does
-    for scripts: otherwise each step page-faults them back and timings get 2-3x outliers."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        return bool(libc.mallopt(m_mmap_threshold, 2**31 - 1)) and bool(
-            libc.mallopt(m_trim_threshold, 2**31 - 1)
-        )
-    except (OSError, AttributeError):
-        return False
-
-
-def memory_step(name: str, shape: list[int], mode: str, dtype: str) -> Callable[[], object]:
-    """Factory for :func:`attnzoo.benchmark.peak_memory`: one bench step of ``name``."""
-    return _step(build(get_spec(name), tuple(shape), dtype=DTYPES[dtype]), mode)
-
-
-_MEMORY_CHILD = r"""
-import gc, json, sys
-from attnzoo.cli import memory_step
-
-def status(key):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(key + " not in /proc/self/status")
-
-job = json.loads(sys.argv[1])
-for name in job["names"]:
-    try:
-        step = memory_step(name, job["shape"], job["mode"], job["dtype"])
-        step()
-        gc.collect()
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        base = status("VmRSS")
-        step()
-        report = {"name": name, "bytes": max(status("VmHWM") - base, 0)}
-    except Exception as err:
-        report = {"name": name, "error": str(err).splitlines()[0] if str(err) else type(err).__name__}
-    step = None
-    gc.collect()
-    print(json.dumps(report), flush=True)
-"""
-
-
-def _memory_shared(
-    names: list[str], shape: tuple[int, ...], mode: str, dtype: str, progress: Progress
-) -> dict[str, int | None]:
-    """Peak memory of each step, all measured one after another in one fresh subprocess."""
-    from attnzoo.benchmark import MEASURE_ENV
-
-    env = {**os.environ, **MEASURE_ENV}
-    src = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH", "")) if p)
-    job = json.dumps({"names": names, "shape": list(shape), "mode": mode, "dtype": dtype})
-    result: dict[str, int | None] = {n: None for n in names}
-    with subprocess.Popen(
-        [sys.executable, "-c", _MEMORY_CHILD, job],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    ) as proc:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            report = json.loads(line)
-            result[report["name"]] = report.get("bytes")
-            progress.advance(note=f"memory {report['name']}")
-        proc.wait()
-    return result
-
-
-def _memory_fresh(
-    names: list[str], shape: tuple[int, ...], mode: str, dtype: str, progress: Progress
-) -> dict[str, int | None]:
-    """Peak memory of each step, each in its own fresh subprocess (attnzoo.benchmark.peak_memory)."""
-    from attnzoo.benchmark import peak_memory
-
-    result: dict[str, int | None] = {}
-    for name in names:
-        try:
-            result[name] = peak_memory(
-                "attnzoo.cli:memory_step", {"name": name, "shape": list(shape), "mode": mode, "dtype": dtype}
-            )
-        except RuntimeError:
-            result[name] = None
-        progress.advance(note=f"memory {name}")
-    return result
-
-
-def _cmd_bench(args: argparse.Namespace) -> int:
-    from attnzoo.benchmark import alternate
-
-    shape = parse_shape(args.input)
-    dtype = DTYPES[args.dtype]
-    if args.rounds < 1:
-        raise CLIError(f"--rounds expects a positive count, got {args.rounds}")
-    specs = _resolve(args.names) if args.names else list_modules()
-    if args.plot:
-        from attnzoo._plots import pyplot
-
-        pyplot("--plot")  # fail now, not after the measurements
-    kept = _keep_freed_memory()
-    memory_steps = len(specs) if args.memory != "off" else 0
-    progress = Progress(len(specs) + args.rounds + memory_steps, f"bench {args.input} {args.mode}")
-    rows: dict[str, dict[str, Any]] = {}
-    steps: dict[str, Callable[[], object]] = {}
-    for spec in specs:
-        row: dict[str, Any] = {
-            "name": spec.name,
-            "family": spec.family,
-            "layout": spec.layout,
-            "input": "",
-            "params": None,
-            "flops": None,
-            "latency_ms": None,
-            "gflops_per_s": None,
-            "peak_mb": None,
-            "status": "ok",
-            "reason": "",
-        }
-        rows[spec.name] = row
-        try:
-            built = build(spec, shape, dtype=dtype)
-            row["input"], row["params"] = built.input_note, _params(built.module)
-            row["flops"] = _flops(spec, shape, args.mode)
-            step = _step(built, args.mode)
-            step()  # the first call also tells whether the full input runs
-            steps[spec.name] = step
-        except (ValueError, TypeError, RuntimeError, NotImplementedError) as err:
-            row["status"], row["reason"] = "skipped", _reason(err)
-        progress.advance(note=spec.name)
-    if steps:
-        timing = alternate(
-            steps, rounds=args.rounds, warmup=1, progress=lambda r, n: progress.advance(note="timing")
-        )
-        for name in steps:
-            row = rows[name]
-            seconds = timing.median(name)
-            row["latency_ms"] = seconds * 1e3
-            row["gflops_per_s"] = row["flops"] / seconds / 1e9 if row["flops"] else None
-    else:
-        progress.advance(args.rounds)
-    names = list(steps)
-    del steps
-    gc.collect()
-    if args.memory != "off":
-        measure = _memory_shared if args.memory == "shared" else _memory_fresh
-        skipped = len(specs) - len(names)
-        progress.advance(skipped)
-        for name, size in measure(names, shape, args.mode, args.dtype, progress).items():
-            rows[name]["peak_mb"] = None if size is None else size / 2**20
-    progress.close()
-    results = list(rows.values())
-    memory_note = {
-        "shared": "peak memory: each step measured in one fresh subprocess, one after another",
-        "fresh": "peak memory: each step in its own fresh subprocess",
-        "off": "peak memory: not measured",
-    }[args.memory]
-    title = (
-        f"attnzoo bench: input {args.input}, {args.mode}, {args.dtype}, {torch.get_num_threads()} threads, "
-        f"median of {args.rounds} alternating rounds"
-    )
-    text = _bench_table(title, results, memory_note, kept)
-    extra = {
-        "input": args.input,
-        "mode": args.mode,
-        "dtype": args.dtype,
-        "rounds": args.rounds,
-        "threads": torch.get_num_threads(),
-        "memory": args.memory,
-    }
-    _emit(results, args.format, args.output, text, extra)
-    if args.plot:
-        from attnzoo._plots import bench_chart
-
-        bench_chart(results, args.plot, title=title)
-        print(f"wrote {args.plot}")
-    return 0
-
-
-def _bench_table(title: str, rows: list[dict[str, Any]], memory_note: str, kept: bool) -> str:
-    done = sorted((r for r in rows if r["status"] == "ok"), key=lambda r: r["latency_ms"])
-    header = ("name", "input", "params", "FLOPs", "latency ms", "GFLOP/s", "peak MB")
-    body = [
-        (
-            r["name"],
-            r["input"],
-            _si(r["params"]),
-            _si(r["flops"]),
-            _num(r["latency_ms"]),
-            _num(r["gflops_per_s"]),
-            _num(r["peak_mb"]),
-        )
-        for r in done
-    ]
-    lines = [
-        title,
-        _table(header, body),
-        "",
-        "FLOPs: one sample counted on the math attention path, times the batch; " + memory_note + ".",
-    ]
-    if not kept:
-        lines.append(
-            "note: could not keep freed memory in the process (not glibc); timings may show outliers."
-        )
-    skipped = [r for r in rows if r["status"] != "ok"]
-    if skipped:
-        lines.append("cannot take this input:")
-        lines += [f"  {r['name']}: {r['reason']}" for r in skipped]
-    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -583,121 +219,6 @@ def _cmd_maps(args: argparse.Namespace) -> int:
 # attnzoo demo
 
 
-def _default_demo_names() -> list[str]:
-    registered = {s.name for s in list_modules()}
-    names = [n for n in DEMO_ATTENTION if n in registered]
-    return names or [s.name for s in list_modules() if s.layout == "NCHW"][:2]
-
-
-def _cmd_demo(args: argparse.Namespace) -> int:
-    from attnzoo import demo
-    from attnzoo.maps import capture_maps
-
-    specs = _resolve(args.attention) if args.attention else [get_spec(n) for n in _default_demo_names()]
-    for value, flag in (
-        (args.epochs, "--epochs"),
-        (args.train_size, "--train-size"),
-        (args.test_size, "--test-size"),
-    ):
-        if value < 1:
-            raise CLIError(f"{flag} expects a positive count, got {value}")
-    attentions: list[tuple[str, nn.Module | None]] = [("none", None)]
-    for spec in specs:
-        try:
-            attentions.append(
-                (
-                    spec.name,
-                    build_nchw(spec, demo.OddShapeNet.channels, demo.OddShapeNet.grid, seed=args.seed),
-                )
-            )
-        except Unsupported as err:
-            raise CLIError(f"{spec.name} cannot run inside the demo's CNN: {err}") from None
-    train_x, train_y, _ = demo.make_shapes(args.train_size, seed=args.seed)
-    test_x, test_y, test_boxes = demo.make_shapes(args.test_size, seed=args.seed + 10_000)
-    batches = (args.train_size + args.batch_size - 1) // args.batch_size
-    progress = Progress(len(attentions) * args.epochs * batches, "demo training")
-    results, models = [], {}
-    for label, attention in attentions:
-        torch.manual_seed(args.seed)
-        model = demo.OddShapeNet(attention)
-        start = time.perf_counter()
-        losses = demo.train(
-            model,
-            train_x,
-            train_y,
-            epochs=args.epochs,
-            batch_size=args.batch_size,
-            seed=args.seed,
-            step=functools.partial(progress.advance, note=label),
-        )
-        seconds = time.perf_counter() - start
-        accuracy = demo.evaluate(model, test_x, test_y)
-        params = 0 if attention is None else _params(attention)
-        results.append(demo.Result(label, accuracy, seconds, params, losses))
-        models[label] = model
-    progress.close()
-    # Where the attention looks: the maps of the trained models over the test images.
-    queries = [((i + 0.5) / 4, (j + 0.5) / 4) for i in range(4) for j in range(4)]
-    count = min(args.test_size, 64)
-    heats: dict[str, list[Tensor | None]] = {}
-    for label, model in models.items():
-        if label == "none":
-            continue
-        model.eval()
-        with torch.no_grad(), capture_maps(model, queries=queries, token_grid=demo.OddShapeNet.grid) as maps:
-            model(test_x[:count])
-        heats[label] = _first_heatmaps(maps, count)
-    header = ("attention", "params", "test accuracy", "train s", "map mass on odd shape")
-    rows = []
-    for r in results:
-        mass = "-"
-        if any(h is not None for h in heats.get(r.name, [])):
-            maps_and_boxes = zip(heats[r.name], test_boxes[: len(heats[r.name])], strict=True)
-            pairs = [demo.odd_shape_mass(h, b) for h, b in maps_and_boxes if h is not None]
-            inside = sum(p[0] for p in pairs) / len(pairs)
-            area = sum(p[1] for p in pairs) / len(pairs)
-            mass = f"{inside:.0%} ({inside / area:.1f}x its area)"
-        rows.append((r.name, f"{r.attention_params:,}", f"{r.accuracy:.1%}", f"{r.seconds:.1f}", mass))
-    print(
-        f"odd-shape task: {args.train_size} training / {args.test_size} held-out images, "
-        f"{args.epochs} epochs, seed {args.seed}; chance {1 / len(demo.KINDS):.1%}"
-    )
-    print(_table(header, rows))
-    shown = [(label, h[:8]) for label, h in heats.items() if any(x is not None for x in h)]
-    if shown and args.out:
-        try:
-            from attnzoo._plots import grid_figure
-
-            grid_figure(
-                list(test_x[:8]),
-                shown,
-                args.out,
-                title="attention of the trained models (odd shape = circle, square or triangle)",
-            )
-            print(f"wrote {args.out}")
-        except ImportError as err:
-            print(f"no picture: {err}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump([r.__dict__ for r in results], f, indent=2)
-        print(f"wrote {args.json}")
-    return 0
-
-
-def _first_heatmaps(maps: dict[str, list[Any]], count: int) -> list[Tensor | None]:
-    """Per image, a summary heat map (see ``_plots.heatmap``): of the first spatial gate recorded,
-    else of the first attention rows (the attention each position receives), else of the routing."""
-    from attnzoo._plots import heatmap
-    from attnzoo.demo import OddShapeNet
-
-    for kind in ("spatial", "rows", "routing"):
-        for records in maps.values():
-            for m in records:
-                if m.kind == kind and heatmap(m, OddShapeNet.grid) is not None:
-                    return [heatmap(m, OddShapeNet.grid, sample=i) for i in range(count)]
-    return [None] * count
-
-
 # ---------------------------------------------------------------------------------------------
 # The parser
 
@@ -743,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", help="registry name, alias or seed class name")
     p.add_argument("--input", default=LIST_INPUT, help=f"BxCxHxW, BxLxC or BxCxTxHxW (default {LIST_INPUT})")
 
-    p = add("bench", "time mechanisms on one input: parameters, FLOPs, latency, memory, GFLOP/s", _cmd_bench)
+    p = add("bench", "time mechanisms on one input: parameters, FLOPs, latency, memory, GFLOP/s", _bench.run)
     p.add_argument("names", nargs="*", help="mechanisms (default: all that accept the input)")
     p.add_argument(
         "--input", default=BENCH_INPUT, help=f"BxCxHxW, BxLxC or BxCxTxHxW (default {BENCH_INPUT})"
@@ -779,13 +300,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0)
 
-    p = add("demo", "train a small CNN with and without attention on a generated odd-shape task", _cmd_demo)
+    p = add("demo", "train a small CNN with and without attention on a generated odd-shape task", demo.run)
     p.add_argument(
         "--attention",
         nargs="+",
         default=None,
         metavar="NAME",
-        help=f"mechanisms to compare with no attention (default: {', '.join(DEMO_ATTENTION)})",
+        help=f"mechanisms to compare with no attention (default: {', '.join(demo.DEFAULT_ATTENTION)})",
     )
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--train-size", type=int, default=1500)
@@ -813,7 +334,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CLIError, ValueError, TypeError, OSError, ImportError, RuntimeError) as err:
         if debug:
             raise
-        print(f"attnzoo: error: {_reason(err)}", file=sys.stderr)
+        print(f"attnzoo: error: {reason(err)}", file=sys.stderr)
         return 2
 
 

@@ -10,18 +10,28 @@ accuracy, training time, and how much of each attention map falls on the odd sha
 
 from __future__ import annotations
 
+import argparse
+import functools
+import json
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["KINDS", "make_shapes", "OddShapeNet", "train", "evaluate", "Result", "odd_shape_mass"]
+from attnzoo._build import Unsupported, build_nchw
+from attnzoo._console import CLIError, Progress, resolve, table
+from attnzoo._registry import get_spec, list_modules
+
+__all__ = ["KINDS", "make_shapes", "OddShapeNet", "train", "evaluate", "Result", "peak_on_odd_shape", "run"]
 
 KINDS = ("circle", "square", "triangle")
 DISTRACTORS = ("ring", "cross")
+DEFAULT_ATTENTION = ("cbam", "sagan", "bra")  # those registered are compared with no attention
 SIZE = 64
 
 
@@ -205,14 +215,129 @@ def evaluate(model: nn.Module, images: Tensor, labels: Tensor, batch_size: int =
     return correct / len(images)
 
 
-def odd_shape_mass(heat: Tensor, box: Tensor, size: int = SIZE) -> tuple[float, float]:
-    """Fraction of a non-negative heat map's mass inside the odd shape's box, and the box's area fraction.
-
-    The map is resized to the image first; a ratio above 1 means the map favours the odd shape.
+def peak_on_odd_shape(heat: Tensor, box: Tensor, size: int = SIZE) -> tuple[bool, float]:
+    """Whether a heat map's highest point (resized to the image) lies in the odd shape's box, and
+    the box's share of the image (the chance that a random point does).
     """
-    heat = heat.float().clamp_min(0)
-    heat = F.interpolate(heat[None, None], size=(size, size), mode="bilinear", align_corners=False)[0, 0]
+    heat = F.interpolate(heat.float()[None, None], size=(size, size), mode="bilinear", align_corners=False)
+    y, x = divmod(int(heat.argmax()), size)
     y0, x0, y1, x1 = box.tolist()
-    total = float(heat.sum())
-    inside = float(heat[y0:y1, x0:x1].sum())
-    return (inside / total if total > 0 else 0.0), (y1 - y0) * (x1 - x0) / (size * size)
+    return (y0 <= y < y1 and x0 <= x < x1), (y1 - y0) * (x1 - x0) / (size * size)
+
+
+# ---------------------------------------------------------------------------------------------
+# attnzoo demo
+
+
+def _default_names() -> list[str]:
+    registered = {s.name for s in list_modules()}
+    names = [n for n in DEFAULT_ATTENTION if n in registered]
+    return names or [s.name for s in list_modules() if s.layout == "NCHW"][:2]
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``attnzoo demo`` with parsed arguments (see :func:`attnzoo.cli.build_parser`)."""
+    from attnzoo.maps import capture_maps
+
+    specs = resolve(args.attention) if args.attention else [get_spec(n) for n in _default_names()]
+    for value, flag in (
+        (args.epochs, "--epochs"),
+        (args.train_size, "--train-size"),
+        (args.test_size, "--test-size"),
+    ):
+        if value < 1:
+            raise CLIError(f"{flag} expects a positive count, got {value}")
+    attentions: list[tuple[str, nn.Module | None]] = [("none", None)]
+    for spec in specs:
+        try:
+            attentions.append(
+                (
+                    spec.name,
+                    build_nchw(spec, OddShapeNet.channels, OddShapeNet.grid, seed=args.seed),
+                )
+            )
+        except Unsupported as err:
+            raise CLIError(f"{spec.name} cannot run inside the demo's CNN: {err}") from None
+    train_x, train_y, _ = make_shapes(args.train_size, seed=args.seed)
+    test_x, test_y, test_boxes = make_shapes(args.test_size, seed=args.seed + 10_000)
+    batches = (args.train_size + args.batch_size - 1) // args.batch_size
+    progress = Progress(len(attentions) * args.epochs * batches, "demo training")
+    results, models = [], {}
+    for label, attention in attentions:
+        torch.manual_seed(args.seed)
+        model = OddShapeNet(attention)
+        start = time.perf_counter()
+        losses = train(
+            model,
+            train_x,
+            train_y,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            step=functools.partial(progress.advance, note=label),
+        )
+        seconds = time.perf_counter() - start
+        accuracy = evaluate(model, test_x, test_y)
+        params = 0 if attention is None else sum(p.numel() for p in attention.parameters())
+        results.append(Result(label, accuracy, seconds, params, losses))
+        models[label] = model
+    progress.close()
+    # Where the attention looks: the maps of the trained models over the test images.
+    queries = [((i + 0.5) / 4, (j + 0.5) / 4) for i in range(4) for j in range(4)]
+    count = min(args.test_size, 64)
+    heats: dict[str, list[Tensor | None]] = {}
+    for label, model in models.items():
+        if label == "none":
+            continue
+        model.eval()
+        with torch.no_grad(), capture_maps(model, queries=queries, token_grid=OddShapeNet.grid) as maps:
+            model(test_x[:count])
+        heats[label] = _first_heatmaps(maps, count)
+    header = ("attention", "params", "test accuracy", "train s", "map peak on the odd shape")
+    rows = []
+    for r in results:
+        peak = "-"
+        if any(h is not None for h in heats.get(r.name, [])):
+            maps_and_boxes = zip(heats[r.name], test_boxes[: len(heats[r.name])], strict=True)
+            pairs = [peak_on_odd_shape(h, b) for h, b in maps_and_boxes if h is not None]
+            hits = sum(p[0] for p in pairs)
+            chance = sum(p[1] for p in pairs) / len(pairs)
+            peak = f"{hits}/{len(pairs)} test images (by chance ~{chance:.0%})"
+        rows.append((r.name, f"{r.attention_params:,}", f"{r.accuracy:.1%}", f"{r.seconds:.1f}", peak))
+    print(
+        f"odd-shape task: {args.train_size} training / {args.test_size} held-out images, "
+        f"{args.epochs} epochs, seed {args.seed}; chance {1 / len(KINDS):.1%}"
+    )
+    print(table(header, rows))
+    shown = [(label, h[:8]) for label, h in heats.items() if any(x is not None for x in h)]
+    if shown and args.out:
+        try:
+            from attnzoo._plots import grid_figure
+
+            grid_figure(
+                list(test_x[:8]),
+                shown,
+                args.out,
+                title="attention of the trained models (odd shape = circle, square or triangle)",
+            )
+            print(f"wrote {args.out}")
+        except ImportError as err:
+            print(f"no picture: {err}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([r.__dict__ for r in results], f, indent=2)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _first_heatmaps(maps: dict[str, list[Any]], count: int) -> list[Tensor | None]:
+    """Per image, a summary heat map (see ``_plots.heatmap``): of the first spatial gate recorded,
+    else of the first attention rows (the attention each position receives), else of the routing."""
+    from attnzoo._plots import heatmap
+
+    for kind in ("spatial", "rows", "routing"):
+        for records in maps.values():
+            for m in records:
+                if m.kind == kind and heatmap(m, OddShapeNet.grid) is not None:
+                    return [heatmap(m, OddShapeNet.grid, sample=i) for i in range(count)]
+    return [None] * count

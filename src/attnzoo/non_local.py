@@ -21,7 +21,6 @@ with the keys sorted by ``b_j``, sums ``ReLU(a_i + b_j) g_j = (a_i + b_j) g_j`` 
 
 from __future__ import annotations
 
-import math
 from typing import cast
 
 import torch
@@ -32,7 +31,7 @@ from attnzoo._blocked import global_attention
 from attnzoo._checks import check_choice, check_int, check_shape
 from attnzoo._registry import Example, register, register_seed
 from attnzoo.functional import fused_enabled
-from attnzoo.maps import capturing, query_indices, record, record_rows
+from attnzoo.maps import capturing, query_indices, record
 
 __all__ = ["NonLocalBlock", "NonLocalBlockND"]
 
@@ -185,9 +184,17 @@ class NonLocalBlock(nn.Module):
                 theta, phi, g = _linear(x_t, [self.theta, phi_conv, g_conv]).split(c1, dim=-1)
         if keys is not None:
             phi, g = self._pool(keys, spatial).split([width, c1], dim=-1)  # (B, N', width), (B, N', C1)
-        if capturing():
-            self._record_rows(theta, phi, spatial)
         y_t, attn = self._pairwise(theta, phi, g, return_attention or self.capture_attention)  # (B, N, C1)
+        if not torch.jit.is_scripting():
+            if capturing():  # map capture: the pairwise weights of the capture's query points
+                idx = query_indices(spatial, x.device)
+                with torch.no_grad():
+                    rows = self._pairwise(theta[:, idx], phi, g, True)[1]  # (B, Q, N')
+                kernel = _POOL_KERNEL[self.dimension] if keys is not None else 1
+                kernel = kernel if isinstance(kernel, tuple) else (kernel,) * len(spatial)
+                key_grid = tuple(s // k for s, k in zip(spatial, kernel, strict=True))
+                if rows is not None:
+                    record(self, "rows", rows[:, None], grid=key_grid, queries=idx, query_grid=spatial)
         z_t = _linear(y_t, [_conv(self.W)])  # (B, N, C): W's 1x1 convolution on the tokens
         # (B, C, *spatial), made contiguous: torch 2.14's BatchNorm backward is wrong for a
         # channels-last-strided input with B = 1 (and the copy is O(N C), noise next to attention).
@@ -200,26 +207,6 @@ class NonLocalBlock(nn.Module):
         if self.capture_attention:
             self.last_attention = attn.detach()
         return (z, attn) if return_attention else z
-
-    def _record_rows(self, theta: Tensor, phi: Tensor, spatial: tuple[int, ...]) -> None:
-        """Map capture: the pairwise weights of the capture's query points (Q x N', never N x N')."""
-        pooled = tuple(size // 2 for size in spatial) if self.sub_sample else spatial
-        if self.sub_sample and self.dimension == 3:
-            pooled = (spatial[0], *pooled[1:])  # time is not pooled
-        key_grid = pooled if math.prod(pooled) == phi.shape[1] else (phi.shape[1],)
-        if self.mode in ("embedded_gaussian", "gaussian"):
-            q, k = theta.unsqueeze(1), phi.unsqueeze(1)  # (B, 1, N, d), (B, 1, N', d)
-            record_rows(self, q, k, grid=spatial, key_grid=key_grid, scale=1.0)
-            return
-        idx = query_indices(spatial, theta.device)
-        with torch.no_grad():
-            rows = theta.index_select(1, idx)  # (B, Q, d)
-            if self.mode == "dot_product":
-                f = rows @ phi.transpose(1, 2)  # (B, Q, N')
-            else:
-                w_theta, w_phi = _conv(self.concat_project).weight.flatten().split(self.inter_channels)
-                f = F.relu((rows @ w_theta).unsqueeze(-1) + (phi @ w_phi).unsqueeze(1))  # (B, Q, N')
-        record(self, "rows", f.unsqueeze(1) / phi.shape[1], grid=key_grid, queries=idx, query_grid=spatial)
 
     def _pairwise(
         self, theta: Tensor, phi: Tensor, g: Tensor, want_map: bool

@@ -78,9 +78,10 @@ class SpatialSelfAttention(nn.Module):
         bias = torch.cat([self.query_conv.bias, self.key_conv.bias, self.value_conv.bias])  # type: ignore[list-item]
         q, k, v = F.linear(x_t, weight, bias).split([d, d, c], dim=-1)  # (B, N, d), (B, N, d), (B, N, C)
         want_map = return_attention or self.capture_attention
-        if capturing():  # map capture: attention rows of the capture's query points over the map
-            record_rows(self, q.unsqueeze(1), k.unsqueeze(1), grid=(h, w), scale=1.0)
         res = global_attention(q, k, v, scale=1.0, return_weights=want_map)
+        if not torch.jit.is_scripting():
+            if capturing():  # map capture: rows of the capture's query points
+                record_rows(self, q.unsqueeze(1), k.unsqueeze(1), grid=(h, w), scale=1.0)
         out_t, attn = res if isinstance(res, tuple) else (res, None)
         out = out_t.transpose(1, 2).reshape(b, c, h, w)  # (B, C, H, W)
         y = torch.addcmul(x, self.gamma, out)  # gamma * out + x

@@ -26,9 +26,10 @@ from torch import Tensor, nn
 
 from attnzoo._biased_attention import biased_attention
 from attnzoo._checks import check_choice, check_float, check_int, check_shape, check_tensor
+from attnzoo._maprows import record_packed_rows, windows_to_image
 from attnzoo._registry import Example, register
 from attnzoo.functional import gather_relative_bias, relative_position_index_2d
-from attnzoo.maps import capturing, record_packed_rows, windows_to_image
+from attnzoo.maps import capturing
 
 __all__ = [
     "ShiftedWindowAttention",

@@ -20,9 +20,10 @@ from torch import Tensor, nn
 
 from attnzoo._biased_attention import biased_attention
 from attnzoo._checks import check_float, check_int, check_shape
+from attnzoo._maprows import record_packed_rows
 from attnzoo._registry import Example, register, register_seed
 from attnzoo.functional import gather_relative_bias, relative_position_index_1d
-from attnzoo.maps import capturing, record_packed_rows
+from attnzoo.maps import capturing
 
 __all__ = ["Attention", "TemporalAttention"]
 

@@ -1,0 +1,130 @@
+"""Console output of the ``attnzoo`` command: a progress bar, tables, CSV/JSON, one-line errors."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from attnzoo._registry import Spec, get_spec
+
+__all__ = ["CLIError", "Progress", "si", "num", "table", "emit", "reason", "resolve"]
+
+
+class CLIError(Exception):
+    """A user error: printed as one line, exit code 2."""
+
+
+class Progress:
+    """A progress bar on stderr: redrawn in place on a terminal, a line every few seconds otherwise."""
+
+    def __init__(self, total: int, label: str, stream: Any = None) -> None:
+        self.total, self.label, self.done = max(total, 1), label, 0
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.start = self.last = time.perf_counter()
+        self._draw("")
+
+    def advance(self, steps: int = 1, note: str = "") -> None:
+        if steps <= 0 or self.done == self.total:
+            return
+        self.done = min(self.done + steps, self.total)
+        now = time.perf_counter()
+        if self.tty or now - self.last >= 5 or self.done == self.total:
+            self.last = now
+            self._draw(note)
+
+    def _draw(self, note: str) -> None:
+        width = 24
+        filled = int(width * self.done / self.total)
+        bar = "#" * filled + "." * (width - filled)
+        text = (
+            f"{self.label} [{bar}] {self.done}/{self.total} {time.perf_counter() - self.start:5.0f}s {note}"
+        )
+        if self.tty:
+            self.stream.write("\r" + text[:110].ljust(110))
+        else:
+            self.stream.write(text.rstrip() + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def si(value: float | None, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    for scale, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if abs(value) >= scale:
+            return f"{value / scale:.{digits}g}{suffix}"
+    return f"{value:.{digits}g}"
+
+
+def num(value: float | None) -> str:
+    """A measurement with about 3 significant digits, never in exponent form."""
+    if value is None:
+        return "-"
+    if value >= 100:
+        return f"{value:.0f}"
+    if value >= 10:
+        return f"{value:.1f}"
+    return f"{value:.2f}" if value >= 0.01 else "<0.01"
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    cells = [[str(c) for c in row] for row in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(header)]
+    lines = [
+        "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=False)).rstrip(),
+        "  ".join("-" * w for w in widths),
+    ]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)).rstrip() for row in cells]
+    return "\n".join(lines)
+
+
+def emit(
+    rows: list[dict[str, Any]], fmt: str, output: str | None, text_table: str, extra: dict[str, Any]
+) -> None:
+    """Print ``text_table`` (or CSV/JSON of ``rows``); with ``output``, write the chosen format there."""
+    if fmt == "csv":
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["name"], lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        text = buf.getvalue()
+    elif fmt == "json":
+        text = json.dumps({**extra, "results": rows}, indent=2) + "\n"
+    else:
+        text = text_table + "\n"
+    if output is None:
+        sys.stdout.write(text)
+        return
+    try:
+        with open(output, "w") as f:
+            f.write(text)
+    except OSError as err:
+        raise OSError(f"cannot write {output!r}: {err.strerror or err}") from None
+    if fmt != "table":
+        sys.stdout.write(text_table + "\n")
+    print(f"wrote {output}")
+
+
+def reason(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+def resolve(names: Sequence[str]) -> list[Spec]:
+    specs: list[Spec] = []
+    for raw in names:
+        for name in (n for n in raw.split(",") if n):
+            spec = get_spec(name)
+            if spec not in specs:
+                specs.append(spec)
+    return specs
