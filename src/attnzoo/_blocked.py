@@ -181,7 +181,10 @@ def global_attention(
     if not return_weights and fused_enabled():
         dim_qk, dim_v = q.shape[-1], v.shape[-1]
         small, large = min(dim_qk, dim_v), max(dim_qk, dim_v)
-        blocked_ok = q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64)
+        # The blocked kernel is for eager CPU runs: its block sizes and shift test read sizes and data,
+        # which torch.compile / torch.export / jit.trace cannot follow; they take the SDPA path.
+        tracing = torch.compiler.is_compiling() or torch.jit.is_tracing()
+        blocked_ok = q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64) and not tracing
         if small == large or not blocked_ok:
             return _fused(q, k, v, scale)
         if large > 2 * small:
