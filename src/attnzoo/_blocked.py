@@ -78,7 +78,7 @@ class _BlockedAttention(torch.autograd.Function):
         # depend on the shift. Otherwise shift by the row maxima and clamp at the floor.
         floor = _EXP_FLOOR[q.dtype]
         bound = float(q_s.norm(dim=-1).amax() * k.norm(dim=-1).amax()) if q.numel() and k.numel() else 0.0
-        shift = 2 * bound + math.log(length_k) > -floor
+        shift = 2 * bound + math.log(max(length_k, 1)) > -floor
         for start in range(0, length_q, rows):
             stop = min(start + rows, length_q)
             s, o = scores_buf[:, : stop - start], out_buf[:, : stop - start]
