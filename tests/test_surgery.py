@@ -312,3 +312,11 @@ def test_replace_timm_se_modules_with_cbam():
     assert not any(isinstance(m, SEModule) for m in model.modules())
     assert all(f.kind.startswith("cbam") for f in find(model))
     model(x).sum().backward()
+
+
+def test_insert_shifted_window_on_nchw_network():
+    model = SmallCNN()
+    x = torch.randn(1, 3, 8, 8)
+    names = insert(model, "shifted_window", where="layer2.*", example_input=x, window_size=2, num_heads=2)
+    assert model.get_submodule(names[0]).attention.layout == "NCHW"
+    model(x).sum().backward()

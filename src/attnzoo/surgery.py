@@ -226,9 +226,12 @@ def _build(
         )
     args = {**_channel_kwargs(spec.cls, channels), **kwargs}
     inner = spec.layout
-    if inner == "NHWC" and outer == "NCHW" and "layout" in inspect.signature(spec.cls.__init__).parameters:
-        args.setdefault("layout", "nchw")
-        inner = "NCHW" if args["layout"] == "nchw" else "NHWC"
+    layout_param = inspect.signature(spec.cls.__init__).parameters.get("layout")
+    if inner == "NHWC" and outer == "NCHW" and layout_param is not None:
+        # Spell it as the class does: BiFormer takes "nchw", ShiftedWindowAttention "NCHW".
+        default = layout_param.default if isinstance(layout_param.default, str) else "nhwc"
+        args.setdefault("layout", "NCHW" if default.isupper() else "nchw")
+        inner = "NCHW" if str(args["layout"]).upper() == "NCHW" else "NHWC"
     try:
         module = spec.cls(**args)
     except TypeError as err:
