@@ -25,7 +25,11 @@ Shape letters: B batch (times heads), L queries, S keys, d query/key dim, e valu
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -34,7 +38,7 @@ from torch import Tensor
 
 from attnzoo.functional import attend, fused_enabled
 
-__all__ = ["global_attention", "blocked_attention"]
+__all__ = ["global_attention", "blocked_attention", "global_kernel", "kernel_choice", "KERNELS"]
 
 # Elements of one score block, over the whole batch: 2 Mi floats = 8 MiB in float32 (16 blocks per
 # pass at N = 4096, B = 2). On the 2-core target, 0.25-2 Mi per block ran within noise of each other
@@ -49,6 +53,43 @@ _BLOCK_ELEMENTS = 1 << 21
 _EXP_FLOOR = {torch.float32: -80.0, torch.float64: -700.0}
 
 _threads = torch.get_num_threads  # indirection, so tests can pose as a many-core machine
+
+KERNELS = ("auto", "blocked", "sdpa")
+_ENV_KERNEL = "ATTNZOO_GLOBAL_KERNEL"
+_kernel_override = threading.local()
+
+
+def kernel_choice() -> str:
+    """The kernel :func:`global_attention` prefers when fused: innermost :func:`global_kernel`,
+    else ``ATTNZOO_GLOBAL_KERNEL``, else ``"auto"``."""
+    stack = getattr(_kernel_override, "stack", None)
+    if stack:
+        return str(stack[-1])
+    choice = os.environ.get(_ENV_KERNEL, "auto").strip().lower() or "auto"
+    if choice not in KERNELS:
+        raise ValueError(f"{_ENV_KERNEL} must be one of {KERNELS}, got {choice!r}")
+    return choice
+
+
+@contextlib.contextmanager
+def global_kernel(choice: str) -> Iterator[None]:
+    """Prefer one kernel for CPU global attention inside a ``with`` block (thread-local, nestable).
+
+    Args:
+        choice: ``"auto"`` (the blocked kernel when one width exceeds twice the other, else SDPA
+            flash with zero padding), ``"blocked"`` (float32/float64 always blocked) or ``"sdpa"``
+            (always SDPA flash, padding the narrower width).
+    """
+    if choice not in KERNELS:
+        raise ValueError(f"global_kernel expects one of {KERNELS}, got {choice!r}")
+    stack = getattr(_kernel_override, "stack", None)
+    if stack is None:
+        stack = _kernel_override.stack = []
+    stack.append(choice)
+    try:
+        yield
+    finally:
+        stack.pop()
 
 
 def _block_rows(batch: int, length: int) -> int:
@@ -173,6 +214,11 @@ def global_attention(
     - CPU with ``d != e`` otherwise: the narrower of (q, k) and v zero-padded, then SDPA flash;
     - otherwise: ``attend`` on its fused path (SDPA flash on CPU, the GPU kernels elsewhere).
 
+    :func:`global_kernel` (or ``ATTNZOO_GLOBAL_KERNEL``) overrides the first two rules: the blocked
+    kernel uses about half the FLOPs of padded flash but runs about seven thread hand-offs per
+    block, so on cores shared with other work the flash kernel (two parallel regions per step)
+    can be the faster one.
+
     Args:
         q: Queries.
         k: Keys.
@@ -189,13 +235,14 @@ def global_attention(
     if not return_weights and fused_enabled():
         dim_qk, dim_v = q.shape[-1], v.shape[-1]
         small, large = min(dim_qk, dim_v), max(dim_qk, dim_v)
-        blocked_ok = q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64)
-        if small == large or not blocked_ok:
+        on_cpu = q.device.type == "cpu"
+        choice = kernel_choice()
+        if on_cpu and q.dtype in (torch.float32, torch.float64):
+            if choice == "blocked" or (choice == "auto" and large > 2 * small):
+                return blocked_attention(q, k, v, scale=scale)
+        if not on_cpu or small == large:
             return _fused(q, k, v, scale)
-        if large > 2 * small:
-            return blocked_attention(q, k, v, scale=scale)
-        # Widths within 2x: zero-padding the narrower side to the flash kernel's single head dim
-        # costs less than the blocked kernel's lower GEMM efficiency ([q, 0] . [k, 0] = q . k).
+        # The CPU flash kernel takes one head dim: zero-pad the narrower side ([q, 0] . [k, 0] = q . k).
         if dim_qk < dim_v:
             return _fused(F.pad(q, (0, large - small)), F.pad(k, (0, large - small)), v, scale)
         return _fused(q, k, F.pad(v, (0, large - small)), scale)[..., :dim_v]
