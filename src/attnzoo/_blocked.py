@@ -40,11 +40,15 @@ from attnzoo.functional import attend, fused_enabled
 
 __all__ = ["global_attention", "blocked_attention", "global_kernel", "kernel_choice", "KERNELS"]
 
-# Elements of one score block, over the whole batch: 2 Mi floats = 8 MiB in float32 (16 blocks per
-# pass at N = 4096, B = 2). On the 2-core target, 0.25-2 Mi per block ran within noise of each other
-# on one thread; every block costs about seven parallel regions (thread hand-offs), which hurt when
-# the cores are shared, so the larger end wins. Two such blocks live at a time in backward.
-_BLOCK_ELEMENTS = 1 << 21
+# Elements of one score block, over the whole batch: 512 Ki floats = 2 MiB in float32 (64 rows at
+# N = 4096, B = 2). On one core of the 2-core target, 2^18-2^19 ran about 10% faster than 2^20-2^21
+# (the block and its GEMM panels stay in the 2 MiB L2); larger blocks mean fewer parallel regions,
+# which only matters when the cores are shared with other work.
+_BLOCK_ELEMENTS = 1 << 19
+
+# "auto" takes the blocked kernel when one width exceeds this multiple of the other (SAGAN: 8):
+# there padded flash would spend most of its FLOPs on zeros. Set to math.inf to always pad.
+_BLOCKED_RATIO = 2.0
 
 
 # Exponents are kept above this floor: below it exp() returns subnormal numbers, and MKL's GEMMs on
@@ -185,7 +189,7 @@ def blocked_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float, block: i
         v: Values; e may differ from d.
         scale: Multiplies the logits.
         block: Rows per block (queries in forward, keys in backward). Default: blocks of about
-            ``2**21`` scores over the whole batch (8 MiB in float32), at least 32 rows.
+            ``2**19`` scores over the whole batch (2 MiB in float32), at least 32 rows.
 
     Returns:
         The output, contiguous ``(..., L, e)``.
@@ -238,7 +242,7 @@ def global_attention(
         on_cpu = q.device.type == "cpu"
         choice = kernel_choice()
         if on_cpu and q.dtype in (torch.float32, torch.float64):
-            if choice == "blocked" or (choice == "auto" and large > 2 * small):
+            if choice == "blocked" or (choice == "auto" and large > _BLOCKED_RATIO * small):
                 return blocked_attention(q, k, v, scale=scale)
         if not on_cpu or small == large:
             return _fused(q, k, v, scale)
