@@ -114,9 +114,8 @@ class _BlockedAttention(torch.autograd.Function):
         v_c = v.contiguous()  # (B, S, e): row-major values keep P @ v on MKL's fast path
         rows = min(block or _block_rows(batch, length_k), length_q)
         scores_buf = q.new_empty(batch, rows, length_k)  # reused by every block
-        out_buf = q.new_empty(batch, rows, dim_v)
         out = q.new_empty(batch, length_q, dim_v)
-        lse = q.new_empty(batch, length_q, 1)
+        sums = q.new_empty(batch, length_q, 1)
         # |logit| <= bound = max |q_i| * max |k_j|. If 2 * bound + log(S) stays above the exponent
         # floor, neither exp(logit) here nor exp(logit - lse) in backward can overflow or go
         # subnormal, so the row maxima (two passes over every block) are not needed: softmax does not
@@ -124,18 +123,19 @@ class _BlockedAttention(torch.autograd.Function):
         floor = _EXP_FLOOR[q.dtype]
         bound = float(q_s.norm(dim=-1).amax() * k.norm(dim=-1).amax()) if q.numel() and k.numel() else 0.0
         shift = 2 * bound + math.log(max(length_k, 1)) > -floor
+        maxes = q.new_empty(batch, length_q, 1) if shift else None
         for start in range(0, length_q, rows):
             stop = min(start + rows, length_q)
-            s, o = scores_buf[:, : stop - start], out_buf[:, : stop - start]
+            s = scores_buf[:, : stop - start]
             torch.bmm(q_s[:, start:stop], k_t, out=s)  # (B, n, S) logits
-            row_max = s.amax(dim=-1, keepdim=True) if shift else None
-            if row_max is not None:
-                s.sub_(row_max).clamp_(min=floor)
+            if maxes is not None:
+                torch.amax(s, dim=-1, keepdim=True, out=maxes[:, start:stop])
+                s.sub_(maxes[:, start:stop]).clamp_(min=floor)
             s.exp_()
-            row_sum = s.sum(dim=-1, keepdim=True)
-            torch.bmm(s, v_c, out=o)  # (B, n, e), not yet normalised
-            torch.div(o, row_sum, out=out[:, start:stop])
-            lse[:, start:stop] = row_sum.log() if row_max is None else row_max + row_sum.log()
+            torch.sum(s, dim=-1, keepdim=True, out=sums[:, start:stop])
+            torch.bmm(s, v_c, out=out[:, start:stop])  # (B, n, e), normalised after the loop
+        out.div_(sums)
+        lse = sums.log_() if maxes is None else sums.log_().add_(maxes)  # (B, L, 1)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.scale, ctx.block, ctx.shift = scale, block, shift
         return out
@@ -160,19 +160,17 @@ class _BlockedAttention(torch.autograd.Function):
         grad_v = v.new_empty(batch, length_k, dim_v)
         cols = min(block or _block_rows(batch, length_q), length_k)
         p_buf, ds_buf = q.new_empty(batch, cols, length_q), q.new_empty(batch, cols, length_q)
-        gv_buf, gk_buf = v.new_empty(batch, cols, dim_v), k.new_empty(batch, cols, dim_qk)
         for start in range(0, length_k, cols):
             stop = min(start + cols, length_k)
-            n = stop - start
-            p_t, ds_t = p_buf[:, :n], ds_buf[:, :n]
+            p_t, ds_t = p_buf[:, : stop - start], ds_buf[:, : stop - start]
             torch.bmm(k_aug[:, start:stop], q_aug_t, out=p_t)  # (B, n, L): logits - lse
             if ctx.shift:
                 p_t.clamp_(min=_EXP_FLOOR[q.dtype])
             p_t.exp_()  # P^T block
             torch.bmm(v_aug[:, start:stop], g_aug_t, out=ds_t)  # (B, n, L): dP^T - D^T
             ds_t.mul_(p_t)  # dS^T block (gradient of the scaled logits)
-            grad_v[:, start:stop] = torch.bmm(p_t, grad_out, out=gv_buf[:, :n])
-            grad_k[:, start:stop] = torch.bmm(ds_t, q_s, out=gk_buf[:, :n])
+            torch.bmm(p_t, grad_out, out=grad_v[:, start:stop])
+            torch.bmm(ds_t, q_s, out=grad_k[:, start:stop])
             grad_q_t.baddbmm_(k_t[:, :, start:stop], ds_t)
         grad_q = grad_q_t.transpose(1, 2)  # (B, L, d)
         if scale != 1.0:
