@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import gemm_gflops  # noqa: E402
 
 from attnzoo import NonLocalBlock, SpatialSelfAttention  # noqa: E402
+from attnzoo._blocked import global_kernel  # noqa: E402
 from attnzoo.benchmark import (  # noqa: E402
     alternate,
     count_flops,
@@ -113,9 +114,21 @@ def build(kind: str, shape: tuple[int, ...]) -> nn.Module:
 
 
 def make_step(kind: str, shape: list[int]) -> Callable[[], object]:
-    """Factory for :func:`peak_memory`: a training step of one candidate."""
+    """Factory for :func:`peak_memory`: a training step of one candidate.
+
+    ``sagan_sdpa`` is ``SpatialSelfAttention`` with :func:`global_kernel` set to ``"sdpa"`` (q and k
+    zero-padded to the value width, SDPA's flash kernel) instead of the default blocked kernel.
+    """
     torch.manual_seed(1)
-    return train_step(build(kind, tuple(shape)), [torch.randn(*shape)])
+    step = train_step(build(kind.removesuffix("_sdpa"), tuple(shape)), [torch.randn(*shape)])
+    if not kind.endswith("_sdpa"):
+        return step
+
+    def sdpa_step() -> object:
+        with global_kernel("sdpa"):
+            return step()
+
+    return sdpa_step
 
 
 def have_timm() -> bool:
@@ -124,6 +137,16 @@ def have_timm() -> bool:
     except ImportError:
         return False
     return True
+
+
+LABELS = {
+    "seed_sagan": "seed Self_Attn_Spatial algorithm",
+    "sagan": "SpatialSelfAttention(64, 8), blocked kernel (default)",
+    "sagan_sdpa": "SpatialSelfAttention(64, 8), padded SDPA flash",
+    "seed_nonlocal": "seed NonLocalBlockND algorithm",
+    "nonlocal": "NonLocalBlock(64, sub_sample=False), SDPA flash",
+    "timm_nonlocal": "timm NonLocalAttn(use_scale=False)",
+}
 
 
 def main() -> None:
@@ -135,16 +158,16 @@ def main() -> None:
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH", "")) if p)
     gemm = gemm_gflops()
     shapes = [(2, 64, 32, 32), (2, 64, 64, 64)] + ([] if args.quick else [(1, 64, 128, 128)])
-    pairs = [
-        ("sagan", "seed_sagan", "SpatialSelfAttention(64, 8)"),
-        ("nonlocal", "seed_nonlocal", "NonLocalBlock(64, sub_sample=False)"),
+    families = [
+        ["seed_sagan", "sagan", "sagan_sdpa"],
+        ["seed_nonlocal", "nonlocal"] + (["timm_nonlocal"] if have_timm() else []),
     ]
     rows, flops_rows = [], []
     for shape in shapes:
         n = shape[2] * shape[3]
         rounds = 3 if args.quick else (11 if n <= 4096 else 5)
-        for ours, ref, label in pairs:
-            kinds = [ref, ours] + (["timm_nonlocal"] if ours == "nonlocal" and have_timm() else [])
+        for kinds in families:
+            ref = kinds[0]
             steps = {k: make_step(k, list(shape)) for k in kinds}
             timing = alternate(steps, rounds=rounds, warmup=1 if n > 4096 else 2)
             flops = count_flops(steps[ref])
@@ -152,42 +175,39 @@ def main() -> None:
                 k: peak_memory("bench_global:make_step", {"kind": k, "shape": list(shape)}) for k in kinds
             }
             for k in kinds:
-                ms = timing.median(k) * 1e3
+                median = timing.median(k)
                 ratio = timing.ratio(k, ref)
+                mib, mem_ratio = memory[k] / 2**20, memory[k] / max(memory[ref], 1)
                 rows.append(
                     [
-                        f"{label if k == ours else k} `{shape}`",
+                        LABELS[k],
+                        f"`{shape}`",
                         n,
-                        f"{ms:.1f}",
+                        f"{median * 1e3:.1f}",
                         f"{ratio:.2f}",
-                        f"{memory[k] / 2**20:.1f}",
-                        f"{memory[k] / max(memory[ref], 1):.3f}",
+                        f"{mib:.1f}",
+                        f"{mem_ratio:.3f}",
                     ]
                 )
+                rate = flops / median / 1e9
                 flops_rows.append(
-                    [
-                        f"{k} `{shape}`",
-                        f"{flops / 1e9:.2f}",
-                        f"{flops / timing.median(k) / 1e9:.0f}",
-                        f"{flops / timing.median(k) / 1e9 / gemm:.0%}",
-                    ]
+                    [LABELS[k], f"`{shape}`", f"{flops / 1e9:.2f}", f"{rate:.0f}", f"{rate / gemm:.0%}"]
                 )
     print("## Global self-attention: SAGAN spatial, non-local (issue 4)\n")
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32 GEMM {gemm:.0f} GFLOP/s "
-        "(benchmarks/machine.py). Forward + backward; ratio and memory relative to the seed's algorithm "
-        "on the same shape.\n"
+        "(benchmarks/machine.py). Forward + backward of `out.sum()`, float32; time and memory ratios "
+        "relative to the seed's algorithm on the same shape (every candidate holds the same weights).\n"
     )
-    print(
-        markdown_table(
-            ["candidate `(B, C, H, W)`", "N", "median ms", "time ratio", "peak MiB", "memory ratio"], rows
-        )
-    )
+    header = ["candidate", "(B, C, H, W)", "N", "median ms", "time ratio", "peak MiB", "memory ratio"]
+    print(markdown_table(header, rows))
     print(
         "\nAchieved rate: the seed algorithm's GEMM FLOPs (QK^T, PV and their gradients, convolutions; "
-        "softmax and recomputation not counted) divided by each candidate's median time.\n"
+        "softmax, recomputation and padding not counted) divided by each candidate's median time.\n"
     )
-    print(markdown_table(["candidate", "GFLOP per step", "GFLOP/s", "of GEMM rate"], flops_rows))
+    print(
+        markdown_table(["candidate", "(B, C, H, W)", "GFLOP per step", "GFLOP/s", "of GEMM rate"], flops_rows)
+    )
 
 
 if __name__ == "__main__":

@@ -237,9 +237,20 @@ def test_blocked_kernel_is_stable_for_large_logits():
     torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("width,route", [(7, "blocked"), (5, "fused"), (3, "fused"), (2, "fused")])
-def test_global_attention_routes_and_agrees(width, route, monkeypatch):
-    # width 7 > 2 * 3: blocked kernel; 5: q, k padded to 5; 3: SDPA as is; 2: v padded to 3
+@pytest.mark.parametrize(
+    "width,kernel,route",
+    [
+        (7, "auto", "blocked"),
+        (5, "auto", "fused"),
+        (3, "auto", "fused"),
+        (2, "auto", "fused"),
+        (7, "sdpa", "fused"),
+        (3, "blocked", "blocked"),
+        (2, "blocked", "blocked"),
+    ],
+)
+def test_global_attention_routes_and_agrees(width, kernel, route, monkeypatch):
+    # auto: width 7 > 2 * 3 -> blocked kernel; 5: q, k padded to 5; 3: SDPA as is; 2: v padded to 3
     import attnzoo._blocked as blocked
 
     taken = []
@@ -252,7 +263,8 @@ def test_global_attention_routes_and_agrees(width, route, monkeypatch):
     k = torch.randn(2, 12, 3, dtype=F64, requires_grad=True)
     v = torch.randn(2, 12, width, dtype=F64, requires_grad=True)
     ref, weights = reference_attention(q, k, v, 1.0)
-    out = global_attention(q, k, v, scale=1.0)
+    with attnzoo._blocked.global_kernel(kernel):
+        out = global_attention(q, k, v, scale=1.0)
     assert taken == [{"blocked": "blocked_attention", "fused": "_fused"}[route]]
     assert out.shape == (2, 10, width)
     torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
@@ -348,3 +360,18 @@ def test_blocked_kernel_never_makes_subnormal_probabilities(magnitude, shifted):
     assert (torch.ops.aten.sub_.Tensor in probe.ops) == shifted  # row maxima subtracted only when needed
     ref, _ = reference_attention(q.double(), k.double(), v.double(), 1.0)
     torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=1e-4)  # logits up to ~100 in float32
+
+
+def test_global_kernel_choice_is_validated(monkeypatch):
+    with pytest.raises(
+        ValueError, match=r"global_kernel expects one of \('auto', 'blocked', 'sdpa'\), got 'gpu'"
+    ):
+        with attnzoo._blocked.global_kernel("gpu"):
+            pass
+    monkeypatch.setenv("ATTNZOO_GLOBAL_KERNEL", "sdpa")
+    assert attnzoo._blocked.kernel_choice() == "sdpa"
+    with attnzoo._blocked.global_kernel("blocked"):
+        assert attnzoo._blocked.kernel_choice() == "blocked"
+    monkeypatch.setenv("ATTNZOO_GLOBAL_KERNEL", "fast")
+    with pytest.raises(ValueError, match="ATTNZOO_GLOBAL_KERNEL must be one of"):
+        attnzoo._blocked.kernel_choice()

@@ -25,7 +25,11 @@ Shape letters: B batch (times heads), L queries, S keys, d query/key dim, e valu
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -34,13 +38,17 @@ from torch import Tensor
 
 from attnzoo.functional import attend, fused_enabled
 
-__all__ = ["global_attention", "blocked_attention"]
+__all__ = ["global_attention", "blocked_attention", "global_kernel", "kernel_choice", "KERNELS"]
 
-# Elements of one score block, over the whole batch: 2 Mi floats = 8 MiB in float32 (16 blocks per
-# pass at N = 4096, B = 2). On the 2-core target, 0.25-2 Mi per block ran within noise of each other
-# on one thread; every block costs about seven parallel regions (thread hand-offs), which hurt when
-# the cores are shared, so the larger end wins. Two such blocks live at a time in backward.
-_BLOCK_ELEMENTS = 1 << 21
+# Elements of one score block, over the whole batch: 512 Ki floats = 2 MiB in float32 (64 rows at
+# N = 4096, B = 2). On one core of the 2-core target, 2^18-2^19 ran about 10% faster than 2^20-2^21
+# (the block and its GEMM panels stay in the 2 MiB L2); larger blocks mean fewer parallel regions,
+# which only matters when the cores are shared with other work.
+_BLOCK_ELEMENTS = 1 << 19
+
+# "auto" takes the blocked kernel when one width exceeds this multiple of the other (SAGAN: 8):
+# there padded flash would spend most of its FLOPs on zeros. Set to math.inf to always pad.
+_BLOCKED_RATIO = 2.0
 
 
 # Exponents are kept above this floor: below it exp() returns subnormal numbers, and MKL's GEMMs on
@@ -49,6 +57,43 @@ _BLOCK_ELEMENTS = 1 << 21
 _EXP_FLOOR = {torch.float32: -80.0, torch.float64: -700.0}
 
 _threads = torch.get_num_threads  # indirection, so tests can pose as a many-core machine
+
+KERNELS = ("auto", "blocked", "sdpa")
+_ENV_KERNEL = "ATTNZOO_GLOBAL_KERNEL"
+_kernel_override = threading.local()
+
+
+def kernel_choice() -> str:
+    """The kernel :func:`global_attention` prefers when fused: innermost :func:`global_kernel`,
+    else ``ATTNZOO_GLOBAL_KERNEL``, else ``"auto"``."""
+    stack = getattr(_kernel_override, "stack", None)
+    if stack:
+        return str(stack[-1])
+    choice = os.environ.get(_ENV_KERNEL, "auto").strip().lower() or "auto"
+    if choice not in KERNELS:
+        raise ValueError(f"{_ENV_KERNEL} must be one of {KERNELS}, got {choice!r}")
+    return choice
+
+
+@contextlib.contextmanager
+def global_kernel(choice: str) -> Iterator[None]:
+    """Prefer one kernel for CPU global attention inside a ``with`` block (thread-local, nestable).
+
+    Args:
+        choice: ``"auto"`` (the blocked kernel when one width exceeds twice the other, else SDPA
+            flash with zero padding), ``"blocked"`` (float32/float64 always blocked) or ``"sdpa"``
+            (always SDPA flash, padding the narrower width).
+    """
+    if choice not in KERNELS:
+        raise ValueError(f"global_kernel expects one of {KERNELS}, got {choice!r}")
+    stack = getattr(_kernel_override, "stack", None)
+    if stack is None:
+        stack = _kernel_override.stack = []
+    stack.append(choice)
+    try:
+        yield
+    finally:
+        stack.pop()
 
 
 def _block_rows(batch: int, length: int) -> int:
@@ -69,9 +114,8 @@ class _BlockedAttention(torch.autograd.Function):
         v_c = v.contiguous()  # (B, S, e): row-major values keep P @ v on MKL's fast path
         rows = min(block or _block_rows(batch, length_k), length_q)
         scores_buf = q.new_empty(batch, rows, length_k)  # reused by every block
-        out_buf = q.new_empty(batch, rows, dim_v)
         out = q.new_empty(batch, length_q, dim_v)
-        lse = q.new_empty(batch, length_q, 1)
+        sums = q.new_empty(batch, length_q, 1)
         # |logit| <= bound = max |q_i| * max |k_j|. If 2 * bound + log(S) stays above the exponent
         # floor, neither exp(logit) here nor exp(logit - lse) in backward can overflow or go
         # subnormal, so the row maxima (two passes over every block) are not needed: softmax does not
@@ -79,18 +123,19 @@ class _BlockedAttention(torch.autograd.Function):
         floor = _EXP_FLOOR[q.dtype]
         bound = float(q_s.norm(dim=-1).amax() * k.norm(dim=-1).amax()) if q.numel() and k.numel() else 0.0
         shift = 2 * bound + math.log(max(length_k, 1)) > -floor
+        maxes = q.new_empty(batch, length_q, 1) if shift else None
         for start in range(0, length_q, rows):
             stop = min(start + rows, length_q)
-            s, o = scores_buf[:, : stop - start], out_buf[:, : stop - start]
+            s = scores_buf[:, : stop - start]
             torch.bmm(q_s[:, start:stop], k_t, out=s)  # (B, n, S) logits
-            row_max = s.amax(dim=-1, keepdim=True) if shift else None
-            if row_max is not None:
-                s.sub_(row_max).clamp_(min=floor)
+            if maxes is not None:
+                torch.amax(s, dim=-1, keepdim=True, out=maxes[:, start:stop])
+                s.sub_(maxes[:, start:stop]).clamp_(min=floor)
             s.exp_()
-            row_sum = s.sum(dim=-1, keepdim=True)
-            torch.bmm(s, v_c, out=o)  # (B, n, e), not yet normalised
-            torch.div(o, row_sum, out=out[:, start:stop])
-            lse[:, start:stop] = row_sum.log() if row_max is None else row_max + row_sum.log()
+            torch.sum(s, dim=-1, keepdim=True, out=sums[:, start:stop])
+            torch.bmm(s, v_c, out=out[:, start:stop])  # (B, n, e), normalised after the loop
+        out.div_(sums)
+        lse = sums.log_() if maxes is None else sums.log_().add_(maxes)  # (B, L, 1)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.scale, ctx.block, ctx.shift = scale, block, shift
         return out
@@ -115,19 +160,17 @@ class _BlockedAttention(torch.autograd.Function):
         grad_v = v.new_empty(batch, length_k, dim_v)
         cols = min(block or _block_rows(batch, length_q), length_k)
         p_buf, ds_buf = q.new_empty(batch, cols, length_q), q.new_empty(batch, cols, length_q)
-        gv_buf, gk_buf = v.new_empty(batch, cols, dim_v), k.new_empty(batch, cols, dim_qk)
         for start in range(0, length_k, cols):
             stop = min(start + cols, length_k)
-            n = stop - start
-            p_t, ds_t = p_buf[:, :n], ds_buf[:, :n]
+            p_t, ds_t = p_buf[:, : stop - start], ds_buf[:, : stop - start]
             torch.bmm(k_aug[:, start:stop], q_aug_t, out=p_t)  # (B, n, L): logits - lse
             if ctx.shift:
                 p_t.clamp_(min=_EXP_FLOOR[q.dtype])
             p_t.exp_()  # P^T block
             torch.bmm(v_aug[:, start:stop], g_aug_t, out=ds_t)  # (B, n, L): dP^T - D^T
             ds_t.mul_(p_t)  # dS^T block (gradient of the scaled logits)
-            grad_v[:, start:stop] = torch.bmm(p_t, grad_out, out=gv_buf[:, :n])
-            grad_k[:, start:stop] = torch.bmm(ds_t, q_s, out=gk_buf[:, :n])
+            torch.bmm(p_t, grad_out, out=grad_v[:, start:stop])
+            torch.bmm(ds_t, q_s, out=grad_k[:, start:stop])
             grad_q_t.baddbmm_(k_t[:, :, start:stop], ds_t)
         grad_q = grad_q_t.transpose(1, 2)  # (B, L, d)
         if scale != 1.0:
@@ -144,7 +187,7 @@ def blocked_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float, block: i
         v: Values; e may differ from d.
         scale: Multiplies the logits.
         block: Rows per block (queries in forward, keys in backward). Default: blocks of about
-            ``2**21`` scores over the whole batch (8 MiB in float32), at least 32 rows.
+            ``2**19`` scores over the whole batch (2 MiB in float32), at least 32 rows.
 
     Returns:
         The output, contiguous ``(..., L, e)``.
@@ -173,6 +216,11 @@ def global_attention(
     - CPU with ``d != e`` otherwise: the narrower of (q, k) and v zero-padded, then SDPA flash;
     - otherwise: ``attend`` on its fused path (SDPA flash on CPU, the GPU kernels elsewhere).
 
+    :func:`global_kernel` (or ``ATTNZOO_GLOBAL_KERNEL``) overrides the first two rules: the blocked
+    kernel uses about half the FLOPs of padded flash but runs about seven thread hand-offs per
+    block, so on cores shared with other work the flash kernel (two parallel regions per step)
+    can be the faster one.
+
     Args:
         q: Queries.
         k: Keys.
@@ -192,13 +240,14 @@ def global_attention(
         # The blocked kernel is for eager CPU runs: its block sizes and shift test read sizes and data,
         # which torch.compile / torch.export / jit.trace cannot follow; they take the SDPA path.
         tracing = torch.compiler.is_compiling() or torch.jit.is_tracing()
-        blocked_ok = q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64) and not tracing
-        if small == large or not blocked_ok:
+        on_cpu = q.device.type == "cpu"
+        if on_cpu and q.dtype in (torch.float32, torch.float64) and not tracing:
+            choice = kernel_choice()
+            if choice == "blocked" or (choice == "auto" and large > _BLOCKED_RATIO * small):
+                return blocked_attention(q, k, v, scale=scale)
+        if not on_cpu or small == large:
             return _fused(q, k, v, scale)
-        if large > 2 * small:
-            return blocked_attention(q, k, v, scale=scale)
-        # Widths within 2x: zero-padding the narrower side to the flash kernel's single head dim
-        # costs less than the blocked kernel's lower GEMM efficiency ([q, 0] . [k, 0] = q . k).
+        # The CPU flash kernel takes one head dim: zero-pad the narrower side ([q, 0] . [k, 0] = q . k).
         if dim_qk < dim_v:
             return _fused(F.pad(q, (0, large - small)), F.pad(k, (0, large - small)), v, scale)
         return _fused(q, k, F.pad(v, (0, large - small)), scale)[..., :dim_v]
