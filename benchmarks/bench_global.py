@@ -78,27 +78,37 @@ class SeedNonLocal(nn.Module):
 
 
 def build(kind: str, shape: tuple[int, ...]) -> nn.Module:
-    """One candidate module with random weights (gamma and the BatchNorm weight non-zero)."""
+    """One candidate, every one holding the same weights as the seed module of its family.
+
+    The seed modules keep PyTorch's default initialisation, with ``gamma`` and the BatchNorm weight
+    set to 0.5 so every parameter gets a gradient; the others load those weights (timm's under its
+    own names). Equal weights give equal logits: with large logits, softmax produces subnormal
+    probabilities and every GEMM on them slows down about 10x (timm's kaiming initialisation does
+    that on its own), which would compare number formats rather than algorithms.
+    """
     torch.manual_seed(0)
     c = shape[1]
-    if kind == "seed_sagan":
-        m: nn.Module = SeedSpatial(c, c // 8)
-    elif kind == "sagan":
-        m = SpatialSelfAttention(c, c // 8)
-    elif kind == "seed_nonlocal":
-        m = SeedNonLocal(c)
+    seed: nn.Module = SeedSpatial(c, c // 8) if "sagan" in kind else SeedNonLocal(c)
+    with torch.no_grad():
+        for name, p in seed.named_parameters():
+            if name in ("gamma", "W.1.weight"):
+                p.fill_(0.5)
+    state = seed.state_dict()
+    if kind in ("seed_sagan", "seed_nonlocal"):
+        return seed
+    if kind == "sagan":
+        m: nn.Module = SpatialSelfAttention(c, c // 8)
     elif kind == "nonlocal":
         m = NonLocalBlock(c, sub_sample=False)
     elif kind == "timm_nonlocal":
         from timm.layers import NonLocalAttn
 
         m = NonLocalAttn(c, use_scale=False, rd_channels=c // 2)
+        names = {"theta": "t", "phi": "p", "g": "g", "W.0": "z", "W.1": "norm"}
+        state = {names[k.rsplit(".", 1)[0]] + "." + k.rsplit(".", 1)[1]: v for k, v in state.items()}
     else:
         raise ValueError(f"unknown candidate {kind!r}")
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if name == "gamma" or name.endswith(("1.weight", "norm.weight")):
-                p.fill_(0.5)
+    m.load_state_dict(state, strict=True)
     return m
 
 

@@ -82,6 +82,7 @@ FREE_SIZES: dict[str, list[Group]] = {
     "shifted_window": [Group(((0, 1),), 1), Group(((0, 2),), 2)],  # padded to whole windows
     "bra": [Group(((0, 1),), 1, step=2, low=2), Group(((0, 2),), 2, step=2, low=2)],  # multiples of n_win
     "bra_nchw": [Group(((0, 2),), 2, low=2), Group(((0, 3),), 3, low=2)],  # >= n_win, padded
+    "nonlocal": [Group(((0, 2),), 2, low=2), Group(((0, 3),), 3, low=2)],  # keys pooled by 2
     "cbam_res": [Group(((0, 2),), 2, derived=True), Group(((0, 3),), 3, derived=True)],  # stride 2
     "temporal": [],  # num_ttokens fixes the sequence length
     "window": [],  # the window's token count fixes the sequence length

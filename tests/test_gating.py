@@ -422,9 +422,9 @@ def test_no_grad_path_matches_autograd_path():
     [
         (lambda: SqueezeExcite(8, 16), r"reduction=16 leaves zero hidden channels for channels=8"),
         (lambda: compat.SELayer(3, 4), r"reduction=4 leaves zero hidden"),
-        (lambda: ChannelAttention(2), r"reduction=4 leaves zero hidden channels for channels=2"),
+        (lambda: ChannelAttention(2), r"reduction=4 leaves zero hidden channels for in_channels=2"),
         (lambda: CBAM(8), r"reduction=16 leaves zero hidden"),
-        (lambda: CBAtten_Res(4, 2), r"reduction=4 leaves zero hidden channels for channels=2"),
+        (lambda: CBAtten_Res(4, 2), r"reduction=4 leaves zero hidden channels for out_channels=2"),
         (lambda: SpatialAttention(4), r"kernel_size must be one of \(3, 5, 7\), got 4"),
         (lambda: CBAM(16, 4, kernel_size=9), r"kernel_size must be one of \(3, 5, 7\), got 9"),
         (lambda: CBAtten_Res(4, 8, kernel_size=1), r"kernel_size must be one of \(3, 5, 7\), got 1"),

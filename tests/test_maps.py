@@ -371,6 +371,31 @@ def test_acmix_rows_are_the_local_attention_of_the_attention_branch():
         torch.testing.assert_close(rows.data[0, :, qi], expected.flatten(1), atol=1e-12, rtol=1e-12)
 
 
+@pytest.mark.parametrize(
+    "name, kwargs, shape, key_grid",
+    [
+        ("sagan", {"in_dim": 8, "out_dim": 2}, (2, 8, 6, 6), (6, 6)),
+        ("channel_self_attention", {"in_dim": 8, "out_dim": 4}, (2, 8, 6, 6), (4,)),
+        ("nonlocal", {"in_channels": 8}, (2, 8, 6, 6), (3, 3)),
+        ("nonlocal", {"in_channels": 8, "sub_sample": False, "mode": "gaussian"}, (2, 8, 6, 6), (6, 6)),
+        ("nonlocal", {"in_channels": 8, "mode": "dot_product"}, (2, 8, 6, 6), (3, 3)),
+        ("nonlocal", {"in_channels": 8, "mode": "concatenation", "sub_sample": False}, (2, 8, 6, 6), (6, 6)),
+    ],
+)
+def test_global_attention_rows_match_the_full_map(name, kwargs, shape, key_grid):
+    """Captured rows equal the corresponding rows of the module's own full attention map."""
+    torch.manual_seed(0)
+    module = attnzoo.create(name, **kwargs).eval()
+    x = torch.randn(*shape)
+    with torch.no_grad():
+        _, full = module(x, return_attention=True)  # (B, L, S)
+        with attnzoo.capture_maps(module) as maps:
+            out = module(x)
+    assert out.shape[0] == x.shape[0] and out.shape[2:] == x.shape[2:]
+    (records,) = maps.values()
+    rec = records[0]
+    assert rec.kind == "rows" and rec.grid == key_grid
+    torch.testing.assert_close(rec.data[:, 0], full[:, rec.queries], atol=1e-5, rtol=1e-4)
 def test_sagan_rows_equal_its_attention_map():
     sagan = _create("sagan", in_dim=8, out_dim=2)
     x = torch.randn(2, 8, 5, 6, dtype=torch.float64)

@@ -25,6 +25,7 @@ Shape letters: B batch (times heads), L queries, S keys, d query/key dim, e valu
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -42,9 +43,10 @@ __all__ = ["global_attention", "blocked_attention"]
 _BLOCK_ELEMENTS = 1 << 21
 
 
-# Largest logit magnitude for which exp() needs no max-shift: float32 exp(40) * 2**31 keys stays
-# finite and exp(-40) is far from denormal; float64 has room for 300.
-_NO_SHIFT = {torch.float32: 40.0, torch.float64: 300.0}
+# Exponents are kept above this floor: below it exp() returns subnormal numbers, and MKL's GEMMs on
+# subnormal probabilities run about 10x slower (measured: timm's NonLocalAttn at its kaiming init).
+# Entries that low weigh less than exp(-80) of a row's largest, far below float32 resolution.
+_EXP_FLOOR = {torch.float32: -80.0, torch.float64: -700.0}
 
 _threads = torch.get_num_threads  # indirection, so tests can pose as a many-core machine
 
@@ -70,23 +72,27 @@ class _BlockedAttention(torch.autograd.Function):
         out_buf = q.new_empty(batch, rows, dim_v)
         out = q.new_empty(batch, length_q, dim_v)
         lse = q.new_empty(batch, length_q, 1)
-        # |logit| <= max |q_i| * max |k_j|. Within _NO_SHIFT the exponentials can neither overflow nor
-        # underflow to denormals, so the row maxima (two passes over every block) are not needed:
-        # softmax does not depend on the shift.
+        # |logit| <= bound = max |q_i| * max |k_j|. If 2 * bound + log(S) stays above the exponent
+        # floor, neither exp(logit) here nor exp(logit - lse) in backward can overflow or go
+        # subnormal, so the row maxima (two passes over every block) are not needed: softmax does not
+        # depend on the shift. Otherwise shift by the row maxima and clamp at the floor.
+        floor = _EXP_FLOOR[q.dtype]
         bound = float(q_s.norm(dim=-1).amax() * k.norm(dim=-1).amax()) if q.numel() and k.numel() else 0.0
-        shift = bound > _NO_SHIFT[q.dtype]
+        shift = 2 * bound + math.log(max(length_k, 1)) > -floor
         for start in range(0, length_q, rows):
             stop = min(start + rows, length_q)
             s, o = scores_buf[:, : stop - start], out_buf[:, : stop - start]
             torch.bmm(q_s[:, start:stop], k_t, out=s)  # (B, n, S) logits
             row_max = s.amax(dim=-1, keepdim=True) if shift else None
-            (s.sub_(row_max) if row_max is not None else s).exp_()
+            if row_max is not None:
+                s.sub_(row_max).clamp_(min=floor)
+            s.exp_()
             row_sum = s.sum(dim=-1, keepdim=True)
             torch.bmm(s, v_c, out=o)  # (B, n, e), not yet normalised
             torch.div(o, row_sum, out=out[:, start:stop])
             lse[:, start:stop] = row_sum.log() if row_max is None else row_max + row_sum.log()
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.scale, ctx.block = scale, block
+        ctx.scale, ctx.block, ctx.shift = scale, block, shift
         return out
 
     @staticmethod
@@ -115,6 +121,8 @@ class _BlockedAttention(torch.autograd.Function):
             n = stop - start
             p_t, ds_t = p_buf[:, :n], ds_buf[:, :n]
             torch.bmm(k_aug[:, start:stop], q_aug_t, out=p_t)  # (B, n, L): logits - lse
+            if ctx.shift:
+                p_t.clamp_(min=_EXP_FLOOR[q.dtype])
             p_t.exp_()  # P^T block
             torch.bmm(v_aug[:, start:stop], g_aug_t, out=ds_t)  # (B, n, L): dP^T - D^T
             ds_t.mul_(p_t)  # dS^T block (gradient of the scaled logits)
@@ -181,7 +189,10 @@ def global_attention(
     if not return_weights and fused_enabled():
         dim_qk, dim_v = q.shape[-1], v.shape[-1]
         small, large = min(dim_qk, dim_v), max(dim_qk, dim_v)
-        blocked_ok = q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64)
+        # The blocked kernel is for eager CPU runs: its block sizes and shift test read sizes and data,
+        # which torch.compile / torch.export / jit.trace cannot follow; they take the SDPA path.
+        tracing = torch.compiler.is_compiling() or torch.jit.is_tracing()
+        blocked_ok = q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64) and not tracing
         if small == large or not blocked_ok:
             return _fused(q, k, v, scale)
         if large > 2 * small:
