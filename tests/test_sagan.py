@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from tests.conftest import LargestTensor, golden_files
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import attnzoo
 import attnzoo._blocked

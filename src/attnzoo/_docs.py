@@ -61,10 +61,25 @@ def mechanism_api(name: str) -> str:
     return "\n".join(lines)
 
 
+# Mechanisms that take no image-shaped input, so `attnzoo maps` has no picture to draw for them.
+_NO_IMAGE_MAP = {
+    "window": (
+        "`attnzoo maps` draws over an image; this module takes windows already cut from a map. The "
+        "[shifted-window page](shifted_window.md) shows the same attention over a whole image."
+    ),
+    "temporal": (
+        "`attnzoo maps` draws over an image; this module attends along time in `(B, T, C)` frames. "
+        "Capture its rows with `attnzoo.capture_maps(model)` on a clip."
+    ),
+}
+
+
 def mechanism_map(root: Path, name: str) -> str:
     """The picture part of a mechanism page: the image when ``docs/images/<name>.png`` exists."""
     if (root / "docs" / "images" / f"{name}.png").exists():
         return f"![attention map of {name}](../images/{name}.png)"
+    if name in _NO_IMAGE_MAP:
+        return _NO_IMAGE_MAP[name]
     return (
         f"No picture yet: `attnzoo maps {name} --out docs/images/{name}.png`, then\n"
         "`python -m attnzoo._docs`, adds it here."
