@@ -313,3 +313,21 @@ def test_sample_image_ships_with_the_package():
 
     image = load_image(cli.sample_image())
     assert image.shape == (3, 112, 112) and 0 <= image.min() and image.max() <= 1
+
+
+def test_pictures_without_matplotlib_say_which_extra_to_install(tmp_path):
+    names = [s.name for s in SPECS if s.layout == "NCHW"]
+    _needs(names)
+    fake = tmp_path / "fake" / "matplotlib"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('No module named matplotlib')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(fake.parent), str(SRC)])}
+    proc = subprocess.run(
+        [sys.executable, "-m", "attnzoo", "maps", names[0], "--out", str(tmp_path / "m.png")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    line = _one_error_line(proc)
+    assert "needs matplotlib" in line and "attnzoo[plots]" in line

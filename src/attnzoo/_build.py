@@ -158,6 +158,7 @@ INPUT_RULES: dict[str, str] = {
     "mha": "self",  # query = key = value = the H*W tokens (self-attention)
     "window": "windows",  # the map cut into windows: (B * windows, Wh*Ww, C), as Swin calls it
     "temporal": "frames",  # attends along time: clips give (B*H*W, T, C); sequences as they are
+    "nonlocal": "nd",  # (B, C, *spatial) for 1-, 2- and 3-D inputs (``dimension`` follows)
 }
 
 
@@ -167,6 +168,8 @@ def input_shapes(spec: Spec, geo: Geometry) -> tuple[tuple[int, ...], ...]:
     rule = INPUT_RULES.get(spec.name)
     if rule == "self":
         return tuple((geo.batch, geo.tokens, geo.channels) for _ in example)
+    if rule == "nd":
+        return ((geo.batch, geo.channels, *geo.spatial),)
     if rule == "frames":
         if len(geo.spatial) == 2:
             raise Unsupported("attends along time: give BxCxTxHxW clips or BxLxC sequences")

@@ -136,6 +136,11 @@ def panels(
         out = []
         if isinstance(m.meta.get("query"), str):  # a query that is no position (the mean token)
             return [Panel(f"{name}: {m.meta['query']} query", heat=_plane(rows[0], grid))]
+        if len(grid) == 1:  # keys that are not positions on the map (channels): bar charts
+            return [
+                Panel(f"{name}: query {q} of {grid[0]}", bars=row)
+                for q, row in list(zip(queries, rows, strict=False))[:max_queries]
+            ]
         for q, row in list(zip(queries, rows, strict=False))[:max_queries]:
             mark = _query_yx(int(q), qgrid)
             out.append(
@@ -178,7 +183,7 @@ def heatmap(m: AttentionMap, token_grid: tuple[int, int] | None, sample: int = 0
     if m.kind == "spatial":
         return _plane(data, grid)
     if m.kind == "rows":
-        return _plane(data.mean(dim=(0, 1)), grid)
+        return _plane(data.mean(dim=(0, 1)), grid) if len(grid) > 1 else None
     counts = torch.bincount(data.long().flatten(), minlength=math.prod(grid)).float()
     return _plane(counts, grid)
 
