@@ -128,8 +128,9 @@ class ChannelSelfAttention(nn.Module):
         proj = _fused_pointwise(x, [self.query_conv, self.key_conv, self.value_conv, self.x_conv])
         q, k, v, skip = proj.flatten(2).chunk(4, dim=1)  # 4 x (B, C1, N): channels are the tokens
         want_map = return_attention or self.capture_attention
-        if capturing():  # map capture: rows of the channel-to-channel attention
-            record_rows(self, q.unsqueeze(1), k.unsqueeze(1), grid=(self.out_dim,), scale=1.0)
+        if not torch.jit.is_scripting():
+            if capturing():  # map capture: rows of the channel-to-channel attention
+                record_rows(self, q.unsqueeze(1), k.unsqueeze(1), grid=(self.out_dim,), scale=1.0)
         res = global_attention(q, k, v, scale=1.0, return_weights=want_map)
         out, attn = res if isinstance(res, tuple) else (res, None)
         y = torch.addcmul(skip, self.gamma, out).reshape(b, self.out_dim, h, w)  # (B, C1, H, W)
