@@ -152,12 +152,15 @@ LABELS = {
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer rounds, skip N = 16384")
+    parser.add_argument("--n", type=int, nargs="*", default=None, help="only these N = H*W (1024, 4096, 16384)")
     args = parser.parse_args()
     ensure_malloc_env()
     here = str(Path(__file__).resolve().parent)  # peak_memory's subprocess imports this file as bench_global
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH", "")) if p)
     gemm = gemm_gflops()
     shapes = [(2, 64, 32, 32), (2, 64, 64, 64)] + ([] if args.quick else [(1, 64, 128, 128)])
+    if args.n:
+        shapes = [s for s in shapes if s[2] * s[3] in args.n]
     families = [
         ["seed_sagan", "sagan", "sagan_sdpa"],
         ["seed_nonlocal", "nonlocal"] + (["timm_nonlocal"] if have_timm() else []),
