@@ -251,7 +251,7 @@ def main() -> None:
             ]
         )
         print(f"{case}: done", file=sys.stderr)
-    print("## BiFormer Bi-Level Routing Attention (measured while other jobs shared the machine)\n")
+    print("## BiFormer Bi-Level Routing Attention (issue 7)\n")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, forward + backward.")
     print("Reference: the official algorithm step by step (`benchmarks/bench_biformer.py`).\n")
     print(

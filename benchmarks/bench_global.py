@@ -152,7 +152,9 @@ LABELS = {
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer rounds, skip N = 16384")
-    parser.add_argument("--n", type=int, nargs="*", default=None, help="only these N = H*W (1024, 4096, 16384)")
+    parser.add_argument(
+        "--n", type=int, nargs="*", default=None, help="only these N = H*W (1024, 4096, 16384)"
+    )
     args = parser.parse_args()
     ensure_malloc_env()
     here = str(Path(__file__).resolve().parent)  # peak_memory's subprocess imports this file as bench_global

@@ -127,7 +127,7 @@ def main() -> int:
             f"{ours_flops / 1e9:.2f} / {count_flops(steps['naive']) / 1e9:.2f}",
             f"{ours_flops / timing.median('attnzoo') / 1e9:.1f}", math,
         ])
-    print(f"## seq2seq scoring rules (issue 8) (measured while other jobs shared the machine)\n\n"
+    print(f"## seq2seq scoring rules (issue 8)\n\n"
           f"Forward + backward of `out.sum()`, float32, torch {torch.__version__}, {args.threads} thread(s); "
           f"shape = B x Lq x Lk x d (query (B, Lq, d), keys and values (B, Lk, d)); additive hidden "
           f"{HIDDEN}. `naive` writes each rule literally: rules 1-2 concatenate every (query, key) pair "

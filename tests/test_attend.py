@@ -80,7 +80,7 @@ def test_attend_matches_reference_forward_and_backward(case, lengths, fused):
     g = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), g)
     ref_grads = torch.autograd.grad(ref, (q, k, v), g)
-    for a, b in zip(grads, ref_grads):
+    for a, b in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
 
 
@@ -100,7 +100,9 @@ def test_fully_masked_row_gives_zeros_not_nan(fused, kind):
     q, k, v = make(L=4, S=6, grad=True)
     keep = torch.ones(4, 6, dtype=torch.bool)
     keep[1] = False  # query 1 may attend to nothing
-    mask = keep if kind == "bool" else torch.zeros(4, 6, dtype=torch.float64).masked_fill(~keep, float("-inf"))
+    mask = (
+        keep if kind == "bool" else torch.zeros(4, 6, dtype=torch.float64).masked_fill(~keep, float("-inf"))
+    )
     with attnzoo.fused_attn(fused):
         out = attend(q, k, v, mask=mask)
     assert torch.isfinite(out).all()
@@ -174,14 +176,39 @@ def test_fused_path_keeps_no_quadratic_tensor_for_backward():
     "args, kwargs, error, match",
     [
         ((torch.randn(2, 5, 4),) * 3, {}, ValueError, r"q of shape \(B, h, L, d\)"),
-        ((torch.randn(1, 2, 5, 4), torch.randn(1, 2, 6, 3), torch.randn(1, 2, 6, 4)), {}, ValueError, "expects k"),
-        ((torch.randn(1, 2, 5, 4), torch.randn(1, 2, 6, 4), torch.randn(1, 2, 7, 4)), {}, ValueError, "expects v"),
-        ((torch.randn(1, 2, 5, 4), torch.randn(1, 3, 6, 4), torch.randn(1, 3, 6, 4)), {}, ValueError, r"\(B, h\)"),
-        ((torch.randn(1, 2, 5, 4),) * 3, {"mask": torch.ones(3, 5, dtype=torch.bool)}, ValueError, "broadcastable"),
+        (
+            (torch.randn(1, 2, 5, 4), torch.randn(1, 2, 6, 3), torch.randn(1, 2, 6, 4)),
+            {},
+            ValueError,
+            "expects k",
+        ),
+        (
+            (torch.randn(1, 2, 5, 4), torch.randn(1, 2, 6, 4), torch.randn(1, 2, 7, 4)),
+            {},
+            ValueError,
+            "expects v",
+        ),
+        (
+            (torch.randn(1, 2, 5, 4), torch.randn(1, 3, 6, 4), torch.randn(1, 3, 6, 4)),
+            {},
+            ValueError,
+            r"\(B, h\)",
+        ),
+        (
+            (torch.randn(1, 2, 5, 4),) * 3,
+            {"mask": torch.ones(3, 5, dtype=torch.bool)},
+            ValueError,
+            "broadcastable",
+        ),
         ((torch.randn(1, 2, 5, 4),) * 3, {"mask": torch.ones(5, 5, dtype=torch.int64)}, TypeError, "mask"),
         ((torch.randn(1, 2, 5, 4),) * 3, {"bias": torch.ones(5, 5, dtype=torch.bool)}, TypeError, "bias"),
         ((torch.randint(0, 3, (1, 2, 5, 4)),) * 3, {}, TypeError, "floating-point"),
-        ((torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4).double(), torch.randn(1, 2, 5, 4)), {}, TypeError, "dtype"),
+        (
+            (torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4).double(), torch.randn(1, 2, 5, 4)),
+            {},
+            TypeError,
+            "dtype",
+        ),
         ((torch.randn(1, 2, 5, 4),) * 3, {"dropout_p": 1.5}, ValueError, "dropout_p"),
     ],
 )

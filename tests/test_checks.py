@@ -11,7 +11,9 @@ from attnzoo._checks import check_choice, check_divisible, check_int, check_mask
 def test_check_shape_returns_sizes_and_names_expected_and_given():
     dims = check_shape(torch.zeros(2, 8, 5, 6), "Mod", "B C H W", C=8)
     assert dims == {"B": 2, "C": 8, "H": 5, "W": 6}
-    with pytest.raises(ValueError, match=r"Mod expects x of shape \(B, 8, H, W\) with C=8, got \(2, 7, 5, 6\)"):
+    with pytest.raises(
+        ValueError, match=r"Mod expects x of shape \(B, 8, H, W\) with C=8, got \(2, 7, 5, 6\)"
+    ):
         check_shape(torch.zeros(2, 7, 5, 6), "Mod", "B C H W", C=8)
     with pytest.raises(ValueError, match=r"\(B, 8, H, W\) \(4-D\), got \(2, 8, 5\) \(3-D\)"):
         check_shape(torch.zeros(2, 8, 5), "Mod", "B C H W", C=8)

@@ -47,7 +47,7 @@ def check_onnx(spec, tmp_path) -> None:
     path = tmp_path / f"{spec.name}.onnx"
     torch.onnx.export(module, tuple(xs), str(path), opset_version=18, dynamo=True)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    feeds = {i.name: x.numpy() for i, x in zip(session.get_inputs(), xs)}
+    feeds = {i.name: x.numpy() for i, x in zip(session.get_inputs(), xs, strict=True)}
     got = torch.from_numpy(session.run(None, feeds)[0])
     with torch.no_grad():
         _close(got, module(*xs), 1e-4)

@@ -34,7 +34,9 @@ GLOBAL_BATCH = 4
 
 def _inputs(spec):
     gen = torch.Generator().manual_seed(7)
-    return [torch.randn(GLOBAL_BATCH, *s[1:], generator=gen, dtype=torch.float64) for s in spec.example.inputs]
+    return [
+        torch.randn(GLOBAL_BATCH, *s[1:], generator=gen, dtype=torch.float64) for s in spec.example.inputs
+    ]
 
 
 def _model(spec):
@@ -88,9 +90,9 @@ def test_ddp_gradients_equal_single_process(spec, ddp_grads):
     model = _model(spec)
     xs = _inputs(spec)
     if _has_batch_norm(model):
-        halves = list(zip(*[x.chunk(2) for x in xs]))
+        halves = list(zip(*[x.chunk(2) for x in xs], strict=True))
         replicas = [copy.deepcopy(model) for _ in halves]
-        for replica, half in zip(replicas, halves):
+        for replica, half in zip(replicas, halves, strict=True):
             _loss(replica, list(half)).backward()
         want = {n: sum(dict(r.named_parameters())[n].grad for r in replicas) / 2 for n in got}
     else:

@@ -11,6 +11,7 @@ from torch import nn
 
 from attnzoo.io import UnsafeCheckpointError, load_state_dict, load_weights
 
+
 class Evil:
     """A pickle payload that would run a shell command (creating a file) if it were ever unpickled."""
 

@@ -1,4 +1,4 @@
-"""Static checks run in CI: ``ruff check src`` and ``mypy src`` must be clean."""
+"""Static checks run in CI: ``ruff check`` (src, tests, benchmarks, examples) and ``mypy src`` are clean."""
 
 from __future__ import annotations
 
@@ -13,12 +13,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    return subprocess.run(
+        [sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=900
+    )
 
 
 @pytest.mark.skipif(importlib.util.find_spec("ruff") is None, reason="ruff not installed (pip install ruff)")
 def test_ruff_clean() -> None:
-    proc = _run("ruff", "check", "src")
+    proc = _run("ruff", "check", "src", "tests", "benchmarks", "examples")
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
 
 

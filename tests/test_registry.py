@@ -24,8 +24,16 @@ def _example():
 
 
 def test_register_create_aliases_and_seed_class(scratch_registry):
-    @register("toy", family="test", paper="Toy", year=2020, layout="NCHW", example=_example(),
-              aliases=("toy_gate",), seed_name="ToyLayer")
+    @register(
+        "toy",
+        family="test",
+        paper="Toy",
+        year=2020,
+        layout="NCHW",
+        example=_example(),
+        aliases=("toy_gate",),
+        seed_name="ToyLayer",
+    )
     class Toy(nn.Module):
         def __init__(self, channels: int):
             super().__init__()
@@ -56,7 +64,9 @@ def test_duplicate_names_are_rejected(scratch_registry):
     with pytest.raises(ValueError, match="already registered"):
         register("toy", family="t", paper="p", year=1, layout="NCHW", example=_example())(A)
     with pytest.raises(ValueError, match="already names"):
-        register("other", family="t", paper="p", year=1, layout="NCHW", example=_example(), aliases=("toy",))(A)
+        register("other", family="t", paper="p", year=1, layout="NCHW", example=_example(), aliases=("toy",))(
+            A
+        )
 
 
 def test_bad_layout_is_rejected(scratch_registry):
@@ -80,7 +90,9 @@ def test_every_entry_has_complete_metadata():
         assert spec.family and spec.paper and 1990 < spec.year < 2030
         assert spec.layout in _registry.LAYOUTS
         assert spec.example.inputs and spec.example.output
-        assert spec.cls.__doc__ and "Shape" in spec.cls.__doc__, f"{spec.name}: docstring needs a Shape section"
+        assert spec.cls.__doc__ and "Shape" in spec.cls.__doc__, (
+            f"{spec.name}: docstring needs a Shape section"
+        )
         if spec.seed_name:
             assert getattr(attnzoo.compat, spec.seed_name) is not None
             assert spec.seed_name in attnzoo.compat.__all__

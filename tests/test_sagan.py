@@ -375,3 +375,16 @@ def test_global_kernel_choice_is_validated(monkeypatch):
     monkeypatch.setenv("ATTNZOO_GLOBAL_KERNEL", "fast")
     with pytest.raises(ValueError, match="ATTNZOO_GLOBAL_KERNEL must be one of"):
         attnzoo._blocked.kernel_choice()
+
+
+def test_global_kernel_is_public_and_both_kernels_agree():
+    # attnzoo.global_kernel is the documented switch; both choices compute the same exact attention.
+    m = SpatialSelfAttention(16, 2).double()
+    torch.nn.init.constant_(m.gamma, 0.7)
+    x = torch.randn(2, 16, 5, 7, dtype=torch.float64)
+    with attnzoo.global_kernel("sdpa"):
+        padded = m(x)
+    with attnzoo.global_kernel("blocked"):
+        blocked = m(x)
+    torch.testing.assert_close(padded, blocked, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(blocked, m(x, return_attention=True)[0], atol=1e-12, rtol=1e-12)

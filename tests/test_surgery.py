@@ -123,7 +123,9 @@ def test_insert_without_example_uses_attributes():
 def test_shape_changing_insert_names_place_and_shapes():
     model = SmallCNN()
     x = torch.randn(1, 3, 8, 8)
-    with pytest.raises(ValueError, match=r"layer1.0 expects to keep the shape \(1, 8, 8, 8\), produced \(1, 8, 4, 4\)"):
+    with pytest.raises(
+        ValueError, match=r"layer1.0 expects to keep the shape \(1, 8, 8, 8\), produced \(1, 8, 4, 4\)"
+    ):
         insert(model, lambda c: nn.MaxPool2d(2), where="layer1.0", example_input=x)
 
 
@@ -172,7 +174,9 @@ def test_replace_swaps_module_and_infers_channels():
         def __init__(self):
             super().__init__()
             self.conv = nn.Conv2d(3, 12, 3, padding=1)
-            self.space_attention = nn.Sequential(nn.Conv2d(12, 12, 3, padding=1), nn.BatchNorm2d(12), nn.ReLU())
+            self.space_attention = nn.Sequential(
+                nn.Conv2d(12, 12, 3, padding=1), nn.BatchNorm2d(12), nn.ReLU()
+            )
 
         def forward(self, x):
             x = self.conv(x)
@@ -250,7 +254,9 @@ def test_replace_seed_space_attention_with_bra_in_nchw():
             super().__init__()
 
             def conv_bn_relu():
-                return nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), nn.BatchNorm2d(channels), nn.ReLU())
+                return nn.Sequential(
+                    nn.Conv2d(channels, channels, 3, padding=1), nn.BatchNorm2d(channels), nn.ReLU()
+                )
 
             self.channel_attention = conv_bn_relu()
             self.space_attention = conv_bn_relu()
@@ -261,8 +267,16 @@ def test_replace_seed_space_attention_with_bra_in_nchw():
 
     net = SeedBlock(16)
     x = torch.randn(2, 16, 12, 12)
-    replace(net, ["channel_attention", "space_attention"], "bra", n_win=3, num_heads=2, topk=2,
-            auto_pad=True, example_input=x)
+    replace(
+        net,
+        ["channel_attention", "space_attention"],
+        "bra",
+        n_win=3,
+        num_heads=2,
+        topk=2,
+        auto_pad=True,
+        example_input=x,
+    )
     assert net.channel_attention is not net.space_attention
     assert isinstance(net.space_attention, attnzoo.BiLevelRoutingAttention)
     assert net(x).shape == x.shape

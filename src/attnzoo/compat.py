@@ -3,53 +3,52 @@
 Code and checkpoints written against the seeds (and the papers' official code) load here unchanged
 (``load_state_dict(..., strict=True)``) and give the seed's numbers; each class's docstring lists what
 differs from the seed and why.
+
+Two names are shared with canonical classes and mean the seed's version here: ``MultiHeadAttention``
+(the seed's module; ``create("MultiHeadAttention")`` still builds the canonical one) and
+``BiLevelRoutingAttention`` (the official BiFormer module's defaults). ``WindowAttention`` and
+``ACmix`` are the canonical classes themselves: they already keep the official API and state_dict.
 """
 
-# --- biformer ---
+from attnzoo.acmix import ACmix
 from attnzoo.biformer import LegacyBiLevelRoutingAttention as BiLevelRoutingAttention
 from attnzoo.biformer_nchw import nchwBRA
+from attnzoo.blocks import cross_attention, feed_forward, self_attention
+from attnzoo.cbam import CBAtten_Res, ChannelAttention, SpatialAttention
+from attnzoo.dual import SeedDualAttention
+from attnzoo.mha import SeedMultiHeadAttention as MultiHeadAttention
+from attnzoo.non_local import NonLocalBlockND
+from attnzoo.sagan import Self_Attn_Channel, Self_Attn_Spatial
+from attnzoo.se import SELayer
+from attnzoo.seq2seq import Attn
+from attnzoo.sk import SKEConv
+from attnzoo.swin import WindowAttention
+from attnzoo.temporal import Attention
 
-# --- end biformer ---
-
-__all__: list[str] = []
-
-# --- seq2seq (issue 8) ---
-from attnzoo.seq2seq import Attn  # noqa: E402
-
-__all__ += ["Attn"]
-# --- end seq2seq ---
-# --- transformer family (mha, swin, temporal) ---
-# The seed's MultiHeadAttention shares the canonical class's name, so it is exported here under the
-# seed's name but not registered as a seed name (create("MultiHeadAttention") builds the canonical).
-from attnzoo.mha import SeedMultiHeadAttention as MultiHeadAttention  # noqa: E402
-from attnzoo.swin import WindowAttention  # noqa: E402  (the official Swin class, unchanged API)
-from attnzoo.temporal import Attention  # noqa: E402
-
-__all__ += ["Attention", "MultiHeadAttention", "WindowAttention"]
-# --- end transformer family ---
-# --- blocks (issue 6): the seed-001 tutorial's builders, returning PyTorch modules ---
-from attnzoo.blocks import cross_attention, feed_forward, self_attention  # noqa: E402
-
-__all__ += ["self_attention", "cross_attention", "feed_forward"]
-# --- end blocks ---
-# --- gating family ---
-from attnzoo.cbam import CBAtten_Res, ChannelAttention, SpatialAttention  # noqa: E402
-from attnzoo.dual import SeedDualAttention  # noqa: E402
-from attnzoo.se import SELayer  # noqa: E402
-from attnzoo.sk import SKEConv  # noqa: E402
-
-__all__ += ["CBAtten_Res", "ChannelAttention", "SELayer", "SKEConv", "SeedDualAttention", "SpatialAttention"]
-# --- end gating family ---
-__all__ += ["BiLevelRoutingAttention", "nchwBRA"]  # biformer
-# --- acmix (issue 7): the canonical class already has the official signature and state_dict ---
-from attnzoo.acmix import ACmix  # noqa: E402
-
-# --- end acmix ---
-
-__all__ += ["ACmix"]  # acmix (issue 7)
-# --- global self-attention (issue 4) ---
-from attnzoo.non_local import NonLocalBlockND  # noqa: E402
-from attnzoo.sagan import Self_Attn_Channel, Self_Attn_Spatial  # noqa: E402
-
-__all__ += ["NonLocalBlockND", "Self_Attn_Channel", "Self_Attn_Spatial"]
-# --- end global self-attention ---
+__all__ = [
+    # gating
+    "CBAtten_Res",
+    "ChannelAttention",
+    "SELayer",
+    "SKEConv",
+    "SeedDualAttention",
+    "SpatialAttention",
+    # global self-attention
+    "NonLocalBlockND",
+    "Self_Attn_Channel",
+    "Self_Attn_Spatial",
+    # transformer
+    "Attention",
+    "MultiHeadAttention",
+    "WindowAttention",
+    # prefix-named blocks (builders returning PyTorch modules)
+    "cross_attention",
+    "feed_forward",
+    "self_attention",
+    # BiFormer and ACmix
+    "ACmix",
+    "BiLevelRoutingAttention",
+    "nchwBRA",
+    # seq2seq
+    "Attn",
+]
