@@ -11,7 +11,7 @@ from attnzoo._blocked import global_kernel
 from attnzoo._registry import Example, Spec, create, get_spec, list_modules
 from attnzoo.acmix import ACmix
 from attnzoo.biformer import BiLevelRoutingAttention
-from attnzoo.biformer_nchw import nchwBRA as _nchwBRA  # noqa: F401 (registers "bra_nchw"; public in compat)
+from attnzoo.biformer_nchw import nchwBRA
 from attnzoo.blocks import CrossAttentionBlock, FeedForwardBlock, SelfAttentionBlock
 from attnzoo.blocks_attention import KerasMultiHeadAttention
 from attnzoo.cbam import CBAM, CBAtten_Res, ChannelAttention, SpatialAttention
@@ -88,6 +88,7 @@ __all__ = [
     # BiFormer and ACmix
     "ACmix",
     "BiLevelRoutingAttention",
+    "nchwBRA",
     # seq2seq scoring rules
     "AdditiveAttention",
     "ConcatAttention",

@@ -6,7 +6,8 @@ differs from the seed and why.
 
 Two names are shared with canonical classes and mean the seed's version here: ``MultiHeadAttention``
 (the seed's module; ``create("MultiHeadAttention")`` still builds the canonical one) and
-``BiLevelRoutingAttention`` (the official BiFormer module's defaults). ``WindowAttention`` and
+``BiLevelRoutingAttention`` (the official BiFormer module's ``forward(x, ret_attn_mask=False)``,
+which can also return the routing and attention weights as the official tuple). ``WindowAttention`` and
 ``ACmix`` are the canonical classes themselves: they already keep the official API and state_dict.
 """
 

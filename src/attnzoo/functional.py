@@ -1,10 +1,13 @@
 """The one dot-product attention path of attnzoo, and the relative-position helpers.
 
-Every dot-product mechanism in the library (multi-head, window, temporal, SAGAN, non-local, BiFormer,
-ACmix's attention branch, the scaled-dot-product scoring rule) calls :func:`attend`. Without
-``return_weights`` it runs ``torch.nn.functional.scaled_dot_product_attention``, so the fused kernels
-never keep an L x S matrix for backward; with it (or with the fused path switched off) it runs a plain
-math path that returns the weights.
+Multi-head attention, the transformer blocks, BiFormer, the non-local block and the scoring rules
+call :func:`attend`. Without ``return_weights`` it runs
+``torch.nn.functional.scaled_dot_product_attention``, so the fused kernels never keep an L x S matrix
+for backward; with it (or with the fused path switched off) it runs a plain math path that returns
+the weights. Three exact kernels cover what SDPA serves badly on CPU and fall back to :func:`attend`
+when fusion is off: :mod:`attnzoo._biased_attention` (Swin windows, temporal attention: tiny maps
+with a learnable bias), :mod:`attnzoo._blocked` (SAGAN: query and value widths differ) and ACmix's
+neighbourhood kernel (:func:`attnzoo.acmix.neighbourhood_attention`).
 
 Mask convention (the SDPA one, the inverse of ``nn.MultiheadAttention``): a **boolean mask is True
 where a query may attend**; a floating mask is added to the logits.
