@@ -85,25 +85,14 @@ def memory_step(name: str, shape: list[int], mode: str, dtype: str) -> Callable[
 _MEMORY_CHILD = r"""
 import gc, json, sys
 from attnzoo._bench import memory_step
-
-def status(key):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(key + " not in /proc/self/status")
+from attnzoo.benchmark import step_peak_here
 
 job = json.loads(sys.argv[1])
 for name in job["names"]:
+    step = None
     try:
         step = memory_step(name, job["shape"], job["mode"], job["dtype"])
-        step()
-        gc.collect()
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        base = status("VmRSS")
-        step()
-        report = {"name": name, "bytes": max(status("VmHWM") - base, 0)}
+        report = {"name": name, "bytes": step_peak_here(step)}
     except Exception as err:
         report = {"name": name, "error": str(err).splitlines()[0] if str(err) else type(err).__name__}
     step = None

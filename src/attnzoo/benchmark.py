@@ -14,6 +14,7 @@ Shared by ``benchmarks/*.py`` (the comparisons recorded in ``benchmarks/RESULTS.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import statistics
@@ -31,10 +32,12 @@ from attnzoo.functional import fused_attn
 
 __all__ = [
     "MALLOC_ENV",
+    "MEASURE_ENV",
     "Timing",
     "alternate",
     "count_flops",
     "peak_memory",
+    "step_peak_here",
     "train_step",
     "forward_step",
     "ensure_malloc_env",
@@ -154,28 +157,40 @@ def count_flops(step: Callable[[], object]) -> int:
     return int(counter.get_total_flops())
 
 
-_CHILD = r"""
-import gc, importlib, json, sys
-spec = json.loads(sys.argv[1])
-module_name, fn_name = spec["target"].split(":")
-make = getattr(importlib.import_module(module_name), fn_name)
-step = make(**spec["kwargs"])
-step()  # first call: lazy initialisation settles; its buffers go back to the OS (see MEASURE_ENV)
-gc.collect()
-
-def status(key):
+def _proc_status(key: str) -> int:
+    """A memory figure of this process from ``/proc/self/status``, in bytes (Linux)."""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024
-    raise RuntimeError(key + " not in /proc/self/status")
+    raise RuntimeError(f"{key} not in /proc/self/status")
 
-# Reset the peak resident set (VmHWM) so imports and the first call do not count (Linux >= 4.0).
-with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")
-base = status("VmRSS")
-step()
-print(json.dumps({"peak": status("VmHWM"), "base": base}))
+
+def step_peak_here(step: Callable[[], object]) -> int:
+    """Peak resident memory (bytes) one call of ``step`` adds, measured in this process.
+
+    Meant for a fresh process started with :data:`MEASURE_ENV` (see :func:`peak_memory`): the step
+    runs once so lazy initialisation settles and its buffers go back to the OS; then the peak
+    resident set (VmHWM) is reset through ``/proc/self/clear_refs`` (Linux >= 4.0), so imports and
+    the first call do not count, and the second call's peak minus the resident set just before it
+    (the inputs and weights) is returned.
+    """
+    step()
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = _proc_status("VmRSS")
+    step()
+    return max(_proc_status("VmHWM") - base, 0)
+
+
+_CHILD = r"""
+import importlib, json, sys
+from attnzoo.benchmark import step_peak_here
+spec = json.loads(sys.argv[1])
+module_name, fn_name = spec["target"].split(":")
+make = getattr(importlib.import_module(module_name), fn_name)
+print(json.dumps({"bytes": step_peak_here(make(**spec["kwargs"]))}))
 """
 
 # For measuring, the opposite of MALLOC_ENV: a fixed, small mmap threshold sends every large buffer
@@ -203,7 +218,7 @@ def peak_memory(target: str, kwargs: Mapping[str, Any] | None = None, *, timeout
     if proc.returncode != 0:
         raise RuntimeError(f"peak_memory({target!r}) failed in its subprocess:\n{proc.stderr[-2000:]}")
     report = json.loads(proc.stdout.strip().splitlines()[-1])
-    return max(int(report["peak"]) - int(report["base"]), 0)
+    return int(report["bytes"])
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

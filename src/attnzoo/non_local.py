@@ -21,6 +21,7 @@ with the keys sorted by ``b_j``, sums ``ReLU(a_i + b_j) g_j = (a_i + b_j) g_j`` 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import cast
 
 import torch
@@ -31,7 +32,7 @@ from attnzoo._blocked import global_attention
 from attnzoo._checks import check_choice, check_int, check_shape
 from attnzoo._registry import Example, register, register_seed
 from attnzoo.functional import fused_enabled
-from attnzoo.maps import capturing, query_indices, record
+from attnzoo.maps import capturing, query_indices, record, with_map
 
 __all__ = ["NonLocalBlock", "NonLocalBlockND"]
 
@@ -54,7 +55,7 @@ def _conv(module: nn.Module) -> _ConvNd:
     return cast(_ConvNd, module[0] if isinstance(module, nn.Sequential) else module)
 
 
-def _linear(x_t: Tensor, convs: list[_ConvNd]) -> Tensor:
+def pointwise_tokens(x_t: Tensor, convs: Sequence[_ConvNd]) -> Tensor:
     """The 1x1 convolutions ``convs`` applied at once to tokens ``(B, N, C) -> (B, N, sum(C_out))``."""
     weight = torch.cat([c.weight.flatten(1) for c in convs])  # (sum(C_out), C)
     bias = torch.cat([cast(Tensor, c.bias) for c in convs])
@@ -172,16 +173,16 @@ class NonLocalBlock(nn.Module):
         if mode == "gaussian":
             theta, width = x_t, self.in_channels
             if self.sub_sample:
-                keys = torch.cat([x_t, _linear(x_t, [g_conv])], -1)  # (B, N, C + C1)
+                keys = torch.cat([x_t, pointwise_tokens(x_t, [g_conv])], -1)  # (B, N, C + C1)
             else:
-                phi, g = x_t, _linear(x_t, [g_conv])
+                phi, g = x_t, pointwise_tokens(x_t, [g_conv])
         else:
             width, phi_conv = c1, _conv(self.phi)
             if self.sub_sample:
-                theta = _linear(x_t, [self.theta])  # (B, N, C1)
-                keys = _linear(x_t, [phi_conv, g_conv])  # (B, N, 2 C1)
+                theta = pointwise_tokens(x_t, [self.theta])  # (B, N, C1)
+                keys = pointwise_tokens(x_t, [phi_conv, g_conv])  # (B, N, 2 C1)
             else:  # 3 x (B, N, C1)
-                theta, phi, g = _linear(x_t, [self.theta, phi_conv, g_conv]).split(c1, dim=-1)
+                theta, phi, g = pointwise_tokens(x_t, [self.theta, phi_conv, g_conv]).split(c1, dim=-1)
         if keys is not None:
             phi, g = self._pool(keys, spatial).split([width, c1], dim=-1)  # (B, N', width), (B, N', C1)
         y_t, attn = self._pairwise(theta, phi, g, return_attention or self.capture_attention)  # (B, N, C1)
@@ -195,18 +196,14 @@ class NonLocalBlock(nn.Module):
                 key_grid = tuple(s // k for s, k in zip(spatial, kernel, strict=True))
                 if rows is not None:
                     record(self, "rows", rows[:, None], grid=key_grid, queries=idx, query_grid=spatial)
-        z_t = _linear(y_t, [_conv(self.W)])  # (B, N, C): W's 1x1 convolution on the tokens
+        z_t = pointwise_tokens(y_t, [_conv(self.W)])  # (B, N, C): W's 1x1 convolution on the tokens
         # (B, C, *spatial), made contiguous: torch 2.14's BatchNorm backward is wrong for a
         # channels-last-strided input with B = 1 (and the copy is O(N C), noise next to attention).
         z = z_t.transpose(1, 2).reshape(dims["B"], self.in_channels, *spatial).contiguous()
         if isinstance(self.W, nn.Sequential):
             z = self.W[1](z)  # BatchNorm
         z = x + z  # x first: the result keeps x's memory format
-        if attn is None:
-            return z
-        if self.capture_attention:
-            self.last_attention = attn.detach()
-        return (z, attn) if return_attention else z
+        return with_map(self, z, attn, return_attention)
 
     def _pairwise(
         self, theta: Tensor, phi: Tensor, g: Tensor, want_map: bool

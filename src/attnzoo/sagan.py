@@ -24,7 +24,8 @@ from torch import Tensor, nn
 from attnzoo._blocked import global_attention
 from attnzoo._checks import check_int, check_shape
 from attnzoo._registry import Example, register, register_seed
-from attnzoo.maps import capturing, record_rows
+from attnzoo.maps import capturing, record_rows, with_map
+from attnzoo.non_local import pointwise_tokens
 
 __all__ = ["SpatialSelfAttention", "ChannelSelfAttention", "Self_Attn_Spatial", "Self_Attn_Channel"]
 
@@ -74,9 +75,8 @@ class SpatialSelfAttention(nn.Module):
         b, c, h, w = check_shape(x, type(self).__name__, "B C H W", C=self.in_dim).values()
         d = self.out_dim
         x_t = x.flatten(2).transpose(1, 2)  # (B, N, C): tokens, one per position
-        weight = torch.cat([self.query_conv.weight, self.key_conv.weight, self.value_conv.weight]).flatten(1)
-        bias = torch.cat([self.query_conv.bias, self.key_conv.bias, self.value_conv.bias])  # type: ignore[list-item]
-        q, k, v = F.linear(x_t, weight, bias).split([d, d, c], dim=-1)  # (B, N, d), (B, N, d), (B, N, C)
+        qkv = pointwise_tokens(x_t, [self.query_conv, self.key_conv, self.value_conv])  # (B, N, 2d + C)
+        q, k, v = qkv.split([d, d, c], dim=-1)  # (B, N, d), (B, N, d), (B, N, C)
         want_map = return_attention or self.capture_attention
         res = global_attention(q, k, v, scale=1.0, return_weights=want_map)
         if not torch.jit.is_scripting():
@@ -85,11 +85,7 @@ class SpatialSelfAttention(nn.Module):
         out_t, attn = res if isinstance(res, tuple) else (res, None)
         out = out_t.transpose(1, 2).reshape(b, c, h, w)  # (B, C, H, W)
         y = torch.addcmul(x, self.gamma, out)  # gamma * out + x
-        if attn is None:
-            return y
-        if self.capture_attention:
-            self.last_attention = attn.detach()
-        return (y, attn) if return_attention else y
+        return with_map(self, y, attn, return_attention)
 
 
 class ChannelSelfAttention(nn.Module):
@@ -134,11 +130,7 @@ class ChannelSelfAttention(nn.Module):
         res = global_attention(q, k, v, scale=1.0, return_weights=want_map)
         out, attn = res if isinstance(res, tuple) else (res, None)
         y = torch.addcmul(skip, self.gamma, out).reshape(b, self.out_dim, h, w)  # (B, C1, H, W)
-        if attn is None:
-            return y
-        if self.capture_attention:
-            self.last_attention = attn.detach()
-        return (y, attn) if return_attention else y
+        return with_map(self, y, attn, return_attention)
 
 
 register(

@@ -125,6 +125,15 @@ def _trace(model: nn.Module, sites: list[_Site], example_input: Any) -> None:
             site.shape_out = tuple(output.shape) if isinstance(output, Tensor) else None
 
         handles.append(site.module.register_forward_hook(hook))
+    try:
+        _dry_run(model, example_input)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _dry_run(model: nn.Module, example_input: Any) -> None:
+    """One forward in eval mode without gradients; the model's training flag is restored."""
     was_training = model.training
     try:
         model.eval()
@@ -132,8 +141,6 @@ def _trace(model: nn.Module, sites: list[_Site], example_input: Any) -> None:
             _call(model, example_input)
     finally:
         model.train(was_training)
-        for handle in handles:
-            handle.remove()
 
 
 def _call(model: nn.Module, example_input: Any) -> Any:
@@ -366,15 +373,9 @@ def _site_shape(site: _Site, use_input: bool) -> tuple[int, str]:
 
 
 def _verify(model: nn.Module, example_input: Any) -> None:
-    if example_input is None:
-        return
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            _call(model, example_input)
-    finally:
-        model.train(was_training)
+    """Run the edited model once on ``example_input`` (when given), so a shape mismatch shows now."""
+    if example_input is not None:
+        _dry_run(model, example_input)
 
 
 def insert(
