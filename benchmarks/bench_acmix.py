@@ -15,8 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnzoo.acmix import ACmix
-from attnzoo.benchmark import (
+from attnzoo.cli.harness import (
     alternate,
     ensure_malloc_env,
     forward_step,
@@ -24,6 +23,7 @@ from attnzoo.benchmark import (
     peak_memory,
     train_step,
 )
+from attnzoo.mechanisms.acmix import ACmix
 
 # (name, constructor kwargs, input shape); the first is the target.
 CASES = [

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnzoo.benchmark import (
+from attnzoo.cli.harness import (
     alternate,
     count_flops,
     ensure_malloc_env,
@@ -27,8 +27,8 @@ from attnzoo.benchmark import (
     peak_memory,
     train_step,
 )
-from attnzoo.biformer import BiLevelRoutingAttention
-from attnzoo.biformer_nchw import nchwBRA
+from attnzoo.mechanisms.biformer import BiLevelRoutingAttention
+from attnzoo.mechanisms.biformer_nchw import nchwBRA
 
 
 class _QKV(nn.Module):

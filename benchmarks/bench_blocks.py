@@ -5,7 +5,7 @@ Candidates, all with the same sizes (B=8, L=512, D=256, 8 heads of 32) and float
 - ``attnzoo``: :class:`attnzoo.SelfAttentionBlock` (Keras kernel layout, ``attend`` -> SDPA);
 - ``torch_mha``: ``nn.MultiheadAttention(need_weights=False)`` + residual + ``nn.LayerNorm``, the
   plain PyTorch way to write the same block;
-- ``keras``: the tutorial's Keras model (``attnzoo.keras.self_attention``) on Keras's torch
+- ``keras``: the tutorial's Keras model (``attnzoo.blocks.keras.self_attention``) on Keras's torch
   backend, with the same weights (skipped when Keras is not installed).
 
 Forward + backward, without and with the causal mask; median times, ratios (attnzoo / other),
@@ -25,7 +25,8 @@ os.environ.setdefault("KERAS_BACKEND", "torch")
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from attnzoo.benchmark import (  # noqa: E402
+from attnzoo.blocks.transformer import self_attention  # noqa: E402
+from attnzoo.cli.harness import (  # noqa: E402
     alternate,
     count_flops,
     ensure_malloc_env,
@@ -33,7 +34,6 @@ from attnzoo.benchmark import (  # noqa: E402
     peak_memory,
     train_step,
 )
-from attnzoo.blocks import self_attention  # noqa: E402
 
 B, L, D, HEADS = 8, 512, 256, 8
 HAVE_KERAS = importlib.util.find_spec("keras") is not None
@@ -60,7 +60,7 @@ def build(name: str, causal: bool) -> nn.Module:
         return self_attention((L, D), mask=causal, num_heads=HEADS, key_dim=D // HEADS)
     if name == "torch_mha":
         return TorchBlock(causal)
-    from attnzoo import keras as akeras
+    from attnzoo.blocks import keras as akeras
 
     return akeras.self_attention((L, D), mask=causal, num_heads=HEADS, key_dim=D // HEADS)
 

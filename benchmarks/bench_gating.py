@@ -28,7 +28,7 @@ from attnzoo import (
     SpatialAttention,
     SqueezeExcite,
 )
-from attnzoo.benchmark import alternate, ensure_malloc_env, markdown_table, peak_memory, train_step
+from attnzoo.cli.harness import alternate, ensure_malloc_env, markdown_table, peak_memory, train_step
 
 # ----------------------------------------------------------------------------------------------
 # Seed-following references (the seed documents' forward passes, step by step)

@@ -25,8 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import gemm_gflops  # noqa: E402
 
 from attnzoo import NonLocalBlock, SpatialSelfAttention  # noqa: E402
-from attnzoo._blocked import global_kernel  # noqa: E402
-from attnzoo.benchmark import (  # noqa: E402
+from attnzoo.cli.harness import (  # noqa: E402
     alternate,
     count_flops,
     ensure_malloc_env,
@@ -34,6 +33,7 @@ from attnzoo.benchmark import (  # noqa: E402
     peak_memory,
     train_step,
 )
+from attnzoo.kernels.blocked import global_kernel  # noqa: E402
 
 
 class SeedSpatial(nn.Module):

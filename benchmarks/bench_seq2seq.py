@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 import attnzoo
 from attnzoo import get_spec
-from attnzoo.benchmark import (
+from attnzoo.cli.harness import (
     alternate,
     count_flops,
     ensure_malloc_env,

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 import attnzoo
 import attnzoo.compat
-from attnzoo.benchmark import (
+from attnzoo.cli.harness import (
     alternate,
     count_flops,
     ensure_malloc_env,
@@ -120,7 +120,7 @@ def build(name: str) -> tuple[nn.Module, list[Tensor]]:
 
 
 def make_step(name: str) -> Callable[[], object]:
-    """Factory for :func:`attnzoo.benchmark.peak_memory` (runs in a fresh process)."""
+    """Factory for :func:`attnzoo.cli.harness.peak_memory` (runs in a fresh process)."""
     module, inputs = build(name)
     return train_step(module, inputs)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from attnzoo.benchmark import alternate, ensure_malloc_env
+from attnzoo.cli.harness import alternate, ensure_malloc_env
 
 
 def gemm_gflops(n: int = 2048) -> float:

@@ -1,6 +1,6 @@
-"""Checks every cell of the compatibility matrix (attnzoo._compat) for every registered mechanism.
+"""Checks every cell of the compatibility matrix (attnzoo.cli.matrix) for every registered mechanism.
 
-A cell passes, or its limitation is listed with the reason in ``attnzoo._compat.LIMITATIONS``; a
+A cell passes, or its limitation is listed with the reason in ``attnzoo.cli.matrix.LIMITATIONS``; a
 listed limitation that passes fails too (strict), so the README's matrix stays true.
 """
 
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import attnzoo
-from attnzoo._compat import applies, limitation
+from attnzoo.cli.matrix import applies, limitation
 
 SPECS = attnzoo.list_modules()
 
@@ -113,7 +113,7 @@ def test_matrix_cell(spec, feature, tmp_path):
         raise
     except Exception:
         pytest.xfail(f"documented limitation: {why}")
-    pytest.fail(f"{spec.name} now passes {feature}: remove its entry from attnzoo._compat.LIMITATIONS")
+    pytest.fail(f"{spec.name} now passes {feature}: remove its entry from attnzoo.cli.matrix.LIMITATIONS")
 
 
 @pytest.mark.gpu

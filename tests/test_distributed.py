@@ -26,7 +26,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import attnzoo
-from attnzoo._compat import applies
+from attnzoo.cli.matrix import applies
 
 SPECS = attnzoo.list_modules()
 GLOBAL_BATCH = 4

@@ -27,7 +27,7 @@ def test_every_mechanism_has_a_page(name: str) -> None:
     assert "**Paper:**" in text and "$$" in text
     spec = attnzoo.get_spec(name)
     assert f"::: {spec.cls.__module__}.{spec.cls.__qualname__}" in text, (
-        f"{page.name} has no API block for {spec.cls.__name__}: run python -m attnzoo._docs"
+        f"{page.name} has no API block for {spec.cls.__name__}: run python -m tools.gen_docs"
     )
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from attnzoo._docs import END, START, generated_files, mechanism_table
+from tools.gen_docs import END, START, generated_files, mechanism_table
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -16,12 +16,12 @@ def _between(start: str, end: str) -> str:
 
 
 def test_mechanism_table_is_current():
-    assert _between(START, END).strip() == mechanism_table().strip(), "run: python -m attnzoo._docs"
+    assert _between(START, END).strip() == mechanism_table().strip(), "run: python -m tools.gen_docs"
 
 
 def test_generated_docs_are_current():
     for path, text in generated_files(ROOT).items():
-        assert path.read_text() == text, f"{path.name} is stale: run python -m attnzoo._docs"
+        assert path.read_text() == text, f"{path.name} is stale: run python -m tools.gen_docs"
 
 
 def test_setup_has_exactly_two_commands_and_ci_runs_the_test_command():

@@ -7,42 +7,44 @@ Importing a family module registers its mechanisms (one family per file), so imp
 fills the registry.
 """
 
-from attnzoo._blocked import global_kernel
+from attnzoo import compat  # noqa: E402 (after the families: compat re-exports their seed classes)
 from attnzoo._registry import Example, Spec, create, get_spec, list_modules
-from attnzoo.acmix import ACmix
-from attnzoo.biformer import BiLevelRoutingAttention
-from attnzoo.biformer_nchw import nchwBRA
-from attnzoo.blocks import CrossAttentionBlock, FeedForwardBlock, SelfAttentionBlock
-from attnzoo.blocks_attention import KerasMultiHeadAttention
-from attnzoo.cbam import CBAM, CBAtten_Res, ChannelAttention, SpatialAttention
-from attnzoo.dual import DualGatedAttention
+from attnzoo.blocks import CrossAttentionBlock, FeedForwardBlock, KerasMultiHeadAttention, SelfAttentionBlock
 from attnzoo.functional import attend, fused_attn, fused_enabled
+from attnzoo.kernels.blocked import global_kernel
 from attnzoo.maps import AttentionMap, capture_maps
-from attnzoo.mha import MultiHeadAttention
-from attnzoo.non_local import NonLocalBlock
-from attnzoo.sagan import ChannelSelfAttention, SpatialSelfAttention
-from attnzoo.se import SqueezeExcite
-from attnzoo.seq2seq import (
+from attnzoo.mechanisms.acmix import ACmix
+from attnzoo.mechanisms.biformer import BiLevelRoutingAttention
+from attnzoo.mechanisms.biformer_nchw import nchwBRA
+from attnzoo.mechanisms.cbam import CBAM, CBAtten_Res, ChannelAttention, SpatialAttention
+from attnzoo.mechanisms.dual_gated import DualGatedAttention
+from attnzoo.mechanisms.mha import MultiHeadAttention
+from attnzoo.mechanisms.non_local import NonLocalBlock
+from attnzoo.mechanisms.sagan import ChannelSelfAttention, SpatialSelfAttention
+from attnzoo.mechanisms.se import SqueezeExcite
+from attnzoo.mechanisms.seq2seq import (
     AdditiveAttention,
     ConcatAttention,
     DotProductAttention,
     GeneralAttention,
     LocationAttention,
 )
-from attnzoo.sk import SKConv
-from attnzoo.surgery import find, insert, replace
-from attnzoo.swin import (
+from attnzoo.mechanisms.sk import SKConv
+from attnzoo.mechanisms.swin import (
     ShiftedWindowAttention,
     WindowAttention,
     shifted_window_mask,
     window_partition,
     window_reverse,
 )
-from attnzoo.temporal import TemporalAttention
+from attnzoo.mechanisms.temporal import TemporalAttention
+from attnzoo.surgery import find, insert, replace
 
 __version__ = "0.1.0"
 
 __all__ = [
+    # seed and official names
+    "compat",
     # registry
     "Example",
     "Spec",

@@ -1,5 +1,5 @@
 """``python -m attnzoo`` runs the command-line interface."""
 
-from attnzoo.cli import main
+from attnzoo.cli.command import main
 
 raise SystemExit(main())

@@ -11,20 +11,20 @@ which can also return the routing and attention weights as the official tuple). 
 ``ACmix`` are the canonical classes themselves: they already keep the official API and state_dict.
 """
 
-from attnzoo.acmix import ACmix
-from attnzoo.biformer import LegacyBiLevelRoutingAttention as BiLevelRoutingAttention
-from attnzoo.biformer_nchw import nchwBRA
-from attnzoo.blocks import cross_attention, feed_forward, self_attention
-from attnzoo.cbam import CBAtten_Res, ChannelAttention, SpatialAttention
-from attnzoo.dual import SeedDualAttention
-from attnzoo.mha import SeedMultiHeadAttention as MultiHeadAttention
-from attnzoo.non_local import NonLocalBlockND
-from attnzoo.sagan import Self_Attn_Channel, Self_Attn_Spatial
-from attnzoo.se import SELayer
-from attnzoo.seq2seq import Attn
-from attnzoo.sk import SKEConv
-from attnzoo.swin import WindowAttention
-from attnzoo.temporal import Attention
+from attnzoo.blocks.transformer import cross_attention, feed_forward, self_attention
+from attnzoo.mechanisms.acmix import ACmix
+from attnzoo.mechanisms.biformer import LegacyBiLevelRoutingAttention as BiLevelRoutingAttention
+from attnzoo.mechanisms.biformer_nchw import nchwBRA
+from attnzoo.mechanisms.cbam import CBAtten_Res, ChannelAttention, SpatialAttention
+from attnzoo.mechanisms.dual_gated import SeedDualAttention
+from attnzoo.mechanisms.mha import SeedMultiHeadAttention as MultiHeadAttention
+from attnzoo.mechanisms.non_local import NonLocalBlockND
+from attnzoo.mechanisms.sagan import Self_Attn_Channel, Self_Attn_Spatial
+from attnzoo.mechanisms.se import SELayer
+from attnzoo.mechanisms.seq2seq import Attn
+from attnzoo.mechanisms.sk import SKEConv
+from attnzoo.mechanisms.swin import WindowAttention
+from attnzoo.mechanisms.temporal import Attention
 
 __all__ = [
     # gating

@@ -5,9 +5,9 @@ call :func:`attend`. Without ``return_weights`` it runs
 ``torch.nn.functional.scaled_dot_product_attention``, so the fused kernels never keep an L x S matrix
 for backward; with it (or with the fused path switched off) it runs a plain math path that returns
 the weights. Three exact kernels cover what SDPA serves badly on CPU and fall back to :func:`attend`
-when fusion is off: :mod:`attnzoo._biased_attention` (Swin windows, temporal attention: tiny maps
-with a learnable bias), :mod:`attnzoo._blocked` (SAGAN: query and value widths differ) and ACmix's
-neighbourhood kernel (:func:`attnzoo.acmix.neighbourhood_attention`).
+when fusion is off: :mod:`attnzoo.kernels.biased` (Swin windows, temporal attention: tiny maps
+with a learnable bias), :mod:`attnzoo.kernels.blocked` (SAGAN: query and value widths differ) and ACmix's
+neighbourhood kernel (:func:`attnzoo.mechanisms.acmix.neighbourhood_attention`).
 
 Mask convention (the SDPA one, the inverse of ``nn.MultiheadAttention``): a **boolean mask is True
 where a query may attend**; a floating mask is added to the logits.

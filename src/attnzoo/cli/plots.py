@@ -1,0 +1,320 @@
+"""Pictures for the ``attnzoo`` command: benchmark charts and attention maps over images.
+
+matplotlib (and Pillow, which it brings) is the optional extra ``attnzoo[plots]``; it is imported
+only here, only when a picture is asked for.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from attnzoo.maps.capture import AttentionMap
+
+__all__ = [
+    "MissingExtra",
+    "pyplot",
+    "load_image",
+    "save_image",
+    "heatmap",
+    "plot_maps",
+    "bench_chart",
+    "grid_figure",
+]
+
+
+class MissingExtra(ImportError):
+    """An optional dependency is not installed (the message says which extra to install)."""
+
+
+def pyplot(what: str) -> Any:
+    """``matplotlib.pyplot`` on the Agg backend, or :class:`MissingExtra` naming ``what`` needs it."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise MissingExtra(f"{what} needs matplotlib: pip install 'attnzoo[plots]'") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def load_image(path: str | os.PathLike[str], size: int | None = None) -> Tensor:
+    """An RGB image as a ``(3, H, W)`` float tensor in [0, 1], resized to ``size x size`` if given."""
+    pyplot("reading an image")  # Pillow comes with matplotlib
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            rgb = img.convert("RGB")
+            if size is not None:
+                rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)
+            data = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8)
+            width, height = rgb.size
+    except FileNotFoundError:
+        raise OSError(f"cannot read image {os.fspath(path)!r}: no such file") from None
+    except (UnidentifiedImageError, OSError) as err:
+        raise OSError(f"cannot read image {os.fspath(path)!r}: {err}") from None
+    return data.reshape(height, width, 3).permute(2, 0, 1).float() / 255  # (3, H, W)
+
+
+def save_image(image: Tensor, path: str | os.PathLike[str]) -> None:
+    """Write a ``(3, H, W)`` tensor in [0, 1] as a PNG."""
+    pyplot("writing an image")
+    from PIL import Image
+
+    pixels = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).contiguous()  # (H, W, 3)
+    Image.fromarray(pixels.numpy()).save(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# From a recorded map to 2-D heat maps
+
+
+def _as_grid(grid: tuple[int, ...] | None, token_grid: tuple[int, int] | None) -> tuple[int, ...] | None:
+    if grid is not None and len(grid) == 1 and token_grid is not None and math.prod(token_grid) == grid[0]:
+        return token_grid
+    return grid
+
+
+def _plane(values: Tensor, grid: tuple[int, ...]) -> Tensor:
+    """Values over ``grid`` as a 2-D map (the middle frame of a 3-D grid; a 1-D grid as one row)."""
+    data = values.reshape(grid).float()
+    if data.ndim == 3:
+        data = data[data.shape[0] // 2]
+    return data.reshape(1, -1) if data.ndim == 1 else data
+
+
+def _query_yx(index: int, grid: tuple[int, ...]) -> tuple[float, float]:
+    """Fractional (y, x) of a flat query index (centre of its cell)."""
+    coords = []
+    for size in reversed(grid):
+        coords.append(index % size)
+        index //= size
+    coords = coords[::-1][-2:] if len(grid) >= 2 else [0, coords[0]]
+    sizes = grid[-2:] if len(grid) >= 2 else (1, grid[0])
+    return (coords[0] + 0.5) / sizes[0], (coords[1] + 0.5) / sizes[1]
+
+
+@dataclass
+class Panel:
+    """One picture: a heat map over the image (with optional query marks) or a bar chart."""
+
+    title: str
+    heat: Tensor | None = None
+    bars: Tensor | None = None
+    marks: tuple[tuple[float, float], ...] = ()
+    blocky: bool = False  # regions: upsample without smoothing
+
+
+def panels(
+    name: str, m: AttentionMap, token_grid: tuple[int, int] | None, sample: int = 0, max_queries: int = 5
+) -> list[Panel]:
+    """The panels that show one record for batch element ``sample``."""
+    data = m.data[sample].float()
+    grid = _as_grid(m.grid, token_grid)
+    if m.kind == "channel":
+        return [Panel(f"{name}: channel weights", bars=data.flatten())]
+    if m.kind == "branch":
+        per_branch = data.reshape(data.shape[0], -1).mean(-1)
+        return [Panel(f"{name}: branch weights (mean over channels)", bars=per_branch)]
+    if grid is None:
+        return []
+    if m.kind == "spatial":
+        return [Panel(f"{name}: spatial map", heat=_plane(data, grid))]
+    if m.kind == "rows":
+        qgrid = _as_grid(m.query_grid, token_grid) or grid
+        rows = data.mean(0)  # (Q, S): mean over heads
+        queries = m.queries.tolist() if m.queries is not None else list(range(rows.shape[0]))
+        out = []
+        if isinstance(m.meta.get("query"), str):  # a query that is no position (the mean token)
+            return [Panel(f"{name}: {m.meta['query']} query", heat=_plane(rows[0], grid))]
+        if len(grid) == 1:  # keys that are not positions on the map (channels): bar charts
+            return [
+                Panel(f"{name}: query {q} of {grid[0]}", bars=row)
+                for q, row in list(zip(queries, rows, strict=False))[:max_queries]
+            ]
+        for q, row in list(zip(queries, rows, strict=False))[:max_queries]:
+            mark = _query_yx(int(q), qgrid)
+            out.append(
+                Panel(
+                    f"{name}: query {tuple(round(v, 2) for v in mark)}", heat=_plane(row, grid), marks=(mark,)
+                )
+            )
+        return out
+    if m.kind == "routing":
+        regions = math.prod(grid)
+        chosen = data.long().reshape(regions, -1)  # (R, k)
+        out = []
+        from attnzoo.maps.capture import query_indices
+
+        for r in query_indices(grid)[:max_queries].tolist():
+            hits = torch.zeros(regions)
+            hits[chosen[r]] = 1.0
+            hits[r] = max(hits[r].item(), 0.5)
+            mark = _query_yx(r, grid)
+            out.append(
+                Panel(
+                    f"{name}: regions routed from {tuple(round(v, 2) for v in mark)}",
+                    heat=_plane(hits, grid),
+                    marks=(mark,),
+                    blocky=True,
+                )
+            )
+        return out
+    return []
+
+
+def heatmap(m: AttentionMap, token_grid: tuple[int, int] | None, sample: int = 0) -> Tensor | None:
+    """One 2-D summary of a record for batch element ``sample``: the spatial map, the attention each
+    position receives from the recorded queries (rows), or how often each region is routed to;
+    None for channel and branch weights."""
+    grid = _as_grid(m.grid, token_grid)
+    if grid is None or m.kind in ("channel", "branch"):
+        return None
+    data = m.data[sample].float()
+    if m.kind == "spatial":
+        return _plane(data, grid)
+    if m.kind == "rows":
+        return _plane(data.mean(dim=(0, 1)), grid) if len(grid) > 1 else None
+    counts = torch.bincount(data.long().flatten(), minlength=math.prod(grid)).float()
+    return _plane(counts, grid)
+
+
+def _upsample(heat: Tensor, size: tuple[int, int], blocky: bool = False) -> Tensor:
+    heat = heat - heat.min()
+    heat = heat / heat.max().clamp_min(1e-12)
+    if blocky:
+        return F.interpolate(heat[None, None], size=size, mode="nearest")[0, 0]
+    return F.interpolate(heat[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
+
+
+def _draw(ax: Any, image: Tensor | None, panel: Panel) -> None:
+    ax.set_title(panel.title, fontsize=7)
+    if panel.bars is not None:
+        values = panel.bars.numpy()
+        ax.bar(range(len(values)), values, width=1.0, color="tab:blue")
+        ax.set_xlim(-0.5, len(values) - 0.5)
+        ax.tick_params(labelsize=6)
+        return
+    ax.axis("off")
+    if panel.heat is None:
+        return
+    height, width = (
+        (image.shape[1], image.shape[2]) if image is not None else (panel.heat.shape[0], panel.heat.shape[1])
+    )
+    if image is not None:
+        ax.imshow(image.permute(1, 2, 0).numpy())
+    ax.imshow(
+        _upsample(panel.heat, (height, width), panel.blocky).numpy(),
+        cmap="jet",
+        alpha=0.5 if image is not None else 1.0,
+        vmin=0,
+        vmax=1,
+    )
+    for y, x in panel.marks:
+        ax.plot([x * width - 0.5], [y * height - 0.5], marker="+", color="white", markersize=10, mew=2)
+
+
+def plot_maps(
+    image: Tensor,
+    maps: dict[str, list[AttentionMap]],
+    path: str | os.PathLike[str],
+    *,
+    title: str,
+    token_grid: tuple[int, int] | None = None,
+    columns: int = 4,
+    max_panels: int = 24,
+) -> int:
+    """Save a PNG grid: the image, then each module's maps over it (the first call's record of each
+    kind). Returns the number of panels."""
+    plt = pyplot("saving attention maps")
+    items = [Panel("input image")]
+    for name, records in maps.items():
+        first_of_kind = {m.kind: m for m in reversed(records)}  # a module called twice: its first call
+        for m in sorted(first_of_kind.values(), key=records.index):
+            items += panels(name or "module", m, token_grid)
+    items = items[:max_panels]
+    rows = math.ceil(len(items) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, panel in zip(axes.flat, items, strict=False):
+        if panel.heat is None and panel.bars is None:
+            ax.imshow(image.permute(1, 2, 0).numpy())
+            ax.set_title(panel.title, fontsize=7)
+        else:
+            if panel.bars is not None:
+                ax.axis("on")
+            _draw(ax, image, panel)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return len(items)
+
+
+def grid_figure(
+    images: Sequence[Tensor],
+    rows: Sequence[tuple[str, Sequence[Tensor | None]]],
+    path: str | os.PathLike[str],
+    *,
+    title: str,
+) -> None:
+    """Save a PNG: one column per image, the images on top, then one row of heat maps per label."""
+    plt = pyplot("saving attention maps")
+    n = len(images)
+    fig, axes = plt.subplots(len(rows) + 1, n, figsize=(1.8 * n, 1.9 * (len(rows) + 1)), squeeze=False)
+    for j, image in enumerate(images):
+        axes[0, j].imshow(image.permute(1, 2, 0).numpy())
+        axes[0, j].axis("off")
+    axes[0, 0].set_title("test images", fontsize=7, loc="left")
+    for i, (label, heats) in enumerate(rows, 1):
+        for j, heat in enumerate(heats):
+            ax = axes[i, j]
+            ax.axis("off")
+            if heat is None:
+                continue
+            ax.imshow(images[j].permute(1, 2, 0).numpy())
+            ax.imshow(
+                _upsample(heat, (images[j].shape[1], images[j].shape[2])).numpy(),
+                cmap="jet",
+                alpha=0.5,
+                vmin=0,
+                vmax=1,
+            )
+        axes[i, 0].set_title(label, fontsize=7, loc="left")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def bench_chart(rows: Sequence[dict[str, Any]], path: str | os.PathLike[str], *, title: str) -> None:
+    """Save a PNG: median latency per mechanism (bars), and latency against parameters (scatter)."""
+    plt = pyplot("--plot")
+    done = sorted((r for r in rows if r.get("latency_ms") is not None), key=lambda r: r["latency_ms"])
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, max(3.0, 0.3 * len(done) + 1.5)))
+    names = [r["name"] for r in done]
+    left.barh(names, [r["latency_ms"] for r in done], color="tab:blue")
+    left.set_xlabel("median latency (ms)")
+    left.invert_yaxis()
+    left.tick_params(labelsize=7)
+    for r in done:
+        right.scatter(max(r["params"], 1), r["latency_ms"], color="tab:orange")
+        right.annotate(r["name"], (max(r["params"], 1), r["latency_ms"]), fontsize=6)
+    right.set_xscale("log")
+    right.set_yscale("log")
+    right.set_xlabel("parameters")
+    right.set_ylabel("median latency (ms)")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,8 @@
+"""Custom autograd kernels, each exact against :func:`attnzoo.functional.attend`'s float64 math path.
+
+- :mod:`~attnzoo.kernels.biased`: tiny maps with a learnable additive bias (Swin windows, temporal);
+- :mod:`~attnzoo.kernels.blocked`: global attention whose query and value widths differ (SAGAN);
+- :mod:`~attnzoo.kernels.gate`: the channel/spatial gates of SE, CBAM and the dual gate;
+- :mod:`~attnzoo.kernels.neighbourhood`: ACmix's local neighbourhood attention;
+- :mod:`~attnzoo.kernels.selective`: SK's branch selection.
+"""

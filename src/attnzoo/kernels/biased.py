@@ -1,0 +1,128 @@
+"""Attention with an additive bias shared across the batch, on packed q/k/v: a fast kernel.
+
+Used by Swin's :class:`~attnzoo.mechanisms.swin.WindowAttention` (bias = relative position bias + shift mask)
+and :class:`~attnzoo.mechanisms.temporal.TemporalAttention` (1-D relative bias). Their bias comes from a
+learnable table, so it requires grad, and ``scaled_dot_product_attention`` then silently runs its
+generic math path; for tiny sequences (49-token windows, 8 frames) its fused kernels are also
+slower than plain batched GEMMs in inference. :func:`biased_attention` runs a small explicit kernel
+instead (a custom autograd function):
+
+- the scale is folded into the copy of q, and k is copied transposed, so both score GEMMs run with
+  an untransposed second operand (about twice as fast on such tiny matrices on CPU);
+- the bias is added in place to the logits and the softmax runs in place, so the forward holds one
+  N x N map, the only one kept for backward (plus a bool mask with dropout);
+- the backward writes the qkv gradient straight into the projection's ``(B, N, 3, h, d)`` layout
+  (no unbind/stack copies) and reduces the bias gradient over the batch.
+
+With :func:`attnzoo.fused_attn` off, or for half precision, it calls :func:`attnzoo.attend` (whose
+math path is the reference the tests compare against).
+
+Shape letters: B batch (windows), N tokens, h heads, d head width, G bias groups.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from attnzoo.functional import attend, fused_enabled
+
+__all__ = ["biased_attention"]
+
+
+class _BiasedAttention(torch.autograd.Function):
+    """softmax(scale * q k^T + bias) v on packed qkv, keeping one N x N map for backward.
+
+    Layouts are chosen for the CPU GEMMs: q and v are copied to ``(B*h, N, d)``, k to
+    ``(B*h, d, N)`` (a transposed second operand runs at about half speed on tiny matrices), the
+    scale is folded into the copy of q, and the bias is added in place to the logits.
+    """
+
+    @staticmethod
+    def forward(ctx, qkv: Tensor, bias: Tensor, scale: float, dropout_p: float) -> Tensor:  # type: ignore[override]
+        b, n, _, h, d = qkv.shape
+        groups = bias.shape[0] if bias.ndim == 4 else 1
+        q = torch.empty((b, h, n, d), dtype=qkv.dtype, device=qkv.device)
+        torch.mul(qkv[:, :, 0].transpose(1, 2), scale, out=q)  # (B, h, N, d), scaled
+        kt = qkv[:, :, 1].permute(0, 2, 3, 1).contiguous().view(b * h, d, n)  # (B*h, d, N)
+        v = qkv[:, :, 2].transpose(1, 2).contiguous().view(b * h, n, d)  # (B*h, N, d)
+        q = q.reshape(b * h, n, d)  # (B*h, N, d)
+        probs = torch.bmm(q, kt)  # (B*h, N, N) logits
+        probs.view(b // groups, groups, h, n, n).add_(bias.view(groups, h, n, n))  # group-major batch
+        torch.softmax(probs, dim=-1, out=probs)  # in place: one N x N buffer
+        keep = None
+        if dropout_p > 0.0:
+            keep = torch.empty_like(probs, dtype=torch.bool).bernoulli_(1.0 - dropout_p)
+        dropped = probs if keep is None else probs * keep / (1.0 - dropout_p)
+        out = torch.bmm(dropped, v)  # (B*h, N, d)
+        ctx.save_for_backward(q, kt, v, probs, keep)
+        ctx.meta = (b, n, h, d, groups, scale, dropout_p, bias.shape)
+        return out.view(b, h, n, d).transpose(1, 2).reshape(b, n, h * d)  # (B, N, h*d)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        # Ordered so that at most two N x N maps and one qkv-sized buffer are alive at a time.
+        q, kt, v, probs, keep = ctx.saved_tensors
+        b, n, h, d, groups, scale, dropout_p, bias_shape = ctx.meta
+        g = grad_out.reshape(b, n, h, d).transpose(1, 2).reshape(b * h, n, d)  # (B*h, N, d)
+        grad_probs = torch.bmm(g, v.transpose(1, 2))  # (B*h, N, N)
+        grad_v = None
+        if ctx.needs_input_grad[0]:
+            dropped = probs if keep is None else probs * keep / (1.0 - dropout_p)
+            grad_v = torch.bmm(dropped.transpose(1, 2), g)  # (B*h, N, d)
+            del dropped
+        del g
+        if keep is not None:
+            grad_probs.mul_(keep).mul_(1.0 / (1.0 - dropout_p))
+        grad_logits = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype)  # (B*h, N, N)
+        del grad_probs
+        grad_qkv = None
+        if grad_v is not None:
+            grad_qkv = torch.empty((b, n, 3, h, d), dtype=q.dtype, device=q.device)
+            grad_qkv[:, :, 2] = grad_v.view(b, h, n, d).transpose(1, 2)  # into (B, N, h, d)
+            del grad_v
+            grad_q = torch.bmm(grad_logits, kt.transpose(1, 2)).mul_(scale)  # (B*h, N, d)
+            grad_qkv[:, :, 0] = grad_q.view(b, h, n, d).transpose(1, 2)  # into (B, N, h, d)
+            del grad_q
+            grad_k = torch.bmm(grad_logits.transpose(1, 2), q)  # (B*h, N, d); q holds the scale
+            grad_qkv[:, :, 1] = grad_k.view(b, h, n, d).transpose(1, 2)  # into (B, N, h, d)
+            del grad_k
+        grad_bias = None
+        if ctx.needs_input_grad[1]:
+            grouped = grad_logits.view(b // groups, groups, h, n, n)  # (B/G, G, h, N, N)
+            grad_bias = grouped.sum(0).view(bias_shape)  # (G, h, N, N) or (h, N, N)
+        return grad_qkv, grad_bias, None, None
+
+
+def biased_attention(qkv: Tensor, bias: Tensor, *, scale: float, dropout_p: float = 0.0) -> Tensor:
+    """Self-attention with an additive bias shared by groups of the batch, from packed q/k/v.
+
+    Equal to :func:`attnzoo.attend` on the unpacked heads with ``bias`` broadcast over the batch.
+    With the fused path on (:func:`attnzoo.fused_attn`) and a float32/float64 input, a dedicated
+    kernel runs (see the module docstring): on tiny windows it beats both the SDPA kernels and the
+    generic math path, in training (where a learnable bias makes SDPA fall back to its math path)
+    and in inference. Otherwise (the fused path off, half precision, under torch.compile or
+    torch.export) :func:`attend` runs.
+
+    Args:
+        qkv: Packed projections ``(B, N, 3, h, d)`` (any strides).
+        bias: Finite additive float bias ``(h, N, N)``, or ``(G, h, N, N)`` with G dividing B and
+            batch element ``i`` using group ``i % G`` (Swin's window order: image-major).
+        scale: Multiplies the logits.
+        dropout_p: Dropout on the attention weights; pass 0.0 in eval mode. Default: 0.0.
+
+    Shape:
+        - Output: ``(B, N, h*d)``, heads concatenated.
+    """
+    b, n, _, h, d = qkv.shape
+    # The hand-written kernel is for eager mode; torch.compile and torch.export (ONNX) trace the
+    # plain path, which their own fusions handle.
+    if fused_enabled() and qkv.dtype in (torch.float32, torch.float64) and not torch.compiler.is_compiling():
+        return _BiasedAttention.apply(qkv, bias.to(qkv.dtype).contiguous(), float(scale), float(dropout_p))
+    if bias.ndim == 4:
+        bias = bias.expand(b // bias.shape[0], *bias.shape).reshape(b, h, n, n)  # (B, h, N, N)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, h, N, d)
+    out: Tensor = attend(q, k, v, bias=bias, scale=scale, dropout_p=dropout_p)  # (B, h, N, d)
+    return out.transpose(1, 2).reshape(b, n, h * d)  # (B, N, h*d)

@@ -1,0 +1,76 @@
+"""SK's branch selection as one autograd Function: ``sum_i a_i * U_i`` with ``a = fn(mean_hw(sum_i U_i))``.
+
+The branches are never stacked or concatenated: ``mean_hw(sum_i U_i)`` is a sum of per-branch
+means, and backward writes each branch gradient in one fused multiply-add.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from attnzoo.kernels.gate import first_order_only, small_graph, small_vjp
+
+__all__ = ["select_branches"]
+
+
+def _select_forward(branches: Sequence[Tensor], fn: Callable[[Tensor], Tensor], track: bool):
+    s = branches[0].mean((2, 3))  # (B, C): mean over H, W of the summed branches
+    for u in branches[1:]:
+        s = s + u.mean((2, 3))
+    a, graph = small_graph(fn, [s], track)  # (B, M, C)
+    out = branches[0] * a[:, 0, :, None, None]  # (B, C) -> (B, C, 1, 1)
+    for i, u in enumerate(branches[1:], start=1):
+        out.addcmul_(u, a[:, i, :, None, None])
+    return out, a, graph
+
+
+class _SelectFn(torch.autograd.Function):
+    """``sum_i a_i * U_i`` with ``a = fn(mean_hw(sum_i U_i))``; the tensors are the M branches,
+    then the parameters ``fn`` uses."""
+
+    @staticmethod
+    def forward(ctx, fn: Callable[[Tensor], Tensor], n: int, *tensors: Tensor) -> Tensor:  # type: ignore[override]
+        branches, ctx.params = tensors[:n], tensors[n:]
+        out, ctx.a, ctx.graph = _select_forward(branches, fn, track=True)
+        ctx.save_for_backward(*branches)
+        return out
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        first_order_only("SKConv selection")
+        branches = ctx.saved_tensors
+        a: Tensor = ctx.a  # (B, M, C)
+        d_a = torch.stack([(g * u).sum((2, 3)) for u in branches], dim=1)  # (B, M, C)
+        (d_s,), grads_p = small_vjp(ctx.graph, d_a, ctx.params)
+        H, W = g.shape[-2:]
+        base = None if d_s is None else (d_s / (H * W))[:, :, None, None]  # (B, C) -> (B, C, 1, 1)
+        grads_u: list[Tensor | None] = []
+        for i, _ in enumerate(branches):
+            if not ctx.needs_input_grad[2 + i]:
+                grads_u.append(None)
+                continue
+            a_i = a[:, i, :, None, None]  # (B, C) -> (B, C, 1, 1)
+            grads_u.append(g * a_i if base is None else torch.addcmul(base, g, a_i))
+        return (None, None, *grads_u, *grads_p)
+
+
+def select_branches(
+    branches: Sequence[Tensor], attention: Callable[[Tensor], Tensor], params: Sequence[Tensor]
+) -> Tensor:
+    """``sum_i a_i * U_i`` with ``a = attention(mean_hw(sum_i U_i))``, ``a`` of shape (B, M, C).
+
+    Args:
+        branches: The M branch outputs U_i, each (B, C, H, W).
+        attention: Maps the pooled sum (B, C) to the branch weights (B, M, C).
+        params: The parameters ``attention`` uses (their gradients flow through the kernel).
+
+    Shape:
+        - Output: (B, C, H, W).
+    """
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (*branches, *params)):
+        return _SelectFn.apply(attention, len(branches), *branches, *params)
+    with torch.no_grad():
+        return _select_forward(branches, attention, track=False)[0]

@@ -1,0 +1,29 @@
+"""Attention-map capture: :func:`capture_maps` and the per-family map records.
+
+- :mod:`~attnzoo.maps.capture`: the capture session, :class:`AttentionMap`, ``record``;
+- :mod:`~attnzoo.maps.records`: rows for windows, routed regions and local neighbourhoods.
+"""
+
+from attnzoo.maps.capture import (
+    DEFAULT_QUERIES,
+    AttentionMap,
+    capture_maps,
+    capturing,
+    iter_maps,
+    query_indices,
+    record,
+    record_rows,
+    with_map,
+)
+
+__all__ = [
+    "DEFAULT_QUERIES",
+    "AttentionMap",
+    "capture_maps",
+    "capturing",
+    "iter_maps",
+    "query_indices",
+    "record",
+    "record_rows",
+    "with_map",
+]

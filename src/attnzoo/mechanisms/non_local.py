@@ -1,0 +1,264 @@
+"""Non-local block for 1-D, 2-D and 3-D feature maps, with the paper's four pairwise functions.
+
+Wang, Girshick, Gupta and He, "Non-local Neural Networks", CVPR 2018, https://arxiv.org/abs/1711.07971.
+``z = W(y) + x`` with ``y_i = (1 / C(x)) sum_j f(x_i, x_j) g(x_j)`` over all N = L, H*W or T*H*W
+positions (keys subsampled by 2x2 max pooling when ``sub_sample``). ``mode`` picks ``f``:
+
+- ``embedded_gaussian`` (default, the seed): ``softmax_j(theta_i . phi_j)``, unscaled logits;
+- ``gaussian``: ``softmax_j(x_i . x_j)`` (no theta/phi projections; keys are pooled x);
+- ``dot_product``: ``theta_i . phi_j / N'`` with N' the number of keys;
+- ``concatenation``: ``ReLU(w . [theta_i, phi_j]) / N'`` (``concat_project``, as in the widely used
+  PyTorch port, so its checkpoints load).
+
+Memory: nothing of size N x N' is built unless the map is asked for (``return_attention=True``,
+``capture_attention``) or fusion is off (:func:`attnzoo.fused_attn`, the plain reference path).
+The two softmax modes run :func:`attnzoo.kernels.blocked.global_attention` (SDPA's flash kernel, or a
+blocked exact kernel when the query/key and value widths differ); ``dot_product`` is reassociated,
+``theta (phi^T g) / N'``, O(N C1^2); ``concatenation`` splits ``w . [theta_i, phi_j] = a_i + b_j`` and,
+with the keys sorted by ``b_j``, sums ``ReLU(a_i + b_j) g_j = (a_i + b_j) g_j`` over the keys with
+``b_j > -a_i`` from prefix sums: O((N + N') C1 + N' log N') time and memory, computed in float64.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import cast
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from attnzoo._checks import check_choice, check_int, check_shape
+from attnzoo._registry import Example, register, register_seed
+from attnzoo.functional import fused_enabled
+from attnzoo.kernels.blocked import global_attention
+from attnzoo.maps.capture import capturing, query_indices, record, with_map
+
+__all__ = ["NonLocalBlock", "NonLocalBlockND"]
+
+MODES = ("embedded_gaussian", "gaussian", "dot_product", "concatenation")
+_LETTERS = {1: "B C L", 2: "B C H W", 3: "B C T H W"}
+_ConvNd = nn.Conv1d | nn.Conv2d | nn.Conv3d
+_CONV: dict[int, type[_ConvNd]] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+_BN: dict[int, type[nn.BatchNorm1d | nn.BatchNorm2d | nn.BatchNorm3d]] = {
+    1: nn.BatchNorm1d,
+    2: nn.BatchNorm2d,
+    3: nn.BatchNorm3d,
+}
+_POOL: dict[int, type[nn.Module]] = {1: nn.MaxPool1d, 2: nn.MaxPool2d, 3: nn.MaxPool3d}
+_POOL_KERNEL: dict[int, int | tuple[int, ...]] = {1: 2, 2: (2, 2), 3: (1, 2, 2)}
+_POOL_FN = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
+
+
+def _conv(module: nn.Module) -> _ConvNd:
+    """The 1x1 convolution inside ``module`` (itself, or the first layer of a Sequential)."""
+    return cast(_ConvNd, module[0] if isinstance(module, nn.Sequential) else module)
+
+
+def pointwise_tokens(x_t: Tensor, convs: Sequence[_ConvNd]) -> Tensor:
+    """The 1x1 convolutions ``convs`` applied at once to tokens ``(B, N, C) -> (B, N, sum(C_out))``."""
+    weight = torch.cat([c.weight.flatten(1) for c in convs])  # (sum(C_out), C)
+    bias = torch.cat([cast(Tensor, c.bias) for c in convs])
+    return F.linear(x_t, weight, bias)
+
+
+def _concat_sum(a: Tensor, b: Tensor, g: Tensor) -> Tensor:
+    """``y_i = sum_j ReLU(a_i + b_j) g_j`` without the ``N x N'`` matrix (float64 prefix sums).
+
+    Shape: a ``(B, N)``, b ``(B, N')``, g ``(B, N', C1)`` -> ``(B, N, C1)``.
+    """
+    work = torch.float64 if a.device.type in ("cpu", "cuda") else torch.float32
+    a, b, g = a.to(work), b.to(work), g.to(work)
+    shift = b.median(dim=1, keepdim=True).values.detach()  # centring shrinks the cancellation
+    a, b = a + shift, b - shift  # a_i + b_j is unchanged
+    b_desc, order = b.sort(dim=1, descending=True)  # (B, N')
+    g_desc = g.gather(1, order.unsqueeze(-1).expand_as(g))  # (B, N', C1)
+    zero = g.new_zeros(g.shape[0], 1, g.shape[2])
+    sum_g = torch.cat([zero, g_desc.cumsum(1)], 1)  # (B, N'+1, C1): sums of the first m keys
+    sum_bg = torch.cat([zero, (b_desc.unsqueeze(-1) * g_desc).cumsum(1)], 1)  # (B, N'+1, C1)
+    # count_i = #{j : b_j > -a_i}: those keys are the first count_i in descending order.
+    count = torch.searchsorted(-b_desc.detach(), a.detach(), side="left")  # (B, N)
+    index = count.unsqueeze(-1).expand(-1, -1, g.shape[2])  # (B, N, C1)
+    return a.unsqueeze(-1) * sum_g.gather(1, index) + sum_bg.gather(1, index)
+
+
+class NonLocalBlock(nn.Module):
+    r"""Non-local block :math:`z = W(y) + x`, ``y_i = (1/C(x)) \sum_j f(x_i, x_j) g(x_j)``.
+
+    Args:
+        in_channels: Input channels C.
+        inter_channels: Channels C1 of theta, phi and g. Default: ``max(C // 2, 1)``.
+        dimension: 1, 2 or 3 spatial dims. Default: 2.
+        sub_sample: Max-pool the keys (phi, g) by 2 in every spatial dim except T (kernel 2,
+            ``(2, 2)``, ``(1, 2, 2)``); odd sizes are floored, so the last row/column never serves
+            as a key (it still gets an output). Needs L, H, W >= 2. Default: True.
+        bn_layer: ``W`` is a 1x1 convolution followed by BatchNorm (its weight and bias start at 0),
+            else a 1x1 convolution starting at 0; either way the block starts as the identity.
+            Default: True.
+        mode: Pairwise function: ``"embedded_gaussian"``, ``"gaussian"``, ``"dot_product"`` or
+            ``"concatenation"``. Default: ``"embedded_gaussian"``.
+
+    Shape:
+        - Input: ``(B, C, L)``, ``(B, C, H, W)`` or ``(B, C, T, H, W)`` for dimension 1, 2, 3.
+        - Output: the input's shape; with ``return_attention=True`` also the map ``(B, N, N')``.
+
+    Attention maps: ``forward(x, return_attention=True)``, or set ``capture_attention = True``
+    and read ``last_attention`` (detached) after each forward; both build the ``N x N'`` map.
+    """
+
+    capture_attention: bool = False
+    last_attention: Tensor | None = None
+
+    def __init__(
+        self,
+        in_channels: int,
+        inter_channels: int | None = None,
+        dimension: int = 2,
+        sub_sample: bool = True,
+        bn_layer: bool = True,
+        mode: str = "embedded_gaussian",
+    ) -> None:
+        super().__init__()
+        who = type(self).__name__
+        self.in_channels = check_int(in_channels, "in_channels", who)
+        if inter_channels is None:
+            inter_channels = max(in_channels // 2, 1)
+        self.inter_channels = check_int(inter_channels, "inter_channels", who)
+        dimension = check_int(dimension, "dimension", who, minimum=None)
+        self.dimension = check_choice(dimension, (1, 2, 3), "dimension", who)
+        for name, flag in (("sub_sample", sub_sample), ("bn_layer", bn_layer)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{who}: {name} must be a bool, got {type(flag).__name__} {flag!r}")
+        self.sub_sample, self.mode = sub_sample, check_choice(mode, MODES, "mode", who)
+        conv, c, c1 = _CONV[dimension], in_channels, inter_channels
+        pool, kernel = _POOL[dimension], _POOL_KERNEL[dimension]
+
+        # Parameter names and nesting follow the seed (and the widely used port), so checkpoints load.
+        self.g: nn.Module = conv(c, c1, kernel_size=1)
+        w_conv = conv(c1, c, kernel_size=1)
+        norm = _BN[dimension](c) if bn_layer else None
+        zero_init = norm if norm is not None else w_conv  # the block starts as the identity
+        nn.init.zeros_(zero_init.weight)
+        nn.init.zeros_(cast(Tensor, zero_init.bias))
+        self.W: nn.Module = nn.Sequential(w_conv, norm) if norm is not None else w_conv
+        if mode != "gaussian":
+            self.theta = conv(c, c1, kernel_size=1)
+            self.phi: nn.Module = conv(c, c1, kernel_size=1)
+        if mode == "concatenation":
+            self.concat_project = nn.Sequential(nn.Conv2d(2 * c1, 1, kernel_size=1, bias=False), nn.ReLU())
+        if sub_sample:
+            self.g = nn.Sequential(self.g, pool(kernel_size=kernel))
+            pooled_phi = nn.Sequential(self.phi, pool(kernel)) if mode != "gaussian" else pool(kernel)
+            self.phi = pooled_phi  # gaussian: phi is the pooling alone (x itself is the key)
+
+    def _pool(self, t: Tensor, spatial: tuple[int, ...]) -> Tensor:
+        """Max-pool tokens ``(B, N, c)`` on the grid ``spatial`` -> ``(B, N', c)``, last dim contiguous."""
+        grid = t.reshape(t.shape[0], *spatial, t.shape[-1]).movedim(-1, 1)  # (B, c, *spatial)
+        pooled = _POOL_FN[self.dimension](grid, _POOL_KERNEL[self.dimension])
+        return pooled.flatten(2).transpose(1, 2).contiguous()  # (B, N', c)
+
+    def forward(self, x: Tensor, return_attention: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        who = type(self).__name__
+        dims = check_shape(x, who, _LETTERS[self.dimension], C=self.in_channels)
+        spatial = tuple(x.shape[2:])
+        if self.sub_sample and min(spatial[-2:] if self.dimension == 3 else spatial) < 2:
+            raise ValueError(
+                f"{who} expects spatial sizes >= 2 with sub_sample=True (keys are pooled by 2), "
+                f"got {tuple(x.shape)}"
+            )
+        c1, mode = self.inter_channels, self.mode
+        x_t = x.flatten(2).transpose(1, 2)  # (B, N, C): tokens, one per position
+        g_conv = _conv(self.g)
+        keys = None
+        if mode == "gaussian":
+            theta, width = x_t, self.in_channels
+            if self.sub_sample:
+                keys = torch.cat([x_t, pointwise_tokens(x_t, [g_conv])], -1)  # (B, N, C + C1)
+            else:
+                phi, g = x_t, pointwise_tokens(x_t, [g_conv])
+        else:
+            width, phi_conv = c1, _conv(self.phi)
+            if self.sub_sample:
+                theta = pointwise_tokens(x_t, [self.theta])  # (B, N, C1)
+                keys = pointwise_tokens(x_t, [phi_conv, g_conv])  # (B, N, 2 C1)
+            else:  # 3 x (B, N, C1)
+                theta, phi, g = pointwise_tokens(x_t, [self.theta, phi_conv, g_conv]).split(c1, dim=-1)
+        if keys is not None:
+            phi, g = self._pool(keys, spatial).split([width, c1], dim=-1)  # (B, N', width), (B, N', C1)
+        y_t, attn = self._pairwise(theta, phi, g, return_attention or self.capture_attention)  # (B, N, C1)
+        if not torch.jit.is_scripting():
+            if capturing():  # map capture: the pairwise weights of the capture's query points
+                idx = query_indices(spatial, x.device)
+                with torch.no_grad():
+                    rows = self._pairwise(theta[:, idx], phi, g, True)[1]  # (B, Q, N')
+                kernel = _POOL_KERNEL[self.dimension] if keys is not None else 1
+                kernel = kernel if isinstance(kernel, tuple) else (kernel,) * len(spatial)
+                key_grid = tuple(s // k for s, k in zip(spatial, kernel, strict=True))
+                if rows is not None:
+                    record(self, "rows", rows[:, None], grid=key_grid, queries=idx, query_grid=spatial)
+        z_t = pointwise_tokens(y_t, [_conv(self.W)])  # (B, N, C): W's 1x1 convolution on the tokens
+        # (B, C, *spatial), made contiguous: torch 2.14's BatchNorm backward is wrong for a
+        # channels-last-strided input with B = 1 (and the copy is O(N C), noise next to attention).
+        z = z_t.transpose(1, 2).reshape(dims["B"], self.in_channels, *spatial).contiguous()
+        if isinstance(self.W, nn.Sequential):
+            z = self.W[1](z)  # BatchNorm
+        z = x + z  # x first: the result keeps x's memory format
+        return with_map(self, z, attn, return_attention)
+
+    def _pairwise(
+        self, theta: Tensor, phi: Tensor, g: Tensor, want_map: bool
+    ) -> tuple[Tensor, Tensor | None]:
+        """``y = f(theta, phi) g / C``; theta ``(B, N, d)``, phi ``(B, N', d)``, g ``(B, N', C1)``."""
+        if self.mode in ("embedded_gaussian", "gaussian"):
+            res = global_attention(theta, phi, g, scale=1.0, return_weights=want_map)
+            return res if isinstance(res, tuple) else (res, None)
+        keys = phi.shape[1]
+        explicit = want_map or not fused_enabled()
+        if self.mode == "dot_product":
+            if not explicit:
+                return theta @ (phi.transpose(1, 2) @ g) / keys, None  # (B, N, d) @ (B, d, C1)
+            f = theta @ phi.transpose(1, 2) / keys  # (B, N, N')
+            return f @ g, f
+        w_theta, w_phi = _conv(self.concat_project).weight.flatten().split(self.inter_channels)
+        a, b = theta @ w_theta, phi @ w_phi  # (B, N), (B, N')
+        if not explicit:
+            return (_concat_sum(a, b, g) / keys).to(g.dtype), None
+        f = F.relu(a.unsqueeze(-1) + b.unsqueeze(1)) / keys  # (B, N, N')
+        return f @ g, f
+
+
+register(
+    "nonlocal",
+    family="global",
+    paper="Non-local Neural Networks",
+    year=2018,
+    layout="NCHW",
+    example=Example(
+        kwargs={"in_channels": 4, "inter_channels": 2}, inputs=((2, 4, 5, 6),), output=(2, 4, 5, 6)
+    ),
+    aliases=("non_local", "non_local_block"),
+    seed_name="NonLocalBlockND",
+    uses_attend=True,
+)(NonLocalBlock)
+
+
+@register_seed("nonlocal")
+class NonLocalBlockND(NonLocalBlock):
+    """The seed's ``NonLocalBlockND(in_channels, inter_channels=None, dimension=2, sub_sample=True,
+    bn_layer=True)``.
+
+    Embedded Gaussian only; returns a tensor, as the seed. State_dict keys equal the seed's
+    (``g.0``/``phi.0`` when ``sub_sample``, ``W.0``/``W.1`` when ``bn_layer``, ``theta``). Differences:
+    a ``dimension`` outside (1, 2, 3) raises ValueError (the seed asserts), and inputs are checked
+    (rank, channels, sizes >= 2 with ``sub_sample``) before any work.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        inter_channels: int | None = None,
+        dimension: int = 2,
+        sub_sample: bool = True,
+        bn_layer: bool = True,
+    ) -> None:
+        super().__init__(in_channels, inter_channels, dimension, sub_sample, bn_layer, "embedded_gaussian")

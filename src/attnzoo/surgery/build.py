@@ -1,0 +1,410 @@
+"""Build any registered mechanism for a given input: the one table of per-argument defaults.
+
+The ``attnzoo`` command (``list``, ``info``, ``bench``, ``maps``, ``demo``) takes one input shape
+and builds every mechanism for it. An input is a batch of feature maps ``B x C x H x W``, a batch
+of token sequences ``B x L x C`` or of clips ``B x C x T x H x W``; each mechanism gets it in its
+own layout:
+
+- NCHW as is; NHWC permuted to ``(B, H, W, C)``; NLC flattened to ``(B, H*W, C)`` tokens; NCL to
+  ``(B, C, H*W)``; a token input ``B x L x C`` with a square L becomes a ``sqrt(L) x sqrt(L)`` map;
+- SEQ2SEQ scoring rules get **one query** ``(B, 1, C)`` against the ``H*W`` tokens as keys and
+  values ``(B, H*W, C)`` (a decoder step attending to the encoder's feature map); multi-head
+  attention gets the tokens as query, key and value; Swin's window attention the map cut into
+  windows (:data:`INPUT_RULES`);
+- inputs a mechanism cannot take raise :class:`Unsupported` with the reason.
+
+Constructor arguments: the channel arguments (:func:`channel_kwargs`, shared with surgery) plus
+:data:`ARG_DEFAULTS` by argument name and :data:`FAMILY_DEFAULTS` by family, which pick heads that
+divide C, windows of 7, BiFormer's 7 x 7 regions and so on.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from attnzoo._registry import Spec
+from attnzoo.surgery.adapters import build_for_place, channel_kwargs
+
+__all__ = [
+    "Geometry",
+    "Built",
+    "Unsupported",
+    "parse_shape",
+    "geometry",
+    "input_shapes",
+    "constructor_kwargs",
+    "build",
+    "build_nchw",
+    "channel_kwargs",
+]
+
+
+class Unsupported(ValueError):
+    """The mechanism cannot take this input (the message says why)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Channel arguments (used by surgery too)
+
+# ---------------------------------------------------------------------------------------------
+# Input shapes
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """An input described independently of layout: batch, channels and the spatial grid.
+
+    ``spatial`` is ``(H, W)`` for maps, ``(L,)`` for sequences, ``(T, H, W)`` for clips.
+    """
+
+    batch: int
+    channels: int
+    spatial: tuple[int, ...]
+
+    @property
+    def tokens(self) -> int:
+        return math.prod(self.spatial)
+
+    def shape(self) -> tuple[int, ...]:
+        if len(self.spatial) == 1:
+            return (self.batch, self.spatial[0], self.channels)
+        return (self.batch, self.channels, *self.spatial)
+
+
+def parse_shape(text: str, what: str = "--input") -> tuple[int, ...]:
+    """``"8x256x56x56"`` -> ``(8, 256, 56, 56)``; ``ValueError`` naming the problem otherwise."""
+    parts = str(text).lower().replace("*", "x").split("x")
+    try:
+        sizes = tuple(int(p) for p in parts)
+    except ValueError:
+        raise ValueError(f"{what} expects sizes joined by 'x' such as 8x256x56x56, got {text!r}") from None
+    if any(s < 1 for s in sizes):
+        raise ValueError(f"{what} expects positive sizes, got {text!r}")
+    if len(sizes) not in (3, 4, 5):
+        raise ValueError(
+            f"{what} expects BxCxHxW (maps), BxLxC (tokens) or BxCxTxHxW (clips), "
+            f"got {len(sizes)} sizes in {text!r}"
+        )
+    return sizes
+
+
+def geometry(shape: tuple[int, ...]) -> Geometry:
+    """Read a ``B x C x H x W``, ``B x L x C`` or ``B x C x T x H x W`` shape."""
+    if len(shape) == 3:
+        return Geometry(shape[0], shape[2], (shape[1],))
+    if len(shape) in (4, 5):
+        return Geometry(shape[0], shape[1], tuple(shape[2:]))
+    raise ValueError(f"expects an input of rank 3, 4 or 5, got shape {shape}")
+
+
+def _grid2d(geo: Geometry, spec: Spec) -> tuple[int, int]:
+    if len(geo.spatial) == 2:
+        return geo.spatial[0], geo.spatial[1]
+    if len(geo.spatial) == 1:
+        side = math.isqrt(geo.tokens)
+        if side * side == geo.tokens:
+            return side, side
+    raise Unsupported(f"takes {spec.layout} feature maps; the input has no 2-D grid ({geo.spatial})")
+
+
+def _layout_shape(layout: str, geo: Geometry, spec: Spec) -> tuple[int, ...]:
+    b, c = geo.batch, geo.channels
+    if layout == "NCHW":
+        return (b, c, *_grid2d(geo, spec))
+    if layout == "NHWC":
+        return (b, *_grid2d(geo, spec), c)
+    if layout == "NLC":
+        return (b, geo.tokens, c)
+    if layout == "NCL":
+        return (b, c, geo.tokens)
+    if layout == "NCTHW":
+        if len(geo.spatial) != 3:
+            raise Unsupported("takes (B, C, T, H, W) clips; give --input BxCxTxHxW")
+        return (b, c, *geo.spatial)
+    raise Unsupported(f"layout {layout} has no conversion")
+
+
+# Per-name input conventions, where the layout alone does not say what to feed.
+INPUT_RULES: dict[str, str] = {
+    "mha": "self",  # query = key = value = the H*W tokens (self-attention)
+    "window": "windows",  # the map cut into windows: (B * windows, Wh*Ww, C), as Swin calls it
+    "temporal": "frames",  # attends along time: clips give (B*H*W, T, C); sequences as they are
+    "nonlocal": "nd",  # (B, C, *spatial) for 1-, 2- and 3-D inputs (``dimension`` follows)
+}
+
+
+def input_shapes(spec: Spec, geo: Geometry) -> tuple[tuple[int, ...], ...]:
+    """The shapes of the positional inputs ``spec``'s module takes for this input."""
+    example = spec.example.inputs
+    rule = INPUT_RULES.get(spec.name)
+    if rule == "self":
+        return tuple((geo.batch, geo.tokens, geo.channels) for _ in example)
+    if rule == "nd":
+        return ((geo.batch, geo.channels, *geo.spatial),)
+    if rule == "frames":
+        if len(geo.spatial) == 2:
+            raise Unsupported("attends along time: give BxCxTxHxW clips or BxLxC sequences")
+        if len(geo.spatial) == 3:
+            t, h, w = geo.spatial
+            return ((geo.batch * h * w, t, geo.channels),)
+    if rule == "windows":
+        h, w = _grid2d(geo, spec)
+        size = _divisor_window(h, w)
+        return ((geo.batch * (h // size) * (w // size), size * size, geo.channels),)
+    if spec.layout == "SEQ2SEQ":
+        # Example (B, Lq, dq), (B, Lk, dk), ...: sequences as long as the example's first become one
+        # query; the others become the H*W tokens; every feature size becomes C.
+        length_q = example[0][1]
+        return tuple((geo.batch, 1 if s[1] == length_q else geo.tokens, geo.channels) for s in example)
+    first = _layout_shape(spec.layout, geo, spec)
+    shapes = []
+    for s in example:
+        if tuple(s) != tuple(example[0]):
+            raise Unsupported(f"takes inputs of different shapes {example}; no conversion from one input")
+        shapes.append(first)
+    return tuple(shapes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Constructor arguments
+
+
+def _heads(geo: Geometry, default: Any) -> int:
+    if isinstance(default, int) and default > 0 and geo.channels % default == 0:
+        return default
+    return next(h for h in (8, 4, 2, 1) if geo.channels % h == 0)
+
+
+def _divisor_window(h: int, w: int) -> int:
+    return next(n for n in range(min(7, h, w), 0, -1) if h % n == 0 and w % n == 0)
+
+
+def _window(geo: Geometry, params: dict[str, inspect.Parameter]) -> int:
+    return min(7, *geo.spatial[-2:]) if len(geo.spatial) >= 2 else min(7, geo.tokens)
+
+
+def _n_win(geo: Geometry, params: dict[str, inspect.Parameter]) -> int:
+    h, w = geo.spatial[-2:] if len(geo.spatial) >= 2 else (geo.tokens, geo.tokens)
+    n = _divisor_window(h, w)
+    return 7 if n == 1 and "auto_pad" in params and min(h, w) >= 7 else n
+
+
+_C = "channels"  # marker: the input's channel count
+_N = "tokens"  # marker: the input's number of positions
+
+# By constructor argument name: a value, a marker, or a function (geometry, parameters) -> value.
+# Only arguments the constructor has are set; heads keep the class default when it divides C.
+ARG_DEFAULTS: dict[str, Any] = {
+    "in_dim": _C,
+    "out_dim": _C,
+    "query_dim": _C,
+    "key_dim": _C,
+    "value_dim": _C,
+    "output_dim": _C,
+    "context_dim": _C,
+    "query_size": _C,
+    "key_size": _C,
+    "num_positions": _N,
+    "num_ttokens": lambda geo, params: geo.spatial[0] if len(geo.spatial) == 3 else geo.tokens,
+    "window_size": _window,
+    "shift_size": lambda geo, params: _window(geo, params) // 2,
+    "n_win": _n_win,
+    "auto_pad": lambda geo, params: True,
+    "stride": lambda geo, params: 1,  # attention keeps the map's size (the seed's CBAtten_Res defaults to 2)
+    "dimension": lambda geo, params: len(geo.spatial) if len(geo.spatial) in (1, 2, 3) else 2,
+}
+_HEAD_ARGS = ("num_heads", "heads", "head", "n_head", "n_heads")
+
+# By family, applied last: (geometry, kwargs so far) -> updates.
+FAMILY_DEFAULTS: dict[str, Callable[[Geometry, dict[str, Any]], dict[str, Any]]] = {
+    # Keras-style blocks: key_dim is the size per head; the feed-forward width is 2C.
+    "blocks": lambda geo, kw: {
+        "key_dim": max(geo.channels // kw.get("num_heads", 1), 1),
+        "value_dim": None,
+        "ff_dim": 2 * geo.channels,
+    },
+}
+
+
+def constructor_kwargs(spec: Spec, geo: Geometry) -> dict[str, Any]:
+    """Constructor arguments of ``spec``'s canonical class for an input of this geometry."""
+    params = {n: p for n, p in inspect.signature(spec.cls.__init__).parameters.items() if n != "self"}
+    kwargs: dict[str, Any] = dict(channel_kwargs(spec.cls, geo.channels))
+    for name, param in params.items():
+        if name in kwargs:
+            continue
+        if name in _HEAD_ARGS:
+            kwargs[name] = _heads(geo, param.default)
+            continue
+        rule = ARG_DEFAULTS.get(name)
+        if rule is None:
+            continue
+        if name == "window_size" and INPUT_RULES.get(spec.name) == "windows":
+            kwargs[name] = _divisor_window(*_grid2d(geo, spec))
+            continue
+        kwargs[name] = geo.channels if rule == _C else geo.tokens if rule == _N else rule(geo, params)
+    if spec.family in FAMILY_DEFAULTS:
+        kwargs.update({k: v for k, v in FAMILY_DEFAULTS[spec.family](geo, kwargs).items() if k in params})
+    missing = [
+        n
+        for n, p in params.items()
+        if p.default is inspect.Parameter.empty
+        and n not in kwargs
+        and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    ]
+    if missing:
+        raise Unsupported(f"no default for constructor argument(s) {', '.join(missing)}")
+    return kwargs
+
+
+# ---------------------------------------------------------------------------------------------
+# Building
+
+
+@dataclass
+class Built:
+    """A mechanism built for an input: the module, its inputs and how they were made."""
+
+    spec: Spec
+    module: nn.Module
+    inputs: tuple[Tensor, ...]
+    kwargs: dict[str, Any]
+
+    @property
+    def input_note(self) -> str:
+        return " + ".join("x".join(str(s) for s in x.shape) for x in self.inputs)
+
+
+def _construct(spec: Spec, kwargs: dict[str, Any]) -> nn.Module:
+    try:
+        return spec.cls(**kwargs)
+    except (ValueError, TypeError) as err:
+        raise Unsupported(f"cannot be built with {kwargs}: {err}") from None
+
+
+def build(
+    spec: Spec,
+    shape: tuple[int, ...],
+    *,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    batch: int | None = None,
+) -> Built:
+    """Build ``spec``'s canonical module and random inputs (seeded) for an input of ``shape``.
+
+    Args:
+        spec: The registry entry.
+        shape: ``B x C x H x W``, ``B x L x C`` or ``B x C x T x H x W``.
+        dtype: Of the parameters and the inputs. Default: float32.
+        seed: Seeds the weights and the inputs. Default: 0.
+        batch: Overrides B (FLOPs are counted on one sample). Default: None.
+
+    Raises:
+        Unsupported: When the mechanism cannot take the input.
+    """
+    geo = geometry(shape)
+    if batch is not None:
+        geo = Geometry(batch, geo.channels, geo.spatial)
+    shapes = input_shapes(spec, geo)
+    kwargs = constructor_kwargs(spec, geo)
+    torch.manual_seed(seed)
+    module = _construct(spec, kwargs).to(dtype)
+    inputs = tuple(torch.randn(s, dtype=dtype) for s in shapes)
+    return Built(spec, module, inputs, kwargs)
+
+
+class _QueryProbe(nn.Module):
+    """Runs a SEQ2SEQ scorer on a ``(B, C, H, W)`` map: the mean token queries the H*W tokens."""
+
+    def __init__(self, module: nn.Module, one_token: tuple[bool, ...]) -> None:
+        super().__init__()
+        self.module = module
+        self.one_token = one_token  # per input: the query token (True) or all the map's tokens
+        self.weights = "return_weights" in inspect.signature(module.forward).parameters
+
+    def forward(self, x: Tensor) -> Tensor:
+        from attnzoo.maps.capture import capturing, record
+
+        b, c, h, w = x.shape
+        tokens = x.flatten(2).transpose(1, 2)  # (B, H*W, C)
+        query = tokens.mean(1, keepdim=True)  # (B, 1, C)
+        args = [query if one else tokens for one in self.one_token]
+        if capturing() and self.weights:  # a scorer that returns its weights (one that records does not)
+            out = self.module(*args, return_weights=True)
+            if isinstance(out, tuple) and isinstance(out[1], Tensor) and out[1].shape[-1] == h * w:
+                record(
+                    self.module,
+                    "rows",
+                    out[1].reshape(b, 1, 1, h * w),
+                    grid=(h, w),
+                    query_grid=(1,),
+                    queries=torch.zeros(1, dtype=torch.long),
+                    query="mean token",
+                )
+            out = out[0] if isinstance(out, tuple) else out
+        else:
+            out = self.module(*args)
+        return x + out.reshape(b, c, 1, 1)  # (B, 1, C) -> (B, C, 1, 1)
+
+
+class _SelfTokens(nn.Module):
+    """Runs a (query, key, value) module on a ``(B, C, H, W)`` map: the H*W tokens attend to themselves."""
+
+    def __init__(self, module: nn.Module, inputs: int) -> None:
+        super().__init__()
+        self.module = module
+        self.inputs = inputs
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, c, h, w = x.shape
+        tokens = x.flatten(2).transpose(1, 2)  # (B, H*W, C)
+        out = self.module(*([tokens] * self.inputs))
+        out = out[0] if isinstance(out, tuple) else out
+        return out.transpose(1, 2).reshape(b, c, h, w)  # (B, H*W, C) -> (B, C, H, W)
+
+
+def build_nchw(spec: Spec, channels: int, size: tuple[int, int], *, seed: int = 0) -> nn.Module:
+    """A module for ``(B, channels, H, W)`` maps that keeps their shape: ``spec``'s mechanism built
+    for that input and wrapped to the map's layout when it takes another (NHWC, NLC tokens, or a
+    SEQ2SEQ scorer queried by the mean token).
+
+    Raises:
+        Unsupported: When the mechanism cannot run on such maps.
+    """
+    geo = Geometry(1, channels, tuple(size))
+    torch.manual_seed(seed)
+    rule = INPUT_RULES.get(spec.name)
+    if rule == "windows":
+        raise Unsupported(
+            "takes windows already cut from a map, (B*windows, Wh*Ww, C); use shifted_window on maps"
+        )
+    if rule == "frames":
+        raise Unsupported("attends along time, (B, T, C) frames; it has no place on a feature map")
+    if rule == "self":
+        return _SelfTokens(_construct(spec, constructor_kwargs(spec, geo)), len(spec.example.inputs))
+    if spec.layout == "SEQ2SEQ":
+        kwargs = constructor_kwargs(spec, geo)
+        shapes = input_shapes(spec, geo)
+        if any(s[1] not in (1, geo.tokens) for s in shapes) or len(shapes) > 3:
+            raise Unsupported("has no conversion from a feature map")
+        return _QueryProbe(_construct(spec, kwargs), tuple(s[1] == 1 for s in shapes))
+    if len(spec.example.inputs) != 1:
+        raise Unsupported(f"takes {len(spec.example.inputs)} inputs; no place inside a CNN")
+    input_shapes(spec, geo)  # raises when the layout cannot take a map
+    kwargs = constructor_kwargs(spec, geo)
+    layout = inspect.signature(spec.cls.__init__).parameters.get("layout")
+    if spec.layout == "NHWC" and layout is not None and isinstance(layout.default, str):
+        # A channels-last class with a layout switch runs on the map itself (in the switch's spelling).
+        kwargs["layout"] = "nchw" if layout.default.islower() else "NCHW"
+        return _construct(spec, kwargs)
+    try:
+        return build_for_place(spec.name, channels, "NCHW", kwargs, "the feature map")
+    except (ValueError, TypeError) as err:
+        raise Unsupported(str(err)) from None

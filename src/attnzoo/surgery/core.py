@@ -1,0 +1,138 @@
+"""Network surgery: put attention into an existing model, swap modules for attention, find attention.
+
+``insert`` and ``replace`` infer the channel count and the layout at each selected place, from one
+traced forward of an ``example_input`` or, when obvious, from the module's attributes
+(``out_channels``, ``num_features``, ``out_features``, ``normalized_shape``). Every place gets its
+own new module. The model's existing parameters keep their values and their state_dict keys:
+
+- a place inside an ``nn.Sequential`` gets the attention as a named sibling right after (or
+  before) it, so ``layer1.0`` stays ``layer1.0`` and the new module is ``layer1.0_attn``
+  (indexing such a Sequential by position now counts the new module too);
+- any other place keeps its module and runs the attention in a forward hook; the attention is
+  registered beside it on the parent as ``<name>_attn``, so it is in ``parameters()``,
+  ``state_dict()`` and ``print(model)``.
+
+With ``example_input`` the model is run once after surgery; an inserted module that would change
+a shape raises ``ValueError`` naming the place, the expected and the produced shape.
+"""
+
+
+from typing import Any
+
+from torch import nn
+
+from attnzoo._checks import format_shape
+from attnzoo.surgery.adapters import AttentionArg, _attach, _describe, build_for_place
+from attnzoo.surgery.places import Where, _site_shape, _sites, _verify
+
+__all__ = ["insert", "replace"]
+
+
+def insert(
+    model: nn.Module,
+    attention: AttentionArg,
+    where: Where,
+    *,
+    position: str = "after",
+    example_input: Any = None,
+    **kwargs: Any,
+) -> list[str]:
+    """Put a new attention module after (or before) every sub-module ``where`` selects.
+
+    Args:
+        model: The network, changed in place.
+        attention: A registry name (``"cbam"``, ``"bra"``, a seed name), a factory called as
+            ``factory(channels, **kwargs)``, or a module (deep-copied for every place).
+        where: What to select: a glob over qualified names (``"layer*.*"``), a list of names, a
+            module type, or a predicate ``(name, module) -> bool``.
+        position: ``"after"`` (default) or ``"before"`` the selected module.
+        example_input: An input for ``model`` (a tensor, a tuple of positional inputs, or a dict of
+            keyword inputs). With it, channels and layout are measured by one forward and the
+            model is checked after surgery; without it they come from obvious attributes.
+        **kwargs: More constructor arguments for the attention (``reduction=8``, ``n_win=7``).
+
+    Returns:
+        The qualified names of the new modules.
+
+    Example:
+        >>> x = torch.randn(1, 3, 224, 224)
+        >>> names = attnzoo.insert(resnet, "cbam", where="layer*.*", example_input=x)
+    """
+    if position not in ("after", "before"):
+        raise ValueError(f"insert: position must be 'after' or 'before', got {position!r}")
+    sites = _sites(model, where, example_input)
+    what = f"{_describe(attention)} inserted {position}"
+    built = []
+    for site in sites:
+        channels, layout = _site_shape(site, use_input=position == "before")
+        built.append((site, build_for_place(attention, channels, layout, dict(kwargs), site.name)))
+    # Attach only once every place built, so a bad argument leaves the model untouched.
+    names = [_attach(model, site.name, module, position, what) for site, module in built]
+    _verify(model, example_input)
+    return names
+
+
+def replace(
+    model: nn.Module,
+    where: Where,
+    attention: AttentionArg,
+    *,
+    example_input: Any = None,
+    **kwargs: Any,
+) -> list[str]:
+    """Swap every sub-module ``where`` selects for a new attention module, inferring its channels.
+
+    The replaced modules must keep the shape of what flows through them (attention modules do).
+    A module that wants NHWC (BiLevelRoutingAttention) on an NCHW network gets ``layout="nchw"`` or a
+    :class:`LayoutAdapter`.
+
+    Args:
+        model: The network, changed in place.
+        where: As for :func:`insert`.
+        attention: As for :func:`insert`.
+        example_input: As for :func:`insert`; without it the channels come from the replaced
+            module's attributes (``channels``, ``num_features``, ``dim`` ...).
+        **kwargs: More constructor arguments for the attention.
+
+    Returns:
+        The qualified names of the replaced places.
+
+    Example:
+        >>> attnzoo.replace(model, "space_attention", "bra", n_win=7, topk=4, example_input=x)
+    """
+    sites = _sites(model, where, example_input)
+    built = []
+    for site in sites:
+        if site.shape_in is not None and site.shape_out is not None and site.shape_in != site.shape_out:
+            raise ValueError(
+                f"{site.name} maps {format_shape(site.shape_in)} to {format_shape(site.shape_out)}; replace "
+                f"swaps shape-keeping modules only (use insert to add attention beside it)"
+            )
+        if site.shape_in is None:
+            guess = _replaced_channels(site.module)
+            if guess is None:
+                raise ValueError(f"cannot infer the channels of {site.name} ({type(site.module).__name__}); "
+                                 f"pass example_input=")
+            site.shape_in = guess
+        channels, layout = _site_shape(site, use_input=True)
+        built.append((site, build_for_place(attention, channels, layout, dict(kwargs), site.name)))
+    for site, module in built:
+        parent_name, _, child = site.name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, module)
+    _verify(model, example_input)
+    return [site.name for site, _ in built]
+
+
+def _replaced_channels(module: nn.Module) -> tuple[int, ...] | None:
+    for attr in ("channels", "in_channels", "num_features", "dim", "channel", "in_planes"):
+        value = getattr(module, attr, None)
+        if isinstance(value, int):
+            return (1, value, 1, 1)
+    first = next((m for m in module.modules() if isinstance(m, (nn.Conv2d, nn.BatchNorm2d, nn.Linear))), None)
+    if isinstance(first, nn.Conv2d):
+        return (1, first.in_channels, 1, 1)
+    if isinstance(first, nn.BatchNorm2d):
+        return (1, first.num_features, 1, 1)
+    return None
+
