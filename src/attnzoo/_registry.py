@@ -1,14 +1,20 @@
-"""The registry: every mechanism by name, with the metadata tests, the CLI and surgery need.
+"""The registry: every mechanism by name, with everything needed to build it, run it and describe it.
 
-A family file registers its canonical class with :func:`register` and, where the seed documents
-name the class differently (``SELayer`` for ``SqueezeExcite``), attaches the seed-compatible class
-with :func:`register_seed`. :func:`create` accepts the canonical name, any alias, or the seed name
-(which builds the seed-compatible class, with the seed's constructor arguments).
+A family file registers its canonical class with `register` and, where the seed documents name the
+class differently (`SELayer` for `SqueezeExcite`), attaches the seed-compatible class with
+`register_seed`. `create` accepts the canonical name, any alias, or the seed name (which builds the
+seed-compatible class, with the seed's constructor arguments).
+
+The `Spec` is the only table: the CLI (`list`, `info`, `bench`, `maps`, `demo`), surgery
+(`attnzoo.insert`/`replace`), the docs generator and the registry-wide test suites read a
+mechanism's width argument, layout, example, input rule and per-input arguments from it, so a new
+mechanism joins all of them by `@register` alone.
 """
 
 from __future__ import annotations
 
 import difflib
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -18,6 +24,18 @@ from torch import nn
 __all__ = ["Example", "Spec", "register", "register_seed", "create", "get_spec", "list_modules"]
 
 LAYOUTS = ("NCHW", "NHWC", "NLC", "NCL", "NCTHW", "SEQ2SEQ")
+
+# How one input geometry becomes a module's positional inputs (see `Spec.input_rule`):
+INPUT_RULES = (
+    "layout",  # every example input becomes the map in `layout` (the default)
+    "self",  # query = key = value = the map's H*W tokens (self-attention over a sequence)
+    "windows",  # the map cut into windows, (B * windows, Wh*Ww, C), as Swin calls its window attention
+    "frames",  # along time: clips (B, C, T, H, W) give (B*H*W, T, C); else the (B, L, C) tokens
+    "nd",  # (B, C, *spatial) for 1-, 2- and 3-D inputs alike
+)
+
+# The width argument, always the first constructor argument of a canonical class.
+WIDTH_NAMES = ("channels", "dim", "query_dim")
 
 ModuleT = TypeVar("ModuleT", bound=type[nn.Module])
 
@@ -57,6 +75,14 @@ class Spec:
     seed_name: str | None = None
     uses_attend: bool = False
     seed_cls: Callable[..., nn.Module] | None = field(default=None, compare=False)
+    input_rule: str = "layout"
+    for_input: Callable[[Any], dict[str, Any]] | None = field(default=None, compare=False)
+
+    @property
+    def width(self) -> str:
+        """The width argument's name (the first constructor argument): `channels`, `dim` or `query_dim`."""
+        params = [p for p in inspect.signature(self.cls.__init__).parameters.values() if p.name != "self"]
+        return params[0].name if params else ""
 
     def __repr__(self) -> str:
         seed = f", seed_name={self.seed_name!r}" if self.seed_name else ""
@@ -87,15 +113,36 @@ def register(
     aliases: Sequence[str] = (),
     seed_name: str | None = None,
     uses_attend: bool = False,
+    input_rule: str = "layout",
+    for_input: Callable[[Any], dict[str, Any]] | None = None,
 ) -> Callable[[ModuleT], ModuleT]:
-    """Class decorator that registers a canonical attention module under ``name``."""
+    """Class decorator that registers a canonical attention module under `name`.
+
+    Args:
+        name: The registry name (lower-case snake case).
+        family, paper, year: What the docs and `attnzoo list` show.
+        layout: The layout of the module's first input, one of `LAYOUTS`.
+        example: A small configuration the registry-wide suites run.
+        aliases: More names `create` accepts.
+        seed_name: The seed's or official code's class name, when it differs.
+        uses_attend: The module runs `attnzoo.functional.attend` (fused == math path is checked).
+        input_rule: How an input geometry becomes the module's inputs, one of `INPUT_RULES`.
+        for_input: `geometry -> constructor arguments` beyond the shared vocabulary's rules, for
+            building the module for any input (`attnzoo.surgery.build`); the argument is a
+            `attnzoo.surgery.build.Geometry` (batch, channels, spatial).
+    """
     if layout not in LAYOUTS:
         raise ValueError(f"register({name!r}): layout must be one of {LAYOUTS}, got {layout!r}")
+    if input_rule not in INPUT_RULES:
+        raise ValueError(f"register({name!r}): input_rule must be one of {INPUT_RULES}, got {input_rule!r}")
 
     def decorate(cls: ModuleT) -> ModuleT:
         if name in _REGISTRY:
             raise ValueError(f"attention {name!r} is already registered")
-        spec = Spec(name, cls, family, paper, year, layout, example, tuple(aliases), seed_name, uses_attend)
+        spec = Spec(
+            name, cls, family, paper, year, layout, example, tuple(aliases), seed_name, uses_attend,
+            input_rule=input_rule, for_input=for_input,
+        )
         for alias in spec.all_names:
             key = alias.lower()
             if _ALIASES.get(key, name) != name:
@@ -144,22 +191,43 @@ def get_spec(name: str) -> Spec:
     return _REGISTRY[_resolve(name)]
 
 
-def create(name: str, **kwargs: Any) -> nn.Module:
+def create(name: str, *args: Any, **kwargs: Any) -> nn.Module:
     """Build a registered mechanism by name.
 
-    The seed's class name (for example ``"SELayer"``) builds the seed-compatible class and takes the
-    seed's constructor arguments; every other name builds the canonical class.
+    Every canonical class takes its width first (`channels` for feature maps, `dim` for tokens,
+    `query_dim` for the sequence scorers) and has defaults for everything else, so
+    `create(name, 64)` builds any of them. The width may also be given by keyword, as `channels=`
+    or `dim=` whichever the class calls it. The seed's class name (for example `"SELayer"`) builds the
+    seed-compatible class and takes the seed's own constructor arguments.
 
     Example:
+        ```python
         >>> import attnzoo
-        >>> se = attnzoo.create("se", channels=64)
+        >>> se = attnzoo.create("se", 64)
+        >>> mha = attnzoo.create("mha", channels=64)  # MultiHeadAttention(dim=64)
+        ```
     """
     spec = get_spec(name)
     use_seed = (
         spec.seed_cls is not None and spec.seed_name is not None and name.lower() == spec.seed_name.lower()
     )
-    cls = spec.seed_cls if use_seed and spec.seed_cls is not None else spec.cls
-    return cls(**kwargs)
+    if use_seed and spec.seed_cls is not None:
+        return spec.seed_cls(*args, **kwargs)
+    return spec.cls(*args, **_width_alias(spec, args, kwargs))
+
+
+def _width_alias(spec: Spec, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Accept `channels=` for a `dim` class and `dim=` for a `channels` class: both name the width."""
+    width = spec.width
+    if args or width in kwargs or width not in WIDTH_NAMES:
+        return kwargs
+    params = inspect.signature(spec.cls.__init__).parameters
+    for other in ("channels", "dim"):
+        if other != width and other in kwargs and other not in params:
+            kwargs = dict(kwargs)
+            kwargs[width] = kwargs.pop(other)
+            break
+    return kwargs
 
 
 def list_modules(family: str | None = None) -> list[Spec]:

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnzoo._checks import check_float, check_int, check_shape
+from attnzoo._geometry import Geometry, heads_for
 from attnzoo._registry import Example, register, register_seed
 from attnzoo.blocks.keras_attention import KerasMultiHeadAttention, _bool_mask
 
@@ -127,13 +128,19 @@ def _residual_dim(attn: KerasMultiHeadAttention, dim: int, who: str) -> None:
         )
 
 
+def _block_sizes(geo: Geometry) -> dict[str, Any]:
+    """Keras-style sizes for an input of C channels: key_dim per head, feed-forward width 2C."""
+    heads = heads_for(geo.channels, 8)
+    return {"num_heads": heads, "key_dim": max(geo.channels // heads, 1), "value_dim": None}
+
+
 @register(
     "self_attention_block", family="blocks", paper="Attention Is All You Need", year=2017, layout="NLC",
     example=Example(
         kwargs={"dim": 8, "num_heads": 2, "key_dim": 4, "value_dim": 3, "causal": True},
         inputs=((2, 5, 8),), output=(2, 5, 8), channel_dim=-1,
     ),
-    seed_name="self_attention", uses_attend=True,
+    seed_name="self_attention", uses_attend=True, for_input=lambda geo: _block_sizes(geo),
 )
 class SelfAttentionBlock(_PrefixedBlock):
     """Post-norm self-attention: ``LayerNorm(x + MHA(x, x, x))``, sub-modules named by ``prefix``.
@@ -195,6 +202,7 @@ class SelfAttentionBlock(_PrefixedBlock):
         inputs=((2, 5, 8), (2, 7, 6)), output=(2, 5, 8), channel_dim=-1,
     ),
     seed_name="cross_attention", uses_attend=True,
+    for_input=lambda geo: {**_block_sizes(geo), "context_dim": geo.channels},
 )
 class CrossAttentionBlock(_PrefixedBlock):
     """Post-norm cross-attention: ``LayerNorm(MHA(x, context, context) + x)``, named by ``prefix``.

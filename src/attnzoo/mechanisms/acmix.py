@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnzoo._checks import check_divisible, check_int, check_shape
+from attnzoo._geometry import heads_for
 from attnzoo._registry import Example, register, register_seed
 from attnzoo.kernels.neighbourhood import neighbourhood_attention, reflect_pad
 from attnzoo.maps.capture import capturing
@@ -55,6 +56,7 @@ def position_grid(height: int, width: int, dtype: torch.dtype, device: torch.dev
         channel_dim=1,
     ),
     seed_name="ACmix",
+    for_input=lambda geo: {"head": heads_for(geo.channels, 4)},
 )
 class ACmix(nn.Module):
     """ACmix: a local self-attention branch and a convolution branch sharing one set of 1x1 projections.

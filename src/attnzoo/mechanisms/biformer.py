@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnzoo._checks import check_choice, check_float, check_int, check_shape
+from attnzoo._geometry import num_windows
 from attnzoo._registry import Example, register, register_seed
 from attnzoo.functional import attend
 from attnzoo.maps.capture import capturing, record
@@ -169,6 +170,7 @@ class _TopkRouter(nn.Module):
     aliases=("biformer", "bi_level_routing_attention"),
     seed_name="BiLevelRoutingAttention",
     uses_attend=True,
+    for_input=lambda geo: {"n_win": num_windows(geo), "auto_pad": True},
 )
 class BiLevelRoutingAttention(nn.Module):
     r"""Bi-Level Routing Attention, numerically equal to BiFormer's ``ops/bra_legacy.py``.

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnzoo._checks import check_choice, check_float, check_int, check_shape
+from attnzoo._geometry import num_windows
 from attnzoo._registry import Example, register, register_seed
 from attnzoo.maps.capture import capturing, record
 from attnzoo.maps.records import record_routed_rows
@@ -37,6 +38,7 @@ __all__ = ["nchwBRA"]
     ),
     seed_name="nchwBRA",
     uses_attend=True,
+    for_input=lambda geo: {"n_win": num_windows(geo), "auto_pad": True},
 )
 class nchwBRA(nn.Module):  # noqa: N801 (the official class name)
     r"""BiFormer's NCHW Bi-Level Routing Attention (``attnzoo.compat.nchwBRA``), equal to the official.

@@ -113,6 +113,7 @@ class ChannelAttention(nn.Module):
     layout="NCHW",
     example=Example(kwargs={"kernel_size": 3, "channels": 8}, inputs=((2, 8, 5, 5),), output=(2, 8, 5, 5)),
     seed_name="SpatialAttention",
+    for_input=lambda geo: {"channels": geo.channels},
 )
 class SpatialAttention(nn.Module):
     """CBAM spatial attention: ``x * sigmoid(conv_k([mean_c x, max_c x]))``.

@@ -48,6 +48,7 @@ __all__ = ["MultiHeadAttention", "SeedMultiHeadAttention"]
     ),
     aliases=("multi_head_attention", "multihead"),
     uses_attend=True,
+    input_rule="self",
 )
 class MultiHeadAttention(nn.Module):
     r"""Multi-head scaled dot-product attention with input and output projections.

@@ -239,6 +239,8 @@ register(
     aliases=("non_local", "non_local_block"),
     seed_name="NonLocalBlockND",
     uses_attend=True,
+    input_rule="nd",
+    for_input=lambda geo: {"dimension": len(geo.spatial) if len(geo.spatial) in (1, 2, 3) else 2},
 )(NonLocalBlock)
 
 

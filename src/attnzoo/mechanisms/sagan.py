@@ -143,6 +143,7 @@ register(
     aliases=("spatial_self_attention", "sagan_self_attention"),
     seed_name="Self_Attn_Spatial",
     uses_attend=True,
+    for_input=lambda geo: {"out_dim": geo.channels},
 )(SpatialSelfAttention)
 
 register(
@@ -155,6 +156,7 @@ register(
     aliases=("channel_attention_sa",),
     seed_name="Self_Attn_Channel",
     uses_attend=True,
+    for_input=lambda geo: {"out_dim": geo.channels},
 )(ChannelSelfAttention)
 
 

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnzoo._checks import check_choice, check_float, check_int, check_shape, check_tensor
+from attnzoo._geometry import fit_window
 from attnzoo._registry import Example, register
 from attnzoo.functional import gather_relative_bias, relative_position_index_2d
 from attnzoo.kernels.biased import biased_attention
@@ -158,6 +159,7 @@ def shifted_window_mask(
     ),
     aliases=("swin_window", "window_attention"),
     uses_attend=True,
+    input_rule="windows",
 )
 class WindowAttention(nn.Module):
     r"""Window multi-head self-attention with a 2-D relative position bias (Swin's W-MSA / SW-MSA).
@@ -254,6 +256,7 @@ class WindowAttention(nn.Module):
     ),
     aliases=("swin", "shifted_window_attention"),
     uses_attend=True,
+    for_input=lambda geo: {"shift_size": fit_window(geo) // 2},
 )
 class ShiftedWindowAttention(nn.Module):
     """(Shifted-)window attention over a whole feature map of any size.

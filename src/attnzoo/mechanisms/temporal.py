@@ -46,6 +46,8 @@ __all__ = ["Attention", "TemporalAttention"]
     aliases=("temporal_attention", "temporal_relpos"),
     seed_name="Attention",
     uses_attend=True,
+    input_rule="frames",
+    for_input=lambda geo: {"num_ttokens": geo.spatial[0] if len(geo.spatial) == 3 else geo.tokens},
 )
 class TemporalAttention(nn.Module):
     r"""Multi-head self-attention over frames with a learned relative temporal bias.

@@ -1,34 +1,31 @@
-"""Build any registered mechanism for a given input: the one table of per-argument defaults.
+"""Build any registered mechanism for a given input, from its registry `Spec` alone.
 
-The ``attnzoo`` command (``list``, ``info``, ``bench``, ``maps``, ``demo``) takes one input shape
-and builds every mechanism for it. An input is a batch of feature maps ``B x C x H x W``, a batch
-of token sequences ``B x L x C`` or of clips ``B x C x T x H x W``; each mechanism gets it in its
-own layout:
+The `attnzoo` command (`list`, `info`, `bench`, `maps`, `demo`) takes one input shape and builds
+every mechanism for it. An input is a batch of feature maps `B x C x H x W`, a batch of token
+sequences `B x L x C` or of clips `B x C x T x H x W`; each mechanism gets it as its `Spec` says:
 
-- NCHW as is; NHWC permuted to ``(B, H, W, C)``; NLC flattened to ``(B, H*W, C)`` tokens; NCL to
-  ``(B, C, H*W)``; a token input ``B x L x C`` with a square L becomes a ``sqrt(L) x sqrt(L)`` map;
-- SEQ2SEQ scoring rules get **one query** ``(B, 1, C)`` against the ``H*W`` tokens as keys and
-  values ``(B, H*W, C)`` (a decoder step attending to the encoder's feature map); multi-head
-  attention gets the tokens as query, key and value; Swin's window attention the map cut into
-  windows (:data:`INPUT_RULES`);
-- inputs a mechanism cannot take raise :class:`Unsupported` with the reason.
+- by `spec.layout`: NCHW as is; NHWC permuted to `(B, H, W, C)`; NLC flattened to `(B, H*W, C)`
+  tokens; NCL to `(B, C, H*W)`; a token input `B x L x C` with a square L becomes a map;
+- SEQ2SEQ scoring rules get **one query** `(B, 1, C)` against the `H*W` tokens as keys and values
+  `(B, H*W, C)` (a decoder step attending to the encoder's feature map);
+- or by `spec.input_rule` (`"self"`, `"windows"`, `"frames"`, `"nd"`, see `attnzoo._registry`);
+- inputs a mechanism cannot take raise `Unsupported` with the reason.
 
-Constructor arguments: the channel arguments (:func:`channel_kwargs`, shared with surgery) plus
-:data:`ARG_DEFAULTS` by argument name and :data:`FAMILY_DEFAULTS` by family, which pick heads that
-divide C, windows of 7, BiFormer's 7 x 7 regions and so on.
+Constructor arguments: the width (`spec.width`) and the shared vocabulary's rules below (heads
+that divide C, windows that fit the map, the other widths equal to C), then `spec.for_input(geo)`
+for whatever is specific to the mechanism.
 """
 
 from __future__ import annotations
 
 import inspect
-import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from attnzoo._geometry import Geometry, Unsupported, divisor_window, fit_window, grid2d, heads_for
 from attnzoo._registry import Spec
 from attnzoo.surgery.adapters import build_for_place, channel_kwargs
 
@@ -42,44 +39,15 @@ __all__ = [
     "constructor_kwargs",
     "build",
     "build_nchw",
-    "channel_kwargs",
 ]
 
-
-class Unsupported(ValueError):
-    """The mechanism cannot take this input (the message says why)."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Channel arguments (used by surgery too)
 
 # ---------------------------------------------------------------------------------------------
 # Input shapes
 
 
-@dataclass(frozen=True)
-class Geometry:
-    """An input described independently of layout: batch, channels and the spatial grid.
-
-    ``spatial`` is ``(H, W)`` for maps, ``(L,)`` for sequences, ``(T, H, W)`` for clips.
-    """
-
-    batch: int
-    channels: int
-    spatial: tuple[int, ...]
-
-    @property
-    def tokens(self) -> int:
-        return math.prod(self.spatial)
-
-    def shape(self) -> tuple[int, ...]:
-        if len(self.spatial) == 1:
-            return (self.batch, self.spatial[0], self.channels)
-        return (self.batch, self.channels, *self.spatial)
-
-
 def parse_shape(text: str, what: str = "--input") -> tuple[int, ...]:
-    """``"8x256x56x56"`` -> ``(8, 256, 56, 56)``; ``ValueError`` naming the problem otherwise."""
+    """`"8x256x56x56"` -> `(8, 256, 56, 56)`; `ValueError` naming the problem otherwise."""
     parts = str(text).lower().replace("*", "x").split("x")
     try:
         sizes = tuple(int(p) for p in parts)
@@ -96,7 +64,7 @@ def parse_shape(text: str, what: str = "--input") -> tuple[int, ...]:
 
 
 def geometry(shape: tuple[int, ...]) -> Geometry:
-    """Read a ``B x C x H x W``, ``B x L x C`` or ``B x C x T x H x W`` shape."""
+    """Read a `B x C x H x W`, `B x L x C` or `B x C x T x H x W` shape."""
     if len(shape) == 3:
         return Geometry(shape[0], shape[2], (shape[1],))
     if len(shape) in (4, 5):
@@ -104,22 +72,12 @@ def geometry(shape: tuple[int, ...]) -> Geometry:
     raise ValueError(f"expects an input of rank 3, 4 or 5, got shape {shape}")
 
 
-def _grid2d(geo: Geometry, spec: Spec) -> tuple[int, int]:
-    if len(geo.spatial) == 2:
-        return geo.spatial[0], geo.spatial[1]
-    if len(geo.spatial) == 1:
-        side = math.isqrt(geo.tokens)
-        if side * side == geo.tokens:
-            return side, side
-    raise Unsupported(f"takes {spec.layout} feature maps; the input has no 2-D grid ({geo.spatial})")
-
-
-def _layout_shape(layout: str, geo: Geometry, spec: Spec) -> tuple[int, ...]:
+def _layout_shape(layout: str, geo: Geometry) -> tuple[int, ...]:
     b, c = geo.batch, geo.channels
     if layout == "NCHW":
-        return (b, c, *_grid2d(geo, spec))
+        return (b, c, *grid2d(geo))
     if layout == "NHWC":
-        return (b, *_grid2d(geo, spec), c)
+        return (b, *grid2d(geo), c)
     if layout == "NLC":
         return (b, geo.tokens, c)
     if layout == "NCL":
@@ -131,127 +89,71 @@ def _layout_shape(layout: str, geo: Geometry, spec: Spec) -> tuple[int, ...]:
     raise Unsupported(f"layout {layout} has no conversion")
 
 
-# Per-name input conventions, where the layout alone does not say what to feed.
-INPUT_RULES: dict[str, str] = {
-    "mha": "self",  # query = key = value = the H*W tokens (self-attention)
-    "window": "windows",  # the map cut into windows: (B * windows, Wh*Ww, C), as Swin calls it
-    "temporal": "frames",  # attends along time: clips give (B*H*W, T, C); sequences as they are
-    "nonlocal": "nd",  # (B, C, *spatial) for 1-, 2- and 3-D inputs (``dimension`` follows)
-}
-
-
-def input_shapes(spec: Spec, geo: Geometry) -> tuple[tuple[int, ...], ...]:
-    """The shapes of the positional inputs ``spec``'s module takes for this input."""
-    example = spec.example.inputs
-    rule = INPUT_RULES.get(spec.name)
+def _rule_shapes(spec: Spec, geo: Geometry) -> tuple[tuple[int, ...], ...] | None:
+    """The inputs `spec.input_rule` prescribes, or None to go by the layout."""
+    rule = spec.input_rule
     if rule == "self":
-        return tuple((geo.batch, geo.tokens, geo.channels) for _ in example)
+        return tuple((geo.batch, geo.tokens, geo.channels) for _ in spec.example.inputs)
     if rule == "nd":
         return ((geo.batch, geo.channels, *geo.spatial),)
     if rule == "frames":
-        if len(geo.spatial) == 2:
-            raise Unsupported("attends along time: give BxCxTxHxW clips or BxLxC sequences")
-        if len(geo.spatial) == 3:
+        if len(geo.spatial) == 3:  # clips: every position attends along time
             t, h, w = geo.spatial
             return ((geo.batch * h * w, t, geo.channels),)
+        return ((geo.batch, geo.tokens, geo.channels),)  # a sequence, or a map's H*W tokens as one
     if rule == "windows":
-        h, w = _grid2d(geo, spec)
-        size = _divisor_window(h, w)
+        h, w = grid2d(geo)
+        size = divisor_window(h, w)
         return ((geo.batch * (h // size) * (w // size), size * size, geo.channels),)
+    return None
+
+
+def input_shapes(spec: Spec, geo: Geometry) -> tuple[tuple[int, ...], ...]:
+    """The shapes of the positional inputs `spec`'s module takes for this input."""
+    shapes = _rule_shapes(spec, geo)
+    if shapes is not None:
+        return shapes
+    example = spec.example.inputs
     if spec.layout == "SEQ2SEQ":
         # Example (B, Lq, dq), (B, Lk, dk), ...: sequences as long as the example's first become one
         # query; the others become the H*W tokens; every feature size becomes C.
         length_q = example[0][1]
         return tuple((geo.batch, 1 if s[1] == length_q else geo.tokens, geo.channels) for s in example)
-    first = _layout_shape(spec.layout, geo, spec)
-    shapes = []
-    for s in example:
-        if tuple(s) != tuple(example[0]):
-            raise Unsupported(f"takes inputs of different shapes {example}; no conversion from one input")
-        shapes.append(first)
-    return tuple(shapes)
+    if any(tuple(s) != tuple(example[0]) for s in example):
+        raise Unsupported(f"takes inputs of different shapes {example}; no conversion from one input")
+    return tuple(_layout_shape(spec.layout, geo) for _ in example)
 
 
 # ---------------------------------------------------------------------------------------------
-# Constructor arguments
+# Constructor arguments: the shared vocabulary's rules, then the mechanism's own `for_input`
+
+_SAME_AS_INPUT = ("query_dim", "key_dim", "value_dim", "out_channels")
 
 
-def _heads(geo: Geometry, default: Any) -> int:
-    if isinstance(default, int) and default > 0 and geo.channels % default == 0:
-        return default
-    return next(h for h in (8, 4, 2, 1) if geo.channels % h == 0)
-
-
-def _divisor_window(h: int, w: int) -> int:
-    return next(n for n in range(min(7, h, w), 0, -1) if h % n == 0 and w % n == 0)
-
-
-def _window(geo: Geometry, params: dict[str, inspect.Parameter]) -> int:
-    return min(7, *geo.spatial[-2:]) if len(geo.spatial) >= 2 else min(7, geo.tokens)
-
-
-def _n_win(geo: Geometry, params: dict[str, inspect.Parameter]) -> int:
-    h, w = geo.spatial[-2:] if len(geo.spatial) >= 2 else (geo.tokens, geo.tokens)
-    n = _divisor_window(h, w)
-    return 7 if n == 1 and "auto_pad" in params and min(h, w) >= 7 else n
-
-
-_C = "channels"  # marker: the input's channel count
-_N = "tokens"  # marker: the input's number of positions
-
-# By constructor argument name: a value, a marker, or a function (geometry, parameters) -> value.
-# Only arguments the constructor has are set; heads keep the class default when it divides C.
-ARG_DEFAULTS: dict[str, Any] = {
-    "in_dim": _C,
-    "out_dim": _C,
-    "query_dim": _C,
-    "key_dim": _C,
-    "value_dim": _C,
-    "output_dim": _C,
-    "context_dim": _C,
-    "query_size": _C,
-    "key_size": _C,
-    "num_positions": _N,
-    "num_ttokens": lambda geo, params: geo.spatial[0] if len(geo.spatial) == 3 else geo.tokens,
-    "window_size": _window,
-    "shift_size": lambda geo, params: _window(geo, params) // 2,
-    "n_win": _n_win,
-    "auto_pad": lambda geo, params: True,
-    "stride": lambda geo, params: 1,  # attention keeps the map's size (the seed's CBAtten_Res defaults to 2)
-    "dimension": lambda geo, params: len(geo.spatial) if len(geo.spatial) in (1, 2, 3) else 2,
-}
-_HEAD_ARGS = ("num_heads", "heads", "head", "n_head", "n_heads")
-
-# By family, applied last: (geometry, kwargs so far) -> updates.
-FAMILY_DEFAULTS: dict[str, Callable[[Geometry, dict[str, Any]], dict[str, Any]]] = {
-    # Keras-style blocks: key_dim is the size per head; the feed-forward width is 2C.
-    "blocks": lambda geo, kw: {
-        "key_dim": max(geo.channels // kw.get("num_heads", 1), 1),
-        "value_dim": None,
-        "ff_dim": 2 * geo.channels,
-    },
-}
-
-
-def constructor_kwargs(spec: Spec, geo: Geometry) -> dict[str, Any]:
-    """Constructor arguments of ``spec``'s canonical class for an input of this geometry."""
-    params = {n: p for n, p in inspect.signature(spec.cls.__init__).parameters.items() if n != "self"}
+def _vocabulary_kwargs(spec: Spec, geo: Geometry, params: dict[str, inspect.Parameter]) -> dict[str, Any]:
     kwargs: dict[str, Any] = dict(channel_kwargs(spec.cls, geo.channels))
     for name, param in params.items():
         if name in kwargs:
             continue
-        if name in _HEAD_ARGS:
-            kwargs[name] = _heads(geo, param.default)
-            continue
-        rule = ARG_DEFAULTS.get(name)
-        if rule is None:
-            continue
-        if name == "window_size" and INPUT_RULES.get(spec.name) == "windows":
-            kwargs[name] = _divisor_window(*_grid2d(geo, spec))
-            continue
-        kwargs[name] = geo.channels if rule == _C else geo.tokens if rule == _N else rule(geo, params)
-    if spec.family in FAMILY_DEFAULTS:
-        kwargs.update({k: v for k, v in FAMILY_DEFAULTS[spec.family](geo, kwargs).items() if k in params})
+        if name in _SAME_AS_INPUT:
+            kwargs[name] = geo.channels
+        elif name == "num_heads":
+            kwargs[name] = heads_for(geo.channels, param.default)
+        elif name == "window_size" and spec.input_rule == "windows":
+            kwargs[name] = divisor_window(*grid2d(geo))
+        elif name == "window_size":
+            kwargs[name] = fit_window(geo)
+        elif name == "stride":
+            kwargs[name] = 1  # attention keeps the map's size
+    return kwargs
+
+
+def constructor_kwargs(spec: Spec, geo: Geometry) -> dict[str, Any]:
+    """Constructor arguments of `spec`'s canonical class for an input of this geometry."""
+    params = {n: p for n, p in inspect.signature(spec.cls.__init__).parameters.items() if n != "self"}
+    kwargs = _vocabulary_kwargs(spec, geo, params)
+    if spec.for_input is not None:
+        kwargs.update(spec.for_input(geo))
     missing = [
         n
         for n, p in params.items()
@@ -380,7 +282,7 @@ def build_nchw(spec: Spec, channels: int, size: tuple[int, int], *, seed: int = 
     """
     geo = Geometry(1, channels, tuple(size))
     torch.manual_seed(seed)
-    rule = INPUT_RULES.get(spec.name)
+    rule = spec.input_rule
     if rule == "windows":
         raise Unsupported(
             "takes windows already cut from a map, (B*windows, Wh*Ww, C); use shifted_window on maps"
