@@ -20,7 +20,7 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.mark.skipif(importlib.util.find_spec("ruff") is None, reason="ruff not installed (pip install ruff)")
 def test_ruff_clean() -> None:
-    proc = _run("ruff", "check", "src", "tests", "benchmarks", "examples")
+    proc = _run("ruff", "check", "src", "tests", "benchmarks", "examples", "tools")
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
 
 
