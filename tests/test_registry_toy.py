@@ -8,11 +8,11 @@ import itertools
 import json
 
 import pytest
+import test_conformance as conformance
 import torch
 from torch import Tensor, nn
 
 import attnzoo
-import test_conformance as conformance
 from attnzoo import _registry
 from attnzoo._checks import check_shape
 from attnzoo._registry import Example, register
@@ -58,7 +58,8 @@ def _grid(fn) -> list[dict]:
         if mark.name == "parametrize" and mark.args[0] != "spec":
             options[mark.args[0]] = list(mark.args[1])
     names = sorted(options)
-    return [dict(zip(names, values, strict=True)) for values in itertools.product(*(options[n] for n in names))]
+    grid = itertools.product(*(options[n] for n in names))
+    return [dict(zip(names, values, strict=True)) for values in grid]
 
 
 def test_toy_goes_through_every_conformance_check(toy):

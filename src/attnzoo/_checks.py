@@ -6,11 +6,15 @@ the module, the argument, what was expected and what was given, *before* any hea
 
 from __future__ import annotations
 
+import functools
+import inspect
+import itertools
+import threading
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 __all__ = [
     "check_tensor",
@@ -22,6 +26,9 @@ __all__ = [
     "check_divisible",
     "check_mask",
     "format_shape",
+    "check_options",
+    "check_inputs",
+    "checked",
 ]
 
 
@@ -149,3 +156,122 @@ def check_mask(mask: object, target: Sequence[int], who: str, name: str = "mask"
     if not fits:
         raise ValueError(f"{who} expects {name} broadcastable to {tuple(target)}, got {shape}")
     return mask
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks applied to every registered and compat class at once (see `checked`): constructor
+# options against their annotations, and every forward's tensors against the module's parameters.
+
+_SIMPLE = {"bool": bool, "int": int, "float": float, "str": str, "None": type(None)}
+_depth = threading.local()  # constructors nest (compat -> canonical): only the outermost checks
+
+
+def _annotation_types(annotation: object) -> tuple[type, ...] | None:
+    """`"int | None"` -> (int, NoneType); None when the annotation holds anything but simple types."""
+    if not isinstance(annotation, str):
+        return None
+    parts = [p.strip() for p in annotation.split("|")]
+    if any(p not in _SIMPLE for p in parts):
+        return None
+    return tuple(_SIMPLE[p] for p in parts)
+
+
+def _accepts(value: object, types: tuple[type, ...]) -> bool:
+    if isinstance(value, bool):  # bool is an int to Python, never to a user of an option
+        return bool in types
+    if isinstance(value, int) and float in types:
+        return True
+    return isinstance(value, tuple(t for t in types if t is not bool))
+
+
+_ARTICLE = {bool: "a bool", int: "an int", float: "a number", str: "a str", type(None): "None"}
+
+
+def _type_names(types: tuple[type, ...]) -> str:
+    return " or ".join(_ARTICLE[t] for t in types)
+
+
+def check_options(who: str, signature: inspect.Signature, args: tuple, kwargs: dict) -> None:
+    """Every argument whose annotation is a simple type (`bool`, `int | None`, ...) has that type.
+
+    A string `"False"` given to a boolean option, or `None` where a value is required, raises
+    `TypeError` naming the class, the argument, the expected and the given type.
+    """
+    try:
+        bound = signature.bind(None, *args, **kwargs)
+    except TypeError as err:
+        raise TypeError(f"{who}: {err}") from None
+    for name, value in list(bound.arguments.items())[1:]:
+        types = _annotation_types(signature.parameters[name].annotation)
+        if types is not None and not _accepts(value, types):
+            raise TypeError(
+                f"{who}: {name} must be {_type_names(types)}, got {type(value).__name__} {value!r}"
+            )
+
+
+def check_inputs(module: nn.Module, names: Sequence[str], args: tuple, kwargs: dict) -> None:
+    """Every floating tensor a forward receives matches the module's parameters in dtype (autocast
+    aside) and every tensor their device; raised before any work, naming what was expected.
+
+    `names` are the forward's positional parameter names (after `self`), to name the argument.
+    """
+    if torch.compiler.is_compiling():
+        return
+    reference = next((p for p in itertools.chain(module.parameters(), module.buffers())
+                      if p.is_floating_point()), None)
+    tensors = [(names[i] if i < len(names) else f"input {i}", a) for i, a in enumerate(args)
+               if isinstance(a, Tensor)]
+    tensors += [(name, a) for name, a in kwargs.items() if isinstance(a, Tensor)]
+    if not tensors:
+        return
+    device = reference.device if reference is not None else tensors[0][1].device
+    who = type(module).__name__
+    for name, t in tensors:
+        if t.device != device:
+            raise ValueError(
+                f"{who} expects {name} on device {device} (where its parameters are), got {t.device}"
+            )
+    if reference is None or torch.is_autocast_enabled(device.type):
+        return
+    for name, t in tensors:
+        if t.is_floating_point() and t.dtype != reference.dtype and "mask" not in name and "bias" not in name:
+            raise TypeError(
+                f"{who} expects {name} of dtype {reference.dtype} (the dtype of its parameters), got "
+                f"{t.dtype}: convert the input with .to({reference.dtype}) or the module with .to({t.dtype})"
+            )
+
+
+ClassT = TypeVar("ClassT", bound=type)
+
+
+def checked(cls: ClassT) -> ClassT:
+    """Apply `check_options` to `cls`'s constructor and `check_inputs` to its forward, in place."""
+    init, forward = cls.__dict__.get("__init__"), cls.__dict__.get("forward")
+    if init is not None and not getattr(init, "_attnzoo_checked", False):
+        signature = inspect.signature(init)
+
+        @functools.wraps(init)
+        def checked_init(self: nn.Module, *args: Any, **kwargs: Any) -> None:
+            outermost = getattr(_depth, "value", 0) == 0
+            if outermost:
+                check_options(cls.__name__, signature, args, kwargs)
+            _depth.value = getattr(_depth, "value", 0) + 1
+            try:
+                init(self, *args, **kwargs)
+            finally:
+                _depth.value -= 1
+
+        checked_init._attnzoo_checked = True  # type: ignore[attr-defined]
+        cls.__init__ = checked_init  # type: ignore[misc]
+    if forward is not None and not getattr(forward, "_attnzoo_checked", False):
+        names = [p.name for p in list(inspect.signature(forward).parameters.values())[1:]
+                 if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+        @functools.wraps(forward)
+        def checked_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+            check_inputs(self, names, args, kwargs)
+            return forward(self, *args, **kwargs)
+
+        checked_forward._attnzoo_checked = True  # type: ignore[attr-defined]
+        cls.forward = checked_forward  # type: ignore[attr-defined]
+    return cls

@@ -21,6 +21,8 @@ from typing import Any, TypeVar
 
 from torch import nn
 
+from attnzoo._checks import checked
+
 __all__ = ["Example", "Spec", "register", "register_seed", "create", "get_spec", "list_modules"]
 
 LAYOUTS = ("NCHW", "NHWC", "NLC", "NCL", "NCTHW", "SEQ2SEQ")
@@ -149,7 +151,7 @@ def register(
                 raise ValueError(f"alias {alias!r} of {name!r} already names {_ALIASES[key]!r}")
             _ALIASES[key] = name
         _REGISTRY[name] = spec
-        return cls
+        return checked(cls)
 
     return decorate
 
@@ -168,6 +170,8 @@ def register_seed(name: str) -> Callable[[SeedT], SeedT]:
         if spec.seed_name is None:
             raise ValueError(f"attention {name!r} was registered without a seed_name")
         _REGISTRY[name] = Spec(**{**spec.__dict__, "seed_cls": cls})
+        if isinstance(cls, type):
+            checked(cls)
         return cls
 
     return decorate
@@ -208,8 +212,13 @@ def create(name: str, *args: Any, **kwargs: Any) -> nn.Module:
         ```
     """
     spec = get_spec(name)
+    # The registry name always builds the canonical class, even where it is the seed name in lower case
+    # ("acmix" and the official "ACmix").
     use_seed = (
-        spec.seed_cls is not None and spec.seed_name is not None and name.lower() == spec.seed_name.lower()
+        spec.seed_cls is not None
+        and spec.seed_name is not None
+        and name != spec.name
+        and name.lower() == spec.seed_name.lower()
     )
     if use_seed and spec.seed_cls is not None:
         return spec.seed_cls(*args, **kwargs)

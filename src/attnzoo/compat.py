@@ -11,6 +11,9 @@ which can also return the routing and attention weights as the official tuple). 
 ``ACmix`` are the canonical classes themselves: they already keep the official API and state_dict.
 """
 
+from torch import nn
+
+from attnzoo._checks import checked
 from attnzoo.blocks.transformer import cross_attention, feed_forward, self_attention
 from attnzoo.mechanisms.acmix import ACmix
 from attnzoo.mechanisms.biformer import LegacyBiLevelRoutingAttention as BiLevelRoutingAttention
@@ -25,6 +28,11 @@ from attnzoo.mechanisms.seq2seq import Attn
 from attnzoo.mechanisms.sk import SKEConv
 from attnzoo.mechanisms.swin import WindowAttention
 from attnzoo.mechanisms.temporal import Attention
+
+# Every seed and official class gets the shared option and input checks, as the canonical ones do.
+for _obj in list(globals().values()):
+    if isinstance(_obj, type) and issubclass(_obj, nn.Module) and _obj.__module__.startswith("attnzoo"):
+        checked(_obj)
 
 __all__ = [
     # gating
