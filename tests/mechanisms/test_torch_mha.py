@@ -53,8 +53,8 @@ def masks(dtype=torch.float64) -> dict[str, dict]:
         "kpm_bool": {"key_padding_mask": pad},
         "kpm_float": {"key_padding_mask": torch.randn(B, S, dtype=dtype)},
         "both_bool": {"attn_mask": blocked, "key_padding_mask": pad},
-        "both_float": {"attn_mask": torch.randn(L, S, dtype=dtype), "key_padding_mask": torch.randn(B, S,
-                                                                                                   dtype=dtype)},
+        "both_float": {"attn_mask": torch.randn(L, S, dtype=dtype),
+                       "key_padding_mask": torch.randn(B, S, dtype=dtype)},
         "causal": {"attn_mask": torch.ones(L, S, dtype=torch.bool).triu(1), "is_causal": True},
         "causal_kpm": {"attn_mask": torch.ones(L, S, dtype=torch.bool).triu(1), "is_causal": True,
                        "key_padding_mask": ~torch.ones(B, S, dtype=torch.bool).tril()[:, :S]},
@@ -125,7 +125,8 @@ def test_masks_equal_torch_in_train_and_eval(batch_first, mask, need_weights, av
     for training in (True, False):
         theirs.train(training)
         ours.train(training)
-        assert_same(theirs, ours, args, need_weights=need_weights, average_attn_weights=average, **masks()[mask])
+        assert_same(theirs, ours, args, need_weights=need_weights, average_attn_weights=average,
+                    **masks()[mask])
 
 
 @pytest.mark.parametrize("kw", [
@@ -138,7 +139,8 @@ def test_options_equal_torch(kw, mask, need_weights):
     for batch_first in (False, True):
         theirs, ours = pair(batch_first=batch_first, **kw)
         args = inputs(batch_first, kw.get("kdim", E), kw.get("vdim", E))
-        assert_same(theirs, ours, args, need_weights=need_weights, average_attn_weights=False, **masks()[mask])
+        assert_same(theirs, ours, args, need_weights=need_weights, average_attn_weights=False,
+                    **masks()[mask])
 
 
 @pytest.mark.parametrize("batch_first", [False, True])
@@ -217,7 +219,8 @@ def test_dropout_in_training_changes_output_and_eval_does_not():
     (lambda m, q, k, v: m(q, k[..., :5], v), ValueError, "kdim=8"),
     (lambda m, q, k, v: m(q, k, v[:, :, None]), ValueError, "value"),
     (lambda m, q, k, v: m(q, k, v[:-1]), ValueError, "one length S"),
-    (lambda m, q, k, v: m(q, k, v, attn_mask=torch.zeros(L, S + 1, dtype=torch.bool)), ValueError, "attn_mask"),
+    (lambda m, q, k, v: m(q, k, v, attn_mask=torch.zeros(L, S + 1, dtype=torch.bool)), ValueError,
+     "attn_mask"),
     (lambda m, q, k, v: m(q, k, v, attn_mask=torch.zeros(L, S, dtype=torch.long)), TypeError, "attn_mask"),
     (lambda m, q, k, v: m(q, k, v, key_padding_mask=torch.zeros(S, B, dtype=torch.bool)), ValueError,
      "key_padding_mask"),
@@ -235,9 +238,10 @@ def test_bad_input_names_the_argument(call, error, words):
 
 
 @pytest.mark.parametrize("kw,words", [
-    ({"embed_dim": 10, "num_heads": 3}, "divisible"), ({"embed_dim": 0, "num_heads": 1}, "embed_dim"),
-    ({"embed_dim": 8, "num_heads": 2, "dropout": 1.5}, "dropout"), ({"embed_dim": 8, "num_heads": 2, "kdim": 0},
-                                                                    "kdim"),
+    ({"embed_dim": 10, "num_heads": 3}, "divisible"),
+    ({"embed_dim": 0, "num_heads": 1}, "embed_dim"),
+    ({"embed_dim": 8, "num_heads": 2, "dropout": 1.5}, "dropout"),
+    ({"embed_dim": 8, "num_heads": 2, "kdim": 0}, "kdim"),
 ])
 def test_bad_constructor_arguments(kw, words):
     with pytest.raises(ValueError, match=words):

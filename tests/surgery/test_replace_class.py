@@ -1,4 +1,4 @@
-"""replace(model, ForeignClass) and attnzoo.convert: torch's attention swapped with its weights, same output."""
+"""replace(model, ForeignClass) and attnzoo.convert: torch's attention swapped, weights kept, same output."""
 
 from __future__ import annotations
 
@@ -10,7 +10,15 @@ from torch import nn
 
 import attnzoo
 from attnzoo.compat import MultiheadAttention
-from attnzoo.convert import convert, converter_for, from_keras, from_torch, known, load_keras_weights, register
+from attnzoo.convert import (
+    convert,
+    converter_for,
+    from_keras,
+    from_torch,
+    known,
+    load_keras_weights,
+    register,
+)
 
 F64 = dict(atol=1e-10, rtol=1e-10)
 E, H = 8, 2

@@ -1,12 +1,9 @@
 """torch's ``nn.MultiheadAttention``, run through :func:`attnzoo.functional.attend`.
 
 "Attention Is All You Need" (Vaswani et al., 2017), https://arxiv.org/abs/1706.03762, with the API of
-PyTorch's ``torch.nn.MultiheadAttention``: same constructor, same parameters and ``state_dict`` keys,
-same ``forward`` signature, return value and mask conventions, so a checkpoint of torch's module loads
-with ``strict=True`` (both ways) and the module works as ``self_attn`` / ``multihead_attn`` inside
-``nn.TransformerEncoderLayer``, ``nn.TransformerDecoderLayer`` and ``nn.Transformer``.
-``attnzoo.capture_maps`` records its attention rows, also when the caller passes ``need_weights=False``
-(torch's transformer layers do).
+``torch.nn.MultiheadAttention``: its constructor, parameters, ``state_dict`` keys (``strict=True`` both
+ways), ``forward`` and mask conventions, so it works as ``self_attn`` / ``multihead_attn`` in torch's
+transformer layers; ``attnzoo.capture_maps`` records it also under ``need_weights=False``.
 
 Differences from torch's class:
 
@@ -18,8 +15,8 @@ Differences from torch's class:
 - nested tensors are not taken (torch takes them on its inference fast path only);
 - bad shapes and dtypes raise ``ValueError`` / ``TypeError`` naming the argument before any work.
 
-Mask convention at this edge is torch's: a **boolean True means "may not attend"**, a float mask is
-added to the logits. Inside, the masks are turned into :func:`attend`'s convention (True = may attend).
+Masks at this edge follow torch: a **boolean True means "may not attend"**, a float mask is added to
+the logits; inside they are turned into :func:`attend`'s convention (True = may attend).
 """
 
 from __future__ import annotations
@@ -62,8 +59,7 @@ class MultiheadAttention(nn.Module):
         num_heads: Number of heads h; must divide ``embed_dim`` (head width d = E / h).
         dropout: Dropout on the attention weights in training mode. Default: 0.0.
         bias: Biases on the input and output projections. Default: True.
-        add_bias_kv: Append a learnt key and value (``bias_k``, ``bias_v``) to every sequence.
-            Default: False.
+        add_bias_kv: Append a learnt key and value (``bias_k``, ``bias_v``) to every sequence. Default: False.
         add_zero_attn: Append a zero key and value (after splitting heads). Default: False.
         kdim: Width of ``key``. Default: ``embed_dim``.
         vdim: Width of ``value``. Default: ``embed_dim``.
@@ -78,7 +74,8 @@ class MultiheadAttention(nn.Module):
         - attn_mask: ``(L, S)`` or ``(B*h, L, S)`` (``(h, L, S)`` unbatched).
         - Output: ``(output, weights)``, output shaped as query; weights ``(B, L, S)`` averaged over
           heads or ``(B, h, L, S)`` per head (no B when unbatched), None without ``need_weights``.
-          S counts the appended ``bias_k`` / zero keys.
+          S counts the appended ``bias_k`` / zero keys. A query with every key masked gets zero
+          output and weights, where torch gives NaN (the module docstring lists every difference).
 
     Example:
         ```python
@@ -96,8 +93,6 @@ class MultiheadAttention(nn.Module):
     """
 
     __constants__ = ["batch_first"]
-    bias_k: Tensor | None
-    bias_v: Tensor | None
 
     def __init__(
         self,
@@ -123,7 +118,10 @@ class MultiheadAttention(nn.Module):
         if vdim is not None:
             check_int(vdim, "vdim", _WHO)
         super().__init__()
-        factory = {"device": device, "dtype": dtype}
+
+        def empty(*shape: int) -> nn.Parameter:
+            return nn.Parameter(torch.empty(*shape, device=device, dtype=dtype))
+
         self.embed_dim = embed_dim
         self.kdim = kdim if kdim is not None else embed_dim
         self.vdim = vdim if vdim is not None else embed_dim
@@ -138,26 +136,25 @@ class MultiheadAttention(nn.Module):
         self.k_proj_weight: nn.Parameter | None
         self.v_proj_weight: nn.Parameter | None
         if self._qkv_same_embed_dim:
-            self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim, **factory))
+            self.in_proj_weight = empty(3 * embed_dim, embed_dim)
             self.register_parameter("q_proj_weight", None)
             self.register_parameter("k_proj_weight", None)
             self.register_parameter("v_proj_weight", None)
         else:
-            self.q_proj_weight = nn.Parameter(torch.empty(embed_dim, embed_dim, **factory))
-            self.k_proj_weight = nn.Parameter(torch.empty(embed_dim, self.kdim, **factory))
-            self.v_proj_weight = nn.Parameter(torch.empty(embed_dim, self.vdim, **factory))
+            self.q_proj_weight = empty(embed_dim, embed_dim)
+            self.k_proj_weight = empty(embed_dim, self.kdim)
+            self.v_proj_weight = empty(embed_dim, self.vdim)
             self.register_parameter("in_proj_weight", None)
         self.in_proj_bias: nn.Parameter | None
         if bias:
-            self.in_proj_bias = nn.Parameter(torch.empty(3 * embed_dim, **factory))
+            self.in_proj_bias = empty(3 * embed_dim)
         else:
             self.register_parameter("in_proj_bias", None)
-        self.out_proj = NonDynamicallyQuantizableLinear(embed_dim, embed_dim, bias=bias, **factory)
-        if add_bias_kv:
-            self.bias_k = nn.Parameter(torch.empty(1, 1, embed_dim, **factory))
-            self.bias_v = nn.Parameter(torch.empty(1, 1, embed_dim, **factory))
-        else:
-            self.bias_k = self.bias_v = None
+        self.out_proj = NonDynamicallyQuantizableLinear(
+            embed_dim, embed_dim, bias=bias, device=device, dtype=dtype
+        )
+        self.bias_k: nn.Parameter | None = empty(1, 1, embed_dim) if add_bias_kv else None
+        self.bias_v: nn.Parameter | None = empty(1, 1, embed_dim) if add_bias_kv else None
         self._reset_parameters()
 
     def _reset_parameters(self) -> None:

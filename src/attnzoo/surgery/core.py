@@ -138,7 +138,7 @@ def _convert_instances(
     from attnzoo.convert import converter_for, known  # lazy: convert imports the families
 
     converter = converter_for(where) if isinstance(where, type) else None
-    if converter is None:
+    if converter is None or not isinstance(where, type):
         raise TypeError(
             f"replace expects attention (a registry name, a factory or a module), or where= a class that "
             f"attnzoo.convert knows ({', '.join(known())}); got where={where!r} and no attention"
@@ -146,15 +146,14 @@ def _convert_instances(
     if kwargs:
         raise TypeError(f"replace: converting {where.__qualname__} takes no constructor arguments, "
                         f"got {sorted(kwargs)}")
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"replace expects model to be an nn.Module, got {type(model).__name__}")
     if isinstance(model, where):
         raise ValueError(f"replace: model itself is a {where.__qualname__}; convert it with "
                          f"attnzoo.convert.convert(model)")
     places: list[str] = []
     new: dict[int, nn.Module] = {}  # id(foreign) -> converted, so a shared module stays shared
     for name, module in model.named_modules(remove_duplicate=False):
-        if not isinstance(module, where) or any(name.startswith(p + ".") for p in places):
+        selected = isinstance(module, where)  # (not narrowing `module`: it stays an nn.Module for mypy)
+        if not selected or any(name.startswith(p + ".") for p in places):
             continue
         if id(module) not in new:
             try:
