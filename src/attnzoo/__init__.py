@@ -7,7 +7,7 @@ Importing a family module registers its mechanisms (one family per file), so imp
 fills the registry.
 """
 
-from attnzoo import compat  # noqa: E402 (after the families: compat re-exports their seed classes)
+from attnzoo import compat, convert  # noqa: E402 (compat re-exports the families' seed classes)
 from attnzoo._registry import Example, Spec, create, get_spec, list_modules
 from attnzoo.blocks import CrossAttentionBlock, FeedForwardBlock, KerasMultiHeadAttention, SelfAttentionBlock
 from attnzoo.functional import attend, fused_attn, fused_enabled
@@ -43,8 +43,9 @@ from attnzoo.surgery import find, insert, replace
 __version__ = "0.1.0"
 
 __all__ = [
-    # seed and official names
+    # seed and official names, converters
     "compat",
+    "convert",
     # registry
     "Example",
     "Spec",

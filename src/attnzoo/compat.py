@@ -9,6 +9,8 @@ Two names are shared with canonical classes and mean the seed's version here: ``
 ``BiLevelRoutingAttention`` (the official BiFormer module's ``forward(x, ret_attn_mask=False)``,
 which can also return the routing and attention weights as the official tuple). ``WindowAttention`` and
 ``ACmix`` are the canonical classes themselves: they already keep the official API and state_dict.
+``MultiheadAttention`` (lower-case h) is torch's ``nn.MultiheadAttention``: its constructor, forward and
+state_dict, run by :func:`attnzoo.attend` (``attnzoo.convert.from_torch`` converts torch's module).
 """
 
 from torch import nn
@@ -28,6 +30,7 @@ from attnzoo.mechanisms.seq2seq import Attn
 from attnzoo.mechanisms.sk import SKEConv
 from attnzoo.mechanisms.swin import WindowAttention
 from attnzoo.mechanisms.temporal import Attention
+from attnzoo.mechanisms.torch_mha import MultiheadAttention
 
 # Every seed and official class gets the shared option and input checks, as the canonical ones do.
 for _obj in list(globals().values()):
@@ -49,6 +52,7 @@ __all__ = [
     # transformer
     "Attention",
     "MultiHeadAttention",
+    "MultiheadAttention",
     "WindowAttention",
     # prefix-named blocks (builders returning PyTorch modules)
     "cross_attention",

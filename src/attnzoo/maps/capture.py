@@ -107,6 +107,7 @@ class _Session:
 
 
 _active = 0  # sessions open in any thread: the fast check torch.compile can guard on
+_saved_fastpath = [True]  # torch.backends.mha fast-path setting before the first open session
 _local = threading.local()
 
 
@@ -153,6 +154,12 @@ class capture_maps:  # noqa: N801 (used as a function: ``with capture_maps(model
         A dict, filled while the block runs, from module name to the list of its
         :class:`AttentionMap` records (one per call).
 
+    While a block is open, torch's transformer fast path (``torch.backends.mha``) is switched off:
+    its fused ``nn.TransformerEncoderLayer`` kernel would run the layer without calling the attention
+    module's ``forward`` (so ``attnzoo.compat.MultiheadAttention`` in a torch encoder records its maps).
+    Outputs are the same, except that an ``nn.TransformerEncoder`` in eval mode no longer zeroes the
+    outputs at padded positions (it does so only on the fast path, through nested tensors).
+
     Example:
         >>> with attnzoo.capture_maps(model) as maps:
         ...     model(x)
@@ -187,6 +194,9 @@ class capture_maps:  # noqa: N801 (used as a function: ``with capture_maps(model
         if stack is None:
             stack = _local.stack = []
         stack.append(self._session)
+        if _active == 0:  # torch's fused encoder kernels would skip the modules' forward: switch them off
+            _saved_fastpath[0] = torch.backends.mha.get_fastpath_enabled()
+            torch.backends.mha.set_fastpath_enabled(False)
         _active += 1
         return self._session.maps
 
@@ -194,6 +204,8 @@ class capture_maps:  # noqa: N801 (used as a function: ``with capture_maps(model
         global _active
         _local.stack.remove(self._session)
         _active -= 1
+        if _active == 0:
+            torch.backends.mha.set_fastpath_enabled(_saved_fastpath[0])
 
 
 def _resolve_point(point: tuple[float | int, ...], grid: tuple[int, ...]) -> int:

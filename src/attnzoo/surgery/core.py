@@ -75,7 +75,7 @@ def insert(
 def replace(
     model: nn.Module,
     where: Where,
-    attention: AttentionArg,
+    attention: AttentionArg | None = None,
     *,
     example_input: Any = None,
     **kwargs: Any,
@@ -86,10 +86,14 @@ def replace(
     A module that wants NHWC (BiLevelRoutingAttention) on an NCHW network gets ``layout="nchw"`` or a
     :class:`LayoutAdapter`.
 
+    Without ``attention``, ``where`` must be a foreign class that :mod:`attnzoo.convert` knows
+    (``torch.nn.MultiheadAttention``, ...): every instance is converted with its weights and swapped in
+    place, so the model's output is unchanged and ``attnzoo.capture_maps`` now sees its attention.
+
     Args:
         model: The network, changed in place.
-        where: As for :func:`insert`.
-        attention: As for :func:`insert`.
+        where: As for :func:`insert`; or, without ``attention``, a class :mod:`attnzoo.convert` knows.
+        attention: As for :func:`insert`. Default: None (convert the instances of ``where``).
         example_input: As for :func:`insert`; without it the channels come from the replaced
             module's attributes (``channels``, ``num_features``, ``dim`` ...).
         **kwargs: More constructor arguments for the attention.
@@ -99,7 +103,10 @@ def replace(
 
     Example:
         >>> attnzoo.replace(model, "space_attention", "bra", n_win=7, topk=4, example_input=x)
+        >>> attnzoo.replace(encoder, torch.nn.MultiheadAttention)   # same weights, same output
     """
+    if attention is None:
+        return _convert_instances(model, where, example_input, kwargs)
     sites = _sites(model, where, example_input)
     built = []
     for site in sites:
@@ -122,6 +129,45 @@ def replace(
         setattr(parent, child, module)
     _verify(model, example_input)
     return [site.name for site, _ in built]
+
+
+def _convert_instances(
+    model: nn.Module, where: Where, example_input: Any, kwargs: dict[str, Any]
+) -> list[str]:
+    """``replace(model, ForeignClass)``: every instance converted by :mod:`attnzoo.convert`, in place."""
+    from attnzoo.convert import converter_for, known  # lazy: convert imports the families
+
+    converter = converter_for(where) if isinstance(where, type) else None
+    if converter is None or not isinstance(where, type):
+        raise TypeError(
+            f"replace expects attention (a registry name, a factory or a module), or where= a class that "
+            f"attnzoo.convert knows ({', '.join(known())}); got where={where!r} and no attention"
+        )
+    if kwargs:
+        raise TypeError(f"replace: converting {where.__qualname__} takes no constructor arguments, "
+                        f"got {sorted(kwargs)}")
+    if isinstance(model, where):
+        raise ValueError(f"replace: model itself is a {where.__qualname__}; convert it with "
+                         f"attnzoo.convert.convert(model)")
+    places: list[str] = []
+    new: dict[int, nn.Module] = {}  # id(foreign) -> converted, so a shared module stays shared
+    for name, module in model.named_modules(remove_duplicate=False):
+        selected = isinstance(module, where)  # (not narrowing `module`: it stays an nn.Module for mypy)
+        if not selected or any(name.startswith(p + ".") for p in places):
+            continue
+        if id(module) not in new:
+            try:
+                new[id(module)] = converter(module)
+            except TypeError as err:
+                raise TypeError(f"replace: {name}: {err}") from err
+        places.append(name)
+    # Swap only once every place converted, so a refusal leaves the model untouched.
+    for name in places:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, new[id(parent.get_submodule(child))])
+    _verify(model, example_input)
+    return places
 
 
 def _replaced_channels(module: nn.Module) -> tuple[int, ...] | None:

@@ -1,0 +1,68 @@
+"""The converter table: foreign class -> function that turns one of its instances into an attnzoo module.
+
+A converter takes the foreign module and returns an attnzoo module holding the same weights, on the same
+device and dtype, in the same training mode, whose output equals the foreign module's; it raises
+``TypeError`` naming the class and the reason when it cannot represent a module. Keys are classes, or
+dotted names (``"timm.layers.attention.Attention"``) for classes of optional packages, so registering
+imports nothing. A module is looked up along its class's MRO, so a subclass reaches its base's
+converter, which then decides whether it can represent it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+__all__ = ["Converter", "register", "converter_for", "known", "convert"]
+
+Converter = Callable[[nn.Module], nn.Module]
+
+_TABLE: dict[type | str, Converter] = {}
+
+
+def _dotted(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def register(foreign: type | str, converter: Converter) -> None:
+    """Make ``converter`` the converter of ``foreign`` (a class or its dotted name); a later call wins."""
+    if not isinstance(foreign, (type, str)):
+        raise TypeError(
+            f"register expects foreign to be a class or a dotted name, got {type(foreign).__name__}"
+        )
+    if not callable(converter):
+        raise TypeError(f"register expects converter to be callable, got {type(converter).__name__}")
+    _TABLE[foreign] = converter
+
+
+def converter_for(foreign: type | nn.Module) -> Converter | None:
+    """The converter for a class or an instance (looked up along the MRO), or None."""
+    cls = foreign if isinstance(foreign, type) else type(foreign)
+    for base in cls.__mro__:
+        for key in (base, _dotted(base)):
+            if key in _TABLE:
+                return _TABLE[key]
+    return None
+
+
+def known() -> list[str]:
+    """Dotted names of the classes with a converter, sorted."""
+    return sorted(key if isinstance(key, str) else _dotted(key) for key in _TABLE)
+
+
+def convert(module: nn.Module) -> nn.Module:
+    """Convert one foreign module with its registered converter.
+
+    Raises:
+        TypeError: ``module`` is not an ``nn.Module``, its class has no converter, or the converter
+            cannot represent it.
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"convert expects an nn.Module, got {type(module).__name__}")
+    converter = converter_for(module)
+    if converter is None:
+        raise TypeError(
+            f"convert: no converter for {_dotted(type(module))}; attnzoo.convert knows {', '.join(known())}"
+        )
+    return converter(module)
