@@ -135,6 +135,7 @@ class ACmix(nn.Module):
         >>> m = ACmix(64)          # out_channels=64, kernel_att=7, num_heads=4, kernel_conv=3, stride=1
         >>> m(torch.randn(2, 64, 56, 56)).shape
         torch.Size([2, 64, 56, 56])
+
         ```
     """
 
@@ -273,6 +274,7 @@ class OfficialACmix(ACmix):
         >>> from attnzoo.compat import ACmix
         >>> ACmix(64, 64, 7, 4, 3, stride=2)(torch.randn(1, 64, 56, 56)).shape
         torch.Size([1, 64, 28, 28])
+
         ```
     """
 

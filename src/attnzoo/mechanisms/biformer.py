@@ -169,6 +169,7 @@ class BiLevelRoutingAttention(nn.Module):
         >>> bra = BiLevelRoutingAttention(512, num_heads=8, n_win=7, auto_pad=True, layout="nchw")
         >>> bra(torch.randn(2, 512, 28, 28)).shape
         torch.Size([2, 512, 28, 28])
+
         ```
     """
 
@@ -349,6 +350,7 @@ class LegacyBiLevelRoutingAttention(BiLevelRoutingAttention):
         >>> out, r_weight, r_idx, attn = bra(torch.randn(1, 4, 4, 64), ret_attn_mask=True)
         >>> tuple(r_idx.shape), tuple(attn.shape)
         ((1, 4, 3), (4, 2, 4, 12))
+
         ```
     """
 

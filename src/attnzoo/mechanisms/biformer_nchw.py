@@ -92,6 +92,7 @@ class BiLevelRoutingAttention2d(nn.Module):
         >>> bra = BiLevelRoutingAttention2d(64, num_heads=4, n_win=4, topk=4)
         >>> bra(torch.randn(2, 64, 13, 15)).shape
         torch.Size([2, 64, 13, 15])
+
         ```
     """
 
@@ -233,6 +234,7 @@ class nchwBRA(BiLevelRoutingAttention2d):  # noqa: N801 (the official class name
         >>> out, attn = bra(torch.randn(1, 32, 4, 4), ret_attn_mask=True)
         >>> tuple(attn.shape)
         (1, 4, 4, 4, 8)
+
         ```
     """
 
