@@ -27,9 +27,9 @@ from attnzoo.mechanisms.acmix import ACmix
 
 # (name, constructor kwargs, input shape); the first is the issue's target.
 CASES = [
-    ("ACmix(64, 64), stride 1", dict(in_planes=64, out_planes=64), (2, 64, 56, 56)),
-    ("ACmix(64, 64), stride 2", dict(in_planes=64, out_planes=64, stride=2), (2, 64, 56, 56)),
-    ("ACmix(128, 128, head=8)", dict(in_planes=128, out_planes=128, head=8), (4, 128, 28, 28)),
+    ("ACmix(64, 64), stride 1", dict(channels=64, out_channels=64), (2, 64, 56, 56)),
+    ("ACmix(64, 64), stride 2", dict(channels=64, out_channels=64, stride=2), (2, 64, 56, 56)),
+    ("ACmix(128, 128, num_heads=8)", dict(channels=128, out_channels=128, num_heads=8), (4, 128, 28, 28)),
 ]
 
 
@@ -44,7 +44,7 @@ class OfficialStepByStep(nn.Module):
         m = self.m
         q, k, v = m.conv1(x), m.conv2(x), m.conv3(x)
         b, c, h, w = q.shape
-        s, ka, head, hd = m.stride, m.kernel_att, m.head, m.head_dim
+        s, ka, head, hd = m.stride, m.kernel_att, m.num_heads, m.head_dim
         ho, wo = h // s, w // s
         loc_w = torch.linspace(-1.0, 1.0, w, dtype=x.dtype).unsqueeze(0).repeat(h, 1)
         loc_h = torch.linspace(-1.0, 1.0, h, dtype=x.dtype).unsqueeze(1).repeat(1, w)
@@ -80,8 +80,8 @@ def useful_flops(kwargs: dict, shape: tuple[int, ...]) -> float:
     """Forward FLOPs of the algorithm itself (multiply-add = 2), the same numerator for both sides."""
     b, cin, h, w = shape
     cout, head, ka, s, kc = (
-        kwargs["out_planes"],
-        kwargs.get("head", 4),
+        kwargs["out_channels"],
+        kwargs.get("num_heads", 4),
         kwargs.get("kernel_att", 7),
         kwargs.get("stride", 1),
         kwargs.get("kernel_conv", 3),

@@ -28,7 +28,7 @@ from attnzoo.cli.harness import (
     train_step,
 )
 from attnzoo.mechanisms.biformer import BiLevelRoutingAttention
-from attnzoo.mechanisms.biformer_nchw import nchwBRA
+from attnzoo.mechanisms.biformer_nchw import BiLevelRoutingAttention2d
 
 
 class _QKV(nn.Module):
@@ -182,7 +182,7 @@ CASES = {
         "nchw",
     ),
     "nchw_56": (
-        {"dim": 64, "n_win": 7, "topk": 4},
+        {"channels": 64, "n_win": 7, "topk": 4},
         {"dim": 64, "n_win": 7, "topk": 4},
         (2, 64, 56, 56),
         "nchw",
@@ -205,7 +205,7 @@ def build(case: str, which: str) -> tuple[nn.Module, Tensor]:
     ours_kw, ref_kw, shape, layout = CASES[case]
     torch.manual_seed(0)
     if case.startswith("nchw"):
-        ours: nn.Module = nchwBRA(**ours_kw)
+        ours: nn.Module = BiLevelRoutingAttention2d(**ours_kw)
         ref: nn.Module = ReferenceNCHW(**ref_kw)
     else:
         ours = BiLevelRoutingAttention(**ours_kw)

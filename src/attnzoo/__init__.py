@@ -15,7 +15,7 @@ from attnzoo.kernels.blocked import global_kernel
 from attnzoo.maps import AttentionMap, capture_maps
 from attnzoo.mechanisms.acmix import ACmix
 from attnzoo.mechanisms.biformer import BiLevelRoutingAttention
-from attnzoo.mechanisms.biformer_nchw import nchwBRA
+from attnzoo.mechanisms.biformer_nchw import BiLevelRoutingAttention2d, nchwBRA
 from attnzoo.mechanisms.cbam import CBAM, CBAtten_Res, ChannelAttention, SpatialAttention
 from attnzoo.mechanisms.dual_gated import DualGatedAttention
 from attnzoo.mechanisms.mha import MultiHeadAttention
@@ -91,6 +91,7 @@ __all__ = [
     # BiFormer and ACmix
     "ACmix",
     "BiLevelRoutingAttention",
+    "BiLevelRoutingAttention2d",
     "nchwBRA",
     # seq2seq scoring rules
     "AdditiveAttention",

@@ -7,17 +7,20 @@ differs from the seed and why.
 Two names are shared with canonical classes and mean the seed's version here: ``MultiHeadAttention``
 (the seed's module; ``create("MultiHeadAttention")`` still builds the canonical one) and
 ``BiLevelRoutingAttention`` (the official BiFormer module's ``forward(x, ret_attn_mask=False)``,
-which can also return the routing and attention weights as the official tuple). ``WindowAttention`` and
-``ACmix`` are the canonical classes themselves: they already keep the official API and state_dict.
+which can also return the routing and attention weights as the official tuple). ``ACmix`` is the
+official ``ACmix(in_planes, out_planes, kernel_att, head, ...)`` (the canonical ``attnzoo.ACmix``
+takes ``channels, out_channels, kernel_att, num_heads, ...``), and ``nchwBRA`` the official NCHW
+BiFormer module (canonical: ``attnzoo.BiLevelRoutingAttention2d``). ``WindowAttention`` is the
+canonical class itself: it already keeps the official API and state_dict.
 ``MultiheadAttention`` (lower-case h) is torch's ``nn.MultiheadAttention``: its constructor, forward and
-state_dict, run by :func:`attnzoo.attend` (``attnzoo.convert.from_torch`` converts torch's module).
+state_dict, run by ``attnzoo.functional.attend`` (``attnzoo.convert.from_torch`` converts torch's module).
 """
 
 from torch import nn
 
 from attnzoo._checks import checked
 from attnzoo.blocks.transformer import cross_attention, feed_forward, self_attention
-from attnzoo.mechanisms.acmix import ACmix
+from attnzoo.mechanisms.acmix import OfficialACmix as ACmix
 from attnzoo.mechanisms.biformer import LegacyBiLevelRoutingAttention as BiLevelRoutingAttention
 from attnzoo.mechanisms.biformer_nchw import nchwBRA
 from attnzoo.mechanisms.cbam import CBAtten_Res, ChannelAttention, SpatialAttention

@@ -331,10 +331,10 @@ def test_bra_records_its_routing_and_rows_over_the_routed_regions(soft_routing):
 
 
 def test_bra_nchw_records_routing_and_rows():
-    bra = _create("bra_nchw", dim=8, num_heads=2, n_win=2, topk=3)
+    bra = _create("bra_nchw", channels=8, num_heads=2, n_win=2, topk=3)
     x = torch.randn(1, 8, 4, 4, dtype=torch.float64)
     with torch.no_grad():
-        _, attn = bra(x, ret_attn_mask=True)  # (N, h, R, L, topk*L)
+        _, attn = bra(x, need_weights=True)  # (N, h, R, L, topk*L)
     with capture_maps(bra) as maps:
         bra(x)
     routing, rows = _only(maps, "routing"), _only(maps, "rows")
@@ -347,7 +347,7 @@ def test_bra_nchw_records_routing_and_rows():
 def test_acmix_rows_are_the_local_attention_of_the_attention_branch():
     from attnzoo.mechanisms.acmix import position_grid, reflect_pad
 
-    acmix = _create("acmix", in_planes=4, out_planes=8, kernel_att=3, head=2)
+    acmix = _create("acmix", channels=4, out_channels=8, kernel_att=3, num_heads=2)
     x = torch.randn(1, 4, 6, 7, dtype=torch.float64)
     with capture_maps(acmix, queries=[(2, 3), (0, 0)]) as maps:
         acmix(x)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterator
 
 import numpy as np
@@ -14,7 +15,7 @@ from torch import Tensor, nn
 
 import attnzoo
 from attnzoo import compat
-from attnzoo.mechanisms.acmix import ACmix, neighbourhood_attention, position_grid, reflect_pad
+from attnzoo.mechanisms.acmix import ACmix, OfficialACmix, neighbourhood_attention, position_grid, reflect_pad
 
 GOLDEN = golden_files("acmix_*.pt")
 GOLDEN_TOL = {torch.float64: 1e-8, torch.float32: 1e-4}
@@ -51,10 +52,10 @@ def ref_pad(t: Tensor, pad: int) -> Tensor:
     return t[..., rows, :][..., cols]
 
 
-def reference(m: ACmix, x: Tensor) -> Tensor:
+def reference(m: ACmix, x: Tensor, need_weights: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     q, k, v = m.conv1(x), m.conv2(x), m.conv3(x)
     b, c, h, w = q.shape
-    s, ka, dil, head, hd = m.stride, m.kernel_att, m.dilation, m.head, m.head_dim
+    s, ka, dil, head, hd = m.stride, m.kernel_att, m.dilation, m.num_heads, m.head_dim
     ho, wo = -(-h // s), -(-w // s)
     loc_w = torch.linspace(-1.0, 1.0, w, dtype=x.dtype).unsqueeze(0).repeat(h, 1)
     loc_h = torch.linspace(-1.0, 1.0, h, dtype=x.dtype).unsqueeze(1).repeat(1, w)
@@ -72,7 +73,10 @@ def reference(m: ACmix, x: Tensor) -> Tensor:
     f_all = m.fc(torch.cat([t.view(b, head, hd, h * w) for t in (q, k, v)], 1))
     f_conv = f_all.permute(0, 2, 1, 3).reshape(b, -1, h, w)
     out_conv = F.conv2d(f_conv, m.dep_conv.weight, None, s, m.kernel_conv // 2, 1, hd)
-    return m.rate1 * out_att + m.rate2 * out_conv
+    out = m.rate1 * out_att + m.rate2 * out_conv
+    if need_weights:  # (B*h, K2, Ho, Wo) -> (B, h, Ho, Wo, K2)
+        return out, att.view(b, head, ka * ka, ho, wo).permute(0, 1, 3, 4, 2)
+    return out
 
 
 def randomised(m: nn.Module) -> nn.Module:
@@ -91,7 +95,7 @@ def test_golden_official_outputs(path):
     rec = load_golden(f"{path.name}")
     dtype = getattr(torch, rec["dtype"])
     with default_dtype(getattr(torch, rec["default_dtype"])):
-        m = ACmix(**rec["kwargs"]).to(dtype)
+        m = compat.ACmix(**rec["kwargs"]).to(dtype)
         m.load_state_dict(rec["state_dict"], strict=True)
         m.eval()
         with torch.no_grad():
@@ -107,11 +111,36 @@ def test_golden_under_float32_default_dtype(path):
     rec = load_golden(f"{path.name}")
     dtype = getattr(torch, rec["dtype"])
     with default_dtype(torch.float32):
-        m = ACmix(**rec["kwargs"]).to(dtype).eval()
+        m = compat.ACmix(**rec["kwargs"]).to(dtype).eval()
         m.load_state_dict(rec["state_dict"], strict=True)
         with torch.no_grad():
             out = m(rec["inputs"]["x"])
     assert (out - rec["output"]).abs().max().item() <= GOLDEN_TOL[dtype]
+
+
+@pytest.mark.parametrize("path", GOLDEN, ids=[p.name for p in GOLDEN])
+def test_golden_canonical_class(path):
+    """The canonical ACmix with the official arguments renamed: same state_dict, same numbers."""
+    rec = load_golden(f"{path.name}")
+    dtype = getattr(torch, rec["dtype"])
+    kw = dict(rec["kwargs"])
+    m = ACmix(kw.pop("in_planes"), kw.pop("out_planes"), num_heads=kw.pop("head"), **kw, dtype=dtype).eval()
+    m.load_state_dict(rec["state_dict"], strict=True)
+    with torch.no_grad():
+        out, weights = m(rec["inputs"]["x"], need_weights=True)
+    assert (out - rec["output"]).abs().max().item() <= GOLDEN_TOL[dtype]
+    b, _, ho, wo = out.shape
+    assert weights.shape == (b, m.num_heads, ho, wo, m.kernel_att**2)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(weights.shape[:-1], dtype=dtype))
+    assert _plain_signature(compat.ACmix.__init__) == rec["init_signature"]
+    assert _plain_signature(compat.ACmix.forward) == rec["forward_signature"]
+
+
+def _plain_signature(fn) -> str:
+    """`(self, in_planes, out_planes, kernel_att=7, ...)`: names and defaults, no annotations."""
+    params = inspect.signature(fn).parameters.values()
+    names = [p.name if p.default is p.empty else f"{p.name}={p.default!r}" for p in params]
+    return "(" + ", ".join(names) + ")"
 
 
 def test_golden_files_present_or_skipped():
@@ -125,16 +154,16 @@ def test_golden_files_present_or_skipped():
 
 CONFIGS = [
     # (kwargs, input shape)
-    (dict(in_planes=8, out_planes=8, kernel_att=7, head=4), (2, 8, 9, 10)),
-    (dict(in_planes=6, out_planes=8, kernel_att=5, head=2, stride=2), (2, 6, 9, 7)),  # H, W not divisible
-    (dict(in_planes=6, out_planes=8, kernel_att=5, head=2, stride=2), (1, 6, 8, 8)),
-    (dict(in_planes=4, out_planes=12, kernel_att=3, head=3, stride=3), (2, 4, 7, 8)),
-    (dict(in_planes=4, out_planes=8, kernel_att=3, head=2, kernel_conv=5), (2, 4, 6, 7)),
-    (dict(in_planes=4, out_planes=8, kernel_att=1, head=4, kernel_conv=1), (2, 4, 5, 5)),
-    (dict(in_planes=4, out_planes=8, kernel_att=3, head=2, dilation=2), (2, 4, 7, 6)),
-    (dict(in_planes=4, out_planes=8, kernel_att=3, head=1, dilation=2, stride=2), (2, 4, 7, 9)),
-    (dict(in_planes=4, out_planes=8, kernel_att=7, head=2), (2, 4, 3, 5)),  # pad 3 >= H: repeated reflection
-    (dict(in_planes=4, out_planes=4, kernel_att=5, head=2, stride=2), (2, 4, 1, 4)),  # a 1-pixel side
+    (dict(channels=8, out_channels=8, kernel_att=7, num_heads=4), (2, 8, 9, 10)),
+    (dict(channels=6, out_channels=8, kernel_att=5, num_heads=2, stride=2), (2, 6, 9, 7)),  # H, W % 2
+    (dict(channels=6, out_channels=8, kernel_att=5, num_heads=2, stride=2), (1, 6, 8, 8)),
+    (dict(channels=4, out_channels=12, kernel_att=3, num_heads=3, stride=3), (2, 4, 7, 8)),
+    (dict(channels=4, out_channels=8, kernel_att=3, num_heads=2, kernel_conv=5), (2, 4, 6, 7)),
+    (dict(channels=4, out_channels=8, kernel_att=1, num_heads=4, kernel_conv=1), (2, 4, 5, 5)),
+    (dict(channels=4, out_channels=8, kernel_att=3, num_heads=2, dilation=2), (2, 4, 7, 6)),
+    (dict(channels=4, out_channels=8, kernel_att=3, num_heads=1, dilation=2, stride=2), (2, 4, 7, 9)),
+    (dict(channels=4, out_channels=8, kernel_att=7, num_heads=2), (2, 4, 3, 5)),  # pad 3 >= H: reflect again
+    (dict(channels=4, out_channels=4, kernel_att=5, num_heads=2, stride=2), (2, 4, 1, 4)),  # a 1-pixel side
 ]
 
 
@@ -144,8 +173,13 @@ def test_matches_plain_reference_values_and_gradients(kwargs, shape):
     x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
     out, ref = m(x), reference(m, x)
     s = kwargs.get("stride", 1)
-    assert out.shape == (shape[0], kwargs["out_planes"], -(-shape[2] // s), -(-shape[3] // s))
+    assert out.shape == (shape[0], kwargs["out_channels"], -(-shape[2] // s), -(-shape[3] // s))
     torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
+    with torch.no_grad():
+        out_w, weights = m(x, need_weights=True)
+        _, ref_weights = reference(m, x, need_weights=True)
+    torch.testing.assert_close(out_w, out, atol=0, rtol=0)
+    torch.testing.assert_close(weights, ref_weights, atol=1e-12, rtol=1e-10)
     grad = torch.randn_like(out)
     params = [x, *m.parameters()]
     got = torch.autograd.grad(out, params, grad)
@@ -157,7 +191,7 @@ def test_matches_plain_reference_values_and_gradients(kwargs, shape):
 
 
 def test_float32_close_to_float64_reference():
-    m = randomised(ACmix(8, 8, kernel_att=5, head=2, stride=2))
+    m = randomised(ACmix(8, 8, kernel_att=5, num_heads=2, stride=2))
     x = torch.randn(2, 8, 11, 10)
     with torch.no_grad():
         out = m(x)
@@ -166,7 +200,7 @@ def test_float32_close_to_float64_reference():
 
 
 def test_conv_p_bias_has_no_effect():
-    m = randomised(ACmix(4, 8, kernel_att=3, head=2).double()).eval()
+    m = randomised(ACmix(4, 8, kernel_att=3, num_heads=2).double()).eval()
     x = torch.randn(1, 4, 5, 6, dtype=torch.float64)
     before = m(x)
     with torch.no_grad():
@@ -234,7 +268,7 @@ def test_double_backward(stride):
     assert torch.autograd.gradgradcheck(
         lambda *a: neighbourhood_attention(*a, 3, 1, stride), (q, k, v), fast_mode=True
     )
-    m = randomised(ACmix(4, 4, kernel_att=3, head=2, stride=stride).double())
+    m = randomised(ACmix(4, 4, kernel_att=3, num_heads=2, stride=stride).double())
     x = torch.randn(1, 4, 4, 5, dtype=torch.float64, requires_grad=True)
     (gx,) = torch.autograd.grad(m(x).square().sum(), x, create_graph=True)
     (gx_ref,) = torch.autograd.grad(reference(m, x).square().sum(), x, create_graph=True)
@@ -267,7 +301,7 @@ def test_position_grid_follows_dtype_and_layout():
 
 
 def test_state_dict_layout_matches_official():
-    m = ACmix(16, 64, kernel_att=5, head=4)
+    m = ACmix(16, 64, kernel_att=5, num_heads=4)
     shapes = {k: tuple(v.shape) for k, v in m.state_dict().items()}
     assert shapes == {
         "rate1": (1,),
@@ -288,7 +322,7 @@ def test_state_dict_layout_matches_official():
 
 def test_initialisation_as_official():
     torch.manual_seed(7)
-    m = ACmix(8, 12, head=3, kernel_conv=3)
+    m = ACmix(8, 12, num_heads=3, kernel_conv=3)
     assert m.rate1.item() == 0.5 and m.rate2.item() == 0.5
     for o in range(12):
         for j in range(9):
@@ -311,7 +345,7 @@ def test_initialisation_as_official():
 
 def test_identity_shift_conv_branch_at_init():
     """With the shift init, dep_conv tap j reads channel j of fc's output at offset j."""
-    m = ACmix(4, 8, kernel_att=3, head=2).double()
+    m = ACmix(4, 8, kernel_att=3, num_heads=2).double()
     x = torch.randn(1, 4, 5, 5, dtype=torch.float64)
     with torch.no_grad():
         m.rate1.zero_()
@@ -320,19 +354,28 @@ def test_identity_shift_conv_branch_at_init():
 
 
 @pytest.mark.parametrize(
-    "kwargs,match",
+    "cls,kwargs,match",
     [
-        (dict(kernel_att=4), "kernel_att must be odd"),
-        (dict(kernel_conv=2), "kernel_conv must be odd"),
-        (dict(head=3), "out_planes=8 must be divisible by head=3"),
-        (dict(stride=0), "stride must be >= 1"),
-        (dict(dilation=0), "dilation must be >= 1"),
-        (dict(head=0), "head must be >= 1"),
+        (ACmix, dict(kernel_att=4), "ACmix: kernel_att must be odd"),
+        (ACmix, dict(kernel_conv=2), "kernel_conv must be odd"),
+        (ACmix, dict(num_heads=3), "ACmix: out_channels=8 must be divisible by num_heads=3"),
+        (ACmix, dict(stride=0), "stride must be >= 1"),
+        (ACmix, dict(dilation=0), "dilation must be >= 1"),
+        (ACmix, dict(num_heads=0), "ACmix: num_heads must be >= 1"),
+        (OfficialACmix, dict(kernel_att=4), "kernel_att must be odd"),
+        (OfficialACmix, dict(head=3), "OfficialACmix: out_planes=8 must be divisible by head=3"),
+        (OfficialACmix, dict(head=0), "OfficialACmix: head must be >= 1"),
     ],
 )
-def test_bad_arguments_rejected_at_construction(kwargs, match):
+def test_bad_arguments_rejected_at_construction(cls, kwargs, match):
     with pytest.raises(ValueError, match=match):
-        ACmix(4, 8, **kwargs)
+        cls(4, 8, **kwargs)
+    with pytest.raises(ValueError, match="ACmix: channels must be >= 1"):
+        ACmix(0)
+    with pytest.raises(ValueError, match="ACmix: out_channels must be >= 1"):
+        ACmix(4, 0)
+    with pytest.raises(ValueError, match="OfficialACmix: in_planes must be >= 1"):
+        OfficialACmix(0, 8)
 
 
 def test_non_int_argument_is_type_error():
@@ -341,7 +384,7 @@ def test_non_int_argument_is_type_error():
 
 
 def test_input_errors_name_expected_and_given():
-    m = ACmix(4, 8, kernel_att=3, head=2)
+    m = ACmix(4, 8, kernel_att=3, num_heads=2)
     with pytest.raises(
         ValueError, match=r"ACmix expects x of shape \(B, 4, H, W\) with C=4, got \(1, 5, 6, 6\)"
     ):
@@ -353,8 +396,13 @@ def test_input_errors_name_expected_and_given():
 
 
 def test_registry_and_compat():
-    assert compat.ACmix is attnzoo.ACmix
-    assert type(attnzoo.create("acmix", in_planes=4, out_planes=8, head=2)) is ACmix
-    assert type(attnzoo.create("ACmix", in_planes=4, out_planes=8, head=2)) is ACmix
+    assert compat.ACmix is OfficialACmix and issubclass(OfficialACmix, attnzoo.ACmix)
+    assert attnzoo.ACmix is ACmix
+    m = attnzoo.create("acmix", 4, num_heads=2)
+    assert type(m) is ACmix and (m.channels, m.out_channels, m.num_heads) == (4, 4, 2)
+    seed = attnzoo.create("ACmix", in_planes=4, out_planes=8, head=2)
+    assert type(seed) is OfficialACmix and (seed.in_planes, seed.out_planes, seed.head) == (4, 8, 2)
+    assert list(seed.state_dict()) == list(ACmix(4, 8, num_heads=2).state_dict())
+    assert "need_weights" not in inspect.signature(OfficialACmix.forward).parameters
     spec = attnzoo.get_spec("acmix")
     assert spec.layout == "NCHW" and not spec.uses_attend

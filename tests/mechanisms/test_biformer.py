@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 import pickle
+import re
 
 import pytest
 import torch
@@ -11,7 +13,7 @@ import torch.nn.functional as F
 from conftest import golden_files
 
 import attnzoo
-from attnzoo import BiLevelRoutingAttention
+from attnzoo import BiLevelRoutingAttention, BiLevelRoutingAttention2d
 from attnzoo.compat import BiLevelRoutingAttention as CompatBRA
 from attnzoo.compat import nchwBRA
 
@@ -219,6 +221,40 @@ def test_golden_canonical_class_both_layouts(path):
         assert (out - expected).abs().max().item() <= 1e-8
 
 
+@pytest.mark.parametrize("path", golden_files("bra_nchw_*.pt"), ids=lambda p: p.name)
+def test_golden_canonical_nchw_class(path):
+    """BiLevelRoutingAttention2d(channels=official dim) loads the official state_dict; official numbers."""
+    rec = torch.load(path, weights_only=True)
+    kwargs = dict(rec["kwargs"])
+    m = BiLevelRoutingAttention2d(kwargs.pop("dim"), **kwargs, dtype=torch.float64)
+    m.load_state_dict(rec["state_dict"], strict=True)
+    need = bool(rec["forward_kwargs"].get("ret_attn_mask"))
+    with torch.no_grad():
+        out = m.eval()(rec["inputs"]["x"], need_weights=need)
+    got = out if isinstance(out, tuple) else (out,)
+    expected = rec["output"] if isinstance(rec["output"], tuple) else (rec["output"],)
+    assert len(got) == len(expected)
+    for a, b in zip(got, expected, strict=True):
+        assert a.shape == b.shape and (a - b).abs().max().item() <= 1e-8
+
+
+def _plain_signature(fn) -> str:
+    """`(self, dim, num_heads=8, ...)`: names and defaults, no annotations (as the golden files record it)."""
+    params = inspect.signature(fn).parameters.values()
+    names = [p.name if p.default is p.empty else f"{p.name}={p.default!r}" for p in params]
+    return "(" + ", ".join(names) + ")"
+
+
+@pytest.mark.parametrize("target,cls", [("bra_legacy_01.pt", CompatBRA), ("bra_nchw_01.pt", nchwBRA)])
+def test_compat_signatures_are_official(target, cls):
+    paths = golden_files(target)
+    if not paths:
+        pytest.skip(f"no golden file {target}")
+    rec = torch.load(paths[0], weights_only=True)
+    assert _plain_signature(cls.__init__) == rec["init_signature"]
+    assert _plain_signature(cls.forward) == re.sub(r": [\w.]+", "", rec["forward_signature"])
+
+
 # ---------------------------------------------------------------------------------------------
 # More configurations against the plain float64 reference, values and gradients.
 
@@ -329,6 +365,11 @@ def test_legacy_matches_reference_values_and_gradients(kwargs, size):
     torch.testing.assert_close(r_weight, ref_weight, atol=1e-12, rtol=1e-10)
     torch.testing.assert_close(attn, ref_attn, atol=1e-12, rtol=1e-10)
     assert_same_grads(m, x, m(x), ref)
+    canonical = BiLevelRoutingAttention(**kwargs, dtype=torch.float64)
+    canonical.load_state_dict(m.state_dict(), strict=True)
+    out2, attn2 = canonical(x, need_weights=True)
+    torch.testing.assert_close(out2, ref, atol=1e-10, rtol=1e-9)
+    torch.testing.assert_close(attn2, ref_attn, atol=1e-12, rtol=1e-10)
 
 
 NCHW_CASES = [
@@ -355,6 +396,13 @@ def test_nchw_matches_reference_values_and_gradients(kwargs, size):
     cl = m(x.detach().contiguous(memory_format=torch.channels_last))
     assert cl.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(cl, ref, atol=1e-10, rtol=1e-9)
+    canonical = BiLevelRoutingAttention2d(
+        kwargs["dim"], **{k: v for k, v in kwargs.items() if k != "dim"}, dtype=torch.float64
+    )
+    canonical.load_state_dict(m.state_dict(), strict=True)
+    out2, attn2 = canonical(x, need_weights=True)
+    torch.testing.assert_close(out2, ref, atol=1e-10, rtol=1e-9)
+    torch.testing.assert_close(attn2, ref_attn, atol=1e-12, rtol=1e-10)
 
 
 def test_all_regions_equal_full_attention_plus_lepe():
@@ -436,7 +484,25 @@ def test_compat_returns_official_tuple_and_create_by_seed_name():
     assert r_idx.dtype == torch.int64 and attn.shape == (8, 2, 6, 18)
     torch.testing.assert_close(r_weight.sum(-1), torch.ones(2, 4))
     assert type(attnzoo.create("bra", dim=8)) is BiLevelRoutingAttention
-    assert type(attnzoo.create("bra_nchw", dim=8)) is nchwBRA
+    assert type(attnzoo.create("bra_nchw", 8)) is BiLevelRoutingAttention2d
+    assert type(attnzoo.create("bra_nchw", channels=8)) is BiLevelRoutingAttention2d
+    assert type(attnzoo.create("nchwBRA", dim=8, auto_pad=True)) is nchwBRA
+    assert attnzoo.nchwBRA is nchwBRA and isinstance(nchwBRA(8, 2, 2), BiLevelRoutingAttention2d)
+
+
+def test_need_weights_only_on_canonical_classes():
+    x = torch.randn(2, 4, 6, 8)
+    m = BiLevelRoutingAttention(8, num_heads=2, n_win=2, topk=3).eval()
+    out, weights = m(x, need_weights=True)
+    torch.testing.assert_close(out, m(x))
+    assert weights.shape == (8, 2, 6, 18)  # (N*R, heads, w^2, topk*w^2)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(8, 2, 6))
+    nchw = BiLevelRoutingAttention2d(8, num_heads=2, n_win=2, topk=3).eval()
+    out, weights = nchw(x.permute(0, 3, 1, 2), need_weights=True)
+    assert out.shape == (2, 8, 4, 6) and weights.shape == (2, 2, 4, 6, 18)  # (N, heads, R, rh*rw, topk*rh*rw)
+    for cls in (CompatBRA, nchwBRA):
+        assert "need_weights" not in inspect.signature(cls.forward).parameters
+    assert "ret_attn_mask" not in inspect.signature(BiLevelRoutingAttention2d.forward).parameters
 
 
 def test_seed_use_case_512_channel_cnn_map():
@@ -507,10 +573,25 @@ def test_size_errors_at_forward():
         nchwBRA(8, 2, 2, attn_backend="cuda")
 
 
+def test_errors_name_the_argument_passed():
+    with pytest.raises(ValueError, match="Attention2d: channels=6 must be divisible by num_heads=4"):
+        BiLevelRoutingAttention2d(6, num_heads=4)
+    with pytest.raises(ValueError, match="nchwBRA: dim=6 must be divisible by num_heads=4"):
+        nchwBRA(6, num_heads=4)
+    with pytest.raises(ValueError, match="nchwBRA: dim must be >= 1"):
+        nchwBRA(0)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'auto_pad'"):
+        BiLevelRoutingAttention2d(8, auto_pad=True)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'kv_downsample_kernel'"):
+        BiLevelRoutingAttention(8, kv_downsample_kernel=3)
+    assert CompatBRA(8, 2, 2, kv_downsample_kernel=3).kv_downsample_kernel == 3
+
+
 def test_qk_scale_zero_falls_back_to_full_qk_dim():
     assert CompatBRA(32, 4, 7, qk_scale=0).scale == 32**-0.5
     assert CompatBRA(32, 4, 7, qk_dim=16).scale == 16**-0.5  # full qk_dim, not the head dim
     assert nchwBRA(32, 4).scale == 32**-0.5
+    assert BiLevelRoutingAttention2d(32, 4, qk_scale=0).scale == 32**-0.5
 
 
 def test_diff_routing_trains_router_embedding():

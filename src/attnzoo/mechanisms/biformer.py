@@ -1,21 +1,28 @@
 """Bi-Level Routing Attention (BRA), BiFormer (Zhu et al., CVPR 2023), arXiv:2303.08810.
 
-Official code: ``rayleizhu/BiFormer`` ``ops/bra_legacy.py`` (this module, channels-last) and
-``ops/bra_nchw.py`` (:mod:`attnzoo.mechanisms.biformer_nchw`). BRA splits the map into ``n_win x n_win``
-windows ("regions"), lets every window pick the ``topk`` windows whose mean key best matches its mean
+Official code: `rayleizhu/BiFormer` `ops/bra_legacy.py` (this module, channels-last) and
+`ops/bra_nchw.py` (`attnzoo.mechanisms.biformer_nchw`). BRA splits the map into `n_win x n_win`
+windows ("regions"), lets every window pick the `topk` windows whose mean key best matches its mean
 query, and runs ordinary multi-head attention from each window's tokens to the tokens of the picked
 windows. Outputs and gradients equal the official code, quirks included (see
-:class:`BiLevelRoutingAttention` and ``docs/biformer.md``). Deviations: options the official code
-rejects late (or never) are rejected at construction; ``side_dwconv=0`` holds no lambda (picklable).
+`BiLevelRoutingAttention` and `docs/biformer.md`). Deviations: options the official code
+rejects late (or never) are rejected at construction; `side_dwconv=0` holds no lambda (picklable).
 
-Speed: the official code gathers the picked windows' keys/values by ``torch.gather`` on an expanded
-``(N, R, R, w^2, C)`` view, whose backward materialises that whole tensor. Here one
-``index_select`` on the compact per-window key/values builds the ``(N*R, topk*w^2, C)`` operand
-once (its backward is an ``index_add`` into the compact tensor), and :func:`attnzoo.attend` (fused
+`BiLevelRoutingAttention` is the canonical class (`dim` first, `device=`/`dtype=`, the keyword
+`layout`, `forward(x, need_weights=False)`); `LegacyBiLevelRoutingAttention`, exported as
+`attnzoo.compat.BiLevelRoutingAttention`, has the official constructor and
+`forward(x, ret_attn_mask=False)`. Both have the official state_dict.
+
+Speed: the official code gathers the picked windows' keys/values by `torch.gather` on an expanded
+`(N, R, R, w^2, C)` view, whose backward materialises that whole tensor. Here one
+`index_select` on the compact per-window key/values builds the `(N*R, topk*w^2, C)` operand
+once (its backward is an `index_add` into the compact tensor), and `attnzoo.attend` (fused
 SDPA) never keeps the attention matrix.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -24,9 +31,9 @@ from torch import Tensor, nn
 from attnzoo._checks import check_choice, check_float, check_int, check_shape
 from attnzoo._geometry import num_windows
 from attnzoo._registry import Example, register, register_seed
-from attnzoo.functional import attend
 from attnzoo.maps.capture import capturing, record
 from attnzoo.maps.records import record_routed_rows
+from attnzoo.mechanisms._regions import merge, routed_attention, side_conv, to_windows
 
 __all__ = ["BiLevelRoutingAttention", "LegacyBiLevelRoutingAttention"]
 
@@ -34,88 +41,8 @@ _KV_MODES = ("identity", "ada_avgpool", "ada_maxpool", "avgpool", "maxpool")
 _LAYOUTS = ("nhwc", "nchw")
 
 
-def _to_windows(x: Tensor, n_h: int, n_w: int) -> Tensor:
-    """``(N, H, W, C)`` -> ``(N*n_h*n_w, (H/n_h)*(W/n_w), C)``; windows and tokens row-major."""
-    n, h, w, c = x.shape
-    x = x.view(n, n_h, h // n_h, n_w, w // n_w, c)  # (N, n_h, rh, n_w, rw, C)
-    return x.permute(0, 1, 3, 2, 4, 5).reshape(n * n_h * n_w, (h // n_h) * (w // n_w), c)
-
-
-def _to_image(x: Tensor, n: int, n_h: int, n_w: int, rh: int, rw: int) -> Tensor:
-    """``(N*n_h*n_w, rh*rw, C)`` -> the 6-D view ``(N, n_h, rh, n_w, rw, C)`` of the image (no copy)."""
-    x = x.view(n, n_h, n_w, rh, rw, x.shape[-1])  # (N, n_h, n_w, rh, rw, C)
-    return x.permute(0, 1, 3, 2, 4, 5)  # (N, n_h, rh, n_w, rw, C)
-
-
-def _side_conv(
-    conv: nn.Conv2d | None, v: Tensor, n: int, n_h: int, n_w: int, rh: int, rw: int
-) -> Tensor | None:
-    """``conv`` over the image of the window values ``v`` ``(N*R, rh*rw, C)``: ``(N, H, W, C)``."""
-    if conv is None:
-        return None
-    image = _to_image(v, n, n_h, n_w, rh, rw).reshape(n, n_h * rh, n_w * rw, -1)  # (N, H, W, C)
-    return conv(image.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # channels-last conv -> (N, H, W, C)
-
-
-def _merge(out: Tensor, side: Tensor | None, n: int, n_h: int, n_w: int, rh: int, rw: int) -> Tensor:
-    """Window outputs ``(N*R, rh*rw, C)`` back to the ``(N, H, W, C)`` image, plus ``side``."""
-    image = _to_image(out, n, n_h, n_w, rh, rw)  # (N, n_h, rh, n_w, rw, C)
-    h, w, c = n_h * rh, n_w * rw, out.shape[-1]
-    if side is None:
-        return image.reshape(n, h, w, c)
-    # ``side`` first: the sum takes its (contiguous) layout, so the reshape is a view.
-    return (side.reshape(n, n_h, rh, n_w, rw, c) + image).reshape(n, h, w, c)
-
-
-def _gather(src: Tensor, r_idx: Tensor, r_weight: Tensor | None) -> Tensor:
-    """The routed windows of every window: ``(N*R, S, C)`` -> ``(N*R, topk*S, C)``."""
-    n, regions, topk = r_idx.shape
-    offset = torch.arange(n, device=r_idx.device).mul_(regions).view(n, 1, 1)
-    sel = src.index_select(0, (r_idx + offset).reshape(-1))  # (N*R*topk, S, C): the only gathered copy
-    if r_weight is not None:
-        sel = sel * r_weight.reshape(-1, 1, 1).to(sel.dtype)
-    return sel.view(n * regions, topk * src.shape[1], src.shape[2])
-
-
-def _routed_attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    r_idx: Tensor,
-    *,
-    num_heads: int,
-    scale: float,
-    r_weight: Tensor | None = None,
-    need_weights: bool = False,
-) -> tuple[Tensor, Tensor | None]:
-    """Token-to-token attention from each window to the keys/values of its routed windows.
-
-    Args:
-        q: Queries per window, ``(N*R, L, c)`` (any strides, last dim contiguous).
-        k: Keys per window, ``(N*R, S, c)``.
-        v: Values per window, ``(N*R, S, C)``.
-        r_idx: Routed window indices, ``(N, R, topk)``, int64.
-        num_heads: Heads h; channels split as ``(h, d)``.
-        scale: Multiplies the logits.
-        r_weight: ``(N, R, topk)``; when given, the gathered keys **and** values are scaled by it
-            (official soft routing). Default: None.
-        need_weights: Also return the attention weights (math path). Default: False.
-
-    Returns:
-        ``(out, weights)``: ``out`` ``(N*R, L, C)``; ``weights`` ``(N*R, h, L, topk*S)`` or None.
-    """
-    qh = q.unflatten(-1, (num_heads, -1)).transpose(1, 2)  # (N*R, h, L, d)
-    kh = _gather(k, r_idx, r_weight).unflatten(-1, (num_heads, -1)).transpose(1, 2)  # (N*R, h, topk*S, d)
-    vh = _gather(v, r_idx, r_weight).unflatten(-1, (num_heads, -1)).transpose(1, 2)  # (N*R, h, topk*S, e)
-    if need_weights:
-        out, weights = attend(qh, kh, vh, scale=scale, return_weights=True)
-    else:
-        out, weights = attend(qh, kh, vh, scale=scale), None
-    return out.transpose(1, 2).flatten(2), weights  # (N*R, L, C)
-
-
 def _fix_layout(x: object, who: str, dim: int, layout: str) -> dict[str, int]:
-    """Check the map, pointing at ``layout`` when the channels sit on the other side."""
+    """Check the map, pointing at `layout` when the channels sit on the other side."""
     if isinstance(x, Tensor) and x.ndim == 4:
         last, second = x.shape[-1], x.shape[1]
         if layout == "nhwc" and last != dim and second == dim:
@@ -133,23 +60,25 @@ def _fix_layout(x: object, who: str, dim: int, layout: str) -> dict[str, int]:
 
 
 class _QKVLinear(nn.Module):
-    """Holds the fused projection as ``qkv.qkv`` (the official state_dict key)."""
+    """Holds the fused projection as `qkv.qkv` (the official state_dict key)."""
 
-    def __init__(self, dim: int, qk_dim: int) -> None:
+    def __init__(self, dim: int, qk_dim: int, **factory: Any) -> None:
         super().__init__()
-        self.qkv = nn.Linear(dim, 2 * qk_dim + dim)
+        self.qkv = nn.Linear(dim, 2 * qk_dim + dim, **factory)
 
 
 class _TopkRouter(nn.Module):
-    """Region-level routing: ``topk`` of ``(emb(q_r) * scale) @ emb(k_r)^T``, softmax over them."""
+    """Region-level routing: `topk` of `(emb(q_r) * scale) @ emb(k_r)^T`, softmax over them."""
 
-    def __init__(self, qk_dim: int, topk: int, scale: float, param_routing: bool, diff_routing: bool) -> None:
+    def __init__(
+        self, qk_dim: int, topk: int, scale: float, param_routing: bool, diff_routing: bool, **factory: Any
+    ) -> None:
         super().__init__()
         self.topk, self.scale, self.diff_routing = topk, scale, diff_routing
-        self.emb: nn.Module = nn.Linear(qk_dim, qk_dim) if param_routing else nn.Identity()
+        self.emb: nn.Module = nn.Linear(qk_dim, qk_dim, **factory) if param_routing else nn.Identity()
 
     def forward(self, q_r: Tensor, k_r: Tensor) -> tuple[Tensor, Tensor]:
-        """``q_r, k_r``: ``(N, R, qk_dim)`` -> ``r_weight, r_idx``: ``(N, R, topk)``."""
+        """`q_r, k_r`: `(N, R, qk_dim)` -> `r_weight, r_idx`: `(N, R, topk)`."""
         if not self.diff_routing:
             q_r, k_r = q_r.detach(), k_r.detach()
         logits = (self.emb(q_r) * self.scale) @ self.emb(k_r).transpose(-2, -1)  # (N, R, R)
@@ -170,69 +99,78 @@ class _TopkRouter(nn.Module):
     aliases=("biformer", "bi_level_routing_attention"),
     seed_name="BiLevelRoutingAttention",
     uses_attend=True,
-    for_input=lambda geo: {"n_win": num_windows(geo), "auto_pad": True},
+    for_input=lambda geo: {"n_win": (n := num_windows(geo)), "topk": min(4, n * n), "auto_pad": True},
 )
 class BiLevelRoutingAttention(nn.Module):
-    r"""Bi-Level Routing Attention, numerically equal to BiFormer's ``ops/bra_legacy.py``.
+    r"""Bi-Level Routing Attention, numerically equal to BiFormer's `ops/bra_legacy.py`.
 
-    Algorithm (``R = n_win**2`` windows of ``w^2 = (H/n_win)*(W/n_win)`` tokens, ``c = qk_dim``):
+    Algorithm ($R = n_{win}^2$ windows of $w^2 = (H/n_{win})(W/n_{win})$ tokens, $c$ = `qk_dim`):
 
-    1. (``auto_pad``) zero-pad the map right/bottom to multiples of ``n_win``, **before** the
+    1. (`auto_pad`) zero-pad the map right/bottom to multiples of `n_win`, **before** the
        projection, so padded tokens get q = k = v = the projection bias and take part, unmasked.
-    2. ``q, k, v = qkv(x)``: one Linear ``dim -> 2c + dim``, split ``[q | k | v]``; ``(N, H, W, .)``.
-    3. Windows: ``(N, H, W, .) -> (N*R, w^2, .)``, windows and tokens row-major.
-    4. Routing: window means ``q_r, k_r`` ``(N, R, c)`` (full resolution, detached unless
-       ``diff_routing``), logits ``(emb(q_r) * scale) @ emb(k_r)^T`` ``(N, R, R)``, the ``topk``
-       largest per row give ``r_idx`` ``(N, R, topk)`` and ``r_weight = softmax(top logits)``.
-    5. Keys/values per window are pooled by ``kv_downsample_mode`` to ``S`` tokens, and each window
-       gathers those of its ``topk`` routed windows: ``(N*R, topk*S, c + dim)``; with
-       ``soft_routing`` they are multiplied by ``r_weight`` (keys **and** values, as official).
-    6. Multi-head attention, ``softmax(scale * q k^T) v`` per head, ``(N*R, h, w^2, topk*S)``
-       logits. ``scale = qk_scale or qk_dim ** -0.5`` uses the **full** ``qk_dim``, not the
+    2. `q, k, v = qkv(x)`: one Linear `dim -> 2c + dim`, split `[q | k | v]`; `(N, H, W, .)`.
+    3. Windows: `(N, H, W, .) -> (N*R, w^2, .)`, windows and tokens row-major.
+    4. Routing: window means `q_r, k_r` `(N, R, c)` (full resolution, detached unless
+       `diff_routing`), logits `(emb(q_r) * scale) @ emb(k_r)^T` `(N, R, R)`, the `topk`
+       largest per row give `r_idx` `(N, R, topk)` and `r_weight = softmax(top logits)`.
+    5. Keys/values per window are pooled by `kv_downsample_mode` to `S` tokens, and each window
+       gathers those of its `topk` routed windows: `(N*R, topk*S, c + dim)`; with
+       `soft_routing` they are multiplied by `r_weight` (keys **and** values, as official).
+    6. Multi-head attention, $\mathrm{softmax}(s\, q k^T) v$ per head, `(N*R, h, w^2, topk*S)`
+       logits. $s$ = `qk_scale or qk_dim ** -0.5` uses the **full** `qk_dim`, not the
        head dim (official), and is also the routing temperature.
-    7. Windows back to ``(N, H, W, dim)``, plus ``lepe(v)``: a depth-wise ``side_dwconv``
+    7. Windows back to `(N, H, W, dim)`, plus `lepe(v)`: a depth-wise `side_dwconv`
        convolution of v over the whole (padded) map, crossing window borders.
-    8. Crop the padding, then ``wo`` (Linear ``dim -> dim``, or identity for ``'qkv'``).
+    8. Crop the padding, then `wo` (Linear `dim -> dim`, or identity for `'qkv'`).
+
+    The official argument names are kept (none has a shared vocabulary name but `num_heads`,
+    `qk_dim` and `qk_scale`); the official's unused `kv_downsample_kernel` is only on
+    `attnzoo.compat.BiLevelRoutingAttention`.
 
     Args:
         dim: Channels C of the input and output.
-        num_heads: Heads h; ``dim`` and ``qk_dim`` must be divisible by it. Default: 8.
-        n_win: Windows per side; the map is split into ``n_win x n_win`` windows. Default: 7.
-        qk_dim: Width of queries/keys. Default: None (= ``dim``).
-        qk_scale: Logit scale for routing and attention; None or 0 give ``qk_dim ** -0.5``
-            (the official ``or``). Default: None.
-        kv_per_win: Tokens per side each window keeps for ``'ada_avgpool'``/``'ada_maxpool'``
-            (``kv_per_win**2`` tokens). Default: 4.
-        kv_downsample_ratio: Kernel = stride of ``'avgpool'``/``'maxpool'`` on each window's
-            ``(H/n_win, W/n_win)`` grid (floor); 1 means no pooling. Default: 4.
-        kv_downsample_kernel: Accepted for compatibility and stored; unused, as in the official
-            code. Default: None.
-        kv_downsample_mode: ``'identity'``, ``'ada_avgpool'``, ``'ada_maxpool'``, ``'avgpool'``
-            or ``'maxpool'`` (``'fracpool'``/``'conv'`` are unimplemented in the official code
-            too and raise ``ValueError`` here). Default: ``'identity'``.
-        topk: Windows each window attends to, ``1 <= topk <= n_win**2``. Default: 4.
-        param_attention: ``'qkvo'`` (output Linear ``wo``) or ``'qkv'`` (no ``wo``). Default: ``'qkvo'``.
-        param_routing: A learned Linear ``router.emb`` (``qk_dim -> qk_dim``) on the window means;
-            needs ``diff_routing``. Default: False.
+        num_heads: Heads h; `dim` and `qk_dim` must be divisible by it. Default: 8.
+        n_win: Windows per side; the map is split into `n_win x n_win` windows. Default: 7.
+        qk_dim: Width of queries/keys. Default: None (= `dim`).
+        qk_scale: Logit scale for routing and attention; None or 0 give `qk_dim ** -0.5`
+            (the official `or`). Default: None.
+        kv_per_win: Tokens per side each window keeps for `'ada_avgpool'`/`'ada_maxpool'`
+            (`kv_per_win**2` tokens). Default: 4.
+        kv_downsample_ratio: Kernel = stride of `'avgpool'`/`'maxpool'` on each window's
+            `(H/n_win, W/n_win)` grid (floor); 1 means no pooling. Default: 4.
+        kv_downsample_mode: `'identity'`, `'ada_avgpool'`, `'ada_maxpool'`, `'avgpool'`
+            or `'maxpool'` (`'fracpool'`/`'conv'` are unimplemented in the official code
+            too and raise `ValueError` here). Default: `'identity'`.
+        topk: Windows each window attends to, `1 <= topk <= n_win**2`. Default: 4.
+        param_attention: `'qkvo'` (output Linear `wo`) or `'qkv'` (no `wo`). Default: `'qkvo'`.
+        param_routing: A learned Linear `router.emb` (`qk_dim -> qk_dim`) on the window means;
+            needs `diff_routing`. Default: False.
         diff_routing: Let gradients flow through the routing logits (only useful with
-            ``soft_routing``, which it requires: the official ``'hard'`` mode is unimplemented).
+            `soft_routing`, which it requires: the official `'hard'` mode is unimplemented).
             Default: False.
-        soft_routing: Scale the gathered keys and values by ``r_weight``. Default: False.
-        side_dwconv: Kernel of the depth-wise local-context conv ``lepe`` (odd); 0 disables it.
+        soft_routing: Scale the gathered keys and values by `r_weight`. Default: False.
+        side_dwconv: Kernel of the depth-wise local-context conv `lepe` (odd); 0 disables it.
             Default: 3.
-        auto_pad: Pad H, W up to multiples of ``n_win`` (then crop); without it they must be
+        auto_pad: Pad H, W up to multiples of `n_win` (then crop); without it they must be
             multiples. Default: False.
-        layout: ``'nhwc'`` (channels-last, as official) or ``'nchw'`` (CNN maps; the output is
-            NCHW too). Keyword only. Default: ``'nhwc'``.
+        layout: `'nhwc'` (channels-last, as official) or `'nchw'` (CNN maps; the output is
+            NCHW too). Keyword only. Default: `'nhwc'`.
+        device: Device of the parameters. Default: None.
+        dtype: dtype of the parameters. Default: None.
 
     Shape:
-        - Input: ``(N, H, W, dim)`` (``layout='nhwc'``) or ``(N, dim, H, W)`` (``'nchw'``).
+        - Input: `(N, H, W, dim)` (`layout='nhwc'`) or `(N, dim, H, W)` (`'nchw'`).
         - Output: same shape as the input.
+        - Weights (`need_weights=True`): `(N*n_win**2, num_heads, w^2, topk*S)`, the attention
+          of each window's `w^2` tokens over the `S` (pooled) key tokens of each routed window.
 
     Example:
+        ```python
         >>> bra = BiLevelRoutingAttention(512, num_heads=8, n_win=7, auto_pad=True, layout="nchw")
         >>> bra(torch.randn(2, 512, 28, 28)).shape
         torch.Size([2, 512, 28, 28])
+
+        ```
     """
 
     def __init__(
@@ -244,7 +182,6 @@ class BiLevelRoutingAttention(nn.Module):
         qk_scale: float | None = None,
         kv_per_win: int = 4,
         kv_downsample_ratio: int = 4,
-        kv_downsample_kernel: int | None = None,
         kv_downsample_mode: str = "identity",
         topk: int = 4,
         param_attention: str = "qkvo",
@@ -255,9 +192,12 @@ class BiLevelRoutingAttention(nn.Module):
         auto_pad: bool = False,
         *,
         layout: str = "nhwc",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         who = type(self).__name__
+        factory: dict[str, Any] = {"device": device, "dtype": dtype}
         self.dim = check_int(dim, "dim", who)
         self.num_heads = check_int(num_heads, "num_heads", who)
         self.n_win = check_int(n_win, "n_win", who)
@@ -276,7 +216,6 @@ class BiLevelRoutingAttention(nn.Module):
         self.kv_downsample_mode = check_choice(kv_downsample_mode, _KV_MODES, "kv_downsample_mode", who)
         self.kv_per_win = kv_per_win
         self.kv_downsample_ratio = kv_downsample_ratio
-        self.kv_downsample_kernel = kv_downsample_kernel  # unused, as officially
         if kv_downsample_mode.startswith("ada_"):
             check_int(kv_per_win, "kv_per_win", who)
         elif kv_downsample_mode != "identity":
@@ -298,10 +237,10 @@ class BiLevelRoutingAttention(nn.Module):
         # Submodules in the official order (state_dict: lepe, router.emb, qkv.qkv, wo).
         self.lepe: nn.Conv2d | None = None  # official: a zeros lambda; None pickles, same empty state_dict
         if side_dwconv > 0:
-            self.lepe = nn.Conv2d(dim, dim, side_dwconv, padding=side_dwconv // 2, groups=dim)
-        self.router = _TopkRouter(self.qk_dim, self.topk, self.scale, param_routing, diff_routing)
-        self.qkv = _QKVLinear(dim, self.qk_dim)
-        self.wo: nn.Module = nn.Linear(dim, dim) if param_attention == "qkvo" else nn.Identity()
+            self.lepe = nn.Conv2d(dim, dim, side_dwconv, padding=side_dwconv // 2, groups=dim, **factory)
+        self.router = _TopkRouter(self.qk_dim, self.topk, self.scale, param_routing, diff_routing, **factory)
+        self.qkv = _QKVLinear(dim, self.qk_dim, **factory)
+        self.wo: nn.Module = nn.Linear(dim, dim, **factory) if param_attention == "qkvo" else nn.Identity()
 
     def extra_repr(self) -> str:
         return (
@@ -309,12 +248,23 @@ class BiLevelRoutingAttention(nn.Module):
             f"topk={self.topk}, kv_downsample_mode={self.kv_downsample_mode!r}, layout={self.layout!r}"
         )
 
-    def forward(self, x: Tensor) -> Tensor:
-        """Apply BRA to ``x`` (``(N, H, W, dim)``, or ``(N, dim, H, W)`` with ``layout='nchw'``)."""
-        return self._forward(x, need_weights=False)[0]
+    def forward(self, x: Tensor, need_weights: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """Apply BRA to `x`: `(N, H, W, dim)`, or `(N, dim, H, W)` with `layout='nchw'`.
+
+        Args:
+            x: The map.
+            need_weights: Also return the attention weights
+                `(N*n_win**2, num_heads, w^2, topk*S)` (computed on the math path). The routing
+                (`r_idx`, `r_weight`) is recorded by `attnzoo.capture_maps`. Default: False.
+
+        Returns:
+            `out` (the shape of `x`), or `(out, weights)` with `need_weights`.
+        """
+        out, _, _, attn = self._forward(x, need_weights=need_weights)
+        return (out, attn) if need_weights and attn is not None else out
 
     def _downsample(self, kv: Tensor, rh: int, rw: int) -> Tensor:
-        """Pool each window's keys or values: ``(N*R, rh*rw, C) -> (N*R, S, C)``."""
+        """Pool each window's keys or values: `(N*R, rh*rw, C) -> (N*R, S, C)`."""
         mode, ratio = self.kv_downsample_mode, self.kv_downsample_ratio
         if mode == "identity" or (mode in ("avgpool", "maxpool") and ratio <= 1):
             return kv
@@ -335,7 +285,7 @@ class BiLevelRoutingAttention(nn.Module):
         return grid.flatten(2).transpose(1, 2)  # (N*R, S, C)
 
     def _forward(self, x: Tensor, need_weights: bool) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-        """``(out, r_weight, r_idx, attn_weight)``; ``attn_weight`` only with ``need_weights``."""
+        """`(out, r_weight, r_idx, attn_weight)`; `attn_weight` only with `need_weights`."""
         who = type(self).__name__
         dims = _fix_layout(x, who, self.dim, self.layout)
         h, w, n_win, c = dims["H"], dims["W"], self.n_win, self.qk_dim
@@ -348,14 +298,14 @@ class BiLevelRoutingAttention(nn.Module):
                 raise ValueError(
                     f"{who} expects H and W divisible by n_win={n_win}, got H={h}, W={w}: pass auto_pad=True"
                 )
-            x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))  # before the projection, as officially
+            x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))  # (N, Hp, Wp, dim), before the projection, as officially
         n, hp, wp, _ = x.shape
         rh, rw = hp // n_win, wp // n_win
-        win = _to_windows(x, n_win, n_win)  # (N*R, w^2, dim), the one copy of the input
+        win = to_windows(x, n_win, n_win)  # (N*R, w^2, dim), the one copy of the input
         qkv = F.linear(win, self.qkv.qkv.weight, self.qkv.qkv.bias)  # (N*R, w^2, 2c+dim)
         q, k, v = qkv.split([c, c, self.dim], dim=-1)
         r_weight, r_idx = self.router(q.mean(1).view(n, -1, c), k.mean(1).view(n, -1, c))  # (N, R, topk)
-        out, attn = _routed_attention(
+        out, attn = routed_attention(
             q, self._downsample(k, rh, rw), self._downsample(v, rh, rw), r_idx, num_heads=self.num_heads,
             scale=self.scale, r_weight=r_weight if self.soft_routing else None, need_weights=need_weights,
         )  # (N*R, w^2, dim)
@@ -366,8 +316,8 @@ class BiLevelRoutingAttention(nn.Module):
                     record_routed_rows(self, q, k, r_idx, regions=(n_win, n_win), region=(rh, rw),
                                        size=(h, w), num_heads=self.num_heads, scale=self.scale,
                                        r_weight=r_weight if self.soft_routing else None)
-        side = _side_conv(self.lepe, v, n, n_win, n_win, rh, rw)  # (N, Hp, Wp, dim) or None
-        out = _merge(out, side, n, n_win, n_win, rh, rw)  # (N, Hp, Wp, dim)
+        side = side_conv(self.lepe, v, n, n_win, n_win, rh, rw)  # (N, Hp, Wp, dim) or None
+        out = merge(out, side, n, n_win, n_win, rh, rw)  # (N, Hp, Wp, dim)
         out = self.wo(out[:, :h, :w] if pad_b or pad_r else out)  # (N, H, W, dim)
         if self.layout == "nchw":
             out = out.permute(0, 3, 1, 2)  # (N, dim, H, W), channels-last memory
@@ -377,25 +327,64 @@ class BiLevelRoutingAttention(nn.Module):
 
 @register_seed("bra")
 class LegacyBiLevelRoutingAttention(BiLevelRoutingAttention):
-    """BiFormer's official ``BiLevelRoutingAttention`` interface (``attnzoo.compat.BiLevelRoutingAttention``).
+    """BiFormer's official `BiLevelRoutingAttention` (`attnzoo.compat.BiLevelRoutingAttention`).
 
-    Same constructor, parameters and numbers as :class:`BiLevelRoutingAttention`; ``forward`` also
-    takes the official ``ret_attn_mask``. Differences from the official code: invalid options are
-    rejected at construction with ``ValueError`` (unknown modes, ``fracpool``/``conv``,
-    ``param_routing`` without ``diff_routing``, ``diff_routing`` without ``soft_routing``,
-    ``topk > n_win**2``, even ``side_dwconv``); ``side_dwconv=0`` stores no lambda (picklable,
-    same empty state_dict); the keyword ``layout='nchw'`` is an addition.
+    The official constructor (the order `dim, num_heads, n_win`, not `dim, n_win, num_heads`),
+    state_dict and numbers; `forward(x, ret_attn_mask=False)` returns `out`, or the official
+    `(out, r_weight, r_idx, attn_weight)`. The canonical `BiLevelRoutingAttention` takes the same
+    arguments but `kv_downsample_kernel` (stored here, unused, as officially) and adds `layout`,
+    `device` and `dtype`. Differences from the official code: invalid options are rejected at
+    construction with `ValueError` (unknown modes, `fracpool`/`conv`, `param_routing` without
+    `diff_routing`, `diff_routing` without `soft_routing`, `topk > n_win**2`, even `side_dwconv`);
+    `side_dwconv=0` stores no lambda (picklable, same empty state_dict).
+
+    Shape:
+        - Input: `(N, H, W, dim)`; output: the same.
+        - `r_weight`, `r_idx`: `(N, n_win**2, topk)` (`r_idx` int64, descending logit).
+        - `attn_weight`: `(N*n_win**2, num_heads, w^2, topk*S)`, S key tokens per window.
+
+    Example:
+        ```python
+        >>> from attnzoo.compat import BiLevelRoutingAttention
+        >>> bra = BiLevelRoutingAttention(dim=64, num_heads=2, n_win=2, topk=3)
+        >>> out, r_weight, r_idx, attn = bra(torch.randn(1, 4, 4, 64), ret_attn_mask=True)
+        >>> tuple(r_idx.shape), tuple(attn.shape)
+        ((1, 4, 3), (4, 2, 4, 12))
+
+        ```
     """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        n_win: int = 7,
+        qk_dim: int | None = None,
+        qk_scale: float | None = None,
+        kv_per_win: int = 4,
+        kv_downsample_ratio: int = 4,
+        kv_downsample_kernel: int | None = None,
+        kv_downsample_mode: str = "identity",
+        topk: int = 4,
+        param_attention: str = "qkvo",
+        param_routing: bool = False,
+        diff_routing: bool = False,
+        soft_routing: bool = False,
+        side_dwconv: int = 3,
+        auto_pad: bool = False,
+    ) -> None:
+        super().__init__(
+            dim, num_heads=num_heads, n_win=n_win, qk_dim=qk_dim, qk_scale=qk_scale, kv_per_win=kv_per_win,
+            kv_downsample_ratio=kv_downsample_ratio, kv_downsample_mode=kv_downsample_mode, topk=topk,
+            param_attention=param_attention, param_routing=param_routing, diff_routing=diff_routing,
+            soft_routing=soft_routing, side_dwconv=side_dwconv, auto_pad=auto_pad,
+        )
+        self.kv_downsample_kernel = kv_downsample_kernel  # unused, as officially
 
     def forward(  # type: ignore[override]
         self, x: Tensor, ret_attn_mask: bool = False
     ) -> Tensor | tuple[Tensor, Tensor, Tensor, Tensor]:
-        """``out``, or with ``ret_attn_mask`` the official ``(out, r_weight, r_idx, attn_weight)``.
-
-        Shape:
-            - ``r_weight``, ``r_idx``: ``(N, n_win**2, topk)`` (``r_idx`` int64, descending logit).
-            - ``attn_weight``: ``(N*n_win**2, num_heads, w^2, topk*S)``, S key tokens per window.
-        """
+        """`out`, or with `ret_attn_mask` the official `(out, r_weight, r_idx, attn_weight)`."""
         out, r_weight, r_idx, attn = self._forward(x, need_weights=ret_attn_mask)
         if ret_attn_mask and attn is not None:
             return out, r_weight, r_idx, attn
