@@ -268,7 +268,8 @@ def test_math_is_typeset_no_raw_tex(visited: dict[str, dict[str, Any]]) -> None:
         probe = r["probe"]
         raw = _snippets(_RAW_TEX, probe["text"])
         if raw or probe["unrendered"]:
-            problems.append(f"{page}: raw TeX {raw}" + (f", {probe['unrendered']} untypeset" if probe["unrendered"] else ""))
+            left = f", {probe['unrendered']} formula(s) not typeset" if probe["unrendered"] else ""
+            problems.append(f"{page}: raw TeX {raw}{left}")
     without_math = [p for p in visited if p.startswith("mechanisms/") and visited[p]["probe"]["math"] == 0]
     if without_math:
         problems.append(f"mechanism pages with no typeset formula: {without_math}")
@@ -280,7 +281,8 @@ def test_no_rest_roles(visited: dict[str, dict[str, Any]]) -> None:
     problems = [f"{page}: {found}" for page, r in visited.items()
                 if (found := _snippets(_REST, r["probe"]["text"]))]
     if problems:
-        pytest.fail(f"{len(problems)} page(s) show literal reST roles:\n" + "\n".join(problems), pytrace=False)
+        pytest.fail(f"{len(problems)} page(s) show literal reST roles:\n" + "\n".join(problems),
+                    pytrace=False)
 
 
 def test_no_doctest_in_a_blockquote(visited: dict[str, dict[str, Any]]) -> None:

@@ -1,8 +1,8 @@
 """The registry: every mechanism by name, with the metadata tests, the CLI and surgery need.
 
-A family file registers its canonical class with :func:`register` and, where the seed documents
-name the class differently (``SELayer`` for ``SqueezeExcite``), attaches the seed-compatible class
-with :func:`register_seed`. :func:`create` accepts the canonical name, any alias, or the seed name
+A family file registers its canonical class with `register` and, where the seed documents
+name the class differently (`SELayer` for `SqueezeExcite`), attaches the seed-compatible class
+with `register_seed`. `create` accepts the canonical name, any alias, or the seed name
 (which builds the seed-compatible class, with the seed's constructor arguments).
 """
 
@@ -88,7 +88,7 @@ def register(
     seed_name: str | None = None,
     uses_attend: bool = False,
 ) -> Callable[[ModuleT], ModuleT]:
-    """Class decorator that registers a canonical attention module under ``name``."""
+    """Class decorator that registers a canonical attention module under `name`."""
     if layout not in LAYOUTS:
         raise ValueError(f"register({name!r}): layout must be one of {LAYOUTS}, got {layout!r}")
 
@@ -111,9 +111,9 @@ SeedT = TypeVar("SeedT", bound=Callable[..., nn.Module])
 
 
 def register_seed(name: str) -> Callable[[SeedT], SeedT]:
-    """Decorator that attaches the seed-compatible class (or builder) to the registered entry ``name``.
+    """Decorator that attaches the seed-compatible class (or builder) to the registered entry `name`.
 
-    ``create(seed_name, ...)`` then calls it with the seed's constructor arguments.
+    `create(seed_name, ...)` then calls it with the seed's constructor arguments.
     """
 
     def decorate(cls: SeedT) -> SeedT:
@@ -139,7 +139,7 @@ def _resolve(name: str) -> str:
 
 
 def get_spec(name: str) -> Spec:
-    """The :class:`Spec` registered under ``name`` (canonical name, alias or seed name)."""
+    """The `Spec` registered under `name` (canonical name, alias or seed name)."""
     _load_families()
     return _REGISTRY[_resolve(name)]
 
@@ -147,12 +147,17 @@ def get_spec(name: str) -> Spec:
 def create(name: str, **kwargs: Any) -> nn.Module:
     """Build a registered mechanism by name.
 
-    The seed's class name (for example ``"SELayer"``) builds the seed-compatible class and takes the
+    The seed's class name (for example `"SELayer"`) builds the seed-compatible class and takes the
     seed's constructor arguments; every other name builds the canonical class.
 
     Example:
+        ```python
         >>> import attnzoo
-        >>> se = attnzoo.create("se", channels=64)
+        >>> type(attnzoo.create("se", channels=64)).__name__
+        'SqueezeExcite'
+        >>> type(attnzoo.create("SELayer", channel=64)).__name__  # the seed's name and arguments
+        'SELayer'
+        ```
     """
     spec = get_spec(name)
     use_seed = (

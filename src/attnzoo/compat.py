@@ -1,14 +1,14 @@
 """Seed-compatible classes: the seed documents' class names, constructor arguments and state_dict keys.
 
 Code and checkpoints written against the seeds (and the papers' official code) load here unchanged
-(``load_state_dict(..., strict=True)``) and give the seed's numbers; each class's docstring lists what
+(`load_state_dict(..., strict=True)`) and give the seed's numbers; each class's docstring lists what
 differs from the seed and why.
 
-Two names are shared with canonical classes and mean the seed's version here: ``MultiHeadAttention``
-(the seed's module; ``create("MultiHeadAttention")`` still builds the canonical one) and
-``BiLevelRoutingAttention`` (the official BiFormer module's ``forward(x, ret_attn_mask=False)``,
-which can also return the routing and attention weights as the official tuple). ``WindowAttention`` and
-``ACmix`` are the canonical classes themselves: they already keep the official API and state_dict.
+Two names are shared with canonical classes and mean the seed's version here: `MultiHeadAttention`
+(the seed's module; `create("MultiHeadAttention")` still builds the canonical one) and
+`BiLevelRoutingAttention` (the official BiFormer module's `forward(x, ret_attn_mask=False)`,
+which can also return the routing and attention weights as the official tuple). `WindowAttention` and
+`ACmix` are the canonical classes themselves: they already keep the official API and state_dict.
 """
 
 from attnzoo.blocks.transformer import cross_attention, feed_forward, self_attention

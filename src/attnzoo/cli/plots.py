@@ -1,6 +1,6 @@
-"""Pictures for the ``attnzoo`` command: benchmark charts and attention maps over images.
+"""Pictures for the `attnzoo` command: benchmark charts and attention maps over images.
 
-matplotlib (and Pillow, which it brings) is the optional extra ``attnzoo[plots]``; it is imported
+matplotlib (and Pillow, which it brings) is the optional extra `attnzoo[plots]`; it is imported
 only here, only when a picture is asked for.
 """
 
@@ -35,7 +35,7 @@ class MissingExtra(ImportError):
 
 
 def pyplot(what: str) -> Any:
-    """``matplotlib.pyplot`` on the Agg backend, or :class:`MissingExtra` naming ``what`` needs it."""
+    """`matplotlib.pyplot` on the Agg backend, or `MissingExtra` naming `what` needs it."""
     try:
         import matplotlib
     except ImportError:
@@ -47,7 +47,7 @@ def pyplot(what: str) -> Any:
 
 
 def load_image(path: str | os.PathLike[str], size: int | None = None) -> Tensor:
-    """An RGB image as a ``(3, H, W)`` float tensor in [0, 1], resized to ``size x size`` if given."""
+    """An RGB image as a `(3, H, W)` float tensor in [0, 1], resized to `size x size` if given."""
     pyplot("reading an image")  # Pillow comes with matplotlib
     from PIL import Image, UnidentifiedImageError
 
@@ -66,7 +66,7 @@ def load_image(path: str | os.PathLike[str], size: int | None = None) -> Tensor:
 
 
 def save_image(image: Tensor, path: str | os.PathLike[str]) -> None:
-    """Write a ``(3, H, W)`` tensor in [0, 1] as a PNG."""
+    """Write a `(3, H, W)` tensor in [0, 1] as a PNG."""
     pyplot("writing an image")
     from PIL import Image
 
@@ -85,7 +85,7 @@ def _as_grid(grid: tuple[int, ...] | None, token_grid: tuple[int, int] | None) -
 
 
 def _plane(values: Tensor, grid: tuple[int, ...]) -> Tensor:
-    """Values over ``grid`` as a 2-D map (the middle frame of a 3-D grid; a 1-D grid as one row)."""
+    """Values over `grid` as a 2-D map (the middle frame of a 3-D grid; a 1-D grid as one row)."""
     data = values.reshape(grid).float()
     if data.ndim == 3:
         data = data[data.shape[0] // 2]
@@ -117,7 +117,7 @@ class Panel:
 def panels(
     name: str, m: AttentionMap, token_grid: tuple[int, int] | None, sample: int = 0, max_queries: int = 5
 ) -> list[Panel]:
-    """The panels that show one record for batch element ``sample``."""
+    """The panels that show one record for batch element `sample`."""
     data = m.data[sample].float()
     grid = _as_grid(m.grid, token_grid)
     if m.kind == "channel":
@@ -173,7 +173,7 @@ def panels(
 
 
 def heatmap(m: AttentionMap, token_grid: tuple[int, int] | None, sample: int = 0) -> Tensor | None:
-    """One 2-D summary of a record for batch element ``sample``: the spatial map, the attention each
+    """One 2-D summary of a record for batch element `sample`: the spatial map, the attention each
     position receives from the recorded queries (rows), or how often each region is routed to;
     None for channel and branch weights."""
     grid = _as_grid(m.grid, token_grid)

@@ -1,20 +1,20 @@
 """Build any registered mechanism for a given input: the one table of per-argument defaults.
 
-The ``attnzoo`` command (``list``, ``info``, ``bench``, ``maps``, ``demo``) takes one input shape
-and builds every mechanism for it. An input is a batch of feature maps ``B x C x H x W``, a batch
-of token sequences ``B x L x C`` or of clips ``B x C x T x H x W``; each mechanism gets it in its
+The `attnzoo` command (`list`, `info`, `bench`, `maps`, `demo`) takes one input shape
+and builds every mechanism for it. An input is a batch of feature maps `B x C x H x W`, a batch
+of token sequences `B x L x C` or of clips `B x C x T x H x W`; each mechanism gets it in its
 own layout:
 
-- NCHW as is; NHWC permuted to ``(B, H, W, C)``; NLC flattened to ``(B, H*W, C)`` tokens; NCL to
-  ``(B, C, H*W)``; a token input ``B x L x C`` with a square L becomes a ``sqrt(L) x sqrt(L)`` map;
-- SEQ2SEQ scoring rules get **one query** ``(B, 1, C)`` against the ``H*W`` tokens as keys and
-  values ``(B, H*W, C)`` (a decoder step attending to the encoder's feature map); multi-head
+- NCHW as is; NHWC permuted to `(B, H, W, C)`; NLC flattened to `(B, H*W, C)` tokens; NCL to
+  `(B, C, H*W)`; a token input `B x L x C` with a square L becomes a `sqrt(L) x sqrt(L)` map;
+- SEQ2SEQ scoring rules get **one query** `(B, 1, C)` against the `H*W` tokens as keys and
+  values `(B, H*W, C)` (a decoder step attending to the encoder's feature map); multi-head
   attention gets the tokens as query, key and value; Swin's window attention the map cut into
-  windows (:data:`INPUT_RULES`);
-- inputs a mechanism cannot take raise :class:`Unsupported` with the reason.
+  windows (`INPUT_RULES`);
+- inputs a mechanism cannot take raise `Unsupported` with the reason.
 
-Constructor arguments: the channel arguments (:func:`channel_kwargs`, shared with surgery) plus
-:data:`ARG_DEFAULTS` by argument name and :data:`FAMILY_DEFAULTS` by family, which pick heads that
+Constructor arguments: the channel arguments (`channel_kwargs`, shared with surgery) plus
+`ARG_DEFAULTS` by argument name and `FAMILY_DEFAULTS` by family, which pick heads that
 divide C, windows of 7, BiFormer's 7 x 7 regions and so on.
 """
 
@@ -61,7 +61,7 @@ class Unsupported(ValueError):
 class Geometry:
     """An input described independently of layout: batch, channels and the spatial grid.
 
-    ``spatial`` is ``(H, W)`` for maps, ``(L,)`` for sequences, ``(T, H, W)`` for clips.
+    `spatial` is `(H, W)` for maps, `(L,)` for sequences, `(T, H, W)` for clips.
     """
 
     batch: int
@@ -79,7 +79,7 @@ class Geometry:
 
 
 def parse_shape(text: str, what: str = "--input") -> tuple[int, ...]:
-    """``"8x256x56x56"`` -> ``(8, 256, 56, 56)``; ``ValueError`` naming the problem otherwise."""
+    """`"8x256x56x56"` -> `(8, 256, 56, 56)`; `ValueError` naming the problem otherwise."""
     parts = str(text).lower().replace("*", "x").split("x")
     try:
         sizes = tuple(int(p) for p in parts)
@@ -96,7 +96,7 @@ def parse_shape(text: str, what: str = "--input") -> tuple[int, ...]:
 
 
 def geometry(shape: tuple[int, ...]) -> Geometry:
-    """Read a ``B x C x H x W``, ``B x L x C`` or ``B x C x T x H x W`` shape."""
+    """Read a `B x C x H x W`, `B x L x C` or `B x C x T x H x W` shape."""
     if len(shape) == 3:
         return Geometry(shape[0], shape[2], (shape[1],))
     if len(shape) in (4, 5):
@@ -141,7 +141,7 @@ INPUT_RULES: dict[str, str] = {
 
 
 def input_shapes(spec: Spec, geo: Geometry) -> tuple[tuple[int, ...], ...]:
-    """The shapes of the positional inputs ``spec``'s module takes for this input."""
+    """The shapes of the positional inputs `spec`'s module takes for this input."""
     example = spec.example.inputs
     rule = INPUT_RULES.get(spec.name)
     if rule == "self":
@@ -234,7 +234,7 @@ FAMILY_DEFAULTS: dict[str, Callable[[Geometry, dict[str, Any]], dict[str, Any]]]
 
 
 def constructor_kwargs(spec: Spec, geo: Geometry) -> dict[str, Any]:
-    """Constructor arguments of ``spec``'s canonical class for an input of this geometry."""
+    """Constructor arguments of `spec`'s canonical class for an input of this geometry."""
     params = {n: p for n, p in inspect.signature(spec.cls.__init__).parameters.items() if n != "self"}
     kwargs: dict[str, Any] = dict(channel_kwargs(spec.cls, geo.channels))
     for name, param in params.items():
@@ -297,11 +297,11 @@ def build(
     seed: int = 0,
     batch: int | None = None,
 ) -> Built:
-    """Build ``spec``'s canonical module and random inputs (seeded) for an input of ``shape``.
+    """Build `spec`'s canonical module and random inputs (seeded) for an input of `shape`.
 
     Args:
         spec: The registry entry.
-        shape: ``B x C x H x W``, ``B x L x C`` or ``B x C x T x H x W``.
+        shape: `B x C x H x W`, `B x L x C` or `B x C x T x H x W`.
         dtype: Of the parameters and the inputs. Default: float32.
         seed: Seeds the weights and the inputs. Default: 0.
         batch: Overrides B (FLOPs are counted on one sample). Default: None.
@@ -321,7 +321,7 @@ def build(
 
 
 class _QueryProbe(nn.Module):
-    """Runs a SEQ2SEQ scorer on a ``(B, C, H, W)`` map: the mean token queries the H*W tokens."""
+    """Runs a SEQ2SEQ scorer on a `(B, C, H, W)` map: the mean token queries the H*W tokens."""
 
     def __init__(self, module: nn.Module, one_token: tuple[bool, ...]) -> None:
         super().__init__()
@@ -355,7 +355,7 @@ class _QueryProbe(nn.Module):
 
 
 class _SelfTokens(nn.Module):
-    """Runs a (query, key, value) module on a ``(B, C, H, W)`` map: the H*W tokens attend to themselves."""
+    """Runs a (query, key, value) module on a `(B, C, H, W)` map: the H*W tokens attend to themselves."""
 
     def __init__(self, module: nn.Module, inputs: int) -> None:
         super().__init__()
@@ -371,7 +371,7 @@ class _SelfTokens(nn.Module):
 
 
 def build_nchw(spec: Spec, channels: int, size: tuple[int, int], *, seed: int = 0) -> nn.Module:
-    """A module for ``(B, channels, H, W)`` maps that keeps their shape: ``spec``'s mechanism built
+    """A module for `(B, channels, H, W)` maps that keeps their shape: `spec`'s mechanism built
     for that input and wrapped to the map's layout when it takes another (NHWC, NLC tokens, or a
     SEQ2SEQ scorer queried by the mean token).
 
