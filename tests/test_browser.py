@@ -115,12 +115,14 @@ class DevTools:
             self.events.append(reply)
 
     def wait_for(self, method: str, session: str, timeout: float = 30.0) -> None:
+        """Read until an event ``method`` of ``session`` is in ``events`` (which keeps every event)."""
         deadline = time.monotonic() + timeout
+        seen = 0
         while True:
-            for i, event in enumerate(self.events):
+            for event in self.events[seen:]:
                 if event.get("method") == method and event.get("sessionId") == session:
-                    del self.events[: i + 1]
                     return
+            seen = len(self.events)
             self.events.append(self._read(deadline))
 
     def settle(self, quiet: float = 0.3, timeout: float = 5.0) -> None:
@@ -165,12 +167,14 @@ _PAGE_PROBE = r"""
     .filter(b => b.querySelector("blockquote") || b.textContent.includes(">>>"))
     .filter(b => !b.parentElement.closest("blockquote"))
     .map(b => b.textContent.trim().replace(/\s+/g, " ").slice(0, 70));
-  return {text: text.join(""), quoted: quoted, math: root.querySelectorAll("math").length,
+  const mathText = [...root.querySelectorAll("math")].map(m => m.textContent).join(" ");
+  return {text: text.join(""), quoted: quoted, math: root.querySelectorAll("math").length, mathText: mathText,
           unrendered: root.querySelectorAll(".arithmatex").length};
 })()
 """
 
 _RAW_TEX = re.compile(r"\\[\[\]()]|\$\$|\\[A-Za-z]{2,}|\$[^$\s][^$\n]*\$")
+_TEX_COMMAND = re.compile(r"\\[A-Za-z]+")  # inside typeset math: a command the typesetter did not know
 _REST = re.compile(r":(?:class|func|meth|math|mod|attr|data|exc|obj|ref|py:\w+):|\.\. [a-z-]+::")
 
 
@@ -266,7 +270,7 @@ def test_math_is_typeset_no_raw_tex(visited: dict[str, dict[str, Any]]) -> None:
     problems = []
     for page, r in visited.items():
         probe = r["probe"]
-        raw = _snippets(_RAW_TEX, probe["text"])
+        raw = _snippets(_RAW_TEX, probe["text"]) + _snippets(_TEX_COMMAND, probe["mathText"])
         if raw or probe["unrendered"]:
             left = f", {probe['unrendered']} formula(s) not typeset" if probe["unrendered"] else ""
             problems.append(f"{page}: raw TeX {raw}{left}")

@@ -100,3 +100,32 @@ def test_docstring_example_runs(example: doctest.DocTest) -> None:
     torch.manual_seed(0)
     result = runner.run(example, out=out.append, clear_globs=True)
     assert result.failed == 0, "".join(out)
+
+
+# --- Math typeset at build time (tools/mkdocs_math.py) -------------------------------------------
+
+
+def test_math_hook_turns_arithmatex_into_mathml() -> None:
+    pytest.importorskip("latex2mathml")
+    from tools.mkdocs_math import typeset
+
+    page = ('<p>a <span class="arithmatex">\\(x &lt; \\frac{1}{2}\\)</span> b</p>'
+            '<div class="arithmatex">\\[\\sum_i w_i = 1\\]</div>')
+    out = typeset(page)
+    assert "arithmatex" not in out and "\\frac" not in out and "\\sum" not in out
+    assert out.count("<math") == 2 and 'display="block"' in out and "<mfrac>" in out
+    assert "&#x0003C;" in out  # the escaped "<" reached the typesetter as "<"
+
+
+def test_math_hook_refuses_tex_it_cannot_typeset() -> None:
+    pytest.importorskip("latex2mathml")
+    from tools.mkdocs_math import typeset
+
+    with pytest.raises(ValueError, match=r"unknown TeX command.*\\\\softmaxx"):
+        typeset('<span class="arithmatex">\\(\\softmaxx(x)\\)</span>')
+
+
+def test_site_loads_nothing_from_the_network() -> None:
+    config = (ROOT / "mkdocs.yml").read_text()
+    assert "font: false" in config, "mkdocs-material loads Google Fonts unless theme.font is false"
+    assert not re.search(r"^\s*-\s*https?://", config, re.M), "extra_javascript/extra_css from a URL"

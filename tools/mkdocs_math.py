@@ -23,6 +23,8 @@ _MATH = re.compile(
     re.S,
 )
 
+_UNKNOWN = re.compile(r">\s*(\\[A-Za-z]+)")
+
 
 def render(tex: str, *, display: bool) -> str:
     """The MathML of one formula (``display`` for a block of its own)."""
@@ -32,6 +34,9 @@ def render(tex: str, *, display: bool) -> str:
         raise ValueError(f"cannot typeset {tex.strip()!r}: {type(exc).__name__}: {exc}") from exc
     if "<merror" in mathml:
         raise ValueError(f"cannot typeset {tex.strip()!r}: latex2mathml reports an error")
+    unknown = _UNKNOWN.findall(mathml)  # latex2mathml passes a command it does not know through as text
+    if unknown:
+        raise ValueError(f"cannot typeset {tex.strip()!r}: unknown TeX command(s) {sorted(set(unknown))}")
     return mathml
 
 
