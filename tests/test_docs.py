@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import doctest
+import importlib
 import importlib.util
+import pkgutil
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import attnzoo
 
@@ -49,3 +54,78 @@ def test_mkdocs_build_strict(tmp_path: Path) -> None:
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+
+
+# --- Docstring examples -------------------------------------------------------------------------
+# Examples sit in ```python fences (Markdown, rendered by mkdocstrings); the `>>>` lines inside run
+# here as doctests. The fence lines are dropped before parsing, so a closing fence is not read as
+# expected output.
+
+_FENCE = re.compile(r"^[ \t]*```[\w-]*[ \t]*$", re.M)
+
+
+class _FencedDocTestParser(doctest.DocTestParser):
+    def parse(self, string: str, name: str = "<string>") -> list:
+        return super().parse(_FENCE.sub("", string), name)
+
+
+def _modules() -> list[str]:
+    names = ["attnzoo"]
+    for info in pkgutil.walk_packages(attnzoo.__path__, "attnzoo."):
+        if not info.name.endswith(".__main__"):  # importing it would run the command
+            names.append(info.name)
+    return sorted(names)
+
+
+def _examples() -> list[doctest.DocTest]:
+    finder = doctest.DocTestFinder(parser=_FencedDocTestParser(), exclude_empty=True)
+    tests = []
+    for name in _modules():
+        module = importlib.import_module(name)
+        tests += [t for t in finder.find(module, name) if t.examples and t.name.startswith(name)]
+    return sorted(tests, key=lambda t: t.name)
+
+
+EXAMPLES = _examples()
+
+
+def test_docstring_examples_are_found() -> None:
+    assert any(t.name == "attnzoo._registry.create" for t in EXAMPLES), [t.name for t in EXAMPLES]
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=[t.name for t in EXAMPLES])
+def test_docstring_example_runs(example: doctest.DocTest) -> None:
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    out: list[str] = []
+    torch.manual_seed(0)
+    result = runner.run(example, out=out.append, clear_globs=True)
+    assert result.failed == 0, "".join(out)
+
+
+# --- Math typeset at build time (tools/mkdocs_math.py) -------------------------------------------
+
+
+def test_math_hook_turns_arithmatex_into_mathml() -> None:
+    pytest.importorskip("latex2mathml")
+    from tools.mkdocs_math import typeset
+
+    page = ('<p>a <span class="arithmatex">\\(x &lt; \\frac{1}{2}\\)</span> b</p>'
+            '<div class="arithmatex">\\[\\sum_i w_i = 1\\]</div>')
+    out = typeset(page)
+    assert "arithmatex" not in out and "\\frac" not in out and "\\sum" not in out
+    assert out.count("<math") == 2 and 'display="block"' in out and "<mfrac>" in out
+    assert "&#x0003C;" in out  # the escaped "<" reached the typesetter as "<"
+
+
+def test_math_hook_refuses_tex_it_cannot_typeset() -> None:
+    pytest.importorskip("latex2mathml")
+    from tools.mkdocs_math import typeset
+
+    with pytest.raises(ValueError, match=r"unknown TeX command.*\\\\softmaxx"):
+        typeset('<span class="arithmatex">\\(\\softmaxx(x)\\)</span>')
+
+
+def test_site_loads_nothing_from_the_network() -> None:
+    config = (ROOT / "mkdocs.yml").read_text()
+    assert "font: false" in config, "mkdocs-material loads Google Fonts unless theme.font is false"
+    assert not re.search(r"^\s*-\s*https?://", config, re.M), "extra_javascript/extra_css from a URL"

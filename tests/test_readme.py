@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
 from tools.gen_docs import END, START, generated_files, mechanism_table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,3 +40,40 @@ def test_quickstart_code_runs():
     block = re.search(r"## Quickstart\s+```python\n(.*?)```", README, re.S)
     assert block is not None
     exec(compile(block.group(1), "README quickstart", "exec"), {})
+
+
+# Import names the suite skips without; each is also the name of the distribution that provides it.
+_INTEGRATIONS = {"timm", "torchvision", "keras", "matplotlib", "onnx", "onnxruntime", "onnxscript", "mkdocs",
+                 "mkdocstrings", "ruff", "mypy", "hypothesis", "numpy", "latex2mathml"}
+
+
+def _extra(name: str, seen: frozenset[str] = frozenset()) -> set[str]:
+    """The distributions an extra of pyproject.toml names, self-references (attnzoo[x]) expanded."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    found = {re.split(r"[<>=!\[ ;]", req, maxsplit=1)[0].lower() for req in project["dependencies"]}
+    for req in project["optional-dependencies"][name]:
+        inner = re.fullmatch(r"attnzoo\[([\w,-]+)\]", req)
+        if inner:
+            for sub in inner.group(1).split(","):
+                if sub not in seen:
+                    found |= _extra(sub, seen | {name})
+        else:
+            found.add(re.split(r"[<>=!\[ ;]", req, maxsplit=1)[0].lower())
+    return found
+
+
+def test_the_test_extra_installs_every_package_the_suite_uses():
+    test_command = _between("<!-- test-command:start -->", "<!-- test-command:end -->")
+    assert '".[test]"' in test_command
+    used = set()
+    for path in (ROOT / "tests").rglob("*.py"):
+        text = path.read_text()
+        used |= set(re.findall(r"importorskip\(\s*\"([\w]+)", text))
+        used |= set(re.findall(r"find_spec\(\s*\"([\w]+)\"", text))
+    unknown = used - _INTEGRATIONS - {"tomllib"}
+    assert not unknown, f"add these import names to _INTEGRATIONS in this test: {sorted(unknown)}"
+    extra = _extra("test")
+    missing = sorted((used & _INTEGRATIONS) - extra)
+    assert not missing, f"pyproject.toml's `test` extra lacks {missing}, so those tests would skip"
+    assert {"torch", "numpy", "pytest", "latex2mathml", "torchvision"} <= extra

@@ -1,7 +1,7 @@
 """attnzoo: attention mechanisms for PyTorch.
 
-Canonical classes come from ``attnzoo``; classes with the seed documents' names and constructor
-arguments come from :mod:`attnzoo.compat`. Build any mechanism by name with :func:`create`.
+Canonical classes come from `attnzoo`; classes with the seed documents' names and constructor
+arguments come from `attnzoo.compat`. Build any mechanism by name with `create`.
 
 Importing a family module registers its mechanisms (one family per file), so importing the package
 fills the registry.

@@ -1,6 +1,6 @@
 """Input and argument checks shared by every module.
 
-Each helper raises ``ValueError`` (or ``TypeError`` for a wrong type/dtype) with a message that names
+Each helper raises `ValueError` (or `TypeError` for a wrong type/dtype) with a message that names
 the module, the argument, what was expected and what was given, *before* any heavy work runs.
 """
 
@@ -33,13 +33,13 @@ __all__ = [
 
 
 def format_shape(dims: Sequence[object]) -> str:
-    """``(B, 256, H, W)`` from ``["B", 256, "H", "W"]``; a one-element shape keeps its comma."""
+    """`(B, 256, H, W)` from `["B", 256, "H", "W"]`; a one-element shape keeps its comma."""
     inner = ", ".join(str(d) for d in dims)
     return f"({inner},)" if len(dims) == 1 else f"({inner})"
 
 
 def check_tensor(x: object, who: str, name: str = "x", *, floating: bool = True) -> Tensor:
-    """Raise ``TypeError`` unless ``x`` is a tensor (of a real floating dtype when ``floating``)."""
+    """Raise `TypeError` unless `x` is a tensor (of a real floating dtype when `floating`)."""
     if not isinstance(x, Tensor):
         raise TypeError(f"{who} expects {name} to be a torch.Tensor, got {type(x).__name__}")
     if floating and not (x.is_floating_point() and not x.is_complex()):
@@ -57,17 +57,19 @@ def check_shape(
     allow_empty: bool = False,
     **sizes: int,
 ) -> dict[str, int]:
-    """Check ``x`` against a shape spec such as ``"B C H W"`` with some letters fixed (``C=256``).
+    """Check `x` against a shape spec such as `"B C H W"` with some letters fixed (`C=256`).
 
-    Returns the actual size of every letter, so callers can unpack ``H, W`` without a second read.
-    Letters repeated in ``spec`` must agree. A zero-sized dimension is rejected unless
-    ``allow_empty``: attention over nothing has no meaning, and an empty batch is almost always a
+    Returns the actual size of every letter, so callers can unpack `H, W` without a second read.
+    Letters repeated in `spec` must agree. A zero-sized dimension is rejected unless
+    `allow_empty`: attention over nothing has no meaning, and an empty batch is almost always a
     data-loading bug.
 
     Example:
+        ```python
         >>> dims = check_shape(torch.zeros(2, 8, 5, 5), "SqueezeExcite", "B C H W", C=8)
         >>> dims["H"]
         5
+        ```
     """
     tensor = check_tensor(x, who, name, floating=floating)
     letters = spec.split()
@@ -89,7 +91,7 @@ def check_shape(
 
 
 def check_same(value: object, expected: object, who: str, what: str) -> None:
-    """Raise ``ValueError`` unless ``value == expected`` (for sizes that must agree between inputs)."""
+    """Raise `ValueError` unless `value == expected` (for sizes that must agree between inputs)."""
     if value != expected:
         raise ValueError(f"{who} expects {what} to be {expected}, got {value}")
 
@@ -97,7 +99,7 @@ def check_same(value: object, expected: object, who: str, what: str) -> None:
 def check_int(
     value: object, name: str, who: str, *, minimum: int | None = 1, maximum: int | None = None
 ) -> int:
-    """A constructor argument that must be an ``int`` within ``[minimum, maximum]``."""
+    """A constructor argument that must be an `int` within `[minimum, maximum]`."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{who}: {name} must be an int, got {type(value).__name__} {value!r}")
     if minimum is not None and value < minimum:
@@ -110,7 +112,7 @@ def check_int(
 def check_float(
     value: object, name: str, who: str, *, minimum: float | None = None, maximum: float | None = None
 ) -> float:
-    """A constructor argument that must be a real number within ``[minimum, maximum]``."""
+    """A constructor argument that must be a real number within `[minimum, maximum]`."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{who}: {name} must be a number, got {type(value).__name__} {value!r}")
     if value != value:  # NaN passes every comparison below
@@ -123,7 +125,7 @@ def check_float(
 
 
 def check_choice(value: Any, choices: Iterable[Any], name: str, who: str) -> Any:
-    """A constructor argument that must be one of ``choices``."""
+    """A constructor argument that must be one of `choices`."""
     options = tuple(choices)
     if value not in options:
         raise ValueError(f"{who}: {name} must be one of {options}, got {value!r}")
@@ -131,13 +133,13 @@ def check_choice(value: Any, choices: Iterable[Any], name: str, who: str) -> Any
 
 
 def check_divisible(value: int, divisor: int, name: str, divisor_name: str, who: str) -> None:
-    """Raise ``ValueError`` unless ``divisor`` divides ``value`` (``dim % num_heads`` and friends)."""
+    """Raise `ValueError` unless `divisor` divides `value` (`dim % num_heads` and friends)."""
     if divisor == 0 or value % divisor != 0:
         raise ValueError(f"{who}: {name}={value} must be divisible by {divisor_name}={divisor}")
 
 
 def check_mask(mask: object, target: Sequence[int], who: str, name: str = "mask") -> Tensor:
-    """A mask or bias that must broadcast to ``target`` (for example ``(B, h, L, S)``).
+    """A mask or bias that must broadcast to `target` (for example `(B, h, L, S)`).
 
     Accepts bool (True = may attend) or floating (additive) tensors. Broadcasting is checked here,
     dimension by dimension from the right, so a wrong mask never broadcasts silently into a

@@ -160,9 +160,9 @@ SeedT = TypeVar("SeedT", bound=Callable[..., nn.Module])
 
 
 def register_seed(name: str) -> Callable[[SeedT], SeedT]:
-    """Decorator that attaches the seed-compatible class (or builder) to the registered entry ``name``.
+    """Decorator that attaches the seed-compatible class (or builder) to the registered entry `name`.
 
-    ``create(seed_name, ...)`` then calls it with the seed's constructor arguments.
+    `create(seed_name, ...)` then calls it with the seed's constructor arguments.
     """
 
     def decorate(cls: SeedT) -> SeedT:
@@ -190,7 +190,7 @@ def _resolve(name: str) -> str:
 
 
 def get_spec(name: str) -> Spec:
-    """The :class:`Spec` registered under ``name`` (canonical name, alias or seed name)."""
+    """The `Spec` registered under `name` (canonical name, alias or seed name)."""
     _load_families()
     return _REGISTRY[_resolve(name)]
 

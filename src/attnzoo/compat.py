@@ -1,7 +1,7 @@
 """Seed-compatible classes: the seed documents' class names, constructor arguments and state_dict keys.
 
 Code and checkpoints written against the seeds (and the papers' official code) load here unchanged
-(``load_state_dict(..., strict=True)``) and give the seed's numbers; each class's docstring lists what
+(`load_state_dict(..., strict=True)`) and give the seed's numbers; each class's docstring lists what
 differs from the seed and why.
 
 Two names are shared with canonical classes and mean the seed's version here: ``MultiHeadAttention``

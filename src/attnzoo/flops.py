@@ -1,9 +1,9 @@
 """FLOP counting that is right for attention: fused kernels counted, grouped-conv backward corrected.
 
-``torch.utils.flop_counter`` counts the CPU flash-attention kernels as 0 FLOPs and over-counts
+`torch.utils.flop_counter` counts the CPU flash-attention kernels as 0 FLOPs and over-counts
 grouped-convolution backward by the group count (torch 2.14, see shared/MEASURED.md), so
-:func:`count_flops` runs attention on the math path and maps ``convolution_backward`` itself.
-Used by ``attnzoo.find`` and by the ``attnzoo bench`` command.
+`count_flops` runs attention on the math path and maps `convolution_backward` itself.
+Used by `attnzoo.find` and by the `attnzoo bench` command.
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ __all__ = ["count_flops"]
 def _conv_backward_flops(*args: Any, out_shape: Any = None, **kwargs: Any) -> int:
     """Convolution-backward FLOPs: each of grad-input and grad-weight costs one forward convolution.
 
-    ``torch.utils.flop_counter``'s own formula counts one of the two as if ``groups`` were 1, which
-    over-counts depth-wise convolutions many times (see shared/MEASURED.md). ``args`` are the
-    shapes of ``aten.convolution_backward(grad_out, input, weight, bias_sizes, stride, padding,
-    dilation, transposed, output_padding, groups, output_mask)``.
+    `torch.utils.flop_counter`'s own formula counts one of the two as if `groups` were 1, which
+    over-counts depth-wise convolutions many times (see shared/MEASURED.md). `args` are the
+    shapes of `aten.convolution_backward(grad_out, input, weight, bias_sizes, stride, padding,
+    dilation, transposed, output_padding, groups, output_mask)`.
     """
     from torch.utils.flop_counter import conv_flop_count
 
@@ -36,7 +36,7 @@ def _conv_backward_flops(*args: Any, out_shape: Any = None, **kwargs: Any) -> in
 
 
 def count_flops(step: Callable[[], object]) -> int:
-    """FLOPs of one call of ``step`` (multiply-add = 2 FLOPs), with attention on the math path."""
+    """FLOPs of one call of `step` (multiply-add = 2 FLOPs), with attention on the math path."""
     mapping = {torch.ops.aten.convolution_backward: _conv_backward_flops}
     with fused_attn(False), FlopCounterMode(display=False, custom_mapping=mapping) as counter:
         step()

@@ -1,15 +1,15 @@
 """The one dot-product attention path of attnzoo, and the relative-position helpers.
 
 Multi-head attention, the transformer blocks, BiFormer, the non-local block and the scoring rules
-call :func:`attend`. Without ``return_weights`` it runs
-``torch.nn.functional.scaled_dot_product_attention``, so the fused kernels never keep an L x S matrix
+call `attend`. Without `return_weights` it runs
+`torch.nn.functional.scaled_dot_product_attention`, so the fused kernels never keep an L x S matrix
 for backward; with it (or with the fused path switched off) it runs a plain math path that returns
-the weights. Three exact kernels cover what SDPA serves badly on CPU and fall back to :func:`attend`
-when fusion is off: :mod:`attnzoo.kernels.biased` (Swin windows, temporal attention: tiny maps
-with a learnable bias), :mod:`attnzoo.kernels.blocked` (SAGAN: query and value widths differ) and ACmix's
-neighbourhood kernel (:func:`attnzoo.mechanisms.acmix.neighbourhood_attention`).
+the weights. Three exact kernels cover what SDPA serves badly on CPU and fall back to `attend`
+when fusion is off: `attnzoo.kernels.biased` (Swin windows, temporal attention: tiny maps
+with a learnable bias), `attnzoo.kernels.blocked` (SAGAN: query and value widths differ) and ACmix's
+neighbourhood kernel (`attnzoo.mechanisms.acmix.neighbourhood_attention`).
 
-Mask convention (the SDPA one, the inverse of ``nn.MultiheadAttention``): a **boolean mask is True
+Mask convention (the SDPA one, the inverse of `nn.MultiheadAttention`): a **boolean mask is True
 where a query may attend**; a floating mask is added to the logits.
 
 Shape letters: B batch, h heads, L query length, S key length, d head dim (q, k), e value head dim.
@@ -44,10 +44,10 @@ _override = threading.local()
 
 
 def fused_enabled() -> bool:
-    """Whether :func:`attend` uses ``scaled_dot_product_attention`` (read at call time).
+    """Whether `attend` uses `scaled_dot_product_attention` (read at call time).
 
-    The innermost :func:`fused_attn` context wins; otherwise the environment variable
-    ``ATTNZOO_FUSED_ATTN`` (``0`` switches the fused path off); otherwise on.
+    The innermost `fused_attn` context wins; otherwise the environment variable
+    `ATTNZOO_FUSED_ATTN` (`0` switches the fused path off); otherwise on.
     """
     stack = getattr(_override, "stack", None)
     if stack:
@@ -57,11 +57,18 @@ def fused_enabled() -> bool:
 
 @contextlib.contextmanager
 def fused_attn(enabled: bool) -> Iterator[None]:
-    """Switch the fused path on or off inside a ``with`` block (thread-local, nestable).
+    """Switch the fused path on or off inside a `with` block (thread-local, nestable).
 
     Example:
+        ```python
+        >>> import torch, attnzoo
+        >>> from attnzoo.functional import attend
+        >>> q, k, v = torch.randn(3, 1, 2, 16, 8).unbind(0)  # (B, h, L, d) each
         >>> with attnzoo.fused_attn(False):   # the plain math path, for checking or FLOP counting
-        ...     y = module(x)
+        ...     y = attend(q, k, v)
+        >>> torch.allclose(y, attend(q, k, v), atol=1e-5)  # the fused path gives the same output
+        True
+        ```
     """
     stack = getattr(_override, "stack", None)
     if stack is None:
@@ -96,7 +103,7 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
 
 
 def _autocast(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Under ``torch.autocast``, attention runs in the autocast dtype (as SDPA does there).
+    """Under `torch.autocast`, attention runs in the autocast dtype (as SDPA does there).
 
     Projections inside autocast come out in the low precision while raw inputs stay float32; without
     this the dtype check below would refuse a mix that autocast itself produced.
@@ -124,10 +131,10 @@ def _merge_masks(
     dtype: torch.dtype,
     device: torch.device,
 ) -> tuple[Tensor | None, Tensor | None]:
-    """Combine mask, bias and causal into one SDPA ``attn_mask``; also return fully masked rows.
+    """Combine mask, bias and causal into one SDPA `attn_mask`; also return fully masked rows.
 
-    Returns ``(attn_mask, dead)``: ``attn_mask`` is bool (True = keep) when there is no float term,
-    else an additive float tensor; ``dead`` is a bool ``(..., L, 1)`` tensor marking queries that
+    Returns `(attn_mask, dead)`: `attn_mask` is bool (True = keep) when there is no float term,
+    else an additive float tensor; `dead` is a bool `(..., L, 1)` tensor marking queries that
     may attend to nothing (their output is defined as zero), or None when there are none.
     """
     keep: Tensor | None = None
@@ -195,31 +202,31 @@ def attend(
     scale: float | None = None,
     return_weights: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    r"""Scaled dot-product attention: :math:`\mathrm{softmax}(s\,QK^\top + \mathrm{bias} + \mathrm{mask})V`.
+    r"""Scaled dot-product attention: $\mathrm{softmax}(s\,QK^\top + \mathrm{bias} + \mathrm{mask})V$.
 
     Args:
         q: Queries.
         k: Keys.
         v: Values.
-        bias: Additive float term (relative position bias, ...), broadcastable to ``(B, h, L, S)``.
+        bias: Additive float term (relative position bias, ...), broadcastable to `(B, h, L, S)`.
             Default: None.
         mask: Bool, **True = may attend** (the SDPA convention, the inverse of
-            ``nn.MultiheadAttention``), or float, added to the logits; broadcastable to
-            ``(B, h, L, S)``. Default: None.
-        causal: Query i attends keys ``0..i`` only (top-left aligned when L != S, as SDPA).
+            `nn.MultiheadAttention`), or float, added to the logits; broadcastable to
+            `(B, h, L, S)`. Default: None.
+        causal: Query i attends keys `0..i` only (top-left aligned when L != S, as SDPA).
             Default: False.
-        dropout_p: Dropout on the attention weights; pass ``0.0`` in eval mode. Default: 0.0.
-        scale: Multiplies the logits. Default: ``1 / sqrt(d)``.
+        dropout_p: Dropout on the attention weights; pass `0.0` in eval mode. Default: 0.0.
+        scale: Multiplies the logits. Default: `1 / sqrt(d)`.
         return_weights: Also return the attention weights (runs the math path, which keeps the
-            ``(B, h, L, S)`` matrix). Default: False.
+            `(B, h, L, S)` matrix). Default: False.
 
     Returns:
-        The output ``(B, h, L, e)``; with ``return_weights``, ``(output, weights)`` with weights
-        ``(B, h, L, S)``. A query whose every key is masked gets zero output and zero weights
+        The output `(B, h, L, e)`; with `return_weights`, `(output, weights)` with weights
+        `(B, h, L, S)`. A query whose every key is masked gets zero output and zero weights
         (never NaN).
 
     Shape:
-        - q: ``(B, h, L, d)``; k: ``(B, h, S, d)``; v: ``(B, h, S, e)``.
+        - q: `(B, h, L, d)`; k: `(B, h, S, d)`; v: `(B, h, S, e)`.
 
     Half-precision inputs take their softmax in float32 on the math path (the fused kernels do so
     internally).
@@ -276,23 +283,23 @@ def _attend_math(
 
 
 def relative_position_index_1d(length: int, device: torch.device | None = None) -> Tensor:
-    """Index into a ``(2*length - 1, heads)`` table: ``index[i, j] = i - j + length - 1``.
+    """Index into a `(2*length - 1, heads)` table: `index[i, j] = i - j + length - 1`.
 
     Shape:
-        - Output: ``(length, length)``, int64; query i, key j.
+        - Output: `(length, length)`, int64; query i, key j.
     """
     coords = torch.arange(length, device=device)
     return coords[:, None] - coords[None, :] + (length - 1)
 
 
 def relative_position_index_2d(window_size: tuple[int, int], device: torch.device | None = None) -> Tensor:
-    """Index into a ``((2*Wh-1)*(2*Ww-1), heads)`` table, in Swin's order.
+    """Index into a `((2*Wh-1)*(2*Ww-1), heads)` table, in Swin's order.
 
-    ``index[i, j] = (dh + Wh - 1) * (2*Ww - 1) + (dw + Ww - 1)`` with ``(dh, dw)`` the offset of
+    `index[i, j] = (dh + Wh - 1) * (2*Ww - 1) + (dw + Ww - 1)` with `(dh, dw)` the offset of
     query token i minus key token j, tokens numbered row-major within the window.
 
     Shape:
-        - Output: ``(Wh*Ww, Wh*Ww)``, int64.
+        - Output: `(Wh*Ww, Wh*Ww)`, int64.
     """
     wh, ww = window_size
     rows, cols = torch.meshgrid(
@@ -304,7 +311,7 @@ def relative_position_index_2d(window_size: tuple[int, int], device: torch.devic
 
 
 def gather_relative_bias(table: Tensor, index: Tensor) -> Tensor:
-    """Look a relative position table up: ``(T, h)`` table, ``(L, S)`` index -> ``(h, L, S)`` bias."""
+    """Look a relative position table up: `(T, h)` table, `(L, S)` index -> `(h, L, S)` bias."""
     if table.ndim != 2:
         raise ValueError(f"gather_relative_bias expects table of shape (T, h), got {tuple(table.shape)}")
     length_q, length_k = index.shape

@@ -1,8 +1,8 @@
 """Loading weights safely: tensors only, never arbitrary pickled objects.
 
 Checkpoints from the seed code and the papers' official repositories are plain state_dicts; they
-load with ``torch.load(weights_only=True)``, which refuses pickles that would run code. A
-``.safetensors`` file loads through the safetensors package when it is installed.
+load with `torch.load(weights_only=True)`, which refuses pickles that would run code. A
+`.safetensors` file loads through the safetensors package when it is installed.
 """
 
 from __future__ import annotations
@@ -23,12 +23,12 @@ class UnsafeCheckpointError(ValueError):
 
 
 def load_state_dict(path: str | os.PathLike[str], *, key: str | None = None) -> dict[str, Tensor]:
-    """Read a state_dict from ``path`` without executing anything stored in it.
+    """Read a state_dict from `path` without executing anything stored in it.
 
     Args:
-        path: A ``.pt``/``.pth``/``.bin`` file written by ``torch.save`` or a ``.safetensors`` file.
-        key: Take the state_dict from this entry of a checkpoint dict (``"model"``,
-            ``"state_dict"``). Default: the whole file, or its ``"state_dict"``/``"model"`` entry
+        path: A `.pt`/`.pth`/`.bin` file written by `torch.save` or a `.safetensors` file.
+        key: Take the state_dict from this entry of a checkpoint dict (`"model"`,
+            `"state_dict"`). Default: the whole file, or its `"state_dict"`/`"model"` entry
             when the file holds nothing but such a wrapper.
 
     Raises:
@@ -68,6 +68,6 @@ def load_state_dict(path: str | os.PathLike[str], *, key: str | None = None) -> 
 def load_weights(
     module: nn.Module, path: str | os.PathLike[str], *, strict: bool = True, key: str | None = None
 ) -> nn.Module:
-    """Load a checkpoint into ``module`` safely (see :func:`load_state_dict`); returns the module."""
+    """Load a checkpoint into `module` safely (see `load_state_dict`); returns the module."""
     module.load_state_dict(load_state_dict(path, key=key), strict=strict)
     return module

@@ -1,9 +1,9 @@
 """Prefix-named transformer blocks of seed 001: PyTorch modules, Keras builders, weight converters.
 
-- :mod:`~attnzoo.blocks.transformer`: the PyTorch blocks (``SelfAttentionBlock``, ...);
-- :mod:`~attnzoo.blocks.keras_attention`: ``KerasMultiHeadAttention``, Keras' layout in PyTorch;
-- :mod:`~attnzoo.blocks.keras`: the Keras 3 builders (Keras imported on first use);
-- :mod:`~attnzoo.blocks.convert`: Keras -> PyTorch weights by layer name.
+- `transformer`: the PyTorch blocks (`SelfAttentionBlock`, ...);
+- `keras_attention`: `KerasMultiHeadAttention`, Keras' layout in PyTorch;
+- `keras`: the Keras 3 builders (Keras imported on first use);
+- `convert`: Keras -> PyTorch weights by layer name.
 """
 
 from attnzoo.blocks.keras_attention import KerasMultiHeadAttention

@@ -1,15 +1,15 @@
 """Keras -> PyTorch weights for the prefix-named blocks, matched by layer name.
 
-This is what the ``prefix`` of seed 001's builders buys: every layer of a model built from the
-blocks has a unique name (``enc0_attn1``, ``dec1_ff2``, ...), and the PyTorch modules of
-:mod:`attnzoo.blocks.transformer` carry the same names, so weights move by name alone, however the blocks are
+This is what the `prefix` of seed 001's builders buys: every layer of a model built from the
+blocks has a unique name (`enc0_attn1`, `dec1_ff2`, ...), and the PyTorch modules of
+`attnzoo.blocks.transformer` carry the same names, so weights move by name alone, however the blocks are
 nested. Layouts (Keras -> PyTorch):
 
-- ``MultiHeadAttention``: ``query/key/value/attention_output`` kernels and biases, unchanged
-  (:class:`~attnzoo.blocks.keras_attention.KerasMultiHeadAttention` keeps the Keras shapes);
-- ``Dense``: ``kernel`` ``(in, out)`` -> ``weight`` ``(out, in)`` (transposed), ``bias``;
-- ``LayerNormalization``: ``gamma`` -> ``weight``, ``beta`` -> ``bias``;
-- ``Embedding``: ``embeddings`` -> ``weight``.
+- `MultiHeadAttention`: `query/key/value/attention_output` kernels and biases, unchanged
+  (`KerasMultiHeadAttention` keeps the Keras shapes);
+- `Dense`: `kernel` `(in, out)` -> `weight` `(out, in)` (transposed), `bias`;
+- `LayerNormalization`: `gamma` -> `weight`, `beta` -> `bias`;
+- `Embedding`: `embeddings` -> `weight`.
 
 Keras is not imported here; the functions take Keras objects (any backend).
 """
@@ -56,12 +56,12 @@ def keras_layer_weights(model: Any) -> dict[str, dict[str, Tensor]]:
     """Every weighted layer of a Keras model (nested models included), by name, in PyTorch layout.
 
     Returns:
-        ``{layer_name: {parameter_name: tensor}}`` with PyTorch parameter names relative to the
-        module of the same name (``{"att_attn1": {"query.kernel": ..., ...}, "att_norm1":
-        {"weight": ..., "bias": ...}}``).
+        `{layer_name: {parameter_name: tensor}}` with PyTorch parameter names relative to the
+        module of the same name (`{"att_attn1": {"query.kernel": ..., ...}, "att_norm1":
+        {"weight": ..., "bias": ...}}`).
 
     Raises:
-        ValueError: two layers share a name (give each block its own ``prefix``), or a layer with
+        ValueError: two layers share a name (give each block its own `prefix`), or a layer with
             weights has a type this converter does not know.
     """
     names = Counter(layer.name for layer in _walk(model))
@@ -105,16 +105,16 @@ def load_keras_weights(module: nn.Module, model: Any, *, strict: bool = True) ->
 
     Args:
         module: Any PyTorch module whose sub-modules are named like the Keras layers (the last
-            component of the ``named_modules()`` name is matched), e.g. a stack of attnzoo blocks.
+            component of the `named_modules()` name is matched), e.g. a stack of attnzoo blocks.
         model: The Keras model.
         strict: Every Keras weight and every PyTorch parameter must be matched. Default: True.
 
     Returns:
-        ``module``, with its parameters overwritten (dtype and device kept).
+        `module`, with its parameters overwritten (dtype and device kept).
 
     Raises:
         ValueError: a name matches several PyTorch sub-modules, a shape differs (named with the
-            expected and the given shape), or, with ``strict``, something is left unmatched.
+            expected and the given shape), or, with `strict`, something is left unmatched.
     """
     weights = keras_layer_weights(model)
     found: dict[str, list[tuple[str, nn.Module]]] = {}
@@ -158,7 +158,7 @@ def _input_shape(model: Any, name: str) -> tuple[int | None, int]:
 
 
 def _causal_flag(attention: Any) -> bool:
-    """The ``use_causal_mask`` the model's graph called the attention layer with."""
+    """The `use_causal_mask` the model's graph called the attention layer with."""
     try:
         return bool(attention._inbound_nodes[0].arguments.kwargs.get("use_causal_mask", False))
     except (AttributeError, IndexError) as err:
@@ -182,11 +182,11 @@ def _mha_kwargs(layer: Any) -> dict[str, Any]:
 
 
 def from_keras(model: Any) -> nn.Module:
-    """The PyTorch block equal to a model from :mod:`attnzoo.blocks.keras`'s builders, weights copied.
+    """The PyTorch block equal to a model from `attnzoo.blocks.keras`'s builders, weights copied.
 
-    The builder and prefix come from the model's name (``{prefix}_att``, ``{prefix}_cross``,
-    ``{prefix}_ff``), the sizes and options from its layers' configs (including
-    ``use_causal_mask``, read from the attention layer's call).
+    The builder and prefix come from the model's name (`{prefix}_att`, `{prefix}_cross`,
+    `{prefix}_ff`), the sizes and options from its layers' configs (including
+    `use_causal_mask`, read from the attention layer's call).
 
     Raises:
         ValueError: the model is not one of those three blocks.

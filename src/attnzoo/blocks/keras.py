@@ -1,21 +1,21 @@
 """Keras 3 builders of seed 001's transformer blocks, with exactly the tutorial's layer names.
 
-The optional extra ``pip install 'attnzoo[keras]'``; Keras is imported when a builder first runs,
-never at ``import attnzoo``. Keras needs a backend: when ``KERAS_BACKEND`` is unset, no
-``keras.json`` chooses one and TensorFlow is not installed, attnzoo selects ``torch`` (already a
-dependency) before importing Keras. The PyTorch twins are in :mod:`attnzoo.blocks.transformer`, and
-:func:`attnzoo.blocks.convert.from_keras` copies the weights over.
+The optional extra `pip install 'attnzoo[keras]'`; Keras is imported when a builder first runs,
+never at `import attnzoo`. Keras needs a backend: when `KERAS_BACKEND` is unset, no
+`keras.json` chooses one and TensorFlow is not installed, attnzoo selects `torch` (already a
+dependency) before importing Keras. The PyTorch twins are in `attnzoo.blocks.transformer`, and
+`attnzoo.blocks.convert.from_keras` copies the weights over.
 
-Layer names (``prefix="att"`` for the attention builders, ``"ff"`` for the feed-forward one):
+Layer names (`prefix="att"` for the attention builders, `"ff"` for the feed-forward one):
 
 =================  ==========================================================  ==============
 builder            layers, in order                                            model name
 =================  ==========================================================  ==============
-self_attention     ``att_in1``, ``att_attn1``, ``att_add1``, ``att_norm1``     ``att_att``
-cross_attention    ``att_ctx2``, ``att_in2``, ``att_attn2``, ``att_add2``,     ``att_cross``
-                   ``att_norm2``
-feed_forward       ``ff_in3``, ``ff_ff1``, ``ff_ff2``, ``ff_drop``,            ``ff_ff``
-                   ``ff_add3``, ``ff_norm3``
+self_attention     `att_in1`, `att_attn1`, `att_add1`, `att_norm1`     `att_att`
+cross_attention    `att_ctx2`, `att_in2`, `att_attn2`, `att_add2`,     `att_cross`
+                   `att_norm2`
+feed_forward       `ff_in3`, `ff_ff1`, `ff_ff2`, `ff_drop`,            `ff_ff`
+                   `ff_add3`, `ff_norm3`
 =================  ==========================================================  ==============
 """
 
@@ -67,16 +67,16 @@ def _check_mask_flag(mask: object) -> bool:
 def self_attention(
     input_shape: Sequence[int | None], prefix: str = "att", mask: bool = False, **kwargs: Any
 ) -> Any:
-    """Post-norm self-attention block as a ``keras.Model`` named ``{prefix}_att``.
+    """Post-norm self-attention block as a `keras.Model` named `{prefix}_att`.
 
     Args:
-        input_shape: ``(L, D)`` without the batch (L may be None).
-        prefix: Prepended to every layer name so several blocks fit in one model. Default: ``"att"``.
-        mask: Causal mask (``use_causal_mask``), for decoders. Default: False.
-        **kwargs: Passed to ``keras.layers.MultiHeadAttention`` (``num_heads``, ``key_dim``, ...).
+        input_shape: `(L, D)` without the batch (L may be None).
+        prefix: Prepended to every layer name so several blocks fit in one model. Default: `"att"`.
+        mask: Causal mask (`use_causal_mask`), for decoders. Default: False.
+        **kwargs: Passed to `keras.layers.MultiHeadAttention` (`num_heads`, `key_dim`, ...).
 
     Shape:
-        - Input ``(B, L, D)``; output ``(B, L, D)``.
+        - Input `(B, L, D)`; output `(B, L, D)`.
     """
     check_prefix(prefix, "self_attention")
     check_input_shape(input_shape, "self_attention")
@@ -93,18 +93,18 @@ def self_attention(
 def cross_attention(
     input_shape: Sequence[int | None], context_shape: Sequence[int | None], prefix: str = "att", **kwargs: Any
 ) -> Any:
-    """Post-norm cross-attention block as a ``keras.Model`` named ``{prefix}_cross``.
+    """Post-norm cross-attention block as a `keras.Model` named `{prefix}_cross`.
 
     Queries come from the input, keys and values from the context. As the tutorial, the model's
-    inputs are ``[(context, x)]``: call it as ``model([(context, x)])``.
+    inputs are `[(context, x)]`: call it as `model([(context, x)])`.
 
     Args:
-        input_shape: ``(L, D)`` of the input. context_shape: ``(S, E)`` of the context.
-        prefix: Prepended to every layer name. Default: ``"att"``.
-        **kwargs: Passed to ``keras.layers.MultiHeadAttention``.
+        input_shape: `(L, D)` of the input. context_shape: `(S, E)` of the context.
+        prefix: Prepended to every layer name. Default: `"att"`.
+        **kwargs: Passed to `keras.layers.MultiHeadAttention`.
 
     Shape:
-        - context ``(B, S, E)``, input ``(B, L, D)``; output ``(B, L, D)``.
+        - context `(B, S, E)`, input `(B, L, D)`; output `(B, L, D)`.
     """
     check_prefix(prefix, "cross_attention")
     check_input_shape(input_shape, "cross_attention")
@@ -123,17 +123,17 @@ def cross_attention(
 def feed_forward(
     input_shape: Sequence[int | None], model_dim: int, ff_dim: int, dropout: float = 0.1, prefix: str = "ff"
 ) -> Any:
-    """Post-norm position-wise feed-forward block as a ``keras.Model`` named ``{prefix}_ff``.
+    """Post-norm position-wise feed-forward block as a `keras.Model` named `{prefix}_ff`.
 
-    Layers: ``{prefix}_in3``, ``{prefix}_ff1`` (Dense ff_dim, ReLU), ``{prefix}_ff2`` (Dense
-    model_dim), ``{prefix}_drop``, ``{prefix}_add3``, ``{prefix}_norm3``.
+    Layers: `{prefix}_in3`, `{prefix}_ff1` (Dense ff_dim, ReLU), `{prefix}_ff2` (Dense
+    model_dim), `{prefix}_drop`, `{prefix}_add3`, `{prefix}_norm3`.
 
     Args:
-        input_shape: ``(L, D)``. model_dim: Output size (D, for the residual). ff_dim: Hidden size.
-        dropout: Dropout rate. Default: 0.1. prefix: Default: ``"ff"``.
+        input_shape: `(L, D)`. model_dim: Output size (D, for the residual). ff_dim: Hidden size.
+        dropout: Dropout rate. Default: 0.1. prefix: Default: `"ff"`.
 
     Shape:
-        - Input ``(B, L, D)``; output ``(B, L, model_dim)``.
+        - Input `(B, L, D)`; output `(B, L, model_dim)`.
     """
     check_prefix(prefix, "feed_forward")
     _, dim = check_input_shape(input_shape, "feed_forward")

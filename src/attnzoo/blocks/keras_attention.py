@@ -1,13 +1,13 @@
-"""Multi-head attention with the arguments and weight layout of ``keras.layers.MultiHeadAttention``.
+"""Multi-head attention with the arguments and weight layout of `keras.layers.MultiHeadAttention`.
 
 "Attention Is All You Need" (Vaswani et al., 2017), https://arxiv.org/abs/1706.03762, as Keras 3
-implements it: ``num_heads``, ``key_dim`` per head for queries and keys, ``value_dim`` per head,
-``dropout`` on the attention weights, ``use_bias``, ``output_shape``, and EinsumDense kernels shaped
-``(D, heads, key_dim)`` (query), ``(E, heads, key_dim)`` (key), ``(E, heads, value_dim)`` (value) and
-``(heads, value_dim, *output_shape)`` (output), so Keras weights copy over without reshaping. The
-building block of :mod:`attnzoo.blocks.transformer`; the attention itself runs through :func:`attnzoo.attend`.
+implements it: `num_heads`, `key_dim` per head for queries and keys, `value_dim` per head,
+`dropout` on the attention weights, `use_bias`, `output_shape`, and EinsumDense kernels shaped
+`(D, heads, key_dim)` (query), `(E, heads, key_dim)` (key), `(E, heads, value_dim)` (value) and
+`(heads, value_dim, *output_shape)` (output), so Keras weights copy over without reshaping. The
+building block of `attnzoo.blocks.transformer`; the attention itself runs through `attnzoo.attend`.
 
-Masks follow Keras and :func:`attnzoo.attend`: boolean, **True = may attend**. A query row whose
+Masks follow Keras and `attnzoo.attend`: boolean, **True = may attend**. A query row whose
 every key is masked gets a zero attention output here (as Keras's softmax path; Keras's fused path
 returns whatever the backend's kernel gives for such rows).
 """
@@ -39,15 +39,15 @@ def _bool_mask(mask: Tensor | None, target: Sequence[int], who: str, name: str) 
 
 
 class EinsumDense(nn.Module):
-    """Keras's EinsumDense for multi-head projections: contract the trailing ``in_dims`` of the input.
+    """Keras's EinsumDense for multi-head projections: contract the trailing `in_dims` of the input.
 
     Args:
-        in_dims: Trailing input dims contracted away, e.g. ``(D,)`` or ``(heads, value_dim)``.
-        out_dims: Output dims, e.g. ``(heads, key_dim)`` or ``(D,)``.
-        use_bias: Add a bias shaped ``out_dims``. Default: True.
+        in_dims: Trailing input dims contracted away, e.g. `(D,)` or `(heads, value_dim)`.
+        out_dims: Output dims, e.g. `(heads, key_dim)` or `(D,)`.
+        use_bias: Add a bias shaped `out_dims`. Default: True.
 
     Shape:
-        - Input: ``(*, *in_dims)``; output: ``(*, *out_dims)``. ``kernel`` is ``(*in_dims, *out_dims)``.
+        - Input: `(*, *in_dims)`; output: `(*, *out_dims)`. `kernel` is `(*in_dims, *out_dims)`.
     """
 
     def __init__(self, in_dims: Sequence[int], out_dims: Sequence[int], use_bias: bool = True) -> None:
@@ -67,9 +67,9 @@ class EinsumDense(nn.Module):
             nn.init.zeros_(self.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        """Contract the trailing ``in_dims`` of ``x`` with the kernel, add the bias.
+        """Contract the trailing `in_dims` of `x` with the kernel, add the bias.
 
-        Maps ``(*, *in_dims)`` to ``(*, *out_dims)``.
+        Maps `(*, *in_dims)` to `(*, *out_dims)`.
         """
         n_in, n_out = math.prod(self.in_dims), math.prod(self.out_dims)
         flat = x.flatten(-len(self.in_dims)) if len(self.in_dims) > 1 else x  # (*, n_in)
@@ -82,26 +82,26 @@ class EinsumDense(nn.Module):
 
 
 class KerasMultiHeadAttention(nn.Module):
-    """Multi-head attention with the arguments and weight layout of ``keras.layers.MultiHeadAttention``.
+    """Multi-head attention with the arguments and weight layout of `keras.layers.MultiHeadAttention`.
 
-    Sub-modules ``query``, ``key``, ``value``, ``attention_output`` hold the Keras kernels
-    (``(D, h, key_dim)``, ``(E, h, key_dim)``, ``(E, h, value_dim)``, ``(h, value_dim, *output_shape)``);
-    logits are scaled by ``1/sqrt(key_dim)``; ``dropout`` drops attention weights in training.
+    Sub-modules `query`, `key`, `value`, `attention_output` hold the Keras kernels
+    (`(D, h, key_dim)`, `(E, h, key_dim)`, `(E, h, value_dim)`, `(h, value_dim, *output_shape)`);
+    logits are scaled by `1/sqrt(key_dim)`; `dropout` drops attention weights in training.
 
     Args:
         dim: Query feature size D.
         num_heads: Number of heads h.
         key_dim: Query/key size per head.
-        value_dim: Value size per head. Default: ``key_dim``.
+        value_dim: Value size per head. Default: `key_dim`.
         dropout: Dropout on the attention weights. Default: 0.0.
         use_bias: Biases in the four projections. Default: True.
-        output_shape: Output feature shape (int or tuple). Default: ``(D,)``.
+        output_shape: Output feature shape (int or tuple). Default: `(D,)`.
         context_dim: Key/value input feature size E. Default: D (self-attention).
 
     Shape:
-        - query: ``(B, L, D)``; context: ``(B, S, E)`` (None: the query itself).
-        - attention_mask: bool broadcastable to ``(B, L, S)``, True = may attend; padding_mask:
-          ``(B, S)``, True = real key. Output: ``(B, L, *output_shape)``.
+        - query: `(B, L, D)`; context: `(B, S, E)` (None: the query itself).
+        - attention_mask: bool broadcastable to `(B, L, S)`, True = may attend; padding_mask:
+          `(B, S)`, True = real key. Output: `(B, L, *output_shape)`.
     """
 
     def __init__(
@@ -135,7 +135,7 @@ class KerasMultiHeadAttention(nn.Module):
         self, query: Tensor, context: Tensor | None = None, *, attention_mask: Tensor | None = None,
         padding_mask: Tensor | None = None, causal: bool = False,
     ) -> Tensor:
-        """Attend from ``query`` to ``context`` (default: ``query``); masks as in the class docstring."""
+        """Attend from `query` to `context` (default: `query`); masks as in the class docstring."""
         who = type(self).__name__
         dims = check_shape(query, who, "B L D", "query", D=self.dim)
         b, length = dims["B"], dims["L"]

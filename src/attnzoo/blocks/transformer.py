@@ -2,14 +2,14 @@
 
 "Attention Is All You Need" (Vaswani et al., 2017), https://arxiv.org/abs/1706.03762: post-norm
 residual blocks, in the form of the widely copied Keras tutorial whose builder
-``self_attention(input_shape, prefix="att", mask=False, **kwargs)`` seed 001 asks about
+`self_attention(input_shape, prefix="att", mask=False, **kwargs)` seed 001 asks about
 ("Building Transformer Models with Attention" crash course, Machine Learning Mastery).
 
-``prefix`` only names things: every sub-layer is called ``f"{prefix}_<role><n>"`` (``att_attn1``,
-``att_norm1``, ...) so that several blocks sit in one model without name clashes (Keras requires
-unique layer names) and weights can be matched by name (:mod:`attnzoo.blocks.convert`). The sub-modules
-here carry the same names, so ``named_modules()`` and ``state_dict`` keys show the prefix. The
-attention is :class:`~attnzoo.blocks.keras_attention.KerasMultiHeadAttention` (Keras arguments and
+`prefix` only names things: every sub-layer is called `f"{prefix}_<role><n>"` (`att_attn1`,
+`att_norm1`, ...) so that several blocks sit in one model without name clashes (Keras requires
+unique layer names) and weights can be matched by name (`attnzoo.blocks.convert`). The sub-modules
+here carry the same names, so `named_modules()` and `state_dict` keys show the prefix. The
+attention is `KerasMultiHeadAttention` (Keras arguments and
 kernel layout); LayerNorm epsilon is Keras's 1e-3. Masks are boolean, **True = may attend**.
 """
 
@@ -43,7 +43,7 @@ _MHA_KWARGS = ("num_heads", "key_dim", "value_dim", "dropout", "use_bias", "outp
 
 
 def check_prefix(prefix: object, who: str) -> str:
-    """``prefix`` must make every layer name a Python identifier: letters, digits, ``_``, no leading digit."""
+    """`prefix` must make every layer name a Python identifier: letters, digits, `_`, no leading digit."""
     if not isinstance(prefix, str):
         raise TypeError(f"{who}: prefix must be a str, got {type(prefix).__name__} {prefix!r}")
     if not (prefix.isascii() and prefix.isidentifier()):
@@ -61,7 +61,7 @@ def _positive_int(value: object) -> int | None:
 
 
 def check_input_shape(shape: object, who: str, name: str = "input_shape") -> tuple[int | None, int]:
-    """A Keras ``Input`` shape without the batch: ``(L, D)`` with ``L`` an int or None. Returns it."""
+    """A Keras `Input` shape without the batch: `(L, D)` with `L` an int or None. Returns it."""
     if isinstance(shape, (tuple, list)) and len(shape) == 2:
         length, dim = (None if shape[0] is None else _positive_int(shape[0])), _positive_int(shape[1])
         if dim is not None and (length is not None or shape[0] is None):
@@ -70,10 +70,10 @@ def check_input_shape(shape: object, who: str, name: str = "input_shape") -> tup
 
 
 class Add(nn.Module):
-    """Keras's ``Add`` layer: the element-wise sum of its inputs (here, the residual connection)."""
+    """Keras's `Add` layer: the element-wise sum of its inputs (here, the residual connection)."""
 
     def forward(self, *xs: Tensor) -> Tensor:
-        """Sum of the inputs (Keras ``Add``); they must have the same shape."""
+        """Sum of the inputs (Keras `Add`); they must have the same shape."""
         out = xs[0]
         for x in xs[1:]:
             out = out + x
@@ -87,7 +87,7 @@ def _check_bool(value: object, name: str, who: str) -> bool:
 
 
 class _PrefixedBlock(nn.Module):
-    """Sub-modules live under ``f"{prefix}_{role}"``; ``model_name`` is the Keras model's name."""
+    """Sub-modules live under `f"{prefix}_{role}"`; `model_name` is the Keras model's name."""
 
     dim: int
     seq_len: int | None
@@ -143,29 +143,29 @@ def _block_sizes(geo: Geometry) -> dict[str, Any]:
     seed_name="self_attention", uses_attend=True, for_input=lambda geo: _block_sizes(geo),
 )
 class SelfAttentionBlock(_PrefixedBlock):
-    """Post-norm self-attention: ``LayerNorm(x + MHA(x, x, x))``, sub-modules named by ``prefix``.
+    """Post-norm self-attention: `LayerNorm(x + MHA(x, x, x))`, sub-modules named by `prefix`.
 
-    Sub-modules: ``{prefix}_attn1`` (:class:`KerasMultiHeadAttention`), ``{prefix}_add1``,
-    ``{prefix}_norm1``; the Keras model (``attnzoo.blocks.keras.self_attention``) adds the input
-    ``{prefix}_in1`` and is named ``{prefix}_att``.
+    Sub-modules: `{prefix}_attn1` (`KerasMultiHeadAttention`), `{prefix}_add1`,
+    `{prefix}_norm1`; the Keras model (`attnzoo.blocks.keras.self_attention`) adds the input
+    `{prefix}_in1` and is named `{prefix}_att`.
 
     Args:
         dim: Feature size D.
-        num_heads: Number of attention heads (as ``keras.layers.MultiHeadAttention``).
+        num_heads: Number of attention heads (as `keras.layers.MultiHeadAttention`).
         key_dim: Width of each query/key head.
-        value_dim: Width of each value head. Default: None, ``key_dim``.
+        value_dim: Width of each value head. Default: None, `key_dim`.
         dropout: Dropout on the attention weights (training only). Default: 0.0.
         use_bias: Biases in the projections. Default: True.
-        output_shape: Output feature size; only ``D`` (or ``(D,)``), the one the residual
-            allows. Default: None, ``D``.
-        causal: Causal mask, query i attends keys ``0..i`` (the builder's ``mask``). Default: False.
-        prefix: Name prefix, an identifier fragment. Default: ``"att"``.
-        seq_len: Fixed sequence length L as Keras's ``Input``, or None for any. Default: None.
+        output_shape: Output feature size; only `D` (or `(D,)`), the one the residual
+            allows. Default: None, `D`.
+        causal: Causal mask, query i attends keys `0..i` (the builder's `mask`). Default: False.
+        prefix: Name prefix, an identifier fragment. Default: `"att"`.
+        seq_len: Fixed sequence length L as Keras's `Input`, or None for any. Default: None.
         epsilon: LayerNorm epsilon. Default: 1e-3 (Keras).
 
     Shape:
-        - x: ``(B, L, D)``; attention_mask: bool broadcastable to ``(B, L, L)``, True = may attend;
-          padding_mask: ``(B, L)``, True = real token (masks keys). Output: ``(B, L, D)``.
+        - x: `(B, L, D)`; attention_mask: bool broadcastable to `(B, L, L)`, True = may attend;
+          padding_mask: `(B, L)`, True = real token (masks keys). Output: `(B, L, D)`.
     """
 
     def __init__(
@@ -189,7 +189,7 @@ class SelfAttentionBlock(_PrefixedBlock):
     def forward(
         self, x: Tensor, attention_mask: Tensor | None = None, padding_mask: Tensor | None = None
     ) -> Tensor:
-        """``LayerNorm(x + MHA(x, x, x))``; masks as in the class docstring; returns ``(B, L, D)``."""
+        """`LayerNorm(x + MHA(x, x, x))`; masks as in the class docstring; returns `(B, L, D)`."""
         self._check_x(x)
         out = self.attention(x, attention_mask=attention_mask, padding_mask=padding_mask, causal=self.causal)
         return self._role("norm1")(self._role("add1")(x, out))
@@ -205,29 +205,29 @@ class SelfAttentionBlock(_PrefixedBlock):
     for_input=lambda geo: {**_block_sizes(geo), "context_dim": geo.channels},
 )
 class CrossAttentionBlock(_PrefixedBlock):
-    """Post-norm cross-attention: ``LayerNorm(MHA(x, context, context) + x)``, named by ``prefix``.
+    """Post-norm cross-attention: `LayerNorm(MHA(x, context, context) + x)`, named by `prefix`.
 
-    Sub-modules: ``{prefix}_attn2``, ``{prefix}_add2``, ``{prefix}_norm2``; the Keras model adds
-    the inputs ``{prefix}_ctx2`` and ``{prefix}_in2`` and is named ``{prefix}_cross``. The Keras
-    model takes ``[(context, x)]``; this module takes ``(x, context)``, query first.
+    Sub-modules: `{prefix}_attn2`, `{prefix}_add2`, `{prefix}_norm2`; the Keras model adds
+    the inputs `{prefix}_ctx2` and `{prefix}_in2` and is named `{prefix}_cross`. The Keras
+    model takes `[(context, x)]`; this module takes `(x, context)`, query first.
 
     Args:
         dim: Query feature size D.
         context_dim: Context feature size E.
-        num_heads: Number of attention heads (as ``keras.layers.MultiHeadAttention``).
+        num_heads: Number of attention heads (as `keras.layers.MultiHeadAttention`).
         key_dim: Width of each query/key head.
-        value_dim: Width of each value head. Default: None, ``key_dim``.
+        value_dim: Width of each value head. Default: None, `key_dim`.
         dropout: Dropout on the attention weights (training only). Default: 0.0.
         use_bias: Biases in the projections. Default: True.
-        output_shape: Output feature size; only ``D`` (or ``(D,)``). Default: None, ``D``.
-        prefix: Name prefix, an identifier fragment. Default: ``"att"``.
-        seq_len: Fixed query length L (a Keras ``Input`` shape), or None for any. Default: None.
+        output_shape: Output feature size; only `D` (or `(D,)`). Default: None, `D`.
+        prefix: Name prefix, an identifier fragment. Default: `"att"`.
+        seq_len: Fixed query length L (a Keras `Input` shape), or None for any. Default: None.
         context_len: Fixed context length S, or None for any. Default: None.
         epsilon: LayerNorm epsilon. Default: 1e-3 (Keras).
 
     Shape:
-        - x: ``(B, L, D)``; context: ``(B, S, E)``; attention_mask: bool broadcastable to
-          ``(B, L, S)``; context_mask: ``(B, S)``, True = real token. Output: ``(B, L, D)``.
+        - x: `(B, L, D)`; context: `(B, S, E)`; attention_mask: bool broadcastable to
+          `(B, L, S)`; context_mask: `(B, S)`, True = real token. Output: `(B, L, D)`.
     """
 
     def __init__(
@@ -256,7 +256,7 @@ class CrossAttentionBlock(_PrefixedBlock):
         self, x: Tensor, context: Tensor, attention_mask: Tensor | None = None,
         context_mask: Tensor | None = None,
     ) -> Tensor:
-        """``LayerNorm(x + MHA(x, context, context))``, masks as in the class docstring; ``(B, L, D)``."""
+        """`LayerNorm(x + MHA(x, context, context))`, masks as in the class docstring; `(B, L, D)`."""
         self._check_x(x)
         who = type(self).__name__
         if self.context_len is None:
@@ -270,22 +270,22 @@ class CrossAttentionBlock(_PrefixedBlock):
 
 
 class FeedForwardBlock(_PrefixedBlock):
-    """Post-norm position-wise feed-forward: ``LayerNorm(x + Dropout(W2 relu(W1 x)))``, named by ``prefix``.
+    """Post-norm position-wise feed-forward: `LayerNorm(x + Dropout(W2 relu(W1 x)))`, named by `prefix`.
 
-    Sub-modules: ``{prefix}_ff1`` (Linear D -> ff_dim, ReLU), ``{prefix}_ff2`` (Linear ff_dim -> D),
-    ``{prefix}_drop``, ``{prefix}_add3``, ``{prefix}_norm3``; the Keras model adds the input
-    ``{prefix}_in3`` and is named ``{prefix}_ff``.
+    Sub-modules: `{prefix}_ff1` (Linear D -> ff_dim, ReLU), `{prefix}_ff2` (Linear ff_dim -> D),
+    `{prefix}_drop`, `{prefix}_add3`, `{prefix}_norm3`; the Keras model adds the input
+    `{prefix}_in3` and is named `{prefix}_ff`.
 
     Args:
-        dim: Feature size D (the tutorial's ``model_dim``; the residual needs them equal).
+        dim: Feature size D (the tutorial's `model_dim`; the residual needs them equal).
         ff_dim: Hidden size.
         dropout: Dropout after the second Linear. Default: 0.1 (the tutorial's).
-        prefix: Name prefix, an identifier fragment. Default: ``"ff"``.
+        prefix: Name prefix, an identifier fragment. Default: `"ff"`.
         seq_len: Fixed sequence length L, or None. Default: None.
         epsilon: LayerNorm epsilon. Default: 1e-3 (Keras).
 
     Shape:
-        - x: ``(B, L, D)``. Output: ``(B, L, D)``.
+        - x: `(B, L, D)`. Output: `(B, L, D)`.
     """
 
     def __init__(
@@ -311,7 +311,7 @@ class FeedForwardBlock(_PrefixedBlock):
                 nn.init.zeros_(linear.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        """``LayerNorm(x + ff2(relu(ff1(x))))`` on ``(B, L, D)``; returns ``(B, L, D)``."""
+        """`LayerNorm(x + ff2(relu(ff1(x))))` on `(B, L, D)`; returns `(B, L, D)`."""
         self._check_x(x)
         hidden = F.relu(self._role("ff1")(x))  # (B, L, ff_dim)
         out = self._role("drop")(self._role("ff2")(hidden))
@@ -333,17 +333,17 @@ def _check_mha_kwargs(kwargs: dict[str, Any], who: str) -> None:
 def self_attention(
     input_shape: Sequence[int | None], prefix: str = "att", mask: bool = False, **kwargs: Any
 ) -> SelfAttentionBlock:
-    """The seed's builder: a :class:`SelfAttentionBlock` with sub-modules ``{prefix}_attn1``, ... .
+    """The seed's builder: a `SelfAttentionBlock` with sub-modules `{prefix}_attn1`, ... .
 
     Args:
-        input_shape: ``(L, D)`` without the batch, L may be None.
-        prefix: Name prefix. Default: ``"att"``.
+        input_shape: `(L, D)` without the batch, L may be None.
+        prefix: Name prefix. Default: `"att"`.
         mask: Causal mask (the decoder's). Default: False.
-        **kwargs: ``num_heads`` and ``key_dim`` (required), ``value_dim``, ``dropout``,
-            ``use_bias``, ``output_shape``; anything else raises ``TypeError``.
+        **kwargs: `num_heads` and `key_dim` (required), `value_dim`, `dropout`,
+            `use_bias`, `output_shape`; anything else raises `TypeError`.
 
     Shape:
-        - Input ``(B, L, D)``, output ``(B, L, D)``.
+        - Input `(B, L, D)`, output `(B, L, D)`.
     """
     seq_len, dim = check_input_shape(input_shape, "self_attention")
     _check_mha_kwargs(kwargs, "self_attention")
@@ -354,15 +354,15 @@ def self_attention(
 def cross_attention(
     input_shape: Sequence[int | None], context_shape: Sequence[int | None], prefix: str = "att", **kwargs: Any
 ) -> CrossAttentionBlock:
-    """The tutorial's builder: a :class:`CrossAttentionBlock` with sub-modules ``{prefix}_attn2``, ... .
+    """The tutorial's builder: a `CrossAttentionBlock` with sub-modules `{prefix}_attn2`, ... .
 
     Args:
-        input_shape: ``(L, D)`` of the queries. context_shape: ``(S, E)`` of the context.
-        prefix: Name prefix. Default: ``"att"``.
-        **kwargs: The MultiHeadAttention arguments, as :func:`self_attention`.
+        input_shape: `(L, D)` of the queries. context_shape: `(S, E)` of the context.
+        prefix: Name prefix. Default: `"att"`.
+        **kwargs: The MultiHeadAttention arguments, as `self_attention`.
 
     Shape:
-        - Input ``(B, L, D)`` and context ``(B, S, E)``; output ``(B, L, D)``.
+        - Input `(B, L, D)` and context `(B, S, E)`; output `(B, L, D)`.
     """
     seq_len, dim = check_input_shape(input_shape, "cross_attention")
     context_len, context_dim = check_input_shape(context_shape, "cross_attention", "context_shape")
@@ -375,14 +375,14 @@ def cross_attention(
 def feed_forward(
     input_shape: Sequence[int | None], model_dim: int, ff_dim: int, dropout: float = 0.1, prefix: str = "ff"
 ) -> FeedForwardBlock:
-    """The tutorial's builder: a :class:`FeedForwardBlock` with sub-modules ``{prefix}_ff1``, ... .
+    """The tutorial's builder: a `FeedForwardBlock` with sub-modules `{prefix}_ff1`, ... .
 
     Args:
-        input_shape: ``(L, D)``. model_dim: Output size; must equal D for the residual Add.
-        ff_dim: Hidden size. dropout: Dropout rate. Default: 0.1. prefix: Default: ``"ff"``.
+        input_shape: `(L, D)`. model_dim: Output size; must equal D for the residual Add.
+        ff_dim: Hidden size. dropout: Dropout rate. Default: 0.1. prefix: Default: `"ff"`.
 
     Shape:
-        - Input ``(B, L, D)``, output ``(B, L, D)``.
+        - Input `(B, L, D)`, output `(B, L, D)`.
     """
     seq_len, dim = check_input_shape(input_shape, "feed_forward")
     if model_dim != dim:

@@ -1,7 +1,7 @@
-"""``attnzoo bench``: parameters, FLOPs, latency over alternating rounds, peak memory, GFLOP/s.
+"""`attnzoo bench`: parameters, FLOPs, latency over alternating rounds, peak memory, GFLOP/s.
 
-Built on :mod:`attnzoo.cli.harness` (``alternate``, ``count_flops``, ``peak_memory``) and on
-:mod:`attnzoo.surgery.build`, which builds every mechanism for one input.
+Built on `attnzoo.cli.harness` (`alternate`, `count_flops`, `peak_memory`) and on
+`attnzoo.surgery.build`, which builds every mechanism for one input.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def count_step_flops(spec: Spec, shape: tuple[int, ...], mode: str) -> int:
 
 
 def _keep_freed_memory() -> bool:
-    """Keep freed large buffers in the process (glibc ``mallopt``), as ``benchmark.MALLOC_ENV`` does
+    """Keep freed large buffers in the process (glibc `mallopt`), as `benchmark.MALLOC_ENV` does
     for scripts: otherwise each step page-faults them back and timings get 2-3x outliers."""
     try:
         import ctypes
@@ -78,7 +78,7 @@ def _keep_freed_memory() -> bool:
 
 
 def memory_step(name: str, shape: list[int], mode: str, dtype: str) -> Callable[[], object]:
-    """Factory for :func:`attnzoo.cli.harness.peak_memory`: one bench step of ``name``."""
+    """Factory for `attnzoo.cli.harness.peak_memory`: one bench step of `name`."""
     return make_step(build(get_spec(name), tuple(shape), dtype=DTYPES[dtype]), mode)
 
 
@@ -158,7 +158,7 @@ def _memory_fresh(
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``attnzoo bench`` with parsed arguments (see :func:`attnzoo.cli.command.build_parser`)."""
+    """Run `attnzoo bench` with parsed arguments (see `attnzoo.cli.command.build_parser`)."""
     from attnzoo.cli.harness import alternate
 
     shape = parse_shape(args.input)

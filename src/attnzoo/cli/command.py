@@ -1,8 +1,8 @@
-"""The ``attnzoo`` command: ``list``, ``info``, ``bench``, ``maps`` and ``demo``.
+"""The `attnzoo` command: `list`, `info`, `bench`, `maps` and `demo`.
 
-Names are registry names, aliases or seed class names (``attnzoo bench se cbam``). Errors are one
-line on stderr and exit code 2 (a traceback only with ``--debug``). Pictures need the optional
-extra ``attnzoo[plots]`` (matplotlib), imported only when a picture is asked for.
+Names are registry names, aliases or seed class names (`attnzoo bench se cbam`). Errors are one
+line on stderr and exit code 2 (a traceback only with `--debug`). Pictures need the optional
+extra `attnzoo[plots]` (matplotlib), imported only when a picture is asked for.
 """
 
 from __future__ import annotations
@@ -164,7 +164,7 @@ def _parse_queries(text: str | None) -> list[tuple[float, ...]] | None:
 
 
 def image_features(image: Tensor, channels: int, seed: int = 0) -> Tensor:
-    """Fixed features of a ``(3, H, W)`` image at half resolution, ``(1, channels, H/2, W/2)``.
+    """Fixed features of a `(3, H, W)` image at half resolution, `(1, channels, H/2, W/2)`.
 
     Colour, brightness and edge responses (Sobel, two scales) mixed by a seeded random 1x1
     projection and a ReLU: an untrained but image-dependent stand-in for a CNN's early features,
@@ -230,7 +230,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of the ``attnzoo`` command."""
+    """The argument parser of the `attnzoo` command."""
     common = _Parser(add_help=False)
     common.add_argument(
         "--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error"

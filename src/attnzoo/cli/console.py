@@ -1,4 +1,4 @@
-"""Console output of the ``attnzoo`` command: a progress bar, tables, CSV/JSON, one-line errors."""
+"""Console output of the `attnzoo` command: a progress bar, tables, CSV/JSON, one-line errors."""
 
 from __future__ import annotations
 
@@ -91,7 +91,7 @@ def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
 def emit(
     rows: list[dict[str, Any]], fmt: str, output: str | None, text_table: str, extra: dict[str, Any]
 ) -> None:
-    """Print ``text_table`` (or CSV/JSON of ``rows``); with ``output``, write the chosen format there."""
+    """Print `text_table` (or CSV/JSON of `rows`); with `output`, write the chosen format there."""
     if fmt == "csv":
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["name"], lineterminator="\n")

@@ -1,4 +1,4 @@
-"""The ``attnzoo demo`` task: find the odd shape, with and without attention.
+"""The `attnzoo demo` task: find the odd shape, with and without attention.
 
 Each 64 x 64 image holds a few distractors of one kind (rings or crosses) and one odd shape, a
 circle, a square or a triangle; the label is the odd shape's kind (chance is 1/3). Colours and
@@ -36,7 +36,7 @@ SIZE = 64
 
 
 def _shape_masks(kind: Tensor, cy: Tensor, cx: Tensor, r: Tensor, size: int) -> Tensor:
-    """Masks ``(..., size, size)`` of shapes with the given kinds, centres and radii (each ``(...)``)."""
+    """Masks `(..., size, size)` of shapes with the given kinds, centres and radii (each `(...)`)."""
     coords = torch.arange(size, dtype=torch.float32)
     dy = coords[:, None] - cy[..., None, None]  # (..., size, 1)
     dx = coords[None, :] - cx[..., None, None]  # (..., 1, size)
@@ -68,9 +68,9 @@ def make_shapes(
         distractors: Inclusive range of the number of distractor shapes, at most 8. Default: (3, 5).
 
     Returns:
-        ``(images, labels, boxes)``: images ``(n, 3, size, size)`` in [0, 1]; labels ``(n,)``
-        int64, the odd shape's kind (index into :data:`KINDS`); boxes ``(n, 4)`` the odd shape's
-        ``(y0, x0, y1, x1)`` pixel box.
+        `(images, labels, boxes)`: images `(n, 3, size, size)` in [0, 1]; labels `(n,)`
+        int64, the odd shape's kind (index into `KINDS`); boxes `(n, 4)` the odd shape's
+        `(y0, x0, y1, x1)` pixel box.
     """
     if not 1 <= distractors[0] <= distractors[1] <= 8:
         raise ValueError(f"make_shapes expects 1 <= distractors[0] <= distractors[1] <= 8, got {distractors}")
@@ -111,7 +111,7 @@ def _conv(cin: int, cout: int, stride: int) -> nn.Sequential:
 
 
 class _AvgMaxPool(nn.Module):
-    """Global average and max pooling, concatenated: ``(B, C, H, W) -> (B, 2C)``."""
+    """Global average and max pooling, concatenated: `(B, C, H, W) -> (B, 2C)`."""
 
     def forward(self, x: Tensor) -> Tensor:
         return torch.cat([x.mean((2, 3)), x.amax((2, 3))], dim=1)
@@ -122,7 +122,7 @@ class OddShapeNet(nn.Module):
     pooled, an MLP head.
 
     Args:
-        attention: A module for ``(B, 32, 16, 16)`` maps that keeps their shape, or None.
+        attention: A module for `(B, 32, 16, 16)` maps that keeps their shape, or None.
     """
 
     channels = 32
@@ -168,7 +168,7 @@ def train(
 ) -> list[float]:
     """Train with AdamW, warm-up and cosine decay; returns the mean loss per epoch.
 
-    ``step`` is called after every batch (progress).
+    `step` is called after every batch (progress).
     """
     gen = torch.Generator().manual_seed(seed)
     steps = epochs * ((len(images) + batch_size - 1) // batch_size)
@@ -236,7 +236,7 @@ def _default_names() -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``attnzoo demo`` with parsed arguments (see :func:`attnzoo.cli.command.build_parser`)."""
+    """Run `attnzoo demo` with parsed arguments (see `attnzoo.cli.command.build_parser`)."""
     from attnzoo.maps.capture import capture_maps
 
     specs = resolve(args.attention) if args.attention else [get_spec(n) for n in _default_names()]
@@ -331,7 +331,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _first_heatmaps(maps: dict[str, list[Any]], count: int) -> list[Tensor | None]:
-    """Per image, a summary heat map (see ``_plots.heatmap``): of the first spatial gate recorded,
+    """Per image, a summary heat map (see `_plots.heatmap`): of the first spatial gate recorded,
     else of the first attention rows (the attention each position receives), else of the routing."""
     from attnzoo.cli.plots import heatmap
 

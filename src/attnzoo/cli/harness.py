@@ -1,15 +1,15 @@
 """The benchmark harness: alternating timing rounds, FLOPs, and peak memory in a fresh process.
 
-Shared by ``benchmarks/*.py`` (the comparisons recorded in ``benchmarks/RESULTS.md``) and by the
-``attnzoo bench`` command. These machines are shared and noisy, so:
+Shared by `benchmarks/*.py` (the comparisons recorded in `benchmarks/RESULTS.md`) and by the
+`attnzoo bench` command. These machines are shared and noisy, so:
 
 - candidates run in alternating rounds (A B, B A, ...) after a warm-up, and we report **medians** of
   the rounds and the median of per-round ratios, never single times;
 - peak memory is measured in a fresh subprocess, so one candidate's cached allocations never count
   against another;
-- FLOPs come from ``torch.utils.flop_counter`` with the fused attention path switched off (the CPU
+- FLOPs come from `torch.utils.flop_counter` with the fused attention path switched off (the CPU
   flash kernels are counted as 0 FLOPs) and grouped-convolution backward corrected (torch's formula
-  counts one half of it as if ``groups`` were 1).
+  counts one half of it as if `groups` were 1).
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 34), "MALLOC_TRIM_THRESHOLD_": 
 
 
 def ensure_malloc_env() -> None:
-    """Re-execute the current script with :data:`MALLOC_ENV` set, unless it already is."""
+    """Re-execute the current script with `MALLOC_ENV` set, unless it already is."""
     if all(os.environ.get(k) == v for k, v in MALLOC_ENV.items()):
         return
     env = {**os.environ, **MALLOC_ENV}
@@ -63,11 +63,11 @@ class Timing:
     rounds: dict[str, list[float]]
 
     def median(self, name: str) -> float:
-        """Median time of ``name`` over the recorded rounds, in seconds."""
+        """Median time of `name` over the recorded rounds, in seconds."""
         return statistics.median(self.rounds[name])
 
     def ratio(self, name: str, baseline: str) -> float:
-        """Median over rounds of ``time(name) / time(baseline)`` (paired, so drift cancels)."""
+        """Median over rounds of `time(name) / time(baseline)` (paired, so drift cancels)."""
         pairs = [a / b for a, b in zip(self.rounds[name], self.rounds[baseline], strict=False)]
         return statistics.median(pairs)
 
@@ -80,10 +80,10 @@ def alternate(
     min_time: float = 0.0,
     progress: Callable[[int, int], None] | None = None,
 ) -> Timing:
-    """Time each candidate in alternating rounds after ``warmup`` calls each.
+    """Time each candidate in alternating rounds after `warmup` calls each.
 
     Each round runs every candidate once, in an order that reverses every round, so slow drifts of
-    the machine hit all candidates alike. With ``min_time``, a candidate is repeated within a round
+    the machine hit all candidates alike. With `min_time`, a candidate is repeated within a round
     until that many seconds pass and the mean is recorded (for very short calls).
     """
     names = list(candidates)
@@ -119,7 +119,7 @@ def forward_step(module: torch.nn.Module, inputs: Sequence[torch.Tensor]) -> Cal
 
 
 def train_step(module: torch.nn.Module, inputs: Sequence[torch.Tensor]) -> Callable[[], object]:
-    """Forward + backward of ``out.sum()`` (float inputs get gradients too), as a callable."""
+    """Forward + backward of `out.sum()` (float inputs get gradients too), as a callable."""
     leaves = [x.detach().requires_grad_(x.is_floating_point()) for x in inputs]
 
     def step() -> object:
@@ -133,7 +133,7 @@ def train_step(module: torch.nn.Module, inputs: Sequence[torch.Tensor]) -> Calla
 
 
 def _proc_status(key: str) -> int:
-    """A memory figure of this process from ``/proc/self/status``, in bytes (Linux)."""
+    """A memory figure of this process from `/proc/self/status`, in bytes (Linux)."""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(key + ":"):
@@ -142,11 +142,11 @@ def _proc_status(key: str) -> int:
 
 
 def step_peak_here(step: Callable[[], object]) -> int:
-    """Peak resident memory (bytes) one call of ``step`` adds, measured in this process.
+    """Peak resident memory (bytes) one call of `step` adds, measured in this process.
 
-    Meant for a fresh process started with :data:`MEASURE_ENV` (see :func:`peak_memory`): the step
+    Meant for a fresh process started with `MEASURE_ENV` (see `peak_memory`): the step
     runs once so lazy initialisation settles and its buffers go back to the OS; then the peak
-    resident set (VmHWM) is reset through ``/proc/self/clear_refs`` (Linux >= 4.0), so imports and
+    resident set (VmHWM) is reset through `/proc/self/clear_refs` (Linux >= 4.0), so imports and
     the first call do not count, and the second call's peak minus the resident set just before it
     (the inputs and weights) is returned.
     """
@@ -177,11 +177,11 @@ MEASURE_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "655
 def peak_memory(target: str, kwargs: Mapping[str, Any] | None = None, *, timeout: float = 600) -> int:
     """Peak resident memory (bytes) one step adds, measured in a fresh Python process.
 
-    ``target`` is ``"package.module:factory"``; ``factory(**kwargs)`` must build the inputs and the
+    `target` is `"package.module:factory"`; `factory(**kwargs)` must build the inputs and the
     module and return a zero-argument step. The step runs once to settle; then the process's peak resident
-    set is reset (``/proc/self/clear_refs``) and the step runs again; the result is that step's peak
+    set is reset (`/proc/self/clear_refs`) and the step runs again; the result is that step's peak
     minus the resident set just before it (the inputs and weights). On CUDA use
-    ``torch.cuda.max_memory_allocated`` instead.
+    `torch.cuda.max_memory_allocated` instead.
     """
     payload = json.dumps({"target": target, "kwargs": dict(kwargs or {})})
     env = {**os.environ, **MEASURE_ENV}

@@ -1,9 +1,9 @@
 """The compatibility matrix: where each mechanism runs, and why not where it does not.
 
-Every cell is checked by ``tests/test_compat_matrix.py`` (and ``tests/test_distributed.py`` for
-DDP): a mechanism passes every feature unless :data:`LIMITATIONS` names the pair with the reason,
+Every cell is checked by `tests/test_compat_matrix.py` (and `tests/test_distributed.py` for
+DDP): a mechanism passes every feature unless `LIMITATIONS` names the pair with the reason,
 and a listed limitation that no longer holds fails the suite too, so this table cannot drift from
-what the code does. ``python -m tools.gen_docs`` writes it into the README and the docs.
+what the code does. `python -m tools.gen_docs` writes it into the README and the docs.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ LIMITATIONS: dict[tuple[str, str], str] = {
 
 
 def limitation(name: str, feature: str) -> str | None:
-    """Why mechanism ``name`` does not support ``feature``, or None when it does."""
+    """Why mechanism `name` does not support `feature`, or None when it does."""
     return LIMITATIONS.get((name, feature), LIMITATIONS.get(("*", feature)))
 
 # Reasons that apply to whole features.
@@ -48,7 +48,7 @@ _NOT_RUN = {"cuda_half": "needs a GPU; CI has none (tests skip without CUDA)"}
 
 
 def applies(spec: Spec, feature: str) -> bool:
-    """Whether ``feature`` means anything for ``spec``.
+    """Whether `feature` means anything for `spec`.
 
     channels_last needs a 4-D input; DDP needs parameters (it refuses a module without any).
     """

@@ -1,6 +1,6 @@
-"""Pictures for the ``attnzoo`` command: benchmark charts and attention maps over images.
+"""Pictures for the `attnzoo` command: benchmark charts and attention maps over images.
 
-matplotlib (and Pillow, which it brings) is the optional extra ``attnzoo[plots]``; it is imported
+matplotlib (and Pillow, which it brings) is the optional extra `attnzoo[plots]`; it is imported
 only here, only when a picture is asked for.
 """
 
@@ -35,7 +35,7 @@ class MissingExtra(ImportError):
 
 
 def pyplot(what: str) -> Any:
-    """``matplotlib.pyplot`` on the Agg backend, or :class:`MissingExtra` naming ``what`` needs it."""
+    """`matplotlib.pyplot` on the Agg backend, or `MissingExtra` naming `what` needs it."""
     try:
         import matplotlib
     except ImportError:
@@ -47,7 +47,7 @@ def pyplot(what: str) -> Any:
 
 
 def load_image(path: str | os.PathLike[str], size: int | None = None) -> Tensor:
-    """An RGB image as a ``(3, H, W)`` float tensor in [0, 1], resized to ``size x size`` if given."""
+    """An RGB image as a `(3, H, W)` float tensor in [0, 1], resized to `size x size` if given."""
     pyplot("reading an image")  # Pillow comes with matplotlib
     from PIL import Image, UnidentifiedImageError
 
@@ -66,7 +66,7 @@ def load_image(path: str | os.PathLike[str], size: int | None = None) -> Tensor:
 
 
 def save_image(image: Tensor, path: str | os.PathLike[str]) -> None:
-    """Write a ``(3, H, W)`` tensor in [0, 1] as a PNG."""
+    """Write a `(3, H, W)` tensor in [0, 1] as a PNG."""
     pyplot("writing an image")
     from PIL import Image
 
@@ -85,7 +85,7 @@ def _as_grid(grid: tuple[int, ...] | None, token_grid: tuple[int, int] | None) -
 
 
 def _plane(values: Tensor, grid: tuple[int, ...]) -> Tensor:
-    """Values over ``grid`` as a 2-D map (the middle frame of a 3-D grid; a 1-D grid as one row)."""
+    """Values over `grid` as a 2-D map (the middle frame of a 3-D grid; a 1-D grid as one row)."""
     data = values.reshape(grid).float()
     if data.ndim == 3:
         data = data[data.shape[0] // 2]
@@ -112,19 +112,20 @@ class Panel:
     bars: Tensor | None = None
     marks: tuple[tuple[float, float], ...] = ()
     blocky: bool = False  # regions: upsample without smoothing
+    xlabel: str = ""  # bar charts: what the bars run over
 
 
 def panels(
     name: str, m: AttentionMap, token_grid: tuple[int, int] | None, sample: int = 0, max_queries: int = 5
 ) -> list[Panel]:
-    """The panels that show one record for batch element ``sample``."""
+    """The panels that show one record for batch element `sample`."""
     data = m.data[sample].float()
     grid = _as_grid(m.grid, token_grid)
     if m.kind == "channel":
-        return [Panel(f"{name}: channel weights", bars=data.flatten())]
+        return [Panel(f"{name}: channel weights", bars=data.flatten(), xlabel="channel")]
     if m.kind == "branch":
         per_branch = data.reshape(data.shape[0], -1).mean(-1)
-        return [Panel(f"{name}: branch weights (mean over channels)", bars=per_branch)]
+        return [Panel(f"{name}: branch weights (mean over channels)", bars=per_branch, xlabel="branch")]
     if grid is None:
         return []
     if m.kind == "spatial":
@@ -138,7 +139,7 @@ def panels(
             return [Panel(f"{name}: {m.meta['query']} query", heat=_plane(rows[0], grid))]
         if len(grid) == 1:  # keys that are not positions on the map (channels): bar charts
             return [
-                Panel(f"{name}: query {q} of {grid[0]}", bars=row)
+                Panel(f"{name}: query {q} of {grid[0]}", bars=row, xlabel="key")
                 for q, row in list(zip(queries, rows, strict=False))[:max_queries]
             ]
         for q, row in list(zip(queries, rows, strict=False))[:max_queries]:
@@ -173,7 +174,7 @@ def panels(
 
 
 def heatmap(m: AttentionMap, token_grid: tuple[int, int] | None, sample: int = 0) -> Tensor | None:
-    """One 2-D summary of a record for batch element ``sample``: the spatial map, the attention each
+    """One 2-D summary of a record for batch element `sample`: the spatial map, the attention each
     position receives from the recorded queries (rows), or how often each region is routed to;
     None for channel and branch weights."""
     grid = _as_grid(m.grid, token_grid)
@@ -196,31 +197,75 @@ def _upsample(heat: Tensor, size: tuple[int, int], blocky: bool = False) -> Tens
     return F.interpolate(heat[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
 
 
-def _draw(ax: Any, image: Tensor | None, panel: Panel) -> None:
-    ax.set_title(panel.title, fontsize=7)
-    if panel.bars is not None:
-        values = panel.bars.numpy()
-        ax.bar(range(len(values)), values, width=1.0, color="tab:blue")
-        ax.set_xlim(-0.5, len(values) - 0.5)
-        ax.tick_params(labelsize=6)
-        return
-    ax.axis("off")
-    if panel.heat is None:
-        return
-    height, width = (
-        (image.shape[1], image.shape[2]) if image is not None else (panel.heat.shape[0], panel.heat.shape[1])
-    )
+# ---------------------------------------------------------------------------------------------
+# One style for every picture (maps, demo, bench charts): sized so that the text stays legible when
+# the docs show a picture at about 700 pixels wide.
+
+STYLE: dict[str, Any] = {
+    "font.size": 12,
+    "axes.titlesize": 12,
+    "axes.labelsize": 11,
+    "xtick.labelsize": 10,
+    "ytick.labelsize": 10,
+    "figure.titlesize": 14,
+    "figure.dpi": 100,
+    "savefig.dpi": 100,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "axes.grid": False,
+}
+HEAT_CMAP = "inferno"  # perceptually uniform, legible in grey too
+BAR_COLOR = "#3b6ea8"
+ACCENT_COLOR = "#d9822b"
+HEAT_ALPHA = 0.6
+HEAT_LABEL = "relative attention\n(0 = panel min, 1 = max)"
+PANEL_INCHES = 3.4
+
+
+def _heat_image(ax: Any, image: Tensor | None, heat: Tensor, blocky: bool = False) -> Any:
+    """Draw the image and the heat map over it (scaled to [0, 1]); returns the heat layer."""
+    height, width = (image.shape[1], image.shape[2]) if image is not None else tuple(heat.shape)
     if image is not None:
         ax.imshow(image.permute(1, 2, 0).numpy())
-    ax.imshow(
-        _upsample(panel.heat, (height, width), panel.blocky).numpy(),
-        cmap="jet",
-        alpha=0.5 if image is not None else 1.0,
+    layer = ax.imshow(
+        _upsample(heat, (height, width), blocky).numpy(),
+        cmap=HEAT_CMAP,
+        alpha=HEAT_ALPHA if image is not None else 1.0,
         vmin=0,
         vmax=1,
     )
+    ax.set_xticks([])
+    ax.set_yticks([])
+    return layer
+
+
+def _colorbar(fig: Any, axes: Any, layer: Any) -> None:
+    """One labelled scale for every heat map of the figure, on its right."""
+    bar = fig.colorbar(layer, ax=axes, fraction=0.025, pad=0.02, shrink=0.9)
+    bar.solids.set_alpha(1.0)
+    bar.set_label(HEAT_LABEL)
+    bar.set_ticks([0, 0.5, 1])
+
+
+def _draw(ax: Any, image: Tensor | None, panel: Panel) -> Any:
+    """Draw one panel; returns its heat layer (None for a bar chart)."""
+    ax.set_title(panel.title, wrap=True)
+    if panel.bars is not None:
+        values = panel.bars.numpy()
+        ax.bar(range(len(values)), values, width=0.9, color=BAR_COLOR)
+        ax.set_xlim(-0.5, len(values) - 0.5)
+        ax.set_xlabel(panel.xlabel)
+        ax.set_ylabel("weight")
+        return None
+    if panel.heat is None:
+        ax.axis("off")
+        return None
+    layer = _heat_image(ax, image, panel.heat, panel.blocky)
+    height, width = (image.shape[1], image.shape[2]) if image is not None else tuple(panel.heat.shape)
     for y, x in panel.marks:
-        ax.plot([x * width - 0.5], [y * height - 0.5], marker="+", color="white", markersize=10, mew=2)
+        ax.plot([x * width - 0.5], [y * height - 0.5], marker="+", color="white", markersize=14, mew=3)
+        ax.plot([x * width - 0.5], [y * height - 0.5], marker="+", color="black", markersize=10, mew=1.2)
+    return layer
 
 
 def plot_maps(
@@ -230,34 +275,46 @@ def plot_maps(
     *,
     title: str,
     token_grid: tuple[int, int] | None = None,
-    columns: int = 4,
+    columns: int = 3,
     max_panels: int = 24,
 ) -> int:
     """Save a PNG grid: the image, then each module's maps over it (the first call's record of each
-    kind). Returns the number of panels."""
+    kind), with one labelled colour scale. Returns the number of panels."""
     plt = pyplot("saving attention maps")
     items = [Panel("input image")]
     for name, records in maps.items():
         first_of_kind = {m.kind: m for m in reversed(records)}  # a module called twice: its first call
         for m in sorted(first_of_kind.values(), key=records.index):
-            items += panels(name or "module", m, token_grid)
+            found = panels(name or "module", m, token_grid)
+            if len(maps) == 1:  # one module: its name is in the figure title already
+                for panel in found:
+                    panel.title = panel.title.removeprefix(f"{name or 'module'}: ")
+            items += found
     items = items[:max_panels]
+    columns = min(columns, len(items))
     rows = math.ceil(len(items) / columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3 * rows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, panel in zip(axes.flat, items, strict=False):
-        if panel.heat is None and panel.bars is None:
-            ax.imshow(image.permute(1, 2, 0).numpy())
-            ax.set_title(panel.title, fontsize=7)
-        else:
-            if panel.bars is not None:
-                ax.axis("on")
-            _draw(ax, image, panel)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(
+            rows, columns, figsize=(PANEL_INCHES * columns + 1.2, PANEL_INCHES * rows + 0.6),
+            squeeze=False, layout="constrained",
+        )
+        layer = None
+        for ax in axes.flat:
+            ax.axis("off")
+        for ax, panel in zip(axes.flat, items, strict=False):
+            ax.axis("on")
+            if panel.heat is None and panel.bars is None:
+                ax.imshow(image.permute(1, 2, 0).numpy())
+                ax.set_xticks([])
+                ax.set_yticks([])
+                ax.set_title(panel.title)
+            else:
+                layer = _draw(ax, image, panel) or layer
+        if layer is not None:
+            _colorbar(fig, axes, layer)
+        fig.suptitle(title)
+        fig.savefig(path)
+        plt.close(fig)
     return len(items)
 
 
@@ -271,50 +328,60 @@ def grid_figure(
     """Save a PNG: one column per image, the images on top, then one row of heat maps per label."""
     plt = pyplot("saving attention maps")
     n = len(images)
-    fig, axes = plt.subplots(len(rows) + 1, n, figsize=(1.8 * n, 1.9 * (len(rows) + 1)), squeeze=False)
-    for j, image in enumerate(images):
-        axes[0, j].imshow(image.permute(1, 2, 0).numpy())
-        axes[0, j].axis("off")
-    axes[0, 0].set_title("test images", fontsize=7, loc="left")
-    for i, (label, heats) in enumerate(rows, 1):
-        for j, heat in enumerate(heats):
-            ax = axes[i, j]
-            ax.axis("off")
-            if heat is None:
-                continue
-            ax.imshow(images[j].permute(1, 2, 0).numpy())
-            ax.imshow(
-                _upsample(heat, (images[j].shape[1], images[j].shape[2])).numpy(),
-                cmap="jet",
-                alpha=0.5,
-                vmin=0,
-                vmax=1,
-            )
-        axes[i, 0].set_title(label, fontsize=7, loc="left")
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(
+            len(rows) + 1, n, figsize=(2.2 * n + 1.6, 2.3 * (len(rows) + 1) + 0.5),
+            squeeze=False, layout="constrained",
+        )
+        for j, image in enumerate(images):
+            axes[0, j].imshow(image.permute(1, 2, 0).numpy())
+            axes[0, j].set_xticks([])
+            axes[0, j].set_yticks([])
+        axes[0, 0].set_ylabel("test image")
+        layer = None
+        for i, (label, heats) in enumerate(rows, 1):
+            for j, heat in enumerate(heats):
+                ax = axes[i, j]
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if heat is None:
+                    ax.axis("off")
+                    continue
+                layer = _heat_image(ax, images[j], heat)
+            axes[i, 0].axis("on")
+            axes[i, 0].set_ylabel(label, wrap=True)
+        if layer is not None:
+            _colorbar(fig, axes, layer)
+        fig.suptitle(title)
+        fig.savefig(path)
+        plt.close(fig)
 
 
 def bench_chart(rows: Sequence[dict[str, Any]], path: str | os.PathLike[str], *, title: str) -> None:
     """Save a PNG: median latency per mechanism (bars), and latency against parameters (scatter)."""
     plt = pyplot("--plot")
     done = sorted((r for r in rows if r.get("latency_ms") is not None), key=lambda r: r["latency_ms"])
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, max(3.0, 0.3 * len(done) + 1.5)))
-    names = [r["name"] for r in done]
-    left.barh(names, [r["latency_ms"] for r in done], color="tab:blue")
-    left.set_xlabel("median latency (ms)")
-    left.invert_yaxis()
-    left.tick_params(labelsize=7)
-    for r in done:
-        right.scatter(max(r["params"], 1), r["latency_ms"], color="tab:orange")
-        right.annotate(r["name"], (max(r["params"], 1), r["latency_ms"]), fontsize=6)
-    right.set_xscale("log")
-    right.set_yscale("log")
-    right.set_xlabel("parameters")
-    right.set_ylabel("median latency (ms)")
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    with plt.rc_context(STYLE):
+        fig, (left, right) = plt.subplots(
+            1, 2, figsize=(13, max(4.0, 0.32 * len(done) + 1.8)), layout="constrained"
+        )
+        names = [r["name"] for r in done]
+        left.barh(names, [r["latency_ms"] for r in done], color=BAR_COLOR)
+        left.set_xlabel("median latency (ms)")
+        left.set_ylabel("mechanism")
+        left.set_title("latency per mechanism")
+        left.invert_yaxis()
+        left.grid(axis="x", alpha=0.3)
+        for r in done:
+            right.scatter(max(r["params"], 1), r["latency_ms"], color=ACCENT_COLOR)
+            right.annotate(r["name"], (max(r["params"], 1), r["latency_ms"]), fontsize=9,
+                           xytext=(3, 3), textcoords="offset points")
+        right.set_xscale("log")
+        right.set_yscale("log")
+        right.set_xlabel("parameters (log scale)")
+        right.set_ylabel("median latency (ms, log scale)")
+        right.set_title("latency against size")
+        right.grid(alpha=0.3)
+        fig.suptitle(title)
+        fig.savefig(path)
+        plt.close(fig)

@@ -1,7 +1,7 @@
-"""Attention-map capture: :func:`capture_maps` and the per-family map records.
+"""Attention-map capture: `capture_maps` and the per-family map records.
 
-- :mod:`~attnzoo.maps.capture`: the capture session, :class:`AttentionMap`, ``record``;
-- :mod:`~attnzoo.maps.records`: rows for windows, routed regions and local neighbourhoods.
+- `capture`: the capture session, `AttentionMap`, `record`;
+- `records`: rows for windows, routed regions and local neighbourhoods.
 """
 
 from attnzoo.maps.capture import (

@@ -1,37 +1,41 @@
 """Attention-map capture: what each attention module attended to, recorded only when asked.
 
-Usage::
+Usage:
 
-    with attnzoo.capture_maps(model, queries=[(0.5, 0.5), (0.2, 0.8)]) as maps:
-        model(x)
-    for name, records in maps.items():       # qualified module name -> list of AttentionMap
-        for m in records:
-            print(name, m.kind, tuple(m.data.shape))
+```python
+with attnzoo.capture_maps(model, queries=[(0.5, 0.5), (0.2, 0.8)]) as maps:
+    model(x)
+for name, records in maps.items():       # qualified module name -> list of AttentionMap
+    for m in records:
+        print(name, m.kind, tuple(m.data.shape))
+```
 
-Mechanisms call two cheap helpers in their forward: :func:`capturing` (a global counter read,
-free when nothing captures) and :func:`record` / :func:`record_rows`. The fused path stays fused
+Mechanisms call two cheap helpers in their forward: `capturing` (a global counter read,
+free when nothing captures) and `record` / `record_rows`. The fused path stays fused
 when nothing captures; while capturing, dot-product modules compute weights for the chosen query
-rows only (``attend(q[:, :, idx], k, ..., return_weights=True)``), never the full N x N matrix.
-The pattern in a ``forward`` (the outer ``if`` keeps ``torch.jit.script`` working: TorchScript
-skips the branch; ``torch.compile`` and ``torch.jit.trace`` see ``capturing()`` return False)::
+rows only (`attend(q[:, :, idx], k, ..., return_weights=True)`), never the full N x N matrix.
+The pattern in a `forward` (the outer `if` keeps `torch.jit.script` working: TorchScript
+skips the branch; `torch.compile` and `torch.jit.trace` see `capturing()` return False):
 
-    if not torch.jit.is_scripting():
-        if capturing():
-            record(self, "channel", weights)            # (B, C)
-            record_rows(self, q, k, grid=(H, W))        # q, k: (B, h, N, d)
+```python
+if not torch.jit.is_scripting():
+    if capturing():
+        record(self, "channel", weights)            # (B, C)
+        record_rows(self, q, k, grid=(H, W))        # q, k: (B, h, N, d)
+```
 
-Window, routed and local attention use the helpers of :mod:`attnzoo.maps.records`, which place their
+Window, routed and local attention use the helpers of `attnzoo.maps.records`, which place their
 rows on the whole map.
 
-Kinds of map and the shape of :attr:`AttentionMap.data`:
+Kinds of map and the shape of `AttentionMap.data`:
 
-- ``"channel"``: ``(B, C)`` channel weights (SE, CBAM's channel gate).
-- ``"spatial"``: ``(B, *grid)`` one weight per position (CBAM's spatial gate, dual gated).
-- ``"rows"``: ``(B, h, Q, S)`` attention weights of Q query positions over S keys, S =
-  prod(``grid``); ``queries`` holds the flat indices of the queries in ``query_grid``.
-- ``"routing"``: ``(B, R, k)`` int64, the k regions each of the R query regions routes to
-  (BiFormer), regions numbered row-major in ``grid``.
-- ``"branch"``: ``(B, M, C)`` or ``(B, M)`` weights over M branches (SK convolution).
+- `"channel"`: `(B, C)` channel weights (SE, CBAM's channel gate).
+- `"spatial"`: `(B, *grid)` one weight per position (CBAM's spatial gate, dual gated).
+- `"rows"`: `(B, h, Q, S)` attention weights of Q query positions over S keys, S =
+  prod(`grid`); `queries` holds the flat indices of the queries in `query_grid`.
+- `"routing"`: `(B, R, k)` int64, the k regions each of the R query regions routes to
+  (BiFormer), regions numbered row-major in `grid`.
+- `"branch"`: `(B, M, C)` or `(B, M)` weights over M branches (SK convolution).
 """
 
 from __future__ import annotations
@@ -73,15 +77,15 @@ Point = Union[float, int, Sequence[Union[float, int]]]  # noqa: UP007 (a runtime
 
 @dataclass
 class AttentionMap:
-    """One recorded map (see the module docstring for the shape of ``data`` per ``kind``).
+    """One recorded map (see the module docstring for the shape of `data` per `kind`).
 
     Attributes:
-        kind: One of :data:`KINDS`.
+        kind: One of `KINDS`.
         data: The weights, detached from the graph.
-        grid: Spatial size of the positions ``data`` runs over (keys for ``"rows"``, regions for
-            ``"routing"``), or None when there is no grid.
-        queries: ``"rows"`` only: flat indices of the query positions in ``query_grid``.
-        query_grid: ``"rows"`` only: spatial size of the query positions.
+        grid: Spatial size of the positions `data` runs over (keys for `"rows"`, regions for
+            `"routing"`), or None when there is no grid.
+        queries: `"rows"` only: flat indices of the query positions in `query_grid`.
+        query_grid: `"rows"` only: spatial size of the query positions.
         meta: Anything else the module recorded (window counts, routing weights, ...).
     """
 
@@ -117,7 +121,7 @@ def _session() -> _Session | None:
 
 
 def capturing() -> bool:
-    """Whether a :func:`capture_maps` block is open in this thread (cheap; call it in ``forward``)."""
+    """Whether a `capture_maps` block is open in this thread (cheap; call it in `forward`)."""
     return _active > 0 and _session() is not None
 
 
@@ -140,19 +144,19 @@ class capture_maps:  # noqa: N801 (used as a function: ``with capture_maps(model
 
     Args:
         model: The model whose sub-modules are named in the result by their qualified names
-            (``"layer1.0.attn"``); modules outside it are named by their class name. Default: None.
+            (`"layer1.0.attn"`); modules outside it are named by their class name. Default: None.
         queries: Query points for attention rows. Each point is a tuple of fractions of the grid
-            size (floats in [0, 1], ``(0.5, 0.5)`` = the centre) or of indices (ints). A point with
+            size (floats in [0, 1], `(0.5, 0.5)` = the centre) or of indices (ints). A point with
             fewer coordinates than the grid is centred on the leading axes (a (y, x) point on a
             (T, H, W) grid takes the middle frame); with more, the leading ones are dropped (a
-            (y, x) point on a 1-D sequence uses x). Default: :data:`DEFAULT_QUERIES`.
-        token_grid: How a token sequence lies on a map, ``(H, W)`` row-major: a module that
-            only sees ``H*W`` tokens (multi-head attention on a flattened map) then gets its query
+            (y, x) point on a 1-D sequence uses x). Default: `DEFAULT_QUERIES`.
+        token_grid: How a token sequence lies on a map, `(H, W)` row-major: a module that
+            only sees `H*W` tokens (multi-head attention on a flattened map) then gets its query
             points placed on that map. Default: None (sequences are 1-D).
 
     Returns:
         A dict, filled while the block runs, from module name to the list of its
-        :class:`AttentionMap` records (one per call).
+        `AttentionMap` records (one per call).
 
     While a block is open, torch's transformer fast path (``torch.backends.mha``) is switched off:
     its fused ``nn.TransformerEncoderLayer`` kernel would run the layer without calling the attention
@@ -161,10 +165,15 @@ class capture_maps:  # noqa: N801 (used as a function: ``with capture_maps(model
     outputs at padded positions (it does so only on the fast path, through nested tensors).
 
     Example:
+        ```python
+        >>> import torch, attnzoo
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), attnzoo.create("se", channels=16))
         >>> with attnzoo.capture_maps(model) as maps:
-        ...     model(x)
-        >>> maps["layer2.attn"][0].kind
-        'rows'
+        ...     y = model(torch.randn(1, 3, 12, 12))
+        >>> [(m.kind, tuple(m.data.shape)) for m in maps["1"]]  # SE's 16 channel weights
+        [('channel', (1, 16))]
+        ```
     """
 
     def __init__(
@@ -226,12 +235,12 @@ def _resolve_point(point: tuple[float | int, ...], grid: tuple[int, ...]) -> int
 
 
 def query_indices(grid: Sequence[int], device: torch.device | None = None) -> Tensor:
-    """Flat indices (row-major in ``grid``) of this capture's query points, without repeats.
+    """Flat indices (row-major in `grid`) of this capture's query points, without repeats.
 
     Outside a capture block the default points are used.
 
     Shape:
-        - Output: ``(Q,)`` int64.
+        - Output: `(Q,)` int64.
     """
     grid = tuple(int(g) for g in grid)
     if not grid or any(g < 1 for g in grid):
@@ -249,14 +258,14 @@ def query_indices(grid: Sequence[int], device: torch.device | None = None) -> Te
 
 
 def record(module: nn.Module, kind: str, data: Tensor, **meta: Any) -> None:
-    """Record one map for ``module`` in the open capture (nothing happens when none is open).
+    """Record one map for `module` in the open capture (nothing happens when none is open).
 
     Args:
         module: The attention module that computed the map (names it in the result).
-        kind: One of :data:`KINDS`.
+        kind: One of `KINDS`.
         data: The map (shape per kind, see the module docstring); stored detached.
-        **meta: ``grid``, ``queries``, ``query_grid`` fill the :class:`AttentionMap` fields of
-            the same names; anything else goes to ``meta``.
+        **meta: `grid`, `queries`, `query_grid` fill the `AttentionMap` fields of
+            the same names; anything else goes to `meta`.
     """
     session = _session()
     if session is None:
@@ -282,12 +291,12 @@ def record(module: nn.Module, kind: str, data: Tensor, **meta: Any) -> None:
 def with_map(
     module: nn.Module, out: Tensor, attn: Tensor | None, return_attention: bool
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """A forward's result under the ``capture_attention`` / ``last_attention`` convention.
+    """A forward's result under the `capture_attention` / `last_attention` convention.
 
-    Modules that can build their map on request (``forward(x, return_attention=True)``, or
-    ``module.capture_attention = True``) pass the map they built, or None when they built none:
-    it is stored detached in ``module.last_attention`` when capture is on, and returned beside
-    ``out`` only when the caller asked for it.
+    Modules that can build their map on request (`forward(x, return_attention=True)`, or
+    `module.capture_attention = True`) pass the map they built, or None when they built none:
+    it is stored detached in `module.last_attention` when capture is on, and returned beside
+    `out` only when the caller asked for it.
     """
     if attn is None:
         return out
@@ -322,20 +331,20 @@ def record_rows(
 ) -> None:
     """Record attention rows for the capture's query points: weights of those queries only.
 
-    Runs :func:`attnzoo.functional.attend` with ``return_weights=True`` on the selected rows of
-    ``q`` (no gradient), so the cost is Q x S, not L x S. Call it under ``if capturing():``.
+    Runs `attnzoo.functional.attend` with `return_weights=True` on the selected rows of
+    `q` (no gradient), so the cost is Q x S, not L x S. Call it under `if capturing():`.
 
     Args:
         module: The attention module (names the record).
-        q: Queries, ``(B, h, L, d)`` with L = prod(``grid``).
-        k: Keys, ``(B, h, S, d)``.
+        q: Queries, `(B, h, L, d)` with L = prod(`grid`).
+        k: Keys, `(B, h, S, d)`.
         grid: Spatial size of the query positions.
-        key_grid: Spatial size of the key positions (S = its product). Default: ``grid``.
-        bias: Additive term as passed to ``attend`` (rows are selected here). Default: None.
-        mask: Mask as passed to ``attend`` (True = may attend). Default: None.
-        causal: As ``attend``'s (applied to the original query positions). Default: False.
-        scale: As ``attend``'s. Default: ``1 / sqrt(d)``.
-        **meta: Stored in :attr:`AttentionMap.meta`.
+        key_grid: Spatial size of the key positions (S = its product). Default: `grid`.
+        bias: Additive term as passed to `attend` (rows are selected here). Default: None.
+        mask: Mask as passed to `attend` (True = may attend). Default: None.
+        causal: As `attend`'s (applied to the original query positions). Default: False.
+        scale: As `attend`'s. Default: `1 / sqrt(d)`.
+        **meta: Stored in `AttentionMap.meta`.
     """
     if not capturing():
         return
@@ -376,7 +385,7 @@ def record_rows(
 
 
 def iter_maps(maps: dict[str, list[AttentionMap]]) -> Iterator[tuple[str, AttentionMap]]:
-    """``(name, map)`` for every record, in recording order per module."""
+    """`(name, map)` for every record, in recording order per module."""
     for name, records in maps.items():
         for m in records:
             yield name, m

@@ -1,5 +1,5 @@
 """Attention rows for mechanisms whose keys are not one shared set: windows, routed regions,
-local neighbourhoods. The families call these under ``capturing()`` (see :mod:`attnzoo.maps.capture`);
+local neighbourhoods. The families call these under `capturing()` (see `attnzoo.maps.capture`);
 each turns what the module computed into rows over the whole map, for the capture's query points.
 """
 
@@ -26,17 +26,17 @@ def record_packed_rows(
     all_queries: bool = False,
     **meta: Any,
 ) -> None:
-    """:func:`record_rows` for packed q/k/v, as :func:`attnzoo.kernels.biased.biased_attention` takes.
+    """`record_rows` for packed q/k/v, as `attnzoo.kernels.biased.biased_attention` takes.
 
     Args:
         module: The attention module (names the record).
-        qkv: ``(B, N, 3, h, d)``.
-        bias: ``(h, N, N)``, or ``(G, h, N, N)`` with batch element i using group ``i % G``; or None.
+        qkv: `(B, N, 3, h, d)`.
+        bias: `(h, N, N)`, or `(G, h, N, N)` with batch element i using group `i % G`; or None.
         scale: Multiplies the logits.
         grid: Spatial size of the N positions.
-        all_queries: Record every query's row (``(B, h, N, N)``: windows are small) instead of the
+        all_queries: Record every query's row (`(B, h, N, N)`: windows are small) instead of the
             capture's query points. Default: False.
-        **meta: Stored in :attr:`AttentionMap.meta`.
+        **meta: Stored in `AttentionMap.meta`.
     """
     if not capturing():
         return
@@ -65,20 +65,20 @@ def windows_to_image(
     window: Sequence[int],
     shift: Sequence[int] = (0, 0),
 ) -> None:
-    """Turn the window attention ``inner`` just recorded into rows over the whole image.
+    """Turn the window attention `inner` just recorded into rows over the whole image.
 
-    ``inner`` must have recorded every query's row per window (:func:`record_packed_rows` with
-    ``all_queries=True``, ``(B*nW, h, N, N)``, windows in image-major, row-major order). That record
-    is replaced by one for ``module``: for each capture query point of the ``(H, W)`` image, its
-    row scattered over the image (zero outside its window), ``(B, h, Q, H*W)``.
+    `inner` must have recorded every query's row per window (`record_packed_rows` with
+    `all_queries=True`, `(B*nW, h, N, N)`, windows in image-major, row-major order). That record
+    is replaced by one for `module`: for each capture query point of the `(H, W)` image, its
+    row scattered over the image (zero outside its window), `(B, h, Q, H*W)`.
 
     Args:
         module: The module that owns the image (names the new record).
         inner: The window attention module that recorded the window rows.
-        size: ``(H, W)`` of the image.
-        padded: ``(Hp, Wp)``, the size after padding to window multiples.
-        window: ``(Wh, Ww)``.
-        shift: The cyclic shift applied before partitioning (``roll`` by ``-shift``). Default: (0, 0).
+        size: `(H, W)` of the image.
+        padded: `(Hp, Wp)`, the size after padding to window multiples.
+        window: `(Wh, Ww)`.
+        shift: The cyclic shift applied before partitioning (`roll` by `-shift`). Default: (0, 0).
     """
     session = _session()
     if session is None:
@@ -122,8 +122,8 @@ def windows_to_image(
 
 
 def _scatter_rows(weights: Tensor, target: Tensor, positions: int) -> Tensor:
-    """Sum ``weights`` ``(B, h, Q, K)`` into ``(B, h, Q, positions)`` at ``target`` ``(B or 1, Q, K)``;
-    a target equal to ``positions`` (padding) is dropped."""
+    """Sum `weights` `(B, h, Q, K)` into `(B, h, Q, positions)` at `target` `(B or 1, Q, K)`;
+    a target equal to `positions` (padding) is dropped."""
     b, h, q, k = weights.shape
     out = weights.new_zeros(b, h, q, positions + 1)
     out.scatter_add_(3, target[:, None].expand(b, h, q, k), weights)
@@ -145,18 +145,18 @@ def record_routed_rows(
 ) -> None:
     """Rows of bi-level routing attention (BiFormer) over the image, for the capture's query points.
 
-    Each query attends the tokens of the ``topk`` regions its region routes to; its row is placed on
+    Each query attends the tokens of the `topk` regions its region routes to; its row is placed on
     those tokens' pixels (zero elsewhere). Keys must be one per token (no key pooling).
 
     Args:
         module: The attention module (names the record).
-        q: Queries per region, ``(N*R, rh*rw, c)``, regions row-major over the (padded) map.
-        k: Keys per region, ``(N*R, rh*rw, c)``.
-        r_idx: Routed regions ``(N, R, topk)``.
-        regions: ``(n_h, n_w)`` regions.
-        region: ``(rh, rw)`` tokens per region.
-        size: ``(H, W)`` of the map before padding.
-        num_heads: Heads; ``c`` splits as ``(h, c/h)``.
+        q: Queries per region, `(N*R, rh*rw, c)`, regions row-major over the (padded) map.
+        k: Keys per region, `(N*R, rh*rw, c)`.
+        r_idx: Routed regions `(N, R, topk)`.
+        regions: `(n_h, n_w)` regions.
+        region: `(rh, rw)` tokens per region.
+        size: `(H, W)` of the map before padding.
+        num_heads: Heads; `c` splits as `(h, c/h)`.
         scale: Multiplies the logits.
         r_weight: Scales the gathered keys (soft routing). Default: None.
     """
@@ -200,20 +200,20 @@ def record_local_rows(
 ) -> None:
     """Rows of neighbourhood attention (ACmix's attention branch) over the image.
 
-    Query ``(y, x)`` of the output grid attends ``k_pad[..., stride*y + dilation*i, stride*x + dilation*j]``
-    for ``i, j < kernel``, unscaled logits (scale folded into q), softmax over the neighbours; ``k_pad``
-    is the key map reflection-padded by ``padding``, so neighbours outside the image fold back in.
+    Query `(y, x)` of the output grid attends `k_pad[..., stride*y + dilation*i, stride*x + dilation*j]`
+    for `i, j < kernel`, unscaled logits (scale folded into q), softmax over the neighbours; `k_pad`
+    is the key map reflection-padded by `padding`, so neighbours outside the image fold back in.
 
     Args:
         module: The attention module (names the record).
-        q: ``(B*h, d, Ho, Wo)``.
-        k_pad: ``(B*h, d, H + 2 padding, W + 2 padding)``.
+        q: `(B*h, d, Ho, Wo)`.
+        k_pad: `(B*h, d, H + 2 padding, W + 2 padding)`.
         kernel: Neighbourhood size.
         dilation: Neighbour spacing.
         stride: Query spacing.
         padding: Reflection padding of the keys.
-        size: ``(H, W)`` of the input map.
-        heads: Heads h (the batch of ``q`` is ``B*h``).
+        size: `(H, W)` of the input map.
+        heads: Heads h (the batch of `q` is `B*h`).
     """
     if not capturing():
         return

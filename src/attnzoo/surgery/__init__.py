@@ -1,10 +1,10 @@
 """Network surgery: put attention into an existing model, swap modules for attention, find attention.
 
-- :func:`insert` / :func:`replace` (:mod:`attnzoo.surgery.core`) edit a model in place;
-- :func:`find` (:mod:`attnzoo.surgery.find`) lists the attention a model holds;
-- :mod:`attnzoo.surgery.places` selects places and measures what flows through them;
-- :mod:`attnzoo.surgery.adapters` builds one module for one place (:class:`LayoutAdapter`);
-- :mod:`attnzoo.surgery.build` builds any registered mechanism for a given input.
+- `insert` / `replace` (`attnzoo.surgery.core`) edit a model in place;
+- `find` (`attnzoo.surgery.find`) lists the attention a model holds;
+- `attnzoo.surgery.places` selects places and measures what flows through them;
+- `attnzoo.surgery.adapters` builds one module for one place (`LayoutAdapter`);
+- `attnzoo.surgery.build` builds any registered mechanism for a given input.
 """
 
 from attnzoo.surgery.adapters import LayoutAdapter

@@ -23,10 +23,10 @@ AttentionArg = str | Callable[[int], nn.Module] | nn.Module
 class LayoutAdapter(nn.Module):
     """Runs a module that wants another layout on this network's layout, and back.
 
-    ``NCHW -> NHWC`` permutes; ``NCHW -> NLC`` flattens the map into ``(B, H*W, C)`` tokens.
+    `NCHW -> NHWC` permutes; `NCHW -> NLC` flattens the map into `(B, H*W, C)` tokens.
 
     Shape:
-        - Input: ``(B, C, H, W)``; output: the wrapped module's output in ``(B, C, H, W)``.
+        - Input: `(B, C, H, W)`; output: the wrapped module's output in `(B, C, H, W)`.
     """
 
     def __init__(self, module: nn.Module, outer: str, inner: str) -> None:
@@ -37,7 +37,7 @@ class LayoutAdapter(nn.Module):
         self.outer, self.inner = outer, inner
 
     def forward(self, x: Tensor) -> Tensor:
-        """Move channels last for the wrapped module and back: ``(B, C, H, W) -> (B, C, H, W)``."""
+        """Move channels last for the wrapped module and back: `(B, C, H, W) -> (B, C, H, W)`."""
         b, c, h, w = x.shape
         y = x.permute(0, 2, 3, 1)  # (B, H, W, C)
         if self.inner == "NLC":
@@ -142,7 +142,7 @@ def _guarded(attention: nn.Module, x: Tensor, place: str, what: str) -> Tensor:
 
 
 def _attach(model: nn.Module, name: str, attention: nn.Module, position: str, what: str) -> str:
-    """Wire ``attention`` after/before the sub-module ``name``; return the new module's name."""
+    """Wire `attention` after/before the sub-module `name`; return the new module's name."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     new_child = f"{child}_attn"
@@ -179,7 +179,7 @@ def _attach(model: nn.Module, name: str, attention: nn.Module, position: str, wh
 class _SequentialGuard(nn.Module):
     """The attention placed in a Sequential, checking that it keeps the shape it is given.
 
-    Its only child is ``attention``, so the state_dict keys are ``<name>_attn.attention.*``.
+    Its only child is `attention`, so the state_dict keys are `<name>_attn.attention.*`.
     """
 
     def __init__(self, attention: nn.Module, place: str, what: str) -> None:

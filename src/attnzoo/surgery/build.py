@@ -199,11 +199,11 @@ def build(
     seed: int = 0,
     batch: int | None = None,
 ) -> Built:
-    """Build ``spec``'s canonical module and random inputs (seeded) for an input of ``shape``.
+    """Build `spec`'s canonical module and random inputs (seeded) for an input of `shape`.
 
     Args:
         spec: The registry entry.
-        shape: ``B x C x H x W``, ``B x L x C`` or ``B x C x T x H x W``.
+        shape: `B x C x H x W`, `B x L x C` or `B x C x T x H x W`.
         dtype: Of the parameters and the inputs. Default: float32.
         seed: Seeds the weights and the inputs. Default: 0.
         batch: Overrides B (FLOPs are counted on one sample). Default: None.
@@ -223,7 +223,7 @@ def build(
 
 
 class _QueryProbe(nn.Module):
-    """Runs a SEQ2SEQ scorer on a ``(B, C, H, W)`` map: the mean token queries the H*W tokens."""
+    """Runs a SEQ2SEQ scorer on a `(B, C, H, W)` map: the mean token queries the H*W tokens."""
 
     def __init__(self, module: nn.Module, one_token: tuple[bool, ...]) -> None:
         super().__init__()
@@ -257,7 +257,7 @@ class _QueryProbe(nn.Module):
 
 
 class _SelfTokens(nn.Module):
-    """Runs a (query, key, value) module on a ``(B, C, H, W)`` map: the H*W tokens attend to themselves."""
+    """Runs a (query, key, value) module on a `(B, C, H, W)` map: the H*W tokens attend to themselves."""
 
     def __init__(self, module: nn.Module, inputs: int) -> None:
         super().__init__()
@@ -273,7 +273,7 @@ class _SelfTokens(nn.Module):
 
 
 def build_nchw(spec: Spec, channels: int, size: tuple[int, int], *, seed: int = 0) -> nn.Module:
-    """A module for ``(B, channels, H, W)`` maps that keeps their shape: ``spec``'s mechanism built
+    """A module for `(B, channels, H, W)` maps that keeps their shape: `spec`'s mechanism built
     for that input and wrapped to the map's layout when it takes another (NHWC, NLC tokens, or a
     SEQ2SEQ scorer queried by the mean token).
 

@@ -1,19 +1,19 @@
 """Network surgery: put attention into an existing model, swap modules for attention, find attention.
 
-``insert`` and ``replace`` infer the channel count and the layout at each selected place, from one
-traced forward of an ``example_input`` or, when obvious, from the module's attributes
-(``out_channels``, ``num_features``, ``out_features``, ``normalized_shape``). Every place gets its
+`insert` and `replace` infer the channel count and the layout at each selected place, from one
+traced forward of an `example_input` or, when obvious, from the module's attributes
+(`out_channels`, `num_features`, `out_features`, `normalized_shape`). Every place gets its
 own new module. The model's existing parameters keep their values and their state_dict keys:
 
-- a place inside an ``nn.Sequential`` gets the attention as a named sibling right after (or
-  before) it, so ``layer1.0`` stays ``layer1.0`` and the new module is ``layer1.0_attn``
+- a place inside an `nn.Sequential` gets the attention as a named sibling right after (or
+  before) it, so `layer1.0` stays `layer1.0` and the new module is `layer1.0_attn`
   (indexing such a Sequential by position now counts the new module too);
 - any other place keeps its module and runs the attention in a forward hook; the attention is
-  registered beside it on the parent as ``<name>_attn``, so it is in ``parameters()``,
-  ``state_dict()`` and ``print(model)``.
+  registered beside it on the parent as `<name>_attn`, so it is in `parameters()`,
+  `state_dict()` and `print(model)`.
 
-With ``example_input`` the model is run once after surgery; an inserted module that would change
-a shape raises ``ValueError`` naming the place, the expected and the produced shape.
+With `example_input` the model is run once after surgery; an inserted module that would change
+a shape raises `ValueError` naming the place, the expected and the produced shape.
 """
 
 
@@ -37,26 +37,36 @@ def insert(
     example_input: Any = None,
     **kwargs: Any,
 ) -> list[str]:
-    """Put a new attention module after (or before) every sub-module ``where`` selects.
+    """Put a new attention module after (or before) every sub-module `where` selects.
 
     Args:
         model: The network, changed in place.
-        attention: A registry name (``"cbam"``, ``"bra"``, a seed name), a factory called as
-            ``factory(channels, **kwargs)``, or a module (deep-copied for every place).
-        where: What to select: a glob over qualified names (``"layer*.*"``), a list of names, a
-            module type, or a predicate ``(name, module) -> bool``.
-        position: ``"after"`` (default) or ``"before"`` the selected module.
-        example_input: An input for ``model`` (a tensor, a tuple of positional inputs, or a dict of
+        attention: A registry name (`"cbam"`, `"bra"`, a seed name), a factory called as
+            `factory(channels, **kwargs)`, or a module (deep-copied for every place).
+        where: What to select: a glob over qualified names (`"layer*.*"`), a list of names, a
+            module type, or a predicate `(name, module) -> bool`.
+        position: `"after"` (default) or `"before"` the selected module.
+        example_input: An input for `model` (a tensor, a tuple of positional inputs, or a dict of
             keyword inputs). With it, channels and layout are measured by one forward and the
             model is checked after surgery; without it they come from obvious attributes.
-        **kwargs: More constructor arguments for the attention (``reduction=8``, ``n_win=7``).
+        **kwargs: More constructor arguments for the attention (`reduction=8`, `n_win=7`).
 
     Returns:
         The qualified names of the new modules.
 
     Example:
-        >>> x = torch.randn(1, 3, 224, 224)
-        >>> names = attnzoo.insert(resnet, "cbam", where="layer*.*", example_input=x)
+        ```python
+        >>> import torch, attnzoo
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3))
+        >>> x = torch.randn(1, 3, 32, 32)
+        >>> attnzoo.insert(net, "cbam", where="0", example_input=x)  # CBAM after the first conv
+        ['0_attn']
+        >>> net(x).shape
+        torch.Size([1, 32, 30, 30])
+
+        On a torchvision ResNet, `where="layer*.*"` puts one after every residual block.
+        ```
     """
     if position not in ("after", "before"):
         raise ValueError(f"insert: position must be 'after' or 'before', got {position!r}")
@@ -80,11 +90,11 @@ def replace(
     example_input: Any = None,
     **kwargs: Any,
 ) -> list[str]:
-    """Swap every sub-module ``where`` selects for a new attention module, inferring its channels.
+    """Swap every sub-module `where` selects for a new attention module, inferring its channels.
 
     The replaced modules must keep the shape of what flows through them (attention modules do).
-    A module that wants NHWC (BiLevelRoutingAttention) on an NCHW network gets ``layout="nchw"`` or a
-    :class:`LayoutAdapter`.
+    A module that wants NHWC (BiLevelRoutingAttention) on an NCHW network gets `layout="nchw"` or a
+    `LayoutAdapter`.
 
     Without ``attention``, ``where`` must be a foreign class that :mod:`attnzoo.convert` knows
     (``torch.nn.MultiheadAttention``, ...): every instance is converted with its weights and swapped in
@@ -102,6 +112,13 @@ def replace(
         The qualified names of the replaced places.
 
     Example:
+        ```python
+        >>> import torch, attnzoo
+        >>> from torch import nn
+        >>> model = nn.Sequential()
+        >>> model.add_module("conv", nn.Conv2d(3, 64, 3, padding=1))
+        >>> model.add_module("space_attention", nn.Identity())  # a placeholder to swap
+        >>> x = torch.randn(1, 3, 28, 28)
         >>> attnzoo.replace(model, "space_attention", "bra", n_win=7, topk=4, example_input=x)
         >>> attnzoo.replace(encoder, torch.nn.MultiheadAttention)   # same weights, same output
     """

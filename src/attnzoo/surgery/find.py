@@ -54,11 +54,11 @@ def _attnzoo_kinds() -> dict[object, Spec]:
 
 
 def find(model: nn.Module, example_input: Any = None) -> list[FoundAttention]:
-    """List the attention modules in ``model``: attnzoo's and recognisable third-party ones.
+    """List the attention modules in `model`: attnzoo's and recognisable third-party ones.
 
     Nested attention (a CBAM's channel gate inside the CBAM) is reported once, at the outermost
-    module. With ``example_input``, each module's FLOPs are counted on the inputs it receives in one
-    forward (attention on the math path, so fused kernels are counted); otherwise ``flops`` is None.
+    module. With `example_input`, each module's FLOPs are counted on the inputs it receives in one
+    forward (attention on the math path, so fused kernels are counted); otherwise `flops` is None.
     """
     kinds = _attnzoo_kinds()
     found: list[tuple[str, nn.Module, str]] = []

@@ -23,7 +23,7 @@ _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
 
 def _glob_match(pattern: str, name: str) -> bool:
-    """Match a qualified name segment by segment: ``*`` stays inside one segment, ``**`` spans any."""
+    """Match a qualified name segment by segment: `*` stays inside one segment, `**` spans any."""
     import fnmatch
 
     def match(pat: list[str], parts: list[str]) -> bool:
@@ -37,11 +37,11 @@ def _glob_match(pattern: str, name: str) -> bool:
 
 
 def select(model: nn.Module, where: Where) -> list[str]:
-    """Qualified names of the sub-modules ``where`` selects (the root itself is never selected).
+    """Qualified names of the sub-modules `where` selects (the root itself is never selected).
 
-    ``where`` is a glob over qualified names (``"layer4.*.conv2"``, ``"layer*"``; ``*`` matches
-    within one dotted segment, ``**`` any number of segments), a list of exact names, a module type,
-    or a predicate ``(name, module) -> bool``. Raises ``ValueError`` listing similar names when
+    `where` is a glob over qualified names (`"layer4.*.conv2"`, `"layer*"`; `*` matches
+    within one dotted segment, `**` any number of segments), a list of exact names, a module type,
+    or a predicate `(name, module) -> bool`. Raises `ValueError` listing similar names when
     nothing is selected.
     """
     named = [(n, m) for n, m in model.named_modules() if n]
@@ -90,7 +90,7 @@ class _Site:
 
 
 def _trace(model: nn.Module, sites: list[_Site], example_input: Any) -> None:
-    """One forward of ``example_input`` recording each site's input and output shapes and calls."""
+    """One forward of `example_input` recording each site's input and output shapes and calls."""
     handles = []
     for site in sites:
 
@@ -191,7 +191,7 @@ def _site_shape(site: _Site, use_input: bool) -> tuple[int, str]:
 
 
 def _verify(model: nn.Module, example_input: Any) -> None:
-    """Run the edited model once on ``example_input`` (when given), so a shape mismatch shows now."""
+    """Run the edited model once on `example_input` (when given), so a shape mismatch shows now."""
     if example_input is not None:
         _dry_run(model, example_input)
 
