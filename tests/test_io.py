@@ -57,3 +57,41 @@ def test_non_tensor_content_is_rejected(tmp_path):
     torch.save({"weight": [1, 2, 3]}, tmp_path / "odd.pt")
     with pytest.raises(ValueError, match="state_dict of tensors"):
         load_state_dict(tmp_path / "odd.pt")
+
+
+def test_empty_truncated_and_wrong_format_files_get_one_clear_error(tmp_path):
+    lin = nn.Linear(3, 2)
+    good = tmp_path / "w.pt"
+    torch.save(lin.state_dict(), good)
+    data = good.read_bytes()
+    cases = {
+        "empty.pt": (b"", "is empty"),
+        "truncated.pt": (data[: len(data) // 2], "truncated or damaged"),
+        "text.pt": (b"hello, not a checkpoint\n" * 10, "could not be read"),
+    }
+    for name, (content, message) in cases.items():
+        path = tmp_path / name
+        path.write_bytes(content)
+        with pytest.raises(ValueError, match=message) as info:
+            load_state_dict(path)
+        assert str(path) in str(info.value)
+    with pytest.raises(ValueError, match="is a directory"):
+        load_state_dict(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        load_state_dict(tmp_path / "missing.pt")
+
+
+def test_a_pickle_named_safetensors_is_a_clear_error_and_never_runs(tmp_path):
+    pytest.importorskip("safetensors")
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.safetensors"
+    with open(path, "wb") as f:
+        pickle.dump({"weight": Evil(marker)}, f)
+    with pytest.raises(ValueError, match="not a valid .safetensors file") as info:
+        load_state_dict(path)
+    assert str(path) in str(info.value)
+    assert not marker.exists()
+    empty = tmp_path / "empty.safetensors"
+    empty.write_bytes(b"")
+    with pytest.raises(ValueError, match="is empty"):
+        load_state_dict(empty)
