@@ -23,7 +23,7 @@ from attnzoo.mechanisms.sagan import Self_Attn_Channel, Self_Attn_Spatial
 from attnzoo.mechanisms.se import SELayer
 from attnzoo.mechanisms.seq2seq import Attn
 from attnzoo.mechanisms.sk import SKEConv
-from attnzoo.mechanisms.swin import WindowAttention
+from attnzoo.mechanisms.swin_official import OfficialWindowAttention as WindowAttention
 from attnzoo.mechanisms.temporal import Attention
 
 __all__ = [
