@@ -11,6 +11,7 @@ import torch
 from conftest import golden_files
 
 import attnzoo
+import attnzoo.compat
 from attnzoo import (
     ShiftedWindowAttention,
     WindowAttention,
@@ -19,6 +20,7 @@ from attnzoo import (
     window_reverse,
 )
 from attnzoo.kernels.biased import biased_attention
+from attnzoo.mechanisms.swin import small_map_window
 
 F64 = dict(atol=1e-10, rtol=1e-10)
 
@@ -63,14 +65,18 @@ def reference_window_attention(
 
 @pytest.mark.parametrize("path", golden_files("swin_window_*.pt"), ids=lambda p: p.name)
 @pytest.mark.parametrize("path_kind", ["no_grad", "kernel", "math"])
-def test_official_golden(path, path_kind):
+@pytest.mark.parametrize(
+    "cls", [attnzoo.compat.WindowAttention, WindowAttention], ids=["official", "canonical"]
+)
+def test_official_golden(path, path_kind, cls):
     g = torch.load(path, weights_only=True)
     dtype = getattr(torch, g["dtype"])
     with default_dtype(g["default_dtype"]):
-        m = WindowAttention(**g["kwargs"]).to(dtype)
-        m.load_state_dict(g["state_dict"], strict=True)
+        m = cls(**g["kwargs"]).to(dtype)
+        m.load_state_dict(g["state_dict"], strict=True)  # the official keys, index included
         m.eval()
-        assert list(m.state_dict()) == list(g["state_dict"])
+        keys = [k for k in g["state_dict"] if cls is attnzoo.compat.WindowAttention or "index" not in k]
+        assert list(m.state_dict()) == keys  # the canonical state_dict has no index (as timm's)
         for key, value in m.state_dict().items():
             assert value.shape == g["state_dict"][key].shape and value.dtype == g["state_dict"][key].dtype, (
                 key
@@ -82,6 +88,63 @@ def test_official_golden(path, path_kind):
             out = m(*args, **kwargs, **g["forward_kwargs"])
     tol = 1e-8 if dtype == torch.float64 else 1e-4
     torch.testing.assert_close(out.detach(), g["output"], atol=tol, rtol=0)
+
+
+def test_official_class_keeps_the_official_signature_and_keys():
+    official = attnzoo.compat.WindowAttention
+    assert official is not WindowAttention and issubclass(official, WindowAttention)
+    with pytest.raises(TypeError, match="window_size"):
+        official(8)  # no defaults, as the official module
+    m = official(8, (2, 3), 2)
+    assert list(m.state_dict()) == [
+        "relative_position_bias_table",
+        "relative_position_index",
+        "qkv.weight",
+        "qkv.bias",
+        "proj.weight",
+        "proj.bias",
+    ]
+    canon = WindowAttention(8, (2, 3), 2)
+    assert "relative_position_index" not in canon.state_dict()
+    canon.load_state_dict(m.state_dict(), strict=True)
+    with pytest.raises(RuntimeError, match="Missing key.*relative_position_index"):
+        official(8, (2, 3), 2).load_state_dict(canon.state_dict(), strict=True)  # as the official module
+
+
+@pytest.mark.parametrize("window, heads, masked", [((7, 7), 3, False), ((4, 6), 2, True), (5, 1, False)])
+def test_loads_timm_state_dict_strict_and_equals_timm(window, heads, masked):
+    swin = pytest.importorskip("timm.models.swin_transformer")
+    torch.manual_seed(0)
+    theirs = swin.WindowAttention(6 * heads, heads, window_size=window).double().eval()
+    randomize(theirs, 4)
+    assert "relative_position_index" not in theirs.state_dict()  # timm: a non-persistent buffer
+    m = WindowAttention(6 * heads, window, heads, dtype=torch.float64).eval()
+    m.load_state_dict(theirs.state_dict(), strict=True)
+    theirs.load_state_dict(m.state_dict(), strict=True)  # and back
+    wh, ww = (window, window) if isinstance(window, int) else window
+    mask = shifted_window_mask(2 * wh, 2 * ww, (wh, ww), (wh // 2, ww // 2), dtype=torch.float64)
+    x = torch.randn(8 if masked else 5, wh * ww, 6 * heads, dtype=torch.float64)
+    with torch.no_grad():
+        want = theirs(x, mask=mask if masked else None)
+        torch.testing.assert_close(m(x, mask=mask if masked else None), want, **F64)
+        with attnzoo.fused_attn(False):
+            torch.testing.assert_close(m(x, mask=mask if masked else None), want, **F64)
+
+
+def test_a_wrong_relative_position_index_is_refused():
+    m = WindowAttention(8, (2, 3), 2)
+    state = attnzoo.compat.WindowAttention(8, (2, 3), 2).state_dict()
+    state["relative_position_index"] = state["relative_position_index"].flip(0)
+    with pytest.raises(RuntimeError, match=r"relative_position_index: the checkpoint's relative position"):
+        m.load_state_dict(state, strict=True)
+    other = attnzoo.compat.WindowAttention(8, (3, 2), 2).state_dict()  # same table size, other window
+    with pytest.raises(RuntimeError, match=r"not the one of a \(2, 3\) window"):
+        m.load_state_dict(other, strict=True)
+    with pytest.raises(RuntimeError, match="relative_position_index"):  # inside a model: the prefix
+        ShiftedWindowAttention(8, (2, 3), 2).load_state_dict({f"attn.{k}": v for k, v in other.items()})
+    meta = WindowAttention(8, (2, 3), 2, device="meta")  # on meta only the shape can be checked
+    meta.load_state_dict(attnzoo.compat.WindowAttention(8, (2, 3), 2).state_dict(), strict=True, assign=True)
+    assert meta.qkv.weight.device.type == "cpu"
 
 
 def test_official_mask_recording_equals_shifted_window_mask():
@@ -135,13 +198,50 @@ def test_kernel_values_and_gradients_equal_reference(window, heads, masked):
         torch.testing.assert_close(m(x, mask=mask), ref.detach(), **F64)
 
 
+def reference_window_weights(m: WindowAttention, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The softmax weights of `reference_window_attention`, `(B*nW, h, N, N)`."""
+    windows, n, c = x.shape
+    h = m.num_heads
+    qkv = m.qkv(x).reshape(windows, n, 3, h, c // h).permute(2, 0, 3, 1, 4)
+    logits = (qkv[0] * m.scale) @ qkv[1].transpose(-2, -1) + m.relative_position_bias()
+    if mask is not None:
+        nw = mask.shape[0]
+        logits = (logits.view(windows // nw, nw, h, n, n) + mask[None, :, None]).view(windows, h, n, n)
+    return logits.softmax(-1)
+
+
+def test_need_weights_returns_the_window_weights():
+    torch.manual_seed(0)
+    m = WindowAttention(12, (2, 3), 3, dtype=torch.float64)
+    randomize(m, 8)
+    mask = shifted_window_mask(4, 6, (2, 3), (1, 1), dtype=torch.float64)  # nW = 4
+    x = torch.randn(8, 6, 12, dtype=torch.float64)
+    out, weights = m(x, mask=mask, need_weights=True)
+    torch.testing.assert_close(out, reference_window_attention(m, x, mask), **F64)
+    torch.testing.assert_close(weights, reference_window_weights(m, x, mask), **F64)
+    assert weights.shape == (8, 3, 6, 6)
+    # the map module: the windows of the rolled, padded map; padded keys get no weight
+    swin = ShiftedWindowAttention(12, (2, 3), 3, dtype=torch.float64)
+    swin.attn.load_state_dict(m.state_dict())
+    img = torch.randn(2, 3, 5, 12, dtype=torch.float64)  # padded to 4 x 6: nW = 4 per image
+    out, weights = swin(img, need_weights=True)
+    torch.testing.assert_close(out, swin(img), **F64)
+    assert weights.shape == (8, 3, 6, 6)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(8, 3, 6, dtype=torch.float64), **F64)
+    padded = torch.zeros(4, 6, dtype=torch.bool)
+    padded[3:], padded[:, 5:] = True, True
+    rolled = torch.roll(padded, (-1, -1), (0, 1))[None, :, :, None]  # (1, Hp, Wp, 1)
+    keys = window_partition(rolled, (2, 3)).reshape(4, 6).repeat(2, 1)  # (B*nW, N)
+    assert torch.all(weights.masked_select(keys[:, None, None, :].expand_as(weights)) < 1e-300)
+
+
 def test_kernel_float32_matches_math_path_and_timm():
     swin = pytest.importorskip("timm.models.swin_transformer")
     torch.manual_seed(0)
     m = WindowAttention(24, (7, 7), 3)
     randomize(m, 1)
     theirs = swin.WindowAttention(24, 3, window_size=7)
-    theirs.load_state_dict(m.state_dict(), strict=False)
+    theirs.load_state_dict(m.state_dict(), strict=True)
     x = torch.randn(8, 49, 24, requires_grad=True)
     out = m(x)
     torch.testing.assert_close(out, theirs(x), atol=1e-5, rtol=1e-4)
@@ -192,12 +292,17 @@ def test_window_partition_and_reverse():
 def reference_shifted(m: ShiftedWindowAttention, x: torch.Tensor) -> torch.Tensor:
     """Per-token definition on the real map (no padding, rolling or partition).
 
-    Token p sits at (i - sh) mod Hp, (j - sw) mod Wp of the rolled, padded map; it attends to the
-    real tokens of its window and region with the bias of their offset inside the window.
+    Swin's small-map rule first: along a side no longer than the window, the window is the side and
+    the shift 0. Token p then sits at (i - sh) mod Hp, (j - sw) mod Wp of the rolled, padded map; it
+    attends to the real tokens of its window and region with the bias of their offset, read from
+    the full window's table.
     """
     att = m.attn
     b, height, width, c = x.shape
-    (wh, ww), (sh, sw), h = m.window_size, m.shift_size, att.num_heads
+    (twh, tww), h = m.window_size, att.num_heads
+    wh, ww = min(twh, height), min(tww, width)
+    sh = 0 if height <= twh else m.shift_size[0]
+    sw = 0 if width <= tww else m.shift_size[1]
     hp, wp = -(-height // wh) * wh, -(-width // ww) * ww
     qkv = att.qkv(x).reshape(b, height * width, 3, h, c // h)
     q, k, v = qkv[:, :, 0] * att.scale, qkv[:, :, 1], qkv[:, :, 2]
@@ -218,7 +323,7 @@ def reference_shifted(m: ShiftedWindowAttention, x: torch.Tensor) -> torch.Tenso
             if same_window and same_region:
                 dh, dw = ri % wh - ti % wh, rj % ww - tj % ww
                 keys.append(t)
-                bias_rows.append((dh + wh - 1) * (2 * ww - 1) + dw + ww - 1)
+                bias_rows.append((dh + twh - 1) * (2 * tww - 1) + dw + tww - 1)
         logits = (
             torch.einsum("bhd,bkhd->bhk", q[:, p], k[:, keys]) + att.relative_position_bias_table[bias_rows].T
         )
@@ -233,7 +338,9 @@ def reference_shifted(m: ShiftedWindowAttention, x: torch.Tensor) -> torch.Tenso
         ((5, 7), (2, 3), (1, 2)),
         ((3, 3), 2, 1),
         ((7, 4), (3, 2), 0),
-        ((2, 5), (4, 4), (2, 2)),
+        ((2, 5), (4, 4), (2, 2)),  # small along H: window (2, 4), no shift along H
+        ((3, 9), (4, 4), (2, 2)),  # the same, with a row the old full-window shift would cut off
+        ((3, 3), 4, 2),  # smaller than the window both ways: one 3 x 3 window, no shift
     ],
 )
 def test_shifted_window_attention_equals_reference(size, window, shift):
@@ -253,6 +360,55 @@ def test_shifted_window_attention_equals_reference(size, window, shift):
         torch.testing.assert_close(a, b, **F64)
     with attnzoo.fused_attn(False), torch.no_grad():
         torch.testing.assert_close(m(x), ref.detach(), **F64)
+
+
+def test_small_map_rule_per_dimension():
+    assert small_map_window((56, 56), (7, 7), (3, 3)) == ((7, 7), (3, 3))
+    assert small_map_window((7, 7), (7, 7), (3, 3)) == ((7, 7), (0, 0))  # stage 4 at 224 x 224
+    assert small_map_window((5, 5), (7, 7), (3, 3)) == ((5, 5), (0, 0))
+    assert small_map_window((7, 14), (7, 7), (3, 3)) == ((7, 7), (0, 3))
+    assert small_map_window((20, 4), (7, 7), (3, 3)) == ((7, 4), (3, 0))
+    assert small_map_window((8, 8), (7, 7), (0, 0)) == ((7, 7), (0, 0))
+
+
+@pytest.mark.parametrize("size", [(7, 7), (7, 14), (14, 7), (14, 14)])
+def test_small_maps_equal_torchvision(size):
+    tv = pytest.importorskip("torchvision.models.swin_transformer")
+    torch.manual_seed(0)
+    theirs = tv.ShiftedWindowAttention(12, [7, 7], [3, 3], 3).double().eval()
+    randomize(theirs, 5)
+    m = ShiftedWindowAttention(12, 7, 3, dtype=torch.float64).eval()  # shift: half the window, 3
+    m.attn.load_state_dict(theirs.state_dict(), strict=True)  # torchvision saves the index too
+    x = torch.randn(2, *size, 12, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), theirs(x), **F64)
+
+
+def copy_timm_block(block, m: ShiftedWindowAttention) -> None:
+    """timm's block attention (built for its clipped window) into `m`: the table's central block."""
+    (wh, ww), (th, tw) = m.window_size, block.attn.window_size
+    with torch.no_grad():
+        m.attn.qkv.load_state_dict(block.attn.qkv.state_dict())
+        m.attn.proj.load_state_dict(block.attn.proj.state_dict())
+        table = m.attn.relative_position_bias_table.view(2 * wh - 1, 2 * ww - 1, -1)
+        small = block.attn.relative_position_bias_table.view(2 * th - 1, 2 * tw - 1, -1)
+        table[wh - th : wh + th - 1, ww - tw : ww + tw - 1] = small
+
+
+@pytest.mark.parametrize("size", [(7, 7), (5, 5), (5, 14), (14, 3), (3, 2), (14, 14)])
+def test_small_maps_equal_timm_block(size):
+    swin = pytest.importorskip("timm.models.swin_transformer")
+    torch.manual_seed(0)
+    block = swin.SwinTransformerBlock(12, size, num_heads=3, window_size=7, shift_size=3).double().eval()
+    randomize(block, 6)
+    want_window, want_shift = small_map_window(size, (7, 7), (3, 3))
+    assert (tuple(block.window_size), tuple(block.shift_size)) == (want_window, want_shift)
+    m = ShiftedWindowAttention(12, 7, 3, dtype=torch.float64).eval()
+    randomize(m, 7)  # entries outside the clipped window's offsets must not matter
+    copy_timm_block(block, m)
+    x = torch.randn(2, *size, 12, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), block._attn(x), **F64)
 
 
 def test_shifted_window_attention_divisible_equals_official_composition_and_nchw():

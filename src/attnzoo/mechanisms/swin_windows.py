@@ -211,14 +211,15 @@ def map_window_mask(
 def index_mismatch(given: object, own: Tensor, key: str, window: tuple[int, int]) -> str | None:
     """Why a checkpoint's `relative_position_index` cannot stand for `own`, or None when it matches.
 
-    The index follows from the window alone; a checkpoint's copy (the official module saves it) must
-    have the same shape and, where both hold data (not on the meta device), the same values.
+    The index follows from the window alone. A checkpoint's copy (the official module saves it
+    `(N, N)`, torchvision flattened `(N*N,)`) must hold the same values in row-major order; on the
+    meta device only its size can be checked.
     """
     if not isinstance(given, Tensor):
         return f"{key}: expected the relative position index tensor, got {type(given).__name__}"
-    same = tuple(given.shape) == tuple(own.shape)
+    same = given.numel() == own.numel()
     if same and "meta" not in (given.device.type, own.device.type):
-        same = torch.equal(given.to(own.device), own)
+        same = torch.equal(given.to(own.device).reshape(own.shape), own)
     if same:
         return None
     return (
