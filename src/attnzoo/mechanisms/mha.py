@@ -22,6 +22,8 @@ h heads, d head width `E / h`.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -110,7 +112,7 @@ class MultiHeadAttention(nn.Module):
             raise ValueError(f"{who}: dim={dim} must be divisible by num_heads={num_heads}")
         self.head_dim = dim // num_heads
         self.attn_drop = check_float(attn_drop, "attn_drop", who, minimum=0.0, maximum=1.0)
-        factory = {"device": device, "dtype": dtype}
+        factory: dict[str, Any] = {"device": device, "dtype": dtype}
         self.Wq = nn.Linear(dim, dim, bias=qkv_bias, **factory)
         self.Wk = nn.Linear(dim, dim, bias=qkv_bias, **factory)
         self.Wv = nn.Linear(dim, dim, bias=qkv_bias, **factory)

@@ -59,6 +59,10 @@ __all__ = [
 _INDEX = "relative_position_index"
 
 
+def _device(device: torch.device | str | None) -> torch.device | None:
+    return None if device is None else torch.device(device)
+
+
 @register(
     "window",
     family="transformer",
@@ -148,7 +152,7 @@ class WindowAttention(nn.Module):
         self.relative_position_bias_table = nn.Parameter(
             torch.zeros((2 * wh - 1) * (2 * ww - 1), num_heads, **factory)
         )
-        index = relative_position_index_2d(self.window_size, device=device)  # (N, N)
+        index = relative_position_index_2d(self.window_size, device=_device(device))  # (N, N)
         self.register_buffer(_INDEX, index, persistent=False)
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, **factory)
         self.proj = nn.Linear(dim, dim, **factory)
@@ -178,21 +182,31 @@ class WindowAttention(nn.Module):
         )
 
     def relative_position_bias(self, window: tuple[int, int] | None = None) -> Tensor:
-        """The `(h, N, N)` bias of a window, by default the module's.
+        """The relative position bias of a window, by default the module's.
 
-        A smaller `window` (Swin's small-map rule, see `ShiftedWindowAttention`) takes the entries
-        of its own offsets from this table: `(dh, dw)` has the same bias as in the full window, so
-        the result equals a module built for the smaller window whose table is the central
+        A smaller window (Swin's small-map rule, see `ShiftedWindowAttention`) takes the entries of
+        its own offsets from this table: `(dh, dw)` has the same bias as in the full window, so the
+        result equals that of a module built for the smaller window whose table is the central
         `(2Wh'-1) x (2Ww'-1)` block of this one.
+
+        Args:
+            window: `(Wh', Ww')` no larger than `window_size`. Default: None, `window_size`.
+
+        Shape:
+            - Output: `(h, N', N')` with `N' = Wh' * Ww'`.
         """
         index: Tensor = self.relative_position_index  # type: ignore[assignment]  # a registered buffer
         if window is not None and tuple(window) != self.window_size:
-            wh, ww = self.window_size
-            rows, cols = torch.arange(wh, device=index.device), torch.arange(ww, device=index.device)
-            inside = ((rows[:, None] < window[0]) & (cols[None, :] < window[1])).flatten()  # (N,)
-            tokens = inside.nonzero().flatten()  # row-major tokens of the smaller window
+            (wh, ww), (sh, sw) = self.window_size, window
+            if not (0 < sh <= wh and 0 < sw <= ww):
+                raise ValueError(
+                    f"{type(self).__name__}.relative_position_bias expects a window within "
+                    f"{self.window_size}, got {tuple(window)}"
+                )
+            rows, cols = torch.arange(sh, device=index.device), torch.arange(sw, device=index.device)
+            tokens = (rows[:, None] * ww + cols[None, :]).flatten()  # (N',): the smaller window, row-major
             index = index[tokens][:, tokens]  # (N', N')
-        return gather_relative_bias(self.relative_position_bias_table, index)  # (h, N, N)
+        return gather_relative_bias(self.relative_position_bias_table, index)  # (h, N', N')
 
     def forward(
         self, x: Tensor, mask: Tensor | None = None, need_weights: bool = False

@@ -52,7 +52,8 @@ class OfficialWindowAttention(WindowAttention):
     ) -> None:
         super().__init__(dim, window_size, num_heads, qkv_bias, qk_scale, attn_drop, proj_drop)
         # Re-registered persistent: the official state_dict's keys and order.
-        self.register_buffer("relative_position_index", self.relative_position_index, persistent=True)
+        index = cast(Tensor, self.relative_position_index)
+        self.register_buffer("relative_position_index", index, persistent=True)
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:  # type: ignore[override]
         """Attend within each window `(B * nW, N, C)`; `mask` is `(nW, N, N)` or None."""

@@ -122,7 +122,8 @@ class TemporalAttention(nn.Module):
             self.proj_drop = nn.Dropout(check_float(proj_drop, "proj_drop", who, minimum=0.0, maximum=1.0))
         table = torch.zeros(2 * num_frames - 1, num_heads, **factory)  # (2T - 1, h)
         self.relative_position_bias_table = nn.Parameter(table)
-        coords = relative_position_index_1d(num_frames, device=device).reshape(-1)  # (T*T,)
+        where = None if device is None else torch.device(device)
+        coords = relative_position_index_1d(num_frames, device=where).reshape(-1)  # (T*T,)
         self.register_buffer("relative_coords", coords)
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
 
