@@ -84,7 +84,7 @@ FREE_SIZES: dict[str, list[Group]] = {
     "bra_nchw": [Group(((0, 2),), 2, low=2), Group(((0, 3),), 3, low=2)],  # >= n_win, padded
     "nonlocal": [Group(((0, 2),), 2, low=2), Group(((0, 3),), 3, low=2)],  # keys pooled by 2
     "cbam_res": [Group(((0, 2),), 2, derived=True), Group(((0, 3),), 3, derived=True)],  # stride 2
-    "temporal": [],  # num_ttokens fixes the sequence length
+    "temporal": [],  # num_frames fixes the sequence length
     "window": [],  # the window's token count fixes the sequence length
 }
 

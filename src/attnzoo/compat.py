@@ -11,7 +11,9 @@ which can also return the routing and attention weights as the official tuple). 
 official ``ACmix(in_planes, out_planes, kernel_att, head, ...)`` (the canonical ``attnzoo.ACmix``
 takes ``channels, out_channels, kernel_att, num_heads, ...``), and ``nchwBRA`` the official NCHW
 BiFormer module (canonical: ``attnzoo.BiLevelRoutingAttention2d``). ``WindowAttention`` is the
-canonical class itself: it already keeps the official API and state_dict.
+official Swin module (no defaults, a persistent ``relative_position_index``); the canonical
+``attnzoo.WindowAttention`` keeps the index non-persistent, as timm does, and loads official,
+torchvision and timm state_dicts alike.
 ``MultiheadAttention`` (lower-case h) is torch's ``nn.MultiheadAttention``: its constructor, forward and
 state_dict, run by ``attnzoo.functional.attend`` (``attnzoo.convert.from_torch`` converts torch's module).
 """
@@ -31,7 +33,7 @@ from attnzoo.mechanisms.sagan import Self_Attn_Channel, Self_Attn_Spatial
 from attnzoo.mechanisms.se import SELayer
 from attnzoo.mechanisms.seq2seq import Attn
 from attnzoo.mechanisms.sk import SKEConv
-from attnzoo.mechanisms.swin import WindowAttention
+from attnzoo.mechanisms.swin_official import OfficialWindowAttention as WindowAttention
 from attnzoo.mechanisms.temporal import Attention
 from attnzoo.mechanisms.torch_mha import MultiheadAttention
 

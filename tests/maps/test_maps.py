@@ -218,7 +218,7 @@ def test_dual_gated_records_its_channel_and_spatial_gates():
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_mha_rows_equal_its_weights(causal, monkeypatch):
-    mha = _create("mha", d_model=8, num_heads=2)
+    mha = _create("mha", dim=8, num_heads=2)
     q, kv = torch.randn(2, 5, 8, dtype=torch.float64), torch.randn(2, 5, 8, dtype=torch.float64)
     key_mask = torch.ones(2, 5, dtype=torch.bool)
     key_mask[1, 3:] = False
@@ -272,7 +272,7 @@ def test_shifted_window_rows_over_the_map_rebuild_the_output(shift):
 
 
 def test_temporal_rows_equal_a_reference():
-    attn = _create("temporal", dim=8, num_ttokens=5, num_heads=2, qkv_bias=True)
+    attn = _create("temporal", dim=8, num_frames=5, num_heads=2, qkv_bias=True)
     x = torch.randn(3, 5, 8, dtype=torch.float64)
     with capture_maps(attn) as maps:
         attn(x)

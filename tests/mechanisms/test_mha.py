@@ -36,7 +36,7 @@ def seed_reference(m: nn.Module, Q, K, V, mask=None):  # noqa: N803
 
 def torch_mha_from(m: MultiHeadAttention, dropout: float = 0.0) -> nn.MultiheadAttention:
     """An nn.MultiheadAttention holding the same weights (in_proj = [Wq; Wk; Wv], out_proj = fc)."""
-    ref = nn.MultiheadAttention(m.d_model, m.num_heads, dropout=dropout, batch_first=True).to(
+    ref = nn.MultiheadAttention(m.dim, m.num_heads, dropout=dropout, batch_first=True).to(
         m.fc.weight.dtype
     )
     with torch.no_grad():
@@ -59,9 +59,9 @@ def test_seed_golden(path):
     torch.testing.assert_close(attention, g["output"][1], **F64)
     # The canonical class shares the layout and, for a head width whose sqrt is exact in float32
     # (the recorded case), the numbers.
-    canon = MultiHeadAttention(**g["kwargs"]).double().eval()
+    canon = MultiHeadAttention(g["kwargs"]["d_model"], g["kwargs"]["num_heads"]).double().eval()
     canon.load_state_dict(g["state_dict"], strict=True)
-    if math.isqrt(canon.depth) ** 2 == canon.depth:
+    if math.isqrt(canon.head_dim) ** 2 == canon.head_dim:
         torch.testing.assert_close(canon(*args), g["output"][0], **F64)
 
 
@@ -90,8 +90,11 @@ def test_seed_and_canonical_share_state_dict_and_create_names():
         == [f"{n}.{p}" for n in ("Wq", "Wk", "Wv", "fc") for p in ("weight", "bias")]
     )
     canon.load_state_dict(seed.state_dict(), strict=True)
-    assert type(attnzoo.create("mha", d_model=16, num_heads=4)) is MultiHeadAttention
-    assert type(attnzoo.create("MultiHeadAttention", d_model=16, num_heads=4)) is MultiHeadAttention
+    assert type(attnzoo.create("mha", dim=16, num_heads=4)) is MultiHeadAttention
+    assert type(attnzoo.create("MultiHeadAttention", 16, num_heads=4)) is MultiHeadAttention
+    built = attnzoo.create("mha", 64)
+    assert (built.dim, built.num_heads, built.head_dim) == (64, 8, 8)  # num_heads defaults to 8
+    assert (seed.d_model, seed.depth) == (16, 4)  # the seed's attribute names
     assert attnzoo.compat.MultiHeadAttention is SeedMHA and "MultiHeadAttention" in attnzoo.compat.__all__
 
 
@@ -163,15 +166,30 @@ def test_gradients_equal_torch_multihead_attention():
     torch.testing.assert_close(grads[5], ref_grads[5], **F64)
 
 
-def test_fully_masked_query_gives_zero_attention_output():
+@pytest.mark.parametrize("fused", [True, False])
+def test_fully_masked_query_gives_zeros_not_nan(fused):
     m = MultiHeadAttention(8, 2).double().eval()
-    q, k, v = _inputs(dim=8)
+    q, k, v = (t.requires_grad_() for t in _inputs(dim=8))
     mask = torch.ones(5, 7, dtype=torch.bool)
-    mask[2] = False
-    out, weights = m(q, k, v, mask, need_weights=True)
+    mask[2] = False  # query 2 may attend to nothing
+    key_mask = torch.ones(2, 7, dtype=torch.bool)
+    key_mask[1] = False  # in batch element 1 every key is padding
+    with attnzoo.fused_attn(fused):
+        out, weights = m(q, k, v, mask, need_weights=True)
+        plain = m(q, k, v, mask)
+        padded = m(q, k, v, key_mask=key_mask)
+        additive = m(q, k, v, torch.zeros(5, 7, dtype=torch.float64), key_mask=key_mask)
     torch.testing.assert_close(out[:, 2], m.fc.bias.expand(2, 8), **F64)  # fc(0) = bias
     assert torch.all(weights[:, :, 2] == 0) and torch.isfinite(out).all()
-    torch.testing.assert_close(m(q, k, v, mask), out, **F64)
+    torch.testing.assert_close(plain, out, **F64)
+    torch.testing.assert_close(padded[1], m.fc.bias.expand(5, 8), **F64)
+    torch.testing.assert_close(additive[1], m.fc.bias.expand(5, 8), **F64)
+    # the other rows are untouched: they equal attention over their allowed keys only
+    keep = mask.clone()
+    keep[2] = True
+    torch.testing.assert_close(out[:, [0, 1, 3, 4]], m(q, k, v, keep)[:, [0, 1, 3, 4]], **F64)
+    grads = torch.autograd.grad((plain.sum() + padded.sum() + additive.sum()), (q, k, v))
+    assert all(torch.isfinite(g).all() for g in grads)
 
 
 def test_dropout_training_only_and_equal_to_a_plain_reference():
@@ -196,10 +214,16 @@ def test_dropout_training_only_and_equal_to_a_plain_reference():
 
 
 def test_bad_arguments_and_inputs():
-    with pytest.raises(ValueError, match="d_model=10 must be divisible by num_heads=4"):
+    with pytest.raises(ValueError, match="dim=10 must be divisible by num_heads=4"):
         MultiHeadAttention(10, 4)
-    with pytest.raises(ValueError, match="divisible"):
-        SeedMHA(10, 4)
+    with pytest.raises(ValueError, match="dim=12 must be divisible by num_heads=8"):
+        MultiHeadAttention(12)  # the default 8 heads
+    with pytest.raises(ValueError, match="d_model=10 must be divisible by num_heads=4"):
+        SeedMHA(10, 4)  # the seed's argument name
+    with pytest.raises(TypeError, match="d_model must be an int"):
+        SeedMHA(8.0, 2)
+    with pytest.raises(TypeError, match="dim must be an int"):
+        MultiHeadAttention(8.0, 2)
     with pytest.raises(ValueError, match="attn_drop"):
         MultiHeadAttention(8, 2, attn_drop=1.5)
     m = MultiHeadAttention(8, 2)

@@ -1,9 +1,9 @@
-"""Swin window attention: official golden files, the fast kernel against a plain float64 reference,
-window partition/reverse, the shifted-window mask, and ShiftedWindowAttention on maps of any size."""
+"""Swin window attention: the fast kernel and the weights against a plain float64 reference, window
+partition/reverse, the shifted-window mask, and ShiftedWindowAttention on maps of any size (small
+maps included); the official, timm and torchvision comparisons are in test_swin_official.py."""
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 
 import pytest
@@ -21,16 +21,6 @@ from attnzoo import (
 from attnzoo.kernels.biased import biased_attention
 
 F64 = dict(atol=1e-10, rtol=1e-10)
-
-
-@contextlib.contextmanager
-def default_dtype(name: str):
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(getattr(torch, name))
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(old)
 
 
 def randomize(module: torch.nn.Module, seed: int = 0) -> None:
@@ -59,29 +49,6 @@ def reference_window_attention(
         logits = (logits.view(windows // nw, nw, h, n, n) + mask[None, :, None]).view(windows, h, n, n)
     out = (logits.softmax(-1) @ v).transpose(1, 2).reshape(windows, n, c)
     return m.proj(out)
-
-
-@pytest.mark.parametrize("path", golden_files("swin_window_*.pt"), ids=lambda p: p.name)
-@pytest.mark.parametrize("path_kind", ["no_grad", "kernel", "math"])
-def test_official_golden(path, path_kind):
-    g = torch.load(path, weights_only=True)
-    dtype = getattr(torch, g["dtype"])
-    with default_dtype(g["default_dtype"]):
-        m = WindowAttention(**g["kwargs"]).to(dtype)
-        m.load_state_dict(g["state_dict"], strict=True)
-        m.eval()
-        assert list(m.state_dict()) == list(g["state_dict"])
-        for key, value in m.state_dict().items():
-            assert value.shape == g["state_dict"][key].shape and value.dtype == g["state_dict"][key].dtype, (
-                key
-            )
-        assert torch.equal(m.relative_position_index, g["state_dict"]["relative_position_index"])
-        args = [g["inputs"][a] for a in g["forward_args"]]
-        kwargs = {k: g["inputs"][k] for k in g["forward_tensor_kwargs"]}
-        with attnzoo.fused_attn(path_kind != "math"), torch.set_grad_enabled(path_kind != "no_grad"):
-            out = m(*args, **kwargs, **g["forward_kwargs"])
-    tol = 1e-8 if dtype == torch.float64 else 1e-4
-    torch.testing.assert_close(out.detach(), g["output"], atol=tol, rtol=0)
 
 
 def test_official_mask_recording_equals_shifted_window_mask():
@@ -135,13 +102,50 @@ def test_kernel_values_and_gradients_equal_reference(window, heads, masked):
         torch.testing.assert_close(m(x, mask=mask), ref.detach(), **F64)
 
 
+def reference_window_weights(m: WindowAttention, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The softmax weights of `reference_window_attention`, `(B*nW, h, N, N)`."""
+    windows, n, c = x.shape
+    h = m.num_heads
+    qkv = m.qkv(x).reshape(windows, n, 3, h, c // h).permute(2, 0, 3, 1, 4)
+    logits = (qkv[0] * m.scale) @ qkv[1].transpose(-2, -1) + m.relative_position_bias()
+    if mask is not None:
+        nw = mask.shape[0]
+        logits = (logits.view(windows // nw, nw, h, n, n) + mask[None, :, None]).view(windows, h, n, n)
+    return logits.softmax(-1)
+
+
+def test_need_weights_returns_the_window_weights():
+    torch.manual_seed(0)
+    m = WindowAttention(12, (2, 3), 3, dtype=torch.float64)
+    randomize(m, 8)
+    mask = shifted_window_mask(4, 6, (2, 3), (1, 1), dtype=torch.float64)  # nW = 4
+    x = torch.randn(8, 6, 12, dtype=torch.float64)
+    out, weights = m(x, mask=mask, need_weights=True)
+    torch.testing.assert_close(out, reference_window_attention(m, x, mask), **F64)
+    torch.testing.assert_close(weights, reference_window_weights(m, x, mask), **F64)
+    assert weights.shape == (8, 3, 6, 6)
+    # the map module: the windows of the rolled, padded map; padded keys get no weight
+    swin = ShiftedWindowAttention(12, (2, 3), 3, dtype=torch.float64)
+    swin.attn.load_state_dict(m.state_dict())
+    img = torch.randn(2, 3, 5, 12, dtype=torch.float64)  # padded to 4 x 6: nW = 4 per image
+    out, weights = swin(img, need_weights=True)
+    torch.testing.assert_close(out, swin(img), **F64)
+    assert weights.shape == (8, 3, 6, 6)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(8, 3, 6, dtype=torch.float64), **F64)
+    padded = torch.zeros(4, 6, dtype=torch.bool)
+    padded[3:], padded[:, 5:] = True, True
+    rolled = torch.roll(padded, (-1, -1), (0, 1))[None, :, :, None]  # (1, Hp, Wp, 1)
+    keys = window_partition(rolled, (2, 3)).reshape(4, 6).repeat(2, 1)  # (B*nW, N)
+    assert torch.all(weights.masked_select(keys[:, None, None, :].expand_as(weights)) < 1e-300)
+
+
 def test_kernel_float32_matches_math_path_and_timm():
     swin = pytest.importorskip("timm.models.swin_transformer")
     torch.manual_seed(0)
     m = WindowAttention(24, (7, 7), 3)
     randomize(m, 1)
     theirs = swin.WindowAttention(24, 3, window_size=7)
-    theirs.load_state_dict(m.state_dict(), strict=False)
+    theirs.load_state_dict(m.state_dict(), strict=True)
     x = torch.randn(8, 49, 24, requires_grad=True)
     out = m(x)
     torch.testing.assert_close(out, theirs(x), atol=1e-5, rtol=1e-4)
@@ -192,12 +196,17 @@ def test_window_partition_and_reverse():
 def reference_shifted(m: ShiftedWindowAttention, x: torch.Tensor) -> torch.Tensor:
     """Per-token definition on the real map (no padding, rolling or partition).
 
-    Token p sits at (i - sh) mod Hp, (j - sw) mod Wp of the rolled, padded map; it attends to the
-    real tokens of its window and region with the bias of their offset inside the window.
+    Swin's small-map rule first: along a side no longer than the window, the window is the side and
+    the shift 0. Token p then sits at (i - sh) mod Hp, (j - sw) mod Wp of the rolled, padded map; it
+    attends to the real tokens of its window and region with the bias of their offset, read from
+    the full window's table.
     """
     att = m.attn
     b, height, width, c = x.shape
-    (wh, ww), (sh, sw), h = m.window_size, m.shift_size, att.num_heads
+    (twh, tww), h = m.window_size, att.num_heads
+    wh, ww = min(twh, height), min(tww, width)
+    sh = 0 if height <= twh else m.shift_size[0]
+    sw = 0 if width <= tww else m.shift_size[1]
     hp, wp = -(-height // wh) * wh, -(-width // ww) * ww
     qkv = att.qkv(x).reshape(b, height * width, 3, h, c // h)
     q, k, v = qkv[:, :, 0] * att.scale, qkv[:, :, 1], qkv[:, :, 2]
@@ -218,7 +227,7 @@ def reference_shifted(m: ShiftedWindowAttention, x: torch.Tensor) -> torch.Tenso
             if same_window and same_region:
                 dh, dw = ri % wh - ti % wh, rj % ww - tj % ww
                 keys.append(t)
-                bias_rows.append((dh + wh - 1) * (2 * ww - 1) + dw + ww - 1)
+                bias_rows.append((dh + twh - 1) * (2 * tww - 1) + dw + tww - 1)
         logits = (
             torch.einsum("bhd,bkhd->bhk", q[:, p], k[:, keys]) + att.relative_position_bias_table[bias_rows].T
         )
@@ -233,7 +242,9 @@ def reference_shifted(m: ShiftedWindowAttention, x: torch.Tensor) -> torch.Tenso
         ((5, 7), (2, 3), (1, 2)),
         ((3, 3), 2, 1),
         ((7, 4), (3, 2), 0),
-        ((2, 5), (4, 4), (2, 2)),
+        ((2, 5), (4, 4), (2, 2)),  # small along H: window (2, 4), no shift along H
+        ((3, 9), (4, 4), (2, 2)),  # the same, with a row the old full-window shift would cut off
+        ((3, 3), 4, 2),  # smaller than the window both ways: one 3 x 3 window, no shift
     ],
 )
 def test_shifted_window_attention_equals_reference(size, window, shift):

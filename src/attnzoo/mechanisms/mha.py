@@ -1,26 +1,28 @@
 """Multi-head attention, "Attention Is All You Need" (Vaswani et al., 2017), arXiv:1706.03762.
 
-Two classes share one parameter layout (``Wq``, ``Wk``, ``Wv``, ``fc``, each an ``nn.Linear``), so a
+Two classes share one parameter layout (`Wq`, `Wk`, `Wv`, `fc`, each an `nn.Linear`), so a
 checkpoint of either loads into the other:
 
-- :class:`MultiHeadAttention`, the canonical module (registered ``mha``): batch-first
-  ``(B, L, E)`` inputs, key-padding / causal / arbitrary masks in the SDPA convention, dropout, and
-  one output tensor unless the weights are asked for. Self-attention runs one fused input
-  projection (the three weights concatenated into one GEMM) and the fused attention kernel.
-- :class:`SeedMultiHeadAttention`, exported as ``attnzoo.compat.MultiHeadAttention``: the seed's
-  call convention ``forward(Q, K, V, mask=None) -> (output, attention)``, its ``mask == 0`` rule and
-  its float32-rounded scale.
+- `MultiHeadAttention`, the canonical module (registered `mha`): `MultiHeadAttention(dim,
+  num_heads=8)`, batch-first `(B, L, E)` inputs, key-padding / causal / arbitrary masks in the SDPA
+  convention, dropout, and one output tensor unless `need_weights=True`. Self-attention runs one fused
+  input projection (the three weights concatenated into one GEMM) and the fused attention kernel.
+- `SeedMultiHeadAttention`, exported as `attnzoo.compat.MultiHeadAttention`: the seed's
+  `MultiHeadAttention(d_model, num_heads)`, its call convention `forward(Q, K, V, mask=None) ->
+  (output, attention)`, its `mask == 0` rule and its float32-rounded scale.
 
 Naming: the seed class has the canonical class's name, so it is *not* registered as a seed name
-(``create("MultiHeadAttention")`` would be ambiguous); ``create("mha")`` and
-``create("MultiHeadAttention")`` both build the canonical class, and the seed class is reached as
-``attnzoo.compat.MultiHeadAttention``.
+(`create("MultiHeadAttention")` would be ambiguous); `create("mha")` and
+`create("MultiHeadAttention")` both build the canonical class, and the seed class is reached as
+`attnzoo.compat.MultiHeadAttention`.
 
-Shape letters: B batch, L query length, S key length, E model width (``d_model``), h heads,
-d head width ``E / h``.
+Shape letters: B batch, L query length, S key length, E model width (`dim`, the seed's `d_model`),
+h heads, d head width `E / h`.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +43,7 @@ __all__ = ["MultiHeadAttention", "SeedMultiHeadAttention"]
     year=2017,
     layout="SEQ2SEQ",
     example=Example(
-        kwargs={"d_model": 8, "num_heads": 2},
+        kwargs={"dim": 8, "num_heads": 2},
         inputs=((2, 5, 8), (2, 7, 8), (2, 7, 8)),
         output=(2, 5, 8),
         channel_dim=-1,
@@ -53,60 +55,72 @@ __all__ = ["MultiHeadAttention", "SeedMultiHeadAttention"]
 class MultiHeadAttention(nn.Module):
     r"""Multi-head scaled dot-product attention with input and output projections.
 
-    :math:`\mathrm{fc}(\mathrm{concat}_i\,\mathrm{softmax}(Q_iK_i^\top/\sqrt{d} + M)\,V_i)` with
-    :math:`Q = \mathrm{query}\,W_q^\top + b_q` (likewise K, V) split into h heads of width d.
+    $\mathrm{fc}(\mathrm{concat}_i\,\mathrm{softmax}(Q_iK_i^\top/\sqrt{d} + M)\,V_i)$ with
+    $Q = \mathrm{query}\,W_q^\top + b_q$ (likewise K, V) split into h heads of width d.
 
-    Masks follow the SDPA convention (the inverse of ``nn.MultiheadAttention``): a **boolean mask
+    Masks follow the SDPA convention (the inverse of `nn.MultiheadAttention`): a **boolean mask
     is True where a query may attend**, a floating mask is added to the logits. A query that may
-    attend to no key gets a zero output (never NaN).
+    attend to no key gets a zero output and zero weights (never NaN).
 
     Args:
-        d_model: Model width E.
-        num_heads: Number of heads h; must divide ``d_model``.
+        dim: Model width E (the seed's `d_model`).
+        num_heads: Number of heads h; must divide `dim`. Default: 8.
         qkv_bias: Give the query/key/value projections a bias. Default: True.
         attn_drop: Dropout on the attention weights (training only). Default: 0.0.
         proj_drop: Dropout on the output (training only). Default: 0.0.
+        device: Device of the parameters. Default: None (the default device).
+        dtype: dtype of the parameters. Default: None (the default dtype).
 
     Shape:
-        - query: ``(B, L, E)``; key: ``(B, S, E)`` (default: query); value: ``(B, S, E)``
+        - query: `(B, L, E)`; key: `(B, S, E)` (default: query); value: `(B, S, E)`
           (default: key).
-        - mask: ``(L, S)``, ``(B, L, S)`` (every head alike) or broadcastable to ``(B, h, L, S)``;
+        - mask: `(L, S)`, `(B, L, S)` (every head alike) or broadcastable to `(B, h, L, S)`;
           bool (True = may attend) or float (additive).
-        - key_mask: ``(B, S)`` bool, True for real keys, False for padding.
-        - Output: ``(B, L, E)``; with ``need_weights=True``, ``(output, weights)`` with per-head
-          weights ``(B, h, L, S)`` (not averaged over heads, unlike ``nn.MultiheadAttention``).
+        - key_mask: `(B, S)` bool, True for real keys, False for padding.
+        - Output: `(B, L, E)`; with `need_weights=True`, `(output, weights)` with per-head
+          weights `(B, h, L, S)` (not averaged over heads, unlike `nn.MultiheadAttention`).
 
     Example:
+        ```python
         >>> mha = MultiHeadAttention(256, 8)
         >>> x = torch.randn(2, 10, 256)
-        >>> mha(x, x, x, causal=True).shape
+        >>> mha(x, causal=True).shape
         torch.Size([2, 10, 256])
+        >>> out, weights = mha(x, need_weights=True)
+        >>> weights.shape
+        torch.Size([2, 8, 10, 10])
+
+        ```
     """
 
     def __init__(
         self,
-        d_model: int,
-        num_heads: int,
+        dim: int,
+        num_heads: int = 8,
         qkv_bias: bool = True,
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         who = type(self).__name__
-        self.d_model = check_int(d_model, "d_model", who)
+        self.dim = check_int(dim, "dim", who)
         self.num_heads = check_int(num_heads, "num_heads", who)
-        if d_model % num_heads != 0:
-            raise ValueError(f"{who}: d_model={d_model} must be divisible by num_heads={num_heads}")
-        self.depth = d_model // num_heads
+        if dim % num_heads != 0:
+            raise ValueError(f"{who}: dim={dim} must be divisible by num_heads={num_heads}")
+        self.head_dim = dim // num_heads
         self.attn_drop = check_float(attn_drop, "attn_drop", who, minimum=0.0, maximum=1.0)
-        self.Wq = nn.Linear(d_model, d_model, bias=qkv_bias)
-        self.Wk = nn.Linear(d_model, d_model, bias=qkv_bias)
-        self.Wv = nn.Linear(d_model, d_model, bias=qkv_bias)
-        self.fc = nn.Linear(d_model, d_model)
+        factory: dict[str, Any] = {"device": device, "dtype": dtype}
+        self.Wq = nn.Linear(dim, dim, bias=qkv_bias, **factory)
+        self.Wk = nn.Linear(dim, dim, bias=qkv_bias, **factory)
+        self.Wv = nn.Linear(dim, dim, bias=qkv_bias, **factory)
+        self.fc = nn.Linear(dim, dim, **factory)
         self.proj_drop = nn.Dropout(check_float(proj_drop, "proj_drop", who, minimum=0.0, maximum=1.0))
 
     def _project(self, query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Project and split into heads: three ``(B, h, *, d)`` views, one GEMM where inputs coincide."""
+        """Project and split into heads: three `(B, h, *, d)` views, one GEMM where inputs coincide."""
         lins = (self.Wq, self.Wk, self.Wv)
         groups: list[tuple[Tensor, tuple[nn.Linear, ...]]]
         if query is key and key is value:
@@ -122,15 +136,16 @@ class MultiHeadAttention(nn.Module):
             if group[0].bias is not None:
                 bias = group[0].bias if len(group) == 1 else torch.cat([m.bias for m in group])  # type: ignore[misc]
             y = F.linear(x, weight, bias)  # (B, n, g*E)
-            for part in y.split(self.d_model, dim=-1):
-                heads.append(part.unflatten(-1, (self.num_heads, self.depth)).transpose(1, 2))  # (B, h, n, d)
+            for part in y.split(self.dim, dim=-1):  # (B, n, E) each
+                part = part.unflatten(-1, (self.num_heads, self.head_dim))  # (B, n, h, d)
+                heads.append(part.transpose(1, 2))  # (B, h, n, d)
         return heads[0], heads[1], heads[2]
 
     def _check_inputs(self, query: Tensor, key: Tensor, value: Tensor) -> tuple[int, int, int]:
         who = type(self).__name__
-        dims = check_shape(query, who, "B L E", "query", E=self.d_model)
-        kdims = check_shape(key, who, "B S E", "key", B=dims["B"], E=self.d_model)
-        check_shape(value, who, "B S E", "value", B=dims["B"], S=kdims["S"], E=self.d_model)
+        dims = check_shape(query, who, "B L E", "query", E=self.dim)
+        kdims = check_shape(key, who, "B S E", "key", B=dims["B"], E=self.dim)
+        check_shape(value, who, "B S E", "value", B=dims["B"], S=kdims["S"], E=self.dim)
         if not query.dtype == key.dtype == value.dtype:
             raise TypeError(
                 f"{who} expects query, key and value of one dtype, "
@@ -149,21 +164,21 @@ class MultiHeadAttention(nn.Module):
         key_mask: Tensor | None = None,
         causal: bool = False,
     ) -> Tensor | tuple[Tensor, Tensor]:
-        """Attend from ``query`` to ``key``/``value``.
+        """Attend from `query` to `key`/`value`.
 
         Args:
-            query: Queries ``(B, L, E)``.
-            key: Keys ``(B, S, E)``. Default: ``query`` (self-attention).
-            value: Values ``(B, S, E)``. Default: ``key``.
+            query: Queries `(B, L, E)`.
+            key: Keys `(B, S, E)`. Default: `query` (self-attention).
+            value: Values `(B, S, E)`. Default: `key`.
             mask: Bool (True = may attend) or additive float mask, see Shape. Default: None.
             need_weights: Also return the per-head attention weights (runs the math path).
                 Default: False.
-            key_mask: ``(B, S)`` bool, False marks padding keys no query may attend. Default: None.
-            causal: Query i attends keys ``0..i`` only (top-left aligned when L != S).
+            key_mask: `(B, S)` bool, False marks padding keys no query may attend. Default: None.
+            causal: Query i attends keys `0..i` only (top-left aligned when L != S).
                 Default: False.
 
         Returns:
-            The output ``(B, L, E)``, or ``(output, weights)`` with ``need_weights``.
+            The output `(B, L, E)`, or `(output, weights)` with `need_weights`.
         """
         key = query if key is None else key
         value = key if value is None else value
@@ -206,45 +221,52 @@ class MultiHeadAttention(nn.Module):
 
 
 class SeedMultiHeadAttention(MultiHeadAttention):
-    """The seed's ``MultiHeadAttention(d_model, num_heads)`` (``attnzoo.compat.MultiHeadAttention``).
+    """The seed's `MultiHeadAttention(d_model, num_heads)` (`attnzoo.compat.MultiHeadAttention`).
 
-    Same parameters as the seed (``Wq``, ``Wk``, ``Wv``, ``fc``, all with bias), so the seed's
-    state_dicts load with ``strict=True``, and the seed's numbers:
+    Same parameters as the seed (`Wq`, `Wk`, `Wv`, `fc`, all with bias), so the seed's
+    state_dicts load with `strict=True`, and the seed's numbers:
 
-    - ``forward(Q, K, V, mask=None)`` returns ``(output, attention)``, attention ``(B, h, L, S)``;
-    - entries of ``mask`` equal to 0 are masked out (``mask`` broadcasts to ``(B, h, L, S)``);
-    - the logits are divided by ``sqrt(d)`` computed in float32 (the seed builds
-      ``torch.tensor(d, dtype=torch.float32)``), also for float64 inputs;
+    - `forward(Q, K, V, mask=None)` returns `(output, attention)`, attention `(B, h, L, S)`;
+    - entries of `mask` equal to 0 are masked out (`mask` broadcasts to `(B, h, L, S)`);
+    - the logits are divided by `sqrt(d)` computed in float32 (the seed builds
+      `torch.tensor(d, dtype=torch.float32)`), also for float64 inputs;
     - a query whose every key is masked gets uniform weights over all keys (the seed fills masked
       logits with -1e9, so such a row is a plain average of V), where the canonical class gives 0;
-    - the seed's helper methods ``split_heads(x, batch_size)`` and
-      ``scaled_dot_product_attention(Q, K, V, mask=None)`` exist with the seed's behaviour.
+    - the seed's helper methods `split_heads(x, batch_size)` and
+      `scaled_dot_product_attention(Q, K, V, mask=None)` exist with the seed's behaviour.
 
-    Differences from the seed: a ``d_model`` not divisible by ``num_heads`` raises ``ValueError``
-    (the seed asserts), and bad shapes raise ``ValueError`` before any work.
+    Differences from the seed: a `d_model` not divisible by `num_heads` raises `ValueError`
+    (the seed asserts), and bad shapes raise `ValueError` before any work.
 
     Args:
-        d_model: Model width E.
-        num_heads: Number of heads h; must divide ``d_model``.
+        d_model: Model width E (the canonical class's `dim`).
+        num_heads: Number of heads h; must divide `d_model`.
 
     Shape:
-        - Q: ``(B, L, E)``; K, V: ``(B, S, E)``; mask: broadcastable to ``(B, h, L, S)``.
-        - Output: ``((B, L, E), (B, h, L, S))``.
+        - Q: `(B, L, E)`; K, V: `(B, S, E)`; mask: broadcastable to `(B, h, L, S)`.
+        - Output: `((B, L, E), (B, h, L, S))`.
     """
 
     def __init__(self, d_model: int, num_heads: int) -> None:
+        who = type(self).__name__
+        check_int(d_model, "d_model", who)  # the seed's names in the messages
+        check_int(num_heads, "num_heads", who)
+        if d_model % num_heads != 0:
+            raise ValueError(f"{who}: d_model={d_model} must be divisible by num_heads={num_heads}")
         super().__init__(d_model, num_heads)
+        self.d_model = d_model  # the seed's attribute names
+        self.depth = self.head_dim
         # 1 / float32(sqrt(d)), as the seed divides by torch.sqrt(torch.tensor(d, dtype=float32)).
         self.scale = 1.0 / float(torch.sqrt(torch.tensor(self.depth, dtype=torch.float32)))
 
     def split_heads(self, x: Tensor, batch_size: int) -> Tensor:
-        """The seed's helper: ``(B, L, E)`` -> ``(B, h, L, d)``."""
+        """The seed's helper: `(B, L, E)` -> `(B, h, L, d)`."""
         return x.view(batch_size, -1, self.num_heads, self.depth).permute(0, 2, 1, 3)  # (B, h, L, d)
 
     def scaled_dot_product_attention(
         self, Q: Tensor, K: Tensor, V: Tensor, mask: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
-        """The seed's helper on ``(B, h, L, d)`` heads: returns ``(output, attention)``."""
+        """The seed's helper on `(B, h, L, d)` heads: returns `(output, attention)`."""
         keep = None
         if mask is not None:
             check_tensor(mask, type(self).__name__, "mask", floating=False)
@@ -262,7 +284,7 @@ class SeedMultiHeadAttention(MultiHeadAttention):
     def forward(  # type: ignore[override]
         self, Q: Tensor, K: Tensor, V: Tensor, mask: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
-        """Attend from ``Q`` to ``K``/``V``; returns ``(output, attention)`` as the seed does."""
+        """Attend from `Q` to `K`/`V`; returns `(output, attention)` as the seed does."""
         batch, _, _ = self._check_inputs(Q, K, V)
         q, k, v = (self.split_heads(w(t), batch) for w, t in ((self.Wq, Q), (self.Wk, K), (self.Wv, V)))
         out, attention = self.scaled_dot_product_attention(q, k, v, mask)
