@@ -1,11 +1,11 @@
 """Converters into attnzoo: foreign modules and weights -> attnzoo modules with the same numbers.
 
-- :func:`from_torch`: ``torch.nn.MultiheadAttention`` -> :class:`attnzoo.compat.MultiheadAttention`;
-- :func:`from_keras` / :func:`load_keras_weights` (from :mod:`attnzoo.blocks.convert`): Keras blocks
+- `from_torch`: ``torch.nn.MultiheadAttention`` -> `attnzoo.compat.MultiheadAttention`;
+- `from_keras` / `load_keras_weights` (from `attnzoo.blocks.convert`): Keras blocks
   -> the prefix-named PyTorch blocks.
 
-Module converters sit in one table keyed by the foreign class (:mod:`attnzoo.convert.registry`);
-:func:`convert` dispatches on it, and ``attnzoo.replace(model, ForeignClass)`` uses it to swap every
+Module converters sit in one table keyed by the foreign class (`attnzoo.convert.registry`);
+`convert` dispatches on it, and ``attnzoo.replace(model, ForeignClass)`` uses it to swap every
 instance of a known class in a model, weights included.
 """
 

@@ -1,4 +1,4 @@
-"""torch -> attnzoo: ``nn.MultiheadAttention`` -> :class:`attnzoo.compat.MultiheadAttention`.
+"""torch -> attnzoo: ``nn.MultiheadAttention`` -> `attnzoo.compat.MultiheadAttention`.
 
 The converted module holds the very same ``Parameter`` objects (so an optimizer built before the
 conversion keeps training them, and ``state_dict`` keys are unchanged); ``copy.deepcopy`` the torch

@@ -1,4 +1,4 @@
-"""torch's ``nn.MultiheadAttention``, run through :func:`attnzoo.functional.attend`.
+"""torch's ``nn.MultiheadAttention``, run through `attnzoo.functional.attend`.
 
 "Attention Is All You Need" (Vaswani et al., 2017), https://arxiv.org/abs/1706.03762, with the API of
 ``torch.nn.MultiheadAttention``: its constructor, parameters, ``state_dict`` keys (``strict=True`` both
@@ -16,7 +16,7 @@ Differences from torch's class:
 - bad shapes and dtypes raise ``ValueError`` / ``TypeError`` naming the argument before any work.
 
 Masks at this edge follow torch: a **boolean True means "may not attend"**, a float mask is added to
-the logits; inside they are turned into :func:`attend`'s convention (True = may attend).
+the logits; inside they are turned into `attend`'s convention (True = may attend).
 """
 
 from __future__ import annotations

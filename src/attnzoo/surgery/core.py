@@ -96,15 +96,15 @@ def replace(
     A module that wants NHWC (BiLevelRoutingAttention) on an NCHW network gets `layout="nchw"` or a
     `LayoutAdapter`.
 
-    Without ``attention``, ``where`` must be a foreign class that :mod:`attnzoo.convert` knows
+    Without ``attention``, ``where`` must be a foreign class that `attnzoo.convert` knows
     (``torch.nn.MultiheadAttention``, ...): every instance is converted with its weights and swapped in
     place, so the model's output is unchanged and ``attnzoo.capture_maps`` now sees its attention.
 
     Args:
         model: The network, changed in place.
-        where: As for :func:`insert`; or, without ``attention``, a class :mod:`attnzoo.convert` knows.
-        attention: As for :func:`insert`. Default: None (convert the instances of ``where``).
-        example_input: As for :func:`insert`; without it the channels come from the replaced
+        where: As for `insert`; or, without ``attention``, a class `attnzoo.convert` knows.
+        attention: As for `insert`. Default: None (convert the instances of ``where``).
+        example_input: As for `insert`; without it the channels come from the replaced
             module's attributes (``channels``, ``num_features``, ``dim`` ...).
         **kwargs: More constructor arguments for the attention.
 
@@ -151,7 +151,7 @@ def replace(
 def _convert_instances(
     model: nn.Module, where: Where, example_input: Any, kwargs: dict[str, Any]
 ) -> list[str]:
-    """``replace(model, ForeignClass)``: every instance converted by :mod:`attnzoo.convert`, in place."""
+    """``replace(model, ForeignClass)``: every instance converted by `attnzoo.convert`, in place."""
     from attnzoo.convert import converter_for, known  # lazy: convert imports the families
 
     converter = converter_for(where) if isinstance(where, type) else None
