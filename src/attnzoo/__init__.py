@@ -16,7 +16,8 @@ from attnzoo.maps import AttentionMap, capture_maps
 from attnzoo.mechanisms.acmix import ACmix
 from attnzoo.mechanisms.biformer import BiLevelRoutingAttention
 from attnzoo.mechanisms.biformer_nchw import nchwBRA
-from attnzoo.mechanisms.cbam import CBAM, CBAtten_Res, ChannelAttention, SpatialAttention
+from attnzoo.mechanisms.cbam import CBAM, ChannelAttention, ResidualCBAM, SpatialAttention
+from attnzoo.mechanisms.cbam_seed import CBAtten_Res
 from attnzoo.mechanisms.dual_gated import DualGatedAttention
 from attnzoo.mechanisms.mha import MultiHeadAttention
 from attnzoo.mechanisms.non_local import NonLocalBlock
@@ -67,6 +68,7 @@ __all__ = [
     "CBAtten_Res",
     "ChannelAttention",
     "DualGatedAttention",
+    "ResidualCBAM",
     "SKConv",
     "SpatialAttention",
     "SqueezeExcite",
