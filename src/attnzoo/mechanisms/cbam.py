@@ -419,7 +419,7 @@ class ResidualCBAM(nn.Module):
             channels, out_channels, kernel_size, stride=stride, padding=self.padding, bias=True, **dd
         )
         self.bn1 = nn.BatchNorm2d(out_channels, **dd)
-        self.relu = nn.ReLU(inplace=True)
+        self.relu = nn.ReLU(inplace=True)  # after bn1; the block's last ReLU is `clamp_min` (forward)
         self.ca = ChannelAttention(out_channels, reduction, rd_channels=rd_channels, rd_divisor=rd_divisor, **dd)
         self.sa = SpatialAttention(out_channels, kernel_size, **dd)
 
@@ -427,5 +427,8 @@ class ResidualCBAM(nn.Module):
         x = to_batch_first(x, self.batch_first, type(self).__name__, C=self.in_channels)
         out = self.relu(self.bn1(self.conv1(x)))  # (B, C_out, H', W')
         out, gate = cbam_gate(out, self.ca, self.sa, need_weights)
-        out = self.relu(out.add_(self.conv_res(self.max_pool(x))))  # shortcut (B, C_out, H', W')
+        out = out.add_(self.conv_res(self.max_pool(x)))  # shortcut (B, C_out, H', W')
+        # ReLU as clamp_min, whose backward keeps its input rather than its output: a caller may add to
+        # the output in place (timm's blocks do `x += shortcut` after their attention layer).
+        out = out.clamp_min(0)
         return _finish(out, gate, self.batch_first, need_weights)
