@@ -16,7 +16,8 @@ from attnzoo.maps import AttentionMap, capture_maps
 from attnzoo.mechanisms.acmix import ACmix
 from attnzoo.mechanisms.biformer import BiLevelRoutingAttention
 from attnzoo.mechanisms.biformer_nchw import nchwBRA
-from attnzoo.mechanisms.cbam import CBAM, ChannelAttention, ResidualCBAM, SpatialAttention
+from attnzoo.mechanisms.cbam import CBAM, ChannelAttention, SpatialAttention
+from attnzoo.mechanisms.cbam_res import ResidualCBAM
 from attnzoo.mechanisms.cbam_seed import CBAtten_Res
 from attnzoo.mechanisms.dual_gated import DualGatedAttention
 from attnzoo.mechanisms.mha import MultiHeadAttention

@@ -20,7 +20,9 @@ D = torch.float64
 TOL = {"atol": 1e-10, "rtol": 1e-10}
 
 
-def randomize(module: nn.Module, seed: int = 0, keep: Callable[[str], bool] = lambda name: False) -> nn.Module:
+def randomize(
+    module: nn.Module, seed: int = 0, keep: Callable[[str], bool] = lambda name: False
+) -> nn.Module:
     """Random parameters and BatchNorm statistics, so every parameter and buffer matters; names for
     which `keep(name)` is true stay as they are."""
     gen = torch.Generator().manual_seed(seed)
@@ -70,7 +72,11 @@ def compare(ours: nn.Module, ref: nn.Module, x: torch.Tensor, *, train: bool, pe
 
 def golden_params(files: list[Path]) -> list:
     if not files:
-        return [pytest.param(None, marks=pytest.mark.skip(reason="no golden seed recordings (shared/golden/seed)"))]
+        return [
+            pytest.param(
+                None, marks=pytest.mark.skip(reason="no golden seed recordings (shared/golden/seed)")
+            )
+        ]
     return [pytest.param(f, id=f.stem) for f in files]
 
 
@@ -130,10 +136,14 @@ def check_layouts(name: str) -> None:
     for x_layout, make_x in LAYOUTS.items():
         for g_layout, make_g in LAYOUTS.items():
             got = _run_with_grad(m, make_x(x), make_g(g))
-            torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-12, msg=f"x {x_layout}, g {g_layout}")
+            torch.testing.assert_close(
+                got, expected, atol=1e-12, rtol=1e-12, msg=f"x {x_layout}, g {g_layout}"
+            )
     dense = torch.full(spec.example.output, 0.5, dtype=D)
     broadcast = torch.full((1, 1, 1, 1), 0.5, dtype=D).expand(spec.example.output)
-    torch.testing.assert_close(_run_with_grad(m, x, broadcast), _run_with_grad(m, x, dense), atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(
+        _run_with_grad(m, x, broadcast), _run_with_grad(m, x, dense), atol=1e-12, rtol=1e-12
+    )
 
 
 def check_no_grad_path(name: str) -> None:
@@ -170,7 +180,12 @@ def timm_resnet(attn_layer: object, **kwargs: object) -> nn.Module:
     timm = pytest.importorskip("timm", reason="timm is not installed (pip install timm)")
     torch.manual_seed(0)
     return timm.create_model(
-        "resnet18", pretrained=False, num_classes=10, block_args=dict(attn_layer=attn_layer), dtype=D, **kwargs
+        "resnet18",
+        pretrained=False,
+        num_classes=10,
+        block_args=dict(attn_layer=attn_layer),
+        dtype=D,
+        **kwargs,
     )
 
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _gating import (
-    D,
     TOL,
+    D,
     check_layouts,
     check_need_weights,
     check_no_grad_path,
@@ -33,10 +33,14 @@ from attnzoo import CBAM, ChannelAttention, ResidualCBAM, SpatialAttention, comp
 class RefCA(nn.Module):
     def __init__(self, c: int, hidden: int, bias: bool = False, act=nn.ReLU) -> None:
         super().__init__()
-        self.sharedMLP = nn.Sequential(nn.Conv2d(c, hidden, 1, bias=bias), act(), nn.Conv2d(hidden, c, 1, bias=bias))
+        self.sharedMLP = nn.Sequential(
+            nn.Conv2d(c, hidden, 1, bias=bias), act(), nn.Conv2d(hidden, c, 1, bias=bias)
+        )
 
     def forward(self, x):
-        return x * torch.sigmoid(self.sharedMLP(F.adaptive_avg_pool2d(x, 1)) + self.sharedMLP(F.adaptive_max_pool2d(x, 1)))
+        return x * torch.sigmoid(
+            self.sharedMLP(F.adaptive_avg_pool2d(x, 1)) + self.sharedMLP(F.adaptive_max_pool2d(x, 1))
+        )
 
 
 class RefSA(nn.Module):
@@ -102,7 +106,9 @@ def test_seed_channel_attention_keeps_the_seed_width():
     """The seed's hidden width is C // r (floor), the canonical one C / r rounded: 6 // 4 = 1, 6 / 4 -> 2."""
     compare(compat.ChannelAttention(6, 4), RefCA(6, 1), x_of(2, 6, 5, 3), train=True)
     assert ChannelAttention(6, 4).rd_channels == 2
-    compare(compat.ChannelAttention(8, batch_first=False), RefCA(8, 2), x_of(2, 8, 4, 4), train=True, perm=True)
+    compare(
+        compat.ChannelAttention(8, batch_first=False), RefCA(8, 2), x_of(2, 8, 4, 4), train=True, perm=True
+    )
 
 
 @pytest.mark.parametrize("k", [3, 5, 7])
@@ -110,7 +116,13 @@ def test_seed_channel_attention_keeps_the_seed_width():
 def test_spatial_attention_matches_reference(k, norm):
     norm_layer = nn.BatchNorm2d if norm else None
     compare(SpatialAttention(5, k, norm_layer=norm_layer), RefSA(k, norm), x_of(2, 5, 6, 7), train=True)
-    compare(SpatialAttention(kernel_size=k, norm_layer=norm_layer, batch_first=False), RefSA(k, norm), x_of(2, 5, 6, 7), train=False, perm=True)
+    compare(
+        SpatialAttention(kernel_size=k, norm_layer=norm_layer, batch_first=False),
+        RefSA(k, norm),
+        x_of(2, 5, 6, 7),
+        train=False,
+        perm=True,
+    )
     if not norm:
         compare(compat.SpatialAttention(k), RefSA(k), x_of(2, 5, 6, 7), train=True)
 
@@ -126,13 +138,17 @@ def test_cbam_batch_first_false():
     compare(CBAM(8, 2, 3, batch_first=False), RefCBAM(8, 4, 3), x_of(3, 8, 4, 5), train=True, perm=True)
 
 
-@pytest.mark.parametrize(("cin", "cout", "k", "stride", "r"), [(4, 8, 3, 2, 2), (6, 4, 5, 1, 4), (3, 8, 7, 2, 4), (4, 6, 3, 3, 2)])
+@pytest.mark.parametrize(
+    ("cin", "cout", "k", "stride", "r"), [(4, 8, 3, 2, 2), (6, 4, 5, 1, 4), (3, 8, 7, 2, 4), (4, 6, 3, 3, 2)]
+)
 @pytest.mark.parametrize("train", [False, True])
 def test_residual_cbam_matches_reference(cin, cout, k, stride, r, train):
     ref = RefCBAtten_Res(cin, cout, k, stride, cout // r)
     compare(compat.CBAtten_Res(cin, cout, k, stride, r), ref, x_of(2, cin, 9, 8), train=train)
     ref = RefCBAtten_Res(cin, cout, k, stride, cout // r)
-    compare(ResidualCBAM(cin, cout, k, stride, r, rd_channels=cout // r), ref, x_of(2, cin, 9, 8), train=train)
+    compare(
+        ResidualCBAM(cin, cout, k, stride, r, rd_channels=cout // r), ref, x_of(2, cin, 9, 8), train=train
+    )
 
 
 def test_residual_cbam_defaults_keep_the_shape():
@@ -232,11 +248,23 @@ def test_bad_constructor_arguments(factory, match):
 @pytest.mark.parametrize(
     ("module", "x", "match"),
     [
-        (ChannelAttention(8), torch.randn(2, 8, 16), r"ChannelAttention expects x of shape \(B, 8, H, W\) \(4-D\), got \(2, 8, 16\) \(3-D\)"),
+        (
+            ChannelAttention(8),
+            torch.randn(2, 8, 16),
+            r"ChannelAttention expects x of shape \(B, 8, H, W\) \(4-D\), got \(2, 8, 16\) \(3-D\)",
+        ),
         (SpatialAttention(4, 3), torch.randn(1, 5, 3, 3), r"with C=4, got \(1, 5, 3, 3\)"),
         (CBAM(8, 2), torch.randn(1, 1, 8, 4, 4), r"CBAM expects x of shape \(B, 8, H, W\) \(4-D\)"),
-        (compat.CBAtten_Res(4, 8), torch.randn(2, 8, 6, 6), r"CBAtten_Res expects x of shape \(B, 4, H, W\) with C=4"),
-        (ResidualCBAM(4, 8), torch.randn(2, 8, 6, 6), r"ResidualCBAM expects x of shape \(B, 4, H, W\) with C=4"),
+        (
+            compat.CBAtten_Res(4, 8),
+            torch.randn(2, 8, 6, 6),
+            r"CBAtten_Res expects x of shape \(B, 4, H, W\) with C=4",
+        ),
+        (
+            ResidualCBAM(4, 8),
+            torch.randn(2, 8, 6, 6),
+            r"ResidualCBAM expects x of shape \(B, 4, H, W\) with C=4",
+        ),
     ],
 )
 def test_bad_inputs(module, x, match):
@@ -264,7 +292,7 @@ def test_seed_names_build_seed_classes():
 
 
 def _timm_cbam_keys(key: str) -> str:
-    """timm's CbamModule keys -> ours (`channel.fc1` -> `ca.sharedMLP.0`, `spatial.conv.conv` -> `sa.conv`, ...)."""
+    """timm's CbamModule keys -> ours (`channel.fc1` -> `ca.sharedMLP.0`, ...)."""
     for theirs, ours in [
         ("channel.fc1.", "ca.sharedMLP.0."),
         ("channel.fc2.", "ca.sharedMLP.2."),

@@ -6,7 +6,15 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from _gating import check_layouts, check_no_grad_path, check_resnet_forward, compare, golden_params, run_golden, x_of
+from _gating import (
+    check_layouts,
+    check_no_grad_path,
+    check_resnet_forward,
+    compare,
+    golden_params,
+    run_golden,
+    x_of,
+)
 from conftest import golden_files
 from torch import nn
 
@@ -25,7 +33,9 @@ class RefDual(nn.Module):
 
     def forward(self, x):
         x = x + self.channel_attention(x * torch.sigmoid(F.adaptive_max_pool2d(x, 1)))
-        return x + self.space_attention(x * torch.sigmoid(torch.max(x, 1)[0].unsqueeze(1)))  # (B, H, W) -> (B, 1, H, W)
+        return x + self.space_attention(
+            x * torch.sigmoid(torch.max(x, 1)[0].unsqueeze(1))
+        )  # (B, H, W) -> (B, 1, H, W)
 
 
 @pytest.mark.parametrize("path", golden_params(golden_files("seed/SeedDualAttention__*.pt")))

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _gating import (
-    D,
     TOL,
+    D,
     check_layouts,
     check_need_weights,
     check_no_grad_path,
@@ -34,7 +34,9 @@ class RefSELayer(nn.Module):
 
     def __init__(self, c: int, r: int) -> None:
         super().__init__()
-        self.fc = nn.Sequential(nn.Linear(c, c // r, bias=False), nn.ReLU(), nn.Linear(c // r, c, bias=False), nn.Sigmoid())
+        self.fc = nn.Sequential(
+            nn.Linear(c, c // r, bias=False), nn.ReLU(), nn.Linear(c // r, c, bias=False), nn.Sigmoid()
+        )
 
     def forward(self, x):
         b, c = x.shape[:2]
@@ -44,7 +46,9 @@ class RefSELayer(nn.Module):
 class RefSE(nn.Module):
     """timm's SEModule step by step (1x1 convolutions `fc1`, `fc2`, optional `bn`)."""
 
-    def __init__(self, c: int, hidden: int, bias: bool, maxpool: bool = False, norm: bool = False, act=nn.ReLU):
+    def __init__(
+        self, c: int, hidden: int, bias: bool, maxpool: bool = False, norm: bool = False, act=nn.ReLU
+    ):
         super().__init__()
         self.maxpool = maxpool
         self.fc1 = nn.Conv2d(c, hidden, 1, bias=bias)
@@ -92,13 +96,17 @@ def test_se_matches_reference(c, kwargs, hidden, train):
 
 
 def test_batch_first_false():
-    compare(SqueezeExcite(8, 2, batch_first=False), RefSE(8, 4, False), x_of(2, 8, 3, 4), train=True, perm=True)
+    compare(
+        SqueezeExcite(8, 2, batch_first=False), RefSE(8, 4, False), x_of(2, 8, 3, 4), train=True, perm=True
+    )
     compare(compat.SELayer(8, batch_first=False), RefSELayer(8, 2), x_of(2, 8, 3, 4), train=True, perm=True)
 
 
 @pytest.mark.parametrize("c", [8, 5])
 def test_seed_class_matches_reference(c):
-    compare(compat.SELayer(c, c if c == 5 else 2), RefSELayer(c, c if c == 5 else 2), x_of(3, c, 4, 5), train=True)
+    compare(
+        compat.SELayer(c, c if c == 5 else 2), RefSELayer(c, c if c == 5 else 2), x_of(3, c, 4, 5), train=True
+    )
 
 
 def test_gate_layer_and_need_weights():
@@ -130,7 +138,11 @@ def test_device_and_dtype():
 @pytest.mark.parametrize(
     ("factory", "error", "match"),
     [
-        (lambda: compat.SELayer(3, 4), ValueError, r"SELayer: reduction=4 leaves zero hidden channels for channel=3"),
+        (
+            lambda: compat.SELayer(3, 4),
+            ValueError,
+            r"SELayer: reduction=4 leaves zero hidden channels for channel=3",
+        ),
         (lambda: compat.SELayer(8.0), TypeError, r"SELayer: channel must be an int"),
         (lambda: SqueezeExcite(8.0), TypeError, r"SqueezeExcite: channels must be an int"),  # type: ignore[arg-type]
         (lambda: SqueezeExcite(8, 0), ValueError, r"reduction must be > 0, got 0"),
@@ -146,8 +158,16 @@ def test_bad_constructor_arguments(factory, error, match):
 @pytest.mark.parametrize(
     ("module", "x", "match"),
     [
-        (SqueezeExcite(8, 2), torch.randn(2, 9, 4, 4), r"SqueezeExcite expects x of shape \(B, 8, H, W\) with C=8, got \(2, 9, 4, 4\)"),
-        (compat.SELayer(8, batch_first=False), torch.randn(2, 8, 4, 4), r"expects x of shape \(8, B, H, W\) with C=8, got \(2, 8, 4, 4\)"),
+        (
+            SqueezeExcite(8, 2),
+            torch.randn(2, 9, 4, 4),
+            r"SqueezeExcite expects x of shape \(B, 8, H, W\) with C=8, got \(2, 9, 4, 4\)",
+        ),
+        (
+            compat.SELayer(8, batch_first=False),
+            torch.randn(2, 8, 4, 4),
+            r"expects x of shape \(8, B, H, W\) with C=8, got \(2, 8, 4, 4\)",
+        ),
     ],
 )
 def test_bad_inputs(module, x, match):

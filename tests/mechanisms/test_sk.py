@@ -75,7 +75,16 @@ SK_CASES = [
 def test_sk_matches_reference(case, train):
     c, M, G, s, L, r = (case[k] for k in ("c", "M", "G", "stride", "L", "r"))
     dil, fuse = case.get("dilated", False), case.get("fuse", False)
-    ours = SKConv(c, num_branches=M, groups=G, stride=s, min_rd_channels=L, reduction=r, keep_3x3=dil, fuse_norm_act=fuse)
+    ours = SKConv(
+        c,
+        num_branches=M,
+        groups=G,
+        stride=s,
+        min_rd_channels=L,
+        reduction=r,
+        keep_3x3=dil,
+        fuse_norm_act=fuse,
+    )
     compare(ours, RefSK(c, M, G, s, L, r, dil, fuse), x_of(3, c, 7, 6), train=train)
 
 
@@ -118,8 +127,16 @@ def test_second_derivative_raises_instead_of_being_wrong():
         (lambda: SKConv(9), ValueError, r"channels=9 must be divisible by groups=2"),
         (lambda: compat.SKEConv(9, G=2), ValueError, r"in_channels=9 must be divisible by G=2"),
         (lambda: compat.SKEConv(8, M=0), ValueError, r"SKEConv: M must be >= 1, got 0"),
-        (lambda: SKConv(8, min_rd_channels=0, reduction=16), ValueError, r"leave zero hidden features for channels=8"),
-        (lambda: compat.SKEConv(8, L=0, reduction=16), ValueError, r"L=0 leave zero hidden features for in_channels=8"),
+        (
+            lambda: SKConv(8, min_rd_channels=0, reduction=16),
+            ValueError,
+            r"leave zero hidden features for channels=8",
+        ),
+        (
+            lambda: compat.SKEConv(8, L=0, reduction=16),
+            ValueError,
+            r"L=0 leave zero hidden features for in_channels=8",
+        ),
         (lambda: SKConv(8, reduction=0), ValueError, r"reduction must be > 0, got 0"),
         (lambda: SKConv(8, stride=0), ValueError, r"stride must be >= 1, got 0"),
         (lambda: SKConv(8, num_branches=2.5), TypeError, r"num_branches must be an int"),
@@ -132,7 +149,9 @@ def test_bad_constructor_arguments(factory, error, match):
 
 
 def test_bad_inputs():
-    with pytest.raises(ValueError, match=r"SKConv expects x of shape \(B, 8, H, W\) with C=8, got \(2, 4, 6, 6\)"):
+    with pytest.raises(
+        ValueError, match=r"SKConv expects x of shape \(B, 8, H, W\) with C=8, got \(2, 4, 6, 6\)"
+    ):
         SKConv(8, min_rd_channels=4)(torch.randn(2, 4, 6, 6))
 
 
@@ -142,18 +161,25 @@ def test_seed_name_builds_the_seed_class():
 
 
 @pytest.mark.parametrize("train", [False, True])
-@pytest.mark.parametrize(("paths", "keep_3x3", "groups", "stride"), [(2, False, 2, 1), (3, True, 4, 2), (2, True, 1, 1)])
+@pytest.mark.parametrize(
+    ("paths", "keep_3x3", "groups", "stride"), [(2, False, 2, 1), (3, True, 4, 2), (2, True, 1, 1)]
+)
 def test_timm_selective_kernel(paths, keep_3x3, groups, stride, train):
     timm_sk = pytest.importorskip("timm.layers.selective_kernel", reason="timm is not installed")
     c, d = 8, 6
     kernels = [3 + 2 * i for i in range(paths)]
     theirs = timm_sk.SelectiveKernel(
-        c, c, kernel_size=kernels, stride=stride, groups=groups, rd_channels=d, keep_3x3=keep_3x3, split_input=False
+        c,
+        c,
+        kernel_size=kernels,
+        stride=stride,
+        groups=groups,
+        rd_channels=d,
+        keep_3x3=keep_3x3,
+        split_input=False,
     )
     theirs = randomize(theirs.to(D))
-    ours = SKConv(
-        c, paths, groups, stride, rd_channels=d, keep_3x3=keep_3x3, fuse_norm_act=True
-    ).to(D)
+    ours = SKConv(c, paths, groups, stride, rd_channels=d, keep_3x3=keep_3x3, fuse_norm_act=True).to(D)
     sd = theirs.state_dict()
     bn = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
     mapping = {"fc.weight": sd["attn.fc_reduce.weight"].flatten(1)}  # (d, C, 1, 1) -> (d, C)

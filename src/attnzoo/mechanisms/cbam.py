@@ -1,4 +1,4 @@
-"""CBAM: channel attention, spatial attention, the block, and a residual CBAM block.
+"""CBAM: channel attention, spatial attention and the block (the residual block is in `cbam_res`).
 
 Woo, Park, Lee, Kweon, "CBAM: Convolutional Block Attention Module", ECCV 2018,
 https://arxiv.org/abs/1807.06521.
@@ -33,9 +33,9 @@ from attnzoo.kernels.gate import GatePlan, fused_gate, to_batch_first
 from attnzoo.maps.capture import capturing, record
 from attnzoo.mechanisms.se import from_batch_first, gate_plainly, make_act, rd_width
 
-__all__ = ["ChannelAttention", "SpatialAttention", "CBAM", "ResidualCBAM"]
+__all__ = ["ChannelAttention", "SpatialAttention", "CBAM", "cbam_gate"]
 
-_PAPER = "CBAM: Convolutional Block Attention Module"
+PAPER = "CBAM: Convolutional Block Attention Module"
 KERNEL_SIZES = (3, 5, 7)
 Layer = Callable[..., nn.Module]
 
@@ -69,7 +69,7 @@ def cbam_gate(
     return out, channel * sg  # (B, C, 1, 1) * (B, 1, H, W) -> (B, C, H, W)
 
 
-def _finish(
+def finish(
     out: Tensor, gate: Tensor | None, batch_first: bool, need_weights: bool
 ) -> Tensor | tuple[Tensor, Tensor]:
     out = from_batch_first(out, batch_first)
@@ -81,14 +81,18 @@ def _finish(
 @register(
     "cbam_channel",
     family="gating",
-    paper=_PAPER,
+    paper=PAPER,
     year=2018,
     layout="NCHW",
     example=Example(kwargs={"channels": 8, "reduction": 2}, inputs=((2, 8, 5, 5),), output=(2, 8, 5, 5)),
     seed_name="ChannelAttention",
 )
 class ChannelAttention(nn.Module):
-    """CBAM channel attention: $x \\cdot \\sigma(\\mathrm{MLP}(\\mathrm{mean}_{hw} x) + \\mathrm{MLP}(\\max_{hw} x))$.
+    """CBAM channel attention: the input times a per-channel gate.
+
+    $$
+    x \\cdot \\sigma(\\mathrm{MLP}(\\mathrm{mean}_{hw} x) + \\mathrm{MLP}(\\max_{hw} x))
+    $$
 
     timm's `ChannelAttn` with `reduction` for `rd_ratio` and `bias` for `mlp_bias`. State dict keys:
     `sharedMLP.0.weight` (rd, C, 1, 1) and `sharedMLP.2.weight` (C, rd, 1, 1) (the seed's), plus
@@ -156,7 +160,9 @@ class ChannelAttention(nn.Module):
         fc1 = cast(nn.Conv2d, self.sharedMLP[0])
         fc2 = cast(nn.Conv2d, self.sharedMLP[2])
         both = torch.cat([mean, peak], dim=0)  # (2B, C)
-        hidden = self.sharedMLP[1](F.linear(both, fc1.weight.flatten(1), fc1.bias))  # (rd, C, 1, 1) -> (rd, C)
+        hidden = self.sharedMLP[1](
+            F.linear(both, fc1.weight.flatten(1), fc1.bias)
+        )  # (rd, C, 1, 1) -> (rd, C)
         avg, top = F.linear(hidden, fc2.weight.flatten(1), fc2.bias).chunk(2, dim=0)  # (2B, C) -> 2 x (B, C)
         gate = self.gate(avg + top)
         if not torch.jit.is_scripting():
@@ -167,7 +173,7 @@ class ChannelAttention(nn.Module):
     def forward(self, x: Tensor, need_weights: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         x = to_batch_first(x, self.batch_first, type(self).__name__, C=self.channels)
         out, gate = cbam_gate(x, self, None, need_weights)
-        return _finish(out, gate, self.batch_first, need_weights)
+        return finish(out, gate, self.batch_first, need_weights)
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, rd_channels={self.rd_channels}, batch_first={self.batch_first}"
@@ -176,7 +182,7 @@ class ChannelAttention(nn.Module):
 @register(
     "cbam_spatial",
     family="gating",
-    paper=_PAPER,
+    paper=PAPER,
     year=2018,
     layout="NCHW",
     example=Example(kwargs={"channels": 8, "kernel_size": 3}, inputs=((2, 8, 5, 5),), output=(2, 8, 5, 5)),
@@ -249,7 +255,7 @@ class SpatialAttention(nn.Module):
         sizes = {} if self.channels is None else {"C": self.channels}
         x = to_batch_first(x, self.batch_first, type(self).__name__, **sizes)
         out, gate = cbam_gate(x, None, self, need_weights)
-        return _finish(out, gate, self.batch_first, need_weights)
+        return finish(out, gate, self.batch_first, need_weights)
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, kernel_size={self.kernel_size}, batch_first={self.batch_first}"
@@ -258,7 +264,7 @@ class SpatialAttention(nn.Module):
 @register(
     "cbam",
     family="gating",
-    paper=_PAPER,
+    paper=PAPER,
     year=2018,
     layout="NCHW",
     example=Example(
@@ -327,108 +333,18 @@ class CBAM(nn.Module):
         self.channels = channels
         self.batch_first = bool(batch_first)
         self.ca = ChannelAttention(
-            channels, reduction, rd_channels=rd_channels, rd_divisor=rd_divisor, bias=bias,
-            act_layer=act_layer, gate_layer=gate_layer, **dd,
+            channels,
+            reduction,
+            rd_channels=rd_channels,
+            rd_divisor=rd_divisor,
+            bias=bias,
+            act_layer=act_layer,
+            gate_layer=gate_layer,
+            **dd,
         )
         self.sa = SpatialAttention(channels, kernel_size, norm_layer=norm_layer, gate_layer=gate_layer, **dd)
 
     def forward(self, x: Tensor, need_weights: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         x = to_batch_first(x, self.batch_first, type(self).__name__, C=self.channels)
         out, gate = cbam_gate(x, self.ca, self.sa, need_weights)
-        return _finish(out, gate, self.batch_first, need_weights)
-
-
-@register(
-    "cbam_res",
-    family="gating",
-    paper=_PAPER,
-    year=2018,
-    layout="NCHW",
-    example=Example(
-        kwargs={"channels": 4, "out_channels": 8, "reduction": 2, "stride": 2},
-        inputs=((2, 4, 6, 5),),
-        output=(2, 8, 3, 3),
-    ),
-    seed_name="CBAtten_Res",
-)
-class ResidualCBAM(nn.Module):
-    """A residual CBAM block (the seed's `CBAtten_Res`): conv-BN-ReLU, channel and spatial
-    attention, plus a max-pool + 1x1-conv shortcut, then ReLU.
-
-    $\\mathrm{out} = \\mathrm{relu}(\\mathrm{SA}(\\mathrm{CA}(\\mathrm{relu}(\\mathrm{bn_1}(\\mathrm{conv_1}\\, x))))
-    + \\mathrm{conv_{res}}(\\mathrm{maxpool}\\, x))$. State dict keys are the seed's (`conv1`, `bn1`,
-    `ca.sharedMLP.*`, `sa.conv`, `conv_res`). The shortcut's max-pool has window 3 and padding 1,
-    which gives the output size of `conv1` for every odd kernel size. With the defaults
-    (`out_channels=channels`, `stride=1`) the block keeps the input's shape. The seed's constructor
-    `CBAtten_Res(in_channels, out_channels, kernel_size=3, stride=2, reduction=4)` is
-    `attnzoo.compat.CBAtten_Res`.
-
-    Args:
-        channels: Number of input channels (seed: `in_channels`).
-        out_channels: Number of output channels C. Default: None (= `channels`).
-        kernel_size: `conv1` and spatial-attention kernel size, one of 3, 5, 7. Default: 3 (the seed's).
-        stride: Stride of `conv1` and of the shortcut's max-pool. Default: 1 (the seed's is 2).
-        reduction: Bottleneck ratio of the channel attention (hidden width `C / reduction`, rounded
-            to a multiple of `rd_divisor`). Default: 16 (the seed's is 4).
-        rd_channels: Hidden width of the channel attention, overriding `reduction`. Default: None.
-        rd_divisor: Round the hidden width to a multiple of this. Default: 1.
-        batch_first: If False input and output are (C, B, H, W). Default: True.
-        device: Device of the parameters and buffers. Default: None.
-        dtype: dtype of the parameters and buffers. Default: None.
-
-    Shape:
-        - Input: (B, channels, H, W), or (channels, B, H, W) when `batch_first=False`.
-        - Output: (B, out_channels, H', W') with `H' = (H - 1) // stride + 1` (same for W).
-        - Weights (`need_weights=True`): the CBAM gate on the convolved features (B, C, H', W').
-
-    Example:
-        ```python
-        >>> block = ResidualCBAM(32, 64, stride=2)
-        >>> block(torch.randn(2, 32, 16, 16)).shape
-        torch.Size([2, 64, 8, 8])
-        ```
-    """
-
-    def __init__(
-        self,
-        channels: int,
-        out_channels: int | None = None,
-        kernel_size: int = 3,
-        stride: int = 1,
-        reduction: float = 16,
-        *,
-        rd_channels: int | None = None,
-        rd_divisor: int = 1,
-        batch_first: bool = True,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        super().__init__()
-        dd = {"device": device, "dtype": dtype}
-        who = type(self).__name__
-        check_int(channels, "channels", who)
-        out_channels = channels if out_channels is None else check_int(out_channels, "out_channels", who)
-        check_choice(kernel_size, KERNEL_SIZES, "kernel_size", who)
-        check_int(stride, "stride", who)
-        self.in_channels, self.out_channels = channels, out_channels
-        self.batch_first = bool(batch_first)
-        self.padding = kernel_size // 2
-        self.max_pool = nn.MaxPool2d(3, stride=stride, padding=1)
-        self.conv_res = nn.Conv2d(channels, out_channels, kernel_size=1, stride=1, bias=True, **dd)
-        self.conv1 = nn.Conv2d(
-            channels, out_channels, kernel_size, stride=stride, padding=self.padding, bias=True, **dd
-        )
-        self.bn1 = nn.BatchNorm2d(out_channels, **dd)
-        self.relu = nn.ReLU(inplace=True)  # after bn1; the block's last ReLU is `clamp_min` (forward)
-        self.ca = ChannelAttention(out_channels, reduction, rd_channels=rd_channels, rd_divisor=rd_divisor, **dd)
-        self.sa = SpatialAttention(out_channels, kernel_size, **dd)
-
-    def forward(self, x: Tensor, need_weights: bool = False) -> Tensor | tuple[Tensor, Tensor]:
-        x = to_batch_first(x, self.batch_first, type(self).__name__, C=self.in_channels)
-        out = self.relu(self.bn1(self.conv1(x)))  # (B, C_out, H', W')
-        out, gate = cbam_gate(out, self.ca, self.sa, need_weights)
-        out = out.add_(self.conv_res(self.max_pool(x)))  # shortcut (B, C_out, H', W')
-        # ReLU as clamp_min, whose backward keeps its input rather than its output: a caller may add to
-        # the output in place (timm's blocks do `x += shortcut` after their attention layer).
-        out = out.clamp_min(0)
-        return _finish(out, gate, self.batch_first, need_weights)
+        return finish(out, gate, self.batch_first, need_weights)

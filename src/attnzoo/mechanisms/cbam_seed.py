@@ -3,10 +3,10 @@
 Woo, Park, Lee, Kweon, "CBAM: Convolutional Block Attention Module", ECCV 2018,
 https://arxiv.org/abs/1807.06521.
 
-Each is the canonical class of `attnzoo.mechanisms.cbam` built from the seed's arguments: the seed's
-hidden width `C // reduction` (a `ValueError` naming the seed's argument when it is 0), the seed's
-defaults (kernel 3, reduction 4, stride 2) and no extra options. `attnzoo.create("ChannelAttention",
-...)`, `"SpatialAttention"` and `"CBAtten_Res"` build these.
+Each is the canonical class of `attnzoo.mechanisms.cbam` (or `cbam_res`) built from the seed's
+arguments: the seed's hidden width `C // reduction` (a `ValueError` naming the seed's argument when
+it is 0), the seed's defaults (kernel 3, reduction 4, stride 2) and no extra options.
+`attnzoo.create("ChannelAttention", ...)`, `"SpatialAttention"` and `"CBAtten_Res"` build these.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from torch import Tensor
 
 from attnzoo._checks import check_choice, check_int
 from attnzoo._registry import register_seed
-from attnzoo.mechanisms import cbam
+from attnzoo.mechanisms import cbam, cbam_res
 from attnzoo.mechanisms.se import hidden_width
 
 __all__ = ["ChannelAttention", "SpatialAttention", "CBAtten_Res"]
@@ -72,7 +72,7 @@ class SpatialAttention(cbam.SpatialAttention):
 
 
 @register_seed("cbam_res")
-class CBAtten_Res(cbam.ResidualCBAM):  # noqa: N801 (the seed's name)
+class CBAtten_Res(cbam_res.ResidualCBAM):  # noqa: N801 (the seed's name)
     """The seed's residual CBAM block `CBAtten_Res(in_channels, out_channels, kernel_size=3, stride=2,
     reduction=4, batch_first=True)`.
 
@@ -115,7 +115,13 @@ class CBAtten_Res(cbam.ResidualCBAM):  # noqa: N801 (the seed's name)
         check_int(stride, "stride", who)
         hidden = hidden_width(out_channels, reduction, who, channels_name="out_channels")
         super().__init__(
-            in_channels, out_channels, kernel_size, stride, reduction, rd_channels=hidden, batch_first=batch_first
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride,
+            reduction,
+            rd_channels=hidden,
+            batch_first=batch_first,
         )
         self.reduction = reduction
 

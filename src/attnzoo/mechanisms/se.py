@@ -57,9 +57,7 @@ def make_divisible(value: float, divisor: int) -> int:
     return max(divisor, int(value + divisor / 2) // divisor * divisor)
 
 
-def rd_width(
-    channels: int, reduction: float, rd_channels: int | None, rd_divisor: int, who: str
-) -> int:
+def rd_width(channels: int, reduction: float, rd_channels: int | None, rd_divisor: int, who: str) -> int:
     """The hidden width of a gate: `rd_channels` if given, else `channels / reduction` rounded to a
     multiple of `rd_divisor` (timm's `make_divisible(channels * rd_ratio, rd_divisor)`)."""
     check_int(channels, "channels", who)
@@ -90,7 +88,9 @@ def gate_plainly(x: Tensor, plan: GatePlan) -> tuple[Tensor, Tensor | None, Tens
         cg = plan.channel_fn(*stats)
         y = x * cg[:, :, None, None]  # (B, C) -> (B, C, 1, 1)
     if plan.spatial_fn is not None:
-        stats = [y.mean(1, keepdim=True) if s == "mean" else y.amax(1, keepdim=True) for s in plan.spatial_stats]
+        stats = [
+            y.mean(1, keepdim=True) if s == "mean" else y.amax(1, keepdim=True) for s in plan.spatial_stats
+        ]
         sg = plan.spatial_fn(*stats)  # (B, 1, H, W)
         y = y * sg
     return y, cg, sg
@@ -197,7 +197,9 @@ class SqueezeExcite(nn.Module):
 
     def forward(self, x: Tensor, need_weights: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         x = to_batch_first(x, self.batch_first, type(self).__name__, C=self.channels)
-        plan = GatePlan(channel_fn=self.excite, channel_stats=("mean", "max") if self.add_maxpool else ("mean",))
+        plan = GatePlan(
+            channel_fn=self.excite, channel_stats=("mean", "max") if self.add_maxpool else ("mean",)
+        )
         if not need_weights:
             return from_batch_first(fused_gate(x, plan, tuple(self.parameters())), self.batch_first)
         out, gate, _ = gate_plainly(x, plan)
@@ -250,7 +252,9 @@ class SELayer(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x = to_batch_first(x, self.batch_first, type(self).__name__, C=self.channels)
-        out = fused_gate(x, GatePlan(channel_fn=self.excite, channel_stats=("mean",)), tuple(self.parameters()))
+        out = fused_gate(
+            x, GatePlan(channel_fn=self.excite, channel_stats=("mean",)), tuple(self.parameters())
+        )
         return from_batch_first(out, self.batch_first)
 
     def extra_repr(self) -> str:

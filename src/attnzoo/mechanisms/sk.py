@@ -130,7 +130,9 @@ class SKConv(nn.Module):
             self.convs.append(nn.Sequential(conv, nn.BatchNorm2d(channels, **dd), nn.ReLU(inplace=True)))
         self.fc = nn.Linear(channels, self.d, **dd)
         self.fuse: nn.Module = (
-            nn.Sequential(nn.BatchNorm1d(self.d, **dd), nn.ReLU(inplace=True)) if fuse_norm_act else nn.Identity()
+            nn.Sequential(nn.BatchNorm1d(self.d, **dd), nn.ReLU(inplace=True))
+            if fuse_norm_act
+            else nn.Identity()
         )
         self.fcs = nn.ModuleList([nn.Linear(self.d, channels, **dd) for _ in range(num_branches)])
 
