@@ -21,7 +21,7 @@ unless `norm_layer=nn.BatchNorm2d` (the official code and timm have one). The se
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import cast
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -140,7 +140,7 @@ class ChannelAttention(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        dd = {"device": device, "dtype": dtype}
+        dd: dict[str, Any] = {"device": device, "dtype": dtype}
         hidden = rd_width(channels, reduction, rd_channels, rd_divisor, type(self).__name__)
         self.channels, self.rd_channels = channels, hidden
         self.batch_first = bool(batch_first)
@@ -160,9 +160,8 @@ class ChannelAttention(nn.Module):
         fc1 = cast(nn.Conv2d, self.sharedMLP[0])
         fc2 = cast(nn.Conv2d, self.sharedMLP[2])
         both = torch.cat([mean, peak], dim=0)  # (2B, C)
-        hidden = self.sharedMLP[1](
-            F.linear(both, fc1.weight.flatten(1), fc1.bias)
-        )  # (rd, C, 1, 1) -> (rd, C)
+        w1 = fc1.weight.flatten(1)  # (rd, C, 1, 1) -> (rd, C)
+        hidden = self.sharedMLP[1](F.linear(both, w1, fc1.bias))  # (2B, rd)
         avg, top = F.linear(hidden, fc2.weight.flatten(1), fc2.bias).chunk(2, dim=0)  # (2B, C) -> 2 x (B, C)
         gate = self.gate(avg + top)
         if not torch.jit.is_scripting():
@@ -232,7 +231,7 @@ class SpatialAttention(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        dd = {"device": device, "dtype": dtype}
+        dd: dict[str, Any] = {"device": device, "dtype": dtype}
         who = type(self).__name__
         if channels is not None:
             check_int(channels, "channels", who)
@@ -329,7 +328,7 @@ class CBAM(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        dd = {"device": device, "dtype": dtype}
+        dd: dict[str, Any] = {"device": device, "dtype": dtype}
         self.channels = channels
         self.batch_first = bool(batch_first)
         self.ca = ChannelAttention(

@@ -7,6 +7,8 @@ blocks); the gates are `attnzoo.mechanisms.cbam`'s, applied by the fused kernel.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -88,7 +90,7 @@ class ResidualCBAM(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        dd = {"device": device, "dtype": dtype}
+        dd: dict[str, Any] = {"device": device, "dtype": dtype}
         who = type(self).__name__
         check_int(channels, "channels", who)
         out_channels = channels if out_channels is None else check_int(out_channels, "out_channels", who)

@@ -46,13 +46,13 @@ def _conv_bn_relu(channels: int, dd: dict[str, Any]) -> nn.Sequential:
     seed_name="SeedDualAttention",
 )
 class DualGatedAttention(nn.Module):
-    """Two residual conv branches, on the input gated per channel by ``sigmoid(max_hw x)`` and on
-    the result gated per position by ``sigmoid(max_c x)`` (the seed-001 snippet).
+    """Two residual conv branches, on the input gated per channel by `sigmoid(max_hw x)` and on
+    the result gated per position by `sigmoid(max_c x)` (the seed-001 snippet).
 
-    Submodules and state_dict keys are the snippet's: ``channel_attention.{0,1}`` and
-    ``space_attention.{0,1}`` (Conv2d(C, C, 3, padding=1) with bias, then BatchNorm2d(C)), plus a
-    parameter-free ``sigmoid``, so the recorded ``SeedDualAttention`` checkpoints load with
-    ``strict=True`` and give the same outputs.
+    Submodules and state_dict keys are the snippet's: `channel_attention.{0,1}` and
+    `space_attention.{0,1}` (Conv2d(C, C, 3, padding=1) with bias, then BatchNorm2d(C)), plus a
+    parameter-free `sigmoid`, so the recorded `SeedDualAttention` checkpoints load with
+    `strict=True` and give the same outputs.
 
     The two gates have no parameters; `attnzoo.capture_maps` records them (`channel` (B, C) and
     `spatial` (B, H, W)), so `forward` has no `need_weights`.

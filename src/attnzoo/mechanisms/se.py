@@ -16,7 +16,7 @@ the paper's and timm's `SEModule`); the argument names are timm's (`rd_channels`
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import cast
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -174,7 +174,7 @@ class SqueezeExcite(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        dd = {"device": device, "dtype": dtype}
+        dd: dict[str, Any] = {"device": device, "dtype": dtype}
         hidden = rd_width(channels, reduction, rd_channels, rd_divisor, type(self).__name__)
         self.channels, self.rd_channels = channels, hidden
         self.add_maxpool = bool(add_maxpool)

@@ -19,6 +19,8 @@ fused multiply-add.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -100,7 +102,7 @@ class SKConv(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        dd = {"device": device, "dtype": dtype}
+        dd: dict[str, Any] = {"device": device, "dtype": dtype}
         who = type(self).__name__
         check_int(channels, "channels", who)
         check_int(num_branches, "num_branches", who)
