@@ -45,6 +45,7 @@ __all__ = ["SKConv", "SKEConv"]
     ),
     aliases=("selective_kernel",),
     seed_name="SKEConv",
+    for_input=lambda geo: {"groups": 2 if geo.channels % 2 == 0 else 1},  # groups must divide C
 )
 class SKConv(nn.Module):
     """Selective Kernel convolution (Li et al., 2019): M grouped convolution branches mixed per
