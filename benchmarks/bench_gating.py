@@ -198,7 +198,11 @@ def workloads() -> dict[str, tuple[tuple[int, ...], dict[str, Callable[[], nn.Mo
             {"attnzoo": lambda: ChannelAttention(256, 16), "seed": lambda: SeedCA(256, 16)},
             11,
         ),
-        "cbam_spatial": (big, {"attnzoo": lambda: SpatialAttention(7), "seed": lambda: SeedSA(7)}, 11),
+        "cbam_spatial": (
+            big,
+            {"attnzoo": lambda: SpatialAttention(kernel_size=7), "seed": lambda: SeedSA(7)},
+            11,
+        ),
         "cbam": (big, {"attnzoo": lambda: CBAM(256, 16, 7), "seed": lambda: SeedCBAM(256, 16, 7)}, 11),
         "cbam_res": (
             big,
@@ -215,12 +219,15 @@ def workloads() -> dict[str, tuple[tuple[int, ...], dict[str, Callable[[], nn.Mo
         w["cbam_channel"][1].update({"timm": lambda: ca_t(256, rd_channels=16)})
     if sa_t is not None:
         w["cbam_spatial"][1].update(
-            {"attnzoo+bn": lambda: SpatialAttention(7, norm=True), "timm": lambda: sa_t(7)}
+            {
+                "attnzoo+bn": lambda: SpatialAttention(kernel_size=7, norm_layer=nn.BatchNorm2d),
+                "timm": lambda: sa_t(7),
+            }
         )
     if cbam_t is not None:
         w["cbam"][1].update(
             {
-                "attnzoo+bn": lambda: CBAM(256, 16, 7, spatial_norm=True),
+                "attnzoo+bn": lambda: CBAM(256, 16, 7, norm_layer=nn.BatchNorm2d),
                 "timm": lambda: cbam_t(256, rd_channels=16, spatial_kernel_size=7),
             }
         )

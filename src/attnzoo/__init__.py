@@ -16,7 +16,9 @@ from attnzoo.maps import AttentionMap, capture_maps
 from attnzoo.mechanisms.acmix import ACmix
 from attnzoo.mechanisms.biformer import BiLevelRoutingAttention
 from attnzoo.mechanisms.biformer_nchw import BiLevelRoutingAttention2d, nchwBRA
-from attnzoo.mechanisms.cbam import CBAM, CBAtten_Res, ChannelAttention, SpatialAttention
+from attnzoo.mechanisms.cbam import CBAM, ChannelAttention, SpatialAttention
+from attnzoo.mechanisms.cbam_res import ResidualCBAM
+from attnzoo.mechanisms.cbam_seed import CBAtten_Res
 from attnzoo.mechanisms.dual_gated import DualGatedAttention
 from attnzoo.mechanisms.mha import MultiHeadAttention
 from attnzoo.mechanisms.non_local import NonLocalBlock
@@ -68,6 +70,7 @@ __all__ = [
     "CBAtten_Res",
     "ChannelAttention",
     "DualGatedAttention",
+    "ResidualCBAM",
     "SKConv",
     "SpatialAttention",
     "SqueezeExcite",

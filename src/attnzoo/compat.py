@@ -25,7 +25,7 @@ from attnzoo.blocks.transformer import cross_attention, feed_forward, self_atten
 from attnzoo.mechanisms.acmix import OfficialACmix as ACmix
 from attnzoo.mechanisms.biformer import LegacyBiLevelRoutingAttention as BiLevelRoutingAttention
 from attnzoo.mechanisms.biformer_nchw import nchwBRA
-from attnzoo.mechanisms.cbam import CBAtten_Res, ChannelAttention, SpatialAttention
+from attnzoo.mechanisms.cbam_seed import CBAtten_Res, ChannelAttention, SpatialAttention
 from attnzoo.mechanisms.dual_gated import SeedDualAttention
 from attnzoo.mechanisms.mha import SeedMultiHeadAttention as MultiHeadAttention
 from attnzoo.mechanisms.non_local import NonLocalBlockND

@@ -193,7 +193,7 @@ def test_cbam_records_channel_and_spatial_gates_that_rebuild_the_output():
 
 
 def test_sk_records_branch_weights_that_rebuild_the_output():
-    sk = _create("sk", in_channels=4, M=3, G=2, L=2)
+    sk = _create("sk", channels=4, num_branches=3, groups=2, min_rd_channels=2)
     x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
     with capture_maps(sk) as maps:
         out = sk(x)

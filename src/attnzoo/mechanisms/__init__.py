@@ -5,6 +5,8 @@ from attnzoo.mechanisms import (  # noqa: F401 (imported for registration)
     biformer,
     biformer_nchw,
     cbam,
+    cbam_res,
+    cbam_seed,
     dual_gated,
     mha,
     non_local,
