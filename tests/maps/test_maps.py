@@ -374,12 +374,12 @@ def test_acmix_rows_are_the_local_attention_of_the_attention_branch():
 @pytest.mark.parametrize(
     "name, kwargs, shape, key_grid",
     [
-        ("sagan", {"in_dim": 8, "out_dim": 2}, (2, 8, 6, 6), (6, 6)),
-        ("channel_self_attention", {"in_dim": 8, "out_dim": 4}, (2, 8, 6, 6), (4,)),
-        ("nonlocal", {"in_channels": 8}, (2, 8, 6, 6), (3, 3)),
-        ("nonlocal", {"in_channels": 8, "sub_sample": False, "mode": "gaussian"}, (2, 8, 6, 6), (6, 6)),
-        ("nonlocal", {"in_channels": 8, "mode": "dot_product"}, (2, 8, 6, 6), (3, 3)),
-        ("nonlocal", {"in_channels": 8, "mode": "concatenation", "sub_sample": False}, (2, 8, 6, 6), (6, 6)),
+        ("sagan", {"channels": 8, "rd_channels": 2}, (2, 8, 6, 6), (6, 6)),
+        ("channel_self_attention", {"channels": 8, "out_channels": 4}, (2, 8, 6, 6), (4,)),
+        ("nonlocal", {"channels": 8}, (2, 8, 6, 6), (3, 3)),
+        ("nonlocal", {"channels": 8, "pool_keys": False, "pairwise": "gaussian"}, (2, 8, 6, 6), (6, 6)),
+        ("nonlocal", {"channels": 8, "pairwise": "dot_product"}, (2, 8, 6, 6), (3, 3)),
+        ("nonlocal", {"channels": 8, "pairwise": "concatenation", "pool_keys": False}, (2, 8, 6, 6), (6, 6)),
     ],
 )
 def test_global_attention_rows_match_the_full_map(name, kwargs, shape, key_grid):
@@ -388,7 +388,7 @@ def test_global_attention_rows_match_the_full_map(name, kwargs, shape, key_grid)
     module = attnzoo.create(name, **kwargs).eval()
     x = torch.randn(*shape)
     with torch.no_grad():
-        _, full = module(x, return_attention=True)  # (B, L, S)
+        _, full = module(x, need_weights=True)  # (B, L, S)
         with attnzoo.capture_maps(module) as maps:
             out = module(x)
     assert out.shape[0] == x.shape[0] and out.shape[2:] == x.shape[2:]
@@ -397,9 +397,9 @@ def test_global_attention_rows_match_the_full_map(name, kwargs, shape, key_grid)
     assert rec.kind == "rows" and rec.grid == key_grid
     torch.testing.assert_close(rec.data[:, 0], full[:, rec.queries], atol=1e-5, rtol=1e-4)
 def test_sagan_rows_equal_its_attention_map():
-    sagan = _create("sagan", in_dim=8, out_dim=2)
+    sagan = _create("sagan", channels=8, rd_channels=2)
     x = torch.randn(2, 8, 5, 6, dtype=torch.float64)
-    _, full = sagan(x, return_attention=True)  # (B, N, N)
+    _, full = sagan(x, need_weights=True)  # (B, N, N)
     with capture_maps(sagan) as maps:
         sagan(x)
     rows = _only(maps, "rows")
@@ -417,9 +417,9 @@ def test_sagan_rows_equal_its_attention_map():
     ],
 )
 def test_nonlocal_rows_equal_its_attention_map(mode, dimension, shape):
-    block = _create("nonlocal", in_channels=4, inter_channels=2, mode=mode, dimension=dimension)
+    block = _create("nonlocal", channels=4, rd_channels=2, pairwise=mode, spatial_dims=dimension)
     x = torch.randn(*shape, dtype=torch.float64)
-    _, full = block(x, return_attention=True)  # (B, N, N')
+    _, full = block(x, need_weights=True)  # (B, N, N')
     with capture_maps(block) as maps:
         block(x)
     rows = _only(maps, "rows")
