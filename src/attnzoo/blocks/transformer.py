@@ -126,6 +126,7 @@ class SelfAttentionBlock(_PrefixedBlock):
         >>> out, weights = block(torch.randn(2, 5, 16), need_weights=True)
         >>> out.shape, weights.shape
         (torch.Size([2, 5, 16]), torch.Size([2, 2, 5, 5]))
+
         ```
     """
 
@@ -204,6 +205,7 @@ class CrossAttentionBlock(_PrefixedBlock):
         >>> block = CrossAttentionBlock(16, context_dim=12, num_heads=4)
         >>> block(torch.randn(2, 5, 16), torch.randn(2, 7, 12)).shape
         torch.Size([2, 5, 16])
+
         ```
     """
 

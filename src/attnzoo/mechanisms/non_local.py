@@ -115,6 +115,7 @@ class NonLocalBlock(nn.Module):
         torch.Size([2, 16, 4, 6, 6])
         >>> m(torch.randn(2, 16, 4, 6, 6), need_weights=True)[1].shape  # keys pooled to 4 x 3 x 3
         torch.Size([2, 144, 36])
+
         ```
     """
 

@@ -70,6 +70,7 @@ class SpatialSelfAttention(nn.Module):
         torch.Size([2, 64, 16, 16])
         >>> m(torch.randn(2, 64, 4, 4), need_weights=True)[1].shape
         torch.Size([2, 16, 16])
+
         ```
     """
 
@@ -132,6 +133,7 @@ class ChannelSelfAttention(nn.Module):
         >>> y, weights = m(torch.randn(2, 16, 5, 5), need_weights=True)
         >>> y.shape, weights.shape
         (torch.Size([2, 8, 5, 5]), torch.Size([2, 8, 8]))
+
         ```
     """
 

@@ -170,6 +170,7 @@ class ConcatAttention(_ConcatScore):
         >>> out, w = m(torch.randn(2, 3, 6), torch.randn(2, 5, 4), torch.randn(2, 5, 7), need_weights=True)
         >>> out.shape, w.shape
         (torch.Size([2, 3, 7]), torch.Size([2, 3, 5]))
+
         ```
     """
 
@@ -223,6 +224,7 @@ class AdditiveAttention(_ConcatScore):
         >>> m = AdditiveAttention(6, 4, hidden_dim=8)
         >>> m(torch.randn(2, 3, 6), torch.randn(2, 5, 4), torch.randn(2, 5, 7)).shape
         torch.Size([2, 3, 7])
+
         ```
     """
 
@@ -282,6 +284,7 @@ class DotProductAttention(nn.Module):
         >>> m = DotProductAttention(4)  # scores q . k / 2
         >>> m(torch.randn(2, 3, 4), torch.randn(2, 5, 4), torch.randn(2, 5, 7)).shape
         torch.Size([2, 3, 7])
+
         ```
     """
 
@@ -348,6 +351,7 @@ class GeneralAttention(nn.Module):
         >>> m = GeneralAttention(6, 4)
         >>> m(torch.randn(2, 3, 6), torch.randn(2, 5, 4), torch.randn(2, 5, 7)).shape
         torch.Size([2, 3, 7])
+
         ```
     """
 

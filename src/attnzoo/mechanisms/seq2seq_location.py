@@ -66,6 +66,7 @@ class LocationAttention(nn.Module):
         >>> m = LocationAttention(6, num_positions=5)
         >>> m(torch.randn(2, 3, 6), torch.randn(2, 3, 6), torch.randn(2, 5, 6)).shape
         torch.Size([2, 3, 6])
+
         ```
     """
 
