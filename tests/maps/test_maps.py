@@ -285,12 +285,14 @@ def test_temporal_rows_equal_a_reference():
 
 
 def test_self_attention_block_rows_are_causal():
-    block = _create("self_attention_block", dim=8, num_heads=2, key_dim=4, causal=True)
+    block = _create("self_attention_block", dim=8, num_heads=2, head_dim=4, causal=True)
     x = torch.randn(2, 6, 8, dtype=torch.float64)
     with capture_maps(block, queries=[0.0, 0.5]) as maps:
         block(x)
     rows = _only(maps, "rows")
     assert rows.queries.tolist() == [0, 3]
+    _, weights = block(x, need_weights=True)  # (B, h, L, L)
+    torch.testing.assert_close(rows.data, weights[:, :, rows.queries], atol=1e-12, rtol=1e-12)
     torch.testing.assert_close(rows.data.sum(-1), torch.ones(2, 2, 2, dtype=torch.float64))
     assert (rows.data[:, :, 0, 1:] == 0).all() and (rows.data[:, :, 1, 4:] == 0).all()
 

@@ -192,8 +192,12 @@ def test_matches_timm_non_local_attn(train):
 
 def test_constructor_defaults_and_errors():
     assert NonLocalBlock(1).rd_channels == 1 and NonLocalBlock(5).rd_channels == 2  # max(C // 2, 1)
-    assert NonLocalBlock(16, reduction=8).rd_channels == 2 and NonLocalBlock(16, 8, 5).rd_channels == 5
+    assert NonLocalBlock(16, reduction=8).rd_channels == 2
+    assert NonLocalBlock(16, 5, reduction=8).rd_channels == 5  # rd_channels wins
     assert NonLocalBlockND(5).inter_channels == 2 and NonLocalBlockND(6, 4).g[0].out_channels == 4
+    positional = NonLocalBlock(6, 3, 1, False, False, "gaussian")  # the seed's order, then the pairwise f
+    assert (positional.rd_channels, positional.spatial_dims, positional.pool_keys) == (3, 1, False)
+    assert isinstance(positional.W, torch.nn.Conv1d) and positional.pairwise == "gaussian"
     with pytest.raises(ValueError, match=r"spatial_dims must be one of \(1, 2, 3\), got 4"):
         NonLocalBlock(4, spatial_dims=4)
     with pytest.raises(ValueError, match=r"pairwise must be one of .*embedded_gaussian.*got 'cosine'"):

@@ -128,6 +128,7 @@ def test_defaults_device_and_dtype():
     assert SpatialSelfAttention(64, reduction=4).rd_channels == 16
     assert SpatialSelfAttention(64, reduction=4, rd_channels=3).rd_channels == 3  # rd_channels wins
     assert SpatialSelfAttention(4).rd_channels == 1  # never 0
+    assert SpatialSelfAttention(16, 2).rd_channels == 2  # the seed's positional (in_dim, out_dim) still fits
     assert SpatialSelfAttention(64).query_conv.out_channels == 8
     assert ChannelSelfAttention(6).out_channels == 6 and ChannelSelfAttention(6, 3).x_conv.out_channels == 3
     for cls in (SpatialSelfAttention, ChannelSelfAttention):

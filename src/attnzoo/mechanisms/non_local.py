@@ -86,11 +86,12 @@ def _concat_sum(a: Tensor, b: Tensor, g: Tensor) -> Tensor:
 class NonLocalBlock(nn.Module):
     r"""Non-local block $z = W(y) + x$, $y_i = \frac{1}{C(x)} \sum_j f(x_i, x_j)\, g(x_j)$.
 
+    The first five arguments are the seed's five, in the seed's order, under vocabulary names.
+
     Args:
         channels: Input channels C (the seed's `in_channels`).
-        reduction: theta, phi and g have `max(C // reduction, 1)` channels. Default: 2 (the paper's C/2).
-        rd_channels: Channels C1 of theta, phi and g, overriding `reduction` (the seed's
-            `inter_channels`). Default: None.
+        rd_channels: Channels C1 of theta, phi and g (the seed's `inter_channels`). Default: None,
+            `max(C // reduction, 1)`.
         spatial_dims: 1, 2 or 3 spatial dims (the seed's `dimension`). Default: 2.
         pool_keys: Max-pool the keys and values (phi, g) by 2 in every spatial dim except T (kernel 2,
             `(2, 2)`, `(1, 2, 2)`); odd sizes are floored, so the last row/column never serves as a
@@ -100,6 +101,8 @@ class NonLocalBlock(nn.Module):
             as the identity (the seed's `bn_layer`). Default: True.
         pairwise: The pairwise function f: `"embedded_gaussian"`, `"gaussian"`, `"dot_product"` or
             `"concatenation"` (the port's `mode`). Default: `"embedded_gaussian"`.
+        reduction: theta, phi and g have `max(C // reduction, 1)` channels unless `rd_channels` is
+            given. Default: 2 (the paper's C/2).
         device: Where the parameters and buffers are created. Default: None (torch's default).
         dtype: Floating dtype of the parameters and buffers. Default: None (torch's default).
 
@@ -124,12 +127,12 @@ class NonLocalBlock(nn.Module):
     def __init__(
         self,
         channels: int,
-        reduction: int = 2,
         rd_channels: int | None = None,
         spatial_dims: int = 2,
         pool_keys: bool = True,
         batch_norm: bool = True,
         pairwise: str = "embedded_gaussian",
+        reduction: int = 2,
         *,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,

@@ -52,9 +52,10 @@ class SpatialSelfAttention(nn.Module):
 
     Args:
         channels: Input channels C (the seed's `in_dim`).
-        reduction: Queries and keys have `max(C // reduction, 1)` channels. Default: 8 (the paper's C/8).
-        rd_channels: Channels d of queries and keys, overriding `reduction` (the seed's `out_dim`).
-            Default: None.
+        rd_channels: Channels d of queries and keys (the seed's `out_dim`, in the same place).
+            Default: None, `max(C // reduction, 1)`.
+        reduction: Queries and keys have `max(C // reduction, 1)` channels unless `rd_channels` is
+            given. Default: 8 (the paper's C/8).
         device: Where the parameters are created. Default: None (torch's default).
         dtype: Floating dtype of the parameters. Default: None (torch's default).
 
@@ -75,7 +76,7 @@ class SpatialSelfAttention(nn.Module):
     """
 
     def __init__(
-        self, channels: int, reduction: int = 8, rd_channels: int | None = None, *,
+        self, channels: int, rd_channels: int | None = None, reduction: int = 8, *,
         device: torch.device | str | None = None, dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
