@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -58,7 +59,7 @@ class EinsumDense(nn.Module):
     ) -> None:
         super().__init__()
         self.in_dims, self.out_dims = tuple(in_dims), tuple(out_dims)
-        factory = {"device": device, "dtype": dtype}
+        factory: dict[str, Any] = {"device": device, "dtype": dtype}
         self.kernel = nn.Parameter(torch.empty(*self.in_dims, *self.out_dims, **factory))
         self.bias = nn.Parameter(torch.empty(*self.out_dims, **factory)) if use_bias else None
         self.reset_parameters()
@@ -136,7 +137,7 @@ class KerasMultiHeadAttention(nn.Module):
         self.output_shape = tuple(check_int(s, "output_shape", who) for s in output_shape)
         if not self.output_shape:
             raise ValueError(f"{who}: output_shape must be an int or a non-empty tuple of ints, got ()")
-        h, factory = self.num_heads, {"device": device, "dtype": dtype}
+        h, factory = self.num_heads, cast(dict[str, Any], {"device": device, "dtype": dtype})
         self.query = EinsumDense((self.dim,), (h, self.key_dim), use_bias, **factory)
         self.key = EinsumDense((self.context_dim,), (h, self.key_dim), use_bias, **factory)
         self.value = EinsumDense((self.context_dim,), (h, self.value_dim), use_bias, **factory)

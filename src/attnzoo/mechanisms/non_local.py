@@ -22,7 +22,7 @@ prefix sums: O((N + N') C1 + N' log N') time and memory, computed in float64.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import cast
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -150,7 +150,7 @@ class NonLocalBlock(nn.Module):
                 raise TypeError(f"{who}: {name} must be a bool, got {type(flag).__name__} {flag!r}")
         self.pool_keys, self.pairwise = pool_keys, check_choice(pairwise, MODES, "pairwise", who)
         conv, pool, kernel = _CONV[dims], _POOL[dims], _POOL_KERNEL[dims]
-        factory = {"device": device, "dtype": dtype}
+        factory: dict[str, Any] = {"device": device, "dtype": dtype}
 
         # Parameter names and nesting follow the seed (and the widely used port), so checkpoints load.
         self.g: nn.Module = conv(c, c1, kernel_size=1, **factory)

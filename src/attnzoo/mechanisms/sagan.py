@@ -16,6 +16,8 @@ materialised); `attnzoo.capture_maps` records rows of it without changing any ca
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -83,7 +85,7 @@ class SpatialSelfAttention(nn.Module):
         who = type(self).__name__
         self.channels = c = check_int(channels, "channels", who)
         self.rd_channels = d = _qk_width(c, reduction, rd_channels, who)
-        factory = {"device": device, "dtype": dtype}
+        factory: dict[str, Any] = {"device": device, "dtype": dtype}
         self.query_conv = nn.Conv2d(c, d, kernel_size=1, **factory)
         self.key_conv = nn.Conv2d(c, d, kernel_size=1, **factory)
         self.value_conv = nn.Conv2d(c, c, kernel_size=1, **factory)
@@ -146,7 +148,7 @@ class ChannelSelfAttention(nn.Module):
         who = type(self).__name__
         self.channels = c = check_int(channels, "channels", who)
         self.out_channels = c1 = c if out_channels is None else check_int(out_channels, "out_channels", who)
-        factory = {"device": device, "dtype": dtype}
+        factory: dict[str, Any] = {"device": device, "dtype": dtype}
         self.query_conv = nn.Conv2d(c, c1, kernel_size=1, **factory)
         self.key_conv = nn.Conv2d(c, c1, kernel_size=1, **factory)
         self.value_conv = nn.Conv2d(c, c1, kernel_size=1, **factory)

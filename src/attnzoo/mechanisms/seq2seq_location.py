@@ -11,6 +11,8 @@ Shape letters: B batch, Lq queries, L value positions, dq/dk/dv query/key/value 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -82,7 +84,7 @@ class LocationAttention(nn.Module):
         self.num_positions = check_int(num_positions, "num_positions", who)
         self.value_dim = dq if value_dim is None else check_int(value_dim, "value_dim", who)
         self.output_dim = dq if output_dim is None else check_int(output_dim, "output_dim", who)
-        factory = {"device": device, "dtype": dtype}
+        factory: dict[str, Any] = {"device": device, "dtype": dtype}
         self.attn = nn.Linear(dq + self.key_dim, self.num_positions, **factory)
         self.attn_combine = nn.Linear(dq + self.value_dim, self.output_dim, **factory)
 
