@@ -55,7 +55,7 @@ def _check_inputs(
     who: str, query: Tensor, keys: Tensor, values: Tensor, mask: Tensor | None,
     query_dim: int | None = None, key_dim: int | None = None,
 ) -> tuple[int, int, int]:
-    """Validate ``(B, Lq, dq)``, ``(B, Lk, dk)``, ``(B, Lk, dv)`` and the mask; return ``(B, Lq, Lk)``."""
+    """Validate `(B, Lq, dq)`, `(B, Lk, dk)`, `(B, Lk, dv)` and the mask; return `(B, Lq, Lk)`."""
     if query_dim is None:
         b, lq, found_dq = check_shape(query, who, "B Lq dq", "query").values()
     else:
@@ -86,7 +86,7 @@ def _check_mask(who: str, mask: Tensor, b: int, lq: int, lk: int) -> None:
 
 
 def _masked_softmax(scores: Tensor, mask: Tensor | None) -> Tensor:
-    """Softmax over the last dim of ``(B, Lq, Lk)`` scores; masked keys get 0, dead rows all 0."""
+    """Softmax over the last dim of `(B, Lq, Lk)` scores; masked keys get 0, dead rows all 0."""
     dtype = scores.dtype
     if dtype in (torch.float16, torch.bfloat16):
         scores = scores.float()
@@ -99,7 +99,7 @@ def _masked_softmax(scores: Tensor, mask: Tensor | None) -> Tensor:
 
 
 def _mask_4d(mask: Tensor | None) -> Tensor | None:
-    """A ``(B, Lk)`` or ``(B, Lq, Lk)`` mask as ``attend`` takes it, ``(B, 1, 1 or Lq, Lk)``."""
+    """A `(B, Lk)` or `(B, Lq, Lk)` mask as `attend` takes it, `(B, 1, 1 or Lq, Lk)`."""
     if mask is None:
         return None
     return mask[:, None, None, :] if mask.ndim == 2 else mask[:, None]
