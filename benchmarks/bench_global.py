@@ -98,9 +98,9 @@ def build(kind: str, shape: tuple[int, ...]) -> nn.Module:
     if kind in ("seed_sagan", "seed_nonlocal"):
         return seed
     if kind == "sagan":
-        m: nn.Module = SpatialSelfAttention(c, c // 8)
+        m: nn.Module = SpatialSelfAttention(c, rd_channels=c // 8)
     elif kind == "nonlocal":
-        m = NonLocalBlock(c, sub_sample=False)
+        m = NonLocalBlock(c, pool_keys=False)
     elif kind == "timm_nonlocal":
         from timm.layers import NonLocalAttn
 
@@ -144,7 +144,7 @@ LABELS = {
     "sagan": "SpatialSelfAttention(64, 8), blocked kernel (default)",
     "sagan_sdpa": "SpatialSelfAttention(64, 8), padded SDPA flash",
     "seed_nonlocal": "seed NonLocalBlockND algorithm",
-    "nonlocal": "NonLocalBlock(64, sub_sample=False), SDPA flash",
+    "nonlocal": "NonLocalBlock(64, pool_keys=False), SDPA flash",
     "timm_nonlocal": "timm NonLocalAttn(use_scale=False)",
 }
 

@@ -71,7 +71,7 @@ class NaiveDot(nn.Module):
 RULES: dict[str, tuple[Callable[[int], nn.Module], type[nn.Module]]] = {
     "concat": (lambda d: attnzoo.ConcatAttention(d, d), NaiveConcat),
     "additive": (lambda d: attnzoo.AdditiveAttention(d, d, hidden_dim=HIDDEN), NaiveConcat),
-    "dot": (lambda d: attnzoo.DotProductAttention(), NaiveDot),
+    "dot": (lambda d: attnzoo.DotProductAttention(d), NaiveDot),
     "general": (lambda d: attnzoo.GeneralAttention(d, d), NaiveDot),
 }
 

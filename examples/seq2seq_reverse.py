@@ -9,7 +9,7 @@ input position L-1-t, so a working attention draws the anti-diagonal.
     python examples/seq2seq_reverse.py --attention additive --epochs 8 --out heatmap.png
 
 Rules: ``concat`` (the seed's rule 1; its weights cannot depend on the decoder's query, see
-:class:`attnzoo.ConcatAttention`, so the decoder reverses from its own state and the map shows the
+`attnzoo.ConcatAttention`, so the decoder reverses from its own state and the map shows the
 same row at every step), ``additive`` (rule 2, Bahdanau), ``dot`` (rule 3, scaled dot product),
 ``general`` (Luong), and ``location`` (the seed's ``Attn`` itself, batched: it scores input
 *positions* from the decoder state and the previous token).
@@ -101,8 +101,7 @@ class Seq2Seq(nn.Module):
         if self.rule == "location":  # the seed's Attn, batched; its attn_combine replaces `combine`
             self.attention = attnzoo.LocationAttention(d, e, cfg.max_len, d, d)
         else:
-            kwargs = {} if self.rule == "dot" else {"query_dim": d, "key_dim": d}
-            self.attention = attnzoo.create(self.rule, **kwargs)
+            self.attention = attnzoo.create(self.rule, d)  # queries and keys are both d wide
             self.combine = nn.Linear(2 * d, d)
         self.out = nn.Linear(d, DIGITS)
 
@@ -127,9 +126,9 @@ class Seq2Seq(nn.Module):
                                  f"of length {memory.shape[1]}")
             memory = nn.functional.pad(memory, (0, 0, 0, width))  # (B, max_len, 2h)
             mask = nn.functional.pad(mask, (0, width))  # (B, max_len)
-            hidden, weights = self.attention(query, emb, memory, mask, return_weights=True)
+            hidden, weights = self.attention(query, emb, memory, mask, need_weights=True)
         else:
-            context, weights = self.attention(query, memory, memory, mask, return_weights=True)
+            context, weights = self.attention(query, memory, memory, mask, need_weights=True)
             hidden = self.combine(torch.cat([query, context], dim=-1))  # (B, T, 4h) -> (B, T, 2h)
         return self.out(torch.tanh(hidden)), weights, state
 

@@ -29,8 +29,8 @@ from attnzoo.mechanisms.seq2seq import (
     ConcatAttention,
     DotProductAttention,
     GeneralAttention,
-    LocationAttention,
 )
+from attnzoo.mechanisms.seq2seq_location import LocationAttention
 from attnzoo.mechanisms.sk import SKConv
 from attnzoo.mechanisms.swin import (
     ShiftedWindowAttention,

@@ -31,7 +31,7 @@ from attnzoo.mechanisms.mha import SeedMultiHeadAttention as MultiHeadAttention
 from attnzoo.mechanisms.non_local import NonLocalBlockND
 from attnzoo.mechanisms.sagan import Self_Attn_Channel, Self_Attn_Spatial
 from attnzoo.mechanisms.se import SELayer
-from attnzoo.mechanisms.seq2seq import Attn
+from attnzoo.mechanisms.seq2seq_location import Attn
 from attnzoo.mechanisms.sk import SKEConv
 from attnzoo.mechanisms.swin_official import OfficialWindowAttention as WindowAttention
 from attnzoo.mechanisms.temporal import Attention

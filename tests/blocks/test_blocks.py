@@ -18,6 +18,7 @@ from attnzoo.blocks.transformer import (
     SelfAttentionBlock,
     cross_attention,
     feed_forward,
+    keras_block_kwargs,
     self_attention,
 )
 
@@ -319,3 +320,60 @@ def test_toy_transformer_example_builds_its_task_and_learns():
     assert 0.0 <= toy.exact_replies(model, src, reply) <= 1.0
     args = ["--steps", "2", "--batch", "4", "--dim", "8", "--layers", "1", "--eval", "4", "--quiet"]
     assert 0.0 <= toy.main(args) <= 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# The block classes' vocabulary (the builders keep Keras's names)
+
+
+def test_block_defaults_and_keras_names():
+    block = SelfAttentionBlock(16)
+    assert block.attention.num_heads == 8 and block.attention.key_dim == 2  # head_dim = D // num_heads
+    assert block.attention.value_dim == 2 and block.att_norm1.eps == 1e-3
+    cross = CrossAttentionBlock(16, num_heads=4, value_head_dim=3)
+    assert cross.attention.context_dim == 16 and cross.attention.value_dim == 3
+    keras = {"num_heads": 2, "key_dim": 4, "value_dim": 3, "dropout": 0.1, "use_bias": False}
+    expected = {"num_heads": 2, "head_dim": 4, "value_head_dim": 3, "attn_drop": 0.1, "bias": False}
+    assert keras_block_kwargs({**keras, "output_shape": 8}, 8, "self_attention") == expected
+    built = self_attention((5, 8), num_heads=2, key_dim=4, value_dim=3, dropout=0.2, use_bias=False)
+    direct = SelfAttentionBlock(8, 2, head_dim=4, value_head_dim=3, attn_drop=0.2, bias=False, seq_len=5)
+    assert {k: v.shape for k, v in built.state_dict().items()} == {
+        k: v.shape for k, v in direct.state_dict().items()
+    }
+    assert built.attention.dropout == 0.2 and built.attention.query.bias is None
+    with pytest.raises(ValueError, match="head_dim must be >= 1, got 0"):
+        SelfAttentionBlock(8, head_dim=0)
+    with pytest.raises(ValueError, match="attn_drop must be <= 1"):
+        CrossAttentionBlock(8, attn_drop=2.0)
+    with pytest.raises(TypeError, match="bias must be a bool"):
+        SelfAttentionBlock(8, bias=1)
+    with pytest.raises(ValueError, match="eps must be >= 0"):
+        SelfAttentionBlock(8, eps=-1.0)
+
+
+def test_need_weights_returns_the_reference_weights():
+    block = randomize(SelfAttentionBlock(8, 2, 4, causal=True)).double().eval()
+    x = torch.randn(2, 6, 8, dtype=torch.float64)
+    out, weights = block(x, need_weights=True)
+    torch.testing.assert_close(out, block(x), atol=1e-12, rtol=1e-12)
+    sd = {k: v for k, v in block.attention.state_dict().items()}
+    q = torch.einsum("bld,dhk->bhlk", x, sd["query.kernel"]) + sd["query.bias"].unsqueeze(1)
+    k = torch.einsum("bld,dhk->bhlk", x, sd["key.kernel"]) + sd["key.bias"].unsqueeze(1)
+    scores = (q @ k.transpose(-1, -2) / 2.0).masked_fill(~causal_keep(6, 6), float("-inf"))  # sqrt(4)
+    torch.testing.assert_close(weights, scores.softmax(-1), atol=1e-12, rtol=1e-12)
+    cross = randomize(CrossAttentionBlock(8, 6, 2, 4)).double().eval()
+    ctx = torch.randn(2, 7, 6, dtype=torch.float64)
+    keep = torch.tensor([[True] * 7, [True] * 3 + [False] * 4])
+    y, w = cross(x, ctx, context_mask=keep, need_weights=True)
+    assert w.shape == (2, 2, 6, 7) and (w[1, :, :, 3:] == 0).all()
+    torch.testing.assert_close(w.sum(-1), torch.ones(2, 2, 6, dtype=torch.float64))
+    torch.testing.assert_close(y, cross(x, ctx, context_mask=keep), atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("cls", [SelfAttentionBlock, CrossAttentionBlock, FeedForwardBlock])
+def test_blocks_take_device_and_dtype(cls):
+    args = (8, 16) if cls is FeedForwardBlock else (8,)
+    meta = cls(*args, device="meta")
+    assert all(p.device.type == "meta" for p in meta.parameters())
+    double = cls(*args, dtype=torch.float64)
+    assert all(p.dtype == torch.float64 for p in double.parameters())

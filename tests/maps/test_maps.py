@@ -285,12 +285,14 @@ def test_temporal_rows_equal_a_reference():
 
 
 def test_self_attention_block_rows_are_causal():
-    block = _create("self_attention_block", dim=8, num_heads=2, key_dim=4, causal=True)
+    block = _create("self_attention_block", dim=8, num_heads=2, head_dim=4, causal=True)
     x = torch.randn(2, 6, 8, dtype=torch.float64)
     with capture_maps(block, queries=[0.0, 0.5]) as maps:
         block(x)
     rows = _only(maps, "rows")
     assert rows.queries.tolist() == [0, 3]
+    _, weights = block(x, need_weights=True)  # (B, h, L, L)
+    torch.testing.assert_close(rows.data, weights[:, :, rows.queries], atol=1e-12, rtol=1e-12)
     torch.testing.assert_close(rows.data.sum(-1), torch.ones(2, 2, 2, dtype=torch.float64))
     assert (rows.data[:, :, 0, 1:] == 0).all() and (rows.data[:, :, 1, 4:] == 0).all()
 
@@ -374,12 +376,12 @@ def test_acmix_rows_are_the_local_attention_of_the_attention_branch():
 @pytest.mark.parametrize(
     "name, kwargs, shape, key_grid",
     [
-        ("sagan", {"in_dim": 8, "out_dim": 2}, (2, 8, 6, 6), (6, 6)),
-        ("channel_self_attention", {"in_dim": 8, "out_dim": 4}, (2, 8, 6, 6), (4,)),
-        ("nonlocal", {"in_channels": 8}, (2, 8, 6, 6), (3, 3)),
-        ("nonlocal", {"in_channels": 8, "sub_sample": False, "mode": "gaussian"}, (2, 8, 6, 6), (6, 6)),
-        ("nonlocal", {"in_channels": 8, "mode": "dot_product"}, (2, 8, 6, 6), (3, 3)),
-        ("nonlocal", {"in_channels": 8, "mode": "concatenation", "sub_sample": False}, (2, 8, 6, 6), (6, 6)),
+        ("sagan", {"channels": 8, "rd_channels": 2}, (2, 8, 6, 6), (6, 6)),
+        ("channel_self_attention", {"channels": 8, "out_channels": 4}, (2, 8, 6, 6), (4,)),
+        ("nonlocal", {"channels": 8}, (2, 8, 6, 6), (3, 3)),
+        ("nonlocal", {"channels": 8, "pool_keys": False, "pairwise": "gaussian"}, (2, 8, 6, 6), (6, 6)),
+        ("nonlocal", {"channels": 8, "pairwise": "dot_product"}, (2, 8, 6, 6), (3, 3)),
+        ("nonlocal", {"channels": 8, "pairwise": "concatenation", "pool_keys": False}, (2, 8, 6, 6), (6, 6)),
     ],
 )
 def test_global_attention_rows_match_the_full_map(name, kwargs, shape, key_grid):
@@ -388,7 +390,7 @@ def test_global_attention_rows_match_the_full_map(name, kwargs, shape, key_grid)
     module = attnzoo.create(name, **kwargs).eval()
     x = torch.randn(*shape)
     with torch.no_grad():
-        _, full = module(x, return_attention=True)  # (B, L, S)
+        _, full = module(x, need_weights=True)  # (B, L, S)
         with attnzoo.capture_maps(module) as maps:
             out = module(x)
     assert out.shape[0] == x.shape[0] and out.shape[2:] == x.shape[2:]
@@ -397,9 +399,9 @@ def test_global_attention_rows_match_the_full_map(name, kwargs, shape, key_grid)
     assert rec.kind == "rows" and rec.grid == key_grid
     torch.testing.assert_close(rec.data[:, 0], full[:, rec.queries], atol=1e-5, rtol=1e-4)
 def test_sagan_rows_equal_its_attention_map():
-    sagan = _create("sagan", in_dim=8, out_dim=2)
+    sagan = _create("sagan", channels=8, rd_channels=2)
     x = torch.randn(2, 8, 5, 6, dtype=torch.float64)
-    _, full = sagan(x, return_attention=True)  # (B, N, N)
+    _, full = sagan(x, need_weights=True)  # (B, N, N)
     with capture_maps(sagan) as maps:
         sagan(x)
     rows = _only(maps, "rows")
@@ -417,9 +419,9 @@ def test_sagan_rows_equal_its_attention_map():
     ],
 )
 def test_nonlocal_rows_equal_its_attention_map(mode, dimension, shape):
-    block = _create("nonlocal", in_channels=4, inter_channels=2, mode=mode, dimension=dimension)
+    block = _create("nonlocal", channels=4, rd_channels=2, pairwise=mode, spatial_dims=dimension)
     x = torch.randn(*shape, dtype=torch.float64)
-    _, full = block(x, return_attention=True)  # (B, N, N')
+    _, full = block(x, need_weights=True)  # (B, N, N')
     with capture_maps(block) as maps:
         block(x)
     rows = _only(maps, "rows")

@@ -44,12 +44,12 @@ def reference_spatial(m: SpatialSelfAttention, x):
 def reference_channel(m: ChannelSelfAttention, x):
     b, _, h, w = x.shape
     proj = [
-        torch.nn.functional.conv2d(x, c.weight, c.bias).reshape(b, m.out_dim, h * w)
+        torch.nn.functional.conv2d(x, c.weight, c.bias).reshape(b, m.out_channels, h * w)
         for c in (m.query_conv, m.key_conv, m.value_conv, m.x_conv)
     ]
     attn = torch.softmax(proj[0] @ proj[1].transpose(1, 2), dim=-1)  # (B, C1, C1)
-    out = (attn @ proj[2]).reshape(b, m.out_dim, h, w)
-    return m.gamma * out + proj[3].reshape(b, m.out_dim, h, w), attn
+    out = (attn @ proj[2]).reshape(b, m.out_channels, h, w)
+    return m.gamma * out + proj[3].reshape(b, m.out_channels, h, w), attn
 
 
 # ----------------------------------------------------------------------------------------------
@@ -87,10 +87,10 @@ def test_golden_files_present_or_skipped():
 
 
 @pytest.mark.parametrize(
-    "shape,out_dim", [((2, 8, 5, 7), 2), ((1, 6, 1, 9), 3), ((3, 4, 6, 6), 4), ((1, 5, 17, 16), 1)]
+    "shape,rd_channels", [((2, 8, 5, 7), 2), ((1, 6, 1, 9), 3), ((3, 4, 6, 6), 4), ((1, 5, 17, 16), 1)]
 )
-def test_spatial_matches_reference_with_gradients(shape, out_dim):
-    m = randomize(SpatialSelfAttention(shape[1], out_dim).to(F64))
+def test_spatial_matches_reference_with_gradients(shape, rd_channels):
+    m = randomize(SpatialSelfAttention(shape[1], rd_channels=rd_channels).to(F64))
     x = torch.randn(*shape, dtype=F64, requires_grad=True)
     y = m(x)
     ref, _ = reference_spatial(m, x)
@@ -103,35 +103,47 @@ def test_spatial_matches_reference_with_gradients(shape, out_dim):
 
 
 def test_spatial_float32_close_to_float64():
-    m = randomize(SpatialSelfAttention(16, 2))
+    m = randomize(SpatialSelfAttention(16, rd_channels=2))
     x = torch.randn(2, 16, 20, 21)
     y = m(x)
     ref, _ = reference_spatial(m.to(F64), x.to(F64))
     torch.testing.assert_close(y.to(F64), ref, atol=1e-4, rtol=1e-4)
 
 
-def test_spatial_return_attention_and_capture():
-    m = randomize(SpatialSelfAttention(8, 2).to(F64))
+def test_spatial_need_weights():
+    m = randomize(SpatialSelfAttention(8, rd_channels=2).to(F64))
     x = torch.randn(2, 8, 3, 5, dtype=F64)
-    y, attn = m(x, return_attention=True)
+    y, attn = m(x, need_weights=True)
     ref_y, ref_attn = reference_spatial(m, x)
     assert attn.shape == (2, 15, 15)
     torch.testing.assert_close(attn, ref_attn, atol=1e-12, rtol=1e-12)
     torch.testing.assert_close(y, ref_y, atol=1e-12, rtol=1e-12)
-    assert m.last_attention is None
-    m.capture_attention = True
     out = m(x)
     assert isinstance(out, torch.Tensor)
     torch.testing.assert_close(out, ref_y, atol=1e-12, rtol=1e-12)
-    torch.testing.assert_close(m.last_attention, ref_attn, atol=1e-12, rtol=1e-12)
-    assert not m.last_attention.requires_grad
 
 
-@pytest.mark.parametrize("in_dim,out_dim", [(6, 4), (8, 8), (3, 5)])
-def test_channel_matches_reference_with_gradients(in_dim, out_dim):
-    m = randomize(ChannelSelfAttention(in_dim, out_dim).to(F64))
-    x = torch.randn(2, in_dim, 4, 3, dtype=F64, requires_grad=True)
-    y, attn = m(x, return_attention=True)
+def test_defaults_device_and_dtype():
+    assert SpatialSelfAttention(64).rd_channels == 8  # the paper's C / 8
+    assert SpatialSelfAttention(64, reduction=4).rd_channels == 16
+    assert SpatialSelfAttention(64, reduction=4, rd_channels=3).rd_channels == 3  # rd_channels wins
+    assert SpatialSelfAttention(4).rd_channels == 1  # never 0
+    assert SpatialSelfAttention(16, 2).rd_channels == 2  # the seed's positional (in_dim, out_dim) still fits
+    assert SpatialSelfAttention(64).query_conv.out_channels == 8
+    assert ChannelSelfAttention(6).out_channels == 6 and ChannelSelfAttention(6, 3).x_conv.out_channels == 3
+    for cls in (SpatialSelfAttention, ChannelSelfAttention):
+        meta = cls(16, device="meta")
+        assert all(p.device.type == "meta" for p in meta.parameters())
+        double = cls(16, dtype=torch.float64)
+        assert all(p.dtype == torch.float64 for p in double.parameters())
+        assert double(torch.randn(1, 16, 3, 3, dtype=F64)).dtype == F64
+
+
+@pytest.mark.parametrize("channels,out_channels", [(6, 4), (8, 8), (3, 5)])
+def test_channel_matches_reference_with_gradients(channels, out_channels):
+    m = randomize(ChannelSelfAttention(channels, out_channels).to(F64))
+    x = torch.randn(2, channels, 4, 3, dtype=F64, requires_grad=True)
+    y, attn = m(x, need_weights=True)
     ref, ref_attn = reference_channel(m, x)
     torch.testing.assert_close(attn, ref_attn, atol=1e-12, rtol=1e-12)
     y_fused = m(x)
@@ -145,18 +157,18 @@ def test_channel_matches_reference_with_gradients(in_dim, out_dim):
 
 def test_default_path_never_builds_the_n_by_n_map(monkeypatch):
     monkeypatch.setattr(attnzoo.kernels.blocked, "_BLOCK_ELEMENTS", 1 << 16)  # blocks of 64 rows here
-    m = randomize(SpatialSelfAttention(8, 2))
+    m = randomize(SpatialSelfAttention(8, rd_channels=2))
     x = torch.randn(1, 8, 32, 32, requires_grad=True)  # N = 1024
     with LargestTensor() as probe:
         m(x).sum().backward()
     assert probe.largest < 1024 * 1024 // 2
     with LargestTensor() as probe:
-        m(x, return_attention=True)[0].sum().backward()
+        m(x, need_weights=True)[0].sum().backward()
     assert probe.largest >= 1024 * 1024  # the asked-for map exists, so the probe does see N x N
 
 
 def test_errors_name_expected_and_given():
-    m = SpatialSelfAttention(8, 2)
+    m = SpatialSelfAttention(8, rd_channels=2)
     with pytest.raises(ValueError, match=r"expects x of shape \(B, 8, H, W\).*got \(2, 8, 5\)"):
         m(torch.randn(2, 8, 5))
     with pytest.raises(ValueError, match="C=8, got"):
@@ -164,15 +176,24 @@ def test_errors_name_expected_and_given():
     with pytest.raises(TypeError, match="dtype"):
         m(torch.zeros(2, 8, 5, 5, dtype=torch.int64))
     for bad in (0, -3):
-        with pytest.raises(ValueError, match="out_dim must be >= 1"):
-            SpatialSelfAttention(8, bad)
-    with pytest.raises(TypeError, match="in_dim must be an int"):
+        with pytest.raises(ValueError, match=f"rd_channels must be >= 1, got {bad}"):
+            SpatialSelfAttention(8, rd_channels=bad)
+        with pytest.raises(ValueError, match=f"reduction must be >= 1, got {bad}"):
+            SpatialSelfAttention(8, reduction=bad)
+        with pytest.raises(ValueError, match=f"out_channels must be >= 1, got {bad}"):
+            ChannelSelfAttention(8, bad)
+    with pytest.raises(TypeError, match="channels must be an int"):
         ChannelSelfAttention(8.0, 4)
+    # the seed classes name the seed's arguments
+    with pytest.raises(ValueError, match="Self_Attn_Spatial: out_dim must be >= 1, got 0"):
+        Self_Attn_Spatial(8, 0)
+    with pytest.raises(TypeError, match="Self_Attn_Channel: in_dim must be an int"):
+        Self_Attn_Channel(8.0, 4)
 
 
 def test_seed_aliases_return_pairs_and_create_by_name():
     assert type(attnzoo.create("Self_Attn_Spatial", in_dim=8, out_dim=2)) is Self_Attn_Spatial
-    assert type(attnzoo.create("sagan", in_dim=8, out_dim=2)) is SpatialSelfAttention
+    assert type(attnzoo.create("sagan", 8, rd_channels=2)) is SpatialSelfAttention
     out = Self_Attn_Channel(4, 4)(torch.randn(1, 4, 3, 3))
     assert isinstance(out, tuple) and out[1].shape == (1, 4, 4)
     assert set(Self_Attn_Spatial(8, 2).state_dict()) == {
@@ -184,6 +205,11 @@ def test_seed_aliases_return_pairs_and_create_by_name():
         "value_conv.weight",
         "value_conv.bias",
     }
+    seed = randomize(Self_Attn_Spatial(8, 2).double())  # its checkpoints load into the canonical class
+    canonical = SpatialSelfAttention(8, rd_channels=2).double()
+    canonical.load_state_dict(seed.state_dict(), strict=True)
+    x = torch.randn(2, 8, 3, 4, dtype=F64)
+    torch.testing.assert_close(canonical(x), seed(x)[0], atol=1e-12, rtol=1e-12)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -317,17 +343,15 @@ def test_blocked_kernel_with_and_without_max_shift(magnitude):
         torch.testing.assert_close(g.double(), w.double(), atol=1e-4 * magnitude, rtol=1e-4)
 
 
-def test_channel_capture_attention():
+def test_channel_need_weights():
     m = randomize(ChannelSelfAttention(6, 4).to(F64))
     x = torch.randn(2, 6, 3, 5, dtype=F64)
-    m(x)
-    assert m.last_attention is None  # nothing stored unless asked
-    m.capture_attention = True
-    y = m(x)
+    assert isinstance(m(x), torch.Tensor)  # no weights unless asked
+    y, attn = m(x, need_weights=True)
     ref_y, ref_attn = reference_channel(m, x)
     torch.testing.assert_close(y, ref_y, atol=1e-12, rtol=1e-12)
-    torch.testing.assert_close(m.last_attention, ref_attn, atol=1e-12, rtol=1e-12)
-    torch.testing.assert_close(m.last_attention.sum(-1), torch.ones(2, 4, dtype=F64))
+    torch.testing.assert_close(attn, ref_attn, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(attn.sum(-1), torch.ones(2, 4, dtype=F64))
 
 
 class SubnormalExp(TorchDispatchMode):
@@ -379,7 +403,7 @@ def test_global_kernel_choice_is_validated(monkeypatch):
 
 def test_global_kernel_is_public_and_both_kernels_agree():
     # attnzoo.global_kernel is the documented switch; both choices compute the same exact attention.
-    m = SpatialSelfAttention(16, 2).double()
+    m = SpatialSelfAttention(16, rd_channels=2).double()
     torch.nn.init.constant_(m.gamma, 0.7)
     x = torch.randn(2, 16, 5, 7, dtype=torch.float64)
     with attnzoo.global_kernel("sdpa"):
@@ -387,4 +411,4 @@ def test_global_kernel_is_public_and_both_kernels_agree():
     with attnzoo.global_kernel("blocked"):
         blocked = m(x)
     torch.testing.assert_close(padded, blocked, atol=1e-12, rtol=1e-12)
-    torch.testing.assert_close(blocked, m(x, return_attention=True)[0], atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(blocked, m(x, need_weights=True)[0], atol=1e-12, rtol=1e-12)

@@ -54,7 +54,7 @@ def ref_scores(module, q, k):
                 elif isinstance(module, GeneralAttention):
                     s[n, i, j] = qi @ module.attn.weight.T @ kj  # Luong: h_t^T W_a h_s, W_a = attn.weight^T
                 else:
-                    s[n, i, j] = qi @ kj / (math.sqrt(q.shape[-1]) if module.scaled else 1.0)
+                    s[n, i, j] = qi @ kj / (math.sqrt(q.shape[-1]) if module.qk_scale != 1.0 else 1.0)
     return s
 
 
@@ -75,9 +75,9 @@ def make_rule(name):
     elif name == "general":
         m = GeneralAttention(DQ, DK)
     elif name == "dot":
-        m = DotProductAttention()
+        m = DotProductAttention(DK)
     else:
-        m = DotProductAttention(scaled=False)
+        m = DotProductAttention(DK, qk_scale=1.0)
     for p in m.parameters():  # larger weights than the default init, so the scores vary
         torch.nn.init.normal_(p, std=0.7)
     return m.double().eval()
@@ -119,7 +119,7 @@ def test_rule_matches_reference(rule, mask_kind, fused):
     ref_out, ref_w = reference(module, q, k, v, mask)
     with attnzoo.fused_attn(fused):
         out = module(q, k, v, mask)
-        out_w, w = module(q, k, v, mask, return_weights=True)
+        out_w, w = module(q, k, v, mask, need_weights=True)
     assert isinstance(out, torch.Tensor) and out.shape == (B, LQ, DV)
     torch.testing.assert_close(out, ref_out, atol=1e-12, rtol=1e-10)
     torch.testing.assert_close(out_w, ref_out, atol=1e-12, rtol=1e-10)
@@ -148,7 +148,7 @@ def test_weights_sum_to_one_zero_where_masked_and_dead_rows_are_zero(rule):
     module = make_rule(rule)
     q, k, v = make_inputs(rule)
     mask = full_mask()
-    out, w = module(q, k, v, mask, return_weights=True)
+    out, w = module(q, k, v, mask, need_weights=True)
     alive = mask.any(-1)
     torch.testing.assert_close(w.sum(-1)[alive], torch.ones(int(alive.sum()), dtype=F64))
     assert (w[~mask] == 0).all()
@@ -182,8 +182,8 @@ def test_concat_weights_do_not_depend_on_the_query():
     """Rule 1 applied key by key: the query's part of the score is the same for every key and cancels."""
     module = make_rule("concat")
     q, k, v = make_inputs("concat")
-    _, w1 = module(q, k, v, return_weights=True)
-    _, w2 = module(torch.randn_like(q) * 10, k, v, return_weights=True)
+    _, w1 = module(q, k, v, need_weights=True)
+    _, w2 = module(torch.randn_like(q) * 10, k, v, need_weights=True)
     torch.testing.assert_close(w1, w2, atol=1e-12, rtol=1e-10)
     assert w1.std() > 0.01  # ... but they do depend on the keys
 
@@ -256,12 +256,35 @@ def test_bad_constructor_arguments():
         AdditiveAttention(3, 2.5)
     with pytest.raises(ValueError, match="hidden_dim must be >= 1, got -1"):
         AdditiveAttention(3, 3, hidden_dim=-1)
-    with pytest.raises(ValueError, match="scaled must be one of"):
-        DotProductAttention(scaled="yes")
+    with pytest.raises(TypeError, match="qk_scale must be a number"):
+        DotProductAttention(4, qk_scale="yes")
+    with pytest.raises(ValueError, match="qk_scale must be a finite number > 0, got 0"):
+        DotProductAttention(4, qk_scale=0)
+    with pytest.raises(TypeError, match="DotProductAttention: query_dim must be an int"):
+        DotProductAttention(None)
     with pytest.raises(TypeError, match="output_dim must be an int"):
-        LocationAttention(2, 2, 3, 4, None)
-    with pytest.raises(TypeError, match="value_size1 must be an int|num_positions must be an int"):
+        LocationAttention(2, 2, 3, 4, 2.0)
+    with pytest.raises(TypeError, match="Attn: value_size1 must be an int"):
         Attn(2, 2, "3", 4, 5)
+    with pytest.raises(ValueError, match="Attn: query_size must be >= 1, got 0"):  # the seed's name
+        Attn(query_size=0, key_size=2, value_size1=3, value_size2=4, output_size=5)
+    with pytest.raises(ValueError, match="Attn: output_size must be >= 1, got 0"):
+        Attn(2, 2, 3, 4, 0)
+
+
+def test_defaults_device_and_dtype():
+    assert ConcatAttention(6).key_dim == 6 and GeneralAttention(6).attn.weight.shape == (6, 6)
+    assert AdditiveAttention(6, 4).hidden_dim == 4 and AdditiveAttention(6).hidden_dim == 6
+    dot = DotProductAttention(16)
+    assert dot.qk_scale == 0.25 and DotProductAttention(16, qk_scale=1.0).qk_scale == 1.0
+    with pytest.raises(ValueError, match=r"keys of shape \(2, Lk, 16\) with dk=16, got \(2, 5, 8\)"):
+        dot(torch.randn(2, 3, 16), torch.randn(2, 5, 8), torch.randn(2, 5, 8))  # the width is checked
+    loc = LocationAttention(6)
+    assert (loc.key_dim, loc.num_positions, loc.value_dim, loc.output_dim) == (6, 10, 6, 6)
+    for cls in (ConcatAttention, AdditiveAttention, GeneralAttention, LocationAttention):
+        meta = cls(6, device="meta")
+        assert all(p.device.type == "meta" for p in meta.parameters())
+        assert all(p.dtype == F64 for p in cls(6, dtype=F64).parameters())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -330,7 +353,7 @@ def test_location_attention_is_attn_over_a_batch_with_the_same_state_dict():
     batched = LocationAttention(query_dim=5, key_dim=3, num_positions=6, value_dim=4, output_dim=7).double()
     batched.load_state_dict(seed.state_dict(), strict=True)
     q, k, v = (torch.randn(3, *s, dtype=F64) for s in ((2, 5), (2, 3), (6, 4)))
-    out, w = batched(q, k, v, return_weights=True)
+    out, w = batched(q, k, v, need_weights=True)
     assert out.shape == (3, 2, 7) and w.shape == (3, 2, 6)
     for n in range(3):
         ref_out, ref_w = seed_attn_reference(seed, q[n : n + 1], k[n : n + 1], v[n : n + 1])
@@ -343,7 +366,7 @@ def test_location_attention_mask():
     m = LocationAttention(5, 3, 6, 4, 7).double()
     q, k, v = (torch.randn(2, *s, dtype=F64) for s in ((2, 5), (2, 3), (6, 4)))
     mask = torch.tensor([[True] * 6, [True] * 2 + [False] * 4])
-    _, w = m(q, k, v, mask, return_weights=True)
+    _, w = m(q, k, v, mask, need_weights=True)
     assert (w[1, :, 2:] == 0).all()
     torch.testing.assert_close(w.sum(-1), torch.ones(2, 2, dtype=F64))
     scores = m.attn(torch.cat([q, k], -1))

@@ -23,7 +23,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from attnzoo.blocks.transformer import CrossAttentionBlock, FeedForwardBlock, SelfAttentionBlock
+from attnzoo.blocks.transformer import (
+    CrossAttentionBlock,
+    FeedForwardBlock,
+    SelfAttentionBlock,
+    keras_block_kwargs,
+)
 
 __all__ = ["keras_layer_weights", "load_keras_weights", "from_keras"]
 
@@ -168,7 +173,8 @@ def _causal_flag(attention: Any) -> bool:
         ) from err
 
 
-def _mha_kwargs(layer: Any) -> dict[str, Any]:
+def _mha_kwargs(layer: Any, dim: int) -> dict[str, Any]:
+    """The block arguments (`head_dim`, ...) for a Keras MultiHeadAttention layer's config."""
     config = layer.get_config()
     unsupported = {k: config.get(k) for k in ("use_gate", "sliding_window") if config.get(k)}
     if config.get("attention_axes") not in (None, (1,), [1], (-2,), [-2]):
@@ -178,7 +184,7 @@ def _mha_kwargs(layer: Any) -> dict[str, Any]:
             f"from_keras supports MultiHeadAttention over the sequence axis only, got {unsupported}"
         )
     keys = ("num_heads", "key_dim", "value_dim", "dropout", "use_bias", "output_shape")
-    return {k: config[k] for k in keys}
+    return keras_block_kwargs({k: config[k] for k in keys}, dim, "from_keras")
 
 
 def from_keras(model: Any) -> nn.Module:
@@ -199,7 +205,7 @@ def from_keras(model: Any) -> nn.Module:
         seq_len, dim = _input_shape(model, f"{prefix}_in1")
         eps = model.get_layer(f"{prefix}_norm1").epsilon
         block: nn.Module = SelfAttentionBlock(
-            dim, **_mha_kwargs(attn), causal=causal, prefix=prefix, seq_len=seq_len, epsilon=eps
+            dim, **_mha_kwargs(attn, dim), causal=causal, prefix=prefix, seq_len=seq_len, eps=eps
         )
     elif kind == "cross" and prefix:
         seq_len, dim = _input_shape(model, f"{prefix}_in2")
@@ -208,11 +214,11 @@ def from_keras(model: Any) -> nn.Module:
         block = CrossAttentionBlock(
             dim,
             context_dim,
-            **_mha_kwargs(model.get_layer(f"{prefix}_attn2")),
+            **_mha_kwargs(model.get_layer(f"{prefix}_attn2"), dim),
             prefix=prefix,
             seq_len=seq_len,
             context_len=context_len,
-            epsilon=eps,
+            eps=eps,
         )
     elif kind == "ff" and prefix:
         seq_len, dim = _input_shape(model, f"{prefix}_in3")
@@ -226,7 +232,7 @@ def from_keras(model: Any) -> nn.Module:
             model.get_layer(f"{prefix}_drop").rate,
             prefix=prefix,
             seq_len=seq_len,
-            epsilon=model.get_layer(f"{prefix}_norm3").epsilon,
+            eps=model.get_layer(f"{prefix}_norm3").epsilon,
         )
     else:
         raise ValueError(

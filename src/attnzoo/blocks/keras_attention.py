@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -45,16 +46,25 @@ class EinsumDense(nn.Module):
         in_dims: Trailing input dims contracted away, e.g. `(D,)` or `(heads, value_dim)`.
         out_dims: Output dims, e.g. `(heads, key_dim)` or `(D,)`.
         use_bias: Add a bias shaped `out_dims`. Default: True.
+<<<<<<< HEAD
+=======
+        device: Where the parameters are created. Default: None (torch's default).
+        dtype: Floating dtype of the parameters. Default: None (torch's default).
+>>>>>>> vocab-global
 
     Shape:
         - Input: `(*, *in_dims)`; output: `(*, *out_dims)`. `kernel` is `(*in_dims, *out_dims)`.
     """
 
-    def __init__(self, in_dims: Sequence[int], out_dims: Sequence[int], use_bias: bool = True) -> None:
+    def __init__(
+        self, in_dims: Sequence[int], out_dims: Sequence[int], use_bias: bool = True, *,
+        device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
         self.in_dims, self.out_dims = tuple(in_dims), tuple(out_dims)
-        self.kernel = nn.Parameter(torch.empty(*self.in_dims, *self.out_dims))
-        self.bias = nn.Parameter(torch.empty(*self.out_dims)) if use_bias else None
+        factory: dict[str, Any] = {"device": device, "dtype": dtype}
+        self.kernel = nn.Parameter(torch.empty(*self.in_dims, *self.out_dims, **factory))
+        self.bias = nn.Parameter(torch.empty(*self.out_dims, **factory)) if use_bias else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -97,17 +107,26 @@ class KerasMultiHeadAttention(nn.Module):
         use_bias: Biases in the four projections. Default: True.
         output_shape: Output feature shape (int or tuple). Default: `(D,)`.
         context_dim: Key/value input feature size E. Default: D (self-attention).
+        device: Where the parameters are created. Default: None (torch's default).
+        dtype: Floating dtype of the parameters. Default: None (torch's default).
 
     Shape:
         - query: `(B, L, D)`; context: `(B, S, E)` (None: the query itself).
         - attention_mask: bool broadcastable to `(B, L, S)`, True = may attend; padding_mask:
+<<<<<<< HEAD
           `(B, S)`, True = real key. Output: `(B, L, *output_shape)`.
+=======
+          `(B, S)`, True = real key. Output: `(B, L, *output_shape)`; with `need_weights=True`
+          also the attention weights `(B, h, L, S)` (before dropout, as Keras's
+          `return_attention_scores`).
+>>>>>>> vocab-global
     """
 
     def __init__(
         self, dim: int, num_heads: int, key_dim: int, value_dim: int | None = None, dropout: float = 0.0,
         use_bias: bool = True, output_shape: int | Sequence[int] | None = None,
-        context_dim: int | None = None,
+        context_dim: int | None = None, *, device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         who = type(self).__name__
@@ -125,17 +144,26 @@ class KerasMultiHeadAttention(nn.Module):
         self.output_shape = tuple(check_int(s, "output_shape", who) for s in output_shape)
         if not self.output_shape:
             raise ValueError(f"{who}: output_shape must be an int or a non-empty tuple of ints, got ()")
-        h = self.num_heads
-        self.query = EinsumDense((self.dim,), (h, self.key_dim), use_bias)
-        self.key = EinsumDense((self.context_dim,), (h, self.key_dim), use_bias)
-        self.value = EinsumDense((self.context_dim,), (h, self.value_dim), use_bias)
-        self.attention_output = EinsumDense((h, self.value_dim), self.output_shape, use_bias)
+        h, factory = self.num_heads, cast(dict[str, Any], {"device": device, "dtype": dtype})
+        self.query = EinsumDense((self.dim,), (h, self.key_dim), use_bias, **factory)
+        self.key = EinsumDense((self.context_dim,), (h, self.key_dim), use_bias, **factory)
+        self.value = EinsumDense((self.context_dim,), (h, self.value_dim), use_bias, **factory)
+        self.attention_output = EinsumDense((h, self.value_dim), self.output_shape, use_bias, **factory)
 
     def forward(
         self, query: Tensor, context: Tensor | None = None, *, attention_mask: Tensor | None = None,
+<<<<<<< HEAD
         padding_mask: Tensor | None = None, causal: bool = False,
     ) -> Tensor:
         """Attend from `query` to `context` (default: `query`); masks as in the class docstring."""
+=======
+        padding_mask: Tensor | None = None, causal: bool = False, need_weights: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """Attend from `query` to `context` (default: `query`); masks as in the class docstring.
+
+        Returns `(B, L, *output_shape)`, and the `(B, h, L, S)` weights with `need_weights`.
+        """
+>>>>>>> vocab-global
         who = type(self).__name__
         dims = check_shape(query, who, "B L D", "query", D=self.dim)
         b, length = dims["B"], dims["L"]
@@ -158,12 +186,15 @@ class KerasMultiHeadAttention(nn.Module):
         if mask is not None and mask.ndim < 4:  # SDPA rejects 1-D masks: left-pad to (B, h, L, S) rank
             mask = mask.reshape((1,) * (4 - mask.ndim) + tuple(mask.shape))
         p = self.dropout if self.training else 0.0
-        out = attend(q, k, v, mask=mask, causal=causal, dropout_p=p, scale=self.key_dim**-0.5)  # (B, h, L, e)
+        scale = self.key_dim**-0.5
+        res = attend(q, k, v, mask=mask, causal=causal, dropout_p=p, scale=scale, return_weights=need_weights)
+        out, weights = res if isinstance(res, tuple) else (res, None)  # (B, h, L, e), (B, h, L, S)
         if not torch.jit.is_scripting():
             if capturing():  # map capture: rows of the capture's query points
                 record_rows(self, q, k, grid=(length,), key_grid=(s,), mask=mask, causal=causal,
                             scale=self.key_dim**-0.5)
-        return self.attention_output(out.transpose(1, 2))  # (B, L, h, e) -> (B, L, *output_shape)
+        y = self.attention_output(out.transpose(1, 2))  # (B, L, h, e) -> (B, L, *output_shape)
+        return (y, weights) if weights is not None else y
 
     def extra_repr(self) -> str:
         return (

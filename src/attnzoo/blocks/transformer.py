@@ -9,22 +9,51 @@ residual blocks, in the form of the widely copied Keras tutorial whose builder
 `att_norm1`, ...) so that several blocks sit in one model without name clashes (Keras requires
 unique layer names) and weights can be matched by name (`attnzoo.blocks.convert`). The sub-modules
 here carry the same names, so `named_modules()` and `state_dict` keys show the prefix. The
+<<<<<<< HEAD
 attention is `KerasMultiHeadAttention` (Keras arguments and
 kernel layout); LayerNorm epsilon is Keras's 1e-3. Masks are boolean, **True = may attend**.
+=======
+attention is `attnzoo.blocks.keras_attention.KerasMultiHeadAttention` (Keras's kernel layout);
+LayerNorm epsilon is Keras's 1e-3. Masks are boolean, **True = may attend**.
+
+Arguments: the block classes take the shared vocabulary (`dim`, `num_heads`, `head_dim`, `attn_drop`,
+`bias`, `eps`, ...); the builders `self_attention` and `cross_attention` take Keras's
+`MultiHeadAttention` arguments (`num_heads`, `key_dim`, `value_dim`, `dropout`, `use_bias`,
+`output_shape`) and translate them with `keras_block_kwargs`:
+
+| Keras (builders, `from_keras`) | block classes |
+|---|---|
+| `key_dim` (per head) | `head_dim` |
+| `value_dim` (per head) | `value_head_dim` |
+| `dropout` | `attn_drop` |
+| `use_bias` | `bias` |
+| `output_shape` | none: the residual needs D |
+| `epsilon` (LayerNormalization) | `eps` |
+>>>>>>> vocab-global
 """
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnzoo._checks import check_float, check_int, check_shape
-from attnzoo._geometry import Geometry, heads_for
 from attnzoo._registry import Example, register, register_seed
+from attnzoo.blocks._common import (
+    Add,
+    _check_bool,
+    _check_mha_kwargs,
+    _Device,
+    _layer_norm,
+    _PrefixedBlock,
+    check_input_shape,
+    check_prefix,
+    keras_block_kwargs,
+)
 from attnzoo.blocks.keras_attention import KerasMultiHeadAttention, _bool_mask
 
 __all__ = [
@@ -37,8 +66,10 @@ __all__ = [
     "feed_forward",
     "check_prefix",
     "check_input_shape",
+    "keras_block_kwargs",
 ]
 
+<<<<<<< HEAD
 _MHA_KWARGS = ("num_heads", "key_dim", "value_dim", "dropout", "use_bias", "output_shape")
 
 
@@ -132,17 +163,35 @@ def _block_sizes(geo: Geometry) -> dict[str, Any]:
     """Keras-style sizes for an input of C channels: key_dim per head, feed-forward width 2C."""
     heads = heads_for(geo.channels, 8)
     return {"num_heads": heads, "key_dim": max(geo.channels // heads, 1), "value_dim": None}
+=======
+def _attention(
+    who: str, dim: int, num_heads: int, head_dim: int | None, value_head_dim: int | None, attn_drop: float,
+    bias: bool, context_dim: int | None, device: _Device, dtype: torch.dtype | None,
+) -> KerasMultiHeadAttention:
+    """The block's attention layer, its arguments checked under the block's names."""
+    num_heads = check_int(num_heads, "num_heads", who)
+    head_dim = max(dim // num_heads, 1) if head_dim is None else check_int(head_dim, "head_dim", who)
+    if value_head_dim is not None:
+        check_int(value_head_dim, "value_head_dim", who)
+    attn_drop = check_float(attn_drop, "attn_drop", who, minimum=0.0, maximum=1.0)
+    bias = _check_bool(bias, "bias", who)
+    return KerasMultiHeadAttention(
+        dim, num_heads, head_dim, value_head_dim, attn_drop, bias, context_dim=context_dim, device=device,
+        dtype=dtype,
+    )
+>>>>>>> vocab-global
 
 
 @register(
     "self_attention_block", family="blocks", paper="Attention Is All You Need", year=2017, layout="NLC",
     example=Example(
-        kwargs={"dim": 8, "num_heads": 2, "key_dim": 4, "value_dim": 3, "causal": True},
+        kwargs={"dim": 8, "num_heads": 2, "head_dim": 4, "value_head_dim": 3, "causal": True},
         inputs=((2, 5, 8),), output=(2, 5, 8), channel_dim=-1,
     ),
-    seed_name="self_attention", uses_attend=True, for_input=lambda geo: _block_sizes(geo),
+    seed_name="self_attention", uses_attend=True,
 )
 class SelfAttentionBlock(_PrefixedBlock):
+<<<<<<< HEAD
     """Post-norm self-attention: `LayerNorm(x + MHA(x, x, x))`, sub-modules named by `prefix`.
 
     Sub-modules: `{prefix}_attn1` (`KerasMultiHeadAttention`), `{prefix}_add1`,
@@ -166,45 +215,97 @@ class SelfAttentionBlock(_PrefixedBlock):
     Shape:
         - x: `(B, L, D)`; attention_mask: bool broadcastable to `(B, L, L)`, True = may attend;
           padding_mask: `(B, L)`, True = real token (masks keys). Output: `(B, L, D)`.
+=======
+    r"""Post-norm self-attention $\mathrm{LayerNorm}(x + \mathrm{MHA}(x, x, x))$, named by `prefix`.
+
+    Sub-modules: `{prefix}_attn1` (`KerasMultiHeadAttention`), `{prefix}_add1`, `{prefix}_norm1`;
+    the Keras model (`attnzoo.blocks.keras.self_attention`) adds the input `{prefix}_in1` and is
+    named `{prefix}_att`. The seed's builder `self_attention(input_shape, prefix, mask, **kwargs)`
+    (in `attnzoo.compat`) takes Keras's argument names and builds this class.
+
+    Args:
+        dim: Feature size D.
+        num_heads: Number of attention heads h. Default: 8.
+        head_dim: Width of each query/key head (Keras's `key_dim`); logits are scaled by
+            $1/\sqrt{\text{head\_dim}}$. Default: None, `max(D // num_heads, 1)`.
+        value_head_dim: Width of each value head (Keras's `value_dim`). Default: None, `head_dim`.
+        attn_drop: Dropout on the attention weights, training only (Keras's `dropout`). Default: 0.0.
+        bias: Biases in the four projections (Keras's `use_bias`). Default: True.
+        causal: Causal mask, query i attends keys `0..i` (the builder's `mask`). Default: False.
+        prefix: Name prefix, an identifier fragment. Default: `"att"`.
+        seq_len: Fixed sequence length L as Keras's `Input`, or None for any. Default: None.
+        eps: LayerNorm epsilon (Keras's `epsilon`). Default: 1e-3 (Keras).
+        device: Where the parameters are created. Default: None (torch's default).
+        dtype: Floating dtype of the parameters. Default: None (torch's default).
+
+    Shape:
+        - x: `(B, L, D)`; attention_mask: bool broadcastable to `(B, L, L)`, True = may attend;
+          padding_mask: `(B, L)`, True = real token (masks keys).
+        - Output: `(B, L, D)`; with `need_weights=True` also the attention weights `(B, h, L, L)`
+          (before dropout, as Keras's `return_attention_scores`).
+
+    Example:
+        ```python
+        >>> block = SelfAttentionBlock(16, num_heads=2, causal=True, prefix="dec0")
+        >>> [name for name, _ in block.named_children()]
+        ['dec0_attn1', 'dec0_add1', 'dec0_norm1']
+        >>> out, weights = block(torch.randn(2, 5, 16), need_weights=True)
+        >>> out.shape, weights.shape
+        (torch.Size([2, 5, 16]), torch.Size([2, 2, 5, 5]))
+
+        ```
+>>>>>>> vocab-global
     """
 
     def __init__(
-        self, dim: int, num_heads: int, key_dim: int, value_dim: int | None = None, dropout: float = 0.0,
-        use_bias: bool = True, output_shape: int | Sequence[int] | None = None, *, causal: bool = False,
-        prefix: str = "att", seq_len: int | None = None, epsilon: float = 1e-3,
+        self, dim: int, num_heads: int = 8, head_dim: int | None = None, value_head_dim: int | None = None,
+        attn_drop: float = 0.0, bias: bool = True, *, causal: bool = False, prefix: str = "att",
+        seq_len: int | None = None, eps: float = 1e-3, device: _Device = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         who = self._setup(prefix, seq_len, "att", ("in1", "attn1", "add1", "norm1"))
         self.dim, self.causal = check_int(dim, "dim", who), _check_bool(causal, "causal", who)
-        attn = KerasMultiHeadAttention(dim, num_heads, key_dim, value_dim, dropout, use_bias, output_shape)
-        _residual_dim(attn, dim, who)
+        attn = _attention(who, dim, num_heads, head_dim, value_head_dim, attn_drop, bias, None, device, dtype)
         self.add_module(f"{self.prefix}_attn1", attn)
         self.add_module(f"{self.prefix}_add1", Add())
-        self.add_module(f"{self.prefix}_norm1", _layer_norm(dim, epsilon, who))
+        self.add_module(f"{self.prefix}_norm1", _layer_norm(dim, eps, who, device, dtype))
 
     @property
     def attention(self) -> KerasMultiHeadAttention:
         return self._role("attn1")  # type: ignore[return-value]
 
     def forward(
+<<<<<<< HEAD
         self, x: Tensor, attention_mask: Tensor | None = None, padding_mask: Tensor | None = None
     ) -> Tensor:
         """`LayerNorm(x + MHA(x, x, x))`; masks as in the class docstring; returns `(B, L, D)`."""
+=======
+        self, x: Tensor, attention_mask: Tensor | None = None, padding_mask: Tensor | None = None,
+        need_weights: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """`LayerNorm(x + MHA(x, x, x))` `(B, L, D)`, and the `(B, h, L, L)` weights with `need_weights`."""
+>>>>>>> vocab-global
         self._check_x(x)
-        out = self.attention(x, attention_mask=attention_mask, padding_mask=padding_mask, causal=self.causal)
-        return self._role("norm1")(self._role("add1")(x, out))
+        res = self.attention(
+            x, attention_mask=attention_mask, padding_mask=padding_mask, causal=self.causal,
+            need_weights=need_weights,
+        )
+        out, weights = res if isinstance(res, tuple) else (res, None)
+        y = self._role("norm1")(self._role("add1")(x, out))
+        return (y, weights) if weights is not None else y
 
 
 @register(
     "cross_attention_block", family="blocks", paper="Attention Is All You Need", year=2017, layout="SEQ2SEQ",
     example=Example(
-        kwargs={"dim": 8, "context_dim": 6, "num_heads": 2, "key_dim": 4},
+        kwargs={"dim": 8, "context_dim": 6, "num_heads": 2, "head_dim": 4},
         inputs=((2, 5, 8), (2, 7, 6)), output=(2, 5, 8), channel_dim=-1,
     ),
     seed_name="cross_attention", uses_attend=True,
-    for_input=lambda geo: {**_block_sizes(geo), "context_dim": geo.channels},
 )
 class CrossAttentionBlock(_PrefixedBlock):
+<<<<<<< HEAD
     """Post-norm cross-attention: `LayerNorm(MHA(x, context, context) + x)`, named by `prefix`.
 
     Sub-modules: `{prefix}_attn2`, `{prefix}_add2`, `{prefix}_norm2`; the Keras model adds
@@ -220,33 +321,67 @@ class CrossAttentionBlock(_PrefixedBlock):
         dropout: Dropout on the attention weights (training only). Default: 0.0.
         use_bias: Biases in the projections. Default: True.
         output_shape: Output feature size; only `D` (or `(D,)`). Default: None, `D`.
+=======
+    r"""Post-norm cross-attention $\mathrm{LayerNorm}(\mathrm{MHA}(x, c, c) + x)$, named by `prefix`.
+
+    Sub-modules: `{prefix}_attn2`, `{prefix}_add2`, `{prefix}_norm2`; the Keras model adds the
+    inputs `{prefix}_ctx2` and `{prefix}_in2` and is named `{prefix}_cross`. The Keras model takes
+    `[(context, x)]`; this module takes `(x, context)`, query first. The seed's builder
+    `cross_attention(input_shape, context_shape, prefix, **kwargs)` takes Keras's argument names.
+
+    Args:
+        dim: Query feature size D.
+        context_dim: Context feature size E. Default: None, D.
+        num_heads: Number of attention heads h. Default: 8.
+        head_dim: Width of each query/key head (Keras's `key_dim`). Default: None,
+            `max(D // num_heads, 1)`.
+        value_head_dim: Width of each value head (Keras's `value_dim`). Default: None, `head_dim`.
+        attn_drop: Dropout on the attention weights, training only (Keras's `dropout`). Default: 0.0.
+        bias: Biases in the four projections (Keras's `use_bias`). Default: True.
+>>>>>>> vocab-global
         prefix: Name prefix, an identifier fragment. Default: `"att"`.
         seq_len: Fixed query length L (a Keras `Input` shape), or None for any. Default: None.
         context_len: Fixed context length S, or None for any. Default: None.
-        epsilon: LayerNorm epsilon. Default: 1e-3 (Keras).
+        eps: LayerNorm epsilon (Keras's `epsilon`). Default: 1e-3 (Keras).
+        device: Where the parameters are created. Default: None (torch's default).
+        dtype: Floating dtype of the parameters. Default: None (torch's default).
 
     Shape:
+<<<<<<< HEAD
         - x: `(B, L, D)`; context: `(B, S, E)`; attention_mask: bool broadcastable to
           `(B, L, S)`; context_mask: `(B, S)`, True = real token. Output: `(B, L, D)`.
+=======
+        - x: `(B, L, D)`; context: `(B, S, E)`; attention_mask: bool broadcastable to `(B, L, S)`;
+          context_mask: `(B, S)`, True = real token.
+        - Output: `(B, L, D)`; with `need_weights=True` also the weights `(B, h, L, S)`.
+
+    Example:
+        ```python
+        >>> block = CrossAttentionBlock(16, context_dim=12, num_heads=4)
+        >>> block(torch.randn(2, 5, 16), torch.randn(2, 7, 12)).shape
+        torch.Size([2, 5, 16])
+
+        ```
+>>>>>>> vocab-global
     """
 
     def __init__(
-        self, dim: int, context_dim: int, num_heads: int, key_dim: int, value_dim: int | None = None,
-        dropout: float = 0.0, use_bias: bool = True, output_shape: int | Sequence[int] | None = None, *,
-        prefix: str = "att", seq_len: int | None = None, context_len: int | None = None,
-        epsilon: float = 1e-3,
+        self, dim: int, context_dim: int | None = None, num_heads: int = 8, head_dim: int | None = None,
+        value_head_dim: int | None = None, attn_drop: float = 0.0, bias: bool = True, *, prefix: str = "att",
+        seq_len: int | None = None, context_len: int | None = None, eps: float = 1e-3, device: _Device = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         who = self._setup(prefix, seq_len, "cross", ("ctx2", "in2", "attn2", "add2", "norm2"))
         self.dim = check_int(dim, "dim", who)
+        context_dim = dim if context_dim is None else check_int(context_dim, "context_dim", who)
         self.context_len = None if context_len is None else check_int(context_len, "context_len", who)
-        attn = KerasMultiHeadAttention(
-            dim, num_heads, key_dim, value_dim, dropout, use_bias, output_shape, context_dim=context_dim
+        attn = _attention(
+            who, dim, num_heads, head_dim, value_head_dim, attn_drop, bias, context_dim, device, dtype
         )
-        _residual_dim(attn, dim, who)
         self.add_module(f"{self.prefix}_attn2", attn)
         self.add_module(f"{self.prefix}_add2", Add())
-        self.add_module(f"{self.prefix}_norm2", _layer_norm(dim, epsilon, who))
+        self.add_module(f"{self.prefix}_norm2", _layer_norm(dim, eps, who, device, dtype))
 
     @property
     def attention(self) -> KerasMultiHeadAttention:
@@ -254,9 +389,15 @@ class CrossAttentionBlock(_PrefixedBlock):
 
     def forward(
         self, x: Tensor, context: Tensor, attention_mask: Tensor | None = None,
+<<<<<<< HEAD
         context_mask: Tensor | None = None,
     ) -> Tensor:
         """`LayerNorm(x + MHA(x, context, context))`, masks as in the class docstring; `(B, L, D)`."""
+=======
+        context_mask: Tensor | None = None, need_weights: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """`LayerNorm(MHA(x, context, context) + x)` `(B, L, D)`, and `(B, h, L, S)` weights if asked."""
+>>>>>>> vocab-global
         self._check_x(x)
         who = type(self).__name__
         if self.context_len is None:
@@ -265,16 +406,28 @@ class CrossAttentionBlock(_PrefixedBlock):
             dims = check_shape(context, who, "B S E", "context", S=self.context_len)
         if context_mask is not None:  # checked here so the message names context_mask
             _bool_mask(context_mask, (x.shape[0], dims["S"]), who, "context_mask")
-        out = self.attention(x, context, attention_mask=attention_mask, padding_mask=context_mask)
-        return self._role("norm2")(self._role("add2")(out, x))
+        res = self.attention(
+            x, context, attention_mask=attention_mask, padding_mask=context_mask, need_weights=need_weights
+        )
+        out, weights = res if isinstance(res, tuple) else (res, None)
+        y = self._role("norm2")(self._role("add2")(out, x))
+        return (y, weights) if weights is not None else y
 
 
 class FeedForwardBlock(_PrefixedBlock):
+<<<<<<< HEAD
     """Post-norm position-wise feed-forward: `LayerNorm(x + Dropout(W2 relu(W1 x)))`, named by `prefix`.
 
     Sub-modules: `{prefix}_ff1` (Linear D -> ff_dim, ReLU), `{prefix}_ff2` (Linear ff_dim -> D),
     `{prefix}_drop`, `{prefix}_add3`, `{prefix}_norm3`; the Keras model adds the input
     `{prefix}_in3` and is named `{prefix}_ff`.
+=======
+    r"""Post-norm feed-forward $\mathrm{LayerNorm}(x + \mathrm{Dropout}(W_2\,\mathrm{relu}(W_1 x)))$.
+
+    Sub-modules, named by `prefix`: `{prefix}_ff1` (Linear D -> ff_dim, ReLU), `{prefix}_ff2`
+    (Linear ff_dim -> D), `{prefix}_drop`, `{prefix}_add3`, `{prefix}_norm3`; the Keras model adds
+    the input `{prefix}_in3` and is named `{prefix}_ff`. Not registered: it is not an attention.
+>>>>>>> vocab-global
 
     Args:
         dim: Feature size D (the tutorial's `model_dim`; the residual needs them equal).
@@ -282,7 +435,9 @@ class FeedForwardBlock(_PrefixedBlock):
         dropout: Dropout after the second Linear. Default: 0.1 (the tutorial's).
         prefix: Name prefix, an identifier fragment. Default: `"ff"`.
         seq_len: Fixed sequence length L, or None. Default: None.
-        epsilon: LayerNorm epsilon. Default: 1e-3 (Keras).
+        eps: LayerNorm epsilon (Keras's `epsilon`). Default: 1e-3 (Keras).
+        device: Where the parameters are created. Default: None (torch's default).
+        dtype: Floating dtype of the parameters. Default: None (torch's default).
 
     Shape:
         - x: `(B, L, D)`. Output: `(B, L, D)`.
@@ -290,17 +445,17 @@ class FeedForwardBlock(_PrefixedBlock):
 
     def __init__(
         self, dim: int, ff_dim: int, dropout: float = 0.1, *, prefix: str = "ff", seq_len: int | None = None,
-        epsilon: float = 1e-3,
+        eps: float = 1e-3, device: _Device = None, dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         who = self._setup(prefix, seq_len, "ff", ("in3", "ff1", "ff2", "drop", "add3", "norm3"))
         self.dim, self.ff_dim = check_int(dim, "dim", who), check_int(ff_dim, "ff_dim", who)
         p = check_float(dropout, "dropout", who, minimum=0.0, maximum=1.0)
-        self.add_module(f"{self.prefix}_ff1", nn.Linear(dim, ff_dim))
-        self.add_module(f"{self.prefix}_ff2", nn.Linear(ff_dim, dim))
+        self.add_module(f"{self.prefix}_ff1", nn.Linear(dim, ff_dim, device=device, dtype=dtype))
+        self.add_module(f"{self.prefix}_ff2", nn.Linear(ff_dim, dim, device=device, dtype=dtype))
         self.add_module(f"{self.prefix}_drop", nn.Dropout(p))
         self.add_module(f"{self.prefix}_add3", Add())
-        self.add_module(f"{self.prefix}_norm3", _layer_norm(dim, epsilon, who))
+        self.add_module(f"{self.prefix}_norm3", _layer_norm(dim, eps, who, device, dtype))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -318,18 +473,6 @@ class FeedForwardBlock(_PrefixedBlock):
         return self._role("norm3")(self._role("add3")(x, out))
 
 
-def _check_mha_kwargs(kwargs: dict[str, Any], who: str) -> None:
-    unknown = sorted(set(kwargs) - set(_MHA_KWARGS))
-    if unknown:
-        raise TypeError(
-            f"{who} got unexpected keyword arguments {unknown}; it passes on only the "
-            f"MultiHeadAttention arguments {list(_MHA_KWARGS)}"
-        )
-    missing = [k for k in ("num_heads", "key_dim") if k not in kwargs]
-    if missing:
-        raise TypeError(f"{who} requires {missing} (as keras.layers.MultiHeadAttention)")
-
-
 def self_attention(
     input_shape: Sequence[int | None], prefix: str = "att", mask: bool = False, **kwargs: Any
 ) -> SelfAttentionBlock:
@@ -338,9 +481,16 @@ def self_attention(
     Args:
         input_shape: `(L, D)` without the batch, L may be None.
         prefix: Name prefix. Default: `"att"`.
+<<<<<<< HEAD
         mask: Causal mask (the decoder's). Default: False.
         **kwargs: `num_heads` and `key_dim` (required), `value_dim`, `dropout`,
             `use_bias`, `output_shape`; anything else raises `TypeError`.
+=======
+        mask: Causal mask (the decoder's; the block's `causal`). Default: False.
+        **kwargs: Keras's `num_heads` and `key_dim` (required), `value_dim`, `dropout`, `use_bias`,
+            `output_shape` (None, D or `(D,)`); anything else raises `TypeError`. They become the
+            block's `num_heads`, `head_dim`, `value_head_dim`, `attn_drop`, `bias`.
+>>>>>>> vocab-global
 
     Shape:
         - Input `(B, L, D)`, output `(B, L, D)`.
@@ -348,7 +498,8 @@ def self_attention(
     seq_len, dim = check_input_shape(input_shape, "self_attention")
     _check_mha_kwargs(kwargs, "self_attention")
     causal = _check_bool(mask, "mask", "self_attention")
-    return SelfAttentionBlock(dim, causal=causal, prefix=prefix, seq_len=seq_len, **kwargs)
+    block_kwargs = keras_block_kwargs(kwargs, dim, "self_attention")
+    return SelfAttentionBlock(dim, causal=causal, prefix=prefix, seq_len=seq_len, **block_kwargs)
 
 
 def cross_attention(
@@ -357,9 +508,16 @@ def cross_attention(
     """The tutorial's builder: a `CrossAttentionBlock` with sub-modules `{prefix}_attn2`, ... .
 
     Args:
+<<<<<<< HEAD
         input_shape: `(L, D)` of the queries. context_shape: `(S, E)` of the context.
         prefix: Name prefix. Default: `"att"`.
         **kwargs: The MultiHeadAttention arguments, as `self_attention`.
+=======
+        input_shape: `(L, D)` of the queries.
+        context_shape: `(S, E)` of the context.
+        prefix: Name prefix. Default: `"att"`.
+        **kwargs: Keras's MultiHeadAttention arguments, as `self_attention` takes them.
+>>>>>>> vocab-global
 
     Shape:
         - Input `(B, L, D)` and context `(B, S, E)`; output `(B, L, D)`.
@@ -367,8 +525,9 @@ def cross_attention(
     seq_len, dim = check_input_shape(input_shape, "cross_attention")
     context_len, context_dim = check_input_shape(context_shape, "cross_attention", "context_shape")
     _check_mha_kwargs(kwargs, "cross_attention")
+    block_kwargs = keras_block_kwargs(kwargs, dim, "cross_attention")
     return CrossAttentionBlock(
-        dim, context_dim, prefix=prefix, seq_len=seq_len, context_len=context_len, **kwargs
+        dim, context_dim, prefix=prefix, seq_len=seq_len, context_len=context_len, **block_kwargs
     )
 
 
@@ -378,8 +537,16 @@ def feed_forward(
     """The tutorial's builder: a `FeedForwardBlock` with sub-modules `{prefix}_ff1`, ... .
 
     Args:
+<<<<<<< HEAD
         input_shape: `(L, D)`. model_dim: Output size; must equal D for the residual Add.
         ff_dim: Hidden size. dropout: Dropout rate. Default: 0.1. prefix: Default: `"ff"`.
+=======
+        input_shape: `(L, D)`.
+        model_dim: Output size; must equal D for the residual Add.
+        ff_dim: Hidden size.
+        dropout: Dropout rate. Default: 0.1.
+        prefix: Name prefix. Default: `"ff"`.
+>>>>>>> vocab-global
 
     Shape:
         - Input `(B, L, D)`, output `(B, L, D)`.

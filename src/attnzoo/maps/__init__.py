@@ -13,7 +13,6 @@ from attnzoo.maps.capture import (
     query_indices,
     record,
     record_rows,
-    with_map,
 )
 
 __all__ = [
@@ -25,5 +24,4 @@ __all__ = [
     "query_indices",
     "record",
     "record_rows",
-    "with_map",
 ]

@@ -56,7 +56,6 @@ __all__ = [
     "capturing",
     "record",
     "record_rows",
-    "with_map",
     "query_indices",
     "iter_maps",
 ]
@@ -288,6 +287,7 @@ def record(module: nn.Module, kind: str, data: Tensor, **meta: Any) -> None:
     session.maps.setdefault(_name(session, module), []).append(entry)
 
 
+<<<<<<< HEAD
 def with_map(
     module: nn.Module, out: Tensor, attn: Tensor | None, return_attention: bool
 ) -> Tensor | tuple[Tensor, Tensor]:
@@ -305,6 +305,8 @@ def with_map(
     return (out, attn) if return_attention else out
 
 
+=======
+>>>>>>> vocab-global
 def _name(session: _Session, module: nn.Module) -> str:
     return session.names.get(id(module)) or type(module).__name__
 

@@ -13,6 +13,7 @@ from attnzoo.mechanisms import (  # noqa: F401 (imported for registration)
     sagan,
     se,
     seq2seq,
+    seq2seq_location,
     sk,
     swin,
     temporal,
