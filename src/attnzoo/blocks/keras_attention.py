@@ -46,11 +46,8 @@ class EinsumDense(nn.Module):
         in_dims: Trailing input dims contracted away, e.g. `(D,)` or `(heads, value_dim)`.
         out_dims: Output dims, e.g. `(heads, key_dim)` or `(D,)`.
         use_bias: Add a bias shaped `out_dims`. Default: True.
-<<<<<<< HEAD
-=======
         device: Where the parameters are created. Default: None (torch's default).
         dtype: Floating dtype of the parameters. Default: None (torch's default).
->>>>>>> vocab-global
 
     Shape:
         - Input: `(*, *in_dims)`; output: `(*, *out_dims)`. `kernel` is `(*in_dims, *out_dims)`.
@@ -113,13 +110,9 @@ class KerasMultiHeadAttention(nn.Module):
     Shape:
         - query: `(B, L, D)`; context: `(B, S, E)` (None: the query itself).
         - attention_mask: bool broadcastable to `(B, L, S)`, True = may attend; padding_mask:
-<<<<<<< HEAD
-          `(B, S)`, True = real key. Output: `(B, L, *output_shape)`.
-=======
           `(B, S)`, True = real key. Output: `(B, L, *output_shape)`; with `need_weights=True`
           also the attention weights `(B, h, L, S)` (before dropout, as Keras's
           `return_attention_scores`).
->>>>>>> vocab-global
     """
 
     def __init__(
@@ -152,18 +145,12 @@ class KerasMultiHeadAttention(nn.Module):
 
     def forward(
         self, query: Tensor, context: Tensor | None = None, *, attention_mask: Tensor | None = None,
-<<<<<<< HEAD
-        padding_mask: Tensor | None = None, causal: bool = False,
-    ) -> Tensor:
-        """Attend from `query` to `context` (default: `query`); masks as in the class docstring."""
-=======
         padding_mask: Tensor | None = None, causal: bool = False, need_weights: bool = False,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """Attend from `query` to `context` (default: `query`); masks as in the class docstring.
 
         Returns `(B, L, *output_shape)`, and the `(B, h, L, S)` weights with `need_weights`.
         """
->>>>>>> vocab-global
         who = type(self).__name__
         dims = check_shape(query, who, "B L D", "query", D=self.dim)
         b, length = dims["B"], dims["L"]

@@ -9,10 +9,6 @@ residual blocks, in the form of the widely copied Keras tutorial whose builder
 `att_norm1`, ...) so that several blocks sit in one model without name clashes (Keras requires
 unique layer names) and weights can be matched by name (`attnzoo.blocks.convert`). The sub-modules
 here carry the same names, so `named_modules()` and `state_dict` keys show the prefix. The
-<<<<<<< HEAD
-attention is `KerasMultiHeadAttention` (Keras arguments and
-kernel layout); LayerNorm epsilon is Keras's 1e-3. Masks are boolean, **True = may attend**.
-=======
 attention is `attnzoo.blocks.keras_attention.KerasMultiHeadAttention` (Keras's kernel layout);
 LayerNorm epsilon is Keras's 1e-3. Masks are boolean, **True = may attend**.
 
@@ -29,7 +25,6 @@ Arguments: the block classes take the shared vocabulary (`dim`, `num_heads`, `he
 | `use_bias` | `bias` |
 | `output_shape` | none: the residual needs D |
 | `epsilon` (LayerNormalization) | `eps` |
->>>>>>> vocab-global
 """
 
 from __future__ import annotations
@@ -69,101 +64,6 @@ __all__ = [
     "keras_block_kwargs",
 ]
 
-<<<<<<< HEAD
-_MHA_KWARGS = ("num_heads", "key_dim", "value_dim", "dropout", "use_bias", "output_shape")
-
-
-def check_prefix(prefix: object, who: str) -> str:
-    """`prefix` must make every layer name a Python identifier: letters, digits, `_`, no leading digit."""
-    if not isinstance(prefix, str):
-        raise TypeError(f"{who}: prefix must be a str, got {type(prefix).__name__} {prefix!r}")
-    if not (prefix.isascii() and prefix.isidentifier()):
-        raise ValueError(
-            f"{who}: prefix must be an identifier fragment (ASCII letters, digits and '_', not starting "
-            f"with a digit) such as 'att' or 'enc0', got {prefix!r}"
-        )
-    return prefix
-
-
-def _positive_int(value: object) -> int | None:
-    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and int(value) > 0:
-        return int(value)
-    return None
-
-
-def check_input_shape(shape: object, who: str, name: str = "input_shape") -> tuple[int | None, int]:
-    """A Keras `Input` shape without the batch: `(L, D)` with `L` an int or None. Returns it."""
-    if isinstance(shape, (tuple, list)) and len(shape) == 2:
-        length, dim = (None if shape[0] is None else _positive_int(shape[0])), _positive_int(shape[1])
-        if dim is not None and (length is not None or shape[0] is None):
-            return length, dim
-    raise ValueError(f"{who} expects {name} = (L, D) with positive ints (L may be None), got {shape!r}")
-
-
-class Add(nn.Module):
-    """Keras's `Add` layer: the element-wise sum of its inputs (here, the residual connection)."""
-
-    def forward(self, *xs: Tensor) -> Tensor:
-        """Sum of the inputs (Keras `Add`); they must have the same shape."""
-        out = xs[0]
-        for x in xs[1:]:
-            out = out + x
-        return out
-
-
-def _check_bool(value: object, name: str, who: str) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{who}: {name} must be a bool, got {type(value).__name__} {value!r}")
-    return value
-
-
-class _PrefixedBlock(nn.Module):
-    """Sub-modules live under `f"{prefix}_{role}"`; `model_name` is the Keras model's name."""
-
-    dim: int
-    seq_len: int | None
-    prefix: str
-    model_name: str
-    layer_names: tuple[str, ...]
-
-    def _setup(self, prefix: object, seq_len: int | None, model_suffix: str, names: Sequence[str]) -> str:
-        who = type(self).__name__
-        self.prefix = check_prefix(prefix, who)
-        self.seq_len = None if seq_len is None else check_int(seq_len, "seq_len", who)
-        self.model_name = f"{self.prefix}_{model_suffix}"
-        self.layer_names = tuple(f"{self.prefix}_{n}" for n in names)  # the Keras model's layers, in order
-        return who
-
-    def _role(self, role: str) -> nn.Module:
-        return self._modules[f"{self.prefix}_{role}"]  # type: ignore[return-value]
-
-    def _check_x(self, x: Tensor) -> None:
-        if self.seq_len is None:
-            check_shape(x, type(self).__name__, "B L D", D=self.dim)
-        else:
-            check_shape(x, type(self).__name__, "B L D", L=self.seq_len, D=self.dim)
-
-    def extra_repr(self) -> str:
-        return f"model_name={self.model_name!r}"
-
-
-def _layer_norm(dim: int, epsilon: float, who: str) -> nn.LayerNorm:
-    return nn.LayerNorm(dim, eps=check_float(epsilon, "epsilon", who, minimum=0.0))
-
-
-def _residual_dim(attn: KerasMultiHeadAttention, dim: int, who: str) -> None:
-    if attn.output_shape != (dim,):
-        raise ValueError(
-            f"{who}: the residual Add needs output_shape = ({dim},) (the input's feature size), "
-            f"got {attn.output_shape}"
-        )
-
-
-def _block_sizes(geo: Geometry) -> dict[str, Any]:
-    """Keras-style sizes for an input of C channels: key_dim per head, feed-forward width 2C."""
-    heads = heads_for(geo.channels, 8)
-    return {"num_heads": heads, "key_dim": max(geo.channels // heads, 1), "value_dim": None}
-=======
 def _attention(
     who: str, dim: int, num_heads: int, head_dim: int | None, value_head_dim: int | None, attn_drop: float,
     bias: bool, context_dim: int | None, device: _Device, dtype: torch.dtype | None,
@@ -179,7 +79,6 @@ def _attention(
         dim, num_heads, head_dim, value_head_dim, attn_drop, bias, context_dim=context_dim, device=device,
         dtype=dtype,
     )
->>>>>>> vocab-global
 
 
 @register(
@@ -191,31 +90,6 @@ def _attention(
     seed_name="self_attention", uses_attend=True,
 )
 class SelfAttentionBlock(_PrefixedBlock):
-<<<<<<< HEAD
-    """Post-norm self-attention: `LayerNorm(x + MHA(x, x, x))`, sub-modules named by `prefix`.
-
-    Sub-modules: `{prefix}_attn1` (`KerasMultiHeadAttention`), `{prefix}_add1`,
-    `{prefix}_norm1`; the Keras model (`attnzoo.blocks.keras.self_attention`) adds the input
-    `{prefix}_in1` and is named `{prefix}_att`.
-
-    Args:
-        dim: Feature size D.
-        num_heads: Number of attention heads (as `keras.layers.MultiHeadAttention`).
-        key_dim: Width of each query/key head.
-        value_dim: Width of each value head. Default: None, `key_dim`.
-        dropout: Dropout on the attention weights (training only). Default: 0.0.
-        use_bias: Biases in the projections. Default: True.
-        output_shape: Output feature size; only `D` (or `(D,)`), the one the residual
-            allows. Default: None, `D`.
-        causal: Causal mask, query i attends keys `0..i` (the builder's `mask`). Default: False.
-        prefix: Name prefix, an identifier fragment. Default: `"att"`.
-        seq_len: Fixed sequence length L as Keras's `Input`, or None for any. Default: None.
-        epsilon: LayerNorm epsilon. Default: 1e-3 (Keras).
-
-    Shape:
-        - x: `(B, L, D)`; attention_mask: bool broadcastable to `(B, L, L)`, True = may attend;
-          padding_mask: `(B, L)`, True = real token (masks keys). Output: `(B, L, D)`.
-=======
     r"""Post-norm self-attention $\mathrm{LayerNorm}(x + \mathrm{MHA}(x, x, x))$, named by `prefix`.
 
     Sub-modules: `{prefix}_attn1` (`KerasMultiHeadAttention`), `{prefix}_add1`, `{prefix}_norm1`;
@@ -254,7 +128,6 @@ class SelfAttentionBlock(_PrefixedBlock):
         (torch.Size([2, 5, 16]), torch.Size([2, 2, 5, 5]))
 
         ```
->>>>>>> vocab-global
     """
 
     def __init__(
@@ -276,16 +149,10 @@ class SelfAttentionBlock(_PrefixedBlock):
         return self._role("attn1")  # type: ignore[return-value]
 
     def forward(
-<<<<<<< HEAD
-        self, x: Tensor, attention_mask: Tensor | None = None, padding_mask: Tensor | None = None
-    ) -> Tensor:
-        """`LayerNorm(x + MHA(x, x, x))`; masks as in the class docstring; returns `(B, L, D)`."""
-=======
         self, x: Tensor, attention_mask: Tensor | None = None, padding_mask: Tensor | None = None,
         need_weights: bool = False,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """`LayerNorm(x + MHA(x, x, x))` `(B, L, D)`, and the `(B, h, L, L)` weights with `need_weights`."""
->>>>>>> vocab-global
         self._check_x(x)
         res = self.attention(
             x, attention_mask=attention_mask, padding_mask=padding_mask, causal=self.causal,
@@ -305,23 +172,6 @@ class SelfAttentionBlock(_PrefixedBlock):
     seed_name="cross_attention", uses_attend=True,
 )
 class CrossAttentionBlock(_PrefixedBlock):
-<<<<<<< HEAD
-    """Post-norm cross-attention: `LayerNorm(MHA(x, context, context) + x)`, named by `prefix`.
-
-    Sub-modules: `{prefix}_attn2`, `{prefix}_add2`, `{prefix}_norm2`; the Keras model adds
-    the inputs `{prefix}_ctx2` and `{prefix}_in2` and is named `{prefix}_cross`. The Keras
-    model takes `[(context, x)]`; this module takes `(x, context)`, query first.
-
-    Args:
-        dim: Query feature size D.
-        context_dim: Context feature size E.
-        num_heads: Number of attention heads (as `keras.layers.MultiHeadAttention`).
-        key_dim: Width of each query/key head.
-        value_dim: Width of each value head. Default: None, `key_dim`.
-        dropout: Dropout on the attention weights (training only). Default: 0.0.
-        use_bias: Biases in the projections. Default: True.
-        output_shape: Output feature size; only `D` (or `(D,)`). Default: None, `D`.
-=======
     r"""Post-norm cross-attention $\mathrm{LayerNorm}(\mathrm{MHA}(x, c, c) + x)$, named by `prefix`.
 
     Sub-modules: `{prefix}_attn2`, `{prefix}_add2`, `{prefix}_norm2`; the Keras model adds the
@@ -338,7 +188,6 @@ class CrossAttentionBlock(_PrefixedBlock):
         value_head_dim: Width of each value head (Keras's `value_dim`). Default: None, `head_dim`.
         attn_drop: Dropout on the attention weights, training only (Keras's `dropout`). Default: 0.0.
         bias: Biases in the four projections (Keras's `use_bias`). Default: True.
->>>>>>> vocab-global
         prefix: Name prefix, an identifier fragment. Default: `"att"`.
         seq_len: Fixed query length L (a Keras `Input` shape), or None for any. Default: None.
         context_len: Fixed context length S, or None for any. Default: None.
@@ -347,10 +196,6 @@ class CrossAttentionBlock(_PrefixedBlock):
         dtype: Floating dtype of the parameters. Default: None (torch's default).
 
     Shape:
-<<<<<<< HEAD
-        - x: `(B, L, D)`; context: `(B, S, E)`; attention_mask: bool broadcastable to
-          `(B, L, S)`; context_mask: `(B, S)`, True = real token. Output: `(B, L, D)`.
-=======
         - x: `(B, L, D)`; context: `(B, S, E)`; attention_mask: bool broadcastable to `(B, L, S)`;
           context_mask: `(B, S)`, True = real token.
         - Output: `(B, L, D)`; with `need_weights=True` also the weights `(B, h, L, S)`.
@@ -362,7 +207,6 @@ class CrossAttentionBlock(_PrefixedBlock):
         torch.Size([2, 5, 16])
 
         ```
->>>>>>> vocab-global
     """
 
     def __init__(
@@ -389,15 +233,9 @@ class CrossAttentionBlock(_PrefixedBlock):
 
     def forward(
         self, x: Tensor, context: Tensor, attention_mask: Tensor | None = None,
-<<<<<<< HEAD
-        context_mask: Tensor | None = None,
-    ) -> Tensor:
-        """`LayerNorm(x + MHA(x, context, context))`, masks as in the class docstring; `(B, L, D)`."""
-=======
         context_mask: Tensor | None = None, need_weights: bool = False,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """`LayerNorm(MHA(x, context, context) + x)` `(B, L, D)`, and `(B, h, L, S)` weights if asked."""
->>>>>>> vocab-global
         self._check_x(x)
         who = type(self).__name__
         if self.context_len is None:
@@ -415,19 +253,11 @@ class CrossAttentionBlock(_PrefixedBlock):
 
 
 class FeedForwardBlock(_PrefixedBlock):
-<<<<<<< HEAD
-    """Post-norm position-wise feed-forward: `LayerNorm(x + Dropout(W2 relu(W1 x)))`, named by `prefix`.
-
-    Sub-modules: `{prefix}_ff1` (Linear D -> ff_dim, ReLU), `{prefix}_ff2` (Linear ff_dim -> D),
-    `{prefix}_drop`, `{prefix}_add3`, `{prefix}_norm3`; the Keras model adds the input
-    `{prefix}_in3` and is named `{prefix}_ff`.
-=======
     r"""Post-norm feed-forward $\mathrm{LayerNorm}(x + \mathrm{Dropout}(W_2\,\mathrm{relu}(W_1 x)))$.
 
     Sub-modules, named by `prefix`: `{prefix}_ff1` (Linear D -> ff_dim, ReLU), `{prefix}_ff2`
     (Linear ff_dim -> D), `{prefix}_drop`, `{prefix}_add3`, `{prefix}_norm3`; the Keras model adds
     the input `{prefix}_in3` and is named `{prefix}_ff`. Not registered: it is not an attention.
->>>>>>> vocab-global
 
     Args:
         dim: Feature size D (the tutorial's `model_dim`; the residual needs them equal).
@@ -481,16 +311,10 @@ def self_attention(
     Args:
         input_shape: `(L, D)` without the batch, L may be None.
         prefix: Name prefix. Default: `"att"`.
-<<<<<<< HEAD
-        mask: Causal mask (the decoder's). Default: False.
-        **kwargs: `num_heads` and `key_dim` (required), `value_dim`, `dropout`,
-            `use_bias`, `output_shape`; anything else raises `TypeError`.
-=======
         mask: Causal mask (the decoder's; the block's `causal`). Default: False.
         **kwargs: Keras's `num_heads` and `key_dim` (required), `value_dim`, `dropout`, `use_bias`,
             `output_shape` (None, D or `(D,)`); anything else raises `TypeError`. They become the
             block's `num_heads`, `head_dim`, `value_head_dim`, `attn_drop`, `bias`.
->>>>>>> vocab-global
 
     Shape:
         - Input `(B, L, D)`, output `(B, L, D)`.
@@ -508,16 +332,10 @@ def cross_attention(
     """The tutorial's builder: a `CrossAttentionBlock` with sub-modules `{prefix}_attn2`, ... .
 
     Args:
-<<<<<<< HEAD
-        input_shape: `(L, D)` of the queries. context_shape: `(S, E)` of the context.
-        prefix: Name prefix. Default: `"att"`.
-        **kwargs: The MultiHeadAttention arguments, as `self_attention`.
-=======
         input_shape: `(L, D)` of the queries.
         context_shape: `(S, E)` of the context.
         prefix: Name prefix. Default: `"att"`.
         **kwargs: Keras's MultiHeadAttention arguments, as `self_attention` takes them.
->>>>>>> vocab-global
 
     Shape:
         - Input `(B, L, D)` and context `(B, S, E)`; output `(B, L, D)`.
@@ -537,16 +355,11 @@ def feed_forward(
     """The tutorial's builder: a `FeedForwardBlock` with sub-modules `{prefix}_ff1`, ... .
 
     Args:
-<<<<<<< HEAD
-        input_shape: `(L, D)`. model_dim: Output size; must equal D for the residual Add.
-        ff_dim: Hidden size. dropout: Dropout rate. Default: 0.1. prefix: Default: `"ff"`.
-=======
         input_shape: `(L, D)`.
         model_dim: Output size; must equal D for the residual Add.
         ff_dim: Hidden size.
         dropout: Dropout rate. Default: 0.1.
         prefix: Name prefix. Default: `"ff"`.
->>>>>>> vocab-global
 
     Shape:
         - Input `(B, L, D)`, output `(B, L, D)`.

@@ -287,26 +287,6 @@ def record(module: nn.Module, kind: str, data: Tensor, **meta: Any) -> None:
     session.maps.setdefault(_name(session, module), []).append(entry)
 
 
-<<<<<<< HEAD
-def with_map(
-    module: nn.Module, out: Tensor, attn: Tensor | None, return_attention: bool
-) -> Tensor | tuple[Tensor, Tensor]:
-    """A forward's result under the `capture_attention` / `last_attention` convention.
-
-    Modules that can build their map on request (`forward(x, return_attention=True)`, or
-    `module.capture_attention = True`) pass the map they built, or None when they built none:
-    it is stored detached in `module.last_attention` when capture is on, and returned beside
-    `out` only when the caller asked for it.
-    """
-    if attn is None:
-        return out
-    if getattr(module, "capture_attention", False):
-        module.last_attention = attn.detach()
-    return (out, attn) if return_attention else out
-
-
-=======
->>>>>>> vocab-global
 def _name(session: _Session, module: nn.Module) -> str:
     return session.names.get(id(module)) or type(module).__name__
 
