@@ -229,7 +229,7 @@ class _QueryProbe(nn.Module):
         super().__init__()
         self.module = module
         self.one_token = one_token  # per input: the query token (True) or all the map's tokens
-        self.weights = "return_weights" in inspect.signature(module.forward).parameters
+        self.weights = "need_weights" in inspect.signature(module.forward).parameters
 
     def forward(self, x: Tensor) -> Tensor:
         from attnzoo.maps.capture import capturing, record
@@ -239,7 +239,7 @@ class _QueryProbe(nn.Module):
         query = tokens.mean(1, keepdim=True)  # (B, 1, C)
         args = [query if one else tokens for one in self.one_token]
         if capturing() and self.weights:  # a scorer that returns its weights (one that records does not)
-            out = self.module(*args, return_weights=True)
+            out = self.module(*args, need_weights=True)
             if isinstance(out, tuple) and isinstance(out[1], Tensor) and out[1].shape[-1] == h * w:
                 record(
                     self.module,
