@@ -10,7 +10,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from attnzoo._registry import get_spec
+from attnzoo._registry import WIDTH_NAMES, get_spec
 
 __all__ = ["AttentionArg", "LayoutAdapter", "build_for_place", "channel_kwargs"]
 
@@ -50,28 +50,16 @@ class LayoutAdapter(nn.Module):
         return f"{self.outer} -> {self.inner}"
 
 
-_FIRST_ARG_ALIASES = (
-    "channels",
-    "in_channels",
-    "channel",
-    "dim",
-    "in_dim",
-    "d_model",
-    "in_planes",
-    "query_size",
-)
-_OUT_ARGS = ("out_channels", "out_planes")
-
-
 def channel_kwargs(cls: type[nn.Module], channels: int) -> dict[str, int]:
-    """Constructor arguments that fix the channel count: the first one by its name, and the outputs."""
+    """Constructor arguments that fix the channel count: the width (first argument, named by the
+    vocabulary: `channels`, `dim` or `query_dim`) and `out_channels` where the class has it."""
     params = [p for p in inspect.signature(cls.__init__).parameters.values() if p.name != "self"]
-    if not params:
+    if not params or params[0].name not in WIDTH_NAMES:
         return {}
-    kwargs = {params[0].name: channels} if params[0].name in _FIRST_ARG_ALIASES else {}
-    kwargs.update({p.name: channels for p in params if p.name in _OUT_ARGS})
+    kwargs = {params[0].name: channels}
+    if any(p.name == "out_channels" for p in params):
+        kwargs["out_channels"] = channels
     return kwargs
-
 
 
 def build_for_place(

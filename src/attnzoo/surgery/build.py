@@ -244,7 +244,7 @@ class _QueryProbe(nn.Module):
                 record(
                     self.module,
                     "rows",
-                    out[1].reshape(b, 1, 1, h * w),
+                    out[1].reshape(b, -1, h * w).mean(1).reshape(b, 1, 1, h * w),  # heads averaged
                     grid=(h, w),
                     query_grid=(1,),
                     queries=torch.zeros(1, dtype=torch.long),
