@@ -176,10 +176,9 @@ class KerasMultiHeadAttention(nn.Module):
         scale = self.key_dim**-0.5
         res = attend(q, k, v, mask=mask, causal=causal, dropout_p=p, scale=scale, return_weights=need_weights)
         out, weights = res if isinstance(res, tuple) else (res, None)  # (B, h, L, e), (B, h, L, S)
-        if not torch.jit.is_scripting():
-            if capturing():  # map capture: rows of the capture's query points
-                record_rows(self, q, k, grid=(length,), key_grid=(s,), mask=mask, causal=causal,
-                            scale=self.key_dim**-0.5)
+        if capturing():  # map capture: rows of the capture's query points
+            record_rows(self, q, k, grid=(length,), key_grid=(s,), mask=mask, causal=causal,
+                        scale=self.key_dim**-0.5)
         y = self.attention_output(out.transpose(1, 2))  # (B, L, h, e) -> (B, L, *output_shape)
         return (y, weights) if weights is not None else y
 

@@ -14,14 +14,13 @@ Mechanisms call two cheap helpers in their forward: `capturing` (a global counte
 free when nothing captures) and `record` / `record_rows`. The fused path stays fused
 when nothing captures; while capturing, dot-product modules compute weights for the chosen query
 rows only (`attend(q[:, :, idx], k, ..., return_weights=True)`), never the full N x N matrix.
-The pattern in a `forward` (the outer `if` keeps `torch.jit.script` working: TorchScript
-skips the branch; `torch.compile` and `torch.jit.trace` see `capturing()` return False):
+The pattern in a `forward` (`torch.compile` and `torch.jit.trace` see `capturing()` return
+False; TorchScript is not supported, see the support matrix):
 
 ```python
-if not torch.jit.is_scripting():
-    if capturing():
-        record(self, "channel", weights)            # (B, C)
-        record_rows(self, q, k, grid=(H, W))        # q, k: (B, h, N, d)
+if capturing():
+    record(self, "channel", weights)            # (B, C)
+    record_rows(self, q, k, grid=(H, W))        # q, k: (B, h, N, d)
 ```
 
 Window, routed and local attention use the helpers of `attnzoo.maps.records`, which place their

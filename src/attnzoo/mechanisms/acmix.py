@@ -238,10 +238,9 @@ class ACmix(nn.Module):
         v = reflect_pad(v.reshape(batch, h * d, height, width), self.padding_att)  # (B, h*d, Hp, Wp)
         v = v.reshape(batch * h, d, *v.shape[-2:])  # (B*h, d, Hp, Wp), a view: F.pad's map is contiguous
         att = neighbourhood_attention(q, k, v, self.kernel_att, self.dilation, s)  # (B*h, d, Ho, Wo)
-        if not torch.jit.is_scripting():
-            if capturing():  # map capture: rows of the attention branch
-                record_local_rows(self, q, k, kernel=self.kernel_att, dilation=self.dilation, stride=s,
-                                  padding=self.padding_att, size=(height, width), heads=h)
+        if capturing():  # map capture: rows of the attention branch
+            record_local_rows(self, q, k, kernel=self.kernel_att, dilation=self.dilation, stride=s,
+                              padding=self.padding_att, size=(height, width), heads=h)
 
         # Convolution branch: fc folded into dep_conv; its input groups q, k, v by head-channel c.
         fc = self.fc.weight[:, :, 0, 0]  # (kc*kc, 3h)

@@ -309,13 +309,12 @@ class BiLevelRoutingAttention(nn.Module):
             q, self._downsample(k, rh, rw), self._downsample(v, rh, rw), r_idx, num_heads=self.num_heads,
             scale=self.scale, r_weight=r_weight if self.soft_routing else None, need_weights=need_weights,
         )  # (N*R, w^2, dim)
-        if not torch.jit.is_scripting():
-            if capturing():  # map capture: the routing, and rows over the routed regions (keys not pooled)
-                record(self, "routing", r_idx, grid=(n_win, n_win), weights=r_weight)
-                if self.kv_downsample_mode == "identity":
-                    record_routed_rows(self, q, k, r_idx, regions=(n_win, n_win), region=(rh, rw),
-                                       size=(h, w), num_heads=self.num_heads, scale=self.scale,
-                                       r_weight=r_weight if self.soft_routing else None)
+        if capturing():  # map capture: the routing, and rows over the routed regions (keys not pooled)
+            record(self, "routing", r_idx, grid=(n_win, n_win), weights=r_weight)
+            if self.kv_downsample_mode == "identity":
+                record_routed_rows(self, q, k, r_idx, regions=(n_win, n_win), region=(rh, rw),
+                                   size=(h, w), num_heads=self.num_heads, scale=self.scale,
+                                   r_weight=r_weight if self.soft_routing else None)
         side = side_conv(self.lepe, v, n, n_win, n_win, rh, rw)  # (N, Hp, Wp, dim) or None
         out = merge(out, side, n, n_win, n_win, rh, rw)  # (N, Hp, Wp, dim)
         out = self.wo(out[:, :h, :w] if pad_b or pad_r else out)  # (N, H, W, dim)

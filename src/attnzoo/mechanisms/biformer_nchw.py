@@ -197,11 +197,10 @@ class BiLevelRoutingAttention2d(nn.Module):
         out, attn = routed_attention(
             q, k, v, r_idx, num_heads=self.num_heads, scale=self.scale, need_weights=need_weights
         )  # (N*R, rh*rw, C)
-        if not torch.jit.is_scripting():
-            if capturing():  # map capture: the routing, and rows over the routed regions
-                record(self, "routing", r_idx, grid=(n_h, n_w))
-                record_routed_rows(self, q, k, r_idx, regions=(n_h, n_w), region=(rh, rw), size=(h, w),
-                                   num_heads=self.num_heads, scale=self.scale)
+        if capturing():  # map capture: the routing, and rows over the routed regions
+            record(self, "routing", r_idx, grid=(n_h, n_w))
+            record_routed_rows(self, q, k, r_idx, regions=(n_h, n_w), region=(rh, rw), size=(h, w),
+                               num_heads=self.num_heads, scale=self.scale)
         # The conv's zero padding equals the zero-padded v, so lepe(padded v), cropped, is lepe(v).
         side = side_conv(self.lepe, v, n, n_h, n_w, rh, rw)  # (N, Hp, Wp, C) or None
         out = merge(out, side, n, n_h, n_w, rh, rw)  # (N, Hp, Wp, C)

@@ -164,9 +164,8 @@ class ChannelAttention(nn.Module):
         hidden = self.sharedMLP[1](F.linear(both, w1, fc1.bias))  # (2B, rd)
         avg, top = F.linear(hidden, fc2.weight.flatten(1), fc2.bias).chunk(2, dim=0)  # (2B, C) -> 2 x (B, C)
         gate = self.gate(avg + top)
-        if not torch.jit.is_scripting():
-            if capturing():  # map capture
-                record(self, "channel", gate)
+        if capturing():  # map capture
+            record(self, "channel", gate)
         return gate
 
     def forward(self, x: Tensor, need_weights: bool = False) -> Tensor | tuple[Tensor, Tensor]:
@@ -245,9 +244,8 @@ class SpatialAttention(nn.Module):
     def excite(self, mean: Tensor, peak: Tensor) -> Tensor:
         """The gate (B, 1, H, W) from the mean and max (B, 1, H, W) over channels."""
         gate = self.gate(self.bn(self.conv(torch.cat([mean, peak], dim=1))))  # (B, 2, H, W) -> (B, 1, H, W)
-        if not torch.jit.is_scripting():
-            if capturing():  # map capture
-                record(self, "spatial", gate[:, 0], grid=gate.shape[2:])
+        if capturing():  # map capture
+            record(self, "spatial", gate[:, 0], grid=gate.shape[2:])
         return gate
 
     def forward(self, x: Tensor, need_weights: bool = False) -> Tensor | tuple[Tensor, Tensor]:

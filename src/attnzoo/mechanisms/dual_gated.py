@@ -87,13 +87,11 @@ class DualGatedAttention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x = to_batch_first(x, True, type(self).__name__, C=self.channels)
-        if not torch.jit.is_scripting():
-            if capturing():  # map capture: the channel gate (B, C)
-                record(self, "channel", torch.sigmoid(x.amax((2, 3))))
+        if capturing():  # map capture: the channel gate (B, C)
+            record(self, "channel", torch.sigmoid(x.amax((2, 3))))
         x = x + self.channel_attention(fused_gate(x, _CHANNEL_GATE))  # x * sigmoid(max_hw x), conv branch
-        if not torch.jit.is_scripting():
-            if capturing():  # map capture: the spatial gate (B, H, W)
-                record(self, "spatial", torch.sigmoid(x.amax(1)), grid=x.shape[2:])
+        if capturing():  # map capture: the spatial gate (B, H, W)
+            record(self, "spatial", torch.sigmoid(x.amax(1)), grid=x.shape[2:])
         return x + self.space_attention(fused_gate(x, _SPATIAL_GATE))  # x * sigmoid(max_c x), conv branch
 
 

@@ -212,10 +212,9 @@ class MultiHeadAttention(nn.Module):
             q, k, v, mask=mask, bias=bias, causal=causal, dropout_p=dropout_p, return_weights=need_weights
         )
         out, weights = result if isinstance(result, tuple) else (result, None)
-        if not torch.jit.is_scripting():
-            if capturing():  # map capture: rows of the capture's query points
-                record_rows(self, q, k, grid=(length_q,), key_grid=(length_k,), mask=mask, bias=bias,
-                            causal=causal)
+        if capturing():  # map capture: rows of the capture's query points
+            record_rows(self, q, k, grid=(length_q,), key_grid=(length_k,), mask=mask, bias=bias,
+                        causal=causal)
         out = self.proj_drop(self.fc(out.transpose(1, 2).flatten(2)))  # (B, h, L, d) -> (B, L, E)
         return (out, weights) if weights is not None else out
 

@@ -208,16 +208,15 @@ class NonLocalBlock(nn.Module):
         if keys is not None:
             phi, g = self._pool(keys, spatial).split([width, c1], dim=-1)  # (B, N', width), (B, N', C1)
         y_t, attn = self._pairwise(theta, phi, g, need_weights)  # (B, N, C1), (B, N, N') or None
-        if not torch.jit.is_scripting():
-            if capturing():  # map capture: the pairwise weights of the capture's query points
-                idx = query_indices(spatial, x.device)
-                with torch.no_grad():
-                    rows = self._pairwise(theta[:, idx], phi, g, True)[1]  # (B, Q, N')
-                kernel = _POOL_KERNEL[self.spatial_dims] if keys is not None else 1
-                kernel = kernel if isinstance(kernel, tuple) else (kernel,) * len(spatial)
-                key_grid = tuple(s // k for s, k in zip(spatial, kernel, strict=True))
-                if rows is not None:
-                    record(self, "rows", rows[:, None], grid=key_grid, queries=idx, query_grid=spatial)
+        if capturing():  # map capture: the pairwise weights of the capture's query points
+            idx = query_indices(spatial, x.device)
+            with torch.no_grad():
+                rows = self._pairwise(theta[:, idx], phi, g, True)[1]  # (B, Q, N')
+            kernel = _POOL_KERNEL[self.spatial_dims] if keys is not None else 1
+            kernel = kernel if isinstance(kernel, tuple) else (kernel,) * len(spatial)
+            key_grid = tuple(s // k for s, k in zip(spatial, kernel, strict=True))
+            if rows is not None:
+                record(self, "rows", rows[:, None], grid=key_grid, queries=idx, query_grid=spatial)
         z_t = pointwise_tokens(y_t, [_conv(self.W)])  # (B, N, C): W's 1x1 convolution on the tokens
         # (B, C, *spatial), made contiguous: torch 2.14's BatchNorm backward is wrong for a
         # channels-last-strided input with B = 1 (and the copy is O(N C), noise next to attention).

@@ -99,9 +99,8 @@ class SpatialSelfAttention(nn.Module):
         qkv = pointwise_tokens(x_t, [self.query_conv, self.key_conv, self.value_conv])  # (B, N, 2d + C)
         q, k, v = qkv.split([d, d, c], dim=-1)  # (B, N, d), (B, N, d), (B, N, C)
         res = global_attention(q, k, v, scale=1.0, return_weights=need_weights)
-        if not torch.jit.is_scripting():
-            if capturing():  # map capture: rows of the capture's query points
-                record_rows(self, q.unsqueeze(1), k.unsqueeze(1), grid=(h, w), scale=1.0)
+        if capturing():  # map capture: rows of the capture's query points
+            record_rows(self, q.unsqueeze(1), k.unsqueeze(1), grid=(h, w), scale=1.0)
         out_t, attn = res if isinstance(res, tuple) else (res, None)
         out = out_t.transpose(1, 2).reshape(b, c, h, w)  # (B, N, C) -> (B, C, H, W)
         y = torch.addcmul(x, self.gamma, out)  # gamma * out + x
@@ -160,9 +159,8 @@ class ChannelSelfAttention(nn.Module):
         b, _, h, w = check_shape(x, type(self).__name__, "B C H W", C=self.channels).values()
         proj = _fused_pointwise(x, [self.query_conv, self.key_conv, self.value_conv, self.x_conv])
         q, k, v, skip = proj.flatten(2).chunk(4, dim=1)  # 4 x (B, C1, N): channels are the tokens
-        if not torch.jit.is_scripting():
-            if capturing():  # map capture: rows of the channel-to-channel attention
-                record_rows(self, q.unsqueeze(1), k.unsqueeze(1), grid=(self.out_channels,), scale=1.0)
+        if capturing():  # map capture: rows of the channel-to-channel attention
+            record_rows(self, q.unsqueeze(1), k.unsqueeze(1), grid=(self.out_channels,), scale=1.0)
         res = global_attention(q, k, v, scale=1.0, return_weights=need_weights)
         out, attn = res if isinstance(res, tuple) else (res, None)
         y = torch.addcmul(skip, self.gamma, out).reshape(b, self.out_channels, h, w)  # (B, C1, H, W)

@@ -190,9 +190,8 @@ class SqueezeExcite(nn.Module):
         s = stats[0] if len(stats) == 1 else 0.5 * stats[0] + 0.5 * stats[1]
         hidden = self.act(self.bn(self.fc1(s[:, :, None, None])))  # (B, C) -> (B, C, 1, 1) -> (B, rd, 1, 1)
         gate = self.gate(self.fc2(hidden)).flatten(1)  # (B, C, 1, 1) -> (B, C)
-        if not torch.jit.is_scripting():
-            if capturing():  # map capture
-                record(self, "channel", gate)
+        if capturing():  # map capture
+            record(self, "channel", gate)
         return gate
 
     def forward(self, x: Tensor, need_weights: bool = False) -> Tensor | tuple[Tensor, Tensor]:
@@ -245,9 +244,8 @@ class SELayer(nn.Module):
     def excite(self, mean: Tensor) -> Tensor:
         """The gate (B, C) from the per-channel mean (B, C)."""
         gate = self.fc(mean)
-        if not torch.jit.is_scripting():
-            if capturing():  # map capture
-                record(self, "channel", gate)
+        if capturing():  # map capture
+            record(self, "channel", gate)
         return gate
 
     def forward(self, x: Tensor) -> Tensor:

@@ -143,9 +143,8 @@ class SKConv(nn.Module):
         """Branch weights (B, M, C), a softmax over branches, from the pooled sum `s` (B, C)."""
         z = self.fuse(self.fc(s))  # (B, d)
         weights = torch.softmax(torch.stack([fc(z) for fc in self.fcs], dim=1), dim=1)  # (B, M, C)
-        if not torch.jit.is_scripting():
-            if capturing():  # map capture
-                record(self, "branch", weights)
+        if capturing():  # map capture
+            record(self, "branch", weights)
         return weights
 
     def forward(self, x: Tensor, need_weights: bool = False) -> Tensor | tuple[Tensor, Tensor]:

@@ -253,9 +253,8 @@ class WindowAttention(nn.Module):
             out = out.transpose(1, 2).flatten(2)  # (B*nW, h, N, d) -> (B*nW, N, C)
         else:
             out = biased_attention(qkv, bias, scale=self.scale, dropout_p=dropout_p)  # (B*nW, N, C)
-        if not torch.jit.is_scripting():
-            if capturing():  # map capture: every window's rows (windows are small)
-                record_packed_rows(self, qkv, bias, scale=self.scale, grid=window, all_queries=True)
+        if capturing():  # map capture: every window's rows (windows are small)
+            record_packed_rows(self, qkv, bias, scale=self.scale, grid=window, all_queries=True)
         out = self.proj_drop(self.proj(out))  # (B*nW, N, C)
         return out if weights is None else (out, weights)
 
@@ -385,10 +384,9 @@ class ShiftedWindowAttention(nn.Module):
             bias = mask[:, None] + bias  # (nW, h, N, N)
         result = self.attn._attend(windows, bias, (wh, ww), need_weights)
         out, weights = result if isinstance(result, tuple) else (result, None)
-        if not torch.jit.is_scripting():
-            if capturing():  # map capture: the window rows become rows over the map
-                windows_to_image(self, self.attn, size=(height, width), padded=(hp, wp), window=(wh, ww),
-                                 shift=(sh, sw))
+        if capturing():  # map capture: the window rows become rows over the map
+            windows_to_image(self, self.attn, size=(height, width), padded=(hp, wp), window=(wh, ww),
+                             shift=(sh, sw))
         x = window_reverse(out.reshape(-1, wh, ww, channels), (wh, ww), hp, wp)  # (B, Hp, Wp, C)
         if sh or sw:
             x = torch.roll(x, shifts=(sh, sw), dims=(1, 2))

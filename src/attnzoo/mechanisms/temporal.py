@@ -159,9 +159,8 @@ class TemporalAttention(nn.Module):
             out = out.transpose(1, 2).flatten(2)  # (B, T, C)
         else:
             out = biased_attention(qkv, bias, scale=self.scale, dropout_p=dropout_p)  # (B, T, C)
-        if not torch.jit.is_scripting():
-            if capturing():  # map capture: rows of the capture's query frames
-                record_packed_rows(self, qkv, bias, scale=self.scale, grid=(frames,))
+        if capturing():  # map capture: rows of the capture's query frames
+            record_packed_rows(self, qkv, bias, scale=self.scale, grid=(frames,))
         if self.with_qkv:  # out: (B, T, C)
             out = self.proj_drop(self.proj(out))
         return out if weights is None else (out, weights)

@@ -354,9 +354,8 @@ class MultiheadAttention(nn.Module):
         dropout_p = self.dropout if self.training else 0.0
         result = attend(q, k, v, mask=mask, causal=causal, dropout_p=dropout_p, return_weights=need_weights)
         out, weights = result if isinstance(result, tuple) else (result, None)
-        if not torch.jit.is_scripting():
-            if capturing():  # map capture: rows of the capture's query points, also without need_weights
-                record_rows(self, q, k, grid=(length_q,), key_grid=(k.shape[2],), mask=mask, causal=causal)
+        if capturing():  # map capture: rows of the capture's query points, also without need_weights
+            record_rows(self, q, k, grid=(length_q,), key_grid=(k.shape[2],), mask=mask, causal=causal)
         out = self.out_proj(out.transpose(1, 2).flatten(2))  # (B, h, L, d) -> (B, L, E)
         if weights is not None and average_attn_weights:
             weights = weights.mean(dim=1)  # (B, h, L, S') -> (B, L, S')
