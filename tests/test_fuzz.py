@@ -14,11 +14,10 @@ being registered; the test id names the mechanism. Four properties:
 * **NaN in an input** is documented behaviour: no exception, the NaN reaches the outputs of the
   sample it was in, and (in eval mode) never leaks into the other samples of the batch.
 
-Which sizes are free is data: :data:`FREE_SIZES` lists, per mechanism, groups of input dimensions
-that may change together and the output dimension that follows them. A mechanism missing from the
-table falls back to :func:`probe_free_sizes` (its layout's spatial/sequence dimensions, kept only
-if the module accepts two other sizes there) so newly merged families are fuzzed at once; add them
-to the table to pin the behaviour.
+Which sizes are free is registry data: `Example.free_sizes` lists groups of input dimensions that
+may change together and the output dimension that follows them. A mechanism that leaves it None
+falls back to `probe_free_sizes` (its layout's spatial/sequence dimensions, kept only if the module
+accepts two other sizes there), so a new mechanism is fuzzed by registering alone.
 """
 
 from __future__ import annotations
@@ -27,7 +26,7 @@ import functools
 import inspect
 import math
 import os
-from typing import Any, NamedTuple
+from typing import Any
 
 import pytest
 import torch
@@ -37,6 +36,7 @@ from torch import nn
 
 import attnzoo
 from attnzoo import Spec
+from attnzoo._registry import FreeSize
 
 SPECS = attnzoo.list_modules()
 IDS = [s.name for s in SPECS]
@@ -54,39 +54,10 @@ FUZZ = settings(
     report_multiple_bugs=False,  # one failure per test, so a listed xfail is recognised
 )
 
-# A group: ((input index, dim), ...) that change together, and the output dim that follows (or None).
+# Which input sizes are free is registry data (`Example.free_sizes`, `attnzoo.FreeSize`); a mechanism
+# that leaves it None is probed (`probe_free_sizes`).
+Group = FreeSize
 
-
-class Group(NamedTuple):
-    """Input dims ``members`` ((input, dim) pairs) that change together to any size >= ``low`` that
-    is a multiple of ``step``; the output dim ``out`` equals that size, or (``derived``) follows it
-    in some other way (a stride) and is not compared; None: no output dim follows."""
-
-    members: tuple[tuple[int, int], ...]
-    out: int | None = None
-    step: int = 1
-    low: int = 1
-    derived: bool = False
-
-
-FREE_SIZES: dict[str, list[Group]] = {
-    # seq2seq scores: query length L, key/value length S, value width Dv are free.
-    **{
-        name: [Group(((0, 1),), 1), Group(((1, 1), (2, 1))), Group(((2, 2),), 2)]
-        for name in ("additive", "concat", "general", "dot")
-    },
-    "location": [],  # num_positions fixes S; query and key must share L (checked as a mismatch).
-    "mha": [Group(((0, 1),), 1), Group(((1, 1), (2, 1)))],
-    "cross_attention_block": [Group(((0, 1),), 1), Group(((1, 1),))],
-    "self_attention_block": [Group(((0, 1),), 1)],
-    "shifted_window": [Group(((0, 1),), 1), Group(((0, 2),), 2)],  # padded to whole windows
-    "bra": [Group(((0, 1),), 1, step=2, low=2), Group(((0, 2),), 2, step=2, low=2)],  # multiples of n_win
-    "bra_nchw": [Group(((0, 2),), 2, low=2), Group(((0, 3),), 3, low=2)],  # >= n_win, padded
-    "nonlocal": [Group(((0, 2),), 2, low=2), Group(((0, 3),), 3, low=2)],  # keys pooled by 2
-    "cbam_res": [Group(((0, 2),), 2, derived=True), Group(((0, 3),), 3, derived=True)],  # stride 2
-    "temporal": [],  # num_frames fixes the sequence length
-    "window": [],  # the window's token count fixes the sequence length
-}
 
 # Cases known to fail, keyed by (mechanism, test kind), with the reason; empty while every
 # mechanism passes.
@@ -145,9 +116,10 @@ def make_inputs(shapes, seed: int = 1, dtype: torch.dtype = torch.float32) -> li
 
 @functools.cache
 def free_sizes(name: str) -> tuple[Group, ...]:
-    if name in FREE_SIZES:
-        return tuple(FREE_SIZES[name])
-    return tuple(probe_free_sizes(BY_NAME[name]))
+    spec = BY_NAME[name]
+    if spec.example.free_sizes is not None:
+        return tuple(spec.example.free_sizes)
+    return tuple(probe_free_sizes(spec))
 
 
 def probe_free_sizes(spec: Spec) -> list[Group]:

@@ -23,7 +23,7 @@ from torch import nn
 
 from attnzoo._checks import checked
 
-__all__ = ["Example", "Spec", "register", "register_seed", "create", "get_spec", "list_modules"]
+__all__ = ["Example", "FreeSize", "Spec", "register", "register_seed", "create", "get_spec", "list_modules"]
 
 LAYOUTS = ("NCHW", "NHWC", "NLC", "NCL", "NCTHW", "SEQ2SEQ")
 
@@ -43,6 +43,25 @@ ModuleT = TypeVar("ModuleT", bound=type[nn.Module])
 
 
 @dataclass(frozen=True)
+class FreeSize:
+    """Input dimensions that may change together (to any size >= `low`, a multiple of `step`).
+
+    Args:
+        members: `(input index, dim)` pairs that change together.
+        out: The output dim that equals the new size, or None.
+        step: Sizes are multiples of this.
+        low: The smallest size.
+        derived: The output dim `out` follows the size in another way (a stride): not compared.
+    """
+
+    members: tuple[tuple[int, int], ...]
+    out: int | None = None
+    step: int = 1
+    low: int = 1
+    derived: bool = False
+
+
+@dataclass(frozen=True)
 class Example:
     """A small configuration every registered module must run: the conformance suite uses it.
 
@@ -53,6 +72,8 @@ class Example:
         channel_dim: Which dimension of the first input carries the channels/features the
             constructor fixed (1 for NCHW, -1 for NHWC/NLC); the suite changes it to check errors.
         bf16_rtol: Allowed relative L2 distance between a bfloat16 and a float32 forward.
+        free_sizes: Which input sizes may change (the fuzz suite varies them), or None to let the
+            suite probe the layout's spatial/sequence dimensions.
     """
 
     kwargs: dict[str, Any]
@@ -60,6 +81,7 @@ class Example:
     output: tuple[int, ...]
     channel_dim: int = 1
     bf16_rtol: float = 0.05
+    free_sizes: tuple[FreeSize, ...] | None = None
 
 
 @dataclass(frozen=True)

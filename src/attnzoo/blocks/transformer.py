@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnzoo._checks import check_float, check_int, check_shape
-from attnzoo._registry import Example, register, register_seed
+from attnzoo._registry import Example, FreeSize, register, register_seed
 from attnzoo.blocks._common import (
     Add,
     _check_bool,
@@ -85,8 +85,7 @@ def _attention(
     "self_attention_block", family="blocks", paper="Attention Is All You Need", year=2017, layout="NLC",
     example=Example(
         kwargs={"dim": 8, "num_heads": 2, "head_dim": 4, "value_head_dim": 3, "causal": True},
-        inputs=((2, 5, 8),), output=(2, 5, 8), channel_dim=-1,
-    ),
+        inputs=((2, 5, 8),), output=(2, 5, 8), channel_dim=-1,free_sizes=(FreeSize(((0, 1),), 1),)),
     seed_name="self_attention", uses_attend=True,
 )
 class SelfAttentionBlock(_PrefixedBlock):
@@ -168,7 +167,7 @@ class SelfAttentionBlock(_PrefixedBlock):
     example=Example(
         kwargs={"dim": 8, "context_dim": 6, "num_heads": 2, "head_dim": 4},
         inputs=((2, 5, 8), (2, 7, 6)), output=(2, 5, 8), channel_dim=-1,
-    ),
+        free_sizes=(FreeSize(((0, 1),), 1), FreeSize(((1, 1),)))),
     seed_name="cross_attention", uses_attend=True,
 )
 class CrossAttentionBlock(_PrefixedBlock):

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from attnzoo._checks import check_choice, check_float, check_int, check_shape
 from attnzoo._geometry import num_windows
-from attnzoo._registry import Example, register, register_seed
+from attnzoo._registry import Example, FreeSize, register, register_seed
 from attnzoo.maps.capture import capturing, record
 from attnzoo.maps.records import record_routed_rows
 from attnzoo.mechanisms._regions import merge, routed_attention, side_conv, to_windows
@@ -95,7 +95,7 @@ class _TopkRouter(nn.Module):
     example=Example(
         kwargs={"dim": 8, "num_heads": 2, "n_win": 2, "topk": 4}, inputs=((2, 4, 4, 8),), output=(2, 4, 4, 8),
         channel_dim=-1,
-    ),
+        free_sizes=(FreeSize(((0, 1),), 1, step=2, low=2), FreeSize(((0, 2),), 2, step=2, low=2))),
     aliases=("biformer", "bi_level_routing_attention"),
     seed_name="BiLevelRoutingAttention",
     uses_attend=True,

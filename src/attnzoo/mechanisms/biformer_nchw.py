@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from attnzoo._checks import check_choice, check_float, check_int, check_shape
 from attnzoo._geometry import num_windows
-from attnzoo._registry import Example, register, register_seed
+from attnzoo._registry import Example, FreeSize, register, register_seed
 from attnzoo.maps.capture import capturing, record
 from attnzoo.maps.records import record_routed_rows
 from attnzoo.mechanisms._regions import merge, routed_attention, side_conv, to_windows
@@ -42,8 +42,7 @@ __all__ = ["BiLevelRoutingAttention2d", "nchwBRA"]
     example=Example(
         kwargs={"channels": 8, "num_heads": 2, "n_win": 2, "topk": 4},
         inputs=((2, 8, 4, 4),),
-        output=(2, 8, 4, 4),
-    ),
+        output=(2, 8, 4, 4),free_sizes=(FreeSize(((0, 2),), 2, low=2), FreeSize(((0, 3),), 3, low=2))),
     seed_name="nchwBRA",
     uses_attend=True,
     for_input=lambda geo: {"n_win": (n := num_windows(geo)), "topk": min(4, n * n)},

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from attnzoo._checks import check_choice, check_int
-from attnzoo._registry import Example, register
+from attnzoo._registry import Example, FreeSize, register
 from attnzoo.kernels.gate import to_batch_first
 from attnzoo.mechanisms.cbam import KERNEL_SIZES, PAPER, ChannelAttention, SpatialAttention, cbam_gate, finish
 
@@ -30,7 +30,7 @@ __all__ = ["ResidualCBAM"]
         kwargs={"channels": 4, "out_channels": 8, "reduction": 2, "stride": 2},
         inputs=((2, 4, 6, 5),),
         output=(2, 8, 3, 3),
-    ),
+        free_sizes=(FreeSize(((0, 2),), 2, derived=True), FreeSize(((0, 3),), 3, derived=True))),
     seed_name="CBAtten_Res",
 )
 class ResidualCBAM(nn.Module):

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnzoo._checks import check_float, check_int, check_mask, check_shape, check_tensor
-from attnzoo._registry import Example, register
+from attnzoo._registry import Example, FreeSize, register
 from attnzoo.functional import attend
 from attnzoo.maps.capture import capturing, record_rows
 
@@ -46,8 +46,7 @@ __all__ = ["MultiHeadAttention", "SeedMultiHeadAttention"]
         kwargs={"dim": 8, "num_heads": 2},
         inputs=((2, 5, 8), (2, 7, 8), (2, 7, 8)),
         output=(2, 5, 8),
-        channel_dim=-1,
-    ),
+        channel_dim=-1,free_sizes=(FreeSize(((0, 1),), 1), FreeSize(((1, 1), (2, 1))))),
     aliases=("multi_head_attention", "multihead"),
     uses_attend=True,
     input_rule="self",

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnzoo._checks import check_choice, check_int, check_shape
-from attnzoo._registry import Example, register, register_seed
+from attnzoo._registry import Example, FreeSize, register, register_seed
 from attnzoo.functional import fused_enabled
 from attnzoo.kernels.blocked import global_attention
 from attnzoo.maps.capture import capturing, query_indices, record
@@ -254,7 +254,8 @@ register(
     paper="Non-local Neural Networks",
     year=2018,
     layout="NCHW",
-    example=Example(kwargs={"channels": 4, "rd_channels": 2}, inputs=((2, 4, 5, 6),), output=(2, 4, 5, 6)),
+    example=Example(kwargs={"channels": 4, "rd_channels": 2}, inputs=((2, 4, 5, 6),), output=(2, 4, 5, 6),
+                    free_sizes=(FreeSize(((0, 2),), 2, low=2), FreeSize(((0, 3),), 3, low=2))),
     aliases=("non_local", "non_local_block"),
     seed_name="NonLocalBlockND",
     uses_attend=True,

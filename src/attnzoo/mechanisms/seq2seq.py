@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnzoo._checks import check_float, check_int, check_shape, format_shape
-from attnzoo._registry import Example, register
+from attnzoo._registry import Example, FreeSize, register
 from attnzoo.functional import attend
 
 __all__ = [
@@ -136,9 +136,14 @@ class _ConcatScore(nn.Module):
         return f"query_dim={self.query_dim}, key_dim={self.key_dim}"
 
 
+# The query length L, the key/value length S and the value width are free in every scorer.
+_SCORER_FREE_SIZES = (FreeSize(((0, 1),), 1), FreeSize(((1, 1), (2, 1))), FreeSize(((2, 2),), 2))
+
+
 @register("concat", family="seq2seq", paper=_LUONG, year=2015, layout="SEQ2SEQ",
           example=Example(kwargs={"query_dim": 6, "key_dim": 4}, inputs=((2, 3, 6), (2, 5, 4), (2, 5, 7)),
-                          output=(2, 3, 7), channel_dim=-1))
+                          output=(2, 3, 7), channel_dim=-1,
+                          free_sizes=_SCORER_FREE_SIZES))
 class ConcatAttention(_ConcatScore):
     r"""The seed's rule 1: score $w^\top [q_i; k_j] + b$, softmax over the keys, times the values.
 
@@ -195,7 +200,8 @@ class ConcatAttention(_ConcatScore):
 @register("additive", family="seq2seq", paper="Neural Machine Translation by Jointly Learning to Align and "
           "Translate", year=2014, layout="SEQ2SEQ", aliases=("bahdanau",),
           example=Example(kwargs={"query_dim": 6, "key_dim": 4, "hidden_dim": 8},
-                          inputs=((2, 3, 6), (2, 5, 4), (2, 5, 7)), output=(2, 3, 7), channel_dim=-1))
+                          inputs=((2, 3, 6), (2, 5, 4), (2, 5, 7)), output=(2, 3, 7), channel_dim=-1,
+                          free_sizes=_SCORER_FREE_SIZES))
 class AdditiveAttention(_ConcatScore):
     r"""The seed's rule 2, Bahdanau's additive score: $v^\top \tanh(W_q q_i + W_k k_j + b)$.
 
@@ -257,7 +263,8 @@ class AdditiveAttention(_ConcatScore):
 @register("dot", family="seq2seq", paper="Attention Is All You Need", year=2017, layout="SEQ2SEQ",
           aliases=("scaled_dot_product",), uses_attend=True,
           example=Example(kwargs={"query_dim": 4}, inputs=((2, 3, 4), (2, 5, 4), (2, 5, 7)), output=(2, 3, 7),
-                          channel_dim=-1))
+                          channel_dim=-1,
+                          free_sizes=_SCORER_FREE_SIZES))
 class DotProductAttention(nn.Module):
     r"""The seed's rule 3: $\mathrm{softmax}(q k^\top / \sqrt{d})\, v$, through `attnzoo.functional.attend`.
 
@@ -326,7 +333,8 @@ def _attend_3d(
 @register("general", family="seq2seq", paper=_LUONG, year=2015, layout="SEQ2SEQ", aliases=("luong",),
           uses_attend=True,
           example=Example(kwargs={"query_dim": 6, "key_dim": 4}, inputs=((2, 3, 6), (2, 5, 4), (2, 5, 7)),
-                          output=(2, 3, 7), channel_dim=-1))
+                          output=(2, 3, 7), channel_dim=-1,
+                          free_sizes=_SCORER_FREE_SIZES))
 class GeneralAttention(nn.Module):
     r"""Luong's "general" score $q_i^\top W k_j$, through `attnzoo.functional.attend`.
 

@@ -26,7 +26,8 @@ __all__ = ["LocationAttention", "Attn"]
 @register("location", family="seq2seq", paper=_LUONG, year=2015, layout="SEQ2SEQ", seed_name="Attn",
           example=Example(kwargs={"query_dim": 6, "key_dim": 4, "num_positions": 5, "value_dim": 7,
                                   "output_dim": 8},
-                          inputs=((2, 3, 6), (2, 3, 4), (2, 5, 7)), output=(2, 3, 8), channel_dim=-1),
+                          inputs=((2, 3, 6), (2, 3, 4), (2, 5, 7)), output=(2, 3, 8), channel_dim=-1,
+                          free_sizes=()),
           for_input=lambda geo: {"num_positions": geo.tokens})
 class LocationAttention(nn.Module):
     r"""The seed's `Attn`, batched: rule 1 scoring value *positions*, then `[q; context]` projected.

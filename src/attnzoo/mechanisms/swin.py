@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnzoo._checks import check_choice, check_float, check_int, check_shape, check_tensor
-from attnzoo._registry import Example, register
+from attnzoo._registry import Example, FreeSize, register
 from attnzoo.functional import attend, gather_relative_bias, relative_position_index_2d
 from attnzoo.kernels.biased import biased_attention
 from attnzoo.maps.capture import capturing
@@ -73,8 +73,7 @@ def _device(device: torch.device | str | None) -> torch.device | None:
         kwargs={"dim": 8, "window_size": (2, 3), "num_heads": 2},
         inputs=((4, 6, 8),),
         output=(4, 6, 8),
-        channel_dim=-1,
-    ),
+        channel_dim=-1,free_sizes=()),
     aliases=("swin_window", "window_attention"),
     uses_attend=True,
     input_rule="windows",
@@ -269,8 +268,7 @@ class WindowAttention(nn.Module):
         kwargs={"dim": 8, "window_size": (2, 3), "num_heads": 2, "shift_size": (1, 1)},
         inputs=((2, 5, 7, 8),),
         output=(2, 5, 7, 8),
-        channel_dim=-1,
-    ),
+        channel_dim=-1,free_sizes=(FreeSize(((0, 1),), 1), FreeSize(((0, 2),), 2))),
     aliases=("swin", "shifted_window_attention"),
     uses_attend=True,
 )
