@@ -10,7 +10,7 @@ import re
 import sys
 from pathlib import Path
 
-from attnzoo._registry import list_modules
+from attnzoo._registry import get_spec, list_modules
 from attnzoo.cli.matrix import compat_table
 
 START, END = "<!-- mechanisms:start -->", "<!-- mechanisms:end -->"
@@ -61,13 +61,13 @@ def mechanism_api(name: str) -> str:
     return "\n".join(lines)
 
 
-# Mechanisms that take no image-shaped input, so `attnzoo maps` has no picture to draw for them.
+# Input rules (`Spec.input_rule`) that take no image-shaped input, so `attnzoo maps` has no picture.
 _NO_IMAGE_MAP = {
-    "window": (
+    "windows": (
         "`attnzoo maps` draws over an image; this module takes windows already cut from a map. The "
         "[shifted-window page](shifted_window.md) shows the same attention over a whole image."
     ),
-    "temporal": (
+    "frames": (
         "`attnzoo maps` draws over an image; this module attends along time in `(B, T, C)` frames. "
         "Capture its rows with `attnzoo.capture_maps(model)` on a clip."
     ),
@@ -78,8 +78,9 @@ def mechanism_map(root: Path, name: str) -> str:
     """The picture part of a mechanism page: the image when ``docs/images/<name>.png`` exists."""
     if (root / "docs" / "images" / f"{name}.png").exists():
         return f"![attention map of {name}](../images/{name}.png)"
-    if name in _NO_IMAGE_MAP:
-        return _NO_IMAGE_MAP[name]
+    rule = get_spec(name).input_rule
+    if rule in _NO_IMAGE_MAP:
+        return _NO_IMAGE_MAP[rule]
     return (
         f"No picture yet: `attnzoo maps {name} --out docs/images/{name}.png`, then\n"
         "`python -m tools.gen_docs`, adds it here."
