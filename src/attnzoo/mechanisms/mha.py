@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnzoo._checks import check_float, check_int, check_mask, check_shape, check_tensor
+from attnzoo._checks import check_divisible, check_float, check_int, check_mask, check_shape, check_tensor
 from attnzoo._registry import Example, FreeSize, register
 from attnzoo.functional import attend
 from attnzoo.maps.capture import capturing, record_rows
@@ -107,8 +107,7 @@ class MultiHeadAttention(nn.Module):
         who = type(self).__name__
         self.dim = check_int(dim, "dim", who)
         self.num_heads = check_int(num_heads, "num_heads", who)
-        if dim % num_heads != 0:
-            raise ValueError(f"{who}: dim={dim} must be divisible by num_heads={num_heads}")
+        check_divisible(dim, num_heads, "dim", "num_heads", who)
         self.head_dim = dim // num_heads
         self.attn_drop = check_float(attn_drop, "attn_drop", who, minimum=0.0, maximum=1.0)
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
@@ -249,8 +248,7 @@ class SeedMultiHeadAttention(MultiHeadAttention):
         who = type(self).__name__
         check_int(d_model, "d_model", who)  # the seed's names in the messages
         check_int(num_heads, "num_heads", who)
-        if d_model % num_heads != 0:
-            raise ValueError(f"{who}: d_model={d_model} must be divisible by num_heads={num_heads}")
+        check_divisible(d_model, num_heads, "d_model", "num_heads", who)
         super().__init__(d_model, num_heads)
         self.d_model = d_model  # the seed's attribute names
         self.depth = self.head_dim

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnzoo._checks import check_choice, check_float, check_int, check_shape, check_tensor
+from attnzoo._checks import check_choice, check_divisible, check_float, check_int, check_shape, check_tensor
 from attnzoo._registry import Example, FreeSize, register
 from attnzoo.functional import attend, gather_relative_bias, relative_position_index_2d
 from attnzoo.kernels.biased import biased_attention
@@ -139,8 +139,7 @@ class WindowAttention(nn.Module):
         self.dim = check_int(dim, "dim", who)
         self.window_size = _pair(window_size, "window_size", who)
         self.num_heads = check_int(num_heads, "num_heads", who)
-        if dim % num_heads:
-            raise ValueError(f"{who}: dim={dim} must be divisible by num_heads={num_heads}")
+        check_divisible(dim, num_heads, "dim", "num_heads", who)
         head_dim = dim // num_heads
         self.scale = (
             check_float(qk_scale, "qk_scale", who) if qk_scale is not None else 0.0

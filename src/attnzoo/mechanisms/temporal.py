@@ -21,7 +21,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
-from attnzoo._checks import check_float, check_int, check_shape
+from attnzoo._checks import check_divisible, check_float, check_int, check_shape
 from attnzoo._registry import Example, register, register_seed
 from attnzoo.functional import attend, gather_relative_bias, relative_position_index_1d
 from attnzoo.kernels.biased import biased_attention
@@ -107,8 +107,7 @@ class TemporalAttention(nn.Module):
         self.dim = check_int(dim, "dim", who)
         self.num_frames = check_int(num_frames, "num_frames", who)
         self.num_heads = check_int(num_heads, "num_heads", who)
-        if dim % num_heads:
-            raise ValueError(f"{who}: dim={dim} must be divisible by num_heads={num_heads}")
+        check_divisible(dim, num_heads, "dim", "num_heads", who)
         self.scale = (check_float(qk_scale, "qk_scale", who) if qk_scale is not None else 0.0) or (
             dim // num_heads
         ) ** -0.5
