@@ -13,5 +13,6 @@ from attnzoo.mechanisms import (  # noqa: F401 (imported for registration)
     seq2seq,
     sk,
     swin,
+    swin_v2,
     temporal,
 )
