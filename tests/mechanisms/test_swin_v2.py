@@ -141,7 +141,8 @@ def test_coords_and_state_dict():
     torch.testing.assert_close(coords[0, :, 0, 0], torch.tensor([2.0, 1.0, 0.0, 1.0, 2.0])
                                .mul(4).add(1).log2().div(3) * torch.tensor([-1, -1, 0, 1, 1.0]))
     big = ShiftedWindowAttentionV2(8, 8, 2, pretrained_window_size=4)
-    torch.testing.assert_close(big.relative_coords_table[0, 0, 0], torch.full((2,), -math.log2(8 * 7 / 3 + 1) / 3))
+    corner = torch.full((2,), -math.log2(8 * 7 / 3 + 1) / 3)  # offset -7 over a pre-training window of 4
+    torch.testing.assert_close(big.relative_coords_table[0, 0, 0], corner)
     keys = set(ShiftedWindowAttentionV2(8, 4, 2).state_dict())
     assert keys == {"qkv.weight", "q_bias", "v_bias", "logit_scale", "cpb_mlp.0.weight", "cpb_mlp.0.bias",
                     "cpb_mlp.2.weight", "proj.weight", "proj.bias"}
