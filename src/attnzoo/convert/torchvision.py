@@ -56,16 +56,16 @@ def _check_representable(module: nn.Module, base: type, v2: bool) -> None:
     extra = [name for name, _ in module.named_children() if name not in ("qkv", "proj", "cpb_mlp")]
     if extra:
         raise _refuse(module, f"it has sub-modules torchvision's class does not have: {extra}")
-    _plain_linear(module.qkv, "qkv", module)
-    _plain_linear(module.proj, "proj", module)
+    _plain_linear(module.get_submodule("qkv"), "qkv", module)
+    _plain_linear(module.get_submodule("proj"), "proj", module)
     if v2:
-        mlp = module.cpb_mlp
+        mlp = module.get_submodule("cpb_mlp")
         layers = list(mlp.children()) if type(mlp) is nn.Sequential else []
         if len(layers) != 3 or not isinstance(layers[1], nn.ReLU):
             raise _refuse(module, "its cpb_mlp is not torchvision's Sequential(Linear, ReLU, Linear)")
         _plain_linear(layers[0], "cpb_mlp.0", module)
         _plain_linear(layers[2], "cpb_mlp.2", module)
-    window, shift = list(module.window_size), list(module.shift_size)
+    window, shift = list(getattr(module, "window_size", ())), list(getattr(module, "shift_size", ()))
     sizes_ok = len(window) == 2 and len(shift) == 2
     if not sizes_ok or any(s < 0 or s >= w for s, w in zip(shift, window, strict=True)):
         raise _refuse(module, f"shift_size {shift} must lie in [0, window_size {window}) per side")
@@ -111,6 +111,7 @@ def from_torchvision(module: nn.Module) -> TorchvisionShiftedWindowAttention:
     except ImportError:  # pragma: no cover - without torchvision nothing can be one of its modules
         raise TypeError(f"from_torchvision expects a torchvision Swin attention module, got "
                         f"{type(module).__qualname__} (torchvision is not installed)") from None
+    new_cls: type[TorchvisionShiftedWindowAttention]
     if isinstance(module, tv.ShiftedWindowAttentionV2):
         base, new_cls, v2 = tv.ShiftedWindowAttentionV2, TorchvisionShiftedWindowAttentionV2, True
     elif isinstance(module, tv.ShiftedWindowAttention):

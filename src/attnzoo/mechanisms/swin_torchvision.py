@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -91,7 +92,7 @@ class TorchvisionShiftedWindowAttention(nn.Module):
     ) -> None:
         super().__init__()
         who = type(self).__name__
-        factory = {"device": device, "dtype": dtype}
+        factory: dict[str, Any] = {"device": device, "dtype": dtype}
         check_int(dim, "dim", who)
         self.window_size = _pair_list(window_size, "window_size", who, 1)
         self.shift_size = _pair_list(shift_size, "shift_size", who, 0)
@@ -109,10 +110,10 @@ class TorchvisionShiftedWindowAttention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, **factory)
         self.proj = nn.Linear(dim, dim, bias=proj_bias, **factory)
         self._define_position_bias(factory)
-        index = relative_position_index_2d((self.window_size[0], self.window_size[1]), device=device)
+        index = relative_position_index_2d((self.window_size[0], self.window_size[1])).to(device)
         self.register_buffer("relative_position_index", index.flatten())  # (N*N,), as torchvision's
 
-    def _define_position_bias(self, factory: dict) -> None:
+    def _define_position_bias(self, factory: dict[str, Any]) -> None:
         wh, ww = self.window_size
         table = torch.zeros((2 * wh - 1) * (2 * ww - 1), self.num_heads, **factory)
         self.relative_position_bias_table = nn.Parameter(table)
@@ -213,7 +214,7 @@ class TorchvisionShiftedWindowAttentionV2(TorchvisionShiftedWindowAttention):
     ) -> None:
         super().__init__(dim, window_size, shift_size, num_heads, qkv_bias, proj_bias, attention_dropout,
                          dropout, device=device, dtype=dtype)
-        factory = {"device": device, "dtype": dtype}
+        factory: dict[str, Any] = {"device": device, "dtype": dtype}
         self.logit_scale = nn.Parameter(torch.full((num_heads, 1, 1), math.log(10.0), **factory))
         self.cpb_mlp = nn.Sequential(
             nn.Linear(2, CPB_HIDDEN, **factory), nn.ReLU(inplace=True),
@@ -223,7 +224,7 @@ class TorchvisionShiftedWindowAttentionV2(TorchvisionShiftedWindowAttention):
             with torch.no_grad():
                 self.qkv.bias[dim : 2 * dim].zero_()
 
-    def _define_position_bias(self, factory: dict) -> None:
+    def _define_position_bias(self, factory: dict[str, Any]) -> None:
         wh, ww = self.window_size
         # Offsets divided by window - 1 (by 1 for a window of 1, where torchvision divides 0 by 0).
         self.register_buffer("relative_coords_table", log_spaced_coords((wh, ww), (wh, ww), **factory))

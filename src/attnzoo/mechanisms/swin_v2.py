@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -255,7 +256,7 @@ class ShiftedWindowAttentionV2(nn.Module):
     ) -> None:
         super().__init__()
         who = type(self).__name__
-        factory = {"device": device, "dtype": dtype}
+        factory: dict[str, Any] = {"device": device, "dtype": dtype}
         self.dim = check_int(dim, "dim", who)
         self.window_size = pair(window_size, "window_size", who)
         self.num_heads = check_int(num_heads, "num_heads", who)
@@ -284,7 +285,7 @@ class ShiftedWindowAttentionV2(nn.Module):
         # Both buffers follow from the window: not part of the state_dict (as timm's).
         coords = log_spaced_coords(self.window_size, normaliser, **factory)  # (1, 2Wh-1, 2Ww-1, 2)
         self.register_buffer("relative_coords_table", coords, persistent=False)
-        index = relative_position_index_2d(self.window_size, device=device)
+        index = relative_position_index_2d(self.window_size).to(device)
         self.register_buffer("relative_position_index", index, persistent=False)
 
     def position_bias(self) -> Tensor:
