@@ -39,6 +39,7 @@ from attnzoo.mechanisms.swin import (
     window_partition,
     window_reverse,
 )
+from attnzoo.mechanisms.swin_v2 import ShiftedWindowAttentionV2
 from attnzoo.mechanisms.temporal import TemporalAttention
 from attnzoo.surgery import find, insert, replace
 
@@ -81,6 +82,7 @@ __all__ = [
     # transformer: multi-head, Swin windows, temporal
     "MultiHeadAttention",
     "ShiftedWindowAttention",
+    "ShiftedWindowAttentionV2",
     "TemporalAttention",
     "WindowAttention",
     "shifted_window_mask",

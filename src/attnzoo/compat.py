@@ -16,6 +16,10 @@ official Swin module (no defaults, a persistent ``relative_position_index``); th
 torchvision and timm state_dicts alike.
 ``MultiheadAttention`` (lower-case h) is torch's ``nn.MultiheadAttention``: its constructor, forward and
 state_dict, run by ``attnzoo.functional.attend`` (``attnzoo.convert.from_torch`` converts torch's module).
+``ShiftedWindowAttention`` and ``ShiftedWindowAttentionV2`` are torchvision's Swin modules (its
+constructor, forward, state_dict and numbers; ``attnzoo.convert.from_torchvision`` converts them);
+the canonical ``attnzoo.ShiftedWindowAttention`` and ``attnzoo.ShiftedWindowAttentionV2`` (registered
+``shifted_window``, ``swin_v2_window``) mask padded tokens instead of letting them take part.
 """
 
 from torch import nn
@@ -34,6 +38,10 @@ from attnzoo.mechanisms.se import SELayer
 from attnzoo.mechanisms.seq2seq_location import Attn
 from attnzoo.mechanisms.sk import SKEConv
 from attnzoo.mechanisms.swin_official import OfficialWindowAttention as WindowAttention
+from attnzoo.mechanisms.swin_torchvision import TorchvisionShiftedWindowAttention as ShiftedWindowAttention
+from attnzoo.mechanisms.swin_torchvision import (
+    TorchvisionShiftedWindowAttentionV2 as ShiftedWindowAttentionV2,
+)
 from attnzoo.mechanisms.temporal import Attention
 from attnzoo.mechanisms.torch_mha import MultiheadAttention
 
@@ -58,6 +66,8 @@ __all__ = [
     "Attention",
     "MultiHeadAttention",
     "MultiheadAttention",
+    "ShiftedWindowAttention",
+    "ShiftedWindowAttentionV2",
     "WindowAttention",
     # prefix-named blocks (builders returning PyTorch modules)
     "cross_attention",

@@ -1,6 +1,9 @@
 """Converters into attnzoo: foreign modules and weights -> attnzoo modules with the same numbers.
 
 - `from_torch`: ``torch.nn.MultiheadAttention`` -> `attnzoo.compat.MultiheadAttention`;
+- `from_torchvision`: torchvision's Swin ``ShiftedWindowAttention`` / ``ShiftedWindowAttentionV2``
+  -> ``attnzoo.compat.ShiftedWindowAttention`` / ``ShiftedWindowAttentionV2`` (keyed by dotted name:
+  torchvision is imported only when converting);
 - `from_keras` / `load_keras_weights` (from `attnzoo.blocks.convert`): Keras blocks
   -> the prefix-named PyTorch blocks.
 
@@ -14,8 +17,11 @@ from torch import nn
 from attnzoo.blocks.convert import from_keras, keras_layer_weights, load_keras_weights
 from attnzoo.convert.registry import Converter, convert, converter_for, known, register
 from attnzoo.convert.torch import from_torch
+from attnzoo.convert.torchvision import TORCHVISION_CLASSES, from_torchvision
 
 register(nn.MultiheadAttention, from_torch)
+for _name in TORCHVISION_CLASSES:
+    register(_name, from_torchvision)
 
 __all__ = [
     "Converter",
@@ -23,6 +29,7 @@ __all__ = [
     "converter_for",
     "from_keras",
     "from_torch",
+    "from_torchvision",
     "keras_layer_weights",
     "known",
     "load_keras_weights",

@@ -16,5 +16,6 @@ from attnzoo.mechanisms import (  # noqa: F401 (imported for registration)
     seq2seq_location,
     sk,
     swin,
+    swin_v2,
     temporal,
 )
