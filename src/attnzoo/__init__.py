@@ -17,6 +17,12 @@ from attnzoo.mechanisms.acmix import ACmix
 from attnzoo.mechanisms.biformer import BiLevelRoutingAttention
 from attnzoo.mechanisms.biformer_nchw import BiLevelRoutingAttention2d, nchwBRA
 from attnzoo.mechanisms.cbam import CBAM, CBAtten_Res, ChannelAttention, SpatialAttention
+from attnzoo.mechanisms.coord import (
+    CoordAttention,
+    EfficientLocalAttention,
+    SimpleCoordAttention,
+    StripAttention,
+)
 from attnzoo.mechanisms.dual_gated import DualGatedAttention
 from attnzoo.mechanisms.mha import MultiHeadAttention
 from attnzoo.mechanisms.non_local import NonLocalBlock
@@ -99,4 +105,9 @@ __all__ = [
     "DotProductAttention",
     "GeneralAttention",
     "LocationAttention",
+    # breadth-b: strip-pooling gates (coord, scoord, ela, strip), split attention, BAT
+    "CoordAttention",
+    "EfficientLocalAttention",
+    "SimpleCoordAttention",
+    "StripAttention",
 ]

@@ -1,6 +1,8 @@
 """Converters into attnzoo: foreign modules and weights -> attnzoo modules with the same numbers.
 
 - :func:`from_torch`: ``torch.nn.MultiheadAttention`` -> :class:`attnzoo.compat.MultiheadAttention`;
+- :func:`from_timm`: timm's ``create_attn`` modules -> the canonical classes (:mod:`attnzoo.convert.timm`);
+- :func:`from_fightingcv`: fightingcv's ``CoordAtt`` -> :class:`attnzoo.CoordAttention`;
 - :func:`from_keras` / :func:`load_keras_weights` (from :mod:`attnzoo.blocks.convert`): Keras blocks
   -> the prefix-named PyTorch blocks.
 
@@ -12,16 +14,24 @@ instance of a known class in a model, weights included.
 from torch import nn
 
 from attnzoo.blocks.convert import from_keras, keras_layer_weights, load_keras_weights
+from attnzoo.convert.fightingcv import FIGHTINGCV_CONVERTERS, from_fightingcv
 from attnzoo.convert.registry import Converter, convert, converter_for, known, register
+from attnzoo.convert.timm import TIMM_CONVERTERS, from_timm
 from attnzoo.convert.torch import from_torch
 
 register(nn.MultiheadAttention, from_torch)
+for _name in TIMM_CONVERTERS:
+    register(_name, from_timm)
+for _name in FIGHTINGCV_CONVERTERS:
+    register(_name, from_fightingcv)
 
 __all__ = [
     "Converter",
     "convert",
     "converter_for",
+    "from_fightingcv",
     "from_keras",
+    "from_timm",
     "from_torch",
     "keras_layer_weights",
     "known",

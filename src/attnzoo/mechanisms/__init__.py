@@ -5,6 +5,7 @@ from attnzoo.mechanisms import (  # noqa: F401 (imported for registration)
     biformer,
     biformer_nchw,
     cbam,
+    coord,
     dual_gated,
     mha,
     non_local,
