@@ -36,6 +36,7 @@ from attnzoo.mechanisms.seq2seq import (
     LocationAttention,
 )
 from attnzoo.mechanisms.sk import SKConv
+from attnzoo.mechanisms.splat import SplitAttention
 from attnzoo.mechanisms.swin import (
     ShiftedWindowAttention,
     WindowAttention,
@@ -109,5 +110,6 @@ __all__ = [
     "CoordAttention",
     "EfficientLocalAttention",
     "SimpleCoordAttention",
+    "SplitAttention",
     "StripAttention",
 ]

@@ -159,11 +159,44 @@ def _strip(module: nn.Module) -> nn.Module:
     return _finish(new, module, module.state_dict())
 
 
+# ---- breadth-b: split_attn (splat) --------------------------------------------------------------
+
+
+def _splat(module: nn.Module) -> nn.Module:
+    from attnzoo.mechanisms.splat import SplitAttention
+
+    conv, fc1 = module.conv, module.fc1
+    if conv.padding_mode != "zeros" or not isinstance(conv.padding, tuple) or len(set(conv.padding)) != 1:
+        raise _refuse(module, f"its convolution pads {conv.padding!r} ({conv.padding_mode}), not zeros")
+    sides = {tuple(set(conv.kernel_size)), tuple(set(conv.stride)), tuple(set(conv.dilation))}
+    if any(len(side) != 1 for side in sides):
+        raise _refuse(module, "its convolution is not square (kernel_size, stride, dilation)")
+    bn0 = module.bn0
+    norm = None if isinstance(bn0, nn.Identity) else type(bn0)
+    new = SplitAttention(
+        conv.in_channels,
+        out_channels=fc1.in_channels,
+        kernel_size=conv.kernel_size[0],
+        stride=conv.stride[0],
+        padding=conv.padding[0],
+        dilation=conv.dilation[0],
+        groups=fc1.groups,
+        bias=conv.bias is not None,
+        radix=module.radix,
+        rd_channels=fc1.out_channels,
+        norm_layer=norm,
+        **_factory(module),
+    )
+    _with_layers(new, module, ("bn0", "drop", "act0", "bn1", "act1"))
+    return _finish(new, module, module.state_dict())
+
+
 _BREADTH_B: dict[str, Callable[[nn.Module], nn.Module]] = {
     "timm.layers.coord_attn.CoordAttn": _coord,
     "timm.layers.coord_attn.SimpleCoordAttn": _scoord,
     "timm.layers.coord_attn.EfficientLocalAttn": _ela,
     "timm.layers.coord_attn.StripAttn": _strip,
+    "timm.layers.split_attn.SplitAttn": _splat,
 }
 
 # ---- end breadth-b ------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from attnzoo.mechanisms import (  # noqa: F401 (imported for registration)
     se,
     seq2seq,
     sk,
+    splat,
     swin,
     temporal,
 )
