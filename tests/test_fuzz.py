@@ -86,6 +86,7 @@ FREE_SIZES: dict[str, list[Group]] = {
     "cbam_res": [Group(((0, 2),), 2, derived=True), Group(((0, 3),), 3, derived=True)],  # stride 2
     "temporal": [],  # num_ttokens fixes the sequence length
     "window": [],  # the window's token count fixes the sequence length
+    "bat": [Group(((0, 2),), 2, step=2, low=2), Group(((0, 3),), 3, step=2, low=2)],  # H, W: multiples of b
 }
 
 # Cases known to fail, keyed by (mechanism, test kind), with the reason; empty while every

@@ -14,6 +14,7 @@ from attnzoo.functional import attend, fused_attn, fused_enabled
 from attnzoo.kernels.blocked import global_kernel
 from attnzoo.maps import AttentionMap, capture_maps
 from attnzoo.mechanisms.acmix import ACmix
+from attnzoo.mechanisms.bat import BATNonLocalAttention
 from attnzoo.mechanisms.biformer import BiLevelRoutingAttention
 from attnzoo.mechanisms.biformer_nchw import BiLevelRoutingAttention2d, nchwBRA
 from attnzoo.mechanisms.cbam import CBAM, CBAtten_Res, ChannelAttention, SpatialAttention
@@ -107,6 +108,7 @@ __all__ = [
     "GeneralAttention",
     "LocationAttention",
     # breadth-b: strip-pooling gates (coord, scoord, ela, strip), split attention, BAT
+    "BATNonLocalAttention",
     "CoordAttention",
     "EfficientLocalAttention",
     "SimpleCoordAttention",

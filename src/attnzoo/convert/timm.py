@@ -191,12 +191,58 @@ def _splat(module: nn.Module) -> nn.Module:
     return _finish(new, module, module.state_dict())
 
 
+# ---- breadth-b: non_local_attn (bat) ------------------------------------------------------------
+
+
+def _conv_norm_act(module: nn.Module, cna: nn.Module) -> tuple[type[nn.Module], type[nn.Module] | None]:
+    """act_layer and norm_layer of one of timm's ``ConvNormAct`` (its norm may hold the activation)."""
+    conv, bn = cna.conv, cna.bn
+    if not isinstance(conv, nn.Conv2d) or conv.kernel_size != (1, 1) or conv.bias is not None:
+        raise _refuse(module, "its ConvNormAct convolutions must be 1x1 without bias")
+    act = getattr(bn, "act", getattr(cna, "act", nn.Identity()))
+    drop = getattr(bn, "drop", nn.Identity())
+    if not isinstance(drop, nn.Identity):
+        raise _refuse(module, f"its norms hold a {type(drop).__qualname__} drop")
+    if isinstance(bn, nn.Identity):
+        return type(act), None
+    if not isinstance(bn, nn.BatchNorm2d):
+        raise _refuse(module, f"its norm is a {type(bn).__qualname__}, not a BatchNorm2d")
+    return type(act), nn.BatchNorm2d
+
+
+def _bat(module: nn.Module) -> nn.Module:
+    from attnzoo.mechanisms.bat import BATNonLocalAttention
+
+    ba = module.ba
+    act_layer, norm_layer = _conv_norm_act(module, module.conv1)
+    new = BATNonLocalAttention(
+        module.conv1.conv.in_channels,
+        block_size=ba.block_size,
+        groups=ba.groups,
+        rd_channels=module.conv1.conv.out_channels,
+        proj_drop=module.dropout.p,
+        act_layer=act_layer,
+        norm_layer=norm_layer,
+        **_factory(module),
+    )
+    for name in ("conv1", "ba.conv1", "ba.conv2", "conv2"):
+        theirs, ours = module.get_submodule(name), new.get_submodule(name)
+        if _conv_norm_act(module, theirs) != (act_layer, norm_layer):
+            raise _refuse(module, f"its {name} has another activation or norm than conv1")
+        if norm_layer is not None:
+            if not (theirs.bn.affine and theirs.bn.track_running_stats):
+                raise _refuse(module, f"its {name} norm has no affine weights or no running statistics")
+            ours.bn.eps, ours.bn.momentum = theirs.bn.eps, theirs.bn.momentum
+    return _finish(new, module, module.state_dict())
+
+
 _BREADTH_B: dict[str, Callable[[nn.Module], nn.Module]] = {
     "timm.layers.coord_attn.CoordAttn": _coord,
     "timm.layers.coord_attn.SimpleCoordAttn": _scoord,
     "timm.layers.coord_attn.EfficientLocalAttn": _ela,
     "timm.layers.coord_attn.StripAttn": _strip,
     "timm.layers.split_attn.SplitAttn": _splat,
+    "timm.layers.non_local_attn.BatNonLocalAttn": _bat,
 }
 
 # ---- end breadth-b ------------------------------------------------------------------------------
