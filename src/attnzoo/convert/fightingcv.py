@@ -9,17 +9,18 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from typing import Any
 
 from torch import nn
 
 __all__ = ["FIGHTINGCV_CONVERTERS", "from_fightingcv"]
 
 
-def _refuse(module: nn.Module, reason: str) -> TypeError:
+def _refuse(module: Any, reason: str) -> TypeError:
     return TypeError(f"from_fightingcv cannot convert {type(module).__qualname__}: {reason}")
 
 
-def _coord_att(module: nn.Module) -> nn.Module:
+def _coord_att(module: Any) -> nn.Module:
     """``CoordAtt(inp, oup, reduction)``: coordinate attention with biases, h-swish (torch's
     ``nn.Hardswish``, the same function) and ``max(8, inp // reduction)`` hidden channels."""
     from attnzoo.mechanisms.coord import CoordAttention

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,23 +22,23 @@ def _dotted(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def _refuse(module: nn.Module, reason: str) -> TypeError:
+def _refuse(module: Any, reason: str) -> TypeError:
     return TypeError(f"from_timm cannot convert {type(module).__qualname__}: {reason}")
 
 
-def _factory(module: nn.Module) -> dict:
+def _factory(module: Any) -> dict:
     """``device`` and ``dtype`` of the module's first floating parameter (or the defaults)."""
     param = next((p for p in module.parameters() if p.is_floating_point()), None)
     return {} if param is None else {"device": param.device, "dtype": param.dtype}
 
 
-def _finish(new: nn.Module, module: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+def _finish(new: Any, module: Any, state: dict[str, torch.Tensor]) -> nn.Module:
     """Load ``state`` strictly (copies), then take the module's training mode."""
     new.load_state_dict(state, strict=True)
     return new.train(module.training)
 
 
-def _same_forward(module: nn.Module, cls: type) -> None:
+def _same_forward(module: Any, cls: type) -> None:
     for base in type(module).__mro__:
         if "forward" in vars(base):
             if base is not cls:
@@ -48,7 +49,7 @@ def _same_forward(module: nn.Module, cls: type) -> None:
 # ---- breadth-b: coord_attn (coord, scoord, ela, strip) ------------------------------------------
 
 
-def _gate_class(module: nn.Module, gate: nn.Module) -> type[nn.Module]:
+def _gate_class(module: Any, gate: Any) -> type[nn.Module]:
     """timm's sigmoid / hard sigmoid modules -> torch's classes (the same function)."""
     name = type(gate).__name__.lower().replace("_", "")
     if name == "sigmoid":
@@ -58,7 +59,7 @@ def _gate_class(module: nn.Module, gate: nn.Module) -> type[nn.Module]:
     raise _refuse(module, f"its gate is a {type(gate).__qualname__}, not a sigmoid or hard sigmoid")
 
 
-def _norm_class(module: nn.Module, norm: nn.Module) -> type[nn.Module] | None:
+def _norm_class(module: Any, norm: Any) -> type[nn.Module] | None:
     from attnzoo.mechanisms.coord import GroupNorm1
 
     if isinstance(norm, nn.Identity):
@@ -70,13 +71,13 @@ def _norm_class(module: nn.Module, norm: nn.Module) -> type[nn.Module] | None:
     raise _refuse(module, f"its norm is a {type(norm).__qualname__}, which attnzoo does not rebuild")
 
 
-def _with_layers(new: nn.Module, module: nn.Module, names: tuple[str, ...]) -> None:
+def _with_layers(new: Any, module: Any, names: tuple[str, ...]) -> None:
     """Copy timm's activation / norm instances (their options: eps, momentum, inplace, ...)."""
     for name in names:
         setattr(new, name, copy.deepcopy(getattr(module, name)))
 
 
-def _coord(module: nn.Module) -> nn.Module:
+def _coord(module: Any) -> nn.Module:
     from attnzoo.mechanisms.coord import CoordAttention
 
     conv1 = module.conv1
@@ -93,7 +94,7 @@ def _coord(module: nn.Module) -> nn.Module:
     return _finish(new, module, module.state_dict())
 
 
-def _scoord(module: nn.Module) -> nn.Module:
+def _scoord(module: Any) -> nn.Module:
     from attnzoo.mechanisms.coord import SimpleCoordAttention
 
     fc1 = module.fc1
@@ -115,7 +116,7 @@ def _scoord(module: nn.Module) -> nn.Module:
     return _finish(new, module, state)
 
 
-def _strip_kernel(module: nn.Module, conv: nn.Module) -> int:
+def _strip_kernel(module: Any, conv: Any) -> int:
     if not isinstance(conv, nn.Conv2d):
         raise _refuse(module, f"its conv_h is a {type(conv).__qualname__}, not an nn.Conv2d")
     k = conv.kernel_size[0]
@@ -124,7 +125,7 @@ def _strip_kernel(module: nn.Module, conv: nn.Module) -> int:
     return k
 
 
-def _ela(module: nn.Module) -> nn.Module:
+def _ela(module: Any) -> nn.Module:
     from attnzoo.mechanisms.coord import EfficientLocalAttention
 
     conv = module.conv_h
@@ -142,7 +143,7 @@ def _ela(module: nn.Module) -> nn.Module:
     return _finish(new, module, module.state_dict())
 
 
-def _strip(module: nn.Module) -> nn.Module:
+def _strip(module: Any) -> nn.Module:
     from attnzoo.mechanisms.coord import StripAttention
 
     if not module.use_conv:
@@ -162,7 +163,7 @@ def _strip(module: nn.Module) -> nn.Module:
 # ---- breadth-b: split_attn (splat) --------------------------------------------------------------
 
 
-def _splat(module: nn.Module) -> nn.Module:
+def _splat(module: Any) -> nn.Module:
     from attnzoo.mechanisms.splat import SplitAttention
 
     conv, fc1 = module.conv, module.fc1
@@ -194,7 +195,7 @@ def _splat(module: nn.Module) -> nn.Module:
 # ---- breadth-b: non_local_attn (bat) ------------------------------------------------------------
 
 
-def _conv_norm_act(module: nn.Module, cna: nn.Module) -> tuple[type[nn.Module], type[nn.Module] | None]:
+def _conv_norm_act(module: Any, cna: Any) -> tuple[type[nn.Module], type[nn.Module] | None]:
     """act_layer and norm_layer of one of timm's ``ConvNormAct`` (its norm may hold the activation)."""
     conv, bn = cna.conv, cna.bn
     if not isinstance(conv, nn.Conv2d) or conv.kernel_size != (1, 1) or conv.bias is not None:
@@ -210,7 +211,7 @@ def _conv_norm_act(module: nn.Module, cna: nn.Module) -> tuple[type[nn.Module], 
     return type(act), nn.BatchNorm2d
 
 
-def _bat(module: nn.Module) -> nn.Module:
+def _bat(module: Any) -> nn.Module:
     from attnzoo.mechanisms.bat import BATNonLocalAttention
 
     ba = module.ba
@@ -226,7 +227,8 @@ def _bat(module: nn.Module) -> nn.Module:
         **_factory(module),
     )
     for name in ("conv1", "ba.conv1", "ba.conv2", "conv2"):
-        theirs, ours = module.get_submodule(name), new.get_submodule(name)
+        theirs: Any = module.get_submodule(name)
+        ours: Any = new.get_submodule(name)
         if _conv_norm_act(module, theirs) != (act_layer, norm_layer):
             raise _refuse(module, f"its {name} has another activation or norm than conv1")
         if norm_layer is not None:
