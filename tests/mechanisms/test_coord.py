@@ -174,3 +174,16 @@ def test_errors_name_the_argument():
         CoordAttention(8)(torch.randn(2, 8, 5))
     with pytest.raises(ValueError, match="C=8"):
         SimpleCoordAttention(8)(torch.randn(2, 6, 5, 5))
+
+
+def test_replace_swaps_timm_modules_in_a_model():
+    coord = pytest.importorskip("timm.layers.coord_attn")
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), coord.CoordAttn(16), nn.ReLU(),
+                          coord.EfficientLocalAttn(16, kernel_size=3)).to(D).eval()
+    randomize(model)
+    x = torch.randn(2, 3, 7, 9, dtype=D)
+    ref = model(x)
+    assert attnzoo.replace(model, coord.CoordAttn) == ["1"]
+    assert attnzoo.replace(model, coord.EfficientLocalAttn) == ["3"]
+    assert isinstance(model[1], CoordAttention) and isinstance(model[3], EfficientLocalAttention)
+    torch.testing.assert_close(model(x), ref, atol=1e-10, rtol=1e-10)
