@@ -14,11 +14,18 @@ from attnzoo.functional import attend, fused_attn, fused_enabled
 from attnzoo.kernels.blocked import global_kernel
 from attnzoo.maps import AttentionMap, capture_maps
 from attnzoo.mechanisms.acmix import ACmix
+from attnzoo.mechanisms.bat import BATNonLocalAttention
 from attnzoo.mechanisms.biformer import BiLevelRoutingAttention
 from attnzoo.mechanisms.biformer_nchw import BiLevelRoutingAttention2d, nchwBRA
 from attnzoo.mechanisms.cbam import CBAM, ChannelAttention, SpatialAttention
 from attnzoo.mechanisms.cbam_res import ResidualCBAM
 from attnzoo.mechanisms.cbam_seed import CBAtten_Res
+from attnzoo.mechanisms.coord import (
+    CoordAttention,
+    EfficientLocalAttention,
+    SimpleCoordAttention,
+    StripAttention,
+)
 from attnzoo.mechanisms.dual_gated import DualGatedAttention
 from attnzoo.mechanisms.mha import MultiHeadAttention
 from attnzoo.mechanisms.non_local import NonLocalBlock
@@ -32,6 +39,7 @@ from attnzoo.mechanisms.seq2seq import (
 )
 from attnzoo.mechanisms.seq2seq_location import LocationAttention
 from attnzoo.mechanisms.sk import SKConv
+from attnzoo.mechanisms.splat import SplitAttention
 from attnzoo.mechanisms.swin import (
     ShiftedWindowAttention,
     WindowAttention,
@@ -104,4 +112,11 @@ __all__ = [
     "DotProductAttention",
     "GeneralAttention",
     "LocationAttention",
+    # breadth-b: strip-pooling gates (coord, scoord, ela, strip), split attention, BAT
+    "BATNonLocalAttention",
+    "CoordAttention",
+    "EfficientLocalAttention",
+    "SimpleCoordAttention",
+    "SplitAttention",
+    "StripAttention",
 ]

@@ -4,6 +4,9 @@
 - `from_torchvision`: torchvision's Swin ``ShiftedWindowAttention`` / ``ShiftedWindowAttentionV2``
   -> ``attnzoo.compat.ShiftedWindowAttention`` / ``ShiftedWindowAttentionV2`` (keyed by dotted name:
   torchvision is imported only when converting);
+- `from_timm`: timm's ``create_attn`` modules -> the canonical classes (`attnzoo.convert.timm`);
+- `from_fightingcv`: fightingcv-attention's modules -> the canonical classes
+  (`attnzoo.convert.fightingcv`);
 - `from_keras` / `load_keras_weights` (from `attnzoo.blocks.convert`): Keras blocks
   -> the prefix-named PyTorch blocks.
 
@@ -15,19 +18,27 @@ instance of a known class in a model, weights included.
 from torch import nn
 
 from attnzoo.blocks.convert import from_keras, keras_layer_weights, load_keras_weights
+from attnzoo.convert.fightingcv import FIGHTINGCV_CONVERTERS, from_fightingcv
 from attnzoo.convert.registry import Converter, convert, converter_for, known, register
+from attnzoo.convert.timm import TIMM_CONVERTERS, from_timm
 from attnzoo.convert.torch import from_torch
 from attnzoo.convert.torchvision import TORCHVISION_CLASSES, from_torchvision
 
 register(nn.MultiheadAttention, from_torch)
 for _name in TORCHVISION_CLASSES:
     register(_name, from_torchvision)
+for _name in TIMM_CONVERTERS:
+    register(_name, from_timm)
+for _name in FIGHTINGCV_CONVERTERS:
+    register(_name, from_fightingcv)
 
 __all__ = [
     "Converter",
     "convert",
     "converter_for",
+    "from_fightingcv",
     "from_keras",
+    "from_timm",
     "from_torch",
     "from_torchvision",
     "keras_layer_weights",

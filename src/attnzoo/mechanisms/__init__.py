@@ -2,11 +2,13 @@
 
 from attnzoo.mechanisms import (  # noqa: F401 (imported for registration)
     acmix,
+    bat,
     biformer,
     biformer_nchw,
     cbam,
     cbam_res,
     cbam_seed,
+    coord,
     dual_gated,
     mha,
     non_local,
@@ -15,6 +17,7 @@ from attnzoo.mechanisms import (  # noqa: F401 (imported for registration)
     seq2seq,
     seq2seq_location,
     sk,
+    splat,
     swin,
     swin_v2,
     temporal,

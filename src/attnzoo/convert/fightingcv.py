@@ -1,0 +1,84 @@
+"""fightingcv (External-Attention-pytorch) -> attnzoo: its attention modules -> canonical classes.
+
+``from_fightingcv(module)`` returns an independent attnzoo module (weights copied) on the module's
+device, in its dtype and training mode, whose output equals fightingcv's. Converters are keyed by
+dotted class names (``FIGHTINGCV_CONVERTERS``), so nothing here imports fightingcv.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+__all__ = ["FIGHTINGCV_CONVERTERS", "from_fightingcv"]
+
+
+def _refuse(module: Any, reason: str) -> TypeError:
+    return TypeError(f"from_fightingcv cannot convert {type(module).__qualname__}: {reason}")
+
+
+def _coord_att(module: Any) -> nn.Module:
+    """``CoordAtt(inp, oup, reduction)``: coordinate attention with biases, h-swish (torch's
+    ``nn.Hardswish``, the same function) and ``max(8, inp // reduction)`` hidden channels."""
+    from attnzoo.mechanisms.coord import CoordAttention
+
+    conv1, conv_h = module.conv1, module.conv_h
+    if conv_h.out_channels != conv1.in_channels:
+        raise _refuse(
+            module,
+            f"inp={conv1.in_channels}, oup={conv_h.out_channels}: the gate must have the input's width",
+        )
+    weight = conv1.weight
+    new = CoordAttention(
+        conv1.in_channels, rd_channels=conv1.out_channels, bias=True, device=weight.device, dtype=weight.dtype
+    )
+    new.bn1 = copy.deepcopy(module.bn1)  # its eps and momentum
+    new.load_state_dict(module.state_dict(), strict=True)
+    return new.train(module.training)
+
+
+FIGHTINGCV_CONVERTERS: dict[str, Callable[[nn.Module], nn.Module]] = {
+    "fightingcv_attention.attention.CoordAttention.CoordAtt": _coord_att,
+}
+
+
+def from_fightingcv(module: nn.Module) -> nn.Module:
+    """A fightingcv attention module -> the canonical attnzoo module with the same weights and outputs.
+
+    Known classes: the keys of ``FIGHTINGCV_CONVERTERS`` (``CoordAtt`` -> ``CoordAttention``).
+
+    Args:
+        module: An instance of a known fightingcv class.
+
+    Returns:
+        The attnzoo module (an independent copy, same device, dtype and training mode).
+
+    Raises:
+        TypeError: ``module`` is no known fightingcv class, or one attnzoo cannot represent; the
+            message names the class and the reason.
+
+    Example:
+        ```python
+        >>> import torch
+        >>> from fightingcv_attention.attention.CoordAttention import CoordAtt
+        >>> from attnzoo.convert import from_fightingcv
+        >>> theirs = CoordAtt(32, 32).eval()
+        >>> x = torch.randn(2, 32, 7, 5)
+        >>> torch.allclose(from_fightingcv(theirs)(x), theirs(x), atol=1e-6)
+        True
+
+        ```
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"from_fightingcv expects an nn.Module, got {type(module).__name__}")
+    cls = type(module)
+    converter = FIGHTINGCV_CONVERTERS.get(f"{cls.__module__}.{cls.__qualname__}")
+    if converter is None:
+        raise TypeError(
+            f"from_fightingcv cannot convert {cls.__module__}.{cls.__qualname__}: known classes are "
+            f"{', '.join(sorted(FIGHTINGCV_CONVERTERS))}"
+        )
+    return converter(module)
