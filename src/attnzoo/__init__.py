@@ -21,6 +21,11 @@ from attnzoo.mechanisms.cbam_res import ResidualCBAM
 from attnzoo.mechanisms.cbam_seed import CBAtten_Res
 from attnzoo.mechanisms.dual_gated import DualGatedAttention
 from attnzoo.mechanisms.mha import MultiHeadAttention
+from attnzoo.mechanisms.neighborhood import (
+    NeighborhoodAttention1d,
+    NeighborhoodAttention2d,
+    NeighborhoodAttention3d,
+)
 from attnzoo.mechanisms.non_local import NonLocalBlock
 from attnzoo.mechanisms.sagan import ChannelSelfAttention, SpatialSelfAttention
 from attnzoo.mechanisms.se import SqueezeExcite
@@ -102,4 +107,8 @@ __all__ = [
     "DotProductAttention",
     "GeneralAttention",
     "LocationAttention",
+    # neighbourhood (NAT/DiNAT) and linear attention
+    "NeighborhoodAttention1d",
+    "NeighborhoodAttention2d",
+    "NeighborhoodAttention3d",
 ]

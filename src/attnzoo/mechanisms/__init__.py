@@ -9,6 +9,7 @@ from attnzoo.mechanisms import (  # noqa: F401 (imported for registration)
     cbam_seed,
     dual_gated,
     mha,
+    neighborhood,
     non_local,
     sagan,
     se,
