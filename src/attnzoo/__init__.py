@@ -20,6 +20,7 @@ from attnzoo.mechanisms.cbam import CBAM, ChannelAttention, SpatialAttention
 from attnzoo.mechanisms.cbam_res import ResidualCBAM
 from attnzoo.mechanisms.cbam_seed import CBAtten_Res
 from attnzoo.mechanisms.dual_gated import DualGatedAttention
+from attnzoo.mechanisms.linear import LinearAttention
 from attnzoo.mechanisms.mha import MultiHeadAttention
 from attnzoo.mechanisms.neighborhood import (
     NeighborhoodAttention1d,
@@ -108,6 +109,7 @@ __all__ = [
     "GeneralAttention",
     "LocationAttention",
     # neighbourhood (NAT/DiNAT) and linear attention
+    "LinearAttention",
     "NeighborhoodAttention1d",
     "NeighborhoodAttention2d",
     "NeighborhoodAttention3d",

@@ -8,6 +8,7 @@ from attnzoo.mechanisms import (  # noqa: F401 (imported for registration)
     cbam_res,
     cbam_seed,
     dual_gated,
+    linear,
     mha,
     neighborhood,
     non_local,
