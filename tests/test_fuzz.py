@@ -69,6 +69,7 @@ LAYOUT_FREE_DIMS = {
     "NLC": (1,),
     "NCL": (2,),
     "NCTHW": (2, 3, 4),
+    "NTHWC": (1, 2, 3),
     "SEQ2SEQ": (),
 }
 

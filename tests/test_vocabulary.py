@@ -15,7 +15,9 @@ import attnzoo
 ROOT = Path(__file__).resolve().parents[1]
 SPECS = attnzoo.list_modules()
 IDS = [s.name for s in SPECS]
-FIRST = {"NCHW": "channels", "NCL": "channels", "NCTHW": "channels", "NLC": "dim", "NHWC": "dim"}
+FIRST = {
+    "NCHW": "channels", "NCL": "channels", "NCTHW": "channels", "NLC": "dim", "NHWC": "dim", "NTHWC": "dim",
+}
 
 
 def vocabulary() -> dict[str, set[str] | None]:

@@ -27,7 +27,13 @@ from attnzoo.mechanisms.coord import (
     StripAttention,
 )
 from attnzoo.mechanisms.dual_gated import DualGatedAttention
+from attnzoo.mechanisms.linear import LinearAttention
 from attnzoo.mechanisms.mha import MultiHeadAttention
+from attnzoo.mechanisms.neighborhood import (
+    NeighborhoodAttention1d,
+    NeighborhoodAttention2d,
+    NeighborhoodAttention3d,
+)
 from attnzoo.mechanisms.non_local import NonLocalBlock
 from attnzoo.mechanisms.sagan import ChannelSelfAttention, SpatialSelfAttention
 from attnzoo.mechanisms.se import SqueezeExcite
@@ -119,4 +125,9 @@ __all__ = [
     "SimpleCoordAttention",
     "SplitAttention",
     "StripAttention",
+    # neighbourhood (NAT/DiNAT) and linear attention
+    "LinearAttention",
+    "NeighborhoodAttention1d",
+    "NeighborhoodAttention2d",
+    "NeighborhoodAttention3d",
 ]

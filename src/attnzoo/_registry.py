@@ -25,7 +25,7 @@ from attnzoo._checks import checked
 
 __all__ = ["Example", "FreeSize", "Spec", "register", "register_seed", "create", "get_spec", "list_modules"]
 
-LAYOUTS = ("NCHW", "NHWC", "NLC", "NCL", "NCTHW", "SEQ2SEQ")
+LAYOUTS = ("NCHW", "NHWC", "NLC", "NCL", "NCTHW", "NTHWC", "SEQ2SEQ")
 
 # How one input geometry becomes a module's positional inputs (see `Spec.input_rule`):
 INPUT_RULES = (

@@ -4,5 +4,7 @@
 - :mod:`~attnzoo.kernels.blocked`: global attention whose query and value widths differ (SAGAN);
 - :mod:`~attnzoo.kernels.gate`: the channel/spatial gates of SE, CBAM and the dual gate;
 - :mod:`~attnzoo.kernels.neighbourhood`: ACmix's local neighbourhood attention;
+- :mod:`~attnzoo.kernels.neighbourhood_nd`: NATTEN's 1-/2-/3-D window rules and gathered attention
+  (composite ops, no custom Function);
 - :mod:`~attnzoo.kernels.selective`: SK's branch selection.
 """

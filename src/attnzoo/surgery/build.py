@@ -86,6 +86,10 @@ def _layout_shape(layout: str, geo: Geometry) -> tuple[int, ...]:
         if len(geo.spatial) != 3:
             raise Unsupported("takes (B, C, T, H, W) clips; give --input BxCxTxHxW")
         return (b, c, *geo.spatial)
+    if layout == "NTHWC":
+        if len(geo.spatial) != 3:
+            raise Unsupported("takes (B, T, H, W, C) clips; give --input BxCxTxHxW")
+        return (b, *geo.spatial, c)
     raise Unsupported(f"layout {layout} has no conversion")
 
 
