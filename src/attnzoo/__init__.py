@@ -18,6 +18,11 @@ from attnzoo.mechanisms.biformer import BiLevelRoutingAttention
 from attnzoo.mechanisms.biformer_nchw import BiLevelRoutingAttention2d, nchwBRA
 from attnzoo.mechanisms.cbam import CBAM, CBAtten_Res, ChannelAttention, SpatialAttention
 from attnzoo.mechanisms.dual_gated import DualGatedAttention
+from attnzoo.mechanisms.eca import (
+    CircularEfficientChannelAttention,
+    EfficientChannelAttention,
+    EfficientChannelAttentionMlp,
+)
 from attnzoo.mechanisms.mha import MultiHeadAttention
 from attnzoo.mechanisms.non_local import NonLocalBlock
 from attnzoo.mechanisms.sagan import ChannelSelfAttention, SpatialSelfAttention
@@ -71,6 +76,10 @@ __all__ = [
     "SKConv",
     "SpatialAttention",
     "SqueezeExcite",
+    # breadth-a: timm's gates (eca, ceca, ecam, ese, gc, gca, ge, lcbam)
+    "CircularEfficientChannelAttention",
+    "EfficientChannelAttention",
+    "EfficientChannelAttentionMlp",
     # global self-attention: SAGAN spatial and channel, non-local
     "ChannelSelfAttention",
     "NonLocalBlock",

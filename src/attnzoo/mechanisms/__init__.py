@@ -6,6 +6,7 @@ from attnzoo.mechanisms import (  # noqa: F401 (imported for registration)
     biformer_nchw,
     cbam,
     dual_gated,
+    eca,
     mha,
     non_local,
     sagan,

@@ -1,0 +1,133 @@
+"""timm -> attnzoo: timm's attention layers (``timm.layers``) -> attnzoo's canonical classes.
+
+:func:`from_timm` converts one timm module into the attnzoo class that computes the same function,
+holding a copy of its weights (and buffers, such as BatchNorm statistics), on the same device and
+dtype, in the same training mode. timm is imported only when a module is converted: the table below
+is keyed by dotted class names, and :mod:`attnzoo.convert` registers each of them with its converter
+table, so ``attnzoo.convert.convert(m)`` and ``attnzoo.replace(model, ...)`` reach these too.
+
+Each block of converters below belongs to one group of timm layers; add a group as a new block.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+from torch import nn
+
+__all__ = ["from_timm", "TIMM_CONVERTERS"]
+
+# dotted timm class name -> converter; filled by the blocks below.
+TIMM_CONVERTERS: dict[str, Callable[[nn.Module], nn.Module]] = {}
+
+
+def _dotted(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _refuse(module: nn.Module, reason: str) -> TypeError:
+    return TypeError(f"from_timm cannot convert {type(module).__qualname__}: {reason}")
+
+
+def _factory(module: nn.Module) -> dict[str, object]:
+    """The device and dtype of a module's first floating parameter or buffer."""
+    for tensor in (*module.parameters(), *module.buffers()):
+        if tensor.is_floating_point():
+            return {"device": tensor.device, "dtype": tensor.dtype}
+    return {}
+
+
+def _stateless(module: object, name: str, owner: nn.Module) -> nn.Module:
+    """A copy of an activation module (no parameters, no buffers) to put into the attnzoo module."""
+    if not isinstance(module, nn.Module):
+        raise _refuse(owner, f"its {name} is a {type(module).__name__}, not an nn.Module")
+    if any(True for _ in module.parameters()) or any(True for _ in module.buffers()):
+        raise _refuse(owner, f"its {name} ({type(module).__qualname__}) has weights")
+    return copy.deepcopy(module)
+
+
+def _finish(ours: nn.Module, theirs: nn.Module) -> nn.Module:
+    """Copy the weights (strict) and the training flag of ``theirs`` into ``ours``."""
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    return ours.train(theirs.training)
+
+
+def from_timm(module: nn.Module) -> nn.Module:
+    """A timm attention layer -> the attnzoo module computing the same function, with its weights.
+
+    Args:
+        module: An instance of one of the timm classes in ``TIMM_CONVERTERS`` (the exact class; a
+            subclass is refused, as it may compute something else).
+
+    Returns:
+        The attnzoo module: same outputs (up to rounding), a copy of the weights, same device, dtype
+        and training flag.
+
+    Raises:
+        TypeError: ``module`` is not a timm class attnzoo knows, or one it cannot represent; the
+            message names the class and the reason.
+
+    Example:
+        ```python
+        >>> import torch
+        >>> from timm.layers import create_attn
+        >>> from attnzoo.convert import from_timm
+        >>> theirs = create_attn("eca", 64)
+        >>> ours = from_timm(theirs)
+        >>> x = torch.randn(2, 64, 5, 7)
+        >>> torch.allclose(ours(x), theirs(x), atol=1e-6)
+        True
+
+        ```
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"from_timm expects an nn.Module, got {type(module).__name__}")
+    converter = TIMM_CONVERTERS.get(_dotted(type(module)))
+    if converter is None:
+        raise TypeError(
+            f"from_timm: no converter for {_dotted(type(module))}; "
+            f"it knows {', '.join(sorted(TIMM_CONVERTERS))}"
+        )
+    return converter(module)
+
+
+# =============================================================================================
+# breadth-a block: channel gates (eca, ecam, ceca, ese), global context (gc, gca),
+# gather-excite (ge), light CBAM (lcbam).
+# =============================================================================================
+
+
+def _eca(module: nn.Module) -> nn.Module:
+    """EcaModule (plain or ``use_mlp=True``) and CecaModule. Their weights do not depend on the channel
+    count (timm's ``EcaModule`` even takes ``channels=None``), so the converted module has
+    ``channels=None`` and, like timm's, accepts any C."""
+    from attnzoo.mechanisms.eca import (
+        CircularEfficientChannelAttention,
+        EfficientChannelAttention,
+        EfficientChannelAttentionMlp,
+    )
+
+    conv, conv2 = module.conv, getattr(module, "conv2", None)
+    if not isinstance(conv, nn.Conv1d) or (conv2 is not None and not isinstance(conv2, nn.Conv1d)):
+        raise _refuse(module, "its conv layers are not nn.Conv1d")
+    factory = _factory(module)
+    if conv2 is not None:  # use_mlp=True
+        ours: nn.Module = EfficientChannelAttentionMlp(
+            1, conv2.kernel_size[0], rd_channels=conv.out_channels, **factory
+        )
+        ours.act = _stateless(module.act, "act", module)
+    elif type(module).__name__ == "CecaModule":
+        kernel, bias = conv.kernel_size[0], conv.bias is not None
+        ours = CircularEfficientChannelAttention(1, kernel, bias=bias, **factory)
+    else:
+        if conv.padding[0] != (conv.kernel_size[0] - 1) // 2:
+            raise _refuse(module, f"its padding {conv.padding} is not (kernel_size - 1) // 2")
+        ours = EfficientChannelAttention(1, conv.kernel_size[0], bias=conv.bias is not None, **factory)
+    ours.gate = _stateless(module.gate, "gate", module)
+    ours.channels = None
+    return _finish(ours, module)
+
+
+for _name in ("timm.layers.eca.EcaModule", "timm.layers.eca.CecaModule"):
+    TIMM_CONVERTERS[_name] = _eca
