@@ -23,6 +23,7 @@ from attnzoo.mechanisms.eca import (
     EfficientChannelAttention,
     EfficientChannelAttentionMlp,
 )
+from attnzoo.mechanisms.ese import EffectiveSqueezeExcite
 from attnzoo.mechanisms.mha import MultiHeadAttention
 from attnzoo.mechanisms.non_local import NonLocalBlock
 from attnzoo.mechanisms.sagan import ChannelSelfAttention, SpatialSelfAttention
@@ -80,6 +81,7 @@ __all__ = [
     "CircularEfficientChannelAttention",
     "EfficientChannelAttention",
     "EfficientChannelAttentionMlp",
+    "EffectiveSqueezeExcite",
     # global self-attention: SAGAN spatial and channel, non-local
     "ChannelSelfAttention",
     "NonLocalBlock",

@@ -131,3 +131,21 @@ def _eca(module: nn.Module) -> nn.Module:
 
 for _name in ("timm.layers.eca.EcaModule", "timm.layers.eca.CecaModule"):
     TIMM_CONVERTERS[_name] = _eca
+
+
+def _ese(module: nn.Module) -> nn.Module:
+    """EffectiveSEModule: the 1x1 convolution ``fc`` (C, C, 1, 1) with bias, and the gate."""
+    from attnzoo.mechanisms.ese import EffectiveSqueezeExcite
+
+    fc = module.fc
+    square = isinstance(fc, nn.Conv2d) and fc.in_channels == fc.out_channels
+    if not square or fc.kernel_size != (1, 1) or fc.groups != 1:
+        raise _refuse(module, "its fc is not a square 1x1 nn.Conv2d")
+    if fc.bias is None:
+        raise _refuse(module, "its fc has no bias")
+    ours = EffectiveSqueezeExcite(fc.in_channels, bool(module.add_maxpool), **_factory(module))
+    ours.gate = _stateless(module.gate, "gate", module)
+    return _finish(ours, module)
+
+
+TIMM_CONVERTERS["timm.layers.squeeze_excite.EffectiveSEModule"] = _ese

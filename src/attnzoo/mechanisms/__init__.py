@@ -7,6 +7,7 @@ from attnzoo.mechanisms import (  # noqa: F401 (imported for registration)
     cbam,
     dual_gated,
     eca,
+    ese,
     mha,
     non_local,
     sagan,
