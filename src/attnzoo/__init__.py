@@ -24,6 +24,7 @@ from attnzoo.mechanisms.eca import (
     EfficientChannelAttentionMlp,
 )
 from attnzoo.mechanisms.ese import EffectiveSqueezeExcite
+from attnzoo.mechanisms.global_context import GlobalContext, GlobalContextAdd
 from attnzoo.mechanisms.mha import MultiHeadAttention
 from attnzoo.mechanisms.non_local import NonLocalBlock
 from attnzoo.mechanisms.sagan import ChannelSelfAttention, SpatialSelfAttention
@@ -82,6 +83,8 @@ __all__ = [
     "EfficientChannelAttention",
     "EfficientChannelAttentionMlp",
     "EffectiveSqueezeExcite",
+    "GlobalContext",
+    "GlobalContextAdd",
     # global self-attention: SAGAN spatial and channel, non-local
     "ChannelSelfAttention",
     "NonLocalBlock",

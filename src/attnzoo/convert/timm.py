@@ -149,3 +149,36 @@ def _ese(module: nn.Module) -> nn.Module:
 
 
 TIMM_CONVERTERS["timm.layers.squeeze_excite.EffectiveSEModule"] = _ese
+
+
+def _context_mlp(mlp: nn.Module, owner: nn.Module, ours: nn.Module) -> None:
+    """Check one of timm's ConvMlp transforms and copy its activation and LayerNorm eps into ``ours``."""
+    norm, drop = getattr(mlp, "norm", None), getattr(mlp, "drop", None)
+    if not isinstance(norm, nn.LayerNorm) or (isinstance(drop, nn.Dropout) and drop.p > 0):
+        raise _refuse(owner, "its context MLP is not fc1 -> LayerNorm2d -> act -> fc2 without dropout")
+    ours.act = _stateless(mlp.act, "act_layer", owner)
+    ours.norm.eps = norm.eps
+
+
+def _global_context(module: nn.Module) -> nn.Module:
+    """GlobalContext: any of use_attn, fuse_add, fuse_scale; the width from the weights."""
+    from attnzoo.mechanisms.global_context import GlobalContext, GlobalContextAdd
+
+    mlps = [m for m in (module.mlp_add, module.mlp_scale) if m is not None]
+    if not mlps:
+        raise _refuse(module, "neither fuse_add nor fuse_scale is set (timm's module is an identity)")
+    channels, hidden = mlps[0].fc1.in_channels, mlps[0].fc1.out_channels
+    fuse_add, fuse_scale = module.mlp_add is not None, module.mlp_scale is not None
+    cls = GlobalContextAdd if fuse_add and not fuse_scale else GlobalContext
+    ours = cls(
+        channels, rd_channels=hidden, use_attn=module.conv_attn is not None,
+        fuse_add=fuse_add, fuse_scale=fuse_scale, **_factory(module),
+    )
+    for name in ("mlp_add", "mlp_scale"):
+        if getattr(module, name) is not None:
+            _context_mlp(getattr(module, name), module, getattr(ours, name))
+    ours.gate = _stateless(module.gate, "gate", module)
+    return _finish(ours, module)
+
+
+TIMM_CONVERTERS["timm.layers.global_context.GlobalContext"] = _global_context
