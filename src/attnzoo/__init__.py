@@ -24,6 +24,7 @@ from attnzoo.mechanisms.eca import (
     EfficientChannelAttentionMlp,
 )
 from attnzoo.mechanisms.ese import EffectiveSqueezeExcite
+from attnzoo.mechanisms.gather_excite import GatherExcite
 from attnzoo.mechanisms.global_context import GlobalContext, GlobalContextAdd
 from attnzoo.mechanisms.mha import MultiHeadAttention
 from attnzoo.mechanisms.non_local import NonLocalBlock
@@ -83,6 +84,7 @@ __all__ = [
     "EfficientChannelAttention",
     "EfficientChannelAttentionMlp",
     "EffectiveSqueezeExcite",
+    "GatherExcite",
     "GlobalContext",
     "GlobalContextAdd",
     # global self-attention: SAGAN spatial and channel, non-local

@@ -182,3 +182,53 @@ def _global_context(module: nn.Module) -> nn.Module:
 
 
 TIMM_CONVERTERS["timm.layers.global_context.GlobalContext"] = _global_context
+
+
+def _gather_excite(module: nn.Module) -> nn.Module:
+    """GatherExcite: pooling or convolution gathers, with or without the MLP.
+
+    A convolution gather is copied as it is (timm pads the ``extent=0`` convolution to "same"; the
+    copy keeps that, and accepts any input size as timm does). A module without weights has no
+    channel count: the converted one has ``channels=None`` and accepts any C, like timm's.
+    """
+    from attnzoo.mechanisms.gather_excite import GatherExcite
+
+    gather, mlp = module.gather, module.mlp
+    channels = None
+    if gather is not None:
+        for name, child in gather.named_children():
+            if isinstance(child, nn.Conv2d):
+                if not (child.groups == child.in_channels == child.out_channels):
+                    raise _refuse(module, f"its gather.{name} is not a depth-wise convolution")
+                channels = child.in_channels
+            elif isinstance(child, nn.BatchNorm2d):
+                if not isinstance(child.eps, float) or not isinstance(child.momentum, (float, type(None))):
+                    raise _refuse(
+                        module, f"its gather.{name} has eps={child.eps!r}, momentum={child.momentum!r}"
+                    )
+            else:
+                _stateless(child, f"gather.{name}", module)
+    if isinstance(mlp, nn.Identity):
+        use_mlp, hidden = False, 1
+    else:
+        fc1, fc2 = getattr(mlp, "fc1", None), getattr(mlp, "fc2", None)
+        norm, drop = getattr(mlp, "norm", None), getattr(mlp, "drop", None)
+        if not (isinstance(fc1, nn.Conv2d) and isinstance(fc2, nn.Conv2d) and isinstance(norm, nn.Identity)):
+            raise _refuse(module, "its mlp is not timm's ConvMlp (fc1 -> act -> fc2, no norm)")
+        if isinstance(drop, nn.Dropout) and drop.p > 0:
+            raise _refuse(module, "its mlp has dropout")
+        use_mlp, hidden, channels = True, fc1.out_channels, fc1.in_channels
+    ours = GatherExcite(
+        channels or 1, module.extent, use_mlp=use_mlp, rd_channels=hidden,
+        add_maxpool=bool(module.add_maxpool), **_factory(module),
+    )
+    if gather is not None:
+        ours.gather = copy.deepcopy(gather)
+    if use_mlp:
+        ours.mlp.act = _stateless(mlp.act, "mlp.act", module)
+    ours.gate = _stateless(module.gate, "gate", module)
+    ours.channels = channels
+    return _finish(ours, module)
+
+
+TIMM_CONVERTERS["timm.layers.gather_excite.GatherExcite"] = _gather_excite

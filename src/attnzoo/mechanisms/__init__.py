@@ -8,6 +8,7 @@ from attnzoo.mechanisms import (  # noqa: F401 (imported for registration)
     dual_gated,
     eca,
     ese,
+    gather_excite,
     global_context,
     mha,
     non_local,
