@@ -26,6 +26,7 @@ from attnzoo.mechanisms.eca import (
 from attnzoo.mechanisms.ese import EffectiveSqueezeExcite
 from attnzoo.mechanisms.gather_excite import GatherExcite
 from attnzoo.mechanisms.global_context import GlobalContext, GlobalContextAdd
+from attnzoo.mechanisms.light_cbam import LightCBAM
 from attnzoo.mechanisms.mha import MultiHeadAttention
 from attnzoo.mechanisms.non_local import NonLocalBlock
 from attnzoo.mechanisms.sagan import ChannelSelfAttention, SpatialSelfAttention
@@ -87,6 +88,7 @@ __all__ = [
     "GatherExcite",
     "GlobalContext",
     "GlobalContextAdd",
+    "LightCBAM",
     # global self-attention: SAGAN spatial and channel, non-local
     "ChannelSelfAttention",
     "NonLocalBlock",

@@ -232,3 +232,31 @@ def _gather_excite(module: nn.Module) -> nn.Module:
 
 
 TIMM_CONVERTERS["timm.layers.gather_excite.GatherExcite"] = _gather_excite
+
+
+def _light_cbam(module: nn.Module) -> nn.Module:
+    """LightCbamModule: the channel MLP, the spatial conv + BatchNorm. timm's channel gate is always
+    the sigmoid (``F.sigmoid``, whatever its ``gate`` holds); its spatial gate is copied."""
+    from attnzoo.mechanisms.light_cbam import LightCBAM
+
+    channel, spatial = module.channel, module.spatial
+    fc1, fc2 = channel.fc1, channel.fc2
+    conv, bn = spatial.conv.conv, spatial.conv.bn
+    if not all(isinstance(m, nn.Conv2d) for m in (fc1, fc2, conv)) or not isinstance(bn, nn.BatchNorm2d):
+        raise _refuse(module, "its layers are not timm's (1x1 convolutions, a conv + BatchNorm)")
+    kernel = conv.kernel_size[0]
+    if conv.kernel_size != (kernel, kernel) or kernel % 2 == 0 or conv.padding != (kernel // 2,) * 2:
+        raise _refuse(module, f"its spatial convolution {conv} is not odd, square and 'same'-padded")
+    if not isinstance(getattr(bn, "act", nn.Identity()), nn.Identity):
+        raise _refuse(module, "its spatial BatchNorm has an activation")
+    ours = LightCBAM(
+        fc1.in_channels, rd_channels=fc1.out_channels, kernel_size=kernel, bias=fc1.bias is not None,
+        **_factory(module),
+    )
+    ours.channel.act = _stateless(channel.act, "channel.act", module)
+    ours.spatial.gate = _stateless(spatial.gate, "spatial.gate", module)
+    ours.spatial.conv.bn.eps, ours.spatial.conv.bn.momentum = bn.eps, bn.momentum
+    return _finish(ours, module)
+
+
+TIMM_CONVERTERS["timm.layers.cbam.LightCbamModule"] = _light_cbam

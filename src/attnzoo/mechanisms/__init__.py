@@ -10,6 +10,7 @@ from attnzoo.mechanisms import (  # noqa: F401 (imported for registration)
     ese,
     gather_excite,
     global_context,
+    light_cbam,
     mha,
     non_local,
     sagan,
