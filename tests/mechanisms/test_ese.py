@@ -77,3 +77,13 @@ def test_from_timm_refuses_a_replaced_fc():
     theirs.fc = nn.Conv2d(8, 8, 3, padding=1)
     with pytest.raises(TypeError, match="fc"):
         from_timm(theirs)
+
+
+def test_default_gate_has_a_double_backward_and_matches_hardsigmoid():
+    m = EffectiveSqueezeExcite(4, dtype=D)
+    z = torch.linspace(-5, 5, 41, dtype=D)
+    torch.testing.assert_close(m.gate(z), nn.functional.hardsigmoid(z), atol=1e-15, rtol=0)
+    x = torch.randn(1, 4, 3, 2, dtype=D, requires_grad=True)
+    assert torch.autograd.gradgradcheck(m, (x,))
+    converted = from_timm(timm_layers.create_attn("ese", 4))
+    assert type(converted.gate).__name__ == "HardSigmoid"

@@ -44,6 +44,10 @@ def _stateless(module: object, name: str, owner: nn.Module) -> nn.Module:
         raise _refuse(owner, f"its {name} is a {type(module).__name__}, not an nn.Module")
     if any(True for _ in module.parameters()) or any(True for _ in module.buffers()):
         raise _refuse(owner, f"its {name} ({type(module).__qualname__}) has weights")
+    if type(module) is nn.Hardsigmoid:  # the same function, with a double backward
+        from attnzoo.mechanisms.ese import HardSigmoid
+
+        return HardSigmoid()
     return copy.deepcopy(module)
 
 

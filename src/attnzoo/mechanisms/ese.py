@@ -19,7 +19,15 @@ from attnzoo._registry import Example, register
 from attnzoo.maps.capture import capturing, record
 from attnzoo.mechanisms._widths import check_layer
 
-__all__ = ["EffectiveSqueezeExcite", "pooled_mean_max"]
+__all__ = ["EffectiveSqueezeExcite", "HardSigmoid", "pooled_mean_max"]
+
+
+class HardSigmoid(nn.Module):
+    """`clamp(z / 6 + 1/2, 0, 1)`: `nn.Hardsigmoid` as a composite op, so it has a double backward
+    (torch's `hardsigmoid_backward` has none) and works under `torch.func` transforms."""
+
+    def forward(self, z: Tensor) -> Tensor:
+        return torch.clamp(z / 6 + 0.5, 0.0, 1.0)
 
 
 def pooled_mean_max(x: Tensor, add_maxpool: bool) -> Tensor:
@@ -56,7 +64,8 @@ class EffectiveSqueezeExcite(nn.Module):
         channels: Number of input channels C.
         add_maxpool: Pool with `(mean + max) / 2` instead of the mean (a timm experiment).
             Default: False.
-        gate_layer: Gate activation class. Default: `nn.Hardsigmoid` (the paper's).
+        gate_layer: Gate activation class. Default: `HardSigmoid` (the paper's hard sigmoid, the
+            same function as `nn.Hardsigmoid`, with a double backward).
         device: Device of the parameters. Default: None.
         dtype: dtype of the parameters. Default: None.
 
@@ -79,7 +88,7 @@ class EffectiveSqueezeExcite(nn.Module):
         channels: int,
         add_maxpool: bool = False,
         *,
-        gate_layer: type[nn.Module] = nn.Hardsigmoid,
+        gate_layer: type[nn.Module] = HardSigmoid,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
