@@ -109,3 +109,4 @@ def test_errors_name_the_argument():
 
 def test_convert_dispatch():
     assert type(convert(timm_layers.create_attn("gca", 16))) is GlobalContextAdd
+
