@@ -27,6 +27,15 @@ from attnzoo.mechanisms.coord import (
     StripAttention,
 )
 from attnzoo.mechanisms.dual_gated import DualGatedAttention
+from attnzoo.mechanisms.eca import (
+    CircularEfficientChannelAttention,
+    EfficientChannelAttention,
+    EfficientChannelAttentionMlp,
+)
+from attnzoo.mechanisms.ese import EffectiveSqueezeExcite
+from attnzoo.mechanisms.gather_excite import GatherExcite
+from attnzoo.mechanisms.global_context import GlobalContext, GlobalContextAdd
+from attnzoo.mechanisms.light_cbam import LightCBAM
 from attnzoo.mechanisms.linear import LinearAttention
 from attnzoo.mechanisms.mha import MultiHeadAttention
 from attnzoo.mechanisms.neighborhood import (
@@ -89,6 +98,15 @@ __all__ = [
     "SKConv",
     "SpatialAttention",
     "SqueezeExcite",
+    # breadth-a: timm's gates (eca, ceca, ecam, ese, gc, gca, ge, lcbam)
+    "CircularEfficientChannelAttention",
+    "EfficientChannelAttention",
+    "EfficientChannelAttentionMlp",
+    "EffectiveSqueezeExcite",
+    "GatherExcite",
+    "GlobalContext",
+    "GlobalContextAdd",
+    "LightCBAM",
     # global self-attention: SAGAN spatial and channel, non-local
     "ChannelSelfAttention",
     "NonLocalBlock",

@@ -1,0 +1,207 @@
+"""timm -> attnzoo converters for the channel gates (eca, ecam, ceca, ese), global context (gc, gca),
+gather-excite (ge) and light CBAM (lcbam); `attnzoo.convert.timm.from_timm` dispatches to them."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+from torch import nn
+
+from attnzoo.convert._timm_common import factory as _factory
+from attnzoo.convert._timm_common import refuse as _refuse
+
+__all__ = ["CONVERTERS"]
+
+# dotted timm class name -> converter; filled below.
+CONVERTERS: dict[str, Callable[[nn.Module], nn.Module]] = {}
+TIMM_CONVERTERS = CONVERTERS  # the name the blocks below register under
+
+
+def _stateless(module: object, name: str, owner: nn.Module) -> nn.Module:
+    """A copy of an activation module (no parameters, no buffers) to put into the attnzoo module."""
+    if not isinstance(module, nn.Module):
+        raise _refuse(owner, f"its {name} is a {type(module).__name__}, not an nn.Module")
+    if any(True for _ in module.parameters()) or any(True for _ in module.buffers()):
+        raise _refuse(owner, f"its {name} ({type(module).__qualname__}) has weights")
+    if type(module) is nn.Hardsigmoid:  # the same function, with a double backward
+        from attnzoo.mechanisms.ese import HardSigmoid
+
+        return HardSigmoid()
+    return copy.deepcopy(module)
+
+
+def _finish(ours: nn.Module, theirs: nn.Module) -> nn.Module:
+    """Copy the weights (strict) and the training flag of ``theirs`` into ``ours``."""
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    return ours.train(theirs.training)
+
+
+# =============================================================================================
+# breadth-a block: channel gates (eca, ecam, ceca, ese), global context (gc, gca),
+# gather-excite (ge), light CBAM (lcbam).
+# =============================================================================================
+
+
+def _eca(module: nn.Module) -> nn.Module:
+    """EcaModule (plain or ``use_mlp=True``) and CecaModule. Their weights do not depend on the channel
+    count (timm's ``EcaModule`` even takes ``channels=None``), so the converted module has
+    ``channels=None`` and, like timm's, accepts any C."""
+    from attnzoo.mechanisms.eca import (
+        CircularEfficientChannelAttention,
+        EfficientChannelAttention,
+        EfficientChannelAttentionMlp,
+    )
+
+    conv, conv2 = module.conv, getattr(module, "conv2", None)
+    if not isinstance(conv, nn.Conv1d) or (conv2 is not None and not isinstance(conv2, nn.Conv1d)):
+        raise _refuse(module, "its conv layers are not nn.Conv1d")
+    factory = _factory(module)
+    if conv2 is not None:  # use_mlp=True
+        ours: nn.Module = EfficientChannelAttentionMlp(
+            1, conv2.kernel_size[0], rd_channels=conv.out_channels, **factory
+        )
+        ours.act = _stateless(module.act, "act", module)
+    elif type(module).__name__ == "CecaModule":
+        kernel, bias = conv.kernel_size[0], conv.bias is not None
+        ours = CircularEfficientChannelAttention(1, kernel, bias=bias, **factory)
+    else:
+        if conv.padding[0] != (conv.kernel_size[0] - 1) // 2:
+            raise _refuse(module, f"its padding {conv.padding} is not (kernel_size - 1) // 2")
+        ours = EfficientChannelAttention(1, conv.kernel_size[0], bias=conv.bias is not None, **factory)
+    ours.gate = _stateless(module.gate, "gate", module)
+    ours.channels = None
+    return _finish(ours, module)
+
+
+for _name in ("timm.layers.eca.EcaModule", "timm.layers.eca.CecaModule"):
+    TIMM_CONVERTERS[_name] = _eca
+
+
+def _ese(module: nn.Module) -> nn.Module:
+    """EffectiveSEModule: the 1x1 convolution ``fc`` (C, C, 1, 1) with bias, and the gate."""
+    from attnzoo.mechanisms.ese import EffectiveSqueezeExcite
+
+    fc = module.fc
+    square = isinstance(fc, nn.Conv2d) and fc.in_channels == fc.out_channels
+    if not square or fc.kernel_size != (1, 1) or fc.groups != 1:
+        raise _refuse(module, "its fc is not a square 1x1 nn.Conv2d")
+    if fc.bias is None:
+        raise _refuse(module, "its fc has no bias")
+    ours = EffectiveSqueezeExcite(fc.in_channels, bool(module.add_maxpool), **_factory(module))
+    ours.gate = _stateless(module.gate, "gate", module)
+    return _finish(ours, module)
+
+
+TIMM_CONVERTERS["timm.layers.squeeze_excite.EffectiveSEModule"] = _ese
+
+
+def _context_mlp(mlp: nn.Module, owner: nn.Module, ours: nn.Module) -> None:
+    """Check one of timm's ConvMlp transforms and copy its activation and LayerNorm eps into ``ours``."""
+    norm, drop = getattr(mlp, "norm", None), getattr(mlp, "drop", None)
+    if not isinstance(norm, nn.LayerNorm) or (isinstance(drop, nn.Dropout) and drop.p > 0):
+        raise _refuse(owner, "its context MLP is not fc1 -> LayerNorm2d -> act -> fc2 without dropout")
+    ours.act = _stateless(mlp.act, "act_layer", owner)
+    ours.norm.eps = norm.eps
+
+
+def _global_context(module: nn.Module) -> nn.Module:
+    """GlobalContext: any of use_attn, fuse_add, fuse_scale; the width from the weights."""
+    from attnzoo.mechanisms.global_context import GlobalContext, GlobalContextAdd
+
+    mlps = [m for m in (module.mlp_add, module.mlp_scale) if m is not None]
+    if not mlps:
+        raise _refuse(module, "neither fuse_add nor fuse_scale is set (timm's module is an identity)")
+    channels, hidden = mlps[0].fc1.in_channels, mlps[0].fc1.out_channels
+    fuse_add, fuse_scale = module.mlp_add is not None, module.mlp_scale is not None
+    cls = GlobalContextAdd if fuse_add and not fuse_scale else GlobalContext
+    ours = cls(
+        channels, rd_channels=hidden, use_attn=module.conv_attn is not None,
+        fuse_add=fuse_add, fuse_scale=fuse_scale, **_factory(module),
+    )
+    for name in ("mlp_add", "mlp_scale"):
+        if getattr(module, name) is not None:
+            _context_mlp(getattr(module, name), module, getattr(ours, name))
+    ours.gate = _stateless(module.gate, "gate", module)
+    return _finish(ours, module)
+
+
+TIMM_CONVERTERS["timm.layers.global_context.GlobalContext"] = _global_context
+
+
+def _gather_excite(module: nn.Module) -> nn.Module:
+    """GatherExcite: pooling or convolution gathers, with or without the MLP.
+
+    A convolution gather is copied as it is (timm pads the ``extent=0`` convolution to "same"; the
+    copy keeps that, and accepts any input size as timm does). A module without weights has no
+    channel count: the converted one has ``channels=None`` and accepts any C, like timm's.
+    """
+    from attnzoo.mechanisms.gather_excite import GatherExcite
+
+    gather, mlp = module.gather, module.mlp
+    channels = None
+    if gather is not None:
+        for name, child in gather.named_children():
+            if isinstance(child, nn.Conv2d):
+                if not (child.groups == child.in_channels == child.out_channels):
+                    raise _refuse(module, f"its gather.{name} is not a depth-wise convolution")
+                channels = child.in_channels
+            elif isinstance(child, nn.BatchNorm2d):
+                if not isinstance(child.eps, float) or not isinstance(child.momentum, (float, type(None))):
+                    raise _refuse(
+                        module, f"its gather.{name} has eps={child.eps!r}, momentum={child.momentum!r}"
+                    )
+            else:
+                _stateless(child, f"gather.{name}", module)
+    if isinstance(mlp, nn.Identity):
+        use_mlp, hidden = False, 1
+    else:
+        fc1, fc2 = getattr(mlp, "fc1", None), getattr(mlp, "fc2", None)
+        norm, drop = getattr(mlp, "norm", None), getattr(mlp, "drop", None)
+        if not (isinstance(fc1, nn.Conv2d) and isinstance(fc2, nn.Conv2d) and isinstance(norm, nn.Identity)):
+            raise _refuse(module, "its mlp is not timm's ConvMlp (fc1 -> act -> fc2, no norm)")
+        if isinstance(drop, nn.Dropout) and drop.p > 0:
+            raise _refuse(module, "its mlp has dropout")
+        use_mlp, hidden, channels = True, fc1.out_channels, fc1.in_channels
+    ours = GatherExcite(
+        channels or 1, module.extent, use_mlp=use_mlp, rd_channels=hidden,
+        add_maxpool=bool(module.add_maxpool), **_factory(module),
+    )
+    if gather is not None:
+        ours.gather = copy.deepcopy(gather)
+    if use_mlp:
+        ours.mlp.act = _stateless(mlp.act, "mlp.act", module)
+    ours.gate = _stateless(module.gate, "gate", module)
+    ours.channels = channels
+    return _finish(ours, module)
+
+
+TIMM_CONVERTERS["timm.layers.gather_excite.GatherExcite"] = _gather_excite
+
+
+def _light_cbam(module: nn.Module) -> nn.Module:
+    """LightCbamModule: the channel MLP, the spatial conv + BatchNorm. timm's channel gate is always
+    the sigmoid (``F.sigmoid``, whatever its ``gate`` holds); its spatial gate is copied."""
+    from attnzoo.mechanisms.light_cbam import LightCBAM
+
+    channel, spatial = module.channel, module.spatial
+    fc1, fc2 = channel.fc1, channel.fc2
+    conv, bn = spatial.conv.conv, spatial.conv.bn
+    if not all(isinstance(m, nn.Conv2d) for m in (fc1, fc2, conv)) or not isinstance(bn, nn.BatchNorm2d):
+        raise _refuse(module, "its layers are not timm's (1x1 convolutions, a conv + BatchNorm)")
+    kernel = conv.kernel_size[0]
+    if conv.kernel_size != (kernel, kernel) or kernel % 2 == 0 or conv.padding != (kernel // 2,) * 2:
+        raise _refuse(module, f"its spatial convolution {conv} is not odd, square and 'same'-padded")
+    if not isinstance(getattr(bn, "act", nn.Identity()), nn.Identity):
+        raise _refuse(module, "its spatial BatchNorm has an activation")
+    ours = LightCBAM(
+        fc1.in_channels, rd_channels=fc1.out_channels, kernel_size=kernel, bias=fc1.bias is not None,
+        **_factory(module),
+    )
+    ours.channel.act = _stateless(channel.act, "channel.act", module)
+    ours.spatial.gate = _stateless(spatial.gate, "spatial.gate", module)
+    ours.spatial.conv.bn.eps, ours.spatial.conv.bn.momentum = bn.eps, bn.momentum
+    return _finish(ours, module)
+
+
+TIMM_CONVERTERS["timm.layers.cbam.LightCbamModule"] = _light_cbam
