@@ -120,7 +120,17 @@ def replace(
         >>> model.add_module("space_attention", nn.Identity())  # a placeholder to swap
         >>> x = torch.randn(1, 3, 28, 28)
         >>> attnzoo.replace(model, "space_attention", "bra", n_win=7, topk=4, example_input=x)
-        >>> attnzoo.replace(encoder, torch.nn.MultiheadAttention)   # same weights, same output
+        ['space_attention']
+        >>> layer = nn.TransformerEncoderLayer(d_model=16, nhead=2, batch_first=True)
+        >>> encoder = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False).eval()
+        >>> tokens = torch.randn(2, 5, 16)
+        >>> before = encoder(tokens)
+        >>> attnzoo.replace(encoder, torch.nn.MultiheadAttention)  # same weights, same output
+        ['layers.0.self_attn', 'layers.1.self_attn']
+        >>> torch.allclose(encoder(tokens), before, atol=1e-6)
+        True
+
+        ```
     """
     if attention is None:
         return _convert_instances(model, where, example_input, kwargs)
