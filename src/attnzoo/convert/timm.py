@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from attnzoo.convert.timm_existing import EXISTING_CONVERTERS as _FCV_INTEROP  # fcv-interop block
+
 __all__ = ["TIMM_CONVERTERS", "from_timm"]
 
 
@@ -249,16 +251,23 @@ _BREADTH_B: dict[str, Callable[[nn.Module], nn.Module]] = {
 
 # ---- end breadth-b ------------------------------------------------------------------------------
 
-TIMM_CONVERTERS: dict[str, Callable[[nn.Module], nn.Module]] = {**_BREADTH_B}
+# ---- fcv-interop: se, cbam, sk, window, nonlocal -------------------------------------------------
+# SEModule, CbamModule, SelectiveKernel, Swin WindowAttention, NonLocalAttn -> the existing canonical
+# classes: the converters are in attnzoo.convert.timm_existing (_FCV_INTEROP, imported above).
+# ---- end fcv-interop ----------------------------------------------------------------------------
+
+TIMM_CONVERTERS: dict[str, Callable[[nn.Module], nn.Module]] = {**_BREADTH_B, **_FCV_INTEROP}
 
 
 def from_timm(module: nn.Module) -> nn.Module:
     """A timm attention module -> the canonical attnzoo module with the same weights and outputs.
 
     Known classes: the keys of ``TIMM_CONVERTERS`` (``CoordAttn``, ``SimpleCoordAttn``,
-    ``EfficientLocalAttn``, ``StripAttn``, ...). The result is an independent copy (weights and
-    buffers copied, timm's activation and norm instances deep-copied) on the module's device, in its
-    dtype and training mode.
+    ``EfficientLocalAttn``, ``StripAttn``, ..., and ``SEModule`` -> ``SqueezeExcite``,
+    ``CbamModule`` -> ``CBAM``, ``SelectiveKernel`` -> ``SKConv``, Swin's ``WindowAttention`` ->
+    ``WindowAttention``, ``NonLocalAttn`` -> ``NonLocalBlock``). The result is an independent
+    copy (weights and buffers copied, timm's activation and norm instances deep-copied) on the
+    module's device, in its dtype and training mode.
 
     Args:
         module: An instance of a known timm class (a subclass that keeps timm's forward too).
