@@ -10,7 +10,7 @@ from torch import nn
 import attnzoo
 from attnzoo import CBAM, ACmix, SKConv, SqueezeExcite
 from attnzoo.convert import convert, from_fightingcv
-from attnzoo.convert.fightingcv import rename
+from attnzoo.convert.fightingcv_existing import rename
 
 WHY = "fightingcv_attention is not installed"
 se_mod = pytest.importorskip("fightingcv_attention.attention.SEAttention", reason=WHY)
@@ -169,5 +169,5 @@ def test_replace_swaps_fightingcv_modules_in_a_model() -> None:
 
 
 def test_from_fightingcv_refuses_unknown_classes() -> None:
-    with pytest.raises(TypeError, match=r"from_fightingcv: no converter for torch\.nn\.modules\.linear"):
+    with pytest.raises(TypeError, match=r"from_fightingcv cannot convert torch\.nn\.modules\.linear\.Linear"):
         from_fightingcv(nn.Linear(2, 2))
