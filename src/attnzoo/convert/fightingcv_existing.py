@@ -107,8 +107,9 @@ def sk_from_fightingcv(module: Any) -> SKConv:
         bias=convs[0].bias is not None,
         **factory(module),
     )
-    for ours, branch in zip(new.convs, module.convs, strict=True):
-        ours[1].eps, ours[1].momentum = branch.bn.eps, branch.bn.momentum
+    for i, branch in enumerate(module.convs):
+        bn = new.get_submodule(f"convs.{i}.1")
+        bn.eps, bn.momentum = branch.bn.eps, branch.bn.momentum
     names = {}
     for i in range(len(convs)):
         names[f"convs.{i}.conv."], names[f"convs.{i}.bn."] = f"convs.{i}.0.", f"convs.{i}.1."

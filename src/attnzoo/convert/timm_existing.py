@@ -163,12 +163,12 @@ def sk_from_timm(module: Any) -> SKConv:
         fuse_norm_act=True,
         **factory(module),
     )
-    for ours, theirs in zip(new.convs, convs, strict=True):
-        if ours[0].padding != theirs.padding or ours[0].kernel_size != theirs.kernel_size:
-            raise refuse(module, f"a path's convolution ({theirs}) is not SKConv's ({ours[0]})")
-    for ours, path in zip(new.convs, module.paths, strict=True):
-        same_norm(ours[1], path.bn)
-    same_norm(new.fuse[0], attn.bn)
+    for i, (theirs, path) in enumerate(zip(convs, module.paths, strict=True)):
+        ours = new.get_submodule(f"convs.{i}.0")
+        if ours.padding != theirs.padding or ours.kernel_size != theirs.kernel_size:
+            raise refuse(module, f"a path's convolution ({theirs}) is not SKConv's ({ours})")
+        same_norm(new.get_submodule(f"convs.{i}.1"), path.bn)
+    same_norm(new.get_submodule("fuse.0"), attn.bn)
     state = {"fc.weight": attn.fc_reduce.weight.flatten(1)}  # (d, C', 1, 1) -> (d, C')
     for key, value in attn.bn.state_dict().items():
         state[f"fuse.0.{key}"] = value
@@ -215,7 +215,7 @@ def nonlocal_from_timm(module: Any) -> NonLocalBlock:
         qk_scale=float(module.scale),
         **factory(module),
     )
-    same_norm(new.W[1], module.norm)
+    same_norm(new.get_submodule("W.1"), module.norm)
     names = {"t.": "theta.", "p.": "phi.", "g.": "g.", "z.": "W.0.", "norm.": "W.1."}
     state = {}
     for key, value in module.state_dict().items():
