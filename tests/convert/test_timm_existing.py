@@ -138,6 +138,12 @@ def test_selective_kernel(config: int, train: bool) -> None:
     ours = convert_checked(theirs, SKConv)
     check_same(theirs, ours, shape, train)
     assert ours.split_input == theirs.split_input
+    ours.eval()
+    theirs.eval()
+    out, weights = ours(x_of(*shape), need_weights=True)  # the plain-autograd path
+    torch.testing.assert_close(out, theirs(x_of(*shape)), **TOL)
+    assert weights.shape == (shape[0], len(theirs.paths), theirs.out_channels)
+    torch.testing.assert_close(weights.sum(1), torch.ones_like(weights[:, 0]), **TOL)
 
 
 def test_selective_kernel_refusals() -> None:
