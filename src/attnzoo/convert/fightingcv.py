@@ -13,6 +13,8 @@ from typing import Any
 
 from torch import nn
 
+from attnzoo.convert.fightingcv_existing import EXISTING_CONVERTERS as _FCV_INTEROP  # fcv-interop block
+
 __all__ = ["FIGHTINGCV_CONVERTERS", "from_fightingcv"]
 
 
@@ -42,13 +44,17 @@ def _coord_att(module: Any) -> nn.Module:
 
 FIGHTINGCV_CONVERTERS: dict[str, Callable[[nn.Module], nn.Module]] = {
     "fightingcv_attention.attention.CoordAttention.CoordAtt": _coord_att,
+    # ---- fcv-interop: SEAttention, CBAMBlock, SKAttention, ACmix (attnzoo.convert.fightingcv_existing)
+    **_FCV_INTEROP,
 }
 
 
 def from_fightingcv(module: nn.Module) -> nn.Module:
     """A fightingcv attention module -> the canonical attnzoo module with the same weights and outputs.
 
-    Known classes: the keys of ``FIGHTINGCV_CONVERTERS`` (``CoordAtt`` -> ``CoordAttention``).
+    Known classes: the keys of ``FIGHTINGCV_CONVERTERS`` (``CoordAtt`` -> ``CoordAttention``,
+    ``SEAttention`` -> ``SqueezeExcite``, ``CBAMBlock`` -> ``CBAM``, ``SKAttention`` -> ``SKConv``,
+    ``ACmix`` -> ``ACmix``).
 
     Args:
         module: An instance of a known fightingcv class.

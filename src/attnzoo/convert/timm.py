@@ -5,7 +5,7 @@ attnzoo classes that compute the same function.
 module's device, in its dtype and training mode, whose output equals timm's. Converters are keyed by
 timm's dotted class names (`TIMM_CONVERTERS`), so nothing here imports timm; `attnzoo.convert`
 registers every key, so `attnzoo.convert.convert` and `attnzoo.replace(model, TimmClass)` reach
-them too. The converters live by family in `timm_gates` and `timm_strip`.
+them too. The converters live by family in `timm_existing`, `timm_gates` and `timm_strip`.
 """
 
 from __future__ import annotations
@@ -14,13 +14,14 @@ from collections.abc import Callable
 
 from torch import nn
 
-from attnzoo.convert import timm_gates, timm_strip
+from attnzoo.convert import timm_existing, timm_gates, timm_strip
 from attnzoo.convert._timm_common import dotted as _dotted
 from attnzoo.convert._timm_common import same_forward as _same_forward
 
 __all__ = ["TIMM_CONVERTERS", "from_timm"]
 
 TIMM_CONVERTERS: dict[str, Callable[[nn.Module], nn.Module]] = {
+    **timm_existing.EXISTING_CONVERTERS,  # se, cbam, sk, Swin's window attention, nl
     **timm_gates.CONVERTERS,
     **timm_strip.CONVERTERS,
 }

@@ -15,7 +15,9 @@ channel-gated intermediate and no max-pool masks for backward. The argument name
 Deviation from the official code (kept from the seed): the spatial convolution has no BatchNorm
 unless `norm_layer=nn.BatchNorm2d` (the official code and timm have one). The seed's classes
 (`ChannelAttention(in_channels, ...)`, `SpatialAttention(kernel_size, ...)`, `CBAtten_Res`) are in
-`attnzoo.mechanisms.cbam_seed` and `attnzoo.compat`.
+`attnzoo.mechanisms.cbam_seed` and `attnzoo.compat`. Options for other ports: the spatial
+convolution's `bias`, the order of its two pooled maps (`pool_order`), any odd `kernel_size`, and the
+block's `residual` (fightingcv's `CBAMBlock` has all four: see `attnzoo.convert.from_fightingcv`).
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ from attnzoo.mechanisms.se import from_batch_first, gate_plainly, make_act, rd_w
 __all__ = ["ChannelAttention", "SpatialAttention", "CBAM", "cbam_gate"]
 
 PAPER = "CBAM: Convolutional Block Attention Module"
-KERNEL_SIZES = (3, 5, 7)
+KERNEL_SIZES = (3, 5, 7)  # the seed's choices (cbam_seed, cbam_res)
+POOL_ORDERS = ("mean_max", "max_mean")
 Layer = Callable[..., nn.Module]
 
 
@@ -45,7 +48,7 @@ def _plan(ca: ChannelAttention | None, sa: SpatialAttention | None) -> GatePlan:
         channel_fn=None if ca is None else ca.excite,
         channel_stats=("mean", "max"),
         spatial_fn=None if sa is None else sa.excite,
-        spatial_stats=("mean", "max"),
+        spatial_stats=("mean", "max") if sa is None else sa.stats,
     )
 
 
@@ -67,6 +70,13 @@ def cbam_gate(
     if channel is None or sg is None:
         return out, channel if sg is None else sg
     return out, channel * sg  # (B, C, 1, 1) * (B, 1, H, W) -> (B, C, H, W)
+
+
+def odd_kernel(kernel_size: int, who: str) -> int:
+    """A spatial kernel size: an odd positive int (the output keeps H and W)."""
+    if check_int(kernel_size, "kernel_size", who) % 2 == 0:
+        raise ValueError(f"{who}: kernel_size must be odd, got {kernel_size}")
+    return kernel_size
 
 
 def finish(
@@ -190,14 +200,18 @@ class SpatialAttention(nn.Module):
     """CBAM spatial attention: $x \\cdot \\sigma(\\mathrm{conv}_k([\\mathrm{mean}_c x, \\max_c x]))$.
 
     timm's `SpatialAttn` with the width first (timm passes it to every attention layer). State dict
-    keys: `conv.weight` (1, 2, k, k), no bias (the seed's), and `bn.*` with a `norm_layer`. The seed's
+    keys: `conv.weight` (1, 2, k, k), no bias (the seed's; `conv.bias` with `bias=True`), and `bn.*`
+    with a `norm_layer`. The seed's
     `SpatialAttention(kernel_size=3, batch_first=True)` is `attnzoo.compat.SpatialAttention`.
 
     Args:
         channels: Number of input channels C, checked on every input; None accepts any (the gate
             itself works for any C). Default: None.
-        kernel_size: Size of the convolution over the two pooled maps, one of 3, 5, 7. Default: 7
+        kernel_size: Size of the convolution over the two pooled maps, an odd int. Default: 7
             (the paper's; the seed's is 3).
+        bias: Bias in the convolution (fightingcv's has one). Default: False.
+        pool_order: Order of the pooled maps fed to the convolution: `"mean_max"` (the paper's,
+            timm's) or `"max_mean"` (fightingcv's). Default: `"mean_max"`.
         norm_layer: Normalisation after the convolution, `norm_layer(1)`; `nn.BatchNorm2d` as in the
             official code and timm. Default: None.
         gate_layer: Gate activation. Default: `nn.Sigmoid`.
@@ -223,6 +237,8 @@ class SpatialAttention(nn.Module):
         channels: int | None = None,
         kernel_size: int = 7,
         *,
+        bias: bool = False,
+        pool_order: str = "mean_max",
         norm_layer: Layer | None = None,
         gate_layer: Layer = nn.Sigmoid,
         batch_first: bool = True,
@@ -234,16 +250,18 @@ class SpatialAttention(nn.Module):
         who = type(self).__name__
         if channels is not None:
             check_int(channels, "channels", who)
-        check_choice(kernel_size, KERNEL_SIZES, "kernel_size", who)
+        odd_kernel(kernel_size, who)
+        order = check_choice(pool_order, POOL_ORDERS, "pool_order", who)
+        self.stats: tuple[str, ...] = tuple(order.split("_"))  # "max_mean" -> ("max", "mean")
         self.channels, self.kernel_size = channels, kernel_size
         self.batch_first = bool(batch_first)
-        self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=False, **dd)
+        self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=bias, **dd)
         self.bn: nn.Module = norm_layer(1, **dd) if norm_layer is not None else nn.Identity()
         self.gate = gate_layer()
 
-    def excite(self, mean: Tensor, peak: Tensor) -> Tensor:
-        """The gate (B, 1, H, W) from the mean and max (B, 1, H, W) over channels."""
-        gate = self.gate(self.bn(self.conv(torch.cat([mean, peak], dim=1))))  # (B, 2, H, W) -> (B, 1, H, W)
+    def excite(self, *stats: Tensor) -> Tensor:
+        """The gate (B, 1, H, W) from the mean and max (B, 1, H, W) over channels, in `pool_order`."""
+        gate = self.gate(self.bn(self.conv(torch.cat(stats, dim=1))))  # (B, 2, H, W) -> (B, 1, H, W)
         if capturing():  # map capture
             record(self, "spatial", gate[:, 0], grid=gate.shape[2:])
         return gate
@@ -280,7 +298,7 @@ class CBAM(nn.Module):
         channels: Number of input channels C.
         reduction: Bottleneck ratio of the channel MLP (hidden width `C / reduction`, rounded to a
             multiple of `rd_divisor`). Default: 16.
-        kernel_size: Spatial convolution size, one of 3, 5, 7. Default: 7 (the paper's).
+        kernel_size: Spatial convolution size, an odd int. Default: 7 (the paper's).
         rd_channels: Hidden width of the channel MLP, overriding `reduction`. Default: None.
         rd_divisor: Round the hidden width to a multiple of this. Default: 1.
         bias: Biases in the channel MLP (timm's `mlp_bias`). Default: False.
@@ -288,6 +306,11 @@ class CBAM(nn.Module):
         norm_layer: Normalisation after the spatial convolution; `nn.BatchNorm2d` as the official code
             and timm. Default: None.
         gate_layer: Activation of both gates. Default: `nn.Sigmoid`.
+        spatial_bias: Bias in the spatial convolution (fightingcv's has one). Default: False.
+        pool_order: Order of the spatial convolution's pooled maps, `"mean_max"` or `"max_mean"`
+            (fightingcv's). Default: `"mean_max"`.
+        residual: Return `x * gate + x` (fightingcv's `CBAMBlock`) instead of `x * gate`.
+            Default: False.
         batch_first: If False the input is (C, B, H, W). Default: True.
         device: Device of the parameters. Default: None.
         dtype: dtype of the parameters. Default: None.
@@ -296,7 +319,8 @@ class CBAM(nn.Module):
         - Input: (B, C, H, W), or (C, B, H, W) when `batch_first=False`.
         - Output: same shape as the input.
         - Weights (`need_weights=True`): the product of both gates (B, C, H, W), so that
-          `out == x * weights` (as large as the input: ask for it only to look at it).
+          `out == x * weights` (`x * weights + x` with `residual`; as large as the input: ask for it
+          only to look at it).
 
     Submodules `ca` (`ChannelAttention`) and `sa` (`SpatialAttention`) hold the weights, under the
     same keys as in the seed's `CBAtten_Res`.
@@ -321,6 +345,9 @@ class CBAM(nn.Module):
         act_layer: Layer = nn.ReLU,
         norm_layer: Layer | None = None,
         gate_layer: Layer = nn.Sigmoid,
+        spatial_bias: bool = False,
+        pool_order: str = "mean_max",
+        residual: bool = False,
         batch_first: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -328,7 +355,7 @@ class CBAM(nn.Module):
         super().__init__()
         dd: dict[str, Any] = {"device": device, "dtype": dtype}
         self.channels = channels
-        self.batch_first = bool(batch_first)
+        self.batch_first, self.residual = bool(batch_first), bool(residual)
         self.ca = ChannelAttention(
             channels,
             reduction,
@@ -339,9 +366,19 @@ class CBAM(nn.Module):
             gate_layer=gate_layer,
             **dd,
         )
-        self.sa = SpatialAttention(channels, kernel_size, norm_layer=norm_layer, gate_layer=gate_layer, **dd)
+        self.sa = SpatialAttention(
+            channels,
+            kernel_size,
+            bias=spatial_bias,
+            pool_order=pool_order,
+            norm_layer=norm_layer,
+            gate_layer=gate_layer,
+            **dd,
+        )
 
     def forward(self, x: Tensor, need_weights: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         x = to_batch_first(x, self.batch_first, type(self).__name__, C=self.channels)
         out, gate = cbam_gate(x, self.ca, self.sa, need_weights)
+        if self.residual:
+            out = out + x
         return finish(out, gate, self.batch_first, need_weights)

@@ -65,6 +65,7 @@ class SpatialAttention(cbam.SpatialAttention):
     """
 
     def __init__(self, kernel_size: int = 3, batch_first: bool = True) -> None:
+        check_choice(kernel_size, cbam.KERNEL_SIZES, "kernel_size", type(self).__name__)  # the seed's
         super().__init__(None, kernel_size, batch_first=batch_first)
 
     def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]  # the seed's forward(x)

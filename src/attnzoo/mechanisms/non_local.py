@@ -4,7 +4,8 @@ Wang, Girshick, Gupta and He, "Non-local Neural Networks", CVPR 2018, https://ar
 $z = W(y) + x$ with $y_i = \frac{1}{C(x)} \sum_j f(x_i, x_j)\, g(x_j)$ over all N = L, H*W or T*H*W
 positions (keys subsampled by 2x2 max pooling when `pool_keys`). `pairwise` picks $f$:
 
-- `embedded_gaussian` (default, the seed): $\mathrm{softmax}_j(\theta_i \cdot \phi_j)$, unscaled logits;
+- `embedded_gaussian` (default, the seed): $\mathrm{softmax}_j(\theta_i \cdot \phi_j)$, unscaled logits
+  (`qk_scale=C ** -0.5` with `pool_keys=False` is timm's `NonLocalAttn`);
 - `gaussian`: $\mathrm{softmax}_j(x_i \cdot x_j)$ (no theta/phi projections; keys are pooled x);
 - `dot_product`: $\theta_i \cdot \phi_j / N'$ with N' the number of keys;
 - `concatenation`: $\mathrm{ReLU}(w \cdot [\theta_i, \phi_j]) / N'$ (`concat_project`, as in the widely
@@ -28,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnzoo._checks import check_choice, check_int, check_shape
+from attnzoo._checks import check_choice, check_float, check_int, check_shape
 from attnzoo._registry import Example, FreeSize, register, register_seed
 from attnzoo.functional import fused_enabled
 from attnzoo.kernels.blocked import global_attention
@@ -103,6 +104,9 @@ class NonLocalBlock(nn.Module):
             `"concatenation"` (the port's `mode`). Default: `"embedded_gaussian"`.
         reduction: theta, phi and g have `max(C // reduction, 1)` channels unless `rd_channels` is
             given. Default: 2 (the paper's C/2).
+        qk_scale: Scale s of the softmax logits $s\, \theta_i \cdot \phi_j$ (`embedded_gaussian`,
+            `gaussian` only); timm's `NonLocalAttn` uses `C ** -0.5`. Default: None, unscaled (the
+            seed's and the paper's).
         device: Where the parameters and buffers are created. Default: None (torch's default).
         dtype: Floating dtype of the parameters and buffers. Default: None (torch's default).
 
@@ -134,6 +138,7 @@ class NonLocalBlock(nn.Module):
         pairwise: str = "embedded_gaussian",
         reduction: int = 2,
         *,
+        qk_scale: float | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -149,6 +154,10 @@ class NonLocalBlock(nn.Module):
             if not isinstance(flag, bool):
                 raise TypeError(f"{who}: {name} must be a bool, got {type(flag).__name__} {flag!r}")
         self.pool_keys, self.pairwise = pool_keys, check_choice(pairwise, MODES, "pairwise", who)
+        if qk_scale is not None and pairwise not in MODES[:2]:
+            raise ValueError(f"{who}: qk_scale applies to the softmax pairwise functions {MODES[:2]}, "
+                             f"got qk_scale={qk_scale} with pairwise={pairwise!r}")
+        self.qk_scale = 1.0 if qk_scale is None else check_float(qk_scale, "qk_scale", who)
         conv, pool, kernel = _CONV[dims], _POOL[dims], _POOL_KERNEL[dims]
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
 
@@ -231,7 +240,7 @@ class NonLocalBlock(nn.Module):
     ) -> tuple[Tensor, Tensor | None]:
         """`y = f(theta, phi) g / C`; theta `(B, N, d)`, phi `(B, N', d)`, g `(B, N', C1)`."""
         if self.pairwise in ("embedded_gaussian", "gaussian"):
-            res = global_attention(theta, phi, g, scale=1.0, return_weights=want_map)
+            res = global_attention(theta, phi, g, scale=self.qk_scale, return_weights=want_map)
             return res if isinstance(res, tuple) else (res, None)
         keys = phi.shape[1]
         explicit = want_map or not fused_enabled()
