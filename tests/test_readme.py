@@ -42,9 +42,13 @@ def test_quickstart_code_runs():
     exec(compile(block.group(1), "README quickstart", "exec"), {})
 
 
-# Import names the suite skips without; each is also the name of the distribution that provides it.
-_INTEGRATIONS = {"timm", "torchvision", "keras", "matplotlib", "onnx", "onnxruntime", "onnxscript", "mkdocs",
-                 "mkdocstrings", "ruff", "mypy", "hypothesis", "numpy", "latex2mathml"}
+# Import names the suite skips without -> the distribution that provides each.
+_INTEGRATIONS = {
+    **{name: name for name in ("timm", "torchvision", "keras", "matplotlib", "onnx", "onnxruntime",
+                               "onnxscript", "mkdocs", "mkdocstrings", "ruff", "mypy", "hypothesis",
+                               "numpy", "latex2mathml", "safetensors")},
+    "fightingcv_attention": "fightingcv-attention",
+}
 
 
 def _extra(name: str, seen: frozenset[str] = frozenset()) -> set[str]:
@@ -71,9 +75,9 @@ def test_the_test_extra_installs_every_package_the_suite_uses():
         text = path.read_text()
         used |= set(re.findall(r"importorskip\(\s*\"([\w]+)", text))
         used |= set(re.findall(r"find_spec\(\s*\"([\w]+)\"", text))
-    unknown = used - _INTEGRATIONS - {"tomllib"}
+    unknown = used - set(_INTEGRATIONS) - {"tomllib"}
     assert not unknown, f"add these import names to _INTEGRATIONS in this test: {sorted(unknown)}"
     extra = _extra("test")
-    missing = sorted((used & _INTEGRATIONS) - extra)
+    missing = sorted({_INTEGRATIONS[name] for name in used & set(_INTEGRATIONS)} - extra)
     assert not missing, f"pyproject.toml's `test` extra lacks {missing}, so those tests would skip"
     assert {"torch", "numpy", "pytest", "latex2mathml", "torchvision"} <= extra
