@@ -331,7 +331,7 @@ def test_pictures_without_matplotlib_say_which_extra_to_install(tmp_path):
     (fake / "__init__.py").write_text("raise ImportError('No module named matplotlib')\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(fake.parent), str(SRC)])}
     proc = subprocess.run(
-        [sys.executable, "-m", "attnzoo", "maps", names[0], "--out", str(tmp_path / "m.png")],
+        [sys.executable, "-m", "attnzoo", "maps", names[0], "--train", "0", "--out", str(tmp_path / "m.png")],
         capture_output=True,
         text=True,
         env=env,

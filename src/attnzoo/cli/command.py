@@ -31,6 +31,10 @@ __all__ = ["main", "build_parser", "CLIError", "sample_image"]
 LIST_INPUT = "1x64x32x32"
 
 
+# A few steps of the demo task: enough for gates to move away from their flat start.
+MAPS_TRAIN_STEPS = 40
+
+
 def sample_image() -> str:
     """Path of the sample image shipped with attnzoo (a few shapes, 112 x 112)."""
     return str(importlib.resources.files("attnzoo.cli") / "data" / "shapes.png")
@@ -193,13 +197,25 @@ def _cmd_maps(args: argparse.Namespace) -> int:
     queries = _parse_queries(args.queries)
     if args.size < 8:
         raise CLIError(f"--size expects at least 8 pixels, got {args.size}")
+    if args.train < 0:
+        raise CLIError(f"--train expects a number of steps >= 0, got {args.train}")
     image = load_image(args.image or sample_image(), size=args.size)
-    feats = image_features(image, args.channels, args.seed)
-    grid = (feats.shape[2], feats.shape[3])
     try:
-        module = build_nchw(spec, args.channels, grid, seed=args.seed).eval()
+        if args.train:  # the mechanism inside the demo network, trained a little on the demo task
+            if args.channels != demo.OddShapeNet.channels:
+                raise CLIError(f"--channels applies with --train 0 only (the demo network has "
+                               f"{demo.OddShapeNet.channels} channels), got {args.channels}")
+            net = demo.trained_net(spec, args.size, args.train, args.seed)
+            with torch.no_grad():
+                feats = net.stem(image[None])  # (1, 32, H/4, W/4)
+            module, state = net.attn, f"trained {args.train} steps on the demo task"
+        else:  # untrained, on fixed image features
+            feats = image_features(image, args.channels, args.seed)
+            module = build_nchw(spec, args.channels, (feats.shape[2], feats.shape[3]), seed=args.seed).eval()
+            state = "untrained"
     except Unsupported as err:
         raise CLIError(f"{spec.name} cannot run on a {args.channels}-channel feature map: {err}") from None
+    grid = (feats.shape[2], feats.shape[3])
     mechanism = next((m for m in module.modules() if isinstance(m, spec.cls)), module)
     with torch.no_grad(), capture_maps(mechanism, queries=queries, token_grid=grid) as maps:
         module(feats)
@@ -209,7 +225,7 @@ def _cmd_maps(args: argparse.Namespace) -> int:
     root = type(mechanism).__name__
     maps = {spec.name if name == root else f"{spec.name}.{name}": records for name, records in maps.items()}
     source = os.path.basename(args.image or sample_image())
-    title = f"{spec.name} ({spec.cls.__name__}, untrained, seed {args.seed}) on {source}"
+    title = f"{spec.name} ({spec.cls.__name__}, {state}, seed {args.seed}) on {source}"
     count = plot_maps(image, maps, args.out, title=title, token_grid=grid)
     kinds = ", ".join(f"{name}: {'/'.join(m.kind for m in records)}" for name, records in maps.items())
     print(f"wrote {args.out} ({count} panels; {kinds})")
@@ -298,6 +314,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--queries", default=None, help="query points as fractions 'y,x;y,x' (default: centre and quadrants)"
+    )
+    p.add_argument(
+        "--train",
+        type=int,
+        default=MAPS_TRAIN_STEPS,
+        metavar="STEPS",
+        help=f"train the mechanism inside the demo network for STEPS steps first, so the maps show what it "
+        f"learnt (default {MAPS_TRAIN_STEPS}; 0: untrained, on fixed image features)",
     )
     p.add_argument("--seed", type=int, default=0)
 

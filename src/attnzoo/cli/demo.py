@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnzoo._registry import get_spec, list_modules
+from attnzoo._registry import Spec, get_spec, list_modules
 from attnzoo.cli.console import CLIError, Progress, resolve, table
 from attnzoo.surgery.build import Unsupported, build_nchw
 
@@ -201,6 +201,23 @@ def train(
                 step()
         losses.append(total / max(count, 1))
     return losses
+
+
+def trained_net(spec: Spec, size: int, steps: int, seed: int = 0) -> OddShapeNet:
+    """`OddShapeNet` with `spec`'s mechanism after `steps` AdamW steps (batch 16) on the demo task,
+    its images resized to `size` pixels, in eval mode: what `attnzoo maps --train` draws.
+
+    Raises:
+        Unsupported: When the mechanism cannot run on the network's feature maps.
+    """
+    side = ((size + 1) // 2 + 1) // 2  # two stride-2 convolutions with padding 1
+    torch.manual_seed(seed)
+    net = OddShapeNet(build_nchw(spec, OddShapeNet.channels, (side, side), seed=seed))
+    images, labels, _ = make_shapes(16 * steps, seed=seed)
+    if size != SIZE:
+        images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
+    train(net, images, labels, epochs=1, batch_size=16, seed=seed)
+    return net.eval()
 
 
 @torch.no_grad()
