@@ -1,0 +1,68 @@
+"""When attnzoo's custom autograd kernels step aside for plain (composite) PyTorch ops.
+
+Every kernel in :mod:`attnzoo.kernels` has a composite twin: the same function written with ordinary
+differentiable ops. The fast kernel runs in ordinary eager training; the twin runs where a
+hand-written ``autograd.Function`` cannot take part:
+
+- under a functorch transform (``torch.func.grad``, ``vmap``, ``jvp``), which needs
+  ``setup_context`` and vmap rules the kernels do not have;
+- under a ``TorchDispatchMode`` (``torch.utils.flop_counter.FlopCounterMode``, fake tensors,
+  ``torch.export``'s tracing), which must see every op, including those of the backward;
+- under ``torch.compile`` and ``torch.jit.trace``, which trace the composite ops and fuse them.
+
+A backward with ``create_graph=True`` (a gradient penalty, ``gradgradcheck``) runs the kernel's
+forward as usual; its backward then recomputes the twin differentiably (:func:`recompute_grads`),
+so second derivatives are exact. First-order backward keeps the fast path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["composite_required", "recompute_grads"]
+
+
+def composite_required() -> bool:
+    """Whether a custom kernel must give way to its composite twin here (see the module docstring)."""
+    return bool(
+        torch._C._are_functorch_transforms_active()
+        or torch._C._len_torch_dispatch_stack() > 0
+        or torch.compiler.is_compiling()
+        or torch.jit.is_tracing()
+    )
+
+
+def recompute_grads(
+    fn: Callable[..., Tensor], inputs: Sequence[Tensor | None], grad: Tensor, needs: Sequence[bool]
+) -> tuple[Tensor | None, ...]:
+    """Gradients of ``fn(*inputs)`` for the backward of a kernel called with ``create_graph=True``.
+
+    ``inputs`` are the kernel's saved inputs (in backward under grad mode they carry their history),
+    so the returned gradients are differentiable functions of them and of ``grad``. The gradient
+    of each input comes back in that input's dtype (autocast may have mixed them).
+
+    Args:
+        fn: The composite twin of the kernel.
+        inputs: Its tensor inputs (None for an absent optional one).
+        grad: The gradient of the output.
+        needs: Which inputs want a gradient (``ctx.needs_input_grad`` for them).
+
+    Returns:
+        One gradient or None per input.
+    """
+    with torch.enable_grad():
+        out = fn(*inputs)
+    wanted = [t for t, need in zip(inputs, needs, strict=True) if need and t is not None and t.requires_grad]
+    found = torch.autograd.grad(out, wanted, grad.to(out.dtype), create_graph=True, allow_unused=True)
+    by_input = iter(found)
+    grads: list[Tensor | None] = []
+    for t, need in zip(inputs, needs, strict=True):
+        if need and t is not None and t.requires_grad:
+            g = next(by_input)
+            grads.append(g if g is None else g.to(t.dtype))
+        else:
+            grads.append(None)
+    return tuple(grads)
