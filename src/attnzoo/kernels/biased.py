@@ -15,8 +15,8 @@ instead (a custom autograd function):
   (no unbind/stack copies) and reduces the bias gradient over the batch.
 
 With :func:`attnzoo.fused_attn` off, for half precision, and where a custom autograd function
-cannot run (functorch transforms, dispatch modes such as `FlopCounterMode`, ``torch.compile``,
-``torch.jit.trace``: `attnzoo.kernels.route`), it calls :func:`attnzoo.attend` (whose math path is
+cannot run (functorch transforms, ``torch.compile``, ``torch.export``, ``torch.jit.trace``:
+`attnzoo.kernels.route`), it calls :func:`attnzoo.attend` (whose math path is
 the reference the tests compare against). Double backward (``create_graph=True``) recomputes the
 attention with plain ops in backward (`_plain_biased`). A query whose every key the bias masks
 (``-inf`` over its whole row) gets zero output and zero gradients, as in :func:`attnzoo.attend`.
@@ -142,7 +142,7 @@ def biased_attention(qkv: Tensor, bias: Tensor, *, scale: float, dropout_p: floa
     kernel runs (see the module docstring): on tiny windows it beats both the SDPA kernels and the
     generic math path, in training (where a learnable bias makes SDPA fall back to its math path)
     and in inference. Otherwise (the fused path off, half precision, under torch.compile,
-    torch.export, torch.func or FlopCounterMode) :func:`attend` runs.
+    torch.export or torch.func) :func:`attend` runs.
 
     Args:
         qkv: Packed projections ``(B, N, 3, h, d)`` (any strides).
@@ -156,8 +156,8 @@ def biased_attention(qkv: Tensor, bias: Tensor, *, scale: float, dropout_p: floa
         - Output: ``(B, N, h*d)``, heads concatenated.
     """
     b, n, _, h, d = qkv.shape
-    # The hand-written kernel is for eager mode; torch.compile, torch.export (ONNX), torch.func and
-    # dispatch modes take the plain path.
+    # The hand-written kernel is for eager mode; torch.compile, torch.export (ONNX) and torch.func
+    # take the plain path.
     if fused_enabled() and qkv.dtype in (torch.float32, torch.float64) and not composite_required():
         return _BiasedAttention.apply(qkv, bias.to(qkv.dtype).contiguous(), float(scale), float(dropout_p))
     if bias.ndim == 4:

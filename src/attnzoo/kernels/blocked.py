@@ -21,8 +21,8 @@ SDPA when the head dims agree; the math path when fusion is switched off or the 
 for) and nothing else.
 
 Double backward (``create_graph=True``) recomputes ``softmax(scale * q k^T) v`` with plain ops in
-backward (`_plain_attention`, which keeps the L x S map). Under functorch transforms, dispatch modes
-(`FlopCounterMode`), ``torch.compile`` and ``torch.jit.trace`` (`attnzoo.kernels.route`),
+backward (`_plain_attention`, which keeps the L x S map). Under functorch transforms, ``torch.compile``
+and ``torch.jit.trace`` (`attnzoo.kernels.route`),
 :func:`global_attention` takes the SDPA path and :func:`blocked_attention` the plain ops.
 
 Shape letters: B batch (times heads), L queries, S keys, d query/key dim, e value dim.
@@ -218,7 +218,7 @@ def blocked_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float, block: i
     Shape:
         - q: ``(..., L, d)``; k: ``(..., S, d)``; v: ``(..., S, e)`` with the same leading dims.
     """
-    if composite_required():  # functorch, dispatch modes, compile, tracing: plain ops
+    if composite_required():  # functorch, compile, tracing: plain ops
         return _plain_attention(q, k, v, float(scale))
     lead = q.shape[:-2]
     q3 = q.reshape(-1, q.shape[-2], q.shape[-1])  # (B, L, d): leading dims folded
@@ -264,7 +264,7 @@ def global_attention(
         small, large = min(dim_qk, dim_v), max(dim_qk, dim_v)
         # The blocked kernel is for eager CPU runs: its block sizes and shift test read sizes and data,
         # which torch.compile / torch.export / jit.trace cannot follow; they take the SDPA path.
-        # Functorch transforms and dispatch modes (FlopCounterMode) cannot run it either.
+        # Functorch transforms cannot run it either.
         tracing = composite_required()
         on_cpu = q.device.type == "cpu"
         if on_cpu and q.dtype in (torch.float32, torch.float64) and not tracing:

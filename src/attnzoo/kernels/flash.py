@@ -5,7 +5,7 @@ without a derivative of its own, so a gradient penalty or ``gradgradcheck`` thro
 :func:`sdpa` runs the same flash forward and backward ops through `_FlashCPU`, whose backward calls
 the fused backward op for first order and, under ``create_graph=True``, differentiates SDPA's math
 decomposition (``aten._scaled_dot_product_attention_math``) instead. Everywhere else (another device,
-a choice of the math backend, functorch transforms, dispatch modes, ``torch.compile``) it is
+a choice of the math backend, functorch transforms, ``torch.compile``) it is
 ``F.scaled_dot_product_attention`` itself.
 
 Shape letters: B batch, h heads, L query length, S key length, d head dim.

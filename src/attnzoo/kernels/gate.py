@@ -270,7 +270,7 @@ def fused_gate(
     """Apply the gates of ``plan`` to ``x`` (B, C, H, W); the parameters are those the small
     functions use (gradients reach them through the kept small graphs)."""
     params = (*channel_params, *spatial_params)
-    if composite_required():  # functorch, dispatch modes, compile, tracing: plain ops throughout
+    if composite_required(dispatch=True):  # functorch, dispatch modes, compile, tracing: plain ops throughout
         return _gate_plain(x, plan)
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
         return _GateFn.apply(x, plan, len(channel_params), *params)

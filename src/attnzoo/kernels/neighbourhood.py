@@ -185,7 +185,7 @@ def neighbourhood_attention(
 
     Unscaled logits ``q . k`` over the ``kernel**2`` offsets ``(i, j)``, softmax over them, weighted
     sum of the values at the same offsets. Pad k and v first (ACmix: reflection). Never unfolds the
-    neighbourhoods; double backward, functorch transforms, dispatch modes (`FlopCounterMode`),
+    neighbourhoods; double backward, functorch transforms,
     ``torch.compile`` and ``torch.jit.trace`` run a slower plain version.
 
     Shape:

@@ -6,9 +6,12 @@ hand-written ``autograd.Function`` cannot take part:
 
 - under a functorch transform (``torch.func.grad``, ``vmap``, ``jvp``), which needs
   ``setup_context`` and vmap rules the kernels do not have;
-- under a ``TorchDispatchMode`` (``torch.utils.flop_counter.FlopCounterMode``, fake tensors,
-  ``torch.export``'s tracing), which must see every op, including those of the backward;
-- under ``torch.compile`` and ``torch.jit.trace``, which trace the composite ops and fuse them.
+- under ``torch.compile``, ``torch.export`` and ``torch.jit.trace``, which trace the composite ops
+  and fuse them;
+- for the kernels whose backward runs a small autograd graph of its own (the gates, SK's selection),
+  also under a ``TorchDispatchMode`` such as ``torch.utils.flop_counter.FlopCounterMode``, whose
+  backward hooks refuse a nested ``torch.autograd.grad`` (`composite_required(dispatch=True)`).
+  The other kernels run under dispatch modes as they are: the mode sees each of their ops.
 
 A backward with ``create_graph=True`` (a gradient penalty, ``gradgradcheck``) runs the kernel's
 forward as usual; its backward then recomputes the twin differentiably (:func:`recompute_grads`),
@@ -25,13 +28,18 @@ from torch import Tensor
 __all__ = ["composite_required", "recompute_grads"]
 
 
-def composite_required() -> bool:
-    """Whether a custom kernel must give way to its composite twin here (see the module docstring)."""
+def composite_required(dispatch: bool = False) -> bool:
+    """Whether a custom kernel must give way to its composite twin here (see the module docstring).
+
+    Args:
+        dispatch: Also when a ``TorchDispatchMode`` is active (for kernels whose backward calls
+            ``torch.autograd.grad``). Default: False.
+    """
     return bool(
         torch._C._are_functorch_transforms_active()
-        or torch._C._len_torch_dispatch_stack() > 0
         or torch.compiler.is_compiling()
         or torch.jit.is_tracing()
+        or (dispatch and torch._C._len_torch_dispatch_stack() > 0)
     )
 
 

@@ -91,7 +91,7 @@ def select_branches(
     Shape:
         - Output: (B, C, H, W).
     """
-    if composite_required():  # functorch, dispatch modes, compile, tracing: plain ops throughout
+    if composite_required(dispatch=True):  # functorch, dispatch modes, compile, tracing: plain ops throughout
         return _select_plain(attention, *branches)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (*branches, *params)):
         return _SelectFn.apply(attention, len(branches), *branches, *params)
