@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from attnzoo.functional import attend, fused_enabled
-from attnzoo.kernels.route import composite_required, recompute_grads
+from attnzoo.kernels.route import composite_required, recompute_grads, without_autocast
 
 __all__ = ["biased_attention"]
 
@@ -66,6 +66,7 @@ class _BiasedAttention(torch.autograd.Function):
     """
 
     @staticmethod
+    @without_autocast
     def forward(ctx, qkv: Tensor, bias: Tensor, scale: float, dropout_p: float) -> Tensor:  # type: ignore[override]
         b, n, _, h, d = qkv.shape
         groups = bias.shape[0] if bias.ndim == 4 else 1
@@ -91,6 +92,7 @@ class _BiasedAttention(torch.autograd.Function):
         return out.view(b, h, n, d).transpose(1, 2).reshape(b, n, h * d)  # (B, N, h*d)
 
     @staticmethod
+    @without_autocast
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         qkv, bias, probs, keep = ctx.saved_tensors
         scale, dropout_p = ctx.meta

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attnzoo.functional import attend, fused_enabled
-from attnzoo.kernels.route import composite_required, recompute_grads
+from attnzoo.kernels.route import composite_required, recompute_grads, without_autocast
 
 __all__ = ["global_attention", "blocked_attention", "global_kernel", "kernel_choice", "KERNELS"]
 
@@ -124,6 +124,7 @@ class _BlockedAttention(torch.autograd.Function):
     """``softmax(scale * q k^T) v`` for 3-D ``(B, L, d)``, ``(B, S, d)``, ``(B, S, e)`` inputs."""
 
     @staticmethod
+    @without_autocast
     def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, scale: float, block: int | None) -> Tensor:
         batch, length_q, _ = q.shape
         length_k, dim_v = k.shape[1], v.shape[2]
@@ -159,6 +160,7 @@ class _BlockedAttention(torch.autograd.Function):
         return out
 
     @staticmethod
+    @without_autocast
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         q, k, v, out, lse = ctx.saved_tensors
         scale, block = ctx.scale, ctx.block

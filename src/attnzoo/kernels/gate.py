@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attnzoo._checks import check_shape
-from attnzoo.kernels.route import composite_required, recompute_grads
+from attnzoo.kernels.route import composite_required, recompute_grads, without_autocast
 
 __all__ = ["GatePlan", "fused_gate", "to_batch_first", "small_graph", "small_vjp"]
 
@@ -174,6 +174,7 @@ class _GateFn(torch.autograd.Function):
         return out
 
     @staticmethod
+    @without_autocast
     def backward(ctx, g: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         (x,) = ctx.saved_tensors
         plan, saved = ctx.plan, ctx.saved

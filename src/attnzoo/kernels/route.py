@@ -20,25 +20,31 @@ so second derivatives are exact. First-order backward keeps the fast path.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
 
-__all__ = ["composite_required", "recompute_grads"]
+__all__ = ["composite_required", "recompute_grads", "without_autocast"]
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
-def composite_required(dispatch: bool = False) -> bool:
+def composite_required(dispatch: bool = False, tracing: bool = True) -> bool:
     """Whether a custom kernel must give way to its composite twin here (see the module docstring).
 
     Args:
         dispatch: Also when a ``TorchDispatchMode`` is active (for kernels whose backward calls
             ``torch.autograd.grad``). Default: False.
+        tracing: Also under ``torch.compile``/``torch.export`` and ``torch.jit.trace``. ACmix's
+            neighbourhood kernel passes False: its composite twin takes minutes to compile, the
+            kernel (with a graph break) seconds. Default: True.
     """
     return bool(
         torch._C._are_functorch_transforms_active()
-        or torch.compiler.is_compiling()
-        or torch.jit.is_tracing()
+        or (tracing and (torch.compiler.is_compiling() or torch.jit.is_tracing()))
         or (dispatch and torch._C._len_torch_dispatch_stack() > 0)
     )
 
@@ -74,3 +80,21 @@ def recompute_grads(
         else:
             grads.append(None)
     return tuple(grads)
+
+
+def without_autocast(method: F) -> F:
+    """Run a kernel's ``forward``/``backward`` with autocast off, in the dtype its tensors arrive in.
+
+    Autocast would otherwise recast the kernel's own matrix products (``bmm``, some with ``out=``)
+    to the low precision, mixing dtypes inside one hand-written computation.
+    """
+
+    @functools.wraps(method)
+    def run(ctx: Any, *args: Any) -> Any:
+        device = next((a.device.type for a in args if isinstance(a, Tensor)), "cpu")
+        if not torch.is_autocast_enabled(device):
+            return method(ctx, *args)
+        with torch.autocast(device, enabled=False):
+            return method(ctx, *args)
+
+    return run  # type: ignore[return-value]

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from attnzoo.kernels.gate import small_graph, small_vjp
-from attnzoo.kernels.route import composite_required, recompute_grads
+from attnzoo.kernels.route import composite_required, recompute_grads, without_autocast
 
 __all__ = ["select_branches"]
 
@@ -54,6 +54,7 @@ class _SelectFn(torch.autograd.Function):
         return out
 
     @staticmethod
+    @without_autocast
     def backward(ctx, g: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         branches = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: differentiate the plain ops instead
