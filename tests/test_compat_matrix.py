@@ -40,7 +40,7 @@ def _grads(module, xs, run=None):
     (by ``backward()``: FlopCounterMode refuses ``torch.autograd.grad``)."""
     inputs = [x.detach().clone().requires_grad_() for x in xs]
     module.zero_grad(set_to_none=True)
-    out = _output((run or module)(*inputs))
+    out = _output((module if run is None else run)(*inputs))
     out.float().square().sum().backward()
     leaves = [*inputs, *(p for p in module.parameters() if p.requires_grad)]
     grads = [torch.zeros_like(t) if t.grad is None else t.grad.clone() for t in leaves]
@@ -127,7 +127,8 @@ def check_autocast_bf16(spec) -> None:
     assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for g in grads)
     rel = (out.float() - ref).norm() / ref.norm().clamp_min(1e-6)
     assert rel < 0.1, f"relative error {rel:.3g} under autocast"
-    flat, flat_ref = torch.cat([g.float().flatten() for g in grads]), torch.cat([g.flatten() for g in ref_grads])
+    flat = torch.cat([g.float().flatten() for g in grads])
+    flat_ref = torch.cat([g.flatten() for g in ref_grads])
     rel = (flat - flat_ref).norm() / flat_ref.norm().clamp_min(1e-6)
     assert rel < 0.1, f"gradient relative error {rel:.3g} under autocast"
 

@@ -165,9 +165,9 @@ class _BlockedAttention(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         scale, block = ctx.scale, ctx.block
         if torch.is_grad_enabled():  # create_graph=True: differentiate the plain ops instead
-            grads = recompute_grads(
-                lambda a, b, c: _plain_attention(a, b, c, scale), [q, k, v], grad_out, ctx.needs_input_grad[:3]
-            )
+            needs = ctx.needs_input_grad[:3]
+            plain = lambda a, b, c: _plain_attention(a, b, c, scale)  # noqa: E731
+            grads = recompute_grads(plain, [q, k, v], grad_out, needs)
             return (*grads, None, None)
         batch, length_q, dim_qk = q.shape
         length_k, dim_v = k.shape[1], v.shape[2]

@@ -51,12 +51,14 @@ class _FlashCPU(torch.autograd.Function):
         q, k, v, mask, out, lse = ctx.saved_tensors
         causal, scale, needs = ctx.causal, ctx.scale, ctx.needs_input_grad
         if torch.is_grad_enabled():  # create_graph=True: differentiate the math path instead
-            grads = recompute_grads(lambda a, b, c: _math(a, b, c, mask, causal, scale), [q, k, v], grad, needs[:3])
+            plain = lambda a, b, c: _math(a, b, c, mask, causal, scale)  # noqa: E731
+            grads = recompute_grads(plain, [q, k, v], grad, needs[:3])
             return (*grads, None, None, None)
         gq, gk, gv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             grad, q, k, v, out, lse, 0.0, causal, attn_mask=mask, scale=scale
         )
-        return (gq if needs[0] else None, gk if needs[1] else None, gv if needs[2] else None, None, None, None)
+        grads = (gq if needs[0] else None, gk if needs[1] else None, gv if needs[2] else None)
+        return (*grads, None, None, None)
 
 
 def sdpa(

@@ -38,7 +38,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attnzoo._checks import check_shape
-from attnzoo.kernels.route import composite_required, recompute_grads, without_autocast
+from attnzoo.kernels.route import (
+    autocast_state,
+    composite_required,
+    recompute_grads,
+    stale_closure,
+    without_autocast,
+)
 
 __all__ = ["GatePlan", "fused_gate", "to_batch_first", "small_graph", "small_vjp"]
 
@@ -96,7 +102,8 @@ def small_vjp(
     wanted = [p for p in params if p.requires_grad]
     # retain_graph: the outer graph may be run backward again (retain_graph there, gradcheck)
     # grad in the graph's dtype: under autocast the small function may compute in bfloat16
-    grads = torch.autograd.grad(out, [*leaves, *wanted], grad.to(out.dtype), allow_unused=True, retain_graph=True)
+    grad = grad.to(out.dtype)
+    grads = torch.autograd.grad(out, [*leaves, *wanted], grad, allow_unused=True, retain_graph=True)
     by_param = iter(grads[len(leaves) :])
     return list(grads[: len(leaves)]), [next(by_param) if p.requires_grad else None for p in params]
 
@@ -150,15 +157,19 @@ def _gate_forward(x: Tensor, plan: GatePlan, track: bool) -> tuple[Tensor, dict[
     return y, saved
 
 
-def _gate_plain(x: Tensor, plan: GatePlan) -> Tensor:
-    """The gate with plain differentiable ops: the composite twin of `_GateFn`."""
-    y = x
+def _gate_plain(x: Tensor, plan: GatePlan, gates: dict[str, Tensor] | None = None) -> Tensor:
+    """The gate with plain differentiable ops: the composite twin of `_GateFn` (``gates`` receives
+    the channel and spatial gates, for `stale_closure`)."""
+    y, gates = x, {} if gates is None else gates
     if plan.channel_fn is not None:
         stats = [x.mean((2, 3)) if s == "mean" else x.amax((2, 3)) for s in plan.channel_stats]  # (B, C)
-        y = x * plan.channel_fn(*stats)[:, :, None, None]  # (B, C) -> (B, C, 1, 1)
+        gates["cg"] = plan.channel_fn(*stats)
+        y = x * gates["cg"][:, :, None, None]  # (B, C) -> (B, C, 1, 1)
     if plan.spatial_fn is not None:
-        stats = [y.mean(1, keepdim=True) if s == "mean" else y.amax(1, keepdim=True) for s in plan.spatial_stats]
-        y = y * plan.spatial_fn(*stats)  # (B, 1, H, W) gate
+        stats = [y.mean(1, keepdim=True) if s == "mean" else y.amax(1, keepdim=True)
+                 for s in plan.spatial_stats]
+        gates["sg"] = plan.spatial_fn(*stats)
+        y = y * gates["sg"]  # (B, 1, H, W) gate
     return y
 
 
@@ -170,7 +181,7 @@ class _GateFn(torch.autograd.Function):
         out, saved = _gate_forward(x, plan, track=True)
         ctx.save_for_backward(x)
         ctx.plan, ctx.saved, ctx.n_channel = plan, saved, n_channel
-        ctx.params = params
+        ctx.params, ctx.autocast = params, autocast_state(x)
         return out
 
     @staticmethod
@@ -180,7 +191,12 @@ class _GateFn(torch.autograd.Function):
         plan, saved = ctx.plan, ctx.saved
         if torch.is_grad_enabled():  # create_graph=True: differentiate the plain ops instead
             needs = [ctx.needs_input_grad[0], *ctx.needs_input_grad[3:]]
-            grads = recompute_grads(lambda t, *_: _gate_plain(t, plan), [x, *ctx.params], g, needs)
+            gates: dict[str, Tensor] = {}
+            grads = recompute_grads(
+                lambda t, *_: _gate_plain(t, plan, gates), [x, *ctx.params], g, needs, ctx.autocast
+            )
+            for name, again in gates.items():
+                stale_closure("gate", saved[name], again)
             return (grads[0], None, None, *grads[1:])
         c_params, s_params = ctx.params[: ctx.n_channel], ctx.params[ctx.n_channel :]
         B, C, H, W = x.shape

@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor
 
-__all__ = ["composite_required", "recompute_grads", "without_autocast"]
+__all__ = ["autocast_state", "composite_required", "recompute_grads", "stale_closure", "without_autocast"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -49,8 +49,18 @@ def composite_required(dispatch: bool = False, tracing: bool = True) -> bool:
     )
 
 
+def autocast_state(t: Tensor) -> tuple[str, bool, torch.dtype]:
+    """The autocast state for ``t``'s device, to rerun a forward under it (:func:`recompute_grads`)."""
+    device = t.device.type
+    return device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
+
+
 def recompute_grads(
-    fn: Callable[..., Tensor], inputs: Sequence[Tensor | None], grad: Tensor, needs: Sequence[bool]
+    fn: Callable[..., Tensor],
+    inputs: Sequence[Tensor | None],
+    grad: Tensor,
+    needs: Sequence[bool],
+    autocast: tuple[str, bool, torch.dtype] | None = None,
 ) -> tuple[Tensor | None, ...]:
     """Gradients of ``fn(*inputs)`` for the backward of a kernel called with ``create_graph=True``.
 
@@ -63,12 +73,19 @@ def recompute_grads(
         inputs: Its tensor inputs (None for an absent optional one).
         grad: The gradient of the output.
         needs: Which inputs want a gradient (``ctx.needs_input_grad`` for them).
+        autocast: The forward's :func:`autocast_state`, to recompute in the same dtypes. Default:
+            autocast as it is in backward.
 
     Returns:
         One gradient or None per input.
     """
     with torch.enable_grad():
-        out = fn(*inputs)
+        if autocast is None:
+            out = fn(*inputs)
+        else:
+            device, enabled, dtype = autocast
+            with torch.autocast(device, dtype=dtype, enabled=enabled):
+                out = fn(*inputs)
     wanted = [t for t, need in zip(inputs, needs, strict=True) if need and t is not None and t.requires_grad]
     found = torch.autograd.grad(out, wanted, grad.to(out.dtype), create_graph=True, allow_unused=True)
     by_input = iter(found)
@@ -98,3 +115,20 @@ def without_autocast(method: F) -> F:
             return method(ctx, *args)
 
     return run  # type: ignore[return-value]
+
+
+def stale_closure(who: str, kept: Tensor, again: Tensor) -> None:
+    """Refuse a double backward whose small function no longer computes what it did in forward.
+
+    The gates and SK's selection recompute their small learned function (a closure over a module)
+    in a ``create_graph=True`` backward. If the module's parameters were swapped in between (a
+    backward after ``torch.func.functional_call`` returned, a replaced parameter), the recomputed
+    values differ from the forward's and the second derivatives would silently be wrong.
+    """
+    if not torch.equal(kept.to(again.dtype), again.detach()):
+        raise RuntimeError(
+            f"{who}: double backward recomputes the small learned function, which now gives other values "
+            "than in forward (were the module's parameters swapped in between, e.g. a backward run after "
+            "torch.func.functional_call returned?); run the backward while the same parameters are in "
+            "place, or use torch.func.grad"
+        )

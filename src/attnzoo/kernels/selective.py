@@ -14,7 +14,13 @@ import torch
 from torch import Tensor
 
 from attnzoo.kernels.gate import small_graph, small_vjp
-from attnzoo.kernels.route import composite_required, recompute_grads, without_autocast
+from attnzoo.kernels.route import (
+    autocast_state,
+    composite_required,
+    recompute_grads,
+    stale_closure,
+    without_autocast,
+)
 
 __all__ = ["select_branches"]
 
@@ -30,12 +36,17 @@ def _select_forward(branches: Sequence[Tensor], fn: Callable[[Tensor], Tensor], 
     return out, a, graph
 
 
-def _select_plain(fn: Callable[[Tensor], Tensor], *branches: Tensor) -> Tensor:
-    """The selection with plain differentiable ops: the composite twin of `_SelectFn`."""
+def _select_plain(
+    fn: Callable[[Tensor], Tensor], *branches: Tensor, kept: list[Tensor] | None = None
+) -> Tensor:
+    """The selection with plain differentiable ops: the composite twin of `_SelectFn` (``kept``
+    receives the branch weights, for `stale_closure`)."""
     pooled = branches[0].mean((2, 3))  # (B, C)
     for u in branches[1:]:
         pooled = pooled + u.mean((2, 3))
     a = fn(pooled)  # (B, M, C)
+    if kept is not None:
+        kept.append(a)
     out = branches[0] * a[:, 0, :, None, None]  # (B, C) -> (B, C, 1, 1)
     for i, u in enumerate(branches[1:], start=1):
         out = out + u * a[:, i, :, None, None]
@@ -48,7 +59,7 @@ class _SelectFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, fn: Callable[[Tensor], Tensor], n: int, *tensors: Tensor) -> Tensor:  # type: ignore[override]
-        branches, ctx.params, ctx.fn = tensors[:n], tensors[n:], fn
+        branches, ctx.params, ctx.fn, ctx.autocast = tensors[:n], tensors[n:], fn, autocast_state(tensors[0])
         out, ctx.a, ctx.graph = _select_forward(branches, fn, track=True)
         ctx.save_for_backward(*branches)
         return out
@@ -58,10 +69,12 @@ class _SelectFn(torch.autograd.Function):
     def backward(ctx, g: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         branches = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: differentiate the plain ops instead
-            n = len(branches)
+            n, kept = len(branches), []
             grads = recompute_grads(
-                lambda *t: _select_plain(ctx.fn, *t[:n]), [*branches, *ctx.params], g, ctx.needs_input_grad[2:]
+                lambda *t: _select_plain(ctx.fn, *t[:n], kept=kept),
+                [*branches, *ctx.params], g, ctx.needs_input_grad[2:], ctx.autocast,
             )
+            stale_closure("SK selection", ctx.a, kept[0])
             return (None, None, *grads)
         g = g.to(branches[0].dtype)
         a: Tensor = ctx.a  # (B, M, C)
