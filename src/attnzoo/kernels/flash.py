@@ -24,7 +24,7 @@ from attnzoo.kernels.route import composite_required, recompute_grads
 
 __all__ = ["sdpa"]
 
-_FLASH = int(SDPBackend.FLASH_ATTENTION)
+_FLASH: int = SDPBackend.FLASH_ATTENTION.value
 
 
 def _math(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool, scale: float | None) -> Tensor:

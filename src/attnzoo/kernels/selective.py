@@ -69,7 +69,7 @@ class _SelectFn(torch.autograd.Function):
     def backward(ctx, g: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         branches = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: differentiate the plain ops instead
-            n, kept = len(branches), []
+            n, kept = len(branches), list[Tensor]()
             grads = recompute_grads(
                 lambda *t: _select_plain(ctx.fn, *t[:n], kept=kept),
                 [*branches, *ctx.params], g, ctx.needs_input_grad[2:], ctx.autocast,
