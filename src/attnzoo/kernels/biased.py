@@ -102,38 +102,33 @@ class _BiasedAttention(torch.autograd.Function):
                 [qkv, bias], grad_out, ctx.needs_input_grad[:2],
             )
             return (*grads, None, None)
-        # Ordered so that at most two N x N maps and two qkv-sized buffers are alive at a time.
+        # Head by head on strided views of qkv (batched GEMMs take any row stride), so backward
+        # copies nothing into a GEMM layout; one head's N x N maps are alive at a time.
         b, n, _, h, d = qkv.shape
         groups = bias.shape[0] if bias.ndim == 4 else 1
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).reshape(3, b * h, n, d).unbind(0)  # one copy, 3 x (B*h, N, d)
-        g = grad_out.reshape(b, n, h, d).transpose(1, 2).reshape(b * h, n, d)  # (B*h, N, d)
-        grad_probs = torch.bmm(g, v.transpose(1, 2))  # (B*h, N, N)
-        grad_v = None
-        if ctx.needs_input_grad[0]:
-            dropped = probs if keep is None else probs * keep / (1.0 - dropout_p)
-            grad_v = torch.bmm(dropped.transpose(1, 2), g)  # (B*h, N, d)
-            del dropped
-        del g
-        if keep is not None:
-            grad_probs.mul_(keep).mul_(1.0 / (1.0 - dropout_p))
-        grad_logits = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype)  # (B*h, N, N)
-        del grad_probs
-        grad_qkv = None
-        if grad_v is not None:
-            grad_qkv = torch.empty((b, n, 3, h, d), dtype=qkv.dtype, device=qkv.device)
-            grad_qkv[:, :, 2] = grad_v.view(b, h, n, d).transpose(1, 2)  # into (B, N, h, d)
-            del grad_v
-            grad_q = torch.bmm(grad_logits, k).mul_(scale)  # (B*h, N, d)
-            grad_qkv[:, :, 0] = grad_q.view(b, h, n, d).transpose(1, 2)  # into (B, N, h, d)
-            del grad_q
-            grad_k = torch.bmm(grad_logits.transpose(1, 2), q).mul_(scale)  # (B*h, N, d)
-            grad_qkv[:, :, 1] = grad_k.view(b, h, n, d).transpose(1, 2)  # into (B, N, h, d)
-            del grad_k
-        grad_bias = None
-        if ctx.needs_input_grad[1]:
-            grouped = grad_logits.view(b // groups, groups, h, n, n)  # (B/G, G, h, N, N)
-            grad_bias = grouped.sum(0).view(bias.shape)  # (G, h, N, N) or (h, N, N)
-        return grad_qkv, grad_bias, None, None
+        g = grad_out.reshape(b, n, h, d)
+        probs4 = probs.view(b, h, n, n)
+        keep4 = None if keep is None else keep.view(b, h, n, n)
+        want_qkv, want_bias = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_qkv = qkv.new_empty((b, n, 3, h, d)) if want_qkv else None
+        grad_bias = bias.new_empty((groups, h, n, n)) if want_bias else None
+        for i in range(h):
+            g_i, p_i = g[:, :, i], probs4[:, i]  # (B, N, d), (B, N, N) strided views
+            q_i, k_i, v_i = qkv[:, :, 0, i], qkv[:, :, 1, i], qkv[:, :, 2, i]  # (B, N, d) views
+            grad_probs = torch.bmm(g_i, v_i.transpose(1, 2))  # (B, N, N)
+            if grad_qkv is not None:
+                dropped = p_i if keep4 is None else p_i * keep4[:, i] / (1.0 - dropout_p)
+                torch.bmm(dropped.transpose(1, 2), g_i, out=grad_qkv[:, :, 2, i])
+            if keep4 is not None:
+                grad_probs.mul_(keep4[:, i]).mul_(1.0 / (1.0 - dropout_p))
+            grad_logits = torch._softmax_backward_data(grad_probs, p_i, -1, probs.dtype)  # (B, N, N)
+            del grad_probs
+            if grad_qkv is not None:
+                torch.bmm(grad_logits, k_i, out=grad_qkv[:, :, 0, i]).mul_(scale)
+                torch.bmm(grad_logits.transpose(1, 2), q_i, out=grad_qkv[:, :, 1, i]).mul_(scale)
+            if grad_bias is not None:
+                torch.sum(grad_logits.view(b // groups, groups, n, n), 0, out=grad_bias[:, i])  # (G, N, N)
+        return grad_qkv, None if grad_bias is None else grad_bias.view(bias.shape), None, None
 
 
 def biased_attention(qkv: Tensor, bias: Tensor, *, scale: float, dropout_p: float = 0.0) -> Tensor:
