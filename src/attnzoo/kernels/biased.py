@@ -11,8 +11,10 @@ instead (a custom autograd function):
   an untransposed second operand (about twice as fast on such tiny matrices on CPU);
 - the bias is added in place to the logits and the softmax runs in place, so the forward holds one
   N x N map, the only one kept for backward (plus a bool mask with dropout);
-- the backward writes the qkv gradient straight into the projection's ``(B, N, 3, h, d)`` layout
-  (no unbind/stack copies) and reduces the bias gradient over the batch.
+- the backward keeps ``qkv`` itself (as large as the three copies, which are freed after forward),
+  runs head by head on strided views of it (batched GEMMs take any row stride, so nothing is
+  copied into a GEMM layout), writes the qkv gradient straight into the projection's
+  ``(B, N, 3, h, d)`` layout and reduces the bias gradient over the batch.
 
 With :func:`attnzoo.fused_attn` off, for half precision, and where a custom autograd function
 cannot run (functorch transforms, ``torch.compile``, ``torch.export``, ``torch.jit.trace``:
@@ -61,8 +63,9 @@ class _BiasedAttention(torch.autograd.Function):
 
     Layouts are chosen for the CPU GEMMs: q and v are copied to ``(B*h, N, d)``, k to
     ``(B*h, d, N)`` (a transposed second operand runs at about half speed on tiny matrices), the
-    scale is folded into the copy of q, and the bias is added in place to the logits. Backward
-    saves ``qkv`` itself (as large as the three copies) and makes one ``(3, B*h, N, d)`` copy of it.
+    scale is folded into the copy of q, and the bias is added in place to the logits. Saved for
+    backward: ``qkv`` and ``bias`` as given (a double backward differentiates them), the weights
+    and the dropout mask.
     """
 
     @staticmethod
