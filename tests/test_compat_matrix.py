@@ -11,6 +11,7 @@ import importlib.util
 
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 import attnzoo
 from attnzoo.cli.matrix import applies, limitation
@@ -20,7 +21,7 @@ SPECS = attnzoo.list_modules()
 
 def _setup(spec, dtype=torch.float32):
     torch.manual_seed(0)
-    module = attnzoo.create(spec.name, **spec.example.kwargs).to(dtype).eval()
+    module = spec.cls(**spec.example.kwargs).to(dtype).eval()
     gen = torch.Generator().manual_seed(1)
     xs = [torch.randn(*s, generator=gen, dtype=dtype) for s in spec.example.inputs]
     return module, xs
@@ -30,12 +31,75 @@ def _close(a, b, atol):
     torch.testing.assert_close(a, b, atol=atol, rtol=atol)
 
 
+def _output(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _grads(module, xs, run=None):
+    """Output and gradients of ``sum(out**2)`` w.r.t. every input and parameter, under ``run``
+    (by ``backward()``: FlopCounterMode refuses ``torch.autograd.grad``)."""
+    inputs = [x.detach().clone().requires_grad_() for x in xs]
+    module.zero_grad(set_to_none=True)
+    out = _output((module if run is None else run)(*inputs))
+    out.float().square().sum().backward()
+    leaves = [*inputs, *(p for p in module.parameters() if p.requires_grad)]
+    grads = [torch.zeros_like(t) if t.grad is None else t.grad.clone() for t in leaves]
+    module.zero_grad(set_to_none=True)
+    return out.detach(), grads
+
+
 def check_compile(spec, fullgraph: bool) -> None:
     module, xs = _setup(spec)
     torch._dynamo.reset()
     compiled = torch.compile(module, fullgraph=fullgraph)
-    with torch.no_grad():
-        _close(compiled(*xs), module(*xs), 1e-4)
+    if fullgraph:
+        with torch.no_grad():
+            _close(compiled(*xs), module(*xs), 1e-4)
+        return
+    out, grads = _grads(module, xs, compiled)  # one joint forward+backward graph
+    ref, ref_grads = _grads(module, xs)
+    _close(out, ref, 1e-4)
+    for g, r in zip(grads, ref_grads, strict=True):
+        _close(g, r, 1e-4)
+
+
+def check_double_backward(spec) -> None:
+    """gradgradcheck (float64, first input) and a WGAN-GP-style gradient penalty reaching the parameters."""
+    module, xs = _setup(spec, torch.float64)
+    x = xs[0].requires_grad_()
+    assert torch.autograd.gradgradcheck(lambda t: _output(module(t, *xs[1:])), (x,), fast_mode=True)
+    (grad_x,) = torch.autograd.grad(_output(module(x, *xs[1:])).square().sum(), x, create_graph=True)
+    grad_x.norm().backward()
+    params = [p for p in module.parameters() if p.requires_grad]
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in params)
+    assert not params or any(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
+
+
+def check_flop_counter(spec) -> None:
+    """Forward and backward under FlopCounterMode: FLOPs counted, the same gradients as outside it."""
+    module, xs = _setup(spec)
+    with FlopCounterMode(display=False) as counter:
+        out, grads = _grads(module, xs)
+    ref, ref_grads = _grads(module, xs)
+    assert counter.get_total_flops() > 0
+    _close(out, ref, 1e-5)
+    for g, r in zip(grads, ref_grads, strict=True):
+        _close(g, r, 1e-5)
+
+
+def check_torch_func(spec) -> None:
+    """torch.func.grad over torch.func.functional_call equals eager autograd."""
+    module, xs = _setup(spec)
+    names = [n for n, p in module.named_parameters() if p.requires_grad]
+    params = {n: p.detach() for n, p in module.named_parameters() if p.requires_grad}
+
+    def loss(p, inputs):
+        return _output(torch.func.functional_call(module, p, tuple(inputs))).square().sum()
+
+    grad_p, grad_x = torch.func.grad(loss, argnums=(0, 1))(params, xs)
+    _, ref = _grads(module, xs)
+    for g, r in zip([*grad_x, *(grad_p[n] for n in names)], ref, strict=True):
+        _close(g, r, 1e-5)
 
 
 def check_onnx(spec, tmp_path) -> None:
@@ -54,14 +118,19 @@ def check_onnx(spec, tmp_path) -> None:
 
 
 def check_autocast_bf16(spec) -> None:
+    """Forward and backward under CPU autocast: close to float32 (gradients of inputs and
+    parameters compared together, relative to their joint norm)."""
     module, xs = _setup(spec)
-    with torch.no_grad():
-        ref = module(*xs)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = module(*xs)
-    assert torch.isfinite(out).all()
+    ref, ref_grads = _grads(module, xs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, grads = _grads(module, xs)
+    assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for g in grads)
     rel = (out.float() - ref).norm() / ref.norm().clamp_min(1e-6)
     assert rel < 0.1, f"relative error {rel:.3g} under autocast"
+    flat = torch.cat([g.float().flatten() for g in grads])
+    flat_ref = torch.cat([g.flatten() for g in ref_grads])
+    rel = (flat - flat_ref).norm() / flat_ref.norm().clamp_min(1e-6)
+    assert rel < 0.1, f"gradient relative error {rel:.3g} under autocast"
 
 
 def check_channels_last(spec) -> None:
@@ -92,6 +161,9 @@ CHECKS = {
     "fullgraph": lambda spec, tmp: check_compile(spec, fullgraph=True),
     "onnx": check_onnx,
     "autocast_bf16": lambda spec, tmp: check_autocast_bf16(spec),
+    "double_backward": lambda spec, tmp: check_double_backward(spec),
+    "flop_counter": lambda spec, tmp: check_flop_counter(spec),
+    "torch_func": lambda spec, tmp: check_torch_func(spec),
     "channels_last": lambda spec, tmp: check_channels_last(spec),
     "jit_trace": lambda spec, tmp: check_jit_trace(spec),
     "jit_script": lambda spec, tmp: check_jit_script(spec),

@@ -1,8 +1,9 @@
 """The one dot-product attention path of attnzoo, and the relative-position helpers.
 
 Multi-head attention, the transformer blocks, BiFormer, the non-local block and the scoring rules
-call `attend`. Without `return_weights` it runs
-`torch.nn.functional.scaled_dot_product_attention`, so the fused kernels never keep an L x S matrix
+call `attend`. Without ``return_weights`` it runs
+``torch.nn.functional.scaled_dot_product_attention`` (through `attnzoo.kernels.flash.sdpa`, which
+gives the CPU flash kernel a double backward), so the fused kernels never keep an L x S matrix
 for backward; with it (or with the fused path switched off) it runs a plain math path that returns
 the weights. Three exact kernels cover what SDPA serves badly on CPU and fall back to `attend`
 when fusion is off: `attnzoo.kernels.biased` (Swin windows, temporal attention: tiny maps
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attnzoo._checks import check_mask, check_tensor, format_shape
+from attnzoo.kernels.flash import sdpa
 
 __all__ = [
     "attend",
@@ -248,11 +250,11 @@ def attend(
 
     if fused_enabled() and not return_weights:
         if mask is None and bias is None:
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal, scale=scale)
+            return sdpa(q, k, v, dropout_p=dropout_p, is_causal=causal, scale=scale)
         attn_mask, dead = _merge_masks(mask, bias, causal, target, q.dtype, q.device)
         if attn_mask is not None and attn_mask.ndim < 4:  # SDPA's CPU kernels reject 1-D masks
             attn_mask = attn_mask.reshape((1,) * (4 - attn_mask.ndim) + tuple(attn_mask.shape))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
+        out = sdpa(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
         return out if dead is None else out.masked_fill(dead, 0.0)
     return _attend_math(q, k, v, mask, bias, causal, dropout_p, scale, target, return_weights)
 

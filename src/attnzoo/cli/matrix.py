@@ -13,10 +13,13 @@ from attnzoo._registry import Spec, list_modules
 __all__ = ["FEATURES", "LIMITATIONS", "applies", "limitation", "compat_table"]
 
 FEATURES: dict[str, str] = {
-    "compile": "`torch.compile`",
+    "compile": "`torch.compile` (fwd+bwd)",
     "fullgraph": "`fullgraph=True`",
     "onnx": "ONNX opset 18 = onnxruntime",
-    "autocast_bf16": "autocast bf16 (CPU)",
+    "autocast_bf16": "autocast bf16 (CPU, fwd+bwd)",
+    "double_backward": "double backward",
+    "flop_counter": "`FlopCounterMode` (fwd+bwd)",
+    "torch_func": "`torch.func.grad`",
     "channels_last": "channels_last",
     "jit_trace": "`jit.trace`",
     "jit_script": "`jit.script`",

@@ -11,11 +11,17 @@ instead (a custom autograd function):
   an untransposed second operand (about twice as fast on such tiny matrices on CPU);
 - the bias is added in place to the logits and the softmax runs in place, so the forward holds one
   N x N map, the only one kept for backward (plus a bool mask with dropout);
-- the backward writes the qkv gradient straight into the projection's ``(B, N, 3, h, d)`` layout
-  (no unbind/stack copies) and reduces the bias gradient over the batch.
+- the backward keeps ``qkv`` itself (as large as the three copies, which are freed after forward),
+  runs head by head on strided views of it (batched GEMMs take any row stride, so nothing is
+  copied into a GEMM layout), writes the qkv gradient straight into the projection's
+  ``(B, N, 3, h, d)`` layout and reduces the bias gradient over the batch.
 
-With :func:`attnzoo.fused_attn` off, or for half precision, it calls :func:`attnzoo.attend` (whose
-math path is the reference the tests compare against).
+With :func:`attnzoo.fused_attn` off, for half precision, and where a custom autograd function
+cannot run (functorch transforms, ``torch.compile``, ``torch.export``, ``torch.jit.trace``:
+`attnzoo.kernels.route`), it calls :func:`attnzoo.attend` (whose math path is
+the reference the tests compare against). Double backward (``create_graph=True``) recomputes the
+attention with plain ops in backward (`_plain_biased`). A query whose every key the bias masks
+(``-inf`` over its whole row) gets zero output and zero gradients, as in :func:`attnzoo.attend`.
 
 Shape letters: B batch (windows), N tokens, h heads, d head width, G bias groups.
 """
@@ -24,11 +30,32 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from attnzoo.functional import attend, fused_enabled
+from attnzoo.kernels.route import composite_required, recompute_grads, without_autocast
 
 __all__ = ["biased_attention"]
+
+
+def _dead_rows(bias: Tensor) -> Tensor | None:
+    """Queries whose every key the bias masks (a row of ``-inf``): ``(..., N, 1)`` bool, or None."""
+    dead = torch.isneginf(bias).all(-1, keepdim=True)
+    return dead if bool(dead.any()) else None
+
+
+def _plain_biased(qkv: Tensor, bias: Tensor, scale: float, keep: Tensor | None, dropout_p: float) -> Tensor:
+    """The kernel with plain differentiable ops (its composite twin), with a given dropout mask."""
+    b, n, _, h, d = qkv.shape
+    groups = bias.shape[0] if bias.ndim == 4 else 1
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, h, N, d)
+    logits = (q * scale) @ k.transpose(-2, -1)  # (B, h, N, N)
+    dead = torch.isneginf(bias).all(-1, keepdim=True)  # (G, h, N, 1) or (h, N, 1)
+    bias = bias.masked_fill(dead, 0.0).view(groups, h, n, n)
+    logits = logits.view(b // groups, groups, h, n, n) + bias  # group-major batch
+    probs = logits.softmax(-1).masked_fill(dead.view(groups, h, n, 1), 0.0).view(b, h, n, n)
+    if keep is not None:
+        probs = probs * keep.view(b, h, n, n) / (1.0 - dropout_p)
+    return (probs @ v).transpose(1, 2).reshape(b, n, h * d)  # (B, h, N, d) -> (B, N, h*d)
 
 
 class _BiasedAttention(torch.autograd.Function):
@@ -36,64 +63,75 @@ class _BiasedAttention(torch.autograd.Function):
 
     Layouts are chosen for the CPU GEMMs: q and v are copied to ``(B*h, N, d)``, k to
     ``(B*h, d, N)`` (a transposed second operand runs at about half speed on tiny matrices), the
-    scale is folded into the copy of q, and the bias is added in place to the logits.
+    scale is folded into the copy of q, and the bias is added in place to the logits. Saved for
+    backward: ``qkv`` and ``bias`` as given (a double backward differentiates them), the weights
+    and the dropout mask.
     """
 
     @staticmethod
+    @without_autocast
     def forward(ctx, qkv: Tensor, bias: Tensor, scale: float, dropout_p: float) -> Tensor:  # type: ignore[override]
         b, n, _, h, d = qkv.shape
         groups = bias.shape[0] if bias.ndim == 4 else 1
+        dead = _dead_rows(bias)  # (G, h, N, 1) or (h, N, 1)
         q = torch.empty((b, h, n, d), dtype=qkv.dtype, device=qkv.device)
         torch.mul(qkv[:, :, 0].transpose(1, 2), scale, out=q)  # (B, h, N, d), scaled
         kt = qkv[:, :, 1].permute(0, 2, 3, 1).contiguous().view(b * h, d, n)  # (B*h, d, N)
         v = qkv[:, :, 2].transpose(1, 2).contiguous().view(b * h, n, d)  # (B*h, N, d)
         q = q.reshape(b * h, n, d)  # (B*h, N, d)
         probs = torch.bmm(q, kt)  # (B*h, N, N) logits
-        probs.view(b // groups, groups, h, n, n).add_(bias.view(groups, h, n, n))  # group-major batch
+        grouped = probs.view(b // groups, groups, h, n, n)  # group-major batch
+        grouped.add_((bias if dead is None else bias.masked_fill(dead, 0.0)).view(groups, h, n, n))
         torch.softmax(probs, dim=-1, out=probs)  # in place: one N x N buffer
+        if dead is not None:
+            grouped.masked_fill_(dead, 0.0)  # masked queries: zero weights, so zero output and gradients
         keep = None
         if dropout_p > 0.0:
             keep = torch.empty_like(probs, dtype=torch.bool).bernoulli_(1.0 - dropout_p)
         dropped = probs if keep is None else probs * keep / (1.0 - dropout_p)
         out = torch.bmm(dropped, v)  # (B*h, N, d)
-        ctx.save_for_backward(q, kt, v, probs, keep)
-        ctx.meta = (b, n, h, d, groups, scale, dropout_p, bias.shape)
+        ctx.save_for_backward(qkv, bias, probs, keep)
+        ctx.meta = (scale, dropout_p)
         return out.view(b, h, n, d).transpose(1, 2).reshape(b, n, h * d)  # (B, N, h*d)
 
     @staticmethod
-    @once_differentiable
+    @without_autocast
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        # Ordered so that at most two N x N maps and one qkv-sized buffer are alive at a time.
-        q, kt, v, probs, keep = ctx.saved_tensors
-        b, n, h, d, groups, scale, dropout_p, bias_shape = ctx.meta
-        g = grad_out.reshape(b, n, h, d).transpose(1, 2).reshape(b * h, n, d)  # (B*h, N, d)
-        grad_probs = torch.bmm(g, v.transpose(1, 2))  # (B*h, N, N)
-        grad_v = None
-        if ctx.needs_input_grad[0]:
-            dropped = probs if keep is None else probs * keep / (1.0 - dropout_p)
-            grad_v = torch.bmm(dropped.transpose(1, 2), g)  # (B*h, N, d)
-            del dropped
-        del g
-        if keep is not None:
-            grad_probs.mul_(keep).mul_(1.0 / (1.0 - dropout_p))
-        grad_logits = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype)  # (B*h, N, N)
-        del grad_probs
-        grad_qkv = None
-        if grad_v is not None:
-            grad_qkv = torch.empty((b, n, 3, h, d), dtype=q.dtype, device=q.device)
-            grad_qkv[:, :, 2] = grad_v.view(b, h, n, d).transpose(1, 2)  # into (B, N, h, d)
-            del grad_v
-            grad_q = torch.bmm(grad_logits, kt.transpose(1, 2)).mul_(scale)  # (B*h, N, d)
-            grad_qkv[:, :, 0] = grad_q.view(b, h, n, d).transpose(1, 2)  # into (B, N, h, d)
-            del grad_q
-            grad_k = torch.bmm(grad_logits.transpose(1, 2), q)  # (B*h, N, d); q holds the scale
-            grad_qkv[:, :, 1] = grad_k.view(b, h, n, d).transpose(1, 2)  # into (B, N, h, d)
-            del grad_k
-        grad_bias = None
-        if ctx.needs_input_grad[1]:
-            grouped = grad_logits.view(b // groups, groups, h, n, n)  # (B/G, G, h, N, N)
-            grad_bias = grouped.sum(0).view(bias_shape)  # (G, h, N, N) or (h, N, N)
-        return grad_qkv, grad_bias, None, None
+        qkv, bias, probs, keep = ctx.saved_tensors
+        scale, dropout_p = ctx.meta
+        if torch.is_grad_enabled():  # create_graph=True: differentiate the plain ops instead
+            grads = recompute_grads(
+                lambda t, bb: _plain_biased(t, bb, scale, keep, dropout_p),
+                [qkv, bias], grad_out, ctx.needs_input_grad[:2],
+            )
+            return (*grads, None, None)
+        # Head by head on strided views of qkv (batched GEMMs take any row stride), so backward
+        # copies nothing into a GEMM layout; one head's N x N maps are alive at a time.
+        b, n, _, h, d = qkv.shape
+        groups = bias.shape[0] if bias.ndim == 4 else 1
+        g = grad_out.reshape(b, n, h, d)
+        probs4 = probs.view(b, h, n, n)
+        keep4 = None if keep is None else keep.view(b, h, n, n)
+        want_qkv, want_bias = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_qkv = qkv.new_empty((b, n, 3, h, d)) if want_qkv else None
+        grad_bias = bias.new_empty((groups, h, n, n)) if want_bias else None
+        for i in range(h):
+            g_i, p_i = g[:, :, i], probs4[:, i]  # (B, N, d), (B, N, N) strided views
+            q_i, k_i, v_i = qkv[:, :, 0, i], qkv[:, :, 1, i], qkv[:, :, 2, i]  # (B, N, d) views
+            grad_probs = torch.bmm(g_i, v_i.transpose(1, 2))  # (B, N, N)
+            if grad_qkv is not None:
+                dropped = p_i if keep4 is None else p_i * keep4[:, i] / (1.0 - dropout_p)
+                torch.bmm(dropped.transpose(1, 2), g_i, out=grad_qkv[:, :, 2, i])
+            if keep4 is not None:
+                grad_probs.mul_(keep4[:, i]).mul_(1.0 / (1.0 - dropout_p))
+            grad_logits = torch._softmax_backward_data(grad_probs, p_i, -1, probs.dtype)  # (B, N, N)
+            del grad_probs
+            if grad_qkv is not None:
+                torch.bmm(grad_logits, k_i, out=grad_qkv[:, :, 0, i]).mul_(scale)
+                torch.bmm(grad_logits.transpose(1, 2), q_i, out=grad_qkv[:, :, 1, i]).mul_(scale)
+            if grad_bias is not None:
+                torch.sum(grad_logits.view(b // groups, groups, n, n), 0, out=grad_bias[:, i])  # (G, N, N)
+        return grad_qkv, None if grad_bias is None else grad_bias.view(bias.shape), None, None
 
 
 def biased_attention(qkv: Tensor, bias: Tensor, *, scale: float, dropout_p: float = 0.0) -> Tensor:
@@ -103,13 +141,14 @@ def biased_attention(qkv: Tensor, bias: Tensor, *, scale: float, dropout_p: floa
     With the fused path on (:func:`attnzoo.fused_attn`) and a float32/float64 input, a dedicated
     kernel runs (see the module docstring): on tiny windows it beats both the SDPA kernels and the
     generic math path, in training (where a learnable bias makes SDPA fall back to its math path)
-    and in inference. Otherwise (the fused path off, half precision, under torch.compile or
-    torch.export) :func:`attend` runs.
+    and in inference. Otherwise (the fused path off, half precision, under torch.compile,
+    torch.export or torch.func) :func:`attend` runs.
 
     Args:
         qkv: Packed projections ``(B, N, 3, h, d)`` (any strides).
-        bias: Finite additive float bias ``(h, N, N)``, or ``(G, h, N, N)`` with G dividing B and
-            batch element ``i`` using group ``i % G`` (Swin's window order: image-major).
+        bias: Additive float bias ``(h, N, N)``, or ``(G, h, N, N)`` with G dividing B and
+            batch element ``i`` using group ``i % G`` (Swin's window order: image-major). A row
+            of ``-inf`` masks its query entirely: zero output, zero gradients.
         scale: Multiplies the logits.
         dropout_p: Dropout on the attention weights; pass 0.0 in eval mode. Default: 0.0.
 
@@ -117,9 +156,9 @@ def biased_attention(qkv: Tensor, bias: Tensor, *, scale: float, dropout_p: floa
         - Output: ``(B, N, h*d)``, heads concatenated.
     """
     b, n, _, h, d = qkv.shape
-    # The hand-written kernel is for eager mode; torch.compile and torch.export (ONNX) trace the
-    # plain path, which their own fusions handle.
-    if fused_enabled() and qkv.dtype in (torch.float32, torch.float64) and not torch.compiler.is_compiling():
+    # The hand-written kernel is for eager mode; torch.compile, torch.export (ONNX) and torch.func
+    # take the plain path.
+    if fused_enabled() and qkv.dtype in (torch.float32, torch.float64) and not composite_required():
         return _BiasedAttention.apply(qkv, bias.to(qkv.dtype).contiguous(), float(scale), float(dropout_p))
     if bias.ndim == 4:
         bias = bias.expand(b // bias.shape[0], *bias.shape).reshape(b, h, n, n)  # (B, h, N, N)

@@ -20,6 +20,11 @@ Per block the whole batch goes through one batched GEMM. Only one ``B x rows x S
 SDPA when the head dims agree; the math path when fusion is switched off or the weights are asked
 for) and nothing else.
 
+Double backward (``create_graph=True``) recomputes ``softmax(scale * q k^T) v`` with plain ops in
+backward (`_plain_attention`, which keeps the L x S map). Under functorch transforms, ``torch.compile``
+and ``torch.jit.trace`` (`attnzoo.kernels.route`),
+:func:`global_attention` takes the SDPA path and :func:`blocked_attention` the plain ops.
+
 Shape letters: B batch (times heads), L queries, S keys, d query/key dim, e value dim.
 """
 
@@ -37,6 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attnzoo.functional import attend, fused_enabled
+from attnzoo.kernels.route import composite_required, recompute_grads, without_autocast
 
 __all__ = ["global_attention", "blocked_attention", "global_kernel", "kernel_choice", "KERNELS"]
 
@@ -107,10 +113,18 @@ def _block_rows(batch: int, length: int) -> int:
     return 1 << (rows.bit_length() - 1)  # a power of two keeps the GEMM kernels on their fast paths
 
 
+def _plain_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    """``softmax(scale * q k^T) v`` with plain differentiable ops: the composite twin of the kernel."""
+    low = q.dtype in (torch.float16, torch.bfloat16)
+    logits = (q * scale) @ k.transpose(-2, -1)  # (..., L, S)
+    return logits.softmax(-1, dtype=torch.float32 if low else None).to(v.dtype) @ v  # (..., L, e)
+
+
 class _BlockedAttention(torch.autograd.Function):
     """``softmax(scale * q k^T) v`` for 3-D ``(B, L, d)``, ``(B, S, d)``, ``(B, S, e)`` inputs."""
 
     @staticmethod
+    @without_autocast
     def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, scale: float, block: int | None) -> Tensor:
         batch, length_q, _ = q.shape
         length_k, dim_v = k.shape[1], v.shape[2]
@@ -146,9 +160,15 @@ class _BlockedAttention(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor, Tensor, Tensor, None, None]:
+    @without_autocast
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         q, k, v, out, lse = ctx.saved_tensors
         scale, block = ctx.scale, ctx.block
+        if torch.is_grad_enabled():  # create_graph=True: differentiate the plain ops instead
+            needs = ctx.needs_input_grad[:3]
+            plain = lambda a, b, c: _plain_attention(a, b, c, scale)  # noqa: E731
+            grads = recompute_grads(plain, [q, k, v], grad_out, needs)
+            return (*grads, None, None)
         batch, length_q, dim_qk = q.shape
         length_k, dim_v = k.shape[1], v.shape[2]
         grad_out = grad_out.contiguous()  # (B, L, e)
@@ -200,6 +220,8 @@ def blocked_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float, block: i
     Shape:
         - q: ``(..., L, d)``; k: ``(..., S, d)``; v: ``(..., S, e)`` with the same leading dims.
     """
+    if composite_required():  # functorch, compile, tracing: plain ops
+        return _plain_attention(q, k, v, float(scale))
     lead = q.shape[:-2]
     q3 = q.reshape(-1, q.shape[-2], q.shape[-1])  # (B, L, d): leading dims folded
     k3 = k.reshape(-1, k.shape[-2], k.shape[-1])  # (B, S, d)
@@ -244,7 +266,8 @@ def global_attention(
         small, large = min(dim_qk, dim_v), max(dim_qk, dim_v)
         # The blocked kernel is for eager CPU runs: its block sizes and shift test read sizes and data,
         # which torch.compile / torch.export / jit.trace cannot follow; they take the SDPA path.
-        tracing = torch.compiler.is_compiling() or torch.jit.is_tracing()
+        # Functorch transforms cannot run it either.
+        tracing = composite_required()
         on_cpu = q.device.type == "cpu"
         if on_cpu and q.dtype in (torch.float32, torch.float64) and not tracing:
             choice = kernel_choice()

@@ -18,10 +18,13 @@ equality mask over the whole input). :class:`_GateFn` instead
 
 Memory per step: the output plus one full-size temporary, against three to five in plain autograd.
 
-Limitation: the backward is first-order only; a backward with ``create_graph=True`` through a gate
-(a gradient penalty, for example) raises a ``RuntimeError`` instead of silently dropping the
-gate's second-order terms. Under ``torch.no_grad()`` (or with nothing requiring grad) the kernel
-is bypassed and the max statistics use ``amax``, which skips computing indices.
+Double backward (``create_graph=True``: gradient penalties, ``gradgradcheck``) recomputes the gate
+with plain differentiable ops in backward (`_gate_plain`), so second derivatives are exact;
+under functorch transforms, dispatch modes (``FlopCounterMode``), ``torch.compile`` and
+``torch.jit.trace`` the plain ops run from the start (`attnzoo.kernels.route.composite_required`).
+Under ``torch.no_grad()`` (or with nothing requiring grad) the kernel is bypassed and the max
+statistics use ``amax``, which skips computing indices. Under autocast the gates may come out in
+the low precision while ``x`` does not: backward computes in ``x``'s dtype.
 """
 
 from __future__ import annotations
@@ -35,8 +38,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attnzoo._checks import check_shape
+from attnzoo.kernels.route import (
+    autocast_state,
+    composite_required,
+    recompute_grads,
+    stale_closure,
+    without_autocast,
+)
 
-__all__ = ["GatePlan", "fused_gate", "to_batch_first", "small_graph", "small_vjp", "first_order_only"]
+__all__ = ["GatePlan", "fused_gate", "to_batch_first", "small_graph", "small_vjp"]
 
 STATS = ("mean", "max")
 
@@ -91,19 +101,11 @@ def small_vjp(
     out, leaves = graph
     wanted = [p for p in params if p.requires_grad]
     # retain_graph: the outer graph may be run backward again (retain_graph there, gradcheck)
+    # grad in the graph's dtype: under autocast the small function may compute in bfloat16
+    grad = grad.to(out.dtype)
     grads = torch.autograd.grad(out, [*leaves, *wanted], grad, allow_unused=True, retain_graph=True)
     by_param = iter(grads[len(leaves) :])
     return list(grads[: len(leaves)]), [next(by_param) if p.requires_grad else None for p in params]
-
-
-def first_order_only(who: str) -> None:
-    """Refuse a backward with ``create_graph=True`` (grad mode is on only then), which would treat
-    the fused kernel's gradient as a constant and give wrong second derivatives."""
-    if torch.is_grad_enabled():
-        raise RuntimeError(
-            f"{who}: attnzoo's fused gating backward is first-order only; double backward "
-            "(create_graph=True) through it is not supported"
-        )
 
 
 def _flat(t: Tensor) -> Tensor:
@@ -155,6 +157,22 @@ def _gate_forward(x: Tensor, plan: GatePlan, track: bool) -> tuple[Tensor, dict[
     return y, saved
 
 
+def _gate_plain(x: Tensor, plan: GatePlan, gates: dict[str, Tensor] | None = None) -> Tensor:
+    """The gate with plain differentiable ops: the composite twin of `_GateFn` (``gates`` receives
+    the channel and spatial gates, for `stale_closure`)."""
+    y, gates = x, {} if gates is None else gates
+    if plan.channel_fn is not None:
+        stats = [x.mean((2, 3)) if s == "mean" else x.amax((2, 3)) for s in plan.channel_stats]  # (B, C)
+        gates["cg"] = plan.channel_fn(*stats)
+        y = x * gates["cg"][:, :, None, None]  # (B, C) -> (B, C, 1, 1)
+    if plan.spatial_fn is not None:
+        stats = [y.mean(1, keepdim=True) if s == "mean" else y.amax(1, keepdim=True)
+                 for s in plan.spatial_stats]
+        gates["sg"] = plan.spatial_fn(*stats)
+        y = y * gates["sg"]  # (B, 1, H, W) gate
+    return y
+
+
 class _GateFn(torch.autograd.Function):
     """``x -> x * cg * sg`` (see the module docstring); parameters of the small functions follow ``x``."""
 
@@ -163,18 +181,28 @@ class _GateFn(torch.autograd.Function):
         out, saved = _gate_forward(x, plan, track=True)
         ctx.save_for_backward(x)
         ctx.plan, ctx.saved, ctx.n_channel = plan, saved, n_channel
-        ctx.params = params
+        ctx.params, ctx.autocast = params, autocast_state(x)
         return out
 
     @staticmethod
+    @without_autocast
     def backward(ctx, g: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        first_order_only("gate")
         (x,) = ctx.saved_tensors
         plan, saved = ctx.plan, ctx.saved
+        if torch.is_grad_enabled():  # create_graph=True: differentiate the plain ops instead
+            needs = [ctx.needs_input_grad[0], *ctx.needs_input_grad[3:]]
+            gates: dict[str, Tensor] = {}
+            grads = recompute_grads(
+                lambda t, *_: _gate_plain(t, plan, gates), [x, *ctx.params], g, needs, ctx.autocast
+            )
+            for name, again in gates.items():
+                stale_closure("gate", saved[name], again)
+            return (grads[0], None, None, *grads[1:])
         c_params, s_params = ctx.params[: ctx.n_channel], ctx.params[ctx.n_channel :]
         B, C, H, W = x.shape
-        cg: Tensor | None = saved.get("cg")  # (B, C)
-        sg: Tensor | None = saved.get("sg")  # (B, 1, H, W)
+        g = g.to(x.dtype)
+        cg: Tensor | None = None if saved.get("cg") is None else saved["cg"].to(x.dtype)  # (B, C)
+        sg: Tensor | None = None if saved.get("sg") is None else saved["sg"].to(x.dtype)  # (B, 1, H, W)
         d_cg: Tensor | None = None
         gy = g  # gradient w.r.t. the channel-gated tensor y = x * cg
         grads_c: list[Tensor | None] = [None] * len(c_params)
@@ -259,6 +287,8 @@ def fused_gate(
     """Apply the gates of ``plan`` to ``x`` (B, C, H, W); the parameters are those the small
     functions use (gradients reach them through the kept small graphs)."""
     params = (*channel_params, *spatial_params)
+    if composite_required(dispatch=True):  # functorch, dispatch modes, compile, tracing: plain ops throughout
+        return _gate_plain(x, plan)
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
         return _GateFn.apply(x, plan, len(channel_params), *params)
     with torch.no_grad():

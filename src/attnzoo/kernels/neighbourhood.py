@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import FunctionCtx
 
+from attnzoo.kernels.route import composite_required
+
 __all__ = ["neighbourhood_attention", "reflect_pad"]
 
 
@@ -183,7 +185,8 @@ def neighbourhood_attention(
 
     Unscaled logits ``q . k`` over the ``kernel**2`` offsets ``(i, j)``, softmax over them, weighted
     sum of the values at the same offsets. Pad k and v first (ACmix: reflection). Never unfolds the
-    neighbourhoods; double backward runs a slower plain version.
+    neighbourhoods; double backward and functorch transforms run a
+    slower plain version.
 
     Shape:
         - q: ``(N, d, Ho, Wo)``; k_pad, v_pad: ``(N, d, Hp, Wp)`` with
@@ -197,4 +200,6 @@ def neighbourhood_attention(
             f"neighbourhood_attention expects k_pad and v_pad of one shape, H >= {need_h}, W >= {need_w}, "
             f"got {tuple(k_pad.shape)} and {tuple(v_pad.shape)}"
         )
+    if composite_required(tracing=False):  # functorch transforms
+        return _plain_neighbourhood_attention(q, k_pad, v_pad, kernel, dilation, stride)
     return _NeighbourhoodAttention.apply(q, k_pad, v_pad, kernel, dilation, stride)

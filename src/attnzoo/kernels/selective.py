@@ -1,7 +1,9 @@
 """SK's branch selection as one autograd Function: ``sum_i a_i * U_i`` with ``a = fn(mean_hw(sum_i U_i))``.
 
 The branches are never stacked or concatenated: ``mean_hw(sum_i U_i)`` is a sum of per-branch
-means, and backward writes each branch gradient in one fused multiply-add.
+means, and backward writes each branch gradient in one fused multiply-add. Double backward
+recomputes the selection with plain ops (`_select_plain`); functorch transforms, dispatch modes
+(`FlopCounterMode`), `torch.compile` and `torch.jit.trace` run the plain ops from the start.
 """
 
 from __future__ import annotations
@@ -11,7 +13,14 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from attnzoo.kernels.gate import first_order_only, small_graph, small_vjp
+from attnzoo.kernels.gate import small_graph, small_vjp
+from attnzoo.kernels.route import (
+    autocast_state,
+    composite_required,
+    recompute_grads,
+    stale_closure,
+    without_autocast,
+)
 
 __all__ = ["select_branches"]
 
@@ -27,21 +36,47 @@ def _select_forward(branches: Sequence[Tensor], fn: Callable[[Tensor], Tensor], 
     return out, a, graph
 
 
+def _select_plain(
+    fn: Callable[[Tensor], Tensor], *branches: Tensor, kept: list[Tensor] | None = None
+) -> Tensor:
+    """The selection with plain differentiable ops: the composite twin of `_SelectFn` (``kept``
+    receives the branch weights, for `stale_closure`)."""
+    pooled = branches[0].mean((2, 3))  # (B, C)
+    for u in branches[1:]:
+        pooled = pooled + u.mean((2, 3))
+    a = fn(pooled)  # (B, M, C)
+    if kept is not None:
+        kept.append(a)
+    out = branches[0] * a[:, 0, :, None, None]  # (B, C) -> (B, C, 1, 1)
+    for i, u in enumerate(branches[1:], start=1):
+        out = out + u * a[:, i, :, None, None]
+    return out
+
+
 class _SelectFn(torch.autograd.Function):
     """``sum_i a_i * U_i`` with ``a = fn(mean_hw(sum_i U_i))``; the tensors are the M branches,
     then the parameters ``fn`` uses."""
 
     @staticmethod
     def forward(ctx, fn: Callable[[Tensor], Tensor], n: int, *tensors: Tensor) -> Tensor:  # type: ignore[override]
-        branches, ctx.params = tensors[:n], tensors[n:]
+        branches, ctx.params, ctx.fn, ctx.autocast = tensors[:n], tensors[n:], fn, autocast_state(tensors[0])
         out, ctx.a, ctx.graph = _select_forward(branches, fn, track=True)
         ctx.save_for_backward(*branches)
         return out
 
     @staticmethod
+    @without_autocast
     def backward(ctx, g: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        first_order_only("SKConv selection")
         branches = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: differentiate the plain ops instead
+            n, kept = len(branches), list[Tensor]()
+            grads = recompute_grads(
+                lambda *t: _select_plain(ctx.fn, *t[:n], kept=kept),
+                [*branches, *ctx.params], g, ctx.needs_input_grad[2:], ctx.autocast,
+            )
+            stale_closure("SK selection", ctx.a, kept[0])
+            return (None, None, *grads)
+        g = g.to(branches[0].dtype)
         a: Tensor = ctx.a  # (B, M, C)
         d_a = torch.stack([(g * u).sum((2, 3)) for u in branches], dim=1)  # (B, M, C)
         (d_s,), grads_p = small_vjp(ctx.graph, d_a, ctx.params)
@@ -70,6 +105,8 @@ def select_branches(
     Shape:
         - Output: (B, C, H, W).
     """
+    if composite_required(dispatch=True):  # functorch, dispatch modes, compile, tracing: plain ops throughout
+        return _select_plain(attention, *branches)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (*branches, *params)):
         return _SelectFn.apply(attention, len(branches), *branches, *params)
     with torch.no_grad():

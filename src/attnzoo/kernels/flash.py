@@ -1,0 +1,108 @@
+"""``scaled_dot_product_attention`` with a double backward on CPU, at the speed of the fused kernel.
+
+On CPU, SDPA's flash kernel has a backward (``_scaled_dot_product_flash_attention_for_cpu_backward``)
+without a derivative of its own, so a gradient penalty or ``gradgradcheck`` through it fails.
+:func:`sdpa` runs the same flash forward and backward ops through `_FlashCPU`, whose backward calls
+the fused backward op for first order and, under ``create_graph=True``, differentiates SDPA's math
+decomposition (``aten._scaled_dot_product_attention_math``) instead. Everywhere else (another device,
+a choice of the math backend, functorch transforms, ``torch.compile``) it is
+``F.scaled_dot_product_attention`` itself.
+
+Shape letters: B batch, h heads, L query length, S key length, d head dim.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.attention import SDPBackend
+
+from attnzoo.kernels.route import composite_required, recompute_grads
+
+__all__ = ["sdpa"]
+
+_FLASH: int = SDPBackend.FLASH_ATTENTION.value
+
+
+def _math(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool, scale: float | None) -> Tensor:
+    """SDPA's own math decomposition (plain differentiable ops)."""
+    return torch.ops.aten._scaled_dot_product_attention_math(q, k, v, mask, 0.0, causal, None, scale=scale)[0]
+
+
+class _FlashCPU(torch.autograd.Function):
+    """The CPU flash kernel, forward and first-order backward; double backward by the math path."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool, scale: float | None
+    ) -> Tensor:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, causal, attn_mask=mask, scale=scale
+        )  # (B, h, L, e), (B, h, L)
+        ctx.save_for_backward(q, k, v, mask, out, lse)
+        ctx.causal, ctx.scale = causal, scale
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        q, k, v, mask, out, lse = ctx.saved_tensors
+        causal, scale, needs = ctx.causal, ctx.scale, ctx.needs_input_grad
+        if torch.is_grad_enabled():  # create_graph=True: differentiate the math path instead
+            plain = lambda a, b, c: _math(a, b, c, mask, causal, scale)  # noqa: E731
+            grads = recompute_grads(plain, [q, k, v], grad, needs[:3])
+            return (*grads, None, None, None)
+        gq, gk, gv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad, q, k, v, out, lse, 0.0, causal, attn_mask=mask, scale=scale
+        )
+        grads = (gq if needs[0] else None, gk if needs[1] else None, gv if needs[2] else None)
+        return (*grads, None, None, None)
+
+
+def sdpa(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    attn_mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+) -> Tensor:
+    """``F.scaled_dot_product_attention`` whose CPU flash path also has a double backward.
+
+    Args:
+        q: Queries.
+        k: Keys.
+        v: Values.
+        attn_mask: Bool (True = may attend) or additive float mask, broadcastable to ``(B, h, L, S)``.
+            Default: None.
+        dropout_p: Dropout on the attention weights (SDPA takes its math path on CPU when
+            positive). Default: 0.0.
+        is_causal: Causal attention (top-left aligned). Default: False.
+        scale: Multiplies the logits. Default: ``1 / sqrt(d)``.
+
+    Returns:
+        The output ``(B, h, L, e)``, equal to ``F.scaled_dot_product_attention``'s.
+
+    Shape:
+        - q: ``(B, h, L, d)``; k: ``(B, h, S, d)``; v: ``(B, h, S, e)``.
+    """
+    if (
+        q.device.type == "cpu"
+        and dropout_p == 0.0
+        and torch.is_grad_enabled()
+        and (q.requires_grad or k.requires_grad or v.requires_grad)
+        and (attn_mask is None or not attn_mask.requires_grad)
+        and not composite_required()
+        and torch._fused_sdp_choice(q, k, v, attn_mask, 0.0, is_causal, scale=scale) == _FLASH
+    ):
+        mask = attn_mask
+        if mask is not None and mask.dtype == torch.bool:  # as SDPA does before its flash kernel
+            mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
+        return _FlashCPU.apply(q, k, v, mask, is_causal, scale)
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale
+    )

@@ -1,0 +1,134 @@
+"""When attnzoo's custom autograd kernels step aside for plain (composite) PyTorch ops.
+
+Every kernel in :mod:`attnzoo.kernels` has a composite twin: the same function written with ordinary
+differentiable ops. The fast kernel runs in ordinary eager training; the twin runs where a
+hand-written ``autograd.Function`` cannot take part:
+
+- under a functorch transform (``torch.func.grad``, ``vmap``, ``jvp``), which needs
+  ``setup_context`` and vmap rules the kernels do not have;
+- under ``torch.compile``, ``torch.export`` and ``torch.jit.trace``, which trace the composite ops
+  and fuse them;
+- for the kernels whose backward runs a small autograd graph of its own (the gates, SK's selection),
+  also under a ``TorchDispatchMode`` such as ``torch.utils.flop_counter.FlopCounterMode``, whose
+  backward hooks refuse a nested ``torch.autograd.grad`` (`composite_required(dispatch=True)`).
+  The other kernels run under dispatch modes as they are: the mode sees each of their ops.
+
+A backward with ``create_graph=True`` (a gradient penalty, ``gradgradcheck``) runs the kernel's
+forward as usual; its backward then recomputes the twin differentiably (:func:`recompute_grads`),
+so second derivatives are exact. First-order backward keeps the fast path.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import torch
+from torch import Tensor
+
+__all__ = ["autocast_state", "composite_required", "recompute_grads", "stale_closure", "without_autocast"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def composite_required(dispatch: bool = False, tracing: bool = True) -> bool:
+    """Whether a custom kernel must give way to its composite twin here (see the module docstring).
+
+    Args:
+        dispatch: Also when a ``TorchDispatchMode`` is active (for kernels whose backward calls
+            ``torch.autograd.grad``). Default: False.
+        tracing: Also under ``torch.compile``/``torch.export`` and ``torch.jit.trace``. ACmix's
+            neighbourhood kernel passes False: its composite twin takes minutes to compile, the
+            kernel (with a graph break) seconds. Default: True.
+    """
+    return bool(
+        torch._C._are_functorch_transforms_active()
+        or (tracing and (torch.compiler.is_compiling() or torch.jit.is_tracing()))
+        or (dispatch and torch._C._len_torch_dispatch_stack() > 0)
+    )
+
+
+def autocast_state(t: Tensor) -> tuple[str, bool, torch.dtype]:
+    """The autocast state for ``t``'s device, to rerun a forward under it (:func:`recompute_grads`)."""
+    device = t.device.type
+    return device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
+
+
+def recompute_grads(
+    fn: Callable[..., Tensor],
+    inputs: Sequence[Tensor | None],
+    grad: Tensor,
+    needs: Sequence[bool],
+    autocast: tuple[str, bool, torch.dtype] | None = None,
+) -> tuple[Tensor | None, ...]:
+    """Gradients of ``fn(*inputs)`` for the backward of a kernel called with ``create_graph=True``.
+
+    ``inputs`` are the kernel's saved inputs (in backward under grad mode they carry their history),
+    so the returned gradients are differentiable functions of them and of ``grad``. The gradient
+    of each input comes back in that input's dtype (autocast may have mixed them).
+
+    Args:
+        fn: The composite twin of the kernel.
+        inputs: Its tensor inputs (None for an absent optional one).
+        grad: The gradient of the output.
+        needs: Which inputs want a gradient (``ctx.needs_input_grad`` for them).
+        autocast: The forward's :func:`autocast_state`, to recompute in the same dtypes. Default:
+            autocast as it is in backward.
+
+    Returns:
+        One gradient or None per input.
+    """
+    with torch.enable_grad():
+        if autocast is None:
+            out = fn(*inputs)
+        else:
+            device, enabled, dtype = autocast
+            with torch.autocast(device, dtype=dtype, enabled=enabled):
+                out = fn(*inputs)
+    wanted = [t for t, need in zip(inputs, needs, strict=True) if need and t is not None and t.requires_grad]
+    found = torch.autograd.grad(out, wanted, grad.to(out.dtype), create_graph=True, allow_unused=True)
+    by_input = iter(found)
+    grads: list[Tensor | None] = []
+    for t, need in zip(inputs, needs, strict=True):
+        if need and t is not None and t.requires_grad:
+            g = next(by_input)
+            grads.append(g if g is None else g.to(t.dtype))
+        else:
+            grads.append(None)
+    return tuple(grads)
+
+
+def without_autocast(method: F) -> F:
+    """Run a kernel's ``forward``/``backward`` with autocast off, in the dtype its tensors arrive in.
+
+    Autocast would otherwise recast the kernel's own matrix products (``bmm``, some with ``out=``)
+    to the low precision, mixing dtypes inside one hand-written computation.
+    """
+
+    @functools.wraps(method)
+    def run(ctx: Any, *args: Any) -> Any:
+        device = next((a.device.type for a in args if isinstance(a, Tensor)), "cpu")
+        if not torch.is_autocast_enabled(device):
+            return method(ctx, *args)
+        with torch.autocast(device, enabled=False):
+            return method(ctx, *args)
+
+    return run  # type: ignore[return-value]
+
+
+def stale_closure(who: str, kept: Tensor, again: Tensor) -> None:
+    """Refuse a double backward whose small function no longer computes what it did in forward.
+
+    The gates and SK's selection recompute their small learned function (a closure over a module)
+    in a ``create_graph=True`` backward. If the module's parameters were swapped in between (a
+    backward after ``torch.func.functional_call`` returned, a replaced parameter), the recomputed
+    values differ from the forward's and the second derivatives would silently be wrong.
+    """
+    if not torch.equal(kept.to(again.dtype), again.detach()):
+        raise RuntimeError(
+            f"{who}: double backward recomputes the small learned function, which now gives other values "
+            "than in forward (were the module's parameters swapped in between, e.g. a backward run after "
+            "torch.func.functional_call returned?); run the backward while the same parameters are in "
+            "place, or use torch.func.grad"
+        )

@@ -1,0 +1,182 @@
+"""attend's fused path (SDPA; on CPU the flash kernel through attnzoo.kernels.flash) against its
+float64 math path, under torch's tools, with double backward; fully masked rows on every path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tests.kernels.kernel_checks import (
+    Holder,
+    assert_autocast_bf16,
+    assert_flop_counter,
+    assert_gradgradcheck,
+    assert_matches,
+    assert_torch_func,
+)
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import attnzoo
+from attnzoo.functional import attend
+from attnzoo.kernels.flash import sdpa
+
+FLASH_BWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
+L, S = 5, 6
+
+
+def _mask(kind: str | None, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(3)
+    if kind == "bool":
+        keep = torch.rand(L, S, generator=gen) > 0.4
+        keep[:, 0] = True
+        return keep
+    if kind == "float":
+        return torch.randn(1, 2, L, S, generator=gen, dtype=dtype)
+    return None
+
+
+MASKS = [None, "bool", "float", "causal"]
+
+
+def fused(kind):
+    mask = None if kind in (None, "causal") else _mask(kind)
+
+    def go(q, k, v):
+        m = mask.to(q.dtype) if mask is not None and mask.is_floating_point() else mask
+        return attend(q, k, v, mask=m, causal=kind == "causal")
+
+    return go
+
+
+def math(kind):
+    run = fused(kind)
+
+    def go(q, k, v):
+        with attnzoo.fused_attn(False):
+            return run(q, k, v)
+
+    return go
+
+
+def tensors(dtype=torch.float64, d=4, e=4):
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randn(2, 2, n, w, generator=gen, dtype=dtype) for n, w in ((L, d), (S, d), (S, e))]
+
+
+@pytest.mark.parametrize("kind", MASKS, ids=str)
+def test_fused_matches_math(kind):
+    assert_matches(fused(kind), math(kind), tensors())
+
+
+@pytest.mark.parametrize("kind", MASKS, ids=str)
+def test_second_derivatives_through_the_fused_path(kind):
+    assert_gradgradcheck(fused(kind), tensors())
+
+
+def test_learnable_bias_second_derivatives():
+    # A bias that requires grad takes SDPA's math path, which has its own double backward.
+    q, k, v = tensors()
+    bias = torch.randn(2, L, S, dtype=torch.float64)
+    assert_gradgradcheck(lambda q_, b: attend(q_, k, v, bias=b), [q, bias])
+
+
+class _Ops(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: set = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.add(func)
+        return func(*args, **(kwargs or {}))
+
+
+def test_first_order_keeps_the_fused_backward_and_create_graph_recomputes():
+    q, k, v = (t.float().requires_grad_() for t in tensors())
+    out = attend(q, k, v)
+    assert type(out.grad_fn).__name__ == "_FlashCPUBackward"
+    with _Ops() as first:
+        torch.autograd.grad(out.sum(), (q, k, v), retain_graph=True)
+    assert FLASH_BWD in first.ops
+    with _Ops() as second:
+        torch.autograd.grad(out.sum(), (q, k, v), create_graph=True)
+    assert FLASH_BWD not in second.ops
+
+
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_sdpa_equals_torch_sdpa_bitwise(kind):
+    q, k, v = tensors(torch.float32)
+    mask = _mask(kind, torch.float32)
+    ours = [t.clone().requires_grad_() for t in (q, k, v)]
+    theirs = [t.clone().requires_grad_() for t in (q, k, v)]
+    a = sdpa(*ours, attn_mask=mask)
+    b = torch.nn.functional.scaled_dot_product_attention(*theirs, attn_mask=mask)
+    a.square().sum().backward()
+    b.square().sum().backward()
+    assert torch.equal(a, b)
+    for x, y in zip(ours, theirs, strict=True):
+        assert torch.equal(x.grad, y.grad)
+
+
+@pytest.mark.parametrize("kind", MASKS, ids=str)
+def test_flop_counter_with_backward(kind):
+    # torch 2.14's FlopCounterMode counts the CPU flash kernels as 0 FLOPs (attnzoo.flops corrects it).
+    assert_flop_counter(fused(kind), tensors(torch.float32), counted=None)
+
+
+@pytest.mark.parametrize("kind", MASKS, ids=str)
+def test_torch_func_grad_over_functional_call(kind):
+    assert_torch_func(Holder(fused(kind), tensors(torch.float32)))
+
+
+@pytest.mark.parametrize("kind", MASKS, ids=str)
+def test_autocast_bf16_forward_and_backward(kind):
+    assert_autocast_bf16(fused(kind), tensors(torch.float32), math(kind))
+
+
+def _dead(kind: str):
+    """A mask whose query 1 may attend to nothing (and query 3 to some keys)."""
+    if kind == "bool":
+        keep = torch.ones(L, S, dtype=torch.bool)
+        keep[1] = False
+        keep[3, ::2] = False
+        return keep
+    mask = torch.zeros(L, S, dtype=torch.float64)
+    mask[1] = float("-inf")
+    mask[3, ::2] = float("-inf")
+    return mask
+
+
+@pytest.mark.parametrize("path", ["fused", "math"])
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_fully_masked_rows_give_zeros_and_finite_gradients(kind, path):
+    q, k, v = (t.requires_grad_() for t in tensors())
+    with attnzoo.fused_attn(path == "fused"):
+        out = attend(q, k, v, mask=_dead(kind))
+        out.square().sum().backward()
+    assert torch.equal(out[:, :, 1], torch.zeros_like(out[:, :, 1]))
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+    assert torch.equal(q.grad[:, :, 1], torch.zeros_like(q.grad[:, :, 1]))
+
+
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_fully_masked_rows_agree_across_paths_with_second_derivatives(kind):
+    mask = _dead(kind)
+    run = lambda q, k, v: attend(q, k, v, mask=mask)  # noqa: E731
+    assert_matches(run, lambda *t: _math_masked(mask, *t), tensors())
+    assert_gradgradcheck(run, tensors())
+
+
+def _math_masked(mask, q, k, v):
+    with attnzoo.fused_attn(False):
+        return attend(q, k, v, mask=mask)
+
+
+def test_fully_masked_bias_rows_with_a_learnable_bias():
+    # A float -inf bias that requires grad (SDPA's math path inside the fused branch).
+    q, k, v = tensors()
+    bias = torch.randn(2, L, S, dtype=torch.float64)
+    bias[:, 1] = float("-inf")
+    bias.requires_grad_()
+    out = attend(q, k, v, bias=bias)
+    out.square().sum().backward()
+    assert torch.equal(out[:, :, 1], torch.zeros_like(out[:, :, 1]))
+    assert torch.isfinite(bias.grad).all()

@@ -1,0 +1,83 @@
+"""The blocked global-attention kernel (SAGAN) against attend's float64 math path, and under torch's tools."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tests.kernels.kernel_checks import (
+    Holder,
+    assert_autocast_bf16,
+    assert_flop_counter,
+    assert_gradgradcheck,
+    assert_matches,
+    assert_torch_func,
+)
+
+import attnzoo
+from attnzoo.functional import attend
+from attnzoo.kernels.blocked import blocked_attention, global_attention
+
+
+def blocked(q, k, v):
+    return blocked_attention(q, k, v, scale=0.7, block=4)
+
+
+def reference(q, k, v):
+    with attnzoo.fused_attn(False):
+        return attend(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), scale=0.7).squeeze(1)  # one head
+
+
+def tensors(dtype=torch.float64, length_q=9, length_k=7, d=3, e=5):
+    gen = torch.Generator().manual_seed(0)
+    sizes = ((length_q, d), (length_k, d), (length_k, e))
+    return [torch.randn(2, n, w, generator=gen, dtype=dtype) for n, w in sizes]
+
+
+@pytest.mark.parametrize("sizes", [(9, 7, 3, 5), (4, 4, 6, 2), (1, 5, 2, 16)])
+def test_values_and_gradients_match_attend_math(sizes):
+    assert_matches(blocked, reference, tensors(torch.float64, *sizes))
+
+
+def test_second_derivatives():
+    assert_gradgradcheck(blocked, tensors(length_q=5, length_k=6, d=2, e=3))
+
+
+def test_gradient_penalty_equals_attend_math():
+    results = []
+    for run in (blocked, reference):
+        ts = [t.requires_grad_() for t in tensors()]
+        grads = torch.autograd.grad(run(*ts).square().sum(), ts, create_graph=True)
+        sum(g.square().sum() for g in grads).backward()
+        results.append([t.grad for t in ts])
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+
+
+def test_flop_counter_with_backward():
+    assert_flop_counter(blocked, tensors(torch.float32))
+
+
+def test_flop_counter_sees_the_kernel_itself():
+    # No nested autograd in its backward: the kernel runs under the mode and its GEMMs are counted.
+    from torch.utils.flop_counter import FlopCounterMode
+
+    q, k, v = (t.requires_grad_() for t in tensors(torch.float32))
+    with FlopCounterMode(display=False) as counter:
+        out = blocked(q, k, v)
+        out.sum().backward()
+    assert "_BlockedAttentionBackward" in type(out.grad_fn.next_functions[0][0]).__name__  # under a reshape
+    assert counter.get_total_flops() > 0
+
+
+def _global(q, k, v):
+    return global_attention(q, k, v, scale=0.7)
+
+
+@pytest.mark.parametrize("run", [blocked, _global], ids=["blocked", "global"])
+def test_torch_func_grad_over_functional_call(run):
+    assert_torch_func(Holder(run, tensors(torch.float32)))
+
+
+def test_autocast_bf16_forward_and_backward():
+    # The kernel computes in the dtype its inputs arrive in (float32 here), autocast or not.
+    assert_autocast_bf16(blocked, tensors(torch.float32), tol=1e-5)
