@@ -1,0 +1,146 @@
+"""fightingcv (External-Attention-pytorch) -> attnzoo: its attention modules -> canonical classes.
+
+``from_fightingcv(module)`` returns an independent attnzoo module (weights copied) on the module's
+device, in its dtype and training mode, whose output equals fightingcv's wherever fightingcv's code
+runs. Converters are keyed by dotted class names (``FIGHTINGCV_CONVERTERS``), so nothing here imports
+fightingcv.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+__all__ = ["FIGHTINGCV_CONVERTERS", "from_fightingcv"]
+
+_PACKAGE = "fightingcv_attention.attention"
+
+FIGHTINGCV_CONVERTERS: dict[str, Callable[[nn.Module], nn.Module]] = {}
+
+
+def _refuse(module: nn.Module, reason: str) -> TypeError:
+    return TypeError(f"from_fightingcv cannot convert {type(module).__qualname__}: {reason}")
+
+
+def _copy_in_order(theirs: nn.Module, ours: nn.Module) -> nn.Module:
+    """Copy ``theirs``'s state (parameters and buffers, in registration order) into ``ours``, whose
+    state has the same tensors in the same order under other names; keep the training mode."""
+    src, dst = theirs.state_dict(), ours.state_dict()
+    if len(src) != len(dst):
+        raise _refuse(theirs, f"it holds {len(src)} tensors where attnzoo's class holds {len(dst)}")
+    mapped = {}
+    for (their_key, value), (our_key, target) in zip(src.items(), dst.items(), strict=True):
+        if value.shape != target.shape:
+            raise _refuse(
+                theirs, f"{their_key} has shape {tuple(value.shape)}, expected {tuple(target.shape)}"
+            )
+        mapped[our_key] = value
+    ours.load_state_dict(mapped, strict=True)
+    return ours.train(theirs.training)
+
+
+def _factory(module: nn.Module) -> dict[str, object]:
+    """``device=`` and ``dtype=`` of the module's first floating tensor (CPU and the default dtype
+    for a module without any)."""
+    for tensor in (*module.parameters(), *module.buffers()):
+        if tensor.is_floating_point():
+            return {"device": tensor.device, "dtype": tensor.dtype}
+    return {}
+
+
+# ---------------------------------------------------------------------------------------------
+# fcv-a block: BAM, SGE, shuffle attention, SimAM, triplet attention, ParNet attention, residual
+# attention (CSRA). Each converter checks what attnzoo cannot represent and copies the state.
+
+
+def _bam(module: nn.Module) -> nn.Module:
+    """``BAMBlock(channel, reduction, dia_val)``: 3 hidden layers, 3 dilated convolutions of padding 1."""
+    from attnzoo.mechanisms.bam import BottleneckAttention
+
+    first, reduce = module.ca.ca.fc0, module.sa.sa.conv_reduce1
+    num_layers = sum(1 for name, _ in module.ca.ca.named_children() if name.startswith("fc"))
+    dilated = [m for name, m in module.sa.sa.named_children() if name[:5] == "conv_" and name[5:].isdigit()]
+    new = BottleneckAttention(
+        first.in_features,
+        rd_channels=reduce.out_channels,
+        num_layers=num_layers,
+        num_dilated=len(dilated),
+        dilation=dilated[0].dilation[0] if dilated else 1,
+        padding=dilated[0].padding[0] if dilated else 0,
+        **_factory(module),  # type: ignore[arg-type]
+    )
+    for theirs, ours in zip(
+        [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)],
+        [m for m in new.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)],
+        strict=True,
+    ):
+        ours.eps, ours.momentum = theirs.eps, theirs.momentum
+    return _copy_in_order(module, new)
+
+
+def _sge(module: nn.Module) -> nn.Module:
+    """``SpatialGroupEnhance(groups)``: any channel count divisible by ``groups`` (fixed at the first
+    call; the converted module takes C = groups, which is always valid, unless told otherwise)."""
+    from attnzoo.mechanisms.sge import SpatialGroupEnhance
+
+    new = SpatialGroupEnhance(module.groups, module.groups, **_factory(module))  # type: ignore[arg-type]
+    new.channels = None  # type: ignore[assignment]  # fightingcv fixes no channel count
+    return _copy_in_order(module, new)
+
+
+def _shuffle(module: nn.Module) -> nn.Module:
+    """``ShuffleAttention(channel, reduction, G)`` (``reduction`` unused)."""
+    from attnzoo.mechanisms.shuffle import ShuffleAttention
+
+    new = ShuffleAttention(module.channel, module.G, eps=module.gn.eps, **_factory(module))  # type: ignore[arg-type]
+    return _copy_in_order(module, new)
+
+
+FIGHTINGCV_CONVERTERS.update({
+    f"{_PACKAGE}.BAM.BAMBlock": _bam,
+    f"{_PACKAGE}.SGE.SpatialGroupEnhance": _sge,
+    f"{_PACKAGE}.ShuffleAttention.ShuffleAttention": _shuffle,
+})
+
+# end of the fcv-a block
+# ---------------------------------------------------------------------------------------------
+
+
+def from_fightingcv(module: nn.Module) -> nn.Module:
+    """A fightingcv attention module -> the canonical attnzoo module with the same weights and outputs.
+
+    Known classes: the keys of ``FIGHTINGCV_CONVERTERS``.
+
+    Args:
+        module: An instance of a known fightingcv class.
+
+    Returns:
+        The attnzoo module (an independent copy, same device, dtype and training mode).
+
+    Raises:
+        TypeError: ``module`` is no known fightingcv class, or one attnzoo cannot represent; the
+            message names the class and the reason.
+
+    Example:
+        ```python
+        >>> import torch
+        >>> from fightingcv_attention.attention.SimAM import SimAM
+        >>> from attnzoo.convert import from_fightingcv
+        >>> theirs = SimAM(32)
+        >>> x = torch.randn(2, 32, 7, 5)
+        >>> torch.allclose(from_fightingcv(theirs)(x), theirs(x), atol=1e-6)
+        True
+
+        ```
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"from_fightingcv expects an nn.Module, got {type(module).__name__}")
+    cls = type(module)
+    converter = FIGHTINGCV_CONVERTERS.get(f"{cls.__module__}.{cls.__qualname__}")
+    if converter is None:
+        raise TypeError(
+            f"from_fightingcv cannot convert {cls.__module__}.{cls.__qualname__}: known classes are "
+            f"{', '.join(sorted(FIGHTINGCV_CONVERTERS))}"
+        )
+    return converter(module)
