@@ -14,6 +14,7 @@ from attnzoo.functional import attend, fused_attn, fused_enabled
 from attnzoo.kernels.blocked import global_kernel
 from attnzoo.maps import AttentionMap, capture_maps
 from attnzoo.mechanisms.acmix import ACmix
+from attnzoo.mechanisms.bam import BottleneckAttention
 from attnzoo.mechanisms.biformer import BiLevelRoutingAttention
 from attnzoo.mechanisms.biformer_nchw import BiLevelRoutingAttention2d, nchwBRA
 from attnzoo.mechanisms.cbam import CBAM, ChannelAttention, SpatialAttention
@@ -31,6 +32,8 @@ from attnzoo.mechanisms.seq2seq import (
     GeneralAttention,
 )
 from attnzoo.mechanisms.seq2seq_location import LocationAttention
+from attnzoo.mechanisms.sge import SpatialGroupEnhance
+from attnzoo.mechanisms.shuffle import ShuffleAttention
 from attnzoo.mechanisms.sk import SKConv
 from attnzoo.mechanisms.swin import (
     ShiftedWindowAttention,
@@ -102,4 +105,8 @@ __all__ = [
     "DotProductAttention",
     "GeneralAttention",
     "LocationAttention",
+    # fightingcv gates: BAM, SGE, shuffle, SimAM, triplet, ParNet, residual attention
+    "BottleneckAttention",
+    "ShuffleAttention",
+    "SpatialGroupEnhance",
 ]

@@ -2,6 +2,7 @@
 
 from attnzoo.mechanisms import (  # noqa: F401 (imported for registration)
     acmix,
+    bam,
     biformer,
     biformer_nchw,
     cbam,
@@ -12,8 +13,10 @@ from attnzoo.mechanisms import (  # noqa: F401 (imported for registration)
     non_local,
     sagan,
     se,
+    sge,
     seq2seq,
     seq2seq_location,
+    shuffle,
     sk,
     swin,
     temporal,
