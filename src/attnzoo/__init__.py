@@ -23,6 +23,7 @@ from attnzoo.mechanisms.cbam_seed import CBAtten_Res
 from attnzoo.mechanisms.dual_gated import DualGatedAttention
 from attnzoo.mechanisms.mha import MultiHeadAttention
 from attnzoo.mechanisms.non_local import NonLocalBlock
+from attnzoo.mechanisms.parnet import ParNetAttention
 from attnzoo.mechanisms.sagan import ChannelSelfAttention, SpatialSelfAttention
 from attnzoo.mechanisms.se import SqueezeExcite
 from attnzoo.mechanisms.seq2seq import (
@@ -34,6 +35,7 @@ from attnzoo.mechanisms.seq2seq import (
 from attnzoo.mechanisms.seq2seq_location import LocationAttention
 from attnzoo.mechanisms.sge import SpatialGroupEnhance
 from attnzoo.mechanisms.shuffle import ShuffleAttention
+from attnzoo.mechanisms.simam import SimAM
 from attnzoo.mechanisms.sk import SKConv
 from attnzoo.mechanisms.swin import (
     ShiftedWindowAttention,
@@ -43,6 +45,7 @@ from attnzoo.mechanisms.swin import (
     window_reverse,
 )
 from attnzoo.mechanisms.temporal import TemporalAttention
+from attnzoo.mechanisms.triplet import TripletAttention
 from attnzoo.surgery import find, insert, replace
 
 __version__ = "0.1.0"
@@ -107,6 +110,9 @@ __all__ = [
     "LocationAttention",
     # fightingcv gates: BAM, SGE, shuffle, SimAM, triplet, ParNet, residual attention
     "BottleneckAttention",
+    "ParNetAttention",
     "ShuffleAttention",
+    "SimAM",
     "SpatialGroupEnhance",
+    "TripletAttention",
 ]

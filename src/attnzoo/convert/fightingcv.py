@@ -97,10 +97,45 @@ def _shuffle(module: nn.Module) -> nn.Module:
     return _copy_in_order(module, new)
 
 
+def _simam(module: nn.Module) -> nn.Module:
+    """``SimAM(channels=None, e_lambda)``: parameter-free, any channel count."""
+    from attnzoo.mechanisms.simam import SimAM
+
+    new = SimAM(1, module.e_lambda)
+    new.channels = None  # fightingcv ignores its channels argument
+    return new.train(module.training)
+
+
+def _triplet(module: nn.Module) -> nn.Module:
+    """``TripletAttention(no_spatial)``: any channel count, kernel 7 (read from the convolution)."""
+    from attnzoo.mechanisms.triplet import TripletAttention
+
+    conv = module.cw.conv.conv
+    new = TripletAttention(
+        1, conv.kernel_size[0], module.no_spatial, **_factory(module)  # type: ignore[arg-type]
+    )
+    new.channels = None  # fightingcv fixes no channel count
+    return _copy_in_order(module, new)
+
+
+def _parnet(module: nn.Module) -> nn.Module:
+    """``ParNetAttention(channel)``: convolutions with biases, no BatchNorm on the skip."""
+    from attnzoo.mechanisms.parnet import ParNetAttention
+
+    conv = module.conv1x1[0]
+    new = ParNetAttention(
+        conv.in_channels, bias=conv.bias is not None, skip_norm=False, **_factory(module)  # type: ignore[arg-type]
+    )
+    return _copy_in_order(module, new)
+
+
 FIGHTINGCV_CONVERTERS.update({
     f"{_PACKAGE}.BAM.BAMBlock": _bam,
     f"{_PACKAGE}.SGE.SpatialGroupEnhance": _sge,
     f"{_PACKAGE}.ShuffleAttention.ShuffleAttention": _shuffle,
+    f"{_PACKAGE}.SimAM.SimAM": _simam,
+    f"{_PACKAGE}.TripletAttention.TripletAttention": _triplet,
+    f"{_PACKAGE}.ParNetAttention.ParNetAttention": _parnet,
 })
 
 # end of the fcv-a block
