@@ -24,6 +24,7 @@ from attnzoo.mechanisms.dual_gated import DualGatedAttention
 from attnzoo.mechanisms.mha import MultiHeadAttention
 from attnzoo.mechanisms.non_local import NonLocalBlock
 from attnzoo.mechanisms.parnet import ParNetAttention
+from attnzoo.mechanisms.residual_attention import ResidualAttention
 from attnzoo.mechanisms.sagan import ChannelSelfAttention, SpatialSelfAttention
 from attnzoo.mechanisms.se import SqueezeExcite
 from attnzoo.mechanisms.seq2seq import (
@@ -111,6 +112,7 @@ __all__ = [
     # fightingcv gates: BAM, SGE, shuffle, SimAM, triplet, ParNet, residual attention
     "BottleneckAttention",
     "ParNetAttention",
+    "ResidualAttention",
     "ShuffleAttention",
     "SimAM",
     "SpatialGroupEnhance",

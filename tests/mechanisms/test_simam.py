@@ -1,4 +1,4 @@
-"""SimAM: parity with fightingcv's SimAM (the official code) in float64, the 1x1 map, device/dtype keywords."""
+"""SimAM: parity with fightingcv's SimAM (the official code) in float64, 1x1 maps, device/dtype keywords."""
 
 from __future__ import annotations
 

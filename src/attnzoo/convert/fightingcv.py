@@ -129,6 +129,20 @@ def _parnet(module: nn.Module) -> nn.Module:
     return _copy_in_order(module, new)
 
 
+def _residual_attention(module: nn.Module) -> nn.Module:
+    """``ResidualAttention(channel, num_class, la)``: the maximum (T = infinity), no normalisation."""
+    import math
+
+    from attnzoo.mechanisms.residual_attention import ResidualAttention
+
+    fc = module.fc
+    new = ResidualAttention(
+        fc.in_channels, fc.out_channels, float(module.la), math.inf, normalize=False,
+        **_factory(module),  # type: ignore[arg-type]
+    )
+    return _copy_in_order(module, new)
+
+
 FIGHTINGCV_CONVERTERS.update({
     f"{_PACKAGE}.BAM.BAMBlock": _bam,
     f"{_PACKAGE}.SGE.SpatialGroupEnhance": _sge,
@@ -136,6 +150,7 @@ FIGHTINGCV_CONVERTERS.update({
     f"{_PACKAGE}.SimAM.SimAM": _simam,
     f"{_PACKAGE}.TripletAttention.TripletAttention": _triplet,
     f"{_PACKAGE}.ParNetAttention.ParNetAttention": _parnet,
+    f"{_PACKAGE}.ResidualAttention.ResidualAttention": _residual_attention,
 })
 
 # end of the fcv-a block

@@ -12,6 +12,7 @@ from attnzoo.mechanisms import (  # noqa: F401 (imported for registration)
     mha,
     non_local,
     parnet,
+    residual_attention,
     sagan,
     se,
     seq2seq,
