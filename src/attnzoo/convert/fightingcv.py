@@ -9,6 +9,7 @@ fightingcv.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from torch import nn
 
@@ -40,7 +41,7 @@ def _copy_in_order(theirs: nn.Module, ours: nn.Module) -> nn.Module:
     return ours.train(theirs.training)
 
 
-def _factory(module: nn.Module) -> dict[str, object]:
+def _factory(module: nn.Module) -> dict[str, Any]:
     """``device=`` and ``dtype=`` of the module's first floating tensor (CPU and the default dtype
     for a module without any)."""
     for tensor in (*module.parameters(), *module.buffers()):
@@ -54,7 +55,7 @@ def _factory(module: nn.Module) -> dict[str, object]:
 # attention (CSRA). Each converter checks what attnzoo cannot represent and copies the state.
 
 
-def _bam(module: nn.Module) -> nn.Module:
+def _bam(module: Any) -> nn.Module:
     """``BAMBlock(channel, reduction, dia_val)``: 3 hidden layers, 3 dilated convolutions of padding 1."""
     from attnzoo.mechanisms.bam import BottleneckAttention
 
@@ -68,7 +69,7 @@ def _bam(module: nn.Module) -> nn.Module:
         num_dilated=len(dilated),
         dilation=dilated[0].dilation[0] if dilated else 1,
         padding=dilated[0].padding[0] if dilated else 0,
-        **_factory(module),  # type: ignore[arg-type]
+        **_factory(module),
     )
     for theirs, ours in zip(
         [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)],
@@ -79,25 +80,25 @@ def _bam(module: nn.Module) -> nn.Module:
     return _copy_in_order(module, new)
 
 
-def _sge(module: nn.Module) -> nn.Module:
+def _sge(module: Any) -> nn.Module:
     """``SpatialGroupEnhance(groups)``: any channel count divisible by ``groups`` (fixed at the first
     call; the converted module takes C = groups, which is always valid, unless told otherwise)."""
     from attnzoo.mechanisms.sge import SpatialGroupEnhance
 
-    new = SpatialGroupEnhance(module.groups, module.groups, **_factory(module))  # type: ignore[arg-type]
+    new = SpatialGroupEnhance(module.groups, module.groups, **_factory(module))
     new.channels = None  # type: ignore[assignment]  # fightingcv fixes no channel count
     return _copy_in_order(module, new)
 
 
-def _shuffle(module: nn.Module) -> nn.Module:
+def _shuffle(module: Any) -> nn.Module:
     """``ShuffleAttention(channel, reduction, G)`` (``reduction`` unused)."""
     from attnzoo.mechanisms.shuffle import ShuffleAttention
 
-    new = ShuffleAttention(module.channel, module.G, eps=module.gn.eps, **_factory(module))  # type: ignore[arg-type]
+    new = ShuffleAttention(module.channel, module.G, eps=module.gn.eps, **_factory(module))
     return _copy_in_order(module, new)
 
 
-def _simam(module: nn.Module) -> nn.Module:
+def _simam(module: Any) -> nn.Module:
     """``SimAM(channels=None, e_lambda)``: parameter-free, any channel count."""
     from attnzoo.mechanisms.simam import SimAM
 
@@ -106,30 +107,30 @@ def _simam(module: nn.Module) -> nn.Module:
     return new.train(module.training)
 
 
-def _triplet(module: nn.Module) -> nn.Module:
+def _triplet(module: Any) -> nn.Module:
     """``TripletAttention(no_spatial)``: any channel count, kernel 7 (read from the convolution)."""
     from attnzoo.mechanisms.triplet import TripletAttention
 
     conv = module.cw.conv.conv
     new = TripletAttention(
-        1, conv.kernel_size[0], module.no_spatial, **_factory(module)  # type: ignore[arg-type]
+        1, conv.kernel_size[0], module.no_spatial, **_factory(module)
     )
     new.channels = None  # fightingcv fixes no channel count
     return _copy_in_order(module, new)
 
 
-def _parnet(module: nn.Module) -> nn.Module:
+def _parnet(module: Any) -> nn.Module:
     """``ParNetAttention(channel)``: convolutions with biases, no BatchNorm on the skip."""
     from attnzoo.mechanisms.parnet import ParNetAttention
 
     conv = module.conv1x1[0]
     new = ParNetAttention(
-        conv.in_channels, bias=conv.bias is not None, skip_norm=False, **_factory(module)  # type: ignore[arg-type]
+        conv.in_channels, bias=conv.bias is not None, skip_norm=False, **_factory(module)
     )
     return _copy_in_order(module, new)
 
 
-def _residual_attention(module: nn.Module) -> nn.Module:
+def _residual_attention(module: Any) -> nn.Module:
     """``ResidualAttention(channel, num_class, la)``: the maximum (T = infinity), no normalisation."""
     import math
 
@@ -138,7 +139,7 @@ def _residual_attention(module: nn.Module) -> nn.Module:
     fc = module.fc
     new = ResidualAttention(
         fc.in_channels, fc.out_channels, float(module.la), math.inf, normalize=False,
-        **_factory(module),  # type: ignore[arg-type]
+        **_factory(module),
     )
     return _copy_in_order(module, new)
 

@@ -109,7 +109,11 @@ class SpatialGroupEnhance(nn.Module):
 
     def forward(self, x: Tensor, need_weights: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         who = type(self).__name__
-        dims = check_shape(x, who, "B C H W", **({} if self.channels is None else {"C": self.channels}))
+        dims = (
+            check_shape(x, who, "B C H W")
+            if self.channels is None
+            else check_shape(x, who, "B C H W", C=self.channels)
+        )
         b, c, h, w, g = dims["B"], dims["C"], dims["H"], dims["W"], self.groups
         if c % g:
             raise ValueError(f"{who} expects x with channels divisible by groups={g}, got {tuple(x.shape)}")

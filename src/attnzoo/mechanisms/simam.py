@@ -81,8 +81,11 @@ class SimAM(nn.Module):
         del device, dtype  # no parameter or buffer to place
 
     def forward(self, x: Tensor, need_weights: bool = False) -> Tensor | tuple[Tensor, Tensor]:
-        sizes = {} if self.channels is None else {"C": self.channels}
-        dims = check_shape(x, type(self).__name__, "B C H W", **sizes)
+        dims = (
+            check_shape(x, type(self).__name__, "B C H W")
+            if self.channels is None
+            else check_shape(x, type(self).__name__, "B C H W", C=self.channels)
+        )
         n = max(dims["H"] * dims["W"] - 1, 1)
         dev2 = (x - x.mean((2, 3), keepdim=True)).square()  # (B, C, H, W)
         var = dev2.sum((2, 3), keepdim=True) / n  # (B, C, 1, 1)

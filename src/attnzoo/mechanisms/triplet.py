@@ -102,8 +102,11 @@ class TripletAttention(nn.Module):
         self.hw = None if self.no_spatial else ZGate(kernel_size, device, dtype)  # over (H, W), C pooled
 
     def forward(self, x: Tensor, need_weights: bool = False) -> Tensor | tuple[Tensor, Tensor]:
-        sizes = {} if self.channels is None else {"C": self.channels}
-        check_shape(x, type(self).__name__, "B C H W", **sizes)
+        (
+            check_shape(x, type(self).__name__, "B C H W")
+            if self.channels is None
+            else check_shape(x, type(self).__name__, "B C H W", C=self.channels)
+        )
         g_cw = self.cw(x.amax(2), x.mean(2)).transpose(1, 2)  # (B, 1, C, W) -> (B, C, 1, W)
         g_hc = self.hc(x.amax(3).transpose(1, 2), x.mean(3).transpose(1, 2))  # (B, 1, H, C)
         g_hc = g_hc.permute(0, 3, 2, 1)  # (B, 1, H, C) -> (B, C, H, 1)
