@@ -72,8 +72,9 @@ def test_defaults_follow_the_paper_and_product_the_official_code():
 
 
 def test_errors_name_the_argument():
-    with pytest.raises(ValueError, match="reduction=16 leaves zero hidden channels"):
-        BottleneckAttention(8)
+    assert BottleneckAttention(8).rd_channels == 1  # the official code: zero-width layers
+    with pytest.raises(ValueError, match="reduction must be >= 1"):
+        BottleneckAttention(8, 0)
     with pytest.raises(ValueError, match="combine must be one of"):
         BottleneckAttention(32, combine="mean")
     with pytest.raises(ValueError, match=r"expects x of shape \(B, 32, H, W\)"):

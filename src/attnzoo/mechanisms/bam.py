@@ -11,6 +11,7 @@ The defaults are the paper's: reduction 16, one hidden layer in the channel MLP,
 of dilation 4 in the spatial branch, the branches summed. Deviations and options:
 
 - the official code multiplies the branches (``1 + sigmoid(M_c * M_s)``); ``combine="product"`` gives it;
+- the hidden width is at least 1 (the official code builds zero-width layers when C < reduction);
 - the paper puts a BatchNorm at the end of each branch; the official code (and this class) does not;
 - fightingcv's ``BAMBlock`` uses 3 hidden layers, 3 dilated convolutions of dilation 2 with padding 1 (so
   every convolution shrinks the map by 2, and the block runs only on 7x7 maps, or with ``dia_val=1``);
@@ -29,7 +30,6 @@ from torch import Tensor, nn
 from attnzoo._checks import check_choice, check_int, check_shape
 from attnzoo._registry import Example, register
 from attnzoo.maps.capture import capturing, record
-from attnzoo.mechanisms.se import hidden_width
 
 __all__ = ["BottleneckAttention"]
 
@@ -58,7 +58,7 @@ class BottleneckAttention(nn.Module):
 
     Args:
         channels: Number of input channels C.
-        reduction: Hidden width `C // reduction` of both branches. Default: 16 (the paper's).
+        reduction: Hidden width `max(1, C // reduction)` of both branches. Default: 16 (the paper's).
         rd_channels: Hidden width, overriding `reduction`. Default: None.
         num_layers: Hidden layers of the channel MLP (fightingcv: 3). Default: 1 (paper, official).
         num_dilated: Dilated 3x3 convolutions of the spatial branch (fightingcv: 3). Default: 2.
@@ -102,10 +102,12 @@ class BottleneckAttention(nn.Module):
         super().__init__()
         who = type(self).__name__
         dd: dict[str, Any] = {"device": device, "dtype": dtype}
+        check_int(channels, "channels", who)
+        check_int(reduction, "reduction", who)
+        # At least one hidden channel: the official code builds zero-width layers for C < reduction.
         if rd_channels is None:
-            hidden = hidden_width(channels, reduction, who)
+            hidden = max(1, channels // reduction)
         else:
-            check_int(channels, "channels", who)
             hidden = check_int(rd_channels, "rd_channels", who)
         check_int(num_layers, "num_layers", who)
         check_int(num_dilated, "num_dilated", who, minimum=0)
@@ -153,7 +155,8 @@ class BottleneckAttention(nn.Module):
         logits = channel + spatial if self.combine == "sum" else channel * spatial  # (B, C, H, W)
         weights = torch.sigmoid(logits)
         if capturing():  # map capture: the attention averaged over channels
-            record(self, "spatial", weights.mean(1).expand(x.shape[0], dims["H"], dims["W"]))
+            grid = (dims["H"], dims["W"])
+            record(self, "spatial", weights.mean(1).expand(x.shape[0], *grid), grid=grid)
         out = torch.addcmul(x, x, weights)  # x * (1 + weights)
         return (out, weights.expand_as(x)) if need_weights else out
 

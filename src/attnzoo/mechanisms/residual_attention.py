@@ -115,7 +115,8 @@ class ResidualAttention(nn.Module):
             soft = torch.softmax(score * self.temperature, dim=2)  # (B, K, H*W)
             att, weights = (score * soft).sum(2), soft
         if capturing() and weights is not None:  # map capture: the attention averaged over classes
-            record(self, "spatial", weights.mean(1).reshape(-1, dims["H"], dims["W"]))
+            grid = (dims["H"], dims["W"])
+            record(self, "spatial", weights.mean(1).reshape(-1, *grid), grid=grid)
         out = base + self.lam * att  # (B, K)
         if not need_weights:
             return out

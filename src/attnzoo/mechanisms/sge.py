@@ -118,8 +118,8 @@ class SpatialGroupEnhance(nn.Module):
         if c % g:
             raise ValueError(f"{who} expects x with channels divisible by groups={g}, got {tuple(x.shape)}")
         xg = x.reshape(b, g, c // g, h, w)  # (B, C, H, W) -> (B, G, C/G, H, W)
-        mean = x.mean((2, 3)).reshape(b, g, -1)  # (B, C) -> (B, G, C/G)
-        sim = torch.einsum("bgkhw,bgk->bghw", xg, mean).flatten(2)  # (B, G, H*W)
+        mean = x.mean((2, 3)).reshape(b, g, 1, -1)  # (B, C) -> (B, G, 1, C/G)
+        sim = (mean @ xg.flatten(3)).squeeze(2)  # (B, G, 1, C/G) @ (B, G, C/G, H*W) -> (B, G, H*W)
         sim = sim - sim.mean(-1, keepdim=True)
         var = sim.pow(2).sum(-1, keepdim=True) / max(h * w - 1, 1)  # unbiased, as torch.std
         positive = var > 0
@@ -127,7 +127,7 @@ class SpatialGroupEnhance(nn.Module):
         t = (sim / (std + self.eps)).reshape(b, g, h, w)  # (B, G, H*W) -> (B, G, H, W)
         gate = torch.sigmoid(t * self.weight + self.bias)  # (B, G, H, W)
         if capturing():  # map capture: the gate averaged over groups
-            record(self, "spatial", gate.mean(1))
+            record(self, "spatial", gate.mean(1), grid=(h, w))
         out = (xg * gate[:, :, None]).reshape(b, c, h, w)  # (B, G, C/G, H, W) -> (B, C, H, W)
         return (out, gate) if need_weights else out
 

@@ -108,7 +108,8 @@ class ShuffleAttention(nn.Module):
         cgate = torch.sigmoid(self.cweight * x0.mean((2, 3), keepdim=True) + self.cbias)  # (B*G, C/2G, 1, 1)
         sgate = torch.sigmoid(self.sweight * self.gn(x1) + self.sbias)  # (B*G, C/2G, H, W)
         if capturing():  # map capture: the spatial gates averaged over their channels
-            record(self, "spatial", sgate.reshape(b, -1, h, w).mean(1))  # (B*G, C/2G, H, W) -> (B, H, W)
+            spatial = sgate.reshape(b, -1, h, w).mean(1)  # (B*G, C/2G, H, W) -> (B, H, W)
+            record(self, "spatial", spatial, grid=(h, w))
         gated = torch.stack((x0 * cgate, x1 * sgate), 1)  # (B*G, 2, C/2G, H, W)
         # channel shuffle with 2 groups: (B, 2, C/2, H, W) -> (B, C/2, 2, H, W) -> (B, C, H, W)
         out = gated.reshape(b, 2, c // 2, h, w).transpose(1, 2).reshape(b, c, h, w)

@@ -91,7 +91,7 @@ class SimAM(nn.Module):
         var = dev2.sum((2, 3), keepdim=True) / n  # (B, C, 1, 1)
         gate = torch.sigmoid(dev2 / (4 * (var + self.e_lambda)) + 0.5)
         if capturing():  # map capture: the gate averaged over channels
-            record(self, "spatial", gate.mean(1))
+            record(self, "spatial", gate.mean(1), grid=x.shape[2:])
         out = x * gate
         return (out, gate) if need_weights else out
 

@@ -116,7 +116,7 @@ class TripletAttention(nn.Module):
             g_hw = self.hw(x.amax(1), x.mean(1))  # (B, 1, H, W)
             weights = (g_cw + g_hc + g_hw) * (1 / 3)  # (B, C, H, W)
         if capturing():  # map capture: the gate averaged over channels
-            record(self, "spatial", weights.mean(1))
+            record(self, "spatial", weights.mean(1), grid=x.shape[2:])
         out = x * weights
         return (out, weights) if need_weights else out
 
