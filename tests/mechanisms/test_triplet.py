@@ -46,3 +46,19 @@ def test_errors_name_the_argument():
         TripletAttention(8, 4)
     with pytest.raises(ValueError, match=r"expects x of shape \(B, 8, H, W\)"):
         TripletAttention(8)(torch.randn(2, 4, 3, 3))
+
+
+def test_replace_swaps_fightingcv_modules_in_a_model_with_their_weights():
+    from torch import nn
+
+    import attnzoo
+
+    gate = randomised(triplet.TripletAttention()).float()
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), gate, nn.ReLU()).eval()
+    x = torch.randn(2, 3, 9, 7)
+    with torch.no_grad():
+        expected = model(x)
+    assert attnzoo.replace(model, triplet.TripletAttention) == ["1"]
+    assert isinstance(model[1], TripletAttention)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
