@@ -7,6 +7,7 @@ import pytest
 import torch
 from _fightingcv import D, check_parity
 
+import attnzoo
 from attnzoo import ShuffleAttention
 
 sa = pytest.importorskip(
@@ -18,6 +19,8 @@ CASES = [
     ({"channel": 48, "reduction": 4, "G": 4}, (2, 48, 5, 9)),
     ({"channel": 6, "G": 3}, (2, 6, 3, 1)),
     ({"channel": 32, "G": 1}, (1, 32, 4, 5)),
+    ({"channel": 12, "G": 4}, (2, 12, 5, 3)),  # three channels per group: fightingcv splits 2 + 1
+    ({"channel": 6, "G": 2}, (2, 6, 1, 7)),
 ]
 
 
@@ -47,3 +50,11 @@ def test_errors_name_the_argument():
         ShuffleAttention(5)
     with pytest.raises(ValueError, match=r"channels=12 must be divisible by 2 \* groups = 8"):
         ShuffleAttention(12, 4)
+
+
+def test_fightingcv_configurations_that_cannot_run_are_refused():
+    theirs = sa.ShuffleAttention(channel=10, G=2)  # groups of 5 channels: 3 + 2 against 2 weights
+    with pytest.raises(RuntimeError):
+        theirs(torch.randn(1, 10, 3, 3))
+    with pytest.raises(TypeError, match="cannot convert ShuffleAttention: .*channels=10 must be divisible"):
+        attnzoo.convert.from_fightingcv(theirs)

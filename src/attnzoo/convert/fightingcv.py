@@ -81,8 +81,8 @@ def _bam(module: Any) -> nn.Module:
 
 
 def _sge(module: Any) -> nn.Module:
-    """``SpatialGroupEnhance(groups)``: any channel count divisible by ``groups`` (fixed at the first
-    call; the converted module takes C = groups, which is always valid, unless told otherwise)."""
+    """``SpatialGroupEnhance(groups)``: like fightingcv's, the result takes any channel count divisible
+    by ``groups`` (fightingcv's class fixes none)."""
     from attnzoo.mechanisms.sge import SpatialGroupEnhance
 
     new = SpatialGroupEnhance(module.groups, module.groups, **_factory(module))
@@ -91,10 +91,17 @@ def _sge(module: Any) -> nn.Module:
 
 
 def _shuffle(module: Any) -> nn.Module:
-    """``ShuffleAttention(channel, reduction, G)`` (``reduction`` unused)."""
+    """``ShuffleAttention(channel, reduction, G)`` (``reduction`` unused), also with its 3-channel groups."""
     from attnzoo.mechanisms.shuffle import ShuffleAttention
 
-    new = ShuffleAttention(module.channel, module.G, eps=module.gn.eps, **_factory(module))
+    channels, groups = module.channel, module.G
+    if channels == 3 * groups and groups % 2 == 0:
+        # fightingcv runs groups of three channels as halves of 2 + 1 with one weight each: build
+        # the one-channel halves, then widen the module's input (the forward splits 2 + 1).
+        new = ShuffleAttention(2 * groups, groups, eps=module.gn.eps, **_factory(module))
+        new.channels = channels
+    else:
+        new = ShuffleAttention(channels, groups, eps=module.gn.eps, **_factory(module))
     return _copy_in_order(module, new)
 
 
@@ -112,9 +119,7 @@ def _triplet(module: Any) -> nn.Module:
     from attnzoo.mechanisms.triplet import TripletAttention
 
     conv = module.cw.conv.conv
-    new = TripletAttention(
-        1, conv.kernel_size[0], module.no_spatial, **_factory(module)
-    )
+    new = TripletAttention(1, conv.kernel_size[0], module.no_spatial, **_factory(module))
     new.channels = None  # fightingcv fixes no channel count
     return _copy_in_order(module, new)
 
@@ -194,4 +199,7 @@ def from_fightingcv(module: nn.Module) -> nn.Module:
             f"from_fightingcv cannot convert {cls.__module__}.{cls.__qualname__}: known classes are "
             f"{', '.join(sorted(FIGHTINGCV_CONVERTERS))}"
         )
-    return converter(module)
+    try:
+        return converter(module)
+    except ValueError as err:  # a configuration fightingcv builds but cannot run (C % 2G != 0, ...)
+        raise _refuse(module, str(err)) from None

@@ -9,7 +9,9 @@ halves are concatenated and the channels shuffled across the two halves. The num
 keys are the official code's and fightingcv's (``cweight``, ``cbias``, ``sweight``, ``sbias``, ``gn``).
 Deviations: ``groups`` defaults to the paper's 64 where ``2 * 64`` divides ``channels``, else to
 ``gcd(channels // 2, 64)``; fightingcv's ``ShuffleAttention(channel, reduction, G)`` takes a
-``reduction`` it never uses and defaults to ``G=8``.
+``reduction`` it never uses and defaults to ``G=8``; it also runs with three channels per group (and an
+even channel count), splitting each group 2 + 1 with one shared weight per half, which
+``from_fightingcv`` reproduces (the constructor here asks for even halves).
 """
 
 from __future__ import annotations
@@ -103,19 +105,20 @@ class ShuffleAttention(nn.Module):
     def forward(self, x: Tensor, need_weights: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         dims = check_shape(x, type(self).__name__, "B C H W", C=self.channels)
         b, c, h, w = dims["B"], self.channels, dims["H"], dims["W"]
-        halves = x.reshape(b * self.groups, 2, -1, h, w)  # (B, C, H, W) -> (B*G, 2, C/2G, H, W)
-        x0, x1 = halves[:, 0], halves[:, 1]  # (B*G, C/2G, H, W) each
+        xg = x.reshape(b * self.groups, c // self.groups, h, w)  # (B, C, H, W) -> (B*G, C/G, H, W)
+        first = (c // self.groups + 1) // 2  # C/2G; fightingcv's 3-channel groups split 2 + 1
+        x0, x1 = xg[:, :first], xg[:, first:]  # (B*G, C/2G, H, W) each
         cgate = torch.sigmoid(self.cweight * x0.mean((2, 3), keepdim=True) + self.cbias)  # (B*G, C/2G, 1, 1)
         sgate = torch.sigmoid(self.sweight * self.gn(x1) + self.sbias)  # (B*G, C/2G, H, W)
         if capturing():  # map capture: the spatial gates averaged over their channels
             spatial = sgate.reshape(b, -1, h, w).mean(1)  # (B*G, C/2G, H, W) -> (B, H, W)
             record(self, "spatial", spatial, grid=(h, w))
-        gated = torch.stack((x0 * cgate, x1 * sgate), 1)  # (B*G, 2, C/2G, H, W)
+        gated = torch.cat((x0 * cgate, x1 * sgate), 1)  # (B*G, C/G, H, W)
         # channel shuffle with 2 groups: (B, 2, C/2, H, W) -> (B, C/2, 2, H, W) -> (B, C, H, W)
         out = gated.reshape(b, 2, c // 2, h, w).transpose(1, 2).reshape(b, c, h, w)
         if not need_weights:
             return out
-        weights = torch.stack((cgate.expand_as(x0), sgate), 1).reshape(b, c, h, w)  # input channel order
+        weights = torch.cat((cgate.expand_as(x0), sgate), 1).reshape(b, c, h, w)  # input channel order
         return out, weights
 
     def extra_repr(self) -> str:
