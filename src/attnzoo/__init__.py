@@ -14,6 +14,7 @@ from attnzoo.functional import attend, fused_attn, fused_enabled
 from attnzoo.kernels.blocked import global_kernel
 from attnzoo.maps import AttentionMap, capture_maps
 from attnzoo.mechanisms.acmix import ACmix
+from attnzoo.mechanisms.bam import BottleneckAttention
 from attnzoo.mechanisms.bat import BATNonLocalAttention
 from attnzoo.mechanisms.biformer import BiLevelRoutingAttention
 from attnzoo.mechanisms.biformer_nchw import BiLevelRoutingAttention2d, nchwBRA
@@ -44,6 +45,8 @@ from attnzoo.mechanisms.neighborhood import (
     NeighborhoodAttention3d,
 )
 from attnzoo.mechanisms.non_local import NonLocalBlock
+from attnzoo.mechanisms.parnet import ParNetAttention
+from attnzoo.mechanisms.residual_attention import ResidualAttention
 from attnzoo.mechanisms.sagan import ChannelSelfAttention, SpatialSelfAttention
 from attnzoo.mechanisms.se import SqueezeExcite
 from attnzoo.mechanisms.seq2seq import (
@@ -53,6 +56,9 @@ from attnzoo.mechanisms.seq2seq import (
     GeneralAttention,
 )
 from attnzoo.mechanisms.seq2seq_location import LocationAttention
+from attnzoo.mechanisms.sge import SpatialGroupEnhance
+from attnzoo.mechanisms.shuffle import ShuffleAttention
+from attnzoo.mechanisms.simam import SimAM
 from attnzoo.mechanisms.sk import SKConv
 from attnzoo.mechanisms.splat import SplitAttention
 from attnzoo.mechanisms.swin import (
@@ -64,6 +70,7 @@ from attnzoo.mechanisms.swin import (
 )
 from attnzoo.mechanisms.swin_v2 import ShiftedWindowAttentionV2
 from attnzoo.mechanisms.temporal import TemporalAttention
+from attnzoo.mechanisms.triplet import TripletAttention
 from attnzoo.surgery import find, insert, replace
 
 __version__ = "0.1.0"
@@ -148,4 +155,12 @@ __all__ = [
     "NeighborhoodAttention1d",
     "NeighborhoodAttention2d",
     "NeighborhoodAttention3d",
+    # fightingcv gates: BAM, SGE, shuffle, SimAM, triplet, ParNet, residual attention
+    "BottleneckAttention",
+    "ParNetAttention",
+    "ResidualAttention",
+    "ShuffleAttention",
+    "SimAM",
+    "SpatialGroupEnhance",
+    "TripletAttention",
 ]

@@ -2,6 +2,7 @@
 
 from attnzoo.mechanisms import (  # noqa: F401 (imported for registration)
     acmix,
+    bam,
     bat,
     biformer,
     biformer_nchw,
@@ -19,13 +20,19 @@ from attnzoo.mechanisms import (  # noqa: F401 (imported for registration)
     mha,
     neighborhood,
     non_local,
+    parnet,
+    residual_attention,
     sagan,
     se,
     seq2seq,
     seq2seq_location,
+    sge,
+    shuffle,
+    simam,
     sk,
     splat,
     swin,
     swin_v2,
     temporal,
+    triplet,
 )

@@ -303,6 +303,11 @@ def build_nchw(spec: Spec, channels: int, size: tuple[int, int], *, seed: int = 
         return _QueryProbe(_construct(spec, kwargs), tuple(s[1] == 1 for s in shapes))
     if len(spec.example.inputs) != 1:
         raise Unsupported(f"takes {len(spec.example.inputs)} inputs; no place inside a CNN")
+    if len(spec.example.output) != len(spec.example.inputs[0]):
+        raise Unsupported(
+            f"turns the map into {len(spec.example.output)}-D outputs (a head, e.g. class logits); "
+            "it does not keep the map's shape"
+        )
     input_shapes(spec, geo)  # raises when the layout cannot take a map
     kwargs = constructor_kwargs(spec, geo)
     layout = inspect.signature(spec.cls.__init__).parameters.get("layout")
