@@ -151,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
 
         pyplot("--plot")  # fail now, not after the measurements
     kept = _keep_freed_memory()
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     rows = {BASELINE: _empty_row(BASELINE, "-")} | {s.name: _empty_row(s.name, s.family) for s in specs}
     batches = -(-cfg["train_size"] // cfg["batch"])
     progress = Progress(len(rows) * (2 + cfg["epochs"] * batches) + cfg["rounds"], "compare")
@@ -208,6 +208,7 @@ def run(args: argparse.Namespace) -> int:
         "config": cfg,
         "machine": machine(),
         "seconds": round(time.perf_counter() - started, 1),
+        "cpu_seconds": round(time.process_time() - cpu_started, 1),  # this process, all its threads
         "columns": COLUMNS,
     }
     text = report(results, extra, kept)
