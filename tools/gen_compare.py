@@ -51,7 +51,8 @@ def setup(data: dict[str, Any]) -> str:
         [
             f"- **Machine**: {m['cpu']} (AVX2/AVX-512: {vector}), {m['threads']} torch threads, "
             f"torch {m['torch']}, Python {m['python']}; measured {m['date']}.",
-            f"- **Run**: `attnzoo compare --json docs/data/compare.json` with the defaults: "
+            f"- **Run**: `OMP_NUM_THREADS={m['threads']} attnzoo compare --json docs/data/compare.json` "
+            "with the defaults: "
             f"{cfg['train_size']} training and {cfg['test_size']} held-out images, {cfg['epochs']} epochs, "
             f"batch {cfg['batch']}, {cfg['rounds']} latency rounds, seed {cfg['seed']}.",
             f"- **Time**: {data['seconds']:.0f} s wall clock ({minutes:.1f} minutes) for everything, on a "
@@ -91,7 +92,8 @@ def notes(data: dict[str, Any]) -> str:
     lines.append("")
     lines.append(
         f"- The baseline reaches {p:.1%}. With {n} held-out images, two standard errors of the "
-        f"difference between two accuracies are about {noise:.1%} points: smaller gaps are noise."
+        f"difference between two accuracies are about {100 * noise:.1f} percentage points: smaller "
+        "gaps are noise."
     )
     if better:
         names = ", ".join(

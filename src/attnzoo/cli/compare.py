@@ -32,7 +32,7 @@ from attnzoo.surgery.build import Unsupported, build_nchw
 __all__ = ["BASELINE", "COLUMNS", "DEFAULTS", "QUICK", "settings", "machine", "memory_step", "run"]
 
 BASELINE = "none"
-DEFAULTS = {"epochs": 1, "train_size": 1024, "test_size": 512, "batch": 32, "rounds": 5}
+DEFAULTS = {"epochs": 2, "train_size": 1024, "test_size": 512, "batch": 32, "rounds": 5}
 QUICK = {"epochs": 1, "train_size": 32, "test_size": 32, "batch": 8, "rounds": 1}
 # Measured with the defaults on 2 shared cores (Intel Xeon, 2 torch threads): see docs/compare.md.
 DEFAULT_MINUTES = "about 4 minutes"

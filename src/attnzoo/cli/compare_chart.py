@@ -36,7 +36,9 @@ def _offsets() -> list[tuple[float, float]]:
     return near + rings
 
 
-def _place_labels(ax: Any, points: Sequence[tuple[float, float, str]], fontsize: float) -> None:
+def _place_labels(
+    ax: Any, points: Sequence[tuple[float, float, str]], fontsize: float, avoid: Sequence[Any] = ()
+) -> None:
     """Label each point at the first offset whose text clears every point, the labels placed so far
     and the axes' edges; labels set further out get a thin leader line to their point."""
     from matplotlib.text import Text
@@ -47,8 +49,7 @@ def _place_labels(ax: Any, points: Sequence[tuple[float, float, str]], fontsize:
     dots = [ax.transData.transform((x, y)) for x, y, _ in points]
     placed: list[Any] = [Bbox.from_bounds(px - 4, py - 4, 8, 8) for px, py in dots]
     legend = ax.get_legend()
-    if legend is not None:
-        placed.append(legend.get_window_extent(renderer))
+    placed += [a.get_window_extent(renderer) for a in [*avoid, legend] if a is not None]
     for x, y, name in sorted(points, key=lambda p: (-p[1], p[0])):
         best = None
         for dx, dy in _offsets():
@@ -128,12 +129,13 @@ def compare_chart(rows: Sequence[dict[str, Any]], path: str | os.PathLike[str], 
             if log:
                 _plain_log_ticks(top.xaxis)
         ax.axhline(100 / 3, color="#999999", lw=0.8, ls=":", zorder=1)
-        ax.annotate(
+        chance = ax.annotate(
             "chance (33.3%)",
-            (0, 100 / 3),
+            (1, 100 / 3),
             xycoords=("axes fraction", "data"),
-            xytext=(4, 3),
+            xytext=(-4, -12),
             textcoords="offset points",
+            ha="right",
             fontsize=9,
             color="#666666",
         )
@@ -145,6 +147,8 @@ def compare_chart(rows: Sequence[dict[str, Any]], path: str | os.PathLike[str], 
         ax.legend(loc="best", fontsize=10, title="family", title_fontsize=10, framealpha=0.9)
         fig.suptitle(title)
         fig.canvas.draw()
-        _place_labels(ax, [(r["latency_ms"], 100 * r["accuracy"], r["name"]) for r in done], fontsize=10)
+        _place_labels(
+            ax, [(r["latency_ms"], 100 * r["accuracy"], r["name"]) for r in done], fontsize=10, avoid=[chance]
+        )
         fig.savefig(path)
         plt.close(fig)
