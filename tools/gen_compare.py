@@ -49,7 +49,8 @@ def setup(data: dict[str, Any]) -> str:
     minutes = data["seconds"] / 60
     return "\n".join(
         [
-            f"- **Machine**: {m['cpu']} (AVX2/AVX-512: {vector}), {m['threads']} torch threads, "
+            f"- **Machine**: {m['cpu']} (`model name` in /proc/cpuinfo), {m.get('cores', '?')} cores, "
+            f"vector extensions: {vector}; {m['threads']} torch thread{'s' if m['threads'] > 1 else ''}, "
             f"torch {m['torch']}, Python {m['python']}; measured {m['date']}.",
             f"- **Run**: `OMP_NUM_THREADS={m['threads']} attnzoo compare --json docs/data/compare.json` "
             "with the defaults: "

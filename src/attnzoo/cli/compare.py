@@ -15,6 +15,7 @@ import argparse
 import datetime
 import functools
 import gc
+import os
 import platform
 import time
 from collections.abc import Callable
@@ -34,7 +35,8 @@ __all__ = ["BASELINE", "COLUMNS", "DEFAULTS", "QUICK", "settings", "machine", "m
 BASELINE = "none"
 DEFAULTS = {"epochs": 2, "train_size": 1024, "test_size": 512, "batch": 32, "rounds": 5}
 QUICK = {"epochs": 1, "train_size": 32, "test_size": 32, "batch": 8, "rounds": 1}
-# Measured with the defaults on 2 shared cores (Intel Xeon, 2 torch threads): see docs/compare.md.
+# Measured with the defaults on a 2-core machine shared with other jobs (234 s with
+# OMP_NUM_THREADS=1, everything included): see docs/compare.md.
 DEFAULT_MINUTES = "about 4 minutes"
 
 COLUMNS = {
@@ -81,6 +83,7 @@ def machine() -> dict[str, Any]:
         model = platform.processor() or "unknown"
     return {
         "cpu": model,
+        "cores": os.cpu_count(),
         "avx2": "avx2" in flags,
         "avx512": "avx512f" in flags,
         "threads": torch.get_num_threads(),
