@@ -234,7 +234,7 @@ def title(extra: dict[str, Any]) -> str:
     return (
         f"odd-shape task, {cfg['train_size']} training / {cfg['test_size']} held-out images, "
         f"{cfg['epochs']} epoch(s), batch {cfg['batch']}, seed {cfg['seed']}, "
-        f"{extra['machine']['threads']} threads"
+        f"{extra['machine']['threads']} thread{'s' if extra['machine']['threads'] > 1 else ''}"
     )
 
 

@@ -30,7 +30,7 @@ def _offsets() -> list[tuple[float, float]]:
     near = [(6, 3), (6, -11), (-6, 3), (-6, -11), (0, 8), (0, -16)]
     rings = [
         (radius * math.cos(angle), radius * math.sin(angle))
-        for radius in (18, 28, 40, 54, 70)
+        for radius in (18, 28, 40, 54, 70, 90)
         for angle in (2 * math.pi * k / 16 for k in (0, 8, 2, 14, 6, 10, 1, 15, 7, 9, 3, 13, 5, 11, 4, 12))
     ]
     return near + rings
@@ -62,7 +62,7 @@ def _place_labels(
                 fontsize=fontsize,
                 ha="left" if dx > 0 else "right" if dx < 0 else "center",
                 va="center" if far else "bottom",
-                arrowprops={"arrowstyle": "-", "color": "#888888", "lw": 0.6, "shrinkA": 1} if far else None,
+                arrowprops={"arrowstyle": "-", "color": "#444444", "lw": 0.8, "shrinkA": 1} if far else None,
                 zorder=5,
             )
             text.update_positions(renderer)
@@ -115,7 +115,7 @@ def compare_chart(rows: Sequence[dict[str, Any]], path: str | os.PathLike[str], 
         log = hi / lo > 4
         if log:
             ax.set_xscale("log")  # before the secondary axis, which takes the scale when made
-            ax.set_xlim(lo / 1.15, hi * 1.5)
+            ax.set_xlim(lo / 1.3, hi * 1.5)
             _plain_log_ticks(ax.xaxis)
         else:
             ax.set_xlim(lo - 0.08 * (hi - lo) - 0.05 * lo, hi + 0.25 * (hi - lo) + 0.05 * hi)
