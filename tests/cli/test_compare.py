@@ -142,3 +142,13 @@ def test_bad_option_exits_2_with_one_line(capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--format" in err[0]
+
+
+def test_peak_memories_measures_each_job_and_isolates_failures():
+    from attnzoo.cli.harness import peak_memories
+
+    seen = []
+    jobs = [{"name": name, "batch": 4, "seed": 0} for name in ("none", "no_such_attention", "none")]
+    sizes = peak_memories("attnzoo.cli.compare:memory_step", jobs, on_result=lambda i, b: seen.append(i))
+    assert sizes[1] is None and seen == [0, 1, 2]
+    assert sizes[0] > 0 and sizes[2] > 0

@@ -186,7 +186,7 @@ def peak_memory(target: str, kwargs: Mapping[str, Any] | None = None, *, timeout
     """
     payload = json.dumps({"target": target, "kwargs": dict(kwargs or {})})
     env = {**os.environ, **MEASURE_ENV}
-    src_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    src_dir = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # holds attnzoo/
     env["PYTHONPATH"] = os.pathsep.join(p for p in (src_dir, os.getcwd(), env.get("PYTHONPATH", "")) if p)
     proc = subprocess.run(
         [sys.executable, "-c", _CHILD, payload], capture_output=True, text=True, env=env, timeout=timeout
@@ -232,7 +232,7 @@ def peak_memories(
     """
     payload = json.dumps({"target": target, "jobs": [dict(j) for j in jobs]})
     env = {**os.environ, **MEASURE_ENV}
-    src_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    src_dir = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # holds attnzoo/
     env["PYTHONPATH"] = os.pathsep.join(p for p in (src_dir, os.getcwd(), env.get("PYTHONPATH", "")) if p)
     results: list[int | None] = [None] * len(jobs)
     with subprocess.Popen(
