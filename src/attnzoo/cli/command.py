@@ -321,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add(
         "compare",
         "every mechanism on the demo's CNN and task: params, FLOPs, latency, memory, accuracy "
-        f"(defaults take {_compare.DEFAULT_MINUTES} on 2 cores)",
+        f"(the defaults take {_compare.DEFAULT_MINUTES})",
         _compare.run,
     )
     p.add_argument("names", nargs="*", help="mechanisms (default: every registered one)")
