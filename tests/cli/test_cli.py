@@ -86,7 +86,7 @@ def _one_error_line(proc: subprocess.CompletedProcess[str]) -> str:
 def test_help_names_every_command():
     proc = attnzoo_cmd("--help")
     assert proc.returncode == 0
-    for command in ("list", "info", "bench", "maps", "demo"):
+    for command in ("list", "info", "bench", "maps", "demo", "compare"):
         assert command in proc.stdout
 
 

@@ -109,7 +109,7 @@ def _memory_shared(
     from attnzoo.cli.harness import MEASURE_ENV
 
     env = {**os.environ, **MEASURE_ENV}
-    src = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    src = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # holds attnzoo/
     env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH", "")) if p)
     job = json.dumps({"names": names, "shape": list(shape), "mode": mode, "dtype": dtype})
     result: dict[str, int | None] = {n: None for n in names}

@@ -1,4 +1,4 @@
-"""The `attnzoo` command: `list`, `info`, `bench`, `maps` and `demo`.
+"""The `attnzoo` command: `list`, `info`, `bench`, `maps`, `demo` and `compare`.
 
 Names are registry names, aliases or seed class names (`attnzoo bench se cbam`). Errors are one
 line on stderr and exit code 2 (a traceback only with `--debug`). Pictures need the optional
@@ -21,6 +21,7 @@ from torch import Tensor
 import attnzoo
 from attnzoo._registry import get_spec, list_modules
 from attnzoo.cli import bench as _bench
+from attnzoo.cli import compare as _compare
 from attnzoo.cli import demo
 from attnzoo.cli.bench import BENCH_INPUT, BENCH_ROUNDS, DTYPES, count_step_flops, param_count
 from attnzoo.cli.console import CLIError, emit, reason, si, table
@@ -340,6 +341,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="demo_maps.png", help="PNG of the attention maps ('' for none)")
     p.add_argument("--json", default=None, help="also write the results as JSON here")
+
+    p = add(
+        "compare",
+        "every mechanism on the demo's CNN and task: params, FLOPs, latency, memory, accuracy "
+        f"(the defaults take {_compare.DEFAULT_MINUTES})",
+        _compare.run,
+    )
+    p.add_argument("names", nargs="*", help="mechanisms (default: every registered one)")
+    d, q = _compare.DEFAULTS, _compare.QUICK
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"tiny sizes for a smoke test: {q['train_size']} images, {q['epochs']} epoch, "
+        f"batch {q['batch']}, {q['rounds']} round (flags given explicitly still win)",
+    )
+    p.add_argument("--epochs", type=int, default=None, help=f"training epochs (default {d['epochs']})")
+    p.add_argument(
+        "--train-size", type=int, default=None, help=f"training images (default {d['train_size']})"
+    )
+    p.add_argument(
+        "--test-size", type=int, default=None, help=f"held-out images (default {d['test_size']})"
+    )
+    p.add_argument(
+        "--batch", type=int, default=None,
+        help=f"images per step: training, latency and memory (default {d['batch']})",
+    )
+    p.add_argument(
+        "--rounds", type=int, default=None, help=f"alternating latency rounds (default {d['rounds']})"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--csv", default=None, metavar="PATH", help="also write the results as CSV here")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON here")
+    p.add_argument(
+        "--plot", default=None, metavar="PNG", help="accuracy against latency chart (needs attnzoo[plots])"
+    )
+    formats(p)
     return parser
 
 

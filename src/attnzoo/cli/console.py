@@ -12,7 +12,7 @@ from typing import Any
 
 from attnzoo._registry import Spec, get_spec
 
-__all__ = ["CLIError", "Progress", "si", "num", "table", "emit", "reason", "resolve"]
+__all__ = ["CLIError", "Progress", "si", "num", "table", "render", "write_text", "emit", "reason", "resolve"]
 
 
 class CLIError(Exception):
@@ -88,28 +88,37 @@ def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     return "\n".join(lines)
 
 
-def emit(
-    rows: list[dict[str, Any]], fmt: str, output: str | None, text_table: str, extra: dict[str, Any]
-) -> None:
-    """Print `text_table` (or CSV/JSON of `rows`); with `output`, write the chosen format there."""
+def render(rows: list[dict[str, Any]], fmt: str, text_table: str, extra: dict[str, Any]) -> str:
+    """`rows` as CSV (one line per row), JSON (`extra` plus `"results": rows`) or `text_table`."""
     if fmt == "csv":
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["name"], lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
-        text = buf.getvalue()
-    elif fmt == "json":
-        text = json.dumps({**extra, "results": rows}, indent=2) + "\n"
-    else:
-        text = text_table + "\n"
+        return buf.getvalue()
+    if fmt == "json":
+        return json.dumps({**extra, "results": rows}, indent=2) + "\n"
+    return text_table + "\n"
+
+
+def write_text(path: str, text: str) -> None:
+    """Write `text` to `path`; an `OSError` naming the file when that fails."""
+    try:
+        with open(path, "w") as f:
+            f.write(text)
+    except OSError as err:
+        raise OSError(f"cannot write {path!r}: {err.strerror or err}") from None
+
+
+def emit(
+    rows: list[dict[str, Any]], fmt: str, output: str | None, text_table: str, extra: dict[str, Any]
+) -> None:
+    """Print `text_table` (or CSV/JSON of `rows`); with `output`, write the chosen format there."""
+    text = render(rows, fmt, text_table, extra)
     if output is None:
         sys.stdout.write(text)
         return
-    try:
-        with open(output, "w") as f:
-            f.write(text)
-    except OSError as err:
-        raise OSError(f"cannot write {output!r}: {err.strerror or err}") from None
+    write_text(output, text)
     if fmt != "table":
         sys.stdout.write(text_table + "\n")
     print(f"wrote {output}")

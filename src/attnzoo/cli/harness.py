@@ -36,6 +36,7 @@ __all__ = [
     "alternate",
     "count_flops",
     "peak_memory",
+    "peak_memories",
     "step_peak_here",
     "train_step",
     "forward_step",
@@ -185,7 +186,7 @@ def peak_memory(target: str, kwargs: Mapping[str, Any] | None = None, *, timeout
     """
     payload = json.dumps({"target": target, "kwargs": dict(kwargs or {})})
     env = {**os.environ, **MEASURE_ENV}
-    src_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    src_dir = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # holds attnzoo/
     env["PYTHONPATH"] = os.pathsep.join(p for p in (src_dir, os.getcwd(), env.get("PYTHONPATH", "")) if p)
     proc = subprocess.run(
         [sys.executable, "-c", _CHILD, payload], capture_output=True, text=True, env=env, timeout=timeout
@@ -194,6 +195,66 @@ def peak_memory(target: str, kwargs: Mapping[str, Any] | None = None, *, timeout
         raise RuntimeError(f"peak_memory({target!r}) failed in its subprocess:\n{proc.stderr[-2000:]}")
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     return int(report["bytes"])
+
+
+_SERIES_CHILD = r"""
+import gc, importlib, json, sys
+from attnzoo.cli.harness import step_peak_here
+job = json.loads(sys.argv[1])
+module_name, fn_name = job["target"].split(":")
+make = getattr(importlib.import_module(module_name), fn_name)
+for kwargs in job["jobs"]:
+    step = None
+    try:
+        step = make(**kwargs)
+        report = {"bytes": step_peak_here(step)}
+    except Exception as err:
+        report = {"error": str(err).splitlines()[0] if str(err) else type(err).__name__}
+    step = None
+    gc.collect()
+    print(json.dumps(report), flush=True)
+"""
+
+
+def peak_memories(
+    target: str,
+    jobs: Sequence[Mapping[str, Any]],
+    *,
+    on_result: Callable[[int, int | None], None] | None = None,
+    timeout: float = 1800,
+) -> list[int | None]:
+    """Peak memory (bytes) of several steps, measured one after another in one fresh Python process.
+
+    Like `peak_memory`, but one subprocess serves every job: `target(**job)` builds each step,
+    measured by `step_peak_here` once the previous one is freed. A job that fails gives None (and so
+    do the remaining ones when the subprocess dies). `on_result(index, bytes)` is called as each
+    result arrives (progress).
+    """
+    payload = json.dumps({"target": target, "jobs": [dict(j) for j in jobs]})
+    env = {**os.environ, **MEASURE_ENV}
+    src_dir = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # holds attnzoo/
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (src_dir, os.getcwd(), env.get("PYTHONPATH", "")) if p)
+    results: list[int | None] = [None] * len(jobs)
+    with subprocess.Popen(
+        [sys.executable, "-c", _SERIES_CHILD, payload],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    ) as proc:
+        if proc.stdout is None:
+            raise RuntimeError("the memory subprocess has no stdout")
+        start = time.perf_counter()
+        for index, line in enumerate(proc.stdout):
+            if index >= len(jobs) or time.perf_counter() - start > timeout:
+                proc.kill()
+                break
+            report = json.loads(line)
+            results[index] = report.get("bytes")
+            if on_result is not None:
+                on_result(index, results[index])
+        proc.wait()
+    return results
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

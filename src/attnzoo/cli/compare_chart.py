@@ -1,0 +1,154 @@
+"""The `attnzoo compare --plot` picture: held-out accuracy against forward latency, one labelled point
+per mechanism, the baseline marked. Drawn in the shared style of `attnzoo.cli.plots`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from attnzoo.cli.plots import STYLE, pyplot
+
+__all__ = ["compare_chart"]
+
+# One colour per family (colour-blind safe, from the Okabe-Ito palette); others fall back to grey.
+FAMILY_COLORS = {
+    "gating": "#0072B2",
+    "global": "#D55E00",
+    "transformer": "#009E73",
+    "biformer": "#CC79A7",
+    "hybrid": "#E69F00",
+    "seq2seq": "#56B4E9",
+    "blocks": "#7a5c00",
+}
+
+
+def _offsets() -> list[tuple[float, float]]:
+    """Label offsets (points) to try, nearest first: beside the point, then rings further out."""
+    near = [(6, 3), (6, -11), (-6, 3), (-6, -11), (0, 8), (0, -16)]
+    rings = [
+        (radius * math.cos(angle), radius * math.sin(angle))
+        for radius in (18, 28, 40, 54, 70, 90)
+        for angle in (2 * math.pi * k / 16 for k in (0, 8, 2, 14, 6, 10, 1, 15, 7, 9, 3, 13, 5, 11, 4, 12))
+    ]
+    return near + rings
+
+
+def _place_labels(
+    ax: Any, points: Sequence[tuple[float, float, str]], fontsize: float, avoid: Sequence[Any] = ()
+) -> None:
+    """Label each point at the first offset whose text clears every point, the labels placed so far
+    and the axes' edges; labels set further out get a thin leader line to their point."""
+    from matplotlib.text import Text
+    from matplotlib.transforms import Bbox
+
+    renderer = ax.figure.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    dots = [ax.transData.transform((x, y)) for x, y, _ in points]
+    placed: list[Any] = [Bbox.from_bounds(px - 4, py - 4, 8, 8) for px, py in dots]
+    legend = ax.get_legend()
+    placed += [a.get_window_extent(renderer) for a in [*avoid, legend] if a is not None]
+    for x, y, name in sorted(points, key=lambda p: (-p[1], p[0])):
+        best = None
+        for dx, dy in _offsets():
+            far = math.hypot(dx, dy) > 12
+            text = ax.annotate(
+                name,
+                (x, y),
+                xytext=(dx, dy),
+                textcoords="offset points",
+                fontsize=fontsize,
+                ha="left" if dx > 0 else "right" if dx < 0 else "center",
+                va="center" if far else "bottom",
+                arrowprops={"arrowstyle": "-", "color": "#444444", "lw": 0.8, "shrinkA": 1} if far else None,
+                zorder=5,
+            )
+            text.update_positions(renderer)
+            box = Text.get_window_extent(text, renderer).padded(2)  # the text alone, not its leader line
+            inside = frame.contains(box.x0, box.y0) and frame.contains(box.x1, box.y1)
+            if inside and not any(box.overlaps(other) for other in placed):
+                best = text
+                break
+            text.remove()
+        if best is None:  # nowhere free: the nearest place, overlapping
+            best = ax.annotate(name, (x, y), xytext=(6, 3), textcoords="offset points", fontsize=fontsize)
+            best.update_positions(renderer)
+        placed.append(Text.get_window_extent(best, renderer))
+
+
+def _plain_log_ticks(axis: Any) -> None:
+    """Ticks at 1, 2, 5 x 10^k on a log axis, written as plain numbers (0.5, 1, 2, 5, 10, ...)."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_formatter(NullFormatter())
+
+
+def compare_chart(rows: Sequence[dict[str, Any]], path: str | os.PathLike[str], *, title: str) -> None:
+    """Save a PNG: held-out accuracy (%) against forward latency (ms) of every measured mechanism.
+
+    Args:
+        rows: `attnzoo compare` results (JSON `results`); rows without a latency or an accuracy
+            (unsupported mechanisms) are left out of the picture, and the baseline `"none"` is
+            drawn as a black star with dashed guide lines.
+        path: PNG to write.
+        title: The figure's title (what was run).
+    """
+    plt = pyplot("--plot")
+    done = [r for r in rows if r.get("latency_ms") is not None and r.get("accuracy") is not None]
+    base = next((r for r in done if r["name"] == "none"), None)
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(10, 7), layout="constrained")
+        families: set[str] = set()
+        for r in done:
+            if r is base:
+                continue
+            color = FAMILY_COLORS.get(r["family"], "#777777")
+            label = r["family"] if r["family"] not in families else None
+            families.add(r["family"])
+            ax.scatter(r["latency_ms"], 100 * r["accuracy"], s=55, color=color, label=label, zorder=3)
+        latencies = [r["latency_ms"] for r in done] or [1.0]
+        lo, hi = min(latencies), max(latencies)
+        log = hi / lo > 4
+        if log:
+            ax.set_xscale("log")  # before the secondary axis, which takes the scale when made
+            ax.set_xlim(lo / 1.3, hi * 1.5)
+            _plain_log_ticks(ax.xaxis)
+        else:
+            ax.set_xlim(lo - 0.08 * (hi - lo) - 0.05 * lo, hi + 0.25 * (hi - lo) + 0.05 * hi)
+        if base is not None:
+            bx, by = base["latency_ms"], 100 * base["accuracy"]
+            ax.scatter(bx, by, s=220, marker="*", color="black", label="no attention (baseline)", zorder=4)
+            ax.axhline(by, color="black", lw=0.8, ls="--", alpha=0.5, zorder=1)
+            ax.axvline(bx, color="black", lw=0.8, ls="--", alpha=0.5, zorder=1)
+            top = ax.secondary_xaxis("top", functions=(lambda ms: ms / bx, lambda ratio: ratio * bx))
+            top.set_xlabel("latency relative to the baseline (× none)")
+            if log:
+                _plain_log_ticks(top.xaxis)
+        ax.axhline(100 / 3, color="#999999", lw=0.8, ls=":", zorder=1)
+        chance = ax.annotate(
+            "chance (33.3%)",
+            (1, 100 / 3),
+            xycoords=("axes fraction", "data"),
+            xytext=(-4, -12),
+            textcoords="offset points",
+            ha="right",
+            fontsize=9,
+            color="#666666",
+        )
+        accuracies = [100 * r["accuracy"] for r in done] + [100 / 3]
+        ax.set_ylim(min(accuracies) - 3, min(max(accuracies) + 4, 101))
+        ax.set_xlabel("forward latency of the whole model, one batch (ms; lower is faster)")
+        ax.set_ylabel("held-out accuracy (%; higher is better)")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="best", fontsize=10, title="family", title_fontsize=10, framealpha=0.9)
+        fig.suptitle(title)
+        fig.canvas.draw()
+        _place_labels(
+            ax, [(r["latency_ms"], 100 * r["accuracy"], r["name"]) for r in done], fontsize=10, avoid=[chance]
+        )
+        fig.savefig(path)
+        plt.close(fig)
