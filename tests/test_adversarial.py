@@ -55,6 +55,8 @@ def test_input_of_another_dtype_names_both_dtypes(spec, dtype):
 @pytest.mark.parametrize("spec", SPECS, ids=IDS)
 def test_input_on_another_device_names_both_devices(spec):
     module = build(spec).eval()
+    if not any(True for _ in (*module.parameters(), *module.buffers())):
+        pytest.skip(f"{spec.name} holds no tensors: it runs wherever its input is")
     xs = inputs(spec)
     with pytest.raises(ValueError, match="device.*meta|meta.*device"):
         module(xs[0].to("meta"), *xs[1:])
@@ -63,6 +65,8 @@ def test_input_on_another_device_names_both_devices(spec):
 @pytest.mark.parametrize("spec", SPECS, ids=IDS)
 def test_module_on_meta_gets_a_clear_error_for_cpu_inputs(spec):
     module = build(spec, device="meta").eval()
+    if not any(True for _ in (*module.parameters(), *module.buffers())):
+        pytest.skip(f"{spec.name} holds no tensors: it runs wherever its input is")
     with pytest.raises(ValueError, match="device"):
         module(*inputs(spec))
 

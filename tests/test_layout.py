@@ -111,3 +111,9 @@ def test_no_import_cycles_at_module_level():
 def test_files_are_at_most_400_lines(path):
     lines = len(path.read_text().splitlines())
     assert lines <= MAX_LINES, f"{path.relative_to(ROOT)} has {lines} lines (at most {MAX_LINES}: split it)"
+
+
+def test_no_torchscript_guards():
+    """TorchScript is not supported (the support matrix says so), so no code guards for it."""
+    guarded = [str(p.relative_to(ROOT)) for p in SOURCES if "jit.is_scripting" in p.read_text()]
+    assert not guarded, f"remove the torch.jit.is_scripting() guards in {guarded}"

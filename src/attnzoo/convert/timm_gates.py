@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from typing import Any
 
 from torch import nn
 
@@ -43,7 +44,7 @@ def _finish(ours: nn.Module, theirs: nn.Module) -> nn.Module:
 # =============================================================================================
 
 
-def _eca(module: nn.Module) -> nn.Module:
+def _eca(module: Any) -> nn.Module:
     """EcaModule (plain or ``use_mlp=True``) and CecaModule. Their weights do not depend on the channel
     count (timm's ``EcaModule`` even takes ``channels=None``), so the converted module has
     ``channels=None`` and, like timm's, accepts any C."""
@@ -70,7 +71,7 @@ def _eca(module: nn.Module) -> nn.Module:
             raise _refuse(module, f"its padding {conv.padding} is not (kernel_size - 1) // 2")
         ours = EfficientChannelAttention(1, conv.kernel_size[0], bias=conv.bias is not None, **factory)
     ours.gate = _stateless(module.gate, "gate", module)
-    ours.channels = None
+    ours.channels = None  # type: ignore[assignment]
     return _finish(ours, module)
 
 
@@ -78,7 +79,7 @@ for _name in ("timm.layers.eca.EcaModule", "timm.layers.eca.CecaModule"):
     TIMM_CONVERTERS[_name] = _eca
 
 
-def _ese(module: nn.Module) -> nn.Module:
+def _ese(module: Any) -> nn.Module:
     """EffectiveSEModule: the 1x1 convolution ``fc`` (C, C, 1, 1) with bias, and the gate."""
     from attnzoo.mechanisms.ese import EffectiveSqueezeExcite
 
@@ -102,10 +103,10 @@ def _context_mlp(mlp: nn.Module, owner: nn.Module, ours: nn.Module) -> None:
     if not isinstance(norm, nn.LayerNorm) or (isinstance(drop, nn.Dropout) and drop.p > 0):
         raise _refuse(owner, "its context MLP is not fc1 -> LayerNorm2d -> act -> fc2 without dropout")
     ours.act = _stateless(mlp.act, "act_layer", owner)
-    ours.norm.eps = norm.eps
+    ours.norm.eps = norm.eps  # type: ignore[union-attr]
 
 
-def _global_context(module: nn.Module) -> nn.Module:
+def _global_context(module: Any) -> nn.Module:
     """GlobalContext: any of use_attn, fuse_add, fuse_scale; the width from the weights."""
     from attnzoo.mechanisms.global_context import GlobalContext, GlobalContextAdd
 
@@ -129,7 +130,7 @@ def _global_context(module: nn.Module) -> nn.Module:
 TIMM_CONVERTERS["timm.layers.global_context.GlobalContext"] = _global_context
 
 
-def _gather_excite(module: nn.Module) -> nn.Module:
+def _gather_excite(module: Any) -> nn.Module:
     """GatherExcite: pooling or convolution gathers, with or without the MLP.
 
     A convolution gather is copied as it is (timm pads the ``extent=0`` convolution to "same"; the
@@ -179,7 +180,7 @@ def _gather_excite(module: nn.Module) -> nn.Module:
 TIMM_CONVERTERS["timm.layers.gather_excite.GatherExcite"] = _gather_excite
 
 
-def _light_cbam(module: nn.Module) -> nn.Module:
+def _light_cbam(module: Any) -> nn.Module:
     """LightCbamModule: the channel MLP, the spatial conv + BatchNorm. timm's channel gate is always
     the sigmoid (``F.sigmoid``, whatever its ``gate`` holds); its spatial gate is copied."""
     from attnzoo.mechanisms.light_cbam import LightCBAM

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnzoo._checks import check_divisible, check_float, check_int, check_shape
+from attnzoo._geometry import divisor_window, grid2d
 from attnzoo._registry import Example, FreeSize, register
 from attnzoo.maps.capture import capturing, record
 from attnzoo.mechanisms._widths import round_width
@@ -118,6 +119,8 @@ class BilinearAttnTransform(nn.Module):
         free_sizes=(FreeSize(((0, 2),), 2, step=2, low=2), FreeSize(((0, 3),), 3, step=2, low=2)),
     ),
     aliases=("bilinear_attentional_transform",),
+    # Blocks per side that divide the map (7 where it allows, as timm's default).
+    for_input=lambda geo: {"block_size": divisor_window(*grid2d(geo))},
 )
 class BATNonLocalAttention(nn.Module):
     """BAT non-local block (Chi et al., 2020): reduce, bilinear attentional transform, expand, add.
@@ -207,11 +210,10 @@ class BATNonLocalAttention(nn.Module):
                 )
         y, weights = self.ba(self.conv1(x))
         out = x + self.dropout(self.conv2(y))
-        if not torch.jit.is_scripting():
-            if capturing():  # map capture: block rows mixed by P, block columns by Q (rows of Q^T)
-                blocks = torch.arange(b, device=x.device)
-                record(self, "rows", weights[:, 0], grid=(b, 1), queries=blocks, query_grid=(b, 1), axis="H")
-                record(self, "rows", weights[:, 1], grid=(1, b), queries=blocks, query_grid=(1, b), axis="W")
+        if capturing():  # map capture: block rows mixed by P, block columns by Q (rows of Q^T)
+            blocks = torch.arange(b, device=x.device)
+            record(self, "rows", weights[:, 0], grid=(b, 1), queries=blocks, query_grid=(b, 1), axis="H")
+            record(self, "rows", weights[:, 1], grid=(1, b), queries=blocks, query_grid=(1, b), axis="W")
         return (out, weights) if need_weights else out
 
     def extra_repr(self) -> str:

@@ -63,9 +63,8 @@ def _finish(module: nn.Module, x: Tensor, gate: Tensor, has_skip: bool, need_wei
     out = x * gate
     if has_skip:
         out = out + x
-    if not torch.jit.is_scripting():
-        if capturing():  # map capture: the channel-mean of the (B, C, H, W) gate
-            record(module, "spatial", gate.mean(1), grid=x.shape[2:])
+    if capturing():  # map capture: the channel-mean of the (B, C, H, W) gate
+        record(module, "spatial", gate.mean(1), grid=x.shape[2:])
     return (out, gate) if need_weights else out
 
 

@@ -63,12 +63,11 @@ class _ChannelGate(nn.Module):
     def forward(self, x: Tensor, need_weights: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """Rescale each channel of `x` `(B, C, H, W)`; with `need_weights`, also return the gate `(B, C)`."""
         sizes = {} if self.channels is None else {"C": self.channels}
-        check_shape(x, type(self).__name__, "B C H W", **sizes)
+        check_shape(x, type(self).__name__, "B C H W", **sizes)  # type: ignore[arg-type]
         pooled = x.mean((2, 3)).unsqueeze(1)  # (B, C) -> (B, 1, C)
-        gate = self.gate(self.mix(pooled)).squeeze(1)  # (B, 1, C) -> (B, C)
-        if not torch.jit.is_scripting():
-            if capturing():  # map capture: the channel gate
-                record(self, "channel", gate)
+        gate = self.gate(self.mix(pooled)).squeeze(1)  # type: ignore[operator]  # (B, 1, C) -> (B, C)
+        if capturing():  # map capture: the channel gate
+            record(self, "channel", gate)
         out = x * gate[:, :, None, None]  # (B, C, 1, 1) broadcast over H, W
         return (out, gate) if need_weights else out
 

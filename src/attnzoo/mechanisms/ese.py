@@ -106,9 +106,8 @@ class EffectiveSqueezeExcite(nn.Module):
         check_shape(x, type(self).__name__, "B C H W", C=self.channels)
         pooled = pooled_mean_max(x, self.add_maxpool)  # (B, C)
         gate = self.gate(F.linear(pooled, self.fc.weight.flatten(1), self.fc.bias))  # (C, C, 1, 1) -> (C, C)
-        if not torch.jit.is_scripting():
-            if capturing():  # map capture: the channel gate
-                record(self, "channel", gate)
+        if capturing():  # map capture: the channel gate
+            record(self, "channel", gate)
         out = x * gate[:, :, None, None]  # (B, C, 1, 1) broadcast over H, W
         return (out, gate) if need_weights else out
 

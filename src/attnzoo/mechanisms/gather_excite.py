@@ -188,14 +188,13 @@ class GatherExcite(nn.Module):
         sizes: dict[str, int] = {} if self.channels is None else {"C": self.channels}
         if self.feat_size is not None:
             sizes.update(H=self.feat_size[0], W=self.feat_size[1])
-        dims = check_shape(x, type(self).__name__, "B C H W", **sizes)
+        dims = check_shape(x, type(self).__name__, "B C H W", **sizes)  # type: ignore[arg-type]
         gate = self.gate(self.mlp(self._gathered(x)))  # (B, C, h, w)
-        if not torch.jit.is_scripting():
-            if capturing():  # map capture: per channel (global extent) or per gathered position
-                if gate.shape[-2:] == (1, 1):
-                    record(self, "channel", gate.flatten(1))
-                else:
-                    record(self, "spatial", gate.mean(1), grid=gate.shape[-2:])
+        if capturing():  # map capture: per channel (global extent) or per gathered position
+            if gate.shape[-2:] == (1, 1):
+                record(self, "channel", gate.flatten(1))
+            else:
+                record(self, "spatial", gate.mean(1), grid=gate.shape[-2:])
         if gate.shape[-2:] == (1, 1):
             out = x * gate
         else:

@@ -152,9 +152,8 @@ class GlobalContext(nn.Module):
                 logits = logits + self.conv_attn.bias
             attn = logits.flatten(1).softmax(-1).view(batch, height, width)  # softmax over H*W
             context = torch.einsum("bchw,bhw->bc", x, attn)  # (B, C)
-            if not torch.jit.is_scripting():
-                if capturing():  # map capture: the pooling weights
-                    record(self, "spatial", attn, grid=(height, width))
+            if capturing():  # map capture: the pooling weights
+                record(self, "spatial", attn, grid=(height, width))
         else:
             context = x.mean((2, 3))  # (B, C)
             attn = x.new_full((batch, height, width), 1.0 / (height * width))  # (tiny) uniform weights
@@ -164,7 +163,7 @@ class GlobalContext(nn.Module):
                 self.mlp_add(context)[:, :, None, None], x, gate
             )
         else:
-            out = x + self.mlp_add(context)[:, :, None, None]  # (B, C, 1, 1) broadcast over H, W
+            out = x + self.mlp_add(context)[:, :, None, None]  # type: ignore[misc]  # (B, C, 1, 1)
         return (out, attn) if need_weights else out
 
     def extra_repr(self) -> str:

@@ -160,10 +160,9 @@ class LightCBAM(nn.Module):
         y = x * channel_gate[:, :, None, None]  # (B, C, H, W)
         pooled = 0.5 * y.mean(1, keepdim=True) + 0.5 * y.amax(1, keepdim=True)  # (B, 1, H, W)
         spatial_gate = self.spatial(pooled)  # (B, 1, H, W)
-        if not torch.jit.is_scripting():
-            if capturing():  # map capture: both gates
-                record(self, "channel", channel_gate)
-                record(self, "spatial", spatial_gate[:, 0], grid=spatial_gate.shape[2:])
+        if capturing():  # map capture: both gates
+            record(self, "channel", channel_gate)
+            record(self, "spatial", spatial_gate[:, 0], grid=spatial_gate.shape[2:])
         out = y * spatial_gate
         if not need_weights:
             return out

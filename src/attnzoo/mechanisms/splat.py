@@ -156,9 +156,8 @@ class SplitAttention(nn.Module):
         out = splits[:, 0] * weights[:, 0, :, None, None]
         for r in range(1, R):
             out = out + splits[:, r] * weights[:, r, :, None, None]
-        if not torch.jit.is_scripting():
-            if capturing():  # map capture: the weights of the splits
-                record(self, "branch", weights)
+        if capturing():  # map capture: the weights of the splits
+            record(self, "branch", weights)
         return (out, weights) if need_weights else out
 
     def extra_repr(self) -> str:

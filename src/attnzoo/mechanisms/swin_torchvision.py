@@ -161,8 +161,7 @@ class TorchvisionShiftedWindowAttention(nn.Module):
             offset = torch.zeros(other.shape, dtype=x.dtype, device=x.device).masked_fill(other, -100.0)
             mask = offset[None].expand(batch, -1, -1, -1, -1).flatten(0, 1)  # (B*nW, 1, N, N)
         capture = False
-        if not torch.jit.is_scripting():
-            capture = capturing()
+        capture = capturing()
         out, weights = self._attention(
             qkv, self.get_relative_position_bias()[0], mask,
             self.attention_dropout if self.training else 0.0, capture,

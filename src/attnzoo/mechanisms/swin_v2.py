@@ -336,8 +336,7 @@ class ShiftedWindowAttentionV2(nn.Module):
         qkv = F.linear(windows, self.qkv.weight, qkv_bias).unflatten(-1, (3, self.num_heads, -1))
         mask = self._mask((height, width), (hp, wp), shift, batch, x.device)
         capture = False
-        if not torch.jit.is_scripting():
-            capture = capturing()
+        capture = capturing()
         out, weights = cosine_window_attention(  # out: (B*nW, N, C)
             qkv, self.logit_scale, self.position_bias(), mask,
             dropout_p=self.attn_drop if self.training else 0.0, need_weights=need_weights or capture,
