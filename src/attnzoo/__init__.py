@@ -17,6 +17,7 @@ from attnzoo.mechanisms.acmix import ACmix
 from attnzoo.mechanisms.bat import BATNonLocalAttention
 from attnzoo.mechanisms.biformer import BiLevelRoutingAttention
 from attnzoo.mechanisms.biformer_nchw import BiLevelRoutingAttention2d, nchwBRA
+from attnzoo.mechanisms.bottleneck import BottleneckAttention
 from attnzoo.mechanisms.cbam import CBAM, ChannelAttention, SpatialAttention
 from attnzoo.mechanisms.cbam_res import ResidualCBAM
 from attnzoo.mechanisms.cbam_seed import CBAtten_Res
@@ -35,6 +36,8 @@ from attnzoo.mechanisms.eca import (
 from attnzoo.mechanisms.ese import EffectiveSqueezeExcite
 from attnzoo.mechanisms.gather_excite import GatherExcite
 from attnzoo.mechanisms.global_context import GlobalContext, GlobalContextAdd
+from attnzoo.mechanisms.halo import HaloAttention
+from attnzoo.mechanisms.lambda_layer import LambdaLayer
 from attnzoo.mechanisms.light_cbam import LightCBAM
 from attnzoo.mechanisms.linear import LinearAttention
 from attnzoo.mechanisms.mha import MultiHeadAttention
@@ -148,4 +151,8 @@ __all__ = [
     "NeighborhoodAttention1d",
     "NeighborhoodAttention2d",
     "NeighborhoodAttention3d",
+    # timm-token: timm's token-mixing attentions (lambda, bottleneck, halo)
+    "BottleneckAttention",
+    "HaloAttention",
+    "LambdaLayer",
 ]
