@@ -31,6 +31,14 @@ __all__ = ["LambdaLayer"]
 _PAPER = "LambdaNetworks: Modeling Long-Range Interactions Without Attention"
 
 
+def _squeeze_conv3d_weight(module: nn.Module, state_dict: dict[str, Tensor], prefix: str, *args: Any) -> None:
+    """Load hook: timm's `(k, 1, r, r, 1)` lambda convolution weight -> the `(k, 1, r, r)` one here."""
+    key = prefix + "conv_lambda.weight"
+    weight = state_dict.get(key)
+    if isinstance(weight, Tensor) and weight.ndim == 5 and weight.shape[-1] == 1:
+        state_dict[key] = weight.squeeze(-1)
+
+
 @register(
     "lambda",
     family="global",
@@ -124,7 +132,7 @@ class LambdaLayer(nn.Module):
         self.norm_v = nn.BatchNorm2d(v, **factory)
         self.r: int | None = None
         self.feat_size: tuple[int, int] | None = None
-        self.conv_lambda: nn.Conv3d | None = None
+        self.conv_lambda: nn.Conv2d | None = None
         self.pos_emb: nn.Parameter | None = None
         if r is not None:
             if feat_size is not None:
@@ -132,9 +140,10 @@ class LambdaLayer(nn.Module):
             self.r = check_int(r, "r", who)
             if self.r % 2 == 0:
                 raise ValueError(f"{who}: r must be odd (a centred lambda convolution), got {r}")
-            # timm's (r, r, 1) Conv3d over (1, H, W, v): one r x r kernel per key channel
-            self.conv_lambda = nn.Conv3d(1, k, (self.r, self.r, 1), padding=(self.r // 2, self.r // 2, 0),
-                                         **factory)
+            # one r x r kernel per key channel, applied to every value channel (timm: an (r, r, 1)
+            # Conv3d, whose 5-D weight loads here too; 4-D keeps `.to(memory_format=...)` working)
+            self.conv_lambda = nn.Conv2d(1, k, self.r, padding=self.r // 2, **factory)
+            self.register_load_state_dict_pre_hook(_squeeze_conv3d_weight)
         else:
             if feat_size is None:
                 raise ValueError(f"{who}: feat_size is required with r=None (the global embedding), got None")
@@ -175,9 +184,7 @@ class LambdaLayer(nn.Module):
         content = torch.einsum("bkn,bvn->bkv", keys, values.reshape(batch, v, n))  # (B, k, v)
         if self.conv_lambda is not None:
             # the lambda convolution, value channels as batch: (B*v, 1, H, W) -> (B*v, k, H, W)
-            weight = self.conv_lambda.weight.squeeze(-1)  # (k, 1, r, r, 1) -> (k, 1, r, r)
-            position = F.conv2d(values.reshape(batch * v, 1, height, width), weight, self.conv_lambda.bias,
-                                padding=self.r // 2)
+            position = self.conv_lambda(values.reshape(batch * v, 1, height, width))  # (B*v, k, H, W)
             position = position.reshape(batch, v, k, n)  # (B, v, k, N)
             lam = content[:, :, :, None].transpose(1, 2) + position  # (B, v, k, N): content + position
             y = torch.einsum("bhkn,bvkn->bhvn", q, lam)  # (B, h, v, N)
