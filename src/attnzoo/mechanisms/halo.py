@@ -17,6 +17,7 @@ the softmax runs in ``attnzoo.functional.attend``; H and W that are no multiple 
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -34,6 +35,12 @@ __all__ = ["HaloAttention"]
 _PAPER = "Scaling Local Self-Attention for Parameter Efficient Visual Backbones"
 
 
+def _block_for(spatial: tuple[int, ...]) -> dict[str, int]:
+    """`block_size` for an input: the largest divisor of both H and W up to timm's default 8."""
+    common = math.gcd(*spatial)
+    return {"block_size": max(b for b in range(1, 9) if common % b == 0)}
+
+
 @register(
     "halo",
     family="local",
@@ -49,6 +56,7 @@ _PAPER = "Scaling Local Self-Attention for Parameter Efficient Visual Backbones"
     ),
     aliases=("halo_attn", "halonet"),
     uses_attend=True,
+    for_input=lambda g: _block_for(tuple(g.spatial)),
 )
 class HaloAttention(nn.Module):
     """HaloNet's blocked local self-attention (Vaswani et al., 2021).
