@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _token_mixing import D, check_parity, randomised
 
 import attnzoo
 from attnzoo import BottleneckAttention
 from attnzoo.convert import convert, from_timm
-from tests.mechanisms._token_mixing import D, check_parity, randomised
 
 timm_layers = pytest.importorskip("timm.layers", reason="timm is needed for the parity tests")
 from timm.layers.bottleneck_attn import BottleneckAttn  # noqa: E402
@@ -19,7 +19,7 @@ CASES = [
     (lambda: BottleneckAttn(12, feat_size=(3, 6), num_heads=3, dim_head=5, qkv_bias=True), (2, 12, 3, 6)),
     (lambda: BottleneckAttn(16, dim_out=24, feat_size=4, num_heads=2, scale_pos_embed=True), (3, 16, 4, 4)),
     (lambda: BottleneckAttn(9, feat_size=(7, 5), stride=2, num_heads=1, qk_ratio=0.5), (2, 9, 7, 5)),
-    (lambda: BottleneckAttn(20, feat_size=(6, 6), stride=2, num_heads=5, scale_pos_embed=True), (2, 20, 6, 6)),
+    (lambda: BottleneckAttn(20, feat_size=6, stride=2, num_heads=5, scale_pos_embed=True), (2, 20, 6, 6)),
 ]
 
 

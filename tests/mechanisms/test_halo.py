@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from _token_mixing import D, check_parity, randomised
 
 import attnzoo
 from attnzoo import HaloAttention
 from attnzoo.convert import convert, from_timm
-from tests.mechanisms._token_mixing import D, check_parity, randomised
 
 timm_layers = pytest.importorskip("timm.layers", reason="timm is needed for the parity tests")
 from timm.layers.halo_attn import HaloAttn  # noqa: E402
@@ -19,7 +19,8 @@ CASES = [
     (lambda: timm_layers.create_attn("halo", 32, block_size=4, halo_size=1), (2, 32, 8, 12)),
     (lambda: HaloAttn(12, num_heads=3, dim_head=5, block_size=3, halo_size=2, qkv_bias=True), (2, 12, 6, 9)),
     (lambda: HaloAttn(16, num_heads=4, block_size=4, halo_size=1, stride=2), (2, 16, 8, 8)),  # strided q
-    (lambda: HaloAttn(15, dim_out=24, num_heads=4, block_size=3, halo_size=1, stride=2), (2, 15, 6, 6)),  # pool
+    # odd channels, dim_out != dim, odd block: stride 2 pools the output
+    (lambda: HaloAttn(15, dim_out=24, num_heads=4, block_size=3, halo_size=1, stride=2), (2, 15, 6, 6)),
     (lambda: HaloAttn(16, num_heads=2, block_size=4, halo_size=2, stride=2, avg_down=True,
                       scale_pos_embed=True), (3, 16, 8, 4)),
     (lambda: HaloAttn(8, num_heads=1, block_size=2, halo_size=0, qk_ratio=2.0), (2, 8, 4, 2)),
