@@ -84,3 +84,13 @@ def test_build_for_an_input_takes_its_size():
     built = build(attnzoo.get_spec("bottleneck"), (2, 16, 6, 3))
     assert built.module.feat_size == (6, 3)
     assert built.module(*built.inputs).shape == (2, 16, 6, 3)
+
+
+def test_captured_rows_are_rows_of_the_weights():
+    m = randomised(BottleneckAttention(8, feat_size=(4, 5), num_heads=2)).eval()
+    x = torch.randn(2, 8, 4, 5, dtype=D)
+    with attnzoo.capture_maps(m) as maps:
+        _, weights = m(x, need_weights=True)
+    (entry,) = [r for records in maps.values() for r in records]
+    assert entry.kind == "rows" and entry.grid == (4, 5)
+    torch.testing.assert_close(entry.data, weights[:, :, entry.queries], atol=1e-12, rtol=0)

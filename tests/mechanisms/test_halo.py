@@ -106,3 +106,19 @@ def test_build_for_an_input_picks_a_dividing_block():
     built = build(attnzoo.get_spec("halo"), (2, 16, 6, 9))
     assert built.module.block_size == 3
     assert built.module(*built.inputs).shape == (2, 16, 6, 9)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_captured_rows_rebuild_the_output(stride):
+    """Recorded rows over the whole map, weighted over the map's values, give the output (the padding
+    keys have zero values, so dropping them from the rows changes nothing)."""
+    m = randomised(HaloAttention(8, num_heads=2, block_size=2, halo_size=1, stride=stride)).eval()
+    x = torch.randn(1, 8, 6, 4, dtype=D)
+    with attnzoo.capture_maps(m) as maps:
+        y = m(x)
+    (entry,) = [r for records in maps.values() for r in records]
+    assert entry.kind == "rows" and entry.grid == (6, 4)
+    values = m.kv(x)[:, :, :, :].view(1, 2, 8, 24)[:, :, 4:]  # (1, h, e, N): per head [k, v] channels
+    rebuilt = torch.einsum("bhqn,bhen->bheq", entry.data, values).reshape(1, 8, -1)
+    qh, qw = entry.query_grid
+    torch.testing.assert_close(rebuilt, y.reshape(1, 8, qh * qw)[:, :, entry.queries], atol=1e-12, rtol=0)

@@ -112,3 +112,14 @@ def test_errors_name_the_argument():
         LambdaLayer(8, stride=3)
     with pytest.raises(ValueError, match="W=5"):
         LambdaLayer(8, r=None, feat_size=(4, 5))(torch.randn(1, 8, 4, 4))
+
+
+def test_captured_map_is_the_mean_normalised_key():
+    m = randomised(LambdaLayer(8, num_heads=2, head_dim=4, r=3)).eval()
+    x = torch.randn(2, 8, 5, 6, dtype=D)
+    with attnzoo.capture_maps(m) as maps:
+        _, keys = m(x, need_weights=True)
+    (entry,) = [r for records in maps.values() for r in records]
+    assert entry.kind == "spatial"
+    torch.testing.assert_close(entry.data, keys.mean(1), atol=1e-12, rtol=0)
+    torch.testing.assert_close(keys.sum((2, 3)), torch.ones(2, 4, dtype=D))

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from attnzoo._checks import check_divisible, check_int, check_shape
 from attnzoo._registry import Example, FreeSize, register
 from attnzoo.functional import attend
+from attnzoo.maps.capture import capturing, query_indices, record
 from attnzoo.mechanisms._relpos import check_stride, qk_head_width
 from attnzoo.mechanisms.bottleneck import RelPosTables
 
@@ -183,6 +184,8 @@ class HaloAttention(nn.Module):
         k, v = k.reshape(batch, heads * nb, win * win, d), v.reshape(batch, heads * nb, win * win, e)
         result = attend(q, k, v, bias=bias, scale=self.scale, return_weights=need_weights)
         out, weights = result if isinstance(result, tuple) else (result, None)
+        if capturing():
+            self._record(q, k, bias, weights, (height, width))
         out = out.reshape(batch, heads, bh, bw, qb, qb, e)  # (B, h, bh, bw, qb, qb, e)
         y = out.permute(0, 1, 6, 2, 4, 3, 5)  # (B, h, e, bh, qb, bw, qb)
         y = y.reshape(batch, self.out_channels, bh * qb, bw * qb)  # (B, h*e, H / stride, W / stride)
@@ -191,3 +194,29 @@ class HaloAttention(nn.Module):
         if weights is not None:
             return y, weights.reshape(batch, heads, nb, qb * qb, win * win)
         return y
+
+    def _record(
+        self, q: Tensor, k: Tensor, bias: Tensor, weights: Tensor | None, size: tuple[int, int]
+    ) -> None:
+        """Rows of the capture's query points over the whole map (zero outside their window)."""
+        height, width = size
+        heads, qb, win, halo = self.num_heads, self.query_block, self.win_size, self.halo_size
+        block = self.block_size
+        bw = width // block
+        grid = (height // block * qb, bw * qb)  # the query grid
+        with torch.no_grad():
+            if weights is None:
+                weights = attend(q, k, k[..., :1], bias=bias, scale=self.scale, return_weights=True)[1]
+            idx = query_indices(grid, q.device)
+            qy, qx = idx // grid[1], idx % grid[1]  # (Q,) each
+            by, bx, iy, ix = qy // qb, qx // qb, qy % qb, qx % qb
+            w = weights.reshape(q.shape[0], heads, -1, qb * qb, win * win)  # (B, h, nb, L, S)
+            picked = w[:, :, by * bw + bx, iy * qb + ix]  # (B, h, Q, S)
+            offsets = torch.arange(win, device=q.device) - halo
+            ky, kx = by[:, None] * block + offsets, bx[:, None] * block + offsets  # (Q, w) each
+            inside = ((ky >= 0) & (ky < height))[:, :, None] & ((kx >= 0) & (kx < width))[:, None, :]
+            target = (ky.clamp(0, height - 1)[:, :, None] * width + kx.clamp(0, width - 1)[:, None, :])
+            kept = picked * inside.reshape(1, 1, -1, win * win)  # padding keys dropped
+            rows = picked.new_zeros(*picked.shape[:3], height * width)  # (B, h, Q, H*W)
+            rows.scatter_add_(3, target.reshape(1, 1, -1, win * win).expand_as(kept), kept)
+        record(self, "rows", rows, grid=size, queries=idx, query_grid=grid)
