@@ -61,7 +61,7 @@ def _lambda(module: Any) -> nn.Module:
         if type(getattr(module, name)) is not nn.BatchNorm2d:
             raise _refuse(module, f"its {name} is not an nn.BatchNorm2d")
         setattr(new, name, copy.deepcopy(getattr(module, name)))
-    if module.conv_lambda is not None and module.conv_lambda.bias is None:
+    if new.conv_lambda is not None and module.conv_lambda.bias is None:
         new.conv_lambda.bias = None
     return _finish(new, module)
 

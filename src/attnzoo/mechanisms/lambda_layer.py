@@ -161,20 +161,23 @@ class LambdaLayer(nn.Module):
         if self.pos_emb is not None:
             nn.init.trunc_normal_(self.pos_emb, std=0.02)
 
-    def _embedding(self, height: int, width: int) -> Tensor:
-        """`E[n, m] = pos_emb[y_m - y_n + H - 1, x_m - x_n + W - 1]`, `(N, N, k)`."""
-        dev = self.pos_emb.device
+    def _embedding(self, table: Tensor, height: int, width: int) -> Tensor:
+        """`E[n, m] = table[y_m - y_n + H - 1, x_m - x_n + W - 1]`, `(N, N, k)`."""
+        dev = table.device
         ys = torch.arange(height, device=dev).repeat_interleave(width)  # (N,) row of each position
         xs = torch.arange(width, device=dev).repeat(height)  # (N,) column of each position
         dy = ys[None, :] - ys[:, None] + height - 1  # (N, N)
         dx = xs[None, :] - xs[:, None] + width - 1  # (N, N)
-        return self.pos_emb[dy, dx]  # (N, N, k)
+        return table[dy, dx]  # (N, N, k)
 
     def forward(self, x: Tensor, need_weights: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """Apply the lambdas to `x` `(B, C, H, W)`; with `need_weights`, also return the normalised
         keys `(B, k, H, W)`."""
-        fixed = {} if self.feat_size is None else {"H": self.feat_size[0], "W": self.feat_size[1]}
-        sizes = check_shape(x, type(self).__name__, "B C H W", C=self.channels, **fixed)
+        who = type(self).__name__
+        if self.feat_size is None:
+            sizes = check_shape(x, who, "B C H W", C=self.channels)
+        else:
+            sizes = check_shape(x, who, "B C H W", C=self.channels, H=self.feat_size[0], W=self.feat_size[1])
         batch, height, width = sizes["B"], sizes["H"], sizes["W"]
         heads, k, v, n = self.num_heads, self.head_dim, self.v_head_dim, height * width
         q, keys, values = self.qkv(x).split([heads * k, k, v], dim=1)
@@ -186,13 +189,13 @@ class LambdaLayer(nn.Module):
             # the lambda convolution, value channels as batch: (B*v, 1, H, W) -> (B*v, k, H, W)
             position = self.conv_lambda(values.reshape(batch * v, 1, height, width))  # (B*v, k, H, W)
             position = position.reshape(batch, v, k, n)  # (B, v, k, N)
-            lam = content[:, :, :, None].transpose(1, 2) + position  # (B, v, k, N): content + position
-            y = torch.einsum("bhkn,bvkn->bhvn", q, lam)  # (B, h, v, N)
-        else:
-            emb = self._embedding(height, width)  # (N, N, k)
+        elif self.pos_emb is not None:
+            emb = self._embedding(self.pos_emb, height, width)  # (N, N, k)
             position = torch.einsum("nmk,bvm->bvkn", emb, values.reshape(batch, v, n))  # (B, v, k, N)
-            lam = content[:, :, :, None].transpose(1, 2) + position  # (B, v, k, N)
-            y = torch.einsum("bhkn,bvkn->bhvn", q, lam)  # (B, h, v, N)
+        else:  # both removed by hand
+            raise RuntimeError(f"{who} has neither conv_lambda nor pos_emb")
+        lam = content[:, :, :, None].transpose(1, 2) + position  # (B, v, k, N): content + position
+        y = torch.einsum("bhkn,bvkn->bhvn", q, lam)  # (B, h, v, N)
         y = y.reshape(batch, self.out_channels, height, width)  # (B, h*v, H, W)
         if self.stride == 2:
             y = F.avg_pool2d(y, 2)
