@@ -122,3 +122,21 @@ def test_captured_rows_rebuild_the_output(stride):
     rebuilt = torch.einsum("bhqn,bhen->bheq", entry.data, values).reshape(1, 8, -1)
     qh, qw = entry.query_grid
     torch.testing.assert_close(rebuilt, y.reshape(1, 8, qh * qw)[:, :, entry.queries], atol=1e-12, rtol=0)
+
+
+def test_converted_module_is_an_independent_copy_in_timms_dtype_and_mode():
+    theirs = randomised(HaloAttn(8, num_heads=2, block_size=2, halo_size=1)).train()
+    ours = from_timm(theirs)
+    assert ours.training and ours.q.weight.dtype == D
+    with torch.no_grad():
+        ours.q.weight.zero_()
+    assert theirs.q.weight.abs().sum() > 0
+
+
+def test_from_timm_refuses_a_subclass_that_overrides_forward():
+    class Custom(HaloAttn):
+        def forward(self, x):
+            return x
+
+    with pytest.raises(TypeError, match="overrides forward"):
+        from_timm(Custom(8, num_heads=2, block_size=2, halo_size=1))

@@ -181,7 +181,8 @@ class HaloAttention(nn.Module):
         if self.scale_pos_embed:
             bias = bias * self.scale
         q = q.reshape(batch, heads * nb, qb * qb, d)  # (B, h*nb, L, d)
-        k, v = k.reshape(batch, heads * nb, win * win, d), v.reshape(batch, heads * nb, win * win, e)
+        k = k.reshape(batch, heads * nb, win * win, d)  # (B, h*nb, S, d)
+        v = v.reshape(batch, heads * nb, win * win, e)  # (B, h*nb, S, e)
         result = attend(q, k, v, bias=bias, scale=self.scale, return_weights=need_weights)
         out, weights = result if isinstance(result, tuple) else (result, None)
         if capturing():
@@ -192,7 +193,7 @@ class HaloAttention(nn.Module):
         if self.pool:
             y = F.avg_pool2d(y, 2)
         if weights is not None:
-            return y, weights.reshape(batch, heads, nb, qb * qb, win * win)
+            return y, weights.reshape(batch, heads, nb, qb * qb, win * win)  # (B, h, nb, L, S)
         return y
 
     def _record(
@@ -218,5 +219,6 @@ class HaloAttention(nn.Module):
             target = (ky.clamp(0, height - 1)[:, :, None] * width + kx.clamp(0, width - 1)[:, None, :])
             kept = picked * inside.reshape(1, 1, -1, win * win)  # padding keys dropped
             rows = picked.new_zeros(*picked.shape[:3], height * width)  # (B, h, Q, H*W)
-            rows.scatter_add_(3, target.reshape(1, 1, -1, win * win).expand_as(kept), kept)
+            index = target.reshape(1, 1, -1, win * win).expand_as(kept)  # (Q, w, w) -> (B, h, Q, S)
+            rows.scatter_add_(3, index, kept)
         record(self, "rows", rows, grid=size, queries=idx, query_grid=grid)
