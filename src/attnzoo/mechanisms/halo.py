@@ -13,6 +13,9 @@ subsampled by a strided 1x1 convolution and keep the relative offsets of the sub
 Deviations: the relative logits are gathered by index (timm pads and reshapes, the same numbers);
 the softmax runs in ``attnzoo.functional.attend``; H and W that are no multiple of
 ``block_size``, and ``stride`` other than 1 or 2, raise ``ValueError`` (timm asserts).
+fightingcv's ``HaloAttention`` has no converter: its padding mask is inverted (it masks the real keys
+and keeps the zero padding), so interior blocks average their window uniformly and border blocks
+return only the output projection's bias.
 """
 
 from __future__ import annotations
