@@ -14,10 +14,11 @@ from attnzoo.functional import attend, fused_attn, fused_enabled
 from attnzoo.kernels.blocked import global_kernel
 from attnzoo.maps import AttentionMap, capture_maps
 from attnzoo.mechanisms.acmix import ACmix
-from attnzoo.mechanisms.bam import BottleneckAttention
+from attnzoo.mechanisms.bam import BottleneckAttentionModule
 from attnzoo.mechanisms.bat import BATNonLocalAttention
 from attnzoo.mechanisms.biformer import BiLevelRoutingAttention
 from attnzoo.mechanisms.biformer_nchw import BiLevelRoutingAttention2d, nchwBRA
+from attnzoo.mechanisms.bottleneck import BottleneckAttention
 from attnzoo.mechanisms.cbam import CBAM, ChannelAttention, SpatialAttention
 from attnzoo.mechanisms.cbam_res import ResidualCBAM
 from attnzoo.mechanisms.cbam_seed import CBAtten_Res
@@ -36,6 +37,8 @@ from attnzoo.mechanisms.eca import (
 from attnzoo.mechanisms.ese import EffectiveSqueezeExcite
 from attnzoo.mechanisms.gather_excite import GatherExcite
 from attnzoo.mechanisms.global_context import GlobalContext, GlobalContextAdd
+from attnzoo.mechanisms.halo import HaloAttention
+from attnzoo.mechanisms.lambda_layer import LambdaLayer
 from attnzoo.mechanisms.light_cbam import LightCBAM
 from attnzoo.mechanisms.linear import LinearAttention
 from attnzoo.mechanisms.mha import MultiHeadAttention
@@ -156,11 +159,15 @@ __all__ = [
     "NeighborhoodAttention2d",
     "NeighborhoodAttention3d",
     # fightingcv gates: BAM, SGE, shuffle, SimAM, triplet, ParNet, residual attention
-    "BottleneckAttention",
+    "BottleneckAttentionModule",
     "ParNetAttention",
     "ResidualAttention",
     "ShuffleAttention",
     "SimAM",
     "SpatialGroupEnhance",
     "TripletAttention",
+    # timm-token: timm's token-mixing attentions (lambda, bottleneck, halo)
+    "BottleneckAttention",
+    "HaloAttention",
+    "LambdaLayer",
 ]

@@ -8,7 +8,7 @@ from _fightingcv import D, check_parity
 from torch import nn
 
 import attnzoo
-from attnzoo import BottleneckAttention
+from attnzoo import BottleneckAttentionModule
 
 bam = pytest.importorskip("fightingcv_attention.attention.BAM", reason="fightingcv is needed for parity")
 
@@ -25,7 +25,7 @@ CASES = [
 @pytest.mark.parametrize("case", range(len(CASES)))
 def test_from_fightingcv_matches_bamblock(case, train):
     kwargs, shape = CASES[case]
-    ours = check_parity(bam.BAMBlock(**kwargs), shape, BottleneckAttention, train=train)
+    ours = check_parity(bam.BAMBlock(**kwargs), shape, BottleneckAttentionModule, train=train)
     assert ours.padding == 1 and ours.num_dilated == 3
 
 
@@ -42,7 +42,7 @@ def test_fightingcv_crash_is_a_value_error_here():
 class PaperBAM(nn.Module):
     """The paper's BAM step by step (the official code's layers, summed branches)."""
 
-    def __init__(self, ours: BottleneckAttention) -> None:
+    def __init__(self, ours: BottleneckAttentionModule) -> None:
         super().__init__()
         self.ours = ours
 
@@ -59,23 +59,23 @@ class PaperBAM(nn.Module):
 
 
 def test_defaults_follow_the_paper_and_product_the_official_code():
-    ours = BottleneckAttention(32, dtype=D).eval()
+    ours = BottleneckAttentionModule(32, dtype=D).eval()
     assert ours.rd_channels == 2
     x = torch.randn(2, 32, 11, 6, dtype=D)
     expected, mc, ms = PaperBAM(ours)(x)
     out, weights = ours(x, need_weights=True)
     torch.testing.assert_close(out, expected, atol=1e-12, rtol=0)
     torch.testing.assert_close(out, x * (1 + weights), atol=1e-12, rtol=0)
-    product = BottleneckAttention(32, combine="product", dtype=D).eval()
+    product = BottleneckAttentionModule(32, combine="product", dtype=D).eval()
     product.load_state_dict(ours.state_dict())
     torch.testing.assert_close(product(x), x * (1 + torch.sigmoid(mc * ms)), atol=1e-12, rtol=0)
 
 
 def test_errors_name_the_argument():
-    assert BottleneckAttention(8).rd_channels == 1  # the official code: zero-width layers
+    assert BottleneckAttentionModule(8).rd_channels == 1  # the official code: zero-width layers
     with pytest.raises(ValueError, match="reduction must be >= 1"):
-        BottleneckAttention(8, 0)
+        BottleneckAttentionModule(8, 0)
     with pytest.raises(ValueError, match="combine must be one of"):
-        BottleneckAttention(32, combine="mean")
+        BottleneckAttentionModule(32, combine="mean")
     with pytest.raises(ValueError, match=r"expects x of shape \(B, 32, H, W\)"):
-        BottleneckAttention(32)(torch.randn(2, 16, 5, 5))
+        BottleneckAttentionModule(32)(torch.randn(2, 16, 5, 5))

@@ -53,12 +53,12 @@ def _factory(module: nn.Module) -> dict[str, Any]:
 
 def _bam(module: Any) -> nn.Module:
     """``BAMBlock(channel, reduction, dia_val)``: 3 hidden layers, 3 dilated convolutions of padding 1."""
-    from attnzoo.mechanisms.bam import BottleneckAttention
+    from attnzoo.mechanisms.bam import BottleneckAttentionModule
 
     first, reduce = module.ca.ca.fc0, module.sa.sa.conv_reduce1
     num_layers = sum(1 for name, _ in module.ca.ca.named_children() if name.startswith("fc"))
     dilated = [m for name, m in module.sa.sa.named_children() if name[:5] == "conv_" and name[5:].isdigit()]
-    new = BottleneckAttention(
+    new = BottleneckAttentionModule(
         first.in_features,
         rd_channels=reduce.out_channels,
         num_layers=num_layers,

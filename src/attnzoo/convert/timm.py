@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from torch import nn
 
-from attnzoo.convert import timm_existing, timm_gates, timm_strip
+from attnzoo.convert import timm_existing, timm_gates, timm_strip, timm_token
 from attnzoo.convert._timm_common import dotted as _dotted
 from attnzoo.convert._timm_common import same_forward as _same_forward
 
@@ -24,6 +24,7 @@ TIMM_CONVERTERS: dict[str, Callable[[nn.Module], nn.Module]] = {
     **timm_existing.EXISTING_CONVERTERS,  # se, cbam, sk, Swin's window attention, nl
     **timm_gates.CONVERTERS,
     **timm_strip.CONVERTERS,
+    **timm_token.CONVERTERS,
 }
 
 

@@ -31,7 +31,7 @@ from attnzoo._checks import check_choice, check_int, check_shape
 from attnzoo._registry import Example, register
 from attnzoo.maps.capture import capturing, record
 
-__all__ = ["BottleneckAttention"]
+__all__ = ["BottleneckAttentionModule"]
 
 
 @register(
@@ -43,7 +43,7 @@ __all__ = ["BottleneckAttention"]
     example=Example(kwargs={"channels": 8, "reduction": 2}, inputs=((2, 8, 5, 5),), output=(2, 8, 5, 5)),
     aliases=("bottleneck_attention", "BAMBlock"),
 )
-class BottleneckAttention(nn.Module):
+class BottleneckAttentionModule(nn.Module):
     """Bottleneck Attention Module (Park et al., 2018).
 
     A channel branch (an MLP on the per-channel means, with BatchNorm) and a spatial branch (1x1
@@ -78,7 +78,7 @@ class BottleneckAttention(nn.Module):
 
     Example:
         ```python
-        >>> bam = BottleneckAttention(64)
+        >>> bam = BottleneckAttentionModule(64)
         >>> bam(torch.randn(2, 64, 9, 7)).shape
         torch.Size([2, 64, 9, 7])
 
