@@ -33,6 +33,7 @@ from attnzoo.mechanisms.eca import (
     EfficientChannelAttentionMlp,
 )
 from attnzoo.mechanisms.ese import EffectiveSqueezeExcite
+from attnzoo.mechanisms.external import ExternalAttention
 from attnzoo.mechanisms.gather_excite import GatherExcite
 from attnzoo.mechanisms.global_context import GlobalContext, GlobalContextAdd
 from attnzoo.mechanisms.light_cbam import LightCBAM
@@ -148,4 +149,6 @@ __all__ = [
     "NeighborhoodAttention1d",
     "NeighborhoodAttention2d",
     "NeighborhoodAttention3d",
+    # fcv-token-a: fightingcv token mixers (external, emsa, muse, aft_full, ufo)
+    "ExternalAttention",
 ]

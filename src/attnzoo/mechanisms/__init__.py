@@ -12,6 +12,7 @@ from attnzoo.mechanisms import (  # noqa: F401 (imported for registration)
     dual_gated,
     eca,
     ese,
+    external,
     gather_excite,
     global_context,
     light_cbam,
