@@ -46,3 +46,62 @@ def test_external_eps_and_errors():
         ea(torch.randn(2, 5, 7))
     with pytest.raises(ValueError, match="memory_size"):
         attnzoo.ExternalAttention(8, memory_size=0)
+
+
+def fcv_mask(b: int, h: int, nq: int, nk: int, seed: int) -> torch.Tensor:
+    """fightingcv's mask (True = masked), every query keeping at least one key (else fightingcv's NaN)."""
+    gen = torch.Generator().manual_seed(seed)
+    mask = torch.rand(b, h, nq, nk, generator=gen) > 0.6
+    mask[..., 0] = False
+    return mask
+
+
+SDPA_CONFIGS = [(16, 4, 4, 4, 7, 7), (12, 5, 3, 2, 6, 9), (8, 8, 8, 1, 1, 3), (10, 3, 7, 3, 5, 5)]
+
+
+@pytest.mark.parametrize("train", [False, True])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize(("d_model", "d_k", "d_v", "h", "nq", "nk"), SDPA_CONFIGS)
+def test_sdpa_matches_fightingcv(d_model, d_k, d_v, h, nq, nk, masked, train):
+    from fightingcv_attention.attention.SelfAttention import ScaledDotProductAttention
+
+    theirs = randomise(ScaledDotProductAttention(d_model, d_k, d_v, h, dropout=0.0), d_model + h).train(train)
+    ours = from_fightingcv(theirs)
+    assert type(ours) is attnzoo.MultiHeadAttention and (ours.head_dim, ours.value_head_dim) == (d_k, d_v)
+    assert ours.training == train
+    q = torch.randn(2, nq, d_model, dtype=torch.float64)
+    k, v = (torch.randn(2, nk, d_model, dtype=torch.float64) for _ in range(2))
+    mask = fcv_mask(2, h, nq, nk, nq + nk) if masked else None
+    expected = theirs(q, k, v, attention_mask=mask)
+    torch.testing.assert_close(ours(q, k, v, mask=None if mask is None else ~mask), expected, **TOL)
+    if nq == nk and not masked:  # self-attention: the fused one-GEMM path
+        torch.testing.assert_close(ours(q), theirs(q, q, q), **TOL)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize(("d_model", "h", "nq", "nk"), [(16, 4, 7, 7), (12, 3, 5, 9), (6, 1, 1, 4)])
+def test_simplified_sdpa_matches_fightingcv(d_model, h, nq, nk, masked):
+    from fightingcv_attention.attention.SimplifiedSelfAttention import SimplifiedScaledDotProductAttention
+
+    theirs = randomise(SimplifiedScaledDotProductAttention(d_model, h, dropout=0.0), d_model).eval()
+    ours = from_fightingcv(theirs)
+    q = torch.randn(2, nq, d_model, dtype=torch.float64)
+    k, v = (torch.randn(2, nk, d_model, dtype=torch.float64) for _ in range(2))
+    mask = fcv_mask(2, h, nq, nk, nq) if masked else None
+    expected = theirs(q, k, v, attention_mask=mask)
+    torch.testing.assert_close(ours(q, k, v, mask=None if mask is None else ~mask), expected, **TOL)
+    bad = SimplifiedScaledDotProductAttention(10, 3)
+    with pytest.raises(TypeError, match="not divisible by h=3"):
+        from_fightingcv(bad)
+
+
+def test_mha_head_widths_are_backward_compatible():
+    plain = attnzoo.MultiHeadAttention(12, 3)
+    assert plain.head_dim == plain.value_head_dim == 4 and plain.Wq.weight.shape == (12, 12)
+    wide = attnzoo.MultiHeadAttention(10, 3, head_dim=5, value_head_dim=2)  # 3 does not divide 10
+    assert wide.Wq.weight.shape == (15, 10) and wide.Wv.weight.shape == (6, 10)
+    assert wide.fc.weight.shape == (10, 6)
+    out, weights = wide(torch.randn(2, 4, 10), need_weights=True)
+    assert out.shape == (2, 4, 10) and weights.shape == (2, 3, 4, 4)
+    with pytest.raises(ValueError, match="dim=10 must be divisible by num_heads=3"):
+        attnzoo.MultiHeadAttention(10, 3)
