@@ -32,6 +32,7 @@ from attnzoo.mechanisms.eca import (
     EfficientChannelAttention,
     EfficientChannelAttentionMlp,
 )
+from attnzoo.mechanisms.emsa import EMSA
 from attnzoo.mechanisms.ese import EffectiveSqueezeExcite
 from attnzoo.mechanisms.external import ExternalAttention
 from attnzoo.mechanisms.gather_excite import GatherExcite
@@ -150,5 +151,6 @@ __all__ = [
     "NeighborhoodAttention2d",
     "NeighborhoodAttention3d",
     # fcv-token-a: fightingcv token mixers (external, emsa, muse, aft_full, ufo)
+    "EMSA",
     "ExternalAttention",
 ]

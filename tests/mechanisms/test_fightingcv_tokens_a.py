@@ -105,3 +105,62 @@ def test_mha_head_widths_are_backward_compatible():
     assert out.shape == (2, 4, 10) and weights.shape == (2, 3, 4, 4)
     with pytest.raises(ValueError, match="dim=10 must be divisible by num_heads=3"):
         attnzoo.MultiHeadAttention(10, 3)
+
+
+EMSA_CONFIGS = [
+    # d_model, d_k, d_v, h, H, W, ratio, apply_transform
+    (16, 4, 4, 4, 8, 8, 2, True),
+    (12, 5, 3, 3, 7, 5, 3, True),
+    (12, 5, 3, 3, 7, 5, 3, False),
+    (8, 6, 6, 1, 5, 6, 2, True),  # one head: no transform
+    (10, 4, 2, 2, 4, 3, 1, True),  # no reduction
+    (6, 3, 3, 2, 2, 1, 2, True),
+]
+
+
+@pytest.mark.parametrize("train", [False, True])
+@pytest.mark.parametrize(
+    ("d_model", "d_k", "d_v", "h", "height", "width", "ratio", "transform"), EMSA_CONFIGS
+)
+def test_emsa_matches_fightingcv(d_model, d_k, d_v, h, height, width, ratio, transform, train):
+    from fightingcv_attention.attention.EMSA import EMSA
+
+    theirs = EMSA(d_model, d_k, d_v, h, 0.0, H=height, W=width, ratio=ratio, apply_transform=transform)
+    theirs = randomise(theirs, d_model + h + ratio).train(train)
+    ours = from_fightingcv(theirs)
+    assert isinstance(ours, attnzoo.EMSA) and ours.training == train
+    assert ours.apply_transform == (transform and h > 1)
+    x = torch.randn(2, height * width, d_model, dtype=torch.float64)
+    expected = theirs(x, x, x)
+    out, weights = ours(x, need_weights=True, size=(height, width))
+    torch.testing.assert_close(out, expected, **TOL)
+    assert weights.shape[:3] == (2, h, height * width)
+    if not ours.apply_transform:  # a softmax: rows sum to one
+        torch.testing.assert_close(weights.sum(-1), torch.ones(weights.shape[:3], dtype=torch.float64), **TOL)
+
+
+def test_emsa_sizes_and_errors():
+    attn = attnzoo.create("emsa", 8, num_heads=2, sr_ratio=2)
+    x = torch.randn(1, 12, 8)
+    with pytest.raises(ValueError, match="size=\\(H, W\\) for x with N=12"):
+        attn(x)
+    with pytest.raises(ValueError, match="H\\*W = N=12, got \\(3, 5\\)"):
+        attn(x, size=(3, 5))
+    assert attn(x, size=(4, 3)).shape == (1, 12, 8)
+    assert attn(torch.randn(1, 16, 8)).shape == (1, 16, 8)  # square by default
+    with pytest.raises(ValueError, match="dim=9 must be divisible by num_heads=2"):
+        attnzoo.EMSA(9, num_heads=2)
+    assert attnzoo.EMSA(9, num_heads=2, head_dim=4).q.weight.shape == (8, 9)
+
+
+def test_emsa_single_token_map():
+    """fightingcv's InstanceNorm2d raises on a 1 x 1 map; the canonical instance norm gives 0 there."""
+    from fightingcv_attention.attention.EMSA import EMSA
+
+    theirs = randomise(EMSA(6, 3, 3, 2, 0.0, H=1, W=1, ratio=2), 0).eval()
+    x = torch.randn(2, 1, 6, dtype=torch.float64)
+    with pytest.raises(ValueError, match="more than 1 spatial element"):
+        theirs(x, x, x)
+    out, weights = from_fightingcv(theirs)(x, need_weights=True)
+    torch.testing.assert_close(weights, torch.zeros(2, 2, 1, 1, dtype=torch.float64))
+    torch.testing.assert_close(out, theirs.fc_o.bias.expand(2, 1, 6), **TOL)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from attnzoo.convert.timm_existing import factory, finish, refuse
+from attnzoo.mechanisms.emsa import EMSA
 from attnzoo.mechanisms.external import ExternalAttention
 from attnzoo.mechanisms.mha import MultiHeadAttention
 
@@ -42,6 +43,16 @@ def _dropout_p(module: Any) -> float:
     return float(drop.p)
 
 
+def _renamed(module: Any, names: dict[str, str]) -> dict[str, Any]:
+    """The state of `module`'s sub-layers under new prefixes: `{"fc_q": "q"}` maps `fc_q.weight` ->
+    `q.weight`."""
+    return {
+        f"{new}.{kind}": value
+        for old, new in names.items()
+        for kind, value in module.get_submodule(old).state_dict().items()
+    }
+
+
 def sdpa_from_fightingcv(module: Any) -> MultiHeadAttention:
     """`ScaledDotProductAttention(d_model, d_k, d_v, h, dropout)` -> `MultiHeadAttention(d_model, h,
     head_dim=d_k, value_head_dim=d_v, attn_drop=dropout)`; `fc_q/fc_k/fc_v/fc_o` -> `Wq/Wk/Wv/fc`.
@@ -51,11 +62,7 @@ def sdpa_from_fightingcv(module: Any) -> MultiHeadAttention:
     query with every key masked gives NaN in fightingcv and 0 here. fightingcv's multiplicative
     `attention_weights` on the logits has no canonical counterpart (pass an additive float `mask`
     where a bias is meant)."""
-    state = {
-        f"{new}.{kind}": value
-        for old, new in (("fc_q", "Wq"), ("fc_k", "Wk"), ("fc_v", "Wv"), ("fc_o", "fc"))
-        for kind, value in getattr(module, old).state_dict().items()
-    }
+    state = _renamed(module, {"fc_q": "Wq", "fc_k": "Wk", "fc_v": "Wv", "fc_o": "fc"})
     new = MultiHeadAttention(
         module.d_model, module.h, qkv_bias=module.fc_q.bias is not None, attn_drop=_dropout_p(module),
         head_dim=module.d_k, value_head_dim=module.d_v, **factory(module),
@@ -80,10 +87,39 @@ def simplified_sdpa_from_fightingcv(module: Any) -> MultiHeadAttention:
     return finish(new, module, state)
 
 
+def emsa_from_fightingcv(module: Any) -> EMSA:
+    """`EMSA(d_model, d_k, d_v, h, dropout, H, W, ratio, apply_transform)` -> `EMSA(d_model, h,
+    head_dim=d_k, value_head_dim=d_v, sr_ratio=ratio, apply_transform=...)`; `fc_q/fc_k/fc_v/fc_o` ->
+    `q/k/v/proj`, `sr_conv`/`sr_ln` -> `sr`/`sr_norm`, `transform.conv` -> `transform`.
+
+    Calls: fightingcv's `forward(x, x, x)` on an H x W map is `forward(x, size=(H, W))` here (fightingcv
+    fixes H, W in the constructor and ignores `keys`/`values` when `ratio > 1`). Its `attention_mask`
+    (applied after the normalisation, giving infinite/NaN outputs) and `attention_weights` have no
+    counterpart."""
+    names = {"fc_q": "q", "fc_k": "k", "fc_v": "v", "fc_o": "proj"}
+    if module.ratio > 1:
+        names.update({"sr_conv": "sr", "sr_ln": "sr_norm"})
+        if module.sr_ln.eps != 1e-5 or not module.sr_ln.elementwise_affine:
+            raise refuse(module, "its sr_ln is not a default LayerNorm", WHO)
+    if module.apply_transform:
+        norm = module.transform.get_submodule("in")
+        if norm.affine or norm.track_running_stats or norm.eps != 1e-5:
+            raise refuse(module, "its transform's InstanceNorm2d is not the default one", WHO)
+        names["transform.conv"] = "transform"
+    state = _renamed(module, names)
+    new = EMSA(
+        module.d_model, module.h, head_dim=module.d_k, value_head_dim=module.d_v,
+        sr_ratio=max(module.ratio, 1), apply_transform=module.apply_transform,
+        qkv_bias=module.fc_q.bias is not None, attn_drop=_dropout_p(module), **factory(module),
+    )
+    return finish(new, module, state)
+
+
 CONVERTERS: dict[str, Callable[[Any], nn.Module]] = {
     f"{_PACKAGE}.ExternalAttention.ExternalAttention": external_from_fightingcv,
     f"{_PACKAGE}.SelfAttention.ScaledDotProductAttention": sdpa_from_fightingcv,
     f"{_PACKAGE}.SimplifiedSelfAttention.SimplifiedScaledDotProductAttention": (
         simplified_sdpa_from_fightingcv
     ),
+    f"{_PACKAGE}.EMSA.EMSA": emsa_from_fightingcv,
 }

@@ -11,6 +11,7 @@ from attnzoo.mechanisms import (  # noqa: F401 (imported for registration)
     coord,
     dual_gated,
     eca,
+    emsa,
     ese,
     external,
     gather_excite,
