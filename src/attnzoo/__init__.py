@@ -40,6 +40,7 @@ from attnzoo.mechanisms.global_context import GlobalContext, GlobalContextAdd
 from attnzoo.mechanisms.light_cbam import LightCBAM
 from attnzoo.mechanisms.linear import LinearAttention
 from attnzoo.mechanisms.mha import MultiHeadAttention
+from attnzoo.mechanisms.muse import MUSEAttention
 from attnzoo.mechanisms.neighborhood import (
     NeighborhoodAttention1d,
     NeighborhoodAttention2d,
@@ -153,4 +154,5 @@ __all__ = [
     # fcv-token-a: fightingcv token mixers (external, emsa, muse, aft_full, ufo)
     "EMSA",
     "ExternalAttention",
+    "MUSEAttention",
 ]

@@ -164,3 +164,37 @@ def test_emsa_single_token_map():
     out, weights = from_fightingcv(theirs)(x, need_weights=True)
     torch.testing.assert_close(weights, torch.zeros(2, 2, 1, 1, dtype=torch.float64))
     torch.testing.assert_close(out, theirs.fc_o.bias.expand(2, 1, 6), **TOL)
+
+
+@pytest.mark.parametrize("train", [False, True])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize(
+    ("d_model", "d_k", "d_v", "h", "n"), [(16, 4, 4, 4, 7), (12, 5, 3, 3, 9), (8, 6, 2, 1, 1)]
+)
+def test_muse_matches_fightingcv(d_model, d_k, d_v, h, n, masked, train):
+    from fightingcv_attention.attention.MUSEAttention import MUSEAttention
+
+    theirs = randomise(MUSEAttention(d_model, d_k, d_v, h, dropout=0.0), d_model + h).train(train)
+    ours = from_fightingcv(theirs)
+    assert isinstance(ours, attnzoo.MUSEAttention) and ours.training == train
+    q, k, v = (torch.randn(2, n, d_model, dtype=torch.float64) for _ in range(3))
+    mask = fcv_mask(2, h, n, n, n) if masked else None
+    expected = theirs(q, k, v, attention_mask=mask)  # replaces theirs.dy_paras by its softmax
+    torch.testing.assert_close(ours(q, k, v, mask=None if mask is None else ~mask), expected, **TOL)
+    # fightingcv's bug: a second identical call differs (softmax of the softmax)
+    again = theirs(q, k, v, attention_mask=mask)
+    assert not torch.allclose(again, expected)
+    torch.testing.assert_close(ours(q, k, v, mask=None if mask is None else ~mask), expected, **TOL)
+
+
+def test_muse_weights_and_errors():
+    muse = attnzoo.create("muse", 8, num_heads=2)
+    x = torch.randn(2, 5, 8)
+    out, weights = muse(x, need_weights=True)
+    torch.testing.assert_close(out, muse(x))
+    torch.testing.assert_close(weights.sum(-1), torch.ones(2, 2, 5))
+    assert weights.shape == (2, 2, 5, 5)
+    with pytest.raises(ValueError, match="key of shape"):
+        muse(x, torch.randn(2, 6, 8))
+    with pytest.raises(ValueError, match="kernel_sizes to be odd"):
+        attnzoo.MUSEAttention(8, kernel_sizes=(2,))

@@ -20,6 +20,7 @@ from attnzoo.convert.timm_existing import factory, finish, refuse
 from attnzoo.mechanisms.emsa import EMSA
 from attnzoo.mechanisms.external import ExternalAttention
 from attnzoo.mechanisms.mha import MultiHeadAttention
+from attnzoo.mechanisms.muse import MUSEAttention
 
 __all__ = ["CONVERTERS"]
 
@@ -115,6 +116,32 @@ def emsa_from_fightingcv(module: Any) -> EMSA:
     return finish(new, module, state)
 
 
+
+def muse_from_fightingcv(module: Any) -> MUSEAttention:
+    """`MUSEAttention(d_model, d_k, d_v, h, dropout)` -> `MUSEAttention(d_model, h, head_dim=d_k,
+    value_head_dim=d_v, kernel_sizes=(1, 3, 5))`; `fc_q/fc_k/fc_v/fc_o` -> `q/k/v/proj`,
+    `conv{k}.depth_conv/pointwise_conv` -> `branches.{i}.depth/point`, `dy_paras` -> `branch_weights`.
+
+    fightingcv's forward replaces `dy_paras` by `softmax(dy_paras)` on every call; the converted
+    module softmaxes the copied value in every forward, so it equals fightingcv's *next* call (and
+    every call, if fightingcv's parameter is reset). Masks: `mask=~attention_mask`."""
+    names = {"fc_q": "q", "fc_k": "k", "fc_v": "v", "fc_o": "proj"}
+    for i, size in enumerate((1, 3, 5)):
+        conv = module.get_submodule(f"conv{size}")
+        if size > 1:
+            names[f"conv{size}.depth_conv"] = f"branches.{i}.depth"
+        elif not isinstance(conv.depth_conv, nn.Identity):
+            raise refuse(module, "its conv1 has a depth-wise convolution", WHO)
+        names[f"conv{size}.pointwise_conv"] = f"branches.{i}.point"
+    state = _renamed(module, names)
+    state["branch_weights"] = module.dy_paras
+    new = MUSEAttention(
+        module.d_model, module.h, head_dim=module.d_k, value_head_dim=module.d_v, kernel_sizes=(1, 3, 5),
+        qkv_bias=module.fc_q.bias is not None, attn_drop=_dropout_p(module), **factory(module),
+    )
+    return finish(new, module, state)
+
+
 CONVERTERS: dict[str, Callable[[Any], nn.Module]] = {
     f"{_PACKAGE}.ExternalAttention.ExternalAttention": external_from_fightingcv,
     f"{_PACKAGE}.SelfAttention.ScaledDotProductAttention": sdpa_from_fightingcv,
@@ -122,4 +149,5 @@ CONVERTERS: dict[str, Callable[[Any], nn.Module]] = {
         simplified_sdpa_from_fightingcv
     ),
     f"{_PACKAGE}.EMSA.EMSA": emsa_from_fightingcv,
+    f"{_PACKAGE}.MUSEAttention.MUSEAttention": muse_from_fightingcv,
 }
