@@ -14,6 +14,7 @@ from attnzoo.functional import attend, fused_attn, fused_enabled
 from attnzoo.kernels.blocked import global_kernel
 from attnzoo.maps import AttentionMap, capture_maps
 from attnzoo.mechanisms.acmix import ACmix
+from attnzoo.mechanisms.aft import AFTFull
 from attnzoo.mechanisms.bat import BATNonLocalAttention
 from attnzoo.mechanisms.biformer import BiLevelRoutingAttention
 from attnzoo.mechanisms.biformer_nchw import BiLevelRoutingAttention2d, nchwBRA
@@ -152,6 +153,7 @@ __all__ = [
     "NeighborhoodAttention2d",
     "NeighborhoodAttention3d",
     # fcv-token-a: fightingcv token mixers (external, emsa, muse, aft_full, ufo)
+    "AFTFull",
     "EMSA",
     "ExternalAttention",
     "MUSEAttention",

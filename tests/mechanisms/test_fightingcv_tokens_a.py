@@ -198,3 +198,70 @@ def test_muse_weights_and_errors():
         muse(x, torch.randn(2, 6, 8))
     with pytest.raises(ValueError, match="kernel_sizes to be odd"):
         attnzoo.MUSEAttention(8, kernel_sizes=(2,))
+
+
+def aft_reference(module, x, key_mask=None):
+    """AFT-full's formula with the explicit (B, T, T, d) tensor, float64."""
+    length = x.shape[1]
+    q, k, v = module.q(x), module.k(x), module.v(x)
+    w = torch.zeros(length, length, dtype=x.dtype)
+    if not module.simple:
+        w = module.position_bias[:length, :length]
+    logits = k[:, None] + w[None, :, :, None]  # (B, T, T', d)
+    if module.causal:
+        future = ~torch.ones(length, length, dtype=torch.bool).tril()
+        logits = logits.masked_fill(future[None, :, :, None], -torch.inf)
+    if key_mask is not None:
+        logits = logits.masked_fill(~key_mask[:, None, :, None], -torch.inf)
+    weights = logits.softmax(dim=2)
+    return q.sigmoid() * (weights * v[:, None]).sum(2), weights
+
+
+@pytest.mark.parametrize("train", [False, True])
+@pytest.mark.parametrize(
+    ("dim", "n", "simple"), [(16, 7, False), (12, 49, False), (5, 1, False), (8, 9, True)]
+)
+def test_aft_full_matches_fightingcv(dim, n, simple, train):
+    from fightingcv_attention.attention.AFT import AFT_FULL
+
+    theirs = randomise(AFT_FULL(dim, n=n, simple=simple), dim + n).train(train)
+    ours = from_fightingcv(theirs)
+    assert isinstance(ours, attnzoo.AFTFull) and ours.simple == simple and ours.training == train
+    x = torch.randn(3, n, dim, dtype=torch.float64)
+    torch.testing.assert_close(ours(x), theirs(x), **TOL)
+    out, weights = ours(x, need_weights=True)
+    ref, ref_weights = aft_reference(ours, x)
+    torch.testing.assert_close(out, ref, **TOL)
+    torch.testing.assert_close(weights, ref_weights, **TOL)
+
+
+@pytest.mark.parametrize("simple", [False, True])
+@pytest.mark.parametrize("causal", [False, True])
+def test_aft_full_masks_shorter_inputs_and_stability(simple, causal):
+    torch.manual_seed(0)
+    aft = attnzoo.AFTFull(6, max_len=12, simple=simple, causal=causal, dtype=torch.float64)
+    if not simple:
+        torch.nn.init.normal_(aft.position_bias, std=2.0)
+    x = torch.randn(2, 9, 6, dtype=torch.float64)  # fewer tokens than max_len
+    key_mask = torch.rand(2, 9) > 0.4
+    key_mask[:, 0] = True
+    for mask in (None, key_mask):
+        out, weights = aft(x, need_weights=True, key_mask=mask)
+        ref, ref_weights = aft_reference(aft, x, mask)
+        torch.testing.assert_close(out, ref, **TOL)
+        torch.testing.assert_close(weights, ref_weights, **TOL)
+    big = x * 1e3  # exp overflows unstabilised; the factorised form stays finite
+    assert torch.isfinite(aft(big)).all()
+    dead = torch.zeros(2, 9, dtype=torch.bool)
+    torch.testing.assert_close(aft(x, key_mask=dead), torch.zeros(2, 9, 6, dtype=torch.float64))
+    with pytest.raises(ValueError, match="max_len=12"):
+        attnzoo.AFTFull(6, max_len=12)(torch.randn(1, 13, 6))
+
+
+def test_aft_full_gradients_with_padding():
+    torch.manual_seed(1)
+    aft = attnzoo.AFTFull(3, max_len=5, causal=True, dtype=torch.float64)
+    torch.nn.init.normal_(aft.position_bias)
+    x = torch.randn(2, 5, 3, dtype=torch.float64, requires_grad=True)
+    key_mask = torch.tensor([[True, False, True, True, False], [False, False, False, False, False]])
+    assert torch.autograd.gradcheck(lambda t: aft(t, key_mask=key_mask), (x,))

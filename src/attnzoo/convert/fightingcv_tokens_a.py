@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from attnzoo.convert.timm_existing import factory, finish, refuse
+from attnzoo.mechanisms.aft import AFTFull
 from attnzoo.mechanisms.emsa import EMSA
 from attnzoo.mechanisms.external import ExternalAttention
 from attnzoo.mechanisms.mha import MultiHeadAttention
@@ -142,6 +143,22 @@ def muse_from_fightingcv(module: Any) -> MUSEAttention:
     return finish(new, module, state)
 
 
+
+def aft_full_from_fightingcv(module: Any) -> AFTFull:
+    """`AFT_FULL(d_model, n, simple)` -> `AFTFull(d_model, max_len=n, simple=simple)`;
+    `fc_q/fc_k/fc_v` -> `q/k/v`, `position_biases` -> `position_bias` (none when `simple`). fightingcv
+    needs exactly `n` tokens; the converted module takes any number up to `n`."""
+    simple = not isinstance(module.position_biases, nn.Parameter)
+    if simple and bool(module.position_biases.ne(0).any()):
+        raise refuse(module, "its fixed position_biases are not zero", WHO)
+    state = _renamed(module, {"fc_q": "q", "fc_k": "k", "fc_v": "v"})
+    if not simple:
+        state["position_bias"] = module.position_biases
+    new = AFTFull(module.d_model, max_len=module.n, simple=simple,
+                  qkv_bias=module.fc_q.bias is not None, **factory(module))
+    return finish(new, module, state)
+
+
 CONVERTERS: dict[str, Callable[[Any], nn.Module]] = {
     f"{_PACKAGE}.ExternalAttention.ExternalAttention": external_from_fightingcv,
     f"{_PACKAGE}.SelfAttention.ScaledDotProductAttention": sdpa_from_fightingcv,
@@ -150,4 +167,5 @@ CONVERTERS: dict[str, Callable[[Any], nn.Module]] = {
     ),
     f"{_PACKAGE}.EMSA.EMSA": emsa_from_fightingcv,
     f"{_PACKAGE}.MUSEAttention.MUSEAttention": muse_from_fightingcv,
+    f"{_PACKAGE}.AFT.AFT_FULL": aft_full_from_fightingcv,
 }
