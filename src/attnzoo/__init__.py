@@ -68,6 +68,7 @@ from attnzoo.mechanisms.swin import (
 )
 from attnzoo.mechanisms.swin_v2 import ShiftedWindowAttentionV2
 from attnzoo.mechanisms.temporal import TemporalAttention
+from attnzoo.mechanisms.ufo import UFOAttention
 from attnzoo.surgery import find, insert, replace
 
 __version__ = "0.1.0"
@@ -157,4 +158,5 @@ __all__ = [
     "EMSA",
     "ExternalAttention",
     "MUSEAttention",
+    "UFOAttention",
 ]

@@ -265,3 +265,36 @@ def test_aft_full_gradients_with_padding():
     x = torch.randn(2, 5, 3, dtype=torch.float64, requires_grad=True)
     key_mask = torch.tensor([[True, False, True, True, False], [False, False, False, False, False]])
     assert torch.autograd.gradcheck(lambda t: aft(t, key_mask=key_mask), (x,))
+
+
+@pytest.mark.parametrize("train", [False, True])
+@pytest.mark.parametrize(("d_model", "d_k", "d_v", "h", "nq", "nk"), SDPA_CONFIGS)
+def test_ufo_matches_fightingcv(d_model, d_k, d_v, h, nq, nk, train):
+    from fightingcv_attention.attention.UFOAttention import UFOAttention
+
+    theirs = randomise(UFOAttention(d_model, d_k, d_v, h, dropout=0.5), d_model + h).train(train)
+    ours = from_fightingcv(theirs)
+    assert isinstance(ours, attnzoo.UFOAttention) and ours.eps == 0.0 and ours.training == train
+    q = torch.randn(2, nq, d_model, dtype=torch.float64)
+    k, v = (torch.randn(2, nk, d_model, dtype=torch.float64) for _ in range(2))
+    torch.testing.assert_close(ours(q, k, v), theirs(q, k, v), **TOL)  # fightingcv's dropout is unused
+    if nq == nk:
+        torch.testing.assert_close(ours(q), theirs(q, q, q), **TOL)
+    _, kv = ours(q, k, v, need_weights=True)
+    norms = torch.linalg.vector_norm(kv, dim=-1)  # (B, h, d): each row has norm |gamma_h|
+    torch.testing.assert_close(norms, ours.gamma.abs().reshape(1, h, 1).expand_as(norms), **TOL)
+
+
+def test_ufo_key_mask_drops_padding_and_eps():
+    torch.manual_seed(0)
+    ufo = attnzoo.UFOAttention(8, num_heads=2, dtype=torch.float64)
+    q = torch.randn(2, 4, 8, dtype=torch.float64)
+    kv = torch.randn(2, 6, 8, dtype=torch.float64)
+    key_mask = torch.tensor([[True] * 6, [True, True, True, False, False, False]])
+    out = ufo(q, kv, key_mask=key_mask)
+    torch.testing.assert_close(out[0], ufo(q[:1], kv[:1])[0], **TOL)
+    torch.testing.assert_close(out[1], ufo(q[1:], kv[1:, :3])[0], **TOL)
+    with torch.no_grad():  # an all-zero query stays finite thanks to eps
+        ufo.q.weight.zero_()
+        ufo.q.bias.zero_()
+    assert torch.isfinite(ufo(q)).all()

@@ -22,6 +22,7 @@ from attnzoo.mechanisms.emsa import EMSA
 from attnzoo.mechanisms.external import ExternalAttention
 from attnzoo.mechanisms.mha import MultiHeadAttention
 from attnzoo.mechanisms.muse import MUSEAttention
+from attnzoo.mechanisms.ufo import UFOAttention
 
 __all__ = ["CONVERTERS"]
 
@@ -159,6 +160,20 @@ def aft_full_from_fightingcv(module: Any) -> AFTFull:
     return finish(new, module, state)
 
 
+
+def ufo_from_fightingcv(module: Any) -> UFOAttention:
+    """`UFOAttention(d_model, d_k, d_v, h, dropout)` -> `UFOAttention(d_model, h, head_dim=d_k,
+    value_head_dim=d_v, eps=0.0)`; `fc_q/fc_k/fc_v/fc_o` -> `q/k/v/proj`, `gamma` kept. fightingcv's
+    dropout is never applied, so it is dropped."""
+    state = _renamed(module, {"fc_q": "q", "fc_k": "k", "fc_v": "v", "fc_o": "proj"})
+    state["gamma"] = module.gamma
+    new = UFOAttention(
+        module.d_model, module.h, head_dim=module.d_k, value_head_dim=module.d_v,
+        qkv_bias=module.fc_q.bias is not None, eps=0.0, **factory(module),
+    )
+    return finish(new, module, state)
+
+
 CONVERTERS: dict[str, Callable[[Any], nn.Module]] = {
     f"{_PACKAGE}.ExternalAttention.ExternalAttention": external_from_fightingcv,
     f"{_PACKAGE}.SelfAttention.ScaledDotProductAttention": sdpa_from_fightingcv,
@@ -168,4 +183,5 @@ CONVERTERS: dict[str, Callable[[Any], nn.Module]] = {
     f"{_PACKAGE}.EMSA.EMSA": emsa_from_fightingcv,
     f"{_PACKAGE}.MUSEAttention.MUSEAttention": muse_from_fightingcv,
     f"{_PACKAGE}.AFT.AFT_FULL": aft_full_from_fightingcv,
+    f"{_PACKAGE}.UFOAttention.UFOAttention": ufo_from_fightingcv,
 }

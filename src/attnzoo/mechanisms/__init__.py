@@ -32,4 +32,5 @@ from attnzoo.mechanisms import (  # noqa: F401 (imported for registration)
     swin,
     swin_v2,
     temporal,
+    ufo,
 )
