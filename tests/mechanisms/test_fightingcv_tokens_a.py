@@ -134,6 +134,8 @@ def test_emsa_matches_fightingcv(d_model, d_k, d_v, h, height, width, ratio, tra
     expected = theirs(x, x, x)
     out, weights = ours(x, need_weights=True, size=(height, width))
     torch.testing.assert_close(out, expected, **TOL)
+    assert ours.feat_size == (height, width)
+    torch.testing.assert_close(ours(x), expected, **TOL)  # fightingcv's H, W are the default size
     assert weights.shape[:3] == (2, h, height * width)
     if not ours.apply_transform:  # a softmax: rows sum to one
         torch.testing.assert_close(weights.sum(-1), torch.ones(weights.shape[:3], dtype=torch.float64), **TOL)
@@ -148,6 +150,11 @@ def test_emsa_sizes_and_errors():
         attn(x, size=(3, 5))
     assert attn(x, size=(4, 3)).shape == (1, 12, 8)
     assert attn(torch.randn(1, 16, 8)).shape == (1, 16, 8)  # square by default
+    fixed = attnzoo.EMSA(8, num_heads=2, sr_ratio=2, feat_size=(4, 3))
+    fixed.load_state_dict(attn.state_dict())
+    torch.testing.assert_close(fixed(x), attn(x, size=(4, 3)))
+    with pytest.raises(TypeError, match="feat_size to be two positive ints"):
+        attnzoo.EMSA(8, feat_size=(4, 0))
     with pytest.raises(ValueError, match="dim=9 must be divisible by num_heads=2"):
         attnzoo.EMSA(9, num_heads=2)
     assert attnzoo.EMSA(9, num_heads=2, head_dim=4).q.weight.shape == (8, 9)

@@ -38,7 +38,6 @@ def external_from_fightingcv(module: Any) -> ExternalAttention:
     return finish(new, module, module.state_dict())
 
 
-
 def _dropout_p(module: Any) -> float:
     drop = module.dropout
     if not isinstance(drop, nn.Dropout):
@@ -95,10 +94,10 @@ def emsa_from_fightingcv(module: Any) -> EMSA:
     head_dim=d_k, value_head_dim=d_v, sr_ratio=ratio, apply_transform=...)`; `fc_q/fc_k/fc_v/fc_o` ->
     `q/k/v/proj`, `sr_conv`/`sr_ln` -> `sr`/`sr_norm`, `transform.conv` -> `transform`.
 
-    Calls: fightingcv's `forward(x, x, x)` on an H x W map is `forward(x, size=(H, W))` here (fightingcv
-    fixes H, W in the constructor and ignores `keys`/`values` when `ratio > 1`). Its `attention_mask`
-    (applied after the normalisation, giving infinite/NaN outputs) and `attention_weights` have no
-    counterpart."""
+    Calls: fightingcv's `forward(x, x, x)` on its H x W map is `forward(x)` here (`feat_size=(H, W)`;
+    other maps: `forward(x, size=(h, w))`); fightingcv ignores `keys`/`values` when `ratio > 1`. Its
+    `attention_mask` (applied after the normalisation, giving infinite/NaN outputs) and
+    `attention_weights` have no counterpart."""
     names = {"fc_q": "q", "fc_k": "k", "fc_v": "v", "fc_o": "proj"}
     if module.ratio > 1:
         names.update({"sr_conv": "sr", "sr_ln": "sr_norm"})
@@ -113,10 +112,10 @@ def emsa_from_fightingcv(module: Any) -> EMSA:
     new = EMSA(
         module.d_model, module.h, head_dim=module.d_k, value_head_dim=module.d_v,
         sr_ratio=max(module.ratio, 1), apply_transform=module.apply_transform,
-        qkv_bias=module.fc_q.bias is not None, attn_drop=_dropout_p(module), **factory(module),
+        qkv_bias=module.fc_q.bias is not None, attn_drop=_dropout_p(module),
+        feat_size=(module.H, module.W), **factory(module),
     )
     return finish(new, module, state)
-
 
 
 def muse_from_fightingcv(module: Any) -> MUSEAttention:
@@ -144,7 +143,6 @@ def muse_from_fightingcv(module: Any) -> MUSEAttention:
     return finish(new, module, state)
 
 
-
 def aft_full_from_fightingcv(module: Any) -> AFTFull:
     """`AFT_FULL(d_model, n, simple)` -> `AFTFull(d_model, max_len=n, simple=simple)`;
     `fc_q/fc_k/fc_v` -> `q/k/v`, `position_biases` -> `position_bias` (none when `simple`). fightingcv
@@ -158,7 +156,6 @@ def aft_full_from_fightingcv(module: Any) -> AFTFull:
     new = AFTFull(module.d_model, max_len=module.n, simple=simple,
                   qkv_bias=module.fc_q.bias is not None, **factory(module))
     return finish(new, module, state)
-
 
 
 def ufo_from_fightingcv(module: Any) -> UFOAttention:

@@ -47,6 +47,7 @@ __all__ = ["AFTFull"]
         free_sizes=(FreeSize(((0, 0),), 0), FreeSize(((0, 1),), 1)),  # T <= 2 * 7 + 1 <= max_len
     ),
     aliases=("aft", "attention_free_transformer"),
+    for_input=lambda geo: {"max_len": geo.tokens},  # the position table covers the map's tokens
 )
 class AFTFull(nn.Module):
     r"""AFT-full: gated, position-biased, per-channel softmax pooling of the values.

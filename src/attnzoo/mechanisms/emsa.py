@@ -52,6 +52,7 @@ def _instance_norm(x: Tensor, eps: float = 1e-5) -> Tensor:
         free_sizes=(FreeSize(((0, 0),), 0),),
     ),
     aliases=("efficient_multi_head_self_attention", "rest"),
+    for_input=lambda geo: {"feat_size": tuple(geo.spatial)} if len(geo.spatial) == 2 else {},
 )
 class EMSA(nn.Module):
     r"""ResT's efficient multi-head self-attention over the tokens of an H x W map.
@@ -82,11 +83,13 @@ class EMSA(nn.Module):
         qkv_bias: Biases on the query/key/value projections. Default: True.
         attn_drop: Dropout on the attention map (training only). Default: 0.0.
         proj_drop: Dropout after the output projection (training only). Default: 0.0.
+        feat_size: The map size `(H, W)` when a call gives no `size` (fightingcv's `H`, `W`).
+            Default: None (a square map).
         device: Device of the parameters. Default: None.
         dtype: dtype of the parameters. Default: None.
 
     Shape:
-        - x: `(B, N, C)` with N = H W; `size=(H, W)` (default: a square map, N a perfect square).
+        - x: `(B, N, C)` with N = H W; `size=(H, W)` (default: `feat_size`, else a square map).
         - Output: `(B, N, C)`; with `need_weights=True` also the map `(B, h, N, N')`.
 
     Example:
@@ -112,6 +115,7 @@ class EMSA(nn.Module):
         qkv_bias: bool = True,
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
+        feat_size: tuple[int, int] | None = None,
         *,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -119,6 +123,7 @@ class EMSA(nn.Module):
         super().__init__()
         who = type(self).__name__
         self.dim = check_int(dim, "dim", who)
+        self.feat_size = None if feat_size is None else self._pair(feat_size, "feat_size")
         self.num_heads = check_int(num_heads, "num_heads", who)
         if head_dim is None and dim % num_heads != 0:
             raise ValueError(
@@ -150,19 +155,30 @@ class EMSA(nn.Module):
                 f"value_head_dim={self.value_head_dim}, sr_ratio={self.sr_ratio}, "
                 f"apply_transform={self.apply_transform}")
 
+    def _pair(self, size: object, name: str) -> tuple[int, int]:
+        if (not isinstance(size, (tuple, list)) or len(size) != 2
+                or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size)):
+            raise TypeError(
+                f"{type(self).__name__} expects {name} to be two positive ints (H, W), got {size!r}"
+            )
+        return int(size[0]), int(size[1])
+
     def _size(self, length: int, size: tuple[int, int] | None) -> tuple[int, int]:
         who = type(self).__name__
+        if size is None and self.feat_size is not None and self.feat_size[0] * self.feat_size[1] == length:
+            return self.feat_size
         if size is None:
             side = math.isqrt(int(length))
             if side * side != length:
-                raise ValueError(f"{who} expects size=(H, W) for x with N={length} tokens (not a square)")
+                raise ValueError(
+                    f"{who} expects size=(H, W) for x with N={length} tokens (not a square, "
+                    f"feat_size={self.feat_size})"
+                )
             return side, side
-        if (not isinstance(size, (tuple, list)) or len(size) != 2
-                or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size)):
-            raise TypeError(f"{who} expects size to be two positive ints (H, W), got {size!r}")
-        if size[0] * size[1] != length:
-            raise ValueError(f"{who} expects size=(H, W) with H*W = N={length}, got {tuple(size)}")
-        return int(size[0]), int(size[1])
+        height, width = self._pair(size, "size")
+        if height * width != length:
+            raise ValueError(f"{who} expects size=(H, W) with H*W = N={length}, got {(height, width)}")
+        return height, width
 
     def forward(
         self, x: Tensor, need_weights: bool = False, *, size: tuple[int, int] | None = None
@@ -172,7 +188,8 @@ class EMSA(nn.Module):
         Args:
             x: Tokens `(B, N, C)` of an H x W map, row-major.
             need_weights: Also return the `(B, h, N, N')` map. Default: False.
-            size: The map size `(H, W)`. Default: None (a square map).
+            size: The map size `(H, W)`. Default: None (`feat_size` if it has N tokens, else a
+                square map).
         """
         dims = check_shape(x, type(self).__name__, "B N C", "x", C=self.dim)
         height, width = self._size(dims["N"], size)
