@@ -305,3 +305,33 @@ def test_ufo_key_mask_drops_padding_and_eps():
         ufo.q.weight.zero_()
         ufo.q.bias.zero_()
     assert torch.isfinite(ufo(q)).all()
+
+
+def _fcv(name: str):
+    import importlib
+
+    module, cls = name.rsplit(".", 1)
+    return getattr(importlib.import_module(f"fightingcv_attention.attention.{module}"), cls)
+
+
+GRAD_CASES = [  # fightingcv class, its arguments, distinct inputs (self-attention classes get x, x, x)
+    ("ExternalAttention.ExternalAttention", (12,), {"S": 5}, 1),
+    ("SelfAttention.ScaledDotProductAttention", (12, 5, 3, 3), {"dropout": 0.0}, 3),
+    ("SimplifiedSelfAttention.SimplifiedScaledDotProductAttention", (12, 3), {"dropout": 0.0}, 3),
+    ("EMSA.EMSA", (12, 5, 3, 3), {"dropout": 0.0, "H": 4, "W": 3, "ratio": 2}, 1),
+    ("MUSEAttention.MUSEAttention", (12, 5, 3, 3), {"dropout": 0.0}, 3),
+    ("AFT.AFT_FULL", (12,), {"n": 12}, 1),
+    ("UFOAttention.UFOAttention", (12, 5, 3, 3), {}, 3),
+]
+
+
+@pytest.mark.parametrize(("name", "args", "kwargs", "inputs"), GRAD_CASES, ids=[c[0] for c in GRAD_CASES])
+def test_input_gradients_match_fightingcv(name, args, kwargs, inputs):
+    theirs = randomise(_fcv(name)(*args, **kwargs), 7).train()
+    ours = from_fightingcv(theirs)  # before fightingcv's MUSE call replaces its dy_paras
+    xs = [torch.randn(2, 12, 12, dtype=torch.float64, requires_grad=True) for _ in range(inputs)]
+    call = xs * 3 if name.startswith("EMSA") else xs  # fightingcv's EMSA takes (x, x, x)
+    g_theirs = torch.autograd.grad(theirs(*call).pow(2).sum(), xs)
+    g_ours = torch.autograd.grad(ours(*xs).pow(2).sum(), xs)
+    for a, b in zip(g_ours, g_theirs, strict=True):
+        torch.testing.assert_close(a, b, **TOL)
