@@ -117,3 +117,13 @@ def test_no_torchscript_guards():
     """TorchScript is not supported (the support matrix says so), so no code guards for it."""
     guarded = [str(p.relative_to(ROOT)) for p in SOURCES if "jit.is_scripting" in p.read_text()]
     assert not guarded, f"remove the torch.jit.is_scripting() guards in {guarded}"
+
+
+def test_every_canonical_class_is_exported_under_its_own_name():
+    import attnzoo
+
+    assert len(attnzoo.__all__) == len(set(attnzoo.__all__)), "a name is exported twice"
+    for spec in attnzoo.list_modules():
+        assert getattr(attnzoo, spec.cls.__name__, None) is spec.cls, (
+            f"attnzoo.{spec.cls.__name__} is not the registered class of {spec.name!r} (shadowed or missing)"
+        )

@@ -14,6 +14,7 @@ from attnzoo.functional import attend, fused_attn, fused_enabled
 from attnzoo.kernels.blocked import global_kernel
 from attnzoo.maps import AttentionMap, capture_maps
 from attnzoo.mechanisms.acmix import ACmix
+from attnzoo.mechanisms.aft import AFTFull
 from attnzoo.mechanisms.bam import BottleneckAttentionModule
 from attnzoo.mechanisms.bat import BATNonLocalAttention
 from attnzoo.mechanisms.biformer import BiLevelRoutingAttention
@@ -34,7 +35,9 @@ from attnzoo.mechanisms.eca import (
     EfficientChannelAttention,
     EfficientChannelAttentionMlp,
 )
+from attnzoo.mechanisms.emsa import EMSA
 from attnzoo.mechanisms.ese import EffectiveSqueezeExcite
+from attnzoo.mechanisms.external import ExternalAttention
 from attnzoo.mechanisms.gather_excite import GatherExcite
 from attnzoo.mechanisms.global_context import GlobalContext, GlobalContextAdd
 from attnzoo.mechanisms.halo import HaloAttention
@@ -42,6 +45,7 @@ from attnzoo.mechanisms.lambda_layer import LambdaLayer
 from attnzoo.mechanisms.light_cbam import LightCBAM
 from attnzoo.mechanisms.linear import LinearAttention
 from attnzoo.mechanisms.mha import MultiHeadAttention
+from attnzoo.mechanisms.muse import MUSEAttention
 from attnzoo.mechanisms.neighborhood import (
     NeighborhoodAttention1d,
     NeighborhoodAttention2d,
@@ -74,6 +78,7 @@ from attnzoo.mechanisms.swin import (
 from attnzoo.mechanisms.swin_v2 import ShiftedWindowAttentionV2
 from attnzoo.mechanisms.temporal import TemporalAttention
 from attnzoo.mechanisms.triplet import TripletAttention
+from attnzoo.mechanisms.ufo import UFOAttention
 from attnzoo.surgery import find, insert, replace
 
 __version__ = "0.1.0"
@@ -170,4 +175,10 @@ __all__ = [
     "BottleneckAttention",
     "HaloAttention",
     "LambdaLayer",
+    # fcv-token-a: fightingcv token mixers (external, emsa, muse, aft_full, ufo)
+    "AFTFull",
+    "EMSA",
+    "ExternalAttention",
+    "MUSEAttention",
+    "UFOAttention",
 ]

@@ -2,6 +2,7 @@
 
 from attnzoo.mechanisms import (  # noqa: F401 (imported for registration)
     acmix,
+    aft,
     bam,
     bat,
     biformer,
@@ -13,7 +14,9 @@ from attnzoo.mechanisms import (  # noqa: F401 (imported for registration)
     coord,
     dual_gated,
     eca,
+    emsa,
     ese,
+    external,
     gather_excite,
     global_context,
     halo,
@@ -21,6 +24,7 @@ from attnzoo.mechanisms import (  # noqa: F401 (imported for registration)
     light_cbam,
     linear,
     mha,
+    muse,
     neighborhood,
     non_local,
     parnet,
@@ -38,4 +42,5 @@ from attnzoo.mechanisms import (  # noqa: F401 (imported for registration)
     swin_v2,
     temporal,
     triplet,
+    ufo,
 )

@@ -67,6 +67,10 @@ class MultiHeadAttention(nn.Module):
         qkv_bias: Give the query/key/value projections a bias. Default: True.
         attn_drop: Dropout on the attention weights (training only). Default: 0.0.
         proj_drop: Dropout on the output (training only). Default: 0.0.
+        head_dim: Width d of each query/key head (fightingcv's `d_k`); when given, `num_heads` need
+            not divide `dim` and the projections are `E -> h d`. Default: None (`dim // num_heads`).
+        value_head_dim: Width of each value head (fightingcv's `d_v`); the output projection is
+            `h d_v -> E`. Default: None (`head_dim`).
         device: Device of the parameters. Default: None (the default device).
         dtype: dtype of the parameters. Default: None (the default dtype).
 
@@ -99,6 +103,8 @@ class MultiHeadAttention(nn.Module):
         qkv_bias: bool = True,
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
+        head_dim: int | None = None,
+        value_head_dim: int | None = None,
         *,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -107,14 +113,19 @@ class MultiHeadAttention(nn.Module):
         who = type(self).__name__
         self.dim = check_int(dim, "dim", who)
         self.num_heads = check_int(num_heads, "num_heads", who)
-        check_divisible(dim, num_heads, "dim", "num_heads", who)
-        self.head_dim = dim // num_heads
+        if head_dim is None:
+            check_divisible(dim, num_heads, "dim", "num_heads", who)
+        self.head_dim = dim // num_heads if head_dim is None else check_int(head_dim, "head_dim", who)
+        self.value_head_dim = (
+            self.head_dim if value_head_dim is None else check_int(value_head_dim, "value_head_dim", who)
+        )
         self.attn_drop = check_float(attn_drop, "attn_drop", who, minimum=0.0, maximum=1.0)
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
-        self.Wq = nn.Linear(dim, dim, bias=qkv_bias, **factory)
-        self.Wk = nn.Linear(dim, dim, bias=qkv_bias, **factory)
-        self.Wv = nn.Linear(dim, dim, bias=qkv_bias, **factory)
-        self.fc = nn.Linear(dim, dim, **factory)
+        qk_width, v_width = num_heads * self.head_dim, num_heads * self.value_head_dim
+        self.Wq = nn.Linear(dim, qk_width, bias=qkv_bias, **factory)
+        self.Wk = nn.Linear(dim, qk_width, bias=qkv_bias, **factory)
+        self.Wv = nn.Linear(dim, v_width, bias=qkv_bias, **factory)
+        self.fc = nn.Linear(v_width, dim, **factory)
         self.proj_drop = nn.Dropout(check_float(proj_drop, "proj_drop", who, minimum=0.0, maximum=1.0))
 
     def _project(self, query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -133,9 +144,9 @@ class MultiHeadAttention(nn.Module):
             bias = None
             if group[0].bias is not None:
                 bias = group[0].bias if len(group) == 1 else torch.cat([m.bias for m in group])  # type: ignore[misc]
-            y = F.linear(x, weight, bias)  # (B, n, g*E)
-            for part in y.split(self.dim, dim=-1):  # (B, n, E) each
-                part = part.unflatten(-1, (self.num_heads, self.head_dim))  # (B, n, h, d)
+            y = F.linear(x, weight, bias)  # (B, n, sum of the group's widths)
+            for part in y.split([m.out_features for m in group], dim=-1):  # (B, n, h*d) each
+                part = part.unflatten(-1, (self.num_heads, -1))  # (B, n, h, d)
                 heads.append(part.transpose(1, 2))  # (B, h, n, d)
         return heads[0], heads[1], heads[2]
 
@@ -213,7 +224,7 @@ class MultiHeadAttention(nn.Module):
         if capturing():  # map capture: rows of the capture's query points
             record_rows(self, q, k, grid=(length_q,), key_grid=(length_k,), mask=mask, bias=bias,
                         causal=causal)
-        out = self.proj_drop(self.fc(out.transpose(1, 2).flatten(2)))  # (B, h, L, d) -> (B, L, E)
+        out = self.proj_drop(self.fc(out.transpose(1, 2).flatten(2)))  # (B, h, L, dv) -> (B, L, E)
         return (out, weights) if weights is not None else out
 
 

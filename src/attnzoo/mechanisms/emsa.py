@@ -1,0 +1,211 @@
+"""Efficient multi-head self-attention (EMSA), "ResT: An Efficient Transformer for Visual Recognition"
+(Zhang and Yang, 2021), arXiv:2105.13677.
+
+The tokens of an H x W map attend to a spatially reduced copy of themselves: a depth-wise convolution
+(kernel r + 1, stride r, padding r // 2) and a LayerNorm shrink the keys/values to $N' \\approx N / r^2$
+tokens. With more than one head, the $h$ attention maps are mixed by a 1 x 1 convolution across heads,
+then softmax-ed and instance-normalised (the paper's "transform"); with one head (or the transform
+off), plain softmax.
+
+Deviations from fightingcv's `EMSA`: self-attention only (fightingcv takes `queries, keys, values` but
+ignores keys and values when `ratio > 1`); its `attention_mask` is applied *after* the normalisation
+with $-\\infty$ (every masked entry turns the output into $\\pm\\infty$/NaN) and is not offered here,
+nor is its multiplicative `attention_weights`. On a 1 x 1 map with the transform, fightingcv's
+`nn.InstanceNorm2d` raises (one element); the instance norm here gives 0 there. The map size is given
+per call (`size=(H, W)`, like ResT's `forward(x, H, W)`), not fixed in the constructor.
+
+Shape letters: B batch, N = H W tokens, C channels (`dim`), h heads, d head width, N' reduced tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from attnzoo._checks import check_float, check_int, check_shape
+from attnzoo._registry import Example, FreeSize, register
+
+__all__ = ["EMSA"]
+
+
+def _instance_norm(x: Tensor, eps: float = 1e-5) -> Tensor:
+    """Instance norm over the last two dims without affine (`nn.InstanceNorm2d(h)`), also for a
+    single element (torch's refuses one: here it gives 0)."""
+    var, mean = torch.var_mean(x, dim=(-2, -1), correction=0, keepdim=True)  # (B, h, 1, 1) each
+    return (x - mean) * torch.rsqrt(var + eps)
+
+
+@register(
+    "emsa",
+    family="emsa",
+    paper="ResT: An Efficient Transformer for Visual Recognition",
+    year=2021,
+    layout="NLC",
+    example=Example(
+        kwargs={"dim": 8, "num_heads": 2, "sr_ratio": 2},
+        inputs=((2, 9, 8),),
+        output=(2, 9, 8),
+        channel_dim=-1,
+        free_sizes=(FreeSize(((0, 0),), 0),),
+    ),
+    aliases=("efficient_multi_head_self_attention", "rest"),
+    for_input=lambda geo: {"feat_size": tuple(geo.spatial)} if len(geo.spatial) == 2 else {},
+)
+class EMSA(nn.Module):
+    r"""ResT's efficient multi-head self-attention over the tokens of an H x W map.
+
+    $$
+    \hat X = \mathrm{LN}(\mathrm{DWConv}_{r}(X)), \qquad
+    A = \mathrm{IN}(\mathrm{softmax}(\mathrm{Conv}_{1\times1}(Q \hat K^\top / \sqrt{d}))), \qquad
+    Y = W_o\,\mathrm{concat}_h(A \hat V)
+    $$
+
+    with $Q = X W_q$, $\hat K = \hat X W_k$, $\hat V = \hat X W_v$; the 1 x 1 convolution mixes the h
+    heads, IN is an instance norm over each head's $N \times N'$ map (no affine). Without the
+    transform (`apply_transform=False` or one head) $A = \mathrm{softmax}(Q\hat K^\top/\sqrt d)$;
+    with `sr_ratio=1`, $\hat X = X$. Time $O(B N N' h (d + d_v) + B N C h (d + d_v))$, memory
+    $O(B h N N' + B N C)$ with $N' = H' W' \approx N / r^2$,
+    $H' = \lfloor (H + 2\lfloor r/2 \rfloor - r - 1) / r \rfloor + 1$ (likewise W').
+
+    Args:
+        dim: Width C of the tokens.
+        num_heads: Number of heads h. Default: 8.
+        head_dim: Query/key head width d (fightingcv's `d_k`). Default: None (`dim // num_heads`,
+            which then must divide).
+        value_head_dim: Value head width (fightingcv's `d_v`). Default: None (`head_dim`).
+        sr_ratio: Spatial reduction r of the keys/values (fightingcv's `ratio`); 1 for none.
+            Default: 1.
+        apply_transform: Mix the heads' maps (1 x 1 conv, softmax, instance norm); only with more
+            than one head. Default: True.
+        qkv_bias: Biases on the query/key/value projections. Default: True.
+        attn_drop: Dropout on the attention map (training only). Default: 0.0.
+        proj_drop: Dropout after the output projection (training only). Default: 0.0.
+        feat_size: The map size `(H, W)` when a call gives no `size` (fightingcv's `H`, `W`).
+            Default: None (a square map).
+        device: Device of the parameters. Default: None.
+        dtype: dtype of the parameters. Default: None.
+
+    Shape:
+        - x: `(B, N, C)` with N = H W; `size=(H, W)` (default: `feat_size`, else a square map).
+        - Output: `(B, N, C)`; with `need_weights=True` also the map `(B, h, N, N')`.
+
+    Example:
+        ```python
+        >>> attn = EMSA(64, num_heads=4, sr_ratio=2)
+        >>> x = torch.randn(2, 7 * 5, 64)
+        >>> attn(x, size=(7, 5)).shape
+        torch.Size([2, 35, 64])
+        >>> attn(x, need_weights=True, size=(7, 5))[1].shape
+        torch.Size([2, 4, 35, 12])
+
+        ```
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        head_dim: int | None = None,
+        value_head_dim: int | None = None,
+        sr_ratio: int = 1,
+        apply_transform: bool = True,
+        qkv_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        feat_size: tuple[int, int] | None = None,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        who = type(self).__name__
+        self.dim = check_int(dim, "dim", who)
+        self.feat_size = None if feat_size is None else self._pair(feat_size, "feat_size")
+        self.num_heads = check_int(num_heads, "num_heads", who)
+        if head_dim is None and dim % num_heads != 0:
+            raise ValueError(
+                f"{who}: dim={dim} must be divisible by num_heads={num_heads} (or give head_dim)"
+            )
+        self.head_dim = dim // num_heads if head_dim is None else check_int(head_dim, "head_dim", who)
+        self.value_head_dim = (
+            self.head_dim if value_head_dim is None else check_int(value_head_dim, "value_head_dim", who)
+        )
+        self.sr_ratio = check_int(sr_ratio, "sr_ratio", who)
+        self.apply_transform = apply_transform and num_heads > 1
+        self.attn_drop = nn.Dropout(check_float(attn_drop, "attn_drop", who, minimum=0.0, maximum=1.0))
+        factory: dict[str, Any] = {"device": device, "dtype": dtype}
+        qk, vw = num_heads * self.head_dim, num_heads * self.value_head_dim
+        self.q = nn.Linear(dim, qk, bias=qkv_bias, **factory)
+        self.k = nn.Linear(dim, qk, bias=qkv_bias, **factory)
+        self.v = nn.Linear(dim, vw, bias=qkv_bias, **factory)
+        self.proj = nn.Linear(vw, dim, **factory)
+        self.proj_drop = nn.Dropout(check_float(proj_drop, "proj_drop", who, minimum=0.0, maximum=1.0))
+        if sr_ratio > 1:
+            r = sr_ratio
+            self.sr = nn.Conv2d(dim, dim, r + 1, stride=r, padding=r // 2, groups=dim, **factory)
+            self.sr_norm = nn.LayerNorm(dim, **factory)
+        if self.apply_transform:
+            self.transform = nn.Conv2d(num_heads, num_heads, 1, **factory)
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, num_heads={self.num_heads}, head_dim={self.head_dim}, "
+                f"value_head_dim={self.value_head_dim}, sr_ratio={self.sr_ratio}, "
+                f"apply_transform={self.apply_transform}")
+
+    def _pair(self, size: object, name: str) -> tuple[int, int]:
+        if (not isinstance(size, (tuple, list)) or len(size) != 2
+                or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size)):
+            raise TypeError(
+                f"{type(self).__name__} expects {name} to be two positive ints (H, W), got {size!r}"
+            )
+        return int(size[0]), int(size[1])
+
+    def _size(self, length: int, size: tuple[int, int] | None) -> tuple[int, int]:
+        who = type(self).__name__
+        if size is None and self.feat_size is not None and self.feat_size[0] * self.feat_size[1] == length:
+            return self.feat_size
+        if size is None:
+            side = math.isqrt(int(length))
+            if side * side != length:
+                raise ValueError(
+                    f"{who} expects size=(H, W) for x with N={length} tokens (not a square, "
+                    f"feat_size={self.feat_size})"
+                )
+            return side, side
+        height, width = self._pair(size, "size")
+        if height * width != length:
+            raise ValueError(f"{who} expects size=(H, W) with H*W = N={length}, got {(height, width)}")
+        return height, width
+
+    def forward(
+        self, x: Tensor, need_weights: bool = False, *, size: tuple[int, int] | None = None
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """Self-attention over the map's tokens; `(out, weights)` with `need_weights`.
+
+        Args:
+            x: Tokens `(B, N, C)` of an H x W map, row-major.
+            need_weights: Also return the `(B, h, N, N')` map. Default: False.
+            size: The map size `(H, W)`. Default: None (`feat_size` if it has N tokens, else a
+                square map).
+        """
+        dims = check_shape(x, type(self).__name__, "B N C", "x", C=self.dim)
+        height, width = self._size(dims["N"], size)
+        h = self.num_heads
+        q = self.q(x).unflatten(-1, (h, self.head_dim)).transpose(1, 2)  # (B, h, N, d)
+        kv_in = x
+        if self.sr_ratio > 1:
+            grid = x.transpose(1, 2).unflatten(-1, (height, width))  # (B, C, H, W)
+            kv_in = self.sr_norm(self.sr(grid).flatten(2).transpose(1, 2))  # (B, N', C)
+        k = self.k(kv_in).unflatten(-1, (h, self.head_dim)).transpose(1, 2)  # (B, h, N', d)
+        v = self.v(kv_in).unflatten(-1, (h, self.value_head_dim)).transpose(1, 2)  # (B, h, N', dv)
+        attn = q @ k.transpose(-2, -1) / self.head_dim**0.5  # (B, h, N, N')
+        if self.apply_transform:
+            attn = _instance_norm(self.transform(attn).softmax(dim=-1))  # mix heads, softmax, IN
+        else:
+            attn = attn.softmax(dim=-1)
+        out = self.attn_drop(attn) @ v  # (B, h, N, dv)
+        out = self.proj_drop(self.proj(out.transpose(1, 2).flatten(2)))  # (B, N, h dv) -> (B, N, C)
+        return (out, attn) if need_weights else out
