@@ -244,7 +244,7 @@ def test_bad_arguments_and_inputs():
         m(q, k, v, key_mask=torch.ones(2, 5, dtype=torch.bool))
     with pytest.raises(TypeError, match="dtype"):
         m(q.long(), k, v)
-    with pytest.raises(TypeError, match="one dtype"):
+    with pytest.raises(TypeError, match=r"key of dtype torch.float32 \(the dtype of its parameters\)"):
         m(q, k.double(), v.double())
     with pytest.raises(ValueError, match="expects mask broadcastable"):
         SeedMHA(8, 2)(q, k, v, torch.ones(3, 1, 5, 7))

@@ -235,7 +235,10 @@ def test_bad_inputs_name_expected_and_given(rule):
         module(q, k, v, padding_mask()[:, None])
     with pytest.raises(TypeError, match="bool tensor .True = may attend., got torch.float64"):
         module(q, k, v, padding_mask().double())
-    with pytest.raises(TypeError, match="one dtype, got torch.float64, torch.float32"):
+    # Modules with parameters name the dtype of their parameters; the parameter-free dot product
+    # names the three dtypes it was given.
+    with pytest.raises(TypeError, match=r"keys of dtype torch.float64 \(the dtype of its parameters\), got "
+                       r"torch.float32|one dtype, got torch.float64, torch.float32"):
         module(q, k.float(), v)
     with pytest.raises(ValueError, match=r"query of shape \(B, Lq, \w+\) \(3-D\), got \(3, \d\) \(2-D\)"):
         module(q[:, 0], k, v)
