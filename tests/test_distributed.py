@@ -1,15 +1,22 @@
-"""DistributedDataParallel (gloo, 2 local processes): gradients equal a single-process run.
+"""DDP and FSDP2 (gloo, 2 local processes): gradients equal a single-process run.
 
-Every registered mechanism takes one training step under DDP, each process holding half of the same
-global batch. DDP averages the gradients of the two local losses, so:
+Every registered mechanism takes one training step under ``DistributedDataParallel`` and, separately,
+under FSDP2 (``torch.distributed.fsdp.fully_shard`` on the mechanism as one unit: every parameter a
+DTensor sharded on dim 0 over the 2 processes, all-gathered for forward and backward, its gradient
+reduce-scattered), each process holding half of the same global batch. Both average the gradients
+of the two local losses, so:
 
 - for a mechanism without batch statistics, they must equal the gradient of the loss over the whole
-  global batch in one process;
+  global batch in one process (FSDP2's sharded gradients are gathered with ``full_tensor()``);
 - for a mechanism with BatchNorm, each process normalises with its own half's statistics (plain
   BatchNorm is not synchronised), so they must equal the mean of the two halves' gradients computed
   one after the other in one process. To normalise with whole-batch statistics, convert the model
   with ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` (CUDA only in PyTorch; tested here for the
   conversion itself: same keys, same eval output).
+
+One pair of spawned processes runs every mechanism under both wrappers. A failure is recorded with
+torch's error, so a (mechanism, feature) pair listed in ``attnzoo.cli.matrix.LIMITATIONS`` must fail
+and one that starts passing fails the suite, as in ``tests/test_compat_matrix.py``.
 """
 
 from __future__ import annotations
@@ -17,6 +24,8 @@ from __future__ import annotations
 import copy
 import os
 import sys
+import warnings
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -26,7 +35,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import attnzoo
-from attnzoo.cli.matrix import applies
+from attnzoo.cli.matrix import applies, limitation
 
 SPECS = attnzoo.list_modules()
 GLOBAL_BATCH = 4
@@ -52,41 +61,67 @@ def _has_batch_norm(module: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
 
 
+FEATURES = ("ddp", "fsdp2")
+
+
+def _step(feature: str, spec, rank: int, world: int) -> dict:
+    """One training step on this rank's half of the batch under `feature`; the full gradients."""
+    xs = [x.chunk(world)[rank] for x in _inputs(spec)]
+    model = _model(spec)
+    if feature == "ddp":
+        ddp = nn.parallel.DistributedDataParallel(model)  # held: its reducer must outlive backward()
+        _loss(ddp, xs).backward()
+        return {"grads": {n: p.grad for n, p in model.named_parameters() if p.grad is not None}}
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor, Shard
+
+    fully_shard(model)
+    not_sharded = [
+        n for n, p in model.named_parameters() if not (isinstance(p, DTensor) and p.placements == (Shard(0),))
+    ]
+    _loss(model, xs).backward()
+    # full_tensor() all-gathers the reduce-scattered gradient shards (a collective: every rank calls it)
+    grads = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.grad is not None}
+    return {"grads": grads, "not_sharded": not_sharded}
+
+
 def _worker(rank: int, world: int, store: str, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=timedelta(seconds=120)
+    )
     torch.set_num_threads(1)
+    # FSDP2 warns when a module returns a view (an in-place op on it would skip the backward
+    # all-gather); the loss here is out of place.
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module")
     try:
-        for spec in attnzoo.list_modules():
-            if not applies(spec, "ddp"):
-                continue
-            xs = [x.chunk(world)[rank] for x in _inputs(spec)]
-            model = nn.parallel.DistributedDataParallel(_model(spec))
-            _loss(model, xs).backward()
-            if rank == 0:
-                grads = {n: p.grad for n, p in model.module.named_parameters() if p.grad is not None}
-                torch.save(grads, os.path.join(out_dir, f"{spec.name}.pt"))
-            dist.barrier()
+        for feature in FEATURES:
+            for spec in attnzoo.list_modules():
+                if not applies(spec, feature):
+                    continue
+                try:
+                    record = _step(feature, spec, rank, world)
+                except Exception as exc:  # recorded: the test reports it, or expects it if listed
+                    record = {"error": f"{type(exc).__name__}: {exc}"}
+                if rank == 0:
+                    torch.save(record, os.path.join(out_dir, f"{feature}-{spec.name}.pt"))
+                dist.barrier()
     finally:
         dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
-def ddp_grads(tmp_path_factory):
+def dist_runs(tmp_path_factory):
     if not dist.is_available():
         pytest.skip("torch.distributed is not available in this build")
-    out_dir = tmp_path_factory.mktemp("ddp")
+    out_dir = tmp_path_factory.mktemp("dist")
     store = out_dir / "store"
     sys.path.insert(0, str(Path(__file__).parent))  # the spawned workers import this file by name
     mp.spawn(_worker, args=(2, str(store), str(out_dir)), nprocs=2, join=True)
     return out_dir
 
 
-DDP_SPECS = [s for s in SPECS if applies(s, "ddp")]
-
-
-@pytest.mark.parametrize("spec", DDP_SPECS, ids=[s.name for s in DDP_SPECS])
-def test_ddp_gradients_equal_single_process(spec, ddp_grads):
-    got = torch.load(ddp_grads / f"{spec.name}.pt", weights_only=True)
+def _reference(spec) -> dict[str, torch.Tensor]:
+    """The gradients both wrappers must give, computed in this one process."""
     model = _model(spec)
     xs = _inputs(spec)
     if _has_batch_norm(model):
@@ -94,13 +129,31 @@ def test_ddp_gradients_equal_single_process(spec, ddp_grads):
         replicas = [copy.deepcopy(model) for _ in halves]
         for replica, half in zip(replicas, halves, strict=True):
             _loss(replica, list(half)).backward()
-        want = {n: sum(dict(r.named_parameters())[n].grad for r in replicas) / 2 for n in got}
-    else:
-        _loss(model, xs).backward()
-        want = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        params = [dict(r.named_parameters()) for r in replicas]
+        return {n: sum(p[n].grad for p in params) / 2 for n, q in params[0].items() if q.grad is not None}
+    _loss(model, xs).backward()
+    return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+CASES = [(s, f) for f in FEATURES for s in SPECS if applies(s, f)]
+
+
+@pytest.mark.parametrize("spec, feature", CASES, ids=[f"{s.name}-{f}" for s, f in CASES])
+def test_gradients_equal_single_process(spec, feature, dist_runs):
+    record = torch.load(dist_runs / f"{feature}-{spec.name}.pt", weights_only=True)
+    why = limitation(spec.name, feature)
+    if why is not None:
+        if "error" in record:
+            pytest.xfail(f"documented limitation: {why} (torch: {record['error']})")
+        pytest.fail(f"{spec.name} now passes {feature}: remove its entry from attnzoo.cli.matrix.LIMITATIONS")
+    assert "error" not in record, f"{spec.name} under {feature}: {record.get('error')}"
+    assert record.get("not_sharded", []) == [], "parameters FSDP2 left unsharded"
+    got, want = record["grads"], _reference(spec)
     assert set(got) == set(want)
     for name in want:
-        torch.testing.assert_close(got[name], want[name], atol=1e-10, rtol=1e-8, msg=f"{spec.name}: {name}")
+        torch.testing.assert_close(
+            got[name], want[name], atol=1e-10, rtol=1e-8, msg=f"{spec.name} ({feature}): {name}"
+        )
 
 
 @pytest.mark.parametrize("spec", [s for s in SPECS if _has_batch_norm(_model(s))], ids=lambda s: s.name)

@@ -1,7 +1,7 @@
 """The compatibility matrix: where each mechanism runs, and why not where it does not.
 
 Every cell is checked by `tests/test_compat_matrix.py` (and `tests/test_distributed.py` for
-DDP): a mechanism passes every feature unless `LIMITATIONS` names the pair with the reason,
+DDP and FSDP2): a mechanism passes every feature unless `LIMITATIONS` names the pair with the reason,
 and a listed limitation that no longer holds fails the suite too, so this table cannot drift from
 what the code does. `python -m tools.gen_docs` writes it into the README and the docs.
 """
@@ -24,6 +24,7 @@ FEATURES: dict[str, str] = {
     "jit_trace": "`jit.trace`",
     "jit_script": "`jit.script`",
     "ddp": "DDP (gloo)",
+    "fsdp2": "FSDP2 `fully_shard` (gloo)",
     "cuda_half": "CUDA fp16/bf16",
 }
 
@@ -53,11 +54,12 @@ _NOT_RUN = {"cuda_half": "needs a GPU; CI has none (tests skip without CUDA)"}
 def applies(spec: Spec, feature: str) -> bool:
     """Whether `feature` means anything for `spec`.
 
-    channels_last needs a 4-D input; DDP needs parameters (it refuses a module without any).
+    channels_last needs a 4-D input; DDP needs parameters (it refuses a module without any), and
+    FSDP2 has nothing to shard or reduce without them.
     """
     if feature == "channels_last":
         return len(spec.example.inputs[0]) == 4
-    if feature == "ddp":
+    if feature in ("ddp", "fsdp2"):
         return any(p.requires_grad for p in spec.cls(**spec.example.kwargs).parameters())
     return True
 
