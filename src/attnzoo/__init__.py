@@ -44,6 +44,7 @@ from attnzoo.mechanisms.neighborhood import (
     NeighborhoodAttention3d,
 )
 from attnzoo.mechanisms.non_local import NonLocalBlock
+from attnzoo.mechanisms.psa import PyramidSplitAttention
 from attnzoo.mechanisms.sagan import ChannelSelfAttention, SpatialSelfAttention
 from attnzoo.mechanisms.se import SqueezeExcite
 from attnzoo.mechanisms.seq2seq import (
@@ -148,4 +149,6 @@ __all__ = [
     "NeighborhoodAttention1d",
     "NeighborhoodAttention2d",
     "NeighborhoodAttention3d",
+    # fightingcv gates b
+    "PyramidSplitAttention",
 ]

@@ -13,6 +13,7 @@ from typing import Any
 
 from torch import nn
 
+from attnzoo.convert import fightingcv_gates_b
 from attnzoo.convert.fightingcv_existing import EXISTING_CONVERTERS as _FCV_INTEROP  # fcv-interop block
 
 __all__ = ["FIGHTINGCV_CONVERTERS", "from_fightingcv"]
@@ -46,6 +47,7 @@ FIGHTINGCV_CONVERTERS: dict[str, Callable[[nn.Module], nn.Module]] = {
     "fightingcv_attention.attention.CoordAttention.CoordAtt": _coord_att,
     # ---- fcv-interop: SEAttention, CBAMBlock, SKAttention, ACmix (attnzoo.convert.fightingcv_existing)
     **_FCV_INTEROP,
+    **fightingcv_gates_b.CONVERTERS,
 }
 
 

@@ -1,0 +1,71 @@
+"""fightingcv -> attnzoo, group b: `PSA`, `ParallelPolarizedSelfAttention`,
+`SequentialPolarizedSelfAttention`, `DoubleAttention`.
+
+`CONVERTERS` maps fightingcv-attention's dotted class names (xmu-xiaoma666/External-Attention-pytorch)
+to converters; `attnzoo.convert.fightingcv` adds them to `FIGHTINGCV_CONVERTERS`. fightingcv is never
+imported here. Each result holds a copy of the module's weights (same device, dtype and training
+flag) and reproduces fightingcv's outputs, its particularities set as options of the canonical
+class (each converter names them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from attnzoo.convert.timm_existing import factory, finish, refuse
+from attnzoo.mechanisms.psa import PyramidSplitAttention
+
+__all__ = ["CONVERTERS"]
+
+_PACKAGE = "fightingcv_attention.attention"
+WHO = "from_fightingcv"
+
+
+def psa_from_fightingcv(module: Any) -> PyramidSplitAttention:
+    """`PSA(channel, reduction, S)` -> `PyramidSplitAttention(channel, kernel_sizes=(3, 5, ..., 2S+1),
+    groups=(1,) * S, split_input=True, shared_se=False, conv_bias=True, se_bias=False)`.
+
+    fightingcv keeps its layers in Python lists (`convs`, `se_blocks`): they are read from there.
+    Its SE blocks become one grouped 1x1 convolution pair (`fc1`, `fc2`).
+    """
+    convs, blocks = list(module.convs), list(module.se_blocks)
+    s = module.S
+    if len(convs) != s or len(blocks) != s:
+        raise refuse(module, f"it has {len(convs)} convs and {len(blocks)} SE blocks for S={s}", WHO)
+    for conv in convs:
+        if conv.groups != 1 or conv.bias is None or conv.padding != (conv.kernel_size[0] // 2,) * 2:
+            raise refuse(module, "its convolutions are not fightingcv's (ungrouped, biased, centred)", WHO)
+    first = convs[0]
+    width, channels = first.out_channels, first.out_channels * s
+    fc1s, fc2s = [b[1] for b in blocks], [b[3] for b in blocks]
+    if any(f.bias is not None for f in fc1s + fc2s):
+        raise refuse(module, "its SE convolutions have biases (fightingcv's have none)", WHO)
+    new = PyramidSplitAttention(
+        channels,
+        kernel_sizes=tuple(c.kernel_size[0] for c in convs),
+        groups=(1,) * s,
+        rd_channels=fc1s[0].out_channels,
+        split_input=True,
+        shared_se=False,
+        conv_bias=True,
+        se_bias=False,
+        **factory(first),
+    )
+    if new.convs[0].in_channels != width:
+        raise refuse(module, f"its convolutions take {width} channels, not C / S", WHO)
+    state = {}
+    for i, conv in enumerate(convs):
+        state[f"convs.{i}.weight"] = conv.weight.detach()
+        state[f"convs.{i}.bias"] = conv.bias.detach()
+    state["fc1.weight"] = torch.cat([f.weight.detach() for f in fc1s])  # (S*rd, C/S, 1, 1)
+    state["fc2.weight"] = torch.cat([f.weight.detach() for f in fc2s])  # (C, rd, 1, 1)
+    return finish(new, module, state)
+
+
+CONVERTERS: dict[str, Callable[[nn.Module], nn.Module]] = {
+    f"{_PACKAGE}.PSA.PSA": psa_from_fightingcv,
+}

@@ -1,0 +1,109 @@
+"""from_fightingcv, group b: fightingcv-attention's PSA, polarized self-attention (parallel and
+sequential) and DoubleAttention -> the canonical classes, float64 outputs within 1e-10 of the real
+modules, and the canonical classes against the papers' formulas."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import attnzoo
+from attnzoo import PyramidSplitAttention
+from attnzoo.convert import convert, from_fightingcv
+
+WHY = "fightingcv_attention is not installed"
+psa_mod = pytest.importorskip("fightingcv_attention.attention.PSA", reason=WHY)
+
+D = torch.float64
+TOL = {"atol": 1e-10, "rtol": 1e-10}
+
+
+def randomize(module: nn.Module, seed: int = 0, extra: tuple[nn.Module, ...] = ()) -> nn.Module:
+    """float64, random parameters and BatchNorm statistics, also of the layers in `extra` (fightingcv
+    keeps some layers in Python lists, out of `state_dict`)."""
+    gen = torch.Generator().manual_seed(seed)
+    for m in (module, *extra):
+        m.to(D)
+        with torch.no_grad():
+            for name, t in m.state_dict().items():
+                if not t.is_floating_point():
+                    continue
+                if "running_var" in name:
+                    t.copy_(torch.rand(t.shape, generator=gen, dtype=D) + 0.5)
+                else:
+                    t.copy_(torch.randn(t.shape, generator=gen, dtype=D) * 0.5)
+    return module
+
+
+def x_of(*shape: int, seed: int = 1) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=D)
+
+
+# ---------------------------------------------------------------------------------------------
+# PSA
+
+
+def fcv_psa(channels: int, reduction: int, s: int) -> nn.Module:
+    theirs = psa_mod.PSA(channel=channels, reduction=reduction, S=s)
+    return randomize(theirs, extra=(*theirs.convs, *theirs.se_blocks))
+
+
+@pytest.mark.parametrize(
+    ("channels", "reduction", "s", "size"),
+    [(64, 4, 4, (7, 7)), (48, 2, 3, (5, 9)), (32, 8, 2, (6, 1)), (30, 1, 5, (3, 4)), (8, 1, 1, (4, 4))],
+)
+def test_psa_matches_fightingcv(channels, reduction, s, size):
+    theirs = fcv_psa(channels, reduction, s)
+    ours = from_fightingcv(theirs)
+    assert type(ours) is PyramidSplitAttention and ours.split_input and not ours.shared_se
+    x = x_of(2, channels, *size)
+    with torch.no_grad():
+        expected = theirs(x.clone())  # fightingcv writes its branch outputs into its input
+        torch.testing.assert_close(ours(x), expected, **TOL)
+
+
+def test_psa_convert_keeps_dtype_and_mode_and_copies():
+    theirs = fcv_psa(16, 2, 4).train()
+    ours = convert(theirs)
+    assert isinstance(ours, PyramidSplitAttention) and ours.training
+    assert ours.convs[0].weight.dtype == D
+    with torch.no_grad():
+        theirs.convs[0].weight.zero_()
+    assert ours.convs[0].weight.abs().sum() > 0
+
+
+def test_psa_canonical_follows_the_official_module():
+    """The default module is the official PSAModule: every branch convolves the whole input
+    (grouped), one biased SE module is shared, softmax across the branches."""
+    ours = randomize(PyramidSplitAttention(64, dtype=D))
+    x = x_of(2, 64, 5, 6)
+    feats = [conv(x) for conv in ours.convs]  # each (B, 16, H, W)
+    assert [c.groups for c in ours.convs] == [1, 4, 8, 16]
+    assert [c.kernel_size for c in ours.convs] == [(3, 3), (5, 5), (7, 7), (9, 9)]
+    assert ours.convs[0].bias is None and ours.fc1.bias is not None and ours.fc1.out_channels == 1
+
+    def se(f: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(ours.fc2(torch.relu(ours.fc1(f.mean((2, 3), keepdim=True)))))
+
+    z = torch.stack([se(f) for f in feats], 1)  # (B, 4, 16, 1, 1)
+    a = z.softmax(1)
+    expected = torch.cat([f * a[:, i] for i, f in enumerate(feats)], 1)
+    out, weights = ours(x, need_weights=True)
+    torch.testing.assert_close(out, expected, **TOL)
+    torch.testing.assert_close(weights, a[..., 0, 0], **TOL)
+    torch.testing.assert_close(weights.sum(1), torch.ones(2, 16, dtype=D), **TOL)
+
+
+def test_psa_errors_name_the_argument():
+    with pytest.raises(ValueError, match="channels=30 must be divisible by len\\(kernel_sizes\\)=4"):
+        PyramidSplitAttention(30)
+    with pytest.raises(ValueError, match="branch \\(C / S\\)=8 must be divisible by groups=16"):
+        PyramidSplitAttention(32, groups=(1, 4, 8, 16))
+    assert [c.groups for c in PyramidSplitAttention(16).convs] == [1, 4, 4, 4]
+    with pytest.raises(ValueError, match="kernel_sizes must be odd"):
+        PyramidSplitAttention(64, kernel_sizes=(3, 4, 5, 7))
+    with pytest.raises(ValueError, match="one entry per kernel size"):
+        PyramidSplitAttention(64, groups=(1, 2))
+    with pytest.raises(ValueError, match="expects x of shape \\(B, 64, H, W\\)"):
+        attnzoo.create("psa", 64)(torch.randn(2, 32, 5, 5))
