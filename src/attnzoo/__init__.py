@@ -44,6 +44,7 @@ from attnzoo.mechanisms.neighborhood import (
     NeighborhoodAttention3d,
 )
 from attnzoo.mechanisms.non_local import NonLocalBlock
+from attnzoo.mechanisms.polarized import ParallelPolarizedSelfAttention, SequentialPolarizedSelfAttention
 from attnzoo.mechanisms.psa import PyramidSplitAttention
 from attnzoo.mechanisms.sagan import ChannelSelfAttention, SpatialSelfAttention
 from attnzoo.mechanisms.se import SqueezeExcite
@@ -151,4 +152,6 @@ __all__ = [
     "NeighborhoodAttention3d",
     # fightingcv gates b
     "PyramidSplitAttention",
+    "ParallelPolarizedSelfAttention",
+    "SequentialPolarizedSelfAttention",
 ]

@@ -107,3 +107,49 @@ def test_psa_errors_name_the_argument():
         PyramidSplitAttention(64, groups=(1, 2))
     with pytest.raises(ValueError, match="expects x of shape \\(B, 64, H, W\\)"):
         attnzoo.create("psa", 64)(torch.randn(2, 32, 5, 5))
+
+
+# ---------------------------------------------------------------------------------------------
+# Polarized self-attention
+
+polar_mod = pytest.importorskip("fightingcv_attention.attention.PolarizedSelfAttention", reason=WHY)
+POLAR = [
+    (polar_mod.ParallelPolarizedSelfAttention, attnzoo.ParallelPolarizedSelfAttention),
+    (polar_mod.SequentialPolarizedSelfAttention, attnzoo.SequentialPolarizedSelfAttention),
+]
+
+
+@pytest.mark.parametrize("pair", range(2))
+@pytest.mark.parametrize(("channels", "size"), [(64, (7, 7)), (9, (5, 3)), (2, (1, 6)), (33, (4, 4))])
+def test_polarized_matches_fightingcv(pair, channels, size):
+    fcv_cls, cls = POLAR[pair]
+    theirs = randomize(fcv_cls(channel=channels)).eval()
+    ours = from_fightingcv(theirs)
+    assert type(ours) is cls
+    xa, xb = x_of(3, channels, *size).requires_grad_(), x_of(3, channels, *size).requires_grad_()
+    out_a, out_b = ours(xa), theirs(xb)
+    torch.testing.assert_close(out_a, out_b, **TOL)
+    g = torch.randn_like(out_b)
+    out_a.backward(g)
+    out_b.backward(g)
+    torch.testing.assert_close(xa.grad, xb.grad, **TOL)
+    out, gate = ours(xa, need_weights=True)
+    torch.testing.assert_close(out, xa * gate, **TOL)
+
+
+def test_polarized_official_form_and_state_dict():
+    """`bias=False, layer_norm=False` is the official code's form: no LayerNorm, no biases."""
+    ours = attnzoo.ParallelPolarizedSelfAttention(16, bias=False, layer_norm=False, dtype=D)
+    assert sorted(ours.state_dict()) == sorted(
+        f"{n}.weight" for n in ("ch_wv", "ch_wq", "ch_wz", "sp_wv", "sp_wq")
+    )
+    randomize(ours)
+    x = x_of(2, 16, 3, 5)
+    flat = x.flatten(2)
+    p = torch.einsum("oc,bcn->bon", ours.ch_wq.weight[:, :, 0, 0], flat).softmax(-1)  # (B, 1, N)
+    v = torch.einsum("oc,bcn->bon", ours.ch_wv.weight[:, :, 0, 0], flat)  # (B, 8, N)
+    a_ch = torch.sigmoid(ours.ch_wz.weight[:, :, 0, 0] @ (v @ p.transpose(1, 2)))  # (B, 16, 1)
+    q = (ours.sp_wq.weight[:, :, 0, 0] @ flat.mean(-1, keepdim=True)).softmax(1)  # (B, 8, 1)
+    a_sp = torch.sigmoid(q.transpose(1, 2) @ torch.einsum("oc,bcn->bon", ours.sp_wv.weight[:, :, 0, 0], flat))
+    expected = (flat * a_ch + flat * a_sp).reshape_as(x)
+    torch.testing.assert_close(ours(x), expected, **TOL)

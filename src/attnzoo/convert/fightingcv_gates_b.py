@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from attnzoo.convert.timm_existing import factory, finish, refuse
+from attnzoo.mechanisms.polarized import ParallelPolarizedSelfAttention, SequentialPolarizedSelfAttention
 from attnzoo.mechanisms.psa import PyramidSplitAttention
 
 __all__ = ["CONVERTERS"]
@@ -66,6 +67,30 @@ def psa_from_fightingcv(module: Any) -> PyramidSplitAttention:
     return finish(new, module, state)
 
 
+def _polarized(cls: type[ParallelPolarizedSelfAttention]) -> Callable[[Any], nn.Module]:
+    def convert(module: Any) -> nn.Module:
+        """`{Parallel,Sequential}PolarizedSelfAttention(channel)` -> the class of the same name with
+        `rd_channels = channel // 2` and fightingcv's parameter names (a strict state_dict copy)."""
+        wv, ln = module.ch_wv, module.ln
+        if not isinstance(ln, nn.LayerNorm) or ln.normalized_shape != (wv.in_channels,):
+            raise refuse(module, "its ln is not a LayerNorm over the channels", WHO)
+        new = cls(wv.in_channels, rd_channels=wv.out_channels, bias=wv.bias is not None, **factory(wv))
+        new.ln = nn.LayerNorm(
+            ln.normalized_shape, eps=ln.eps, elementwise_affine=ln.elementwise_affine,
+            bias=ln.bias is not None, **factory(wv),
+        )
+        return finish(new, module, module.state_dict())
+
+    convert.__name__ = f"{cls.__name__}_from_fightingcv"
+    return convert
+
+
 CONVERTERS: dict[str, Callable[[nn.Module], nn.Module]] = {
     f"{_PACKAGE}.PSA.PSA": psa_from_fightingcv,
+    f"{_PACKAGE}.PolarizedSelfAttention.ParallelPolarizedSelfAttention": _polarized(
+        ParallelPolarizedSelfAttention
+    ),
+    f"{_PACKAGE}.PolarizedSelfAttention.SequentialPolarizedSelfAttention": _polarized(
+        SequentialPolarizedSelfAttention
+    ),
 }

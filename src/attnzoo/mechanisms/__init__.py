@@ -19,6 +19,7 @@ from attnzoo.mechanisms import (  # noqa: F401 (imported for registration)
     mha,
     neighborhood,
     non_local,
+    polarized,
     psa,
     sagan,
     se,
