@@ -26,6 +26,7 @@ from attnzoo.mechanisms.coord import (
     SimpleCoordAttention,
     StripAttention,
 )
+from attnzoo.mechanisms.double_attention import DoubleAttention
 from attnzoo.mechanisms.dual_gated import DualGatedAttention
 from attnzoo.mechanisms.eca import (
     CircularEfficientChannelAttention,
@@ -154,4 +155,5 @@ __all__ = [
     "PyramidSplitAttention",
     "ParallelPolarizedSelfAttention",
     "SequentialPolarizedSelfAttention",
+    "DoubleAttention",
 ]

@@ -153,3 +153,51 @@ def test_polarized_official_form_and_state_dict():
     a_sp = torch.sigmoid(q.transpose(1, 2) @ torch.einsum("oc,bcn->bon", ours.sp_wv.weight[:, :, 0, 0], flat))
     expected = (flat * a_ch + flat * a_sp).reshape_as(x)
     torch.testing.assert_close(ours(x), expected, **TOL)
+
+
+# ---------------------------------------------------------------------------------------------
+# DoubleAttention (A²-Nets)
+
+a2_mod = pytest.importorskip("fightingcv_attention.attention.A2Atttention", reason=WHY)
+
+
+@pytest.mark.filterwarnings("ignore:Implicit dimension choice")
+@pytest.mark.parametrize(
+    ("channels", "c_m", "c_n", "reconstruct", "shape"),
+    [(64, 16, 16, True, (3, 7, 7)), (12, 5, 3, True, (2, 5, 3)), (10, 4, 7, False, (4, 1, 6)),
+     (8, 8, 2, True, (1, 3, 3))],
+)
+def test_double_attention_matches_fightingcv(channels, c_m, c_n, reconstruct, shape):
+    theirs = randomize(a2_mod.DoubleAttention(channels, c_m, c_n, reconstruct))
+    ours = from_fightingcv(theirs)
+    assert type(ours) is attnzoo.DoubleAttention and ours.softmax_over == "batch"
+    b, h, w = shape
+    xa, xb = x_of(b, channels, h, w).requires_grad_(), x_of(b, channels, h, w).requires_grad_()
+    out_a, out_b = ours(xa), theirs(xb)
+    torch.testing.assert_close(out_a, out_b, **TOL)
+    g = torch.randn_like(out_b)
+    out_a.backward(g)
+    out_b.backward(g)
+    torch.testing.assert_close(xa.grad, xb.grad, **TOL)
+
+
+@pytest.mark.parametrize("reconstruct", [True, False])
+def test_double_attention_follows_the_paper(reconstruct):
+    """Gathering maps: softmax over the positions; distribution vectors: softmax over descriptors."""
+    ours = randomize(attnzoo.DoubleAttention(12, rd_channels=5, num_descriptors=3, reconstruct=reconstruct,
+                                             dtype=D))
+    x = x_of(2, 12, 4, 5)
+    a, bm, v = ours.convA(x).flatten(2), ours.convB(x).flatten(2), ours.convV(x).flatten(2)
+    g = a @ bm.softmax(-1).transpose(1, 2)  # (B, 5, 3)
+    z = (g @ v.softmax(1)).reshape(2, 5, 4, 5)
+    expected = ours.conv_reconstruct(z) if reconstruct else z
+    out, maps = ours(x, need_weights=True)
+    torch.testing.assert_close(out, expected, **TOL)
+    torch.testing.assert_close(maps.sum((2, 3)), torch.ones(2, 3, dtype=D), **TOL)
+
+
+def test_double_attention_rejects_bad_options():
+    with pytest.raises(ValueError, match="softmax_over must be one of"):
+        attnzoo.DoubleAttention(8, softmax_over="channels")
+    with pytest.raises(ValueError, match="num_descriptors must be >= 1"):
+        attnzoo.DoubleAttention(8, num_descriptors=0)

@@ -1,5 +1,5 @@
 """fightingcv -> attnzoo, group b: `PSA`, `ParallelPolarizedSelfAttention`,
-`SequentialPolarizedSelfAttention`, `DoubleAttention`.
+`SequentialPolarizedSelfAttention`, `DoubleAttention` (A2Atttention.py).
 
 `CONVERTERS` maps fightingcv-attention's dotted class names (xmu-xiaoma666/External-Attention-pytorch)
 to converters; `attnzoo.convert.fightingcv` adds them to `FIGHTINGCV_CONVERTERS`. fightingcv is never
@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from attnzoo.convert.timm_existing import factory, finish, refuse
+from attnzoo.mechanisms.double_attention import DoubleAttention
 from attnzoo.mechanisms.polarized import ParallelPolarizedSelfAttention, SequentialPolarizedSelfAttention
 from attnzoo.mechanisms.psa import PyramidSplitAttention
 
@@ -85,6 +86,17 @@ def _polarized(cls: type[ParallelPolarizedSelfAttention]) -> Callable[[Any], nn.
     return convert
 
 
+def double_attention_from_fightingcv(module: Any) -> DoubleAttention:
+    """`DoubleAttention(in_channels, c_m, c_n, reconstruct)` -> `DoubleAttention(in_channels,
+    rd_channels=c_m, num_descriptors=c_n, reconstruct=reconstruct, softmax_over="batch")`: fightingcv
+    takes both softmaxes over the batch (`F.softmax` without `dim` on a 3-D tensor). Same names."""
+    new = DoubleAttention(
+        module.in_channels, rd_channels=module.c_m, num_descriptors=module.c_n,
+        reconstruct=module.reconstruct, softmax_over="batch", **factory(module),
+    )
+    return finish(new, module, module.state_dict())
+
+
 CONVERTERS: dict[str, Callable[[nn.Module], nn.Module]] = {
     f"{_PACKAGE}.PSA.PSA": psa_from_fightingcv,
     f"{_PACKAGE}.PolarizedSelfAttention.ParallelPolarizedSelfAttention": _polarized(
@@ -93,4 +105,5 @@ CONVERTERS: dict[str, Callable[[nn.Module], nn.Module]] = {
     f"{_PACKAGE}.PolarizedSelfAttention.SequentialPolarizedSelfAttention": _polarized(
         SequentialPolarizedSelfAttention
     ),
+    f"{_PACKAGE}.A2Atttention.DoubleAttention": double_attention_from_fightingcv,
 }
