@@ -47,6 +47,7 @@ from attnzoo.mechanisms.neighborhood import (
 from attnzoo.mechanisms.non_local import NonLocalBlock
 from attnzoo.mechanisms.polarized import ParallelPolarizedSelfAttention, SequentialPolarizedSelfAttention
 from attnzoo.mechanisms.psa import PyramidSplitAttention
+from attnzoo.mechanisms.s2 import S2Attention
 from attnzoo.mechanisms.sagan import ChannelSelfAttention, SpatialSelfAttention
 from attnzoo.mechanisms.se import SqueezeExcite
 from attnzoo.mechanisms.seq2seq import (
@@ -156,4 +157,5 @@ __all__ = [
     "ParallelPolarizedSelfAttention",
     "SequentialPolarizedSelfAttention",
     "DoubleAttention",
+    "S2Attention",
 ]

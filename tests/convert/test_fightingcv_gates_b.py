@@ -201,3 +201,64 @@ def test_double_attention_rejects_bad_options():
         attnzoo.DoubleAttention(8, softmax_over="channels")
     with pytest.raises(ValueError, match="num_descriptors must be >= 1"):
         attnzoo.DoubleAttention(8, num_descriptors=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# S2Attention (S²-MLPv2)
+
+s2_mod = pytest.importorskip("fightingcv_attention.attention.S2Attention", reason=WHY)
+
+
+@pytest.mark.parametrize(("b", "h", "w"), [(2, 7, 7), (1, 5, 3), (3, 1, 4), (2, 2, 1)])
+def test_s2_matches_fightingcv(b, h, w):
+    """fightingcv's S2Attention runs only for 512 channels (its split attention is built for 512)."""
+    theirs = randomize(s2_mod.S2Attention(channels=512), seed=3)
+    with torch.no_grad():  # keep the softmax logits moderate: random N(0, 1/4) weights at C = 512
+        for p in theirs.parameters():
+            p.mul_(0.1)
+    ours = from_fightingcv(theirs)
+    assert type(ours) is attnzoo.S2Attention and ours.shift == "fightingcv"
+    xa, xb = x_of(b, 512, h, w).requires_grad_(), x_of(b, 512, h, w).requires_grad_()
+    out_a, out_b = ours(xa), theirs(xb)
+    torch.testing.assert_close(out_a, out_b, **TOL)
+    g = torch.randn_like(out_b)
+    out_a.backward(g)
+    out_b.backward(g)
+    torch.testing.assert_close(xa.grad, xb.grad, **TOL)
+
+
+def test_s2_refuses_fightingcvs_broken_widths():
+    with pytest.raises(TypeError, match="split attention is built for 512 channels"):
+        from_fightingcv(s2_mod.S2Attention(channels=64))
+
+
+def paper_shift(t: torch.Tensor, plan: list[tuple[int, int]]) -> torch.Tensor:
+    """The paper's pseudo-code, out of place: `out[:, 1:] = t[:, :-1]` leaves out[:, 0] = t[:, 0]."""
+    out = t.clone()
+    c = t.shape[-1]
+    bounds = (0, c // 4, c // 2, c * 3 // 4, c)
+    for i, (dim, step) in enumerate(plan):
+        sl = slice(bounds[i], bounds[i + 1])
+        n = t.shape[dim]
+        src = [slice(None)] * 3 + [sl]
+        dst = [slice(None)] * 3 + [sl]
+        src[dim], dst[dim] = (slice(0, n - 1), slice(1, n)) if step > 0 else (slice(1, n), slice(0, n - 1))
+        out[tuple(dst)] = t[tuple(src)]
+    return out
+
+
+@pytest.mark.parametrize(("channels", "size"), [(8, (5, 6)), (13, (3, 7)), (64, (4, 4))])
+def test_s2_follows_the_paper(channels, size):
+    ours = randomize(attnzoo.S2Attention(channels, dtype=D))
+    x = x_of(2, channels, *size)
+    t = ours.mlp1(x.permute(0, 2, 3, 1))
+    x1 = paper_shift(t[..., :channels], [(1, 1), (1, -1), (2, 1), (2, -1)])
+    x2 = paper_shift(t[..., channels:2 * channels], [(2, 1), (2, -1), (1, 1), (1, -1)])
+    x_all = torch.stack([x1, x2, t[..., 2 * channels:]], 1)  # (B, 3, H, W, C)
+    a = x_all.sum((1, 2, 3))
+    weights = ours.split_attention.mlp2(torch.nn.functional.gelu(ours.split_attention.mlp1(a)))
+    weights = weights.reshape(2, 3, channels).softmax(1)
+    expected = ours.mlp2((x_all * weights[:, :, None, None]).sum(1)).permute(0, 3, 1, 2)
+    out, got = ours(x, need_weights=True)
+    torch.testing.assert_close(out, expected, **TOL)
+    torch.testing.assert_close(got, weights, **TOL)

@@ -1,5 +1,6 @@
 """fightingcv -> attnzoo, group b: `PSA`, `ParallelPolarizedSelfAttention`,
-`SequentialPolarizedSelfAttention`, `DoubleAttention` (A2Atttention.py).
+`SequentialPolarizedSelfAttention`, `DoubleAttention` (A2Atttention.py),
+`S2Attention`.
 
 `CONVERTERS` maps fightingcv-attention's dotted class names (xmu-xiaoma666/External-Attention-pytorch)
 to converters; `attnzoo.convert.fightingcv` adds them to `FIGHTINGCV_CONVERTERS`. fightingcv is never
@@ -20,6 +21,7 @@ from attnzoo.convert.timm_existing import factory, finish, refuse
 from attnzoo.mechanisms.double_attention import DoubleAttention
 from attnzoo.mechanisms.polarized import ParallelPolarizedSelfAttention, SequentialPolarizedSelfAttention
 from attnzoo.mechanisms.psa import PyramidSplitAttention
+from attnzoo.mechanisms.s2 import S2Attention
 
 __all__ = ["CONVERTERS"]
 
@@ -97,6 +99,23 @@ def double_attention_from_fightingcv(module: Any) -> DoubleAttention:
     return finish(new, module, module.state_dict())
 
 
+def s2_from_fightingcv(module: Any) -> S2Attention:
+    """`S2Attention(channels)` -> `S2Attention(channels, shift="fightingcv")`, same names: fightingcv's
+    in-place shifts smear the first row or column on CPU (`attnzoo.mechanisms.s2`). Refused unless
+    its split attention has the module's width (fightingcv builds it for 512 channels whatever
+    `channels` is, so only C = 512 runs there)."""
+    channels = module.mlp2.in_features
+    if module.split_attention.channel != channels or module.split_attention.k != 3:
+        raise refuse(
+            module,
+            f"its split attention is built for {module.split_attention.channel} channels and "
+            f"{module.split_attention.k} branches, its block for {channels} and 3 (it cannot run)",
+            WHO,
+        )
+    new = S2Attention(channels, shift="fightingcv", **factory(module))
+    return finish(new, module, module.state_dict())
+
+
 CONVERTERS: dict[str, Callable[[nn.Module], nn.Module]] = {
     f"{_PACKAGE}.PSA.PSA": psa_from_fightingcv,
     f"{_PACKAGE}.PolarizedSelfAttention.ParallelPolarizedSelfAttention": _polarized(
@@ -106,4 +125,5 @@ CONVERTERS: dict[str, Callable[[nn.Module], nn.Module]] = {
         SequentialPolarizedSelfAttention
     ),
     f"{_PACKAGE}.A2Atttention.DoubleAttention": double_attention_from_fightingcv,
+    f"{_PACKAGE}.S2Attention.S2Attention": s2_from_fightingcv,
 }

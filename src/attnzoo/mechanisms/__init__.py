@@ -22,6 +22,7 @@ from attnzoo.mechanisms import (  # noqa: F401 (imported for registration)
     non_local,
     polarized,
     psa,
+    s2,
     sagan,
     se,
     seq2seq,

@@ -160,7 +160,7 @@ class PyramidSplitAttention(nn.Module):
         z = torch.sigmoid(self.fc2(torch.relu(self.fc1(pooled))))  # (B*S, C/S, 1, 1) or (B, C, 1, 1)
         weights = z.reshape(b, s, -1).softmax(dim=1)  # (B, S, C/S): softmax across the branches
         if not torch.jit.is_scripting():
-            if capturing():  # map capture: the per-channel branch weights
-                record(self, "channel", weights.reshape(b, -1))
+            if capturing():  # map capture: the branch weights of each channel
+                record(self, "branch", weights)
         out = feats * weights.reshape(b, -1, 1, 1)  # (B, C, 1, 1) broadcast over H, W
         return (out, weights) if need_weights else out
