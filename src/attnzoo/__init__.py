@@ -26,6 +26,7 @@ from attnzoo.mechanisms.coord import (
     SimpleCoordAttention,
     StripAttention,
 )
+from attnzoo.mechanisms.cot import ContextualTransformer, FightingcvCoTAttention
 from attnzoo.mechanisms.double_attention import DoubleAttention
 from attnzoo.mechanisms.dual_gated import DualGatedAttention
 from attnzoo.mechanisms.eca import (
@@ -158,4 +159,6 @@ __all__ = [
     "SequentialPolarizedSelfAttention",
     "DoubleAttention",
     "S2Attention",
+    "ContextualTransformer",
+    "FightingcvCoTAttention",
 ]

@@ -262,3 +262,78 @@ def test_s2_follows_the_paper(channels, size):
     out, got = ours(x, need_weights=True)
     torch.testing.assert_close(out, expected, **TOL)
     torch.testing.assert_close(got, weights, **TOL)
+
+
+# ---------------------------------------------------------------------------------------------
+# CoT
+
+cot_mod = pytest.importorskip("fightingcv_attention.attention.CoTAttention", reason=WHY)
+
+
+def check_with_grads(theirs: nn.Module, ours: nn.Module, shape: tuple[int, ...], train: bool) -> None:
+    """Outputs, input gradients and (in training) BatchNorm statistics agree."""
+    theirs.train(train)
+    ours.train(train)
+    xa, xb = x_of(*shape).requires_grad_(), x_of(*shape).requires_grad_()
+    out_a, out_b = ours(xa), theirs(xb)
+    torch.testing.assert_close(out_a, out_b, **TOL)
+    g = torch.randn_like(out_b)
+    out_a.backward(g)
+    out_b.backward(g)
+    torch.testing.assert_close(xa.grad, xb.grad, **TOL)
+    bns = [[m for m in mod.modules() if isinstance(m, nn.BatchNorm2d)] for mod in (ours, theirs)]
+    for a, b in zip(*bns, strict=True):
+        torch.testing.assert_close(a.running_mean, b.running_mean, **TOL)
+        torch.testing.assert_close(a.running_var, b.running_var, **TOL)
+
+
+@pytest.mark.parametrize("train", [False, True])
+@pytest.mark.parametrize(
+    ("dim", "kernel_size", "shape"), [(16, 3, (2, 7, 7)), (8, 5, (3, 5, 3)), (12, 1, (2, 4, 1))]
+)
+def test_cot_matches_fightingcv(dim, kernel_size, shape, train):
+    theirs = randomize(cot_mod.CoTAttention(dim=dim, kernel_size=kernel_size))
+    ours = from_fightingcv(theirs)
+    assert type(ours) is attnzoo.FightingcvCoTAttention
+    b, h, w = shape
+    check_with_grads(theirs, ours, (b, dim, h, w), train)
+
+
+def unfold_aggregate(v: torch.Tensor, w: torch.Tensor, k: int) -> torch.Tensor:
+    """The official kernel's reference (its test): unfold, then sum weights x patches."""
+    b, c, h, wd = v.shape
+    g = w.shape[1]
+    patches = torch.nn.functional.unfold(v, k, padding=k // 2).view(b, c // g, g, k * k, h, wd)
+    return (w.unsqueeze(1) * patches).sum(-3).view(b, c, h, wd)
+
+
+@pytest.mark.parametrize(("c", "g", "k", "size"), [(8, 4, 3, (5, 6)), (16, 2, 5, (4, 3)), (6, 6, 1, (2, 2))])
+def test_local_aggregate_matches_the_official_kernel_reference(c, g, k, size):
+    v = x_of(2, c, *size)
+    w = x_of(2, g, k * k, *size, seed=2)
+    got = attnzoo.mechanisms.cot.local_aggregate(v, w, k)
+    torch.testing.assert_close(got, unfold_aggregate(v, w, k), **TOL)
+
+
+def test_cot_canonical_is_the_official_cotlayer():
+    ours = randomize(attnzoo.ContextualTransformer(32, dtype=D)).eval()
+    assert sorted(ours.state_dict()) == sorted([
+        "key_embed.0.weight", *(f"key_embed.1.{n}" for n in BN),
+        "embed.0.weight", *(f"embed.1.{n}" for n in BN), "embed.3.weight", "embed.3.bias",
+        "embed.4.weight", "embed.4.bias",
+        "conv1x1.0.weight", *(f"conv1x1.1.{n}" for n in BN), *(f"bn.{n}" for n in BN),
+        "se.0.weight", "se.0.bias", *(f"se.1.{n}" for n in BN), "se.3.weight", "se.3.bias",
+    ])
+    assert ours.embed[3].out_channels == 9 * 32 // 8 and ours.se[0].out_channels == 32
+    x = x_of(2, 32, 5, 4)
+    k = ours.key_embed(x)
+    w = ours.embed(torch.cat([x, k], 1)).view(2, 4, 9, 5, 4)
+    k2 = torch.nn.functional.silu(ours.bn(unfold_aggregate(ours.conv1x1(x), w, 3)))
+    a = ours.se((k2 + k).mean((2, 3), keepdim=True)).view(2, 32, 2).softmax(2)
+    expected = k2 * a[:, :, 0, None, None] + k * a[:, :, 1, None, None]
+    out, weights = ours(x, need_weights=True)
+    torch.testing.assert_close(out, expected, **TOL)
+    torch.testing.assert_close(weights, w, **TOL)
+
+
+BN = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")

@@ -1,6 +1,6 @@
 """fightingcv -> attnzoo, group b: `PSA`, `ParallelPolarizedSelfAttention`,
 `SequentialPolarizedSelfAttention`, `DoubleAttention` (A2Atttention.py),
-`S2Attention`.
+`S2Attention`, `CoTAttention`.
 
 `CONVERTERS` maps fightingcv-attention's dotted class names (xmu-xiaoma666/External-Attention-pytorch)
 to converters; `attnzoo.convert.fightingcv` adds them to `FIGHTINGCV_CONVERTERS`. fightingcv is never
@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from attnzoo.convert.timm_existing import factory, finish, refuse
+from attnzoo.mechanisms.cot import FightingcvCoTAttention
 from attnzoo.mechanisms.double_attention import DoubleAttention
 from attnzoo.mechanisms.polarized import ParallelPolarizedSelfAttention, SequentialPolarizedSelfAttention
 from attnzoo.mechanisms.psa import PyramidSplitAttention
@@ -116,6 +117,18 @@ def s2_from_fightingcv(module: Any) -> S2Attention:
     return finish(new, module, module.state_dict())
 
 
+def cot_from_fightingcv(module: Any) -> FightingcvCoTAttention:
+    """`CoTAttention(dim, kernel_size)` -> `FightingcvCoTAttention(dim, kernel_size)` (its names and
+    numbers; not the paper's CoT block, `attnzoo.ContextualTransformer`). BatchNorm eps and momentum
+    are copied."""
+    new = FightingcvCoTAttention(module.dim, module.kernel_size, **factory(module))
+    theirs_bn = [m for m in module.modules() if isinstance(m, nn.BatchNorm2d)]
+    ours_bn = [m for m in new.modules() if isinstance(m, nn.BatchNorm2d)]
+    for a, b in zip(ours_bn, theirs_bn, strict=True):
+        a.eps, a.momentum = b.eps, b.momentum
+    return finish(new, module, module.state_dict())
+
+
 CONVERTERS: dict[str, Callable[[nn.Module], nn.Module]] = {
     f"{_PACKAGE}.PSA.PSA": psa_from_fightingcv,
     f"{_PACKAGE}.PolarizedSelfAttention.ParallelPolarizedSelfAttention": _polarized(
@@ -126,4 +139,5 @@ CONVERTERS: dict[str, Callable[[nn.Module], nn.Module]] = {
     ),
     f"{_PACKAGE}.A2Atttention.DoubleAttention": double_attention_from_fightingcv,
     f"{_PACKAGE}.S2Attention.S2Attention": s2_from_fightingcv,
+    f"{_PACKAGE}.CoTAttention.CoTAttention": cot_from_fightingcv,
 }

@@ -33,7 +33,7 @@ __all__ = ["DoubleAttention"]
 
 @register(
     "double_attention",
-    family="gating",
+    family="global",
     paper="A²-Nets: Double Attention Networks",
     year=2018,
     layout="NCHW",
