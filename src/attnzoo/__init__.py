@@ -27,6 +27,12 @@ from attnzoo.mechanisms.coord import (
     StripAttention,
 )
 from attnzoo.mechanisms.cot import ContextualTransformer, FightingcvCoTAttention
+from attnzoo.mechanisms.danet import DANetChannelAttention, DANetPositionAttention, DualAttention
+from attnzoo.mechanisms.danet_fightingcv import (
+    FightingcvChannelAttentionModule,
+    FightingcvDAModule,
+    FightingcvPositionAttentionModule,
+)
 from attnzoo.mechanisms.double_attention import DoubleAttention
 from attnzoo.mechanisms.dual_gated import DualGatedAttention
 from attnzoo.mechanisms.eca import (
@@ -161,4 +167,10 @@ __all__ = [
     "S2Attention",
     "ContextualTransformer",
     "FightingcvCoTAttention",
+    "DANetPositionAttention",
+    "DANetChannelAttention",
+    "DualAttention",
+    "FightingcvPositionAttentionModule",
+    "FightingcvChannelAttentionModule",
+    "FightingcvDAModule",
 ]

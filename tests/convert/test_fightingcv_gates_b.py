@@ -337,3 +337,87 @@ def test_cot_canonical_is_the_official_cotlayer():
 
 
 BN = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+
+
+# ---------------------------------------------------------------------------------------------
+# DANet
+
+danet_mod = pytest.importorskip("fightingcv_attention.attention.DANet", reason=WHY)
+
+
+def check_eval_and_train(theirs: nn.Module, ours: nn.Module, shape: tuple[int, ...]) -> None:
+    """Eval mode as built; train mode with the attention dropout off (its random draws differ)."""
+    check_with_grads(theirs, ours, shape, train=False)
+    for m in (*theirs.modules(), *ours.modules()):
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+    check_with_grads(theirs, ours, shape, train=True)
+
+
+@pytest.mark.parametrize(("d", "k", "shape"), [(16, 3, (2, 7, 7)), (8, 5, (3, 5, 3)), (12, 2, (2, 4, 5))])
+def test_danet_position_matches_fightingcv(d, k, shape):
+    theirs = randomize(danet_mod.PositionAttentionModule(d_model=d, kernel_size=k))
+    ours = from_fightingcv(theirs)
+    assert type(ours) is attnzoo.FightingcvPositionAttentionModule and ours.pa.dropout.p == 0.1
+    b, h, w = shape
+    check_eval_and_train(theirs, ours, (b, d, h, w))
+
+
+@pytest.mark.parametrize(("d", "k", "h", "w"), [(16, 3, 7, 7), (8, 5, 5, 3), (6, 1, 1, 4)])
+def test_danet_channel_matches_fightingcv(d, k, h, w):
+    theirs = randomize(danet_mod.ChannelAttentionModule(d_model=d, kernel_size=k, H=h, W=w))
+    ours = from_fightingcv(theirs)
+    assert type(ours) is attnzoo.FightingcvChannelAttentionModule
+    check_eval_and_train(theirs, ours, (2, d, h, w))
+    with pytest.raises(ValueError, match=f"expects its convolution to give {h * w} positions"):
+        ours(x_of(2, d, h + 1, w))
+
+
+def test_damodule_matches_fightingcv_which_runs_only_at_512_by_7x7():
+    theirs = randomize(danet_mod.DAModule(d_model=64, kernel_size=5, H=3, W=3))  # arguments ignored
+    with torch.no_grad():  # moderate logits at C = 512 (saturated softmaxes make gradients ill-conditioned)
+        for p in theirs.parameters():
+            p.mul_(0.1)
+    ours = from_fightingcv(theirs)
+    assert type(ours) is attnzoo.FightingcvDAModule
+    assert ours.position_attention_module.d_model == 512 and ours.channel_attention_module.positions == 49
+    check_eval_and_train(theirs, ours, (2, 512, 7, 7))
+    small = attnzoo.FightingcvDAModule(d_model=8, kernel_size=3, H=3, W=5)  # uses its arguments
+    assert small(torch.randn(2, 8, 3, 5)).shape == (2, 8, 3, 5)
+
+
+def pam_reference(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The official PAM_Module's forward."""
+    b, c, h, w = x.shape
+    q = m.query_conv(x).view(b, -1, h * w).permute(0, 2, 1)
+    k = m.key_conv(x).view(b, -1, h * w)
+    attention = torch.bmm(q, k).softmax(-1)
+    out = torch.bmm(m.value_conv(x).view(b, -1, h * w), attention.permute(0, 2, 1)).view(b, c, h, w)
+    return m.gamma * out + x
+
+
+def cam_reference(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The official CAM_Module's forward."""
+    b, c, h, w = x.shape
+    q = x.view(b, c, -1)
+    energy = torch.bmm(q, q.permute(0, 2, 1))
+    energy_new = torch.max(energy, -1, keepdim=True)[0].expand_as(energy) - energy
+    out = torch.bmm(energy_new.softmax(-1), q).view(b, c, h, w)
+    return m.gamma * out + x
+
+
+@pytest.mark.parametrize(("c", "size"), [(16, (5, 6)), (24, (3, 1)), (9, (4, 7))])
+def test_danet_canonical_modules_are_the_official_ones(c, size):
+    pam = randomize(attnzoo.DANetPositionAttention(c, dtype=D))
+    cam = randomize(attnzoo.DANetChannelAttention(c, dtype=D))
+    assert sorted(pam.state_dict()) == sorted(
+        ["gamma", *(f"{n}_conv.{p}" for n in ("query", "key", "value") for p in ("weight", "bias"))]
+    )
+    x = x_of(2, c, *size) * 0.3
+    torch.testing.assert_close(pam(x), pam_reference(pam, x), **TOL)
+    torch.testing.assert_close(cam(x), cam_reference(cam, x), **TOL)
+    head = randomize(attnzoo.DualAttention(4 * c, dtype=D)).eval()
+    x4 = x_of(2, 4 * c, *size) * 0.3
+    feat = head.conv51(pam_reference(head.sa, head.conv5a(x4)))
+    feat = feat + head.conv52(cam_reference(head.sc, head.conv5c(x4)))
+    torch.testing.assert_close(head(x4), head.conv8(feat), **TOL)

@@ -1,6 +1,6 @@
 """fightingcv -> attnzoo, group b: `PSA`, `ParallelPolarizedSelfAttention`,
 `SequentialPolarizedSelfAttention`, `DoubleAttention` (A2Atttention.py),
-`S2Attention`, `CoTAttention`.
+`S2Attention`, `CoTAttention`, DANet's `PositionAttentionModule`, `ChannelAttentionModule`, `DAModule`.
 
 `CONVERTERS` maps fightingcv-attention's dotted class names (xmu-xiaoma666/External-Attention-pytorch)
 to converters; `attnzoo.convert.fightingcv` adds them to `FIGHTINGCV_CONVERTERS`. fightingcv is never
@@ -19,6 +19,11 @@ from torch import nn
 
 from attnzoo.convert.timm_existing import factory, finish, refuse
 from attnzoo.mechanisms.cot import FightingcvCoTAttention
+from attnzoo.mechanisms.danet_fightingcv import (
+    FightingcvChannelAttentionModule,
+    FightingcvDAModule,
+    FightingcvPositionAttentionModule,
+)
 from attnzoo.mechanisms.double_attention import DoubleAttention
 from attnzoo.mechanisms.polarized import ParallelPolarizedSelfAttention, SequentialPolarizedSelfAttention
 from attnzoo.mechanisms.psa import PyramidSplitAttention
@@ -129,6 +134,45 @@ def cot_from_fightingcv(module: Any) -> FightingcvCoTAttention:
     return finish(new, module, module.state_dict())
 
 
+def _position(module: Any) -> FightingcvPositionAttentionModule:
+    """`PositionAttentionModule` -> `FightingcvPositionAttentionModule` (same names and numbers)."""
+    cnn, pa = module.cnn, module.pa
+    if pa.h != 1 or pa.d_k != cnn.in_channels or pa.d_v != cnn.in_channels:
+        raise refuse(module, "its attention is not one head of the convolution's width", WHO)
+    new = FightingcvPositionAttentionModule(cnn.in_channels, cnn.kernel_size[0], **factory(module))
+    new.pa.dropout.p = pa.dropout.p
+    return finish(new, module, module.state_dict())
+
+
+def _channel(module: Any) -> FightingcvChannelAttentionModule:
+    """`ChannelAttentionModule` -> `FightingcvChannelAttentionModule`, built for the `H*W` positions
+    of fightingcv's output projection (as `H=H*W, W=1`)."""
+    cnn, pa = module.cnn, module.pa
+    if pa.h != 1:
+        raise refuse(module, f"its attention has {pa.h} heads, not 1", WHO)
+    k = cnn.kernel_size[0]
+    new = FightingcvChannelAttentionModule(cnn.in_channels, k, pa.d_model, 1, **factory(module))
+    new.pa.dropout.p = pa.dropout.p
+    return finish(new, module, module.state_dict())
+
+
+def danet_from_fightingcv(module: Any) -> nn.Module:
+    """`PositionAttentionModule`, `ChannelAttentionModule`, `DAModule` -> the `Fightingcv*` class of
+    the same name (attnzoo.mechanisms.danet_fightingcv); fightingcv's `DAModule` always holds modules
+    built for 512 channels, kernel 3 and 7 x 7 inputs, whatever its arguments."""
+    name = type(module).__name__
+    if name == "PositionAttentionModule":
+        return _position(module)
+    if name == "ChannelAttentionModule":
+        return _channel(module)
+    pos, chan = _position(module.position_attention_module), _channel(module.channel_attention_module)
+    if pos.cnn.kernel_size != chan.cnn.kernel_size or pos.d_model != chan.d_model:
+        raise refuse(module, "its two modules have different widths or kernel sizes", WHO)
+    new = FightingcvDAModule(pos.d_model, pos.cnn.kernel_size[0], chan.positions, 1, **factory(module))
+    new.position_attention_module, new.channel_attention_module = pos, chan
+    return new.train(module.training)
+
+
 CONVERTERS: dict[str, Callable[[nn.Module], nn.Module]] = {
     f"{_PACKAGE}.PSA.PSA": psa_from_fightingcv,
     f"{_PACKAGE}.PolarizedSelfAttention.ParallelPolarizedSelfAttention": _polarized(
@@ -140,4 +184,6 @@ CONVERTERS: dict[str, Callable[[nn.Module], nn.Module]] = {
     f"{_PACKAGE}.A2Atttention.DoubleAttention": double_attention_from_fightingcv,
     f"{_PACKAGE}.S2Attention.S2Attention": s2_from_fightingcv,
     f"{_PACKAGE}.CoTAttention.CoTAttention": cot_from_fightingcv,
+    **{f"{_PACKAGE}.DANet.{n}": danet_from_fightingcv
+       for n in ("PositionAttentionModule", "ChannelAttentionModule", "DAModule")},
 }

@@ -10,6 +10,8 @@ from attnzoo.mechanisms import (  # noqa: F401 (imported for registration)
     cbam_seed,
     coord,
     cot,
+    danet,
+    danet_fightingcv,
     double_attention,
     dual_gated,
     eca,
