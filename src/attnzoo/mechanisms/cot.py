@@ -82,7 +82,8 @@ class ContextualTransformer(nn.Module):
 
     where $V \\circledast A$ aggregates each position's $k \\times k$ neighbourhood of V with its
     own weights (channel c uses weight group $c \\bmod (C/s)$) and SE is conv-BN-ReLU-conv to
-    $2C$ channels (hidden width `max(2C // reduction, 32)`).
+    $2C$ channels (hidden width `max(2C // reduction, 32)`). Its BatchNorm sees pooled features,
+    so training needs a batch of at least two, as in the official code.
 
     Args:
         channels: Input and output channels C, divisible by `groups` and `share_planes`.

@@ -220,8 +220,8 @@ class DualAttention(nn.Module):
         channels: Input channels C.
         reduction: The branches have `max(C // reduction, 1)` channels. Default: 4.
         out_channels: Output channels of the final 1x1 convolution. Default: None (C).
-        proj_drop: Channel dropout (`nn.Dropout2d`) before the final convolution. Default: 0.1
-            (the official head's).
+        proj_drop: Channel dropout (`nn.Dropout2d`) before the final convolution; the official
+            head has 0.1. Default: 0.0.
         device: Device of the parameters. Default: None.
         dtype: dtype of the parameters. Default: None.
 
@@ -244,7 +244,7 @@ class DualAttention(nn.Module):
         channels: int,
         reduction: int = 4,
         out_channels: int | None = None,
-        proj_drop: float = 0.1,
+        proj_drop: float = 0.0,
         *,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
