@@ -137,7 +137,7 @@ class DoubleAttention(nn.Module):
             descriptors = descriptors + b_a[:, None] * mass  # (C_out, 1) broadcast
         if not torch.jit.is_scripting():
             if capturing():  # map capture: where the descriptors gather from, averaged over them
-                record(self, "spatial", maps.mean(1).reshape(b, h, w))
+                record(self, "spatial", maps.mean(1).reshape(b, h, w), grid=(h, w))
         out = descriptors @ vectors  # (B, C_out, c_n) @ (B, c_n, N) -> (B, C_out, N)
         if out_bias is not None:
             out = out + out_bias[:, None]  # (C_out, 1) broadcast over N

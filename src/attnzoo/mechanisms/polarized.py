@@ -106,7 +106,7 @@ class _Polarized(nn.Module):
         if not torch.jit.is_scripting():
             if capturing():  # map capture: both gates
                 record(self, "channel", g_ch)
-                record(self, "spatial", g_sp.reshape(b, h, w))
+                record(self, "spatial", g_sp.reshape(b, h, w), grid=(h, w))
         g_ch = g_ch[:, :, None, None]  # (B, C, 1, 1)
         g_sp = g_sp.reshape(b, 1, h, w)  # (B, N) -> (B, 1, H, W)
         gate = g_ch * g_sp if self.sequential else g_ch + g_sp  # broadcasts to (B, C, H, W)
