@@ -29,6 +29,14 @@ from attnzoo.mechanisms.coord import (
     SimpleCoordAttention,
     StripAttention,
 )
+from attnzoo.mechanisms.cot import ContextualTransformer, FightingcvCoTAttention
+from attnzoo.mechanisms.danet import DANetChannelAttention, DANetPositionAttention, DualAttention
+from attnzoo.mechanisms.danet_fightingcv import (
+    FightingcvChannelAttentionModule,
+    FightingcvDAModule,
+    FightingcvPositionAttentionModule,
+)
+from attnzoo.mechanisms.double_attention import DoubleAttention
 from attnzoo.mechanisms.dual_gated import DualGatedAttention
 from attnzoo.mechanisms.eca import (
     CircularEfficientChannelAttention,
@@ -53,7 +61,10 @@ from attnzoo.mechanisms.neighborhood import (
 )
 from attnzoo.mechanisms.non_local import NonLocalBlock
 from attnzoo.mechanisms.parnet import ParNetAttention
+from attnzoo.mechanisms.polarized import ParallelPolarizedSelfAttention, SequentialPolarizedSelfAttention
+from attnzoo.mechanisms.psa import PyramidSplitAttention
 from attnzoo.mechanisms.residual_attention import ResidualAttention
+from attnzoo.mechanisms.s2 import S2Attention
 from attnzoo.mechanisms.sagan import ChannelSelfAttention, SpatialSelfAttention
 from attnzoo.mechanisms.se import SqueezeExcite
 from attnzoo.mechanisms.seq2seq import (
@@ -181,4 +192,18 @@ __all__ = [
     "ExternalAttention",
     "MUSEAttention",
     "UFOAttention",
+    # fightingcv gates b
+    "PyramidSplitAttention",
+    "ParallelPolarizedSelfAttention",
+    "SequentialPolarizedSelfAttention",
+    "DoubleAttention",
+    "S2Attention",
+    "ContextualTransformer",
+    "FightingcvCoTAttention",
+    "DANetPositionAttention",
+    "DANetChannelAttention",
+    "DualAttention",
+    "FightingcvPositionAttentionModule",
+    "FightingcvChannelAttentionModule",
+    "FightingcvDAModule",
 ]

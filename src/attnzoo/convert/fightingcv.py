@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import nn
 
-from attnzoo.convert import fightingcv_gates_a, fightingcv_tokens_a
+from attnzoo.convert import fightingcv_gates_a, fightingcv_gates_b, fightingcv_tokens_a
 from attnzoo.convert.fightingcv_existing import EXISTING_CONVERTERS as _FCV_INTEROP  # fcv-interop block
 
 __all__ = ["FIGHTINGCV_CONVERTERS", "from_fightingcv"]
@@ -51,6 +51,7 @@ FIGHTINGCV_CONVERTERS: dict[str, Callable[[nn.Module], nn.Module]] = {
     **fightingcv_gates_a.CONVERTERS,
     # ---- fcv-token-a: external, MHA variants, EMSA, MUSE, AFT, UFO (fightingcv_tokens_a)
     **fightingcv_tokens_a.CONVERTERS,
+    **fightingcv_gates_b.CONVERTERS,
 }
 
 
