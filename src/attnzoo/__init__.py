@@ -26,6 +26,7 @@ from attnzoo.mechanisms.coord import (
     SimpleCoordAttention,
     StripAttention,
 )
+from attnzoo.mechanisms.criss_cross import CrissCrossAttention
 from attnzoo.mechanisms.dual_gated import DualGatedAttention
 from attnzoo.mechanisms.eca import (
     CircularEfficientChannelAttention,
@@ -148,4 +149,6 @@ __all__ = [
     "NeighborhoodAttention1d",
     "NeighborhoodAttention2d",
     "NeighborhoodAttention3d",
+    # fcv-token-b: fightingcv spatial token mixers (criss-cross, axial, outlook, ...)
+    "CrissCrossAttention",
 ]

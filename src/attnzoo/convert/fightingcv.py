@@ -14,6 +14,7 @@ from typing import Any
 from torch import nn
 
 from attnzoo.convert.fightingcv_existing import EXISTING_CONVERTERS as _FCV_INTEROP  # fcv-interop block
+from attnzoo.convert.fightingcv_tokens_b import CONVERTERS as _FCV_TOKENS_B  # fcv-token-b block
 
 __all__ = ["FIGHTINGCV_CONVERTERS", "from_fightingcv"]
 
@@ -46,6 +47,7 @@ FIGHTINGCV_CONVERTERS: dict[str, Callable[[nn.Module], nn.Module]] = {
     "fightingcv_attention.attention.CoordAttention.CoordAtt": _coord_att,
     # ---- fcv-interop: SEAttention, CBAMBlock, SKAttention, ACmix (attnzoo.convert.fightingcv_existing)
     **_FCV_INTEROP,
+    **_FCV_TOKENS_B,
 }
 
 

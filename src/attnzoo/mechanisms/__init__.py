@@ -9,6 +9,7 @@ from attnzoo.mechanisms import (  # noqa: F401 (imported for registration)
     cbam_res,
     cbam_seed,
     coord,
+    criss_cross,
     dual_gated,
     eca,
     ese,
