@@ -14,6 +14,7 @@ from attnzoo.functional import attend, fused_attn, fused_enabled
 from attnzoo.kernels.blocked import global_kernel
 from attnzoo.maps import AttentionMap, capture_maps
 from attnzoo.mechanisms.acmix import ACmix
+from attnzoo.mechanisms.axial import AxialAttention
 from attnzoo.mechanisms.bat import BATNonLocalAttention
 from attnzoo.mechanisms.biformer import BiLevelRoutingAttention
 from attnzoo.mechanisms.biformer_nchw import BiLevelRoutingAttention2d, nchwBRA
@@ -150,5 +151,6 @@ __all__ = [
     "NeighborhoodAttention2d",
     "NeighborhoodAttention3d",
     # fcv-token-b: fightingcv spatial token mixers (criss-cross, axial, outlook, ...)
+    "AxialAttention",
     "CrissCrossAttention",
 ]

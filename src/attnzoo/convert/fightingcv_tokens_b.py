@@ -16,6 +16,8 @@ from typing import Any
 from torch import nn
 
 from attnzoo.convert.timm_existing import factory, finish, refuse
+from attnzoo.convert.fightingcv_existing import rename
+from attnzoo.mechanisms.axial import AxialAttention
 from attnzoo.mechanisms.criss_cross import CrissCrossAttention
 
 __all__ = ["CONVERTERS"]
@@ -33,6 +35,29 @@ def criss_cross_from_fightingcv(module: Any) -> CrissCrossAttention:
     return finish(new, module, module.state_dict())
 
 
+def axial_from_fightingcv(module: Any) -> AxialAttention:
+    """`AxialAttention(dim, num_dimensions=2, heads, dim_heads, dim_index=-1, sum_axial_out)` ->
+    `AxialAttention(dim, heads, head_dim=dim_heads, sum_axes=sum_axial_out)`; `axial_attentions.0.fn`
+    (the H axis) and `.1.fn` (W) become `attn_h` and `attn_w`, `to_q`/`to_kv`/`to_out` become
+    `q`/`kv`/`proj`. Only channels-last 2-D inputs (`dim_index=-1` or 3) are represented."""
+    if module.total_dimensions != 4:
+        raise refuse(module, f"num_dimensions={module.total_dimensions - 2}: only 2-D maps are supported", WHO)
+    if module.dim_index != 3:
+        raise refuse(module, f"dim_index={module.dim_index}: only channels-last (B, H, W, C) is supported", WHO)
+    perms = [list(a.permutation) for a in module.axial_attentions]
+    if perms != [[0, 2, 1, 3], [0, 1, 2, 3]]:
+        raise refuse(module, f"its axis permutations are {perms}, not H then W", WHO)
+    fn = module.axial_attentions[0].fn
+    new = AxialAttention(module.dim, fn.heads, head_dim=fn.dim_heads, sum_axes=module.sum_axial_out,
+                         **factory(module))
+    names = {"axial_attentions.0.fn.": "attn_h.", "axial_attentions.1.fn.": "attn_w."}
+    state = rename(module.state_dict(), names)
+    state = {k.replace(".to_q.", ".q.").replace(".to_kv.", ".kv.").replace(".to_out.", ".proj."): v
+             for k, v in state.items()}
+    return finish(new, module, state)
+
+
 CONVERTERS: dict[str, Callable[[nn.Module], nn.Module]] = {
     f"{_PACKAGE}.CrissCrossAttention.CrissCrossAttention": criss_cross_from_fightingcv,
+    f"{_PACKAGE}.Axial_attention.AxialAttention": axial_from_fightingcv,
 }

@@ -2,6 +2,7 @@
 
 from attnzoo.mechanisms import (  # noqa: F401 (imported for registration)
     acmix,
+    axial,
     bat,
     biformer,
     biformer_nchw,
