@@ -15,8 +15,8 @@ from typing import Any
 
 from torch import nn
 
-from attnzoo.convert.timm_existing import factory, finish, refuse
 from attnzoo.convert.fightingcv_existing import rename
+from attnzoo.convert.timm_existing import factory, finish, refuse
 from attnzoo.mechanisms.axial import AxialAttention
 from attnzoo.mechanisms.criss_cross import CrissCrossAttention
 
@@ -41,9 +41,11 @@ def axial_from_fightingcv(module: Any) -> AxialAttention:
     (the H axis) and `.1.fn` (W) become `attn_h` and `attn_w`, `to_q`/`to_kv`/`to_out` become
     `q`/`kv`/`proj`. Only channels-last 2-D inputs (`dim_index=-1` or 3) are represented."""
     if module.total_dimensions != 4:
-        raise refuse(module, f"num_dimensions={module.total_dimensions - 2}: only 2-D maps are supported", WHO)
+        axes = module.total_dimensions - 2
+        raise refuse(module, f"num_dimensions={axes}: only 2-D maps are supported", WHO)
     if module.dim_index != 3:
-        raise refuse(module, f"dim_index={module.dim_index}: only channels-last (B, H, W, C) is supported", WHO)
+        where = module.dim_index
+        raise refuse(module, f"dim_index={where}: only channels-last (B, H, W, C) is supported", WHO)
     perms = [list(a.permutation) for a in module.axial_attentions]
     if perms != [[0, 2, 1, 3], [0, 1, 2, 3]]:
         raise refuse(module, f"its axis permutations are {perms}, not H then W", WHO)

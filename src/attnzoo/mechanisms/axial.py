@@ -33,7 +33,8 @@ class _AxisAttention(nn.Module):
     """Multi-head self-attention over the second-to-last axis of `(..., L, C)` tokens."""
 
     def __init__(
-        self, dim: int, num_heads: int, head_dim: int, qkv_bias: bool, attn_drop: float, factory: dict[str, Any]
+        self, dim: int, num_heads: int, head_dim: int, qkv_bias: bool, attn_drop: float,
+        factory: dict[str, Any],
     ) -> None:
         super().__init__()
         self.num_heads, self.head_dim = num_heads, head_dim
@@ -82,7 +83,7 @@ class AxialAttention(nn.Module):
     y = \mathrm{MSA}_H(x) + \mathrm{MSA}_W(x)
     $$
 
-    and $\mathrm{MSA}(z)_u = W_o\,\mathrm{concat}_h\,\sum_p \mathrm{softmax}_p\big(q_u^\top k_p / \sqrt{e}\big) v_p$
+    and $\mathrm{MSA}(z)_u = W_o\,\mathrm{concat}_h\,\sum_p \mathrm{softmax}_p(q_u^\top k_p / \sqrt{e})\, v_p$
     over the H (or W) positions p of u's column (or row). Time $O(B N (H + W) h e + B N C h e)$,
     memory $O(B h N \max(H, W))$ for one axis's weights (less with the fused kernel), N = H W; no
     N x N map is built.
