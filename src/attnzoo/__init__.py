@@ -46,6 +46,7 @@ from attnzoo.mechanisms.neighborhood import (
     NeighborhoodAttention3d,
 )
 from attnzoo.mechanisms.non_local import NonLocalBlock
+from attnzoo.mechanisms.outlook import OutlookAttention
 from attnzoo.mechanisms.sagan import ChannelSelfAttention, SpatialSelfAttention
 from attnzoo.mechanisms.se import SqueezeExcite
 from attnzoo.mechanisms.seq2seq import (
@@ -153,4 +154,5 @@ __all__ = [
     # fcv-token-b: fightingcv spatial token mixers (criss-cross, axial, outlook, ...)
     "AxialAttention",
     "CrissCrossAttention",
+    "OutlookAttention",
 ]

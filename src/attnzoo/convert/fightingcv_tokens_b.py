@@ -19,6 +19,7 @@ from attnzoo.convert.fightingcv_existing import rename
 from attnzoo.convert.timm_existing import factory, finish, refuse
 from attnzoo.mechanisms.axial import AxialAttention
 from attnzoo.mechanisms.criss_cross import CrissCrossAttention
+from attnzoo.mechanisms.outlook import OutlookAttention
 
 __all__ = ["CONVERTERS"]
 
@@ -59,7 +60,29 @@ def axial_from_fightingcv(module: Any) -> AxialAttention:
     return finish(new, module, state)
 
 
+def outlook_from_fightingcv(module: Any) -> OutlookAttention:
+    """`OutlookAttention(dim, num_heads, kernel_size=3, padding=1, stride=1, qkv_bias, attn_drop)` ->
+    `OutlookAttention` with the same options and `proj_drop=attn_drop` (fightingcv reuses it); `v_pj`
+    becomes `v`. fightingcv's unfold is `Unfold(kernel_size, dilation=padding, padding=stride)`, which
+    gathers VOLO's windows only for `kernel_size=3, padding=1, stride=1`: other options are refused."""
+    k, p, s = module.kernel_size, module.padding, module.stride
+    if (k, p, s) != (3, 1, 1):
+        raise refuse(
+            module,
+            f"kernel_size={k}, padding={p}, stride={s}: its Unfold(kernel_size, padding, stride) means "
+            "dilation=padding, padding=stride, which gathers VOLO's windows only for 3, 1, 1",
+            WHO,
+        )
+    new = OutlookAttention(
+        module.dim, module.num_heads, kernel_size=k, padding=p, stride=s,
+        qkv_bias=module.v_pj.bias is not None, attn_drop=module.attn_drop.p, proj_drop=module.proj_drop.p,
+        **factory(module),
+    )
+    return finish(new, module, rename(module.state_dict(), {"v_pj.": "v."}))
+
+
 CONVERTERS: dict[str, Callable[[nn.Module], nn.Module]] = {
     f"{_PACKAGE}.CrissCrossAttention.CrissCrossAttention": criss_cross_from_fightingcv,
     f"{_PACKAGE}.Axial_attention.AxialAttention": axial_from_fightingcv,
+    f"{_PACKAGE}.OutlookAttention.OutlookAttention": outlook_from_fightingcv,
 }

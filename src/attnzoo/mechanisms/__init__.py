@@ -21,6 +21,7 @@ from attnzoo.mechanisms import (  # noqa: F401 (imported for registration)
     mha,
     neighborhood,
     non_local,
+    outlook,
     sagan,
     se,
     seq2seq,
