@@ -40,6 +40,7 @@ from attnzoo.mechanisms.global_context import GlobalContext, GlobalContextAdd
 from attnzoo.mechanisms.light_cbam import LightCBAM
 from attnzoo.mechanisms.linear import LinearAttention
 from attnzoo.mechanisms.mha import MultiHeadAttention
+from attnzoo.mechanisms.mobilevit_v2 import SeparableSelfAttention
 from attnzoo.mechanisms.neighborhood import (
     NeighborhoodAttention1d,
     NeighborhoodAttention2d,
@@ -155,4 +156,5 @@ __all__ = [
     "AxialAttention",
     "CrissCrossAttention",
     "OutlookAttention",
+    "SeparableSelfAttention",
 ]

@@ -13,12 +13,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import nn
 
 from attnzoo.convert.fightingcv_existing import rename
 from attnzoo.convert.timm_existing import factory, finish, refuse
 from attnzoo.mechanisms.axial import AxialAttention
 from attnzoo.mechanisms.criss_cross import CrissCrossAttention
+from attnzoo.mechanisms.mobilevit_v2 import SeparableSelfAttention
 from attnzoo.mechanisms.outlook import OutlookAttention
 
 __all__ = ["CONVERTERS"]
@@ -81,8 +83,25 @@ def outlook_from_fightingcv(module: Any) -> OutlookAttention:
     return finish(new, module, rename(module.state_dict(), {"v_pj.": "v."}))
 
 
+def mobilevit_v2_from_fightingcv(module: Any) -> SeparableSelfAttention:
+    """`MobileViTv2Attention(d_model)` -> `SeparableSelfAttention(d_model, act_layer=None)` (fightingcv
+    has no ReLU on the values); `fc_i`, `fc_k`, `fc_v` are stacked into `qkv`, `fc_o` becomes `proj`."""
+    parts = (module.fc_i, module.fc_k, module.fc_v, module.fc_o)
+    if any(p.bias is None for p in parts):
+        raise refuse(module, "its projections have no bias (fightingcv's have one)", WHO)
+    new = SeparableSelfAttention(module.d_model, act_layer=None, **factory(module))
+    state = {
+        "qkv.weight": torch.cat([p.weight for p in parts[:3]]).detach(),
+        "qkv.bias": torch.cat([p.bias for p in parts[:3]]).detach(),
+        "proj.weight": module.fc_o.weight.detach(),
+        "proj.bias": module.fc_o.bias.detach(),
+    }
+    return finish(new, module, state)
+
+
 CONVERTERS: dict[str, Callable[[nn.Module], nn.Module]] = {
     f"{_PACKAGE}.CrissCrossAttention.CrissCrossAttention": criss_cross_from_fightingcv,
     f"{_PACKAGE}.Axial_attention.AxialAttention": axial_from_fightingcv,
     f"{_PACKAGE}.OutlookAttention.OutlookAttention": outlook_from_fightingcv,
+    f"{_PACKAGE}.MobileViTv2Attention.MobileViTv2Attention": mobilevit_v2_from_fightingcv,
 }
