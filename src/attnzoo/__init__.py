@@ -40,6 +40,7 @@ from attnzoo.mechanisms.global_context import GlobalContext, GlobalContextAdd
 from attnzoo.mechanisms.light_cbam import LightCBAM
 from attnzoo.mechanisms.linear import LinearAttention
 from attnzoo.mechanisms.mha import MultiHeadAttention
+from attnzoo.mechanisms.mobilevit import MobileViTBlock
 from attnzoo.mechanisms.mobilevit_v2 import SeparableSelfAttention
 from attnzoo.mechanisms.neighborhood import (
     NeighborhoodAttention1d,
@@ -155,6 +156,7 @@ __all__ = [
     # fcv-token-b: fightingcv spatial token mixers (criss-cross, axial, outlook, ...)
     "AxialAttention",
     "CrissCrossAttention",
+    "MobileViTBlock",
     "OutlookAttention",
     "SeparableSelfAttention",
 ]

@@ -20,6 +20,7 @@ from attnzoo.convert.fightingcv_existing import rename
 from attnzoo.convert.timm_existing import factory, finish, refuse
 from attnzoo.mechanisms.axial import AxialAttention
 from attnzoo.mechanisms.criss_cross import CrissCrossAttention
+from attnzoo.mechanisms.mobilevit import MobileViTBlock
 from attnzoo.mechanisms.mobilevit_v2 import SeparableSelfAttention
 from attnzoo.mechanisms.outlook import OutlookAttention
 
@@ -99,9 +100,41 @@ def mobilevit_v2_from_fightingcv(module: Any) -> SeparableSelfAttention:
     return finish(new, module, state)
 
 
+def mobilevit_from_fightingcv(module: Any) -> MobileViTBlock:
+    """`MobileViTAttention(in_channel, dim, kernel_size, patch_size)` -> `MobileViTBlock` with its
+    hard-coded transformer (3 layers, 8 heads of 64, MLP 1024) and `norm_layer=None, act_layer=None,
+    final_norm=False, qkv_bias=False`; `trans.layers.i.0` / `.1` become `layers.i` (`norm1`, `qkv`,
+    `proj`, `norm2`, `fc1`, `fc2`), `convN` become `convN.0`."""
+    layers = module.trans.layers
+    attn = layers[0][0].fn
+    if not isinstance(attn.to_out, nn.Sequential):
+        raise refuse(module, "its attention has no output projection (heads == 1, head_dim == dim)", WHO)
+    if module.ph != module.pw:
+        raise refuse(module, f"patch sizes {module.ph} x {module.pw} differ", WHO)
+    channels, dim = module.conv1.in_channels, module.conv2.out_channels
+    new = MobileViTBlock(
+        channels, transformer_dim=dim, kernel_size=module.conv1.kernel_size[0], patch_size=module.ph,
+        depth=len(layers),        num_heads=attn.heads, head_dim=attn.to_qkv.out_features // 3 // attn.heads,
+        mlp_dim=layers[0][1].fn.net[0].out_features, qkv_bias=False, norm_layer=None, act_layer=None,
+        final_norm=False, **factory(module),
+    )
+    names = {f"conv{i}.": f"conv{i}.0." for i in range(1, 5)}
+    for i in range(len(layers)):
+        names |= {
+            f"trans.layers.{i}.0.ln.": f"layers.{i}.norm1.",
+            f"trans.layers.{i}.0.fn.to_qkv.": f"layers.{i}.qkv.",
+            f"trans.layers.{i}.0.fn.to_out.0.": f"layers.{i}.proj.",
+            f"trans.layers.{i}.1.ln.": f"layers.{i}.norm2.",
+            f"trans.layers.{i}.1.fn.net.0.": f"layers.{i}.fc1.",
+            f"trans.layers.{i}.1.fn.net.3.": f"layers.{i}.fc2.",
+        }
+    return finish(new, module, rename(module.state_dict(), names))
+
+
 CONVERTERS: dict[str, Callable[[nn.Module], nn.Module]] = {
     f"{_PACKAGE}.CrissCrossAttention.CrissCrossAttention": criss_cross_from_fightingcv,
     f"{_PACKAGE}.Axial_attention.AxialAttention": axial_from_fightingcv,
     f"{_PACKAGE}.OutlookAttention.OutlookAttention": outlook_from_fightingcv,
     f"{_PACKAGE}.MobileViTv2Attention.MobileViTv2Attention": mobilevit_v2_from_fightingcv,
+    f"{_PACKAGE}.MobileViTAttention.MobileViTAttention": mobilevit_from_fightingcv,
 }

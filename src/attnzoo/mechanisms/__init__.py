@@ -19,6 +19,7 @@ from attnzoo.mechanisms import (  # noqa: F401 (imported for registration)
     light_cbam,
     linear,
     mha,
+    mobilevit,
     mobilevit_v2,
     neighborhood,
     non_local,
