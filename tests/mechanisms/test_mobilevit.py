@@ -9,7 +9,7 @@ from attnzoo import MobileViTBlock
 from attnzoo.convert import from_fightingcv
 
 fcv = pytest.importorskip(
-    "fightingcv_attention.attention.MobileViTAttention", reason="fightingcv or einops (its dependency) missing"
+    "fightingcv_attention.attention.MobileViTAttention", reason="fightingcv or its dependency einops missing"
 )
 
 
