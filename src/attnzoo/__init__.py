@@ -69,6 +69,7 @@ from attnzoo.mechanisms.swin import (
 )
 from attnzoo.mechanisms.swin_v2 import ShiftedWindowAttentionV2
 from attnzoo.mechanisms.temporal import TemporalAttention
+from attnzoo.mechanisms.vip import WeightedPermuteMLP
 from attnzoo.surgery import find, insert, replace
 
 __version__ = "0.1.0"
@@ -159,4 +160,5 @@ __all__ = [
     "MobileViTBlock",
     "OutlookAttention",
     "SeparableSelfAttention",
+    "WeightedPermuteMLP",
 ]

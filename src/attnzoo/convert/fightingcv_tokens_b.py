@@ -23,6 +23,7 @@ from attnzoo.mechanisms.criss_cross import CrissCrossAttention
 from attnzoo.mechanisms.mobilevit import MobileViTBlock
 from attnzoo.mechanisms.mobilevit_v2 import SeparableSelfAttention
 from attnzoo.mechanisms.outlook import OutlookAttention
+from attnzoo.mechanisms.vip import WeightedPermuteMLP
 
 __all__ = ["CONVERTERS"]
 
@@ -131,10 +132,27 @@ def mobilevit_from_fightingcv(module: Any) -> MobileViTBlock:
     return finish(new, module, rename(module.state_dict(), names))
 
 
+def vip_from_fightingcv(module: Any) -> WeightedPermuteMLP:
+    """`WeightedPermuteMLP(dim, seg_dim, qkv_bias, proj_drop)` -> `WeightedPermuteMLP(dim, segment_dim,
+    qkv_bias, attn_drop=0.1, proj_drop)`; `reweighting.fc1`/`fc2` become `fc1`/`fc2`, with `fc2`'s outputs
+    reordered from fightingcv's (channel, width, height) to the authors' (height, width, channel)."""
+    dim, mlp = module.proj.in_features, module.reweighting
+    new = WeightedPermuteMLP(
+        dim, module.seg_dim, qkv_bias=module.mlp_c.bias is not None, attn_drop=mlp.drop.p,
+        proj_drop=module.proj_drop.p, **factory(module),
+    )
+    state = rename(module.state_dict(), {"reweighting.": ""})
+    flip = [2, 1, 0]  # fightingcv's branch j -> the authors' 2 - j
+    state["fc2.weight"] = state["fc2.weight"].reshape(dim, 3, -1)[:, flip].reshape(3 * dim, -1)
+    state["fc2.bias"] = state["fc2.bias"].reshape(dim, 3)[:, flip].reshape(3 * dim)
+    return finish(new, module, state)
+
+
 CONVERTERS: dict[str, Callable[[nn.Module], nn.Module]] = {
     f"{_PACKAGE}.CrissCrossAttention.CrissCrossAttention": criss_cross_from_fightingcv,
     f"{_PACKAGE}.Axial_attention.AxialAttention": axial_from_fightingcv,
     f"{_PACKAGE}.OutlookAttention.OutlookAttention": outlook_from_fightingcv,
     f"{_PACKAGE}.MobileViTv2Attention.MobileViTv2Attention": mobilevit_v2_from_fightingcv,
     f"{_PACKAGE}.MobileViTAttention.MobileViTAttention": mobilevit_from_fightingcv,
+    f"{_PACKAGE}.ViP.WeightedPermuteMLP": vip_from_fightingcv,
 }

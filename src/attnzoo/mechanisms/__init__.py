@@ -33,4 +33,5 @@ from attnzoo.mechanisms import (  # noqa: F401 (imported for registration)
     swin,
     swin_v2,
     temporal,
+    vip,
 )
