@@ -36,6 +36,7 @@ from attnzoo.mechanisms.eca import (
 )
 from attnzoo.mechanisms.ese import EffectiveSqueezeExcite
 from attnzoo.mechanisms.gather_excite import GatherExcite
+from attnzoo.mechanisms.gfnet import GlobalFilter
 from attnzoo.mechanisms.global_context import GlobalContext, GlobalContextAdd
 from attnzoo.mechanisms.light_cbam import LightCBAM
 from attnzoo.mechanisms.linear import LinearAttention
@@ -157,6 +158,7 @@ __all__ = [
     # fcv-token-b: fightingcv spatial token mixers (criss-cross, axial, outlook, ...)
     "AxialAttention",
     "CrissCrossAttention",
+    "GlobalFilter",
     "MobileViTBlock",
     "OutlookAttention",
     "SeparableSelfAttention",

@@ -20,6 +20,7 @@ from attnzoo.convert.fightingcv_existing import rename
 from attnzoo.convert.timm_existing import factory, finish, refuse
 from attnzoo.mechanisms.axial import AxialAttention
 from attnzoo.mechanisms.criss_cross import CrissCrossAttention
+from attnzoo.mechanisms.gfnet import GlobalFilter
 from attnzoo.mechanisms.mobilevit import MobileViTBlock
 from attnzoo.mechanisms.mobilevit_v2 import SeparableSelfAttention
 from attnzoo.mechanisms.outlook import OutlookAttention
@@ -148,6 +149,14 @@ def vip_from_fightingcv(module: Any) -> WeightedPermuteMLP:
     return finish(new, module, state)
 
 
+def gfnet_from_fightingcv(module: Any) -> GlobalFilter:
+    """`GlobalFilter(dim, h, w)` (tokens `(B, N, C)`, `w` frequencies) -> `GlobalFilter(dim,
+    feat_size=(h, 2 (w - 1)))` on `(B, h, W, C)` maps, W = 2 (w - 1) or 2 w - 1; same `complex_weight`."""
+    h, w, dim, _ = module.complex_weight.shape
+    new = GlobalFilter(dim, feat_size=(h, max(1, 2 * (w - 1))), **factory(module))
+    return finish(new, module, module.state_dict())
+
+
 CONVERTERS: dict[str, Callable[[nn.Module], nn.Module]] = {
     f"{_PACKAGE}.CrissCrossAttention.CrissCrossAttention": criss_cross_from_fightingcv,
     f"{_PACKAGE}.Axial_attention.AxialAttention": axial_from_fightingcv,
@@ -155,4 +164,5 @@ CONVERTERS: dict[str, Callable[[nn.Module], nn.Module]] = {
     f"{_PACKAGE}.MobileViTv2Attention.MobileViTv2Attention": mobilevit_v2_from_fightingcv,
     f"{_PACKAGE}.MobileViTAttention.MobileViTAttention": mobilevit_from_fightingcv,
     f"{_PACKAGE}.ViP.WeightedPermuteMLP": vip_from_fightingcv,
+    f"{_PACKAGE}.gfnet.GlobalFilter": gfnet_from_fightingcv,
 }

@@ -15,6 +15,7 @@ from attnzoo.mechanisms import (  # noqa: F401 (imported for registration)
     eca,
     ese,
     gather_excite,
+    gfnet,
     global_context,
     light_cbam,
     linear,
