@@ -17,8 +17,6 @@ Shape letters: B batch, H, W height and width, C channels (`dim`), N = H W, w = 
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor, nn
 
@@ -93,7 +91,7 @@ class GlobalFilter(nn.Module):
         self.dim = check_int(dim, "dim", who)
         self.feat_size = _pair(feat_size, who)
         height, width = self.feat_size
-        weight = torch.randn(height, width // 2 + 1, dim, 2, device=device, dtype=dtype) * 0.02  # GFNet's init
+        weight = torch.randn(height, width // 2 + 1, dim, 2, device=device, dtype=dtype) * 0.02  # GFNet's
         self.complex_weight = nn.Parameter(weight)  # (H, w, C, 2): real and imaginary parts
 
     def extra_repr(self) -> str:
