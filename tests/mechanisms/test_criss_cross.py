@@ -83,5 +83,8 @@ def test_options_and_errors():
         CrissCrossAttention(8, rd_channels=0)
     with pytest.raises(ValueError, match=r"\(B, 8, H, W\)"):
         CrissCrossAttention(8)(torch.randn(1, 4, 3, 3))
+    tiny = fcv.CrissCrossAttention(4)  # zero query/key channels: fightingcv fails in the forward
+    with pytest.raises(RuntimeError):
+        tiny(torch.randn(1, 4, 3, 3))
     with pytest.raises(TypeError, match="in_dim=4"):
-        from_fightingcv(fcv.CrissCrossAttention(4))
+        from_fightingcv(tiny)

@@ -9,7 +9,8 @@ weights, N = H W: no N x N map is ever built.
 Deviations from fightingcv's `CrissCrossAttention` (a copy of CCNet's pure-PyTorch port): the
 reduction of the query/key width is an argument (`reduction=8` is theirs; `rd_channels` overrides it),
 the diagonal mask is made on the input's device (theirs builds it on the CPU, so it fails on CUDA), and
-widths below `reduction` keep one query/key channel instead of building zero-width convolutions.
+widths below `reduction` keep one query/key channel (fightingcv builds zero-width convolutions there
+and fails in the forward).
 fightingcv's numbers are reproduced exactly where it runs.
 
 Shape letters: B batch, C channels, H, W height and width, N = H W, c' query/key width.

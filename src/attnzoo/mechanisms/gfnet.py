@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from attnzoo._checks import check_int, check_shape
+from attnzoo._geometry import grid2d
 from attnzoo._registry import Example, register
 
 __all__ = ["GlobalFilter"]
@@ -42,6 +43,7 @@ def _pair(value: int | tuple[int, int], who: str) -> tuple[int, int]:
     example=Example(kwargs={"dim": 8, "feat_size": (5, 7)}, inputs=((2, 5, 7, 8),), output=(2, 5, 7, 8),
                     channel_dim=-1, free_sizes=()),
     aliases=("global_filter",),
+    for_input=lambda geo: {"feat_size": grid2d(geo)},
 )
 class GlobalFilter(nn.Module):
     r"""Global filter (GFNet): a learned per-channel filter applied in the 2-D Fourier domain.

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from attnzoo._checks import check_float, check_int, check_shape
+from attnzoo._geometry import grid2d
 from attnzoo._registry import Example, FreeSize, register
 from attnzoo.functional import attend
 
@@ -82,6 +83,7 @@ class _Layer(nn.Module):
         free_sizes=(FreeSize(((0, 2),), 2, step=2, low=2), FreeSize(((0, 3),), 3, step=2, low=2)),
     ),
     uses_attend=True,
+    for_input=lambda geo: {"patch_size": 2 if all(s % 2 == 0 for s in grid2d(geo)) else 1},
 )
 class MobileViTBlock(nn.Module):
     r"""MobileViT block: local convolutions, a transformer across patches, convolutional fusion.

@@ -24,10 +24,20 @@ import torch
 from torch import Tensor, nn
 
 from attnzoo._checks import check_float, check_int, check_shape
+from attnzoo._geometry import Geometry, Unsupported, grid2d
 from attnzoo._registry import Example, register
 from attnzoo.maps.capture import capturing, record
 
 __all__ = ["WeightedPermuteMLP"]
+
+
+def _for_input(geo: Geometry) -> dict[str, Any]:
+    """`segment_dim` = the map's side; square maps whose side divides the channels only."""
+    height, width = grid2d(geo)
+    if height != width or geo.channels % height or geo.channels < 4:
+        raise Unsupported(f"needs a square map whose side divides the channels, got {height}x{width} "
+                          f"with {geo.channels} channels")
+    return {"segment_dim": height}
 
 
 @register(
@@ -39,6 +49,7 @@ __all__ = ["WeightedPermuteMLP"]
     example=Example(kwargs={"dim": 16, "segment_dim": 4}, inputs=((2, 4, 4, 16),), output=(2, 4, 4, 16),
                     channel_dim=-1, free_sizes=()),
     aliases=("weighted_permute_mlp", "permute_mlp"),
+    for_input=_for_input,
 )
 class WeightedPermuteMLP(nn.Module):
     r"""Weighted Permute-MLP (Vision Permutator): channel, height and width mixing, reweighted.
