@@ -15,6 +15,7 @@ from attnzoo.kernels.blocked import global_kernel
 from attnzoo.maps import AttentionMap, capture_maps
 from attnzoo.mechanisms.acmix import ACmix
 from attnzoo.mechanisms.aft import AFTFull
+from attnzoo.mechanisms.axial import AxialAttention
 from attnzoo.mechanisms.bam import BottleneckAttentionModule
 from attnzoo.mechanisms.bat import BATNonLocalAttention
 from attnzoo.mechanisms.biformer import BiLevelRoutingAttention
@@ -30,6 +31,7 @@ from attnzoo.mechanisms.coord import (
     StripAttention,
 )
 from attnzoo.mechanisms.cot import ContextualTransformer, FightingcvCoTAttention
+from attnzoo.mechanisms.criss_cross import CrissCrossAttention
 from attnzoo.mechanisms.danet import DANetChannelAttention, DANetPositionAttention, DualAttention
 from attnzoo.mechanisms.danet_fightingcv import (
     FightingcvChannelAttentionModule,
@@ -47,12 +49,15 @@ from attnzoo.mechanisms.emsa import EMSA
 from attnzoo.mechanisms.ese import EffectiveSqueezeExcite
 from attnzoo.mechanisms.external import ExternalAttention
 from attnzoo.mechanisms.gather_excite import GatherExcite
+from attnzoo.mechanisms.gfnet import GlobalFilter
 from attnzoo.mechanisms.global_context import GlobalContext, GlobalContextAdd
 from attnzoo.mechanisms.halo import HaloAttention
 from attnzoo.mechanisms.lambda_layer import LambdaLayer
 from attnzoo.mechanisms.light_cbam import LightCBAM
 from attnzoo.mechanisms.linear import LinearAttention
 from attnzoo.mechanisms.mha import MultiHeadAttention
+from attnzoo.mechanisms.mobilevit import MobileViTBlock
+from attnzoo.mechanisms.mobilevit_v2 import SeparableSelfAttention
 from attnzoo.mechanisms.muse import MUSEAttention
 from attnzoo.mechanisms.neighborhood import (
     NeighborhoodAttention1d,
@@ -60,6 +65,7 @@ from attnzoo.mechanisms.neighborhood import (
     NeighborhoodAttention3d,
 )
 from attnzoo.mechanisms.non_local import NonLocalBlock
+from attnzoo.mechanisms.outlook import OutlookAttention
 from attnzoo.mechanisms.parnet import ParNetAttention
 from attnzoo.mechanisms.polarized import ParallelPolarizedSelfAttention, SequentialPolarizedSelfAttention
 from attnzoo.mechanisms.psa import PyramidSplitAttention
@@ -90,6 +96,7 @@ from attnzoo.mechanisms.swin_v2 import ShiftedWindowAttentionV2
 from attnzoo.mechanisms.temporal import TemporalAttention
 from attnzoo.mechanisms.triplet import TripletAttention
 from attnzoo.mechanisms.ufo import UFOAttention
+from attnzoo.mechanisms.vip import WeightedPermuteMLP
 from attnzoo.surgery import find, insert, replace
 
 __version__ = "0.1.0"
@@ -206,4 +213,12 @@ __all__ = [
     "FightingcvPositionAttentionModule",
     "FightingcvChannelAttentionModule",
     "FightingcvDAModule",
+    # fcv-token-b: fightingcv spatial token mixers (criss-cross, axial, outlook, ...)
+    "AxialAttention",
+    "CrissCrossAttention",
+    "GlobalFilter",
+    "MobileViTBlock",
+    "OutlookAttention",
+    "SeparableSelfAttention",
+    "WeightedPermuteMLP",
 ]

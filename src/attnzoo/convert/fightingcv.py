@@ -15,6 +15,7 @@ from torch import nn
 
 from attnzoo.convert import fightingcv_gates_a, fightingcv_gates_b, fightingcv_tokens_a
 from attnzoo.convert.fightingcv_existing import EXISTING_CONVERTERS as _FCV_INTEROP  # fcv-interop block
+from attnzoo.convert.fightingcv_tokens_b import CONVERTERS as _FCV_TOKENS_B  # fcv-token-b block
 
 __all__ = ["FIGHTINGCV_CONVERTERS", "from_fightingcv"]
 
@@ -52,6 +53,7 @@ FIGHTINGCV_CONVERTERS: dict[str, Callable[[nn.Module], nn.Module]] = {
     # ---- fcv-token-a: external, MHA variants, EMSA, MUSE, AFT, UFO (fightingcv_tokens_a)
     **fightingcv_tokens_a.CONVERTERS,
     **fightingcv_gates_b.CONVERTERS,
+    **_FCV_TOKENS_B,
 }
 
 

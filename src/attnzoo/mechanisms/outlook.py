@@ -1,0 +1,154 @@
+"""Outlook attention, "VOLO: Vision Outlooker for Visual Recognition" (Yuan et al., 2021),
+arXiv:2106.13112.
+
+Each (strided) position predicts, from its own feature alone, a $k^2 \\times k^2$ attention matrix per
+head that mixes the values of its $k \\times k$ neighbourhood; the overlapping outputs are folded back
+(summed) onto the map. No query-key product: time $O(B N C k^2 + B N' h k^4)$, memory
+$O(B N C k^2 + B N' h k^4)$ with N' = ceil(H / s) ceil(W / s) window centres. No N x N map exists.
+
+fightingcv's `OutlookAttention` builds `nn.Unfold(kernel_size, padding, stride)` positionally, which is
+`Unfold(kernel_size, dilation=padding, padding=stride)`: it runs (and then equals VOLO) only for
+`kernel_size=3, padding=1, stride=1`, the defaults, and fails with a shape error otherwise. It also uses
+its `attn_drop` (default 0.1) for the projection dropout. This class follows VOLO's code (timm's
+`OutlookAttention`): unfold with the given padding and stride, separate `attn_drop` and `proj_drop`
+(default 0).
+
+Shape letters: B batch, H, W height and width, C channels (`dim`), h heads, d = C / h, k kernel size,
+s stride, N = H W.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from attnzoo._checks import check_float, check_int, check_shape
+from attnzoo._registry import Example, register
+
+__all__ = ["OutlookAttention"]
+
+
+@register(
+    "outlook",
+    family="outlook",
+    paper="VOLO: Vision Outlooker for Visual Recognition",
+    year=2021,
+    layout="NHWC",
+    example=Example(kwargs={"dim": 16, "num_heads": 2}, inputs=((2, 5, 7, 16),), output=(2, 5, 7, 16),
+                    channel_dim=-1),
+    aliases=("outlook_attention", "volo"),
+)
+class OutlookAttention(nn.Module):
+    r"""Outlook attention (VOLO): per-position predicted weights over a $k \times k$ neighbourhood.
+
+    For each window centre u (every s-th position, features average-pooled over s x s), a linear map
+    predicts $A_u = \mathrm{softmax}(d^{-1/2}\,W_a \bar x_u) \in \mathbb{R}^{h \times k^2 \times k^2}$;
+    with $V_{\Delta_u}$ the $k^2$ values $W_v x$ of u's window (zero padded),
+
+    $$
+    y = W_o\,\mathrm{Fold}\Big(\big\{A_u V_{\Delta_u}\big\}_u\Big)
+    $$
+
+    where Fold sums each window's $k^2$ outputs back onto their positions. Time and memory
+    $O(B N C k^2 + B N' h k^4)$ with N' = ceil(H/s) ceil(W/s) centres; no N x N map is built.
+
+    Args:
+        dim: Channels C of the input (last axis).
+        num_heads: Heads h; must divide `dim`. Default: 1.
+        kernel_size: Window size k. Default: 3.
+        padding: Zero padding of the windows. Default: None (`kernel_size // 2`).
+        stride: Step s between window centres. Default: 1.
+        qkv_bias: Give the value projection a bias. Default: False.
+        attn_drop: Dropout on the attention weights (training only). Default: 0.0.
+        proj_drop: Dropout after the output projection (training only). Default: 0.0.
+        device: Device of the parameters. Default: None.
+        dtype: dtype of the parameters. Default: None.
+
+    Shape:
+        - x: `(B, H, W, C)`; the windows must tile the map: `(H + 2 padding - k) // s + 1 == ceil(H / s)`,
+          likewise for W (always true for odd k with the default padding).
+        - Output: `(B, H, W, C)`; with `need_weights=True` also the weights
+          `(B, h, ceil(H/s) ceil(W/s), k^2, k^2)`.
+
+    Example:
+        ```python
+        >>> outlook = OutlookAttention(64, num_heads=2, stride=2)
+        >>> x = torch.randn(2, 9, 11, 64)
+        >>> out, weights = outlook(x, need_weights=True)
+        >>> out.shape, weights.shape
+        (torch.Size([2, 9, 11, 64]), torch.Size([2, 2, 30, 9, 9]))
+
+        ```
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 1,
+        kernel_size: int = 3,
+        padding: int | None = None,
+        stride: int = 1,
+        qkv_bias: bool = False,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        who = type(self).__name__
+        self.dim = check_int(dim, "dim", who)
+        self.num_heads = check_int(num_heads, "num_heads", who)
+        if dim % num_heads:
+            raise ValueError(f"{who}: dim={dim} must be divisible by num_heads={num_heads}")
+        self.head_dim = dim // num_heads
+        self.kernel_size = check_int(kernel_size, "kernel_size", who)
+        self.padding = check_int(kernel_size // 2 if padding is None else padding, "padding", who, minimum=0)
+        self.stride = check_int(stride, "stride", who)
+        self.scale = self.head_dim**-0.5
+        factory: dict[str, Any] = {"device": device, "dtype": dtype}
+        self.v = nn.Linear(dim, dim, bias=qkv_bias, **factory)
+        self.attn = nn.Linear(dim, kernel_size**4 * num_heads, **factory)
+        self.proj = nn.Linear(dim, dim, **factory)
+        self.attn_drop = nn.Dropout(check_float(attn_drop, "attn_drop", who, minimum=0.0, maximum=1.0))
+        self.proj_drop = nn.Dropout(check_float(proj_drop, "proj_drop", who, minimum=0.0, maximum=1.0))
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, num_heads={self.num_heads}, kernel_size={self.kernel_size}, "
+                f"padding={self.padding}, stride={self.stride}")
+
+    def forward(self, x: Tensor, need_weights: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """Mix each window's values with predicted weights; `(out, weights)` with `need_weights`.
+
+        Args:
+            x: Feature map `(B, H, W, C)`.
+            need_weights: Also return the `(B, h, N', k^2, k^2)` weights. Default: False.
+        """
+        who = type(self).__name__
+        dims = check_shape(x, who, "B H W C", C=self.dim)
+        batch, height, width = dims["B"], dims["H"], dims["W"]
+        k, s, p, heads = self.kernel_size, self.stride, self.padding, self.num_heads
+        h, w = math.ceil(height / s), math.ceil(width / s)
+        for name, size, centres in (("H", height, h), ("W", width, w)):
+            if (size + 2 * p - k) // s + 1 != centres:
+                raise ValueError(
+                    f"{who} (kernel_size={k}, padding={p}, stride={s}) expects windows that tile the map: "
+                    f"(x.{name} + 2 * padding - kernel_size) // stride + 1 == ceil(x.{name} / stride), "
+                    f"got {name}={size}"
+                )
+        v = self.v(x).permute(0, 3, 1, 2)  # (B, C, H, W)
+        v = F.unfold(v, k, padding=p, stride=s)  # (B, C k^2, h w)
+        v = v.reshape(batch, heads, self.head_dim, k * k, h * w).permute(0, 1, 4, 3, 2)  # (B, h, hw, k^2, d)
+        pooled = F.avg_pool2d(x.permute(0, 3, 1, 2), s, s, ceil_mode=True) if s > 1 else x.permute(0, 3, 1, 2)
+        logits = self.attn(pooled.permute(0, 2, 3, 1))  # (B, h', w', h k^4)
+        logits = logits.reshape(batch, h * w, heads, k * k, k * k).transpose(1, 2)  # (B, h, hw, k^2, k^2)
+        weights = (logits * self.scale).softmax(-1)
+        out = self.attn_drop(weights) @ v  # (B, h, hw, k^2, d)
+        out = out.permute(0, 1, 4, 3, 2).reshape(batch, self.dim * k * k, h * w)  # (B, C k^2, hw)
+        out = F.fold(out, (height, width), k, padding=p, stride=s)  # (B, C, H, W): windows summed
+        out = self.proj_drop(self.proj(out.permute(0, 2, 3, 1)))  # (B, H, W, C)
+        return (out, weights) if need_weights else out

@@ -1,0 +1,88 @@
+"""Outlook attention: fightingcv parity where it runs, timm (VOLO) parity elsewhere, float64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attnzoo import OutlookAttention
+from attnzoo.convert import from_fightingcv
+
+fcv = pytest.importorskip("fightingcv_attention.attention.OutlookAttention", reason="fightingcv missing")
+
+
+def randomize(module: torch.nn.Module, seed: int = 0) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.3)
+
+
+@pytest.mark.parametrize("dim,heads,qkv_bias,height,width", [
+    (16, 1, False, 5, 7), (24, 3, True, 7, 3), (8, 2, False, 1, 6), (32, 4, True, 6, 6),
+])
+def test_matches_fightingcv_float64(dim, heads, qkv_bias, height, width):
+    torch.manual_seed(0)
+    theirs = fcv.OutlookAttention(dim, num_heads=heads, qkv_bias=qkv_bias, attn_drop=0.0).double().eval()
+    randomize(theirs)
+    ours = from_fightingcv(theirs)
+    assert isinstance(ours, OutlookAttention) and not ours.training
+    x = torch.randn(2, height, width, dim, dtype=torch.float64)
+    torch.testing.assert_close(ours(x), theirs(x), atol=1e-10, rtol=1e-10)
+
+
+def test_matches_fightingcv_in_training_with_dropout():
+    theirs = fcv.OutlookAttention(16, num_heads=2).double().train()  # attn_drop=0.1 on both dropouts
+    randomize(theirs)
+    ours = from_fightingcv(theirs)
+    assert ours.training and ours.attn_drop.p == ours.proj_drop.p == 0.1
+    x = torch.randn(2, 5, 7, 16, dtype=torch.float64)
+    torch.manual_seed(3)
+    expected = theirs(x)
+    torch.manual_seed(3)
+    torch.testing.assert_close(ours(x), expected, atol=1e-10, rtol=1e-10)
+
+
+def test_fightingcv_fails_off_its_defaults_and_is_refused():
+    theirs = fcv.OutlookAttention(16, stride=2).double()
+    with pytest.raises(RuntimeError):  # its Unfold(kernel_size, padding, stride) sets dilation and padding
+        theirs(torch.randn(1, 6, 6, 16, dtype=torch.float64))
+    with pytest.raises(TypeError, match="stride=2"):
+        from_fightingcv(theirs)
+    with pytest.raises(TypeError, match="kernel_size=5"):
+        from_fightingcv(fcv.OutlookAttention(16, kernel_size=5, padding=2))
+
+
+@pytest.mark.parametrize("dim,heads,kernel,padding,stride,height,width", [
+    (16, 2, 3, 1, 2, 7, 5), (12, 3, 5, 2, 1, 5, 6), (8, 1, 3, 1, 3, 7, 8), (16, 4, 5, 2, 2, 9, 4),
+])
+@pytest.mark.parametrize("train", [False, True])
+def test_matches_timm_volo_float64(dim, heads, kernel, padding, stride, height, width, train):
+    volo = pytest.importorskip("timm.models.volo", reason="timm missing")
+    torch.manual_seed(0)
+    theirs = volo.OutlookAttention(dim, heads, kernel_size=kernel, padding=padding, stride=stride,
+                                   qkv_bias=True).double().train(train)
+    randomize(theirs)
+    ours = OutlookAttention(dim, heads, kernel_size=kernel, padding=padding, stride=stride, qkv_bias=True,
+                            dtype=torch.float64).train(train)
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    x = torch.randn(2, height, width, dim, dtype=torch.float64)
+    torch.testing.assert_close(ours(x), theirs(x), atol=1e-10, rtol=1e-10)
+
+
+def test_weights_and_errors():
+    outlook = OutlookAttention(8, num_heads=2, stride=2).double()
+    x = torch.randn(2, 5, 7, 8, dtype=torch.float64)
+    out, weights = outlook(x, need_weights=True)
+    assert weights.shape == (2, 2, 12, 9, 9)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(2, 2, 12, 9, dtype=torch.float64))
+    torch.testing.assert_close(out, outlook(x))
+    assert OutlookAttention(8, kernel_size=5).padding == 2
+    meta = OutlookAttention(16, device="meta", dtype=torch.float64)
+    assert all(p.is_meta and p.dtype == torch.float64 for p in meta.parameters())
+    with pytest.raises(ValueError, match="num_heads=3"):
+        OutlookAttention(16, num_heads=3)
+    with pytest.raises(ValueError, match="got H=6"):
+        OutlookAttention(8, kernel_size=4, padding=1)(torch.randn(1, 6, 6, 8))
+    with pytest.raises(ValueError, match=r"\(B, H, W, 8\)"):
+        OutlookAttention(8)(torch.randn(1, 8, 3, 3))
