@@ -62,7 +62,7 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
 
 
 def test_choice_is_measured_once_per_site_and_shape_class(clock: FakeClock) -> None:
-    candidates, calls = fakes(clock, {"fused": 1.0, "plain": 0.5})
+    candidates, calls = fakes(clock, {"fused": 1e-3, "plain": 5e-4})
     assert choose.choose("gate", ("a",), candidates, static="fused") == "plain"
     first = dict(calls)
     assert first["fused"] == first["plain"] >= 2  # alternating rounds, at least two
@@ -75,6 +75,12 @@ def test_choice_is_measured_once_per_site_and_shape_class(clock: FakeClock) -> N
     choose.choose("gate", ("b",), candidates, static="fused")
     choose.choose("select", ("a",), candidates, static="fused")
     assert calls["plain"] == 3 * first["plain"]
+
+
+def test_expensive_candidates_run_once(clock: FakeClock) -> None:
+    candidates, calls = fakes(clock, {"blocked": 8.0, "sdpa": 2.0})
+    assert choose.choose("global", ("a",), candidates, static="blocked") == "sdpa"
+    assert calls == {"blocked": 1, "sdpa": 1}
 
 
 def test_static_choice_keeps_its_place_within_the_margin(clock: FakeClock) -> None:

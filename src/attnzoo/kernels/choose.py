@@ -25,8 +25,10 @@ an AVX-512 CPU picked the slower kernel on an AVX2 one (``shared/MEASURED.md``).
 3. otherwise the cached winner for the (site, shape class, thread count), measured the first time
    the class is seen in the process: the candidates run alternately on detached copies of the
    actual inputs, for at least two and at most `MAX_ROUNDS` rounds within a budget of about
-   `BUDGET_S` seconds per candidate, and the one with the lower median time wins (the static
-   choice keeps its place unless another is more than `MARGIN` faster).
+   `BUDGET_S` seconds per candidate (one round when a single run of each is far over it), and the
+   one with the lower median time wins (the static choice keeps its place unless another is more
+   than `MARGIN` faster). The cost is paid once per shape class: about one extra training step of
+   the attention alone for large inputs.
 
 Every candidate is exact, so the choice changes speed only, never what is computed beyond
 rounding. Calibration never touches the caller's autograd graph or module state: a training
@@ -67,6 +69,7 @@ _ENV_CALIBRATE = "ATTNZOO_KERNEL_CALIBRATE"
 SMALL = 1 << 15
 BUDGET_S = 0.01  # seconds per candidate a calibration aims to stay within (at least two rounds run)
 MAX_ROUNDS = 7
+EXPENSIVE = 10  # a first round over this many budgets is the only round
 MARGIN = 0.05  # another candidate must beat the static one by this fraction (single rounds scatter)
 
 _cache: dict[tuple[object, ...], str] = {}
@@ -204,9 +207,16 @@ def choose(
 
 
 def _measure(candidates: Mapping[str, Callable[[], object]], static: str) -> str:
-    """Time the candidates alternately (order reversed every round); the lowest median wins."""
+    """Time the candidates alternately (order reversed every round); the lowest time wins.
+
+    Rounds go on while the total stays within ``BUDGET_S`` per candidate, at least two and at most
+    `MAX_ROUNDS`; a first round that already took `EXPENSIVE` times the budget is the only one
+    (large inputs, where first-call effects are small beside the run). The time of a candidate is
+    the median of its rounds, or the fastest of two.
+    """
     names = list(candidates)
     times: dict[str, list[float]] = {name: [] for name in names}
+    budget = BUDGET_S * len(names)
     start = time.perf_counter()
     with torch.no_grad():
         for round_ in range(MAX_ROUNDS):
@@ -214,11 +224,12 @@ def _measure(candidates: Mapping[str, Callable[[], object]], static: str) -> str
                 begin = time.perf_counter()
                 candidates[name]()
                 times[name].append(time.perf_counter() - begin)
-            if round_ >= 1 and time.perf_counter() - start > BUDGET_S * len(names):
+            elapsed = time.perf_counter() - start
+            if elapsed > (EXPENSIVE * budget if round_ == 0 else budget):
                 break
-    medians = {name: statistics.median(t) for name, t in times.items()}
-    best = min(names, key=medians.__getitem__)
-    return best if medians[best] < (1.0 - MARGIN) * medians[static] else static
+    cost = {name: statistics.median(t) if len(t) > 2 else min(t) for name, t in times.items()}
+    best = min(names, key=cost.__getitem__)
+    return best if cost[best] < (1.0 - MARGIN) * cost[static] else static
 
 
 def chosen() -> dict[tuple[object, ...], str]:
