@@ -25,10 +25,10 @@ an AVX-512 CPU picked the slower kernel on an AVX2 one (``shared/MEASURED.md``).
 3. otherwise the cached winner for the (site, shape class, thread count), measured the first time
    the class is seen in the process: the candidates run alternately on detached copies of the
    actual inputs, for at least two and at most `MAX_ROUNDS` rounds within a budget of about
-   `BUDGET_S` seconds per candidate (one round when a single run of each is far over it), and the
-   one with the lower median time wins (the static choice keeps its place unless another is more
-   than `MARGIN` faster). The cost is paid once per shape class: about one extra training step of
-   the attention alone for large inputs.
+   `BUDGET_S` seconds per candidate, and the one with the lowest time (its fastest round) wins; the
+   static choice keeps its place unless another is more than `MARGIN` faster. The cost is paid
+   once per shape class: for large inputs two runs of each candidate, about four extra training
+   steps of the attention alone.
 
 Every candidate is exact, so the choice changes speed only, never what is computed beyond
 rounding. Calibration never touches the caller's autograd graph or module state: a training
@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import statistics
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -69,8 +68,7 @@ _ENV_CALIBRATE = "ATTNZOO_KERNEL_CALIBRATE"
 SMALL = 1 << 15
 BUDGET_S = 0.01  # seconds per candidate a calibration aims to stay within (at least two rounds run)
 MAX_ROUNDS = 7
-EXPENSIVE = 10  # a first round over this many budgets is the only round
-MARGIN = 0.05  # another candidate must beat the static one by this fraction (single rounds scatter)
+MARGIN = 0.1  # another candidate must beat the static one by this fraction (single rounds scatter)
 
 _cache: dict[tuple[object, ...], str] = {}
 _lock = threading.RLock()
@@ -207,12 +205,12 @@ def choose(
 
 
 def _measure(candidates: Mapping[str, Callable[[], object]], static: str) -> str:
-    """Time the candidates alternately (order reversed every round); the lowest time wins.
+    """Time the candidates alternately (order reversed every round); the fastest wins.
 
-    Rounds go on while the total stays within ``BUDGET_S`` per candidate, at least two and at most
-    `MAX_ROUNDS`; a first round that already took `EXPENSIVE` times the budget is the only one
-    (large inputs, where first-call effects are small beside the run). The time of a candidate is
-    the median of its rounds, or the fastest of two.
+    Two rounds always run (the first run of a candidate pays one-time costs: page faults of fresh
+    buffers, thread-pool start-up), more while the total stays within ``BUDGET_S`` per candidate,
+    at most `MAX_ROUNDS`. A candidate's time is its fastest round: on shared cores noise only ever
+    adds time.
     """
     names = list(candidates)
     times: dict[str, list[float]] = {name: [] for name in names}
@@ -224,10 +222,9 @@ def _measure(candidates: Mapping[str, Callable[[], object]], static: str) -> str
                 begin = time.perf_counter()
                 candidates[name]()
                 times[name].append(time.perf_counter() - begin)
-            elapsed = time.perf_counter() - start
-            if elapsed > (EXPENSIVE * budget if round_ == 0 else budget):
+            if round_ >= 1 and time.perf_counter() - start > budget:
                 break
-    cost = {name: statistics.median(t) if len(t) > 2 else min(t) for name, t in times.items()}
+    cost = {name: min(t) for name, t in times.items()}
     best = min(names, key=cost.__getitem__)
     return best if cost[best] < (1.0 - MARGIN) * cost[static] else static
 
