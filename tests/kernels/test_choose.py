@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 import torch
+import torch.utils.checkpoint
 from torch.utils.flop_counter import FlopCounterMode
 
 import attnzoo
@@ -157,6 +158,20 @@ def test_no_calibration_under_torch_tools(clock: FakeClock) -> None:
     torch._dynamo.reset()
     assert torch.equal(torch.compile(pick, backend="eager", fullgraph=True)(x), 2 * x)
     assert not calls and not choose.chosen()
+
+
+def test_checkpointing_takes_the_static_rule() -> None:
+    # non-reentrant checkpointing packs every saved tensor: no calibration graph may pass through it,
+    # and the recomputation must take the forward's kernel
+    module = attnzoo.create("cbam", 32)
+    x = torch.randn(2, 32, 32, 32, requires_grad=True)
+    out = torch.utils.checkpoint.checkpoint(module, x, use_reentrant=False)
+    out.sum().backward()
+    assert x.grad is not None and not choose.chosen()
+    x.grad = None
+    module(x).sum().backward()  # outside: measured
+    assert [key[0] for key in choose.chosen()] == ["gate"]
+    torch.utils.checkpoint.checkpoint(module, x, use_reentrant=False).sum().backward()
 
 
 def test_concurrent_threads_measure_once(clock: FakeClock) -> None:

@@ -20,8 +20,10 @@ an AVX-512 CPU picked the slower kernel on an AVX2 one (``shared/MEASURED.md``).
 2. the static rule, without measuring, when ``ATTNZOO_KERNEL_CALIBRATE=0``, when the inputs are
    small (under `SMALL` elements) or not on the CPU, under ``torch.compile``/``torch.export``/
    ``jit.trace``, functorch transforms or a ``TorchDispatchMode`` (``FlopCounterMode``), under
-   autocast, with ``torch.use_deterministic_algorithms(True)`` (every run then takes the same
-   kernel, so results repeat bit for bit across runs), and inside another calibration;
+   autocast, under ``saved_tensors_hooks`` (non-reentrant ``torch.utils.checkpoint``: the
+   recomputation must take the kernel the forward took), with
+   ``torch.use_deterministic_algorithms(True)`` (every run then takes the same kernel, so results
+   repeat bit for bit across runs), and inside another calibration;
 3. otherwise the cached winner for the (site, shape class, thread count), measured the first time
    the class is seen in the process: the candidates run alternately on detached copies of the
    actual inputs, for at least two and at most `MAX_ROUNDS` rounds within a budget of about
@@ -144,14 +146,23 @@ def calibration_enabled() -> bool:
     return os.environ.get(_ENV_CALIBRATE, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
+def _saved_tensor_hooks() -> bool:
+    """Whether ``saved_tensors_hooks`` are active (non-reentrant checkpointing): a calibration's
+    graph would be packed by them, and a cached choice could differ between the forward and its
+    recomputation, which must save the same tensors."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top is not None and top(False) is not None
+
+
 def _must_stay_static(elements: int, device: torch.device | str) -> bool:
     device_type = torch.device(device).type
-    return bool(
-        not calibration_enabled()
+    return bool(  # composite_required first: under torch.compile it is a constant and ends the test
+        composite_required(dispatch=True)
+        or not calibration_enabled()
         or device_type != "cpu"
         or elements < SMALL
         or getattr(_local, "calibrating", False)
-        or composite_required(dispatch=True)
+        or _saved_tensor_hooks()
         or torch.is_autocast_enabled(device_type)
         or torch.are_deterministic_algorithms_enabled()
     )
