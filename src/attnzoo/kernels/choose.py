@@ -112,8 +112,21 @@ def override(site: str) -> str:
 
 @contextlib.contextmanager
 def prefer(site: str, choice: str) -> Iterator[None]:
-    """Force one candidate at ``site`` inside a ``with`` block (thread-local, nestable);
-    ``"auto"`` restores calibration (or the static rule) inside an outer override.
+    """Force one kernel at ``site`` inside a ``with`` block (thread-local, nestable).
+
+    Outside any block, ``ATTNZOO_KERNEL_<SITE>`` (e.g. ``ATTNZOO_KERNEL_GATE=plain``) does the same
+    for the whole process; by default (``"auto"``) each site takes the kernel measured faster for
+    the shape class (see `attnzoo.kernels.choose`).
+
+    Args:
+        site: ``"global"`` (SAGAN, non-local: ``"blocked"`` or ``"sdpa"``), ``"window"`` (Swin,
+            temporal: ``"biased"`` or ``"sdpa"``), ``"gate"`` (SE, CBAM, the dual gate) or
+            ``"select"`` (SK), the last two ``"fused"`` or ``"plain"``.
+        choice: One of the site's kernels, or ``"auto"`` (measure, or the static rule) to undo an
+            outer override.
+
+    Raises:
+        ValueError: For an unknown site or kernel name (the message lists the allowed ones).
 
     Example:
         ```python
