@@ -56,8 +56,9 @@ _BLOCK_ELEMENTS = 1 << 19
 # machine, 128 rows ran fwd+bwd in 1.53 s against 1.73 s for 32 (medians of 7 alternating rounds).
 _MIN_BLOCK_ROWS = 128
 
-# "auto" takes the blocked kernel when one width exceeds this multiple of the other (SAGAN: 8):
-# there padded flash would spend most of its FLOPs on zeros. Set to math.inf to always pad.
+# The static rule (no calibration: ATTNZOO_KERNEL_CALIBRATE=0, small inputs, see kernels/choose.py)
+# takes the blocked kernel when one width exceeds this multiple of the other (SAGAN: 8): there
+# padded flash would spend most of its FLOPs on zeros. Set to math.inf to always pad.
 _BLOCKED_RATIO = 2.0
 
 
@@ -232,8 +233,8 @@ def global_attention(
       the other (SAGAN: d = e/8);
     - otherwise: ``attend`` on its fused path (SDPA flash on CPU, the GPU kernels elsewhere).
 
-    :func:`global_kernel` (or ``ATTNZOO_KERNEL_GLOBAL``/``ATTNZOO_GLOBAL_KERNEL``) overrides the
-    first rule: the blocked kernel uses about half the FLOPs of padded flash but runs about seven
+    :func:`global_kernel` (or ``ATTNZOO_KERNEL_GLOBAL``/``ATTNZOO_GLOBAL_KERNEL``) overrides that
+    choice: the blocked kernel uses about half the FLOPs of padded flash but runs about seven
     thread hand-offs per block, so which one is faster depends on the CPU (AVX2 or AVX-512) and on
     whether its cores are shared with other work.
 
