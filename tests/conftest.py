@@ -42,6 +42,9 @@ def _seed_and_threads() -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     torch.set_num_threads(min(torch.get_num_threads(), 2))
+    # Kernel choice by the static rules, so every run takes the same paths (tests/kernels/test_choose.py
+    # switches calibration back on); subprocesses inherit it.
+    os.environ.setdefault("ATTNZOO_KERNEL_CALIBRATE", "0")
 
 
 class LargestTensor(TorchDispatchMode):

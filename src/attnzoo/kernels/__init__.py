@@ -8,6 +8,8 @@
 - :mod:`~attnzoo.kernels.neighbourhood_nd`: NATTEN's 1-/2-/3-D window rules and gathered attention
   (composite ops, no custom Function);
 - :mod:`~attnzoo.kernels.selective`: SK's branch selection;
+- :mod:`~attnzoo.kernels.choose`: which of two equally exact fast paths runs (calibrated once per
+  shape class and cached, or overridden per site);
 - :mod:`~attnzoo.kernels.route`: where the kernels give way to plain ops (functorch transforms,
   ``torch.compile``, dispatch modes) and how their backward recomputes for ``create_graph=True``.
 """

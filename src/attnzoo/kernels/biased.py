@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from attnzoo.functional import attend, fused_enabled
+from attnzoo.kernels import choose
 from attnzoo.kernels.route import composite_required, recompute_grads, without_autocast
 
 __all__ = ["biased_attention"]
@@ -139,10 +140,12 @@ def biased_attention(qkv: Tensor, bias: Tensor, *, scale: float, dropout_p: floa
 
     Equal to :func:`attnzoo.attend` on the unpacked heads with ``bias`` broadcast over the batch.
     With the fused path on (:func:`attnzoo.fused_attn`) and a float32/float64 input, a dedicated
-    kernel runs (see the module docstring): on tiny windows it beats both the SDPA kernels and the
-    generic math path, in training (where a learnable bias makes SDPA fall back to its math path)
-    and in inference. Otherwise (the fused path off, half precision, under torch.compile,
-    torch.export or torch.func) :func:`attend` runs.
+    kernel runs (see the module docstring) unless :func:`attend` measured faster for the shape
+    class in this process (`attnzoo.kernels.choose`, site ``"window"``; override with
+    ``ATTNZOO_KERNEL_WINDOW=biased|sdpa|auto`` or ``prefer("window", ...)``): on tiny windows the
+    kernel beat both the SDPA kernels and the generic math path, in training (where a learnable
+    bias makes SDPA fall back to its math path) and in inference. Otherwise (the fused path off,
+    half precision, under torch.compile, torch.export or torch.func) :func:`attend` runs.
 
     Args:
         qkv: Packed projections ``(B, N, 3, h, d)`` (any strides).
@@ -155,13 +158,37 @@ def biased_attention(qkv: Tensor, bias: Tensor, *, scale: float, dropout_p: floa
     Shape:
         - Output: ``(B, N, h*d)``, heads concatenated.
     """
-    b, n, _, h, d = qkv.shape
     # The hand-written kernel is for eager mode; torch.compile, torch.export (ONNX) and torch.func
     # take the plain path.
     if fused_enabled() and qkv.dtype in (torch.float32, torch.float64) and not composite_required():
-        return _BiasedAttention.apply(qkv, bias.to(qkv.dtype).contiguous(), float(scale), float(dropout_p))
+        bias_c = bias.to(qkv.dtype).contiguous()
+        if _choice(qkv, bias_c, float(scale)) == "biased":
+            return _BiasedAttention.apply(qkv, bias_c, float(scale), float(dropout_p))
+    return _attend_path(qkv, bias, scale, dropout_p)
+
+
+def _attend_path(qkv: Tensor, bias: Tensor, scale: float, dropout_p: float) -> Tensor:
+    """:func:`attend` on the unpacked heads, the bias broadcast over the batch."""
+    b, n, _, h, d = qkv.shape
     if bias.ndim == 4:
         bias = bias.expand(b // bias.shape[0], *bias.shape).reshape(b, h, n, n)  # (B, h, N, N)
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, h, N, d)
     out: Tensor = attend(q, k, v, bias=bias, scale=scale, dropout_p=dropout_p)  # (B, h, N, d)
     return out.transpose(1, 2).reshape(b, n, h * d)  # (B, N, h*d)
+
+
+def _choice(qkv: Tensor, bias: Tensor, scale: float) -> str:
+    """``"biased"`` or ``"sdpa"`` (site ``"window"`` of `attnzoo.kernels.choose`); calibration runs
+    without dropout, so it draws no random numbers."""
+    b, n, _, h, d = qkv.shape
+    groups = bias.shape[0] if bias.ndim == 4 else 1
+    train = torch.is_grad_enabled() and (qkv.requires_grad or bias.requires_grad)
+    needs = [qkv.requires_grad, bias.requires_grad] if train else False
+    key = (*(choose.bucket(x) for x in (b, n, h, d, groups)), qkv.dtype, train)
+    kernel = lambda t, bb: _BiasedAttention.apply(t, bb, scale, 0.0)  # noqa: E731
+    plain = lambda t, bb: _attend_path(t, bb, scale, 0.0)  # noqa: E731
+    candidates = {
+        "biased": choose.workload(kernel, (qkv, bias), needs),
+        "sdpa": choose.workload(plain, (qkv, bias), needs),
+    }
+    return choose.choose("window", key, candidates, static="biased", elements=qkv.numel(), device=qkv.device)

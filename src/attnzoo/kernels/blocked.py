@@ -32,8 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
-import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -42,6 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attnzoo.functional import attend, fused_enabled
+from attnzoo.kernels import choose
 from attnzoo.kernels.route import composite_required, recompute_grads, without_autocast
 
 __all__ = ["global_attention", "blocked_attention", "global_kernel", "kernel_choice", "KERNELS"]
@@ -57,8 +56,9 @@ _BLOCK_ELEMENTS = 1 << 19
 # machine, 128 rows ran fwd+bwd in 1.53 s against 1.73 s for 32 (medians of 7 alternating rounds).
 _MIN_BLOCK_ROWS = 128
 
-# "auto" takes the blocked kernel when one width exceeds this multiple of the other (SAGAN: 8):
-# there padded flash would spend most of its FLOPs on zeros. Set to math.inf to always pad.
+# The static rule (no calibration: ATTNZOO_KERNEL_CALIBRATE=0, small inputs, see kernels/choose.py)
+# takes the blocked kernel when one width exceeds this multiple of the other (SAGAN: 8): there
+# padded flash would spend most of its FLOPs on zeros. Set to math.inf to always pad.
 _BLOCKED_RATIO = 2.0
 
 
@@ -70,20 +70,12 @@ _EXP_FLOOR = {torch.float32: -80.0, torch.float64: -700.0}
 _threads = torch.get_num_threads  # indirection, so tests can pose as a many-core machine
 
 KERNELS = ("auto", "blocked", "sdpa")
-_ENV_KERNEL = "ATTNZOO_GLOBAL_KERNEL"
-_kernel_override = threading.local()
 
 
 def kernel_choice() -> str:
     """The kernel :func:`global_attention` prefers when fused: innermost :func:`global_kernel`,
-    else ``ATTNZOO_GLOBAL_KERNEL``, else ``"auto"``."""
-    stack = getattr(_kernel_override, "stack", None)
-    if stack:
-        return str(stack[-1])
-    choice = os.environ.get(_ENV_KERNEL, "auto").strip().lower() or "auto"
-    if choice not in KERNELS:
-        raise ValueError(f"{_ENV_KERNEL} must be one of {KERNELS}, got {choice!r}")
-    return choice
+    else ``ATTNZOO_KERNEL_GLOBAL`` (or the older ``ATTNZOO_GLOBAL_KERNEL``), else ``"auto"``."""
+    return choose.override("global")
 
 
 @contextlib.contextmanager
@@ -91,20 +83,16 @@ def global_kernel(choice: str) -> Iterator[None]:
     """Prefer one kernel for CPU global attention inside a ``with`` block (thread-local, nestable).
 
     Args:
-        choice: ``"auto"`` (the blocked kernel when one width exceeds twice the other, else SDPA
-            flash with zero padding), ``"blocked"`` (float32/float64 always blocked) or ``"sdpa"``
-            (always SDPA flash, padding the narrower width).
+        choice: ``"auto"`` (the faster of the two for the shape class, measured once per process,
+            see `attnzoo.kernels.choose`; with ``ATTNZOO_KERNEL_CALIBRATE=0`` the blocked kernel
+            when one width exceeds twice the other, else SDPA flash with zero padding),
+            ``"blocked"`` (float32/float64 always blocked) or ``"sdpa"`` (always SDPA flash,
+            padding the narrower width).
     """
     if choice not in KERNELS:
         raise ValueError(f"global_kernel expects one of {KERNELS}, got {choice!r}")
-    stack = getattr(_kernel_override, "stack", None)
-    if stack is None:
-        stack = _kernel_override.stack = []
-    stack.append(choice)
-    try:
+    with choose.prefer("global", choice):
         yield
-    finally:
-        stack.pop()
 
 
 def _block_rows(batch: int, length: int) -> int:
@@ -237,16 +225,18 @@ def global_attention(
 
     - weights asked for, or fusion switched off (:func:`attnzoo.fused_attn`): ``attend``'s math
       path, which materialises and returns the ``(B, L, S)`` weights;
-    - float32/float64 on CPU with one width more than twice the other (SAGAN: d = e/8):
-      :func:`blocked_attention` (the CPU flash kernel refuses unequal head dims, and padding q, k
-      up to e would multiply four of its seven products by e/d);
-    - CPU with ``d != e`` otherwise: the narrower of (q, k) and v zero-padded, then SDPA flash;
+    - float32/float64 on CPU with ``d != e``: :func:`blocked_attention` or the narrower of (q, k)
+      and v zero-padded, then SDPA flash (the CPU flash kernel refuses unequal head dims, and
+      padding q, k up to e multiplies four of its seven products by e/d), whichever measured
+      faster for the shape class in this process (`attnzoo.kernels.choose`, site ``"global"``);
+      with ``ATTNZOO_KERNEL_CALIBRATE=0``, the blocked kernel when one width is more than twice
+      the other (SAGAN: d = e/8);
     - otherwise: ``attend`` on its fused path (SDPA flash on CPU, the GPU kernels elsewhere).
 
-    :func:`global_kernel` (or ``ATTNZOO_GLOBAL_KERNEL``) overrides the first two rules: the blocked
-    kernel uses about half the FLOPs of padded flash but runs about seven thread hand-offs per
-    block, so on cores shared with other work the flash kernel (two parallel regions per step)
-    can be the faster one.
+    :func:`global_kernel` (or ``ATTNZOO_KERNEL_GLOBAL``/``ATTNZOO_GLOBAL_KERNEL``) overrides that
+    choice: the blocked kernel uses about half the FLOPs of padded flash but runs about seven
+    thread hand-offs per block, so which one is faster depends on the CPU (AVX2 or AVX-512) and on
+    whether its cores are shared with other work.
 
     Args:
         q: Queries.
@@ -262,26 +252,52 @@ def global_attention(
         - q: ``(B, L, d)``; k: ``(B, S, d)``; v: ``(B, S, e)``.
     """
     if not return_weights and fused_enabled():
-        dim_qk, dim_v = q.shape[-1], v.shape[-1]
-        small, large = min(dim_qk, dim_v), max(dim_qk, dim_v)
         # The blocked kernel is for eager CPU runs: its block sizes and shift test read sizes and data,
         # which torch.compile / torch.export / jit.trace cannot follow; they take the SDPA path.
         # Functorch transforms cannot run it either.
-        tracing = composite_required()
-        on_cpu = q.device.type == "cpu"
-        if on_cpu and q.dtype in (torch.float32, torch.float64) and not tracing:
-            choice = kernel_choice()
-            if choice == "blocked" or (choice == "auto" and large > _BLOCKED_RATIO * small):
-                return blocked_attention(q, k, v, scale=scale)
-        if not on_cpu or small == large:
-            return _fused(q, k, v, scale)
-        # The CPU flash kernel takes one head dim: zero-pad the narrower side ([q, 0] . [k, 0] = q . k).
-        if dim_qk < dim_v:
-            return _fused(F.pad(q, (0, large - small)), F.pad(k, (0, large - small)), v, scale)
-        return _fused(q, k, F.pad(v, (0, large - small)), scale)[..., :dim_v]
+        if (
+            q.device.type == "cpu"
+            and q.dtype in (torch.float32, torch.float64)
+            and not composite_required()
+            and _choice(q, k, v, scale) == "blocked"
+        ):
+            return blocked_attention(q, k, v, scale=scale)
+        return _padded_sdpa(q, k, v, scale)
     # The math path (fusion off, or the weights asked for): one head, (B, 1, L, S) weights.
     out, weights = attend(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), scale=scale, return_weights=True)
     return (out.squeeze(1), weights.squeeze(1)) if return_weights else out.squeeze(1)
+
+
+def _choice(q: Tensor, k: Tensor, v: Tensor, scale: float) -> str:
+    """``"blocked"`` or ``"sdpa"`` for CPU float32/float64 inputs (`attnzoo.kernels.choose`)."""
+    forced = kernel_choice()
+    if forced != "auto":
+        return forced
+    small, large = sorted((q.shape[-1], v.shape[-1]))
+    if small == large:  # SDPA flash takes the inputs as they are
+        return "sdpa"
+    train = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    needs = [t.requires_grad for t in (q, k, v)] if train else False
+    key = (*(choose.bucket(n) for n in (q.shape[0], q.shape[1], k.shape[1], small, large)),
+           q.shape[-1] < v.shape[-1], q.dtype, train)
+    candidates = {
+        "blocked": choose.workload(lambda a, b, c: blocked_attention(a, b, c, scale=scale), (q, k, v), needs),
+        "sdpa": choose.workload(lambda a, b, c: _padded_sdpa(a, b, c, scale), (q, k, v), needs),
+    }
+    static = "blocked" if large > _BLOCKED_RATIO * small else "sdpa"
+    elements = q.numel() + k.numel() + v.numel()
+    return choose.choose("global", key, candidates, static=static, elements=elements, device=q.device)
+
+
+def _padded_sdpa(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    """``attend``'s fused path; on CPU the narrower of (q, k) and v zero-padded to one head dim."""
+    dim_qk, dim_v = q.shape[-1], v.shape[-1]
+    if q.device.type != "cpu" or dim_qk == dim_v:
+        return _fused(q, k, v, scale)
+    # The CPU flash kernel takes one head dim: zero-pad the narrower side ([q, 0] . [k, 0] = q . k).
+    if dim_qk < dim_v:
+        return _fused(F.pad(q, (0, dim_v - dim_qk)), F.pad(k, (0, dim_v - dim_qk)), v, scale)
+    return _fused(q, k, F.pad(v, (0, dim_qk - dim_v)), scale)[..., :dim_v]
 
 
 def _fused(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:

@@ -23,7 +23,9 @@ with plain differentiable ops in backward (`_gate_plain`), so second derivatives
 under functorch transforms, dispatch modes (``FlopCounterMode``), ``torch.compile`` and
 ``torch.jit.trace`` the plain ops run from the start (`attnzoo.kernels.route.composite_required`).
 Under ``torch.no_grad()`` (or with nothing requiring grad) the kernel is bypassed and the max
-statistics use ``amax``, which skips computing indices. Under autocast the gates may come out in
+statistics use ``amax``, which skips computing indices. In training the plain ops also run where
+they measured faster for the shape class in this process (`attnzoo.kernels.choose`, site ``"gate"``;
+``ATTNZOO_KERNEL_GATE=fused|plain|auto`` overrides). Under autocast the gates may come out in
 the low precision while ``x`` does not: backward computes in ``x``'s dtype.
 """
 
@@ -38,6 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attnzoo._checks import check_shape
+from attnzoo.kernels import choose
 from attnzoo.kernels.route import (
     autocast_state,
     composite_required,
@@ -290,6 +293,40 @@ def fused_gate(
     if composite_required(dispatch=True):  # functorch, dispatch modes, compile, tracing: plain ops throughout
         return _gate_plain(x, plan)
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
+        if _choice(x, plan) == "plain":
+            return _gate_plain(x, plan)
         return _GateFn.apply(x, plan, len(channel_params), *params)
     with torch.no_grad():
         return _gate_forward(x, plan, track=False)[0]
+
+
+def _stand_in(*stats: Tensor) -> Tensor:
+    """A small function without parameters or side effects, for timing: ``sigmoid(sum(stats))``."""
+    total = stats[0]
+    for t in stats[1:]:
+        total = total + t
+    return total.sigmoid()
+
+
+def _choice(x: Tensor, plan: GatePlan) -> str:
+    """``"fused"`` or ``"plain"`` in training (site ``"gate"`` of `attnzoo.kernels.choose`).
+
+    The candidates are timed with parameter-free stand-ins for the plan's small functions (their
+    cost is on (B, C) or (B, 1, H, W) tensors, the kernels' on (B, C, H, W)), so calibration
+    updates no batch-norm statistics and records no maps.
+    """
+    stand_in = GatePlan(
+        channel_fn=None if plan.channel_fn is None else _stand_in,
+        channel_stats=plan.channel_stats,
+        spatial_fn=None if plan.spatial_fn is None else _stand_in,
+        spatial_stats=plan.spatial_stats,
+    )
+    B, C, H, W = x.shape
+    layout = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    key = (*(choose.bucket(n) for n in (B, C, H * W)), plan.channel_fn is not None, plan.channel_stats,
+           plan.spatial_fn is not None, plan.spatial_stats, layout, x.dtype)
+    candidates = {
+        "fused": choose.workload(lambda t: _GateFn.apply(t, stand_in, 0), (x,), True),
+        "plain": choose.workload(lambda t: _gate_plain(t, stand_in), (x,), True),
+    }
+    return choose.choose("gate", key, candidates, static="fused", elements=x.numel(), device=x.device)

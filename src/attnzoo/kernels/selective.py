@@ -3,16 +3,20 @@
 The branches are never stacked or concatenated: ``mean_hw(sum_i U_i)`` is a sum of per-branch
 means, and backward writes each branch gradient in one fused multiply-add. Double backward
 recomputes the selection with plain ops (`_select_plain`); functorch transforms, dispatch modes
-(`FlopCounterMode`), `torch.compile` and `torch.jit.trace` run the plain ops from the start.
+(`FlopCounterMode`), `torch.compile` and `torch.jit.trace` run the plain ops from the start, and so
+does training where they measured faster for the shape class in this process
+(`attnzoo.kernels.choose`, site ``"select"``; ``ATTNZOO_KERNEL_SELECT=fused|plain|auto`` overrides).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
+from attnzoo.kernels import choose
 from attnzoo.kernels.gate import small_graph, small_vjp
 from attnzoo.kernels.route import (
     autocast_state,
@@ -108,6 +112,29 @@ def select_branches(
     if composite_required(dispatch=True):  # functorch, dispatch modes, compile, tracing: plain ops throughout
         return _select_plain(attention, *branches)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (*branches, *params)):
+        if _choice(branches) == "plain":
+            return _select_plain(attention, *branches)
         return _SelectFn.apply(attention, len(branches), *branches, *params)
     with torch.no_grad():
         return _select_forward(branches, attention, track=False)[0]
+
+
+def _stand_in(s: Tensor, m: int) -> Tensor:
+    """Parameter-free branch weights (B, M, C) from the pooled sum (B, C), for timing."""
+    return torch.stack([s * (i + 1) for i in range(m)], dim=1).softmax(1)  # (B, M, C)
+
+
+def _choice(branches: Sequence[Tensor]) -> str:
+    """``"fused"`` or ``"plain"`` in training (site ``"select"`` of `attnzoo.kernels.choose`), timed
+    with a parameter-free stand-in for the attention function (no batch-norm update, no map capture)."""
+    m = len(branches)
+    B, C, H, W = branches[0].shape
+    key = (m, *(choose.bucket(n) for n in (B, C, H * W)), branches[0].dtype)
+    fn = functools.partial(_stand_in, m=m)
+    candidates = {
+        "fused": choose.workload(lambda *t: _SelectFn.apply(fn, m, *t), branches, True),
+        "plain": choose.workload(lambda *t: _select_plain(fn, *t), branches, True),
+    }
+    elements = sum(u.numel() for u in branches)
+    return choose.choose("select", key, candidates, static="fused", elements=elements,
+                         device=branches[0].device)
