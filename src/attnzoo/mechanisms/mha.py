@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnzoo._checks import check_divisible, check_float, check_int, check_mask, check_shape, check_tensor
-from attnzoo._registry import Example, FreeSize, register
+from attnzoo._registry import Example, FreeSize, register, register_compat
 from attnzoo.functional import attend
 from attnzoo.maps.capture import capturing, record_rows
 
@@ -217,6 +217,8 @@ class MultiHeadAttention(nn.Module):
         return (out, weights) if weights is not None else out
 
 
+@register_compat(example=Example({"d_model": 8, "num_heads": 2}, ((2, 5, 8), (2, 7, 8), (2, 7, 8)), (2, 5, 8),
+                                 channel_dim=-1))
 class SeedMultiHeadAttention(MultiHeadAttention):
     """The seed's `MultiHeadAttention(d_model, num_heads)` (`attnzoo.compat.MultiHeadAttention`).
 

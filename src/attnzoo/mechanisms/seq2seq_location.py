@@ -112,7 +112,9 @@ class LocationAttention(nn.Module):
                 f"value_dim={self.value_dim}, output_dim={self.output_dim}")
 
 
-@register_seed("location")
+@register_seed("location", example=Example(
+    {"query_size": 6, "key_size": 4, "value_size1": 5, "value_size2": 7, "output_size": 8},
+    ((1, 3, 6), (1, 3, 4), (1, 5, 7)), (1, 3, 8), channel_dim=-1))
 class Attn(LocationAttention):
     """The seed's `Attn` (seed 002): its arguments, parameter names and `(output, attn_weights)`.
 

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from attnzoo._checks import check_float, check_int
+from attnzoo._registry import Example, register_compat
 from attnzoo.functional import attend
 from attnzoo.maps.capture import capturing, record_rows
 
@@ -46,6 +47,8 @@ def _check_mask_dtype(mask: object, name: str) -> Tensor:
     return mask
 
 
+@register_compat(example=Example({"embed_dim": 8, "num_heads": 2, "batch_first": True},
+                                 ((2, 5, 8), (2, 7, 8), (2, 7, 8)), (2, 5, 8), channel_dim=-1))
 class MultiheadAttention(nn.Module):
     r"""Multi-head attention with the API of torch's ``nn.MultiheadAttention``, run by ``attend``.
 
