@@ -217,3 +217,13 @@ def test_fully_masked_rows_give_finite_outputs_and_gradients(case, kind, fused):
         assert all(p.grad is None or torch.isfinite(p.grad).all() for p in module.parameters()), (
             f"{case.id}: non-finite parameter gradients for a fully masked {name} ({kind})"
         )
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if mask_names(c)], ids=lambda c: c.id)
+def test_mask_on_another_device_names_the_mask(case):
+    module = build(case).eval()
+    for name in mask_names(case):
+        shape, taken = accepted_mask(module, case, name)
+        mask = (torch.ones(shape, dtype=torch.bool) if torch.bool in taken else torch.zeros(shape)).to("meta")
+        with pytest.raises(ValueError, match=rf"{name} on device cpu .*got meta"):
+            module(*inputs(case), **{name: mask})
