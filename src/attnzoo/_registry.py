@@ -3,7 +3,10 @@
 A family file registers its canonical class with `register` and, where the seed documents name the
 class differently (`SELayer` for `SqueezeExcite`), attaches the seed-compatible class with
 `register_seed`. `create` accepts the canonical name, any alias, or the seed name (which builds the
-seed-compatible class, with the seed's constructor arguments).
+seed-compatible class, with the seed's constructor arguments). Every class exported by `attnzoo.compat`
+has an example here too: `register_seed(name, example=...)` for a seed class, `register_compat(example=...)`
+for an official, torch or torchvision class that is no registered seed; `compat_examples` lists them, so
+the registry-wide suites (adversarial inputs, fuzzing) sweep a compat class by its example alone.
 
 The `Spec` is the only table: the CLI (`list`, `info`, `bench`, `maps`, `demo`), surgery
 (`attnzoo.insert`/`replace`), the docs generator and the registry-wide test suites read a
