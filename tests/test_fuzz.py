@@ -18,6 +18,10 @@ Which sizes are free is registry data: `Example.free_sizes` lists groups of inpu
 may change together and the output dimension that follows them. A mechanism that leaves it None
 falls back to `probe_free_sizes` (its layout's spatial/sequence dimensions, kept only if the module
 accepts two other sizes there), so a new mechanism is fuzzed by registering alone.
+
+The invalid-input and constructor properties also run over every compat class (`attnzoo.compat`), from
+its example (`register_seed(..., example=)` or `register_compat`); their free sizes are probed along
+every dimension of the first input, and their messages must name the class's own argument names.
 """
 
 from __future__ import annotations
@@ -36,11 +40,14 @@ from torch import nn
 
 import attnzoo
 from attnzoo import Spec
-from attnzoo._registry import FreeSize
+from attnzoo._registry import FreeSize, compat_examples
 
 SPECS = attnzoo.list_modules()
 IDS = [s.name for s in SPECS]
-BY_NAME = {s.name: s for s in SPECS}
+# Compat classes, as Specs of layout "compat" (no layout: free sizes are probed along every dimension).
+COMPAT = [Spec(f"compat.{n}", cls, "compat", "", 0, "compat", ex) for n, cls, ex in compat_examples()]
+CHECKED_IDS = IDS + [s.name for s in COMPAT]
+BY_NAME = {s.name: s for s in [*SPECS, *COMPAT]}
 
 pytestmark = pytest.mark.skipif(not SPECS, reason="no mechanism is registered yet")
 
@@ -128,7 +135,7 @@ def probe_free_sizes(spec: Spec) -> list[Group]:
     ex = spec.example
     module = build(spec.name).eval()
     groups: list[Group] = []
-    for dim in LAYOUT_FREE_DIMS.get(spec.layout, ()):
+    for dim in LAYOUT_FREE_DIMS.get(spec.layout, range(1, len(ex.inputs[0]))):
         out_dim = dim if len(ex.output) == len(ex.inputs[0]) and ex.output[dim] == ex.inputs[0][dim] else None
         ok = True
         for new in (ex.inputs[0][dim] + 1, 2 * ex.inputs[0][dim]):
@@ -140,6 +147,7 @@ def probe_free_sizes(spec: Spec) -> list[Group]:
             except (ValueError, TypeError):
                 ok = False
                 break
+            out = out[0] if isinstance(out, tuple) else out
             if out_dim is not None and out.shape[out_dim] != new:
                 out_dim = None
         if ok:
@@ -245,7 +253,7 @@ def expect_error(name: str, what: str, call, exc_types, must_name: list[str]) ->
     pytest.fail(f"{name}: {what} was accepted")
 
 
-@pytest.mark.parametrize("name", IDS)
+@pytest.mark.parametrize("name", CHECKED_IDS)
 @FUZZ
 @given(data=st.data())
 def test_invalid_inputs_raise_value_or_type_error(name, data):
@@ -339,7 +347,7 @@ def bad_values(value: Any) -> list[Any]:
     return bad
 
 
-@pytest.mark.parametrize("name", IDS)
+@pytest.mark.parametrize("name", CHECKED_IDS)
 @settings(FUZZ, max_examples=int(20 * SCALE))
 @given(data=st.data())
 def test_bad_constructor_arguments_are_rejected_or_harmless(name, data):

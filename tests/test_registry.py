@@ -96,3 +96,42 @@ def test_every_entry_has_complete_metadata():
         if spec.seed_name:
             assert getattr(attnzoo.compat, spec.seed_name) is not None
             assert spec.seed_name in attnzoo.compat.__all__
+
+
+def test_seed_and_compat_examples_are_registry_data(scratch_registry, monkeypatch):
+    monkeypatch.setattr(_registry, "_COMPAT_EXAMPLES", {})
+
+    @register("toy", family="t", paper="p", year=1, layout="NCHW", example=_example(), seed_name="ToyLayer")
+    class Toy(nn.Module):
+        def __init__(self, channels: int):
+            super().__init__()
+
+    seed_example = Example(kwargs={"channel": 3}, inputs=((1, 3, 4, 4),), output=(1, 3, 4, 4))
+
+    @register_seed("toy", example=seed_example)
+    class ToyLayer(nn.Module):
+        def __init__(self, channel: int):
+            super().__init__()
+
+    official = Example(kwargs={"in_planes": 3}, inputs=((1, 3, 4, 4),), output=(1, 3, 4, 4))
+
+    @_registry.register_compat(example=official)
+    class OfficialToy(nn.Module):
+        def __init__(self, in_planes: int):
+            super().__init__()
+
+    assert attnzoo.get_spec("ToyLayer").seed_example is seed_example
+    assert _registry._COMPAT_EXAMPLES == {OfficialToy: official}
+    with pytest.raises(TypeError, match="in_planes must be an int, got str"):  # the shared checks apply
+        OfficialToy("3")
+    with pytest.raises(ValueError, match="'OfficialToy' already has an example"):
+        _registry.register_compat(example=official)(OfficialToy)
+
+
+def test_compat_examples_cover_the_compat_classes():
+    found = {name: (cls, ex) for name, cls, ex in _registry.compat_examples()}
+    assert found["SELayer"] == (attnzoo.compat.SELayer, attnzoo.get_spec("se").seed_example)
+    assert found["MultiheadAttention"][0] is attnzoo.compat.MultiheadAttention
+    assert found["WindowAttention"][1].kwargs == {"dim": 8, "window_size": 4, "num_heads": 2}
+    classes = {n for n in attnzoo.compat.__all__ if isinstance(getattr(attnzoo.compat, n), type)}
+    assert set(found) == classes  # the builder functions have none (tests/test_adversarial.py: EXEMPT)

@@ -227,12 +227,11 @@ def check_inputs(module: nn.Module, names: Sequence[str], args: tuple, kwargs: d
     if not tensors:
         return
     device = reference.device if reference is not None else tensors[0][1].device
+    where = "where its parameters are" if reference is not None else f"the device of {tensors[0][0]}"
     who = type(module).__name__
     for name, t in tensors:
         if t.device != device:
-            raise ValueError(
-                f"{who} expects {name} on device {device} (where its parameters are), got {t.device}"
-            )
+            raise ValueError(f"{who} expects {name} on device {device} ({where}), got {t.device}")
     if reference is None or torch.is_autocast_enabled(device.type):
         return
     for name, t in tensors:

@@ -3,7 +3,10 @@
 A family file registers its canonical class with `register` and, where the seed documents name the
 class differently (`SELayer` for `SqueezeExcite`), attaches the seed-compatible class with
 `register_seed`. `create` accepts the canonical name, any alias, or the seed name (which builds the
-seed-compatible class, with the seed's constructor arguments).
+seed-compatible class, with the seed's constructor arguments). Every class exported by `attnzoo.compat`
+has an example here too: `register_seed(name, example=...)` for a seed class, `register_compat(example=...)`
+for an official, torch or torchvision class that is no registered seed; `compat_examples` lists them, so
+the registry-wide suites (adversarial inputs, fuzzing) sweep a compat class by its example alone.
 
 The `Spec` is the only table: the CLI (`list`, `info`, `bench`, `maps`, `demo`), surgery
 (`attnzoo.insert`/`replace`), the docs generator and the registry-wide test suites read a
@@ -23,7 +26,18 @@ from torch import nn
 
 from attnzoo._checks import checked
 
-__all__ = ["Example", "FreeSize", "Spec", "register", "register_seed", "create", "get_spec", "list_modules"]
+__all__ = [
+    "Example",
+    "FreeSize",
+    "Spec",
+    "register",
+    "register_seed",
+    "register_compat",
+    "compat_examples",
+    "create",
+    "get_spec",
+    "list_modules",
+]
 
 LAYOUTS = ("NCHW", "NHWC", "NLC", "NCL", "NCTHW", "NTHWC", "SEQ2SEQ")
 
@@ -101,6 +115,7 @@ class Spec:
     seed_cls: Callable[..., nn.Module] | None = field(default=None, compare=False)
     input_rule: str = "layout"
     for_input: Callable[[Any], dict[str, Any]] | None = field(default=None, compare=False)
+    seed_example: Example | None = None
 
     @property
     def width(self) -> str:
@@ -181,22 +196,71 @@ def register(
 SeedT = TypeVar("SeedT", bound=Callable[..., nn.Module])
 
 
-def register_seed(name: str) -> Callable[[SeedT], SeedT]:
+def register_seed(name: str, *, example: Example | None = None) -> Callable[[SeedT], SeedT]:
     """Decorator that attaches the seed-compatible class (or builder) to the registered entry `name`.
 
     `create(seed_name, ...)` then calls it with the seed's constructor arguments.
+
+    Args:
+        name: The registered (canonical) entry the seed class belongs to.
+        example: A small configuration of the seed class, in the seed's own constructor arguments
+            (`Example.output` is the shape of the first output where the class returns a tuple); the
+            registry-wide suites sweep every compat class with it (`compat_examples`).
     """
 
     def decorate(cls: SeedT) -> SeedT:
         spec = get_spec(name)
         if spec.seed_name is None:
             raise ValueError(f"attention {name!r} was registered without a seed_name")
-        _REGISTRY[name] = Spec(**{**spec.__dict__, "seed_cls": cls})
+        _REGISTRY[name] = Spec(**{**spec.__dict__, "seed_cls": cls, "seed_example": example})
         if isinstance(cls, type):
             checked(cls)
         return cls
 
     return decorate
+
+
+# Examples of the compat classes that are no registered seed (official and torch/torchvision classes).
+_COMPAT_EXAMPLES: dict[Callable[..., nn.Module], Example] = {}
+
+
+def register_compat(*, example: Example) -> Callable[[SeedT], SeedT]:
+    """Decorator that gives a compat class that is no registered seed (an official, torch or
+    torchvision class in `attnzoo.compat`) its example, so the registry-wide suites sweep it.
+
+    Args:
+        example: A small configuration in the class's own constructor arguments (`Example.output` is
+            the shape of the first output where the class returns a tuple).
+    """
+
+    def decorate(cls: SeedT) -> SeedT:
+        if cls in _COMPAT_EXAMPLES:
+            raise ValueError(f"compat class {getattr(cls, '__name__', cls)!r} already has an example")
+        _COMPAT_EXAMPLES[cls] = example
+        if isinstance(cls, type):
+            checked(cls)
+        return cls
+
+    return decorate
+
+
+def compat_examples() -> list[tuple[str, Callable[..., nn.Module], Example]]:
+    """`(exported name, class, example)` for every class (or builder) exported by `attnzoo.compat`
+    that has an example: a registered seed's `seed_example` or a `register_compat` example.
+
+    Exported names without an example are left out (a test lists the few builders allowed to lack one).
+    """
+    _load_families()
+    from attnzoo import compat
+
+    seeds = {id(s.seed_cls): s.seed_example for s in _REGISTRY.values() if s.seed_cls is not None}
+    found = []
+    for exported in compat.__all__:
+        obj = getattr(compat, exported)
+        example = _COMPAT_EXAMPLES.get(obj) or seeds.get(id(obj))
+        if example is not None:
+            found.append((exported, obj, example))
+    return found
 
 
 def _resolve(name: str) -> str:

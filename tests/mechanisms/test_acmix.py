@@ -391,7 +391,8 @@ def test_input_errors_name_expected_and_given():
         m(torch.randn(1, 5, 6, 6))
     with pytest.raises(ValueError, match="4-D"):
         m(torch.randn(4, 6, 6))
-    with pytest.raises(TypeError, match=r"float32 \(the dtype of its parameters\), got torch.float64"):
+    with pytest.raises(TypeError, match=r"x of dtype torch.float32 \(the dtype of its parameters\), "
+                                        r"got torch.float64"):
         m(torch.randn(1, 4, 6, 6, dtype=torch.float64))
 
 

@@ -65,7 +65,8 @@ def test_seed_golden(path):
         torch.testing.assert_close(canon(*args), g["output"][0], **F64)
 
 
-def test_seed_matches_plain_seed_code_with_masks_and_float32_scale():
+@pytest.mark.parametrize("fused", [True, False])
+def test_seed_matches_plain_seed_code_with_masks_and_float32_scale(fused):
     torch.manual_seed(0)
     m = SeedMHA(12, 2).double()  # depth 6: sqrt(6) is not exact in float32
     Q, K = torch.randn(3, 4, 12, dtype=torch.float64), torch.randn(3, 6, 12, dtype=torch.float64)  # noqa: N806
@@ -73,7 +74,8 @@ def test_seed_matches_plain_seed_code_with_masks_and_float32_scale():
     mask = (torch.rand(3, 1, 4, 6) > 0.4).long()  # integer mask, 0 = masked, as the seed allows
     mask[0, 0, 1] = 0  # a query with every key masked: the seed averages all values
     for msk in (None, mask, mask.bool(), mask.double()):
-        out, attention = m(Q, K, V, msk)
+        with attnzoo.fused_attn(fused):  # the fully masked row on both paths
+            out, attention = m(Q, K, V, msk)
         ref_out, ref_attention = seed_reference(m, Q, K, V, msk)
         torch.testing.assert_close(out, ref_out, **F64)
         torch.testing.assert_close(attention, ref_attention, **F64)
@@ -244,7 +246,7 @@ def test_bad_arguments_and_inputs():
         m(q, k, v, key_mask=torch.ones(2, 5, dtype=torch.bool))
     with pytest.raises(TypeError, match="dtype"):
         m(q.long(), k, v)
-    with pytest.raises(TypeError, match=r"key of dtype torch.float32 \(the dtype of its parameters\)"):
-        m(q, k.double(), v.double())
+    with pytest.raises(TypeError, match=r"key of dtype torch.float32 .*got torch.float64"):
+        m(q, k.double(), v.double())  # the shared input check: the parameters' dtype, named per argument
     with pytest.raises(ValueError, match="expects mask broadcastable"):
         SeedMHA(8, 2)(q, k, v, torch.ones(3, 1, 5, 7))

@@ -235,10 +235,10 @@ def test_bad_inputs_name_expected_and_given(rule):
         module(q, k, v, padding_mask()[:, None])
     with pytest.raises(TypeError, match="bool tensor .True = may attend., got torch.float64"):
         module(q, k, v, padding_mask().double())
-    # Modules with parameters name the dtype of their parameters; the parameter-free dot product
-    # names the three dtypes it was given.
-    with pytest.raises(TypeError, match=r"keys of dtype torch.float64 \(the dtype of its parameters\), got "
-                       r"torch.float32|one dtype, got torch.float64, torch.float32"):
+    # parameter-less modules compare the inputs; the others name the parameters' dtype (shared check)
+    with pytest.raises(TypeError, match=r"one dtype, got torch.float64, torch.float32|"
+                                        r"keys of dtype torch.float64 \(the dtype of its parameters\), "
+                                        r"got torch.float32"):
         module(q, k.float(), v)
     with pytest.raises(ValueError, match=r"query of shape \(B, Lq, \w+\) \(3-D\), got \(3, \d\) \(2-D\)"):
         module(q[:, 0], k, v)
@@ -346,7 +346,8 @@ def test_attn_rejects_a_leading_dim_other_than_one():
     m = Attn(4, 4, 5, 3, 2)
     with pytest.raises(ValueError, match=r"Attn expects Q with a leading dimension of 1 .*got \(2, 1, 4\)"):
         m(torch.randn(2, 1, 4), torch.randn(2, 1, 4), torch.randn(2, 5, 3))
-    with pytest.raises(ValueError, match=r"values of shape \(1, 5, 3\) with L=5, got \(1, 6, 3\)"):
+    with pytest.raises(ValueError, match=r"Attn expects V of shape \(1, 5, 3\) with value_size1=5, "
+                                         r"got \(1, 6, 3\)"):
         m(torch.randn(1, 1, 4), torch.randn(1, 1, 4), torch.randn(1, 6, 3))
 
 

@@ -183,15 +183,21 @@ def test_gradients_equal_torch():
         torch.testing.assert_close(grads[name].grad, p.grad, **F64)
 
 
-def test_fully_masked_rows_give_zeros_and_finite_grads():
+@pytest.mark.parametrize("fused", [True, False])
+def test_fully_masked_rows_give_zeros_and_finite_grads(fused):
     theirs, ours = pair(batch_first=True)
     q, k, v = (t.requires_grad_() for t in inputs(True))
     blocked = torch.zeros(L, S, dtype=torch.bool)
     blocked[1] = True  # query 1 may attend nothing
     ref, _ = theirs(q, k, v, attn_mask=blocked)
     assert torch.isnan(ref[:, 1]).all()  # torch: NaN
-    out, w = ours(q, k, v, attn_mask=blocked)
+    with attnzoo.fused_attn(fused):
+        out, w = ours(q, k, v, attn_mask=blocked)
+        padded, _ = ours(q, k, v, key_padding_mask=torch.ones(B, S, dtype=torch.bool))  # every key padding
+        additive, _ = ours(q, k, v, attn_mask=torch.where(blocked, float("-inf"), 0.0).double())
     bias = ours.out_proj.bias.detach()
+    torch.testing.assert_close(padded, bias.expand(B, L, E), **F64)
+    torch.testing.assert_close(additive, out, **F64)
     torch.testing.assert_close(out[:, 1], bias.expand(B, E), **F64)  # zero attention, then out_proj
     assert (w[:, 1] == 0).all()
     keep = [0, 2, 3]
@@ -227,7 +233,7 @@ def test_dropout_in_training_changes_output_and_eval_does_not():
     (lambda m, q, k, v: m(q, k, v, key_padding_mask=torch.zeros(B, S, dtype=torch.int32)), TypeError,
      "key_padding_mask"),
     (lambda m, q, k, v: m(q.float(), k.float(), v.float()), TypeError, "dtype"),
-    (lambda m, q, k, v: m(q, k.float(), v), TypeError, "one dtype"),
+    (lambda m, q, k, v: m(q, k.float(), v), TypeError, r"key of dtype torch.float64 .*got torch.float32"),
     (lambda m, q, k, v: m(q, k, v, is_causal=True), ValueError, "is_causal"),
     (lambda m, q, k, v: m(q[0, 0], k[0, 0], v[0, 0]), ValueError, "query"),
 ])

@@ -255,7 +255,8 @@ class ACmix(nn.Module):
         return out, weights.unflatten(0, (batch, h))  # (B, h, Ho, Wo, ka*ka)
 
 
-@register_seed("acmix")
+@register_seed("acmix", example=Example({"in_planes": 4, "out_planes": 8, "kernel_att": 3, "head": 2},
+                                       ((2, 4, 5, 6),), (2, 8, 5, 6)))
 class OfficialACmix(ACmix):
     """The official `ACmix` (`attnzoo.compat.ACmix`): `ACmix(in_planes, out_planes, kernel_att, head, ...)`.
 

@@ -324,7 +324,9 @@ class BiLevelRoutingAttention(nn.Module):
         return out, r_weight, r_idx, attn
 
 
-@register_seed("bra")
+@register_seed("bra", example=Example(
+    {"dim": 8, "num_heads": 2, "n_win": 2, "topk": 4}, ((2, 4, 4, 8),), (2, 4, 4, 8), channel_dim=-1,
+    free_sizes=(FreeSize(((0, 1),), 1, step=2, low=2), FreeSize(((0, 2),), 2, step=2, low=2))))
 class LegacyBiLevelRoutingAttention(BiLevelRoutingAttention):
     """BiFormer's official `BiLevelRoutingAttention` (`attnzoo.compat.BiLevelRoutingAttention`).
 

@@ -212,7 +212,9 @@ class BiLevelRoutingAttention2d(nn.Module):
         return out, attn
 
 
-@register_seed("bra_nchw")
+@register_seed("bra_nchw", example=Example(
+    {"dim": 8, "num_heads": 2, "n_win": 2, "topk": 4}, ((2, 8, 4, 4),), (2, 8, 4, 4),
+    free_sizes=(FreeSize(((0, 2),), 2, low=2), FreeSize(((0, 3),), 3, low=2))))
 class nchwBRA(BiLevelRoutingAttention2d):  # noqa: N801 (the official class name)
     """BiFormer's official `nchwBRA` (`attnzoo.nchwBRA`, `attnzoo.compat.nchwBRA`).
 

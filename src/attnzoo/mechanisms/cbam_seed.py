@@ -14,14 +14,14 @@ from __future__ import annotations
 from torch import Tensor
 
 from attnzoo._checks import check_choice, check_int
-from attnzoo._registry import register_seed
+from attnzoo._registry import Example, register_seed
 from attnzoo.mechanisms import cbam, cbam_res
 from attnzoo.mechanisms.se import hidden_width
 
 __all__ = ["ChannelAttention", "SpatialAttention", "CBAtten_Res"]
 
 
-@register_seed("cbam_channel")
+@register_seed("cbam_channel", example=Example({"in_channels": 8}, ((2, 8, 5, 5),), (2, 8, 5, 5)))
 class ChannelAttention(cbam.ChannelAttention):
     """The seed's `ChannelAttention(in_channels, reduction=4, batch_first=True)`.
 
@@ -48,7 +48,7 @@ class ChannelAttention(cbam.ChannelAttention):
         return super().forward(x)  # type: ignore[return-value]
 
 
-@register_seed("cbam_spatial")
+@register_seed("cbam_spatial", example=Example({"kernel_size": 3}, ((2, 4, 5, 5),), (2, 4, 5, 5)))
 class SpatialAttention(cbam.SpatialAttention):
     """The seed's `SpatialAttention(kernel_size=3, batch_first=True)`.
 
@@ -72,7 +72,8 @@ class SpatialAttention(cbam.SpatialAttention):
         return super().forward(x)  # type: ignore[return-value]
 
 
-@register_seed("cbam_res")
+@register_seed("cbam_res", example=Example({"in_channels": 8, "out_channels": 8}, ((2, 8, 6, 6),),
+                                          (2, 8, 3, 3)))
 class CBAtten_Res(cbam_res.ResidualCBAM):  # noqa: N801 (the seed's name)
     """The seed's residual CBAM block `CBAtten_Res(in_channels, out_channels, kernel_size=3, stride=2,
     reduction=4, batch_first=True)`.

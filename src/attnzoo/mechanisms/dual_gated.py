@@ -95,7 +95,7 @@ class DualGatedAttention(nn.Module):
         return x + self.space_attention(fused_gate(x, _SPATIAL_GATE))  # x * sigmoid(max_c x), conv branch
 
 
-@register_seed("dual_gated")
+@register_seed("dual_gated", example=Example({"channels": 4}, ((2, 4, 5, 5),), (2, 4, 5, 5)))
 class SeedDualAttention(DualGatedAttention):
     """The seed-001 snippet as the recorded class `SeedDualAttention(channels)`: identical to
     `DualGatedAttention` (the snippet has no bug to fix).

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnzoo._checks import check_divisible, check_float, check_int, check_mask, check_shape, check_tensor
-from attnzoo._registry import Example, FreeSize, register
+from attnzoo._registry import Example, FreeSize, register, register_compat
 from attnzoo.functional import attend
 from attnzoo.maps.capture import capturing, record_rows
 
@@ -150,15 +150,17 @@ class MultiHeadAttention(nn.Module):
                 heads.append(part.transpose(1, 2))  # (B, h, n, d)
         return heads[0], heads[1], heads[2]
 
-    def _check_inputs(self, query: Tensor, key: Tensor, value: Tensor) -> tuple[int, int, int]:
+    def _check_inputs(
+        self, query: Tensor, key: Tensor, value: Tensor, names: tuple[str, ...] = ("query", "key", "value")
+    ) -> tuple[int, int, int]:
         who = type(self).__name__
-        dims = check_shape(query, who, "B L E", "query", E=self.dim)
-        kdims = check_shape(key, who, "B S E", "key", B=dims["B"], E=self.dim)
-        check_shape(value, who, "B S E", "value", B=dims["B"], S=kdims["S"], E=self.dim)
+        q, k, v = names  # the caller's argument names (the seed class: Q, K, V)
+        dims = check_shape(query, who, "B L E", q, E=self.dim)
+        kdims = check_shape(key, who, "B S E", k, B=dims["B"], E=self.dim)
+        check_shape(value, who, "B S E", v, B=dims["B"], S=kdims["S"], E=self.dim)
         if not query.dtype == key.dtype == value.dtype:
             raise TypeError(
-                f"{who} expects query, key and value of one dtype, "
-                f"got {query.dtype}, {key.dtype}, {value.dtype}"
+                f"{who} expects {q}, {k} and {v} of one dtype, got {query.dtype}, {key.dtype}, {value.dtype}"
             )
         return dims["B"], dims["L"], kdims["S"]
 
@@ -228,6 +230,8 @@ class MultiHeadAttention(nn.Module):
         return (out, weights) if weights is not None else out
 
 
+@register_compat(example=Example({"d_model": 8, "num_heads": 2}, ((2, 5, 8), (2, 7, 8), (2, 7, 8)), (2, 5, 8),
+                                 channel_dim=-1))
 class SeedMultiHeadAttention(MultiHeadAttention):
     """The seed's `MultiHeadAttention(d_model, num_heads)` (`attnzoo.compat.MultiHeadAttention`).
 
@@ -277,6 +281,8 @@ class SeedMultiHeadAttention(MultiHeadAttention):
         keep = None
         if mask is not None:
             check_tensor(mask, type(self).__name__, "mask", floating=False)
+            if mask.is_complex():
+                raise TypeError(f"{type(self).__name__} expects mask of a real dtype, got {mask.dtype}")
             keep = mask != 0  # the seed: masked_fill(mask == 0, -1e9); any dtype
             target = (Q.shape[0], Q.shape[1], Q.shape[2], K.shape[2])
             check_mask(keep, target, type(self).__name__, "mask")
@@ -292,7 +298,7 @@ class SeedMultiHeadAttention(MultiHeadAttention):
         self, Q: Tensor, K: Tensor, V: Tensor, mask: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
         """Attend from `Q` to `K`/`V`; returns `(output, attention)` as the seed does."""
-        batch, _, _ = self._check_inputs(Q, K, V)
+        batch, _, _ = self._check_inputs(Q, K, V, names=("Q", "K", "V"))
         q, k, v = (self.split_heads(w(t), batch) for w, t in ((self.Wq, Q), (self.Wk, K), (self.Wv, V)))
         out, attention = self.scaled_dot_product_attention(q, k, v, mask)
         out = out.permute(0, 2, 1, 3).reshape(batch, -1, self.d_model)  # (B, h, L, d) -> (B, L, E)

@@ -273,7 +273,7 @@ register(
 )(NonLocalBlock)
 
 
-@register_seed("nonlocal")
+@register_seed("nonlocal", example=Example({"in_channels": 4}, ((2, 4, 6, 6),), (2, 4, 6, 6)))
 class NonLocalBlockND(NonLocalBlock):
     """The seed's `NonLocalBlockND(in_channels, inter_channels=None, dimension=2, sub_sample=True,
     bn_layer=True)`: embedded Gaussian only, returns a tensor, as the seed.

@@ -195,7 +195,7 @@ register(
 )(ChannelSelfAttention)
 
 
-@register_seed("sagan")
+@register_seed("sagan", example=Example({"in_dim": 8, "out_dim": 8}, ((2, 8, 3, 5),), (2, 8, 3, 5)))
 class Self_Attn_Spatial(SpatialSelfAttention):  # noqa: N801 (the seed's name)
     """The seed's `Self_Attn_Spatial(in_dim, out_dim)`: same parameters, returns `(out, attention)`.
 
@@ -224,7 +224,8 @@ class Self_Attn_Spatial(SpatialSelfAttention):  # noqa: N801 (the seed's name)
         return super().forward(x, need_weights=True)  # type: ignore[return-value]
 
 
-@register_seed("channel_self_attention")
+@register_seed("channel_self_attention",
+               example=Example({"in_dim": 6, "out_dim": 4}, ((2, 6, 3, 5),), (2, 4, 3, 5)))
 class Self_Attn_Channel(ChannelSelfAttention):  # noqa: N801 (the seed's name)
     """The seed's `Self_Attn_Channel(in_dim, out_dim)`: same parameters, returns `(out, attention)`.
 

@@ -209,7 +209,7 @@ class SqueezeExcite(nn.Module):
         return f"channels={self.channels}, rd_channels={self.rd_channels}, batch_first={self.batch_first}"
 
 
-@register_seed("se")
+@register_seed("se", example=Example({"channel": 8}, ((2, 8, 5, 5),), (2, 8, 5, 5)))
 class SELayer(nn.Module):
     """The seed's `SELayer(channel, reduction=2, batch_first=True)`.
 

@@ -112,7 +112,9 @@ class LocationAttention(nn.Module):
                 f"value_dim={self.value_dim}, output_dim={self.output_dim}")
 
 
-@register_seed("location")
+@register_seed("location", example=Example(
+    {"query_size": 6, "key_size": 4, "value_size1": 5, "value_size2": 7, "output_size": 8},
+    ((1, 3, 6), (1, 3, 4), (1, 5, 7)), (1, 3, 8), channel_dim=-1))
 class Attn(LocationAttention):
     """The seed's `Attn` (seed 002): its arguments, parameter names and `(output, attn_weights)`.
 
@@ -149,8 +151,15 @@ class Attn(LocationAttention):
 
     def forward(self, Q: Tensor, K: Tensor, V: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]  # noqa: N803
         """`(output (1, n, output_size), attn_weights (n, value_size1))`, as the seed returns them."""
+        who = type(self).__name__  # the seed's argument names in the messages
+        n = check_shape(Q, who, "1 n query_size", "Q", query_size=self.query_size)["n"]
+        check_shape(K, who, "1 n key_size", "K", n=n, key_size=self.key_size)
+        check_shape(V, who, "1 value_size1 value_size2", "V", value_size1=self.value_size1,
+                    value_size2=self.value_size2)
+        if not Q.dtype == K.dtype == V.dtype:
+            raise TypeError(f"{who} expects Q, K and V of one dtype, got {Q.dtype}, {K.dtype}, {V.dtype}")
         for name, t in (("Q", Q), ("K", K), ("V", V)):
-            if isinstance(t, Tensor) and t.ndim == 3 and t.shape[0] != 1:
+            if t.shape[0] != 1:
                 raise ValueError(
                     f"Attn expects {name} with a leading dimension of 1 (the seed's Q[0]/bmm), "
                     f"got {tuple(t.shape)}; use attnzoo.LocationAttention for batches"

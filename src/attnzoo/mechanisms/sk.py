@@ -226,7 +226,7 @@ def _kernel_sizes(
     return sizes
 
 
-@register_seed("sk")
+@register_seed("sk", example=Example({"in_channels": 8, "L": 4}, ((2, 8, 5, 6),), (2, 8, 5, 6)))
 class SKEConv(SKConv):
     """The seed's `SKEConv(in_channels, M=2, G=2, stride=1, L=32, reduction=2, batch_first=True)`.
 

@@ -13,11 +13,14 @@ from typing import cast
 
 from torch import Tensor
 
+from attnzoo._registry import Example, register_compat
 from attnzoo.mechanisms.swin import WindowAttention
 
 __all__ = ["OfficialWindowAttention"]
 
 
+@register_compat(example=Example({"dim": 8, "window_size": 4, "num_heads": 2}, ((4, 16, 8),), (4, 16, 8),
+                                 channel_dim=-1))
 class OfficialWindowAttention(WindowAttention):
     """Swin's official `WindowAttention(dim, window_size, num_heads, ...)` (`attnzoo.compat.WindowAttention`).
 

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnzoo._checks import check_float, check_int, check_shape
+from attnzoo._registry import Example, register_compat
 from attnzoo.functional import attend, gather_relative_bias, relative_position_index_2d
 from attnzoo.maps.capture import capturing
 from attnzoo.mechanisms.swin_v2 import (
@@ -55,6 +56,8 @@ def _pair_list(value: Sequence[int], name: str, who: str, minimum: int) -> list[
     return [check_int(v, name, who, minimum=minimum) for v in value]
 
 
+@register_compat(example=Example({"dim": 8, "window_size": [4, 4], "shift_size": [2, 2], "num_heads": 2},
+                                 ((2, 8, 8, 8),), (2, 8, 8, 8), channel_dim=-1))
 class TorchvisionShiftedWindowAttention(nn.Module):
     """torchvision's `ShiftedWindowAttention` (Swin V1): same arguments, state_dict and outputs.
 
@@ -175,6 +178,8 @@ class TorchvisionShiftedWindowAttention(nn.Module):
         return out[:, :height, :width].contiguous()
 
 
+@register_compat(example=Example({"dim": 8, "window_size": [4, 4], "shift_size": [2, 2], "num_heads": 2},
+                                 ((2, 8, 8, 8),), (2, 8, 8, 8), channel_dim=-1))
 class TorchvisionShiftedWindowAttentionV2(TorchvisionShiftedWindowAttention):
     """torchvision's `ShiftedWindowAttentionV2` (Swin V2): same arguments, state_dict and outputs.
 

@@ -164,7 +164,8 @@ class TemporalAttention(nn.Module):
         return out if weights is None else (out, weights)
 
 
-@register_seed("temporal")
+@register_seed("temporal", example=Example({"dim": 8, "num_ttokens": 5, "num_heads": 2}, ((3, 5, 8),),
+                                           (3, 5, 8), channel_dim=-1))
 class Attention(TemporalAttention):
     """The seed-000 / STG-CMA `Attention(dim, num_ttokens, num_heads=8, ...)` (`attnzoo.compat`).
 

@@ -13,7 +13,8 @@ Differences from torch's class:
 - ``is_causal=True`` without ``attn_mask`` raises ``ValueError`` (torch raises ``RuntimeError``
   outside its inference fast path, and silently ignores ``is_causal`` on it);
 - nested tensors are not taken (torch takes them on its inference fast path only);
-- bad shapes and dtypes raise ``ValueError`` / ``TypeError`` naming the argument before any work.
+- bad shapes and dtypes raise ``ValueError`` / ``TypeError`` naming the argument before any work, and so
+  does an empty input (torch returns an empty output).
 
 Masks at this edge follow torch: a **boolean True means "may not attend"**, a float mask is added to
 the logits; inside they are turned into `attend`'s convention (True = may attend).
@@ -30,6 +31,7 @@ from torch import Tensor, nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from attnzoo._checks import check_float, check_int
+from attnzoo._registry import Example, register_compat
 from attnzoo.functional import attend
 from attnzoo.maps.capture import capturing, record_rows
 
@@ -46,6 +48,8 @@ def _check_mask_dtype(mask: object, name: str) -> Tensor:
     return mask
 
 
+@register_compat(example=Example({"embed_dim": 8, "num_heads": 2, "batch_first": True},
+                                 ((2, 5, 8), (2, 7, 8), (2, 7, 8)), (2, 5, 8), channel_dim=-1))
 class MultiheadAttention(nn.Module):
     r"""Multi-head attention with the API of torch's ``nn.MultiheadAttention``, run by ``attend``.
 
@@ -182,6 +186,8 @@ class MultiheadAttention(nn.Module):
                 )
             if not t.is_floating_point():
                 raise TypeError(f"{_WHO} expects {name} to have a floating dtype, got {t.dtype}")
+            if t.numel() == 0:
+                raise ValueError(f"{_WHO} expects a non-empty {name}, got {tuple(t.shape)}")
         if query.ndim not in (2, 3):
             raise ValueError(
                 f"{_WHO} expects query of shape (L, B, E), (B, L, E) or unbatched (L, E), "
