@@ -81,7 +81,11 @@ def check_flop_counter(spec) -> None:
     with FlopCounterMode(display=False) as counter:
         out, grads = _grads(module, xs)
     ref, ref_grads = _grads(module, xs)
-    assert counter.get_total_flops() > 0
+    # FlopCounterMode counts matrix products and convolutions (not FFTs, element-wise gates, or the CPU
+    # flash kernel): a module with a linear map or a convolution must show some.
+    counted = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+    if any(isinstance(m, counted) for m in module.modules()):
+        assert counter.get_total_flops() > 0
     _close(out, ref, 1e-5)
     for g, r in zip(grads, ref_grads, strict=True):
         _close(g, r, 1e-5)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import attnzoo
-from attnzoo.cli import command
+from attnzoo.cli import bench, command
 
 NAMES = sorted({n for s in attnzoo.list_modules() for n in (s.name, s.seed_name) if n})
 
@@ -23,9 +23,10 @@ def test_info_succeeds_for_every_name(name, capsys):
 
 
 @pytest.mark.parametrize("mode", ["fwd", "train"])
-def test_bench_measures_every_mechanism(mode, capsys):
-    argv = ["bench", "--mode", mode, "--input", "2x16x8x8", "--rounds", "1", "--memory", "off"]
-    argv += ["--format", "json"]
+def test_bench_measures_every_mechanism(mode, capsys, monkeypatch):
+    # The default input, made small: a mechanism that cannot take it runs its registry example.
+    monkeypatch.setattr(bench, "BENCH_INPUT", "2x16x8x8")
+    argv = ["bench", "--mode", mode, "--rounds", "1", "--memory", "off", "--format", "json"]
     assert command.main(argv) == 0
     results = json.loads(capsys.readouterr().out)["results"]
     assert sorted(r["name"] for r in results) == sorted(s.name for s in attnzoo.list_modules())
@@ -41,3 +42,11 @@ def test_bench_measures_every_mechanism(mode, capsys):
 def _has_layer(module: torch.nn.Module) -> bool:
     layers = (torch.nn.Linear, torch.nn.modules.conv._ConvNd, torch.nn.MultiheadAttention)
     return any(isinstance(m, layers) for m in module.modules())
+
+
+def test_an_explicit_input_a_mechanism_cannot_take_is_reported_with_the_reason(capsys):
+    argv = ["bench", "neighborhood_3d", "se", "--input", "2x16x8x8", "--rounds", "1", "--memory", "off"]
+    assert command.main([*argv, "--format", "json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)["results"]}
+    assert rows["se"]["status"] == "ok"
+    assert rows["neighborhood_3d"]["status"] == "skipped" and "clips" in rows["neighborhood_3d"]["reason"]

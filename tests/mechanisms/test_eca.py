@@ -139,7 +139,7 @@ def test_wrong_channels_message():
 
 
 def test_from_timm_refuses_unknown_classes():
-    with pytest.raises(TypeError, match="no converter for torch.nn.modules.linear.Linear"):
+    with pytest.raises(TypeError, match="cannot convert torch.nn.modules.linear.Linear"):
         from_timm(nn.Linear(2, 2))
 
 

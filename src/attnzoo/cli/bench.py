@@ -53,13 +53,14 @@ def make_step(built: Built, mode: str) -> Callable[[], object]:
     return forward_step(built.module, built.inputs)
 
 
-def count_step_flops(spec: Spec, shape: tuple[int, ...], mode: str) -> int:
+def count_step_flops(spec: Spec, shape: tuple[int, ...], mode: str, or_example: bool = False) -> int:
     """FLOPs of one step: counted on two samples (math attention path; one would fail in a
     training-mode BatchNorm over pooled vectors, as BAM's), scaled to the batch."""
     from attnzoo.cli.harness import count_flops
 
-    built = build(spec, shape, batch=2)
-    return count_flops(make_step(built, mode)) * shape[0] // 2
+    built = build(spec, shape, batch=2, or_example=or_example)
+    batch = built.spec.example.inputs[0][0] if built.from_example else shape[0]
+    return count_flops(make_step(built, mode)) * batch // 2
 
 
 def _keep_freed_memory() -> bool:
@@ -78,9 +79,12 @@ def _keep_freed_memory() -> bool:
         return False
 
 
-def memory_step(name: str, shape: list[int], mode: str, dtype: str) -> Callable[[], object]:
+def memory_step(
+    name: str, shape: list[int], mode: str, dtype: str, or_example: bool = False
+) -> Callable[[], object]:
     """Factory for `attnzoo.cli.harness.peak_memory`: one bench step of `name`."""
-    return make_step(build(get_spec(name), tuple(shape), dtype=DTYPES[dtype]), mode)
+    built = build(get_spec(name), tuple(shape), dtype=DTYPES[dtype], or_example=or_example)
+    return make_step(built, mode)
 
 
 _MEMORY_CHILD = r"""
@@ -92,7 +96,7 @@ job = json.loads(sys.argv[1])
 for name in job["names"]:
     step = None
     try:
-        step = memory_step(name, job["shape"], job["mode"], job["dtype"])
+        step = memory_step(name, job["shape"], job["mode"], job["dtype"], job["or_example"])
         report = {"name": name, "bytes": step_peak_here(step)}
     except Exception as err:
         report = {"name": name, "error": str(err).splitlines()[0] if str(err) else type(err).__name__}
@@ -103,7 +107,7 @@ for name in job["names"]:
 
 
 def _memory_shared(
-    names: list[str], shape: tuple[int, ...], mode: str, dtype: str, progress: Progress
+    names: list[str], shape: tuple[int, ...], mode: str, dtype: str, progress: Progress, or_example: bool
 ) -> dict[str, int | None]:
     """Peak memory of each step, all measured one after another in one fresh subprocess."""
     from attnzoo.cli.harness import MEASURE_ENV
@@ -111,7 +115,9 @@ def _memory_shared(
     env = {**os.environ, **MEASURE_ENV}
     src = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # holds attnzoo/
     env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH", "")) if p)
-    job = json.dumps({"names": names, "shape": list(shape), "mode": mode, "dtype": dtype})
+    job = json.dumps(
+        {"names": names, "shape": list(shape), "mode": mode, "dtype": dtype, "or_example": or_example}
+    )
     result: dict[str, int | None] = {n: None for n in names}
     with (
         tempfile.TemporaryFile("w+") as errors,
@@ -140,7 +146,7 @@ def _memory_shared(
 
 
 def _memory_fresh(
-    names: list[str], shape: tuple[int, ...], mode: str, dtype: str, progress: Progress
+    names: list[str], shape: tuple[int, ...], mode: str, dtype: str, progress: Progress, or_example: bool
 ) -> dict[str, int | None]:
     """Peak memory of each step, each in its own fresh subprocess (attnzoo.cli.harness.peak_memory)."""
     from attnzoo.cli.harness import peak_memory
@@ -150,7 +156,7 @@ def _memory_fresh(
         try:
             result[name] = peak_memory(
                 "attnzoo.cli.bench:memory_step",
-                {"name": name, "shape": list(shape), "mode": mode, "dtype": dtype},
+                {"name": name, "shape": list(shape), "mode": mode, "dtype": dtype, "or_example": or_example},
             )
         except RuntimeError:
             result[name] = None
@@ -162,6 +168,9 @@ def run(args: argparse.Namespace) -> int:
     """Run `attnzoo bench` with parsed arguments (see `attnzoo.cli.command.build_parser`)."""
     from attnzoo.cli.harness import alternate
 
+    # The default input: a mechanism that cannot take it runs its registry example instead.
+    or_example = args.input is None
+    args.input = args.input or BENCH_INPUT
     shape = parse_shape(args.input)
     dtype = DTYPES[args.dtype]
     if args.rounds < 1:
@@ -192,9 +201,9 @@ def run(args: argparse.Namespace) -> int:
         }
         rows[spec.name] = row
         try:
-            built = build(spec, shape, dtype=dtype)
+            built = build(spec, shape, dtype=dtype, or_example=or_example)
             row["input"], row["params"] = built.input_note, param_count(built.module)
-            row["flops"] = count_step_flops(spec, shape, args.mode)
+            row["flops"] = count_step_flops(spec, shape, args.mode, or_example)
             step = make_step(built, args.mode)
             step()  # the first call also tells whether the full input runs
             steps[spec.name] = step
@@ -219,7 +228,7 @@ def run(args: argparse.Namespace) -> int:
         measure = _memory_shared if args.memory == "shared" else _memory_fresh
         skipped = len(specs) - len(names)
         progress.advance(skipped)
-        for name, size in measure(names, shape, args.mode, args.dtype, progress).items():
+        for name, size in measure(names, shape, args.mode, args.dtype, progress, or_example).items():
             rows[name]["peak_mb"] = None if size is None else size / 2**20
     progress.close()
     results = list(rows.values())

@@ -39,6 +39,8 @@ LIST_INPUT = "1x64x32x32"
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
+    or_example = args.input is None  # the default input: a mechanism that cannot take it runs its example
+    args.input = args.input or LIST_INPUT
     shape = parse_shape(args.input)
     specs = list_modules(args.family)
     if args.family is not None and not specs:
@@ -59,10 +61,10 @@ def _cmd_list(args: argparse.Namespace) -> int:
             "note": "",
         }
         try:
-            built = build(spec, shape)
+            built = build(spec, shape, or_example=or_example)
             row["input"] = built.input_note
             row["params"] = param_count(built.module)
-            row["flops"] = count_step_flops(spec, shape, "fwd")
+            row["flops"] = count_step_flops(spec, shape, "fwd", or_example)
         except (ValueError, TypeError, RuntimeError) as err:
             row["note"] = reason(err)
         rows.append(row)
@@ -97,6 +99,8 @@ def _short(text: str, width: int) -> str:
 
 def _cmd_info(args: argparse.Namespace) -> int:
     spec = get_spec(args.name)
+    or_example = args.input is None  # the default input: a mechanism that cannot take it runs its example
+    args.input = args.input or LIST_INPUT
     shape = parse_shape(args.input)
     names = ", ".join(n for n in spec.all_names if n != spec.name)
     print(
@@ -119,18 +123,20 @@ def _cmd_info(args: argparse.Namespace) -> int:
         print(f"  {name}: {default}")
     print()
     try:
-        built = build(spec, shape)
+        built = build(spec, shape, or_example=or_example)
     except Unsupported as err:
         raise CLIError(f"{spec.name} cannot take input {args.input}: {err}") from None
     with torch.no_grad():
         out = built.module.eval()(*built.inputs)
     out_shape = tuple((out[0] if isinstance(out, tuple) else out).shape)
     args_text = ", ".join(f"{k}={v!r}" for k, v in built.kwargs.items())
-    print(f"at input {args.input}: {spec.cls.__name__}({args_text})")
+    where = "its registry example" if built.from_example else f"input {args.input}"
+    print(f"at {where}: {spec.cls.__name__}({args_text})")
     print(f"  input  {' + '.join(str(tuple(x.shape)) for x in built.inputs)}")
     print(f"  output {out_shape}")
     print(f"  parameters {param_count(built.module):,}")
-    fwd, train = count_step_flops(spec, shape, "fwd"), count_step_flops(spec, shape, "train")
+    fwd = count_step_flops(spec, shape, "fwd", or_example)
+    train = count_step_flops(spec, shape, "train", or_example)
     print(f"  FLOPs forward {si(fwd)} ({fwd:,}), forward+backward {si(train)} ({train:,})")
     return 0
 
@@ -178,18 +184,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("list", "table of every registered mechanism, with parameters and FLOPs", _cmd_list)
     p.add_argument("--family", default=None, help="only this family")
     p.add_argument(
-        "--input", default=LIST_INPUT, help=f"input for parameters and FLOPs (default {LIST_INPUT})"
+        "--input", default=None, help=f"input for parameters and FLOPs (default {LIST_INPUT})"
     )
     formats(p)
 
     p = add("info", "docstring, arguments, shapes, parameters and FLOPs of one mechanism", _cmd_info)
     p.add_argument("name", help="registry name, alias or seed class name")
-    p.add_argument("--input", default=LIST_INPUT, help=f"BxCxHxW, BxLxC or BxCxTxHxW (default {LIST_INPUT})")
+    p.add_argument("--input", default=None, help=f"BxCxHxW, BxLxC or BxCxTxHxW (default {LIST_INPUT})")
 
     p = add("bench", "time mechanisms on one input: parameters, FLOPs, latency, memory, GFLOP/s", _bench.run)
     p.add_argument("names", nargs="*", help="mechanisms (default: all that accept the input)")
     p.add_argument(
-        "--input", default=BENCH_INPUT, help=f"BxCxHxW, BxLxC or BxCxTxHxW (default {BENCH_INPUT})"
+        "--input",
+        default=None,
+        help=f"BxCxHxW, BxLxC or BxCxTxHxW (default {BENCH_INPUT}; a mechanism that cannot take the "
+        f"default runs its registry example)",
     )
     p.add_argument(
         "--mode", choices=("fwd", "train"), default="fwd", help="forward only, or forward+backward"

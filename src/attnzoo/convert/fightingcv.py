@@ -95,4 +95,7 @@ def from_fightingcv(module: nn.Module) -> nn.Module:
             f"from_fightingcv cannot convert {cls.__module__}.{cls.__qualname__}: known classes are "
             f"{', '.join(sorted(FIGHTINGCV_CONVERTERS))}"
         )
-    return converter(module)
+    try:
+        return converter(module)
+    except ValueError as err:  # a configuration fightingcv builds but cannot run (C % 2G != 0, ...)
+        raise _refuse(module, str(err)) from None

@@ -54,6 +54,12 @@ _MAX_LOGIT_SCALE = math.log(100.0)
 CPB_HIDDEN = 512  # width of the continuous position bias MLP (the paper's and every reference's)
 
 
+def _unit(x: Tensor, eps: float = 1e-12) -> Tensor:
+    """`x / max(||x||, eps)` over the last dim, as `F.normalize`, written through the squared norm so
+    that its second derivative stays finite at a zero vector (padded keys are zero)."""
+    return x * x.square().sum(-1, keepdim=True).clamp_min(eps * eps).rsqrt()
+
+
 def pair(value: int | Sequence[int], name: str, who: str, minimum: int = 1) -> tuple[int, int]:
     """An int or a pair of ints -> a checked pair; errors name ``name``."""
     if isinstance(value, int) and not isinstance(value, bool):
@@ -171,8 +177,8 @@ def cosine_window_attention(
     """
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B*nW, h, N, d) each
     scale = torch.clamp(logit_scale, max=_MAX_LOGIT_SCALE).exp().to(q.dtype)  # (h, 1, 1)
-    q = F.normalize(q, dim=-1) * scale
-    k = F.normalize(k, dim=-1)
+    q = _unit(q) * scale
+    k = _unit(k)
     if need_weights:
         out, weights = attend(q, k, v, bias=bias, mask=mask, scale=1.0, dropout_p=dropout_p,
                               return_weights=True)

@@ -38,6 +38,7 @@ __all__ = [
     "input_shapes",
     "constructor_kwargs",
     "build",
+    "build_example",
     "build_nchw",
 ]
 
@@ -182,10 +183,12 @@ class Built:
     module: nn.Module
     inputs: tuple[Tensor, ...]
     kwargs: dict[str, Any]
+    from_example: bool = False  # built from the registry example: the input did not fit
 
     @property
     def input_note(self) -> str:
-        return " + ".join("x".join(str(s) for s in x.shape) for x in self.inputs)
+        note = " + ".join("x".join(str(s) for s in x.shape) for x in self.inputs)
+        return f"{note} (registry example)" if self.from_example else note
 
 
 def _construct(spec: Spec, kwargs: dict[str, Any]) -> nn.Module:
@@ -202,6 +205,7 @@ def build(
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
     batch: int | None = None,
+    or_example: bool = False,
 ) -> Built:
     """Build `spec`'s canonical module and random inputs (seeded) for an input of `shape`.
 
@@ -211,19 +215,38 @@ def build(
         dtype: Of the parameters and the inputs. Default: float32.
         seed: Seeds the weights and the inputs. Default: 0.
         batch: Overrides B (FLOPs are counted on one sample). Default: None.
+        or_example: When the mechanism cannot take `shape`, build its registry example instead
+            (the CLI's default inputs do this, so every mechanism runs). Default: False.
 
     Raises:
-        Unsupported: When the mechanism cannot take the input.
+        Unsupported: When the mechanism cannot take the input (and `or_example` is False).
     """
     geo = geometry(shape)
     if batch is not None:
         geo = Geometry(batch, geo.channels, geo.spatial)
-    shapes = input_shapes(spec, geo)
-    kwargs = constructor_kwargs(spec, geo)
+    try:
+        shapes = input_shapes(spec, geo)
+        kwargs = constructor_kwargs(spec, geo)
+        _construct(spec, kwargs)  # raises Unsupported now, before any seeded work
+    except Unsupported:
+        if not or_example:
+            raise
+        return build_example(spec, dtype=dtype, seed=seed, batch=batch)
     torch.manual_seed(seed)
     module = _construct(spec, kwargs).to(dtype)
     inputs = tuple(torch.randn(s, dtype=dtype) for s in shapes)
     return Built(spec, module, inputs, kwargs)
+
+
+def build_example(
+    spec: Spec, *, dtype: torch.dtype = torch.float32, seed: int = 0, batch: int | None = None
+) -> Built:
+    """`spec`'s module and random inputs (seeded) from its registry example (`spec.example`)."""
+    torch.manual_seed(seed)
+    module = spec.cls(**spec.example.kwargs).to(dtype)
+    shapes = [((batch,) + tuple(s[1:])) if batch is not None else tuple(s) for s in spec.example.inputs]
+    inputs = tuple(torch.randn(s, dtype=dtype) for s in shapes)
+    return Built(spec, module, inputs, dict(spec.example.kwargs), from_example=True)
 
 
 class _QueryProbe(nn.Module):
