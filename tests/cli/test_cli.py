@@ -183,7 +183,9 @@ def test_maps_png_on_sample_and_on_a_given_image(tmp_path):
     names = _recording_nchw()
     _needs(names)
     out = tmp_path / "maps.png"
-    proc = attnzoo_cmd("maps", names[0], "--out", str(out), "--size", "32")
+    # The same 8-channel 8 x 8 maps the mechanisms were picked on (untrained, on image features).
+    same = ("--train", "0", "--channels", "8", "--size", "16")
+    proc = attnzoo_cmd("maps", names[0], "--out", str(out), *same)
     assert proc.returncode == 0, proc.stderr
     assert _png_size(out)[0] > 200
     from attnzoo.cli.plots import save_image
@@ -198,8 +200,7 @@ def test_maps_png_on_sample_and_on_a_given_image(tmp_path):
         str(image),
         "--out",
         str(out2),
-        "--size",
-        "24",
+        *same,
         "--queries",
         "0.5,0.5;0.1,0.9",
     )

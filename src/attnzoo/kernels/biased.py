@@ -1,10 +1,10 @@
 """Attention with an additive bias shared across the batch, on packed q/k/v: a fast kernel.
 
-Used by Swin's :class:`~attnzoo.mechanisms.swin.WindowAttention` (bias = relative position bias + shift mask)
-and :class:`~attnzoo.mechanisms.temporal.TemporalAttention` (1-D relative bias). Their bias comes from a
+Used by Swin's `attnzoo.mechanisms.swin.WindowAttention` (bias = relative position bias + shift mask)
+and `attnzoo.mechanisms.temporal.TemporalAttention` (1-D relative bias). Their bias comes from a
 learnable table, so it requires grad, and ``scaled_dot_product_attention`` then silently runs its
 generic math path; for tiny sequences (49-token windows, 8 frames) its fused kernels are also
-slower than plain batched GEMMs in inference. :func:`biased_attention` runs a small explicit kernel
+slower than plain batched GEMMs in inference. `biased_attention` runs a small explicit kernel
 instead (a custom autograd function):
 
 - the scale is folded into the copy of q, and k is copied transposed, so both score GEMMs run with
@@ -16,12 +16,12 @@ instead (a custom autograd function):
   copied into a GEMM layout), writes the qkv gradient straight into the projection's
   ``(B, N, 3, h, d)`` layout and reduces the bias gradient over the batch.
 
-With :func:`attnzoo.fused_attn` off, for half precision, and where a custom autograd function
+With `attnzoo.fused_attn` off, for half precision, and where a custom autograd function
 cannot run (functorch transforms, ``torch.compile``, ``torch.export``, ``torch.jit.trace``:
-`attnzoo.kernels.route`), it calls :func:`attnzoo.attend` (whose math path is
+`attnzoo.kernels.route`), it calls `attnzoo.attend` (whose math path is
 the reference the tests compare against). Double backward (``create_graph=True``) recomputes the
 attention with plain ops in backward (`_plain_biased`). A query whose every key the bias masks
-(``-inf`` over its whole row) gets zero output and zero gradients, as in :func:`attnzoo.attend`.
+(``-inf`` over its whole row) gets zero output and zero gradients, as in `attnzoo.attend`.
 
 Shape letters: B batch (windows), N tokens, h heads, d head width, G bias groups.
 """
@@ -138,14 +138,14 @@ class _BiasedAttention(torch.autograd.Function):
 def biased_attention(qkv: Tensor, bias: Tensor, *, scale: float, dropout_p: float = 0.0) -> Tensor:
     """Self-attention with an additive bias shared by groups of the batch, from packed q/k/v.
 
-    Equal to :func:`attnzoo.attend` on the unpacked heads with ``bias`` broadcast over the batch.
-    With the fused path on (:func:`attnzoo.fused_attn`) and a float32/float64 input, a dedicated
-    kernel runs (see the module docstring) unless :func:`attend` measured faster for the shape
+    Equal to `attnzoo.attend` on the unpacked heads with ``bias`` broadcast over the batch.
+    With the fused path on (`attnzoo.fused_attn`) and a float32/float64 input, a dedicated
+    kernel runs (see the module docstring) unless `attend` measured faster for the shape
     class in this process (`attnzoo.kernels.choose`, site ``"window"``; override with
     ``ATTNZOO_KERNEL_WINDOW=biased|sdpa|auto`` or ``prefer("window", ...)``): on tiny windows the
     kernel beat both the SDPA kernels and the generic math path, in training (where a learnable
     bias makes SDPA fall back to its math path) and in inference. Otherwise (the fused path off,
-    half precision, under torch.compile, torch.export or torch.func) :func:`attend` runs.
+    half precision, under torch.compile, torch.export or torch.func) `attend` runs.
 
     Args:
         qkv: Packed projections ``(B, N, 3, h, d)`` (any strides).
@@ -168,7 +168,7 @@ def biased_attention(qkv: Tensor, bias: Tensor, *, scale: float, dropout_p: floa
 
 
 def _attend_path(qkv: Tensor, bias: Tensor, scale: float, dropout_p: float) -> Tensor:
-    """:func:`attend` on the unpacked heads, the bias broadcast over the batch."""
+    """`attend` on the unpacked heads, the bias broadcast over the batch."""
     b, n, _, h, d = qkv.shape
     if bias.ndim == 4:
         bias = bias.expand(b // bias.shape[0], *bias.shape).reshape(b, h, n, n)  # (B, h, N, N)

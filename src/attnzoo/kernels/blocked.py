@@ -3,7 +3,7 @@
 PyTorch's CPU flash kernel (behind ``scaled_dot_product_attention``) needs q, k and v with one head
 dim. SAGAN-style blocks have small queries and keys (d = C/8) but full-width values (e = C), and the
 Gaussian non-local block the reverse; padding q and k up to e multiplies the score FLOPs by e/d.
-:class:`_BlockedAttention` computes ``softmax(scale * q k^T) v`` exactly with large matrix products
+`_BlockedAttention` computes ``softmax(scale * q k^T) v`` exactly with large matrix products
 over blocks of rows and recomputes the probabilities in backward (FlashAttention's scheme, with
 blocks sized for a CPU cache instead of a GPU tile):
 
@@ -16,14 +16,14 @@ blocks sized for a CPU cache instead of a GPU tile):
 
 Per block the whole batch goes through one batched GEMM. Only one ``B x rows x S`` score block
 (forward) or two ``B x rows x L`` blocks (backward) exist at a time, about ``_BLOCK_ELEMENTS`` each.
-:func:`global_attention` routes between this kernel, :func:`attnzoo.functional.attend` (fused
+`global_attention` routes between this kernel, `attnzoo.functional.attend` (fused
 SDPA when the head dims agree; the math path when fusion is switched off or the weights are asked
 for) and nothing else.
 
 Double backward (``create_graph=True``) recomputes ``softmax(scale * q k^T) v`` with plain ops in
 backward (`_plain_attention`, which keeps the L x S map). Under functorch transforms, ``torch.compile``
 and ``torch.jit.trace`` (`attnzoo.kernels.route`),
-:func:`global_attention` takes the SDPA path and :func:`blocked_attention` the plain ops.
+`global_attention` takes the SDPA path and `blocked_attention` the plain ops.
 
 Shape letters: B batch (times heads), L queries, S keys, d query/key dim, e value dim.
 """
@@ -73,7 +73,7 @@ KERNELS = ("auto", "blocked", "sdpa")
 
 
 def kernel_choice() -> str:
-    """The kernel :func:`global_attention` prefers when fused: innermost :func:`global_kernel`,
+    """The kernel `global_attention` prefers when fused: innermost `global_kernel`,
     else ``ATTNZOO_KERNEL_GLOBAL`` (or the older ``ATTNZOO_GLOBAL_KERNEL``), else ``"auto"``."""
     return choose.override("global")
 
@@ -223,9 +223,9 @@ def global_attention(
 ) -> Tensor | tuple[Tensor, Tensor]:
     """One head of global attention, on the fastest exact path that keeps no ``L x S`` matrix.
 
-    - weights asked for, or fusion switched off (:func:`attnzoo.fused_attn`): ``attend``'s math
+    - weights asked for, or fusion switched off (`attnzoo.fused_attn`): ``attend``'s math
       path, which materialises and returns the ``(B, L, S)`` weights;
-    - float32/float64 on CPU with ``d != e``: :func:`blocked_attention` or the narrower of (q, k)
+    - float32/float64 on CPU with ``d != e``: `blocked_attention` or the narrower of (q, k)
       and v zero-padded, then SDPA flash (the CPU flash kernel refuses unequal head dims, and
       padding q, k up to e multiplies four of its seven products by e/d), whichever measured
       faster for the shape class in this process (`attnzoo.kernels.choose`, site ``"global"``);
@@ -233,7 +233,7 @@ def global_attention(
       the other (SAGAN: d = e/8);
     - otherwise: ``attend`` on its fused path (SDPA flash on CPU, the GPU kernels elsewhere).
 
-    :func:`global_kernel` (or ``ATTNZOO_KERNEL_GLOBAL``/``ATTNZOO_GLOBAL_KERNEL``) overrides that
+    `global_kernel` (or ``ATTNZOO_KERNEL_GLOBAL``/``ATTNZOO_GLOBAL_KERNEL``) overrides that
     choice: the blocked kernel uses about half the FLOPs of padded flash but runs about seven
     thread hand-offs per block, so which one is faster depends on the CPU (AVX2 or AVX-512) and on
     whether its cores are shared with other work.

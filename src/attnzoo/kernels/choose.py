@@ -11,9 +11,9 @@ an AVX-512 CPU picked the slower kernel on an AVX2 one (``shared/MEASURED.md``).
 | ``gate`` | ``fused``, ``plain`` (composite ops) | ``fused`` |
 | ``select`` | ``fused``, ``plain`` (composite ops) | ``fused`` |
 
-:func:`choose` decides in this order:
+`choose` decides in this order:
 
-1. an override: the innermost :func:`prefer` block for the site, else ``ATTNZOO_KERNEL_<SITE>``
+1. an override: the innermost `prefer` block for the site, else ``ATTNZOO_KERNEL_<SITE>``
    (``ATTNZOO_KERNEL_GLOBAL=blocked|sdpa|auto``, ``ATTNZOO_KERNEL_WINDOW=biased|sdpa|auto``,
    ``ATTNZOO_KERNEL_GATE=fused|plain|auto``, ``ATTNZOO_KERNEL_SELECT=fused|plain|auto``; the older
    ``ATTNZOO_GLOBAL_KERNEL`` still works); ``auto`` means no override;
@@ -35,7 +35,7 @@ an AVX-512 CPU picked the slower kernel on an AVX2 one (``shared/MEASURED.md``).
 Every candidate is exact, so the choice changes speed only, never what is computed beyond
 rounding. Calibration never touches the caller's autograd graph or module state: a training
 shape class is timed as forward plus ``torch.autograd.grad`` on fresh leaves detached from the
-inputs (:func:`workload`), an inference one as forward under ``no_grad``; the gates time stand-in
+inputs (`workload`), an inference one as forward under ``no_grad``; the gates time stand-in
 small functions, so no module's parameters, batch-norm statistics or map capture are involved.
 A lock serialises calibrations, so concurrent threads neither measure twice nor disturb each
 other's measurements.
@@ -93,7 +93,7 @@ def _allowed(site: str) -> tuple[str, ...]:
 
 
 def override(site: str) -> str:
-    """The override in force for ``site``: innermost :func:`prefer`, else its environment variable,
+    """The override in force for ``site``: innermost `prefer`, else its environment variable,
     else ``"auto"`` (no override)."""
     allowed = _allowed(site)
     stack = getattr(_local, "stacks", {}).get(site)
@@ -194,9 +194,9 @@ def choose(
 
     Args:
         site: One of `SITES`.
-        key: The shape class (sizes through :func:`bucket`, dtype, training or not).
+        key: The shape class (sizes through `bucket`, dtype, training or not).
         candidates: Each candidate's name and a function that runs it once on (copies of) the
-            actual inputs, leaving no trace (build it with :func:`workload`); called only when
+            actual inputs, leaving no trace (build it with `workload`); called only when
             measuring.
         static: The validated static rule's choice, taken when no measuring is allowed.
         elements: Size of the inputs; below `SMALL` the static rule is taken.
@@ -268,7 +268,7 @@ def clear() -> None:
 def workload(
     fn: Callable[..., object], tensors: Sequence[Tensor | None], train: Sequence[bool] | bool
 ) -> Callable[[], object]:
-    """A candidate for :func:`choose`: ``fn`` on detached copies of ``tensors`` that leaves no trace.
+    """A candidate for `choose`: ``fn`` on detached copies of ``tensors`` that leaves no trace.
 
     Args:
         fn: Runs the candidate on the given tensors and returns its output.

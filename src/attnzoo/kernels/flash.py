@@ -2,7 +2,7 @@
 
 On CPU, SDPA's flash kernel has a backward (``_scaled_dot_product_flash_attention_for_cpu_backward``)
 without a derivative of its own, so a gradient penalty or ``gradgradcheck`` through it fails.
-:func:`sdpa` runs the same flash forward and backward ops through `_FlashCPU`, whose backward calls
+`sdpa` runs the same flash forward and backward ops through `_FlashCPU`, whose backward calls
 the fused backward op for first order and, under ``create_graph=True``, differentiates SDPA's math
 decomposition (``aten._scaled_dot_product_attention_math``) instead. Everywhere else (another device,
 a choice of the math backend, functorch transforms, ``torch.compile``) it is

@@ -7,7 +7,7 @@ over C (mean and/or max) through another small function (a k x k convolution).
 
 Plain autograd over that composition keeps the channel-gated tensor, materialises the gradient of
 every pooling as a full-size tensor and adds them one by one (timm's ``amax`` also builds an
-equality mask over the whole input). :class:`_GateFn` instead
+equality mask over the whole input). `_GateFn` instead
 
 - runs the small functions on their (B, C) / (B, 1, H, W) inputs in a little autograd graph of their
   own, kept on the context, so their backward is a vector-Jacobian product on small tensors;
@@ -87,7 +87,7 @@ def to_batch_first(x: object, batch_first: bool, who: str, **sizes: Any) -> Tens
 def small_graph(
     fn: Callable[..., Tensor], inputs: Sequence[Tensor], track: bool
 ) -> tuple[Tensor, Graph | None]:
-    """Run ``fn`` on small tensors; with ``track``, keep its graph for :func:`small_vjp`."""
+    """Run ``fn`` on small tensors; with ``track``, keep its graph for `small_vjp`."""
     if not track:
         with torch.no_grad():
             return fn(*inputs), None

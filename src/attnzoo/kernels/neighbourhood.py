@@ -2,9 +2,9 @@
 
 Each query attends to its ``kernel x kernel`` neighbours (spaced by ``dilation``, queries taken every
 ``stride``) without ``unfold``: the kernel walks the neighbour offsets over shifted slices in forward
-and backward, so nothing ``kernel**2`` times the input is kept. :func:`neighbourhood_attention` falls
+and backward, so nothing ``kernel**2`` times the input is kept. `neighbourhood_attention` falls
 back to the plain unfold formulation (``_plain_neighbourhood_attention``) when fused attention is off.
-Tested against :func:`attnzoo.functional.attend`'s float64 math path in ``tests/kernels``.
+Tested against `attnzoo.functional.attend`'s float64 math path in ``tests/kernels``.
 """
 
 from __future__ import annotations
@@ -120,7 +120,7 @@ class _NeighbourhoodAttention(torch.autograd.Function):
     Saved for backward: q, k, v as given and in the flat layout, the output and the
     ``(N, kernel**2, Ho*wr)`` weights (``kernel**2 / d`` times the size of k; the official keeps three
     ``kernel**2``-fold copies). Under ``create_graph=True`` the backward differentiates
-    :func:`_plain_neighbourhood_attention` instead, so double backward works (slowly).
+    `_plain_neighbourhood_attention` instead, so double backward works (slowly).
     """
 
     @staticmethod

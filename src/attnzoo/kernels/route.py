@@ -1,6 +1,6 @@
 """When attnzoo's custom autograd kernels step aside for plain (composite) PyTorch ops.
 
-Every kernel in :mod:`attnzoo.kernels` has a composite twin: the same function written with ordinary
+Every kernel in `attnzoo.kernels` has a composite twin: the same function written with ordinary
 differentiable ops. The fast kernel runs in ordinary eager training; the twin runs where a
 hand-written ``autograd.Function`` cannot take part:
 
@@ -14,7 +14,7 @@ hand-written ``autograd.Function`` cannot take part:
   The other kernels run under dispatch modes as they are: the mode sees each of their ops.
 
 A backward with ``create_graph=True`` (a gradient penalty, ``gradgradcheck``) runs the kernel's
-forward as usual; its backward then recomputes the twin differentiably (:func:`recompute_grads`),
+forward as usual; its backward then recomputes the twin differentiably (`recompute_grads`),
 so second derivatives are exact. First-order backward keeps the fast path.
 """
 
@@ -50,7 +50,7 @@ def composite_required(dispatch: bool = False, tracing: bool = True) -> bool:
 
 
 def autocast_state(t: Tensor) -> tuple[str, bool, torch.dtype]:
-    """The autocast state for ``t``'s device, to rerun a forward under it (:func:`recompute_grads`)."""
+    """The autocast state for ``t``'s device, to rerun a forward under it (`recompute_grads`)."""
     device = t.device.type
     return device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
 
@@ -73,7 +73,7 @@ def recompute_grads(
         inputs: Its tensor inputs (None for an absent optional one).
         grad: The gradient of the output.
         needs: Which inputs want a gradient (``ctx.needs_input_grad`` for them).
-        autocast: The forward's :func:`autocast_state`, to recompute in the same dtypes. Default:
+        autocast: The forward's `autocast_state`, to recompute in the same dtypes. Default:
             autocast as it is in backward.
 
     Returns:

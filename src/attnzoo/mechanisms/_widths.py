@@ -46,7 +46,7 @@ def hidden_channels(
     round_limit: float = 0.0,
 ) -> int:
     """A gate's hidden width: ``rd_channels`` when given, else ``channels / reduction`` rounded by
-    :func:`make_divisible`; every argument checked, the messages naming it."""
+    `make_divisible`; every argument checked, the messages naming it."""
     check_int(channels, "channels", who)
     check_int(reduction, "reduction", who)
     check_int(rd_divisor, "rd_divisor", who)

@@ -188,11 +188,11 @@ class SimpleCoordAttention(CoordAttention):
     y = x \\odot \\sigma\\big(W_h f^h + W_w f^w + b_h + b_w\\big)
     $$
 
-    :class:`CoordAttention` with other defaults; timm's linear layers are its 1x1 convolutions.
+    `CoordAttention` with other defaults; timm's linear layers are its 1x1 convolutions.
 
     Args:
         channels: Number of input channels C.
-        reduction: Hidden width ``C / reduction``, rounded as in :class:`CoordAttention`. Default: 6
+        reduction: Hidden width ``C / reduction``, rounded as in `CoordAttention`. Default: 6
             (timm's ``rd_ratio=1/4`` times ``se_factor=2/3``).
         rd_channels: Hidden width, overriding ``reduction``. Default: None.
         rd_divisor: Rounding of the hidden width. Default: 8.
@@ -261,7 +261,7 @@ class EfficientLocalAttention(nn.Module):
         bias: Biases on the convolutions. Default: False.
         act_layer: Activation after the norm (``nn.Identity`` gives the paper's). Default: ``nn.SiLU``.
         norm_layer: Norm of each strip, built ``norm_layer(C)``; None for none. Default:
-            :class:`GroupNorm1` (timm's; the paper's code uses 16 groups).
+            `GroupNorm1` (timm's; the paper's code uses 16 groups).
         gate_layer: Gate activation class. Default: ``nn.Sigmoid``.
         has_skip: Add the input to the output. Default: False.
 

@@ -56,7 +56,7 @@ class DoubleAttention(nn.Module):
 
     Args:
         channels: Input channels C.
-        reduction: $c_m = c_n = $ `max(C // reduction, 1)` unless given. Default: 4.
+        reduction: $c_m$ and $c_n$ are `max(C // reduction, 1)` unless given. Default: 4.
         rd_channels: $c_m$, the channels of A and of the descriptors. Default: None.
         num_descriptors: $c_n$, the number of gathered descriptors. Default: None ($c_m$).
         reconstruct: Map $Z$ back to C channels with a 1x1 convolution (else the output has

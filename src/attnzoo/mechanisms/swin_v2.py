@@ -109,7 +109,7 @@ def partition_windows(x: Tensor, window: tuple[int, int]) -> Tensor:
 
 
 def reverse_windows(windows: Tensor, window: tuple[int, int], padded: tuple[int, int]) -> Tensor:
-    """Undo :func:`partition_windows`: ``(B * nW, N, C)`` -> ``(B, Hp, Wp, C)``."""
+    """Undo `partition_windows`: ``(B * nW, N, C)`` -> ``(B, Hp, Wp, C)``."""
     (wh, ww), (hp, wp), c = window, padded, windows.shape[-1]
     x = windows.reshape(-1, hp // wh, wp // ww, wh, ww, c)  # (B, Hp/Wh, Wp/Ww, Wh, Ww, C)
     return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, hp, wp, c)  # (B, Hp, Wp, C)
@@ -124,7 +124,7 @@ def region_ids(
     0); tokens of different regions in one window were not neighbours before the roll.
 
     Shape:
-        - Output: ``(nW, N)`` int64, windows in :func:`partition_windows` order.
+        - Output: ``(nW, N)`` int64, windows in `partition_windows` order.
     """
     labels = []
     for size, win, step in zip(padded, window, shift, strict=True):
@@ -143,7 +143,7 @@ def record_windows(
     shift: tuple[int, int],
 ) -> None:
     """Record every window's rows ``(B*nW, h, N, N)`` for ``module``, then turn them into rows over the
-    ``(H, W)`` map (:func:`attnzoo.maps.records.windows_to_image`)."""
+    ``(H, W)`` map (`attnzoo.maps.records.windows_to_image`)."""
     n = window[0] * window[1]
     queries = torch.arange(n, device=weights.device)
     record(module, "rows", weights.detach(), grid=window, queries=queries, query_grid=window)
@@ -159,7 +159,7 @@ def cosine_window_attention(
     dropout_p: float,
     need_weights: bool,
 ) -> tuple[Tensor, Tensor | None]:
-    """Scaled cosine attention in windows, run by :func:`attnzoo.attend`.
+    """Scaled cosine attention in windows, run by `attnzoo.attend`.
 
     $\\mathrm{softmax}(\\tau_h \\cos(q, k) + B + M)\\,v$ with $\\tau_h = \\exp(\\min(\\theta_h, \\log 100))$:
     q and k are normalised, q is multiplied by $\\tau_h$, and ``attend`` runs with ``scale=1``.
