@@ -88,7 +88,7 @@ def test_attend_matches_reference_forward_and_backward(case, lengths, fused):
 def test_weights_match_reference(case):
     q, k, v = make(L=5, S=7)
     kwargs = _build(case, 5, 7)
-    out, weights = attend(q, k, v, return_weights=True, **kwargs)
+    out, weights = attend(q, k, v, need_weights=True, **kwargs)
     ref, ref_w = reference(q, k, v, **kwargs)
     torch.testing.assert_close(weights, ref_w, atol=1e-10, rtol=1e-10)
     torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
@@ -111,7 +111,7 @@ def test_fully_masked_row_gives_zeros_not_nan(fused, kind):
     torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
     out.sum().backward()
     assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
-    _, weights = attend(q.detach(), k.detach(), v.detach(), mask=mask, return_weights=True)
+    _, weights = attend(q.detach(), k.detach(), v.detach(), mask=mask, need_weights=True)
     assert torch.equal(weights[:, :, 1], torch.zeros_like(weights[:, :, 1]))
 
 
@@ -154,7 +154,7 @@ def test_env_var_switches_path(monkeypatch):
 
 
 def test_fused_path_keeps_no_quadratic_tensor_for_backward():
-    """Without return_weights nothing of size L x S is saved for backward (fused SDPA kernel)."""
+    """Without need_weights nothing of size L x S is saved for backward (fused SDPA kernel)."""
     B, h, L, d = 1, 1, 2048, 8
     q, k, v = make(B=B, h=h, L=L, S=L, d=d, e=d, dtype=torch.float32, grad=True)
     saved: list[int] = []

@@ -1,7 +1,7 @@
 """The one dot-product attention path of attnzoo, and the relative-position helpers.
 
 Multi-head attention, the transformer blocks, BiFormer, the non-local block and the scoring rules
-call `attend`. Without ``return_weights`` it runs
+call `attend`. Without ``need_weights`` it runs
 ``torch.nn.functional.scaled_dot_product_attention`` (through `attnzoo.kernels.flash.sdpa`, which
 gives the CPU flash kernel a double backward), so the fused kernels never keep an L x S matrix
 for backward; with it (or with the fused path switched off) it runs a plain math path that returns
@@ -180,17 +180,17 @@ def _merge_masks(
 def attend(
     q: Tensor, k: Tensor, v: Tensor, *, bias: Tensor | None = ..., mask: Tensor | None = ...,
     causal: bool = ..., dropout_p: float = ..., scale: float | None = ...,
-    return_weights: Literal[False] = ...,
+    need_weights: Literal[False] = ...,
 ) -> Tensor: ...
 @overload
 def attend(
     q: Tensor, k: Tensor, v: Tensor, *, bias: Tensor | None = ..., mask: Tensor | None = ...,
-    causal: bool = ..., dropout_p: float = ..., scale: float | None = ..., return_weights: Literal[True],
+    causal: bool = ..., dropout_p: float = ..., scale: float | None = ..., need_weights: Literal[True],
 ) -> tuple[Tensor, Tensor]: ...
 @overload
 def attend(
     q: Tensor, k: Tensor, v: Tensor, *, bias: Tensor | None = ..., mask: Tensor | None = ...,
-    causal: bool = ..., dropout_p: float = ..., scale: float | None = ..., return_weights: bool,
+    causal: bool = ..., dropout_p: float = ..., scale: float | None = ..., need_weights: bool,
 ) -> Tensor | tuple[Tensor, Tensor]: ...
 def attend(
     q: Tensor,
@@ -202,7 +202,7 @@ def attend(
     causal: bool = False,
     dropout_p: float = 0.0,
     scale: float | None = None,
-    return_weights: bool = False,
+    need_weights: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     r"""Scaled dot-product attention: $\mathrm{softmax}(s\,QK^\top + \mathrm{bias} + \mathrm{mask})V$.
 
@@ -219,11 +219,11 @@ def attend(
             Default: False.
         dropout_p: Dropout on the attention weights; pass `0.0` in eval mode. Default: 0.0.
         scale: Multiplies the logits. Default: `1 / sqrt(d)`.
-        return_weights: Also return the attention weights (runs the math path, which keeps the
+        need_weights: Also return the attention weights (runs the math path, which keeps the
             `(B, h, L, S)` matrix). Default: False.
 
     Returns:
-        The output `(B, h, L, e)`; with `return_weights`, `(output, weights)` with weights
+        The output `(B, h, L, e)`; with `need_weights`, `(output, weights)` with weights
         `(B, h, L, S)`. A query whose every key is masked gets zero output and zero weights
         (never NaN).
 
@@ -248,7 +248,7 @@ def attend(
         raise ValueError(f"attend expects dropout_p in [0, 1], got {dropout_p}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
 
-    if fused_enabled() and not return_weights:
+    if fused_enabled() and not need_weights:
         if mask is None and bias is None:
             return sdpa(q, k, v, dropout_p=dropout_p, is_causal=causal, scale=scale)
         attn_mask, dead = _merge_masks(mask, bias, causal, target, q.dtype, q.device)
@@ -256,12 +256,12 @@ def attend(
             attn_mask = attn_mask.reshape((1,) * (4 - attn_mask.ndim) + tuple(attn_mask.shape))
         out = sdpa(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
         return out if dead is None else out.masked_fill(dead, 0.0)
-    return _attend_math(q, k, v, mask, bias, causal, dropout_p, scale, target, return_weights)
+    return _attend_math(q, k, v, mask, bias, causal, dropout_p, scale, target, need_weights)
 
 
 def _attend_math(
     q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, bias: Tensor | None, causal: bool,
-    dropout_p: float, scale: float, target: tuple[int, ...], return_weights: bool,
+    dropout_p: float, scale: float, target: tuple[int, ...], need_weights: bool,
 ) -> Tensor | tuple[Tensor, Tensor]:
     compute_dtype = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
     scores = (q.to(compute_dtype) * scale) @ k.to(compute_dtype).transpose(-2, -1)  # (B, h, L, S)
@@ -277,7 +277,7 @@ def _attend_math(
     weights = weights.to(q.dtype)
     dropped = F.dropout(weights, p=dropout_p) if dropout_p > 0 else weights
     out = dropped @ v  # (B, h, L, e)
-    return (out, weights) if return_weights else out
+    return (out, weights) if need_weights else out
 
 
 # ---------------------------------------------------------------------------------------------

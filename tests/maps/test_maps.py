@@ -68,7 +68,7 @@ def test_nothing_recorded_and_no_weights_computed_outside_capture(monkeypatch):
     real = functional._attend_math
 
     def spy(*args, **kwargs):
-        calls.append(args[-1])  # return_weights
+        calls.append(args[-1])  # need_weights
         return real(*args, **kwargs)
 
     monkeypatch.setattr(functional, "_attend_math", spy)

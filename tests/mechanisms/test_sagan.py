@@ -301,7 +301,7 @@ def test_global_attention_routes_and_agrees(width, kernel, route, monkeypatch):
         torch.testing.assert_close(g, w, atol=1e-11, rtol=1e-11)
     with attnzoo.fused_attn(False):
         torch.testing.assert_close(global_attention(q, k, v, scale=1.0), ref, atol=1e-12, rtol=1e-12)
-    out, w = global_attention(q, k, v, scale=1.0, return_weights=True)
+    out, w = global_attention(q, k, v, scale=1.0, need_weights=True)
     torch.testing.assert_close(w, weights, atol=1e-12, rtol=1e-12)
     bf = global_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), scale=1.0)
     assert bf.dtype == torch.bfloat16 and bf.shape == (2, 10, width)

@@ -174,7 +174,7 @@ class KerasMultiHeadAttention(nn.Module):
             mask = mask.reshape((1,) * (4 - mask.ndim) + tuple(mask.shape))
         p = self.dropout if self.training else 0.0
         scale = self.key_dim**-0.5
-        res = attend(q, k, v, mask=mask, causal=causal, dropout_p=p, scale=scale, return_weights=need_weights)
+        res = attend(q, k, v, mask=mask, causal=causal, dropout_p=p, scale=scale, need_weights=need_weights)
         out, weights = res if isinstance(res, tuple) else (res, None)  # (B, h, L, e), (B, h, L, S)
         if capturing():  # map capture: rows of the capture's query points
             record_rows(self, q, k, grid=(length,), key_grid=(s,), mask=mask, causal=causal,

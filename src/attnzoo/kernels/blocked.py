@@ -219,7 +219,7 @@ def blocked_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float, block: i
 
 
 def global_attention(
-    q: Tensor, k: Tensor, v: Tensor, *, scale: float, return_weights: bool = False
+    q: Tensor, k: Tensor, v: Tensor, *, scale: float, need_weights: bool = False
 ) -> Tensor | tuple[Tensor, Tensor]:
     """One head of global attention, on the fastest exact path that keeps no ``L x S`` matrix.
 
@@ -243,15 +243,15 @@ def global_attention(
         k: Keys.
         v: Values.
         scale: Multiplies the logits (1.0 for SAGAN and the non-local block).
-        return_weights: Also return the ``(B, L, S)`` attention weights. Default: False.
+        need_weights: Also return the ``(B, L, S)`` attention weights. Default: False.
 
     Returns:
-        ``(B, L, e)``, or ``(output, weights)`` with ``return_weights``.
+        ``(B, L, e)``, or ``(output, weights)`` with ``need_weights``.
 
     Shape:
         - q: ``(B, L, d)``; k: ``(B, S, d)``; v: ``(B, S, e)``.
     """
-    if not return_weights and fused_enabled():
+    if not need_weights and fused_enabled():
         # The blocked kernel is for eager CPU runs: its block sizes and shift test read sizes and data,
         # which torch.compile / torch.export / jit.trace cannot follow; they take the SDPA path.
         # Functorch transforms cannot run it either.
@@ -264,8 +264,8 @@ def global_attention(
             return blocked_attention(q, k, v, scale=scale)
         return _padded_sdpa(q, k, v, scale)
     # The math path (fusion off, or the weights asked for): one head, (B, 1, L, S) weights.
-    out, weights = attend(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), scale=scale, return_weights=True)
-    return (out.squeeze(1), weights.squeeze(1)) if return_weights else out.squeeze(1)
+    out, weights = attend(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), scale=scale, need_weights=True)
+    return (out.squeeze(1), weights.squeeze(1)) if need_weights else out.squeeze(1)
 
 
 def _choice(q: Tensor, k: Tensor, v: Tensor, scale: float) -> str:

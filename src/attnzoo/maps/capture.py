@@ -13,7 +13,7 @@ for name, records in maps.items():       # qualified module name -> list of Atte
 Mechanisms call two cheap helpers in their forward: `capturing` (a global counter read,
 free when nothing captures) and `record` / `record_rows`. The fused path stays fused
 when nothing captures; while capturing, dot-product modules compute weights for the chosen query
-rows only (`attend(q[:, :, idx], k, ..., return_weights=True)`), never the full N x N matrix.
+rows only (`attend(q[:, :, idx], k, ..., need_weights=True)`), never the full N x N matrix.
 The pattern in a `forward` (`torch.compile` and `torch.jit.trace` see `capturing()` return
 False; TorchScript is not supported, see the support matrix):
 
@@ -312,7 +312,7 @@ def record_rows(
 ) -> None:
     """Record attention rows for the capture's query points: weights of those queries only.
 
-    Runs `attnzoo.functional.attend` with `return_weights=True` on the selected rows of
+    Runs `attnzoo.functional.attend` with `need_weights=True` on the selected rows of
     `q` (no gradient), so the cost is Q x S, not L x S. Call it under `if capturing():`.
 
     Args:
@@ -360,7 +360,7 @@ def record_rows(
             bias=_rows(bias, idx, length),
             mask=mask_rows,
             scale=scale,
-            return_weights=True,
+            need_weights=True,
         )
     record(module, "rows", weights, grid=key_grid, queries=idx, query_grid=grid, **meta)
 

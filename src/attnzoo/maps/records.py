@@ -50,7 +50,7 @@ def record_packed_rows(
         record_rows(module, q, k, grid=grid, bias=bias, scale=scale, **meta)
         return
     with torch.no_grad():
-        _, weights = attend(q, k, k[..., :1], bias=bias, scale=scale, return_weights=True)  # (B, h, N, N)
+        _, weights = attend(q, k, k[..., :1], bias=bias, scale=scale, need_weights=True)  # (B, h, N, N)
     record(
         module, "rows", weights, grid=grid, queries=torch.arange(n, device=q.device), query_grid=grid, **meta
     )

@@ -89,7 +89,7 @@ def routed_attention(
     kh = gather(k, r_idx, r_weight).unflatten(-1, (num_heads, -1)).transpose(1, 2)  # (N*R, h, topk*S, d)
     vh = gather(v, r_idx, r_weight).unflatten(-1, (num_heads, -1)).transpose(1, 2)  # (N*R, h, topk*S, e)
     if need_weights:
-        out, weights = attend(qh, kh, vh, scale=scale, return_weights=True)
+        out, weights = attend(qh, kh, vh, scale=scale, need_weights=True)
     else:
         out, weights = attend(qh, kh, vh, scale=scale), None
     return out.transpose(1, 2).flatten(2), weights  # (N*R, L, C)

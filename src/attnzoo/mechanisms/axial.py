@@ -51,7 +51,7 @@ class _AxisAttention(nn.Module):
         q = self.q(tokens).reshape(heads).transpose(1, 2)  # (M, h, L, e)
         k, v = (t.reshape(heads).transpose(1, 2) for t in self.kv(tokens).chunk(2, -1))  # (M, h, L, e) each
         drop = self.attn_drop if self.training else 0.0
-        result = attend(q, k, v, dropout_p=drop, return_weights=need_weights)
+        result = attend(q, k, v, dropout_p=drop, need_weights=need_weights)
         out, weights = result if isinstance(result, tuple) else (result, None)
         out = self.proj(out.transpose(1, 2).flatten(2))  # (M, h, L, e) -> (M, L, h e) -> (M, L, C)
         out = out.reshape(*lead, length, -1)  # (..., L, C)

@@ -167,7 +167,7 @@ class BottleneckAttention(nn.Module):
         bias = self.pos_embed(grid, (height, width))  # (B, h, N, N)
         if self.scale_pos_embed:
             bias = bias * self.scale
-        result = attend(q, k, v, bias=bias, scale=self.scale, return_weights=need_weights)
+        result = attend(q, k, v, bias=bias, scale=self.scale, need_weights=need_weights)
         out, weights = result if isinstance(result, tuple) else (result, None)
         if capturing():
             record_rows(self, q, k, grid=(height, width), bias=bias, scale=self.scale)

@@ -111,7 +111,7 @@ class DANetPositionAttention(nn.Module):
         if capturing():  # map capture: rows of the capture's query points
             record_rows(self, q, k, grid=(h, w), scale=1.0)
         if need_weights:
-            out, attn = attend(q, k, v, scale=1.0, return_weights=True)  # (B, 1, N, C), (B, 1, N, N)
+            out, attn = attend(q, k, v, scale=1.0, need_weights=True)  # (B, 1, N, C), (B, 1, N, N)
         else:
             out = attend(q, k, v, scale=1.0)  # (B, 1, N, C): fused where SDPA can
         out = out.squeeze(1).transpose(1, 2).reshape(b, c, h, w)  # (B, N, C) -> (B, C, H, W)
@@ -180,7 +180,7 @@ class DANetChannelAttention(nn.Module):
             record_rows(self, -flat, flat, grid=(c,), scale=1.0)
         # softmax(max E - E) == softmax(-E): queries -X, keys and values X, unscaled
         if need_weights:
-            out, attn = attend(-flat, flat, flat, scale=1.0, return_weights=True)  # (B, 1, C, N)
+            out, attn = attend(-flat, flat, flat, scale=1.0, need_weights=True)  # (B, 1, C, N)
         else:
             out = attend(-flat, flat, flat, scale=1.0)  # (B, 1, C, N)
         out = self.gamma * out.reshape(b, c, h, w) + x

@@ -186,7 +186,7 @@ class HaloAttention(nn.Module):
         q = q.reshape(batch, heads * nb, qb * qb, d)  # (B, h*nb, L, d)
         k = k.reshape(batch, heads * nb, win * win, d)  # (B, h*nb, S, d)
         v = v.reshape(batch, heads * nb, win * win, e)  # (B, h*nb, S, e)
-        result = attend(q, k, v, bias=bias, scale=self.scale, return_weights=need_weights)
+        result = attend(q, k, v, bias=bias, scale=self.scale, need_weights=need_weights)
         out, weights = result if isinstance(result, tuple) else (result, None)
         if capturing():
             self._record(q, k, bias, weights, (height, width))
@@ -210,7 +210,7 @@ class HaloAttention(nn.Module):
         grid = (height // block * qb, bw * qb)  # the query grid
         with torch.no_grad():
             if weights is None:
-                weights = attend(q, k, k[..., :1], bias=bias, scale=self.scale, return_weights=True)[1]
+                weights = attend(q, k, k[..., :1], bias=bias, scale=self.scale, need_weights=True)[1]
             idx = query_indices(grid, q.device)
             qy, qx = idx // grid[1], idx % grid[1]  # (Q,) each
             by, bx, iy, ix = qy // qb, qx // qb, qy % qb, qx % qb

@@ -220,7 +220,7 @@ class MultiHeadAttention(nn.Module):
         q, k, v = self._project(query, key, value)
         dropout_p = self.attn_drop if self.training else 0.0
         result = attend(
-            q, k, v, mask=mask, bias=bias, causal=causal, dropout_p=dropout_p, return_weights=need_weights
+            q, k, v, mask=mask, bias=bias, causal=causal, dropout_p=dropout_p, need_weights=need_weights
         )
         out, weights = result if isinstance(result, tuple) else (result, None)
         if capturing():  # map capture: rows of the capture's query points
@@ -286,7 +286,7 @@ class SeedMultiHeadAttention(MultiHeadAttention):
             keep = mask != 0  # the seed: masked_fill(mask == 0, -1e9); any dtype
             target = (Q.shape[0], Q.shape[1], Q.shape[2], K.shape[2])
             check_mask(keep, target, type(self).__name__, "mask")
-        out, weights = attend(Q, K, V, mask=keep, scale=self.scale, return_weights=True)
+        out, weights = attend(Q, K, V, mask=keep, scale=self.scale, need_weights=True)
         if keep is not None:
             dead = ~keep.any(dim=-1, keepdim=True)  # (..., L, 1): rows the seed averages uniformly
             if bool(dead.any()):

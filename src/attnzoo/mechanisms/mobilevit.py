@@ -65,7 +65,7 @@ class _Layer(nn.Module):
         tokens, n = x.shape[0], x.shape[1]  # x: (M, n, C_t), M = B P
         qkv = self.qkv(self.norm1(x)).reshape(tokens, n, 3, self.num_heads, self.head_dim)  # (M, n, 3, h, e)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (M, h, n, e) each
-        result = attend(q, k, v, dropout_p=self.drop if self.training else 0.0, return_weights=need_weights)
+        result = attend(q, k, v, dropout_p=self.drop if self.training else 0.0, need_weights=need_weights)
         out, weights = result if isinstance(result, tuple) else (result, None)
         x = x + self.dropout(self.proj(out.transpose(1, 2).flatten(2)))  # (M, h, n, e) -> (M, n, h e)
         x = x + self.dropout(self.fc2(self.dropout(self.act(self.fc1(self.norm2(x))))))

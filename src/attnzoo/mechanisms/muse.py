@@ -190,7 +190,7 @@ class MUSEAttention(nn.Module):
         is_bool = mask is not None and mask.dtype == torch.bool
         result = attend(
             q, k, v, mask=mask if is_bool else None, bias=None if is_bool else mask,
-            dropout_p=self.attn_drop if self.training else 0.0, return_weights=need_weights,
+            dropout_p=self.attn_drop if self.training else 0.0, need_weights=need_weights,
         )
         out, weights = result if isinstance(result, tuple) else (result, None)
         out = self.proj_drop(self.proj(out.transpose(1, 2).flatten(2)))  # (B, L, h dv) -> (B, L, C)

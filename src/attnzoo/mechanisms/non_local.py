@@ -240,7 +240,7 @@ class NonLocalBlock(nn.Module):
     ) -> tuple[Tensor, Tensor | None]:
         """`y = f(theta, phi) g / C`; theta `(B, N, d)`, phi `(B, N', d)`, g `(B, N', C1)`."""
         if self.pairwise in ("embedded_gaussian", "gaussian"):
-            res = global_attention(theta, phi, g, scale=self.qk_scale, return_weights=want_map)
+            res = global_attention(theta, phi, g, scale=self.qk_scale, need_weights=want_map)
             return res if isinstance(res, tuple) else (res, None)
         keys = phi.shape[1]
         explicit = want_map or not fused_enabled()

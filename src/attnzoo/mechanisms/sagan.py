@@ -98,7 +98,7 @@ class SpatialSelfAttention(nn.Module):
         x_t = x.flatten(2).transpose(1, 2)  # (B, N, C): tokens, one per position
         qkv = pointwise_tokens(x_t, [self.query_conv, self.key_conv, self.value_conv])  # (B, N, 2d + C)
         q, k, v = qkv.split([d, d, c], dim=-1)  # (B, N, d), (B, N, d), (B, N, C)
-        res = global_attention(q, k, v, scale=1.0, return_weights=need_weights)
+        res = global_attention(q, k, v, scale=1.0, need_weights=need_weights)
         if capturing():  # map capture: rows of the capture's query points
             record_rows(self, q.unsqueeze(1), k.unsqueeze(1), grid=(h, w), scale=1.0)
         out_t, attn = res if isinstance(res, tuple) else (res, None)
@@ -161,7 +161,7 @@ class ChannelSelfAttention(nn.Module):
         q, k, v, skip = proj.flatten(2).chunk(4, dim=1)  # 4 x (B, C1, N): channels are the tokens
         if capturing():  # map capture: rows of the channel-to-channel attention
             record_rows(self, q.unsqueeze(1), k.unsqueeze(1), grid=(self.out_channels,), scale=1.0)
-        res = global_attention(q, k, v, scale=1.0, return_weights=need_weights)
+        res = global_attention(q, k, v, scale=1.0, need_weights=need_weights)
         out, attn = res if isinstance(res, tuple) else (res, None)
         y = torch.addcmul(skip, self.gamma, out).reshape(b, self.out_channels, h, w)  # (B, C1, H, W)
         return (y, attn) if attn is not None else y

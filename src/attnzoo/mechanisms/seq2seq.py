@@ -326,7 +326,7 @@ def _attend_3d(
     q, k, v = query.unsqueeze(1), keys.unsqueeze(1), values.unsqueeze(1)  # (B, 1, L, d) each
     if not need_weights:
         return attend(q, k, v, mask=_mask_4d(mask), scale=scale).squeeze(1)  # (B, Lq, dv)
-    out, weights = attend(q, k, v, mask=_mask_4d(mask), scale=scale, return_weights=True)
+    out, weights = attend(q, k, v, mask=_mask_4d(mask), scale=scale, need_weights=True)
     return out.squeeze(1), weights.squeeze(1)  # (B, Lq, dv), (B, Lq, Lk)
 
 

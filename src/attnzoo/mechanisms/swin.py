@@ -246,7 +246,7 @@ class WindowAttention(nn.Module):
             if bias.ndim == 4:  # window i of the batch uses mask i % nW (image-major order)
                 bias = bias.repeat(x.shape[0] // bias.shape[0], 1, 1, 1)  # (B*nW, h, N, N)
             out, weights = attend(
-                q, k, v, bias=bias, scale=self.scale, dropout_p=dropout_p, return_weights=True
+                q, k, v, bias=bias, scale=self.scale, dropout_p=dropout_p, need_weights=True
             )  # (B*nW, h, N, d), (B*nW, h, N, N)
             out = out.transpose(1, 2).flatten(2)  # (B*nW, h, N, d) -> (B*nW, N, C)
         else:

@@ -136,7 +136,7 @@ class TorchvisionShiftedWindowAttention(nn.Module):
                    need_weights: bool) -> tuple[Tensor, Tensor | None]:
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B*nW, h, N, d) each
         if need_weights:
-            out, weights = attend(q, k, v, bias=bias, mask=mask, dropout_p=dropout_p, return_weights=True)
+            out, weights = attend(q, k, v, bias=bias, mask=mask, dropout_p=dropout_p, need_weights=True)
         else:
             out, weights = attend(q, k, v, bias=bias, mask=mask, dropout_p=dropout_p), None
         return out.transpose(1, 2).flatten(2), weights  # (B*nW, N, C)

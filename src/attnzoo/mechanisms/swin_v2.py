@@ -181,7 +181,7 @@ def cosine_window_attention(
     k = _unit(k)
     if need_weights:
         out, weights = attend(q, k, v, bias=bias, mask=mask, scale=1.0, dropout_p=dropout_p,
-                              return_weights=True)
+                              need_weights=True)
     else:
         out, weights = attend(q, k, v, bias=bias, mask=mask, scale=1.0, dropout_p=dropout_p), None
     return out.transpose(1, 2).flatten(2), weights  # (B*nW, h, N, d) -> (B*nW, N, h*d)

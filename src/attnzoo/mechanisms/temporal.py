@@ -152,7 +152,7 @@ class TemporalAttention(nn.Module):
         if need_weights:
             q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, h, T, d)
             out, weights = attend(
-                q, k, v, bias=bias, scale=self.scale, dropout_p=dropout_p, return_weights=True
+                q, k, v, bias=bias, scale=self.scale, dropout_p=dropout_p, need_weights=True
             )  # (B, h, T, d), (B, h, T, T)
             out = out.transpose(1, 2).flatten(2)  # (B, T, C)
         else:

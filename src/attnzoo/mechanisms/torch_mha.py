@@ -358,7 +358,7 @@ class MultiheadAttention(nn.Module):
             None if causal else attn_mask, key_padding_mask, batch, batched, extra, q.dtype
         )
         dropout_p = self.dropout if self.training else 0.0
-        result = attend(q, k, v, mask=mask, causal=causal, dropout_p=dropout_p, return_weights=need_weights)
+        result = attend(q, k, v, mask=mask, causal=causal, dropout_p=dropout_p, need_weights=need_weights)
         out, weights = result if isinstance(result, tuple) else (result, None)
         if capturing():  # map capture: rows of the capture's query points, also without need_weights
             record_rows(self, q, k, grid=(length_q,), key_grid=(k.shape[2],), mask=mask, causal=causal)
