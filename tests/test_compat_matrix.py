@@ -1,6 +1,7 @@
 """Checks every cell of the compatibility matrix (attnzoo.cli.matrix) for every registered mechanism.
 
-A cell passes, or its limitation is listed with the reason in ``attnzoo.cli.matrix.LIMITATIONS``; a
+A cell passes, or its limitation is listed with the reason (the registration's `limitations`, or
+``attnzoo.cli.matrix.LIMITATIONS`` for every mechanism); a
 listed limitation that passes fails too (strict), so the README's matrix stays true.
 """
 
@@ -189,7 +190,8 @@ def test_matrix_cell(spec, feature, tmp_path):
         raise
     except Exception:
         pytest.xfail(f"documented limitation: {why}")
-    pytest.fail(f"{spec.name} now passes {feature}: remove its entry from attnzoo.cli.matrix.LIMITATIONS")
+    pytest.fail(f"{spec.name} now passes {feature}: remove the limitation from its registration "
+                    "(or from attnzoo.cli.matrix.LIMITATIONS)")
 
 
 @pytest.mark.gpu

@@ -145,7 +145,8 @@ def test_gradients_equal_single_process(spec, feature, dist_runs):
     if why is not None:
         if "error" in record:
             pytest.xfail(f"documented limitation: {why} (torch: {record['error']})")
-        pytest.fail(f"{spec.name} now passes {feature}: remove its entry from attnzoo.cli.matrix.LIMITATIONS")
+        pytest.fail(f"{spec.name} now passes {feature}: remove the limitation from its registration "
+                    "(or from attnzoo.cli.matrix.LIMITATIONS)")
     assert "error" not in record, f"{spec.name} under {feature}: {record.get('error')}"
     assert record.get("not_sharded", []) == [], "parameters FSDP2 left unsharded"
     got, want = record["grads"], _reference(spec)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -115,6 +115,7 @@ class Spec:
     seed_cls: Callable[..., nn.Module] | None = field(default=None, compare=False)
     input_rule: str = "layout"
     for_input: Callable[[Any], dict[str, Any]] | None = field(default=None, compare=False)
+    limitations: Mapping[str, str] = field(default_factory=dict, compare=False)
     seed_example: Example | None = None
 
     @property
@@ -154,6 +155,7 @@ def register(
     uses_attend: bool = False,
     input_rule: str = "layout",
     for_input: Callable[[Any], dict[str, Any]] | None = None,
+    limitations: Mapping[str, str] | None = None,
 ) -> Callable[[ModuleT], ModuleT]:
     """Class decorator that registers a canonical attention module under `name`.
 
@@ -169,6 +171,8 @@ def register(
         for_input: `geometry -> constructor arguments` beyond the shared vocabulary's rules, for
             building the module for any input (`attnzoo.surgery.build`); the argument is a
             `attnzoo.surgery.build.Geometry` (batch, channels, spatial).
+        limitations: Support-matrix features (`attnzoo.cli.matrix.FEATURES`) the mechanism does not
+            support, with the reason; the tests check that each still fails.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"register({name!r}): layout must be one of {LAYOUTS}, got {layout!r}")
@@ -180,7 +184,7 @@ def register(
             raise ValueError(f"attention {name!r} is already registered")
         spec = Spec(
             name, cls, family, paper, year, layout, example, tuple(aliases), seed_name, uses_attend,
-            input_rule=input_rule, for_input=for_input,
+            input_rule=input_rule, for_input=for_input, limitations=dict(limitations or {}),
         )
         for alias in spec.all_names:
             key = alias.lower()

@@ -8,7 +8,7 @@ what the code does. `python -m tools.gen_docs` writes it into the README and the
 
 from __future__ import annotations
 
-from attnzoo._registry import Spec, list_modules
+from attnzoo._registry import Spec, get_spec, list_modules
 
 __all__ = ["FEATURES", "LIMITATIONS", "applies", "limitation", "compat_table"]
 
@@ -28,24 +28,21 @@ FEATURES: dict[str, str] = {
     "cuda_half": "CUDA fp16/bf16",
 }
 
-# (registry name, feature) -> why it does not work; the name "*" covers every mechanism. Filled from
-# what the tests find; every entry is re-checked (a limitation that starts passing fails the suite
-# until it is removed here).
+# Feature -> why no mechanism supports it. A mechanism's own limitations are registry data
+# (`register(..., limitations={feature: reason})`). Every entry is re-checked by the tests: a
+# limitation that starts passing fails the suite until it is removed.
 LIMITATIONS: dict[tuple[str, str], str] = {
     ("*", "jit_script"): (
         "TorchScript cannot compile attnzoo's Python input checks (keyword-variadic shape specs, f-string "
         "errors) nor its custom autograd kernels; use torch.compile or torch.jit.trace"
-    ),
-    ("acmix", "fullgraph"): (
-        "ACmix's neighbourhood kernel accumulates into preallocated strided buffers (`out=`), which "
-        "Dynamo cannot put in one graph; torch.compile works with a graph break there"
     ),
 }
 
 
 def limitation(name: str, feature: str) -> str | None:
     """Why mechanism `name` does not support `feature`, or None when it does."""
-    return LIMITATIONS.get((name, feature), LIMITATIONS.get(("*", feature)))
+    own = get_spec(name).limitations.get(feature)
+    return own if own is not None else LIMITATIONS.get(("*", feature))
 
 # Reasons that apply to whole features.
 _NOT_RUN = {"cuda_half": "needs a GPU; CI has none (tests skip without CUDA)"}

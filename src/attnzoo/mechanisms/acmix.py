@@ -78,6 +78,12 @@ def neighbour_weights(q: Tensor, k_pad: Tensor, kernel: int, dilation: int, stri
         channel_dim=1,
     ),
     seed_name="ACmix",
+    limitations={
+        "fullgraph": (
+            "ACmix's neighbourhood kernel accumulates into preallocated strided buffers (`out=`), which "
+            "Dynamo cannot put in one graph; torch.compile works with a graph break there"
+        ),
+    },
 )
 class ACmix(nn.Module):
     r"""ACmix: a local self-attention branch and a convolution branch sharing one set of 1x1 projections.
