@@ -17,46 +17,7 @@ se_mod = pytest.importorskip("fightingcv_attention.attention.SEAttention", reaso
 cbam_mod = pytest.importorskip("fightingcv_attention.attention.CBAM", reason=WHY)
 sk_mod = pytest.importorskip("fightingcv_attention.attention.SKAttention", reason=WHY)
 acmix_mod = pytest.importorskip("fightingcv_attention.attention.ACmixAttention", reason=WHY)
-
-D = torch.float64
-TOL = {"atol": 1e-10, "rtol": 1e-10}
-
-
-def randomize(module: nn.Module, seed: int = 0) -> nn.Module:
-    """float64, random parameters and BatchNorm statistics (every weight and buffer matters)."""
-    module = module.to(D)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, t in module.state_dict().items():
-            if not t.is_floating_point():
-                continue
-            if "running_var" in name:
-                t.copy_(torch.rand(t.shape, generator=gen, dtype=D) + 0.5)
-            else:
-                t.copy_(torch.randn(t.shape, generator=gen, dtype=D) * 0.5)
-    return module
-
-
-def x_of(*shape: int, seed: int = 1) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=D)
-
-
-def check_same(theirs: nn.Module, ours: nn.Module, shape: tuple[int, ...], train: bool) -> None:
-    """Outputs, input gradients and (in training) BatchNorm statistics agree."""
-    theirs.train(train)
-    ours.train(train)
-    xa, xb = x_of(*shape).requires_grad_(), x_of(*shape).requires_grad_()
-    out_a, out_b = ours(xa), theirs(xb)
-    torch.testing.assert_close(out_a, out_b, **TOL)
-    g = torch.randn_like(out_b)
-    out_a.backward(g)
-    out_b.backward(g)
-    torch.testing.assert_close(xa.grad, xb.grad, **TOL)
-    ours_bn = [m for m in ours.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    theirs_bn = [m for m in theirs.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    for a, b in zip(ours_bn, theirs_bn, strict=True):
-        torch.testing.assert_close(a.running_mean, b.running_mean, **TOL)
-        torch.testing.assert_close(a.running_var, b.running_var, **TOL)
+from _parity import TOL, D, check_same, randomize, x_of  # noqa: E402
 
 
 def converted(theirs: nn.Module, cls: type[nn.Module]) -> nn.Module:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _fcv_b import TOL, D, randomize, x_of
+from _parity import TOL, D, randomize, x_of
 from torch import nn
 
 import attnzoo

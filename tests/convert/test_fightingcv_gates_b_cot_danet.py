@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _fcv_b import BN, TOL, D, check_with_grads, randomize, x_of
+from _parity import BN, TOL, D, check_same, randomize, x_of
 from torch import nn
 
 import attnzoo
@@ -30,7 +30,7 @@ def test_cot_matches_fightingcv(dim, kernel_size, shape, train):
     ours = from_fightingcv(theirs)
     assert type(ours) is attnzoo.FightingcvCoTAttention
     b, h, w = shape
-    check_with_grads(theirs, ours, (b, dim, h, w), train)
+    check_same(theirs, ours, (b, dim, h, w), train)
 
 
 def unfold_aggregate(v: torch.Tensor, w: torch.Tensor, k: int) -> torch.Tensor:
@@ -79,11 +79,11 @@ danet_mod = pytest.importorskip("fightingcv_attention.attention.DANet", reason=W
 
 def check_eval_and_train(theirs: nn.Module, ours: nn.Module, shape: tuple[int, ...]) -> None:
     """Eval mode as built; train mode with the attention dropout off (its random draws differ)."""
-    check_with_grads(theirs, ours, shape, train=False)
+    check_same(theirs, ours, shape, train=False)
     for m in (*theirs.modules(), *ours.modules()):
         if isinstance(m, nn.Dropout):
             m.p = 0.0
-    check_with_grads(theirs, ours, shape, train=True)
+    check_same(theirs, ours, shape, train=True)
 
 
 @pytest.mark.parametrize(("d", "k", "shape"), [(16, 3, (2, 7, 7)), (8, 5, (3, 5, 3)), (12, 2, (2, 4, 5))])

@@ -1,4 +1,6 @@
-"""Shared helpers of the from_fightingcv group-b tests (float64, random weights, gradient checks)."""
+"""Shared helpers of the converter parity tests: float64, random weights and statistics, and the
+check that a converted module agrees with the original in outputs, input gradients and BatchNorm
+statistics."""
 
 from __future__ import annotations
 
@@ -30,8 +32,8 @@ def x_of(*shape: int, seed: int = 1) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=D)
 
 
-def check_with_grads(theirs: nn.Module, ours: nn.Module, shape: tuple[int, ...], train: bool) -> None:
-    """Outputs, input gradients and (in training) BatchNorm statistics agree."""
+def check_same(theirs: nn.Module, ours: nn.Module, shape: tuple[int, ...], train: bool) -> None:
+    """Outputs, input gradients and (in training) BatchNorm statistics of both modules agree."""
     theirs.train(train)
     ours.train(train)
     xa, xb = x_of(*shape).requires_grad_(), x_of(*shape).requires_grad_()
@@ -41,8 +43,10 @@ def check_with_grads(theirs: nn.Module, ours: nn.Module, shape: tuple[int, ...],
     out_a.backward(g)
     out_b.backward(g)
     torch.testing.assert_close(xa.grad, xb.grad, **TOL)
-    bns = [[m for m in mod.modules() if isinstance(m, nn.BatchNorm2d)] for mod in (ours, theirs)]
-    for a, b in zip(*bns, strict=True):
+    ours_bn = [m for m in ours.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    theirs_bn = [m for m in theirs.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert len(ours_bn) == len(theirs_bn)
+    for a, b in zip(ours_bn, theirs_bn, strict=True):
         torch.testing.assert_close(a.running_mean, b.running_mean, **TOL)
         torch.testing.assert_close(a.running_var, b.running_var, **TOL)
 
