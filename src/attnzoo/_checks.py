@@ -24,6 +24,7 @@ __all__ = [
     "check_float",
     "check_choice",
     "check_divisible",
+    "check_head_widths",
     "check_mask",
     "format_shape",
     "check_options",
@@ -136,6 +137,17 @@ def check_divisible(value: int, divisor: int, name: str, divisor_name: str, who:
     """Raise `ValueError` unless `divisor` divides `value` (`dim % num_heads` and friends)."""
     if divisor == 0 or value % divisor != 0:
         raise ValueError(f"{who}: {name}={value} must be divisible by {divisor_name}={divisor}")
+
+
+def check_head_widths(
+    dim: int, num_heads: int, head_dim: int | None, value_head_dim: int | None, who: str
+) -> tuple[int, int]:
+    """`(head_dim, value_head_dim)` of a multi-head layer: `dim // num_heads` unless given (then `dim`
+    must divide evenly), and the value heads as wide as the query/key heads unless given."""
+    if head_dim is None and dim % num_heads != 0:
+        raise ValueError(f"{who}: dim={dim} must be divisible by num_heads={num_heads} (or give head_dim)")
+    qk = dim // num_heads if head_dim is None else check_int(head_dim, "head_dim", who)
+    return qk, qk if value_head_dim is None else check_int(value_head_dim, "value_head_dim", who)
 
 
 def check_mask(mask: object, target: Sequence[int], who: str, name: str = "mask") -> Tensor:

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from attnzoo._checks import check_float, check_int, check_shape
+from attnzoo._checks import check_float, check_head_widths, check_int, check_shape
 from attnzoo._registry import Example, FreeSize, register
 
 __all__ = ["EMSA"]
@@ -125,14 +125,7 @@ class EMSA(nn.Module):
         self.dim = check_int(dim, "dim", who)
         self.feat_size = None if feat_size is None else self._pair(feat_size, "feat_size")
         self.num_heads = check_int(num_heads, "num_heads", who)
-        if head_dim is None and dim % num_heads != 0:
-            raise ValueError(
-                f"{who}: dim={dim} must be divisible by num_heads={num_heads} (or give head_dim)"
-            )
-        self.head_dim = dim // num_heads if head_dim is None else check_int(head_dim, "head_dim", who)
-        self.value_head_dim = (
-            self.head_dim if value_head_dim is None else check_int(value_head_dim, "value_head_dim", who)
-        )
+        self.head_dim, self.value_head_dim = check_head_widths(dim, num_heads, head_dim, value_head_dim, who)
         self.sr_ratio = check_int(sr_ratio, "sr_ratio", who)
         self.apply_transform = apply_transform and num_heads > 1
         self.attn_drop = nn.Dropout(check_float(attn_drop, "attn_drop", who, minimum=0.0, maximum=1.0))

@@ -28,7 +28,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnzoo._checks import check_divisible, check_float, check_int, check_mask, check_shape, check_tensor
+from attnzoo._checks import (
+    check_divisible,
+    check_float,
+    check_head_widths,
+    check_int,
+    check_mask,
+    check_shape,
+    check_tensor,
+)
 from attnzoo._registry import Example, FreeSize, register, register_compat
 from attnzoo.functional import attend
 from attnzoo.maps.capture import capturing, record_rows
@@ -113,12 +121,7 @@ class MultiHeadAttention(nn.Module):
         who = type(self).__name__
         self.dim = check_int(dim, "dim", who)
         self.num_heads = check_int(num_heads, "num_heads", who)
-        if head_dim is None:
-            check_divisible(dim, num_heads, "dim", "num_heads", who)
-        self.head_dim = dim // num_heads if head_dim is None else check_int(head_dim, "head_dim", who)
-        self.value_head_dim = (
-            self.head_dim if value_head_dim is None else check_int(value_head_dim, "value_head_dim", who)
-        )
+        self.head_dim, self.value_head_dim = check_head_widths(dim, num_heads, head_dim, value_head_dim, who)
         self.attn_drop = check_float(attn_drop, "attn_drop", who, minimum=0.0, maximum=1.0)
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
         qk_width, v_width = num_heads * self.head_dim, num_heads * self.value_head_dim

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from attnzoo._checks import check_float, check_int, check_mask, check_shape, check_tensor
+from attnzoo._checks import check_float, check_head_widths, check_int, check_mask, check_shape, check_tensor
 from attnzoo._registry import Example, FreeSize, register
 from attnzoo.functional import attend
 
@@ -125,14 +125,7 @@ class MUSEAttention(nn.Module):
         who = type(self).__name__
         self.dim = check_int(dim, "dim", who)
         self.num_heads = check_int(num_heads, "num_heads", who)
-        if head_dim is None and dim % num_heads != 0:
-            raise ValueError(
-                f"{who}: dim={dim} must be divisible by num_heads={num_heads} (or give head_dim)"
-            )
-        self.head_dim = dim // num_heads if head_dim is None else check_int(head_dim, "head_dim", who)
-        self.value_head_dim = (
-            self.head_dim if value_head_dim is None else check_int(value_head_dim, "value_head_dim", who)
-        )
+        self.head_dim, self.value_head_dim = check_head_widths(dim, num_heads, head_dim, value_head_dim, who)
         if not isinstance(kernel_sizes, (tuple, list)) or not kernel_sizes or not all(
             isinstance(k, int) and not isinstance(k, bool) and k > 0 and k % 2 == 1 for k in kernel_sizes
         ):

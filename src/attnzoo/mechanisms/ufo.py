@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from attnzoo._checks import check_float, check_int, check_mask, check_shape, check_tensor
+from attnzoo._checks import check_float, check_head_widths, check_int, check_mask, check_shape, check_tensor
 from attnzoo._registry import Example, FreeSize, register
 
 __all__ = ["UFOAttention"]
@@ -103,14 +103,7 @@ class UFOAttention(nn.Module):
         who = type(self).__name__
         self.dim = check_int(dim, "dim", who)
         self.num_heads = check_int(num_heads, "num_heads", who)
-        if head_dim is None and dim % num_heads != 0:
-            raise ValueError(
-                f"{who}: dim={dim} must be divisible by num_heads={num_heads} (or give head_dim)"
-            )
-        self.head_dim = dim // num_heads if head_dim is None else check_int(head_dim, "head_dim", who)
-        self.value_head_dim = (
-            self.head_dim if value_head_dim is None else check_int(value_head_dim, "value_head_dim", who)
-        )
+        self.head_dim, self.value_head_dim = check_head_widths(dim, num_heads, head_dim, value_head_dim, who)
         self.eps = check_float(eps, "eps", who, minimum=0.0)
         if eps == float("inf"):
             raise ValueError(f"{who}: eps must be finite, got {eps}")
