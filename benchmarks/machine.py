@@ -5,9 +5,43 @@ Run: python benchmarks/machine.py
 
 from __future__ import annotations
 
+import platform
+from pathlib import Path
+
 import torch
 
 from attnzoo.cli.harness import alternate, ensure_malloc_env
+
+
+def isa() -> str:
+    """The widest x86 vector ISA the CPU reports ("AVX-512", "AVX2", or what torch's CPU capability says)."""
+    try:
+        flags = next(
+            line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")
+        ).split()
+    except (OSError, StopIteration):
+        return torch.backends.cpu.get_cpu_capability()
+    if "avx512f" in flags:
+        return "AVX-512"
+    return "AVX2" if "avx2" in flags else "no AVX2"
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def describe_machine() -> str:
+    """One line naming the machine kind, the heading of its RESULTS.md tables."""
+    return (
+        f"{cpu_model()}, {isa()} (torch uses {torch.backends.cpu.get_cpu_capability()}), "
+        f"{torch.get_num_threads()} threads"
+    )
 
 
 def gemm_gflops(n: int = 2048) -> float:
@@ -26,6 +60,6 @@ def copy_gbps(numel: int = 64 * 2**20) -> float:
 
 if __name__ == "__main__":
     ensure_malloc_env()
-    print(f"threads: {torch.get_num_threads()}, torch {torch.__version__}")
+    print(f"machine: {describe_machine()}, torch {torch.__version__}")
     print(f"float32 GEMM 2048^3: {gemm_gflops():.0f} GFLOP/s")
     print(f"copy bandwidth: {copy_gbps():.1f} GB/s")
