@@ -95,6 +95,7 @@ def test_create_defaults_and_factory_kwargs():
     f64 = OverlappedAttention(64, dtype=D)
     assert all(p.dtype == D for p in f64.parameters())
     assert "relative_position_index" not in f64.state_dict()
+    assert OverlappedAttention(16).rd_channels == 1  # at least one reduced channel
     with pytest.raises(ValueError, match="unknown attention 'moat'"):
         attnzoo.create("moat", 64)  # MOAT (Yang et al., 2022) is another paper
 
@@ -103,7 +104,7 @@ def test_create_defaults_and_factory_kwargs():
     ("kwargs", "error", "match"),
     [
         ({"dim": 64, "feat_size": (14, 15)}, ValueError, r"feat_size=\(14, 15\) must be divisible by window_size"),
-        ({"dim": 16}, ValueError, "reduction=32 must be at most dim=16"),
+        ({"dim": 64, "reduction": 0}, ValueError, "reduction"),
         ({"dim": 64, "num_heads": 5}, ValueError, "dim=64 must be divisible by num_heads=5"),
         ({"dim": 64, "window_size": 0}, ValueError, "window_size"),
         ({"dim": 64, "feat_size": (14, 14, 14)}, TypeError, "feat_size"),

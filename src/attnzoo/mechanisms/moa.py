@@ -25,6 +25,8 @@ Deviations from the official code (which fightingcv copies):
 - The official module leaves the table at zero (`trunc_normal_` is commented out); so does this one.
 - `relative_position_index` is a non-persistent buffer (the converter checks and drops fightingcv's).
 - `qk_scale` is not an argument (the converter copies fightingcv's `scale` attribute).
+- At least one reduced channel: `max(1, dim // reduction)` (the official `dim // 32` is 0 for dim < 32,
+  leaving the projections only their biases; the converter refuses such modules).
 
 Shape letters: B batch, H/W map size, C = `dim`, w window side, (gh, gw) = (H / w, W / w) window
 grid, n = gh * gw windows, r = `dim // reduction` reduced channels, h heads, d = C / h.
@@ -95,8 +97,8 @@ class OverlappedAttention(nn.Module):
         num_heads: Number of heads h (must divide `dim`). Default: 8.
         feat_size: Input size `(H, W)` (or one int for both) the relative position table is made
             for (the official `input_resolution`). Default: 14.
-        reduction: Channel reduction of the 1x1 convolution before the patches, r = dim // reduction
-            (the official code fixes 32). Default: 32.
+        reduction: Channel reduction of the 1x1 convolution before the patches,
+            r = max(1, dim // reduction) (the official code fixes 32). Default: 32.
         qkv_bias: Bias in the query and key/value projections. Default: True.
         attn_drop: Dropout on the attention weights. Default: 0.0.
         proj_drop: Dropout after the output projection. Default: 0.0.
@@ -145,10 +147,7 @@ class OverlappedAttention(nn.Module):
                 raise ValueError(f"{who}: feat_size={self.feat_size} must be divisible by window_size="
                                  f"{self.window_size} (the queries are non-overlapping windows)")
         self.reduction = check_int(reduction, "reduction", who)
-        self.rd_channels = dim // self.reduction
-        if self.rd_channels < 1:
-            raise ValueError(f"{who}: reduction={reduction} must be at most dim={dim} "
-                             f"(dim // reduction reduced channels)")
+        self.rd_channels = max(1, dim // self.reduction)  # the official int(dim // 32) may be 0
         self.attn_drop = check_float(attn_drop, "attn_drop", who, minimum=0.0, maximum=1.0)
         self.scale = (dim // num_heads) ** -0.5
         self.grid = (self.feat_size[0] // self.window_size, self.feat_size[1] // self.window_size)
