@@ -103,7 +103,7 @@ def test_create_defaults_and_factory_kwargs():
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"dim": 64, "feat_size": (14, 15)}, ValueError, r"feat_size=\(14, 15\) must be divisible by window_size"),
+        ({"dim": 64, "feat_size": (14, 15)}, ValueError, r"feat_size=\(14, 15\) must be divisible"),
         ({"dim": 64, "reduction": 0}, ValueError, "reduction"),
         ({"dim": 64, "num_heads": 5}, ValueError, "dim=64 must be divisible by num_heads=5"),
         ({"dim": 64, "window_size": 0}, ValueError, "window_size"),
