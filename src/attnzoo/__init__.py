@@ -56,6 +56,7 @@ from attnzoo.mechanisms.lambda_layer import LambdaLayer
 from attnzoo.mechanisms.light_cbam import LightCBAM
 from attnzoo.mechanisms.linear import LinearAttention
 from attnzoo.mechanisms.mha import MultiHeadAttention
+from attnzoo.mechanisms.moa import OverlappedAttention
 from attnzoo.mechanisms.mobilevit import MobileViTBlock
 from attnzoo.mechanisms.mobilevit_v2 import SeparableSelfAttention
 from attnzoo.mechanisms.muse import MUSEAttention
@@ -221,4 +222,6 @@ __all__ = [
     "OutlookAttention",
     "SeparableSelfAttention",
     "WeightedPermuteMLP",
+    # moa: multi-resolution overlapped attention
+    "OverlappedAttention",
 ]

@@ -31,6 +31,7 @@ from attnzoo.mechanisms import (  # noqa: F401 (imported for registration)
     light_cbam,
     linear,
     mha,
+    moa,
     mobilevit,
     mobilevit_v2,
     muse,
