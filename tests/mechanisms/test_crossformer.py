@@ -122,8 +122,8 @@ def block_attention(size, heads, group, lsda_flag, dim=32):
 def test_map_parity_with_the_fightingcv_block(size, group, lsda_flag, expected):
     theirs = block_attention(size, 2, group, lsda_flag)
     (h, w), g = size, min(group, min(size))
-    ours = CrossFormerAttention(32, 2, group, interval=(h // g, w // g), distance=("short", "long")[lsda_flag],
-                                dtype=D).eval()
+    distance = ("short", "long")[lsda_flag]
+    ours = CrossFormerAttention(32, 2, group, interval=(h // g, w // g), distance=distance, dtype=D).eval()
     state = theirs.attn.state_dict()  # the block's attn.* keys; its buffers are those of the used group
     ours.attn.load_state_dict({k: v for k, v in state.items() if k.startswith(("qkv", "pos.", "proj"))})
     assert (ours.distance if min(size) > group else "short", ours.geometry(size)[0]) == expected
@@ -133,7 +133,7 @@ def test_map_parity_with_the_fightingcv_block(size, group, lsda_flag, expected):
         torch.testing.assert_close(ours(x).reshape(2, h * w, 32), expected_out, **TOL)
 
 
-def official_lsda(attn: nn.Module, x: torch.Tensor, group: int, interval: int, lsda_flag: int) -> torch.Tensor:
+def official_lsda(attn: nn.Module, x: torch.Tensor, group: int, interval: int, lsda_flag: int):
     """The official `CrossFormerBlock.forward` attention path (pad_type 0, with its mask), around `attn`."""
     b, h, w, c = x.shape
     size_div = interval * group if lsda_flag == 1 else group

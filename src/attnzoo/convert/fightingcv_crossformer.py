@@ -42,9 +42,11 @@ def crossformer_attention_from_fightingcv(module: Any) -> CrossFormerGroupAttent
     if position_bias:
         pos = module.pos
         if pos.residual:
-            raise refuse(module, "its DynamicPosBias has residual=True (the official attention uses False)", WHO)
+            reason = "its DynamicPosBias has residual=True (the official attention uses False)"
+            raise refuse(module, reason, WHO)
         if pos.pos_dim != dim // 16:
-            raise refuse(module, f"its DynamicPosBias is {pos.pos_dim} wide, not dim // 16 = {dim // 16}", WHO)
+            reason = f"its DynamicPosBias is {pos.pos_dim} wide, not dim // 16 = {dim // 16}"
+            raise refuse(module, reason, WHO)
         if pos.pos_dim == 0:  # a constant bias per head: no effect on the softmax
             position_bias = False
             state = {k: v for k, v in state.items() if not k.startswith("pos.")}

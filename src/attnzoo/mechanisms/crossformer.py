@@ -37,48 +37,20 @@ from attnzoo._checks import check_choice, check_divisible, check_float, check_in
 from attnzoo._registry import Example, FreeSize, register
 from attnzoo.functional import attend, gather_relative_bias, relative_position_index_2d
 from attnzoo.kernels.biased import biased_attention
-from attnzoo.maps.capture import _name, _session, capturing, query_indices, record
+from attnzoo.maps.capture import capturing
 from attnzoo.maps.records import record_packed_rows
+from attnzoo.mechanisms.crossformer_groups import (
+    group_partition,
+    group_reverse,
+    groups_to_image,
+    relative_offsets,
+)
 from attnzoo.mechanisms.swin_windows import _pair
 
 __all__ = ["CrossFormerAttention", "CrossFormerGroupAttention", "DynamicPosBias", "group_partition",
-           "group_reverse"]
+           "group_reverse", "relative_offsets"]
 
 _DERIVED = ("biases", "relative_position_index")  # the official buffers, derived from the group size
-
-
-def relative_offsets(group: tuple[int, int], device: torch.device | None, dtype: torch.dtype) -> Tensor:
-    """Every offset `(dh, dw)` inside a `(Gh, Gw)` group, row-major (the official `biases`).
-
-    Shape:
-        - Output: `((2Gh-1)(2Gw-1), 2)`.
-    """
-    rows = torch.arange(1 - group[0], group[0], device=device, dtype=dtype)
-    cols = torch.arange(1 - group[1], group[1], device=device, dtype=dtype)
-    return torch.stack(torch.meshgrid(rows, cols, indexing="ij"), -1).reshape(-1, 2)  # (T, 2)
-
-
-def group_partition(x: Tensor, group: tuple[int, int], interval: tuple[int, int]) -> Tensor:
-    """Cut a padded `(B, Hp, Wp, C)` map into groups: with interval 1 adjacent `Gh x Gw` tokens (SDA),
-    else the tokens `I` apart inside each `Gh*Ih x Gw*Iw` region (LDA). Groups are image-major, then
-    region row-major, then the offset inside the interval (the official order).
-
-    Shape:
-        - x: `(B, Hp, Wp, C)` with `Gh*Ih | Hp` and `Gw*Iw | Wp`.
-        - Output: `(B * nG, Gh*Gw, C)`.
-    """
-    (gh, gw), (ih, iw) = group, interval
-    b, hp, wp, c = x.shape
-    x = x.reshape(b, hp // (gh * ih), gh, ih, wp // (gw * iw), gw, iw, c)  # (B, Rh, Gh, Ih, Rw, Gw, Iw, C)
-    return x.permute(0, 1, 4, 3, 6, 2, 5, 7).reshape(-1, gh * gw, c)  # (B*Rh*Rw*Ih*Iw, Gh*Gw, C)
-
-
-def group_reverse(groups: Tensor, group: tuple[int, int], interval: tuple[int, int], size: Sequence[int]) -> Tensor:
-    """Undo `group_partition`: `(B * nG, Gh*Gw, C)` back to the `(B, Hp, Wp, C)` map of `size = (Hp, Wp)`."""
-    (gh, gw), (ih, iw), (hp, wp) = group, interval, size
-    rh, rw, c = hp // (gh * ih), wp // (gw * iw), groups.shape[-1]
-    x = groups.reshape(-1, rh, rw, ih, iw, gh, gw, c)  # (B, Rh, Rw, Ih, Iw, Gh, Gw, C)
-    return x.permute(0, 1, 5, 3, 2, 6, 4, 7).reshape(-1, hp, wp, c)  # (B, Hp, Wp, C)
 
 
 class DynamicPosBias(nn.Module):
@@ -106,7 +78,8 @@ class DynamicPosBias(nn.Module):
         self.pos_proj = nn.Linear(2, pos_dim, **factory)
 
         def layer(width: int) -> nn.Sequential:
-            return nn.Sequential(nn.LayerNorm(pos_dim, **factory), nn.ReLU(), nn.Linear(pos_dim, width, **factory))
+            norm = nn.LayerNorm(pos_dim, **factory)
+            return nn.Sequential(norm, nn.ReLU(), nn.Linear(pos_dim, width, **factory))
 
         self.pos1, self.pos2, self.pos3 = layer(pos_dim), layer(pos_dim), layer(num_heads)
 
@@ -269,7 +242,9 @@ class CrossFormerGroupAttention(nn.Module):
             q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B*nG, h, N, d)
             if bias is not None and bias.ndim == 4:  # group i of the batch uses bias i % nG
                 bias = bias.repeat(x.shape[0] // bias.shape[0], 1, 1, 1)  # (B*nG, h, N, N)
-            result = attend(q, k, v, bias=bias, scale=self.scale, dropout_p=dropout_p, need_weights=need_weights)
+            result = attend(
+                q, k, v, bias=bias, scale=self.scale, dropout_p=dropout_p, need_weights=need_weights
+            )
             out, weights = result if isinstance(result, tuple) else (result, None)  # (B*nG, h, N, d)
             out = out.transpose(1, 2).flatten(2)  # (B*nG, h, N, d) -> (B*nG, N, C)
         else:
@@ -407,41 +382,13 @@ class CrossFormerAttention(nn.Module):
             pad[:height, :width] = False
             pad = group_partition(pad[None, :, :, None], (g, g), (ih, iw))  # (nG, N, 1): padded tokens
             offset = torch.zeros(pad.shape, device=x.device, dtype=x.dtype)
-            offset = offset.masked_fill(pad, torch.finfo(x.dtype).min / 2).transpose(1, 2)[:, None]  # (nG, 1, 1, N)
+            offset = offset.masked_fill(pad, torch.finfo(x.dtype).min / 2)  # (nG, N, 1)
+            offset = offset.transpose(1, 2)[:, None]  # (nG, 1, 1, N): per key
             bias = offset if bias is None else offset + bias  # (nG, h or 1, N, N) via keys
             bias = bias.expand(-1, -1, g * g, -1)  # (nG, h or 1, N, N)
         result = self.attn._attend(groups, bias, (g, g), need_weights)
         out, weights = result if isinstance(result, tuple) else (result, None)
         if capturing():  # map capture: the group rows become rows over the map
-            self._groups_to_image((height, width), (hp, wp), g, (ih, iw))
+            groups_to_image(self, self.attn, (height, width), (hp, wp), g, (ih, iw))
         x = group_reverse(out, (g, g), (ih, iw), (hp, wp))[:, :height, :width]  # (B, H, W, C)
         return x if weights is None else (x, weights)
-
-    def _groups_to_image(self, size: tuple[int, int], padded: tuple[int, int], g: int, interval: tuple[int, int]) -> None:
-        """Replace the group rows `attn` just recorded by rows over the `(H, W)` map for the capture's queries."""
-        session = _session()
-        records = None if session is None else session.maps.get(_name(session, self.attn))
-        if session is None or not records or records[-1].kind != "rows":
-            return
-        weights = records.pop().data  # (B*nG, h, N, N)
-        if not records:
-            del session.maps[_name(session, self.attn)]
-        (height, width), (hp, wp), n = size, padded, g * g
-        place = torch.arange(hp * wp, device=weights.device).reshape(1, hp, wp, 1)
-        place = group_partition(place, (g, g), interval).reshape(-1)  # (nG*N,): padded-map index of each slot
-        slot = torch.empty_like(place)
-        slot[place] = torch.arange(place.numel(), device=place.device)  # padded-map index -> slot
-        idx = query_indices((height, width), weights.device)
-        where = slot[(idx // width) * wp + idx % width]  # (Q,)
-        grp, local = where // n, where % n
-        per_image, heads = place.numel() // n, weights.shape[1]
-        batch = weights.shape[0] // per_image
-        by_group = weights.reshape(batch, per_image, heads, n, n).permute(1, 3, 0, 2, 4)  # (nG, N, B, h, N)
-        rows = by_group[grp, local].permute(1, 2, 0, 3)  # (Q, B, h, N) -> (B, h, Q, N)
-        keys = place.reshape(-1, n)[grp]  # (Q, N): padded-map index of each key
-        ky, kx = keys // wp, keys % wp
-        target = torch.where((ky < height) & (kx < width), ky * width + kx, height * width)  # padding: spare
-        out = weights.new_zeros(batch, heads, len(idx), height * width + 1)
-        out.scatter_(3, target.expand(batch, heads, -1, -1), rows)
-        record(self, "rows", out[..., : height * width], grid=size, queries=idx, query_grid=size,
-               group_size=g, interval=interval)
