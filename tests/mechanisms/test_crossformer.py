@@ -229,6 +229,7 @@ def test_capture_gives_rows_over_the_map():
 def test_create_and_device_dtype():
     m = attnzoo.create("crossformer", 64)
     assert isinstance(m, CrossFormerAttention) and m.attn.pos.pos_dim == 4
+    assert CrossFormerAttention(8, 2).attn.pos.pos_dim == 1  # the official one is 0 wide below dim 16
     assert type(attnzoo.create("lsda", 64)) is CrossFormerAttention
     meta = CrossFormerAttention(64, device="meta", dtype=D)
     assert all(p.device.type == "meta" and p.dtype == D for p in meta.parameters())
@@ -238,7 +239,6 @@ def test_create_and_device_dtype():
     "kwargs, error, match",
     [
         ({"dim": 32, "distance": "middle"}, ValueError, "distance must be one of"),
-        ({"dim": 8, "num_heads": 2}, ValueError, "position_bias=True needs dim >= 16"),
         ({"dim": 30, "num_heads": 4}, ValueError, "num_heads"),
         ({"dim": 32, "group_size": 0}, ValueError, "group_size"),
         ({"dim": 32, "interval": (2, 0)}, ValueError, "interval"),

@@ -17,8 +17,8 @@ Deviations (see docs/mechanisms/crossformer.md): the official `biases` and `rela
 buffers are recomputed from the group size at every call (a state_dict carrying them, fightingcv's,
 still loads: they are checked and dropped); padded keys get `finfo.min / 2` instead of `-1e6`
 (the same weights, and finite in half precision); the DPB's hidden width is `dim // 16` as the
-official code has it (`DynamicPosBias(dim // 4)` quarters it again), so `position_bias=True`
-needs `dim >= 16`.
+official code has it (`DynamicPosBias(dim // 4)` quarters it again), but at least 1 (the official
+one is 0 wide for `dim < 16`, a constant bias per head that the softmax ignores).
 
 Shape letters: B batch, H/W map size, C channels, h heads, d head width, G group side, I interval,
 N = G*G tokens per group, nG groups per image.
@@ -108,8 +108,8 @@ class CrossFormerGroupAttention(nn.Module):
             Default: None.
         attn_drop: Dropout on the attention weights (training only). Default: 0.0.
         proj_drop: Dropout on the output (training only). Default: 0.0.
-        position_bias: Add the dynamic position bias; its hidden width is `dim // 16`, so it needs
-            `dim >= 16`. Default: True.
+        position_bias: Add the dynamic position bias; its hidden width is `max(dim // 16, 1)`.
+            Default: True.
         device: Device of the parameters. Default: None.
         dtype: dtype of the parameters. Default: None.
 
@@ -153,12 +153,7 @@ class CrossFormerGroupAttention(nn.Module):
         self.position_bias = bool(position_bias)
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
         if self.position_bias:
-            if dim // 16 < 1:
-                raise ValueError(
-                    f"{who}: position_bias=True needs dim >= 16 (the bias MLP is dim // 16 wide), got "
-                    f"dim={dim}; pass position_bias=False"
-                )
-            self.pos = DynamicPosBias(dim // 16, num_heads, **factory)
+            self.pos = DynamicPosBias(max(dim // 16, 1), num_heads, **factory)  # official: dim // 16
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, **factory)
         self.proj = nn.Linear(dim, dim, **factory)
         self.proj_drop = nn.Dropout(check_float(proj_drop, "proj_drop", who, minimum=0.0, maximum=1.0))
@@ -305,7 +300,7 @@ class CrossFormerAttention(nn.Module):
         qk_scale: Logit scale s; None (or 0) means `d ** -0.5`. Default: None.
         attn_drop: Dropout on the attention weights (training only). Default: 0.0.
         proj_drop: Dropout on the output (training only). Default: 0.0.
-        position_bias: Add the dynamic position bias (needs `dim >= 16`). Default: True.
+        position_bias: Add the dynamic position bias (an MLP `max(dim // 16, 1)` wide). Default: True.
         device: Device of the parameters. Default: None (the default device).
         dtype: dtype of the parameters. Default: None (the default dtype).
 
