@@ -259,3 +259,7 @@ def test_forward_errors():
         group(torch.randn(3, 5, 32))
     with pytest.raises(ValueError, match=r"expects mask of shape \(nG, 4, 4\)"):
         group(torch.randn(6, 4, 32), torch.zeros(4, 4, 4))
+    with pytest.raises(TypeError, match="dtype"):
+        group(torch.randn(6, 4, 32, dtype=D))
+    with pytest.raises(TypeError, match="num_heads"):
+        CrossFormerGroupAttention(32, 2, 2.0)

@@ -33,7 +33,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnzoo._checks import check_choice, check_divisible, check_float, check_int, check_shape, check_tensor
+from attnzoo._checks import (
+    check_choice,
+    check_divisible,
+    check_float,
+    check_int,
+    check_shape,
+    check_tensor,
+    checked,
+)
 from attnzoo._registry import Example, FreeSize, register
 from attnzoo.functional import attend, gather_relative_bias, relative_position_index_2d
 from attnzoo.kernels.biased import biased_attention
@@ -87,6 +95,7 @@ class DynamicPosBias(nn.Module):
         return self.pos3(self.pos2(self.pos1(self.pos_proj(offsets))))  # (T, h)
 
 
+@checked  # the shared option and input checks, as registered classes get
 class CrossFormerGroupAttention(nn.Module):
     r"""Multi-head self-attention inside each group with CrossFormer's dynamic position bias.
 
