@@ -32,6 +32,7 @@ from attnzoo.mechanisms.coord import (
 )
 from attnzoo.mechanisms.cot import ContextualTransformer, FightingcvCoTAttention
 from attnzoo.mechanisms.criss_cross import CrissCrossAttention
+from attnzoo.mechanisms.crossformer import CrossFormerAttention, CrossFormerGroupAttention
 from attnzoo.mechanisms.danet import DANetChannelAttention, DANetPositionAttention, DualAttention
 from attnzoo.mechanisms.danet_fightingcv import (
     FightingcvChannelAttentionModule,
@@ -224,4 +225,7 @@ __all__ = [
     "WeightedPermuteMLP",
     # moa: multi-resolution overlapped attention
     "OverlappedAttention",
+    # crossformer: long/short distance attention with the dynamic position bias
+    "CrossFormerAttention",
+    "CrossFormerGroupAttention",
 ]

@@ -15,6 +15,7 @@ from attnzoo.mechanisms import (  # noqa: F401 (imported for registration)
     coord,
     cot,
     criss_cross,
+    crossformer,
     danet,
     danet_fightingcv,
     double_attention,

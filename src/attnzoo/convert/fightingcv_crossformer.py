@@ -1,0 +1,63 @@
+"""fightingcv -> attnzoo for CrossFormer: fightingcv-attention's `Crossformer.Attention` (the official
+CrossFormer attention with its dynamic position bias) -> `attnzoo.CrossFormerGroupAttention`.
+
+`CONVERTERS` maps fightingcv's dotted class names to converters; `attnzoo.convert.fightingcv` adds
+them to `FIGHTINGCV_CONVERTERS`. fightingcv is never imported here. The result holds a copy of the
+module's weights (same device, dtype and training flag) loaded with `strict=True`.
+
+fightingcv's `CrossFormerBlock` is not converted (attnzoo has no CrossFormer block with its MLP and
+norms); its attention `block.attn` converts, and `attnzoo.CrossFormerAttention` runs the block's
+grouping (see docs/mechanisms/crossformer.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from attnzoo.convert.timm_existing import factory, finish, refuse
+from attnzoo.mechanisms.crossformer import CrossFormerGroupAttention
+
+__all__ = ["CONVERTERS", "crossformer_attention_from_fightingcv"]
+
+_PACKAGE = "fightingcv_attention.attention"
+WHO = "from_fightingcv"
+
+
+def crossformer_attention_from_fightingcv(module: Any) -> CrossFormerGroupAttention:
+    """`Attention(dim, group_size, num_heads, qkv_bias, qk_scale, attn_drop, proj_drop, position_bias)`
+    -> `CrossFormerGroupAttention` with the same options and keys; the logit scale is taken as
+    fightingcv computed it (`qk_scale or head_dim ** -0.5`). The saved `biases` and
+    `relative_position_index` buffers are dropped (they follow from the group size). With `dim < 16`
+    fightingcv's bias MLP is 0 wide, so its bias is one constant per head, which the softmax ignores:
+    that converts to `position_bias=False`."""
+    group = tuple(int(g) for g in module.group_size)
+    if len(group) != 2:
+        raise refuse(module, f"group_size={module.group_size!r} is no (height, width) pair", WHO)
+    dim, heads = module.dim, module.num_heads
+    state = {k: v for k, v in module.state_dict().items() if k not in ("biases", "relative_position_index")}
+    position_bias = bool(module.position_bias)
+    if position_bias:
+        pos = module.pos
+        if pos.residual:
+            reason = "its DynamicPosBias has residual=True (the official attention uses False)"
+            raise refuse(module, reason, WHO)
+        if pos.pos_dim != dim // 16:
+            reason = f"its DynamicPosBias is {pos.pos_dim} wide, not dim // 16 = {dim // 16}"
+            raise refuse(module, reason, WHO)
+        if pos.pos_dim == 0:  # a constant bias per head: no effect on the softmax
+            position_bias = False
+            state = {k: v for k, v in state.items() if not k.startswith("pos.")}
+    new = CrossFormerGroupAttention(
+        dim, group, heads, qkv_bias=module.qkv.bias is not None, qk_scale=float(module.scale),
+        attn_drop=module.attn_drop.p, proj_drop=module.proj_drop.p, position_bias=position_bias,
+        **factory(module),
+    )
+    return finish(new, module, state)
+
+
+CONVERTERS: dict[str, Callable[[nn.Module], nn.Module]] = {
+    f"{_PACKAGE}.Crossformer.Attention": crossformer_attention_from_fightingcv,
+}
