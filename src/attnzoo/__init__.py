@@ -38,6 +38,7 @@ from attnzoo.mechanisms.danet_fightingcv import (
     FightingcvDAModule,
     FightingcvPositionAttentionModule,
 )
+from attnzoo.mechanisms.deformable import DeformableAttention
 from attnzoo.mechanisms.double_attention import DoubleAttention
 from attnzoo.mechanisms.dual_gated import DualGatedAttention
 from attnzoo.mechanisms.eca import (
@@ -221,4 +222,6 @@ __all__ = [
     "OutlookAttention",
     "SeparableSelfAttention",
     "WeightedPermuteMLP",
+    # fcv-deformable: DAT's deformable attention
+    "DeformableAttention",
 ]

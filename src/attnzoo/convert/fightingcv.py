@@ -14,6 +14,7 @@ from typing import Any
 from torch import nn
 
 from attnzoo.convert import fightingcv_gates_a, fightingcv_gates_b, fightingcv_tokens_a
+from attnzoo.convert.fightingcv_deformable import CONVERTERS as _FCV_DEFORMABLE  # fcv-deformable block
 from attnzoo.convert.fightingcv_existing import EXISTING_CONVERTERS as _FCV_INTEROP  # fcv-interop block
 from attnzoo.convert.fightingcv_tokens_b import CONVERTERS as _FCV_TOKENS_B  # fcv-token-b block
 
@@ -54,6 +55,7 @@ FIGHTINGCV_CONVERTERS: dict[str, Callable[[nn.Module], nn.Module]] = {
     **fightingcv_tokens_a.CONVERTERS,
     **fightingcv_gates_b.CONVERTERS,
     **_FCV_TOKENS_B,
+    **_FCV_DEFORMABLE,
 }
 
 

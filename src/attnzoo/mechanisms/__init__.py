@@ -17,6 +17,8 @@ from attnzoo.mechanisms import (  # noqa: F401 (imported for registration)
     criss_cross,
     danet,
     danet_fightingcv,
+    deformable,
+    deformable_fightingcv,
     double_attention,
     dual_gated,
     eca,
