@@ -269,8 +269,8 @@ class DeformableAttention(nn.Module):
 
     def _bias(self, pos: Tensor, batch: int, height: int, width: int, q: Tensor) -> Tensor | None:
         """The relative or fixed position bias `(B or 1, h, N, Ns)`, or None."""
-        table = self.rpe_table
-        if not isinstance(table, nn.Parameter):
+        table = self.rpe_table  # a plain tensor under torch.func.functional_call: decide by the flags
+        if not self.use_pe or self.dwc_pe or not isinstance(table, Tensor):
             return None
         if self.fixed_pe:
             return table[None]  # (1, h, N, Ns)
