@@ -7,19 +7,19 @@ import warnings
 
 import pytest
 import torch
+from tests.convert._parity import TOL, randomize, x_of
 
 import attnzoo
 from attnzoo import DeformableAttention
 from attnzoo.convert import from_fightingcv
 from attnzoo.functional import attend
 from attnzoo.mechanisms.deformable_fightingcv import FightingcvDeformableAttention
-from tests.convert._parity import TOL, randomize, x_of
 
 D = torch.float64
 
 
 def _dat():
-    return pytest.importorskip("fightingcv_attention.attention.DAT", reason="fightingcv (or timm, einops) missing")
+    return pytest.importorskip("fightingcv_attention.attention.DAT", reason="fightingcv missing")
 
 
 def _theirs(q=(8, 8), kv=None, heads=4, hc=4, groups=2, stride=1, factor=2, use_pe=True, dwc_pe=False,
@@ -101,7 +101,8 @@ def _canonical(**kwargs):
 def test_no_offsets_stride_1_is_multi_head_attention_over_the_pixels():
     m = _canonical(no_off=True, use_pe=False, groups=2)
     x = x_of(2, 8, 5, 6)
-    heads = [p(x).reshape(2, 2, 4, 30).transpose(-1, -2) for p in (m.proj_q, m.proj_k, m.proj_v)]  # (B, h, N, d)
+    projections = (m.proj_q, m.proj_k, m.proj_v)
+    heads = [p(x).reshape(2, 2, 4, 30).transpose(-1, -2) for p in projections]  # (B, h, N, d) each
     expected = m.proj_out(attend(*heads).transpose(-1, -2).reshape(2, 8, 5, 6))
     torch.testing.assert_close(m(x), expected, **TOL)
     assert m.conv_offset is None

@@ -69,7 +69,8 @@ class DeformableAttention(nn.Module):
     $$
 
     $$
-    z^{(m)} = \\mathrm{softmax}\\big(q^{(m)} k^{(m)\\top} / \\sqrt{d} + \\phi(\\hat B; R)\\big)\\, v^{(m)}, \\qquad
+    z^{(m)} = \\mathrm{softmax}\\big(q^{(m)} k^{(m)\\top} / \\sqrt{d} + \\phi(\\hat B; R)\\big)\\, v^{(m)},
+    \\qquad
     y = W_o \\big[z^{(1)}, \\dots, z^{(h)}\\big]
     $$
 
