@@ -51,7 +51,7 @@ _PAPER = "Vision Transformer with Deformable Attention"
         inputs=((2, 8, 5, 6),),
         output=(2, 8, 5, 6),
     ),
-    aliases=("dat", "deformable_attention", "DAttentionBaseline"),
+    aliases=("dat", "deformable_attention"),
     uses_attend=True,
     for_input=lambda g: {"feat_size": tuple(g.spatial)} if len(g.spatial) == 2 else {},
 )
