@@ -39,6 +39,7 @@ from attnzoo.mechanisms.danet_fightingcv import (
     FightingcvDAModule,
     FightingcvPositionAttentionModule,
 )
+from attnzoo.mechanisms.deformable import DeformableAttention
 from attnzoo.mechanisms.double_attention import DoubleAttention
 from attnzoo.mechanisms.dual_gated import DualGatedAttention
 from attnzoo.mechanisms.eca import (
@@ -228,4 +229,6 @@ __all__ = [
     # crossformer: long/short distance attention with the dynamic position bias
     "CrossFormerAttention",
     "CrossFormerGroupAttention",
+    # fcv-deformable: DAT's deformable attention
+    "DeformableAttention",
 ]

@@ -14,8 +14,9 @@ from typing import Any
 from torch import nn
 
 from attnzoo.convert import fightingcv_gates_a, fightingcv_gates_b, fightingcv_tokens_a
-from attnzoo.convert.fightingcv_eca_moa import CONVERTERS as _FCV_ECA_MOA  # fcv-eca-moa block
 from attnzoo.convert.fightingcv_crossformer import CONVERTERS as _FCV_CROSSFORMER  # fcv-crossformer
+from attnzoo.convert.fightingcv_deformable import CONVERTERS as _FCV_DEFORMABLE  # fcv-deformable block
+from attnzoo.convert.fightingcv_eca_moa import CONVERTERS as _FCV_ECA_MOA  # fcv-eca-moa block
 from attnzoo.convert.fightingcv_existing import EXISTING_CONVERTERS as _FCV_INTEROP  # fcv-interop block
 from attnzoo.convert.fightingcv_tokens_b import CONVERTERS as _FCV_TOKENS_B  # fcv-token-b block
 
@@ -58,6 +59,7 @@ FIGHTINGCV_CONVERTERS: dict[str, Callable[[nn.Module], nn.Module]] = {
     **_FCV_TOKENS_B,
     **_FCV_ECA_MOA,
     **_FCV_CROSSFORMER,
+    **_FCV_DEFORMABLE,
 }
 
 

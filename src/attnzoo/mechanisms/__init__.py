@@ -18,6 +18,8 @@ from attnzoo.mechanisms import (  # noqa: F401 (imported for registration)
     crossformer,
     danet,
     danet_fightingcv,
+    deformable,
+    deformable_fightingcv,
     double_attention,
     dual_gated,
     eca,
