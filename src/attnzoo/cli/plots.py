@@ -254,6 +254,7 @@ def _draw(ax: Any, image: Tensor | None, panel: Panel) -> Any:
         values = panel.bars.numpy()
         ax.bar(range(len(values)), values, width=0.9, color=BAR_COLOR)
         ax.set_xlim(-0.5, len(values) - 0.5)
+        ax.xaxis.get_major_locator().set_params(integer=True)  # bars are indexed: no 0.25 ticks
         ax.set_xlabel(panel.xlabel)
         ax.set_ylabel("weight")
         return None
