@@ -43,7 +43,7 @@ import bench_gating  # noqa: E402
 import bench_global  # noqa: E402
 import bench_transformer  # noqa: E402
 from bound import lower_bound, min_bytes  # noqa: E402
-from machine import copy_gbps, describe_machine  # noqa: E402
+from machine import copy_gbps, describe_machine, reexec_with_isa  # noqa: E402
 
 from attnzoo.cli.harness import alternate, ensure_malloc_env, markdown_table, peak_memory, train_step  # noqa: E402
 
@@ -178,7 +178,9 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=list(WORKLOADS))
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--isa", default="native", help="'avx2': hold MKL, oneDNN and torch to AVX2 code")
     args = parser.parse_args()
+    reexec_with_isa(args.isa)
     ensure_malloc_env()
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(HERE), os.environ.get("PYTHONPATH", "")) if p)
     bandwidth = copy_gbps()

@@ -5,7 +5,9 @@ Run: python benchmarks/machine.py
 
 from __future__ import annotations
 
+import os
 import platform
+import sys
 from pathlib import Path
 
 import torch
@@ -36,12 +38,28 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+# An AVX-512 CPU run with every library held to AVX2 code: torch's own kernels, MKL's GEMMs and
+# oneDNN's convolutions. It stands in for the AVX2 machine kind when only an AVX-512 one is at hand
+# (same cores and memory; the instruction set the kernels may use is the AVX2 kind's).
+AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "DNNL_MAX_CPU_ISA": "AVX2"}
+
+
+def reexec_with_isa(isa_name: str) -> None:
+    """Re-execute this process with the libraries held to `isa_name` ("avx2"), once."""
+    if isa_name == "native" or all(os.environ.get(k) == v for k, v in AVX2_ENV.items()):
+        return
+    if isa_name != "avx2":
+        raise ValueError(f"--isa expects 'native' or 'avx2', got {isa_name!r}")
+    os.environ.update(AVX2_ENV)
+    os.execv(sys.executable, [sys.executable, *sys.argv])
+
+
 def describe_machine() -> str:
     """One line naming the machine kind, the heading of its RESULTS.md tables."""
-    return (
-        f"{cpu_model()}, {isa()} (torch uses {torch.backends.cpu.get_cpu_capability()}), "
-        f"{torch.get_num_threads()} threads"
-    )
+    used = torch.backends.cpu.get_cpu_capability()
+    capped = " held to AVX2 code (" + ", ".join(f"{k}={v}" for k, v in AVX2_ENV.items()) + ")"
+    held = capped if isa() == "AVX-512" and used == "AVX2" else ""
+    return f"{cpu_model()}, {isa()}{held} (torch kernels: {used}), {torch.get_num_threads()} threads"
 
 
 def gemm_gflops(n: int = 2048) -> float:
