@@ -170,6 +170,30 @@ def measure(
     return rows
 
 
+def profile(workload: str, mode: str, batch: int | None, top: int = 8) -> str:
+    """Where attnzoo's step spends its time: the top aten ops by self CPU time (torch.profiler)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    step = make_step(workload, "attnzoo", mode, batch)
+    step()
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(3):
+            step()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events) or 1.0
+    rows = [
+        [
+            f"`{e.key}`",
+            e.count // 3,
+            f"{e.self_cpu_time_total / 3 / 1e3:.2f}",
+            f"{e.self_cpu_time_total / total:.0%}",
+        ]
+        for e in events[:top]
+    ]
+    return markdown_table(["op", "calls per step", "self ms per step", "share"], rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -178,6 +202,7 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=list(WORKLOADS))
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--profile", type=float, default=1.5, help="profile attnzoo above this x bound")
     parser.add_argument("--isa", default="native", help="'avx2': hold MKL, oneDNN and torch to AVX2 code")
     args = parser.parse_args()
     reexec_with_isa(args.isa)
@@ -192,6 +217,7 @@ def main() -> None:
         "the workload's lower bound (bench_targets.py, bound.py).\n"
     )
     header = ["workload", "mode", "candidate", "median ms", "ratio", "x bound", "peak MiB"]
+    profiles = []
     for part in args.part:
         rows: list[list[str]] = []
         for name in args.only:
@@ -200,10 +226,24 @@ def main() -> None:
             if part == "compile":
                 batches = [spec.shape[0]]
             for batch in batches:
-                rows += measure(name, part, batch, args.rounds, bandwidth, not args.no_memory)
+                new = measure(name, part, batch, args.rounds, bandwidth, not args.no_memory)
+                rows += new
+                ours = float(new[-1][5])
+                if part != "compile" and ours > args.profile:
+                    mode = "train" if part == "train" else "infer"
+                    profiles.append(
+                        (
+                            f"{name}, {part}, batch {batch or spec.shape[0]}: {ours:.2f} x bound",
+                            profile(name, mode, batch),
+                        )
+                    )
                 print(f"{name} {part} {batch}: done ({time.time() - started:.0f} s)", file=sys.stderr)
         print(f"### {part}\n")
         print(markdown_table(header, rows))
+        print()
+    for title, table in profiles:
+        print(f"#### Where the time goes: {title}\n")
+        print(table)
         print()
     print(f"(total {time.time() - started:.0f} s)")
 
