@@ -116,19 +116,22 @@ def build(kind: str, shape: tuple[int, ...]) -> nn.Module:
 def make_step(kind: str, shape: list[int]) -> Callable[[], object]:
     """Factory for :func:`peak_memory`: a training step of one candidate.
 
-    ``sagan_sdpa`` is ``SpatialSelfAttention`` with :func:`global_kernel` set to ``"sdpa"`` (q and k
-    zero-padded to the value width, SDPA's flash kernel) instead of the default blocked kernel.
+    ``sagan`` runs the kernel `attnzoo.kernels.choose` picks for this machine (the default);
+    ``sagan_sdpa`` and ``sagan_blocked`` force :func:`global_kernel` to ``"sdpa"`` (q and k
+    zero-padded to the value width, SDPA's flash kernel) or to the blocked kernel.
     """
     torch.manual_seed(1)
-    step = train_step(build(kind.removesuffix("_sdpa"), tuple(shape)), [torch.randn(*shape)])
-    if not kind.endswith("_sdpa"):
+    base, _, forced = kind.partition("_")
+    forced = forced if base == "sagan" else ""
+    step = train_step(build(base if forced else kind, tuple(shape)), [torch.randn(*shape)])
+    if not forced:
         return step
 
-    def sdpa_step() -> object:
-        with global_kernel("sdpa"):
+    def forced_step() -> object:
+        with global_kernel(forced):
             return step()
 
-    return sdpa_step
+    return forced_step
 
 
 def have_timm() -> bool:
@@ -141,7 +144,8 @@ def have_timm() -> bool:
 
 LABELS = {
     "seed_sagan": "seed Self_Attn_Spatial algorithm",
-    "sagan": "SpatialSelfAttention(64, 8), blocked kernel (default)",
+    "sagan": "SpatialSelfAttention(64, 8), kernel chosen by calibration (default)",
+    "sagan_blocked": "SpatialSelfAttention(64, 8), blocked kernel",
     "sagan_sdpa": "SpatialSelfAttention(64, 8), padded SDPA flash",
     "seed_nonlocal": "seed NonLocalBlockND algorithm",
     "nonlocal": "NonLocalBlock(64, pool_keys=False), SDPA flash",
@@ -164,7 +168,7 @@ def main() -> None:
     if args.n:
         shapes = [s for s in shapes if s[2] * s[3] in args.n]
     families = [
-        ["seed_sagan", "sagan", "sagan_sdpa"],
+        ["seed_sagan", "sagan", "sagan_blocked", "sagan_sdpa"],
         ["seed_nonlocal", "nonlocal"] + (["timm_nonlocal"] if have_timm() else []),
     ]
     rows, flops_rows = [], []

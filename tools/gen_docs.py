@@ -118,7 +118,9 @@ def generated_files(root: Path) -> dict[Path, str]:
     results = root / "benchmarks" / "RESULTS.md"
     if results.exists() and (root / "docs").exists():
         # Relative links in RESULTS.md point into benchmarks/, which the site does not hold.
-        body = re.sub(r"\[([^\]]*)\]\((?!https?:|#)([^)]*)\)", r"\1 (`benchmarks/\2`)", results.read_text())
+        # Pictures live in docs/images and are linked from RESULTS.md as ../docs/images/...
+        body = re.sub(r"(!\[[^\]]*\])\(\.\./docs/([^)]*)\)", r"\1(\2)", results.read_text())
+        body = re.sub(r"(?<!!)\[([^\]]*)\]\((?!https?:|#)([^)]*)\)", r"\1 (`benchmarks/\2`)", body)
         out[root / "docs" / "benchmarks.md"] = (
             "<!-- generated from benchmarks/RESULTS.md by python -m tools.gen_docs -->\n" + body
         )
