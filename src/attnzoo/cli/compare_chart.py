@@ -13,7 +13,9 @@ from attnzoo.cli.plots import STYLE, pyplot
 
 __all__ = ["compare_chart"]
 
-# One colour per family (colour-blind safe, from the Okabe-Ito palette); others fall back to grey.
+# The seed families keep one colour each (colour-blind safe, from the Okabe-Ito palette); the other
+# families take matplotlib's tab20 colours in turn, with a second marker once those run out, so no
+# two families look alike.
 FAMILY_COLORS = {
     "gating": "#0072B2",
     "global": "#D55E00",
@@ -23,6 +25,23 @@ FAMILY_COLORS = {
     "seq2seq": "#56B4E9",
     "blocks": "#7a5c00",
 }
+
+
+def _family_styles(families: Sequence[str]) -> dict[str, tuple[str, str]]:
+    """(colour, marker) per family, in the order given."""
+    from matplotlib import colormaps
+
+    # tab20 without its blue, orange and green (too near the Okabe-Ito ones above), dark shades first
+    order = (6, 8, 10, 12, 14, 16, 18, 7, 9, 11, 13, 15, 17, 19, 1, 3, 5)
+    spare = [colormaps["tab20"](i) for i in order]
+    styles, k = {}, 0
+    for family in families:
+        if family in FAMILY_COLORS:
+            styles[family] = (FAMILY_COLORS[family], "o")
+            continue
+        styles[family] = (spare[k % len(spare)], "os^D"[(k // len(spare)) % 4])
+        k += 1
+    return styles
 
 
 def _offsets() -> list[tuple[float, float]]:
@@ -101,15 +120,18 @@ def compare_chart(rows: Sequence[dict[str, Any]], path: str | os.PathLike[str], 
     done = [r for r in rows if r.get("latency_ms") is not None and r.get("accuracy") is not None]
     base = next((r for r in done if r["name"] == "none"), None)
     with plt.rc_context(STYLE):
-        fig, ax = plt.subplots(figsize=(10, 7), layout="constrained")
+        fig, ax = plt.subplots(figsize=(12.5, 7.5), layout="constrained")
         families: set[str] = set()
+        styles = _family_styles(sorted({r["family"] for r in done if r is not base}))
         for r in done:
             if r is base:
                 continue
-            color = FAMILY_COLORS.get(r["family"], "#777777")
+            color, marker = styles[r["family"]]
             label = r["family"] if r["family"] not in families else None
             families.add(r["family"])
-            ax.scatter(r["latency_ms"], 100 * r["accuracy"], s=55, color=color, label=label, zorder=3)
+            ax.scatter(
+                r["latency_ms"], 100 * r["accuracy"], s=55, color=color, marker=marker, label=label, zorder=3
+            )
         latencies = [r["latency_ms"] for r in done] or [1.0]
         lo, hi = min(latencies), max(latencies)
         log = hi / lo > 4
@@ -144,7 +166,11 @@ def compare_chart(rows: Sequence[dict[str, Any]], path: str | os.PathLike[str], 
         ax.set_xlabel("forward latency of the whole model, one batch (ms; lower is faster)")
         ax.set_ylabel("held-out accuracy (%; higher is better)")
         ax.grid(alpha=0.3)
-        ax.legend(loc="best", fontsize=10, title="family", title_fontsize=10, framealpha=0.9)
+        # Beside the axes, not over them: with two dozen families a legend inside hides points.
+        ax.legend(
+            loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=9, title="family", title_fontsize=10,
+            framealpha=0.9, ncols=1 if len(families) <= 20 else 2,
+        )
         fig.suptitle(title)
         fig.canvas.draw()
         _place_labels(
