@@ -29,6 +29,7 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -55,7 +56,7 @@ from attnzoo.mechanisms.linear import LinearAttention  # noqa: E402
 from attnzoo.mechanisms.neighborhood import NeighborhoodAttention2d  # noqa: E402
 
 warnings.filterwarnings("ignore", message=".*meshgrid.*")  # fightingcv's torch.meshgrid without indexing=
-FCV = "fightingcv_attention.attention."
+warnings.filterwarnings("ignore", message=".*timm.models.layers is deprecated.*")  # fightingcv's gfnet
 
 
 def _s(n: int, scale: int, multiple: int = 1) -> int:
@@ -63,49 +64,41 @@ def _s(n: int, scale: int, multiple: int = 1) -> int:
     return max(multiple, n // scale // multiple * multiple)
 
 
-def _fcv(path: str, *args: object, **kwargs: object) -> nn.Module:
+def _new(package: str, path: str, *args: object, **kwargs: object) -> nn.Module:
     module_name, cls = path.rsplit(".", 1)
-    return getattr(importlib.import_module(FCV + module_name), cls)(*args, **kwargs)
+    return getattr(importlib.import_module(package + module_name), cls)(*args, **kwargs)
 
 
-def _timm(path: str, *args: object, **kwargs: object) -> nn.Module:
-    module_name, cls = path.rsplit(".", 1)
-    return getattr(importlib.import_module("timm.layers." + module_name), cls)(*args, **kwargs)
+_fcv, _timm = partial(_new, "fightingcv_attention.attention."), partial(_new, "timm.layers.")
 
 
-class _SelfAttend(nn.Module):
-    """fightingcv's `forward(queries, keys, values)` called as self-attention on one tensor."""
+class _Call(nn.Module):
+    """`inner` called on one tensor x as `call(inner, x)`: fightingcv's `forward(queries, keys, values)`
+    as self-attention, MOA's `forward(x, H, W)`, attnzoo's GlobalFilter maps on fightingcv's tokens."""
 
-    def __init__(self, inner: nn.Module) -> None:
+    def __init__(self, inner: nn.Module, call: Callable[[nn.Module, Tensor], Tensor]) -> None:
         super().__init__()
-        self.inner = inner
+        self.inner, self.call = inner, call
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.inner(x, x, x)
+        return self.call(self.inner, x)
 
 
-class _WithSize(nn.Module):
-    """MOA's `forward(x, H, W)` on the `(B, H * W, C)` tokens of a fixed map."""
-
-    def __init__(self, inner: nn.Module, size: int) -> None:
-        super().__init__()
-        self.inner, self.size = inner, size
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.inner(x, self.size, self.size)
+def _self_attend(module: nn.Module) -> nn.Module:
+    return _Call(module, lambda m, x: m(x, x, x))
 
 
-class _TokensAsMap(nn.Module):
-    """attnzoo's GlobalFilter on maps `(B, h, w, C)` called on fightingcv's square tokens `(B, N, C)`."""
+def _with_size(module: nn.Module, size: int) -> nn.Module:  # the (B, size * size, C) tokens of a map
+    return _Call(module, lambda m, x: m(x, size, size))
 
-    def __init__(self, inner: nn.Module) -> None:
-        super().__init__()
-        self.inner = inner
 
-    def forward(self, x: Tensor) -> Tensor:
+def _tokens_as_map(module: nn.Module) -> nn.Module:
+    def call(m: nn.Module, x: Tensor) -> Tensor:
         b, n, c = x.shape
         side = round(n**0.5)
-        return self.inner(x.view(b, side, side, c)).view(b, n, c)  # (B, N, C) -> (B, h, w, C) -> back
+        return m(x.view(b, side, side, c)).view(b, n, c)  # (B, N, C) -> (B, h, w, C) -> back
+
+    return _Call(module, call)
 
 
 class NeighbourhoodReference(nn.Module):
@@ -162,10 +155,6 @@ class LinearReference(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(b, length, c))  # (B, h, L, d) -> (B, L, C)
 
 
-def _same(module: nn.Module) -> nn.Module:
-    return module
-
-
 @dataclass(frozen=True)
 class Entry:
     """One comparison: `foreign(scale)` builds timm's or fightingcv's module (for source "paper", the
@@ -175,24 +164,30 @@ class Entry:
     source: str
     foreign: Callable[[int], nn.Module]
     shape: Callable[[int], tuple[int, ...]]
-    wrap: Callable[[nn.Module], nn.Module] = _same
-    wrap_ours: Callable[[nn.Module], nn.Module] = _same
+    wrap: Callable[[nn.Module], nn.Module] | None = None
+    wrap_ours: Callable[[nn.Module], nn.Module] | None = None
     reference: Callable[[nn.Module], nn.Module] | None = None
     clone_input: bool = False
 
 
 def _dat(s: int) -> nn.Module:  # DAT-T stage 3: 384 channels at 14 x 14, 12 heads of 32, 3 groups
-    n = _s(14, s)
-    return _fcv("DAT.DAttentionBaseline", (n, n), (n, n), 12, 32, 3, 0.0, 0.0, 1, 2, True, False, False, False, 2)
+    size = (_s(14, s),) * 2
+    return _fcv(
+        "DAT.DAttentionBaseline", q_size=size, kv_size=size, n_heads=12, n_head_channels=32, n_groups=3,
+        attn_drop=0.0, proj_drop=0.0, stride=1, offset_range_factor=2, use_pe=True, dwc_pe=False,
+        no_off=False, fixed_pe=False, stage_idx=2,
+    )
 
 
 ENTRIES: dict[str, Entry] = {
     # timm; LambdaResNet-50's c4 stage (256 wide at 14 x 14, timm's r=9), BoTNet's stage 4, HaloNet's
     "LambdaLayer (timm)": Entry(
-        "timm", lambda s: _timm("lambda_layer.LambdaLayer", 256, r=9), lambda s: (8, 256, _s(14, s), _s(14, s))
+        "timm", lambda s: _timm("lambda_layer.LambdaLayer", 256, r=9),
+        lambda s: (8, 256, _s(14, s), _s(14, s)),
     ),
     "BottleneckAttn (timm)": Entry(
-        "timm", lambda s: _timm("bottleneck_attn.BottleneckAttn", 512, feat_size=(_s(14, s),) * 2, num_heads=4),
+        "timm",
+        lambda s: _timm("bottleneck_attn.BottleneckAttn", 512, feat_size=(_s(14, s),) * 2, num_heads=4),
         lambda s: (8, 512, _s(14, s), _s(14, s)),
     ),
     "HaloAttn (timm)": Entry(
@@ -206,28 +201,28 @@ ENTRIES: dict[str, Entry] = {
     ),
     "ScaledDotProductAttention (fcv)": Entry(  # ViT-B/16
         "fightingcv", lambda s: _fcv("SelfAttention.ScaledDotProductAttention", 768, 64, 64, 12, dropout=0.0),
-        lambda s: (8, _s(197, s), 768), wrap=_SelfAttend,
+        lambda s: (8, _s(197, s), 768), wrap=_self_attend,
     ),
     "SimplifiedScaledDotProductAttention (fcv)": Entry(
         "fightingcv",
         lambda s: _fcv("SimplifiedSelfAttention.SimplifiedScaledDotProductAttention", 768, 12, dropout=0.0),
-        lambda s: (8, _s(197, s), 768), wrap=_SelfAttend,
+        lambda s: (8, _s(197, s), 768), wrap=_self_attend,
     ),
     "EMSA (fcv)": Entry(  # ResT-Lite stage 2: 128 wide at 28 x 28, 2 heads, reduction 4
         "fightingcv",
         lambda s: _fcv("EMSA.EMSA", 128, 64, 64, 2, dropout=0.0, H=_s(28, s), W=_s(28, s), ratio=4),
-        lambda s: (8, _s(28, s) ** 2, 128), wrap=_SelfAttend,
+        lambda s: (8, _s(28, s) ** 2, 128), wrap=_self_attend,
     ),
     "MUSEAttention (fcv)": Entry(  # Transformer-base width, 256 tokens
         "fightingcv", lambda s: _fcv("MUSEAttention.MUSEAttention", 512, 64, 64, 8, dropout=0.0),
-        lambda s: (8, _s(256, s), 512), wrap=_SelfAttend,
+        lambda s: (8, _s(256, s), 512), wrap=_self_attend,
     ),
     "AFT_FULL (fcv)": Entry(  # DeiT-S width, 14 x 14 tokens
         "fightingcv", lambda s: _fcv("AFT.AFT_FULL", 384, n=_s(196, s)), lambda s: (8, _s(196, s), 384)
     ),
     "UFOAttention (fcv)": Entry(
         "fightingcv", lambda s: _fcv("UFOAttention.UFOAttention", 384, 64, 64, 6, dropout=0.0),
-        lambda s: (8, _s(196, s), 384), wrap=_SelfAttend,
+        lambda s: (8, _s(196, s), 384), wrap=_self_attend,
     ),
     "OutlookAttention (fcv)": Entry(  # VOLO-D1 stage 1: (B, 28, 28, 192), 6 heads
         "fightingcv", lambda s: _fcv("OutlookAttention.OutlookAttention", 192, num_heads=6, attn_drop=0.0),
@@ -255,7 +250,7 @@ ENTRIES: dict[str, Entry] = {
     ),
     "GlobalFilter (fcv)": Entry(  # GFNet-S: 14 x 14 tokens, 384 wide
         "fightingcv", lambda s: _fcv("gfnet.GlobalFilter", 384, h=_s(14, s), w=_s(14, s) // 2 + 1),
-        lambda s: (8, _s(14, s) ** 2, 384), wrap_ours=_TokensAsMap,
+        lambda s: (8, _s(14, s) ** 2, 384), wrap_ours=_tokens_as_map,
     ),
     "DAttentionBaseline (fcv)": Entry("fightingcv", _dat, lambda s: (8, 384, _s(14, s), _s(14, s))),
     "Crossformer.Attention (fcv)": Entry(  # CrossFormer-T stage 1: 56 x 56 at 64 wide, 2 heads, groups 7 x 7
@@ -266,7 +261,7 @@ ENTRIES: dict[str, Entry] = {
         "fightingcv",
         lambda s: _fcv("MOATransformer.GlobalAttention", 96, (14, 14), (_s(56, s, 14),) * 2, 3),
         lambda s: (8, _s(56, s, 14) ** 2, 96),
-        wrap=lambda m: _WithSize(m, m.seq_len * 14), wrap_ours=lambda m: _WithSize(m, m.feat_size[0]),
+        wrap=lambda m: _with_size(m, m.seq_len * 14), wrap_ours=lambda m: _with_size(m, m.feat_size[0]),
     ),
     # no counterpart: the plain references above
     "NeighborhoodAttention2d (paper)": Entry(  # NAT-Mini stage 1: (B, 56, 56, 64), 2 heads, kernel 7
@@ -291,9 +286,9 @@ def build(name: str, which: str, scale: int) -> nn.Module:
     module = _randomize(entry.foreign(scale)).train()
     if entry.reference is not None:
         return entry.reference(module).train() if which == "theirs" else module
-    if which == "theirs":
-        return entry.wrap(module)
-    return entry.wrap_ours(convert(module).train())
+    module = module if which == "theirs" else convert(module).train()
+    wrap = entry.wrap if which == "theirs" else entry.wrap_ours
+    return module if wrap is None else wrap(module)
 
 
 def make_input(name: str, scale: int) -> Tensor:
@@ -361,15 +356,9 @@ def measure(name: str, args: argparse.Namespace, gemm: float) -> list[str]:
         peaks[w] = f"{peak_memory('bench_tokens:make_step', target) / 2**20:.0f}"
     flops = count_flops(steps["attnzoo"])  # 0 where only uncounted ops run (FFTs)
     rate = flops / timing.median("attnzoo") / 1e9
-    return [
-        name + note,
-        shape,
-        *(f"{timing.median(w) * 1e3:.1f}" for w in steps),
-        f"{timing.ratio('attnzoo', 'theirs'):.2f}",
-        peaks["attnzoo"],
-        peaks["theirs"],
-        f"{rate:.1f} ({rate / gemm:.0%})" if flops else "- (FFTs not counted)",
-    ]
+    cells = [f"{timing.median(w) * 1e3:.1f}" for w in steps] + [f"{timing.ratio('attnzoo', 'theirs'):.2f}"]
+    gflops = f"{rate:.1f} ({rate / gemm:.0%})" if flops else "- (FFTs not counted)"
+    return [name + note, shape, *cells, peaks["attnzoo"], peaks["theirs"], gflops]
 
 
 def main() -> None:
@@ -400,11 +389,8 @@ def main() -> None:
         f"float32 GEMM {gemm:.0f} GFLOP/s; ratio = median of per-round ratios attnzoo / foreign; "
         "(paper) rows compare with a plain reference written from the paper.\n"
     )
-    header = [
-        "entry", "input", "attnzoo ms", "foreign ms", "ratio", "attnzoo peak MiB", "foreign peak MiB",
-        "attnzoo GFLOP/s (of GEMM)",
-    ]  # fmt: skip
-    print(markdown_table(header, rows))
+    header = ["entry", "input", "attnzoo ms", "foreign ms", "ratio", "attnzoo peak MiB", "foreign peak MiB"]
+    print(markdown_table([*header, "attnzoo GFLOP/s (of GEMM)"], rows))
     print(f"\n(total {time.time() - started:.0f} s)")
 
 
