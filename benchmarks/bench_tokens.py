@@ -11,11 +11,13 @@ the attention itself is timed. NeighborhoodAttention2d and LinearAttention have 
 counterpart: they are compared with a plain reference written here from the papers (checked equal to
 attnzoo's module, max |difference| <= 1e-3, else the script stops).
 
-Forward + backward of `out.sum()` in float32, in train mode, alternating rounds; ratio = median of
-per-round ratios attnzoo / foreign; peak memory in a fresh process per candidate; GFLOP/s of
-attnzoo's step (FLOPs from `count_flops`, math attention path) and its share of the machine's float32
-GEMM rate. `--scale k` divides spatial sizes and sequence lengths by k (smoke runs; the divisibility
-each module needs is kept). Prints a Markdown section.
+Batch 8 (the input column gives each shape), except 2 where a step takes several seconds on one core
+(AFT_FULL, MobileViTAttention, causal linear); MobileViTv2's 32 are 8 images x 4 patch positions,
+CrossFormer's 512 are 8 images x 64 groups. Forward + backward of `out.sum()` in float32, train mode,
+alternating rounds; ratio = median of per-round ratios attnzoo / foreign; peak memory in a fresh
+process per candidate; GFLOP/s of attnzoo's step (FLOPs from `count_flops`, math attention path) and
+its share of the machine's float32 GEMM rate. `--scale k` divides spatial sizes and sequence lengths
+by k (smoke runs; each module's divisibility is kept). Prints a Markdown section.
 """
 
 from __future__ import annotations
@@ -157,9 +159,8 @@ class LinearReference(nn.Module):
 
 @dataclass(frozen=True)
 class Entry:
-    """One comparison: `foreign(scale)` builds timm's or fightingcv's module (for source "paper", the
-    attnzoo module itself and `reference(it)` the plain reference); `shape(scale)` is the input's shape;
-    `wrap` / `wrap_ours` adapt each side's call to one tensor."""
+    """`foreign(scale)`: timm's or fightingcv's module (source "paper": attnzoo's, `reference(it)` the plain
+    one); `shape(scale)`: the input's; `wrap` / `wrap_ours` adapt each side's call to one tensor."""
 
     source: str
     foreign: Callable[[int], nn.Module]
@@ -217,8 +218,8 @@ ENTRIES: dict[str, Entry] = {
         "fightingcv", lambda s: _fcv("MUSEAttention.MUSEAttention", 512, 64, 64, 8, dropout=0.0),
         lambda s: (8, _s(256, s), 512), wrap=_self_attend,
     ),
-    "AFT_FULL (fcv)": Entry(  # DeiT-S width, 14 x 14 tokens
-        "fightingcv", lambda s: _fcv("AFT.AFT_FULL", 384, n=_s(196, s)), lambda s: (8, _s(196, s), 384)
+    "AFT_FULL (fcv)": Entry(  # DeiT-S width, 14 x 14 tokens; batch 2: fightingcv's step takes 5 s at 8
+        "fightingcv", lambda s: _fcv("AFT.AFT_FULL", 384, n=_s(196, s)), lambda s: (2, _s(196, s), 384)
     ),
     "UFOAttention (fcv)": Entry(
         "fightingcv", lambda s: _fcv("UFOAttention.UFOAttention", 384, 64, 64, 6, dropout=0.0),
@@ -236,9 +237,10 @@ ENTRIES: dict[str, Entry] = {
         "fightingcv", lambda s: _fcv("Axial_attention.AxialAttention", 128, heads=8, dim_index=-1),
         lambda s: (8, _s(56, s), _s(56, s), 128),
     ),
-    "MobileViTAttention (fcv)": Entry(  # MobileViT-S stage 3: 96 channels at 32 x 32, width 144, patch 2
+    "MobileViTAttention (fcv)": Entry(  # MobileViT-S stage 3: 96 channels at 32 x 32, width 144, patch 2;
+        # batch 2: fightingcv's fixed 3-layer transformer takes 5 s a step at batch 8
         "fightingcv", lambda s: _fcv("MobileViTAttention.MobileViTAttention", 96, 144, 3, 2),
-        lambda s: (8, 96, _s(32, s, 2), _s(32, s, 2)),
+        lambda s: (2, 96, _s(32, s, 2), _s(32, s, 2)),
     ),
     "MobileViTv2Attention (fcv)": Entry(  # MobileViTv2-1.0 stage 3: 128 wide, 16 x 16 patches of 2 x 2
         "fightingcv", lambda s: _fcv("MobileViTv2Attention.MobileViTv2Attention", 128),
@@ -272,7 +274,7 @@ ENTRIES: dict[str, Entry] = {
         "paper", lambda s: LinearAttention(256, num_heads=8), lambda s: (8, _s(4096, s), 256),
         reference=LinearReference,
     ),
-    "LinearAttention causal (paper)": Entry(  # batch 2: the plain form holds a d x d state per token
+    "LinearAttention causal (paper)": Entry(  # batch 2: the plain form holds a d x d state per token (7 s)
         "paper", lambda s: LinearAttention(256, num_heads=8, causal=True), lambda s: (2, _s(4096, s), 256),
         reference=LinearReference,
     ),
