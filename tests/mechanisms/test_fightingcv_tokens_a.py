@@ -85,6 +85,8 @@ def test_simplified_sdpa_matches_fightingcv(d_model, h, nq, nk, masked):
 
     theirs = randomise(SimplifiedScaledDotProductAttention(d_model, h, dropout=0.0), d_model).eval()
     ours = from_fightingcv(theirs)
+    assert ours.Wq is None and not ours.in_proj  # no identity projections: only fc_o is learned
+    assert set(ours.state_dict()) == {"fc.weight", "fc.bias"}
     q = torch.randn(2, nq, d_model, dtype=torch.float64)
     k, v = (torch.randn(2, nk, d_model, dtype=torch.float64) for _ in range(2))
     mask = fcv_mask(2, h, nq, nk, nq) if masked else None

@@ -250,3 +250,14 @@ def test_bad_arguments_and_inputs():
         m(q, k.double(), v.double())  # the shared input check: the parameters' dtype, named per argument
     with pytest.raises(ValueError, match="expects mask broadcastable"):
         SeedMHA(8, 2)(q, k, v, torch.ones(3, 1, 5, 7))
+
+
+def test_without_input_projections_splits_the_inputs_into_heads():
+    m = MultiHeadAttention(8, 2, in_proj=False).double()
+    q, k, v = (torch.randn(2, n, 8, dtype=torch.float64) for n in (5, 7, 7))
+    heads = [t.view(2, -1, 2, 4).transpose(1, 2) for t in (q, k, v)]  # (B, h, n, d)
+    probs = (heads[0] @ heads[1].transpose(-1, -2) / 2.0).softmax(-1)
+    expected = m.fc((probs @ heads[2]).transpose(1, 2).reshape(2, 5, 8))
+    torch.testing.assert_close(m(q, k, v), expected, atol=1e-12, rtol=1e-12)
+    with pytest.raises(ValueError, match=r"in_proj=False .* must equal dim=8, got 12 and 12"):
+        MultiHeadAttention(8, 2, head_dim=6, in_proj=False)

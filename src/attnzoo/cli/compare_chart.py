@@ -27,14 +27,15 @@ FAMILY_COLORS = {
 }
 
 
-def _family_styles(families: Sequence[str]) -> dict[str, tuple[str, str]]:
+def _family_styles(families: Sequence[str]) -> dict[str, tuple[Any, str]]:
     """(colour, marker) per family, in the order given."""
     from matplotlib import colormaps
 
     # tab20 without its blue, orange and green (too near the Okabe-Ito ones above), dark shades first
     order = (6, 8, 10, 12, 14, 16, 18, 7, 9, 11, 13, 15, 17, 19, 1, 3, 5)
     spare = [colormaps["tab20"](i) for i in order]
-    styles, k = {}, 0
+    styles: dict[str, tuple[Any, str]] = {}
+    k = 0
     for family in families:
         if family in FAMILY_COLORS:
             styles[family] = (FAMILY_COLORS[family], "o")

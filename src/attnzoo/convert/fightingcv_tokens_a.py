@@ -13,7 +13,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import torch
 from torch import nn
 
 from attnzoo.convert.timm_existing import factory, finish, refuse
@@ -74,18 +73,16 @@ def sdpa_from_fightingcv(module: Any) -> MultiHeadAttention:
 
 def simplified_sdpa_from_fightingcv(module: Any) -> MultiHeadAttention:
     """`SimplifiedScaledDotProductAttention(d_model, h, dropout)` (no query/key/value projections) ->
-    `MultiHeadAttention(d_model, h, qkv_bias=False)` with identity `Wq`, `Wk`, `Wv` (exact: each output
-    is one input times 1 plus zeros) and `fc_o` -> `fc`. Masks as for `ScaledDotProductAttention`.
+    `MultiHeadAttention(d_model, h, in_proj=False)` (the inputs split into heads as they are) with
+    `fc_o` -> `fc`. Masks as for `ScaledDotProductAttention`.
     fightingcv's forward fails unless `h` divides `d_model`: such a module is refused."""
     if module.d_model != module.h * module.d_k:
         raise refuse(module, f"d_model={module.d_model} is not divisible by h={module.h} "
                              "(fightingcv's forward fails for it)", WHO)
     new = MultiHeadAttention(
-        module.d_model, module.h, qkv_bias=False, attn_drop=_dropout_p(module), **factory(module)
+        module.d_model, module.h, in_proj=False, attn_drop=_dropout_p(module), **factory(module)
     )
-    eye = torch.eye(module.d_model, **factory(module))
-    state = {"Wq.weight": eye, "Wk.weight": eye, "Wv.weight": eye}
-    state.update({f"fc.{kind}": value for kind, value in module.fc_o.state_dict().items()})
+    state = {f"fc.{kind}": value for kind, value in module.fc_o.state_dict().items()}
     return finish(new, module, state)
 
 

@@ -79,6 +79,9 @@ class MultiHeadAttention(nn.Module):
             not divide `dim` and the projections are `E -> h d`. Default: None (`dim // num_heads`).
         value_head_dim: Width of each value head (fightingcv's `d_v`); the output projection is
             `h d_v -> E`. Default: None (`head_dim`).
+        in_proj: Project queries, keys and values. False splits the inputs into heads as they are
+            (fightingcv's `SimplifiedScaledDotProductAttention`: only the output projection is
+            learned; `qkv_bias` is then unused). Default: True.
         device: Device of the parameters. Default: None (the default device).
         dtype: dtype of the parameters. Default: None (the default dtype).
 
@@ -113,6 +116,7 @@ class MultiHeadAttention(nn.Module):
         proj_drop: float = 0.0,
         head_dim: int | None = None,
         value_head_dim: int | None = None,
+        in_proj: bool = True,
         *,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -125,14 +129,27 @@ class MultiHeadAttention(nn.Module):
         self.attn_drop = check_float(attn_drop, "attn_drop", who, minimum=0.0, maximum=1.0)
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
         qk_width, v_width = num_heads * self.head_dim, num_heads * self.value_head_dim
-        self.Wq = nn.Linear(dim, qk_width, bias=qkv_bias, **factory)
-        self.Wk = nn.Linear(dim, qk_width, bias=qkv_bias, **factory)
-        self.Wv = nn.Linear(dim, v_width, bias=qkv_bias, **factory)
+        self.in_proj = in_proj
+        self.Wq: nn.Linear | None = None
+        self.Wk: nn.Linear | None = None
+        self.Wv: nn.Linear | None = None
+        if in_proj:
+            self.Wq = nn.Linear(dim, qk_width, bias=qkv_bias, **factory)
+            self.Wk = nn.Linear(dim, qk_width, bias=qkv_bias, **factory)
+            self.Wv = nn.Linear(dim, v_width, bias=qkv_bias, **factory)
+        elif qk_width != dim or v_width != dim:
+            raise ValueError(
+                f"{who} with in_proj=False splits the inputs into heads as they are, so num_heads * head_dim "
+                f"and num_heads * value_head_dim must equal dim={dim}, got {qk_width} and {v_width}"
+            )
         self.fc = nn.Linear(v_width, dim, **factory)
         self.proj_drop = nn.Dropout(check_float(proj_drop, "proj_drop", who, minimum=0.0, maximum=1.0))
 
     def _project(self, query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Project and split into heads: three `(B, h, *, d)` views, one GEMM where inputs coincide."""
+        if self.Wq is None or self.Wk is None or self.Wv is None:  # in_proj=False: heads of the inputs
+            split = [t.unflatten(-1, (self.num_heads, -1)).transpose(1, 2) for t in (query, key, value)]
+            return split[0], split[1], split[2]  # (B, h, n, d) views
         lins = (self.Wq, self.Wk, self.Wv)
         groups: list[tuple[Tensor, tuple[nn.Linear, ...]]]
         if query is key and key is value:
@@ -273,6 +290,10 @@ class SeedMultiHeadAttention(MultiHeadAttention):
         # 1 / float32(sqrt(d)), as the seed divides by torch.sqrt(torch.tensor(d, dtype=float32)).
         self.scale = 1.0 / float(torch.sqrt(torch.tensor(self.depth, dtype=torch.float32)))
 
+    def _project_seed(self, *inputs: Tensor) -> list[Tensor]:
+        """The seed projects Q, K and V one by one (its class always has the three projections)."""
+        return [w(t) for w, t in zip((self.Wq, self.Wk, self.Wv), inputs, strict=True)]  # type: ignore[misc]
+
     def split_heads(self, x: Tensor, batch_size: int) -> Tensor:
         """The seed's helper: `(B, L, E)` -> `(B, h, L, d)`."""
         return x.view(batch_size, -1, self.num_heads, self.depth).permute(0, 2, 1, 3)  # (B, h, L, d)
@@ -302,7 +323,7 @@ class SeedMultiHeadAttention(MultiHeadAttention):
     ) -> tuple[Tensor, Tensor]:
         """Attend from `Q` to `K`/`V`; returns `(output, attention)` as the seed does."""
         batch, _, _ = self._check_inputs(Q, K, V, names=("Q", "K", "V"))
-        q, k, v = (self.split_heads(w(t), batch) for w, t in ((self.Wq, Q), (self.Wk, K), (self.Wv, V)))
+        q, k, v = (self.split_heads(t, batch) for t in self._project_seed(Q, K, V))
         out, attention = self.scaled_dot_product_attention(q, k, v, mask)
         out = out.permute(0, 2, 1, 3).reshape(batch, -1, self.d_model)  # (B, h, L, d) -> (B, L, E)
         return self.fc(out), attention
