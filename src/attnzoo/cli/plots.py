@@ -135,8 +135,15 @@ def panels(
         rows = data.mean(0)  # (Q, S): mean over heads
         queries = m.queries.tolist() if m.queries is not None else list(range(rows.shape[0]))
         out = []
+        note = f" ({m.meta['note']})" if isinstance(m.meta.get("note"), str) else ""
         if isinstance(m.meta.get("query"), str):  # a query that is no position (the mean token)
-            return [Panel(f"{name}: {m.meta['query']} query", heat=_plane(rows[0], grid))]
+            return [Panel(f"{name}: {m.meta['query']} query{note}", heat=_plane(rows[0], grid))]
+        labels = m.meta.get("labels")
+        if isinstance(labels, (list, tuple)) and len(grid) > 1:  # queries that are no positions: named
+            return [
+                Panel(f"{name}: {label}{note}", heat=_plane(row, grid))
+                for label, row in list(zip(labels, rows, strict=False))[:max_queries]
+            ]
         if len(grid) == 1:  # keys that are not positions on the map (channels): bar charts
             return [
                 Panel(f"{name}: query {q} of {grid[0]}", bars=row, xlabel="key")
@@ -146,7 +153,8 @@ def panels(
             mark = _query_yx(int(q), qgrid)
             out.append(
                 Panel(
-                    f"{name}: query {tuple(round(v, 2) for v in mark)}", heat=_plane(row, grid), marks=(mark,)
+                    f"{name}: query {tuple(round(v, 2) for v in mark)}{note}", heat=_plane(row, grid),
+                    marks=(mark,),
                 )
             )
         return out
