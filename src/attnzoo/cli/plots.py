@@ -125,7 +125,8 @@ def panels(
         return [Panel(f"{name}: channel weights", bars=data.flatten(), xlabel="channel")]
     if m.kind == "branch":
         per_branch = data.reshape(data.shape[0], -1).mean(-1)
-        return [Panel(f"{name}: branch weights (mean over channels)", bars=per_branch, xlabel="branch")]
+        note = f", {m.meta['note']}" if isinstance(m.meta.get("note"), str) else ""
+        return [Panel(f"{name}: branch weights (mean over channels{note})", bars=per_branch, xlabel="branch")]
     if grid is None:
         return []
     if m.kind == "spatial":
@@ -144,9 +145,10 @@ def panels(
                 Panel(f"{name}: {label}{note}", heat=_plane(row, grid))
                 for label, row in list(zip(labels, rows, strict=False))[:max_queries]
             ]
-        if len(grid) == 1:  # keys that are not positions on the map (channels): bar charts
+        if len(grid) == 1:  # keys that are not positions on the map (channels, frames): bar charts
+            unit = f" {m.meta['unit']}" if isinstance(m.meta.get("unit"), str) else ""
             return [
-                Panel(f"{name}: query {q} of {grid[0]}", bars=row, xlabel="key")
+                Panel(f"{name}: query{unit} {q} of {grid[0]}{note}", bars=row, xlabel=f"key{unit}")
                 for q, row in list(zip(queries, rows, strict=False))[:max_queries]
             ]
         for q, row in list(zip(queries, rows, strict=False))[:max_queries]:
