@@ -125,8 +125,7 @@ def panels(
         return [Panel(f"{name}: channel weights", bars=data.flatten(), xlabel="channel")]
     if m.kind == "branch":
         per_branch = data.reshape(data.shape[0], -1).mean(-1)
-        note = f", {m.meta['note']}" if isinstance(m.meta.get("note"), str) else ""
-        return [Panel(f"{name}: branch weights (mean over channels{note})", bars=per_branch, xlabel="branch")]
+        return [Panel(f"{name}: branch weights (mean over channels)", bars=per_branch, xlabel="branch")]
     if grid is None:
         return []
     if m.kind == "spatial":
@@ -136,26 +135,25 @@ def panels(
         rows = data.mean(0)  # (Q, S): mean over heads
         queries = m.queries.tolist() if m.queries is not None else list(range(rows.shape[0]))
         out = []
-        note = f" ({m.meta['note']})" if isinstance(m.meta.get("note"), str) else ""
         if isinstance(m.meta.get("query"), str):  # a query that is no position (the mean token)
-            return [Panel(f"{name}: {m.meta['query']} query{note}", heat=_plane(rows[0], grid))]
+            return [Panel(f"{name}: {m.meta['query']} query", heat=_plane(rows[0], grid))]
         labels = m.meta.get("labels")
         if isinstance(labels, (list, tuple)) and len(grid) > 1:  # queries that are no positions: named
             return [
-                Panel(f"{name}: {label}{note}", heat=_plane(row, grid))
+                Panel(f"{name}: {label}", heat=_plane(row, grid))
                 for label, row in list(zip(labels, rows, strict=False))[:max_queries]
             ]
         if len(grid) == 1:  # keys that are not positions on the map (channels, frames): bar charts
             unit = f" {m.meta['unit']}" if isinstance(m.meta.get("unit"), str) else ""
             return [
-                Panel(f"{name}: query{unit} {q} of {grid[0]}{note}", bars=row, xlabel=f"key{unit}")
+                Panel(f"{name}: query{unit} {q} of {grid[0]}", bars=row, xlabel=f"key{unit}")
                 for q, row in list(zip(queries, rows, strict=False))[:max_queries]
             ]
         for q, row in list(zip(queries, rows, strict=False))[:max_queries]:
             mark = _query_yx(int(q), qgrid)
             out.append(
                 Panel(
-                    f"{name}: query {tuple(round(v, 2) for v in mark)}{note}", heat=_plane(row, grid),
+                    f"{name}: query {tuple(round(v, 2) for v in mark)}", heat=_plane(row, grid),
                     marks=(mark,),
                 )
             )
@@ -302,11 +300,14 @@ def plot_maps(
                     panel.title = panel.title.removeprefix(f"{name or 'module'}: ")
             items += found
     items = items[:max_panels]
+    notes = [m.meta["note"] for rs in maps.values() for m in rs if isinstance(m.meta.get("note"), str)]
+    title = "\n".join([title, *dict.fromkeys(notes)])  # what the weights are, where not plain softmax rows
     columns = min(columns, len(items))
     rows = math.ceil(len(items) / columns)
     with plt.rc_context(STYLE):
         fig, axes = plt.subplots(
-            rows, columns, figsize=(PANEL_INCHES * columns + 1.2, PANEL_INCHES * rows + 0.6),
+            rows, columns, figsize=(max(PANEL_INCHES * columns + 1.2, 0.12 * len(title.split("\n")[0])),
+                                    PANEL_INCHES * rows + 0.6),
             squeeze=False, layout="constrained",
         )
         layer = None

@@ -138,7 +138,7 @@ class AFTFull(nn.Module):
             weights = rows[None, :, :, None] * ek[:, None]  # (B, Q, T', d): exp(k + w), rescaled
             weights = weights / weights.sum(2, keepdim=True).clamp_min(torch.finfo(ek.dtype).tiny)
         record(self, "rows", weights.mean(-1)[:, None], grid=(length,), queries=idx, query_grid=(length,),
-               note="exp(k + w) normalised, mean over channels")
+               note="weights exp(k + w) normalised over positions, mean over channels")
 
     def forward(
         self, x: Tensor, need_weights: bool = False, *, key_mask: Tensor | None = None

@@ -193,7 +193,8 @@ class AxialAttention(nn.Module):
             row = self.attn_w.weights(x if self.sum_axes else out_h).mean(2)  # (B, H, W, W)
             rows = _influence(col, row, idx, x.shape[2], self.sum_axes)[:, None]  # (B, 1, Q, H W)
             record(self, "rows", rows, grid=x.shape[1:3], queries=idx, query_grid=x.shape[1:3],
-                   note="half column, half row pass" if self.sum_axes else "column then row pass, composed")
+                   note="half the column pass + half the row pass" if self.sum_axes
+                   else "column pass then row pass, composed (heads averaged)")
         if w_h is None or w_w is None:
             return out
         col = w_h.permute(0, 2, 3, 1, 4)  # (B, W, h, H, H) -> (B, h, H, W, H)

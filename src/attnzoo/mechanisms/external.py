@@ -116,6 +116,6 @@ class ExternalAttention(nn.Module):
             record(self, "rows", attn[:, :, slots].transpose(1, 2)[:, None], grid=(attn.shape[1],),
                    queries=slots, query_grid=(self.memory_size,),
                    labels=[f"memory slot {i} of {self.memory_size}" for i in slots.tolist()],
-                   note="the tokens' weights on it")
+                   note="each panel: the tokens' weights on one memory slot (after both normalisations)")
         out = self.mv(attn)  # (B, N, C)
         return (out, attn) if need_weights else out

@@ -137,4 +137,5 @@ class GlobalFilter(nn.Module):
         dx = (idx[:, None] % width - torch.arange(width, device=kernel.device)) % width  # (Q, W)
         rows = kernel.abs().mean(-1)[dy[:, :, None], dx[:, None, :]]  # (Q, H, W)
         record(self, "rows", rows.flatten(1).expand(batch, 1, -1, -1), grid=size, queries=idx,
-               query_grid=size, note="|global filter| at each offset, mean over channels")
+               query_grid=size,
+               note="no attention: |global filter| (circular convolution) at each offset, mean over channels")

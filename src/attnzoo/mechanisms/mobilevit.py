@@ -89,7 +89,7 @@ class _Layer(nn.Module):
             q_rows = q5[:, offset, :, patch]  # (Q, B, h, e)
             logits = torch.einsum("qbhe,bqhne->bhqn", q_rows, k5[:, offset]) * self.head_dim**-0.5
         record(self, "rows", logits.softmax(-1), grid=(nh, nw), queries=idx, query_grid=(height, width),
-               note=f"over the {nh}x{nw} patches")
+               note=f"each query pixel over the {nh}x{nw} patches (the pixels at its offset in every patch)")
 
 
 @register(

@@ -146,7 +146,7 @@ class OutlookAttention(nn.Module):
         target = torch.where(inside, ky * width + kx, height * width)  # (Q, k, k, k^2); padding dropped
         rows = _scatter_rows(rows.flatten(3), target.reshape(1, len(idx), -1), height * width)
         record(self, "rows", rows, grid=size, queries=idx, query_grid=size, kernel=k,
-               note="mean over the windows covering it")
+               note="weights on the values, mean over the k x k windows covering the query")
 
     def forward(self, x: Tensor, need_weights: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """Mix each window's values with predicted weights; `(out, weights)` with `need_weights`.

@@ -134,7 +134,7 @@ class UFOAttention(nn.Module):
             scale = self.gamma / norms[..., None, :]  # (B, h, 1, d)
             rows = (self._xnorm(q[:, :, idx]) * scale) @ k.transpose(-2, -1)  # (B, h, Q, S)
         record(self, "rows", rows, grid=key_grid, queries=idx, query_grid=grid,
-               note="signed weights on the values, no softmax")
+               note="no softmax: the signed weights of the values in the output, per query")
 
     def forward(
         self,

@@ -62,7 +62,8 @@ class Tiles(nn.Module):
         elif last.kind in ("branch", "channel") and last.data.shape[0] % batch == 0:
             records.pop()
             data = last.data.reshape(batch, -1, *last.data.shape[1:]).mean(1)  # (B, ...): over tiles
-            meta = {**last.meta, "note": f"mean over {self.size}x{self.size} tiles"}
+            note = f"run on {self.size}x{self.size} tiles of the map, mean over the tiles"
+            meta = {**last.meta, "note": note}
             record(self.module, last.kind, data, **meta)
 
     def extra_repr(self) -> str:
@@ -110,7 +111,8 @@ class Clip(nn.Module):
             return
         last = records.pop()
         data = last.data.reshape(batch, -1, *last.data.shape[1:]).mean(1)  # (B, h, Q, T): over positions
-        meta = {**last.meta, "unit": "frame", "note": "mean over positions"}
+        note = f"a {self.frames}-frame pan made of the map; weights mean over its positions"
+        meta = {**last.meta, "unit": "frame", "note": note}
         record(self.module, "rows", data, grid=last.grid, queries=last.queries, query_grid=last.query_grid,
                **meta)
 
