@@ -69,3 +69,33 @@ def test_refusals_options_and_errors():
         AxialAttention(16, num_heads=5)
     with pytest.raises(ValueError, match=r"\(B, H, W, 16\)"):
         AxialAttention(16)(torch.randn(1, 16, 3, 3))
+
+
+@pytest.mark.parametrize("sum_axes", [False, True])
+def test_captured_rows_compose_the_two_passes(sum_axes):
+    """Stacked: position (i', j') reaches query (i, j) through row key (i, j') of the W pass, which
+    took it from column j' in the H pass; summed: half of each pass's weights. Rows sum to 1."""
+    import attnzoo
+
+    m = AxialAttention(16, num_heads=2, sum_axes=sum_axes).double().eval()
+    randomize(m)
+    x = torch.randn(2, 5, 7, 16, dtype=torch.float64)
+    expected, w = m(x, need_weights=True)  # (B, h, H, W, H + W)
+    with attnzoo.capture_maps(m) as maps:
+        y = m(x)
+    (entry,) = [r for records in maps.values() for r in records]
+    assert entry.kind == "rows" and entry.grid == (5, 7) and entry.query_grid == (5, 7)
+    count = len(entry.queries)
+    assert tuple(entry.data.shape) == (2, 1, count, 35)
+    col, row = w[..., :5].mean(1), w[..., 5:].mean(1)  # (B, H, W, H), (B, H, W, W)
+    for n, q in enumerate(entry.queries.tolist()):
+        i, j = divmod(q, 7)
+        if sum_axes:
+            ref = torch.zeros(2, 5, 7, dtype=torch.float64)
+            ref[:, :, j] += 0.5 * col[:, i, j]
+            ref[:, i, :] += 0.5 * row[:, i, j]
+        else:
+            ref = col[:, i].transpose(1, 2) * row[:, i, j][:, None, :]  # (B, H, W): [i', j']
+        torch.testing.assert_close(entry.data[:, 0, n], ref.flatten(1))
+    torch.testing.assert_close(entry.data.sum(-1), torch.ones(2, 1, count, dtype=torch.float64))
+    torch.testing.assert_close(y, expected)

@@ -66,3 +66,23 @@ def test_sizes_and_errors():
     meta = GlobalFilter(16, device="meta", dtype=torch.float64)
     assert meta.complex_weight.is_meta and meta.complex_weight.dtype == torch.float64
     assert meta.complex_weight.shape == (14, 8, 16, 2)
+
+
+def test_captured_rows_are_the_filter_magnitude_at_each_offset():
+    import attnzoo
+
+    m = GlobalFilter(8, feat_size=(5, 6)).double()
+    x = torch.randn(2, 5, 6, 8, dtype=torch.float64)
+    expected, kernel = m(x, need_weights=True)  # (H, W, C)
+    with attnzoo.capture_maps(m) as maps:
+        y = m(x)
+    (entry,) = [r for records in maps.values() for r in records]
+    assert entry.kind == "rows" and entry.grid == (5, 6) and tuple(entry.data.shape) == (2, 1, 5, 30)
+    magnitude = kernel.abs().mean(-1)  # (H, W)
+    for n, q in enumerate(entry.queries.tolist()):
+        i, j = divmod(q, 6)
+        ref = torch.stack([torch.stack([magnitude[(i - p) % 5, (j - r) % 6] for r in range(6)])
+                           for p in range(5)])
+        torch.testing.assert_close(entry.data[:, 0, n], ref.flatten().expand(2, -1))
+    assert "filter" in entry.meta["note"]
+    torch.testing.assert_close(y, expected, atol=0, rtol=0)

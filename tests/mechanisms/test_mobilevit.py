@@ -71,3 +71,25 @@ def test_options_and_errors():
         MobileViTBlock(16, num_heads=5)
     with pytest.raises(ValueError, match=r"\(B, 8, H, W\)"):
         MobileViTBlock(8)(torch.randn(1, 4, 4, 4))
+
+
+def test_captured_rows_are_each_layers_weights_over_the_patches():
+    import attnzoo
+
+    m = MobileViTBlock(8, transformer_dim=16, num_heads=2, patch_size=2).double().eval()
+    x = torch.randn(2, 8, 6, 8, dtype=torch.float64)
+    expected, w = m(x, need_weights=True)  # (B, L, P, h, n, n)
+    with attnzoo.capture_maps(m) as maps:
+        y = m(x)
+    assert sorted(maps) == ["layers.0", "layers.1"]
+    for layer in range(2):
+        (entry,) = maps[f"layers.{layer}"]
+        assert entry.kind == "rows" and entry.grid == (3, 4) and entry.query_grid == (6, 8)
+        count = len(entry.queries)
+        assert tuple(entry.data.shape) == (2, 2, count, 12)
+        for n, q in enumerate(entry.queries.tolist()):
+            yy, xx = divmod(q, 8)
+            ref = w[:, layer, (yy % 2) * 2 + xx % 2, :, (yy // 2) * 4 + xx // 2]  # (B, h, n)
+            torch.testing.assert_close(entry.data[:, :, n], ref)
+        torch.testing.assert_close(entry.data.sum(-1), torch.ones(2, 2, count, dtype=torch.float64))
+    torch.testing.assert_close(y, expected)

@@ -86,3 +86,24 @@ def test_weights_and_errors():
         OutlookAttention(8, kernel_size=4, padding=1)(torch.randn(1, 6, 6, 8))
     with pytest.raises(ValueError, match=r"\(B, H, W, 8\)"):
         OutlookAttention(8)(torch.randn(1, 8, 3, 3))
+
+
+def test_captured_rows_rebuild_the_output():
+    """Each recorded row, times the number of windows covering the query (9 inside the map), weighs
+    the values into the query's output (before the projection); rows sum to 1 away from the border."""
+    import attnzoo
+
+    m = OutlookAttention(8, num_heads=2).double().eval()
+    x = torch.randn(2, 12, 12, 8, dtype=torch.float64)
+    expected = m(x)
+    with attnzoo.capture_maps(m) as maps:
+        y = m(x)
+    (entry,) = [r for records in maps.values() for r in records]
+    assert entry.kind == "rows" and entry.grid == (12, 12) and entry.query_grid == (12, 12)
+    count = len(entry.queries)
+    assert tuple(entry.data.shape) == (2, 2, count, 144)
+    torch.testing.assert_close(entry.data.sum(-1), torch.ones(2, 2, count, dtype=torch.float64))
+    v = m.v(x).reshape(2, 144, 2, 4).transpose(1, 2)  # (B, h, N, d)
+    mixed = (9 * entry.data @ v).transpose(1, 2).flatten(2)  # (B, Q, C)
+    torch.testing.assert_close(m.proj(mixed), y.reshape(2, 144, 8)[:, entry.queries])
+    torch.testing.assert_close(y, expected, atol=0, rtol=0)

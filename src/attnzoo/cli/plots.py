@@ -137,16 +137,24 @@ def panels(
         out = []
         if isinstance(m.meta.get("query"), str):  # a query that is no position (the mean token)
             return [Panel(f"{name}: {m.meta['query']} query", heat=_plane(rows[0], grid))]
-        if len(grid) == 1:  # keys that are not positions on the map (channels): bar charts
+        labels = m.meta.get("labels")
+        if isinstance(labels, (list, tuple)) and len(grid) > 1:  # queries that are no positions: named
             return [
-                Panel(f"{name}: query {q} of {grid[0]}", bars=row, xlabel="key")
+                Panel(f"{name}: {label}", heat=_plane(row, grid))
+                for label, row in list(zip(labels, rows, strict=False))[:max_queries]
+            ]
+        if len(grid) == 1:  # keys that are not positions on the map (channels, frames): bar charts
+            unit = f" {m.meta['unit']}" if isinstance(m.meta.get("unit"), str) else ""
+            return [
+                Panel(f"{name}: query{unit} {q} of {grid[0]}", bars=row, xlabel=f"key{unit}")
                 for q, row in list(zip(queries, rows, strict=False))[:max_queries]
             ]
         for q, row in list(zip(queries, rows, strict=False))[:max_queries]:
             mark = _query_yx(int(q), qgrid)
             out.append(
                 Panel(
-                    f"{name}: query {tuple(round(v, 2) for v in mark)}", heat=_plane(row, grid), marks=(mark,)
+                    f"{name}: query {tuple(round(v, 2) for v in mark)}", heat=_plane(row, grid),
+                    marks=(mark,),
                 )
             )
         return out
@@ -292,11 +300,14 @@ def plot_maps(
                     panel.title = panel.title.removeprefix(f"{name or 'module'}: ")
             items += found
     items = items[:max_panels]
+    notes = [m.meta["note"] for rs in maps.values() for m in rs if isinstance(m.meta.get("note"), str)]
+    title = "\n".join([title, *dict.fromkeys(notes)])  # what the weights are, where not plain softmax rows
     columns = min(columns, len(items))
     rows = math.ceil(len(items) / columns)
     with plt.rc_context(STYLE):
         fig, axes = plt.subplots(
-            rows, columns, figsize=(PANEL_INCHES * columns + 1.2, PANEL_INCHES * rows + 0.6),
+            rows, columns, figsize=(max(PANEL_INCHES * columns + 1.2, 0.12 * len(title.split("\n")[0])),
+                                    PANEL_INCHES * rows + 0.6),
             squeeze=False, layout="constrained",
         )
         layer = None

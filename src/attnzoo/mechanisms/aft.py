@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from attnzoo._checks import check_int, check_mask, check_shape, check_tensor
 from attnzoo._registry import Example, FreeSize, register
+from attnzoo.maps.capture import capturing, query_indices, record
 
 __all__ = ["AFTFull"]
 
@@ -129,6 +130,16 @@ class AFTFull(nn.Module):
             w = w.masked_fill(future, -torch.inf)
         return (w - w.amax(dim=1, keepdim=True)).exp()  # (T, T), row t: weights of t'
 
+    def _record(self, ew: Tensor | None, ek: Tensor, length: int) -> None:
+        """Record the capture's query rows of the pooling weights, averaged over the d channels."""
+        idx = query_indices((length,), ek.device)
+        with torch.no_grad():
+            rows = torch.ones(len(idx), length, dtype=ek.dtype, device=ek.device) if ew is None else ew[idx]
+            weights = rows[None, :, :, None] * ek[:, None]  # (B, Q, T', d): exp(k + w), rescaled
+            weights = weights / weights.sum(2, keepdim=True).clamp_min(torch.finfo(ek.dtype).tiny)
+        record(self, "rows", weights.mean(-1)[:, None], grid=(length,), queries=idx, query_grid=(length,),
+               note="weights exp(k + w) normalised over positions, mean over channels")
+
     def forward(
         self, x: Tensor, need_weights: bool = False, *, key_mask: Tensor | None = None
     ) -> Tensor | tuple[Tensor, Tensor]:
@@ -164,6 +175,8 @@ class AFTFull(nn.Module):
             num, den = ew @ (ek * v), ew @ ek  # (T, T) @ (B, T, d) -> (B, T, d) each
         # den is 0 only where every pooled token is padding (then num is 0 too): output 0, not NaN
         out = self.q(x).sigmoid() * (num / den.clamp_min(torch.finfo(den.dtype).tiny))  # (B, T, d)
+        if capturing():
+            self._record(ew, ek, length)
         if not need_weights:
             return out
         ew_full = torch.ones(length, length, dtype=x.dtype, device=x.device) if ew is None else ew

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from attnzoo._checks import check_float, check_int, check_shape
 from attnzoo._registry import Example, register
 from attnzoo.functional import attend
+from attnzoo.maps.capture import capturing, query_indices, record
 
 __all__ = ["AxialAttention"]
 
@@ -58,6 +59,33 @@ class _AxisAttention(nn.Module):
         if weights is not None:
             weights = weights.reshape(*lead, self.num_heads, length, length)  # (..., h, L, L)
         return out, weights
+
+    def weights(self, x: Tensor) -> Tensor:
+        """The attention weights along the axis, `(..., L, C) -> (..., h, L, L)` (no gradient)."""
+        lead, length = x.shape[:-2], x.shape[-2]
+        with torch.no_grad():
+            tokens = x.reshape(-1, length, x.shape[-1])  # (M, L, C)
+            heads = (-1, length, self.num_heads, self.head_dim)
+            q = self.q(tokens).reshape(heads).transpose(1, 2)  # (M, h, L, e)
+            k = self.kv(tokens)[..., : q.shape[1] * self.head_dim].reshape(heads).transpose(1, 2)
+            attn = (q @ k.transpose(-2, -1) * self.head_dim**-0.5).softmax(-1)  # (M, h, L, L)
+        return attn.reshape(*lead, self.num_heads, length, length)
+
+
+def _influence(col: Tensor, row: Tensor, idx: Tensor, width: int, summed: bool) -> Tensor:
+    """Rows over the map of the query positions `idx` from head-averaged column weights `col`
+    `(B, W, H, H)` and row weights `row` `(B, H, W, W)`: stacked, the column pass's weights at each
+    row key composed with the row pass's weight on it; summed, half of each pass's weights."""
+    qi, qj = idx // width, idx % width  # (Q,) each
+    r = row[:, qi, qj]  # (B, Q, W): the query's weights over its row
+    if not summed:
+        c = col[:, :, qi].permute(0, 2, 3, 1)  # (B, W, Q, H) -> (B, Q, H, W): column j' of row key j'
+        return (c * r[:, :, None, :]).flatten(2)  # (B, Q, H W): sums to 1 per query
+    out = col.new_zeros(col.shape[0], len(idx), col.shape[2], width)  # (B, Q, H, W)
+    q = torch.arange(len(idx), device=idx.device)
+    out[:, q, :, qj] += 0.5 * col[:, qj, qi].transpose(0, 1)  # the query's column weights
+    out[:, q, qi, :] += 0.5 * r  # its row weights
+    return out.flatten(2)
 
 
 @register(
@@ -159,6 +187,14 @@ class AxialAttention(nn.Module):
         out_h = out_h.transpose(1, 2)  # (B, H, W, C)
         out_w, w_w = self.attn_w(x if self.sum_axes else out_h, need_weights)  # (B, H, W, C), (B, H, h, W, W)
         out = out_h + out_w if self.sum_axes else out_w
+        if capturing():
+            idx = query_indices(x.shape[1:3], x.device)
+            col = self.attn_h.weights(x.transpose(1, 2)).mean(2)  # (B, W, H, H): heads averaged
+            row = self.attn_w.weights(x if self.sum_axes else out_h).mean(2)  # (B, H, W, W)
+            rows = _influence(col, row, idx, x.shape[2], self.sum_axes)[:, None]  # (B, 1, Q, H W)
+            record(self, "rows", rows, grid=x.shape[1:3], queries=idx, query_grid=x.shape[1:3],
+                   note="half the column pass + half the row pass" if self.sum_axes
+                   else "column pass then row pass, composed (heads averaged)")
         if w_h is None or w_w is None:
             return out
         col = w_h.permute(0, 2, 3, 1, 4)  # (B, W, h, H, H) -> (B, h, H, W, H)

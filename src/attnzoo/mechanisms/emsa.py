@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from attnzoo._checks import check_float, check_head_widths, check_int, check_shape
 from attnzoo._registry import Example, FreeSize, register
+from attnzoo.maps.capture import capturing, query_indices, record
 
 __all__ = ["EMSA"]
 
@@ -188,10 +189,12 @@ class EMSA(nn.Module):
         height, width = self._size(dims["N"], size)
         h = self.num_heads
         q = self.q(x).unflatten(-1, (h, self.head_dim)).transpose(1, 2)  # (B, h, N, d)
-        kv_in = x
+        kv_in, key_grid = x, (height, width)
         if self.sr_ratio > 1:
             grid = x.transpose(1, 2).unflatten(-1, (height, width))  # (B, C, H, W)
-            kv_in = self.sr_norm(self.sr(grid).flatten(2).transpose(1, 2))  # (B, N', C)
+            reduced = self.sr(grid)  # (B, C, H', W')
+            key_grid = (reduced.shape[2], reduced.shape[3])
+            kv_in = self.sr_norm(reduced.flatten(2).transpose(1, 2))  # (B, N', C)
         k = self.k(kv_in).unflatten(-1, (h, self.head_dim)).transpose(1, 2)  # (B, h, N', d)
         v = self.v(kv_in).unflatten(-1, (h, self.value_head_dim)).transpose(1, 2)  # (B, h, N', dv)
         attn = q @ k.transpose(-2, -1) / self.head_dim**0.5  # (B, h, N, N')
@@ -199,6 +202,11 @@ class EMSA(nn.Module):
             attn = _instance_norm(self.transform(attn).softmax(dim=-1))  # mix heads, softmax, IN
         else:
             attn = attn.softmax(dim=-1)
+        if capturing():  # the rows of the capture's queries over the (reduced) key grid
+            idx = query_indices((height, width), x.device)
+            note = "after head mixing and instance norm, signed" if self.apply_transform else None
+            record(self, "rows", attn[:, :, idx], grid=key_grid, queries=idx, query_grid=(height, width),
+                   **({"note": note} if note else {}))
         out = self.attn_drop(attn) @ v  # (B, h, N, dv)
         out = self.proj_drop(self.proj(out.transpose(1, 2).flatten(2)))  # (B, N, h dv) -> (B, N, C)
         return (out, attn) if need_weights else out

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from attnzoo._checks import check_float, check_int, check_shape
 from attnzoo._registry import Example, FreeSize, register
+from attnzoo.maps.capture import capturing, record
 
 __all__ = ["ExternalAttention"]
 
@@ -110,5 +111,11 @@ class ExternalAttention(nn.Module):
         check_shape(x, type(self).__name__, "B N C", "x", C=self.dim)
         attn = self.mk(x).softmax(dim=1)  # (B, N, S), softmax over the tokens
         attn = attn / (attn.sum(dim=2, keepdim=True) + self.eps)  # (B, N, S), l1 over the slots
+        if capturing():  # the most used memory slots, each as a map of the tokens' weights on it
+            slots = attn.sum(dim=(0, 1)).topk(min(4, self.memory_size)).indices  # (U,)
+            record(self, "rows", attn[:, :, slots].transpose(1, 2)[:, None], grid=(attn.shape[1],),
+                   queries=slots, query_grid=(self.memory_size,),
+                   labels=[f"memory slot {i} of {self.memory_size}" for i in slots.tolist()],
+                   note="each panel: the tokens' weights on one memory slot (after both normalisations)")
         out = self.mv(attn)  # (B, N, C)
         return (out, attn) if need_weights else out

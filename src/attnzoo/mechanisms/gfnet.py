@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from attnzoo._checks import check_int, check_shape
 from attnzoo._geometry import grid2d
 from attnzoo._registry import Example, register
+from attnzoo.maps.capture import capturing, query_indices, record
 
 __all__ = ["GlobalFilter"]
 
@@ -119,8 +120,22 @@ class GlobalFilter(nn.Module):
         weight = torch.view_as_complex(self.complex_weight.to(compute).contiguous())  # (H, w, C)
         spectrum = torch.fft.rfft2(x.to(compute), dim=(1, 2), norm="ortho")  # (B, H, w, C)
         out = torch.fft.irfft2(spectrum * weight, s=(height, width), dim=(1, 2), norm="ortho").to(x.dtype)
-        if not need_weights:
+        if not need_weights and not capturing():
             return out
         # ortho forward and inverse: y = F^-1(F(x) K) (F unnormalised, F^-1 with 1/N), so y = x (*) F^-1(K)
         kernel = torch.fft.irfft2(weight, s=(height, width), dim=(0, 1), norm="backward")  # (H, W, C)
-        return out, kernel.to(x.dtype)
+        if capturing():
+            self._record(kernel.detach(), dims["B"], (height, width))
+        return (out, kernel.to(x.dtype)) if need_weights else out
+
+    def _record(self, kernel: Tensor, batch: int, size: tuple[int, int]) -> None:
+        """Rows of the capture's queries: how strongly each position feeds the query's output, the
+        circular kernel's magnitude at their offset, averaged over channels (no softmax)."""
+        height, width = size
+        idx = query_indices(size, kernel.device)
+        dy = (idx[:, None] // width - torch.arange(height, device=kernel.device)) % height  # (Q, H)
+        dx = (idx[:, None] % width - torch.arange(width, device=kernel.device)) % width  # (Q, W)
+        rows = kernel.abs().mean(-1)[dy[:, :, None], dx[:, None, :]]  # (Q, H, W)
+        record(self, "rows", rows.flatten(1).expand(batch, 1, -1, -1), grid=size, queries=idx,
+               query_grid=size,
+               note="no attention: |global filter| (circular convolution) at each offset, mean over channels")

@@ -29,6 +29,7 @@ from attnzoo._checks import check_float, check_int, check_shape
 from attnzoo._geometry import grid2d
 from attnzoo._registry import Example, FreeSize, register
 from attnzoo.functional import attend
+from attnzoo.maps.capture import capturing, query_indices, record
 
 __all__ = ["MobileViTBlock"]
 
@@ -61,15 +62,34 @@ class _Layer(nn.Module):
         self.act = nn.SiLU()
         self.dropout = nn.Dropout(drop)
 
-    def forward(self, x: Tensor, need_weights: bool) -> tuple[Tensor, Tensor | None]:
+    def forward(
+        self, x: Tensor, need_weights: bool, grid: tuple[int, int, int] | None = None
+    ) -> tuple[Tensor, Tensor | None]:
         tokens, n = x.shape[0], x.shape[1]  # x: (M, n, C_t), M = B P
         qkv = self.qkv(self.norm1(x)).reshape(tokens, n, 3, self.num_heads, self.head_dim)  # (M, n, 3, h, e)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (M, h, n, e) each
+        if grid is not None and capturing():
+            self._record(q, k, *grid)
         result = attend(q, k, v, dropout_p=self.drop if self.training else 0.0, need_weights=need_weights)
         out, weights = result if isinstance(result, tuple) else (result, None)
         x = x + self.dropout(self.proj(out.transpose(1, 2).flatten(2)))  # (M, h, n, e) -> (M, n, h e)
         x = x + self.dropout(self.fc2(self.dropout(self.act(self.fc1(self.norm2(x))))))
         return x, weights
+
+    def _record(self, q: Tensor, k: Tensor, p: int, nh: int, nw: int) -> None:
+        """Rows of the capture's query pixels over the patches: a pixel attends the pixels at its own
+        offset in every patch, so its row lies on the (nh, nw) patch grid."""
+        height, width = nh * p, nw * p
+        idx = query_indices((height, width), q.device)
+        ys, xs = idx // width, idx % width
+        offset, patch = (ys % p) * p + xs % p, (ys // p) * nw + xs // p  # (Q,) each
+        with torch.no_grad():
+            q5 = q.reshape(-1, p * p, *q.shape[1:])  # (B, P, h, n, e)
+            k5 = k.reshape(-1, p * p, *k.shape[1:])
+            q_rows = q5[:, offset, :, patch]  # (Q, B, h, e)
+            logits = torch.einsum("qbhe,bqhne->bhqn", q_rows, k5[:, offset]) * self.head_dim**-0.5
+        record(self, "rows", logits.softmax(-1), grid=(nh, nw), queries=idx, query_grid=(height, width),
+               note=f"each query pixel over the {nh}x{nw} patches (the pixels at its offset in every patch)")
 
 
 @register(
@@ -203,7 +223,7 @@ class MobileViTBlock(nn.Module):
         z = z.reshape(batch * p * p, nh * nw, self.dim)  # (B P, n, C_t)
         maps = []
         for layer in self.layers:
-            z, weights = layer(z, need_weights)
+            z, weights = layer(z, need_weights, (p, nh, nw))
             if weights is not None:
                 maps.append(weights.reshape(batch, p * p, *weights.shape[1:]))  # (B, P, h, n, n)
         z = self.norm(z)

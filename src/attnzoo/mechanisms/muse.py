@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from attnzoo._checks import check_float, check_head_widths, check_int, check_mask, check_shape, check_tensor
 from attnzoo._registry import Example, FreeSize, register
 from attnzoo.functional import attend
+from attnzoo.maps.capture import capturing, record, record_rows
 
 __all__ = ["MUSEAttention"]
 
@@ -189,6 +190,10 @@ class MUSEAttention(nn.Module):
         out = self.proj_drop(self.proj(out.transpose(1, 2).flatten(2)))  # (B, L, h dv) -> (B, L, C)
         channels = v_flat.transpose(1, 2)  # (B, h dv, L), head-major channels
         mix = self.branch_weights.softmax(0)
+        if capturing():
+            record_rows(self, q, k, grid=(length,), mask=mask if is_bool else None,
+                        bias=None if is_bool else mask)
+            record(self, "branch", mix.expand(batch, -1))  # (B, M): the convolution branches' mix
         local = sum(w * branch(channels) for w, branch in zip(mix, self.branches, strict=True))  # (B, C, L)
         out = out + local.transpose(1, 2)  # (B, L, C)
         return (out, weights) if weights is not None else out

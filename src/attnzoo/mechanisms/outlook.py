@@ -28,6 +28,8 @@ from torch import Tensor, nn
 
 from attnzoo._checks import check_float, check_int, check_shape
 from attnzoo._registry import Example, register
+from attnzoo.maps.capture import capturing, query_indices, record
+from attnzoo.maps.records import _scatter_rows
 
 __all__ = ["OutlookAttention"]
 
@@ -121,6 +123,31 @@ class OutlookAttention(nn.Module):
         return (f"dim={self.dim}, num_heads={self.num_heads}, kernel_size={self.kernel_size}, "
                 f"padding={self.padding}, stride={self.stride}")
 
+    def _record(self, weights: Tensor, size: tuple[int, int], centres: tuple[int, int]) -> None:
+        """Rows of the capture's query pixels over the map: the weights with which the windows that
+        cover a pixel mix their values into its output, averaged over those windows (Fold sums them);
+        zero-padded keys are left out."""
+        (height, width), (h, w) = size, centres
+        k, s, p = self.kernel_size, self.stride, self.padding
+        idx = query_indices(size, weights.device)
+        i = torch.arange(k, device=weights.device)
+        uy, ux = (idx[:, None] // width + p - i), (idx[:, None] % width + p - i)  # (Q, k): window starts
+        ok_y, ok_x = (uy % s == 0) & (uy >= 0) & (uy < h * s), (ux % s == 0) & (ux >= 0) & (ux < w * s)
+        uy, ux = (uy // s).clamp(0, h - 1), (ux // s).clamp(0, w - 1)
+        valid = (ok_y[:, :, None] & ok_x[:, None, :]).to(weights.dtype)  # (Q, k, k): windows covering it
+        windows = uy[:, :, None] * w + ux[:, None, :]  # (Q, k, k)
+        with torch.no_grad():
+            rows = weights[:, :, windows, i[:, None] * k + i]  # (B, h, Q, k, k, k^2): the pixel's row
+            rows = rows * (valid / valid.sum(dim=(1, 2), keepdim=True))[..., None]
+        j = torch.arange(k * k, device=weights.device)  # the window's keys, row-major
+        ky = s * uy[:, :, None, None] - p + j // k  # (Q, k, 1, k^2)
+        kx = s * ux[:, None, :, None] - p + j % k  # (Q, 1, k, k^2)
+        inside = (ky >= 0) & (ky < height) & (kx >= 0) & (kx < width)
+        target = torch.where(inside, ky * width + kx, height * width)  # (Q, k, k, k^2); padding dropped
+        rows = _scatter_rows(rows.flatten(3), target.reshape(1, len(idx), -1), height * width)
+        record(self, "rows", rows, grid=size, queries=idx, query_grid=size, kernel=k,
+               note="weights on the values, mean over the k x k windows covering the query")
+
     def forward(self, x: Tensor, need_weights: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """Mix each window's values with predicted weights; `(out, weights)` with `need_weights`.
 
@@ -147,6 +174,8 @@ class OutlookAttention(nn.Module):
         logits = self.attn(pooled.permute(0, 2, 3, 1))  # (B, h', w', h k^4)
         logits = logits.reshape(batch, h * w, heads, k * k, k * k).transpose(1, 2)  # (B, h, hw, k^2, k^2)
         weights = (logits * self.scale).softmax(-1)
+        if capturing():
+            self._record(weights, (height, width), (h, w))
         out = self.attn_drop(weights) @ v  # (B, h, hw, k^2, d)
         out = out.permute(0, 1, 4, 3, 2).reshape(batch, self.dim * k * k, h * w)  # (B, C k^2, hw)
         out = F.fold(out, (height, width), k, padding=p, stride=s)  # (B, C, H, W): windows summed

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from attnzoo._checks import check_float, check_head_widths, check_int, check_mask, check_shape, check_tensor
 from attnzoo._registry import Example, FreeSize, register
+from attnzoo.maps.capture import capturing, query_indices, record
 
 __all__ = ["UFOAttention"]
 
@@ -124,6 +125,17 @@ class UFOAttention(nn.Module):
         """$\\gamma x / (\\lVert x \\rVert + \\varepsilon)$ over the last axis, per head."""
         return x * self.gamma / (torch.linalg.vector_norm(x, dim=-1, keepdim=True) + self.eps)
 
+    def _record(self, q: Tensor, k: Tensor, raw: Tensor, grid: tuple[int], key_grid: tuple[int]) -> None:
+        """Rows of the capture's queries: with no softmax, the output is still linear in the values,
+        out_l = sum_s a_ls v_s with a_ls = XN(q_l) diag(gamma / |row_i of K^T V|) k_s (signed)."""
+        idx = query_indices(grid, q.device)
+        with torch.no_grad():
+            norms = torch.linalg.vector_norm(raw, dim=-1) + self.eps  # (B, h, d): rows of K^T V
+            scale = self.gamma / norms[..., None, :]  # (B, h, 1, d)
+            rows = (self._xnorm(q[:, :, idx]) * scale) @ k.transpose(-2, -1)  # (B, h, Q, S)
+        record(self, "rows", rows, grid=key_grid, queries=idx, query_grid=grid,
+               note="no softmax: the signed weights of the values in the output, per query")
+
     def forward(
         self,
         query: Tensor,
@@ -161,7 +173,10 @@ class UFOAttention(nn.Module):
         q = self.q(query).unflatten(-1, (h, self.head_dim)).transpose(1, 2)  # (B, h, L, d)
         k = k.unflatten(-1, (h, self.head_dim)).transpose(1, 2)  # (B, h, S, d)
         v = self.v(value).unflatten(-1, (h, self.value_head_dim)).transpose(1, 2)  # (B, h, S, dv)
-        kv = self._xnorm(k.transpose(-2, -1) @ v)  # (B, h, d, dv)
+        raw = k.transpose(-2, -1) @ v  # (B, h, d, dv)
+        kv = self._xnorm(raw)
         out = self._xnorm(q) @ kv  # (B, h, L, dv)
+        if capturing():
+            self._record(q, k, raw, (dims["L"],), (kdims["S"],))
         out = self.proj_drop(self.proj(out.transpose(1, 2).flatten(2)))  # (B, L, h dv) -> (B, L, C)
         return (out, kv) if need_weights else out

@@ -28,6 +28,10 @@ from torch import Tensor, nn
 from attnzoo._geometry import Geometry, Unsupported, divisor_window, fit_window, grid2d, heads_for
 from attnzoo._registry import Spec
 from attnzoo.surgery.adapters import build_for_place, channel_kwargs
+from attnzoo.surgery.map_adapters import Clip, Tiles
+
+# Frames of the clip made from a map for mechanisms on clips or along time (see `Clip`).
+CLIP_FRAMES = 3
 
 __all__ = [
     "Geometry",
@@ -299,6 +303,20 @@ class _SelfTokens(nn.Module):
         return out.transpose(1, 2).reshape(b, c, h, w)  # (B, H*W, C) -> (B, C, H, W)
 
 
+def _tiled(spec: Spec, geo: Geometry) -> nn.Module | None:
+    """A channels-last mechanism that cannot take the whole map, on the largest square tiles it takes."""
+    h, w = grid2d(geo)
+    for side in range(min(h, w) - 1, 1, -1):
+        if h % side or w % side:
+            continue
+        try:
+            kwargs = constructor_kwargs(spec, Geometry(1, geo.channels, (side, side)))
+            return Tiles(_construct(spec, kwargs), side)
+        except Unsupported:
+            continue
+    return None
+
+
 def build_nchw(spec: Spec, channels: int, size: tuple[int, int], *, seed: int = 0) -> nn.Module:
     """A module for `(B, channels, H, W)` maps that keeps their shape: `spec`'s mechanism built
     for that input and wrapped to the map's layout when it takes another (NHWC, NLC tokens, or a
@@ -310,12 +328,14 @@ def build_nchw(spec: Spec, channels: int, size: tuple[int, int], *, seed: int = 
     geo = Geometry(1, channels, tuple(size))
     torch.manual_seed(seed)
     rule = spec.input_rule
-    if rule == "windows":
-        raise Unsupported(
-            "takes windows already cut from a map, (B*windows, Wh*Ww, C); use shifted_window on maps"
-        )
-    if rule == "frames":
-        raise Unsupported("attends along time, (B, T, C) frames; it has no place on a feature map")
+    if rule == "windows":  # cut the map into windows and put them back (shifted_window, unshifted)
+        return Tiles(_construct(spec, constructor_kwargs(spec, geo)), divisor_window(*size), tokens=True)
+    if rule == "frames" or spec.layout == "NTHWC":  # a 3-frame pan made of the map
+        clip = Geometry(1, channels, (CLIP_FRAMES, *size))
+        kwargs = constructor_kwargs(spec, clip)
+        if "kernel_size" in kwargs:  # the whole clip in time, a larger neighbourhood in space
+            kwargs["kernel_size"] = (CLIP_FRAMES, *(min(7, s) for s in size))
+        return Clip(_construct(spec, kwargs), CLIP_FRAMES, along_time=rule == "frames")
     if rule == "self":
         return _SelfTokens(_construct(spec, constructor_kwargs(spec, geo)), len(spec.example.inputs))
     if spec.layout == "SEQ2SEQ":
@@ -332,7 +352,13 @@ def build_nchw(spec: Spec, channels: int, size: tuple[int, int], *, seed: int = 
             "it does not keep the map's shape"
         )
     input_shapes(spec, geo)  # raises when the layout cannot take a map
-    kwargs = constructor_kwargs(spec, geo)
+    try:
+        kwargs = constructor_kwargs(spec, geo)
+    except Unsupported:
+        tiled = _tiled(spec, geo) if spec.layout == "NHWC" else None
+        if tiled is None:
+            raise
+        return tiled
     layout = inspect.signature(spec.cls.__init__).parameters.get("layout")
     if spec.layout == "NHWC" and layout is not None and isinstance(layout.default, str):
         # A channels-last class with a layout switch runs on the map itself (in the switch's spelling).
