@@ -120,16 +120,18 @@ class _BiasedAttention(torch.autograd.Function):
             g_i, p_i = g[:, :, i], probs4[:, i]  # (B, N, d), (B, N, N) strided views
             q_i, k_i, v_i = qkv[:, :, 0, i], qkv[:, :, 1, i], qkv[:, :, 2, i]  # (B, N, d) views
             grad_probs = torch.bmm(g_i, v_i.transpose(1, 2))  # (B, N, N)
+            # The GEMMs write contiguous results that are then copied into the packed gradient: a
+            # strided `out=` makes bmm fall back to one small GEMM per batch element.
             if grad_qkv is not None:
                 dropped = p_i if keep4 is None else p_i * keep4[:, i] / (1.0 - dropout_p)
-                torch.bmm(dropped.transpose(1, 2), g_i, out=grad_qkv[:, :, 2, i])
+                grad_qkv[:, :, 2, i] = torch.bmm(dropped.transpose(1, 2), g_i)  # (B, N, d)
             if keep4 is not None:
                 grad_probs.mul_(keep4[:, i]).mul_(1.0 / (1.0 - dropout_p))
             grad_logits = torch._softmax_backward_data(grad_probs, p_i, -1, probs.dtype)  # (B, N, N)
             del grad_probs
             if grad_qkv is not None:
-                torch.bmm(grad_logits, k_i, out=grad_qkv[:, :, 0, i]).mul_(scale)
-                torch.bmm(grad_logits.transpose(1, 2), q_i, out=grad_qkv[:, :, 1, i]).mul_(scale)
+                grad_qkv[:, :, 0, i] = torch.bmm(grad_logits, k_i).mul_(scale)  # (B, N, d)
+                grad_qkv[:, :, 1, i] = torch.bmm(grad_logits.transpose(1, 2), q_i).mul_(scale)  # (B, N, d)
             if grad_bias is not None:
                 torch.sum(grad_logits.view(b // groups, groups, n, n), 0, out=grad_bias[:, i])  # (G, N, N)
         return grad_qkv, None if grad_bias is None else grad_bias.view(bias.shape), None, None

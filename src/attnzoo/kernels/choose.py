@@ -6,7 +6,7 @@ an AVX-512 CPU picked the slower kernel on an AVX2 one (``shared/MEASURED.md``).
 
 | site | candidates | static rule (validated on the AVX-512 benchmark machine) |
 |---|---|---|
-| ``global`` | ``blocked``, ``sdpa`` (padded flash) | ``blocked`` when one width exceeds twice the other |
+| ``global`` | ``blocked``, ``sdpa`` (padded flash) | ``sdpa`` |
 | ``window`` | ``biased``, ``sdpa`` (``attend``) | ``biased`` |
 | ``gate`` | ``fused``, ``plain`` (composite ops) | ``fused`` |
 | ``select`` | ``fused``, ``plain`` (composite ops) | ``fused`` |

@@ -58,14 +58,21 @@ def _strip_convs(channels: int, kernel_size: int, bias: bool, dd: dict) -> tuple
     return conv_h, conv_w
 
 
-def _finish(module: nn.Module, x: Tensor, gate: Tensor, has_skip: bool, need_weights: bool):
-    """``x * gate`` (plus ``x`` with the skip), the map recorded, the gate returned on request."""
-    out = x * gate
+def _finish(module: nn.Module, x: Tensor, gates: tuple[Tensor, ...], has_skip: bool, need_weights: bool):
+    """``x`` times each of `gates` in turn (plus ``x`` with the skip), the map recorded, the gate
+    returned on request. Multiplying by the factors one by one, as timm does, never builds nor keeps
+    a full-size product of two strip gates: their product is made only when it is asked for."""
+    out = x
+    for gate in gates:
+        out = out * gate
     if has_skip:
         out = out + x
+    if not (need_weights or capturing()):
+        return out
+    full = gates[0] if len(gates) == 1 else (gates[0] * gates[1]).expand_as(x)  # (B, C, H, W)
     if capturing():  # map capture: the channel-mean of the (B, C, H, W) gate
-        record(module, "spatial", gate.mean(1), grid=x.shape[2:])
-    return (out, gate) if need_weights else out
+        record(module, "spatial", full.mean(1), grid=x.shape[2:])
+    return (out, full) if need_weights else out
 
 
 @register(
@@ -164,8 +171,8 @@ class CoordAttention(nn.Module):
         y_h, y_w = y.split([H, W], dim=2)  # (B, rd, H, 1), (B, rd, W, 1)
         a_h = self.conv_h(y_h)  # (B, C, H, 1)
         a_w = self.conv_w(y_w).transpose(2, 3)  # (B, C, W, 1) -> (B, C, 1, W)
-        gate = self.gate(a_h + a_w) if self.additive else self.gate(a_h) * self.gate(a_w)
-        return _finish(self, x, gate, self.has_skip, need_weights)
+        gates = (self.gate(a_h + a_w),) if self.additive else (self.gate(a_w), self.gate(a_h))
+        return _finish(self, x, gates, self.has_skip, need_weights)
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, rd_channels={self.rd_channels}, additive={self.additive}"
@@ -308,7 +315,7 @@ class EfficientLocalAttention(nn.Module):
         check_shape(x, type(self).__name__, "B C H W", C=self.channels)
         a_h = self.gate(self.act(self.norm_h(self.conv_h(x.mean(3, keepdim=True)))))  # (B, C, H, 1)
         a_w = self.gate(self.act(self.norm_w(self.conv_w(x.mean(2, keepdim=True)))))  # (B, C, 1, W)
-        return _finish(self, x, a_h * a_w, self.has_skip, need_weights)
+        return _finish(self, x, (a_h, a_w), self.has_skip, need_weights)
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, kernel_size={self.kernel_size}"
@@ -383,7 +390,7 @@ class StripAttention(nn.Module):
     def forward(self, x: Tensor, need_weights: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         check_shape(x, type(self).__name__, "B C H W", C=self.channels)
         logits = self.conv_h(x.mean(3, keepdim=True)) + self.conv_w(x.mean(2, keepdim=True))  # (B, C, H, W)
-        return _finish(self, x, self.gate(logits), self.has_skip, need_weights)
+        return _finish(self, x, (self.gate(logits),), self.has_skip, need_weights)
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, kernel_size={self.kernel_size}, use_conv={self.use_conv}"

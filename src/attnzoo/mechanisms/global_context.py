@@ -147,11 +147,16 @@ class GlobalContext(nn.Module):
         sizes = check_shape(x, type(self).__name__, "B C H W", C=self.channels)
         batch, height, width = sizes["B"], sizes["H"], sizes["W"]
         if self.conv_attn is not None:
-            logits = torch.einsum("bchw,c->bhw", x, self.conv_attn.weight.flatten())  # (1, C, 1, 1) -> (C,)
+            # Batched GEMMs on the (B, C, H*W) view: no copy of x (einsum's "bchw,c" permutes x to
+            # channels-last first, a full extra pass in forward and backward).
+            flat = x.reshape(batch, self.channels, height * width)  # (B, C, N), a view when contiguous
+            weight = self.conv_attn.weight.view(1, 1, self.channels).expand(batch, 1, self.channels)
+            logits = torch.bmm(weight, flat)  # (B, 1, N)
             if self.conv_attn.bias is not None:
                 logits = logits + self.conv_attn.bias
-            attn = logits.flatten(1).softmax(-1).view(batch, height, width)  # softmax over H*W
-            context = torch.einsum("bchw,bhw->bc", x, attn)  # (B, C)
+            attn = logits.softmax(-1)  # (B, 1, N): softmax over H*W
+            context = torch.bmm(flat, attn.transpose(1, 2)).view(batch, self.channels)  # (B, C)
+            attn = attn.view(batch, height, width)  # (B, H, W)
             if capturing():  # map capture: the pooling weights
                 record(self, "spatial", attn, grid=(height, width))
         else:
