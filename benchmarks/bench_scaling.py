@@ -187,6 +187,27 @@ def plot(data: dict, path: Path) -> None:
     fig.savefig(path, dpi=90)
 
 
+def table(data: dict) -> str:
+    """One row per mechanism and candidate, one column per N: "ms / MiB" (or why it did not run)."""
+    sizes = sorted({int(n) for per_n in data["results"].values() for n in per_n})
+    rows = []
+    for mech, per_n in data["results"].items():
+        cands = list(dict.fromkeys(c for cell in per_n.values() for c in cell))
+        for cand in cands:
+            cells, rate = [], ""
+            for n in sizes:
+                cell = per_n.get(str(n), {}).get(cand, {})
+                if "ms" in cell:
+                    cells.append(f"{cell['ms']:.1f} ms / {cell['peak_mib']:.1f} MiB")
+                else:
+                    cells.append(cell.get("status", "-"))
+                if "gflops" in cell:
+                    rate = f"{cell['gflops']:.0f} ({cell['gflops'] / data['gemm_gflops']:.0%})"
+            rows.append([mech, cand, *cells, rate])
+    header = ["mechanism", "candidate", *(f"N = {n}" for n in sizes), "GFLOP/s at the largest N (of GEMM)"]
+    return markdown_table(header, rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -196,12 +217,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--cap-gb", type=float, default=16.0)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--merge", action="store_true", help="keep the other mechanisms already in --json")
     parser.add_argument("--png", type=Path, default=None)
     args = parser.parse_args()
     ensure_malloc_env()
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(HERE), os.environ.get("PYTHONPATH", "")) if p)
     started = time.time()
     data: dict = {"machine": describe_machine(), "gemm_gflops": gemm_gflops(), "results": {}}
+    if args.merge and args.json and args.json.exists():
+        data["results"] = json.loads(args.json.read_text())["results"]
     for mech in args.only:
         data["results"][mech] = {}
         for n in args.n:
@@ -215,24 +239,13 @@ def main() -> None:
         args.json.write_text(json.dumps(data, indent=1) + "\n")
     if args.png:
         plot(data, args.png)
-    rows = []
-    for mech, per_n in data["results"].items():
-        for n, cands in per_n.items():
-            for cand, cell in cands.items():
-                ms = f"{cell['ms']:.1f}" if "ms" in cell else cell.get("status", "-")
-                peak = f"{cell['peak_mib']:.1f}" if "peak_mib" in cell else "-"
-                rate = (
-                    f"{cell['gflops']:.0f} ({cell['gflops'] / data['gemm_gflops']:.0%})"
-                    if "gflops" in cell
-                    else ""
-                )
-                rows.append([mech, n, cand, ms, peak, rate])
     print(f"### Scaling with N on {data['machine']}\n")
     print(
         f"{time.strftime('%Y-%m-%d')}, torch {torch.__version__}, GEMM {data['gemm_gflops']:.0f} GFLOP/s; "
-        f"B = 1, C = {C}, forward + backward, float32 (bench_scaling.py).\n"
+        f"B = 1, C = {C}, forward + backward, float32 (bench_scaling.py); each cell: median time / peak "
+        "memory one step adds.\n"
     )
-    print(markdown_table(["mechanism", "N", "candidate", "median ms", "peak MiB", "GFLOP/s (of GEMM)"], rows))
+    print(table(data))
     print(f"\n(total {time.time() - started:.0f} s)")
 
 

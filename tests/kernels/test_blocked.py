@@ -81,3 +81,22 @@ def test_torch_func_grad_over_functional_call(run):
 def test_autocast_bf16_forward_and_backward():
     # The kernel computes in the dtype its inputs arrive in (float32 here), autocast or not.
     assert_autocast_bf16(blocked, tensors(torch.float32), tol=1e-5)
+
+
+def test_large_inputs_take_the_static_kernel_without_measuring(monkeypatch):
+    """Above `_CALIBRATE_MAX_PAIRS` query-key pairs the first call does not run both kernels to
+    measure them (that would cost minutes at N = 64k): padded SDPA runs, the static choice."""
+    import attnzoo.kernels.blocked as blocked
+    from attnzoo.kernels import choose
+
+    monkeypatch.setenv("ATTNZOO_KERNEL_CALIBRATE", "1")
+    monkeypatch.setattr(blocked, "_CALIBRATE_MAX_PAIRS", 100)
+    measured = []
+    monkeypatch.setattr(choose, "choose", lambda *a, **k: measured.append(a) or "blocked")
+    q, k, v = torch.randn(1, 20, 3), torch.randn(1, 20, 3), torch.randn(1, 20, 7)
+    assert blocked._choice(q, k, v, 1.0) == "sdpa" and not measured
+    monkeypatch.setattr(blocked, "_CALIBRATE_MAX_PAIRS", 1000)
+    assert blocked._choice(q, k, v, 1.0) == "blocked" and len(measured) == 1  # measured below it
+    with blocked.global_kernel("blocked"):  # an explicit choice still wins at any size
+        monkeypatch.setattr(blocked, "_CALIBRATE_MAX_PAIRS", 100)
+        assert blocked._choice(q, k, v, 1.0) == "blocked"

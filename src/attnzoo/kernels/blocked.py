@@ -267,6 +267,9 @@ def global_attention(
     return (out.squeeze(1), weights.squeeze(1)) if need_weights else out.squeeze(1)
 
 
+_CALIBRATE_MAX_PAIRS = 1 << 26  # query-key pairs (B * L * S) up to which the kernels are measured
+
+
 def _choice(q: Tensor, k: Tensor, v: Tensor, scale: float) -> str:
     """``"blocked"`` or ``"sdpa"`` for CPU float32/float64 inputs (`attnzoo.kernels.choose`)."""
     forced = kernel_choice()
@@ -274,6 +277,10 @@ def _choice(q: Tensor, k: Tensor, v: Tensor, scale: float) -> str:
         return forced
     small, large = sorted((q.shape[-1], v.shape[-1]))
     if small == large:  # SDPA flash takes the inputs as they are
+        return "sdpa"
+    if q.shape[0] * q.shape[1] * k.shape[1] > _CALIBRATE_MAX_PAIRS:
+        # Measuring would cost seconds to minutes on the first call (two runs of each kernel at
+        # this size): the static choice, which measured level or faster on both ISAs, stands.
         return "sdpa"
     train = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     needs = [t.requires_grad for t in (q, k, v)] if train else False
