@@ -55,18 +55,20 @@ def _plain_biased(qkv: Tensor, bias: Tensor, scale: float, keep: Tensor | None, 
     logits = logits.view(b // groups, groups, h, n, n) + bias  # group-major batch
     probs = logits.softmax(-1).masked_fill(dead.view(groups, h, n, 1), 0.0).view(b, h, n, n)
     if keep is not None:
-        probs = probs * keep.view(b, h, n, n) / (1.0 - dropout_p)
+        probs = probs * keep / (1.0 - dropout_p)  # keep: (B, h, N, N)
     return (probs @ v).transpose(1, 2).reshape(b, n, h * d)  # (B, h, N, d) -> (B, N, h*d)
 
 
 class _BiasedAttention(torch.autograd.Function):
     """softmax(scale * q k^T + bias) v on packed qkv, keeping one N x N map for backward.
 
-    Layouts are chosen for the CPU GEMMs: q and v are copied to ``(B*h, N, d)``, k to
-    ``(B*h, d, N)`` (a transposed second operand runs at about half speed on tiny matrices), the
-    scale is folded into the copy of q, and the bias is added in place to the logits. Saved for
-    backward: ``qkv`` and ``bias`` as given (a double backward differentiates them), the weights
-    and the dropout mask.
+    Head by head, so no full-size copy of q, k or v is made: for each head, q (scaled) and k^T
+    are copied to contiguous ``(B, N, d)`` / ``(B, d, N)`` blocks (a transposed second operand
+    runs at about half speed on tiny matrices), the logits go straight into that head's block of
+    the saved weights (head-major ``(h, B, N, N)``, each block contiguous), the bias is added and
+    the softmax taken in place, and the product with v (a strided view: batched GEMMs take any row
+    stride) is written into the head's slot of the output. Saved for backward: ``qkv`` and
+    ``bias`` as given (a double backward differentiates them), the weights and the dropout mask.
     """
 
     @staticmethod
@@ -75,25 +77,30 @@ class _BiasedAttention(torch.autograd.Function):
         b, n, _, h, d = qkv.shape
         groups = bias.shape[0] if bias.ndim == 4 else 1
         dead = _dead_rows(bias)  # (G, h, N, 1) or (h, N, 1)
-        q = torch.empty((b, h, n, d), dtype=qkv.dtype, device=qkv.device)
-        torch.mul(qkv[:, :, 0].transpose(1, 2), scale, out=q)  # (B, h, N, d), scaled
-        kt = qkv[:, :, 1].permute(0, 2, 3, 1).contiguous().view(b * h, d, n)  # (B*h, d, N)
-        v = qkv[:, :, 2].transpose(1, 2).contiguous().view(b * h, n, d)  # (B*h, N, d)
-        q = q.reshape(b * h, n, d)  # (B*h, N, d)
-        probs = torch.bmm(q, kt)  # (B*h, N, N) logits
-        grouped = probs.view(b // groups, groups, h, n, n)  # group-major batch
-        grouped.add_((bias if dead is None else bias.masked_fill(dead, 0.0)).view(groups, h, n, n))
-        torch.softmax(probs, dim=-1, out=probs)  # in place: one N x N buffer
-        if dead is not None:
-            grouped.masked_fill_(dead, 0.0)  # masked queries: zero weights, so zero output and gradients
+        bias_g = (bias if dead is None else bias.masked_fill(dead, 0.0)).view(groups, h, n, n)
+        dead_g = None if dead is None else dead.view(groups, h, n, 1)
+        probs = qkv.new_empty((h, b, n, n))  # head-major weights
         keep = None
         if dropout_p > 0.0:
-            keep = torch.empty_like(probs, dtype=torch.bool).bernoulli_(1.0 - dropout_p)
-        dropped = probs if keep is None else probs * keep / (1.0 - dropout_p)
-        out = torch.bmm(dropped, v)  # (B*h, N, d)
+            # drawn in the (B, h, N, N) order of `attend`'s dropout, so one seed gives one mask
+            keep = torch.empty((b, h, n, n), dtype=torch.bool, device=qkv.device).bernoulli_(1.0 - dropout_p)
+        out = qkv.new_empty((b, n, h, d))
+        for i in range(h):
+            q_i = qkv[:, :, 0, i] * scale  # (B, N, d), scaled
+            kt_i = qkv[:, :, 1, i].transpose(1, 2).contiguous()  # (B, d, N)
+            p_i = probs[i]  # (B, N, N), contiguous
+            torch.bmm(q_i, kt_i, out=p_i)  # logits
+            del q_i, kt_i
+            grouped = p_i.view(b // groups, groups, n, n)  # group-major batch
+            grouped.add_(bias_g[:, i])  # (G, N, N) over every image
+            torch.softmax(p_i, dim=-1, out=p_i)  # in place: one N x N buffer
+            if dead_g is not None:
+                grouped.masked_fill_(dead_g[:, i], 0.0)  # masked queries: zero weights, output, grads
+            dropped = p_i if keep is None else p_i * keep[:, i] / (1.0 - dropout_p)
+            out[:, :, i] = torch.bmm(dropped, qkv[:, :, 2, i])  # (B, N, d)
         ctx.save_for_backward(qkv, bias, probs, keep)
         ctx.meta = (scale, dropout_p)
-        return out.view(b, h, n, d).transpose(1, 2).reshape(b, n, h * d)  # (B, N, h*d)
+        return out.view(b, n, h * d)  # (B, N, h*d)
 
     @staticmethod
     @without_autocast
@@ -111,22 +118,21 @@ class _BiasedAttention(torch.autograd.Function):
         b, n, _, h, d = qkv.shape
         groups = bias.shape[0] if bias.ndim == 4 else 1
         g = grad_out.reshape(b, n, h, d)
-        probs4 = probs.view(b, h, n, n)
-        keep4 = None if keep is None else keep.view(b, h, n, n)
+
         want_qkv, want_bias = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_qkv = qkv.new_empty((b, n, 3, h, d)) if want_qkv else None
         grad_bias = bias.new_empty((groups, h, n, n)) if want_bias else None
         for i in range(h):
-            g_i, p_i = g[:, :, i], probs4[:, i]  # (B, N, d), (B, N, N) strided views
+            g_i, p_i = g[:, :, i], probs[i]  # (B, N, d) strided view, (B, N, N)
             q_i, k_i, v_i = qkv[:, :, 0, i], qkv[:, :, 1, i], qkv[:, :, 2, i]  # (B, N, d) views
             grad_probs = torch.bmm(g_i, v_i.transpose(1, 2))  # (B, N, N)
             # The GEMMs write contiguous results that are then copied into the packed gradient: a
             # strided `out=` makes bmm fall back to one small GEMM per batch element.
             if grad_qkv is not None:
-                dropped = p_i if keep4 is None else p_i * keep4[:, i] / (1.0 - dropout_p)
+                dropped = p_i if keep is None else p_i * keep[:, i] / (1.0 - dropout_p)
                 grad_qkv[:, :, 2, i] = torch.bmm(dropped.transpose(1, 2), g_i)  # (B, N, d)
-            if keep4 is not None:
-                grad_probs.mul_(keep4[:, i]).mul_(1.0 / (1.0 - dropout_p))
+            if keep is not None:
+                grad_probs.mul_(keep[:, i]).mul_(1.0 / (1.0 - dropout_p))
             grad_logits = torch._softmax_backward_data(grad_probs, p_i, -1, probs.dtype)  # (B, N, N)
             del grad_probs
             if grad_qkv is not None:
