@@ -268,6 +268,11 @@ def global_attention(
 
 
 _CALIBRATE_MAX_PAIRS = 1 << 26  # query-key pairs (B * L * S) up to which the kernels are measured
+# Padded SDPA is the static choice: measured level with the blocked kernel or faster on both
+# machine kinds (AVX-512: within 3% at N = 1k-16k, 0.72 against 0.95 of the seed under the
+# benchmarks' allocator settings; AVX2: 0.80 against 0.91), and it holds less memory. The blocked
+# kernel runs where calibration measures it clearly faster, or when asked for.
+_STATIC = "sdpa"
 
 
 def _choice(q: Tensor, k: Tensor, v: Tensor, scale: float) -> str:
@@ -280,8 +285,8 @@ def _choice(q: Tensor, k: Tensor, v: Tensor, scale: float) -> str:
         return "sdpa"
     if q.shape[0] * q.shape[1] * k.shape[1] > _CALIBRATE_MAX_PAIRS:
         # Measuring would cost seconds to minutes on the first call (two runs of each kernel at
-        # this size): the static choice, which measured level or faster on both ISAs, stands.
-        return "sdpa"
+        # this size): the static choice stands.
+        return _STATIC
     train = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     needs = [t.requires_grad for t in (q, k, v)] if train else False
     key = (*(choose.bucket(n) for n in (q.shape[0], q.shape[1], k.shape[1], small, large)),
@@ -290,13 +295,8 @@ def _choice(q: Tensor, k: Tensor, v: Tensor, scale: float) -> str:
         "blocked": choose.workload(lambda a, b, c: blocked_attention(a, b, c, scale=scale), (q, k, v), needs),
         "sdpa": choose.workload(lambda a, b, c: _padded_sdpa(a, b, c, scale), (q, k, v), needs),
     }
-    # Padded SDPA is the static choice: measured level with the blocked kernel or faster on both
-    # machine kinds (AVX-512: within 3% at N = 1k-16k, 0.72 against 0.95 of the seed under the
-    # benchmarks' allocator settings; AVX2: 0.80 against 0.91), and it holds less memory. The
-    # blocked kernel runs where calibration measures it clearly faster, or when asked for.
-    static = "sdpa"
     elements = q.numel() + k.numel() + v.numel()
-    return choose.choose("global", key, candidates, static=static, elements=elements, device=q.device)
+    return choose.choose("global", key, candidates, static=_STATIC, elements=elements, device=q.device)
 
 
 def _padded_sdpa(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
