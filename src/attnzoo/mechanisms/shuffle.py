@@ -17,6 +17,7 @@ even channel count), splitting each group 2 + 1 with one shared weight per half,
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnzoo._checks import check_divisible, check_float, check_int, check_shape
@@ -109,17 +110,45 @@ class ShuffleAttention(nn.Module):
         first = (c // self.groups + 1) // 2  # C/2G; fightingcv's 3-channel groups split 2 + 1
         x0, x1 = xg[:, :first], xg[:, first:]  # (B*G, C/2G, H, W) each
         cgate = torch.sigmoid(self.cweight * x0.mean((2, 3), keepdim=True) + self.cbias)  # (B*G, C/2G, 1, 1)
-        sgate = torch.sigmoid(self.sweight * self.gn(x1) + self.sbias)  # (B*G, C/2G, H, W)
+        sgate = torch.sigmoid(self._spatial_logits(x1))  # (B*G, C/2G, H, W)
         if capturing():  # map capture: the spatial gates averaged over their channels
             spatial = sgate.reshape(b, -1, h, w).mean(1)  # (B*G, C/2G, H, W) -> (B, H, W)
             record(self, "spatial", spatial, grid=(h, w))
-        gated = torch.cat((x0 * cgate, x1 * sgate), 1)  # (B*G, C/G, H, W)
-        # channel shuffle with 2 groups: (B, 2, C/2, H, W) -> (B, C/2, 2, H, W) -> (B, C, H, W)
-        out = gated.reshape(b, 2, c // 2, h, w).transpose(1, 2).reshape(b, c, h, w)
+        out = _gate_and_shuffle(x0 * cgate, x1 * sgate, b, self.groups)  # (B, C, H, W)
         if not need_weights:
             return out
         weights = torch.cat((cgate.expand_as(x0), sgate), 1).reshape(b, c, h, w)  # input channel order
         return out, weights
 
+    def _spatial_logits(self, x1: Tensor) -> Tensor:
+        """$w_s\\,\\mathrm{GN}(x^2) + b_s$ as one GroupNorm: $w_s$ and $b_s$ folded into its affine
+        (two full-size elementwise passes fewer, forward and backward)."""
+        gn = self.gn
+        weight = self.sweight.reshape(-1) if gn.weight is None else self.sweight.reshape(-1) * gn.weight
+        bias = self.sbias.reshape(-1)
+        if gn.bias is not None:
+            bias = bias + self.sweight.reshape(-1) * gn.bias
+        return F.group_norm(x1, gn.num_groups, weight, bias, gn.eps)
+
     def extra_repr(self) -> str:
         return f"channels={self.channels}, groups={self.groups}"
+
+
+def _gate_and_shuffle(first: Tensor, second: Tensor, b: int, groups: int) -> Tensor:
+    """Concatenate each group's gated halves and shuffle the channels across the two halves of C.
+
+    first `(B*G, C1, H, W)`, second `(B*G, C2, H, W)` -> `(B, C, H, W)` with C = G * (C1 + C2). With G
+    even the shuffled layout is one concatenation of permuted views (one copy, not two): output
+    channel `2 j + t` is channel j of the t-th half of C, and each half of C holds G/2 whole groups.
+    """
+    _, c1, h, w = first.shape
+    c = groups * (c1 + second.shape[1])
+    if groups % 2:  # a half of C ends inside a group: concatenate, then shuffle
+        gated = torch.cat((first, second), 1)  # (B*G, C/G, H, W)
+        # (B, 2, C/2, H, W) -> (B, C/2, 2, H, W) -> (B, C, H, W)
+        return gated.reshape(b, 2, c // 2, h, w).transpose(1, 2).reshape(b, c, h, w)
+
+    def halves(part: Tensor) -> Tensor:  # (B*G, Ck, H, W) -> (B, G/2, Ck, 2, H*W), a view
+        return part.reshape(b, 2, groups // 2, part.shape[1], h * w).permute(0, 2, 3, 1, 4)
+
+    return torch.cat((halves(first), halves(second)), 2).reshape(b, c, h, w)  # (B, G/2, C/G, 2, HW)
