@@ -153,9 +153,12 @@ class SplitAttention(nn.Module):
         splits = u.view(B, R, self.out_channels, *u.shape[2:])  # (B, R * C', H', W') -> (B, R, C', H', W')
         pooled = u.mean((2, 3)).view(B, R, -1).sum(1)  # (B, R * C') -> (B, R, C') -> (B, C')
         weights = self.split_weights(pooled)  # (B, R, C')
-        out = splits[:, 0] * weights[:, 0, :, None, None]
-        for r in range(1, R):
-            out = out + splits[:, r] * weights[:, r, :, None, None]
+        # unbind, not splits[:, r]: its backward stacks the R gradients once, where R selects would
+        # each fill a zero (B, R, C', H', W') gradient and add them (two full-size buffers more at peak)
+        parts, gates = splits.unbind(1), weights.unbind(1)  # R x (B, C', H', W'), R x (B, C')
+        out = parts[0] * gates[0][:, :, None, None]
+        for part, gate in zip(parts[1:], gates[1:]):
+            out = torch.addcmul(out, part, gate[:, :, None, None])  # one pass, no product buffer
         if capturing():  # map capture: the weights of the splits
             record(self, "branch", weights)
         return (out, weights) if need_weights else out
