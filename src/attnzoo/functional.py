@@ -248,7 +248,10 @@ def attend(
         raise ValueError(f"attend expects dropout_p in [0, 1], got {dropout_p}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
 
-    if fused_enabled() and not need_weights:
+    # SDPA's CPU kernels take no dropout: torch runs its math path, which saves scaled copies of q
+    # and k for backward; attnzoo's math path scales inside the product and saves q and k as given
+    cpu_dropout = dropout_p > 0 and q.device.type == "cpu"
+    if fused_enabled() and not need_weights and not cpu_dropout:
         if mask is None and bias is None:
             return sdpa(q, k, v, dropout_p=dropout_p, is_causal=causal, scale=scale)
         attn_mask, dead = _merge_masks(mask, bias, causal, target, q.dtype, q.device)
@@ -264,7 +267,7 @@ def _attend_math(
     dropout_p: float, scale: float, target: tuple[int, ...], need_weights: bool,
 ) -> Tensor | tuple[Tensor, Tensor]:
     compute_dtype = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
-    scores = (q.to(compute_dtype) * scale) @ k.to(compute_dtype).transpose(-2, -1)  # (B, h, L, S)
+    scores = _scaled_scores(q.to(compute_dtype), k.to(compute_dtype), scale)  # (B, h, L, S)
     attn_mask, dead = _merge_masks(mask, bias, causal, target, compute_dtype, q.device)
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
@@ -278,6 +281,19 @@ def _attend_math(
     dropped = F.dropout(weights, p=dropout_p) if dropout_p > 0 else weights
     out = dropped @ v  # (B, h, L, e)
     return (out, weights) if need_weights else out
+
+
+def _scaled_scores(q: Tensor, k: Tensor, scale: float) -> Tensor:
+    """`scale * q @ k^T` in one product (baddbmm's alpha): autograd keeps q and k, no scaled copy.
+
+    q `(..., L, d)`, k `(..., S, d)` -> `(..., L, S)`.
+    """
+    lead = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2])
+    q3 = q.expand(*lead, *q.shape[-2:]).reshape(-1, *q.shape[-2:])  # (..., L, d) -> (N, L, d)
+    k3 = k.expand(*lead, *k.shape[-2:]).reshape(-1, *k.shape[-2:])  # (..., S, d) -> (N, S, d)
+    zero = q.new_zeros(())  # beta=0 ignores it; a 0-d tensor broadcasts without allocating (N, L, S)
+    scores = torch.baddbmm(zero, q3, k3.transpose(-2, -1), beta=0.0, alpha=scale)  # (N, L, S)
+    return scores.reshape(*lead, q.shape[-2], k.shape[-2])
 
 
 # ---------------------------------------------------------------------------------------------
