@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from attnzoo._checks import check_int, check_shape, checked
 from attnzoo._registry import Example, register
+from attnzoo.kernels.gate import GatePlan, fused_gate
 from attnzoo.maps.capture import capturing, record
 from attnzoo.mechanisms._widths import adaptive_kernel_size, check_layer, hidden_channels
 
@@ -64,12 +65,18 @@ class _ChannelGate(nn.Module):
         """Rescale each channel of `x` `(B, C, H, W)`; with `need_weights`, also return the gate `(B, C)`."""
         sizes = {} if self.channels is None else {"C": self.channels}
         check_shape(x, type(self).__name__, "B C H W", **sizes)  # type: ignore[arg-type]
-        pooled = x.mean((2, 3)).unsqueeze(1)  # (B, C) -> (B, 1, C)
-        gate = self.gate(self.mix(pooled)).squeeze(1)  # type: ignore[operator]  # (B, 1, C) -> (B, C)
+        if not need_weights:  # the lean gating kernel: one full-size temporary in backward
+            plan = GatePlan(channel_fn=self.excite, channel_stats=("mean",))
+            return fused_gate(x, plan, tuple(self.parameters()))
+        gate = self.excite(x.mean((2, 3)))  # (B, C)
+        return x * gate[:, :, None, None], gate  # (B, C, 1, 1) broadcast over H, W
+
+    def excite(self, pooled: Tensor) -> Tensor:
+        """The gate `(B, C)` from the channel means `(B, C)`."""
+        gate = self.gate(self.mix(pooled.unsqueeze(1))).squeeze(1)  # type: ignore[operator]  # (B, 1, C) -> (B, C)
         if capturing():  # map capture: the channel gate
             record(self, "channel", gate)
-        out = x * gate[:, :, None, None]  # (B, C, 1, 1) broadcast over H, W
-        return (out, gate) if need_weights else out
+        return gate
 
 
 @register(

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from attnzoo._checks import check_int, check_shape
 from attnzoo._registry import Example, register
+from attnzoo.kernels.gate import GatePlan, fused_gate
 from attnzoo.maps.capture import capturing, record
 from attnzoo.mechanisms._widths import check_layer
 
@@ -104,12 +105,20 @@ class EffectiveSqueezeExcite(nn.Module):
     def forward(self, x: Tensor, need_weights: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """Rescale each channel of `x` `(B, C, H, W)`; with `need_weights`, also return the gate `(B, C)`."""
         check_shape(x, type(self).__name__, "B C H W", C=self.channels)
-        pooled = pooled_mean_max(x, self.add_maxpool)  # (B, C)
+        stats = ("mean", "max") if self.add_maxpool else ("mean",)
+        if not need_weights:  # the lean gating kernel: one full-size temporary in backward
+            plan = GatePlan(channel_fn=self.excite, channel_stats=stats)
+            return fused_gate(x, plan, tuple(self.parameters()))
+        gate = self.excite(*(x.mean((2, 3)) if s == "mean" else x.amax((2, 3)) for s in stats))  # (B, C)
+        return x * gate[:, :, None, None], gate  # (B, C, 1, 1) broadcast over H, W
+
+    def excite(self, *stats: Tensor) -> Tensor:
+        """The gate `(B, C)` from the channel mean (and max), each `(B, C)`."""
+        pooled = stats[0] if len(stats) == 1 else 0.5 * stats[0] + 0.5 * stats[1]  # (B, C)
         gate = self.gate(F.linear(pooled, self.fc.weight.flatten(1), self.fc.bias))  # (C, C, 1, 1) -> (C, C)
         if capturing():  # map capture: the channel gate
             record(self, "channel", gate)
-        out = x * gate[:, :, None, None]  # (B, C, 1, 1) broadcast over H, W
-        return (out, gate) if need_weights else out
+        return gate
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, add_maxpool={self.add_maxpool}"

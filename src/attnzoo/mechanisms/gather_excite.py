@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from attnzoo._checks import check_int, check_shape
 from attnzoo._registry import Example, register
+from attnzoo.kernels.gate import GatePlan, fused_gate
 from attnzoo.maps.capture import capturing, record
 from attnzoo.mechanisms._widths import check_layer, hidden_channels
 from attnzoo.mechanisms.ese import pooled_mean_max
@@ -183,12 +184,24 @@ class GatherExcite(nn.Module):
             pooled = 0.5 * pooled + 0.5 * F.max_pool2d(x, kernel, stride, kernel // 2)
         return pooled
 
+    def _excite(self, *stats: Tensor) -> Tensor:
+        """The global gate `(B, C)` from the channel mean (and max), each `(B, C)`."""
+        pooled = stats[0] if len(stats) == 1 else 0.5 * stats[0] + 0.5 * stats[1]  # (B, C)
+        gate = self.gate(self.mlp(pooled[:, :, None, None])).flatten(1)  # (B, C, 1, 1) -> (B, C)
+        if capturing():  # map capture
+            record(self, "channel", gate)
+        return gate
+
     def forward(self, x: Tensor, need_weights: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """Gate `x` `(B, C, H, W)`; with `need_weights`, also return the gate `(B, C, h, w)`."""
         sizes: dict[str, int] = {} if self.channels is None else {"C": self.channels}
         if self.feat_size is not None:
             sizes.update(H=self.feat_size[0], W=self.feat_size[1])
         dims = check_shape(x, type(self).__name__, "B C H W", **sizes)  # type: ignore[arg-type]
+        if self.gather is None and self.extent == 0 and not need_weights:  # a global channel gate:
+            stats = ("mean", "max") if self.add_maxpool else ("mean",)  # the lean gating kernel
+            plan = GatePlan(channel_fn=self._excite, channel_stats=stats)
+            return fused_gate(x, plan, tuple(self.parameters()))
         gate = self.gate(self.mlp(self._gathered(x)))  # (B, C, h, w)
         if capturing():  # map capture: per channel (global extent) or per gathered position
             if gate.shape[-2:] == (1, 1):

@@ -157,7 +157,7 @@ class SplitAttention(nn.Module):
         # each fill a zero (B, R, C', H', W') gradient and add them (two full-size buffers more at peak)
         parts, gates = splits.unbind(1), weights.unbind(1)  # R x (B, C', H', W'), R x (B, C')
         out = parts[0] * gates[0][:, :, None, None]
-        for part, gate in zip(parts[1:], gates[1:]):
+        for part, gate in zip(parts[1:], gates[1:], strict=True):
             out = torch.addcmul(out, part, gate[:, :, None, None])  # one pass, no product buffer
         if capturing():  # map capture: the weights of the splits
             record(self, "branch", weights)
