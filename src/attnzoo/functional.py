@@ -23,7 +23,7 @@ import math
 import os
 import threading
 from collections.abc import Iterator
-from typing import Literal, overload
+from typing import Literal, cast, overload
 
 import torch
 import torch.nn.functional as F
@@ -154,23 +154,25 @@ def _merge_masks(
         keep = tri if keep is None else keep & tri
     if keep is None and additive is None:
         return None, None
-    # A row is dead when every entry is masked: False in `keep` or -inf in the additive part.
-    blocked = None if keep is None else ~keep
+    # A row is dead when every entry is masked: False in `keep` or -inf in the additive part. One
+    # reduction finds them (the row's max is -inf, or no True in keep), with no (L, S) bool temporary.
     if additive is not None:
-        inf_part = additive == float("-inf")
-        blocked = inf_part if blocked is None else torch.logical_or(blocked, inf_part)
-    dead = blocked.all(dim=-1, keepdim=True) if blocked is not None else None
-    # Eager mode skips the fix-up when no row is dead; a compiled graph cannot branch on data, so
-    # there the (cheap) fix-up always runs.
-    if dead is not None and not torch.compiler.is_compiling() and not bool(dead.any()):
+        if keep is not None:
+            additive = additive.masked_fill(~keep, float("-inf"))
+            keep = None
+        if additive.shape[-1] == 0:  # no keys: every row is dead (amax cannot reduce an empty row)
+            dead: Tensor | None = additive.new_ones((*additive.shape[:-1], 1), dtype=torch.bool)
+        else:
+            dead = additive.detach().amax(dim=-1, keepdim=True) == float("-inf")
+    else:
+        dead = ~cast(Tensor, keep).any(dim=-1, keepdim=True)
+    if not torch.compiler.is_compiling() and not bool(cast(Tensor, dead).any()):
         dead = None
     if additive is None:
         merged = keep
         if dead is not None and merged is not None:  # dead rows come from keep here
             merged = merged | dead  # let dead rows attend to everything, then zero their output
         return merged, dead
-    if keep is not None:
-        additive = additive.masked_fill(~keep, float("-inf"))
     if dead is not None:
         additive = additive.masked_fill(dead, 0.0)
     return additive, dead
