@@ -186,19 +186,14 @@ class HaloAttention(nn.Module):
         check_divisible(width, self.block_size, "W", "block_size", who)
         heads, d, e = self.num_heads, self.head_dim, self.v_head_dim
         bh, bw = height // self.block_size, width // self.block_size
-        nb, qb, win, halo = bh * bw, self.query_block, self.win_size, self.halo_size
+        nb, qb, win = bh * bw, self.query_block, self.win_size
         q = self.q(x).reshape(batch, heads, d, bh, qb, bw, qb)  # (B, h, d, bh, qb, bw, qb)
         q = q.permute(0, 1, 3, 5, 4, 6, 2)  # (B, h, bh, bw, qb, qb, d)
-        kv = F.pad(self.kv(x), [halo, halo, halo, halo])  # (B, h*(d+e), H + 2 halo, W + 2 halo)
-        kv = kv.unfold(2, win, self.block_size).unfold(3, win, self.block_size)  # (B, h*(d+e), bh, bw, w, w)
-        kv = kv.reshape(batch, heads, d + e, nb, win * win).permute(0, 1, 3, 4, 2)  # (B, h, nb, w^2, d+e)
-        k, v = kv.split([d, e], dim=-1)  # (B, h, nb, w^2, d), (B, h, nb, w^2, e)
+        k, v = self._key_values(x)  # (B, h*nb, S, d), (B, h*nb, S, e)
         bias = self.pos_embed(q, (win, win)).reshape(batch, heads * nb, qb * qb, win * win)  # (B, h*nb, L, S)
         if self.scale_pos_embed:
             bias = bias * self.scale
         q = q.reshape(batch, heads * nb, qb * qb, d)  # (B, h*nb, L, d)
-        k = k.reshape(batch, heads * nb, win * win, d)  # (B, h*nb, S, d)
-        v = v.reshape(batch, heads * nb, win * win, e)  # (B, h*nb, S, e)
         result = self._attend(q, k, v, bias, (height, width), need_weights)
         out, weights = result if isinstance(result, tuple) else (result, None)
         if capturing():
@@ -211,6 +206,20 @@ class HaloAttention(nn.Module):
         if weights is not None:
             return y, weights.reshape(batch, heads, nb, qb * qb, win * win)  # (B, h, nb, L, S)
         return y
+
+    def _key_values(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys `(B, h*nb, w^2, d)` and values `(B, h*nb, w^2, e)` of the haloed windows, each
+        gathered from the zero-padded map in one copy (no `(d + e)`-wide window copy; the padded map
+        is freed on return)."""
+        halo, win, block, heads = self.halo_size, self.win_size, self.block_size, self.num_heads
+        kv = F.pad(self.kv(x), [halo, halo, halo, halo])  # (B, h*(d+e), H + 2 halo, W + 2 halo)
+        kv = kv.reshape(kv.shape[0], heads, -1, *kv.shape[2:])  # (B, h, d+e, H + 2 halo, W + 2 halo)
+        kv = kv.unfold(3, win, block).unfold(4, win, block)  # (B, h, d+e, bh, bw, w, w)
+        batch, nb = kv.shape[0], kv.shape[3] * kv.shape[4]
+        kv = kv.permute(0, 1, 3, 4, 5, 6, 2)  # (B, h, bh, bw, w, w, d+e), a view
+        k = kv[..., : self.head_dim].reshape(batch, heads * nb, win * win, self.head_dim)  # (B, h*nb, S, d)
+        v = kv[..., self.head_dim :].reshape(batch, heads * nb, win * win, self.v_head_dim)  # (B, h*nb, S, e)
+        return k, v
 
     def _real_keys(self, height: int, width: int, device: torch.device) -> Tensor:
         """Which window keys lie on the map (not on the zero padding), `(n_blocks, w^2)` bool."""
