@@ -208,18 +208,17 @@ class HaloAttention(nn.Module):
         return y
 
     def _key_values(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Keys `(B, h*nb, w^2, d)` and values `(B, h*nb, w^2, e)` of the haloed windows, each
-        gathered from the zero-padded map in one copy (no `(d + e)`-wide window copy; the padded map
-        is freed on return)."""
+        """Keys `(B, h*nb, w^2, d)` and values `(B, h*nb, w^2, e)` of the haloed windows. The
+        `(d + e)`-wide window copy is freed on return, before the attention (the split copies backward
+        faster than slicing the padded map or the window view)."""
         halo, win, block, heads = self.halo_size, self.win_size, self.block_size, self.num_heads
+        d, e = self.head_dim, self.v_head_dim
         kv = F.pad(self.kv(x), [halo, halo, halo, halo])  # (B, h*(d+e), H + 2 halo, W + 2 halo)
-        kv = kv.reshape(kv.shape[0], heads, -1, *kv.shape[2:])  # (B, h, d+e, H + 2 halo, W + 2 halo)
-        kv = kv.unfold(3, win, block).unfold(4, win, block)  # (B, h, d+e, bh, bw, w, w)
-        batch, nb = kv.shape[0], kv.shape[3] * kv.shape[4]
-        kv = kv.permute(0, 1, 3, 4, 5, 6, 2)  # (B, h, bh, bw, w, w, d+e), a view
-        k = kv[..., : self.head_dim].reshape(batch, heads * nb, win * win, self.head_dim)  # (B, h*nb, S, d)
-        v = kv[..., self.head_dim :].reshape(batch, heads * nb, win * win, self.v_head_dim)  # (B, h*nb, S, e)
-        return k, v
+        kv = kv.unfold(2, win, block).unfold(3, win, block)  # (B, h*(d+e), bh, bw, w, w)
+        batch, nb = kv.shape[0], kv.shape[2] * kv.shape[3]
+        kv = kv.reshape(batch, heads, d + e, nb, win * win).permute(0, 1, 3, 4, 2)  # (B, h, nb, S, d+e)
+        k, v = kv.split([d, e], dim=-1)  # (B, h, nb, S, d), (B, h, nb, S, e)
+        return k.reshape(batch, heads * nb, win * win, d), v.reshape(batch, heads * nb, win * win, e)
 
     def _real_keys(self, height: int, width: int, device: torch.device) -> Tensor:
         """Which window keys lie on the map (not on the zero padding), `(n_blocks, w^2)` bool."""
