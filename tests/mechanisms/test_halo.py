@@ -154,11 +154,13 @@ def test_build_for_an_input_picks_a_dividing_block():
     assert built.module(*built.inputs).shape == (2, 16, 6, 9)
 
 
+@pytest.mark.parametrize("mask_padding", [False, True], ids=["zero_keys", "mask_padding"])
 @pytest.mark.parametrize("stride", [1, 2])
-def test_captured_rows_rebuild_the_output(stride):
+def test_captured_rows_rebuild_the_output(stride, mask_padding):
     """Recorded rows over the whole map, weighted over the map's values, give the output (the padding
     keys have zero values, so dropping them from the rows changes nothing)."""
-    m = randomised(HaloAttention(8, num_heads=2, block_size=2, halo_size=1, stride=stride)).eval()
+    m = HaloAttention(8, num_heads=2, block_size=2, halo_size=1, stride=stride, mask_padding=mask_padding)
+    m = randomised(m).eval()
     x = torch.randn(1, 8, 6, 4, dtype=D)
     with attnzoo.capture_maps(m) as maps:
         y = m(x)
