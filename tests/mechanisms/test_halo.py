@@ -46,11 +46,14 @@ def test_create_loads_timms_state_dict():
     assert type(convert(theirs)) is HaloAttention
 
 
-def test_formula_window_by_window():
-    """Each query attends to the (b + 2 halo)^2 window around its block, zero-padded keys included,
-    with logits s q.k + q.(r^h[dy] + r^w[dx]) (offsets from the query to the key)."""
+@pytest.mark.parametrize("mask_padding", [False, True], ids=["zero_keys", "mask_padding"])
+def test_formula_window_by_window(mask_padding):
+    """Each query attends to the (b + 2 halo)^2 window around its block, zero-padded keys included
+    (left out with `mask_padding`), with logits s q.k + q.(r^h[dy] + r^w[dx]) (offsets from the query
+    to the key)."""
     b, halo, heads, d = 2, 1, 2, 3
-    m = randomised(HaloAttention(4, num_heads=heads, head_dim=d, block_size=b, halo_size=halo)).eval()
+    m = HaloAttention(4, num_heads=heads, head_dim=d, block_size=b, halo_size=halo, mask_padding=mask_padding)
+    m = randomised(m).eval()
     x = torch.randn(1, 4, 4, 2, dtype=D)
     win = b + 2 * halo
     q = m.q(x).view(heads, d, 4, 2)  # (h, d, H, W)
@@ -65,6 +68,8 @@ def test_formula_window_by_window():
                 for wy in range(win):
                     for wx in range(win):
                         ky, kx = y0 + wy, x0 + wx  # padded coordinates
+                        if mask_padding and not (halo <= ky < 4 + halo and halo <= kx < 2 + halo):
+                            continue  # a padding key
                         rel = m.pos_embed.height_rel[wy - (y - y0) + win - 1]
                         rel = rel + m.pos_embed.width_rel[wx - (xq - x0) + win - 1]
                         qv = q[h, :, y, xq]
@@ -76,8 +81,49 @@ def test_formula_window_by_window():
     torch.testing.assert_close(out, expected.reshape(1, 4, 4, 2), atol=1e-12, rtol=0)
     assert weights.shape == (1, heads, 2, b * b, win * win)
     torch.testing.assert_close(weights.sum(-1), torch.ones(1, heads, 2, b * b, dtype=D))
+    if mask_padding:  # block 0 (rows 0-1, cols 0-1): window rows -1..2, cols -1..2; the padding gets 0
+        padding = torch.ones(win, win, dtype=torch.bool)
+        padding[1:, 1:3] = False
+        assert (weights[..., 0, :, padding.flatten()] == 0).all()
     with attnzoo.fused_attn(False):
         torch.testing.assert_close(m(x), out, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"block_size": 2, "halo_size": 1},
+        {"block_size": 4, "halo_size": 2, "stride": 2},  # strided queries
+        {"block_size": 3, "halo_size": 1, "stride": 2, "scale_pos_embed": True},  # pooled output
+        {"block_size": 2, "halo_size": 3, "qkv_bias": True},  # windows wider than the map
+    ],
+)
+def test_mask_padding_renormalises_over_the_real_keys(kwargs):
+    """With `mask_padding` the weights are the zero-key weights restricted to the keys on the map and
+    renormalised; the padding values are zero, so the output before pooling is the zero-key output
+    divided by the weight the real keys had. Blocks inside the map are unchanged."""
+    plain = randomised(HaloAttention(8, num_heads=2, **kwargs)).eval()
+    masked = HaloAttention(8, num_heads=2, mask_padding=True, **kwargs).to(D).eval()
+    masked.load_state_dict(plain.state_dict())
+    b, halo = kwargs["block_size"], kwargs["halo_size"]
+    x = torch.randn(2, 8, 3 * b, 4 * b, dtype=D)
+    y, w = plain(x, need_weights=True)
+    y_m, w_m = masked(x, need_weights=True)
+    real = masked._real_keys(3 * b, 4 * b, x.device)  # (nb, S)
+    kept = w * real[:, None, :]  # (B, h, nb, L, S)
+    torch.testing.assert_close(w_m, kept / kept.sum(-1, keepdim=True), atol=1e-12, rtol=0)
+    inside = real.all(-1).reshape(3, 4)  # (bh, bw)
+    assert inside.sum() == (2 if halo < b else 0)  # the middle row of blocks, except its ends
+    if not plain.pool:  # unpooled: the output blockwise is y / (weight on the real keys)
+        share = kept.sum(-1)  # (B, h, nb, L)
+        qb = plain.query_block
+        share = share.reshape(2, 2, 1, 3, 4, qb, qb).permute(0, 1, 2, 3, 5, 4, 6)  # (B, h, 1, bh, q, bw, q)
+        expected = y.reshape(2, 2, 4, 3 * qb, 4 * qb) / share.reshape(2, 2, 1, 3 * qb, 4 * qb)
+        torch.testing.assert_close(y_m, expected.reshape(y.shape), atol=1e-12, rtol=0)
+    with attnzoo.fused_attn(False):
+        torch.testing.assert_close(masked(x), y_m, atol=1e-12, rtol=0)
+    with attnzoo.fused_attn(True):
+        torch.testing.assert_close(masked(x), y_m, atol=1e-12, rtol=0)
 
 
 def test_memory_is_local():
@@ -108,11 +154,13 @@ def test_build_for_an_input_picks_a_dividing_block():
     assert built.module(*built.inputs).shape == (2, 16, 6, 9)
 
 
+@pytest.mark.parametrize("mask_padding", [False, True], ids=["zero_keys", "mask_padding"])
 @pytest.mark.parametrize("stride", [1, 2])
-def test_captured_rows_rebuild_the_output(stride):
+def test_captured_rows_rebuild_the_output(stride, mask_padding):
     """Recorded rows over the whole map, weighted over the map's values, give the output (the padding
     keys have zero values, so dropping them from the rows changes nothing)."""
-    m = randomised(HaloAttention(8, num_heads=2, block_size=2, halo_size=1, stride=stride)).eval()
+    m = HaloAttention(8, num_heads=2, block_size=2, halo_size=1, stride=stride, mask_padding=mask_padding)
+    m = randomised(m).eval()
     x = torch.randn(1, 8, 6, 4, dtype=D)
     with attnzoo.capture_maps(m) as maps:
         y = m(x)

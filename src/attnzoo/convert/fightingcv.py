@@ -18,6 +18,7 @@ from attnzoo.convert.fightingcv_crossformer import CONVERTERS as _FCV_CROSSFORME
 from attnzoo.convert.fightingcv_deformable import CONVERTERS as _FCV_DEFORMABLE  # fcv-deformable block
 from attnzoo.convert.fightingcv_eca_moa import CONVERTERS as _FCV_ECA_MOA  # fcv-eca-moa block
 from attnzoo.convert.fightingcv_existing import EXISTING_CONVERTERS as _FCV_INTEROP  # fcv-interop block
+from attnzoo.convert.fightingcv_halo import CONVERTERS as _FCV_HALO  # fcv-halo
 from attnzoo.convert.fightingcv_tokens_b import CONVERTERS as _FCV_TOKENS_B  # fcv-token-b block
 
 __all__ = ["FIGHTINGCV_CONVERTERS", "from_fightingcv"]
@@ -60,6 +61,7 @@ FIGHTINGCV_CONVERTERS: dict[str, Callable[[nn.Module], nn.Module]] = {
     **_FCV_ECA_MOA,
     **_FCV_CROSSFORMER,
     **_FCV_DEFORMABLE,
+    **_FCV_HALO,
 }
 
 

@@ -30,6 +30,7 @@ from attnzoo.mechanisms import (  # noqa: F401 (imported for registration)
     gfnet,
     global_context,
     halo,
+    halo_fightingcv,
     lambda_layer,
     light_cbam,
     linear,

@@ -13,9 +13,15 @@ subsampled by a strided 1x1 convolution and keep the relative offsets of the sub
 Deviations: the relative logits are gathered by index (timm pads and reshapes, the same numbers);
 the softmax runs in ``attnzoo.functional.attend``; H and W that are no multiple of
 ``block_size``, and ``stride`` other than 1 or 2, raise ``ValueError`` (timm asserts).
-fightingcv's ``HaloAttention`` has no converter: its padding mask is inverted (it masks the real keys
-and keeps the zero padding), so interior blocks average their window uniformly and border blocks
-return only the output projection's bias.
+``mask_padding=True`` leaves the padding out of the softmax instead (border queries attend to the
+real keys only), which is what fightingcv's mask means to do.
+
+fightingcv's ``HaloAttention`` converts (``attnzoo.convert.from_fightingcv``) to
+``attnzoo.mechanisms.halo_fightingcv.FightingcvHaloAttention``, this class with fightingcv's numbers:
+its padding mask is inverted (it overwrites the logits of the real keys and keeps the zero padding),
+so interior blocks average their window uniformly and border blocks return only the output
+projection's bias; it adds that projection (``to_out``, with bias), its values are ``dim_head`` wide
+per head and its relative logits use the scaled queries (``scale_pos_embed=True``).
 """
 
 from __future__ import annotations
@@ -75,8 +81,10 @@ class HaloAttention(nn.Module):
     $$
 
     with $s = d^{-1/2}$ (`scale_pos_embed=True` scales the relative term too); heads are
-    concatenated. Time $O(B h N w^2 d)$ and memory $O(B h N w^2)$ for $N = HW$, i.e.
-    $O(N (b + 2\\,\\mathrm{halo})^2)$: never an $N \\times N$ map. The softmax attention runs in
+    concatenated. The window's keys beyond the map are zero keys and values (the paper's and timm's
+    zero padding); `mask_padding=True` leaves them out of the softmax. Time $O(B h N w^2 d)$ and
+    memory $O(B h N w^2)$ for $N = HW$, i.e. $O(N (b + 2\\,\\mathrm{halo})^2)$: never an
+    $N \\times N$ map. The softmax attention runs in
     `attnzoo.functional.attend` per block, with the relative logits as its bias.
 
     Args:
@@ -94,6 +102,9 @@ class HaloAttention(nn.Module):
         avg_down: With `stride=2`, always average-pool the output instead of striding the queries.
             Default: False.
         scale_pos_embed: Scale the relative logits by $s$ as well. Default: False.
+        mask_padding: Leave the zero padding beyond the map out of the softmax (border queries
+            attend only to real keys; what fightingcv's mask means to do). Default: False, the
+            paper's and timm's zero keys and values.
         device: Device of the parameters. Default: None.
         dtype: dtype of the parameters. Default: None.
 
@@ -125,6 +136,7 @@ class HaloAttention(nn.Module):
         qkv_bias: bool = False,
         avg_down: bool = False,
         scale_pos_embed: bool = False,
+        mask_padding: bool = False,
         *,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -143,6 +155,7 @@ class HaloAttention(nn.Module):
         self.v_head_dim = out // num_heads
         self.scale = self.head_dim**-0.5
         self.scale_pos_embed = scale_pos_embed
+        self.mask_padding = mask_padding
         self.win_size = block_size + 2 * halo_size
         pool = self.stride == 2 and (avg_down or block_size % 2 != 0)
         self.block_stride = 2 if self.stride == 2 and not pool else 1
@@ -173,20 +186,15 @@ class HaloAttention(nn.Module):
         check_divisible(width, self.block_size, "W", "block_size", who)
         heads, d, e = self.num_heads, self.head_dim, self.v_head_dim
         bh, bw = height // self.block_size, width // self.block_size
-        nb, qb, win, halo = bh * bw, self.query_block, self.win_size, self.halo_size
+        nb, qb, win = bh * bw, self.query_block, self.win_size
         q = self.q(x).reshape(batch, heads, d, bh, qb, bw, qb)  # (B, h, d, bh, qb, bw, qb)
         q = q.permute(0, 1, 3, 5, 4, 6, 2)  # (B, h, bh, bw, qb, qb, d)
-        kv = F.pad(self.kv(x), [halo, halo, halo, halo])  # (B, h*(d+e), H + 2 halo, W + 2 halo)
-        kv = kv.unfold(2, win, self.block_size).unfold(3, win, self.block_size)  # (B, h*(d+e), bh, bw, w, w)
-        kv = kv.reshape(batch, heads, d + e, nb, win * win).permute(0, 1, 3, 4, 2)  # (B, h, nb, w^2, d+e)
-        k, v = kv.split([d, e], dim=-1)  # (B, h, nb, w^2, d), (B, h, nb, w^2, e)
+        k, v = self._key_values(x)  # (B, h*nb, S, d), (B, h*nb, S, e)
         bias = self.pos_embed(q, (win, win)).reshape(batch, heads * nb, qb * qb, win * win)  # (B, h*nb, L, S)
         if self.scale_pos_embed:
             bias = bias * self.scale
         q = q.reshape(batch, heads * nb, qb * qb, d)  # (B, h*nb, L, d)
-        k = k.reshape(batch, heads * nb, win * win, d)  # (B, h*nb, S, d)
-        v = v.reshape(batch, heads * nb, win * win, e)  # (B, h*nb, S, e)
-        result = attend(q, k, v, bias=bias, scale=self.scale, need_weights=need_weights)
+        result = self._attend(q, k, v, bias, (height, width), need_weights)
         out, weights = result if isinstance(result, tuple) else (result, None)
         if capturing():
             self._record(q, k, bias, weights, (height, width))
@@ -199,6 +207,40 @@ class HaloAttention(nn.Module):
             return y, weights.reshape(batch, heads, nb, qb * qb, win * win)  # (B, h, nb, L, S)
         return y
 
+    def _key_values(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys `(B, h*nb, w^2, d)` and values `(B, h*nb, w^2, e)` of the haloed windows. The
+        `(d + e)`-wide window copy is freed on return, before the attention (the split copies backward
+        faster than slicing the padded map or the window view)."""
+        halo, win, block, heads = self.halo_size, self.win_size, self.block_size, self.num_heads
+        d, e = self.head_dim, self.v_head_dim
+        kv = F.pad(self.kv(x), [halo, halo, halo, halo])  # (B, h*(d+e), H + 2 halo, W + 2 halo)
+        kv = kv.unfold(2, win, block).unfold(3, win, block)  # (B, h*(d+e), bh, bw, w, w)
+        batch, nb = kv.shape[0], kv.shape[2] * kv.shape[3]
+        kv = kv.reshape(batch, heads, d + e, nb, win * win).permute(0, 1, 3, 4, 2)  # (B, h, nb, S, d+e)
+        k, v = kv.split([d, e], dim=-1)  # (B, h, nb, S, d), (B, h, nb, S, e)
+        return k.reshape(batch, heads * nb, win * win, d), v.reshape(batch, heads * nb, win * win, e)
+
+    def _real_keys(self, height: int, width: int, device: torch.device) -> Tensor:
+        """Which window keys lie on the map (not on the zero padding), `(n_blocks, w^2)` bool."""
+        block, win = self.block_size, self.win_size
+        offsets = torch.arange(win, device=device) - self.halo_size
+        rows = torch.arange(0, height, block, device=device)[:, None] + offsets  # (bh, w)
+        cols = torch.arange(0, width, block, device=device)[:, None] + offsets  # (bw, w)
+        rows_in, cols_in = (rows >= 0) & (rows < height), (cols >= 0) & (cols < width)
+        real = rows_in[:, None, :, None] & cols_in[None, :, None, :]  # (bh, bw, w, w)
+        return real.reshape(-1, win * win)  # (nb, S)
+
+    def _attend(
+        self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor, size: tuple[int, int], need_weights: bool
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """Softmax attention of the blocks `(B, h*nb, L, .)`, the padding keys masked with
+        `mask_padding`."""
+        mask = None
+        if self.mask_padding and self.halo_size > 0:
+            real = self._real_keys(*size, q.device)  # (nb, S)
+            mask = real.expand(self.num_heads, *real.shape).reshape(-1, 1, real.shape[1])  # (h*nb, 1, S)
+        return attend(q, k, v, bias=bias, mask=mask, scale=self.scale, need_weights=need_weights)
+
     def _record(
         self, q: Tensor, k: Tensor, bias: Tensor, weights: Tensor | None, size: tuple[int, int]
     ) -> None:
@@ -210,7 +252,7 @@ class HaloAttention(nn.Module):
         grid = (height // block * qb, bw * qb)  # the query grid
         with torch.no_grad():
             if weights is None:
-                weights = attend(q, k, k[..., :1], bias=bias, scale=self.scale, need_weights=True)[1]
+                weights = self._attend(q, k, k[..., :1], bias, size, True)[1]
             idx = query_indices(grid, q.device)
             qy, qx = idx // grid[1], idx % grid[1]  # (Q,) each
             by, bx, iy, ix = qy // qb, qx // qb, qy % qb, qx % qb
