@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -29,6 +30,9 @@ from attnzoo import (
     SqueezeExcite,
 )
 from attnzoo.cli.harness import alternate, ensure_malloc_env, markdown_table, peak_memory, train_step
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import copy_gbps  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------
 # Seed-following references (the seed documents' forward passes, step by step)
@@ -313,12 +317,6 @@ def bytes_moved(step: Callable[[], object]) -> int:
     with ByteCounter() as counter:
         step()
     return counter.bytes
-
-
-def copy_gbps(numel: int = 32 * 2**20) -> float:
-    src, dst = torch.randn(numel), torch.empty(numel)
-    timing = alternate({"copy": lambda: dst.copy_(src)}, rounds=9, warmup=2)
-    return 2 * 4 * numel / timing.median("copy") / 1e9
 
 
 # ----------------------------------------------------------------------------------------------
