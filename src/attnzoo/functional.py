@@ -250,10 +250,13 @@ def attend(
         raise ValueError(f"attend expects dropout_p in [0, 1], got {dropout_p}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
 
-    # SDPA's CPU kernels take no dropout: torch runs its math path, which saves scaled copies of q
-    # and k for backward; attnzoo's math path scales inside the product and saves q and k as given
-    cpu_dropout = dropout_p > 0 and q.device.type == "cpu"
-    if fused_enabled() and not need_weights and not cpu_dropout:
+    # SDPA's CPU kernels take neither dropout nor a bias that needs a gradient: torch then runs its
+    # math path, which saves scaled copies of q and k and adds passes over (L, S) (a separate bias
+    # add, a safe softmax). attnzoo's math path writes scale * q k^T + bias in one product and saves
+    # q and k as given.
+    grad_bias = bias is not None and bias.requires_grad and torch.is_grad_enabled()
+    cpu_math = q.device.type == "cpu" and (dropout_p > 0 or grad_bias)
+    if fused_enabled() and not need_weights and not cpu_math:
         if mask is None and bias is None:
             return sdpa(q, k, v, dropout_p=dropout_p, is_causal=causal, scale=scale)
         attn_mask, dead = _merge_masks(mask, bias, causal, target, q.dtype, q.device)
@@ -269,13 +272,17 @@ def _attend_math(
     dropout_p: float, scale: float, target: tuple[int, ...], need_weights: bool,
 ) -> Tensor | tuple[Tensor, Tensor]:
     compute_dtype = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
-    scores = _scaled_scores(q.to(compute_dtype), k.to(compute_dtype), scale)  # (B, h, L, S)
     attn_mask, dead = _merge_masks(mask, bias, causal, target, compute_dtype, q.device)
-    if attn_mask is not None:
-        if attn_mask.dtype == torch.bool:
-            scores = scores.masked_fill(~attn_mask, float("-inf"))
-        else:
-            scores = scores + attn_mask
+    if attn_mask is not None and attn_mask.dtype != torch.bool and tuple(attn_mask.shape) == target:
+        # a full-size additive term goes into the product itself: one pass over (L, S), not two
+        scores = _scaled_scores(q.to(compute_dtype), k.to(compute_dtype), scale, attn_mask)  # (B, h, L, S)
+    else:
+        scores = _scaled_scores(q.to(compute_dtype), k.to(compute_dtype), scale)  # (B, h, L, S)
+        if attn_mask is not None:
+            if attn_mask.dtype == torch.bool:
+                scores = scores.masked_fill(~attn_mask, float("-inf"))
+            else:
+                scores = scores + attn_mask
     weights = scores.softmax(dim=-1)
     if dead is not None:
         weights = weights.masked_fill(dead, 0.0)
@@ -285,16 +292,19 @@ def _attend_math(
     return (out, weights) if need_weights else out
 
 
-def _scaled_scores(q: Tensor, k: Tensor, scale: float) -> Tensor:
-    """`scale * q @ k^T` in one product (baddbmm's alpha): autograd keeps q and k, no scaled copy.
+def _scaled_scores(q: Tensor, k: Tensor, scale: float, add: Tensor | None = None) -> Tensor:
+    """`scale * q @ k^T (+ add)` in one product (baddbmm): autograd keeps q and k, no scaled copy.
 
-    q `(..., L, d)`, k `(..., S, d)` -> `(..., L, S)`.
+    q `(..., L, d)`, k `(..., S, d)`, add `(..., L, S)` (the full output shape) -> `(..., L, S)`.
     """
     lead = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2])
     q3 = q.expand(*lead, *q.shape[-2:]).reshape(-1, *q.shape[-2:])  # (..., L, d) -> (N, L, d)
     k3 = k.expand(*lead, *k.shape[-2:]).reshape(-1, *k.shape[-2:])  # (..., S, d) -> (N, S, d)
-    zero = q.new_zeros(())  # beta=0 ignores it; a 0-d tensor broadcasts without allocating (N, L, S)
-    scores = torch.baddbmm(zero, q3, k3.transpose(-2, -1), beta=0.0, alpha=scale)  # (N, L, S)
+    if add is None:  # beta=0 ignores the 0-d input, which broadcasts without allocating (N, L, S)
+        scores = torch.baddbmm(q.new_zeros(()), q3, k3.transpose(-2, -1), beta=0.0, alpha=scale)
+    else:
+        add3 = add.reshape(-1, *add.shape[-2:])  # (..., L, S) -> (N, L, S)
+        scores = torch.baddbmm(add3, q3, k3.transpose(-2, -1), alpha=scale)  # (N, L, S)
     return scores.reshape(*lead, q.shape[-2], k.shape[-2])
 
 
