@@ -80,6 +80,8 @@ def split_top_level(tex: str) -> tuple[str | None, list[str]]:
         elif depth == 0 and (word in _SEPARATORS or word in ",;"):
             found.append((word, token.start(), token.end()))
     strongest = next((s for s in _SEPARATORS if any(f[0] == s for f in found)), None)
+    if strongest is None:
+        return None, [tex.strip()]
     cuts = [(begin, end) for word, begin, end in found if word == strongest]
     if strongest == "=":
         last = cuts[-1][0]
@@ -92,7 +94,9 @@ def split_top_level(tex: str) -> tuple[str | None, list[str]]:
         start = end
     parts.append(tex[start:].strip())
     parts = [p for p in parts if p]
-    return (strongest, parts) if len(parts) > 1 else (None, parts or [tex.strip()])
+    if len(parts) == 1:  # only leading or trailing separators: cut what is left at weaker ones
+        return split_top_level(parts[0])
+    return (strongest, parts) if parts else (None, [tex.strip()])
 
 
 def layout(tex: str) -> str:
