@@ -7,14 +7,17 @@ the docstrings that mkdocstrings renders in ``<span class="arithmatex">\\(...\\)
 TeX that ``latex2mathml`` cannot read fails the build and names the page and the formula.
 
 A browser never breaks a MathML formula across lines, so a display formula that lists several
-equations (``a = ...,\\qquad b = ...``) would run past the text column of a narrow page. Such a
-formula is cut at its top-level separators (outside braces, ``\\left...\\right`` and environments)
-into one ``<math>`` per part, in a ``math-row`` (a wrapping flexbox, styled in
-docs/stylesheets/extra.css): the parts sit side by side, the separator's width apart, while they fit
-and wrap onto the next line where they do not. ``\\qquad`` cuts before ``\\quad`` (a part that
-still holds a ``\\quad`` is a row of its own, which wraps only if it alone is too wide); a ``,``
-or ``;`` before a separator stays with its part; a top-level ``\\\\`` always starts a new line.
-The cut changes only where lines may break, never the TeX of a part.
+equations (``a = ...,\\qquad b = ...``) would run past the text column. Such a formula is cut at its
+top-level separators (outside braces, brackets, ``\\left...\\right`` and environments) into one
+``<math>`` per part, in a ``math-row`` (a wrapping flexbox, styled in docs/stylesheets/extra.css):
+the parts sit side by side, the separator's width apart, while they fit, and wrap onto the next
+line where they do not. ``\\qquad`` cuts before ``\\quad`` (a part that still holds a ``\\quad``
+is a row of its own, which wraps only if it alone is too wide); a chain ``a = b = c`` with neither
+may break before its second and later ``=``; a ``,`` or ``;`` before a separator stays with its
+part; a top-level ``\\\\`` always starts a new line. The cut changes only where lines may break,
+never the TeX of a part. A single part wider than the column still scrolls sideways:
+tests/test_browser.py fails on it, and its TeX needs rewriting (several ``$$`` blocks, or named
+sub-terms joined by ``\\qquad``).
 """
 
 from __future__ import annotations
