@@ -8,7 +8,8 @@ can leave the machine; each request a page makes is recorded all the same.
 
 A page fails on raw TeX in its rendered text (``\\[``, ``\\(``, ``$$``, ``\\frac``, ... outside
 code), a literal reST role or directive (``:class:``, ``:math:``, ``.. math::``), a doctest rendered
-as a blockquote (Markdown reads ``>>>`` as three nested quotes), or a request that leaves the site.
+as a blockquote (Markdown reads ``>>>`` as three nested quotes), a display formula wider than the text
+column at 1280 px (it would scroll sideways), or a request that leaves the site.
 Each test names every failing page at once. Screenshots of the index, getting started and two
 mechanism pages are kept in ``$ATTNZOO_ARTIFACTS`` (default ``tests/artifacts/``, git-ignored).
 """
@@ -168,8 +169,14 @@ _PAGE_PROBE = r"""
     .filter(b => !b.parentElement.closest("blockquote"))
     .map(b => b.textContent.trim().replace(/\s+/g, " ").slice(0, 70));
   const mathText = [...root.querySelectorAll("math")].map(m => m.textContent).join(" ");
+  const column = (root.querySelector(".md-typeset") || root).getBoundingClientRect();
+  const wideMath = [...root.querySelectorAll("div.math")]
+    .filter(d => d.scrollWidth > d.clientWidth + 2 || d.getBoundingClientRect().right > column.right + 2)
+    .map(d => ({tex: (d.dataset.tex || d.textContent).slice(0, 70), width: d.scrollWidth,
+                column: Math.min(d.clientWidth, Math.round(column.right - d.getBoundingClientRect().left))}));
   return {text: text.join(""), quoted: quoted, math: root.querySelectorAll("math").length, mathText: mathText,
-          unrendered: root.querySelectorAll(".arithmatex").length};
+          unrendered: root.querySelectorAll(".arithmatex").length,
+          displayMath: root.querySelectorAll("div.math").length, wideMath: wideMath};
 })()
 """
 
@@ -279,6 +286,19 @@ def test_math_is_typeset_no_raw_tex(visited: dict[str, dict[str, Any]]) -> None:
         problems.append(f"mechanism pages with no typeset formula: {without_math}")
     if problems:
         pytest.fail(f"{len(problems)} page(s) show raw TeX:\n" + "\n".join(problems), pytrace=False)
+
+
+def test_display_math_fits_the_column(visited: dict[str, dict[str, Any]]) -> None:
+    # A browser never breaks a formula, so one wider than the text column scrolls sideways at 1280 px:
+    # the reader sees it cut off. tools/mkdocs_math.py cuts a formula at its top-level \qquad, \quad,
+    # \\ and = chains into parts that wrap; a single part still too wide needs its TeX split by hand
+    # (several $$ blocks, or named sub-terms).
+    assert sum(r["probe"]["displayMath"] for r in visited.values()) > 50, "the probe found no display math"
+    problems = [f"{page}: {m['width']} px in a {m['column']} px column: {m['tex']!r}"
+                for page, r in visited.items() for m in r["probe"]["wideMath"]]
+    if problems:
+        pytest.fail(f"{len(problems)} display formula(s) wider than the text column at {VIEWPORT[0]} px:\n"
+                    + "\n".join(problems), pytrace=False)
 
 
 def test_no_rest_roles(visited: dict[str, dict[str, Any]]) -> None:

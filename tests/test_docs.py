@@ -112,6 +112,8 @@ def test_math_hook_turns_arithmatex_into_mathml() -> None:
     page = ('<p>a <span class="arithmatex">\\(x &lt; \\frac{1}{2}\\)</span> b</p>'
             '<div class="arithmatex">\\[\\sum_i w_i = 1\\]</div>')
     out = typeset(page)
+    assert 'data-tex="\\sum_i w_i = 1"' in out  # the display formula's TeX, for messages
+    out = re.sub(r' data-tex="[^"]*"', "", out)
     assert "arithmatex" not in out and "\\frac" not in out and "\\sum" not in out
     assert out.count("<math") == 2 and 'display="block"' in out and "<mfrac>" in out
     assert "&#x0003C;" in out  # the escaped "<" reached the typesetter as "<"
@@ -129,3 +131,27 @@ def test_site_loads_nothing_from_the_network() -> None:
     config = (ROOT / "mkdocs.yml").read_text()
     assert "font: false" in config, "mkdocs-material loads Google Fonts unless theme.font is false"
     assert not re.search(r"^\s*-\s*https?://", config, re.M), "extra_javascript/extra_css from a URL"
+
+
+def test_math_hook_cuts_a_display_formula_at_its_top_level_separators() -> None:
+    pytest.importorskip("latex2mathml")
+    from tools.mkdocs_math import split_top_level, typeset
+
+    # \qquad before \quad; a "," stays with its part; nothing inside braces, brackets or \left...\right.
+    tex = r"a = \text{x \qquad y},\qquad b = f(c \qquad d)\quad e,\qquad \left( g \qquad h \right)"
+    assert split_top_level(tex) == (r"\qquad", [r"a = \text{x \qquad y},", r"b = f(c \qquad d)\quad e,",
+                                                r"\left( g \qquad h \right)"])
+    assert split_top_level(r"b = f(c \qquad d)\quad e,") == (r"\quad", [r"b = f(c \qquad d)", "e,"])
+    assert split_top_level(r"a \\ b \qquad c") == ("\\\\", ["a", r"b \qquad c"])
+    assert split_top_level(r"\qquad a = 1,\quad") == (None, ["a = 1,"])
+    # "=" chains: cut before each "=" but the first; not a list of equations joined by "," or ";".
+    assert split_top_level(r"y = f(a, b) = \frac{1}{2}") == ("=", ["y = f(a, b)", r"= \frac{1}{2}"])
+    assert split_top_level(r"k = W x,\; v = U x") == (None, [r"k = W x,\; v = U x"])
+    assert split_top_level(r"\sum_{j=1}^{n} x_j = y") == (None, [r"\sum_{j=1}^{n} x_j = y"])
+
+    out = typeset(r'<div class="arithmatex">\[a = 1,\qquad b = \frac{1}{2}\quad c \\ d\]</div>')
+    assert out.count("<math") == 4 and out.count('class="math-row"') == 3
+    assert 'style="column-gap: 2em"' in out and 'style="column-gap: 1em"' in out
+    assert out.count('class="math-break"') == 1 and 'data-tex="a = 1,\\qquad b' in out
+    one = typeset(r'<div class="arithmatex">\[a = b\]</div>')
+    assert one.count("<math") == 1 and "math-row" not in one

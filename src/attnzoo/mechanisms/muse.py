@@ -69,8 +69,9 @@ class MUSEAttention(nn.Module):
     r"""Multi-head attention plus parallel multi-scale depth-wise separable convolutions of the values.
 
     $$
-    Y = W_o\,\mathrm{concat}_h\,\mathrm{softmax}(Q_hK_h^\top/\sqrt d + M)\,V_h
-      + \sum_i \mathrm{softmax}(\alpha)_i\,\mathrm{PW}_i(\mathrm{DW}_{k_i}(V))
+    Y = Y_{\mathrm{att}} + Y_{\mathrm{conv}},\qquad
+    Y_{\mathrm{att}} = W_o\,\mathrm{concat}_h\,\mathrm{softmax}(Q_hK_h^\top/\sqrt d + M)\,V_h,\qquad
+    Y_{\mathrm{conv}} = \sum_i \mathrm{softmax}(\alpha)_i\,\mathrm{PW}_i(\mathrm{DW}_{k_i}(V))
     $$
 
     with $V$ the projected values `(B, h dv, S)` (all heads), $\mathrm{DW}_k$ a depth-wise convolution
