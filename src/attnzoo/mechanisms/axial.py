@@ -107,7 +107,7 @@ class AxialAttention(nn.Module):
     $W_q$, $W_{kv}$ (no bias by default) and $W_o$ (with bias):
 
     $$
-    y = \mathrm{MSA}_W\big(\mathrm{MSA}_H(x)\big) \quad\text{or, with sum\_axes,}\quad
+    y = \mathrm{MSA}_W\big(\mathrm{MSA}_H(x)\big) \quad\text{or, with sum_axes,}\quad
     y = \mathrm{MSA}_H(x) + \mathrm{MSA}_W(x)
     $$
 

@@ -126,8 +126,8 @@ class BATNonLocalAttention(nn.Module):
     """BAT non-local block (Chi et al., 2020): reduce, bilinear attentional transform, expand, add.
 
     $$
-    P = \\mathrm{norm}_{\\text{rows}}\\,\\sigma(\\mathrm{conv}_p(\\max\\text{-pool}_{b\\times 1} z)),\\quad
-    Q = \\mathrm{norm}_{\\text{cols}}\\,\\sigma(\\mathrm{conv}_q(\\max\\text{-pool}_{1\\times b} z)),\\quad
+    P = \\mathrm{norm}_{\\text{rows}}\\,\\sigma(\\mathrm{conv}_p(\\text{max-pool}_{b\\times 1} z)),\\quad
+    Q = \\mathrm{norm}_{\\text{cols}}\\,\\sigma(\\mathrm{conv}_q(\\text{max-pool}_{1\\times b} z)),\\quad
     y = x + \\mathrm{drop}\\big(\\phi_{out}\\big((P \\otimes I)\\,\\phi_{in}(x)\\,(Q \\otimes I)\\big)\\big)
     $$
 
