@@ -228,14 +228,14 @@ class _ChunkedNeighbourhood(torch.autograd.Function):
     ) -> tuple[Tensor, Tensor]:
         (b, h, n, d), s, dv = q.shape, k.shape[2], v.shape[-1]
         kk = keys.shape[1]
-        k3, v3 = k.reshape(b * h, s, d), v.reshape(b * h, s, dv)  # copies unless contiguous
+        k3, v3 = k.reshape(b * h, s, d), v.reshape(b * h, s, dv)  # (B h, S, d|dv); copies unless contiguous
         bias4 = None if bias is None else _as_4d(bias)
         weights, out = q.new_empty(b, h, n, kk), q.new_empty(b, h, n, dv)
         step = _step(q, v, kk)
         for n0 in range(0, n, step):
             n1 = min(n, n0 + step)
             idx = keys[n0:n1].reshape(-1)  # (nc*K,)
-            k_n = k3.index_select(1, idx).view(b, h, n1 - n0, kk, d)
+            k_n = k3.index_select(1, idx).view(b, h, n1 - n0, kk, d)  # (B, h, nc, K, d)
             logits = (q[:, :, n0:n1].unsqueeze(-2) @ k_n.transpose(-2, -1)).squeeze(-2)  # (B, h, nc, K)
             del k_n
             if bias4 is not None:
@@ -245,7 +245,7 @@ class _ChunkedNeighbourhood(torch.autograd.Function):
             w = weights[:, :, n0:n1]
             torch.softmax(logits, -1, out=w)
             dropped = w if noise is None else w * noise[:, :, n0:n1]
-            v_n = v3.index_select(1, idx).view(b, h, n1 - n0, kk, dv)
+            v_n = v3.index_select(1, idx).view(b, h, n1 - n0, kk, dv)  # (B, h, nc, K, dv)
             out[:, :, n0:n1] = (dropped.unsqueeze(-2) @ v_n).squeeze(-2)  # (B, h, nc, dv)
         ctx.save_for_backward(q, k, v, keys, bias, valid, noise, weights)
         ctx.set_materialize_grads(False)
@@ -267,31 +267,35 @@ class _ChunkedNeighbourhood(torch.autograd.Function):
         grad_k, grad_v = q.new_zeros(b * h, s, d), q.new_zeros(b * h, s, dv)
         bias4 = None if bias is None or not needs[4] else _as_4d(bias)
         grad_bias = None if bias4 is None else torch.zeros_like(bias4)
-        k3, v3 = k.reshape(b * h, s, d), v.reshape(b * h, s, dv)
+        k3, v3 = k.reshape(b * h, s, d), v.reshape(b * h, s, dv)  # (B h, S, d|dv)
         step = _step(q, v, kk)
         for n0 in range(0, n, step):
             n1 = min(n, n0 + step)
             nc, idx = n1 - n0, keys[n0:n1].reshape(-1)
             g, w = grad_out[:, :, n0:n1], weights[:, :, n0:n1]  # (B, h, nc, dv), (B, h, nc, K)
             dropped = w if noise is None else w * noise[:, :, n0:n1]
-            v_n = v3.index_select(1, idx).view(b, h, nc, kk, dv)
+            v_n = v3.index_select(1, idx).view(b, h, nc, kk, dv)  # (B, h, nc, K, dv)
             grad_w = (g.unsqueeze(-2) @ v_n.transpose(-2, -1)).squeeze(-2)  # (B, h, nc, K)
             del v_n
-            grad_v.index_add_(1, idx, (dropped.unsqueeze(-1) * g.unsqueeze(-2)).view(b * h, nc * kk, dv))
+            grad_v_n = dropped.unsqueeze(-1) * g.unsqueeze(-2)  # (B, h, nc, K, dv)
+            grad_v.index_add_(1, idx, grad_v_n.view(b * h, nc * kk, dv))  # scattered onto (B h, S, dv)
+            del grad_v_n
             if noise is not None:
                 grad_w *= noise[:, :, n0:n1]
             if grad_weights is not None:
                 grad_w += grad_weights[:, :, n0:n1]
             grad_logits = torch._softmax_backward_data(grad_w, w, -1, w.dtype)  # (B, h, nc, K)
-            k_n = k3.index_select(1, idx).view(b, h, nc, kk, d)
+            k_n = k3.index_select(1, idx).view(b, h, nc, kk, d)  # (B, h, nc, K, d)
             grad_q[:, :, n0:n1] = (grad_logits.unsqueeze(-2) @ k_n).squeeze(-2)  # (B, h, nc, d)
             del k_n
             grad_k_n = grad_logits.unsqueeze(-1) * q[:, :, n0:n1].unsqueeze(-2)  # (B, h, nc, K, d)
-            grad_k.index_add_(1, idx, grad_k_n.view(b * h, nc * kk, d))
+            grad_k.index_add_(1, idx, grad_k_n.view(b * h, nc * kk, d))  # scattered onto (B h, S, d)
+            del grad_k_n
             if grad_bias is not None:
                 _rows(grad_bias, n0, n1).add_(_reduce_to(grad_logits, _rows(bias4, n0, n1).shape))
         grad_bias = None if grad_bias is None else grad_bias.view(bias.shape)
-        return grad_q, grad_k.view(b, h, s, d), grad_v.view(b, h, s, dv), None, grad_bias, None, None
+        grad_k, grad_v = grad_k.view(b, h, s, d), grad_v.view(b, h, s, dv)  # (B h, S, .) -> (B, h, S, .)
+        return grad_q, grad_k, grad_v, None, grad_bias, None, None
 
 
 def _reduce_to(t: Tensor, shape: torch.Size) -> Tensor:
