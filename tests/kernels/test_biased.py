@@ -75,6 +75,24 @@ def test_double_backward_keeps_the_dropout_mask():
         torch.testing.assert_close(a, b.detach(), atol=1e-12, rtol=1e-12)
 
 
+@pytest.mark.parametrize("groups", [None, 2])
+def test_backward_in_blocks_of_windows_matches_attend_math(groups, monkeypatch):
+    """Backward a block of windows at a time (one bias group per block here), dropout included."""
+    import attnzoo.kernels.biased as biased_module
+
+    monkeypatch.setattr(biased_module, "_BLOCK_BYTES", 1)  # every block one group of windows
+    assert biased_module._block(4, 5, groups or 1, 8) == (groups or 1)
+    assert_matches(biased, reference, tensors(groups))
+    qkv, bias = (t.requires_grad_() for t in tensors(groups))
+    torch.manual_seed(3)
+    out = biased_attention(qkv, bias, scale=SCALE, dropout_p=0.5)
+    assert "BiasedAttention" in type(out.grad_fn).__name__
+    fast = torch.autograd.grad(out.square().sum(), (qkv, bias), retain_graph=True)
+    slow = torch.autograd.grad(out.square().sum(), (qkv, bias), create_graph=True)  # plain ops
+    for a, b in zip(fast, slow, strict=True):
+        torch.testing.assert_close(a, b.detach(), atol=1e-12, rtol=1e-12)
+
+
 def test_flop_counter_with_backward():
     assert_flop_counter(biased, tensors(2, torch.float32))
 

@@ -6,7 +6,7 @@
 - `attnzoo.kernels.gate`: the channel/spatial gates of SE, CBAM and the dual gate;
 - `attnzoo.kernels.neighbourhood`: ACmix's local neighbourhood attention;
 - `attnzoo.kernels.neighbourhood_nd`: NATTEN's 1-/2-/3-D window rules and gathered attention
-  (composite ops, no custom Function);
+  (a block of queries at a time, re-gathered in backward);
 - `attnzoo.kernels.selective`: SK's branch selection;
 - `attnzoo.kernels.choose`: which of two equally exact fast paths runs (calibrated once per
   shape class and cached, or overridden per site);

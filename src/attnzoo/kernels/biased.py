@@ -12,9 +12,11 @@ instead (a custom autograd function):
 - the bias is added in place to the logits and the softmax runs in place, so the forward holds one
   N x N map, the only one kept for backward (plus a bool mask with dropout);
 - the backward keeps ``qkv`` itself (as large as the three copies, which are freed after forward),
-  runs head by head on strided views of it (batched GEMMs take any row stride, so nothing is
-  copied into a GEMM layout), writes the qkv gradient straight into the projection's
-  ``(B, N, 3, h, d)`` layout and reduces the bias gradient over the batch.
+  runs head by head and a block of windows at a time (about ``_BLOCK_BYTES`` of N x N map, so
+  backward holds one block's map, not a head's) on strided views of it (batched GEMMs take any row
+  stride, so nothing is copied into a GEMM layout), takes the softmax backward in place, writes
+  the qkv gradient straight into the projection's ``(B, N, 3, h, d)`` layout and reduces the bias
+  gradient over the batch.
 
 With `attnzoo.fused_attn` off, for half precision, and where a custom autograd function
 cannot run (functorch transforms, ``torch.compile``, ``torch.export``, ``torch.jit.trace``:
@@ -27,6 +29,8 @@ Shape letters: B batch (windows), N tokens, h heads, d head width, G bias groups
 """
 
 from __future__ import annotations
+
+import itertools
 
 import torch
 from torch import Tensor
@@ -42,6 +46,23 @@ def _dead_rows(bias: Tensor) -> Tensor | None:
     """Queries whose every key the bias masks (a row of ``-inf``): ``(..., N, 1)`` bool, or None."""
     dead = torch.isneginf(bias).all(-1, keepdim=True)
     return dead if bool(dead.any()) else None
+
+
+_BLOCK_BYTES = 1 << 20  # N x N map of one block of windows in `_BiasedAttention.backward`
+
+
+def _block(b: int, n: int, groups: int, element_size: int) -> int:
+    """Windows per backward block: at most about `_BLOCK_BYTES` of N x N map (one bias group at least),
+    a multiple of the bias groups, the blocks as even as that allows."""
+    per_group, units = groups * n * n * element_size, b // groups
+    blocks = -(-units // max(1, _BLOCK_BYTES // per_group))
+    return -(-units // blocks) * groups
+
+
+def _softmax_backward(grad: Tensor, probs: Tensor, out: Tensor) -> Tensor:
+    """Softmax backward over the last axis into `out`, which may be `grad` itself (the kernel takes a
+    row's sum before it writes the row; checked in float64 by tests/kernels/test_biased.py)."""
+    return torch.ops.aten._softmax_backward_data.out(grad, probs, -1, probs.dtype, grad_input=out)
 
 
 def _plain_biased(qkv: Tensor, bias: Tensor, scale: float, keep: Tensor | None, dropout_p: float) -> Tensor:
@@ -98,6 +119,7 @@ class _BiasedAttention(torch.autograd.Function):
                 grouped.masked_fill_(dead_g[:, i], 0.0)  # masked queries: zero weights, output, grads
             dropped = p_i if keep is None else p_i * keep[:, i] / (1.0 - dropout_p)
             out[:, :, i] = torch.bmm(dropped, qkv[:, :, 2, i])  # (B, N, d)
+            del dropped
         ctx.save_for_backward(qkv, bias, probs, keep)
         ctx.meta = (scale, dropout_p)
         return out.view(b, n, h * d)  # (B, N, h*d)
@@ -113,8 +135,9 @@ class _BiasedAttention(torch.autograd.Function):
                 [qkv, bias], grad_out, ctx.needs_input_grad[:2],
             )
             return (*grads, None, None)
-        # Head by head on strided views of qkv (batched GEMMs take any row stride), so backward
-        # copies nothing into a GEMM layout; one head's N x N maps are alive at a time.
+        # Head by head and a block of windows at a time (`_block`), on strided views of qkv (batched
+        # GEMMs take any row stride), so backward copies nothing into a GEMM layout and only one
+        # block's N x N maps are alive at a time.
         b, n, _, h, d = qkv.shape
         groups = bias.shape[0] if bias.ndim == 4 else 1
         g = grad_out.reshape(b, n, h, d)
@@ -122,24 +145,33 @@ class _BiasedAttention(torch.autograd.Function):
         want_qkv, want_bias = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_qkv = qkv.new_empty((b, n, 3, h, d)) if want_qkv else None
         grad_bias = bias.new_empty((groups, h, n, n)) if want_bias else None
-        for i in range(h):
-            g_i, p_i = g[:, :, i], probs[i]  # (B, N, d) strided view, (B, N, N)
-            q_i, k_i, v_i = qkv[:, :, 0, i], qkv[:, :, 1, i], qkv[:, :, 2, i]  # (B, N, d) views
-            grad_probs = torch.bmm(g_i, v_i.transpose(1, 2))  # (B, N, N)
+        step = _block(b, n, groups, probs.element_size())
+        for i, b0 in itertools.product(range(h), range(0, b, step)):
+            rows = slice(b0, b0 + step)
+            g_i, p_i = g[rows, :, i], probs[i, rows]  # (Bc, N, d) strided view, (Bc, N, N)
+            q_i, k_i, v_i = (qkv[rows, :, j, i] for j in range(3))  # (Bc, N, d) views
+            keep_i = None if keep is None else keep[rows, i]
             # The GEMMs write contiguous results that are then copied into the packed gradient: a
             # strided `out=` makes bmm fall back to one small GEMM per batch element.
             if grad_qkv is not None:
-                dropped = p_i if keep is None else p_i * keep[:, i] / (1.0 - dropout_p)
-                grad_qkv[:, :, 2, i] = torch.bmm(dropped.transpose(1, 2), g_i)  # (B, N, d)
-            if keep is not None:
-                grad_probs.mul_(keep[:, i]).mul_(1.0 / (1.0 - dropout_p))
-            grad_logits = torch._softmax_backward_data(grad_probs, p_i, -1, probs.dtype)  # (B, N, N)
-            del grad_probs
+                dropped = p_i if keep_i is None else p_i * keep_i / (1.0 - dropout_p)
+                grad_qkv[rows, :, 2, i] = torch.bmm(dropped.transpose(1, 2), g_i)  # (Bc, N, d)
+                del dropped
+            grad_probs = torch.bmm(g_i, v_i.transpose(1, 2))  # (Bc, N, N)
+            if keep_i is not None:
+                grad_probs.mul_(keep_i).mul_(1.0 / (1.0 - dropout_p))
+            # softmax backward in place (each row's sum is taken before the row is written)
+            grad_logits = _softmax_backward(grad_probs, p_i, out=grad_probs)  # (Bc, N, N)
             if grad_qkv is not None:
-                grad_qkv[:, :, 0, i] = torch.bmm(grad_logits, k_i).mul_(scale)  # (B, N, d)
-                grad_qkv[:, :, 1, i] = torch.bmm(grad_logits.transpose(1, 2), q_i).mul_(scale)  # (B, N, d)
+                grad_qkv[rows, :, 0, i] = torch.bmm(grad_logits, k_i).mul_(scale)  # (Bc, N, d)
+                grad_qkv[rows, :, 1, i] = torch.bmm(grad_logits.transpose(1, 2), q_i).mul_(scale)
             if grad_bias is not None:
-                torch.sum(grad_logits.view(b // groups, groups, n, n), 0, out=grad_bias[:, i])  # (G, N, N)
+                part = grad_logits.view(-1, groups, n, n).sum(0)  # (G, N, N), group-major block
+                if b0 == 0:
+                    grad_bias[:, i] = part
+                else:
+                    grad_bias[:, i] += part
+            del grad_probs, grad_logits  # before the next block allocates its own
         return grad_qkv, None if grad_bias is None else grad_bias.view(bias.shape), None, None
 
 

@@ -14,9 +14,15 @@ Key number j of the window sits at $(s + j)\\,d + g$, and its relative position 
 $(s + j) - m + k - 1$ of a table of $2k - 1$ per axis. An N-D neighbourhood is the product of the
 axes' windows, `kernel**N` keys in row-major order of the per-axis offsets.
 
-`neighbourhood_attend` gathers each query's keys and values with one `index_select` each, so time and
-memory are $O(N K d)$ for N queries with K = prod(kernel) keys, never N x N; composite ops only, so
-autograd, double backward and `torch.func` work.
+`neighbourhood_attend` gathers each query's keys and values with `index_select`, never an N x N map.
+Its composite twin (`_gathered`) gathers all of them at once, `(B, h, N, K, d)` for N queries with
+K = prod(kernel) keys, and autograd keeps both gathers for backward. In eager float32/float64 a custom
+autograd function (`_ChunkedNeighbourhood`) runs instead: a block of queries at a time (about
+`_CHUNK_BYTES` of gathered keys, which stays in cache), it finishes the block's rows (logits, bias,
+mask, softmax, dropout, output) and keeps only q, k, v and the `(B, h, N, K)` weights; backward
+gathers each block's keys and values again and scatters their gradients with `index_add_`. Peak
+memory is then O(N d + N K) instead of O(N K d), and the step is faster (cache-resident blocks).
+Double backward differentiates the twin; `torch.func`, `torch.compile` and half precision run it.
 """
 
 from __future__ import annotations
@@ -26,8 +32,14 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+from torch.autograd.function import FunctionCtx
+
+from attnzoo.functional import fused_enabled
+from attnzoo.kernels.route import composite_required, without_autocast
 
 __all__ = ["axis_window", "neighbourhood_index", "neighbourhood_attend"]
+
+_CHUNK_BYTES = 1 << 20  # gathered keys (or values) per block of queries in `_ChunkedNeighbourhood`
 
 
 def axis_window(
@@ -106,22 +118,65 @@ def neighbourhood_attend(
 ) -> tuple[Tensor, Tensor]:
     """Softmax attention of every query over its gathered neighbourhood (scale already in `q`).
 
+    In eager float32/float64 a chunked kernel runs (`_ChunkedNeighbourhood`, see the module
+    docstring); the composite ops (`_gathered`) run under `torch.func` transforms, `torch.compile`,
+    `torch.export`, `torch.jit.trace`, for half precision and with `attnzoo.fused_attn(False)`.
+    Both give the same values, weights and gradients; with dropout the kernel draws its mask as
+    `torch.nn.functional.dropout` does on CPU, so one seed gives one mask on either path.
+
     Args:
         q: Queries `(B, h, N, d)`, already multiplied by the scale.
-        k: Keys `(B, h, N, d)`.
-        v: Values `(B, h, N, d)`.
-        keys: `(N, K)` key index of each query's K neighbours.
+        k: Keys `(B, h, S, d)`.
+        v: Values `(B, h, S, dv)`.
+        keys: `(N, K)` key index (into S) of each query's K neighbours.
         bias: Additive logits bias broadcastable to `(B, h, N, K)`. Default: None.
         valid: `(N, K)` bool, False for keys outside a causal window. Default: None.
         dropout_p: Dropout on the weights. Default: 0.
 
     Returns:
-        `(out, weights)`: `(B, h, N, d)` and the softmax weights `(B, h, N, K)` (before dropout).
+        `(out, weights)`: `(B, h, N, dv)` and the softmax weights `(B, h, N, K)` (before dropout).
+    """
+    if _kernel_applies(q, k, v, bias, dropout_p):
+        b, h, n = q.shape[:3]
+        noise = None
+        if dropout_p > 0:  # F.dropout's CPU rule: a Bernoulli(1 - p) draw over the weights, / (1 - p)
+            noise = q.new_empty(b, h, n, keys.shape[1]).bernoulli_(1.0 - dropout_p).div_(1.0 - dropout_p)
+        out, weights = _ChunkedNeighbourhood.apply(q, k, v, keys, bias, valid, noise)
+        return out, weights
+    return _gathered(q, k, v, keys, bias, valid, dropout_p=dropout_p)
+
+
+def _kernel_applies(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, dropout_p: float) -> bool:
+    return (
+        fused_enabled()
+        and q.dtype in (torch.float32, torch.float64)
+        and all(t.dtype == q.dtype and t.dim() == 4 for t in (q, k, v))
+        and (bias is None or (bias.dtype == q.dtype and bias.dim() <= 4))
+        and dropout_p < 1.0
+        and not composite_required()
+    )
+
+
+def _gathered(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    keys: Tensor,
+    bias: Tensor | None,
+    valid: Tensor | None,
+    *,
+    dropout_p: float = 0.0,
+    noise: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The composite twin: every neighbourhood gathered at once (`(B, h, N, K, d)` keys and values).
+
+    Dropout is `F.dropout(weights, dropout_p)`, or `weights * noise` with the kernel's mask (double
+    backward recomputes with it).
     """
     n, kk = keys.shape
     flat = keys.reshape(-1)  # (N*K,)
     k_n = k.index_select(2, flat).unflatten(2, (n, kk))  # (B, h, N, K, d)
-    v_n = v.index_select(2, flat).unflatten(2, (n, kk))  # (B, h, N, K, d)
+    v_n = v.index_select(2, flat).unflatten(2, (n, kk))  # (B, h, N, K, dv)
     logits = (q.unsqueeze(-2) * k_n).sum(-1)  # (B, h, N, K)
     low = logits.dtype in (torch.float16, torch.bfloat16)
     if low:
@@ -131,6 +186,139 @@ def neighbourhood_attend(
     if valid is not None:  # every query keeps itself, so no row is all -inf
         logits = logits.masked_fill(~valid, float("-inf"))
     weights = logits.softmax(-1).to(q.dtype)  # (B, h, N, K)
-    dropped = torch.nn.functional.dropout(weights, dropout_p) if dropout_p > 0 else weights
-    out = (dropped.unsqueeze(-1) * v_n).sum(-2)  # (B, h, N, d)
+    if noise is not None:
+        dropped = weights * noise
+    else:
+        dropped = torch.nn.functional.dropout(weights, dropout_p) if dropout_p > 0 else weights
+    out = (dropped.unsqueeze(-1) * v_n).sum(-2)  # (B, h, N, dv)
     return out, weights
+
+
+def _step(q: Tensor, v: Tensor, kk: int) -> int:
+    """Queries per chunk: about `_CHUNK_BYTES` of gathered keys (or values) for the whole batch."""
+    b, h, _, d = q.shape
+    per_query = b * h * kk * max(d, v.shape[-1]) * q.element_size()
+    return max(1, _CHUNK_BYTES // per_query)
+
+
+def _as_4d(bias: Tensor) -> Tensor:
+    return bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape))  # (.., N or 1, K or 1)
+
+
+def _rows(t: Tensor, n0: int, n1: int) -> Tensor:
+    """Rows n0:n1 of a 4-D tensor's query axis, or the tensor itself where that axis broadcasts."""
+    return t if t.shape[2] == 1 else t[:, :, n0:n1]
+
+
+class _ChunkedNeighbourhood(torch.autograd.Function):
+    """`_gathered`, a block of queries at a time, keeping nothing `K` times the input for backward.
+
+    Each block gathers its queries' keys (then values) for the whole batch, about `_CHUNK_BYTES`
+    (it stays in cache), and finishes its rows: logits, bias, mask, softmax, dropout, output.
+    Saved for backward: q, k, v as given, the `(B, h, N, K)` weights and the dropout mask;
+    backward gathers each block's values and keys again. A `create_graph=True` backward
+    differentiates `_gathered` instead (`recompute_grads` style), so double backward works.
+    """
+
+    @staticmethod
+    @without_autocast
+    def forward(  # type: ignore[override]
+        ctx: FunctionCtx, q: Tensor, k: Tensor, v: Tensor, keys: Tensor, bias: Tensor | None,
+        valid: Tensor | None, noise: Tensor | None,
+    ) -> tuple[Tensor, Tensor]:
+        (b, h, n, d), s, dv = q.shape, k.shape[2], v.shape[-1]
+        kk = keys.shape[1]
+        k3, v3 = k.reshape(b * h, s, d), v.reshape(b * h, s, dv)  # (B h, S, d|dv); copies unless contiguous
+        bias4 = None if bias is None else _as_4d(bias)
+        weights, out = q.new_empty(b, h, n, kk), q.new_empty(b, h, n, dv)
+        step = _step(q, v, kk)
+        for n0 in range(0, n, step):
+            n1 = min(n, n0 + step)
+            idx = keys[n0:n1].reshape(-1)  # (nc*K,)
+            k_n = k3.index_select(1, idx).view(b, h, n1 - n0, kk, d)  # (B, h, nc, K, d)
+            logits = (q[:, :, n0:n1].unsqueeze(-2) @ k_n.transpose(-2, -1)).squeeze(-2)  # (B, h, nc, K)
+            del k_n
+            if bias4 is not None:
+                logits += _rows(bias4, n0, n1)
+            if valid is not None:
+                logits.masked_fill_(~valid[n0:n1], float("-inf"))
+            w = weights[:, :, n0:n1]
+            torch.softmax(logits, -1, out=w)
+            dropped = w if noise is None else w * noise[:, :, n0:n1]
+            v_n = v3.index_select(1, idx).view(b, h, n1 - n0, kk, dv)  # (B, h, nc, K, dv)
+            out[:, :, n0:n1] = (dropped.unsqueeze(-2) @ v_n).squeeze(-2)  # (B, h, nc, dv)
+        ctx.save_for_backward(q, k, v, keys, bias, valid, noise, weights)
+        ctx.set_materialize_grads(False)
+        return out, weights
+
+    @staticmethod
+    @without_autocast
+    def backward(  # type: ignore[override]
+        ctx: FunctionCtx, grad_out: Tensor | None, grad_weights: Tensor | None
+    ) -> tuple[Tensor | None, ...]:
+        q, k, v, keys, bias, valid, noise, weights = ctx.saved_tensors  # type: ignore[attr-defined]
+        (b, h, n, d), s, dv = q.shape, k.shape[2], v.shape[-1]
+        kk = keys.shape[1]
+        needs = ctx.needs_input_grad  # type: ignore[attr-defined]
+        if torch.is_grad_enabled():  # create_graph=True: differentiate the composite ops instead
+            return _double_backward(q, k, v, keys, bias, valid, noise, grad_out, grad_weights, needs)
+        grad_out = q.new_zeros(b, h, n, dv) if grad_out is None else grad_out
+        grad_q = q.new_empty(b, h, n, d)
+        grad_k, grad_v = q.new_zeros(b * h, s, d), q.new_zeros(b * h, s, dv)
+        bias4 = None if bias is None or not needs[4] else _as_4d(bias)
+        grad_bias = None if bias4 is None else torch.zeros_like(bias4)
+        k3, v3 = k.reshape(b * h, s, d), v.reshape(b * h, s, dv)  # (B h, S, d|dv)
+        step = _step(q, v, kk)
+        for n0 in range(0, n, step):
+            n1 = min(n, n0 + step)
+            nc, idx = n1 - n0, keys[n0:n1].reshape(-1)
+            g, w = grad_out[:, :, n0:n1], weights[:, :, n0:n1]  # (B, h, nc, dv), (B, h, nc, K)
+            dropped = w if noise is None else w * noise[:, :, n0:n1]
+            v_n = v3.index_select(1, idx).view(b, h, nc, kk, dv)  # (B, h, nc, K, dv)
+            grad_w = (g.unsqueeze(-2) @ v_n.transpose(-2, -1)).squeeze(-2)  # (B, h, nc, K)
+            del v_n
+            grad_v_n = dropped.unsqueeze(-1) * g.unsqueeze(-2)  # (B, h, nc, K, dv)
+            grad_v.index_add_(1, idx, grad_v_n.view(b * h, nc * kk, dv))  # scattered onto (B h, S, dv)
+            del grad_v_n
+            if noise is not None:
+                grad_w *= noise[:, :, n0:n1]
+            if grad_weights is not None:
+                grad_w += grad_weights[:, :, n0:n1]
+            grad_logits = torch._softmax_backward_data(grad_w, w, -1, w.dtype)  # (B, h, nc, K)
+            k_n = k3.index_select(1, idx).view(b, h, nc, kk, d)  # (B, h, nc, K, d)
+            grad_q[:, :, n0:n1] = (grad_logits.unsqueeze(-2) @ k_n).squeeze(-2)  # (B, h, nc, d)
+            del k_n
+            grad_k_n = grad_logits.unsqueeze(-1) * q[:, :, n0:n1].unsqueeze(-2)  # (B, h, nc, K, d)
+            grad_k.index_add_(1, idx, grad_k_n.view(b * h, nc * kk, d))  # scattered onto (B h, S, d)
+            del grad_k_n
+            if grad_bias is not None:
+                _rows(grad_bias, n0, n1).add_(_reduce_to(grad_logits, _rows(bias4, n0, n1).shape))
+        grad_bias = None if grad_bias is None else grad_bias.view(bias.shape)
+        grad_k, grad_v = grad_k.view(b, h, s, d), grad_v.view(b, h, s, dv)  # (B h, S, .) -> (B, h, S, .)
+        return grad_q, grad_k, grad_v, None, grad_bias, None, None
+
+
+def _reduce_to(t: Tensor, shape: torch.Size) -> Tensor:
+    """`t` summed over the axes where `shape` broadcasts (size 1), keeping them."""
+    dims = [i for i, (a, want) in enumerate(zip(t.shape, shape, strict=True)) if want == 1 and a != 1]
+    return t.sum(dims, keepdim=True) if dims else t
+
+
+def _double_backward(
+    q: Tensor, k: Tensor, v: Tensor, keys: Tensor, bias: Tensor | None, valid: Tensor | None,
+    noise: Tensor | None, grad_out: Tensor | None, grad_weights: Tensor | None, needs: tuple[bool, ...],
+) -> tuple[Tensor | None, ...]:
+    """Gradients of `_gathered` as differentiable functions of the inputs and incoming gradients."""
+    inputs = [q, k, v, None, bias]
+    wanted = [t for t, need in zip(inputs, needs, strict=False) if need and t is not None and t.requires_grad]
+    with torch.enable_grad():
+        out, weights = _gathered(q, k, v, keys, bias, valid, noise=noise)
+    pairs = [(o, g) for o, g in ((out, grad_out), (weights, grad_weights)) if g is not None]
+    found = iter(torch.autograd.grad(
+        [o for o, _ in pairs], wanted, [g for _, g in pairs], create_graph=True, allow_unused=True
+    )) if wanted and pairs else iter(())
+    grads: list[Tensor | None] = []
+    for t, need in zip(inputs, needs, strict=False):
+        want = need and t is not None and t.requires_grad and bool(pairs)
+        grads.append(next(found) if want else None)
+    return (*grads, None, None)

@@ -11,7 +11,8 @@ it along that axis, inside the same kind of window. The index rules are in
 (`NeighborhoodAttention1D/2D/3D`): `qkv`, `rpb` (a learnable table of `(2k - 1)**N` entries per head),
 `proj`, so their state_dicts load here.
 
-Deviations from NATTEN: no fused kernel (keys and values are gathered, memory $O(N K d)$); `kernel_size`
+Deviations from NATTEN: no fused kernel (keys and values are gathered by index, a block of queries at a
+time, memory $O(N (d + K))$ per head); `kernel_size`
 may be even (the window then reaches `k // 2` back and `k // 2 - 1` forward) or 1; the bias table may be
 combined with `causal` (NATTEN's legacy modules refuse the pair). The causal flag is called `causal` as
 everywhere in attnzoo (NATTEN's `is_causal`).
@@ -182,8 +183,9 @@ class NeighborhoodAttention1d(_NeighbourhoodAttention):
     $$
 
     with $\rho(i)$ the k keys of query i's window (NATTEN's rule, see the module docstring), $s$ the
-    scale and $B_h$ the relative position bias of head h. Time and memory $O(B L k C)$: the keys and
-    values of every window are gathered, there is no L x L matrix.
+    scale and $B_h$ the relative position bias of head h. Time $O(B L k C)$, memory $O(B L (C + h k))$:
+    the keys and values of each window are gathered a block of queries at a time, there is no L x L
+    matrix.
 
     Args:
         dim: Width C of the tokens.
@@ -258,7 +260,7 @@ class NeighborhoodAttention2d(_NeighbourhoodAttention):
 
     with $\rho(p)$ the $k \times k$ keys of pixel p's window (per axis NATTEN's rule, see the module
     docstring), $s$ the scale and $B_h$ the relative position bias of head h, a $(2k-1) \times (2k-1)$
-    table. Time and memory $O(B\,HW\,k^2 C)$; no HW x HW matrix.
+    table. Time $O(B\,HW\,k^2 C)$, memory $O(B\,HW\,(C + h k^2))$; no HW x HW matrix.
 
     Args:
         dim: Width C of the tokens.
@@ -332,8 +334,8 @@ class NeighborhoodAttention3d(_NeighbourhoodAttention):
     $$
 
     with $\rho(p)$ the $k^3$ keys of voxel p's window (per axis NATTEN's rule, see the module
-    docstring); `causal=(True, False, False)` makes it causal in time only. Time and memory
-    $O(B\,THW\,k^3 C)$; no THW x THW matrix.
+    docstring); `causal=(True, False, False)` makes it causal in time only. Time $O(B\,THW\,k^3 C)$,
+    memory $O(B\,THW\,(C + h k^3))$; no THW x THW matrix.
 
     Args:
         dim: Width C of the tokens.

@@ -174,9 +174,11 @@ class OutlookAttention(nn.Module):
         logits = self.attn(pooled.permute(0, 2, 3, 1))  # (B, h', w', h k^4)
         logits = logits.reshape(batch, h * w, heads, k * k, k * k).transpose(1, 2)  # (B, h, hw, k^2, k^2)
         weights = (logits * self.scale).softmax(-1)
+        del logits  # not kept for backward: freed now, not at the end of forward
         if capturing():
             self._record(weights, (height, width), (h, w))
         out = self.attn_drop(weights) @ v  # (B, h, hw, k^2, d)
+        del v  # the k^2-fold unfolded values; the product keeps its own contiguous copy for backward
         out = out.permute(0, 1, 4, 3, 2).reshape(batch, self.dim * k * k, h * w)  # (B, C k^2, hw)
         out = F.fold(out, (height, width), k, padding=p, stride=s)  # (B, C, H, W): windows summed
         out = self.proj_drop(self.proj(out.permute(0, 2, 3, 1)))  # (B, H, W, C)

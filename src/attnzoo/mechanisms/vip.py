@@ -141,11 +141,13 @@ class WeightedPermuteMLP(nn.Module):
         w = self.mlp_w(w).reshape(batch, height, seg, width, s).transpose(2, 3)  # (B, H, W, g, S)
         h, w = h.reshape(x.shape), w.reshape(x.shape)  # (B, H, W, C) each
         c = self.mlp_c(x)
-        pooled = (h + w + c).mean((1, 2))  # (B, C)
+        pooled = (h + w).add_(c).mean((1, 2))  # (B, C); in place: one temporary map, not two
         logits = self.attn_drop(self.fc2(self.attn_drop(self.act(self.fc1(pooled)))))  # (B, 3 C)
         weights = logits.reshape(batch, channels, 3).transpose(1, 2).softmax(1)  # (B, 3, C)
         a = weights[:, :, None, None, :]  # (B, 3, 1, 1, C)
-        out = self.proj_drop(self.proj(h * a[:, 0] + w * a[:, 1] + c * a[:, 2]))
+        # h a_0 + w a_1 + c a_2 summed in place: two temporary maps alive, not three
+        mixed = (h * a[:, 0]).add_(w * a[:, 1]).add_(c * a[:, 2])  # (B, H, W, C)
+        out = self.proj_drop(self.proj(mixed))
         if capturing():
             record(self, "branch", weights, branches=("height", "width", "channel"))
         return (out, weights) if need_weights else out
