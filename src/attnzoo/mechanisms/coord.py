@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from attnzoo._checks import check_float, check_int, check_shape
 from attnzoo._registry import Example, register
+from attnzoo.kernels.strips import strip_gate
 from attnzoo.maps.capture import capturing, record
 from attnzoo.mechanisms._widths import round_width
 
@@ -60,13 +61,8 @@ def _strip_convs(channels: int, kernel_size: int, bias: bool, dd: dict) -> tuple
 
 def _finish(module: nn.Module, x: Tensor, gates: tuple[Tensor, ...], has_skip: bool, need_weights: bool):
     """``x`` times each of `gates` in turn (plus ``x`` with the skip), the map recorded, the gate
-    returned on request. Multiplying by the factors one by one, as timm does, never builds nor keeps
-    a full-size product of two strip gates: their product is made only when it is asked for."""
-    out = x
-    for gate in gates:
-        out = out * gate
-    if has_skip:
-        out = out + x
+    returned on request. The full-size product of two strip gates is made only when it is asked for."""
+    out = strip_gate(x, gates, has_skip)  # two strips: the lean kernel (attnzoo.kernels.strips)
     if not (need_weights or capturing()):
         return out
     full = gates[0] if len(gates) == 1 else (gates[0] * gates[1]).expand_as(x)  # (B, C, H, W)

@@ -1,0 +1,81 @@
+"""The strip-gate kernel (coordinate attention's ``x * g_h * g_w``) against plain float64 autograd."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.autograd import gradcheck, gradgradcheck
+from torch.utils.flop_counter import FlopCounterMode
+
+from attnzoo.kernels.strips import strip_gate
+
+D = torch.float64
+
+
+def _inputs(b=2, c=3, h=5, w=4, dtype=D):
+    torch.manual_seed(0)
+    x = torch.randn(b, c, h, w, dtype=dtype, requires_grad=True)
+    g_h = torch.rand(b, c, h, 1, dtype=dtype, requires_grad=True)
+    g_w = torch.rand(b, c, w, 1, dtype=dtype).transpose(2, 3).requires_grad_()  # (B, C, 1, W), strided
+    return x, g_h, g_w
+
+
+def _reference(x, gates, has_skip):
+    out = x
+    for g in gates:
+        out = out * g
+    return out + x if has_skip else out
+
+
+@pytest.mark.parametrize("has_skip", [False, True])
+@pytest.mark.parametrize("order", ["hw", "wh"])
+def test_matches_plain_autograd_with_gradients(has_skip, order):
+    x, g_h, g_w = _inputs()
+    gates = (g_h, g_w) if order == "hw" else (g_w, g_h)
+    out = strip_gate(x, gates, has_skip)
+    assert type(out.grad_fn).__name__ == "_StripGateFnBackward"  # the kernel ran
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (x, g_h, g_w), grad)
+    ref_out = _reference(x, gates, has_skip)
+    want = torch.autograd.grad(ref_out, (x, g_h, g_w), grad)
+    torch.testing.assert_close(out, ref_out, atol=1e-12, rtol=0)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+
+
+def test_gradcheck_and_double_backward():
+    x, g_h, g_w = _inputs(1, 2, 3, 4)
+    assert gradcheck(lambda *t: strip_gate(t[0], t[1:], True), (x, g_h, g_w))
+    assert gradgradcheck(lambda *t: strip_gate(t[0], t[1:], False), (x, g_h, g_w))
+
+
+def test_only_some_inputs_need_grad():
+    x, g_h, g_w = _inputs()
+    frozen = g_w.detach()
+    out = strip_gate(x, (g_h, frozen))
+    gx, gh = torch.autograd.grad(out.sum(), (x, g_h))
+    rx, rh = torch.autograd.grad(_reference(x, (g_h, frozen), False).sum(), (x, g_h))
+    torch.testing.assert_close(gx, rx, atol=1e-12, rtol=0)
+    torch.testing.assert_close(gh, rh, atol=1e-12, rtol=0)
+
+
+def test_other_shapes_and_no_grad_take_the_plain_ops():
+    x, g_h, _ = _inputs()
+    full = torch.rand_like(x, requires_grad=True)
+    out = strip_gate(x, (full,), True)
+    assert type(out.grad_fn).__name__ == "AddBackward0"
+    torch.testing.assert_close(out, x * full + x)
+    row = g_h.transpose(2, 3)[..., :4]  # (B, C, 1, W)
+    with torch.no_grad():
+        out = strip_gate(x, (g_h, row))
+    assert out.grad_fn is None
+    torch.testing.assert_close(out, x.detach() * g_h.detach() * row.detach())
+
+
+def test_flop_counter_and_torch_func():
+    x, g_h, g_w = _inputs()
+    with FlopCounterMode(display=False) as counter:
+        strip_gate(x, (g_h, g_w)).sum().backward()
+    assert counter.get_total_flops() > 0  # the backward's matrix-vector products are seen
+    grads = torch.func.grad(lambda t: strip_gate(t, (g_h.detach(), g_w.detach())).sum())(x.detach())
+    torch.testing.assert_close(grads, (g_h * g_w).detach().expand_as(x))
