@@ -96,7 +96,10 @@ class _StripGateFn(torch.autograd.Function):
         if needs[1] or needs[2]:
             p = (g * x).reshape(b * c, h, w)  # (B, C, H, W) -> (B*C, H, W)
             if needs[1]:  # sum over W of p * g_w: (B*C, H, W) @ (B*C, W, 1)
-                grad_h = torch.bmm(p, g_w.reshape(b * c, w, 1)).view(b, c, h, 1)
+                # g_w as a transposed (1, W) row: MKL's batched product is ~3x faster than on a
+                # contiguous (W, 1) column
+                column = g_w.reshape(b * c, 1, w).transpose(1, 2)  # (B*C, W, 1), strides (W, 1, W)
+                grad_h = torch.bmm(p, column).view(b, c, h, 1)
             if needs[2]:  # sum over H of p * g_h: (B*C, 1, H) @ (B*C, H, W)
                 grad_w = torch.bmm(g_h.reshape(b * c, 1, h), p).view(b, c, 1, w)
         if needs[0]:
