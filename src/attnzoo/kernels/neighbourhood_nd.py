@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -247,7 +248,7 @@ class _ChunkedNeighbourhood(torch.autograd.Function):
             dropped = w if noise is None else w * noise[:, :, n0:n1]
             v_n = v3.index_select(1, idx).view(b, h, n1 - n0, kk, dv)  # (B, h, nc, K, dv)
             out[:, :, n0:n1] = (dropped.unsqueeze(-2) @ v_n).squeeze(-2)  # (B, h, nc, dv)
-        ctx.save_for_backward(q, k, v, keys, bias, valid, noise, weights)
+        ctx.save_for_backward(q, k, v, keys, bias, valid, noise, weights)  # type: ignore[arg-type]  # None saves as None
         ctx.set_materialize_grads(False)
         return out, weights
 
@@ -292,7 +293,8 @@ class _ChunkedNeighbourhood(torch.autograd.Function):
             grad_k.index_add_(1, idx, grad_k_n.view(b * h, nc * kk, d))  # scattered onto (B h, S, d)
             del grad_k_n
             if grad_bias is not None:
-                _rows(grad_bias, n0, n1).add_(_reduce_to(grad_logits, _rows(bias4, n0, n1).shape))
+                rows_shape = _rows(cast(Tensor, bias4), n0, n1).shape  # bias4 is set when grad_bias is
+                _rows(grad_bias, n0, n1).add_(_reduce_to(grad_logits, rows_shape))
         grad_bias = None if grad_bias is None else grad_bias.view(bias.shape)
         grad_k, grad_v = grad_k.view(b, h, s, d), grad_v.view(b, h, s, dv)  # (B h, S, .) -> (B, h, S, .)
         return grad_q, grad_k, grad_v, None, grad_bias, None, None
