@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.autograd import gradcheck, gradgradcheck
-from torch.utils.flop_counter import FlopCounterMode
+from tests.kernels.kernel_checks import (
+    Holder,
+    assert_autocast_bf16,
+    assert_flop_counter,
+    assert_gradgradcheck,
+    assert_matches,
+    assert_torch_func,
+)
+from torch.autograd import gradcheck
 
 from attnzoo.kernels.strips import strip_gate
 
@@ -43,10 +50,21 @@ def test_matches_plain_autograd_with_gradients(has_skip, order):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
 
 
-def test_gradcheck_and_double_backward():
+def test_gradcheck_double_backward_and_torch_tools():
     x, g_h, g_w = _inputs(1, 2, 3, 4)
-    assert gradcheck(lambda *t: strip_gate(t[0], t[1:], True), (x, g_h, g_w))
-    assert gradgradcheck(lambda *t: strip_gate(t[0], t[1:], False), (x, g_h, g_w))
+
+    def kernel(*t):
+        return strip_gate(t[0], t[1:], True)
+
+    def plain(*t):
+        return _reference(t[0], t[1:], True)
+
+    assert gradcheck(kernel, (x, g_h, g_w))
+    assert_matches(kernel, plain, (x, g_h, g_w))
+    assert_gradgradcheck(kernel, (x, g_h, g_w))
+    assert_flop_counter(kernel, (x, g_h, g_w))  # the backward's matrix-vector products are counted
+    assert_torch_func(Holder(kernel, (x, g_h, g_w)))
+    assert_autocast_bf16(kernel, [t.float() for t in (x, g_h, g_w)], plain)
 
 
 def test_only_some_inputs_need_grad():
@@ -70,12 +88,3 @@ def test_other_shapes_and_no_grad_take_the_plain_ops():
         out = strip_gate(x, (g_h, row))
     assert out.grad_fn is None
     torch.testing.assert_close(out, x.detach() * g_h.detach() * row.detach())
-
-
-def test_flop_counter_and_torch_func():
-    x, g_h, g_w = _inputs()
-    with FlopCounterMode(display=False) as counter:
-        strip_gate(x, (g_h, g_w)).sum().backward()
-    assert counter.get_total_flops() > 0  # the backward's matrix-vector products are seen
-    grads = torch.func.grad(lambda t: strip_gate(t, (g_h.detach(), g_w.detach())).sum())(x.detach())
-    torch.testing.assert_close(grads, (g_h * g_w).detach().expand_as(x))
