@@ -284,6 +284,9 @@ def _attend_math(
             else:
                 scores = scores + attn_mask
     weights = scores.softmax(dim=-1)
+    # neither the logits' (L, S) buffer nor a merged mask is needed past the softmax (autograd keeps
+    # the softmax's output): free them before the product with v allocates
+    del scores, attn_mask
     if dead is not None:
         weights = weights.masked_fill(dead, 0.0)
     weights = weights.to(q.dtype)
