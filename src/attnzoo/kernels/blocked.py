@@ -56,11 +56,6 @@ _BLOCK_ELEMENTS = 1 << 19
 # machine, 128 rows ran fwd+bwd in 1.53 s against 1.73 s for 32 (medians of 7 alternating rounds).
 _MIN_BLOCK_ROWS = 128
 
-# The static rule (no calibration: ATTNZOO_KERNEL_CALIBRATE=0, small inputs, see kernels/choose.py)
-# takes the blocked kernel when one width exceeds this multiple of the other (SAGAN: 8): there
-# padded flash would spend most of its FLOPs on zeros. Set to math.inf to always pad.
-
-
 # Exponents are kept above this floor: below it exp() returns subnormal numbers, and MKL's GEMMs on
 # subnormal probabilities run about 10x slower (measured: timm's NonLocalAttn at its kaiming init).
 # Entries that low weigh less than exp(-80) of a row's largest, far below float32 resolution.
