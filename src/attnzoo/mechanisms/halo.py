@@ -230,15 +230,17 @@ class HaloAttention(nn.Module):
         real = rows_in[:, None, :, None] & cols_in[None, :, None, :]  # (bh, bw, w, w)
         return real.reshape(-1, win * win)  # (nb, S)
 
+    def _real_keys_per_head(self, size: tuple[int, int], device: torch.device) -> Tensor:
+        """`_real_keys` for every head, `(h * n_blocks, 1, w^2)`: broadcasts over a block's queries."""
+        real = self._real_keys(*size, device)  # (nb, S)
+        return real.expand(self.num_heads, *real.shape).reshape(-1, 1, real.shape[1])  # (h*nb, 1, S)
+
     def _attend(
         self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor, size: tuple[int, int], need_weights: bool
     ) -> Tensor | tuple[Tensor, Tensor]:
         """Softmax attention of the blocks `(B, h*nb, L, .)`, the padding keys masked with
         `mask_padding`."""
-        mask = None
-        if self.mask_padding and self.halo_size > 0:
-            real = self._real_keys(*size, q.device)  # (nb, S)
-            mask = real.expand(self.num_heads, *real.shape).reshape(-1, 1, real.shape[1])  # (h*nb, 1, S)
+        mask = self._real_keys_per_head(size, q.device) if self.mask_padding and self.halo_size > 0 else None
         return attend(q, k, v, bias=bias, mask=mask, scale=self.scale, need_weights=need_weights)
 
     def _record(

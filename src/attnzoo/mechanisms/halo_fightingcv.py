@@ -117,8 +117,7 @@ class FightingcvHaloAttention(HaloAttention):
     ) -> Tensor | tuple[Tensor, Tensor]:
         """fightingcv's attention: the logits of the real keys are overwritten with the most negative
         number (its inverted mask), the padding keys keep theirs."""
-        real = self._real_keys(*size, q.device)  # (nb, S)
-        real = real.expand(self.num_heads, *real.shape).reshape(-1, 1, real.shape[1])  # (h*nb, 1, S)
+        real = self._real_keys_per_head(size, q.device)  # (h*nb, 1, S)
         logits = (q * self.scale) @ k.transpose(-2, -1) + bias  # (B, h*nb, L, S)
         logits = logits.masked_fill(real, -torch.finfo(logits.dtype).max)
         weights = logits.softmax(dim=-1)  # (B, h*nb, L, S)
