@@ -18,7 +18,7 @@ than the channel count works (timm's ``F.pad(mode="circular")`` refuses it).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +29,7 @@ from attnzoo._registry import Example, register
 from attnzoo.kernels.gate import GatePlan, fused_gate
 from attnzoo.maps.capture import capturing, record
 from attnzoo.mechanisms._widths import adaptive_kernel_size, check_layer, hidden_channels
+from attnzoo.mechanisms.se import gate_plainly
 
 __all__ = ["EfficientChannelAttention", "CircularEfficientChannelAttention", "EfficientChannelAttentionMlp"]
 
@@ -65,11 +66,11 @@ class _ChannelGate(nn.Module):
         """Rescale each channel of `x` `(B, C, H, W)`; with `need_weights`, also return the gate `(B, C)`."""
         sizes = {} if self.channels is None else {"C": self.channels}
         check_shape(x, type(self).__name__, "B C H W", **sizes)  # type: ignore[arg-type]
+        plan = GatePlan(channel_fn=self.excite, channel_stats=("mean",))
         if not need_weights:  # the lean gating kernel: one full-size temporary in backward
-            plan = GatePlan(channel_fn=self.excite, channel_stats=("mean",))
             return fused_gate(x, plan, tuple(self.parameters()))
-        gate = self.excite(x.mean((2, 3)))  # (B, C)
-        return x * gate[:, :, None, None], gate  # (B, C, 1, 1) broadcast over H, W
+        out, gate, _ = gate_plainly(x, plan)
+        return out, cast(Tensor, gate)  # (B, C, H, W), (B, C)
 
     def excite(self, pooled: Tensor) -> Tensor:
         """The gate `(B, C)` from the channel means `(B, C)`."""

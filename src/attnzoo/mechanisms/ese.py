@@ -10,6 +10,8 @@ experimental ``add_maxpool`` (pool with ``(mean + max) / 2``) is available, off 
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -19,6 +21,7 @@ from attnzoo._registry import Example, register
 from attnzoo.kernels.gate import GatePlan, fused_gate
 from attnzoo.maps.capture import capturing, record
 from attnzoo.mechanisms._widths import check_layer
+from attnzoo.mechanisms.se import blend_stats, gate_plainly
 
 __all__ = ["EffectiveSqueezeExcite", "HardSigmoid", "pooled_mean_max"]
 
@@ -106,16 +109,16 @@ class EffectiveSqueezeExcite(nn.Module):
         """Rescale each channel of `x` `(B, C, H, W)`; with `need_weights`, also return the gate `(B, C)`."""
         check_shape(x, type(self).__name__, "B C H W", C=self.channels)
         stats = ("mean", "max") if self.add_maxpool else ("mean",)
+        plan = GatePlan(channel_fn=self.excite, channel_stats=stats)
         if not need_weights:  # the lean gating kernel: one full-size temporary in backward
-            plan = GatePlan(channel_fn=self.excite, channel_stats=stats)
             return fused_gate(x, plan, tuple(self.parameters()))
-        gate = self.excite(*(x.mean((2, 3)) if s == "mean" else x.amax((2, 3)) for s in stats))  # (B, C)
-        return x * gate[:, :, None, None], gate  # (B, C, 1, 1) broadcast over H, W
+        out, gate, _ = gate_plainly(x, plan)
+        return out, cast(Tensor, gate)  # (B, C, H, W), (B, C)
 
     def excite(self, *stats: Tensor) -> Tensor:
         """The gate `(B, C)` from the channel mean (and max), each `(B, C)`."""
-        pooled = stats[0] if len(stats) == 1 else 0.5 * stats[0] + 0.5 * stats[1]  # (B, C)
-        gate = self.gate(F.linear(pooled, self.fc.weight.flatten(1), self.fc.bias))  # (C, C, 1, 1) -> (C, C)
+        weight = self.fc.weight.flatten(1)  # (C, C, 1, 1) -> (C, C)
+        gate = self.gate(F.linear(blend_stats(*stats), weight, self.fc.bias))  # (B, C)
         if capturing():  # map capture: the channel gate
             record(self, "channel", gate)
         return gate

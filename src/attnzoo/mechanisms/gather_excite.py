@@ -30,6 +30,7 @@ from attnzoo.kernels.gate import GatePlan, fused_gate
 from attnzoo.maps.capture import capturing, record
 from attnzoo.mechanisms._widths import check_layer, hidden_channels
 from attnzoo.mechanisms.ese import pooled_mean_max
+from attnzoo.mechanisms.se import blend_stats
 
 __all__ = ["GatherExcite"]
 
@@ -186,8 +187,7 @@ class GatherExcite(nn.Module):
 
     def _excite(self, *stats: Tensor) -> Tensor:
         """The global gate `(B, C)` from the channel mean (and max), each `(B, C)`."""
-        pooled = stats[0] if len(stats) == 1 else 0.5 * stats[0] + 0.5 * stats[1]  # (B, C)
-        gate = self.gate(self.mlp(pooled[:, :, None, None])).flatten(1)  # (B, C, 1, 1) -> (B, C)
+        gate = self.gate(self.mlp(blend_stats(*stats)[:, :, None, None])).flatten(1)  # (B, C, 1, 1) -> (B, C)
         if capturing():  # map capture
             record(self, "channel", gate)
         return gate

@@ -15,7 +15,7 @@ always use the sigmoid; a converted module keeps timm's gates); an even ``kernel
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -25,6 +25,7 @@ from attnzoo._registry import Example, register
 from attnzoo.kernels.gate import GatePlan, fused_gate
 from attnzoo.maps.capture import capturing, record
 from attnzoo.mechanisms._widths import check_layer, hidden_channels
+from attnzoo.mechanisms.se import blend_stats, gate_plainly
 
 __all__ = ["LightCBAM"]
 
@@ -156,24 +157,22 @@ class LightCBAM(nn.Module):
         """Gate `x` `(B, C, H, W)` per channel, then per position; with `need_weights`, also return
         the combined gate `(B, C, H, W)`."""
         check_shape(x, type(self).__name__, "B C H W", C=self.channels)
+        plan = GatePlan(self._channel_gate, ("mean", "max"), self._spatial_gate, ("mean", "max"))
         if not need_weights:  # the lean gating kernel (CBAM's): one full-size temporary in backward
-            plan = GatePlan(self._channel_gate, ("mean", "max"), self._spatial_gate, ("mean", "max"))
             return fused_gate(x, plan, tuple(self.channel.parameters()), tuple(self.spatial.parameters()))
-        channel_gate = self._channel_gate(x.mean((2, 3)), x.amax((2, 3)))  # (B, C)
-        y = x * channel_gate[:, :, None, None]  # (B, C, H, W)
-        spatial_gate = self._spatial_gate(y.mean(1, keepdim=True), y.amax(1, keepdim=True))  # (B, 1, H, W)
-        return y * spatial_gate, channel_gate[:, :, None, None] * spatial_gate  # (B, C, 1, 1) x (B, 1, H, W)
+        out, channel_gate, spatial_gate = gate_plainly(x, plan)  # (B, C, H, W), (B, C), (B, 1, H, W)
+        return out, cast(Tensor, channel_gate)[:, :, None, None] * cast(Tensor, spatial_gate)
 
     def _channel_gate(self, mean: Tensor, peak: Tensor) -> Tensor:
         """`(B, C)` from the channel means and maxima over H, W, each `(B, C)`."""
-        gate = self.channel(0.5 * mean + 0.5 * peak)
+        gate = self.channel(blend_stats(mean, peak))
         if capturing():  # map capture
             record(self, "channel", gate)
         return gate
 
     def _spatial_gate(self, mean: Tensor, peak: Tensor) -> Tensor:
         """`(B, 1, H, W)` from the means and maxima over C of the channel-gated map, each `(B, 1, H, W)`."""
-        gate = self.spatial(0.5 * mean + 0.5 * peak)
+        gate = self.spatial(blend_stats(mean, peak))
         if capturing():  # map capture
             record(self, "spatial", gate[:, 0], grid=gate.shape[2:])
         return gate

@@ -96,6 +96,12 @@ def gate_plainly(x: Tensor, plan: GatePlan) -> tuple[Tensor, Tensor | None, Tens
     return y, cg, sg
 
 
+def blend_stats(*stats: Tensor) -> Tensor:
+    """One pooled statistic from `(mean,)` or `(mean, max)`: the mean, or timm's `0.5 * (mean + max)`
+    (`add_maxpool`, LightCBAM)."""
+    return stats[0] if len(stats) == 1 else 0.5 * stats[0] + 0.5 * stats[1]
+
+
 def from_batch_first(t: Tensor, batch_first: bool) -> Tensor:
     """Undo `to_batch_first` on an output (or a gate broadcastable to it)."""
     return t if batch_first else t.permute(1, 0, 2, 3)  # (B, C, H, W) -> (C, B, H, W)
@@ -187,8 +193,8 @@ class SqueezeExcite(nn.Module):
 
     def excite(self, *stats: Tensor) -> Tensor:
         """The gate (B, C) from the squeezed statistics, each (B, C): the mean (and the max)."""
-        s = stats[0] if len(stats) == 1 else 0.5 * stats[0] + 0.5 * stats[1]
-        hidden = self.act(self.bn(self.fc1(s[:, :, None, None])))  # (B, C) -> (B, C, 1, 1) -> (B, rd, 1, 1)
+        s = blend_stats(*stats)[:, :, None, None]  # (B, C) -> (B, C, 1, 1)
+        hidden = self.act(self.bn(self.fc1(s)))  # (B, rd, 1, 1)
         gate = self.gate(self.fc2(hidden)).flatten(1)  # (B, C, 1, 1) -> (B, C)
         if capturing():  # map capture
             record(self, "channel", gate)
