@@ -17,7 +17,8 @@ axes' windows, `kernel**N` keys in row-major order of the per-axis offsets.
 `neighbourhood_attend` gathers each query's keys and values with `index_select`, never an N x N map.
 Its composite twin (`_gathered`) gathers all of them at once, `(B, h, N, K, d)` for N queries with
 K = prod(kernel) keys, and autograd keeps both gathers for backward. In eager float32/float64 a custom
-autograd function (`_ChunkedNeighbourhood`) runs instead: a block of queries at a time (about
+autograd function (`_ChunkedNeighbourhood`) runs instead, token-major (each key one row, so a
+gather or scatter moves whole rows): a block of queries at a time (about
 `_CHUNK_BYTES` of gathered keys, which stays in cache), it finishes the block's rows (logits, bias,
 mask, softmax, dropout, output) and keeps only q, k, v and the `(B, h, N, K)` weights; backward
 gathers each block's keys and values again and scatters their gradients with `index_add_`. Peak
@@ -211,14 +212,56 @@ def _rows(t: Tensor, n0: int, n1: int) -> Tensor:
     return t if t.shape[2] == 1 else t[:, :, n0:n1]
 
 
+def _token_major(t: Tensor) -> Tensor:
+    """`(B, h, N, c)` -> `(N, B h, c)`, the kernel's layout (a view when t came from a token-major
+    projection with B = 1, else one copy)."""
+    b, h, n, c = t.shape
+    return t.permute(2, 0, 1, 3).reshape(n, b * h, c)
+
+
+def _token_rows(t: Tensor) -> Tensor:
+    """`(B, h, S, c)` -> `(S, B h c)`: one row of every key (a view where the strides allow)."""
+    return t.permute(2, 0, 1, 3).reshape(t.shape[2], -1)
+
+
+def _scores(rows: Tensor, gathered: Tensor) -> Tensor:
+    """`(nc, B h, c)` rows dotted with their `(nc, K, B h, c)` neighbours: `(nc, B h, K)`.
+
+    Under a dispatch mode (`FlopCounterMode`) as batched products, which the mode counts; else as
+    a product and a sum, which is faster for these `1 x c` by `c x K` products.
+    """
+    if torch._C._len_torch_dispatch_stack() > 0:
+        return (rows.unsqueeze(2) @ gathered.permute(0, 2, 3, 1)).squeeze(2)
+    return (rows.unsqueeze(2) * gathered.transpose(1, 2)).sum(-1)
+
+
+def _mix(weights: Tensor, gathered: Tensor, out: Tensor) -> None:
+    """`out` `(nc, B h, c)` = the `(nc, B h, K)` weights times their `(nc, K, B h, c)` neighbours
+    (as batched products under a dispatch mode, like `_scores`)."""
+    if torch._C._len_torch_dispatch_stack() > 0:
+        out.copy_((weights.unsqueeze(2) @ gathered.transpose(1, 2)).squeeze(2))
+    else:
+        torch.sum(gathered * weights.transpose(1, 2).unsqueeze(-1), 1, out=out)
+
+
+def _head_major(t: Tensor, b: int, h: int) -> Tensor:
+    """`(N, B h, c)` -> the `(B, h, N, c)` view callers expect."""
+    return t.unflatten(1, (b, h)).permute(1, 2, 0, 3)
+
+
 class _ChunkedNeighbourhood(torch.autograd.Function):
     """`_gathered`, a block of queries at a time, keeping nothing `K` times the input for backward.
 
-    Each block gathers its queries' keys (then values) for the whole batch, about `_CHUNK_BYTES`
-    (it stays in cache), and finishes its rows: logits, bias, mask, softmax, dropout, output.
-    Saved for backward: q, k, v as given, the `(B, h, N, K)` weights and the dropout mask;
-    backward gathers each block's values and keys again. A `create_graph=True` backward
-    differentiates `_gathered` instead (`recompute_grads` style), so double backward works.
+    The kernel works token-major: queries `(N, B h, d)`, keys `(S, B h d)`, weights `(N, B h, K)`.
+    Gathering a block's K neighbours is then one `index_select` of whole rows along dim 0, and
+    backward scatters their gradients with one `index_add_` of whole rows. (Along the token axis of
+    the head-major `(B h, S, d)` layout both ops run per element and took 4-5x as long.) Each block,
+    about `_CHUNK_BYTES` (it stays in cache), is finished at once: logits, bias, mask, softmax,
+    dropout, output. Saved for backward: q, k, v as given (backward lays them out again), the
+    weights and the dropout mask; backward gathers each block's values and keys again. A
+    `create_graph=True` backward differentiates `_gathered` instead (`recompute_grads` style), so
+    double backward works.
+    Outputs are `(B, h, ., .)` views of the token-major buffers.
     """
 
     @staticmethod
@@ -227,30 +270,32 @@ class _ChunkedNeighbourhood(torch.autograd.Function):
         ctx: FunctionCtx, q: Tensor, k: Tensor, v: Tensor, keys: Tensor, bias: Tensor | None,
         valid: Tensor | None, noise: Tensor | None,
     ) -> tuple[Tensor, Tensor]:
-        (b, h, n, d), s, dv = q.shape, k.shape[2], v.shape[-1]
-        kk = keys.shape[1]
-        k3, v3 = k.reshape(b * h, s, d), v.reshape(b * h, s, dv)  # (B h, S, d|dv); copies unless contiguous
-        bias4 = None if bias is None else _as_4d(bias)
-        weights, out = q.new_empty(b, h, n, kk), q.new_empty(b, h, n, dv)
+        (b, h, n, d), dv = q.shape, v.shape[-1]
+        bh, kk = b * h, keys.shape[1]
+        qt = _token_major(q)  # (N, B h, d)
+        kt, vt = _token_rows(k), _token_rows(v)  # (S, B h d|dv)
+        noise_t = None if noise is None else _token_major(noise)  # (N, B h, K)
+        bias_t = None if bias is None else _as_4d(bias).permute(2, 0, 1, 3)  # (N or 1, B?, h?, K?)
+        weights, out = q.new_empty(n, bh, kk), q.new_empty(n, bh, dv)
         step = _step(q, v, kk)
         for n0 in range(0, n, step):
             n1 = min(n, n0 + step)
-            idx = keys[n0:n1].reshape(-1)  # (nc*K,)
-            k_n = k3.index_select(1, idx).view(b, h, n1 - n0, kk, d)  # (B, h, nc, K, d)
-            logits = (q[:, :, n0:n1].unsqueeze(-2) @ k_n.transpose(-2, -1)).squeeze(-2)  # (B, h, nc, K)
+            nc, idx = n1 - n0, keys[n0:n1].reshape(-1)  # (nc*K,)
+            k_n = kt.index_select(0, idx).view(nc, kk, bh, d)  # (nc, K, B h, d)
+            logits = _scores(qt[n0:n1], k_n)  # (nc, B h, K)
             del k_n
-            if bias4 is not None:
-                logits += _rows(bias4, n0, n1)
+            if bias_t is not None:
+                logits.view(nc, b, h, kk).add_(bias_t if bias_t.shape[0] == 1 else bias_t[n0:n1])
             if valid is not None:
-                logits.masked_fill_(~valid[n0:n1], float("-inf"))
-            w = weights[:, :, n0:n1]
+                logits.masked_fill_(~valid[n0:n1].unsqueeze(1), float("-inf"))
+            w = weights[n0:n1]
             torch.softmax(logits, -1, out=w)
-            dropped = w if noise is None else w * noise[:, :, n0:n1]
-            v_n = v3.index_select(1, idx).view(b, h, n1 - n0, kk, dv)  # (B, h, nc, K, dv)
-            out[:, :, n0:n1] = (dropped.unsqueeze(-2) @ v_n).squeeze(-2)  # (B, h, nc, dv)
+            dropped = w if noise_t is None else w * noise_t[n0:n1]
+            v_n = vt.index_select(0, idx).view(nc, kk, bh, dv)  # (nc, K, B h, dv)
+            _mix(dropped, v_n, out[n0:n1])  # (nc, B h, dv)
         ctx.save_for_backward(q, k, v, keys, bias, valid, noise, weights)  # type: ignore[arg-type]  # None saves as None
         ctx.set_materialize_grads(False)
-        return out, weights
+        return _head_major(out, b, h), _head_major(weights, b, h)
 
     @staticmethod
     @without_autocast
@@ -259,45 +304,54 @@ class _ChunkedNeighbourhood(torch.autograd.Function):
     ) -> tuple[Tensor | None, ...]:
         q, k, v, keys, bias, valid, noise, weights = ctx.saved_tensors  # type: ignore[attr-defined]
         (b, h, n, d), s, dv = q.shape, k.shape[2], v.shape[-1]
-        kk = keys.shape[1]
+        bh, kk = b * h, keys.shape[1]
         needs = ctx.needs_input_grad  # type: ignore[attr-defined]
         if torch.is_grad_enabled():  # create_graph=True: differentiate the composite ops instead
             return _double_backward(q, k, v, keys, bias, valid, noise, grad_out, grad_weights, needs)
-        grad_out = q.new_zeros(b, h, n, dv) if grad_out is None else grad_out
-        grad_q = q.new_empty(b, h, n, d)
-        grad_k, grad_v = q.new_zeros(b * h, s, d), q.new_zeros(b * h, s, dv)
+        qt = _token_major(q)  # (N, B h, d); rebuilt, so the originals stay saved for double backward
+        kt, vt = _token_rows(k), _token_rows(v)  # (S, B h d|dv)
+        g_t = q.new_zeros(n, bh, dv) if grad_out is None else _token_major(grad_out)  # (N, B h, dv)
+        gw_t = None if grad_weights is None else _token_major(grad_weights)  # (N, B h, K)
+        noise_t = None if noise is None else _token_major(noise)  # (N, B h, K)
+        grad_q = q.new_empty(n, bh, d)
+        grad_k, grad_v = q.new_zeros(s, bh * d), q.new_zeros(s, bh * dv)
         bias4 = None if bias is None or not needs[4] else _as_4d(bias)
         grad_bias = None if bias4 is None else torch.zeros_like(bias4)
-        k3, v3 = k.reshape(b * h, s, d), v.reshape(b * h, s, dv)  # (B h, S, d|dv)
         step = _step(q, v, kk)
         for n0 in range(0, n, step):
             n1 = min(n, n0 + step)
             nc, idx = n1 - n0, keys[n0:n1].reshape(-1)
-            g, w = grad_out[:, :, n0:n1], weights[:, :, n0:n1]  # (B, h, nc, dv), (B, h, nc, K)
-            dropped = w if noise is None else w * noise[:, :, n0:n1]
-            v_n = v3.index_select(1, idx).view(b, h, nc, kk, dv)  # (B, h, nc, K, dv)
-            grad_w = (g.unsqueeze(-2) @ v_n.transpose(-2, -1)).squeeze(-2)  # (B, h, nc, K)
+            g, w = g_t[n0:n1], weights[n0:n1]  # (nc, B h, dv), (nc, B h, K)
+            dropped = w if noise_t is None else w * noise_t[n0:n1]
+            v_n = vt.index_select(0, idx).view(nc, kk, bh, dv)  # (nc, K, B h, dv)
+            grad_w = _scores(g, v_n)  # (nc, B h, K)
             del v_n
-            grad_v_n = dropped.unsqueeze(-1) * g.unsqueeze(-2)  # (B, h, nc, K, dv)
-            grad_v.index_add_(1, idx, grad_v_n.view(b * h, nc * kk, dv))  # scattered onto (B h, S, dv)
+            grad_v_n = q.new_empty(nc, kk, bh, dv)  # `out=` keeps the row layout index_add_ needs
+            torch.mul(dropped.transpose(1, 2).unsqueeze(-1), g.unsqueeze(1), out=grad_v_n)
+            grad_v.index_add_(0, idx, grad_v_n.view(nc * kk, bh * dv))  # scattered onto (S, B h dv)
             del grad_v_n
-            if noise is not None:
-                grad_w *= noise[:, :, n0:n1]
-            if grad_weights is not None:
-                grad_w += grad_weights[:, :, n0:n1]
-            grad_logits = torch._softmax_backward_data(grad_w, w, -1, w.dtype)  # (B, h, nc, K)
-            k_n = k3.index_select(1, idx).view(b, h, nc, kk, d)  # (B, h, nc, K, d)
-            grad_q[:, :, n0:n1] = (grad_logits.unsqueeze(-2) @ k_n).squeeze(-2)  # (B, h, nc, d)
+            if noise_t is not None:
+                grad_w *= noise_t[n0:n1]
+            if gw_t is not None:
+                grad_w += gw_t[n0:n1]
+            grad_logits = torch._softmax_backward_data(grad_w, w, -1, w.dtype)  # (nc, B h, K)
+            k_n = kt.index_select(0, idx).view(nc, kk, bh, d)  # (nc, K, B h, d)
+            _mix(grad_logits, k_n, grad_q[n0:n1])  # (nc, B h, d)
             del k_n
-            grad_k_n = grad_logits.unsqueeze(-1) * q[:, :, n0:n1].unsqueeze(-2)  # (B, h, nc, K, d)
-            grad_k.index_add_(1, idx, grad_k_n.view(b * h, nc * kk, d))  # scattered onto (B h, S, d)
+            grad_k_n = q.new_empty(nc, kk, bh, d)
+            torch.mul(grad_logits.transpose(1, 2).unsqueeze(-1), qt[n0:n1].unsqueeze(1), out=grad_k_n)
+            grad_k.index_add_(0, idx, grad_k_n.view(nc * kk, bh * d))  # scattered onto (S, B h d)
             del grad_k_n
             if grad_bias is not None:
                 rows_shape = _rows(cast(Tensor, bias4), n0, n1).shape  # bias4 is set when grad_bias is
-                _rows(grad_bias, n0, n1).add_(_reduce_to(grad_logits, rows_shape))
+                grad_rows = _head_major(grad_logits, b, h)  # (B, h, nc, K)
+                _rows(grad_bias, n0, n1).add_(_reduce_to(grad_rows, rows_shape))
         grad_bias = None if grad_bias is None else grad_bias.view(bias.shape)
-        grad_k, grad_v = grad_k.view(b, h, s, d), grad_v.view(b, h, s, dv)  # (B h, S, .) -> (B, h, S, .)
-        return grad_q, grad_k, grad_v, None, grad_bias, None, None
+        grad_k, grad_v = grad_k.view(s, bh, d), grad_v.view(s, bh, dv)  # (S, B h d) -> (S, B h, d)
+        return (
+            _head_major(grad_q, b, h), _head_major(grad_k, b, h), _head_major(grad_v, b, h),
+            None, grad_bias, None, None,
+        )
 
 
 def _reduce_to(t: Tensor, shape: torch.Size) -> Tensor:
