@@ -163,8 +163,9 @@ class _BiasedAttention(torch.autograd.Function):
             # softmax backward in place (each row's sum is taken before the row is written)
             grad_logits = _softmax_backward(grad_probs, p_i, out=grad_probs)  # (Bc, N, N)
             if grad_qkv is not None:
-                grad_qkv[rows, :, 0, i] = torch.bmm(grad_logits, k_i).mul_(scale)  # (Bc, N, d)
-                grad_qkv[rows, :, 1, i] = torch.bmm(grad_logits.transpose(1, 2), q_i).mul_(scale)
+                # the scale is applied by the copy into the packed gradient (one pass, not two)
+                torch.mul(torch.bmm(grad_logits, k_i), scale, out=grad_qkv[rows, :, 0, i])  # (Bc, N, d)
+                torch.mul(torch.bmm(grad_logits.transpose(1, 2), q_i), scale, out=grad_qkv[rows, :, 1, i])
             if grad_bias is not None:
                 part = grad_logits.view(-1, groups, n, n).sum(0)  # (G, N, N), group-major block
                 if b0 == 0:
