@@ -118,8 +118,10 @@ class _NeighbourhoodAttention(nn.Module):
         batch, tokens = dims["B"], math.prod(sizes)
         keys, rel, valid = neighbourhood_index(sizes, self.kernel_size, self.dilation, self.causal, x.device)
         qkv = self.qkv(x.reshape(batch, tokens, self.dim))  # (B, N, 3C)
-        qkv = qkv.unflatten(-1, (3, self.num_heads, self.head_dim)).permute(2, 0, 3, 1, 4)  # (3, B, h, N, d)
-        q, k, v = qkv[0] * self.scale, qkv[1], qkv[2]  # (B, h, N, d) each
+        qkv = qkv.unflatten(-1, (3, self.num_heads, self.head_dim))  # (B, N, 3, h, d)
+        # Token-major views (the kernel's layout): at B = 1 the kernel then copies nothing.
+        q = (qkv[:, :, 0] * self.scale).transpose(1, 2)  # (B, N, h, d) -> (B, h, N, d)
+        k, v = qkv[:, :, 1].transpose(1, 2), qkv[:, :, 2].transpose(1, 2)  # (B, h, N, d) each
         bias = None
         if self.rpb is not None:
             bias = self.rpb.flatten(1)[:, rel]  # (h, (2k-1)^n) -> (h, N, K)
