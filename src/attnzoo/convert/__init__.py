@@ -18,8 +18,16 @@ instance of a known class in a model, weights included.
 from torch import nn
 
 from attnzoo.blocks.convert import from_keras, keras_layer_weights, load_keras_weights
-from attnzoo.convert.fightingcv import FIGHTINGCV_CONVERTERS, from_fightingcv
-from attnzoo.convert.registry import Converter, convert, converter_for, known, register
+from attnzoo.convert.fightingcv import FIGHTINGCV_CALL_CHANGES, FIGHTINGCV_CONVERTERS, from_fightingcv
+from attnzoo.convert.registry import (
+    Converter,
+    call_change,
+    convert,
+    converter_for,
+    known,
+    register,
+    register_call_change,
+)
 from attnzoo.convert.timm import TIMM_CONVERTERS, from_timm
 from attnzoo.convert.torch import from_torch
 from attnzoo.convert.torchvision import TORCHVISION_CLASSES, from_torchvision
@@ -31,9 +39,12 @@ for _name in TIMM_CONVERTERS:
     register(_name, from_timm)
 for _name in FIGHTINGCV_CONVERTERS:
     register(_name, from_fightingcv)
+for _name, _reason in FIGHTINGCV_CALL_CHANGES.items():
+    register_call_change(_name, _reason)
 
 __all__ = [
     "Converter",
+    "call_change",
     "convert",
     "converter_for",
     "from_fightingcv",
@@ -45,4 +56,5 @@ __all__ = [
     "known",
     "load_keras_weights",
     "register",
+    "register_call_change",
 ]

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
-__all__ = ["dotted", "refuse", "factory", "same_forward"]
+__all__ = ["dotted", "refuse", "factory", "same_forward", "TimmKeys", "renamed"]
 
 
 def dotted(cls: type) -> str:
@@ -33,3 +34,38 @@ def same_forward(module: Any, cls: type) -> None:
             if base is not cls:
                 raise refuse(module, f"it overrides forward ({base.__qualname__}.forward)")
             return
+
+
+def renamed(state: Mapping[str, Tensor], names: Mapping[str, str]) -> dict[str, Tensor]:
+    """``state`` with every key's prefix in ``names`` replaced (a key no prefix matches is kept)."""
+    out = {}
+    for key, value in state.items():
+        prefix = next((p for p in names if key.startswith(p)), "")
+        out[(names[prefix] if prefix else "") + key[len(prefix):]] = value
+    return out
+
+
+class TimmKeys:
+    """A ``load_state_dict`` pre-hook that lets a converted module load timm's own keys.
+
+    A converter whose attnzoo class names its weights differently registers one on the module it
+    returns, so ``model.load_state_dict(timm_checkpoint, strict=True)`` still works after
+    ``attnzoo.replace(model, TimmClass)``. When a key under the module's prefix starts with one of
+    ``markers`` (names only timm's layout has), the module's part of the state_dict is rewritten
+    by ``translate`` (timm's local keys -> attnzoo's); attnzoo's own keys load unchanged. The hook is
+    a plain object holding a module-level function, so the model still pickles.
+    """
+
+    def __init__(self, translate: Callable[[dict[str, Tensor]], dict[str, Tensor]], markers: tuple[str, ...]):
+        self.translate = translate
+        self.markers = markers
+
+    def __call__(self, module: nn.Module, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
+        own = [key for key in state_dict if key.startswith(prefix)]
+        local = {key[len(prefix):]: key for key in own}
+        if not any(name.startswith(self.markers) for name in local):
+            return
+        translated = self.translate({name: state_dict[key] for name, key in local.items()})
+        for key in own:
+            del state_dict[key]
+        state_dict.update({prefix + name: value for name, value in translated.items()})

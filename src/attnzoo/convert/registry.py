@@ -14,11 +14,16 @@ from collections.abc import Callable
 
 from torch import nn
 
-__all__ = ["Converter", "register", "converter_for", "known", "convert"]
+__all__ = [
+    "Converter", "register", "converter_for", "known", "convert", "register_call_change", "call_change",
+]
 
 Converter = Callable[[nn.Module], nn.Module]
 
 _TABLE: dict[type | str, Converter] = {}
+# Foreign classes whose converted module is called differently (other arguments, another layout,
+# another return value): `attnzoo.replace` refuses to swap them in place, naming the reason.
+_CALL_CHANGES: dict[type | str, str] = {}
 
 
 def _dotted(cls: type) -> str:
@@ -43,6 +48,25 @@ def converter_for(foreign: type | nn.Module) -> Converter | None:
         for key in (base, _dotted(base)):
             if key in _TABLE:
                 return _TABLE[key]
+    return None
+
+
+def register_call_change(foreign: type | str, reason: str) -> None:
+    """Record that ``foreign``'s converted module is not called as ``foreign`` is (``reason`` says how),
+    so ``attnzoo.replace(model, foreign)`` refuses instead of leaving a model that fails when run."""
+    if not isinstance(foreign, (type, str)) or not isinstance(reason, str):
+        raise TypeError(f"register_call_change expects a class or dotted name and a reason string, "
+                        f"got {type(foreign).__name__}, {type(reason).__name__}")
+    _CALL_CHANGES[foreign] = reason
+
+
+def call_change(foreign: type | nn.Module) -> str | None:
+    """How the converted module of a class or instance is called differently (along the MRO), or None."""
+    cls = foreign if isinstance(foreign, type) else type(foreign)
+    for base in cls.__mro__:
+        for key in (base, _dotted(base)):
+            if key in _CALL_CHANGES:
+                return _CALL_CHANGES[key]
     return None
 
 

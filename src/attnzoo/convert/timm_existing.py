@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 from torch import Tensor, nn
 
+from attnzoo.convert._timm_common import TimmKeys, renamed
 from attnzoo.mechanisms.cbam import CBAM
 from attnzoo.mechanisms.non_local import NonLocalBlock
 from attnzoo.mechanisms.se import SqueezeExcite
@@ -119,13 +120,17 @@ def cbam_from_timm(module: Any) -> CBAM:
     new.ca.sharedMLP[1] = copy.deepcopy(channel.act)
     new.ca.gate, new.sa.gate = copy.deepcopy(channel.gate), copy.deepcopy(spatial.gate)
     same_norm(new.sa.bn, bn)
-    names = {"channel.fc1.": "ca.sharedMLP.0.", "channel.fc2.": "ca.sharedMLP.2.",
-             "spatial.conv.conv.": "sa.conv.", "spatial.conv.bn.": "sa.bn."}
-    state = {}
-    for key, value in module.state_dict().items():
-        prefix = next(p for p in names if key.startswith(p))
-        state[names[prefix] + key[len(prefix):]] = value
-    return finish(new, module, state)
+    new.register_load_state_dict_pre_hook(TimmKeys(cbam_keys, ("channel.", "spatial.")))
+    return finish(new, module, cbam_keys(module.state_dict()))
+
+
+_CBAM_NAMES = {"channel.fc1.": "ca.sharedMLP.0.", "channel.fc2.": "ca.sharedMLP.2.",
+               "spatial.conv.conv.": "sa.conv.", "spatial.conv.bn.": "sa.bn."}
+
+
+def cbam_keys(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """timm's `CbamModule` keys -> `CBAM`'s."""
+    return renamed(state, _CBAM_NAMES)
 
 
 def sk_from_timm(module: Any) -> SKConv:
@@ -169,17 +174,28 @@ def sk_from_timm(module: Any) -> SKConv:
             raise refuse(module, f"a path's convolution ({theirs}) is not SKConv's ({ours})")
         same_norm(new.get_submodule(f"convs.{i}.1"), path.bn)
     same_norm(new.get_submodule("fuse.0"), attn.bn)
-    state = {"fc.weight": attn.fc_reduce.weight.flatten(1)}  # (d, C', 1, 1) -> (d, C')
-    for key, value in attn.bn.state_dict().items():
-        state[f"fuse.0.{key}"] = value
-    m, width = len(convs), module.out_channels
-    select = attn.fc_select.weight.reshape(m, width, -1)  # (M*C', d, 1, 1) -> (M, C', d)
-    for i, path in enumerate(module.paths):
-        state[f"fcs.{i}.weight"] = select[i]
-        state[f"convs.{i}.0.weight"] = path.conv.weight
-        for key, value in path.bn.state_dict().items():
-            state[f"convs.{i}.1.{key}"] = value
-    return finish(new, module, state)
+    new.register_load_state_dict_pre_hook(TimmKeys(sk_keys, ("paths.", "attn.")))
+    return finish(new, module, sk_keys(module.state_dict()))
+
+
+def sk_keys(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """timm's `SelectiveKernel` keys -> `SKConv`'s: `paths.i.conv/bn` -> `convs.i.0/1`, `attn.bn` ->
+    `fuse.0`, the 1x1 convolutions `attn.fc_reduce` -> `fc` and `attn.fc_select` -> `fcs.i`."""
+    out = renamed({k: v for k, v in state.items() if not k.startswith(("attn.fc_", "paths."))},
+                  {"attn.bn.": "fuse.0."})
+    paths = sorted({int(k.split(".")[1]) for k in state if k.startswith("paths.")})
+    for key, value in state.items():
+        if key.startswith("paths."):
+            _, path, part, rest = key.split(".", 3)
+            out[f"convs.{path}.{0 if part == 'conv' else 1}.{rest}"] = value
+    if "attn.fc_reduce.weight" in state:
+        out["fc.weight"] = state["attn.fc_reduce.weight"].flatten(1)  # (d, C', 1, 1) -> (d, C')
+    if "attn.fc_select.weight" in state:
+        select = state["attn.fc_select.weight"]
+        select = select.reshape(len(paths), -1, select.shape[1])  # (M*C', d, 1, 1) -> (M, C', d)
+        for i in paths:
+            out[f"fcs.{i}.weight"] = select[i]
+    return out
 
 
 def window_from_timm(module: Any) -> WindowAttention:
@@ -216,12 +232,13 @@ def nonlocal_from_timm(module: Any) -> NonLocalBlock:
         **factory(module),
     )
     same_norm(new.get_submodule("W.1"), module.norm)
-    names = {"t.": "theta.", "p.": "phi.", "g.": "g.", "z.": "W.0.", "norm.": "W.1."}
-    state = {}
-    for key, value in module.state_dict().items():
-        prefix = next(p for p in names if key.startswith(p))
-        state[names[prefix] + key[len(prefix):]] = value
-    return finish(new, module, state)
+    new.register_load_state_dict_pre_hook(TimmKeys(nonlocal_keys, ("t.", "p.", "z.", "norm.")))
+    return finish(new, module, nonlocal_keys(module.state_dict()))
+
+
+def nonlocal_keys(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """timm's `NonLocalAttn` keys -> `NonLocalBlock`'s."""
+    return renamed(state, {"t.": "theta.", "p.": "phi.", "z.": "W.0.", "norm.": "W.1."})
 
 
 EXISTING_CONVERTERS: dict[str, Callable[[nn.Module], nn.Module]] = {

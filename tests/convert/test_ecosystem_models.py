@@ -1,0 +1,125 @@
+"""attnzoo as a drop-in in real timm / fightingcv models (random init, no downloads): whole models keep
+their outputs after `attnzoo.replace(model, ForeignClass)`, timm checkpoints still load into the
+replaced model, and classes whose converted module is called differently are refused."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+from tests.convert._parity import D, randomize
+from torch import nn
+
+import attnzoo
+
+timm = pytest.importorskip("timm", reason="timm is not installed")
+from timm.layers import create_attn  # noqa: E402
+from timm.layers.cbam import CbamModule  # noqa: E402
+from timm.layers.non_local_attn import NonLocalAttn  # noqa: E402
+from timm.layers.selective_kernel import SelectiveKernel  # noqa: E402
+
+
+def _perturbed(state: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    """A copy of a state_dict with every floating tensor moved a little (another "checkpoint")."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for key, value in state.items():
+        if value.is_floating_point():
+            noise = torch.rand(value.shape, generator=gen, dtype=value.dtype) * 0.1
+            value = value + noise if "running_var" in key else value + noise - 0.05
+        out[key] = value.clone()
+    return out
+
+
+def test_skresnet18_replaced_keeps_its_logits_and_loads_timm_checkpoints() -> None:
+    model = randomize(timm.create_model("skresnet18", pretrained=False, num_classes=10)).eval()
+    checkpoint = _perturbed(model.state_dict(), seed=1)
+    reference = copy.deepcopy(model)
+    x = torch.randn(2, 3, 40, 56, dtype=D)
+    names = attnzoo.replace(model, SelectiveKernel)
+    assert len(names) == 8 and all(type(model.get_submodule(n)).__name__ == "SKConv" for n in names)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x), atol=1e-10, rtol=1e-10)
+    # A timm checkpoint (timm's keys: paths.i.conv, attn.fc_select, ...) loads strictly after the swap.
+    model.load_state_dict(checkpoint, strict=True)
+    reference.load_state_dict(checkpoint, strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x), atol=1e-10, rtol=1e-10)
+    model.load_state_dict(model.state_dict(), strict=True)  # attnzoo's own keys still load
+    buffer = io.BytesIO()
+    torch.save(model, buffer)  # the key hook pickles with the model
+    buffer.seek(0)
+    reloaded = torch.load(buffer, weights_only=False)
+    reloaded.load_state_dict(checkpoint, strict=True)
+    model.train()
+    model(x).square().mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize(("name", "cls"), [("cbam", CbamModule), ("nl", NonLocalAttn)])
+def test_renamed_timm_keys_load_after_replace(name: str, cls: type[nn.Module]) -> None:
+    model = randomize(nn.Sequential(nn.Conv2d(3, 32, 1), create_attn(name, 32), nn.Conv2d(32, 4, 1))).eval()
+    checkpoint = _perturbed(model.state_dict(), seed=2)
+    reference = copy.deepcopy(model)
+    reference.load_state_dict(checkpoint, strict=True)
+    assert attnzoo.replace(model, cls) == ["1"]
+    model.load_state_dict(checkpoint, strict=True)
+    x = torch.randn(2, 3, 7, 9, dtype=D)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x), atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize(
+    ("arch", "kwargs", "size"),
+    [
+        ("resnest14d", {}, (48, 40)),
+        ("lambda_resnet26t", {}, (64, 64)),
+        ("gcresnet33ts", {}, (40, 48)),
+        ("eca_botnext26ts_256", {"img_size": 64}, (64, 64)),
+    ],
+)
+def test_timm_models_with_attention_keep_their_logits(arch: str, kwargs: dict, size: tuple[int, int]) -> None:
+    from attnzoo.convert import converter_for
+
+    model = randomize(timm.create_model(arch, pretrained=False, num_classes=5, **kwargs)).eval()
+    reference = copy.deepcopy(model)
+    classes = {type(m) for m in model.modules() if converter_for(m) is not None}
+    assert classes
+    for cls in classes:
+        assert attnzoo.replace(model, cls)
+    assert not any(converter_for(m) is not None for m in model.modules())
+    x = torch.randn(1, 3, *size, dtype=D)
+    with torch.no_grad():
+        ours, theirs = model(x), reference(x)
+    torch.testing.assert_close(ours, theirs, atol=1e-10 * theirs.abs().max().item(), rtol=1e-10)
+    reference.load_state_dict(_perturbed(reference.state_dict(), seed=3))
+    model.load_state_dict(reference.state_dict(), strict=True)
+
+
+def _fcv(path: str) -> type[nn.Module]:
+    module, _, name = path.rpartition(".")
+    fcv = pytest.importorskip(f"fightingcv_attention.attention.{module}", reason="fightingcv missing")
+    return getattr(fcv, name)
+
+
+@pytest.mark.parametrize(
+    ("path", "args", "words"),
+    [
+        ("EMSA.EMSA", (16, 8, 8, 2), "forward(queries, keys, values)"),
+        ("gfnet.GlobalFilter", (16, 6, 4), "tokens (B, N, C)"),
+        ("DAT.DAttentionBaseline", ((6, 6), (6, 6), 2, 8, 1, 0.0, 0.0, 1, 2, True, False, False, False, 2),
+         "(out, positions, references)"),
+    ],
+)
+def test_replace_refuses_fightingcv_classes_called_differently(path: str, args: tuple, words: str) -> None:
+    cls = _fcv(path)
+    module = cls(*args).eval()
+    model = nn.ModuleDict({"attn": module})
+    with pytest.raises(TypeError, match="replace cannot swap") as err:
+        attnzoo.replace(model, cls)
+    assert words in str(err.value)
+    assert model["attn"] is module  # untouched
+    converted = attnzoo.convert.convert(module)  # a single module still converts
+    assert converted is not module
