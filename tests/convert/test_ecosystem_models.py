@@ -1,6 +1,7 @@
 """attnzoo as a drop-in in real timm / fightingcv models (random init, no downloads): whole models keep
 their outputs after `attnzoo.replace(model, ForeignClass)`, timm checkpoints still load into the
-replaced model, and classes whose converted module is called differently are refused."""
+replaced model, and classes whose converted module is called differently are swapped in as
+subclasses called fightingcv's way."""
 
 from __future__ import annotations
 
@@ -104,22 +105,54 @@ def _fcv(path: str) -> type[nn.Module]:
     return getattr(fcv, name)
 
 
+class _Caller(nn.Module):
+    """A model that calls its attention fightingcv's way (`call(attn, x)`)."""
+
+    def __init__(self, attn: nn.Module, call) -> None:
+        super().__init__()
+        self.attn, self.call = attn, call
+
+    def forward(self, x: torch.Tensor):
+        return self.call(self.attn, x)
+
+
 @pytest.mark.parametrize(
-    ("path", "args", "words"),
+    ("path", "args", "shape", "call"),
     [
-        ("EMSA.EMSA", (16, 8, 8, 2), "forward(queries, keys, values)"),
-        ("gfnet.GlobalFilter", (16, 6, 4), "tokens (B, N, C)"),
+        ("EMSA.EMSA", (16, 8, 8, 2), (2, 49, 16), lambda m, x: m(x, x, x)),
+        ("EMSA.EMSA", (16, 8, 8, 2, 0.0, 5, 6, 1, False), (2, 30, 16), lambda m, x: m(x, x, x)),
+        ("gfnet.GlobalFilter", (16, 6, 4), (2, 36, 16), lambda m, x: m(x)),
+        ("gfnet.GlobalFilter", (16, 4, 4), (2, 24, 16), lambda m, x: m(x, spatial_size=(4, 6))),
         ("DAT.DAttentionBaseline", ((6, 6), (6, 6), 2, 8, 1, 0.0, 0.0, 1, 2, True, False, False, False, 2),
-         "(out, positions, references)"),
+         (2, 16, 6, 6), lambda m, x: m(x)),
     ],
 )
-def test_replace_refuses_fightingcv_classes_called_differently(path: str, args: tuple, words: str) -> None:
+def test_replace_keeps_fightingcv_calls_that_the_canonical_class_changes(path, args, shape, call) -> None:
+    # EMSA's converted module is called forward(x), GlobalFilter's takes maps, DAT's returns one
+    # output: replace swaps in the subclass called fightingcv's way, with fightingcv's numbers.
     cls = _fcv(path)
-    module = cls(*args).eval()
-    model = nn.ModuleDict({"attn": module})
-    with pytest.raises(TypeError, match="replace cannot swap") as err:
-        attnzoo.replace(model, cls)
-    assert words in str(err.value)
-    assert model["attn"] is module  # untouched
-    converted = attnzoo.convert.convert(module)  # a single module still converts
-    assert converted is not module
+    # fightingcv's GlobalFilter computes in float32 whatever the input: compare it in float32
+    dtype = torch.float32 if "GlobalFilter" in path else D
+    model = _Caller(randomize(cls(*args)).to(dtype), call).eval()
+    x = torch.randn(shape, dtype=dtype, generator=torch.Generator().manual_seed(1))
+    want = model(x.clone())
+    attnzoo.replace(model, cls)
+    assert not isinstance(model.attn, cls)
+    got = model(x.clone())
+    want, got = (want, got) if isinstance(want, tuple) else ((want,), (got,))
+    assert len(got) == len(want)
+    tol = {"atol": 1e-10, "rtol": 1e-10} if dtype == D else {}
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, **tol)
+    assert type(attnzoo.convert.convert(cls(*args))) is type(model.attn).__mro__[1]  # convert: canonical
+
+
+def test_replaced_emsa_refuses_cross_inputs_and_masks() -> None:
+    cls = _fcv("EMSA.EMSA")
+    model = _Caller(cls(16, 8, 8, 2, 0.0, 5, 6, 1, False), lambda m, x: m(x, x, x)).eval()
+    attnzoo.replace(model, cls)
+    x = torch.randn(2, 30, 16)
+    with pytest.raises(ValueError, match="self-attention"):
+        model.attn(x, x + 1, x)
+    with pytest.raises(ValueError, match="attention_mask"):
+        model.attn(x, x, x, attention_mask=torch.zeros(2, 2, 30, 30, dtype=torch.bool))

@@ -12,21 +12,24 @@
 
 Module converters sit in one table keyed by the foreign class (`attnzoo.convert.registry`);
 `convert` dispatches on it, and ``attnzoo.replace(model, ForeignClass)`` uses it to swap every
-instance of a known class in a model, weights included.
+instance of a known class in a model, weights included (where the converted module is called
+differently, as fightingcv's EMSA, GlobalFilter and DAT, `replace` swaps in a subclass called the
+foreign way: `attnzoo.convert.fightingcv_calls`).
 """
 
 from torch import nn
 
 from attnzoo.blocks.convert import from_keras, keras_layer_weights, load_keras_weights
-from attnzoo.convert.fightingcv import FIGHTINGCV_CALL_CHANGES, FIGHTINGCV_CONVERTERS, from_fightingcv
+from attnzoo.convert.fightingcv import FIGHTINGCV_CONVERTERS, from_fightingcv
+from attnzoo.convert.fightingcv_calls import IN_PLACE as FIGHTINGCV_IN_PLACE
 from attnzoo.convert.registry import (
     Converter,
-    call_change,
     convert,
     converter_for,
+    in_place_converter_for,
     known,
     register,
-    register_call_change,
+    register_in_place,
 )
 from attnzoo.convert.timm import TIMM_CONVERTERS, from_timm
 from attnzoo.convert.torch import from_torch
@@ -39,12 +42,11 @@ for _name in TIMM_CONVERTERS:
     register(_name, from_timm)
 for _name in FIGHTINGCV_CONVERTERS:
     register(_name, from_fightingcv)
-for _name, _reason in FIGHTINGCV_CALL_CHANGES.items():
-    register_call_change(_name, _reason)
+for _name, _converter in FIGHTINGCV_IN_PLACE.items():
+    register_in_place(_name, _converter)
 
 __all__ = [
     "Converter",
-    "call_change",
     "convert",
     "converter_for",
     "from_fightingcv",
@@ -52,9 +54,10 @@ __all__ = [
     "from_timm",
     "from_torch",
     "from_torchvision",
+    "in_place_converter_for",
     "keras_layer_weights",
     "known",
     "load_keras_weights",
     "register",
-    "register_call_change",
+    "register_in_place",
 ]

@@ -21,7 +21,7 @@ from attnzoo.convert.fightingcv_existing import EXISTING_CONVERTERS as _FCV_INTE
 from attnzoo.convert.fightingcv_halo import CONVERTERS as _FCV_HALO  # fcv-halo
 from attnzoo.convert.fightingcv_tokens_b import CONVERTERS as _FCV_TOKENS_B  # fcv-token-b block
 
-__all__ = ["FIGHTINGCV_CALL_CHANGES", "FIGHTINGCV_CONVERTERS", "from_fightingcv"]
+__all__ = ["FIGHTINGCV_CONVERTERS", "from_fightingcv"]
 
 
 def _refuse(module: Any, reason: str) -> TypeError:
@@ -62,22 +62,6 @@ FIGHTINGCV_CONVERTERS: dict[str, Callable[[nn.Module], nn.Module]] = {
     **_FCV_CROSSFORMER,
     **_FCV_DEFORMABLE,
     **_FCV_HALO,
-}
-
-
-# Converted modules that are called differently from fightingcv's: `from_fightingcv` converts them,
-# `attnzoo.replace(model, Class)` refuses them (the model's own call would fail or change meaning).
-FIGHTINGCV_CALL_CHANGES: dict[str, str] = {
-    "fightingcv_attention.attention.EMSA.EMSA": (
-        "fightingcv's forward(queries, keys, values) becomes forward(x) (self-attention over the H x W map)"
-    ),
-    "fightingcv_attention.attention.gfnet.GlobalFilter": (
-        "fightingcv's forward takes tokens (B, N, C) and returns float32; the converted GlobalFilter "
-        "takes maps (B, H, W, C) and keeps the input's dtype"
-    ),
-    "fightingcv_attention.attention.DAT.DAttentionBaseline": (
-        "fightingcv's forward returns (out, positions, references); the converted module returns out"
-    ),
 }
 
 

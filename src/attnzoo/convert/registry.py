@@ -15,15 +15,17 @@ from collections.abc import Callable
 from torch import nn
 
 __all__ = [
-    "Converter", "register", "converter_for", "known", "convert", "register_call_change", "call_change",
+    "Converter", "register", "converter_for", "known", "convert", "register_in_place",
+    "in_place_converter_for",
 ]
 
 Converter = Callable[[nn.Module], nn.Module]
 
 _TABLE: dict[type | str, Converter] = {}
 # Foreign classes whose converted module is called differently (other arguments, another layout,
-# another return value): `attnzoo.replace` refuses to swap them in place, naming the reason.
-_CALL_CHANGES: dict[type | str, str] = {}
+# another return value): `attnzoo.replace` swaps in what these converters give (called as the foreign
+# class is) instead.
+_IN_PLACE: dict[type | str, Converter] = {}
 
 
 def _dotted(cls: type) -> str:
@@ -51,23 +53,24 @@ def converter_for(foreign: type | nn.Module) -> Converter | None:
     return None
 
 
-def register_call_change(foreign: type | str, reason: str) -> None:
-    """Record that ``foreign``'s converted module is not called as ``foreign`` is (``reason`` says how),
-    so ``attnzoo.replace(model, foreign)`` refuses instead of leaving a model that fails when run."""
-    if not isinstance(foreign, (type, str)) or not isinstance(reason, str):
-        raise TypeError(f"register_call_change expects a class or dotted name and a reason string, "
-                        f"got {type(foreign).__name__}, {type(reason).__name__}")
-    _CALL_CHANGES[foreign] = reason
+def register_in_place(foreign: type | str, converter: Converter) -> None:
+    """Make ``converter`` what ``attnzoo.replace(model, foreign)`` swaps in for ``foreign``: the module
+    converter's result called as ``foreign`` is (its forward's arguments and return value)."""
+    if not isinstance(foreign, (type, str)) or not callable(converter):
+        raise TypeError(f"register_in_place expects a class or dotted name and a callable converter, "
+                        f"got {type(foreign).__name__}, {type(converter).__name__}")
+    _IN_PLACE[foreign] = converter
 
 
-def call_change(foreign: type | nn.Module) -> str | None:
-    """How the converted module of a class or instance is called differently (along the MRO), or None."""
+def in_place_converter_for(foreign: type | nn.Module) -> Converter | None:
+    """The converter `replace` uses for a class or instance (along the MRO): its in-place converter
+    where one is registered, else its module converter, else None."""
     cls = foreign if isinstance(foreign, type) else type(foreign)
     for base in cls.__mro__:
         for key in (base, _dotted(base)):
-            if key in _CALL_CHANGES:
-                return _CALL_CHANGES[key]
-    return None
+            if key in _IN_PLACE:
+                return _IN_PLACE[key]
+    return converter_for(cls)
 
 
 def known() -> list[str]:

@@ -162,9 +162,9 @@ def _convert_instances(
     model: nn.Module, where: Where, example_input: Any, kwargs: dict[str, Any]
 ) -> list[str]:
     """``replace(model, ForeignClass)``: every instance converted by `attnzoo.convert`, in place."""
-    from attnzoo.convert import call_change, converter_for, known  # lazy: convert imports the families
+    from attnzoo.convert import in_place_converter_for, known  # lazy: convert imports the families
 
-    converter = converter_for(where) if isinstance(where, type) else None
+    converter = in_place_converter_for(where) if isinstance(where, type) else None
     if converter is None or not isinstance(where, type):
         raise TypeError(
             f"replace expects attention (a registry name, a factory or a module), or where= a class that "
@@ -173,11 +173,6 @@ def _convert_instances(
     if kwargs:
         raise TypeError(f"replace: converting {where.__qualname__} takes no constructor arguments, "
                         f"got {sorted(kwargs)}")
-    for cls in {where, *(type(m) for m in model.modules() if isinstance(m, where))}:
-        reason = call_change(cls)
-        if reason is not None:
-            raise TypeError(f"replace cannot swap {cls.__qualname__} in place: {reason}, so the model's own "
-                            f"call would break; convert single modules with attnzoo.convert.convert")
     if isinstance(model, where):
         raise ValueError(f"replace: model itself is a {where.__qualname__}; convert it with "
                          f"attnzoo.convert.convert(model)")

@@ -1,0 +1,127 @@
+"""fightingcv modules whose converted module is called differently: call adapters for `attnzoo.replace`.
+
+`from_fightingcv` turns fightingcv's `EMSA`, `gfnet.GlobalFilter` and `DAT.DAttentionBaseline` into the
+canonical classes, which are called as attnzoo calls them (`EMSA(x)`, maps for `GlobalFilter`, one
+output for `DeformableAttention`). A model that calls fightingcv's module keeps calling it fightingcv's
+way, so `attnzoo.replace(model, Class)` swaps in these subclasses instead: the converted module (same
+weights, state_dict keys and numbers) with fightingcv's forward signature and return value.
+`IN_PLACE` maps fightingcv's dotted class names to their converters.
+
+Shape letters: B batch, N tokens, C channels, H, W map size, g offset groups.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import cast
+
+import torch
+from torch import Tensor, nn
+
+from attnzoo.mechanisms.deformable_fightingcv import FightingcvDeformableAttention
+from attnzoo.mechanisms.emsa import EMSA
+from attnzoo.mechanisms.gfnet import GlobalFilter
+
+__all__ = ["IN_PLACE", "FightingcvCallDeformable", "FightingcvCallEMSA", "FightingcvCallGlobalFilter"]
+
+_PACKAGE = "fightingcv_attention.attention"
+
+
+class FightingcvCallEMSA(EMSA):
+    """`EMSA` called as fightingcv's: `forward(queries, keys, values, attention_mask=None,
+    attention_weights=None)` on `(B, N, C)` tokens of the `feat_size` map.
+
+    fightingcv's EMSA is self-attention in ResT (`emsa(x, x, x)`); with `sr_ratio > 1` it ignores
+    `keys` and `values`. Other keys or values with `sr_ratio == 1`, and the masks (applied after the
+    softmax there, so a masked query gives NaN), raise `ValueError`.
+    """
+
+    def forward(  # type: ignore[override]
+        self, queries: Tensor, keys: Tensor | None = None, values: Tensor | None = None,
+        attention_mask: Tensor | None = None, attention_weights: Tensor | None = None,
+    ) -> Tensor:
+        """Self-attention over `queries` `(B, N, C)`: `(B, N, C)`."""
+        who = type(self).__name__
+        if attention_mask is not None or attention_weights is not None:
+            given = "attention_mask" if attention_mask is not None else "attention_weights"
+            raise ValueError(f"{who} takes no attention_mask or attention_weights (fightingcv applies them "
+                             f"after the softmax); got {given}")
+        others = [t for t in (keys, values) if t is not None and t is not queries]
+        if self.sr_ratio == 1 and others:
+            raise ValueError(f"{who} is self-attention: expects keys and values to be queries itself "
+                             f"(fightingcv's emsa(x, x, x)), got other tensors")
+        return cast(Tensor, super().forward(queries, size=self.feat_size))  # need_weights=False: out
+
+
+class FightingcvCallGlobalFilter(GlobalFilter):
+    """`GlobalFilter` called as fightingcv's: `forward(x, spatial_size=None)` on tokens `(B, N, C)` of
+    an `a x b` map (`spatial_size`, or square). The output keeps the input's dtype (fightingcv's is
+    always float32)."""
+
+    def forward(  # type: ignore[override]
+        self, x: Tensor, spatial_size: tuple[int, int] | None = None
+    ) -> Tensor:
+        """Filter tokens `(B, N, C)` as an `a x b` map: `(B, N, C)`."""
+        who = type(self).__name__
+        if not isinstance(x, Tensor) or x.dim() != 3:
+            got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"{who} expects tokens x of shape (B, N, C) (fightingcv's call), got {got}")
+        batch, tokens, channels = x.shape
+        if spatial_size is None:
+            side = math.isqrt(tokens)
+            spatial_size = (side, side)
+        if len(spatial_size) != 2 or spatial_size[0] * spatial_size[1] != tokens:
+            raise ValueError(f"{who} expects spatial_size (a, b) with a*b = N={tokens} (default: a square "
+                             f"map), got {tuple(spatial_size)}")
+        grid = x.reshape(batch, spatial_size[0], spatial_size[1], channels)  # (B, N, C) -> (B, a, b, C)
+        out = cast(Tensor, super().forward(grid))  # need_weights=False: out
+        return out.reshape(batch, tokens, channels)  # (B, a, b, C) -> (B, N, C)
+
+
+class FightingcvCallDeformable(FightingcvDeformableAttention):
+    """`FightingcvDeformableAttention` called as fightingcv's `DAttentionBaseline`: `forward(x)`
+    returns `(out, positions, references)`, the sampling points and the reference points
+    `(B, g, H_k, W_k, 2)` in fightingcv's `(y, x)` order."""
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # type: ignore[override]
+        """`(out (B, C, H, W), positions, references)`."""
+        self._points: Tensor | None = None
+        out = cast(Tensor, super().forward(x))  # need_weights=False: out
+        pos = self._points
+        if pos is None:  # forward validated x before it sampled; nothing else leaves it unset
+            raise RuntimeError(f"{type(self).__name__}: forward did not sample")
+        self._points = None
+        batch, g = x.shape[0], self.groups
+        hk, wk = pos.shape[1:3]
+        reference = self._reference(hk, wk, pos.dtype, pos.device).expand(batch * g, -1, -1, -1)
+        flat = (batch, g, hk, wk, 2)
+        return out, pos.reshape(flat).flip(-1), reference.reshape(flat).flip(-1)  # (x, y) -> (y, x)
+
+    def points(self, q: Tensor, dtype: torch.dtype) -> Tensor:
+        pos = super().points(q, dtype)  # (B*g, Hk, Wk, 2), (x, y)
+        self._points = pos
+        return pos
+
+
+def _adapted(converter_name: str, cls: type[nn.Module]) -> Callable[[nn.Module], nn.Module]:
+    """The `from_fightingcv` converter's result, given `cls`'s forward (the same state)."""
+
+    def convert(module: nn.Module) -> nn.Module:
+        from attnzoo.convert.fightingcv import from_fightingcv  # lazy: fightingcv.py imports this table
+
+        new = from_fightingcv(module)
+        base = cls.__mro__[1]
+        if not isinstance(new, base):
+            raise TypeError(f"{converter_name}: expected a {base.__name__}, got {type(new).__name__}")
+        new.__class__ = cls  # same weights and attributes; only the call changes
+        return new
+
+    return convert
+
+
+IN_PLACE: dict[str, Callable[[nn.Module], nn.Module]] = {
+    f"{_PACKAGE}.EMSA.EMSA": _adapted("EMSA", FightingcvCallEMSA),
+    f"{_PACKAGE}.gfnet.GlobalFilter": _adapted("GlobalFilter", FightingcvCallGlobalFilter),
+    f"{_PACKAGE}.DAT.DAttentionBaseline": _adapted("DAttentionBaseline", FightingcvCallDeformable),
+}
