@@ -1,10 +1,13 @@
 """fightingcv modules whose converted module is called differently: call adapters for `attnzoo.replace`.
 
-`from_fightingcv` turns fightingcv's `EMSA`, `gfnet.GlobalFilter` and `DAT.DAttentionBaseline` into the
+`from_fightingcv` turns fightingcv's `EMSA`, `gfnet.GlobalFilter`, `DAT.DAttentionBaseline`,
+`ScaledDotProductAttention`, `SimplifiedScaledDotProductAttention` and `MUSEAttention` into the
 canonical classes, which are called as attnzoo calls them (`EMSA(x)`, maps for `GlobalFilter`, one
-output for `DeformableAttention`). A model that calls fightingcv's module keeps calling it fightingcv's
-way, so `attnzoo.replace(model, Class)` swaps in these subclasses instead: the converted module (same
-weights, state_dict keys and numbers) with fightingcv's forward signature and return value.
+output for `DeformableAttention`, a `mask` that is True where a key may be attended, where
+fightingcv's fourth argument `attention_mask` is True where it may not). A model that calls
+fightingcv's module keeps calling it fightingcv's way, so `attnzoo.replace(model, Class)` swaps in
+these subclasses instead: the converted module (same weights, state_dict keys and numbers) with
+fightingcv's forward signature and return value.
 `IN_PLACE` maps fightingcv's dotted class names to their converters.
 
 Shape letters: B batch, N tokens, C channels, H, W map size, g offset groups.
@@ -22,8 +25,13 @@ from torch import Tensor, nn
 from attnzoo.mechanisms.deformable_fightingcv import FightingcvDeformableAttention
 from attnzoo.mechanisms.emsa import EMSA
 from attnzoo.mechanisms.gfnet import GlobalFilter
+from attnzoo.mechanisms.mha import MultiHeadAttention
+from attnzoo.mechanisms.muse import MUSEAttention
 
-__all__ = ["IN_PLACE", "FightingcvCallDeformable", "FightingcvCallEMSA", "FightingcvCallGlobalFilter"]
+__all__ = [
+    "IN_PLACE", "FightingcvCallDeformable", "FightingcvCallEMSA", "FightingcvCallGlobalFilter",
+    "FightingcvCallMUSE", "FightingcvCallMultiHead",
+]
 
 _PACKAGE = "fightingcv_attention.attention"
 
@@ -104,14 +112,48 @@ class FightingcvCallDeformable(FightingcvDeformableAttention):
         return pos
 
 
-def _adapted(converter_name: str, cls: type[nn.Module]) -> Callable[[nn.Module], nn.Module]:
-    """The `from_fightingcv` converter's result, given `cls`'s forward (the same state)."""
+class _MaskedCall(nn.Module):
+    """fightingcv's `forward(queries, keys, values, attention_mask=None, attention_weights=None)`:
+    `attention_mask` `(B, h, L, S)` or broadcastable, bool, True where a logit is masked. A query
+    with every key masked gives 0 here (NaN in fightingcv); `attention_weights` (multiplying the
+    logits) has no counterpart and raises `ValueError`."""
+
+    def forward(
+        self, queries: Tensor, keys: Tensor, values: Tensor,
+        attention_mask: Tensor | None = None, attention_weights: Tensor | None = None,
+    ) -> Tensor:
+        """`(B, L, C)` tokens attending to `keys`/`values` `(B, S, C)`: `(B, L, C)`."""
+        who = type(self).__name__
+        if attention_weights is not None:
+            raise ValueError(f"{who} takes no attention_weights (fightingcv multiplies the logits by them), "
+                             f"got a tensor")
+        mask = None
+        if attention_mask is not None:
+            if not isinstance(attention_mask, Tensor) or attention_mask.dtype != torch.bool:
+                got = getattr(attention_mask, "dtype", type(attention_mask).__name__)
+                raise TypeError(f"{who} expects attention_mask to be a bool tensor (True = masked), "
+                                f"got {got}")
+            mask = ~attention_mask  # fightingcv: True = masked; attnzoo: True = may attend
+        return cast(Tensor, super().forward(queries, keys, values, mask))  # need_weights=False: out
+
+
+class FightingcvCallMultiHead(_MaskedCall, MultiHeadAttention):  # type: ignore[misc]
+    """`MultiHeadAttention` called as fightingcv's (Simplified)ScaledDotProductAttention (`_MaskedCall`)."""
+
+
+class FightingcvCallMUSE(_MaskedCall, MUSEAttention):  # type: ignore[misc]
+    """`MUSEAttention` called as fightingcv's MUSEAttention (`_MaskedCall`)."""
+
+
+def _adapted(
+    converter_name: str, cls: type[nn.Module], base: type[nn.Module]
+) -> Callable[[nn.Module], nn.Module]:
+    """The `from_fightingcv` converter's result (a `base`), given `cls`'s forward (the same state)."""
 
     def convert(module: nn.Module) -> nn.Module:
         from attnzoo.convert.fightingcv import from_fightingcv  # lazy: fightingcv.py imports this table
 
         new = from_fightingcv(module)
-        base = cls.__mro__[1]
         if not isinstance(new, base):
             raise TypeError(f"{converter_name}: expected a {base.__name__}, got {type(new).__name__}")
         new.__class__ = cls  # same weights and attributes; only the call changes
@@ -121,7 +163,16 @@ def _adapted(converter_name: str, cls: type[nn.Module]) -> Callable[[nn.Module],
 
 
 IN_PLACE: dict[str, Callable[[nn.Module], nn.Module]] = {
-    f"{_PACKAGE}.EMSA.EMSA": _adapted("EMSA", FightingcvCallEMSA),
-    f"{_PACKAGE}.gfnet.GlobalFilter": _adapted("GlobalFilter", FightingcvCallGlobalFilter),
-    f"{_PACKAGE}.DAT.DAttentionBaseline": _adapted("DAttentionBaseline", FightingcvCallDeformable),
+    f"{_PACKAGE}.EMSA.EMSA": _adapted("EMSA", FightingcvCallEMSA, EMSA),
+    f"{_PACKAGE}.gfnet.GlobalFilter": _adapted("GlobalFilter", FightingcvCallGlobalFilter, GlobalFilter),
+    f"{_PACKAGE}.DAT.DAttentionBaseline": _adapted(
+        "DAttentionBaseline", FightingcvCallDeformable, FightingcvDeformableAttention
+    ),
+    f"{_PACKAGE}.SelfAttention.ScaledDotProductAttention": _adapted(
+        "ScaledDotProductAttention", FightingcvCallMultiHead, MultiHeadAttention
+    ),
+    f"{_PACKAGE}.SimplifiedSelfAttention.SimplifiedScaledDotProductAttention": _adapted(
+        "SimplifiedScaledDotProductAttention", FightingcvCallMultiHead, MultiHeadAttention
+    ),
+    f"{_PACKAGE}.MUSEAttention.MUSEAttention": _adapted("MUSEAttention", FightingcvCallMUSE, MUSEAttention),
 }
