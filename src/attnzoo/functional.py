@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attnzoo._checks import check_mask, check_tensor, format_shape
+from attnzoo._checks import autocast_on, check_mask, check_tensor, format_shape
 from attnzoo.kernels.flash import sdpa
 
 __all__ = [
@@ -114,7 +114,7 @@ def _autocast(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     if not all(isinstance(t, Tensor) and t.is_floating_point() for t in tensors):
         return q, k, v
     device_type = q.device.type
-    if not torch.is_autocast_enabled(device_type):
+    if not autocast_on(device_type):
         return q, k, v
     dtype = torch.get_autocast_dtype(device_type)
     return q.to(dtype), k.to(dtype), v.to(dtype)
@@ -166,7 +166,8 @@ def _merge_masks(
             dead = additive.detach().amax(dim=-1, keepdim=True) == float("-inf")
     else:
         dead = ~cast(Tensor, keep).any(dim=-1, keepdim=True)
-    if not torch.compiler.is_compiling() and not bool(cast(Tensor, dead).any()):
+    # (on meta there are no values to look at: the shape-only fill stays)
+    if not torch.compiler.is_compiling() and device.type != "meta" and not bool(cast(Tensor, dead).any()):
         dead = None
     if additive is None:
         merged = keep

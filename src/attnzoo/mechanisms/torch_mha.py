@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
-from attnzoo._checks import check_float, check_int
+from attnzoo._checks import autocast_on, check_float, check_int
 from attnzoo._registry import Example, register_compat
 from attnzoo.functional import attend
 from attnzoo.maps.capture import capturing, record_rows
@@ -204,7 +204,7 @@ class MultiheadAttention(nn.Module):
                 f"got {query.dtype}, {key.dtype}, {value.dtype}"
             )
         weight = self.out_proj.weight
-        if query.dtype != weight.dtype and not torch.is_autocast_enabled(query.device.type):
+        if query.dtype != weight.dtype and not autocast_on(query.device.type):
             raise TypeError(f"{_WHO} expects query of the parameters' dtype {weight.dtype}, "
                             f"got {query.dtype}")
         for name, t, width in (("query", query, self.embed_dim), ("key", key, self.kdim),
