@@ -299,6 +299,20 @@ def check_inputs(module: nn.Module, names: Sequence[str], args: tuple, kwargs: d
 
 ClassT = TypeVar("ClassT", bound=type)
 
+_BN_ONE_VALUE = "Expected more than 1 value per channel when training"
+
+
+def _batch_norm_error(module: nn.Module, names: Sequence[str], args: tuple, err: ValueError) -> ValueError:
+    """torch's BatchNorm refuses one value per channel in training (batch 1 after pooling, or batch 1
+    of 1x1 maps) deep inside the forward: say which module and input, and what to change."""
+    first = next((a for a in args if isinstance(a, Tensor)), None)
+    name = names[0] if names else "x"
+    given = f"{name} of shape {tuple(first.shape)}" if first is not None else "its input"
+    return ValueError(
+        f"{type(module).__name__} in training mode needs more than one value per channel at a BatchNorm "
+        f"inside it ({err}), got {given}: use a batch of 2 or more (or larger maps), or .eval()"
+    )
+
 
 def checked(cls: ClassT, *, flags: bool = True) -> ClassT:
     """Apply `check_options` to `cls`'s constructor and `check_inputs` to its forward, in place; with
@@ -334,7 +348,12 @@ def checked(cls: ClassT, *, flags: bool = True) -> ClassT:
             check_inputs(self, names, args, kwargs)
             if switches:
                 check_flags(type(self).__name__, switches, args, kwargs)
-            return forward(self, *args, **kwargs)
+            try:
+                return forward(self, *args, **kwargs)
+            except ValueError as err:
+                if not str(err).startswith(_BN_ONE_VALUE):
+                    raise
+                raise _batch_norm_error(self, names, args, err) from err
 
         checked_forward._attnzoo_checked = True  # type: ignore[attr-defined]
         cls.forward = checked_forward  # type: ignore[attr-defined]
