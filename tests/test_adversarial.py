@@ -354,3 +354,27 @@ def test_float_options_reject_inf_and_nan(case):
         for bad in (float("inf"), float("-inf"), float("nan")):
             with pytest.raises(ValueError, match=rf"{name} must be"):
                 build(case, **{name: bad})
+
+
+SPATIAL = {"NCHW": (2, 3), "NHWC": (1, 2), "NTHWC": (1, 2, 3), "NLC": (1,)}
+MAPS = [s for s in attnzoo.list_modules() if s.layout in SPATIAL]
+
+
+@pytest.mark.parametrize("spec", MAPS, ids=lambda s: s.name)
+@pytest.mark.parametrize("size", [1, 2, 7, 13])
+def test_small_odd_and_prime_sizes_run_or_are_refused(spec, size):
+    """H != W, prime sizes, 1x1 and sizes below a window, kernel, stride or pool: a finite output or a
+    ValueError from the module itself (its own name first), never an error from deep inside torch."""
+    case = Case(spec.name, spec.cls, spec.example)
+    module = build(case).eval()
+    xs = inputs(case)
+    shape = list(xs[0].shape)
+    for j, d in enumerate(SPATIAL[spec.layout]):
+        shape[d] = size if j % 2 == 0 else 2 * size + 1  # (1, 3), (7, 15), ...: never square
+    try:
+        with torch.no_grad():
+            out = first(module(torch.randn(shape), *xs[1:]))
+    except ValueError as err:
+        assert str(err).startswith(type(module).__name__), f"{spec.name}: {err}"
+        return
+    assert torch.isfinite(out).all() and out.shape[0] == shape[0], spec.name
