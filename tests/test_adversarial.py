@@ -378,3 +378,18 @@ def test_small_odd_and_prime_sizes_run_or_are_refused(spec, size):
         assert str(err).startswith(type(module).__name__), f"{spec.name}: {err}"
         return
     assert torch.isfinite(out).all() and out.shape[0] == shape[0], spec.name
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_device_and_dtype_options_are_checked_before_allocation(case):
+    """`dtype=torch.int64` would fail deep in a parameter's init, `dtype=torch.complex64` would build a
+    module no forward accepts, `device="gpu"` would fail in torch's device parser."""
+    params = inspect.signature(case.cls.__init__).parameters
+    for bad in (torch.int64, torch.complex64, "float32") if "dtype" in params else ():
+        with pytest.raises(TypeError, match=r"dtype must be a floating-point torch.dtype"):
+            build(case, dtype=bad)
+    if "device" in params:
+        with pytest.raises(ValueError, match=r"device='gpu' names no device"):
+            build(case, device="gpu")
+        with pytest.raises(TypeError, match=r"device must be a torch.device"):
+            build(case, device=1.5)

@@ -249,6 +249,24 @@ def check_options(who: str, signature: inspect.Signature, args: tuple, kwargs: d
         if types is not None and float in types and isinstance(value, float) and not math.isfinite(value):
             raise ValueError(f"{who}: {name} must be a finite number, got {value}")
         _check_layer_option(who, name, annotation, value)
+        if name in ("device", "dtype") and value is not None:
+            _check_factory_option(who, name, value)
+
+
+def _check_factory_option(who: str, name: str, value: object) -> None:
+    """`device=` names a device torch knows; `dtype=` is a real floating dtype (parameters need one)."""
+    if name == "dtype":
+        if not isinstance(value, torch.dtype) or not value.is_floating_point:
+            raise TypeError(f"{who}: dtype must be a floating-point torch.dtype such as torch.float32, "
+                            f"got {type(value).__name__} {value!r}")
+        return
+    if isinstance(value, bool) or not isinstance(value, (torch.device, str, int)):
+        raise TypeError(f"{who}: device must be a torch.device, a str or an int, got {type(value).__name__} "
+                        f"{value!r}")
+    try:
+        torch.device(value)
+    except RuntimeError as err:
+        raise ValueError(f"{who}: device={value!r} names no device torch knows ({err})") from None
 
 
 def check_flags(who: str, flags: Sequence[tuple[int, str]], args: tuple, kwargs: dict) -> None:
