@@ -230,3 +230,166 @@ def test_mask_on_another_device_names_the_mask(case):
         mask = (torch.ones(shape, dtype=torch.bool) if torch.bool in taken else torch.zeros(shape)).to("meta")
         with pytest.raises(ValueError, match=rf"{name} on device cpu .*got meta"):
             module(*inputs(case), **{name: mask})
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory layouts, the meta device, half precision, large values, switch and option types
+
+
+def views(x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """`x`'s values in other memory layouts: a transposed copy, a strided slice, channels_last."""
+    big = torch.zeros(*x.shape[:-1], 2 * x.shape[-1], dtype=x.dtype)
+    big[..., ::2] = x
+    found = {"transposed": x.transpose(-1, -2).contiguous().transpose(-1, -2), "strided": big[..., ::2]}
+    if x.ndim in (4, 5):
+        fmt = torch.channels_last if x.ndim == 4 else torch.channels_last_3d
+        found["channels_last"] = x.contiguous(memory_format=fmt)
+    return found
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_strided_and_expanded_inputs_give_the_contiguous_result(case):
+    module = build(case).double().eval()
+    xs = inputs(case, torch.float64)
+    with torch.no_grad():
+        ref = first(module(*xs))
+        for i, x in enumerate(xs):
+            for kind, view in views(x).items():
+                out = first(module(*xs[:i], view, *xs[i + 1:]))
+                msg = f"{case.id}: {kind} input {i}"
+                torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10, msg=msg)
+        expanded = [x[:1].expand(x.shape) for x in xs]  # stride 0 along the batch
+        out = first(module(*expanded))
+        torch.testing.assert_close(out, first(module(*[x.contiguous() for x in expanded])), atol=1e-10,
+                                   rtol=1e-10, msg=f"{case.id}: expanded inputs")
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_module_on_meta_runs_on_meta_inputs(case):
+    """Shape inference: a module built on meta takes meta inputs and reads no value on the way."""
+    if "device" not in inspect.signature(case.cls.__init__).parameters:
+        module = build(case).to("meta").eval()
+    else:
+        module = build(case, device="meta").eval()
+    out = first(module(*inputs(case, device="meta")))
+    assert out.device.type == "meta" and tuple(out.shape) == case.example.output, case.id
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_float16_on_cpu_is_finite_or_refused(case):
+    module = build(case).half().eval()
+    try:
+        with torch.no_grad():
+            out = first(module(*inputs(case, torch.float16)))
+    except (TypeError, ValueError) as err:
+        assert "float16" in str(err) or "Half" in str(err), f"{case.id}: {err}"
+        return
+    assert out.dtype == torch.float16 and torch.isfinite(out).all(), f"{case.id}: non-finite float16 output"
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_large_inputs_give_finite_outputs(case):
+    """Inputs of size 1e4: every softmax and normalisation stays finite in float32."""
+    module = build(case).eval()
+    with torch.no_grad():
+        out = first(module(*[x * 1e4 for x in inputs(case)]))
+    assert torch.isfinite(out).all(), f"{case.id}: non-finite output for inputs of size 1e4"
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_training_batch_of_one_with_one_pixel_runs_or_names_the_module(case):
+    """Batch 1 of 1x1 maps in training: BatchNorm inside refuses one value per channel; the error names
+    the module and its input, never only torch's message. Sizes too small for a window are refused
+    by the module itself."""
+    module = build(case).train()
+    xs = inputs(case)
+    shape = list(xs[0].shape)
+    shape[0] = 1
+    for d in range(1, len(shape)):
+        if shape[d] != case.example.kwargs.get(case.width, -1):  # every size but the channels
+            shape[d] = 1
+    try:
+        out = first(module(torch.randn(shape), *[x[:1] for x in xs[1:]]))
+    except (TypeError, ValueError) as err:
+        assert str(err).startswith(type(module).__name__), f"{case.id}: {err}"
+        return
+    assert torch.isfinite(out).all(), case.id
+
+
+def switches(case: Case) -> list[str]:
+    params = list(inspect.signature(case.cls.forward).parameters.values())[1:]
+    return [p.name for p in params if p.annotation == "bool" and p.kind != p.POSITIONAL_ONLY]
+
+
+SWITCHED = [s for s in attnzoo.list_modules() if switches(Case(s.name, s.cls, s.example))]
+
+
+@pytest.mark.parametrize("spec", SWITCHED, ids=lambda s: s.name)
+def test_forward_switches_take_bools_only(spec):
+    """`need_weights="no"` is truthy: a canonical class refuses it rather than returning a tuple.
+    (Compat classes take what their originals took: torch's `need_weights=0` included.)"""
+    case = Case(spec.name, spec.cls, spec.example)
+    module = build(case).eval()
+    for name in switches(case):
+        for bad in ("no", 1, None):
+            with pytest.raises(TypeError, match=rf"{name} must be a bool, got {type(bad).__name__}"):
+                module(*inputs(case), **{name: bad})
+
+
+LAYER_ANNOTATIONS = ("type[nn.Module]", "type[nn.Module] | None", "Callable[..., nn.Module]",
+                     "Callable[..., nn.Module] | None", "Layer", "Layer | None")
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_module_building_options_reject_non_callables(case):
+    for name in [n for a in LAYER_ANNOTATIONS for n in annotated(case, a)]:
+        for bad in (0, "BatchNorm2d", True):
+            with pytest.raises(TypeError, match=rf"{name} must be an nn.Module class"):
+                build(case, **{name: bad})
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_float_options_reject_inf_and_nan(case):
+    for name in annotated(case, "float") + annotated(case, "float | None") + annotated(case, "int | float"):
+        for bad in (float("inf"), float("-inf"), float("nan")):
+            with pytest.raises(ValueError, match=rf"{name} must be"):
+                build(case, **{name: bad})
+
+
+SPATIAL = {"NCHW": (2, 3), "NHWC": (1, 2), "NTHWC": (1, 2, 3), "NLC": (1,)}
+MAPS = [s for s in attnzoo.list_modules() if s.layout in SPATIAL]
+
+
+@pytest.mark.parametrize("spec", MAPS, ids=lambda s: s.name)
+@pytest.mark.parametrize("size", [1, 2, 7, 13])
+def test_small_odd_and_prime_sizes_run_or_are_refused(spec, size):
+    """H != W, prime sizes, 1x1 and sizes below a window, kernel, stride or pool: a finite output or a
+    ValueError from the module itself (its own name first), never an error from deep inside torch."""
+    case = Case(spec.name, spec.cls, spec.example)
+    module = build(case).eval()
+    xs = inputs(case)
+    shape = list(xs[0].shape)
+    for j, d in enumerate(SPATIAL[spec.layout]):
+        shape[d] = size if j % 2 == 0 else 2 * size + 1  # (1, 3), (7, 15), ...: never square
+    try:
+        with torch.no_grad():
+            out = first(module(torch.randn(shape), *xs[1:]))
+    except ValueError as err:
+        assert str(err).startswith(type(module).__name__), f"{spec.name}: {err}"
+        return
+    assert torch.isfinite(out).all() and out.shape[0] == shape[0], spec.name
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_device_and_dtype_options_are_checked_before_allocation(case):
+    """`dtype=torch.int64` would fail deep in a parameter's init, `dtype=torch.complex64` would build a
+    module no forward accepts, `device="gpu"` would fail in torch's device parser."""
+    params = inspect.signature(case.cls.__init__).parameters
+    for bad in (torch.int64, torch.complex64, "float32") if "dtype" in params else ():
+        with pytest.raises(TypeError, match=r"dtype must be a floating-point torch.dtype"):
+            build(case, dtype=bad)
+    if "device" in params:
+        with pytest.raises(ValueError, match=r"device='gpu' names no device"):
+            build(case, device="gpu")
+        with pytest.raises(TypeError, match=r"device must be a torch.device"):
+            build(case, device=1.5)

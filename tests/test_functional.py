@@ -210,6 +210,27 @@ def test_fused_path_keeps_no_quadratic_tensor_for_backward():
             "dtype",
         ),
         ((torch.randn(1, 2, 5, 4),) * 3, {"dropout_p": 1.5}, ValueError, "dropout_p"),
+        ((torch.randn(1, 2, 5, 4),) * 3, {"dropout_p": "0.1"}, TypeError, "dropout_p to be a number"),
+        ((torch.randn(1, 2, 5, 4),) * 3, {"dropout_p": math.nan}, ValueError, "finite dropout_p"),
+        ((torch.randn(1, 2, 5, 4),) * 3, {"scale": "0.5"}, TypeError, "scale to be a number, got str"),
+        ((torch.randn(1, 2, 5, 4),) * 3, {"scale": torch.tensor(0.5)}, TypeError, "scale to be a number"),
+        ((torch.randn(1, 2, 5, 4),) * 3, {"scale": math.inf}, ValueError, "finite scale, got inf"),
+        ((torch.randn(1, 2, 5, 4),) * 3, {"causal": 1}, TypeError, "causal to be a bool, got int"),
+        ((torch.randn(1, 2, 5, 4),) * 3, {"need_weights": "no"}, TypeError, "need_weights to be a bool"),
+        ((torch.randn(1, 2, 5, 0),) * 3, {}, ValueError, "head width d >= 1"),
+        (
+            (torch.randn(1, 2, 5, 4, device="meta"), torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4)),
+            {},
+            ValueError,
+            r"k on the device of q \(meta\), got cpu",
+        ),
+        (
+            (torch.randn(1, 2, 5, 4),) * 3,
+            {"mask": torch.ones(5, 5, dtype=torch.bool, device="meta")},
+            ValueError,
+            r"mask on the device of q \(cpu\), got meta",
+        ),
+        ((torch.randn(1, 2, 5, 4),) * 3, {"bias": torch.zeros(5, 5, device="meta")}, ValueError, "bias on"),
     ],
 )
 def test_bad_input_raises_clear_errors(args, kwargs, error, match):
@@ -264,3 +285,25 @@ def test_one_dimensional_mask_broadcasts(fused):
         out = attend(q, k, v, mask=keep)
     ref, _ = reference(q, k, v, mask=keep.expand(5, 7))
     torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "math"])
+@pytest.mark.parametrize("lengths", [(0, 3), (3, 0), (0, 0)], ids=["L=0", "S=0", "both"])
+def test_empty_query_or_key_lengths_run_on_both_paths(fused, lengths):
+    """No query gives an empty output; no key is a fully masked row (zeros), on both paths alike."""
+    length_q, length_k = lengths
+    q, k, v = torch.randn(2, 2, length_q, 4), torch.randn(2, 2, length_k, 4), torch.randn(2, 2, length_k, 3)
+    with attnzoo.fused_attn(fused):
+        out = attend(q, k, v)
+    assert out.shape == (2, 2, length_q, 3)
+    assert torch.equal(out, torch.zeros_like(out))
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "math"])
+def test_meta_inputs_give_meta_outputs(fused):
+    """Shape inference on the meta device: no value is read (a dead-row test would call .item())."""
+    q, k, v = (torch.randn(2, 2, 5, 4, device="meta") for _ in range(3))
+    keep = torch.ones(5, 5, dtype=torch.bool, device="meta")
+    with attnzoo.fused_attn(fused):
+        out = attend(q, k, v, mask=keep)
+    assert out.device.type == "meta" and out.shape == (2, 2, 5, 4)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import inspect
 import itertools
+import math
 import threading
 from collections.abc import Iterable, Sequence
 from typing import Any, TypeVar
@@ -28,8 +29,10 @@ __all__ = [
     "check_mask",
     "format_shape",
     "check_options",
+    "check_flags",
     "check_inputs",
     "checked",
+    "autocast_on",
 ]
 
 
@@ -205,22 +208,80 @@ def _type_names(types: tuple[type, ...]) -> str:
     return " or ".join(_ARTICLE[t] for t in types)
 
 
+# Annotations of options that build a module (`norm_layer=nn.BatchNorm2d`): a class or a factory.
+_LAYER = {"type[nn.Module]", "Callable[..., nn.Module]", "Layer"}
+
+
+def _check_layer_option(who: str, name: str, annotation: object, value: object) -> None:
+    """`value` must be callable (or None where the annotation allows it) for a module-building option."""
+    if not isinstance(annotation, str):
+        return
+    parts = [p.strip() for p in annotation.split("|")]
+    if not parts or any(p not in _LAYER and p != "None" for p in parts) or all(p == "None" for p in parts):
+        return
+    if value is None and "None" in parts:
+        return
+    if not callable(value) or isinstance(value, (str, bool, int, float)):
+        none = " (or None)" if "None" in parts else ""
+        raise TypeError(f"{who}: {name} must be an nn.Module class or factory such as nn.BatchNorm2d{none}, "
+                        f"got {type(value).__name__} {value!r}")
+
+
 def check_options(who: str, signature: inspect.Signature, args: tuple, kwargs: dict) -> None:
-    """Every argument whose annotation is a simple type (`bool`, `int | None`, ...) has that type.
+    """Every argument whose annotation is a simple type (`bool`, `int | None`, ...) has that type,
+    every float option is finite, and every module-building option (`norm_layer`) is callable.
 
     A string `"False"` given to a boolean option, or `None` where a value is required, raises
-    `TypeError` naming the class, the argument, the expected and the given type.
+    `TypeError` naming the class, the argument, the expected and the given type; `inf` or `nan`
+    given to a float option raises `ValueError`.
     """
     try:
         bound = signature.bind(None, *args, **kwargs)
     except TypeError as err:
         raise TypeError(f"{who}: {err}") from None
     for name, value in list(bound.arguments.items())[1:]:
-        types = _annotation_types(signature.parameters[name].annotation)
+        annotation = signature.parameters[name].annotation
+        types = _annotation_types(annotation)
         if types is not None and not _accepts(value, types):
             raise TypeError(
                 f"{who}: {name} must be {_type_names(types)}, got {type(value).__name__} {value!r}"
             )
+        if types is not None and float in types and isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{who}: {name} must be a finite number, got {value}")
+        _check_layer_option(who, name, annotation, value)
+        if name in ("device", "dtype") and value is not None:
+            _check_factory_option(who, name, value)
+
+
+def _check_factory_option(who: str, name: str, value: object) -> None:
+    """`device=` names a device torch knows; `dtype=` is a real floating dtype (parameters need one)."""
+    if name == "dtype":
+        if not isinstance(value, torch.dtype) or not value.is_floating_point:
+            raise TypeError(f"{who}: dtype must be a floating-point torch.dtype such as torch.float32, "
+                            f"got {type(value).__name__} {value!r}")
+        return
+    if isinstance(value, bool) or not isinstance(value, (torch.device, str, int)):
+        raise TypeError(f"{who}: device must be a torch.device, a str or an int, got {type(value).__name__} "
+                        f"{value!r}")
+    try:
+        torch.device(value)
+    except RuntimeError as err:
+        raise ValueError(f"{who}: device={value!r} names no device torch knows ({err})") from None
+
+
+def check_flags(who: str, flags: Sequence[tuple[int, str]], args: tuple, kwargs: dict) -> None:
+    """A forward's boolean switches (`need_weights`, `causal`) are bools: `need_weights="no"`
+    would otherwise count as True. `flags` are `(position after self, name)` pairs."""
+    for position, name in flags:
+        value = args[position] if position < len(args) else kwargs.get(name, False)
+        if not isinstance(value, bool):
+            raise TypeError(f"{who}: {name} must be a bool, got {type(value).__name__} {value!r}")
+
+
+def autocast_on(device_type: str) -> bool:
+    """Whether autocast is on for `device_type`; False for devices autocast does not know (`meta`),
+    where `torch.is_autocast_enabled` raises instead of answering."""
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
 
 
 def check_inputs(module: nn.Module, names: Sequence[str], args: tuple, kwargs: dict) -> None:
@@ -244,7 +305,7 @@ def check_inputs(module: nn.Module, names: Sequence[str], args: tuple, kwargs: d
     for name, t in tensors:
         if t.device != device:
             raise ValueError(f"{who} expects {name} on device {device} ({where}), got {t.device}")
-    if reference is None or torch.is_autocast_enabled(device.type):
+    if reference is None or autocast_on(device.type):
         return
     for name, t in tensors:
         if t.is_floating_point() and t.dtype != reference.dtype and "mask" not in name and "bias" not in name:
@@ -256,9 +317,25 @@ def check_inputs(module: nn.Module, names: Sequence[str], args: tuple, kwargs: d
 
 ClassT = TypeVar("ClassT", bound=type)
 
+_BN_ONE_VALUE = "Expected more than 1 value per channel when training"
 
-def checked(cls: ClassT) -> ClassT:
-    """Apply `check_options` to `cls`'s constructor and `check_inputs` to its forward, in place."""
+
+def _batch_norm_error(module: nn.Module, names: Sequence[str], args: tuple, err: ValueError) -> ValueError:
+    """torch's BatchNorm refuses one value per channel in training (batch 1 after pooling, or batch 1
+    of 1x1 maps) deep inside the forward: say which module and input, and what to change."""
+    first = next((a for a in args if isinstance(a, Tensor)), None)
+    name = names[0] if names else "x"
+    given = f"{name} of shape {tuple(first.shape)}" if first is not None else "its input"
+    return ValueError(
+        f"{type(module).__name__} in training mode needs more than one value per channel at a BatchNorm "
+        f"inside it ({err}), got {given}: use a batch of 2 or more (or larger maps), or .eval()"
+    )
+
+
+def checked(cls: ClassT, *, flags: bool = True) -> ClassT:
+    """Apply `check_options` to `cls`'s constructor and `check_inputs` to its forward, in place; with
+    `flags`, also `check_flags` to the forward's `bool` arguments (canonical classes: a compat class
+    takes what its original took, `need_weights=1` included)."""
     init, forward = cls.__dict__.get("__init__"), cls.__dict__.get("forward")
     if init is not None and not getattr(init, "_attnzoo_checked", False):
         signature = inspect.signature(init)
@@ -277,13 +354,24 @@ def checked(cls: ClassT) -> ClassT:
         checked_init._attnzoo_checked = True  # type: ignore[attr-defined]
         cls.__init__ = checked_init  # type: ignore[misc]
     if forward is not None and not getattr(forward, "_attnzoo_checked", False):
-        names = [p.name for p in list(inspect.signature(forward).parameters.values())[1:]
-                 if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        params = list(inspect.signature(forward).parameters.values())[1:]
+        names = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        switches = [(i, p.name) for i, p in enumerate(params) if flags and p.annotation == "bool"
+                    and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        switches = [(i if params[i].kind == params[i].POSITIONAL_OR_KEYWORD else len(params), n)
+                    for i, n in switches]
 
         @functools.wraps(forward)
         def checked_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
             check_inputs(self, names, args, kwargs)
-            return forward(self, *args, **kwargs)
+            if switches:
+                check_flags(type(self).__name__, switches, args, kwargs)
+            try:
+                return forward(self, *args, **kwargs)
+            except ValueError as err:
+                if not str(err).startswith(_BN_ONE_VALUE):
+                    raise
+                raise _batch_norm_error(self, names, args, err) from err
 
         checked_forward._attnzoo_checked = True  # type: ignore[attr-defined]
         cls.forward = checked_forward  # type: ignore[attr-defined]

@@ -218,7 +218,7 @@ def register_seed(name: str, *, example: Example | None = None) -> Callable[[See
             raise ValueError(f"attention {name!r} was registered without a seed_name")
         _REGISTRY[name] = Spec(**{**spec.__dict__, "seed_cls": cls, "seed_example": example})
         if isinstance(cls, type):
-            checked(cls)
+            checked(cls, flags=False)
         return cls
 
     return decorate
@@ -242,7 +242,7 @@ def register_compat(*, example: Example) -> Callable[[SeedT], SeedT]:
             raise ValueError(f"compat class {getattr(cls, '__name__', cls)!r} already has an example")
         _COMPAT_EXAMPLES[cls] = example
         if isinstance(cls, type):
-            checked(cls)
+            checked(cls, flags=False)
         return cls
 
     return decorate

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import os
 import threading
 from collections.abc import Iterator
@@ -29,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attnzoo._checks import check_mask, check_tensor, format_shape
+from attnzoo._checks import autocast_on, check_mask, check_tensor, format_shape
 from attnzoo.kernels.flash import sdpa
 
 __all__ = [
@@ -102,6 +103,34 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
         raise ValueError(
             f"{who} expects v of shape {format_shape([b, h, k.shape[2], 'e'])} (S as k), got {tuple(v.shape)}"
         )
+    if d == 0:  # the default scale 1 / sqrt(d) has no value, and no logit carries information
+        raise ValueError(f"{who} expects q and k with head width d >= 1, got q {tuple(q.shape)}")
+    for name, t in (("k", k), ("v", v)):
+        if t.device != q.device:
+            raise ValueError(f"{who} expects {name} on the device of q ({q.device}), got {t.device}")
+
+
+def _check_options(
+    mask: Tensor | None, bias: Tensor | None, causal: object, dropout_p: object, scale: object,
+    need_weights: object, device: torch.device,
+) -> None:
+    """Types and values of attend's keyword arguments, and the masks' device."""
+    who = "attend"
+    for name, flag in (("causal", causal), ("need_weights", need_weights)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{who} expects {name} to be a bool, got {type(flag).__name__} {flag!r}")
+    for name, value in (("dropout_p", dropout_p), ("scale", scale)):
+        if value is None and name == "scale":
+            continue
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{who} expects {name} to be a number, got {type(value).__name__} {value!r}")
+        if not math.isfinite(value):
+            raise ValueError(f"{who} expects a finite {name}, got {value}")
+    if not 0.0 <= cast(float, dropout_p) <= 1.0:
+        raise ValueError(f"{who} expects dropout_p in [0, 1], got {dropout_p}")
+    for name, term in (("mask", mask), ("bias", bias)):
+        if isinstance(term, Tensor) and term.device != device:
+            raise ValueError(f"{who} expects {name} on the device of q ({device}), got {term.device}")
 
 
 def _autocast(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -114,7 +143,7 @@ def _autocast(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     if not all(isinstance(t, Tensor) and t.is_floating_point() for t in tensors):
         return q, k, v
     device_type = q.device.type
-    if not torch.is_autocast_enabled(device_type):
+    if not autocast_on(device_type):
         return q, k, v
     dtype = torch.get_autocast_dtype(device_type)
     return q.to(dtype), k.to(dtype), v.to(dtype)
@@ -166,7 +195,8 @@ def _merge_masks(
             dead = additive.detach().amax(dim=-1, keepdim=True) == float("-inf")
     else:
         dead = ~cast(Tensor, keep).any(dim=-1, keepdim=True)
-    if not torch.compiler.is_compiling() and not bool(cast(Tensor, dead).any()):
+    # (on meta there are no values to look at: the shape-only fill stays)
+    if not torch.compiler.is_compiling() and device.type != "meta" and not bool(cast(Tensor, dead).any()):
         dead = None
     if additive is None:
         merged = keep
@@ -246,8 +276,7 @@ def attend(
             raise TypeError(
                 "attend expects bias to be a floating (additive) tensor, got torch.bool; use mask="
             )
-    if not 0.0 <= dropout_p <= 1.0:
-        raise ValueError(f"attend expects dropout_p in [0, 1], got {dropout_p}")
+    _check_options(mask, bias, causal, dropout_p, scale, need_weights, q.device)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
 
     # SDPA's CPU kernels take neither dropout nor a bias that needs a gradient: torch then runs its
@@ -301,12 +330,13 @@ def _scaled_scores(q: Tensor, k: Tensor, scale: float, add: Tensor | None = None
     q `(..., L, d)`, k `(..., S, d)`, add `(..., L, S)` (the full output shape) -> `(..., L, S)`.
     """
     lead = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2])
-    q3 = q.expand(*lead, *q.shape[-2:]).reshape(-1, *q.shape[-2:])  # (..., L, d) -> (N, L, d)
-    k3 = k.expand(*lead, *k.shape[-2:]).reshape(-1, *k.shape[-2:])  # (..., S, d) -> (N, S, d)
+    n = math.prod(lead)  # not -1: an empty L or S leaves -1 undetermined
+    q3 = q.expand(*lead, *q.shape[-2:]).reshape(n, *q.shape[-2:])  # (..., L, d) -> (N, L, d)
+    k3 = k.expand(*lead, *k.shape[-2:]).reshape(n, *k.shape[-2:])  # (..., S, d) -> (N, S, d)
     if add is None:  # beta=0 ignores the 0-d input, which broadcasts without allocating (N, L, S)
         scores = torch.baddbmm(q.new_zeros(()), q3, k3.transpose(-2, -1), beta=0.0, alpha=scale)
     else:
-        add3 = add.reshape(-1, *add.shape[-2:])  # (..., L, S) -> (N, L, S)
+        add3 = add.reshape(n, *add.shape[-2:])  # (..., L, S) -> (N, L, S)
         scores = torch.baddbmm(add3, q3, k3.transpose(-2, -1), alpha=scale)  # (N, L, S)
     return scores.reshape(*lead, q.shape[-2], k.shape[-2])
 

@@ -69,6 +69,8 @@ def test_options_and_errors():
                if t.is_floating_point())
     with pytest.raises(ValueError, match="num_heads=5"):
         MobileViTBlock(16, num_heads=5)
+    with pytest.raises(ValueError, match="kernel_size must be odd"):  # padding k // 2 would grow H and W
+        MobileViTBlock(8, kernel_size=4)
     with pytest.raises(ValueError, match=r"\(B, 8, H, W\)"):
         MobileViTBlock(8)(torch.randn(1, 4, 4, 4))
 

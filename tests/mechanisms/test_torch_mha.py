@@ -346,3 +346,17 @@ def test_from_torch_shares_parameters_and_training_flag():
         assert a is b
     q, k, v = inputs(True, kdim=3, dtype=torch.float32)
     assert_same(theirs, ours, (q, k, v), tol=F32, key_padding_mask=masks()["kpm_bool"]["key_padding_mask"])
+
+
+@pytest.mark.parametrize("flag", [0, 1])
+def test_integer_need_weights_acts_as_in_torch(flag):
+    """torch takes any truthy value for need_weights; so does the compat class (attend itself, and the
+    canonical classes, take bools only)."""
+    theirs, ours = pair(batch_first=True)
+    theirs.eval(), ours.eval()
+    q, k, v = inputs(True, dtype=torch.float64)
+    want, got = theirs(q, k, v, need_weights=flag), ours(q, k, v, need_weights=flag)
+    assert (got[1] is None) == (want[1] is None)
+    torch.testing.assert_close(got[0], want[0], **F64)
+    if flag:
+        torch.testing.assert_close(got[1], want[1], **F64)

@@ -45,6 +45,8 @@ __all__ = ["biased_attention"]
 def _dead_rows(bias: Tensor) -> Tensor | None:
     """Queries whose every key the bias masks (a row of ``-inf``): ``(..., N, 1)`` bool, or None."""
     dead = torch.isneginf(bias).all(-1, keepdim=True)
+    if dead.device.type == "meta":  # no values to look at: keep the (shape-only) fill
+        return dead
     return dead if bool(dead.any()) else None
 
 

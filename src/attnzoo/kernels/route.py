@@ -27,6 +27,8 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor
 
+from attnzoo._checks import autocast_on
+
 __all__ = ["autocast_state", "composite_required", "recompute_grads", "stale_closure", "without_autocast"]
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -52,7 +54,9 @@ def composite_required(dispatch: bool = False, tracing: bool = True) -> bool:
 def autocast_state(t: Tensor) -> tuple[str, bool, torch.dtype]:
     """The autocast state for ``t``'s device, to rerun a forward under it (`recompute_grads`)."""
     device = t.device.type
-    return device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
+    return device, autocast_on(device), (
+        torch.get_autocast_dtype(device) if torch.amp.is_autocast_available(device) else t.dtype
+    )
 
 
 def recompute_grads(
@@ -80,7 +84,7 @@ def recompute_grads(
         One gradient or None per input.
     """
     with torch.enable_grad():
-        if autocast is None:
+        if autocast is None or not torch.amp.is_autocast_available(autocast[0]):  # meta: no autocast
             out = fn(*inputs)
         else:
             device, enabled, dtype = autocast
@@ -109,7 +113,7 @@ def without_autocast(method: F) -> F:
     @functools.wraps(method)
     def run(ctx: Any, *args: Any) -> Any:
         device = next((a.device.type for a in args if isinstance(a, Tensor)), "cpu")
-        if not torch.is_autocast_enabled(device):
+        if not autocast_on(device):
             return method(ctx, *args)
         with torch.autocast(device, enabled=False):
             return method(ctx, *args)

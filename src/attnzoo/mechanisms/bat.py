@@ -185,9 +185,13 @@ class BATNonLocalAttention(nn.Module):
         if not reduction > 0:
             raise ValueError(f"{who}: reduction must be > 0, got {reduction}")
         check_float(proj_drop, "proj_drop", who, minimum=0.0, maximum=1.0)
+        derived = rd_channels is None
         if rd_channels is None:
             rd_channels = round_width(channels / reduction, rd_divisor, round_limit=0.9)
         check_int(rd_channels, "rd_channels", who)
+        if derived and rd_channels % groups:  # name what the user gave: reduction and rd_divisor
+            raise ValueError(f"{who}: rd_channels={rd_channels} (channels / reduction rounded to rd_divisor="
+                             f"{rd_divisor}) must be divisible by groups={groups}; give rd_channels")
         check_divisible(rd_channels, groups, "rd_channels", "groups", who)
         dd = {"device": device, "dtype": dtype}
         self.channels, self.block_size, self.rd_channels = channels, block_size, rd_channels

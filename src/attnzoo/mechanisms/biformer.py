@@ -208,7 +208,10 @@ class BiLevelRoutingAttention(nn.Module):
         if qk_scale is not None:
             check_float(qk_scale, "qk_scale", who, minimum=0.0)
         self.scale = float(qk_scale or self.qk_dim**-0.5)
-        self.topk = check_int(topk, "topk", who, maximum=n_win * n_win)
+        self.topk = check_int(topk, "topk", who)
+        if topk > n_win * n_win:
+            raise ValueError(f"{who}: topk must be <= {n_win * n_win} (n_win**2, the windows to pick from), "
+                             f"got {topk} with n_win={n_win}")
         if kv_downsample_mode in ("fracpool", "conv"):
             raise ValueError(
                 f"{who}: kv_downsample_mode={kv_downsample_mode!r} is not implemented (nor officially)"

@@ -313,7 +313,7 @@ class SeedMultiHeadAttention(MultiHeadAttention):
         out, weights = attend(Q, K, V, mask=keep, scale=self.scale, need_weights=True)
         if keep is not None:
             dead = ~keep.any(dim=-1, keepdim=True)  # (..., L, 1): rows the seed averages uniformly
-            if bool(dead.any()):
+            if dead.device.type == "meta" or bool(dead.any()):
                 out = torch.where(dead, V.mean(dim=-2, keepdim=True), out)
                 weights = torch.where(dead, torch.full_like(weights, 1.0 / K.shape[2]), weights)
         return out, weights

@@ -176,7 +176,8 @@ class MobileViTBlock(nn.Module):
         self.channels = check_int(channels, "channels", who)
         self.dim = check_int(channels if transformer_dim is None else transformer_dim, "transformer_dim", who)
         self.patch_size = check_int(patch_size, "patch_size", who)
-        check_int(kernel_size, "kernel_size", who)
+        if check_int(kernel_size, "kernel_size", who) % 2 == 0:  # padding k // 2 keeps H, W for odd k only
+            raise ValueError(f"{who}: kernel_size must be odd (it keeps H and W), got {kernel_size}")
         check_int(depth, "depth", who)
         check_int(num_heads, "num_heads", who)
         if head_dim is None:

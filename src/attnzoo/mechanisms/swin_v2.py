@@ -56,7 +56,10 @@ CPB_HIDDEN = 512  # width of the continuous position bias MLP (the paper's and e
 
 def _unit(x: Tensor, eps: float = 1e-12) -> Tensor:
     """`x / max(||x||, eps)` over the last dim, as `F.normalize`, written through the squared norm so
-    that its second derivative stays finite at a zero vector (padded keys are zero)."""
+    that its second derivative stays finite at a zero vector (padded keys are zero). float16 runs in
+    float32: `eps * eps` is 0 there, and a zero key would give 0 * inf = NaN."""
+    if x.dtype == torch.float16:
+        return _unit(x.float(), eps).to(x.dtype)
     return x * x.square().sum(-1, keepdim=True).clamp_min(eps * eps).rsqrt()
 
 

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
-from attnzoo._checks import check_float, check_int
+from attnzoo._checks import autocast_on, check_float, check_int
 from attnzoo._registry import Example, register_compat
 from attnzoo.functional import attend
 from attnzoo.maps.capture import capturing, record_rows
@@ -204,7 +204,7 @@ class MultiheadAttention(nn.Module):
                 f"got {query.dtype}, {key.dtype}, {value.dtype}"
             )
         weight = self.out_proj.weight
-        if query.dtype != weight.dtype and not torch.is_autocast_enabled(query.device.type):
+        if query.dtype != weight.dtype and not autocast_on(query.device.type):
             raise TypeError(f"{_WHO} expects query of the parameters' dtype {weight.dtype}, "
                             f"got {query.dtype}")
         for name, t, width in (("query", query, self.embed_dim), ("key", key, self.kdim),
@@ -350,15 +350,15 @@ class MultiheadAttention(nn.Module):
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))  # (L, B, E) -> (B, L, E)
         batch, length_q, length_k = query.shape[0], query.shape[1], key.shape[1]
         self._check_masks(key_padding_mask, attn_mask, batch, length_q, length_k, batched)
-
         q, k, v = self._project(query, key, value)
-        causal = is_causal and key_padding_mask is None and not need_weights
+        need = bool(need_weights)  # torch takes any truthy value for its switches; attend takes bools
+        causal = bool(is_causal) and key_padding_mask is None and not need
         extra = k.shape[2] - length_k  # appended bias_k / zero keys
         mask = self._mask_for_attend(
             None if causal else attn_mask, key_padding_mask, batch, batched, extra, q.dtype
         )
         dropout_p = self.dropout if self.training else 0.0
-        result = attend(q, k, v, mask=mask, causal=causal, dropout_p=dropout_p, need_weights=need_weights)
+        result = attend(q, k, v, mask=mask, causal=causal, dropout_p=dropout_p, need_weights=need)
         out, weights = result if isinstance(result, tuple) else (result, None)
         if capturing():  # map capture: rows of the capture's query points, also without need_weights
             record_rows(self, q, k, grid=(length_q,), key_grid=(k.shape[2],), mask=mask, causal=causal)
