@@ -80,3 +80,11 @@ __all__ = [
     # seq2seq
     "Attn",
 ]
+
+# Users know these classes by the names they import from here: their messages and reprs say that name
+# (`type(self).__name__`). `__qualname__`, which pickle and the docs' paths use, stays the defining
+# module's (`OfficialWindowAttention` in `attnzoo.mechanisms.swin_official`, ...).
+for _public in __all__:
+    _obj = globals()[_public]
+    if isinstance(_obj, type) and _obj.__name__ != _public:
+        _obj.__name__ = _public

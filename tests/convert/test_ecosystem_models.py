@@ -134,7 +134,8 @@ class _Caller(nn.Module):
          lambda m, x: m(x, x[:, :5], x[:, :5], _MASK)),
         ("SimplifiedSelfAttention.SimplifiedScaledDotProductAttention", (16, 2), (2, 7, 16),
          lambda m, x: m(x, x[:, :5], x[:, :5], attention_mask=_MASK)),
-        ("MUSEAttention.MUSEAttention", (16, 8, 8, 2), (2, 5, 16), lambda m, x: m(x, x, x, _MASK[..., :5, :])),
+        ("MUSEAttention.MUSEAttention", (16, 8, 8, 2), (2, 5, 16),
+         lambda m, x: m(x, x, x, _MASK[..., :5, :])),
     ],
 )
 def test_replace_keeps_fightingcv_calls_that_the_canonical_class_changes(path, args, shape, call) -> None:

@@ -363,8 +363,8 @@ def test_identity_shift_conv_branch_at_init():
         (ACmix, dict(dilation=0), "dilation must be >= 1"),
         (ACmix, dict(num_heads=0), "ACmix: num_heads must be >= 1"),
         (OfficialACmix, dict(kernel_att=4), "kernel_att must be odd"),
-        (OfficialACmix, dict(head=3), "OfficialACmix: out_planes=8 must be divisible by head=3"),
-        (OfficialACmix, dict(head=0), "OfficialACmix: head must be >= 1"),
+        (OfficialACmix, dict(head=3), "ACmix: out_planes=8 must be divisible by head=3"),
+        (OfficialACmix, dict(head=0), "ACmix: head must be >= 1"),
     ],
 )
 def test_bad_arguments_rejected_at_construction(cls, kwargs, match):
@@ -374,7 +374,7 @@ def test_bad_arguments_rejected_at_construction(cls, kwargs, match):
         ACmix(0)
     with pytest.raises(ValueError, match="ACmix: out_channels must be >= 1"):
         ACmix(4, 0)
-    with pytest.raises(ValueError, match="OfficialACmix: in_planes must be >= 1"):
+    with pytest.raises(ValueError, match="ACmix: in_planes must be >= 1"):
         OfficialACmix(0, 8)
 
 
