@@ -334,3 +334,16 @@ def test_insert_shifted_window_on_nchw_network():
     names = insert(model, "shifted_window", where="layer2.*", example_input=x, window_size=2, num_heads=2)
     assert model.get_submodule(names[0]).attention.layout == "NCHW"
     model(x).sum().backward()
+
+
+def test_a_model_that_is_no_module_and_an_input_the_model_refuses_are_named():
+    for call in (lambda: attnzoo.replace("resnet", "layer1", "se"), lambda: attnzoo.insert(None, "se", "x"),
+                 lambda: attnzoo.find("resnet")):
+        with pytest.raises(TypeError, match=r"expects model to be a torch.nn.Module, got (str|NoneType)"):
+            call()
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Identity())
+    before = [n for n, _ in model.named_modules()]
+    for bad in (torch.randn(1, 4, 9, 9), torch.zeros(1, 3, 9, 9, dtype=torch.long)):
+        with pytest.raises(ValueError, match="example_input: the model's own forward fails on it, before any"):
+            attnzoo.insert(model, "se", "0", example_input=bad)
+    assert [n for n, _ in model.named_modules()] == before  # untouched

@@ -23,7 +23,7 @@ from torch import nn
 
 from attnzoo._checks import format_shape
 from attnzoo.surgery.adapters import AttentionArg, _attach, _describe, build_for_place
-from attnzoo.surgery.places import Where, _site_shape, _sites, _verify
+from attnzoo.surgery.places import Where, _site_shape, _sites, _verify, check_model
 
 __all__ = ["insert", "replace"]
 
@@ -68,6 +68,7 @@ def insert(
         On a torchvision ResNet, `where="layer*.*"` puts one after every residual block.
         ```
     """
+    check_model(model, "insert")
     if position not in ("after", "before"):
         raise ValueError(f"insert: position must be 'after' or 'before', got {position!r}")
     sites = _sites(model, where, example_input)
@@ -132,6 +133,7 @@ def replace(
 
         ```
     """
+    check_model(model, "replace")
     if attention is None:
         return _convert_instances(model, where, example_input, kwargs)
     sites = _sites(model, where, example_input)

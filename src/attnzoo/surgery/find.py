@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from attnzoo._registry import Spec, list_modules
-from attnzoo.surgery.places import _verify
+from attnzoo.surgery.places import _verify, check_model
 
 __all__ = ["FoundAttention", "find"]
 
@@ -60,6 +60,7 @@ def find(model: nn.Module, example_input: Any = None) -> list[FoundAttention]:
     module. With `example_input`, each module's FLOPs are counted on the inputs it receives in one
     forward (attention on the math path, so fused kernels are counted); otherwise `flops` is None.
     """
+    check_model(model, "find")
     kinds = _attnzoo_kinds()
     found: list[tuple[str, nn.Module, str]] = []
     covered: list[str] = []

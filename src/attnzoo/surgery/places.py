@@ -36,6 +36,12 @@ def _glob_match(pattern: str, name: str) -> bool:
     return match(pattern.split("."), name.split("."))
 
 
+def check_model(model: object, who: str) -> None:
+    """`TypeError` unless `model` is an `nn.Module` (before anything walks it)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{who} expects model to be a torch.nn.Module, got {type(model).__name__}")
+
+
 def select(model: nn.Module, where: Where) -> list[str]:
     """Qualified names of the sub-modules `where` selects (the root itself is never selected).
 
@@ -103,6 +109,11 @@ def _trace(model: nn.Module, sites: list[_Site], example_input: Any) -> None:
         handles.append(site.module.register_forward_hook(hook))
     try:
         _dry_run(model, example_input)
+    except (RuntimeError, TypeError, ValueError, IndexError) as err:  # the user's model, untouched yet
+        raise ValueError(
+            f"example_input: the model's own forward fails on it, before any change "
+            f"({type(err).__name__}: {err}); give an input the model takes"
+        ) from err
     finally:
         for handle in handles:
             handle.remove()
