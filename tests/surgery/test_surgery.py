@@ -344,6 +344,6 @@ def test_a_model_that_is_no_module_and_an_input_the_model_refuses_are_named():
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Identity())
     before = [n for n, _ in model.named_modules()]
     for bad in (torch.randn(1, 4, 9, 9), torch.zeros(1, 3, 9, 9, dtype=torch.long)):
-        with pytest.raises(ValueError, match="example_input: the model's own forward fails on it, before any"):
+        with pytest.raises(ValueError, match="the model's own forward fails on it, before any"):
             attnzoo.insert(model, "se", "0", example_input=bad)
     assert [n for n, _ in model.named_modules()] == before  # untouched
