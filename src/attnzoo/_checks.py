@@ -227,13 +227,16 @@ def _check_layer_option(who: str, name: str, annotation: object, value: object) 
                         f"got {type(value).__name__} {value!r}")
 
 
-def check_options(who: str, signature: inspect.Signature, args: tuple, kwargs: dict) -> None:
+def check_options(
+    who: str, signature: inspect.Signature, args: tuple, kwargs: dict, infinite: Sequence[str] = ()
+) -> None:
     """Every argument whose annotation is a simple type (`bool`, `int | None`, ...) has that type,
     every float option is finite, and every module-building option (`norm_layer`) is callable.
 
     A string `"False"` given to a boolean option, or `None` where a value is required, raises
     `TypeError` naming the class, the argument, the expected and the given type; `inf` or `nan`
-    given to a float option raises `ValueError`.
+    given to a float option raises `ValueError`, except `inf` for the options named in `infinite`
+    (a class's `infinite_options`: `ResidualAttention(temperature=math.inf)` takes the maximum).
     """
     try:
         bound = signature.bind(None, *args, **kwargs)
@@ -247,7 +250,8 @@ def check_options(who: str, signature: inspect.Signature, args: tuple, kwargs: d
                 f"{who}: {name} must be {_type_names(types)}, got {type(value).__name__} {value!r}"
             )
         if types is not None and float in types and isinstance(value, float) and not math.isfinite(value):
-            raise ValueError(f"{who}: {name} must be a finite number, got {value}")
+            if not (math.isinf(value) and name in infinite):
+                raise ValueError(f"{who}: {name} must be a finite number, got {value}")
         _check_layer_option(who, name, annotation, value)
         if name in ("device", "dtype") and value is not None:
             _check_factory_option(who, name, value)
@@ -344,7 +348,7 @@ def checked(cls: ClassT, *, flags: bool = True) -> ClassT:
         def checked_init(self: nn.Module, *args: Any, **kwargs: Any) -> None:
             outermost = getattr(_depth, "value", 0) == 0
             if outermost:
-                check_options(cls.__name__, signature, args, kwargs)
+                check_options(cls.__name__, signature, args, kwargs, getattr(cls, "infinite_options", ()))
             _depth.value = getattr(_depth, "value", 0) + 1
             try:
                 init(self, *args, **kwargs)

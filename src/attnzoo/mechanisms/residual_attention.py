@@ -14,6 +14,7 @@ is the $T = \\infty$ case without that normalisation (``temperature=math.inf, no
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -75,6 +76,8 @@ class ResidualAttention(nn.Module):
 
         ```
     """
+
+    infinite_options: ClassVar[tuple[str, ...]] = ("temperature",)  # math.inf: the maximum (the paper's T)
 
     def __init__(
         self,
