@@ -20,6 +20,8 @@ state_dict, run by ``attnzoo.functional.attend`` (``attnzoo.convert.from_torch``
 constructor, forward, state_dict and numbers; ``attnzoo.convert.from_torchvision`` converts them);
 the canonical ``attnzoo.ShiftedWindowAttention`` and ``attnzoo.ShiftedWindowAttentionV2`` (registered
 ``shifted_window``, ``swin_v2_window``) mask padded tokens instead of letting them take part.
+``TimmWindowAttentionV2`` is timm's Swin V2 ``WindowAttention`` (called on windows with timm's float
+mask; ``attnzoo.convert.from_timm`` converts timm's module).
 """
 
 from torch import nn
@@ -42,6 +44,7 @@ from attnzoo.mechanisms.swin_torchvision import TorchvisionShiftedWindowAttentio
 from attnzoo.mechanisms.swin_torchvision import (
     TorchvisionShiftedWindowAttentionV2 as ShiftedWindowAttentionV2,
 )
+from attnzoo.mechanisms.swin_v2_timm import TimmWindowAttentionV2
 from attnzoo.mechanisms.temporal import Attention
 from attnzoo.mechanisms.torch_mha import MultiheadAttention
 
@@ -68,6 +71,7 @@ __all__ = [
     "MultiheadAttention",
     "ShiftedWindowAttention",
     "ShiftedWindowAttentionV2",
+    "TimmWindowAttentionV2",
     "WindowAttention",
     # prefix-named blocks (builders returning PyTorch modules)
     "cross_attention",

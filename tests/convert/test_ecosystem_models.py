@@ -169,3 +169,28 @@ def test_replaced_emsa_refuses_cross_inputs_and_masks() -> None:
         model.attn(x, x + 1, x)
     with pytest.raises(ValueError, match="attention_mask"):
         model.attn(x, x, x, attention_mask=torch.zeros(2, 2, 30, 30, dtype=torch.bool))
+
+
+def test_timm_swin_v2_swaps_whole_with_its_logits_checkpoint_and_window_resize() -> None:
+    sv2 = pytest.importorskip("timm.models.swin_transformer_v2", reason="timm without Swin V2")
+    torch.manual_seed(0)
+    model = sv2.SwinTransformerV2(img_size=32, patch_size=2, embed_dim=16, depths=(2, 2), num_heads=(2, 4),
+                                  window_size=4, num_classes=5).to(D).eval()
+    randomize(model)  # also logit_scale, q/v biases and the position MLP away from their init
+    checkpoint = copy.deepcopy(model.state_dict())
+    x = torch.randn(2, 3, 32, 32, dtype=D, generator=torch.Generator().manual_seed(1))
+    want = model(x)
+    names = attnzoo.replace(model, sv2.WindowAttention)
+    assert len(names) == 4 and all(isinstance(model.get_submodule(n), attnzoo.compat.TimmWindowAttentionV2)
+                                   for n in names)
+    torch.testing.assert_close(model(x), want, atol=1e-10, rtol=1e-10)  # shifted blocks: timm's mask
+    model.load_state_dict(checkpoint, strict=True)  # timm's own checkpoint, as it is
+    model.train()
+    model(x).square().mean().backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    attn = model.get_submodule(names[0])
+    attn.set_window_size((2, 2))  # what timm's set_input_size calls
+    assert attn.relative_coords_table.shape == (1, 3, 3, 2) and attn.relative_position_index.shape == (4, 4)
+    with pytest.raises(TypeError, match="mask to be a float tensor"):
+        attn(torch.randn(8, 4, 16, dtype=D), mask=torch.zeros(2, 4, 4, dtype=torch.bool))

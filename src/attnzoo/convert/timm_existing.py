@@ -24,6 +24,7 @@ from attnzoo.mechanisms.non_local import NonLocalBlock
 from attnzoo.mechanisms.se import SqueezeExcite
 from attnzoo.mechanisms.sk import SKConv
 from attnzoo.mechanisms.swin import WindowAttention
+from attnzoo.mechanisms.swin_v2_timm import TimmWindowAttentionV2
 
 __all__ = ["EXISTING_CONVERTERS"]
 
@@ -218,6 +219,20 @@ def window_from_timm(module: Any) -> WindowAttention:
     return finish(new, module, module.state_dict())
 
 
+def window_v2_from_timm(module: Any) -> TimmWindowAttentionV2:
+    """Swin V2's `WindowAttention` -> `attnzoo.compat.TimmWindowAttentionV2` (timm's call and keys;
+    its state_dict loads as it is)."""
+    if module.qkv.out_features != 3 * module.dim or module.proj.in_features != module.dim:
+        raise refuse(module, "its head width times num_heads differs from dim")
+    new = TimmWindowAttentionV2(
+        module.dim, tuple(module.window_size), module.num_heads, qkv_bias=module.q_bias is not None,
+        qkv_bias_separate=bool(module.qkv_bias_separate), attn_drop=float(module.attn_drop.p),
+        proj_drop=float(module.proj_drop.p), pretrained_window_size=tuple(module.pretrained_window_size),
+        **factory(module),
+    )
+    return finish(new, module, module.state_dict())
+
+
 def nonlocal_from_timm(module: Any) -> NonLocalBlock:
     """timm's `NonLocalAttn` (create_attn "nl") -> `NonLocalBlock` with `pool_keys=False`,
     `qk_scale` = timm's `scale` (`C ** -0.5`, or 1) and BatchNorm after the output convolution."""
@@ -246,5 +261,6 @@ EXISTING_CONVERTERS: dict[str, Callable[[nn.Module], nn.Module]] = {
     "timm.layers.cbam.CbamModule": cbam_from_timm,
     "timm.layers.selective_kernel.SelectiveKernel": sk_from_timm,
     "timm.models.swin_transformer.WindowAttention": window_from_timm,
+    "timm.models.swin_transformer_v2.WindowAttention": window_v2_from_timm,
     "timm.layers.non_local_attn.NonLocalAttn": nonlocal_from_timm,
 }
