@@ -21,7 +21,8 @@ constructor, forward, state_dict and numbers; ``attnzoo.convert.from_torchvision
 the canonical ``attnzoo.ShiftedWindowAttention`` and ``attnzoo.ShiftedWindowAttentionV2`` (registered
 ``shifted_window``, ``swin_v2_window``) mask padded tokens instead of letting them take part.
 ``TimmWindowAttentionV2`` is timm's Swin V2 ``WindowAttention`` (called on windows with timm's float
-mask; ``attnzoo.convert.from_timm`` converts timm's module).
+mask; ``attnzoo.convert.from_timm`` converts timm's module), ``TimmAttention`` timm's ViT
+``Attention``.
 """
 
 from torch import nn
@@ -46,6 +47,7 @@ from attnzoo.mechanisms.swin_torchvision import (
 )
 from attnzoo.mechanisms.swin_v2_timm import TimmWindowAttentionV2
 from attnzoo.mechanisms.temporal import Attention
+from attnzoo.mechanisms.timm_attention import TimmAttention
 from attnzoo.mechanisms.torch_mha import MultiheadAttention
 
 # Every seed and official class gets the shared option and input checks, as the canonical ones do.
@@ -71,6 +73,7 @@ __all__ = [
     "MultiheadAttention",
     "ShiftedWindowAttention",
     "ShiftedWindowAttentionV2",
+    "TimmAttention",
     "TimmWindowAttentionV2",
     "WindowAttention",
     # prefix-named blocks (builders returning PyTorch modules)

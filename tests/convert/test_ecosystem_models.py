@@ -194,3 +194,32 @@ def test_timm_swin_v2_swaps_whole_with_its_logits_checkpoint_and_window_resize()
     assert attn.relative_coords_table.shape == (1, 3, 3, 2) and attn.relative_position_index.shape == (4, 4)
     with pytest.raises(TypeError, match="mask to be a float tensor"):
         attn(torch.randn(8, 4, 16, dtype=D), mask=torch.zeros(2, 4, 4, dtype=torch.bool))
+
+
+def test_timm_vit_attention_swaps_whole_with_its_logits_checkpoint_and_maps() -> None:
+    vt = pytest.importorskip("timm.models.vision_transformer", reason="timm without ViT")
+    torch.manual_seed(0)
+    model = vt.VisionTransformer(img_size=32, patch_size=8, embed_dim=16, depth=2, num_heads=2, qkv_bias=True,
+                                 qk_norm=True, num_classes=5).to(D).eval()
+    randomize(model)
+    checkpoint = copy.deepcopy(model.state_dict())
+    x = torch.randn(2, 3, 32, 32, dtype=D, generator=torch.Generator().manual_seed(1))
+    want = model(x)
+    with attnzoo.fused_attn(False):  # the float64 math path, not the SDPA kernel timm runs too
+        names = attnzoo.replace(model, timm.layers.Attention)
+        assert names == ["blocks.0.attn", "blocks.1.attn"]
+        torch.testing.assert_close(model(x), want, atol=1e-10, rtol=1e-10)
+    model.load_state_dict(checkpoint, strict=True)
+    with attnzoo.capture_maps(model) as maps:
+        model(x)
+    assert sorted(maps) == names and maps[names[0]][0].data.shape[:2] == (2, 2)  # (B, h, queries, 17)
+    # attn_mask as SDPA takes it (True = may attend), against timm's module on the same weights
+    theirs = timm.layers.Attention(16, num_heads=2, qkv_bias=True).to(D).eval()
+    randomize(theirs)
+    ours = attnzoo.convert.convert(theirs)
+    tokens = torch.randn(2, 6, 16, dtype=D)
+    keep = torch.rand(2, 1, 6, 6, generator=torch.Generator().manual_seed(2)) < 0.7
+    keep[..., 0] = True
+    for mask, causal in ((keep, False), (None, True)):
+        torch.testing.assert_close(ours(tokens, attn_mask=mask, is_causal=causal),
+                                   theirs(tokens, attn_mask=mask, is_causal=causal), atol=1e-10, rtol=1e-10)

@@ -25,6 +25,7 @@ from attnzoo.mechanisms.se import SqueezeExcite
 from attnzoo.mechanisms.sk import SKConv
 from attnzoo.mechanisms.swin import WindowAttention
 from attnzoo.mechanisms.swin_v2_timm import TimmWindowAttentionV2
+from attnzoo.mechanisms.timm_attention import TimmAttention
 
 __all__ = ["EXISTING_CONVERTERS"]
 
@@ -233,6 +234,22 @@ def window_v2_from_timm(module: Any) -> TimmWindowAttentionV2:
     return finish(new, module, module.state_dict())
 
 
+def attention_from_timm(module: Any) -> TimmAttention:
+    """ViT's `timm.layers.Attention` -> `attnzoo.compat.TimmAttention` (timm's call and keys; its
+    q/k norms and scale norm are copied, whatever their class)."""
+    qkv: nn.Linear = module.qkv
+    if abs(module.scale - module.head_dim**-0.5) > 1e-12 * module.scale:
+        raise refuse(module, f"its scale {module.scale} is not head_dim ** -0.5")
+    new = TimmAttention(
+        qkv.in_features, module.num_heads, attn_head_dim=module.head_dim, dim_out=module.proj.out_features,
+        qkv_bias=qkv.bias is not None, proj_bias=module.proj.bias is not None,
+        gated=getattr(module, "gate", None) is not None, attn_drop=float(module.attn_drop.p),
+        proj_drop=float(module.proj_drop.p), **factory(module),
+    )
+    new.q_norm, new.k_norm, new.norm = (copy.deepcopy(m) for m in (module.q_norm, module.k_norm, module.norm))
+    return finish(new, module, module.state_dict())
+
+
 def nonlocal_from_timm(module: Any) -> NonLocalBlock:
     """timm's `NonLocalAttn` (create_attn "nl") -> `NonLocalBlock` with `pool_keys=False`,
     `qk_scale` = timm's `scale` (`C ** -0.5`, or 1) and BatchNorm after the output convolution."""
@@ -262,5 +279,6 @@ EXISTING_CONVERTERS: dict[str, Callable[[nn.Module], nn.Module]] = {
     "timm.layers.selective_kernel.SelectiveKernel": sk_from_timm,
     "timm.models.swin_transformer.WindowAttention": window_from_timm,
     "timm.models.swin_transformer_v2.WindowAttention": window_v2_from_timm,
+    "timm.layers.attention.Attention": attention_from_timm,
     "timm.layers.non_local_attn.NonLocalAttn": nonlocal_from_timm,
 }
