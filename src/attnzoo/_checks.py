@@ -273,13 +273,21 @@ def _check_factory_option(who: str, name: str, value: object) -> None:
         raise ValueError(f"{who}: device={value!r} names no device torch knows ({err})") from None
 
 
+def _numpy_bool(value: object) -> bool:
+    """A numpy bool (`np.True_`), which torch's own switches take (numpy is not imported for it)."""
+    kind = type(value)
+    return kind.__module__ == "numpy" and kind.__name__ in ("bool_", "bool")
+
+
 def check_flags(who: str, flags: Sequence[tuple[int, str]], args: tuple, kwargs: dict) -> None:
     """A forward's boolean switches (`need_weights`, `causal`) are bools: `need_weights="no"`
     would otherwise count as True. `flags` are `(position after self, name)` pairs."""
     for position, name in flags:
         value = args[position] if position < len(args) else kwargs.get(name, False)
-        if not isinstance(value, bool):
-            raise TypeError(f"{who}: {name} must be a bool, got {type(value).__name__} {value!r}")
+        if not isinstance(value, bool) and not _numpy_bool(value):
+            kind = type(value)
+            where = "" if kind.__module__ == "builtins" else f"{kind.__module__}."  # numpy.float64
+            raise TypeError(f"{who}: {name} must be a bool, got {where}{kind.__qualname__} {value!r}")
 
 
 def autocast_on(device_type: str) -> bool:

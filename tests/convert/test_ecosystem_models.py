@@ -223,3 +223,25 @@ def test_timm_vit_attention_swaps_whole_with_its_logits_checkpoint_and_maps() ->
     for mask, causal in ((keep, False), (None, True)):
         torch.testing.assert_close(ours(tokens, attn_mask=mask, is_causal=causal),
                                    theirs(tokens, attn_mask=mask, is_causal=causal), atol=1e-10, rtol=1e-10)
+
+
+def test_replaced_emsa_without_reduction_runs_any_token_count_and_equal_keys() -> None:
+    # fightingcv's EMSA reads its H x W only to reduce the keys: with ratio=1 any N runs
+    cls = _fcv("EMSA.EMSA")
+    model = _Caller(randomize(cls(16, 8, 6, 4, 0.0, 4, 4, 1, False)), lambda m, x: m(x, x.clone(), x)).eval()
+    x = torch.randn(2, 20, 16, dtype=D)
+    want = model(x)
+    attnzoo.replace(model, cls)
+    torch.testing.assert_close(model(x), want, atol=1e-10, rtol=1e-10)
+
+
+def test_the_most_specific_converter_wins_over_a_parents_in_place_one() -> None:
+    cls = _fcv("SelfAttention.ScaledDotProductAttention")
+
+    class Mine(cls):  # a user's subclass with its own converter
+        pass
+
+    mine = lambda m: nn.Identity()  # noqa: E731
+    attnzoo.convert.register(Mine, mine)
+    assert attnzoo.convert.in_place_converter_for(Mine) is mine
+    assert attnzoo.convert.in_place_converter_for(cls) is not mine

@@ -97,6 +97,23 @@ def test_the_kernel_runs_in_eager_and_the_twin_with_fused_attn_off():
     torch.testing.assert_close(out, plain, atol=1e-12, rtol=1e-12)
 
 
+def test_outputs_are_tensors_of_their_own_that_take_in_place_edits():
+    # (views returned by an autograd Function refuse in-place edits; the kernel's outputs are not views)
+    case = CASES[1]
+    keys, _, _ = index(case)
+    q, k, v, bias = (t.requires_grad_() for t in tensors(case))
+    out, weights = neighbourhood_attend(q, k, v, keys, bias=bias)
+    with attnzoo.fused_attn(False):
+        plain_out, plain_weights = neighbourhood_attend(q, k, v, keys, bias=bias)
+    assert out._base is None and weights._base is None
+    torch.testing.assert_close(out, plain_out, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(weights, plain_weights, atol=1e-12, rtol=1e-12)
+    out.mul_(2)  # autograd-tracked in-place edits (the weights are saved for backward, as softmax's are)
+    out.sum().backward()
+    torch.testing.assert_close(q.grad, torch.autograd.grad(plain_out.sum() * 2, q)[0], atol=1e-12, rtol=1e-12)
+    weights.clamp_(min=1e-3)
+
+
 def test_saved_tensors_hold_no_gathered_neighbourhood():
     """Only q, k, v, the index tables, the bias and the (B, h, N, K) weights are kept: nothing K x d."""
     case = ((12, 12), (5, 5), (1, 1), (False,))

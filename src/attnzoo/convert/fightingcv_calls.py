@@ -41,8 +41,9 @@ class FightingcvCallEMSA(EMSA):
     attention_weights=None)` on `(B, N, C)` tokens of the `feat_size` map.
 
     fightingcv's EMSA is self-attention in ResT (`emsa(x, x, x)`); with `sr_ratio > 1` it ignores
-    `keys` and `values`. Other keys or values with `sr_ratio == 1`, and the masks (applied after the
-    softmax there, so a masked query gives NaN), raise `ValueError`.
+    `keys` and `values`, and reads its `H x W` only then: with `sr_ratio == 1` any number of tokens
+    runs. Keys or values other than the queries with `sr_ratio == 1`, and the masks (applied after
+    the softmax there, so a masked query gives NaN), raise `ValueError`.
     """
 
     def forward(  # type: ignore[override]
@@ -56,10 +57,22 @@ class FightingcvCallEMSA(EMSA):
             raise ValueError(f"{who} takes no attention_mask or attention_weights (fightingcv applies them "
                              f"after the softmax); got {given}")
         others = [t for t in (keys, values) if t is not None and t is not queries]
-        if self.sr_ratio == 1 and others:
-            raise ValueError(f"{who} is self-attention: expects keys and values to be queries itself "
+        if self.sr_ratio == 1 and any(not _same_values(t, queries) for t in others):
+            raise ValueError(f"{who} is self-attention: expects keys and values equal to queries "
                              f"(fightingcv's emsa(x, x, x)), got other tensors")
-        return cast(Tensor, super().forward(queries, size=self.feat_size))  # need_weights=False: out
+        # fightingcv reads its H x W only to reduce the keys (sr_ratio > 1); without reduction any
+        # number of tokens runs, as a 1 x N map
+        tokens = queries.shape[1] if isinstance(queries, Tensor) and queries.dim() == 3 else 0
+        feat = self.feat_size
+        size = feat if feat is not None and (self.sr_ratio > 1 or tokens == feat[0] * feat[1]) else None
+        if size is None and self.sr_ratio == 1:
+            size = (1, tokens)
+        return cast(Tensor, super().forward(queries, size=size))  # need_weights=False: out
+
+
+def _same_values(a: Tensor, b: Tensor) -> bool:
+    """Whether `a` holds the values of `b` (fightingcv's EMSA ignores nothing then)."""
+    return isinstance(a, Tensor) and a.shape == b.shape and bool(torch.equal(a, b))
 
 
 class FightingcvCallGlobalFilter(GlobalFilter):

@@ -66,11 +66,13 @@ def in_place_converter_for(foreign: type | nn.Module) -> Converter | None:
     """The converter `replace` uses for a class or instance (along the MRO): its in-place converter
     where one is registered, else its module converter, else None."""
     cls = foreign if isinstance(foreign, type) else type(foreign)
-    for base in cls.__mro__:
+    for base in cls.__mro__:  # the most specific class with either converter wins
         for key in (base, _dotted(base)):
             if key in _IN_PLACE:
                 return _IN_PLACE[key]
-    return converter_for(cls)
+            if key in _TABLE:
+                return _TABLE[key]
+    return None
 
 
 def known() -> list[str]:

@@ -244,6 +244,18 @@ def _mix(weights: Tensor, gathered: Tensor, out: Tensor) -> None:
         torch.sum(gathered * weights.transpose(1, 2).unsqueeze(-1), 1, out=out)
 
 
+def _token_major_empty(q: Tensor, c: int) -> Tensor:
+    """An empty `(B, h, N, c)` tensor like q, stored token-major (`(N, B, h, c)` in memory)."""
+    b, h, n, _ = q.shape
+    return torch.empty_strided((b, h, n, c), (h * c, c, b * h * c, 1), dtype=q.dtype, device=q.device)
+
+
+def _token_major_view(t: Tensor) -> Tensor:
+    """A `(B, h, N, c)` tensor stored token-major (`_token_major_empty`) seen as `(N, B h, c)`."""
+    b, h, n, c = t.shape
+    return t.permute(2, 0, 1, 3).view(n, b * h, c)
+
+
 def _head_major(t: Tensor, b: int, h: int) -> Tensor:
     """`(N, B h, c)` -> the `(B, h, N, c)` view callers expect."""
     return t.unflatten(1, (b, h)).permute(1, 2, 0, 3)
@@ -261,7 +273,7 @@ class _ChunkedNeighbourhood(torch.autograd.Function):
     weights and the dropout mask; backward gathers each block's values and keys again. A
     `create_graph=True` backward differentiates `_gathered` instead (`recompute_grads` style), so
     double backward works.
-    Outputs are `(B, h, ., .)` views of the token-major buffers.
+    The outputs are `(B, h, N, .)` tensors stored token-major, written through `(N, B h, .)` views.
     """
 
     @staticmethod
@@ -276,7 +288,10 @@ class _ChunkedNeighbourhood(torch.autograd.Function):
         kt, vt = _token_rows(k), _token_rows(v)  # (S, B h d|dv)
         noise_t = None if noise is None else _token_major(noise)  # (N, B h, K)
         bias_t = None if bias is None else _as_4d(bias).permute(2, 0, 1, 3)  # (N or 1, B?, h?, K?)
-        weights, out = q.new_empty(n, bh, kk), q.new_empty(n, bh, dv)
+        # The outputs are (B, h, N, .) tensors of their own (not views, so the caller may edit them
+        # in place) laid out token-major in memory; the kernel writes them through `(N, B h, .)` views.
+        weights_bhn, out_bhn = _token_major_empty(q, kk), _token_major_empty(q, dv)
+        weights, out = _token_major_view(weights_bhn), _token_major_view(out_bhn)  # (N, B h, .)
         step = _step(q, v, kk)
         for n0 in range(0, n, step):
             n1 = min(n, n0 + step)
@@ -293,21 +308,22 @@ class _ChunkedNeighbourhood(torch.autograd.Function):
             dropped = w if noise_t is None else w * noise_t[n0:n1]
             v_n = vt.index_select(0, idx).view(nc, kk, bh, dv)  # (nc, K, B h, dv)
             _mix(dropped, v_n, out[n0:n1])  # (nc, B h, dv)
-        ctx.save_for_backward(q, k, v, keys, bias, valid, noise, weights)  # type: ignore[arg-type]  # None saves as None
+        ctx.save_for_backward(q, k, v, keys, bias, valid, noise, weights_bhn)  # type: ignore[arg-type]  # None saves as None
         ctx.set_materialize_grads(False)
-        return _head_major(out, b, h), _head_major(weights, b, h)
+        return out_bhn, weights_bhn
 
     @staticmethod
     @without_autocast
     def backward(  # type: ignore[override]
         ctx: FunctionCtx, grad_out: Tensor | None, grad_weights: Tensor | None
     ) -> tuple[Tensor | None, ...]:
-        q, k, v, keys, bias, valid, noise, weights = ctx.saved_tensors  # type: ignore[attr-defined]
+        q, k, v, keys, bias, valid, noise, weights_bhn = ctx.saved_tensors  # type: ignore[attr-defined]
         (b, h, n, d), s, dv = q.shape, k.shape[2], v.shape[-1]
         bh, kk = b * h, keys.shape[1]
         needs = ctx.needs_input_grad  # type: ignore[attr-defined]
         if torch.is_grad_enabled():  # create_graph=True: differentiate the composite ops instead
             return _double_backward(q, k, v, keys, bias, valid, noise, grad_out, grad_weights, needs)
+        weights = _token_major_view(weights_bhn)  # (N, B h, K)
         qt = _token_major(q)  # (N, B h, d); rebuilt, so the originals stay saved for double backward
         kt, vt = _token_rows(k), _token_rows(v)  # (S, B h d|dv)
         g_t = q.new_zeros(n, bh, dv) if grad_out is None else _token_major(grad_out)  # (N, B h, dv)

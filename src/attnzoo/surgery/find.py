@@ -60,17 +60,23 @@ def find(model: nn.Module, example_input: Any = None) -> list[FoundAttention]:
     module. With `example_input`, each module's FLOPs are counted on the inputs it receives in one
     forward (attention on the math path, so fused kernels are counted); otherwise `flops` is None.
     """
+    import attnzoo.compat as compat  # lazy: compat imports the mechanism families
+
     check_model(model, "find")
     kinds = _attnzoo_kinds()
+    compat_classes = {getattr(compat, n) for n in compat.__all__}
     found: list[tuple[str, nn.Module, str]] = []
     covered: list[str] = []
     for name, module in model.named_modules():
         if any(name == c or name.startswith(c + ".") for c in covered):
             continue
-        spec = kinds.get(type(module))
+        spec = next((kinds[c] for c in type(module).__mro__ if c in kinds), None)  # subclasses too
+        ours = type(module).__module__.startswith("attnzoo.")
         if spec is not None:
             kind = f"{spec.name} ({spec.family})"
-        elif type(module).__name__ in _THIRD_PARTY and module is not model:
+        elif ours and type(module) in compat_classes:
+            kind = "compat (attnzoo)"
+        elif not ours and type(module).__name__ in _THIRD_PARTY and module is not model:
             kind = _THIRD_PARTY[type(module).__name__]
         else:
             continue
