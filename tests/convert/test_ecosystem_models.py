@@ -109,6 +109,10 @@ _MASK = torch.rand(2, 1, 7, 5, generator=torch.Generator().manual_seed(3)) < 0.3
 _MASK[..., 0] = False  # every query keeps a key (fightingcv gives NaN for a fully masked one)
 
 
+def first_output(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
 class _Caller(nn.Module):
     """A model that calls its attention fightingcv's way (`call(attn, x)`)."""
 
@@ -158,6 +162,13 @@ def test_replace_keeps_fightingcv_calls_that_the_canonical_class_changes(path, a
         torch.testing.assert_close(g, w, **tol)
     canonical = type(attnzoo.convert.convert(cls(*args)))  # convert alone gives the canonical class
     assert isinstance(model.attn, canonical) and type(model.attn) is not canonical
+    # fightingcv's own checkpoint still loads (renamed keys included), and the model pickles
+    fresh = _Caller(randomize(cls(*args), seed=5).to(dtype), call).eval()
+    model.load_state_dict(fresh.state_dict(), strict=True)
+    expected = first_output(copy.deepcopy(fresh)(x.clone()))
+    torch.testing.assert_close(first_output(model(x.clone())), expected, **tol)
+    buffer = io.BytesIO()
+    torch.save(model.attn, buffer)  # (the test caller holds a lambda)
 
 
 def test_replaced_emsa_refuses_cross_inputs_and_masks() -> None:

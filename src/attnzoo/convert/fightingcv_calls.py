@@ -15,6 +15,7 @@ Shape letters: B batch, N tokens, C channels, H, W map size, g offset groups.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import cast
@@ -22,6 +23,7 @@ from typing import cast
 import torch
 from torch import Tensor, nn
 
+from attnzoo.convert._timm_common import TimmKeys, renamed
 from attnzoo.mechanisms.deformable_fightingcv import FightingcvDeformableAttention
 from attnzoo.mechanisms.emsa import EMSA
 from attnzoo.mechanisms.gfnet import GlobalFilter
@@ -158,15 +160,35 @@ class FightingcvCallMUSE(_MaskedCall, MUSEAttention):  # type: ignore[misc]
     """`MUSEAttention` called as fightingcv's MUSEAttention (`_MaskedCall`)."""
 
 
+# fightingcv's key prefixes -> attnzoo's, for the swapped-in modules whose keys differ: a fightingcv
+# checkpoint still loads into the model with strict=True after `replace` (`TimmKeys` pre-hook).
+_PROJECTIONS = {"fc_q": "q", "fc_k": "k", "fc_v": "v", "fc_o": "proj"}
+_FIGHTINGCV_KEYS: dict[str, dict[str, str]] = {
+    "EMSA": {**_PROJECTIONS, "sr_conv": "sr", "sr_ln": "sr_norm", "transform.conv": "transform"},
+    "ScaledDotProductAttention": {"fc_q": "Wq", "fc_k": "Wk", "fc_v": "Wv", "fc_o": "fc"},
+    "SimplifiedScaledDotProductAttention": {"fc_o": "fc"},
+    "MUSEAttention": {
+        **_PROJECTIONS, "conv1.pointwise_conv": "branches.0.point", "conv3.depth_conv": "branches.1.depth",
+        "conv3.pointwise_conv": "branches.1.point", "conv5.depth_conv": "branches.2.depth",
+        "conv5.pointwise_conv": "branches.2.point", "dy_paras": "branch_weights",
+    },
+}
+
+
 def _adapted(
     converter_name: str, cls: type[nn.Module], base: type[nn.Module]
 ) -> Callable[[nn.Module], nn.Module]:
-    """The `from_fightingcv` converter's result (a `base`), given `cls`'s forward (the same state)."""
+    """The `from_fightingcv` converter's result (a `base`), given `cls`'s forward (the same state)
+    and, where the keys differ, a pre-hook that loads fightingcv's keys too."""
+    names = _FIGHTINGCV_KEYS.get(converter_name)
 
     def convert(module: nn.Module) -> nn.Module:
         from attnzoo.convert.fightingcv import from_fightingcv  # lazy: fightingcv.py imports this table
 
         new = from_fightingcv(module)
+        if names is not None:
+            translate = functools.partial(renamed, names=names)  # picklable, as the model must stay
+            new.register_load_state_dict_pre_hook(TimmKeys(translate, tuple(names)))
         if not isinstance(new, base):
             raise TypeError(f"{converter_name}: expected a {base.__name__}, got {type(new).__name__}")
         new.__class__ = cls  # same weights and attributes; only the call changes
