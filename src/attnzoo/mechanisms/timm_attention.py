@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from attnzoo._checks import check_float, check_int, check_shape
+from attnzoo._checks import check_float, check_int, check_mask, check_shape
 from attnzoo._registry import Example, register_compat
 from attnzoo.functional import attend
 from attnzoo.maps.capture import capturing, record_rows
@@ -87,8 +87,11 @@ class TimmAttention(nn.Module):
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
         """Self-attention over the tokens `x` `(B, N, C)`: `(B, N, dim_out)`."""
-        dims = check_shape(x, type(self).__name__, "B N C", C=self.dim)
+        who = type(self).__name__
+        dims = check_shape(x, who, "B N C", C=self.dim)
         batch, tokens = dims["B"], dims["N"]
+        if attn_mask is not None:  # SDPA's rule, checked here so that the message names attn_mask
+            check_mask(attn_mask, (batch, self.num_heads, tokens, tokens), who, "attn_mask")
         gate = self.gate(x).sigmoid() if self.gate is not None else None
         qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim)  # (B, N, 3, h, d)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, h, N, d) each
