@@ -238,6 +238,19 @@ def test_bad_input_raises_clear_errors(args, kwargs, error, match):
         attend(*args, **kwargs)
 
 
+def test_numpy_bools_are_taken_as_switches_as_torch_takes_them():
+    np = pytest.importorskip("numpy")
+    q, k, v = torch.randn(3, 1, 2, 5, 4).unbind(0)
+    torch.testing.assert_close(attend(q, k, v, causal=np.True_), attend(q, k, v, causal=True))
+    out, weights = attend(q, k, v, need_weights=np.True_)
+    assert weights.shape == (1, 2, 5, 5)
+    module = attnzoo.create("se", 8).eval()
+    x = torch.randn(2, 8, 3, 3)
+    assert isinstance(module(x, need_weights=np.True_), tuple)
+    with pytest.raises(TypeError, match="need_weights must be a bool, got numpy.float64"):
+        module(x, need_weights=np.float64(1.0))
+
+
 def test_relative_position_index_1d():
     idx = relative_position_index_1d(4)
     assert idx.shape == (4, 4)

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "check_tensor",
+    "numpy_bool",
     "check_shape",
     "check_same",
     "check_int",
@@ -273,7 +274,7 @@ def _check_factory_option(who: str, name: str, value: object) -> None:
         raise ValueError(f"{who}: device={value!r} names no device torch knows ({err})") from None
 
 
-def _numpy_bool(value: object) -> bool:
+def numpy_bool(value: object) -> bool:
     """A numpy bool (`np.True_`), which torch's own switches take (numpy is not imported for it)."""
     kind = type(value)
     return kind.__module__ == "numpy" and kind.__name__ in ("bool_", "bool")
@@ -284,7 +285,7 @@ def check_flags(who: str, flags: Sequence[tuple[int, str]], args: tuple, kwargs:
     would otherwise count as True. `flags` are `(position after self, name)` pairs."""
     for position, name in flags:
         value = args[position] if position < len(args) else kwargs.get(name, False)
-        if not isinstance(value, bool) and not _numpy_bool(value):
+        if not isinstance(value, bool) and not numpy_bool(value):
             kind = type(value)
             where = "" if kind.__module__ == "builtins" else f"{kind.__module__}."  # numpy.float64
             raise TypeError(f"{who}: {name} must be a bool, got {where}{kind.__qualname__} {value!r}")

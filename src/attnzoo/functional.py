@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attnzoo._checks import autocast_on, check_mask, check_tensor, format_shape
+from attnzoo._checks import autocast_on, check_mask, check_tensor, format_shape, numpy_bool
 from attnzoo.kernels.flash import sdpa
 
 __all__ = [
@@ -117,7 +117,7 @@ def _check_options(
     """Types and values of attend's keyword arguments, and the masks' device."""
     who = "attend"
     for name, flag in (("causal", causal), ("need_weights", need_weights)):
-        if not isinstance(flag, bool):
+        if not isinstance(flag, bool) and not numpy_bool(flag):
             raise TypeError(f"{who} expects {name} to be a bool, got {type(flag).__name__} {flag!r}")
     for name, value in (("dropout_p", dropout_p), ("scale", scale)):
         if value is None and name == "scale":
@@ -277,6 +277,7 @@ def attend(
                 "attend expects bias to be a floating (additive) tensor, got torch.bool; use mask="
             )
     _check_options(mask, bias, causal, dropout_p, scale, need_weights, q.device)
+    causal, need_weights = bool(causal), bool(need_weights)  # numpy bools become Python's (SDPA's)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
 
     # SDPA's CPU kernels take neither dropout nor a bias that needs a gradient: torch then runs its
