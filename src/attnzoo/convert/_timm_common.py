@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-__all__ = ["dotted", "refuse", "factory", "same_forward", "TimmKeys", "renamed"]
+__all__ = ["dotted", "refuse", "factory", "same_forward", "TimmKeys", "rename"]
 
 
 def dotted(cls: type) -> str:
@@ -36,12 +36,13 @@ def same_forward(module: Any, cls: type) -> None:
             return
 
 
-def renamed(state: Mapping[str, Tensor], names: Mapping[str, str]) -> dict[str, Tensor]:
-    """``state`` with every key's prefix in ``names`` replaced (a key no prefix matches is kept)."""
+def rename(state: Mapping[str, Tensor], names: Mapping[str, str]) -> dict[str, Tensor]:
+    """`state` with every key starting with a prefix in `names` renamed (`{"ca.se.": "ca.sharedMLP."}`);
+    other keys are kept."""
     out = {}
     for key, value in state.items():
-        prefix = next((p for p in names if key.startswith(p)), "")
-        out[(names[prefix] if prefix else "") + key[len(prefix):]] = value
+        prefix = next((p for p in names if key.startswith(p)), None)
+        out[key if prefix is None else names[prefix] + key[len(prefix):]] = value
     return out
 
 

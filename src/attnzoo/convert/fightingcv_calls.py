@@ -23,7 +23,7 @@ from typing import cast
 import torch
 from torch import Tensor, nn
 
-from attnzoo.convert._timm_common import TimmKeys, renamed
+from attnzoo.convert._timm_common import TimmKeys, rename
 from attnzoo.mechanisms.deformable_fightingcv import FightingcvDeformableAttention
 from attnzoo.mechanisms.emsa import EMSA
 from attnzoo.mechanisms.gfnet import GlobalFilter
@@ -187,7 +187,7 @@ def _adapted(
 
         new = from_fightingcv(module)
         if names is not None:
-            translate = functools.partial(renamed, names=names)  # picklable, as the model must stay
+            translate = functools.partial(rename, names=names)  # picklable, as the model must stay
             new.register_load_state_dict_pre_hook(TimmKeys(translate, tuple(names)))
         if not isinstance(new, base):
             raise TypeError(f"{converter_name}: expected a {base.__name__}, got {type(new).__name__}")

@@ -12,11 +12,12 @@ the canonical classes (docs/interop.md lists them).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
-from torch import Tensor, nn
+from torch import nn
 
+from attnzoo.convert._timm_common import rename
 from attnzoo.convert.timm_existing import factory, finish, refuse
 from attnzoo.mechanisms.acmix import ACmix
 from attnzoo.mechanisms.cbam import CBAM
@@ -27,16 +28,6 @@ __all__ = ["EXISTING_CONVERTERS", "rename"]
 
 _PACKAGE = "fightingcv_attention.attention"
 WHO = "from_fightingcv"
-
-
-def rename(state: Mapping[str, Tensor], names: Mapping[str, str]) -> dict[str, Tensor]:
-    """`state` with every key starting with a prefix in `names` renamed (`{"ca.se.": "ca.sharedMLP."}`);
-    other keys are kept."""
-    out = {}
-    for key, value in state.items():
-        prefix = next((p for p in names if key.startswith(p)), None)
-        out[key if prefix is None else names[prefix] + key[len(prefix):]] = value
-    return out
 
 
 def _kinds(module: nn.Module, seq: nn.Module, kinds: tuple[type[nn.Module], ...], what: str) -> None:

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 from torch import Tensor, nn
 
-from attnzoo.convert._timm_common import TimmKeys, renamed
+from attnzoo.convert._timm_common import TimmKeys, rename
 from attnzoo.mechanisms.cbam import CBAM
 from attnzoo.mechanisms.non_local import NonLocalBlock
 from attnzoo.mechanisms.se import SqueezeExcite
@@ -132,7 +132,7 @@ _CBAM_NAMES = {"channel.fc1.": "ca.sharedMLP.0.", "channel.fc2.": "ca.sharedMLP.
 
 def cbam_keys(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """timm's `CbamModule` keys -> `CBAM`'s."""
-    return renamed(state, _CBAM_NAMES)
+    return rename(state, _CBAM_NAMES)
 
 
 def sk_from_timm(module: Any) -> SKConv:
@@ -183,7 +183,7 @@ def sk_from_timm(module: Any) -> SKConv:
 def sk_keys(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """timm's `SelectiveKernel` keys -> `SKConv`'s: `paths.i.conv/bn` -> `convs.i.0/1`, `attn.bn` ->
     `fuse.0`, the 1x1 convolutions `attn.fc_reduce` -> `fc` and `attn.fc_select` -> `fcs.i`."""
-    out = renamed({k: v for k, v in state.items() if not k.startswith(("attn.fc_", "paths."))},
+    out = rename({k: v for k, v in state.items() if not k.startswith(("attn.fc_", "paths."))},
                   {"attn.bn.": "fuse.0."})
     paths = sorted({int(k.split(".")[1]) for k in state if k.startswith("paths.")})
     for key, value in state.items():
@@ -270,7 +270,7 @@ def nonlocal_from_timm(module: Any) -> NonLocalBlock:
 
 def nonlocal_keys(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """timm's `NonLocalAttn` keys -> `NonLocalBlock`'s."""
-    return renamed(state, {"t.": "theta.", "p.": "phi.", "z.": "W.0.", "norm.": "W.1."})
+    return rename(state, {"t.": "theta.", "p.": "phi.", "z.": "W.0.", "norm.": "W.1."})
 
 
 EXISTING_CONVERTERS: dict[str, Callable[[nn.Module], nn.Module]] = {
