@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from attnzoo.convert._timm_common import TimmKeys, rename
+from attnzoo.convert.fightingcv_tokens_a import EMSA_KEYS, MUSE_KEYS, SDPA_KEYS, SIMPLIFIED_SDPA_KEYS
 from attnzoo.mechanisms.deformable_fightingcv import FightingcvDeformableAttention
 from attnzoo.mechanisms.emsa import EMSA
 from attnzoo.mechanisms.gfnet import GlobalFilter
@@ -160,18 +161,13 @@ class FightingcvCallMUSE(_MaskedCall, MUSEAttention):  # type: ignore[misc]
     """`MUSEAttention` called as fightingcv's MUSEAttention (`_MaskedCall`)."""
 
 
-# fightingcv's key prefixes -> attnzoo's, for the swapped-in modules whose keys differ: a fightingcv
+# fightingcv's key prefixes -> attnzoo's where the swapped-in module's keys differ: a fightingcv
 # checkpoint still loads into the model with strict=True after `replace` (`TimmKeys` pre-hook).
-_PROJECTIONS = {"fc_q": "q", "fc_k": "k", "fc_v": "v", "fc_o": "proj"}
 _FIGHTINGCV_KEYS: dict[str, dict[str, str]] = {
-    "EMSA": {**_PROJECTIONS, "sr_conv": "sr", "sr_ln": "sr_norm", "transform.conv": "transform"},
-    "ScaledDotProductAttention": {"fc_q": "Wq", "fc_k": "Wk", "fc_v": "Wv", "fc_o": "fc"},
-    "SimplifiedScaledDotProductAttention": {"fc_o": "fc"},
-    "MUSEAttention": {
-        **_PROJECTIONS, "conv1.pointwise_conv": "branches.0.point", "conv3.depth_conv": "branches.1.depth",
-        "conv3.pointwise_conv": "branches.1.point", "conv5.depth_conv": "branches.2.depth",
-        "conv5.pointwise_conv": "branches.2.point", "dy_paras": "branch_weights",
-    },
+    "EMSA": EMSA_KEYS,
+    "ScaledDotProductAttention": SDPA_KEYS,
+    "SimplifiedScaledDotProductAttention": SIMPLIFIED_SDPA_KEYS,
+    "MUSEAttention": MUSE_KEYS,
 }
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from torch import nn
 
+from attnzoo.convert._timm_common import rename
 from attnzoo.convert.timm_existing import factory, finish, refuse
 from attnzoo.mechanisms.aft import AFTFull
 from attnzoo.mechanisms.emsa import EMSA
@@ -23,10 +24,22 @@ from attnzoo.mechanisms.mha import MultiHeadAttention
 from attnzoo.mechanisms.muse import MUSEAttention
 from attnzoo.mechanisms.ufo import UFOAttention
 
-__all__ = ["CONVERTERS"]
+__all__ = ["CONVERTERS", "EMSA_KEYS", "MUSE_KEYS", "SDPA_KEYS", "SIMPLIFIED_SDPA_KEYS"]
 
 _PACKAGE = "fightingcv_attention.attention"
 WHO = "from_fightingcv"
+
+# fightingcv's key prefixes -> attnzoo's (`rename`): the converters' state and the load hook of the
+# modules `replace` swaps in (`fightingcv_calls`) translate with the same tables.
+PROJECTION_KEYS = {"fc_q": "q", "fc_k": "k", "fc_v": "v", "fc_o": "proj"}
+SDPA_KEYS = {"fc_q": "Wq", "fc_k": "Wk", "fc_v": "Wv", "fc_o": "fc"}
+SIMPLIFIED_SDPA_KEYS = {"fc_o": "fc"}
+EMSA_KEYS = {**PROJECTION_KEYS, "sr_conv": "sr", "sr_ln": "sr_norm", "transform.conv": "transform"}
+MUSE_KEYS = {
+    **PROJECTION_KEYS, "conv1.pointwise_conv": "branches.0.point", "conv3.depth_conv": "branches.1.depth",
+    "conv3.pointwise_conv": "branches.1.point", "conv5.depth_conv": "branches.2.depth",
+    "conv5.pointwise_conv": "branches.2.point", "dy_paras": "branch_weights",
+}
 
 
 def external_from_fightingcv(module: Any) -> ExternalAttention:
@@ -63,7 +76,7 @@ def sdpa_from_fightingcv(module: Any) -> MultiHeadAttention:
     query with every key masked gives NaN in fightingcv and 0 here. fightingcv's multiplicative
     `attention_weights` on the logits has no canonical counterpart (pass an additive float `mask`
     where a bias is meant)."""
-    state = _renamed(module, {"fc_q": "Wq", "fc_k": "Wk", "fc_v": "Wv", "fc_o": "fc"})
+    state = rename(module.state_dict(), SDPA_KEYS)
     new = MultiHeadAttention(
         module.d_model, module.h, qkv_bias=module.fc_q.bias is not None, attn_drop=_dropout_p(module),
         head_dim=module.d_k, value_head_dim=module.d_v, **factory(module),
@@ -82,7 +95,7 @@ def simplified_sdpa_from_fightingcv(module: Any) -> MultiHeadAttention:
     new = MultiHeadAttention(
         module.d_model, module.h, in_proj=False, attn_drop=_dropout_p(module), **factory(module)
     )
-    state = {f"fc.{kind}": value for kind, value in module.fc_o.state_dict().items()}
+    state = rename(module.state_dict(), SIMPLIFIED_SDPA_KEYS)
     return finish(new, module, state)
 
 
@@ -95,17 +108,13 @@ def emsa_from_fightingcv(module: Any) -> EMSA:
     other maps: `forward(x, size=(h, w))`); fightingcv ignores `keys`/`values` when `ratio > 1`. Its
     `attention_mask` (applied after the normalisation, giving infinite/NaN outputs) and
     `attention_weights` have no counterpart."""
-    names = {"fc_q": "q", "fc_k": "k", "fc_v": "v", "fc_o": "proj"}
-    if module.ratio > 1:
-        names.update({"sr_conv": "sr", "sr_ln": "sr_norm"})
-        if module.sr_ln.eps != 1e-5 or not module.sr_ln.elementwise_affine:
-            raise refuse(module, "its sr_ln is not a default LayerNorm", WHO)
+    if module.ratio > 1 and (module.sr_ln.eps != 1e-5 or not module.sr_ln.elementwise_affine):
+        raise refuse(module, "its sr_ln is not a default LayerNorm", WHO)
     if module.apply_transform:
         norm = module.transform.get_submodule("in")
         if norm.affine or norm.track_running_stats or norm.eps != 1e-5:
             raise refuse(module, "its transform's InstanceNorm2d is not the default one", WHO)
-        names["transform.conv"] = "transform"
-    state = _renamed(module, names)
+    state = rename(module.state_dict(), EMSA_KEYS)
     new = EMSA(
         module.d_model, module.h, head_dim=module.d_k, value_head_dim=module.d_v,
         sr_ratio=max(module.ratio, 1), apply_transform=module.apply_transform,
@@ -123,16 +132,9 @@ def muse_from_fightingcv(module: Any) -> MUSEAttention:
     fightingcv's forward replaces `dy_paras` by `softmax(dy_paras)` on every call; the converted
     module softmaxes the copied value in every forward, so it equals fightingcv's *next* call (and
     every call, if fightingcv's parameter is reset). Masks: `mask=~attention_mask`."""
-    names = {"fc_q": "q", "fc_k": "k", "fc_v": "v", "fc_o": "proj"}
-    for i, size in enumerate((1, 3, 5)):
-        conv = module.get_submodule(f"conv{size}")
-        if size > 1:
-            names[f"conv{size}.depth_conv"] = f"branches.{i}.depth"
-        elif not isinstance(conv.depth_conv, nn.Identity):
-            raise refuse(module, "its conv1 has a depth-wise convolution", WHO)
-        names[f"conv{size}.pointwise_conv"] = f"branches.{i}.point"
-    state = _renamed(module, names)
-    state["branch_weights"] = module.dy_paras
+    if not isinstance(module.conv1.depth_conv, nn.Identity):
+        raise refuse(module, "its conv1 has a depth-wise convolution", WHO)
+    state = rename(module.state_dict(), MUSE_KEYS)
     new = MUSEAttention(
         module.d_model, module.h, head_dim=module.d_k, value_head_dim=module.d_v, kernel_sizes=(1, 3, 5),
         qkv_bias=module.fc_q.bias is not None, attn_drop=_dropout_p(module), **factory(module),
@@ -159,7 +161,7 @@ def ufo_from_fightingcv(module: Any) -> UFOAttention:
     """`UFOAttention(d_model, d_k, d_v, h, dropout)` -> `UFOAttention(d_model, h, head_dim=d_k,
     value_head_dim=d_v, eps=0.0)`; `fc_q/fc_k/fc_v/fc_o` -> `q/k/v/proj`, `gamma` kept. fightingcv's
     dropout is never applied, so it is dropped."""
-    state = _renamed(module, {"fc_q": "q", "fc_k": "k", "fc_v": "v", "fc_o": "proj"})
+    state = _renamed(module, PROJECTION_KEYS)
     state["gamma"] = module.gamma
     new = UFOAttention(
         module.d_model, module.h, head_dim=module.d_k, value_head_dim=module.d_v,
