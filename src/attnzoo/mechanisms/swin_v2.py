@@ -290,9 +290,14 @@ class ShiftedWindowAttentionV2(nn.Module):
         )
         self.proj = nn.Linear(dim, dim, **factory)
         self.proj_drop = nn.Dropout(check_float(proj_drop, "proj_drop", who, minimum=0.0, maximum=1.0))
+        self._position_buffers(device, dtype)
+
+    def _position_buffers(self, device: torch.device | str | None, dtype: torch.dtype | None) -> None:
+        """The log-spaced coordinate table and the relative position index of `window_size`. Both
+        follow from the window: not part of the state_dict (as timm's)."""
         normaliser = self.pretrained_window_size if self.pretrained_window_size[0] > 0 else self.window_size
-        # Both buffers follow from the window: not part of the state_dict (as timm's).
-        coords = log_spaced_coords(self.window_size, normaliser, **factory)  # (1, 2Wh-1, 2Ww-1, 2)
+        # (1, 2Wh-1, 2Ww-1, 2)
+        coords = log_spaced_coords(self.window_size, normaliser, device=device, dtype=dtype)
         self.register_buffer("relative_coords_table", coords, persistent=False)
         index = relative_position_index_2d(self.window_size).to(device)
         self.register_buffer("relative_position_index", index, persistent=False)

@@ -22,12 +22,10 @@ from torch import Tensor
 
 from attnzoo._checks import check_shape
 from attnzoo._registry import Example, register_compat
-from attnzoo.functional import relative_position_index_2d
 from attnzoo.maps.capture import capturing, record
 from attnzoo.mechanisms.swin_v2 import (
     ShiftedWindowAttentionV2,
     cosine_window_attention,
-    log_spaced_coords,
     pair,
 )
 
@@ -73,12 +71,8 @@ class TimmWindowAttentionV2(ShiftedWindowAttentionV2):
     def set_window_size(self, window_size: int | Sequence[int]) -> None:
         """A new window (timm's `set_input_size` calls it): the coordinate table and index follow."""
         self.window_size = pair(window_size, "window_size", type(self).__name__)
-        normaliser = self.pretrained_window_size if self.pretrained_window_size[0] > 0 else self.window_size
         table: Tensor = self.relative_coords_table  # type: ignore[assignment]  # a registered buffer
-        coords = log_spaced_coords(self.window_size, normaliser, device=table.device, dtype=table.dtype)
-        self.register_buffer("relative_coords_table", coords, persistent=False)
-        index = relative_position_index_2d(self.window_size).to(table.device)
-        self.register_buffer("relative_position_index", index, persistent=False)
+        self._position_buffers(table.device, table.dtype)
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:  # type: ignore[override]
         """Cosine attention inside each window of `x` `(B', N, C)`, timm's mask added: `(B', N, C)`."""
