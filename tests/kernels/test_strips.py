@@ -14,7 +14,7 @@ from tests.kernels.kernel_checks import (
 )
 from torch.autograd import gradcheck
 
-from attnzoo.kernels.strips import strip_gate
+from attnzoo.kernels.strips import strip_gate, strip_means, sum_gate
 
 D = torch.float64
 
@@ -88,3 +88,77 @@ def test_other_shapes_and_no_grad_take_the_plain_ops():
         out = strip_gate(x, (g_h, row))
     assert out.grad_fn is None
     torch.testing.assert_close(out, x.detach() * g_h.detach() * row.detach())
+
+
+def _logits(b=2, c=3, h=5, w=4, dtype=D):
+    torch.manual_seed(1)
+    a_h = torch.randn(b, c, h, 1, dtype=dtype, requires_grad=True)
+    a_w = torch.randn(b, c, w, 1, dtype=dtype).transpose(2, 3).requires_grad_()  # (B, C, 1, W), strided
+    return a_h, a_w
+
+
+def _reference_sum(x, a_h, a_w, has_skip):
+    out = x * torch.sigmoid(a_h + a_w)
+    return out + x if has_skip else out
+
+
+@pytest.mark.parametrize("has_skip", [False, True])
+def test_sum_gate_matches_plain_autograd_with_gradients(has_skip):
+    x, _, _ = _inputs()
+    a_h, a_w = _logits()
+    out = sum_gate(x, a_h, a_w, has_skip)
+    assert type(out.grad_fn).__name__ == "_SumGateFnBackward"  # the kernel ran
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (x, a_h, a_w), grad)
+    ref_out = _reference_sum(x, a_h, a_w, has_skip)
+    want = torch.autograd.grad(ref_out, (x, a_h, a_w), grad)
+    torch.testing.assert_close(out, ref_out, atol=1e-12, rtol=0)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+
+
+def test_sum_gate_double_backward_and_torch_tools():
+    x, _, _ = _inputs(1, 2, 3, 4)
+    a_h, a_w = _logits(1, 2, 3, 4)
+
+    def kernel(t, p, q):
+        return sum_gate(t, p, q, True)
+
+    def plain(t, p, q):
+        return _reference_sum(t, p, q, True)
+
+    assert gradcheck(kernel, (x, a_h, a_w))
+    assert_matches(kernel, plain, (x, a_h, a_w))
+    assert_gradgradcheck(kernel, (x, a_h, a_w))
+    assert_flop_counter(kernel, (x, a_h, a_w), counted=False)  # pointwise ops and sums only
+    assert_torch_func(Holder(kernel, (x, a_h, a_w)))
+    assert_autocast_bf16(kernel, [t.float() for t in (x, a_h, a_w)], plain)
+
+
+def test_sum_gate_partial_grads_and_other_shapes():
+    x, _, _ = _inputs()
+    a_h, a_w = _logits()
+    out = sum_gate(x.detach(), a_h, a_w.detach())  # only a_h wants a gradient
+    (gh,) = torch.autograd.grad(out.sum(), (a_h,))
+    (rh,) = torch.autograd.grad(_reference_sum(x.detach(), a_h, a_w.detach(), False).sum(), (a_h,))
+    torch.testing.assert_close(gh, rh, atol=1e-12, rtol=0)
+    full = torch.randn_like(x, requires_grad=True)  # not a strip: the plain ops
+    out = sum_gate(x, a_h, full)
+    assert type(out.grad_fn).__name__ == "MulBackward0"
+    torch.testing.assert_close(out, _reference_sum(x, a_h, full, False))
+
+
+def test_strip_means_match_mean_with_one_gradient_write():
+    x, _, _ = _inputs()
+    m_h, m_w = strip_means(x)
+    assert type(m_h.grad_fn).__name__ == "_StripMeansFnBackward"
+    torch.testing.assert_close(m_h, x.mean(3, keepdim=True), atol=1e-12, rtol=0)
+    torch.testing.assert_close(m_w, x.mean(2, keepdim=True), atol=1e-12, rtol=0)
+    g_h, g_w = torch.randn_like(m_h), torch.randn_like(m_w)
+    (got,) = torch.autograd.grad((m_h, m_w), (x,), (g_h, g_w))
+    (want,) = torch.autograd.grad((x.mean(3, keepdim=True), x.mean(2, keepdim=True)), (x,), (g_h, g_w))
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+    (only_w,) = torch.autograd.grad(m_w, (x,), g_w)  # the other mean unused
+    torch.testing.assert_close(only_w, torch.autograd.grad(x.mean(2, keepdim=True), (x,), g_w)[0])
+    assert gradcheck(lambda t: strip_means(t), (x,))
+    assert_gradgradcheck(lambda t: sum(m.square().sum() for m in strip_means(t)), (x,))

@@ -24,8 +24,8 @@ from torch import Tensor, nn
 
 from attnzoo._checks import check_float, check_int, check_shape
 from attnzoo._registry import Example, register
-from attnzoo.kernels.strips import strip_gate
-from attnzoo.maps.capture import capturing, record
+from attnzoo.kernels.strips import strip_means
+from attnzoo.mechanisms._strip_gates import finish, finish_sum
 from attnzoo.mechanisms._widths import round_width
 
 __all__ = [
@@ -57,18 +57,6 @@ def _strip_convs(channels: int, kernel_size: int, bias: bool, dd: dict) -> tuple
     conv_h = nn.Conv2d(c, c, (kernel_size, 1), padding=(pad, 0), groups=c, bias=bias, **dd)  # along H
     conv_w = nn.Conv2d(c, c, (1, kernel_size), padding=(0, pad), groups=c, bias=bias, **dd)  # along W
     return conv_h, conv_w
-
-
-def _finish(module: nn.Module, x: Tensor, gates: tuple[Tensor, ...], has_skip: bool, need_weights: bool):
-    """``x`` times each of `gates` in turn (plus ``x`` with the skip), the map recorded, the gate
-    returned on request. The full-size product of two strip gates is made only when it is asked for."""
-    out = strip_gate(x, gates, has_skip)  # two strips: the lean kernel (attnzoo.kernels.strips)
-    if not (need_weights or capturing()):
-        return out
-    full = gates[0] if len(gates) == 1 else (gates[0] * gates[1]).expand_as(x)  # (B, C, H, W)
-    if capturing():  # map capture: the channel-mean of the (B, C, H, W) gate
-        record(module, "spatial", full.mean(1), grid=x.shape[2:])
-    return (out, full) if need_weights else out
 
 
 @register(
@@ -161,14 +149,15 @@ class CoordAttention(nn.Module):
     def forward(self, x: Tensor, need_weights: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         dims = check_shape(x, type(self).__name__, "B C H W", C=self.channels)
         H, W = dims["H"], dims["W"]
-        x_h = x.mean(3, keepdim=True)  # (B, C, H, 1)
-        x_w = x.mean(2, keepdim=True).transpose(2, 3)  # (B, C, 1, W) -> (B, C, W, 1)
+        x_h, x_w = strip_means(x)  # (B, C, H, 1), (B, C, 1, W)
+        x_w = x_w.transpose(2, 3)  # (B, C, 1, W) -> (B, C, W, 1)
         y = self.act(self.bn1(self.conv1(torch.cat([x_h, x_w], dim=2))))  # (B, rd, H + W, 1)
         y_h, y_w = y.split([H, W], dim=2)  # (B, rd, H, 1), (B, rd, W, 1)
         a_h = self.conv_h(y_h)  # (B, C, H, 1)
         a_w = self.conv_w(y_w).transpose(2, 3)  # (B, C, W, 1) -> (B, C, 1, W)
-        gates = (self.gate(a_h + a_w),) if self.additive else (self.gate(a_w), self.gate(a_h))
-        return _finish(self, x, gates, self.has_skip, need_weights)
+        if self.additive:
+            return finish_sum(self, x, a_h, a_w, self.has_skip, need_weights)
+        return finish(self, x, (self.gate(a_w), self.gate(a_h)), self.has_skip, need_weights)
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, rd_channels={self.rd_channels}, additive={self.additive}"
@@ -309,9 +298,10 @@ class EfficientLocalAttention(nn.Module):
 
     def forward(self, x: Tensor, need_weights: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         check_shape(x, type(self).__name__, "B C H W", C=self.channels)
-        a_h = self.gate(self.act(self.norm_h(self.conv_h(x.mean(3, keepdim=True)))))  # (B, C, H, 1)
-        a_w = self.gate(self.act(self.norm_w(self.conv_w(x.mean(2, keepdim=True)))))  # (B, C, 1, W)
-        return _finish(self, x, (a_h, a_w), self.has_skip, need_weights)
+        x_h, x_w = strip_means(x)  # (B, C, H, 1), (B, C, 1, W)
+        a_h = self.gate(self.act(self.norm_h(self.conv_h(x_h))))  # (B, C, H, 1)
+        a_w = self.gate(self.act(self.norm_w(self.conv_w(x_w))))  # (B, C, 1, W)
+        return finish(self, x, (a_h, a_w), self.has_skip, need_weights)
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, kernel_size={self.kernel_size}"
@@ -385,8 +375,8 @@ class StripAttention(nn.Module):
 
     def forward(self, x: Tensor, need_weights: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         check_shape(x, type(self).__name__, "B C H W", C=self.channels)
-        logits = self.conv_h(x.mean(3, keepdim=True)) + self.conv_w(x.mean(2, keepdim=True))  # (B, C, H, W)
-        return _finish(self, x, (self.gate(logits),), self.has_skip, need_weights)
+        x_h, x_w = strip_means(x)  # (B, C, H, 1), (B, C, 1, W)
+        return finish_sum(self, x, self.conv_h(x_h), self.conv_w(x_w), self.has_skip, need_weights)
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, kernel_size={self.kernel_size}, use_conv={self.use_conv}"

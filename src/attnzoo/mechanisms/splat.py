@@ -9,7 +9,7 @@ width (``out_channels``) and, with ``stride``, the resolution. The numbers and p
 timm's ``SplitAttn`` (``timm.layers.split_attn``); ``attnzoo.convert.from_timm`` maps it exactly.
 Deviations from timm: ``rd_channels`` is the whole hidden width (timm multiplies it by ``radix``),
 the default padding keeps the size for every dilation (timm's ``kernel_size // 2`` ignores it), and
-the activations are not in-place. The splits are pooled as a sum of per-split means and combined by
+the activations are not in-place. The splits are pooled as a sum of per-split sums and combined by
 a sum of per-split products, so no (B, radix, C, H, W) product is built.
 """
 
@@ -151,7 +151,10 @@ class SplitAttention(nn.Module):
         u = self.act0(self.drop(self.bn0(self.conv(x))))  # (B, R * C', H', W')
         B, R = u.shape[0], self.radix
         splits = u.view(B, R, self.out_channels, *u.shape[2:])  # (B, R * C', H', W') -> (B, R, C', H', W')
-        pooled = u.mean((2, 3)).view(B, R, -1).sum(1)  # (B, R * C') -> (B, R, C') -> (B, C')
+        # a sum scaled afterwards, not mean: the sum's gradient is an expanded view that autograd
+        # adds to the splits' gradient, where mean's would be materialised at full size first
+        area = u.shape[2] * u.shape[3]
+        pooled = u.sum((2, 3)).view(B, R, -1).sum(1) / area  # (B, R * C') -> (B, R, C') -> (B, C')
         weights = self.split_weights(pooled)  # (B, R, C')
         # unbind, not splits[:, r]: its backward stacks the R gradients once, where R selects would
         # each fill a zero (B, R, C', H', W') gradient and add them (two full-size buffers more at peak)
