@@ -15,7 +15,8 @@ from tests.kernels.kernel_checks import (
 )
 from torch import Tensor
 
-from attnzoo.kernels.selective import select_branches
+from attnzoo.kernels.choose import prefer
+from attnzoo.kernels.selective import select_branches, select_splits
 
 C = 3
 
@@ -74,3 +75,66 @@ def test_torch_func_grad_over_functional_call():
 
 def test_autocast_bf16_forward_and_backward():
     assert_autocast_bf16(select, tensors(2, torch.float32), reference)
+
+
+def select_stacked(u: Tensor, w: Tensor, b: Tensor, branches: int = 2) -> Tensor:
+    return select_splits(u, branches, _attention(w, b, branches), (w, b))
+
+
+def reference_stacked(u: Tensor, w: Tensor, b: Tensor, branches: int = 2) -> Tensor:
+    return reference(*u.unflatten(1, (branches, -1)).unbind(1), w, b)
+
+
+def stacked(branches: int, dtype: torch.dtype = torch.float64, hw=(3, 4)) -> list[Tensor]:
+    *us, w, b = tensors(branches, dtype, hw)
+    return [torch.cat(us, dim=1), w, b]  # (B, M*C, H, W)
+
+
+@pytest.mark.parametrize("kernel", ["fused", "plain"])
+@pytest.mark.parametrize("branches", [1, 2, 3])
+def test_splits_of_one_map_match_plain_ops(kernel, branches):
+    ts = stacked(branches)
+    u = ts[0].requires_grad_()
+    with prefer("select", kernel):
+        out = select_stacked(*ts, branches=branches)
+        assert (type(out.grad_fn).__name__ == "_SelectSplitsFnBackward") == (kernel == "fused")
+        assert_matches(lambda *t: select_stacked(*t, branches=branches),
+                       lambda *t: reference_stacked(*t, branches=branches), ts)
+    (grad,) = torch.autograd.grad(out.sum(), (u,))
+    assert grad.shape == u.shape and grad.is_contiguous()
+
+
+def test_splits_second_derivatives_and_torch_tools():
+    with prefer("select", "fused"):
+        assert_gradgradcheck(select_stacked, stacked(2, hw=(2, 2)))
+        assert_flop_counter(select_stacked, stacked(2, torch.float32))
+        assert_torch_func(Holder(select_stacked, stacked(2, torch.float32)))
+        assert_autocast_bf16(select_stacked, stacked(2, torch.float32), reference_stacked)
+
+
+def test_splits_with_relu_in_place_match_relu_then_plain_ops():
+    ts = [t.requires_grad_() for t in stacked(2)]
+    weight = torch.randn(ts[0].shape, generator=torch.Generator().manual_seed(3), dtype=ts[0].dtype)
+    for kernel in ("fused", "plain"):
+        with prefer("select", kernel):
+            out = select_splits(ts[0], 2, _attention(ts[1], ts[2], 2), ts[1:], relu=True)
+        assert (type(out.grad_fn).__name__ == "_SelectSplitsFnBackward") == (kernel == "fused")
+        got = torch.autograd.grad((out * weight[:, :C]).sum(), ts)
+        ref = reference_stacked(torch.relu(ts[0]), ts[1], ts[2])
+        want = torch.autograd.grad((ref * weight[:, :C]).sum(), ts)
+        torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+
+    with torch.no_grad():  # inference: the same chunked forward
+        out = select_splits(ts[0], 2, _attention(ts[1], ts[2], 2), ts[1:], relu=True)
+    torch.testing.assert_close(out, reference_stacked(torch.relu(ts[0]), ts[1], ts[2]), atol=1e-12, rtol=0)
+
+    def relu_kernel(u, w, b):
+        with prefer("select", "fused"):
+            return select_splits(u, 2, _attention(w, b, 2), (w, b), relu=True)
+
+    # second derivatives by finite differences (no input near the ReLU's kink)
+    ts = stacked(2, hw=(2, 2))
+    ts[0] = ts[0] + 0.5 * ts[0].sign()
+    assert_gradgradcheck(relu_kernel, ts)

@@ -9,7 +9,7 @@ an AVX-512 CPU picked the slower kernel on an AVX2 one (``shared/MEASURED.md``).
 | ``global`` | ``blocked``, ``sdpa`` (padded flash) | ``sdpa`` |
 | ``window`` | ``biased``, ``sdpa`` (``attend``) | ``biased`` |
 | ``gate`` | ``fused``, ``plain`` (composite ops) | ``fused`` |
-| ``select`` | ``fused``, ``plain`` (composite ops) | ``fused`` |
+| ``select`` (SK, split attention) | ``fused``, ``plain`` (composite ops) | ``fused`` |
 
 `choose` decides in this order:
 
@@ -121,7 +121,7 @@ def prefer(site: str, choice: str) -> Iterator[None]:
     Args:
         site: ``"global"`` (SAGAN, non-local: ``"blocked"`` or ``"sdpa"``), ``"window"`` (Swin,
             temporal: ``"biased"`` or ``"sdpa"``), ``"gate"`` (SE, CBAM, the dual gate) or
-            ``"select"`` (SK), the last two ``"fused"`` or ``"plain"``.
+            ``"select"`` (SK, split attention), the last two ``"fused"`` or ``"plain"``.
         choice: One of the site's kernels, or ``"auto"`` (measure, or the static rule) to undo an
             outer override.
 

@@ -26,7 +26,7 @@ from attnzoo.kernels.route import (
     without_autocast,
 )
 
-__all__ = ["select_branches"]
+__all__ = ["select_branches", "select_splits"]
 
 
 def _select_forward(branches: Sequence[Tensor], fn: Callable[[Tensor], Tensor], track: bool):
@@ -81,19 +81,118 @@ class _SelectFn(torch.autograd.Function):
             stale_closure("SK selection", ctx.a, kept[0])
             return (None, None, *grads)
         g = g.to(branches[0].dtype)
-        a: Tensor = ctx.a  # (B, M, C)
-        d_a = torch.stack([(g * u).sum((2, 3)) for u in branches], dim=1)  # (B, M, C)
-        (d_s,), grads_p = small_vjp(ctx.graph, d_a, ctx.params)
-        H, W = g.shape[-2:]
-        base = None if d_s is None else (d_s / (H * W))[:, :, None, None]  # (B, C) -> (B, C, 1, 1)
+        base, grads_p = _pooled_grad(ctx, g, branches)
         grads_u: list[Tensor | None] = []
         for i, _ in enumerate(branches):
-            if not ctx.needs_input_grad[2 + i]:
-                grads_u.append(None)
-                continue
-            a_i = a[:, i, :, None, None]  # (B, C) -> (B, C, 1, 1)
-            grads_u.append(g * a_i if base is None else torch.addcmul(base, g, a_i))
+            grads_u.append(_branch_grad(ctx.a, g, base, i) if ctx.needs_input_grad[2 + i] else None)
         return (None, None, *grads_u, *grads_p)
+
+
+class _SelectSplitsFn(torch.autograd.Function):
+    """`_SelectFn` for branches stored side by side in one map ``u`` (B, M*C, H, W): the gradient of
+    ``u`` is written branch by branch into one buffer, not stacked from M separate gradients. With
+    ``relu`` the branches are ``relu(u)``, made a few samples at a time and never held whole; the
+    ReLU's backward masks the same buffer in place."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx, fn: Callable[[Tensor], Tensor], m: int, relu: bool, u: Tensor, *params: Tensor
+    ) -> Tensor:
+        ctx.params, ctx.fn, ctx.m, ctx.relu, ctx.autocast = params, fn, m, relu, autocast_state(u)
+        if relu:
+            out, ctx.a, ctx.graph = _relu_select_forward(u, m, fn, track=True)
+        else:
+            out, ctx.a, ctx.graph = _select_forward(_splits(u, m), fn, track=True)
+        ctx.save_for_backward(u)
+        return out
+
+    @staticmethod
+    @without_autocast
+    def backward(ctx, g: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        (u,) = ctx.saved_tensors
+        act = torch.relu if ctx.relu else None
+        if torch.is_grad_enabled():  # create_graph=True: differentiate the plain ops instead
+            kept = list[Tensor]()
+            grads = recompute_grads(
+                lambda t, *_: _select_plain(ctx.fn, *_splits(t if act is None else act(t), ctx.m), kept=kept),
+                [u, *ctx.params], g, ctx.needs_input_grad[3:], ctx.autocast,
+            )
+            stale_closure("split selection", ctx.a, kept[0])
+            return (None, None, None, *grads)
+        g = g.to(u.dtype)
+        base, grads_p = _pooled_grad(ctx, g, _splits(u, ctx.m), act)
+        grad_u = None
+        if ctx.needs_input_grad[3]:
+            grad_u = torch.empty_like(u)
+            for i, view in enumerate(_splits(grad_u, ctx.m)):
+                _branch_grad(ctx.a, g, base, i, out=view)
+            if ctx.relu:  # through the ReLU, in the same buffer
+                torch.ops.aten.threshold_backward.grad_input(grad_u, u, 0, grad_input=grad_u)
+        return (None, None, None, grad_u, *grads_p)
+
+
+def _relu_select_forward(u: Tensor, m: int, fn: Callable[[Tensor], Tensor], track: bool):
+    """`_select_forward` of the branches ``relu(u)``, a few samples at a time."""
+    rows = _rows(u)
+    H, W = u.shape[-2:]
+    pooled = []  # the sum of the branches' means over H, W, in `_select_plain`'s order of operations
+    for i in range(0, u.shape[0], rows):
+        branches = _splits(torch.relu(u[i : i + rows]), m)
+        part = branches[0].mean((2, 3))
+        for branch in branches[1:]:
+            part = part + branch.mean((2, 3))
+        pooled.append(part)
+    s = pooled[0] if len(pooled) == 1 else torch.cat(pooled)  # (B, C)
+    a, graph = small_graph(fn, [s], track)  # (B, M, C)
+    out = u.new_empty(u.shape[0], u.shape[1] // m, H, W)
+    for i in range(0, u.shape[0], rows):
+        branches, a_rows, o = _splits(torch.relu(u[i : i + rows]), m), a[i : i + rows], out[i : i + rows]
+        torch.mul(branches[0], a_rows[:, 0, :, None, None], out=o)
+        for j, branch in enumerate(branches[1:], start=1):
+            o.addcmul_(branch, a_rows[:, j, :, None, None])
+    return out, a, graph
+
+
+def _splits(u: Tensor, m: int) -> tuple[Tensor, ...]:
+    """The M branches (B, C, H, W) stored side by side in ``u`` (B, M*C, H, W), as views."""
+    return u.unflatten(1, (m, -1)).unbind(1)  # (B, M*C, H, W) -> (B, M, C, H, W) -> M x (B, C, H, W)
+
+
+def _pooled_grad(
+    ctx, g: Tensor, branches: Sequence[Tensor], act: Callable[[Tensor], Tensor] | None = None
+) -> tuple[Tensor | None, list[Tensor | None]]:
+    """Backward through the weights: the pooled sum's gradient broadcast over H, W (B, C, 1, 1)
+    (None when the pooled input needs none) and the parameters' gradients. The branches are
+    ``act(branch)`` when ``act`` is given."""
+    d_a = torch.stack([_dots(g, u, act) for u in branches], dim=1)  # (B, M, C)
+    (d_s,), grads_p = small_vjp(ctx.graph, d_a, ctx.params)
+    H, W = g.shape[-2:]
+    base = None if d_s is None else (d_s / (H * W))[:, :, None, None]  # (B, C) -> (B, C, 1, 1)
+    return base, grads_p
+
+
+def _rows(t: Tensor, chunk: int = 1 << 20) -> int:
+    """How many samples of ``t`` make about ``chunk`` elements (at least one)."""
+    return max(1, chunk // max(1, t[0].numel()))
+
+
+def _dots(g: Tensor, u: Tensor, act: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+    """``(g * act(u)).sum((2, 3))`` (B, C) for maps (B, C, H, W), a few samples at a time, so the
+    product is never held at full size."""
+    rows = _rows(g)
+    parts = []
+    for i in range(0, g.shape[0], rows):
+        part = u[i : i + rows] if act is None else act(u[i : i + rows])
+        parts.append((g[i : i + rows] * part).sum((2, 3)))
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _branch_grad(a: Tensor, g: Tensor, base: Tensor | None, i: int, out: Tensor | None = None) -> Tensor:
+    """Branch i's gradient ``g a_i (+ base)`` in one fused pass (into ``out`` when given)."""
+    a_i = a[:, i, :, None, None]  # (B, M, C) -> (B, C, 1, 1)
+    if base is None:
+        return torch.mul(g, a_i, out=out) if out is not None else g * a_i
+    return torch.addcmul(base, g, a_i, out=out) if out is not None else torch.addcmul(base, g, a_i)
 
 
 def select_branches(
@@ -119,22 +218,55 @@ def select_branches(
         return _select_forward(branches, attention, track=False)[0]
 
 
+def select_splits(
+    u: Tensor, m: int, attention: Callable[[Tensor], Tensor], params: Sequence[Tensor], relu: bool = False
+) -> Tensor:
+    """`select_branches` for M branches stored side by side in the channels of one map.
+
+    Args:
+        u: The branches, (B, M*C, H, W): branch i is channels ``i*C`` to ``(i+1)*C``.
+        m: Number of branches M.
+        attention: Maps the pooled sum (B, C) to the branch weights (B, M, C).
+        params: The parameters ``attention`` uses.
+        relu: The branches are ``relu(u)``. Default: False.
+
+    Shape:
+        - Output: (B, C, H, W).
+    """
+    wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (u, *params))
+    if not wants_grad:
+        with torch.no_grad():
+            if relu:
+                return _relu_select_forward(u, m, attention, track=False)[0]
+            return _select_forward(_splits(u, m), attention, track=False)[0]
+    if composite_required(dispatch=True) or _choice(_splits(u, m), u) == "plain":
+        return _select_plain(attention, *_splits(torch.relu(u) if relu else u, m))
+    return _SelectSplitsFn.apply(attention, m, relu, u, *params)
+
+
 def _stand_in(s: Tensor, m: int) -> Tensor:
     """Parameter-free branch weights (B, M, C) from the pooled sum (B, C), for timing."""
     return torch.stack([s * (i + 1) for i in range(m)], dim=1).softmax(1)  # (B, M, C)
 
 
-def _choice(branches: Sequence[Tensor]) -> str:
+def _choice(branches: Sequence[Tensor], stacked: Tensor | None = None) -> str:
     """``"fused"`` or ``"plain"`` in training (site ``"select"`` of `attnzoo.kernels.choose`), timed
-    with a parameter-free stand-in for the attention function (no batch-norm update, no map capture)."""
+    with a parameter-free stand-in for the attention function (no batch-norm update, no map capture).
+    With ``stacked`` (the map the branches are views of) the fused kernel timed is `_SelectSplitsFn`."""
     m = len(branches)
     B, C, H, W = branches[0].shape
-    key = (m, *(choose.bucket(n) for n in (B, C, H * W)), branches[0].dtype)
+    key = (m, *(choose.bucket(n) for n in (B, C, H * W)), branches[0].dtype, stacked is not None)
     fn = functools.partial(_stand_in, m=m)
-    candidates = {
-        "fused": choose.workload(lambda *t: _SelectFn.apply(fn, m, *t), branches, True),
-        "plain": choose.workload(lambda *t: _select_plain(fn, *t), branches, True),
-    }
+    if stacked is None:
+        candidates = {
+            "fused": choose.workload(lambda *t: _SelectFn.apply(fn, m, *t), branches, True),
+            "plain": choose.workload(lambda *t: _select_plain(fn, *t), branches, True),
+        }
+    else:
+        candidates = {
+            "fused": choose.workload(lambda t: _SelectSplitsFn.apply(fn, m, False, t), [stacked], True),
+            "plain": choose.workload(lambda t: _select_plain(fn, *_splits(t, m)), [stacked], True),
+        }
     elements = sum(u.numel() for u in branches)
     return choose.choose("select", key, candidates, static="fused", elements=elements,
                          device=branches[0].device)

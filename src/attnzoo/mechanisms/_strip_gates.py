@@ -28,8 +28,9 @@ def finish(module: nn.Module, x: Tensor, gates: tuple[Tensor, ...], has_skip: bo
 def finish_sum(module: nn.Module, x: Tensor, a_h: Tensor, a_w: Tensor, has_skip: bool, need_weights: bool):
     """``x * gate(a_h + a_w)`` (plus ``x``) for logits strips (B, C, H, 1) and (B, C, 1, W): the lean
     kernel for a sigmoid gate (`attnzoo.kernels.strips.sum_gate`), `finish` for any other."""
-    if type(module.gate) is not nn.Sigmoid:
-        return finish(module, x, (module.gate(a_h + a_w),), has_skip, need_weights)
+    gate: nn.Module = module.gate  # type: ignore[assignment]  # every strip gate has one
+    if type(gate) is not nn.Sigmoid:
+        return finish(module, x, (gate(a_h + a_w),), has_skip, need_weights)
     out = sum_gate(x, a_h, a_w, has_skip)
     if not (need_weights or capturing()):
         return out

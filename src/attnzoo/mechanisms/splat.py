@@ -9,8 +9,11 @@ width (``out_channels``) and, with ``stride``, the resolution. The numbers and p
 timm's ``SplitAttn`` (``timm.layers.split_attn``); ``attnzoo.convert.from_timm`` maps it exactly.
 Deviations from timm: ``rd_channels`` is the whole hidden width (timm multiplies it by ``radix``),
 the default padding keeps the size for every dilation (timm's ``kernel_size // 2`` ignores it), and
-the activations are not in-place. The splits are pooled as a sum of per-split sums and combined by
-a sum of per-split products, so no (B, radix, C, H, W) product is built.
+the activation modules are not in-place. Without ``need_weights`` or map capture the splits are
+combined by SK's fused selection (`attnzoo.kernels.selective.select_splits`): they stay views of the
+convolution's output, a ReLU ``act_layer`` runs inside it (its output is never held whole), no
+(B, radix, C, H, W) product is built, and backward writes the splits' gradient, the pooled sum's
+gradient and the ReLU's mask into one buffer.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from torch import Tensor, nn
 
 from attnzoo._checks import check_divisible, check_float, check_int, check_shape
 from attnzoo._registry import Example, register
+from attnzoo.kernels.selective import select_splits
 from attnzoo.maps.capture import capturing, record
 from attnzoo.mechanisms._widths import round_width
 
@@ -148,8 +152,14 @@ class SplitAttention(nn.Module):
 
     def forward(self, x: Tensor, need_weights: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         check_shape(x, type(self).__name__, "B C H W", C=self.channels)
-        u = self.act0(self.drop(self.bn0(self.conv(x))))  # (B, R * C', H', W')
-        B, R = u.shape[0], self.radix
+        pre = self.drop(self.bn0(self.conv(x)))  # (B, R * C', H', W')
+        B, R = pre.shape[0], self.radix
+        if not (need_weights or capturing()):  # SK's fused selection, the splits as views of u
+            params = [p for m in (self.fc1, self.bn1, self.act1, self.fc2) for p in m.parameters()]
+            if type(self.act0) is nn.ReLU:  # the ReLU runs inside the kernel, a few samples at a time
+                return select_splits(pre, R, self.split_weights, params, relu=True)
+            return select_splits(self.act0(pre), R, self.split_weights, params)
+        u = self.act0(pre)
         splits = u.view(B, R, self.out_channels, *u.shape[2:])  # (B, R * C', H', W') -> (B, R, C', H', W')
         # a sum scaled afterwards, not mean: the sum's gradient is an expanded view that autograd
         # adds to the splits' gradient, where mean's would be materialised at full size first
