@@ -138,3 +138,23 @@ def test_splits_with_relu_in_place_match_relu_then_plain_ops():
     ts = stacked(2, hw=(2, 2))
     ts[0] = ts[0] + 0.5 * ts[0].sign()
     assert_gradgradcheck(relu_kernel, ts)
+
+
+def test_dropout_in_the_weights_is_replayed_by_double_backward():
+    """A recompute (create_graph=True) draws the forward's dropout mask, so a gradient penalty
+    equals the plain ops' under the same seed (no stale-closure error)."""
+
+    def attention(w: Tensor, b: Tensor):
+        return lambda s: F.dropout(F.linear(s, w, b), 0.5, training=True).view(s.shape[0], 2, C).softmax(1)
+
+    def run(kernel: str) -> list[Tensor]:
+        ts = [t.requires_grad_() for t in tensors(2)]
+        torch.manual_seed(5)
+        with prefer("select", kernel):
+            out = select_branches(ts[:2], attention(*ts[2:]), ts[2:])
+        grads = torch.autograd.grad(out.square().sum(), ts, create_graph=True)
+        sum(g.square().sum() for g in grads).backward()
+        return [out.detach(), *(t.grad for t in ts)]
+
+    for got, want in zip(run("fused"), run("plain"), strict=True):
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)

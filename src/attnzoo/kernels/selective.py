@@ -10,8 +10,9 @@ does training where they measured faster for the shape class in this process
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -64,6 +65,7 @@ class _SelectFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, fn: Callable[[Tensor], Tensor], n: int, *tensors: Tensor) -> Tensor:  # type: ignore[override]
         branches, ctx.params, ctx.fn, ctx.autocast = tensors[:n], tensors[n:], fn, autocast_state(tensors[0])
+        ctx.rng = _rng_state(tensors[0].device)  # fn may draw dropout masks: a recompute replays them
         out, ctx.a, ctx.graph = _select_forward(branches, fn, track=True)
         ctx.save_for_backward(*branches)
         return out
@@ -74,10 +76,11 @@ class _SelectFn(torch.autograd.Function):
         branches = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: differentiate the plain ops instead
             n, kept = len(branches), list[Tensor]()
-            grads = recompute_grads(
-                lambda *t: _select_plain(ctx.fn, *t[:n], kept=kept),
-                [*branches, *ctx.params], g, ctx.needs_input_grad[2:], ctx.autocast,
-            )
+            with _replayed_rng(ctx.rng, branches[0].device):
+                grads = recompute_grads(
+                    lambda *t: _select_plain(ctx.fn, *t[:n], kept=kept),
+                    [*branches, *ctx.params], g, ctx.needs_input_grad[2:], ctx.autocast,
+                )
             stale_closure("SK selection", ctx.a, kept[0])
             return (None, None, *grads)
         g = g.to(branches[0].dtype)
@@ -99,6 +102,7 @@ class _SelectSplitsFn(torch.autograd.Function):
         ctx, fn: Callable[[Tensor], Tensor], m: int, relu: bool, u: Tensor, *params: Tensor
     ) -> Tensor:
         ctx.params, ctx.fn, ctx.m, ctx.relu, ctx.autocast = params, fn, m, relu, autocast_state(u)
+        ctx.rng = _rng_state(u.device)  # fn may draw dropout masks: a recompute replays them
         if relu:
             out, ctx.a, ctx.graph = _relu_select_forward(u, m, fn, track=True)
         else:
@@ -113,10 +117,12 @@ class _SelectSplitsFn(torch.autograd.Function):
         act = torch.relu if ctx.relu else None
         if torch.is_grad_enabled():  # create_graph=True: differentiate the plain ops instead
             kept = list[Tensor]()
-            grads = recompute_grads(
-                lambda t, *_: _select_plain(ctx.fn, *_splits(t if act is None else act(t), ctx.m), kept=kept),
-                [u, *ctx.params], g, ctx.needs_input_grad[3:], ctx.autocast,
-            )
+            activated = (lambda t: t) if act is None else act
+            with _replayed_rng(ctx.rng, u.device):
+                grads = recompute_grads(
+                    lambda t, *_: _select_plain(ctx.fn, *_splits(activated(t), ctx.m), kept=kept),
+                    [u, *ctx.params], g, ctx.needs_input_grad[3:], ctx.autocast,
+                )
             stale_closure("split selection", ctx.a, kept[0])
             return (None, None, None, *grads)
         g = g.to(u.dtype)
@@ -151,6 +157,23 @@ def _relu_select_forward(u: Tensor, m: int, fn: Callable[[Tensor], Tensor], trac
         for j, branch in enumerate(branches[1:], start=1):
             o.addcmul_(branch, a_rows[:, j, :, None, None])
     return out, a, graph
+
+
+def _rng_state(device: torch.device) -> Tensor:
+    """The random generator state that ``device``'s dropout draws from."""
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+@contextlib.contextmanager
+def _replayed_rng(state: Tensor, device: torch.device) -> Iterator[None]:
+    """Run the block from the generator state ``state`` (the forward's), leaving the caller's as it was,
+    so a recomputed dropout draws the forward's mask (as ``torch.utils.checkpoint`` does)."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        if device.type == "cuda":
+            torch.cuda.set_rng_state(state, device)
+        else:
+            torch.set_rng_state(state)
+        yield
 
 
 def _splits(u: Tensor, m: int) -> tuple[Tensor, ...]:

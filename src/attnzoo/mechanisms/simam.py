@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from attnzoo._checks import check_float, check_int, check_shape
 from attnzoo._registry import Example, register
+from attnzoo.kernels.simam import simam_gate, simam_plain
 from attnzoo.maps.capture import capturing, record
 
 __all__ = ["SimAM"]
@@ -81,18 +82,15 @@ class SimAM(nn.Module):
         del device, dtype  # no parameter or buffer to place
 
     def forward(self, x: Tensor, need_weights: bool = False) -> Tensor | tuple[Tensor, Tensor]:
-        dims = (
+        if self.channels is None:
             check_shape(x, type(self).__name__, "B C H W")
-            if self.channels is None
-            else check_shape(x, type(self).__name__, "B C H W", C=self.channels)
-        )
-        n = max(dims["H"] * dims["W"] - 1, 1)
-        dev2 = (x - x.mean((2, 3), keepdim=True)).square()  # (B, C, H, W)
-        var = dev2.sum((2, 3), keepdim=True) / n  # (B, C, 1, 1)
-        gate = torch.sigmoid(dev2 / (4 * (var + self.e_lambda)) + 0.5)
+        else:
+            check_shape(x, type(self).__name__, "B C H W", C=self.channels)
+        if not (need_weights or capturing()):
+            return simam_gate(x, self.e_lambda)  # the lean kernel (attnzoo.kernels.simam)
+        out, gate = simam_plain(x, self.e_lambda)  # (B, C, H, W) each
         if capturing():  # map capture: the gate averaged over channels
             record(self, "spatial", gate.mean(1), grid=x.shape[2:])
-        out = x * gate
         return (out, gate) if need_weights else out
 
     def extra_repr(self) -> str:
