@@ -179,7 +179,8 @@ class FightingcvCoTAttention(nn.Module):
     and $L = W_2\\,\\mathrm{ReLU}(\\mathrm{BN}(W_1 [K_1, x]))$ ($k^2 C$ channels),
     $y = K_1 + \\mathrm{softmax}_{hw}(\\mathrm{mean}_{k^2} L) \\odot V$: the $k \\times k$ logits are
     averaged into one per channel and position and normalised over all positions; nothing is
-    aggregated locally.
+    aggregated locally. The average is taken over the last convolution's weights (the same linear
+    map, $k^2$ times fewer products), so that convolution runs as `F.conv2d`, not as a module call.
 
     Args:
         dim: Input and output channels C, divisible by 4. Default: 512.
@@ -233,8 +234,15 @@ class FightingcvCoTAttention(nn.Module):
         b, c, h, w = dims["B"], dims["C"], dims["H"], dims["W"]
         k1 = self.key_embed(x)  # (B, C, H, W)
         v = self.value_embed(x)  # (B, C, H, W)
-        logits = self.attention_embed(torch.cat([k1, x], dim=1))  # (B, C*k*k, H, W)
-        logits = logits.reshape(b, c, -1, h * w).mean(2)  # (B, C, k*k, N) -> (B, C, N)
+        hidden = self.attention_embed[:-1](torch.cat([k1, x], dim=1))  # (B, C/2, H, W)
+        # fightingcv's last 1x1 convolution makes k*k logits per channel that it then averages: the
+        # average of a linear map is the map with averaged weights, so one convolution makes the C
+        # averaged logits directly (k*k times fewer products, no (B, C*k*k, H, W) tensor)
+        last: nn.Conv2d = self.attention_embed[-1]  # type: ignore[assignment]
+        kk = self.kernel_size * self.kernel_size
+        weight = last.weight.view(c, kk, -1, 1, 1).mean(1)  # (C*k*k, C/2, 1, 1) -> (C, C/2, 1, 1)
+        bias = None if last.bias is None else last.bias.view(c, kk).mean(1)  # (C,)
+        logits = F.conv2d(hidden, weight, bias).reshape(b, c, h * w)  # (B, C, N)
         attn = logits.softmax(dim=-1).reshape(b, c, h, w)  # over all positions
         out = k1 + attn * v
         return (out, attn) if need_weights else out
