@@ -58,7 +58,7 @@ def test_several_blocks_of_samples(monkeypatch):
     """The kernel works a few samples at a time; with one sample per block the result is the same."""
     import attnzoo.kernels.simam as kernel
 
-    whole = kernel._blocks
-    monkeypatch.setattr(kernel, "_blocks", lambda x: whole(x, chunk=x[0].numel()))
-    assert len(kernel._blocks(_map(b=3))) == 3
+    whole = kernel.sample_blocks
+    monkeypatch.setattr(kernel, "sample_blocks", lambda x: whole(x, chunk=x[0].numel()))
+    assert len(kernel.sample_blocks(_map(b=3))) == 3
     assert_matches(lambda t: simam_gate(t, 1e-4), lambda t: simam_plain(t, 1e-4)[0], [_map(b=3)])

@@ -161,8 +161,7 @@ def ufo_from_fightingcv(module: Any) -> UFOAttention:
     """`UFOAttention(d_model, d_k, d_v, h, dropout)` -> `UFOAttention(d_model, h, head_dim=d_k,
     value_head_dim=d_v, eps=0.0)`; `fc_q/fc_k/fc_v/fc_o` -> `q/k/v/proj`, `gamma` kept. fightingcv's
     dropout is never applied, so it is dropped."""
-    state = _renamed(module, PROJECTION_KEYS)
-    state["gamma"] = module.gamma
+    state = rename(module.state_dict(), PROJECTION_KEYS)  # gamma keeps its name
     new = UFOAttention(
         module.d_model, module.h, head_dim=module.d_k, value_head_dim=module.d_v,
         qkv_bias=module.fc_q.bias is not None, eps=0.0, **factory(module),

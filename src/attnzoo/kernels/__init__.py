@@ -7,7 +7,10 @@
 - `attnzoo.kernels.neighbourhood`: ACmix's local neighbourhood attention;
 - `attnzoo.kernels.neighbourhood_nd`: NATTEN's 1-/2-/3-D window rules and gathered attention
   (a block of queries at a time, re-gathered in backward);
-- `attnzoo.kernels.selective`: SK's branch selection;
+- `attnzoo.kernels.selective`: SK's branch selection, and split attention's on the splits of one map;
+- `attnzoo.kernels.strips`: the strip gates of coordinate attention and its relatives, and the strip
+  means they pool;
+- `attnzoo.kernels.simam`: SimAM's parameter-free energy gate;
 - `attnzoo.kernels.choose`: which of two equally exact fast paths runs (calibrated once per
   shape class and cached, or overridden per site);
 - `attnzoo.kernels.route`: where the kernels give way to plain ops (functorch transforms,

@@ -16,6 +16,9 @@ hand-written ``autograd.Function`` cannot take part:
 A backward with ``create_graph=True`` (a gradient penalty, ``gradgradcheck``) runs the kernel's
 forward as usual; its backward then recomputes the twin differentiably (`recompute_grads`),
 so second derivatives are exact. First-order backward keeps the fast path.
+
+`sample_blocks` cuts a batch into blocks of a few samples, for the kernels that walk a large map a
+block at a time so their temporaries stay small and in cache (SimAM, the split selection).
 """
 
 from __future__ import annotations
@@ -29,7 +32,14 @@ from torch import Tensor
 
 from attnzoo._checks import autocast_on
 
-__all__ = ["autocast_state", "composite_required", "recompute_grads", "stale_closure", "without_autocast"]
+__all__ = [
+    "autocast_state",
+    "composite_required",
+    "recompute_grads",
+    "sample_blocks",
+    "stale_closure",
+    "without_autocast",
+]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -136,3 +146,9 @@ def stale_closure(who: str, kept: Tensor, again: Tensor) -> None:
             "torch.func.functional_call returned?); run the backward while the same parameters are in "
             "place, or use torch.func.grad"
         )
+
+
+def sample_blocks(t: Tensor, chunk: int = 1 << 20) -> list[slice]:
+    """Slices along the batch (dim 0) of about ``chunk`` elements each, at least one sample each."""
+    step = max(1, chunk // max(1, t[0].numel()))
+    return [slice(i, i + step) for i in range(0, t.shape[0], step)]

@@ -23,6 +23,7 @@ from attnzoo.kernels.route import (
     autocast_state,
     composite_required,
     recompute_grads,
+    sample_blocks,
     stale_closure,
     without_autocast,
 )
@@ -31,14 +32,25 @@ __all__ = ["select_branches", "select_splits"]
 
 
 def _select_forward(branches: Sequence[Tensor], fn: Callable[[Tensor], Tensor], track: bool):
-    s = branches[0].mean((2, 3))  # (B, C): mean over H, W of the summed branches
+    a, graph = small_graph(fn, [_pool(branches)], track)  # (B, M, C)
+    return _mix(branches, a), a, graph
+
+
+def _pool(branches: Sequence[Tensor]) -> Tensor:
+    """(B, C): the mean over H, W of the summed branches, as a sum of per-branch means."""
+    pooled = branches[0].mean((2, 3))
     for u in branches[1:]:
-        s = s + u.mean((2, 3))
-    a, graph = small_graph(fn, [s], track)  # (B, M, C)
-    out = branches[0] * a[:, 0, :, None, None]  # (B, C) -> (B, C, 1, 1)
+        pooled = pooled + u.mean((2, 3))
+    return pooled
+
+
+def _mix(branches: Sequence[Tensor], a: Tensor, out: Tensor | None = None) -> Tensor:
+    """``sum_i a_i * U_i`` (B, C, H, W) for weights ``a`` (B, M, C), accumulated in place (into ``out``
+    when given); not differentiable."""
+    out = torch.mul(branches[0], a[:, 0, :, None, None], out=out)  # (B, C) -> (B, C, 1, 1)
     for i, u in enumerate(branches[1:], start=1):
         out.addcmul_(u, a[:, i, :, None, None])
-    return out, a, graph
+    return out
 
 
 def _select_plain(
@@ -46,10 +58,7 @@ def _select_plain(
 ) -> Tensor:
     """The selection with plain differentiable ops: the composite twin of `_SelectFn` (``kept``
     receives the branch weights, for `stale_closure`)."""
-    pooled = branches[0].mean((2, 3))  # (B, C)
-    for u in branches[1:]:
-        pooled = pooled + u.mean((2, 3))
-    a = fn(pooled)  # (B, M, C)
+    a = fn(_pool(branches))  # (B, C) -> (B, M, C)
     if kept is not None:
         kept.append(a)
     out = branches[0] * a[:, 0, :, None, None]  # (B, C) -> (B, C, 1, 1)
@@ -117,10 +126,9 @@ class _SelectSplitsFn(torch.autograd.Function):
         act = torch.relu if ctx.relu else None
         if torch.is_grad_enabled():  # create_graph=True: differentiate the plain ops instead
             kept = list[Tensor]()
-            activated = (lambda t: t) if act is None else act
             with _replayed_rng(ctx.rng, u.device):
                 grads = recompute_grads(
-                    lambda t, *_: _select_plain(ctx.fn, *_splits(activated(t), ctx.m), kept=kept),
+                    lambda t, *_: _select_plain(ctx.fn, *_splits(t, ctx.m, act), kept=kept),
                     [u, *ctx.params], g, ctx.needs_input_grad[3:], ctx.autocast,
                 )
             stale_closure("split selection", ctx.a, kept[0])
@@ -138,24 +146,15 @@ class _SelectSplitsFn(torch.autograd.Function):
 
 
 def _relu_select_forward(u: Tensor, m: int, fn: Callable[[Tensor], Tensor], track: bool):
-    """`_select_forward` of the branches ``relu(u)``, a few samples at a time."""
-    rows = _rows(u)
-    H, W = u.shape[-2:]
-    pooled = []  # the sum of the branches' means over H, W, in `_select_plain`'s order of operations
-    for i in range(0, u.shape[0], rows):
-        branches = _splits(torch.relu(u[i : i + rows]), m)
-        part = branches[0].mean((2, 3))
-        for branch in branches[1:]:
-            part = part + branch.mean((2, 3))
-        pooled.append(part)
+    """`_select_forward` of the branches ``relu(u)``, a few samples at a time: ``relu(u)`` is made
+    twice per block (for the pooled sum, then for the mix) and never held whole."""
+    blocks = sample_blocks(u)
+    pooled = [_pool(_splits(torch.relu(u[rows]), m)) for rows in blocks]
     s = pooled[0] if len(pooled) == 1 else torch.cat(pooled)  # (B, C)
     a, graph = small_graph(fn, [s], track)  # (B, M, C)
-    out = u.new_empty(u.shape[0], u.shape[1] // m, H, W)
-    for i in range(0, u.shape[0], rows):
-        branches, a_rows, o = _splits(torch.relu(u[i : i + rows]), m), a[i : i + rows], out[i : i + rows]
-        torch.mul(branches[0], a_rows[:, 0, :, None, None], out=o)
-        for j, branch in enumerate(branches[1:], start=1):
-            o.addcmul_(branch, a_rows[:, j, :, None, None])
+    out = u.new_empty(u.shape[0], u.shape[1] // m, *u.shape[2:])
+    for rows in blocks:
+        _mix(_splits(torch.relu(u[rows]), m), a[rows], out=out[rows])
     return out, a, graph
 
 
@@ -176,8 +175,10 @@ def _replayed_rng(state: Tensor, device: torch.device) -> Iterator[None]:
         yield
 
 
-def _splits(u: Tensor, m: int) -> tuple[Tensor, ...]:
-    """The M branches (B, C, H, W) stored side by side in ``u`` (B, M*C, H, W), as views."""
+def _splits(u: Tensor, m: int, act: Callable[[Tensor], Tensor] | None = None) -> tuple[Tensor, ...]:
+    """The M branches (B, C, H, W) stored side by side in ``u`` (B, M*C, H, W), as views (of
+    ``act(u)`` when ``act`` is given)."""
+    u = u if act is None else act(u)
     return u.unflatten(1, (m, -1)).unbind(1)  # (B, M*C, H, W) -> (B, M, C, H, W) -> M x (B, C, H, W)
 
 
@@ -194,19 +195,10 @@ def _pooled_grad(
     return base, grads_p
 
 
-def _rows(t: Tensor, chunk: int = 1 << 20) -> int:
-    """How many samples of ``t`` make about ``chunk`` elements (at least one)."""
-    return max(1, chunk // max(1, t[0].numel()))
-
-
 def _dots(g: Tensor, u: Tensor, act: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """``(g * act(u)).sum((2, 3))`` (B, C) for maps (B, C, H, W), a few samples at a time, so the
     product is never held at full size."""
-    rows = _rows(g)
-    parts = []
-    for i in range(0, g.shape[0], rows):
-        part = u[i : i + rows] if act is None else act(u[i : i + rows])
-        parts.append((g[i : i + rows] * part).sum((2, 3)))
+    parts = [(g[rows] * (u[rows] if act is None else act(u[rows]))).sum((2, 3)) for rows in sample_blocks(g)]
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
@@ -262,8 +254,8 @@ def select_splits(
             if relu:
                 return _relu_select_forward(u, m, attention, track=False)[0]
             return _select_forward(_splits(u, m), attention, track=False)[0]
-    if composite_required(dispatch=True) or _choice(_splits(u, m), u) == "plain":
-        return _select_plain(attention, *_splits(torch.relu(u) if relu else u, m))
+    if composite_required(dispatch=True) or _choice(_splits(u, m), (u, relu)) == "plain":
+        return _select_plain(attention, *_splits(u, m, torch.relu if relu else None))
     return _SelectSplitsFn.apply(attention, m, relu, u, *params)
 
 
@@ -272,13 +264,15 @@ def _stand_in(s: Tensor, m: int) -> Tensor:
     return torch.stack([s * (i + 1) for i in range(m)], dim=1).softmax(1)  # (B, M, C)
 
 
-def _choice(branches: Sequence[Tensor], stacked: Tensor | None = None) -> str:
+def _choice(branches: Sequence[Tensor], stacked: tuple[Tensor, bool] | None = None) -> str:
     """``"fused"`` or ``"plain"`` in training (site ``"select"`` of `attnzoo.kernels.choose`), timed
     with a parameter-free stand-in for the attention function (no batch-norm update, no map capture).
-    With ``stacked`` (the map the branches are views of) the fused kernel timed is `_SelectSplitsFn`."""
+    With ``stacked`` (the map the branches are views of, and whether they are its ReLU) the kernels
+    timed are `select_splits`'s: `_SelectSplitsFn` and the plain ops on the splits."""
     m = len(branches)
     B, C, H, W = branches[0].shape
-    key = (m, *(choose.bucket(n) for n in (B, C, H * W)), branches[0].dtype, stacked is not None)
+    key = (m, *(choose.bucket(n) for n in (B, C, H * W)), branches[0].dtype,
+           None if stacked is None else stacked[1])
     fn = functools.partial(_stand_in, m=m)
     if stacked is None:
         candidates = {
@@ -286,9 +280,11 @@ def _choice(branches: Sequence[Tensor], stacked: Tensor | None = None) -> str:
             "plain": choose.workload(lambda *t: _select_plain(fn, *t), branches, True),
         }
     else:
+        u, relu = stacked
+        act = torch.relu if relu else None
         candidates = {
-            "fused": choose.workload(lambda t: _SelectSplitsFn.apply(fn, m, False, t), [stacked], True),
-            "plain": choose.workload(lambda t: _select_plain(fn, *_splits(t, m)), [stacked], True),
+            "fused": choose.workload(lambda t: _SelectSplitsFn.apply(fn, m, relu, t), [u], True),
+            "plain": choose.workload(lambda t: _select_plain(fn, *_splits(t, m, act)), [u], True),
         }
     elements = sum(u.numel() for u in branches)
     return choose.choose("select", key, candidates, static="fused", elements=elements,

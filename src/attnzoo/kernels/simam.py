@@ -21,7 +21,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from attnzoo.kernels.route import autocast_state, composite_required, recompute_grads, without_autocast
+from attnzoo.kernels.route import (
+    autocast_state,
+    composite_required,
+    recompute_grads,
+    sample_blocks,
+    without_autocast,
+)
 
 __all__ = ["simam_gate", "simam_plain"]
 
@@ -69,7 +75,7 @@ class _SimAMFn(torch.autograd.Function):
     def forward(ctx: Any, x: Tensor, e_lambda: float) -> Tensor:  # type: ignore[override]
         mean, k, n = _statistics(x, e_lambda)
         out = torch.empty_like(x)
-        for rows in _blocks(x):  # d, then the gate, then the output, in the output's block
+        for rows in sample_blocks(x):  # d, then the gate, then the output, in the output's block
             block = torch.sub(x[rows], mean[rows], out=out[rows])
             block.square_().mul_(k[rows]).add_(0.5).sigmoid_().mul_(x[rows])
         ctx.save_for_backward(x, mean, k)
@@ -87,20 +93,14 @@ class _SimAMFn(torch.autograd.Function):
             return grad, None
         g = g.to(x.dtype)
         grad = torch.empty_like(x)
-        first = next(iter(_blocks(x)))
-        d, s, t = (torch.empty_like(x[first]) for _ in range(3))  # block buffers, reused
-        for rows in _blocks(x):
+        blocks = sample_blocks(x)
+        d, s, t = (torch.empty_like(x[blocks[0]]) for _ in range(3))  # block buffers, reused
+        for rows in blocks:
             size = x[rows].shape[0]
             _backward_block(
                 x[rows], g[rows], mean[rows], k[rows], ctx.n, grad[rows], d[:size], s[:size], t[:size]
             )
         return grad, None
-
-
-def _blocks(x: Tensor, chunk: int = 1 << 20) -> list[slice]:
-    """Slices of about ``chunk`` elements along the batch (at least one sample each)."""
-    step = max(1, chunk // max(1, x[0].numel()))
-    return [slice(i, i + step) for i in range(0, x.shape[0], step)]
 
 
 def _backward_block(
