@@ -11,6 +11,7 @@
 - `attnzoo.kernels.strips`: the strip gates of coordinate attention and its relatives, and the strip
   means they pool;
 - `attnzoo.kernels.simam`: SimAM's parameter-free energy gate;
+- `attnzoo.kernels.spectral`: GFNet's global filter, by FFT or by DFT matrix products;
 - `attnzoo.kernels.choose`: which of two equally exact fast paths runs (calibrated once per
   shape class and cached, or overridden per site);
 - `attnzoo.kernels.route`: where the kernels give way to plain ops (functorch transforms,

@@ -10,12 +10,14 @@ an AVX-512 CPU picked the slower kernel on an AVX2 one (``shared/MEASURED.md``).
 | ``window`` | ``biased``, ``sdpa`` (``attend``) | ``biased`` |
 | ``gate`` | ``fused``, ``plain`` (composite ops) | ``fused`` |
 | ``select`` (SK, split attention) | ``fused``, ``plain`` (composite ops) | ``fused`` |
+| ``spectral`` (GFNet's global filter) | ``dft`` (matrix products), ``fft`` | ``dft`` up to 16 a side |
 
 `choose` decides in this order:
 
 1. an override: the innermost `prefer` block for the site, else ``ATTNZOO_KERNEL_<SITE>``
    (``ATTNZOO_KERNEL_GLOBAL=blocked|sdpa|auto``, ``ATTNZOO_KERNEL_WINDOW=biased|sdpa|auto``,
-   ``ATTNZOO_KERNEL_GATE=fused|plain|auto``, ``ATTNZOO_KERNEL_SELECT=fused|plain|auto``; the older
+   ``ATTNZOO_KERNEL_GATE=fused|plain|auto``, ``ATTNZOO_KERNEL_SELECT=fused|plain|auto``,
+   ``ATTNZOO_KERNEL_SPECTRAL=dft|fft|auto``; the older
    ``ATTNZOO_GLOBAL_KERNEL`` still works); ``auto`` means no override;
 2. the static rule, without measuring, when ``ATTNZOO_KERNEL_CALIBRATE=0``, when the inputs are
    small (under `SMALL` elements) or not on the CPU, under ``torch.compile``/``torch.export``/
@@ -62,6 +64,7 @@ SITES: dict[str, tuple[str, ...]] = {
     "window": ("biased", "sdpa"),
     "gate": ("fused", "plain"),
     "select": ("fused", "plain"),
+    "spectral": ("dft", "fft"),
 }
 _LEGACY_ENV = {"global": "ATTNZOO_GLOBAL_KERNEL"}
 _ENV_CALIBRATE = "ATTNZOO_KERNEL_CALIBRATE"
@@ -121,7 +124,8 @@ def prefer(site: str, choice: str) -> Iterator[None]:
     Args:
         site: ``"global"`` (SAGAN, non-local: ``"blocked"`` or ``"sdpa"``), ``"window"`` (Swin,
             temporal: ``"biased"`` or ``"sdpa"``), ``"gate"`` (SE, CBAM, the dual gate) or
-            ``"select"`` (SK, split attention), the last two ``"fused"`` or ``"plain"``.
+            ``"select"`` (SK, split attention), the last two ``"fused"`` or ``"plain"``, or
+            ``"spectral"`` (GFNet's global filter: ``"dft"`` matrix products or ``"fft"``).
         choice: One of the site's kernels, or ``"auto"`` (measure, or the static rule) to undo an
             outer override.
 

@@ -4,7 +4,9 @@ arXiv:2107.00645.
 The map is taken to the frequency domain (2-D real FFT over H and W), multiplied element-wise by a
 learned complex filter per channel, and brought back: a depth-wise circular convolution with a
 kernel as large as the map. Time $O(B C N \\log N)$, memory $O(B N C)$, N = H W; no map between
-positions is built. The filter has one entry per frequency, so it fixes the input size: H, and
+positions is built.
+On small maps the transforms run as real DFT matrix products, which beat the FFT there
+(`attnzoo.kernels.spectral`; the kernel is chosen per shape class). The filter has one entry per frequency, so it fixes the input size: H, and
 W // 2 + 1 (W itself up to one: both 2 (w - 1) and 2 w - 1 columns have w frequencies).
 
 Deviations: the input is channels-last `(B, H, W, C)` (GFNet's and fightingcv's `GlobalFilter` take
@@ -23,6 +25,7 @@ from torch import Tensor, nn
 from attnzoo._checks import check_int, check_shape
 from attnzoo._geometry import grid2d
 from attnzoo._registry import Example, register
+from attnzoo.kernels.spectral import global_filter
 from attnzoo.maps.capture import capturing, query_indices, record
 
 __all__ = ["GlobalFilter"]
@@ -117,11 +120,10 @@ class GlobalFilter(nn.Module):
                 f"W // 2 + 1 == {freqs} (W = {2 * freqs - 2} or {2 * freqs - 1}), got W={width}"
             )
         compute = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-        weight = torch.view_as_complex(self.complex_weight.to(compute).contiguous())  # (H, w, C)
-        spectrum = torch.fft.rfft2(x.to(compute), dim=(1, 2), norm="ortho")  # (B, H, w, C)
-        out = torch.fft.irfft2(spectrum * weight, s=(height, width), dim=(1, 2), norm="ortho").to(x.dtype)
+        out = global_filter(x.to(compute), self.complex_weight.to(compute)).to(x.dtype)  # (B, H, W, C)
         if not need_weights and not capturing():
             return out
+        weight = torch.view_as_complex(self.complex_weight.to(compute).contiguous())  # (H, w, C)
         # ortho forward and inverse: y = F^-1(F(x) K) (F unnormalised, F^-1 with 1/N), so y = x (*) F^-1(K)
         kernel = torch.fft.irfft2(weight, s=(height, width), dim=(0, 1), norm="backward")  # (H, W, C)
         if capturing():
