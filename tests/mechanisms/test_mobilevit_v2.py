@@ -49,6 +49,26 @@ def test_paper_form_and_scores():
     torch.testing.assert_close(rec.data, scores[..., 0])
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_pooled_context_equals_projecting_every_key_with_dropout(bias):
+    # the keys are pooled before their projection: exact also when dropout breaks sum(scores) = 1
+    torch.manual_seed(0)
+    attn = SeparableSelfAttention(8, bias=bias, attn_drop=0.5).double().train()
+    x = torch.randn(3, 11, 8, dtype=torch.float64, requires_grad=True)
+    w, b = attn.qkv.weight, attn.qkv.bias
+    torch.manual_seed(1)
+    out = attn(x)
+    torch.manual_seed(1)
+    proj = torch.nn.functional.linear(x, w, b)  # (B, L, 1 + 2C): every key projected
+    scores = torch.nn.functional.dropout(proj[..., :1].softmax(1), 0.5)
+    expected = attn.proj(torch.relu(proj[..., 9:]) * (scores * proj[..., 1:9]).sum(1, keepdim=True))
+    torch.testing.assert_close(out, expected, atol=1e-12, rtol=1e-12)
+    grads = torch.autograd.grad(out.square().sum(), (x, w))
+    want = torch.autograd.grad(expected.square().sum(), (x, w))
+    for got, ref in zip(grads, want, strict=True):
+        torch.testing.assert_close(got, ref, atol=1e-12, rtol=1e-12)
+
+
 def test_options_and_errors():
     assert isinstance(SeparableSelfAttention(8, act_layer=None).act, torch.nn.Identity)
     assert SeparableSelfAttention(8, bias=False).qkv.bias is None

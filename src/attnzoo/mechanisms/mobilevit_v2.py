@@ -8,8 +8,10 @@ memory $O(B L C)$: linear in the length L, no L x L map.
 Deviations: the paper's code (ml-cvnets `LinearSelfAttention`) works on unfolded patches
 `(B, C, P, N)` with one softmax per patch pixel; here the input is a token sequence `(B, L, C)` and the
 softmax runs over L (reshape patches to `(B P, N, C)` for the paper's grouping). Query, key and value
-come from one fused projection. fightingcv's `MobileViTv2Attention(d_model)` leaves out the ReLU on the
-values (`act_layer=None` reproduces it) and has no dropout.
+come from one fused projection (its parameters); the keys are only ever summed with the scores, so
+the tokens are pooled first and the keys' rows project the one pooled vector. fightingcv's
+`MobileViTv2Attention(d_model)` leaves out the ReLU on the values (`act_layer=None` reproduces it)
+and has no dropout.
 
 Shape letters: B batch, L tokens, C channels (`dim`).
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnzoo._checks import check_float, check_int, check_shape
@@ -98,6 +101,28 @@ class SeparableSelfAttention(nn.Module):
     def extra_repr(self) -> str:
         return f"dim={self.dim}"
 
+    def _rows(self, part: slice) -> tuple[Tensor, Tensor | None]:
+        bias = None if self.qkv.bias is None else self.qkv.bias[part]
+        return self.qkv.weight[part], bias
+
+    def _logit_and_values(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The query logit and the values, `(B, L, 1)` and `(B, L, C)`: one product without the keys'
+        rows of the fused projection (the keys are only ever pooled, see `_context`)."""
+        w_logit, b_logit = self._rows(slice(0, 1))
+        w_values, b_values = self._rows(slice(1 + self.dim, None))
+        bias = None if b_logit is None or b_values is None else torch.cat([b_logit, b_values])
+        return F.linear(x, torch.cat([w_logit, w_values]), bias).split((1, self.dim), -1)  # (1 + C, C) weight
+
+    def _context(self, x: Tensor, scores: Tensor) -> Tensor:
+        """`sum_i s_i k_i` `(B, 1, C)` for scores `(B, L, 1)`, keys `k = x W_K^T + b_K`: the projection
+        is linear, so the tokens are pooled first and projected once, `(s^T x) W_K^T + (sum_i s_i) b_K`,
+        instead of projecting all L tokens (a third fewer products in the layer)."""
+        weight, bias = self._rows(slice(1, 1 + self.dim))  # (C, C), (C,)
+        pooled = torch.matmul(scores.transpose(1, 2), x)  # (B, 1, L) @ (B, L, C) -> (B, 1, C)
+        context = torch.matmul(pooled, weight.t())  # (B, 1, C)
+        # sum_i s_i is 1 up to rounding without dropout; with it, the kept scores' sum
+        return context if bias is None else context + scores.sum(1, keepdim=True) * bias
+
     def forward(self, x: Tensor, need_weights: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """Gate the values with the scored context; `(out, scores)` with `need_weights`.
 
@@ -106,9 +131,9 @@ class SeparableSelfAttention(nn.Module):
             need_weights: Also return the `(B, L)` context scores. Default: False.
         """
         check_shape(x, type(self).__name__, "B L C", C=self.dim)
-        logit, k, v = self.qkv(x).split((1, self.dim, self.dim), -1)  # (B, L, 1), (B, L, C), (B, L, C)
+        logit, v = self._logit_and_values(x)  # (B, L, 1), (B, L, C)
         scores = logit.softmax(1)  # (B, L, 1): over the tokens
-        context = (self.attn_drop(scores) * k).sum(1, keepdim=True)  # (B, 1, C)
+        context = self._context(x, self.attn_drop(scores))  # (B, 1, C)
         out = self.proj_drop(self.proj(self.act(v) * context))  # (B, L, C)
         if capturing():
             record(self, "spatial", scores[..., 0], grid=(x.shape[1],))
