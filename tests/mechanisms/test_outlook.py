@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+import attnzoo
 from attnzoo import OutlookAttention
-from attnzoo.convert import from_fightingcv
+from attnzoo.convert import from_fightingcv, from_timm
 
 fcv = pytest.importorskip("fightingcv_attention.attention.OutlookAttention", reason="fightingcv missing")
 
@@ -55,6 +56,7 @@ def test_fightingcv_fails_off_its_defaults_and_is_refused():
 
 @pytest.mark.parametrize("dim,heads,kernel,padding,stride,height,width", [
     (16, 2, 3, 1, 2, 7, 5), (12, 3, 5, 2, 1, 5, 6), (8, 1, 3, 1, 3, 7, 8), (16, 4, 5, 2, 2, 9, 4),
+    (6, 2, 1, 0, 1, 4, 5),
 ])
 @pytest.mark.parametrize("train", [False, True])
 def test_matches_timm_volo_float64(dim, heads, kernel, padding, stride, height, width, train):
@@ -63,11 +65,31 @@ def test_matches_timm_volo_float64(dim, heads, kernel, padding, stride, height, 
     theirs = volo.OutlookAttention(dim, heads, kernel_size=kernel, padding=padding, stride=stride,
                                    qkv_bias=True).double().train(train)
     randomize(theirs)
-    ours = OutlookAttention(dim, heads, kernel_size=kernel, padding=padding, stride=stride, qkv_bias=True,
-                            dtype=torch.float64).train(train)
-    ours.load_state_dict(theirs.state_dict(), strict=True)
-    x = torch.randn(2, height, width, dim, dtype=torch.float64)
-    torch.testing.assert_close(ours(x), theirs(x), atol=1e-10, rtol=1e-10)
+    ours = from_timm(theirs)
+    assert type(ours) is OutlookAttention and ours.training == train and ours.stride == stride
+    x = torch.randn(2, height, width, dim, dtype=torch.float64, requires_grad=True)
+    torch.manual_seed(1)
+    want = theirs(x)
+    torch.manual_seed(1)
+    got = ours(x)
+    torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
+    grad = torch.randn_like(got)
+    torch.testing.assert_close(torch.autograd.grad(got, x, grad)[0], torch.autograd.grad(want, x, grad)[0],
+                               atol=1e-10, rtol=1e-10)
+
+
+def test_replace_in_a_timm_volo_model():
+    volo = pytest.importorskip("timm.models.volo", reason="timm missing")
+    torch.manual_seed(0)
+    model = volo.VOLO(layers=(1, 1, 1, 1), img_size=64, embed_dims=(32, 64, 64, 64), num_heads=(2, 2, 2, 2),
+                      stem_hidden_dim=16, num_classes=5).double().eval()
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    with torch.no_grad():
+        want = model(x)
+    attnzoo.replace(model, volo.OutlookAttention)
+    assert [type(m) for m in model.modules() if type(m).__name__ == "OutlookAttention"] == [OutlookAttention]
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), want, atol=1e-10, rtol=1e-10)
 
 
 def test_weights_and_errors():

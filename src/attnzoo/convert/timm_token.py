@@ -1,6 +1,7 @@
 """timm -> attnzoo converters for timm's token-mixing attentions: ``LambdaLayer`` (lambda),
-``BottleneckAttn`` (bottleneck) and ``HaloAttn`` (halo); `attnzoo.convert.timm.from_timm`
-dispatches to them. timm is never imported here: the widths are read off the module."""
+``BottleneckAttn`` (bottleneck), ``HaloAttn`` (halo) and VOLO's ``OutlookAttention`` (outlook);
+`attnzoo.convert.timm.from_timm` dispatches to them. timm is never imported here: the widths are
+read off the module."""
 
 from __future__ import annotations
 
@@ -100,8 +101,28 @@ def _halo(module: Any) -> nn.Module:
     return _finish(new, module)
 
 
+def _outlook(module: Any) -> nn.Module:
+    """VOLO's OutlookAttention: the canonical class is VOLO's, with timm's keys (``v``, ``attn``,
+    ``proj``) and every kernel size, padding and stride."""
+    from attnzoo.mechanisms.outlook import OutlookAttention
+
+    unfold = module.unfold
+    if (unfold.kernel_size, unfold.padding, unfold.stride, unfold.dilation) != (
+        module.kernel_size, module.padding, module.stride, 1
+    ):
+        raise _refuse(module, f"its unfold {unfold} does not follow its kernel_size, padding and stride")
+    new = OutlookAttention(
+        module.v.in_features, module.num_heads, kernel_size=module.kernel_size, padding=module.padding,
+        stride=module.stride, qkv_bias=module.v.bias is not None, attn_drop=module.attn_drop.p,
+        proj_drop=module.proj_drop.p, **_factory(module),
+    )
+    new.scale = float(module.scale)  # head_dim ** -0.5 on both sides, unless set by hand
+    return _finish(new, module)
+
+
 CONVERTERS: dict[str, Callable[[nn.Module], nn.Module]] = {
     "timm.layers.lambda_layer.LambdaLayer": _lambda,
     "timm.layers.bottleneck_attn.BottleneckAttn": _bottleneck,
     "timm.layers.halo_attn.HaloAttn": _halo,
+    "timm.models.volo.OutlookAttention": _outlook,
 }
