@@ -17,6 +17,7 @@ from attnzoo.convert import convert, converter_for, from_timm
 timm = pytest.importorskip("timm", reason="timm is not installed")
 layers = pytest.importorskip("timm.layers", reason="timm is not installed")
 swin = pytest.importorskip("timm.models.swin_transformer", reason="timm is not installed")
+effnet_blocks = pytest.importorskip("timm.models._efficientnet_blocks", reason="timm is not installed")
 from _parity import TOL, D, check_same, randomize, x_of  # noqa: E402
 from timm.layers.cbam import CbamModule  # noqa: E402
 from timm.layers.non_local_attn import NonLocalAttn  # noqa: E402
@@ -32,7 +33,7 @@ def convert_checked(theirs: nn.Module, cls: type[nn.Module]) -> nn.Module:
 
 
 # ---------------------------------------------------------------------------------------------
-# SEModule -> SqueezeExcite
+# SEModule and the EfficientNet family's SqueezeExcite -> SqueezeExcite
 
 SE_CONFIGS: list[tuple[Callable[[], nn.Module], int]] = [
     (lambda: layers.create_attn("se", 32), 32),
@@ -52,6 +53,49 @@ def test_se_module(config: int, train: bool) -> None:
     ours = convert_checked(theirs, SqueezeExcite)
     ours.load_state_dict(theirs.state_dict(), strict=True)  # the keys are timm's
     check_same(theirs, ours, (3, c, 7, 5), train)
+
+
+EFFICIENTNET_SE_CONFIGS: list[tuple[Callable[[], nn.Module], int]] = [
+    (lambda: effnet_blocks.SqueezeExcite(32, rd_ratio=0.25, act_layer=nn.SiLU), 32),  # EfficientNet's
+    (lambda: effnet_blocks.SqueezeExcite(24, rd_channels=8, gate_layer="hard_sigmoid"), 24),  # MobileNetV3's
+    (lambda: effnet_blocks.SqueezeExcite(17, rd_ratio=1 / 3, act_layer=nn.GELU, gate_layer=nn.Tanh), 17),
+]
+
+
+@pytest.mark.parametrize("train", [False, True])
+@pytest.mark.parametrize("config", range(len(EFFICIENTNET_SE_CONFIGS)))
+def test_efficientnet_squeeze_excite(config: int, train: bool) -> None:
+    make, c = EFFICIENTNET_SE_CONFIGS[config]
+    theirs = randomize(make())
+    ours = convert_checked(theirs, SqueezeExcite)
+    ours.load_state_dict(theirs.state_dict(), strict=True)  # timm's keys load through the pre-hook
+    ours.load_state_dict(ours.state_dict(), strict=True)  # and attnzoo's own
+    # torch's hardsigmoid backward multiplies by a float32 1/6 (docs/interop.md); attnzoo's is exact
+    hard = type(theirs.gate) is nn.Hardsigmoid
+    assert type(ours.gate).__name__ == ("HardSigmoid" if hard else type(theirs.gate).__name__)
+    check_same(theirs, ours, (3, c, 7, 5), train, grad_tol={"atol": 1e-7, "rtol": 1e-6} if hard else None)
+
+
+@pytest.mark.parametrize("name", ["efficientnet_b0", "mobilenetv3_small_050"])
+def test_whole_efficientnet_replaced_keeps_logits_and_loads_its_checkpoint(name: str) -> None:
+    model = timm.create_model(name, pretrained=False, num_classes=5).double().eval()
+    checkpoint = copy.deepcopy(model.state_dict())
+    x = x_of(2, 3, 64, 64)
+    with torch.no_grad():
+        before = model(x)
+    attnzoo.replace(model, effnet_blocks.SqueezeExcite)
+    assert not any(type(m) is effnet_blocks.SqueezeExcite for m in model.modules())
+    assert any(type(m) is SqueezeExcite for m in model.modules())
+    model.load_state_dict(checkpoint, strict=True)  # a timm checkpoint still loads after the swap
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, **TOL)
+
+
+def test_efficientnet_squeeze_excite_refuses_other_convolutions() -> None:
+    theirs = effnet_blocks.SqueezeExcite(16, rd_channels=4)
+    theirs.conv_reduce = nn.Conv2d(16, 4, 3, padding=1)
+    with pytest.raises(TypeError, match="conv_reduce is not a 1x1 nn.Conv2d with bias"):
+        from_timm(theirs)
 
 
 # ---------------------------------------------------------------------------------------------

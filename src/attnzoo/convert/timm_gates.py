@@ -1,14 +1,16 @@
-"""timm -> attnzoo converters for the channel gates (eca, ecam, ceca, ese), global context (gc, gca),
-gather-excite (ge) and light CBAM (lcbam); `attnzoo.convert.timm.from_timm` dispatches to them."""
+"""timm -> attnzoo converters for the channel gates (eca, ecam, ceca, ese, and the SE of the
+EfficientNet family's blocks), global context (gc, gca), gather-excite (ge) and light CBAM (lcbam);
+`attnzoo.convert.timm.from_timm` dispatches to them."""
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
+from attnzoo.convert._timm_common import TimmKeys, rename
 from attnzoo.convert._timm_common import factory as _factory
 from attnzoo.convert._timm_common import refuse as _refuse
 
@@ -206,3 +208,35 @@ def _light_cbam(module: Any) -> nn.Module:
 
 
 TIMM_CONVERTERS["timm.layers.cbam.LightCbamModule"] = _light_cbam
+
+
+def _efficientnet_se(module: Any) -> nn.Module:
+    """The SE of timm's EfficientNet / MobileNetV3 / MnasNet blocks (``SqueezeExcite``: ``conv_reduce``,
+    ``act1``, ``conv_expand``, ``gate``, both convolutions with bias) -> `SqueezeExcite` (``fc1``,
+    ``act``, ``fc2``, ``gate``), its activation and gate copied (a hard sigmoid becomes attnzoo's, with
+    a double backward). A pre-hook keeps timm's keys loading, so an EfficientNet checkpoint still loads
+    with ``strict=True`` after `attnzoo.replace`."""
+    from attnzoo.mechanisms.se import SqueezeExcite
+
+    reduce, expand = module.conv_reduce, module.conv_expand
+    for name, conv in (("conv_reduce", reduce), ("conv_expand", expand)):
+        pointwise = isinstance(conv, nn.Conv2d) and conv.kernel_size == (1, 1) and conv.groups == 1
+        if not pointwise or conv.bias is None:
+            raise _refuse(module, f"its {name} is not a 1x1 nn.Conv2d with bias")
+    ours = SqueezeExcite(reduce.in_channels, rd_channels=reduce.out_channels, bias=True, **_factory(module))
+    ours.act = _stateless(module.act1, "act1", module)
+    ours.gate = _stateless(module.gate, "gate", module)
+    ours.register_load_state_dict_pre_hook(TimmKeys(_efficientnet_se_keys, ("conv_reduce.", "conv_expand.")))
+    ours.load_state_dict(_efficientnet_se_keys(module.state_dict()), strict=True)
+    return ours.train(module.training)
+
+
+_SE_NAMES = {"conv_reduce.": "fc1.", "conv_expand.": "fc2."}
+
+
+def _efficientnet_se_keys(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """timm's EfficientNet ``SqueezeExcite`` keys -> `SqueezeExcite`'s."""
+    return rename(state, _SE_NAMES)
+
+
+TIMM_CONVERTERS["timm.models._efficientnet_blocks.SqueezeExcite"] = _efficientnet_se
