@@ -191,7 +191,8 @@ class LinearAttention(nn.Module):
                 raise TypeError(f"{who} expects key_mask to be a bool tensor (True = keep), got {got}")
             key_mask = check_mask(key_mask, (batch, length), who, "key_mask").expand(batch, length)
         qkv = self.qkv(x).unflatten(-1, (3, self.num_heads, self.head_dim))  # (B, L, 3, h, d)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, h, L, d) each
+        # one head-major copy: on strided heads every product below would copy its operands again
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).contiguous().unbind(0)  # (B, h, L, d) each
         out = linear_attention(q, k, v, causal=self.causal, eps=self.eps, key_mask=key_mask)
         weights = None
         if need_weights:
