@@ -19,7 +19,7 @@ from attnzoo.kernels import choose, spectral
 from attnzoo.kernels.choose import prefer
 
 D = torch.float64
-SIZES = [(14, 14), (5, 7), (6, 8), (1, 1), (1, 2), (3, 1), (7, 13), (17, 16)]
+SIZES = [(14, 14), (5, 7), (6, 8), (1, 1), (1, 2), (3, 1), (7, 13), (17, 16)]  # both rules' sides
 
 
 def _inputs(height, width, batch=2, channels=3, dtype=D):

@@ -10,7 +10,7 @@ an AVX-512 CPU picked the slower kernel on an AVX2 one (``shared/MEASURED.md``).
 | ``window`` | ``biased``, ``sdpa`` (``attend``) | ``biased`` |
 | ``gate`` | ``fused``, ``plain`` (composite ops) | ``fused`` |
 | ``select`` (SK, split attention) | ``fused``, ``plain`` (composite ops) | ``fused`` |
-| ``spectral`` (GFNet's global filter) | ``dft`` (matrix products), ``fft`` | ``dft`` up to 16 a side |
+| ``spectral`` (GFNet's global filter) | ``dft`` (matrix products), ``fft`` | ``dft`` up to 14 a side |
 
 `choose` decides in this order:
 

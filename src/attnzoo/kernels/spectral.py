@@ -36,9 +36,10 @@ from attnzoo.kernels.route import composite_required
 
 __all__ = ["DFT_MAX_SIDE", "dft_matrices", "global_filter"]
 
-# The static rule's largest side for the matrix products (14 x 14 ran 0.80, 28 x 28 1.00-1.10 and
-# 56 x 56 1.50 of the FFT's time on the AVX-512 benchmark machine).
-DFT_MAX_SIDE = 16
+# The static rule's largest side for the matrix products: of the FFT's time, 7 x 7 ran 0.45-0.77,
+# 14 x 14 0.68-0.87, 16 x 16 up to 1.2 (a power of two, the FFT's best case), 28 x 28 1.0-1.1 and
+# 56 x 56 1.5, on the AVX-512 and AVX2 kinds (benchmarks/RESULTS.md).
+DFT_MAX_SIDE = 14
 
 _matrices: dict[tuple[int, int, torch.dtype, torch.device], tuple[Tensor, ...]] = {}
 
