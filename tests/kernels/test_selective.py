@@ -16,7 +16,7 @@ from tests.kernels.kernel_checks import (
 from torch import Tensor
 
 from attnzoo.kernels.choose import prefer
-from attnzoo.kernels.selective import select_branches, select_splits
+from attnzoo.kernels.selective import select_branches, select_splits, select_with_weights
 
 C = 3
 
@@ -158,3 +158,12 @@ def test_dropout_in_the_weights_is_replayed_by_double_backward():
 
     for got, want in zip(run("fused"), run("plain"), strict=True):
         torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
+
+
+def test_select_with_weights_returns_the_reference_and_its_weights():
+    *branches, w, b = (t.requires_grad_() for t in tensors(3))
+    out, weights = select_with_weights(branches, _attention(w, b, 3))
+    pooled = sum(u.mean((2, 3)) for u in branches)
+    torch.testing.assert_close(weights, _attention(w, b, 3)(pooled), atol=1e-12, rtol=0)
+    torch.testing.assert_close(out, reference(*branches, w, b), atol=1e-12, rtol=0)
+    assert weights.grad_fn is not None and out.grad_fn is not None  # differentiable, both

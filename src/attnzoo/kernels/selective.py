@@ -28,7 +28,7 @@ from attnzoo.kernels.route import (
     without_autocast,
 )
 
-__all__ = ["select_branches", "select_splits"]
+__all__ = ["select_branches", "select_splits", "select_with_weights"]
 
 
 def _select_forward(branches: Sequence[Tensor], fn: Callable[[Tensor], Tensor], track: bool):
@@ -53,17 +53,33 @@ def _mix(branches: Sequence[Tensor], a: Tensor, out: Tensor | None = None) -> Te
     return out
 
 
+def select_with_weights(
+    branches: Sequence[Tensor], fn: Callable[[Tensor], Tensor]
+) -> tuple[Tensor, Tensor]:
+    """The selection and its weights with plain differentiable ops, for callers that return the
+    weights (``need_weights``, map capture); the composite twin of `select_branches`.
+
+    Args:
+        branches: M maps `(B, C, H, W)`.
+        fn: The pooled `(B, C)` -> the branch weights `(B, M, C)`.
+
+    Returns:
+        ``sum_i a_i * U_i`` `(B, C, H, W)` and the weights ``a`` `(B, M, C)`.
+    """
+    a = fn(_pool(branches))  # (B, C) -> (B, M, C)
+    out = branches[0] * a[:, 0, :, None, None]  # (B, C) -> (B, C, 1, 1)
+    for i, u in enumerate(branches[1:], start=1):
+        out = torch.addcmul(out, u, a[:, i, :, None, None])  # one pass, no product buffer
+    return out, a
+
+
 def _select_plain(
     fn: Callable[[Tensor], Tensor], *branches: Tensor, kept: list[Tensor] | None = None
 ) -> Tensor:
-    """The selection with plain differentiable ops: the composite twin of `_SelectFn` (``kept``
-    receives the branch weights, for `stale_closure`)."""
-    a = fn(_pool(branches))  # (B, C) -> (B, M, C)
+    """`select_with_weights`'s output alone (``kept`` receives the weights, for `stale_closure`)."""
+    out, a = select_with_weights(branches, fn)
     if kept is not None:
         kept.append(a)
-    out = branches[0] * a[:, 0, :, None, None]  # (B, C) -> (B, C, 1, 1)
-    for i, u in enumerate(branches[1:], start=1):
-        out = out + u * a[:, i, :, None, None]
     return out
 
 

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from attnzoo._checks import check_divisible, check_float, check_int
 from attnzoo._registry import Example, register, register_seed
 from attnzoo.kernels.gate import to_batch_first
-from attnzoo.kernels.selective import select_branches
+from attnzoo.kernels.selective import select_branches, select_with_weights
 from attnzoo.maps.capture import capturing, record
 from attnzoo.mechanisms.se import from_batch_first
 
@@ -186,14 +186,7 @@ class SKConv(nn.Module):
         if not need_weights:
             params = (*self.fc.parameters(), *self.fuse.parameters(), *self.fcs.parameters())
             return from_batch_first(select_branches(branches, self.attention, params), self.batch_first)
-        # Plain autograd, returning the weights (with their gradients).
-        s = branches[0].mean((2, 3))  # (B, C): mean over H, W of the summed branches
-        for u in branches[1:]:
-            s = s + u.mean((2, 3))
-        weights = self.attention(s)  # (B, M, C)
-        out = branches[0] * weights[:, 0, :, None, None]  # (B, C) -> (B, C, 1, 1)
-        for i, u in enumerate(branches[1:], start=1):
-            out = out + u * weights[:, i, :, None, None]  # (B, C) -> (B, C, 1, 1)
+        out, weights = select_with_weights(branches, self.attention)  # plain autograd, (B, M, C) weights
         return from_batch_first(out, self.batch_first), weights
 
     def extra_repr(self) -> str:

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from attnzoo._checks import check_divisible, check_float, check_int, check_shape
 from attnzoo._registry import Example, register
-from attnzoo.kernels.selective import select_splits
+from attnzoo.kernels.selective import select_splits, select_with_weights
 from attnzoo.maps.capture import capturing, record
 from attnzoo.mechanisms._widths import round_width
 
@@ -161,17 +161,9 @@ class SplitAttention(nn.Module):
             return select_splits(self.act0(pre), R, self.split_weights, params)
         u = self.act0(pre)
         splits = u.view(B, R, self.out_channels, *u.shape[2:])  # (B, R * C', H', W') -> (B, R, C', H', W')
-        # a sum scaled afterwards, not mean: the sum's gradient is an expanded view that autograd
-        # adds to the splits' gradient, where mean's would be materialised at full size first
-        area = u.shape[2] * u.shape[3]
-        pooled = u.sum((2, 3)).view(B, R, -1).sum(1) / area  # (B, R * C') -> (B, R, C') -> (B, C')
-        weights = self.split_weights(pooled)  # (B, R, C')
         # unbind, not splits[:, r]: its backward stacks the R gradients once, where R selects would
         # each fill a zero (B, R, C', H', W') gradient and add them (two full-size buffers more at peak)
-        parts, gates = splits.unbind(1), weights.unbind(1)  # R x (B, C', H', W'), R x (B, C')
-        out = parts[0] * gates[0][:, :, None, None]
-        for part, gate in zip(parts[1:], gates[1:], strict=True):
-            out = torch.addcmul(out, part, gate[:, :, None, None])  # one pass, no product buffer
+        out, weights = select_with_weights(splits.unbind(1), self.split_weights)  # weights (B, R, C')
         if capturing():  # map capture: the weights of the splits
             record(self, "branch", weights)
         return (out, weights) if need_weights else out
