@@ -1,13 +1,15 @@
-"""Helpers shared by the timm converters (`attnzoo.convert.timm_*`)."""
+"""Helpers shared by the timm converters (`attnzoo.convert.timm_*`) and the fightingcv ones."""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
-__all__ = ["dotted", "refuse", "factory", "same_forward", "TimmKeys", "rename"]
+__all__ = ["dotted", "refuse", "factory", "same_forward", "TimmKeys", "rename", "keep_requires_grad"]
 
 
 def dotted(cls: type) -> str:
@@ -70,3 +72,29 @@ class TimmKeys:
         for key in own:
             del state_dict[key]
         state_dict.update({prefix + name: value for name, value in translated.items()})
+
+
+def keep_requires_grad(module: nn.Module, convert: Callable[[nn.Module], nn.Module]) -> nn.Module:
+    """`convert(module)`, whose parameters keep the module's ``requires_grad`` (a frozen layer stays
+    frozen after `attnzoo.replace`). The converters copy weights into new parameters, often renamed,
+    reshaped, split or fused: with every parameter frozen the whole result is frozen; with some frozen,
+    `convert` runs once more on a copy whose i-th parameter holds the value i + 1, and a converted
+    parameter is trainable exactly when one of the parameters its values come from is."""
+    params = list(module.parameters())
+    new = convert(module)
+    if all(p.requires_grad for p in params):
+        return new
+    if not any(p.requires_grad for p in params):
+        return new.requires_grad_(False)
+    probe = copy.deepcopy(module)
+    with torch.no_grad():
+        for i, p in enumerate(probe.parameters()):
+            p.fill_(i + 1)
+    marked = convert(probe)
+    for param, mark in zip(new.parameters(), marked.parameters(), strict=True):
+        ids = mark.detach().double().unique()
+        whole = ids.round() == ids
+        if not bool(whole.all()) or bool((ids < 1).any()) or bool((ids > len(params)).any()):
+            continue  # not a copy of the module's parameters: left trainable
+        param.requires_grad_(any(params[int(i) - 1].requires_grad for i in ids.tolist()))
+    return new
