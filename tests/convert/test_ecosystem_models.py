@@ -274,3 +274,16 @@ def test_replace_keeps_frozen_parameters_frozen() -> None:
     assert all(p.requires_grad for p in model[2].parameters())
     assert [n for n, p in model[3].named_parameters() if not p.requires_grad] == ["convs.0.0.weight"]
     assert [n for n, p in model[4].named_parameters() if not p.requires_grad] == ["fc1.weight"]
+
+
+def test_replace_keeps_forward_hooks() -> None:
+    """Hooks registered on the foreign module (timm's FeatureHooks, a user's) keep firing on the swap."""
+    model = nn.Sequential(create_attn("cbam", 16), _fcv("SEAttention.SEAttention")(16, 4))
+    seen: list[str] = []
+    for i, module in enumerate(model):
+        module.register_forward_pre_hook(lambda m, args, i=i: seen.append(f"pre{i}"))
+        module.register_forward_hook(lambda m, args, out, i=i: seen.append(f"post{i} {tuple(out.shape)}"))
+    attnzoo.replace(model, CbamModule)
+    attnzoo.replace(model, type(model[1]))
+    model(torch.randn(2, 16, 3, 5))
+    assert seen == ["pre0", "post0 (2, 16, 3, 5)", "pre1", "post1 (2, 16, 3, 5)"]

@@ -9,7 +9,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["dotted", "refuse", "factory", "same_forward", "TimmKeys", "rename", "keep_requires_grad"]
+__all__ = [
+    "dotted", "refuse", "factory", "same_forward", "TimmKeys", "rename", "convert_keeping", "FORWARD_HOOKS",
+]
+
+# The hook tables of a module's forward, which a converted module takes over (`convert_keeping`,
+# `attnzoo.convert.torch.from_torch`).
+FORWARD_HOOKS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
+                 "_forward_hooks_with_kwargs", "_forward_hooks_always_called")
 
 
 def dotted(cls: type) -> str:
@@ -74,14 +81,18 @@ class TimmKeys:
         state_dict.update({prefix + name: value for name, value in translated.items()})
 
 
-def keep_requires_grad(module: nn.Module, convert: Callable[[nn.Module], nn.Module]) -> nn.Module:
-    """`convert(module)`, whose parameters keep the module's ``requires_grad`` (a frozen layer stays
-    frozen after `attnzoo.replace`). The converters copy weights into new parameters, often renamed,
-    reshaped, split or fused: with every parameter frozen the whole result is frozen; with some frozen,
-    `convert` runs once more on a copy whose i-th parameter holds the value i + 1, and a converted
-    parameter is trainable exactly when one of the parameters its values come from is."""
+def convert_keeping(module: nn.Module, convert: Callable[[nn.Module], nn.Module]) -> nn.Module:
+    """`convert(module)`, with the module's forward hooks and pre-hooks, whose parameters keep the
+    module's ``requires_grad`` (a frozen layer stays frozen, and a feature hook keeps firing, after
+    `attnzoo.replace`). The converters copy weights into new parameters, often renamed, reshaped,
+    split or fused: with every parameter frozen the whole result is frozen; with some frozen, `convert`
+    runs once more on a copy whose i-th parameter holds the value i + 1, and a converted parameter is
+    trainable exactly when one of the parameters its values come from is."""
     params = list(module.parameters())
     new = convert(module)
+    for hooks in FORWARD_HOOKS:
+        if hasattr(module, hooks):
+            getattr(new, hooks).update(getattr(module, hooks))
     if all(p.requires_grad for p in params):
         return new
     if not any(p.requires_grad for p in params):
