@@ -256,3 +256,34 @@ def test_the_most_specific_converter_wins_over_a_parents_in_place_one() -> None:
     attnzoo.convert.register(Mine, mine)
     assert attnzoo.convert.in_place_converter_for(Mine) is mine
     assert attnzoo.convert.in_place_converter_for(cls) is not mine
+
+
+def test_replace_keeps_frozen_parameters_frozen() -> None:
+    """The converters copy weights into new parameters (renamed, reshaped): a frozen module stays frozen,
+    and in a partly frozen one exactly the parameters built from frozen ones are."""
+    model = nn.Sequential(nn.Conv2d(3, 16, 1), create_attn("cbam", 16), create_attn("se", 16),
+                          SelectiveKernel(16, rd_channels=8))
+    model[1].requires_grad_(False)
+    model[3].paths[0].conv.weight.requires_grad_(False)
+    se = _fcv("SEAttention.SEAttention")(16, 4)
+    se.fc[0].weight.requires_grad_(False)
+    model.append(se)
+    for cls in (CbamModule, type(model[2]), SelectiveKernel, type(se)):
+        attnzoo.replace(model, cls)
+    assert not any(p.requires_grad for p in model[1].parameters())
+    assert all(p.requires_grad for p in model[2].parameters())
+    assert [n for n, p in model[3].named_parameters() if not p.requires_grad] == ["convs.0.0.weight"]
+    assert [n for n, p in model[4].named_parameters() if not p.requires_grad] == ["fc1.weight"]
+
+
+def test_replace_keeps_forward_hooks() -> None:
+    """Hooks registered on the foreign module (timm's FeatureHooks, a user's) keep firing on the swap."""
+    model = nn.Sequential(create_attn("cbam", 16), _fcv("SEAttention.SEAttention")(16, 4))
+    seen: list[str] = []
+    for i, module in enumerate(model):
+        module.register_forward_pre_hook(lambda m, args, i=i: seen.append(f"pre{i}"))
+        module.register_forward_hook(lambda m, args, out, i=i: seen.append(f"post{i} {tuple(out.shape)}"))
+    attnzoo.replace(model, CbamModule)
+    attnzoo.replace(model, type(model[1]))
+    model(torch.randn(2, 16, 3, 5))
+    assert seen == ["pre0", "post0 (2, 16, 3, 5)", "pre1", "post1 (2, 16, 3, 5)"]

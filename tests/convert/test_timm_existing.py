@@ -107,6 +107,7 @@ CBAM_CONFIGS: list[tuple[Callable[[], nn.Module], int]] = [
     (lambda: CbamModule(20, rd_channels=3, spatial_kernel_size=5, act_layer=nn.SiLU,
                         gate_layer="hard_sigmoid"), 20),
     (lambda: CbamModule(9, rd_ratio=0.5, rd_divisor=2, spatial_kernel_size=9), 9),
+    (lambda: CbamModule(16, rd_channels=4, spatial_kernel_size=3, gate_layer="prelu"), 16),  # weighted gates
 ]
 
 
@@ -117,6 +118,20 @@ def test_cbam_module(config: int, train: bool) -> None:
     theirs = randomize(make())
     ours = convert_checked(theirs, CBAM)
     check_same(theirs, ours, (2, c, 9, 6), train)
+
+
+def test_cbam_gates_with_weights_keep_them_under_timms_keys() -> None:
+    """PReLU gates: their weights become `ca.gate` / `sa.gate`, and timm's keys still load after replace."""
+    model = randomize(nn.Sequential(CbamModule(16, rd_channels=4, spatial_kernel_size=3, gate_layer="prelu")))
+    model.eval()
+    state, x = copy.deepcopy(model.state_dict()), x_of(2, 16, 5, 7)
+    with torch.no_grad():
+        before = model(x)
+    assert attnzoo.replace(model, CbamModule) == ["0"] and type(model[0]) is CBAM
+    assert model[0].ca.gate.weight.shape == model[0].sa.gate.weight.shape == (1,)
+    model.load_state_dict(state, strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, **TOL)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -73,6 +73,26 @@ def test_coord_options_parity(train):
     compare(coord.SimpleCoordAttn(16, gate_layer="hard_sigmoid", act_layer=nn.GELU), 16, train)
 
 
+def test_simple_coord_keeps_timms_keys_and_activation_weights():
+    """An activation with weights (PReLU) converts; timm's Linear keys still load after replace."""
+    coord = pytest.importorskip("timm.layers.coord_attn")
+    for train in (False, True):
+        compare(coord.SimpleCoordAttn(12, rd_channels=5, act_layer=nn.PReLU), 12, train)
+    model = randomize(nn.Sequential(coord.SimpleCoordAttn(12, rd_channels=5, act_layer=nn.PReLU))).eval()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(2, 12, 5, 7, dtype=D)
+    with torch.no_grad():
+        before = model(x)
+    assert attnzoo.replace(model, coord.SimpleCoordAttn) == ["0"]
+    with torch.no_grad():
+        for t in model.state_dict().values():
+            t.zero_()
+    model.load_state_dict(state, strict=True)  # fc1 / fc_h / fc_w (Linear) -> 1x1 convolutions
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, atol=1e-10, rtol=0)
+    model.load_state_dict(model.state_dict(), strict=True)
+
+
 @pytest.mark.parametrize("train", [False, True])
 def test_ela_strip_options_parity(train):
     coord = pytest.importorskip("timm.layers.coord_attn")

@@ -123,3 +123,20 @@ def test_captured_map_is_the_mean_normalised_key():
     assert entry.kind == "spatial"
     torch.testing.assert_close(entry.data, keys.mean(1), atol=1e-12, rtol=0)
     torch.testing.assert_close(keys.sum((2, 3)), torch.ones(2, 4, dtype=D))
+
+
+@pytest.mark.parametrize("kwargs", [{"r": 3}, {"r": None, "feat_size": (4, 5)}], ids=["conv", "global"])
+def test_batch_of_one_gradients_are_right(kwargs):
+    """torch's CPU BatchNorm backward gives a wrong input gradient for a batch of one when the gradient
+    reaching it is channels-last strided with another batch stride than C*H*W, which the lambdas' einsum
+    and convolution backward give (timm's LambdaLayer is wrong there): a sample alone gets the gradient
+    it gets in a batch of two (eval), and gradcheck holds in training too."""
+    m = randomised(LambdaLayer(8, num_heads=2, head_dim=4, **kwargs)).eval()
+    x = torch.randn(2, 8, 4, 5, dtype=D, requires_grad=True)
+    g = torch.randn(2, 8, 4, 5, dtype=D)
+    (both,) = torch.autograd.grad(m(x), x, g)
+    (alone,) = torch.autograd.grad(m(x[:1]), x, g[:1])
+    torch.testing.assert_close(alone[:1], both[:1], atol=1e-10, rtol=1e-10)
+    one = x[:1].detach().clone().requires_grad_()
+    assert torch.autograd.gradcheck(m.train(), (one,))
+    assert torch.autograd.gradgradcheck(m, (one,))

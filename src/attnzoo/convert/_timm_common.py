@@ -1,13 +1,22 @@
-"""Helpers shared by the timm converters (`attnzoo.convert.timm_*`)."""
+"""Helpers shared by the timm converters (`attnzoo.convert.timm_*`) and the fightingcv ones."""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
-__all__ = ["dotted", "refuse", "factory", "same_forward", "TimmKeys", "rename"]
+__all__ = [
+    "dotted", "refuse", "factory", "same_forward", "TimmKeys", "rename", "convert_keeping", "FORWARD_HOOKS",
+]
+
+# The hook tables of a module's forward, which a converted module takes over (`convert_keeping`,
+# `attnzoo.convert.torch.from_torch`).
+FORWARD_HOOKS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
+                 "_forward_hooks_with_kwargs", "_forward_hooks_always_called")
 
 
 def dotted(cls: type) -> str:
@@ -70,3 +79,33 @@ class TimmKeys:
         for key in own:
             del state_dict[key]
         state_dict.update({prefix + name: value for name, value in translated.items()})
+
+
+def convert_keeping(module: nn.Module, convert: Callable[[nn.Module], nn.Module]) -> nn.Module:
+    """`convert(module)`, with the module's forward hooks and pre-hooks, whose parameters keep the
+    module's ``requires_grad`` (a frozen layer stays frozen, and a feature hook keeps firing, after
+    `attnzoo.replace`). The converters copy weights into new parameters, often renamed, reshaped,
+    split or fused: with every parameter frozen the whole result is frozen; with some frozen, `convert`
+    runs once more on a copy whose i-th parameter holds the value i + 1, and a converted parameter is
+    trainable exactly when one of the parameters its values come from is."""
+    params = list(module.parameters())
+    new = convert(module)
+    for hooks in FORWARD_HOOKS:
+        if hasattr(module, hooks):
+            getattr(new, hooks).update(getattr(module, hooks))
+    if all(p.requires_grad for p in params):
+        return new
+    if not any(p.requires_grad for p in params):
+        return new.requires_grad_(False)
+    probe = copy.deepcopy(module)
+    with torch.no_grad():
+        for i, p in enumerate(probe.parameters()):
+            p.fill_(i + 1)
+    marked = convert(probe)
+    for param, mark in zip(new.parameters(), marked.parameters(), strict=True):
+        ids = mark.detach().double().unique()
+        whole = ids.round() == ids
+        if not bool(whole.all()) or bool((ids < 1).any()) or bool((ids > len(params)).any()):
+            continue  # not a copy of the module's parameters: left trainable
+        param.requires_grad_(any(params[int(i) - 1].requires_grad for i in ids.tolist()))
+    return new

@@ -14,6 +14,7 @@ from typing import Any
 from torch import nn
 
 from attnzoo.convert import fightingcv_gates_a, fightingcv_gates_b, fightingcv_tokens_a
+from attnzoo.convert._timm_common import convert_keeping
 from attnzoo.convert.fightingcv_crossformer import CONVERTERS as _FCV_CROSSFORMER  # fcv-crossformer
 from attnzoo.convert.fightingcv_deformable import CONVERTERS as _FCV_DEFORMABLE  # fcv-deformable block
 from attnzoo.convert.fightingcv_eca_moa import CONVERTERS as _FCV_ECA_MOA  # fcv-eca-moa block
@@ -76,7 +77,8 @@ def from_fightingcv(module: nn.Module) -> nn.Module:
         module: An instance of a known fightingcv class.
 
     Returns:
-        The attnzoo module (an independent copy, same device, dtype and training mode).
+        The attnzoo module (an independent copy, same device, dtype and training mode; frozen
+        parameters stay frozen; forward hooks and pre-hooks move along).
 
     Raises:
         TypeError: ``module`` is no known fightingcv class, or one attnzoo cannot represent; the
@@ -104,6 +106,6 @@ def from_fightingcv(module: nn.Module) -> nn.Module:
             f"{', '.join(sorted(FIGHTINGCV_CONVERTERS))}"
         )
     try:
-        return converter(module)
+        return convert_keeping(module, converter)
     except ValueError as err:  # a configuration fightingcv builds but cannot run (C % 2G != 0, ...)
         raise _refuse(module, str(err)) from None

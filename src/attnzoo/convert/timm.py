@@ -15,6 +15,7 @@ from collections.abc import Callable
 from torch import nn
 
 from attnzoo.convert import timm_existing, timm_gates, timm_strip, timm_token
+from attnzoo.convert._timm_common import convert_keeping
 from attnzoo.convert._timm_common import dotted as _dotted
 from attnzoo.convert._timm_common import same_forward as _same_forward
 
@@ -34,7 +35,8 @@ def from_timm(module: nn.Module) -> nn.Module:
     Known classes: the keys of ``TIMM_CONVERTERS`` (``CoordAttn``, ``SimpleCoordAttn``,
     ``EfficientLocalAttn``, ``StripAttn``, ...). The result is an independent copy (weights and
     buffers copied, timm's activation and norm instances deep-copied) on the module's device, in its
-    dtype and training mode.
+    dtype and training mode; frozen parameters (``requires_grad=False``) stay frozen, and forward
+    hooks and pre-hooks move along.
 
     Args:
         module: An instance of a known timm class (a subclass that keeps timm's forward too).
@@ -64,7 +66,7 @@ def from_timm(module: nn.Module) -> nn.Module:
         converter = TIMM_CONVERTERS.get(_dotted(base))
         if converter is not None:
             _same_forward(module, base)
-            return converter(module)
+            return convert_keeping(module, converter)
     raise TypeError(
         f"from_timm cannot convert {_dotted(type(module))}: known timm classes are "
         f"{', '.join(sorted(TIMM_CONVERTERS))}"

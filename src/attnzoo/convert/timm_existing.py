@@ -126,8 +126,11 @@ def cbam_from_timm(module: Any) -> CBAM:
     return finish(new, module, cbam_keys(module.state_dict()))
 
 
-_CBAM_NAMES = {"channel.fc1.": "ca.sharedMLP.0.", "channel.fc2.": "ca.sharedMLP.2.",
-               "spatial.conv.conv.": "sa.conv.", "spatial.conv.bn.": "sa.bn."}
+# Every timm part the converter copies, so an activation or gate with weights (`gate_layer="prelu"`)
+# keeps them under CBAM's names.
+_CBAM_NAMES = {"channel.fc1.": "ca.sharedMLP.0.", "channel.act.": "ca.sharedMLP.1.",
+               "channel.fc2.": "ca.sharedMLP.2.", "channel.gate.": "ca.gate.",
+               "spatial.conv.conv.": "sa.conv.", "spatial.conv.bn.": "sa.bn.", "spatial.gate.": "sa.gate."}
 
 
 def cbam_keys(state: Mapping[str, Tensor]) -> dict[str, Tensor]:

@@ -202,6 +202,7 @@ def _light_cbam(module: Any) -> nn.Module:
         **_factory(module),
     )
     ours.channel.act = _stateless(channel.act, "channel.act", module)
+    _stateless(channel.gate, "channel.gate", module)  # never applied by timm, but its weights would be lost
     ours.spatial.gate = _stateless(spatial.gate, "spatial.gate", module)
     ours.spatial.conv.bn.eps, ours.spatial.conv.bn.momentum = bn.eps, bn.momentum
     return _finish(ours, module)

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from attnzoo.convert._timm_common import TimmKeys, rename
 from attnzoo.convert._timm_common import factory as _factory
 from attnzoo.convert._timm_common import refuse as _refuse
 
@@ -83,13 +84,21 @@ def _scoord(module: Any) -> nn.Module:
         **_factory(module),
     )
     _with_layers(new, module, ("act",))
-    # Linear (out, in) -> 1x1 convolution (out, in, 1, 1).
-    state = {
-        key.replace("fc1", "conv1").replace("fc_h", "conv_h").replace("fc_w", "conv_w"):
-            value[..., None, None] if key.endswith("weight") else value
-        for key, value in module.state_dict().items()
-    }
-    return _finish(new, module, state)
+    # a timm checkpoint still loads strictly after `attnzoo.replace(model, SimpleCoordAttn)`
+    new.register_load_state_dict_pre_hook(TimmKeys(scoord_keys, tuple(_SCOORD_NAMES)))
+    return _finish(new, module, scoord_keys(module.state_dict()))
+
+
+_SCOORD_NAMES = {"fc1.": "conv1.", "fc_h.": "conv_h.", "fc_w.": "conv_w."}
+
+
+def scoord_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """timm's `SimpleCoordAttn` keys -> `SimpleCoordAttention`'s: its three Linear layers become 1x1
+    convolutions (weights `(out, in)` -> `(out, in, 1, 1)`); other keys (an activation with weights,
+    `act_layer=nn.PReLU`) are kept as they are."""
+    linear_weights = {names + "weight" for names in _SCOORD_NAMES.values()}
+    return {key: value[..., None, None] if key in linear_weights and value.dim() == 2 else value
+            for key, value in rename(state, _SCOORD_NAMES).items()}
 
 
 def _strip_kernel(module: Any, conv: Any) -> int:

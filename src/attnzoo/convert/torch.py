@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from attnzoo.convert._timm_common import FORWARD_HOOKS as _HOOKS
 from attnzoo.mechanisms.torch_mha import MultiheadAttention
 
 __all__ = ["from_torch"]
@@ -17,8 +18,6 @@ _PARAMETERS = {
     "in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight", "in_proj_bias",
     "bias_k", "bias_v", "out_proj.weight", "out_proj.bias",
 }
-_HOOKS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
-          "_forward_hooks_with_kwargs", "_forward_hooks_always_called")
 
 
 def _refuse(module: nn.Module, reason: str) -> TypeError:

@@ -39,6 +39,41 @@ def _squeeze_conv3d_weight(module: nn.Module, state_dict: dict[str, Tensor], pre
         state_dict[key] = weight.squeeze(-1)
 
 
+class _ContiguousGrad(torch.autograd.Function):
+    """The identity, handing a contiguous gradient back. torch's CPU BatchNorm backward (eval and
+    training) computes a wrong input gradient when, for a batch of one, the gradient reaching it is
+    channels-last strided with a batch stride other than C*H*W, which is what the einsum and
+    convolution backward give here for a `(1, C, H, W)` map: placed after the BatchNorms, this makes a
+    batch of one's gradients right (timm's, which lacks it, are wrong there)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: Tensor) -> Tensor:  # type: ignore[override]
+        return x.view_as(x)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:  # type: ignore[override]
+        return grad.contiguous()
+
+    @staticmethod
+    def jvp(ctx: Any, tangent: Tensor) -> Tensor:
+        return tangent
+
+
+def _batch_norm(norm: nn.Module, x: Tensor) -> Tensor:
+    """`norm(x)`, whose gradient reaches the BatchNorm contiguous for a batch of one (`_ContiguousGrad`;
+    not under `torch.jit.trace`, whose sanity check rejects a Python autograd function)."""
+    out = norm(x)
+    if x.shape[0] == 1 and out.requires_grad and not torch.jit.is_tracing():
+        return _ContiguousGrad.apply(out)
+    return out
+
+
 @register(
     "lambda",
     family="global",
@@ -181,8 +216,8 @@ class LambdaLayer(nn.Module):
         batch, height, width = sizes["B"], sizes["H"], sizes["W"]
         heads, k, v, n = self.num_heads, self.head_dim, self.v_head_dim, height * width
         q, keys, values = self.qkv(x).split([heads * k, k, v], dim=1)
-        q = self.norm_q(q).reshape(batch, heads, k, n)  # (B, h, k, N)
-        values = self.norm_v(values)  # (B, v, H, W)
+        q = _batch_norm(self.norm_q, q).reshape(batch, heads, k, n)  # (B, h, k, N)
+        values = _batch_norm(self.norm_v, values)  # (B, v, H, W)
         keys = keys.reshape(batch, k, n).softmax(dim=-1)  # (B, k, N)
         content = torch.einsum("bkn,bvn->bkv", keys, values.reshape(batch, v, n))  # (B, k, v)
         if self.conv_lambda is not None:
