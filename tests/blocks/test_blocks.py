@@ -347,7 +347,7 @@ def test_block_defaults_and_keras_names():
         CrossAttentionBlock(8, attn_drop=2.0)
     with pytest.raises(TypeError, match="bias must be a bool"):
         SelfAttentionBlock(8, bias=1)
-    with pytest.raises(ValueError, match="eps must be >= 0"):
+    with pytest.raises(ValueError, match="eps must be > 0"):
         SelfAttentionBlock(8, eps=-1.0)
 
 
