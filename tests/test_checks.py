@@ -1,11 +1,25 @@
-"""The input-check helpers every module uses."""
+"""The input-check helpers every module uses, and the shared rules they apply to every registered and
+compat class (sizes, layouts, derived widths, epsilons)."""
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
+from tests.test_adversarial import CASES, IDS, build, inputs, options
 
-from attnzoo._checks import check_choice, check_divisible, check_int, check_mask, check_shape
+import attnzoo
+from attnzoo._checks import (
+    MAX_SIZE,
+    check_choice,
+    check_divisible,
+    check_float,
+    check_int,
+    check_mask,
+    check_shape,
+    check_tensor,
+)
 
 
 def test_check_shape_returns_sizes_and_names_expected_and_given():
@@ -54,3 +68,74 @@ def test_check_mask_broadcasting():
         check_mask(torch.ones(3, 7), (2, 3, 5, 7), "Mod")
     with pytest.raises(ValueError, match="broadcastable"):
         check_mask(torch.ones(1, 2, 3, 5, 7), (2, 3, 5, 7), "Mod")
+
+
+def test_sizes_floats_and_layouts():
+    with pytest.raises(ValueError, match=rf"heads must be <= {MAX_SIZE}, got {2**40}"):
+        check_int(2**40, "heads", "Mod")
+    assert check_float(1e-9, "eps", "Mod", above=0.0) == 1e-9
+    with pytest.raises(ValueError, match=r"eps must be > 0.0, got 0"):
+        check_float(0, "eps", "Mod", above=0.0)
+    for bad in (torch.ones(2, 3).to_sparse(), torch.ones(2, 3).to_mkldnn()):
+        with pytest.raises(TypeError, match=r"Mod expects x to be a dense tensor \(torch.strided\), got"):
+            check_tensor(bad, "Mod")
+    with pytest.raises(TypeError, match="mask to be a dense tensor"):
+        check_mask(torch.ones(2, 3, dtype=torch.bool).to_sparse(), (2, 3), "Mod")
+
+
+# ---------------------------------------------------------------------------------------------
+# The shared rules over every registered and compat class (cases and builders of the adversarial sweep)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_sparse_inputs_are_refused_by_name(case):
+    """A sparse input reached torch ops that have no sparse kernel (RuntimeError, NotImplementedError)."""
+    module = build(case).eval()
+    xs = inputs(case)
+    names = [p for p in inspect.signature(case.cls.forward).parameters if p != "self"]
+    for i in range(len(xs)):
+        with pytest.raises(TypeError, match=rf"{names[i]} to be a dense tensor"):
+            module(*xs[:i], xs[i].to_sparse(), *xs[i + 1:])
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_huge_integer_options_are_refused_by_name(case):
+    """2**40 overflowed torch's 32-bit kernel arguments or storage sizes, or built layers for hours."""
+    for name, param in options(case).items():
+        if "int" in str(param.annotation):
+            with pytest.raises((ValueError, TypeError), match=name):
+                build(case, **{name: 2**40})
+
+
+WIDENING = [("se", "reduction", 1e-30), ("cbam", "reduction", 1e-30), ("cbam_res", "reduction", 1e-30),
+            ("sk", "reduction", 1e-30), ("splat", "reduction", 1e-30), ("bat", "reduction", 1e-30),
+            ("coord", "reduction", 1e-45), ("eca", "gamma", 1e-30), ("eca", "beta", 1e30),
+            ("bottleneck", "qk_ratio", 1e30), ("halo", "qk_ratio", 1e30), ("lambda", "qk_ratio", 1e30)]
+
+
+@pytest.mark.parametrize(("name", "option", "value"), WIDENING)
+def test_float_options_giving_impossible_widths_are_refused_by_name(name, option, value):
+    """channels / reduction = 8e30 reached torch.empty (a TypeError about unpacking a long long)."""
+    spec = attnzoo.get_spec(name)
+    derived = {"rd_channels": None, "head_dim": None}  # the widths derived from the option
+    kwargs = {**spec.example.kwargs, **{k: v for k, v in derived.items() if k in spec.example.kwargs}}
+    with pytest.raises(ValueError, match=rf"{option}.*gives a (width|kernel size) of .*more than"):
+        spec.cls(**{**kwargs, option: value})
+
+
+EPSILONS = [("sge", "eps"), ("shuffle", "eps"), ("simam", "e_lambda"), ("linear", "eps"),
+            ("self_attention_block", "eps"), ("cross_attention_block", "eps")]
+
+
+@pytest.mark.parametrize(("name", "option"), EPSILONS)
+def test_zero_epsilon_is_refused_and_a_tiny_one_stays_finite(name, option):
+    """eps = 0 gave NaN on constant inputs (0 / 0 in a normalisation); a small eps > 0 keeps them finite."""
+    spec = attnzoo.get_spec(name)
+    with pytest.raises(ValueError, match=rf"{option} must be > 0"):
+        spec.cls(**{**spec.example.kwargs, option: 0.0})
+    module = spec.cls(**{**spec.example.kwargs, option: 1e-12})
+    for fill in (0.0, 3.0, -1e4):
+        xs = [torch.full(s, fill, requires_grad=True) for s in spec.example.inputs]
+        out = module(*xs)
+        out.square().sum().backward()
+        assert torch.isfinite(out).all() and all(torch.isfinite(x.grad).all() for x in xs), (name, fill)

@@ -320,3 +320,16 @@ def test_meta_inputs_give_meta_outputs(fused):
     with attnzoo.fused_attn(fused):
         out = attend(q, k, v, mask=keep)
     assert out.device.type == "meta" and out.shape == (2, 2, 5, 4)
+
+
+@pytest.mark.parametrize("kind", ["bias", "mask"])
+def test_torch_func_grad_of_the_queries_with_a_parameter_bias(kind):
+    """torch.func.grad of q alone while a float bias or mask is built from a tensor that requires grad:
+    the functorch level does not show that need, and the CPU flash kernel refused the bias."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(3, 2, 2, 5, 4, generator=gen).unbind(0)
+    table = torch.randn(5, 5, generator=gen, requires_grad=True)
+    loss = lambda q_: attend(q_, k, v, **{kind: table * 2}).square().sum()  # noqa: E731
+    eager = q.clone().requires_grad_()
+    (ref,) = torch.autograd.grad(loss(eager), eager)
+    torch.testing.assert_close(torch.func.grad(loss)(q), ref)

@@ -18,23 +18,14 @@ import torch
 from torch import Tensor, nn
 
 __all__ = [
-    "check_tensor",
-    "numpy_bool",
-    "check_shape",
-    "check_same",
-    "check_int",
-    "check_float",
-    "check_choice",
-    "check_divisible",
-    "check_head_widths",
-    "check_mask",
-    "format_shape",
-    "check_options",
-    "check_flags",
-    "check_inputs",
-    "checked",
-    "autocast_on",
+    "check_tensor", "check_dense", "numpy_bool", "check_shape", "check_same", "check_int", "check_float",
+    "check_choice", "check_divisible", "check_head_widths", "check_mask", "format_shape", "check_options",
+    "check_flags", "check_inputs", "checked", "autocast_on", "MAX_SIZE",
 ]
+
+# The largest size (width, kernel, stride, count) an option or a derived width may take: torch's
+# convolution and pooling arguments are 32-bit, and a larger one only overflows or exhausts memory.
+MAX_SIZE = 2**31 - 1
 
 
 def format_shape(dims: Sequence[object]) -> str:
@@ -47,9 +38,18 @@ def check_tensor(x: object, who: str, name: str = "x", *, floating: bool = True)
     """Raise `TypeError` unless `x` is a tensor (of a real floating dtype when `floating`)."""
     if not isinstance(x, Tensor):
         raise TypeError(f"{who} expects {name} to be a torch.Tensor, got {type(x).__name__}")
+    check_dense(x, who, name)
     if floating and not (x.is_floating_point() and not x.is_complex()):
         raise TypeError(f"{who} expects {name} to have a floating-point dtype, got {x.dtype}")
     return x
+
+
+def check_dense(x: Tensor, who: str, name: str) -> None:
+    """Raise `TypeError` for a sparse, MKL-DNN or nested tensor: the modules run strided tensors only."""
+    if x.layout != torch.strided or x.is_nested:
+        kind = "a nested tensor" if x.is_nested else f"layout {x.layout}"
+        raise TypeError(f"{who} expects {name} to be a dense tensor (torch.strided), got {kind}: "
+                        "convert it with .to_dense()")
 
 
 def check_shape(
@@ -104,26 +104,29 @@ def check_same(value: object, expected: object, who: str, what: str) -> None:
 def check_int(
     value: object, name: str, who: str, *, minimum: int | None = 1, maximum: int | None = None
 ) -> int:
-    """A constructor argument that must be an `int` within `[minimum, maximum]`."""
+    """A constructor argument that must be an `int` within `[minimum, maximum]` (`maximum` at most
+    `MAX_SIZE`)."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{who}: {name} must be an int, got {type(value).__name__} {value!r}")
     if minimum is not None and value < minimum:
         raise ValueError(f"{who}: {name} must be >= {minimum}, got {value}")
-    if maximum is not None and value > maximum:
+    maximum = MAX_SIZE if maximum is None else min(maximum, MAX_SIZE)
+    if value > maximum:
         raise ValueError(f"{who}: {name} must be <= {maximum}, got {value}")
     return value
 
 
-def check_float(
-    value: object, name: str, who: str, *, minimum: float | None = None, maximum: float | None = None
-) -> float:
-    """A constructor argument that must be a real number within `[minimum, maximum]`."""
+def check_float(value: object, name: str, who: str, *, minimum: float | None = None,
+                maximum: float | None = None, above: float | None = None) -> float:
+    """A constructor argument that must be a real number within `[minimum, maximum]` (and `> above`)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{who}: {name} must be a number, got {type(value).__name__} {value!r}")
     if value != value:  # NaN passes every comparison below
         raise ValueError(f"{who}: {name} must be a number, got nan")
     if minimum is not None and value < minimum:
         raise ValueError(f"{who}: {name} must be >= {minimum}, got {value}")
+    if above is not None and not value > above:
+        raise ValueError(f"{who}: {name} must be > {above}, got {value}")
     if maximum is not None and value > maximum:
         raise ValueError(f"{who}: {name} must be <= {maximum}, got {value}")
     return float(value)
@@ -163,6 +166,7 @@ def check_mask(mask: object, target: Sequence[int], who: str, name: str = "mask"
     """
     if not isinstance(mask, Tensor):
         raise TypeError(f"{who} expects {name} to be a torch.Tensor, got {type(mask).__name__}")
+    check_dense(mask, who, name)
     if mask.dtype != torch.bool and not mask.is_floating_point():
         raise TypeError(
             f"{who} expects {name} to be bool (True = may attend) or floating (additive), got {mask.dtype}"
@@ -254,6 +258,9 @@ def check_options(
             if not (math.isinf(value) and name in infinite):
                 raise ValueError(f"{who}: {name} must be a finite number, got {value}")
         _check_layer_option(who, name, annotation, value)
+        sizes = value if isinstance(value, (tuple, list)) else (value,)
+        if any(isinstance(v, int) and not isinstance(v, bool) and abs(v) > MAX_SIZE for v in sizes):
+            raise ValueError(f"{who}: {name} must be at most {MAX_SIZE} (2**31 - 1) in size, got {value}")
         if name in ("device", "dtype") and value is not None:
             _check_factory_option(who, name, value)
 
@@ -316,6 +323,7 @@ def check_inputs(module: nn.Module, names: Sequence[str], args: tuple, kwargs: d
     where = "where its parameters are" if reference is not None else f"the device of {tensors[0][0]}"
     who = type(module).__name__
     for name, t in tensors:
+        check_dense(t, who, name)
         if t.device != device:
             raise ValueError(f"{who} expects {name} on device {device} ({where}), got {t.device}")
     if reference is None or autocast_on(device.type):

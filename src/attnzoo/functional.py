@@ -284,8 +284,12 @@ def attend(
     # math path, which saves scaled copies of q and k and adds passes over (L, S) (a separate bias
     # add, a safe softmax). attnzoo's math path writes scale * q k^T + bias in one product and saves
     # q and k as given.
+    # Under a functorch transform (`torch.func.grad` of the input) a float mask or bias built from
+    # parameters needs a gradient at a level `requires_grad` does not show: the flash kernel refuses it.
     grad_bias = bias is not None and bias.requires_grad and torch.is_grad_enabled()
-    cpu_math = q.device.type == "cpu" and (dropout_p > 0 or grad_bias)
+    hidden = torch._C._are_functorch_transforms_active() and any(
+        t is not None and t.is_floating_point() for t in (mask, bias))
+    cpu_math = q.device.type == "cpu" and (dropout_p > 0 or grad_bias or hidden)
     if fused_enabled() and not need_weights and not cpu_math:
         if mask is None and bias is None:
             return sdpa(q, k, v, dropout_p=dropout_p, is_causal=causal, scale=scale)

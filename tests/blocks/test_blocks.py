@@ -248,6 +248,19 @@ def test_masks_that_do_not_broadcast_are_rejected():
         cross(x, torch.randn(2, 3, 6), context_mask=torch.ones(2, 4, dtype=torch.bool))
 
 
+def test_masks_of_any_broadcastable_rank_run():
+    """A 0-D (or 1-D) mask broadcasts like any other; a 0-D padding mask hit an IndexError."""
+    block = self_attention((None, 8), num_heads=2, key_dim=4)
+    x = torch.randn(2, 5, 8)
+    ref = block(x)
+    for name in ("attention_mask", "padding_mask"):
+        for mask in (torch.tensor(True), torch.ones(5, dtype=torch.bool)):
+            torch.testing.assert_close(block(x, **{name: mask}), ref)
+    cross = cross_attention((None, 8), (None, 6), num_heads=2, key_dim=4)
+    context = torch.randn(2, 3, 6)
+    torch.testing.assert_close(cross(x, context, context_mask=torch.tensor(1)), cross(x, context))
+
+
 @pytest.mark.parametrize("prefix", ["", "a.b", "1st", "enc-0", "att ", "é"])
 def test_prefix_must_be_an_identifier_fragment(prefix):
     for build in (
@@ -347,7 +360,7 @@ def test_block_defaults_and_keras_names():
         CrossAttentionBlock(8, attn_drop=2.0)
     with pytest.raises(TypeError, match="bias must be a bool"):
         SelfAttentionBlock(8, bias=1)
-    with pytest.raises(ValueError, match="eps must be >= 0"):
+    with pytest.raises(ValueError, match="eps must be > 0"):
         SelfAttentionBlock(8, eps=-1.0)
 
 

@@ -180,3 +180,24 @@ def test_fully_masked_bias_rows_with_a_learnable_bias():
     out.square().sum().backward()
     assert torch.equal(out[:, :, 1], torch.zeros_like(out[:, :, 1]))
     assert torch.isfinite(bias.grad).all()
+
+
+@pytest.mark.parametrize("kind", [*MASKS, "dead"], ids=str)
+def test_large_logits_give_the_math_paths_gradients(kind):
+    """Queries and keys of size 300 (logits ~1e5): the flash backward's exp(logit - lse) from the saved
+    lse was off by up to 1e28 (float32, inputs of size 1e3 in `mha`); rows are recomputed with their own
+    softmax there, as the math path computes them."""
+    mask = _dead("float").float() if kind == "dead" else None
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, n, 4, generator=gen) * s for n, s in ((L, 300), (S, 300), (S, 1)))
+    grad = torch.randn(2, 2, L, 4, generator=gen)
+    run = (lambda *t: attend(*t, mask=mask)) if kind == "dead" else fused(kind)
+    results = []
+    for path, dtype in (("fused", torch.float32), ("math", torch.float64)):
+        ts = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+        with attnzoo.fused_attn(path == "fused"), _Ops() as ops:
+            out = run(*ts)
+            results.append(torch.autograd.grad(out, ts, grad.to(dtype)))
+        assert path == "math" or FLASH_BWD not in ops.ops, "the fused backward ran on logits of ~1e5"
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a.double(), b, atol=1e-4, rtol=1e-4)  # gradients of size ~1

@@ -75,3 +75,12 @@ def test_torch_func_grad_over_functional_call():
 def test_autocast_bf16_forward_and_backward():
     case = CASES[0]
     assert_autocast_bf16(lambda *t: neighbourhood_attention(*t, *case), tensors(*case, torch.float32))
+
+
+def test_one_query_with_a_stride_past_the_map():
+    """A single output ignores the stride: ACmix(stride=1001) on a 5 x 6 map ran 1001**2 phases (47 s,
+    2 GB); the result is the stride-1 one, against the reference."""
+    case = (3, 1, 1)
+    ts = tensors(*case, out=(1, 1))
+    assert_matches(lambda *t: neighbourhood_attention(*t, 3, 1, 1001).contiguous(),
+                   lambda *t: reference(*t, *case), ts)

@@ -34,5 +34,5 @@ def test_vocabulary_keywords_allocate_nothing():
     assert list(module.parameters()) == [] and list(module.buffers()) == []
     with pytest.raises(ValueError, match=r"expects x of shape \(B, 64, H, W\)"):
         module(torch.randn(2, 8, 3, 3))
-    with pytest.raises(ValueError, match="e_lambda must be >= 0"):
+    with pytest.raises(ValueError, match="e_lambda must be > 0"):
         SimAM(8, -1.0)

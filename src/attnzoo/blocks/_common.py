@@ -94,7 +94,7 @@ _Device = torch.device | str | None
 
 
 def _layer_norm(dim: int, eps: float, who: str, device: _Device, dtype: torch.dtype | None) -> nn.LayerNorm:
-    return nn.LayerNorm(dim, eps=check_float(eps, "eps", who, minimum=0.0), device=device, dtype=dtype)
+    return nn.LayerNorm(dim, eps=check_float(eps, "eps", who, above=0.0), device=device, dtype=dtype)
 
 
 def _check_mha_kwargs(kwargs: dict[str, Any], who: str) -> None:

@@ -36,7 +36,8 @@ def _bool_mask(mask: Tensor | None, target: Sequence[int], who: str, name: str) 
         mask = mask.bool()  # Keras casts integer masks: nonzero = may attend
     elif isinstance(mask, Tensor):
         raise TypeError(f"{who} expects {name} with a bool dtype (True = may attend), got {mask.dtype}")
-    return check_mask(mask, target, who, name)
+    mask = check_mask(mask, target, who, name)
+    return mask.reshape((1,) * (len(target) - mask.ndim) + tuple(mask.shape))  # the target's rank (0-D too)
 
 
 class EinsumDense(nn.Module):

@@ -107,7 +107,7 @@ class SelfAttentionBlock(_PrefixedBlock):
         causal: Causal mask, query i attends keys `0..i` (the builder's `mask`). Default: False.
         prefix: Name prefix, an identifier fragment. Default: `"att"`.
         seq_len: Fixed sequence length L as Keras's `Input`, or None for any. Default: None.
-        eps: LayerNorm epsilon (Keras's `epsilon`). Default: 1e-3 (Keras).
+        eps: LayerNorm epsilon (Keras's `epsilon`), > 0. Default: 1e-3 (Keras).
         device: Where the parameters are created. Default: None (torch's default).
         dtype: Floating dtype of the parameters. Default: None (torch's default).
 
@@ -190,7 +190,7 @@ class CrossAttentionBlock(_PrefixedBlock):
         prefix: Name prefix, an identifier fragment. Default: `"att"`.
         seq_len: Fixed query length L (a Keras `Input` shape), or None for any. Default: None.
         context_len: Fixed context length S, or None for any. Default: None.
-        eps: LayerNorm epsilon (Keras's `epsilon`). Default: 1e-3 (Keras).
+        eps: LayerNorm epsilon (Keras's `epsilon`), > 0. Default: 1e-3 (Keras).
         device: Where the parameters are created. Default: None (torch's default).
         dtype: Floating dtype of the parameters. Default: None (torch's default).
 
@@ -264,7 +264,7 @@ class FeedForwardBlock(_PrefixedBlock):
         dropout: Dropout after the second Linear. Default: 0.1 (the tutorial's).
         prefix: Name prefix, an identifier fragment. Default: `"ff"`.
         seq_len: Fixed sequence length L, or None. Default: None.
-        eps: LayerNorm epsilon (Keras's `epsilon`). Default: 1e-3 (Keras).
+        eps: LayerNorm epsilon (Keras's `epsilon`), > 0. Default: 1e-3 (Keras).
         device: Where the parameters are created. Default: None (torch's default).
         dtype: Floating dtype of the parameters. Default: None (torch's default).
 

@@ -41,7 +41,13 @@ from torch import Tensor
 
 from attnzoo.functional import attend, fused_enabled
 from attnzoo.kernels import choose
-from attnzoo.kernels.route import composite_required, recompute_grads, without_autocast
+from attnzoo.kernels.route import (
+    composite_required,
+    large_logits,
+    recompute_grads,
+    rowwise_grads,
+    without_autocast,
+)
 
 __all__ = ["global_attention", "blocked_attention", "global_kernel", "kernel_choice", "KERNELS"]
 
@@ -151,6 +157,9 @@ class _BlockedAttention(torch.autograd.Function):
             plain = lambda a, b, c: _plain_attention(a, b, c, scale)  # noqa: E731
             grads = recompute_grads(plain, [q, k, v], grad_out, needs)
             return (*grads, None, None)
+        if large_logits(lse):  # exp(logit - lse) would be off: a fresh softmax per block of rows
+            rows = lambda a, b, c, start, stop: _plain_attention(a, b, c, scale)  # noqa: E731
+            return (*rowwise_grads(rows, q, k, v, grad_out, ctx.needs_input_grad[:3]), None, None)
         batch, length_q, dim_qk = q.shape
         length_k, dim_v = k.shape[1], v.shape[2]
         grad_out = grad_out.contiguous()  # (B, L, e)

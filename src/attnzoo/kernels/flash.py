@@ -13,6 +13,7 @@ Shape letters: B batch, h heads, L query length, S key length, d head dim.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend
 
-from attnzoo.kernels.route import composite_required, recompute_grads
+from attnzoo.kernels.route import composite_required, large_logits, recompute_grads, rowwise_grads
 
 __all__ = ["sdpa"]
 
@@ -30,6 +31,20 @@ _FLASH: int = SDPBackend.FLASH_ATTENTION.value
 def _math(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool, scale: float | None) -> Tensor:
     """SDPA's own math decomposition (plain differentiable ops)."""
     return torch.ops.aten._scaled_dot_product_attention_math(q, k, v, mask, 0.0, causal, None, scale=scale)[0]
+
+
+def _rows(mask: Tensor | None, causal: bool, scale: float | None) -> Callable[..., Tensor]:
+    """`_math` on query rows `start:stop` (`route.rowwise_grads`): the mask's rows, causality as a mask."""
+
+    def run(q: Tensor, k: Tensor, v: Tensor, start: int, stop: int) -> Tensor:
+        rows = None if mask is None else mask[..., start:stop, :] if mask.shape[-2] > 1 else mask
+        if causal:  # top-left aligned: query start + i sees keys 0..start + i
+            late = torch.ones(stop - start, k.shape[-2], dtype=torch.bool, device=q.device).triu_(start + 1)
+            bias = torch.zeros(late.shape, dtype=q.dtype, device=q.device).masked_fill_(late, float("-inf"))
+            rows = bias if rows is None else rows + bias
+        return _math(q, k, v, rows, False, scale)
+
+    return run
 
 
 class _FlashCPU(torch.autograd.Function):
@@ -54,6 +69,8 @@ class _FlashCPU(torch.autograd.Function):
             plain = lambda a, b, c: _math(a, b, c, mask, causal, scale)  # noqa: E731
             grads = recompute_grads(plain, [q, k, v], grad, needs[:3])
             return (*grads, None, None, None)
+        if large_logits(lse):  # exp(logit - lse) would be off: a fresh softmax per block of rows
+            return (*rowwise_grads(_rows(mask, causal, scale), q, k, v, grad, needs), None, None, None)
         gq, gk, gv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             grad, q, k, v, out, lse, 0.0, causal, attn_mask=mask, scale=scale
         )

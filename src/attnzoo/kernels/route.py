@@ -15,7 +15,12 @@ hand-written ``autograd.Function`` cannot take part:
 
 A backward with ``create_graph=True`` (a gradient penalty, ``gradgradcheck``) runs the kernel's
 forward as usual; its backward then recomputes the twin differentiably (`recompute_grads`),
-so second derivatives are exact. First-order backward keeps the fast path.
+so second derivatives are exact. First-order backward keeps the fast path, except where the logits
+are so large (`large_logits`) that the saved log-sum-exp no longer reproduces the probabilities:
+``exp(logit - lse)`` in a recomputing backward (CPU flash, the blocked kernel) is then off by up to
+``exp(|lse| * eps)``, which gave gradients 1e28 times too large for inputs of size 1e3. Those
+backwards then recompute the twin a block of query rows at a time, each with its own softmax
+(`rowwise_grads`).
 
 `sample_blocks` cuts a batch into blocks of a few samples, for the kernels that walk a large map a
 block at a time so their temporaries stay small and in cache (SimAM, the split selection).
@@ -35,6 +40,8 @@ from attnzoo._checks import autocast_on
 __all__ = [
     "autocast_state",
     "composite_required",
+    "large_logits",
+    "rowwise_grads",
     "recompute_grads",
     "sample_blocks",
     "stale_closure",
@@ -129,6 +136,60 @@ def without_autocast(method: F) -> F:
             return method(ctx, *args)
 
     return run  # type: ignore[return-value]
+
+
+# |lse| (float32) above which exp(logit - lse) in a recomputing backward may be off by more than about
+# 1e-4 (relative; 1024 * eps): measured, CPU flash and blocked gradients were off by 2e-4 at |lse| = 2e3,
+# by 7% at 2e5. Scaled by the dtype's precision for float64.
+_LSE_LIMIT = 1024.0
+
+
+def large_logits(lse: Tensor) -> bool:
+    """Whether a saved log-sum-exp is too large for its backward to recompute the probabilities from it
+    (fully masked rows, with an infinite lse, and NaN rows aside)."""
+    if not lse.numel():
+        return False
+    limit = _LSE_LIMIT * torch.finfo(torch.float32).eps / torch.finfo(lse.dtype).eps
+    return bool(lse.nan_to_num(0.0, 0.0, 0.0).abs().amax() > limit)
+
+
+def rowwise_grads(
+    fn: Callable[[Tensor, Tensor, Tensor, int, int], Tensor],
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    grad: Tensor,
+    needs: Sequence[bool],
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """First-order gradients of attention whose output rows depend on their own query rows alone,
+    recomputed by ``fn(q[..., start:stop, :], k, v, start, stop)`` (the composite twin, its own
+    softmax per row) a block of rows at a time, so at most about 2**20 logits are alive at once.
+
+    Shape:
+        - q: ``(..., L, d)``; k: ``(..., S, d)``; v: ``(..., S, e)``; grad: ``(..., L, e)``.
+    """
+    if not any(needs[:3]):
+        return None, None, None
+    length, keys = q.shape[-2], k.shape[-2]
+    rows = max(1, min(length, (1 << 20) // max(1, q[..., :1, :1].numel() * keys)))
+    grad_q = torch.empty_like(q) if needs[0] else None
+    grad_k = torch.zeros_like(k) if needs[1] else None
+    grad_v = torch.zeros_like(v) if needs[2] else None
+    for start in range(0, length, rows):
+        stop = min(start + rows, length)
+        parts = (q[..., start:stop, :], k, v)
+        with torch.enable_grad():
+            inputs = [t.detach().requires_grad_(bool(n)) for t, n in zip(parts, needs[:3], strict=True)]
+            out = fn(inputs[0], inputs[1], inputs[2], start, stop)
+        wanted = [t for t in inputs if t.requires_grad]
+        found = iter(torch.autograd.grad(out, wanted, grad[..., start:stop, :].to(out.dtype)))
+        if grad_q is not None:
+            grad_q[..., start:stop, :] = next(found)
+        if grad_k is not None:
+            grad_k += next(found)
+        if grad_v is not None:
+            grad_v += next(found)
+    return grad_q, grad_k, grad_v
 
 
 def stale_closure(who: str, kept: Tensor, again: Tensor) -> None:

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from attnzoo._checks import check_float, check_int
-from attnzoo.mechanisms._widths import make_divisible
+from attnzoo.mechanisms._widths import check_width, make_divisible
 
 __all__ = ["feat_pair", "qk_head_width", "check_stride", "rel_logits_2d"]
 
@@ -32,6 +32,7 @@ def qk_head_width(
     ratio = check_float(qk_ratio, "qk_ratio", who)
     if not (ratio > 0 and math.isfinite(ratio)):
         raise ValueError(f"{who}: qk_ratio must be a positive finite number, got {qk_ratio}")
+    check_width(out_channels * ratio, "qk_ratio", qk_ratio, who)
     width = make_divisible(out_channels * ratio, 8) // num_heads
     if width < 1:
         raise ValueError(

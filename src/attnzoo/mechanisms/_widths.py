@@ -9,9 +9,19 @@ from __future__ import annotations
 
 import math
 
-from attnzoo._checks import check_float, check_int
+from attnzoo._checks import MAX_SIZE, check_float, check_int
 
-__all__ = ["round_width", "make_divisible", "hidden_channels", "adaptive_kernel_size", "check_layer"]
+__all__ = [
+    "round_width", "make_divisible", "hidden_channels", "adaptive_kernel_size", "check_layer", "check_width",
+]
+
+
+def check_width(width: float, name: str, value: object, who: str, what: str = "width") -> None:
+    """A width derived from a float option (`channels / reduction`, `out * qk_ratio`) must be a size
+    torch can allocate: at most `MAX_SIZE`. The message names the option and its value."""
+    if not width <= MAX_SIZE:  # also nan
+        raise ValueError(f"{who}: {name}={value!r} gives a {what} of {width:g}, more than the largest size "
+                         f"{MAX_SIZE} (2**31 - 1)")
 
 
 def round_width(value: float, divisor: int, minimum: int | None = None, round_limit: float = 0.0) -> int:
@@ -68,6 +78,7 @@ def adaptive_kernel_size(channels: int, gamma: float, beta: float, who: str) -> 
             raise ValueError(f"{who}: {name} must be finite, got {value}")
     if gamma <= 0:
         raise ValueError(f"{who}: gamma must be > 0, got {gamma}")
+    check_width(abs(math.log2(channels) + beta) / gamma, "(gamma, beta)", (gamma, beta), who, "kernel size")
     t = int(abs(math.log2(channels) + beta) / gamma)
     return max(t if t % 2 else t + 1, 3)
 

@@ -26,7 +26,7 @@ from attnzoo._checks import check_divisible, check_float, check_int, check_shape
 from attnzoo._geometry import divisor_window, grid2d
 from attnzoo._registry import Example, FreeSize, register
 from attnzoo.maps.capture import capturing, record
-from attnzoo.mechanisms._widths import round_width
+from attnzoo.mechanisms._widths import check_width, round_width
 
 __all__ = ["BilinearAttnTransform", "BATNonLocalAttention"]
 
@@ -187,6 +187,7 @@ class BATNonLocalAttention(nn.Module):
         check_float(proj_drop, "proj_drop", who, minimum=0.0, maximum=1.0)
         derived = rd_channels is None
         if rd_channels is None:
+            check_width(channels / reduction, "reduction", reduction, who)
             rd_channels = round_width(channels / reduction, rd_divisor, round_limit=0.9)
         check_int(rd_channels, "rd_channels", who)
         if derived and rd_channels % groups:  # name what the user gave: reduction and rd_divisor

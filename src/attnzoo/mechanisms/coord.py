@@ -26,7 +26,7 @@ from attnzoo._checks import check_float, check_int, check_shape
 from attnzoo._registry import Example, register
 from attnzoo.kernels.strips import strip_means
 from attnzoo.mechanisms._strip_gates import finish, finish_sum
-from attnzoo.mechanisms._widths import round_width
+from attnzoo.mechanisms._widths import check_width, round_width
 
 __all__ = [
     "GroupNorm1", "CoordAttention", "SimpleCoordAttention", "EfficientLocalAttention", "StripAttention"
@@ -131,6 +131,7 @@ class CoordAttention(nn.Module):
             raise ValueError(f"{who}: reduction must be > 0, got {reduction}")
         check_int(rd_divisor, "rd_divisor", who)
         if rd_channels is None:
+            check_width(channels / reduction, "reduction", reduction, who)
             rd_channels = round_width(channels / reduction, rd_divisor)
         check_int(rd_channels, "rd_channels", who)
         dd = {"device": device, "dtype": dtype}

@@ -118,7 +118,7 @@ class LinearAttention(nn.Module):
         num_heads: Number of heads h; must divide `dim`. Default: 8.
         qkv_bias: Give the query/key/value projection a bias. Default: True.
         causal: Query i attends only to keys `0..i` (the paper's autoregressive form). Default: False.
-        eps: Added to the normaliser (keeps fully masked queries at 0). Default: 1e-6.
+        eps: Added to the normaliser, > 0 (keeps fully masked queries at 0). Default: 1e-6.
         proj_drop: Dropout after the output projection (training only). Default: 0.0.
         device: Device of the parameters. Default: None.
         dtype: dtype of the parameters. Default: None.
@@ -161,7 +161,7 @@ class LinearAttention(nn.Module):
             raise ValueError(f"{who}: dim={dim} must be divisible by num_heads={num_heads}")
         self.head_dim = dim // num_heads
         self.causal = causal
-        self.eps = check_float(eps, "eps", who, minimum=0.0)
+        self.eps = check_float(eps, "eps", who, above=0.0)  # 0: a fully masked query gives 0 / 0
         if eps == float("inf"):
             raise ValueError(f"{who}: eps must be finite, got {eps}")
         factory: dict[str, Any] = {"device": device, "dtype": dtype}

@@ -25,6 +25,7 @@ from attnzoo._checks import check_float, check_int
 from attnzoo._registry import Example, register, register_seed
 from attnzoo.kernels.gate import GatePlan, fused_gate, to_batch_first
 from attnzoo.maps.capture import capturing, record
+from attnzoo.mechanisms._widths import check_width
 
 __all__ = ["SqueezeExcite", "SELayer"]
 
@@ -66,6 +67,7 @@ def rd_width(channels: int, reduction: float, rd_channels: int | None, rd_diviso
     check_int(rd_divisor, "rd_divisor", who)
     if rd_channels is not None:
         return check_int(rd_channels, "rd_channels", who)
+    check_width(channels / reduction, "reduction", reduction, who)
     return make_divisible(channels / reduction, rd_divisor)
 
 

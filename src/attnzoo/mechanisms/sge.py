@@ -69,7 +69,7 @@ class SpatialGroupEnhance(nn.Module):
         channels: Number of input channels C.
         groups: Number of groups G, dividing C. Default: None (64, the paper's, where it divides
             C, else `gcd(C, 64)`).
-        eps: Added to the standard deviation. Default: 1e-5 (the official code's).
+        eps: Added to the standard deviation, > 0. Default: 1e-5 (the official code's).
         device: Device of the parameters. Default: None.
         dtype: dtype of the parameters. Default: None.
 
@@ -101,7 +101,7 @@ class SpatialGroupEnhance(nn.Module):
         who = type(self).__name__
         self.groups = default_groups(channels, groups, 64, who)
         check_divisible(channels, self.groups, "channels", "groups", who)
-        self.eps = check_float(eps, "eps", who, minimum=0)
+        self.eps = check_float(eps, "eps", who, above=0)  # eps = 0 divides 0 by 0 on a constant group
         self.channels: int | None = channels  # None (set by from_fightingcv): any multiple of groups
         # The official keys and shapes: weight (gamma) and bias (beta), (1, G, 1, 1).
         self.weight = nn.Parameter(torch.zeros(1, self.groups, 1, 1, device=device, dtype=dtype))

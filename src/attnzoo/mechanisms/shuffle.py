@@ -55,7 +55,7 @@ class ShuffleAttention(nn.Module):
         channels: Number of input channels C, a multiple of `2 * groups`.
         groups: Number of groups G. Default: None (64, the paper's, where `2 * 64` divides C, else
             `gcd(C // 2, 64)`).
-        eps: The GroupNorm's epsilon. Default: 1e-5.
+        eps: The GroupNorm's epsilon, > 0. Default: 1e-5.
         device: Device of the parameters. Default: None.
         dtype: dtype of the parameters. Default: None.
 
@@ -93,7 +93,7 @@ class ShuffleAttention(nn.Module):
                 f"{who}: channels={channels} must be divisible by 2 * groups = {2 * self.groups} "
                 f"(two halves per group), got groups={self.groups}"
             )
-        check_float(eps, "eps", who, minimum=0)
+        check_float(eps, "eps", who, above=0)  # eps = 0: a constant group normalises to 0 / 0
         self.channels = channels
         half = channels // (2 * self.groups)
         dd = {"device": device, "dtype": dtype}

@@ -49,7 +49,7 @@ class SimAM(nn.Module):
 
     Args:
         channels: Number of input channels C (checked; the module has no parameters).
-        e_lambda: The regulariser $\\lambda$ of the energy. Default: 1e-4 (the paper's).
+        e_lambda: The regulariser $\\lambda$ of the energy, > 0. Default: 1e-4 (the paper's).
         device: Accepted for the shared vocabulary; nothing is allocated. Default: None.
         dtype: Accepted for the shared vocabulary; nothing is allocated. Default: None.
 
@@ -78,7 +78,7 @@ class SimAM(nn.Module):
         super().__init__()
         who = type(self).__name__
         self.channels: int | None = check_int(channels, "channels", who)  # None: any C (from_fightingcv)
-        self.e_lambda = check_float(e_lambda, "e_lambda", who, minimum=0)
+        self.e_lambda = check_float(e_lambda, "e_lambda", who, above=0)  # 0: a constant map gives 0 / 0
         del device, dtype  # no parameter or buffer to place
 
     def forward(self, x: Tensor, need_weights: bool = False) -> Tensor | tuple[Tensor, Tensor]:

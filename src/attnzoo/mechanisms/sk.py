@@ -35,6 +35,7 @@ from attnzoo._registry import Example, register, register_seed
 from attnzoo.kernels.gate import to_batch_first
 from attnzoo.kernels.selective import select_branches, select_with_weights
 from attnzoo.maps.capture import capturing, record
+from attnzoo.mechanisms._widths import check_width
 from attnzoo.mechanisms.se import from_batch_first
 
 __all__ = ["SKConv", "SKEConv"]
@@ -143,6 +144,7 @@ class SKConv(nn.Module):
         if check_float(reduction, "reduction", who) <= 0:
             raise ValueError(f"{who}: reduction must be > 0, got {reduction}")
         if rd_channels is None:
+            check_width(out / reduction, "reduction", reduction, who)
             self.d = max(int(out / reduction), min_rd_channels)
         else:
             self.d = check_int(rd_channels, "rd_channels", who)

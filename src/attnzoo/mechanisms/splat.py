@@ -25,7 +25,7 @@ from attnzoo._checks import check_divisible, check_float, check_int, check_shape
 from attnzoo._registry import Example, register
 from attnzoo.kernels.selective import select_splits, select_with_weights
 from attnzoo.maps.capture import capturing, record
-from attnzoo.mechanisms._widths import round_width
+from attnzoo.mechanisms._widths import check_width, round_width
 
 __all__ = ["SplitAttention"]
 
@@ -120,6 +120,7 @@ class SplitAttention(nn.Module):
             padding = dilation * (kernel_size - 1) // 2
         check_int(padding, "padding", who, minimum=0)
         if rd_channels is None:
+            check_width(channels * radix / reduction, "reduction", reduction, who)
             rd_channels = round_width(channels * radix / reduction, rd_divisor, minimum=32, round_limit=0.9)
         check_int(rd_channels, "rd_channels", who)
         check_divisible(channels, groups * radix, "channels", "groups * radix", who)

@@ -79,7 +79,8 @@ class TimmAttention(nn.Module):
         self.k_norm = norm(self.head_dim, **dd) if qk_norm else nn.Identity()
         self.norm = norm(self.attn_dim, **dd) if scale_norm else nn.Identity()
         self.gate = nn.Linear(dim, self.attn_dim, bias=qkv_bias, **dd) if gated else None
-        self.proj = nn.Linear(self.attn_dim, dim_out or dim, bias=proj_bias, **dd)
+        dim_out = check_int(dim_out or dim, "dim_out", who)  # timm's `dim_out or dim`: 0 and None give dim
+        self.proj = nn.Linear(self.attn_dim, dim_out, bias=proj_bias, **dd)
         self.proj_drop = nn.Dropout(check_float(proj_drop, "proj_drop", who, minimum=0.0, maximum=1.0))
 
     def extra_repr(self) -> str:
