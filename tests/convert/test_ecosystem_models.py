@@ -171,6 +171,60 @@ def test_replace_keeps_fightingcv_calls_that_the_canonical_class_changes(path, a
     torch.save(model.attn, buffer)  # (the test caller holds a lambda)
 
 
+@pytest.mark.parametrize(
+    ("path", "kwargs", "shape"),
+    [
+        ("OutlookAttention.OutlookAttention", {"dim": 16, "num_heads": 2}, (2, 5, 6, 16)),  # v_pj -> v
+        ("MobileViTv2Attention.MobileViTv2Attention", {"d_model": 16}, (2, 7, 16)),  # fc_i/k/v -> qkv
+        ("SEAttention.SEAttention", {"channel": 16, "reduction": 4}, (2, 16, 5, 6)),
+        ("CBAM.CBAMBlock", {"channel": 16, "reduction": 4, "kernel_size": 3}, (2, 16, 5, 6)),
+        ("SKAttention.SKAttention", {"channel": 16, "reduction": 4}, (2, 16, 5, 6)),
+        ("AFT.AFT_FULL", {"d_model": 16, "n": 9}, (2, 9, 16)),
+        ("TripletAttention.TripletAttention", {}, (2, 4, 5, 6)),
+        ("ParNetAttention.ParNetAttention", {"channel": 16}, (2, 16, 5, 6)),
+    ],
+)
+def test_fightingcv_checkpoints_load_after_replace(path: str, kwargs: dict, shape: tuple[int, ...]) -> None:
+    # The converters rename, reshape and stack fightingcv's weights; a key map traced at conversion
+    # (attnzoo.convert._source_keys) lets fightingcv's own state_dict load into the swapped model.
+    cls = _fcv(path)
+    model = nn.Sequential(randomize(cls(**kwargs))).eval()
+    checkpoint = _perturbed(model.state_dict(), seed=4)
+    reference = copy.deepcopy(model)
+    reference.load_state_dict(checkpoint, strict=True)
+    attnzoo.replace(model, cls)
+    assert not isinstance(model[0], cls)
+    model.load_state_dict(checkpoint, strict=True)
+    x = torch.randn(shape, dtype=D, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x), atol=1e-10, rtol=1e-10)
+    model.load_state_dict(model.state_dict(), strict=True)  # attnzoo's own keys still load
+    buffer = io.BytesIO()
+    torch.save(model, buffer)  # the key map pickles with the model
+    buffer.seek(0)
+    torch.load(buffer, weights_only=False).load_state_dict(checkpoint, strict=True)
+
+
+def test_a_converter_that_computes_values_gets_no_key_map() -> None:
+    from attnzoo.convert._source_keys import attach_source_keys
+
+    def convert(m: nn.Module, scale: float) -> nn.Module:  # renames (weight -> 0.weight) and scales
+        out = nn.Sequential(nn.Linear(3, 2, dtype=m.weight.dtype))  # converters keep the dtype
+        with torch.no_grad():
+            out[0].weight.copy_(scale * m.weight)
+            out[0].bias.copy_(m.bias)
+        return out
+
+    source = nn.Linear(3, 2)
+    copied, doubled = convert(source, 1.0), convert(source, 2.0)
+    attach_source_keys(source, copied, lambda m: convert(m, 1.0))
+    attach_source_keys(source, doubled, lambda m: convert(m, 2.0))
+    assert copied._load_state_dict_pre_hooks and not doubled._load_state_dict_pre_hooks
+    other = nn.Linear(3, 2)
+    copied.load_state_dict(other.state_dict(), strict=True)  # the source's keys, through the map
+    torch.testing.assert_close(copied[0].weight, other.weight)
+
+
 def test_replaced_emsa_refuses_cross_inputs_and_masks() -> None:
     cls = _fcv("EMSA.EMSA")
     model = _Caller(cls(16, 8, 8, 2, 0.0, 5, 6, 1, False), lambda m, x: m(x, x, x)).eval()

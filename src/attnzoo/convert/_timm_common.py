@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from attnzoo.convert._source_keys import attach_source_keys
+
 __all__ = [
     "dotted", "refuse", "factory", "same_forward", "TimmKeys", "rename", "convert_keeping", "FORWARD_HOOKS",
 ]
@@ -90,6 +92,7 @@ def convert_keeping(module: nn.Module, convert: Callable[[nn.Module], nn.Module]
     trainable exactly when one of the parameters its values come from is."""
     params = list(module.parameters())
     new = convert(module)
+    attach_source_keys(module, new, convert)  # the source's checkpoints keep loading
     for hooks in FORWARD_HOOKS:
         if hasattr(module, hooks):
             getattr(new, hooks).update(getattr(module, hooks))
@@ -101,7 +104,8 @@ def convert_keeping(module: nn.Module, convert: Callable[[nn.Module], nn.Module]
     with torch.no_grad():
         for i, p in enumerate(probe.parameters()):
             p.fill_(i + 1)
-    marked = convert(probe)
+    with torch.random.fork_rng(devices=[]):  # the probe's conversion draws initial weights
+        marked = convert(probe)
     for param, mark in zip(new.parameters(), marked.parameters(), strict=True):
         ids = mark.detach().double().unique()
         whole = ids.round() == ids
