@@ -205,24 +205,64 @@ def test_fightingcv_checkpoints_load_after_replace(path: str, kwargs: dict, shap
     torch.load(buffer, weights_only=False).load_state_dict(checkpoint, strict=True)
 
 
-def test_a_converter_that_computes_values_gets_no_key_map() -> None:
-    from attnzoo.convert._source_keys import attach_source_keys
+def _renaming(fn):
+    """A converter `Linear -> Sequential(Linear)` (keys renamed) whose weight is `fn(source)`."""
 
-    def convert(m: nn.Module, scale: float) -> nn.Module:  # renames (weight -> 0.weight) and scales
+    def convert(m: nn.Module) -> nn.Module:
         out = nn.Sequential(nn.Linear(3, 2, dtype=m.weight.dtype))  # converters keep the dtype
         with torch.no_grad():
-            out[0].weight.copy_(scale * m.weight)
+            out[0].weight.copy_(fn(m))
             out[0].bias.copy_(m.bias)
         return out
 
+    return convert
+
+
+@pytest.mark.parametrize(
+    ("fn", "mapped"),
+    [
+        (lambda m: m.weight.flip(1), True),  # a genuine move: mapped
+        (lambda m: 2 * m.weight, False),  # computed: the marks do not decode
+        # marks that decode to valid positions of the wrong values: only the random replay sees it
+        (lambda m: (m.weight - m.weight[0, 0] + m.bias[0]).clamp(max=m.bias[1]), False),
+        (lambda m: m.weight - m.weight[0, 0] + m.bias.repeat(2)[:3], False),
+    ],
+)
+def test_key_maps_are_traced_only_for_copies(fn, mapped: bool) -> None:
+    from attnzoo.convert._source_keys import attach_source_keys
+
     source = nn.Linear(3, 2)
-    copied, doubled = convert(source, 1.0), convert(source, 2.0)
-    attach_source_keys(source, copied, lambda m: convert(m, 1.0))
-    attach_source_keys(source, doubled, lambda m: convert(m, 2.0))
-    assert copied._load_state_dict_pre_hooks and not doubled._load_state_dict_pre_hooks
-    other = nn.Linear(3, 2)
-    copied.load_state_dict(other.state_dict(), strict=True)  # the source's keys, through the map
-    torch.testing.assert_close(copied[0].weight, other.weight)
+    convert = _renaming(fn)
+    target = convert(source)
+    attach_source_keys(source, target, convert)
+    assert bool(target._load_state_dict_pre_hooks) == mapped
+    if mapped:
+        other = nn.Linear(3, 2)
+        target.load_state_dict(other.state_dict(), strict=True)  # the source's keys, through the map
+        torch.testing.assert_close(target[0].weight, fn(other))
+
+
+def test_key_map_checks_shapes_and_maps_integer_buffers() -> None:
+    cls = _fcv("SKAttention.SKAttention")
+    model = nn.Sequential(cls(channel=16, reduction=4))
+    wider = nn.Sequential(cls(channel=32, reduction=4)).state_dict()
+    checkpoint = _perturbed(model.state_dict(), seed=6)
+    counts = {k: torch.tensor(123) for k in checkpoint if k.endswith("num_batches_tracked")}
+    checkpoint.update(counts)
+    attnzoo.replace(model, cls)
+    with pytest.raises(RuntimeError, match="size mismatch|Missing key|Unexpected key"):
+        model.load_state_dict(wider, strict=True)  # another width fails loudly, never silently
+    model.load_state_dict(checkpoint, strict=True)
+    tracked = [m.num_batches_tracked for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert tracked and all(int(t) == 123 for t in tracked)  # renamed BatchNorm counters are mapped
+
+
+def test_replace_on_the_meta_device_still_converts() -> None:
+    cls = _fcv("MobileViTv2Attention.MobileViTv2Attention")
+    with torch.device("meta"):
+        model = nn.Sequential(cls(16))
+    attnzoo.replace(model, cls)
+    assert type(model[0]).__name__ == "SeparableSelfAttention" and model[0].qkv.weight.is_meta
 
 
 def test_replaced_emsa_refuses_cross_inputs_and_masks() -> None:

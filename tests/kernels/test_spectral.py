@@ -73,15 +73,45 @@ def test_float32_products_stay_close(size):
     torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
 
 
-def test_static_rule_follows_the_side_and_autocast():
+def test_static_rule_follows_the_side_and_the_override():
     small, big = _inputs(14, 14)[0], _inputs(32, 32)[0]
     w_small, w_big = _inputs(14, 14)[1], _inputs(32, 32)[1]
     assert spectral._choice(small, w_small) == "dft"  # calibration is off in the suite: the static rule
     assert spectral._choice(big, w_big) == "fft"
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert spectral._choice(small.float(), w_small.float()) == "fft"  # products would run in bf16
     with prefer("spectral", "fft"):
         assert spectral._choice(small, w_small) == "fft"
+
+
+def test_products_ignore_autocast():
+    # under bf16 autocast the products still run in float32, as the FFT does
+    x, weight = (t.float() for t in _inputs(7, 6, channels=8))
+    want = reference(x.double(), weight.double())
+    for kernel in ("dft", "fft"):
+        with prefer("spectral", kernel), torch.autocast("cpu", dtype=torch.bfloat16):
+            got = spectral.global_filter(x, weight)
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_bad_inputs_are_named():
+    x, weight = _inputs(5, 7)
+    with pytest.raises(ValueError, match=r"weight of shape \(5, 4, 3, 2\)"):
+        spectral.global_filter(x, weight[:, :3])
+    with pytest.raises(ValueError, match=r"x of shape \(B, H, W, C\)"):
+        spectral.global_filter(x[0], weight)
+    with pytest.raises(TypeError, match="float32 or float64"):
+        spectral.global_filter(x.float(), weight)
+
+
+def test_fake_tensors_never_meet_the_cache():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    x, weight = _inputs(6, 5)
+    with prefer("spectral", "dft"):
+        spectral.global_filter(x, weight)  # fills the cache with real matrices
+        with FakeTensorMode() as mode:
+            out = spectral.global_filter(mode.from_tensor(x), mode.from_tensor(weight))
+    assert out.shape == x.shape
 
 
 def test_calibration_records_its_choice(monkeypatch):

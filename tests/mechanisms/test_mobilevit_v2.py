@@ -69,6 +69,17 @@ def test_pooled_context_equals_projecting_every_key_with_dropout(bias):
         torch.testing.assert_close(got, ref, atol=1e-12, rtol=1e-12)
 
 
+def test_a_hooked_projection_is_called_with_the_same_numbers():
+    torch.manual_seed(0)
+    attn = SeparableSelfAttention(8).double()
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    pooled = attn(x)  # the keys' rows read directly
+    seen = []
+    attn.qkv.register_forward_hook(lambda m, args, out: seen.append(out.shape))
+    torch.testing.assert_close(attn(x), pooled, atol=1e-12, rtol=1e-12)
+    assert seen == [torch.Size([2, 5, 17])]  # the hook sees the whole projection
+
+
 def test_options_and_errors():
     assert isinstance(SeparableSelfAttention(8, act_layer=None).act, torch.nn.Identity)
     assert SeparableSelfAttention(8, bias=False).qkv.bias is None

@@ -63,10 +63,11 @@ def test_matches_timm_volo_float64(dim, heads, kernel, padding, stride, height, 
     volo = pytest.importorskip("timm.models.volo", reason="timm missing")
     torch.manual_seed(0)
     theirs = volo.OutlookAttention(dim, heads, kernel_size=kernel, padding=padding, stride=stride,
-                                   qkv_bias=True).double().train(train)
+                                   qkv_bias=True, attn_drop=0.2, proj_drop=0.1).double().train(train)
     randomize(theirs)
     ours = from_timm(theirs)
     assert type(ours) is OutlookAttention and ours.training == train and ours.stride == stride
+    assert (ours.attn_drop.p, ours.proj_drop.p) == (0.2, 0.1)  # with train=True the masks must agree
     x = torch.randn(2, height, width, dim, dtype=torch.float64, requires_grad=True)
     torch.manual_seed(1)
     want = theirs(x)

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from attnzoo.convert._source_keys import attach_source_keys
+from attnzoo.convert._source_keys import attach_source_keys, cpu_probe
 
 __all__ = [
     "dotted", "refuse", "factory", "same_forward", "TimmKeys", "rename", "convert_keeping", "FORWARD_HOOKS",
@@ -100,7 +99,7 @@ def convert_keeping(module: nn.Module, convert: Callable[[nn.Module], nn.Module]
         return new
     if not any(p.requires_grad for p in params):
         return new.requires_grad_(False)
-    probe = copy.deepcopy(module)
+    probe = cpu_probe(module)  # float64 on the CPU, hooks left behind
     with torch.no_grad():
         for i, p in enumerate(probe.parameters()):
             p.fill_(i + 1)

@@ -37,11 +37,12 @@ def _select_forward(branches: Sequence[Tensor], fn: Callable[[Tensor], Tensor], 
 
 
 def _pool(branches: Sequence[Tensor]) -> Tensor:
-    """(B, C): the mean over H, W of the summed branches, as a sum of per-branch means."""
-    pooled = branches[0].mean((2, 3))
+    """(B, C): the mean over H, W of the summed branches, as per-branch sums scaled once (a sum's
+    gradient is an expanded view autograd adds to the branch's; a mean's is materialised first)."""
+    pooled = branches[0].sum((2, 3))
     for u in branches[1:]:
-        pooled = pooled + u.mean((2, 3))
-    return pooled
+        pooled = pooled + u.sum((2, 3))
+    return pooled / (branches[0].shape[2] * branches[0].shape[3])
 
 
 def _mix(branches: Sequence[Tensor], a: Tensor, out: Tensor | None = None) -> Tensor:

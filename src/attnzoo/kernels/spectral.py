@@ -17,8 +17,8 @@ and ``torch.compile`` see ordinary ops either way. The products cost O(N (H + W)
 O(N log N), but they run on the GEMM units in a few large calls where the FFT makes strided passes:
 on the maps GFNet uses late (7 x 7, 14 x 14) they are the faster kernel, at 56 x 56 the FFT is
 (`benchmarks/RESULTS.md`). Site ``"spectral"`` of `attnzoo.kernels.choose` decides per shape class;
-the static rule takes the products up to `DFT_MAX_SIDE` a side, and the FFT under autocast
-(where the products would run in half precision).
+the static rule takes the products up to `DFT_MAX_SIDE` a side on the CPU (on other devices the
+float32 products may run in TF32, so the FFT), and they run with autocast off, in ``x``'s dtype.
 
 Shape letters: B batch, H, W the map, C channels, w = W // 2 + 1 frequencies.
 """
@@ -30,7 +30,7 @@ import math
 import torch
 from torch import Tensor
 
-from attnzoo._checks import autocast_on
+from attnzoo._checks import autocast_on, check_shape
 from attnzoo.kernels import choose
 from attnzoo.kernels.route import composite_required
 
@@ -52,13 +52,13 @@ def dft_matrices(height: int, width: int, dtype: torch.dtype, device: torch.devi
         real/imaginary) pairs, `(2w, W)` and `(W, 2w)`, built in float64 and cast to ``dtype``.
         Cached per (size, dtype, device) in eager mode.
     """
+    if composite_required(dispatch=True):  # tracing, fake tensors: fresh matrices, never the cache's
+        return _build(height, width, dtype, device)
     key = (height, width, dtype, torch.device(device))
     found = _matrices.get(key)
     if found is None:
         with torch.inference_mode(False):  # an inference tensor could not be saved for a later backward
-            found = _build(height, width, dtype, device)
-        if not composite_required(dispatch=True):  # no fake or traced tensors in the cache
-            _matrices[key] = found
+            found = _matrices[key] = _build(height, width, dtype, device)
     return found
 
 
@@ -92,7 +92,17 @@ def global_filter(x: Tensor, weight: Tensor) -> Tensor:
 
     Returns:
         `(B, H, W, C)` in ``x``'s dtype.
+
+    Raises:
+        ValueError: For shapes that do not fit (``w != W // 2 + 1``, other H or C).
+        TypeError: For dtypes other than float32/float64, or different ones.
     """
+    dims = check_shape(x, "global_filter", "B H W C", "x")
+    freqs = dims["W"] // 2 + 1
+    check_shape(weight, "global_filter", "H w C two", "weight", H=dims["H"], w=freqs, C=dims["C"], two=2)
+    if x.dtype not in (torch.float32, torch.float64) or weight.dtype != x.dtype:
+        raise TypeError(f"global_filter expects float32 or float64 x and weight of one dtype, got "
+                        f"{x.dtype} and {weight.dtype}")
     kernel = _choice(x, weight)
     return _dft_filter(x, weight) if kernel == "dft" else _fft_filter(x, weight)
 
@@ -105,6 +115,13 @@ def _fft_filter(x: Tensor, weight: Tensor) -> Tensor:
 
 
 def _dft_filter(x: Tensor, weight: Tensor) -> Tensor:
+    if autocast_on(x.device.type):  # the products run in x's dtype, like the FFT, never in half precision
+        with torch.autocast(x.device.type, enabled=False):
+            return _dft_products(x, weight)
+    return _dft_products(x, weight)
+
+
+def _dft_products(x: Tensor, weight: Tensor) -> Tensor:
     batch, height, width, channels = x.shape
     freqs = width // 2 + 1
     forward_h, inverse_h, forward_w, inverse_w = dft_matrices(height, width, x.dtype, x.device)
@@ -122,8 +139,9 @@ def _dft_filter(x: Tensor, weight: Tensor) -> Tensor:
 def _choice(x: Tensor, weight: Tensor) -> str:
     """``"dft"`` or ``"fft"`` (site ``"spectral"`` of `attnzoo.kernels.choose`)."""
     batch, height, width, channels = x.shape
-    autocast = autocast_on(x.device.type)
-    static = "dft" if max(height, width) <= DFT_MAX_SIDE and not autocast else "fft"
+    # elsewhere than on the CPU, float32 products may run in TF32 or lower (the FFT does not)
+    exact_products = x.device.type == "cpu" or x.dtype == torch.float64
+    static = "dft" if max(height, width) <= DFT_MAX_SIDE and exact_products else "fft"
     train = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     needs = [x.requires_grad, weight.requires_grad] if train else False
     key = (choose.bucket(batch), height, width, choose.bucket(channels), x.dtype, train)

@@ -4,10 +4,10 @@ arXiv:2107.00645.
 The map is taken to the frequency domain (2-D real FFT over H and W), multiplied element-wise by a
 learned complex filter per channel, and brought back: a depth-wise circular convolution with a
 kernel as large as the map. Time $O(B C N \\log N)$, memory $O(B N C)$, N = H W; no map between
-positions is built. On small maps the transforms run as real DFT matrix products, which beat the
-FFT there (`attnzoo.kernels.spectral`, chosen per shape class). The filter has one entry per
-frequency, so it fixes the input size: H, and W // 2 + 1 (W itself up to one: both 2 (w - 1) and
-2 w - 1 columns have w frequencies).
+positions is built. On small maps the transforms run as real DFT matrix products instead,
+$O(B C N (H + W))$, which beat the FFT there (`attnzoo.kernels.spectral`, chosen per shape class).
+The filter has one entry per frequency, so it fixes the input size: H, and W // 2 + 1 (W itself up
+to one: both 2 (w - 1) and 2 w - 1 columns have w frequencies).
 
 Deviations: the input is channels-last `(B, H, W, C)` (GFNet's and fightingcv's `GlobalFilter` take
 `(B, N, C)` tokens and guess a square map when no `spatial_size` is given); the transform runs in the

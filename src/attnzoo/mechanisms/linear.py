@@ -190,9 +190,10 @@ class LinearAttention(nn.Module):
                 got = key_mask.dtype if isinstance(key_mask, Tensor) else type(key_mask).__name__
                 raise TypeError(f"{who} expects key_mask to be a bool tensor (True = keep), got {got}")
             key_mask = check_mask(key_mask, (batch, length), who, "key_mask").expand(batch, length)
-        qkv = self.qkv(x).unflatten(-1, (3, self.num_heads, self.head_dim))  # (B, L, 3, h, d)
+        projected = self.qkv(x).unflatten(-1, (3, self.num_heads, self.head_dim))  # (B, L, 3, h, d)
         # one head-major copy: on strided heads every product below would copy its operands again
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).contiguous().unbind(0)  # (B, h, L, d) each
+        q, k, v = projected.permute(2, 0, 3, 1, 4).contiguous().unbind(0)  # (B, h, L, d) each
+        del projected  # nothing saves it: freed now, not at the end of forward
         out = linear_attention(q, k, v, causal=self.causal, eps=self.eps, key_mask=key_mask)
         weights = None
         if need_weights:

@@ -101,6 +101,13 @@ class SeparableSelfAttention(nn.Module):
     def extra_repr(self) -> str:
         return f"dim={self.dim}"
 
+    def _pooled_keys(self) -> bool:
+        """Whether `qkv` is a plain `nn.Linear` without hooks, whose weight the pooled path may read
+        directly (a LoRA or quantized wrapper, or a forward hook, must see the call)."""
+        qkv = self.qkv
+        hooked = qkv._forward_hooks or qkv._forward_pre_hooks or nn.modules.module._global_forward_hooks
+        return type(qkv) is nn.Linear and not hooked and not nn.modules.module._global_forward_pre_hooks
+
     def _rows(self, part: slice) -> tuple[Tensor, Tensor | None]:
         bias = None if self.qkv.bias is None else self.qkv.bias[part]
         return self.qkv.weight[part], bias
@@ -131,9 +138,14 @@ class SeparableSelfAttention(nn.Module):
             need_weights: Also return the `(B, L)` context scores. Default: False.
         """
         check_shape(x, type(self).__name__, "B L C", C=self.dim)
-        logit, v = self._logit_and_values(x)  # (B, L, 1), (B, L, C)
-        scores = logit.softmax(1)  # (B, L, 1): over the tokens
-        context = self._context(x, self.attn_drop(scores))  # (B, 1, C)
+        if self._pooled_keys():
+            logit, v = self._logit_and_values(x)  # (B, L, 1), (B, L, C)
+            scores = logit.softmax(1)  # (B, L, 1): over the tokens
+            context = self._context(x, self.attn_drop(scores))  # (B, 1, C)
+        else:  # qkv wrapped or hooked: called as a module, every key projected
+            logit, k, v = self.qkv(x).split((1, self.dim, self.dim), -1)  # (B, L, 1), (B, L, C) x 2
+            scores = logit.softmax(1)
+            context = (self.attn_drop(scores) * k).sum(1, keepdim=True)  # (B, 1, C)
         out = self.proj_drop(self.proj(self.act(v) * context))  # (B, L, C)
         if capturing():
             record(self, "spatial", scores[..., 0], grid=(x.shape[1],))
