@@ -26,6 +26,7 @@ from attnzoo.mechanisms.sk import SKConv
 from attnzoo.mechanisms.swin import WindowAttention
 from attnzoo.mechanisms.swin_v2_timm import TimmWindowAttentionV2
 from attnzoo.mechanisms.timm_attention import TimmAttention
+from attnzoo.mechanisms.timm_beit import TimmBeitAttention
 
 __all__ = ["EXISTING_CONVERTERS"]
 
@@ -253,6 +254,21 @@ def attention_from_timm(module: Any) -> TimmAttention:
     return finish(new, module, module.state_dict())
 
 
+def beit_attention_from_timm(module: Any) -> TimmBeitAttention:
+    """BEiT's `timm.models.beit.Attention` -> `attnzoo.compat.TimmBeitAttention` (timm's call and keys)."""
+    qkv: nn.Linear = module.qkv
+    head_dim = qkv.out_features // 3 // module.num_heads
+    if qkv.bias is not None or abs(module.scale - head_dim**-0.5) > 1e-12 * module.scale:
+        raise refuse(module, "its qkv has a bias or its scale is not head_dim ** -0.5")
+    new = TimmBeitAttention(
+        qkv.in_features, module.num_heads, qkv_bias=module.q_bias is not None,
+        qkv_bias_separate=bool(module.qkv_bias_separate), attn_drop=float(module.attn_drop.p),
+        proj_drop=float(module.proj_drop.p), window_size=module.window_size, attn_head_dim=head_dim,
+        **factory(module),
+    )
+    return finish(new, module, module.state_dict())
+
+
 def nonlocal_from_timm(module: Any) -> NonLocalBlock:
     """timm's `NonLocalAttn` (create_attn "nl") -> `NonLocalBlock` with `pool_keys=False`,
     `qk_scale` = timm's `scale` (`C ** -0.5`, or 1) and BatchNorm after the output convolution."""
@@ -283,5 +299,6 @@ EXISTING_CONVERTERS: dict[str, Callable[[nn.Module], nn.Module]] = {
     "timm.models.swin_transformer.WindowAttention": window_from_timm,
     "timm.models.swin_transformer_v2.WindowAttention": window_v2_from_timm,
     "timm.layers.attention.Attention": attention_from_timm,
+    "timm.models.beit.Attention": beit_attention_from_timm,
     "timm.layers.non_local_attn.NonLocalAttn": nonlocal_from_timm,
 }
