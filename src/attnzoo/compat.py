@@ -22,7 +22,8 @@ the canonical ``attnzoo.ShiftedWindowAttention`` and ``attnzoo.ShiftedWindowAtte
 ``shifted_window``, ``swin_v2_window``) mask padded tokens instead of letting them take part.
 ``TimmWindowAttentionV2`` is timm's Swin V2 ``WindowAttention`` (called on windows with timm's float
 mask; ``attnzoo.convert.from_timm`` converts timm's module), ``TimmAttention`` timm's ViT
-``Attention``, ``TimmBeitAttention`` timm's BEiT ``Attention`` (relative position bias, q/v biases).
+``Attention``, ``TimmBeitAttention`` timm's BEiT ``Attention`` (relative position bias, q/v biases),
+``TimmVoloAttention`` and ``TimmClassAttention`` VOLO's ``Attention`` (on maps) and ``ClassAttention``.
 """
 
 from torch import nn
@@ -49,6 +50,7 @@ from attnzoo.mechanisms.swin_v2_timm import TimmWindowAttentionV2
 from attnzoo.mechanisms.temporal import Attention
 from attnzoo.mechanisms.timm_attention import TimmAttention
 from attnzoo.mechanisms.timm_beit import TimmBeitAttention
+from attnzoo.mechanisms.timm_volo import TimmClassAttention, TimmVoloAttention
 from attnzoo.mechanisms.torch_mha import MultiheadAttention
 
 # Every seed and official class gets the shared option and input checks, as the canonical ones do.
@@ -76,6 +78,8 @@ __all__ = [
     "ShiftedWindowAttentionV2",
     "TimmAttention",
     "TimmBeitAttention",
+    "TimmClassAttention",
+    "TimmVoloAttention",
     "TimmWindowAttentionV2",
     "WindowAttention",
     # prefix-named blocks (builders returning PyTorch modules)

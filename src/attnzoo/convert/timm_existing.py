@@ -27,6 +27,7 @@ from attnzoo.mechanisms.swin import WindowAttention
 from attnzoo.mechanisms.swin_v2_timm import TimmWindowAttentionV2
 from attnzoo.mechanisms.timm_attention import TimmAttention
 from attnzoo.mechanisms.timm_beit import TimmBeitAttention
+from attnzoo.mechanisms.timm_volo import TimmClassAttention, TimmVoloAttention
 
 __all__ = ["EXISTING_CONVERTERS"]
 
@@ -269,6 +270,26 @@ def beit_attention_from_timm(module: Any) -> TimmBeitAttention:
     return finish(new, module, module.state_dict())
 
 
+def volo_attention_from_timm(module: Any) -> TimmVoloAttention:
+    """VOLO's `timm.models.volo.Attention` (on maps) -> `attnzoo.compat.TimmVoloAttention`."""
+    qkv: nn.Linear = module.qkv
+    new = TimmVoloAttention(qkv.in_features, module.num_heads, qkv_bias=qkv.bias is not None,
+                            attn_drop=float(module.attn_drop.p), proj_drop=float(module.proj_drop.p),
+                            **factory(module))
+    new.scale = float(module.scale)
+    return finish(new, module, module.state_dict())
+
+
+def class_attention_from_timm(module: Any) -> TimmClassAttention:
+    """VOLO's `timm.models.volo.ClassAttention` -> `attnzoo.compat.TimmClassAttention`."""
+    q: nn.Linear = module.q
+    new = TimmClassAttention(q.in_features, module.num_heads, head_dim=module.head_dim,
+                             qkv_bias=q.bias is not None, attn_drop=float(module.attn_drop.p),
+                             proj_drop=float(module.proj_drop.p), **factory(module))
+    new.scale = float(module.scale)
+    return finish(new, module, module.state_dict())
+
+
 def nonlocal_from_timm(module: Any) -> NonLocalBlock:
     """timm's `NonLocalAttn` (create_attn "nl") -> `NonLocalBlock` with `pool_keys=False`,
     `qk_scale` = timm's `scale` (`C ** -0.5`, or 1) and BatchNorm after the output convolution."""
@@ -300,5 +321,7 @@ EXISTING_CONVERTERS: dict[str, Callable[[nn.Module], nn.Module]] = {
     "timm.models.swin_transformer_v2.WindowAttention": window_v2_from_timm,
     "timm.layers.attention.Attention": attention_from_timm,
     "timm.models.beit.Attention": beit_attention_from_timm,
+    "timm.models.volo.Attention": volo_attention_from_timm,
+    "timm.models.volo.ClassAttention": class_attention_from_timm,
     "timm.layers.non_local_attn.NonLocalAttn": nonlocal_from_timm,
 }
