@@ -89,6 +89,10 @@ def test_whole_efficientnet_replaced_keeps_logits_and_loads_its_checkpoint(name:
     model.load_state_dict(checkpoint, strict=True)  # a timm checkpoint still loads after the swap
     with torch.no_grad():
         torch.testing.assert_close(model(x), before, **TOL)
+    model.train()
+    model(x).square().mean().backward()  # one training step's gradients are finite
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
 
 
 def test_efficientnet_squeeze_excite_refuses_other_convolutions() -> None:

@@ -91,6 +91,10 @@ def test_replace_in_a_timm_volo_model():
     assert [type(m) for m in model.modules() if type(m).__name__ == "OutlookAttention"] == [OutlookAttention]
     with torch.no_grad():
         torch.testing.assert_close(model(x), want, atol=1e-10, rtol=1e-10)
+    model.train()
+    model(x).square().mean().backward()  # one training step's gradients are finite
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
 
 
 def test_weights_and_errors():

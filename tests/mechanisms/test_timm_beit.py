@@ -72,6 +72,10 @@ def test_replace_in_a_timm_beit_keeps_logits_checkpoint_and_maps() -> None:
         with attnzoo.capture_maps(model) as maps:
             model(x)
     assert len(maps) == 2
+    model.train()
+    model(x).square().mean().backward()  # one training step's gradients are finite
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
 
 
 def test_errors_name_what_was_expected() -> None:

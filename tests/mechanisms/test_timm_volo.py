@@ -76,6 +76,10 @@ def test_replace_in_a_timm_volo_swaps_all_three_attentions() -> None:
         with attnzoo.capture_maps(model) as maps:
             model(x)
     assert maps
+    model.train()
+    model(x).square().mean().backward()  # one training step's gradients are finite
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
 
 
 def test_errors_name_what_was_expected() -> None:
