@@ -147,14 +147,14 @@ def check_divisible(value: int, divisor: int, name: str, divisor_name: str, who:
 
 
 def check_head_widths(
-    dim: int, num_heads: int, head_dim: int | None, value_head_dim: int | None, who: str
+    dim: int, num_heads: int, head_dim: int | None, value: int | None, who: str, name: str = "head_dim"
 ) -> tuple[int, int]:
-    """`(head_dim, value_head_dim)` of a multi-head layer: `dim // num_heads` unless given (then `dim`
-    must divide evenly), and the value heads as wide as the query/key heads unless given."""
+    """`(head_dim, value_head_dim)` of a multi-head layer (the head width's argument called `name`):
+    `dim // num_heads` unless given (then `dim` must divide evenly), values as wide unless given."""
     if head_dim is None and dim % num_heads != 0:
-        raise ValueError(f"{who}: dim={dim} must be divisible by num_heads={num_heads} (or give head_dim)")
-    qk = dim // num_heads if head_dim is None else check_int(head_dim, "head_dim", who)
-    return qk, qk if value_head_dim is None else check_int(value_head_dim, "value_head_dim", who)
+        raise ValueError(f"{who}: dim={dim} must be divisible by num_heads={num_heads} (or give {name})")
+    qk = dim // num_heads if head_dim is None else check_int(head_dim, name, who)
+    return qk, qk if value is None else check_int(value, "value_head_dim", who)
 
 
 def check_mask(mask: object, target: Sequence[int], who: str, name: str = "mask") -> Tensor:

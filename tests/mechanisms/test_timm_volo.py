@@ -8,6 +8,7 @@ import copy
 
 import pytest
 import torch
+from tests.convert._parity import randomize
 
 import attnzoo
 from attnzoo import OutlookAttention
@@ -16,14 +17,6 @@ from attnzoo.convert import from_timm
 
 volo = pytest.importorskip("timm.models.volo", reason="timm missing")
 D = torch.float64
-
-
-def randomize(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.5)
-    return module
 
 
 def check(theirs: torch.nn.Module, ours: torch.nn.Module, x: torch.Tensor) -> None:

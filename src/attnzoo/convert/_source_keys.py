@@ -24,13 +24,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["SourceKeys", "attach_source_keys", "cpu_probe"]
+__all__ = ["FORWARD_HOOKS", "SourceKeys", "attach_source_keys", "cpu_probe"]
 
 _STRIDE = 1 << 24  # positions per entry: exact in float64 for up to 2**29 entries
-_HOOK_TABLES = (
-    "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
-    "_forward_hooks_always_called", "_backward_hooks", "_backward_pre_hooks",
-)
+# The hook tables of a module's forward, which a converted module takes over (`convert_keeping`,
+# `attnzoo.convert.torch.from_torch`); the probes leave these and the backward ones behind.
+FORWARD_HOOKS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
+                 "_forward_hooks_with_kwargs", "_forward_hooks_always_called")
+_HOOK_TABLES = (*FORWARD_HOOKS, "_backward_hooks", "_backward_pre_hooks")
 # converted key -> (its source keys, the gather into their flattened concatenation or None for a
 # plain reshape of one source entry, its shape)
 _Recipe = dict[str, tuple[tuple[str, ...], Tensor | None, torch.Size]]

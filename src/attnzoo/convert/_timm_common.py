@@ -8,16 +8,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from attnzoo.convert._source_keys import attach_source_keys, cpu_probe
+from attnzoo.convert._source_keys import FORWARD_HOOKS, attach_source_keys, cpu_probe
 
 __all__ = [
     "dotted", "refuse", "factory", "same_forward", "TimmKeys", "rename", "convert_keeping", "FORWARD_HOOKS",
 ]
 
-# The hook tables of a module's forward, which a converted module takes over (`convert_keeping`,
-# `attnzoo.convert.torch.from_torch`).
-FORWARD_HOOKS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
-                 "_forward_hooks_with_kwargs", "_forward_hooks_always_called")
 
 
 def dotted(cls: type) -> str:

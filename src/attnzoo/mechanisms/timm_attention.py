@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from attnzoo._checks import check_float, check_int, check_mask, check_shape
+from attnzoo._checks import check_float, check_head_widths, check_int, check_mask, check_shape
 from attnzoo._registry import Example, register_compat
 from attnzoo.functional import attend
 from attnzoo.maps.capture import capturing, record_rows
@@ -63,11 +63,7 @@ class TimmAttention(nn.Module):
         dd = {"device": device, "dtype": dtype}
         self.dim = check_int(dim, "dim", who)
         self.num_heads = check_int(num_heads, "num_heads", who)
-        if attn_head_dim is None and dim % num_heads:
-            raise ValueError(f"{who}: dim={dim} must be divisible by num_heads={num_heads} "
-                             f"(or give attn_head_dim)")
-        head_dim = dim // num_heads if attn_head_dim is None else attn_head_dim
-        self.head_dim = check_int(head_dim, "attn_head_dim", who)
+        self.head_dim, _ = check_head_widths(dim, num_heads, attn_head_dim, None, who, "attn_head_dim")
         if (qk_norm or scale_norm) and norm_layer is None:
             raise ValueError(f"{who}: norm_layer must be given with qk_norm or scale_norm, got None")
         self.attn_dim = self.num_heads * self.head_dim

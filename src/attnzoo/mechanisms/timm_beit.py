@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from attnzoo._checks import check_float, check_int, check_mask, check_shape
+from attnzoo._checks import check_float, check_head_widths, check_int, check_mask, check_shape
 from attnzoo._registry import Example, register_compat
 from attnzoo.functional import attend
 from attnzoo.maps.capture import capturing, record_rows
@@ -78,11 +78,7 @@ class TimmBeitAttention(nn.Module):
         dd: dict[str, Any] = {"device": device, "dtype": dtype}
         self.dim = check_int(dim, "dim", who)
         self.num_heads = check_int(num_heads, "num_heads", who)
-        if attn_head_dim is None and dim % num_heads:
-            raise ValueError(f"{who}: dim={dim} must be divisible by num_heads={num_heads} "
-                             f"(or give attn_head_dim)")
-        head_dim = dim // num_heads if attn_head_dim is None else attn_head_dim
-        self.head_dim = check_int(head_dim, "attn_head_dim", who)
+        self.head_dim, _ = check_head_widths(dim, num_heads, attn_head_dim, None, who, "attn_head_dim")
         self.attn_dim = self.num_heads * self.head_dim
         self.scale = self.head_dim**-0.5
         self.qkv_bias_separate = bool(qkv_bias_separate)  # the same sum either way; kept for timm's repr

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from attnzoo._checks import check_float, check_int, check_shape
+from attnzoo._checks import check_float, check_head_widths, check_int, check_shape
 from attnzoo._registry import Example, register_compat
 from attnzoo.functional import attend
 from attnzoo.maps.capture import capturing, record_rows
@@ -85,10 +85,7 @@ class TimmClassAttention(nn.Module):
         dd: dict[str, Any] = {"device": device, "dtype": dtype}
         self.dim = check_int(dim, "dim", who)
         self.num_heads = check_int(num_heads, "num_heads", who)
-        if head_dim is None and dim % num_heads:
-            raise ValueError(f"{who}: dim={dim} must be divisible by num_heads={num_heads} "
-                             "(or give head_dim)")
-        self.head_dim = check_int(dim // num_heads if head_dim is None else head_dim, "head_dim", who)
+        self.head_dim, _ = check_head_widths(dim, num_heads, head_dim, None, who)
         self.attn_dim = self.num_heads * self.head_dim
         self.scale = self.head_dim**-0.5
         self.attn_drop = check_float(attn_drop, "attn_drop", who, minimum=0.0, maximum=1.0)
