@@ -27,10 +27,10 @@ from collections.abc import Iterator
 from typing import Literal, cast, overload
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from attnzoo._checks import autocast_on, check_mask, check_tensor, format_shape, numpy_bool
+from attnzoo.kernels.dropout import dropout_product
 from attnzoo.kernels.flash import sdpa
 
 __all__ = [
@@ -324,8 +324,8 @@ def _attend_math(
     if dead is not None:
         weights = weights.masked_fill(dead, 0.0)
     weights = weights.to(q.dtype)
-    dropped = F.dropout(weights, p=dropout_p) if dropout_p > 0 else weights
-    out = dropped @ v  # (B, h, L, e)
+    # dropout keeps a bool mask instead of its float noise and the dropped map (same draws)
+    out = dropout_product(weights, v, dropout_p) if dropout_p > 0 else weights @ v  # (B, h, L, e)
     return (out, weights) if need_weights else out
 
 

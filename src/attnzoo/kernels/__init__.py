@@ -2,6 +2,8 @@
 
 - `attnzoo.kernels.biased`: tiny maps with a learnable additive bias (Swin windows, temporal);
 - `attnzoo.kernels.blocked`: global attention whose query and value widths differ (SAGAN);
+- `attnzoo.kernels.dropout`: dropout on attention weights and the product with the values, without
+  keeping the dropped map (``attend``'s math path in training);
 - `attnzoo.kernels.flash`: SDPA's CPU flash kernel with a double backward (behind ``attend``);
 - `attnzoo.kernels.gate`: the channel/spatial gates of SE, CBAM and the dual gate;
 - `attnzoo.kernels.neighbourhood`: ACmix's local neighbourhood attention;

@@ -189,7 +189,9 @@ class MUSEAttention(nn.Module):
         )
         out, weights = result if isinstance(result, tuple) else (result, None)
         out = self.proj_drop(self.proj(out.transpose(1, 2).flatten(2)))  # (B, L, h dv) -> (B, L, C)
-        channels = v_flat.transpose(1, 2)  # (B, h dv, L), head-major channels
+        # (B, h dv, L), head-major channels, copied once: each convolution would otherwise reorder the
+        # strided view itself (and oneDNN runs a depth-wise convolution on it several times slower)
+        channels = v_flat.transpose(1, 2).contiguous()
         mix = self.branch_weights.softmax(0)
         if capturing():
             record_rows(self, q, k, grid=(length,), mask=mask if is_bool else None,
