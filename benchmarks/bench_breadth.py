@@ -1,6 +1,7 @@
 """Issue 18's gates against timm's and fightingcv's own modules, at a ResNet-50 stage size.
 
     PYTHONPATH=src python benchmarks/bench_breadth.py [names...] [--shape 8 256 56 56] [--rounds 7]
+        [--isa native|avx2]
 
 Each foreign module is built with its library's constructor, given random weights, and converted with
 `attnzoo.convert.convert` (`from_timm` / `from_fightingcv`), so both sides hold the same weights and
@@ -27,7 +28,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from bench_gating import bytes_moved  # noqa: E402
-from machine import copy_gbps, describe_machine  # noqa: E402
+from machine import copy_gbps, describe_machine, reexec_with_isa  # noqa: E402
 
 from attnzoo.cli.harness import (  # noqa: E402
     alternate,
@@ -181,7 +182,9 @@ def main() -> None:
     parser.add_argument("--shape", type=int, nargs=4, default=[8, 256, 56, 56])
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--isa", default="native", help="'avx2': hold MKL, oneDNN and torch to AVX2 code")
     args = parser.parse_args()
+    reexec_with_isa(args.isa)
     ensure_malloc_env()
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(HERE), os.environ.get("PYTHONPATH", "")) if p)
     bandwidth, started = copy_gbps(), time.time()
