@@ -55,6 +55,16 @@ def test_same_draws_and_numbers_as_torch_dropout(w_shape, v_shape, p, dtype):
     assert torch.equal(after, torch.rand(4))
 
 
+def test_strided_weights_get_torch_dropout_mask():
+    # torch's dropout draws in the memory order of its input: a transposed map gets another mask
+    base, v = _inputs((2, 7, 5), (2, 5, 3))
+    w = base.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()  # (2, 7, 5), strided
+    torch.manual_seed(4)
+    out = dropout_product(w, v, 0.5)
+    torch.manual_seed(4)
+    assert torch.equal(out, F.dropout(w, 0.5) @ v)
+
+
 def _saved_bytes(fn, *args):
     """Bytes autograd keeps for backward over the whole graph of `fn(*args)` (distinct storages)."""
     storages = {}

@@ -35,8 +35,10 @@ class _DropoutProduct(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, w: Tensor, v: Tensor, p: float) -> Tensor:
-        # torch's CPU dropout (`_dropout_impl`): noise = bernoulli(1 - p) / (1 - p), out = w * noise
-        noise = torch.empty_like(w, memory_format=torch.contiguous_format).bernoulli_(1 - p)
+        # torch's CPU dropout (`_dropout_impl`): noise = bernoulli(1 - p) / (1 - p), out = w * noise.
+        # empty_like keeps w's strides, as torch's does: the draws fill memory order, so a transposed
+        # w gets the mask torch's dropout gives it
+        noise = torch.empty_like(w).bernoulli_(1 - p)
         noise.div_(1 - p)  # (..., L, S)
         out = torch.matmul(w * noise, v)  # (..., L, e); the dropped map is freed here
         ctx.save_for_backward(w, v, noise)
