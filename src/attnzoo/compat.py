@@ -23,7 +23,8 @@ the canonical ``attnzoo.ShiftedWindowAttention`` and ``attnzoo.ShiftedWindowAtte
 ``TimmWindowAttentionV2`` is timm's Swin V2 ``WindowAttention`` (called on windows with timm's float
 mask; ``attnzoo.convert.from_timm`` converts timm's module), ``TimmAttention`` timm's ViT
 ``Attention``, ``TimmBeitAttention`` timm's BEiT ``Attention`` (relative position bias, q/v biases),
-``TimmVoloAttention`` and ``TimmClassAttention`` VOLO's ``Attention`` (on maps) and ``ClassAttention``.
+``TimmVoloAttention`` and ``TimmClassAttention`` VOLO's ``Attention`` (on maps) and ``ClassAttention``,
+``TimmTalkingHeadAttention`` and ``TimmCaitClassAttention`` CaiT's ``TalkingHeadAttn`` and ``ClassAttn``.
 """
 
 from torch import nn
@@ -50,6 +51,7 @@ from attnzoo.mechanisms.swin_v2_timm import TimmWindowAttentionV2
 from attnzoo.mechanisms.temporal import Attention
 from attnzoo.mechanisms.timm_attention import TimmAttention
 from attnzoo.mechanisms.timm_beit import TimmBeitAttention
+from attnzoo.mechanisms.timm_cait import TimmCaitClassAttention, TimmTalkingHeadAttention
 from attnzoo.mechanisms.timm_volo import TimmClassAttention, TimmVoloAttention
 from attnzoo.mechanisms.torch_mha import MultiheadAttention
 
@@ -78,7 +80,9 @@ __all__ = [
     "ShiftedWindowAttentionV2",
     "TimmAttention",
     "TimmBeitAttention",
+    "TimmCaitClassAttention",
     "TimmClassAttention",
+    "TimmTalkingHeadAttention",
     "TimmVoloAttention",
     "TimmWindowAttentionV2",
     "WindowAttention",

@@ -27,6 +27,7 @@ from attnzoo.mechanisms.swin import WindowAttention
 from attnzoo.mechanisms.swin_v2_timm import TimmWindowAttentionV2
 from attnzoo.mechanisms.timm_attention import TimmAttention
 from attnzoo.mechanisms.timm_beit import TimmBeitAttention
+from attnzoo.mechanisms.timm_cait import TimmCaitClassAttention, TimmTalkingHeadAttention
 from attnzoo.mechanisms.timm_volo import TimmClassAttention, TimmVoloAttention
 
 __all__ = ["EXISTING_CONVERTERS"]
@@ -290,6 +291,33 @@ def class_attention_from_timm(module: Any) -> TimmClassAttention:
     return finish(new, module, module.state_dict())
 
 
+def _cait_scale(module: Any, dim: int) -> None:
+    head_dim = dim // module.num_heads
+    if dim % module.num_heads or abs(module.scale - head_dim**-0.5) > 1e-12 * module.scale:
+        raise refuse(module, f"its scale {module.scale} is not (dim // num_heads) ** -0.5 or its "
+                     f"{module.num_heads} heads do not divide dim {dim}")
+
+
+def cait_class_attention_from_timm(module: Any) -> TimmCaitClassAttention:
+    """CaiT's `timm.models.cait.ClassAttn` -> `attnzoo.compat.TimmCaitClassAttention`."""
+    q: nn.Linear = module.q
+    _cait_scale(module, q.in_features)
+    new = TimmCaitClassAttention(q.in_features, module.num_heads, qkv_bias=q.bias is not None,
+                                 attn_drop=float(module.attn_drop.p), proj_drop=float(module.proj_drop.p),
+                                 **factory(module))
+    return finish(new, module, module.state_dict())
+
+
+def talking_head_from_timm(module: Any) -> TimmTalkingHeadAttention:
+    """CaiT's `timm.models.cait.TalkingHeadAttn` -> `attnzoo.compat.TimmTalkingHeadAttention`."""
+    qkv: nn.Linear = module.qkv
+    _cait_scale(module, qkv.in_features)
+    new = TimmTalkingHeadAttention(qkv.in_features, module.num_heads, qkv_bias=qkv.bias is not None,
+                                   attn_drop=float(module.attn_drop.p), proj_drop=float(module.proj_drop.p),
+                                   **factory(module))
+    return finish(new, module, module.state_dict())
+
+
 def nonlocal_from_timm(module: Any) -> NonLocalBlock:
     """timm's `NonLocalAttn` (create_attn "nl") -> `NonLocalBlock` with `pool_keys=False`,
     `qk_scale` = timm's `scale` (`C ** -0.5`, or 1) and BatchNorm after the output convolution."""
@@ -323,5 +351,7 @@ EXISTING_CONVERTERS: dict[str, Callable[[nn.Module], nn.Module]] = {
     "timm.models.beit.Attention": beit_attention_from_timm,
     "timm.models.volo.Attention": volo_attention_from_timm,
     "timm.models.volo.ClassAttention": class_attention_from_timm,
+    "timm.models.cait.ClassAttn": cait_class_attention_from_timm,
+    "timm.models.cait.TalkingHeadAttn": talking_head_from_timm,
     "timm.layers.non_local_attn.NonLocalAttn": nonlocal_from_timm,
 }
