@@ -24,7 +24,8 @@ the canonical ``attnzoo.ShiftedWindowAttention`` and ``attnzoo.ShiftedWindowAtte
 mask; ``attnzoo.convert.from_timm`` converts timm's module), ``TimmAttention`` timm's ViT
 ``Attention``, ``TimmBeitAttention`` timm's BEiT ``Attention`` (relative position bias, q/v biases),
 ``TimmVoloAttention`` and ``TimmClassAttention`` VOLO's ``Attention`` (on maps) and ``ClassAttention``,
-``TimmTalkingHeadAttention`` and ``TimmCaitClassAttention`` CaiT's ``TalkingHeadAttn`` and ``ClassAttn``.
+``TimmTalkingHeadAttention`` and ``TimmCaitClassAttention`` CaiT's ``TalkingHeadAttn`` and ``ClassAttn``,
+``TimmEvaAttention`` EVA's ``EvaAttention`` (rotary embedding, q/v biases, scale norm).
 """
 
 from torch import nn
@@ -52,6 +53,7 @@ from attnzoo.mechanisms.temporal import Attention
 from attnzoo.mechanisms.timm_attention import TimmAttention
 from attnzoo.mechanisms.timm_beit import TimmBeitAttention
 from attnzoo.mechanisms.timm_cait import TimmCaitClassAttention, TimmTalkingHeadAttention
+from attnzoo.mechanisms.timm_eva import TimmEvaAttention
 from attnzoo.mechanisms.timm_volo import TimmClassAttention, TimmVoloAttention
 from attnzoo.mechanisms.torch_mha import MultiheadAttention
 
@@ -82,6 +84,7 @@ __all__ = [
     "TimmBeitAttention",
     "TimmCaitClassAttention",
     "TimmClassAttention",
+    "TimmEvaAttention",
     "TimmTalkingHeadAttention",
     "TimmVoloAttention",
     "TimmWindowAttentionV2",

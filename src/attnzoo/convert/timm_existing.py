@@ -28,6 +28,7 @@ from attnzoo.mechanisms.swin_v2_timm import TimmWindowAttentionV2
 from attnzoo.mechanisms.timm_attention import TimmAttention
 from attnzoo.mechanisms.timm_beit import TimmBeitAttention
 from attnzoo.mechanisms.timm_cait import TimmCaitClassAttention, TimmTalkingHeadAttention
+from attnzoo.mechanisms.timm_eva import TimmEvaAttention
 from attnzoo.mechanisms.timm_volo import TimmClassAttention, TimmVoloAttention
 
 __all__ = ["EXISTING_CONVERTERS"]
@@ -318,6 +319,25 @@ def talking_head_from_timm(module: Any) -> TimmTalkingHeadAttention:
     return finish(new, module, module.state_dict())
 
 
+def eva_attention_from_timm(module: Any) -> TimmEvaAttention:
+    """EVA's `timm.models.eva.EvaAttention` -> `attnzoo.compat.TimmEvaAttention` (timm's call and keys;
+    its q/k norms and scale norm are copied, whatever their class)."""
+    fused = module.qkv is not None
+    dim = module.qkv.in_features if fused else module.q_proj.in_features
+    if abs(module.scale - module.head_dim**-0.5) > 1e-12 * module.scale:
+        raise refuse(module, f"its scale {module.scale} is not head_dim ** -0.5")
+    qkv_bias = module.q_bias is not None if fused else module.q_proj.bias is not None
+    new = TimmEvaAttention(
+        dim, module.num_heads, qkv_bias=qkv_bias, qkv_fused=fused,
+        qkv_bias_separate=bool(module.qkv_bias_separate), num_prefix_tokens=module.num_prefix_tokens,
+        attn_drop=float(module.attn_drop.p), proj_drop=float(module.proj_drop.p),
+        attn_head_dim=module.head_dim, rotate_half=bool(getattr(module, "rotate_half", False)),
+        scale_norm=False, gated=module.gate is not None, **factory(module),
+    )
+    new.q_norm, new.k_norm, new.norm = (copy.deepcopy(m) for m in (module.q_norm, module.k_norm, module.norm))
+    return finish(new, module, module.state_dict())
+
+
 def nonlocal_from_timm(module: Any) -> NonLocalBlock:
     """timm's `NonLocalAttn` (create_attn "nl") -> `NonLocalBlock` with `pool_keys=False`,
     `qk_scale` = timm's `scale` (`C ** -0.5`, or 1) and BatchNorm after the output convolution."""
@@ -352,6 +372,7 @@ EXISTING_CONVERTERS: dict[str, Callable[[nn.Module], nn.Module]] = {
     "timm.models.volo.Attention": volo_attention_from_timm,
     "timm.models.volo.ClassAttention": class_attention_from_timm,
     "timm.models.cait.ClassAttn": cait_class_attention_from_timm,
+    "timm.models.eva.EvaAttention": eva_attention_from_timm,
     "timm.models.cait.TalkingHeadAttn": talking_head_from_timm,
     "timm.layers.non_local_attn.NonLocalAttn": nonlocal_from_timm,
 }

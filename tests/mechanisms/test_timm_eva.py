@@ -1,0 +1,112 @@
+"""timm's EVA attention as `attnzoo.compat.TimmEvaAttention`: float64 parity with timm (fused and
+separate projections, q/v biases, rotary embedding interleaved and half, prefix tokens, q/k and scale
+norms, gate, masks, dropout), a whole EVA swapped by `attnzoo.replace` with its logits, checkpoint and
+maps, and errors."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from tests.convert._parity import randomize
+from torch import nn
+
+import attnzoo
+from attnzoo.compat import TimmEvaAttention
+from attnzoo.convert import from_timm
+
+eva = pytest.importorskip("timm.models.eva", reason="timm missing")
+D = torch.float64
+TOKENS = 7
+
+CONFIGS = [
+    {"dim": 16, "num_heads": 2, "scale_norm": False},
+    {"dim": 16, "num_heads": 4, "norm_layer": nn.LayerNorm},  # timm's default scale norm
+    {"dim": 12, "num_heads": 3, "qkv_fused": False, "norm_layer": nn.LayerNorm, "qk_norm": True},
+    {"dim": 16, "num_heads": 2, "qkv_bias": False, "rotate_half": True, "num_prefix_tokens": 0,
+     "scale_norm": False, "gated": True},
+    {"dim": 16, "num_heads": 2, "qkv_bias_separate": True, "num_prefix_tokens": 3, "attn_head_dim": 6,
+     "scale_norm": False},
+    {"dim": 16, "num_heads": 2, "attn_drop": 0.3, "proj_drop": 0.2, "norm_layer": nn.LayerNorm},
+]
+
+
+def _rope(kwargs: dict) -> torch.Tensor:
+    head_dim = kwargs.get("attn_head_dim") or kwargs["dim"] // kwargs["num_heads"]
+    rotated = TOKENS - kwargs.get("num_prefix_tokens", 1)
+    return torch.randn(rotated, 2 * head_dim, dtype=D)  # [sin | cos]; any values test the algebra
+
+
+@pytest.mark.parametrize("kwargs", CONFIGS)
+@pytest.mark.parametrize("train", [False, True])
+@pytest.mark.parametrize("with_rope", [False, True])
+def test_matches_timm_float64(kwargs: dict, train: bool, with_rope: bool) -> None:
+    theirs = randomize(eva.EvaAttention(**kwargs).double()).train(train)
+    ours = from_timm(theirs)
+    assert type(ours) is TimmEvaAttention and ours.training == train
+    x = torch.randn(2, TOKENS, kwargs["dim"], dtype=D, requires_grad=True)
+    rope = _rope(kwargs) if with_rope else None
+    if kwargs.get("attn_head_dim"):  # timm reshapes the heads to dim and fails: ours runs
+        with pytest.raises(RuntimeError):
+            theirs(x, rope=rope)
+        assert ours(x, rope=rope).shape == x.shape
+        return
+    torch.manual_seed(1)
+    want = theirs(x, rope=rope)
+    torch.manual_seed(1)
+    got = ours(x, rope=rope)
+    torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
+    grad = torch.randn_like(got)
+    wanted = torch.autograd.grad(want, [x, *theirs.parameters()], grad)
+    for g, w in zip(torch.autograd.grad(got, [x, *ours.parameters()], grad), wanted, strict=True):
+        torch.testing.assert_close(g, w, atol=1e-9, rtol=1e-9)
+
+
+@pytest.mark.parametrize("mask_kind", ["bool", "float", "causal"])
+def test_masks_match_timm(mask_kind: str) -> None:
+    theirs = randomize(eva.EvaAttention(16, 2, scale_norm=False).double()).eval()
+    ours = from_timm(theirs)
+    x = torch.randn(2, TOKENS, 16, dtype=D)
+    rope = _rope({"dim": 16, "num_heads": 2})
+    keep = torch.rand(TOKENS, TOKENS, generator=torch.Generator().manual_seed(0)) > 0.4
+    keep |= torch.eye(TOKENS, dtype=torch.bool)  # no fully masked row (timm gives NaN there)
+    call = {"bool": {"attn_mask": keep}, "float": {"attn_mask": torch.randn(2, 1, TOKENS, TOKENS, dtype=D)},
+            "causal": {"is_causal": True}}[mask_kind]
+    want = theirs(x, rope=rope, **call)
+    torch.testing.assert_close(ours(x, rope=rope, **call), want, atol=1e-10, rtol=1e-10)
+
+
+def test_replace_in_a_timm_eva_keeps_logits_checkpoint_and_maps() -> None:
+    model = eva.Eva(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=3,
+                    use_rot_pos_emb=True, ref_feat_shape=(4, 4), scale_attn_inner=True).double().eval()
+    randomize(model, seed=4)
+    checkpoint = copy.deepcopy(model.state_dict())
+    x = torch.randn(2, 3, 32, 32, dtype=D)
+    with torch.no_grad():
+        want = model(x)
+    assert attnzoo.replace(model, eva.EvaAttention) == ["blocks.0.attn", "blocks.1.attn"]
+    model.load_state_dict(checkpoint, strict=True)  # timm's keys, unchanged
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), want, atol=1e-10, rtol=1e-10)
+        with attnzoo.capture_maps(model) as maps:
+            model(x)
+    assert len(maps) == 2
+    model.train()
+    model(x).square().mean().backward()  # one training step's gradients are finite
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_errors_name_what_was_expected() -> None:
+    attn = TimmEvaAttention(8, 2, scale_norm=False)
+    with pytest.raises(ValueError, match=r"\(B, N, 8\)"):
+        attn(torch.randn(1, 4, 6))
+    with pytest.raises(ValueError, match="rope"):
+        attn(torch.randn(1, 5, 8), rope=torch.randn(5, 8))  # 4 rotated tokens after the class token
+    with pytest.raises(TypeError, match="rope"):
+        attn(torch.randn(1, 5, 8), rope=torch.ones(4, 8, dtype=torch.bool))
+    with pytest.raises(ValueError, match="norm_layer"):
+        TimmEvaAttention(8, 2)  # timm's default scale norm needs a norm layer
+    with pytest.raises(ValueError, match="num_prefix_tokens"):
+        TimmEvaAttention(8, 2, num_prefix_tokens=-1, scale_norm=False)
