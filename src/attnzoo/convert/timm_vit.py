@@ -1,0 +1,135 @@
+"""timm -> attnzoo for the attention of timm's ViT family: ViT's `Attention`, BEiT's, VOLO's (on maps
+and for the class token), CaiT's talking heads and class attention, EVA's -> the `attnzoo.compat`
+classes that keep timm's constructors, calls and keys (`TimmAttention`, `TimmBeitAttention`,
+`TimmVoloAttention`, `TimmClassAttention`, `TimmTalkingHeadAttention`, `TimmCaitClassAttention`,
+`TimmEvaAttention`).
+
+`CONVERTERS` maps timm's dotted class names to the converters; `attnzoo.convert.timm` adds them to
+`TIMM_CONVERTERS`. timm is never imported here. The options each converter sets and the known
+differences are listed in docs/interop.md.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from attnzoo.convert.timm_existing import factory, finish, refuse
+from attnzoo.mechanisms.timm_attention import TimmAttention
+from attnzoo.mechanisms.timm_beit import TimmBeitAttention
+from attnzoo.mechanisms.timm_cait import TimmCaitClassAttention, TimmTalkingHeadAttention
+from attnzoo.mechanisms.timm_eva import TimmEvaAttention
+from attnzoo.mechanisms.timm_volo import TimmClassAttention, TimmVoloAttention
+
+__all__ = ["CONVERTERS"]
+
+
+def attention_from_timm(module: Any) -> TimmAttention:
+    """ViT's `timm.layers.Attention` -> `attnzoo.compat.TimmAttention` (timm's call and keys; its
+    q/k norms and scale norm are copied, whatever their class)."""
+    qkv: nn.Linear = module.qkv
+    if abs(module.scale - module.head_dim**-0.5) > 1e-12 * module.scale:
+        raise refuse(module, f"its scale {module.scale} is not head_dim ** -0.5")
+    new = TimmAttention(
+        qkv.in_features, module.num_heads, attn_head_dim=module.head_dim, dim_out=module.proj.out_features,
+        qkv_bias=qkv.bias is not None, proj_bias=module.proj.bias is not None,
+        gated=getattr(module, "gate", None) is not None, attn_drop=float(module.attn_drop.p),
+        proj_drop=float(module.proj_drop.p), **factory(module),
+    )
+    new.q_norm, new.k_norm, new.norm = (copy.deepcopy(m) for m in (module.q_norm, module.k_norm, module.norm))
+    return finish(new, module, module.state_dict())
+
+
+def beit_attention_from_timm(module: Any) -> TimmBeitAttention:
+    """BEiT's `timm.models.beit.Attention` -> `attnzoo.compat.TimmBeitAttention` (timm's call and keys)."""
+    qkv: nn.Linear = module.qkv
+    head_dim = qkv.out_features // 3 // module.num_heads
+    if qkv.bias is not None or abs(module.scale - head_dim**-0.5) > 1e-12 * module.scale:
+        raise refuse(module, "its qkv has a bias or its scale is not head_dim ** -0.5")
+    new = TimmBeitAttention(
+        qkv.in_features, module.num_heads, qkv_bias=module.q_bias is not None,
+        qkv_bias_separate=bool(module.qkv_bias_separate), attn_drop=float(module.attn_drop.p),
+        proj_drop=float(module.proj_drop.p), window_size=module.window_size, attn_head_dim=head_dim,
+        **factory(module),
+    )
+    return finish(new, module, module.state_dict())
+
+
+def volo_attention_from_timm(module: Any) -> TimmVoloAttention:
+    """VOLO's `timm.models.volo.Attention` (on maps) -> `attnzoo.compat.TimmVoloAttention`."""
+    qkv: nn.Linear = module.qkv
+    new = TimmVoloAttention(qkv.in_features, module.num_heads, qkv_bias=qkv.bias is not None,
+                            attn_drop=float(module.attn_drop.p), proj_drop=float(module.proj_drop.p),
+                            **factory(module))
+    new.scale = float(module.scale)
+    return finish(new, module, module.state_dict())
+
+
+def class_attention_from_timm(module: Any) -> TimmClassAttention:
+    """VOLO's `timm.models.volo.ClassAttention` -> `attnzoo.compat.TimmClassAttention`."""
+    q: nn.Linear = module.q
+    new = TimmClassAttention(q.in_features, module.num_heads, head_dim=module.head_dim,
+                             qkv_bias=q.bias is not None, attn_drop=float(module.attn_drop.p),
+                             proj_drop=float(module.proj_drop.p), **factory(module))
+    new.scale = float(module.scale)
+    return finish(new, module, module.state_dict())
+
+
+def _cait_scale(module: Any, dim: int) -> None:
+    head_dim = dim // module.num_heads
+    if dim % module.num_heads or abs(module.scale - head_dim**-0.5) > 1e-12 * module.scale:
+        raise refuse(module, f"its scale {module.scale} is not (dim // num_heads) ** -0.5 or its "
+                     f"{module.num_heads} heads do not divide dim {dim}")
+
+
+def cait_class_attention_from_timm(module: Any) -> TimmCaitClassAttention:
+    """CaiT's `timm.models.cait.ClassAttn` -> `attnzoo.compat.TimmCaitClassAttention`."""
+    q: nn.Linear = module.q
+    _cait_scale(module, q.in_features)
+    new = TimmCaitClassAttention(q.in_features, module.num_heads, qkv_bias=q.bias is not None,
+                                 attn_drop=float(module.attn_drop.p), proj_drop=float(module.proj_drop.p),
+                                 **factory(module))
+    return finish(new, module, module.state_dict())
+
+
+def talking_head_from_timm(module: Any) -> TimmTalkingHeadAttention:
+    """CaiT's `timm.models.cait.TalkingHeadAttn` -> `attnzoo.compat.TimmTalkingHeadAttention`."""
+    qkv: nn.Linear = module.qkv
+    _cait_scale(module, qkv.in_features)
+    new = TimmTalkingHeadAttention(qkv.in_features, module.num_heads, qkv_bias=qkv.bias is not None,
+                                   attn_drop=float(module.attn_drop.p), proj_drop=float(module.proj_drop.p),
+                                   **factory(module))
+    return finish(new, module, module.state_dict())
+
+
+def eva_attention_from_timm(module: Any) -> TimmEvaAttention:
+    """EVA's `timm.models.eva.EvaAttention` -> `attnzoo.compat.TimmEvaAttention` (timm's call and keys;
+    its q/k norms and scale norm are copied, whatever their class)."""
+    fused = module.qkv is not None
+    dim = module.qkv.in_features if fused else module.q_proj.in_features
+    if abs(module.scale - module.head_dim**-0.5) > 1e-12 * module.scale:
+        raise refuse(module, f"its scale {module.scale} is not head_dim ** -0.5")
+    qkv_bias = module.q_bias is not None if fused else module.q_proj.bias is not None
+    new = TimmEvaAttention(
+        dim, module.num_heads, qkv_bias=qkv_bias, qkv_fused=fused,
+        qkv_bias_separate=bool(module.qkv_bias_separate), num_prefix_tokens=module.num_prefix_tokens,
+        attn_drop=float(module.attn_drop.p), proj_drop=float(module.proj_drop.p),
+        attn_head_dim=module.head_dim, rotate_half=bool(getattr(module, "rotate_half", False)),
+        scale_norm=False, gated=module.gate is not None, **factory(module),
+    )
+    new.q_norm, new.k_norm, new.norm = (copy.deepcopy(m) for m in (module.q_norm, module.k_norm, module.norm))
+    return finish(new, module, module.state_dict())
+
+
+CONVERTERS: dict[str, Callable[[nn.Module], nn.Module]] = {
+    "timm.layers.attention.Attention": attention_from_timm,
+    "timm.models.beit.Attention": beit_attention_from_timm,
+    "timm.models.volo.Attention": volo_attention_from_timm,
+    "timm.models.volo.ClassAttention": class_attention_from_timm,
+    "timm.models.cait.TalkingHeadAttn": talking_head_from_timm,
+    "timm.models.cait.ClassAttn": cait_class_attention_from_timm,
+    "timm.models.eva.EvaAttention": eva_attention_from_timm,
+}
