@@ -25,6 +25,7 @@ from attnzoo.mechanisms.se import SqueezeExcite
 from attnzoo.mechanisms.sk import SKConv
 from attnzoo.mechanisms.swin import WindowAttention
 from attnzoo.mechanisms.swin_v2_timm import TimmWindowAttentionV2
+from attnzoo.mechanisms.timm_swin_cr import TimmWindowMultiHeadAttention
 
 __all__ = ["EXISTING_CONVERTERS"]
 
@@ -244,6 +245,21 @@ def window_v2_from_timm(module: Any) -> TimmWindowAttentionV2:
 
 
 
+def window_cr_from_timm(module: Any) -> TimmWindowMultiHeadAttention:
+    """Swin V2 CR's `WindowMultiHeadAttention` -> `attnzoo.compat.TimmWindowMultiHeadAttention` (timm's
+    meta network copied as it is)."""
+    qkv: nn.Linear = module.qkv
+    if qkv.bias is None or module.proj.bias is None:
+        raise refuse(module, "its qkv or proj has no bias (timm's always have)")
+    new = TimmWindowMultiHeadAttention(
+        qkv.in_features, module.num_heads, tuple(module.window_size), drop_attn=float(module.attn_drop.p),
+        drop_proj=float(module.proj_drop.p), meta_hidden_dim=module.meta_mlp.fc1.out_features,
+        sequential_attn=bool(module.sequential_attn), **factory(module),
+    )
+    new.meta_mlp = copy.deepcopy(module.meta_mlp)  # type: ignore[assignment]
+    return finish(new, module, module.state_dict())
+
+
 def nonlocal_from_timm(module: Any) -> NonLocalBlock:
     """timm's `NonLocalAttn` (create_attn "nl") -> `NonLocalBlock` with `pool_keys=False`,
     `qk_scale` = timm's `scale` (`C ** -0.5`, or 1) and BatchNorm after the output convolution."""
@@ -273,5 +289,6 @@ EXISTING_CONVERTERS: dict[str, Callable[[nn.Module], nn.Module]] = {
     "timm.layers.selective_kernel.SelectiveKernel": sk_from_timm,
     "timm.models.swin_transformer.WindowAttention": window_from_timm,
     "timm.models.swin_transformer_v2.WindowAttention": window_v2_from_timm,
+    "timm.models.swin_transformer_v2_cr.WindowMultiHeadAttention": window_cr_from_timm,
     "timm.layers.non_local_attn.NonLocalAttn": nonlocal_from_timm,
 }

@@ -29,7 +29,23 @@ from attnzoo.mechanisms.swin_v2 import (
     pair,
 )
 
-__all__ = ["TimmWindowAttentionV2"]
+__all__ = ["TimmWindowAttentionV2", "window_mask"]
+
+
+def window_mask(mask: object, windows: int, n: int, dtype: torch.dtype, who: str) -> Tensor | None:
+    """timm's additive float mask of the shifted-window regions `(nW, N, N)` (0 and -100) as `attend`'s
+    `(B', 1, N, N)` for `windows` = B' windows of N tokens (nW dividing B'), or None."""
+    if mask is None:
+        return None
+    if not isinstance(mask, Tensor) or not mask.is_floating_point() or mask.dim() != 3:
+        got = f"{mask.dtype} {tuple(mask.shape)}" if isinstance(mask, Tensor) else type(mask).__name__
+        raise TypeError(f"{who} expects mask to be a float tensor (nW, N, N) added to the logits "
+                        f"(timm's 0 / -100), got {got}")
+    if mask.shape[1:] != (n, n) or windows % mask.shape[0]:
+        raise ValueError(f"{who} expects mask of shape (nW, {n}, {n}) with nW dividing the "
+                         f"{windows} windows of x, got {tuple(mask.shape)}")
+    per_image = mask.to(dtype)[None].expand(windows // mask.shape[0], -1, -1, -1)  # (B, nW, N, N)
+    return per_image.reshape(windows, 1, n, n)  # (B', 1, N, N)
 
 
 @register_compat(example=Example({"dim": 8, "window_size": (2, 3), "num_heads": 2}, ((4, 6, 8),), (4, 6, 8),
@@ -79,17 +95,7 @@ class TimmWindowAttentionV2(ShiftedWindowAttentionV2):
         who = type(self).__name__
         n = self.window_size[0] * self.window_size[1]
         windows = check_shape(x, who, "B N C", N=n, C=self.dim)["B"]
-        attn_mask = None
-        if mask is not None:
-            if not isinstance(mask, Tensor) or not mask.is_floating_point() or mask.dim() != 3:
-                got = f"{mask.dtype} {tuple(mask.shape)}" if isinstance(mask, Tensor) else type(mask).__name__
-                raise TypeError(f"{who} expects mask to be a float tensor (nW, N, N) added to the logits "
-                                f"(timm's 0 / -100), got {got}")
-            if mask.shape[1:] != (n, n) or windows % mask.shape[0]:
-                raise ValueError(f"{who} expects mask of shape (nW, {n}, {n}) with nW dividing the "
-                                 f"{windows} windows of x, got {tuple(mask.shape)}")
-            per_image = mask.to(x.dtype)[None].expand(windows // mask.shape[0], -1, -1, -1)  # (B, nW, N, N)
-            attn_mask = per_image.reshape(windows, 1, n, n)  # (B', 1, N, N)
+        attn_mask = window_mask(mask, windows, n, x.dtype, who)
         qkv_bias = None
         if self.q_bias is not None and self.v_bias is not None:
             qkv_bias = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
