@@ -32,7 +32,8 @@ def test_matches_timm_float64(kwargs: dict, train: bool, masked: bool) -> None:
     assert type(ours) is TimmWindowMultiHeadAttention and ours.training == train
     n = kwargs["window_size"][0] * kwargs["window_size"][1]
     x = torch.randn(6, n, kwargs["dim"], dtype=D, requires_grad=True)  # 2 images of 3 windows
-    mask = (torch.rand(3, n, n, generator=torch.Generator().manual_seed(0)) > 0.5).to(D) * -100 if masked else None
+    regions = torch.rand(3, n, n, generator=torch.Generator().manual_seed(0)) > 0.5
+    mask = regions.to(D) * -100 if masked else None  # timm's 0 / -100 per window
     torch.manual_seed(1)
     want = theirs(x, mask)
     torch.manual_seed(1)  # the meta network's and the attention's dropout draws, in timm's order
@@ -56,8 +57,8 @@ def test_offsets_and_window_change_are_timms() -> None:
 
 
 def test_replace_in_a_timm_swin_v2_cr_keeps_logits_checkpoint_and_maps() -> None:
-    model = cr.SwinTransformerV2Cr(img_size=(32, 32), patch_size=4, window_size=4, embed_dim=16, depths=(2, 1),
-                                   num_heads=(2, 2), num_classes=3).double().eval()
+    model = cr.SwinTransformerV2Cr(img_size=(32, 32), patch_size=4, window_size=4, embed_dim=16,
+                                   depths=(2, 1), num_heads=(2, 2), num_classes=3).double().eval()
     randomize(model, seed=5)
     checkpoint = copy.deepcopy(model.state_dict())
     x = torch.randn(2, 3, 32, 32, dtype=D)
