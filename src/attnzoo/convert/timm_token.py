@@ -1,5 +1,6 @@
 """timm -> attnzoo converters for timm's token-mixing attentions: ``LambdaLayer`` (lambda),
-``BottleneckAttn`` (bottleneck), ``HaloAttn`` (halo) and VOLO's ``OutlookAttention`` (outlook);
+``BottleneckAttn`` (bottleneck), ``HaloAttn`` (halo), VOLO's ``OutlookAttention`` (outlook) and
+MobileViT v2's ``LinearSelfAttention`` (separable self-attention, to `attnzoo.compat`);
 `attnzoo.convert.timm.from_timm` dispatches to them. timm is never imported here: the widths are
 read off the module."""
 
@@ -120,9 +121,22 @@ def _outlook(module: Any) -> nn.Module:
     return _finish(new, module)
 
 
+def _linear_self_attention(module: Any) -> nn.Module:
+    """MobileViT v2's LinearSelfAttention -> `attnzoo.compat.TimmLinearSelfAttention` (timm's keys)."""
+    from attnzoo.mechanisms.timm_mobilevit import TimmLinearSelfAttention
+
+    qkv, out = _pointwise(module, "qkv_proj"), _pointwise(module, "out_proj")
+    if (qkv.bias is None) != (out.bias is None):
+        raise _refuse(module, "one of qkv_proj, out_proj has a bias and the other not")
+    new = TimmLinearSelfAttention(module.embed_dim, attn_drop=module.attn_drop.p, proj_drop=module.out_drop.p,
+                                  bias=qkv.bias is not None, **_factory(module))
+    return _finish(new, module)
+
+
 CONVERTERS: dict[str, Callable[[nn.Module], nn.Module]] = {
     "timm.layers.lambda_layer.LambdaLayer": _lambda,
     "timm.layers.bottleneck_attn.BottleneckAttn": _bottleneck,
     "timm.layers.halo_attn.HaloAttn": _halo,
     "timm.models.volo.OutlookAttention": _outlook,
+    "timm.models.mobilevit.LinearSelfAttention": _linear_self_attention,
 }
