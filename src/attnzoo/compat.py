@@ -27,7 +27,8 @@ mask; ``attnzoo.convert.from_timm`` converts timm's module), ``TimmAttention`` t
 ``TimmTalkingHeadAttention`` and ``TimmCaitClassAttention`` CaiT's ``TalkingHeadAttn`` and ``ClassAttn``,
 ``TimmEvaAttention`` EVA's ``EvaAttention`` (rotary embedding, q/v biases, scale norm),
 ``TimmWindowMultiHeadAttention`` Swin V2 CR's ``WindowMultiHeadAttention`` (meta-network position bias),
-``TimmLinearSelfAttention`` MobileViT v2's ``LinearSelfAttention`` (separable attention on patches).
+``TimmLinearSelfAttention`` MobileViT v2's ``LinearSelfAttention`` (separable attention on patches),
+``TimmFactorAttention`` CoaT's ``FactorAttnConvRelPosEnc`` (factorized attention, shared position encoding).
 """
 
 from torch import nn
@@ -55,6 +56,7 @@ from attnzoo.mechanisms.temporal import Attention
 from attnzoo.mechanisms.timm_attention import TimmAttention
 from attnzoo.mechanisms.timm_beit import TimmBeitAttention
 from attnzoo.mechanisms.timm_cait import TimmCaitClassAttention, TimmTalkingHeadAttention
+from attnzoo.mechanisms.timm_coat import TimmFactorAttention
 from attnzoo.mechanisms.timm_eva import TimmEvaAttention
 from attnzoo.mechanisms.timm_mobilevit import TimmLinearSelfAttention
 from attnzoo.mechanisms.timm_swin_cr import TimmWindowMultiHeadAttention
@@ -89,6 +91,7 @@ __all__ = [
     "TimmCaitClassAttention",
     "TimmClassAttention",
     "TimmEvaAttention",
+    "TimmFactorAttention",
     "TimmLinearSelfAttention",
     "TimmTalkingHeadAttention",
     "TimmVoloAttention",

@@ -1,8 +1,8 @@
 """timm -> attnzoo for the attention of timm's ViT family: ViT's `Attention`, BEiT's, VOLO's (on maps
-and for the class token), CaiT's talking heads and class attention, EVA's -> the `attnzoo.compat`
-classes that keep timm's constructors, calls and keys (`TimmAttention`, `TimmBeitAttention`,
-`TimmVoloAttention`, `TimmClassAttention`, `TimmTalkingHeadAttention`, `TimmCaitClassAttention`,
-`TimmEvaAttention`).
+and for the class token), CaiT's talking heads and class attention, EVA's, CoaT's factorized
+attention -> the `attnzoo.compat` classes that keep timm's constructors, calls and keys
+(`TimmAttention`, `TimmBeitAttention`, `TimmVoloAttention`, `TimmClassAttention`,
+`TimmTalkingHeadAttention`, `TimmCaitClassAttention`, `TimmEvaAttention`, `TimmFactorAttention`).
 
 `CONVERTERS` maps timm's dotted class names to the converters; `attnzoo.convert.timm` adds them to
 `TIMM_CONVERTERS`. timm is never imported here. The options each converter sets and the known
@@ -21,6 +21,7 @@ from attnzoo.convert.timm_existing import factory, finish, refuse
 from attnzoo.mechanisms.timm_attention import TimmAttention
 from attnzoo.mechanisms.timm_beit import TimmBeitAttention
 from attnzoo.mechanisms.timm_cait import TimmCaitClassAttention, TimmTalkingHeadAttention
+from attnzoo.mechanisms.timm_coat import TimmFactorAttention
 from attnzoo.mechanisms.timm_eva import TimmEvaAttention
 from attnzoo.mechanisms.timm_volo import TimmClassAttention, TimmVoloAttention
 
@@ -124,6 +125,20 @@ def eva_attention_from_timm(module: Any) -> TimmEvaAttention:
     return finish(new, module, module.state_dict())
 
 
+def factor_attention_from_timm(module: Any) -> TimmFactorAttention:
+    """CoaT's `timm.models.coat.FactorAttnConvRelPosEnc` -> `attnzoo.compat.TimmFactorAttention`, its
+    shared position encoding kept (the same module: the stage's blocks share it)."""
+    qkv: nn.Linear = module.qkv
+    _cait_scale(module, qkv.in_features)  # the same rule: scale (dim // num_heads) ** -0.5
+    new = TimmFactorAttention(qkv.in_features, module.num_heads, qkv_bias=qkv.bias is not None,
+                              attn_drop=float(module.attn_drop.p), proj_drop=float(module.proj_drop.p),
+                              **factory(module))
+    state = {k: v for k, v in module.state_dict().items() if not k.startswith("crpe.")}
+    new.load_state_dict(state, strict=True)
+    new.crpe = module.crpe  # shared, not copied
+    return new.train(module.training)
+
+
 CONVERTERS: dict[str, Callable[[nn.Module], nn.Module]] = {
     "timm.layers.attention.Attention": attention_from_timm,
     "timm.models.beit.Attention": beit_attention_from_timm,
@@ -132,4 +147,5 @@ CONVERTERS: dict[str, Callable[[nn.Module], nn.Module]] = {
     "timm.models.cait.TalkingHeadAttn": talking_head_from_timm,
     "timm.models.cait.ClassAttn": cait_class_attention_from_timm,
     "timm.models.eva.EvaAttention": eva_attention_from_timm,
+    "timm.models.coat.FactorAttnConvRelPosEnc": factor_attention_from_timm,
 }
