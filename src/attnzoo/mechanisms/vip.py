@@ -135,18 +135,19 @@ class WeightedPermuteMLP(nn.Module):
         batch, height, width, channels = dims["B"], dims["H"], dims["W"], dims["C"]
         s = channels // seg
         parts = x.reshape(batch, height, width, seg, s)  # (B, H, W, g, S)
+        # h and w stay strided views of their projections' outputs (no copy back to (B, H, W, C)):
+        # the products below read them in place, and autograd keeps the projections' outputs anyway
         h = parts.permute(0, 2, 3, 1, 4).reshape(batch, width, seg, height * s)  # (B, W, g, H S)
-        h = self.mlp_h(h).reshape(batch, width, seg, height, s).permute(0, 3, 1, 2, 4)  # (B, H, W, g, S)
+        h = self.mlp_h(h).view(batch, width, seg, height, s).permute(0, 3, 1, 2, 4)  # (B, H, W, g, S) view
         w = parts.transpose(2, 3).reshape(batch, height, seg, width * s)  # (B, H, g, W S)
-        w = self.mlp_w(w).reshape(batch, height, seg, width, s).transpose(2, 3)  # (B, H, W, g, S)
-        h, w = h.reshape(x.shape), w.reshape(x.shape)  # (B, H, W, C) each
-        c = self.mlp_c(x)
-        pooled = (h + w).add_(c).mean((1, 2))  # (B, C); in place: one temporary map, not two
+        w = self.mlp_w(w).view(batch, height, seg, width, s).transpose(2, 3)  # (B, H, W, g, S) view
+        c = self.mlp_c(x).view(batch, height, width, seg, s)  # (B, H, W, g, S), contiguous
+        pooled = (c + h).add_(w).mean((1, 2)).reshape(batch, channels)  # (B, C); c first: a contiguous sum
         logits = self.attn_drop(self.fc2(self.attn_drop(self.act(self.fc1(pooled)))))  # (B, 3 C)
         weights = logits.reshape(batch, channels, 3).transpose(1, 2).softmax(1)  # (B, 3, C)
-        a = weights[:, :, None, None, :]  # (B, 3, 1, 1, C)
-        # h a_0 + w a_1 + c a_2 summed in place: two temporary maps alive, not three
-        mixed = (h * a[:, 0]).add_(w * a[:, 1]).add_(c * a[:, 2])  # (B, H, W, C)
+        a = weights.reshape(batch, 3, 1, 1, seg, s)  # (B, 3, 1, 1, g, S)
+        # c a_2 + h a_0 + w a_1 summed in place into c's contiguous layout: two temporary maps alive
+        mixed = (c * a[:, 2]).add_(h * a[:, 0]).add_(w * a[:, 1]).view(x.shape)  # (B, H, W, C)
         out = self.proj_drop(self.proj(mixed))
         if capturing():
             record(self, "branch", weights, branches=("height", "width", "channel"))
