@@ -249,7 +249,8 @@ def attend(
             `(B, h, L, S)`. Default: None.
         causal: Query i attends keys `0..i` only (top-left aligned when L != S, as SDPA).
             Default: False.
-        dropout_p: Dropout on the attention weights; pass `0.0` in eval mode. Default: 0.0.
+        dropout_p: Dropout on the attention weights; pass `0.0` in eval mode. On the CPU it draws
+            the mask torch's own dropout draws (the same seed gives the same mask). Default: 0.0.
         scale: Multiplies the logits. Default: `1 / sqrt(d)`.
         need_weights: Also return the attention weights (runs the math path, which keeps the
             `(B, h, L, S)` matrix). Default: False.
