@@ -25,7 +25,10 @@ mask; ``attnzoo.convert.from_timm`` converts timm's module), ``TimmAttention`` t
 ``Attention``, ``TimmBeitAttention`` timm's BEiT ``Attention`` (relative position bias, q/v biases),
 ``TimmVoloAttention`` and ``TimmClassAttention`` VOLO's ``Attention`` (on maps) and ``ClassAttention``,
 ``TimmTalkingHeadAttention`` and ``TimmCaitClassAttention`` CaiT's ``TalkingHeadAttn`` and ``ClassAttn``,
-``TimmEvaAttention`` EVA's ``EvaAttention`` (rotary embedding, q/v biases, scale norm).
+``TimmEvaAttention`` EVA's ``EvaAttention`` (rotary embedding, q/v biases, scale norm),
+``TimmPvtV2Attention`` PVT v2's ``Attention`` (spatial reduction or the linear mode), and
+``TimmTwinsGlobalAttention`` and ``TimmTwinsLocalAttention`` Twins' ``GlobalSubSampleAttn`` and
+``LocallyGroupedAttn`` (all called with the map's size, as timm's).
 """
 
 from torch import nn
@@ -54,6 +57,7 @@ from attnzoo.mechanisms.timm_attention import TimmAttention
 from attnzoo.mechanisms.timm_beit import TimmBeitAttention
 from attnzoo.mechanisms.timm_cait import TimmCaitClassAttention, TimmTalkingHeadAttention
 from attnzoo.mechanisms.timm_eva import TimmEvaAttention
+from attnzoo.mechanisms.timm_pvt import TimmPvtV2Attention, TimmTwinsGlobalAttention, TimmTwinsLocalAttention
 from attnzoo.mechanisms.timm_volo import TimmClassAttention, TimmVoloAttention
 from attnzoo.mechanisms.torch_mha import MultiheadAttention
 
@@ -85,7 +89,10 @@ __all__ = [
     "TimmCaitClassAttention",
     "TimmClassAttention",
     "TimmEvaAttention",
+    "TimmPvtV2Attention",
     "TimmTalkingHeadAttention",
+    "TimmTwinsGlobalAttention",
+    "TimmTwinsLocalAttention",
     "TimmVoloAttention",
     "TimmWindowAttentionV2",
     "WindowAttention",
