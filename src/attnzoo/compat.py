@@ -28,7 +28,10 @@ mask; ``attnzoo.convert.from_timm`` converts timm's module), ``TimmAttention`` t
 ``TimmEvaAttention`` EVA's ``EvaAttention`` (rotary embedding, q/v biases, scale norm),
 ``TimmWindowMultiHeadAttention`` Swin V2 CR's ``WindowMultiHeadAttention`` (meta-network position bias),
 ``TimmLinearSelfAttention`` MobileViT v2's ``LinearSelfAttention`` (separable attention on patches),
-``TimmFactorAttention`` CoaT's ``FactorAttnConvRelPosEnc`` (factorized attention, shared position encoding).
+``TimmFactorAttention`` CoaT's ``FactorAttnConvRelPosEnc`` (factorized attention, shared position encoding),
+``TimmPvtV2Attention`` PVT v2's ``Attention`` (spatial reduction or the linear mode), and
+``TimmTwinsGlobalAttention`` and ``TimmTwinsLocalAttention`` Twins' ``GlobalSubSampleAttn`` and
+``LocallyGroupedAttn`` (all called with the map's size, as timm's).
 """
 
 from torch import nn
@@ -59,6 +62,7 @@ from attnzoo.mechanisms.timm_cait import TimmCaitClassAttention, TimmTalkingHead
 from attnzoo.mechanisms.timm_coat import TimmFactorAttention
 from attnzoo.mechanisms.timm_eva import TimmEvaAttention
 from attnzoo.mechanisms.timm_mobilevit import TimmLinearSelfAttention
+from attnzoo.mechanisms.timm_pvt import TimmPvtV2Attention, TimmTwinsGlobalAttention, TimmTwinsLocalAttention
 from attnzoo.mechanisms.timm_swin_cr import TimmWindowMultiHeadAttention
 from attnzoo.mechanisms.timm_volo import TimmClassAttention, TimmVoloAttention
 from attnzoo.mechanisms.torch_mha import MultiheadAttention
@@ -93,7 +97,10 @@ __all__ = [
     "TimmEvaAttention",
     "TimmFactorAttention",
     "TimmLinearSelfAttention",
+    "TimmPvtV2Attention",
     "TimmTalkingHeadAttention",
+    "TimmTwinsGlobalAttention",
+    "TimmTwinsLocalAttention",
     "TimmVoloAttention",
     "TimmWindowAttentionV2",
     "TimmWindowMultiHeadAttention",
