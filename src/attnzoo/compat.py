@@ -25,7 +25,9 @@ mask; ``attnzoo.convert.from_timm`` converts timm's module), ``TimmAttention`` t
 ``Attention``, ``TimmBeitAttention`` timm's BEiT ``Attention`` (relative position bias, q/v biases),
 ``TimmVoloAttention`` and ``TimmClassAttention`` VOLO's ``Attention`` (on maps) and ``ClassAttention``,
 ``TimmTalkingHeadAttention`` and ``TimmCaitClassAttention`` CaiT's ``TalkingHeadAttn`` and ``ClassAttn``,
-``TimmEvaAttention`` EVA's ``EvaAttention`` (rotary embedding, q/v biases, scale norm).
+``TimmEvaAttention`` EVA's ``EvaAttention`` (rotary embedding, q/v biases, scale norm), ``TimmXCA`` and
+``TimmCrossCovarianceAttention`` XCiT's ``XCA`` and EdgeNeXt's ``CrossCovarianceAttn`` (cross-covariance
+attention over the channels of each head).
 """
 
 from torch import nn
@@ -55,6 +57,7 @@ from attnzoo.mechanisms.timm_beit import TimmBeitAttention
 from attnzoo.mechanisms.timm_cait import TimmCaitClassAttention, TimmTalkingHeadAttention
 from attnzoo.mechanisms.timm_eva import TimmEvaAttention
 from attnzoo.mechanisms.timm_volo import TimmClassAttention, TimmVoloAttention
+from attnzoo.mechanisms.timm_xca import TimmCrossCovarianceAttention, TimmXCA
 from attnzoo.mechanisms.torch_mha import MultiheadAttention
 
 # Every seed and official class gets the shared option and input checks, as the canonical ones do.
@@ -84,10 +87,12 @@ __all__ = [
     "TimmBeitAttention",
     "TimmCaitClassAttention",
     "TimmClassAttention",
+    "TimmCrossCovarianceAttention",
     "TimmEvaAttention",
     "TimmTalkingHeadAttention",
     "TimmVoloAttention",
     "TimmWindowAttentionV2",
+    "TimmXCA",
     "WindowAttention",
     # prefix-named blocks (builders returning PyTorch modules)
     "cross_attention",
