@@ -31,7 +31,9 @@ mask; ``attnzoo.convert.from_timm`` converts timm's module), ``TimmAttention`` t
 ``TimmFactorAttention`` CoaT's ``FactorAttnConvRelPosEnc`` (factorized attention, shared position encoding),
 ``TimmPvtV2Attention`` PVT v2's ``Attention`` (spatial reduction or the linear mode), and
 ``TimmTwinsGlobalAttention`` and ``TimmTwinsLocalAttention`` Twins' ``GlobalSubSampleAttn`` and
-``LocallyGroupedAttn`` (all called with the map's size, as timm's).
+``LocallyGroupedAttn`` (all called with the map's size, as timm's), ``TimmXCA`` and
+``TimmCrossCovarianceAttention`` XCiT's ``XCA`` and EdgeNeXt's ``CrossCovarianceAttn`` (cross-covariance
+attention over the channels of each head).
 """
 
 from torch import nn
@@ -65,6 +67,7 @@ from attnzoo.mechanisms.timm_mobilevit import TimmLinearSelfAttention
 from attnzoo.mechanisms.timm_pvt import TimmPvtV2Attention, TimmTwinsGlobalAttention, TimmTwinsLocalAttention
 from attnzoo.mechanisms.timm_swin_cr import TimmWindowMultiHeadAttention
 from attnzoo.mechanisms.timm_volo import TimmClassAttention, TimmVoloAttention
+from attnzoo.mechanisms.timm_xca import TimmCrossCovarianceAttention, TimmXCA
 from attnzoo.mechanisms.torch_mha import MultiheadAttention
 
 # Every seed and official class gets the shared option and input checks, as the canonical ones do.
@@ -94,6 +97,7 @@ __all__ = [
     "TimmBeitAttention",
     "TimmCaitClassAttention",
     "TimmClassAttention",
+    "TimmCrossCovarianceAttention",
     "TimmEvaAttention",
     "TimmFactorAttention",
     "TimmLinearSelfAttention",
@@ -104,6 +108,7 @@ __all__ = [
     "TimmVoloAttention",
     "TimmWindowAttentionV2",
     "TimmWindowMultiHeadAttention",
+    "TimmXCA",
     "WindowAttention",
     # prefix-named blocks (builders returning PyTorch modules)
     "cross_attention",
