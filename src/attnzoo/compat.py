@@ -25,7 +25,9 @@ mask; ``attnzoo.convert.from_timm`` converts timm's module), ``TimmAttention`` t
 ``Attention``, ``TimmBeitAttention`` timm's BEiT ``Attention`` (relative position bias, q/v biases),
 ``TimmVoloAttention`` and ``TimmClassAttention`` VOLO's ``Attention`` (on maps) and ``ClassAttention``,
 ``TimmTalkingHeadAttention`` and ``TimmCaitClassAttention`` CaiT's ``TalkingHeadAttn`` and ``ClassAttn``,
-``TimmEvaAttention`` EVA's ``EvaAttention`` (rotary embedding, q/v biases, scale norm).
+``TimmEvaAttention`` EVA's ``EvaAttention`` (rotary embedding, q/v biases, scale norm),
+``TimmRelPosAttention`` the relative-position ViT's ``RelPosAttention`` (timm's ``rel_pos`` module kept) and
+``TimmSamAttention`` SAM's ``Attention`` (decomposed relative positions or a rotary embedding, on maps).
 """
 
 from torch import nn
@@ -54,6 +56,7 @@ from attnzoo.mechanisms.timm_attention import TimmAttention
 from attnzoo.mechanisms.timm_beit import TimmBeitAttention
 from attnzoo.mechanisms.timm_cait import TimmCaitClassAttention, TimmTalkingHeadAttention
 from attnzoo.mechanisms.timm_eva import TimmEvaAttention
+from attnzoo.mechanisms.timm_relpos_vit import TimmRelPosAttention, TimmSamAttention
 from attnzoo.mechanisms.timm_volo import TimmClassAttention, TimmVoloAttention
 from attnzoo.mechanisms.torch_mha import MultiheadAttention
 
@@ -85,6 +88,8 @@ __all__ = [
     "TimmCaitClassAttention",
     "TimmClassAttention",
     "TimmEvaAttention",
+    "TimmRelPosAttention",
+    "TimmSamAttention",
     "TimmTalkingHeadAttention",
     "TimmVoloAttention",
     "TimmWindowAttentionV2",

@@ -5,8 +5,8 @@ attnzoo classes that compute the same function.
 module's device, in its dtype and training mode, whose output equals timm's. Converters are keyed by
 timm's dotted class names (`TIMM_CONVERTERS`), so nothing here imports timm; `attnzoo.convert`
 registers every key, so `attnzoo.convert.convert` and `attnzoo.replace(model, TimmClass)` reach
-them too. The converters live by family in `timm_existing`, `timm_gates`, `timm_strip`, `timm_token`
-and `timm_vit`.
+them too. The converters live by family in `timm_existing`, `timm_gates`, `timm_strip`, `timm_token`,
+`timm_vit` and `timm_relpos_vit`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from torch import nn
 
-from attnzoo.convert import timm_existing, timm_gates, timm_strip, timm_token, timm_vit
+from attnzoo.convert import timm_existing, timm_gates, timm_relpos_vit, timm_strip, timm_token, timm_vit
 from attnzoo.convert._timm_common import convert_keeping
 from attnzoo.convert._timm_common import dotted as _dotted
 from attnzoo.convert._timm_common import same_forward as _same_forward
@@ -28,6 +28,7 @@ TIMM_CONVERTERS: dict[str, Callable[[nn.Module], nn.Module]] = {
     **timm_strip.CONVERTERS,
     **timm_token.CONVERTERS,
     **timm_vit.CONVERTERS,  # ViT, BEiT, VOLO, CaiT and EVA attention -> attnzoo.compat
+    **timm_relpos_vit.CONVERTERS,  # the relative-position ViT's and SAM's attention -> attnzoo.compat
 }
 
 
