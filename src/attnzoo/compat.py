@@ -33,7 +33,9 @@ mask; ``attnzoo.convert.from_timm`` converts timm's module), ``TimmAttention`` t
 ``TimmTwinsGlobalAttention`` and ``TimmTwinsLocalAttention`` Twins' ``GlobalSubSampleAttn`` and
 ``LocallyGroupedAttn`` (all called with the map's size, as timm's), ``TimmXCA`` and
 ``TimmCrossCovarianceAttention`` XCiT's ``XCA`` and EdgeNeXt's ``CrossCovarianceAttn`` (cross-covariance
-attention over the channels of each head).
+attention over the channels of each head),
+``TimmRelPosAttention`` the relative-position ViT's ``RelPosAttention`` (timm's ``rel_pos`` module kept) and
+``TimmSamAttention`` SAM's ``Attention`` (decomposed relative positions or a rotary embedding, on maps).
 """
 
 from torch import nn
@@ -65,6 +67,7 @@ from attnzoo.mechanisms.timm_coat import TimmFactorAttention
 from attnzoo.mechanisms.timm_eva import TimmEvaAttention
 from attnzoo.mechanisms.timm_mobilevit import TimmLinearSelfAttention
 from attnzoo.mechanisms.timm_pvt import TimmPvtV2Attention, TimmTwinsGlobalAttention, TimmTwinsLocalAttention
+from attnzoo.mechanisms.timm_relpos_vit import TimmRelPosAttention, TimmSamAttention
 from attnzoo.mechanisms.timm_swin_cr import TimmWindowMultiHeadAttention
 from attnzoo.mechanisms.timm_volo import TimmClassAttention, TimmVoloAttention
 from attnzoo.mechanisms.timm_xca import TimmCrossCovarianceAttention, TimmXCA
@@ -102,6 +105,8 @@ __all__ = [
     "TimmFactorAttention",
     "TimmLinearSelfAttention",
     "TimmPvtV2Attention",
+    "TimmRelPosAttention",
+    "TimmSamAttention",
     "TimmTalkingHeadAttention",
     "TimmTwinsGlobalAttention",
     "TimmTwinsLocalAttention",

@@ -19,6 +19,7 @@ from attnzoo.convert import (  # one family per module
     timm_existing,
     timm_gates,
     timm_pvt,
+    timm_relpos_vit,
     timm_strip,
     timm_token,
     timm_vit,
@@ -38,6 +39,7 @@ TIMM_CONVERTERS: dict[str, Callable[[nn.Module], nn.Module]] = {
     **timm_vit.CONVERTERS,  # ViT, BEiT, VOLO, CaiT and EVA attention -> attnzoo.compat
     **timm_pvt.CONVERTERS,  # PVT v2's and Twins' spatial-reduction and window attention -> attnzoo.compat
     **timm_xca.CONVERTERS,  # XCiT's and EdgeNeXt's cross-covariance attention -> attnzoo.compat
+    **timm_relpos_vit.CONVERTERS,  # the relative-position ViT's and SAM's attention -> attnzoo.compat
 }
 
 
