@@ -4,11 +4,10 @@ logits, checkpoint and maps, the talking-heads rows against a plain definition, 
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from tests.convert._parity import randomize
+from tests.mechanisms._timm_swap import check_swap
 
 import attnzoo
 from attnzoo.compat import TimmCaitClassAttention, TimmTalkingHeadAttention
@@ -63,24 +62,9 @@ def test_talking_heads_weights_follow_the_definition() -> None:
 
 def test_replace_in_a_timm_cait_keeps_logits_checkpoint_and_maps() -> None:
     model = cait.Cait(img_size=32, patch_size=16, embed_dim=32, depth=2, num_heads=4, num_classes=3,
-                      depth_token_only=1).double().eval()
-    randomize(model, seed=3)
-    checkpoint = copy.deepcopy(model.state_dict())
-    x = torch.randn(2, 3, 32, 32, dtype=D)
-    with torch.no_grad():
-        want = model(x)
-    assert attnzoo.replace(model, cait.TalkingHeadAttn) == ["blocks.0.attn", "blocks.1.attn"]
-    assert attnzoo.replace(model, cait.ClassAttn) == ["blocks_token_only.0.attn"]
-    model.load_state_dict(checkpoint, strict=True)  # timm's keys, unchanged
-    with torch.no_grad():
-        torch.testing.assert_close(model(x), want, atol=1e-10, rtol=1e-10)
-        with attnzoo.capture_maps(model) as maps:
-            model(x)
-    assert len(maps) == 3
-    model.train()
-    model(x).square().mean().backward()  # one training step's gradients are finite
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    assert grads and all(torch.isfinite(g).all() for g in grads)
+                      depth_token_only=1, attn_drop_rate=0.2).double()
+    check_swap(model, [cait.TalkingHeadAttn, cait.ClassAttn], torch.randn(2, 3, 32, 32, dtype=D),
+               ["blocks.0.attn", "blocks.1.attn", "blocks_token_only.0.attn"])
 
 
 def test_errors_name_what_was_expected() -> None:

@@ -5,11 +5,10 @@ checkpoint and maps, and errors."""
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from tests.convert._parity import randomize
+from tests.mechanisms._timm_swap import check_swap
 
 import attnzoo
 from attnzoo.compat import TimmFactorAttention
@@ -64,25 +63,10 @@ def test_recorded_rows_are_the_implicit_mixing_matrix() -> None:
 def test_replace_in_a_timm_coat_keeps_logits_checkpoint_and_maps() -> None:
     model = coat.CoaT(img_size=32, patch_size=4, embed_dims=(8, 16, 16, 16), serial_depths=(1, 1, 1, 1),
                       parallel_depth=1, num_heads=2, mlp_ratios=(2, 2, 2, 2), num_classes=3,
-                      crpe_window={3: 1, 5: 1}).double().eval()
-    randomize(model, seed=7)
-    checkpoint = copy.deepcopy(model.state_dict())
-    x = torch.randn(2, 3, 32, 32, dtype=D)
-    with torch.no_grad():
-        want = model(x)
-    swapped = attnzoo.replace(model, coat.FactorAttnConvRelPosEnc)
-    assert len(swapped) == 7  # four serial blocks, three in the parallel block
-    model.load_state_dict(checkpoint, strict=True)  # timm's keys, the shared encodings included
-    assert set(model.state_dict()) == set(checkpoint)
-    with torch.no_grad():
-        torch.testing.assert_close(model(x), want, atol=1e-10, rtol=1e-10)
-        with attnzoo.capture_maps(model) as maps:
-            model(x)
-    assert len(maps) == 7
-    model.train()
-    model(x).square().mean().backward()  # one training step's gradients are finite
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    assert grads and all(torch.isfinite(g).all() for g in grads)
+                      crpe_window={3: 1, 5: 1}).double()
+    checkpoint_keys = set(model.state_dict())
+    check_swap(model, [coat.FactorAttnConvRelPosEnc], torch.randn(2, 3, 32, 32, dtype=D), 7, seed=7)
+    assert set(model.state_dict()) == checkpoint_keys  # the shared encodings keep their keys
 
 
 def test_errors_name_what_was_expected() -> None:

@@ -5,12 +5,11 @@ logits, checkpoint and maps, and errors."""
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 import torch.nn.functional as F
 from tests.convert._parity import randomize
+from tests.mechanisms._timm_swap import check_swap
 
 import attnzoo
 from attnzoo.compat import TimmLinearSelfAttention
@@ -75,24 +74,13 @@ def test_cross_attention_runs_where_timms_fails(hooked: bool) -> None:
 
 
 def test_replace_in_a_timm_mobilevitv2_keeps_logits_checkpoint_and_maps() -> None:
-    model = mobilevit.mobilevitv2_050(pretrained=False, num_classes=3).double().eval()
-    randomize(model, seed=6)
-    checkpoint = copy.deepcopy(model.state_dict())
+    model = mobilevit.mobilevitv2_050(pretrained=False, num_classes=3).double()
+    # 2 + 4 + 3 transformer layers in its three MobileViT v2 blocks
     x = torch.randn(2, 3, 64, 64, dtype=D)
-    with torch.no_grad():
-        want = model(x)
-    swapped = attnzoo.replace(model, mobilevit.LinearSelfAttention)
-    assert len(swapped) == 9  # 2 + 4 + 3 transformer layers in its three MobileViT v2 blocks
-    model.load_state_dict(checkpoint, strict=True)  # timm's keys, unchanged
-    with torch.no_grad():
-        torch.testing.assert_close(model(x), want, atol=1e-10, rtol=1e-10)
-        with attnzoo.capture_maps(model) as maps:
-            model(x)
-    assert len(maps) == 9 and all(m[0].kind == "spatial" for m in maps.values())
-    model.train()
-    model(x).square().mean().backward()  # one training step's gradients are finite
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    assert grads and all(torch.isfinite(g).all() for g in grads)
+    swapped = check_swap(model, [mobilevit.LinearSelfAttention], x, 9, seed=6)
+    with torch.no_grad(), attnzoo.capture_maps(swapped.eval()) as maps:
+        swapped(torch.randn(1, 3, 64, 64, dtype=D))
+    assert all(m[0].kind == "spatial" for m in maps.values())
 
 
 def test_errors_name_what_was_expected() -> None:

@@ -6,11 +6,10 @@ against a plain definition, windows of one token (timm asserts), and errors."""
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from tests.convert._parity import randomize
+from tests.mechanisms._timm_swap import check_swap
 from torch import nn
 
 import attnzoo
@@ -59,28 +58,6 @@ def test_matches_timm_float64(kind: str, kwargs: dict, train: bool, size: tuple[
         torch.testing.assert_close(g, w, atol=1e-9, rtol=1e-9)
 
 
-def _check_model(model: nn.Module, x: torch.Tensor, classes: list[type], swapped: int) -> None:
-    """`replace` for every class keeps the logits and timm's checkpoint, records a map per swapped
-    module, and one training step's gradients are finite."""
-    randomize(model, seed=3)
-    model.eval()
-    checkpoint = copy.deepcopy(model.state_dict())
-    with torch.no_grad():
-        want = model(x)
-    names = [name for cls in classes for name in attnzoo.replace(model, cls)]
-    assert len(names) == swapped
-    assert all(type(model.get_submodule(n)) in OURS.values() for n in names)
-    model.load_state_dict(checkpoint, strict=True)  # timm's keys, unchanged
-    with torch.no_grad():
-        torch.testing.assert_close(model(x), want, atol=1e-10, rtol=1e-10)
-        with attnzoo.capture_maps(model) as maps:
-            model(x)
-    assert sorted(maps) == sorted(names)
-    model.train()
-    model(x).square().mean().backward()
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    assert grads and all(torch.isfinite(g).all() for g in grads)
-
 
 @pytest.mark.parametrize("linear", [False, True])
 def test_replace_in_a_timm_pvt_v2_keeps_logits_checkpoint_and_maps(linear: bool) -> None:
@@ -88,7 +65,7 @@ def test_replace_in_a_timm_pvt_v2_keeps_logits_checkpoint_and_maps(linear: bool)
                                               num_heads=(1, 1, 2, 2), mlp_ratios=2, num_classes=3,
                                               linear=linear).double()
     x = torch.randn(2, 3, 60, 44, dtype=D)  # maps 15 x 11, 8 x 6, 4 x 3, 2 x 2
-    _check_model(model, x, [pvt_v2.Attention], 4)
+    check_swap(model, [pvt_v2.Attention], x, 4)
 
 
 def test_replace_in_a_timm_twins_keeps_logits_checkpoint_and_maps() -> None:
@@ -96,7 +73,7 @@ def test_replace_in_a_timm_twins_keeps_logits_checkpoint_and_maps() -> None:
                         mlp_ratios=(2, 2, 2, 2), depths=(2, 2, 2, 2), wss=(3, 3, 3, 3),
                         sr_ratios=(8, 4, 2, 1), num_classes=3).double()
     x = torch.randn(2, 3, 60, 44, dtype=D)  # maps 15 x 11, 7 x 5, 3 x 2, 1 x 1: windows of 3 pad all but one
-    _check_model(model, x, [twins.LocallyGroupedAttn, twins.GlobalSubSampleAttn], 8)
+    check_swap(model, [twins.LocallyGroupedAttn, twins.GlobalSubSampleAttn], x, 8)
 
 
 def test_local_rows_follow_the_definition() -> None:

@@ -5,11 +5,10 @@ a whole EdgeNeXt swapped by `attnzoo.replace` with their logits, checkpoints and
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from tests.convert._parity import randomize
+from tests.mechanisms._timm_swap import check_swap
 
 import attnzoo
 from attnzoo.compat import TimmCrossCovarianceAttention, TimmXCA
@@ -100,50 +99,22 @@ def test_capture_records_the_channel_rows() -> None:
 
 def test_replace_in_a_timm_xcit_keeps_logits_checkpoint_and_maps() -> None:
     model = xcit.Xcit(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=3,
-                      cls_attn_layers=1, attn_drop_rate=0.2).double().eval()
-    randomize(model, seed=5)
-    theirs = copy.deepcopy(model)
-    checkpoint = copy.deepcopy(model.state_dict())
-    x = torch.randn(2, 3, 32, 32, dtype=D)
-    assert attnzoo.replace(model, xcit.XCA) == ["blocks.0.attn", "blocks.1.attn"]
-    assert attnzoo.replace(model, cait.ClassAttn) == ["cls_attn_blocks.0.attn"]  # XCiT's class attention
-    assert {type(m) for m in model.modules()} >= {TimmXCA, attnzoo.compat.TimmCaitClassAttention}
-    model.load_state_dict(checkpoint, strict=True)  # timm's keys, unchanged
-    with torch.no_grad():
-        torch.testing.assert_close(model(x), theirs(x), atol=1e-10, rtol=1e-10)
-        with attnzoo.capture_maps(model) as maps:
-            model(x)
-        assert len(maps) == 3
-        model.train(), theirs.train()
-        torch.manual_seed(2)
-        want = theirs(x)
-        torch.manual_seed(2)  # the attention dropout masks are timm's, block after block
-        torch.testing.assert_close(model(x), want, atol=1e-10, rtol=1e-10)
-    model(x).square().mean().backward()  # one training step's gradients are finite
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    assert grads and all(torch.isfinite(g).all() for g in grads)
+                      cls_attn_layers=1, attn_drop_rate=0.2).double()
+    # XCiT's class attention is CaiT's, which converts too
+    swapped = check_swap(model, [xcit.XCA, cait.ClassAttn], torch.randn(2, 3, 32, 32, dtype=D),
+                         ["blocks.0.attn", "blocks.1.attn", "cls_attn_blocks.0.attn"], seed=5)
+    assert {type(m) for m in swapped.modules()} >= {TimmXCA, attnzoo.compat.TimmCaitClassAttention}
 
 
 def test_replace_in_a_timm_edgenext_keeps_logits_checkpoint_and_maps() -> None:
     model = edgenext.EdgeNeXt(num_classes=3, dims=(8, 16, 24, 32), depths=(1, 1, 1, 1),
-                              heads=(2, 2, 2, 4)).double().eval()
-    randomize(model, seed=6)  # the layer scales too: timm's 1e-6 would hide the attention
-    checkpoint = copy.deepcopy(model.state_dict())
-    x = torch.randn(2, 3, 64, 64, dtype=D)
-    with torch.no_grad():
-        want = model(x)
-    assert attnzoo.replace(model, edgenext.CrossCovarianceAttn) == [
-        "stages.1.blocks.0.xca", "stages.2.blocks.0.xca", "stages.3.blocks.0.xca"]
-    model.load_state_dict(checkpoint, strict=True)
-    with torch.no_grad():
-        torch.testing.assert_close(model(x), want, atol=1e-10, rtol=1e-10)
-        with attnzoo.capture_maps(model) as maps:
-            model(x)
-    assert len(maps) == 3 and [r.grid for rs in maps.values() for r in rs] == [(8,), (12,), (8,)]
-    model.train()
-    model(x).square().mean().backward()
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    assert grads and all(torch.isfinite(g).all() for g in grads)
+                              heads=(2, 2, 2, 4)).double()
+    # random layer scales too: timm's 1e-6 would hide the attention
+    swapped = check_swap(model, [edgenext.CrossCovarianceAttn], torch.randn(2, 3, 64, 64, dtype=D),
+                         ["stages.1.blocks.0.xca", "stages.2.blocks.0.xca", "stages.3.blocks.0.xca"], seed=6)
+    with torch.no_grad(), attnzoo.capture_maps(swapped.eval()) as maps:
+        swapped(torch.randn(1, 3, 64, 64, dtype=D))
+    assert [r.grid for rs in maps.values() for r in rs] == [(8,), (12,), (8,)]  # the head widths
 
 
 @pytest.mark.parametrize(("family", "name", "ours_cls"), CLASSES)
