@@ -31,7 +31,10 @@ mask; ``attnzoo.convert.from_timm`` converts timm's module), ``TimmAttention`` t
 ``TimmFactorAttention`` CoaT's ``FactorAttnConvRelPosEnc`` (factorized attention, shared position encoding),
 ``TimmPvtV2Attention`` PVT v2's ``Attention`` (spatial reduction or the linear mode), and
 ``TimmTwinsGlobalAttention`` and ``TimmTwinsLocalAttention`` Twins' ``GlobalSubSampleAttn`` and
-``LocallyGroupedAttn`` (all called with the map's size, as timm's).
+``LocallyGroupedAttn`` (all called with the map's size, as timm's), ``TimmLevitAttention`` and
+``TimmLevitAttentionDownsample`` LeViT's ``Attention`` and ``AttentionDownsample`` (learned offset bias,
+BatchNorm projections, linear or conv mode), ``TimmTinyVitAttention`` TinyViT's ``Attention`` and
+``TimmEfficientFormerAttention`` EfficientFormer's ``Attention`` (the same offset bias).
 """
 
 from torch import nn
@@ -61,6 +64,8 @@ from attnzoo.mechanisms.timm_beit import TimmBeitAttention
 from attnzoo.mechanisms.timm_cait import TimmCaitClassAttention, TimmTalkingHeadAttention
 from attnzoo.mechanisms.timm_coat import TimmFactorAttention
 from attnzoo.mechanisms.timm_eva import TimmEvaAttention
+from attnzoo.mechanisms.timm_levit import TimmLevitAttention, TimmLevitAttentionDownsample
+from attnzoo.mechanisms.timm_levit_family import TimmEfficientFormerAttention, TimmTinyVitAttention
 from attnzoo.mechanisms.timm_mobilevit import TimmLinearSelfAttention
 from attnzoo.mechanisms.timm_pvt import TimmPvtV2Attention, TimmTwinsGlobalAttention, TimmTwinsLocalAttention
 from attnzoo.mechanisms.timm_swin_cr import TimmWindowMultiHeadAttention
@@ -94,11 +99,15 @@ __all__ = [
     "TimmBeitAttention",
     "TimmCaitClassAttention",
     "TimmClassAttention",
+    "TimmEfficientFormerAttention",
     "TimmEvaAttention",
     "TimmFactorAttention",
+    "TimmLevitAttention",
+    "TimmLevitAttentionDownsample",
     "TimmLinearSelfAttention",
     "TimmPvtV2Attention",
     "TimmTalkingHeadAttention",
+    "TimmTinyVitAttention",
     "TimmTwinsGlobalAttention",
     "TimmTwinsLocalAttention",
     "TimmVoloAttention",

@@ -6,7 +6,7 @@ module's device, in its dtype and training mode, whose output equals timm's. Con
 timm's dotted class names (`TIMM_CONVERTERS`), so nothing here imports timm; `attnzoo.convert`
 registers every key, so `attnzoo.convert.convert` and `attnzoo.replace(model, TimmClass)` reach
 them too. The converters live by family in `timm_existing`, `timm_gates`, `timm_strip`, `timm_token`,
-`timm_vit` and `timm_pvt`.
+`timm_vit`, `timm_pvt` and `timm_levit`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from torch import nn
 
-from attnzoo.convert import timm_existing, timm_gates, timm_pvt, timm_strip, timm_token, timm_vit
+from attnzoo.convert import timm_existing, timm_gates, timm_levit, timm_pvt, timm_strip, timm_token, timm_vit
 from attnzoo.convert._timm_common import convert_keeping
 from attnzoo.convert._timm_common import dotted as _dotted
 from attnzoo.convert._timm_common import same_forward as _same_forward
@@ -29,6 +29,7 @@ TIMM_CONVERTERS: dict[str, Callable[[nn.Module], nn.Module]] = {
     **timm_token.CONVERTERS,
     **timm_vit.CONVERTERS,  # ViT, BEiT, VOLO, CaiT and EVA attention -> attnzoo.compat
     **timm_pvt.CONVERTERS,  # PVT v2's and Twins' spatial-reduction and window attention -> attnzoo.compat
+    **timm_levit.CONVERTERS,  # LeViT, TinyViT and EfficientFormer offset-bias attention -> attnzoo.compat
 }
 
 
