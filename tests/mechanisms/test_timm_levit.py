@@ -147,11 +147,13 @@ def test_tiny_vit_scale_follows_timm_path(fused: bool) -> None:
 
 
 def _check_model(model: nn.Module, x: torch.Tensor, classes: list[type], swapped: int) -> None:
-    """`replace` for every class keeps the logits and timm's checkpoint, records a map per swapped
-    module, and one training step's gradients are finite."""
+    """`replace` for every class keeps the logits (in eval and training, the BatchNorm statistics too)
+    and timm's checkpoint, records a map per swapped module, and one training step's gradients are
+    finite."""
     randomize(model, seed=3)
     model.eval()
     checkpoint = copy.deepcopy(model.state_dict())
+    reference = copy.deepcopy(model)
     with torch.no_grad():
         want = model(x)
     names = [name for cls in classes for name in attnzoo.replace(model, cls)]
@@ -163,8 +165,16 @@ def _check_model(model: nn.Module, x: torch.Tensor, classes: list[type], swapped
         with attnzoo.capture_maps(model) as maps:
             model(x)
     assert sorted(maps) == sorted(names)
+    reference.train()
     model.train()
-    model(x).square().mean().backward()
+    torch.manual_seed(5)  # the same drop-path draws (TinyViT's default rate)
+    want = reference(x)
+    torch.manual_seed(5)
+    got = model(x)
+    torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)  # training mode: batch statistics
+    for key, value in reference.state_dict().items():  # the running statistics moved alike
+        torch.testing.assert_close(model.state_dict()[key], value, atol=1e-10, rtol=1e-10)
+    got.square().mean().backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
     assert all(model.get_submodule(n).attention_biases.grad is not None for n in names)
