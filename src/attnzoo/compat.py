@@ -35,7 +35,11 @@ mask; ``attnzoo.convert.from_timm`` converts timm's module), ``TimmAttention`` t
 ``TimmCrossCovarianceAttention`` XCiT's ``XCA`` and EdgeNeXt's ``CrossCovarianceAttn`` (cross-covariance
 attention over the channels of each head),
 ``TimmRelPosAttention`` the relative-position ViT's ``RelPosAttention`` (timm's ``rel_pos`` module kept) and
-``TimmSamAttention`` SAM's ``Attention`` (decomposed relative positions or a rotary embedding, on maps).
+``TimmSamAttention`` SAM's ``Attention`` (decomposed relative positions or a rotary embedding, on maps),
+``TimmLevitAttention`` and
+``TimmLevitAttentionDownsample`` LeViT's ``Attention`` and ``AttentionDownsample`` (learned offset bias,
+BatchNorm projections, linear or conv mode), ``TimmTinyVitAttention`` TinyViT's ``Attention`` and
+``TimmEfficientFormerAttention`` EfficientFormer's ``Attention`` (the same offset bias).
 """
 
 from torch import nn
@@ -65,6 +69,8 @@ from attnzoo.mechanisms.timm_beit import TimmBeitAttention
 from attnzoo.mechanisms.timm_cait import TimmCaitClassAttention, TimmTalkingHeadAttention
 from attnzoo.mechanisms.timm_coat import TimmFactorAttention
 from attnzoo.mechanisms.timm_eva import TimmEvaAttention
+from attnzoo.mechanisms.timm_levit import TimmLevitAttention, TimmLevitAttentionDownsample
+from attnzoo.mechanisms.timm_levit_family import TimmEfficientFormerAttention, TimmTinyVitAttention
 from attnzoo.mechanisms.timm_mobilevit import TimmLinearSelfAttention
 from attnzoo.mechanisms.timm_pvt import TimmPvtV2Attention, TimmTwinsGlobalAttention, TimmTwinsLocalAttention
 from attnzoo.mechanisms.timm_relpos_vit import TimmRelPosAttention, TimmSamAttention
@@ -101,13 +107,17 @@ __all__ = [
     "TimmCaitClassAttention",
     "TimmClassAttention",
     "TimmCrossCovarianceAttention",
+    "TimmEfficientFormerAttention",
     "TimmEvaAttention",
     "TimmFactorAttention",
+    "TimmLevitAttention",
+    "TimmLevitAttentionDownsample",
     "TimmLinearSelfAttention",
     "TimmPvtV2Attention",
     "TimmRelPosAttention",
     "TimmSamAttention",
     "TimmTalkingHeadAttention",
+    "TimmTinyVitAttention",
     "TimmTwinsGlobalAttention",
     "TimmTwinsLocalAttention",
     "TimmVoloAttention",

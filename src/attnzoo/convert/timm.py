@@ -18,6 +18,7 @@ from torch import nn
 from attnzoo.convert import (  # one family per module
     timm_existing,
     timm_gates,
+    timm_levit,
     timm_pvt,
     timm_relpos_vit,
     timm_strip,
@@ -40,6 +41,7 @@ TIMM_CONVERTERS: dict[str, Callable[[nn.Module], nn.Module]] = {
     **timm_pvt.CONVERTERS,  # PVT v2's and Twins' spatial-reduction and window attention -> attnzoo.compat
     **timm_xca.CONVERTERS,  # XCiT's and EdgeNeXt's cross-covariance attention -> attnzoo.compat
     **timm_relpos_vit.CONVERTERS,  # the relative-position ViT's and SAM's attention -> attnzoo.compat
+    **timm_levit.CONVERTERS,  # LeViT, TinyViT and EfficientFormer offset-bias attention -> attnzoo.compat
 }
 
 
