@@ -1,7 +1,8 @@
-"""The whole-model check of the `attnzoo.compat` classes that stand in for timm's attention: a timm model
-with random weights, its attention swapped by `attnzoo.replace`, keeps its logits (float64, 1e-10; in
-training too, with the same dropout draws), loads timm's checkpoint with `strict=True`, records one
-map per swapped module, and takes a training step with finite gradients."""
+"""The whole-model check of the `attnzoo.compat` classes that stand in for timm's attention: a timm
+model with random weights, its attention swapped by `attnzoo.replace`, keeps its logits (float64,
+1e-10; in training too, with the same dropout draws and BatchNorm statistics), loads timm's
+checkpoint with `strict=True`, records one map per swapped module, and takes a training step with
+finite gradients."""
 
 from __future__ import annotations
 
@@ -41,6 +42,8 @@ def check_swap(
         want = theirs(x)
         torch.manual_seed(seed)  # every dropout draws timm's mask, block after block
         torch.testing.assert_close(model(x), want, atol=1e-10, rtol=1e-10)
+    for key, value in theirs.state_dict().items():  # BatchNorm's running statistics moved alike
+        torch.testing.assert_close(model.state_dict()[key], value, atol=1e-10, rtol=1e-10)
     model(x).square().mean().backward()  # one training step's gradients are finite
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)

@@ -13,6 +13,7 @@ import copy
 import pytest
 import torch
 from tests.convert._parity import randomize
+from tests.mechanisms._timm_swap import check_swap
 from torch import nn
 
 import attnzoo
@@ -147,37 +148,12 @@ def test_tiny_vit_scale_follows_timm_path(fused: bool) -> None:
 
 
 def _check_model(model: nn.Module, x: torch.Tensor, classes: list[type], swapped: int) -> None:
-    """`replace` for every class keeps the logits (in eval and training, the BatchNorm statistics too)
-    and timm's checkpoint, records a map per swapped module, and one training step's gradients are
-    finite."""
-    randomize(model, seed=3)
-    model.eval()
-    checkpoint = copy.deepcopy(model.state_dict())
-    reference = copy.deepcopy(model)
-    with torch.no_grad():
-        want = model(x)
-    names = [name for cls in classes for name in attnzoo.replace(model, cls)]
+    """`check_swap` (the BatchNorm statistics move alike in training; TinyViT's drop path draws alike),
+    and every swapped module's offset bias gets a gradient."""
+    swapped_model = check_swap(model, classes, x, swapped)
+    names = [n for n, m in swapped_model.named_modules() if type(m) in OURS.values()]
     assert len(names) == swapped
-    assert all(type(model.get_submodule(n)) in OURS.values() for n in names)
-    model.load_state_dict(checkpoint, strict=True)  # timm's keys, unchanged
-    with torch.no_grad():
-        torch.testing.assert_close(model(x), want, atol=1e-10, rtol=1e-10)
-        with attnzoo.capture_maps(model) as maps:
-            model(x)
-    assert sorted(maps) == sorted(names)
-    reference.train()
-    model.train()
-    torch.manual_seed(5)  # the same drop-path draws (TinyViT's default rate)
-    want = reference(x)
-    torch.manual_seed(5)
-    got = model(x)
-    torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)  # training mode: batch statistics
-    for key, value in reference.state_dict().items():  # the running statistics moved alike
-        torch.testing.assert_close(model.state_dict()[key], value, atol=1e-10, rtol=1e-10)
-    got.square().mean().backward()
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    assert grads and all(torch.isfinite(g).all() for g in grads)
-    assert all(model.get_submodule(n).attention_biases.grad is not None for n in names)
+    assert all(swapped_model.get_submodule(n).attention_biases.grad is not None for n in names)
 
 
 @pytest.mark.parametrize("use_conv", [False, True])
