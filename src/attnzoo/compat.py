@@ -29,7 +29,7 @@ mask; ``attnzoo.convert.from_timm`` converts timm's module), ``TimmAttention`` t
 ``TimmWindowMultiHeadAttention`` Swin V2 CR's ``WindowMultiHeadAttention`` (meta-network position bias),
 ``TimmLinearSelfAttention`` MobileViT v2's ``LinearSelfAttention`` (separable attention on patches),
 ``TimmFactorAttention`` CoaT's ``FactorAttnConvRelPosEnc`` (factorized attention, shared position encoding),
-``TimmPvtV2Attention`` PVT v2's ``Attention`` (spatial reduction or the linear mode), and
+``TimmPvtV2Attention`` PVT v2's ``Attention`` (spatial reduction or the linear mode),
 ``TimmTwinsGlobalAttention`` and ``TimmTwinsLocalAttention`` Twins' ``GlobalSubSampleAttn`` and
 ``LocallyGroupedAttn`` (all called with the map's size, as timm's), ``TimmXCA`` and
 ``TimmCrossCovarianceAttention`` XCiT's ``XCA`` and EdgeNeXt's ``CrossCovarianceAttn`` (cross-covariance
@@ -39,7 +39,9 @@ attention over the channels of each head),
 ``TimmLevitAttention`` and
 ``TimmLevitAttentionDownsample`` LeViT's ``Attention`` and ``AttentionDownsample`` (learned offset bias,
 BatchNorm projections, linear or conv mode), ``TimmTinyVitAttention`` TinyViT's ``Attention`` and
-``TimmEfficientFormerAttention`` EfficientFormer's ``Attention`` (the same offset bias).
+``TimmEfficientFormerAttention`` EfficientFormer's ``Attention`` (the same offset bias),
+``TimmMaxxvitAttention2d`` and ``TimmMaxxvitAttentionCl`` MaxViT / CoAtNet's ``Attention2d`` and
+``AttentionCl`` (NCHW and channels-last, timm's ``rel_pos`` module kept).
 """
 
 from torch import nn
@@ -71,6 +73,7 @@ from attnzoo.mechanisms.timm_coat import TimmFactorAttention
 from attnzoo.mechanisms.timm_eva import TimmEvaAttention
 from attnzoo.mechanisms.timm_levit import TimmLevitAttention, TimmLevitAttentionDownsample
 from attnzoo.mechanisms.timm_levit_family import TimmEfficientFormerAttention, TimmTinyVitAttention
+from attnzoo.mechanisms.timm_maxvit import TimmMaxxvitAttention2d, TimmMaxxvitAttentionCl
 from attnzoo.mechanisms.timm_mobilevit import TimmLinearSelfAttention
 from attnzoo.mechanisms.timm_pvt import TimmPvtV2Attention, TimmTwinsGlobalAttention, TimmTwinsLocalAttention
 from attnzoo.mechanisms.timm_relpos_vit import TimmRelPosAttention, TimmSamAttention
@@ -113,6 +116,8 @@ __all__ = [
     "TimmLevitAttention",
     "TimmLevitAttentionDownsample",
     "TimmLinearSelfAttention",
+    "TimmMaxxvitAttention2d",
+    "TimmMaxxvitAttentionCl",
     "TimmPvtV2Attention",
     "TimmRelPosAttention",
     "TimmSamAttention",

@@ -19,6 +19,7 @@ from attnzoo.convert import (  # one family per module
     timm_existing,
     timm_gates,
     timm_levit,
+    timm_maxvit,
     timm_pvt,
     timm_relpos_vit,
     timm_strip,
@@ -42,6 +43,7 @@ TIMM_CONVERTERS: dict[str, Callable[[nn.Module], nn.Module]] = {
     **timm_xca.CONVERTERS,  # XCiT's and EdgeNeXt's cross-covariance attention -> attnzoo.compat
     **timm_relpos_vit.CONVERTERS,  # the relative-position ViT's and SAM's attention -> attnzoo.compat
     **timm_levit.CONVERTERS,  # LeViT, TinyViT and EfficientFormer offset-bias attention -> attnzoo.compat
+    **timm_maxvit.CONVERTERS,  # MaxViT / CoAtNet's Attention2d and AttentionCl -> attnzoo.compat
 }
 
 

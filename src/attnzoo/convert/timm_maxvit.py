@@ -1,0 +1,94 @@
+"""timm -> attnzoo for MaxViT / CoAtNet's attention (`timm.models.maxxvit.Attention2d` and
+`AttentionCl`) -> the `attnzoo.compat` classes that keep timm's constructors, calls and keys
+(`TimmMaxxvitAttention2d`, `TimmMaxxvitAttentionCl`).
+
+The relative position submodule `rel_pos` (timm's `RelPosBias`, `RelPosMlp` or `RelPosBiasTf`, or any
+module with timm's `get_bias()`) is deep-copied as it is; the compat class adds its `get_bias()` to
+the logits, as timm's fused path does.
+
+`CONVERTERS` maps timm's dotted class names to the converters; `attnzoo.convert.timm` adds them to
+`TIMM_CONVERTERS`. timm is never imported here. The options each converter sets and the known
+differences are listed in docs/interop.md.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from attnzoo.convert.timm_existing import factory, finish, refuse
+from attnzoo.mechanisms.timm_maxvit import TimmMaxxvitAttention2d, TimmMaxxvitAttentionCl
+
+__all__ = ["CONVERTERS"]
+
+
+def _pointwise(module: Any, conv: nn.Module, name: str) -> None:
+    """Refuse a `qkv` or `proj` other than timm's 1x1 convolution (no stride, padding, dilation or groups)."""
+    want = ((1, 1), (1, 1), (0, 0), (1, 1), 1, "zeros")
+    ok = isinstance(conv, nn.Conv2d) and (conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                                          conv.groups, conv.padding_mode) == want
+    if not ok:
+        raise refuse(module, f"its {name} is not timm's 1x1 convolution ({conv})")
+
+
+def _options(module: Any, dim: int, dim_attn3: int, dim_out: int, wider_only: bool) -> dict[str, Any]:
+    """The compat constructor's arguments that give timm's widths, heads and layout; refused where the
+    heads do not tile the attention width (timm's Attention2d then mixes positions into its tokens) or
+    the scale is not `dim_head ** -0.5` (timm's fused path ignores `scale`, its other path uses it)."""
+    dim_attn, heads, dim_head = dim_attn3 // 3, int(module.num_heads), int(module.dim_head)
+    if dim_attn3 % 3 or heads * dim_head != dim_attn:
+        raise refuse(module, f"its {heads} heads of dim_head {dim_head} do not tile its attention width "
+                     f"{dim_attn3 / 3:g}")
+    if abs(module.scale - dim_head**-0.5) > 1e-12 * module.scale:
+        raise refuse(module, f"its scale {module.scale} is not dim_head ** -0.5")
+    # expand_first: which width the attention runs at (AttentionCl expands in qkv only when wider)
+    if dim_attn == dim_out and (dim_out > dim or not wider_only):
+        expand_first = True
+    elif dim_attn == dim:
+        expand_first = dim_out <= dim if wider_only else dim_out == dim
+    else:
+        raise refuse(module, f"its attention width {dim_attn} is neither dim {dim} nor dim_out {dim_out}")
+    rel_pos = module.rel_pos
+    if rel_pos is not None and not callable(getattr(rel_pos, "get_bias", None)):
+        raise refuse(module, f"its rel_pos {type(rel_pos).__qualname__} has no get_bias()")
+    return {"dim": dim, "dim_out": dim_out, "dim_head": dim_head, "expand_first": expand_first,
+            "head_first": bool(module.head_first), "attn_drop": float(module.attn_drop.p),
+            "proj_drop": float(module.proj_drop.p), **factory(module)}
+
+
+def _finish(new: Any, module: Any) -> Any:
+    if module.rel_pos is not None:
+        new.rel_pos = copy.deepcopy(module.rel_pos)  # timm's class, buffers and window as they are
+    return finish(new, module, module.state_dict())
+
+
+def attention2d_from_timm(module: Any) -> TimmMaxxvitAttention2d:
+    """MaxViT / CoAtNet's `timm.models.maxxvit.Attention2d` -> `attnzoo.compat.TimmMaxxvitAttention2d`
+    (timm's call and keys; `rel_pos` deep-copied)."""
+    qkv, proj = module.qkv, module.proj
+    _pointwise(module, qkv, "qkv")
+    _pointwise(module, proj, "proj")
+    if (qkv.bias is None) != (proj.bias is None):
+        raise refuse(module, "only one of its qkv and proj has a bias (timm's bias sets both)")
+    options = _options(module, qkv.in_channels, qkv.out_channels, proj.out_channels, wider_only=False)
+    return _finish(TimmMaxxvitAttention2d(bias=qkv.bias is not None, **options), module)
+
+
+def attention_cl_from_timm(module: Any) -> TimmMaxxvitAttentionCl:
+    """MaxViT's `timm.models.maxxvit.AttentionCl` -> `attnzoo.compat.TimmMaxxvitAttentionCl` (timm's call
+    and keys; `rel_pos` deep-copied)."""
+    qkv: nn.Linear = module.qkv
+    proj: nn.Linear = module.proj
+    if (qkv.bias is None) != (proj.bias is None):
+        raise refuse(module, "only one of its qkv and proj has a bias (timm's bias sets both)")
+    options = _options(module, qkv.in_features, qkv.out_features, proj.out_features, wider_only=True)
+    return _finish(TimmMaxxvitAttentionCl(bias=qkv.bias is not None, **options), module)
+
+
+CONVERTERS: dict[str, Callable[[nn.Module], nn.Module]] = {
+    "timm.models.maxxvit.Attention2d": attention2d_from_timm,
+    "timm.models.maxxvit.AttentionCl": attention_cl_from_timm,
+}
