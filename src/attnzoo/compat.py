@@ -41,7 +41,10 @@ attention over the channels of each head),
 BatchNorm projections, linear or conv mode), ``TimmTinyVitAttention`` TinyViT's ``Attention`` and
 ``TimmEfficientFormerAttention`` EfficientFormer's ``Attention`` (the same offset bias),
 ``TimmMaxxvitAttention2d`` and ``TimmMaxxvitAttentionCl`` MaxViT / CoAtNet's ``Attention2d`` and
-``AttentionCl`` (NCHW and channels-last, timm's ``rel_pos`` module kept).
+``AttentionCl`` (NCHW and channels-last, timm's ``rel_pos`` module kept), and
+``TimmDavitWindowAttention``, ``TimmDavitChannelAttention`` and ``TimmDavitChannelAttentionV2`` DaViT's
+``WindowAttention``, ``ChannelAttention`` and ``ChannelAttentionV2`` (attention within windows, and among
+each head's channels).
 """
 
 from torch import nn
@@ -70,6 +73,11 @@ from attnzoo.mechanisms.timm_attention import TimmAttention
 from attnzoo.mechanisms.timm_beit import TimmBeitAttention
 from attnzoo.mechanisms.timm_cait import TimmCaitClassAttention, TimmTalkingHeadAttention
 from attnzoo.mechanisms.timm_coat import TimmFactorAttention
+from attnzoo.mechanisms.timm_davit import (
+    TimmDavitChannelAttention,
+    TimmDavitChannelAttentionV2,
+    TimmDavitWindowAttention,
+)
 from attnzoo.mechanisms.timm_eva import TimmEvaAttention
 from attnzoo.mechanisms.timm_levit import TimmLevitAttention, TimmLevitAttentionDownsample
 from attnzoo.mechanisms.timm_levit_family import TimmEfficientFormerAttention, TimmTinyVitAttention
@@ -110,6 +118,9 @@ __all__ = [
     "TimmCaitClassAttention",
     "TimmClassAttention",
     "TimmCrossCovarianceAttention",
+    "TimmDavitChannelAttention",
+    "TimmDavitChannelAttentionV2",
+    "TimmDavitWindowAttention",
     "TimmEfficientFormerAttention",
     "TimmEvaAttention",
     "TimmFactorAttention",

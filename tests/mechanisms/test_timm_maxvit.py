@@ -151,6 +151,7 @@ def test_replace_in_a_timm_maxxvit_keeps_logits_checkpoint_and_maps(name: str) -
     assert all(p.grad is not None for n in names for p in model.get_submodule(n).parameters())
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")  # timm's table interpolation warns about torch's indexing
 def test_set_input_size_resizes_the_copied_rel_pos_as_timms() -> None:
     theirs = randomize(_model(("M", "M"), "bias"), seed=5).eval()
     ours = copy.deepcopy(theirs)

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from torch import nn
 
 from attnzoo.convert import (  # one family per module
+    timm_davit,
     timm_existing,
     timm_gates,
     timm_levit,
@@ -44,6 +45,7 @@ TIMM_CONVERTERS: dict[str, Callable[[nn.Module], nn.Module]] = {
     **timm_relpos_vit.CONVERTERS,  # the relative-position ViT's and SAM's attention -> attnzoo.compat
     **timm_levit.CONVERTERS,  # LeViT, TinyViT and EfficientFormer offset-bias attention -> attnzoo.compat
     **timm_maxvit.CONVERTERS,  # MaxViT / CoAtNet's Attention2d and AttentionCl -> attnzoo.compat
+    **timm_davit.CONVERTERS,  # DaViT's window and channel attention -> attnzoo.compat
 }
 
 
