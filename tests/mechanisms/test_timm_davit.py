@@ -6,11 +6,10 @@ definition, and errors."""
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from tests.convert._parity import randomize
+from tests.mechanisms._timm_swap import check_swap
 from torch import nn
 
 import attnzoo
@@ -87,28 +86,19 @@ def test_channel_rows_follow_the_definition() -> None:
 @pytest.mark.parametrize("v2", [False, True])
 def test_replace_in_a_timm_davit_keeps_logits_checkpoint_and_maps(v2: bool) -> None:
     model = davit.DaVit(depths=(1, 1), embed_dims=(16, 32), num_heads=(2, 4), window_size=3, num_classes=3,
-                        channel_attn_v2=v2).double()
-    randomize(model, seed=3).eval()
-    checkpoint = copy.deepcopy(model.state_dict())
+                        channel_attn_v2=v2, drop_rate=0.2).double()
     x = torch.randn(2, 3, 44, 36, dtype=D)  # maps 11 x 9 (windows of 3 pad to 12 x 9), 5 x 4 (6 x 6)
-    with torch.no_grad():
-        want = model(x)
     channel = davit.ChannelAttentionV2 if v2 else davit.ChannelAttention
-    names = attnzoo.replace(model, davit.WindowAttention) + attnzoo.replace(model, channel)
-    ours = (TimmDavitWindowAttention, TimmDavitChannelAttentionV2 if v2 else TimmDavitChannelAttention)
-    assert len(names) == 4 and all(type(model.get_submodule(n)) in ours for n in names)
-    model.load_state_dict(checkpoint, strict=True)  # timm's keys, unchanged
-    with torch.no_grad():
-        torch.testing.assert_close(model(x), want, atol=1e-10, rtol=1e-10)
-        with attnzoo.capture_maps(model) as maps:
-            model(x)
-    assert sorted(maps) == sorted(names)
-    assert maps["stages.0.blocks.0.0.attn"][0].grid == (3, 3)  # a window's rows
-    assert maps["stages.0.blocks.0.1.attn"][0].grid == (8,)  # a head's channels
-    model.train()
-    model(x).square().mean().backward()  # one training step's gradients are finite
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    assert grads and all(torch.isfinite(g).all() for g in grads)
+    names = ["stages.0.blocks.0.0.attn", "stages.1.blocks.0.0.attn", "stages.0.blocks.0.1.attn",
+             "stages.1.blocks.0.1.attn"]
+    model = check_swap(model, [davit.WindowAttention, channel], x, names)
+    ours_channel = TimmDavitChannelAttentionV2 if v2 else TimmDavitChannelAttention
+    ours = [TimmDavitWindowAttention] * 2 + [ours_channel] * 2
+    assert [type(model.get_submodule(n)) for n in names] == ours
+    with torch.no_grad(), attnzoo.capture_maps(model) as maps:
+        model.eval()(x)
+    assert maps[names[0]][0].grid == (3, 3)  # a window's rows
+    assert maps[names[2]][0].grid == (8,)  # a head's channels
 
 
 def test_errors_name_what_was_expected() -> None:

@@ -2,9 +2,12 @@
 `AttentionCl`) -> the `attnzoo.compat` classes that keep timm's constructors, calls and keys
 (`TimmMaxxvitAttention2d`, `TimmMaxxvitAttentionCl`).
 
-The relative position submodule `rel_pos` (timm's `RelPosBias`, `RelPosMlp` or `RelPosBiasTf`, or any
-module with timm's `get_bias()`) is deep-copied as it is; the compat class adds its `get_bias()` to
-the logits, as timm's fused path does.
+The relative position submodule `rel_pos` (timm's `RelPosBias`, `RelPosMlp` or `RelPosBiasTf`) is
+deep-copied as it is (keys, numbers, RelPosMlp's dropout draws and `set_window_size` stay timm's); the
+compat class adds its `get_bias()` to the logits, as timm's fused path does. Another `rel_pos` class,
+or one whose `forward` or `get_bias` is not timm's, is refused, as for the relative-position ViT
+(`attnzoo.convert.timm_relpos_vit`): timm's unfused path calls `forward` instead, the same sum only
+for timm's own classes.
 
 `CONVERTERS` maps timm's dotted class names to the converters; `attnzoo.convert.timm` adds them to
 `TIMM_CONVERTERS`. timm is never imported here. The options each converter sets and the known
@@ -19,7 +22,9 @@ from typing import Any
 
 from torch import nn
 
-from attnzoo.convert.timm_existing import factory, finish, refuse
+from attnzoo.convert._timm_common import factory, refuse
+from attnzoo.convert.timm_existing import finish
+from attnzoo.convert.timm_relpos_vit import _check_rel_pos as check_rel_pos
 from attnzoo.mechanisms.timm_maxvit import TimmMaxxvitAttention2d, TimmMaxxvitAttentionCl
 
 __all__ = ["CONVERTERS"]
@@ -51,9 +56,8 @@ def _options(module: Any, dim: int, dim_attn3: int, dim_out: int, wider_only: bo
         expand_first = dim_out <= dim if wider_only else dim_out == dim
     else:
         raise refuse(module, f"its attention width {dim_attn} is neither dim {dim} nor dim_out {dim_out}")
-    rel_pos = module.rel_pos
-    if rel_pos is not None and not callable(getattr(rel_pos, "get_bias", None)):
-        raise refuse(module, f"its rel_pos {type(rel_pos).__qualname__} has no get_bias()")
+    if module.rel_pos is not None:
+        check_rel_pos(module, module.rel_pos)
     return {"dim": dim, "dim_out": dim_out, "dim_head": dim_head, "expand_first": expand_first,
             "head_first": bool(module.head_first), "attn_drop": float(module.attn_drop.p),
             "proj_drop": float(module.proj_drop.p), **factory(module)}

@@ -26,9 +26,11 @@ it as a mask (True = may attend), the other path adds it as 0/1. `RelPosMlp`'s h
 0.125 in training) draws before the attention's, as in timm.
 
 `attnzoo.convert.from_timm` converts timm's modules (`rel_pos` deep-copied, the same keys, so timm's
-checkpoint loads with `strict=True`), and `attnzoo.replace(model, cls)` swaps a whole MaxViT or
-CoAtNet's attention with the same logits; `attnzoo.capture_maps` then records the rows over the
-tokens of each call (MaxViT's partitions: one row set per window or grid cell, in the batch).
+checkpoint loads with `strict=True`; a `rel_pos` other than timm's three is refused there, while
+`rel_pos_cls` here may build any module with a `get_bias()`), and `attnzoo.replace(model, cls)`
+swaps a whole MaxViT or CoAtNet's attention with the same logits; `attnzoo.capture_maps` then
+records the rows over the tokens of each call (MaxViT's partitions: one row set per window or grid
+cell, in the batch).
 
 timm's `Attention2d` does not check that `dim_head` divides its width: it then mixes positions and
 channels into wrong "tokens" (even maps) or fails (odd ones). Here both classes refuse it.
@@ -102,7 +104,7 @@ class _MaxxvitAttention(nn.Module):
         batch, tokens = q.shape[0], q.shape[2]
         target = (batch, self.num_heads, tokens, tokens)
         bias = mask = None
-        rel_pos: Any = self.rel_pos  # timm's RelPosBias, RelPosMlp, RelPosBiasTf (or its like): get_bias()
+        rel_pos: Any = self.rel_pos  # timm's RelPosBias, RelPosMlp, RelPosBiasTf (or any with get_bias())
         if rel_pos is not None:  # timm's fused path: rel_pos wins, shared_rel_pos is ignored
             bias = rel_pos.get_bias()
             check_tensor(bias, who, "rel_pos.get_bias()")
