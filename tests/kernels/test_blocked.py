@@ -113,3 +113,22 @@ def test_large_logits_give_the_plain_gradients():
         results.append(torch.autograd.grad(run(*ts), ts, grad.to(dtype)))
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a.double(), b, atol=1e-5, rtol=1e-5)  # gradients of size ~1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_shifted_logits_match_attend_math(dtype):
+    """Logits of a few hundred: the kernel shifts by the row maxima (and clamps at the exponent floor)
+    in forward and backward, still with the saved log-sum-exp, all in base 2."""
+    q, k, v = (t * s for t, s in zip(tensors(torch.float64, 33, 40, 4, 6), (9.0, 9.0, 1.0), strict=True))
+    grad = torch.randn(2, 33, 6, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    run = lambda a, b, c: blocked_attention(a, b, c, scale=0.7, block=8)  # noqa: E731
+    ts = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+    out = run(*ts)
+    grads = torch.autograd.grad(out, ts, grad.to(dtype))
+    ref_ts = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = reference(*ref_ts)
+    ref_grads = torch.autograd.grad(ref, ref_ts, grad)
+    tol = 1e-10 if dtype == torch.float64 else 2e-4
+    torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
+    for g, r in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g.double(), r, atol=tol * 10, rtol=tol)

@@ -66,6 +66,10 @@ _MIN_BLOCK_ROWS = 128
 # subnormal probabilities run about 10x slower (measured: timm's NonLocalAttn at its kaiming init).
 # Entries that low weigh less than exp(-80) of a row's largest, far below float32 resolution.
 _EXP_FLOOR = {torch.float32: -80.0, torch.float64: -700.0}
+# Both kernels exponentiate in base 2 (q pre-multiplied by log2 e): torch's exp2 ran 2.5x faster than
+# exp on 1M floats on both CPU kinds, and the exponentials were a fifth of a SAGAN training step.
+_LOG2E = 1.0 / math.log(2.0)
+_LN2 = math.log(2.0)
 
 _threads = torch.get_num_threads  # indirection, so tests can pose as a many-core machine
 
@@ -116,7 +120,7 @@ class _BlockedAttention(torch.autograd.Function):
     def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, scale: float, block: int | None) -> Tensor:
         batch, length_q, _ = q.shape
         length_k, dim_v = k.shape[1], v.shape[2]
-        q_s = q * scale if scale != 1.0 else q
+        q_2 = q * (scale * _LOG2E)  # logits in base 2: exp2 runs about 2.5x faster than exp on CPU
         k_t = k.transpose(1, 2)  # (B, d, S)
         v_c = v.contiguous()  # (B, S, e): row-major values keep P @ v on MKL's fast path
         rows = min(block or _block_rows(batch, length_k), length_q)
@@ -128,21 +132,23 @@ class _BlockedAttention(torch.autograd.Function):
         # subnormal, so the row maxima (two passes over every block) are not needed: softmax does not
         # depend on the shift. Otherwise shift by the row maxima and clamp at the floor.
         floor = _EXP_FLOOR[q.dtype]
-        bound = float(q_s.norm(dim=-1).amax() * k.norm(dim=-1).amax()) if q.numel() and k.numel() else 0.0
+        bound = 0.0
+        if q.numel() and k.numel():
+            bound = abs(scale) * float(q.norm(dim=-1).amax() * k.norm(dim=-1).amax())
         shift = 2 * bound + math.log(max(length_k, 1)) > -floor
         maxes = q.new_empty(batch, length_q, 1) if shift else None
         for start in range(0, length_q, rows):
             stop = min(start + rows, length_q)
             s = scores_buf[:, : stop - start]
-            torch.bmm(q_s[:, start:stop], k_t, out=s)  # (B, n, S) logits
+            torch.bmm(q_2[:, start:stop], k_t, out=s)  # (B, n, S) logits / ln 2
             if maxes is not None:
                 torch.amax(s, dim=-1, keepdim=True, out=maxes[:, start:stop])
-                s.sub_(maxes[:, start:stop]).clamp_(min=floor)
-            s.exp_()
+                s.sub_(maxes[:, start:stop]).clamp_(min=floor * _LOG2E)
+            s.exp2_()  # = exp(logits - max)
             torch.sum(s, dim=-1, keepdim=True, out=sums[:, start:stop])
             torch.bmm(s, v_c, out=out[:, start:stop])  # (B, n, e), normalised after the loop
         out.div_(sums)
-        lse = sums.log_() if maxes is None else sums.log_().add_(maxes)  # (B, L, 1)
+        lse = sums.log_() if maxes is None else sums.log_().add_(maxes, alpha=_LN2)  # (B, L, 1), natural
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.scale, ctx.block, ctx.shift = scale, block, shift
         return out
@@ -166,7 +172,8 @@ class _BlockedAttention(torch.autograd.Function):
         delta = (grad_out * out).sum(dim=-1, keepdim=True)  # (B, L, 1): rowsum(dO * O)
         q_s = (q * scale).contiguous()  # (B, L, d)
         ones = q.new_ones(batch, length_k, 1)
-        q_aug_t = torch.cat([q_s, -lse], dim=-1).transpose(1, 2).contiguous()  # (B, d+1, L)
+        # [q, -lse] / ln 2: the products give (logits - lse) / ln 2, whose exp2 is P (exp2 is faster)
+        q_aug_t = torch.cat([q_s, -lse], dim=-1).mul_(_LOG2E).transpose(1, 2).contiguous()  # (B, d+1, L)
         k_aug = torch.cat([k, ones], dim=-1)  # (B, S, d+1)
         g_aug_t = torch.cat([grad_out, -delta], dim=-1).transpose(1, 2).contiguous()  # (B, e+1, L)
         v_aug = torch.cat([v, ones], dim=-1)  # (B, S, e+1)
@@ -181,8 +188,8 @@ class _BlockedAttention(torch.autograd.Function):
             p_t, ds_t = p_buf[:, : stop - start], ds_buf[:, : stop - start]
             torch.bmm(k_aug[:, start:stop], q_aug_t, out=p_t)  # (B, n, L): logits - lse
             if ctx.shift:
-                p_t.clamp_(min=_EXP_FLOOR[q.dtype])
-            p_t.exp_()  # P^T block
+                p_t.clamp_(min=_EXP_FLOOR[q.dtype] * _LOG2E)
+            p_t.exp2_()  # P^T block
             torch.bmm(v_aug[:, start:stop], g_aug_t, out=ds_t)  # (B, n, L): dP^T - D^T
             ds_t.mul_(p_t)  # dS^T block (gradient of the scaled logits)
             torch.bmm(p_t, grad_out, out=grad_v[:, start:stop])
