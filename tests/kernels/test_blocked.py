@@ -85,18 +85,21 @@ def test_autocast_bf16_forward_and_backward():
 
 def test_large_inputs_take_the_static_kernel_without_measuring(monkeypatch):
     """Above `_CALIBRATE_MAX_PAIRS` query-key pairs the first call does not run both kernels to
-    measure them (that would cost minutes at N = 64k): padded SDPA runs, the static choice."""
+    measure them (that would cost minutes at N = 64k): the static rule decides, the blocked kernel for
+    queries narrower than the values (SAGAN), padded SDPA for wider ones."""
     import attnzoo.kernels.blocked as blocked
     from attnzoo.kernels import choose
 
     monkeypatch.setenv("ATTNZOO_KERNEL_CALIBRATE", "1")
     monkeypatch.setattr(blocked, "_CALIBRATE_MAX_PAIRS", 100)
     measured = []
-    monkeypatch.setattr(choose, "choose", lambda *a, **k: measured.append(a) or "blocked")
+    monkeypatch.setattr(choose, "choose", lambda *a, **k: measured.append(k["static"]) or "sdpa")
     q, k, v = torch.randn(1, 20, 3), torch.randn(1, 20, 3), torch.randn(1, 20, 7)
-    assert blocked._choice(q, k, v, 1.0) == "sdpa" and not measured
+    assert blocked._choice(q, k, v, 1.0) == "blocked" and not measured
+    assert blocked._choice(v, v, q, 1.0) == "sdpa" and not measured  # (d, e) = (7, 3)
     monkeypatch.setattr(blocked, "_CALIBRATE_MAX_PAIRS", 1000)
-    assert blocked._choice(q, k, v, 1.0) == "blocked" and len(measured) == 1  # measured below it
+    assert blocked._choice(q, k, v, 1.0) == "sdpa" and measured == ["blocked"]  # measured below it
+    assert blocked._choice(v, v, q, 1.0) == "sdpa" and measured == ["blocked", "sdpa"]
     with blocked.global_kernel("blocked"):  # an explicit choice still wins at any size
         monkeypatch.setattr(blocked, "_CALIBRATE_MAX_PAIRS", 100)
         assert blocked._choice(q, k, v, 1.0) == "blocked"

@@ -279,11 +279,15 @@ def global_attention(
 
 
 _CALIBRATE_MAX_PAIRS = 1 << 26  # query-key pairs (B * L * S) up to which the kernels are measured
-# Padded SDPA is the static choice: measured level with the blocked kernel or faster on both
-# machine kinds (AVX-512: within 3% at N = 1k-16k, 0.72 against 0.95 of the seed under the
-# benchmarks' allocator settings; AVX2: 0.80 against 0.91), and it holds less memory. The blocked
-# kernel runs where calibration measures it clearly faster, or when asked for.
-_STATIC = "sdpa"
+
+
+def _static(q: Tensor, v: Tensor) -> str:
+    """The validated static rule (2026-12-07, alternating runs on both machine kinds, with the base-2
+    exponentials): narrow queries and keys (d < e, SAGAN) take the blocked kernel, 0.67-0.87 of
+    padded SDPA's training step at N = 1k-4k on AVX-512 and 0.67-0.95 on AVX2 (level at N = 16k),
+    0.69-0.94 in inference; wide ones (d > e, the Gaussian non-local's reverse) take padded SDPA, which
+    was 1.07-1.48 times faster there."""
+    return "blocked" if q.shape[-1] < v.shape[-1] else "sdpa"
 
 
 def _choice(q: Tensor, k: Tensor, v: Tensor, scale: float) -> str:
@@ -297,7 +301,7 @@ def _choice(q: Tensor, k: Tensor, v: Tensor, scale: float) -> str:
     if q.shape[0] * q.shape[1] * k.shape[1] > _CALIBRATE_MAX_PAIRS:
         # Measuring would cost seconds to minutes on the first call (two runs of each kernel at
         # this size): the static choice stands.
-        return _STATIC
+        return _static(q, v)
     train = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     needs = [t.requires_grad for t in (q, k, v)] if train else False
     key = (*(choose.bucket(n) for n in (q.shape[0], q.shape[1], k.shape[1], small, large)),
@@ -307,7 +311,7 @@ def _choice(q: Tensor, k: Tensor, v: Tensor, scale: float) -> str:
         "sdpa": choose.workload(lambda a, b, c: _padded_sdpa(a, b, c, scale), (q, k, v), needs),
     }
     elements = q.numel() + k.numel() + v.numel()
-    return choose.choose("global", key, candidates, static=_STATIC, elements=elements, device=q.device)
+    return choose.choose("global", key, candidates, static=_static(q, v), elements=elements, device=q.device)
 
 
 def _padded_sdpa(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
