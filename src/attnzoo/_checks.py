@@ -329,7 +329,8 @@ def check_inputs(module: nn.Module, names: Sequence[str], args: tuple, kwargs: d
     if reference is None or autocast_on(device.type):
         return
     for name, t in tensors:
-        if t.is_floating_point() and t.dtype != reference.dtype and "mask" not in name and "bias" not in name:
+        free = any(part in name for part in ("mask", "bias", "rope"))  # timm's rope comes in float32
+        if t.is_floating_point() and t.dtype != reference.dtype and not free:
             raise TypeError(
                 f"{who} expects {name} of dtype {reference.dtype} (the dtype of its parameters), got "
                 f"{t.dtype}: convert the input with .to({reference.dtype}) or the module with .to({t.dtype})"

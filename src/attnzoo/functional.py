@@ -325,7 +325,7 @@ def _attend_math(
     if dead is not None:
         weights = weights.masked_fill(dead, 0.0)
     weights = weights.to(q.dtype)
-    # dropout keeps a bool mask instead of its float noise and the dropped map (same draws)
+    # dropout and the product keep the noise but not the dropped map as well (torch's draws)
     out = dropout_product(weights, v, dropout_p) if dropout_p > 0 else weights @ v  # (B, h, L, e)
     return (out, weights) if need_weights else out
 

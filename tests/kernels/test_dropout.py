@@ -89,6 +89,11 @@ def test_keeps_one_map_fewer():
     _, plain = _saved_bytes(attention(lambda a, b, p: F.dropout(a, p) @ b), w_leaf, v)
     one_map = 4 * 64 * 64 * 4
     assert plain - ours == one_map
+    # with only the values needing a gradient it never keeps more than torch's ops
+    frozen = w_leaf.detach().softmax(-1)
+    _, ours = _saved_bytes(lambda b: dropout_product(frozen, b, 0.2), v)
+    _, plain = _saved_bytes(lambda b: F.dropout(frozen, 0.2) @ b, v)
+    assert ours <= plain
 
 
 @pytest.mark.parametrize("p", [0.0, 1.0])
@@ -100,7 +105,7 @@ def test_edge_probabilities_are_torch_dropout(p):
     torch.testing.assert_close(out, F.dropout(w, p) @ v, atol=0, rtol=0)
 
 
-def test_broadcast_batch_dims_and_no_grad_take_the_plain_ops(monkeypatch):
+def test_broadcast_batch_dims_no_grad_and_1d_take_the_plain_ops(monkeypatch):
     calls = []
     monkeypatch.setattr(dropout._DropoutProduct, "apply", lambda *a: calls.append(a) or a[0] @ a[1])
     w, v = _inputs((2, 3, 4, 5), (1, 3, 5, 2))
@@ -109,6 +114,10 @@ def test_broadcast_batch_dims_and_no_grad_take_the_plain_ops(monkeypatch):
         dropout_product(*_inputs((3, 4, 5), (3, 5, 2)), 0.5)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         dropout_product(*_inputs((3, 4, 5), (3, 5, 2), torch.float32), 0.5)
+    assert calls == []
+    w_only, v_only = _inputs((3, 4, 5), (3, 5, 2))
+    dropout_product(w_only.detach(), v_only, 0.5)  # only v wants a gradient: torch keeps one map, less
+    dropout_product(torch.ones(5, dtype=torch.float64, requires_grad=True), v_only[0], 0.5)  # 1-D
     assert calls == []
     dropout_product(*_inputs((3, 4, 5), (3, 5, 2)), 0.5)
     assert len(calls) == 1

@@ -37,14 +37,15 @@ def check_swap(
         with attnzoo.capture_maps(model) as maps:
             model(x)
         assert sorted(maps) == sorted(names)
-        model.train(), theirs.train()
-        torch.manual_seed(seed)
-        want = theirs(x)
-        torch.manual_seed(seed)  # every dropout draws timm's mask, block after block
-        torch.testing.assert_close(model(x), want, atol=1e-10, rtol=1e-10)
+    model.train(), theirs.train()
+    torch.manual_seed(seed)
+    want = theirs(x)
+    torch.manual_seed(seed)  # every dropout draws timm's mask, block after block (with grad: the kernels run)
+    got = model(x)
+    torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
     for key, value in theirs.state_dict().items():  # BatchNorm's running statistics moved alike
         torch.testing.assert_close(model.state_dict()[key], value, atol=1e-10, rtol=1e-10)
-    model(x).square().mean().backward()  # one training step's gradients are finite
+    got.square().mean().backward()  # one training step's gradients are finite
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
     return model

@@ -5,6 +5,8 @@ maps, and errors."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from tests.convert._parity import randomize
@@ -75,12 +77,20 @@ def test_masks_match_timm(mask_kind: str) -> None:
     torch.testing.assert_close(ours(x, rope=rope, **call), want, atol=1e-10, rtol=1e-10)
 
 
-def test_replace_in_a_timm_eva_keeps_logits_checkpoint_and_maps() -> None:
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_replace_in_a_timm_eva_keeps_logits_checkpoint_and_maps(dynamic: bool) -> None:
+    # a dynamic image size makes timm build its rotary table per call, in float32 whatever the model's dtype
     model = eva.Eva(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=3,
                     use_rot_pos_emb=True, ref_feat_shape=(4, 4), scale_attn_inner=True,
-                    attn_drop_rate=0.2).double()
+                    attn_drop_rate=0.2, dynamic_img_size=dynamic).double()
+    randomize(model, seed=4)
+    reference = copy.deepcopy(model).eval()
     x = torch.randn(2, 3, 32, 32, dtype=D)
-    check_swap(model, [eva.EvaAttention], x, ["blocks.0.attn", "blocks.1.attn"], seed=4)
+    swapped = check_swap(model, [eva.EvaAttention], x, ["blocks.0.attn", "blocks.1.attn"], randomise=False)
+    if dynamic:  # another size: the table follows, in float32, as timm's
+        other = torch.randn(1, 3, 40, 24, dtype=D)
+        with torch.no_grad():
+            torch.testing.assert_close(swapped.eval()(other), reference(other), atol=1e-10, rtol=1e-10)
 
 
 def test_errors_name_what_was_expected() -> None:

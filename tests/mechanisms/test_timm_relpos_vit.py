@@ -176,9 +176,14 @@ def test_errors_name_what_was_expected() -> None:
         attn(torch.randn(1, 4, 6))
     with pytest.raises(ValueError, match=r"expects x of shape \(B, 4, 8\).*got x with N=5"):
         attn(torch.randn(1, 5, 8))
-    plain = TimmRelPosAttention(8, 2)
+    plain = TimmRelPosAttention(8, 2).eval()
     with pytest.raises(TypeError, match="shared_rel_pos"):
-        plain(torch.randn(1, 4, 8), shared_rel_pos=torch.ones(4, 4, dtype=torch.bool))
+        plain(torch.randn(1, 4, 8), shared_rel_pos=torch.ones(4, 4, dtype=torch.int64))
+    # a bool shared_rel_pos is a mask, as timm's fused path hands it to SDPA (MaxViT's stand-ins too)
+    x, keep = torch.randn(1, 4, 8), torch.rand(4, 4, generator=torch.Generator().manual_seed(0)) > 0.5
+    keep |= torch.eye(4, dtype=torch.bool)
+    as_bias = torch.zeros(4, 4).masked_fill(~keep, float("-inf"))
+    torch.testing.assert_close(plain(x, shared_rel_pos=keep), plain(x, shared_rel_pos=as_bias))
     with pytest.raises(ValueError, match="shared_rel_pos"):
         plain(torch.randn(1, 4, 8), shared_rel_pos=torch.zeros(1, 2, 5, 5))
     with pytest.raises(ValueError, match="num_heads=3"):

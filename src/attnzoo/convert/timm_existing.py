@@ -237,14 +237,6 @@ def window_v2_from_timm(module: Any) -> TimmWindowAttentionV2:
     return finish(new, module, module.state_dict())
 
 
-
-
-
-
-
-
-
-
 def window_cr_from_timm(module: Any) -> TimmWindowMultiHeadAttention:
     """Swin V2 CR's `WindowMultiHeadAttention` -> `attnzoo.compat.TimmWindowMultiHeadAttention` (timm's
     meta network copied as it is)."""

@@ -88,8 +88,8 @@ def global_kernel(choice: str) -> Iterator[None]:
 
     Args:
         choice: ``"auto"`` (the faster of the two for the shape class, measured once per process,
-            see `attnzoo.kernels.choose`; with ``ATTNZOO_KERNEL_CALIBRATE=0`` SDPA flash with zero
-            padding),
+            see `attnzoo.kernels.choose`; with ``ATTNZOO_KERNEL_CALIBRATE=0`` the static rule: the
+            blocked kernel where the queries are narrower than the values, padded SDPA otherwise),
             ``"blocked"`` (float32/float64 always blocked) or ``"sdpa"`` (always SDPA flash,
             padding the narrower width).
     """
@@ -239,8 +239,8 @@ def global_attention(
       and v zero-padded, then SDPA flash (the CPU flash kernel refuses unequal head dims, and
       padding q, k up to e multiplies four of its seven products by e/d), whichever measured
       faster for the shape class in this process (`attnzoo.kernels.choose`, site ``"global"``);
-      with ``ATTNZOO_KERNEL_CALIBRATE=0``, the blocked kernel when one width is more than twice
-      the other (SAGAN: d = e/8);
+      with ``ATTNZOO_KERNEL_CALIBRATE=0`` (and above 2**26 query-key pairs), the blocked kernel
+      when d < e (SAGAN: d = e/8) and padded SDPA when d > e (`_static`);
     - otherwise: ``attend`` on its fused path (SDPA flash on CPU, the GPU kernels elsewhere).
 
     `global_kernel` (or ``ATTNZOO_KERNEL_GLOBAL``/``ATTNZOO_GLOBAL_KERNEL``) overrides that

@@ -4,14 +4,17 @@
 own output ``w``: torch's CPU dropout draws a float noise tensor (Bernoulli, divided by ``1 - p``),
 which autograd saves for the product ``w * noise``, and the matrix product saves the dropped map
 for the values' gradient. `dropout_product` draws the same noise with the same generator calls (a
-seeded run gives the same mask and the same numbers as ``F.dropout``) and saves ``w`` (which the
-softmax keeps anyway) and the noise: one map fewer. Backward rebuilds the dropped map for the
-values' gradient (one elementwise pass). A bool mask would save more, but every product with a bool
-tensor casts it to float first, which cost more time than the map's memory is worth.
+seeded run gives the same mask and the same numbers as ``F.dropout``) and saves ``w`` and the noise:
+one map fewer where the softmax keeps ``w`` anyway (`attend`'s usual case; where it masks dead rows
+or casts half-precision weights, ``w`` is a map of its own and the total is the same as torch's).
+Backward rebuilds the dropped map for the values' gradient (one elementwise pass). A bool mask would
+save more, but every product with a bool tensor casts it to float first, which cost more time than
+the map's memory is worth.
 
 Double backward (``create_graph=True``) differentiates the same formulas written with plain ops.
-Under functorch transforms, ``torch.compile``/``torch.jit.trace`` and autocast, and for
-``p`` outside ``(0, 1)`` or broadcast batch dims, `dropout_product` is ``F.dropout(w, p) @ v``.
+Under functorch transforms, ``torch.compile``/``torch.jit.trace`` and autocast, for ``p`` outside
+``(0, 1)``, broadcast batch dims or 1-D inputs, and where ``w`` needs no gradient,
+`dropout_product` is ``F.dropout(w, p) @ v``.
 
 Shape letters: ``...`` batch dims (the same for both), L queries, S keys, e value dim.
 """
@@ -71,13 +74,16 @@ def dropout_product(w: Tensor, v: Tensor, p: float) -> Tensor:
     Returns:
         `(..., L, e)`, equal (same generator draws, same rounding) to ``F.dropout(w, p) @ v``.
     """
+    # Only where w needs a gradient: with v's alone, autograd keeps just the dropped map (one map),
+    # which is less than w and the noise
     fused = (
         0.0 < p < 1.0
         and w.device.type == "cpu"
+        and w.dim() >= 2 and v.dim() >= 2
         and w.shape[:-2] == v.shape[:-2]
         and w.dtype == v.dtype
         and torch.is_grad_enabled()
-        and (w.requires_grad or v.requires_grad)
+        and w.requires_grad
         and not autocast_on(w.device.type)
         and not composite_required()
     )

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from attnzoo._checks import check_float, check_head_widths, check_int, check_shape
+from attnzoo._checks import check_divisible, check_float, check_int, check_shape
 from attnzoo._registry import Example, register_compat
 from attnzoo.functional import attend
 from attnzoo.kernels.dropout import dropout_product
@@ -42,7 +42,8 @@ class _CaitBase(nn.Module):
         who = type(self).__name__
         self.dim = check_int(dim, "dim", who)
         self.num_heads = check_int(num_heads, "num_heads", who)
-        self.head_dim, _ = check_head_widths(dim, num_heads, None, None, who)
+        check_divisible(dim, num_heads, "dim", "num_heads", who)  # no head-width option to offer
+        self.head_dim = dim // num_heads
         self.scale = self.head_dim**-0.5
         self.attn_drop = check_float(attn_drop, "attn_drop", who, minimum=0.0, maximum=1.0)
         self.proj_drop = nn.Dropout(check_float(proj_drop, "proj_drop", who, minimum=0.0, maximum=1.0))

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from attnzoo._checks import check_float, check_head_widths, check_int, check_shape
+from attnzoo._checks import check_divisible, check_float, check_int, check_shape
 from attnzoo._registry import Example, register_compat
 from attnzoo.maps.capture import capturing, query_indices, record
 
@@ -64,7 +64,8 @@ class TimmFactorAttention(nn.Module):
         dd: dict[str, Any] = {"device": device, "dtype": dtype}
         self.dim = check_int(dim, "dim", who)
         self.num_heads = check_int(num_heads, "num_heads", who)
-        self.head_dim, _ = check_head_widths(dim, num_heads, None, None, who)
+        check_divisible(dim, num_heads, "dim", "num_heads", who)  # no head-width option to offer
+        self.head_dim = dim // num_heads
         self.scale = self.head_dim**-0.5
         # never applied, as in timm
         self.attn_drop = check_float(attn_drop, "attn_drop", who, minimum=0.0, maximum=1.0)

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnzoo._checks import check_float, check_head_widths, check_int, check_mask, check_shape, check_tensor
+from attnzoo._checks import check_divisible, check_float, check_int, check_mask, check_shape, check_tensor
 from attnzoo._registry import Example, register_compat
 from attnzoo.functional import attend
 from attnzoo.maps.capture import capturing, record_rows
@@ -91,7 +91,8 @@ class TimmRelPosAttention(nn.Module):
         dd: dict[str, Any] = {"device": device, "dtype": dtype}
         self.dim = check_int(dim, "dim", who)
         self.num_heads = check_int(num_heads, "num_heads", who)
-        self.head_dim, _ = check_head_widths(dim, num_heads, None, None, who)
+        check_divisible(dim, num_heads, "dim", "num_heads", who)  # no head-width option to offer
+        self.head_dim = dim // num_heads
         self.scale = self.head_dim**-0.5
         self.attn_drop = check_float(attn_drop, "attn_drop", who, minimum=0.0, maximum=1.0)
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias, **dd)
@@ -106,12 +107,12 @@ class TimmRelPosAttention(nn.Module):
         return f"dim={self.dim}, num_heads={self.num_heads}, head_dim={self.head_dim}"
 
     def _bias(self, batch: int, tokens: int, shared_rel_pos: Tensor | None) -> Tensor | None:
-        """The additive term: `rel_pos.get_bias()` `(1, h, N, N)`, else `shared_rel_pos`, else None."""
+        """The term for `attend`: `rel_pos.get_bias()` `(1, h, N, N)`, else `shared_rel_pos` (a float
+        bias, or a bool mask as timm's fused path passes it to SDPA), else None."""
         who = type(self).__name__
         full = (batch, self.num_heads, tokens, tokens)
         if self.rel_pos is None:
             if shared_rel_pos is not None:
-                check_tensor(shared_rel_pos, who, "shared_rel_pos")  # additive: a float tensor
                 check_mask(shared_rel_pos, full, who, "shared_rel_pos")
             return shared_rel_pos
         get_bias: Callable[[], Tensor] = getattr(self.rel_pos, "get_bias")  # noqa: B009 (a module's method)
@@ -130,14 +131,16 @@ class TimmRelPosAttention(nn.Module):
         """Self-attention over the tokens `x` `(B, N, C)`: `(B, N, C)`."""
         dims = check_shape(x, type(self).__name__, "B N C", C=self.dim)
         batch, tokens = dims["B"], dims["N"]
+        # checked before the projection; RelPosMlp's dropout still draws before the attention's, as timm's
+        term = self._bias(batch, tokens, shared_rel_pos)
+        mask, bias = (term, None) if term is not None and term.dtype == torch.bool else (None, term)
         qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # (B, h, N, d) each
         q, k = self.q_norm(q), self.k_norm(k)
-        bias = self._bias(batch, tokens, shared_rel_pos)  # after q/k, where timm draws RelPosMlp's dropout
         dropout_p = self.attn_drop if self.training else 0.0
-        out = attend(q, k, v, bias=bias, dropout_p=dropout_p, scale=self.scale)  # (B, h, N, d)
+        out = attend(q, k, v, bias=bias, mask=mask, dropout_p=dropout_p, scale=self.scale)  # (B, h, N, d)
         if capturing():  # map capture: rows of the capture's query points
-            record_rows(self, q, k, grid=(tokens,), bias=bias, scale=self.scale)
+            record_rows(self, q, k, grid=(tokens,), bias=bias, mask=mask, scale=self.scale)
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(batch, tokens, self.dim)))
 
 
@@ -223,7 +226,8 @@ class TimmSamAttention(nn.Module):
         dd: dict[str, Any] = {"device": device, "dtype": dtype}
         self.dim = check_int(dim, "dim", who)
         self.num_heads = check_int(num_heads, "num_heads", who)
-        self.head_dim, _ = check_head_widths(dim, num_heads, None, None, who)
+        check_divisible(dim, num_heads, "dim", "num_heads", who)  # no head-width option to offer
+        self.head_dim = dim // num_heads
         self.scale = self.head_dim**-0.5
         self.attn_drop = check_float(attn_drop, "attn_drop", who, minimum=0.0, maximum=1.0)
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias, **dd)

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from attnzoo._checks import check_float, check_head_widths, check_int, check_shape
+from attnzoo._checks import check_divisible, check_float, check_int, check_shape
 from attnzoo._registry import Example, register_compat
 from attnzoo.maps.capture import capturing, record
 from attnzoo.mechanisms.swin_v2 import cosine_window_attention, pair
@@ -101,7 +101,7 @@ class TimmWindowMultiHeadAttention(nn.Module):
         dd: dict[str, Any] = {"device": device, "dtype": dtype}
         self.dim = check_int(dim, "dim", who)
         self.num_heads = check_int(num_heads, "num_heads", who)
-        check_head_widths(dim, num_heads, None, None, who)
+        check_divisible(dim, num_heads, "dim", "num_heads", who)
         self.window_size = pair(window_size, "window_size", who)
         self.sequential_attn = bool(sequential_attn)
         self.attn_drop = check_float(drop_attn, "drop_attn", who, minimum=0.0, maximum=1.0)
@@ -119,6 +119,10 @@ class TimmWindowMultiHeadAttention(nn.Module):
     def set_window_size(self, window_size: int | Sequence[int]) -> None:
         """A new window (timm's `set_input_size` calls it): the offsets follow."""
         self.window_size = pair(window_size, "window_size", type(self).__name__)
+        self.init_non_persistent_buffers()
+
+    def init_non_persistent_buffers(self) -> None:
+        """Refill the offset table (timm's hook, called after a meta-device build)."""
         old = self.get_buffer("relative_coordinates_log")
         self.register_buffer("relative_coordinates_log", log_offsets(self.window_size, old.device, old.dtype),
                              persistent=False)

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from attnzoo._checks import check_float, check_head_widths, check_int, check_shape
+from attnzoo._checks import check_divisible, check_float, check_int, check_shape
 from attnzoo._registry import Example, register_compat
 from attnzoo.functional import attend
 from attnzoo.maps.capture import capturing, record_rows
@@ -53,7 +53,8 @@ class _CrossCovariance(nn.Module):
         dd: dict[str, Any] = {"device": device, "dtype": dtype}
         self.dim = check_int(dim, "dim", who)
         self.num_heads = check_int(num_heads, "num_heads", who)
-        self.head_dim, _ = check_head_widths(dim, num_heads, None, None, who)
+        check_divisible(dim, num_heads, "dim", "num_heads", who)  # no head-width option to offer
+        self.head_dim = dim // num_heads
         self.temperature = nn.Parameter(torch.ones(num_heads, 1, 1, **dd))
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias, **dd)
         self.attn_drop = check_float(attn_drop, "attn_drop", who, minimum=0.0, maximum=1.0)
