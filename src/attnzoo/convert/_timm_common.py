@@ -12,6 +12,7 @@ from attnzoo.convert._source_keys import FORWARD_HOOKS, attach_source_keys, cpu_
 
 __all__ = [
     "dotted", "refuse", "factory", "same_forward", "TimmKeys", "rename", "convert_keeping", "FORWARD_HOOKS",
+    "default_scale", "check_rel_pos",
 ]
 
 
@@ -31,6 +32,26 @@ def factory(module: nn.Module) -> dict[str, Any]:
         if tensor.is_floating_point():
             return {"device": tensor.device, "dtype": tensor.dtype}
     return {}
+
+
+def default_scale(module: Any, head_dim: int) -> bool:
+    """Whether timm's ``module.scale`` is ``head_dim ** -0.5`` up to rounding: the stand-ins compute that
+    scale themselves, and timm's fused paths ignore any other value, so another one cannot convert."""
+    scale = float(module.scale)
+    return abs(scale - head_dim**-0.5) <= 1e-12 * abs(scale)
+
+
+_REL_POS = ("RelPosBias", "RelPosMlp", "RelPosBiasTf")  # in timm.layers.pos_embed_rel
+
+
+def check_rel_pos(module: Any, rel_pos: nn.Module) -> None:
+    """Refuse a `rel_pos` whose `forward` or `get_bias` is not defined by one of timm's classes."""
+    known = {f"timm.layers.pos_embed_rel.{name}" for name in _REL_POS}
+    for method in ("forward", "get_bias"):
+        owner = next((base for base in type(rel_pos).__mro__ if method in vars(base)), None)
+        if owner is None or dotted(owner) not in known:
+            raise refuse(module, f"its rel_pos is a {type(rel_pos).__qualname__}, whose {method} is not that "
+                         f"of timm's {', '.join(_REL_POS)}")
 
 
 def same_forward(module: Any, cls: type) -> None:

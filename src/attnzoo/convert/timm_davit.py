@@ -14,6 +14,7 @@ from typing import Any
 
 from torch import nn
 
+from attnzoo.convert._timm_common import default_scale
 from attnzoo.convert.timm_existing import factory, finish, refuse
 from attnzoo.mechanisms.timm_davit import (
     TimmDavitChannelAttention,
@@ -40,7 +41,7 @@ def window_attention_from_timm(module: Any) -> TimmDavitWindowAttention:
     """DaViT's `timm.models.davit.WindowAttention` -> `attnzoo.compat.TimmDavitWindowAttention`."""
     dim, qkv_bias = _linears(module, module.num_heads)
     # timm's fused path ignores scale, its other path uses it: only the default is the same in both
-    if abs(module.scale - (dim // module.num_heads) ** -0.5) > 1e-12 * module.scale:
+    if not default_scale(module, dim // module.num_heads):
         raise refuse(module, f"its scale {module.scale} is not (dim // num_heads) ** -0.5")
     new = TimmDavitWindowAttention(dim, tuple(module.window_size), module.num_heads, qkv_bias=qkv_bias,
                                    **factory(module))

@@ -22,9 +22,8 @@ from typing import Any
 
 from torch import nn
 
-from attnzoo.convert._timm_common import factory, refuse
+from attnzoo.convert._timm_common import check_rel_pos, default_scale, factory, refuse
 from attnzoo.convert.timm_existing import finish
-from attnzoo.convert.timm_relpos_vit import _check_rel_pos as check_rel_pos
 from attnzoo.mechanisms.timm_maxvit import TimmMaxxvitAttention2d, TimmMaxxvitAttentionCl
 
 __all__ = ["CONVERTERS"]
@@ -47,7 +46,7 @@ def _options(module: Any, dim: int, dim_attn3: int, dim_out: int, wider_only: bo
     if dim_attn3 % 3 or heads * dim_head != dim_attn:
         raise refuse(module, f"its {heads} heads of dim_head {dim_head} do not tile its attention width "
                      f"{dim_attn3 / 3:g}")
-    if abs(module.scale - dim_head**-0.5) > 1e-12 * module.scale:
+    if not default_scale(module, dim_head):
         raise refuse(module, f"its scale {module.scale} is not dim_head ** -0.5")
     # expand_first: which width the attention runs at (AttentionCl expands in qkv only when wider)
     if dim_attn == dim_out and (dim_out > dim or not wider_only):

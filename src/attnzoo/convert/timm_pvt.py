@@ -16,6 +16,7 @@ from typing import Any
 
 from torch import nn
 
+from attnzoo.convert._timm_common import default_scale
 from attnzoo.convert.timm_existing import factory, finish, refuse
 from attnzoo.mechanisms.timm_pvt import TimmPvtV2Attention, TimmTwinsGlobalAttention, TimmTwinsLocalAttention
 
@@ -26,7 +27,7 @@ def _heads(module: Any, dim: int) -> None:
     """Refuse heads that do not divide `dim` or a scale other than `(dim // num_heads) ** -0.5` (timm's
     fused path ignores `scale`, its other path uses it)."""
     heads = module.num_heads
-    if dim % heads or abs(module.scale - (dim // heads) ** -0.5) > 1e-12 * module.scale:
+    if dim % heads or not default_scale(module, dim // heads):
         raise refuse(module, f"its scale {module.scale} is not (dim // num_heads) ** -0.5 or its {heads} "
                      f"heads do not divide dim {dim}")
 

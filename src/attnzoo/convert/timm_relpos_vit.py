@@ -22,28 +22,16 @@ from typing import Any
 
 from torch import nn
 
-from attnzoo.convert._timm_common import dotted, factory, refuse
+from attnzoo.convert._timm_common import check_rel_pos, default_scale, factory, refuse
 from attnzoo.convert.timm_existing import finish
 from attnzoo.mechanisms.timm_relpos_vit import TimmRelPosAttention, TimmSamAttention
 
 __all__ = ["CONVERTERS"]
 
-_REL_POS = ("RelPosBias", "RelPosMlp", "RelPosBiasTf")  # in timm.layers.pos_embed_rel
-
 
 def _scale(module: Any) -> None:
-    if abs(module.scale - module.head_dim**-0.5) > 1e-12 * module.scale:
+    if not default_scale(module, module.head_dim):
         raise refuse(module, f"its scale {module.scale} is not head_dim ** -0.5")
-
-
-def _check_rel_pos(module: Any, rel_pos: nn.Module) -> None:
-    """Refuse a `rel_pos` whose `forward` or `get_bias` is not defined by one of timm's classes."""
-    known = {f"timm.layers.pos_embed_rel.{name}" for name in _REL_POS}
-    for method in ("forward", "get_bias"):
-        owner = next((base for base in type(rel_pos).__mro__ if method in vars(base)), None)
-        if owner is None or dotted(owner) not in known:
-            raise refuse(module, f"its rel_pos is a {type(rel_pos).__qualname__}, whose {method} is not that "
-                         f"of timm's {', '.join(_REL_POS)}")
 
 
 def relpos_attention_from_timm(module: Any) -> TimmRelPosAttention:
@@ -52,7 +40,7 @@ def relpos_attention_from_timm(module: Any) -> TimmRelPosAttention:
     qkv: nn.Linear = module.qkv
     _scale(module)
     if module.rel_pos is not None:
-        _check_rel_pos(module, module.rel_pos)
+        check_rel_pos(module, module.rel_pos)
     new = TimmRelPosAttention(qkv.in_features, module.num_heads, qkv_bias=qkv.bias is not None,
                               attn_drop=float(module.attn_drop.p), proj_drop=float(module.proj_drop.p),
                               **factory(module))

@@ -17,6 +17,7 @@ from typing import Any
 
 from torch import nn
 
+from attnzoo.convert._timm_common import default_scale
 from attnzoo.convert.timm_existing import factory, finish, refuse
 from attnzoo.mechanisms.timm_attention import TimmAttention
 from attnzoo.mechanisms.timm_beit import TimmBeitAttention
@@ -32,7 +33,7 @@ def attention_from_timm(module: Any) -> TimmAttention:
     """ViT's `timm.layers.Attention` -> `attnzoo.compat.TimmAttention` (timm's call and keys; its
     q/k norms and scale norm are copied, whatever their class)."""
     qkv: nn.Linear = module.qkv
-    if abs(module.scale - module.head_dim**-0.5) > 1e-12 * module.scale:
+    if not default_scale(module, module.head_dim):
         raise refuse(module, f"its scale {module.scale} is not head_dim ** -0.5")
     new = TimmAttention(
         qkv.in_features, module.num_heads, attn_head_dim=module.head_dim, dim_out=module.proj.out_features,
@@ -48,7 +49,7 @@ def beit_attention_from_timm(module: Any) -> TimmBeitAttention:
     """BEiT's `timm.models.beit.Attention` -> `attnzoo.compat.TimmBeitAttention` (timm's call and keys)."""
     qkv: nn.Linear = module.qkv
     head_dim = qkv.out_features // 3 // module.num_heads
-    if qkv.bias is not None or abs(module.scale - head_dim**-0.5) > 1e-12 * module.scale:
+    if qkv.bias is not None or not default_scale(module, head_dim):
         raise refuse(module, "its qkv has a bias or its scale is not head_dim ** -0.5")
     new = TimmBeitAttention(
         qkv.in_features, module.num_heads, qkv_bias=module.q_bias is not None,
@@ -81,7 +82,7 @@ def class_attention_from_timm(module: Any) -> TimmClassAttention:
 
 def _cait_scale(module: Any, dim: int) -> None:
     head_dim = dim // module.num_heads
-    if dim % module.num_heads or abs(module.scale - head_dim**-0.5) > 1e-12 * module.scale:
+    if dim % module.num_heads or not default_scale(module, head_dim):
         raise refuse(module, f"its scale {module.scale} is not (dim // num_heads) ** -0.5 or its "
                      f"{module.num_heads} heads do not divide dim {dim}")
 
@@ -111,7 +112,7 @@ def eva_attention_from_timm(module: Any) -> TimmEvaAttention:
     its q/k norms and scale norm are copied, whatever their class)."""
     fused = module.qkv is not None
     dim = module.qkv.in_features if fused else module.q_proj.in_features
-    if abs(module.scale - module.head_dim**-0.5) > 1e-12 * module.scale:
+    if not default_scale(module, module.head_dim):
         raise refuse(module, f"its scale {module.scale} is not head_dim ** -0.5")
     qkv_bias = module.q_bias is not None if fused else module.q_proj.bias is not None
     new = TimmEvaAttention(
