@@ -97,16 +97,16 @@ class _MaxxvitAttention(nn.Module):
         q, k, v = parts.unbind(0)
         return q, k, v
 
-    def _attend(self, q: Tensor, k: Tensor, v: Tensor, shared_rel_pos: Tensor | None,
-                grid: tuple[int, ...]) -> Tensor:
-        """The heads' outputs `(B, h, N, d)` with timm's bias rule."""
+    def _terms(
+        self, shared_rel_pos: Tensor | None, batch: int, tokens: int
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """`(bias, mask)` for `attend` by timm's rule, checked before any projection runs."""
         who = type(self).__name__
-        batch, tokens = q.shape[0], q.shape[2]
         target = (batch, self.num_heads, tokens, tokens)
         bias = mask = None
         rel_pos: Any = self.rel_pos  # timm's RelPosBias, RelPosMlp, RelPosBiasTf (or any with get_bias())
         if rel_pos is not None:  # timm's fused path: rel_pos wins, shared_rel_pos is ignored
-            bias = rel_pos.get_bias()
+            bias = rel_pos.get_bias()  # RelPosMlp's dropout draws here, before the attention's, as timm's
             check_tensor(bias, who, "rel_pos.get_bias()")
             check_mask(bias, target, who, "rel_pos.get_bias() (its window's bias, for the N tokens of x)")
         elif shared_rel_pos is not None:
@@ -115,6 +115,11 @@ class _MaxxvitAttention(nn.Module):
                 mask = shared_rel_pos
             else:
                 bias = shared_rel_pos
+        return bias, mask
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, mask: Tensor | None,
+                grid: tuple[int, ...]) -> Tensor:
+        """The heads' outputs `(B, h, N, d)`."""
         dropout_p = self.attn_drop if self.training else 0.0
         out = attend(q, k, v, bias=bias, mask=mask, dropout_p=dropout_p, scale=self.scale)
         if capturing():  # map capture: rows of the capture's query points
@@ -165,9 +170,10 @@ class TimmMaxxvitAttention2d(_MaxxvitAttention):
         dims = check_shape(x, type(self).__name__, "B C H W", C=self.dim)
         batch, height, width = dims["B"], dims["H"], dims["W"]
         tokens = height * width
+        bias, mask = self._terms(shared_rel_pos, batch, tokens)
         qkv = self.qkv(x).flatten(2).transpose(1, 2)  # (B, N, 3 h d)
         q, k, v = self._split(qkv, batch, tokens)
-        out = self._attend(q, k, v, shared_rel_pos, (height, width))  # (B, h, N, d)
+        out = self._attend(q, k, v, bias, mask, (height, width))  # (B, h, N, d)
         out = out.transpose(-1, -2).reshape(batch, self.dim_attn, height, width)  # channels h-major
         return self.proj_drop(self.proj(out))
 
@@ -224,7 +230,8 @@ class TimmMaxxvitAttentionCl(_MaxxvitAttention):
         dims = check_shape(x, who, "B H W C", C=self.dim)
         batch, height, width = dims["B"], dims["H"], dims["W"]
         tokens = height * width
+        bias, mask = self._terms(shared_rel_pos, batch, tokens)
         q, k, v = self._split(self.qkv(x).reshape(batch, tokens, -1), batch, tokens)
-        out = self._attend(q, k, v, shared_rel_pos, (height, width))  # (B, h, N, d)
+        out = self._attend(q, k, v, bias, mask, (height, width))  # (B, h, N, d)
         out = out.transpose(1, 2).reshape(batch, height, width, self.dim_attn)
         return self.proj_drop(self.proj(out))
