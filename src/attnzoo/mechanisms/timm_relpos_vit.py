@@ -271,6 +271,7 @@ class TimmSamAttention(nn.Module):
         dims = check_shape(x, type(self).__name__, "B H W C", C=self.dim)
         batch, height, width = dims["B"], dims["H"], dims["W"]
         tokens, heads = height * width, self.num_heads
+        emb = self._rope(tokens) if not self.use_rel_pos and self.rope is not None else None  # checked first
         qkv = self.qkv(x.reshape(batch, tokens, self.dim)).view(batch, tokens, 3, heads, self.head_dim)
         # timm's layout: q, k, v `(B h, N, d)`, where its bias is computed
         q, k, v = qkv.permute(2, 0, 3, 1, 4).reshape(3, batch * heads, tokens, self.head_dim).unbind(0)
@@ -280,8 +281,7 @@ class TimmSamAttention(nn.Module):
             size = (height, width)
             bias = get_decomposed_rel_pos_bias(q, self.rel_pos_h, self.rel_pos_w, size, size)
             bias = bias.view(batch, heads, tokens, tokens)
-        elif self.rope is not None:
-            emb = self._rope(tokens)
+        elif emb is not None:
             q, k = apply_rope(q, emb).type_as(v), apply_rope(k, emb).type_as(v)
         q, k, v = (t.reshape(batch, heads, tokens, self.head_dim) for t in (q, k, v))
         dropout_p = self.attn_drop if self.training else 0.0
