@@ -134,3 +134,23 @@ def test_capture_records_window_rows():
     assert record.kind == "rows" and record.grid == (2, 3)
     _, weights = m(x, need_weights=True)
     torch.testing.assert_close(record.data, weights[:, :, record.queries], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_reduction_product_equals_the_convolution_a_hook_forces(legacy: bool):
+    # pre_conv runs as a matrix product on the tokens' layout; a hooked pre_conv is called as a module
+    cls = LegacyOverlappedAttention if legacy else OverlappedAttention
+    m = randomized(cls(16, window_size=2, num_heads=2, feat_size=(4, 6))).train()
+    x = torch.randn(2, 24, 16, dtype=D) if legacy else torch.randn(2, 4, 6, 16, dtype=D)
+    x.requires_grad_()
+    call = (lambda: m(x, 4, 6)) if legacy else (lambda: m(x))
+    fast = call()
+    grads = torch.autograd.grad(fast.square().sum(), [x, *m.parameters()])
+    seen = []
+    m.pre_conv.register_forward_hook(lambda mod, args, out: seen.append(out.shape))
+    slow = call()
+    slow_grads = torch.autograd.grad(slow.square().sum(), [x, *m.parameters()])
+    assert seen == [torch.Size([2, m.rd_channels, 4, 6])]
+    torch.testing.assert_close(fast, slow, **TOL)
+    for g, r in zip(grads, slow_grads, strict=True):
+        torch.testing.assert_close(g, r, **TOL)

@@ -166,6 +166,34 @@ class OverlappedAttention(nn.Module):
         self.proj = nn.Linear(dim, dim, **factory)
         self.proj_drop = nn.Dropout(check_float(proj_drop, "proj_drop", who, minimum=0.0, maximum=1.0))
 
+    def _plain_pre_conv(self) -> bool:
+        """A plain `nn.Conv2d` 1x1 without hooks, whose weight the products below may read directly."""
+        conv, hooks = self.pre_conv, nn.modules.module
+        hooked = (conv._forward_hooks or conv._forward_pre_hooks or hooks._global_forward_hooks
+                  or hooks._global_forward_pre_hooks)
+        return type(conv) is nn.Conv2d and not hooked
+
+    def _reduce_tokens(self, x: Tensor) -> Tensor:
+        """`pre_conv` of channels-last tokens `x` `(B, H, W, C)` -> `(B, r, H, W)` (a view). A 1x1
+        convolution to r = 3 channels is one skinny matrix product; oneDNN's convolution ran it (and its
+        backward) several times slower than the product on the tokens' own layout."""
+        if not self._plain_pre_conv():
+            return self.pre_conv(x.permute(0, 3, 1, 2))
+        weight = self.pre_conv.weight.flatten(1)  # (r, C)
+        return F.linear(x, weight, self.pre_conv.bias).permute(0, 3, 1, 2)  # (B, H, W, r) -> (B, r, H, W)
+
+    def _reduce_map(self, x: Tensor) -> Tensor:
+        """`pre_conv` of a contiguous map `x` `(B, C, H, W)` -> `(B, r, H, W)`, as a batched product with
+        the (r, C) weight (the same reason as `_reduce_tokens`)."""
+        if not self._plain_pre_conv():
+            return self.pre_conv(x)
+        b, c, height, width = x.shape
+        weight = self.pre_conv.weight.flatten(1)  # (r, C)
+        out = torch.matmul(weight.expand(b, -1, -1), x.reshape(b, c, height * width))  # (B, r, H W)
+        if self.pre_conv.bias is not None:
+            out = out + self.pre_conv.bias[:, None]
+        return out.view(b, -1, height, width)
+
     # The patch tokens of the reduced map r (B, r, H, W), in the official feature orders.
 
     def _query_patches(self, r: Tensor) -> Tensor:
@@ -207,7 +235,7 @@ class OverlappedAttention(nn.Module):
         height, width = self.feat_size
         check_shape(x, type(self).__name__, "B H W C", H=height, W=width, C=self.dim)
         b, (gh, gw), w = x.shape[0], self.grid, self.window_size
-        r = self.pre_conv(x.permute(0, 3, 1, 2))  # (B, C, H, W) -> (B, r, H, W)
+        r = self._reduce_tokens(x)  # (B, H, W, C) -> (B, r, H, W)
         out, weights = self._windows(r, need_weights)  # (B, n, C)
         out = out.reshape(b, gh, 1, gw, 1, self.dim).expand(b, gh, w, gw, w, self.dim)  # per token
         out = out.reshape(b, height, width, self.dim)  # (B, gh, w, gw, w, C) -> (B, H, W, C)
@@ -253,6 +281,6 @@ class LegacyOverlappedAttention(OverlappedAttention):
             raise ValueError(f"{who} expects H, W equal to its input_resolution {self.feat_size} (the "
                              f"relative position table is made for it), got H={H}, W={W}")
         check_shape(x, who, "B N C", N=H * W, C=self.dim)
-        r = self.pre_conv(x.reshape(x.shape[0], self.dim, H, W))  # the official reshape: (B, r, H, W)
+        r = self._reduce_map(x.reshape(x.shape[0], self.dim, H, W))  # the official reshape: (B, r, H, W)
         out, weights = self._windows(r, need_weights)
         return (out, weights) if need_weights and weights is not None else out
