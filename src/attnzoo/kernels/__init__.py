@@ -12,6 +12,8 @@
 - `attnzoo.kernels.selective`: SK's branch selection, and split attention's on the splits of one map;
 - `attnzoo.kernels.strips`: the strip gates of coordinate attention and its relatives, and the strip
   means they pool;
+- `attnzoo.kernels.softmax`: softmax over axes shorter than a vector register (outlook's 9
+  neighbours), where torch's CPU softmax takes a slow path;
 - `attnzoo.kernels.simam`: SimAM's parameter-free energy gate;
 - `attnzoo.kernels.spectral`: GFNet's global filter, by FFT or by DFT matrix products;
 - `attnzoo.kernels.choose`: which of two equally exact fast paths runs (calibrated once per

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from attnzoo._checks import check_float, check_int, check_shape
 from attnzoo._registry import Example, register
+from attnzoo.kernels.softmax import short_softmax
 from attnzoo.maps.capture import capturing, query_indices, record
 from attnzoo.maps.records import _scatter_rows
 
@@ -173,7 +174,7 @@ class OutlookAttention(nn.Module):
         pooled = F.avg_pool2d(x.permute(0, 3, 1, 2), s, s, ceil_mode=True) if s > 1 else x.permute(0, 3, 1, 2)
         logits = self.attn(pooled.permute(0, 2, 3, 1))  # (B, h', w', h k^4)
         logits = logits.reshape(batch, h * w, heads, k * k, k * k).transpose(1, 2)  # (B, h, hw, k^2, k^2)
-        weights = (logits * self.scale).softmax(-1)
+        weights = short_softmax(logits * self.scale)  # over the k*k neighbours: torch's is slow there
         del logits  # not kept for backward: freed now, not at the end of forward
         if capturing():
             self._record(weights, (height, width), (h, w))
