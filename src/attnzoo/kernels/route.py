@@ -40,6 +40,7 @@ from attnzoo._checks import autocast_on
 __all__ = [
     "autocast_state",
     "composite_required",
+    "plain_module",
     "large_logits",
     "rowwise_grads",
     "recompute_grads",
@@ -66,6 +67,16 @@ def composite_required(dispatch: bool = False, tracing: bool = True) -> bool:
         or (tracing and (torch.compiler.is_compiling() or torch.jit.is_tracing()))
         or (dispatch and torch._C._len_torch_dispatch_stack() > 0)
     )
+
+
+def plain_module(module: torch.nn.Module, cls: type) -> bool:
+    """Whether ``module`` is exactly ``cls`` (``nn.Linear``, ``nn.Conv2d``) with no forward hook, its own
+    or a global one, so that a fused path may read its ``weight`` and ``bias`` instead of calling it: a
+    subclass (a LoRA or quantised wrapper) or a hook must see the call."""
+    hooks = torch.nn.modules.module
+    hooked = (module._forward_hooks or module._forward_pre_hooks or hooks._global_forward_hooks
+              or hooks._global_forward_pre_hooks)
+    return type(module) is cls and not hooked
 
 
 def autocast_state(t: Tensor) -> tuple[str, bool, torch.dtype]:

@@ -44,6 +44,7 @@ from attnzoo._checks import check_divisible, check_float, check_int, check_shape
 from attnzoo._geometry import Geometry, divisor_window, grid2d
 from attnzoo._registry import Example, register
 from attnzoo.functional import attend, gather_relative_bias, relative_position_index_2d
+from attnzoo.kernels.route import plain_module
 from attnzoo.maps.capture import capturing, record_rows
 from attnzoo.mechanisms._relpos import feat_pair
 
@@ -166,18 +167,11 @@ class OverlappedAttention(nn.Module):
         self.proj = nn.Linear(dim, dim, **factory)
         self.proj_drop = nn.Dropout(check_float(proj_drop, "proj_drop", who, minimum=0.0, maximum=1.0))
 
-    def _plain_pre_conv(self) -> bool:
-        """A plain `nn.Conv2d` 1x1 without hooks, whose weight the products below may read directly."""
-        conv, hooks = self.pre_conv, nn.modules.module
-        hooked = (conv._forward_hooks or conv._forward_pre_hooks or hooks._global_forward_hooks
-                  or hooks._global_forward_pre_hooks)
-        return type(conv) is nn.Conv2d and not hooked
-
     def _reduce_tokens(self, x: Tensor) -> Tensor:
         """`pre_conv` of channels-last tokens `x` `(B, H, W, C)` -> `(B, r, H, W)` (a view). A 1x1
         convolution to r = 3 channels is one skinny matrix product; oneDNN's convolution ran it (and its
         backward) several times slower than the product on the tokens' own layout."""
-        if not self._plain_pre_conv():
+        if not plain_module(self.pre_conv, nn.Conv2d):
             return self.pre_conv(x.permute(0, 3, 1, 2))
         weight = self.pre_conv.weight.flatten(1)  # (r, C)
         return F.linear(x, weight, self.pre_conv.bias).permute(0, 3, 1, 2)  # (B, H, W, r) -> (B, r, H, W)
@@ -185,7 +179,7 @@ class OverlappedAttention(nn.Module):
     def _reduce_map(self, x: Tensor) -> Tensor:
         """`pre_conv` of a contiguous map `x` `(B, C, H, W)` -> `(B, r, H, W)`, as a batched product with
         the (r, C) weight (the same reason as `_reduce_tokens`)."""
-        if not self._plain_pre_conv():
+        if not plain_module(self.pre_conv, nn.Conv2d):
             return self.pre_conv(x)
         b, c, height, width = x.shape
         weight = self.pre_conv.weight.flatten(1)  # (r, C)

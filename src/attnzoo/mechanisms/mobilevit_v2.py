@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from attnzoo._checks import check_float, check_int, check_shape
 from attnzoo._registry import Example, FreeSize, register
+from attnzoo.kernels.route import plain_module
 from attnzoo.maps.capture import capturing, record
 
 __all__ = ["SeparableSelfAttention"]
@@ -104,9 +105,7 @@ class SeparableSelfAttention(nn.Module):
     def _pooled_keys(self) -> bool:
         """Whether `qkv` is a plain `nn.Linear` without hooks, whose weight the pooled path may read
         directly (a LoRA or quantized wrapper, or a forward hook, must see the call)."""
-        qkv = self.qkv
-        hooked = qkv._forward_hooks or qkv._forward_pre_hooks or nn.modules.module._global_forward_hooks
-        return type(qkv) is nn.Linear and not hooked and not nn.modules.module._global_forward_pre_hooks
+        return plain_module(self.qkv, nn.Linear)
 
     def _rows(self, part: slice) -> tuple[Tensor, Tensor | None]:
         bias = None if self.qkv.bias is None else self.qkv.bias[part]

@@ -25,17 +25,11 @@ from torch import Tensor, nn
 
 from attnzoo._checks import check_float, check_int, check_shape
 from attnzoo._registry import Example, register_compat
+from attnzoo.kernels.route import plain_module
 from attnzoo.maps.capture import capturing, record
 
 __all__ = ["TimmLinearSelfAttention"]
 
-
-def _plain_conv(conv: nn.Module) -> bool:
-    """A plain `nn.Conv2d` without hooks, whose rows the pooled path may read directly."""
-    hooks = nn.modules.module
-    hooked = (conv._forward_hooks or conv._forward_pre_hooks or hooks._global_forward_hooks
-              or hooks._global_forward_pre_hooks)
-    return type(conv) is nn.Conv2d and not hooked
 
 
 @register_compat(example=Example({"embed_dim": 8}, ((2, 8, 4, 5),), (2, 8, 4, 5)))
@@ -94,7 +88,7 @@ class TimmLinearSelfAttention(nn.Module):
         if x_prev is not None:
             check_shape(x_prev, who, "B C P N", "x_prev", B=dims["B"], C=self.embed_dim, P=dims["P"])
         c = self.embed_dim
-        if _plain_conv(self.qkv_proj):
+        if plain_module(self.qkv_proj, nn.Conv2d):
             w_logit, b_logit = self._rows(slice(0, 1))
             w_values, b_values = self._rows(slice(1 + c, None))
             if x_prev is None:  # logit and values in one product
