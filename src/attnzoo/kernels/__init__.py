@@ -6,6 +6,8 @@
   keeping the dropped map (``attend``'s math path in training);
 - `attnzoo.kernels.flash`: SDPA's CPU flash kernel with a double backward (behind ``attend``);
 - `attnzoo.kernels.gate`: the channel/spatial gates of SE, CBAM and the dual gate;
+- `attnzoo.kernels.mix`: a sum of branches weighted per sample and channel (ViP's reweighting), its
+  weight gradients reduced a few samples at a time;
 - `attnzoo.kernels.neighbourhood`: ACmix's local neighbourhood attention;
 - `attnzoo.kernels.neighbourhood_nd`: NATTEN's 1-/2-/3-D window rules and gathered attention
   (a block of queries at a time, re-gathered in backward);

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from attnzoo._checks import check_float, check_int, check_shape
 from attnzoo._geometry import Geometry, Unsupported, grid2d
 from attnzoo._registry import Example, register
+from attnzoo.kernels.mix import weighted_sum
 from attnzoo.maps.capture import capturing, record
 
 __all__ = ["WeightedPermuteMLP"]
@@ -146,8 +147,9 @@ class WeightedPermuteMLP(nn.Module):
         logits = self.attn_drop(self.fc2(self.attn_drop(self.act(self.fc1(pooled)))))  # (B, 3 C)
         weights = logits.reshape(batch, channels, 3).transpose(1, 2).softmax(1)  # (B, 3, C)
         a = weights.reshape(batch, 3, 1, 1, seg, s)  # (B, 3, 1, 1, g, S)
-        # c a_2 + h a_0 + w a_1 summed in place into c's contiguous layout: two temporary maps alive
-        mixed = (c * a[:, 2]).add_(h * a[:, 0]).add_(w * a[:, 1]).view(x.shape)  # (B, H, W, C)
+        # c a_2 + h a_0 + w a_1 summed in place into c's contiguous layout; backward reduces g * branch
+        # a few samples at a time instead of writing each full-size product
+        mixed = weighted_sum((c, h, w), (a[:, 2], a[:, 0], a[:, 1])).view(x.shape)  # (B, H, W, C)
         out = self.proj_drop(self.proj(mixed))
         if capturing():
             record(self, "branch", weights, branches=("height", "width", "channel"))
