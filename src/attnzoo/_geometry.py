@@ -10,7 +10,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-__all__ = ["Geometry", "Unsupported", "divisor_window", "fit_window", "grid2d", "heads_for", "num_windows"]
+__all__ = [
+    "Geometry", "Unsupported", "check_conv_fits", "divisor_window", "fit_window", "grid2d", "heads_for",
+    "num_windows",
+]
 
 
 class Unsupported(ValueError):
@@ -72,3 +75,23 @@ def heads_for(channels: int, preferred: object = 8) -> int:
         if channels % preferred == 0:
             return preferred
     return next(h for h in (8, 4, 2, 1) if channels % h == 0)
+
+
+def check_conv_fits(sizes: tuple[int, ...], kernel: tuple[int, ...], padding: tuple[int, ...],
+                    dilation: tuple[int, ...], who: str) -> None:
+    """Refuse, before any work, a map too small for a convolution: its dilated kernel must fit in
+    the padded size along each axis (torch would fail deep inside the convolution).
+
+    Args:
+        sizes: The map's spatial sizes, `(H, W)`.
+        kernel, padding, dilation: The convolution's, one per axis.
+        who: The caller, for the message.
+    """
+    for axis, size, k, p, d in zip("HWD", sizes, kernel, padding, dilation, strict=False):
+        reach = d * (k - 1) + 1
+        if size + 2 * p < reach:
+            raise ValueError(
+                f"{who}: the {k}-wide convolution with dilation {d} spans {reach} positions but "
+                f"x.{axis}={size} padded by {p} on each side gives {size + 2 * p}; expected "
+                f"x.{axis} >= {reach - 2 * p}"
+            )

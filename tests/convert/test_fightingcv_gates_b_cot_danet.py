@@ -33,6 +33,18 @@ def test_cot_matches_fightingcv(dim, kernel_size, shape, train):
     check_same(theirs, ours, (b, dim, h, w), train)
 
 
+@pytest.mark.parametrize("kernel_size", [2, 4])
+def test_cot_even_kernel_is_refused_where_fightingcv_fails_every_call(kernel_size):
+    theirs = cot_mod.CoTAttention(dim=8, kernel_size=kernel_size)
+    with pytest.raises(RuntimeError):  # fightingcv's key convolution makes H + 1 rows; its torch.cat fails
+        theirs(torch.randn(2, 8, 5, 5))
+    refused = f"cannot convert CoTAttention: .*kernel_size must be odd, got {kernel_size}"
+    with pytest.raises(TypeError, match=refused):
+        from_fightingcv(theirs)
+    with pytest.raises(ValueError, match=f"kernel_size must be odd, got {kernel_size}"):
+        attnzoo.FightingcvCoTAttention(8, kernel_size)
+
+
 def unfold_aggregate(v: torch.Tensor, w: torch.Tensor, k: int) -> torch.Tensor:
     """The official kernel's reference (its test): unfold, then sum weights x patches."""
     b, c, h, wd = v.shape

@@ -153,8 +153,28 @@ def test_fightingcv_parity():
         for b, h, w in SHAPES:
             x = torch.randn(b, c, h, w, dtype=D)
             torch.testing.assert_close(ours(x), theirs(x), atol=1e-10, rtol=1e-10)
-    with pytest.raises(TypeError, match="oup=8"):
+    with pytest.raises(TypeError, match="oup=8: the gate must have the input's width or 1"):
         from_fightingcv(fcv.CoordAtt(16, 8))
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_fightingcv_one_gate_for_every_channel(train):
+    """fightingcv's ``CoordAtt(inp, oup=1)`` broadcasts one gate over the channels: ``gate_channels=1``."""
+    fcv = pytest.importorskip("fightingcv_attention.attention.CoordAttention")
+    from attnzoo.convert.fightingcv import from_fightingcv
+
+    theirs = randomize(fcv.CoordAtt(16, 1, reduction=4)).train(train)
+    ours = from_fightingcv(theirs)
+    assert ours.conv_h.out_channels == ours.conv_w.out_channels == 1
+    x = torch.randn(2, 16, 7, 9, dtype=D, requires_grad=True)
+    expected = theirs(x)
+    got, gate = ours(x, need_weights=True)
+    torch.testing.assert_close(got, expected, atol=1e-10, rtol=1e-10)
+    (grad,), (want,) = torch.autograd.grad(got.sum(), x), torch.autograd.grad(expected.sum(), x)
+    torch.testing.assert_close(grad, want, atol=1e-10, rtol=1e-10)
+    assert gate.shape == x.shape and torch.equal(gate[:, 0], gate[:, 5])  # one gate, every channel
+    with pytest.raises(ValueError, match="gate_channels must be channels=16 or 1, got 4"):
+        CoordAttention(16, gate_channels=4)
 
 
 CLASSES = [CoordAttention, SimpleCoordAttention, EfficientLocalAttention, StripAttention]

@@ -115,3 +115,11 @@ def test_errors_name_the_argument():
         SplitAttention(8, radix=0)
     with pytest.raises(ValueError, match=r"expects x of shape \(B, 8, H, W\)"):
         SplitAttention(8)(torch.randn(2, 4, 5, 5))
+
+
+@pytest.mark.parametrize(("padding", "dilation", "size", "least"), [(0, 1, 1, 3), (0, 2, 3, 5), (1, 3, 2, 5)])
+def test_a_map_smaller_than_the_kernel_is_refused_before_the_convolution(padding, dilation, size, least):
+    module = SplitAttention(8, padding=padding, dilation=dilation)
+    with pytest.raises(ValueError, match=f"x.H={size} padded by {padding} .* expected x.H >= {least}"):
+        module(torch.randn(2, 8, size, 9))
+    module(torch.randn(2, 8, least, least))  # the smallest map that fits runs

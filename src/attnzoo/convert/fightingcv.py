@@ -31,18 +31,20 @@ def _refuse(module: Any, reason: str) -> TypeError:
 
 def _coord_att(module: Any) -> nn.Module:
     """``CoordAtt(inp, oup, reduction)``: coordinate attention with biases, h-swish (torch's
-    ``nn.Hardswish``, the same function) and ``max(8, inp // reduction)`` hidden channels."""
+    ``nn.Hardswish``, the same function) and ``max(8, inp // reduction)`` hidden channels; ``oup=1``
+    (a gate that broadcasts over the channels) as ``gate_channels=1``."""
     from attnzoo.mechanisms.coord import CoordAttention
 
     conv1, conv_h = module.conv1, module.conv_h
-    if conv_h.out_channels != conv1.in_channels:
+    if conv_h.out_channels not in (conv1.in_channels, 1):  # fightingcv's product then fails to broadcast
         raise _refuse(
             module,
-            f"inp={conv1.in_channels}, oup={conv_h.out_channels}: the gate must have the input's width",
+            f"inp={conv1.in_channels}, oup={conv_h.out_channels}: the gate must have the input's width or 1",
         )
     weight = conv1.weight
     new = CoordAttention(
-        conv1.in_channels, rd_channels=conv1.out_channels, bias=True, device=weight.device, dtype=weight.dtype
+        conv1.in_channels, rd_channels=conv1.out_channels, bias=True, gate_channels=conv_h.out_channels,
+        device=weight.device, dtype=weight.dtype,
     )
     new.bn1 = copy.deepcopy(module.bn1)  # its eps and momentum
     new.load_state_dict(module.state_dict(), strict=True)

@@ -8,6 +8,8 @@ from typing import Any
 
 from torch import nn
 
+from attnzoo.convert.timm_existing import copy_norm_settings
+
 _PACKAGE = "fightingcv_attention.attention"
 
 __all__ = ["CONVERTERS"]
@@ -34,6 +36,7 @@ def _copy_in_order(theirs: nn.Module, ours: nn.Module) -> nn.Module:
             )
         mapped[our_key] = value
     ours.load_state_dict(mapped, strict=True)
+    copy_norm_settings(theirs, ours)  # eps and momentum: not in a state_dict
     return ours.train(theirs.training)
 
 
@@ -67,13 +70,7 @@ def _bam(module: Any) -> nn.Module:
         padding=dilated[0].padding[0] if dilated else 0,
         **_factory(module),
     )
-    for theirs, ours in zip(
-        [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)],
-        [m for m in new.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)],
-        strict=True,
-    ):
-        ours.eps, ours.momentum = theirs.eps, theirs.momentum
-    return _copy_in_order(module, new)
+    return _copy_in_order(module, new)  # with the BatchNorms' eps and momentum
 
 
 def _sge(module: Any) -> nn.Module:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from attnzoo.convert.fightingcv_existing import rename
-from attnzoo.convert.timm_existing import factory, finish, refuse
+from attnzoo.convert.timm_existing import copy_norm_settings, factory, finish, refuse
 from attnzoo.mechanisms.axial import AxialAttention
 from attnzoo.mechanisms.criss_cross import CrissCrossAttention
 from attnzoo.mechanisms.gfnet import GlobalFilter
@@ -116,7 +116,7 @@ def mobilevit_from_fightingcv(module: Any) -> MobileViTBlock:
     channels, dim = module.conv1.in_channels, module.conv2.out_channels
     new = MobileViTBlock(
         channels, transformer_dim=dim, kernel_size=module.conv1.kernel_size[0], patch_size=module.ph,
-        depth=len(layers),        num_heads=attn.heads, head_dim=attn.to_qkv.out_features // 3 // attn.heads,
+        depth=len(layers), num_heads=attn.heads, head_dim=attn.to_qkv.out_features // 3 // attn.heads,
         mlp_dim=layers[0][1].fn.net[0].out_features, qkv_bias=False, norm_layer=None, act_layer=None,
         final_norm=False, **factory(module),
     )
@@ -130,6 +130,7 @@ def mobilevit_from_fightingcv(module: Any) -> MobileViTBlock:
             f"trans.layers.{i}.1.fn.net.0.": f"layers.{i}.fc1.",
             f"trans.layers.{i}.1.fn.net.3.": f"layers.{i}.fc2.",
         }
+    copy_norm_settings(module, new)  # the LayerNorms' eps
     return finish(new, module, rename(module.state_dict(), names))
 
 

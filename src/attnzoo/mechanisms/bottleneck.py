@@ -160,9 +160,11 @@ class BottleneckAttention(nn.Module):
         batch, heads, n = sizes["B"], self.num_heads, height * width
         qk = heads * self.head_dim
         q, k, v = self.qkv(x).flatten(2).split([qk, qk, self.out_channels], dim=1)  # (B, *, N) each
-        q = q.reshape(batch, heads, self.head_dim, n).transpose(-1, -2)  # (B, h, N, d)
-        k = k.reshape(batch, heads, self.head_dim, n).transpose(-1, -2)  # (B, h, N, d)
-        v = v.reshape(batch, heads, self.v_head_dim, n).transpose(-1, -2)  # (B, h, N, e)
+        # each slice copied as it lies (channel-major, so the batch and head axes merge), not
+        # transposed: a straight copy is cheaper, and the products take the transposed view as it is
+        q, k, v = (  # (B, h, N, d), (B, h, N, d), (B, h, N, e)
+            t.reshape(batch * heads, -1, n).view(batch, heads, -1, n).transpose(-1, -2) for t in (q, k, v)
+        )
         grid = q.reshape(batch, heads, height, width, self.head_dim)  # (B, h, H, W, d)
         bias = self.pos_embed(grid, (height, width))  # (B, h, N, N)
         if self.scale_pos_embed:

@@ -93,6 +93,9 @@ class CoordAttention(nn.Module):
         additive: Gate the sum, ``gate(a_h + a_w)``, instead of the product ``gate(a_h) gate(a_w)``.
             Default: False.
         has_skip: Add the input to the output (``x + y``). Default: False.
+        gate_channels: Width of the two gates: C (one gate per channel), or 1 (one gate shared by
+            every channel, what the paper's ``CoordAtt(inp, oup=1)`` computes by broadcasting).
+            Default: None (C).
 
     Shape:
         - Input: (B, C, H, W).
@@ -120,12 +123,16 @@ class CoordAttention(nn.Module):
         additive: bool = False,
         has_skip: bool = False,
         *,
+        gate_channels: int | None = None,
         device=None,
         dtype=None,
     ) -> None:
         super().__init__()
         who = type(self).__name__
         check_int(channels, "channels", who)
+        gates = channels if gate_channels is None else check_int(gate_channels, "gate_channels", who)
+        if gates not in (channels, 1):
+            raise ValueError(f"{who}: gate_channels must be channels={channels} or 1, got {gates}")
         check_float(reduction, "reduction", who)
         if not reduction > 0:
             raise ValueError(f"{who}: reduction must be > 0, got {reduction}")
@@ -143,8 +150,8 @@ class CoordAttention(nn.Module):
         self.conv1 = nn.Conv2d(channels, rd_channels, 1, bias=bias, **dd)
         self.bn1 = norm_layer(rd_channels, **dd) if norm_layer is not None else nn.Identity()
         self.act = act_layer()
-        self.conv_h = nn.Conv2d(rd_channels, channels, 1, bias=bias, **dd)
-        self.conv_w = nn.Conv2d(rd_channels, channels, 1, bias=bias, **dd)
+        self.conv_h = nn.Conv2d(rd_channels, gates, 1, bias=bias, **dd)
+        self.conv_w = nn.Conv2d(rd_channels, gates, 1, bias=bias, **dd)
         self.gate = gate_layer()
 
     def forward(self, x: Tensor, need_weights: bool = False) -> Tensor | tuple[Tensor, Tensor]:
@@ -154,8 +161,8 @@ class CoordAttention(nn.Module):
         x_w = x_w.transpose(2, 3)  # (B, C, 1, W) -> (B, C, W, 1)
         y = self.act(self.bn1(self.conv1(torch.cat([x_h, x_w], dim=2))))  # (B, rd, H + W, 1)
         y_h, y_w = y.split([H, W], dim=2)  # (B, rd, H, 1), (B, rd, W, 1)
-        a_h = self.conv_h(y_h)  # (B, C, H, 1)
-        a_w = self.conv_w(y_w).transpose(2, 3)  # (B, C, W, 1) -> (B, C, 1, W)
+        a_h = self.conv_h(y_h)  # (B, C or 1, H, 1)
+        a_w = self.conv_w(y_w).transpose(2, 3)  # (B, C or 1, W, 1) -> (B, C or 1, 1, W)
         if self.additive:
             return finish_sum(self, x, a_h, a_w, self.has_skip, need_weights)
         return finish(self, x, (self.gate(a_w), self.gate(a_h)), self.has_skip, need_weights)

@@ -215,6 +215,11 @@ class FightingcvCoTAttention(nn.Module):
         who = type(self).__name__
         check_int(dim, "dim", who)
         check_int(kernel_size, "kernel_size", who)
+        if kernel_size % 2 == 0:  # fightingcv builds it, then fails in every forward
+            raise ValueError(
+                f"{who}: kernel_size must be odd, got {kernel_size}: the key convolution pads by "
+                "kernel_size // 2, which turns H into H + 1 for an even size (fightingcv's torch.cat fails)"
+            )
         check_divisible(dim, 4, "dim", "the key convolution's groups", who)
         check_int(2 * dim // 4, "2 * dim // 4", who)
         factory: dict[str, Any] = {"device": device, "dtype": dtype}

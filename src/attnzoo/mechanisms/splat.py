@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from attnzoo._checks import check_divisible, check_float, check_int, check_shape
+from attnzoo._geometry import check_conv_fits
 from attnzoo._registry import Example, register
 from attnzoo.kernels.selective import select_splits, select_with_weights
 from attnzoo.maps.capture import capturing, record
@@ -152,7 +153,10 @@ class SplitAttention(nn.Module):
         return torch.softmax(logits, dim=2).transpose(1, 2).reshape(B, R, -1)
 
     def forward(self, x: Tensor, need_weights: bool = False) -> Tensor | tuple[Tensor, Tensor]:
-        check_shape(x, type(self).__name__, "B C H W", C=self.channels)
+        dims = check_shape(x, type(self).__name__, "B C H W", C=self.channels)
+        conv = self.conv
+        check_conv_fits((dims["H"], dims["W"]), conv.kernel_size, conv.padding, conv.dilation,  # type: ignore[arg-type]
+                        type(self).__name__)
         pre = self.drop(self.bn0(self.conv(x)))  # (B, R * C', H', W')
         B, R = pre.shape[0], self.radix
         if not (need_weights or capturing()):  # SK's fused selection, the splits as views of u
