@@ -70,12 +70,13 @@ def composite_required(dispatch: bool = False, tracing: bool = True) -> bool:
 
 
 def plain_module(module: torch.nn.Module, cls: type) -> bool:
-    """Whether ``module`` is exactly ``cls`` (``nn.Linear``, ``nn.Conv2d``) with no forward hook, its own
-    or a global one, so that a fused path may read its ``weight`` and ``bias`` instead of calling it: a
-    subclass (a LoRA or quantised wrapper) or a hook must see the call."""
+    """Whether ``module`` is exactly ``cls`` (``nn.Linear``, ``nn.Conv2d``) with no forward or backward
+    hook, its own or a global one, so that a fused path may read its ``weight`` and ``bias`` instead of
+    calling it: a subclass (a LoRA or quantised wrapper) or a hook must see the call."""
     hooks = torch.nn.modules.module
-    hooked = (module._forward_hooks or module._forward_pre_hooks or hooks._global_forward_hooks
-              or hooks._global_forward_pre_hooks)
+    hooked = (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+              or module._backward_pre_hooks or hooks._global_forward_hooks or hooks._global_forward_pre_hooks
+              or hooks._global_backward_hooks or hooks._global_backward_pre_hooks)
     return type(module) is cls and not hooked
 
 
