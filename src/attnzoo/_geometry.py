@@ -10,9 +10,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from attnzoo._checks import check_int
+
 __all__ = [
     "Geometry", "Unsupported", "check_conv_fits", "divisor_window", "fit_window", "grid2d", "heads_for",
-    "num_windows",
+    "int_pair", "num_windows",
 ]
 
 
@@ -95,3 +97,22 @@ def check_conv_fits(sizes: tuple[int, ...], kernel: tuple[int, ...], padding: tu
                 f"x.{axis}={size} padded by {p} on each side gives {size + 2 * p}; expected "
                 f"x.{axis} >= {reach - 2 * p}"
             )
+
+
+def int_pair(value: object, name: str, who: str, minimum: int = 1) -> tuple[int, int]:
+    """An int (for both axes) or a pair of ints, each at least `minimum`, as a pair `(H, W)`.
+
+    Raises:
+        TypeError: `value` is neither an int nor a tuple or list (or holds a non-int).
+        ValueError: A tuple or list whose length is not 2, or a value below `minimum`.
+    """
+    if isinstance(value, int) and not isinstance(value, bool):
+        values: tuple[object, ...] = (value, value)
+    elif isinstance(value, (tuple, list)):
+        values = tuple(value)
+    else:
+        kind = type(value).__name__
+        raise TypeError(f"{who}: {name} must be an int or a pair of ints, got {kind} {value!r}")
+    if len(values) != 2:
+        raise ValueError(f"{who}: {name} must be an int or a pair of ints, got {value!r}")
+    return check_int(values[0], name, who, minimum=minimum), check_int(values[1], name, who, minimum=minimum)

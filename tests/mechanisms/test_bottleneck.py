@@ -69,8 +69,10 @@ def test_errors_name_the_argument():
         BottleneckAttention(10, num_heads=4)
     with pytest.raises(ValueError, match="stride"):
         BottleneckAttention(8, stride=3)
-    with pytest.raises(TypeError, match="feat_size"):
+    with pytest.raises(ValueError, match="feat_size must be an int or a pair of ints, got \\(4, 5, 6\\)"):
         BottleneckAttention(8, feat_size=(4, 5, 6))
+    with pytest.raises(TypeError, match="feat_size must be an int or a pair of ints, got str"):
+        BottleneckAttention(8, feat_size="4")
     with pytest.raises(ValueError, match="qk_ratio"):
         BottleneckAttention(8, qk_ratio=float("inf"))
     m = BottleneckAttention(8, feat_size=(4, 5))

@@ -61,8 +61,10 @@ def test_sizes_and_errors():
         gf(torch.randn(1, 6, 7, 4))
     with pytest.raises(ValueError, match=r"\(B, 6, W, 4\)"):
         gf(torch.randn(1, 5, 8, 4))
-    with pytest.raises(TypeError, match="feat_size"):
+    with pytest.raises(ValueError, match="feat_size must be an int or a pair"):
         GlobalFilter(4, feat_size=(1, 2, 3))
+    with pytest.raises(TypeError, match="feat_size must be an int or a pair of ints, got float"):
+        GlobalFilter(4, feat_size=2.0)
     meta = GlobalFilter(16, device="meta", dtype=torch.float64)
     assert meta.complex_weight.is_meta and meta.complex_weight.dtype == torch.float64
     assert meta.complex_weight.shape == (14, 8, 16, 2)

@@ -107,7 +107,7 @@ def test_create_defaults_and_factory_kwargs():
         ({"dim": 64, "reduction": 0}, ValueError, "reduction"),
         ({"dim": 64, "num_heads": 5}, ValueError, "dim=64 must be divisible by num_heads=5"),
         ({"dim": 64, "window_size": 0}, ValueError, "window_size"),
-        ({"dim": 64, "feat_size": (14, 14, 14)}, TypeError, "feat_size"),
+        ({"dim": 64, "feat_size": (14, 14, 14)}, ValueError, "feat_size must be an int or a pair"),
     ],
 )
 def test_bad_arguments(kwargs, error, match):

@@ -241,7 +241,7 @@ def test_errors_name_what_was_expected() -> None:
         TimmTinyVitAttention(8, 4, 2, resolution=(3, 3))(torch.randn(1, 9, 6))
     with pytest.raises(ValueError, match="attn_ratio \\* key_dim must be >= 1"):
         TimmEfficientFormerAttention(8, 4, 2, attn_ratio=0.2)
-    with pytest.raises(TypeError, match="resolution must be an int or a pair"):
+    with pytest.raises(ValueError, match="resolution must be an int or a pair"):
         TimmTinyVitAttention(8, 4, 2, resolution=(3, 3, 3))
     with pytest.raises(ValueError, match="stride must be >= 1"):
         TimmLevitAttentionDownsample(8, 8, 4, 2, stride=0)

@@ -126,7 +126,7 @@ def test_errors_name_what_was_expected() -> None:
         TimmTwinsLocalAttention(8, 2, ws=2)(torch.randn(1, 12, 8))
     with pytest.raises(ValueError, match=r"at least sr_ratio = 4"):
         TimmTwinsGlobalAttention(8, 2, sr_ratio=4)(torch.randn(1, 12, 8), (3, 4))
-    with pytest.raises(TypeError, match="size must be an int or a pair"):
+    with pytest.raises(ValueError, match="size must be an int or a pair"):
         TimmTwinsGlobalAttention(8, 2)(torch.randn(1, 12, 8), (3, 4, 1))
     with pytest.raises(ValueError, match="divisible"):
         TimmTwinsLocalAttention(10, 3, ws=2)

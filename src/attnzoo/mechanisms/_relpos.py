@@ -12,15 +12,7 @@ from torch import Tensor
 from attnzoo._checks import check_float, check_int
 from attnzoo.mechanisms._widths import check_width, make_divisible
 
-__all__ = ["feat_pair", "qk_head_width", "check_stride", "rel_logits_2d"]
-
-
-def feat_pair(value: object, who: str, name: str = "feat_size") -> tuple[int, int]:
-    """An int or a pair of ints `(H, W)`, each >= 1, as a pair; the errors name `name`."""
-    pair = (value, value) if isinstance(value, int) and not isinstance(value, bool) else value
-    if not isinstance(pair, (tuple, list)) or len(pair) != 2:
-        raise TypeError(f"{who}: {name} must be an int or a pair of ints (H, W), got {value!r}")
-    return check_int(pair[0], name, who), check_int(pair[1], name, who)
+__all__ = ["qk_head_width", "check_stride", "rel_logits_2d"]
 
 
 def qk_head_width(

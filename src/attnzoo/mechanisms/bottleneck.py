@@ -21,10 +21,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnzoo._checks import check_divisible, check_int, check_shape
+from attnzoo._geometry import int_pair
 from attnzoo._registry import Example, register
 from attnzoo.functional import attend
 from attnzoo.maps.capture import capturing, record_rows
-from attnzoo.mechanisms._relpos import check_stride, feat_pair, qk_head_width, rel_logits_2d
+from attnzoo.mechanisms._relpos import check_stride, qk_head_width, rel_logits_2d
 
 __all__ = ["BottleneckAttention", "RelPosTables"]
 
@@ -135,7 +136,7 @@ class BottleneckAttention(nn.Module):
         out = channels if out_channels is None else check_int(out_channels, "out_channels", who)
         check_int(num_heads, "num_heads", who)
         check_divisible(out, num_heads, "out_channels", "num_heads", who)
-        self.feat_size = feat_pair(feat_size, who)
+        self.feat_size = int_pair(feat_size, "feat_size", who)
         self.stride = check_stride(stride, who)
         self.channels, self.out_channels, self.num_heads = channels, out, num_heads
         self.head_dim = qk_head_width(out, num_heads, head_dim, qk_ratio, who)

@@ -42,6 +42,7 @@ from attnzoo._checks import (
     check_tensor,
     checked,
 )
+from attnzoo._geometry import int_pair
 from attnzoo._registry import Example, FreeSize, register
 from attnzoo.functional import attend, gather_relative_bias, relative_position_index_2d
 from attnzoo.kernels.biased import biased_attention
@@ -53,7 +54,6 @@ from attnzoo.mechanisms.crossformer_groups import (
     groups_to_image,
     relative_offsets,
 )
-from attnzoo.mechanisms.swin_windows import _pair
 
 __all__ = ["CrossFormerAttention", "CrossFormerGroupAttention", "DynamicPosBias", "group_partition",
            "group_reverse", "relative_offsets"]
@@ -153,7 +153,7 @@ class CrossFormerGroupAttention(nn.Module):
         super().__init__()
         who = type(self).__name__
         self.dim = check_int(dim, "dim", who)
-        self.group_size = _pair(group_size, "group_size", who)
+        self.group_size = int_pair(group_size, "group_size", who)
         self.num_heads = check_int(num_heads, "num_heads", who)
         check_divisible(dim, num_heads, "dim", "num_heads", who)
         scale = check_float(qk_scale, "qk_scale", who) if qk_scale is not None else 0.0
@@ -348,7 +348,7 @@ class CrossFormerAttention(nn.Module):
         super().__init__()
         who = type(self).__name__
         self.group_size = check_int(group_size, "group_size", who)
-        self.interval = _pair(interval, "interval", who)
+        self.interval = int_pair(interval, "interval", who)
         self.distance = check_choice(distance, ("short", "long"), "distance", who)
         self.attn = CrossFormerGroupAttention(
             dim, group_size, num_heads, qkv_bias, qk_scale, attn_drop, proj_drop, position_bias,

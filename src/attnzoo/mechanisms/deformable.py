@@ -29,11 +29,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnzoo._checks import check_divisible, check_float, check_int, check_shape
+from attnzoo._geometry import int_pair
 from attnzoo._registry import Example, register
 from attnzoo.functional import attend
 from attnzoo.maps.capture import capturing, query_indices, record
 from attnzoo.mechanisms._deformable import ChannelLayerNorm, grid_points, line, sample_bias, spread_rows
-from attnzoo.mechanisms._relpos import feat_pair
 
 __all__ = ["DeformableAttention"]
 
@@ -144,7 +144,7 @@ class DeformableAttention(nn.Module):
         check_divisible(channels, num_heads, "channels", "num_heads", who)
         check_int(groups, "groups", who)
         check_divisible(num_heads, groups, "num_heads", "groups", who)
-        self.feat_size = feat_pair(feat_size, who)
+        self.feat_size = int_pair(feat_size, "feat_size", who)
         self.stride = check_int(stride, "stride", who)
         self.kernel_size = check_int(kernel_size, "kernel_size", who)
         factor = check_float(offset_range_factor, "offset_range_factor", who)

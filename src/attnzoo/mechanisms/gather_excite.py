@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnzoo._checks import check_int, check_shape
+from attnzoo._geometry import int_pair
 from attnzoo._registry import Example, register
 from attnzoo.kernels.gate import GatePlan, fused_gate
 from attnzoo.maps.capture import capturing, record
@@ -48,13 +49,6 @@ class _PointwiseMlp(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc2(self.act(self.fc1(x)))
-
-
-def _pair(value: int | tuple[int, int], who: str) -> tuple[int, int]:
-    pair = (value, value) if isinstance(value, int) and not isinstance(value, bool) else value
-    if not (isinstance(pair, tuple) and len(pair) == 2):
-        raise TypeError(f"{who}: feat_size must be an int or a pair of ints, got {value!r}")
-    return check_int(pair[0], "feat_size", who), check_int(pair[1], "feat_size", who)
 
 
 @register(
@@ -154,7 +148,7 @@ class GatherExcite(nn.Module):
             if extent == 0:
                 if feat_size is None:
                     raise ValueError(f"{who}: extent=0 with extra_params=True needs feat_size, got None")
-                self.feat_size = _pair(feat_size, who)
+                self.feat_size = int_pair(feat_size, "feat_size", who)
                 kernels = [(self.feat_size, 1, 0)]  # (kernel, stride, padding): one map-wide convolution
             else:
                 if extent & (extent - 1):

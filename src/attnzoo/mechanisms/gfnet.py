@@ -23,19 +23,12 @@ import torch
 from torch import Tensor, nn
 
 from attnzoo._checks import check_int, check_shape
-from attnzoo._geometry import grid2d
+from attnzoo._geometry import grid2d, int_pair
 from attnzoo._registry import Example, register
 from attnzoo.kernels.spectral import global_filter
 from attnzoo.maps.capture import capturing, query_indices, record
 
 __all__ = ["GlobalFilter"]
-
-
-def _pair(value: int | tuple[int, int], who: str) -> tuple[int, int]:
-    pair = (value, value) if isinstance(value, int) and not isinstance(value, bool) else value
-    if not (isinstance(pair, tuple) and len(pair) == 2):
-        raise TypeError(f"{who}: feat_size must be an int or a pair of ints, got {value!r}")
-    return check_int(pair[0], "feat_size", who), check_int(pair[1], "feat_size", who)
 
 
 @register(
@@ -95,7 +88,7 @@ class GlobalFilter(nn.Module):
         super().__init__()
         who = type(self).__name__
         self.dim = check_int(dim, "dim", who)
-        self.feat_size = _pair(feat_size, who)
+        self.feat_size = int_pair(feat_size, "feat_size", who)
         height, width = self.feat_size
         weight = torch.randn(height, width // 2 + 1, dim, 2, device=device, dtype=dtype) * 0.02  # GFNet's
         self.complex_weight = nn.Parameter(weight)  # (H, w, C, 2): real and imaginary parts

@@ -22,9 +22,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnzoo._checks import check_divisible, check_int, check_shape
+from attnzoo._geometry import int_pair
 from attnzoo._registry import Example, register
 from attnzoo.maps.capture import capturing, record
-from attnzoo.mechanisms._relpos import check_stride, feat_pair, qk_head_width
+from attnzoo.mechanisms._relpos import check_stride, qk_head_width
 
 __all__ = ["LambdaLayer"]
 
@@ -182,7 +183,7 @@ class LambdaLayer(nn.Module):
         else:
             if feat_size is None:
                 raise ValueError(f"{who}: feat_size is required with r=None (the global embedding), got None")
-            self.feat_size = feat_pair(feat_size, who)
+            self.feat_size = int_pair(feat_size, "feat_size", who)
             rows, cols = self.feat_size
             self.pos_emb = nn.Parameter(torch.empty(2 * rows - 1, 2 * cols - 1, k, **factory))
         self.reset_parameters()

@@ -41,12 +41,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnzoo._checks import check_divisible, check_float, check_int, check_shape
-from attnzoo._geometry import Geometry, divisor_window, grid2d
+from attnzoo._geometry import Geometry, divisor_window, grid2d, int_pair
 from attnzoo._registry import Example, register
 from attnzoo.functional import attend, gather_relative_bias, relative_position_index_2d
 from attnzoo.kernels.route import plain_module
 from attnzoo.maps.capture import capturing, record_rows
-from attnzoo.mechanisms._relpos import feat_pair
 
 __all__ = ["OverlappedAttention", "LegacyOverlappedAttention"]
 
@@ -142,7 +141,7 @@ class OverlappedAttention(nn.Module):
         self.window_size = check_int(window_size, "window_size", who)
         self.num_heads = check_int(num_heads, "num_heads", who)
         check_divisible(dim, num_heads, "dim", "num_heads", who)
-        self.feat_size = feat_pair(feat_size, who)
+        self.feat_size = int_pair(feat_size, "feat_size", who)
         for side in self.feat_size:
             if side % self.window_size:
                 raise ValueError(f"{who}: feat_size={self.feat_size} must be divisible by window_size="

@@ -32,13 +32,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnzoo._checks import check_choice, check_divisible, check_float, check_int, check_shape, check_tensor
+from attnzoo._geometry import int_pair
 from attnzoo._registry import Example, FreeSize, register
 from attnzoo.functional import attend, gather_relative_bias, relative_position_index_2d
 from attnzoo.kernels.biased import biased_attention
 from attnzoo.maps.capture import capturing
 from attnzoo.maps.records import record_packed_rows, windows_to_image
 from attnzoo.mechanisms.swin_windows import (
-    _pair,
     index_mismatch,
     map_window_mask,
     shifted_window_mask,
@@ -137,7 +137,7 @@ class WindowAttention(nn.Module):
         super().__init__()
         who = type(self).__name__
         self.dim = check_int(dim, "dim", who)
-        self.window_size = _pair(window_size, "window_size", who)
+        self.window_size = int_pair(window_size, "window_size", who)
         self.num_heads = check_int(num_heads, "num_heads", who)
         check_divisible(dim, num_heads, "dim", "num_heads", who)
         head_dim = dim // num_heads
@@ -342,7 +342,7 @@ class ShiftedWindowAttention(nn.Module):
         self.window_size = self.attn.window_size
         wh, ww = self.window_size
         self.shift_size = (
-            (wh // 2, ww // 2) if shift_size is None else _pair(shift_size, "shift_size", who, minimum=0)
+            (wh // 2, ww // 2) if shift_size is None else int_pair(shift_size, "shift_size", who, minimum=0)
         )
         if self.shift_size[0] >= wh or self.shift_size[1] >= ww:
             raise ValueError(

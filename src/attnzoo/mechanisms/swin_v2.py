@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnzoo._checks import check_float, check_int, check_shape
+from attnzoo._geometry import int_pair
 from attnzoo._registry import Example, register
 from attnzoo.functional import attend, gather_relative_bias, relative_position_index_2d
 from attnzoo.maps.capture import capturing, record
@@ -61,20 +62,6 @@ def _unit(x: Tensor, eps: float = 1e-12) -> Tensor:
     if x.dtype == torch.float16:
         return _unit(x.float(), eps).to(x.dtype)
     return x * x.square().sum(-1, keepdim=True).clamp_min(eps * eps).rsqrt()
-
-
-def pair(value: int | Sequence[int], name: str, who: str, minimum: int = 1) -> tuple[int, int]:
-    """An int or a pair of ints -> a checked pair; errors name ``name``."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        values: tuple[object, ...] = (value, value)
-    elif isinstance(value, (tuple, list)):
-        values = tuple(value)
-    else:
-        kind = type(value).__name__
-        raise TypeError(f"{who}: {name} must be an int or a pair of ints, got {kind} {value!r}")
-    if len(values) != 2:
-        raise ValueError(f"{who}: {name} must be an int or a pair of ints, got {value!r}")
-    return check_int(values[0], name, who, minimum=minimum), check_int(values[1], name, who, minimum=minimum)
 
 
 def log_spaced_coords(
@@ -267,17 +254,18 @@ class ShiftedWindowAttentionV2(nn.Module):
         who = type(self).__name__
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
         self.dim = check_int(dim, "dim", who)
-        self.window_size = pair(window_size, "window_size", who)
+        self.window_size = int_pair(window_size, "window_size", who)
         self.num_heads = check_int(num_heads, "num_heads", who)
         if dim % num_heads:
             raise ValueError(f"{who}: dim={dim} must be divisible by num_heads={num_heads}")
         wh, ww = self.window_size
-        self.shift_size = (wh // 2, ww // 2) if shift_size is None else pair(shift_size, "shift_size", who, 0)
+        default_shift = (wh // 2, ww // 2)
+        self.shift_size = default_shift if shift_size is None else int_pair(shift_size, "shift_size", who, 0)
         if self.shift_size[0] >= wh or self.shift_size[1] >= ww:
             raise ValueError(
                 f"{who}: shift_size must be smaller than window_size {(wh, ww)}, got {self.shift_size}"
             )
-        self.pretrained_window_size = pair(pretrained_window_size, "pretrained_window_size", who, 0)
+        self.pretrained_window_size = int_pair(pretrained_window_size, "pretrained_window_size", who, 0)
         self.attn_drop = check_float(attn_drop, "attn_drop", who, minimum=0.0, maximum=1.0)
         self.qkv = nn.Linear(dim, dim * 3, bias=False, **factory)
         self.q_bias = nn.Parameter(torch.zeros(dim, **factory)) if qkv_bias else None

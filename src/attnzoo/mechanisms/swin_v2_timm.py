@@ -21,12 +21,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attnzoo._checks import check_shape
+from attnzoo._geometry import int_pair
 from attnzoo._registry import Example, register_compat
 from attnzoo.maps.capture import capturing, record
 from attnzoo.mechanisms.swin_v2 import (
     ShiftedWindowAttentionV2,
     cosine_window_attention,
-    pair,
 )
 
 __all__ = ["TimmWindowAttentionV2", "window_mask"]
@@ -86,7 +86,7 @@ class TimmWindowAttentionV2(ShiftedWindowAttentionV2):
 
     def set_window_size(self, window_size: int | Sequence[int]) -> None:
         """A new window (timm's `set_input_size` calls it): the coordinate table and index follow."""
-        self.window_size = pair(window_size, "window_size", type(self).__name__)
+        self.window_size = int_pair(window_size, "window_size", type(self).__name__)
         table: Tensor = self.relative_coords_table  # type: ignore[assignment]  # a registered buffer
         self._position_buffers(table.device, table.dtype)
 

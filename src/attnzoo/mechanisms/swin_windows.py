@@ -14,7 +14,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from attnzoo._checks import check_int, check_shape
+from attnzoo._checks import check_shape
+from attnzoo._geometry import int_pair
 
 __all__ = [
     "index_mismatch",
@@ -23,19 +24,6 @@ __all__ = [
     "window_partition",
     "window_reverse",
 ]
-
-
-def _pair(value: int | Sequence[int], name: str, who: str, minimum: int = 1) -> tuple[int, int]:
-    if isinstance(value, int) and not isinstance(value, bool):
-        pair: tuple[object, ...] = (value, value)
-    elif isinstance(value, (tuple, list)):
-        pair = tuple(value)
-    else:
-        kind = type(value).__name__
-        raise TypeError(f"{who}: {name} must be an int or a pair of ints, got {kind} {value!r}")
-    if len(pair) != 2:
-        raise ValueError(f"{who}: {name} must be an int or a pair of ints, got {value!r}")
-    return check_int(pair[0], name, who, minimum=minimum), check_int(pair[1], name, who, minimum=minimum)
 
 
 def window_partition(x: Tensor, window_size: int | Sequence[int]) -> Tensor:
@@ -49,7 +37,7 @@ def window_partition(x: Tensor, window_size: int | Sequence[int]) -> Tensor:
         - x: `(B, H, W, C)` with `Wh | H` and `Ww | W`.
         - Output: `(B * nW, Wh, Ww, C)`.
     """
-    wh, ww = _pair(window_size, "window_size", "window_partition")
+    wh, ww = int_pair(window_size, "window_size", "window_partition")
     dims = check_shape(x, "window_partition", "B H W C", floating=False)
     height, width = dims["H"], dims["W"]
     if height % wh or width % ww:
@@ -73,7 +61,7 @@ def window_reverse(windows: Tensor, window_size: int | Sequence[int], H: int, W:
         - windows: `(B * nW, Wh, Ww, C)` with `nW = (H / Wh) * (W / Ww)`.
         - Output: `(B, H, W, C)`.
     """
-    wh, ww = _pair(window_size, "window_size", "window_reverse")
+    wh, ww = int_pair(window_size, "window_size", "window_reverse")
     dims = check_shape(windows, "window_reverse", "B Wh Ww C", "windows", floating=False, Wh=wh, Ww=ww)
     if H % wh or W % ww or dims["B"] % ((H // wh) * (W // ww)):
         raise ValueError(
@@ -114,8 +102,8 @@ def shifted_window_mask(
         - Output: `(nW, N, N)`, windows in `window_partition` order; 0 or `value`.
     """
     who = "shifted_window_mask"
-    wh, ww = _pair(window_size, "window_size", who)
-    sh, sw = _pair(shift_size, "shift_size", who, minimum=0)
+    wh, ww = int_pair(window_size, "window_size", who)
+    sh, sw = int_pair(shift_size, "shift_size", who, minimum=0)
     if sh >= wh or sw >= ww:
         raise ValueError(f"{who}: shift_size must be smaller than window_size {(wh, ww)}, got {(sh, sw)}")
     if H % wh or W % ww:

@@ -37,10 +37,10 @@ import torch
 from torch import Tensor, nn
 
 from attnzoo._checks import check_float, check_int, check_shape
+from attnzoo._geometry import int_pair
 from attnzoo._registry import Example, register_compat
 from attnzoo.functional import attend
 from attnzoo.maps.capture import capturing, record_rows
-from attnzoo.mechanisms._relpos import feat_pair
 
 __all__ = ["TimmLevitAttention", "TimmLevitAttentionDownsample", "offset_index", "LinearNorm", "ConvNorm"]
 
@@ -152,7 +152,7 @@ class Subsample(nn.Module):
 
 
 def _grid(resolution: Resolution, who: str) -> tuple[int, int]:
-    return feat_pair(resolution, who, "resolution")
+    return int_pair(resolution, "resolution", who)
 
 
 def _heads(num_heads: int, key_dim: int, who: str) -> tuple[int, int]:

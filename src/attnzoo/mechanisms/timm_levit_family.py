@@ -29,10 +29,10 @@ import torch
 from torch import Tensor, nn
 
 from attnzoo._checks import check_int, check_shape
+from attnzoo._geometry import int_pair
 from attnzoo._registry import Example, register_compat
 from attnzoo.functional import attend
 from attnzoo.maps.capture import capturing, record_rows
-from attnzoo.mechanisms._relpos import feat_pair
 from attnzoo.mechanisms.timm_levit import OffsetBiasAttention, val_width
 
 __all__ = ["TimmTinyVitAttention", "TimmEfficientFormerAttention"]
@@ -53,7 +53,7 @@ class _PlainOffsetBias(OffsetBiasAttention):
         self.attn_ratio = attn_ratio
         self.val_dim = val_width(key_dim, attn_ratio, who)
         self.val_attn_dim = self.val_dim * num_heads
-        grid = feat_pair(resolution, who, "resolution")
+        grid = int_pair(resolution, "resolution", who)
         self.norm = nn.LayerNorm(dim, **dd) if norm else None
         self.qkv = nn.Linear(dim, num_heads * (self.val_dim + 2 * key_dim), **dd)
         self.proj = nn.Linear(self.val_attn_dim, dim, **dd)

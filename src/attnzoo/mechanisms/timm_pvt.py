@@ -37,11 +37,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnzoo._checks import check_divisible, check_float, check_int, check_shape
+from attnzoo._geometry import int_pair
 from attnzoo._registry import Example, register_compat
 from attnzoo.functional import attend
 from attnzoo.maps.capture import capturing, record, record_rows
 from attnzoo.maps.records import windows_to_image
-from attnzoo.mechanisms._relpos import feat_pair
 
 __all__ = ["TimmPvtV2Attention", "TimmTwinsGlobalAttention", "TimmTwinsLocalAttention", "map_size"]
 
@@ -57,7 +57,7 @@ def map_size(size: object, tokens: int, who: str, name: str) -> tuple[int, int]:
             raise ValueError(f"{who}: without {name}, the {tokens} tokens of x must form a square map; "
                              f"pass {name}=(H, W)")
         return side, side
-    height, width = feat_pair(size, who, name)
+    height, width = int_pair(size, name, who)
     if height * width != tokens:
         raise ValueError(f"{who} expects {name} (H, W) with H * W = {tokens}, the tokens of x, "
                          f"got {(height, width)}")

@@ -38,10 +38,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnzoo._checks import check_divisible, check_float, check_int, check_mask, check_shape, check_tensor
+from attnzoo._geometry import int_pair
 from attnzoo._registry import Example, register_compat
 from attnzoo.functional import attend
 from attnzoo.maps.capture import capturing, record_rows
-from attnzoo.mechanisms._relpos import feat_pair
 from attnzoo.mechanisms.timm_eva import apply_rope
 
 __all__ = ["TimmRelPosAttention", "TimmSamAttention", "get_decomposed_rel_pos_bias", "get_rel_pos"]
@@ -242,7 +242,7 @@ class TimmSamAttention(nn.Module):
                 raise ValueError(f"{who}: use_rel_pos and rope exclude each other (as in timm), got both")
             if input_size is None:
                 raise ValueError(f"{who}: use_rel_pos needs input_size, the (H, W) the tables are made for")
-            self.input_size = feat_pair(input_size, who, "input_size")
+            self.input_size = int_pair(input_size, "input_size", who)
             self.rel_pos_h = nn.Parameter(torch.zeros(2 * self.input_size[0] - 1, self.head_dim, **dd))
             self.rel_pos_w = nn.Parameter(torch.zeros(2 * self.input_size[1] - 1, self.head_dim, **dd))
         if rope is not None and not callable(getattr(rope, "get_embed", None)):

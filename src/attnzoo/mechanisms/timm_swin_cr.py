@@ -26,9 +26,10 @@ import torch
 from torch import Tensor, nn
 
 from attnzoo._checks import check_divisible, check_float, check_int, check_shape
+from attnzoo._geometry import int_pair
 from attnzoo._registry import Example, register_compat
 from attnzoo.maps.capture import capturing, record
-from attnzoo.mechanisms.swin_v2 import cosine_window_attention, pair
+from attnzoo.mechanisms.swin_v2 import cosine_window_attention
 from attnzoo.mechanisms.swin_v2_timm import window_mask
 
 __all__ = ["TimmWindowMultiHeadAttention"]
@@ -102,7 +103,7 @@ class TimmWindowMultiHeadAttention(nn.Module):
         self.dim = check_int(dim, "dim", who)
         self.num_heads = check_int(num_heads, "num_heads", who)
         check_divisible(dim, num_heads, "dim", "num_heads", who)
-        self.window_size = pair(window_size, "window_size", who)
+        self.window_size = int_pair(window_size, "window_size", who)
         self.sequential_attn = bool(sequential_attn)
         self.attn_drop = check_float(drop_attn, "drop_attn", who, minimum=0.0, maximum=1.0)
         self.qkv = nn.Linear(dim, 3 * dim, **dd)
@@ -118,7 +119,7 @@ class TimmWindowMultiHeadAttention(nn.Module):
 
     def set_window_size(self, window_size: int | Sequence[int]) -> None:
         """A new window (timm's `set_input_size` calls it): the offsets follow."""
-        self.window_size = pair(window_size, "window_size", type(self).__name__)
+        self.window_size = int_pair(window_size, "window_size", type(self).__name__)
         self.init_non_persistent_buffers()
 
     def init_non_persistent_buffers(self) -> None:
