@@ -22,8 +22,9 @@ def dotted(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def refuse(module: Any, reason: str) -> TypeError:
-    return TypeError(f"from_timm cannot convert {type(module).__qualname__}: {reason}")
+def refuse(module: Any, reason: str, who: str = "from_timm") -> TypeError:
+    """The error every converter raises for a module it cannot represent; `who` names the converter."""
+    return TypeError(f"{who} cannot convert {type(module).__qualname__}: {reason}")
 
 
 def factory(module: nn.Module) -> dict[str, Any]:

@@ -8,13 +8,14 @@ dotted class names (``FIGHTINGCV_CONVERTERS``), so nothing here imports fighting
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable
 from typing import Any
 
 from torch import nn
 
 from attnzoo.convert import fightingcv_gates_a, fightingcv_gates_b, fightingcv_tokens_a
-from attnzoo.convert._timm_common import convert_keeping
+from attnzoo.convert._timm_common import convert_keeping, refuse
 from attnzoo.convert.fightingcv_crossformer import CONVERTERS as _FCV_CROSSFORMER  # fcv-crossformer
 from attnzoo.convert.fightingcv_deformable import CONVERTERS as _FCV_DEFORMABLE  # fcv-deformable block
 from attnzoo.convert.fightingcv_eca_moa import CONVERTERS as _FCV_ECA_MOA  # fcv-eca-moa block
@@ -25,8 +26,7 @@ from attnzoo.convert.fightingcv_tokens_b import CONVERTERS as _FCV_TOKENS_B  # f
 __all__ = ["FIGHTINGCV_CONVERTERS", "from_fightingcv"]
 
 
-def _refuse(module: Any, reason: str) -> TypeError:
-    return TypeError(f"from_fightingcv cannot convert {type(module).__qualname__}: {reason}")
+_refuse = functools.partial(refuse, who="from_fightingcv")
 
 
 def _coord_att(module: Any) -> nn.Module:

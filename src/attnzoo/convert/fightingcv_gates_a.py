@@ -3,11 +3,14 @@ attention and residual attention (CSRA); `attnzoo.convert.fightingcv.from_fighti
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
 from torch import nn
 
+from attnzoo.convert._timm_common import factory as _factory
+from attnzoo.convert._timm_common import refuse
 from attnzoo.convert.timm_existing import copy_norm_settings
 
 _PACKAGE = "fightingcv_attention.attention"
@@ -18,8 +21,7 @@ __all__ = ["CONVERTERS"]
 CONVERTERS: dict[str, Callable[[nn.Module], nn.Module]] = {}
 
 
-def _refuse(module: nn.Module, reason: str) -> TypeError:
-    return TypeError(f"from_fightingcv cannot convert {type(module).__qualname__}: {reason}")
+_refuse = functools.partial(refuse, who="from_fightingcv")
 
 
 def _copy_in_order(theirs: nn.Module, ours: nn.Module) -> nn.Module:
@@ -38,15 +40,6 @@ def _copy_in_order(theirs: nn.Module, ours: nn.Module) -> nn.Module:
     ours.load_state_dict(mapped, strict=True)
     copy_norm_settings(theirs, ours)  # eps and momentum: not in a state_dict
     return ours.train(theirs.training)
-
-
-def _factory(module: nn.Module) -> dict[str, Any]:
-    """``device=`` and ``dtype=`` of the module's first floating tensor (CPU and the default dtype
-    for a module without any)."""
-    for tensor in (*module.parameters(), *module.buffers()):
-        if tensor.is_floating_point():
-            return {"device": tensor.device, "dtype": tensor.dtype}
-    return {}
 
 
 # ---------------------------------------------------------------------------------------------

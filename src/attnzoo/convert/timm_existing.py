@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 from torch import Tensor, nn
 
-from attnzoo.convert._timm_common import TimmKeys, rename
+from attnzoo.convert._timm_common import TimmKeys, factory, refuse, rename
 from attnzoo.mechanisms.cbam import CBAM
 from attnzoo.mechanisms.non_local import NonLocalBlock
 from attnzoo.mechanisms.se import SqueezeExcite
@@ -34,16 +34,6 @@ ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 # ---------------------------------------------------------------------------------------------
 # Shared helpers
-
-
-def refuse(module: nn.Module, reason: str, who: str = "from_timm") -> TypeError:
-    return TypeError(f"{who} cannot convert {type(module).__qualname__}: {reason}")
-
-
-def factory(module: nn.Module) -> dict[str, Any]:
-    """`device` and `dtype` of the module's first floating parameter."""
-    param = next(p for p in module.parameters() if p.is_floating_point())
-    return {"device": param.device, "dtype": param.dtype}
 
 
 def finish(new: ModuleT, module: nn.Module, state: Mapping[str, Tensor]) -> ModuleT:

@@ -7,9 +7,12 @@ module first for an independent copy. Forward hooks and pre-hooks move along.
 
 from __future__ import annotations
 
+import functools
+
 from torch import nn
 
 from attnzoo.convert._timm_common import FORWARD_HOOKS as _HOOKS
+from attnzoo.convert._timm_common import refuse
 from attnzoo.mechanisms.torch_mha import MultiheadAttention
 
 __all__ = ["from_torch"]
@@ -20,8 +23,7 @@ _PARAMETERS = {
 }
 
 
-def _refuse(module: nn.Module, reason: str) -> TypeError:
-    return TypeError(f"from_torch cannot convert {type(module).__qualname__}: {reason}")
+_refuse = functools.partial(refuse, who="from_torch")
 
 
 def _check_representable(module: nn.MultiheadAttention) -> None:

@@ -9,8 +9,11 @@ module is converted.
 
 from __future__ import annotations
 
+import functools
+
 from torch import nn
 
+from attnzoo.convert._timm_common import refuse
 from attnzoo.mechanisms.swin_torchvision import (
     TorchvisionShiftedWindowAttention,
     TorchvisionShiftedWindowAttentionV2,
@@ -34,8 +37,7 @@ _OVERRIDABLE = ("forward", "get_relative_position_bias", "define_relative_positi
                 "define_relative_position_index")
 
 
-def _refuse(module: nn.Module, reason: str) -> TypeError:
-    return TypeError(f"from_torchvision cannot convert {type(module).__qualname__}: {reason}")
+_refuse = functools.partial(refuse, who="from_torchvision")
 
 
 def _plain_linear(module: nn.Module, name: str, owner: nn.Module) -> nn.Linear:
