@@ -94,6 +94,34 @@ def test_fightingcv_and_official_state_dicts_load_strictly():
         CrossFormerGroupAttention(32, (2, 3), 2, dtype=D).load_state_dict(state, strict=True)
 
 
+@pytest.mark.parametrize("dim", [8, 32])
+def test_fightingcv_checkpoint_loads_after_replace(dim):
+    """Below dim 16 fightingcv's bias MLP is 0 wide (converted to position_bias=False); its checkpoint,
+    zero-size `pos.*` entries and derived buffers included, still loads strictly into the swap."""
+    model = nn.Sequential(fcv_attention(dim, (2, 2), 2))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    x = x_of(3, 4, dim)
+    expected = model(x)
+    attnzoo.replace(model, crossformer.Attention)
+    assert type(model[0]) is CrossFormerGroupAttention and model[0].position_bias == (dim >= 16)
+    model.load_state_dict(state, strict=True)
+    torch.testing.assert_close(model(x), expected, **TOL)
+    with pytest.raises(RuntimeError, match="Unexpected key"):  # a real bias MLP does not fit
+        CrossFormerGroupAttention(32, (2, 2), 2, position_bias=False, dtype=D).load_state_dict(
+            fcv_attention(32, (2, 2), 2).state_dict(), strict=True)
+
+
+def test_bias_layernorm_settings_carry_over():
+    theirs = fcv_attention(64, (3, 3), 4)
+    for norm in theirs.pos.modules():
+        if isinstance(norm, nn.LayerNorm):
+            norm.eps = 1e-2
+    ours = from_fightingcv(theirs)
+    assert {m.eps for m in ours.modules() if isinstance(m, nn.LayerNorm)} == {1e-2}
+    x = x_of(2, 9, 64)
+    torch.testing.assert_close(ours(x), theirs(x), **TOL)
+
+
 class _Zero(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.zeros_like(x)

@@ -337,6 +337,26 @@ def test_whole_transformer_equals_torch_and_opens_its_maps(batch_first):
     assert set(maps) == names
 
 
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_layers_with_dropout_draw_torchs_masks_in_training(batch_first):
+    """The output is laid out as torch's (token-major), so the layers' own dropout after the attention
+    drops the same elements under one seed; the attention's dropout draws torch's mask as well."""
+    torch.manual_seed(0)
+    theirs = nn.Transformer(E, H, 1, 1, 16, dropout=0.1, batch_first=batch_first, dtype=torch.float64).train()
+    ours = swapped(theirs)
+    src, _, _ = layer_inputs(batch_first, S)
+    tgt, _, causal = layer_inputs(batch_first, L)
+    torch.manual_seed(1)
+    expected = theirs(src, tgt, tgt_mask=causal)
+    torch.manual_seed(1)
+    torch.testing.assert_close(ours(src, tgt, tgt_mask=causal), expected, **F64)
+    mha = theirs.encoder.layers[0].self_attn
+    out_theirs = mha(src, src, src)[0]
+    assert ours.encoder.layers[0].self_attn(src, src, src)[0].stride() == out_theirs.stride()
+    unbatched = src[0] if batch_first else src[:, 0]
+    assert ours.encoder.layers[0].self_attn(unbatched, unbatched, unbatched)[0].is_contiguous()
+
+
 def test_from_torch_shares_parameters_and_training_flag():
     theirs = nn.MultiheadAttention(E, H, kdim=3, add_bias_kv=True, batch_first=True).eval()
     ours = from_torch(theirs)

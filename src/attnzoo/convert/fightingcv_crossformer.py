@@ -17,7 +17,7 @@ from typing import Any
 
 from torch import nn
 
-from attnzoo.convert.timm_existing import factory, finish, refuse
+from attnzoo.convert.timm_existing import copy_norm_settings, factory, finish, refuse
 from attnzoo.mechanisms.crossformer import CrossFormerGroupAttention
 
 __all__ = ["CONVERTERS", "crossformer_attention_from_fightingcv"]
@@ -55,6 +55,8 @@ def crossformer_attention_from_fightingcv(module: Any) -> CrossFormerGroupAttent
         attn_drop=module.attn_drop.p, proj_drop=module.proj_drop.p, position_bias=position_bias,
         **factory(module),
     )
+    if position_bias:  # its LayerNorms' eps (fightingcv hard-codes the default; a user may not)
+        copy_norm_settings(module.pos, new.pos, WHO)
     return finish(new, module, state)
 
 

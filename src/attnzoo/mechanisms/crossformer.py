@@ -1,24 +1,20 @@
-"""CrossFormer's long/short distance attention (LSDA) with a dynamic position bias, "CrossFormer: A
-Versatile Vision Transformer Hinging on Cross-scale Attention" (Wang et al., ICLR 2022),
-arXiv:2108.00154; official code cheerss/CrossFormer (`models/crossformer.py`).
+"""CrossFormer's long/short distance attention (LSDA) with a dynamic position bias, "CrossFormer: A Versatile
+Vision Transformer Hinging on Cross-scale Attention" (Wang et al., ICLR 2022), arXiv:2108.00154; official
+code cheerss/CrossFormer (`models/crossformer.py`).
 
-- `CrossFormerAttention` (registered `crossformer`): LSDA over a whole `(B, H, W, C)` map. Short
-  distance attention (SDA) groups adjacent `G x G` tokens; long distance attention (LDA) groups the
-  tokens sampled at interval I inside each `GI x GI` region. The map is zero-padded at the
-  bottom/right up to multiples of G (SDA) or G*I (LDA) and padded keys are masked, as the official
-  `CrossFormerBlock` does; maps no larger than G on a side use SDA with `G = min(H, W)` (its
-  small-map rule).
-- `CrossFormerGroupAttention`: the official `Attention(dim, group_size, num_heads, ...)` on tokens
-  already grouped, `(B * nG, N, C)`, with the official state_dict keys (`qkv`, `pos.*`, `proj`);
-  `forward(x, mask=None)` as the official one, plus `need_weights`.
+- `CrossFormerAttention` (registered `crossformer`): LSDA over a whole `(B, H, W, C)` map. Short distance
+  attention (SDA) groups adjacent `G x G` tokens; long distance attention (LDA) groups the tokens sampled
+  at interval I inside each `GI x GI` region. The map is zero-padded at the bottom/right up to multiples
+  of G (SDA) or G*I (LDA) and padded keys are masked, as the official `CrossFormerBlock` does; maps no
+  larger than G on a side use SDA with `G = min(H, W)` (its small-map rule).
+- `CrossFormerGroupAttention`: the official `Attention(dim, group_size, num_heads, ...)` on tokens already
+  grouped, `(B * nG, N, C)`, with its state_dict keys (`qkv`, `pos.*`, `proj`) and `forward(x, mask=None)`.
 - `DynamicPosBias`: the DPB MLP mapping a relative offset `(dh, dw)` to one bias per head.
 
-Deviations (see docs/mechanisms/crossformer.md): the official `biases` and `relative_position_index`
-buffers are recomputed from the group size at every call (a state_dict carrying them, fightingcv's,
-still loads: they are checked and dropped); padded keys get `finfo.min / 2` instead of `-1e6`
-(the same weights, and finite in half precision); the DPB's hidden width is `dim // 16` as the
-official code has it (`DynamicPosBias(dim // 4)` quarters it again), but at least 1 (the official
-one is 0 wide for `dim < 16`, a constant bias per head that the softmax ignores).
+Deviations (docs/mechanisms/crossformer.md): the official `biases` and `relative_position_index` are
+recomputed from the group size (a checkpoint with them loads: checked, dropped); padded keys get
+`finfo.min / 2`, not `-1e6` (finite in half precision); the DPB is `dim // 16` wide as the official
+code, but at least 1 (the official one is 0 wide below dim 16: a constant per head, ignored).
 
 Shape letters: B batch, H/W map size, C channels, h heads, d head width, G group side, I interval,
 N = G*G tokens per group, nG groups per image.
@@ -171,14 +167,20 @@ class CrossFormerGroupAttention(nn.Module):
         self, state_dict: dict[str, Any], prefix: str, local_metadata: dict[str, Any], strict: bool,
         missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str],
     ) -> None:
-        # fightingcv's module saves the derived buffers; accept them when they fit this group size.
+        # fightingcv's module saves the derived buffers; accept them when they fit this group size. Below
+        # dim 16 its bias MLP is 0 wide (a constant per head, which the softmax ignores): such a checkpoint
+        # loads into `position_bias=False`, what from_fightingcv makes of that module.
+        zero_wide = state_dict.get(prefix + "pos.pos_proj.weight")
+        flat = not self.position_bias and zero_wide is not None and zero_wide.numel() == 0
+        for key in [k for k in state_dict if flat and k.startswith(prefix + "pos.")]:
+            del state_dict[key]
         for name in _DERIVED:
             key = prefix + name
             if key not in state_dict:
                 continue
             given = state_dict.pop(key)
             if not self.position_bias:
-                unexpected_keys.append(key)
+                unexpected_keys.extend([] if flat else [key])
                 continue
             device = None if given.device.type == "meta" else given.device
             own = (relative_offsets(self.group_size, device, given.dtype) if name == "biases"

@@ -362,14 +362,14 @@ class MultiheadAttention(nn.Module):
         out, weights = result if isinstance(result, tuple) else (result, None)
         if capturing():  # map capture: rows of the capture's query points, also without need_weights
             record_rows(self, q, k, grid=(length_q,), key_grid=(k.shape[2],), mask=mask, causal=causal)
-        out = self.out_proj(out.transpose(1, 2).flatten(2))  # (B, h, L, d) -> (B, L, E)
+        out = self.out_proj(out.permute(2, 0, 1, 3).flatten(2))  # (L, B, E): torch's layout, a dropout's mask
         if weights is not None and average_attn_weights:
             weights = weights.mean(dim=1)  # (B, h, L, S') -> (B, L, S')
         if not batched:
-            out = out[0]  # (1, L, E) -> (L, E)
+            out = out[:, 0]  # (L, 1, E) -> (L, E)
             weights = None if weights is None else weights[0]
-        elif not self.batch_first:
-            out = out.transpose(0, 1)  # (B, L, E) -> (L, B, E)
+        elif self.batch_first:
+            out = out.transpose(0, 1)  # (L, B, E) -> (B, L, E), a view as torch's
         return out, weights
 
     def merge_masks(
