@@ -154,7 +154,8 @@ class WeightedPermuteMLP(nn.Module):
         w = relaid_linear(x, by_width, from_width, self.mlp_w)  # (B, H, g, W S)
         w = w.view(batch, height, seg, width, s).transpose(2, 3)  # (B, H, W, g, S) view
         c = self.mlp_c(x).view(batch, height, width, seg, s)  # (B, H, W, g, S), contiguous
-        pooled = (c + h).add_(w).mean((1, 2)).reshape(batch, channels)  # (B, C); c first: a contiguous sum
+        # three reductions, no (B, H, W, C) sum: the means' gradients are broadcasts added in place
+        pooled = (c.mean((1, 2)) + h.mean((1, 2)) + w.mean((1, 2))).reshape(batch, channels)  # (B, C)
         logits = self.attn_drop(self.fc2(self.attn_drop(self.act(self.fc1(pooled)))))  # (B, 3 C)
         weights = logits.reshape(batch, channels, 3).transpose(1, 2).softmax(1)  # (B, 3, C)
         a = weights.reshape(batch, 3, 1, 1, seg, s)  # (B, 3, 1, 1, g, S)
