@@ -11,6 +11,8 @@
 - `attnzoo.kernels.neighbourhood`: ACmix's local neighbourhood attention;
 - `attnzoo.kernels.neighbourhood_nd`: NATTEN's 1-/2-/3-D window rules and gathered attention
   (a block of queries at a time, re-gathered in backward);
+- `attnzoo.kernels.reduce`: a mean whose backward broadcasts instead of writing a full-size quotient
+  (the pooled statistics of the gates);
 - `attnzoo.kernels.relayout`: a linear layer on a re-laid-out copy of its input that keeps the input,
   not the copy, for backward (ViP's width branch);
 - `attnzoo.kernels.selective`: SK's branch selection, and split attention's on the splits of one map;

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from attnzoo._checks import check_choice, check_int, check_shape
 from attnzoo._registry import Example, register
+from attnzoo.kernels.reduce import lean_mean
 from attnzoo.maps.capture import capturing, record
 
 __all__ = ["BottleneckAttentionModule"]
@@ -150,7 +151,7 @@ class BottleneckAttentionModule(nn.Module):
         dims = check_shape(x, type(self).__name__, "B C H W", C=self.channels)
         self._check_size(dims["H"], "H")
         self._check_size(dims["W"], "W")
-        channel = self.channel_gate(x.mean((2, 3)))[:, :, None, None]  # (B, C) -> (B, C, 1, 1)
+        channel = self.channel_gate(lean_mean(x, (2, 3)))[:, :, None, None]  # (B, C) -> (B, C, 1, 1)
         spatial = self.spatial_gate(x)  # (B, 1, H, W), or (B, 1, 1, 1) when fightingcv's padding shrinks it
         logits = channel + spatial if self.combine == "sum" else channel * spatial  # (B, C, H, W)
         weights = torch.sigmoid(logits)

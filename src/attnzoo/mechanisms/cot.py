@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from attnzoo._checks import check_divisible, check_int, check_shape, checked
 from attnzoo._registry import Example, register
+from attnzoo.kernels.reduce import lean_mean
 from attnzoo.maps.capture import capturing, record
 
 __all__ = ["ContextualTransformer", "FightingcvCoTAttention", "local_aggregate"]
@@ -163,7 +164,7 @@ class ContextualTransformer(nn.Module):
         weights = self.embed(torch.cat([x, k1], dim=1)).reshape(b, -1, kk, h, w)  # (B, C/s, k*k, H, W)
         k2 = local_aggregate(self.conv1x1(x), weights, self.kernel_size)  # (B, C, H, W)
         k2 = F.silu(self.bn(k2))  # dynamic context
-        pooled = (k2 + k1).mean((2, 3), keepdim=True)  # (B, C, 1, 1)
+        pooled = lean_mean(k2 + k1, (2, 3), keepdim=True)  # (B, C, 1, 1)
         radix = self.se(pooled).reshape(b, c, 2).softmax(dim=2)  # (B, C, 2): over (K2, K1)
         if capturing():  # map capture: the fusion weights of each channel
             record(self, "branch", radix.transpose(1, 2))

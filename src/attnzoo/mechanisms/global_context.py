@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from attnzoo._checks import check_shape
 from attnzoo._registry import Example, register
+from attnzoo.kernels.reduce import lean_mean
 from attnzoo.maps.capture import capturing, record
 from attnzoo.mechanisms._widths import check_layer, hidden_channels
 
@@ -160,7 +161,7 @@ class GlobalContext(nn.Module):
             if capturing():  # map capture: the pooling weights
                 record(self, "spatial", attn, grid=(height, width))
         else:
-            context = x.mean((2, 3))  # (B, C)
+            context = lean_mean(x, (2, 3))  # (B, C)
             attn = x.new_full((batch, height, width), 1.0 / (height * width))  # (tiny) uniform weights
         if self.mlp_scale is not None:
             gate = self.gate(self.mlp_scale(context))[:, :, None, None]  # (B, C, 1, 1)

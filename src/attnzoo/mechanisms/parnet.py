@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from attnzoo._checks import check_int, check_shape
 from attnzoo._registry import Example, register
+from attnzoo.kernels.reduce import lean_mean
 from attnzoo.maps.capture import capturing, record
 
 __all__ = ["ParNetAttention"]
@@ -97,7 +98,7 @@ class ParNetAttention(nn.Module):
     def forward(self, x: Tensor, need_weights: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         check_shape(x, type(self).__name__, "B C H W", C=self.channels)
         skip = self.skip_norm(x)
-        gate = torch.sigmoid(self.se(skip.mean((2, 3), keepdim=True)))  # (B, C, 1, 1)
+        gate = torch.sigmoid(self.se(lean_mean(skip, (2, 3), keepdim=True)))  # (B, C, 1, 1)
         if capturing():  # map capture: the squeeze-excite gate
             record(self, "channel", gate.flatten(1))
         out = nn.functional.silu(self.conv1x1(x) + self.conv3x3(x) + skip * gate)

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from attnzoo._checks import check_int, check_shape, checked
 from attnzoo._registry import Example, register
+from attnzoo.kernels.reduce import lean_mean
 from attnzoo.maps.capture import capturing, record
 
 __all__ = ["ParallelPolarizedSelfAttention", "SequentialPolarizedSelfAttention"]
@@ -83,7 +84,7 @@ class _Polarized(nn.Module):
 
     def spatial_gate(self, flat: Tensor, scale: Tensor | None) -> Tensor:
         """The spatial-only gate `(B, N)` of `flat * scale[..., None]` (scale `(B, C)` or None)."""
-        mean = flat.mean(-1)  # (B, C): global average pooling, commuted with the 1x1 query
+        mean = lean_mean(flat, -1)  # (B, C): global average pooling, commuted with the 1x1 query
         if scale is not None:
             mean = mean * scale
         q = F.linear(mean, _pointwise(self.sp_wq), self.sp_wq.bias).softmax(-1)  # (B, C/2) over channels

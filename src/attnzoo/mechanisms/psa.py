@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from attnzoo._checks import check_divisible, check_int, check_shape
 from attnzoo._registry import Example, register
+from attnzoo.kernels.reduce import lean_mean
 from attnzoo.maps.capture import capturing, record
 
 __all__ = ["PyramidSplitAttention"]
@@ -154,7 +155,7 @@ class PyramidSplitAttention(nn.Module):
         b, s = dims["B"], self.branches
         parts = x.chunk(s, dim=1) if self.split_input else (x,) * s  # S x (B, C/S or C, H, W)
         feats = torch.cat([conv(p) for conv, p in zip(self.convs, parts, strict=True)], 1)  # (B, C, H, W)
-        pooled = feats.mean((2, 3), keepdim=True)  # (B, C, 1, 1)
+        pooled = lean_mean(feats, (2, 3), keepdim=True)  # (B, C, 1, 1)
         if self.shared_se:
             pooled = pooled.reshape(b * s, -1, 1, 1)  # (B*S, C/S, 1, 1): the shared SE per branch
         z = torch.sigmoid(self.fc2(torch.relu(self.fc1(pooled))))  # (B*S, C/S, 1, 1) or (B, C, 1, 1)

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from attnzoo._checks import check_divisible, check_float, check_int, check_shape
 from attnzoo._registry import Example, register
+from attnzoo.kernels.reduce import lean_mean
 from attnzoo.maps.capture import capturing, record
 
 __all__ = ["SpatialGroupEnhance"]
@@ -118,7 +119,7 @@ class SpatialGroupEnhance(nn.Module):
         if c % g:
             raise ValueError(f"{who} expects x with channels divisible by groups={g}, got {tuple(x.shape)}")
         xg = x.reshape(b, g, c // g, h, w)  # (B, C, H, W) -> (B, G, C/G, H, W)
-        mean = x.mean((2, 3)).reshape(b, g, 1, -1)  # (B, C) -> (B, G, 1, C/G)
+        mean = lean_mean(x, (2, 3)).reshape(b, g, 1, -1)  # (B, C) -> (B, G, 1, C/G)
         sim = (mean @ xg.flatten(3)).squeeze(2)  # (B, G, 1, C/G) @ (B, G, C/G, H*W) -> (B, G, H*W)
         sim = sim - sim.mean(-1, keepdim=True)
         var = sim.pow(2).sum(-1, keepdim=True) / max(h * w - 1, 1)  # unbiased, as torch.std

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from attnzoo._checks import check_divisible, check_float, check_int, check_shape
 from attnzoo._registry import Example, register
+from attnzoo.kernels.reduce import lean_mean
 from attnzoo.maps.capture import capturing, record
 from attnzoo.mechanisms.sge import default_groups
 
@@ -109,7 +110,8 @@ class ShuffleAttention(nn.Module):
         xg = x.reshape(b * self.groups, c // self.groups, h, w)  # (B, C, H, W) -> (B*G, C/G, H, W)
         first = (c // self.groups + 1) // 2  # C/2G; fightingcv's 3-channel groups split 2 + 1
         x0, x1 = xg[:, :first], xg[:, first:]  # (B*G, C/2G, H, W) each
-        cgate = torch.sigmoid(self.cweight * x0.mean((2, 3), keepdim=True) + self.cbias)  # (B*G, C/2G, 1, 1)
+        pooled = lean_mean(x0, (2, 3), keepdim=True)  # (B*G, C/2G, 1, 1)
+        cgate = torch.sigmoid(self.cweight * pooled + self.cbias)  # (B*G, C/2G, 1, 1)
         sgate = torch.sigmoid(self._spatial_logits(x1))  # (B*G, C/2G, H, W)
         if capturing():  # map capture: the spatial gates averaged over their channels
             spatial = sgate.reshape(b, -1, h, w).mean(1)  # (B*G, C/2G, H, W) -> (B, H, W)

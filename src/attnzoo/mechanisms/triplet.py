@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from attnzoo._checks import check_int, check_shape
 from attnzoo._registry import Example, register
+from attnzoo.kernels.reduce import lean_mean
 from attnzoo.maps.capture import capturing, record
 
 __all__ = ["TripletAttention"]
@@ -107,13 +108,13 @@ class TripletAttention(nn.Module):
             if self.channels is None
             else check_shape(x, type(self).__name__, "B C H W", C=self.channels)
         )
-        g_cw = self.cw(x.amax(2), x.mean(2)).transpose(1, 2)  # (B, 1, C, W) -> (B, C, 1, W)
-        g_hc = self.hc(x.amax(3).transpose(1, 2), x.mean(3).transpose(1, 2))  # (B, 1, H, C)
+        g_cw = self.cw(x.amax(2), lean_mean(x, 2)).transpose(1, 2)  # (B, 1, C, W) -> (B, C, 1, W)
+        g_hc = self.hc(x.amax(3).transpose(1, 2), lean_mean(x, 3).transpose(1, 2))  # (B, 1, H, C)
         g_hc = g_hc.permute(0, 3, 2, 1)  # (B, 1, H, C) -> (B, C, H, 1)
         if self.hw is None:
             weights = (g_cw + g_hc) * 0.5  # (B, C, H, W)
         else:
-            g_hw = self.hw(x.amax(1), x.mean(1))  # (B, 1, H, W)
+            g_hw = self.hw(x.amax(1), lean_mean(x, 1))  # (B, 1, H, W)
             weights = (g_cw + g_hc + g_hw) * (1 / 3)  # (B, C, H, W)
         if capturing():  # map capture: the gate averaged over channels
             record(self, "spatial", weights.mean(1), grid=x.shape[2:])

@@ -27,6 +27,7 @@ from attnzoo._checks import check_float, check_int, check_shape
 from attnzoo._geometry import Geometry, Unsupported, grid2d
 from attnzoo._registry import Example, register
 from attnzoo.kernels.mix import weighted_sum
+from attnzoo.kernels.reduce import lean_mean
 from attnzoo.kernels.relayout import relaid_linear
 from attnzoo.maps.capture import capturing, record
 
@@ -154,8 +155,9 @@ class WeightedPermuteMLP(nn.Module):
         w = relaid_linear(x, by_width, from_width, self.mlp_w)  # (B, H, g, W S)
         w = w.view(batch, height, seg, width, s).transpose(2, 3)  # (B, H, W, g, S) view
         c = self.mlp_c(x).view(batch, height, width, seg, s)  # (B, H, W, g, S), contiguous
-        # three reductions, no (B, H, W, C) sum: the means' gradients are broadcasts added in place
-        pooled = (c.mean((1, 2)) + h.mean((1, 2)) + w.mean((1, 2))).reshape(batch, channels)  # (B, C)
+        # three means, no (B, H, W, C) sum in forward; backward adds one broadcast into each branch's
+        # gradient in place (attnzoo.kernels.reduce: no full-size quotient per mean)
+        pooled = (lean_mean(c, (1, 2)) + lean_mean(h, (1, 2)) + lean_mean(w, (1, 2))).reshape(batch, channels)
         logits = self.attn_drop(self.fc2(self.attn_drop(self.act(self.fc1(pooled)))))  # (B, 3 C)
         weights = logits.reshape(batch, channels, 3).transpose(1, 2).softmax(1)  # (B, 3, C)
         a = weights.reshape(batch, 3, 1, 1, seg, s)  # (B, 3, 1, 1, g, S)
