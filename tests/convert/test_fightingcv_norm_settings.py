@@ -68,4 +68,7 @@ def test_norm_layers_that_do_not_pair_are_refused():
     target = nn.Sequential(nn.Conv2d(4, 4, 1), nn.LayerNorm(4))
     unpaired = r"norm layers \['BatchNorm2d'\] do not pair with attnzoo's \['LayerNorm'\]"
     with pytest.raises(TypeError, match=unpaired):
-        copy_norm_settings(source, target)
+        copy_norm_settings(source, target, "from_fightingcv")
+    instance = nn.Sequential(nn.Conv2d(4, 4, 1), nn.InstanceNorm2d(4))  # a _NormBase too, not a BatchNorm
+    with pytest.raises(TypeError, match=r"cannot convert Sequential: its norm layers \['BatchNorm2d'\]"):
+        copy_norm_settings(source, instance, "from_fightingcv")

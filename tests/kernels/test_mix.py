@@ -105,3 +105,10 @@ def test_refuses_unpaired_arguments():
     parts, weights = _inputs()
     with pytest.raises(ValueError, match="one weight per part, got 3 and 2"):
         weighted_sum(parts, weights[:2])
+
+
+def test_an_empty_batch_gives_empty_gradients():
+    parts = [torch.randn(0, 2, 3, dtype=D, requires_grad=True) for _ in range(2)]
+    weights = [torch.randn(0, 1, 3, dtype=D, requires_grad=True) for _ in range(2)]
+    weighted_sum(parts, weights).sum().backward()
+    assert all(t.grad is not None and t.grad.shape == t.shape for t in (*parts, *weights))

@@ -112,3 +112,13 @@ def test_hooks_subclasses_and_no_grad_call_the_layer():
         out = relaid_linear(x, by_width, from_width, linear)
     assert out.grad_fn is None
     torch.testing.assert_close(out, linear(by_width(x)).detach())
+
+
+def test_no_rows_gives_empty_and_zero_gradients():
+    linear = nn.Linear(3, 5, dtype=D)
+    x = torch.randn(0, 3, 4, dtype=D, requires_grad=True)
+    out = relaid_linear(x, lambda t: t.transpose(1, 2), lambda t: t.transpose(1, 2), linear)
+    assert out.shape == (0, 4, 5)
+    out.sum().backward()
+    assert x.grad.shape == x.shape
+    torch.testing.assert_close(linear.weight.grad, torch.zeros_like(linear.weight))

@@ -177,6 +177,16 @@ def test_fightingcv_one_gate_for_every_channel(train):
         CoordAttention(16, gate_channels=4)
 
 
+@pytest.mark.parametrize("additive", [False, True])
+def test_one_gate_channel_returns_the_full_gate(additive):
+    ca = CoordAttention(8, gate_channels=1, additive=additive, dtype=D).eval()
+    assert "gate_channels=1" in repr(ca)
+    x = torch.randn(2, 8, 5, 7, dtype=D)
+    out, gate = ca(x, need_weights=True)
+    assert gate.shape == x.shape and torch.equal(gate[:, 0], gate[:, 7])
+    torch.testing.assert_close(out, x * gate, atol=1e-12, rtol=0)
+
+
 CLASSES = [CoordAttention, SimpleCoordAttention, EfficientLocalAttention, StripAttention]
 
 

@@ -38,7 +38,7 @@ def _copy_in_order(theirs: nn.Module, ours: nn.Module) -> nn.Module:
             )
         mapped[our_key] = value
     ours.load_state_dict(mapped, strict=True)
-    copy_norm_settings(theirs, ours)  # eps and momentum: not in a state_dict
+    copy_norm_settings(theirs, ours, "from_fightingcv")  # eps and momentum: not in a state_dict
     return ours.train(theirs.training)
 
 

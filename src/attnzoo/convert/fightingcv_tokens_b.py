@@ -130,7 +130,7 @@ def mobilevit_from_fightingcv(module: Any) -> MobileViTBlock:
             f"trans.layers.{i}.1.fn.net.0.": f"layers.{i}.fc1.",
             f"trans.layers.{i}.1.fn.net.3.": f"layers.{i}.fc2.",
         }
-    copy_norm_settings(module, new)  # the LayerNorms' eps
+    copy_norm_settings(module, new, WHO)  # the LayerNorms' eps
     return finish(new, module, rename(module.state_dict(), names))
 
 

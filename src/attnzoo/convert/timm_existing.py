@@ -43,14 +43,15 @@ def finish(new: ModuleT, module: nn.Module, state: Mapping[str, Tensor]) -> Modu
     return new
 
 
-_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+# the kinds of norm layer that pair; BatchNorm and InstanceNorm share a base class but not a kind
+_NORMS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.GroupNorm, nn.LayerNorm)
 
 
-def copy_norm_settings(module: nn.Module, new: nn.Module, who: str = "from_fightingcv") -> None:
+def copy_norm_settings(module: nn.Module, new: nn.Module, who: str) -> None:
     """Give each norm layer of `new` the eps (and momentum) of the one at the same place in `module`:
     their norm layers in registration order, pair by pair. A state_dict holds neither setting, so a
     converter that only copies tensors would keep attnzoo's defaults. Refuses where the two hold
-    different norm layers."""
+    different norm layers; `who` names the converter in that error."""
     theirs = [m for m in module.modules() if isinstance(m, _NORMS)]
     ours = [m for m in new.modules() if isinstance(m, _NORMS)]
     kinds = [[next(k for k in _NORMS if isinstance(m, k)) for m in side] for side in (theirs, ours)]

@@ -118,7 +118,7 @@ def _reduced_product(g: Tensor, part: Tensor, weight: Tensor) -> Tensor:
     axes = tuple(i for i in range(1, g.ndim) if weight.shape[i] == 1 and g.shape[i] != 1)
     if not axes:  # a full-size weight: nothing to reduce (an empty dim list would sum everything)
         return g * part
-    out = torch.empty(weight.shape, dtype=g.dtype, device=g.device)
+    out = torch.zeros(weight.shape, dtype=g.dtype, device=g.device)  # zeros: an empty batch has no block
     for rows in sample_blocks(g):
         torch.sum(g[rows] * part[rows], dim=axes, keepdim=True, out=out[rows])
     return out

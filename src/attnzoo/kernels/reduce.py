@@ -2,7 +2,8 @@
 
 autograd differentiates ``x.mean(dims)`` as ``grad.expand(x.shape) / n``: the division of the broadcast
 materialises a quotient as large as ``x``, which autograd then adds to ``x``'s gradient. Pooling a map
-to a gate (ParNet's squeeze-excite, PSA, BAM, GC, CoT, SGE, shuffle attention, ViP's reweighting) pays
+to a gate (ParNet's squeeze-excite, PSA, BAM, GC, CoT, polarized, SGE, shuffle and triplet attention,
+ViP's reweighting) pays
 one full-size write and read per mean in every training step. ``x.sum(dims) * (1 / n)`` is the same
 function: the scale applies to the small result, and the sum's backward is a broadcast view that
 autograd adds into ``x``'s gradient in place.

@@ -42,6 +42,8 @@ def relaid_linear(x: Tensor, relayout: Relayout, restore: Relayout, linear: nn.M
     Args:
         x: The input, any shape.
         relayout: Maps `x` to the linear layer's input `(*, in_features)` (permutes and reshapes only).
+            Kept for backward: let it close over shapes, not tensors (saved-tensor hooks see only
+            the saved `x`).
         restore: Maps a tensor laid out as ``relayout(x)`` back to `x`'s shape and order (the inverse).
         linear: An ``nn.Linear``.
 
@@ -82,6 +84,6 @@ class _RelaidLinearFn(torch.autograd.Function):
             return (*grads, None, None)
         rows = g.reshape(-1, g.shape[-1])  # (M, out)
         grad_x = ctx.restore(torch.matmul(g, weight)) if needs[0] else None
-        grad_w = rows.t() @ ctx.relayout(x).reshape(rows.shape[0], -1) if needs[1] else None  # (out, in)
+        grad_w = rows.t() @ ctx.relayout(x).reshape(-1, weight.shape[1]) if needs[1] else None  # (out, in)
         grad_b = rows.sum(0) if bias is not None and needs[2] else None
         return grad_x, grad_w, grad_b, None, None

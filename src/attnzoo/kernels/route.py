@@ -23,7 +23,8 @@ backwards then recompute the twin a block of query rows at a time, each with its
 (`rowwise_grads`).
 
 `sample_blocks` cuts a batch into blocks of a few samples, for the kernels that walk a large map a
-block at a time so their temporaries stay small and in cache (SimAM, the split selection).
+block at a time so their temporaries stay small and in cache (SimAM, the split selection, the weighted
+branch sum's weight gradients).
 """
 
 from __future__ import annotations
@@ -223,5 +224,7 @@ def stale_closure(who: str, kept: Tensor, again: Tensor) -> None:
 
 def sample_blocks(t: Tensor, chunk: int = 1 << 20) -> list[slice]:
     """Slices along the batch (dim 0) of about ``chunk`` elements each, at least one sample each."""
+    if t.shape[0] == 0:  # no samples, no blocks
+        return []
     step = max(1, chunk // max(1, t[0].numel()))
     return [slice(i, i + step) for i in range(0, t.shape[0], step)]

@@ -7,7 +7,8 @@
 - ``strip``: timm's minimal strip attention (strip pooling, optional depth-wise convolutions).
 
 Every gate pools the map along W (one value per row) and along H (one per column), turns the two
-strips into gates ``a_h`` (B, C, H, 1) and ``a_w`` (B, C, 1, W), and rescales the input with
+strips into gates ``a_h`` (B, C, H, 1) and ``a_w`` (B, C, 1, W) (one channel wide with coordinate
+attention's ``gate_channels=1``), and rescales the input with
 ``a_h * a_w`` (or ``gate(a_h + a_w)``). The numbers and parameter layout are timm's
 (``timm.layers.coord_attn``); ``attnzoo.convert.from_timm`` maps its modules exactly, and
 ``from_fightingcv`` maps fightingcv's ``CoordAtt`` (biases, ``max(8, C // 32)`` hidden channels).
@@ -168,7 +169,9 @@ class CoordAttention(nn.Module):
         return finish(self, x, (self.gate(a_w), self.gate(a_h)), self.has_skip, need_weights)
 
     def extra_repr(self) -> str:
-        return f"channels={self.channels}, rd_channels={self.rd_channels}, additive={self.additive}"
+        width = self.conv_h.out_channels
+        gates = "" if width == self.channels else f", gate_channels={width}"
+        return f"channels={self.channels}, rd_channels={self.rd_channels}, additive={self.additive}{gates}"
 
 
 @register(

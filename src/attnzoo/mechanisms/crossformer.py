@@ -8,7 +8,7 @@ code cheerss/CrossFormer (`models/crossformer.py`).
   of G (SDA) or G*I (LDA) and padded keys are masked, as the official `CrossFormerBlock` does; maps no
   larger than G on a side use SDA with `G = min(H, W)` (its small-map rule).
 - `CrossFormerGroupAttention`: the official `Attention(dim, group_size, num_heads, ...)` on tokens already
-  grouped, `(B * nG, N, C)`, with its state_dict keys (`qkv`, `pos.*`, `proj`) and `forward(x, mask=None)`.
+  grouped, `(B * nG, N, C)`: the official keys (`qkv`, `pos.*`, `proj`), `forward(x, mask, need_weights)`.
 - `DynamicPosBias`: the DPB MLP mapping a relative offset `(dh, dw)` to one bias per head.
 
 Deviations (docs/mechanisms/crossformer.md): the official `biases` and `relative_position_index` are

@@ -137,13 +137,14 @@ class WeightedPermuteMLP(nn.Module):
         dims = check_shape(x, type(self).__name__, "B H W C", H=seg, W=seg, C=self.dim)
         batch, height, width, channels = dims["B"], dims["H"], dims["W"], dims["C"]
         s = channels // seg
-        parts = x.reshape(batch, height, width, seg, s)  # (B, H, W, g, S)
+        segments, shape = (batch, height, width, seg, s), x.shape  # the re-layouts keep shapes, no tensor
+        parts = x.reshape(segments)  # (B, H, W, g, S)
 
         def by_width(t: Tensor) -> Tensor:  # (B, H, W, C) -> (B, H, g, W S)
-            return t.reshape(parts.shape).transpose(2, 3).reshape(batch, height, seg, width * s)
+            return t.reshape(segments).transpose(2, 3).reshape(batch, height, seg, width * s)
 
         def from_width(t: Tensor) -> Tensor:  # (B, H, g, W S) -> (B, H, W, C)
-            return t.view(batch, height, seg, width, s).transpose(2, 3).reshape(x.shape)
+            return t.view(batch, height, seg, width, s).transpose(2, 3).reshape(shape)
 
         # h and w stay strided views of their projections' outputs (no copy back to (B, H, W, C)):
         # the products below read them in place, and autograd keeps the projections' outputs anyway
