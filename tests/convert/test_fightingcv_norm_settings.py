@@ -62,7 +62,7 @@ def test_non_default_eps_and_momentum_carry_over(make):
 
 
 def test_norm_layers_that_do_not_pair_are_refused():
-    from attnzoo.convert.timm_existing import copy_norm_settings
+    from attnzoo.convert._timm_common import copy_norm_settings
 
     source = nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4))
     target = nn.Sequential(nn.Conv2d(4, 4, 1), nn.LayerNorm(4))

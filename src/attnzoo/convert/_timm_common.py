@@ -12,7 +12,7 @@ from attnzoo.convert._source_keys import FORWARD_HOOKS, attach_source_keys, cpu_
 
 __all__ = [
     "dotted", "refuse", "factory", "same_forward", "TimmKeys", "rename", "convert_keeping", "FORWARD_HOOKS",
-    "default_scale", "check_rel_pos",
+    "default_scale", "check_rel_pos", "same_norm", "copy_norm_settings",
 ]
 
 
@@ -33,6 +33,32 @@ def factory(module: nn.Module) -> dict[str, Any]:
         if tensor.is_floating_point():
             return {"device": tensor.device, "dtype": tensor.dtype}
     return {}
+
+
+def same_norm(ours: nn.Module, theirs: nn.Module) -> None:
+    """Give our norm layer the other's eps, and its momentum where it has one (BatchNorm, InstanceNorm):
+    a state_dict holds neither setting."""
+    ours.eps = theirs.eps
+    if isinstance(theirs, nn.modules.batchnorm._NormBase):
+        ours.momentum = theirs.momentum  # type: ignore[assignment]
+
+
+# the kinds of norm layer that pair; BatchNorm and InstanceNorm share a base class but not a kind
+_NORMS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.GroupNorm, nn.LayerNorm)
+
+
+def copy_norm_settings(module: nn.Module, new: nn.Module, who: str) -> None:
+    """`same_norm` for every norm layer of `new` and the one at the same place in `module`: their norm
+    layers in registration order, pair by pair, so a converter that copies tensors does not keep
+    attnzoo's defaults. Refuses where the two hold different norm layers; `who` names the converter."""
+    theirs = [m for m in module.modules() if isinstance(m, _NORMS)]
+    ours = [m for m in new.modules() if isinstance(m, _NORMS)]
+    kinds = [[next(k for k in _NORMS if isinstance(m, k)) for m in side] for side in (theirs, ours)]
+    if kinds[0] != kinds[1]:
+        names = [[type(m).__name__ for m in side] for side in (theirs, ours)]
+        raise refuse(module, f"its norm layers {names[0]} do not pair with attnzoo's {names[1]}", who)
+    for source, target in zip(theirs, ours, strict=True):
+        same_norm(target, source)
 
 
 def default_scale(module: Any, head_dim: int) -> bool:

@@ -17,7 +17,8 @@ from typing import Any
 
 from torch import nn
 
-from attnzoo.convert.timm_existing import copy_norm_settings, factory, finish, refuse
+from attnzoo.convert._timm_common import copy_norm_settings
+from attnzoo.convert.timm_existing import factory, finish, refuse
 from attnzoo.mechanisms.crossformer import CrossFormerGroupAttention
 
 __all__ = ["CONVERTERS", "crossformer_attention_from_fightingcv"]

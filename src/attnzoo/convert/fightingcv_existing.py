@@ -17,7 +17,7 @@ from typing import Any
 
 from torch import nn
 
-from attnzoo.convert._timm_common import rename
+from attnzoo.convert._timm_common import rename, same_norm
 from attnzoo.convert.timm_existing import factory, finish, refuse
 from attnzoo.mechanisms.acmix import ACmix
 from attnzoo.mechanisms.cbam import CBAM
@@ -100,7 +100,7 @@ def sk_from_fightingcv(module: Any) -> SKConv:
     )
     for i, branch in enumerate(module.convs):
         bn = new.get_submodule(f"convs.{i}.1")
-        bn.eps, bn.momentum = branch.bn.eps, branch.bn.momentum
+        same_norm(bn, branch.bn)
     names = {}
     for i in range(len(convs)):
         names[f"convs.{i}.conv."], names[f"convs.{i}.bn."] = f"convs.{i}.0.", f"convs.{i}.1."

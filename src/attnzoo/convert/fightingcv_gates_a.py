@@ -9,9 +9,8 @@ from typing import Any
 
 from torch import nn
 
+from attnzoo.convert._timm_common import copy_norm_settings, refuse
 from attnzoo.convert._timm_common import factory as _factory
-from attnzoo.convert._timm_common import refuse
-from attnzoo.convert.timm_existing import copy_norm_settings
 
 _PACKAGE = "fightingcv_attention.attention"
 

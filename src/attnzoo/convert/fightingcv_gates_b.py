@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from attnzoo.convert._timm_common import copy_norm_settings
 from attnzoo.convert.timm_existing import factory, finish, refuse
 from attnzoo.mechanisms.cot import FightingcvCoTAttention
 from attnzoo.mechanisms.danet_fightingcv import (
@@ -127,10 +128,7 @@ def cot_from_fightingcv(module: Any) -> FightingcvCoTAttention:
     numbers; not the paper's CoT block, `attnzoo.ContextualTransformer`). BatchNorm eps and momentum
     are copied."""
     new = FightingcvCoTAttention(module.dim, module.kernel_size, **factory(module))
-    theirs_bn = [m for m in module.modules() if isinstance(m, nn.BatchNorm2d)]
-    ours_bn = [m for m in new.modules() if isinstance(m, nn.BatchNorm2d)]
-    for a, b in zip(ours_bn, theirs_bn, strict=True):
-        a.eps, a.momentum = b.eps, b.momentum
+    copy_norm_settings(module, new, WHO)
     return finish(new, module, module.state_dict())
 
 

@@ -16,8 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from attnzoo.convert._timm_common import copy_norm_settings
 from attnzoo.convert.fightingcv_existing import rename
-from attnzoo.convert.timm_existing import copy_norm_settings, factory, finish, refuse
+from attnzoo.convert.timm_existing import factory, finish, refuse
 from attnzoo.mechanisms.axial import AxialAttention
 from attnzoo.mechanisms.criss_cross import CrissCrossAttention
 from attnzoo.mechanisms.gfnet import GlobalFilter

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 from torch import Tensor, nn
 
-from attnzoo.convert._timm_common import TimmKeys, factory, refuse, rename
+from attnzoo.convert._timm_common import TimmKeys, factory, refuse, rename, same_norm
 from attnzoo.mechanisms.cbam import CBAM
 from attnzoo.mechanisms.non_local import NonLocalBlock
 from attnzoo.mechanisms.se import SqueezeExcite
@@ -43,27 +43,6 @@ def finish(new: ModuleT, module: nn.Module, state: Mapping[str, Tensor]) -> Modu
     return new
 
 
-# the kinds of norm layer that pair; BatchNorm and InstanceNorm share a base class but not a kind
-_NORMS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.GroupNorm, nn.LayerNorm)
-
-
-def copy_norm_settings(module: nn.Module, new: nn.Module, who: str) -> None:
-    """Give each norm layer of `new` the eps (and momentum) of the one at the same place in `module`:
-    their norm layers in registration order, pair by pair. A state_dict holds neither setting, so a
-    converter that only copies tensors would keep attnzoo's defaults. Refuses where the two hold
-    different norm layers; `who` names the converter in that error."""
-    theirs = [m for m in module.modules() if isinstance(m, _NORMS)]
-    ours = [m for m in new.modules() if isinstance(m, _NORMS)]
-    kinds = [[next(k for k in _NORMS if isinstance(m, k)) for m in side] for side in (theirs, ours)]
-    if kinds[0] != kinds[1]:
-        names = [[type(m).__name__ for m in side] for side in (theirs, ours)]
-        raise refuse(module, f"its norm layers {names[0]} do not pair with attnzoo's {names[1]}", who)
-    for source, target in zip(theirs, ours, strict=True):
-        target.eps = source.eps
-        if isinstance(source, nn.modules.batchnorm._NormBase):
-            target.momentum = source.momentum  # type: ignore[union-attr]
-
-
 def plain_batchnorm(module: nn.Module, bn: nn.Module, act: type[nn.Module] | None = None) -> None:
     """Refuse unless `bn` is a 2-D BatchNorm (timm's `BatchNormAct2d` included) whose activation is
     `act` (None: no activation) and which has no dropout."""
@@ -82,11 +61,6 @@ def has_aa(conv_norm_act: nn.Module) -> bool:
     """Whether a timm `ConvNormAct` has an anti-aliasing layer (None or Identity when it has none)."""
     aa = getattr(conv_norm_act, "aa", None)
     return aa is not None and type(aa) is not nn.Identity
-
-
-def same_norm(ours: nn.Module, theirs: nn.Module) -> None:
-    """Give our BatchNorm the other's eps and momentum."""
-    ours.eps, ours.momentum = theirs.eps, theirs.momentum
 
 
 # ---------------------------------------------------------------------------------------------

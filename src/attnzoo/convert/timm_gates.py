@@ -10,7 +10,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from attnzoo.convert._timm_common import TimmKeys, rename
+from attnzoo.convert._timm_common import TimmKeys, rename, same_norm
 from attnzoo.convert._timm_common import factory as _factory
 from attnzoo.convert._timm_common import refuse as _refuse
 
@@ -204,7 +204,7 @@ def _light_cbam(module: Any) -> nn.Module:
     ours.channel.act = _stateless(channel.act, "channel.act", module)
     _stateless(channel.gate, "channel.gate", module)  # never applied by timm, but its weights would be lost
     ours.spatial.gate = _stateless(spatial.gate, "spatial.gate", module)
-    ours.spatial.conv.bn.eps, ours.spatial.conv.bn.momentum = bn.eps, bn.momentum
+    same_norm(ours.spatial.conv.bn, bn)
     return _finish(ours, module)
 
 

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from attnzoo.convert._timm_common import TimmKeys, rename
+from attnzoo.convert._timm_common import TimmKeys, rename, same_norm
 from attnzoo.convert._timm_common import factory as _factory
 from attnzoo.convert._timm_common import refuse as _refuse
 
@@ -219,7 +219,7 @@ def _bat(module: Any) -> nn.Module:
         if norm_layer is not None:
             if not (theirs.bn.affine and theirs.bn.track_running_stats):
                 raise _refuse(module, f"its {name} norm has no affine weights or no running statistics")
-            ours.bn.eps, ours.bn.momentum = theirs.bn.eps, theirs.bn.momentum
+            same_norm(ours.bn, theirs.bn)
     return _finish(new, module, module.state_dict())
 
 
