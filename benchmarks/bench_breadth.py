@@ -75,7 +75,13 @@ def _timm_gather_excite(c: int) -> nn.Module:
 
 # fightingcv hard-codes 512 channels in these (and DANet's channel branch 7 x 7 positions whatever H
 # and W it is given): run them where they run
-SHAPES = {"S2Attention (fcv)": [8, 512, 28, 28], "DAModule (fcv)": [8, 512, 7, 7]}
+SHAPES = {
+    "S2Attention (fcv)": [8, 512, 28, 28],
+    "DAModule (fcv)": [8, 512, 7, 7],
+    # fightingcv's dilated convolutions shrink the map by 2 each, so only 7 x 7 (-> 1 x 1, broadcast)
+    # runs: ResNet-50's last stage
+    "BAMBlock (fcv)": [8, 2048, 7, 7],
+}
 # fightingcv writes into its input, which autograd refuses for a leaf: both sides get a copy
 CLONE_INPUT = {"PSA (fcv)"}
 

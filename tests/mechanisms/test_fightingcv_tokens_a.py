@@ -155,8 +155,11 @@ def test_emsa_sizes_and_errors():
     fixed = attnzoo.EMSA(8, num_heads=2, sr_ratio=2, feat_size=(4, 3))
     fixed.load_state_dict(attn.state_dict())
     torch.testing.assert_close(fixed(x), attn(x, size=(4, 3)))
-    with pytest.raises(TypeError, match="feat_size to be two positive ints"):
+    with pytest.raises(ValueError, match="EMSA: feat_size must be >= 1, got 0"):
         attnzoo.EMSA(8, feat_size=(4, 0))
+    with pytest.raises(ValueError, match=r"feat_size must be an int or a pair of ints, got \(4,\)"):
+        attnzoo.EMSA(8, feat_size=(4,))
+    assert attnzoo.EMSA(8, feat_size=4).feat_size == (4, 4)
     with pytest.raises(ValueError, match="dim=9 must be divisible by num_heads=2"):
         attnzoo.EMSA(9, num_heads=2)
     assert attnzoo.EMSA(9, num_heads=2, head_dim=4).q.weight.shape == (8, 9)

@@ -25,10 +25,10 @@ from torch import Tensor
 from attnzoo._checks import autocast_on
 from attnzoo.kernels.route import composite_required
 
-__all__ = ["MAX_WIDTH", "short_softmax"]
+__all__ = ["LOG2E", "MAX_WIDTH", "short_softmax"]
 
 MAX_WIDTH = 15  # widest softmax axis that takes the plain passes: torch's is as fast from one vector up
-_LOG2E = 1.0 / math.log(2.0)
+LOG2E = 1.0 / math.log(2.0)  # exp(x) = exp2(x * LOG2E); torch's exp2 runs about 2.5x faster on CPU
 
 
 class _ShortSoftmax(torch.autograd.Function):
@@ -38,7 +38,7 @@ class _ShortSoftmax(torch.autograd.Function):
     def forward(ctx: Any, x: Tensor) -> Tensor:
         # contiguous like torch's softmax output, so a dropout after it draws the same mask
         p = torch.empty_like(x, memory_format=torch.contiguous_format)
-        torch.sub(x, x.amax(-1, keepdim=True), out=p).mul_(_LOG2E).exp2_()  # (..., n), exp(x - max)
+        torch.sub(x, x.amax(-1, keepdim=True), out=p).mul_(LOG2E).exp2_()  # (..., n), exp(x - max)
         p.div_(p.sum(-1, keepdim=True))
         ctx.save_for_backward(p)
         return p

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnzoo._checks import check_float, check_head_widths, check_int, check_shape
+from attnzoo._geometry import int_pair
 from attnzoo._registry import Example, FreeSize, register
 from attnzoo.maps.capture import capturing, query_indices, record
 
@@ -101,8 +102,8 @@ class EMSA(nn.Module):
         qkv_bias: Biases on the query/key/value projections. Default: True.
         attn_drop: Dropout on the attention map (training only). Default: 0.0.
         proj_drop: Dropout after the output projection (training only). Default: 0.0.
-        feat_size: The map size `(H, W)` when a call gives no `size` (fightingcv's `H`, `W`).
-            Default: None (a square map).
+        feat_size: The map size `(H, W)` (or one int for a square) when a call gives no `size`
+            (fightingcv's `H`, `W`). Default: None (a square map).
         device: Device of the parameters. Default: None.
         dtype: dtype of the parameters. Default: None.
 
@@ -133,7 +134,7 @@ class EMSA(nn.Module):
         qkv_bias: bool = True,
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
-        feat_size: tuple[int, int] | None = None,
+        feat_size: int | tuple[int, int] | None = None,
         *,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -141,7 +142,7 @@ class EMSA(nn.Module):
         super().__init__()
         who = type(self).__name__
         self.dim = check_int(dim, "dim", who)
-        self.feat_size = None if feat_size is None else self._pair(feat_size, "feat_size")
+        self.feat_size = None if feat_size is None else int_pair(feat_size, "feat_size", who)
         self.num_heads = check_int(num_heads, "num_heads", who)
         self.head_dim, self.value_head_dim = check_head_widths(dim, num_heads, head_dim, value_head_dim, who)
         self.sr_ratio = check_int(sr_ratio, "sr_ratio", who)
@@ -166,14 +167,6 @@ class EMSA(nn.Module):
                 f"value_head_dim={self.value_head_dim}, sr_ratio={self.sr_ratio}, "
                 f"apply_transform={self.apply_transform}")
 
-    def _pair(self, size: object, name: str) -> tuple[int, int]:
-        if (not isinstance(size, (tuple, list)) or len(size) != 2
-                or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size)):
-            raise TypeError(
-                f"{type(self).__name__} expects {name} to be two positive ints (H, W), got {size!r}"
-            )
-        return int(size[0]), int(size[1])
-
     def _size(self, length: int, size: tuple[int, int] | None) -> tuple[int, int]:
         who = type(self).__name__
         if size is None and self.feat_size is not None and self.feat_size[0] * self.feat_size[1] == length:
@@ -186,7 +179,7 @@ class EMSA(nn.Module):
                     f"feat_size={self.feat_size})"
                 )
             return side, side
-        height, width = self._pair(size, "size")
+        height, width = int_pair(size, "size", who)
         if height * width != length:
             raise ValueError(f"{who} expects size=(H, W) with H*W = N={length}, got {(height, width)}")
         return height, width
