@@ -21,12 +21,11 @@ CONVERTERS: dict[str, Callable[[nn.Module], nn.Module]] = {}
 TIMM_CONVERTERS = CONVERTERS  # the name the blocks below register under
 
 
-def _stateless(module: object, name: str, owner: nn.Module) -> nn.Module:
-    """A copy of an activation module (no parameters, no buffers) to put into the attnzoo module."""
+def _activation(module: object, name: str, owner: nn.Module) -> nn.Module:
+    """A copy of an activation or gate module to put into the attnzoo module at timm's key, weights
+    (`gate_layer="prelu"`) included: the attnzoo modules call it as a module, so they train too."""
     if not isinstance(module, nn.Module):
         raise _refuse(owner, f"its {name} is a {type(module).__name__}, not an nn.Module")
-    if any(True for _ in module.parameters()) or any(True for _ in module.buffers()):
-        raise _refuse(owner, f"its {name} ({type(module).__qualname__}) has weights")
     if type(module) is nn.Hardsigmoid:  # the same function, with a double backward
         from attnzoo.mechanisms.ese import HardSigmoid
 
@@ -64,7 +63,7 @@ def _eca(module: Any) -> nn.Module:
         ours: nn.Module = EfficientChannelAttentionMlp(
             1, conv2.kernel_size[0], rd_channels=conv.out_channels, **factory
         )
-        ours.act = _stateless(module.act, "act", module)
+        ours.act = _activation(module.act, "act", module)
     elif type(module).__name__ == "CecaModule":
         kernel, bias = conv.kernel_size[0], conv.bias is not None
         ours = CircularEfficientChannelAttention(1, kernel, bias=bias, **factory)
@@ -72,7 +71,7 @@ def _eca(module: Any) -> nn.Module:
         if conv.padding[0] != (conv.kernel_size[0] - 1) // 2:
             raise _refuse(module, f"its padding {conv.padding} is not (kernel_size - 1) // 2")
         ours = EfficientChannelAttention(1, conv.kernel_size[0], bias=conv.bias is not None, **factory)
-    ours.gate = _stateless(module.gate, "gate", module)
+    ours.gate = _activation(module.gate, "gate", module)
     ours.channels = None  # type: ignore[assignment]
     return _finish(ours, module)
 
@@ -92,7 +91,7 @@ def _ese(module: Any) -> nn.Module:
     if fc.bias is None:
         raise _refuse(module, "its fc has no bias")
     ours = EffectiveSqueezeExcite(fc.in_channels, bool(module.add_maxpool), **_factory(module))
-    ours.gate = _stateless(module.gate, "gate", module)
+    ours.gate = _activation(module.gate, "gate", module)
     return _finish(ours, module)
 
 
@@ -104,7 +103,7 @@ def _context_mlp(mlp: nn.Module, owner: nn.Module, ours: nn.Module) -> None:
     norm, drop = getattr(mlp, "norm", None), getattr(mlp, "drop", None)
     if not isinstance(norm, nn.LayerNorm) or (isinstance(drop, nn.Dropout) and drop.p > 0):
         raise _refuse(owner, "its context MLP is not fc1 -> LayerNorm2d -> act -> fc2 without dropout")
-    ours.act = _stateless(mlp.act, "act_layer", owner)
+    ours.act = _activation(mlp.act, "act_layer", owner)
     ours.norm.eps = norm.eps  # type: ignore[union-attr]
 
 
@@ -125,7 +124,7 @@ def _global_context(module: Any) -> nn.Module:
     for name in ("mlp_add", "mlp_scale"):
         if getattr(module, name) is not None:
             _context_mlp(getattr(module, name), module, getattr(ours, name))
-    ours.gate = _stateless(module.gate, "gate", module)
+    ours.gate = _activation(module.gate, "gate", module)
     return _finish(ours, module)
 
 
@@ -155,7 +154,7 @@ def _gather_excite(module: Any) -> nn.Module:
                         module, f"its gather.{name} has eps={child.eps!r}, momentum={child.momentum!r}"
                     )
             else:
-                _stateless(child, f"gather.{name}", module)
+                _activation(child, f"gather.{name}", module)
     if isinstance(mlp, nn.Identity):
         use_mlp, hidden = False, 1
     else:
@@ -173,13 +172,33 @@ def _gather_excite(module: Any) -> nn.Module:
     if gather is not None:
         ours.gather = copy.deepcopy(gather)
     if use_mlp:
-        ours.mlp.act = _stateless(mlp.act, "mlp.act", module)
-    ours.gate = _stateless(module.gate, "gate", module)
+        ours.mlp.act = _activation(mlp.act, "mlp.act", module)
+    ours.gate = _activation(module.gate, "gate", module)
     ours.channels = channels
     return _finish(ours, module)
 
 
 TIMM_CONVERTERS["timm.layers.gather_excite.GatherExcite"] = _gather_excite
+
+
+class _UnappliedGate(nn.Sigmoid):
+    """The sigmoid, holding the weights of the gate module it stands for.
+
+    timm's light CBAM builds its channel gate from `gate_layer` but always applies `F.sigmoid`; a
+    gate with weights (`gate_layer="prelu"`) leaves them in its checkpoints, unused. This keeps them
+    at the same key, so those checkpoints load with `strict=True`, and computes what timm computes.
+    """
+
+    def __init__(self, unused: nn.Module) -> None:
+        super().__init__()
+        for name, param in unused.named_parameters(recurse=False):
+            self.register_parameter(name, param)
+        for name, buffer in unused.named_buffers(recurse=False):
+            self.register_buffer(name, buffer)
+        self.stands_for = type(unused).__qualname__
+
+    def extra_repr(self) -> str:
+        return f"unapplied={self.stands_for}"
 
 
 def _light_cbam(module: Any) -> nn.Module:
@@ -201,9 +220,9 @@ def _light_cbam(module: Any) -> nn.Module:
         fc1.in_channels, rd_channels=fc1.out_channels, kernel_size=kernel, bias=fc1.bias is not None,
         **_factory(module),
     )
-    ours.channel.act = _stateless(channel.act, "channel.act", module)
-    _stateless(channel.gate, "channel.gate", module)  # never applied by timm, but its weights would be lost
-    ours.spatial.gate = _stateless(spatial.gate, "spatial.gate", module)
+    ours.channel.act = _activation(channel.act, "channel.act", module)
+    ours.channel.gate = _UnappliedGate(_activation(channel.gate, "channel.gate", module))
+    ours.spatial.gate = _activation(spatial.gate, "spatial.gate", module)
     same_norm(ours.spatial.conv.bn, bn)
     return _finish(ours, module)
 
@@ -225,8 +244,8 @@ def _efficientnet_se(module: Any) -> nn.Module:
         if not pointwise or conv.bias is None:
             raise _refuse(module, f"its {name} is not a 1x1 nn.Conv2d with bias")
     ours = SqueezeExcite(reduce.in_channels, rd_channels=reduce.out_channels, bias=True, **_factory(module))
-    ours.act = _stateless(module.act1, "act1", module)
-    ours.gate = _stateless(module.gate, "gate", module)
+    ours.act = _activation(module.act1, "act1", module)
+    ours.gate = _activation(module.gate, "gate", module)
     ours.register_load_state_dict_pre_hook(TimmKeys(_efficientnet_se_keys, ("conv_reduce.", "conv_expand.")))
     ours.load_state_dict(_efficientnet_se_keys(module.state_dict()), strict=True)
     return ours.train(module.training)

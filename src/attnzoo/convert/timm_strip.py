@@ -186,6 +186,8 @@ def _conv_norm_act(module: Any, cna: Any) -> tuple[type[nn.Module], type[nn.Modu
     if not isinstance(conv, nn.Conv2d) or conv.kernel_size != (1, 1) or conv.bias is not None:
         raise _refuse(module, "its ConvNormAct convolutions must be 1x1 without bias")
     act = getattr(bn, "act", getattr(cna, "act", nn.Identity()))
+    if any(True for _ in act.parameters()):  # ours builds its own, under another key
+        raise _refuse(module, f"its activation {type(act).__qualname__} has weights")
     drop = getattr(bn, "drop", nn.Identity())
     if not isinstance(drop, nn.Identity):
         raise _refuse(module, f"its norms hold a {type(drop).__qualname__} drop")

@@ -9,8 +9,10 @@ Convolutional Block Attention Module", ECCV 2018, https://arxiv.org/abs/1807.065
 
 timm's state_dict keys (``channel.fc1``, ``channel.fc2``, ``spatial.conv.conv``, ``spatial.conv.bn``)
 and numbers. Deviations: ``gate_layer`` is applied to both gates (timm's light modules ignore it and
-always use the sigmoid; a converted module keeps timm's gates); an even ``kernel_size`` is refused
-(timm's "same" padding then shrinks the map by one row and column, and the gate no longer fits).
+always use the sigmoid; a converted module keeps timm's gates, and a channel gate with weights,
+``gate_layer="prelu"``, becomes a sigmoid that holds them, so timm's checkpoints load); an even
+``kernel_size`` is refused (timm's "same" padding then shrinks the map by one row and column, and the
+gate no longer fits).
 """
 
 from __future__ import annotations
