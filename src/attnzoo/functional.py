@@ -32,6 +32,7 @@ from torch import Tensor
 from attnzoo._checks import autocast_on, check_mask, check_tensor, format_shape, numpy_bool
 from attnzoo.kernels.dropout import dropout_product
 from attnzoo.kernels.flash import sdpa
+from attnzoo.kernels.route import host_readable
 
 __all__ = [
     "attend",
@@ -195,8 +196,8 @@ def _merge_masks(
             dead = additive.detach().amax(dim=-1, keepdim=True) == float("-inf")
     else:
         dead = ~cast(Tensor, keep).any(dim=-1, keepdim=True)
-    # (on meta there are no values to look at: the shape-only fill stays)
-    if not torch.compiler.is_compiling() and device.type != "meta" and not bool(cast(Tensor, dead).any()):
+    # (on meta, while compiling and under vmap no value can be read: the fill stays, correct either way)
+    if host_readable(cast(Tensor, dead)) and not bool(cast(Tensor, dead).any()):
         dead = None
     if additive is None:
         merged = keep

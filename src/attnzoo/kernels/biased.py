@@ -37,7 +37,7 @@ from torch import Tensor
 
 from attnzoo.functional import attend, fused_enabled
 from attnzoo.kernels import choose
-from attnzoo.kernels.route import composite_required, recompute_grads, without_autocast
+from attnzoo.kernels.route import composite_required, host_readable, recompute_grads, without_autocast
 
 __all__ = ["biased_attention"]
 
@@ -45,7 +45,7 @@ __all__ = ["biased_attention"]
 def _dead_rows(bias: Tensor) -> Tensor | None:
     """Queries whose every key the bias masks (a row of ``-inf``): ``(..., N, 1)`` bool, or None."""
     dead = torch.isneginf(bias).all(-1, keepdim=True)
-    if dead.device.type == "meta":  # no values to look at: keep the (shape-only) fill
+    if not host_readable(dead):  # meta, compiling, vmap: no value to look at, keep the fill
         return dead
     return dead if bool(dead.any()) else None
 

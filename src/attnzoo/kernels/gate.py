@@ -46,6 +46,7 @@ from attnzoo.kernels.route import (
     composite_required,
     recompute_grads,
     stale_closure,
+    swapped_parameters,
     without_autocast,
 )
 
@@ -293,7 +294,7 @@ def fused_gate(
     if composite_required(dispatch=True):  # functorch, dispatch modes, compile, tracing: plain ops throughout
         return _gate_plain(x, plan)
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
-        if _choice(x, plan) == "plain":
+        if swapped_parameters((plan.channel_fn, plan.spatial_fn), params) or _choice(x, plan) == "plain":
             return _gate_plain(x, plan)
         return _GateFn.apply(x, plan, len(channel_params), *params)
     with torch.no_grad():

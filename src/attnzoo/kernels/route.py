@@ -41,12 +41,14 @@ from attnzoo._checks import autocast_on
 __all__ = [
     "autocast_state",
     "composite_required",
+    "host_readable",
     "plain_module",
     "large_logits",
     "rowwise_grads",
     "recompute_grads",
     "sample_blocks",
     "stale_closure",
+    "swapped_parameters",
     "without_autocast",
 ]
 
@@ -68,6 +70,30 @@ def composite_required(dispatch: bool = False, tracing: bool = True) -> bool:
         or (tracing and (torch.compiler.is_compiling() or torch.jit.is_tracing()))
         or (dispatch and torch._C._len_torch_dispatch_stack() > 0)
     )
+
+
+def host_readable(t: Tensor) -> bool:
+    """Whether a shortcut may read ``t``'s values in Python (``bool(dead.any())``): not on the meta
+    device (no values), not while ``torch.compile`` traces (a graph break), and not under a functorch
+    transform, where ``torch.func.vmap`` gives each sample its own value and refuses to turn one into a
+    Python bool. The caller then keeps the tensor and its masked fill, which is correct either way."""
+    return not (t.device.type == "meta" or torch.compiler.is_compiling()
+                or torch._C._are_functorch_transforms_active())
+
+
+def swapped_parameters(fns: Sequence[Callable[..., Any] | None], params: Sequence[Tensor]) -> bool:
+    """Whether a small function is a module (or its method) whose parameters were swapped in for this
+    call: some of `params` are no ``nn.Parameter`` (``torch.func.functional_call``, MAML's fast weights
+    ``p - lr * g``).
+
+    The gates and SK's selection recompute such a function in a ``create_graph=True`` backward, which
+    then reads the module's own parameters (the swap is undone by then): the swapped-in tensors got no
+    gradient, or `stale_closure` refused. Such a call runs the composite twin, whose graph holds the
+    tensors the forward used. (A function closing over bare tensors reads the same ones again.)
+    """
+    owners = [getattr(fn, "__self__", fn) for fn in fns if fn is not None]  # a bound method's module
+    reads_module = any(isinstance(owner, torch.nn.Module) for owner in owners)
+    return reads_module and any(not isinstance(p, torch.nn.Parameter) for p in params)
 
 
 def plain_module(module: torch.nn.Module, cls: type) -> bool:

@@ -25,6 +25,7 @@ from attnzoo.kernels.route import (
     recompute_grads,
     sample_blocks,
     stale_closure,
+    swapped_parameters,
     without_autocast,
 )
 
@@ -243,7 +244,7 @@ def select_branches(
     if composite_required(dispatch=True):  # functorch, dispatch modes, compile, tracing: plain ops throughout
         return _select_plain(attention, *branches)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (*branches, *params)):
-        if _choice(branches) == "plain":
+        if swapped_parameters((attention,), params) or _choice(branches) == "plain":
             return _select_plain(attention, *branches)
         return _SelectFn.apply(attention, len(branches), *branches, *params)
     with torch.no_grad():
@@ -266,12 +267,14 @@ def select_splits(
         - Output: (B, C, H, W).
     """
     wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (u, *params))
-    if not wants_grad:
+    # (not under vmap, which cannot batch the no-grad path's out= writes: the plain ops below run there)
+    if not wants_grad and not torch._C._are_functorch_transforms_active():
         with torch.no_grad():
             if relu:
                 return _relu_select_forward(u, m, attention, track=False)[0]
             return _select_forward(_splits(u, m), attention, track=False)[0]
-    if composite_required(dispatch=True) or _choice(_splits(u, m), (u, relu)) == "plain":
+    if (composite_required(dispatch=True) or swapped_parameters((attention,), params)
+            or _choice(_splits(u, m), (u, relu)) == "plain"):
         return _select_plain(attention, *_splits(u, m, torch.relu if relu else None))
     return _SelectSplitsFn.apply(attention, m, relu, u, *params)
 

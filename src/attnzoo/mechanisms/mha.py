@@ -39,6 +39,7 @@ from attnzoo._checks import (
 )
 from attnzoo._registry import Example, FreeSize, register, register_compat
 from attnzoo.functional import attend
+from attnzoo.kernels.route import host_readable
 from attnzoo.maps.capture import capturing, record_rows
 
 __all__ = ["MultiHeadAttention", "SeedMultiHeadAttention"]
@@ -313,7 +314,7 @@ class SeedMultiHeadAttention(MultiHeadAttention):
         out, weights = attend(Q, K, V, mask=keep, scale=self.scale, need_weights=True)
         if keep is not None:
             dead = ~keep.any(dim=-1, keepdim=True)  # (..., L, 1): rows the seed averages uniformly
-            if dead.device.type == "meta" or bool(dead.any()):
+            if not host_readable(dead) or bool(dead.any()):  # meta, compiling, vmap: always fill
                 out = torch.where(dead, V.mean(dim=-2, keepdim=True), out)
                 weights = torch.where(dead, torch.full_like(weights, 1.0 / K.shape[2]), weights)
         return out, weights
