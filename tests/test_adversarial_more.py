@@ -12,8 +12,9 @@ do not try.
 - `deepcopy`, `pickle`, `state_dict` into a fresh module (`strict=True`) and `.double()` after
   construction give the same outputs; `inference_mode` equals `no_grad`; a seeded training forward
   repeats; frozen parameters or inputs without grad give the gradients of the others unchanged;
-- the compat classes under CPU autocast (the registered ones are in the compat matrix), and every
-  4-D/5-D input and module in channels_last (the matrix covers 4-D registered mechanisms only).
+- the compat classes under CPU autocast and forward-mode AD (the registered ones are in the compat
+  matrix), and every 4-D/5-D input and module in channels_last (the matrix covers 4-D registered
+  mechanisms only).
 
 Values are compared in float64, against the same module's plain call. A mechanism joins by being
 registered, a compat class by its example.
@@ -333,7 +334,7 @@ def test_frozen_parameters_or_inputs_without_grad_change_no_other_gradient(case)
 
 
 # ---------------------------------------------------------------------------------------------
-# Autocast and channels_last where the compat matrix does not look
+# Autocast, forward-mode AD and channels_last where the compat matrix does not look
 
 COMPAT = [c for c in CASES if c.id.startswith("compat.")]
 
@@ -351,6 +352,21 @@ def test_compat_class_under_cpu_autocast_is_close_to_float32(case):
     assert rel < 5e-2, f"{case.id}: relative error {rel:.3g} under autocast"
     out.float().square().sum().backward()
     assert all(torch.isfinite(x.grad).all() for x in xs if x.grad is not None), case.id
+
+
+@pytest.mark.parametrize("case", COMPAT, ids=lambda c: c.id)
+def test_compat_class_forward_mode_ad_equals_reverse_mode_twice(case):
+    module = build64(case).eval()
+    xs = [x.to(F64) if x.is_floating_point() else x for x in inputs(case)]
+    tangent = noise(xs[0].shape)
+    run = lambda x0: first(module(x0, *xs[1:]))  # noqa: E731
+    _, by_func = torch.func.jvp(run, (xs[0],), (tangent,))
+    x0 = xs[0].clone().requires_grad_()
+    out = run(x0)
+    probe = torch.zeros_like(out, requires_grad=True)  # J t = d/du <J^T u, t>
+    (vjp,) = torch.autograd.grad(out, x0, probe, create_graph=True)
+    (expected,) = torch.autograd.grad((vjp * tangent).sum(), probe)
+    torch.testing.assert_close(by_func, expected, **EXACT)
 
 
 def _channels_last(x: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,7 @@ import importlib.util
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch.utils.flop_counter import FlopCounterMode
 
 import attnzoo
@@ -65,11 +66,15 @@ def check_compile(spec, fullgraph: bool) -> None:
 
 
 def check_double_backward(spec) -> None:
-    """gradgradcheck (float64, first input) and a WGAN-GP-style gradient penalty reaching the parameters."""
+    """gradgradcheck (float64, first input), the first-order gradient with ``create_graph=True`` equal to
+    the one without (gradgradcheck alone passes a consistently wrong one), and a WGAN-GP-style gradient
+    penalty reaching the parameters."""
     module, xs = _setup(spec, torch.float64)
     x = xs[0].requires_grad_()
     assert torch.autograd.gradgradcheck(lambda t: _output(module(t, *xs[1:])), (x,), fast_mode=True)
     (grad_x,) = torch.autograd.grad(_output(module(x, *xs[1:])).square().sum(), x, create_graph=True)
+    (plain,) = torch.autograd.grad(_output(module(x, *xs[1:])).square().sum(), x)
+    _close(grad_x, plain, 1e-10)
     grad_x.norm().backward()
     params = [p for p in module.parameters() if p.requires_grad]
     assert all(p.grad is None or torch.isfinite(p.grad).all() for p in params)
@@ -110,6 +115,24 @@ def check_torch_func(spec) -> None:
     grad_only = torch.func.grad(lambda inputs: _output(module(*inputs)).square().sum())(list(xs))
     for g, r in zip(grad_only, ref[: len(xs)], strict=True):
         _close(g, r, 1e-5)
+
+
+def check_forward_ad(spec) -> None:
+    """Forward-mode derivatives of the output along a random input tangent, by `torch.func.jvp` and by
+    dual tensors, equal the Jacobian-vector product that reverse mode gives twice (in float64)."""
+    module, xs = _setup(spec, torch.float64)
+    tangent = torch.randn(xs[0].shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    run = lambda x0: _output(module(x0, *xs[1:]))  # noqa: E731
+    _, by_func = torch.func.jvp(run, (xs[0],), (tangent,))
+    with fwAD.dual_level():
+        by_dual = fwAD.unpack_dual(run(fwAD.make_dual(xs[0], tangent))).tangent
+    x0 = xs[0].clone().requires_grad_()
+    out = run(x0)
+    probe = torch.zeros_like(out, requires_grad=True)  # J t = d/du <J^T u, t>
+    (vjp,) = torch.autograd.grad(out, x0, probe, create_graph=True)
+    (expected,) = torch.autograd.grad((vjp * tangent).sum(), probe)
+    _close(by_func, expected, 1e-8)
+    _close(by_dual, expected, 1e-8)
 
 
 def check_onnx(spec, tmp_path) -> None:
@@ -174,6 +197,7 @@ CHECKS = {
     "double_backward": lambda spec, tmp: check_double_backward(spec),
     "flop_counter": lambda spec, tmp: check_flop_counter(spec),
     "torch_func": lambda spec, tmp: check_torch_func(spec),
+    "forward_ad": lambda spec, tmp: check_forward_ad(spec),
     "channels_last": lambda spec, tmp: check_channels_last(spec),
     "jit_trace": lambda spec, tmp: check_jit_trace(spec),
     "jit_script": lambda spec, tmp: check_jit_script(spec),

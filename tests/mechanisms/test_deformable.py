@@ -202,3 +202,31 @@ def test_input_errors():
         m(torch.zeros(1, 8, 4, 4, dtype=torch.long))
     with pytest.raises(TypeError, match="use_pe must be a bool"):
         DeformableAttention(8, use_pe="yes")  # type: ignore[arg-type]
+
+
+def test_bilinear_sample_under_forward_ad_equals_grid_sample():
+    """torch's grid sampler has no forward derivative; under forward-mode AD the corners are gathered
+    with plain ops: the same values (points outside the map included) and tangents that match the
+    reverse-mode derivative of grid_sample."""
+    import torch.autograd.forward_ad as fwAD
+    import torch.nn.functional as F
+
+    from attnzoo.mechanisms._deformable import bilinear_sample
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4, 5, 7, generator=gen, dtype=torch.float64)
+    grid = torch.rand(3, 6, 2, 2, generator=gen, dtype=torch.float64) * 2.6 - 1.3  # some points outside
+    dx, dgrid = torch.randn_like(x), torch.randn_like(grid)
+    sample = lambda a, b: F.grid_sample(a, b, mode="bilinear", padding_mode="zeros", align_corners=True)  # noqa: E731
+    a, b = x.clone().requires_grad_(), grid.clone().requires_grad_()
+    expected = sample(a, b)
+    probe = torch.zeros_like(expected, requires_grad=True)  # J t = d/du <J^T u, t>
+    ga, gb = torch.autograd.grad(expected, (a, b), probe, create_graph=True)
+    (expected_tangent,) = torch.autograd.grad((ga * dx).sum() + (gb * dgrid).sum(), probe)
+    with fwAD.dual_level():
+        out = bilinear_sample(fwAD.make_dual(x, dx), fwAD.make_dual(grid, dgrid))
+        value, tangent = fwAD.unpack_dual(out)
+    torch.testing.assert_close(value, expected.detach(), atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(tangent, expected_tangent, atol=1e-10, rtol=1e-10)
+    _, by_func = torch.func.jvp(bilinear_sample, (x, grid), (dx, dgrid))
+    torch.testing.assert_close(by_func, expected_tangent, atol=1e-10, rtol=1e-10)

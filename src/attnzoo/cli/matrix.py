@@ -20,6 +20,7 @@ FEATURES: dict[str, str] = {
     "double_backward": "double backward",
     "flop_counter": "`FlopCounterMode` (fwd+bwd)",
     "torch_func": "`torch.func.grad`",
+    "forward_ad": "forward-mode AD (`torch.func.jvp`, dual tensors)",
     "channels_last": "channels_last",
     "jit_trace": "`jit.trace`",
     "jit_script": "`jit.script`",

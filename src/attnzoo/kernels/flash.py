@@ -21,7 +21,13 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend
 
-from attnzoo.kernels.route import composite_required, large_logits, recompute_grads, rowwise_grads
+from attnzoo.kernels.route import (
+    composite_required,
+    forward_ad_active,
+    large_logits,
+    recompute_grads,
+    rowwise_grads,
+)
 
 __all__ = ["sdpa"]
 
@@ -107,6 +113,10 @@ def sdpa(
     Shape:
         - q: ``(B, h, L, d)``; k: ``(B, h, S, d)``; v: ``(B, h, S, e)``.
     """
+    if forward_ad_active():  # the fused kernels have no forward derivative; the decomposition has
+        return torch.ops.aten._scaled_dot_product_attention_math(
+            q, k, v, attn_mask, dropout_p, is_causal, None, scale=scale
+        )[0]
     if (
         q.device.type == "cpu"
         and dropout_p == 0.0

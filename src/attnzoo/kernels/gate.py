@@ -197,7 +197,8 @@ class _GateFn(torch.autograd.Function):
             needs = [ctx.needs_input_grad[0], *ctx.needs_input_grad[3:]]
             gates: dict[str, Tensor] = {}
             grads = recompute_grads(
-                lambda t, *_: _gate_plain(t, plan, gates), [x, *ctx.params], g, needs, ctx.autocast
+                lambda t, *_: _gate_plain(t, plan, gates), [x, *ctx.params], g, needs, ctx.autocast,
+                passed=1,
             )
             for name, again in gates.items():
                 stale_closure("gate", saved[name], again)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import FunctionCtx
 
-from attnzoo.kernels.route import composite_required
+from attnzoo.kernels.route import composite_required, own_nodes
 
 __all__ = ["neighbourhood_attention", "reflect_pad"]
 
@@ -152,10 +152,12 @@ class _NeighbourhoodAttention(torch.autograd.Function):
         q, k_pad, v_pad, qf, kf, vf, weights, out = ctx.saved_tensors  # type: ignore[attr-defined]
         kernel, dilation, stride = ctx.config  # type: ignore[attr-defined]
         if torch.is_grad_enabled():  # create_graph=True: differentiate the plain version instead
-            inputs = [t for t in (q, k_pad, v_pad) if t.requires_grad]
-            plain = _plain_neighbourhood_attention(q, k_pad, v_pad, kernel, dilation, stride)
-            grads = iter(torch.autograd.grad(plain, inputs, grad, create_graph=True))
-            return (*(next(grads) if t.requires_grad else None for t in (q, k_pad, v_pad)), None, None, None)
+            nodes = own_nodes((q, k_pad, v_pad))  # partial derivatives, also for attention(x, x, x)
+            plain = _plain_neighbourhood_attention(nodes[0], nodes[1], nodes[2], kernel, dilation, stride)
+            wanted = [t for t in nodes if t.requires_grad]
+            grads = iter(torch.autograd.grad(plain, wanted, grad, create_graph=True))
+            found = [next(grads) if t.requires_grad else None for t in nodes]
+            return (*found, None, None, None)
         n, d, out_h, out_w = q.shape
         wr, rows, offsets = _plan(kernel, dilation, stride, out_h, out_w)
         span = out_h * wr

@@ -37,7 +37,7 @@ from torch import Tensor
 from torch.autograd.function import FunctionCtx
 
 from attnzoo.functional import fused_enabled
-from attnzoo.kernels.route import composite_required, without_autocast
+from attnzoo.kernels.route import composite_required, own_nodes, without_autocast
 
 __all__ = ["axis_window", "neighbourhood_index", "neighbourhood_attend"]
 
@@ -381,10 +381,12 @@ def _double_backward(
     noise: Tensor | None, grad_out: Tensor | None, grad_weights: Tensor | None, needs: tuple[bool, ...],
 ) -> tuple[Tensor | None, ...]:
     """Gradients of `_gathered` as differentiable functions of the inputs and incoming gradients."""
+    with torch.enable_grad():
+        q, k, v = own_nodes((q, k, v))  # partial derivatives, also for attention(x, x, x)
+        (bias,) = own_nodes((bias,))
+        out, weights = _gathered(q, k, v, keys, bias, valid, noise=noise)
     inputs = [q, k, v, None, bias]
     wanted = [t for t, need in zip(inputs, needs, strict=False) if need and t is not None and t.requires_grad]
-    with torch.enable_grad():
-        out, weights = _gathered(q, k, v, keys, bias, valid, noise=noise)
     pairs = [(o, g) for o, g in ((out, grad_out), (weights, grad_weights)) if g is not None]
     found = iter(torch.autograd.grad(
         [o for o, _ in pairs], wanted, [g for _, g in pairs], create_graph=True, allow_unused=True

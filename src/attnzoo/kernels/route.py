@@ -5,7 +5,10 @@ differentiable ops. The fast kernel runs in ordinary eager training; the twin ru
 hand-written ``autograd.Function`` cannot take part:
 
 - under a functorch transform (``torch.func.grad``, ``vmap``, ``jvp``), which needs
-  ``setup_context`` and vmap rules the kernels do not have;
+  ``setup_context`` and vmap rules the kernels do not have, and inside a forward-mode AD level
+  (``torch.autograd.forward_ad.dual_level``), where a dual tensor needs a ``jvp`` they do not have
+  (`forward_ad_active` also sends `attnzoo.kernels.flash.sdpa` to SDPA's math decomposition: the CPU
+  flash kernel has no forward derivative);
 - under ``torch.compile``, ``torch.export`` and ``torch.jit.trace``, which trace the composite ops
   and fuse them;
 - for the kernels whose backward runs a small autograd graph of its own (the gates, SK's selection),
@@ -41,9 +44,11 @@ from attnzoo._checks import autocast_on
 __all__ = [
     "autocast_state",
     "composite_required",
+    "forward_ad_active",
     "host_readable",
     "plain_module",
     "large_logits",
+    "own_nodes",
     "rowwise_grads",
     "recompute_grads",
     "sample_blocks",
@@ -53,6 +58,7 @@ __all__ = [
 ]
 
 F = TypeVar("F", bound=Callable[..., Any])
+MaybeTensor = TypeVar("MaybeTensor", Tensor, Tensor | None)
 
 
 def composite_required(dispatch: bool = False, tracing: bool = True) -> bool:
@@ -67,9 +73,28 @@ def composite_required(dispatch: bool = False, tracing: bool = True) -> bool:
     """
     return bool(
         torch._C._are_functorch_transforms_active()
+        or _dual_level_open()
         or (tracing and (torch.compiler.is_compiling() or torch.jit.is_tracing()))
         or (dispatch and torch._C._len_torch_dispatch_stack() > 0)
     )
+
+
+def _dual_level_open() -> bool:
+    """Whether a ``torch.autograd.forward_ad.dual_level`` is open (dual tensors may come in)."""
+    return torch.autograd.forward_ad._current_level >= 0
+
+
+def forward_ad_active() -> bool:
+    """Whether forward-mode derivatives may be asked of the ops run now: inside a dual level, or under
+    ``torch.func.jvp`` (also ``jacfwd``, ``hessian``), whose interpreter sits on functorch's stack."""
+    if _dual_level_open():
+        return True
+    if not torch._C._are_functorch_transforms_active():
+        return False
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    jvp = torch._C._functorch.TransformType.Jvp
+    return any(level.key() == jvp for level in retrieve_all_functorch_interpreters())
 
 
 def host_readable(t: Tensor) -> bool:
@@ -121,12 +146,15 @@ def recompute_grads(
     grad: Tensor,
     needs: Sequence[bool],
     autocast: tuple[str, bool, torch.dtype] | None = None,
+    passed: int | None = None,
 ) -> tuple[Tensor | None, ...]:
     """Gradients of ``fn(*inputs)`` for the backward of a kernel called with ``create_graph=True``.
 
     ``inputs`` are the kernel's saved inputs (in backward under grad mode they carry their history),
-    so the returned gradients are differentiable functions of them and of ``grad``. The gradient
-    of each input comes back in that input's dtype (autocast may have mixed them).
+    so the returned gradients are differentiable functions of them and of ``grad``. Each is the
+    partial derivative for its argument (`own_nodes`), also where one input is another or derives
+    from it. The gradient of each input comes back in that input's dtype (autocast may have mixed
+    them).
 
     Args:
         fn: The composite twin of the kernel.
@@ -135,11 +163,15 @@ def recompute_grads(
         needs: Which inputs want a gradient (``ctx.needs_input_grad`` for them).
         autocast: The forward's `autocast_state`, to recompute in the same dtypes. Default:
             autocast as it is in backward.
+        passed: How many leading inputs `fn` computes from (the rest, a module's parameters, it
+            reads through its closure, so they are passed as they are). Default: all.
 
     Returns:
         One gradient or None per input.
     """
     with torch.enable_grad():
+        count = len(inputs) if passed is None else passed
+        inputs = [*own_nodes(inputs[:count]), *inputs[count:]]
         if autocast is None or not torch.amp.is_autocast_available(autocast[0]):  # meta: no autocast
             out = fn(*inputs)
         else:
@@ -157,6 +189,18 @@ def recompute_grads(
         else:
             grads.append(None)
     return tuple(grads)
+
+
+def own_nodes(tensors: Sequence[MaybeTensor]) -> list[MaybeTensor]:
+    """Each tensor that requires grad as its own node of the graph (a view of it), so that
+    ``torch.autograd.grad`` of a recomputed output gives the partial derivative for each argument.
+
+    A saved input keeps its history, and ``autograd.grad`` with respect to it sums every path: for
+    ``attend(x, x, x)`` each of q, k and v got the whole derivative (three times too much), and for
+    ``sum_gate(x, mean(x), ...)`` the gradient of ``x`` also held the path through the means, which
+    the means' own backward adds again.
+    """
+    return [t.view_as(t) if t is not None and t.requires_grad else t for t in tensors]
 
 
 def without_autocast(method: F) -> F:

@@ -106,7 +106,7 @@ class _SelectFn(torch.autograd.Function):
             with _replayed_rng(ctx.rng, branches[0].device):
                 grads = recompute_grads(
                     lambda *t: _select_plain(ctx.fn, *t[:n], kept=kept),
-                    [*branches, *ctx.params], g, ctx.needs_input_grad[2:], ctx.autocast,
+                    [*branches, *ctx.params], g, ctx.needs_input_grad[2:], ctx.autocast, passed=n,
                 )
             stale_closure("SK selection", ctx.a, kept[0])
             return (None, None, *grads)
@@ -147,7 +147,7 @@ class _SelectSplitsFn(torch.autograd.Function):
             with _replayed_rng(ctx.rng, u.device):
                 grads = recompute_grads(
                     lambda t, *_: _select_plain(ctx.fn, *_splits(t, ctx.m, act), kept=kept),
-                    [u, *ctx.params], g, ctx.needs_input_grad[3:], ctx.autocast,
+                    [u, *ctx.params], g, ctx.needs_input_grad[3:], ctx.autocast, passed=1,
                 )
             stale_closure("split selection", ctx.a, kept[0])
             return (None, None, None, *grads)

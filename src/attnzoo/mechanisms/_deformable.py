@@ -14,7 +14,34 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["ChannelLayerNorm", "line", "grid_points", "sample_bias", "spread_rows"]
+from attnzoo.kernels.route import forward_ad_active
+
+__all__ = ["ChannelLayerNorm", "bilinear_sample", "line", "grid_points", "sample_bias", "spread_rows"]
+
+
+def bilinear_sample(x: Tensor, grid: Tensor) -> Tensor:
+    """`F.grid_sample(x, grid, "bilinear", "zeros", align_corners=True)`: `x` `(N, C, H, W)` read at
+    `grid` `(N, Ho, Wo, 2)` (`(x, y)` in $[-1, 1]$) gives `(N, C, Ho, Wo)`.
+
+    Under forward-mode AD (`torch.func.jvp`, dual tensors) the four corners are gathered with plain
+    ops, since torch's grid sampler has no forward derivative; otherwise torch's kernel runs.
+    """
+    if not forward_ad_active():
+        return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+    n, c, height, width = x.shape
+    ho, wo = grid.shape[1:3]
+    px = (grid[..., 0] + 1) * (0.5 * (width - 1))  # (N, Ho, Wo), pixel coordinates
+    py = (grid[..., 1] + 1) * (0.5 * (height - 1))
+    x0, y0 = px.detach().floor(), py.detach().floor()
+    flat = x.reshape(n, c, height * width)
+    out = x.new_zeros(())
+    for cx, cy in ((x0, y0), (x0 + 1, y0), (x0, y0 + 1), (x0 + 1, y0 + 1)):
+        weight = (1 - (px - cx).abs()) * (1 - (py - cy).abs())  # (N, Ho, Wo), the bilinear weight
+        inside = (cx >= 0) & (cx <= width - 1) & (cy >= 0) & (cy <= height - 1)  # zeros outside
+        index = (cy.clamp(0, height - 1) * width + cx.clamp(0, width - 1)).long().reshape(n, 1, ho * wo)
+        corner = flat.gather(2, index.expand(n, c, ho * wo)).reshape(n, c, ho, wo)
+        out = out + corner * (weight * inside)[:, None]
+    return out
 
 
 class ChannelLayerNorm(nn.Module):
@@ -63,7 +90,7 @@ def sample_bias(table: Tensor, queries: Tensor, pos: Tensor, batch: int, groups:
     disp = (queries[None, :, None, :] - pos[:, None, :, :]) * 0.5  # (B*g, N, Ns, 2)
     per_group = table.reshape(1, groups, heads // groups, th, tw).expand(batch, -1, -1, -1, -1)
     per_group = per_group.reshape(batch * groups, heads // groups, th, tw)  # (B*g, h/g, Th, Tw)
-    bias = F.grid_sample(per_group, disp.to(table.dtype), mode="bilinear", align_corners=True)
+    bias = bilinear_sample(per_group, disp.to(table.dtype))
     return bias.reshape(batch, heads, n, ns)  # (B*g, h/g, N, Ns) -> (B, h, N, Ns)
 
 

@@ -25,7 +25,6 @@ import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnzoo._checks import check_divisible, check_float, check_int, check_shape
@@ -33,7 +32,14 @@ from attnzoo._geometry import int_pair
 from attnzoo._registry import Example, register
 from attnzoo.functional import attend
 from attnzoo.maps.capture import capturing, query_indices, record
-from attnzoo.mechanisms._deformable import ChannelLayerNorm, grid_points, line, sample_bias, spread_rows
+from attnzoo.mechanisms._deformable import (
+    ChannelLayerNorm,
+    bilinear_sample,
+    grid_points,
+    line,
+    sample_bias,
+    spread_rows,
+)
 
 __all__ = ["DeformableAttention"]
 
@@ -246,10 +252,8 @@ class DeformableAttention(nn.Module):
         q_map = self.proj_q(x)  # (B, C, H, W)
         pos = self.points(q_map, x.dtype)  # (B*g, Hk, Wk, 2)
         hk, wk = pos.shape[1:3]
-        sampled = F.grid_sample(
-            x.reshape(batch * g, self.channels // g, height, width), pos,
-            mode="bilinear", padding_mode="zeros", align_corners=True,
-        )  # (B*g, C/g, Hk, Wk)
+        per_group = x.reshape(batch * g, self.channels // g, height, width)
+        sampled = bilinear_sample(per_group, pos)  # (B*g, C/g, Hk, Wk)
         sampled = sampled.reshape(batch, self.channels, hk, wk)  # (B, C, Hk, Wk)
         ns = hk * wk
         q = q_map.reshape(batch, heads, d, n).transpose(-1, -2)  # (B, h, N, d)
