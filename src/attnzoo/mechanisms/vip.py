@@ -58,8 +58,8 @@ class WeightedPermuteMLP(nn.Module):
     r"""Weighted Permute-MLP (Vision Permutator): channel, height and width mixing, reweighted.
 
     With $c = x W_c$, $h$ = the height branch (segment-wise $W_h$ over (H, S)), $w$ = the width
-    branch, and $a = \mathrm{softmax}_{3}(\mathrm{MLP}(\overline{h + w + c})) \in \mathbb{R}^{3 \times C}$
-    from the spatial mean:
+    branch, and the branch weights from the spatial mean,
+    $a = \mathrm{softmax}_{3}(\mathrm{MLP}(\mathrm{mean}_{H,W}(h + w + c))) \in \mathbb{R}^{3 \times C}$:
 
     $$
     y = \big(a_0 \odot h + a_1 \odot w + a_2 \odot c\big) W_o
