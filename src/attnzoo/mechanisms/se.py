@@ -130,8 +130,8 @@ class SqueezeExcite(nn.Module):
     H and W and $\\delta$ the activation. The constructor is timm's `SEModule`'s with `reduction`
     (= 1 / `rd_ratio`) in place of `rd_ratio`, so `timm.create_model(..., block_args=dict(
     attn_layer=SqueezeExcite))` takes the class as it is; the state_dict keys are timm's too
-    (`fc1`, `bn`, `fc2`, 1x1 convolutions). The seed's `SELayer(channel, reduction)` is
-    `attnzoo.compat.SELayer`.
+    (`fc1`, `bn`, `fc2`, 1x1 convolutions), and timm's checkpoints load with timm's defaults,
+    `bias=True, rd_divisor=8`. The seed's `SELayer(channel, reduction)` is `attnzoo.compat.SELayer`.
 
     Args:
         channels: Number of input channels C.
@@ -140,7 +140,8 @@ class SqueezeExcite(nn.Module):
         rd_channels: Hidden width, overriding `reduction`. Default: None.
         rd_divisor: Round the hidden width to a multiple of this (timm's SE uses 8). Default: 1.
         add_maxpool: Squeeze with `0.5 * mean + 0.5 * max` over H, W (timm's option). Default: False.
-        bias: Give the two 1x1 convolutions biases (the paper and timm have them). Default: False.
+        bias: Give the two 1x1 convolutions biases (the paper and timm have them, the seed has not).
+            Default: False.
         act_layer: Activation of the bottleneck. Default: `nn.ReLU`.
         norm_layer: Normalisation after the first convolution, e.g. `nn.BatchNorm2d`. Default: None.
         gate_layer: Gate activation. Default: `nn.Sigmoid`.
