@@ -274,7 +274,7 @@ def _resolve(name: str) -> str:
     if key is None:
         choices = sorted(set(_REGISTRY) | {a for s in _REGISTRY.values() for a in s.all_names})
         close = difflib.get_close_matches(name, choices, n=5, cutoff=0.5)
-        hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+        hint = f"; did you mean {', '.join(map(repr, close))}?" if close else "."
         raise ValueError(f"unknown attention {name!r}{hint} Available: {', '.join(sorted(_REGISTRY))}")
     return key
 

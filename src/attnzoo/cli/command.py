@@ -203,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--mode", choices=("fwd", "train"), default="fwd", help="forward only, or forward+backward"
     )
-    p.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="(default float32)")
     p.add_argument(
         "--rounds", type=int, default=BENCH_ROUNDS, help=f"alternating timing rounds (default {BENCH_ROUNDS})"
     )
@@ -237,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"train the mechanism inside the demo network for STEPS steps first, so the maps show what it "
         f"learnt (default {MAPS_TRAIN_STEPS}; 0: untrained, on fixed image features)",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the features, weights, training (default 0)")
 
     p = add("demo", "train a small CNN with and without attention on a generated odd-shape task", demo.run)
     p.add_argument(
@@ -247,12 +247,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help=f"mechanisms to compare with no attention (default: {', '.join(demo.DEFAULT_ATTENTION)})",
     )
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--train-size", type=int, default=1500)
-    p.add_argument("--test-size", type=int, default=500)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="demo_maps.png", help="PNG of the attention maps ('' for none)")
+    p.add_argument("--epochs", type=int, default=3, help="training epochs (default 3)")
+    p.add_argument("--train-size", type=int, default=1500, help="training images (default 1500)")
+    p.add_argument("--test-size", type=int, default=500, help="held-out images (default 500)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per training step (default 32)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data, weights, training (default 0)")
+    p.add_argument(
+        "--out", default="demo_maps.png", help="PNG of the maps (default demo_maps.png; '' for none)"
+    )
     p.add_argument("--json", default=None, help="also write the results as JSON here")
 
     p = add(
@@ -283,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--rounds", type=int, default=None, help=f"alternating latency rounds (default {d['rounds']})"
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the data, weights, training (default 0)")
     p.add_argument("--csv", default=None, metavar="PATH", help="also write the results as CSV here")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON here")
     p.add_argument(

@@ -35,9 +35,9 @@ __all__ = ["BASELINE", "COLUMNS", "DEFAULTS", "QUICK", "settings", "machine", "m
 BASELINE = "none"
 DEFAULTS = {"epochs": 2, "train_size": 1024, "test_size": 512, "batch": 32, "rounds": 5}
 QUICK = {"epochs": 1, "train_size": 32, "test_size": 32, "batch": 8, "rounds": 1}
-# Measured with the defaults on a 2-core machine shared with other jobs (234 s with
+# Measured with the defaults on a 2-core machine shared with other jobs (494 s with
 # OMP_NUM_THREADS=1, everything included): see docs/compare.md.
-DEFAULT_MINUTES = "about 8 minutes for its 80 mechanisms on a busy 2-core machine with OMP_NUM_THREADS=1"
+DEFAULT_MINUTES = "about 8 minutes for every mechanism on a busy 2-core machine with OMP_NUM_THREADS=1"
 
 COLUMNS = {
     "name": "registry name; 'none' is the baseline without attention",
