@@ -248,6 +248,12 @@ def test_debug_shows_the_traceback():
         (["bench", "--input", "1x0x4x4"], "positive"),
         (["bench", "--rounds", "0", "--input", "1x4x4x4"], "--rounds expects a positive"),
         (["maps", "x", "--queries", "a,b"], "--queries expects"),
+        (["maps", "x", "--queries", "2,3"], "--queries expects fractions in [0, 1]"),
+        # a folder that is not there is refused before the work, not after it
+        (["bench", "--input", "1x4x4x4", "--plot", "/nonexistent/d/x.png"], "folder '/nonexistent/d' does"),
+        (["maps", "x", "--out", "/nonexistent/x.png"], "--out '/nonexistent/x.png': the folder"),
+        (["bench", "--input", "1x4x4x4", "-o", "."], "is a folder; expected a file name"),
+        (["compare", "--memory", "off"], "unrecognized arguments: --memory (see 'attnzoo compare --help')"),
         (["demo", "--epochs", "0"], "--epochs expects a positive"),
         (["list", "--family", "no_such_family"], "no mechanism in family"),
     ],

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from attnzoo._registry import Spec, get_spec, list_modules
-from attnzoo.cli.console import CLIError, Progress, emit, num, reason, resolve, si, table
+from attnzoo.cli.console import CLIError, Progress, emit, num, plural, reason, resolve, si, table
 from attnzoo.surgery.build import Built, build, parse_shape
 
 __all__ = [
@@ -238,8 +238,8 @@ def run(args: argparse.Namespace) -> int:
         "off": "peak memory: not measured",
     }[args.memory]
     title = (
-        f"attnzoo bench: input {args.input}, {args.mode}, {args.dtype}, {torch.get_num_threads()} threads, "
-        f"median of {args.rounds} alternating rounds"
+        f"attnzoo bench: input {args.input}, {args.mode}, {args.dtype}, "
+        f"{plural(torch.get_num_threads(), 'thread')}, median of {args.rounds} alternating rounds"
     )
     text = _bench_table(title, results, memory_note, kept)
     extra = {

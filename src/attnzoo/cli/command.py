@@ -21,7 +21,7 @@ from attnzoo.cli import bench as _bench
 from attnzoo.cli import compare as _compare
 from attnzoo.cli import demo, maps_command
 from attnzoo.cli.bench import BENCH_INPUT, BENCH_ROUNDS, DTYPES, count_step_flops, param_count
-from attnzoo.cli.console import CLIError, emit, reason, si, table
+from attnzoo.cli.console import CLIError, check_outputs, emit, reason, si, table
 from attnzoo.cli.maps_command import MAPS_TRAIN_STEPS, sample_image
 from attnzoo.surgery.build import Unsupported, build, parse_shape
 
@@ -298,12 +298,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command; returns the exit code (2 for user errors)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # named by the subcommand whose options the user meant
+        where = f"attnzoo {args.command}" if args.command else "attnzoo"
+        print(f"attnzoo: error: unrecognized arguments: {' '.join(unknown)} (see '{where} --help')",
+              file=sys.stderr)
+        return 2
     if args.command is None:
         parser.print_help()
         return 0
     debug = getattr(args, "debug", False)
     try:
+        check_outputs(args)
         return int(args.func(args))
     except KeyboardInterrupt:
         print("attnzoo: interrupted", file=sys.stderr)

@@ -26,7 +26,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnzoo._registry import get_spec, list_modules
-from attnzoo.cli.console import CLIError, Progress, emit, num, reason, render, resolve, si, table, write_text
+from attnzoo.cli.console import (
+    CLIError,
+    Progress,
+    emit,
+    num,
+    plural,
+    reason,
+    render,
+    resolve,
+    si,
+    table,
+    write_text,
+)
 from attnzoo.cli.demo import KINDS, OddShapeNet, evaluate, make_shapes, train
 from attnzoo.surgery.build import Unsupported, build_nchw
 
@@ -233,8 +245,8 @@ def title(extra: dict[str, Any]) -> str:
     cfg = extra["config"]
     return (
         f"odd-shape task, {cfg['train_size']} training / {cfg['test_size']} held-out images, "
-        f"{cfg['epochs']} epoch(s), batch {cfg['batch']}, seed {cfg['seed']}, "
-        f"{extra['machine']['threads']} thread{'s' if extra['machine']['threads'] > 1 else ''}"
+        f"{plural(cfg['epochs'], 'epoch')}, batch {cfg['batch']}, seed {cfg['seed']}, "
+        f"{plural(extra['machine']['threads'], 'thread')}"
     )
 
 

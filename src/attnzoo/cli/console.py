@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -99,6 +100,31 @@ def render(rows: list[dict[str, Any]], fmt: str, text_table: str, extra: dict[st
     if fmt == "json":
         return json.dumps({**extra, "results": rows}, indent=2) + "\n"
     return text_table + "\n"
+
+
+def plural(count: int, noun: str) -> str:
+    """`1 thread`, `2 threads`."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+# The options that name a file the command writes at its end, by argparse's attribute name.
+OUTPUT_OPTIONS = {"output": "-o/--output", "plot": "--plot", "out": "--out"}
+
+
+def check_outputs(args: object) -> None:
+    """Refuse, before any work, an output file whose folder is missing or not writable: otherwise a
+    benchmark runs for minutes and then fails on `open`."""
+    for attr, option in OUTPUT_OPTIONS.items():
+        path = getattr(args, attr, None)
+        if not path:
+            continue
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            raise CLIError(f"{option} {path!r}: the folder {folder!r} does not exist")
+        if not os.access(folder, os.W_OK):
+            raise CLIError(f"{option} {path!r}: the folder {folder!r} is not writable")
+        if os.path.isdir(path):
+            raise CLIError(f"{option} {path!r} is a folder; expected a file name")
 
 
 def write_text(path: str, text: str) -> None:

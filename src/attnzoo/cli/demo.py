@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnzoo._registry import Spec, get_spec, list_modules
-from attnzoo.cli.console import CLIError, Progress, resolve, table
+from attnzoo.cli.console import CLIError, Progress, plural, resolve, table
 from attnzoo.surgery.build import Unsupported, build_nchw
 
 __all__ = ["KINDS", "make_shapes", "OddShapeNet", "train", "evaluate", "Result", "peak_on_odd_shape", "run"]
@@ -323,7 +323,7 @@ def run(args: argparse.Namespace) -> int:
         rows.append((r.name, f"{r.attention_params:,}", f"{r.accuracy:.1%}", f"{r.seconds:.1f}", peak))
     print(
         f"odd-shape task: {args.train_size} training / {args.test_size} held-out images, "
-        f"{args.epochs} epochs, seed {args.seed}; chance {1 / len(KINDS):.1%}"
+        f"{plural(args.epochs, 'epoch')}, seed {args.seed}; chance {1 / len(KINDS):.1%}"
     )
     print(table(header, rows))
     shown = [(label, h[:8]) for label, h in heats.items() if any(x is not None for x in h)]

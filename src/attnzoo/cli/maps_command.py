@@ -33,13 +33,15 @@ def _parse_queries(text: str | None) -> list[tuple[float, ...]] | None:
     if text is None:
         return None
     points = []
+    expected = f"--queries expects fractions in [0, 1] as 'y,x;y,x' such as 0.5,0.5;0.2,0.8, got {text!r}"
     for part in text.split(";"):
         try:
-            points.append(tuple(float(v) for v in part.split(",")))
+            point = tuple(float(v) for v in part.split(","))
         except ValueError:
-            raise ValueError(
-                f"--queries expects fractions 'y,x;y,x' such as 0.5,0.5;0.2,0.8, got {text!r}"
-            ) from None
+            raise ValueError(expected) from None
+        if not all(0.0 <= v <= 1.0 for v in point):  # (NaN fails this too)
+            raise ValueError(expected)
+        points.append(point)
     return points
 
 
