@@ -19,13 +19,16 @@ API_START, API_END = "<!-- api:start -->", "<!-- api:end -->"
 MAP_START, MAP_END = "<!-- map:start -->", "<!-- map:end -->"
 
 
-def mechanism_table() -> str:
-    """The Markdown table of every registered mechanism."""
-    rows = ["| name | class | seed name | family | paper | layout |", "|---|---|---|---|---|---|"]
+def mechanism_table(pages: str = "mechanisms/") -> str:
+    """The Markdown table of every registered mechanism, each name linking to its page under `pages`
+    (relative to the file the table goes into). The seed or official name sits under the class and
+    the layout beside the family, so the table fits the docs' text column."""
+    rows = ["| name | class (seed or official name) | family, layout | paper |", "|---|---|---|---|"]
     for s in list_modules():
-        seed = f"`compat.{s.seed_name}`" if s.seed_name else ""
+        seed = f"<br>`compat.{s.seed_name}`" if s.seed_name else ""
         rows.append(
-            f"| `{s.name}` | `{s.cls.__name__}` | {seed} | {s.family} | {s.paper} ({s.year}) | {s.layout} |"
+            f"| [`{s.name}`]({pages}{s.name}.md) | `{s.cls.__name__}`{seed} | {s.family}, {s.layout} | "
+            f"{s.paper} ({s.year}) |"
         )
     return "\n".join(rows)
 
@@ -104,7 +107,8 @@ def generated_files(root: Path) -> dict[Path, str]:
             continue
         text = path.read_text()
         if START in text:
-            text = replace_between(text, START, END, mechanism_table())
+            pages = "docs/mechanisms/" if path.name == "README.md" else "mechanisms/"
+            text = replace_between(text, START, END, mechanism_table(pages))
         if COMPAT_START in text:
             text = replace_between(text, COMPAT_START, COMPAT_END, compat_table())
         out[path] = text
