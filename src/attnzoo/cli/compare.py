@@ -296,10 +296,10 @@ def report(rows: list[dict[str, Any]], extra: dict[str, Any], kept: bool = True)
         "",
         "params: counts; FLOPs/img: forward, per image, multiply-add = 2, matmuls and convolutions only "
         "(attention on the math path);",
-        f"latency: forward of the whole model on a batch of {cfg['batch']}, median of {cfg['rounds']} "
-        "alternating round(s); x none: median per-round ratio to the baseline;",
+        f"latency: forward of the whole model on a batch of {cfg['batch']}, median of "
+        f"{plural(cfg['rounds'], 'alternating round')}; x none: median per-round ratio to the baseline;",
         "train peak MiB: memory one training step adds (fresh subprocess); accuracy: held-out, "
-        f"after {cfg['epochs']} epoch(s), the same data and seed for every model.",
+        f"after {plural(cfg['epochs'], 'epoch')}, the same data and seed for every model.",
     ]
     if not kept:
         lines.append("note: could not keep freed memory (not glibc); timings may show outliers.")
