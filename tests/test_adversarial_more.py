@@ -369,6 +369,22 @@ def test_compat_class_forward_mode_ad_equals_reverse_mode_twice(case):
     torch.testing.assert_close(by_func, expected, **EXACT)
 
 
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("case", COMPAT, ids=lambda c: c.id)
+def test_compat_class_create_graph_gives_the_plain_first_order_gradient(case, train):
+    """With `create_graph=True` the kernels recompute their plain twins; the gradient must be the same
+    (gradgradcheck would pass a consistently wrong one)."""
+    module = build64(case).train(train)
+    xs = [x.to(F64) if x.is_floating_point() else x for x in inputs(case)]
+    x0 = xs[0].clone().requires_grad_()
+    found = []
+    for create_graph in (True, False):
+        torch.manual_seed(0)  # the same dropout draws
+        out = first(module(x0, *xs[1:]))
+        found.append(torch.autograd.grad(out.square().sum(), x0, create_graph=create_graph)[0])
+    torch.testing.assert_close(found[0], found[1], **EXACT)
+
+
 def _channels_last(x: torch.Tensor) -> torch.Tensor:
     if x.ndim not in (4, 5):
         return x

@@ -17,7 +17,8 @@ def _between(start: str, end: str) -> str:
 
 
 def test_mechanism_table_is_current():
-    assert _between(START, END).strip() == mechanism_table("docs/mechanisms/").strip(), "run: python -m tools.gen_docs"
+    expected = mechanism_table("docs/mechanisms/").strip()
+    assert _between(START, END).strip() == expected, "run: python -m tools.gen_docs"
 
 
 def test_generated_docs_are_current():
