@@ -1,5 +1,6 @@
 """torchvision -> attnzoo: Swin's `ShiftedWindowAttention` and `ShiftedWindowAttentionV2` ->
-`attnzoo.compat.ShiftedWindowAttention` / `attnzoo.compat.ShiftedWindowAttentionV2`.
+`attnzoo.compat.ShiftedWindowAttention` / `attnzoo.compat.ShiftedWindowAttentionV2`, and the
+squeeze-excitation of its CNNs -> `attnzoo.SqueezeExcite` (`attnzoo.convert.torchvision_se`).
 
 The converted module holds the very same `Parameter` and buffer tensors (state_dict keys and an
 optimizer built before the conversion stay valid); `copy.deepcopy` the torchvision module first for
@@ -14,6 +15,7 @@ import functools
 from torch import nn
 
 from attnzoo.convert._timm_common import refuse
+from attnzoo.convert.torchvision_se import SE_CLASS, se_from_torchvision
 from attnzoo.mechanisms.swin_torchvision import (
     TorchvisionShiftedWindowAttention,
     TorchvisionShiftedWindowAttentionV2,
@@ -25,6 +27,7 @@ __all__ = ["from_torchvision", "TORCHVISION_CLASSES"]
 TORCHVISION_CLASSES = (
     "torchvision.models.swin_transformer.ShiftedWindowAttention",
     "torchvision.models.swin_transformer.ShiftedWindowAttentionV2",
+    SE_CLASS,
 )
 
 _V1_STATE = {"relative_position_bias_table", "relative_position_index", "qkv.weight", "qkv.bias",
@@ -73,8 +76,10 @@ def _check_representable(module: nn.Module, base: type, v2: bool) -> None:
         raise _refuse(module, f"shift_size {shift} must lie in [0, window_size {window}) per side")
 
 
-def from_torchvision(module: nn.Module) -> TorchvisionShiftedWindowAttention:
-    """torchvision's Swin attention -> `attnzoo.compat`'s class of the same name, same weights.
+def from_torchvision(module: nn.Module) -> nn.Module:
+    """torchvision's Swin attention -> `attnzoo.compat`'s class of the same name, same weights; its
+    squeeze-excitation (`torchvision.ops.misc.SqueezeExcitation`) -> `attnzoo.SqueezeExcite`
+    (`attnzoo.convert.torchvision_se`).
 
     `ShiftedWindowAttentionV2` becomes `attnzoo.compat.ShiftedWindowAttentionV2`, and
     `ShiftedWindowAttention` `attnzoo.compat.ShiftedWindowAttention`. The result has the same
@@ -110,17 +115,20 @@ def from_torchvision(module: nn.Module) -> TorchvisionShiftedWindowAttention:
     """
     try:
         from torchvision.models import swin_transformer as tv
+        from torchvision.ops.misc import SqueezeExcitation
     except ImportError:  # pragma: no cover - without torchvision nothing can be one of its modules
-        raise TypeError(f"from_torchvision expects a torchvision Swin attention module, got "
+        raise TypeError(f"from_torchvision expects a torchvision attention module, got "
                         f"{type(module).__qualname__} (torchvision is not installed)") from None
+    if isinstance(module, SqueezeExcitation):
+        return se_from_torchvision(module)
     new_cls: type[TorchvisionShiftedWindowAttention]
     if isinstance(module, tv.ShiftedWindowAttentionV2):
         base, new_cls, v2 = tv.ShiftedWindowAttentionV2, TorchvisionShiftedWindowAttentionV2, True
     elif isinstance(module, tv.ShiftedWindowAttention):
         base, new_cls, v2 = tv.ShiftedWindowAttention, TorchvisionShiftedWindowAttention, False
     else:
-        raise TypeError(f"from_torchvision expects torchvision's ShiftedWindowAttention or "
-                        f"ShiftedWindowAttentionV2, got {type(module).__qualname__}")
+        raise TypeError(f"from_torchvision expects torchvision's ShiftedWindowAttention, "
+                        f"ShiftedWindowAttentionV2 or SqueezeExcitation, got {type(module).__qualname__}")
     _check_representable(module, base, v2)
     weight = module.qkv.weight
     new = new_cls(
