@@ -127,6 +127,26 @@ def test_calibration_off_takes_the_static_rule(clock: FakeClock, monkeypatch: py
     assert not calls and not choose.chosen()
 
 
+def test_training_workload_passes_a_dense_output_gradient_and_leaves_no_trace() -> None:
+    """A training step passes a dense output gradient; out.sum()'s is expanded (stride 0), which
+    matrix products take several times slower, and it biased the calibration (GFNet's DFT)."""
+    seen: list[torch.Tensor] = []
+
+    def candidate(t: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        out = (t @ w).transpose(0, 1)
+        out.register_hook(seen.append)
+        return out
+
+    x, w = torch.randn(6, 5, requires_grad=True), torch.randn(5, 4)
+    run = choose.workload(candidate, (x, w), [True, False])
+    for _ in range(2):
+        (grad_x,) = run()  # type: ignore[misc]  # the wanted inputs' gradients
+    assert len(seen) == 2 and seen[0] is seen[1]  # made once
+    assert 0 not in seen[0].stride() and seen[0].shape == (4, 6) and bool((seen[0] == 1).all())
+    torch.testing.assert_close(grad_x, torch.ones(6, 4) @ w.T)
+    assert x.grad is None
+
+
 def test_unknown_names_raise(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ValueError, match=r"expects one of \('auto', 'fused', 'plain'\), got 'fast'"):
         with choose.prefer("gate", "fast"):
