@@ -369,6 +369,24 @@ def test_compat_class_forward_mode_ad_equals_reverse_mode_twice(case):
     torch.testing.assert_close(by_func, expected, **EXACT)
 
 
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_forward_mode_ad_with_frozen_parameters_or_under_no_grad(case):
+    """Dual tensors through a frozen module, and under no_grad, give the tangent of a trainable one
+    (the kernels' no-grad shortcuts write with out=, which forward AD cannot differentiate)."""
+    import torch.autograd.forward_ad as fwAD
+
+    module = build64(case).eval()
+    xs = [x.to(F64) if x.is_floating_point() else x for x in inputs(case)]
+    tangent = noise(xs[0].shape)
+    _, expected = torch.func.jvp(lambda x0: first(module(x0, *xs[1:])), (xs[0],), (tangent,))
+    module.requires_grad_(False)
+    for context in (torch.enable_grad, torch.no_grad):
+        with context(), fwAD.dual_level():
+            out = first(module(fwAD.make_dual(xs[0], tangent), *xs[1:]))
+            got = fwAD.unpack_dual(out).tangent
+        torch.testing.assert_close(got, expected, **EXACT)
+
+
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
 @pytest.mark.parametrize("case", COMPAT, ids=lambda c: c.id)
 def test_compat_class_create_graph_gives_the_plain_first_order_gradient(case, train):

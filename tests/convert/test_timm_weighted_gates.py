@@ -56,6 +56,17 @@ def test_light_cbam_keeps_the_unapplied_gate_visible():
     assert "unapplied=PReLU" in repr(ours.channel.gate)
 
 
+def test_bat_keeps_its_activations_settings():
+    """The activation itself is copied, not rebuilt from its class (LeakyReLU's slope was lost)."""
+    import functools
+
+    theirs = randomize(create_attn("bat", 16, act_layer=functools.partial(nn.LeakyReLU, 0.5))).eval()
+    ours = from_timm(theirs)
+    x = x_of(2, 16, 14, 14)
+    torch.testing.assert_close(ours(x), theirs(x), **TOL)
+    assert ours.conv1.act.negative_slope == 0.5
+
+
 def test_weighted_activation_of_bat_is_refused_by_name():
     with pytest.raises(TypeError, match=r"BatNonLocalAttn: its activation PReLU has weights"):
         from_timm(create_attn("bat", 16, act_layer=nn.PReLU))

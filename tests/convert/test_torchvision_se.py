@@ -105,6 +105,19 @@ def test_replace_in_torchvision_models_keeps_logits_and_checkpoints(name):
     assert len(maps) == len(swapped)
 
 
+def test_frozen_parameters_stay_frozen_and_hooks_move_along():
+    model = torchvision.models.mobilenet_v3_small(num_classes=5)
+    model.features.requires_grad_(False)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    calls: list[str] = []
+    first = next(m for m in model.modules() if isinstance(m, misc.SqueezeExcitation))
+    first.register_forward_hook(lambda *_: calls.append("hook"))
+    attnzoo.replace(model, misc.SqueezeExcitation)
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == trainable
+    model.eval()(torch.randn(1, 3, 64, 64))
+    assert calls == ["hook"]
+
+
 def test_converter_is_registered_and_refusals_name_the_reason():
     assert converter_for(misc.SqueezeExcitation) is from_torchvision
 

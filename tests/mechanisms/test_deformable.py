@@ -216,6 +216,7 @@ def test_bilinear_sample_under_forward_ad_equals_grid_sample():
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(3, 4, 5, 7, generator=gen, dtype=torch.float64)
     grid = torch.rand(3, 6, 2, 2, generator=gen, dtype=torch.float64) * 2.6 - 1.3  # some points outside
+    grid[0, :2] = torch.tensor([[-1.0, -1.0], [1 / 3, -0.5]], dtype=torch.float64)  # on pixel centres
     dx, dgrid = torch.randn_like(x), torch.randn_like(grid)
     sample = lambda a, b: F.grid_sample(a, b, mode="bilinear", padding_mode="zeros", align_corners=True)  # noqa: E731
     a, b = x.clone().requires_grad_(), grid.clone().requires_grad_()

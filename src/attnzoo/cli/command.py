@@ -299,8 +299,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command; returns the exit code (2 for user errors)."""
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
-    if unknown:  # named by the subcommand whose options the user meant
-        where = f"attnzoo {args.command}" if args.command else "attnzoo"
+    if unknown:  # named by the subcommand whose options the user meant, when they follow it
+        words = list(sys.argv[1:] if argv is None else argv)
+        after = args.command in words and words.index(unknown[0]) > words.index(args.command)
+        where = f"attnzoo {args.command}" if args.command and after else "attnzoo"
         print(f"attnzoo: error: unrecognized arguments: {' '.join(unknown)} (see '{where} --help')",
               file=sys.stderr)
         return 2

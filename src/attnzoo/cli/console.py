@@ -108,7 +108,7 @@ def plural(count: int, noun: str) -> str:
 
 
 # The options that name a file the command writes at its end, by argparse's attribute name.
-OUTPUT_OPTIONS = {"output": "-o/--output", "plot": "--plot", "out": "--out"}
+OUTPUT_OPTIONS = {"output": "-o/--output", "plot": "--plot", "out": "--out", "csv": "--csv", "json": "--json"}
 
 
 def check_outputs(args: object) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -11,7 +12,8 @@ from torch import Tensor, nn
 from attnzoo.convert._source_keys import FORWARD_HOOKS, attach_source_keys, cpu_probe
 
 __all__ = [
-    "dotted", "refuse", "factory", "same_forward", "TimmKeys", "rename", "convert_keeping", "FORWARD_HOOKS",
+    "dotted", "refuse", "factory", "copy_activation", "same_forward", "TimmKeys", "rename",
+    "convert_keeping", "FORWARD_HOOKS",
     "default_scale", "check_rel_pos", "same_norm", "copy_norm_settings",
 ]
 
@@ -79,6 +81,19 @@ def check_rel_pos(module: Any, rel_pos: nn.Module) -> None:
         if owner is None or dotted(owner) not in known:
             raise refuse(module, f"its rel_pos is a {type(rel_pos).__qualname__}, whose {method} is not that "
                          f"of timm's {', '.join(_REL_POS)}")
+
+
+def copy_activation(module: object, name: str, owner: nn.Module, who: str = "from_timm") -> nn.Module:
+    """A copy of an activation or gate module to put into the attnzoo module, weights
+    (`gate_layer="prelu"`) included: the attnzoo modules call it as a module, so it trains too. An
+    `nn.Hardsigmoid` becomes attnzoo's `HardSigmoid`, the same function with a double backward."""
+    if not isinstance(module, nn.Module):
+        raise refuse(owner, f"its {name} is a {type(module).__name__}, not an nn.Module", who)
+    if type(module) is nn.Hardsigmoid:
+        from attnzoo.mechanisms.ese import HardSigmoid
+
+        return HardSigmoid()
+    return copy.deepcopy(module)
 
 
 def same_forward(module: Any, cls: type) -> None:

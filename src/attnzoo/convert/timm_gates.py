@@ -10,7 +10,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from attnzoo.convert._timm_common import TimmKeys, rename, same_norm
+from attnzoo.convert._timm_common import TimmKeys, copy_activation, rename, same_norm
 from attnzoo.convert._timm_common import factory as _factory
 from attnzoo.convert._timm_common import refuse as _refuse
 
@@ -22,15 +22,8 @@ TIMM_CONVERTERS = CONVERTERS  # the name the blocks below register under
 
 
 def _activation(module: object, name: str, owner: nn.Module) -> nn.Module:
-    """A copy of an activation or gate module to put into the attnzoo module at timm's key, weights
-    (`gate_layer="prelu"`) included: the attnzoo modules call it as a module, so they train too."""
-    if not isinstance(module, nn.Module):
-        raise _refuse(owner, f"its {name} is a {type(module).__name__}, not an nn.Module")
-    if type(module) is nn.Hardsigmoid:  # the same function, with a double backward
-        from attnzoo.mechanisms.ese import HardSigmoid
-
-        return HardSigmoid()
-    return copy.deepcopy(module)
+    """`copy_activation` for the timm gates (the copy goes to timm's key, weights included)."""
+    return copy_activation(module, name, owner)
 
 
 def _finish(ours: nn.Module, theirs: nn.Module) -> nn.Module:

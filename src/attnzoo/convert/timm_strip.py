@@ -218,6 +218,8 @@ def _bat(module: Any) -> nn.Module:
         ours: Any = new.get_submodule(name)
         if _conv_norm_act(module, theirs) != (act_layer, norm_layer):
             raise _refuse(module, f"its {name} has another activation or norm than conv1")
+        # the activation itself, with its settings (LeakyReLU's slope), not one built from its class
+        ours.act = copy.deepcopy(getattr(theirs.bn, "act", getattr(theirs, "act", nn.Identity())))
         if norm_layer is not None:
             if not (theirs.bn.affine and theirs.bn.track_running_stats):
                 raise _refuse(module, f"its {name} norm has no affine weights or no running statistics")

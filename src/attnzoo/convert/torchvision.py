@@ -2,10 +2,11 @@
 `attnzoo.compat.ShiftedWindowAttention` / `attnzoo.compat.ShiftedWindowAttentionV2`, and the
 squeeze-excitation of its CNNs -> `attnzoo.SqueezeExcite` (`attnzoo.convert.torchvision_se`).
 
-The converted module holds the very same `Parameter` and buffer tensors (state_dict keys and an
+The converted Swin module holds the very same `Parameter` and buffer tensors (state_dict keys and an
 optimizer built before the conversion stay valid); `copy.deepcopy` the torchvision module first for
-an independent copy. Forward hooks and pre-hooks move along. torchvision is imported only when a
-module is converted.
+an independent copy. The squeeze-excitation is converted into new parameters (an optimizer must be
+built after `replace`), keeping each one's `requires_grad`. Forward hooks and pre-hooks move along.
+torchvision is imported only when a module is converted.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import functools
 
 from torch import nn
 
-from attnzoo.convert._timm_common import refuse
+from attnzoo.convert._timm_common import convert_keeping, refuse
 from attnzoo.convert.torchvision_se import SE_CLASS, se_from_torchvision
 from attnzoo.mechanisms.swin_torchvision import (
     TorchvisionShiftedWindowAttention,
@@ -89,8 +90,8 @@ def from_torchvision(module: nn.Module) -> nn.Module:
     window attention of a `swin_t` (or, for V2, `swin_v2_t`) without changing its logits.
 
     Args:
-        module: A `torchvision.models.swin_transformer.ShiftedWindowAttention` or
-            `ShiftedWindowAttentionV2`.
+        module: A `torchvision.models.swin_transformer.ShiftedWindowAttention`,
+            `ShiftedWindowAttentionV2` or `torchvision.ops.misc.SqueezeExcitation`.
 
     Returns:
         The attnzoo module.
@@ -119,8 +120,8 @@ def from_torchvision(module: nn.Module) -> nn.Module:
     except ImportError:  # pragma: no cover - without torchvision nothing can be one of its modules
         raise TypeError(f"from_torchvision expects a torchvision attention module, got "
                         f"{type(module).__qualname__} (torchvision is not installed)") from None
-    if isinstance(module, SqueezeExcitation):
-        return se_from_torchvision(module)
+    if isinstance(module, SqueezeExcitation):  # copied weights: frozen ones stay frozen, hooks move
+        return convert_keeping(module, se_from_torchvision)
     new_cls: type[TorchvisionShiftedWindowAttention]
     if isinstance(module, tv.ShiftedWindowAttentionV2):
         base, new_cls, v2 = tv.ShiftedWindowAttentionV2, TorchvisionShiftedWindowAttentionV2, True

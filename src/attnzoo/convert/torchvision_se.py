@@ -10,15 +10,13 @@ still loads with `strict=True` after `attnzoo.replace`.
 
 from __future__ import annotations
 
-import copy
 import functools
 from collections.abc import Mapping
 from typing import Any
 
 from torch import Tensor, nn
 
-from attnzoo.convert._timm_common import TimmKeys, refuse, rename
-from attnzoo.mechanisms.ese import HardSigmoid
+from attnzoo.convert._timm_common import TimmKeys, copy_activation, refuse, rename
 from attnzoo.mechanisms.se import SqueezeExcite
 
 __all__ = ["SE_CLASS", "se_from_torchvision"]
@@ -33,12 +31,6 @@ _refuse = functools.partial(refuse, who="from_torchvision")
 def _keys(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """torchvision's `SqueezeExcitation` keys -> `SqueezeExcite`'s (only weighted activations differ)."""
     return rename(state, _NAMES)
-
-
-def _copy_activation(module: object, name: str, owner: nn.Module) -> nn.Module:
-    if not isinstance(module, nn.Module):
-        raise _refuse(owner, f"its {name} is a {type(module).__name__}, not an nn.Module")
-    return HardSigmoid() if type(module) is nn.Hardsigmoid else copy.deepcopy(module)
 
 
 def se_from_torchvision(module: Any) -> SqueezeExcite:
@@ -68,8 +60,8 @@ def se_from_torchvision(module: Any) -> SqueezeExcite:
     ours = SqueezeExcite(
         fc1.in_channels, rd_channels=fc1.out_channels, bias=True, device=weight.device, dtype=weight.dtype
     )
-    ours.act = _copy_activation(module.activation, "activation", module)
-    ours.gate = _copy_activation(module.scale_activation, "scale_activation", module)
+    ours.act = copy_activation(module.activation, "activation", module, "from_torchvision")
+    ours.gate = copy_activation(module.scale_activation, "scale_activation", module, "from_torchvision")
     ours.register_load_state_dict_pre_hook(TimmKeys(_keys, tuple(_NAMES)))
     ours.load_state_dict(_keys(module.state_dict()), strict=True)
     return ours.train(module.training)

@@ -267,8 +267,9 @@ def select_splits(
         - Output: (B, C, H, W).
     """
     wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (u, *params))
-    # (not under vmap, which cannot batch the no-grad path's out= writes: the plain ops below run there)
-    if not wants_grad and not torch._C._are_functorch_transforms_active():
+    # (not under vmap or forward-mode AD, which cannot batch or differentiate the no-grad path's out=
+    # writes: the plain ops below run there)
+    if not wants_grad and not composite_required(dispatch=True, tracing=False):
         with torch.no_grad():
             if relu:
                 return _relu_select_forward(u, m, attention, track=False)[0]

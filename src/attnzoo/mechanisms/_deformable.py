@@ -33,10 +33,14 @@ def bilinear_sample(x: Tensor, grid: Tensor) -> Tensor:
     px = (grid[..., 0] + 1) * (0.5 * (width - 1))  # (N, Ho, Wo), pixel coordinates
     py = (grid[..., 1] + 1) * (0.5 * (height - 1))
     x0, y0 = px.detach().floor(), py.detach().floor()
+    fx, fy = px - x0, py - y0  # fractions in [0, 1): linear in the grid, so on a pixel centre the
+    # derivative is the right-hand slope, as grid_sample's (|px - cx| would have none there)
     flat = x.reshape(n, c, height * width)
     out = x.new_zeros(())
-    for cx, cy in ((x0, y0), (x0 + 1, y0), (x0, y0 + 1), (x0 + 1, y0 + 1)):
-        weight = (1 - (px - cx).abs()) * (1 - (py - cy).abs())  # (N, Ho, Wo), the bilinear weight
+    corners = ((x0, y0, 1 - fx, 1 - fy), (x0 + 1, y0, fx, 1 - fy), (x0, y0 + 1, 1 - fx, fy),
+               (x0 + 1, y0 + 1, fx, fy))
+    for cx, cy, wx, wy in corners:
+        weight = wx * wy  # (N, Ho, Wo), the bilinear weight
         inside = (cx >= 0) & (cx <= width - 1) & (cy >= 0) & (cy <= height - 1)  # zeros outside
         index = (cy.clamp(0, height - 1) * width + cx.clamp(0, width - 1)).long().reshape(n, 1, ho * wo)
         corner = flat.gather(2, index.expand(n, c, ho * wo)).reshape(n, c, ho, wo)
