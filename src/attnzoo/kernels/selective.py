@@ -267,9 +267,9 @@ def select_splits(
         - Output: (B, C, H, W).
     """
     wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (u, *params))
-    # (not under vmap or forward-mode AD, which cannot batch or differentiate the no-grad path's out=
-    # writes: the plain ops below run there)
-    if not wants_grad and not composite_required(dispatch=True, tracing=False):
+    # (not under vmap, forward-mode AD or tracing, which cannot batch, differentiate or trace the
+    # no-grad path's out= writes and dispatch checks: the plain ops below run there)
+    if not wants_grad and not composite_required(dispatch=True):
         with torch.no_grad():
             if relu:
                 return _relu_select_forward(u, m, attention, track=False)[0]
