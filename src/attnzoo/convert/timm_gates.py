@@ -21,11 +21,6 @@ CONVERTERS: dict[str, Callable[[nn.Module], nn.Module]] = {}
 TIMM_CONVERTERS = CONVERTERS  # the name the blocks below register under
 
 
-def _activation(module: object, name: str, owner: nn.Module) -> nn.Module:
-    """`copy_activation` for the timm gates (the copy goes to timm's key, weights included)."""
-    return copy_activation(module, name, owner)
-
-
 def _finish(ours: nn.Module, theirs: nn.Module) -> nn.Module:
     """Copy the weights (strict) and the training flag of ``theirs`` into ``ours``."""
     ours.load_state_dict(theirs.state_dict(), strict=True)
@@ -56,7 +51,7 @@ def _eca(module: Any) -> nn.Module:
         ours: nn.Module = EfficientChannelAttentionMlp(
             1, conv2.kernel_size[0], rd_channels=conv.out_channels, **factory
         )
-        ours.act = _activation(module.act, "act", module)
+        ours.act = copy_activation(module.act, "act", module)
     elif type(module).__name__ == "CecaModule":
         kernel, bias = conv.kernel_size[0], conv.bias is not None
         ours = CircularEfficientChannelAttention(1, kernel, bias=bias, **factory)
@@ -64,7 +59,7 @@ def _eca(module: Any) -> nn.Module:
         if conv.padding[0] != (conv.kernel_size[0] - 1) // 2:
             raise _refuse(module, f"its padding {conv.padding} is not (kernel_size - 1) // 2")
         ours = EfficientChannelAttention(1, conv.kernel_size[0], bias=conv.bias is not None, **factory)
-    ours.gate = _activation(module.gate, "gate", module)
+    ours.gate = copy_activation(module.gate, "gate", module)
     ours.channels = None  # type: ignore[assignment]
     return _finish(ours, module)
 
@@ -84,7 +79,7 @@ def _ese(module: Any) -> nn.Module:
     if fc.bias is None:
         raise _refuse(module, "its fc has no bias")
     ours = EffectiveSqueezeExcite(fc.in_channels, bool(module.add_maxpool), **_factory(module))
-    ours.gate = _activation(module.gate, "gate", module)
+    ours.gate = copy_activation(module.gate, "gate", module)
     return _finish(ours, module)
 
 
@@ -96,7 +91,7 @@ def _context_mlp(mlp: nn.Module, owner: nn.Module, ours: nn.Module) -> None:
     norm, drop = getattr(mlp, "norm", None), getattr(mlp, "drop", None)
     if not isinstance(norm, nn.LayerNorm) or (isinstance(drop, nn.Dropout) and drop.p > 0):
         raise _refuse(owner, "its context MLP is not fc1 -> LayerNorm2d -> act -> fc2 without dropout")
-    ours.act = _activation(mlp.act, "act_layer", owner)
+    ours.act = copy_activation(mlp.act, "act_layer", owner)
     ours.norm.eps = norm.eps  # type: ignore[union-attr]
 
 
@@ -117,7 +112,7 @@ def _global_context(module: Any) -> nn.Module:
     for name in ("mlp_add", "mlp_scale"):
         if getattr(module, name) is not None:
             _context_mlp(getattr(module, name), module, getattr(ours, name))
-    ours.gate = _activation(module.gate, "gate", module)
+    ours.gate = copy_activation(module.gate, "gate", module)
     return _finish(ours, module)
 
 
@@ -146,8 +141,6 @@ def _gather_excite(module: Any) -> nn.Module:
                     raise _refuse(
                         module, f"its gather.{name} has eps={child.eps!r}, momentum={child.momentum!r}"
                     )
-            else:
-                _activation(child, f"gather.{name}", module)
     if isinstance(mlp, nn.Identity):
         use_mlp, hidden = False, 1
     else:
@@ -165,8 +158,8 @@ def _gather_excite(module: Any) -> nn.Module:
     if gather is not None:
         ours.gather = copy.deepcopy(gather)
     if use_mlp:
-        ours.mlp.act = _activation(mlp.act, "mlp.act", module)
-    ours.gate = _activation(module.gate, "gate", module)
+        ours.mlp.act = copy_activation(mlp.act, "mlp.act", module)
+    ours.gate = copy_activation(module.gate, "gate", module)
     ours.channels = channels
     return _finish(ours, module)
 
@@ -213,9 +206,9 @@ def _light_cbam(module: Any) -> nn.Module:
         fc1.in_channels, rd_channels=fc1.out_channels, kernel_size=kernel, bias=fc1.bias is not None,
         **_factory(module),
     )
-    ours.channel.act = _activation(channel.act, "channel.act", module)
-    ours.channel.gate = _UnappliedGate(_activation(channel.gate, "channel.gate", module))
-    ours.spatial.gate = _activation(spatial.gate, "spatial.gate", module)
+    ours.channel.act = copy_activation(channel.act, "channel.act", module)
+    ours.channel.gate = _UnappliedGate(copy_activation(channel.gate, "channel.gate", module))
+    ours.spatial.gate = copy_activation(spatial.gate, "spatial.gate", module)
     same_norm(ours.spatial.conv.bn, bn)
     return _finish(ours, module)
 
@@ -237,8 +230,8 @@ def _efficientnet_se(module: Any) -> nn.Module:
         if not pointwise or conv.bias is None:
             raise _refuse(module, f"its {name} is not a 1x1 nn.Conv2d with bias")
     ours = SqueezeExcite(reduce.in_channels, rd_channels=reduce.out_channels, bias=True, **_factory(module))
-    ours.act = _activation(module.act1, "act1", module)
-    ours.gate = _activation(module.gate, "gate", module)
+    ours.act = copy_activation(module.act1, "act1", module)
+    ours.gate = copy_activation(module.gate, "gate", module)
     ours.register_load_state_dict_pre_hook(TimmKeys(_efficientnet_se_keys, ("conv_reduce.", "conv_expand.")))
     ours.load_state_dict(_efficientnet_se_keys(module.state_dict()), strict=True)
     return ours.train(module.training)

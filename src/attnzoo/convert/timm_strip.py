@@ -180,12 +180,17 @@ def _splat(module: Any) -> nn.Module:
 # ---- breadth-b: non_local_attn (bat) ------------------------------------------------------------
 
 
+def _act_of(cna: Any) -> nn.Module:
+    """The activation of one of timm's ``ConvNormAct``: its norm's (``BatchNormAct2d``) or its own."""
+    return getattr(cna.bn, "act", getattr(cna, "act", nn.Identity()))
+
+
 def _conv_norm_act(module: Any, cna: Any) -> tuple[type[nn.Module], type[nn.Module] | None]:
     """act_layer and norm_layer of one of timm's ``ConvNormAct`` (its norm may hold the activation)."""
     conv, bn = cna.conv, cna.bn
     if not isinstance(conv, nn.Conv2d) or conv.kernel_size != (1, 1) or conv.bias is not None:
         raise _refuse(module, "its ConvNormAct convolutions must be 1x1 without bias")
-    act = getattr(bn, "act", getattr(cna, "act", nn.Identity()))
+    act = _act_of(cna)
     if any(True for _ in act.parameters()):  # ours builds its own, under another key
         raise _refuse(module, f"its activation {type(act).__qualname__} has weights")
     drop = getattr(bn, "drop", nn.Identity())
@@ -219,7 +224,7 @@ def _bat(module: Any) -> nn.Module:
         if _conv_norm_act(module, theirs) != (act_layer, norm_layer):
             raise _refuse(module, f"its {name} has another activation or norm than conv1")
         # the activation itself, with its settings (LeakyReLU's slope), not one built from its class
-        ours.act = copy.deepcopy(getattr(theirs.bn, "act", getattr(theirs, "act", nn.Identity())))
+        ours.act = copy.deepcopy(_act_of(theirs))
         if norm_layer is not None:
             if not (theirs.bn.affine and theirs.bn.track_running_stats):
                 raise _refuse(module, f"its {name} norm has no affine weights or no running statistics")

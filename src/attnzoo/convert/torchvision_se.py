@@ -16,7 +16,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from attnzoo.convert._timm_common import TimmKeys, copy_activation, refuse, rename
+from attnzoo.convert._timm_common import TimmKeys, copy_activation, factory, refuse, rename
 from attnzoo.mechanisms.se import SqueezeExcite
 
 __all__ = ["SE_CLASS", "se_from_torchvision"]
@@ -56,10 +56,7 @@ def se_from_torchvision(module: Any) -> SqueezeExcite:
             raise _refuse(module, f"its {name} is not a plain 1x1 nn.Conv2d with bias")
     if not isinstance(pool, nn.AdaptiveAvgPool2d) or pool.output_size not in (1, (1, 1)):
         raise _refuse(module, "its avgpool is not a global average pool (AdaptiveAvgPool2d(1))")
-    weight = fc1.weight
-    ours = SqueezeExcite(
-        fc1.in_channels, rd_channels=fc1.out_channels, bias=True, device=weight.device, dtype=weight.dtype
-    )
+    ours = SqueezeExcite(fc1.in_channels, rd_channels=fc1.out_channels, bias=True, **factory(module))
     ours.act = copy_activation(module.activation, "activation", module, "from_torchvision")
     ours.gate = copy_activation(module.scale_activation, "scale_activation", module, "from_torchvision")
     ours.register_load_state_dict_pre_hook(TimmKeys(_keys, tuple(_NAMES)))

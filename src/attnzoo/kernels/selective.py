@@ -269,13 +269,13 @@ def select_splits(
     wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (u, *params))
     # (not under vmap, forward-mode AD or tracing, which cannot batch, differentiate or trace the
     # no-grad path's out= writes and dispatch checks: the plain ops below run there)
-    if not wants_grad and not composite_required(dispatch=True):
+    plain_only = composite_required(dispatch=True)
+    if not wants_grad and not plain_only:
         with torch.no_grad():
             if relu:
                 return _relu_select_forward(u, m, attention, track=False)[0]
             return _select_forward(_splits(u, m), attention, track=False)[0]
-    if (composite_required(dispatch=True) or swapped_parameters((attention,), params)
-            or _choice(_splits(u, m), (u, relu)) == "plain"):
+    if plain_only or swapped_parameters((attention,), params) or _choice(_splits(u, m), (u, relu)) == "plain":
         return _select_plain(attention, *_splits(u, m, torch.relu if relu else None))
     return _SelectSplitsFn.apply(attention, m, relu, u, *params)
 
