@@ -369,6 +369,16 @@ def test_compat_class_forward_mode_ad_equals_reverse_mode_twice(case):
     torch.testing.assert_close(by_func, expected, **EXACT)
 
 
+@pytest.mark.parametrize("case", COMPAT, ids=lambda c: c.id)
+def test_compat_class_is_one_fx_node_of_a_traced_model_and_refuses_torchscript_by_name(case):
+    from tests.test_compat_matrix import check_fx
+
+    module = build(case).eval()
+    check_fx(module, inputs(case))
+    with pytest.raises(TypeError, match="torch.jit.script cannot compile attnzoo's"):
+        torch.jit.script(module)
+
+
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_forward_mode_ad_with_frozen_parameters_or_under_no_grad(case):
     """Dual tensors through a frozen module, and under no_grad, give the tangent of a trainable one

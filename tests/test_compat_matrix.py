@@ -182,6 +182,37 @@ def check_jit_trace(spec) -> None:
         _close(traced(*fresh), module(*fresh), 1e-5)
 
 
+class _Holder(torch.nn.Module):
+    """A model holding the module, as a traced model does (FX traces a fixed number of inputs)."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x)
+
+
+class _Holder2(_Holder):
+    def forward(self, x, y):
+        return self.inner(x, y)
+
+
+class _Holder3(_Holder):
+    def forward(self, x, y, z):
+        return self.inner(x, y, z)
+
+
+def check_fx(module, xs) -> None:
+    """`torch.fx.symbolic_trace` of a model holding the module records it as one call_module node (as
+    torch's own modules are) and the traced model equals eager."""
+    traced = torch.fx.symbolic_trace((_Holder, _Holder2, _Holder3)[len(xs) - 1](module))
+    calls = [n for n in traced.graph.nodes if n.op == "call_module"]
+    assert [n.target for n in calls] == ["inner"], traced.graph
+    with torch.no_grad():
+        torch.testing.assert_close(traced(*xs), module(*xs), atol=0, rtol=0)
+
+
 def check_jit_script(spec) -> None:
     module, xs = _setup(spec)
     scripted = torch.jit.script(module)
@@ -201,6 +232,7 @@ CHECKS = {
     "channels_last": lambda spec, tmp: check_channels_last(spec),
     "jit_trace": lambda spec, tmp: check_jit_trace(spec),
     "jit_script": lambda spec, tmp: check_jit_script(spec),
+    "fx": lambda spec, tmp: check_fx(*_setup(spec)),
 }
 
 CASES = [(s, f) for s in SPECS for f in CHECKS if applies(s, f)]

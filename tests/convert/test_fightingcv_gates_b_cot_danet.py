@@ -165,3 +165,17 @@ def test_danet_canonical_modules_are_the_official_ones(c, size):
     feat = head.conv51(pam_reference(head.sa, head.conv5a(x4)))
     feat = feat + head.conv52(cam_reference(head.sc, head.conv5c(x4)))
     torch.testing.assert_close(head(x4), head.conv8(feat), **TOL)
+
+
+@pytest.mark.parametrize("outer", ["DAModule", "PositionAttentionModule"])
+def test_an_outer_danet_class_after_its_inner_attention_was_replaced_is_refused_by_name(outer):
+    sdpa = pytest.importorskip("fightingcv_attention.attention.SelfAttention", reason=WHY)
+    danet = pytest.importorskip("fightingcv_attention.attention.DANet", reason=WHY)
+    model = nn.Sequential(nn.Conv2d(3, 512, 1), danet.DAModule(d_model=512, kernel_size=3, H=7, W=7))
+    assert attnzoo.replace(model, sdpa.ScaledDotProductAttention) == ["1.position_attention_module.pa"]
+    before = {name: type(m) for name, m in model.named_modules()}
+    with pytest.raises(TypeError, match=r"submodule .*pa is already attnzoo's .* before the classes"):
+        attnzoo.replace(model, getattr(danet, outer))
+    assert {name: type(m) for name, m in model.named_modules()} == before  # left untouched
+    with pytest.raises(TypeError, match="already attnzoo's"):
+        from_fightingcv(model[1])

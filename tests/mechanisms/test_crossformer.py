@@ -81,6 +81,17 @@ def test_converter_refuses_a_residual_bias():
         from_fightingcv(theirs)
 
 
+@pytest.mark.parametrize("name", ["biases", "relative_position_index"])
+def test_converter_refuses_changed_derived_buffers(name):
+    """attnzoo derives them from group_size: a module whose buffer was changed would convert to other
+    outputs (a checkpoint with other ones is refused on loading too)."""
+    theirs = crossformer.Attention(32, (3, 3), 2, position_bias=True)
+    with torch.no_grad():
+        getattr(theirs, name).add_(1)
+    with pytest.raises(TypeError, match=f"its {name} buffer is not the one of a \\(3, 3\\) group"):
+        from_fightingcv(theirs)
+
+
 def test_fightingcv_and_official_state_dicts_load_strictly():
     theirs = fcv_attention(32, (3, 2), 2)
     state = theirs.state_dict()

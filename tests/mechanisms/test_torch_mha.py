@@ -380,3 +380,60 @@ def test_integer_need_weights_acts_as_in_torch(flag):
     torch.testing.assert_close(got[0], want[0], **F64)
     if flag:
         torch.testing.assert_close(got[1], want[1], **F64)
+
+
+def _nested(dtype=torch.float64) -> torch.Tensor:
+    return torch.nested.nested_tensor([torch.randn(n, E, dtype=dtype) for n in (5, 3, 1)])
+
+
+@pytest.mark.parametrize(("need_weights", "average"), [(False, True), (True, True), (True, False)])
+def test_a_nested_self_attention_query_equals_torchs_fast_path(need_weights, average):
+    theirs, ours = pair(batch_first=True)
+    theirs.eval(), ours.eval()
+    x = _nested()
+    with torch.no_grad():
+        out_t, w_t = theirs(x, x, x, need_weights=need_weights, average_attn_weights=average)
+        out_o, w_o = ours(x, x, x, need_weights=need_weights, average_attn_weights=average)
+    assert out_o.is_nested
+    for a, b in zip(out_o.unbind(), out_t.unbind(), strict=True):
+        torch.testing.assert_close(a, b, **F64)
+    if need_weights:  # padded (B, [h,] L, L), a padding query's row zero
+        torch.testing.assert_close(w_o, w_t, **F64)
+    else:
+        assert w_o is None and w_t is None
+
+
+def test_a_nested_query_trains_where_torch_refuses_and_gives_the_padded_gradient():
+    _, ours = pair(batch_first=True)
+    rows = [torch.randn(n, E, dtype=torch.float64) for n in (4, 2)]
+    x = torch.nested.as_nested_tensor(rows).requires_grad_()
+    out, _ = ours(x, x, x, need_weights=False)
+    out.to_padded_tensor(0.0).sum().backward()
+    padded = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True).requires_grad_()
+    pad = torch.tensor([[False] * 4, [False, False, True, True]])
+    ref, _ = ours(padded, padded, padded, key_padding_mask=pad, need_weights=False)
+    ref.masked_fill(pad[..., None], 0.0).sum().backward()
+    for grad, want, n in zip(x.grad.unbind(), padded.grad, (4, 2), strict=True):
+        torch.testing.assert_close(grad, want[:n], **F64)
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda m, x: m(x, x.clone(), x.clone()), "self-attention only"),
+        (lambda m, x: m(x, x, x, key_padding_mask=torch.zeros(3, 5, dtype=torch.bool)), "no attn_mask"),
+        (lambda m, x: m(x, x, x, attn_mask=torch.zeros(5, 5, dtype=torch.bool)), "no attn_mask"),
+        (lambda m, x: m(torch.randn(3, 5, E, dtype=torch.float64), x, x), "as query only"),
+    ],
+)
+def test_nested_inputs_torch_cannot_take_are_refused_by_name(call, message):
+    _, ours = pair(batch_first=True)
+    with pytest.raises(TypeError, match=message):
+        call(ours.eval(), _nested())
+
+
+def test_a_nested_query_needs_batch_first_as_in_torch():
+    _, ours = pair(batch_first=False)
+    x = _nested()
+    with pytest.raises(TypeError, match="batch_first=True"):
+        ours(x, x, x)

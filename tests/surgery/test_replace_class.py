@@ -160,3 +160,19 @@ def test_keras_converters_are_still_exported():
 
     assert from_keras is blocks_convert.from_keras and load_keras_weights is blocks_convert.load_keras_weights
     assert attnzoo.convert.from_torch is from_torch
+
+
+def test_a_hooked_self_attn_on_torchs_nested_path_takes_the_nested_tensor_as_torch_does():
+    # A forward hook on self_attn stops torch's fused layer, which then hands the nested tensor to it.
+    theirs = encoder(True, nested=True).eval()
+    ours = copy.deepcopy(theirs)
+    attnzoo.replace(ours, nn.MultiheadAttention)
+    seen: list[bool] = []
+    for model in (theirs, ours):
+        for layer in model.layers:
+            layer.self_attn.register_forward_hook(lambda m, args, out: seen.append(args[0].is_nested))
+    x, pad, _ = src(True)
+    with torch.no_grad():
+        ref = theirs(x, src_key_padding_mask=pad)
+        torch.testing.assert_close(ours(x, src_key_padding_mask=pad), ref, **F64)
+    assert seen == [True] * 6  # both classes got the nested tensor, in every layer

@@ -347,3 +347,13 @@ def test_a_model_that_is_no_module_and_an_input_the_model_refuses_are_named():
         with pytest.raises(ValueError, match="the model's own forward fails on it, before any"):
             attnzoo.insert(model, "se", "0", example_input=bad)
     assert [n for n, _ in model.named_modules()] == before  # untouched
+
+
+def test_attention_built_by_name_takes_the_models_dtype():
+    """A float64 model gets a float64 attention (it was built in float32, and the check forward refused)."""
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 1), nn.Identity()).double()
+    x = torch.randn(1, 3, 9, 7, dtype=torch.float64)
+    assert attnzoo.insert(net, "cbam", nn.ReLU, example_input=x) == ["1_attn"]
+    assert attnzoo.replace(net, ["3"], "se", example_input=x) == ["3"]
+    assert {p.dtype for p in net.parameters()} == {torch.float64}
+    assert net(x).dtype == torch.float64

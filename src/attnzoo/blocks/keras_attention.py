@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnzoo._checks import check_float, check_int, check_mask, check_shape
+from attnzoo._fx import fx_leaf
 from attnzoo.functional import attend
 from attnzoo.maps.capture import capturing, record_rows
 
@@ -89,6 +90,7 @@ class EinsumDense(nn.Module):
         return f"in_dims={self.in_dims}, out_dims={self.out_dims}, bias={self.bias is not None}"
 
 
+@fx_leaf  # one call_module node in FX traces (attnzoo._fx)
 class KerasMultiHeadAttention(nn.Module):
     """Multi-head attention with the arguments and weight layout of `keras.layers.MultiHeadAttention`.
 

@@ -24,6 +24,7 @@ FEATURES: dict[str, str] = {
     "channels_last": "channels_last",
     "jit_trace": "`jit.trace`",
     "jit_script": "`jit.script`",
+    "fx": "`torch.fx` (leaf)",
     "ddp": "DDP (gloo)",
     "fsdp2": "FSDP2 `fully_shard` (gloo)",
     "cuda_half": "CUDA fp16/bf16",
@@ -35,7 +36,8 @@ FEATURES: dict[str, str] = {
 LIMITATIONS: dict[tuple[str, str], str] = {
     ("*", "jit_script"): (
         "TorchScript cannot compile attnzoo's Python input checks (keyword-variadic shape specs, f-string "
-        "errors) nor its custom autograd kernels; use torch.compile or torch.jit.trace"
+        "errors) nor its custom autograd kernels: `torch.jit.script` raises TypeError saying so; use "
+        "torch.compile, torch.export or torch.jit.trace"
     ),
 }
 

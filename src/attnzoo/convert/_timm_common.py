@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from attnzoo.convert._source_keys import FORWARD_HOOKS, attach_source_keys, cpu_probe
+from attnzoo.convert.registry import refuse_converted_inside
 
 __all__ = [
     "dotted", "refuse", "factory", "copy_activation", "same_forward", "TimmKeys", "rename",
@@ -148,6 +149,7 @@ def convert_keeping(module: nn.Module, convert: Callable[[nn.Module], nn.Module]
     split or fused: with every parameter frozen the whole result is frozen; with some frozen, `convert`
     runs once more on a copy whose i-th parameter holds the value i + 1, and a converted parameter is
     trainable exactly when one of the parameters its values come from is."""
+    refuse_converted_inside(module)
     params = list(module.parameters())
     new = convert(module)
     attach_source_keys(module, new, convert)  # the source's checkpoints keep loading

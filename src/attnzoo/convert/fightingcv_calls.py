@@ -23,6 +23,7 @@ from typing import cast
 import torch
 from torch import Tensor, nn
 
+from attnzoo._fx import fx_leaf
 from attnzoo.convert._timm_common import TimmKeys, rename
 from attnzoo.convert.fightingcv_tokens_a import EMSA_KEYS, MUSE_KEYS, SDPA_KEYS, SIMPLIFIED_SDPA_KEYS
 from attnzoo.mechanisms.deformable_fightingcv import FightingcvDeformableAttention
@@ -39,6 +40,7 @@ __all__ = [
 _PACKAGE = "fightingcv_attention.attention"
 
 
+@fx_leaf  # one call_module node in FX traces (attnzoo._fx)
 class FightingcvCallEMSA(EMSA):
     """`EMSA` called as fightingcv's: `forward(queries, keys, values, attention_mask=None,
     attention_weights=None)` on `(B, N, C)` tokens of the `feat_size` map.
@@ -78,6 +80,7 @@ def _same_values(a: Tensor, b: Tensor) -> bool:
     return isinstance(a, Tensor) and a.shape == b.shape and bool(torch.equal(a, b))
 
 
+@fx_leaf  # one call_module node in FX traces (attnzoo._fx)
 class FightingcvCallGlobalFilter(GlobalFilter):
     """`GlobalFilter` called as fightingcv's: `forward(x, spatial_size=None)` on tokens `(B, N, C)` of
     an `a x b` map (`spatial_size`, or square). The output keeps the input's dtype (fightingcv's is
@@ -103,6 +106,7 @@ class FightingcvCallGlobalFilter(GlobalFilter):
         return out.reshape(batch, tokens, channels)  # (B, a, b, C) -> (B, N, C)
 
 
+@fx_leaf  # one call_module node in FX traces (attnzoo._fx)
 class FightingcvCallDeformable(FightingcvDeformableAttention):
     """`FightingcvDeformableAttention` called as fightingcv's `DAttentionBaseline`: `forward(x)`
     returns `(out, positions, references)`, the sampling points and the reference points
@@ -128,6 +132,7 @@ class FightingcvCallDeformable(FightingcvDeformableAttention):
         return pos
 
 
+@fx_leaf  # one call_module node in FX traces (attnzoo._fx)
 class _MaskedCall(nn.Module):
     """fightingcv's `forward(queries, keys, values, attention_mask=None, attention_weights=None)`:
     `attention_mask` `(B, h, L, S)` or broadcastable, bool, True where a logit is masked. A query

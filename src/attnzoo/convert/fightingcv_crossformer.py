@@ -15,16 +15,38 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from attnzoo.convert._timm_common import copy_norm_settings
 from attnzoo.convert.timm_existing import factory, finish, refuse
+from attnzoo.functional import relative_position_index_2d
 from attnzoo.mechanisms.crossformer import CrossFormerGroupAttention
+from attnzoo.mechanisms.crossformer_groups import relative_offsets
 
 __all__ = ["CONVERTERS", "crossformer_attention_from_fightingcv"]
 
 _PACKAGE = "fightingcv_attention.attention"
 WHO = "from_fightingcv"
+
+
+def _check_derived(module: Any, group: tuple[int, int]) -> None:
+    """fightingcv's `biases` / `relative_position_index` buffers must be the ones its group size gives:
+    attnzoo derives them from `group_size`, so a module whose buffers were changed would convert to
+    other outputs (a checkpoint with other ones is refused on loading for the same reason)."""
+    derived = {"biases": relative_offsets(group, None, torch.float64),
+               "relative_position_index": relative_position_index_2d(group)}
+    for name, own in derived.items():
+        given = getattr(module, name, None)
+        if not isinstance(given, Tensor):
+            continue
+        same = given.shape == own.shape and (
+            given.device.type == "meta" or torch.equal(given.cpu().to(own.dtype), own)  # meta: no values
+        )
+        if not same:
+            reason = (f"its {name} buffer is not the one of a {group} group, which attnzoo derives from "
+                      f"group_size (was it changed, or loaded for another group size?)")
+            raise refuse(module, reason, WHO)
 
 
 def crossformer_attention_from_fightingcv(module: Any) -> CrossFormerGroupAttention:
@@ -38,6 +60,7 @@ def crossformer_attention_from_fightingcv(module: Any) -> CrossFormerGroupAttent
     if len(group) != 2:
         raise refuse(module, f"group_size={module.group_size!r} is no (height, width) pair", WHO)
     dim, heads = module.dim, module.num_heads
+    _check_derived(module, group)
     state = {k: v for k, v in module.state_dict().items() if k not in ("biases", "relative_position_index")}
     position_bias = bool(module.position_bias)
     if position_bias:

@@ -16,7 +16,7 @@ from torch import nn
 
 __all__ = [
     "Converter", "register", "converter_for", "known", "convert", "register_in_place",
-    "in_place_converter_for",
+    "in_place_converter_for", "refuse_converted_inside",
 ]
 
 Converter = Callable[[nn.Module], nn.Module]
@@ -94,4 +94,18 @@ def convert(module: nn.Module) -> nn.Module:
         raise TypeError(
             f"convert: no converter for {_dotted(type(module))}; attnzoo.convert knows {', '.join(known())}"
         )
+    refuse_converted_inside(module)
     return converter(module)
+
+
+def refuse_converted_inside(module: nn.Module) -> None:
+    """Refuse a foreign module that already holds an attnzoo module (an earlier `replace` converted an
+    inner class first): its converter reads the foreign children it expects, so the outer class has to
+    be converted first."""
+    for path, child in module.named_modules():
+        if path and type(child).__module__.startswith("attnzoo."):
+            raise TypeError(
+                f"cannot convert {type(module).__qualname__}: its submodule {path} is already attnzoo's "
+                f"{type(child).__qualname__} (an inner class was converted first); convert "
+                f"{type(module).__qualname__} before the classes inside it, or start from the original model"
+            )

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnzoo._checks import check_divisible, check_float, check_int, check_shape
+from attnzoo._fx import fx_leaf
 from attnzoo._geometry import divisor_window, grid2d
 from attnzoo._registry import Example, FreeSize, register
 from attnzoo.maps.capture import capturing, record
@@ -42,6 +43,7 @@ class _ConvNormAct(nn.Sequential):
         self.act = act_layer()
 
 
+@fx_leaf  # one call_module node in FX traces (attnzoo._fx)
 class BilinearAttnTransform(nn.Module):
     """The grouped bilinear transform ``y = (P kron I) x (Q kron I)``, then a 1x1 conv-norm-act.
 

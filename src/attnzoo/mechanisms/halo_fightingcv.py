@@ -38,11 +38,13 @@ import torch
 from torch import Tensor, nn
 
 from attnzoo._checks import check_int
+from attnzoo._fx import fx_leaf
 from attnzoo.mechanisms.halo import HaloAttention
 
 __all__ = ["FightingcvHaloAttention"]
 
 
+@fx_leaf  # one call_module node in FX traces (attnzoo._fx)
 class FightingcvHaloAttention(HaloAttention):
     """`HaloAttention` with fightingcv's inverted padding mask and output projection (module
     docstring); `attnzoo.convert.from_fightingcv` builds it. Use `HaloAttention` for new models.

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnzoo._checks import check_divisible, check_float, check_int, check_shape
+from attnzoo._fx import fx_leaf
 from attnzoo._geometry import Geometry, divisor_window, grid2d, int_pair
 from attnzoo._registry import Example, register
 from attnzoo.functional import attend, gather_relative_bias, relative_position_index_2d
@@ -239,6 +240,7 @@ class OverlappedAttention(nn.Module):
                 f"feat_size={self.feat_size}, rd_channels={self.rd_channels}")
 
 
+@fx_leaf  # one call_module node in FX traces (attnzoo._fx)
 class LegacyOverlappedAttention(OverlappedAttention):
     """The official / fightingcv `GlobalAttention`'s numbers: `from_fightingcv` returns this class.
 

@@ -12,7 +12,8 @@ Differences from torch's class:
   them after dropout; the output uses the dropped weights in both);
 - ``is_causal=True`` without ``attn_mask`` raises ``ValueError`` (torch raises ``RuntimeError``
   outside its inference fast path, and silently ignores ``is_causal`` on it);
-- nested tensors are not taken (torch takes them on its inference fast path only);
+- a nested tensor is taken for self-attention with ``batch_first=True`` and no mask, as on torch's
+  inference fast path (`attnzoo.mechanisms._nested`), and also in training;
 - bad shapes and dtypes raise ``ValueError`` / ``TypeError`` naming the argument before any work, and so
   does an empty input (torch returns an empty output).
 
@@ -34,6 +35,7 @@ from attnzoo._checks import autocast_on, check_float, check_int
 from attnzoo._registry import Example, register_compat
 from attnzoo.functional import attend
 from attnzoo.maps.capture import capturing, record_rows
+from attnzoo.mechanisms._nested import nested_self_attention
 
 __all__ = ["MultiheadAttention"]
 
@@ -97,6 +99,7 @@ class MultiheadAttention(nn.Module):
     """
 
     __constants__ = ["batch_first"]
+    takes_nested = True  # `attnzoo.mechanisms._nested`: a nested query passes the input checks
 
     def __init__(
         self,
@@ -117,10 +120,9 @@ class MultiheadAttention(nn.Module):
         if embed_dim % num_heads:
             raise ValueError(f"{_WHO}: embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
         dropout = check_float(dropout, "dropout", _WHO, minimum=0.0, maximum=1.0)
-        if kdim is not None:
-            check_int(kdim, "kdim", _WHO)
-        if vdim is not None:
-            check_int(vdim, "vdim", _WHO)
+        for width, name in ((kdim, "kdim"), (vdim, "vdim")):
+            if width is not None:
+                check_int(width, name, _WHO)
         super().__init__()
 
         def empty(*shape: int) -> nn.Parameter:
@@ -130,9 +132,7 @@ class MultiheadAttention(nn.Module):
         self.kdim = kdim if kdim is not None else embed_dim
         self.vdim = vdim if vdim is not None else embed_dim
         self._qkv_same_embed_dim = self.kdim == embed_dim and self.vdim == embed_dim
-        self.num_heads = num_heads
-        self.dropout = dropout
-        self.batch_first = batch_first
+        self.num_heads, self.dropout, self.batch_first = num_heads, dropout, batch_first
         self.head_dim = embed_dim // num_heads
         self.add_zero_attn = add_zero_attn
         self.in_proj_weight: nn.Parameter | None
@@ -141,9 +141,8 @@ class MultiheadAttention(nn.Module):
         self.v_proj_weight: nn.Parameter | None
         if self._qkv_same_embed_dim:
             self.in_proj_weight = empty(3 * embed_dim, embed_dim)
-            self.register_parameter("q_proj_weight", None)
-            self.register_parameter("k_proj_weight", None)
-            self.register_parameter("v_proj_weight", None)
+            for name in ("q_proj_weight", "k_proj_weight", "v_proj_weight"):
+                self.register_parameter(name, None)
         else:
             self.q_proj_weight = empty(embed_dim, embed_dim)
             self.k_proj_weight = empty(embed_dim, self.kdim)
@@ -154,9 +153,8 @@ class MultiheadAttention(nn.Module):
             self.in_proj_bias = empty(3 * embed_dim)
         else:
             self.register_parameter("in_proj_bias", None)
-        self.out_proj = NonDynamicallyQuantizableLinear(
-            embed_dim, embed_dim, bias=bias, device=device, dtype=dtype
-        )
+        self.out_proj = NonDynamicallyQuantizableLinear(embed_dim, embed_dim, bias=bias, device=device,
+                                                        dtype=dtype)
         self.bias_k: nn.Parameter | None = empty(1, 1, embed_dim) if add_bias_kv else None
         self.bias_v: nn.Parameter | None = empty(1, 1, embed_dim) if add_bias_kv else None
         self._reset_parameters()
@@ -181,9 +179,8 @@ class MultiheadAttention(nn.Module):
             if not isinstance(t, Tensor):
                 raise TypeError(f"{_WHO} expects {name} to be a torch.Tensor, got {type(t).__name__}")
             if t.is_nested:
-                raise TypeError(
-                    f"{_WHO} does not take nested tensors ({name}); pass a padded tensor and key_padding_mask"
-                )
+                raise TypeError(f"{_WHO} takes a nested tensor as query only (with key and value the same "
+                                f"tensor); got a nested {name}")
             if not t.is_floating_point():
                 raise TypeError(f"{_WHO} expects {name} to have a floating dtype, got {t.dtype}")
             if t.numel() == 0:
@@ -338,6 +335,9 @@ class MultiheadAttention(nn.Module):
         Returns:
             ``(output, weights)``; weights is None unless ``need_weights``.
         """
+        if isinstance(query, Tensor) and query.is_nested:  # as torch's fast path: `_nested`
+            return nested_self_attention(self, _WHO, query, key, value, (key_padding_mask, attn_mask),
+                                         bool(need_weights), bool(average_attn_weights))
         batched = self._check_inputs(query, key, value)
         if is_causal and attn_mask is None:
             raise ValueError(

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import copy
 import inspect
+import itertools
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
+from attnzoo._fx import fx_leaf
 from attnzoo._registry import WIDTH_NAMES, get_spec
 
 __all__ = ["AttentionArg", "LayoutAdapter", "build_for_place", "channel_kwargs"]
@@ -20,6 +23,7 @@ AttentionArg = str | Callable[[int], nn.Module] | nn.Module
 # Building one attention module for one place
 
 
+@fx_leaf  # one call_module node in FX traces (attnzoo._fx)
 class LayoutAdapter(nn.Module):
     """Runs a module that wants another layout on this network's layout, and back.
 
@@ -62,9 +66,21 @@ def channel_kwargs(cls: type[nn.Module], channels: int) -> dict[str, int]:
     return kwargs
 
 
+def _placement(modules: tuple[nn.Module, ...]) -> tuple[torch.device, torch.dtype] | None:
+    """Device and floating dtype of the first floating parameter or buffer among `modules`."""
+    for module in modules:
+        for t in itertools.chain(module.parameters(), module.buffers()):
+            if t.is_floating_point():
+                return t.device, t.dtype
+    return None
+
+
 def build_for_place(
-    attention: AttentionArg, channels: int, outer: str, kwargs: dict[str, Any], place: str
+    attention: AttentionArg, channels: int, outer: str, kwargs: dict[str, Any], place: str,
+    like: tuple[nn.Module, ...] = (),
 ) -> nn.Module:
+    """The attention for one place; one built from a registry name takes the device and dtype of the
+    first of `like` that has floating tensors (the selected module, then the model)."""
     if isinstance(attention, nn.Module):
         if kwargs:
             raise ValueError(
@@ -95,6 +111,8 @@ def build_for_place(
         raise TypeError(
             f"cannot build {spec.name!r} for {place} ({channels} channels) with {args}: {err}"
         ) from err
+    if (found := _placement(like)) is not None:  # a float64 or CUDA model gets its attention there too
+        module = module.to(*found)
     if inner == outer:
         return module
     if outer == "NCHW" and inner in ("NHWC", "NLC"):
@@ -164,6 +182,7 @@ def _attach(model: nn.Module, name: str, attention: nn.Module, position: str, wh
     return f"{parent_name}.{new_child}" if parent_name else new_child
 
 
+@fx_leaf  # one call_module node in FX traces (attnzoo._fx)
 class _SequentialGuard(nn.Module):
     """The attention placed in a Sequential, checking that it keeps the shape it is given.
 

@@ -76,7 +76,8 @@ def insert(
     built = []
     for site in sites:
         channels, layout = _site_shape(site, use_input=position == "before")
-        built.append((site, build_for_place(attention, channels, layout, dict(kwargs), site.name)))
+        built.append((site, build_for_place(attention, channels, layout, dict(kwargs), site.name,
+                                                   like=(site.module, model))))
     # Attach only once every place built, so a bad argument leaves the model untouched.
     names = [_attach(model, site.name, module, position, what) for site, module in built]
     _verify(model, example_input)
@@ -151,7 +152,8 @@ def replace(
                                  f"pass example_input=")
             site.shape_in = guess
         channels, layout = _site_shape(site, use_input=True)
-        built.append((site, build_for_place(attention, channels, layout, dict(kwargs), site.name)))
+        built.append((site, build_for_place(attention, channels, layout, dict(kwargs), site.name,
+                                                   like=(site.module, model))))
     for site, module in built:
         parent_name, _, child = site.name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -165,6 +167,7 @@ def _convert_instances(
 ) -> list[str]:
     """``replace(model, ForeignClass)``: every instance converted by `attnzoo.convert`, in place."""
     from attnzoo.convert import in_place_converter_for, known  # lazy: convert imports the families
+    from attnzoo.convert.registry import refuse_converted_inside
 
     converter = in_place_converter_for(where) if isinstance(where, type) else None
     if converter is None or not isinstance(where, type):
@@ -186,6 +189,7 @@ def _convert_instances(
             continue
         if id(module) not in new:
             try:
+                refuse_converted_inside(module)
                 new[id(module)] = converter(module)
             except TypeError as err:
                 raise TypeError(f"replace: {name}: {err}") from err

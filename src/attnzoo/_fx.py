@@ -1,0 +1,81 @@
+"""attnzoo modules inside models that torch.fx traces, or that TorchScript is asked to compile.
+
+torch's own modules are leaves of an FX trace (one ``call_module`` node; `torch.fx.Tracer.is_leaf_module`
+says so for ``torch.nn``), which is how ``torchvision``'s ``create_feature_extractor`` and FX passes see
+``nn.MultiheadAttention`` or torchvision's attention. After `attnzoo.replace` the same place holds an
+attnzoo module, whose forward checks its inputs' shapes and values and picks kernels: symbolic proxies
+cannot run it. So an attnzoo module traced as a submodule records itself as one ``call_module``
+node, as torch's modules do, and the traced graph calls it eagerly. Traced as the root itself there
+is no parent to call it from: that raises ``TypeError`` naming what works instead.
+
+TorchScript cannot compile these modules (dynamic kernel choice, keyword-only helpers, Python
+containers): ``torch.jit.script`` raises ``TypeError`` saying so, before TorchScript's own error from
+deep inside a forward.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from typing import Any, TypeVar
+
+import torch.fx
+from torch import nn
+
+__all__ = ["fx_leaf", "traced_call"]
+
+ClassT = TypeVar("ClassT", bound=type)
+
+
+def _symbolic_tracing() -> bool:
+    """Whether torch.fx's symbolic tracer is running (a thread-local flag; False under torch.compile)."""
+    probe = getattr(torch.fx._symbolic_trace, "is_fx_symbolic_tracing", None)
+    return True if probe is None else bool(probe())
+
+
+def traced_call(module: nn.Module, args: tuple, kwargs: dict) -> Any:
+    """``module`` as one ``call_module`` node when an FX tracer runs it on proxies; None otherwise."""
+    if not _symbolic_tracing():
+        return None
+    who = type(module).__name__
+    root = TypeError(
+        f"torch.fx cannot trace {who} itself: attnzoo modules check their inputs and choose kernels at "
+        f"run time, so a traced model records them as one call_module node (as torch's own modules); "
+        f"trace a model that holds it (nn.Sequential({who}(...)) will do), or use torch.export"
+    )
+    try:
+        values = itertools.chain(args, kwargs.values())
+        proxy = next((a for a in values if isinstance(a, torch.fx.Proxy)), None)
+    except torch.fx.proxy.TraceError:  # the root's `*args` came as one proxy: this module is the root
+        raise root from None
+    tracer = None if proxy is None else proxy.tracer
+    if not isinstance(tracer, torch.fx.Tracer):  # no proxy, or a tracer that has no module paths
+        return None
+    if getattr(tracer, "root", None) is module:
+        raise root
+    return tracer.create_proxy("call_module", tracer.path_of_module(module), args, kwargs)
+
+
+def _refuse_script(self: nn.Module) -> nn.Module:
+    raise TypeError(
+        f"torch.jit.script cannot compile attnzoo's {type(self).__name__} (TorchScript takes a subset of "
+        f"Python that attnzoo's modules do not keep to); use torch.jit.trace, torch.export or torch.compile"
+    )
+
+
+def fx_leaf(cls: ClassT) -> ClassT:
+    """Make ``cls`` a leaf of FX traces (`traced_call`) and refuse TorchScript by name, in place; for a
+    class whose forward `attnzoo._checks.checked` does not wrap (those it wraps get the same)."""
+    forward = cls.__dict__.get("forward")
+    if forward is not None and not getattr(forward, "_attnzoo_fx_leaf", False):
+
+        @functools.wraps(forward)
+        def leaf_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+            traced = traced_call(self, args, kwargs)
+            return traced if traced is not None else forward(self, *args, **kwargs)
+
+        leaf_forward._attnzoo_fx_leaf = True  # type: ignore[attr-defined]
+        cls.forward = leaf_forward  # type: ignore[attr-defined]
+    if "__prepare_scriptable__" not in cls.__dict__:
+        cls.__prepare_scriptable__ = _refuse_script  # type: ignore[attr-defined]
+    return cls
