@@ -127,3 +127,21 @@ def test_one_way_to_ask_for_the_weights(spec):
         out, weights = module(*xs, need_weights=True)
     torch.testing.assert_close(out, plain)
     assert isinstance(weights, torch.Tensor) and torch.isfinite(weights).all()
+
+
+DROPOUT_OPTIONS = ("attn_drop", "proj_drop", "drop_attn", "dropout", "attention_dropout", "drop_rate")
+
+
+@pytest.mark.parametrize("spec", attnzoo.list_modules(), ids=lambda s: s.name)
+def test_every_dropout_option_is_an_nn_dropout_submodule(spec):
+    """As in timm's and fightingcv's modules: code that sets (or zeroes) every nn.Dropout's p in a model
+    reaches the attention's dropout too, also after `attnzoo.replace` swapped theirs for ours."""
+    import inspect
+
+    from torch import nn
+
+    options = [n for n in DROPOUT_OPTIONS if n in inspect.signature(spec.cls.__init__).parameters]
+    for name in options:
+        module = spec.cls(**{**spec.example.kwargs, name: 0.25})
+        drops = [m for m in module.modules() if isinstance(m, nn.modules.dropout._DropoutNd) and m.p == 0.25]
+        assert drops, f"{spec.name}: {name}=0.25 is held by no nn.Dropout module"

@@ -353,7 +353,7 @@ def test_block_defaults_and_keras_names():
     assert {k: v.shape for k, v in built.state_dict().items()} == {
         k: v.shape for k, v in direct.state_dict().items()
     }
-    assert built.attention.dropout == 0.2 and built.attention.query.bias is None
+    assert built.attention.dropout.p == 0.2 and built.attention.query.bias is None
     with pytest.raises(ValueError, match="head_dim must be >= 1, got 0"):
         SelfAttentionBlock(8, head_dim=0)
     with pytest.raises(ValueError, match="attn_drop must be <= 1"):

@@ -130,7 +130,7 @@ class KerasMultiHeadAttention(nn.Module):
         self.key_dim = check_int(key_dim, "key_dim", who)
         self.value_dim = key_dim if value_dim is None else check_int(value_dim, "value_dim", who)
         self.context_dim = dim if context_dim is None else check_int(context_dim, "context_dim", who)
-        self.dropout = check_float(dropout, "dropout", who, minimum=0.0, maximum=1.0)
+        self.dropout = nn.Dropout(check_float(dropout, "dropout", who, minimum=0.0, maximum=1.0))
         if not isinstance(use_bias, bool):
             raise TypeError(f"{who}: use_bias must be a bool, got {type(use_bias).__name__} {use_bias!r}")
         if output_shape is None:
@@ -175,7 +175,7 @@ class KerasMultiHeadAttention(nn.Module):
         v = self.value(source).transpose(1, 2)  # (B, S, h, e) -> (B, h, S, e)
         if mask is not None and mask.ndim < 4:  # SDPA rejects 1-D masks: left-pad to (B, h, L, S) rank
             mask = mask.reshape((1,) * (4 - mask.ndim) + tuple(mask.shape))
-        p = self.dropout if self.training else 0.0
+        p = self.dropout.p if self.training else 0.0
         scale = self.key_dim**-0.5
         res = attend(q, k, v, mask=mask, causal=causal, dropout_p=p, scale=scale, need_weights=need_weights)
         out, weights = res if isinstance(res, tuple) else (res, None)  # (B, h, L, e), (B, h, L, S)
@@ -188,5 +188,5 @@ class KerasMultiHeadAttention(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"num_heads={self.num_heads}, key_dim={self.key_dim}, value_dim={self.value_dim}, "
-            f"dropout={self.dropout}, output_shape={self.output_shape}"
+            f"dropout={self.dropout.p}, output_shape={self.output_shape}"
         )

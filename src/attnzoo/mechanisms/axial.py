@@ -43,7 +43,7 @@ class _AxisAttention(nn.Module):
         self.q = nn.Linear(dim, inner, bias=qkv_bias, **factory)
         self.kv = nn.Linear(dim, 2 * inner, bias=qkv_bias, **factory)  # keys, then values
         self.proj = nn.Linear(inner, dim, **factory)
-        self.attn_drop = attn_drop
+        self.attn_drop = nn.Dropout(attn_drop)
 
     def forward(self, x: Tensor, need_weights: bool) -> tuple[Tensor, Tensor | None]:
         lead, length = x.shape[:-2], x.shape[-2]
@@ -51,7 +51,7 @@ class _AxisAttention(nn.Module):
         heads = (-1, length, self.num_heads, self.head_dim)
         q = self.q(tokens).reshape(heads).transpose(1, 2)  # (M, h, L, e)
         k, v = (t.reshape(heads).transpose(1, 2) for t in self.kv(tokens).chunk(2, -1))  # (M, h, L, e) each
-        drop = self.attn_drop if self.training else 0.0
+        drop = self.attn_drop.p if self.training else 0.0
         result = attend(q, k, v, dropout_p=drop, need_weights=need_weights)
         out, weights = result if isinstance(result, tuple) else (result, None)
         out = self.proj(out.transpose(1, 2).flatten(2))  # (M, h, L, e) -> (M, L, h e) -> (M, L, C)

@@ -154,7 +154,7 @@ class CrossFormerGroupAttention(nn.Module):
         check_divisible(dim, num_heads, "dim", "num_heads", who)
         scale = check_float(qk_scale, "qk_scale", who) if qk_scale is not None else 0.0
         self.scale = scale or (dim // num_heads) ** -0.5
-        self.attn_drop = check_float(attn_drop, "attn_drop", who, minimum=0.0, maximum=1.0)
+        self.attn_drop = nn.Dropout(check_float(attn_drop, "attn_drop", who, minimum=0.0, maximum=1.0))
         self.position_bias = bool(position_bias)
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
         if self.position_bias:
@@ -240,7 +240,7 @@ class CrossFormerGroupAttention(nn.Module):
         """Attention of checked groups `(B*nG, N, C)` with bias `(h, N, N)`, `(nG, h or 1, N, N)` or None."""
         heads = self.num_heads
         qkv = self.qkv(x).unflatten(-1, (3, heads, -1))  # (B*nG, N, 3, h, d)
-        dropout_p = self.attn_drop if self.training else 0.0
+        dropout_p = self.attn_drop.p if self.training else 0.0
         if bias is not None and bias.ndim == 4 and bias.shape[1] != heads:
             bias = bias.expand(-1, heads, -1, -1)  # (nG, h, N, N)
         weights = None

@@ -160,7 +160,7 @@ class DeformableAttention(nn.Module):
             raise ValueError(f"{who}: dwc_pe=True and fixed_pe=True need use_pe=True, got use_pe=False")
         if dwc_pe and fixed_pe:
             raise ValueError(f"{who}: dwc_pe and fixed_pe are two kinds of position term: set one, got both")
-        self.attn_drop = check_float(attn_drop, "attn_drop", who, minimum=0.0, maximum=1.0)
+        self.attn_drop = nn.Dropout(check_float(attn_drop, "attn_drop", who, minimum=0.0, maximum=1.0))
         check_float(proj_drop, "proj_drop", who, minimum=0.0, maximum=1.0)
         self.channels, self.num_heads, self.groups = channels, num_heads, groups
         self.head_dim = channels // num_heads
@@ -261,7 +261,7 @@ class DeformableAttention(nn.Module):
         v = self.proj_v(sampled).reshape(batch, heads, d, ns).transpose(-1, -2)  # (B, h, Ns, d)
         pos = pos.reshape(batch * g, ns, 2)  # (B*g, Ns, 2)
         bias = self._bias(pos, batch, height, width, q)
-        p = self.attn_drop if self.training else 0.0
+        p = self.attn_drop.p if self.training else 0.0
         result = attend(q, k, v, bias=bias, scale=self.scale, dropout_p=p, need_weights=need_weights)
         out, weights = result if isinstance(result, tuple) else (result, None)
         if capturing():

@@ -127,7 +127,7 @@ class MultiHeadAttention(nn.Module):
         self.dim = check_int(dim, "dim", who)
         self.num_heads = check_int(num_heads, "num_heads", who)
         self.head_dim, self.value_head_dim = check_head_widths(dim, num_heads, head_dim, value_head_dim, who)
-        self.attn_drop = check_float(attn_drop, "attn_drop", who, minimum=0.0, maximum=1.0)
+        self.attn_drop = nn.Dropout(check_float(attn_drop, "attn_drop", who, minimum=0.0, maximum=1.0))
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
         qk_width, v_width = num_heads * self.head_dim, num_heads * self.value_head_dim
         self.in_proj = in_proj
@@ -239,7 +239,7 @@ class MultiHeadAttention(nn.Module):
         if mask is not None and mask.ndim < 4:  # SDPA rejects 1-D masks: left-pad to (B, h, L, S) rank
             mask = mask.reshape((1,) * (4 - mask.ndim) + tuple(mask.shape))
         q, k, v = self._project(query, key, value)
-        dropout_p = self.attn_drop if self.training else 0.0
+        dropout_p = self.attn_drop.p if self.training else 0.0
         result = attend(
             q, k, v, mask=mask, bias=bias, causal=causal, dropout_p=dropout_p, need_weights=need_weights
         )

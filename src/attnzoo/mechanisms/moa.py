@@ -149,7 +149,7 @@ class OverlappedAttention(nn.Module):
                                  f"{self.window_size} (the queries are non-overlapping windows)")
         self.reduction = check_int(reduction, "reduction", who)
         self.rd_channels = max(1, dim // self.reduction)  # the official int(dim // 32) may be 0
-        self.attn_drop = check_float(attn_drop, "attn_drop", who, minimum=0.0, maximum=1.0)
+        self.attn_drop = nn.Dropout(check_float(attn_drop, "attn_drop", who, minimum=0.0, maximum=1.0))
         self.scale = (dim // num_heads) ** -0.5
         self.grid = (self.feat_size[0] // self.window_size, self.feat_size[1] // self.window_size)
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
@@ -214,7 +214,7 @@ class OverlappedAttention(nn.Module):
         bias = gather_relative_bias(self.relative_position_bias_table, index)  # (h, n, n)
         if capturing():  # map capture: window rows over the window grid
             record_rows(self, q, k, grid=self.grid, bias=bias, scale=self.scale)
-        drop = self.attn_drop if self.training else 0.0
+        drop = self.attn_drop.p if self.training else 0.0
         weights = None
         if need_weights:
             out, weights = attend(q, k, v, bias=bias, dropout_p=drop, scale=self.scale, need_weights=True)

@@ -133,7 +133,7 @@ class MUSEAttention(nn.Module):
         ):
             raise ValueError(f"{who} expects kernel_sizes to be odd positive ints, got {kernel_sizes!r}")
         self.kernel_sizes = tuple(kernel_sizes)
-        self.attn_drop = check_float(attn_drop, "attn_drop", who, minimum=0.0, maximum=1.0)
+        self.attn_drop = nn.Dropout(check_float(attn_drop, "attn_drop", who, minimum=0.0, maximum=1.0))
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
         qk, vw = num_heads * self.head_dim, num_heads * self.value_head_dim
         self.q = nn.Linear(dim, qk, bias=qkv_bias, **factory)
@@ -185,7 +185,7 @@ class MUSEAttention(nn.Module):
         is_bool = mask is not None and mask.dtype == torch.bool
         result = attend(
             q, k, v, mask=mask if is_bool else None, bias=None if is_bool else mask,
-            dropout_p=self.attn_drop if self.training else 0.0, need_weights=need_weights,
+            dropout_p=self.attn_drop.p if self.training else 0.0, need_weights=need_weights,
         )
         out, weights = result if isinstance(result, tuple) else (result, None)
         out = self.proj_drop(self.proj(out.transpose(1, 2).flatten(2)))  # (B, L, h dv) -> (B, L, C)

@@ -87,7 +87,7 @@ class _NeighbourhoodAttention(nn.Module):
         if not math.isfinite(scale):
             raise ValueError(f"{who}: qk_scale must be finite, got {qk_scale}")
         self.scale = scale
-        self.attn_drop = check_float(attn_drop, "attn_drop", who, minimum=0.0, maximum=1.0)
+        self.attn_drop = nn.Dropout(check_float(attn_drop, "attn_drop", who, minimum=0.0, maximum=1.0))
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias, **factory)
         if rel_pos_bias:
             table = (num_heads, *(2 * k - 1 for k in self.kernel_size))
@@ -125,7 +125,7 @@ class _NeighbourhoodAttention(nn.Module):
         bias = None
         if self.rpb is not None:
             bias = self.rpb.flatten(1)[:, rel]  # (h, (2k-1)^n) -> (h, N, K)
-        dropout_p = self.attn_drop if self.training else 0.0
+        dropout_p = self.attn_drop.p if self.training else 0.0
         out, weights = neighbourhood_attend(q, k, v, keys, bias=bias, valid=valid, dropout_p=dropout_p)
         if capturing():
             self._record(weights, keys, sizes)

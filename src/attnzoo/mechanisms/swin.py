@@ -144,7 +144,7 @@ class WindowAttention(nn.Module):
         self.scale = (
             check_float(qk_scale, "qk_scale", who) if qk_scale is not None else 0.0
         ) or head_dim**-0.5
-        self.attn_drop = check_float(attn_drop, "attn_drop", who, minimum=0.0, maximum=1.0)
+        self.attn_drop = nn.Dropout(check_float(attn_drop, "attn_drop", who, minimum=0.0, maximum=1.0))
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
         wh, ww = self.window_size
         self.relative_position_bias_table = nn.Parameter(
@@ -239,7 +239,7 @@ class WindowAttention(nn.Module):
     ) -> Tensor | tuple[Tensor, Tensor]:
         """Attention of checked windows `(B*nW, N, C)` with bias `(h, N, N)` or `(nW, h, N, N)`."""
         qkv = self.qkv(x).unflatten(-1, (3, self.num_heads, -1))  # (B*nW, N, 3, h, d)
-        dropout_p = self.attn_drop if self.training else 0.0
+        dropout_p = self.attn_drop.p if self.training else 0.0
         weights = None
         if need_weights:
             q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B*nW, h, N, d)

@@ -266,7 +266,7 @@ class ShiftedWindowAttentionV2(nn.Module):
                 f"{who}: shift_size must be smaller than window_size {(wh, ww)}, got {self.shift_size}"
             )
         self.pretrained_window_size = int_pair(pretrained_window_size, "pretrained_window_size", who, 0)
-        self.attn_drop = check_float(attn_drop, "attn_drop", who, minimum=0.0, maximum=1.0)
+        self.attn_drop = nn.Dropout(check_float(attn_drop, "attn_drop", who, minimum=0.0, maximum=1.0))
         self.qkv = nn.Linear(dim, dim * 3, bias=False, **factory)
         self.q_bias = nn.Parameter(torch.zeros(dim, **factory)) if qkv_bias else None
         self.v_bias = nn.Parameter(torch.zeros(dim, **factory)) if qkv_bias else None
@@ -341,7 +341,7 @@ class ShiftedWindowAttentionV2(nn.Module):
         capture = capturing()
         out, weights = cosine_window_attention(  # out: (B*nW, N, C)
             qkv, self.logit_scale, self.position_bias(), mask,
-            dropout_p=self.attn_drop if self.training else 0.0, need_weights=need_weights or capture,
+            dropout_p=self.attn_drop.p if self.training else 0.0, need_weights=need_weights or capture,
         )
         if capture and weights is not None:
             record_windows(self, weights, (height, width), (hp, wp), self.window_size, shift)

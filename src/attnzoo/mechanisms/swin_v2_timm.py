@@ -104,7 +104,7 @@ class TimmWindowAttentionV2(ShiftedWindowAttentionV2):
         capture = capturing()
         out, weights = cosine_window_attention(  # out: (B', N, C)
             qkv, self.logit_scale, self.position_bias(), attn_mask,
-            dropout_p=self.attn_drop if self.training else 0.0, need_weights=capture,
+            dropout_p=self.attn_drop.p if self.training else 0.0, need_weights=capture,
         )
         if capture and weights is not None:
             queries = torch.arange(n, device=x.device)

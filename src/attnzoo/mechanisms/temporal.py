@@ -111,7 +111,7 @@ class TemporalAttention(nn.Module):
         self.scale = (check_float(qk_scale, "qk_scale", who) if qk_scale is not None else 0.0) or (
             dim // num_heads
         ) ** -0.5
-        self.attn_drop = check_float(attn_drop, "attn_drop", who, minimum=0.0, maximum=1.0)
+        self.attn_drop = nn.Dropout(check_float(attn_drop, "attn_drop", who, minimum=0.0, maximum=1.0))
         self.with_qkv = bool(with_qkv)
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
         if self.with_qkv:
@@ -147,7 +147,7 @@ class TemporalAttention(nn.Module):
             qkv = x.unflatten(-1, (1, self.num_heads, -1)).expand(
                 batch, frames, 3, self.num_heads, -1
             )  # (B, T, 3, h, d)
-        dropout_p = self.attn_drop if self.training else 0.0
+        dropout_p = self.attn_drop.p if self.training else 0.0
         weights = None
         if need_weights:
             q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, h, T, d)

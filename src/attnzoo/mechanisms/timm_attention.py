@@ -68,7 +68,7 @@ class TimmAttention(nn.Module):
             raise ValueError(f"{who}: norm_layer must be given with qk_norm or scale_norm, got None")
         self.attn_dim = self.num_heads * self.head_dim
         self.scale = self.head_dim**-0.5
-        self.attn_drop = check_float(attn_drop, "attn_drop", who, minimum=0.0, maximum=1.0)
+        self.attn_drop = nn.Dropout(check_float(attn_drop, "attn_drop", who, minimum=0.0, maximum=1.0))
         self.qkv = nn.Linear(dim, 3 * self.attn_dim, bias=qkv_bias, **dd)
         norm = norm_layer if norm_layer is not None else nn.Identity
         self.q_norm = norm(self.head_dim, **dd) if qk_norm else nn.Identity()
@@ -93,7 +93,7 @@ class TimmAttention(nn.Module):
         qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim)  # (B, N, 3, h, d)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, h, N, d) each
         q, k = self.q_norm(q), self.k_norm(k)
-        dropout_p = self.attn_drop if self.training else 0.0
+        dropout_p = self.attn_drop.p if self.training else 0.0
         out = attend(q, k, v, mask=attn_mask, causal=bool(is_causal), dropout_p=dropout_p, scale=self.scale)
         if capturing():  # map capture: rows of the capture's query points
             record_rows(self, q, k, grid=(tokens,), mask=attn_mask, causal=bool(is_causal), scale=self.scale)

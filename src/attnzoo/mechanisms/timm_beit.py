@@ -82,7 +82,7 @@ class TimmBeitAttention(nn.Module):
         self.attn_dim = self.num_heads * self.head_dim
         self.scale = self.head_dim**-0.5
         self.qkv_bias_separate = bool(qkv_bias_separate)  # the same sum either way; kept for timm's repr
-        self.attn_drop = check_float(attn_drop, "attn_drop", who, minimum=0.0, maximum=1.0)
+        self.attn_drop = nn.Dropout(check_float(attn_drop, "attn_drop", who, minimum=0.0, maximum=1.0))
         self.qkv = nn.Linear(dim, 3 * self.attn_dim, bias=False, **dd)
         self.q_bias = nn.Parameter(torch.zeros(self.attn_dim, **dd)) if qkv_bias else None
         k_bias = torch.zeros(self.attn_dim, **dd) if qkv_bias else None  # timm's: a zero buffer
@@ -134,7 +134,7 @@ class TimmBeitAttention(nn.Module):
         qkv = nn.functional.linear(x, self.qkv.weight, qkv_bias)  # (B, N, 3 h d)
         qkv = qkv.reshape(batch, tokens, 3, self.num_heads, self.head_dim)  # (B, N, 3, h, d)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, h, N, d) each
-        dropout_p = self.attn_drop if self.training else 0.0
+        dropout_p = self.attn_drop.p if self.training else 0.0
         out = attend(q, k, v, bias=bias, dropout_p=dropout_p, scale=self.scale)  # (B, h, N, d)
         if capturing():  # map capture: rows of the capture's query points
             record_rows(self, q, k, grid=(tokens,), bias=bias, scale=self.scale)

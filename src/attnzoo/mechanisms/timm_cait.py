@@ -45,7 +45,7 @@ class _CaitBase(nn.Module):
         check_divisible(dim, num_heads, "dim", "num_heads", who)  # no head-width option to offer
         self.head_dim = dim // num_heads
         self.scale = self.head_dim**-0.5
-        self.attn_drop = check_float(attn_drop, "attn_drop", who, minimum=0.0, maximum=1.0)
+        self.attn_drop = nn.Dropout(check_float(attn_drop, "attn_drop", who, minimum=0.0, maximum=1.0))
         self.proj_drop = nn.Dropout(check_float(proj_drop, "proj_drop", who, minimum=0.0, maximum=1.0))
 
     def extra_repr(self) -> str:
@@ -91,7 +91,7 @@ class TimmCaitClassAttention(_CaitBase):
         dims = check_shape(x, type(self).__name__, "B N C", C=self.dim)
         q = self._heads(self.q(x[:, :1]))  # (B, h, 1, d)
         k, v = self._heads(self.k(x)), self._heads(self.v(x))  # (B, h, N, d)
-        dropout_p = self.attn_drop if self.training else 0.0
+        dropout_p = self.attn_drop.p if self.training else 0.0
         out = attend(q, k, v, dropout_p=dropout_p, scale=self.scale)  # (B, h, 1, d)
         if capturing():  # map capture: the class token's row
             record_rows(self, q, k, grid=(1,), key_grid=(dims["N"],), scale=self.scale)
@@ -155,10 +155,10 @@ class TimmTalkingHeadAttention(_CaitBase):
             idx = query_indices((tokens,), x.device)
             rows = weights.index_select(2, idx)  # (B, h, Q, N)
             record(self, "rows", rows, grid=(tokens,), queries=idx, query_grid=(tokens,))
-        if self.training and self.attn_drop > 0:
+        if self.training and self.attn_drop.p > 0:
             # timm's dropout sees the weights in its (B, N, N, h) memory order and draws in that order
             weights = weights.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
-            out = dropout_product(weights, v, self.attn_drop)  # (B, h, N, d)
+            out = dropout_product(weights, v, self.attn_drop.p)  # (B, h, N, d)
         else:
             out = torch.matmul(weights, v)  # (B, h, N, d)
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(batch, tokens, self.dim)))

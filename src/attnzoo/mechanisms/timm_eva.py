@@ -100,7 +100,7 @@ class TimmEvaAttention(nn.Module):
         self.scale = self.head_dim**-0.5
         self.qkv_bias_separate = bool(qkv_bias_separate)  # the same sum either way; kept for timm's repr
         self.rotate_half = bool(rotate_half)
-        self.attn_drop = check_float(attn_drop, "attn_drop", who, minimum=0.0, maximum=1.0)
+        self.attn_drop = nn.Dropout(check_float(attn_drop, "attn_drop", who, minimum=0.0, maximum=1.0))
         self.qkv: nn.Linear | None = None
         self.q_proj = self.k_proj = self.v_proj = None
         self.q_bias = self.v_bias = None
@@ -167,7 +167,7 @@ class TimmEvaAttention(nn.Module):
         q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = self._rotate(q, rope, v), self._rotate(k, rope, v)
-        dropout_p = self.attn_drop if self.training else 0.0
+        dropout_p = self.attn_drop.p if self.training else 0.0
         out = attend(q, k, v, mask=attn_mask, causal=bool(is_causal), dropout_p=dropout_p, scale=self.scale)
         if capturing():  # map capture: rows of the capture's query points
             record_rows(self, q, k, grid=(tokens,), mask=attn_mask, causal=bool(is_causal), scale=self.scale)

@@ -75,7 +75,7 @@ class _MaxxvitAttention(nn.Module):
         self.num_heads = dim_attn // self.dim_head
         self.head_first = bool(head_first)
         self.scale = self.dim_head**-0.5
-        self.attn_drop = check_float(attn_drop, "attn_drop", who, minimum=0.0, maximum=1.0)
+        self.attn_drop = nn.Dropout(check_float(attn_drop, "attn_drop", who, minimum=0.0, maximum=1.0))
         self.proj_drop = nn.Dropout(check_float(proj_drop, "proj_drop", who, minimum=0.0, maximum=1.0))
         return dim, dim_out, dim_attn
 
@@ -120,7 +120,7 @@ class _MaxxvitAttention(nn.Module):
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, mask: Tensor | None,
                 grid: tuple[int, ...]) -> Tensor:
         """The heads' outputs `(B, h, N, d)`."""
-        dropout_p = self.attn_drop if self.training else 0.0
+        dropout_p = self.attn_drop.p if self.training else 0.0
         out = attend(q, k, v, bias=bias, mask=mask, dropout_p=dropout_p, scale=self.scale)
         if capturing():  # map capture: rows of the capture's query points
             record_rows(self, q, k, grid=grid, bias=bias, mask=mask, scale=self.scale)

@@ -79,7 +79,7 @@ class _SubSampled(nn.Module):
         self.scale = self.head_dim**-0.5
         self.q = nn.Linear(dim, dim, bias=qkv_bias, **dd)
         self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias, **dd)
-        self.attn_drop = check_float(attn_drop, "attn_drop", who, minimum=0.0, maximum=1.0)
+        self.attn_drop = nn.Dropout(check_float(attn_drop, "attn_drop", who, minimum=0.0, maximum=1.0))
         self.proj = nn.Linear(dim, dim, **dd)
         self.proj_drop = nn.Dropout(check_float(proj_drop, "proj_drop", who, minimum=0.0, maximum=1.0))
         # The reduction, set by the subclasses (after the projections, timm's order of parameters).
@@ -123,7 +123,7 @@ class _SubSampled(nn.Module):
         reduced, key_grid = self._reduce(x, height, width)  # (B, M, C)
         kv = self.kv(reduced).reshape(batch, -1, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         k, v = kv.unbind(0)  # (B, h, M, d) each
-        dropout_p = self.attn_drop if self.training else 0.0
+        dropout_p = self.attn_drop.p if self.training else 0.0
         out = attend(q, k, v, dropout_p=dropout_p, scale=self.scale)  # (B, h, N, d)
         if capturing():  # map capture: rows of the capture's query points over the reduced map
             record_rows(self, q, k, grid=(height, width), key_grid=key_grid, scale=self.scale)
@@ -258,7 +258,7 @@ class TimmTwinsLocalAttention(nn.Module):
         self.head_dim = dim // num_heads
         self.scale = self.head_dim**-0.5
         self.qkv = nn.Linear(dim, dim * 3, bias=True, **dd)
-        self.attn_drop = check_float(attn_drop, "attn_drop", who, minimum=0.0, maximum=1.0)
+        self.attn_drop = nn.Dropout(check_float(attn_drop, "attn_drop", who, minimum=0.0, maximum=1.0))
         self.proj = nn.Linear(dim, dim, **dd)
         self.proj_drop = nn.Dropout(check_float(proj_drop, "proj_drop", who, minimum=0.0, maximum=1.0))
         self.ws = check_int(ws, "ws", who)
@@ -280,7 +280,7 @@ class TimmTwinsLocalAttention(nn.Module):
         windows = fmap.reshape(batch, rows, ws, cols, ws, channels).transpose(2, 3)  # (B, h', w', ws, ws, C)
         qkv = self.qkv(windows).reshape(batch * rows * cols, ws * ws, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B nW, h, ws^2, d) each, windows row-major
-        dropout_p = self.attn_drop if self.training else 0.0
+        dropout_p = self.attn_drop.p if self.training else 0.0
         out = attend(q, k, v, dropout_p=dropout_p, scale=self.scale)  # (B nW, h, ws^2, d)
         if capturing():  # map capture: every window's rows, then the query points' rows on the map
             with torch.no_grad():

@@ -94,7 +94,7 @@ class TimmRelPosAttention(nn.Module):
         check_divisible(dim, num_heads, "dim", "num_heads", who)  # no head-width option to offer
         self.head_dim = dim // num_heads
         self.scale = self.head_dim**-0.5
-        self.attn_drop = check_float(attn_drop, "attn_drop", who, minimum=0.0, maximum=1.0)
+        self.attn_drop = nn.Dropout(check_float(attn_drop, "attn_drop", who, minimum=0.0, maximum=1.0))
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias, **dd)
         self.q_norm = norm_layer(self.head_dim, **dd) if qk_norm else nn.Identity()
         self.k_norm = norm_layer(self.head_dim, **dd) if qk_norm else nn.Identity()
@@ -137,7 +137,7 @@ class TimmRelPosAttention(nn.Module):
         qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # (B, h, N, d) each
         q, k = self.q_norm(q), self.k_norm(k)
-        dropout_p = self.attn_drop if self.training else 0.0
+        dropout_p = self.attn_drop.p if self.training else 0.0
         out = attend(q, k, v, bias=bias, mask=mask, dropout_p=dropout_p, scale=self.scale)  # (B, h, N, d)
         if capturing():  # map capture: rows of the capture's query points
             record_rows(self, q, k, grid=(tokens,), bias=bias, mask=mask, scale=self.scale)
@@ -229,7 +229,7 @@ class TimmSamAttention(nn.Module):
         check_divisible(dim, num_heads, "dim", "num_heads", who)  # no head-width option to offer
         self.head_dim = dim // num_heads
         self.scale = self.head_dim**-0.5
-        self.attn_drop = check_float(attn_drop, "attn_drop", who, minimum=0.0, maximum=1.0)
+        self.attn_drop = nn.Dropout(check_float(attn_drop, "attn_drop", who, minimum=0.0, maximum=1.0))
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias, **dd)
         self.q_norm = norm_layer(self.head_dim, **dd) if qk_norm else nn.Identity()
         self.k_norm = norm_layer(self.head_dim, **dd) if qk_norm else nn.Identity()
@@ -284,7 +284,7 @@ class TimmSamAttention(nn.Module):
         elif emb is not None:
             q, k = apply_rope(q, emb).type_as(v), apply_rope(k, emb).type_as(v)
         q, k, v = (t.reshape(batch, heads, tokens, self.head_dim) for t in (q, k, v))
-        dropout_p = self.attn_drop if self.training else 0.0
+        dropout_p = self.attn_drop.p if self.training else 0.0
         out = attend(q, k, v, bias=bias, dropout_p=dropout_p, scale=self.scale)  # (B, h, N, d)
         if capturing():  # map capture: rows of the capture's query points on the (H, W) map
             record_rows(self, q, k, grid=(height, width), bias=bias, scale=self.scale)

@@ -105,7 +105,7 @@ class TimmWindowMultiHeadAttention(nn.Module):
         check_divisible(dim, num_heads, "dim", "num_heads", who)
         self.window_size = int_pair(window_size, "window_size", who)
         self.sequential_attn = bool(sequential_attn)
-        self.attn_drop = check_float(drop_attn, "drop_attn", who, minimum=0.0, maximum=1.0)
+        self.attn_drop = nn.Dropout(check_float(drop_attn, "drop_attn", who, minimum=0.0, maximum=1.0))
         self.qkv = nn.Linear(dim, 3 * dim, **dd)
         self.proj = nn.Linear(dim, dim, **dd)
         self.proj_drop = nn.Dropout(check_float(drop_proj, "drop_proj", who, minimum=0.0, maximum=1.0))
@@ -144,7 +144,7 @@ class TimmWindowMultiHeadAttention(nn.Module):
         capture = capturing()
         out, weights = cosine_window_attention(  # out: (B', N, C)
             qkv, self.logit_scale.view(-1, 1, 1), bias, attn_mask,
-            dropout_p=self.attn_drop if self.training else 0.0, need_weights=capture,
+            dropout_p=self.attn_drop.p if self.training else 0.0, need_weights=capture,
         )
         if capture and weights is not None:
             queries = torch.arange(n, device=x.device)

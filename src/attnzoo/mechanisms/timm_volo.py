@@ -88,7 +88,7 @@ class TimmClassAttention(nn.Module):
         self.head_dim, _ = check_head_widths(dim, num_heads, head_dim, None, who)
         self.attn_dim = self.num_heads * self.head_dim
         self.scale = self.head_dim**-0.5
-        self.attn_drop = check_float(attn_drop, "attn_drop", who, minimum=0.0, maximum=1.0)
+        self.attn_drop = nn.Dropout(check_float(attn_drop, "attn_drop", who, minimum=0.0, maximum=1.0))
         self.kv = nn.Linear(dim, 2 * self.attn_dim, bias=qkv_bias, **dd)
         self.q = nn.Linear(dim, self.attn_dim, bias=qkv_bias, **dd)
         self.proj = nn.Linear(self.attn_dim, dim, **dd)
@@ -104,7 +104,7 @@ class TimmClassAttention(nn.Module):
         kv = self.kv(x).reshape(batch, tokens, 2, self.num_heads, self.head_dim)  # (B, N, 2, h, d)
         k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, h, N, d) each
         q = self.q(x[:, :1]).reshape(batch, 1, self.num_heads, self.head_dim).transpose(1, 2)  # (B, h, 1, d)
-        dropout_p = self.attn_drop if self.training else 0.0
+        dropout_p = self.attn_drop.p if self.training else 0.0
         out = attend(q, k, v, dropout_p=dropout_p, scale=self.scale)  # (B, h, 1, d)
         if capturing():  # map capture: the class token's row
             record_rows(self, q, k, grid=(1,), key_grid=(tokens,), scale=self.scale)

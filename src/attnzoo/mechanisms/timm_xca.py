@@ -57,7 +57,7 @@ class _CrossCovariance(nn.Module):
         self.head_dim = dim // num_heads
         self.temperature = nn.Parameter(torch.ones(num_heads, 1, 1, **dd))
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias, **dd)
-        self.attn_drop = check_float(attn_drop, "attn_drop", who, minimum=0.0, maximum=1.0)
+        self.attn_drop = nn.Dropout(check_float(attn_drop, "attn_drop", who, minimum=0.0, maximum=1.0))
         self.proj = nn.Linear(dim, dim, **dd)
         self.proj_drop = nn.Dropout(check_float(proj_drop, "proj_drop", who, minimum=0.0, maximum=1.0))
 
@@ -77,7 +77,7 @@ class _CrossCovariance(nn.Module):
         # the temperature scales the queries, which scales each head's (d, d) logits as timm's does
         q = nn.functional.normalize(q, dim=-1) * self.temperature  # (B, h, d, N) * (h, 1, 1)
         k = nn.functional.normalize(k, dim=-1)
-        dropout_p = self.attn_drop if self.training else 0.0
+        dropout_p = self.attn_drop.p if self.training else 0.0
         out = attend(q, k, v, dropout_p=dropout_p, scale=1.0)  # (B, h, d, N)
         if capturing():  # map capture: the rows of the query channels over the head's d channels
             record_rows(self, q, k, grid=(self.head_dim,), scale=1.0, unit="channel", note=_NOTE)
