@@ -79,6 +79,8 @@ def test_renamed_timm_keys_load_after_replace(name: str, cls: type[nn.Module]) -
         ("lambda_resnet26t", {}, (64, 64)),
         ("gcresnet33ts", {}, (40, 48)),
         ("eca_botnext26ts_256", {"img_size": 64}, (64, 64)),
+        ("legacy_seresnet18", {}, (32, 40)),  # timm.models.senet's own SEModule
+        ("hgnet_tiny", {}, (64, 64)),  # timm.models.hgnet's EseModule (its conv.* keys renamed)
     ],
 )
 def test_timm_models_with_attention_keep_their_logits(arch: str, kwargs: dict, size: tuple[int, int]) -> None:

@@ -1,6 +1,6 @@
-"""timm -> attnzoo converters for the channel gates (eca, ecam, ceca, ese, and the SE of the
-EfficientNet family's blocks), global context (gc, gca), gather-excite (ge) and light CBAM (lcbam);
-`attnzoo.convert.timm.from_timm` dispatches to them."""
+"""timm -> attnzoo converters for the channel gates (eca, ecam, ceca, ese, the SE of the EfficientNet
+family's blocks, legacy SENet's and HGNet's), global context (gc, gca), gather-excite (ge) and light
+CBAM (lcbam); `attnzoo.convert.timm.from_timm` dispatches to them."""
 
 from __future__ import annotations
 
@@ -246,3 +246,51 @@ def _efficientnet_se_keys(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
 
 
 TIMM_CONVERTERS["timm.models._efficientnet_blocks.SqueezeExcite"] = _efficientnet_se
+
+
+# The SE modules that timm's model files define for themselves: legacy SENet's and HGNet's.
+
+
+def _pointwise_with_bias(conv: Any) -> bool:
+    pointwise = isinstance(conv, nn.Conv2d) and conv.kernel_size == (1, 1) and conv.groups == 1
+    return pointwise and conv.bias is not None
+
+
+def _senet_se(module: Any) -> nn.Module:
+    """`timm.models.senet.SEModule` (legacy_seresnet*, legacy_senet154): 1x1 convolutions `fc1`, `fc2`
+    with biases around ReLU, a sigmoid gate: `SqueezeExcite` with the same keys."""
+    from attnzoo.mechanisms.se import SqueezeExcite
+
+    fc1, fc2 = module.fc1, module.fc2
+    if not (_pointwise_with_bias(fc1) and _pointwise_with_bias(fc2)):
+        raise _refuse(module, "its fc1 and fc2 are not 1x1 nn.Conv2d with bias")
+    if (fc2.in_channels, fc2.out_channels) != (fc1.out_channels, fc1.in_channels):
+        raise _refuse(module, f"its fc2 ({fc2.in_channels} -> {fc2.out_channels}) does not undo fc1")
+    ours = SqueezeExcite(fc1.in_channels, rd_channels=fc1.out_channels, bias=True, **_factory(module))
+    ours.act = copy_activation(module.relu, "relu", module)
+    ours.gate = copy_activation(module.sigmoid, "sigmoid", module)
+    return _finish(ours, module)
+
+
+def _hgnet_ese_keys(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """HGNet's ``EseModule`` keys -> `EffectiveSqueezeExcite`'s."""
+    return rename(state, {"conv.": "fc."})
+
+
+def _hgnet_ese(module: Any) -> nn.Module:
+    """`timm.models.hgnet.EseModule` (hgnet_*): a square 1x1 `conv` with bias and a sigmoid:
+    `EffectiveSqueezeExcite` with a sigmoid gate; HGNet's `conv.*` keys load through a pre-hook."""
+    from attnzoo.mechanisms.ese import EffectiveSqueezeExcite
+
+    conv = module.conv
+    if not (_pointwise_with_bias(conv) and conv.in_channels == conv.out_channels):
+        raise _refuse(module, "its conv is not a square 1x1 nn.Conv2d with bias")
+    ours = EffectiveSqueezeExcite(conv.in_channels, False, **_factory(module))
+    ours.gate = copy_activation(module.sigmoid, "sigmoid", module)
+    ours.register_load_state_dict_pre_hook(TimmKeys(_hgnet_ese_keys, ("conv.",)))
+    ours.load_state_dict(_hgnet_ese_keys(module.state_dict()), strict=True)
+    return ours.train(module.training)
+
+
+TIMM_CONVERTERS["timm.models.senet.SEModule"] = _senet_se
+TIMM_CONVERTERS["timm.models.hgnet.EseModule"] = _hgnet_ese
