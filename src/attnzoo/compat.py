@@ -26,6 +26,7 @@ mask; ``attnzoo.convert.from_timm`` converts timm's module), ``TimmAttention`` t
 ``TimmVoloAttention`` and ``TimmClassAttention`` VOLO's ``Attention`` (on maps) and ``ClassAttention``,
 ``TimmTalkingHeadAttention`` and ``TimmCaitClassAttention`` CaiT's ``TalkingHeadAttn`` and ``ClassAttn``,
 ``TimmEvaAttention`` EVA's ``EvaAttention`` (rotary embedding, q/v biases, scale norm),
+``TimmRopeAttention`` timm's ``AttentionRope`` (Qwen3-ViT, DeepSeek ViT: rotary, grouped-query heads),
 ``TimmWindowMultiHeadAttention`` Swin V2 CR's ``WindowMultiHeadAttention`` (meta-network position bias),
 ``TimmLinearSelfAttention`` MobileViT v2's ``LinearSelfAttention`` (separable attention on patches),
 ``TimmFactorAttention`` CoaT's ``FactorAttnConvRelPosEnc`` (factorized attention, shared position encoding),
@@ -78,7 +79,7 @@ from attnzoo.mechanisms.timm_davit import (
     TimmDavitChannelAttentionV2,
     TimmDavitWindowAttention,
 )
-from attnzoo.mechanisms.timm_eva import TimmEvaAttention
+from attnzoo.mechanisms.timm_eva import TimmEvaAttention, TimmRopeAttention
 from attnzoo.mechanisms.timm_levit import TimmLevitAttention, TimmLevitAttentionDownsample
 from attnzoo.mechanisms.timm_levit_family import TimmEfficientFormerAttention, TimmTinyVitAttention
 from attnzoo.mechanisms.timm_maxvit import TimmMaxxvitAttention2d, TimmMaxxvitAttentionCl
@@ -123,6 +124,7 @@ __all__ = [
     "TimmDavitWindowAttention",
     "TimmEfficientFormerAttention",
     "TimmEvaAttention",
+    "TimmRopeAttention",
     "TimmFactorAttention",
     "TimmLevitAttention",
     "TimmLevitAttentionDownsample",

@@ -105,3 +105,69 @@ def test_errors_name_what_was_expected() -> None:
         TimmEvaAttention(8, 2)  # timm's default scale norm needs a norm layer
     with pytest.raises(ValueError, match="num_prefix_tokens"):
         TimmEvaAttention(8, 2, num_prefix_tokens=-1, scale_norm=False)
+
+
+# timm's AttentionRope (timm.layers.attention): Qwen3-ViT's and DeepSeek ViT's attention
+
+ROPE_CONFIGS = [
+    {"dim": 16, "num_heads": 2},
+    {"dim": 16, "num_heads": 4, "qkv_fused": False, "num_kv_heads": 2, "qk_norm": True,
+     "norm_layer": nn.LayerNorm},
+    {"dim": 12, "num_heads": 3, "qkv_fused": False, "num_kv_heads": 1, "qkv_bias": False, "rotate_half": True,
+     "num_prefix_tokens": 0, "dim_out": 10, "proj_bias": False},
+    {"dim": 16, "num_heads": 2, "scale_norm": True, "norm_layer": nn.LayerNorm, "gated": True,
+     "attn_drop": 0.3, "proj_drop": 0.2, "num_prefix_tokens": 2},
+]
+
+
+@pytest.mark.parametrize("kwargs", ROPE_CONFIGS)
+@pytest.mark.parametrize("train", [False, True])
+@pytest.mark.parametrize("with_rope", [False, True])
+def test_rope_attention_matches_timm_float64(kwargs: dict, train: bool, with_rope: bool) -> None:
+    from timm.layers.attention import AttentionRope
+
+    from attnzoo.compat import TimmRopeAttention
+
+    theirs = randomize(AttentionRope(**kwargs).double()).train(train)
+    ours = from_timm(theirs)
+    assert type(ours) is TimmRopeAttention and ours.training == train
+    assert set(ours.state_dict()) == set(theirs.state_dict())
+    x = torch.randn(2, TOKENS, kwargs["dim"], dtype=D, requires_grad=True)
+    rope = _rope(kwargs) if with_rope else None
+    torch.manual_seed(1)
+    want = theirs(x, rope=rope)
+    torch.manual_seed(1)
+    got = ours(x, rope=rope)
+    torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
+    grad = torch.randn_like(got)
+    wanted = torch.autograd.grad(want, [x, *theirs.parameters()], grad)
+    for g, w in zip(torch.autograd.grad(got, [x, *ours.parameters()], grad), wanted, strict=True):
+        torch.testing.assert_close(g, w, atol=1e-9, rtol=1e-9)
+    reloaded = TimmRopeAttention(**kwargs).double()
+    reloaded.load_state_dict(theirs.state_dict(), strict=True)
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+
+
+def test_rope_attention_refuses_what_timm_asserts() -> None:
+    from attnzoo.compat import TimmRopeAttention
+
+    with pytest.raises(ValueError, match="must divide num_heads"):
+        TimmRopeAttention(16, 4, qkv_fused=False, num_kv_heads=3)
+    with pytest.raises(ValueError, match="needs qkv_fused=False"):
+        TimmRopeAttention(16, 4, num_kv_heads=2)
+
+
+def test_replace_in_a_qwen3_vit_keeps_its_logits_and_checkpoint() -> None:
+    timm = pytest.importorskip("timm")
+    from timm.layers.attention import AttentionRope
+
+    model = timm.create_model("qwen3_vit_88m", pretrained=False, depth=2, img_size=64, num_classes=3).double()
+    randomize(model, seed=5)
+    model.eval()
+    reference = copy.deepcopy(model)
+    assert len(__import__("attnzoo").replace(model, AttentionRope)) == 2
+    x = torch.randn(2, 3, 64, 64, dtype=D)
+    with torch.no_grad():
+        want = reference(x)
+        torch.testing.assert_close(model(x), want, atol=1e-10 * want.abs().max().item(), rtol=1e-10)
+    model.load_state_dict(reference.state_dict(), strict=True)

@@ -1,8 +1,9 @@
 """timm -> attnzoo for the attention of timm's ViT family: ViT's `Attention`, BEiT's, VOLO's (on maps
 and for the class token), CaiT's talking heads and class attention, EVA's, CoaT's factorized
-attention -> the `attnzoo.compat` classes that keep timm's constructors, calls and keys
-(`TimmAttention`, `TimmBeitAttention`, `TimmVoloAttention`, `TimmClassAttention`,
-`TimmTalkingHeadAttention`, `TimmCaitClassAttention`, `TimmEvaAttention`, `TimmFactorAttention`).
+attention, and `AttentionRope` (Qwen3-ViT, DeepSeek ViT) -> the `attnzoo.compat` classes that keep
+timm's constructors, calls and keys (`TimmAttention`, `TimmBeitAttention`, `TimmVoloAttention`,
+`TimmClassAttention`, `TimmTalkingHeadAttention`, `TimmCaitClassAttention`, `TimmEvaAttention`,
+`TimmRopeAttention`, `TimmFactorAttention`).
 
 `CONVERTERS` maps timm's dotted class names to the converters; `attnzoo.convert.timm` adds them to
 `TIMM_CONVERTERS`. timm is never imported here. The options each converter sets and the known
@@ -23,7 +24,7 @@ from attnzoo.mechanisms.timm_attention import TimmAttention
 from attnzoo.mechanisms.timm_beit import TimmBeitAttention
 from attnzoo.mechanisms.timm_cait import TimmCaitClassAttention, TimmTalkingHeadAttention
 from attnzoo.mechanisms.timm_coat import TimmFactorAttention
-from attnzoo.mechanisms.timm_eva import TimmEvaAttention
+from attnzoo.mechanisms.timm_eva import TimmEvaAttention, TimmRopeAttention
 from attnzoo.mechanisms.timm_volo import TimmClassAttention, TimmVoloAttention
 
 __all__ = ["CONVERTERS"]
@@ -126,6 +127,25 @@ def eva_attention_from_timm(module: Any) -> TimmEvaAttention:
     return finish(new, module, module.state_dict())
 
 
+def rope_attention_from_timm(module: Any) -> TimmRopeAttention:
+    """timm's `layers.attention.AttentionRope` -> `attnzoo.compat.TimmRopeAttention` (timm's call and keys;
+    its q/k norms and scale norm are copied, whatever their class)."""
+    fused = module.qkv is not None
+    first = module.qkv if fused else module.q_proj
+    if not default_scale(module, module.head_dim):
+        raise refuse(module, f"its scale {module.scale} is not head_dim ** -0.5")
+    new = TimmRopeAttention(
+        first.in_features, module.num_heads, dim_out=module.proj.out_features,
+        qkv_bias=first.bias is not None, qkv_fused=fused, num_prefix_tokens=module.num_prefix_tokens,
+        attn_drop=float(module.attn_drop.p), proj_drop=float(module.proj_drop.p),
+        attn_head_dim=module.head_dim, proj_bias=module.proj.bias is not None,
+        rotate_half=bool(module.rotate_half), gated=module.gate is not None,
+        num_kv_heads=module.num_kv_heads, **factory(module),
+    )
+    new.q_norm, new.k_norm, new.norm = (copy.deepcopy(m) for m in (module.q_norm, module.k_norm, module.norm))
+    return finish(new, module, module.state_dict())
+
+
 def factor_attention_from_timm(module: Any) -> TimmFactorAttention:
     """CoaT's `timm.models.coat.FactorAttnConvRelPosEnc` -> `attnzoo.compat.TimmFactorAttention`, its
     shared position encoding kept (the same module: the stage's blocks share it)."""
@@ -148,5 +168,6 @@ CONVERTERS: dict[str, Callable[[nn.Module], nn.Module]] = {
     "timm.models.cait.TalkingHeadAttn": talking_head_from_timm,
     "timm.models.cait.ClassAttn": cait_class_attention_from_timm,
     "timm.models.eva.EvaAttention": eva_attention_from_timm,
+    "timm.layers.attention.AttentionRope": rope_attention_from_timm,
     "timm.models.coat.FactorAttnConvRelPosEnc": factor_attention_from_timm,
 }

@@ -23,7 +23,7 @@ Shape letters: B batch, N tokens, P prefix tokens, C = dim, h heads, d head widt
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -33,7 +33,7 @@ from attnzoo._registry import Example, register_compat
 from attnzoo.functional import attend
 from attnzoo.maps.capture import capturing, record_rows
 
-__all__ = ["TimmEvaAttention", "apply_rope"]
+__all__ = ["TimmEvaAttention", "TimmRopeAttention", "apply_rope"]
 
 
 def apply_rope(x: Tensor, rope: Tensor, half: bool = False) -> Tensor:
@@ -175,3 +175,84 @@ class TimmEvaAttention(nn.Module):
         if gate is not None:
             out = out * gate
         return self.proj_drop(self.proj(out))
+
+
+@register_compat(example=Example({"dim": 8, "num_heads": 4, "qkv_fused": False, "num_kv_heads": 2},
+                                 ((2, 5, 8),), (2, 5, 8), channel_dim=-1))
+class TimmRopeAttention(TimmEvaAttention):
+    """timm's `layers.attention.AttentionRope(dim, num_heads=8, dim_out=None, qkv_bias=True, qkv_fused=True,
+    num_prefix_tokens=1, attn_drop=0., proj_drop=0., attn_head_dim=None, norm_layer=None, qk_norm=False,
+    scale_norm=False, proj_bias=True, rotate_half=False, gated=False, num_kv_heads=None)` (Qwen3-ViT,
+    DeepSeek's ViT; `attnzoo.compat.TimmRopeAttention`): EVA's attention (`TimmEvaAttention`, the same
+    call and rotary embedding) with a plain `qkv` bias (or three projections, the key one biased too),
+    grouped-query attention (`num_kv_heads` key/value heads, each shared by `num_heads / num_kv_heads`
+    query heads, with separate projections), an output width `dim_out` and a `proj_bias` switch.
+
+    Shape:
+        - x: `(B, N, C)`; rope and attn_mask as `TimmEvaAttention`'s.
+        - Output: `(B, N, dim_out)`.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        dim_out: int | None = None,
+        qkv_bias: bool = True,
+        qkv_fused: bool = True,
+        num_prefix_tokens: int = 1,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        attn_head_dim: int | None = None,
+        norm_layer: type[nn.Module] | None = None,
+        qk_norm: bool = False,
+        scale_norm: bool = False,
+        proj_bias: bool = True,
+        rotate_half: bool = False,
+        gated: bool = False,
+        num_kv_heads: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        who = type(self).__name__
+        kv_heads = check_int(num_kv_heads or num_heads, "num_kv_heads", who)
+        if num_heads % kv_heads:
+            raise ValueError(f"{who}: num_kv_heads ({kv_heads}) must divide num_heads ({num_heads})")
+        if qkv_fused and kv_heads != num_heads:
+            raise ValueError(f"{who}: grouped-query attention (num_kv_heads={kv_heads} of {num_heads}) needs "
+                             f"qkv_fused=False, as in timm")
+        super().__init__(
+            dim, num_heads, qkv_bias=False, qkv_fused=qkv_fused, num_prefix_tokens=num_prefix_tokens,
+            attn_drop=attn_drop, proj_drop=proj_drop, attn_head_dim=attn_head_dim, norm_layer=norm_layer,
+            qk_norm=qk_norm, scale_norm=scale_norm, rotate_half=rotate_half, gated=gated, device=device,
+            dtype=dtype,
+        )
+        dd: dict[str, Any] = {"device": device, "dtype": dtype}
+        self.num_kv_heads, self.num_kv_groups = kv_heads, num_heads // kv_heads
+        kv_dim = kv_heads * self.head_dim
+        if qkv_fused:  # timm's own Linear bias, not EVA's q/v parameters
+            self.qkv = nn.Linear(dim, 3 * self.attn_dim, bias=qkv_bias, **dd)
+        else:
+            self.q_proj = nn.Linear(dim, self.attn_dim, bias=qkv_bias, **dd)
+            self.k_proj = nn.Linear(dim, kv_dim, bias=qkv_bias, **dd)
+            self.v_proj = nn.Linear(dim, kv_dim, bias=qkv_bias, **dd)
+        if gated:
+            self.gate = nn.Linear(dim, self.attn_dim, bias=qkv_bias, **dd)
+        self.dim_out = check_int(dim_out or dim, "dim_out", who)  # timm's `dim_out or dim`
+        self.proj = nn.Linear(self.attn_dim, self.dim_out, bias=proj_bias, **dd)
+
+    def _qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries, keys and values `(B, h, N, d)` each; the key/value heads repeated for their query
+        heads (timm repeats them after the norms and the rotation, which act per head: the same numbers)."""
+        batch, tokens = x.shape[:2]
+        if self.qkv is not None:
+            qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim)  # (B, N, 3, h, d)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+            return q, k, v
+        q_proj, k_proj, v_proj = cast(nn.Linear, self.q_proj), cast(nn.Linear, self.k_proj), self.v_proj
+        q = q_proj(x).reshape(batch, tokens, self.num_heads, self.head_dim).transpose(1, 2)
+        k, v = (p(x).reshape(batch, tokens, self.num_kv_heads, self.head_dim).transpose(1, 2)
+                for p in (k_proj, cast(nn.Linear, v_proj)))  # (B, h_kv, N, d)
+        if self.num_kv_groups > 1:
+            k, v = (t.repeat_interleave(self.num_kv_groups, dim=1) for t in (k, v))
+        return q, k, v
