@@ -1,9 +1,10 @@
 """timm -> attnzoo for the attention of timm's ViT family: ViT's `Attention`, BEiT's, VOLO's (on maps
 and for the class token), CaiT's talking heads and class attention, EVA's, CoaT's factorized
-attention, and `AttentionRope` (Qwen3-ViT, DeepSeek ViT) -> the `attnzoo.compat` classes that keep
-timm's constructors, calls and keys (`TimmAttention`, `TimmBeitAttention`, `TimmVoloAttention`,
-`TimmClassAttention`, `TimmTalkingHeadAttention`, `TimmCaitClassAttention`, `TimmEvaAttention`,
-`TimmRopeAttention`, `TimmFactorAttention`).
+attention, `AttentionRope` (Qwen3-ViT, DeepSeek ViT), FastViT's and CrossViT's -> the `attnzoo.compat`
+classes that keep timm's constructors, calls and keys (`TimmAttention`, `TimmBeitAttention`,
+`TimmVoloAttention`, `TimmClassAttention`, `TimmTalkingHeadAttention`, `TimmCaitClassAttention`,
+`TimmEvaAttention`, `TimmRopeAttention`, `TimmFastVitAttention`, `TimmCrossAttention`,
+`TimmFactorAttention`).
 
 `CONVERTERS` maps timm's dotted class names to the converters; `attnzoo.convert.timm` adds them to
 `TIMM_CONVERTERS`. timm is never imported here. The options each converter sets and the known
@@ -25,6 +26,7 @@ from attnzoo.mechanisms.timm_beit import TimmBeitAttention
 from attnzoo.mechanisms.timm_cait import TimmCaitClassAttention, TimmTalkingHeadAttention
 from attnzoo.mechanisms.timm_coat import TimmFactorAttention
 from attnzoo.mechanisms.timm_eva import TimmEvaAttention, TimmRopeAttention
+from attnzoo.mechanisms.timm_vit_variants import TimmCrossAttention, TimmFastVitAttention
 from attnzoo.mechanisms.timm_volo import TimmClassAttention, TimmVoloAttention
 
 __all__ = ["CONVERTERS"]
@@ -146,6 +148,35 @@ def rope_attention_from_timm(module: Any) -> TimmRopeAttention:
     return finish(new, module, module.state_dict())
 
 
+def fastvit_attention_from_timm(module: Any) -> TimmFastVitAttention:
+    """FastViT's `timm.models.fastvit.Attention` -> `attnzoo.compat.TimmFastVitAttention` (timm's call and
+    keys)."""
+    qkv: nn.Linear = module.qkv
+    if not default_scale(module, module.head_dim):
+        raise refuse(module, f"its scale {module.scale} is not head_dim ** -0.5")
+    if module.proj.bias is None:
+        raise refuse(module, "its proj has no bias")
+    new = TimmFastVitAttention(
+        qkv.in_features, module.head_dim, qkv_bias=qkv.bias is not None, attn_drop=float(module.attn_drop.p),
+        proj_drop=float(module.proj_drop.p), **factory(module),
+    )
+    return finish(new, module, module.state_dict())
+
+
+def cross_attention_from_timm(module: Any) -> TimmCrossAttention:
+    """CrossViT's `timm.models.crossvit.CrossAttention` -> `attnzoo.compat.TimmCrossAttention` (timm's
+    call and keys; timm's `scale` copied, which it lets a user set for older weights)."""
+    wq: nn.Linear = module.wq
+    if module.proj.bias is None:
+        raise refuse(module, "its proj has no bias")
+    new = TimmCrossAttention(
+        wq.in_features, module.num_heads, qkv_bias=wq.bias is not None, attn_drop=float(module.attn_drop.p),
+        proj_drop=float(module.proj_drop.p), **factory(module),
+    )
+    new.scale = float(module.scale)
+    return finish(new, module, module.state_dict())
+
+
 def factor_attention_from_timm(module: Any) -> TimmFactorAttention:
     """CoaT's `timm.models.coat.FactorAttnConvRelPosEnc` -> `attnzoo.compat.TimmFactorAttention`, its
     shared position encoding kept (the same module: the stage's blocks share it)."""
@@ -169,5 +200,7 @@ CONVERTERS: dict[str, Callable[[nn.Module], nn.Module]] = {
     "timm.models.cait.ClassAttn": cait_class_attention_from_timm,
     "timm.models.eva.EvaAttention": eva_attention_from_timm,
     "timm.layers.attention.AttentionRope": rope_attention_from_timm,
+    "timm.models.fastvit.Attention": fastvit_attention_from_timm,
+    "timm.models.crossvit.CrossAttention": cross_attention_from_timm,
     "timm.models.coat.FactorAttnConvRelPosEnc": factor_attention_from_timm,
 }
