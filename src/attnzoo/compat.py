@@ -28,7 +28,8 @@ mask; ``attnzoo.convert.from_timm`` converts timm's module), ``TimmAttention`` t
 ``TimmEvaAttention`` EVA's ``EvaAttention`` (rotary embedding, q/v biases, scale norm),
 ``TimmRopeAttention`` timm's ``AttentionRope`` (Qwen3-ViT, DeepSeek ViT: rotary, grouped-query heads),
 ``TimmFastVitAttention`` and ``TimmCrossAttention`` FastViT's ``Attention`` (on maps) and CrossViT's
-``CrossAttention`` (the class token over its sequence),
+``CrossAttention`` (the class token over its sequence), ``TimmAttentionPoolLatent`` the SigLIP ViTs'
+``AttentionPoolLatent`` (latent queries pooling the tokens),
 ``TimmWindowMultiHeadAttention`` Swin V2 CR's ``WindowMultiHeadAttention`` (meta-network position bias),
 ``TimmLinearSelfAttention`` MobileViT v2's ``LinearSelfAttention`` (separable attention on patches),
 ``TimmFactorAttention`` CoaT's ``FactorAttnConvRelPosEnc`` (factorized attention, shared position encoding),
@@ -89,7 +90,11 @@ from attnzoo.mechanisms.timm_mobilevit import TimmLinearSelfAttention
 from attnzoo.mechanisms.timm_pvt import TimmPvtV2Attention, TimmTwinsGlobalAttention, TimmTwinsLocalAttention
 from attnzoo.mechanisms.timm_relpos_vit import TimmRelPosAttention, TimmSamAttention
 from attnzoo.mechanisms.timm_swin_cr import TimmWindowMultiHeadAttention
-from attnzoo.mechanisms.timm_vit_variants import TimmCrossAttention, TimmFastVitAttention
+from attnzoo.mechanisms.timm_vit_variants import (
+    TimmAttentionPoolLatent,
+    TimmCrossAttention,
+    TimmFastVitAttention,
+)
 from attnzoo.mechanisms.timm_volo import TimmClassAttention, TimmVoloAttention
 from attnzoo.mechanisms.timm_xca import TimmCrossCovarianceAttention, TimmXCA
 from attnzoo.mechanisms.torch_mha import MultiheadAttention
@@ -130,6 +135,7 @@ __all__ = [
     "TimmRopeAttention",
     "TimmFastVitAttention",
     "TimmCrossAttention",
+    "TimmAttentionPoolLatent",
     "TimmFactorAttention",
     "TimmLevitAttention",
     "TimmLevitAttentionDownsample",

@@ -1,10 +1,11 @@
 """timm -> attnzoo for the attention of timm's ViT family: ViT's `Attention`, BEiT's, VOLO's (on maps
 and for the class token), CaiT's talking heads and class attention, EVA's, CoaT's factorized
-attention, `AttentionRope` (Qwen3-ViT, DeepSeek ViT), FastViT's and CrossViT's -> the `attnzoo.compat`
+attention, `AttentionRope` (Qwen3-ViT, DeepSeek ViT), FastViT's and CrossViT's, the latent attention
+pool of the SigLIP ViTs -> the `attnzoo.compat`
 classes that keep timm's constructors, calls and keys (`TimmAttention`, `TimmBeitAttention`,
 `TimmVoloAttention`, `TimmClassAttention`, `TimmTalkingHeadAttention`, `TimmCaitClassAttention`,
 `TimmEvaAttention`, `TimmRopeAttention`, `TimmFastVitAttention`, `TimmCrossAttention`,
-`TimmFactorAttention`).
+`TimmAttentionPoolLatent`, `TimmFactorAttention`).
 
 `CONVERTERS` maps timm's dotted class names to the converters; `attnzoo.convert.timm` adds them to
 `TIMM_CONVERTERS`. timm is never imported here. The options each converter sets and the known
@@ -26,7 +27,11 @@ from attnzoo.mechanisms.timm_beit import TimmBeitAttention
 from attnzoo.mechanisms.timm_cait import TimmCaitClassAttention, TimmTalkingHeadAttention
 from attnzoo.mechanisms.timm_coat import TimmFactorAttention
 from attnzoo.mechanisms.timm_eva import TimmEvaAttention, TimmRopeAttention
-from attnzoo.mechanisms.timm_vit_variants import TimmCrossAttention, TimmFastVitAttention
+from attnzoo.mechanisms.timm_vit_variants import (
+    TimmAttentionPoolLatent,
+    TimmCrossAttention,
+    TimmFastVitAttention,
+)
 from attnzoo.mechanisms.timm_volo import TimmClassAttention, TimmVoloAttention
 
 __all__ = ["CONVERTERS"]
@@ -177,6 +182,28 @@ def cross_attention_from_timm(module: Any) -> TimmCrossAttention:
     return finish(new, module, module.state_dict())
 
 
+def attention_pool_latent_from_timm(module: Any) -> TimmAttentionPoolLatent:
+    """timm's `layers.attention_pool.AttentionPoolLatent` -> `attnzoo.compat.TimmAttentionPoolLatent` (timm's
+    call and keys; its q/k norms, norm and MLP are copied, whatever their classes)."""
+    q_proj = isinstance(module.q, nn.Linear)
+    if not default_scale(module, module.head_dim):
+        raise refuse(module, f"its scale {module.scale} is not head_dim ** -0.5")
+    if module.pool not in ("token", "avg", ""):
+        raise refuse(module, f"its pool_type {module.pool!r} is not 'token', 'avg' or ''")
+    pre_logits = module.mlp is None
+    new = TimmAttentionPoolLatent(
+        module.kv.in_features, 0 if pre_logits else module.out_features, embed_dim=module.kv.in_features,
+        num_heads=module.num_heads, feat_size=module.feat_size, qkv_bias=module.kv.bias is not None,
+        q_proj=q_proj, latent_len=module.latent_len, latent_dim=module.latent_dim,
+        pos_embed="abs" if module.pos_embed is not None else "", pool_type=module.pool,
+        drop=float(module.proj_drop.p), **factory(module),
+    )
+    new.q_norm, new.k_norm = copy.deepcopy(module.q_norm), copy.deepcopy(module.k_norm)
+    if not pre_logits:
+        new.norm, new.mlp = copy.deepcopy(module.norm), copy.deepcopy(module.mlp)
+    return finish(new, module, module.state_dict())
+
+
 def factor_attention_from_timm(module: Any) -> TimmFactorAttention:
     """CoaT's `timm.models.coat.FactorAttnConvRelPosEnc` -> `attnzoo.compat.TimmFactorAttention`, its
     shared position encoding kept (the same module: the stage's blocks share it)."""
@@ -202,5 +229,6 @@ CONVERTERS: dict[str, Callable[[nn.Module], nn.Module]] = {
     "timm.layers.attention.AttentionRope": rope_attention_from_timm,
     "timm.models.fastvit.Attention": fastvit_attention_from_timm,
     "timm.models.crossvit.CrossAttention": cross_attention_from_timm,
+    "timm.layers.attention_pool.AttentionPoolLatent": attention_pool_latent_from_timm,
     "timm.models.coat.FactorAttnConvRelPosEnc": factor_attention_from_timm,
 }

@@ -1,11 +1,13 @@
-"""Two of timm's model files' own ViT-style attentions, with timm's constructors, calls and state_dict
-keys, run by `attnzoo.attend`:
+"""timm's other ViT-style attentions, with timm's constructors, calls and state_dict keys, run by
+`attnzoo.attend`:
 
 - FastViT's `timm.models.fastvit.Attention` (`TimmFastVitAttention`): ViT's multi-head self-attention
   (`TimmAttention`) over the positions of an NCHW map, heads of `head_dim` channels;
 - CrossViT's `timm.models.crossvit.CrossAttention` (`TimmCrossAttention`): the class token attends to
   every token of its sequence (the other branch's class token swapped in by the model), separate `wq`,
-  `wk`, `wv` projections.
+  `wk`, `wv` projections;
+- the latent-query attention pooling head of the SigLIP and `*_map` ViTs,
+  `timm.layers.attention_pool.AttentionPoolLatent` (`TimmAttentionPoolLatent`).
 
 `attnzoo.convert.from_timm` converts timm's modules (the same keys: timm's checkpoints load with
 `strict=True`), and `attnzoo.replace(model, timm.models.fastvit.Attention)` (or `CrossAttention`) swaps
@@ -22,13 +24,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from attnzoo._checks import check_float, check_head_widths, check_int, check_shape
+from attnzoo._checks import check_choice, check_float, check_head_widths, check_int, check_mask, check_shape
 from attnzoo._registry import Example, register_compat
 from attnzoo.functional import attend
 from attnzoo.maps.capture import capturing, record_rows
 from attnzoo.mechanisms.timm_attention import TimmAttention
 
-__all__ = ["TimmFastVitAttention", "TimmCrossAttention"]
+__all__ = ["TimmFastVitAttention", "TimmCrossAttention", "TimmAttentionPoolLatent"]
 
 
 @register_compat(example=Example({"dim": 8, "head_dim": 4}, ((2, 8, 3, 5),), (2, 8, 3, 5)))
@@ -119,3 +121,123 @@ class TimmCrossAttention(nn.Module):
         if capturing():  # map capture: the class token's row over the tokens
             record_rows(self, q, k, grid=(1,), key_grid=(tokens,), scale=self.scale)
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(batch, 1, self.dim)))
+
+
+class _Mlp(nn.Module):
+    """timm's `Mlp` as `AttentionPoolLatent` builds it: `fc1`, the activation, `fc2` (timm's keys)."""
+
+    def __init__(self, width: int, hidden: int, act_layer: type[nn.Module], dd: dict[str, Any]) -> None:
+        super().__init__()
+        self.fc1, self.act = nn.Linear(width, hidden, **dd), act_layer()
+        self.fc2 = nn.Linear(hidden, width, **dd)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+@register_compat(example=Example({"in_features": 8, "num_heads": 2, "mlp_ratio": 2.0}, ((2, 5, 8),), (2, 8),
+                                 channel_dim=-1))
+class TimmAttentionPoolLatent(nn.Module):
+    """timm's `layers.attention_pool.AttentionPoolLatent(in_features, out_features=None, embed_dim=None,
+    num_heads=8, feat_size=None, mlp_ratio=4., qkv_bias=True, q_proj=True, qk_norm=False, latent_len=1,
+    latent_dim=None, pos_embed='', pool_type='token', norm_layer=None, act_layer=nn.GELU, drop=0.)`
+    (`attnzoo.compat.TimmAttentionPoolLatent`; the SigLIP and `*_map` ViTs' pooling head): learnt
+    latent queries attend to the tokens, then `proj`, a residual MLP after `norm`, and the pool.
+
+    $\\mathrm{softmax}(\\mathrm{norm}_q(q(L))\\,\\mathrm{norm}_k(k)^\\top / \\sqrt d + M)\\,v$ per head
+    for the `latent_len` latents L; `out_features=0` keeps the attention output (timm's pre-logits
+    mode, no `proj`, norm or MLP).
+
+    Shape:
+        - x: `(B, N, C)` (C = embed_dim; N = feat_size with `pos_embed='abs'`); attn_mask: bool (True =
+          may attend) or float, broadcastable to `(B, h, latent_len, N)`, or None.
+        - Output: `(B, out_features)` pooled (`pool_type` 'token' or 'avg'), else
+          `(B, latent_len, out_features)`.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int | None = None,
+        embed_dim: int | None = None,
+        num_heads: int = 8,
+        feat_size: int | None = None,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        q_proj: bool = True,
+        qk_norm: bool = False,
+        latent_len: int = 1,
+        latent_dim: int | None = None,
+        pos_embed: str = "",
+        pool_type: str = "token",
+        norm_layer: type[nn.Module] | None = None,
+        act_layer: type[nn.Module] = nn.GELU,
+        drop: float = 0.0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        who = type(self).__name__
+        dd: dict[str, Any] = {"device": device, "dtype": dtype}
+        self.in_features = check_int(in_features, "in_features", who)
+        self.embed_dim = check_int(embed_dim or in_features, "embed_dim", who)
+        self.num_heads = check_int(num_heads, "num_heads", who)
+        self.head_dim, _ = check_head_widths(self.embed_dim, num_heads, None, None, who, "head_dim")
+        self.scale = self.head_dim**-0.5
+        self.pool = check_choice(pool_type, ("token", "avg", ""), "pool_type", who)
+        self.feat_size = feat_size
+        self.pos_embed: nn.Parameter | None = None
+        if check_choice(pos_embed, ("abs", ""), "pos_embed", who) == "abs":
+            if feat_size is None:
+                raise ValueError(f"{who}: pos_embed='abs' needs feat_size, got None")
+            positions = check_int(feat_size, "feat_size", who)
+            self.pos_embed = nn.Parameter(torch.zeros(positions, in_features, **dd))
+        self.latent_dim = check_int(latent_dim or self.embed_dim, "latent_dim", who)
+        if not q_proj and self.latent_dim != self.embed_dim:
+            raise ValueError(f"{who}: q_proj=False uses the latent as the query: latent_dim must equal "
+                             f"embed_dim ({self.embed_dim}), got {self.latent_dim}")
+        self.latent_len = check_int(latent_len, "latent_len", who)
+        self.latent = nn.Parameter(torch.zeros(1, self.latent_len, self.latent_dim, **dd))
+        self.q = nn.Linear(self.latent_dim, self.embed_dim, bias=qkv_bias, **dd) if q_proj else nn.Identity()
+        self.kv = nn.Linear(self.embed_dim, 2 * self.embed_dim, bias=qkv_bias, **dd)
+        qk = (norm_layer or nn.LayerNorm) if qk_norm else None
+        self.q_norm = qk(self.head_dim, **dd) if qk is not None else nn.Identity()
+        self.k_norm = qk(self.head_dim, **dd) if qk is not None else nn.Identity()
+        out = in_features if out_features is None else check_int(out_features, "out_features", who, minimum=0)
+        self.proj_drop = nn.Dropout(check_float(drop, "drop", who, minimum=0.0, maximum=1.0))
+        self.mlp: _Mlp | None = None
+        if out > 0:
+            self.proj: nn.Module = nn.Linear(self.embed_dim, out, **dd)
+            self.norm: nn.Module = norm_layer(out, **dd) if norm_layer is not None else nn.Identity()
+            self.mlp = _Mlp(out, int(out * mlp_ratio), act_layer, dd)
+        else:
+            self.proj, self.norm, out = nn.Identity(), nn.Identity(), self.embed_dim
+        self.out_features = out
+        nn.init.trunc_normal_(self.latent, std=self.latent_dim**-0.5)
+        if self.pos_embed is not None:
+            nn.init.trunc_normal_(self.pos_embed, std=self.pos_embed.shape[1] ** -0.5)
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
+        """The latents attending to the tokens `x` `(B, N, C)`, pooled: see Shape."""
+        who = type(self).__name__
+        spec = {"C": self.embed_dim} if self.pos_embed is None else {"C": self.embed_dim, "N": self.feat_size}
+        dims = check_shape(x, who, "B N C", **spec)
+        batch, tokens = dims["B"], dims["N"]
+        if attn_mask is not None:
+            check_mask(attn_mask, (batch, self.num_heads, self.latent_len, tokens), who, "attn_mask")
+        if self.pos_embed is not None:
+            x = x + self.pos_embed.unsqueeze(0).to(x.dtype)
+        heads = (self.num_heads, self.head_dim)
+        q = self.q(self.latent.expand(batch, -1, -1)).reshape(batch, self.latent_len, *heads).transpose(1, 2)
+        k, v = self.kv(x).reshape(batch, tokens, 2, *heads).permute(2, 0, 3, 1, 4).unbind(0)  # (B, h, N, d)
+        q, k = self.q_norm(q), self.k_norm(k)
+        out = attend(q, k, v, mask=attn_mask, scale=self.scale)  # (B, h, latent_len, d)
+        if capturing():  # map capture: each latent's row over the tokens
+            record_rows(self, q, k, grid=(self.latent_len,), key_grid=(tokens,), mask=attn_mask,
+                        scale=self.scale)
+        out = self.proj_drop(self.proj(out.transpose(1, 2).reshape(batch, self.latent_len, self.embed_dim)))
+        if self.mlp is not None:
+            out = out + self.mlp(self.norm(out))
+        if self.pool == "token":
+            return out[:, 0]
+        return out.mean(1) if self.pool == "avg" else out
