@@ -29,7 +29,8 @@ mask; ``attnzoo.convert.from_timm`` converts timm's module), ``TimmAttention`` t
 ``TimmRopeAttention`` timm's ``AttentionRope`` (Qwen3-ViT, DeepSeek ViT: rotary, grouped-query heads),
 ``TimmFastVitAttention`` and ``TimmCrossAttention`` FastViT's ``Attention`` (on maps) and CrossViT's
 ``CrossAttention`` (the class token over its sequence), ``TimmAttentionPoolLatent`` the SigLIP ViTs'
-``AttentionPoolLatent`` (latent queries pooling the tokens),
+``AttentionPoolLatent`` (latent queries pooling the tokens), ``TimmNestAttention``,
+``TimmVisformerAttention`` and ``TimmTntAttention`` NesT's, Visformer's and TNT's ``Attention``,
 ``TimmWindowMultiHeadAttention`` Swin V2 CR's ``WindowMultiHeadAttention`` (meta-network position bias),
 ``TimmLinearSelfAttention`` MobileViT v2's ``LinearSelfAttention`` (separable attention on patches),
 ``TimmFactorAttention`` CoaT's ``FactorAttnConvRelPosEnc`` (factorized attention, shared position encoding),
@@ -95,6 +96,7 @@ from attnzoo.mechanisms.timm_vit_variants import (
     TimmCrossAttention,
     TimmFastVitAttention,
 )
+from attnzoo.mechanisms.timm_vit_variants_b import TimmNestAttention, TimmTntAttention, TimmVisformerAttention
 from attnzoo.mechanisms.timm_volo import TimmClassAttention, TimmVoloAttention
 from attnzoo.mechanisms.timm_xca import TimmCrossCovarianceAttention, TimmXCA
 from attnzoo.mechanisms.torch_mha import MultiheadAttention
@@ -136,6 +138,9 @@ __all__ = [
     "TimmFastVitAttention",
     "TimmCrossAttention",
     "TimmAttentionPoolLatent",
+    "TimmNestAttention",
+    "TimmVisformerAttention",
+    "TimmTntAttention",
     "TimmFactorAttention",
     "TimmLevitAttention",
     "TimmLevitAttentionDownsample",

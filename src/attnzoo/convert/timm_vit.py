@@ -1,11 +1,12 @@
 """timm -> attnzoo for the attention of timm's ViT family: ViT's `Attention`, BEiT's, VOLO's (on maps
 and for the class token), CaiT's talking heads and class attention, EVA's, CoaT's factorized
 attention, `AttentionRope` (Qwen3-ViT, DeepSeek ViT), FastViT's and CrossViT's, the latent attention
-pool of the SigLIP ViTs -> the `attnzoo.compat`
+pool of the SigLIP ViTs, MetaFormer's, NesT's, Visformer's and TNT's -> the `attnzoo.compat`
 classes that keep timm's constructors, calls and keys (`TimmAttention`, `TimmBeitAttention`,
 `TimmVoloAttention`, `TimmClassAttention`, `TimmTalkingHeadAttention`, `TimmCaitClassAttention`,
 `TimmEvaAttention`, `TimmRopeAttention`, `TimmFastVitAttention`, `TimmCrossAttention`,
-`TimmAttentionPoolLatent`, `TimmFactorAttention`).
+`TimmAttentionPoolLatent`, `TimmNestAttention`, `TimmVisformerAttention`, `TimmTntAttention`,
+`TimmFactorAttention`).
 
 `CONVERTERS` maps timm's dotted class names to the converters; `attnzoo.convert.timm` adds them to
 `TIMM_CONVERTERS`. timm is never imported here. The options each converter sets and the known
@@ -32,6 +33,7 @@ from attnzoo.mechanisms.timm_vit_variants import (
     TimmCrossAttention,
     TimmFastVitAttention,
 )
+from attnzoo.mechanisms.timm_vit_variants_b import TimmNestAttention, TimmTntAttention, TimmVisformerAttention
 from attnzoo.mechanisms.timm_volo import TimmClassAttention, TimmVoloAttention
 
 __all__ = ["CONVERTERS"]
@@ -204,6 +206,56 @@ def attention_pool_latent_from_timm(module: Any) -> TimmAttentionPoolLatent:
     return finish(new, module, module.state_dict())
 
 
+def metaformer_attention_from_timm(module: Any) -> TimmAttention:
+    """MetaFormer's (CAFormer's) `timm.models.metaformer.Attention` -> `attnzoo.compat.TimmAttention`: the
+    same computation and keys (`qkv`, `proj`), timm's `head_dim` / `num_heads` kept."""
+    qkv: nn.Linear = module.qkv
+    if not default_scale(module, module.head_dim):
+        raise refuse(module, f"its scale {module.scale} is not head_dim ** -0.5")
+    new = TimmAttention(
+        qkv.in_features, module.num_heads, attn_head_dim=module.head_dim, dim_out=module.proj.out_features,
+        qkv_bias=qkv.bias is not None, proj_bias=module.proj.bias is not None,
+        attn_drop=float(module.attn_drop.p), proj_drop=float(module.proj_drop.p), **factory(module),
+    )
+    return finish(new, module, module.state_dict())
+
+
+def _drops(module: Any) -> dict[str, Any]:
+    return {"attn_drop": float(module.attn_drop.p), "proj_drop": float(module.proj_drop.p), **factory(module)}
+
+
+def _same_scale(module: Any, new: Any) -> Any:
+    """`new` with `module`'s weights, or refused where timm's `scale` is not `head_dim ** -0.5`."""
+    if abs(new.scale - module.scale) > 1e-12 * abs(module.scale):
+        raise refuse(module, f"its scale {module.scale} is not head_dim ** -0.5")
+    return finish(new, module, module.state_dict())
+
+
+def nest_attention_from_timm(module: Any) -> TimmNestAttention:
+    """NesT's `timm.models.nest.Attention` -> `attnzoo.compat.TimmNestAttention` (timm's call and keys)."""
+    qkv = module.qkv
+    new = TimmNestAttention(qkv.in_features, module.num_heads, qkv_bias=qkv.bias is not None,
+                            **_drops(module))
+    return _same_scale(module, new)
+
+
+def visformer_attention_from_timm(module: Any) -> TimmVisformerAttention:
+    """Visformer's `timm.models.visformer.Attention` -> `attnzoo.compat.TimmVisformerAttention`."""
+    ratio = module.head_dim / (module.dim // module.num_heads)
+    new = TimmVisformerAttention(module.dim, module.num_heads, head_dim_ratio=ratio, **_drops(module))
+    if new.head_dim != module.head_dim:
+        raise refuse(module, f"its head_dim {module.head_dim} is no round(dim // num_heads * ratio)")
+    return _same_scale(module, new)
+
+
+def tnt_attention_from_timm(module: Any) -> TimmTntAttention:
+    """TNT's `timm.models.tnt.Attention` -> `attnzoo.compat.TimmTntAttention` (timm's call and keys)."""
+    qk = module.qk
+    new = TimmTntAttention(qk.in_features, module.hidden_dim, module.num_heads, qkv_bias=qk.bias is not None,
+                           **_drops(module))
+    return _same_scale(module, new)
+
+
 def factor_attention_from_timm(module: Any) -> TimmFactorAttention:
     """CoaT's `timm.models.coat.FactorAttnConvRelPosEnc` -> `attnzoo.compat.TimmFactorAttention`, its
     shared position encoding kept (the same module: the stage's blocks share it)."""
@@ -230,5 +282,9 @@ CONVERTERS: dict[str, Callable[[nn.Module], nn.Module]] = {
     "timm.models.fastvit.Attention": fastvit_attention_from_timm,
     "timm.models.crossvit.CrossAttention": cross_attention_from_timm,
     "timm.layers.attention_pool.AttentionPoolLatent": attention_pool_latent_from_timm,
+    "timm.models.metaformer.Attention": metaformer_attention_from_timm,
+    "timm.models.nest.Attention": nest_attention_from_timm,
+    "timm.models.visformer.Attention": visformer_attention_from_timm,
+    "timm.models.tnt.Attention": tnt_attention_from_timm,
     "timm.models.coat.FactorAttnConvRelPosEnc": factor_attention_from_timm,
 }
