@@ -89,3 +89,18 @@ def test_tracing_an_attnzoo_module_itself_and_scripting_one_are_refused_by_name(
                                se(torch.ones(1, 8, 2, 2)))
     with pytest.raises(TypeError, match="torch.jit.script cannot compile attnzoo's SqueezeExcite.*jit.trace"):
         torch.jit.script(nn.Sequential(nn.Identity(), se))
+
+
+def test_a_users_subclass_that_calls_super_forward_is_the_leaf_itself():
+    """Its forward's own work must not be recorded and then run again by the module's call."""
+    se_class = type(attnzoo.create("se", channels=8))
+
+    class ScaledSE(se_class):  # type: ignore[misc, valid-type]
+        def forward(self, x):
+            return super().forward(x * 2)
+
+    model = nn.Sequential(nn.Identity(), ScaledSE(8)).eval()
+    traced = torch.fx.symbolic_trace(model)
+    assert [n.op for n in traced.graph.nodes] == ["placeholder", "call_module", "call_module", "output"]
+    x = torch.randn(2, 8, 4, 4)
+    torch.testing.assert_close(traced(x), model(x), atol=0, rtol=0)

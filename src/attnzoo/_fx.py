@@ -78,4 +78,13 @@ def fx_leaf(cls: ClassT) -> ClassT:
         cls.forward = leaf_forward  # type: ignore[attr-defined]
     if "__prepare_scriptable__" not in cls.__dict__:
         cls.__prepare_scriptable__ = _refuse_script  # type: ignore[attr-defined]
+    if "__init_subclass__" not in cls.__dict__:
+        # A user's subclass whose forward does work and then calls super().forward() must be the leaf
+        # itself: were only the inherited forward one, the trace would record that work and then a
+        # call of the module, which runs the subclass's forward (and the work) again.
+        def init_subclass(sub: type, **kwargs: Any) -> None:
+            super(cls, sub).__init_subclass__(**kwargs)  # type: ignore[misc, arg-type]
+            fx_leaf(sub)
+
+        cls.__init_subclass__ = classmethod(init_subclass)  # type: ignore[assignment]
     return cls

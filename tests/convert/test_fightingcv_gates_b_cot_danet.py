@@ -174,7 +174,7 @@ def test_an_outer_danet_class_after_its_inner_attention_was_replaced_is_refused_
     model = nn.Sequential(nn.Conv2d(3, 512, 1), danet.DAModule(d_model=512, kernel_size=3, H=7, W=7))
     assert attnzoo.replace(model, sdpa.ScaledDotProductAttention) == ["1.position_attention_module.pa"]
     before = {name: type(m) for name, m in model.named_modules()}
-    with pytest.raises(TypeError, match=r"submodule .*pa is already attnzoo's .* before the classes"):
+    with pytest.raises(TypeError, match=r"submodule .*pa is already attnzoo's .* before changing what"):
         attnzoo.replace(model, getattr(danet, outer))
     assert {name: type(m) for name, m in model.named_modules()} == before  # left untouched
     with pytest.raises(TypeError, match="already attnzoo's"):

@@ -437,3 +437,13 @@ def test_a_nested_query_needs_batch_first_as_in_torch():
     x = _nested()
     with pytest.raises(TypeError, match="batch_first=True"):
         ours(x, x, x)
+
+
+def test_nested_queries_refuse_is_causal_without_a_mask_and_empty_batches():
+    _, ours = pair(batch_first=True)
+    x = _nested()
+    with pytest.raises(ValueError, match="expects attn_mask with is_causal=True"):
+        ours(x, x, x, is_causal=True)
+    empty = torch.nested.nested_tensor([torch.zeros(0, E, dtype=torch.float64)] * 2)
+    with pytest.raises(ValueError, match="at least one token, got 2 empty"):
+        ours(empty, empty, empty)

@@ -176,3 +176,10 @@ def test_a_hooked_self_attn_on_torchs_nested_path_takes_the_nested_tensor_as_tor
         ref = theirs(x, src_key_padding_mask=pad)
         torch.testing.assert_close(ours(x, src_key_padding_mask=pad), ref, **F64)
     assert seen == [True] * 6  # both classes got the nested tensor, in every layer
+
+
+def test_a_converter_value_error_names_the_place():
+    senet = pytest.importorskip("timm.models.senet", reason="timm missing")
+    model = nn.Sequential(nn.Conv2d(3, 5, 1), senet.SEModule(5, 16))  # fc1 is 5 -> 0 channels
+    with pytest.raises(ValueError, match=r"^replace: 1: .*rd_channels"):
+        attnzoo.replace(model, senet.SEModule)

@@ -106,6 +106,7 @@ def refuse_converted_inside(module: nn.Module) -> None:
         if path and type(child).__module__.startswith("attnzoo."):
             raise TypeError(
                 f"cannot convert {type(module).__qualname__}: its submodule {path} is already attnzoo's "
-                f"{type(child).__qualname__} (an inner class was converted first); convert "
-                f"{type(module).__qualname__} before the classes inside it, or start from the original model"
+                f"{type(child).__qualname__} (an inner class was converted, or attention inserted, inside "
+                f"it first); convert {type(module).__qualname__} before changing what is inside it, or "
+                f"start from the original model"
             )

@@ -148,8 +148,9 @@ def rope_attention_from_timm(module: Any) -> TimmRopeAttention:
         qkv_bias=first.bias is not None, qkv_fused=fused, num_prefix_tokens=module.num_prefix_tokens,
         attn_drop=float(module.attn_drop.p), proj_drop=float(module.proj_drop.p),
         attn_head_dim=module.head_dim, proj_bias=module.proj.bias is not None,
-        rotate_half=bool(module.rotate_half), gated=module.gate is not None,
-        num_kv_heads=module.num_kv_heads, **factory(module),
+        rotate_half=bool(getattr(module, "rotate_half", False)),  # older timm: no such options
+        gated=getattr(module, "gate", None) is not None, num_kv_heads=getattr(module, "num_kv_heads", None),
+        **factory(module),
     )
     new.q_norm, new.k_norm, new.norm = (copy.deepcopy(m) for m in (module.q_norm, module.k_norm, module.norm))
     return finish(new, module, module.state_dict())

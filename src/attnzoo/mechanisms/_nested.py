@@ -29,7 +29,7 @@ class _Attention(Protocol):
 
 def nested_self_attention(
     module: _Attention, who: str, query: Tensor, key: Tensor, value: Tensor, masks: tuple[Tensor | None, ...],
-    need_weights: bool, average_attn_weights: bool,
+    need_weights: bool, average_attn_weights: bool, is_causal: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """``module`` on a nested ``query`` (B sequences of ``(L_i, E)``) that is also ``key`` and ``value``.
 
@@ -46,11 +46,21 @@ def nested_self_attention(
     if any(mask is not None for mask in masks):
         raise TypeError(f"{who} takes no attn_mask or key_padding_mask with a nested tensor (its sequences' "
                         f"lengths are the padding mask); got a mask")
+    if is_causal:  # as for a padded query: the hint needs the mask it describes
+        raise ValueError(f"{who} expects attn_mask with is_causal=True (is_causal is a hint that attn_mask "
+                         f"is the causal mask, as in torch), got a nested query and no attn_mask")
     if query.dim() != 3 or not query.is_floating_point():
         raise TypeError(f"{who} expects a nested query of B sequences (L_i, E) with a floating dtype, "
                         f"got {query.dim()}-D {query.dtype}")
     lengths = [t.shape[0] for t in query.unbind()]
-    padded = query.to_padded_tensor(0.0)  # (B, L, E)
+    if not any(lengths):
+        raise ValueError(f"{who} expects a nested query with at least one token, got {len(lengths)} empty "
+                         f"sequences")
+    try:
+        padded = query.to_padded_tensor(0.0)  # (B, L, E)
+    except RuntimeError as err:  # a jagged view with holes (from narrow): torch pads contiguous ones only
+        raise TypeError(f"{who} cannot pad this nested query ({err}); pass a contiguous one "
+                        f"(query.contiguous())") from None
     positions = torch.arange(padded.shape[1], device=padded.device)
     padding = positions[None] >= torch.tensor(lengths, device=padded.device)[:, None]  # (B, L), True = pad
     out, weights = module.forward(padded, padded, padded, key_padding_mask=padding, need_weights=need_weights,

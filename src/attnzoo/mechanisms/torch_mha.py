@@ -337,7 +337,7 @@ class MultiheadAttention(nn.Module):
         """
         if isinstance(query, Tensor) and query.is_nested:  # as torch's fast path: `_nested`
             return nested_self_attention(self, _WHO, query, key, value, (key_padding_mask, attn_mask),
-                                         bool(need_weights), bool(average_attn_weights))
+                                         bool(need_weights), bool(average_attn_weights), bool(is_causal))
         batched = self._check_inputs(query, key, value)
         if is_causal and attn_mask is None:
             raise ValueError(

@@ -191,8 +191,8 @@ def _convert_instances(
             try:
                 refuse_converted_inside(module)
                 new[id(module)] = converter(module)
-            except TypeError as err:
-                raise TypeError(f"replace: {name}: {err}") from err
+            except (TypeError, ValueError) as err:  # say which place, keep the kind of error
+                raise type(err)(f"replace: {name}: {err}") from err
         places.append(name)
     # Swap only once every place converted, so a refusal leaves the model untouched.
     for name in places:
