@@ -31,6 +31,7 @@ mask; ``attnzoo.convert.from_timm`` converts timm's module), ``TimmAttention`` t
 ``CrossAttention`` (the class token over its sequence), ``TimmAttentionPoolLatent`` the SigLIP ViTs'
 ``AttentionPoolLatent`` (latent queries pooling the tokens), ``TimmNestAttention``,
 ``TimmVisformerAttention`` and ``TimmTntAttention`` NesT's, Visformer's and TNT's ``Attention``,
+``TimmGcVitWindowAttention`` GC ViT's ``WindowAttentionGlobal`` (local or global-query windows),
 ``TimmWindowMultiHeadAttention`` Swin V2 CR's ``WindowMultiHeadAttention`` (meta-network position bias),
 ``TimmLinearSelfAttention`` MobileViT v2's ``LinearSelfAttention`` (separable attention on patches),
 ``TimmFactorAttention`` CoaT's ``FactorAttnConvRelPosEnc`` (factorized attention, shared position encoding),
@@ -84,6 +85,7 @@ from attnzoo.mechanisms.timm_davit import (
     TimmDavitWindowAttention,
 )
 from attnzoo.mechanisms.timm_eva import TimmEvaAttention, TimmRopeAttention
+from attnzoo.mechanisms.timm_gcvit import TimmGcVitWindowAttention
 from attnzoo.mechanisms.timm_levit import TimmLevitAttention, TimmLevitAttentionDownsample
 from attnzoo.mechanisms.timm_levit_family import TimmEfficientFormerAttention, TimmTinyVitAttention
 from attnzoo.mechanisms.timm_maxvit import TimmMaxxvitAttention2d, TimmMaxxvitAttentionCl
@@ -141,6 +143,7 @@ __all__ = [
     "TimmNestAttention",
     "TimmVisformerAttention",
     "TimmTntAttention",
+    "TimmGcVitWindowAttention",
     "TimmFactorAttention",
     "TimmLevitAttention",
     "TimmLevitAttentionDownsample",

@@ -1,12 +1,12 @@
 """timm -> attnzoo for the attention of timm's ViT family: ViT's `Attention`, BEiT's, VOLO's (on maps
 and for the class token), CaiT's talking heads and class attention, EVA's, CoaT's factorized
 attention, `AttentionRope` (Qwen3-ViT, DeepSeek ViT), FastViT's and CrossViT's, the latent attention
-pool of the SigLIP ViTs, MetaFormer's, NesT's, Visformer's and TNT's -> the `attnzoo.compat`
+pool of the SigLIP ViTs, MetaFormer's, NesT's, Visformer's, TNT's and GC ViT's -> the `attnzoo.compat`
 classes that keep timm's constructors, calls and keys (`TimmAttention`, `TimmBeitAttention`,
 `TimmVoloAttention`, `TimmClassAttention`, `TimmTalkingHeadAttention`, `TimmCaitClassAttention`,
 `TimmEvaAttention`, `TimmRopeAttention`, `TimmFastVitAttention`, `TimmCrossAttention`,
 `TimmAttentionPoolLatent`, `TimmNestAttention`, `TimmVisformerAttention`, `TimmTntAttention`,
-`TimmFactorAttention`).
+`TimmGcVitWindowAttention`, `TimmFactorAttention`).
 
 `CONVERTERS` maps timm's dotted class names to the converters; `attnzoo.convert.timm` adds them to
 `TIMM_CONVERTERS`. timm is never imported here. The options each converter sets and the known
@@ -28,6 +28,7 @@ from attnzoo.mechanisms.timm_beit import TimmBeitAttention
 from attnzoo.mechanisms.timm_cait import TimmCaitClassAttention, TimmTalkingHeadAttention
 from attnzoo.mechanisms.timm_coat import TimmFactorAttention
 from attnzoo.mechanisms.timm_eva import TimmEvaAttention, TimmRopeAttention
+from attnzoo.mechanisms.timm_gcvit import TimmGcVitWindowAttention
 from attnzoo.mechanisms.timm_vit_variants import (
     TimmAttentionPoolLatent,
     TimmCrossAttention,
@@ -257,6 +258,20 @@ def tnt_attention_from_timm(module: Any) -> TimmTntAttention:
     return _same_scale(module, new)
 
 
+def gcvit_attention_from_timm(module: Any) -> TimmGcVitWindowAttention:
+    """GC ViT's `timm.models.gcvit.WindowAttentionGlobal` -> `attnzoo.compat.TimmGcVitWindowAttention`
+    (timm's call and keys)."""
+    rel = module.rel_pos
+    if getattr(rel, "prefix_tokens", 0) or tuple(rel.window_size) != tuple(module.window_size):
+        raise refuse(module, "its relative position bias has prefix tokens or another window size")
+    qkv: nn.Linear = module.qkv
+    new = TimmGcVitWindowAttention(
+        qkv.in_features, module.num_heads, tuple(module.window_size), use_global=bool(module.use_global),
+        qkv_bias=qkv.bias is not None, **_drops(module),
+    )
+    return _same_scale(module, new)
+
+
 def factor_attention_from_timm(module: Any) -> TimmFactorAttention:
     """CoaT's `timm.models.coat.FactorAttnConvRelPosEnc` -> `attnzoo.compat.TimmFactorAttention`, its
     shared position encoding kept (the same module: the stage's blocks share it)."""
@@ -287,5 +302,6 @@ CONVERTERS: dict[str, Callable[[nn.Module], nn.Module]] = {
     "timm.models.nest.Attention": nest_attention_from_timm,
     "timm.models.visformer.Attention": visformer_attention_from_timm,
     "timm.models.tnt.Attention": tnt_attention_from_timm,
+    "timm.models.gcvit.WindowAttentionGlobal": gcvit_attention_from_timm,
     "timm.models.coat.FactorAttnConvRelPosEnc": factor_attention_from_timm,
 }
