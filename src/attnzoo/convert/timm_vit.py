@@ -40,17 +40,25 @@ from attnzoo.mechanisms.timm_volo import TimmClassAttention, TimmVoloAttention
 __all__ = ["CONVERTERS"]
 
 
+def _drops(module: Any) -> dict[str, Any]:
+    """timm's module's two dropout rates, device and dtype, as constructor arguments."""
+    return {"attn_drop": float(module.attn_drop.p), "proj_drop": float(module.proj_drop.p), **factory(module)}
+
+
+def _check_scale(module: Any, head_dim: int) -> None:
+    if not default_scale(module, head_dim):
+        raise refuse(module, f"its scale {module.scale} is not head_dim ** -0.5")
+
+
 def attention_from_timm(module: Any) -> TimmAttention:
     """ViT's `timm.layers.Attention` -> `attnzoo.compat.TimmAttention` (timm's call and keys; its
     q/k norms and scale norm are copied, whatever their class)."""
     qkv: nn.Linear = module.qkv
-    if not default_scale(module, module.head_dim):
-        raise refuse(module, f"its scale {module.scale} is not head_dim ** -0.5")
+    _check_scale(module, module.head_dim)
     new = TimmAttention(
         qkv.in_features, module.num_heads, attn_head_dim=module.head_dim, dim_out=module.proj.out_features,
         qkv_bias=qkv.bias is not None, proj_bias=module.proj.bias is not None,
-        gated=getattr(module, "gate", None) is not None, attn_drop=float(module.attn_drop.p),
-        proj_drop=float(module.proj_drop.p), **factory(module),
+        gated=getattr(module, "gate", None) is not None, **_drops(module),
     )
     new.q_norm, new.k_norm, new.norm = (copy.deepcopy(m) for m in (module.q_norm, module.k_norm, module.norm))
     return finish(new, module, module.state_dict())
@@ -64,9 +72,8 @@ def beit_attention_from_timm(module: Any) -> TimmBeitAttention:
         raise refuse(module, "its qkv has a bias or its scale is not head_dim ** -0.5")
     new = TimmBeitAttention(
         qkv.in_features, module.num_heads, qkv_bias=module.q_bias is not None,
-        qkv_bias_separate=bool(module.qkv_bias_separate), attn_drop=float(module.attn_drop.p),
-        proj_drop=float(module.proj_drop.p), window_size=module.window_size, attn_head_dim=head_dim,
-        **factory(module),
+        qkv_bias_separate=bool(module.qkv_bias_separate), window_size=module.window_size,
+        attn_head_dim=head_dim, **_drops(module),
     )
     return finish(new, module, module.state_dict())
 
@@ -75,8 +82,7 @@ def volo_attention_from_timm(module: Any) -> TimmVoloAttention:
     """VOLO's `timm.models.volo.Attention` (on maps) -> `attnzoo.compat.TimmVoloAttention`."""
     qkv: nn.Linear = module.qkv
     new = TimmVoloAttention(qkv.in_features, module.num_heads, qkv_bias=qkv.bias is not None,
-                            attn_drop=float(module.attn_drop.p), proj_drop=float(module.proj_drop.p),
-                            **factory(module))
+                            **_drops(module))
     new.scale = float(module.scale)
     return finish(new, module, module.state_dict())
 
@@ -85,8 +91,7 @@ def class_attention_from_timm(module: Any) -> TimmClassAttention:
     """VOLO's `timm.models.volo.ClassAttention` -> `attnzoo.compat.TimmClassAttention`."""
     q: nn.Linear = module.q
     new = TimmClassAttention(q.in_features, module.num_heads, head_dim=module.head_dim,
-                             qkv_bias=q.bias is not None, attn_drop=float(module.attn_drop.p),
-                             proj_drop=float(module.proj_drop.p), **factory(module))
+                             qkv_bias=q.bias is not None, **_drops(module))
     new.scale = float(module.scale)
     return finish(new, module, module.state_dict())
 
@@ -103,8 +108,7 @@ def cait_class_attention_from_timm(module: Any) -> TimmCaitClassAttention:
     q: nn.Linear = module.q
     _cait_scale(module, q.in_features)
     new = TimmCaitClassAttention(q.in_features, module.num_heads, qkv_bias=q.bias is not None,
-                                 attn_drop=float(module.attn_drop.p), proj_drop=float(module.proj_drop.p),
-                                 **factory(module))
+                                 **_drops(module))
     return finish(new, module, module.state_dict())
 
 
@@ -113,8 +117,7 @@ def talking_head_from_timm(module: Any) -> TimmTalkingHeadAttention:
     qkv: nn.Linear = module.qkv
     _cait_scale(module, qkv.in_features)
     new = TimmTalkingHeadAttention(qkv.in_features, module.num_heads, qkv_bias=qkv.bias is not None,
-                                   attn_drop=float(module.attn_drop.p), proj_drop=float(module.proj_drop.p),
-                                   **factory(module))
+                                   **_drops(module))
     return finish(new, module, module.state_dict())
 
 
@@ -123,15 +126,13 @@ def eva_attention_from_timm(module: Any) -> TimmEvaAttention:
     its q/k norms and scale norm are copied, whatever their class)."""
     fused = module.qkv is not None
     dim = module.qkv.in_features if fused else module.q_proj.in_features
-    if not default_scale(module, module.head_dim):
-        raise refuse(module, f"its scale {module.scale} is not head_dim ** -0.5")
+    _check_scale(module, module.head_dim)
     qkv_bias = module.q_bias is not None if fused else module.q_proj.bias is not None
     new = TimmEvaAttention(
         dim, module.num_heads, qkv_bias=qkv_bias, qkv_fused=fused,
         qkv_bias_separate=bool(module.qkv_bias_separate), num_prefix_tokens=module.num_prefix_tokens,
-        attn_drop=float(module.attn_drop.p), proj_drop=float(module.proj_drop.p),
         attn_head_dim=module.head_dim, rotate_half=bool(getattr(module, "rotate_half", False)),
-        scale_norm=False, gated=module.gate is not None, **factory(module),
+        scale_norm=False, gated=module.gate is not None, **_drops(module),
     )
     new.q_norm, new.k_norm, new.norm = (copy.deepcopy(m) for m in (module.q_norm, module.k_norm, module.norm))
     return finish(new, module, module.state_dict())
@@ -142,16 +143,14 @@ def rope_attention_from_timm(module: Any) -> TimmRopeAttention:
     its q/k norms and scale norm are copied, whatever their class)."""
     fused = module.qkv is not None
     first = module.qkv if fused else module.q_proj
-    if not default_scale(module, module.head_dim):
-        raise refuse(module, f"its scale {module.scale} is not head_dim ** -0.5")
+    _check_scale(module, module.head_dim)
     new = TimmRopeAttention(
         first.in_features, module.num_heads, dim_out=module.proj.out_features,
         qkv_bias=first.bias is not None, qkv_fused=fused, num_prefix_tokens=module.num_prefix_tokens,
-        attn_drop=float(module.attn_drop.p), proj_drop=float(module.proj_drop.p),
         attn_head_dim=module.head_dim, proj_bias=module.proj.bias is not None,
         rotate_half=bool(getattr(module, "rotate_half", False)),  # older timm: no such options
         gated=getattr(module, "gate", None) is not None, num_kv_heads=getattr(module, "num_kv_heads", None),
-        **factory(module),
+        **_drops(module),
     )
     new.q_norm, new.k_norm, new.norm = (copy.deepcopy(m) for m in (module.q_norm, module.k_norm, module.norm))
     return finish(new, module, module.state_dict())
@@ -161,14 +160,11 @@ def fastvit_attention_from_timm(module: Any) -> TimmFastVitAttention:
     """FastViT's `timm.models.fastvit.Attention` -> `attnzoo.compat.TimmFastVitAttention` (timm's call and
     keys)."""
     qkv: nn.Linear = module.qkv
-    if not default_scale(module, module.head_dim):
-        raise refuse(module, f"its scale {module.scale} is not head_dim ** -0.5")
+    _check_scale(module, module.head_dim)
     if module.proj.bias is None:
         raise refuse(module, "its proj has no bias")
-    new = TimmFastVitAttention(
-        qkv.in_features, module.head_dim, qkv_bias=qkv.bias is not None, attn_drop=float(module.attn_drop.p),
-        proj_drop=float(module.proj_drop.p), **factory(module),
-    )
+    new = TimmFastVitAttention(qkv.in_features, module.head_dim, qkv_bias=qkv.bias is not None,
+                               **_drops(module))
     return finish(new, module, module.state_dict())
 
 
@@ -178,10 +174,7 @@ def cross_attention_from_timm(module: Any) -> TimmCrossAttention:
     wq: nn.Linear = module.wq
     if module.proj.bias is None:
         raise refuse(module, "its proj has no bias")
-    new = TimmCrossAttention(
-        wq.in_features, module.num_heads, qkv_bias=wq.bias is not None, attn_drop=float(module.attn_drop.p),
-        proj_drop=float(module.proj_drop.p), **factory(module),
-    )
+    new = TimmCrossAttention(wq.in_features, module.num_heads, qkv_bias=wq.bias is not None, **_drops(module))
     new.scale = float(module.scale)
     return finish(new, module, module.state_dict())
 
@@ -190,8 +183,7 @@ def attention_pool_latent_from_timm(module: Any) -> TimmAttentionPoolLatent:
     """timm's `layers.attention_pool.AttentionPoolLatent` -> `attnzoo.compat.TimmAttentionPoolLatent` (timm's
     call and keys; its q/k norms, norm and MLP are copied, whatever their classes)."""
     q_proj = isinstance(module.q, nn.Linear)
-    if not default_scale(module, module.head_dim):
-        raise refuse(module, f"its scale {module.scale} is not head_dim ** -0.5")
+    _check_scale(module, module.head_dim)
     if module.pool not in ("token", "avg", ""):
         raise refuse(module, f"its pool_type {module.pool!r} is not 'token', 'avg' or ''")
     pre_logits = module.mlp is None
@@ -212,24 +204,18 @@ def metaformer_attention_from_timm(module: Any) -> TimmAttention:
     """MetaFormer's (CAFormer's) `timm.models.metaformer.Attention` -> `attnzoo.compat.TimmAttention`: the
     same computation and keys (`qkv`, `proj`), timm's `head_dim` / `num_heads` kept."""
     qkv: nn.Linear = module.qkv
-    if not default_scale(module, module.head_dim):
-        raise refuse(module, f"its scale {module.scale} is not head_dim ** -0.5")
+    _check_scale(module, module.head_dim)
     new = TimmAttention(
         qkv.in_features, module.num_heads, attn_head_dim=module.head_dim, dim_out=module.proj.out_features,
         qkv_bias=qkv.bias is not None, proj_bias=module.proj.bias is not None,
-        attn_drop=float(module.attn_drop.p), proj_drop=float(module.proj_drop.p), **factory(module),
+        **_drops(module),
     )
     return finish(new, module, module.state_dict())
 
 
-def _drops(module: Any) -> dict[str, Any]:
-    return {"attn_drop": float(module.attn_drop.p), "proj_drop": float(module.proj_drop.p), **factory(module)}
-
-
 def _same_scale(module: Any, new: Any) -> Any:
-    """`new` with `module`'s weights, or refused where timm's `scale` is not `head_dim ** -0.5`."""
-    if abs(new.scale - module.scale) > 1e-12 * abs(module.scale):
-        raise refuse(module, f"its scale {module.scale} is not head_dim ** -0.5")
+    """`new` with `module`'s weights, or refused where timm's `scale` is not `new.head_dim ** -0.5`."""
+    _check_scale(module, new.head_dim)
     return finish(new, module, module.state_dict())
 
 
@@ -278,8 +264,7 @@ def factor_attention_from_timm(module: Any) -> TimmFactorAttention:
     qkv: nn.Linear = module.qkv
     _cait_scale(module, qkv.in_features)  # the same rule: scale (dim // num_heads) ** -0.5
     new = TimmFactorAttention(qkv.in_features, module.num_heads, qkv_bias=qkv.bias is not None,
-                              attn_drop=float(module.attn_drop.p), proj_drop=float(module.proj_drop.p),
-                              **factory(module))
+                              **_drops(module))
     state = {k: v for k, v in module.state_dict().items() if not k.startswith("crpe.")}
     new.load_state_dict(state, strict=True)
     new.crpe = module.crpe  # shared, not copied
