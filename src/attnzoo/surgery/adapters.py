@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import copy
 import inspect
-import itertools
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from attnzoo._fx import fx_leaf
@@ -66,15 +64,6 @@ def channel_kwargs(cls: type[nn.Module], channels: int) -> dict[str, int]:
     return kwargs
 
 
-def _placement(modules: tuple[nn.Module, ...]) -> tuple[torch.device, torch.dtype] | None:
-    """Device and floating dtype of the first floating parameter or buffer among `modules`."""
-    for module in modules:
-        for t in itertools.chain(module.parameters(), module.buffers()):
-            if t.is_floating_point():
-                return t.device, t.dtype
-    return None
-
-
 def build_for_place(
     attention: AttentionArg, channels: int, outer: str, kwargs: dict[str, Any], place: str,
     like: tuple[nn.Module, ...] = (),
@@ -111,8 +100,12 @@ def build_for_place(
         raise TypeError(
             f"cannot build {spec.name!r} for {place} ({channels} channels) with {args}: {err}"
         ) from err
-    if (found := _placement(like)) is not None:  # a float64 or CUDA model gets its attention there too
-        module = module.to(*found)
+    from attnzoo.convert._timm_common import factory  # lazy: attnzoo.convert imports the families
+
+    # a float64 or CUDA model gets its attention there too
+    placement = next((found for found in map(factory, like) if found), None)
+    if placement is not None:
+        module = module.to(**placement)
     if inner == outer:
         return module
     if outer == "NCHW" and inner in ("NHWC", "NLC"):
