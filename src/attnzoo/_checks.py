@@ -21,6 +21,7 @@ from attnzoo._fx import fx_leaf
 
 __all__ = [
     "check_tensor", "check_dense", "numpy_bool", "check_shape", "check_same", "check_int", "check_float",
+    "check_dropout",
     "check_choice", "check_divisible", "check_head_widths", "check_mask", "format_shape", "check_options",
     "check_flags", "check_inputs", "checked", "autocast_on", "MAX_SIZE",
 ]
@@ -95,9 +96,8 @@ def check_same(value: object, expected: object, who: str, what: str) -> None:
         raise ValueError(f"{who} expects {what} to be {expected}, got {value}")
 
 
-def check_int(
-    value: object, name: str, who: str, *, minimum: int | None = 1, maximum: int | None = None
-) -> int:
+def check_int(value: object, name: str, who: str, *, minimum: int | None = 1,
+              maximum: int | None = None) -> int:
     """A constructor argument that must be an `int` within `[minimum, maximum]` (`maximum` at most
     `MAX_SIZE`)."""
     if isinstance(value, bool) or not isinstance(value, int):
@@ -126,6 +126,12 @@ def check_float(value: object, name: str, who: str, *, minimum: float | None = N
     return float(value)
 
 
+def check_dropout(value: object, name: str, who: str) -> nn.Dropout:
+    """A dropout option (a probability) as the `nn.Dropout` that applies it: modules hold their dropouts
+    as such (the fused paths read `p`), as timm's do, so code that sets every `nn.Dropout` reaches them."""
+    return nn.Dropout(check_float(value, name, who, minimum=0.0, maximum=1.0))
+
+
 def check_choice(value: Any, choices: Iterable[Any], name: str, who: str) -> Any:
     """A constructor argument that must be one of `choices`."""
     options = tuple(choices)
@@ -140,9 +146,8 @@ def check_divisible(value: int, divisor: int, name: str, divisor_name: str, who:
         raise ValueError(f"{who}: {name}={value} must be divisible by {divisor_name}={divisor}")
 
 
-def check_head_widths(
-    dim: int, num_heads: int, head_dim: int | None, value: int | None, who: str, name: str = "head_dim"
-) -> tuple[int, int]:
+def check_head_widths(dim: int, num_heads: int, head_dim: int | None, value: int | None, who: str,
+                      name: str = "head_dim") -> tuple[int, int]:
     """`(head_dim, value_head_dim)` of a multi-head layer (the head width's argument called `name`):
     `dim // num_heads` unless given (then `dim` must divide evenly), values as wide unless given."""
     if head_dim is None and dim % num_heads != 0:

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnzoo._checks import check_float, check_int, check_mask, check_shape
+from attnzoo._checks import check_dropout, check_int, check_mask, check_shape
 from attnzoo._fx import fx_leaf
 from attnzoo.functional import attend
 from attnzoo.maps.capture import capturing, record_rows
@@ -130,7 +130,7 @@ class KerasMultiHeadAttention(nn.Module):
         self.key_dim = check_int(key_dim, "key_dim", who)
         self.value_dim = key_dim if value_dim is None else check_int(value_dim, "value_dim", who)
         self.context_dim = dim if context_dim is None else check_int(context_dim, "context_dim", who)
-        self.dropout = nn.Dropout(check_float(dropout, "dropout", who, minimum=0.0, maximum=1.0))
+        self.dropout = check_dropout(dropout, "dropout", who)
         if not isinstance(use_bias, bool):
             raise TypeError(f"{who}: use_bias must be a bool, got {type(use_bias).__name__} {use_bias!r}")
         if output_shape is None:

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from attnzoo._checks import (
     check_choice,
     check_divisible,
+    check_dropout,
     check_float,
     check_int,
     check_shape,
@@ -143,8 +144,7 @@ class CrossFormerGroupAttention(nn.Module):
         proj_drop: float = 0.0,
         position_bias: bool = True,
         *,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None, dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         who = type(self).__name__
@@ -154,14 +154,14 @@ class CrossFormerGroupAttention(nn.Module):
         check_divisible(dim, num_heads, "dim", "num_heads", who)
         scale = check_float(qk_scale, "qk_scale", who) if qk_scale is not None else 0.0
         self.scale = scale or (dim // num_heads) ** -0.5
-        self.attn_drop = nn.Dropout(check_float(attn_drop, "attn_drop", who, minimum=0.0, maximum=1.0))
+        self.attn_drop = check_dropout(attn_drop, "attn_drop", who)
         self.position_bias = bool(position_bias)
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
         if self.position_bias:
             self.pos = DynamicPosBias(max(dim // 16, 1), num_heads, **factory)  # official: dim // 16
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, **factory)
         self.proj = nn.Linear(dim, dim, **factory)
-        self.proj_drop = nn.Dropout(check_float(proj_drop, "proj_drop", who, minimum=0.0, maximum=1.0))
+        self.proj_drop = check_dropout(proj_drop, "proj_drop", who)
 
     def _load_from_state_dict(
         self, state_dict: dict[str, Any], prefix: str, local_metadata: dict[str, Any], strict: bool,

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from attnzoo._checks import check_divisible, check_float, check_int, check_shape
+from attnzoo._checks import check_divisible, check_dropout, check_float, check_int, check_shape
 from attnzoo._geometry import int_pair
 from attnzoo._registry import Example, register
 from attnzoo.functional import attend
@@ -160,7 +160,7 @@ class DeformableAttention(nn.Module):
             raise ValueError(f"{who}: dwc_pe=True and fixed_pe=True need use_pe=True, got use_pe=False")
         if dwc_pe and fixed_pe:
             raise ValueError(f"{who}: dwc_pe and fixed_pe are two kinds of position term: set one, got both")
-        self.attn_drop = nn.Dropout(check_float(attn_drop, "attn_drop", who, minimum=0.0, maximum=1.0))
+        self.attn_drop = check_dropout(attn_drop, "attn_drop", who)
         check_float(proj_drop, "proj_drop", who, minimum=0.0, maximum=1.0)
         self.channels, self.num_heads, self.groups = channels, num_heads, groups
         self.head_dim = channels // num_heads

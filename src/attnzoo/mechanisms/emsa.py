@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnzoo._checks import check_float, check_head_widths, check_int, check_shape
+from attnzoo._checks import check_dropout, check_head_widths, check_int, check_shape
 from attnzoo._geometry import int_pair
 from attnzoo._registry import Example, FreeSize, register
 from attnzoo.maps.capture import capturing, query_indices, record
@@ -147,14 +147,14 @@ class EMSA(nn.Module):
         self.head_dim, self.value_head_dim = check_head_widths(dim, num_heads, head_dim, value_head_dim, who)
         self.sr_ratio = check_int(sr_ratio, "sr_ratio", who)
         self.apply_transform = apply_transform and num_heads > 1
-        self.attn_drop = nn.Dropout(check_float(attn_drop, "attn_drop", who, minimum=0.0, maximum=1.0))
+        self.attn_drop = check_dropout(attn_drop, "attn_drop", who)
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
         qk, vw = num_heads * self.head_dim, num_heads * self.value_head_dim
         self.q = nn.Linear(dim, qk, bias=qkv_bias, **factory)
         self.k = nn.Linear(dim, qk, bias=qkv_bias, **factory)
         self.v = nn.Linear(dim, vw, bias=qkv_bias, **factory)
         self.proj = nn.Linear(vw, dim, **factory)
-        self.proj_drop = nn.Dropout(check_float(proj_drop, "proj_drop", who, minimum=0.0, maximum=1.0))
+        self.proj_drop = check_dropout(proj_drop, "proj_drop", who)
         if sr_ratio > 1:
             r = sr_ratio
             self.sr = nn.Conv2d(dim, dim, r + 1, stride=r, padding=r // 2, groups=dim, **factory)

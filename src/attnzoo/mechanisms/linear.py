@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnzoo._checks import check_float, check_int, check_mask, check_shape
+from attnzoo._checks import check_dropout, check_float, check_int, check_mask, check_shape
 from attnzoo._registry import Example, FreeSize, register
 from attnzoo.maps.capture import capturing, query_indices, record
 
@@ -167,7 +167,7 @@ class LinearAttention(nn.Module):
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias, **factory)
         self.proj = nn.Linear(dim, dim, **factory)
-        self.proj_drop = nn.Dropout(check_float(proj_drop, "proj_drop", who, minimum=0.0, maximum=1.0))
+        self.proj_drop = check_dropout(proj_drop, "proj_drop", who)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_heads={self.num_heads}, causal={self.causal}, eps={self.eps}"

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from attnzoo._checks import (
     check_divisible,
-    check_float,
+    check_dropout,
     check_head_widths,
     check_int,
     check_mask,
@@ -127,7 +127,7 @@ class MultiHeadAttention(nn.Module):
         self.dim = check_int(dim, "dim", who)
         self.num_heads = check_int(num_heads, "num_heads", who)
         self.head_dim, self.value_head_dim = check_head_widths(dim, num_heads, head_dim, value_head_dim, who)
-        self.attn_drop = nn.Dropout(check_float(attn_drop, "attn_drop", who, minimum=0.0, maximum=1.0))
+        self.attn_drop = check_dropout(attn_drop, "attn_drop", who)
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
         qk_width, v_width = num_heads * self.head_dim, num_heads * self.value_head_dim
         self.in_proj = in_proj
@@ -144,7 +144,7 @@ class MultiHeadAttention(nn.Module):
                 f"and num_heads * value_head_dim must equal dim={dim}, got {qk_width} and {v_width}"
             )
         self.fc = nn.Linear(v_width, dim, **factory)
-        self.proj_drop = nn.Dropout(check_float(proj_drop, "proj_drop", who, minimum=0.0, maximum=1.0))
+        self.proj_drop = check_dropout(proj_drop, "proj_drop", who)
 
     def _project(self, query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Project and split into heads: three `(B, h, *, d)` views, one GEMM where inputs coincide."""

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnzoo._checks import check_divisible, check_float, check_int, check_shape
+from attnzoo._checks import check_divisible, check_dropout, check_int, check_shape
 from attnzoo._fx import fx_leaf
 from attnzoo._geometry import Geometry, divisor_window, grid2d, int_pair
 from attnzoo._registry import Example, register
@@ -149,7 +149,7 @@ class OverlappedAttention(nn.Module):
                                  f"{self.window_size} (the queries are non-overlapping windows)")
         self.reduction = check_int(reduction, "reduction", who)
         self.rd_channels = max(1, dim // self.reduction)  # the official int(dim // 32) may be 0
-        self.attn_drop = nn.Dropout(check_float(attn_drop, "attn_drop", who, minimum=0.0, maximum=1.0))
+        self.attn_drop = check_dropout(attn_drop, "attn_drop", who)
         self.scale = (dim // num_heads) ** -0.5
         self.grid = (self.feat_size[0] // self.window_size, self.feat_size[1] // self.window_size)
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
@@ -165,7 +165,7 @@ class OverlappedAttention(nn.Module):
         self.q = nn.Linear(rd * w * w, dim, bias=qkv_bias, **factory)
         self.kv = nn.Linear(rd * (w + 2) ** 2, 2 * dim, bias=qkv_bias, **factory)
         self.proj = nn.Linear(dim, dim, **factory)
-        self.proj_drop = nn.Dropout(check_float(proj_drop, "proj_drop", who, minimum=0.0, maximum=1.0))
+        self.proj_drop = check_dropout(proj_drop, "proj_drop", who)
 
     def _reduce_tokens(self, x: Tensor) -> Tensor:
         """`pre_conv` of channels-last tokens `x` `(B, H, W, C)` -> `(B, r, H, W)` (a view). A 1x1

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnzoo._checks import check_float, check_int, check_shape
+from attnzoo._checks import check_dropout, check_int, check_shape
 from attnzoo._registry import Example, FreeSize, register
 from attnzoo.kernels.route import plain_module
 from attnzoo.maps.capture import capturing, record
@@ -96,8 +96,8 @@ class SeparableSelfAttention(nn.Module):
         self.qkv = nn.Linear(dim, 1 + 2 * dim, bias=bias, **factory)  # query logit, keys, values
         self.proj = nn.Linear(dim, dim, bias=bias, **factory)
         self.act = act_layer() if act_layer is not None else nn.Identity()
-        self.attn_drop = nn.Dropout(check_float(attn_drop, "attn_drop", who, minimum=0.0, maximum=1.0))
-        self.proj_drop = nn.Dropout(check_float(proj_drop, "proj_drop", who, minimum=0.0, maximum=1.0))
+        self.attn_drop = check_dropout(attn_drop, "attn_drop", who)
+        self.proj_drop = check_dropout(proj_drop, "proj_drop", who)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}"

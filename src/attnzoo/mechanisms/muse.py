@@ -25,7 +25,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from attnzoo._checks import check_float, check_head_widths, check_int, check_mask, check_shape, check_tensor
+from attnzoo._checks import (
+    check_dropout,
+    check_head_widths,
+    check_int,
+    check_mask,
+    check_shape,
+    check_tensor,
+)
 from attnzoo._registry import Example, FreeSize, register
 from attnzoo.functional import attend
 from attnzoo.maps.capture import capturing, record, record_rows
@@ -133,14 +140,14 @@ class MUSEAttention(nn.Module):
         ):
             raise ValueError(f"{who} expects kernel_sizes to be odd positive ints, got {kernel_sizes!r}")
         self.kernel_sizes = tuple(kernel_sizes)
-        self.attn_drop = nn.Dropout(check_float(attn_drop, "attn_drop", who, minimum=0.0, maximum=1.0))
+        self.attn_drop = check_dropout(attn_drop, "attn_drop", who)
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
         qk, vw = num_heads * self.head_dim, num_heads * self.value_head_dim
         self.q = nn.Linear(dim, qk, bias=qkv_bias, **factory)
         self.k = nn.Linear(dim, qk, bias=qkv_bias, **factory)
         self.v = nn.Linear(dim, vw, bias=qkv_bias, **factory)
         self.proj = nn.Linear(vw, dim, **factory)
-        self.proj_drop = nn.Dropout(check_float(proj_drop, "proj_drop", who, minimum=0.0, maximum=1.0))
+        self.proj_drop = check_dropout(proj_drop, "proj_drop", who)
         self.branches = nn.ModuleList(_DepthPoint(vw, dim, k, factory) for k in self.kernel_sizes)
         self.branch_weights = nn.Parameter(torch.ones(len(self.kernel_sizes), **factory))
 

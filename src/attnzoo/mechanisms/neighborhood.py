@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from attnzoo._checks import check_float, check_int, check_shape
+from attnzoo._checks import check_dropout, check_float, check_int, check_shape
 from attnzoo._geometry import grid2d
 from attnzoo._registry import Example, FreeSize, register
 from attnzoo.kernels.neighbourhood_nd import neighbourhood_attend, neighbourhood_index
@@ -87,7 +87,7 @@ class _NeighbourhoodAttention(nn.Module):
         if not math.isfinite(scale):
             raise ValueError(f"{who}: qk_scale must be finite, got {qk_scale}")
         self.scale = scale
-        self.attn_drop = nn.Dropout(check_float(attn_drop, "attn_drop", who, minimum=0.0, maximum=1.0))
+        self.attn_drop = check_dropout(attn_drop, "attn_drop", who)
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias, **factory)
         if rel_pos_bias:
             table = (num_heads, *(2 * k - 1 for k in self.kernel_size))
@@ -97,7 +97,7 @@ class _NeighbourhoodAttention(nn.Module):
         else:
             self.register_parameter("rpb", None)
         self.proj = nn.Linear(dim, dim, **factory)
-        self.proj_drop = nn.Dropout(check_float(proj_drop, "proj_drop", who, minimum=0.0, maximum=1.0))
+        self.proj_drop = check_dropout(proj_drop, "proj_drop", who)
 
     def extra_repr(self) -> str:
         return (

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnzoo._checks import check_float, check_int, check_shape
+from attnzoo._checks import check_dropout, check_int, check_shape
 from attnzoo._registry import Example, register
 from attnzoo.kernels.softmax import short_softmax
 from attnzoo.maps.capture import capturing, query_indices, record
@@ -117,8 +117,8 @@ class OutlookAttention(nn.Module):
         self.v = nn.Linear(dim, dim, bias=qkv_bias, **factory)
         self.attn = nn.Linear(dim, kernel_size**4 * num_heads, **factory)
         self.proj = nn.Linear(dim, dim, **factory)
-        self.attn_drop = nn.Dropout(check_float(attn_drop, "attn_drop", who, minimum=0.0, maximum=1.0))
-        self.proj_drop = nn.Dropout(check_float(proj_drop, "proj_drop", who, minimum=0.0, maximum=1.0))
+        self.attn_drop = check_dropout(attn_drop, "attn_drop", who)
+        self.proj_drop = check_dropout(proj_drop, "proj_drop", who)
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, num_heads={self.num_heads}, kernel_size={self.kernel_size}, "

@@ -31,7 +31,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnzoo._checks import check_choice, check_divisible, check_float, check_int, check_shape, check_tensor
+from attnzoo._checks import (
+    check_choice,
+    check_divisible,
+    check_dropout,
+    check_float,
+    check_int,
+    check_shape,
+    check_tensor,
+)
 from attnzoo._geometry import int_pair
 from attnzoo._registry import Example, FreeSize, register
 from attnzoo.functional import attend, gather_relative_bias, relative_position_index_2d
@@ -144,7 +152,7 @@ class WindowAttention(nn.Module):
         self.scale = (
             check_float(qk_scale, "qk_scale", who) if qk_scale is not None else 0.0
         ) or head_dim**-0.5
-        self.attn_drop = nn.Dropout(check_float(attn_drop, "attn_drop", who, minimum=0.0, maximum=1.0))
+        self.attn_drop = check_dropout(attn_drop, "attn_drop", who)
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
         wh, ww = self.window_size
         self.relative_position_bias_table = nn.Parameter(
@@ -154,7 +162,7 @@ class WindowAttention(nn.Module):
         self.register_buffer(_INDEX, index, persistent=False)
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, **factory)
         self.proj = nn.Linear(dim, dim, **factory)
-        self.proj_drop = nn.Dropout(check_float(proj_drop, "proj_drop", who, minimum=0.0, maximum=1.0))
+        self.proj_drop = check_dropout(proj_drop, "proj_drop", who)
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
 
     def _load_from_state_dict(

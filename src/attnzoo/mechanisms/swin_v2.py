@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnzoo._checks import check_float, check_int, check_shape
+from attnzoo._checks import check_dropout, check_int, check_shape
 from attnzoo._geometry import int_pair
 from attnzoo._registry import Example, register
 from attnzoo.functional import attend, gather_relative_bias, relative_position_index_2d
@@ -266,7 +266,7 @@ class ShiftedWindowAttentionV2(nn.Module):
                 f"{who}: shift_size must be smaller than window_size {(wh, ww)}, got {self.shift_size}"
             )
         self.pretrained_window_size = int_pair(pretrained_window_size, "pretrained_window_size", who, 0)
-        self.attn_drop = nn.Dropout(check_float(attn_drop, "attn_drop", who, minimum=0.0, maximum=1.0))
+        self.attn_drop = check_dropout(attn_drop, "attn_drop", who)
         self.qkv = nn.Linear(dim, dim * 3, bias=False, **factory)
         self.q_bias = nn.Parameter(torch.zeros(dim, **factory)) if qkv_bias else None
         self.v_bias = nn.Parameter(torch.zeros(dim, **factory)) if qkv_bias else None
@@ -277,7 +277,7 @@ class ShiftedWindowAttentionV2(nn.Module):
             nn.Linear(CPB_HIDDEN, num_heads, bias=False, **factory),
         )
         self.proj = nn.Linear(dim, dim, **factory)
-        self.proj_drop = nn.Dropout(check_float(proj_drop, "proj_drop", who, minimum=0.0, maximum=1.0))
+        self.proj_drop = check_dropout(proj_drop, "proj_drop", who)
         self._position_buffers(device, dtype)
 
     def _position_buffers(self, device: torch.device | str | None, dtype: torch.dtype | None) -> None:

@@ -21,7 +21,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
-from attnzoo._checks import check_divisible, check_float, check_int, check_shape
+from attnzoo._checks import check_divisible, check_dropout, check_float, check_int, check_shape
 from attnzoo._registry import Example, register, register_seed
 from attnzoo.functional import attend, gather_relative_bias, relative_position_index_1d
 from attnzoo.kernels.biased import biased_attention
@@ -111,13 +111,13 @@ class TemporalAttention(nn.Module):
         self.scale = (check_float(qk_scale, "qk_scale", who) if qk_scale is not None else 0.0) or (
             dim // num_heads
         ) ** -0.5
-        self.attn_drop = nn.Dropout(check_float(attn_drop, "attn_drop", who, minimum=0.0, maximum=1.0))
+        self.attn_drop = check_dropout(attn_drop, "attn_drop", who)
         self.with_qkv = bool(with_qkv)
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
         if self.with_qkv:
             self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, **factory)
             self.proj = nn.Linear(dim, dim, **factory)
-            self.proj_drop = nn.Dropout(check_float(proj_drop, "proj_drop", who, minimum=0.0, maximum=1.0))
+            self.proj_drop = check_dropout(proj_drop, "proj_drop", who)
         table = torch.zeros(2 * num_frames - 1, num_heads, **factory)  # (2T - 1, h)
         self.relative_position_bias_table = nn.Parameter(table)
         where = None if device is None else torch.device(device)

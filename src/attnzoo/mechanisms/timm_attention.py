@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from attnzoo._checks import check_float, check_head_widths, check_int, check_mask, check_shape
+from attnzoo._checks import check_dropout, check_head_widths, check_int, check_mask, check_shape
 from attnzoo._registry import Example, register_compat
 from attnzoo.functional import attend
 from attnzoo.maps.capture import capturing, record_rows
@@ -68,7 +68,7 @@ class TimmAttention(nn.Module):
             raise ValueError(f"{who}: norm_layer must be given with qk_norm or scale_norm, got None")
         self.attn_dim = self.num_heads * self.head_dim
         self.scale = self.head_dim**-0.5
-        self.attn_drop = nn.Dropout(check_float(attn_drop, "attn_drop", who, minimum=0.0, maximum=1.0))
+        self.attn_drop = check_dropout(attn_drop, "attn_drop", who)
         self.qkv = nn.Linear(dim, 3 * self.attn_dim, bias=qkv_bias, **dd)
         norm = norm_layer if norm_layer is not None else nn.Identity
         self.q_norm = norm(self.head_dim, **dd) if qk_norm else nn.Identity()
@@ -77,7 +77,7 @@ class TimmAttention(nn.Module):
         self.gate = nn.Linear(dim, self.attn_dim, bias=qkv_bias, **dd) if gated else None
         dim_out = check_int(dim_out or dim, "dim_out", who)  # timm's `dim_out or dim`: 0 and None give dim
         self.proj = nn.Linear(self.attn_dim, dim_out, bias=proj_bias, **dd)
-        self.proj_drop = nn.Dropout(check_float(proj_drop, "proj_drop", who, minimum=0.0, maximum=1.0))
+        self.proj_drop = check_dropout(proj_drop, "proj_drop", who)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_heads={self.num_heads}, head_dim={self.head_dim}"

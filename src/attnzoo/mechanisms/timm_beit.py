@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from attnzoo._checks import check_float, check_head_widths, check_int, check_mask, check_shape
+from attnzoo._checks import check_dropout, check_head_widths, check_int, check_mask, check_shape
 from attnzoo._registry import Example, register_compat
 from attnzoo.functional import attend
 from attnzoo.maps.capture import capturing, record_rows
@@ -82,7 +82,7 @@ class TimmBeitAttention(nn.Module):
         self.attn_dim = self.num_heads * self.head_dim
         self.scale = self.head_dim**-0.5
         self.qkv_bias_separate = bool(qkv_bias_separate)  # the same sum either way; kept for timm's repr
-        self.attn_drop = nn.Dropout(check_float(attn_drop, "attn_drop", who, minimum=0.0, maximum=1.0))
+        self.attn_drop = check_dropout(attn_drop, "attn_drop", who)
         self.qkv = nn.Linear(dim, 3 * self.attn_dim, bias=False, **dd)
         self.q_bias = nn.Parameter(torch.zeros(self.attn_dim, **dd)) if qkv_bias else None
         k_bias = torch.zeros(self.attn_dim, **dd) if qkv_bias else None  # timm's: a zero buffer
@@ -101,7 +101,7 @@ class TimmBeitAttention(nn.Module):
         self.relative_position_bias_table = table
         self.register_buffer("relative_position_index", index, persistent=False)
         self.proj = nn.Linear(self.attn_dim, dim, **dd)
-        self.proj_drop = nn.Dropout(check_float(proj_drop, "proj_drop", who, minimum=0.0, maximum=1.0))
+        self.proj_drop = check_dropout(proj_drop, "proj_drop", who)
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, num_heads={self.num_heads}, head_dim={self.head_dim}, "

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from attnzoo._checks import check_divisible, check_float, check_int, check_shape
+from attnzoo._checks import check_divisible, check_dropout, check_int, check_shape
 from attnzoo._registry import Example, register_compat
 from attnzoo.maps.capture import capturing, query_indices, record
 
@@ -68,10 +68,10 @@ class TimmFactorAttention(nn.Module):
         self.head_dim = dim // num_heads
         self.scale = self.head_dim**-0.5
         # never applied, as in timm
-        self.attn_drop = nn.Dropout(check_float(attn_drop, "attn_drop", who, minimum=0.0, maximum=1.0))
+        self.attn_drop = check_dropout(attn_drop, "attn_drop", who)
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias, **dd)
         self.proj = nn.Linear(dim, dim, **dd)
-        self.proj_drop = nn.Dropout(check_float(proj_drop, "proj_drop", who, minimum=0.0, maximum=1.0))
+        self.proj_drop = check_dropout(proj_drop, "proj_drop", who)
         if shared_crpe is not None and not isinstance(shared_crpe, nn.Module):
             raise TypeError(f"{who} expects shared_crpe to be an nn.Module or None, "
                             f"got {type(shared_crpe).__name__}")

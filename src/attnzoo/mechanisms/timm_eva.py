@@ -28,7 +28,14 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
-from attnzoo._checks import check_float, check_head_widths, check_int, check_mask, check_shape, check_tensor
+from attnzoo._checks import (
+    check_dropout,
+    check_head_widths,
+    check_int,
+    check_mask,
+    check_shape,
+    check_tensor,
+)
 from attnzoo._registry import Example, register_compat
 from attnzoo.functional import attend
 from attnzoo.maps.capture import capturing, record_rows
@@ -100,7 +107,7 @@ class TimmEvaAttention(nn.Module):
         self.scale = self.head_dim**-0.5
         self.qkv_bias_separate = bool(qkv_bias_separate)  # the same sum either way; kept for timm's repr
         self.rotate_half = bool(rotate_half)
-        self.attn_drop = nn.Dropout(check_float(attn_drop, "attn_drop", who, minimum=0.0, maximum=1.0))
+        self.attn_drop = check_dropout(attn_drop, "attn_drop", who)
         self.qkv: nn.Linear | None = None
         self.q_proj = self.k_proj = self.v_proj = None
         self.q_bias = self.v_bias = None
@@ -122,7 +129,7 @@ class TimmEvaAttention(nn.Module):
         self.norm = norm(self.attn_dim, **dd) if scale_norm else nn.Identity()
         self.gate = nn.Linear(dim, self.attn_dim, bias=qkv_bias, **dd) if gated else None
         self.proj = nn.Linear(self.attn_dim, dim, **dd)
-        self.proj_drop = nn.Dropout(check_float(proj_drop, "proj_drop", who, minimum=0.0, maximum=1.0))
+        self.proj_drop = check_dropout(proj_drop, "proj_drop", who)
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, num_heads={self.num_heads}, head_dim={self.head_dim}, "

@@ -22,7 +22,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from attnzoo._checks import check_float, check_head_widths, check_int, check_shape, check_tensor
+from attnzoo._checks import (
+    check_dropout,
+    check_head_widths,
+    check_int,
+    check_shape,
+    check_tensor,
+)
 from attnzoo._geometry import int_pair
 from attnzoo._registry import Example, register_compat
 from attnzoo.functional import attend, gather_relative_bias, relative_position_index_2d
@@ -84,9 +90,9 @@ class TimmGcVitWindowAttention(nn.Module):
         self.use_global = bool(use_global)
         self.rel_pos = _RelPosBias(self.window_size, self.num_heads, dd)
         self.qkv = nn.Linear(dim, (2 if self.use_global else 3) * dim, bias=qkv_bias, **dd)
-        self.attn_drop = nn.Dropout(check_float(attn_drop, "attn_drop", who, minimum=0.0, maximum=1.0))
+        self.attn_drop = check_dropout(attn_drop, "attn_drop", who)
         self.proj = nn.Linear(dim, dim, **dd)
-        self.proj_drop = nn.Dropout(check_float(proj_drop, "proj_drop", who, minimum=0.0, maximum=1.0))
+        self.proj_drop = check_dropout(proj_drop, "proj_drop", who)
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, num_heads={self.num_heads}, window_size={self.window_size}, "

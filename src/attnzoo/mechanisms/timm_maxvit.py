@@ -46,7 +46,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from attnzoo._checks import check_float, check_int, check_mask, check_shape, check_tensor
+from attnzoo._checks import check_dropout, check_int, check_mask, check_shape, check_tensor
 from attnzoo._registry import Example, register_compat
 from attnzoo.functional import attend
 from attnzoo.maps.capture import capturing, record_rows
@@ -75,8 +75,8 @@ class _MaxxvitAttention(nn.Module):
         self.num_heads = dim_attn // self.dim_head
         self.head_first = bool(head_first)
         self.scale = self.dim_head**-0.5
-        self.attn_drop = nn.Dropout(check_float(attn_drop, "attn_drop", who, minimum=0.0, maximum=1.0))
-        self.proj_drop = nn.Dropout(check_float(proj_drop, "proj_drop", who, minimum=0.0, maximum=1.0))
+        self.attn_drop = check_dropout(attn_drop, "attn_drop", who)
+        self.proj_drop = check_dropout(proj_drop, "proj_drop", who)
         return dim, dim_out, dim_attn
 
     def _rel_pos(self, rel_pos_cls: Callable[..., nn.Module] | None, dd: dict[str, Any]) -> None:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnzoo._checks import check_float, check_int, check_shape
+from attnzoo._checks import check_dropout, check_int, check_shape
 from attnzoo._registry import Example, register_compat
 from attnzoo.kernels.route import plain_module
 from attnzoo.maps.capture import capturing, record
@@ -59,9 +59,9 @@ class TimmLinearSelfAttention(nn.Module):
         dd: dict[str, Any] = {"device": device, "dtype": dtype}
         self.embed_dim = check_int(embed_dim, "embed_dim", who)
         self.qkv_proj = nn.Conv2d(embed_dim, 1 + 2 * embed_dim, 1, bias=bias, **dd)  # logit, keys, values
-        self.attn_drop = nn.Dropout(check_float(attn_drop, "attn_drop", who, minimum=0.0, maximum=1.0))
+        self.attn_drop = check_dropout(attn_drop, "attn_drop", who)
         self.out_proj = nn.Conv2d(embed_dim, embed_dim, 1, bias=bias, **dd)
-        self.out_drop = nn.Dropout(check_float(proj_drop, "proj_drop", who, minimum=0.0, maximum=1.0))
+        self.out_drop = check_dropout(proj_drop, "proj_drop", who)
 
     def extra_repr(self) -> str:
         return f"embed_dim={self.embed_dim}"

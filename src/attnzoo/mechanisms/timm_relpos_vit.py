@@ -37,7 +37,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnzoo._checks import check_divisible, check_float, check_int, check_mask, check_shape, check_tensor
+from attnzoo._checks import (
+    check_divisible,
+    check_dropout,
+    check_int,
+    check_mask,
+    check_shape,
+    check_tensor,
+)
 from attnzoo._geometry import int_pair
 from attnzoo._registry import Example, register_compat
 from attnzoo.functional import attend
@@ -94,14 +101,14 @@ class TimmRelPosAttention(nn.Module):
         check_divisible(dim, num_heads, "dim", "num_heads", who)  # no head-width option to offer
         self.head_dim = dim // num_heads
         self.scale = self.head_dim**-0.5
-        self.attn_drop = nn.Dropout(check_float(attn_drop, "attn_drop", who, minimum=0.0, maximum=1.0))
+        self.attn_drop = check_dropout(attn_drop, "attn_drop", who)
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias, **dd)
         self.q_norm = norm_layer(self.head_dim, **dd) if qk_norm else nn.Identity()
         self.k_norm = norm_layer(self.head_dim, **dd) if qk_norm else nn.Identity()
         # Registered even when None, so a converted module's rel_pos takes timm's place among the keys.
         self.register_module("rel_pos", rel_pos_cls(num_heads=num_heads, **dd) if rel_pos_cls else None)
         self.proj = nn.Linear(dim, dim, **dd)
-        self.proj_drop = nn.Dropout(check_float(proj_drop, "proj_drop", who, minimum=0.0, maximum=1.0))
+        self.proj_drop = check_dropout(proj_drop, "proj_drop", who)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_heads={self.num_heads}, head_dim={self.head_dim}"
@@ -229,12 +236,12 @@ class TimmSamAttention(nn.Module):
         check_divisible(dim, num_heads, "dim", "num_heads", who)  # no head-width option to offer
         self.head_dim = dim // num_heads
         self.scale = self.head_dim**-0.5
-        self.attn_drop = nn.Dropout(check_float(attn_drop, "attn_drop", who, minimum=0.0, maximum=1.0))
+        self.attn_drop = check_dropout(attn_drop, "attn_drop", who)
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias, **dd)
         self.q_norm = norm_layer(self.head_dim, **dd) if qk_norm else nn.Identity()
         self.k_norm = norm_layer(self.head_dim, **dd) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim, **dd)
-        self.proj_drop = nn.Dropout(check_float(proj_drop, "proj_drop", who, minimum=0.0, maximum=1.0))
+        self.proj_drop = check_dropout(proj_drop, "proj_drop", who)
         self.use_rel_pos = bool(use_rel_pos)
         self.input_size: tuple[int, int] | None = None
         if self.use_rel_pos:

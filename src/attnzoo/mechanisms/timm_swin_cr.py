@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from attnzoo._checks import check_divisible, check_float, check_int, check_shape
+from attnzoo._checks import check_divisible, check_dropout, check_int, check_shape
 from attnzoo._geometry import int_pair
 from attnzoo._registry import Example, register_compat
 from attnzoo.maps.capture import capturing, record
@@ -105,10 +105,10 @@ class TimmWindowMultiHeadAttention(nn.Module):
         check_divisible(dim, num_heads, "dim", "num_heads", who)
         self.window_size = int_pair(window_size, "window_size", who)
         self.sequential_attn = bool(sequential_attn)
-        self.attn_drop = nn.Dropout(check_float(drop_attn, "drop_attn", who, minimum=0.0, maximum=1.0))
+        self.attn_drop = check_dropout(drop_attn, "drop_attn", who)
         self.qkv = nn.Linear(dim, 3 * dim, **dd)
         self.proj = nn.Linear(dim, dim, **dd)
-        self.proj_drop = nn.Dropout(check_float(drop_proj, "drop_proj", who, minimum=0.0, maximum=1.0))
+        self.proj_drop = check_dropout(drop_proj, "drop_proj", who)
         self.meta_mlp = _MetaMlp(check_int(meta_hidden_dim, "meta_hidden_dim", who), num_heads, dd)
         self.logit_scale = nn.Parameter(torch.full((num_heads,), math.log(10.0), **dd))  # timm's start
         self.register_buffer("relative_coordinates_log", log_offsets(self.window_size, device, dtype),

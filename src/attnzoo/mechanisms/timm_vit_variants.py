@@ -24,7 +24,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from attnzoo._checks import check_choice, check_float, check_head_widths, check_int, check_mask, check_shape
+from attnzoo._checks import (
+    check_choice,
+    check_dropout,
+    check_head_widths,
+    check_int,
+    check_mask,
+    check_shape,
+)
 from attnzoo._registry import Example, register_compat
 from attnzoo.functional import attend
 from attnzoo.maps.capture import capturing, record_rows
@@ -102,9 +109,9 @@ class TimmCrossAttention(nn.Module):
         self.head_dim, _ = check_head_widths(dim, num_heads, None, None, who, "head_dim")
         self.scale = self.head_dim**-0.5
         self.wq, self.wk, self.wv = (nn.Linear(dim, dim, bias=qkv_bias, **dd) for _ in range(3))
-        self.attn_drop = nn.Dropout(check_float(attn_drop, "attn_drop", who, minimum=0.0, maximum=1.0))
+        self.attn_drop = check_dropout(attn_drop, "attn_drop", who)
         self.proj = nn.Linear(dim, dim, **dd)
-        self.proj_drop = nn.Dropout(check_float(proj_drop, "proj_drop", who, minimum=0.0, maximum=1.0))
+        self.proj_drop = check_dropout(proj_drop, "proj_drop", who)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_heads={self.num_heads}, head_dim={self.head_dim}"
@@ -204,7 +211,7 @@ class TimmAttentionPoolLatent(nn.Module):
         self.q_norm = qk(self.head_dim, **dd) if qk is not None else nn.Identity()
         self.k_norm = qk(self.head_dim, **dd) if qk is not None else nn.Identity()
         out = in_features if out_features is None else check_int(out_features, "out_features", who, minimum=0)
-        self.proj_drop = nn.Dropout(check_float(drop, "drop", who, minimum=0.0, maximum=1.0))
+        self.proj_drop = check_dropout(drop, "drop", who)
         self.mlp: _Mlp | None = None
         if out > 0:
             self.proj: nn.Module = nn.Linear(self.embed_dim, out, **dd)

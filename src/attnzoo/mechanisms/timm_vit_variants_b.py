@@ -25,17 +25,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from attnzoo._checks import check_float, check_head_widths, check_int, check_shape
+from attnzoo._checks import check_dropout, check_float, check_head_widths, check_int, check_shape
 from attnzoo._registry import Example, register_compat
 from attnzoo.functional import attend
 from attnzoo.maps.capture import capturing, record_rows
 
 __all__ = ["TimmNestAttention", "TimmVisformerAttention", "TimmTntAttention"]
-
-
-def _dropouts(attn_drop: float, proj_drop: float, who: str) -> tuple[nn.Dropout, nn.Dropout]:
-    return (nn.Dropout(check_float(attn_drop, "attn_drop", who, minimum=0.0, maximum=1.0)),
-            nn.Dropout(check_float(proj_drop, "proj_drop", who, minimum=0.0, maximum=1.0)))
 
 
 @register_compat(example=Example({"dim": 8, "num_heads": 2}, ((2, 3, 5, 8),), (2, 3, 5, 8), channel_dim=-1))
@@ -67,7 +62,8 @@ class TimmNestAttention(nn.Module):
         self.scale = self.head_dim**-0.5
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias, **dd)
         self.proj = nn.Linear(dim, dim, **dd)
-        self.attn_drop, self.proj_drop = _dropouts(attn_drop, proj_drop, who)
+        self.attn_drop = check_dropout(attn_drop, "attn_drop", who)
+        self.proj_drop = check_dropout(proj_drop, "proj_drop", who)
 
     def forward(self, x: Tensor) -> Tensor:
         """Self-attention within each block of `x` `(B, T, N, C)`: `(B, T, N, C)`."""
@@ -120,7 +116,8 @@ class TimmVisformerAttention(nn.Module):
         width = self.head_dim * self.num_heads
         self.qkv = nn.Conv2d(dim, 3 * width, 1, bias=False, **dd)
         self.proj = nn.Conv2d(width, dim, 1, bias=False, **dd)
-        self.attn_drop, self.proj_drop = _dropouts(attn_drop, proj_drop, who)
+        self.attn_drop = check_dropout(attn_drop, "attn_drop", who)
+        self.proj_drop = check_dropout(proj_drop, "proj_drop", who)
 
     def forward(self, x: Tensor) -> Tensor:
         """Self-attention over the positions of `x` `(B, C, H, W)`: `(B, C, H, W)`."""
@@ -171,7 +168,8 @@ class TimmTntAttention(nn.Module):
         self.qk = nn.Linear(dim, 2 * hidden_dim, bias=qkv_bias, **dd)
         self.v = nn.Linear(dim, dim, bias=qkv_bias, **dd)
         self.proj = nn.Linear(dim, dim, **dd)
-        self.attn_drop, self.proj_drop = _dropouts(attn_drop, proj_drop, who)
+        self.attn_drop = check_dropout(attn_drop, "attn_drop", who)
+        self.proj_drop = check_dropout(proj_drop, "proj_drop", who)
 
     def forward(self, x: Tensor) -> Tensor:
         """Self-attention over the tokens `x` `(B, N, C)`: `(B, N, C)`."""

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from attnzoo._checks import check_float, check_head_widths, check_int, check_shape
+from attnzoo._checks import check_dropout, check_head_widths, check_int, check_shape
 from attnzoo._registry import Example, register_compat
 from attnzoo.functional import attend
 from attnzoo.maps.capture import capturing, record_rows
@@ -88,11 +88,11 @@ class TimmClassAttention(nn.Module):
         self.head_dim, _ = check_head_widths(dim, num_heads, head_dim, None, who)
         self.attn_dim = self.num_heads * self.head_dim
         self.scale = self.head_dim**-0.5
-        self.attn_drop = nn.Dropout(check_float(attn_drop, "attn_drop", who, minimum=0.0, maximum=1.0))
+        self.attn_drop = check_dropout(attn_drop, "attn_drop", who)
         self.kv = nn.Linear(dim, 2 * self.attn_dim, bias=qkv_bias, **dd)
         self.q = nn.Linear(dim, self.attn_dim, bias=qkv_bias, **dd)
         self.proj = nn.Linear(self.attn_dim, dim, **dd)
-        self.proj_drop = nn.Dropout(check_float(proj_drop, "proj_drop", who, minimum=0.0, maximum=1.0))
+        self.proj_drop = check_dropout(proj_drop, "proj_drop", who)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_heads={self.num_heads}, head_dim={self.head_dim}"

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from attnzoo._checks import check_divisible, check_float, check_int, check_shape
+from attnzoo._checks import check_divisible, check_dropout, check_int, check_shape
 from attnzoo._registry import Example, register_compat
 from attnzoo.functional import attend
 from attnzoo.maps.capture import capturing, record_rows
@@ -57,9 +57,9 @@ class _CrossCovariance(nn.Module):
         self.head_dim = dim // num_heads
         self.temperature = nn.Parameter(torch.ones(num_heads, 1, 1, **dd))
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias, **dd)
-        self.attn_drop = nn.Dropout(check_float(attn_drop, "attn_drop", who, minimum=0.0, maximum=1.0))
+        self.attn_drop = check_dropout(attn_drop, "attn_drop", who)
         self.proj = nn.Linear(dim, dim, **dd)
-        self.proj_drop = nn.Dropout(check_float(proj_drop, "proj_drop", who, minimum=0.0, maximum=1.0))
+        self.proj_drop = check_dropout(proj_drop, "proj_drop", who)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_heads={self.num_heads}"

@@ -23,7 +23,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from attnzoo._checks import check_float, check_head_widths, check_int, check_mask, check_shape, check_tensor
+from attnzoo._checks import (
+    check_dropout,
+    check_float,
+    check_head_widths,
+    check_int,
+    check_mask,
+    check_shape,
+    check_tensor,
+)
 from attnzoo._registry import Example, FreeSize, register
 from attnzoo.maps.capture import capturing, query_indices, record
 
@@ -114,7 +122,7 @@ class UFOAttention(nn.Module):
         self.k = nn.Linear(dim, qk, bias=qkv_bias, **factory)
         self.v = nn.Linear(dim, vw, bias=qkv_bias, **factory)
         self.proj = nn.Linear(vw, dim, **factory)
-        self.proj_drop = nn.Dropout(check_float(proj_drop, "proj_drop", who, minimum=0.0, maximum=1.0))
+        self.proj_drop = check_dropout(proj_drop, "proj_drop", who)
         self.gamma = nn.Parameter(torch.ones(1, num_heads, 1, 1, **factory))
 
     def extra_repr(self) -> str:

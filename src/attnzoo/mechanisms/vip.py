@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from attnzoo._checks import check_float, check_int, check_shape
+from attnzoo._checks import check_dropout, check_int, check_shape
 from attnzoo._geometry import Geometry, Unsupported, grid2d
 from attnzoo._registry import Example, register
 from attnzoo.kernels.mix import weighted_sum
@@ -119,9 +119,9 @@ class WeightedPermuteMLP(nn.Module):
         self.fc1 = nn.Linear(dim, dim // 4, **factory)  # reweighting MLP
         self.act = nn.GELU()
         self.fc2 = nn.Linear(dim // 4, 3 * dim, **factory)
-        self.attn_drop = nn.Dropout(check_float(attn_drop, "attn_drop", who, minimum=0.0, maximum=1.0))
+        self.attn_drop = check_dropout(attn_drop, "attn_drop", who)
         self.proj = nn.Linear(dim, dim, **factory)
-        self.proj_drop = nn.Dropout(check_float(proj_drop, "proj_drop", who, minimum=0.0, maximum=1.0))
+        self.proj_drop = check_dropout(proj_drop, "proj_drop", who)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, segment_dim={self.segment_dim}"
