@@ -216,22 +216,36 @@ def _light_cbam(module: Any) -> nn.Module:
 TIMM_CONVERTERS["timm.layers.cbam.LightCbamModule"] = _light_cbam
 
 
+def _pointwise_with_bias(conv: Any) -> bool:
+    pointwise = isinstance(conv, nn.Conv2d) and conv.kernel_size == (1, 1) and conv.groups == 1
+    return pointwise and conv.bias is not None
+
+
+def _two_conv_se(module: Any, convs: tuple[str, str], act: str, gate: str) -> nn.Module:
+    """A `SqueezeExcite` for a timm SE made of two 1x1 convolutions with bias (named `convs`, the second
+    undoing the first's width) around the activation `act`, gated by `gate` (both copied)."""
+    from attnzoo.mechanisms.se import SqueezeExcite
+
+    reduce, expand = (getattr(module, name) for name in convs)
+    for name, conv in zip(convs, (reduce, expand), strict=True):
+        if not _pointwise_with_bias(conv):
+            raise _refuse(module, f"its {name} is not a 1x1 nn.Conv2d with bias")
+    if (expand.in_channels, expand.out_channels) != (reduce.out_channels, reduce.in_channels):
+        raise _refuse(module, f"its {convs[1]} ({expand.in_channels} -> {expand.out_channels}) does not undo "
+                              f"{convs[0]}")
+    ours = SqueezeExcite(reduce.in_channels, rd_channels=reduce.out_channels, bias=True, **_factory(module))
+    ours.act = copy_activation(getattr(module, act), act, module)
+    ours.gate = copy_activation(getattr(module, gate), gate, module)
+    return ours
+
+
 def _efficientnet_se(module: Any) -> nn.Module:
     """The SE of timm's EfficientNet / MobileNetV3 / MnasNet blocks (``SqueezeExcite``: ``conv_reduce``,
     ``act1``, ``conv_expand``, ``gate``, both convolutions with bias) -> `SqueezeExcite` (``fc1``,
     ``act``, ``fc2``, ``gate``), its activation and gate copied (a hard sigmoid becomes attnzoo's, with
     a double backward). A pre-hook keeps timm's keys loading, so an EfficientNet checkpoint still loads
     with ``strict=True`` after `attnzoo.replace`."""
-    from attnzoo.mechanisms.se import SqueezeExcite
-
-    reduce, expand = module.conv_reduce, module.conv_expand
-    for name, conv in (("conv_reduce", reduce), ("conv_expand", expand)):
-        pointwise = isinstance(conv, nn.Conv2d) and conv.kernel_size == (1, 1) and conv.groups == 1
-        if not pointwise or conv.bias is None:
-            raise _refuse(module, f"its {name} is not a 1x1 nn.Conv2d with bias")
-    ours = SqueezeExcite(reduce.in_channels, rd_channels=reduce.out_channels, bias=True, **_factory(module))
-    ours.act = copy_activation(module.act1, "act1", module)
-    ours.gate = copy_activation(module.gate, "gate", module)
+    ours = _two_conv_se(module, ("conv_reduce", "conv_expand"), "act1", "gate")
     ours.register_load_state_dict_pre_hook(TimmKeys(_efficientnet_se_keys, ("conv_reduce.", "conv_expand.")))
     ours.load_state_dict(_efficientnet_se_keys(module.state_dict()), strict=True)
     return ours.train(module.training)
@@ -251,25 +265,12 @@ TIMM_CONVERTERS["timm.models._efficientnet_blocks.SqueezeExcite"] = _efficientne
 # The SE modules that timm's model files define for themselves: legacy SENet's and HGNet's.
 
 
-def _pointwise_with_bias(conv: Any) -> bool:
-    pointwise = isinstance(conv, nn.Conv2d) and conv.kernel_size == (1, 1) and conv.groups == 1
-    return pointwise and conv.bias is not None
 
 
 def _senet_se(module: Any) -> nn.Module:
     """`timm.models.senet.SEModule` (legacy_seresnet*, legacy_senet154): 1x1 convolutions `fc1`, `fc2`
     with biases around ReLU, a sigmoid gate: `SqueezeExcite` with the same keys."""
-    from attnzoo.mechanisms.se import SqueezeExcite
-
-    fc1, fc2 = module.fc1, module.fc2
-    if not (_pointwise_with_bias(fc1) and _pointwise_with_bias(fc2)):
-        raise _refuse(module, "its fc1 and fc2 are not 1x1 nn.Conv2d with bias")
-    if (fc2.in_channels, fc2.out_channels) != (fc1.out_channels, fc1.in_channels):
-        raise _refuse(module, f"its fc2 ({fc2.in_channels} -> {fc2.out_channels}) does not undo fc1")
-    ours = SqueezeExcite(fc1.in_channels, rd_channels=fc1.out_channels, bias=True, **_factory(module))
-    ours.act = copy_activation(module.relu, "relu", module)
-    ours.gate = copy_activation(module.sigmoid, "sigmoid", module)
-    return _finish(ours, module)
+    return _finish(_two_conv_se(module, ("fc1", "fc2"), "relu", "sigmoid"), module)
 
 
 def _hgnet_ese_keys(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
