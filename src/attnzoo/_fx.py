@@ -33,26 +33,29 @@ def _symbolic_tracing() -> bool:
     return True if probe is None else bool(probe())
 
 
-def traced_call(module: nn.Module, args: tuple, kwargs: dict) -> Any:
-    """``module`` as one ``call_module`` node when an FX tracer runs it on proxies; None otherwise."""
-    if not _symbolic_tracing():
-        return None
+def _traced_as_root(module: nn.Module) -> TypeError:
     who = type(module).__name__
-    root = TypeError(
+    return TypeError(
         f"torch.fx cannot trace {who} itself: attnzoo modules check their inputs and choose kernels at "
         f"run time, so a traced model records them as one call_module node (as torch's own modules); "
         f"trace a model that holds it (nn.Sequential({who}(...)) will do), or use torch.export"
     )
+
+
+def traced_call(module: nn.Module, args: tuple, kwargs: dict) -> Any:
+    """``module`` as one ``call_module`` node when an FX tracer runs it on proxies; None otherwise."""
+    if not _symbolic_tracing():
+        return None
     try:
         values = itertools.chain(args, kwargs.values())
         proxy = next((a for a in values if isinstance(a, torch.fx.Proxy)), None)
     except torch.fx.proxy.TraceError:  # the root's `*args` came as one proxy: this module is the root
-        raise root from None
+        raise _traced_as_root(module) from None
     tracer = None if proxy is None else proxy.tracer
     if not isinstance(tracer, torch.fx.Tracer):  # no proxy, or a tracer that has no module paths
         return None
     if getattr(tracer, "root", None) is module:
-        raise root
+        raise _traced_as_root(module)
     return tracer.create_proxy("call_module", tracer.path_of_module(module), args, kwargs)
 
 
