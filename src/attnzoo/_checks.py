@@ -307,12 +307,12 @@ def check_inputs(module: nn.Module, names: Sequence[str], args: tuple, kwargs: d
     """Every floating tensor a forward receives matches the module's parameters in dtype (autocast
     aside) and every tensor their device; raised before any work, naming what was expected.
 
-    `names` are the forward's positional parameter names (after `self`), to name the argument.
-    """
+    `names`: the forward's positional parameter names; `dtype_free_parameters` are not the reference."""
     if torch.compiler.is_compiling():
         return
-    reference = next((p for p in itertools.chain(module.parameters(), module.buffers())
-                      if p.is_floating_point()), None)
+    float32_names = getattr(module, "dtype_free_parameters", ())
+    reference = next((p for n, p in itertools.chain(module.named_parameters(), module.named_buffers())
+                      if p.is_floating_point() and n not in float32_names), None)
     nested = getattr(module, "takes_nested", False)  # torch's MHA API: the forward pads them, checks again
     named = [(names[i] if i < len(names) else f"input {i}", a) for i, a in enumerate(args)]
     named += list(kwargs.items())

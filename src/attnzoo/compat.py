@@ -27,6 +27,7 @@ mask; ``attnzoo.convert.from_timm`` converts timm's module), ``TimmAttention`` t
 ``TimmTalkingHeadAttention`` and ``TimmCaitClassAttention`` CaiT's ``TalkingHeadAttn`` and ``ClassAttn``,
 ``TimmEvaAttention`` EVA's ``EvaAttention`` (rotary embedding, q/v biases, scale norm),
 ``TimmRopeAttention`` timm's ``AttentionRope`` (Qwen3-ViT, DeepSeek ViT: rotary, grouped-query heads),
+``TimmDiffAttention`` timm's ``DiffAttention`` (differential attention, ViT's ``attn_layer='diff'``),
 ``TimmFastVitAttention`` and ``TimmCrossAttention`` FastViT's ``Attention`` (on maps) and CrossViT's
 ``CrossAttention`` (the class token over its sequence), ``TimmAttentionPoolLatent`` the SigLIP ViTs'
 ``AttentionPoolLatent`` (latent queries pooling the tokens), ``TimmNestAttention``,
@@ -84,6 +85,7 @@ from attnzoo.mechanisms.timm_davit import (
     TimmDavitChannelAttentionV2,
     TimmDavitWindowAttention,
 )
+from attnzoo.mechanisms.timm_diff import TimmDiffAttention
 from attnzoo.mechanisms.timm_eva import TimmEvaAttention, TimmRopeAttention
 from attnzoo.mechanisms.timm_gcvit import TimmGcVitWindowAttention
 from attnzoo.mechanisms.timm_levit import TimmLevitAttention, TimmLevitAttentionDownsample
@@ -137,6 +139,7 @@ __all__ = [
     "TimmEfficientFormerAttention",
     "TimmEvaAttention",
     "TimmRopeAttention",
+    "TimmDiffAttention",
     "TimmFastVitAttention",
     "TimmCrossAttention",
     "TimmAttentionPoolLatent",

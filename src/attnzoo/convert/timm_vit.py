@@ -1,12 +1,13 @@
 """timm -> attnzoo for the attention of timm's ViT family: ViT's `Attention`, BEiT's, VOLO's (on maps
 and for the class token), CaiT's talking heads and class attention, EVA's, CoaT's factorized
-attention, `AttentionRope` (Qwen3-ViT, DeepSeek ViT), FastViT's and CrossViT's, the latent attention
-pool of the SigLIP ViTs, MetaFormer's, NesT's, Visformer's, TNT's and GC ViT's -> the `attnzoo.compat`
-classes that keep timm's constructors, calls and keys (`TimmAttention`, `TimmBeitAttention`,
-`TimmVoloAttention`, `TimmClassAttention`, `TimmTalkingHeadAttention`, `TimmCaitClassAttention`,
-`TimmEvaAttention`, `TimmRopeAttention`, `TimmFastVitAttention`, `TimmCrossAttention`,
-`TimmAttentionPoolLatent`, `TimmNestAttention`, `TimmVisformerAttention`, `TimmTntAttention`,
-`TimmGcVitWindowAttention`, `TimmFactorAttention`).
+attention, `AttentionRope` (Qwen3-ViT, DeepSeek ViT), differential attention (`attn_layer='diff'`),
+FastViT's and CrossViT's, the latent attention pool of the SigLIP ViTs, MetaFormer's, NesT's,
+Visformer's, TNT's and GC ViT's -> the `attnzoo.compat` classes that keep timm's constructors, calls
+and keys (`TimmAttention`, `TimmBeitAttention`, `TimmVoloAttention`, `TimmClassAttention`,
+`TimmTalkingHeadAttention`, `TimmCaitClassAttention`, `TimmEvaAttention`, `TimmRopeAttention`,
+`TimmDiffAttention`, `TimmFastVitAttention`, `TimmCrossAttention`, `TimmAttentionPoolLatent`,
+`TimmNestAttention`, `TimmVisformerAttention`, `TimmTntAttention`, `TimmGcVitWindowAttention`,
+`TimmFactorAttention`).
 
 `CONVERTERS` maps timm's dotted class names to the converters; `attnzoo.convert.timm` adds them to
 `TIMM_CONVERTERS`. timm is never imported here. The options each converter sets and the known
@@ -27,6 +28,7 @@ from attnzoo.mechanisms.timm_attention import TimmAttention
 from attnzoo.mechanisms.timm_beit import TimmBeitAttention
 from attnzoo.mechanisms.timm_cait import TimmCaitClassAttention, TimmTalkingHeadAttention
 from attnzoo.mechanisms.timm_coat import TimmFactorAttention
+from attnzoo.mechanisms.timm_diff import TimmDiffAttention
 from attnzoo.mechanisms.timm_eva import TimmEvaAttention, TimmRopeAttention
 from attnzoo.mechanisms.timm_gcvit import TimmGcVitWindowAttention
 from attnzoo.mechanisms.timm_vit_variants import (
@@ -156,6 +158,31 @@ def rope_attention_from_timm(module: Any) -> TimmRopeAttention:
     return finish(new, module, module.state_dict())
 
 
+def diff_attention_from_timm(module: Any) -> TimmDiffAttention:
+    """timm's differential attention `timm.layers.diff_attention.DiffAttention` ->
+    `attnzoo.compat.TimmDiffAttention` (timm's call and keys; its norms, `sub_norm` included, are copied,
+    and its lambdas keep their dtype: timm makes them float32 in a half-precision module)."""
+    qkv: nn.Linear = module.qkv
+    _check_scale(module, module.head_dim)
+    if qkv.out_features != 3 * qkv.in_features or module.proj.in_features != qkv.in_features:
+        raise refuse(module, f"its qkv ({qkv.in_features} -> {qkv.out_features}) or proj is not timm's width")
+    # timm's default (fused) path drops with `attn_drop_p`, its other path with the `attn_drop` module
+    attn_drop = module.attn_drop_p if getattr(module, "fused_attn", True) else module.attn_drop.p
+    new = TimmDiffAttention(
+        qkv.in_features, module.num_heads, qkv_bias=qkv.bias is not None,
+        proj_bias=module.proj.bias is not None, dual_lambda=bool(module.dual_lambda),
+        attn_drop=float(attn_drop), proj_drop=float(module.proj_drop.p),
+        device=qkv.weight.device, dtype=qkv.weight.dtype,  # not `factory`: the lambdas come first
+    )
+    new.lambda_init = float(module.lambda_init)
+    for name in ("q_norm", "k_norm", "norm", "sub_norm"):
+        setattr(new, name, copy.deepcopy(getattr(module, name)))
+    for name, param in module.named_parameters(recurse=False):
+        if name.startswith("lambda_"):
+            setattr(new, name, nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad))
+    return finish(new, module, module.state_dict())
+
+
 def fastvit_attention_from_timm(module: Any) -> TimmFastVitAttention:
     """FastViT's `timm.models.fastvit.Attention` -> `attnzoo.compat.TimmFastVitAttention` (timm's call and
     keys)."""
@@ -280,6 +307,7 @@ CONVERTERS: dict[str, Callable[[nn.Module], nn.Module]] = {
     "timm.models.cait.ClassAttn": cait_class_attention_from_timm,
     "timm.models.eva.EvaAttention": eva_attention_from_timm,
     "timm.layers.attention.AttentionRope": rope_attention_from_timm,
+    "timm.layers.diff_attention.DiffAttention": diff_attention_from_timm,
     "timm.models.fastvit.Attention": fastvit_attention_from_timm,
     "timm.models.crossvit.CrossAttention": cross_attention_from_timm,
     "timm.layers.attention_pool.AttentionPoolLatent": attention_pool_latent_from_timm,

@@ -329,10 +329,32 @@ def record_rows(
     """
     if not capturing():
         return
+    weights, idx = row_weights(q, k, grid=grid, bias=bias, mask=mask, causal=causal, scale=scale)
+    key_grid = grid if key_grid is None else key_grid
+    record(module, "rows", weights, grid=key_grid, queries=idx, query_grid=tuple(grid), **meta)
+
+
+def row_weights(
+    q: Tensor,
+    k: Tensor,
+    *,
+    grid: Sequence[int],
+    bias: Tensor | None = None,
+    mask: Tensor | None = None,
+    causal: bool = False,
+    scale: float | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The attention weights of the capture's query points, for a module that records a map it
+    derives from them (`record_rows` records them as they are).
+
+    Args: as `record_rows`'s.
+
+    Returns:
+        `(weights, queries)`: weights `(B, h, Q, S)` (no gradient) and the query indices `(Q,)`.
+    """
     from attnzoo.functional import attend
 
     grid = tuple(int(g) for g in grid)
-    key_grid = grid if key_grid is None else tuple(int(g) for g in key_grid)
     length = q.shape[-2]
     size = 1
     for g in grid:
@@ -362,7 +384,7 @@ def record_rows(
             scale=scale,
             need_weights=True,
         )
-    record(module, "rows", weights, grid=key_grid, queries=idx, query_grid=grid, **meta)
+    return weights, idx
 
 
 def iter_maps(maps: dict[str, list[AttentionMap]]) -> Iterator[tuple[str, AttentionMap]]:
