@@ -47,6 +47,8 @@ attention over the channels of each head),
 ``TimmLevitAttentionDownsample`` LeViT's ``Attention`` and ``AttentionDownsample`` (learned offset bias,
 BatchNorm projections, linear or conv mode), ``TimmTinyVitAttention`` TinyViT's ``Attention`` and
 ``TimmEfficientFormerAttention`` EfficientFormer's ``Attention`` (the same offset bias),
+``TimmMultiQueryAttention2d`` MobileNetV4's ``MultiQueryAttention2d`` (query heads sharing one key and value
+head, pooled queries, strided keys),
 ``TimmMaxxvitAttention2d`` and ``TimmMaxxvitAttentionCl`` MaxViT / CoAtNet's ``Attention2d`` and
 ``AttentionCl`` (NCHW and channels-last, timm's ``rel_pos`` module kept), and
 ``TimmDavitWindowAttention``, ``TimmDavitChannelAttention`` and ``TimmDavitChannelAttentionV2`` DaViT's
@@ -92,6 +94,7 @@ from attnzoo.mechanisms.timm_levit import TimmLevitAttention, TimmLevitAttention
 from attnzoo.mechanisms.timm_levit_family import TimmEfficientFormerAttention, TimmTinyVitAttention
 from attnzoo.mechanisms.timm_maxvit import TimmMaxxvitAttention2d, TimmMaxxvitAttentionCl
 from attnzoo.mechanisms.timm_mobilevit import TimmLinearSelfAttention
+from attnzoo.mechanisms.timm_mqa import TimmMultiQueryAttention2d
 from attnzoo.mechanisms.timm_pvt import TimmPvtV2Attention, TimmTwinsGlobalAttention, TimmTwinsLocalAttention
 from attnzoo.mechanisms.timm_relpos_vit import TimmRelPosAttention, TimmSamAttention
 from attnzoo.mechanisms.timm_swin_cr import TimmWindowMultiHeadAttention
@@ -153,6 +156,7 @@ __all__ = [
     "TimmLinearSelfAttention",
     "TimmMaxxvitAttention2d",
     "TimmMaxxvitAttentionCl",
+    "TimmMultiQueryAttention2d",
     "TimmPvtV2Attention",
     "TimmRelPosAttention",
     "TimmSamAttention",

@@ -1,6 +1,8 @@
-"""timm -> attnzoo for MaxViT / CoAtNet's attention (`timm.models.maxxvit.Attention2d` and
-`AttentionCl`) -> the `attnzoo.compat` classes that keep timm's constructors, calls and keys
-(`TimmMaxxvitAttention2d`, `TimmMaxxvitAttentionCl`).
+"""timm -> attnzoo for the 2-D attention of MaxViT / CoAtNet (`timm.models.maxxvit.Attention2d` and
+`AttentionCl`) and of MobileNetV4's hybrid blocks (`timm.layers.attention2d.Attention2d`, the same
+computation as MaxViT's, and `MultiQueryAttention2d`) -> the `attnzoo.compat` classes that keep timm's
+constructors, calls and keys (`TimmMaxxvitAttention2d`, `TimmMaxxvitAttentionCl`,
+`TimmMultiQueryAttention2d`).
 
 The relative position submodule `rel_pos` (timm's `RelPosBias`, `RelPosMlp` or `RelPosBiasTf`) is
 deep-copied as it is (keys, numbers, RelPosMlp's dropout draws and `set_window_size` stay timm's); the
@@ -25,6 +27,7 @@ from torch import nn
 from attnzoo.convert._timm_common import check_rel_pos, default_scale, factory, refuse
 from attnzoo.convert.timm_existing import finish
 from attnzoo.mechanisms.timm_maxvit import TimmMaxxvitAttention2d, TimmMaxxvitAttentionCl
+from attnzoo.mechanisms.timm_mqa import TimmMultiQueryAttention2d
 
 __all__ = ["CONVERTERS"]
 
@@ -46,7 +49,7 @@ def _options(module: Any, dim: int, dim_attn3: int, dim_out: int, wider_only: bo
     if dim_attn3 % 3 or heads * dim_head != dim_attn:
         raise refuse(module, f"its {heads} heads of dim_head {dim_head} do not tile its attention width "
                      f"{dim_attn3 / 3:g}")
-    if not default_scale(module, dim_head):
+    if hasattr(module, "scale") and not default_scale(module, dim_head):  # layers.Attention2d has none
         raise refuse(module, f"its scale {module.scale} is not dim_head ** -0.5")
     # expand_first: which width the attention runs at (AttentionCl expands in qkv only when wider)
     if dim_attn == dim_out and (dim_out > dim or not wider_only):
@@ -55,7 +58,7 @@ def _options(module: Any, dim: int, dim_attn3: int, dim_out: int, wider_only: bo
         expand_first = dim_out <= dim if wider_only else dim_out == dim
     else:
         raise refuse(module, f"its attention width {dim_attn} is neither dim {dim} nor dim_out {dim_out}")
-    if module.rel_pos is not None:
+    if getattr(module, "rel_pos", None) is not None:
         check_rel_pos(module, module.rel_pos)
     return {"dim": dim, "dim_out": dim_out, "dim_head": dim_head, "expand_first": expand_first,
             "head_first": bool(module.head_first), "attn_drop": float(module.attn_drop.p),
@@ -63,14 +66,16 @@ def _options(module: Any, dim: int, dim_attn3: int, dim_out: int, wider_only: bo
 
 
 def _finish(new: Any, module: Any) -> Any:
-    if module.rel_pos is not None:
+    if getattr(module, "rel_pos", None) is not None:
         new.rel_pos = copy.deepcopy(module.rel_pos)  # timm's class, buffers and window as they are
     return finish(new, module, module.state_dict())
 
 
 def attention2d_from_timm(module: Any) -> TimmMaxxvitAttention2d:
     """MaxViT / CoAtNet's `timm.models.maxxvit.Attention2d` -> `attnzoo.compat.TimmMaxxvitAttention2d`
-    (timm's call and keys; `rel_pos` deep-copied)."""
+    (timm's call and keys; `rel_pos` deep-copied). Also timm's `layers.attention2d.Attention2d` (MobileNetV4's
+    hybrid blocks without multi-query attention): the same computation and keys, without `rel_pos`; its
+    `attn_mask` argument is the compat class's `shared_rel_pos` (a float mask is added alike)."""
     qkv, proj = module.qkv, module.proj
     _pointwise(module, qkv, "qkv")
     _pointwise(module, proj, "proj")
@@ -91,7 +96,26 @@ def attention_cl_from_timm(module: Any) -> TimmMaxxvitAttentionCl:
     return _finish(TimmMaxxvitAttentionCl(bias=qkv.bias is not None, **options), module)
 
 
+def multi_query_from_timm(module: Any) -> TimmMultiQueryAttention2d:
+    """MobileNetV4's `timm.layers.attention2d.MultiQueryAttention2d` ->
+    `attnzoo.compat.TimmMultiQueryAttention2d` (timm's call and keys; its `query`, `key`, `value` and
+    `output` branches are copied as they are: pooling, padding layers and norms included)."""
+    if not default_scale(module, module.key_dim):
+        raise refuse(module, f"its scale {module.scale} is not key_dim ** -0.5")
+    proj_q, proj_out = module.query.proj, module.output.proj
+    new = TimmMultiQueryAttention2d(
+        proj_q.in_channels, proj_out.out_channels, module.num_heads, module.key_dim, module.value_dim,
+        attn_drop=float(module.attn_drop.p), **factory(module),
+    )
+    for branch in ("query", "key", "value", "output"):
+        setattr(new, branch, copy.deepcopy(getattr(module, branch)))
+    new.query_strides, new.kv_stride = tuple(module.query_strides), int(module.kv_stride)
+    return finish(new, module, module.state_dict())
+
+
 CONVERTERS: dict[str, Callable[[nn.Module], nn.Module]] = {
     "timm.models.maxxvit.Attention2d": attention2d_from_timm,
     "timm.models.maxxvit.AttentionCl": attention_cl_from_timm,
+    "timm.layers.attention2d.Attention2d": attention2d_from_timm,
+    "timm.layers.attention2d.MultiQueryAttention2d": multi_query_from_timm,
 }
