@@ -333,3 +333,27 @@ def test_torch_func_grad_of_the_queries_with_a_parameter_bias(kind):
     eager = q.clone().requires_grad_()
     (ref,) = torch.autograd.grad(loss(eager), eager)
     torch.testing.assert_close(torch.func.grad(loss)(q), ref)
+
+
+@pytest.mark.parametrize("kind", ["mask", "bias"])
+def test_zero_and_one_dimensional_masks_broadcast_like_their_full_forms(kind):
+    """A 0-d or 1-d mask or bias broadcasts as SDPA's does (it failed inside the dead-row search)."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 4, 5, generator=gen, dtype=torch.float64) for _ in range(3))
+    terms = [torch.tensor(0.5, dtype=torch.float64), torch.randn(4, generator=gen, dtype=torch.float64),
+             torch.tensor(float("-inf"), dtype=torch.float64)]
+    if kind == "mask":
+        terms += [torch.tensor(True), torch.tensor([True, False, True, True])]
+    for term in terms:
+        got = attend(q, k, v, **{kind: term})
+        want = attend(q, k, v, **{kind: term.expand(2, 3, 4, 4)})
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+    assert attend(q, k, v, **{kind: terms[2]}).abs().max() == 0  # every key masked: zeros, not NaN
+
+
+@pytest.mark.parametrize("value", ["False", 0, None, 1.0])
+def test_fused_attn_takes_bools_only(value):
+    with pytest.raises(TypeError, match="fused_attn expects enabled to be a bool"):
+        with attnzoo.fused_attn(value):
+            pass
+    assert attnzoo.fused_enabled()  # nothing was pushed

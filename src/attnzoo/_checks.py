@@ -9,15 +9,15 @@ from __future__ import annotations
 import functools
 import inspect
 import itertools
-import math
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
 
 from attnzoo._fx import fx_leaf
+from attnzoo._options import MAX_SIZE, check_options
 
 __all__ = [
     "check_tensor", "check_dense", "numpy_bool", "check_shape", "check_same", "check_int", "check_float",
@@ -26,9 +26,6 @@ __all__ = [
     "check_flags", "check_inputs", "checked", "autocast_on", "MAX_SIZE",
 ]
 
-# The largest size (width, kernel, stride, count) an option or a derived width may take: torch's
-# convolution and pooling arguments are 32-bit, and a larger one only overflows or exhausts memory.
-MAX_SIZE = 2**31 - 1
 
 
 def format_shape(dims: Sequence[object]) -> str:
@@ -183,101 +180,7 @@ def check_mask(mask: object, target: Sequence[int], who: str, name: str = "mask"
 # Checks applied to every registered and compat class at once (see `checked`): constructor
 # options against their annotations, and every forward's tensors against the module's parameters.
 
-_SIMPLE = {"bool": bool, "int": int, "float": float, "str": str, "None": type(None)}
 _depth = threading.local()  # constructors nest (compat -> canonical): only the outermost checks
-
-
-def _annotation_types(annotation: object) -> tuple[type, ...] | None:
-    """`"int | None"` -> (int, NoneType); None when the annotation holds anything but simple types."""
-    if not isinstance(annotation, str):
-        return None
-    parts = [p.strip() for p in annotation.split("|")]
-    if any(p not in _SIMPLE for p in parts):
-        return None
-    return tuple(_SIMPLE[p] for p in parts)
-
-
-def _accepts(value: object, types: tuple[type, ...]) -> bool:
-    if isinstance(value, bool):  # bool is an int to Python, never to a user of an option
-        return bool in types
-    if isinstance(value, int) and float in types:
-        return True
-    return isinstance(value, tuple(t for t in types if t is not bool))
-
-
-_ARTICLE = {bool: "a bool", int: "an int", float: "a number", str: "a str", type(None): "None"}
-
-
-def _type_names(types: tuple[type, ...]) -> str:
-    return " or ".join(_ARTICLE[t] for t in types)
-
-
-# Annotations of options that build a module (`norm_layer=nn.BatchNorm2d`): a class or a factory.
-_LAYER = {"type[nn.Module]", "Callable[..., nn.Module]", "Layer"}
-
-
-def _check_layer_option(who: str, name: str, annotation: object, value: object) -> None:
-    """`value` must be callable (or None where the annotation allows it) for a module-building option."""
-    if not isinstance(annotation, str):
-        return
-    parts = [p.strip() for p in annotation.split("|")]
-    if not parts or any(p not in _LAYER and p != "None" for p in parts) or all(p == "None" for p in parts):
-        return
-    if value is None and "None" in parts:
-        return
-    if not callable(value) or isinstance(value, (str, bool, int, float)):
-        none = " (or None)" if "None" in parts else ""
-        raise TypeError(f"{who}: {name} must be an nn.Module class or factory such as nn.BatchNorm2d{none}, "
-                        f"got {type(value).__name__} {value!r}")
-
-
-def check_options(
-    who: str, signature: inspect.Signature, args: tuple, kwargs: dict, infinite: Sequence[str] = ()
-) -> None:
-    """Every argument whose annotation is a simple type (`bool`, `int | None`, ...) has that type,
-    every float option is finite, and every module-building option (`norm_layer`) is callable.
-
-    A string `"False"` given to a boolean option, or `None` where a value is required, raises
-    `TypeError` naming the class, the argument, the expected and the given type; `inf` or `nan`
-    given to a float option raises `ValueError`, except `inf` for the options named in `infinite`
-    (a class's `infinite_options`: `ResidualAttention(temperature=math.inf)` takes the maximum).
-    """
-    try:
-        bound = signature.bind(None, *args, **kwargs)
-    except TypeError as err:
-        raise TypeError(f"{who}: {err}") from None
-    for name, value in list(bound.arguments.items())[1:]:
-        annotation = signature.parameters[name].annotation
-        types = _annotation_types(annotation)
-        if types is not None and not _accepts(value, types):
-            raise TypeError(
-                f"{who}: {name} must be {_type_names(types)}, got {type(value).__name__} {value!r}"
-            )
-        if types is not None and float in types and isinstance(value, float) and not math.isfinite(value):
-            if not (math.isinf(value) and name in infinite):
-                raise ValueError(f"{who}: {name} must be a finite number, got {value}")
-        _check_layer_option(who, name, annotation, value)
-        sizes = value if isinstance(value, (tuple, list)) else (value,)
-        if any(isinstance(v, int) and not isinstance(v, bool) and abs(v) > MAX_SIZE for v in sizes):
-            raise ValueError(f"{who}: {name} must be at most {MAX_SIZE} (2**31 - 1) in size, got {value}")
-        if name in ("device", "dtype") and value is not None:
-            _check_factory_option(who, name, value)
-
-
-def _check_factory_option(who: str, name: str, value: object) -> None:
-    """`device=` names a device torch knows; `dtype=` is a real floating dtype (parameters need one)."""
-    if name == "dtype":
-        if not isinstance(value, torch.dtype) or not value.is_floating_point:
-            raise TypeError(f"{who}: dtype must be a floating-point torch.dtype such as torch.float32, "
-                            f"got {type(value).__name__} {value!r}")
-        return
-    if isinstance(value, bool) or not isinstance(value, (torch.device, str, int)):
-        raise TypeError(f"{who}: device must be a torch.device, a str or an int, got {type(value).__name__} "
-                        f"{value!r}")
-    try:
-        torch.device(value)
-    except RuntimeError as err:
-        raise ValueError(f"{who}: device={value!r} names no device torch knows ({err})") from None
 
 
 def numpy_bool(value: object) -> bool:
@@ -322,6 +225,8 @@ def check_inputs(module: nn.Module, names: Sequence[str], args: tuple, kwargs: d
     device = reference.device if reference is not None else tensors[0][1].device
     where = "where its parameters are" if reference is not None else f"the device of {tensors[0][0]}"
     who = type(module).__name__
+    if any(t is not None and t.device != device for t in _own_and_derived(module)):
+        _stray_tensor(module, device, who, where)
     for name, t in tensors:
         check_dense(t, who, name)
         if t.device != device:
@@ -335,6 +240,30 @@ def check_inputs(module: nn.Module, names: Sequence[str], args: tuple, kwargs: d
                 f"{who} expects {name} of dtype {reference.dtype} (the dtype of its parameters), got "
                 f"{t.dtype}: convert the input with .to({reference.dtype}) or the module with .to({t.dtype})"
             )
+
+
+def _own_and_derived(module: nn.Module) -> Iterator[Tensor | None]:
+    """The module's own parameters and buffers, and every non-persistent buffer of its tree (listed once,
+    at the first call): cheap enough for every forward, where walking the whole tree is not."""
+    derived = module.__dict__.get("_attnzoo_derived")
+    if derived is None:
+        derived = tuple((m, n) for m in module.modules() for n in m._non_persistent_buffers_set)
+        module.__dict__["_attnzoo_derived"] = derived
+    yield from module._parameters.values()
+    yield from module._buffers.values()
+    yield from (m._buffers.get(n) for m, n in derived)
+
+
+def _stray_tensor(module: nn.Module, device: torch.device, who: str, where: str) -> None:
+    """Raise for the first tensor of `_own_and_derived` not on `device`: a module built on the meta device
+    and loaded with `load_state_dict(assign=True)` keeps its non-persistent buffers (derived at
+    construction, outside the state_dict) on meta, and indexing with one there reads garbage."""
+    for name, t in itertools.chain(module.named_parameters(), module.named_buffers()):
+        if t.device != device:
+            meta = t.device.type == "meta"
+            hint = (": built on the meta device, it keeps its non-persistent buffers there after "
+                    f"load_state_dict(assign=True); build it on {device}") if meta else ""
+            raise ValueError(f"{who} holds {name} on device {t.device}, expected {device} ({where}){hint}")
 
 
 ClassT = TypeVar("ClassT", bound=type)

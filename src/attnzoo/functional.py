@@ -74,6 +74,8 @@ def fused_attn(enabled: bool) -> Iterator[None]:
         True
         ```
     """
+    if not isinstance(enabled, bool) and not numpy_bool(enabled):  # "False" would switch it on
+        raise TypeError(f"fused_attn expects enabled to be a bool, got {type(enabled).__name__} {enabled!r}")
     stack = getattr(_override, "stack", None)
     if stack is None:
         stack = _override.stack = []
@@ -174,6 +176,8 @@ def _merge_masks(
     for term in (mask, bias):
         if term is None:
             continue
+        if term.ndim < 2:  # a 0-d or 1-d term broadcasts as rows of keys: the row reductions need 2-D
+            term = term.reshape(*(1,) * (2 - term.ndim), *term.shape)
         if term.dtype == torch.bool:
             keep = term if keep is None else keep & term
         else:

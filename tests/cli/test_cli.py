@@ -259,6 +259,12 @@ def test_debug_shows_the_traceback():
         (["compare", "--csv", "/nonexistent/r.csv"], "--csv '/nonexistent/r.csv': the folder"),
         (["demo", "--epochs", "0"], "--epochs expects a positive"),
         (["list", "--family", "no_such_family"], "no mechanism in family"),
+        (["maps", "se", "--train", "0", "--channels", "0"], "--channels expects a positive count, got 0"),
+        (["maps", "se", "--train", "0", "--channels", "-3"], "--channels expects a positive count, got -3"),
+        (["info", "se", "--input", "99999999999x8x4x4"], "--input expects at most 2**31 elements"),
+        # the format is refused before any training (it failed in matplotlib after it)
+        (["maps", "se", "--out", "maps.txt"], "--out expects a picture file (avif, eps"),
+        (["demo", "--attention", "se", "--out", "demo.txt"], "--out expects a picture file"),
     ],
 )
 def test_user_errors_in_process(argv, message, capsys):

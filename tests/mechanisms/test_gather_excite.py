@@ -142,6 +142,9 @@ def test_pooling_gather_against_the_formula():
         ({"extra_params": True}, ValueError, "feat_size"),
         ({"extra_params": True, "feat_size": (3, 0)}, ValueError, "feat_size"),
         ({"extra_params": True, "feat_size": "7"}, TypeError, "feat_size"),
+        ({"feat_size": "junk"}, TypeError, "feat_size"),  # checked where unused too
+        ({"feat_size": (3.0, 3)}, TypeError, "feat_size"),
+        ({"extent": 2, "extra_params": True, "feat_size": (0, 3)}, ValueError, "feat_size"),
         ({"norm_layer": "batchnorm"}, TypeError, "norm_layer"),
     ],
 )

@@ -101,6 +101,9 @@ def test_errors_name_what_was_expected() -> None:
         attn(torch.randn(1, 5, 8), rope=torch.randn(5, 8))  # 4 rotated tokens after the class token
     with pytest.raises(TypeError, match="rope"):
         attn(torch.randn(1, 5, 8), rope=torch.ones(4, 8, dtype=torch.bool))
+    for flat in (torch.tensor(0.0), torch.zeros(1), torch.zeros(4, 1)):  # [sin | cos] must be 2 d wide
+        with pytest.raises(ValueError, match=r"rope of shape \(\.\.\., N, 8\)"):
+            attn(torch.randn(1, 5, 8), rope=flat)
     with pytest.raises(ValueError, match="norm_layer"):
         TimmEvaAttention(8, 2)  # timm's default scale norm needs a norm layer
     with pytest.raises(ValueError, match="num_prefix_tokens"):

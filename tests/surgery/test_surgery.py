@@ -357,3 +357,72 @@ def test_attention_built_by_name_takes_the_models_dtype():
     assert attnzoo.replace(net, ["3"], "se", example_input=x) == ["3"]
     assert {p.dtype for p in net.parameters()} == {torch.float64}
     assert net(x).dtype == torch.float64
+
+
+def _structure(model: nn.Module) -> tuple:
+    """Children names and forward hook counts of every module: what surgery changes."""
+    return tuple((name, tuple(m._modules), len(m._forward_hooks), len(m._forward_pre_hooks))
+                 for name, m in model.named_modules())
+
+
+def test_insert_that_fails_half_way_leaves_the_model_as_it_was():
+    """The second place of a selection failing (here: the first one selected twice), or the check
+    forward failing after attaching, undoes every change: no stray `_attn` child or hook stays."""
+    x = torch.randn(1, 3, 8, 8)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU())
+    before = _structure(net)
+    with pytest.raises(ValueError, match="already has an inserted module 0_attn"):
+        attnzoo.insert(net, "se", ["0", "0"], example_input=x)
+    assert _structure(net) == before
+    with pytest.raises(ValueError, match="C=8"):  # a module built for 8 channels at a 16-channel place
+        attnzoo.insert(net, attnzoo.create("se", 8), "0", example_input=x)
+    assert _structure(net) == before and net(x).shape == (1, 16, 8, 8)
+
+    class Plain(nn.Module):  # not a Sequential: the attention runs in hooks on the place
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 1)
+
+        def forward(self, t):
+            return self.b(self.a(t))
+
+    plain = Plain()
+    before = _structure(plain)
+    with pytest.raises(ValueError):
+        attnzoo.insert(plain, attnzoo.create("se", 4), ["a", "b"], example_input=x)
+    assert _structure(plain) == before
+
+
+def test_replace_with_a_shape_changing_module_is_refused_by_place_before_any_change():
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 4, 1))
+    before = _structure(net)
+    with pytest.raises(ValueError, match=r"at 1 expects to keep the shape \(1, 16, 8, 8\), produced "
+                                         r"\(1, 17, 8, 8\)"):
+        attnzoo.replace(net, "1", lambda c: nn.Conv2d(c, c + 1, 1), example_input=torch.randn(1, 3, 8, 8))
+    assert _structure(net) == before and isinstance(net[1], nn.ReLU)
+
+
+def test_replace_whose_check_forward_fails_is_undone_with_a_value_error():
+    class Fussy(nn.Module):  # keeps the shape when tried alone, then fails inside the model
+        calls = 0
+
+        def forward(self, t):
+            Fussy.calls += 1
+            if Fussy.calls > 1:
+                raise RuntimeError("deep inside: second call")
+            return t
+
+    net = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU())
+    before = _structure(net)
+    with pytest.raises(ValueError, match="replace: the model fails on example_input after the change, "
+                                         "which was undone: deep inside"):
+        attnzoo.replace(net, "1", lambda c: Fussy(), example_input=torch.randn(1, 3, 4, 4))
+    assert _structure(net) == before and isinstance(net[1], nn.ReLU)
+
+
+def test_replace_whose_new_module_fails_on_the_place_input_names_the_place():
+    net = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU())
+    with pytest.raises(ValueError, match=r"replace: the attention <lambda> replacing it at 1 fails on its "
+                                         r"input \(1, 4, 4, 4\): .*channels"):
+        attnzoo.replace(net, "1", lambda c: nn.Conv2d(c + 1, c, 1), example_input=torch.randn(1, 3, 4, 4))
+    assert isinstance(net[1], nn.ReLU)

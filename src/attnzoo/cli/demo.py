@@ -264,6 +264,10 @@ def run(args: argparse.Namespace) -> int:
     ):
         if value < 1:
             raise CLIError(f"{flag} expects a positive count, got {value}")
+    if args.out:
+        from attnzoo.cli.plots import check_picture_path
+
+        check_picture_path(args.out)
     attentions: list[tuple[str, nn.Module | None]] = [("none", None)]
     for spec in specs:
         try:

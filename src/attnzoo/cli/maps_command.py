@@ -68,7 +68,7 @@ def image_features(image: Tensor, channels: int, seed: int = 0) -> Tensor:
 
 
 def run(args: argparse.Namespace) -> int:
-    from attnzoo.cli.plots import load_image, plot_maps
+    from attnzoo.cli.plots import check_picture_path, load_image, plot_maps
     from attnzoo.maps.capture import capture_maps
 
     spec = get_spec(args.name)
@@ -77,6 +77,9 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"--size expects at least 8 pixels, got {args.size}")
     if args.train < 0:
         raise CLIError(f"--train expects a number of steps >= 0, got {args.train}")
+    if args.channels < 1:
+        raise CLIError(f"--channels expects a positive count, got {args.channels}")
+    check_picture_path(args.out)
     image = load_image(args.image or sample_image(), size=args.size)
     try:
         if args.train:  # the mechanism inside the demo network, trained a little on the demo task

@@ -141,14 +141,16 @@ class GatherExcite(nn.Module):
         # channels None (set by attnzoo.convert.from_timm for a module without weights): any C.
         self.channels: int | None = channels
         self.extent, self.add_maxpool = extent, add_maxpool
+        # checked whether or not it is used (timm accepts it always): a wrong one is a mistake either way
+        given_size = None if feat_size is None else int_pair(feat_size, "feat_size", who)
         self.feat_size: tuple[int, int] | None = None  # input size the gather requires, if any
         self.gather: nn.Sequential | None = None
         if extra_params:
             self.gather = nn.Sequential()
             if extent == 0:
-                if feat_size is None:
+                if given_size is None:
                     raise ValueError(f"{who}: extent=0 with extra_params=True needs feat_size, got None")
-                self.feat_size = int_pair(feat_size, "feat_size", who)
+                self.feat_size = given_size
                 kernels = [(self.feat_size, 1, 0)]  # (kernel, stride, padding): one map-wide convolution
             else:
                 if extent & (extent - 1):

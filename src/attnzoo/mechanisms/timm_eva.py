@@ -169,6 +169,9 @@ class TimmEvaAttention(nn.Module):
             check_tensor(rope, who, "rope")
             rotated = max(tokens - self.num_prefix_tokens, 0)
             check_mask(rope, (batch, self.num_heads, rotated, 2 * self.head_dim), who, "rope")
+            if rope.ndim < 2 or rope.shape[-1] != 2 * self.head_dim:  # [sin | cos]: no broadcast there
+                raise ValueError(f"{who} expects rope of shape (..., N, {2 * self.head_dim}) ([sin | cos] of "
+                                 f"the head width {self.head_dim}), got {tuple(rope.shape)}")
         gate = self.gate(x).sigmoid() if self.gate is not None else None
         q, k, v = self._qkv(x)
         q, k = self.q_norm(q), self.k_norm(k)

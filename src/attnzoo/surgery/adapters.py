@@ -148,7 +148,8 @@ def _attach(model: nn.Module, name: str, attention: nn.Module, position: str, wh
     if isinstance(parent, nn.Sequential):
         entries = list(parent._modules.items())
         if new_child in parent._modules:
-            raise ValueError(f"{name} already has an inserted module {parent_name}.{new_child}")
+            where = f"{parent_name}.{new_child}" if parent_name else new_child
+            raise ValueError(f"{name} already has an inserted module {where} (selected twice?)")
         wrapped = _SequentialGuard(attention, name, what)
         rebuilt: OrderedDict[str, nn.Module | None] = OrderedDict()
         for key, mod in entries:

@@ -19,6 +19,7 @@ for whatever is specific to the mechanism.
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,6 +52,9 @@ __all__ = [
 # Input shapes
 
 
+_MAX_ELEMENTS = 2**31  # an input shape of the CLI: larger ones only exhaust memory
+
+
 def parse_shape(text: str, what: str = "--input") -> tuple[int, ...]:
     """`"8x256x56x56"` -> `(8, 256, 56, 56)`; `ValueError` naming the problem otherwise."""
     parts = str(text).lower().replace("*", "x").split("x")
@@ -65,6 +69,9 @@ def parse_shape(text: str, what: str = "--input") -> tuple[int, ...]:
             f"{what} expects BxCxHxW (maps), BxLxC (tokens) or BxCxTxHxW (clips), "
             f"got {len(sizes)} sizes in {text!r}"
         )
+    if math.prod(sizes) > _MAX_ELEMENTS:
+        raise ValueError(f"{what} expects at most 2**31 elements (8 GiB of float32), got {text!r}: "
+                         f"{math.prod(sizes):,} elements")
     return sizes
 
 

@@ -19,11 +19,13 @@ a shape raises `ValueError` naming the place, the expected and the produced shap
 
 from typing import Any
 
+import torch
 from torch import nn
 
 from attnzoo._checks import format_shape
-from attnzoo.surgery.adapters import AttentionArg, _attach, _describe, build_for_place
-from attnzoo.surgery.places import Where, _site_shape, _sites, _verify, check_model
+from attnzoo.surgery.adapters import AttentionArg, _attach, _describe, _guarded, build_for_place
+from attnzoo.surgery.places import Where, _Site, _site_shape, _sites, _verify, check_model
+from attnzoo.surgery.rollback import undo_on_error
 
 __all__ = ["insert", "replace"]
 
@@ -78,9 +80,11 @@ def insert(
         channels, layout = _site_shape(site, use_input=position == "before")
         built.append((site, build_for_place(attention, channels, layout, dict(kwargs), site.name,
                                                    like=(site.module, model))))
-    # Attach only once every place built, so a bad argument leaves the model untouched.
-    names = [_attach(model, site.name, module, position, what) for site, module in built]
-    _verify(model, example_input)
+    # Attach only once every place built; a place that fails to attach, or a failing check forward,
+    # undoes every change, so an error leaves the model as it was.
+    with undo_on_error(model, "insert"):
+        names = [_attach(model, site.name, module, position, what) for site, module in built]
+        _verify(model, example_input)
     return names
 
 
@@ -152,14 +156,36 @@ def replace(
                                  f"pass example_input=")
             site.shape_in = guess
         channels, layout = _site_shape(site, use_input=True)
-        built.append((site, build_for_place(attention, channels, layout, dict(kwargs), site.name,
-                                                   like=(site.module, model))))
-    for site, module in built:
-        parent_name, _, child = site.name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, module)
-    _verify(model, example_input)
+        module = build_for_place(attention, channels, layout, dict(kwargs), site.name,
+                                 like=(site.module, model))
+        _keeps_shape(site, module, f"{_describe(attention)} replacing it")
+        built.append((site, module))
+    with undo_on_error(model, "replace"):
+        for site, module in built:
+            parent_name, _, child = site.name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, module)
+        _verify(model, example_input)
     return [site.name for site, _ in built]
+
+
+def _keeps_shape(site: _Site, module: nn.Module, what: str) -> None:
+    """With a measured place, run the new module alone on a tensor of the place's input shape (eval, no
+    gradients), so one that changes the shape is refused by place before the model changes."""
+    if site.shape_in is None or site.shape_out is None:
+        return
+    like = next((t for t in module.parameters() if t.is_floating_point()), None)
+    dtype = like.dtype if like is not None else torch.get_default_dtype()
+    x = torch.randn(site.shape_in, dtype=dtype, device=like.device if like is not None else None)
+    was_training = module.training
+    try:
+        with torch.no_grad():
+            _guarded(module.eval(), x, site.name, what)
+    except RuntimeError as err:  # raised deep inside the new module: say where it was going
+        raise ValueError(f"replace: the {what} at {site.name} fails on its input "
+                         f"{format_shape(site.shape_in)}: {err}") from err
+    finally:
+        module.train(was_training)
 
 
 def _convert_instances(
@@ -195,11 +221,12 @@ def _convert_instances(
                 raise type(err)(f"replace: {name}: {err}") from err
         places.append(name)
     # Swap only once every place converted, so a refusal leaves the model untouched.
-    for name in places:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, new[id(parent.get_submodule(child))])
-    _verify(model, example_input)
+    with undo_on_error(model, "replace"):
+        for name in places:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, new[id(parent.get_submodule(child))])
+        _verify(model, example_input)
     return places
 
 
