@@ -30,7 +30,8 @@ mask; ``attnzoo.convert.from_timm`` converts timm's module), ``TimmAttention`` t
 ``TimmDiffAttention`` timm's ``DiffAttention`` (differential attention, ViT's ``attn_layer='diff'``),
 ``TimmFastVitAttention`` and ``TimmCrossAttention`` FastViT's ``Attention`` (on maps) and CrossViT's
 ``CrossAttention`` (the class token over its sequence), ``TimmAttentionPoolLatent`` the SigLIP ViTs'
-``AttentionPoolLatent`` (latent queries pooling the tokens), ``TimmNestAttention``,
+``AttentionPoolLatent`` (latent queries pooling the tokens), ``TimmAttentionPool2d`` the CLIP ResNets'
+``AttentionPool2d`` (a map pooled by attention), ``TimmNestAttention``,
 ``TimmVisformerAttention`` and ``TimmTntAttention`` NesT's, Visformer's and TNT's ``Attention``,
 ``TimmGcVitWindowAttention`` GC ViT's ``WindowAttentionGlobal`` (local or global-query windows),
 ``TimmWindowMultiHeadAttention`` Swin V2 CR's ``WindowMultiHeadAttention`` (meta-network position bias),
@@ -95,6 +96,7 @@ from attnzoo.mechanisms.timm_levit_family import TimmEfficientFormerAttention, T
 from attnzoo.mechanisms.timm_maxvit import TimmMaxxvitAttention2d, TimmMaxxvitAttentionCl
 from attnzoo.mechanisms.timm_mobilevit import TimmLinearSelfAttention
 from attnzoo.mechanisms.timm_mqa import TimmMultiQueryAttention2d
+from attnzoo.mechanisms.timm_pool2d import TimmAttentionPool2d
 from attnzoo.mechanisms.timm_pvt import TimmPvtV2Attention, TimmTwinsGlobalAttention, TimmTwinsLocalAttention
 from attnzoo.mechanisms.timm_relpos_vit import TimmRelPosAttention, TimmSamAttention
 from attnzoo.mechanisms.timm_swin_cr import TimmWindowMultiHeadAttention
@@ -146,6 +148,7 @@ __all__ = [
     "TimmFastVitAttention",
     "TimmCrossAttention",
     "TimmAttentionPoolLatent",
+    "TimmAttentionPool2d",
     "TimmNestAttention",
     "TimmVisformerAttention",
     "TimmTntAttention",

@@ -1,13 +1,13 @@
 """timm -> attnzoo for the attention of timm's ViT family: ViT's `Attention`, BEiT's, VOLO's (on maps
 and for the class token), CaiT's talking heads and class attention, EVA's, CoaT's factorized
 attention, `AttentionRope` (Qwen3-ViT, DeepSeek ViT), differential attention (`attn_layer='diff'`),
-FastViT's and CrossViT's, the latent attention pool of the SigLIP ViTs, MetaFormer's, NesT's,
-Visformer's, TNT's and GC ViT's -> the `attnzoo.compat` classes that keep timm's constructors, calls
-and keys (`TimmAttention`, `TimmBeitAttention`, `TimmVoloAttention`, `TimmClassAttention`,
-`TimmTalkingHeadAttention`, `TimmCaitClassAttention`, `TimmEvaAttention`, `TimmRopeAttention`,
-`TimmDiffAttention`, `TimmFastVitAttention`, `TimmCrossAttention`, `TimmAttentionPoolLatent`,
-`TimmNestAttention`, `TimmVisformerAttention`, `TimmTntAttention`, `TimmGcVitWindowAttention`,
-`TimmFactorAttention`).
+FastViT's and CrossViT's, the latent attention pool of the SigLIP ViTs, the CLIP ResNets' attention
+pool, MetaFormer's, NesT's, Visformer's, TNT's and GC ViT's -> the `attnzoo.compat` classes that keep
+timm's constructors, calls and keys (`TimmAttention`, `TimmBeitAttention`, `TimmVoloAttention`,
+`TimmClassAttention`, `TimmTalkingHeadAttention`, `TimmCaitClassAttention`, `TimmEvaAttention`,
+`TimmRopeAttention`, `TimmDiffAttention`, `TimmFastVitAttention`, `TimmCrossAttention`,
+`TimmAttentionPoolLatent`, `TimmAttentionPool2d`, `TimmNestAttention`, `TimmVisformerAttention`,
+`TimmTntAttention`, `TimmGcVitWindowAttention`, `TimmFactorAttention`).
 
 `CONVERTERS` maps timm's dotted class names to the converters; `attnzoo.convert.timm` adds them to
 `TIMM_CONVERTERS`. timm is never imported here. The options each converter sets and the known
@@ -31,6 +31,7 @@ from attnzoo.mechanisms.timm_coat import TimmFactorAttention
 from attnzoo.mechanisms.timm_diff import TimmDiffAttention
 from attnzoo.mechanisms.timm_eva import TimmEvaAttention, TimmRopeAttention
 from attnzoo.mechanisms.timm_gcvit import TimmGcVitWindowAttention
+from attnzoo.mechanisms.timm_pool2d import TimmAttentionPool2d
 from attnzoo.mechanisms.timm_vit_variants import (
     TimmAttentionPoolLatent,
     TimmCrossAttention,
@@ -183,6 +184,22 @@ def diff_attention_from_timm(module: Any) -> TimmDiffAttention:
     return finish(new, module, module.state_dict())
 
 
+def attention_pool2d_from_timm(module: Any) -> TimmAttentionPool2d:
+    """The CLIP ResNets' head `timm.layers.attention_pool2d.AttentionPool2d` ->
+    `attnzoo.compat.TimmAttentionPool2d` (timm's call, `reset` and keys)."""
+    _check_scale(module, module.head_dim)
+    separate = module.qkv is None
+    first: nn.Linear = module.q if separate else module.qkv
+    pre_logits = isinstance(module.proj, nn.Identity)
+    new = TimmAttentionPool2d(
+        module.in_features, module.feat_size, 0 if pre_logits else module.proj.out_features,
+        embed_dim=module.embed_dim, num_heads=module.num_heads, qkv_bias=first.bias is not None,
+        qkv_separate=separate, pool_type=module.pool_type, class_token=module.cls_token is not None,
+        drop_rate=float(module.drop.p), **factory(module),
+    )
+    return finish(new, module, module.state_dict())
+
+
 def fastvit_attention_from_timm(module: Any) -> TimmFastVitAttention:
     """FastViT's `timm.models.fastvit.Attention` -> `attnzoo.compat.TimmFastVitAttention` (timm's call and
     keys)."""
@@ -311,6 +328,7 @@ CONVERTERS: dict[str, Callable[[nn.Module], nn.Module]] = {
     "timm.models.fastvit.Attention": fastvit_attention_from_timm,
     "timm.models.crossvit.CrossAttention": cross_attention_from_timm,
     "timm.layers.attention_pool.AttentionPoolLatent": attention_pool_latent_from_timm,
+    "timm.layers.attention_pool2d.AttentionPool2d": attention_pool2d_from_timm,
     "timm.models.metaformer.Attention": metaformer_attention_from_timm,
     "timm.models.nest.Attention": nest_attention_from_timm,
     "timm.models.visformer.Attention": visformer_attention_from_timm,
