@@ -366,7 +366,9 @@ def test_compat_class_forward_mode_ad_equals_reverse_mode_twice(case):
     probe = torch.zeros_like(out, requires_grad=True)  # J t = d/du <J^T u, t>
     (vjp,) = torch.autograd.grad(out, x0, probe, create_graph=True)
     (expected,) = torch.autograd.grad((vjp * tangent).sum(), probe)
-    torch.testing.assert_close(by_func, expected, **EXACT)
+    # a class whose original computes in float32 whatever the input (timm's LiteMLA) agrees to float32
+    tolerance = {"atol": 1e-5, "rtol": 1e-4} if getattr(case.cls, "float32_math", False) else EXACT
+    torch.testing.assert_close(by_func, expected, **tolerance)
 
 
 @pytest.mark.parametrize("case", COMPAT, ids=lambda c: c.id)

@@ -36,6 +36,7 @@ mask; ``attnzoo.convert.from_timm`` converts timm's module), ``TimmAttention`` t
 ``TimmGcVitWindowAttention`` GC ViT's ``WindowAttentionGlobal`` (local or global-query windows),
 ``TimmWindowMultiHeadAttention`` Swin V2 CR's ``WindowMultiHeadAttention`` (meta-network position bias),
 ``TimmLinearSelfAttention`` MobileViT v2's ``LinearSelfAttention`` (separable attention on patches),
+``TimmLiteMLA`` MIT EfficientViT's ``LiteMLA`` (multi-scale ReLU linear attention),
 ``TimmFactorAttention`` CoaT's ``FactorAttnConvRelPosEnc`` (factorized attention, shared position encoding),
 ``TimmPvtV2Attention`` PVT v2's ``Attention`` (spatial reduction or the linear mode),
 ``TimmTwinsGlobalAttention`` and ``TimmTwinsLocalAttention`` Twins' ``GlobalSubSampleAttn`` and
@@ -93,6 +94,7 @@ from attnzoo.mechanisms.timm_eva import TimmEvaAttention, TimmRopeAttention
 from attnzoo.mechanisms.timm_gcvit import TimmGcVitWindowAttention
 from attnzoo.mechanisms.timm_levit import TimmLevitAttention, TimmLevitAttentionDownsample
 from attnzoo.mechanisms.timm_levit_family import TimmEfficientFormerAttention, TimmTinyVitAttention
+from attnzoo.mechanisms.timm_litemla import TimmLiteMLA
 from attnzoo.mechanisms.timm_maxvit import TimmMaxxvitAttention2d, TimmMaxxvitAttentionCl
 from attnzoo.mechanisms.timm_mobilevit import TimmLinearSelfAttention
 from attnzoo.mechanisms.timm_mqa import TimmMultiQueryAttention2d
@@ -157,6 +159,7 @@ __all__ = [
     "TimmLevitAttention",
     "TimmLevitAttentionDownsample",
     "TimmLinearSelfAttention",
+    "TimmLiteMLA",
     "TimmMaxxvitAttention2d",
     "TimmMaxxvitAttentionCl",
     "TimmMultiQueryAttention2d",

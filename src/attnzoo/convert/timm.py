@@ -17,6 +17,7 @@ from torch import nn
 
 from attnzoo.convert import (  # one family per module
     timm_davit,
+    timm_efficientvit,
     timm_existing,
     timm_gates,
     timm_levit,
@@ -46,6 +47,7 @@ TIMM_CONVERTERS: dict[str, Callable[[nn.Module], nn.Module]] = {
     **timm_levit.CONVERTERS,  # LeViT, TinyViT and EfficientFormer offset-bias attention -> attnzoo.compat
     **timm_maxvit.CONVERTERS,  # MaxViT / CoAtNet's Attention2d and AttentionCl -> attnzoo.compat
     **timm_davit.CONVERTERS,  # DaViT's window and channel attention -> attnzoo.compat
+    **timm_efficientvit.CONVERTERS,  # MIT EfficientViT's multi-scale linear attention -> attnzoo.compat
 }
 
 
