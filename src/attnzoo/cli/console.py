@@ -13,7 +13,8 @@ from typing import Any
 
 from attnzoo._registry import Spec, get_spec
 
-__all__ = ["CLIError", "Progress", "si", "num", "table", "render", "write_text", "emit", "reason", "resolve"]
+__all__ = ["CLIError", "check_picture_path", "Progress", "si", "num", "table", "render", "write_text", "emit",
+           "reason", "resolve"]
 
 
 class CLIError(Exception):
@@ -163,3 +164,17 @@ def resolve(names: Sequence[str]) -> list[Spec]:
             if spec not in specs:
                 specs.append(spec)
     return specs
+
+
+def check_picture_path(path: str, flag: str = "--out") -> None:
+    """Refuse, before any work (training included), a picture path in a format matplotlib does not know
+    (`maps.txt`). No suffix writes a PNG. (A missing folder is refused with every output path.)"""
+    suffix = os.path.splitext(path)[1].lower().lstrip(".")
+    if suffix:
+        try:
+            from matplotlib.figure import Figure
+        except ImportError:  # the picture step says what to install
+            return
+        known = Figure().canvas.get_supported_filetypes()
+        if suffix not in known:
+            raise CLIError(f"{flag} expects a picture file ({', '.join(sorted(known))}), got {path!r}")

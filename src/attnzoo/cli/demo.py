@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnzoo._registry import Spec, get_spec, list_modules
-from attnzoo.cli.console import CLIError, Progress, plural, resolve, table
+from attnzoo.cli.console import CLIError, Progress, check_picture_path, plural, resolve, table
 from attnzoo.surgery.build import Unsupported, build_nchw
 
 __all__ = ["KINDS", "make_shapes", "OddShapeNet", "train", "evaluate", "Result", "peak_on_odd_shape", "run"]
@@ -265,8 +265,6 @@ def run(args: argparse.Namespace) -> int:
         if value < 1:
             raise CLIError(f"{flag} expects a positive count, got {value}")
     if args.out:
-        from attnzoo.cli.plots import check_picture_path
-
         check_picture_path(args.out)
     attentions: list[tuple[str, nn.Module | None]] = [("none", None)]
     for spec in specs:

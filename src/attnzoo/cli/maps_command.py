@@ -15,7 +15,7 @@ from torch import Tensor
 
 from attnzoo._registry import get_spec
 from attnzoo.cli import demo
-from attnzoo.cli.console import CLIError
+from attnzoo.cli.console import CLIError, check_picture_path
 from attnzoo.surgery.build import Unsupported, build_nchw
 
 __all__ = ["MAPS_TRAIN_STEPS", "image_features", "run", "sample_image"]
@@ -68,7 +68,7 @@ def image_features(image: Tensor, channels: int, seed: int = 0) -> Tensor:
 
 
 def run(args: argparse.Namespace) -> int:
-    from attnzoo.cli.plots import check_picture_path, load_image, plot_maps
+    from attnzoo.cli.plots import load_image, plot_maps
     from attnzoo.maps.capture import capture_maps
 
     spec = get_spec(args.name)

@@ -277,22 +277,6 @@ def _draw(ax: Any, image: Tensor | None, panel: Panel) -> Any:
     return layer
 
 
-def check_picture_path(path: str, flag: str = "--out") -> None:
-    """Refuse, before any work (training included), a picture path in a format matplotlib does not know
-    (`maps.txt`). No suffix writes a PNG. (A missing folder is refused with every output path.)"""
-    from attnzoo.cli.console import CLIError
-
-    suffix = os.path.splitext(path)[1].lower().lstrip(".")
-    if suffix:
-        try:
-            from matplotlib.figure import Figure
-        except ImportError:  # the picture step says what to install
-            return
-        known = Figure().canvas.get_supported_filetypes()
-        if suffix not in known:
-            raise CLIError(f"{flag} expects a picture file ({', '.join(sorted(known))}), got {path!r}")
-
-
 def plot_maps(
     image: Tensor,
     maps: dict[str, list[AttentionMap]],
