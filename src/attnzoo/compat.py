@@ -34,6 +34,7 @@ mask; ``attnzoo.convert.from_timm`` converts timm's module), ``TimmAttention`` t
 ``AttentionPool2d`` (a map pooled by attention), ``TimmNestAttention``,
 ``TimmVisformerAttention`` and ``TimmTntAttention`` NesT's, Visformer's and TNT's ``Attention``,
 ``TimmGcVitWindowAttention`` GC ViT's ``WindowAttentionGlobal`` (local or global-query windows),
+``TimmGPSA`` ConViT's ``GPSA`` (content attention gated with a learnt local positional one),
 ``TimmWindowMultiHeadAttention`` Swin V2 CR's ``WindowMultiHeadAttention`` (meta-network position bias),
 ``TimmLinearSelfAttention`` MobileViT v2's ``LinearSelfAttention`` (separable attention on patches),
 ``TimmLiteMLA`` MIT EfficientViT's ``LiteMLA`` (multi-scale ReLU linear attention),
@@ -84,6 +85,7 @@ from attnzoo.mechanisms.timm_attention import TimmAttention
 from attnzoo.mechanisms.timm_beit import TimmBeitAttention
 from attnzoo.mechanisms.timm_cait import TimmCaitClassAttention, TimmTalkingHeadAttention
 from attnzoo.mechanisms.timm_coat import TimmFactorAttention
+from attnzoo.mechanisms.timm_convit import TimmGPSA
 from attnzoo.mechanisms.timm_davit import (
     TimmDavitChannelAttention,
     TimmDavitChannelAttentionV2,
@@ -155,6 +157,7 @@ __all__ = [
     "TimmVisformerAttention",
     "TimmTntAttention",
     "TimmGcVitWindowAttention",
+    "TimmGPSA",
     "TimmFactorAttention",
     "TimmLevitAttention",
     "TimmLevitAttentionDownsample",

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from torch import nn
 
 from attnzoo.convert import (  # one family per module
+    timm_convit,
     timm_davit,
     timm_efficientvit,
     timm_existing,
@@ -48,6 +49,7 @@ TIMM_CONVERTERS: dict[str, Callable[[nn.Module], nn.Module]] = {
     **timm_maxvit.CONVERTERS,  # MaxViT / CoAtNet's Attention2d and AttentionCl -> attnzoo.compat
     **timm_davit.CONVERTERS,  # DaViT's window and channel attention -> attnzoo.compat
     **timm_efficientvit.CONVERTERS,  # MIT EfficientViT's multi-scale linear attention -> attnzoo.compat
+    **timm_convit.CONVERTERS,  # ConViT's gated positional and plain attention -> attnzoo.compat
 }
 
 
