@@ -38,6 +38,8 @@ mask; ``attnzoo.convert.from_timm`` converts timm's module), ``TimmAttention`` t
 ``TimmWindowMultiHeadAttention`` Swin V2 CR's ``WindowMultiHeadAttention`` (meta-network position bias),
 ``TimmLinearSelfAttention`` MobileViT v2's ``LinearSelfAttention`` (separable attention on patches),
 ``TimmLiteMLA`` MIT EfficientViT's ``LiteMLA`` (multi-scale ReLU linear attention),
+``TimmCascadedGroupAttention`` Microsoft EfficientViT's ``CascadedGroupAttention`` (heads on channel
+splits, each fed the previous head's output),
 ``TimmFactorAttention`` CoaT's ``FactorAttnConvRelPosEnc`` (factorized attention, shared position encoding),
 ``TimmPvtV2Attention`` PVT v2's ``Attention`` (spatial reduction or the linear mode),
 ``TimmTwinsGlobalAttention`` and ``TimmTwinsLocalAttention`` Twins' ``GlobalSubSampleAttn`` and
@@ -84,6 +86,7 @@ from attnzoo.mechanisms.temporal import Attention
 from attnzoo.mechanisms.timm_attention import TimmAttention
 from attnzoo.mechanisms.timm_beit import TimmBeitAttention
 from attnzoo.mechanisms.timm_cait import TimmCaitClassAttention, TimmTalkingHeadAttention
+from attnzoo.mechanisms.timm_cascaded import TimmCascadedGroupAttention
 from attnzoo.mechanisms.timm_coat import TimmFactorAttention
 from attnzoo.mechanisms.timm_convit import TimmGPSA
 from attnzoo.mechanisms.timm_davit import (
@@ -163,6 +166,7 @@ __all__ = [
     "TimmLevitAttentionDownsample",
     "TimmLinearSelfAttention",
     "TimmLiteMLA",
+    "TimmCascadedGroupAttention",
     "TimmMaxxvitAttention2d",
     "TimmMaxxvitAttentionCl",
     "TimmMultiQueryAttention2d",

@@ -48,7 +48,7 @@ TIMM_CONVERTERS: dict[str, Callable[[nn.Module], nn.Module]] = {
     **timm_levit.CONVERTERS,  # LeViT, TinyViT and EfficientFormer offset-bias attention -> attnzoo.compat
     **timm_maxvit.CONVERTERS,  # MaxViT / CoAtNet's Attention2d and AttentionCl -> attnzoo.compat
     **timm_davit.CONVERTERS,  # DaViT's window and channel attention -> attnzoo.compat
-    **timm_efficientvit.CONVERTERS,  # MIT EfficientViT's multi-scale linear attention -> attnzoo.compat
+    **timm_efficientvit.CONVERTERS,  # the two EfficientViTs: MIT linear, Microsoft cascaded -> attnzoo.compat
     **timm_convit.CONVERTERS,  # ConViT's gated positional and plain attention -> attnzoo.compat
 }
 
