@@ -52,6 +52,8 @@ attention over the channels of each head),
 ``TimmLevitAttentionDownsample`` LeViT's ``Attention`` and ``AttentionDownsample`` (learned offset bias,
 BatchNorm projections, linear or conv mode), ``TimmTinyVitAttention`` TinyViT's ``Attention`` and
 ``TimmEfficientFormerAttention`` EfficientFormer's ``Attention`` (the same offset bias),
+``TimmEfficientFormerV2Attention`` and ``TimmEfficientFormerV2AttentionDownsample`` EfficientFormer V2's
+``Attention2d`` (talking heads, a local value branch) and ``Attention2dDownsample``,
 ``TimmMultiQueryAttention2d`` MobileNetV4's ``MultiQueryAttention2d`` (query heads sharing one key and value
 head, pooled queries, strided keys),
 ``TimmMaxxvitAttention2d`` and ``TimmMaxxvitAttentionCl`` MaxViT / CoAtNet's ``Attention2d`` and
@@ -95,6 +97,10 @@ from attnzoo.mechanisms.timm_davit import (
     TimmDavitWindowAttention,
 )
 from attnzoo.mechanisms.timm_diff import TimmDiffAttention
+from attnzoo.mechanisms.timm_efficientformer_v2 import (
+    TimmEfficientFormerV2Attention,
+    TimmEfficientFormerV2AttentionDownsample,
+)
 from attnzoo.mechanisms.timm_eva import TimmEvaAttention, TimmRopeAttention
 from attnzoo.mechanisms.timm_gcvit import TimmGcVitWindowAttention
 from attnzoo.mechanisms.timm_levit import TimmLevitAttention, TimmLevitAttentionDownsample
@@ -149,6 +155,8 @@ __all__ = [
     "TimmDavitChannelAttentionV2",
     "TimmDavitWindowAttention",
     "TimmEfficientFormerAttention",
+    "TimmEfficientFormerV2Attention",
+    "TimmEfficientFormerV2AttentionDownsample",
     "TimmEvaAttention",
     "TimmRopeAttention",
     "TimmDiffAttention",

@@ -45,7 +45,7 @@ TIMM_CONVERTERS: dict[str, Callable[[nn.Module], nn.Module]] = {
     **timm_pvt.CONVERTERS,  # PVT v2's and Twins' spatial-reduction and window attention -> attnzoo.compat
     **timm_xca.CONVERTERS,  # XCiT's and EdgeNeXt's cross-covariance attention -> attnzoo.compat
     **timm_relpos_vit.CONVERTERS,  # the relative-position ViT's and SAM's attention -> attnzoo.compat
-    **timm_levit.CONVERTERS,  # LeViT, TinyViT and EfficientFormer offset-bias attention -> attnzoo.compat
+    **timm_levit.CONVERTERS,  # LeViT, TinyViT, EfficientFormer (V1, V2) offset-bias attention -> compat
     **timm_maxvit.CONVERTERS,  # MaxViT / CoAtNet's Attention2d and AttentionCl -> attnzoo.compat
     **timm_davit.CONVERTERS,  # DaViT's window and channel attention -> attnzoo.compat
     **timm_efficientvit.CONVERTERS,  # the two EfficientViTs: MIT linear, Microsoft cascaded -> attnzoo.compat

@@ -23,6 +23,10 @@ import torch
 from torch import nn
 
 from attnzoo.convert.timm_existing import factory, finish, refuse
+from attnzoo.mechanisms.timm_efficientformer_v2 import (
+    TimmEfficientFormerV2Attention,
+    TimmEfficientFormerV2AttentionDownsample,
+)
 from attnzoo.mechanisms.timm_levit import TimmLevitAttention, TimmLevitAttentionDownsample, offset_index
 from attnzoo.mechanisms.timm_levit_family import TimmEfficientFormerAttention, TimmTinyVitAttention
 
@@ -31,8 +35,8 @@ __all__ = ["CONVERTERS"]
 
 def _ratio(module: Any) -> float:
     """An `attn_ratio` that gives the module's value width (`int(attn_ratio * key_dim)`), also where
-    timm keeps only the width (LeViT)."""
-    val_dim, key_dim = int(module.val_dim), int(module.key_dim)
+    timm keeps only the width (LeViT; EfficientFormer V2 calls it `d`)."""
+    val_dim, key_dim = int(getattr(module, "val_dim", getattr(module, "d", 0))), int(module.key_dim)
     ratio = val_dim / key_dim
     return ratio if int(ratio * key_dim) == val_dim else math.nextafter(ratio, math.inf)
 
@@ -132,9 +136,51 @@ def efficientformer_attention_from_timm(module: Any) -> TimmEfficientFormerAtten
     return finish(new, module, module.state_dict())
 
 
+_V2_PARTS = ("stride_conv", "upsample", "q", "k", "v", "v_local", "talking_head1", "talking_head2", "act",
+             "proj")
+
+
+def _copy_parts(new: nn.Module, module: Any) -> None:
+    """timm's submodules deep-copied into the converted module (their classes, paddings and norms kept)."""
+    for name in _V2_PARTS:
+        if hasattr(module, name):
+            setattr(new, name, copy.deepcopy(getattr(module, name)))
+
+
+def efficientformer_v2_from_timm(module: Any) -> TimmEfficientFormerV2Attention:
+    """EfficientFormer V2's `timm.models.efficientformer_v2.Attention2d` ->
+    `attnzoo.compat.TimmEfficientFormerV2Attention` (its layers copied as they are)."""
+    dim, _ = _widths(module, module.q.conv, int(module.key_dim), "q")
+    resolution = (int(module.resolution[0]), int(module.resolution[1]))
+    _bias(module, resolution)
+    stride = None if module.stride_conv is None else int(module.stride_conv.conv.stride[0])
+    size = resolution if stride is None else (resolution[0] * stride, resolution[1] * stride)
+    new = TimmEfficientFormerV2Attention(dim, int(module.key_dim), int(module.num_heads), _ratio(module),
+                                         resolution=size, stride=stride, **factory(module))
+    new.scale = float(module.scale)
+    _copy_parts(new, module)
+    return finish(new, module, module.state_dict())
+
+
+def efficientformer_v2_downsample_from_timm(module: Any) -> TimmEfficientFormerV2AttentionDownsample:
+    """EfficientFormer V2's `timm.models.efficientformer_v2.Attention2dDownsample` ->
+    `attnzoo.compat.TimmEfficientFormerV2AttentionDownsample` (its layers copied as they are)."""
+    dim, _ = _widths(module, module.k.conv, int(module.key_dim), "k")
+    resolution = (int(module.resolution[0]), int(module.resolution[1]))
+    _bias(module, resolution, 2)
+    new = TimmEfficientFormerV2AttentionDownsample(dim, int(module.key_dim), int(module.num_heads),
+                                                   _ratio(module), resolution=resolution,
+                                                   out_dim=int(module.out_dim), **factory(module))
+    new.scale = float(module.scale)
+    _copy_parts(new, module)
+    return finish(new, module, module.state_dict())
+
+
 CONVERTERS: dict[str, Callable[[nn.Module], nn.Module]] = {
     "timm.models.levit.Attention": levit_attention_from_timm,
     "timm.models.levit.AttentionDownsample": levit_downsample_from_timm,
     "timm.models.tiny_vit.Attention": tiny_vit_attention_from_timm,
     "timm.models.efficientformer.Attention": efficientformer_attention_from_timm,
+    "timm.models.efficientformer_v2.Attention2d": efficientformer_v2_from_timm,
+    "timm.models.efficientformer_v2.Attention2dDownsample": efficientformer_v2_downsample_from_timm,
 }
