@@ -1,7 +1,7 @@
-"""timm -> attnzoo for timm's spatial-reduction attentions: PVT v2's `Attention` and Twins'
-`GlobalSubSampleAttn` and `LocallyGroupedAttn` -> the `attnzoo.compat` classes that keep timm's
-constructors, calls and keys (`TimmPvtV2Attention`, `TimmTwinsGlobalAttention`,
-`TimmTwinsLocalAttention`).
+"""timm -> attnzoo for timm's spatial-reduction attentions: PVT v2's `Attention`, Twins'
+`GlobalSubSampleAttn` and `LocallyGroupedAttn`, and Next-ViT's `EfficientAttention` -> the `attnzoo.compat`
+classes that keep timm's constructors, calls and keys (`TimmPvtV2Attention`, `TimmTwinsGlobalAttention`,
+`TimmTwinsLocalAttention`, `TimmNextVitAttention`).
 
 `CONVERTERS` maps timm's dotted class names to the converters; `attnzoo.convert.timm` adds them to
 `TIMM_CONVERTERS`. timm is never imported here. The options each converter sets and the known
@@ -18,6 +18,7 @@ from torch import nn
 
 from attnzoo.convert._timm_common import default_scale
 from attnzoo.convert.timm_existing import factory, finish, refuse
+from attnzoo.mechanisms.timm_nextvit import TimmNextVitAttention
 from attnzoo.mechanisms.timm_pvt import TimmPvtV2Attention, TimmTwinsGlobalAttention, TimmTwinsLocalAttention
 
 __all__ = ["CONVERTERS"]
@@ -91,8 +92,23 @@ def twins_local_attention_from_timm(module: Any) -> TimmTwinsLocalAttention:
     return finish(new, module, module.state_dict())
 
 
+def nextvit_attention_from_timm(module: Any) -> TimmNextVitAttention:
+    """Next-ViT's `timm.models.nextvit.EfficientAttention` -> `attnzoo.compat.TimmNextVitAttention` (timm's
+    call and keys; its pooling and norm copied as they are)."""
+    q: nn.Linear = module.q
+    if not default_scale(module, int(module.head_dim)):
+        raise refuse(module, f"its scale {module.scale} is not head_dim ** -0.5")
+    new = TimmNextVitAttention(q.in_features, int(module.out_dim), int(module.head_dim),
+                               qkv_bias=q.bias is not None, attn_drop=float(module.attn_drop.p),
+                               proj_drop=float(module.proj_drop.p), sr_ratio=int(module.sr_ratio),
+                               **factory(module))
+    new.sr, new.norm = copy.deepcopy(module.sr), copy.deepcopy(module.norm)
+    return finish(new, module, module.state_dict())
+
+
 CONVERTERS: dict[str, Callable[[nn.Module], nn.Module]] = {
     "timm.models.pvt_v2.Attention": pvt_v2_attention_from_timm,
     "timm.models.twins.GlobalSubSampleAttn": twins_global_attention_from_timm,
     "timm.models.twins.LocallyGroupedAttn": twins_local_attention_from_timm,
+    "timm.models.nextvit.EfficientAttention": nextvit_attention_from_timm,
 }
