@@ -38,6 +38,7 @@ mask; ``attnzoo.convert.from_timm`` converts timm's module), ``TimmAttention`` t
 ``TimmWindowMultiHeadAttention`` Swin V2 CR's ``WindowMultiHeadAttention`` (meta-network position bias),
 ``TimmLinearSelfAttention`` MobileViT v2's ``LinearSelfAttention`` (separable attention on patches),
 ``TimmLiteMLA`` MIT EfficientViT's ``LiteMLA`` (multi-scale ReLU linear attention),
+``TimmEfficientAdditiveAttention`` SwiftFormer's ``EfficientAdditiveAttention`` (one global query),
 ``TimmCascadedGroupAttention`` Microsoft EfficientViT's ``CascadedGroupAttention`` (heads on channel
 splits, each fed the previous head's output),
 ``TimmFactorAttention`` CoaT's ``FactorAttnConvRelPosEnc`` (factorized attention, shared position encoding),
@@ -114,6 +115,7 @@ from attnzoo.mechanisms.timm_nextvit import TimmNextVitAttention
 from attnzoo.mechanisms.timm_pool2d import TimmAttentionPool2d
 from attnzoo.mechanisms.timm_pvt import TimmPvtV2Attention, TimmTwinsGlobalAttention, TimmTwinsLocalAttention
 from attnzoo.mechanisms.timm_relpos_vit import TimmRelPosAttention, TimmSamAttention
+from attnzoo.mechanisms.timm_swiftformer import TimmEfficientAdditiveAttention
 from attnzoo.mechanisms.timm_swin_cr import TimmWindowMultiHeadAttention
 from attnzoo.mechanisms.timm_vit_variants import (
     TimmAttentionPoolLatent,
@@ -175,6 +177,7 @@ __all__ = [
     "TimmLevitAttention",
     "TimmLevitAttentionDownsample",
     "TimmLinearSelfAttention",
+    "TimmEfficientAdditiveAttention",
     "TimmLiteMLA",
     "TimmCascadedGroupAttention",
     "TimmMaxxvitAttention2d",

@@ -1,6 +1,7 @@
 """timm -> attnzoo converters for timm's token-mixing attentions: ``LambdaLayer`` (lambda),
-``BottleneckAttn`` (bottleneck), ``HaloAttn`` (halo), VOLO's ``OutlookAttention`` (outlook) and
-MobileViT v2's ``LinearSelfAttention`` (separable self-attention, to `attnzoo.compat`);
+``BottleneckAttn`` (bottleneck), ``HaloAttn`` (halo), VOLO's ``OutlookAttention`` (outlook),
+MobileViT v2's ``LinearSelfAttention`` (separable self-attention, to `attnzoo.compat`) and SwiftFormer's
+``EfficientAdditiveAttention`` (additive attention, to `attnzoo.compat`);
 `attnzoo.convert.timm.from_timm` dispatches to them. timm is never imported here: the widths are
 read off the module."""
 
@@ -133,10 +134,25 @@ def _linear_self_attention(module: Any) -> nn.Module:
     return _finish(new, module)
 
 
+def _additive_attention(module: Any) -> nn.Module:
+    """SwiftFormer's EfficientAdditiveAttention -> `attnzoo.compat.TimmEfficientAdditiveAttention` (timm's
+    keys)."""
+    from attnzoo.mechanisms.timm_swiftformer import TimmEfficientAdditiveAttention
+
+    width, token_dim = module.to_query.out_features, module.final.out_features
+    if width % token_dim or abs(float(module.scale_factor) - token_dim**-0.5) > 1e-12 * token_dim**-0.5:
+        raise _refuse(module, f"its query width {width} is no multiple of token_dim {token_dim}, or its "
+                      f"scale_factor {module.scale_factor} is not token_dim ** -0.5")
+    new = TimmEfficientAdditiveAttention(module.to_query.in_features, token_dim, width // token_dim,
+                                         **_factory(module))
+    return _finish(new, module)
+
+
 CONVERTERS: dict[str, Callable[[nn.Module], nn.Module]] = {
     "timm.layers.lambda_layer.LambdaLayer": _lambda,
     "timm.layers.bottleneck_attn.BottleneckAttn": _bottleneck,
     "timm.layers.halo_attn.HaloAttn": _halo,
     "timm.models.volo.OutlookAttention": _outlook,
     "timm.models.mobilevit.LinearSelfAttention": _linear_self_attention,
+    "timm.models.swiftformer.EfficientAdditiveAttention": _additive_attention,
 }
