@@ -44,6 +44,7 @@ splits, each fed the previous head's output),
 ``TimmFactorAttention`` CoaT's ``FactorAttnConvRelPosEnc`` (factorized attention, shared position encoding),
 ``TimmPvtV2Attention`` PVT v2's ``Attention`` (spatial reduction or the linear mode),
 ``TimmNextVitAttention`` Next-ViT's ``EfficientAttention`` (keys and values from pooled tokens),
+``TimmMultiScaleAttention`` MViT v2's ``MultiScaleAttention`` (pooled heads, decomposed position logits),
 ``TimmTwinsGlobalAttention`` and ``TimmTwinsLocalAttention`` Twins' ``GlobalSubSampleAttn`` and
 ``LocallyGroupedAttn`` (all called with the map's size, as timm's), ``TimmXCA`` and
 ``TimmCrossCovarianceAttention`` XCiT's ``XCA`` and EdgeNeXt's ``CrossCovarianceAttn`` (cross-covariance
@@ -111,6 +112,7 @@ from attnzoo.mechanisms.timm_litemla import TimmLiteMLA
 from attnzoo.mechanisms.timm_maxvit import TimmMaxxvitAttention2d, TimmMaxxvitAttentionCl
 from attnzoo.mechanisms.timm_mobilevit import TimmLinearSelfAttention
 from attnzoo.mechanisms.timm_mqa import TimmMultiQueryAttention2d
+from attnzoo.mechanisms.timm_mvit import TimmMultiScaleAttention
 from attnzoo.mechanisms.timm_nextvit import TimmNextVitAttention
 from attnzoo.mechanisms.timm_pool2d import TimmAttentionPool2d
 from attnzoo.mechanisms.timm_pvt import TimmPvtV2Attention, TimmTwinsGlobalAttention, TimmTwinsLocalAttention
@@ -185,6 +187,7 @@ __all__ = [
     "TimmMultiQueryAttention2d",
     "TimmPvtV2Attention",
     "TimmNextVitAttention",
+    "TimmMultiScaleAttention",
     "TimmRelPosAttention",
     "TimmSamAttention",
     "TimmTalkingHeadAttention",

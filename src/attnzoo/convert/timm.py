@@ -23,6 +23,7 @@ from attnzoo.convert import (  # one family per module
     timm_gates,
     timm_levit,
     timm_maxvit,
+    timm_mvit,
     timm_pvt,
     timm_relpos_vit,
     timm_strip,
@@ -50,6 +51,7 @@ TIMM_CONVERTERS: dict[str, Callable[[nn.Module], nn.Module]] = {
     **timm_davit.CONVERTERS,  # DaViT's window and channel attention -> attnzoo.compat
     **timm_efficientvit.CONVERTERS,  # the two EfficientViTs: MIT linear, Microsoft cascaded -> attnzoo.compat
     **timm_convit.CONVERTERS,  # ConViT's gated positional and plain attention -> attnzoo.compat
+    **timm_mvit.CONVERTERS,  # MViT v2's pooling attention -> attnzoo.compat
 }
 
 
