@@ -1,6 +1,7 @@
 """The whole-model check of the `attnzoo.compat` classes that stand in for timm's attention: a timm
 model with random weights, its attention swapped by `attnzoo.replace`, keeps its logits (float64,
-1e-10; in training too, with the same dropout draws and BatchNorm statistics), loads timm's
+1e-10; in training too, with the same dropout draws and BatchNorm statistics), its parameters' names,
+shapes and order (an optimizer state saved before the swap indexes by that order), loads timm's
 checkpoint with `strict=True`, records one map per swapped module, and takes a training step with
 finite gradients."""
 
@@ -28,7 +29,9 @@ def check_swap(
     model.eval()
     theirs = copy.deepcopy(model)
     checkpoint = copy.deepcopy(model.state_dict())
+    listing = [(name, p.shape) for name, p in model.named_parameters()]
     names = [name for cls in classes for name in attnzoo.replace(model, cls)]
+    assert [(name, p.shape) for name, p in model.named_parameters()] == listing  # an optimizer state still fits
     assert names == list(swapped) if not isinstance(swapped, int) else len(names) == swapped, names
     assert all(type(model.get_submodule(n)).__module__.startswith("attnzoo.") for n in names)
     model.load_state_dict(checkpoint, strict=True)  # timm's keys, unchanged

@@ -24,6 +24,7 @@ from attnzoo._checks import check_shape
 from attnzoo._geometry import int_pair
 from attnzoo._registry import Example, register_compat
 from attnzoo.maps.capture import capturing, record
+from attnzoo.mechanisms._order import follow_order
 from attnzoo.mechanisms.swin_v2 import (
     ShiftedWindowAttentionV2,
     cosine_window_attention,
@@ -83,6 +84,8 @@ class TimmWindowAttentionV2(ShiftedWindowAttentionV2):
             proj_drop=proj_drop, pretrained_window_size=pretrained_window_size, device=device, dtype=dtype,
         )
         self.qkv_bias_separate = bool(qkv_bias_separate)
+        # timm's order of parameters (an optimizer state saved with timm's module indexes by it)
+        follow_order(self, ("logit_scale", "q_bias", "v_bias"), ("cpb_mlp", "qkv", "attn_drop", "proj"))
 
     def set_window_size(self, window_size: int | Sequence[int]) -> None:
         """A new window (timm's `set_input_size` calls it): the coordinate table and index follow."""
