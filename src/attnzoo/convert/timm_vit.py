@@ -2,12 +2,12 @@
 and for the class token), CaiT's talking heads and class attention, EVA's, CoaT's factorized
 attention, `AttentionRope` (Qwen3-ViT, DeepSeek ViT), differential attention (`attn_layer='diff'`),
 FastViT's and CrossViT's, the latent attention pool of the SigLIP ViTs, the CLIP ResNets' attention
-pool, MetaFormer's, NesT's, Visformer's, TNT's and GC ViT's -> the `attnzoo.compat` classes that keep
-timm's constructors, calls and keys (`TimmAttention`, `TimmBeitAttention`, `TimmVoloAttention`,
+pool, MetaFormer's, NesT's, Visformer's, TNT's, GC ViT's and Hiera's -> the `attnzoo.compat` classes that
+keep timm's constructors, calls and keys (`TimmAttention`, `TimmBeitAttention`, `TimmVoloAttention`,
 `TimmClassAttention`, `TimmTalkingHeadAttention`, `TimmCaitClassAttention`, `TimmEvaAttention`,
 `TimmRopeAttention`, `TimmDiffAttention`, `TimmFastVitAttention`, `TimmCrossAttention`,
 `TimmAttentionPoolLatent`, `TimmAttentionPool2d`, `TimmNestAttention`, `TimmVisformerAttention`,
-`TimmTntAttention`, `TimmGcVitWindowAttention`, `TimmFactorAttention`).
+`TimmTntAttention`, `TimmGcVitWindowAttention`, `TimmMaskUnitAttention`, `TimmFactorAttention`).
 
 `CONVERTERS` maps timm's dotted class names to the converters; `attnzoo.convert.timm` adds them to
 `TIMM_CONVERTERS`. timm is never imported here. The options each converter sets and the known
@@ -31,6 +31,7 @@ from attnzoo.mechanisms.timm_coat import TimmFactorAttention
 from attnzoo.mechanisms.timm_diff import TimmDiffAttention
 from attnzoo.mechanisms.timm_eva import TimmEvaAttention, TimmRopeAttention
 from attnzoo.mechanisms.timm_gcvit import TimmGcVitWindowAttention
+from attnzoo.mechanisms.timm_hiera import TimmMaskUnitAttention
 from attnzoo.mechanisms.timm_pool2d import TimmAttentionPool2d
 from attnzoo.mechanisms.timm_vit_variants import (
     TimmAttentionPoolLatent,
@@ -200,6 +201,17 @@ def attention_pool2d_from_timm(module: Any) -> TimmAttentionPool2d:
     return finish(new, module, module.state_dict())
 
 
+def mask_unit_attention_from_timm(module: Any) -> TimmMaskUnitAttention:
+    """Hiera's `timm.models.hiera.MaskUnitAttention` -> `attnzoo.compat.TimmMaskUnitAttention` (timm's call
+    and keys)."""
+    _check_scale(module, int(module.head_dim))
+    qkv: nn.Linear = module.qkv
+    new = TimmMaskUnitAttention(qkv.in_features, int(module.dim_out), int(module.heads),
+                                q_stride=int(module.q_stride), window_size=int(module.window_size),
+                                use_mask_unit_attn=bool(module.use_mask_unit_attn), **factory(module))
+    return finish(new, module, module.state_dict())
+
+
 def fastvit_attention_from_timm(module: Any) -> TimmFastVitAttention:
     """FastViT's `timm.models.fastvit.Attention` -> `attnzoo.compat.TimmFastVitAttention` (timm's call and
     keys)."""
@@ -326,6 +338,7 @@ CONVERTERS: dict[str, Callable[[nn.Module], nn.Module]] = {
     "timm.layers.attention.AttentionRope": rope_attention_from_timm,
     "timm.layers.diff_attention.DiffAttention": diff_attention_from_timm,
     "timm.models.fastvit.Attention": fastvit_attention_from_timm,
+    "timm.models.hiera.MaskUnitAttention": mask_unit_attention_from_timm,
     "timm.models.crossvit.CrossAttention": cross_attention_from_timm,
     "timm.layers.attention_pool.AttentionPoolLatent": attention_pool_latent_from_timm,
     "timm.layers.attention_pool2d.AttentionPool2d": attention_pool2d_from_timm,

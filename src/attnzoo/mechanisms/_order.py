@@ -9,7 +9,8 @@ where the shapes happen to agree).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import MutableMapping, Sequence
+from typing import Any
 
 from torch import nn
 
@@ -19,9 +20,13 @@ __all__ = ["follow_order"]
 def follow_order(module: nn.Module, parameters: Sequence[str] = (), children: Sequence[str] = ()) -> None:
     """Put `module`'s own parameters and children named here first, in this order (the rest after them,
     in their order). Names the module does not have are skipped."""
-    for table, names in ((module._parameters, parameters), (module._modules, children)):
-        first = {name: table[name] for name in names if name in table}
-        rest = {name: value for name, value in table.items() if name not in first}
-        table.clear()
-        table.update(first)
-        table.update(rest)
+    _names_first(module._parameters, parameters)
+    _names_first(module._modules, children)
+
+
+def _names_first(table: MutableMapping[str, Any], names: Sequence[str]) -> None:
+    first = {name: table[name] for name in names if name in table}
+    rest = {name: value for name, value in table.items() if name not in first}
+    table.clear()
+    table.update(first)
+    table.update(rest)
