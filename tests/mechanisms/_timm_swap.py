@@ -31,7 +31,8 @@ def check_swap(
     checkpoint = copy.deepcopy(model.state_dict())
     listing = [(name, p.shape) for name, p in model.named_parameters()]
     names = [name for cls in classes for name in attnzoo.replace(model, cls)]
-    assert [(name, p.shape) for name, p in model.named_parameters()] == listing  # an optimizer state still fits
+    # an optimizer state saved before the swap still fits: same names, shapes and order
+    assert [(name, p.shape) for name, p in model.named_parameters()] == listing
     assert names == list(swapped) if not isinstance(swapped, int) else len(names) == swapped, names
     assert all(type(model.get_submodule(n)).__module__.startswith("attnzoo.") for n in names)
     model.load_state_dict(checkpoint, strict=True)  # timm's keys, unchanged

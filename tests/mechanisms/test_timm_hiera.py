@@ -38,7 +38,8 @@ def test_matches_timm(kwargs, shape):
 
 def test_errors():
     with pytest.raises(ValueError, match="divisible by q_stride \\* window_size = 4"):
-        TimmMaskUnitAttention(8, 8, 2, q_stride=2, window_size=2, use_mask_unit_attn=True)(torch.randn(1, 10, 8))
+        module = TimmMaskUnitAttention(8, 8, 2, q_stride=2, window_size=2, use_mask_unit_attn=True)
+        module(torch.randn(1, 10, 8))
     with pytest.raises(ValueError, match="divisible by q_stride = 4"):
         TimmMaskUnitAttention(8, 8, 2, q_stride=4)(torch.randn(1, 10, 8))
     with pytest.raises(ValueError, match="window_size"):
