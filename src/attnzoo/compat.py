@@ -36,6 +36,7 @@ mask; ``attnzoo.convert.from_timm`` converts timm's module), ``TimmAttention`` t
 ``TimmGcVitWindowAttention`` GC ViT's ``WindowAttentionGlobal`` (local or global-query windows),
 ``TimmGPSA`` ConViT's ``GPSA`` (content attention gated with a learnt local positional one),
 ``TimmMaskUnitAttention`` Hiera's ``MaskUnitAttention`` (mask-unit or global, max-pooled queries),
+``TimmSam2MultiScaleAttention`` SAM 2's Hiera ``MultiScaleAttention`` (channels-last, pooled queries),
 ``TimmWindowMultiHeadAttention`` Swin V2 CR's ``WindowMultiHeadAttention`` (meta-network position bias),
 ``TimmLinearSelfAttention`` MobileViT v2's ``LinearSelfAttention`` (separable attention on patches),
 ``TimmLiteMLA`` MIT EfficientViT's ``LiteMLA`` (multi-scale ReLU linear attention),
@@ -108,6 +109,7 @@ from attnzoo.mechanisms.timm_efficientformer_v2 import (
 from attnzoo.mechanisms.timm_eva import TimmEvaAttention, TimmRopeAttention
 from attnzoo.mechanisms.timm_gcvit import TimmGcVitWindowAttention
 from attnzoo.mechanisms.timm_hiera import TimmMaskUnitAttention
+from attnzoo.mechanisms.timm_hieradet import TimmSam2MultiScaleAttention
 from attnzoo.mechanisms.timm_levit import TimmLevitAttention, TimmLevitAttentionDownsample
 from attnzoo.mechanisms.timm_levit_family import TimmEfficientFormerAttention, TimmTinyVitAttention
 from attnzoo.mechanisms.timm_litemla import TimmLiteMLA
@@ -178,6 +180,7 @@ __all__ = [
     "TimmGcVitWindowAttention",
     "TimmGPSA",
     "TimmMaskUnitAttention",
+    "TimmSam2MultiScaleAttention",
     "TimmFactorAttention",
     "TimmLevitAttention",
     "TimmLevitAttentionDownsample",

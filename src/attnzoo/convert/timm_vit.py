@@ -2,12 +2,13 @@
 and for the class token), CaiT's talking heads and class attention, EVA's, CoaT's factorized
 attention, `AttentionRope` (Qwen3-ViT, DeepSeek ViT), differential attention (`attn_layer='diff'`),
 FastViT's and CrossViT's, the latent attention pool of the SigLIP ViTs, the CLIP ResNets' attention
-pool, MetaFormer's, NesT's, Visformer's, TNT's, GC ViT's and Hiera's -> the `attnzoo.compat` classes that
-keep timm's constructors, calls and keys (`TimmAttention`, `TimmBeitAttention`, `TimmVoloAttention`,
-`TimmClassAttention`, `TimmTalkingHeadAttention`, `TimmCaitClassAttention`, `TimmEvaAttention`,
-`TimmRopeAttention`, `TimmDiffAttention`, `TimmFastVitAttention`, `TimmCrossAttention`,
-`TimmAttentionPoolLatent`, `TimmAttentionPool2d`, `TimmNestAttention`, `TimmVisformerAttention`,
-`TimmTntAttention`, `TimmGcVitWindowAttention`, `TimmMaskUnitAttention`, `TimmFactorAttention`).
+pool, MetaFormer's, NesT's, Visformer's, TNT's, GC ViT's, Hiera's and SAM 2's Hiera's -> the
+`attnzoo.compat` classes that keep timm's constructors, calls and keys (`TimmAttention`,
+`TimmBeitAttention`, `TimmVoloAttention`, `TimmClassAttention`, `TimmTalkingHeadAttention`,
+`TimmCaitClassAttention`, `TimmEvaAttention`, `TimmRopeAttention`, `TimmDiffAttention`,
+`TimmFastVitAttention`, `TimmCrossAttention`, `TimmAttentionPoolLatent`, `TimmAttentionPool2d`,
+`TimmNestAttention`, `TimmVisformerAttention`, `TimmTntAttention`, `TimmGcVitWindowAttention`,
+`TimmMaskUnitAttention`, `TimmSam2MultiScaleAttention`, `TimmFactorAttention`).
 
 `CONVERTERS` maps timm's dotted class names to the converters; `attnzoo.convert.timm` adds them to
 `TIMM_CONVERTERS`. timm is never imported here. The options each converter sets and the known
@@ -32,6 +33,7 @@ from attnzoo.mechanisms.timm_diff import TimmDiffAttention
 from attnzoo.mechanisms.timm_eva import TimmEvaAttention, TimmRopeAttention
 from attnzoo.mechanisms.timm_gcvit import TimmGcVitWindowAttention
 from attnzoo.mechanisms.timm_hiera import TimmMaskUnitAttention
+from attnzoo.mechanisms.timm_hieradet import TimmSam2MultiScaleAttention
 from attnzoo.mechanisms.timm_pool2d import TimmAttentionPool2d
 from attnzoo.mechanisms.timm_vit_variants import (
     TimmAttentionPoolLatent,
@@ -212,6 +214,16 @@ def mask_unit_attention_from_timm(module: Any) -> TimmMaskUnitAttention:
     return finish(new, module, module.state_dict())
 
 
+def sam2_attention_from_timm(module: Any) -> TimmSam2MultiScaleAttention:
+    """SAM 2's Hiera `timm.models.hieradet_sam2.MultiScaleAttention` ->
+    `attnzoo.compat.TimmSam2MultiScaleAttention` (timm's call and keys; its `q_pool` copied)."""
+    qkv: nn.Linear = module.qkv
+    _check_scale(module, int(module.dim_out) // int(module.num_heads))
+    new = TimmSam2MultiScaleAttention(qkv.in_features, int(module.dim_out), int(module.num_heads),
+                                      q_pool=copy.deepcopy(module.q_pool), **factory(module))
+    return finish(new, module, module.state_dict())
+
+
 def fastvit_attention_from_timm(module: Any) -> TimmFastVitAttention:
     """FastViT's `timm.models.fastvit.Attention` -> `attnzoo.compat.TimmFastVitAttention` (timm's call and
     keys)."""
@@ -339,6 +351,7 @@ CONVERTERS: dict[str, Callable[[nn.Module], nn.Module]] = {
     "timm.layers.diff_attention.DiffAttention": diff_attention_from_timm,
     "timm.models.fastvit.Attention": fastvit_attention_from_timm,
     "timm.models.hiera.MaskUnitAttention": mask_unit_attention_from_timm,
+    "timm.models.hieradet_sam2.MultiScaleAttention": sam2_attention_from_timm,
     "timm.models.crossvit.CrossAttention": cross_attention_from_timm,
     "timm.layers.attention_pool.AttentionPoolLatent": attention_pool_latent_from_timm,
     "timm.layers.attention_pool2d.AttentionPool2d": attention_pool2d_from_timm,
