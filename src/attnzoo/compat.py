@@ -59,8 +59,8 @@ BatchNorm projections, linear or conv mode), ``TimmTinyVitAttention`` TinyViT's 
 ``TimmEfficientFormerAttention`` EfficientFormer's ``Attention`` (the same offset bias),
 ``TimmEfficientFormerV2Attention`` and ``TimmEfficientFormerV2AttentionDownsample`` EfficientFormer V2's
 ``Attention2d`` (talking heads, a local value branch) and ``Attention2dDownsample``,
-``TimmMultiQueryAttention2d`` MobileNetV4's ``MultiQueryAttention2d`` (query heads sharing one key and value
-head, pooled queries, strided keys),
+``TimmMultiQueryAttention2d`` and ``TimmAttention2d`` MobileNetV4's ``MultiQueryAttention2d`` (query heads
+sharing one key and value head, pooled queries, strided keys) and ``Attention2d``,
 ``TimmMaxxvitAttention2d`` and ``TimmMaxxvitAttentionCl`` MaxViT / CoAtNet's ``Attention2d`` and
 ``AttentionCl`` (NCHW and channels-last, timm's ``rel_pos`` module kept), and
 ``TimmDavitWindowAttention``, ``TimmDavitChannelAttention`` and ``TimmDavitChannelAttentionV2`` DaViT's
@@ -115,7 +115,7 @@ from attnzoo.mechanisms.timm_levit_family import TimmEfficientFormerAttention, T
 from attnzoo.mechanisms.timm_litemla import TimmLiteMLA
 from attnzoo.mechanisms.timm_maxvit import TimmMaxxvitAttention2d, TimmMaxxvitAttentionCl
 from attnzoo.mechanisms.timm_mobilevit import TimmLinearSelfAttention
-from attnzoo.mechanisms.timm_mqa import TimmMultiQueryAttention2d
+from attnzoo.mechanisms.timm_mqa import TimmAttention2d, TimmMultiQueryAttention2d
 from attnzoo.mechanisms.timm_mvit import TimmMultiScaleAttention
 from attnzoo.mechanisms.timm_nextvit import TimmNextVitAttention
 from attnzoo.mechanisms.timm_pool2d import TimmAttentionPool2d
@@ -191,6 +191,7 @@ __all__ = [
     "TimmMaxxvitAttention2d",
     "TimmMaxxvitAttentionCl",
     "TimmMultiQueryAttention2d",
+    "TimmAttention2d",
     "TimmPvtV2Attention",
     "TimmNextVitAttention",
     "TimmMultiScaleAttention",

@@ -136,3 +136,25 @@ def test_whole_model_keeps_its_logits_and_checkpoint(arch):
         want = reference(x)
         torch.testing.assert_close(model(x), want, atol=1e-10 * want.abs().max().item(), rtol=1e-10)
     model.load_state_dict(reference.state_dict(), strict=True)
+
+
+@pytest.mark.parametrize("mask", [None, "shared"])
+def test_timms_other_path_draws_one_dropout_mask_over_both_maps(mask):
+    """timm with `fused_attn=False` (TIMM_FUSED_ATTN=0) drops the 2h maps together; the flag is copied."""
+    theirs = randomize(DiffAttention(16, num_heads=2, attn_drop=0.4).double()).train()
+    theirs.fused_attn = False
+    ours = from_timm(theirs)
+    assert ours.fused_attn is False
+    x = torch.randn(2, 5, 16, dtype=D)
+    attn_mask = None if mask is None else torch.randn(1, 1, 5, 5, dtype=D)  # timm's path: shared by heads
+    torch.manual_seed(7)
+    want = theirs(x, attn_mask=attn_mask)
+    torch.manual_seed(7)
+    torch.testing.assert_close(ours(x, attn_mask=attn_mask), want, atol=1e-10, rtol=1e-10)
+
+
+def test_set_lambda_init_as_timm():
+    theirs, ours = DiffAttention(8, num_heads=2), TimmDiffAttention(8, num_heads=2)
+    theirs.set_lambda_init(7)
+    ours.set_lambda_init(7)
+    assert ours.lambda_init == theirs.lambda_init

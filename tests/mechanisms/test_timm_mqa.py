@@ -11,7 +11,7 @@ from tests.mechanisms._timm_swap import check_swap
 from tests.mechanisms.test_timm_vit_variants import _same
 
 import attnzoo
-from attnzoo.compat import TimmMaxxvitAttention2d, TimmMultiQueryAttention2d
+from attnzoo.compat import TimmAttention2d, TimmMultiQueryAttention2d
 from attnzoo.convert import from_timm
 
 timm = pytest.importorskip("timm", reason="timm missing")
@@ -27,6 +27,7 @@ MQA_CASES = [
     ({"dim": 8, "num_heads": 2, "query_strides": (2, 1), "kv_stride": 3, "dilation": 2}, (1, 8, 6, 7)),
     ({"dim": 8, "num_heads": 2, "kv_stride": 2, "padding": "same"}, (2, 8, 7, 5)),  # timm's Conv2dSame
     ({"dim": 8, "num_heads": 2, "kv_stride": 2, "padding": "valid"}, (2, 8, 7, 5)),
+    ({"dim": 8, "num_heads": 1, "proj_drop": 0.3, "attn_drop": 0.2}, (2, 8, 4, 3)),  # one head: output layout
 ]
 
 
@@ -89,9 +90,22 @@ def test_multi_query_errors():
 def test_layers_attention2d_matches_timm(kwargs, train):
     theirs = randomize(Attention2d(**kwargs).double()).train(train)
     ours = from_timm(theirs)
-    assert type(ours) is TimmMaxxvitAttention2d and set(ours.state_dict()) == set(theirs.state_dict())
+    assert type(ours) is TimmAttention2d and set(ours.state_dict()) == set(theirs.state_dict())
     _same(theirs, ours, torch.randn(2, kwargs["dim"], 5, 3, dtype=D))
     theirs.load_state_dict(ours.state_dict(), strict=True)
+    TimmAttention2d(**kwargs).load_state_dict(theirs.state_dict(), strict=True)
+
+
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_layers_attention2d_takes_timms_attn_mask(kind):
+    theirs = randomize(Attention2d(16, num_heads=2).double()).eval()
+    ours = from_timm(theirs)
+    gen = torch.Generator().manual_seed(3)
+    mask = (torch.rand(2, 1, 15, 15, generator=gen) > 0.3) if kind == "bool" else torch.randn(15, 15, dtype=D)
+    if kind == "bool":
+        mask[..., 0] = True
+    x = torch.randn(2, 16, 5, 3, dtype=D)
+    torch.testing.assert_close(ours(x, attn_mask=mask), theirs(x, attn_mask=mask), atol=1e-12, rtol=1e-12)
 
 
 def test_hybrid_mobilenetv4_keeps_logits_checkpoint_and_maps():

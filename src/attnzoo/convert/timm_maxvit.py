@@ -2,7 +2,7 @@
 `AttentionCl`) and of MobileNetV4's hybrid blocks (`timm.layers.attention2d.Attention2d`, the same
 computation as MaxViT's, and `MultiQueryAttention2d`) -> the `attnzoo.compat` classes that keep timm's
 constructors, calls and keys (`TimmMaxxvitAttention2d`, `TimmMaxxvitAttentionCl`,
-`TimmMultiQueryAttention2d`).
+`TimmMultiQueryAttention2d`, `TimmAttention2d`).
 
 The relative position submodule `rel_pos` (timm's `RelPosBias`, `RelPosMlp` or `RelPosBiasTf`) is
 deep-copied as it is (keys, numbers, RelPosMlp's dropout draws and `set_window_size` stay timm's); the
@@ -27,7 +27,7 @@ from torch import nn
 from attnzoo.convert._timm_common import check_rel_pos, default_scale, factory, refuse
 from attnzoo.convert.timm_existing import finish
 from attnzoo.mechanisms.timm_maxvit import TimmMaxxvitAttention2d, TimmMaxxvitAttentionCl
-from attnzoo.mechanisms.timm_mqa import TimmMultiQueryAttention2d
+from attnzoo.mechanisms.timm_mqa import TimmAttention2d, TimmMultiQueryAttention2d
 
 __all__ = ["CONVERTERS"]
 
@@ -73,9 +73,7 @@ def _finish(new: Any, module: Any) -> Any:
 
 def attention2d_from_timm(module: Any) -> TimmMaxxvitAttention2d:
     """MaxViT / CoAtNet's `timm.models.maxxvit.Attention2d` -> `attnzoo.compat.TimmMaxxvitAttention2d`
-    (timm's call and keys; `rel_pos` deep-copied). Also timm's `layers.attention2d.Attention2d` (MobileNetV4's
-    hybrid blocks without multi-query attention): the same computation and keys, without `rel_pos`; its
-    `attn_mask` argument is the compat class's `shared_rel_pos` (a float mask is added alike)."""
+    (timm's call and keys; `rel_pos` deep-copied)."""
     qkv, proj = module.qkv, module.proj
     _pointwise(module, qkv, "qkv")
     _pointwise(module, proj, "proj")
@@ -83,6 +81,22 @@ def attention2d_from_timm(module: Any) -> TimmMaxxvitAttention2d:
         raise refuse(module, "only one of its qkv and proj has a bias (timm's bias sets both)")
     options = _options(module, qkv.in_channels, qkv.out_channels, proj.out_channels, wider_only=False)
     return _finish(TimmMaxxvitAttention2d(bias=qkv.bias is not None, **options), module)
+
+
+def layers_attention2d_from_timm(module: Any) -> TimmAttention2d:
+    """MobileNetV4's `timm.layers.attention2d.Attention2d` -> `attnzoo.compat.TimmAttention2d` (MaxViT's
+    computation and keys, timm's constructor and call `(x, attn_mask=None)`)."""
+    qkv, proj = module.qkv, module.proj
+    _pointwise(module, qkv, "qkv")
+    _pointwise(module, proj, "proj")
+    if (qkv.bias is None) != (proj.bias is None):
+        raise refuse(module, "only one of its qkv and proj has a bias (timm's bias sets both)")
+    options = _options(module, qkv.in_channels, qkv.out_channels, proj.out_channels, wider_only=False)
+    new = TimmAttention2d(options["dim"], options["dim_out"], int(module.num_heads),
+                          bias=qkv.bias is not None, expand_first=options["expand_first"],
+                          head_first=options["head_first"], attn_drop=options["attn_drop"],
+                          proj_drop=options["proj_drop"], **factory(module))
+    return finish(new, module, module.state_dict())
 
 
 def attention_cl_from_timm(module: Any) -> TimmMaxxvitAttentionCl:
@@ -116,6 +130,6 @@ def multi_query_from_timm(module: Any) -> TimmMultiQueryAttention2d:
 CONVERTERS: dict[str, Callable[[nn.Module], nn.Module]] = {
     "timm.models.maxxvit.Attention2d": attention2d_from_timm,
     "timm.models.maxxvit.AttentionCl": attention_cl_from_timm,
-    "timm.layers.attention2d.Attention2d": attention2d_from_timm,
+    "timm.layers.attention2d.Attention2d": layers_attention2d_from_timm,
     "timm.layers.attention2d.MultiQueryAttention2d": multi_query_from_timm,
 }

@@ -179,6 +179,7 @@ def diff_attention_from_timm(module: Any) -> TimmDiffAttention:
         device=qkv.weight.device, dtype=qkv.weight.dtype,  # not `factory`: the lambdas come first
     )
     new.lambda_init = float(module.lambda_init)
+    new.fused_attn = bool(getattr(module, "fused_attn", True))  # which order timm draws its dropout masks in
     for name in ("q_norm", "k_norm", "norm", "sub_norm"):
         setattr(new, name, copy.deepcopy(getattr(module, name)))
     for name, param in module.named_parameters(recurse=False):

@@ -16,8 +16,8 @@ The difference cancels the attention both maps give to irrelevant tokens.
 Kept from timm, where its numbers come from:
 - the vector parameterisation's lambda is computed in float32 and then cast to the input dtype (timm's
   `.float()`), so a float64 model sees a float32-rounded lambda, as in timm;
-- the two maps draw their dropout masks one after the other (timm's default, fused path); timm's other
-  path draws one mask over both, so its dropped outputs differ by the draw only.
+- the two maps draw their dropout masks one after the other, as timm's default (fused) path does; with
+  `fused_attn = False` (copied from timm's module) one mask is drawn over both, as timm's other path.
 
 One difference, where timm gives NaN: a query whose every key `attn_mask` masks gets zero output here
 (`attend`'s rule), as everywhere in attnzoo.
@@ -90,7 +90,7 @@ class TimmDiffAttention(nn.Module):
         self.head_dim = dim // num_heads // 2
         self.scale = self.head_dim**-0.5
         self.dual_lambda = bool(dual_lambda)
-        self.lambda_init = 0.8 - 0.6 * math.exp(-0.3 * check_int(depth, "depth", who, minimum=0))
+        self.set_lambda_init(depth)
         norm = norm_layer if norm_layer is not None else _rms_norm_1e6
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias, **dd)
         self.q_norm = norm(self.head_dim, **dd) if qk_norm else nn.Identity()
@@ -103,7 +103,13 @@ class TimmDiffAttention(nn.Module):
         for name in ("lambda_a", "lambda_b") if self.dual_lambda else _LAMBDAS:
             setattr(self, name, nn.Parameter(torch.empty(shape, **dd)))
         self.sub_norm = nn.RMSNorm(2 * self.head_dim, eps=1e-5, **dd)
+        self.fused_attn = True  # timm's flag; False: one dropout mask over both maps, as timm's other path
         self.reset_parameters()
+
+    def set_lambda_init(self, depth: int) -> None:
+        """timm's: `lambda_init = 0.8 - 0.6 exp(-0.3 depth)` for a block at `depth`."""
+        depth = check_int(depth, "depth", type(self).__name__, minimum=0)
+        self.lambda_init = 0.8 - 0.6 * math.exp(-0.3 * depth)
 
     def reset_parameters(self) -> None:
         """timm's initialisation of the lambdas: zeros (`dual_lambda`) or normal with std 0.1."""
@@ -142,10 +148,18 @@ class TimmDiffAttention(nn.Module):
         (q1, q2), (k1, k2) = (t.unflatten(1, (heads, 2)).unbind(2) for t in (q, k))  # (B, h, N, d) each
         dropout_p = self.attn_drop.p if self.training else 0.0
         causal = bool(is_causal)
-        first, second = (
-            attend(qi, ki, v, mask=attn_mask, causal=causal, dropout_p=dropout_p, scale=self.scale)
-            for qi, ki in ((q1, k1), (q2, k2))
-        )  # (B, h, N, 2d) each, in timm's order of dropout draws
+        if dropout_p > 0.0 and not self.fused_attn:  # timm's other path: one dropout mask over all 2h maps
+            pairs = attn_mask
+            if pairs is not None and pairs.ndim >= 3 and pairs.shape[-3] > 1:
+                pairs = pairs.repeat_interleave(2, dim=-3)  # each head's mask for both of its maps
+            both = attend(q, k, v.repeat_interleave(2, dim=1), mask=pairs, causal=causal, dropout_p=dropout_p,
+                          scale=self.scale)  # (B, 2h, N, 2d)
+            first, second = both[:, 0::2], both[:, 1::2]
+        else:
+            first, second = (
+                attend(qi, ki, v, mask=attn_mask, causal=causal, dropout_p=dropout_p, scale=self.scale)
+                for qi, ki in ((q1, k1), (q2, k2))
+            )  # (B, h, N, 2d) each, in the order of dropout draws of timm's default (fused) path
         if capturing():  # map capture: the differential weights of the capture's query points
             self._record(q1, k1, q2, k2, lam, attn_mask, causal)
         out = self.sub_norm(first - lam * second) * (1 - self.lambda_init)  # (B, h, N, 2d)

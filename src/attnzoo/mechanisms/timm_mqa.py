@@ -36,8 +36,9 @@ from attnzoo._geometry import check_conv_fits, int_pair
 from attnzoo._registry import Example, register_compat
 from attnzoo.functional import attend
 from attnzoo.maps.capture import capturing, record_rows
+from attnzoo.mechanisms.timm_maxvit import TimmMaxxvitAttention2d
 
-__all__ = ["TimmMultiQueryAttention2d"]
+__all__ = ["TimmMultiQueryAttention2d", "TimmAttention2d"]
 
 
 def _static_padding(padding: str | int, kernel: int, stride: int, dilation: int, who: str) -> int:
@@ -183,7 +184,49 @@ class TimmMultiQueryAttention2d(nn.Module):
         out = attend(q, k, v, mask=attn_mask, dropout_p=dropout_p, scale=self.scale)  # (B, h, L, d_v)
         if capturing():  # map capture: rows of the capture's query points over the key map
             record_rows(self, q, k, grid=(qh, qw), key_grid=(kh, kw), mask=attn_mask, scale=self.scale)
-        # a contiguous NCHW map, as timm's: a channels-last one would make `output` draw its dropout mask
-        # in another memory order
+        # a contiguous NCHW map, as timm's: a channels-last one (the reshape's view with one head) would
+        # make `output` draw its dropout mask in another memory order
         out = out.transpose(2, 3).reshape(batch, heads * self.value_dim, qh, qw)  # (B, h d_v, H', W')
+        out = out.contiguous()
         return self.output(out)  # (B, dim_out, H' s_h, W' s_w)
+
+
+@register_compat(example=Example({"dim": 8, "num_heads": 2}, ((2, 8, 3, 5),), (2, 8, 3, 5)))
+class TimmAttention2d(TimmMaxxvitAttention2d):
+    """timm's `layers.attention2d.Attention2d(dim, dim_out=None, num_heads=32, bias=True, expand_first=False,
+    head_first=False, attn_drop=0., proj_drop=0.)` (`attnzoo.compat.TimmAttention2d`; MobileNetV4's hybrid
+    blocks without multi-query attention): MaxViT's `TimmMaxxvitAttention2d` (the same computation and
+    keys) with timm's constructor and call `(x, attn_mask=None)`.
+
+    Shape:
+        - x: `(B, dim, H, W)`; attn_mask: bool (True = may attend) or float (added), broadcastable to
+          `(B, h, N, N)` (N = H W), or None.
+        - Output: `(B, dim_out, H, W)`.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        dim_out: int | None = None,
+        num_heads: int = 32,
+        bias: bool = True,
+        expand_first: bool = False,
+        head_first: bool = False,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        who = type(self).__name__
+        width = check_int(dim_out or dim, "dim_out", who) if expand_first else check_int(dim, "dim", who)
+        heads = check_int(num_heads, "num_heads", who)
+        if width % heads:  # timm's view fails
+            raise ValueError(f"{who}: num_heads must divide the attention width {width}, got {heads}")
+        super().__init__(dim, dim_out, dim_head=width // heads, bias=bias, expand_first=expand_first,
+                         head_first=head_first, attn_drop=attn_drop, proj_drop=proj_drop, device=device,
+                         dtype=dtype)
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:  # type: ignore[override]
+        """Self-attention over the positions of `x` `(B, C, H, W)`, timm's `attn_mask` as MaxViT's shared
+        term: `(B, dim_out, H, W)`."""
+        return super().forward(x, shared_rel_pos=attn_mask)
