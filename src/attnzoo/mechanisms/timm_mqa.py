@@ -229,4 +229,9 @@ class TimmAttention2d(TimmMaxxvitAttention2d):
     def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:  # type: ignore[override]
         """Self-attention over the positions of `x` `(B, C, H, W)`, timm's `attn_mask` as MaxViT's shared
         term: `(B, dim_out, H, W)`."""
+        if attn_mask is not None:  # checked here so that the message names attn_mask
+            who = type(self).__name__
+            dims = check_shape(x, who, "B C H W", C=self.dim)
+            tokens = dims["H"] * dims["W"]
+            check_mask(attn_mask, (dims["B"], self.num_heads, tokens, tokens), who, "attn_mask")
         return super().forward(x, shared_rel_pos=attn_mask)
