@@ -71,31 +71,32 @@ def _finish(new: Any, module: Any) -> Any:
     return finish(new, module, module.state_dict())
 
 
-def attention2d_from_timm(module: Any) -> TimmMaxxvitAttention2d:
-    """MaxViT / CoAtNet's `timm.models.maxxvit.Attention2d` -> `attnzoo.compat.TimmMaxxvitAttention2d`
-    (timm's call and keys; `rel_pos` deep-copied)."""
+def _pointwise_pair(module: Any) -> tuple[bool, dict[str, Any]]:
+    """`(bias, options)` of a module whose `qkv` and `proj` are timm's 1x1 convolutions, both with bias or
+    neither (timm's `bias` sets both)."""
     qkv, proj = module.qkv, module.proj
     _pointwise(module, qkv, "qkv")
     _pointwise(module, proj, "proj")
     if (qkv.bias is None) != (proj.bias is None):
         raise refuse(module, "only one of its qkv and proj has a bias (timm's bias sets both)")
-    options = _options(module, qkv.in_channels, qkv.out_channels, proj.out_channels, wider_only=False)
-    return _finish(TimmMaxxvitAttention2d(bias=qkv.bias is not None, **options), module)
+    return qkv.bias is not None, _options(module, qkv.in_channels, qkv.out_channels, proj.out_channels,
+                                          wider_only=False)
+
+
+def attention2d_from_timm(module: Any) -> TimmMaxxvitAttention2d:
+    """MaxViT / CoAtNet's `timm.models.maxxvit.Attention2d` -> `attnzoo.compat.TimmMaxxvitAttention2d`
+    (timm's call and keys; `rel_pos` deep-copied)."""
+    bias, options = _pointwise_pair(module)
+    return _finish(TimmMaxxvitAttention2d(bias=bias, **options), module)
 
 
 def layers_attention2d_from_timm(module: Any) -> TimmAttention2d:
     """MobileNetV4's `timm.layers.attention2d.Attention2d` -> `attnzoo.compat.TimmAttention2d` (MaxViT's
     computation and keys, timm's constructor and call `(x, attn_mask=None)`)."""
-    qkv, proj = module.qkv, module.proj
-    _pointwise(module, qkv, "qkv")
-    _pointwise(module, proj, "proj")
-    if (qkv.bias is None) != (proj.bias is None):
-        raise refuse(module, "only one of its qkv and proj has a bias (timm's bias sets both)")
-    options = _options(module, qkv.in_channels, qkv.out_channels, proj.out_channels, wider_only=False)
-    new = TimmAttention2d(options["dim"], options["dim_out"], int(module.num_heads),
-                          bias=qkv.bias is not None, expand_first=options["expand_first"],
-                          head_first=options["head_first"], attn_drop=options["attn_drop"],
-                          proj_drop=options["proj_drop"], **factory(module))
+    bias, options = _pointwise_pair(module)
+    new = TimmAttention2d(options["dim"], options["dim_out"], int(module.num_heads), bias=bias,
+                          expand_first=options["expand_first"], head_first=options["head_first"],
+                          attn_drop=options["attn_drop"], proj_drop=options["proj_drop"], **factory(module))
     return finish(new, module, module.state_dict())
 
 
