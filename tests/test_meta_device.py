@@ -40,3 +40,17 @@ def test_window_attention_names_its_meta_index():
         lazy(*inputs(next(c for c in CASES if c.id == "window")))
 
 
+
+
+def test_a_parameter_a_non_strict_load_leaves_on_meta_is_named_not_used():
+    """A child's weight left on meta by a non-strict load made `F.linear` return uninitialised memory;
+    and where the stray tensor was the module's first parameter, the message blamed the input's device."""
+    import attnzoo
+
+    real = attnzoo.compat.TimmGPSA(16, 2)
+    for missing in ("proj.weight", "gating_param"):
+        lazy = attnzoo.compat.TimmGPSA(16, 2, device="meta")
+        state = {k: v for k, v in real.state_dict().items() if k != missing}
+        lazy.load_state_dict(state, assign=True, strict=False)
+        with pytest.raises(ValueError, match=f"holds {missing} on device meta and its other tensors on cpu"):
+            lazy(torch.randn(1, 9, 16))

@@ -67,3 +67,13 @@ def test_errors():
 def test_efficientvit_m0_keeps_logits_checkpoint_and_maps():
     model = timm.create_model("efficientvit_m0", pretrained=False, num_classes=3, img_size=128).double()
     check_swap(model, [CascadedGroupAttention], torch.randn(2, 3, 128, 128, dtype=D), 6)
+
+
+def test_converts_on_the_meta_device():
+    """The index check reads values, which a module built on meta has none of: it is left out there."""
+    from timm.models.efficientformer_v2 import Attention2d
+
+    for theirs in (CascadedGroupAttention(16, 4, 4, attn_ratio=1, resolution=3, device="meta"),
+                   Attention2d(16, 4, 2, resolution=3, device="meta")):
+        ours = from_timm(theirs)
+        assert all(p.device.type == "meta" for p in ours.parameters())

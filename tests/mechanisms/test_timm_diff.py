@@ -158,3 +158,12 @@ def test_set_lambda_init_as_timm():
     theirs.set_lambda_init(7)
     ours.set_lambda_init(7)
     assert ours.lambda_init == theirs.lambda_init
+
+
+def test_built_in_bfloat16_keeps_float32_lambdas_and_timms_numbers():
+    theirs = DiffAttention(16, num_heads=2, dtype=torch.bfloat16)
+    ours = TimmDiffAttention(16, num_heads=2, dtype=torch.bfloat16)
+    assert ours.lambda_q1.dtype == torch.float32 and ours.qkv.weight.dtype == torch.bfloat16
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    x = torch.randn(2, 5, 16, dtype=torch.bfloat16)
+    torch.testing.assert_close(ours(x), theirs(x), atol=0, rtol=0)

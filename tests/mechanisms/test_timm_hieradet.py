@@ -38,6 +38,8 @@ def test_matches_timm(kwargs, shape):
 def test_errors():
     with pytest.raises(ValueError, match="C=8"):
         TimmSam2MultiScaleAttention(8, 8, 2)(torch.randn(1, 3, 3, 6))
+    with pytest.raises(ValueError, match="x.H=1"):  # the 2 x 2 query pooling: torch fails inside it
+        TimmSam2MultiScaleAttention(8, 8, 2, q_pool=torch.nn.MaxPool2d(2, 2))(torch.randn(1, 1, 4, 8))
     with pytest.raises(TypeError, match="q_pool must be an nn.Module"):
         TimmSam2MultiScaleAttention(8, 8, 2, q_pool="max")
 

@@ -72,6 +72,8 @@ def test_errors():
         TimmLiteMLA(8, 8, dim=4, scales=(4,))
     with pytest.raises(ValueError, match="heads"):
         TimmLiteMLA(4, 4, dim=8)  # in_channels // dim = 0 heads
+    with pytest.raises(TypeError, match="norm_layer must be an nn.Module class"):
+        TimmLiteMLA(8, 8, dim=4, norm_layer="bn")
 
 
 def test_efficientvit_keeps_logits_checkpoint_and_maps():

@@ -415,7 +415,7 @@ def test_replace_whose_check_forward_fails_is_undone_with_a_value_error():
     net = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU())
     before = _structure(net)
     with pytest.raises(ValueError, match="replace: the model fails on example_input after the change, "
-                                         "which was undone: deep inside"):
+                                         "which was undone: RuntimeError: deep inside"):
         attnzoo.replace(net, "1", lambda c: Fussy(), example_input=torch.randn(1, 3, 4, 4))
     assert _structure(net) == before and isinstance(net[1], nn.ReLU)
 
@@ -425,4 +425,37 @@ def test_replace_whose_new_module_fails_on_the_place_input_names_the_place():
     with pytest.raises(ValueError, match=r"replace: the attention <lambda> replacing it at 1 fails on its "
                                          r"input \(1, 4, 4, 4\): .*channels"):
         attnzoo.replace(net, "1", lambda c: nn.Conv2d(c + 1, c, 1), example_input=torch.randn(1, 3, 4, 4))
+    assert isinstance(net[1], nn.ReLU)
+
+
+def test_surgery_keeps_each_modules_training_flag_and_the_random_stream():
+    """The check forward ran `model.train(was_training)`, unfreezing a BatchNorm set to eval in a
+    training model; the shape probe drew from the global generator."""
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 1))
+    net.train()
+    net[1].eval()  # a frozen BatchNorm in a model being fine-tuned
+    x = torch.randn(1, 3, 8, 8)
+    torch.manual_seed(5)
+    attnzoo.create("se", 8)  # building the new module draws its initial weights, as any module does
+    want = torch.rand(3)
+    torch.manual_seed(5)
+    attnzoo.replace(net, "2", "se", example_input=x)  # nothing else draws
+    assert torch.equal(torch.rand(3), want)
+    attnzoo.insert(net, "cbam", "0", example_input=x)
+    assert net.training and not net.get_submodule("1").training  # (by name: the insert shifts positions)
+
+
+def test_a_raw_error_in_the_check_forward_becomes_a_value_error():
+    class Picky(nn.Module):
+        calls = 0
+
+        def forward(self, t):
+            Picky.calls += 1
+            if Picky.calls > 1:
+                raise IndexError("deep inside: index 3 is out of bounds")
+            return t
+
+    net = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU())
+    with pytest.raises(ValueError, match="which was undone: IndexError: deep inside"):
+        attnzoo.replace(net, "1", lambda c: Picky(), example_input=torch.randn(1, 3, 4, 4))
     assert isinstance(net[1], nn.ReLU)

@@ -182,7 +182,7 @@ def diff_attention_from_timm(module: Any) -> TimmDiffAttention:
     new.fused_attn = bool(getattr(module, "fused_attn", True))  # which order timm draws its dropout masks in
     for name in ("q_norm", "k_norm", "norm", "sub_norm"):
         setattr(new, name, copy.deepcopy(getattr(module, name)))
-    for name, param in module.named_parameters(recurse=False):
+    for name, param in module.named_parameters(recurse=False):  # their dtype too (timm's .to() moves them)
         if name.startswith("lambda_"):
             setattr(new, name, nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad))
     return finish(new, module, module.state_dict())

@@ -50,7 +50,8 @@ class TimmDiffAttention(nn.Module):
     (`attnzoo.compat.TimmDiffAttention`): the module docstring gives the formula.
 
     `norm_layer` (for `qk_norm` and `scale_norm`) defaults to an RMSNorm with timm's `eps=1e-6`;
-    `sub_norm` is an RMSNorm over each head's 2d output channels with `eps=1e-5`, as timm's.
+    `sub_norm` is an RMSNorm over each head's 2d output channels with `eps=1e-5`, as timm's. As timm's, the
+    lambdas are made in float32 whatever `dtype` says (`.to()` moves them with the rest).
 
     Shape:
         - x: `(B, N, C)`; attn_mask: bool (True = may attend) or float (added), broadcastable to
@@ -100,8 +101,8 @@ class TimmDiffAttention(nn.Module):
         self.proj = nn.Linear(dim, dim, bias=proj_bias, **dd)
         self.proj_drop = check_dropout(proj_drop, "proj_drop", who)
         shape = () if self.dual_lambda else (self.head_dim,)
-        for name in ("lambda_a", "lambda_b") if self.dual_lambda else _LAMBDAS:
-            setattr(self, name, nn.Parameter(torch.empty(shape, **dd)))
+        for name in ("lambda_a", "lambda_b") if self.dual_lambda else _LAMBDAS:  # float32 whatever dtype says
+            setattr(self, name, nn.Parameter(torch.empty(shape, device=device, dtype=torch.float32)))
         self.sub_norm = nn.RMSNorm(2 * self.head_dim, eps=1e-5, **dd)
         self.fused_attn = True  # timm's flag; False: one dropout mask over both maps, as timm's other path
         self.reset_parameters()

@@ -19,8 +19,10 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.utils import _pair
 
 from attnzoo._checks import check_head_widths, check_int, check_shape
+from attnzoo._geometry import check_conv_fits
 from attnzoo._registry import Example, register_compat
 from attnzoo.functional import attend
 from attnzoo.maps.capture import capturing, record_rows
@@ -74,6 +76,10 @@ class TimmSam2MultiScaleAttention(nn.Module):
         qkv = self.qkv(x).reshape(batch, height * width, 3, self.num_heads, -1)
         q, k, v = qkv.unbind(2)  # (B, N, h, d) each
         size = (height, width)
+        if isinstance(self.q_pool, (nn.MaxPool2d, nn.AvgPool2d)):  # a map smaller than it: torch fails inside
+            pool = self.q_pool
+            dilation = _pair(getattr(pool, "dilation", 1))
+            check_conv_fits(size, _pair(pool.kernel_size), _pair(pool.padding), dilation, type(self).__name__)
         if self.q_pool is not None:
             pooled = self.q_pool(q.reshape(batch, height, width, -1).permute(0, 3, 1, 2))  # (B, h d, H', W')
             size = (pooled.shape[2], pooled.shape[3])

@@ -102,6 +102,10 @@ class TimmLiteMLA(nn.Module):
             raise ValueError(f"{who}: scales must be odd kernel sizes (timm's same padding), got {scales}")
         total = self.heads * self.dim
         bias, norm, act = _pair(use_bias), _pair(norm_layer), _pair(act_layer)
+        for name, layers in (("norm_layer", norm), ("act_layer", act)):
+            if any(layer is not None and (not callable(layer) or isinstance(layer, str)) for layer in layers):
+                raise TypeError(f"{who}: {name} must be an nn.Module class, None or a pair of them, got "
+                                f"{layers}")
         self.qkv = _ConvNormAct(in_channels, 3 * total, bool(bias[0]), norm[0], act[0], dd)
         self.aggreg = nn.ModuleList(nn.Sequential(
             nn.Conv2d(3 * total, 3 * total, s, padding=s // 2, groups=3 * total, bias=bool(bias[0]), **dd),

@@ -45,7 +45,10 @@ def _static_padding(padding: str | int, kernel: int, stride: int, dilation: int,
     """timm's `create_conv2d` padding for these layers: '' symmetric, 'valid' none, 'same' where it is
     static; timm's dynamic 'same' padding (a stride above 1) is not built here (`from_timm` copies it)."""
     if isinstance(padding, int) and not isinstance(padding, bool):
-        return check_int(padding, "padding", who, minimum=0)
+        if check_int(padding, "padding", who, minimum=0):  # timm pads key.proj too: every forward fails
+            raise ValueError(f"{who}: an int padding above 0 also pads timm's 1x1 key.proj, so the key map "
+                             f"outgrows the value map and every call fails; got padding={padding}")
+        return 0
     check_choice(padding, ("", "same", "valid"), "padding", who)
     if padding == "valid":
         return 0

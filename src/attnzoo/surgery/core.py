@@ -176,12 +176,16 @@ def _keeps_shape(site: _Site, module: nn.Module, what: str) -> None:
         return
     like = next((t for t in module.parameters() if t.is_floating_point()), None)
     dtype = like.dtype if like is not None else torch.get_default_dtype()
-    x = torch.randn(site.shape_in, dtype=dtype, device=like.device if like is not None else None)
+    device = like.device if like is not None else torch.device("cpu")
+    own = torch.Generator(device=device).manual_seed(0)  # the user's random stream stays where it was
+    x = torch.randn(site.shape_in, dtype=dtype, device=device, generator=own)
     was_training = module.training
     try:
         with torch.no_grad():
             _guarded(module.eval(), x, site.name, what)
-    except RuntimeError as err:  # raised deep inside the new module: say where it was going
+    except (ValueError, TypeError):
+        raise
+    except Exception as err:  # raised deep inside the new module: say where it was going
         raise ValueError(f"replace: the {what} at {site.name} fails on its input "
                          f"{format_shape(site.shape_in)}: {err}") from err
     finally:

@@ -120,14 +120,16 @@ def _trace(model: nn.Module, sites: list[_Site], example_input: Any) -> None:
 
 
 def _dry_run(model: nn.Module, example_input: Any) -> None:
-    """One forward in eval mode without gradients; the model's training flag is restored."""
-    was_training = model.training
+    """One forward in eval mode without gradients; every module's training flag is restored as it was (a
+    frozen BatchNorm in a training model stays frozen, which `model.train(was_training)` would undo)."""
+    flags = [(module, module.training) for module in model.modules()]
     try:
         model.eval()
         with torch.no_grad():
             _call(model, example_input)
     finally:
-        model.train(was_training)
+        for module, training in flags:
+            module.training = training
 
 
 def _call(model: nn.Module, example_input: Any) -> Any:

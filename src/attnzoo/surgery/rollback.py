@@ -8,25 +8,23 @@ from collections.abc import Iterator
 
 from torch import nn
 
-__all__ = ["undo_on_error"]
+from attnzoo.convert._source_keys import FORWARD_HOOKS  # where `_attach` registers its guards
 
-# Where `nn.Module` keeps forward hooks (`_attach` registers guards there); absent ones are skipped.
-_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs",
-               "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs")
+__all__ = ["undo_on_error"]
 
 
 @contextlib.contextmanager
 def undo_on_error(model: nn.Module, fn: str) -> Iterator[None]:
     """Snapshot every module's children and forward hooks; on an error inside the block restore them and
-    re-raise. A raw torch error (the check forward failing inside some layer) becomes a `ValueError`
-    that says the change was undone.
+    re-raise. A raw error (the check forward failing inside some layer: anything but the `ValueError` and
+    `TypeError` attnzoo's checks raise) becomes a `ValueError` that says the change was undone.
 
     Args:
         model: The model the block changes.
         fn: The caller (`"insert"`, `"replace"`), for the message.
     """
-    saved = [(m, dict(m._modules), {name: dict(getattr(m, name)) for name in _HOOK_DICTS if hasattr(m, name)})
-             for m in model.modules()]
+    saved = [(m, dict(m._modules), {name: dict(getattr(m, name)) for name in FORWARD_HOOKS
+                                    if hasattr(m, name)}) for m in model.modules()]
     try:
         yield
     except BaseException as err:
@@ -36,7 +34,7 @@ def undo_on_error(model: nn.Module, fn: str) -> Iterator[None]:
                 current = getattr(module, name)
                 current.clear()
                 current.update(entries)
-        if isinstance(err, RuntimeError):
+        if isinstance(err, Exception) and not isinstance(err, (ValueError, TypeError)):  # raw, from inside
             raise ValueError(f"{fn}: the model fails on example_input after the change, which was undone: "
-                             f"{err}") from err
+                             f"{type(err).__name__}: {err}") from err
         raise
