@@ -24,7 +24,7 @@ __all__ = [
     "check_tensor", "check_dense", "numpy_bool", "check_shape", "check_same", "check_int", "check_float",
     "check_dropout",
     "check_choice", "check_divisible", "check_head_widths", "check_mask", "format_shape", "check_options",
-    "check_flags", "check_inputs", "checked", "autocast_on", "MAX_SIZE",
+    "check_flags", "check_bool", "check_inputs", "checked", "autocast_on", "MAX_SIZE",
 ]
 
 
@@ -194,11 +194,16 @@ def check_flags(who: str, flags: Sequence[tuple[int, str]], args: tuple, kwargs:
     """A forward's boolean switches (`need_weights`, `causal`) are bools: `need_weights="no"`
     would otherwise count as True. `flags` are `(position after self, name)` pairs."""
     for position, name in flags:
-        value = args[position] if position < len(args) else kwargs.get(name, False)
-        if not isinstance(value, bool) and not numpy_bool(value):
-            kind = type(value)
-            where = "" if kind.__module__ == "builtins" else f"{kind.__module__}."  # numpy.float64
-            raise TypeError(f"{who}: {name} must be a bool, got {where}{kind.__qualname__} {value!r}")
+        check_bool(args[position] if position < len(args) else kwargs.get(name, False), name, who)
+
+
+def check_bool(value: object, name: str, who: str) -> bool:
+    """A switch that must be a bool (or a numpy bool, as torch's take): `"no"` would count as True."""
+    if not isinstance(value, bool) and not numpy_bool(value):
+        kind = type(value)
+        where = "" if kind.__module__ == "builtins" else f"{kind.__module__}."  # numpy.float64
+        raise TypeError(f"{who}: {name} must be a bool, got {where}{kind.__qualname__} {value!r}")
+    return bool(value)
 
 
 def autocast_on(device_type: str) -> bool:

@@ -167,3 +167,14 @@ def test_built_in_bfloat16_keeps_float32_lambdas_and_timms_numbers():
     ours.load_state_dict(theirs.state_dict(), strict=True)
     x = torch.randn(2, 5, 16, dtype=torch.bfloat16)
     torch.testing.assert_close(ours(x), theirs(x), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("value", ["no", 1, None])
+def test_is_causal_takes_bools_as_timms_sdpa_call_does(value):
+    """`is_causal="no"` was taken as causal; timm's default path refuses it (SDPA's bool argument)."""
+    from attnzoo.compat import TimmAttention, TimmEvaAttention
+
+    x = torch.randn(1, 4, 8)
+    for module in (TimmDiffAttention(8, 2), TimmAttention(8, 2), TimmEvaAttention(8, 2, scale_norm=False)):
+        with pytest.raises(TypeError, match="is_causal must be a bool"):
+            module(x, is_causal=value)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from attnzoo._checks import check_dropout, check_head_widths, check_int, check_mask, check_shape
+from attnzoo._checks import check_bool, check_dropout, check_head_widths, check_int, check_mask, check_shape
 from attnzoo._registry import Example, register_compat
 from attnzoo.functional import attend
 from attnzoo.maps.capture import capturing, record_rows
@@ -94,9 +94,10 @@ class TimmAttention(nn.Module):
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, h, N, d) each
         q, k = self.q_norm(q), self.k_norm(k)
         dropout_p = self.attn_drop.p if self.training else 0.0
-        out = attend(q, k, v, mask=attn_mask, causal=bool(is_causal), dropout_p=dropout_p, scale=self.scale)
+        causal = check_bool(is_causal, "is_causal", type(self).__name__)  # timm's SDPA call refuses others
+        out = attend(q, k, v, mask=attn_mask, causal=causal, dropout_p=dropout_p, scale=self.scale)
         if capturing():  # map capture: rows of the capture's query points
-            record_rows(self, q, k, grid=(tokens,), mask=attn_mask, causal=bool(is_causal), scale=self.scale)
+            record_rows(self, q, k, grid=(tokens,), mask=attn_mask, causal=causal, scale=self.scale)
         out = out.transpose(1, 2).reshape(batch, tokens, self.attn_dim)  # (B, h, N, d) -> (B, N, h d)
         out = self.norm(out)
         if gate is not None:

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from attnzoo._checks import check_dropout, check_int, check_mask, check_shape
+from attnzoo._checks import check_bool, check_dropout, check_int, check_mask, check_shape
 from attnzoo._registry import Example, register_compat
 from attnzoo.functional import attend
 from attnzoo.maps.capture import capturing, record, row_weights
@@ -148,7 +148,7 @@ class TimmDiffAttention(nn.Module):
         lam = self.lambda_full().to(q.dtype)
         (q1, q2), (k1, k2) = (t.unflatten(1, (heads, 2)).unbind(2) for t in (q, k))  # (B, h, N, d) each
         dropout_p = self.attn_drop.p if self.training else 0.0
-        causal = bool(is_causal)
+        causal = check_bool(is_causal, "is_causal", who)  # timm's SDPA call refuses others
         if dropout_p > 0.0 and not self.fused_attn:  # timm's other path: one dropout mask over all 2h maps
             pairs = attn_mask
             if pairs is not None and pairs.ndim >= 3 and pairs.shape[-3] > 1:

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from attnzoo._checks import (
+    check_bool,
     check_dropout,
     check_head_widths,
     check_int,
@@ -178,9 +179,10 @@ class TimmEvaAttention(nn.Module):
         if rope is not None:
             q, k = self._rotate(q, rope, v), self._rotate(k, rope, v)
         dropout_p = self.attn_drop.p if self.training else 0.0
-        out = attend(q, k, v, mask=attn_mask, causal=bool(is_causal), dropout_p=dropout_p, scale=self.scale)
+        causal = check_bool(is_causal, "is_causal", type(self).__name__)  # timm's SDPA call refuses others
+        out = attend(q, k, v, mask=attn_mask, causal=causal, dropout_p=dropout_p, scale=self.scale)
         if capturing():  # map capture: rows of the capture's query points
-            record_rows(self, q, k, grid=(tokens,), mask=attn_mask, causal=bool(is_causal), scale=self.scale)
+            record_rows(self, q, k, grid=(tokens,), mask=attn_mask, causal=causal, scale=self.scale)
         out = self.norm(out.transpose(1, 2).reshape(batch, tokens, self.attn_dim))  # (B, N, h d)
         if gate is not None:
             out = out * gate
