@@ -31,7 +31,8 @@ mask; ``attnzoo.convert.from_timm`` converts timm's module), ``TimmAttention`` t
 ``TimmFastVitAttention`` and ``TimmCrossAttention`` FastViT's ``Attention`` (on maps) and CrossViT's
 ``CrossAttention`` (the class token over its sequence), ``TimmAttentionPoolLatent`` the SigLIP ViTs'
 ``AttentionPoolLatent`` (latent queries pooling the tokens), ``TimmAttentionPool2d`` the CLIP ResNets'
-``AttentionPool2d`` (a map pooled by attention), ``TimmNestAttention``,
+``AttentionPool2d`` (a map pooled by attention), ``TimmAttentionPoolPrr`` the PRR pool (projection-free
+attention before pooling), ``TimmNestAttention``,
 ``TimmVisformerAttention`` and ``TimmTntAttention`` NesT's, Visformer's and TNT's ``Attention``,
 ``TimmGcVitWindowAttention`` GC ViT's ``WindowAttentionGlobal`` (local or global-query windows),
 ``TimmGPSA`` ConViT's ``GPSA`` (content attention gated with a learnt local positional one),
@@ -119,6 +120,7 @@ from attnzoo.mechanisms.timm_mqa import TimmAttention2d, TimmMultiQueryAttention
 from attnzoo.mechanisms.timm_mvit import TimmMultiScaleAttention
 from attnzoo.mechanisms.timm_nextvit import TimmNextVitAttention
 from attnzoo.mechanisms.timm_pool2d import TimmAttentionPool2d
+from attnzoo.mechanisms.timm_prr import TimmAttentionPoolPrr
 from attnzoo.mechanisms.timm_pvt import TimmPvtV2Attention, TimmTwinsGlobalAttention, TimmTwinsLocalAttention
 from attnzoo.mechanisms.timm_relpos_vit import TimmRelPosAttention, TimmSamAttention
 from attnzoo.mechanisms.timm_swiftformer import TimmEfficientAdditiveAttention
@@ -174,6 +176,7 @@ __all__ = [
     "TimmCrossAttention",
     "TimmAttentionPoolLatent",
     "TimmAttentionPool2d",
+    "TimmAttentionPoolPrr",
     "TimmNestAttention",
     "TimmVisformerAttention",
     "TimmTntAttention",

@@ -1,14 +1,14 @@
 """timm -> attnzoo for the attention of timm's ViT family: ViT's `Attention`, BEiT's, VOLO's (on maps
 and for the class token), CaiT's talking heads and class attention, EVA's, CoaT's factorized
 attention, `AttentionRope` (Qwen3-ViT, DeepSeek ViT), differential attention (`attn_layer='diff'`),
-FastViT's and CrossViT's, the latent attention pool of the SigLIP ViTs, the CLIP ResNets' attention
-pool, MetaFormer's, NesT's, Visformer's, TNT's, GC ViT's, Hiera's and SAM 2's Hiera's -> the
+FastViT's and CrossViT's, the latent attention pool of the SigLIP ViTs, the PRR pool, the CLIP ResNets'
+attention pool, MetaFormer's, NesT's, Visformer's, TNT's, GC ViT's, Hiera's and SAM 2's Hiera's -> the
 `attnzoo.compat` classes that keep timm's constructors, calls and keys (`TimmAttention`,
 `TimmBeitAttention`, `TimmVoloAttention`, `TimmClassAttention`, `TimmTalkingHeadAttention`,
 `TimmCaitClassAttention`, `TimmEvaAttention`, `TimmRopeAttention`, `TimmDiffAttention`,
-`TimmFastVitAttention`, `TimmCrossAttention`, `TimmAttentionPoolLatent`, `TimmAttentionPool2d`,
-`TimmNestAttention`, `TimmVisformerAttention`, `TimmTntAttention`, `TimmGcVitWindowAttention`,
-`TimmMaskUnitAttention`, `TimmSam2MultiScaleAttention`, `TimmFactorAttention`).
+`TimmFastVitAttention`, `TimmCrossAttention`, `TimmAttentionPoolLatent`, `TimmAttentionPoolPrr`,
+`TimmAttentionPool2d`, `TimmNestAttention`, `TimmVisformerAttention`, `TimmTntAttention`,
+`TimmGcVitWindowAttention`, `TimmMaskUnitAttention`, `TimmSam2MultiScaleAttention`, `TimmFactorAttention`).
 
 `CONVERTERS` maps timm's dotted class names to the converters; `attnzoo.convert.timm` adds them to
 `TIMM_CONVERTERS`. timm is never imported here. The options each converter sets and the known
@@ -35,6 +35,7 @@ from attnzoo.mechanisms.timm_gcvit import TimmGcVitWindowAttention
 from attnzoo.mechanisms.timm_hiera import TimmMaskUnitAttention
 from attnzoo.mechanisms.timm_hieradet import TimmSam2MultiScaleAttention
 from attnzoo.mechanisms.timm_pool2d import TimmAttentionPool2d
+from attnzoo.mechanisms.timm_prr import TimmAttentionPoolPrr
 from attnzoo.mechanisms.timm_vit_variants import (
     TimmAttentionPoolLatent,
     TimmCrossAttention,
@@ -225,6 +226,16 @@ def sam2_attention_from_timm(module: Any) -> TimmSam2MultiScaleAttention:
     return finish(new, module, module.state_dict())
 
 
+def attention_pool_prr_from_timm(module: Any) -> TimmAttentionPoolPrr:
+    """timm's `layers.attention_pool.AttentionPoolPrr` -> `attnzoo.compat.TimmAttentionPoolPrr` (timm's call
+    and keys; its norms copied, whatever their class)."""
+    _check_scale(module, int(module.head_dim))
+    dim = int(module.out_features)
+    new = TimmAttentionPoolPrr(dim, int(module.num_heads), pool_type=module.pool, **factory(module))
+    new.pre_norm, new.post_norm = copy.deepcopy(module.pre_norm), copy.deepcopy(module.post_norm)
+    return finish(new, module, module.state_dict())
+
+
 def fastvit_attention_from_timm(module: Any) -> TimmFastVitAttention:
     """FastViT's `timm.models.fastvit.Attention` -> `attnzoo.compat.TimmFastVitAttention` (timm's call and
     keys)."""
@@ -356,6 +367,7 @@ CONVERTERS: dict[str, Callable[[nn.Module], nn.Module]] = {
     "timm.models.crossvit.CrossAttention": cross_attention_from_timm,
     "timm.layers.attention_pool.AttentionPoolLatent": attention_pool_latent_from_timm,
     "timm.layers.attention_pool2d.AttentionPool2d": attention_pool2d_from_timm,
+    "timm.layers.attention_pool.AttentionPoolPrr": attention_pool_prr_from_timm,
     "timm.models.metaformer.Attention": metaformer_attention_from_timm,
     "timm.models.nest.Attention": nest_attention_from_timm,
     "timm.models.visformer.Attention": visformer_attention_from_timm,
