@@ -219,9 +219,8 @@ def check_inputs(module: nn.Module, names: Sequence[str], args: tuple, kwargs: d
     `names`: the forward's positional parameter names; `dtype_free_parameters` are not the reference."""
     if torch.compiler.is_compiling():
         return
-    float32_names = getattr(module, "dtype_free_parameters", ())
-    reference = next((p for n, p in itertools.chain(module.named_parameters(), module.named_buffers())
-                      if p.is_floating_point() and n not in float32_names), None)
+    own = _tree_tensors(module, [])  # one walk of the tree serves the reference and the device check
+    reference = _reference(module, own)
     nested = getattr(module, "takes_nested", False)  # torch's MHA API: the forward pads them, checks again
     named = [(names[i] if i < len(names) else f"input {i}", a) for i, a in enumerate(args)]
     named += list(kwargs.items())
@@ -231,7 +230,7 @@ def check_inputs(module: nn.Module, names: Sequence[str], args: tuple, kwargs: d
     device = reference.device if reference is not None else tensors[0][1].device
     where = "where its parameters are" if reference is not None else f"the device of {tensors[0][0]}"
     who = type(module).__name__
-    if any(t is not None and t.device != device for t in _tree_tensors(module, [])):
+    if any(t is not None and t.device != device for t in own):
         _stray_tensor(module, device, who, where)
     for name, t in tensors:
         check_dense(t, who, name)
@@ -257,6 +256,14 @@ def _tree_tensors(module: nn.Module, out: list[Tensor | None]) -> list[Tensor | 
         if child is not None:
             _tree_tensors(child, out)
     return out
+
+
+def _reference(module: nn.Module, own: list[Tensor | None]) -> Tensor | None:
+    """The first floating parameter (else buffer) of the tree, as `parameters()` then `buffers()` order them,
+    leaving out those a module keeps in float32 whatever its dtype (`dtype_free_parameters`)."""
+    free = {id(getattr(module, name, None)) for name in getattr(module, "dtype_free_parameters", ())}
+    floating = [t for t in own if t is not None and t.is_floating_point() and id(t) not in free]
+    return next((t for t in floating if isinstance(t, nn.Parameter)), floating[0] if floating else None)
 
 
 def _stray_tensor(module: nn.Module, device: torch.device, who: str, where: str) -> None:
