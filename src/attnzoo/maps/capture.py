@@ -55,6 +55,7 @@ __all__ = [
     "capturing",
     "record",
     "record_rows",
+    "row_weights",
     "query_indices",
     "iter_maps",
 ]
