@@ -31,7 +31,7 @@ from attnzoo._checks import check_divisible, check_int, check_shape
 from attnzoo._registry import Example, register_compat
 from attnzoo.functional import attend
 from attnzoo.maps.capture import capturing, record_rows
-from attnzoo.mechanisms.timm_levit import offset_index, val_width
+from attnzoo.mechanisms.timm_levit import OffsetBiasAttention, offset_index, val_width
 
 __all__ = ["TimmCascadedGroupAttention"]
 
@@ -49,7 +49,7 @@ class _ConvNorm(nn.Sequential):
 
 @register_compat(example=Example({"dim": 8, "key_dim": 2, "num_heads": 2, "attn_ratio": 2, "resolution": 3,
                                   "kernels": (3, 3)}, ((2, 8, 3, 3),), (2, 8, 3, 3)))
-class TimmCascadedGroupAttention(nn.Module):
+class TimmCascadedGroupAttention(OffsetBiasAttention):
     """timm's `CascadedGroupAttention(dim, key_dim, num_heads=8, attn_ratio=4, resolution=14,
     kernels=(5, 5, 5, 5))` (`attnzoo.compat.TimmCascadedGroupAttention`): the module docstring gives the
     formula. The bias is gathered on every call (timm caches it per device in eval mode; the numbers are
@@ -98,25 +98,7 @@ class TimmCascadedGroupAttention(nn.Module):
                                  for k in kernels[:num_heads])
         self.proj = nn.Sequential(nn.ReLU(), _ConvNorm(self.val_dim * num_heads, dim, bn_weight_init=0, **dd))
         self.resolution = check_int(resolution, "resolution", who)  # an int: timm's window wrapper reads it
-        self.attention_bias_idxs: Tensor
-        self.attention_biases = nn.Parameter(torch.zeros(num_heads, self.resolution**2, **dd))
-        self.register_buffer("attention_bias_idxs", offset_index((self.resolution,) * 2, 1, device),
-                             persistent=False)
-
-    def get_attention_biases(self, device: torch.device | None = None) -> Tensor:
-        """The bias `(h, N, N)` added to the logits (timm's method; `device` is not needed)."""
-        return self.attention_biases[:, self.attention_bias_idxs]
-
-    def reset_parameters(self) -> None:
-        """timm's: zero biases and a fresh index."""
-        nn.init.zeros_(self.attention_biases)
-        self.init_non_persistent_buffers()
-
-    def init_non_persistent_buffers(self) -> None:
-        """Recompute the offset index of the `resolution x resolution` window (after building on meta)."""
-        with torch.no_grad():
-            index = offset_index((self.resolution, self.resolution), 1, self.attention_bias_idxs.device)
-            self.attention_bias_idxs.copy_(index)
+        self._bias_table(num_heads, (self.resolution, self.resolution), 1, False, dd)
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, key_dim={self.key_dim}, num_heads={self.num_heads}, "
@@ -132,8 +114,8 @@ class TimmCascadedGroupAttention(nn.Module):
         resized = F.interpolate(grid, size=(side, side), mode="bicubic", antialias=True)
         self.attention_biases = nn.Parameter(resized.view(self.num_heads, side * side).to(table.dtype),
                                              requires_grad=table.requires_grad)
-        self.resolution = side
-        self.register_buffer("attention_bias_idxs", offset_index((side, side), 1, table.device),
+        self.resolution, self.bias_grid = side, (side, side)
+        self.register_buffer("attention_bias_idxs", offset_index(self.bias_grid, 1, table.device),
                              persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:

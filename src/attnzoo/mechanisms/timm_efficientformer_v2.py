@@ -134,6 +134,7 @@ class TimmEfficientFormerV2Attention(_Common):
         self.talking_head2 = nn.Conv2d(num_heads, num_heads, 1, **dd)
         self.act = act_layer()
         self.proj = _ConvNorm(self.dh, dim, **dd)
+        self.resolution = size
         self._bias_table(num_heads, size, 1, False, dd)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -197,6 +198,7 @@ class TimmEfficientFormerV2AttentionDownsample(_Common):
         self.v_local = _ConvNorm(self.dh, self.dh, 3, 2, groups=self.dh, **dd)
         self.act = act_layer()
         self.proj = _ConvNorm(self.dh, self.out_dim, **dd)
+        self.resolution = size
         self._bias_table(num_heads, size, 2, False, dd)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -69,15 +69,16 @@ def val_width(key_dim: int, attn_ratio: float, who: str) -> int:
 
 
 class OffsetBiasAttention(nn.Module):
-    """What LeViT, TinyViT and EfficientFormer share: `attention_biases` `(h, H W)` read through
-    `attention_bias_idxs` `(N_q, N_k)`, timm's names, and timm's `reset_parameters` and
-    `init_non_persistent_buffers`."""
+    """What LeViT, TinyViT, EfficientFormer (V1, V2) and EfficientViT's cascaded attention share:
+    `attention_biases` `(h, H W)` read through `attention_bias_idxs` `(N_q, N_k)`, timm's names, and timm's
+    `reset_parameters` and `init_non_persistent_buffers`. The `(H, W)` of the table is `bias_grid`; each
+    class keeps timm's `resolution` in timm's form (a pair, or an int for the cascaded attention)."""
 
     attention_bias_idxs: Tensor
 
     def _bias_table(self, num_heads: int, resolution: tuple[int, int], stride: int, persistent: bool,
                     dd: dict[str, Any]) -> None:
-        self.resolution = resolution
+        self.bias_grid = resolution
         self.bias_stride = stride
         self.attention_biases = nn.Parameter(torch.zeros(num_heads, resolution[0] * resolution[1], **dd))
         self.register_buffer("attention_bias_idxs", offset_index(resolution, stride, dd["device"]),
@@ -89,7 +90,7 @@ class OffsetBiasAttention(nn.Module):
 
     def init_non_persistent_buffers(self) -> None:
         """Recompute the index (timm's `reinit_non_persistent_buffers`, after building on meta)."""
-        index = offset_index(self.resolution, self.bias_stride, self.attention_bias_idxs.device)
+        index = offset_index(self.bias_grid, self.bias_stride, self.attention_bias_idxs.device)
         with torch.no_grad():
             self.attention_bias_idxs.copy_(index)
 
@@ -202,6 +203,7 @@ class TimmLevitAttention(OffsetBiasAttention):
         self.qkv = norm(dim, self.val_attn_dim + self.key_attn_dim * 2, **dd)
         self.proj = nn.Sequential(OrderedDict([("act", act_layer()),
                                                ("ln", norm(self.val_attn_dim, dim, bn_weight_init=0, **dd))]))
+        self.resolution = grid
         self._bias_table(self.num_heads, grid, 1, False, dd)
 
     def extra_repr(self) -> str:
@@ -289,6 +291,7 @@ class TimmLevitAttentionDownsample(OffsetBiasAttention):
         self.q = nn.Sequential(OrderedDict([("down", down), ("ln", norm(in_dim, self.key_attn_dim, **dd))]))
         self.proj = nn.Sequential(OrderedDict([("act", act_layer()),
                                                ("ln", norm(self.val_attn_dim, out_dim, **dd))]))
+        self.resolution = grid
         self._bias_table(self.num_heads, grid, self.stride, False, dd)
         self.query_grid = (-(-grid[0] // stride), -(-grid[1] // stride))
 

@@ -57,6 +57,7 @@ class _PlainOffsetBias(OffsetBiasAttention):
         self.norm = nn.LayerNorm(dim, **dd) if norm else None
         self.qkv = nn.Linear(dim, num_heads * (self.val_dim + 2 * key_dim), **dd)
         self.proj = nn.Linear(self.val_attn_dim, dim, **dd)
+        self.resolution = grid
         self._bias_table(self.num_heads, grid, 1, persistent, dd)
 
     def extra_repr(self) -> str:
