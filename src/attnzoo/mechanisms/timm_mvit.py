@@ -31,26 +31,9 @@ from attnzoo._geometry import int_pair
 from attnzoo._registry import Example, register_compat
 from attnzoo.functional import attend
 from attnzoo.maps.capture import capturing, record, row_weights
+from attnzoo.mechanisms.timm_relpos_vit import get_decomposed_rel_pos_bias
 
-__all__ = ["TimmMultiScaleAttention", "decomposed_position_logits"]
-
-
-def decomposed_position_logits(q: Tensor, q_size: tuple[int, int], k_size: tuple[int, int], rel_pos_h: Tensor,
-                               rel_pos_w: Tensor) -> Tensor:
-    """timm's `cal_rel_pos_type` as a bias: `(B, h, N_q, N_k)` logits `q . R_h[dy] + q . R_w[dx]` of the
-    spatial queries `q` `(B, h, q_h q_w, d)` over a `k_size` key map (offsets scaled where sizes differ)."""
-    def offsets(nq: int, nk: int) -> Tensor:
-        q_ratio, k_ratio = max(nk / nq, 1.0), max(nq / nk, 1.0)
-        dist = (torch.arange(nq, device=q.device).unsqueeze(-1) * q_ratio
-                - torch.arange(nk, device=q.device).unsqueeze(0) * k_ratio)
-        return (dist + (nk - 1) * k_ratio).long()
-
-    (q_h, q_w), (k_h, k_w) = q_size, k_size
-    batch, heads, _, width = q.shape
-    r_q = q.reshape(batch, heads, q_h, q_w, width)
-    rel_h = torch.einsum("byhwc,hkc->byhwk", r_q, rel_pos_h[offsets(q_h, k_h)])  # (B, h, q_h, q_w, k_h)
-    rel_w = torch.einsum("byhwc,wkc->byhwk", r_q, rel_pos_w[offsets(q_w, k_w)])  # (B, h, q_h, q_w, k_w)
-    return (rel_h.unsqueeze(-1) + rel_w.unsqueeze(-2)).reshape(batch, heads, q_h * q_w, k_h * k_w)
+__all__ = ["TimmMultiScaleAttention"]
 
 
 @register_compat(example=Example({"dim": 8, "dim_out": 8, "feat_size": (4, 4), "num_heads": 2,
@@ -172,7 +155,9 @@ class TimmMultiScaleAttention(nn.Module):
         if self.rel_pos_type == "spatial":
             self._check_tables(q_size, k_size, size)
             lead = int(self.has_cls_token)
-            bias = decomposed_position_logits(q[:, :, lead:], q_size, k_size, self.rel_pos_h, self.rel_pos_w)
+            spatial = q[:, :, lead:].flatten(0, 1)  # (B h, q_h q_w, d)
+            bias = get_decomposed_rel_pos_bias(spatial, self.rel_pos_h, self.rel_pos_w, q_size, k_size,
+                                               resize=False).unflatten(0, q.shape[:2])  # (B, h, N_q', N_k')
             bias = F.pad(bias, (lead, 0, lead, 0))  # the class token's row and column take none
         out = attend(q, k, v, bias=bias, scale=self.scale)  # (B, h, N_q, d)
         if capturing():

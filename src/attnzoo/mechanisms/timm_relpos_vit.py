@@ -151,13 +151,14 @@ class TimmRelPosAttention(nn.Module):
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(batch, tokens, self.dim)))
 
 
-def get_rel_pos(q_size: int, k_size: int, rel_pos: Tensor) -> Tensor:
+def get_rel_pos(q_size: int, k_size: int, rel_pos: Tensor, resize: bool = True) -> Tensor:
     """SAM's relative position embeddings `(q_size, k_size, C)` for one axis, as timm's `get_rel_pos`:
     the table `rel_pos` `(L, C)` linearly interpolated to `2 max(q_size, k_size) - 1` rows where its
-    length differs, then row `i s_q - j s_k + (k_size - 1) s_k` for query i and key j, the shorter
-    axis scaled by `s = max(other / own, 1)` (float32 coordinates, truncated, as timm's)."""
+    length differs (`resize`; MViT v2 indexes its table as it is), then row `i s_q - j s_k + (k_size - 1)
+    s_k` for query i and key j, the shorter axis scaled by `s = max(other / own, 1)` (float32
+    coordinates, truncated, as timm's)."""
     max_rel_dist = int(2 * max(q_size, k_size) - 1)
-    if rel_pos.shape[0] != max_rel_dist:  # a table made for another size: timm interpolates it
+    if resize and rel_pos.shape[0] != max_rel_dist:  # a table made for another size: timm interpolates it
         resized = F.interpolate(rel_pos.reshape(1, rel_pos.shape[0], -1).permute(0, 2, 1), size=max_rel_dist,
                                 mode="linear")
         resized = resized.reshape(-1, max_rel_dist).permute(1, 0)
@@ -171,9 +172,11 @@ def get_rel_pos(q_size: int, k_size: int, rel_pos: Tensor) -> Tensor:
 
 
 def get_decomposed_rel_pos_bias(
-    q: Tensor, rel_pos_h: Tensor, rel_pos_w: Tensor, q_size: tuple[int, int], k_size: tuple[int, int]
+    q: Tensor, rel_pos_h: Tensor, rel_pos_w: Tensor, q_size: tuple[int, int], k_size: tuple[int, int],
+    resize: bool = True,
 ) -> Tensor:
-    """MViTv2's decomposed relative position bias, as timm's `get_decomposed_rel_pos_bias`:
+    """MViTv2's decomposed relative position bias, as timm's `get_decomposed_rel_pos_bias` (SAM) and
+    `cal_rel_pos_type` (MViT v2, `resize=False`: its tables are indexed as they are):
     `bias[b, (i, j), (k, l)] = q[b, (i, j)] . R_h[i, k] + q[b, (i, j)] . R_w[j, l]`.
 
     Shape:
@@ -182,8 +185,8 @@ def get_decomposed_rel_pos_bias(
     """
     q_h, q_w = q_size
     k_h, k_w = k_size
-    r_h = get_rel_pos(q_h, k_h, rel_pos_h)  # (q_h, k_h, C)
-    r_w = get_rel_pos(q_w, k_w, rel_pos_w)  # (q_w, k_w, C)
+    r_h = get_rel_pos(q_h, k_h, rel_pos_h, resize)  # (q_h, k_h, C)
+    r_w = get_rel_pos(q_w, k_w, rel_pos_w, resize)  # (q_w, k_w, C)
     batch, _, dim = q.shape
     r_q = q.reshape(batch, q_h, q_w, dim)
     rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, r_h)
