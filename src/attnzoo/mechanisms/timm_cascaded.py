@@ -31,20 +31,9 @@ from attnzoo._checks import check_divisible, check_int, check_shape
 from attnzoo._registry import Example, register_compat
 from attnzoo.functional import attend
 from attnzoo.maps.capture import capturing, record_rows
-from attnzoo.mechanisms.timm_levit import OffsetBiasAttention, offset_index, val_width
+from attnzoo.mechanisms.timm_levit import ConvBn, OffsetBiasAttention, offset_index, val_width
 
 __all__ = ["TimmCascadedGroupAttention"]
-
-
-class _ConvNorm(nn.Sequential):
-    """timm's `efficientvit_msra.ConvNorm`: a bias-free convolution `conv` and a BatchNorm2d `bn` (keys)."""
-
-    def __init__(self, cin: int, cout: int, kernel: int = 1, padding: int = 0, groups: int = 1,
-                 bn_weight_init: float = 1.0, **dd: Any) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(cin, cout, kernel, 1, padding, groups=groups, bias=False, **dd)
-        self.bn = nn.BatchNorm2d(cout, **dd)
-        nn.init.constant_(self.bn.weight, bn_weight_init)
 
 
 @register_compat(example=Example({"dim": 8, "key_dim": 2, "num_heads": 2, "attn_ratio": 2, "resolution": 3,
@@ -93,10 +82,11 @@ class TimmCascadedGroupAttention(OffsetBiasAttention):
             raise ValueError(f"{who}: kernels must give an odd size for each of the {num_heads} heads, "
                              f"got {tuple(kernels)}")
         width = 2 * key_dim + self.val_dim
-        self.qkvs = nn.ModuleList(_ConvNorm(dim // num_heads, width, **dd) for _ in range(num_heads))
-        self.dws = nn.ModuleList(_ConvNorm(key_dim, key_dim, k, k // 2, groups=key_dim, **dd)
+        self.qkvs = nn.ModuleList(ConvBn(dim // num_heads, width, bias=False, **dd) for _ in range(num_heads))
+        self.dws = nn.ModuleList(ConvBn(key_dim, key_dim, k, groups=key_dim, bias=False, **dd)
                                  for k in kernels[:num_heads])
-        self.proj = nn.Sequential(nn.ReLU(), _ConvNorm(self.val_dim * num_heads, dim, bn_weight_init=0, **dd))
+        out = ConvBn(self.val_dim * num_heads, dim, bias=False, bn_weight_init=0, **dd)
+        self.proj = nn.Sequential(nn.ReLU(), out)
         self.resolution = check_int(resolution, "resolution", who)  # an int: timm's window wrapper reads it
         self._bias_table(num_heads, (self.resolution, self.resolution), 1, False, dd)
 

@@ -31,24 +31,9 @@ from attnzoo._geometry import int_pair
 from attnzoo._registry import Example, register_compat
 from attnzoo.functional import attend
 from attnzoo.maps.capture import capturing, query_indices, record, record_rows
-from attnzoo.mechanisms.timm_levit import OffsetBiasAttention, val_width
+from attnzoo.mechanisms.timm_levit import ConvBn, OffsetBiasAttention, val_width
 
 __all__ = ["TimmEfficientFormerV2Attention", "TimmEfficientFormerV2AttentionDownsample"]
-
-
-class _ConvNorm(nn.Module):
-    """timm's `efficientformer_v2.ConvNorm`: a convolution with bias (`conv`, timm's symmetric padding) and
-    a BatchNorm2d (`bn`)."""
-
-    def __init__(self, cin: int, cout: int, kernel: int = 1, stride: int = 1, groups: int = 1,
-                 **dd: Any) -> None:
-        super().__init__()
-        padding = ((stride - 1) + (kernel - 1)) // 2  # timm's '' padding
-        self.conv = nn.Conv2d(cin, cout, kernel, stride, padding, groups=groups, **dd)
-        self.bn = nn.BatchNorm2d(cout, **dd)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.bn(self.conv(x))
 
 
 class _LocalGlobalQuery(nn.Module):
@@ -58,7 +43,7 @@ class _LocalGlobalQuery(nn.Module):
         super().__init__()
         self.pool = nn.AvgPool2d(1, 2, 0)
         self.local = nn.Conv2d(cin, cin, 3, 2, 1, groups=cin, **dd)
-        self.proj = _ConvNorm(cin, cout, **dd)
+        self.proj = ConvBn(cin, cout, **dd)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.proj(self.local(x) + self.pool(x))
@@ -123,17 +108,17 @@ class TimmEfficientFormerV2Attention(_Common):
         if stride is not None:
             stride = check_int(stride, "stride", who)
             size = (math.ceil(size[0] / stride), math.ceil(size[1] / stride))
-            self.stride_conv = _ConvNorm(dim, dim, 3, stride, groups=dim, **dd)
+            self.stride_conv = ConvBn(dim, dim, 3, stride, groups=dim, **dd)
             self.upsample = nn.Upsample(scale_factor=stride, mode="bilinear")
         self.N = size[0] * size[1]
         kh = key_dim * num_heads
-        self.q, self.k = _ConvNorm(dim, kh, **dd), _ConvNorm(dim, kh, **dd)
-        self.v = _ConvNorm(dim, self.dh, **dd)
-        self.v_local = _ConvNorm(self.dh, self.dh, 3, groups=self.dh, **dd)
+        self.q, self.k = ConvBn(dim, kh, **dd), ConvBn(dim, kh, **dd)
+        self.v = ConvBn(dim, self.dh, **dd)
+        self.v_local = ConvBn(self.dh, self.dh, 3, groups=self.dh, **dd)
         self.talking_head1 = nn.Conv2d(num_heads, num_heads, 1, **dd)
         self.talking_head2 = nn.Conv2d(num_heads, num_heads, 1, **dd)
         self.act = act_layer()
-        self.proj = _ConvNorm(self.dh, dim, **dd)
+        self.proj = ConvBn(self.dh, dim, **dd)
         self.resolution = size
         self._bias_table(num_heads, size, 1, False, dd)
 
@@ -194,10 +179,10 @@ class TimmEfficientFormerV2AttentionDownsample(_Common):
         self.out_dim = check_int(out_dim or dim, "out_dim", who)
         kh = key_dim * num_heads
         self.q = _LocalGlobalQuery(dim, kh, **dd)
-        self.k, self.v = _ConvNorm(dim, kh, **dd), _ConvNorm(dim, self.dh, **dd)
-        self.v_local = _ConvNorm(self.dh, self.dh, 3, 2, groups=self.dh, **dd)
+        self.k, self.v = ConvBn(dim, kh, **dd), ConvBn(dim, self.dh, **dd)
+        self.v_local = ConvBn(self.dh, self.dh, 3, 2, groups=self.dh, **dd)
         self.act = act_layer()
-        self.proj = _ConvNorm(self.dh, self.out_dim, **dd)
+        self.proj = ConvBn(self.dh, self.out_dim, **dd)
         self.resolution = size
         self._bias_table(num_heads, size, 2, False, dd)
 

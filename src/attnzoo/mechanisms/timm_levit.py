@@ -42,7 +42,8 @@ from attnzoo._registry import Example, register_compat
 from attnzoo.functional import attend
 from attnzoo.maps.capture import capturing, record_rows
 
-__all__ = ["TimmLevitAttention", "TimmLevitAttentionDownsample", "offset_index", "LinearNorm", "ConvNorm"]
+__all__ = ["TimmLevitAttention", "TimmLevitAttentionDownsample", "offset_index", "LinearNorm", "ConvNorm",
+           "ConvBn"]
 
 Resolution = int | tuple[int, int]
 
@@ -130,6 +131,24 @@ class ConvNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """`(B, in, H, W)` -> `(B, out, H, W)`."""
         return self.bn(self.linear(x))
+
+
+class ConvBn(nn.Module):
+    """timm's `ConvNorm` of EfficientFormer V2 and of Microsoft's EfficientViT (keys `conv`, `bn`): a
+    convolution with timm's symmetric padding, with bias (EfficientFormer V2) or without (EfficientViT),
+    then a BatchNorm2d whose weight starts at `bn_weight_init`."""
+
+    def __init__(self, cin: int, cout: int, kernel: int = 1, stride: int = 1, groups: int = 1,
+                 bias: bool = True, bn_weight_init: float = 1.0, **dd: Any) -> None:
+        super().__init__()
+        padding = ((stride - 1) + (kernel - 1)) // 2  # timm's '' padding
+        self.conv = nn.Conv2d(cin, cout, kernel, stride, padding, groups=groups, bias=bias, **dd)
+        self.bn = nn.BatchNorm2d(cout, **dd)
+        nn.init.constant_(self.bn.weight, bn_weight_init)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """`(B, cin, H, W)` -> `(B, cout, H', W')`."""
+        return self.bn(self.conv(x))
 
 
 class Subsample(nn.Module):
