@@ -267,15 +267,45 @@ def test_replace_on_the_meta_device_still_converts() -> None:
     assert type(model[0]).__name__ == "SeparableSelfAttention" and model[0].qkv.weight.is_meta
 
 
-def test_replaced_emsa_refuses_cross_inputs_and_masks() -> None:
+def test_replaced_emsa_without_reduction_attends_over_the_keys_and_values_it_is_given() -> None:
+    """With ratio=1 fightingcv projects keys and values as given: other tensors (another length, or the
+    same values through another path) get their own gradients, as there."""
+    cls = _fcv("EMSA.EMSA")
+    theirs = randomize(cls(16, 8, 6, 2, 0.0, 5, 6, 1, True)).eval()
+    ours = nn.Sequential(copy.deepcopy(theirs))
+    attnzoo.replace(ours, cls)
+    assert type(ours[0]).__name__ == "FightingcvCallEMSA"
+    gen = torch.Generator().manual_seed(3)
+    x, other = (torch.randn(2, n, 16, dtype=D, generator=gen) for n in (30, 7))
+    calls = [
+        lambda m, q, k: m(q, k, k * 2.0),  # cross-attention over 7 tokens
+        lambda m, q, k: m(q, q.clone(), q.detach()),  # the queries' values, other paths
+    ]
+    for call, keys in zip(calls, (other, x), strict=True):
+        results = []
+        for module in (theirs, ours[0]):
+            q, k = x.clone().requires_grad_(), keys.clone().requires_grad_()
+            out = call(module, q, k)
+            out.square().sum().backward()
+            results.append((out, q.grad, k.grad))
+            module.zero_grad()
+        for got, want in zip(*results[::-1], strict=True):
+            torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
+
+
+def test_replaced_emsa_refuses_masks_and_keys_that_do_not_fit() -> None:
     cls = _fcv("EMSA.EMSA")
     model = _Caller(cls(16, 8, 8, 2, 0.0, 5, 6, 1, False), lambda m, x: m(x, x, x)).eval()
     attnzoo.replace(model, cls)
     x = torch.randn(2, 30, 16)
-    with pytest.raises(ValueError, match="self-attention"):
-        model.attn(x, x + 1, x)
     with pytest.raises(ValueError, match="attention_mask"):
         model.attn(x, x, x, attention_mask=torch.zeros(2, 2, 30, 30, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"values of shape \(2, 9, 16\)"):
+        model.attn(x, x[:, :9], x)
+    with pytest.raises(ValueError, match="keys"):
+        model.attn(x, torch.randn(3, 30, 16), x)
+    with pytest.raises(TypeError, match="keys of dtype torch.float32"):
+        model.attn(x, x.double(), x)
 
 
 def test_timm_swin_v2_swaps_whole_with_its_logits_checkpoint_and_window_resize() -> None:

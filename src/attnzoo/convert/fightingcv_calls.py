@@ -23,6 +23,7 @@ from typing import cast
 import torch
 from torch import Tensor, nn
 
+from attnzoo._checks import check_shape, checked
 from attnzoo._fx import fx_leaf
 from attnzoo.convert._timm_common import TimmKeys, rename
 from attnzoo.convert.fightingcv_tokens_a import EMSA_KEYS, MUSE_KEYS, SDPA_KEYS, SIMPLIFIED_SDPA_KEYS
@@ -40,44 +41,42 @@ __all__ = [
 _PACKAGE = "fightingcv_attention.attention"
 
 
-@fx_leaf  # one call_module node in FX traces (attnzoo._fx)
+@functools.partial(checked, flags=False)  # dtypes and devices of keys and values too; one FX node
 class FightingcvCallEMSA(EMSA):
     """`EMSA` called as fightingcv's: `forward(queries, keys, values, attention_mask=None,
     attention_weights=None)` on `(B, N, C)` tokens of the `feat_size` map.
 
-    fightingcv's EMSA is self-attention in ResT (`emsa(x, x, x)`); with `sr_ratio > 1` it ignores
-    `keys` and `values`, and reads its `H x W` only then: with `sr_ratio == 1` any number of tokens
-    runs. Keys or values other than the queries with `sr_ratio == 1`, and the masks (applied after
-    the softmax there, so a masked query gives NaN), raise `ValueError`.
+    fightingcv's EMSA is self-attention in ResT (`emsa(x, x, x)`). With `sr_ratio > 1` it ignores
+    `keys` and `values` (its keys and values come from the reduced map of the queries) and reads its
+    `H x W`; with `sr_ratio == 1` it projects `keys` and `values` as given, `(B, N_k, C)` each, and any
+    number of tokens runs. The masks (applied after the softmax there, so a masked query gives NaN)
+    raise `ValueError`.
     """
 
     def forward(  # type: ignore[override]
         self, queries: Tensor, keys: Tensor | None = None, values: Tensor | None = None,
         attention_mask: Tensor | None = None, attention_weights: Tensor | None = None,
     ) -> Tensor:
-        """Self-attention over `queries` `(B, N, C)`: `(B, N, C)`."""
+        """Attention of `queries` `(B, N, C)` over `keys` and `values` (see the class): `(B, N, C)`."""
         who = type(self).__name__
         if attention_mask is not None or attention_weights is not None:
             given = "attention_mask" if attention_mask is not None else "attention_weights"
             raise ValueError(f"{who} takes no attention_mask or attention_weights (fightingcv applies them "
                              f"after the softmax); got {given}")
-        others = [t for t in (keys, values) if t is not None and t is not queries]
-        if self.sr_ratio == 1 and any(not _same_values(t, queries) for t in others):
-            raise ValueError(f"{who} is self-attention: expects keys and values equal to queries "
-                             f"(fightingcv's emsa(x, x, x)), got other tensors")
+        dims = check_shape(queries, who, "B N C", "queries", C=self.dim)
+        keys = queries if keys is None or self.sr_ratio > 1 else keys
+        values = queries if values is None or self.sr_ratio > 1 else values
+        if keys is not queries or values is not queries:
+            kdims = check_shape(keys, who, "B N C", "keys", B=dims["B"], C=self.dim)
+            check_shape(values, who, "B N C", "values", B=dims["B"], N=kdims["N"], C=self.dim)
         # fightingcv reads its H x W only to reduce the keys (sr_ratio > 1); without reduction any
         # number of tokens runs, as a 1 x N map
-        tokens = queries.shape[1] if isinstance(queries, Tensor) and queries.dim() == 3 else 0
-        feat = self.feat_size
+        tokens, feat = dims["N"], self.feat_size
         size = feat if feat is not None and (self.sr_ratio > 1 or tokens == feat[0] * feat[1]) else None
         if size is None and self.sr_ratio == 1:
             size = (1, tokens)
-        return cast(Tensor, super().forward(queries, size=size))  # need_weights=False: out
-
-
-def _same_values(a: Tensor, b: Tensor) -> bool:
-    """Whether `a` holds the values of `b` (fightingcv's EMSA ignores nothing then)."""
-    return isinstance(a, Tensor) and a.shape == b.shape and bool(torch.equal(a, b))
+        grid = self._size(tokens, size)
+        return cast(Tensor, self._attention(queries, keys, values, grid, need_weights=False))
 
 
 @fx_leaf  # one call_module node in FX traces (attnzoo._fx)

@@ -49,6 +49,18 @@ def _check_derived(module: Any, group: tuple[int, int]) -> None:
             raise refuse(module, reason, WHO)
 
 
+def _group_pair(module: Any) -> tuple[int, int]:
+    """fightingcv's `group_size` as `(height, width)`: an int is a square group (fightingcv's
+    CrossFormer blocks pass `to_2tuple(g)`; without position bias the attention never reads it)."""
+    size = module.group_size
+    if isinstance(size, int) and not isinstance(size, bool):
+        return size, size
+    pair = tuple(size) if isinstance(size, (tuple, list)) else ()
+    if len(pair) != 2 or not all(isinstance(g, int) and not isinstance(g, bool) for g in pair):
+        raise refuse(module, f"group_size={size!r} is no int nor (height, width) pair of ints", WHO)
+    return pair[0], pair[1]
+
+
 def crossformer_attention_from_fightingcv(module: Any) -> CrossFormerGroupAttention:
     """`Attention(dim, group_size, num_heads, qkv_bias, qk_scale, attn_drop, proj_drop, position_bias)`
     -> `CrossFormerGroupAttention` with the same options and keys; the logit scale is taken as
@@ -56,9 +68,7 @@ def crossformer_attention_from_fightingcv(module: Any) -> CrossFormerGroupAttent
     `relative_position_index` buffers are dropped (they follow from the group size). With `dim < 16`
     fightingcv's bias MLP is 0 wide, so its bias is one constant per head, which the softmax ignores:
     that converts to `position_bias=False`."""
-    group = tuple(int(g) for g in module.group_size)
-    if len(group) != 2:
-        raise refuse(module, f"group_size={module.group_size!r} is no (height, width) pair", WHO)
+    group = _group_pair(module)
     dim, heads = module.dim, module.num_heads
     _check_derived(module, group)
     state = {k: v for k, v in module.state_dict().items() if k not in ("biases", "relative_position_index")}

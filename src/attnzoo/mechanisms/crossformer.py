@@ -212,27 +212,27 @@ class CrossFormerGroupAttention(nn.Module):
         """Attend within each group.
 
         Args:
-            x: Groups `(B * nG, N, C)`.
+            x: Groups `(B * nG, N, C)`; N = Gh * Gw, or any N without `position_bias`.
             mask: Additive float mask `(nG, N, N)` (0 / large negative), or None. Default: None.
             need_weights: Also return the weights `(B * nG, h, N, N)`. Default: False.
 
         Returns:
             The output `(B * nG, N, C)`, or `(output, weights)` with `need_weights`.
         """
-        who = type(self).__name__
-        area = self.group_size[0] * self.group_size[1]
-        dims = check_shape(x, who, "B N C", N=area, C=self.dim)
+        who, group = type(self).__name__, self.group_size
+        area = group[0] * group[1]
+        # without the position bias nothing reads the group: any N runs, as in the official attention
+        dims = (check_shape(x, who, "B N C", N=area, C=self.dim) if self.position_bias
+                else check_shape(x, who, "B N C", C=self.dim))
+        n, group = dims["N"], (group if dims["N"] == area else (1, dims["N"]))
         bias = self.relative_position_bias()  # (h, N, N) or None
         if mask is not None:
             check_tensor(mask, who, "mask")
-            if mask.ndim != 3 or tuple(mask.shape[1:]) != (area, area) or dims["B"] % mask.shape[0]:
-                raise ValueError(
-                    f"{who} expects mask of shape (nG, {area}, {area}) with nG dividing "
-                    f"x.shape[0]={dims['B']}, got {tuple(mask.shape)}"
-                )
-            mask = mask.to(x.dtype)[:, None]  # (nG, 1, N, N)
-            bias = mask if bias is None else mask + bias  # (nG, h or 1, N, N)
-        return self._attend(x, bias, self.group_size, need_weights)
+            if mask.ndim != 3 or tuple(mask.shape[1:]) != (n, n) or dims["B"] % mask.shape[0]:
+                raise ValueError(f"{who} expects mask of shape (nG, {n}, {n}) with nG dividing "
+                                 f"x.shape[0]={dims['B']}, got {tuple(mask.shape)}")
+            bias = mask.to(x.dtype)[:, None] + (0.0 if bias is None else bias)  # (nG, h or 1, N, N)
+        return self._attend(x, bias, group, need_weights)
 
     def _attend(
         self, x: Tensor, bias: Tensor | None, group: tuple[int, int], need_weights: bool

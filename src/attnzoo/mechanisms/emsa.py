@@ -196,17 +196,26 @@ class EMSA(nn.Module):
                 square map).
         """
         dims = check_shape(x, type(self).__name__, "B N C", "x", C=self.dim)
-        height, width = self._size(dims["N"], size)
+        return self._attention(x, x, x, self._size(dims["N"], size), need_weights)
+
+    def _attention(
+        self, x: Tensor, keys: Tensor, values: Tensor, grid: tuple[int, int], need_weights: bool
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """Queries from `x` `(B, N, C)` on the `grid` map; keys and values from `keys` and `values`
+        `(B, N_k, C)` without reduction (fightingcv's call takes them apart), else from the reduced
+        map of `x`. The canonical forward passes `x` three times."""
+        height, width = grid
         h = self.num_heads
         q = self.q(x).unflatten(-1, (h, self.head_dim)).transpose(1, 2)  # (B, h, N, d)
-        kv_in, key_grid = x, (height, width)
+        k_in, v_in = keys, values
+        key_grid = (height, width) if keys is x else (1, keys.shape[1])
         if self.sr_ratio > 1:
-            grid = x.transpose(1, 2).unflatten(-1, (height, width))  # (B, C, H, W)
-            reduced = self.sr(grid)  # (B, C, H', W')
+            grid_map = x.transpose(1, 2).unflatten(-1, (height, width))  # (B, C, H, W)
+            reduced = self.sr(grid_map)  # (B, C, H', W')
             key_grid = (reduced.shape[2], reduced.shape[3])
-            kv_in = self.sr_norm(reduced.flatten(2).transpose(1, 2))  # (B, N', C)
-        k = self.k(kv_in).unflatten(-1, (h, self.head_dim)).transpose(1, 2)  # (B, h, N', d)
-        v = self.v(kv_in).unflatten(-1, (h, self.value_head_dim)).transpose(1, 2)  # (B, h, N', dv)
+            k_in = v_in = self.sr_norm(reduced.flatten(2).transpose(1, 2))  # (B, N', C)
+        k = self.k(k_in).unflatten(-1, (h, self.head_dim)).transpose(1, 2)  # (B, h, N', d)
+        v = self.v(v_in).unflatten(-1, (h, self.value_head_dim)).transpose(1, 2)  # (B, h, N', dv)
         attn = q @ k.transpose(-2, -1) / self.head_dim**0.5  # (B, h, N, N')
         if self.apply_transform:
             attn = _instance_norm(_mix_heads(self.transform, attn).softmax(dim=-1))  # mix heads, softmax, IN
