@@ -354,6 +354,20 @@ def test_compat_class_under_cpu_autocast_is_close_to_float32(case):
     assert all(torch.isfinite(x.grad).all() for x in xs if x.grad is not None), case.id
 
 
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_float64_module_keeps_float64_under_cpu_autocast(case):
+    """torch's autocast leaves float64 tensors alone (not "eligible"): a float64 model computes as
+    without it, where attnzoo once cast its attention to bfloat16 (raw dtype errors in the next
+    projection, bfloat16 outputs or bfloat16-precision numbers)."""
+    module = build64(case).eval()
+    xs = inputs(case, F64)
+    want = first(module(*xs))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = first(module(*xs))
+    assert out.dtype == F64, f"{case.id}: {out.dtype} under autocast"
+    torch.testing.assert_close(out, want, atol=1e-12, rtol=1e-12, msg=f"{case.id}: under autocast")
+
+
 @pytest.mark.parametrize("case", COMPAT, ids=lambda c: c.id)
 def test_compat_class_forward_mode_ad_equals_reverse_mode_twice(case):
     module = build64(case).eval()

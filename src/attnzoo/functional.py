@@ -140,13 +140,15 @@ def _autocast(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Under `torch.autocast`, attention runs in the autocast dtype (as SDPA does there).
 
     Projections inside autocast come out in the low precision while raw inputs stay float32; without
-    this the dtype check below would refuse a mix that autocast itself produced.
+    this the dtype check below would refuse a mix that autocast itself produced. As torch's autocast,
+    it casts only the tensors it deems eligible: floating and not float64 (a float64 model keeps its
+    precision under autocast, and its float64 projections would refuse a low-precision output).
     """
     tensors = (q, k, v)
     if not all(isinstance(t, Tensor) and t.is_floating_point() for t in tensors):
         return q, k, v
     device_type = q.device.type
-    if not autocast_on(device_type):
+    if not autocast_on(device_type) or any(t.dtype == torch.float64 for t in tensors):
         return q, k, v
     dtype = torch.get_autocast_dtype(device_type)
     return q.to(dtype), k.to(dtype), v.to(dtype)
