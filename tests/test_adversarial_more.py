@@ -355,6 +355,21 @@ def test_compat_class_under_cpu_autocast_is_close_to_float32(case):
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_nested_torch_func_grad_equals_autograd_double_backward(case):
+    """grad of grad (a Hessian-vector product by torch.func): SDPA's fused CPU kernels have no
+    differentiable backward, so the attention takes its decomposition when grads are nested."""
+    module = build64(case).eval()
+    xs = inputs(case, F64)
+    v = noise(xs[0].shape)
+    loss = lambda t: first(module(t, *xs[1:])).square().sum()  # noqa: E731
+    got = grad(lambda t: (grad(loss)(t) * v).sum())(xs[0])
+    x0 = xs[0].clone().requires_grad_()
+    (g,) = torch.autograd.grad(loss(x0), x0, create_graph=True)
+    (want,) = torch.autograd.grad((g * v).sum(), x0)
+    torch.testing.assert_close(got, want, **EXACT, msg=f"{case.id}: grad of grad")
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_float64_module_keeps_float64_under_cpu_autocast(case):
     """torch's autocast leaves float64 tensors alone (not "eligible"): a float64 model computes as
     without it, where attnzoo once cast its attention to bfloat16 (raw dtype errors in the next

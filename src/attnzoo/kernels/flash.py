@@ -25,6 +25,7 @@ from attnzoo.kernels.route import (
     composite_required,
     forward_ad_active,
     large_logits,
+    nested_grad_active,
     recompute_grads,
     rowwise_grads,
 )
@@ -113,7 +114,8 @@ def sdpa(
     Shape:
         - q: ``(B, h, L, d)``; k: ``(B, h, S, d)``; v: ``(B, h, S, e)``.
     """
-    if forward_ad_active():  # the fused kernels have no forward derivative; the decomposition has
+    # the fused kernels have no forward derivative nor a differentiable backward; the decomposition has
+    if forward_ad_active() or nested_grad_active():
         return torch.ops.aten._scaled_dot_product_attention_math(
             q, k, v, attn_mask, dropout_p, is_causal, None, scale=scale
         )[0]

@@ -46,6 +46,7 @@ __all__ = [
     "composite_required",
     "forward_ad_active",
     "host_readable",
+    "nested_grad_active",
     "plain_module",
     "large_logits",
     "own_nodes",
@@ -95,6 +96,17 @@ def forward_ad_active() -> bool:
 
     jvp = torch._C._functorch.TransformType.Jvp
     return any(level.key() == jvp for level in retrieve_all_functorch_interpreters())
+
+
+def nested_grad_active() -> bool:
+    """Whether ``torch.func.grad`` (or ``vjp``, ``jacrev``) runs inside another: the ops run now are
+    differentiated twice, so each needs a differentiable backward (SDPA's fused CPU kernels have none)."""
+    if not torch._C._are_functorch_transforms_active():
+        return False
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    grad = torch._C._functorch.TransformType.Grad
+    return sum(level.key() == grad for level in retrieve_all_functorch_interpreters()) > 1
 
 
 def host_readable(t: Tensor) -> bool:
