@@ -598,3 +598,21 @@ def test_diff_routing_trains_router_embedding():
     m = BiLevelRoutingAttention(8, 2, 2, topk=2, param_routing=True, diff_routing=True, soft_routing=True)
     m(torch.randn(1, 4, 4, 8)).square().sum().backward()
     assert m.router.emb.weight.grad is not None and m.router.emb.weight.grad.abs().sum() > 0
+
+
+def test_compiles_for_a_second_map_size_with_dynamic_shapes():
+    """torch.compile recompiles with dynamic shapes at the second size; Inductor then ordered the
+    symbolic strides of the routed keys and of the lepe conv's input, views saved for backward, by
+    plain sympy comparison and failed (pytorch/pytorch#185510): those are fresh tensors under compile."""
+    torch.manual_seed(0)
+    module = attnzoo.create("bra", dim=8, num_heads=2, n_win=2, topk=4)
+    compiled = torch.compile(module)
+    for side in (4, 6, 8):
+        x = torch.randn(2, side, side, 8, requires_grad=True)
+        out = compiled(x)
+        out.square().sum().backward()
+        want_x = x.detach().clone().requires_grad_()
+        want = module(want_x)
+        want.square().sum().backward()
+        torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(x.grad, want_x.grad, atol=1e-4, rtol=1e-4)

@@ -43,6 +43,7 @@ from attnzoo._checks import autocast_on
 
 __all__ = [
     "autocast_state",
+    "compile_fresh",
     "composite_required",
     "forward_ad_active",
     "host_readable",
@@ -96,6 +97,16 @@ def forward_ad_active() -> bool:
 
     jvp = torch._C._functorch.TransformType.Jvp
     return any(level.key() == jvp for level in retrieve_all_functorch_interpreters())
+
+
+def compile_fresh(t: Tensor) -> Tensor:
+    """``t`` itself, or under ``torch.compile`` a fresh contiguous copy of it (Inductor fuses the copy).
+
+    For a view (a permuted or reshaped map) that an extern kernel (a convolution, SDPA) saves for
+    backward: with dynamic shapes Inductor orders a saved view's symbolic strides by plain sympy
+    comparison, which cannot decide ``24*s3 < 24`` and fails at the second input size
+    (pytorch/pytorch#185510); a fresh tensor takes its exact strides instead."""
+    return t.clone(memory_format=torch.contiguous_format) if torch.compiler.is_compiling() else t
 
 
 def nested_grad_active() -> bool:

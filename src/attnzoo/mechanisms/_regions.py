@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from attnzoo.functional import attend
+from attnzoo.kernels.route import compile_fresh
 
 __all__ = ["gather", "merge", "routed_attention", "side_conv", "to_image", "to_windows"]
 
@@ -35,7 +36,8 @@ def side_conv(
     if conv is None:
         return None
     image = to_image(v, n, n_h, n_w, rh, rw).reshape(n, n_h * rh, n_w * rw, -1)  # (N, H, W, C)
-    return conv(image.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # channels-last conv -> (N, H, W, C)
+    image = compile_fresh(image.permute(0, 3, 1, 2))  # (N, C, H, W): a channels-last view in eager mode
+    return conv(image).permute(0, 2, 3, 1)  # -> (N, H, W, C)
 
 
 def merge(out: Tensor, side: Tensor | None, n: int, n_h: int, n_w: int, rh: int, rw: int) -> Tensor:
@@ -88,6 +90,7 @@ def routed_attention(
     qh = q.unflatten(-1, (num_heads, -1)).transpose(1, 2)  # (N*R, h, L, d)
     kh = gather(k, r_idx, r_weight).unflatten(-1, (num_heads, -1)).transpose(1, 2)  # (N*R, h, topk*S, d)
     vh = gather(v, r_idx, r_weight).unflatten(-1, (num_heads, -1)).transpose(1, 2)  # (N*R, h, topk*S, e)
+    qh, kh, vh = compile_fresh(qh), compile_fresh(kh), compile_fresh(vh)  # saved by SDPA
     if need_weights:
         out, weights = attend(qh, kh, vh, scale=scale, need_weights=True)
     else:
