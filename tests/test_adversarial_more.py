@@ -356,8 +356,9 @@ def test_compat_class_under_cpu_autocast_is_close_to_float32(case):
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_nested_torch_func_grad_equals_autograd_double_backward(case):
-    """grad of grad (a Hessian-vector product by torch.func): SDPA's fused CPU kernels have no
-    differentiable backward, so the attention takes its decomposition when grads are nested."""
+    """grad of grad (a Hessian-vector product by torch.func), and autograd over an inner torch.func.grad
+    (MAML's pattern): SDPA's fused CPU kernels have no differentiable backward, so the attention takes
+    its decomposition under a grad transform."""
     module = build64(case).eval()
     xs = inputs(case, F64)
     v = noise(xs[0].shape)
@@ -367,6 +368,9 @@ def test_nested_torch_func_grad_equals_autograd_double_backward(case):
     (g,) = torch.autograd.grad(loss(x0), x0, create_graph=True)
     (want,) = torch.autograd.grad((g * v).sum(), x0)
     torch.testing.assert_close(got, want, **EXACT, msg=f"{case.id}: grad of grad")
+    x1 = xs[0].clone().requires_grad_()
+    (mixed,) = torch.autograd.grad((grad(loss)(x1) * v).sum(), x1)
+    torch.testing.assert_close(mixed, want, **EXACT, msg=f"{case.id}: autograd over torch.func.grad")
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)

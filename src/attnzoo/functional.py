@@ -140,9 +140,10 @@ def _autocast(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Under `torch.autocast`, attention runs in the autocast dtype (as SDPA does there).
 
     Projections inside autocast come out in the low precision while raw inputs stay float32; without
-    this the dtype check below would refuse a mix that autocast itself produced. As torch's autocast,
-    it casts only the tensors it deems eligible: floating and not float64 (a float64 model keeps its
-    precision under autocast, and its float64 projections would refuse a low-precision output).
+    this the dtype check below would refuse a mix that autocast itself produced. torch's autocast
+    leaves float64 tensors alone, so a float64 model keeps its precision (its float64 projections would
+    refuse a low-precision output): when any of q, k, v is float64 nothing is cast (a float64 and
+    float32 mix then meets the dtype check, as SDPA refuses it under autocast too).
     """
     tensors = (q, k, v)
     if not all(isinstance(t, Tensor) and t.is_floating_point() for t in tensors):

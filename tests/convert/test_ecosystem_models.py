@@ -279,7 +279,7 @@ def test_replaced_emsa_without_reduction_attends_over_the_keys_and_values_it_is_
     x, other = (torch.randn(2, n, 16, dtype=D, generator=gen) for n in (30, 7))
     calls = [
         lambda m, q, k: m(q, k, k * 2.0),  # cross-attention over 7 tokens
-        lambda m, q, k: m(q, q.clone(), q.detach()),  # the queries' values, other paths
+        lambda m, q, k: m(q, k, k.detach()),  # keys: the queries' values on another leaf
     ]
     for call, keys in zip(calls, (other, x), strict=True):
         results = []
@@ -304,6 +304,8 @@ def test_replaced_emsa_refuses_masks_and_keys_that_do_not_fit() -> None:
         model.attn(x, x[:, :9], x)
     with pytest.raises(ValueError, match="keys"):
         model.attn(x, torch.randn(3, 30, 16), x)
+    with pytest.raises(ValueError, match="keys and values given together .* got only keys"):
+        model.attn(x, x[:, :9])
     with pytest.raises(TypeError, match="keys of dtype torch.float32"):
         model.attn(x, x.double(), x)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -74,12 +75,12 @@ def test_attention_parity_with_fightingcv(dim, group, heads, options):
         torch.testing.assert_close(ours(xa, mask), theirs(xb, mask), **TOL)
 
 
-@pytest.mark.parametrize("group, n", [(4, 16), (4, 9), ((3, 5), 7)])
+@pytest.mark.parametrize("group, n", [(4, 16), (4, 9), ((3, 5), 7), ((np.int64(2), np.int64(2)), 4)])
 def test_without_position_bias_any_group_size_and_token_count_run_as_in_fightingcv(group, n):
     """Without the position bias fightingcv never reads `group_size` (an int runs too) nor checks N."""
     theirs = fcv_attention(32, group, 2, position_bias=False)
     ours = from_fightingcv(copy.deepcopy(theirs))
-    assert ours.group_size == ((group, group) if isinstance(group, int) else group)
+    assert ours.group_size == ((group, group) if isinstance(group, int) else tuple(int(g) for g in group))
     x = x_of(6, n, 32)
     mask = torch.zeros(3, n, n, dtype=D)
     mask[1, :, 0] = -100.0
@@ -88,10 +89,11 @@ def test_without_position_bias_any_group_size_and_token_count_run_as_in_fighting
     with attnzoo.capture_maps(ours) as maps:
         ours(x)
     (record,) = maps["CrossFormerGroupAttention"]
-    assert record.grid == (ours.group_size if n == 16 else (1, n)) and record.data.shape == (6, 2, n, n)
+    area = ours.group_size[0] * ours.group_size[1]
+    assert record.grid == (ours.group_size if n == area else (1, n)) and record.data.shape == (6, 2, n, n)
 
 
-@pytest.mark.parametrize("group", ["ab", (4,), (2.0, 2), None])
+@pytest.mark.parametrize("group", ["ab", (4,), (2.0, 2), (True, 2), None])
 def test_converter_refuses_a_group_size_that_is_no_pair_of_ints(group):
     theirs = crossformer.Attention(32, group, 2, position_bias=False)
     with pytest.raises(TypeError, match="group_size=.* is no int nor \\(height, width\\) pair of ints"):

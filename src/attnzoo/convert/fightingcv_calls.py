@@ -10,7 +10,7 @@ these subclasses instead: the converted module (same weights, state_dict keys an
 fightingcv's forward signature and return value.
 `IN_PLACE` maps fightingcv's dotted class names to their converters.
 
-Shape letters: B batch, N tokens, C channels, H, W map size, g offset groups.
+Shape letters: B batch, N tokens, N_k keys, C channels, H, W map size, g offset groups.
 """
 
 from __future__ import annotations
@@ -64,6 +64,9 @@ class FightingcvCallEMSA(EMSA):
             raise ValueError(f"{who} takes no attention_mask or attention_weights (fightingcv applies them "
                              f"after the softmax); got {given}")
         dims = check_shape(queries, who, "B N C", "queries", C=self.dim)
+        if (keys is None) != (values is None):  # fightingcv's call takes both (or, here, neither)
+            raise ValueError(f"{who} expects keys and values given together (or neither, for "
+                             f"self-attention), got only {'keys' if values is None else 'values'}")
         keys = queries if keys is None or self.sr_ratio > 1 else keys
         values = queries if values is None or self.sr_ratio > 1 else values
         if keys is not queries or values is not queries:

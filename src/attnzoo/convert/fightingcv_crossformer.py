@@ -12,6 +12,7 @@ grouping (see docs/mechanisms/crossformer.md).
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 from typing import Any
 
@@ -53,12 +54,14 @@ def _group_pair(module: Any) -> tuple[int, int]:
     """fightingcv's `group_size` as `(height, width)`: an int is a square group (fightingcv's
     CrossFormer blocks pass `to_2tuple(g)`; without position bias the attention never reads it)."""
     size = module.group_size
-    if isinstance(size, int) and not isinstance(size, bool):
-        return size, size
-    pair = tuple(size) if isinstance(size, (tuple, list)) else ()
-    if len(pair) != 2 or not all(isinstance(g, int) and not isinstance(g, bool) for g in pair):
+    pair = (size, size) if not isinstance(size, (tuple, list)) else tuple(size)
+    try:  # numpy ints too; not floats or bools
+        group = tuple(operator.index(g) for g in pair if not isinstance(g, bool))
+    except TypeError:
+        group = ()
+    if len(group) != 2 or len(pair) != 2:
         raise refuse(module, f"group_size={size!r} is no int nor (height, width) pair of ints", WHO)
-    return pair[0], pair[1]
+    return group[0], group[1]
 
 
 def crossformer_attention_from_fightingcv(module: Any) -> CrossFormerGroupAttention:

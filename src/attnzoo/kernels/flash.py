@@ -4,8 +4,10 @@ On CPU, SDPA's flash kernel has a backward (``_scaled_dot_product_flash_attentio
 without a derivative of its own, so a gradient penalty or ``gradgradcheck`` through it fails.
 `sdpa` runs the same flash forward and backward ops through `_FlashCPU`, whose backward calls
 the fused backward op for first order and, under ``create_graph=True``, differentiates SDPA's math
-decomposition (``aten._scaled_dot_product_attention_math``) instead. Everywhere else (another device,
-a choice of the math backend, functorch transforms, ``torch.compile``) it is
+decomposition (``aten._scaled_dot_product_attention_math``) instead. Under forward-mode AD and under
+a ``torch.func`` grad transform (whose backward may be differentiated again: ``grad(grad(f))``, or
+autograd over an inner ``torch.func.grad`` as in MAML) it runs that decomposition directly. Everywhere
+else (another device, a choice of the math backend, ``vmap`` alone, ``torch.compile``) it is
 ``F.scaled_dot_product_attention`` itself.
 
 Shape letters: B batch, h heads, L query length, S key length, d head dim.
@@ -24,8 +26,8 @@ from torch.nn.attention import SDPBackend
 from attnzoo.kernels.route import (
     composite_required,
     forward_ad_active,
+    grad_transform_active,
     large_logits,
-    nested_grad_active,
     recompute_grads,
     rowwise_grads,
 )
@@ -115,7 +117,7 @@ def sdpa(
         - q: ``(B, h, L, d)``; k: ``(B, h, S, d)``; v: ``(B, h, S, e)``.
     """
     # the fused kernels have no forward derivative nor a differentiable backward; the decomposition has
-    if forward_ad_active() or nested_grad_active():
+    if forward_ad_active() or grad_transform_active():
         return torch.ops.aten._scaled_dot_product_attention_math(
             q, k, v, attn_mask, dropout_p, is_causal, None, scale=scale
         )[0]

@@ -46,8 +46,8 @@ __all__ = [
     "compile_fresh",
     "composite_required",
     "forward_ad_active",
+    "grad_transform_active",
     "host_readable",
-    "nested_grad_active",
     "plain_module",
     "large_logits",
     "own_nodes",
@@ -109,15 +109,18 @@ def compile_fresh(t: Tensor) -> Tensor:
     return t.clone(memory_format=torch.contiguous_format) if torch.compiler.is_compiling() else t
 
 
-def nested_grad_active() -> bool:
-    """Whether ``torch.func.grad`` (or ``vjp``, ``jacrev``) runs inside another: the ops run now are
-    differentiated twice, so each needs a differentiable backward (SDPA's fused CPU kernels have none)."""
+def grad_transform_active() -> bool:
+    """Whether a ``torch.func.grad`` (or ``vjp``, ``jacrev``) transform is active. Its backward may be
+    differentiated again, and nothing here tells: by another grad transform (``grad(grad(f))``), by
+    plain autograd over it (MAML's ``loss.backward()`` over an inner ``torch.func.grad``), or by an
+    ``autograd.grad(create_graph=True)`` inside it. SDPA's fused CPU kernels have no differentiable
+    backward, so attention takes the decomposition under any grad transform."""
     if not torch._C._are_functorch_transforms_active():
         return False
     from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
     grad = torch._C._functorch.TransformType.Grad
-    return sum(level.key() == grad for level in retrieve_all_functorch_interpreters()) > 1
+    return any(level.key() == grad for level in retrieve_all_functorch_interpreters())
 
 
 def host_readable(t: Tensor) -> bool:

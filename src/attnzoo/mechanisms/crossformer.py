@@ -17,7 +17,7 @@ recomputed from the group size (a checkpoint with them loads: checked, dropped);
 code, but at least 1 (the official one is 0 wide below dim 16: a constant per head, ignored).
 
 Shape letters: B batch, H/W map size, C channels, h heads, d head width, G group side, I interval,
-N = G*G tokens per group, nG groups per image.
+N tokens per group (G*G, or any N without the position bias), nG groups per image.
 """
 
 from __future__ import annotations
@@ -120,7 +120,7 @@ class CrossFormerGroupAttention(nn.Module):
         dtype: dtype of the parameters. Default: None.
 
     Shape:
-        - x: `(B * nG, Gh*Gw, C)`, groups image-major (the `group_partition` order).
+        - x: `(B * nG, Gh*Gw, C)` (any N without `position_bias`), groups image-major.
         - mask: `(nG, N, N)` additive float, or None.
         - Output: like x; with `need_weights=True`, `(output, weights)`, weights `(B * nG, h, N, N)`.
 

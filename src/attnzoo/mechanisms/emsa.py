@@ -202,13 +202,13 @@ class EMSA(nn.Module):
         self, x: Tensor, keys: Tensor, values: Tensor, grid: tuple[int, int], need_weights: bool
     ) -> Tensor | tuple[Tensor, Tensor]:
         """Queries from `x` `(B, N, C)` on the `grid` map; keys and values from `keys` and `values`
-        `(B, N_k, C)` without reduction (fightingcv's call takes them apart), else from the reduced
+        `(B, N_k, C)` without reduction (fightingcv's call projects them separately), else from the reduced
         map of `x`. The canonical forward passes `x` three times."""
         height, width = grid
         h = self.num_heads
         q = self.q(x).unflatten(-1, (h, self.head_dim)).transpose(1, 2)  # (B, h, N, d)
         k_in, v_in = keys, values
-        key_grid = (height, width) if keys is x else (1, keys.shape[1])
+        key_grid = (height, width) if keys.shape[1] == height * width else (1, keys.shape[1])
         if self.sr_ratio > 1:
             grid_map = x.transpose(1, 2).unflatten(-1, (height, width))  # (B, C, H, W)
             reduced = self.sr(grid_map)  # (B, C, H', W')
