@@ -128,6 +128,26 @@ def test_torch_func_grad_over_functional_call(kind):
 
 
 @pytest.mark.parametrize("kind", MASKS, ids=str)
+def test_forward_mode_ad_and_nested_torch_func_grad_equal_the_math_path(kind):
+    """Under forward-mode AD and a torch.func grad transform attention runs SDPA's math op, which
+    takes a bool mask as 0 / 1 added to the logits: the mask is made additive first (it once was not,
+    and a bool mask gave other outputs there)."""
+    q, k, v = tensors()
+    tangent = torch.randn(q.shape, generator=torch.Generator().manual_seed(4), dtype=q.dtype)
+    out, tan = torch.func.jvp(lambda x: fused(kind)(x, k, v), (q,), (tangent,))
+    want, want_tan = torch.func.jvp(lambda x: math(kind)(x, k, v), (q,), (tangent,))
+    torch.testing.assert_close(out, want, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(tan, want_tan, atol=1e-10, rtol=1e-10)
+    loss = lambda x: fused(kind)(x, k, v).square().sum()  # noqa: E731
+    hvp = torch.func.grad(lambda x: (torch.func.grad(loss)(x) * tangent).sum())(q)
+    x0 = q.clone().requires_grad_()
+    with attnzoo.fused_attn(False):
+        (g,) = torch.autograd.grad(loss(x0), x0, create_graph=True)
+    (want_hvp,) = torch.autograd.grad((g * tangent).sum(), x0)
+    torch.testing.assert_close(hvp, want_hvp, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("kind", MASKS, ids=str)
 def test_autocast_bf16_forward_and_backward(kind):
     assert_autocast_bf16(fused(kind), tensors(torch.float32), math(kind))
 

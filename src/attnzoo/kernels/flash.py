@@ -119,7 +119,7 @@ def sdpa(
     # the fused kernels have no forward derivative nor a differentiable backward; the decomposition has
     if forward_ad_active() or grad_transform_active():
         return torch.ops.aten._scaled_dot_product_attention_math(
-            q, k, v, attn_mask, dropout_p, is_causal, None, scale=scale
+            q, k, v, _additive(attn_mask, q), dropout_p, is_causal, None, scale=scale
         )[0]
     if (
         q.device.type == "cpu"
@@ -130,10 +130,15 @@ def sdpa(
         and not composite_required()
         and torch._fused_sdp_choice(q, k, v, attn_mask, 0.0, is_causal, scale=scale) == _FLASH
     ):
-        mask = attn_mask
-        if mask is not None and mask.dtype == torch.bool:  # as SDPA does before its flash kernel
-            mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
-        return _FlashCPU.apply(q, k, v, mask, is_causal, scale)
+        return _FlashCPU.apply(q, k, v, _additive(attn_mask, q), is_causal, scale)
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale
     )
+
+
+def _additive(mask: Tensor | None, q: Tensor) -> Tensor | None:
+    """A bool mask (True = may attend) as the additive float mask SDPA makes of it before its kernels;
+    the ops called here directly take a bool mask otherwise (the math op would add it as 0 / 1)."""
+    if mask is None or mask.dtype != torch.bool:
+        return mask
+    return torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
