@@ -291,6 +291,11 @@ def test_replaced_emsa_without_reduction_attends_over_the_keys_and_values_it_is_
             module.zero_grad()
         for got, want in zip(*results[::-1], strict=True):
             torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
+    for keys, grid in ((x.clone(), (5, 6)), (other, (1, 7))):  # the map's grid for keys of its length
+        with attnzoo.capture_maps(ours) as maps:
+            ours[0](x, keys, keys)
+        (record,) = maps["0"]
+        assert record.grid == grid and record.data.shape[-1] == grid[0] * grid[1]
 
 
 def test_replaced_emsa_refuses_masks_and_keys_that_do_not_fit() -> None:
