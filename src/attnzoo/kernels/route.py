@@ -89,14 +89,16 @@ def _dual_level_open() -> bool:
 def forward_ad_active() -> bool:
     """Whether forward-mode derivatives may be asked of the ops run now: inside a dual level, or under
     ``torch.func.jvp`` (also ``jacfwd``, ``hessian``), whose interpreter sits on functorch's stack."""
-    if _dual_level_open():
-        return True
+    return _dual_level_open() or _transform_active(torch._C._functorch.TransformType.Jvp)
+
+
+def _transform_active(kind: Any) -> bool:
+    """Whether a functorch transform of `kind` (a ``TransformType``) is on functorch's stack now."""
     if not torch._C._are_functorch_transforms_active():
         return False
     from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
-    jvp = torch._C._functorch.TransformType.Jvp
-    return any(level.key() == jvp for level in retrieve_all_functorch_interpreters())
+    return any(level.key() == kind for level in retrieve_all_functorch_interpreters())
 
 
 def compile_fresh(t: Tensor) -> Tensor:
@@ -115,12 +117,7 @@ def grad_transform_active() -> bool:
     plain autograd over it (MAML's ``loss.backward()`` over an inner ``torch.func.grad``), or by an
     ``autograd.grad(create_graph=True)`` inside it. SDPA's fused CPU kernels have no differentiable
     backward, so attention takes the decomposition under any grad transform."""
-    if not torch._C._are_functorch_transforms_active():
-        return False
-    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
-
-    grad = torch._C._functorch.TransformType.Grad
-    return any(level.key() == grad for level in retrieve_all_functorch_interpreters())
+    return _transform_active(torch._C._functorch.TransformType.Grad)
 
 
 def host_readable(t: Tensor) -> bool:
