@@ -183,3 +183,23 @@ def test_a_converter_value_error_names_the_place():
     model = nn.Sequential(nn.Conv2d(3, 5, 1), senet.SEModule(5, 16))  # fc1 is 5 -> 0 channels
     with pytest.raises(ValueError, match=r"^replace: 1: .*rd_channels"):
         attnzoo.replace(model, senet.SEModule)
+
+
+def test_an_unconvertible_layer_points_at_the_attention_inside_it():
+    """torch's Transformer layers keep their class: converting or replacing one says which attention
+    class inside it converts, and where, instead of listing every known class."""
+    layer = nn.TransformerEncoderLayer(E, H, batch_first=True)
+    model = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
+    mha = r"torch.nn.modules.activation.MultiheadAttention\)"
+    both = "layers.0.self_attn, layers.1.self_attn "
+    with pytest.raises(TypeError, match=rf"attnzoo.replace\(model, {mha} swaps {both}"):
+        attnzoo.replace(model, nn.TransformerEncoderLayer)
+    with pytest.raises(TypeError, match=rf"no converter for .*TransformerEncoder; .*replace\(module, {mha}"):
+        convert(model)
+    listing = r"attnzoo.convert.known\(\) lists the \d+ classes"
+    with pytest.raises(TypeError, match=rf"Linear'> and no attention: {listing}"):
+        attnzoo.replace(model, nn.Linear)
+    with pytest.raises(TypeError) as err:
+        convert(nn.Linear(2, 2))
+    assert "MultiheadAttention" not in str(err.value)  # no list of every known class
+    assert type(model.layers[0].self_attn) is nn.MultiheadAttention  # nothing changed

@@ -16,7 +16,7 @@ from torch import nn
 
 __all__ = [
     "Converter", "register", "converter_for", "known", "convert", "register_in_place",
-    "in_place_converter_for", "refuse_converted_inside",
+    "in_place_converter_for", "refuse_converted_inside", "unknown_class_hint",
 ]
 
 Converter = Callable[[nn.Module], nn.Module]
@@ -91,9 +91,8 @@ def convert(module: nn.Module) -> nn.Module:
         raise TypeError(f"convert expects an nn.Module, got {type(module).__name__}")
     converter = converter_for(module)
     if converter is None:
-        raise TypeError(
-            f"convert: no converter for {_dotted(type(module))}; attnzoo.convert knows {', '.join(known())}"
-        )
+        raise TypeError(f"convert: no converter for {_dotted(type(module))}; "
+                        f"{unknown_class_hint([('', module)], 'module')}")
     refuse_converted_inside(module)
     return converter(module)
 
@@ -110,3 +109,24 @@ def refuse_converted_inside(module: nn.Module) -> None:
                 f"it first); convert {type(module).__qualname__} before changing what is inside it, or "
                 f"start from the original model"
             )
+
+
+def unknown_class_hint(places: list[tuple[str, nn.Module]], model_name: str) -> str:
+    """What to say of a class with no converter: the convertible classes found inside its instances
+    ``places`` (name, module) of ``model_name`` and the `attnzoo.replace` call that swaps them (torch's
+    ``nn.TransformerEncoderLayer`` keeps its class; its ``nn.MultiheadAttention`` is converted), else
+    where the list of convertible classes is."""
+    inside: dict[str, list[str]] = {}
+    for place, module in places:
+        for path, child in module.named_modules():
+            if path and converter_for(child) is not None:
+                full = f"{place}.{path}" if place else path
+                inside.setdefault(_dotted(type(child)), []).append(full)
+    listing = f"attnzoo.convert.known() lists the {len(_TABLE)} classes attnzoo.convert knows"
+    if not inside:
+        return listing
+    calls = "; ".join(
+        f"attnzoo.replace({model_name}, {cls}) swaps {', '.join(names[:3])}{', ...' * (len(names) > 3)}"
+        for cls, names in sorted(inside.items())
+    )
+    return f"the attention inside it is converted instead: {calls} ({listing})"

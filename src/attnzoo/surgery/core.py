@@ -196,14 +196,16 @@ def _convert_instances(
     model: nn.Module, where: Where, example_input: Any, kwargs: dict[str, Any]
 ) -> list[str]:
     """``replace(model, ForeignClass)``: every instance converted by `attnzoo.convert`, in place."""
-    from attnzoo.convert import in_place_converter_for, known  # lazy: convert imports the families
-    from attnzoo.convert.registry import refuse_converted_inside
+    from attnzoo.convert import in_place_converter_for  # lazy: convert imports the families
+    from attnzoo.convert.registry import refuse_converted_inside, unknown_class_hint
 
     converter = in_place_converter_for(where) if isinstance(where, type) else None
     if converter is None or not isinstance(where, type):
+        found = [(n, m) for n, m in model.named_modules() if isinstance(where, type) and isinstance(m, where)]
+        hint = unknown_class_hint(found, "model")
         raise TypeError(
             f"replace expects attention (a registry name, a factory or a module), or where= a class that "
-            f"attnzoo.convert knows ({', '.join(known())}); got where={where!r} and no attention"
+            f"attnzoo.convert knows; got where={where!r} and no attention: {hint}"
         )
     if kwargs:
         raise TypeError(f"replace: converting {where.__qualname__} takes no constructor arguments, "
