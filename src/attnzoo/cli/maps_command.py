@@ -79,6 +79,10 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"--train expects a number of steps >= 0, got {args.train}")
     if args.channels < 1:
         raise CLIError(f"--channels expects a positive count, got {args.channels}")
+    if not -(2**63) <= args.seed < 2**64:  # what torch.manual_seed takes
+        raise CLIError(f"--seed expects an integer in [-2**63, 2**64), got {args.seed}")
+    if not args.out:
+        raise CLIError("--out expects a picture file name such as maps.png, got ''")
     check_picture_path(args.out)
     image = load_image(args.image or sample_image(), size=args.size)
     try:

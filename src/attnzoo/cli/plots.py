@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -198,8 +199,8 @@ def heatmap(m: AttentionMap, token_grid: tuple[int, int] | None, sample: int = 0
 
 
 def _upsample(heat: Tensor, size: tuple[int, int], blocky: bool = False) -> Tensor:
-    heat = heat - heat.min()
-    heat = heat / heat.max().clamp_min(1e-12)
+    low, high = heat.min(), heat.max()  # a flat map (one routed region, a 1 x 1 map): 1 where it is not 0
+    heat = (heat != 0).to(heat.dtype) if high - low <= 1e-6 * high.abs() else (heat - low) / (high - low)
     if blocky:
         return F.interpolate(heat[None, None], size=size, mode="nearest")[0, 0]
     return F.interpolate(heat[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
@@ -257,7 +258,7 @@ def _colorbar(fig: Any, axes: Any, layer: Any) -> None:
 
 def _draw(ax: Any, image: Tensor | None, panel: Panel) -> Any:
     """Draw one panel; returns its heat layer (None for a bar chart)."""
-    ax.set_title(panel.title, wrap=True)
+    ax.set_title(textwrap.fill(panel.title, 36))  # a panel is about 36 characters wide (no overlap)
     if panel.bars is not None:
         values = panel.bars.numpy()
         ax.bar(range(len(values)), values, width=0.9, color=BAR_COLOR)

@@ -120,8 +120,12 @@ def _session() -> _Session | None:
 
 
 def capturing() -> bool:
-    """Whether a `capture_maps` block is open in this thread (cheap; call it in `forward`)."""
-    return _active > 0 and _session() is not None
+    """Whether a `capture_maps` block is open in this thread (cheap; call it in `forward`).
+
+    False inside a backward pass: a forward that runs there is activation checkpointing's
+    recomputation (`torch.utils.checkpoint`) of a call already recorded, not a call of its own.
+    """
+    return _active > 0 and _session() is not None and torch._C._current_graph_task_id() == -1
 
 
 def _normalise_point(point: Point) -> tuple[float | int, ...]:
@@ -266,7 +270,7 @@ def record(module: nn.Module, kind: str, data: Tensor, **meta: Any) -> None:
         **meta: `grid`, `queries`, `query_grid` fill the `AttentionMap` fields of
             the same names; anything else goes to `meta`.
     """
-    session = _session()
+    session = _session() if capturing() else None
     if session is None:
         return
     if kind not in KINDS:

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from attnzoo.kernels.neighbourhood import _reflect_index
 from attnzoo.maps.capture import _name, _session, capturing, query_indices, record, record_rows
 
 __all__ = ["record_packed_rows", "windows_to_image", "record_routed_rows", "record_local_rows"]
@@ -202,7 +203,8 @@ def record_local_rows(
 
     Query `(y, x)` of the output grid attends `k_pad[..., stride*y + dilation*i, stride*x + dilation*j]`
     for `i, j < kernel`, unscaled logits (scale folded into q), softmax over the neighbours; `k_pad`
-    is the key map reflection-padded by `padding`, so neighbours outside the image fold back in.
+    is the key map reflection-padded by `padding` (`attnzoo.kernels.neighbourhood.reflect_pad`), so
+    neighbours outside the image fold back in, repeatedly where `padding` reaches past the far side.
 
     Args:
         module: The attention module (names the record).
@@ -223,15 +225,13 @@ def record_local_rows(
     idx = query_indices((out_h, out_w), q.device)
     qy, qx = idx // out_w, idx % out_w
     offsets = torch.arange(kernel, device=q.device) * dilation
-    py = (stride * qy)[:, None, None] + offsets[None, :, None] - padding  # (Q, k, 1), then reflect
-    px = (stride * qx)[:, None, None] + offsets[None, None, :] - padding  # (Q, 1, k)
-    py, px = py.abs(), px.abs()
-    py = torch.where(py >= height, 2 * (height - 1) - py, py)
-    px = torch.where(px >= width, 2 * (width - 1) - px, px)
+    ky = (stride * qy)[:, None, None] + offsets[None, :, None]  # (Q, k, 1) rows of k_pad
+    kx = (stride * qx)[:, None, None] + offsets[None, None, :]  # (Q, 1, k)
+    # The pixel each padded position copies (repeated reflection, as `reflect_pad` for pad >= H or W).
+    py = _reflect_index(height, padding, q.device)[ky]
+    px = _reflect_index(width, padding, q.device)[kx]
     with torch.no_grad():
         qs = q[:, :, qy, qx]  # (B*h, d, Q)
-        ky = (stride * qy)[:, None, None] + offsets[None, :, None]
-        kx = (stride * qx)[:, None, None] + offsets[None, None, :]
         keys = k_pad[:, :, ky, kx]  # (B*h, d, Q, k, k)
         dtype = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
         logits = torch.einsum("ndq,ndqij->nqij", qs.to(dtype), keys.to(dtype)).flatten(2)  # (B*h, Q, k*k)

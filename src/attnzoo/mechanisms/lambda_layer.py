@@ -237,5 +237,5 @@ class LambdaLayer(nn.Module):
             y = F.avg_pool2d(y, 2)
         weights = keys.reshape(batch, k, height, width)  # (B, k, H, W)
         if capturing():
-            record(self, "spatial", weights.mean(1))
+            record(self, "spatial", weights.mean(1), grid=(height, width))
         return (y, weights) if need_weights else y

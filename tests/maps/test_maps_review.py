@@ -1,0 +1,143 @@
+"""Map capture faults a user meets: small maps, recomputed forwards, the maps command's options, plots."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+import attnzoo
+from attnzoo.kernels.neighbourhood import _reflect_index
+from attnzoo.maps import capture_maps
+
+
+@pytest.mark.parametrize(
+    "kwargs, size",
+    [
+        ({"kernel_att": 7}, (3, 3)),  # padding 3 reaches past the far side: repeated reflection
+        ({"kernel_att": 3}, (1, 9)),  # a 1-pixel side repeats its only value
+        ({"kernel_att": 5, "dilation": 2}, (2, 3)),
+        ({"kernel_att": 3, "stride": 2, "dilation": 3}, (4, 2)),
+    ],
+)
+def test_acmix_rows_on_maps_smaller_than_its_padding_equal_its_weights(kwargs, size):
+    torch.manual_seed(0)
+    acmix = attnzoo.create("acmix", channels=4, out_channels=8, num_heads=2, **kwargs).double().eval()
+    height, width = size
+    x = torch.randn(2, 4, height, width, dtype=torch.float64)
+    with torch.no_grad():
+        _, weights = acmix(x, need_weights=True)  # (B, h, Ho, Wo, k*k)
+        out_h, out_w = weights.shape[2:4]
+        points = [(y, x0) for y in range(out_h) for x0 in range(out_w)]
+        with capture_maps(acmix, queries=points) as maps:
+            acmix(x)
+    (rows,) = maps["ACmix"]
+    assert rows.grid == size and rows.query_grid == (out_h, out_w)
+    k, d, s, p = acmix.kernel_att, acmix.dilation, acmix.stride, acmix.padding_att
+    src_y, src_x = _reflect_index(height, p, x.device), _reflect_index(width, p, x.device)
+    expected = torch.zeros(2, 2, out_h * out_w, height * width, dtype=torch.float64)
+    for y in range(out_h):
+        for x0 in range(out_w):
+            for j in range(k * k):
+                pixel = src_y[s * y + d * (j // k)] * width + src_x[s * x0 + d * (j % k)]
+                expected[:, :, y * out_w + x0, pixel] += weights[:, :, y, x0, j]
+    torch.testing.assert_close(rows.data, expected[:, :, rows.queries], atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(rows.data.sum(-1), torch.ones(2, 2, len(points), dtype=torch.float64))
+
+
+def test_lambda_records_its_spatial_map_with_its_grid_and_the_plot_shows_it():
+    from attnzoo.cli.plots import panels
+
+    torch.manual_seed(0)
+    layer = attnzoo.create("lambda", channels=8, out_channels=8).eval()
+    with torch.no_grad(), capture_maps(layer) as maps:
+        layer(torch.randn(2, 8, 5, 7))
+    (spatial,) = maps["LambdaLayer"]
+    assert spatial.kind == "spatial" and spatial.data.shape == (2, 5, 7) and spatial.grid == (5, 7)
+    (panel,) = panels("lambda", spatial, None)
+    assert panel.heat is not None and panel.heat.shape == (5, 7)
+
+
+class _Checkpointed(nn.Module):
+    def __init__(self, reentrant: bool) -> None:
+        super().__init__()
+        self.sagan = attnzoo.create("sagan", channels=8)
+        self.se = attnzoo.create("se", channels=8)
+        self.reentrant = reentrant
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return checkpoint(lambda t: self.se(self.sagan(t)), x, use_reentrant=self.reentrant)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing_recomputation_records_nothing(reentrant):
+    torch.manual_seed(0)
+    net = _Checkpointed(reentrant)
+    x = torch.randn(2, 8, 5, 5, requires_grad=True)
+    with capture_maps(net) as maps:
+        net(x).sum().backward()  # backward recomputes the forward: not a call of its own
+        net(x).sum().backward()
+    assert {name: len(records) for name, records in maps.items()} == {"sagan": 2, "se": 2}
+    assert x.grad is not None
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--out", ""], "--out expects a picture file name such as maps.png, got ''"),
+        (["--seed", str(2**64)], f"--seed expects an integer in [-2**63, 2**64), got {2**64}"),
+        (["--seed", str(-(2**63) - 1)], "--seed expects an integer in [-2**63, 2**64)"),
+    ],
+)
+def test_maps_command_refuses_an_empty_out_and_a_seed_torch_cannot_take(
+    argv, message, tmp_path, monkeypatch, capsys
+):
+    pytest.importorskip("matplotlib")
+    from attnzoo.cli import command
+
+    monkeypatch.chdir(tmp_path)
+    assert command.main(["maps", "se", "--train", "0", "--size", "16", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("attnzoo: error: ") and message in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []  # nothing written (an empty --out wrote '.png' here)
+
+
+def test_map_panel_titles_of_long_module_names_do_not_overlap(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    from attnzoo.cli.plots import plot_maps
+    from attnzoo.maps import AttentionMap
+
+    boxes = []
+
+    def save(fig, *args, **kwargs):  # the titles as drawn in the saved figure
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        boxes.extend(ax.title.get_window_extent(renderer) for ax in fig.axes if ax.get_title())
+
+    monkeypatch.setattr(Figure, "savefig", save)
+    query = torch.tensor([5])
+    rows = AttentionMap("rows", torch.rand(1, 2, 1, 16), grid=(4, 4), queries=query, query_grid=(4, 4))
+    mean = AttentionMap("rows", torch.rand(1, 1, 1, 16), grid=(4, 4), meta={"query": "mean token"})
+    maps = {"cross_attention_block.att_attn2": [rows], "cross_attention_block": [mean]}
+    plot_maps(torch.rand(3, 16, 16), maps, tmp_path / "m.png", title="cross_attention_block", token_grid=None)
+    assert len(boxes) == 3
+    for left, right in zip(boxes, boxes[1:], strict=False):  # one row of three panels
+        assert left.x1 <= right.x0, f"titles overlap: {left} and {right}"
+
+
+def test_a_flat_heat_map_is_drawn_as_what_it_holds_not_as_blank():
+    from attnzoo.cli.plots import _upsample, panels
+    from attnzoo.maps import AttentionMap
+
+    # Every region routed (a 2 x 2 map with topk 4): the routing panel holds 1 everywhere.
+    routing = AttentionMap("routing", torch.tensor([[[0, 1, 2, 3]] * 4]), grid=(2, 2))
+    heat = panels("bra", routing, None)[0].heat
+    assert heat is not None and (heat == 1).all()
+    assert (_upsample(heat, (8, 8), blocky=True) == 1).all()  # was 0 (black) everywhere
+    assert (_upsample(torch.zeros(2, 2), (8, 8)) == 0).all()
+    ramp = _upsample(torch.tensor([[0.2, 0.4], [0.4, 0.6]]), (2, 2))
+    torch.testing.assert_close(ramp, torch.tensor([[0.0, 0.5], [0.5, 1.0]]))
