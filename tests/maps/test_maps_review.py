@@ -141,3 +141,20 @@ def test_a_flat_heat_map_is_drawn_as_what_it_holds_not_as_blank():
     assert (_upsample(torch.zeros(2, 2), (8, 8)) == 0).all()
     ramp = _upsample(torch.tensor([[0.2, 0.4], [0.4, 0.6]]), (2, 2))
     torch.testing.assert_close(ramp, torch.tensor([[0.0, 0.5], [0.5, 1.0]]))
+
+
+def test_a_16_bit_grey_image_is_stretched_not_clipped_to_white(tmp_path):
+    pytest.importorskip("matplotlib")
+    import numpy as np
+    from PIL import Image
+
+    from attnzoo.cli.plots import load_image
+
+    path = tmp_path / "ramp16.png"
+    Image.fromarray(np.linspace(0, 65535, 8 * 16).reshape(8, 16).astype(np.uint16)).save(path)
+    assert Image.open(path).mode.startswith("I;16")
+    image = load_image(path)  # RGB's conversion clips every value above 255 to white
+    assert image.shape == (3, 8, 16)
+    assert image.min() == 0 and image.max() == 1
+    assert abs(image.mean().item() - 0.5) < 0.01  # a ramp over the whole range, was 0.98
+    assert (image[:, :, 1:] >= image[:, :, :-1]).all()  # still increasing along each row

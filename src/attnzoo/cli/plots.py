@@ -54,16 +54,16 @@ def load_image(path: str | os.PathLike[str], size: int | None = None) -> Tensor:
 
     try:
         with Image.open(path) as img:
-            rgb = img.convert("RGB")
-            if size is not None:
-                rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)
+            pic = img.convert("F") if img.mode[0] in "IF" else None  # 16/32-bit grey, which RGB clips at 255,
+            low, high = pic.getextrema() if pic is not None else (0.0, 1.0)  # is stretched to 0..255
+            pic = img if pic is None else pic.point(lambda v: (v - low) * (255 / max(high - low, 1e-12)))
+            rgb = pic.convert("RGB").resize((size, size) if size else pic.size, Image.Resampling.BILINEAR)
             data = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8)
-            width, height = rgb.size
     except FileNotFoundError:
         raise OSError(f"cannot read image {os.fspath(path)!r}: no such file") from None
     except (UnidentifiedImageError, OSError) as err:
         raise OSError(f"cannot read image {os.fspath(path)!r}: {err}") from None
-    return data.reshape(height, width, 3).permute(2, 0, 1).float() / 255  # (3, H, W)
+    return data.reshape(rgb.height, rgb.width, 3).permute(2, 0, 1).float() / 255  # (3, H, W)
 
 
 def save_image(image: Tensor, path: str | os.PathLike[str]) -> None:
