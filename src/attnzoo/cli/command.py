@@ -38,6 +38,20 @@ LIST_INPUT = "1x64x32x32"
 # attnzoo list / info
 
 
+# torch.manual_seed takes [-2**63, 2**64); demo and compare derive a few more seeds by adding to it.
+_SEEDS = (-(2**63), 2**64 - 2**20)
+
+
+def _seed(text: str) -> int:
+    """argparse type of ``--seed``: an int torch can seed with (a one-line error otherwise)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expects an integer, got {text!r}") from None
+    if not _SEEDS[0] <= value < _SEEDS[1]:
+        raise argparse.ArgumentTypeError(f"expects an integer in [-2**63, 2**64 - 2**20), got {text}")
+    return value
+
 def _cmd_list(args: argparse.Namespace) -> int:
     or_example = args.input is None  # the default input: a mechanism that cannot take it runs its example
     args.input = args.input or LIST_INPUT
@@ -237,7 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"train the mechanism inside the demo network for STEPS steps first, so the maps show what it "
         f"learnt (default {MAPS_TRAIN_STEPS}; 0: untrained, on fixed image features)",
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of the features, weights, training (default 0)")
+    p.add_argument("--seed", type=_seed, default=0,
+                   help="seed of the features, weights, training (default 0)")
 
     p = add("demo", "train a small CNN with and without attention on a generated odd-shape task", demo.run)
     p.add_argument(
@@ -251,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-size", type=int, default=1500, help="training images (default 1500)")
     p.add_argument("--test-size", type=int, default=500, help="held-out images (default 500)")
     p.add_argument("--batch-size", type=int, default=32, help="images per training step (default 32)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the data, weights, training (default 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the data, weights, training (default 0)")
     p.add_argument(
         "--out", default="demo_maps.png", help="PNG of the maps (default demo_maps.png; '' for none)"
     )
@@ -285,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--rounds", type=int, default=None, help=f"alternating latency rounds (default {d['rounds']})"
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of the data, weights, training (default 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the data, weights, training (default 0)")
     p.add_argument("--csv", default=None, metavar="PATH", help="also write the results as CSV here")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON here")
     p.add_argument(

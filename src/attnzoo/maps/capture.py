@@ -112,6 +112,7 @@ class _Session:
 _active = 0  # sessions open in any thread: the fast check torch.compile can guard on
 _saved_fastpath = [True]  # torch.backends.mha fast-path setting before the first open session
 _local = threading.local()
+_count_lock = threading.Lock()
 
 
 def _session() -> _Session | None:
@@ -120,11 +121,8 @@ def _session() -> _Session | None:
 
 
 def capturing() -> bool:
-    """Whether a `capture_maps` block is open in this thread (cheap; call it in `forward`).
-
-    False inside a backward pass: a forward that runs there is activation checkpointing's
-    recomputation (`torch.utils.checkpoint`) of a call already recorded, not a call of its own.
-    """
+    """Whether a `capture_maps` block is open in this thread (cheap; call it in `forward`). False in
+    a backward pass: a forward there is checkpointing's recomputation of a call already recorded."""
     return _active > 0 and _session() is not None and torch._C._current_graph_task_id() == -1
 
 
@@ -206,18 +204,20 @@ class capture_maps:  # noqa: N801 (used as a function: ``with capture_maps(model
         if stack is None:
             stack = _local.stack = []
         stack.append(self._session)
-        if _active == 0:  # torch's fused encoder kernels would skip the modules' forward: switch them off
-            _saved_fastpath[0] = torch.backends.mha.get_fastpath_enabled()
-            torch.backends.mha.set_fastpath_enabled(False)
-        _active += 1
+        with _count_lock:  # blocks opening in two threads at once save and restore the flag once
+            if _active == 0:  # torch's fused encoder kernels would skip the modules' forward: off
+                _saved_fastpath[0] = torch.backends.mha.get_fastpath_enabled()
+                torch.backends.mha.set_fastpath_enabled(False)
+            _active += 1
         return self._session.maps
 
     def __exit__(self, *exc: object) -> None:
         global _active
         _local.stack.remove(self._session)
-        _active -= 1
-        if _active == 0:
-            torch.backends.mha.set_fastpath_enabled(_saved_fastpath[0])
+        with _count_lock:
+            _active -= 1
+            if _active == 0:
+                torch.backends.mha.set_fastpath_enabled(_saved_fastpath[0])
 
 
 def _resolve_point(point: tuple[float | int, ...], grid: tuple[int, ...]) -> int:
