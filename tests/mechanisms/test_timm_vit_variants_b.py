@@ -80,3 +80,18 @@ def test_errors_where_timm_fails():
         TimmTntAttention(16, 9, 2)
     with pytest.raises(ValueError, match="head_dim"):
         TimmVisformerAttention(16, 2, head_dim_ratio=0.01)
+
+
+def test_nest_map_rows_are_per_block_with_the_block_axis_in_meta():
+    """NesT attends within each block: the captured rows have the blocks folded into the first axis
+    (b*T + t), said in meta, and row (b, t) is block t of sample b attending over its own tokens."""
+    torch.manual_seed(0)
+    module = TimmNestAttention(16, 2).double()
+    x = torch.randn(2, 4, 9, 16, dtype=torch.float64)
+    with attnzoo.capture_maps(module, queries=[(i,) for i in range(9)]) as maps:
+        module(x)
+    ((record,),) = maps.values()
+    assert record.data.shape == (8, 2, 9, 9) and record.meta["blocks"] == 4
+    q, k, _ = module.qkv(x).reshape(2, 4, 9, 3, 2, 8).permute(3, 0, 1, 4, 2, 5)  # (B, T, h, N, d)
+    expected = (q @ k.transpose(-2, -1) * module.scale).softmax(-1).reshape(8, 2, 9, 9)
+    torch.testing.assert_close(record.data, expected)

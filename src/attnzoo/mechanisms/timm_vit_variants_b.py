@@ -41,6 +41,8 @@ class TimmNestAttention(nn.Module):
     Shape:
         - x: `(B, T, N, C)`.
         - Output: `(B, T, N, C)`.
+        - Captured map (`attnzoo.capture_maps`): `"rows"` of each block, `(B*T, h, Q, N)`, sample `b`'s
+          block `t` at `b*T + t` (`meta["blocks"]` = T).
     """
 
     def __init__(
@@ -78,7 +80,8 @@ class TimmNestAttention(nn.Module):
         if capturing():  # map capture: rows of the capture's query points, per block
             shape = (batch, heads, blocks, tokens, width)
             per_block = [t.view(shape).transpose(1, 2).reshape(-1, heads, tokens, width) for t in (q, k)]
-            record_rows(self, *per_block, grid=(tokens,), scale=self.scale)
+            record_rows(self, *per_block, grid=(tokens,), scale=self.scale, blocks=blocks,
+                        note=f"first axis B*T: sample b's block t at b*{blocks} + t")
         out = out.view(batch, heads, blocks, tokens, width).permute(0, 2, 3, 4, 1)  # timm's (d, h) channels
         return self.proj_drop(self.proj(out.reshape(batch, blocks, tokens, self.dim)))
 
