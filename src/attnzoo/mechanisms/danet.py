@@ -177,7 +177,7 @@ class DANetChannelAttention(nn.Module):
         b, c, h, w = dims["B"], dims["C"], dims["H"], dims["W"]
         flat = x.reshape(b, 1, c, h * w)  # (B, 1, C, N): the channels are the tokens
         if capturing():  # map capture: rows of the channel-to-channel attention
-            record_rows(self, -flat, flat, grid=(c,), scale=1.0)
+            record_rows(self, -flat, flat, grid=(c,), scale=1.0, unit="channel")
         # softmax(max E - E) == softmax(-E): queries -X, keys and values X, unscaled
         if need_weights:
             out, attn = attend(-flat, flat, flat, scale=1.0, need_weights=True)  # (B, 1, C, N)

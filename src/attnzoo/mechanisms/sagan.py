@@ -160,7 +160,8 @@ class ChannelSelfAttention(nn.Module):
         proj = _fused_pointwise(x, [self.query_conv, self.key_conv, self.value_conv, self.x_conv])
         q, k, v, skip = proj.flatten(2).chunk(4, dim=1)  # 4 x (B, C1, N): channels are the tokens
         if capturing():  # map capture: rows of the channel-to-channel attention
-            record_rows(self, q.unsqueeze(1), k.unsqueeze(1), grid=(self.out_channels,), scale=1.0)
+            record_rows(self, q.unsqueeze(1), k.unsqueeze(1), grid=(self.out_channels,), scale=1.0,
+                        unit="channel")
         res = global_attention(q, k, v, scale=1.0, need_weights=need_weights)
         out, attn = res if isinstance(res, tuple) else (res, None)
         y = torch.addcmul(skip, self.gamma, out).reshape(b, self.out_channels, h, w)  # (B, C1, H, W)

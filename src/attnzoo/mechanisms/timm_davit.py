@@ -146,7 +146,7 @@ class TimmDavitChannelAttention(_Heads):
         rows, cols, values = k.transpose(-1, -2), v.transpose(-1, -2), q.transpose(-1, -2)  # (B, h, d, N)
         out = attend(rows, cols, values, scale=self.scale)  # (B, h, d, N): k's channels mix q's
         if capturing():  # map capture: each head's channel rows
-            record_rows(self, rows, cols, grid=(self.head_dim,), scale=self.scale)
+            record_rows(self, rows, cols, grid=(self.head_dim,), scale=self.scale, unit="channel")
         return self._merge(out.transpose(-1, -2), batch, tokens)
 
 
@@ -188,5 +188,5 @@ class TimmDavitChannelAttentionV2(_Heads):
         rows, cols = q.transpose(-1, -2), k.transpose(-1, -2)  # (B, h, d, N)
         out = attend(rows, cols, v.transpose(-1, -2), scale=scale)  # (B, h, d, N): q's channels mix v's
         if capturing():  # map capture: each head's channel rows
-            record_rows(self, rows, cols, grid=(self.head_dim,), scale=scale)
+            record_rows(self, rows, cols, grid=(self.head_dim,), scale=scale, unit="channel")
         return self._merge(out.transpose(-1, -2), batch, tokens)
