@@ -174,8 +174,9 @@ def plot(data: dict, path: Path) -> None:
                     style = "-o" if cand == "attnzoo" else "--s"
                     ax.plot(xs, ys, style, color=colors[i % len(colors)], label=f"{mech}: {cand}")
                     oom = [int(n) for n in per_n if "status" in per_n[n].get(cand, {})]
-                    if oom and ys:
-                        ax.plot(oom, [ys[-1]] * len(oom), "x", color=colors[i % len(colors)], markersize=12)
+                    if oom and ys:  # drawn at the last value it reached: the N where it ran out
+                        ax.plot(oom, [ys[-1]] * len(oom), "x", color=colors[i % len(colors)], markersize=12,
+                                label=f"{mech}: {cand} out of memory")
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.set_xlabel("N = H x W")
@@ -183,7 +184,9 @@ def plot(data: dict, path: Path) -> None:
             ax.set_title(f"{title}: {label}")
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=7)
-    fig.suptitle(f"Forward + backward, B = 1, C = {C}, float32; x = anchor out of memory ({data['machine']})")
+    fig.suptitle(f"Forward + backward, B = 1, C = {C}, float32 ({data['machine']})\n"
+                 "solid: attnzoo, dashed: the anchor; x: the anchor ran out of memory at that N "
+                 "(drawn at the last value it reached)")
     fig.savefig(path, dpi=90)
 
 
