@@ -258,7 +258,7 @@ def _colorbar(fig: Any, axes: Any, layer: Any) -> None:
 
 def _draw(ax: Any, image: Tensor | None, panel: Panel) -> Any:
     """Draw one panel; returns its heat layer (None for a bar chart)."""
-    ax.set_title(textwrap.fill(panel.title, 36))  # a panel is about 36 characters wide (no overlap)
+    ax.set_title(textwrap.fill(panel.title.replace(", ", ",\u00a0"), 36))  # 36 a panel; (y, x) stays whole
     if panel.bars is not None:
         values = panel.bars.numpy()
         ax.bar(range(len(values)), values, width=0.9, color=BAR_COLOR)
