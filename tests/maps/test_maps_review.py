@@ -128,6 +128,30 @@ def test_map_panel_titles_of_long_module_names_do_not_overlap(tmp_path, monkeypa
         assert left.x1 <= right.x0, f"titles overlap: {left} and {right}"
 
 
+def test_a_wrapped_panel_title_keeps_its_query_pair_whole(tmp_path, monkeypatch):
+    """`mobilevit.layers.0: query (0.52, 0.52)` is wider than a panel: it wraps, and the break falls
+    before the pair, not inside it (mobilevit.png read '(0.52,' and '0.52)' on two lines)."""
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    from attnzoo.cli.plots import plot_maps
+    from attnzoo.maps import AttentionMap
+
+    titles: list[str] = []
+    def save(fig, *args, **kwargs):  # the titles of the saved figure
+        titles.extend(ax.get_title() for ax in fig.axes)
+
+    monkeypatch.setattr(Figure, "savefig", save)
+    query = torch.tensor([5])
+    rows = AttentionMap("rows", torch.rand(1, 2, 1, 16), grid=(4, 4), queries=query, query_grid=(4, 4))
+    maps = {"mobilevit.layers.0": [rows], "mobilevit.layers.1": [rows]}  # two records: titles name them
+    plot_maps(torch.rand(3, 16, 16), maps, tmp_path / "m.png", title="t", token_grid=None)
+    pairs = [t for t in titles if "query" in t]
+    assert len(pairs) == 2
+    for pair in pairs:
+        assert pair.count("\n") == 1 and pair.split("\n")[1].startswith("(") and pair.endswith(")"), pair
+
+
 def test_a_flat_heat_map_is_drawn_as_what_it_holds_not_as_blank():
     from attnzoo.cli.plots import _upsample, panels
     from attnzoo.maps import AttentionMap
