@@ -57,10 +57,12 @@ def _offsets() -> list[tuple[float, float]]:
 
 
 def _place_labels(
-    ax: Any, points: Sequence[tuple[float, float, str]], fontsize: float, avoid: Sequence[Any] = ()
+    ax: Any, points: Sequence[tuple[float, float, str]], fontsize: float, avoid: Sequence[Any] = (),
+    big: Sequence[tuple[float, float]] = (),
 ) -> None:
-    """Label each point at the first offset whose text clears every point, the labels placed so far
-    and the axes' edges; labels set further out get a thin leader line to their point."""
+    """Label each point at the first offset whose text clears every point (the `big` ones, the
+    baseline star, by more), the labels placed so far and the axes' edges; labels set further out
+    get a thin leader line to their point."""
     from matplotlib.text import Text
     from matplotlib.transforms import Bbox
 
@@ -68,6 +70,7 @@ def _place_labels(
     frame = ax.get_window_extent(renderer)
     dots = [ax.transData.transform((x, y)) for x, y, _ in points]
     placed: list[Any] = [Bbox.from_bounds(px - 4, py - 4, 8, 8) for px, py in dots]
+    placed += [Bbox.from_bounds(px - 10, py - 10, 20, 20) for px, py in map(ax.transData.transform, big)]
     legend = ax.get_legend()
     placed += [a.get_window_extent(renderer) for a in [*avoid, legend] if a is not None]
     for x, y, name in sorted(points, key=lambda p: (-p[1], p[0])):
@@ -174,8 +177,8 @@ def compare_chart(rows: Sequence[dict[str, Any]], path: str | os.PathLike[str], 
         )
         fig.suptitle(title)
         fig.canvas.draw()
-        _place_labels(
-            ax, [(r["latency_ms"], 100 * r["accuracy"], r["name"]) for r in done], fontsize=10, avoid=[chance]
-        )
+        star = [] if base is None else [(base["latency_ms"], 100 * base["accuracy"])]
+        named = [(r["latency_ms"], 100 * r["accuracy"], r["name"]) for r in done]
+        _place_labels(ax, named, fontsize=10, avoid=[chance], big=star)
         fig.savefig(path)
         plt.close(fig)
