@@ -38,20 +38,6 @@ LIST_INPUT = "1x64x32x32"
 # attnzoo list / info
 
 
-# torch.manual_seed takes [-2**63, 2**64); demo and compare derive a few more seeds by adding to it.
-_SEEDS = (-(2**63), 2**64 - 2**20)
-
-
-def _seed(text: str) -> int:
-    """argparse type of ``--seed``: an int torch can seed with (a one-line error otherwise)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expects an integer, got {text!r}") from None
-    if not _SEEDS[0] <= value < _SEEDS[1]:
-        raise argparse.ArgumentTypeError(f"expects an integer in [-2**63, 2**64 - 2**20), got {text}")
-    return value
-
 def _cmd_list(args: argparse.Namespace) -> int:
     or_example = args.input is None  # the default input: a mechanism that cannot take it runs its example
     args.input = args.input or LIST_INPUT
@@ -168,6 +154,21 @@ def _cmd_info(args: argparse.Namespace) -> int:
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"attnzoo: error: {message} (see '{self.prog} --help')\n")
+
+
+# torch.manual_seed takes [-2**63, 2**64); demo and compare derive a few more seeds by adding to it.
+_SEEDS = (-(2**63), 2**64 - 2**20)
+
+
+def _seed(text: str) -> int:
+    """argparse type of ``--seed``: an int torch can seed with (a one-line error otherwise)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expects an integer, got {text!r}") from None
+    if not _SEEDS[0] <= value < _SEEDS[1]:
+        raise argparse.ArgumentTypeError(f"expects an integer in [-2**63, 2**64 - 2**20), got {text}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -168,7 +168,10 @@ def resolve(names: Sequence[str]) -> list[Spec]:
 
 def check_picture_path(path: str, flag: str = "--out") -> None:
     """Refuse, before any work (training included), a picture path in a format matplotlib does not know
-    (`maps.txt`). No suffix writes a PNG. (A missing folder is refused with every output path.)"""
+    (`maps.txt`) or an empty one. No suffix writes a PNG. (A missing folder is refused with every output
+    path.)"""
+    if not path:
+        raise CLIError(f"{flag} expects a picture file name such as maps.png, got ''")
     suffix = os.path.splitext(path)[1].lower().lstrip(".")
     if suffix:
         try:

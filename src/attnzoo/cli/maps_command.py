@@ -82,8 +82,6 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"--train expects a number of steps >= 0, got {args.train}")
     if args.channels < 1:
         raise CLIError(f"--channels expects a positive count, got {args.channels}")
-    if not args.out:
-        raise CLIError("--out expects a picture file name such as maps.png, got ''")
     check_picture_path(args.out)
     image = load_image(args.image or sample_image(), size=args.size)
     try:

@@ -201,8 +201,8 @@ def _convert_instances(
 
     converter = in_place_converter_for(where) if isinstance(where, type) else None
     if converter is None or not isinstance(where, type):
-        cls = where if isinstance(where, type) else type(None)  # issubclass: `module` stays an nn.Module
-        found = [(name, module) for name, module in model.named_modules() if issubclass(type(module), cls)]
+        found = [(name, module) for name, module in model.named_modules()
+                 if issubclass(type(module), where)] if isinstance(where, type) else []
         hint = unknown_class_hint(found, "model")
         raise TypeError(
             f"replace expects attention (a registry name, a factory or a module), or where= a class that "
