@@ -357,3 +357,17 @@ def test_pictures_without_matplotlib_say_which_extra_to_install(tmp_path):
     )
     line = _one_error_line(proc)
     assert "needs matplotlib" in line and "attnzoo[plots]" in line
+
+
+def test_a_reader_that_closes_the_pipe_stops_it_quietly():
+    """`attnzoo info window | head -1`: no 'Broken pipe' error, the shell's SIGPIPE status (141).
+    The read end is closed before the command writes, so every write meets the closed pipe."""
+    env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "attnzoo", "info", "window"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # as `head` does once it has its lines
+    err = proc.stderr.read().decode()
+    assert (proc.wait(timeout=600), err) == (141, "")

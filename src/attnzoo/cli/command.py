@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -328,7 +329,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = getattr(args, "debug", False)
     try:
         check_outputs(args)
-        return int(args.func(args))
+        code = int(args.func(args))
+        sys.stdout.flush()  # here, so a closed pipe is met by the handler below, not at exit
+        return code
+    except BrokenPipeError:
+        # The reader went away (`attnzoo list | head`): stop quietly as Unix tools do, with the
+        # shell's SIGPIPE status; stdout goes to devnull so the interpreter's last flush is silent.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except KeyboardInterrupt:
         print("attnzoo: interrupted", file=sys.stderr)
         return 130
