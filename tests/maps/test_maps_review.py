@@ -222,3 +222,31 @@ def test_capture_blocks_opened_in_many_threads_restore_torch_fastpath_once():
         t.join()
     assert capture_module._active == 0 and not any(seen_on) and len(seen_on) == 1600
     assert torch.backends.mha.get_fastpath_enabled() == before
+
+
+def _registered_and_compat() -> list[tuple[str, object, object]]:
+    from attnzoo._registry import compat_examples
+
+    return [(s.name, s.cls, s.example) for s in attnzoo.list_modules()] + compat_examples()
+
+
+@pytest.mark.parametrize(
+    "name, cls, example", _registered_and_compat(), ids=lambda v: v if isinstance(v, str) else ""
+)
+def test_rows_that_are_not_softmax_rows_say_what_they_are(name, cls, example):
+    """A record of rows that are not non-negative rows summing to 1 (or 0 for a masked query) carries a
+    `note` (shown under the picture's title): talking heads, no softmax, padding keys left out, ..."""
+    torch.manual_seed(0)
+    module = cls(**example.kwargs).eval()
+    with capture_maps(module) as maps, torch.no_grad():
+        module(*(torch.randn(shape) for shape in example.inputs))
+    for owner, records in maps.items():
+        for rec in (r for r in records if r.kind == "rows"):
+            data = rec.data.double()
+            sums = data.sum(-1)
+            summing_to_1_or_0 = ((sums - 1).abs() < 1e-4).logical_or(sums.abs() < 1e-6).all()
+            plain = bool(data.min() >= -1e-6) and bool(summing_to_1_or_0)
+            assert plain or isinstance(rec.meta.get("note"), str), (
+                f"{name}: {owner}'s rows (min {float(data.min()):.3g}, sums {float(sums.min()):.3g}.."
+                f"{float(sums.max()):.3g}) carry no note"
+            )

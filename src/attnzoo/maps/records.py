@@ -110,6 +110,9 @@ def windows_to_image(
     )  # padding -> a spare column
     out = weights.new_zeros(batch, heads, len(idx), height * width + 1)
     out.scatter_(3, target.expand(batch, heads, -1, -1), rows)
+    # the zero padding's keys take weight too; the image's rows leave them out
+    padded_map = (hp, wp) != (height, width)
+    padding_note = {"note": "edge windows: the padding keys' weights left out"} if padded_map else {}
     record(
         module,
         "rows",
@@ -119,6 +122,7 @@ def windows_to_image(
         query_grid=(height, width),
         window=(wh, ww),
         shift=(sh, sw),
+        **padding_note,
     )
 
 

@@ -297,4 +297,5 @@ class DeformableAttention(nn.Module):
                 weights = weights.index_select(-2, idx)  # (B, h, Q, Ns)
             rows = spread_rows(weights, pos.to(weights.dtype), size, self.groups)  # (B, h, Q, H*W)
         record(self, "rows", rows, grid=size, queries=idx, query_grid=size,
-               points=pos.reshape(q.shape[0], self.groups, -1, 2))
+               points=pos.reshape(q.shape[0], self.groups, -1, 2),
+               note="each sampled key's weight spread over its bilinear pixels; points off the map left out")

@@ -30,6 +30,9 @@ from attnzoo.functional import attend
 from attnzoo.kernels.dropout import dropout_product
 from attnzoo.maps.capture import capturing, query_indices, record, record_rows
 
+# what a capture's rows are after talking heads (also used by EfficientFormerV2's attention)
+TALKING_HEADS_NOTE = "talking heads: softmax rows mixed across the heads, not positive rows summing to 1"
+
 __all__ = ["TimmCaitClassAttention", "TimmTalkingHeadAttention"]
 
 
@@ -154,7 +157,8 @@ class TimmTalkingHeadAttention(_CaitBase):
         if capturing():  # map capture: the mixed weights' rows of the capture's query points
             idx = query_indices((tokens,), x.device)
             rows = weights.index_select(2, idx)  # (B, h, Q, N)
-            record(self, "rows", rows, grid=(tokens,), queries=idx, query_grid=(tokens,))
+            record(self, "rows", rows, grid=(tokens,), queries=idx, query_grid=(tokens,),
+                   note=TALKING_HEADS_NOTE)
         if self.training and self.attn_drop.p > 0:
             # timm's dropout sees the weights in its (B, N, N, h) memory order and draws in that order
             weights = weights.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)

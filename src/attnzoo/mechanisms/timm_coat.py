@@ -104,7 +104,8 @@ class TimmFactorAttention(nn.Module):
         if capturing():  # map capture: rows of the implicit mixing matrix s Q softmax_N(K)^T
             idx = query_indices((tokens,), x.device)
             rows = self.scale * q.index_select(2, idx) @ keys.transpose(-1, -2)  # (B, h, Q, N)
-            record(self, "rows", rows, grid=(tokens,), queries=idx, query_grid=(tokens,))
+            record(self, "rows", rows, grid=(tokens,), queries=idx, query_grid=(tokens,),
+                   note="no softmax over keys: the signed mixing weights s q softmax_N(k)^T")
         out = self.scale * out
         if self.crpe is not None:
             out = out + self.crpe(q, v, size=tuple(size))

@@ -175,7 +175,7 @@ class TimmDiffAttention(nn.Module):
         first, idx = row_weights(q1, k1, **options)
         second, _ = row_weights(q2, k2, **options)
         record(self, "rows", first - lam.detach() * second, grid=grid, queries=idx, query_grid=grid,
-               differential=True)
+               differential=True, note="softmax_1 - lambda softmax_2: rows sum to 1 - lambda, can be < 0")
 
 
 def _rms_norm_1e6(features: int, **dd: Any) -> nn.Module:

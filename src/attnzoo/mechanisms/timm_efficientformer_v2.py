@@ -31,6 +31,7 @@ from attnzoo._geometry import int_pair
 from attnzoo._registry import Example, register_compat
 from attnzoo.functional import attend
 from attnzoo.maps.capture import capturing, query_indices, record, record_rows
+from attnzoo.mechanisms.timm_cait import TALKING_HEADS_NOTE
 from attnzoo.mechanisms.timm_levit import ConvBn, OffsetBiasAttention, val_width
 
 __all__ = ["TimmEfficientFormerV2Attention", "TimmEfficientFormerV2AttentionDownsample"]
@@ -136,7 +137,7 @@ class TimmEfficientFormerV2Attention(_Common):
         if capturing():  # map capture: the mixed weights' rows of the capture's query points
             idx = query_indices(self.resolution, x.device)
             record(self, "rows", weights.index_select(-2, idx), grid=self.resolution, queries=idx,
-                   query_grid=self.resolution)
+                   query_grid=self.resolution, note=TALKING_HEADS_NOTE)
         out = (weights @ self._heads(v, self.N)).transpose(2, 3).reshape(batch, self.dh, *self.resolution)
         out = out + v_local
         if self.upsample is not None:

@@ -149,4 +149,5 @@ class TimmLiteMLA(nn.Module):
         with torch.no_grad():
             scores = q.float().index_select(-2, idx) @ k.float().transpose(-1, -2)  # (B, h', Q, N)
             weights = scores / (scores.sum(-1, keepdim=True) + self.eps)
-        record(self, "rows", weights.to(q.dtype), grid=grid, queries=idx, query_grid=grid)
+        record(self, "rows", weights.to(q.dtype), grid=grid, queries=idx, query_grid=grid,
+               note="no softmax: relu(q) relu(k)^T normalised over the keys (ReLU linear attention)")

@@ -185,4 +185,4 @@ class TimmMultiScaleAttention(nn.Module):
         rows = None if bias is None else bias[:, :, lead:]
         weights, idx = row_weights(q[:, :, lead:], k, grid=q_size, bias=rows, scale=self.scale)
         record(self, "rows", weights[..., lead:], grid=k_size, queries=idx, query_grid=q_size,
-               token_share=weights[..., :lead])
+               token_share=weights[..., :lead], note="rows over the map; the class token's share left out")

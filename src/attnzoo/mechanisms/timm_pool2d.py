@@ -182,7 +182,7 @@ class TimmAttentionPool2d(nn.Module):
         if capturing():  # map capture: the pooled token's row over the map positions
             weights, idx = row_weights(q[:, :, :1], k, grid=(1,), scale=self.scale)  # (B, h, 1, N)
             record(self, "rows", weights[..., 1:], grid=(height, width), queries=idx, query_grid=(1,),
-                   token_share=weights[..., :1])
+                   token_share=weights[..., :1], note="the pooled query over the map, its own share left out")
         out = self.drop(out.transpose(1, 2).reshape(batch, height * width + 1, self.embed_dim))
         if not pre_logits:
             out = self.proj(out)

@@ -76,7 +76,8 @@ class TimmEfficientAdditiveAttention(nn.Module):
         scores = F.normalize(query @ self.w_g * self.scale_factor, dim=1)  # (B, N, 1), over the tokens
         if capturing():  # map capture: the global query's weights over the map
             record(self, "rows", scores.detach().transpose(1, 2)[:, None], grid=(height, width),
-                   queries=torch.zeros(1, dtype=torch.long), query_grid=(1,))
+                   queries=torch.zeros(1, dtype=torch.long), query_grid=(1,),
+                   note="one global query: its L2-normalised scores over the map (signed, no softmax)")
         pooled = torch.sum(scores * query, dim=1, keepdim=True)  # (B, 1, d)
         out = self.final(self.proj(pooled * key) + query)  # (B, N, token_dim)
         return out.transpose(1, 2).reshape(batch, -1, height, width)
