@@ -203,3 +203,21 @@ def test_an_unconvertible_layer_points_at_the_attention_inside_it():
         convert(nn.Linear(2, 2))
     assert "MultiheadAttention" not in str(err.value)  # no list of every known class
     assert type(model.layers[0].self_attn) is nn.MultiheadAttention  # nothing changed
+
+
+def test_replace_takes_the_dotted_name_the_hints_print():
+    """The unknown-class hint tells the user to call ``attnzoo.replace(model, <dotted name>)`` and
+    `known()` lists dotted names: such a name converts like the class; other strings still refuse."""
+    model = encoder(batch_first=True).eval()
+    x, pad, _ = src(True)
+    before = model(x, src_key_padding_mask=pad)
+    name = "torch.nn.modules.activation.MultiheadAttention"
+    with pytest.raises(TypeError, match=rf"replace\(model, {name.replace('.', '[.]')}\) swaps"):
+        attnzoo.replace(model, nn.TransformerEncoderLayer)
+    assert name in known()
+    assert attnzoo.replace(model, name) == [f"layers.{i}.self_attn" for i in range(3)]
+    assert all(type(layer.self_attn) is MultiheadAttention for layer in model.layers)
+    torch.testing.assert_close(model(x, src_key_padding_mask=pad), before, **F64)
+    for where in ("layers.0.self_attn", "torch.nn.modules.linear.Linear", "no.such.module.Class"):
+        with pytest.raises(TypeError, match=rf"got where='{where}' and no attention"):
+            attnzoo.replace(encoder(batch_first=True), where)

@@ -17,6 +17,7 @@ a shape raises `ValueError` naming the place, the expected and the produced shap
 """
 
 
+import importlib
 from typing import Any
 
 import torch
@@ -108,7 +109,8 @@ def replace(
 
     Args:
         model: The network, changed in place.
-        where: As for `insert`; or, without ``attention``, a class `attnzoo.convert` knows.
+        where: As for `insert`; or, without ``attention``, a class `attnzoo.convert` knows (or its
+            dotted name, as `attnzoo.convert.known()` lists it).
         attention: As for `insert`. Default: None (convert the instances of ``where``).
         example_input: As for `insert`; without it the channels come from the replaced
             module's attributes (``channels``, ``num_features``, ``dim`` ...).
@@ -199,6 +201,8 @@ def _convert_instances(
     from attnzoo.convert import in_place_converter_for  # lazy: convert imports the families
     from attnzoo.convert.registry import refuse_converted_inside, unknown_class_hint
 
+    if isinstance(where, str):  # a dotted name from attnzoo.convert.known() (the hints print those)
+        where = _known_class(where)
     converter = in_place_converter_for(where) if isinstance(where, type) else None
     if converter is None or not isinstance(where, type):
         found = [(name, module) for name, module in model.named_modules()
@@ -235,6 +239,28 @@ def _convert_instances(
             setattr(parent, child, new[id(parent.get_submodule(child))])
         _verify(model, example_input)
     return places
+
+
+def _known_class(name: str) -> type | str:
+    """The class a dotted name of `attnzoo.convert.known()` stands for, imported (its package is installed
+    where an instance is in the model); any other string, or one whose package cannot be imported, is
+    returned as given for the caller's error."""
+    from attnzoo.convert import known  # lazy: convert imports the families
+
+    if name not in known():
+        return name
+    module_name, _, qualname = name.rpartition(".")
+    while module_name:  # a nested class: the module is a shorter prefix
+        try:
+            found: Any = importlib.import_module(module_name)
+        except ImportError:
+            module_name, _, outer = module_name.rpartition(".")
+            qualname = f"{outer}.{qualname}"
+            continue
+        for part in qualname.split("."):
+            found = getattr(found, part, None)
+        return found if isinstance(found, type) else name
+    return name
 
 
 def _replaced_channels(module: nn.Module) -> tuple[int, ...] | None:
