@@ -101,17 +101,89 @@ def _place_labels(
         placed.append(Text.get_window_extent(best, renderer))
 
 
-def _plain_log_ticks(axis: Any) -> None:
-    """Ticks at 1, 2, 5 x 10^k on a log axis, written as plain numbers (0.5, 1, 2, 5, 10, ...)."""
+def _crowded_box(ax: Any, points: Sequence[tuple[float, float, str]]) -> tuple[float, ...] | None:
+    """`(x0, x1, y0, y1)` in data units around the points too close together to label in place (each
+    with at least `_CROWD` others within `_CROWD_PX` pixels), grown until it holds every point it
+    touches with a margin; None when fewer than `_MIN_ZOOMED` points crowd. Measured on the drawn axes."""
+    dots = [tuple(ax.transData.transform((x, y))) for x, y, _ in points]
+    near = [sum(math.hypot(px - qx, py - qy) < _CROWD_PX for qx, qy in dots) - 1 for px, py in dots]
+    chosen = [d for d, n in zip(dots, near, strict=True) if n >= _CROWD]
+    if len(chosen) < _MIN_ZOOMED:
+        return None
+    while True:  # the box around the chosen dots, padded; then every dot inside it is chosen
+        xs, ys = [d[0] for d in chosen], [d[1] for d in chosen]
+        pad_x, pad_y = 0.06 * (max(xs) - min(xs)) + 6, 0.06 * (max(ys) - min(ys)) + 6  # pixels
+        x0, x1, y0, y1 = min(xs) - pad_x, max(xs) + pad_x, min(ys) - pad_y, max(ys) + pad_y
+        inside = [d for d in dots if x0 <= d[0] <= x1 and y0 <= d[1] <= y1]
+        if len(inside) == len(chosen):
+            break
+        chosen = inside
+    (dx0, dy0), (dx1, dy1) = ax.transData.inverted().transform([(x0, y0), (x1, y1)])
+    return (dx0, dx1, dy0, dy1)
+
+
+def _inside(box: tuple[float, ...], x: float, y: float) -> bool:
+    return box[0] <= x <= box[1] and box[2] <= y <= box[3]
+
+
+_CROWD_PX, _CROWD, _MIN_ZOOMED = 36.0, 3, 8
+
+
+def _plain_log_ticks(axis: Any, subs: Sequence[float] = (1.0, 2.0, 5.0)) -> None:
+    """Ticks at `subs` x 10^k on a log axis, written as plain numbers (0.5, 1, 2, 5, 10, ...)."""
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-    axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    axis.set_major_locator(LogLocator(base=10, subs=subs))
     axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     axis.set_minor_formatter(NullFormatter())
 
 
+def _draw_points(ax: Any, done: Sequence[dict[str, Any]], base: dict[str, Any] | None,
+                 styles: dict[str, tuple[Any, str]], *, legend: bool) -> None:
+    """One dot per measured mechanism in its family's style, the baseline as a star with guides."""
+    families: set[str] = set()
+    for r in done:
+        if r is base:
+            continue
+        color, marker = styles[r["family"]]
+        label = r["family"] if legend and r["family"] not in families else None
+        families.add(r["family"])
+        ax.scatter(r["latency_ms"], 100 * r["accuracy"], s=55, color=color, marker=marker, label=label,
+                   zorder=3)
+    if base is not None:
+        bx, by = base["latency_ms"], 100 * base["accuracy"]
+        label = "no attention (baseline)" if legend else None
+        ax.scatter(bx, by, s=220, marker="*", color="black", label=label, zorder=4)
+        ax.axhline(by, color="black", lw=0.8, ls="--", alpha=0.5, zorder=1)
+        ax.axvline(bx, color="black", lw=0.8, ls="--", alpha=0.5, zorder=1)
+    ax.axhline(100 / 3, color="#999999", lw=0.8, ls=":", zorder=1)
+    ax.grid(alpha=0.3)
+
+
+def _zoom(ax: Any, zoom: Any, box: tuple[float, ...], log: bool) -> Any:
+    """Set `zoom` to `box` and outline the box on `ax`, with a caption; returns the caption."""
+    from matplotlib.patches import Rectangle
+
+    x0, x1, y0, y1 = box
+    if log:
+        zoom.set_xscale("log")
+        _plain_log_ticks(zoom.xaxis, subs=range(1, 10))  # a decade or less: every digit
+    zoom.set_xlim(x0, x1)
+    zoom.set_ylim(y0, y1)
+    zoom.set_xlabel("forward latency (ms)")
+    zoom.set_ylabel("held-out accuracy (%)")
+    zoom.set_title("the crowded corner, enlarged (the dashed box above)", fontsize=11)
+    outline = Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ls="--", lw=1.0, color="#555555", zorder=2)
+    ax.add_patch(outline)
+    return ax.annotate("enlarged below", (x1, y0), xytext=(-3, 3), textcoords="offset points",
+                       ha="right", va="bottom", fontsize=9, color="#555555")
+
+
 def compare_chart(rows: Sequence[dict[str, Any]], path: str | os.PathLike[str], *, title: str) -> None:
     """Save a PNG: held-out accuracy (%) against forward latency (ms) of every measured mechanism.
+
+    Where many points crowd one corner (see `_crowded_box`), a second panel below enlarges it and
+    labels its points; the chart above outlines that corner and labels the points outside it.
 
     Args:
         rows: `attnzoo compare` results (JSON `results`); rows without a latency or an accuracy
@@ -124,18 +196,9 @@ def compare_chart(rows: Sequence[dict[str, Any]], path: str | os.PathLike[str], 
     done = [r for r in rows if r.get("latency_ms") is not None and r.get("accuracy") is not None]
     base = next((r for r in done if r["name"] == "none"), None)
     with plt.rc_context(STYLE):
-        fig, ax = plt.subplots(figsize=(12.5, 7.5), layout="constrained")
-        families: set[str] = set()
+        fig, (ax, zoom) = plt.subplots(2, 1, figsize=(12.5, 14), layout="constrained", height_ratios=(1, 1))
         styles = _family_styles(sorted({r["family"] for r in done if r is not base}))
-        for r in done:
-            if r is base:
-                continue
-            color, marker = styles[r["family"]]
-            label = r["family"] if r["family"] not in families else None
-            families.add(r["family"])
-            ax.scatter(
-                r["latency_ms"], 100 * r["accuracy"], s=55, color=color, marker=marker, label=label, zorder=3
-            )
+        _draw_points(ax, done, base, styles, legend=True)
         latencies = [r["latency_ms"] for r in done] or [1.0]
         lo, hi = min(latencies), max(latencies)
         log = hi / lo > 4
@@ -146,15 +209,11 @@ def compare_chart(rows: Sequence[dict[str, Any]], path: str | os.PathLike[str], 
         else:
             ax.set_xlim(lo - 0.08 * (hi - lo) - 0.05 * lo, hi + 0.25 * (hi - lo) + 0.05 * hi)
         if base is not None:
-            bx, by = base["latency_ms"], 100 * base["accuracy"]
-            ax.scatter(bx, by, s=220, marker="*", color="black", label="no attention (baseline)", zorder=4)
-            ax.axhline(by, color="black", lw=0.8, ls="--", alpha=0.5, zorder=1)
-            ax.axvline(bx, color="black", lw=0.8, ls="--", alpha=0.5, zorder=1)
+            bx = base["latency_ms"]
             top = ax.secondary_xaxis("top", functions=(lambda ms: ms / bx, lambda ratio: ratio * bx))
             top.set_xlabel("latency relative to the baseline (× none)")
             if log:
                 _plain_log_ticks(top.xaxis)
-        ax.axhline(100 / 3, color="#999999", lw=0.8, ls=":", zorder=1)
         chance = ax.annotate(
             "chance (33.3%)",
             (1, 100 / 3),
@@ -169,16 +228,45 @@ def compare_chart(rows: Sequence[dict[str, Any]], path: str | os.PathLike[str], 
         ax.set_ylim(min(accuracies) - 3, min(max(accuracies) + 4, 101))
         ax.set_xlabel("forward latency of the whole model, one batch (ms; lower is faster)")
         ax.set_ylabel("held-out accuracy (%; higher is better)")
-        ax.grid(alpha=0.3)
         # Beside the axes, not over them: with two dozen families a legend inside hides points.
         ax.legend(
             loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=9, title="family", title_fontsize=10,
-            framealpha=0.9, ncols=1 if len(families) <= 20 else 2,
+            framealpha=0.9, ncols=1 if len(styles) <= 20 else 2,
         )
         fig.suptitle(title)
         fig.canvas.draw()
-        star = [] if base is None else [(base["latency_ms"], 100 * base["accuracy"])]
         named = [(r["latency_ms"], 100 * r["accuracy"], r["name"]) for r in done]
-        _place_labels(ax, named, fontsize=10, avoid=[chance], big=star)
+        box = _crowded_box(ax, named)
+        if box is None:  # room for every label in place: one panel
+            fig.delaxes(zoom)
+            fig.set_size_inches(12.5, 7.5)
+            inner: list[tuple[float, float, str]] = []
+            avoid = [chance]
+        else:
+            _draw_points(zoom, done, base, styles, legend=False)
+            avoid = [chance, _zoom(ax, zoom, box, log)]
+            inner = [p for p in named if _inside(box, p[0], p[1])]
+        fig.canvas.draw()
+        star = [] if base is None else [(base["latency_ms"], 100 * base["accuracy"])]
+        outside = [p for p in named if p not in inner]
+        # the outlined corner is kept free of the outer points' labels
+        region = [] if box is None else [_region(ax, box)]
+        _place_labels(ax, outside, fontsize=10, avoid=[*avoid, *region], big=star)
+        if inner:
+            _place_labels(zoom, inner, fontsize=10, big=star)
         fig.savefig(path)
         plt.close(fig)
+
+
+def _region(ax: Any, box: tuple[float, ...]) -> Any:
+    """The display-space box of `box` on `ax`, as an object with `get_window_extent` for `_place_labels`."""
+    from matplotlib.transforms import Bbox
+
+    (x0, y0), (x1, y1) = ax.transData.transform([(box[0], box[2]), (box[1], box[3])])
+    extent = Bbox.from_extents(x0, y0, x1, y1)
+
+    class _Area:
+        def get_window_extent(self, renderer: Any = None) -> Any:
+            return extent
+
+    return _Area()
