@@ -87,8 +87,8 @@ def check_flop_counter(spec) -> None:
     with FlopCounterMode(display=False) as counter:
         out, grads = _grads(module, xs)
     ref, ref_grads = _grads(module, xs)
-    # FlopCounterMode counts matrix products and convolutions (not FFTs, element-wise gates, or the CPU
-    # flash kernel): a module with a linear map or a convolution must show some.
+    # FlopCounterMode counts matrix products and convolutions (not FFTs or element-wise gates): a module
+    # with a linear map or a convolution must show some.
     counted = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
     if any(isinstance(m, counted) for m in module.modules()):
         assert counter.get_total_flops() > 0

@@ -1,8 +1,10 @@
 """FLOP counting that is right for attention: fused kernels counted, grouped-conv backward corrected.
 
-`torch.utils.flop_counter` counts the CPU flash-attention kernels as 0 FLOPs and over-counts
-grouped-convolution backward by the group count (torch 2.14, see shared/MEASURED.md), so
-`count_flops` runs attention on the math path and maps `convolution_backward` itself.
+`torch.utils.flop_counter` has no formula for the CPU flash-attention kernels (`attnzoo.kernels.flash`
+registers torch's SDPA formulas for them, whose backward also counts the recomputed logits) and
+over-counts grouped-convolution backward by the group count (torch 2.14, see shared/MEASURED.md), so
+`count_flops` runs attention on the math path (one count whichever kernel would run) and maps
+`convolution_backward` itself.
 Used by `attnzoo.find` and by the `attnzoo bench` command.
 """
 

@@ -14,6 +14,7 @@ from tests.kernels.kernel_checks import (
     assert_torch_func,
 )
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
 
 import attnzoo
 from attnzoo.functional import attend
@@ -118,8 +119,25 @@ def test_sdpa_equals_torch_sdpa_bitwise(kind):
 
 @pytest.mark.parametrize("kind", MASKS, ids=str)
 def test_flop_counter_with_backward(kind):
-    # torch 2.14's FlopCounterMode counts the CPU flash kernels as 0 FLOPs (attnzoo.flops corrects it).
-    assert_flop_counter(fused(kind), tensors(torch.float32), counted=None)
+    assert_flop_counter(fused(kind), tensors(torch.float32), counted=True)
+
+
+def _flops(fn, backward: bool) -> int:
+    q, k, v = (t.float().requires_grad_(backward) for t in tensors())
+    with FlopCounterMode(display=False) as counter:
+        out = fn(q, k, v)
+        if backward:
+            out.sum().backward()
+    return counter.get_total_flops()
+
+
+def test_flop_counter_counts_the_cpu_flash_kernel_as_the_math_path():
+    """torch 2.14 registers no formula for the CPU flash ops: attention on the fused path counted 0 FLOPs
+    while the math path counted its products. Forward: the same two products; backward: the math path's
+    four and the logits the kernel recomputes."""
+    logits = 2 * 2 * 2 * L * S * 4  # (b, h, d) = (2, 2, 4); the value width e is d as well
+    assert _flops(fused(None), backward=False) == _flops(math(None), backward=False) == 2 * logits
+    assert _flops(fused(None), backward=True) == _flops(math(None), backward=True) + logits
 
 
 @pytest.mark.parametrize("kind", MASKS, ids=str)

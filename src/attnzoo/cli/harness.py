@@ -7,9 +7,9 @@ Shared by `benchmarks/*.py` (the comparisons recorded in `benchmarks/RESULTS.md`
   the rounds and the median of per-round ratios, never single times;
 - peak memory is measured in a fresh subprocess, so one candidate's cached allocations never count
   against another;
-- FLOPs come from `torch.utils.flop_counter` with the fused attention path switched off (the CPU
-  flash kernels are counted as 0 FLOPs) and grouped-convolution backward corrected (torch's formula
-  counts one half of it as if `groups` were 1).
+- FLOPs come from `torch.utils.flop_counter` with the fused attention path switched off (one count
+  whichever kernel would run: the CPU flash backward also recomputes the logits) and grouped-convolution
+  backward corrected (torch's formula counts one half of it as if `groups` were 1).
 """
 
 from __future__ import annotations

@@ -37,6 +37,33 @@ __all__ = ["sdpa"]
 _FLASH: int = SDPBackend.FLASH_ATTENTION.value
 
 
+def _register_flop_formulas() -> None:
+    """Give SDPA's CPU flash ops torch's own SDPA FLOP formulas.
+
+    torch 2.14's ``FlopCounterMode`` has formulas for the CUDA attention kernels only, so on CPU the
+    attention that `sdpa` runs (the fused path of every mechanism) counted 0 FLOPs, and a model
+    looked cheaper on the fused path than on the math path. Forward: the two products; backward: five
+    (the logits are recomputed, as the kernel does). A formula torch (a later release) or the user
+    registered already is kept.
+    """
+    from torch.utils import flop_counter
+
+    def forward(q: Any, k: Any, v: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+        return int(flop_counter.sdpa_flop_count(q, k, v))
+
+    def backward(grad: Any, q: Any, k: Any, v: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+        return int(flop_counter.sdpa_backward_flop_count(grad, q, k, v))
+
+    aten = torch.ops.aten
+    for op, formula in ((aten._scaled_dot_product_flash_attention_for_cpu, forward),
+                        (aten._scaled_dot_product_flash_attention_for_cpu_backward, backward)):
+        if op not in flop_counter.flop_registry:
+            flop_counter.register_flop_formula(op)(formula)
+
+
+_register_flop_formulas()
+
+
 def _math(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool, scale: float | None) -> Tensor:
     """SDPA's own math decomposition (plain differentiable ops)."""
     return torch.ops.aten._scaled_dot_product_attention_math(q, k, v, mask, 0.0, causal, None, scale=scale)[0]
