@@ -135,3 +135,11 @@ def test_shifted_logits_match_attend_math(dtype):
     torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
     for g, r in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(g.double(), r, atol=tol * 10, rtol=tol)
+
+
+def test_compiles_in_one_graph_in_training():
+    """The fused path chose its query split by reading the thread count, a graph break: torch.compile with
+    fullgraph=True failed for SAGAN-like attention (d < e) on inputs that require grad."""
+    torch._dynamo.reset()
+    run = torch.compile(lambda q, k, v: global_attention(q, k, v, scale=0.7), backend="eager", fullgraph=True)
+    assert_matches(run, reference, tensors(torch.float64))

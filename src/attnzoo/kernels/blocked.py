@@ -334,7 +334,10 @@ def _fused(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
     """
     batch, length_q, dim = q.shape
     chunks = 1
-    if q.device.type == "cpu" and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+    # Not while torch.compile traces: reading the thread count is a graph break (fullgraph=True
+    # failed in training), and the compiled graph keeps whatever split it was traced with.
+    if (q.device.type == "cpu" and not torch.compiler.is_compiling() and torch.is_grad_enabled()
+            and any(t.requires_grad for t in (q, k, v))):
         chunks = max(min(_threads() // batch, length_q // 512), 1)
     rows = -(-length_q // chunks)
     if chunks > 1 and rows * chunks != length_q:
