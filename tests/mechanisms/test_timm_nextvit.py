@@ -46,3 +46,17 @@ def test_errors():
 def test_nextvit_keeps_logits_checkpoint_and_maps():
     model = timm.create_model("nextvit_small", pretrained=False, num_classes=3).double()
     check_swap(model, [EfficientAttention], torch.randn(2, 3, 64, 64, dtype=D), 4)
+
+
+def test_compiles_with_aot_autograd_with_pooled_keys():
+    """aot_eager traced BatchNorm's output with its input's strides while the CPU kernel returns a
+    contiguous tensor, and the keys' projection then failed at run time ('view size is not compatible')."""
+    module = TimmNextVitAttention(dim=8, head_dim=4, sr_ratio=2).eval()
+    x = torch.randn(2, 16, 8, requires_grad=True)
+    compiled = torch.compile(module, backend="aot_eager", fullgraph=True)
+    out = compiled(x)
+    out.sum().backward()
+    grad, x.grad = x.grad, None
+    module(x).sum().backward()
+    torch.testing.assert_close(out, module(x))
+    torch.testing.assert_close(grad, x.grad)

@@ -89,7 +89,10 @@ class TimmNextVitAttention(nn.Module):
         q = self.q(x).reshape(batch, tokens, self.num_heads, self.head_dim).transpose(1, 2)  # (B, h, N, d)
         source = x
         if self.sr is not None and self.norm is not None:
-            source = self.norm(self.sr(x.transpose(1, 2))).transpose(1, 2)  # (B, M, C)
+            # the pooled map made contiguous (M = N / sr^2 tokens, a small copy): BatchNorm's meta
+            # function keeps its input's strides while the CPU kernel returns a contiguous tensor, so
+            # under aot_autograd the traced strides disagreed with the real ones (torch 2.14)
+            source = self.norm(self.sr(x.transpose(1, 2)).contiguous()).transpose(1, 2)  # (B, M, C)
         k, v = (proj(source).reshape(batch, -1, self.num_heads, self.head_dim).transpose(1, 2)
                 for proj in (self.k, self.v))  # (B, h, M, d) each
         dropout_p = self.attn_drop.p if self.training else 0.0
