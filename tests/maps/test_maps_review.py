@@ -250,3 +250,30 @@ def test_rows_that_are_not_softmax_rows_say_what_they_are(name, cls, example):
                 f"{name}: {owner}'s rows (min {float(data.min()):.3g}, sums {float(sums.min()):.3g}.."
                 f"{float(sums.max()):.3g}) carry no note"
             )
+
+
+@pytest.mark.parametrize("name", ["mha", "window", "cbam"])
+def test_capture_inside_a_fullgraph_compiled_model_equals_eager(name):
+    """`torch.compile(model, fullgraph=True)` with a capture open used to fail ('torch.* op returned
+    non-Tensor', the backward-pass check); now the compiled call records what eager records, and nothing
+    once the block is closed."""
+    spec = attnzoo.get_spec(name)
+    torch.manual_seed(0)
+    module = attnzoo.create(name, **spec.example.kwargs).train()
+    compiled = torch.compile(module, backend="eager", fullgraph=True)
+    xs = [torch.randn(shape, requires_grad=True) for shape in spec.example.inputs]
+    compiled(*xs)  # compiled before any capture opens
+    with capture_maps(module) as got:
+        out = compiled(*xs)
+        (out[0] if isinstance(out, tuple) else out).sum().backward()  # recording survives backward
+    with capture_maps(module) as want:
+        module(*xs)
+    kinds = lambda maps: {k: [r.kind for r in v] for k, v in maps.items()}  # noqa: E731
+    assert kinds(got) == kinds(want)
+    for key, records in want.items():
+        for mine, theirs in zip(got[key], records, strict=True):
+            torch.testing.assert_close(mine.data, theirs.data)
+    with capture_maps(module) as closed:
+        pass
+    compiled(*xs)
+    assert dict(closed) == {}

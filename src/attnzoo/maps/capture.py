@@ -121,9 +121,10 @@ def _session() -> _Session | None:
 
 
 def capturing() -> bool:
-    """Whether a `capture_maps` block is open in this thread (cheap; call it in `forward`). False in
-    a backward pass: a forward there is checkpointing's recomputation of a call already recorded."""
-    return _active > 0 and _session() is not None and torch._C._current_graph_task_id() == -1
+    """Whether a `capture_maps` block is open in this thread (cheap; call it in `forward`); False in a
+    backward pass (checkpoint recomputation), a check skipped while torch.compile traces (untraceable)."""
+    open_here = _active > 0 and _session() is not None
+    return open_here and (torch.compiler.is_compiling() or torch._C._current_graph_task_id() == -1)
 
 
 def _normalise_point(point: Point) -> tuple[float | int, ...]:
