@@ -145,12 +145,15 @@ def check_divisible(value: int, divisor: int, name: str, divisor_name: str, who:
 
 
 def check_head_widths(dim: int, num_heads: int, head_dim: int | None, value: int | None, who: str,
-                      name: str = "head_dim") -> tuple[int, int]:
-    """`(head_dim, value_head_dim)` of a multi-head layer (the head width's argument called `name`):
-    `dim // num_heads` unless given (then `dim` must divide evenly), values as wide unless given."""
+                      name: str | None = "head_dim", *, dim_name: str = "dim",
+                      heads_name: str = "num_heads") -> tuple[int, int]:
+    """`(head_dim, value_head_dim)` of a multi-head layer (the head width's argument called `name`, None
+    where the class has none): `dim // num_heads` unless given (then `dim` must divide evenly), values as
+    wide unless given. `dim_name`/`heads_name`: the class's own names of the two (timm's `dim_out`)."""
     if head_dim is None and dim % num_heads != 0:
-        raise ValueError(f"{who}: dim={dim} must be divisible by num_heads={num_heads} (or give {name})")
-    qk = dim // num_heads if head_dim is None else check_int(head_dim, name, who)
+        hint = f" (or give {name})" if name else ""  # no hint to give an argument the class does not take
+        raise ValueError(f"{who}: {dim_name}={dim} must be divisible by {heads_name}={num_heads}{hint}")
+    qk = dim // num_heads if head_dim is None else check_int(head_dim, name or "head_dim", who)
     return qk, qk if value is None else check_int(value, "value_head_dim", who)
 
 

@@ -153,6 +153,9 @@ class SelfAttentionBlock(_PrefixedBlock):
     ) -> Tensor | tuple[Tensor, Tensor]:
         """`LayerNorm(x + MHA(x, x, x))` `(B, L, D)`, and the `(B, h, L, L)` weights with `need_weights`."""
         self._check_x(x)
+        who, (b, length) = type(self).__name__, x.shape[:2]  # masks checked here so messages name the block
+        _bool_mask(attention_mask, (b, length, length), who, "attention_mask")
+        _bool_mask(padding_mask, (b, length), who, "padding_mask")
         res = self.attention(
             x, attention_mask=attention_mask, padding_mask=padding_mask, causal=self.causal,
             need_weights=need_weights,
@@ -241,8 +244,9 @@ class CrossAttentionBlock(_PrefixedBlock):
             dims = check_shape(context, who, "B S E", "context")
         else:
             dims = check_shape(context, who, "B S E", "context", S=self.context_len)
-        if context_mask is not None:  # checked here so the message names context_mask
-            _bool_mask(context_mask, (x.shape[0], dims["S"]), who, "context_mask")
+        # checked here so the messages name the block and context_mask (the attention calls it padding_mask)
+        _bool_mask(attention_mask, (x.shape[0], x.shape[1], dims["S"]), who, "attention_mask")
+        _bool_mask(context_mask, (x.shape[0], dims["S"]), who, "context_mask")
         res = self.attention(
             x, context, attention_mask=attention_mask, padding_mask=context_mask, need_weights=need_weights
         )

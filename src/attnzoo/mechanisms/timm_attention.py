@@ -15,6 +15,8 @@ Shape letters: B batch, N tokens, C = dim, h heads, d head width.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import Tensor, nn
 
@@ -63,7 +65,10 @@ class TimmAttention(nn.Module):
         dd = {"device": device, "dtype": dtype}
         self.dim = check_int(dim, "dim", who)
         self.num_heads = check_int(num_heads, "num_heads", who)
-        self.head_dim, _ = check_head_widths(dim, num_heads, attn_head_dim, None, who, "attn_head_dim")
+        # no hint at attn_head_dim for a subclass that does not take it (volo's)
+        takes = "attn_head_dim" in inspect.signature(type(self).__init__).parameters
+        hint = "attn_head_dim" if takes else None
+        self.head_dim, _ = check_head_widths(dim, num_heads, attn_head_dim, None, who, hint)
         if (qk_norm or scale_norm) and norm_layer is None:
             raise ValueError(f"{who}: norm_layer must be given with qk_norm or scale_norm, got None")
         self.attn_dim = self.num_heads * self.head_dim

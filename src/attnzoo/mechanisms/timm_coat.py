@@ -95,6 +95,8 @@ class TimmFactorAttention(nn.Module):
             isinstance(s, int) and not isinstance(s, bool) for s in size
         ):
             raise TypeError(f"{who} expects size to be a pair of ints (H, W), got {size!r}")
+        if min(size) < 1:  # (-1, -4) matched 1 + 4 tokens, and the relative encoding's map has no such sides
+            raise ValueError(f"{who} expects size to be a pair of positive ints (H, W), got {tuple(size)}")
         dims = check_shape(x, who, "B N C", C=self.dim, N=1 + size[0] * size[1])
         batch, tokens = dims["B"], dims["N"]
         qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim)  # (B, N, 3, h, d)

@@ -72,7 +72,7 @@ class TimmGPSA(nn.Module):
         dd: dict[str, Any] = {"device": device, "dtype": dtype}
         self.dim = check_int(dim, "dim", who)
         self.num_heads = check_int(num_heads, "num_heads", who)
-        self.head_dim, _ = check_head_widths(dim, num_heads, None, None, who, "head_dim")
+        self.head_dim, _ = check_head_widths(dim, num_heads, None, None, who, None)
         self.scale = self.head_dim**-0.5
         self.locality_strength = check_float(locality_strength, "locality_strength", who)
         self.qk = nn.Linear(dim, 2 * dim, bias=qkv_bias, **dd)

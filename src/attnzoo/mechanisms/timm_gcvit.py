@@ -84,7 +84,7 @@ class TimmGcVitWindowAttention(nn.Module):
         dd: dict[str, Any] = {"device": device, "dtype": dtype}
         self.dim = check_int(dim, "dim", who)
         self.num_heads = check_int(num_heads, "num_heads", who)
-        self.head_dim, _ = check_head_widths(dim, num_heads, None, None, who, "head_dim")
+        self.head_dim, _ = check_head_widths(dim, num_heads, None, None, who, None)
         self.scale = self.head_dim**-0.5
         self.window_size = int_pair(window_size, "window_size", who)
         self.use_global = bool(use_global)

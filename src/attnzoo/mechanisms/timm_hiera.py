@@ -61,7 +61,8 @@ class TimmMaskUnitAttention(nn.Module):
         self.dim_out = check_int(dim_out, "dim_out", who)
         self.heads = check_int(heads, "heads", who)
         self.q_stride = check_int(q_stride, "q_stride", who)
-        self.head_dim, _ = check_head_widths(dim_out, heads, None, None, who, "head_dim")
+        self.head_dim, _ = check_head_widths(dim_out, heads, None, None, who, None, dim_name="dim_out",
+                                             heads_name="heads")
         self.scale = self.head_dim**-0.5
         self.qkv = nn.Linear(dim, 3 * dim_out, **dd)
         self.proj = nn.Linear(dim_out, dim_out, **dd)

@@ -57,7 +57,7 @@ class TimmSam2MultiScaleAttention(nn.Module):
         self.dim = check_int(dim, "dim", who)
         self.dim_out = check_int(dim_out, "dim_out", who)
         self.num_heads = check_int(num_heads, "num_heads", who)
-        head_dim, _ = check_head_widths(dim_out, num_heads, None, None, who, "head_dim")
+        head_dim, _ = check_head_widths(dim_out, num_heads, None, None, who, None, dim_name="dim_out")
         self.scale = head_dim**-0.5
         if q_pool is not None and not isinstance(q_pool, nn.Module):
             raise TypeError(f"{who}: q_pool must be an nn.Module (SAM 2 passes nn.MaxPool2d) or None, got "

@@ -96,7 +96,10 @@ class TimmLiteMLA(nn.Module):
         ratio = check_float(heads_ratio, "heads_ratio", who, minimum=0.0)
         default = int(in_channels // dim * ratio)
         self.heads = check_int(heads or default, "heads (default in_channels // dim * heads_ratio)", who)
-        self.eps = check_float(eps, "eps", who, minimum=0.0)
+        self.eps = check_float(eps, "eps", who, above=0.0)  # 0: a query of all-zero ReLU features is 0 / 0
+        if not isinstance(scales, (tuple, list)):  # an int would fail iterating, naming no argument
+            raise TypeError(f"{who}: scales must be a tuple of odd kernel sizes such as (5,), got "
+                            f"{type(scales).__name__} {scales!r}")
         self.scales = tuple(check_int(s, "scales", who) for s in scales)
         if any(s % 2 == 0 for s in self.scales):
             raise ValueError(f"{who}: scales must be odd kernel sizes (timm's same padding), got {scales}")

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
-from attnzoo._checks import check_choice, check_dropout, check_int, check_mask, check_shape
+from attnzoo._checks import check_choice, check_divisible, check_dropout, check_int, check_mask, check_shape
 from attnzoo._geometry import check_conv_fits, int_pair
 from attnzoo._registry import Example, register_compat
 from attnzoo.functional import attend
@@ -221,10 +221,10 @@ class TimmAttention2d(TimmMaxxvitAttention2d):
         dtype: torch.dtype | None = None,
     ) -> None:
         who = type(self).__name__
-        width = check_int(dim_out or dim, "dim_out", who) if expand_first else check_int(dim, "dim", who)
+        name = "dim_out" if expand_first and dim_out else "dim"  # the argument the attention width comes from
+        width = check_int(dim_out or dim, name, who) if expand_first else check_int(dim, "dim", who)
         heads = check_int(num_heads, "num_heads", who)
-        if width % heads:  # timm's view fails
-            raise ValueError(f"{who}: num_heads must divide the attention width {width}, got {heads}")
+        check_divisible(width, heads, name, "num_heads", who)  # timm's view fails
         super().__init__(dim, dim_out, dim_head=width // heads, bias=bias, expand_first=expand_first,
                          head_first=head_first, attn_drop=attn_drop, proj_drop=proj_drop, device=device,
                          dtype=dtype)

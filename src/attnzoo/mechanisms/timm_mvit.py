@@ -79,7 +79,7 @@ class TimmMultiScaleAttention(nn.Module):
         self.dim = check_int(dim, "dim", who)
         self.dim_out = check_int(dim_out, "dim_out", who)
         self.num_heads = check_int(num_heads, "num_heads", who)
-        self.head_dim, _ = check_head_widths(dim_out, num_heads, None, None, who, "head_dim")
+        self.head_dim, _ = check_head_widths(dim_out, num_heads, None, None, who, None, dim_name="dim_out")
         self.scale = self.head_dim**-0.5
         self.has_cls_token = bool(has_cls_token)
         self.mode = check_choice(mode, ("conv", "avg", "max"), "mode", who)
@@ -95,6 +95,10 @@ class TimmMultiScaleAttention(nn.Module):
             height, width = int_pair(feat_size, "feat_size", who)
             if height != width:  # timm asserts a square map
                 raise ValueError(f"{who}: rel_pos_type='spatial' needs a square feat_size, got {feat_size}")
+            if height < min(stride_q[1], stride_kv[1]):  # both pooled maps empty: tables of -1 rows
+                least = min(stride_q[1], stride_kv[1])  # timm's tables read the strides' last entry
+                raise ValueError(f"{who}: feat_size={feat_size} is smaller than stride_q={stride_q} and "
+                                 f"stride_kv={stride_kv}; expected a side of at least {least}")
             span = 2 * max(height // stride_q[1], height // stride_kv[1]) - 1
             self.rel_pos_h = nn.Parameter(torch.zeros(span, self.head_dim, **dd))
             self.rel_pos_w = nn.Parameter(torch.zeros(span, self.head_dim, **dd))
@@ -140,7 +144,7 @@ class TimmMultiScaleAttention(nn.Module):
         if feat_size is None:
             side = math.isqrt(max(dims["N"] - int(self.has_cls_token), 0))
             feat_size = (side, side)
-        size = int_pair(tuple(feat_size), "feat_size", who)
+        size = int_pair(feat_size, "feat_size", who)  # names feat_size for an int, float or tensor
         expected = size[0] * size[1] + int(self.has_cls_token)
         if dims["N"] != expected:  # timm's reshape fails, or pools scrambled tokens
             raise ValueError(f"{who} expects {expected} tokens for feat_size {size} "

@@ -87,12 +87,13 @@ class TimmAttentionPool2d(nn.Module):
         who = type(self).__name__
         dd: dict[str, Any] = {"device": device, "dtype": dtype}
         self.in_features = check_int(in_features, "in_features", who)
-        self.embed_dim = embed_dim = check_int(embed_dim or in_features, "embed_dim", who)
+        width_name = "embed_dim" if embed_dim else "in_features"  # the argument the width came from
+        self.embed_dim = embed_dim = check_int(embed_dim or in_features, width_name, who)
         self.pool_type = check_choice(pool_type, ("", "token"), "pool_type", who)
         if out_features is not None:
             check_int(out_features, "out_features", who, minimum=0)
         self.out_features = in_features if out_features is None else out_features or embed_dim
-        self.num_heads, self.head_dim = self._heads(embed_dim, head_dim, num_heads, who)
+        self.num_heads, self.head_dim = self._heads(embed_dim, head_dim, num_heads, who, width_name)
         if class_token and embed_dim != in_features:  # timm's concatenation fails in its forward
             raise ValueError(f"{who}: class_token needs embed_dim == in_features (the token joins the "
                              f"input tokens), got embed_dim={embed_dim} and in_features={in_features}")
@@ -113,16 +114,17 @@ class TimmAttentionPool2d(nn.Module):
         self.init_weights()
 
     @staticmethod
-    def _heads(width: int, head_dim: int | None, num_heads: int | None, who: str) -> tuple[int, int]:
+    def _heads(width: int, head_dim: int | None, num_heads: int | None, who: str,
+               name: str) -> tuple[int, int]:
         """timm's rule: `num_heads` wins when given, else `width / head_dim` heads; either must divide."""
         if num_heads is not None:
             heads = check_int(num_heads, "num_heads", who)
             if width % heads:
-                raise ValueError(f"{who}: num_heads must divide embed_dim {width}, got {heads}")
+                raise ValueError(f"{who}: num_heads must divide {name}={width}, got {heads}")
             return heads, width // heads
         head = check_int(head_dim, "head_dim", who)
         if width % head:
-            raise ValueError(f"{who}: head_dim must divide embed_dim {width}, got {head}")
+            raise ValueError(f"{who}: head_dim must divide {name}={width}, got {head}")
         return width // head, head
 
     def init_weights(self, zero_init_last: bool = False) -> None:

@@ -55,7 +55,7 @@ class TimmAttentionPoolPrr(nn.Module):
         dd: dict[str, Any] = {"device": device, "dtype": dtype}
         self.dim = check_int(dim, "dim", who)
         self.num_heads = check_int(num_heads, "num_heads", who)
-        self.head_dim, _ = check_head_widths(dim, num_heads, None, None, who, "head_dim")
+        self.head_dim, _ = check_head_widths(dim, num_heads, None, None, who, None)
         self.scale = self.head_dim**-0.5
         self.pool = check_choice(pool_type, ("token", "avg"), "pool_type", who)
         self.out_features = dim

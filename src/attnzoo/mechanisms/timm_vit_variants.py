@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from attnzoo._checks import (
     check_choice,
     check_dropout,
+    check_float,
     check_head_widths,
     check_int,
     check_mask,
@@ -106,7 +107,7 @@ class TimmCrossAttention(nn.Module):
         dd: dict[str, Any] = {"device": device, "dtype": dtype}
         self.dim = check_int(dim, "dim", who)
         self.num_heads = check_int(num_heads, "num_heads", who)
-        self.head_dim, _ = check_head_widths(dim, num_heads, None, None, who, "head_dim")
+        self.head_dim, _ = check_head_widths(dim, num_heads, None, None, who, None)
         self.scale = self.head_dim**-0.5
         self.wq, self.wk, self.wv = (nn.Linear(dim, dim, bias=qkv_bias, **dd) for _ in range(3))
         self.attn_drop = check_dropout(attn_drop, "attn_drop", who)
@@ -189,7 +190,8 @@ class TimmAttentionPoolLatent(nn.Module):
         self.in_features = check_int(in_features, "in_features", who)
         self.embed_dim = check_int(embed_dim or in_features, "embed_dim", who)
         self.num_heads = check_int(num_heads, "num_heads", who)
-        self.head_dim, _ = check_head_widths(self.embed_dim, num_heads, None, None, who, "head_dim")
+        self.head_dim, _ = check_head_widths(self.embed_dim, num_heads, None, None, who, None,
+                                             dim_name="in_features" if embed_dim is None else "embed_dim")
         self.scale = self.head_dim**-0.5
         self.pool = check_choice(pool_type, ("token", "avg", ""), "pool_type", who)
         self.feat_size = feat_size
@@ -212,11 +214,12 @@ class TimmAttentionPoolLatent(nn.Module):
         self.k_norm = qk(self.head_dim, **dd) if qk is not None else nn.Identity()
         out = in_features if out_features is None else check_int(out_features, "out_features", who, minimum=0)
         self.proj_drop = check_dropout(drop, "drop", who)
+        ratio = check_float(mlp_ratio, "mlp_ratio", who, minimum=0.0)  # < 0: a negative hidden width
         self.mlp: _Mlp | None = None
         if out > 0:
             self.proj: nn.Module = nn.Linear(self.embed_dim, out, **dd)
             self.norm: nn.Module = norm_layer(out, **dd) if norm_layer is not None else nn.Identity()
-            self.mlp = _Mlp(out, int(out * mlp_ratio), act_layer, dd)
+            self.mlp = _Mlp(out, int(out * ratio), act_layer, dd)
         else:
             self.proj, self.norm, out = nn.Identity(), nn.Identity(), self.embed_dim
         self.out_features = out

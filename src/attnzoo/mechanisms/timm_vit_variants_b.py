@@ -60,7 +60,7 @@ class TimmNestAttention(nn.Module):
         dd: dict[str, Any] = {"device": device, "dtype": dtype}
         self.dim = check_int(dim, "dim", who)
         self.num_heads = check_int(num_heads, "num_heads", who)
-        self.head_dim, _ = check_head_widths(dim, num_heads, None, None, who, "head_dim")
+        self.head_dim, _ = check_head_widths(dim, num_heads, None, None, who, None)
         self.scale = self.head_dim**-0.5
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias, **dd)
         self.proj = nn.Linear(dim, dim, **dd)
@@ -165,8 +165,9 @@ class TimmTntAttention(nn.Module):
         self.dim = check_int(dim, "dim", who)
         self.hidden_dim = check_int(hidden_dim, "hidden_dim", who)
         self.num_heads = check_int(num_heads, "num_heads", who)
-        self.head_dim, _ = check_head_widths(hidden_dim, num_heads, None, None, who, "head_dim")
-        self.v_head_dim, _ = check_head_widths(dim, num_heads, None, None, who, "value head width")
+        self.head_dim, _ = check_head_widths(hidden_dim, num_heads, None, None, who, None,
+                                             dim_name="hidden_dim")
+        self.v_head_dim, _ = check_head_widths(dim, num_heads, None, None, who, None)
         self.scale = self.head_dim**-0.5
         self.qk = nn.Linear(dim, 2 * hidden_dim, bias=qkv_bias, **dd)
         self.v = nn.Linear(dim, dim, bias=qkv_bias, **dd)
