@@ -52,7 +52,9 @@ def ref_pad(t: Tensor, pad: int) -> Tensor:
     return t[..., rows, :][..., cols]
 
 
-def reference(m: ACmix, x: Tensor, need_weights: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+def reference(
+    m: ACmix, x: Tensor, need_weights: bool = False, conv_padding: int | None = None
+) -> Tensor | tuple[Tensor, Tensor]:
     q, k, v = m.conv1(x), m.conv2(x), m.conv3(x)
     b, c, h, w = q.shape
     s, ka, dil, head, hd = m.stride, m.kernel_att, m.dilation, m.num_heads, m.head_dim
@@ -72,7 +74,8 @@ def reference(m: ACmix, x: Tensor, need_weights: bool = False) -> Tensor | tuple
     out_att = (att.unsqueeze(1) * unfold(v_att)).sum(2).view(b, c, ho, wo)
     f_all = m.fc(torch.cat([t.view(b, head, hd, h * w) for t in (q, k, v)], 1))
     f_conv = f_all.permute(0, 2, 1, 3).reshape(b, -1, h, w)
-    out_conv = F.conv2d(f_conv, m.dep_conv.weight, None, s, m.kernel_conv // 2, 1, hd)
+    pad_conv = m.kernel_conv // 2 if conv_padding is None else conv_padding  # official: 1 hard-coded
+    out_conv = F.conv2d(f_conv, m.dep_conv.weight, None, s, pad_conv, 1, hd)
     out = m.rate1 * out_att + m.rate2 * out_conv
     if need_weights:  # (B*h, K2, Ho, Wo) -> (B, h, Ho, Wo, K2)
         return out, att.view(b, head, ka * ka, ho, wo).permute(0, 1, 3, 4, 2)
@@ -188,6 +191,26 @@ def test_matches_plain_reference_values_and_gradients(kwargs, shape):
     for name, g, r in zip(names, got, want, strict=True):
         r = torch.zeros_like(g) if r is None else r
         torch.testing.assert_close(g, r, atol=1e-9, rtol=1e-9, msg=f"gradient of {name}")
+
+
+@pytest.mark.parametrize("kernel_conv,stride,size", [(5, 3, (9, 6)), (7, 5, (10, 5)), (5, 4, (8, 12))])
+def test_compat_keeps_official_conv_padding_where_the_official_runs(kernel_conv, stride, size):
+    # The official dep_conv pads 1 whatever kernel_conv is; for 3 <= kernel_conv <= stride + 2 its sizes
+    # still fit (H divisible by stride), so official checkpoints exist there and their numbers must hold.
+    m = randomised(OfficialACmix(4, 6, 3, 2, kernel_conv, stride=stride).double())
+    x = torch.randn(2, 4, *size, dtype=torch.float64, requires_grad=True)
+    out, ref = m(x), reference(m, x, conv_padding=1)
+    torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
+    grad = torch.randn_like(out)
+    got, want = torch.autograd.grad(out, x, grad)[0], torch.autograd.grad(ref, x, grad)[0]
+    torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
+    # A size the official cannot run (H not divisible by the stride) still gives ceil(H / stride).
+    odd = m(torch.randn(1, 4, size[0] + 1, size[1] - 1, dtype=torch.float64))
+    assert odd.shape[-2:] == (-(-(size[0] + 1) // stride), -(-(size[1] - 1) // stride))
+    # The canonical class keeps the centred kernel_conv // 2.
+    canonical = ACmix(4, 6, 3, 2, kernel_conv, stride=stride).double()
+    canonical.load_state_dict(m.state_dict())
+    torch.testing.assert_close(canonical(x), reference(canonical, x), atol=1e-10, rtol=1e-10)
 
 
 def test_float32_close_to_float64_reference():

@@ -13,7 +13,8 @@ outputs); an independent implementation. `ACmix(channels, ...)` is the canonical
   slices (forward and backward). `q . pe[centre]` cancels in the softmax and is dropped; the rest
   folds into the keys (`k - pe`). `fc` is folded into the `dep_conv` weights (both linear).
 - Lifted: H, W not divisible by `stride` (output `ceil(H / stride)`, as unfold gives); any odd
-  `kernel_conv` (padding `kernel_conv // 2`, official: 1 hard-coded); `dilation` spaces the
+  `kernel_conv` (padding `kernel_conv // 2`; the official hard-codes 1, which runs only for
+  `3 <= kernel_conv <= stride + 2`, and `OfficialACmix` keeps it there); `dilation` spaces the
   attention window (official: crashes; the conv branch stays undilated, as official); maps not
   larger than the padding use repeated reflection (`numpy.pad` "reflect"; official: crashes).
 - Rejected at construction: even `kernel_att`/`kernel_conv`, `out_planes % head != 0`.
@@ -189,6 +190,7 @@ class ACmix(nn.Module):
         self.fc = nn.Conv2d(3 * num_heads, kc2, kernel_size=1, bias=False, **factory)
         self.dep_conv = nn.Conv2d(kc2 * self.head_dim, out_channels, kernel_size=kernel_conv, bias=False,
                                   groups=self.head_dim, padding=kernel_conv // 2, stride=stride, **factory)
+        self.conv_padding = (kernel_conv // 2, kernel_conv // 2)  # dep_conv's (top/left, bottom/right)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -229,7 +231,7 @@ class ACmix(nn.Module):
             want = self.conv1.weight.dtype
             raise TypeError(f"{who} expects x with the parameters' dtype {want}, got {x.dtype}")
         batch, height, width = sizes["B"], sizes["H"], sizes["W"]
-        h, d, s, kc = self.num_heads, self.head_dim, self.stride, self.kernel_conv
+        h, d, s = self.num_heads, self.head_dim, self.stride
         out_h, out_w = -(-height // s), -(-width // s)
         projections = (self.conv1, self.conv2, self.conv3)  # one 1x1 convolution for q, k, v
         weight = torch.cat([c.weight for c in projections])  # (3*h*d, C, 1, 1)
@@ -253,7 +255,10 @@ class ACmix(nn.Module):
         mixed = torch.einsum("ojuv,jt->otuv", self.dep_conv.weight, fc)  # (h*d, 3h, kc, kc)
         grouped = qkv.reshape(batch, 3 * h, d, height, width).transpose(1, 2)  # (B, d, 3h, H, W)
         grouped = grouped.reshape(batch, d * 3 * h, height, width)  # channel c*3h + t*h + g
-        conv = F.conv2d(grouped, mixed * self.rate2, None, s, kc // 2, 1, d)  # (B, h*d, Ho, Wo)
+        before, after = self.conv_padding
+        if before != after:  # the official's padding 1 with a larger kernel: pad so that Ho = ceil(H/s)
+            grouped, before = F.pad(grouped, (before, after, before, after)), 0
+        conv = F.conv2d(grouped, mixed * self.rate2, None, s, before, 1, d)  # (B, h*d, Ho, Wo)
         out = torch.addcmul(conv, self.rate1, att.reshape(batch, h * d, out_h, out_w))  # (B, h*d, Ho, Wo)
         if not need_weights:
             return out
@@ -269,7 +274,9 @@ class OfficialACmix(ACmix):
     The official constructor (`out_planes` required), attribute names (`in_planes`, `out_planes`,
     `head`, `head_dim`, ...), `forward(x)`, state_dict and initialisation; the canonical `ACmix`
     with `channels = in_planes`, `out_channels = out_planes`, `num_heads = head`. Golden official
-    state_dicts load into it with `strict=True`.
+    state_dicts load into it with `strict=True`. `dep_conv` pads 1 at the top/left, as the official,
+    wherever the official runs (`3 <= kernel_conv <= stride + 2`, e.g. `kernel_conv=5, stride=3`);
+    other `kernel_conv` (which crash there) get the canonical `kernel_conv // 2`.
 
     Shape:
         - Input: `(B, in_planes, H, W)`.
@@ -290,6 +297,11 @@ class OfficialACmix(ACmix):
                  kernel_conv: int = 3, stride: int = 1, dilation: int = 1) -> None:
         super().__init__(in_planes, out_planes, kernel_att, head, kernel_conv, stride, dilation)
         self.in_planes, self.out_planes, self.head = in_planes, out_planes, head
+        if 3 <= self.kernel_conv <= self.stride + 2:
+            # The official dep_conv pads 1 whatever kernel_conv is, and its sizes fit exactly here: keep
+            # its taps (rows s*y - 1 .. s*y + kc - 2); the bottom/right padding only makes Ho = ceil(H/s).
+            self.conv_padding = (1, self.kernel_conv - 2)
+            self.dep_conv.padding = (1, 1)
 
     def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
         """`out` `(B, out_planes, ceil(H / stride), ceil(W / stride))` for `x` `(B, in_planes, H, W)`."""
