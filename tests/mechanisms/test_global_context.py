@@ -110,3 +110,37 @@ def test_errors_name_the_argument():
 def test_convert_dispatch():
     assert type(convert(timm_layers.create_attn("gca", 16))) is GlobalContextAdd
 
+
+
+def _official_context_block(m: GlobalContext, x: torch.Tensor) -> torch.Tensor:
+    """xvjiarui/GCNet ``ContextBlock.forward`` (pooling 'att'), written out in float64: its transforms are
+    conv -> ``LayerNorm([r, 1, 1])`` (torch's default eps 1e-5) -> ReLU -> conv."""
+    b, c, h, w = x.shape
+    mask = F.conv2d(x, m.conv_attn.weight, m.conv_attn.bias).view(b, 1, h * w).softmax(-1)  # (B, 1, HW)
+    context = (x.view(b, c, h * w) @ mask.transpose(1, 2)).view(b, c, 1, 1)
+
+    def transform(mlp: nn.Module) -> torch.Tensor:
+        hidden = F.conv2d(context, mlp.fc1.weight, mlp.fc1.bias)
+        hidden = F.layer_norm(hidden, hidden.shape[1:], mlp.norm.weight.view(-1, 1, 1),
+                              mlp.norm.bias.view(-1, 1, 1), eps=1e-5)
+        return F.conv2d(hidden.relu(), mlp.fc2.weight, mlp.fc2.bias)
+
+    out = x
+    if m.mlp_scale is not None:
+        out = out * transform(m.mlp_scale).sigmoid()
+    if m.mlp_add is not None:
+        out = out + transform(m.mlp_add)
+    return out
+
+
+@pytest.mark.parametrize("fuse_add,fuse_scale", [(True, False), (False, True), (True, True)])
+def test_official_gcnet_numbers_with_its_layernorm_eps(fuse_add, fuse_scale):
+    # The official ContextBlock's LayerNorm eps is 1e-5 (timm's 1e-6); the documented recipe matches it.
+    m = randomised(GlobalContext(13, rd_channels=3, fuse_add=fuse_add, fuse_scale=fuse_scale))
+    x = torch.randn(2, 13, 5, 3, dtype=D)
+    assert (m(x) - _official_context_block(m, x)).abs().max() > 1e-7  # eps 1e-6 by default (timm's)
+    for mlp in (m.mlp_add, m.mlp_scale):
+        if mlp is not None:
+            mlp.norm.eps = 1e-5
+    torch.testing.assert_close(m(x), _official_context_block(m, x), atol=1e-12, rtol=1e-12)
+    assert "eps 1e-5" in (attnzoo.mechanisms.global_context.__doc__ or "")

@@ -9,7 +9,11 @@ passed through a bottleneck ``fc1 -> LayerNorm -> act -> fc2`` and fused into ev
 addition (the paper's best, ``gca``) and/or as a sigmoid channel gate (timm's default, ``gc``).
 Both registered forms are timm's ``GlobalContext`` as ``create_attn`` builds them, with its
 state_dict keys. Deviations: timm's ``init_last_zero`` (stored, never used) is dropped; turning off
-both fusions (timm: an identity with unused weights) raises ``ValueError``.
+both fusions (timm: an identity with unused weights) raises ``ValueError``. The official GCNet
+``ContextBlock`` (xvjiarui/GCNet) normalises with ``LayerNorm([r, 1, 1])``, eps 1e-5, where timm (and
+this class) use 1e-6; set ``norm.eps = 1e-5`` on ``mlp_add`` / ``mlp_scale`` for its numbers (its keys
+``channel_add_conv.{0,1,3}`` / ``channel_mul_conv.*`` map to ``fc1``, ``norm`` (weight flattened),
+``fc2``; ``conv_mask`` to ``conv_attn``; ``pooling_type='avg'`` is ``use_attn=False``).
 """
 
 from __future__ import annotations
