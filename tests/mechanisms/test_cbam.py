@@ -330,3 +330,37 @@ def test_timm_resnet_takes_cbam():
 @pytest.mark.parametrize("cls", [ChannelAttention, SpatialAttention, ResidualCBAM])
 def test_timm_resnet_takes_the_other_cbam_classes(cls):
     check_resnet_forward(cls)
+
+
+class _OfficialCBAM(nn.Module):
+    """Jongchan/attention-module's CBAM (ChannelGate with avg and max, SpatialGate), written from its code:
+    a Linear MLP with biases on `C // r` hidden units, max-then-mean channel pool, conv + BatchNorm
+    (momentum 0.01) with no ReLU."""
+
+    def __init__(self, c: int, r: int) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(c, c // r), nn.ReLU(), nn.Linear(c // r, c))
+        self.conv = nn.Conv2d(2, 1, 7, padding=3, bias=False)
+        self.bn = nn.BatchNorm2d(1, eps=1e-5, momentum=0.01)
+
+    def forward(self, x):
+        pooled = (F.avg_pool2d(x, x.shape[2:]).flatten(1), F.max_pool2d(x, x.shape[2:]).flatten(1))
+        x = x * torch.sigmoid(sum(self.mlp(p) for p in pooled))[:, :, None, None]
+        compress = torch.cat([x.max(1, keepdim=True)[0], x.mean(1, keepdim=True)], 1)
+        return x * torch.sigmoid(self.bn(self.conv(compress)))
+
+
+@pytest.mark.parametrize(("c", "r"), [(40, 16), (64, 16), (13, 4)])
+@pytest.mark.parametrize("train", [False, True])
+def test_the_docstrings_recipe_gives_the_official_cbam(c, r, train):
+    """The module docstring's settings reproduce the official code (its floor of C / r included)."""
+    ours = randomize(CBAM(c, rd_channels=c // r, bias=True, pool_order="max_mean", norm_layer=nn.BatchNorm2d))
+    official = _OfficialCBAM(c, r)
+    with torch.no_grad():  # by position: the MLP's 1x1 convolutions are the Linear layers
+        flat = [*ours.parameters(), *ours.buffers()]
+        for mine, theirs in zip(flat, [*official.parameters(), *official.buffers()], strict=True):
+            theirs.copy_(mine.reshape(theirs.shape))
+    ours, official = ours.to(D).train(train), official.to(D).train(train)
+    x = torch.randn(2, c, 7, 5, dtype=D)
+    torch.testing.assert_close(ours(x), official(x), **TOL)
+    assert CBAM(40, 16).ca.rd_channels == 3  # the default rounds 2.5 up where the official floors it

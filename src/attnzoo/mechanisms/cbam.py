@@ -18,6 +18,9 @@ unless `norm_layer=nn.BatchNorm2d` (the official code and timm have one). The se
 `attnzoo.mechanisms.cbam_seed` and `attnzoo.compat`. Options for other ports: the spatial
 convolution's `bias`, the order of its two pooled maps (`pool_order`), any odd `kernel_size`, and the
 block's `residual` (fightingcv's `CBAMBlock` has all four: see `attnzoo.convert.from_fightingcv`).
+The official code (Jongchan/attention-module) is `CBAM(C, rd_channels=C // reduction, bias=True,
+pool_order="max_mean", norm_layer=nn.BatchNorm2d)`: it floors `C / reduction` where attnzoo rounds
+(40 / 16: 2 against 3), and its BatchNorm's momentum 0.01 changes only the running statistics.
 """
 
 from __future__ import annotations
