@@ -126,7 +126,8 @@ def small_map_window(
     side and the shift is 0 (one window covers the side: shifting would only wrap the map onto
     itself). This is timm's `SwinTransformerBlock._calc_window_shift` (per dimension); the official
     block's `if min(input_resolution) <= window_size: shift_size = 0; window_size =
-    min(input_resolution)` is the same rule for square maps and windows; torchvision's
+    min(input_resolution)` is the same rule for square maps and windows (on a (4, 8) map with window
+    4 the official drops the shift on both axes and shrinks nothing; this keeps the W shift); torchvision's
     `shifted_window_attention` drops the shift under the same condition but pads the map up to the
     window instead of shrinking the window.
 
