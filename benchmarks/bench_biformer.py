@@ -12,6 +12,7 @@ output before timing.
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
@@ -223,6 +224,9 @@ def make_step(case: str, which: str):  # noqa: ANN201 (zero-argument step for pe
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rounds", type=int, default=7, help="alternating timing rounds per case")
+    args = parser.parse_args()
     ensure_malloc_env()
     here = os.path.dirname(os.path.abspath(__file__))
     os.environ["PYTHONPATH"] = os.pathsep.join([here, os.environ.get("PYTHONPATH", "")])
@@ -236,7 +240,7 @@ def main() -> None:
         if err > 1e-3:
             raise RuntimeError(f"{case}: attnzoo and the reference differ by {err}")
         steps = {"ours": train_step(ours, [x]), "ref": train_step(ref, [x])}
-        timing = alternate(steps, rounds=7, warmup=2)
+        timing = alternate(steps, rounds=args.rounds, warmup=2)
         flops = count_flops(steps["ours"])
         mem = {k: peak_memory("bench_biformer:make_step", {"case": case, "which": k}) / 2**20 for k in steps}
         rows.append(

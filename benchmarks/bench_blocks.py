@@ -14,6 +14,7 @@ GFLOP/s and peak memory. Run: ``PYTHONPATH=src python benchmarks/bench_blocks.py
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import os
 import platform
@@ -73,6 +74,9 @@ def make_step(name: str, causal: bool) -> Callable[[], object]:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rounds", type=int, default=9, help="alternating timing rounds per mask")
+    args = parser.parse_args()
     ensure_malloc_env()
     torch.set_num_threads(2)
     names = ["attnzoo", "torch_mha"] + (["keras"] if HAVE_KERAS else [])
@@ -82,7 +86,7 @@ def main() -> None:
         modules = {n: build(n, causal) for n in names}
         steps = {n: train_step(m, [x]) for n, m in modules.items()}
         flops = count_flops(steps["attnzoo"])
-        timing = alternate(steps, rounds=9, warmup=2)
+        timing = alternate(steps, rounds=args.rounds, warmup=2)
         for n in names:
             mem = peak_memory("benchmarks.bench_blocks:make_step", {"name": n, "causal": causal})
             ratio = "1.00" if n == "attnzoo" else f"{timing.ratio('attnzoo', n):.2f}"

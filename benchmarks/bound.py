@@ -16,6 +16,7 @@ input's and the weights' gradients.
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from collections import Counter
@@ -143,6 +144,8 @@ def lower_bound(
 
 if __name__ == "__main__":
     from attnzoo.cli.harness import train_step
+
+    argparse.ArgumentParser(description=__doc__).parse_args()  # no options: --help, or refuse others
 
     layer = torch.nn.Linear(1024, 1024)
     x = torch.randn(4096, 1024)

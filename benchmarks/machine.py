@@ -5,6 +5,7 @@ Run: python benchmarks/machine.py
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import sys
@@ -77,6 +78,7 @@ def copy_gbps(numel: int = 64 * 2**20) -> float:
 
 
 if __name__ == "__main__":
+    argparse.ArgumentParser(description=__doc__).parse_args()  # no options: --help, or refuse others
     ensure_malloc_env()
     print(f"machine: {describe_machine()}, torch {torch.__version__}")
     print(f"float32 GEMM 2048^3: {gemm_gflops():.0f} GFLOP/s")

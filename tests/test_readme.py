@@ -47,7 +47,7 @@ def test_quickstart_code_runs():
 _INTEGRATIONS = {
     **{name: name for name in ("timm", "torchvision", "keras", "matplotlib", "onnx", "onnxruntime",
                                "onnxscript", "mkdocs", "mkdocstrings", "ruff", "mypy", "hypothesis",
-                               "numpy", "latex2mathml", "safetensors")},
+                               "numpy", "latex2mathml", "safetensors", "setuptools")},
     "fightingcv_attention": "fightingcv-attention",
 }
 

@@ -307,6 +307,21 @@ def test_missing_keras_gives_a_clear_import_error(monkeypatch):
         akeras.self_attention((5, 8), num_heads=2, key_dim=4)
 
 
+@pytest.mark.parametrize("missing_keras", [False, True])
+def test_keras_converters_refuse_what_is_not_a_keras_model(monkeypatch, missing_keras):
+    from attnzoo.blocks.convert import from_keras, keras_layer_weights, load_keras_weights
+
+    if missing_keras:
+        monkeypatch.setitem(sys.modules, "keras", None)  # find_spec("keras") -> None
+    hint = r" \(Keras is not installed: pip install 'attnzoo\[keras\]'\)" if missing_keras else ""
+    block = SelfAttentionBlock(8, 2, 4)  # a torch module where the Keras model belongs
+    for call, name in ((lambda: from_keras(block), "from_keras"),
+                       (lambda: keras_layer_weights(block), "keras_layer_weights"),
+                       (lambda: load_keras_weights(block, object()), "load_keras_weights")):
+        with pytest.raises(TypeError, match=rf"^{name} expects a Keras model .*got .*{hint}$"):
+            call()
+
+
 def test_toy_transformer_example_builds_its_task_and_learns():
     spec = importlib.util.spec_from_file_location("transformer_toy", ROOT / "examples" / "transformer_toy.py")
     toy = importlib.util.module_from_spec(spec)

@@ -16,6 +16,7 @@ Keras is not imported here; the functions take Keras objects (any backend).
 
 from __future__ import annotations
 
+import importlib.util
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
@@ -49,6 +50,19 @@ def _tensor(variable: Any) -> Tensor:
     return torch.as_tensor(np.asarray(variable.numpy()).copy())
 
 
+def _check_model(model: Any, caller: str) -> None:
+    """Refuse what is not a Keras model up front: attribute look-ups below would fail on it with an
+    AttributeError, or find no layers and convert nothing."""
+    if all(hasattr(model, attr) for attr in ("layers", "get_layer", "name")):
+        return
+    missing = importlib.util.find_spec("keras") is None
+    hint = " (Keras is not installed: pip install 'attnzoo[keras]')" if missing else ""
+    raise TypeError(
+        f"{caller} expects a Keras model (keras.Model, e.g. from attnzoo.blocks.keras's builders), "
+        f"got {type(model).__module__}.{type(model).__qualname__}{hint}"
+    )
+
+
 def _walk(model: Any) -> Iterator[Any]:
     for layer in getattr(model, "layers", ()):
         if hasattr(layer, "layers") and type(layer).__name__ in ("Functional", "Sequential", "Model"):
@@ -66,9 +80,11 @@ def keras_layer_weights(model: Any) -> dict[str, dict[str, Tensor]]:
         {"weight": ..., "bias": ...}}`).
 
     Raises:
+        TypeError: `model` is not a Keras model.
         ValueError: two layers share a name (give each block its own `prefix`), or a layer with
             weights has a type this converter does not know.
     """
+    _check_model(model, "keras_layer_weights")
     names = Counter(layer.name for layer in _walk(model))
     twice = sorted(n for n, c in names.items() if c > 1)
     if twice:
@@ -118,9 +134,11 @@ def load_keras_weights(module: nn.Module, model: Any, *, strict: bool = True) ->
         `module`, with its parameters overwritten (dtype and device kept).
 
     Raises:
+        TypeError: `model` is not a Keras model.
         ValueError: a name matches several PyTorch sub-modules, a shape differs (named with the
             expected and the given shape), or, with `strict`, something is left unmatched.
     """
+    _check_model(model, "load_keras_weights")
     weights = keras_layer_weights(model)
     found: dict[str, list[tuple[str, nn.Module]]] = {}
     for path, sub in module.named_modules():
@@ -195,8 +213,10 @@ def from_keras(model: Any) -> nn.Module:
     `use_causal_mask`, read from the attention layer's call).
 
     Raises:
+        TypeError: `model` is not a Keras model.
         ValueError: the model is not one of those three blocks.
     """
+    _check_model(model, "from_keras")
     name = model.name
     prefix, _, kind = name.rpartition("_")
     if kind == "att" and prefix:
