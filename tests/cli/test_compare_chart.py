@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import struct
 from pathlib import Path
 
 import pytest
@@ -71,3 +72,5 @@ def test_a_few_spread_points_get_one_panel(tmp_path, monkeypatch):
     ]
     panels = _draw(rows, tmp_path, monkeypatch)
     assert len(panels) == 1 and sorted(panels[0][0]) == ["cbam", "none", "se", "sk"]
+    width, height = struct.unpack(">II", (tmp_path / "c.png").read_bytes()[16:24])  # PNG header
+    assert height / width < 0.7, "one panel: no blank room left for a second"

@@ -160,8 +160,9 @@ def _draw_points(ax: Any, done: Sequence[dict[str, Any]], base: dict[str, Any] |
     ax.grid(alpha=0.3)
 
 
-def _zoom(ax: Any, zoom: Any, box: tuple[float, ...], log: bool) -> Any:
-    """Set `zoom` to `box` and outline the box on `ax`, with a caption; returns the caption."""
+def _zoom(ax: Any, zoom: Any, box: tuple[float, ...], log: bool) -> None:
+    """Set `zoom` to `box` and outline the box on `ax` (the zoom's title names the outline: a caption
+    inside the box would sit on its points)."""
     from matplotlib.patches import Rectangle
 
     x0, x1, y0, y1 = box
@@ -175,8 +176,6 @@ def _zoom(ax: Any, zoom: Any, box: tuple[float, ...], log: bool) -> Any:
     zoom.set_title("the crowded corner, enlarged (the dashed box above)", fontsize=11)
     outline = Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ls="--", lw=1.0, color="#555555", zorder=2)
     ax.add_patch(outline)
-    return ax.annotate("enlarged below", (x1, y0), xytext=(-3, 3), textcoords="offset points",
-                       ha="right", va="bottom", fontsize=9, color="#555555")
 
 
 def compare_chart(rows: Sequence[dict[str, Any]], path: str | os.PathLike[str], *, title: str) -> None:
@@ -196,7 +195,7 @@ def compare_chart(rows: Sequence[dict[str, Any]], path: str | os.PathLike[str], 
     done = [r for r in rows if r.get("latency_ms") is not None and r.get("accuracy") is not None]
     base = next((r for r in done if r["name"] == "none"), None)
     with plt.rc_context(STYLE):
-        fig, (ax, zoom) = plt.subplots(2, 1, figsize=(12.5, 14), layout="constrained", height_ratios=(1, 1))
+        fig, ax = plt.subplots(figsize=(12.5, 7.5), layout="constrained")
         styles = _family_styles(sorted({r["family"] for r in done if r is not base}))
         _draw_points(ax, done, base, styles, legend=True)
         latencies = [r["latency_ms"] for r in done] or [1.0]
@@ -236,22 +235,22 @@ def compare_chart(rows: Sequence[dict[str, Any]], path: str | os.PathLike[str], 
         fig.suptitle(title)
         fig.canvas.draw()
         named = [(r["latency_ms"], 100 * r["accuracy"], r["name"]) for r in done]
-        box = _crowded_box(ax, named)
-        if box is None:  # room for every label in place: one panel
-            fig.delaxes(zoom)
-            fig.set_size_inches(12.5, 7.5)
-            inner: list[tuple[float, float, str]] = []
-            avoid = [chance]
-        else:
+        box = _crowded_box(ax, named)  # measured on the one-panel chart
+        inner: list[tuple[float, float, str]] = []
+        if box is not None:  # a second panel below, as tall as the first, enlarges the crowded corner
+            fig.set_size_inches(12.5, 14)
+            rows_of_two = fig.add_gridspec(2, 1)
+            ax.set_subplotspec(rows_of_two[0])
+            zoom = fig.add_subplot(rows_of_two[1])
             _draw_points(zoom, done, base, styles, legend=False)
-            avoid = [chance, _zoom(ax, zoom, box, log)]
+            _zoom(ax, zoom, box, log)
             inner = [p for p in named if _inside(box, p[0], p[1])]
         fig.canvas.draw()
         star = [] if base is None else [(base["latency_ms"], 100 * base["accuracy"])]
         outside = [p for p in named if p not in inner]
         # the outlined corner is kept free of the outer points' labels
         region = [] if box is None else [_region(ax, box)]
-        _place_labels(ax, outside, fontsize=10, avoid=[*avoid, *region], big=star)
+        _place_labels(ax, outside, fontsize=10, avoid=[chance, *region], big=star)
         if inner:
             _place_labels(zoom, inner, fontsize=10, big=star)
         fig.savefig(path)
