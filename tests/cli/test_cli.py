@@ -265,6 +265,25 @@ def test_debug_shows_the_traceback():
         # the format is refused before any training (it failed in matplotlib after it)
         (["maps", "se", "--out", "maps.txt"], "--out expects a picture file (avif, eps"),
         (["demo", "--attention", "se", "--out", "demo.txt"], "--out expects a picture file"),
+        # a chart format matplotlib lacks is refused before the measurements (it failed after them)
+        (["bench", "se", "--input", "1x4x4x4", "--memory", "off", "--plot", "b.txt"],
+         "--plot expects a picture file (avif"),
+        # an empty file name or input was ignored (the default used) or failed only after the work
+        (["bench", "se", "--input", "1x4x4x4", "--memory", "off", "-o", ""], "-o/--output expects a file"),
+        (["bench", "se", "--input", "1x4x4x4", "--memory", "off", "--plot", ""], "--plot expects a file"),
+        (["demo", "--attention", "se", "--epochs", "1", "--train-size", "4", "--test-size", "4", "--out", "",
+          "--json", ""], "--json expects a file name, got ''"),
+        (["bench", "se", "--memory", "off", "--rounds", "1", "--input", ""], "--input expects a value"),
+        (["info", "se", "--input", ""], "--input expects a value, got ''"),
+        (["list", "--family", "gating", "--input", ""], "--input expects a value, got ''"),
+        # an empty name ran nothing (bench) or only the baseline (demo)
+        (["bench", "", "--input", "1x4x4x4", "--memory", "off"], "a mechanism name is expected"),
+        (["demo", "--attention", "", "--epochs", "1", "--train-size", "4", "--test-size", "4", "--out", ""],
+         "a mechanism name is expected (such as se or se,cbam), got ''"),
+        # 0 raised ZeroDivisionError; a negative size trained nothing and reported untrained accuracy
+        (["demo", "--batch-size", "0", "--attention", "se", "--out", ""], "--batch-size expects a positive"),
+        (["demo", "--batch-size", "-4", "--attention", "se", "--epochs", "1", "--train-size", "4",
+          "--test-size", "4", "--out", ""], "--batch-size expects a positive count, got -4"),
     ],
 )
 def test_user_errors_in_process(argv, message, capsys):
@@ -274,6 +293,21 @@ def test_user_errors_in_process(argv, message, capsys):
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
+
+
+@pytest.mark.parametrize("option", [("--image", ""), ("--queries", "0.5"), ("--queries", "0.5,0.2,0.9")])
+def test_maps_refuses_an_empty_image_and_points_that_are_not_y_x(option, tmp_path, capsys):
+    """`--image ''` drew the sample image; a point of one or three values was drawn at another point."""
+    out = tmp_path / "m.png"
+    assert cli.main(["maps", "se", "--train", "0", "--out", str(out), *option]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and option[0] + " expects" in err[0] and not out.exists()
+
+
+def test_list_names_the_axes_of_the_input_it_was_given(capsys):
+    assert cli.main(["list", "--family", "gating", "--input", "1x64x16"]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert "at input 1x64x16 (B x L x C," in first  # it said B x C x H x W for every input
 
 
 def test_bad_option_is_one_line(capsys):

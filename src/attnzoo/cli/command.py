@@ -84,9 +84,11 @@ def _cmd_list(args: argparse.Namespace) -> int:
         for r in rows
     ]
     notes = [f"  {r['name']}: cannot take {args.input}: {r['note']}" for r in rows if r["note"]]
+    # The input's own reading (a 3-D input is tokens, not B x C x H x W as the line always said).
+    axes = {3: "B x L x C", 4: "B x C x H x W", 5: "B x C x T x H x W"}[len(shape)]
     text = (
-        f"{len(rows)} mechanisms; params and forward FLOPs at input {args.input} (B x C x H x W, converted "
-        f"to each layout; SEQ2SEQ: one query against the H*W tokens)\n" + table(header, table_rows)
+        f"{len(rows)} mechanisms; params and forward FLOPs at input {args.input} ({axes}, converted "
+        f"to each layout; SEQ2SEQ: one query against the tokens)\n" + table(header, table_rows)
     )
     if notes:
         text += "\n\n" + "\n".join(notes)

@@ -113,10 +113,13 @@ OUTPUT_OPTIONS = {"output": "-o/--output", "plot": "--plot", "out": "--out", "cs
 
 
 def check_outputs(args: object) -> None:
-    """Refuse, before any work, an output file whose folder is missing or not writable: otherwise a
-    benchmark runs for minutes and then fails on `open`."""
+    """Refuse, before any work, an output file whose folder is missing or not writable, an empty file
+    name, a chart in a format matplotlib lacks, or an empty `--input`/`--image`: otherwise a benchmark
+    runs for minutes and then fails on `open`."""
     for attr, option in OUTPUT_OPTIONS.items():
         path = getattr(args, attr, None)
+        if path == "" and attr != "out":  # `demo --out ''` means no picture; maps refuses '' itself
+            raise CLIError(f"{option} expects a file name, got ''")
         if not path:
             continue
         folder = os.path.dirname(os.path.abspath(path))
@@ -126,6 +129,11 @@ def check_outputs(args: object) -> None:
             raise CLIError(f"{option} {path!r}: the folder {folder!r} is not writable")
         if os.path.isdir(path):
             raise CLIError(f"{option} {path!r} is a folder; expected a file name")
+        if attr == "plot":  # the chart is drawn last: a format matplotlib lacks failed after the work
+            check_picture_path(path, option)
+    for attr in ("input", "image"):  # '' silently fell back to the default input or sample image
+        if getattr(args, attr, None) == "":
+            raise CLIError(f"--{attr} expects a value, got ''; leave the option out for the default")
 
 
 def write_text(path: str, text: str) -> None:
@@ -159,6 +167,8 @@ def reason(err: BaseException) -> str:
 def resolve(names: Sequence[str]) -> list[Spec]:
     specs: list[Spec] = []
     for raw in names:
+        if not raw.strip(", "):  # `bench ''` ran nothing, `demo --attention ''` only the baseline
+            raise CLIError(f"a mechanism name is expected (such as se or se,cbam), got {raw!r}")
         for name in (n for n in raw.split(",") if n):
             spec = get_spec(name)
             if spec not in specs:

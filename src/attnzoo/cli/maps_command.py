@@ -35,14 +35,15 @@ def sample_image() -> str:
 def _parse_queries(text: str | None) -> list[tuple[float, ...]] | None:
     if text is None:
         return None
-    points = []
+    points: list[tuple[float, ...]] = []
     expected = f"--queries expects fractions in [0, 1] as 'y,x;y,x' such as 0.5,0.5;0.2,0.8, got {text!r}"
     for part in text.split(";"):
         try:
             point = tuple(float(v) for v in part.split(","))
         except ValueError:
             raise ValueError(expected) from None
-        if not all(0.0 <= v <= 1.0 for v in point):  # (NaN fails this too)
+        # A point is (y, x) on the 2-D map: one value or three were taken as some other point.
+        if len(point) != 2 or not all(0.0 <= v <= 1.0 for v in point):  # (NaN fails this too)
             raise ValueError(expected)
         points.append(point)
     return points
