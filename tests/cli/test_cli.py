@@ -357,6 +357,21 @@ def test_every_mechanism_builds_and_runs_on_a_map_or_says_why():
         assert torch.isfinite(out).all(), spec.name
 
 
+@pytest.mark.parametrize("shape", [(2, 64, 16), (1, 49, 24)])
+def test_every_mechanism_builds_on_a_square_token_input_or_says_why(shape):
+    """A square token sequence is a map: no mechanism may fail in its constructor on it (bottleneck was
+    given feat_size=(64,), the sequence's length)."""
+    for spec in SPECS:
+        try:
+            built = build(spec, shape)
+        except Unsupported as err:
+            assert "cannot be built with" not in str(err), f"{spec.name}: {err}"
+            continue
+        with torch.no_grad():
+            out = built.module.eval()(*built.inputs)
+        assert torch.isfinite(out[0] if isinstance(out, tuple) else out).all(), spec.name
+
+
 def test_build_nchw_keeps_the_map_shape():
     x = torch.randn(2, 16, 14, 14)
     for spec in SPECS:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnzoo._checks import check_divisible, check_int, check_shape
-from attnzoo._geometry import int_pair
+from attnzoo._geometry import grid2d, int_pair
 from attnzoo._registry import Example, register
 from attnzoo.functional import attend
 from attnzoo.maps.capture import capturing, record_rows
@@ -68,7 +68,7 @@ class RelPosTables(nn.Module):
     ),
     aliases=("bottleneck_attn", "botnet"),
     uses_attend=True,
-    for_input=lambda g: {"feat_size": tuple(g.spatial)},
+    for_input=lambda g: {"feat_size": grid2d(g)},  # a square token sequence is a map too
 )
 class BottleneckAttention(nn.Module):
     """BoTNet's multi-head self-attention with 2-D relative position logits (Srinivas et al., 2021).
