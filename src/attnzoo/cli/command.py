@@ -197,7 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def formats(p: argparse.ArgumentParser) -> None:
         p.add_argument("--format", choices=("table", "csv", "json"), default="table", help="output format")
-        p.add_argument("-o", "--output", default=None, help="write the output to this file instead of stdout")
+        p.add_argument("-o", "--output", default=None,
+                       help="write the --format output to this file (csv, json: the table still prints)")
 
     p = add("list", "table of every registered mechanism, with parameters and FLOPs", _cmd_list)
     p.add_argument("--family", default=None, help="only this family")
