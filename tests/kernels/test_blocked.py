@@ -137,6 +137,22 @@ def test_shifted_logits_match_attend_math(dtype):
         torch.testing.assert_close(g.double(), r, atol=tol * 10, rtol=tol)
 
 
+def test_a_nan_sample_leaves_the_others_unchanged():
+    """A NaN in one sample made the batch-wide logit bound NaN, which skipped the row-max shift: the other
+    samples' logits of a few hundred then overflowed exp2 and came out NaN. They must equal the float64
+    math path on the clean samples alone, values and gradients."""
+    q, k, v = (t * s for t, s in zip(tensors(torch.float32, 33, 40, 4, 6), (30.0, 30.0, 1.0), strict=True))
+    q[0, 3] = float("nan")
+    grad = torch.randn(2, 33, 6, generator=torch.Generator().manual_seed(2))
+    ts = [t.clone().requires_grad_() for t in (q, k, v)]
+    grads = torch.autograd.grad(out := blocked(*ts), ts, grad)
+    ref_ts = [t[1:].double().requires_grad_() for t in (q, k, v)]
+    ref_grads = torch.autograd.grad(ref := reference(*ref_ts), ref_ts, grad[1:].double())
+    torch.testing.assert_close(out[1:].double(), ref, atol=1e-5, rtol=1e-5)
+    for g, r in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g[1:].double(), r, atol=1e-4, rtol=1e-4)
+
+
 def test_compiles_in_one_graph_in_training():
     """The fused path chose its query split by reading the thread count, a graph break: torch.compile with
     fullgraph=True failed for SAGAN-like attention (d < e) on inputs that require grad."""

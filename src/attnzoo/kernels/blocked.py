@@ -130,12 +130,14 @@ class _BlockedAttention(torch.autograd.Function):
         # |logit| <= bound = max |q_i| * max |k_j|. If 2 * bound + log(S) stays above the exponent
         # floor, neither exp(logit) here nor exp(logit - lse) in backward can overflow or go
         # subnormal, so the row maxima (two passes over every block) are not needed: softmax does not
-        # depend on the shift. Otherwise shift by the row maxima and clamp at the floor.
+        # depend on the shift. Otherwise shift by the row maxima and clamp at the floor. The bound spans
+        # the batch: a NaN in one sample makes it NaN, and then the shift must run (written as `not <=`,
+        # which NaN fails), or the other samples' large logits overflow without it.
         floor = _EXP_FLOOR[q.dtype]
         bound = 0.0
         if q.numel() and k.numel():
             bound = abs(scale) * float(q.norm(dim=-1).amax() * k.norm(dim=-1).amax())
-        shift = 2 * bound + math.log(max(length_k, 1)) > -floor
+        shift = not 2 * bound + math.log(max(length_k, 1)) <= -floor
         maxes = q.new_empty(batch, length_q, 1) if shift else None
         for start in range(0, length_q, rows):
             stop = min(start + rows, length_q)
