@@ -25,28 +25,35 @@ AttentionArg = str | Callable[[int], nn.Module] | nn.Module
 class LayoutAdapter(nn.Module):
     """Runs a module that wants another layout on this network's layout, and back.
 
-    `NCHW -> NHWC` permutes; `NCHW -> NLC` flattens the map into `(B, H*W, C)` tokens.
+    The network's maps are `NCHW` (a CNN) or `NHWC` (Swin's stages); the module takes `NCHW`, `NHWC`
+    or `NLC` (the map flattened into `(B, H*W, C)` tokens).
 
     Shape:
-        - Input: `(B, C, H, W)`; output: the wrapped module's output in `(B, C, H, W)`.
+        - Input: a map in the `outer` layout; output: the wrapped module's output in the same layout.
     """
+
+    _OUTER = ("NCHW", "NHWC")
+    _INNER = ("NCHW", "NHWC", "NLC")
 
     def __init__(self, module: nn.Module, outer: str, inner: str) -> None:
         super().__init__()
-        if (outer, inner) not in (("NCHW", "NHWC"), ("NCHW", "NLC")):
-            raise ValueError(f"LayoutAdapter supports NCHW -> NHWC or NLC, got {outer} -> {inner}")
+        if outer not in self._OUTER or inner not in self._INNER or outer == inner:
+            raise ValueError(f"LayoutAdapter supports NCHW or NHWC -> another of NCHW, NHWC, NLC, "
+                             f"got {outer} -> {inner}")
         self.module = module
         self.outer, self.inner = outer, inner
 
     def forward(self, x: Tensor) -> Tensor:
-        """Move channels last for the wrapped module and back: `(B, C, H, W) -> (B, C, H, W)`."""
-        b, c, h, w = x.shape
-        y = x.permute(0, 2, 3, 1)  # (B, H, W, C)
+        """Move the map into the module's layout and back (through channels-last `(B, H, W, C)`)."""
+        y = x.permute(0, 2, 3, 1) if self.outer == "NCHW" else x  # (B, H, W, C)
+        b, h, w, c = y.shape
         if self.inner == "NLC":
             y = self.module(y.reshape(b, h * w, c)).reshape(b, h, w, -1)  # (B, H*W, C) -> (B, H, W, C)
+        elif self.inner == "NCHW":
+            y = self.module(y.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         else:
             y = self.module(y)
-        return y.permute(0, 3, 1, 2)  # (B, C, H, W)
+        return y.permute(0, 3, 1, 2) if self.outer == "NCHW" else y
 
     def extra_repr(self) -> str:
         return f"{self.outer} -> {self.inner}"
@@ -108,7 +115,7 @@ def build_for_place(
         module = module.to(**placement)
     if inner == outer:
         return module
-    if outer == "NCHW" and inner in ("NHWC", "NLC"):
+    if outer in LayoutAdapter._OUTER and inner in LayoutAdapter._INNER:
         return LayoutAdapter(module, outer, inner)
     raise ValueError(f"{spec.name!r} takes {inner} input but {place} carries {outer} tensors")
 
@@ -131,7 +138,11 @@ class _ShapeGuardBefore(_ShapeGuard):
 
 
 def _guarded(attention: nn.Module, x: Tensor, place: str, what: str) -> Tensor:
-    y = attention(x)
+    return _kept(x, attention(x), place, what)
+
+
+def _kept(x: Tensor, y: Any, place: str, what: str) -> Tensor:
+    """`y` (the first of a tuple) when it has `x`'s shape; a `ValueError` naming the place otherwise."""
     if isinstance(y, tuple):
         y = y[0]
     if not isinstance(y, Tensor) or y.shape != x.shape:

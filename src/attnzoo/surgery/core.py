@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from attnzoo._checks import format_shape
-from attnzoo.surgery.adapters import AttentionArg, _attach, _describe, _guarded, build_for_place
+from attnzoo.surgery.adapters import AttentionArg, _attach, _describe, _kept, build_for_place
 from attnzoo.surgery.places import Where, _Site, _site_shape, _sites, _verify, check_model
 from attnzoo.surgery.rollback import undo_on_error
 
@@ -75,12 +75,14 @@ def insert(
     if position not in ("after", "before"):
         raise ValueError(f"insert: position must be 'after' or 'before', got {position!r}")
     sites = _sites(model, where, example_input)
-    what = f"{_describe(attention)} inserted {position}"
+    what = f"{_describe(attention)} inserted {position} the module"
     built = []
     for site in sites:
         channels, layout = _site_shape(site, use_input=position == "before")
-        built.append((site, build_for_place(attention, channels, layout, dict(kwargs), site.name,
-                                                   like=(site.module, model))))
+        module = build_for_place(attention, channels, layout, dict(kwargs), site.name,
+                                 like=(site.module, model))
+        _fits_place(site, module, site.shape_in if position == "before" else site.shape_out, "insert", what)
+        built.append((site, module))
     # Attach only once every place built; a place that fails to attach, or a failing check forward,
     # undoes every change, so an error leaves the model as it was.
     with undo_on_error(model, "insert"):
@@ -160,7 +162,8 @@ def replace(
         channels, layout = _site_shape(site, use_input=True)
         module = build_for_place(attention, channels, layout, dict(kwargs), site.name,
                                  like=(site.module, model))
-        _keeps_shape(site, module, f"{_describe(attention)} replacing it")
+        _fits_place(site, module, site.shape_in if site.shape_out is not None else None, "replace",
+                    f"{_describe(attention)} replacing it")
         built.append((site, module))
     with undo_on_error(model, "replace"):
         for site, module in built:
@@ -171,27 +174,29 @@ def replace(
     return [site.name for site, _ in built]
 
 
-def _keeps_shape(site: _Site, module: nn.Module, what: str) -> None:
-    """With a measured place, run the new module alone on a tensor of the place's input shape (eval, no
-    gradients), so one that changes the shape is refused by place before the model changes."""
-    if site.shape_in is None or site.shape_out is None:
+def _fits_place(site: _Site, module: nn.Module, shape: tuple[int, ...] | None, who: str, what: str) -> None:
+    """With a measured place, run the new module alone on a tensor of the shape it will get there (eval, no
+    gradients), so one that refuses that tensor or changes its shape is refused by place before the model
+    changes (its own error, raised later in the check forward, would not say which place it was at)."""
+    if shape is None:
         return
     like = next((t for t in module.parameters() if t.is_floating_point()), None)
     dtype = like.dtype if like is not None else torch.get_default_dtype()
     device = like.device if like is not None else torch.device("cpu")
     own = torch.Generator(device=device).manual_seed(0)  # the user's random stream stays where it was
-    x = torch.randn(site.shape_in, dtype=dtype, device=device, generator=own)
-    was_training = module.training
+    x = torch.randn(shape, dtype=dtype, device=device, generator=own)
+    flags = [(m, m.training) for m in module.modules()]  # each as it was (a frozen BatchNorm stays frozen)
     try:
         with torch.no_grad():
-            _guarded(module.eval(), x, site.name, what)
-    except (ValueError, TypeError):
-        raise
-    except Exception as err:  # raised deep inside the new module: say where it was going
-        raise ValueError(f"replace: the {what} at {site.name} fails on its input "
-                         f"{format_shape(site.shape_in)}: {err}") from err
+            y = module.eval()(x)
+    except Exception as err:  # the module's own check or a raw error deep inside: say where it was going
+        kind = TypeError if isinstance(err, TypeError) else ValueError
+        raise kind(f"{who}: the {what} at {site.name} fails on its input {format_shape(shape)}: "
+                   f"{err}") from err
     finally:
-        module.train(was_training)
+        for m, training in flags:
+            m.training = training
+    _kept(x, y, site.name, what)
 
 
 def _convert_instances(

@@ -93,20 +93,35 @@ class _Site:
     shape_in: tuple[int, ...] | None = None
     shape_out: tuple[int, ...] | None = None
     calls: int = 0
+    # The last layout-telling module that ran before its input and before its output (anywhere in the
+    # model), by the size of the axis it acts on: ("C", n) for a conv or batch norm (the channels on axis
+    # 1), ("last", n) for a linear or layer norm.
+    leaf_in: tuple[str, int] | None = None
+    leaf_out: tuple[str, int] | None = None
 
 
 def _trace(model: nn.Module, sites: list[_Site], example_input: Any) -> None:
     """One forward of `example_input` recording each site's input and output shapes and calls."""
-    handles = []
+    latest: list[tuple[str, int] | None] = [None]  # the last layout-telling module's axis so far
+
+    def leaf(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        latest[0] = _leaf_axis(module)
+
+    # Registered before the sites' hooks, so a site that is such a module itself counts as its own producer.
+    handles = [m.register_forward_hook(leaf) for m in model.modules() if _leaf_axis(m) is not None]
     for site in sites:
+
+        def pre(module: nn.Module, args: tuple[Any, ...], site: _Site = site) -> None:
+            site.leaf_in = latest[0]
 
         def hook(module: nn.Module, args: tuple[Any, ...], output: Any, site: _Site = site) -> None:
             site.calls += 1
             first = args[0] if args else None
             site.shape_in = tuple(first.shape) if isinstance(first, Tensor) else None
             site.shape_out = tuple(output.shape) if isinstance(output, Tensor) else None
+            site.leaf_out = latest[0]
 
-        handles.append(site.module.register_forward_hook(hook))
+        handles += [site.module.register_forward_pre_hook(pre), site.module.register_forward_hook(hook)]
     try:
         _dry_run(model, example_input)
     except (RuntimeError, TypeError, ValueError, IndexError) as err:  # the user's model, untouched yet
@@ -117,6 +132,20 @@ def _trace(model: nn.Module, sites: list[_Site], example_input: Any) -> None:
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _leaf_axis(module: nn.Module) -> tuple[str, int] | None:
+    """The axis whose size a module's output shows: the channels of a conv or a batch norm (axis 1), the
+    features of a linear or a layer norm (the last axis)."""
+    if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
+        return "C", module.out_channels
+    if isinstance(module, nn.BatchNorm2d):
+        return "C", module.num_features
+    if isinstance(module, nn.Linear):
+        return "last", module.out_features
+    if isinstance(module, nn.LayerNorm) and len(module.normalized_shape) == 1:
+        return "last", module.normalized_shape[0]
+    return None
 
 
 def _dry_run(model: nn.Module, example_input: Any) -> None:
@@ -158,13 +187,17 @@ def _shape_from_attributes(module: nn.Module) -> tuple[int, str] | None:
     return None
 
 
-def _layout_of(shape: tuple[int, ...]) -> str:
-    # A CNN's 4-D maps are NCHW, 5-D NCTHW; a 3-D tensor is taken as a token sequence (B, L, C).
+def _layout_of(shape: tuple[int, ...], leaf: tuple[str, int] | None = None) -> str:
+    # A CNN's 4-D maps are NCHW, 5-D NCTHW; a 3-D tensor is taken as a token sequence (B, L, C). A 4-D map
+    # made last by a linear or a layer norm whose features are its last axis (and not axis 1) is
+    # channels-last, as in Swin's stages: taken as NCHW, its height would pass for the channels.
+    if len(shape) == 4 and leaf is not None and leaf[0] == "last" and shape[-1] == leaf[1] != shape[1]:
+        return "NHWC"
     return {4: "NCHW", 5: "NCTHW", 3: "NLC"}.get(len(shape), "")
 
 
 def _channels(shape: tuple[int, ...], layout: str) -> int:
-    return shape[-1] if layout == "NLC" else shape[1]
+    return shape[-1] if layout in ("NLC", "NHWC") else shape[1]
 
 
 def _sites(model: nn.Module, where: Where, example_input: Any) -> list[_Site]:
@@ -187,7 +220,7 @@ def _sites(model: nn.Module, where: Where, example_input: Any) -> list[_Site]:
 def _site_shape(site: _Site, use_input: bool) -> tuple[int, str]:
     shape = site.shape_in if use_input else site.shape_out
     if shape is not None:
-        layout = _layout_of(shape)
+        layout = _layout_of(shape, site.leaf_in if use_input else site.leaf_out)
         if isinstance(site.module, (nn.Conv1d, nn.BatchNorm1d)) and len(shape) == 3:
             layout = "NCL"
         if not layout:
