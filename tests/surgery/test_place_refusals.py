@@ -30,15 +30,15 @@ class Plain(nn.Module):  # not a Sequential: an inserted module runs in a hook o
 @pytest.mark.parametrize("make", [lambda: nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 8, 1)),
                                   Plain], ids=["sequential", "hooked"])
 def test_insert_names_the_place_when_the_mechanism_refuses_its_input(make, position, shape):
-    """The mechanism's own refusal (a 32x32 map is 1024 tokens, AFT's default max_len is 64) came from the
-    check forward of the whole model and did not say at which of the selected places it was."""
+    """The mechanism's own refusal (a 32x32 map is 1024 tokens; the caller's max_len=64 wins over the one
+    that would fit) came from the check forward of the whole model and did not say at which place it was."""
     net = make()
     place = "1" if isinstance(net, nn.Sequential) else "head"
     x = torch.randn(2, 3, 32, 32)
     before = _structure(net)
     with pytest.raises(ValueError, match=rf"^insert: the attention 'aft_full' inserted {position} the module "
                                          rf"at {place} fails on its input {shape}: AFTFull expects at most"):
-        attnzoo.insert(net, "aft_full", place, position=position, example_input=x)
+        attnzoo.insert(net, "aft_full", place, position=position, example_input=x, max_len=64)
     assert _structure(net) == before
 
 
@@ -128,3 +128,25 @@ def test_layout_adapter_from_channels_last_round_trips(inner):
     torch.testing.assert_close(LayoutAdapter(Probe(), "NHWC", inner)(x), x)
     with pytest.raises(ValueError, match="got NHWC -> NHWC"):
         LayoutAdapter(Probe(), "NHWC", "NHWC")
+
+
+@pytest.mark.parametrize("name, attr, expected", [
+    ("bottleneck", "feat_size", (8, 8)),   # the relative tables of an 8 x 8 map, not the default 7 x 7
+    ("gfnet", "feat_size", (8, 8)),        # the filter of an 8 x 8 map, not 14 x 8
+    ("bra", "n_win", 4),                   # 4 x 4 regions of 2 x 2 pixels: the default 7 does not divide 8
+])
+def test_a_measured_place_builds_the_mechanism_for_its_map(name, attr, expected):
+    """With `example_input`, a registry name gets the arguments that fit its place's map (it used to keep
+    its defaults and be refused at most real places); arguments given by the caller still win."""
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, stride=4, padding=1), nn.ReLU(), nn.Conv2d(16, 8, 1))
+    x = torch.randn(2, 3, 32, 32)  # the map after the first convolution: 8 x 8
+    attnzoo.insert(net, name, "0", example_input=x)
+    cls = attnzoo.get_spec(name).cls
+    inner = next(m for m in net.modules() if isinstance(m, cls))  # inside its guard and layout adapter
+    value = getattr(inner, attr)
+    assert (tuple(value) if isinstance(value, (tuple, list)) else value) == expected
+    net(x).sum().backward()
+    bigger = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU())  # 16 x 16 at the place
+    attnzoo.insert(bigger, "aft_full", "0", example_input=x[..., :16, :16], max_len=512)
+    cls = attnzoo.get_spec("aft_full").cls
+    assert next(m for m in bigger.modules() if isinstance(m, cls)).max_len == 512

@@ -59,6 +59,27 @@ class LayoutAdapter(nn.Module):
         return f"{self.outer} -> {self.inner}"
 
 
+def _fitting_kwargs(spec: Any, shape: tuple[int, ...] | None, outer: str) -> dict[str, Any]:
+    """Constructor arguments that fit a map of `shape` (`outer` layout), or none where it has no such
+    reading (the module's own check then says why it cannot take the place)."""
+    from attnzoo._geometry import Geometry, Unsupported
+    from attnzoo.surgery.build import constructor_kwargs  # lazy: build imports this module
+
+    if shape is None or outer not in _SPATIAL_AXES:
+        return {}
+    channel_axis, spatial = _SPATIAL_AXES[outer]
+    geo = Geometry(shape[0], shape[channel_axis], tuple(shape[i] for i in spatial))
+    try:
+        return constructor_kwargs(spec, geo)
+    except Unsupported:
+        return {}
+
+
+# layout -> (channel axis, spatial axes) of a place's tensor
+_SPATIAL_AXES = {"NCHW": (1, (2, 3)), "NHWC": (3, (1, 2)), "NLC": (2, (1,)), "NCL": (1, (2,)),
+                 "NCTHW": (1, (2, 3, 4))}
+
+
 def channel_kwargs(cls: type[nn.Module], channels: int) -> dict[str, int]:
     """Constructor arguments that fix the channel count: the width (first argument, named by the
     vocabulary: `channels`, `dim` or `query_dim`) and `out_channels` where the class has it."""
@@ -73,10 +94,13 @@ def channel_kwargs(cls: type[nn.Module], channels: int) -> dict[str, int]:
 
 def build_for_place(
     attention: AttentionArg, channels: int, outer: str, kwargs: dict[str, Any], place: str,
-    like: tuple[nn.Module, ...] = (),
+    like: tuple[nn.Module, ...] = (), shape: tuple[int, ...] | None = None,
 ) -> nn.Module:
     """The attention for one place; one built from a registry name takes the device and dtype of the
-    first of `like` that has floating tensors (the selected module, then the model)."""
+    first of `like` that has floating tensors (the selected module, then the model). With the place's
+    measured `shape` (in the `outer` layout), a registry name also gets the arguments that fit that
+    map (windows, regions, tables, token counts: `attnzoo.surgery.build.constructor_kwargs`), below
+    the caller's own `kwargs`."""
     if isinstance(attention, nn.Module):
         if kwargs:
             raise ValueError(
@@ -93,7 +117,7 @@ def build_for_place(
         raise ValueError(
             f"{spec.name!r} scores a query against keys; it has no place inside a feed-forward network"
         )
-    args = {**channel_kwargs(spec.cls, channels), **kwargs}
+    args = {**channel_kwargs(spec.cls, channels), **_fitting_kwargs(spec, shape, outer), **kwargs}
     inner = spec.layout
     layout_param = inspect.signature(spec.cls.__init__).parameters.get("layout")
     if inner == "NHWC" and outer == "NCHW" and layout_param is not None:

@@ -79,9 +79,10 @@ def insert(
     built = []
     for site in sites:
         channels, layout = _site_shape(site, use_input=position == "before")
+        shape = site.shape_in if position == "before" else site.shape_out
         module = build_for_place(attention, channels, layout, dict(kwargs), site.name,
-                                 like=(site.module, model))
-        _fits_place(site, module, site.shape_in if position == "before" else site.shape_out, "insert", what)
+                                 like=(site.module, model), shape=shape)
+        _fits_place(site, module, shape, "insert", what)
         built.append((site, module))
     # Attach only once every place built; a place that fails to attach, or a failing check forward,
     # undoes every change, so an error leaves the model as it was.
@@ -161,7 +162,7 @@ def replace(
             site.shape_in = guess
         channels, layout = _site_shape(site, use_input=True)
         module = build_for_place(attention, channels, layout, dict(kwargs), site.name,
-                                 like=(site.module, model))
+                                 like=(site.module, model), shape=site.shape_in)
         _fits_place(site, module, site.shape_in if site.shape_out is not None else None, "replace",
                     f"{_describe(attention)} replacing it")
         built.append((site, module))
