@@ -221,3 +221,21 @@ def test_replace_takes_the_dotted_name_the_hints_print():
     for where in ("layers.0.self_attn", "torch.nn.modules.linear.Linear", "no.such.module.Class"):
         with pytest.raises(TypeError, match=rf"got where='{where}' and no attention"):
             attnzoo.replace(encoder(batch_first=True), where)
+
+
+def test_a_second_class_replace_changes_nothing_and_returns_no_places():
+    """Converting by class is idempotent: once every instance is attnzoo's, a second call finds none and
+    returns [] with the model as it was (a pattern that selects nothing is an error instead)."""
+    torch.manual_seed(0)
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, batch_first=True), 2,
+                                enable_nested_tensor=False).eval()
+    x = torch.randn(2, 5, 16)
+    first = attnzoo.replace(enc, nn.MultiheadAttention)
+    assert first == ["layers.0.self_attn", "layers.1.self_attn"]
+    before = {k: v.clone() for k, v in enc.state_dict().items()}
+    out = enc(x)
+    assert attnzoo.replace(enc, nn.MultiheadAttention) == []
+    torch.testing.assert_close(enc(x), out, rtol=0, atol=0)
+    assert all(torch.equal(v, before[k]) for k, v in enc.state_dict().items())
+    with pytest.raises(ValueError):
+        attnzoo.replace(enc, "no_such_place*", "se")

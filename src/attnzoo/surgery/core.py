@@ -108,7 +108,9 @@ def replace(
 
     Without ``attention``, ``where`` must be a foreign class that `attnzoo.convert` knows
     (``torch.nn.MultiheadAttention``, ...): every instance is converted with its weights and swapped in
-    place, so the model's output is unchanged and ``attnzoo.capture_maps`` now sees its attention.
+    place, so the model's output is unchanged and ``attnzoo.capture_maps`` now sees its attention. A
+    model with no instance left is returned as it is, with ``[]`` (so a second call changes nothing),
+    where a pattern that selects nothing is an error.
 
     Args:
         model: The network, changed in place.
