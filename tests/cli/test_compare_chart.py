@@ -43,7 +43,7 @@ def _labels_and_dots(ax):
     labels = {
         t.get_text(): Text.get_window_extent(t, renderer)
         for t in ax.texts
-        if isinstance(t, Annotation) and t.get_text() != "enlarged below" and "chance" not in t.get_text()
+        if isinstance(t, Annotation) and "chance" not in t.get_text()
     }
     dots = [ax.transData.transform(tuple(o)) for c in ax.collections for o in c.get_offsets()]
     return labels, dots

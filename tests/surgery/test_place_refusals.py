@@ -150,3 +150,12 @@ def test_a_measured_place_builds_the_mechanism_for_its_map(name, attr, expected)
     attnzoo.insert(bigger, "aft_full", "0", example_input=x[..., :16, :16], max_len=512)
     cls = attnzoo.get_spec("aft_full").cls
     assert next(m for m in bigger.modules() if isinstance(m, cls)).max_len == 512
+
+
+def test_replace_without_example_input_keeps_the_defaults():
+    """Without `example_input` the place's shape is a guess from the module's attributes, (1, C, 1, 1): it
+    was fitted as a 1 x 1 map, so BRA got one region (n_win=1, topk=1) and NAT a 1 x 1 neighbourhood."""
+    net = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.BatchNorm2d(64))
+    attnzoo.replace(net, "1", "bra")
+    assert (net[1].n_win, net[1].topk) == (7, 4)
+    net(torch.randn(1, 3, 28, 28))

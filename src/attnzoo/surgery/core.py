@@ -156,6 +156,7 @@ def replace(
                 f"{site.name} maps {format_shape(site.shape_in)} to {format_shape(site.shape_out)}; replace "
                 f"swaps shape-keeping modules only (use insert to add attention beside it)"
             )
+        measured = site.shape_in  # None without example_input: then the guess below is no map to fit
         if site.shape_in is None:
             guess = _replaced_channels(site.module)
             if guess is None:
@@ -164,8 +165,8 @@ def replace(
             site.shape_in = guess
         channels, layout = _site_shape(site, use_input=True)
         module = build_for_place(attention, channels, layout, dict(kwargs), site.name,
-                                 like=(site.module, model), shape=site.shape_in)
-        _fits_place(site, module, site.shape_in if site.shape_out is not None else None, "replace",
+                                 like=(site.module, model), shape=measured)
+        _fits_place(site, module, measured if site.shape_out is not None else None, "replace",
                     f"{_describe(attention)} replacing it")
         built.append((site, module))
     with undo_on_error(model, "replace"):
