@@ -357,3 +357,13 @@ def test_fused_attn_takes_bools_only(value):
         with attnzoo.fused_attn(value):
             pass
     assert attnzoo.fused_enabled()  # nothing was pushed
+
+
+def test_compiled_attend_takes_a_scale_that_changes_between_calls():
+    """A float that changes between compiles of one frame becomes a SymFloat under torch.compile, and the
+    finiteness check used math.isfinite, which cannot take one: the second scale failed with 'torch.* op
+    returned non-Tensor' (two Next-ViT attentions of different head widths, compiled apart, hit it)."""
+    f = torch.compile(lambda q, k, v, s: attend(q, k, v, scale=s), backend="eager", fullgraph=True)
+    q = torch.randn(1, 2, 4, 8, dtype=torch.float64)
+    for scale in (0.5, 0.25, 0.125):
+        torch.testing.assert_close(f(q, q, q, scale), attend(q, q, q, scale=scale))
