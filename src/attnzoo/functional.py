@@ -129,7 +129,7 @@ def _check_options(
             raise TypeError(f"{who} expects {name} to be a number, got {type(value).__name__} {value!r}")
         # `abs(x) < inf` rather than math.isfinite: under torch.compile a float that changed between
         # compiles of one frame becomes a SymFloat, which math.isfinite cannot take (NaN fails both)
-        if not abs(value) < math.inf:
+        if not abs(cast(float, value)) < math.inf:
             raise ValueError(f"{who} expects a finite {name}, got {value}")
     if not 0.0 <= cast(float, dropout_p) <= 1.0:
         raise ValueError(f"{who} expects dropout_p in [0, 1], got {dropout_p}")

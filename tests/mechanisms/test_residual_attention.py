@@ -54,3 +54,14 @@ def test_errors_name_the_argument():
         ResidualAttention(8, 4, temperature=0.0)
     with pytest.raises(ValueError, match=r"expects x of shape \(B, 8, H, W\)"):
         ResidualAttention(8, 4)(torch.randn(2, 4, 3, 3))
+
+
+def test_two_temperatures_compile_in_one_graph_each():
+    """A second instance with another temperature recompiles the same forward with the float as a
+    SymFloat, which math.isinf could not take (fullgraph failed with 'torch.* op returned non-Tensor')."""
+    x = torch.randn(2, 8, 5, 6)
+    for temperature in (1.0, 0.5, math.inf):
+        module = ResidualAttention(8, num_classes=3, temperature=temperature).eval()
+        with torch.no_grad():
+            got = torch.compile(module, backend="eager", fullgraph=True)(x)
+            torch.testing.assert_close(got, module(x))

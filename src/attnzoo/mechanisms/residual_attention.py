@@ -103,6 +103,17 @@ class ResidualAttention(nn.Module):
         self.normalize = bool(normalize)
         self.head = nn.Conv2d(channels, num_classes, 1, bias=False, device=device, dtype=dtype)
 
+    @property
+    def temperature(self) -> float:
+        """Softmax temperature; `math.inf` takes the maximum."""
+        return self._temperature
+
+    @temperature.setter
+    def temperature(self, value: float) -> None:
+        # The branch is a bool fixed here: torch.compile makes a float that differs between instances a
+        # SymFloat, which math.isinf in forward cannot take, and whose `== inf` guard it did not keep.
+        self._temperature, self.takes_max = value, math.isinf(value)
+
     def forward(self, x: Tensor, need_weights: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         dims = check_shape(x, type(self).__name__, "B C H W", C=self.channels)
         score = self.head(x)  # (B, K, H, W)
@@ -111,7 +122,7 @@ class ResidualAttention(nn.Module):
             score = score / norm[None, :, None, None]  # (K,) -> (1, K, 1, 1)
         score = score.flatten(2)  # (B, K, H*W)
         base = score.mean(2)
-        if math.isinf(self.temperature):
+        if self.takes_max:
             att, index = score.max(2)  # (B, K)
             weights = nn.functional.one_hot(index, score.shape[2]).to(score.dtype) if need_weights else None
         else:
