@@ -104,3 +104,22 @@ def test_a_users_subclass_that_calls_super_forward_is_the_leaf_itself():
     assert [n.op for n in traced.graph.nodes] == ["placeholder", "call_module", "call_module", "output"]
     x = torch.randn(2, 8, 4, 4)
     torch.testing.assert_close(traced(x), model(x), atol=0, rtol=0)
+
+
+def test_each_class_compiles_on_its_own_past_torchs_recompile_limit():
+    """torch.compile keeps at most `recompile_limit` (8) compiled entries per code object; the forward
+    wrapper every class shared sent the ninth class compiled on its own back to eager, and fullgraph=True
+    failed ('hit config.recompile_limit'). Each class's wrapper now has a code object of its own."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    specs = [s for s in attnzoo.list_modules() if s.layout == "NCHW" and s.name != "acmix"][:12]
+    assert len(specs) > torch._dynamo.config.recompile_limit
+    for spec in specs:
+        module = attnzoo.create(spec.name, **spec.example.kwargs).eval()
+        xs = [torch.randn(shape) for shape in spec.example.inputs]
+        with torch.no_grad():
+            out = torch.compile(module, backend="eager", fullgraph=True)(*xs)
+        assert out.shape == spec.example.output, spec.name
+    names = {type(attnzoo.create(s.name, **s.example.kwargs)).forward.__code__.co_name for s in specs}
+    assert len(names) == len({s.cls for s in specs})  # one code object (and name) per class

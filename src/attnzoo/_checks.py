@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor, nn
 
-from attnzoo._fx import fx_leaf
+from attnzoo._fx import fx_leaf, own_code
 from attnzoo._options import MAX_SIZE, check_options
 
 __all__ = [
@@ -346,6 +346,7 @@ def checked(cls: ClassT, *, flags: bool = True) -> ClassT:
                     raise
                 raise _batch_norm_error(self, names, args, err) from err
 
+        own_code(checked_forward, cls)
         checked_forward._attnzoo_checked = True  # type: ignore[attr-defined]
         cls.forward = checked_forward  # type: ignore[attr-defined]
     return fx_leaf(cls)  # one call_module node in FX traces, a clear TorchScript refusal

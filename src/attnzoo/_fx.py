@@ -66,6 +66,13 @@ def _refuse_script(self: nn.Module) -> nn.Module:
     )
 
 
+def own_code(function: Any, owner: type) -> None:
+    """Give a forward wrapper a code object of its own, named after its class: torch.compile keeps its
+    compiled entries per code object, at most `recompile_limit` (8), so one wrapper shared by every class
+    sent the ninth class compiled on its own back to eager (an error with fullgraph=True)."""
+    function.__code__ = function.__code__.replace(co_name=f"{function.__name__}_{owner.__name__}")
+
+
 def fx_leaf(cls: ClassT) -> ClassT:
     """Make ``cls`` a leaf of FX traces (`traced_call`) and refuse TorchScript by name, in place; for a
     class whose forward `attnzoo._checks.checked` does not wrap (those it wraps get the same)."""
@@ -77,6 +84,7 @@ def fx_leaf(cls: ClassT) -> ClassT:
             traced = traced_call(self, args, kwargs)
             return traced if traced is not None else forward(self, *args, **kwargs)
 
+        own_code(leaf_forward, cls)
         leaf_forward._attnzoo_fx_leaf = True  # type: ignore[attr-defined]
         cls.forward = leaf_forward  # type: ignore[attr-defined]
     if "__prepare_scriptable__" not in cls.__dict__:

@@ -59,6 +59,7 @@ def test_errors_name_the_argument():
 def test_two_temperatures_compile_in_one_graph_each():
     """A second instance with another temperature recompiles the same forward with the float as a
     SymFloat, which math.isinf could not take (fullgraph failed with 'torch.* op returned non-Tensor')."""
+    torch._dynamo.reset()  # this test's compiles alone, whatever ran before
     x = torch.randn(2, 8, 5, 6)
     for temperature in (1.0, 0.5, math.inf):
         module = ResidualAttention(8, num_classes=3, temperature=temperature).eval()

@@ -51,6 +51,7 @@ def test_nextvit_keeps_logits_checkpoint_and_maps():
 def test_compiles_with_aot_autograd_with_pooled_keys():
     """aot_eager traced BatchNorm's output with its input's strides while the CPU kernel returns a
     contiguous tensor, and the keys' projection then failed at run time ('view size is not compatible')."""
+    torch._dynamo.reset()  # this test's compiles alone, whatever ran before
     module = TimmNextVitAttention(dim=8, head_dim=4, sr_ratio=2).eval()
     x = torch.randn(2, 16, 8, requires_grad=True)
     compiled = torch.compile(module, backend="aot_eager", fullgraph=True)
