@@ -72,7 +72,9 @@ def _place_labels(
     placed: list[Any] = [Bbox.from_bounds(px - 4, py - 4, 8, 8) for px, py in dots]
     placed += [Bbox.from_bounds(px - 10, py - 10, 20, 20) for px, py in map(ax.transData.transform, big)]
     legend = ax.get_legend()
-    placed += [a.get_window_extent(renderer) for a in [*avoid, legend] if a is not None]
+    # `avoid`: artists, or display-space boxes (an outlined region)
+    placed += [a if isinstance(a, Bbox) else a.get_window_extent(renderer) for a in [*avoid, legend]
+               if a is not None]
     for x, y, name in sorted(points, key=lambda p: (-p[1], p[0])):
         best = None
         for dx, dy in _offsets():
@@ -258,14 +260,8 @@ def compare_chart(rows: Sequence[dict[str, Any]], path: str | os.PathLike[str], 
 
 
 def _region(ax: Any, box: tuple[float, ...]) -> Any:
-    """The display-space box of `box` on `ax`, as an object with `get_window_extent` for `_place_labels`."""
+    """The display-space box (a `Bbox`) of the data-space `box` `(x0, x1, y0, y1)` on `ax`."""
     from matplotlib.transforms import Bbox
 
     (x0, y0), (x1, y1) = ax.transData.transform([(box[0], box[2]), (box[1], box[3])])
-    extent = Bbox.from_extents(x0, y0, x1, y1)
-
-    class _Area:
-        def get_window_extent(self, renderer: Any = None) -> Any:
-            return extent
-
-    return _Area()
+    return Bbox.from_extents(x0, y0, x1, y1)
