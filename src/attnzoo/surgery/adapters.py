@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from attnzoo._fx import fx_leaf
 from attnzoo._registry import WIDTH_NAMES, get_spec
+from attnzoo.surgery.places import CHANNELS_LAST
 
 __all__ = ["AttentionArg", "LayoutAdapter", "build_for_place", "channel_kwargs"]
 
@@ -59,25 +60,19 @@ class LayoutAdapter(nn.Module):
         return f"{self.outer} -> {self.inner}"
 
 
-def _fitting_kwargs(spec: Any, shape: tuple[int, ...] | None, outer: str) -> dict[str, Any]:
-    """Constructor arguments that fit a map of `shape` (`outer` layout), or none where it has no such
-    reading (the module's own check then says why it cannot take the place)."""
+def _fitting_kwargs(spec: Any, channels: int, shape: tuple[int, ...] | None, outer: str) -> dict[str, Any]:
+    """Constructor arguments that fit a map of `shape` (`outer` layout, `channels` wide), or none where it
+    has no such reading (the module's own check then says why it cannot take the place)."""
     from attnzoo._geometry import Geometry, Unsupported
     from attnzoo.surgery.build import constructor_kwargs  # lazy: build imports this module
 
-    if shape is None or outer not in _SPATIAL_AXES:
+    if shape is None:
         return {}
-    channel_axis, spatial = _SPATIAL_AXES[outer]
-    geo = Geometry(shape[0], shape[channel_axis], tuple(shape[i] for i in spatial))
+    spatial = shape[1:-1] if outer in CHANNELS_LAST else shape[2:]  # between batch and channels, or after
     try:
-        return constructor_kwargs(spec, geo)
+        return constructor_kwargs(spec, Geometry(shape[0], channels, tuple(spatial)))
     except Unsupported:
         return {}
-
-
-# layout -> (channel axis, spatial axes) of a place's tensor
-_SPATIAL_AXES = {"NCHW": (1, (2, 3)), "NHWC": (3, (1, 2)), "NLC": (2, (1,)), "NCL": (1, (2,)),
-                 "NCTHW": (1, (2, 3, 4))}
 
 
 def channel_kwargs(cls: type[nn.Module], channels: int) -> dict[str, int]:
@@ -117,7 +112,7 @@ def build_for_place(
         raise ValueError(
             f"{spec.name!r} scores a query against keys; it has no place inside a feed-forward network"
         )
-    args = {**channel_kwargs(spec.cls, channels), **_fitting_kwargs(spec, shape, outer), **kwargs}
+    args = {**channel_kwargs(spec.cls, channels), **_fitting_kwargs(spec, channels, shape, outer), **kwargs}
     inner = spec.layout
     layout_param = inspect.signature(spec.cls.__init__).parameters.get("layout")
     if inner == "NHWC" and outer == "NCHW" and layout_param is not None:

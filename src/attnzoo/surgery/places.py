@@ -196,8 +196,11 @@ def _layout_of(shape: tuple[int, ...], leaf: tuple[str, int] | None = None) -> s
     return {4: "NCHW", 5: "NCTHW", 3: "NLC"}.get(len(shape), "")
 
 
+CHANNELS_LAST = ("NLC", "NHWC")  # the layouts a place's tensor can have with its channels last
+
+
 def _channels(shape: tuple[int, ...], layout: str) -> int:
-    return shape[-1] if layout in ("NLC", "NHWC") else shape[1]
+    return shape[-1] if layout in CHANNELS_LAST else shape[1]
 
 
 def _sites(model: nn.Module, where: Where, example_input: Any) -> list[_Site]:
