@@ -262,6 +262,9 @@ def test_debug_shows_the_traceback():
         (["maps", "se", "--train", "0", "--channels", "0"], "--channels expects a positive count, got 0"),
         (["maps", "se", "--train", "0", "--channels", "-3"], "--channels expects a positive count, got -3"),
         (["info", "se", "--input", "99999999999x8x4x4"], "--input expects at most 2**31 elements"),
+        # a value starting with a dash was read by argparse as an option: "expected one argument"
+        (["info", "se", "--input", "-1x8x4x4"], "--input expects positive sizes, got '-1x8x4x4'"),
+        (["maps", "x", "--queries", "-0.2,0.5"], "--queries expects fractions in [0, 1]"),
         # the format is refused before any training (it failed in matplotlib after it)
         (["maps", "se", "--out", "maps.txt"], "--out expects a picture file (avif, eps"),
         (["demo", "--attention", "se", "--out", "demo.txt"], "--out expects a picture file"),
@@ -308,6 +311,22 @@ def test_list_names_the_axes_of_the_input_it_was_given(capsys):
     assert cli.main(["list", "--family", "gating", "--input", "1x64x16"]) == 0
     first = capsys.readouterr().out.splitlines()[0]
     assert "at input 1x64x16 (B x L x C," in first  # it said B x C x H x W for every input
+
+
+@pytest.mark.parametrize(
+    ("argv", "attr", "value"),
+    [
+        (["maps", "se", "-o", "m.png"], "out", "m.png"),
+        (["maps", "se", "--output", "m.png"], "out", "m.png"),
+        (["demo", "-o", "d.png"], "out", "d.png"),
+        (["demo", "--batch", "8"], "batch_size", 8),
+        (["compare", "--batch-size", "8"], "batch", 8),
+        (["compare", "--batch", "8"], "batch", 8),
+    ],
+)
+def test_an_option_is_spelt_the_same_in_every_subcommand(argv, attr, value):
+    # demo said --batch-size and compare --batch; list/bench wrote -o/--output and maps/demo --out
+    assert getattr(cli.build_parser().parse_args(argv), attr) == value
 
 
 def test_bad_option_is_one_line(capsys):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -240,7 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--image", default=None, help="image file (default: the sample image shipped with attnzoo)"
     )
-    p.add_argument("--out", default="maps.png", help="PNG to write (default maps.png)")
+    p.add_argument("-o", "--out", "--output", dest="out", default="maps.png",
+                   help="PNG to write (default maps.png)")
     p.add_argument("--size", type=int, default=112, help="resize the image to SIZE x SIZE (default 112)")
     p.add_argument(
         "--channels", type=int, default=32, help="feature channels the mechanism sees (default 32)"
@@ -270,10 +272,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=3, help="training epochs (default 3)")
     p.add_argument("--train-size", type=int, default=1500, help="training images (default 1500)")
     p.add_argument("--test-size", type=int, default=500, help="held-out images (default 500)")
-    p.add_argument("--batch-size", type=int, default=32, help="images per training step (default 32)")
+    p.add_argument("--batch-size", "--batch", dest="batch_size", type=int, default=32,
+                   help="images per training step (default 32)")
     p.add_argument("--seed", type=_seed, default=0, help="seed of the data, weights, training (default 0)")
     p.add_argument(
-        "--out", default="demo_maps.png", help="PNG of the maps (default demo_maps.png; '' for none)"
+        "-o", "--out", "--output", dest="out", default="demo_maps.png",
+        help="PNG of the maps (default demo_maps.png; '' for none)",
     )
     p.add_argument("--json", default=None, help="also write the results as JSON here")
 
@@ -299,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--test-size", type=int, default=None, help=f"held-out images (default {d['test_size']})"
     )
     p.add_argument(
-        "--batch", type=int, default=None,
+        "--batch-size", "--batch", dest="batch", type=int, default=None,
         help=f"images per step: training, latency and memory (default {d['batch']})",
     )
     p.add_argument(
@@ -315,12 +319,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _glue_dashed_values(words: list[str]) -> list[str]:
+    """`--input -1x3x8x8` as `--input=-1x3x8x8`: argparse reads a value that starts with a dash and is
+    not a plain number as an option, and says "expected one argument" instead of what is wrong."""
+    out: list[str] = []
+    for word in words:
+        if out and out[-1].startswith("--") and "=" not in out[-1] and re.match(r"-\d", word):
+            out[-1] = f"{out[-1]}={word}"
+        else:
+            out.append(word)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command; returns the exit code (2 for user errors)."""
     parser = build_parser()
-    args, unknown = parser.parse_known_args(argv)
+    words = _glue_dashed_values(list(sys.argv[1:] if argv is None else argv))
+    args, unknown = parser.parse_known_args(words)
     if unknown:  # named by the subcommand whose options the user meant, when they follow it
-        words = list(sys.argv[1:] if argv is None else argv)
         after = args.command in words and words.index(unknown[0]) > words.index(args.command)
         where = f"attnzoo {args.command}" if args.command and after else "attnzoo"
         print(f"attnzoo: error: unrecognized arguments: {' '.join(unknown)} (see '{where} --help')",
