@@ -66,6 +66,27 @@ def _refuse_script(self: nn.Module) -> nn.Module:
     )
 
 
+class _LegacyOnnxError(TypeError):
+    """The TorchScript-based ONNX exporter called a forward the way no user does (raised once, by the
+    outermost leaf wrapper that sees it)."""
+
+
+def _legacy_onnx_export() -> bool:
+    """Whether `torch.onnx.export(..., dynamo=False)` is tracing (`dynamo=True` does not jit-trace)."""
+    return torch.onnx.is_in_onnx_export() and torch.jit.is_tracing()
+
+
+def _legacy_onnx_message(module: nn.Module, err: TypeError) -> str:
+    # That exporter passes every default argument of forward, as a tensor (`need_weights=tensor(False)`),
+    # and keyword-only ones by position: the module's own error would name neither cause nor remedy.
+    return (
+        f"torch.onnx.export(..., dynamo=False) cannot export attnzoo's {type(module).__name__}: the "
+        f"TorchScript-based exporter calls forward with its default arguments as tensors and keyword-only "
+        f"ones by position ({err}); export with dynamo=True (torch's default), or export a model that holds "
+        f"it (nn.Sequential({type(module).__name__}(...)) will do)"
+    )
+
+
 def own_code(function: Any, owner: type) -> None:
     """Give a forward wrapper a code object of its own, named after its class: torch.compile keeps its
     compiled entries per code object, at most `recompile_limit` (8), so one wrapper shared by every class
@@ -82,7 +103,14 @@ def fx_leaf(cls: ClassT) -> ClassT:
         @functools.wraps(forward)
         def leaf_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
             traced = traced_call(self, args, kwargs)
-            return traced if traced is not None else forward(self, *args, **kwargs)
+            if traced is not None:
+                return traced
+            try:
+                return forward(self, *args, **kwargs)
+            except TypeError as err:
+                if isinstance(err, _LegacyOnnxError) or not _legacy_onnx_export():
+                    raise
+                raise _LegacyOnnxError(_legacy_onnx_message(self, err)) from err
 
         own_code(leaf_forward, cls)
         leaf_forward._attnzoo_fx_leaf = True  # type: ignore[attr-defined]

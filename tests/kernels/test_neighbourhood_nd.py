@@ -13,6 +13,7 @@ from tests.kernels.kernel_checks import (
     assert_matches,
     assert_torch_func,
 )
+from torch.utils.flop_counter import FlopCounterMode
 
 import attnzoo
 import attnzoo.kernels.neighbourhood_nd as nd
@@ -156,6 +157,19 @@ def test_second_derivatives(case):
 def test_flop_counter_with_backward():
     # The kernel's small batched products are counted; the gradients are those outside the mode.
     assert_flop_counter(kernel_fn(CASES[1]), tensors(CASES[1], dtype=torch.float32), counted=True)
+
+
+def test_composite_twin_products_are_counted():
+    # `attnzoo.flops.count_flops` (the GFLOP of `attnzoo bench`) counts with attnzoo.fused_attn(False), which
+    # takes the composite twin: its q.k and weights.v products (2 forward, 4 backward) counted nothing.
+    case = CASES[1]
+    keys, _, valid = index(case)
+    q, k, v = (t.float().requires_grad_() for t in tensors(case, bias_shape=None, d=4, dv=4))
+    with attnzoo.fused_attn(False), FlopCounterMode(display=False) as counter:
+        out, _ = neighbourhood_attend(q, k, v, keys, valid=valid)
+        out.sum().backward()
+    (b, h, n, d), kk = q.shape, keys.shape[1]
+    assert counter.get_total_flops() == 6 * 2 * b * h * n * kk * d
 
 
 def test_torch_func_grad_over_functional_call():

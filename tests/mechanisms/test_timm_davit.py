@@ -70,6 +70,16 @@ def test_dynamic_scale_follows_the_tokens() -> None:
                                rtol=1e-12)
 
 
+def test_v2_traces_with_jit_trace_and_keeps_the_dynamic_scale() -> None:
+    # jit.trace hands the token count over as a tensor, and attend refused the tensor scale it gave.
+    ours = randomize(TimmDavitChannelAttentionV2(8, 2).double()).eval()
+    x, longer = torch.randn(2, 5, 8, dtype=D), torch.randn(2, 10, 8, dtype=D)
+    with torch.no_grad():
+        traced = torch.jit.trace(ours, (x,))
+        for t in (x, longer):
+            torch.testing.assert_close(traced(t), ours(t), atol=1e-12, rtol=1e-12)
+
+
 def test_channel_rows_follow_the_definition() -> None:
     ours = randomize(TimmDavitChannelAttention(8, 2).double())
     x = torch.randn(2, 5, 8, dtype=D)

@@ -179,7 +179,9 @@ def _gathered(
     flat = keys.reshape(-1)  # (N*K,)
     k_n = k.index_select(2, flat).unflatten(2, (n, kk))  # (B, h, N, K, d)
     v_n = v.index_select(2, flat).unflatten(2, (n, kk))  # (B, h, N, K, dv)
-    logits = (q.unsqueeze(-2) * k_n).sum(-1)  # (B, h, N, K)
+    # Batched products under a dispatch mode, which FlopCounterMode counts (as the kernel's `_scores`).
+    counted = not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() > 0
+    logits = (q.unsqueeze(-2) @ k_n.mT).squeeze(-2) if counted else (q.unsqueeze(-2) * k_n).sum(-1)
     low = logits.dtype in (torch.float16, torch.bfloat16)
     if low:
         logits = logits.float()
@@ -192,7 +194,7 @@ def _gathered(
         dropped = weights * noise
     else:
         dropped = torch.nn.functional.dropout(weights, dropout_p) if dropout_p > 0 else weights
-    out = (dropped.unsqueeze(-1) * v_n).sum(-2)  # (B, h, N, dv)
+    out = (dropped.unsqueeze(-2) @ v_n).squeeze(-2) if counted else (dropped.unsqueeze(-1) * v_n).sum(-2)
     return out, weights
 
 

@@ -186,6 +186,8 @@ class TimmDavitChannelAttentionV2(_Heads):
         q, k, v, batch, tokens = self._split(x)
         scale = tokens**-0.5 if self.dynamic_scale else self.scale
         rows, cols = q.transpose(-1, -2), k.transpose(-1, -2)  # (B, h, d, N)
+        if isinstance(scale, Tensor):  # jit.trace gives the token count as a tensor: scale q, as timm does
+            rows, scale = rows * torch.as_tensor(tokens, dtype=rows.dtype) ** -0.5, 1.0
         out = attend(rows, cols, v.transpose(-1, -2), scale=scale)  # (B, h, d, N): q's channels mix v's
         if capturing():  # map capture: each head's channel rows
             record_rows(self, rows, cols, grid=(self.head_dim,), scale=scale, unit="channel")
