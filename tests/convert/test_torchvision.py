@@ -100,6 +100,22 @@ def test_from_torchvision_shares_the_tensors(theirs_cls, ours_cls):
     assert len(hook_calls) == 2
 
 
+
+def test_replace_keeps_backward_hooks_and_the_handles_of_every_hook():
+    block = nn.Sequential(tv.ShiftedWindowAttention(8, [2, 2], [1, 1], 2).double())
+    seen: list[str] = []
+    handles = [block[0].register_forward_hook(lambda *args: seen.append("forward")),
+               block[0].register_full_backward_hook(lambda *args: seen.append("backward"))]
+    attnzoo.replace(block, tv.ShiftedWindowAttention)
+    assert type(block[0]) is compat.ShiftedWindowAttention
+    x = torch.randn(1, 4, 4, 8, dtype=torch.float64, requires_grad=True)
+    block(x).sum().backward()
+    assert seen == ["forward", "backward"]
+    for handle in handles:
+        handle.remove()
+    block(x).sum().backward()
+    assert seen == ["forward", "backward"]  # removed by the handles taken before the swap
+
 def test_known_and_refusals():
     assert "torchvision.models.swin_transformer.ShiftedWindowAttentionV2" in known()
 

@@ -24,14 +24,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["FORWARD_HOOKS", "SourceKeys", "attach_source_keys", "cpu_probe"]
+__all__ = ["FORWARD_HOOKS", "SourceKeys", "attach_source_keys", "cpu_probe", "share_hooks"]
 
 _STRIDE = 1 << 24  # positions per entry: exact in float64 for up to 2**29 entries
-# The hook tables of a module's forward, which a converted module takes over (`convert_keeping`,
-# `attnzoo.convert.torch.from_torch`); the probes leave these and the backward ones behind.
+# The hook tables of a module's forward, which a converted module takes over (`convert_keeping`);
+# the probes leave these and the backward ones behind.
 FORWARD_HOOKS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
                  "_forward_hooks_with_kwargs", "_forward_hooks_always_called")
 _HOOK_TABLES = (*FORWARD_HOOKS, "_backward_hooks", "_backward_pre_hooks")
+# Every hook table of a module; `share_hooks` hands them all to a converted module with the same keys.
+_ALL_HOOK_TABLES = (*_HOOK_TABLES, "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
+                    "_load_state_dict_post_hooks")
 # converted key -> (its source keys, the gather into their flattened concatenation or None for a
 # plain reshape of one source entry, its shape)
 _Recipe = dict[str, tuple[tuple[str, ...], Tensor | None, torch.Size]]
@@ -88,6 +91,17 @@ def attach_source_keys(module: nn.Module, new: nn.Module, convert: Callable[[nn.
         own = {k: v.detach().clone() for k, v in ours.items() if k not in recipe}
         shapes = {k: v.shape for k, v in theirs.items()}
         new.register_load_state_dict_pre_hook(SourceKeys(shapes, recipe, own))
+
+
+def share_hooks(module: nn.Module, new: nn.Module) -> None:
+    """Give ``new`` (a fresh module holding ``module``'s tensors under the same state_dict keys) the
+    module's hook tables themselves: forward, backward and state_dict hooks keep firing, and a handle
+    returned before the conversion still removes its hook (copied entries would outlive
+    ``handle.remove()``). The two modules share the tables from then on, as they share parameters."""
+    for name in _ALL_HOOK_TABLES:
+        if hasattr(module, name):
+            setattr(new, name, getattr(module, name))
+    new._is_full_backward_hook = getattr(module, "_is_full_backward_hook", None)
 
 
 def cpu_probe(module: nn.Module) -> nn.Module:

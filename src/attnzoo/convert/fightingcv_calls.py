@@ -23,7 +23,7 @@ from typing import cast
 import torch
 from torch import Tensor, nn
 
-from attnzoo._checks import check_shape, checked
+from attnzoo._checks import check_mask, check_shape, checked
 from attnzoo._fx import fx_leaf
 from attnzoo.convert._timm_common import TimmKeys, rename
 from attnzoo.convert.fightingcv_tokens_a import EMSA_KEYS, MUSE_KEYS, SDPA_KEYS, SIMPLIFIED_SDPA_KEYS
@@ -137,9 +137,10 @@ class FightingcvCallDeformable(FightingcvDeformableAttention):
 @fx_leaf  # one call_module node in FX traces (attnzoo._fx)
 class _MaskedCall(nn.Module):
     """fightingcv's `forward(queries, keys, values, attention_mask=None, attention_weights=None)`:
-    `attention_mask` `(B, h, L, S)` or broadcastable, bool, True where a logit is masked. A query
-    with every key masked gives 0 here (NaN in fightingcv); `attention_weights` (multiplying the
-    logits) has no counterpart and raises `ValueError`."""
+    `attention_mask` `(B, h, L, S)` or broadcastable (as in fightingcv, a 3-D mask is `(h, L, S)`),
+    bool, True where a logit is masked. A query with every key masked gives 0 here (NaN in
+    fightingcv); `attention_weights` (multiplying the logits) has no counterpart and raises
+    `ValueError`."""
 
     def forward(
         self, queries: Tensor, keys: Tensor, values: Tensor,
@@ -157,6 +158,13 @@ class _MaskedCall(nn.Module):
                 raise TypeError(f"{who} expects attention_mask to be a bool tensor (True = masked), "
                                 f"got {got}")
             mask = ~attention_mask  # fightingcv: True = masked; attnzoo: True = may attend
+            # fightingcv's masked_fill broadcasts the mask against (B, h, L, S) from the right, so a
+            # 3-D mask is (h, L, S) there; MultiHeadAttention reads a 3-D mask as (B, L, S): left-pad
+            if isinstance(queries, Tensor) and isinstance(keys, Tensor) and queries.ndim == keys.ndim == 3:
+                target = (queries.shape[0], cast(int, self.num_heads), queries.shape[1], keys.shape[1])
+                check_mask(attention_mask, target, who, "attention_mask")  # names the mask as given
+            if mask.ndim < 4:
+                mask = mask.reshape((1,) * (4 - mask.ndim) + tuple(mask.shape))
         return cast(Tensor, super().forward(queries, keys, values, mask))  # need_weights=False: out
 
 

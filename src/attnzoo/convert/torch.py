@@ -2,7 +2,8 @@
 
 The converted module holds the very same ``Parameter`` objects (so an optimizer built before the
 conversion keeps training them, and ``state_dict`` keys are unchanged); ``copy.deepcopy`` the torch
-module first for an independent copy. Forward hooks and pre-hooks move along.
+module first for an independent copy. Its hooks (forward, backward, state_dict) move along, shared
+with the torch module, so their handles still remove them.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import functools
 
 from torch import nn
 
-from attnzoo.convert._timm_common import FORWARD_HOOKS as _HOOKS
+from attnzoo.convert._source_keys import share_hooks
 from attnzoo.convert._timm_common import refuse
 from attnzoo.mechanisms.torch_mha import MultiheadAttention
 
@@ -55,7 +56,7 @@ def from_torch(module: nn.Module) -> MultiheadAttention:
     """``nn.MultiheadAttention`` -> ``attnzoo.compat.MultiheadAttention`` with the same weights.
 
     The result has the same configuration, shares the module's ``Parameter`` objects (same values,
-    device, dtype and ``requires_grad``), keeps its training flag and forward hooks, and gives the same
+    device, dtype and ``requires_grad``) and hook tables, keeps its training flag, and gives the same
     output (up to rounding; fully masked rows give zeros where torch gives NaN).
 
     Args:
@@ -98,12 +99,9 @@ def from_torch(module: nn.Module) -> MultiheadAttention:
         device="meta",  # allocates nothing: every parameter is replaced by the module's own below
         dtype=weight.dtype,
     )
-    for name, param in module.named_parameters():
-        owner, _, leaf = name.rpartition(".")
-        setattr(new.get_submodule(owner) if owner else new, leaf, param)
+    for name, param in module.named_parameters(recurse=False):
+        setattr(new, name, param)
+    new.out_proj = module.out_proj  # the very Linear: its parameters, training flag and hooks
     new.training = module.training
-    new.out_proj.training = module.out_proj.training
-    for hooks in _HOOKS:
-        if hasattr(module, hooks):
-            getattr(new, hooks).update(getattr(module, hooks))
+    share_hooks(module, new)  # handles registered on the torch module keep working
     return new

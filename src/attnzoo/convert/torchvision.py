@@ -5,7 +5,8 @@ squeeze-excitation of its CNNs -> `attnzoo.SqueezeExcite` (`attnzoo.convert.torc
 The converted Swin module holds the very same `Parameter` and buffer tensors (state_dict keys and an
 optimizer built before the conversion stay valid); `copy.deepcopy` the torchvision module first for
 an independent copy. The squeeze-excitation is converted into new parameters (an optimizer must be
-built after `replace`), keeping each one's `requires_grad`. Forward hooks and pre-hooks move along.
+built after `replace`), keeping each one's `requires_grad`. Forward hooks and pre-hooks move along (the
+Swin module's backward and state_dict hooks too, shared so that their handles still remove them).
 torchvision is imported only when a module is converted.
 """
 
@@ -15,6 +16,7 @@ import functools
 
 from torch import nn
 
+from attnzoo.convert._source_keys import share_hooks
 from attnzoo.convert._timm_common import convert_keeping, refuse
 from attnzoo.convert.torchvision_se import SE_CLASS, se_from_torchvision
 from attnzoo.mechanisms.swin_torchvision import (
@@ -35,8 +37,6 @@ _V1_STATE = {"relative_position_bias_table", "relative_position_index", "qkv.wei
              "proj.weight", "proj.bias"}
 _V2_STATE = {"logit_scale", "relative_coords_table", "relative_position_index", "qkv.weight", "qkv.bias",
              "proj.weight", "proj.bias", "cpb_mlp.0.weight", "cpb_mlp.0.bias", "cpb_mlp.2.weight"}
-_HOOKS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
-          "_forward_hooks_with_kwargs", "_forward_hooks_always_called")
 _OVERRIDABLE = ("forward", "get_relative_position_bias", "define_relative_position_bias_table",
                 "define_relative_position_index")
 
@@ -84,8 +84,8 @@ def from_torchvision(module: nn.Module) -> nn.Module:
 
     `ShiftedWindowAttentionV2` becomes `attnzoo.compat.ShiftedWindowAttentionV2`, and
     `ShiftedWindowAttention` `attnzoo.compat.ShiftedWindowAttention`. The result has the same
-    configuration, shares the module's `Parameter` objects and buffers, keeps its training flag
-    and forward hooks, and gives the same output (float64: within 1e-10), so
+    configuration, shares the module's `Parameter` objects, buffers and hook tables, keeps its training
+    flag, and gives the same output (float64: within 1e-10), so
     `attnzoo.replace(model, torchvision.models.swin_transformer.ShiftedWindowAttention)` swaps every
     window attention of a `swin_t` (or, for V2, `swin_v2_t`) without changing its logits.
 
@@ -151,7 +151,5 @@ def from_torchvision(module: nn.Module) -> nn.Module:
         new.register_buffer(name, buffer)  # both buffers sit on the module itself (checked above)
     for (_, ours), (_, theirs) in zip(new.named_modules(), module.named_modules(), strict=True):
         ours.training = theirs.training
-    for hooks in _HOOKS:
-        if hasattr(module, hooks):
-            getattr(new, hooks).update(getattr(module, hooks))
+    share_hooks(module, new)  # handles registered on the torchvision module keep working
     return new
