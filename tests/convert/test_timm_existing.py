@@ -277,3 +277,25 @@ def test_replace_swaps_timm_gates_in_a_model() -> None:
     assert [type(m) for m in model][1:] == [SqueezeExcite, CBAM, SKConv]
     with torch.no_grad():
         torch.testing.assert_close(model(x), before, **TOL)
+
+
+@pytest.mark.parametrize("build", [lambda: layers.SEModule(16), lambda: CbamModule(16)])
+def test_replace_keeps_forward_and_backward_hooks_and_their_handles(build: Callable[[], nn.Module]) -> None:
+    """The timm/fightingcv converters copied forward-hook entries: a handle taken before `replace` no
+    longer removed its hook, and backward hooks were dropped."""
+    model = nn.Sequential(nn.Conv2d(3, 16, 1), build()).double()
+    seen: list[str] = []
+    handles = [
+        model[1].register_forward_hook(lambda m, args, out: seen.append("forward")),
+        model[1].register_forward_pre_hook(lambda m, args: seen.append("pre")),
+        model[1].register_full_backward_hook(lambda m, grad_in, grad_out: seen.append("backward")),
+    ]
+    assert attnzoo.replace(model, type(model[1])) == ["1"]
+    x = torch.randn(2, 3, 5, 5, dtype=D, requires_grad=True)
+    model(x).sum().backward()
+    assert sorted(seen) == ["backward", "forward", "pre"]
+    for handle in handles:
+        handle.remove()
+    seen.clear()
+    model(x).sum().backward()
+    assert seen == []

@@ -93,15 +93,21 @@ def attach_source_keys(module: nn.Module, new: nn.Module, convert: Callable[[nn.
         new.register_load_state_dict_pre_hook(SourceKeys(shapes, recipe, own))
 
 
-def share_hooks(module: nn.Module, new: nn.Module) -> None:
-    """Give ``new`` (a fresh module holding ``module``'s tensors under the same state_dict keys) the
-    module's hook tables themselves: forward, backward and state_dict hooks keep firing, and a handle
-    returned before the conversion still removes its hook (copied entries would outlive
-    ``handle.remove()``). The two modules share the tables from then on, as they share parameters."""
-    for name in _ALL_HOOK_TABLES:
-        if hasattr(module, name):
+def share_hooks(module: nn.Module, new: nn.Module, keys_kept: bool = True) -> None:
+    """Give ``new`` (a fresh module holding ``module``'s tensors) the module's hook tables themselves:
+    forward and backward hooks, and with ``keys_kept`` (the same state_dict keys) the state_dict ones,
+    keep firing, and a handle returned before the conversion still removes its hook (copied entries
+    would outlive ``handle.remove()``). The two modules share the tables from then on, as they share
+    parameters; a table ``new`` already fills itself takes copies of the entries instead."""
+    for name in _ALL_HOOK_TABLES if keys_kept else _HOOK_TABLES:
+        if not hasattr(module, name):
+            continue
+        if getattr(new, name, None):
+            getattr(new, name).update(getattr(module, name))
+        else:
             setattr(new, name, getattr(module, name))
-    new._is_full_backward_hook = getattr(module, "_is_full_backward_hook", None)
+    if getattr(module, "_backward_hooks", None):
+        new._is_full_backward_hook = getattr(module, "_is_full_backward_hook", None)
 
 
 def cpu_probe(module: nn.Module) -> nn.Module:

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from attnzoo.convert._source_keys import FORWARD_HOOKS, attach_source_keys, cpu_probe
+from attnzoo.convert._source_keys import FORWARD_HOOKS, attach_source_keys, cpu_probe, share_hooks
 from attnzoo.convert.registry import refuse_converted_inside
 
 __all__ = [
@@ -153,9 +153,7 @@ def convert_keeping(module: nn.Module, convert: Callable[[nn.Module], nn.Module]
     params = list(module.parameters())
     new = convert(module)
     attach_source_keys(module, new, convert)  # the source's checkpoints keep loading
-    for hooks in FORWARD_HOOKS:
-        if hasattr(module, hooks):
-            getattr(new, hooks).update(getattr(module, hooks))
+    share_hooks(module, new, keys_kept=False)  # renamed keys: the state_dict hooks stay behind
     if all(p.requires_grad for p in params):
         return new
     if not any(p.requires_grad for p in params):
