@@ -159,13 +159,15 @@ def test_flop_counter_with_backward():
     assert_flop_counter(kernel_fn(CASES[1]), tensors(CASES[1], dtype=torch.float32), counted=True)
 
 
-def test_composite_twin_products_are_counted():
+@pytest.mark.parametrize("fused", [False, True], ids=["composite", "kernel"])
+def test_every_product_is_counted(fused: bool):
     # `attnzoo.flops.count_flops` (the GFLOP of `attnzoo bench`) counts with attnzoo.fused_attn(False), which
     # takes the composite twin: its q.k and weights.v products (2 forward, 4 backward) counted nothing.
+    # The kernel's backward wrote its key and value gradients as elementwise outer products (2 of 4).
     case = CASES[1]
     keys, _, valid = index(case)
     q, k, v = (t.float().requires_grad_() for t in tensors(case, bias_shape=None, d=4, dv=4))
-    with attnzoo.fused_attn(False), FlopCounterMode(display=False) as counter:
+    with attnzoo.fused_attn(fused), FlopCounterMode(display=False) as counter:
         out, _ = neighbourhood_attend(q, k, v, keys, valid=valid)
         out.sum().backward()
     (b, h, n, d), kk = q.shape, keys.shape[1]

@@ -37,6 +37,7 @@ from torch import Tensor
 from torch.autograd.function import FunctionCtx
 
 from attnzoo.functional import fused_enabled
+from attnzoo.kernels import token_rows as layout
 from attnzoo.kernels.route import composite_required, own_nodes, without_autocast
 
 __all__ = ["axis_window", "neighbourhood_index", "neighbourhood_attend"]
@@ -179,7 +180,7 @@ def _gathered(
     flat = keys.reshape(-1)  # (N*K,)
     k_n = k.index_select(2, flat).unflatten(2, (n, kk))  # (B, h, N, K, d)
     v_n = v.index_select(2, flat).unflatten(2, (n, kk))  # (B, h, N, K, dv)
-    # Batched products under a dispatch mode, which FlopCounterMode counts (as the kernel's `_scores`).
+    # Batched products under a dispatch mode, which FlopCounterMode counts (as the kernel's `layout.scores`).
     counted = not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() > 0
     logits = (q.unsqueeze(-2) @ k_n.mT).squeeze(-2) if counted else (q.unsqueeze(-2) * k_n).sum(-1)
     low = logits.dtype in (torch.float16, torch.bfloat16)
@@ -205,64 +206,6 @@ def _step(q: Tensor, v: Tensor, kk: int) -> int:
     return max(1, _CHUNK_BYTES // per_query)
 
 
-def _as_4d(bias: Tensor) -> Tensor:
-    return bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape))  # (.., N or 1, K or 1)
-
-
-def _rows(t: Tensor, n0: int, n1: int) -> Tensor:
-    """Rows n0:n1 of a 4-D tensor's query axis, or the tensor itself where that axis broadcasts."""
-    return t if t.shape[2] == 1 else t[:, :, n0:n1]
-
-
-def _token_major(t: Tensor) -> Tensor:
-    """`(B, h, N, c)` -> `(N, B h, c)`, the kernel's layout (a view when t came from a token-major
-    projection with B = 1, else one copy)."""
-    b, h, n, c = t.shape
-    return t.permute(2, 0, 1, 3).reshape(n, b * h, c)
-
-
-def _token_rows(t: Tensor) -> Tensor:
-    """`(B, h, S, c)` -> `(S, B h c)`: one row of every key (a view where the strides allow)."""
-    return t.permute(2, 0, 1, 3).reshape(t.shape[2], -1)
-
-
-def _scores(rows: Tensor, gathered: Tensor) -> Tensor:
-    """`(nc, B h, c)` rows dotted with their `(nc, K, B h, c)` neighbours: `(nc, B h, K)`.
-
-    Under a dispatch mode (`FlopCounterMode`) as batched products, which the mode counts; else as
-    a product and a sum, which is faster for these `1 x c` by `c x K` products.
-    """
-    if torch._C._len_torch_dispatch_stack() > 0:
-        return (rows.unsqueeze(2) @ gathered.permute(0, 2, 3, 1)).squeeze(2)
-    return (rows.unsqueeze(2) * gathered.transpose(1, 2)).sum(-1)
-
-
-def _mix(weights: Tensor, gathered: Tensor, out: Tensor) -> None:
-    """`out` `(nc, B h, c)` = the `(nc, B h, K)` weights times their `(nc, K, B h, c)` neighbours
-    (as batched products under a dispatch mode, like `_scores`)."""
-    if torch._C._len_torch_dispatch_stack() > 0:
-        out.copy_((weights.unsqueeze(2) @ gathered.transpose(1, 2)).squeeze(2))
-    else:
-        torch.sum(gathered * weights.transpose(1, 2).unsqueeze(-1), 1, out=out)
-
-
-def _token_major_empty(q: Tensor, c: int) -> Tensor:
-    """An empty `(B, h, N, c)` tensor like q, stored token-major (`(N, B, h, c)` in memory)."""
-    b, h, n, _ = q.shape
-    return torch.empty_strided((b, h, n, c), (h * c, c, b * h * c, 1), dtype=q.dtype, device=q.device)
-
-
-def _token_major_view(t: Tensor) -> Tensor:
-    """A `(B, h, N, c)` tensor stored token-major (`_token_major_empty`) seen as `(N, B h, c)`."""
-    b, h, n, c = t.shape
-    return t.permute(2, 0, 1, 3).view(n, b * h, c)
-
-
-def _head_major(t: Tensor, b: int, h: int) -> Tensor:
-    """`(N, B h, c)` -> the `(B, h, N, c)` view callers expect."""
-    return t.unflatten(1, (b, h)).permute(1, 2, 0, 3)
-
-
 class _ChunkedNeighbourhood(torch.autograd.Function):
     """`_gathered`, a block of queries at a time, keeping nothing `K` times the input for backward.
 
@@ -286,20 +229,20 @@ class _ChunkedNeighbourhood(torch.autograd.Function):
     ) -> tuple[Tensor, Tensor]:
         (b, h, n, d), dv = q.shape, v.shape[-1]
         bh, kk = b * h, keys.shape[1]
-        qt = _token_major(q)  # (N, B h, d)
-        kt, vt = _token_rows(k), _token_rows(v)  # (S, B h d|dv)
-        noise_t = None if noise is None else _token_major(noise)  # (N, B h, K)
-        bias_t = None if bias is None else _as_4d(bias).permute(2, 0, 1, 3)  # (N or 1, B?, h?, K?)
+        qt = layout.token_major(q)  # (N, B h, d)
+        kt, vt = layout.token_rows(k), layout.token_rows(v)  # (S, B h d|dv)
+        noise_t = None if noise is None else layout.token_major(noise)  # (N, B h, K)
+        bias_t = None if bias is None else layout.as_4d(bias).permute(2, 0, 1, 3)  # (N or 1, B?, h?, K?)
         # The outputs are (B, h, N, .) tensors of their own (not views, so the caller may edit them
         # in place) laid out token-major in memory; the kernel writes them through `(N, B h, .)` views.
-        weights_bhn, out_bhn = _token_major_empty(q, kk), _token_major_empty(q, dv)
-        weights, out = _token_major_view(weights_bhn), _token_major_view(out_bhn)  # (N, B h, .)
+        weights_bhn, out_bhn = layout.token_major_empty(q, kk), layout.token_major_empty(q, dv)
+        weights, out = layout.token_major_view(weights_bhn), layout.token_major_view(out_bhn)  # (N, B h, .)
         step = _step(q, v, kk)
         for n0 in range(0, n, step):
             n1 = min(n, n0 + step)
             nc, idx = n1 - n0, keys[n0:n1].reshape(-1)  # (nc*K,)
             k_n = kt.index_select(0, idx).view(nc, kk, bh, d)  # (nc, K, B h, d)
-            logits = _scores(qt[n0:n1], k_n)  # (nc, B h, K)
+            logits = layout.scores(qt[n0:n1], k_n)  # (nc, B h, K)
             del k_n
             if bias_t is not None:
                 logits.view(nc, b, h, kk).add_(bias_t if bias_t.shape[0] == 1 else bias_t[n0:n1])
@@ -309,7 +252,7 @@ class _ChunkedNeighbourhood(torch.autograd.Function):
             torch.softmax(logits, -1, out=w)
             dropped = w if noise_t is None else w * noise_t[n0:n1]
             v_n = vt.index_select(0, idx).view(nc, kk, bh, dv)  # (nc, K, B h, dv)
-            _mix(dropped, v_n, out[n0:n1])  # (nc, B h, dv)
+            layout.mix(dropped, v_n, out[n0:n1])  # (nc, B h, dv)
         ctx.save_for_backward(q, k, v, keys, bias, valid, noise, weights_bhn)  # type: ignore[arg-type]  # None saves as None
         ctx.set_materialize_grads(False)
         return out_bhn, weights_bhn
@@ -325,15 +268,15 @@ class _ChunkedNeighbourhood(torch.autograd.Function):
         needs = ctx.needs_input_grad  # type: ignore[attr-defined]
         if torch.is_grad_enabled():  # create_graph=True: differentiate the composite ops instead
             return _double_backward(q, k, v, keys, bias, valid, noise, grad_out, grad_weights, needs)
-        weights = _token_major_view(weights_bhn)  # (N, B h, K)
-        qt = _token_major(q)  # (N, B h, d); rebuilt, so the originals stay saved for double backward
-        kt, vt = _token_rows(k), _token_rows(v)  # (S, B h d|dv)
-        g_t = q.new_zeros(n, bh, dv) if grad_out is None else _token_major(grad_out)  # (N, B h, dv)
-        gw_t = None if grad_weights is None else _token_major(grad_weights)  # (N, B h, K)
-        noise_t = None if noise is None else _token_major(noise)  # (N, B h, K)
+        weights = layout.token_major_view(weights_bhn)  # (N, B h, K)
+        qt = layout.token_major(q)  # (N, B h, d); rebuilt, so the originals stay saved for double backward
+        kt, vt = layout.token_rows(k), layout.token_rows(v)  # (S, B h d|dv)
+        g_t = q.new_zeros(n, bh, dv) if grad_out is None else layout.token_major(grad_out)  # (N, B h, dv)
+        gw_t = None if grad_weights is None else layout.token_major(grad_weights)  # (N, B h, K)
+        noise_t = None if noise is None else layout.token_major(noise)  # (N, B h, K)
         grad_q = q.new_empty(n, bh, d)
         grad_k, grad_v = q.new_zeros(s, bh * d), q.new_zeros(s, bh * dv)
-        bias4 = None if bias is None or not needs[4] else _as_4d(bias)
+        bias4 = None if bias is None or not needs[4] else layout.as_4d(bias)
         grad_bias = None if bias4 is None else torch.zeros_like(bias4)
         step = _step(q, v, kk)
         for n0 in range(0, n, step):
@@ -342,10 +285,10 @@ class _ChunkedNeighbourhood(torch.autograd.Function):
             g, w = g_t[n0:n1], weights[n0:n1]  # (nc, B h, dv), (nc, B h, K)
             dropped = w if noise_t is None else w * noise_t[n0:n1]
             v_n = vt.index_select(0, idx).view(nc, kk, bh, dv)  # (nc, K, B h, dv)
-            grad_w = _scores(g, v_n)  # (nc, B h, K)
+            grad_w = layout.scores(g, v_n)  # (nc, B h, K)
             del v_n
             grad_v_n = q.new_empty(nc, kk, bh, dv)  # `out=` keeps the row layout index_add_ needs
-            torch.mul(dropped.transpose(1, 2).unsqueeze(-1), g.unsqueeze(1), out=grad_v_n)
+            layout.outer(dropped, g, grad_v_n)
             grad_v.index_add_(0, idx, grad_v_n.view(nc * kk, bh * dv))  # scattered onto (S, B h dv)
             del grad_v_n
             if noise_t is not None:
@@ -354,28 +297,22 @@ class _ChunkedNeighbourhood(torch.autograd.Function):
                 grad_w += gw_t[n0:n1]
             grad_logits = torch._softmax_backward_data(grad_w, w, -1, w.dtype)  # (nc, B h, K)
             k_n = kt.index_select(0, idx).view(nc, kk, bh, d)  # (nc, K, B h, d)
-            _mix(grad_logits, k_n, grad_q[n0:n1])  # (nc, B h, d)
+            layout.mix(grad_logits, k_n, grad_q[n0:n1])  # (nc, B h, d)
             del k_n
             grad_k_n = q.new_empty(nc, kk, bh, d)
-            torch.mul(grad_logits.transpose(1, 2).unsqueeze(-1), qt[n0:n1].unsqueeze(1), out=grad_k_n)
+            layout.outer(grad_logits, qt[n0:n1], grad_k_n)
             grad_k.index_add_(0, idx, grad_k_n.view(nc * kk, bh * d))  # scattered onto (S, B h d)
             del grad_k_n
             if grad_bias is not None:
-                rows_shape = _rows(cast(Tensor, bias4), n0, n1).shape  # bias4 is set when grad_bias is
-                grad_rows = _head_major(grad_logits, b, h)  # (B, h, nc, K)
-                _rows(grad_bias, n0, n1).add_(_reduce_to(grad_rows, rows_shape))
+                rows_shape = layout.rows(cast(Tensor, bias4), n0, n1).shape  # bias4 is set when grad_bias is
+                grad_rows = layout.head_major(grad_logits, b, h)  # (B, h, nc, K)
+                layout.rows(grad_bias, n0, n1).add_(layout.reduce_to(grad_rows, rows_shape))
         grad_bias = None if grad_bias is None else grad_bias.view(bias.shape)
         grad_k, grad_v = grad_k.view(s, bh, d), grad_v.view(s, bh, dv)  # (S, B h d) -> (S, B h, d)
         return (
-            _head_major(grad_q, b, h), _head_major(grad_k, b, h), _head_major(grad_v, b, h),
+            layout.head_major(grad_q, b, h), layout.head_major(grad_k, b, h), layout.head_major(grad_v, b, h),
             None, grad_bias, None, None,
         )
-
-
-def _reduce_to(t: Tensor, shape: torch.Size) -> Tensor:
-    """`t` summed over the axes where `shape` broadcasts (size 1), keeping them."""
-    dims = [i for i, (a, want) in enumerate(zip(t.shape, shape, strict=True)) if want == 1 and a != 1]
-    return t.sum(dims, keepdim=True) if dims else t
 
 
 def _double_backward(
