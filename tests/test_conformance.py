@@ -176,3 +176,14 @@ def test_create_by_every_name(spec):
         if spec.seed_name and name == spec.seed_name:
             continue  # the seed name builds the seed class, with the seed's arguments (family tests)
         assert type(attnzoo.create(name, **spec.example.kwargs)) is spec.cls
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=IDS)
+def test_repr_names_the_options_the_module_keeps(spec):
+    """A printed model says how each attention was built: every example option the module keeps under
+    its own name (a width, a window, a head count) appears as `name=` in its repr (its own
+    `extra_repr` or a child's), where `WindowAttention(` once printed only its children."""
+    module = build(spec)
+    text = repr(module)
+    missing = [k for k in spec.example.kwargs if k in vars(module) and f"{k}=" not in text]
+    assert not missing, f"repr does not name {missing}: {text.splitlines()[0]}"

@@ -54,3 +54,48 @@ def test_a_parameter_a_non_strict_load_leaves_on_meta_is_named_not_used():
         lazy.load_state_dict(state, assign=True, strict=False)
         with pytest.raises(ValueError, match=f"holds {missing} on device meta and its other tensors on cpu"):
             lazy(torch.randn(1, 9, 16))
+
+
+def _built_on_meta(case: Case) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if "device" in inspect.signature(case.cls).parameters:
+        return case.cls(**case.example.kwargs, device="meta")
+    with torch.device("meta"):
+        return case.cls(**case.example.kwargs)
+
+
+def _reset_every_module(module: torch.nn.Module) -> None:
+    """Children first, so a parent's own `reset_parameters` may re-initialise a child's tensor it
+    initialises specially (a zero-initialised last layer) after the child's default."""
+    for sub in reversed(list(module.modules())):
+        if callable(getattr(sub, "reset_parameters", None)):
+            sub.reset_parameters()
+
+
+WITH_STATE = [c for c in CASES if any(True for _ in build(c).state_dict())]
+
+
+@pytest.mark.parametrize("case", WITH_STATE, ids=[c.id for c in WITH_STATE])
+def test_to_empty_then_reset_parameters_initialises_every_tensor(case: Case):
+    """torch's deferred-initialisation recipe (FSDP's default `param_init_fn`): build on meta,
+    `to_empty(device=...)`, then `reset_parameters()` of every module. A tensor the module created in
+    its constructor but no `reset_parameters` rewrites stays uninitialised memory (NaN here): a
+    `gamma`, a relative-position table, a non-persistent index. Tensors that do not depend on the seed
+    must come back equal to a normal construction's, random ones at the same scale."""
+    first_build, second_build = build(case), case.cls(**case.example.kwargs)  # seeds 0 and whatever
+    lazy = _built_on_meta(case).to_empty(device="cpu")
+    with torch.no_grad():
+        for tensor in [*lazy.parameters(), *lazy.buffers()]:
+            tensor.fill_(float("nan") if tensor.is_floating_point() else 7)  # a bool buffer: True
+    _reset_every_module(lazy)
+    want, other = first_build.state_dict(), second_build.state_dict()
+    for name, got in lazy.state_dict(keep_vars=True).items():
+        if torch.equal(want[name], other[name]):  # fixed by the options: exactly this
+            assert torch.equal(got, want[name]), f"{case.id}: {name} is not re-initialised"
+        else:  # drawn at random: finite, at the normal construction's scale
+            scale, drawn = want[name].abs().max(), got.detach().abs().max()
+            assert torch.isfinite(got).all() and scale / 4 <= drawn <= 4 * scale, f"{case.id}: {name}"
+    for name, got in lazy.named_buffers():  # non-persistent ones (index tables) too
+        assert torch.equal(got, dict(first_build.named_buffers())[name]), f"{case.id}: buffer {name}"
+    with torch.no_grad():
+        assert torch.isfinite(first(lazy.eval()(*inputs(case)))).all(), case.id

@@ -371,7 +371,9 @@ def relative_position_index_1d(length: int, device: torch.device | None = None) 
     return coords[:, None] - coords[None, :] + (length - 1)
 
 
-def relative_position_index_2d(window_size: tuple[int, int], device: torch.device | None = None) -> Tensor:
+def relative_position_index_2d(
+    window_size: tuple[int, int], device: torch.device | str | None = None
+) -> Tensor:
     """Index into a `((2*Wh-1)*(2*Ww-1), heads)` table, in Swin's order.
 
     `index[i, j] = (dh + Wh - 1) * (2*Ww - 1) + (dw + Ww - 1)` with `(dh, dw)` the offset of

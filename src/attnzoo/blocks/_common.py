@@ -87,7 +87,7 @@ class _PrefixedBlock(nn.Module):
             check_shape(x, type(self).__name__, "B L D", L=self.seq_len, D=self.dim)
 
     def extra_repr(self) -> str:
-        return f"model_name={self.model_name!r}"
+        return f"dim={self.dim}, model_name={self.model_name!r}"
 
 
 _Device = torch.device | str | None

@@ -143,6 +143,9 @@ class SelfAttentionBlock(_PrefixedBlock):
         self.add_module(f"{self.prefix}_add1", Add())
         self.add_module(f"{self.prefix}_norm1", _layer_norm(dim, eps, who, device, dtype))
 
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, causal={self.causal}"
+
     @property
     def attention(self) -> KerasMultiHeadAttention:
         return self._role("attn1")  # type: ignore[return-value]

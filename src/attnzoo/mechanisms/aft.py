@@ -115,6 +115,11 @@ class AFTFull(nn.Module):
         self.v = nn.Linear(dim, dim, bias=qkv_bias, **factory)
         self.position_bias = None if simple else nn.Parameter(torch.zeros(max_len, max_len, **factory))
 
+    def reset_parameters(self) -> None:
+        """`position_bias` back to 0 (AFT-simple's start; the linear maps reset themselves)."""
+        if self.position_bias is not None:
+            nn.init.zeros_(self.position_bias)
+
     def extra_repr(self) -> str:
         return f"dim={self.dim}, max_len={self.max_len}, simple={self.simple}, causal={self.causal}"
 

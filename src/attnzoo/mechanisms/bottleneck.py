@@ -149,6 +149,10 @@ class BottleneckAttention(nn.Module):
         self.pos_embed = RelPosTables(self.feat_size, self.head_dim, self.scale, factory)
         self.reset_parameters()
 
+    def extra_repr(self) -> str:
+        return (f"channels={self.channels}, out_channels={self.out_channels}, feat_size={self.feat_size}, "
+                f"num_heads={self.num_heads}, stride={self.stride}")
+
     def reset_parameters(self) -> None:
         """timm's initialisation: fan-in truncated normals for the projection, std $s$ for the tables."""
         nn.init.trunc_normal_(self.qkv.weight, std=self.qkv.weight.shape[1] ** -0.5)

@@ -379,6 +379,9 @@ class CBAM(nn.Module):
             **dd,
         )
 
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}, residual={self.residual}"
+
     def forward(self, x: Tensor, need_weights: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         x = to_batch_first(x, self.batch_first, type(self).__name__, C=self.channels)
         out, gate = cbam_gate(x, self.ca, self.sa, need_weights)

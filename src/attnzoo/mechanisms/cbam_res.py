@@ -111,6 +111,9 @@ class ResidualCBAM(nn.Module):
         )
         self.sa = SpatialAttention(out_channels, kernel_size, **dd)
 
+    def extra_repr(self) -> str:
+        return f"channels={self.in_channels}, out_channels={self.out_channels}"
+
     def forward(self, x: Tensor, need_weights: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         x = to_batch_first(x, self.batch_first, type(self).__name__, C=self.in_channels)
         out = self.relu(self.bn1(self.conv1(x)))  # (B, C_out, H', W')

@@ -154,6 +154,9 @@ class ContextualTransformer(nn.Module):
             nn.Conv2d(attn_chs, 2 * channels, 1, **factory),
         )
 
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}, kernel_size={self.kernel_size}"
+
     def forward(self, x: Tensor, need_weights: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """The CoT block on `x` `(B, C, H, W)`; with `need_weights`, also return the aggregation
         weights `(B, C/s, k*k, H, W)`."""

@@ -121,6 +121,10 @@ class CrissCrossAttention(nn.Module):
         self.value_conv = nn.Conv2d(channels, channels, 1, bias=bias, **factory)
         self.gamma = nn.Parameter(torch.zeros(1, **factory))
 
+    def reset_parameters(self) -> None:
+        """`gamma` back to 0, so the block starts as the identity (the convolutions reset themselves)."""
+        nn.init.zeros_(self.gamma)
+
     def extra_repr(self) -> str:
         return f"channels={self.channels}, rd_channels={self.rd_channels}"
 

@@ -73,10 +73,8 @@ class DynamicPosBias(nn.Module):
         - Input: `(T, 2)` offsets. Output: `(T, h)`.
     """
 
-    def __init__(
-        self, pos_dim: int, num_heads: int, *, device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
+    def __init__(self, pos_dim: int, num_heads: int, *, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
         super().__init__()
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
         self.pos_dim, self.num_heads = pos_dim, num_heads
@@ -352,11 +350,12 @@ class CrossFormerAttention(nn.Module):
         self.group_size = check_int(group_size, "group_size", who)
         self.interval = int_pair(interval, "interval", who)
         self.distance = check_choice(distance, ("short", "long"), "distance", who)
-        self.attn = CrossFormerGroupAttention(
-            dim, group_size, num_heads, qkv_bias, qk_scale, attn_drop, proj_drop, position_bias,
-            device=device, dtype=dtype,
-        )
+        self.attn = CrossFormerGroupAttention(dim, group_size, num_heads, qkv_bias, qk_scale, attn_drop,
+                                              proj_drop, position_bias, device=device, dtype=dtype)
         self.dim, self.num_heads = dim, num_heads
+
+    def extra_repr(self) -> str:
+        return f"interval={self.interval}, distance={self.distance!r}"  # `attn` shows the rest
 
     def geometry(self, size: Sequence[int]) -> tuple[int, tuple[int, int]]:
         """The group side and interval used on an `(H, W)` map: `(G, (Ih, Iw))`, interval `(1, 1)` for SDA."""

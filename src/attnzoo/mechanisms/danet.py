@@ -99,6 +99,13 @@ class DANetPositionAttention(nn.Module):
         self.value_conv = nn.Conv2d(channels, channels, 1, **factory)
         self.gamma = nn.Parameter(torch.zeros(1, **factory))
 
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}, rd_channels={self.rd_channels}"
+
+    def reset_parameters(self) -> None:
+        """`gamma` back to 0, so the block starts as the identity (the convolutions reset themselves)."""
+        nn.init.zeros_(self.gamma)
+
     def forward(self, x: Tensor, need_weights: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """Attend over the positions of `x` `(B, C, H, W)`; with `need_weights`, also return the
         map `(B, N, N)`."""
@@ -169,6 +176,13 @@ class DANetChannelAttention(nn.Module):
         super().__init__()
         self.channels = check_int(channels, "channels", type(self).__name__)
         self.gamma = nn.Parameter(torch.zeros(1, device=device, dtype=dtype))
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}"
+
+    def reset_parameters(self) -> None:
+        """`gamma` back to 0, so the block starts as the identity."""
+        nn.init.zeros_(self.gamma)
 
     def forward(self, x: Tensor, need_weights: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """Attend between the channels of `x` `(B, C, H, W)`; with `need_weights`, also return the
@@ -263,6 +277,9 @@ class DualAttention(nn.Module):
         self.conv51 = _conv_bn_relu(inter, inter, factory)
         self.conv52 = _conv_bn_relu(inter, inter, factory)
         self.conv8 = nn.Sequential(nn.Dropout2d(proj_drop), nn.Conv2d(inter, out_channels, 1, **factory))
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}"
 
     def forward(self, x: Tensor, need_weights: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """Both branches on `x` `(B, C, H, W)`, summed and projected; with `need_weights`, also the

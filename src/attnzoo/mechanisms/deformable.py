@@ -191,6 +191,10 @@ class DeformableAttention(nn.Module):
             self.rpe_table = nn.Parameter(torch.empty(num_heads, 2 * fh - 1, 2 * fw - 1, **factory))
         self.reset_parameters()
 
+    def extra_repr(self) -> str:
+        return (f"channels={self.channels}, num_heads={self.num_heads}, groups={self.groups}, "
+                f"feat_size={self.feat_size}, kernel_size={self.kernel_size}, stride={self.stride}")
+
     def reset_parameters(self) -> None:
         """The official initialisation: torch's for the convolutions, a truncated normal of std 0.01
         for a bias table."""

@@ -111,6 +111,10 @@ class DoubleAttention(nn.Module):
         self.convV = nn.Conv2d(channels, c_n, 1, **factory)
         self.conv_reconstruct = nn.Conv2d(c_m, channels, 1, **factory) if reconstruct else None
 
+    def extra_repr(self) -> str:
+        return (f"channels={self.channels}, rd_channels={self.c_m}, num_descriptors={self.c_n}, "
+                f"reconstruct={self.reconstruct}")
+
     def forward(self, x: Tensor, need_weights: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """Gather and distribute `x` `(B, C, H, W)`; with `need_weights`, also return the gathering
         maps `(B, c_n, H, W)`."""

@@ -85,6 +85,9 @@ class DualGatedAttention(nn.Module):
         self.channel_attention = _conv_bn_relu(channels, dd)
         self.sigmoid = nn.Sigmoid()
 
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}"
+
     def forward(self, x: Tensor) -> Tensor:
         x = to_batch_first(x, True, type(self).__name__, C=self.channels)
         if capturing():  # map capture: the channel gate (B, C)

@@ -93,6 +93,10 @@ class GlobalFilter(nn.Module):
         weight = torch.randn(height, width // 2 + 1, dim, 2, device=device, dtype=dtype) * 0.02  # GFNet's
         self.complex_weight = nn.Parameter(weight)  # (H, w, C, 2): real and imaginary parts
 
+    def reset_parameters(self) -> None:
+        """GFNet's initialisation: normal with std 0.02 (both the real and the imaginary parts)."""
+        nn.init.normal_(self.complex_weight, std=0.02)
+
     def extra_repr(self) -> str:
         return f"dim={self.dim}, feat_size={self.feat_size}"
 

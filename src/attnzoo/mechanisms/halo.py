@@ -169,6 +169,10 @@ class HaloAttention(nn.Module):
         self.pool = pool
         self.reset_parameters()
 
+    def extra_repr(self) -> str:
+        return (f"channels={self.channels}, out_channels={self.out_channels}, num_heads={self.num_heads}, "
+                f"block_size={self.block_size}, halo_size={self.halo_size}, stride={self.stride}")
+
     def reset_parameters(self) -> None:
         """timm's initialisation: fan-in truncated normals for the projections, std $s$ for the tables."""
         std = self.q.weight.shape[1] ** -0.5

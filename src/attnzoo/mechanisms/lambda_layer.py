@@ -188,6 +188,10 @@ class LambdaLayer(nn.Module):
             self.pos_emb = nn.Parameter(torch.empty(2 * rows - 1, 2 * cols - 1, k, **factory))
         self.reset_parameters()
 
+    def extra_repr(self) -> str:
+        return (f"channels={self.channels}, out_channels={self.out_channels}, num_heads={self.num_heads}, "
+                f"head_dim={self.head_dim}, r={self.r}, stride={self.stride}")
+
     def reset_parameters(self) -> None:
         """timm's initialisation: fan-in truncated normals for the projection and the lambda
         convolution's weight, std 0.02 for the embedding."""

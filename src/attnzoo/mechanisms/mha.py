@@ -146,6 +146,10 @@ class MultiHeadAttention(nn.Module):
         self.fc = nn.Linear(v_width, dim, **factory)
         self.proj_drop = check_dropout(proj_drop, "proj_drop", who)
 
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, num_heads={self.num_heads}, head_dim={self.head_dim}, "
+                f"value_head_dim={self.value_head_dim}")
+
     def _project(self, query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Project and split into heads: three `(B, h, *, d)` views, one GEMM where inputs coincide."""
         if self.Wq is None or self.Wk is None or self.Wv is None:  # in_proj=False: heads of the inputs
@@ -288,8 +292,9 @@ class SeedMultiHeadAttention(MultiHeadAttention):
         super().__init__(d_model, num_heads)
         self.d_model = d_model  # the seed's attribute names
         self.depth = self.head_dim
-        # 1 / float32(sqrt(d)), as the seed divides by torch.sqrt(torch.tensor(d, dtype=float32)).
-        self.scale = 1.0 / float(torch.sqrt(torch.tensor(self.depth, dtype=torch.float32)))
+        # 1 / float32(sqrt(d)), as the seed divides by torch.sqrt(torch.tensor(d, dtype=float32)); on the
+        # CPU whatever the default device (built under `torch.device("meta")`, .item() would fail)
+        self.scale = 1.0 / float(torch.sqrt(torch.tensor(self.depth, dtype=torch.float32, device="cpu")))
 
     def _project_seed(self, *inputs: Tensor) -> list[Tensor]:
         """The seed projects Q, K and V one by one (its class always has the three projections)."""

@@ -167,6 +167,12 @@ class OverlappedAttention(nn.Module):
         self.proj = nn.Linear(dim, dim, **factory)
         self.proj_drop = check_dropout(proj_drop, "proj_drop", who)
 
+    def reset_parameters(self) -> None:
+        """The official zero table and the index recomputed (`to_empty` leaves both uninitialised)."""
+        nn.init.zeros_(self.relative_position_bias_table)
+        index: Tensor = self.relative_position_index  # type: ignore[assignment]  # a registered buffer
+        index.copy_(relative_position_index_2d(self.grid, device=index.device))
+
     def _reduce_tokens(self, x: Tensor) -> Tensor:
         """`pre_conv` of channels-last tokens `x` `(B, H, W, C)` -> `(B, r, H, W)` (a view). A 1x1
         convolution to r = 3 channels is one skinny matrix product; oneDNN's convolution ran it (and its
@@ -237,7 +243,7 @@ class OverlappedAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, window_size={self.window_size}, num_heads={self.num_heads}, "
-                f"feat_size={self.feat_size}, rd_channels={self.rd_channels}")
+                f"feat_size={self.feat_size}, reduction={self.reduction}, rd_channels={self.rd_channels}")
 
 
 @fx_leaf  # one call_module node in FX traces (attnzoo._fx)

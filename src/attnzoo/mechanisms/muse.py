@@ -151,6 +151,10 @@ class MUSEAttention(nn.Module):
         self.branches = nn.ModuleList(_DepthPoint(vw, dim, k, factory) for k in self.kernel_sizes)
         self.branch_weights = nn.Parameter(torch.ones(len(self.kernel_sizes), **factory))
 
+    def reset_parameters(self) -> None:
+        """Equal `branch_weights` (an even softmax over the branches); the branches reset themselves."""
+        nn.init.ones_(self.branch_weights)
+
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, num_heads={self.num_heads}, head_dim={self.head_dim}, "
                 f"value_head_dim={self.value_head_dim}, kernel_sizes={self.kernel_sizes}")

@@ -99,6 +99,11 @@ class _NeighbourhoodAttention(nn.Module):
         self.proj = nn.Linear(dim, dim, **factory)
         self.proj_drop = check_dropout(proj_drop, "proj_drop", who)
 
+    def reset_parameters(self) -> None:
+        """NATTEN's `rpb` initialisation: truncated normal, std 0.02 (the linear maps reset themselves)."""
+        if self.rpb is not None:
+            nn.init.trunc_normal_(self.rpb, std=0.02, a=-2.0, b=2.0)
+
     def extra_repr(self) -> str:
         return (
             f"dim={self.dim}, num_heads={self.num_heads}, kernel_size={self.kernel_size}, "

@@ -181,6 +181,17 @@ class NonLocalBlock(nn.Module):
             pooled_phi = nn.Sequential(self.phi, pool(kernel)) if pairwise != "gaussian" else pool(kernel)
             self.phi = pooled_phi  # gaussian: phi is the pooling alone (x itself is the key)
 
+    def extra_repr(self) -> str:
+        return (f"channels={self.channels}, rd_channels={self.rd_channels}, "
+                f"spatial_dims={self.spatial_dims}, pairwise={self.pairwise!r}, pool_keys={self.pool_keys}")
+
+    def reset_parameters(self) -> None:
+        """W's last layer (its BatchNorm, else its convolution) back to zero, so the block starts as the
+        identity; call it after the children's own `reset_parameters` (which give a BatchNorm weight 1)."""
+        last = self.W[-1] if isinstance(self.W, nn.Sequential) else self.W
+        nn.init.zeros_(cast(Tensor, last.weight))
+        nn.init.zeros_(cast(Tensor, last.bias))
+
     def _pool(self, t: Tensor, spatial: tuple[int, ...]) -> Tensor:
         """Max-pool tokens `(B, N, c)` on the grid `spatial` -> `(B, N', c)`, last dim contiguous."""
         grid = t.reshape(t.shape[0], *spatial, t.shape[-1]).movedim(-1, 1)  # (B, c, *spatial)

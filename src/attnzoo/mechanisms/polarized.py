@@ -72,6 +72,9 @@ class _Polarized(nn.Module):
         self.sp_wv = nn.Conv2d(channels, hidden, 1, bias=bias, **factory)
         self.sp_wq = nn.Conv2d(channels, hidden, 1, bias=bias, **factory)
 
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}"
+
     def channel_gate(self, flat: Tensor) -> Tensor:
         """The channel-only gate `(B, C)` of `flat` `(B, C, N)`."""
         logits = F.conv1d(flat, self.ch_wq.weight[..., 0], self.ch_wq.bias)  # (B, 1, N)

@@ -148,6 +148,9 @@ class PyramidSplitAttention(nn.Module):
         self.fc1 = nn.Conv2d(n * width, n * hidden, 1, groups=n, bias=se_bias, **factory)
         self.fc2 = nn.Conv2d(n * hidden, n * width, 1, groups=n, bias=se_bias, **factory)
 
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}, branches={self.branches}"
+
     def forward(self, x: Tensor, need_weights: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """Rescale the pyramid branches of `x` `(B, C, H, W)`; with `need_weights`, also return
         the softmax weights `(B, S, C/S)`."""

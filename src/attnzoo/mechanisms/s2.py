@@ -142,6 +142,9 @@ class S2Attention(nn.Module):
         self.mlp2 = nn.Linear(channels, channels, **factory)
         self.split_attention = _SplitMix(channels, 3, factory)
 
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}, shift={self.shift!r}"
+
     def forward(self, x: Tensor, need_weights: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """Shift, mix and project `x` `(B, C, H, W)`; with `need_weights`, also return the branch
         weights `(B, 3, C)`."""

@@ -91,6 +91,10 @@ class SpatialSelfAttention(nn.Module):
         self.value_conv = nn.Conv2d(c, c, kernel_size=1, **factory)
         self.gamma = nn.Parameter(torch.zeros(1, **factory))
 
+    def reset_parameters(self) -> None:
+        """`gamma` back to 0, so the block starts as the identity (the convolutions reset themselves)."""
+        nn.init.zeros_(self.gamma)
+
     def forward(self, x: Tensor, need_weights: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """Attend over the positions of `x` `(B, C, H, W)`; with `need_weights`, also the `(B, N, N)` map."""
         b, c, h, w = check_shape(x, type(self).__name__, "B C H W", C=self.channels).values()
@@ -153,6 +157,10 @@ class ChannelSelfAttention(nn.Module):
         self.value_conv = nn.Conv2d(c, c1, kernel_size=1, **factory)
         self.x_conv = nn.Conv2d(c, c1, kernel_size=1, **factory)
         self.gamma = nn.Parameter(torch.zeros(1, **factory))
+
+    def reset_parameters(self) -> None:
+        """`gamma` back to 0, so the block starts as the identity (the convolutions reset themselves)."""
+        nn.init.zeros_(self.gamma)
 
     def forward(self, x: Tensor, need_weights: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """Attend between the channels of `x` `(B, C, H, W)`; with `need_weights`, also the map."""

@@ -108,6 +108,11 @@ class SpatialGroupEnhance(nn.Module):
         self.weight = nn.Parameter(torch.zeros(1, self.groups, 1, 1, device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.ones(1, self.groups, 1, 1, device=device, dtype=dtype))
 
+    def reset_parameters(self) -> None:
+        """The official start: weight 0, bias 1 (every group's gate at sigmoid(1))."""
+        nn.init.zeros_(self.weight)
+        nn.init.ones_(self.bias)
+
     def forward(self, x: Tensor, need_weights: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         who = type(self).__name__
         dims = (

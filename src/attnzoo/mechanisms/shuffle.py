@@ -104,6 +104,12 @@ class ShuffleAttention(nn.Module):
         self.sbias = nn.Parameter(torch.ones(1, half, 1, 1, **dd))  # type: ignore[arg-type]
         self.gn = nn.GroupNorm(half, half, eps=eps, **dd)  # type: ignore[arg-type]
 
+    def reset_parameters(self) -> None:
+        """The official start: both gates' weights 0 and biases 1 (`gn` resets itself)."""
+        for weight, bias in ((self.cweight, self.cbias), (self.sweight, self.sbias)):
+            nn.init.zeros_(weight)
+            nn.init.ones_(bias)
+
     def forward(self, x: Tensor, need_weights: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         dims = check_shape(x, type(self).__name__, "B C H W", C=self.channels)
         b, c, h, w = dims["B"], self.channels, dims["H"], dims["W"]

@@ -67,10 +67,6 @@ __all__ = [
 _INDEX = "relative_position_index"
 
 
-def _device(device: torch.device | str | None) -> torch.device | None:
-    return None if device is None else torch.device(device)
-
-
 @register(
     "window",
     family="transformer",
@@ -158,23 +154,25 @@ class WindowAttention(nn.Module):
         self.relative_position_bias_table = nn.Parameter(
             torch.zeros((2 * wh - 1) * (2 * ww - 1), num_heads, **factory)
         )
-        index = relative_position_index_2d(self.window_size, device=_device(device))  # (N, N)
+        index = relative_position_index_2d(self.window_size, device=device)  # (N, N)
         self.register_buffer(_INDEX, index, persistent=False)
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, **factory)
         self.proj = nn.Linear(dim, dim, **factory)
         self.proj_drop = check_dropout(proj_drop, "proj_drop", who)
-        nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+        self.reset_parameters()
 
-    def _load_from_state_dict(
-        self,
-        state_dict: dict[str, Any],
-        prefix: str,
-        local_metadata: dict[str, Any],
-        strict: bool,
-        missing_keys: list[str],
-        unexpected_keys: list[str],
-        error_msgs: list[str],
-    ) -> None:
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, window_size={self.window_size}, num_heads={self.num_heads}"
+
+    def reset_parameters(self) -> None:
+        """Swin's truncated-normal table and the index recomputed (`to_empty` leaves both uninitialised)."""
+        nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+        index: Tensor = self.relative_position_index  # type: ignore[assignment]  # a registered buffer
+        index.copy_(relative_position_index_2d(self.window_size, device=index.device))
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, local_metadata: dict[str, Any],
+                              strict: bool, missing_keys: list[str], unexpected_keys: list[str],
+                              error_msgs: list[str]) -> None:
         # The official state_dict carries the index; with the buffer non-persistent here, accept a
         # matching one (it is derived from the window) and report one that does not match.
         key = prefix + _INDEX
@@ -349,15 +347,17 @@ class ShiftedWindowAttention(nn.Module):
         )
         self.window_size = self.attn.window_size
         wh, ww = self.window_size
-        self.shift_size = (
-            (wh // 2, ww // 2) if shift_size is None else int_pair(shift_size, "shift_size", who, minimum=0)
-        )
+        self.shift_size = ((wh // 2, ww // 2) if shift_size is None
+                           else int_pair(shift_size, "shift_size", who, minimum=0))
         if self.shift_size[0] >= wh or self.shift_size[1] >= ww:
             raise ValueError(
                 f"{who}: shift_size must be smaller than window_size {(wh, ww)}, got {self.shift_size}"
             )
         self.layout = check_choice(layout, ("NHWC", "NCHW"), "layout", who)
         self.dim = dim
+
+    def extra_repr(self) -> str:
+        return f"shift_size={self.shift_size}, layout={self.layout!r}"  # `attn` shows the rest
 
     def forward(self, x: Tensor, need_weights: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """Window attention over the map `x` (layout as constructed).

@@ -116,6 +116,17 @@ class TorchvisionShiftedWindowAttention(nn.Module):
         index = relative_position_index_2d((self.window_size[0], self.window_size[1])).to(device)
         self.register_buffer("relative_position_index", index.flatten())  # (N*N,), as torchvision's
 
+    def reset_parameters(self) -> None:
+        """torchvision's start of the position bias, and the index recomputed (`to_empty` leaves both
+        uninitialised); the linear maps reset themselves."""
+        self._reset_position_bias()
+        index: Tensor = self.relative_position_index  # type: ignore[assignment]  # a registered buffer
+        wh, ww = self.window_size
+        index.copy_(relative_position_index_2d((wh, ww), device=index.device).flatten())
+
+    def _reset_position_bias(self) -> None:
+        nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+
     def _define_position_bias(self, factory: dict[str, Any]) -> None:
         wh, ww = self.window_size
         table = torch.zeros((2 * wh - 1) * (2 * ww - 1), self.num_heads, **factory)
@@ -232,6 +243,16 @@ class TorchvisionShiftedWindowAttentionV2(TorchvisionShiftedWindowAttention):
         wh, ww = self.window_size
         # Offsets divided by window - 1 (by 1 for a window of 1, where torchvision divides 0 by 0).
         self.register_buffer("relative_coords_table", log_spaced_coords((wh, ww), (wh, ww), **factory))
+
+    def _reset_position_bias(self) -> None:
+        """The logit scale at log 10, the coordinate table recomputed and the keys' bias zero (after
+        the Linear's own reset), as torchvision builds them."""
+        nn.init.constant_(self.logit_scale, math.log(10.0))
+        table: Tensor = self.relative_coords_table  # type: ignore[assignment]  # a registered buffer
+        wh, ww = self.window_size
+        table.copy_(log_spaced_coords((wh, ww), (wh, ww), device=table.device, dtype=table.dtype))
+        if self.qkv.bias is not None:
+            nn.init.zeros_(self.qkv.bias[self.qkv.in_features : 2 * self.qkv.in_features])
 
     def _bias_table(self) -> Tensor:
         return self.cpb_mlp(self.relative_coords_table).reshape(-1, self.num_heads)  # (T, h)

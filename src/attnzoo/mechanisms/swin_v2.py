@@ -280,6 +280,20 @@ class ShiftedWindowAttentionV2(nn.Module):
         self.proj_drop = check_dropout(proj_drop, "proj_drop", who)
         self._position_buffers(device, dtype)
 
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, window_size={self.window_size}, num_heads={self.num_heads}, "
+                f"shift_size={self.shift_size}")
+
+    def reset_parameters(self) -> None:
+        """Zero q/v biases, the logit scale at log 10 and the position buffers recomputed (`to_empty`
+        leaves them uninitialised); the linear maps reset themselves."""
+        for bias in (self.q_bias, self.v_bias):
+            if bias is not None:
+                nn.init.zeros_(bias)
+        nn.init.constant_(self.logit_scale, math.log(10.0))
+        table: Tensor = self.relative_coords_table  # type: ignore[assignment]  # a registered buffer
+        self._position_buffers(table.device, table.dtype)
+
     def _position_buffers(self, device: torch.device | str | None, dtype: torch.dtype | None) -> None:
         """The log-spaced coordinate table and the relative position index of `window_size`. Both
         follow from the window: not part of the state_dict (as timm's)."""

@@ -123,7 +123,17 @@ class TemporalAttention(nn.Module):
         where = None if device is None else torch.device(device)
         coords = relative_position_index_1d(num_frames, device=where).reshape(-1)  # (T*T,)
         self.register_buffer("relative_coords", coords)
+        self.reset_parameters()
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, num_frames={self.num_frames}, num_heads={self.num_heads}"
+
+    def reset_parameters(self) -> None:
+        """The truncated-normal table and the frame offsets recomputed (`to_empty` leaves both
+        uninitialised); the linear maps reset themselves."""
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+        coords: Tensor = self.relative_coords  # type: ignore[assignment]  # a registered buffer
+        coords.copy_(relative_position_index_1d(self.num_frames, device=coords.device).reshape(-1))
 
     def forward(self, x: Tensor, need_weights: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """Attend over the frames of each sequence of `x`.

@@ -83,6 +83,10 @@ class TimmGPSA(nn.Module):
         self.proj_drop = check_dropout(proj_drop, "proj_drop", who)
         self.gating_param = nn.Parameter(torch.ones(num_heads, **dd))
 
+    def reset_parameters(self) -> None:
+        """`gating_param` back to timm's 1 (the linear maps reset themselves; `local_init` is separate)."""
+        nn.init.ones_(self.gating_param)
+
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_heads={self.num_heads}, locality_strength={self.locality_strength}"
 

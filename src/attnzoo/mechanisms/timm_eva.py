@@ -132,6 +132,13 @@ class TimmEvaAttention(nn.Module):
         self.proj = nn.Linear(self.attn_dim, dim, **dd)
         self.proj_drop = check_dropout(proj_drop, "proj_drop", who)
 
+    def reset_parameters(self) -> None:
+        """timm's start: zero q/k/v biases (`to_empty` leaves the k buffer uninitialised too); the
+        linear maps and norms reset themselves."""
+        for name in ("q_bias", "k_bias", "v_bias"):
+            if getattr(self, name) is not None:
+                nn.init.zeros_(getattr(self, name))
+
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, num_heads={self.num_heads}, head_dim={self.head_dim}, "
                 f"num_prefix_tokens={self.num_prefix_tokens}")

@@ -46,6 +46,9 @@ class _RelPosBias(nn.Module):
         rows, cols = window_size
         offsets = (2 * rows - 1) * (2 * cols - 1)
         self.relative_position_bias_table = nn.Parameter(torch.empty(offsets, num_heads, **dd))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
 
     def get_bias(self) -> Tensor:

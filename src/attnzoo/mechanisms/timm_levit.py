@@ -101,7 +101,19 @@ class OffsetBiasAttention(nn.Module):
         self.init_non_persistent_buffers()
 
 
-class LinearNorm(nn.Module):
+class _BnStart(nn.Module):
+    """A layer ending in a BatchNorm `bn` whose weight starts at `bn_weight_init` (timm zero-initialises
+    the last layer of a residual branch): `reset_parameters` restores that start after the BatchNorm's
+    own reset, which sets it to 1 (torch's deferred initialisation resets children first)."""
+
+    bn: nn.BatchNorm1d | nn.BatchNorm2d
+    bn_weight_init: float
+
+    def reset_parameters(self) -> None:
+        nn.init.constant_(self.bn.weight, self.bn_weight_init)
+
+
+class LinearNorm(_BnStart):
     """timm's `levit.LinearNorm`: a bias-free Linear, then a BatchNorm1d over all `B N` tokens."""
 
     def __init__(self, in_features: int, out_features: int, bn_weight_init: float = 1.0,
@@ -109,7 +121,8 @@ class LinearNorm(nn.Module):
         super().__init__()
         self.linear = nn.Linear(in_features, out_features, bias=False, device=device, dtype=dtype)
         self.bn = nn.BatchNorm1d(out_features, device=device, dtype=dtype)
-        nn.init.constant_(self.bn.weight, bn_weight_init)
+        self.bn_weight_init = bn_weight_init
+        self.reset_parameters()
 
     def forward(self, x: Tensor) -> Tensor:
         """`(B, N, in)` -> `(B, N, out)`."""
@@ -117,7 +130,7 @@ class LinearNorm(nn.Module):
         return self.bn(x.flatten(0, 1)).reshape_as(x)
 
 
-class ConvNorm(nn.Module):
+class ConvNorm(_BnStart):
     """timm's `levit.ConvNorm` as the attentions use it: a bias-free 1x1 convolution, then a
     BatchNorm2d."""
 
@@ -126,14 +139,15 @@ class ConvNorm(nn.Module):
         super().__init__()
         self.linear = nn.Conv2d(in_chs, out_chs, 1, bias=False, device=device, dtype=dtype)
         self.bn = nn.BatchNorm2d(out_chs, device=device, dtype=dtype)
-        nn.init.constant_(self.bn.weight, bn_weight_init)
+        self.bn_weight_init = bn_weight_init
+        self.reset_parameters()
 
     def forward(self, x: Tensor) -> Tensor:
         """`(B, in, H, W)` -> `(B, out, H, W)`."""
         return self.bn(self.linear(x))
 
 
-class ConvBn(nn.Module):
+class ConvBn(_BnStart):
     """timm's `ConvNorm` of EfficientFormer V2 and of Microsoft's EfficientViT (keys `conv`, `bn`): a
     convolution with timm's symmetric padding, with bias (EfficientFormer V2) or without (EfficientViT),
     then a BatchNorm2d whose weight starts at `bn_weight_init`."""
@@ -144,7 +158,8 @@ class ConvBn(nn.Module):
         padding = ((stride - 1) + (kernel - 1)) // 2  # timm's '' padding
         self.conv = nn.Conv2d(cin, cout, kernel, stride, padding, groups=groups, bias=bias, **dd)
         self.bn = nn.BatchNorm2d(cout, **dd)
-        nn.init.constant_(self.bn.weight, bn_weight_init)
+        self.bn_weight_init = bn_weight_init
+        self.reset_parameters()
 
     def forward(self, x: Tensor) -> Tensor:
         """`(B, cin, H, W)` -> `(B, cout, H', W')`."""

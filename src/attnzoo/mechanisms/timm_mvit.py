@@ -102,9 +102,14 @@ class TimmMultiScaleAttention(nn.Module):
             span = 2 * max(height // stride_q[1], height // stride_kv[1]) - 1
             self.rel_pos_h = nn.Parameter(torch.zeros(span, self.head_dim, **dd))
             self.rel_pos_w = nn.Parameter(torch.zeros(span, self.head_dim, **dd))
+        self.residual_pooling = bool(residual_pooling)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """timm's truncated-normal relative position tables (the other layers reset themselves)."""
+        if self.rel_pos_type == "spatial":
             nn.init.trunc_normal_(self.rel_pos_h, std=0.02)
             nn.init.trunc_normal_(self.rel_pos_w, std=0.02)
-        self.residual_pooling = bool(residual_pooling)
 
     def _pool(self, kernel: tuple[int, int], stride: tuple[int, int], norm_layer: type[nn.Module],
               dd: dict[str, Any]) -> tuple[nn.Module | None, nn.Module | None]:

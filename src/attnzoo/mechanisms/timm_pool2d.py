@@ -137,6 +137,12 @@ class TimmAttentionPool2d(nn.Module):
                 nn.init.zeros_(linear.bias)
         nn.init.trunc_normal_(self.pos_embed, std=std)
 
+    def reset_parameters(self) -> None:
+        """`init_weights`, and the class token back to 0 (`to_empty` leaves it uninitialised)."""
+        self.init_weights()
+        if self.cls_token is not None:
+            nn.init.zeros_(self.cls_token)
+
     @property
     def fc(self) -> nn.Module:
         """The classifier, by the name a timm model's `get_classifier` reads once its head is not timm's."""

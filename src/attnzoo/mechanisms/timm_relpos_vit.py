@@ -260,6 +260,12 @@ class TimmSamAttention(nn.Module):
                             f"got {type(rope).__name__}")
         self.register_module("rope", rope)  # registered even when None: a converted rope takes timm's place
 
+    def reset_parameters(self) -> None:
+        """timm's start: zero relative position tables (the linear maps and norms reset themselves)."""
+        if self.use_rel_pos:
+            nn.init.zeros_(self.rel_pos_h)
+            nn.init.zeros_(self.rel_pos_w)
+
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, num_heads={self.num_heads}, head_dim={self.head_dim}, "
                 f"use_rel_pos={self.use_rel_pos}, input_size={self.input_size}")

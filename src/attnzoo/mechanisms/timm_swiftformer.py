@@ -63,6 +63,10 @@ class TimmEfficientAdditiveAttention(nn.Module):
         self.proj = nn.Linear(width, width, **dd)
         self.final = nn.Linear(width, token_dim, **dd)
 
+    def reset_parameters(self) -> None:
+        """`w_g` a standard normal, as timm's `torch.randn` (the linear maps reset themselves)."""
+        nn.init.normal_(self.w_g)
+
     def extra_repr(self) -> str:
         return f"in_dims={self.in_dims}, token_dim={self.token_dim}, num_heads={self.num_heads}"
 

@@ -122,6 +122,11 @@ class TimmWindowMultiHeadAttention(nn.Module):
         self.window_size = int_pair(window_size, "window_size", type(self).__name__)
         self.init_non_persistent_buffers()
 
+    def reset_parameters(self) -> None:
+        """timm's start: the logit scale at log 10, the offsets recomputed (the children reset themselves)."""
+        nn.init.constant_(self.logit_scale, math.log(10.0))
+        self.init_non_persistent_buffers()
+
     def init_non_persistent_buffers(self) -> None:
         """Refill the offset table (timm's hook, called after a meta-device build)."""
         old = self.get_buffer("relative_coordinates_log")

@@ -223,6 +223,11 @@ class TimmAttentionPoolLatent(nn.Module):
         else:
             self.proj, self.norm, out = nn.Identity(), nn.Identity(), self.embed_dim
         self.out_features = out
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """timm's `init_weights`: fan-in truncated normals for the latent and the position embedding (the
+        linear maps reset themselves)."""
         nn.init.trunc_normal_(self.latent, std=self.latent_dim**-0.5)
         if self.pos_embed is not None:
             nn.init.trunc_normal_(self.pos_embed, std=self.pos_embed.shape[1] ** -0.5)

@@ -61,6 +61,10 @@ class _CrossCovariance(nn.Module):
         self.proj = nn.Linear(dim, dim, **dd)
         self.proj_drop = check_dropout(proj_drop, "proj_drop", who)
 
+    def reset_parameters(self) -> None:
+        """`temperature` back to timm's 1 (the linear maps reset themselves)."""
+        nn.init.ones_(self.temperature)
+
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_heads={self.num_heads}"
 

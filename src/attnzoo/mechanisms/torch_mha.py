@@ -171,6 +171,8 @@ class MultiheadAttention(nn.Module):
             if extra is not None:
                 nn.init.xavier_normal_(extra)
 
+    reset_parameters = _reset_parameters  # public too: torch's deferred initialisation calls this name
+
     # -- checks ---------------------------------------------------------------------------------
 
     def _check_inputs(self, query: Tensor, key: Tensor, value: Tensor) -> bool:
@@ -394,7 +396,5 @@ class MultiheadAttention(nn.Module):
         return merged, 2
 
     def extra_repr(self) -> str:
-        return (
-            f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, dropout={self.dropout}, "
-            f"kdim={self.kdim}, vdim={self.vdim}, batch_first={self.batch_first}"
-        )
+        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, dropout={self.dropout}, "
+                f"kdim={self.kdim}, vdim={self.vdim}, batch_first={self.batch_first}")

@@ -125,6 +125,10 @@ class UFOAttention(nn.Module):
         self.proj_drop = check_dropout(proj_drop, "proj_drop", who)
         self.gamma = nn.Parameter(torch.ones(1, num_heads, 1, 1, **factory))
 
+    def reset_parameters(self) -> None:
+        """`gamma` back to 1 (the projections reset themselves)."""
+        nn.init.ones_(self.gamma)
+
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, num_heads={self.num_heads}, head_dim={self.head_dim}, "
                 f"value_head_dim={self.value_head_dim}, eps={self.eps}")
