@@ -173,6 +173,24 @@ def test_replace_keeps_fightingcv_calls_that_the_canonical_class_changes(path, a
     torch.save(model.attn, buffer)  # (the test caller holds a lambda)
 
 
+@pytest.mark.parametrize("path", ["SelfAttention.ScaledDotProductAttention",
+                                  "SimplifiedSelfAttention.SimplifiedScaledDotProductAttention"])
+def test_replaced_attention_reads_a_3d_mask_as_fightingcv_broadcasts_it(path: str) -> None:
+    # fightingcv's masked_fill broadcasts attention_mask against (B, h, L, S) from the right: a 3-D
+    # mask is (h, L, S) there (attnzoo's own 3-D mask is (B, L, S)); with B == h both would run.
+    cls = _fcv(path)
+    args = (16, 8, 4, 2) if "Simplified" not in path else (16, 2)
+    mask = _MASK[:, 0]  # (2, 7, 5): B = h = 2
+    model = _Caller(randomize(cls(*args)), lambda m, x: m(x, x[:, :5], x[:, :5], mask)).eval()
+    x = torch.randn(2, 7, 16, dtype=D, generator=torch.Generator().manual_seed(1))
+    want = model(x)
+    attnzoo.replace(model, cls)
+    torch.testing.assert_close(model(x), want, atol=1e-10, rtol=1e-10)
+    with pytest.raises(ValueError, match=r"attention_mask broadcastable to \(3, 2, 7, 5\), got \(3, 7, 5\)"):
+        model.attn(x[:1].expand(3, -1, -1), x[:1, :5].expand(3, -1, -1), x[:1, :5].expand(3, -1, -1),
+                   torch.zeros(3, 7, 5, dtype=torch.bool))  # fightingcv: a broadcasting RuntimeError
+
+
 @pytest.mark.parametrize(
     ("path", "kwargs", "shape"),
     [
@@ -420,3 +438,37 @@ def test_replace_keeps_forward_hooks() -> None:
     attnzoo.replace(model, type(model[1]))
     model(torch.randn(2, 16, 3, 5))
     assert seen == ["pre0", "post0 (2, 16, 3, 5)", "pre1", "post1 (2, 16, 3, 5)"]
+
+
+def _tiny_swin() -> nn.Module:
+    from timm.models.swin_transformer import SwinTransformer
+
+    return SwinTransformer(img_size=32, patch_size=4, embed_dim=16, depths=(2, 2), num_heads=(2, 4),
+                           window_size=4, num_classes=5)
+
+
+def _tiny_beit() -> nn.Module:
+    from timm.models.beit import Beit
+
+    return Beit(img_size=32, patch_size=8, embed_dim=16, depth=2, num_heads=2, use_rel_pos_bias=True,
+                num_classes=5)
+
+
+@pytest.mark.parametrize(("build", "resize"), [
+    (_tiny_swin, {"img_size": (48, 48), "window_size": 6}),  # Swin V1: set_input_size -> set_window_size
+    (_tiny_beit, {"img_size": (48, 48)}),  # BEiT: the 4 x 4 patch window becomes 6 x 6
+])
+def test_timm_set_input_size_still_works_after_replace(build, resize: dict) -> None:
+    """timm's `set_input_size` calls `attn.set_window_size` on every block: after `replace` the swapped
+    module resizes its position table as timm's (the same interpolation), so the logits stay timm's."""
+    theirs = randomize(build()).eval()
+    ours = copy.deepcopy(theirs)
+    classes = {type(m) for m in ours.modules() if attnzoo.convert.converter_for(m) is not None}
+    for cls in classes:
+        assert attnzoo.replace(ours, cls)
+    theirs.set_input_size(**resize)
+    ours.set_input_size(**resize)
+    x = torch.randn(2, 3, 48, 48, dtype=D, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs(x), atol=1e-10, rtol=1e-10)
+    ours.load_state_dict(theirs.state_dict(), strict=True)  # the resized checkpoint still loads

@@ -47,8 +47,9 @@ from attnzoo.kernels.biased import biased_attention
 from attnzoo.maps.capture import capturing
 from attnzoo.maps.records import record_packed_rows, windows_to_image
 from attnzoo.mechanisms.swin_windows import (
-    index_mismatch,
+    check_saved_index,
     map_window_mask,
+    set_relative_window,
     shifted_window_mask,
     small_map_window,
     window_partition,
@@ -170,17 +171,14 @@ class WindowAttention(nn.Module):
         index: Tensor = self.relative_position_index  # type: ignore[assignment]  # a registered buffer
         index.copy_(relative_position_index_2d(self.window_size, device=index.device))
 
+    def set_window_size(self, window_size: int | Sequence[int]) -> None:
+        """timm's (its `set_input_size` calls it): the table resized as timm's, the index recomputed."""
+        set_relative_window(self, window_size, relative_position_index_2d)
+
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, local_metadata: dict[str, Any],
                               strict: bool, missing_keys: list[str], unexpected_keys: list[str],
                               error_msgs: list[str]) -> None:
-        # The official state_dict carries the index; with the buffer non-persistent here, accept a
-        # matching one (it is derived from the window) and report one that does not match.
-        key = prefix + _INDEX
-        if key in state_dict and _INDEX in self._non_persistent_buffers_set:
-            own: Tensor = self.relative_position_index  # type: ignore[assignment]  # a registered buffer
-            problem = index_mismatch(state_dict.pop(key), own, key, self.window_size)
-            if problem is not None:
-                error_msgs.append(problem)
+        check_saved_index(self, state_dict, prefix, error_msgs)  # the official checkpoint's index
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )

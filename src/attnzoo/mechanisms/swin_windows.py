@@ -9,17 +9,20 @@ N = Wh*Ww tokens per window, nW windows per image.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from attnzoo._checks import check_shape
 from attnzoo._geometry import int_pair
 
 __all__ = [
+    "check_saved_index",
     "index_mismatch",
     "map_window_mask",
+    "set_relative_window",
     "shifted_window_mask", "small_map_window",
     "window_partition",
     "window_reverse",
@@ -215,3 +218,46 @@ def index_mismatch(given: object, own: Tensor, key: str, window: tuple[int, int]
         f"{key}: the checkpoint's relative position index {tuple(given.shape)} is not the one of a "
         f"{window} window {tuple(own.shape)}; was it saved for another window_size?"
     )
+
+
+def check_saved_index(
+    module: nn.Module, state_dict: dict[str, Any], prefix: str, error_msgs: list[str]
+) -> None:
+    """From `_load_from_state_dict`: the official state_dict carries `relative_position_index`, which
+    the module keeps non-persistent (it follows from the window); take a matching one out of the
+    state_dict and report one that does not match (`index_mismatch`)."""
+    key = prefix + "relative_position_index"
+    if key in state_dict and "relative_position_index" in module._non_persistent_buffers_set:
+        own: Tensor = module.relative_position_index  # type: ignore[assignment]  # a registered buffer
+        problem = index_mismatch(state_dict.pop(key), own, key, module.window_size)  # type: ignore[arg-type]
+        if problem is not None:
+            error_msgs.append(problem)
+
+
+def set_relative_window(
+    module: Any, window_size: int | Sequence[int], index_of: Callable[[tuple[int, int]], Tensor],
+    extra_rows: int = 0,
+) -> None:
+    """timm's `set_window_size` (what its `set_input_size` calls) for a module with a relative position
+    table `((2Wh-1)(2Ww-1) + extra_rows, h)` over its `window_size` and a non-persistent
+    `relative_position_index` (Swin's; BEiT's with its three class-token rows): the table resized by
+    timm's own `resize_rel_pos_bias_table`, so the resized model keeps timm's numbers, and the index
+    `index_of(window)` recomputed. timm calls it, so timm is installed; a missing timm is an ImportError."""
+    who = f"{type(module).__name__}.set_window_size"
+    new = int_pair(window_size, "window_size", who)
+    old = tuple(module.window_size)
+    if new == old:
+        return
+    try:
+        from timm.layers import resize_rel_pos_bias_table
+    except ImportError as error:
+        raise ImportError(f"{who} resizes the position table as timm does, with timm's "
+                          f"resize_rel_pos_bias_table: install timm") from error
+    table: Tensor = module.relative_position_bias_table
+    rows = (2 * new[0] - 1) * (2 * new[1] - 1) + extra_rows
+    with torch.no_grad():
+        resized = resize_rel_pos_bias_table(table, new_window_size=new, old_window_size=old,
+                                            new_bias_shape=(rows, table.shape[-1]))
+    module.window_size = new
+    module.relative_position_bias_table = nn.Parameter(resized, requires_grad=table.requires_grad)
+    module.register_buffer("relative_position_index", index_of(new).to(table.device), persistent=False)

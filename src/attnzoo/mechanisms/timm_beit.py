@@ -25,6 +25,7 @@ from attnzoo._checks import check_dropout, check_head_widths, check_int, check_m
 from attnzoo._registry import Example, register_compat
 from attnzoo.functional import attend
 from attnzoo.maps.capture import capturing, record_rows
+from attnzoo.mechanisms.swin_windows import set_relative_window
 
 __all__ = ["TimmBeitAttention"]
 
@@ -102,6 +103,22 @@ class TimmBeitAttention(nn.Module):
         self.register_buffer("relative_position_index", index, persistent=False)
         self.proj = nn.Linear(self.attn_dim, dim, **dd)
         self.proj_drop = check_dropout(proj_drop, "proj_drop", who)
+
+    def reset_parameters(self) -> None:
+        """timm's start: zero q/k/v biases and table, the index recomputed (`to_empty` leaves the
+        buffers uninitialised); the linear maps reset themselves."""
+        for name in ("q_bias", "k_bias", "v_bias", "relative_position_bias_table"):
+            if getattr(self, name) is not None:
+                nn.init.zeros_(getattr(self, name))
+        index = self.relative_position_index
+        if isinstance(index, Tensor) and self.window_size is not None:
+            index.copy_(relative_position_index(self.window_size).to(index.device))
+
+    def set_window_size(self, window_size: tuple[int, int]) -> None:
+        """timm's (its `set_input_size` calls it): the table resized as timm's (the class token's three
+        rows kept), the index recomputed; nothing without a window, as in timm."""
+        if self.window_size is not None:
+            set_relative_window(self, window_size, relative_position_index, extra_rows=3)
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, num_heads={self.num_heads}, head_dim={self.head_dim}, "
