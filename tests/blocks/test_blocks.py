@@ -307,6 +307,34 @@ def test_missing_keras_gives_a_clear_import_error(monkeypatch):
         akeras.self_attention((5, 8), num_heads=2, key_dim=4)
 
 
+@pytest.mark.parametrize(("config", "chosen"), [
+    (None, "torch"), ('{"backend": "tensorflow"}', "torch"), ("not json", "torch"),
+    ('{"backend": "numpy"}', None),  # an installed backend named in keras.json is Keras's to pick
+])
+def test_keras_gets_the_torch_backend_when_keras_json_names_a_missing_one(
+    monkeypatch, tmp_path, config, chosen
+):
+    """Keras's first import writes a keras.json naming "tensorflow" whatever backend it ran on; without
+    TensorFlow that file must not stop attnzoo from choosing torch on the next import."""
+    from attnzoo.blocks import keras as akeras
+
+    if importlib.util.find_spec("tensorflow") is not None:
+        pytest.skip("TensorFlow is installed: a keras.json naming it is a usable choice")
+    home, stub = tmp_path / "home", tmp_path / "stub"
+    home.mkdir(), (stub / "keras").mkdir(parents=True)
+    if config is not None:
+        (home / "keras.json").write_text(config)
+    (stub / "keras" / "__init__.py").write_text('__version__ = "3.0.0"\n')  # stands in for Keras 3
+    monkeypatch.setenv("KERAS_HOME", str(home))
+    monkeypatch.setenv("KERAS_BACKEND", "x")
+    monkeypatch.delenv("KERAS_BACKEND")  # restored (or removed) after the test
+    monkeypatch.setitem(sys.modules, "keras", None)
+    monkeypatch.delitem(sys.modules, "keras")  # so the stub is imported, and the real module restored after
+    monkeypatch.syspath_prepend(str(stub))
+    assert akeras.import_keras().__version__ == "3.0.0"
+    assert akeras.os.environ.get("KERAS_BACKEND") == chosen
+
+
 @pytest.mark.parametrize("missing_keras", [False, True])
 def test_keras_converters_refuse_what_is_not_a_keras_model(monkeypatch, missing_keras):
     from attnzoo.blocks.convert import from_keras, keras_layer_weights, load_keras_weights

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
 import os
+import re
+import warnings
 
 import pytest
 import torch
@@ -183,3 +186,46 @@ def test_converter_rejects_ambiguous_or_mismatched_targets():
 
 def akeras_twin(model) -> SelfAttentionBlock:
     return SelfAttentionBlock(8, 2, 4, prefix="att")
+
+
+@pytest.mark.parametrize("option", [{"attention_axes": (2,)}, {"use_gate": True}, {"sliding_window": 2}])
+def test_from_keras_refusal_names_what_it_converts_and_what_it_got(option):
+    (name, value), = option.items()
+    if name not in inspect.signature(keras.layers.MultiHeadAttention).parameters:
+        pytest.skip(f"this Keras has no MultiHeadAttention({name}=...)")
+    model = akeras.self_attention((6, 8), prefix="p", num_heads=2, key_dim=4, **option)
+    expected = r"attention_axes None or \(1,\) \(the sequence axis\), use_gate=False and sliding_window=None"
+    given = rf"layer 'p_attn1' has \{{'{name}': {re.escape(repr(value))}\}}"
+    with pytest.raises(ValueError, match=rf"{expected}; {given}"):
+        from_keras(model)
+
+
+def test_load_keras_weights_names_a_target_without_the_keras_parameter():
+    """A module of another kind under the layer's name (or one without biases): named, no AttributeError."""
+    model = randomize(akeras.self_attention((6, 8), num_heads=2, key_dim=4))
+    other = torch.nn.Module()
+    other.add_module("att_attn1", torch.nn.MultiheadAttention(8, 2))
+    other.add_module("att_norm1", torch.nn.LayerNorm(8))
+    with pytest.raises(ValueError, match=r"att_attn1/query.kernel has no parameter 'query.kernel' in "
+                                         r"MultiheadAttention 'att_attn1', which has \['in_proj_bias', "):
+        load_keras_weights(other, model)
+    no_bias = SelfAttentionBlock(8, 2, 4, bias=False)
+    with pytest.raises(ValueError, match=r"att_attn1/query.bias has no parameter 'query.bias'"):
+        load_keras_weights(no_bias, model)
+    load_keras_weights(no_bias, model, strict=False)  # not strict: the kernels load, the biases are left out
+    kernel = keras_layer_weights(model)["att_attn1"]["query.kernel"]
+    torch.testing.assert_close(no_bias.attention.query.kernel.detach(), kernel, atol=0, rtol=0)
+
+
+def test_keras_layer_weights_reads_the_layer_normalization_weights_that_exist():
+    x = keras.Input((6, 8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Keras deprecates rms_scaling but still builds it
+        try:
+            norm = keras.layers.LayerNormalization(rms_scaling=True, name="rms")
+        except TypeError:
+            pytest.skip("this Keras has no LayerNormalization(rms_scaling=...)")
+    model = randomize(keras.Model(x, norm(x), name="m"))
+    weights = keras_layer_weights(model)["rms"]  # gamma only: rms_scaling makes no beta whatever `center` is
+    assert set(weights) == {"weight"}
+    torch.testing.assert_close(weights["weight"], torch.as_tensor(norm.gamma.numpy()), atol=0, rtol=0)

@@ -107,10 +107,10 @@ def keras_layer_weights(model: Any) -> dict[str, dict[str, Tensor]]:
             if layer.use_bias:
                 out[layer.name]["bias"] = _tensor(layer.bias)
         elif kind == "LayerNormalization":
-            out[layer.name] = {}
-            if layer.scale:
+            out[layer.name] = {}  # gamma/beta exist as scale/center/rms_scaling made them, hence the tests
+            if getattr(layer, "gamma", None) is not None:
                 out[layer.name]["weight"] = _tensor(layer.gamma)
-            if layer.center:
+            if getattr(layer, "beta", None) is not None:
                 out[layer.name]["bias"] = _tensor(layer.beta)
         elif kind == "Embedding":
             out[layer.name] = {"weight": _tensor(layer.embeddings)}
@@ -136,7 +136,8 @@ def load_keras_weights(module: nn.Module, model: Any, *, strict: bool = True) ->
     Raises:
         TypeError: `model` is not a Keras model.
         ValueError: a name matches several PyTorch sub-modules, a shape differs (named with the
-            expected and the given shape), or, with `strict`, something is left unmatched.
+            expected and the given shape), or, with `strict`, something is left unmatched (a
+            Keras weight the sub-module of its name has no parameter for included).
     """
     _check_model(model, "load_keras_weights")
     weights = keras_layer_weights(model)
@@ -160,8 +161,17 @@ def load_keras_weights(module: nn.Module, model: Any, *, strict: bool = True) ->
                     )
                 continue
             path, sub = targets[0]
+            own = dict(sub.named_parameters())
             for key, value in params.items():
-                target = sub.get_parameter(key)
+                target = own.get(key)
+                if target is None:  # another kind of module under the layer's name (or no bias)
+                    if not strict:
+                        continue
+                    raise ValueError(
+                        f"load_keras_weights: Keras weight {layer_name}/{key} has no parameter {key!r} "
+                        f"in {type(sub).__name__} {path!r}, which has {sorted(own)}; Keras gives "
+                        f"{sorted(params)}"
+                    )
                 if tuple(target.shape) != tuple(value.shape):
                     raise ValueError(
                         f"load_keras_weights expects {layer_name}/{key} of shape "
@@ -199,7 +209,8 @@ def _mha_kwargs(layer: Any, dim: int) -> dict[str, Any]:
         unsupported["attention_axes"] = config["attention_axes"]
     if unsupported:
         raise ValueError(
-            f"from_keras supports MultiHeadAttention over the sequence axis only, got {unsupported}"
+            f"from_keras converts MultiHeadAttention with attention_axes None or (1,) (the sequence axis), "
+            f"use_gate=False and sliding_window=None; layer {layer.name!r} has {unsupported}"
         )
     keys = ("num_heads", "key_dim", "value_dim", "dropout", "use_bias", "output_shape")
     return keras_block_kwargs({k: config[k] for k in keys}, dim, "from_keras")

@@ -1,10 +1,10 @@
 """Keras 3 builders of seed 001's transformer blocks, with exactly the tutorial's layer names.
 
 The optional extra `pip install 'attnzoo[keras]'`; Keras is imported when a builder first runs,
-never at `import attnzoo`. Keras needs a backend: when `KERAS_BACKEND` is unset, no
-`keras.json` chooses one and TensorFlow is not installed, attnzoo selects `torch` (already a
-dependency) before importing Keras. The PyTorch twins are in `attnzoo.blocks.transformer`, and
-`attnzoo.blocks.convert.from_keras` copies the weights over.
+never at `import attnzoo`. Keras needs a backend: when `KERAS_BACKEND` is unset and `keras.json`
+names no installed backend (Keras writes one naming its default, TensorFlow, on its first import),
+attnzoo selects `torch` (already a dependency) before importing Keras. The PyTorch twins are in
+`attnzoo.blocks.transformer`, and `attnzoo.blocks.convert.from_keras` copies the weights over.
 
 Layer names (`prefix="att"` for the attention builders, `"ff"` for the feed-forward one):
 
@@ -22,6 +22,7 @@ feed_forward       `ff_in3`, `ff_ff1`, `ff_ff2`, `ff_drop`,            `ff_ff`
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import sys
 from collections.abc import Sequence
@@ -33,12 +34,24 @@ from attnzoo.blocks.transformer import check_input_shape, check_prefix
 __all__ = ["self_attention", "cross_attention", "feed_forward", "import_keras"]
 
 
+def _configured_backend() -> str:
+    """The backend `keras.json` names; Keras's default `"tensorflow"` without a readable one."""
+    home = os.path.expanduser(os.environ.get("KERAS_HOME", os.path.join("~", ".keras")))
+    try:
+        with open(os.path.join(home, "keras.json")) as f:
+            backend = json.load(f).get("backend", "tensorflow")
+    except (OSError, ValueError, AttributeError):
+        return "tensorflow"
+    return backend if isinstance(backend, str) else "tensorflow"
+
+
 def import_keras() -> ModuleType:
     """Import Keras 3 (choosing the torch backend when nothing else is configured), or explain why not."""
     if "keras" not in sys.modules and not os.environ.get("KERAS_BACKEND"):
-        home = os.path.expanduser(os.environ.get("KERAS_HOME", os.path.join("~", ".keras")))
-        configured = os.path.exists(os.path.join(home, "keras.json"))
-        if not configured and importlib.util.find_spec("tensorflow") is None:
+        # Keras's first import writes a keras.json naming "tensorflow" even when KERAS_BACKEND chose
+        # another backend, so the file's mere existence says nothing: it counts if its backend is installed.
+        backend = _configured_backend()
+        if not (backend.isidentifier() and importlib.util.find_spec(backend) is not None):
             os.environ["KERAS_BACKEND"] = "torch"
     try:
         import keras
