@@ -528,8 +528,24 @@ def test_layout_errors_name_the_argument():
         BiLevelRoutingAttention(8, 2, 2, layout="nchw")(torch.randn(1, 4, 4, 8))
     with pytest.raises(ValueError, match="layout='nhwc'"):
         nchwBRA(8, 2, 2)(torch.randn(1, 4, 4, 8))
+    with pytest.raises(ValueError, match=r"attnzoo\.BiLevelRoutingAttention\(layout='nhwc'\)"):
+        nchwBRA(8, 2, 2)(torch.randn(1, 4, 4, 8))
     with pytest.raises(ValueError, match="expects"):
         BiLevelRoutingAttention(8, 2, 2)(torch.randn(1, 4, 4, 9))
+
+
+def test_compat_layout_error_names_fixes_the_official_class_accepts():
+    """Seed 001 feeds an NCHW CNN map to the official constructor, which has no `layout` argument: the
+    error must not advise `layout='nchw'` there (that raised TypeError), but the permute or the canonical
+    class, and both fixes must work."""
+    m = CompatBRA(dim=8, num_heads=2, n_win=2, topk=2, auto_pad=True).double()
+    x = torch.randn(1, 8, 4, 6, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"x\.permute\(0, 2, 3, 1\)") as err:
+        m(x)
+    assert "pass layout=" not in str(err.value)
+    canonical = BiLevelRoutingAttention(dim=8, num_heads=2, n_win=2, topk=2, auto_pad=True, layout="nchw")
+    canonical.double().load_state_dict(m.state_dict(), strict=True)
+    torch.testing.assert_close(canonical(x), m(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2), rtol=0, atol=1e-10)
     with pytest.raises(TypeError, match="dtype"):
         BiLevelRoutingAttention(8, 2, 2)(torch.zeros(1, 4, 4, 8, dtype=torch.int64))
 

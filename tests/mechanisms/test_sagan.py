@@ -212,6 +212,21 @@ def test_seed_aliases_return_pairs_and_create_by_name():
     torch.testing.assert_close(canonical(x), seed(x)[0], atol=1e-12, rtol=1e-12)
 
 
+
+def test_seed_classes_keep_the_seeds_attributes():
+    """The seeds set `chanel_in` and `out_dim`, and Self_Attn_Channel's forward reads `self.out_dim`:
+    a forward copied from the seed onto the compat class must run."""
+    for cls, in_dim, out_dim in ((Self_Attn_Spatial, 8, 2), (Self_Attn_Channel, 6, 4)):
+        m = cls(in_dim, out_dim)
+        assert (m.chanel_in, m.out_dim) == (in_dim, out_dim)
+    m = randomize(Self_Attn_Channel(6, 4).double())  # gamma != 0
+    x = torch.randn(2, 6, 3, 5, dtype=F64)
+    b, _, w, h = x.shape
+    q = m.query_conv(x).view(b, -1, w * h)  # the seed's forward, line by line
+    attention = torch.softmax(torch.bmm(q, m.key_conv(x).view(b, -1, w * h).permute(0, 2, 1)), dim=-1)
+    out = torch.bmm(attention, m.value_conv(x).view(b, -1, w * h)).view(b, m.out_dim, w, h)
+    torch.testing.assert_close(m.gamma * out + m.x_conv(x), m(x)[0], atol=1e-12, rtol=1e-12)
+
 # ----------------------------------------------------------------------------------------------
 # The blocked kernel itself
 

@@ -41,14 +41,14 @@ _KV_MODES = ("identity", "ada_avgpool", "ada_maxpool", "avgpool", "maxpool")
 _LAYOUTS = ("nhwc", "nchw")
 
 
-def _fix_layout(x: object, who: str, dim: int, layout: str) -> dict[str, int]:
-    """Check the map, pointing at `layout` when the channels sit on the other side."""
+def _fix_layout(x: object, who: str, dim: int, layout: str, nchw_fix: str) -> dict[str, int]:
+    """Check the map, pointing at `nchw_fix` (the class's way to take NCHW) when the channels sit on dim 1."""
     if isinstance(x, Tensor) and x.ndim == 4:
         last, second = x.shape[-1], x.shape[1]
         if layout == "nhwc" and last != dim and second == dim:
             raise ValueError(
                 f"{who} expects a channels-last map (N, H, W, {dim}) (layout='nhwc'), got {tuple(x.shape)} "
-                f"whose dim 1 is {dim}: pass layout='nchw' for (N, C, H, W) maps"
+                f"whose dim 1 is {dim}: {nchw_fix}"
             )
         if layout == "nchw" and second != dim and last == dim:
             raise ValueError(
@@ -173,6 +173,8 @@ class BiLevelRoutingAttention(nn.Module):
         ```
     """
 
+    _nchw_fix = "pass layout='nchw' for (N, C, H, W) maps"
+
     def __init__(
         self,
         dim: int,
@@ -290,7 +292,7 @@ class BiLevelRoutingAttention(nn.Module):
     def _forward(self, x: Tensor, need_weights: bool) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         """`(out, r_weight, r_idx, attn_weight)`; `attn_weight` only with `need_weights`."""
         who = type(self).__name__
-        dims = _fix_layout(x, who, self.dim, self.layout)
+        dims = _fix_layout(x, who, self.dim, self.layout, self._nchw_fix)
         h, w, n_win, c = dims["H"], dims["W"], self.n_win, self.qk_dim
         keep_nchw = self.layout == "nchw" and x.is_contiguous()  # return the input's memory format
         if self.layout == "nchw":
@@ -357,6 +359,9 @@ class LegacyBiLevelRoutingAttention(BiLevelRoutingAttention):
 
         ```
     """
+
+    _nchw_fix = ("the official class has no layout argument: pass x.permute(0, 2, 3, 1), or use "
+                 "attnzoo.BiLevelRoutingAttention(..., layout='nchw') (same state_dict)")
 
     def __init__(
         self,

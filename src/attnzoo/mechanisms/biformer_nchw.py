@@ -156,7 +156,7 @@ class BiLevelRoutingAttention2d(nn.Module):
         if isinstance(x, Tensor) and x.ndim == 4 and x.shape[1] != c and x.shape[-1] == c:
             raise ValueError(
                 f"{who} expects an (N, {self.channels}, H, W) map, got {tuple(x.shape)} whose last dim is "
-                f"{self.channels}: for channels-last maps use BiLevelRoutingAttention(layout='nhwc')"
+                f"{self.channels}: for channels-last maps use attnzoo.BiLevelRoutingAttention(layout='nhwc')"
             )
         dims = check_shape(x, who, "N C H W", C=self.channels)
         h, w = dims["H"], dims["W"]

@@ -226,7 +226,7 @@ class Self_Attn_Spatial(SpatialSelfAttention):  # noqa: N801 (the seed's name)
         check_int(in_dim, "in_dim", who)  # the seed's names in the messages
         check_int(out_dim, "out_dim", who)
         super().__init__(in_dim, rd_channels=out_dim)
-        self.chanel_in = in_dim  # the seed's attribute name
+        self.chanel_in, self.out_dim = in_dim, out_dim  # the seed's attributes; its forward reads out_dim
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
         """`(output, attention)` as the seed returns them."""
@@ -255,7 +255,7 @@ class Self_Attn_Channel(ChannelSelfAttention):  # noqa: N801 (the seed's name)
         check_int(in_dim, "in_dim", who)  # the seed's names in the messages
         check_int(out_dim, "out_dim", who)
         super().__init__(in_dim, out_dim)
-        self.chanel_in = in_dim  # the seed's attribute name
+        self.chanel_in, self.out_dim = in_dim, out_dim  # the seed's attributes; its forward reads out_dim
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
         """`(output, attention)` as the seed returns them."""
