@@ -139,3 +139,15 @@ def test_zero_epsilon_is_refused_and_a_tiny_one_stays_finite(name, option):
         out = module(*xs)
         out.square().sum().backward()
         assert torch.isfinite(out).all() and all(torch.isfinite(x.grad).all() for x in xs), (name, fill)
+
+
+def test_an_unknown_keyword_is_named_with_what_the_class_takes():
+    # Python names a missing argument first: create("MultiHeadAttention", d_model=16) said only that
+    # 'dim' was missing, not that d_model is the seed's name (attnzoo.compat.MultiHeadAttention's).
+    with pytest.raises(TypeError, match=r"MultiHeadAttention: got an unexpected keyword argument 'd_model'; "
+                       r"it takes dim, num_heads, .*\(attnzoo.compat.MultiHeadAttention, the seed's"):
+        attnzoo.create("MultiHeadAttention", d_model=16, num_heads=4)
+    with pytest.raises(TypeError, match=r"SqueezeExcite: got unexpected keyword arguments 'reductio', 'x'; "
+                       r"it takes channels, reduction,") as info:
+        attnzoo.create("se", 16, reductio=4, x=1)
+    assert "attnzoo.compat" not in str(info.value)

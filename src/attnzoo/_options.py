@@ -78,7 +78,7 @@ def check_options(
     try:
         bound = signature.bind(None, *args, **kwargs)
     except TypeError as err:
-        raise TypeError(f"{who}: {err}") from None
+        raise TypeError(f"{who}: {_unknown_keywords(who, signature, kwargs) or err}") from None
     for name, value in list(bound.arguments.items())[1:]:
         annotation = signature.parameters[name].annotation
         types = _annotation_types(annotation)
@@ -111,3 +111,25 @@ def _check_factory_option(who: str, name: str, value: object) -> None:
         torch.device(value)
     except RuntimeError as err:
         raise ValueError(f"{who}: device={value!r} names no device torch knows ({err})") from None
+
+
+def _unknown_keywords(who: str, signature: inspect.Signature, kwargs: dict) -> str | None:
+    """Keywords the class does not take, with the names it does: Python names a missing argument
+    first, so `create("MultiHeadAttention", d_model=64)` said only "missing 'dim'". Where the seed's or
+    a foreign class of the same name in `attnzoo.compat` takes them, it is named too."""
+    params = signature.parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return None
+    unknown = [name for name in kwargs if name not in params]
+    if not unknown:
+        return None
+    takes = ", ".join(name for name in list(params)[1:])
+    named = f"an unexpected keyword argument {unknown[0]!r}" if len(unknown) == 1 else (
+        f"unexpected keyword arguments {', '.join(map(repr, unknown))}")
+    text = f"got {named}; it takes {takes}"
+    import attnzoo.compat  # noqa: PLC0415  # imports every mechanism: only on this error path
+
+    other = getattr(attnzoo.compat, who, None)
+    if isinstance(other, type) and all(name in inspect.signature(other).parameters for name in unknown):
+        text += f" (attnzoo.compat.{who}, the seed's or source's class of this name, takes them)"
+    return text
