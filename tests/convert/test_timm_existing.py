@@ -52,7 +52,9 @@ def test_se_module(config: int, train: bool) -> None:
     theirs = randomize(make())
     ours = convert_checked(theirs, SqueezeExcite)
     ours.load_state_dict(theirs.state_dict(), strict=True)  # the keys are timm's
-    check_same(theirs, ours, (3, c, 7, 5), train)
+    hard = type(theirs.gate) is nn.Hardsigmoid  # becomes HardSigmoid, exact where torch's 1/6 is float32
+    assert type(ours.gate).__name__ == ("HardSigmoid" if hard else type(theirs.gate).__name__)
+    check_same(theirs, ours, (3, c, 7, 5), train, grad_tol={"atol": 1e-7, "rtol": 1e-6} if hard else None)
 
 
 EFFICIENTNET_SE_CONFIGS: list[tuple[Callable[[], nn.Module], int]] = [
@@ -121,7 +123,20 @@ def test_cbam_module(config: int, train: bool) -> None:
     make, c = CBAM_CONFIGS[config]
     theirs = randomize(make())
     ours = convert_checked(theirs, CBAM)
-    check_same(theirs, ours, (2, c, 9, 6), train)
+    hard = type(theirs.channel.gate) is nn.Hardsigmoid  # becomes HardSigmoid (see test_se_module)
+    assert type(ours.ca.gate).__name__ == type(ours.sa.gate).__name__ == (
+        "HardSigmoid" if hard else type(theirs.channel.gate).__name__)
+    check_same(theirs, ours, (2, c, 9, 6), train, grad_tol={"atol": 1e-7, "rtol": 1e-6} if hard else None)
+
+
+@pytest.mark.parametrize("make", [SE_CONFIGS[2][0], EFFICIENTNET_SE_CONFIGS[1][0], CBAM_CONFIGS[2][0]])
+def test_hard_sigmoid_gates_have_a_double_backward(make: Callable[[], nn.Module]) -> None:
+    """timm's hard-sigmoid gates (`nn.Hardsigmoid`, whose backward torch cannot differentiate) convert to
+    attnzoo's HardSigmoid, so a gradient penalty works on the converted module."""
+    ours = from_timm(randomize(make())).eval()
+    c = next(m for m in ours.modules() if isinstance(m, nn.Conv2d)).in_channels
+    x = x_of(2, c, 4, 5).requires_grad_()
+    assert torch.autograd.gradgradcheck(lambda t: ours(t), (x,), fast_mode=True)
 
 
 def test_cbam_gates_with_weights_keep_them_under_timms_keys() -> None:

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 from torch import Tensor, nn
 
-from attnzoo.convert._timm_common import TimmKeys, factory, refuse, rename, same_norm
+from attnzoo.convert._timm_common import TimmKeys, copy_activation, factory, refuse, rename, same_norm
 from attnzoo.mechanisms.cbam import CBAM
 from attnzoo.mechanisms.non_local import NonLocalBlock
 from attnzoo.mechanisms.se import SqueezeExcite
@@ -78,7 +78,7 @@ def se_from_timm(module: Any) -> SqueezeExcite:
         **factory(module),
     )
     new.bn, new.act = copy.deepcopy(module.bn), copy.deepcopy(module.act)
-    new.gate = copy.deepcopy(module.gate)
+    new.gate = copy_activation(module.gate, "gate", module)  # nn.Hardsigmoid -> HardSigmoid (double backward)
     return finish(new, module, module.state_dict())
 
 
@@ -105,7 +105,9 @@ def cbam_from_timm(module: Any) -> CBAM:
     if conv.padding != (conv.kernel_size[0] // 2,) * 2 or conv.stride != (1, 1) or conv.dilation != (1, 1):
         raise refuse(module, "its spatial convolution is not a stride-1, same-padded, undilated one")
     new.ca.sharedMLP[1] = copy.deepcopy(channel.act)
-    new.ca.gate, new.sa.gate = copy.deepcopy(channel.gate), copy.deepcopy(spatial.gate)
+    # nn.Hardsigmoid -> HardSigmoid (double backward); weighted gates (PReLU) keep their weights
+    new.ca.gate = copy_activation(channel.gate, "channel gate", module)
+    new.sa.gate = copy_activation(spatial.gate, "spatial gate", module)
     same_norm(new.sa.bn, bn)
     new.register_load_state_dict_pre_hook(TimmKeys(cbam_keys, ("channel.", "spatial.")))
     return finish(new, module, cbam_keys(module.state_dict()))

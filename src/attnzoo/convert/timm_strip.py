@@ -27,12 +27,16 @@ def _finish(new: Any, module: Any, state: dict[str, torch.Tensor]) -> nn.Module:
 
 
 def _gate_class(module: Any, gate: Any) -> type[nn.Module]:
-    """timm's sigmoid / hard sigmoid modules -> torch's classes (the same function)."""
+    """timm's sigmoid / hard sigmoid modules -> the same function: `nn.Sigmoid`, or attnzoo's
+    `HardSigmoid` (torch's `hardsigmoid_backward` has no derivative, so `nn.Hardsigmoid` broke double
+    backward, as `copy_activation` says for the other timm gates)."""
+    from attnzoo.mechanisms.ese import HardSigmoid
+
     name = type(gate).__name__.lower().replace("_", "")
     if name == "sigmoid":
         return nn.Sigmoid
     if name == "hardsigmoid":
-        return nn.Hardsigmoid
+        return HardSigmoid
     raise _refuse(module, f"its gate is a {type(gate).__qualname__}, not a sigmoid or hard sigmoid")
 
 
