@@ -30,3 +30,34 @@ def test_latency_bars_use_a_log_axis_when_they_span_more_than_100x(tmp_path, mon
         "log", "median latency (ms, log scale)"
     )
     assert _bars_scale([0.2, 0.35, 0.5], tmp_path, monkeypatch) == ("linear", "median latency (ms)")
+
+
+def test_routing_panels_show_the_regions_of_the_chosen_query_points():
+    # `attnzoo maps bra --queries "0,0;1,1"` drew the routing of the default points (centre and quadrants):
+    # the plot asked for the query regions after the capture had closed.
+    import torch
+
+    import attnzoo
+    from attnzoo.cli.plots import panels
+
+    bra = attnzoo.create("bra", dim=8, num_heads=2, n_win=4, topk=2).eval()
+    with torch.no_grad(), attnzoo.capture_maps(bra, queries=[(0.0, 0.0), (1.0, 1.0)]) as maps:
+        bra(torch.randn(1, 8, 8, 8))
+    routing = next(m for m in maps["BiLevelRoutingAttention"] if m.kind == "routing")
+    marks = [p.marks for p in panels("bra", routing, None)]
+    assert marks == [((0.125, 0.125),), ((0.875, 0.875),)]  # the corner regions of the 4 x 4 grid
+
+
+def test_query_marks_on_the_map_edge_are_drawn_whole():
+    # A query in a corner had three quarters of its "+" clipped by the axes: a barely visible speck.
+    import torch
+
+    from attnzoo.cli.plots import Panel, _draw, pyplot
+
+    plt = pyplot("test")
+    fig, ax = plt.subplots()
+    panel = Panel("query (0.01, 0.01)", heat=torch.rand(8, 8), marks=((0.0625, 0.0625),))
+    _draw(ax, torch.rand(3, 16, 16), panel)
+    marks = [line for line in ax.lines if line.get_marker() == "+"]
+    assert len(marks) == 2 and not any(line.get_clip_on() for line in marks)
+    plt.close(fig)

@@ -332,6 +332,15 @@ def test_bra_records_its_routing_and_rows_over_the_routed_regions(soft_routing):
     torch.testing.assert_close(rows.data, expected, atol=1e-12, rtol=1e-12)
 
 
+def test_routing_records_the_regions_of_the_capture_query_points():
+    # The regions were left to the plot, which resolved them after the capture closed: always the defaults.
+    bra = _create("bra_nchw", channels=8, num_heads=2, n_win=4, topk=2)
+    with torch.no_grad(), capture_maps(bra, queries=[(0.0, 0.0), (0.0, 1.0), (7, 0)]) as maps:
+        bra(torch.randn(1, 8, 8, 12, dtype=torch.float64))
+    routing = _only(maps, "routing")
+    assert routing.grid == (4, 4) and routing.queries.tolist() == [0, 3, 12]  # (7, 0) -> region (3, 0)
+
+
 def test_bra_nchw_records_routing_and_rows():
     bra = _create("bra_nchw", channels=8, num_heads=2, n_win=2, topk=3)
     x = torch.randn(1, 8, 4, 4, dtype=torch.float64)

@@ -97,8 +97,31 @@ def test_factory_keywords_weights_and_maps():
     torch.testing.assert_close(out, module(x))
     with attnzoo.capture_maps(module) as maps:
         module(x)
-    (rows_h, rows_w) = next(iter(maps.values()))
-    assert rows_h.kind == rows_w.kind == "rows" and rows_h.grid == (2, 1) and rows_w.grid == (1, 2)
+    (rows,) = next(iter(maps.values()))
+    assert rows.kind == "rows" and rows.grid == rows.query_grid == (2, 2) and rows.data.shape[:2] == (2, 2)
+
+
+def test_map_rows_rebuild_the_transform_from_every_block():
+    # BAT recorded P's rows and Q's rows apart; `attnzoo maps bat` drew P's alone (horizontal bands, the
+    # column mixing left out). One record: query block (i, k) over the blocks (j, l), P[i, j] Q[l, k].
+    torch.manual_seed(0)
+    module = randomize(BATNonLocalAttention(16, block_size=3, dtype=D)).eval()
+    x = torch.randn(2, 16, 6, 9, dtype=D)  # blocks of 2 x 3 pixels
+    points = [(0, 0), (5, 8), (2, 4), (3, 1)]  # pixels in blocks (0, 0), (2, 2), (1, 1), (1, 0)
+    mixed = []  # the transform's output, before the transform's own closing convolution
+    module.ba.conv2.register_forward_pre_hook(lambda mod, args: mixed.append(args[0]))
+    with attnzoo.capture_maps(module, queries=points) as maps, torch.no_grad():
+        module(x)
+        z, y = module.conv1(x), mixed[0]  # (B, C', H, W) each
+    (rows,) = maps["BATNonLocalAttention"]
+    assert rows.queries.tolist() == [0, 8, 4, 3] and rows.grid == (3, 3)
+    torch.testing.assert_close(rows.data.sum(-1), torch.ones(2, 2, 4, dtype=D))
+    groups, per = rows.data.shape[1], z.shape[1] // rows.data.shape[1]
+    for q, (py, px) in enumerate(points):
+        a, e = py % 2, px % 3  # the offset inside the block: the pixels it takes from every block
+        keys = z[:, :, a::2, e::3].reshape(2, groups, per, 9)  # (B, G, C'/G, blocks)
+        rebuilt = torch.einsum("bgk,bgck->bgc", rows.data[:, :, q], keys)
+        torch.testing.assert_close(rebuilt.reshape(2, -1), y[:, :, py, px])
 
 
 def test_errors_name_the_argument():

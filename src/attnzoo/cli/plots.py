@@ -165,7 +165,8 @@ def panels(
         out = []
         from attnzoo.maps.capture import query_indices
 
-        for r in query_indices(grid)[:max_queries].tolist():
+        # The regions of the capture's query points (a record without them: those of the default points).
+        for r in (m.queries if m.queries is not None else query_indices(grid))[:max_queries].tolist():
             hits = torch.zeros(regions)
             hits[chosen[r]] = 1.0
             hits[r] = max(hits[r].item(), 0.5)
@@ -272,9 +273,9 @@ def _draw(ax: Any, image: Tensor | None, panel: Panel) -> Any:
         return None
     layer = _heat_image(ax, image, panel.heat, panel.blocky)
     height, width = (image.shape[1], image.shape[2]) if image is not None else tuple(panel.heat.shape)
-    for y, x in panel.marks:
-        ax.plot([x * width - 0.5], [y * height - 0.5], marker="+", color="white", markersize=14, mew=3)
-        ax.plot([x * width - 0.5], [y * height - 0.5], marker="+", color="black", markersize=10, mew=1.2)
+    for y, x in panel.marks:  # not clipped: a query on the map's edge keeps its whole mark
+        ax.plot([x * width - 0.5], [y * height - 0.5], "+", color="white", ms=14, mew=3, clip_on=False)
+        ax.plot([x * width - 0.5], [y * height - 0.5], "+", color="black", ms=10, mew=1.2, clip_on=False)
     return layer
 
 

@@ -83,7 +83,7 @@ class AttentionMap:
         data: The weights, detached from the graph.
         grid: Spatial size of the positions `data` runs over (keys for `"rows"`, regions for
             `"routing"`), or None when there is no grid.
-        queries: `"rows"` only: flat indices of the query positions in `query_grid`.
+        queries: `"rows"`: flat indices of the query positions in `query_grid`; `"routing"`: their regions.
         query_grid: `"rows"` only: spatial size of the query positions.
         meta: Anything else the module recorded (window counts, routing weights, ...).
     """

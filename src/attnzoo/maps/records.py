@@ -12,9 +12,21 @@ import torch
 from torch import Tensor, nn
 
 from attnzoo.kernels.neighbourhood import _reflect_index
-from attnzoo.maps.capture import _name, _session, capturing, query_indices, record, record_rows
+from attnzoo.maps.capture import (
+    DEFAULT_QUERIES,
+    _name,
+    _resolve_point,
+    _session,
+    capturing,
+    query_indices,
+    record,
+    record_rows,
+)
 
-__all__ = ["record_packed_rows", "windows_to_image", "record_routed_rows", "record_local_rows"]
+__all__ = [
+    "record_packed_rows", "windows_to_image", "query_cells", "record_routing", "record_routed_rows",
+    "record_local_rows",
+]
 
 
 def record_packed_rows(
@@ -133,6 +145,45 @@ def _scatter_rows(weights: Tensor, target: Tensor, positions: int) -> Tensor:
     out = weights.new_zeros(b, h, q, positions + 1)
     out.scatter_add_(3, target[:, None].expand(b, h, q, k), weights)
     return out[..., :positions]
+
+
+def query_cells(size: Sequence[int], cell: Sequence[int], per_row: int, device: Any = None) -> Tensor:
+    """The cells that hold the capture's query points, row-major, without repeats, `(Q,)` int64.
+
+    The points are placed on the `(H, W)` map `size` (as `query_indices` places them) and each goes to
+    the cell of `cell` `(ch, cw)` pixels it lies in; `per_row` cells make a row. Plain Python, so a
+    compiled forward (`torch.compile(fullgraph=True)`) records the same cells as eager mode.
+    """
+    session = _session()
+    points = session.queries if session is not None else DEFAULT_QUERIES
+    (height, width), (ch, cw) = (tuple(int(v) for v in t) for t in (size, cell))
+    flat = (_resolve_point(point, (height, width)) for point in points)
+    cells = dict.fromkeys((i // width) // ch * per_row + (i % width) // cw for i in flat)
+    return torch.tensor(list(cells), dtype=torch.long, device=device)
+
+
+def record_routing(
+    module: nn.Module, r_idx: Tensor, *, regions: Sequence[int], region: Sequence[int], size: Sequence[int],
+    **meta: Any,
+) -> None:
+    """Record bi-level routing (BiFormer) with the regions that hold the capture's query points.
+
+    The regions are resolved here, while the capture is open: a picture drawn later would otherwise
+    show the routing of the default points, whatever points were asked for.
+
+    Args:
+        module: The attention module (names the record).
+        r_idx: Routed regions `(N, R, topk)`, regions row-major in `regions`.
+        regions: `(n_h, n_w)` regions.
+        region: `(rh, rw)` pixels per region (of the map padded to region multiples).
+        size: `(H, W)` of the map before padding; the query points are placed on it.
+        **meta: Stored in `AttentionMap.meta`.
+    """
+    if not capturing():
+        return
+    n_h, n_w = (int(v) for v in regions)
+    queries = query_cells(size, region, n_w, r_idx.device)
+    record(module, "routing", r_idx, grid=(n_h, n_w), queries=queries, **meta)
 
 
 def record_routed_rows(

@@ -27,6 +27,7 @@ from attnzoo._fx import fx_leaf
 from attnzoo._geometry import divisor_window, grid2d
 from attnzoo._registry import Example, FreeSize, register
 from attnzoo.maps.capture import capturing, record
+from attnzoo.maps.records import query_cells
 from attnzoo.mechanisms._widths import check_width, round_width
 
 __all__ = ["BilinearAttnTransform", "BATNonLocalAttention"]
@@ -222,10 +223,13 @@ class BATNonLocalAttention(nn.Module):
                 )
         y, weights = self.ba(self.conv1(x))
         out = x + self.dropout(self.conv2(y))
-        if capturing():  # map capture: block rows mixed by P, block columns by Q (rows of Q^T)
-            blocks = torch.arange(b, device=x.device)
-            record(self, "rows", weights[:, 0], grid=(b, 1), queries=blocks, query_grid=(b, 1), axis="H")
-            record(self, "rows", weights[:, 1], grid=(1, b), queries=blocks, query_grid=(1, b), axis="W")
+        if capturing():  # map capture, one record: block (i, k) takes block (j, l) with P[i, j] Q[l, k]
+            # (P's and Q's own records were drawn as P's alone: horizontal bands, no column mixing)
+            idx = query_cells((dims["H"], dims["W"]), (dims["H"] // b, dims["W"] // b), b, x.device)
+            p_rows, qt_rows = weights[:, 0][:, :, idx // b], weights[:, 1][:, :, idx % b]  # (B, G, Q, b) each
+            rows = (p_rows[..., :, None] * qt_rows[..., None, :]).flatten(3)  # (B, G, Q, b*b), rows sum to 1
+            record(self, "rows", rows, grid=(b, b), queries=idx, query_grid=(b, b),
+                   note=f"{b}x{b} blocks: each query's weight on the pixels at its offset in every block")
         return (out, weights) if need_weights else out
 
     def extra_repr(self) -> str:

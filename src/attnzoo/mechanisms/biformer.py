@@ -31,8 +31,8 @@ from torch import Tensor, nn
 from attnzoo._checks import check_choice, check_float, check_int, check_shape
 from attnzoo._geometry import num_windows
 from attnzoo._registry import Example, FreeSize, register, register_seed
-from attnzoo.maps.capture import capturing, record
-from attnzoo.maps.records import record_routed_rows
+from attnzoo.maps.capture import capturing
+from attnzoo.maps.records import record_routed_rows, record_routing
 from attnzoo.mechanisms._regions import merge, routed_attention, side_conv, to_windows
 
 __all__ = ["BiLevelRoutingAttention", "LegacyBiLevelRoutingAttention"]
@@ -315,7 +315,7 @@ class BiLevelRoutingAttention(nn.Module):
             scale=self.scale, r_weight=r_weight if self.soft_routing else None, need_weights=need_weights,
         )  # (N*R, w^2, dim)
         if capturing():  # map capture: the routing, and rows over the routed regions (keys not pooled)
-            record(self, "routing", r_idx, grid=(n_win, n_win), weights=r_weight)
+            record_routing(self, r_idx, regions=(n_win,) * 2, region=(rh, rw), size=(h, w), weights=r_weight)
             if self.kv_downsample_mode == "identity":
                 record_routed_rows(self, q, k, r_idx, regions=(n_win, n_win), region=(rh, rw),
                                    size=(h, w), num_heads=self.num_heads, scale=self.scale,

@@ -26,8 +26,8 @@ from torch import Tensor, nn
 from attnzoo._checks import check_choice, check_float, check_int, check_shape
 from attnzoo._geometry import num_windows
 from attnzoo._registry import Example, FreeSize, register, register_seed
-from attnzoo.maps.capture import capturing, record
-from attnzoo.maps.records import record_routed_rows
+from attnzoo.maps.capture import capturing
+from attnzoo.maps.records import record_routed_rows, record_routing
 from attnzoo.mechanisms._regions import merge, routed_attention, side_conv, to_windows
 
 __all__ = ["BiLevelRoutingAttention2d", "nchwBRA"]
@@ -197,7 +197,7 @@ class BiLevelRoutingAttention2d(nn.Module):
             q, k, v, r_idx, num_heads=self.num_heads, scale=self.scale, need_weights=need_weights
         )  # (N*R, rh*rw, C)
         if capturing():  # map capture: the routing, and rows over the routed regions
-            record(self, "routing", r_idx, grid=(n_h, n_w))
+            record_routing(self, r_idx, regions=(n_h, n_w), region=(rh, rw), size=(h, w))
             record_routed_rows(self, q, k, r_idx, regions=(n_h, n_w), region=(rh, rw), size=(h, w),
                                num_heads=self.num_heads, scale=self.scale)
         # The conv's zero padding equals the zero-padded v, so lepe(padded v), cropped, is lepe(v).
