@@ -103,6 +103,10 @@ def test_the_torchscript_based_onnx_exporter_is_refused_with_its_cause_and_the_r
     # Inside a model it is called as written, and a compat class takes what its original took: both export.
     torch.onnx.export(nn.Sequential(se), (x,), io.BytesIO(), dynamo=False)
     torch.onnx.export(attnzoo.compat.SELayer(8, reduction=2).eval(), (x,), io.BytesIO(), dynamo=False)
+    # A TypeError of a module called as written (inside the model) is the user's, not the exporter's: it
+    # was relabelled, telling them to wrap in nn.Sequential the module they had wrapped.
+    with pytest.raises(TypeError, match=r"^SqueezeExcite expects x to have a floating-point dtype"):
+        torch.onnx.export(nn.Sequential(se), (x.long(),), io.BytesIO(), dynamo=False)
 
 
 def test_a_users_subclass_that_calls_super_forward_is_the_leaf_itself():

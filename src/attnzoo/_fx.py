@@ -16,6 +16,7 @@ deep inside a forward.
 from __future__ import annotations
 
 import functools
+import inspect
 import itertools
 from typing import Any, TypeVar
 
@@ -76,6 +77,20 @@ def _legacy_onnx_export() -> bool:
     return torch.onnx.is_in_onnx_export() and torch.jit.is_tracing()
 
 
+def _called_as_legacy_export(forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Whether the call is that exporter's own (of the exported root): a tensor where forward's default
+    is a plain value (`need_weights`), or arguments that do not bind (keyword-only ones by position).
+    Inside an exported model a module is called as written, and its TypeError is the user's to read."""
+    signature = inspect.signature(forward)
+    try:
+        bound = signature.bind(None, *args, **kwargs)
+    except TypeError:
+        return True
+    plain = {name for name, p in signature.parameters.items()
+             if p.default is not inspect.Parameter.empty and not isinstance(p.default, torch.Tensor | None)}
+    return any(isinstance(value, torch.Tensor) for name, value in bound.arguments.items() if name in plain)
+
+
 def _legacy_onnx_message(module: nn.Module, err: TypeError) -> str:
     # That exporter passes every default argument of forward, as a tensor (`need_weights=tensor(False)`),
     # and keyword-only ones by position: the module's own error would name neither cause nor remedy.
@@ -108,7 +123,8 @@ def fx_leaf(cls: ClassT) -> ClassT:
             try:
                 return forward(self, *args, **kwargs)
             except TypeError as err:
-                if isinstance(err, _LegacyOnnxError) or not _legacy_onnx_export():
+                if (isinstance(err, _LegacyOnnxError) or not _legacy_onnx_export()
+                        or not _called_as_legacy_export(forward, args, kwargs)):
                     raise
                 raise _LegacyOnnxError(_legacy_onnx_message(self, err)) from err
 

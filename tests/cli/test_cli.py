@@ -329,6 +329,15 @@ def test_an_option_is_spelt_the_same_in_every_subcommand(argv, attr, value):
     assert getattr(cli.build_parser().parse_args(argv), attr) == value
 
 
+def test_dash_values_are_glued_to_their_option_but_not_past_the_end_of_options():
+    # `--input -1x8x4x4` reaches its check; after `--` words are positional as typed (it became "--=-1",
+    # which argparse read as an ambiguous option)
+    assert cli._glue_dashed_values(["info", "se", "--input", "-1x8"]) == ["info", "se", "--input=-1x8"]
+    assert cli._glue_dashed_values(["maps", "se", "--seed", "-5"]) == ["maps", "se", "--seed=-5"]
+    assert cli._glue_dashed_values(["info", "--", "-1x8", "--x", "-2"]) == ["info", "--", "-1x8", "--x", "-2"]
+    assert cli.build_parser().parse_args(cli._glue_dashed_values(["info", "--", "-1"])).name == "-1"
+
+
 def test_bad_option_is_one_line(capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(["bench", "--mode", "sideways"])

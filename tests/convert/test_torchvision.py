@@ -100,7 +100,6 @@ def test_from_torchvision_shares_the_tensors(theirs_cls, ours_cls):
     assert len(hook_calls) == 2
 
 
-
 def test_replace_keeps_backward_hooks_and_the_handles_of_every_hook():
     block = nn.Sequential(tv.ShiftedWindowAttention(8, [2, 2], [1, 1], 2).double())
     seen: list[str] = []
@@ -115,6 +114,7 @@ def test_replace_keeps_backward_hooks_and_the_handles_of_every_hook():
         handle.remove()
     block(x).sum().backward()
     assert seen == ["forward", "backward"]  # removed by the handles taken before the swap
+
 
 def test_known_and_refusals():
     assert "torchvision.models.swin_transformer.ShiftedWindowAttentionV2" in known()

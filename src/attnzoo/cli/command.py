@@ -323,7 +323,9 @@ def _glue_dashed_values(words: list[str]) -> list[str]:
     """`--input -1x3x8x8` as `--input=-1x3x8x8`: argparse reads a value that starts with a dash and is
     not a plain number as an option, and says "expected one argument" instead of what is wrong."""
     out: list[str] = []
-    for word in words:
+    for i, word in enumerate(words):
+        if word == "--":  # the end of the options: what follows is positional, as typed (not "--=-1")
+            return out + words[i:]
         if out and out[-1].startswith("--") and "=" not in out[-1] and re.match(r"-\d", word):
             out[-1] = f"{out[-1]}={word}"
         else:

@@ -16,6 +16,7 @@ __all__ = [
 
 
 def as_4d(bias: Tensor) -> Tensor:
+    """A bias of rank <= 4 with ones prepended: `(B or 1, h or 1, N or 1, K or 1)`."""
     return bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape))  # (.., N or 1, K or 1)
 
 
