@@ -278,6 +278,35 @@ def test_gather_relative_bias():
     assert bias[1, 2, 0] == table[2 - 0 + 3, 1]
 
 
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        (lambda: relative_position_index_1d(2.5), TypeError, "length to be an int, got float 2.5"),
+        (lambda: relative_position_index_1d(-1), ValueError, "length >= 1, got -1"),
+        (lambda: relative_position_index_2d((2.0, 3)), TypeError, "window_size to be an int, got float"),
+        (lambda: relative_position_index_2d((-1, 3)), ValueError, "window_size >= 1, got -1"),
+        (lambda: relative_position_index_2d(3), TypeError, r"window_size to be a pair \(Wh, Ww\), got 3"),
+    ],
+)
+def test_relative_position_index_refuses_bad_sizes(call, error, match):
+    # 2.5 gave a float (3, 3) index, negative sizes a raw RuntimeError from torch.arange
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_gather_relative_bias_refuses_an_index_outside_the_table():
+    table, idx = torch.randn(7, 2), relative_position_index_1d(4)
+    # a negative index silently counted from the table's end; too large a one raised a raw IndexError
+    for bad, got in ((idx - 7, r"\[-7, -1\]"), (idx + 1, r"\[1, 7\]")):
+        with pytest.raises(ValueError, match=rf"index values in \[0, 7\) \(the table's T\), got {got}"):
+            gather_relative_bias(table, bad)
+    with pytest.raises(TypeError, match="int64 \\(or int32\\) index, got torch.bool"):
+        gather_relative_bias(table, torch.ones(4, 4, dtype=torch.bool))  # would index as a mask
+    with pytest.raises(TypeError, match="index to be a torch.Tensor, got list"):
+        gather_relative_bias(table, [[0]])
+    assert gather_relative_bias(table, idx[:0, :0]).shape == (2, 0, 0)  # reshape(-1) failed on it
+
+
 def test_autocast_mixed_dtypes_run_in_autocast_dtype():
     q = torch.randn(1, 2, 5, 4, dtype=torch.bfloat16)
     k, v = torch.randn(1, 2, 6, 4), torch.randn(1, 2, 6, 4)

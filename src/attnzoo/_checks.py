@@ -10,6 +10,7 @@ import collections
 import functools
 import inspect
 import itertools
+import numbers
 import threading
 from collections.abc import Iterable, Sequence
 from typing import Any, TypeVar
@@ -21,7 +22,8 @@ from attnzoo._fx import fx_leaf, own_code
 from attnzoo._options import MAX_SIZE, check_options
 
 __all__ = [
-    "check_tensor", "check_dense", "numpy_bool", "check_shape", "check_same", "check_int", "check_float",
+    "check_tensor", "check_dense", "numpy_bool", "check_shape", "check_same", "check_int", "check_length",
+    "check_float",
     "check_dropout",
     "check_choice", "check_divisible", "check_head_widths", "check_mask", "format_shape", "check_options",
     "check_flags", "check_bool", "check_inputs", "checked", "autocast_on", "MAX_SIZE",
@@ -71,20 +73,25 @@ def check_shape(x: object, who: str, spec: str, name: str = "x", *, floating: bo
     """
     tensor = check_tensor(x, who, name, floating=floating)
     letters = spec.split()
-    expected = format_shape([sizes.get(letter, letter) for letter in letters])
+
+    def expected() -> str:
+        # Formatted only to raise: a size given as a SymInt (torch.compile with dynamic shapes) cannot
+        # be turned into a string while Dynamo traces (fullgraph=True fails, otherwise a graph break).
+        return format_shape([sizes.get(letter, letter) for letter in letters])
+
     got = tuple(tensor.shape)
     if tensor.ndim != len(letters):
         raise ValueError(
-            f"{who} expects {name} of shape {expected} ({len(letters)}-D), got {got} ({tensor.ndim}-D)"
+            f"{who} expects {name} of shape {expected()} ({len(letters)}-D), got {got} ({tensor.ndim}-D)"
         )
     found: dict[str, int] = {}
     for letter, size in zip(letters, got, strict=False):
         want = sizes.get(letter, found.get(letter))
         if want is not None and size != want:
-            raise ValueError(f"{who} expects {name} of shape {expected} with {letter}={want}, got {got}")
+            raise ValueError(f"{who} expects {name} of shape {expected()} with {letter}={want}, got {got}")
         found[letter] = size
     if not allow_empty and tensor.numel() == 0:
-        raise ValueError(f"{who} expects a non-empty {name} of shape {expected}, got {got}")
+        raise ValueError(f"{who} expects a non-empty {name} of shape {expected()}, got {got}")
     return found
 
 
@@ -106,6 +113,18 @@ def check_int(value: object, name: str, who: str, *, minimum: int | None = 1,
     if value > maximum:
         raise ValueError(f"{who}: {name} must be <= {maximum}, got {value}")
     return value
+
+
+def check_length(value: object, name: str, who: str) -> int:
+    """A size argument of a helper function: an integer >= 1 (numpy's too), or a `torch.SymInt`, which a
+    size taken from a shape becomes under `torch.compile` with dynamic shapes (it is not compared)."""
+    if isinstance(value, torch.SymInt):
+        return value  # type: ignore[return-value]
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{who} expects {name} to be an int, got {type(value).__name__} {value!r}")
+    if value < 1:
+        raise ValueError(f"{who} expects {name} >= 1, got {value}")
+    return int(value)
 
 
 def check_float(value: object, name: str, who: str, *, minimum: float | None = None,

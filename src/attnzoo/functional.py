@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from attnzoo._checks import autocast_on, check_mask, check_tensor, format_shape, numpy_bool
+from attnzoo._relative import gather_relative_bias, relative_position_index_1d, relative_position_index_2d
 from attnzoo.kernels.dropout import dropout_product
 from attnzoo.kernels.flash import sdpa
 from attnzoo.kernels.route import host_readable
@@ -263,12 +264,13 @@ def attend(
             the mask torch's own dropout draws (the same seed gives the same mask). Default: 0.0.
         scale: Multiplies the logits. Default: `1 / sqrt(d)`.
         need_weights: Also return the attention weights (runs the math path, which keeps the
-            `(B, h, L, S)` matrix). Default: False.
+            `(B, h, L, S)` matrix); with dropout they are the weights before dropout (torch's
+            `nn.MultiheadAttention` returns them after). Default: False.
 
     Returns:
         The output `(B, h, L, e)`; with `need_weights`, `(output, weights)` with weights
         `(B, h, L, S)`. A query whose every key is masked gets zero output and zero weights
-        (never NaN).
+        (never NaN). NaN in q, k, v or +inf in a float mask propagates, as in SDPA.
 
     Shape:
         - q: `(B, h, L, d)`; k: `(B, h, S, d)`; v: `(B, h, S, e)`.
@@ -355,45 +357,3 @@ def _scaled_scores(q: Tensor, k: Tensor, scale: float, add: Tensor | None = None
         add3 = add.reshape(n, *add.shape[-2:])  # (..., L, S) -> (N, L, S)
         scores = torch.baddbmm(add3, q3, k3.transpose(-2, -1), alpha=scale)  # (N, L, S)
     return scores.reshape(*lead, q.shape[-2], k.shape[-2])
-
-
-# ---------------------------------------------------------------------------------------------
-# Relative position helpers (Swin's 2-D table, the temporal 1-D table)
-
-
-def relative_position_index_1d(length: int, device: torch.device | None = None) -> Tensor:
-    """Index into a `(2*length - 1, heads)` table: `index[i, j] = i - j + length - 1`.
-
-    Shape:
-        - Output: `(length, length)`, int64; query i, key j.
-    """
-    coords = torch.arange(length, device=device)
-    return coords[:, None] - coords[None, :] + (length - 1)
-
-
-def relative_position_index_2d(
-    window_size: tuple[int, int], device: torch.device | str | None = None
-) -> Tensor:
-    """Index into a `((2*Wh-1)*(2*Ww-1), heads)` table, in Swin's order.
-
-    `index[i, j] = (dh + Wh - 1) * (2*Ww - 1) + (dw + Ww - 1)` with `(dh, dw)` the offset of
-    query token i minus key token j, tokens numbered row-major within the window.
-
-    Shape:
-        - Output: `(Wh*Ww, Wh*Ww)`, int64.
-    """
-    wh, ww = window_size
-    rows, cols = torch.meshgrid(
-        torch.arange(wh, device=device), torch.arange(ww, device=device), indexing="ij"
-    )
-    coords = torch.stack([rows.flatten(), cols.flatten()])  # (2, N)
-    rel = coords[:, :, None] - coords[:, None, :]  # (2, N, N): query minus key
-    return (rel[0] + wh - 1) * (2 * ww - 1) + (rel[1] + ww - 1)
-
-
-def gather_relative_bias(table: Tensor, index: Tensor) -> Tensor:
-    """Look a relative position table up: `(T, h)` table, `(L, S)` index -> `(h, L, S)` bias."""
-    if table.ndim != 2:
-        raise ValueError(f"gather_relative_bias expects table of shape (T, h), got {tuple(table.shape)}")
-    length_q, length_k = index.shape
-    return table[index.reshape(-1)].reshape(length_q, length_k, -1).permute(2, 0, 1)  # (h, L, S)

@@ -193,6 +193,22 @@ def test_window_partition_and_reverse():
         window_partition(x[0], 2)
 
 
+def test_window_helpers_refuse_bad_sizes_and_a_non_additive_mask_dtype():
+    windows = window_partition(torch.randn(2, 4, 4, 3), 2)
+    # H=0 raised ZeroDivisionError, H=-4 a raw reshape error, a float H torch's reshape TypeError
+    with pytest.raises(ValueError, match="window_reverse expects H >= 1, got 0"):
+        window_reverse(windows, 2, 0, 4)
+    with pytest.raises(TypeError, match="window_reverse expects W to be an int, got float 4.0"):
+        window_reverse(windows, 2, 4, 4.0)
+    with pytest.raises(ValueError, match="shifted_window_mask expects H >= 1, got -4"):
+        shifted_window_mask(-4, 8, 4, 2)
+    # a bool mask is "True = may attend" in attend: 0 / -100 as bools masked exactly the allowed keys
+    with pytest.raises(TypeError, match="expects dtype to be a floating torch.dtype .*got torch.bool"):
+        shifted_window_mask(8, 8, 4, 2, dtype=torch.bool)
+    with pytest.raises(ValueError, match="value must be a number, got nan"):
+        shifted_window_mask(8, 8, 4, 2, value=float("nan"))
+
+
 def reference_shifted(m: ShiftedWindowAttention, x: torch.Tensor) -> torch.Tensor:
     """Per-token definition on the real map (no padding, rolling or partition).
 

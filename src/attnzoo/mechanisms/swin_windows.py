@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from attnzoo._checks import check_shape
+from attnzoo._checks import check_float, check_length, check_shape
 from attnzoo._geometry import int_pair
 
 __all__ = [
@@ -65,6 +65,7 @@ def window_reverse(windows: Tensor, window_size: int | Sequence[int], H: int, W:
         - Output: `(B, H, W, C)`.
     """
     wh, ww = int_pair(window_size, "window_size", "window_reverse")
+    H, W = check_length(H, "H", "window_reverse"), check_length(W, "W", "window_reverse")  # noqa: N806
     dims = check_shape(windows, "window_reverse", "B Wh Ww C", "windows", floating=False, Wh=wh, Ww=ww)
     if H % wh or W % ww or dims["B"] % ((H // wh) * (W // ww)):
         raise ValueError(
@@ -107,6 +108,11 @@ def shifted_window_mask(
     who = "shifted_window_mask"
     wh, ww = int_pair(window_size, "window_size", who)
     sh, sw = int_pair(shift_size, "shift_size", who, minimum=0)
+    H, W = check_length(H, "H", who), check_length(W, "W", who)  # noqa: N806
+    value = check_float(value, "value", who)
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        # a bool mask means "True = may attend" in attend: 0 / value as bools would invert it
+        raise TypeError(f"{who} expects dtype to be a floating torch.dtype (an additive mask), got {dtype!r}")
     if sh >= wh or sw >= ww:
         raise ValueError(f"{who}: shift_size must be smaller than window_size {(wh, ww)}, got {(sh, sw)}")
     if H % wh or W % ww:
