@@ -172,7 +172,10 @@ class EMSA(nn.Module):
         if size is None and self.feat_size is not None and self.feat_size[0] * self.feat_size[1] == length:
             return self.feat_size
         if size is None:
-            side = math.isqrt(int(length))
+            # Dynamo cannot trace math.isqrt of the SymInt that N is under torch.compile with dynamic
+            # shapes (a graph break, an error with fullgraph=True); math.sqrt it can, and that is exact on
+            # the square of any side below 2**26, which the check below confirms.
+            side = int(math.sqrt(length)) if torch.compiler.is_compiling() else math.isqrt(length)
             if side * side != length:
                 raise ValueError(
                     f"{who} expects size=(H, W) for x with N={length} tokens (not a square, "
