@@ -117,9 +117,13 @@ def check_int(value: object, name: str, who: str, *, minimum: int | None = 1,
 
 def check_length(value: object, name: str, who: str) -> int:
     """A size argument of a helper function: an integer >= 1 (numpy's too), or a `torch.SymInt`, which a
-    size taken from a shape becomes under `torch.compile` with dynamic shapes (it is not compared)."""
+    size taken from a shape becomes under `torch.compile` with dynamic shapes, or the 0-dim integer
+    tensor it becomes under `torch.jit.trace` (neither is compared: that would fix the traced size)."""
     if isinstance(value, torch.SymInt):
         return value  # type: ignore[return-value]
+    if isinstance(value, Tensor) and torch.jit.is_tracing():
+        if value.dim() == 0 and not value.is_floating_point():
+            return value  # type: ignore[return-value]
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{who} expects {name} to be an int, got {type(value).__name__} {value!r}")
     if value < 1:
