@@ -9,12 +9,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from attnzoo.convert._source_keys import FORWARD_HOOKS, attach_source_keys, cpu_probe, share_hooks
+from attnzoo.convert._source_keys import attach_source_keys, cpu_probe, share_hooks
 from attnzoo.convert.registry import refuse_converted_inside
 
 __all__ = [
     "dotted", "refuse", "factory", "copy_activation", "same_forward", "TimmKeys", "rename",
-    "convert_keeping", "FORWARD_HOOKS",
+    "convert_keeping",
     "default_scale", "check_rel_pos", "same_norm", "copy_norm_settings",
 ]
 

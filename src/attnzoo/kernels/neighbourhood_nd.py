@@ -181,7 +181,7 @@ def _gathered(
     k_n = k.index_select(2, flat).unflatten(2, (n, kk))  # (B, h, N, K, d)
     v_n = v.index_select(2, flat).unflatten(2, (n, kk))  # (B, h, N, K, dv)
     # Batched products under a dispatch mode, which FlopCounterMode counts (as the kernel's `layout.scores`).
-    counted = not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() > 0
+    counted = layout.counting()
     logits = (q.unsqueeze(-2) @ k_n.mT).squeeze(-2) if counted else (q.unsqueeze(-2) * k_n).sum(-1)
     low = logits.dtype in (torch.float16, torch.bfloat16)
     if low:

@@ -10,9 +10,16 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "as_4d", "head_major", "mix", "outer", "reduce_to", "rows", "scores", "token_major",
+    "as_4d", "counting", "head_major", "mix", "outer", "reduce_to", "rows", "scores", "token_major",
     "token_major_empty", "token_major_view", "token_rows",
 ]
+
+
+def counting() -> bool:
+    """Whether a dispatch mode (`FlopCounterMode`) is recording, outside `torch.compile`: the products
+    below then run as batched products, which the mode counts, instead of the faster elementwise
+    products and sums it does not."""
+    return not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() > 0
 
 
 def as_4d(bias: Tensor) -> Tensor:
@@ -43,7 +50,7 @@ def scores(block: Tensor, gathered: Tensor) -> Tensor:
     Under a dispatch mode (`FlopCounterMode`) as batched products, which the mode counts; else as
     a product and a sum, which is faster for these `1 x c` by `c x K` products.
     """
-    if torch._C._len_torch_dispatch_stack() > 0:
+    if counting():
         return (block.unsqueeze(2) @ gathered.permute(0, 2, 3, 1)).squeeze(2)
     return (block.unsqueeze(2) * gathered.transpose(1, 2)).sum(-1)
 
@@ -51,7 +58,7 @@ def scores(block: Tensor, gathered: Tensor) -> Tensor:
 def mix(weights: Tensor, gathered: Tensor, out: Tensor) -> None:
     """`out` `(nc, B h, c)` = the `(nc, B h, K)` weights times their `(nc, K, B h, c)` neighbours
     (as batched products under a dispatch mode, like `scores`)."""
-    if torch._C._len_torch_dispatch_stack() > 0:
+    if counting():
         out.copy_((weights.unsqueeze(2) @ gathered.transpose(1, 2)).squeeze(2))
     else:
         torch.sum(gathered * weights.transpose(1, 2).unsqueeze(-1), 1, out=out)
@@ -78,7 +85,7 @@ def outer(weights: Tensor, block: Tensor, out: Tensor) -> None:
     """`out` `(nc, K, B h, c)` = each `(nc, B h, K)` weight times its query's `(nc, B h, c)` row: the
     gradients of the gathered keys and values (as batched `K x 1` by `1 x c` products under a
     dispatch mode, like `scores`, so `FlopCounterMode` counts them)."""
-    if torch._C._len_torch_dispatch_stack() > 0:
+    if counting():
         out.copy_((weights.unsqueeze(-1) @ block.unsqueeze(2)).transpose(1, 2))
     else:
         torch.mul(weights.transpose(1, 2).unsqueeze(-1), block.unsqueeze(1), out=out)
